@@ -1,0 +1,1 @@
+"""Where pooled images come from: MedMNIST npz files, simulated hospital sites, pathology tiles."""

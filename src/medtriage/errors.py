@@ -1,0 +1,45 @@
+"""Typed errors with messages a person can act on: what went wrong, where, and what to do.
+
+Torch-free: used by io, data, training and serve alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedTriageError(Exception):
+    """Base class. `str(err)` is the full actionable message."""
+
+    def __init__(self, reason: str, *, where: str | Path | None = None, hint: str | None = None):
+        self.reason = reason
+        self.where = str(where) if where is not None else None
+        self.hint = hint
+        parts = [f"{self.where}: {reason}" if self.where else reason]
+        if hint:
+            parts.append(f"({hint})")
+        super().__init__(" ".join(parts))
+
+
+class InputError(MedTriageError):
+    """An input file or request cannot be used (corrupt, unsupported, not an image)."""
+
+
+class DicomError(InputError):
+    """A DICOM file that cannot be decoded into pixels."""
+
+
+class NotAnImageError(DicomError):
+    """A valid DICOM object without pixel data (SR, RT plan, presentation state...)."""
+
+
+class DataNotFoundError(MedTriageError):
+    """A data folder or file that a step needs does not exist yet."""
+
+
+class ConfigError(MedTriageError):
+    """A configuration value that is unknown, of the wrong type or inconsistent."""
+
+
+class PackageError(MedTriageError):
+    """A model package that is incomplete, invalid or tampered with."""

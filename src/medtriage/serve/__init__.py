@@ -1,0 +1,1 @@
+"""Torch-free inference: package loading, scoring CLI, HTTP service, DICOM SR, worklist."""

@@ -1,0 +1,1 @@
+"""Hydra-configured training engine, metrics and MLflow tracking."""
