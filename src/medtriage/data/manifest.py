@@ -1,0 +1,156 @@
+"""The pooled manifest: one row per image, plus a decoded-array cache so training never decodes twice.
+
+On disk (`<pool_dir>/`):
+- `manifest.csv`  one row per image (columns in `COLUMNS`, extra columns allowed)
+- `rejects.csv`   one row per input that did not make it, with its reason
+- `labels.json`   label names, index = class id
+- `pixels.f32`    every image's decoded pixels (float32 in [0, 1], C*H*W each, concatenated);
+                  row `i` lives at `offset` with shape (`channels`, `height`, `width`)
+
+The manifest hash (sha256 of `manifest.csv`) is the data fingerprint a training run records.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from medtriage.errors import DataNotFoundError
+
+COLUMNS = [
+    "site", "patient_id", "study_uid", "series_uid", "sop_uid", "path",
+    "label", "split", "fingerprint", "channels", "height", "width", "offset",
+]
+REJECT_COLUMNS = ["site", "path", "reason"]
+SPLITS = ("train", "val", "test")
+MANIFEST_FILE, REJECTS_FILE, LABELS_FILE, PIXELS_FILE = "manifest.csv", "rejects.csv", "labels.json", "pixels.f32"
+
+
+def pixel_fingerprint(pixels: np.ndarray) -> str:
+    """Content hash of decoded pixels (shape included), to spot duplicates and changed files."""
+    digest = hashlib.sha256(str(pixels.shape).encode())
+    digest.update(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class Reject:
+    site: str
+    path: str
+    reason: str
+
+
+class PoolWriter:
+    """Streams images into a pool folder; `close()` writes the manifest. Counts in = rows + rejects."""
+
+    def __init__(self, pool_dir: str | Path, label_names: list[str]):
+        self.pool_dir = Path(pool_dir)
+        self.pool_dir.mkdir(parents=True, exist_ok=True)
+        self.label_names = list(label_names)
+        self.rows: list[dict] = []
+        self.rejects: list[Reject] = []
+        self._pixels = open(self.pool_dir / PIXELS_FILE, "wb")
+        self._offset = 0
+
+    def add(self, pixels: np.ndarray, **row) -> dict:
+        """Add one decoded image (`[C, H, W]` float in [0, 1]) with its manifest fields."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if pixels.ndim != 3:
+            raise ValueError(f"pixels must be [C, H, W], got shape {pixels.shape}")
+        c, h, w = pixels.shape
+        row = {**row, "channels": c, "height": h, "width": w, "offset": self._offset}
+        row.setdefault("fingerprint", pixel_fingerprint(pixels))
+        self._pixels.write(pixels.tobytes())
+        self._offset += pixels.size
+        self.rows.append(row)
+        return row
+
+    def reject(self, site: str, path: str | Path, reason: str) -> None:
+        self.rejects.append(Reject(site, str(path), reason))
+
+    def close(self) -> "Manifest":
+        self._pixels.close()
+        extra = sorted({k for r in self.rows for k in r} - set(COLUMNS))
+        _write_csv(self.pool_dir / MANIFEST_FILE, COLUMNS + extra, self.rows)
+        _write_csv(self.pool_dir / REJECTS_FILE, REJECT_COLUMNS, [vars(r) for r in self.rejects])
+        (self.pool_dir / LABELS_FILE).write_text(json.dumps(self.label_names))
+        return load_manifest(self.pool_dir)
+
+
+def _write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@dataclass
+class Manifest:
+    """A pool folder, read back. `rows` is a pandas DataFrame (one row per image)."""
+
+    pool_dir: Path
+    rows: "object"  # pandas.DataFrame
+    rejects: "object"  # pandas.DataFrame
+    label_names: list[str]
+    fingerprint: str
+    _pixels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(self.rows["site"].unique())
+
+    def split(self, name: str) -> "object":
+        """Rows of one split (`train`, `val` or `test`)."""
+        return self.rows[self.rows["split"] == name]
+
+    def image(self, index: int) -> np.ndarray:
+        """Decoded pixels of manifest row `index` as float32 `[C, H, W]`, read from the cache."""
+        if self._pixels is None:
+            self._pixels = np.memmap(self.pool_dir / PIXELS_FILE, dtype=np.float32, mode="r")
+        row = self.rows.iloc[index]
+        c, h, w, offset = (int(row[k]) for k in ("channels", "height", "width", "offset"))
+        return np.array(self._pixels[offset : offset + c * h * w]).reshape(c, h, w)
+
+    def images(self, indices: Iterable[int]) -> Iterator[np.ndarray]:
+        for i in indices:
+            yield self.image(int(i))
+
+    def summary(self) -> str:
+        """Per-site counts by split and label, and rejects, as a printable table."""
+        import pandas as pd
+
+        table = pd.crosstab(
+            [self.rows["site"], self.rows["split"]], self.rows["label"].map(lambda i: self.label_names[int(i)])
+        )
+        text = f"pool {self.pool_dir} ({len(self.rows)} images, fingerprint {self.fingerprint[:12]})\n{table}"
+        if len(self.rejects):
+            text += f"\nrejected {len(self.rejects)}:\n{self.rejects.groupby(['site', 'reason']).size().to_string()}"
+        return text
+
+
+def manifest_hash(pool_dir: str | Path) -> str:
+    return hashlib.sha256((Path(pool_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
+
+
+def load_manifest(pool_dir: str | Path) -> Manifest:
+    """Read a pool folder written by `PoolWriter`."""
+    import pandas as pd
+
+    pool_dir = Path(pool_dir).resolve()
+    if not (pool_dir / MANIFEST_FILE).is_file():
+        raise DataNotFoundError(
+            "no pooled manifest here",
+            where=pool_dir,
+            hint="build it first: `python scripts/make_sites.py` then `python scripts/build_pool.py`, "
+            "or point data.pool_dir at an existing pool",
+        )
+    rows = pd.read_csv(pool_dir / MANIFEST_FILE, dtype={"patient_id": str, "path": str, "sop_uid": str})
+    rejects = pd.read_csv(pool_dir / REJECTS_FILE, dtype=str) if (pool_dir / REJECTS_FILE).exists() else pd.DataFrame(columns=REJECT_COLUMNS)
+    label_names = json.loads((pool_dir / LABELS_FILE).read_text())
+    return Manifest(pool_dir, rows, rejects, label_names, manifest_hash(pool_dir))
