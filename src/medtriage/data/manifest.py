@@ -130,7 +130,8 @@ class Manifest:
         )
         text = f"pool {self.pool_dir} ({len(self.rows)} images, fingerprint {self.fingerprint[:12]})\n{table}"
         if len(self.rejects):
-            text += f"\nrejected {len(self.rejects)}:\n{self.rejects.groupby(['site', 'reason']).size().to_string()}"
+            kind = self.rejects["reason"].str.split(" (", n=1, regex=False).str[0].rename("reason")  # details vary per file
+            text += f"\nrejected {len(self.rejects)}:\n{self.rejects.groupby(['site', kind]).size().to_string()}"
         return text
 
 

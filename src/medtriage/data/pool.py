@@ -1,0 +1,262 @@
+"""One pooled manifest from hospital site folders (`<sites_dir>/<site>/*.dcm` + `labels.csv`).
+
+Every file is decoded through `medtriage.io.dicom` (the same path serving uses) and joined to its
+site's `labels.csv` by SOP Instance UID or accession number. Nothing is dropped silently: each file
+becomes a manifest row or a reject, and each label row that names no file becomes a reject, so
+files + orphan label rows = rows + rejects. Manifest paths are relative to `sites_dir`, so the data
+fingerprint does not depend on where the data lives.
+
+A pool folder remembers a hash of its inputs (file names, sizes, mtimes, labels.csv contents and
+the split settings); building again from unchanged inputs reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from tqdm import tqdm
+
+from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, load_manifest
+from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
+from medtriage.data.splits import assign_splits
+from medtriage.errors import DataNotFoundError, DicomError
+from medtriage.io.dicom import read_dicom
+
+DEFAULT_SITES = Path("data/sites")
+DEFAULT_POOL = Path("data/pool/pneumonia_sites")
+LABELS_CSV = "labels.csv"
+INPUTS_FILE = "inputs.json"
+POOL_FORMAT = 1  # bump when the way rows are built changes, to invalidate cached pools
+KEY_COLUMNS = {"sop_instance_uid": "sop_uid", "accession_number": "accession_number"}  # labels.csv -> header field
+FINDING_COLUMNS = ("finding", "label")
+IN_PROCESS_BELOW = 200  # files; starting worker processes costs more than it saves
+
+
+@dataclass
+class Decoded:
+    """One file's decode result; `pixels` is None when it was rejected (then `error` says why)."""
+
+    site: str
+    path: str  # relative to sites_dir
+    pixels: object = None
+    fields: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class LabelTable:
+    """A site's labels.csv: identifier -> [(line number, finding)], or the problem that makes it unusable."""
+
+    site: str
+    key_column: str | None = None
+    entries: dict = field(default_factory=dict)
+    problem: str | None = None
+
+
+def build_sites_pool(sites_dir: str | Path, pool_dir: str | Path, seed: int = 0, val_fraction: float = 0.15,
+                     test_fraction: float = 0.2, workers: int | None = None, verbose: bool = True) -> Manifest:
+    """Decode every site's files, join the labels, split by patient, write the pool; reuse it if unchanged."""
+    sites_dir, pool_dir = Path(sites_dir).resolve(), Path(pool_dir).resolve()
+    files = _site_files(sites_dir)
+    inputs_hash = _inputs_hash(sites_dir, files, seed, val_fraction, test_fraction)
+    if _cached(pool_dir, inputs_hash):
+        manifest = load_manifest(pool_dir)
+        _say(verbose, f"reusing pool built from the same inputs\n{manifest.summary()}")
+        return manifest
+    (pool_dir / INPUTS_FILE).unlink(missing_ok=True)  # a half-written pool must never look cached
+    decoded = _decode_all(sites_dir, files, workers, verbose)
+    tables = {site: read_labels(sites_dir / site / LABELS_CSV, site) for site in files}
+    manifest = _write_pool(pool_dir, decoded, tables, seed, val_fraction, test_fraction)
+    (pool_dir / INPUTS_FILE).write_text(json.dumps({"inputs_sha256": inputs_hash, "sites_dir": str(sites_dir)}, indent=1))
+    _say(verbose, manifest.summary())
+    return manifest
+
+
+def _say(verbose: bool, text: str) -> None:
+    if verbose:
+        print(text)
+
+
+def _site_files(sites_dir: Path) -> dict[str, list[Path]]:
+    """Site name -> every file in its folder (labels.csv and hidden files aside), sorted."""
+    if not sites_dir.is_dir():
+        raise DataNotFoundError("site folders not found", where=sites_dir,
+                                hint="create them with `python scripts/make_sites.py` (or `medtriage make-sites`)")
+    sites = {}
+    for folder in sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        sites[folder.name] = sorted(
+            p for p in folder.rglob("*")
+            if p.is_file() and p.name != LABELS_CSV and not p.name.startswith(".")
+        )
+    if not sites:
+        raise DataNotFoundError("no site folders inside", where=sites_dir,
+                                hint="expected <sites_dir>/<site>/*.dcm with a labels.csv per site")
+    return sites
+
+
+def _inputs_hash(sites_dir: Path, files: dict[str, list[Path]], *settings) -> str:
+    digest = hashlib.sha256(json.dumps([POOL_FORMAT, PNEUMONIA_LABELS, *settings]).encode())
+    for site, paths in files.items():
+        for path in paths:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(sites_dir)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        labels = sites_dir / site / LABELS_CSV
+        digest.update(labels.read_bytes() if labels.is_file() else b"<no labels.csv>")
+    return digest.hexdigest()
+
+
+def _cached(pool_dir: Path, inputs_hash: str) -> bool:
+    try:
+        recorded = json.loads((pool_dir / INPUTS_FILE).read_text())["inputs_sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return recorded == inputs_hash and (pool_dir / MANIFEST_FILE).is_file()
+
+
+def _decode_all(sites_dir: Path, files: dict[str, list[Path]], workers: int | None, verbose: bool) -> list[Decoded]:
+    jobs = [(str(sites_dir), site, str(path.relative_to(sites_dir))) for site, paths in files.items() for path in paths]
+    workers = min(workers or os.cpu_count() or 1, max(len(jobs), 1))
+    started = time.perf_counter()
+    bar = dict(total=len(jobs), desc="decoding site DICOM", unit="file", disable=not verbose)
+    if workers == 1 or len(jobs) < IN_PROCESS_BELOW:
+        results = [decode_file(job) for job in tqdm(jobs, **bar)]
+        workers = 1
+    else:  # spawn: safe even when the caller already started threads (torch, MLflow)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(decode_file, jobs, chunksize=32), **bar))
+    seconds = time.perf_counter() - started
+    _say(verbose, f"decoded {len(jobs)} files in {seconds:.1f} s ({len(jobs) / max(seconds, 1e-9):.0f} files/s, {workers} worker(s))")
+    return results
+
+
+def decode_file(job: tuple[str, str, str]) -> Decoded:
+    """Worker: first frame as [C, H, W] plus the identifiers the manifest and the label join need."""
+    sites_dir, site, relative = job
+    path = Path(sites_dir) / relative
+    try:
+        image = read_dicom(path, frame=0)
+    except DicomError as err:
+        return Decoded(site, relative, fields=_header_ids(path), error=err.reason)
+    fields = {
+        "patient_id": image.patient_id, "study_uid": image.study_uid, "series_uid": image.series_uid,
+        "sop_uid": image.sop_uid, "accession_number": image.accession_number,
+    }
+    return Decoded(site, relative, pixels=image.pixels[0], fields=fields)
+
+
+def _header_ids(path: Path) -> dict:
+    """Identifiers of a file whose pixels failed, so its label row is not reported a second time."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return {"sop_uid": str(ds.get("SOPInstanceUID", "")), "accession_number": str(ds.get("AccessionNumber", ""))}
+    except Exception:
+        return {}
+
+
+def read_labels(path: Path, site: str) -> LabelTable:
+    """Parse a hospital's labels.csv; header names are matched ignoring case, spaces and dashes."""
+    table = LabelTable(site)
+    if not path.is_file():
+        table.problem = f"site has no {LABELS_CSV} (expected {path})"
+        return table
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [_column_name(h) for h in next(reader, [])]
+        key = next((c for c in KEY_COLUMNS if c in header), None)
+        finding = next((c for c in FINDING_COLUMNS if c in header), None)
+        if key is None or finding is None:
+            table.problem = f"{LABELS_CSV} lacks columns ({' or '.join(KEY_COLUMNS)}, and finding; found {header})"
+            return table
+        table.key_column = key
+        key_at, finding_at = header.index(key), header.index(finding)
+        for line, values in enumerate(reader, start=2):
+            if values:
+                padded = values + [""] * (len(header) - len(values))
+                table.entries.setdefault(padded[key_at].strip(), []).append((line, padded[finding_at].strip().lower()))
+    return table
+
+
+def _column_name(header: str) -> str:
+    return header.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _write_pool(pool_dir: Path, decoded: list[Decoded], tables: dict[str, LabelTable], seed: int,
+                val_fraction: float, test_fraction: float) -> Manifest:
+    writer = PoolWriter(pool_dir, PNEUMONIA_LABELS)
+    used: dict[str, set] = {site: set() for site in tables}
+    accepted, seen_sops = [], {}
+    for item in decoded:
+        table = tables[item.site]
+        key = item.fields.get(KEY_COLUMNS.get(table.key_column, ""), "")
+        used[item.site].add(key)
+        reason = item.error or _duplicate(item, seen_sops) or _label_problem(table, key)
+        if reason:
+            writer.reject(item.site, item.path, reason)
+        else:
+            accepted.append((item, PNEUMONIA_LABELS.index(table.entries[key][0][1])))
+    _reject_orphan_rows(writer, tables, used)
+    rows = [{"site": item.site, "patient_id": item.fields["patient_id"], "label": label} for item, label in accepted]
+    for (item, label), split in zip(accepted, assign_splits(rows, val_fraction, test_fraction, seed)):
+        fields = {k: v for k, v in item.fields.items() if k != "accession_number"}
+        writer.add(item.pixels, site=item.site, path=item.path, label=label, split=split, **fields)
+    return writer.close()
+
+
+def _duplicate(item: Decoded, seen_sops: dict[str, str]) -> str | None:
+    sop = item.fields["sop_uid"]
+    if sop in seen_sops:
+        return f"duplicate SOP Instance UID (same image as {seen_sops[sop]})"
+    seen_sops[sop] = item.path
+    return None
+
+
+def _label_problem(table: LabelTable, key: str) -> str | None:
+    if table.problem:
+        return table.problem
+    entries = table.entries.get(key)
+    if not entries:
+        return f"no label row in {LABELS_CSV} ({table.key_column} {key or 'missing in the header'})"
+    findings = {finding for _, finding in entries}
+    lines = ", ".join(str(line) for line, _ in entries)
+    if len(findings) > 1:
+        return f"conflicting findings in {LABELS_CSV} ({sorted(findings)} on lines {lines})"
+    finding = findings.pop()
+    if not finding:
+        return f"empty finding in {LABELS_CSV} (line {lines})"
+    if finding not in PNEUMONIA_LABELS:
+        return f"unknown finding in {LABELS_CSV} ('{finding}' on line {lines}; expected {' or '.join(PNEUMONIA_LABELS)})"
+    return None
+
+
+def _reject_orphan_rows(writer: PoolWriter, tables: dict[str, LabelTable], used: dict[str, set]) -> None:
+    for site, table in tables.items():
+        for key, entries in table.entries.items():
+            if key not in used[site]:
+                for line, _ in entries:
+                    writer.reject(site, f"{site}/{LABELS_CSV}:{line}",
+                                  f"label row matches no image ({table.key_column} {key or '(empty)'})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=Path, default=DEFAULT_SITES, help="site folders (default: %(default)s)")
+    parser.add_argument("--pool", type=Path, default=DEFAULT_POOL, help="pool folder to write (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="patients in validation (default: %(default)s)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="patients in test (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    build_sites_pool(args.sites, args.pool, seed=args.seed, val_fraction=args.val_fraction,
+                     test_fraction=args.test_fraction, workers=args.workers)
+    return 0

@@ -1,0 +1,74 @@
+"""Patient-level train/val/test splits, stratified by site and label.
+
+A patient (site + patient id: ids are only unique within a hospital) lands in exactly one split, so
+no test image shares a patient with a training image. Within each stratum (site, patient label)
+patients are shuffled with a seed and cut by the requested fractions, so every site and class
+is represented in every split in proportion. The patient label is the max of its image labels:
+a patient with any pneumonia image counts as a pneumonia patient.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from medtriage.errors import ConfigError
+
+
+def assign_splits(rows: Iterable[Mapping], val_fraction: float = 0.15, test_fraction: float = 0.2,
+                  seed: int = 0) -> list[str]:
+    """Split name (`train`, `val` or `test`) for each row (mappings with site, patient_id, label), in order."""
+    _check_fractions(val_fraction, test_fraction)
+    rows = list(rows)
+    patients = _patients(rows)
+    split_of_patient = {}
+    for stratum, members in sorted(_strata(patients).items()):
+        split_of_patient.update(_cut(members, val_fraction, test_fraction, _stratum_rng(seed, stratum)))
+    return [split_of_patient[_patient_key(row)] for row in rows]
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(
+            f"split fractions val={val_fraction}, test={test_fraction} leave nothing to train on",
+            where="data.val_fraction / data.test_fraction",
+            hint="use fractions in [0, 1) whose sum is below 1, e.g. 0.15 and 0.2",
+        )
+
+
+def _patient_key(row: Mapping) -> tuple[str, str]:
+    return str(row["site"]), str(row["patient_id"])
+
+
+def _patients(rows: list[Mapping]) -> dict[tuple[str, str], int]:
+    """Patient -> patient label (max over its images)."""
+    labels: dict[tuple[str, str], int] = {}
+    for row in rows:
+        key = _patient_key(row)
+        labels[key] = max(labels.get(key, int(row["label"])), int(row["label"]))
+    return labels
+
+
+def _strata(patients: dict[tuple[str, str], int]) -> dict[tuple[str, int], list[tuple[str, str]]]:
+    strata: dict[tuple[str, int], list] = defaultdict(list)
+    for key, label in patients.items():
+        strata[(key[0], label)].append(key)
+    return strata
+
+
+def _stratum_rng(seed: int, stratum: tuple[str, int]) -> np.random.Generator:
+    """Independent of the other strata, so adding a site does not reshuffle the others."""
+    return np.random.default_rng([seed, zlib.crc32(stratum[0].encode()), stratum[1]])
+
+
+def _cut(members: list, val_fraction: float, test_fraction: float, rng: np.random.Generator) -> dict:
+    members = sorted(members)
+    order = rng.permutation(len(members))
+    n_test = int(round(test_fraction * len(members)))
+    n_val = int(round(val_fraction * len(members)))
+    names = ["test"] * n_test + ["val"] * n_val
+    names += ["train"] * (len(members) - len(names))
+    return {members[i]: name for i, name in zip(order, names)}

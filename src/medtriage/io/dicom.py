@@ -1,0 +1,324 @@
+"""DICOM -> display-ready float pixels in [0, 1], shared by training and serving (numpy + pydicom only).
+
+Order of operations follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> modality LUT
+(rescale slope/intercept or a Modality LUT Sequence) -> VOI (VOI LUT Sequence, else window
+center/width) -> [0, 1]; MONOCHROME1 is then inverted so that bright means dense everywhere.
+Without any VOI the values are scaled by the range the stored bits can hold (through the modality
+LUT), never by the image's own min/max: the same scanner setting always gives the same intensities.
+Colour images (RGB, YBR_*, PALETTE COLOR) come out as 3-channel RGB scaled by their bit depth.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+
+from medtriage.errors import DicomError, NotAnImageError
+
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_SHORT_PIXELS = re.compile(r"less than expected \((\d+) vs (\d+) bytes\)")
+# A forced read of a non-DICOM file yields junk tags; a real data set has at least one of these.
+_IDENTIFYING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "Modality", "PixelData", "Rows")
+_IMAGECODECS_DECODERS = {  # transfer syntax UID -> imagecodecs function, when pydicom's plugins fail
+    "1.2.840.10008.1.2.4.50": "jpeg8_decode", "1.2.840.10008.1.2.4.51": "jpeg8_decode",
+    "1.2.840.10008.1.2.4.57": "ljpeg_decode", "1.2.840.10008.1.2.4.70": "ljpeg_decode",
+    "1.2.840.10008.1.2.4.80": "jpegls_decode", "1.2.840.10008.1.2.4.81": "jpegls_decode",
+    "1.2.840.10008.1.2.4.90": "jpeg2k_decode", "1.2.840.10008.1.2.4.91": "jpeg2k_decode",
+}
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # float32 [F, C, H, W] in [0, 1], display-ready
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    modality: str
+    sop_class_uid: str
+    photometric: str
+    rows: int
+    columns: int
+    frames: int
+    bits_stored: int
+    transfer_syntax: str
+    accession_number: str = ""
+
+
+def read_dicom(source: str | Path | bytes | BinaryIO, *, frame: int | None = None) -> DecodedImage:
+    """Decode a DICOM file (path, bytes or binary stream) into display-ready pixels.
+
+    `frame` decodes only that frame of a multi-frame object (result has F = 1).
+    Raises `DicomError` for files that are not DICOM or whose pixels cannot be decoded, and
+    `NotAnImageError` for valid DICOM objects without pixel data (SR, RT plan, ...).
+    """
+    where = _describe(source)
+    ds = _read_dataset(source, where)
+    _require_pixels(ds, where)
+    stored = _decode_stored(ds, where, frame)
+    try:
+        pixels = _to_display(stored, ds, where)
+    except DicomError:
+        raise
+    except Exception as err:  # malformed rescale/window/LUT values
+        raise DicomError(f"cannot map stored values for display ({type(err).__name__}: {err})", where=where,
+                         hint="check the rescale, window and LUT attributes in the source system") from err
+    return _decoded(ds, pixels)
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    return str(getattr(source, "name", "<stream>"))
+
+
+def _read_dataset(source, where: str) -> pydicom.Dataset:
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise DicomError("file not found", where=where, hint="check the path")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    try:
+        return _with_transfer_syntax(pydicom.dcmread(source))
+    except InvalidDicomError:
+        return _read_raw_dataset(source, where)
+    except Exception as err:  # pydicom raises many kinds on damaged headers
+        raise DicomError(f"unreadable DICOM header ({type(err).__name__}: {err})", where=where,
+                         hint="the file is damaged or truncated; export it again from the PACS") from err
+
+
+def _read_raw_dataset(source, where: str) -> pydicom.Dataset:
+    """Files written without the 128-byte preamble and 'DICM' prefix (older modalities do this)."""
+    fp = open(source, "rb") if isinstance(source, (str, Path)) else source
+    try:
+        fp.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(fp, force=True)
+            if any(k in ds for k in _IDENTIFYING_KEYWORDS):
+                return _with_transfer_syntax(ds)
+    except Exception:
+        pass  # reported below: a forced read of a non-DICOM file fails in arbitrary ways
+    finally:
+        if fp is not source:
+            fp.close()
+    raise DicomError("not a DICOM file (no 'DICM' prefix and no recognisable data set)", where=where,
+                     hint="only DICOM files are accepted; convert other formats first")
+
+
+def _with_transfer_syntax(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """Meta-less files: record the encoding pydicom read them with, so pixel decoders know it."""
+    if _transfer_syntax(ds) is None and ds.original_encoding[0] is not None:
+        implicit, little = ds.original_encoding
+        ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian if implicit
+            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+        )
+    return ds
+
+
+def _require_pixels(ds: pydicom.Dataset, where: str) -> None:
+    if any(k in ds for k in PIXEL_KEYWORDS):
+        return
+    sop_class = ds.get("SOPClassUID")
+    if sop_class is None and "Rows" not in ds:
+        raise DicomError("no data set after the file meta header (file truncated?)", where=where,
+                         hint="the file is incomplete; send or export it again")
+    name = getattr(sop_class, "name", str(sop_class or "unknown SOP class"))
+    if "Rows" in ds or "Image" in name:
+        raise DicomError(f"file ends before its pixel data ({name}); truncated file", where=where,
+                         hint="the transfer was cut short; send or export the image again")
+    raise NotAnImageError(f"DICOM object without pixel data: {name} ({sop_class})", where=where,
+                          hint="only image objects can be scored; skip reports, plans and presentation states")
+
+
+def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.ndarray:
+    """Stored values as [F, H, W] (grayscale) or [F, H, W, 3] (colour, RGB)."""
+    try:
+        arr = ds.pixel_array if frame is None else pydicom.pixels.pixel_array(ds, index=frame)
+    except Exception as err:  # decoders raise ValueError/RuntimeError/NotImplementedError/...
+        arr = _decode_with_imagecodecs(ds, frame)
+        if arr is None:
+            raise DicomError(_decode_failure(err, ds), where=where, hint=_decode_hint(err)) from err
+    per_frame = arr.shape[-2:] if int(ds.get("SamplesPerPixel") or 1) == 1 else arr.shape[-3:]
+    return arr.reshape((-1, *per_frame))
+
+
+def _decode_with_imagecodecs(ds: pydicom.Dataset, frame: int | None) -> np.ndarray | None:
+    """Second opinion for compressed frames pydicom's plugins refuse (e.g. 12-bit JPEG Extended)."""
+    name = _IMAGECODECS_DECODERS.get(str(_transfer_syntax(ds)))
+    try:
+        import imagecodecs
+
+        decode = getattr(imagecodecs, name)
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        frames = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=n_frames)
+        wanted = range(n_frames) if frame is None else [frame]
+        decoded = [decode(data) for i, data in enumerate(frames) if i in wanted]
+        arr = np.stack(decoded)
+    except Exception:  # no imagecodecs, no decoder for this syntax, or it fails too
+        return None
+    if arr.ndim == 4 and str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
+        return None  # colour conversion differs by codec: leave such files to pydicom's plugins
+    return arr
+
+
+def _decode_failure(err: Exception, ds: pydicom.Dataset) -> str:
+    short = _SHORT_PIXELS.search(str(err))
+    if short:
+        got, expected = (int(v) for v in short.groups())
+        return f"truncated pixel data (expected {expected} bytes, got {got})"
+    syntax = _transfer_syntax(ds)
+    detail = " ".join(str(err).split())  # plugin errors span several lines
+    return f"cannot decode pixel data ({getattr(syntax, 'name', syntax) or 'unknown transfer syntax'}): {detail}"
+
+
+def _decode_hint(err: Exception) -> str:
+    text = str(err).lower()
+    if "missing dependencies" in text:
+        return "install the decoders: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
+    if "missing required element" in text:
+        return "the image pixel module is incomplete; fix the export in the source system"
+    return "the pixel data is damaged or incomplete; send or export the image again"
+
+
+def _to_display(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        return _palette_to_rgb(stored, ds, where)
+    if stored.ndim == 4:
+        return _colour_to_unit(stored, int(ds.get("BitsStored") or 8 * stored.dtype.itemsize))
+    pixels = _grayscale_to_unit(stored, ds, where)
+    if photometric == "MONOCHROME1":
+        np.subtract(1.0, pixels, out=pixels)
+    return pixels[:, None]
+
+
+def _colour_to_unit(rgb: np.ndarray, bits: int) -> np.ndarray:
+    pixels = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2), dtype=np.float32)
+    if rgb.dtype.kind == "f":
+        return _min_max(pixels)
+    pixels *= np.float32(1.0 / (2.0**bits - 1))
+    return pixels
+
+
+def _palette_to_rgb(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    try:
+        rgb = apply_color_lut(stored, ds)
+    except Exception as err:
+        raise DicomError(f"cannot apply the palette colour lookup table: {err}", where=where) from err
+    return _colour_to_unit(rgb, 8 * rgb.dtype.itemsize)
+
+
+def _grayscale_to_unit(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    if stored.dtype.kind == "f":  # Float Pixel Data: real-world values without a stored range
+        return _min_max(stored.astype(np.float32))
+    values, value_range = _modality(stored, ds)
+    if ds.get("VOILUTSequence"):
+        return _voi_lut(values, ds, where)
+    window = _window_values(ds)
+    if window is not None:
+        return _apply_window(values, *window)
+    low, high = value_range
+    values -= low
+    values *= 1.0 / max(high - low, 1e-12)
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
+def _modality(stored: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float]]:
+    """Modality LUT output as float32 (a fresh array, safe to modify) and the range it can span."""
+    if ds.get("ModalityLUTSequence"):
+        bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        return apply_modality_lut(stored, ds).astype(np.float32), (0.0, 2.0**bits - 1)
+    bits = int(ds.get("BitsStored") or stored.dtype.itemsize * 8)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    low, high = (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
+    values = stored.astype(np.float32)
+    slope, intercept = float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
+    if (slope, intercept) != (1.0, 0.0):
+        values *= slope
+        values += intercept
+        low, high = sorted((low * slope + intercept, high * slope + intercept))
+    return values, (low, high)
+
+
+def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    """VOI LUT Sequence: look up the (integer) modality values, scale by the LUT's bit depth."""
+    try:
+        out = apply_voi(np.rint(values).astype(np.int32), ds)
+    except Exception as err:
+        raise DicomError(f"invalid VOI LUT Sequence: {err}", where=where,
+                         hint="fix or remove the VOI LUT in the source system") from err
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    return out.astype(np.float32) * np.float32(1.0 / (2.0**bits - 1))
+
+
+def _window_values(ds: pydicom.Dataset) -> tuple[float, float, str] | None:
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None or center == "" or width == "":
+        return None
+    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
+    function = str(ds.get("VOILUTFunction") or "LINEAR").upper()
+    return first(center), first(width), function
+
+
+def _apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2/3 windowing straight to [0, 1], in place on float32."""
+    if function == "SIGMOID":
+        values -= center
+        values *= -4.0 / width
+        np.exp(values, out=values)
+        values += 1.0
+        return np.reciprocal(values, out=values)
+    if function == "LINEAR_EXACT":
+        values -= center
+        values *= 1.0 / width
+    elif width <= 1:
+        return (values > center - 0.5).astype(np.float32)
+    else:
+        values -= center - 0.5
+        values *= 1.0 / (width - 1)
+    values += 0.5
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    values -= low
+    values *= 1.0 / max(high - low, 1e-12)
+    return values
+
+
+def _transfer_syntax(ds: pydicom.Dataset):
+    return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
+def _decoded(ds: pydicom.Dataset, pixels: np.ndarray) -> DecodedImage:
+    text = lambda keyword: str(ds.get(keyword) or "")  # noqa: E731
+    return DecodedImage(
+        pixels=pixels,
+        sop_uid=text("SOPInstanceUID"),
+        study_uid=text("StudyInstanceUID"),
+        series_uid=text("SeriesInstanceUID"),
+        patient_id=text("PatientID"),
+        modality=text("Modality"),
+        sop_class_uid=text("SOPClassUID"),
+        photometric=text("PhotometricInterpretation"),
+        rows=int(ds.get("Rows") or pixels.shape[-2]),
+        columns=int(ds.get("Columns") or pixels.shape[-1]),
+        frames=int(pixels.shape[0]),
+        bits_stored=int(ds.get("BitsStored") or 0),
+        transfer_syntax=str(_transfer_syntax(ds) or ""),
+        accession_number=text("AccessionNumber"),
+    )
