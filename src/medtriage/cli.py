@@ -15,6 +15,8 @@ from medtriage.errors import MedTriageError
 # Modules that define `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
     "medtriage.data.sources.dicom_sites",
+    "medtriage.io.ingest",
+    "medtriage.data.audit",
     "medtriage.serve.cli",
 ]
 

@@ -1,0 +1,140 @@
+"""Site ingest rate next to bare pydicom decoding of the same files.
+
+    python scripts/benchmark_ingest.py [--images 600] [--repeats 5]
+
+Writes the simulated 3-site export (`make_sites`, real PneumoniaMNIST X-rays: native 8/12-bit and
+JPEG 2000 lossless files, plus the planted SR and truncated file) to a temporary folder, then times
+in interleaved rounds (so a busy neighbour slows all alike), each on one pinned core:
+- bare pydicom: `dcmread` + `pixel_array` of every file (failures caught and counted);
+- `ingest_site` into an empty pool: read, keyed content hash, screen, structural pixel check,
+  de-identify, write, index, labels, audit log; and the same with `verify_pixels` (a full decode);
+and the same ingest with one worker process per available core. Medians over the rounds; the
+`## Ingest` section of docs/benchmarks.md is replaced (other sections are left as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+
+from medtriage.data.sources.dicom_sites import make_sites
+from medtriage.io.deid import SiteKey
+from medtriage.io.ingest import ingest_site
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Ingest"
+
+
+def bare_decode(files: list[Path]):
+    def run() -> int:
+        for path in files:
+            try:
+                pydicom.dcmread(path).pixel_array
+            except Exception:
+                pass  # the planted truncated file and the SR: read, then fail, as in ingest
+        return len(files)
+
+    return run
+
+
+def ingest(sites: Path, pool: Path, workers: int, verify: bool = False):
+    def run() -> int:
+        shutil.rmtree(pool, ignore_errors=True)
+        shutil.rmtree(pool.parent / f"{pool.name}-quarantine", ignore_errors=True)
+        count = 0
+        for i, folder in enumerate(sorted(p for p in sites.iterdir() if p.is_dir())):
+            summary = ingest_site(folder.name, folder, pool, key=SiteKey(bytes([97 + i]) * 32), workers=workers,
+                                  verify_pixels=verify, progress=False)
+            count += summary.counts_in
+        return count
+
+    return run
+
+
+def interleaved_rates(runs: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Median files/s per run; `runs` maps a name to (run, cpus). Round 0 warms caches and imports."""
+    everything = sorted(os.sched_getaffinity(0))
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    try:
+        for round_ in range(repeats + 1):
+            for name, (run, cpus) in runs.items():
+                os.sched_setaffinity(0, cpus)
+                start = time.perf_counter()
+                n = run()
+                if round_:
+                    rates[name].append(n / (time.perf_counter() - start))
+    finally:
+        os.sched_setaffinity(0, everything)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores available, Python {platform.python_version()}"
+
+
+def write_section(text: str, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
+    """Replace (or append) this benchmark's section, leaving the others as they are."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines, out, skipping = old.splitlines(), [], False
+    for line in lines:
+        if line.startswith("## "):
+            skipping = line.strip() == SECTION
+        if not skipping:
+            out.append(line)
+    body = "\n".join(out).rstrip() + "\n\n" + text.rstrip() + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=600, help="X-rays written across the 3 sites (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default %(default)s)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = Path(tmp) / "sites"
+        make_sites(ROOT / "data/samples/pneumoniamnist_28.npz", sites, seed=0, limit=args.images)
+        files = sorted(sites.rglob("*.dcm"))
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        rates = interleaved_rates({
+            "bare": (bare_decode(files), {cores[0]}),
+            "ingest": (ingest(sites, Path(tmp) / "pool", 1), {cores[0]}),
+            "ingest_verify": (ingest(sites, Path(tmp) / "pool", 1, verify=True), {cores[0]}),
+            "ingest_all": (ingest(sites, Path(tmp) / "pool", len(cores)), set(cores)),
+        }, args.repeats)
+    command = f"python scripts/benchmark_ingest.py --images {args.images} --repeats {args.repeats}"
+    text = f"""{SECTION}
+
+`{command}` — {machine()}, {datetime.date.today().isoformat()}.
+{len(files)} files ({megabytes:.1f} MB) from the simulated 3-site export (native 8/12/16-bit and JPEG 2000
+lossless X-rays, one SR and one truncated file); medians of {args.repeats} interleaved rounds.
+
+| run | files/s |
+|---|---:|
+| bare pydicom `dcmread` + `pixel_array`, 1 core | {rates['bare']:.0f} |
+| `medtriage ingest` (keyed hash, screen, structural pixel check, de-identify, write, index, labels, log), 1 core | {rates['ingest']:.0f} |
+| `medtriage ingest --verify-pixels` (the same, plus a full decode), 1 core | {rates['ingest_verify']:.0f} |
+| `medtriage ingest --workers {len(cores)}`, {len(cores)} cores | {rates['ingest_all']:.0f} |
+
+Ingest on one core runs at **{rates['ingest'] / rates['bare']:.0%}** of bare decoding (target ≥ 80%);
+with `--verify-pixels` at {rates['ingest_verify'] / rates['bare']:.0%}; with {len(cores)} workers at {rates['ingest_all'] / rates['bare']:.0%}.
+"""
+    print(text)
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Leakage audit of a pooled manifest, run before training (and by `medtriage audit POOL`).
+
+Checks, each a finding with a severity (`error` fails the audit, `warning` does not):
+- `patient_in_two_splits`       the same (site, pseudonymous patient) in more than one split
+- `same_image_in_two_splits`    identical decoded pixels (manifest fingerprint) in two splits
+- `near_duplicate_in_two_splits`  a perceptual-hash match across splits, at one site or across sites
+- `same_image_at_two_sites`     an exact or near duplicate shared by two sites in one split (warning)
+- `site_without_positives`      a split in which a site has images but no positive label, so its
+                                per-site sensitivity and AUC are undefined
+
+Perceptual hash: 32x32 bilinear thumbnail -> 2D DCT -> the 12x12 lowest frequencies (DC dropped)
+thresholded at their median = 143 bits. Measured on the 4,999 distinct PneumoniaMNIST images: no two
+distinct images within 12 bits, while the same image resampled to 64-128 px with noise stays within
+12 bits in 99% of cases; `MAX_DISTANCE` = 12. numpy and pillow only; pandas arrives with the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medtriage.errors import MedTriageError
+
+HASH_SIDE, THUMBNAIL, MAX_DISTANCE = 12, 32, 12
+NEGATIVE_LABEL = 0  # label index 0 is the normal/negative class; any other label counts as positive
+MAX_EXAMPLES = 20  # examples kept per finding, so a report stays readable
+
+
+class LeakageError(MedTriageError):
+    """The pool failed the leakage audit; training must not start on it unless explicitly overridden."""
+
+
+@dataclass
+class Finding:
+    kind: str
+    severity: str  # "error" | "warning"
+    count: int
+    message: str
+    examples: list = field(default_factory=list)
+
+
+@dataclass
+class AuditResult:
+    pool: str
+    images: int
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    def to_dict(self) -> dict:
+        return {"pool": self.pool, "images": self.images, "ok": self.ok, "findings": [asdict(f) for f in self.findings]}
+
+    def summary(self) -> str:
+        head = f"leakage audit of {self.pool} ({self.images} images): {'PASSED' if self.ok else 'FAILED'}"
+        lines = [f"  [{f.severity}] {f.kind}: {f.message}" for f in self.findings]
+        return "\n".join([head, *lines]) if lines else head + ", no findings"
+
+    def markdown(self) -> str:
+        """For a model card: one line per finding."""
+        lines = [f"Leakage audit: **{'passed' if self.ok else 'FAILED'}** on {self.images} images."]
+        lines += [f"- {f.severity}: `{f.kind}` — {f.message}" for f in self.findings]
+        return "\n".join(lines)
+
+
+def audit_manifest(manifest, *, check_images: bool = True, max_distance: int = MAX_DISTANCE) -> AuditResult:
+    """Audit a `Manifest` (see `medtriage.data.manifest.load_manifest`)."""
+    rows = manifest.rows.reset_index(drop=True)
+    result = AuditResult(str(manifest.pool_dir), len(rows))
+    result.findings += _patients_in_two_splits(rows)
+    result.findings += _sites_without_positives(rows)
+    if check_images and len(rows):
+        hashes = perceptual_hashes(_cached_images(manifest))
+        result.findings += _duplicates(rows, hashes, max_distance)
+    return result
+
+
+def require_clean(manifest, *, override: bool = False, **kwargs) -> AuditResult:
+    """The training-start gate: raise `LeakageError` on a failed audit unless `override` is set."""
+    result = audit_manifest(manifest, **kwargs)
+    if not result.ok and not override:
+        raise LeakageError(
+            result.summary(), where=manifest.pool_dir,
+            hint="fix the splits (or the pool), or override explicitly (data.allow_audit_failure=true) and say why",
+        )
+    return result
+
+
+# ---------------------------------------------------------------- checks on the table
+
+
+def _patients_in_two_splits(rows) -> list[Finding]:
+    splits = rows.groupby(["site", "patient_id"])["split"].agg(lambda s: sorted(set(s)))
+    leaked = splits[splits.map(len) > 1]
+    if leaked.empty:
+        return []
+    examples = [{"site": site, "patient_id": pid, "splits": s} for (site, pid), s in leaked.head(MAX_EXAMPLES).items()]
+    return [Finding("patient_in_two_splits", "error", len(leaked),
+                    f"{len(leaked)} patient(s) have images in more than one split", examples)]
+
+
+def _sites_without_positives(rows) -> list[Finding]:
+    positives = (rows["label"].astype(int) != NEGATIVE_LABEL).groupby([rows["split"], rows["site"]]).sum()
+    missing = [{"split": split, "site": site} for (split, site), n in positives.items() if n == 0]
+    if not missing:
+        return []
+    where = ", ".join(f"{m['site']} in {m['split']}" for m in missing)
+    return [Finding("site_without_positives", "error", len(missing),
+                    f"no positive images for {where}: per-site sensitivity/AUC undefined", missing[:MAX_EXAMPLES])]
+
+
+# ---------------------------------------------------------------- checks on the pixels
+
+
+def perceptual_hashes(images, side: int = HASH_SIDE) -> np.ndarray:
+    """One hash per `[C, H, W]` image: bool `[N, side * side - 1]`."""
+    from PIL import Image
+
+    thumbs = np.stack([
+        np.asarray(Image.fromarray(np.asarray(image, dtype=np.float32).mean(axis=0), mode="F")
+                   .resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR))
+        for image in images
+    ]) if images else np.zeros((0, THUMBNAIL, THUMBNAIL), np.float32)
+    dct = _dct_matrix(THUMBNAIL)[:side]
+    low = (dct @ thumbs @ dct.T).reshape(len(thumbs), -1)[:, 1:]  # DC only says how bright
+    return low > np.median(low, axis=1, keepdims=True)
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
+    matrix = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2 / n)
+    matrix[0] /= np.sqrt(2)
+    return matrix.astype(np.float32)
+
+
+def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 1024) -> list[tuple[int, int, int]]:
+    """(i, j, Hamming distance) for every pair i < j within `max_distance` bits.
+    With bits as +-1, Hamming = (bits - a.b) / 2: one matrix product per block instead of N^2 popcounts."""
+    signs = np.where(hashes, 1.0, -1.0).astype(np.float32)
+    n_bits, pairs = signs.shape[1], []
+    for start in range(0, len(signs), block):
+        distance = np.rint((n_bits - signs[start : start + block] @ signs.T) / 2).astype(np.int32)
+        for a, b in zip(*np.nonzero(distance <= max_distance)):
+            if start + int(a) < int(b):
+                pairs.append((start + int(a), int(b), int(distance[a, b])))
+    return pairs
+
+
+def _cached_images(manifest):
+    """Every row's pixels straight from the cache (one memmap, no per-row table lookups)."""
+    from medtriage.data.manifest import PIXELS_FILE
+
+    cache = np.memmap(Path(manifest.pool_dir) / PIXELS_FILE, dtype=np.float32, mode="r")
+    shapes = manifest.rows[["channels", "height", "width", "offset"]].astype(int).to_numpy()
+    return [np.asarray(cache[o : o + c * h * w]).reshape(c, h, w) for c, h, w, o in shapes]
+
+
+def _duplicates(rows, hashes: np.ndarray, max_distance: int) -> list[Finding]:
+    fingerprint = rows["fingerprint"].astype(str).to_numpy()
+    split, site = rows["split"].astype(str).to_numpy(), rows["site"].astype(str).to_numpy()
+    patient = rows["patient_id"].astype(str).to_numpy()
+    found: dict[str, list] = {"same_image_in_two_splits": [], "near_duplicate_in_two_splits": [], "same_image_at_two_sites": []}
+    for i, j, distance in near_pairs(hashes, max_distance):
+        if split[i] != split[j]:
+            kind = "same_image_in_two_splits" if fingerprint[i] == fingerprint[j] else "near_duplicate_in_two_splits"
+        elif site[i] != site[j]:
+            kind = "same_image_at_two_sites"
+        else:
+            continue  # the same image twice inside one split and site cannot leak
+        found[kind].append({"rows": [i, j], "sites": [site[i], site[j]], "splits": [split[i], split[j]],
+                            "patients": [patient[i], patient[j]], "distance": distance})
+    messages = {
+        "same_image_in_two_splits": "identical images in two splits",
+        "near_duplicate_in_two_splits": f"near-identical images (perceptual hash within {max_distance} bits) in two splits",
+        "same_image_at_two_sites": "the same or a near-identical image at two sites (one split)",
+    }
+    return [Finding(kind, "warning" if kind == "same_image_at_two_sites" else "error", len(pairs),
+                    f"{len(pairs)} pair(s) of {messages[kind]}" + _cross_site_note(pairs), pairs[:MAX_EXAMPLES])
+            for kind, pairs in found.items() if pairs]
+
+
+def _cross_site_note(pairs: list[dict]) -> str:
+    across = sum(1 for p in pairs if p["sites"][0] != p["sites"][1])
+    return f", {across} of them across sites" if across else ""
+
+
+# ---------------------------------------------------------------- `medtriage audit`
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("audit", help="leakage audit of a pooled manifest (patients, duplicates, positives per site)")
+    p.add_argument("pool", metavar="POOL", help="pool folder with manifest.csv (from the pool builder)")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--max-distance", type=int, default=MAX_DISTANCE, help="perceptual-hash bits for near duplicates")
+    p.add_argument("--no-images", action="store_true", help="skip the pixel checks (table checks only)")
+    p.set_defaults(func=_run_audit)
+
+
+def _run_audit(args) -> int:
+    from medtriage.data.manifest import load_manifest
+
+    result = audit_manifest(load_manifest(args.pool), check_images=not args.no_images, max_distance=args.max_distance)
+    print(result.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    return 0 if result.ok else 1

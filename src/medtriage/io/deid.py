@@ -1,0 +1,389 @@
+"""DICOM de-identification: PS3.15 Annex E Basic Application Level Confidentiality Profile,
+with the Retain Longitudinal Temporal Information with Modified Dates and the Retain Patient
+Characteristics options.
+
+Table E.1-1 (attribute -> action) comes from `dicom-anonymizer` (Kitware), whose tables are
+generated from the published standard, one module per edition; this module only decides how to
+apply them. Identity is replaced with values keyed by a secret the site keeps (`SiteKey`):
+HMAC-SHA256 pseudonyms, a per-patient date shift and `2.25.<int>` UIDs, so the same patient,
+study or referenced instance maps to the same value on every run, and nothing can be reversed
+without the secret. All private elements are removed. Pixel data is never touched, which is why
+`medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or in
+free text to quarantine instead.
+
+numpy/pydicom only: sites install the base package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from functools import lru_cache
+from pathlib import Path
+
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+
+from medtriage import __version__
+from medtriage.errors import ConfigError
+
+TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
+TABLE_EDITION = "DICOM PS3.15 2026c Table E.1-1"
+SECRET_ENV = "MEDTRIAGE_SITE_SECRET"
+DICOM_UID_ROOT = "1.2.840.10008."  # registered DICOM UIDs (SOP classes, transfer syntaxes): not identifying
+
+# dicom-anonymizer's category name -> Table E.1-1 action code.
+_TABLE_CATEGORIES = {
+    "D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D",
+    "X_Z_TAGS": "X/Z", "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*",
+}
+# A compound action depends on the attribute's Type in the IOD, which a generic tool cannot know.
+# Take the end that is conformant for Type 2/3 and never keeps the value: Z where allowed, D where
+# X or D is asked (a dummy keeps Type 1 attributes valid), and U* = keep the references, remap UIDs.
+RESOLVED_ACTION = {
+    "D": "D", "Z": "Z", "X": "X", "U": "U", "K": "K", "C": "D",
+    "Z/D": "Z", "X/Z": "Z", "X/D": "D", "X/Z/D": "Z", "X/Z/U*": "U*",
+}
+
+# Retain Patient Characteristics Option: attributes the option marks K (those marked C are free
+# text that cannot be cleaned automatically, so they keep the basic-profile action).
+PATIENT_CHARACTERISTICS = (
+    "PatientSex", "PatientAge", "PatientSize", "PatientWeight", "EthnicGroup",
+    "SmokingStatus", "PregnancyStatus", "PatientSexNeutered",
+)
+DEFAULT_CHARACTERISTICS = ("PatientSex", "PatientAge", "PatientSize", "PatientWeight")
+# Dates the Modified Dates option does not keep: the birth date would identify; age is retained instead.
+NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "PatientBirthTime", "PatientDeathDateInAlternativeCalendar"))
+PSEUDONYM_TAGS = frozenset(tag_for_keyword(k) for k in ("PatientID", "PatientName"))
+# Z allows "a dummy value consistent with the VR": a keyed one keeps accession-keyed labels joinable.
+ACCESSION_TAG = tag_for_keyword("AccessionNumber")
+
+# CID 7050 De-identification Method codes.
+CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
+CODE_MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
+CODE_PATIENT_CHARACTERISTICS = ("113108", "Retain Patient Characteristics Option")
+
+_DUMMY_TEXT = "ANONYMIZED"
+_DUMMY_BY_VR = {
+    "DA": "19000101", "DT": "19000101000000", "TM": "000000", "AS": "000D", "IS": "0", "DS": "0",
+    "US": 0, "SS": 0, "UL": 0, "SL": 0, "UV": 0, "SV": 0, "FL": 0.0, "FD": 0.0,
+    "OB": b"\0\0", "OW": b"\0\0", "OF": b"\0\0\0\0", "OD": b"\0" * 8, "OL": b"\0\0\0\0", "OV": b"\0" * 8, "UN": b"\0\0",
+}
+
+
+# ---------------------------------------------------------------- Table E.1-1
+
+
+@dataclass(frozen=True)
+class ProfileTable:
+    """Table E.1-1 as a lookup: exact tags, plus masked ones for repeating groups (curves, overlays)."""
+
+    exact: dict[int, str]
+    masked: tuple[tuple[int, int, str], ...]  # (value, mask, action) on the 32-bit tag
+
+    def action(self, tag: int) -> str | None:
+        found = self.exact.get(int(tag))
+        if found is None:
+            found = next((a for value, mask, a in self.masked if int(tag) & mask == value), None)
+        return found
+
+
+@lru_cache(maxsize=1)
+def profile_table() -> ProfileTable:
+    table = importlib.import_module(TABLE_MODULE)
+    exact: dict[int, str] = {}
+    masked: list[tuple[int, int, str]] = []
+    for category, action in _TABLE_CATEGORIES.items():
+        for entry in getattr(table, category):
+            if len(entry) == 2:
+                exact[(entry[0] << 16) | entry[1]] = action
+            else:  # (group, element, group mask, element mask)
+                group, element, group_mask, element_mask = entry
+                masked.append(((group << 16) | element, (group_mask << 16) | element_mask, action))
+    return ProfileTable(exact, tuple(masked))
+
+
+def table_library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"dicom-anonymizer {version('dicom-anonymizer')}"
+    except PackageNotFoundError:
+        return "dicom-anonymizer (version unknown)"
+
+
+# ---------------------------------------------------------------- keyed replacement values
+
+
+class SiteKey:
+    """Everything derived from the site secret. The secret itself never leaves this object."""
+
+    def __init__(self, secret: bytes, *, max_shift_days: int = 3650):
+        if len(secret) < 16:
+            raise ConfigError(
+                "site secret is too short (need at least 16 bytes)",
+                hint='make one with: python -c "import secrets; print(secrets.token_hex(32))" > site.key',
+            )
+        if max_shift_days < 1:
+            raise ConfigError(f"max_shift_days must be >= 1, got {max_shift_days}")
+        self._secret = bytes(secret)
+        self.max_shift_days = max_shift_days
+
+    def _digest(self, purpose: str, value: str | bytes) -> bytes:
+        data = value.encode() if isinstance(value, str) else value
+        return hmac.new(self._secret, purpose.encode() + b"\0" + data, hashlib.sha256).digest()
+
+    def pseudonym(self, patient_key: str) -> str:
+        return "PT" + self._digest("patient", patient_key).hex()[:20].upper()
+
+    def date_shift_days(self, patient_key: str) -> int:
+        """Days to move this patient's dates back: 1..max_shift_days, the same on every run."""
+        return 1 + int.from_bytes(self._digest("date-shift", patient_key)[:8], "big") % self.max_shift_days
+
+    def uid(self, original: str) -> str:
+        """`2.25.<int>` for any UID outside the DICOM root; registered ones (SOP classes...) stay."""
+        original = original.strip("\0 ")
+        if not original or original.startswith(DICOM_UID_ROOT):
+            return original
+        return "2.25." + str(int.from_bytes(self._digest("uid", original)[:16], "big"))
+
+    def accession(self, original: str) -> str:
+        original = original.strip()
+        return "AC" + self._digest("accession", original).hex()[:14].upper() if original else ""
+
+    def content_key(self, data: bytes) -> str:
+        """Keyed hash of a source file: an index key that reveals nothing to whoever lacks the secret."""
+        return self._digest("content", data).hex()[:32]
+
+
+def load_site_key(secret_file: str | Path | None = None, *, max_shift_days: int = 3650) -> SiteKey:
+    """The site secret from a file (preferred) or the MEDTRIAGE_SITE_SECRET environment variable."""
+    hint = (
+        f'create one once and keep it at the site: python -c "import secrets; print(secrets.token_hex(32))" > site.key; '
+        f"then pass --secret-file site.key or set {SECRET_ENV}"
+    )
+    if secret_file is not None:
+        path = Path(secret_file)
+        if not path.is_file():
+            raise ConfigError("site secret file not found", where=path, hint=hint)
+        secret = path.read_bytes().strip()
+    elif os.environ.get(SECRET_ENV):
+        secret = os.environ[SECRET_ENV].strip().encode()
+    else:
+        raise ConfigError("no site secret given", hint=hint)
+    return SiteKey(secret, max_shift_days=max_shift_days)
+
+
+# ---------------------------------------------------------------- applying the profile
+
+
+@dataclass(frozen=True)
+class DeidOptions:
+    """Which options of the profile apply, and which characteristics a pool retains."""
+
+    modified_dates: bool = True
+    retain_characteristics: tuple[str, ...] = DEFAULT_CHARACTERISTICS
+
+    def __post_init__(self):
+        unknown = sorted(set(self.retain_characteristics) - set(PATIENT_CHARACTERISTICS))
+        if unknown:
+            raise ConfigError(f"cannot retain {unknown}: the option covers only {list(PATIENT_CHARACTERISTICS)}")
+
+    def method_codes(self) -> list[tuple[str, str]]:
+        codes = [CODE_BASIC]
+        if self.modified_dates:
+            codes.append(CODE_MODIFIED_DATES)
+        if self.retain_characteristics:
+            codes.append(CODE_PATIENT_CHARACTERISTICS)
+        return codes
+
+    def describe(self) -> dict:
+        return {
+            "profile": "PS3.15 Annex E Basic Application Level Confidentiality Profile",
+            "table": TABLE_EDITION,
+            "table_source": table_library_version(),
+            "options": [meaning for _, meaning in self.method_codes()[1:]],
+            "retained_characteristics": list(self.retain_characteristics),
+            "private_elements": "removed",
+            "uids": "2.25 + keyed hash",
+            "patient_id": "keyed pseudonym",
+        }
+
+
+@dataclass
+class DeidResult:
+    pseudonym: str
+    date_shift_days: int
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    actions: Counter = field(default_factory=Counter)
+
+
+def patient_key(ds: Dataset) -> str | None:
+    """What identifies the patient at the site; None when the file names nobody."""
+    pid = str(ds.get("PatientID", "") or "").strip()
+    if pid:
+        return f"{str(ds.get('IssuerOfPatientID', '') or '').strip()}|{pid}"
+    name, birth = str(ds.get("PatientName", "") or "").strip(), str(ds.get("PatientBirthDate", "") or "").strip()
+    return f"name|{name}|{birth}" if name else None
+
+
+def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) -> DeidResult:
+    """De-identify `ds` in place (file meta included). Raises ConfigError if the patient is unnamed."""
+    patient = patient_key(ds)
+    if patient is None:
+        raise ConfigError("no Patient ID or Patient's Name: the file cannot be linked to a patient pseudonym")
+    walker = _ProfileWalker(key, options, key.pseudonym(patient), key.date_shift_days(patient))
+    walker.apply(ds, top_level=True)
+    _mark_deidentified(ds, options)
+    _rebuild_file_meta(ds)
+    ds.preamble = b"\0" * 128  # a preamble may hold anything (dual-format TIFF headers, vendor text)
+    return DeidResult(walker.pseudonym, walker.shift_days, str(ds.SOPInstanceUID), str(ds.get("StudyInstanceUID", "")),
+                      str(ds.get("SeriesInstanceUID", "")), walker.actions)
+
+
+_DECISIONS: dict[DeidOptions, dict] = {}
+
+
+class _ProfileWalker:
+    """Applies one action per element, recursing into sequences so references stay consistent."""
+
+    def __init__(self, key: SiteKey, options: DeidOptions, pseudonym: str, shift_days: int):
+        self.key, self.options, self.table = key, options, profile_table()
+        self.pseudonym, self.shift_days = pseudonym, shift_days
+        self.retained = frozenset(tag_for_keyword(k) for k in options.retain_characteristics)
+        self.actions: Counter = Counter()
+
+    def apply(self, ds: Dataset, top_level: bool = False) -> None:
+        for tag in list(ds.keys()):
+            raw = ds.get_item(tag)  # still undecoded bytes if nobody looked: keep it that way when kept
+            vr = raw.VR if raw.VR not in (None, "UN") else None  # implicit VR files carry none
+            action = self.action_for(int(tag), vr, top_level)
+            self.actions[action] += 1
+            if action == "X":
+                del ds[tag]
+            elif action != "K" or vr in ("SQ", "UI", None):
+                self.perform(ds, ds[tag], action)
+
+    def action_for(self, tag: int, vr: str | None, top_level: bool) -> str:
+        decisions = _DECISIONS.setdefault(self.options, {})  # depends on the options and the table only
+        found = decisions.get((tag, vr, top_level))
+        if found is None:
+            found = decisions[(tag, vr, top_level)] = self._decide(tag, vr, top_level)
+        return found
+
+    def _decide(self, tag: int, vr: str | None, top_level: bool) -> str:
+        if (tag >> 16) & 1 or tag & 0xFFFF == 0 or not (dictionary_has_tag(tag) or self.table.action(tag)):
+            return "X"  # private, group lengths (retired, would go stale) and unknown public elements
+        vr = vr or (dictionary_VR(tag) if dictionary_has_tag(tag) else "UN")
+        if tag in self.retained:
+            return "K"
+        if top_level and tag in PSEUDONYM_TAGS:
+            return "P"
+        if top_level and tag == ACCESSION_TAG:
+            return "A"
+        if self.options.modified_dates and tag not in NEVER_SHIFTED:
+            if vr in ("DA", "DT"):
+                return "S"
+            if vr == "TM":
+                return "K"  # whole-day shifts keep times consistent with the shifted dates
+        listed = self.table.action(tag)
+        if listed is not None:
+            return RESOLVED_ACTION[listed]
+        if vr == "UI":
+            return "U"  # UIDs the table does not list (e.g. inside references) are remapped too
+        if vr == "PN":
+            return "Z"  # a person's name the table does not list is still a name
+        return "K"
+
+    def perform(self, ds: Dataset, elem, action: str) -> None:
+        if action == "Z":
+            elem.value = Sequence([]) if elem.VR == "SQ" else None
+        elif action == "D":
+            elem.value = Sequence([]) if elem.VR == "SQ" else self.dummy(elem)
+        elif action == "P":
+            elem.value = self.pseudonym
+        elif action == "A":
+            elem.value = self.key.accession(str(elem.value or ""))
+        elif action == "S":
+            elem.value = self.map_values(elem.value, self.shift_date if elem.VR == "DA" else self.shift_datetime)
+        elif action in ("U", "U*", "K"):
+            if elem.VR == "SQ":
+                for item in elem.value or []:
+                    self.apply(item)
+            elif elem.VR == "UI":
+                elem.value = self.map_values(elem.value, self.remap_uid)
+
+    def dummy(self, elem):
+        if elem.VR == "UI":
+            return self.map_values(elem.value, self.remap_uid)
+        if elem.VR in ("DA", "DT") and self.options.modified_dates:
+            return self.map_values(elem.value, self.shift_date if elem.VR == "DA" else self.shift_datetime)
+        return _DUMMY_BY_VR.get(elem.VR, _DUMMY_TEXT)
+
+    @staticmethod
+    def map_values(value, fn):
+        if value is None or value == "":
+            return value
+        if isinstance(value, (list, MultiValue)):
+            return [fn(str(v)) for v in value]
+        return fn(str(value))
+
+    def remap_uid(self, uid: str) -> str:
+        return self.key.uid(uid)
+
+    def shift_date(self, value: str) -> str:
+        day = _parse_date(value)
+        return "" if day is None else (day - timedelta(days=self.shift_days)).strftime("%Y%m%d")
+
+    def shift_datetime(self, value: str) -> str:
+        day = _parse_date(value[:8])
+        # partial datetimes (year or month only) cannot be shifted by days: empty them rather than keep them
+        return "" if day is None else (day - timedelta(days=self.shift_days)).strftime("%Y%m%d") + value[8:]
+
+
+def _parse_date(value: str) -> date | None:
+    text = value.strip().replace(".", "")  # ACR-NEMA wrote YYYY.MM.DD
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def _mark_deidentified(ds: Dataset, options: DeidOptions) -> None:
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = [
+        "PS3.15 E Basic Profile",
+        *(["Retain Long. Temporal Info Modified Dates"] if options.modified_dates else []),
+        *(["Retain Patient Characteristics"] if options.retain_characteristics else []),
+        f"medtriage {__version__}; {TABLE_EDITION}"[:64],
+    ]
+    items = []
+    for value, meaning in options.method_codes():
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        items.append(item)
+    ds.DeidentificationMethodCodeSequence = items
+    ds.LongitudinalTemporalInformationModified = "MODIFIED" if options.modified_dates else "REMOVED"
+
+
+def _rebuild_file_meta(ds: Dataset) -> None:
+    """Fresh file meta: the old one can name the sending station and carry private information."""
+    old = getattr(ds, "file_meta", None) or FileMetaDataset()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = old.TransferSyntaxUID
+    meta.ImplementationClassUID = "2.25.181688840838635753810091347964069651856"  # medtriage's own
+    meta.ImplementationVersionName = f"MEDTRIAGE_{__version__.replace('.', '')}"[:16]
+    ds.file_meta = meta

@@ -1,0 +1,412 @@
+"""Site-side ingest: walk a site folder, de-identify every DICOM file into the pool, quarantine
+what the profile cannot make safe, and log what was done without logging who it was done to.
+
+Pool side (what leaves the site); `<pool>/<site>/` has the shape of a site export, so the pool
+builder reads it like any site folder:
+- `<pool>/<site>/<MODALITY>.<sop>.dcm`   de-identified files, named by their new SOP Instance UIDs
+- `<pool>/<site>/labels.csv`             the site's labels joined before de-identification, keyed by new UIDs
+- `<pool>/.ingest/<site>/index.csv`      one row per source file ever seen, keyed by a keyed hash of its
+                                         bytes: what makes re-ingest idempotent and incremental
+- `<pool>/.ingest/<site>/logs/<run>.json`  one audit log per ingest: counts, profile, versions, time; no PHI
+Site side (never pooled), `<quarantine>/`: originals by reason plus `quarantine.csv` with source paths.
+
+Every input file ends in exactly one place: counts in = pooled + quarantined (per reason).
+Torch-free and pandas-free: a site installs only the base package.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import secrets
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pydicom
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
+from tqdm import tqdm
+
+from medtriage import __version__
+from medtriage.errors import ConfigError, DataNotFoundError
+from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
+from medtriage.io.quarantine import Unsafe, screen
+from medtriage.io.site_labels import write_pool_labels
+
+INDEX_FILE, LABELS_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "labels.csv", "logs", "quarantine.csv"
+LEDGER_DIR = ".ingest"  # hidden: the pool builder skips it
+INDEX_COLUMNS = ["content_key", "outcome", "reason", "sop_uid", "study_uid", "series_uid", "patient", "accession",
+                 "pixel_sha256", "path", "flag", "run"]
+QUARANTINE_COLUMNS = ["content_key", "reason", "detail", "source", "run"]
+
+
+@dataclass
+class Outcome:
+    """What one worker made of one source file. `pending` files still need the duplicate check."""
+
+    source: str
+    content_key: str = ""
+    status: str = "pending"  # pending | quarantined | already
+    reason: str = ""
+    detail: str = ""
+    sop_uid: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    patient: str = ""
+    accession: str = ""
+    pixel_sha256: str = ""
+    modality: str = ""
+    encoded: bytes = b""  # the de-identified file; the main process decides where it goes
+
+
+@dataclass
+class IngestSummary:
+    site: str
+    run: str
+    counts_in: int = 0
+    pooled_new: int = 0
+    pooled_before: int = 0
+    quarantined: Counter = field(default_factory=Counter)  # reason -> count, this run and earlier
+    flags: Counter = field(default_factory=Counter)
+    labels: dict = field(default_factory=dict)
+    log_path: str = ""
+
+    @property
+    def pooled(self) -> int:
+        return self.pooled_new + self.pooled_before
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.quarantined.items())) or "none"
+        flags = "".join(f"; flagged {f} {n}" for f, n in sorted(self.flags.items()))
+        return (f"{self.site}: in {self.counts_in} = pooled {self.pooled} ({self.pooled_new} new) "
+                f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}")
+
+
+# ---------------------------------------------------------------- one file (runs in a worker)
+
+_WORKER: dict = {}
+
+
+def _init_worker(key: SiteKey, options: DeidOptions, known: frozenset, verify: bool) -> None:
+    _WORKER.update(key=key, options=options, known=known, verify=verify)
+
+
+def process_file(source: str) -> Outcome:
+    """Read, screen, check and de-identify one file; the main process decides where the result goes."""
+    w = _WORKER
+    data = Path(source).read_bytes()
+    out = Outcome(source, content_key=w["key"].content_key(data))
+    if out.content_key in w["known"]:
+        out.status = "already"
+        return out
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError:
+        return _quarantine(out, Unsafe("not_dicom", "no DICOM preamble/prefix and no recognisable data set"))
+    except Exception as err:  # pydicom raises many types on corrupt headers
+        return _quarantine(out, Unsafe("unreadable", f"{type(err).__name__}: {err}"))
+    problem = screen(ds) or _pixel_problem(ds, w["verify"])
+    if problem:
+        return _quarantine(out, problem)
+    out.pixel_sha256 = hashlib.sha256(ds.PixelData).hexdigest()[:32]  # stored bytes: exact copies, same encoding
+    result = deidentify(ds, w["key"], w["options"])
+    out.accession = str(ds.get("AccessionNumber", "") or "")
+    out.modality = "".join(c for c in str(ds.get("Modality", "") or "OT") if c.isalnum())[:16] or "OT"
+    out.sop_uid, out.study_uid, out.series_uid, out.patient = result.sop_uid, result.study_uid, result.series_uid, result.pseudonym
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    out.encoded = buffer.getvalue()
+    return out
+
+
+def _quarantine(out: Outcome, problem: Unsafe) -> Outcome:
+    out.status, out.reason, out.detail = "quarantined", problem.reason, problem.detail
+    return out
+
+
+def _pixel_problem(ds, verify: bool) -> Unsafe | None:
+    """A truncated or broken file must not reach the pool. By default the check is structural (length of
+    native pixels, complete fragments ending in an end-of-image marker): the pool builder decodes every
+    file anyway. `verify` decodes here too, at the cost of a second decode."""
+    if "PixelData" not in ds:
+        name = getattr(ds.get("SOPClassUID", ""), "name", "")
+        if "Image" in name or "Rows" in ds:
+            return Unsafe("truncated", f"{name or 'image object'} without pixel data: the file ends early")
+        return Unsafe("no_pixel_data", f"{name or 'DICOM object'} without pixel data")
+    try:
+        if verify:
+            ds.pixel_array
+        elif ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            return _broken_frames(ds)
+        elif len(ds.PixelData) < get_expected_length(ds, "bytes"):
+            return Unsafe("truncated", f"pixel data holds {len(ds.PixelData)} of {get_expected_length(ds, 'bytes')} bytes")
+    except Exception as err:  # decoder plugins raise ValueError/RuntimeError/NotImplementedError...
+        reason = "truncated" if "less than expected" in str(err) or "truncat" in str(err).lower() else "undecodable_pixels"
+        return Unsafe(reason, f"{type(err).__name__}: {err}")
+    return None
+
+
+_END_OF_IMAGE = {"1.2.840.10008.1.2.4": b"\xff\xd9"}  # JPEG, JPEG-LS and JPEG 2000 codestreams all end in FFD9
+
+
+def _broken_frames(ds) -> Unsafe | None:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    found = list(generate_frames(ds.PixelData, number_of_frames=frames))
+    if len(found) < frames:
+        return Unsafe("truncated", f"{len(found)} of {frames} compressed frames present")
+    marker = next((m for prefix, m in _END_OF_IMAGE.items() if ds.file_meta.TransferSyntaxUID.startswith(prefix)), None)
+    if marker and any(not frame.rstrip(b"\0").endswith(marker) for frame in found):
+        return Unsafe("truncated", "a compressed frame lacks its end-of-image marker")
+    return None
+
+
+# ---------------------------------------------------------------- the site run (main process)
+
+
+def ingest_site(site: str, src: str | Path, pool: str | Path, *, key: SiteKey, options: DeidOptions = DeidOptions(),
+                quarantine: str | Path | None = None, workers: int = 1, progress: bool = True,
+                verify_pixels: bool = False) -> IngestSummary:
+    """De-identify `src` into `<pool>/<site>/`; quarantine the rest. Re-running adds only new files."""
+    src, pool = Path(src).resolve(), Path(pool).resolve()
+    if not src.is_dir():
+        raise DataNotFoundError("site folder not found", where=src, hint="pass the folder holding the site's DICOM export")
+    if not site or any(c in site for c in "/\\") or site.startswith("."):
+        raise ConfigError(f"invalid site name {site!r}", hint="use a short name such as site_a")
+    site_dir, ledger_dir = pool / site, ledger_folder(pool, site)
+    quarantine = Path(quarantine).resolve() if quarantine else pool.parent / f"{pool.name}-quarantine" / site
+    if quarantine.is_relative_to(pool):
+        raise ConfigError("the quarantine holds identifiable originals and must not be inside the pool", where=quarantine)
+    run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    started = time.time()
+    index = _read_index(ledger_dir / INDEX_FILE)
+    sources = [str(p) for p in sorted(src.rglob("*")) if p.is_file() and p != src / LABELS_FILE]
+    summary = IngestSummary(site, run, counts_in=len(sources))
+    site_dir.mkdir(parents=True, exist_ok=True)
+    ledger = _Ledger(site, site_dir, ledger_dir / INDEX_FILE, quarantine, run, index, _pooled_pixels(pool))
+    for out in _map(sources, workers, progress, site, (key, options, frozenset(index), verify_pixels)):
+        ledger.record(out, summary)
+    ledger.close()
+    rows = ledger.index.values()
+    summary.flags = Counter(r["flag"].split(":")[0] for r in rows if r["flag"] and r["content_key"] in ledger.seen)
+    summary.labels = write_pool_labels(src / LABELS_FILE, site_dir / LABELS_FILE, [r for r in rows if r["outcome"] == "pooled"], key)
+    summary.log_path = str(_write_log(ledger_dir, summary, options, workers, started))
+    return summary
+
+
+def ledger_folder(pool: str | Path, site: str) -> Path:
+    """Where a site's ingest index and audit logs live inside the pool."""
+    return Path(pool) / LEDGER_DIR / site
+
+
+def _map(sources: list[str], workers: int, progress: bool, site: str, init_args: tuple):
+    bar = dict(total=len(sources), desc=f"ingest {site}", unit="file", disable=not progress)
+    if workers <= 1:
+        _init_worker(*init_args)
+        yield from tqdm(map(process_file, sources), **bar)
+        return
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=init_args) as pool:
+        yield from tqdm(pool.map(process_file, sources, chunksize=4), **bar)
+
+
+class _Ledger:
+    """Decides where each outcome ends up (in input order, so duplicates resolve the same way every time)."""
+
+    def __init__(self, site: str, site_dir: Path, index_path: Path, quarantine: Path, run: str, index: dict, pixels: dict):
+        self.site, self.site_dir, self.quarantine, self.run = site, site_dir, quarantine, run
+        self.index, self.pixels = index, pixels  # content_key -> row; pixel hash -> "site/sop"
+        self.sops = {r["sop_uid"] for r in index.values() if r["outcome"] == "pooled"}
+        self.seen: set[str] = set()  # content keys of this run's inputs (already-ingested included)
+        self._index_file = _append_csv(index_path, INDEX_COLUMNS)
+        self._quarantine_file = None
+
+    def record(self, out: Outcome, summary: IngestSummary) -> None:
+        """Place one input and count it exactly once: pooled (new or before) or quarantined by reason."""
+        if out.content_key in self.seen:  # the same bytes twice in this run: the second copy adds nothing
+            _quarantine(out, Unsafe("duplicate_file", "byte-identical to another input of this run"))
+            self._to_quarantine(out, indexed=False)
+        elif out.status == "already" or out.content_key in self.index:
+            row = self.index[out.content_key]
+            if row["outcome"] == "pooled":
+                summary.pooled_before += 1
+            else:
+                summary.quarantined[row["reason"]] += 1
+        else:
+            if out.status == "pending" and out.sop_uid in self.sops:
+                _quarantine(out, Unsafe("duplicate_sop_instance", "a different file with the same SOP Instance UID is pooled"))
+            if out.status == "quarantined":
+                self._to_quarantine(out)
+            else:
+                self._to_pool(out)
+                summary.pooled_new += 1
+        if out.status == "quarantined":
+            summary.quarantined[out.reason] += 1
+        self.seen.add(out.content_key)
+
+    def _to_pool(self, out: Outcome) -> None:
+        relative = Path(f"{out.modality}.{out.sop_uid}.dcm")  # the site export's own layout, new UIDs
+        partial = self.site_dir / f".{relative.name}.partial"
+        partial.write_bytes(out.encoded)
+        os.replace(partial, self.site_dir / relative)  # never a half-written file under its final name
+        self.sops.add(out.sop_uid)
+        twin = self.pixels.get(out.pixel_sha256)
+        flag = f"identical_pixels:{twin}" if twin else ""
+        self.pixels.setdefault(out.pixel_sha256, f"{self.site}/{out.sop_uid}")
+        self._write_index(out, "pooled", path=relative.as_posix(), flag=flag)
+
+    def _to_quarantine(self, out: Outcome, indexed: bool = True) -> None:
+        target = self.quarantine / out.reason / f"{out.content_key}{Path(out.source).suffix[:8]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out.source, target)
+        if self._quarantine_file is None:
+            self._quarantine_file = _append_csv(self.quarantine / QUARANTINE_LIST, QUARANTINE_COLUMNS)
+        self._quarantine_file[1].writerow({"content_key": out.content_key, "reason": out.reason, "detail": out.detail,
+                                           "source": out.source, "run": self.run})
+        if indexed:
+            self._write_index(out, "quarantined")
+
+    def _write_index(self, out: Outcome, outcome: str, path: str = "", flag: str = "") -> None:
+        row = {"content_key": out.content_key, "outcome": outcome, "reason": out.reason, "sop_uid": out.sop_uid,
+               "study_uid": out.study_uid, "series_uid": out.series_uid, "patient": out.patient,
+               "accession": out.accession, "pixel_sha256": out.pixel_sha256, "path": path, "flag": flag, "run": self.run}
+        self.index[out.content_key] = row
+        self._index_file[1].writerow(row)
+        self._index_file[0].flush()  # an interrupted run keeps what it recorded
+
+    def close(self) -> None:
+        for handle in (self._index_file, self._quarantine_file):
+            if handle:
+                handle[0].close()
+
+
+def _append_csv(path: Path, columns: list[str]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    handle = open(path, "a", newline="")
+    writer = csv.DictWriter(handle, fieldnames=columns)
+    if new:
+        writer.writeheader()
+    return handle, writer
+
+
+def _read_index(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {row["content_key"]: row for row in csv.DictReader(f)}
+
+
+def _pooled_pixels(pool: Path) -> dict[str, str]:
+    """Pixel hash -> 'site/sop' over every site already in the pool: spots the same image at two sites."""
+    found: dict[str, str] = {}
+    for index_path in sorted((pool / LEDGER_DIR).glob(f"*/{INDEX_FILE}")):
+        for row in _read_index(index_path).values():
+            if row["outcome"] == "pooled" and row["pixel_sha256"]:
+                found.setdefault(row["pixel_sha256"], f"{index_path.parent.name}/{row['sop_uid']}")
+    return found
+
+
+def _write_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptions, workers: int, started: float) -> Path:
+    """The per-ingest audit log: counts, profile, versions and time. Names no patient, path or original UID."""
+    log = {
+        "site": summary.site, "run": summary.run,
+        "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 3), "workers": workers,
+        "software": {"medtriage": __version__, "pydicom": pydicom.__version__, "table": table_library_version(),
+                     "python": platform.python_version()},
+        "deidentification": options.describe(),
+        "counts": {"in": summary.counts_in, "pooled": summary.pooled, "pooled_new": summary.pooled_new,
+                   "pooled_before": summary.pooled_before, "quarantined": dict(summary.quarantined),
+                   "quarantined_total": sum(summary.quarantined.values())},
+        "flags": dict(summary.flags), "labels": summary.labels,
+    }
+    path = ledger_dir / LOG_DIR / f"{summary.run}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(log, indent=2))
+    return path
+
+
+# ---------------------------------------------------------------- several sites at once
+
+
+def ingest_sites(sites_dir: str | Path, pool: str | Path, *, keys_dir: str | Path | None = None, create_keys: bool = False,
+                 **kwargs) -> list[IngestSummary]:
+    """Ingest every `<sites_dir>/<site>/` with that site's own key `<keys_dir>/<site>.key` (default
+    `<sites_dir>/.keys`). `create_keys` makes missing keys: for simulated sites; a real site makes its own."""
+    sites_dir, pool = Path(sites_dir).resolve(), Path(pool).resolve()
+    if not sites_dir.is_dir():
+        raise DataNotFoundError("site folders not found", where=sites_dir, hint="create them with `python scripts/make_sites.py`")
+    keys_dir = Path(keys_dir).resolve() if keys_dir else sites_dir / ".keys"
+    if keys_dir.is_relative_to(pool):
+        raise ConfigError("site keys must not live inside the pool", where=keys_dir)
+    folders = sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    summaries = []
+    for folder in folders:
+        key_file = keys_dir / f"{folder.name}.key"
+        if not key_file.exists() and create_keys:
+            keys_dir.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(secrets.token_hex(32) + "\n")
+            key_file.chmod(0o600)
+        summaries.append(ingest_site(folder.name, folder, pool, key=load_site_key(key_file), **kwargs))
+    return summaries
+
+
+def add_sites_arguments(parser) -> None:
+    parser.add_argument("--sites", default="data/sites", help="folder of site folders (default: %(default)s)")
+    parser.add_argument("--into", default="data/pool/ingested", help="pool folder (default: %(default)s)")
+    parser.add_argument("--keys", help="folder of <site>.key secrets (default: SITES/.keys)")
+    parser.add_argument("--create-keys", action="store_true", help="create missing keys (simulated sites only)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per site (default 1)")
+    parser.add_argument("--verify-pixels", action="store_true", help="decode every image during ingest")
+
+
+def run_sites(args) -> int:
+    summaries = ingest_sites(args.sites, args.into, keys_dir=args.keys, create_keys=args.create_keys, workers=args.workers,
+                              verify_pixels=args.verify_pixels)
+    for summary in summaries:
+        print(summary.line())
+    print(f"pool: {Path(args.into).resolve()}; next: python scripts/build_pool.py --sites {args.into}")
+    return 0
+
+
+# ---------------------------------------------------------------- `medtriage ingest`
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ingest", help="de-identify a site's DICOM folder into the pool (quarantine the rest)",
+                              description="De-identify (PS3.15 Annex E basic profile + modified dates + patient "
+                              "characteristics) every file under SRC into POOL/SITE; unsafe files go to quarantine.")
+    p.add_argument("src", metavar="SRC", help="the site's DICOM export folder (labels.csv at its top, optional)")
+    p.add_argument("--site", required=True, help="site name, e.g. site_a")
+    p.add_argument("--into", required=True, metavar="POOL", help="pool folder (what leaves the site)")
+    p.add_argument("--secret-file", help="the site's secret key file (else $MEDTRIAGE_SITE_SECRET); never put it in the pool")
+    p.add_argument("--quarantine", help="where originals that cannot be pooled go (default: POOL-quarantine/SITE)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--retain", default=",".join(DeidOptions().retain_characteristics),
+                   help="patient characteristics to retain, comma-separated ('' for none)")
+    p.add_argument("--no-modified-dates", action="store_true", help="remove dates instead of shifting them per patient")
+    p.add_argument("--verify-pixels", action="store_true", help="decode every image here (default: structural check)")
+    p.set_defaults(func=_run_ingest)
+
+
+def _run_ingest(args) -> int:
+    pool = Path(args.into).resolve()
+    if args.secret_file and Path(args.secret_file).resolve().is_relative_to(pool):
+        raise ConfigError("the site secret must not live inside the pool", where=args.secret_file)
+    options = DeidOptions(modified_dates=not args.no_modified_dates,
+                          retain_characteristics=tuple(k for k in args.retain.split(",") if k))
+    summary = ingest_site(args.site, args.src, pool, key=load_site_key(args.secret_file), options=options,
+                          quarantine=args.quarantine, workers=args.workers, progress=True,
+                          verify_pixels=args.verify_pixels)
+    print(summary.line())
+    print(f"audit log: {summary.log_path}")
+    return 0

@@ -1,0 +1,55 @@
+"""What the de-identification profile cannot make safe, so it goes to quarantine instead of the pool.
+
+The profile cleans headers; it never touches pixels or reads free-text content. So objects whose
+identity may live there (structured reports, documents, images with burned-in text) are screened
+out first, each with a fixed machine-readable reason. numpy/pydicom only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+from medtriage.io.deid import patient_key
+
+# Objects whose identity lives in free text or documents the header profile does not reach.
+UNSAFE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report (free-text content items)",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document (PDF, CDA, 3D model)",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state (free-text annotations)",
+    "1.2.840.10008.5.1.4.1.1.9.": "waveform",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data",
+}
+# Objects that often carry text burned into the pixels: secondary capture (screenshots, scans),
+# ultrasound, visible-light photographs. Accepted only when the site states BurnedInAnnotation=NO.
+BURN_IN_PRONE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.6.", "1.2.840.10008.5.1.4.1.1.3.", "1.2.840.10008.5.1.4.1.1.77.")
+BURN_IN_PRONE_MODALITIES = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "DOC"})
+
+
+@dataclass(frozen=True)
+class Unsafe:
+    """Why a file goes to quarantine: `reason` is a fixed machine-readable code, `detail` is for people."""
+
+    reason: str
+    detail: str
+
+
+def screen(ds: Dataset) -> Unsafe | None:
+    """None when the profile can make `ds` safe; otherwise the quarantine reason."""
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    for prefix, what in UNSAFE_SOP_CLASSES.items():
+        if sop_class.startswith(prefix):
+            return Unsafe("unsafe_sop_class", f"{what} ({sop_class}): header de-identification cannot reach its content")
+    burned_in = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if burned_in == "YES":
+        return Unsafe("burned_in_annotation", "BurnedInAnnotation is YES: identifying text in the pixels")
+    prone = sop_class.startswith(BURN_IN_PRONE_SOP_CLASSES) or str(ds.get("Modality", "")).upper() in BURN_IN_PRONE_MODALITIES
+    if prone and burned_in != "NO":
+        return Unsafe("burned_in_annotation_unknown", f"{ds.get('Modality', '?')} / {sop_class} often has text in its pixels "
+                      "and BurnedInAnnotation is not NO: review it and set NO, or mask the pixels first")
+    if "SOPInstanceUID" not in ds:
+        return Unsafe("unreadable", "no SOP Instance UID")
+    if patient_key(ds) is None:
+        return Unsafe("no_patient_identity", "no Patient ID or Patient's Name: patient-level splits would be impossible")
+    return None

@@ -1,0 +1,76 @@
+"""Labels follow the pseudonyms: a site's labels.csv, joined on its original identifiers at the site,
+rewritten in the same shape with the new SOP Instance UIDs / accession pseudonyms.
+
+Only key and label columns travel: a hospital export can carry free text (comments, reader names).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from medtriage.errors import ConfigError
+from medtriage.io.deid import SiteKey
+
+# Column names a hospital export may use, normalised (lower case, no '_' or ' ').
+_KEY_COLUMNS = {
+    "sop": {"sopuid", "sopinstanceuid", "sop"}, "study": {"studyuid", "studyinstanceuid"},
+    "series": {"seriesuid", "seriesinstanceuid"}, "accession": {"accession", "accessionnumber"},
+    "patient": {"patientid", "patient"}, "label": {"label", "finding", "diagnosis", "class"},
+}
+
+
+def _column_roles(columns: list[str]) -> dict[str, str]:
+    """Role -> the site's column name. Columns with no role (free text, names) are never copied to the pool."""
+    roles = {}
+    for column in columns:
+        norm = column.lower().replace("_", "").replace(" ", "")
+        role = next((r for r, names in _KEY_COLUMNS.items() if norm in names), None)
+        if role and role not in roles:
+            roles[role] = column
+    return roles
+
+
+def write_pool_labels(site_labels: Path, pool_labels: Path, pooled: list[dict], key: SiteKey) -> dict:
+    """Join the site's labels.csv (original SOP UIDs or accession numbers) onto the pooled files and write it
+    in the same shape, keyed by the new values. The site's keys go through the same keyed functions as the
+    headers, so the join happens on original identifiers, at the site. Returns counts for the audit log."""
+    if not site_labels.is_file():
+        return {"labels_file": False, "images_unlabelled": len(pooled)}
+    with open(site_labels, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns, rows = list(reader.fieldnames or []), list(reader)
+    roles = _column_roles(columns)
+    if "label" not in roles or not ({"sop", "accession"} & set(roles)):
+        raise ConfigError(f"labels.csv needs a label column and a SOP Instance UID or accession column; has {columns}",
+                          where=site_labels, hint="e.g. columns sop_instance_uid,finding")
+    by_sop, by_accession, empty = {}, {}, 0
+    for row in rows:
+        label = (row.get(roles["label"]) or "").strip()
+        if not label:
+            empty += 1
+        elif roles.get("sop") and (row.get(roles["sop"]) or "").strip():
+            by_sop[key.uid(row[roles["sop"]])] = label
+        elif roles.get("accession") and (row.get(roles["accession"]) or "").strip():
+            by_accession[key.accession(row[roles["accession"]])] = label
+    out_columns = [c for c in columns if c in roles.values()]  # identifying and free-text columns stay home
+    written, used = {}, set()
+    for image in sorted(pooled, key=lambda r: r["sop_uid"]):
+        match = next(((k, table[k]) for k, table in ((image["sop_uid"], by_sop), (image["accession"], by_accession))
+                      if k and k in table), None)
+        if match is None:
+            continue
+        used.add(match[0])
+        values = {"sop": image["sop_uid"], "study": image["study_uid"], "series": image["series_uid"],
+                  "accession": image["accession"], "patient": image["patient"], "label": match[1]}
+        row = {roles[r]: values[r] for r in roles}
+        written[tuple(row.values())] = row  # accession-keyed exports: one row per accession, as the site wrote it
+    with open(pool_labels, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=out_columns)
+        writer.writeheader()
+        writer.writerows(written.values())
+    labelled = sum(1 for r in pooled if r["sop_uid"] in used or (r["accession"] and r["accession"] in used))
+    return {"labels_file": True, "rows": len(rows), "rows_empty_label": empty,
+            "rows_matching_no_pooled_image": len(by_sop) + len(by_accession) - len(used),
+            "images_labelled": labelled, "images_unlabelled": len(pooled) - labelled,
+            "columns_not_pooled": len(columns) - len(out_columns)}

@@ -1,0 +1,239 @@
+"""De-identification on real headers: pydicom's test files with planted PHI and the deid-data package."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as table_e1
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from medtriage.errors import ConfigError
+from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, patient_key, profile_table
+from medtriage.io.quarantine import screen
+from phi_site import build_phi_site, identifying_values, pixel_sha256
+
+KEY = SiteKey(b"test-site-secret-0123456789abcdef")
+DEID_DATA = Path(__import__("deid_data").__file__).parent / "data"
+DEID_DATA_FILES = sorted(DEID_DATA.rglob("*.dcm"))
+CATEGORY_ACTION = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_Z_TAGS": "X/Z",
+                   "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}
+
+
+def _exact_table() -> dict[int, str]:
+    """Table E.1-1 read straight from the library, independently of medtriage's lookup."""
+    return {(t[0] << 16) | t[1]: action for category, action in CATEGORY_ACTION.items()
+            for t in getattr(table_e1, category) if len(t) == 2}
+
+
+def _roundtrip(ds: Dataset) -> bytes:
+    """The file's bytes minus the pixel data itself: pixels stay untouched by design (burned-in text is
+    quarantined instead), and a 6-digit serial number can occur in an image by chance."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue().replace(ds.PixelData, b"") if "PixelData" in ds else buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def phi_site(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("site")
+    return build_phi_site(folder)
+
+
+def test_table_covers_e1_1_with_repeating_groups():
+    table = profile_table()
+    assert len(table.exact) > 600
+    assert table.action(0x00100010) == "Z" and table.action(0x00100020) == "Z/D"  # Patient's Name, Patient ID
+    assert table.action(0x00080018) == "U" and table.action(0x00081140) == "X/Z/U*"
+    assert table.action(0x60023000) == table.action(0x601E4000) == "X"  # overlay data / comments, any overlay group
+    assert table.action(0x50120010) == "X"  # curve data
+    assert table.action(0x00280010) is None  # Rows: not identifying
+
+
+@pytest.mark.parametrize("path", DEID_DATA_FILES, ids=lambda p: p.name)
+def test_deid_data_headers_leave_no_identifying_value_in_the_bytes(path):
+    original = pydicom.dcmread(path)
+    values = identifying_values([path])
+    assert values, "the fixture must carry identity to remove"
+    ds = pydicom.dcmread(path)
+    deidentify(ds, KEY)
+    data = _roundtrip(ds)
+    leaked = sorted(v for v in values if v.encode("latin-1", "ignore") in data)
+    assert not leaked
+    assert not [e for e in pydicom.dcmread(io.BytesIO(data)).iterall() if e.tag.is_private]
+    assert pixel_sha256(ds) == pixel_sha256(original)
+
+
+def test_planted_phi_is_gone_from_every_byte(phi_site):
+    values = identifying_values(phi_site["pooled"])
+    assert {"DOEHRING^JANETTE^Q", "MRN-47110815", "19610203", "Saint Elsewhere General Hospital"} <= values
+    for path in phi_site["pooled"]:
+        ds = pydicom.dcmread(path)
+        deidentify(ds, KEY)
+        data = _roundtrip(ds)
+        assert not [v for v in values if v.encode() in data], path.name
+
+
+def _pairs(before: Dataset, after: Dataset, path=()):
+    """(tag path, element before, element after or None) over both data sets, recursing into sequences."""
+    for elem in before:
+        now = after.get(elem.tag) if elem.tag in after else None
+        yield path + (int(elem.tag),), elem, now
+        if elem.VR == "SQ" and now is not None and len(now.value) == len(elem.value):
+            for item_before, item_after in zip(elem.value, now.value):
+                yield from _pairs(item_before, item_after, path + (int(elem.tag),))
+
+
+def _shift(value: str, days: int) -> str:
+    day = date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+    return (day.fromordinal(day.toordinal() - days)).strftime("%Y%m%d") + value[8:]
+
+
+@pytest.mark.parametrize("source", ["fixture", "deid_data"])
+def test_every_table_attribute_present_gets_its_action(phi_site, source):
+    table = _exact_table()
+    paths = phi_site["pooled"] if source == "fixture" else [DEID_DATA / "humans/ctbrain1.dcm", DEID_DATA / "animals/cat.dcm"]
+    retained = {pydicom.datadict.tag_for_keyword(k) for k in DeidOptions().retain_characteristics}
+    checked = 0
+    for path in paths:
+        before, after = pydicom.dcmread(path, stop_before_pixels=True), pydicom.dcmread(path, stop_before_pixels=True)
+        result = deidentify(after, KEY)
+        for tags, old, new in _pairs(before, after):
+            action, tag = table.get(tags[-1]), tags[-1]
+            if action is None or old.value in (None, "", b"") or old.tag.is_private:
+                continue
+            checked += 1
+            where = f"{path.name} {pydicom.datadict.keyword_for_tag(tag)}"
+            if tag in retained:
+                assert new is not None and new.value == old.value, where
+            elif old.VR in ("DA", "DT") and tag != 0x00100030:  # modified dates: shifted per patient
+                expected = [_shift(v, result.date_shift_days) if len(v) >= 8 else "" for v in _as_list(old.value)]
+                assert _as_list(new.value) == expected, where
+            elif old.VR == "TM":
+                assert new is None or new.value in (old.value, None, ""), where  # whole-day shift keeps times
+            elif action == "X":
+                assert new is None, where
+            elif action == "U" or (action == "X/Z/U*" and old.VR == "UI"):
+                assert all(v.startswith("2.25.") or v.startswith("1.2.840.10008.") for v in _as_list(new.value)), where
+            elif tag in (0x00100010, 0x00100020):  # names and IDs become the keyed pseudonym
+                assert new.value == result.pseudonym, where
+            elif old.VR == "SQ" and action != "X/Z/U*":
+                assert new is None or len(new.value) == 0, where
+            elif old.VR != "SQ":
+                assert new is None or new.value in (None, "") or new.value != old.value, where
+    assert checked >= 15
+
+
+def _as_list(value):
+    return [str(v) for v in value] if isinstance(value, (list, pydicom.multival.MultiValue)) else [str(value)]
+
+
+def test_uids_map_consistently_and_references_resolve(phi_site):
+    datasets = [pydicom.dcmread(p) for p in phi_site["pooled"]]
+    original = [(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)) for ds in datasets]
+    for ds in datasets:
+        deidentify(ds, KEY)
+    new_sops = [str(ds.SOPInstanceUID) for ds in datasets]
+    for (sop, study), ds in zip(original, datasets):
+        assert ds.SOPInstanceUID == KEY.uid(sop) == ds.file_meta.MediaStorageSOPInstanceUID
+        assert ds.StudyInstanceUID == KEY.uid(study)
+        assert UID(ds.SOPInstanceUID).is_valid and len(ds.SOPInstanceUID) <= 64
+    for ds in datasets[1:]:  # each fixture image references the previous one
+        assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID in new_sops
+        assert ds.ReferencedImageSequence[0].ReferencedSOPClassUID.startswith("1.2.840.10008.")
+    assert datasets[0].StudyInstanceUID == datasets[4].StudyInstanceUID  # one study stays one study
+    assert datasets[0].StudyInstanceUID != datasets[1].StudyInstanceUID
+
+
+def test_marks_method_and_options():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientBirthDate = "19610203"
+    deidentify(ds, KEY)
+    assert ds.PatientIdentityRemoved == "YES"
+    codes = [(c.CodeValue, c.CodingSchemeDesignator) for c in ds.DeidentificationMethodCodeSequence]
+    assert codes == [("113100", "DCM"), ("113107", "DCM"), ("113108", "DCM")]
+    assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+    original = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    assert ds.PatientSex == original.PatientSex and ds.PatientWeight == original.PatientWeight
+    assert "PatientBirthDate" in ds and not ds.PatientBirthDate  # Z: age is what the pool retains
+
+    plain = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    deidentify(plain, KEY, DeidOptions(modified_dates=False, retain_characteristics=()))
+    assert [c.CodeValue for c in plain.DeidentificationMethodCodeSequence] == ["113100"]
+    assert not plain.get("StudyDate") and not plain.get("AcquisitionDate") and not plain.get("PatientSex")
+    with pytest.raises(ConfigError, match="cannot retain"):
+        DeidOptions(retain_characteristics=("PatientName",))
+
+
+def test_pseudonyms_and_date_shift_are_keyed():
+    other = SiteKey(b"another-site-secret-0123456789ab")
+    assert KEY.pseudonym("|MRN-1") == KEY.pseudonym("|MRN-1") != other.pseudonym("|MRN-1")
+    assert KEY.uid("1.2.3.4") != other.uid("1.2.3.4")
+    assert KEY.uid("1.2.840.10008.5.1.4.1.1.2") == "1.2.840.10008.5.1.4.1.1.2"
+    shifts = {KEY.date_shift_days(f"|MRN-{i}") for i in range(50)}
+    assert len(shifts) > 40 and all(1 <= s <= KEY.max_shift_days for s in shifts)
+    a = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    b = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert deidentify(a, KEY).pseudonym == deidentify(b, KEY).pseudonym  # same patient, same run or not
+
+
+def test_screen_sends_what_the_profile_cannot_clean_to_quarantine():
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    assert screen(ct) is None
+    ct.BurnedInAnnotation = "YES"
+    assert screen(ct).reason == "burned_in_annotation"
+    sc = pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm"), stop_before_pixels=True)
+    assert screen(sc).reason == "burned_in_annotation_unknown"
+    sc.BurnedInAnnotation = "NO"
+    assert screen(sc) is None
+    assert screen(pydicom.dcmread(get_testdata_file("test-SR.dcm"))).reason == "unsafe_sop_class"
+    anonymous = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    del anonymous.PatientID, anonymous.PatientName
+    assert patient_key(anonymous) is None and screen(anonymous).reason == "no_patient_identity"
+
+
+def test_site_secret_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDTRIAGE_SITE_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="no site secret") as err:
+        load_site_key()
+    assert "token_hex" in str(err.value)
+    (tmp_path / "site.key").write_text("f" * 64 + "\n")
+    assert load_site_key(tmp_path / "site.key").pseudonym("|x") == SiteKey(b"f" * 64).pseudonym("|x")
+    monkeypatch.setenv("MEDTRIAGE_SITE_SECRET", "short")
+    with pytest.raises(ConfigError, match="too short"):
+        load_site_key()
+
+
+@pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmtk's dcmdump not installed")
+def test_dcmdump_reads_the_output(tmp_path, phi_site):
+    for path in phi_site["pooled"]:
+        ds = pydicom.dcmread(path)
+        deidentify(ds, KEY)
+        out = tmp_path / f"{path.name}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        dump = subprocess.run(["dcmdump", "-E", str(out)], capture_output=True, text=True)
+        assert dump.returncode == 0, dump.stderr
+        assert "PatientIdentityRemoved" in dump.stdout
+
+
+def test_io_modules_never_import_torch():
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'torch', 'monai', 'mlflow', 'hydra', 'pandas'}:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import medtriage.io.deid, medtriage.io.ingest, medtriage.data.audit\n"
+    )
+    run = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, env={**os.environ})
+    assert run.returncode == 0, run.stderr
