@@ -109,8 +109,13 @@ def make_sites(npz: str | Path = DEFAULT_NPZ, out_dir: str | Path = DEFAULT_OUT,
 
 
 def _all_images(npz) -> tuple[np.ndarray, np.ndarray]:
+    """Every npz image once: PneumoniaMNIST holds byte-identical copies, which would leak across splits."""
     splits = read_npz(npz)
-    return np.concatenate([x for x, _ in splits.values()]), np.concatenate([y for _, y in splits.values()])
+    images = np.concatenate([x for x, _ in splits.values()])
+    labels = np.concatenate([y for _, y in splits.values()])
+    _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
+    keep = np.sort(first)
+    return images[keep], labels[keep]
 
 
 def _shares(order: np.ndarray, sites) -> list[np.ndarray]:
