@@ -1,0 +1,227 @@
+"""Whole-slide images to model tiles: tissue mask, tile grid at a physical resolution, tile batches.
+
+numpy + PIL only (reading is `medtriage.io.slide_reader`). Coordinates are level-0 pixels `(x, y)`
+of a tile's top-left corner. The grid is laid out in µm/pixel, not pyramid levels, so slides
+scanned at 20x and 40x give the same physical tiles.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from medtriage.errors import InputError
+from medtriage.io.slide_reader import SLIDE_SUFFIXES, RegionReader, Slide, is_slide_path, open_slide  # noqa: F401 (re-exported)
+from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, Stains, fit_stains
+
+DEFAULT_TILE_MPP = 0.5  # 20x
+MASK_MPP = 8.0  # tissue mask resolution, µm/pixel
+MIN_SATURATION = 0.07  # Otsu floor: a blank slide has no threshold worth splitting on
+COARSER_TOLERANCE = 1.1  # read a slide up to 10% coarser than asked before refusing
+STAIN_FIT_TILES = 16  # tiles sampled across the slide to fit its stains
+
+
+# --- tissue mask ---------------------------------------------------------------------------
+
+
+@dataclass
+class TissueMask:
+    """Boolean tissue mask; one mask pixel covers `downsample` level-0 pixels on a side."""
+
+    mask: np.ndarray
+    downsample: float
+    threshold: float
+
+    def fraction(self, x0: int, y0: int, size0: float) -> float:
+        """Fraction of tissue under a level-0 square."""
+        d = self.downsample
+        r0, r1 = int(y0 / d), max(int(np.ceil((y0 + size0) / d)), int(y0 / d) + 1)
+        c0, c1 = int(x0 / d), max(int(np.ceil((x0 + size0) / d)), int(x0 / d) + 1)
+        window = self.mask[r0:r1, c0:c1]
+        return float(window.mean()) if window.size else 0.0
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation in [0, 1] of uint8 RGB `[h, w, 3]`: stained tissue is coloured, glass is grey."""
+    rgb = rgb.astype(np.float32)
+    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    return np.where(high > 0, (high - low) / np.maximum(high, 1), 0.0).astype(np.float32)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1]: maximises the between-class variance."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(hist)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(hist * centres)
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def low_resolution_image(slide: Slide, mpp: float) -> tuple[Image.Image, float]:
+    """The smallest image of the whole slide still at least as fine as `mpp`, and its µm/pixel.
+
+    Candidates are the pyramid levels and the scanner's thumbnail (when its shape matches the
+    slide): a slide without a coarse level then needs no full-resolution decode for its mask.
+    """
+    level = slide.finest_level_for(mpp)
+    thumbnail = slide.scanner_thumbnail()
+    if thumbnail is not None:
+        thumb_mpp = slide.mpp * slide.dimensions[0] / thumbnail.width
+        if slide.level_mpp(level) < thumb_mpp <= mpp * 1.01:
+            return thumbnail, thumb_mpp
+    return Image.fromarray(slide.level_image(level)), slide.level_mpp(level)
+
+
+def tissue_mask(slide: Slide, mask_mpp: float = MASK_MPP, min_saturation: float = MIN_SATURATION) -> TissueMask:
+    """Otsu on saturation at low resolution, floored so blank glass stays background."""
+    image, image_mpp = low_resolution_image(slide, mask_mpp)
+    scale = image_mpp / mask_mpp
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX)
+    sat = saturation(np.asarray(image))
+    threshold = max(otsu_threshold(sat), min_saturation)
+    mask = Image.fromarray(((sat > threshold) * 255).astype(np.uint8)).filter(ImageFilter.MedianFilter(3))
+    return TissueMask(np.asarray(mask) > 0, downsample=slide.dimensions[0] / image.width, threshold=threshold)
+
+
+# --- tile grid -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tile:
+    x: int  # level-0 pixel of the top-left corner
+    y: int
+    tissue_fraction: float
+
+
+@dataclass
+class TileGrid:
+    """Tiles of `tile_size` pixels at `mpp` µm/pixel, read from `level` as `read_size` pixels."""
+
+    tile_size: int
+    mpp: float
+    level: int
+    read_size: int
+    size0: float  # tile side in level-0 pixels
+    tiles: list[Tile] = field(default_factory=list)
+    n_candidates: int = 0  # grid positions before background was skipped
+
+    @property
+    def n_background(self) -> int:
+        return self.n_candidates - len(self.tiles)
+
+
+def tile_grid(slide: Slide, tile_size: int = 224, mpp: float = DEFAULT_TILE_MPP,
+              mask: TissueMask | None = None, min_tissue: float = 0.5) -> TileGrid:
+    """Non-overlapping grid of physical tiles; positions with less tissue than `min_tissue` are skipped."""
+    if slide.mpp > mpp * COARSER_TOLERANCE:
+        raise InputError(
+            f"slide scanned at {slide.mpp:.3f} µm/pixel is coarser than the {mpp:.3f} µm/pixel the tiles need",
+            where=slide.path, hint="use a model trained at a coarser resolution, or rescan at higher magnification",
+        )
+    mask = mask if mask is not None else tissue_mask(slide)
+    size0 = tile_size * mpp / slide.mpp
+    level = slide.finest_level_for(mpp)
+    grid = TileGrid(tile_size, mpp, level, max(1, round(size0 / slide.level_downsamples[level])), size0)
+    w0, h0 = slide.dimensions
+    for row in range(int(h0 // size0)):
+        for col in range(int(w0 // size0)):
+            x, y = round(col * size0), round(row * size0)
+            fraction = mask.fraction(x, y, size0)
+            grid.n_candidates += 1
+            if fraction >= min_tissue:
+                grid.tiles.append(Tile(x, y, round(fraction, 4)))
+    return grid
+
+
+def read_tile_rgb(reader: RegionReader, grid: TileGrid, tile: Tile) -> np.ndarray:
+    """A tile as uint8 RGB `[tile_size, tile_size, 3]`, resampled to the grid's µm/pixel when needed."""
+    rgb = reader.read(tile.x, tile.y, grid.level, (grid.read_size, grid.read_size))
+    if grid.read_size != grid.tile_size:
+        rgb = np.asarray(Image.fromarray(rgb).resize((grid.tile_size, grid.tile_size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    return rgb
+
+
+def read_tile(reader: RegionReader, grid: TileGrid, tile: Tile, normalizer: StainNormalizer | None = None) -> np.ndarray:
+    """Decoded (and optionally stain-normalised) tile as float32 `[3, S, S]` in [0, 1]: the model's input."""
+    rgb = read_tile_rgb(reader, grid, tile)
+    if normalizer is not None:
+        return normalizer.from_rgb(rgb)
+    return np.moveaxis(rgb, -1, 0).astype(np.float32) / 255.0
+
+
+def grid_overview(slide: Slide, grid: TileGrid, mask: TissueMask, max_side: int = 800) -> Image.Image:
+    """Thumbnail with the tissue mask tinted green and kept tiles outlined: a picture to check tiling by eye."""
+    from PIL import ImageDraw
+
+    thumb = Image.fromarray(slide.thumbnail(max_side)).convert("RGB")
+    tint = Image.new("RGB", thumb.size, (0, 200, 0))
+    mask_img = Image.fromarray((mask.mask * 70).astype(np.uint8)).resize(thumb.size, Image.Resampling.NEAREST)
+    overview = Image.composite(tint, thumb, mask_img)
+    scale = thumb.width / slide.dimensions[0]
+    draw = ImageDraw.Draw(overview)
+    for tile in grid.tiles:
+        x, y, s = tile.x * scale, tile.y * scale, grid.size0 * scale
+        draw.rectangle([x, y, x + s, y + s], outline=(0, 0, 0), width=2)
+    return overview
+
+
+# --- whole-slide pipeline: open, mask, grid, fit stains, then stream tile batches -------------
+
+
+@dataclass
+class PreparedSlide:
+    slide: Slide
+    mask: TissueMask
+    grid: TileGrid
+    normalizer: StainNormalizer | None = None
+
+
+def prepare_slide(path: str | Path, tile_size: int = 224, mpp: float = DEFAULT_TILE_MPP, min_tissue: float = 0.5,
+                  slide_mpp: float | None = None, stain_normalize: bool = False,
+                  target_stains: Stains = REFERENCE_STAINS) -> PreparedSlide:
+    """Everything before the tiles: a slide without tissue is refused here, with the counts."""
+    slide = open_slide(path, mpp=slide_mpp)
+    mask = tissue_mask(slide)
+    grid = tile_grid(slide, tile_size, mpp, mask, min_tissue)
+    if not grid.tiles:
+        slide.close()
+        raise InputError(
+            f"no tissue found: none of {grid.n_candidates} tile positions has {min_tissue:.0%} tissue "
+            f"(saturation threshold {mask.threshold:.3f})", where=path,
+            hint="check that the slide is stained and in focus, or lower the minimum tissue fraction",
+        )
+    prepared = PreparedSlide(slide, mask, grid)
+    if stain_normalize:
+        sample = grid.tiles[:: max(1, len(grid.tiles) // STAIN_FIT_TILES)][:STAIN_FIT_TILES]
+        source = fit_stains([read_tile_rgb(slide.shared_reader, grid, t) for t in sample], where=str(path))
+        prepared.normalizer = StainNormalizer(source, target_stains)
+    return prepared
+
+
+def iter_tile_batches(prepared: PreparedSlide, batch_size: int = 32, workers: int = 1) -> Iterator[tuple[list[Tile], np.ndarray]]:
+    """(tiles, float32 `[B, 3, S, S]`) in grid order; `workers` threads read and normalise batches."""
+    tiles = prepared.grid.tiles
+    batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+    local = threading.local()
+
+    def load(batch: list[Tile]) -> tuple[list[Tile], np.ndarray]:
+        if not hasattr(local, "reader"):  # tile caches are not thread-safe: one per thread
+            local.reader = prepared.slide.shared_reader if workers <= 1 else prepared.slide.reader()
+        return batch, np.stack([read_tile(local.reader, prepared.grid, t, prepared.normalizer) for t in batch])
+
+    if workers <= 1:
+        yield from map(load, batches)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(load, batches)

@@ -1,0 +1,220 @@
+"""Whole-slide image reading: open a slide, know its µm/pixel, read regions fast.
+
+numpy + PIL + tiffslide only (the inference side installs without torch). tiffslide opens
+Aperio SVS, generic tiled TIFF and the other TIFF-based formats it knows (NDPI, SCN, BIF,
+OME-TIFF) without system libraries. Tiles are read from the TIFF's own JPEG/LZW/... tiles
+through tifffile's decoder with a small cache, several times faster than going through
+zarr (docs/benchmarks.md); pages the fast path does not handle fall back to `TiffSlide.read_region`.
+
+Coordinates are level-0 pixels `(x, y)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medtriage.errors import DataNotFoundError, InputError
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 0.5 for 20x)"
+
+
+def is_slide_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in SLIDE_SUFFIXES
+
+
+class Slide:
+    """An opened whole-slide image. `mpp` (µm/pixel at level 0) is always known once opened."""
+
+    def __init__(self, path: str | Path, mpp: float | None = None):
+        import tiffslide
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataNotFoundError("slide file not found", where=self.path)
+        try:
+            self._slide = tiffslide.TiffSlide(self.path)
+            self._levels = self._slide.ts_tifffile.series[self._slide.properties["tiffslide.series-index"]].levels
+            self.dimensions = tuple(int(v) for v in self._slide.dimensions)
+        except Exception as err:  # tifffile raises many types for non-TIFF or damaged headers
+            raise _unreadable(self.path, err) from err
+        self.level_dimensions = [tuple(int(v) for v in d) for d in self._slide.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
+        self.mpp = self._resolve_mpp(mpp)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._shared_reader: RegionReader | None = None
+        self._check_not_truncated()
+
+    def _resolve_mpp(self, override: float | None) -> float:
+        if override is not None:
+            if not override > 0:
+                raise InputError(f"µm/pixel override must be positive, got {override}", where=self.path)
+            return float(override)
+        mpp = self._slide.properties.get("tiffslide.mpp-x")
+        if not mpp:
+            raise InputError("no resolution metadata (µm/pixel) in the slide", where=self.path, hint=MPP_HINT)
+        return float(mpp)
+
+    def _check_not_truncated(self) -> None:
+        size = os.fstat(self._fd).st_size
+        for level in range(len(self._levels)):
+            page = self._levels[level].keyframe
+            ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+            if ends and max(ends) > size:
+                raise InputError(
+                    f"truncated slide: level {level} pixel data ends at byte {max(ends)}, file has {size} bytes",
+                    where=self.path, hint="copy the slide again from the scanner or archive",
+                )
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def finest_level_for(self, mpp: float) -> int:
+        """Coarsest level whose pixels are still at least as fine as `mpp` (1% slack)."""
+        fine_enough = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= mpp * 1.01]
+        return max(fine_enough, key=self.level_mpp) if fine_enough else 0
+
+    @property
+    def shared_reader(self) -> "RegionReader":
+        """The reader of this thread of control: mask, stain fit and tiles share its decoded tiles."""
+        if self._shared_reader is None:
+            self._shared_reader = RegionReader(self)
+        return self._shared_reader
+
+    def reader(self) -> "RegionReader":
+        """A reader for another thread: its own cache, seeded (read-only) with what is decoded so far."""
+        return RegionReader(self, seed=dict(self.shared_reader._cache))
+
+    def read_region(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        """uint8 RGB `[h, w, 3]` of `size=(w, h)` pixels at `level`, top-left at level-0 `(x0, y0)`."""
+        return self.shared_reader.read(x0, y0, level, size)
+
+    def level_image(self, level: int) -> np.ndarray:
+        w, h = self.level_dimensions[level]
+        return self.read_region(0, 0, level, (w, h))
+
+    def scanner_thumbnail(self) -> Image.Image | None:
+        """The RGB thumbnail the scanner stored, if any and if it shows the whole slide (same aspect)."""
+        try:
+            image = self._slide.associated_images.get("thumbnail")
+            if image is None:
+                return None
+            image = image.convert("RGB")
+        except Exception:  # a damaged associated image only costs us the shortcut
+            return None
+        w0, h0 = self.dimensions
+        return image if abs(image.width / image.height - w0 / h0) < 0.01 * w0 / h0 else None
+
+    def thumbnail(self, max_side: int = 1024) -> np.ndarray:
+        """uint8 RGB `[h, w, 3]` of the whole slide, longest side `max_side`."""
+        w0, h0 = self.dimensions
+        level = self.finest_level_for(self.mpp * max(w0, h0) / max_side)
+        image = Image.fromarray(self.level_image(level))
+        image.thumbnail((max_side, max_side), Image.Resampling.BOX)
+        return np.asarray(image)
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._slide.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RegionReader:
+    """Reads regions tile by tile straight from the TIFF, keeping recently decoded tiles."""
+
+    def __init__(self, slide: Slide, cache_tiles: int = 512, seed: dict | None = None):
+        self.slide = slide
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cache_tiles = cache_tiles
+        self._seed = seed or {}  # tiles another reader decoded; never modified here
+
+    def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        page = self.slide._levels[level].keyframe
+        ds = self.slide.level_downsamples[level]
+        x, y = int(round(x0 / ds)), int(round(y0 / ds))
+        if not _fast_path_ok(page):
+            region = self.slide._slide.read_region((x0, y0), level, size, as_array=True)
+            return np.ascontiguousarray(region[..., :3], dtype=np.uint8)
+        try:
+            return self._assemble(page, level, x, y, size)
+        except Exception as err:
+            raise InputError(f"cannot decode slide tile data ({type(err).__name__}: {err})", where=self.slide.path,
+                             hint="the file may be damaged") from err
+
+    def _assemble(self, page, level: int, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
+        w, h = size
+        width, height = self.slide.level_dimensions[level]
+        tw, th = page.tilewidth, page.tilelength
+        out = np.full((h, w, 3), 255, np.uint8)  # outside the slide reads as background
+        for ty in range(max(y, 0) // th, (min(y + h, height) - 1) // th + 1):
+            for tx in range(max(x, 0) // tw, (min(x + w, width) - 1) // tw + 1):
+                tile = self._tile(page, level, ty, tx)
+                sx0, sy0 = max(x, tx * tw), max(y, ty * th)
+                sx1, sy1 = min(x + w, (tx + 1) * tw, width), min(y + h, (ty + 1) * th, height)
+                if sx1 > sx0 and sy1 > sy0:
+                    out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw]
+        return out
+
+    def _tile(self, page, level: int, ty: int, tx: int) -> np.ndarray:
+        key = (level, ty, tx)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        if key in self._seed:
+            return self._seed[key]
+        tiles_across = -(-page.imagewidth // page.tilewidth)
+        index = ty * tiles_across + tx
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if count == 0:
+            tile = np.full((page.tilelength, page.tilewidth, 3), 255, np.uint8)
+        else:
+            data = os.pread(self.slide._fd, count, offset)
+            segment = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)[0]
+            tile = segment.reshape(page.tilelength, page.tilewidth, -1)[..., :3]
+        self._cache[key] = tile
+        if len(self._cache) > self._cache_tiles:
+            self._cache.popitem(last=False)
+        return tile
+
+
+def _fast_path_ok(page) -> bool:
+    return bool(
+        page.is_tiled and page.planarconfig == 1 and page.imagedepth == 1
+        and page.dtype == np.uint8 and page.samplesperpixel in (3, 4)
+    )
+
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
+def _unreadable(path: Path, err: Exception) -> InputError:
+    """Tell a damaged or truncated TIFF apart from a file that is not a TIFF at all."""
+    with open(path, "rb") as f:
+        header = f.read(4)
+    detail = f"{type(err).__name__}: {err}"
+    if header in TIFF_MAGIC:
+        return InputError(f"damaged or truncated slide: the TIFF structure cannot be read ({detail}; "
+                          f"file has {path.stat().st_size} bytes)", where=path, hint="copy the slide again from the scanner or archive")
+    return InputError(f"not a readable whole-slide image ({detail})", where=path,
+                      hint=f"expected a TIFF-based slide ({', '.join(SLIDE_SUFFIXES)})")
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+    """Open a slide; `mpp` overrides (or supplies missing) level-0 µm/pixel."""
+    return Slide(path, mpp=mpp)
