@@ -260,3 +260,12 @@ def run(args: argparse.Namespace) -> int:
     build_sites_pool(args.sites, args.pool, seed=args.seed, val_fraction=args.val_fraction,
                      test_fraction=args.test_fraction, workers=args.workers)
     return 0
+
+
+def split_files(pool_dir: str | Path, split: str = "test", per_site: int = 2) -> list[Path]:
+    """The first `per_site` source files of each site in one split: DICOM to hand to `medtriage score`."""
+    pool_dir = Path(pool_dir)
+    manifest = load_manifest(pool_dir)
+    sites_dir = Path(json.loads((pool_dir / INPUTS_FILE).read_text())["sites_dir"])
+    rows = manifest.split(split).sort_values("path").groupby("site").head(per_site)
+    return [sites_dir / path for path in rows["path"]]

@@ -1,0 +1,116 @@
+"""The model package on disk: `model.onnx`, `model.json` (validated against the schema), `MODEL_CARD.md`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from medtriage.serve.package import CARD_FILE, META_FILE, ONNX_FILE, sha256_file
+from medtriage.serve.schema import validate_model_json
+
+
+def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    """AUC and sensitivity/specificity at `threshold` (None where a class is missing)."""
+    labels = np.asarray(labels).astype(int)
+    predicted = np.asarray(scores) >= threshold
+    positives, negatives = labels == 1, labels == 0
+    return {
+        "n": int(len(labels)),
+        "positives": int(positives.sum()),
+        "auc": float(roc_auc_score(labels, scores)) if positives.any() and negatives.any() else None,
+        "sensitivity": float(predicted[positives].mean()) if positives.any() else None,
+        "specificity": float((~predicted[negatives]).mean()) if negatives.any() else None,
+    }
+
+
+def split_metrics(scores: np.ndarray, labels: np.ndarray, sites: np.ndarray, threshold: float) -> dict:
+    """Overall and per-site metrics of one split at the review threshold."""
+    sites = np.asarray(sites).astype(str)
+    per_site = {site: binary_metrics(scores[sites == site], labels[sites == site], threshold) for site in sorted(set(sites))}
+    return {"overall": binary_metrics(scores, labels, threshold), "per_site": per_site}
+
+
+def next_version(package_dir: Path) -> int:
+    """One more than the package already there (1 for a new name)."""
+    meta_path = package_dir / META_FILE
+    if not meta_path.is_file():
+        return 1
+    try:
+        return int(json.loads(meta_path.read_text()).get("version", 0)) + 1
+    except (ValueError, TypeError):
+        return 1
+
+
+def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
+    """Fill in the sha256, validate, and swap the finished package into place (no half-written package);
+    returns the metadata as written."""
+    meta = {**meta, "sha256": sha256_file(onnx_path)}
+    validate_model_json(meta, where=package_dir / META_FILE)
+    staging = package_dir.with_name(f".{package_dir.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copyfile(onnx_path, staging / ONNX_FILE)
+    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (staging / CARD_FILE).write_text(model_card(meta))
+    shutil.rmtree(package_dir, ignore_errors=True)
+    staging.rename(package_dir)
+    return meta
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _metrics_table(split: dict) -> list[str]:
+    lines = ["| site | images | positives | AUC | sensitivity | specificity |", "|---|---|---|---|---|---|"]
+    rows = [("**all sites**", split["overall"])] + list(split["per_site"].items())
+    lines += [f"| {site} | {m['n']} | {m['positives']} | {_fmt(m['auc'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |" for site, m in rows]
+    return lines
+
+
+def worst_site(split: dict) -> tuple[str, float] | None:
+    scored = [(site, m["auc"]) for site, m in split["per_site"].items() if m["auc"] is not None]
+    return min(scored, key=lambda item: item[1]) if scored else None
+
+
+def model_card(meta: dict) -> str:
+    review, urgent = meta["thresholds"]["review"], meta["thresholds"]["urgent"]
+    cal, prov, pre = meta["calibration"], meta["provenance"], meta["preprocessing"]
+    lines = [
+        f"# {meta['name']} v{meta['version']}", "",
+        "## Intended use",
+        f"Decision support for {meta['task']} of {meta['modality']} images: it orders a worklist by the calibrated "
+        f"probability of **{meta['positive_label']}**. It is not a diagnosis; a radiologist reads every image.", "",
+        "## Input and output",
+        f"Decoded pixels (medtriage.io, float32 in [0, 1], {meta['input']['channels']} channel(s), any size), resized inside "
+        f"the graph to {pre['resize']['size']}x{pre['resize']['size']} and normalised with mean {pre['normalize']['mean']}, "
+        f"std {pre['normalize']['std']}. Output: probabilities of {', '.join(meta['label_names'])}, "
+        f"calibrated with temperature {cal['temperature']:.3f} (validation ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}).", "",
+        "## Operating points (chosen on validation)",
+        f"- review: p >= {review['threshold']:.4f} (rule {review['rule']}, sensitivity {review['sensitivity']:.3f}, specificity {review['specificity']:.3f})",
+    ]
+    if urgent:
+        lines.append(f"- urgent: p >= {urgent['threshold']:.4f} (rule {urgent['rule']}, sensitivity {urgent['sensitivity']:.3f}, specificity {urgent['specificity']:.3f})")
+    lines += ["", "## Data", f"Training sites: {', '.join(meta['training_sites']) or 'unknown'}."]
+    for split_name, split in meta["metrics"].items():
+        lines += ["", f"## Metrics: {split_name} split (at the review threshold)", *_metrics_table(split)]
+        worst = worst_site(split)
+        if worst:
+            lines.append(f"\nWorst site on {split_name}: **{worst[0]}** (AUC {worst[1]:.3f}).")
+    lines += [
+        "", "## Limitations",
+        "- Validated only on the sites listed above; performance at a new site, scanner or population may be lower: "
+        "check it on local data before use.",
+        f"- Trained for {meta['modality']} images; other modalities or body parts give meaningless scores.",
+        "- Thresholds were fitted on the validation split and carry its sampling error.",
+        "", "## Provenance",
+        f"MLflow run `{_fmt(prov['mlflow_run_id'])}`, git commit `{_fmt(prov['git_commit'])}`, "
+        f"data fingerprint `{_fmt(prov['data_fingerprint'])}`, "
+        f"medtriage {prov['medtriage_version']}. ONNX vs PyTorch max |dp| = {meta['parity']['max_abs_diff']:.1e} "
+        f"on {meta['parity']['images']} validation images. model.onnx sha256 `{meta['sha256']}`.", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Load a model package: `model.json` checked against its schema, `model.onnx` against its sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtriage.errors import PackageError
+from medtriage.serve.schema import validate_model_json
+
+ONNX_FILE, META_FILE, CARD_FILE = "model.onnx", "model.json", "MODEL_CARD.md"
+REEXPORT_HINT = "restore the package from the MLflow run or model registry, or re-export it: python scripts/export.py run_id=<run>"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    directory: Path
+    meta: dict
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / ONNX_FILE
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def version(self) -> int:
+        return int(self.meta["version"])
+
+    @property
+    def sha256(self) -> str:
+        return self.meta["sha256"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.meta["label_names"])
+
+    @property
+    def positive_label(self) -> str:
+        return self.meta["positive_label"]
+
+    @property
+    def channels(self) -> int:
+        return int(self.meta["input"]["channels"])
+
+    @property
+    def review_threshold(self) -> float:
+        return float(self.meta["thresholds"]["review"]["threshold"])
+
+    @property
+    def urgent_threshold(self) -> float | None:
+        urgent = self.meta["thresholds"].get("urgent")
+        return float(urgent["threshold"]) if urgent else None
+
+    def describe(self, with_sha: bool = True) -> str:
+        """'pneumonia-r18 v3 (sha256 4be1…)', the model column of a result."""
+        text = f"{self.name} v{self.version}"
+        return f"{text} (sha256 {self.sha256[:4]}…)" if with_sha else text
+
+    def identity(self) -> dict:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+def load_package(directory: str | Path) -> ModelPackage:
+    """Read and verify `directory`; raise PackageError saying what is wrong and what to do."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PackageError("model package folder not found", where=directory,
+                           hint="pass the folder that holds model.onnx and model.json, e.g. models/pneumonia-r18")
+    meta = _read_meta(directory / META_FILE)
+    validate_model_json(meta, where=directory / META_FILE)
+    onnx_path = directory / ONNX_FILE
+    if not onnx_path.is_file():
+        raise PackageError("model.onnx is missing", where=directory, hint=REEXPORT_HINT)
+    actual = sha256_file(onnx_path)
+    if actual != meta["sha256"]:
+        raise PackageError(
+            f"model.onnx does not match its recorded sha256 (model.json says {meta['sha256'][:12]}…, "
+            f"the file hashes to {actual[:12]}…): the model was changed or corrupted after export; refusing to load it",
+            where=onnx_path, hint=REEXPORT_HINT,
+        )
+    return ModelPackage(directory, meta)
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.is_file():
+        raise PackageError("model.json is missing", where=path.parent, hint=REEXPORT_HINT)
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PackageError(f"model.json is not valid JSON ({err})", where=path, hint=REEXPORT_HINT) from err
+    if not isinstance(meta, dict):
+        raise PackageError("model.json must hold a JSON object", where=path, hint=REEXPORT_HINT)
+    return meta

@@ -1,0 +1,159 @@
+"""JSON Schema of `model.json` and a small validator for the subset of JSON Schema it uses.
+
+The schema is plain JSON Schema (draft 2020-12 keywords: type, required, properties, items,
+enum, minimum, maximum, minItems, pattern), so other tools can validate packages too.
+"""
+
+from __future__ import annotations
+
+import re
+
+from medtriage.errors import PackageError
+
+SCHEMA_VERSION = 1
+
+_NUMBER = {"type": "number"}
+_PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
+_OPERATING_POINT = {
+    "type": "object",
+    "required": ["rule", "threshold", "sensitivity", "specificity"],
+    "properties": {
+        "rule": {"type": "string", "enum": ["sensitivity", "specificity", "youden"]},
+        "target": {"type": ["number", "null"]},
+        "threshold": _PROBABILITY,
+        "sensitivity": _PROBABILITY,
+        "specificity": _PROBABILITY,
+    },
+}
+_SPLIT_METRICS = {
+    "type": "object",
+    "required": ["overall", "per_site"],
+    "properties": {"overall": {"type": "object"}, "per_site": {"type": "object"}},
+}
+
+MODEL_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "MedTriage model package (model.json)",
+    "type": "object",
+    "required": [
+        "schema_version", "name", "version", "task", "label_names", "positive_label", "modality", "input",
+        "output", "preprocessing", "calibration", "thresholds", "metrics", "training_sites", "provenance",
+        "parity", "sha256",
+    ],
+    "properties": {
+        "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
+        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+        "version": {"type": "integer", "minimum": 1},
+        "task": {"type": "string"},
+        "label_names": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+        "positive_label": {"type": "string"},
+        "modality": {"type": "string"},
+        "input": {
+            "type": "object",
+            "required": ["name", "dtype", "layout", "channels", "value_range"],
+            "properties": {
+                "name": {"type": "string"},
+                "dtype": {"type": "string", "enum": ["float32"]},
+                "layout": {"type": "string", "enum": ["NCHW"]},
+                "channels": {"type": "integer", "minimum": 1},
+                "value_range": {"type": "array", "items": _NUMBER, "minItems": 2},
+            },
+        },
+        "output": {
+            "type": "object",
+            "required": ["name", "classes"],
+            "properties": {"name": {"type": "string"}, "classes": {"type": "integer", "minimum": 2}},
+        },
+        "preprocessing": {"type": "object", "required": ["decode", "resize", "normalize"]},
+        "network": {"type": "object"},
+        "calibration": {
+            "type": "object",
+            "required": ["method", "temperature", "ece_before", "ece_after"],
+            "properties": {
+                "method": {"type": "string"},
+                "temperature": {"type": "number", "minimum": 0},
+                "ece_before": _PROBABILITY,
+                "ece_after": _PROBABILITY,
+            },
+        },
+        "thresholds": {
+            "type": "object",
+            "required": ["review", "urgent"],
+            "properties": {"review": _OPERATING_POINT, "urgent": {"type": ["object", "null"], **{k: v for k, v in _OPERATING_POINT.items() if k != "type"}}},
+        },
+        "metrics": {"type": "object", "required": ["val"], "properties": {"val": _SPLIT_METRICS, "test": _SPLIT_METRICS}},
+        "training_sites": {"type": "array", "items": {"type": "string"}},
+        "provenance": {
+            "type": "object",
+            "required": ["mlflow_run_id", "git_commit", "data_fingerprint", "medtriage_version"],
+            "properties": {
+                "mlflow_run_id": {"type": ["string", "null"]},
+                "git_commit": {"type": ["string", "null"]},
+                "data_fingerprint": {"type": ["string", "null"]},
+                "medtriage_version": {"type": "string"},
+            },
+        },
+        "parity": {
+            "type": "object",
+            "required": ["max_abs_diff", "tolerance", "images"],
+            "properties": {"max_abs_diff": {"type": "number", "minimum": 0}, "tolerance": _NUMBER, "images": {"type": "integer", "minimum": 1}},
+        },
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    },
+}
+
+_TYPES = {
+    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+    "integer": int, "number": (int, float),
+}
+
+
+def schema_errors(value, schema: dict = MODEL_SCHEMA, where: str = "$") -> list[str]:
+    """Every way `value` breaks `schema`, as 'path: problem' lines (empty when valid)."""
+    types = schema.get("type")
+    if types is not None:
+        types = [types] if isinstance(types, str) else types
+        if not any(_is_type(value, t) for t in types):
+            return [f"{where}: expected {' or '.join(types)}, got {type(value).__name__}"]
+    errors: list[str] = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{where}: {value} < minimum {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(f"{where}: {value} > maximum {schema['maximum']}")
+    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+        errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{where}: needs at least {schema['minItems']} items")
+        for i, item in enumerate(value):
+            errors += schema_errors(item, schema.get("items", {}), f"{where}[{i}]")
+    if isinstance(value, dict):
+        missing = [f"'{key}'" for key in schema.get("required", []) if key not in value]
+        if missing:
+            errors.append(f"{where}: missing {', '.join(missing)}")
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += schema_errors(value[key], sub, f"{where}.{key}")
+    return errors
+
+
+def _is_type(value, name: str) -> bool:
+    if name in ("integer", "number") and isinstance(value, bool):
+        return False
+    if name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _TYPES[name])
+
+
+def validate_model_json(meta: dict, where: str = "model.json") -> None:
+    """Raise PackageError listing every schema violation of a package's metadata."""
+    errors = schema_errors(meta)
+    if errors:
+        raise PackageError(
+            "model.json does not follow the package schema: " + "; ".join(errors[:8]) + (" ..." if len(errors) > 8 else ""),
+            where=where,
+            hint="re-export the model with this medtriage version (python scripts/export.py run_id=<run>)",
+        )

@@ -1,0 +1,189 @@
+"""Slide-level triage: score every tissue tile, aggregate to one slide score, show where.
+
+numpy + PIL only. The tile model is any `predict(batch float32 [B, 3, S, S]) -> probabilities
+[B, classes]` (the package predictor's ONNX session); tile size, µm/pixel and stain
+normalisation come from the package's `pathology` block so tiles are cut as in training.
+
+Aggregation: `mean` (diffuse findings) or `top_k` (mean of the k most suspicious tiles; a small
+tumour focus is not diluted by a large normal slide).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from medtriage.errors import ConfigError, MedTriageError, PackageError
+from medtriage.io.pathology import DEFAULT_TILE_MPP, PreparedSlide, iter_tile_batches, prepare_slide
+from medtriage.io.stain import REFERENCE_STAINS, Stains
+from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
+
+AGGREGATIONS = ("mean", "top_k")
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SlideSettings:
+    """How tiles are cut and combined; read from a package's `pathology` block."""
+
+    tile_size: int = 224
+    tile_mpp: float = DEFAULT_TILE_MPP
+    stain_normalization: str | None = None  # "macenko" or None
+    target_stains: Stains = REFERENCE_STAINS
+    min_tissue: float = 0.5
+    aggregation: str = "top_k"
+    top_k: int = 5
+
+    @classmethod
+    def from_meta(cls, pathology: dict | None) -> "SlideSettings":
+        block = dict(pathology or {})
+        if "target_stains" in block:
+            block["target_stains"] = Stains.from_dict(block["target_stains"]) if block["target_stains"] else REFERENCE_STAINS
+        known = {k: v for k, v in block.items() if k in cls.__dataclass_fields__}
+        settings = cls(**known)
+        if settings.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"unknown aggregation '{settings.aggregation}'", where="pathology.aggregation", hint=f"one of {AGGREGATIONS}")
+        return settings
+
+
+@dataclass
+class SlideResult:
+    path: str
+    score: float  # probability of the positive label, aggregated over tiles
+    aggregation: str
+    n_tiles: int
+    n_background: int
+    tile_mpp: float
+    tile_size: int
+    slide_mpp: float
+    top_tiles: list[dict] = field(default_factory=list)  # x, y (level 0), size (level-0 pixels), probability
+    heatmap: str | None = None
+    class_means: list[float] = field(default_factory=list)  # mean tile probability per class
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def aggregate(probabilities: np.ndarray, method: str, top_k: int) -> float:
+    if method == "mean":
+        return float(probabilities.mean())
+    if method == "top_k":
+        k = max(1, min(top_k, len(probabilities)))
+        return float(np.sort(probabilities)[-k:].mean())
+    raise ConfigError(f"unknown aggregation '{method}'", hint=f"one of {AGGREGATIONS}")
+
+
+def tile_probabilities(prepared: PreparedSlide, predict: Predict, batch_size: int = 32, workers: int = 1) -> np.ndarray:
+    """Class probabilities per tile `[N, K]`, in grid order."""
+    out = []
+    batches = iter_tile_batches(prepared, batch_size=batch_size, workers=workers)
+    total = -(-len(prepared.grid.tiles) // batch_size)
+    for _, batch in tqdm(batches, total=total, desc=prepared.slide.path.name, unit="batch", leave=False):
+        out.append(np.asarray(predict(batch), dtype=np.float64).reshape(len(batch), -1))
+    return np.concatenate(out)
+
+
+def score_slide(path: str | Path, predict: Predict, settings: SlideSettings = SlideSettings(), *, positive_index: int = 1,
+                slide_mpp: float | None = None, heatmap_path: str | Path | None = None, batch_size: int = 32,
+                workers: int = 1, n_top: int = 5) -> SlideResult:
+    """Score one slide. Bad slides raise InputError (not a slide, truncated, no tissue, no µm/pixel)."""
+    prepared = prepare_slide(
+        path, settings.tile_size, settings.tile_mpp, settings.min_tissue, slide_mpp=slide_mpp,
+        stain_normalize=settings.stain_normalization == "macenko", target_stains=settings.target_stains,
+    )
+    with prepared.slide as slide:
+        all_probs = tile_probabilities(prepared, predict, batch_size, workers)
+        probs = all_probs[:, positive_index]
+        grid = prepared.grid
+        order = np.argsort(-probs, kind="stable")[:n_top]
+        result = SlideResult(
+            path=str(path), score=aggregate(probs, settings.aggregation, settings.top_k), aggregation=settings.aggregation,
+            n_tiles=len(grid.tiles), n_background=grid.n_background, tile_mpp=grid.mpp, tile_size=grid.tile_size,
+            slide_mpp=slide.mpp, class_means=[float(v) for v in all_probs.mean(axis=0)],
+            top_tiles=[{"x": grid.tiles[i].x, "y": grid.tiles[i].y, "size": round(grid.size0), "probability": round(float(probs[i]), 4)} for i in order],
+        )
+        if heatmap_path is not None:
+            render_heatmap(prepared, probs).save(heatmap_path)
+            result.heatmap = str(heatmap_path)
+    return result
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """Probability -> RGB: blue (0) through yellow to red (1)."""
+    stops = np.array([[49, 54, 149], [116, 173, 209], [255, 255, 191], [244, 109, 67], [165, 0, 38]], np.float32)
+    position = np.clip(values, 0, 1) * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    frac = (position - low)[..., None]
+    return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
+
+
+def render_heatmap(prepared: PreparedSlide, probabilities: np.ndarray, max_side: int = 1024, opacity: float = 0.45) -> Image.Image:
+    """Tile probabilities as coloured squares over the slide thumbnail (background tiles left clear)."""
+    slide, grid = prepared.slide, prepared.grid
+    thumb = Image.fromarray(slide.thumbnail(max_side)).convert("RGB")
+    scale = thumb.width / slide.dimensions[0]
+    colour = np.zeros((thumb.height, thumb.width, 3), np.uint8)
+    alpha = np.zeros((thumb.height, thumb.width), np.uint8)
+    for tile, p in zip(grid.tiles, probabilities):
+        x0, y0 = int(tile.x * scale), int(tile.y * scale)
+        x1, y1 = int((tile.x + grid.size0) * scale), int((tile.y + grid.size0) * scale)
+        colour[y0:y1, x0:x1] = _colormap(np.float32(p))
+        alpha[y0:y1, x0:x1] = int(255 * opacity)
+    return Image.composite(Image.fromarray(colour), thumb, Image.fromarray(alpha))
+
+
+# --- the `medtriage score` door: a slide becomes one scored row, like a DICOM file -----------------
+
+
+@dataclass
+class SlideScore(Score):
+    """A Score for a whole slide, with the evidence: most suspicious tiles and the heatmap."""
+
+    aggregation: str = ""
+    n_tiles: int = 0
+    n_background: int = 0
+    tile_mpp: float = 0.0
+    slide_mpp: float = 0.0
+    top_tiles: list = field(default_factory=list)
+    heatmap: str | None = None
+
+
+def score_slide_file(predictor: Predictor, path: str | Path, slide_mpp: float | None = None,
+                     heatmap_dir: str | Path | None = None) -> SlideScore | Rejection:
+    """Score one slide with a package; bad input becomes a Rejection with its reason (a batch goes on)."""
+    try:
+        return _score_slide_file(predictor, Path(path), slide_mpp, heatmap_dir)
+    except MedTriageError as err:
+        return Rejection(str(path), err.reason, type(err).__name__)
+
+
+def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap_dir: str | Path | None) -> SlideScore:
+    package = predictor.package
+    if "pathology" not in package.meta:
+        raise PackageError("this model was not trained on slide tiles: model.json has no `pathology` block "
+                           "(tile_size, tile_mpp)", where=package.directory, hint="score slides with a pathology model package")
+    heatmap = Path(heatmap_dir) / f"{path.stem}.heatmap.png" if heatmap_dir else None
+    if heatmap is not None:
+        heatmap.parent.mkdir(parents=True, exist_ok=True)
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return predictor.probabilities(to_model_channels(batch, package.channels, str(path)))
+
+    result = score_slide(path, predict, SlideSettings.from_meta(package.meta["pathology"]), positive_index=predictor.positive,
+                         slide_mpp=slide_mpp, heatmap_path=heatmap)
+    probs = np.array(result.class_means)  # other classes: mean over tiles; binary: the complement
+    probs[predictor.positive] = result.score
+    if len(probs) == 2:
+        probs[1 - predictor.positive] = 1.0 - result.score
+    return SlideScore(
+        file=result.path, frame=None, finding=predictor.finding(probs), probability=result.score,
+        priority=predictor.priority(result.score), probabilities={k: float(v) for k, v in zip(package.label_names, probs)},
+        sop_uid="", study_uid="", series_uid="", modality="SM", model=package.name, version=package.version,
+        sha256=package.sha256, aggregation=result.aggregation, n_tiles=result.n_tiles, n_background=result.n_background,
+        tile_mpp=result.tile_mpp, slide_mpp=result.slide_mpp, top_tiles=result.top_tiles, heatmap=result.heatmap,
+    )

@@ -1,0 +1,17 @@
+"""Fixtures: the session's tiny model package (see tiny_package.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_package import shared_tiny_package  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """ExportResult and the torch model it came from (read-only)."""
+    return shared_tiny_package(tmp_path_factory)

@@ -1,0 +1,101 @@
+"""`medtriage score`: table, JSON, CSV, folders, rejects with reasons, exit codes, DICOM SR read back by dcmtk."""
+
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from medtriage.cli import main
+
+CT, MR, RTPLAN = (get_testdata_file(n) for n in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"))
+
+
+def score(capsys, *args) -> tuple[int, str, str]:
+    code = main(["score", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_table_shows_finding_probability_priority_and_model(capsys, package_dir):
+    code, out, err = score(capsys, package_dir, CT, MR)
+    header, first, second = out.splitlines()
+    assert header.split() == ["file", "finding", "p(pneumonia)", "priority", "model"]
+    assert first.startswith("CT_small.dcm") and "tiny-pneumonia v" in first and "(sha256 " in first
+    assert second.startswith("MR_small.dcm") and "sha256" not in second
+    assert code == 0 and "provider CPUExecutionProvider" in err
+
+
+def test_json_and_csv_carry_the_same_results(capsys, package_dir):
+    _, out, _ = score(capsys, package_dir, CT, "--json")
+    document = json.loads(out)
+    (result,) = document["results"]
+    assert document["model"]["provider"] == "CPUExecutionProvider"
+    assert result["sop_uid"] == pydicom.dcmread(CT).SOPInstanceUID
+    _, out, _ = score(capsys, package_dir, CT, "--csv")
+    (row,) = csv.DictReader(io.StringIO(out))
+    assert float(row["probability"]) == pytest.approx(result["probability"])
+    assert (row["priority"], row["finding"], row["sha256"]) == (result["priority"], result["finding"], result["sha256"])
+
+
+def test_a_folder_with_bad_files_lists_every_reject_and_exits_nonzero(capsys, package_dir, tmp_path):
+    folder = tmp_path / "inbox" / "nested"
+    folder.mkdir(parents=True)
+    for source in (CT, MR, RTPLAN):
+        shutil.copy(source, folder)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "cut.dcm").write_bytes(open(CT, "rb").read()[:5000])
+    code, out, err = score(capsys, package_dir, tmp_path / "inbox", tmp_path / "missing.dcm", "--json")
+    document = json.loads(out)
+    scored = {r["file"] for r in document["results"]}
+    rejected = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in document["rejected"]}
+    assert len(scored) + len(rejected) == 6  # counts in = scored + rejected
+    assert set(rejected) == {"rtplan.dcm", "notes.txt", "cut.dcm", "missing.dcm"}
+    assert "RT Plan" in rejected["rtplan.dcm"] and "no such file" in rejected["missing.dcm"]
+    assert code == 1 and "6 input(s)" in err and "4 rejected" in err
+
+
+def test_table_lists_rejected_files_with_reason(capsys, package_dir):
+    code, out, _ = score(capsys, package_dir, RTPLAN)
+    (row,) = out.splitlines()[1:]
+    assert "REJECTED" in row and "without pixel data" in row and code == 1
+
+
+def test_unknown_provider_or_broken_package_is_an_error_not_a_crash(capsys, package_copy):
+    (package_copy / "model.onnx").write_bytes(b"tampered")
+    code, _, err = score(capsys, package_copy, CT)
+    assert code == 2 and "sha256" in err
+
+
+def test_sr_is_written_per_file_and_references_the_source(capsys, package_dir, tmp_path):
+    code, _, _ = score(capsys, package_dir, CT, get_testdata_file("emri_small.dcm"), "--sr", tmp_path / "sr")
+    assert code == 0
+    source = pydicom.dcmread(CT)
+    sr = pydicom.dcmread(tmp_path / "sr" / f"{source.SOPInstanceUID}.SR.dcm")
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == source.StudyInstanceUID
+    series = evidence.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == source.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert len(list((tmp_path / "sr").glob("*.SR.dcm"))) == 2
+
+
+@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk (dsrdump) is not installed")
+def test_dcmtk_reads_the_sr(capsys, package_dir, tmp_path):
+    _, out, _ = score(capsys, package_dir, get_testdata_file("emri_small.dcm"), "--json", "--sr", tmp_path)
+    results = json.loads(out)["results"]
+    (sr_path,) = tmp_path.glob("*.SR.dcm")
+    dump = subprocess.run(["dsrdump", "+Pu", str(sr_path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    assert "Comprehensive SR Document" in dump.stdout
+    values = [float(v) for v in re.findall(r'"Calibrated probability of pneumonia"\)="([0-9.eE+-]+)"', dump.stdout)]
+    assert values == pytest.approx([r["probability"] for r in results], abs=1e-6) and len(values) == 10
+    assert results[0]["sop_uid"] in dump.stdout  # the referenced source instance
+    assert "Algorithm Name" in dump.stdout and "tiny-pneumonia" in dump.stdout
+    assert '"Triage priority"' in dump.stdout

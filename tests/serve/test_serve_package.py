@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from medtriage.errors import PackageError
+from medtriage.serve.package import load_package
+
+
+def test_a_valid_package_loads(package_dir, exported):
+    package = load_package(package_dir)
+    assert package.name == "tiny-pneumonia" and package.version == exported[0].meta["version"]
+    assert package.channels == 1 and package.positive_label == "pneumonia"
+    assert package.urgent_threshold >= package.review_threshold
+    assert package.describe().startswith(f"tiny-pneumonia v{package.version} (sha256 {package.sha256[:4]}")
+
+
+def test_a_tampered_model_onnx_is_refused_with_what_to_do(package_copy):
+    onnx_path = package_copy / "model.onnx"
+    data = bytearray(onnx_path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the weights
+    onnx_path.write_bytes(bytes(data))
+    with pytest.raises(PackageError) as err:
+        load_package(package_copy)
+    message = str(err.value)
+    assert "does not match its recorded sha256" in message and "refusing" in message
+    assert "re-export" in message and "scripts/export.py" in message
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda d: (d / "model.json").unlink(), "model.json is missing"),
+        (lambda d: (d / "model.onnx").unlink(), "model.onnx is missing"),
+        (lambda d: (d / "model.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "model.json").write_text(json.dumps({"name": "x"})), "missing .*'sha256'"),
+    ],
+)
+def test_incomplete_packages_are_refused(package_copy, damage, expected):
+    damage(package_copy)
+    with pytest.raises(PackageError, match=expected):
+        load_package(package_copy)
+
+
+def test_a_missing_folder_says_what_to_pass(tmp_path):
+    with pytest.raises(PackageError, match="folder that holds model.onnx"):
+        load_package(tmp_path / "nope")

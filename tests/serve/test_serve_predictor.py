@@ -1,0 +1,138 @@
+"""Served scores on real DICOM equal the PyTorch pipeline's; every kind of input is scored or rejected with a reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from medtriage.errors import ConfigError
+from medtriage.io.dicom import read_dicom
+from medtriage.serve.package import load_package
+from medtriage.serve.predictor import Predictor, Rejection, to_model_channels
+
+PARITY_FILES = ["CT_small.dcm", "MR_small.dcm", "RG1_UNCI.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm"]
+ENCODINGS = {  # file -> what it exercises
+    "SC_rgb_jpeg_dcmtk.dcm": "JPEG baseline, RGB",
+    "JPEG2000.dcm": "JPEG 2000",
+    "MR_small_jpeg_ls_lossless.dcm": "JPEG-LS",
+    "MR_small_RLE.dcm": "RLE",
+    "RG1_J2KI.dcm": "MONOCHROME1, JPEG 2000, 15-bit CR",
+    "JPGExtended.dcm": "JPEG extended 12-bit",
+    "JPGLosslessP14SV1_1s_1f_8b.dcm": "JPEG lossless",
+    "CT_small.dcm": "16-bit signed CT",
+    "SC_rgb.dcm": "RGB uncompressed",
+}
+
+
+def dicom_file(name: str) -> str:
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} is not available (pydicom-data not installed)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(package_dir) -> Predictor:
+    return Predictor(load_package(package_dir), threads=1)
+
+
+def torch_probability(model, path) -> np.ndarray:
+    import torch
+
+    pixels = to_model_channels(read_dicom(path).pixels, 1)
+    with torch.no_grad():
+        return model(torch.from_numpy(pixels)).numpy()[:, 1]
+
+
+@pytest.mark.parametrize("name", PARITY_FILES)
+def test_served_equals_pytorch_on_pydicom_files(predictor, exported, name):
+    path = dicom_file(name)
+    served = np.array([s.probability for s in predictor.score_file(path)])
+    expected = torch_probability(exported[1], path)
+    assert np.abs(served - expected).max() < 1e-4
+
+
+def test_served_equals_pytorch_on_site_pool_files(predictor, exported, tmp_path):
+    from medtriage.data.sources.dicom_sites import make_sites
+
+    make_sites(out_dir=tmp_path / "sites", limit=9)
+    images = [p for p in sorted((tmp_path / "sites").rglob("*.dcm")) if not isinstance(predictor.score_or_reject(p, p.name), Rejection)]
+    assert len(images) >= 6  # the simulator plants a few broken files; the rest are images from three sites
+    for path in images:
+        served = np.array([s.probability for s in predictor.score_file(path)])
+        assert np.abs(served - torch_probability(exported[1], path)).max() < 1e-4, path
+
+
+@pytest.mark.parametrize("name", sorted(ENCODINGS))
+def test_each_encoding_gets_a_calibrated_score(predictor, name):
+    (score,) = predictor.score_file(dicom_file(name))
+    assert 0.0 <= score.probability <= 1.0
+    assert sum(score.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert score.priority in {"URGENT", "review", "routine"}
+    assert score.finding in {"normal", "pneumonia"} and score.sop_uid
+
+
+def test_multi_frame_scores_every_frame(predictor):
+    path = dicom_file("emri_small.dcm")
+    scores = predictor.score_file(path)
+    assert [s.frame for s in scores] == list(range(1, 11))
+    frames = read_dicom(path).pixels
+    assert [s.probability for s in scores] == pytest.approx(predictor.probabilities(frames)[:, 1].tolist(), abs=1e-6)
+
+
+def test_priority_and_finding_follow_the_package_thresholds(predictor):
+    package = predictor.package
+    review, urgent = package.review_threshold, package.urgent_threshold
+    assert predictor.priority(urgent) == "URGENT"
+    assert predictor.priority((review + urgent) / 2) == "review" if urgent > review else True
+    assert predictor.priority(np.nextafter(review, 0)) == "routine"
+    assert predictor.finding(np.array([1 - review, review])) == "pneumonia"
+    assert predictor.finding(np.array([0.9, 0.1])) == "normal" if review > 0.1 else True
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda tmp: dicom_file("rtplan.dcm"), "without pixel data: RT Plan"),
+        (lambda tmp: dicom_file("reportsi.dcm"), "without pixel data"),
+        (lambda tmp: _write(tmp / "garbage.dcm", b"this is not dicom" * 20), "not a DICOM file"),
+        (lambda tmp: _write(tmp / "empty.dcm", b""), ""),
+        (lambda tmp: _write(tmp / "cut.dcm", open(dicom_file("CT_small.dcm"), "rb").read()[:20000]), "truncated"),
+    ],
+)
+def test_unusable_files_are_rejected_with_a_reason(predictor, tmp_path, make, reason):
+    outcome = predictor.score_or_reject(make(tmp_path), "input")
+    assert isinstance(outcome, Rejection)
+    assert reason in outcome.reason and outcome.reason
+    assert outcome.error in {"DicomError", "NotAnImageError"}
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_rgb_becomes_luminance_and_gray_is_repeated():
+    rgb = np.zeros((1, 3, 2, 2), np.float32)
+    rgb[:, 0], rgb[:, 1], rgb[:, 2] = 1.0, 0.5, 0.0
+    assert to_model_channels(rgb, 1)[0, 0, 0, 0] == pytest.approx(0.299 + 0.587 * 0.5)
+    assert to_model_channels(rgb[:, :1], 3).shape == (1, 3, 2, 2)
+
+
+def test_cuda_asked_but_missing_is_a_loud_error(package_dir):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(ConfigError, match="CUDAExecutionProvider is not available"):
+        Predictor(load_package(package_dir), provider="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_provider_is_used_and_agrees_with_cpu(package_dir):
+    package = load_package(package_dir)
+    gpu, cpu = Predictor(package, provider="cuda"), Predictor(package)
+    assert gpu.provider == "CUDAExecutionProvider"
+    path = dicom_file("CT_small.dcm")
+    assert gpu.score_file(path)[0].probability == pytest.approx(cpu.score_file(path)[0].probability, abs=1e-4)
