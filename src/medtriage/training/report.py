@@ -1,0 +1,82 @@
+"""End of a run: evaluate the best checkpoint on validation and test, log plots and artifacts, print a table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+
+from medtriage.training import distributed, tracking
+from medtriage.training.checkpoint import BEST, LAST, read_checkpoint
+from medtriage.training.metrics import evaluate, roc_points, site_values, softmax
+from medtriage.training.plots import plot_roc, plot_site_auc
+
+COLUMNS = ("auc", "acc", "sens", "spec", "n")
+
+
+def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
+    """The best checkpoint's val/test metrics (overall and per site) and predictions, on every rank."""
+    distributed.barrier(fit.ranks)  # best.pt is written by rank 0
+    best = ckpt_dir / BEST if (ckpt_dir / BEST).is_file() else ckpt_dir / LAST
+    distributed.unwrap(fit.model).load_state_dict(read_checkpoint(best)["model"])
+    predictions = {split: fit.predict(split) for split in ("val", "test")}
+    metrics: dict[str, float] = {"best_val_auc": state.best_val_auc, "best_epoch": float(state.best_epoch)}
+    for split, p in predictions.items():
+        metrics.update(evaluate(p.logits, p.labels, p.sites, split))
+    return metrics, predictions
+
+
+def log_final(metrics: dict[str, float], predictions: dict, state, ckpt_dir: Path, cfg) -> None:
+    """Test metrics, plots, metrics.json and best.pt into the active MLflow run."""
+    tracking.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")}, step=state.best_epoch)
+    mlflow.log_metric("best_epoch", state.best_epoch)
+    for path in _plots(predictions, metrics, ckpt_dir.parent / "plots", cfg.name):
+        mlflow.log_artifact(str(path), "plots")
+    (ckpt_dir.parent / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    mlflow.log_artifact(str(ckpt_dir.parent / "metrics.json"))
+    best = ckpt_dir / BEST if (ckpt_dir / BEST).is_file() else ckpt_dir / LAST
+    if cfg.tracking.log_checkpoint:
+        mlflow.log_artifact(str(best), "checkpoints")
+
+
+def _plots(predictions, metrics: dict[str, float], folder: Path, name: str) -> list[Path]:
+    curves = {}
+    for split, p in predictions.items():
+        points = roc_points(p.labels, softmax(p.logits))
+        if points is not None:
+            curves[split] = (*points, metrics[f"{split}/auc"])
+    paths = []
+    if curves:
+        paths.append(plot_roc(curves, folder / "roc.png", f"{name}: ROC (best checkpoint)"))
+    per_site = {split: site_values(metrics, split) for split in predictions}
+    if any(per_site.values()):
+        paths.append(plot_site_auc(per_site, folder / "site_auc.png", f"{name}: AUC per site"))
+    return paths
+
+
+def summary_table(metrics: dict[str, float], sites: list[str]) -> str:
+    """Validation and test metrics, overall and per site, as aligned text."""
+    lines = [f"{'split':<6}{'site':<22}" + "".join(f"{c:>8}" for c in COLUMNS)]
+    for split in ("val", "test"):
+        for site, prefix in [("overall", split)] + [(s, f"{split}/site/{s}") for s in sites]:
+            values = [metrics.get(f"{prefix}/{c}") for c in COLUMNS]
+            if all(v is None for v in values):
+                continue
+            lines.append(f"{split:<6}{site:<22}" + "".join(_cell(c, v) for c, v in zip(COLUMNS, values)))
+    return "\n".join(lines)
+
+
+def _cell(column: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{'-':>8}"
+    return f"{int(value):>8d}" if column == "n" else f"{value:>8.3f}"
+
+
+def print_summary(result, uri: str, sites: list[str]) -> None:
+    print(summary_table(result.metrics, sites))
+    print(f"best epoch {int(result.metrics.get('best_epoch', 0))}, best val AUC {result.best_val_auc:.4f}; checkpoint {result.checkpoint}")
+    if result.package:
+        print(f"model package: {result.package}")
+    print(f"MLflow run {result.run_id}; open with `{tracking.ui_command(uri)}`")

@@ -1,0 +1,131 @@
+"""MLflow tracking: where runs go, what each run records, and parent/child runs for Hydra multiruns.
+
+A run records its flattened resolved config (params), the resolved YAML (artifact), the git
+commit and the data fingerprint (tags and params), so the run alone says how to repeat it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "MEDTRIAGE_PARENT_RUN_ID"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Next to an embedded SQLite store: `<db folder>/mlruns` (absolute, independent of cwd)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None  # a tracking server decides where artifacts live
+    db_path = Path(uri[len("sqlite:///") :])
+    return (db_path.parent / "mlruns").resolve().as_uri()
+
+
+def experiment_id(uri: str, name: str) -> str:
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def git_commit(root: str | Path) -> tuple[str, bool]:
+    """(commit hash or 'unknown', whether the working tree has uncommitted changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"trainer.lr": "0.001", ...} (lists kept whole, as text)."""
+    if isinstance(tree, dict):
+        flat: dict[str, str] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: str(tree)}
+
+
+def start_run(cfg: DictConfig, resume_run_id: str | None = None):
+    """An active MLflow run: the interrupted one when resuming, else a new one (child of a sweep's parent)."""
+    uri = cfg.tracking.uri
+    mlflow.set_tracking_uri(uri)
+    if resume_run_id:
+        return mlflow.start_run(run_id=resume_run_id)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        exp_id = MlflowClient(uri).get_run(parent).info.experiment_id
+    else:
+        exp_id = experiment_id(uri, cfg.tracking.experiment_name)
+    tags = {PARENT_TAG: parent} if parent else {}
+    return mlflow.start_run(experiment_id=exp_id, run_name=cfg.tracking.run_name or _run_name(cfg), tags=tags)
+
+
+def _run_name(cfg: DictConfig) -> str:
+    return f"{cfg.name}-{cfg.model.name}-{cfg.model.preprocess.size}px"
+
+
+def log_run_config(cfg: DictConfig, plain: dict, fingerprint: str, data_summary: dict[str, Any]) -> None:
+    """Params, resolved YAML, git commit and data fingerprint of a new run."""
+    commit, dirty = git_commit(plain["paths"]["root"])
+    params = flatten(plain)
+    params.update({"data.fingerprint": fingerprint, **{f"data.{k}": str(v) for k, v in data_summary.items()}})
+    mlflow.log_params(params)
+    mlflow.set_tags({"git_commit": commit, "git_dirty": str(dirty), "data_fingerprint": fingerprint,
+                     "mlflow.source.git.commit": commit, "experiment": cfg.name, "model": cfg.model.name})
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(plain)), "config/resolved.yaml")
+
+
+def log_metrics(metrics: dict[str, float], step: int) -> None:
+    # MLflow metric keys allow letters, digits, "_-./ " only; site names are kept to those.
+    mlflow.log_metrics({_safe_key(k): float(v) for k, v in metrics.items()}, step=step)
+
+
+def _safe_key(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+class MultirunParentRun(Callback):
+    """Hydra callback: a multirun opens one parent MLflow run; each job's run becomes its child."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        uri, name = config.tracking.uri, config.tracking.experiment_name
+        client = MlflowClient(uri)
+        run = client.create_run(experiment_id(uri, name), run_name=f"{config.name}-sweep", tags={"sweep": "true"})
+        client.log_param(run.info.run_id, "sweep.overrides", " ".join(config.hydra.overrides.task) or "-")
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        print(f"MLflow parent run {run.info.run_id} (children: one per job); open with `{ui_command(uri)}`")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        parent = os.environ.pop(PARENT_RUN_ENV, None)
+        if parent is None:
+            return
+        client = MlflowClient(config.tracking.uri)
+        children = client.search_runs(
+            [client.get_run(parent).info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'"
+        )
+        best = [c.data.metrics["best_val_auc"] for c in children if "best_val_auc" in c.data.metrics]
+        if best:
+            client.log_metric(parent, "best_val_auc", max(best))
+        client.log_metric(parent, "jobs", len(children))
+        client.set_terminated(parent, "FINISHED")
