@@ -13,8 +13,12 @@ setup: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[train,dev]"
 
+# The main job: site exports -> de-identifying ingest -> pool + leakage audit -> train -> ONNX package -> triage table.
 demo: setup
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/make_sites.py
+	$(BIN)/python scripts/ingest_sites.py --create-keys
+	$(BIN)/python scripts/train.py experiment=pneumonia_sites
+	$(BIN)/medtriage score models/pneumonia-sites-r18 $$($(BIN)/python scripts/pick_files.py data/pool/pneumonia_sites)
 
 test: setup
 	$(BIN)/python -m pytest -q

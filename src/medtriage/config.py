@@ -57,6 +57,9 @@ class AugmentConfig:
     intensity_scale: float = 0.1
     intensity_shift: float = 0.05
     noise_std: float = 0.01
+    # H&E stain jitter of RGB tiles (medtriage.io.stain.augment_stain): concentration scale 1 ± sigma, shift ± bias; 0 = off.
+    stain_sigma: float = 0.0
+    stain_bias: float = 0.0
 
 
 @dataclass
@@ -70,6 +73,7 @@ class DataConfig:
     batch_size: int = 64
     num_workers: int = 0
     limit: Optional[int] = None  # at most this many images per split (quick runs)
+    allow_audit_failure: bool = False  # train despite a failed leakage audit (the result is still logged)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tiles: SyntheticTilesConfig = field(default_factory=SyntheticTilesConfig)  # source=tiles
 

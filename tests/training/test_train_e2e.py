@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from medtriage.data.manifest import manifest_hash
 from medtriage.training.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
 
 
 pytestmark = pytest.mark.slow
@@ -63,6 +65,7 @@ def test_site_pool_to_tracked_run(tmp_path, tiny_overrides, tiny_sites, run_trai
     assert params["data.fingerprint"] == tags["data_fingerprint"] == fingerprint
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert tags["git_commit"] == (head or "unknown")
+    assert tags["data_audit"] == "passed"
 
     for key in ("train/loss", "train/images_per_s", "val/auc", "val/sens", "val/spec", "val/site/st_marys/acc"):
         assert steps(client, run_id, key) == [1], key
@@ -73,7 +76,8 @@ def test_site_pool_to_tracked_run(tmp_path, tiny_overrides, tiny_sites, run_trai
         m.value for m in client.get_metric_history(run_id, "val/auc"))
 
     artifacts = artifact_paths(client, run_id)
-    assert {"config/resolved.yaml", "plots/roc.png", "plots/site_auc.png", "checkpoints/best.pt", "metrics.json"} <= artifacts
+    assert {"config/resolved.yaml", "plots/roc.png", "plots/site_auc.png", "checkpoints/best.pt", "metrics.json",
+            "data_audit.json"} <= artifacts
     resolved = yaml.safe_load(Path(client.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path))).read_text())
     assert resolved["data"]["sites_dir"] == str(tiny_sites) and resolved["model"]["preprocess"]["size"] == 28
     best = read_checkpoint(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path)))
@@ -123,3 +127,13 @@ def test_gpu_preset_trains_with_bf16_on_cuda(tmp_path, tiny_overrides, run_train
     run = MlflowClient(tracking_uri).get_run(run_id_of(done.stdout))
     assert run.data.params["trainer.device"] == "cuda" and run.data.params["trainer.precision"] == "bf16"
     assert torch.cuda.is_available() and run.data.metrics["train/images_per_s"] > 0
+
+
+def test_training_refuses_a_pool_that_fails_the_leakage_audit(tiny_overrides, tracking_uri):
+    # The official PneumoniaMNIST splits share identical images between train and val.
+    overrides = [*tiny_overrides, "data.allow_audit_failure=false"]
+    done = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *overrides], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "same_image_in_two_splits" in done.stderr + done.stdout
+    assert "data.allow_audit_failure=true" in done.stderr + done.stdout
+    assert not MlflowClient(tracking_uri).search_experiments(filter_string="name = 'medtriage-pneumoniamnist'")

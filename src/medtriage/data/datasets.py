@@ -39,12 +39,11 @@ def _sites_pool(data) -> Manifest:
     if not data.sites_dir or not sites_dir.is_dir():
         raise DataNotFoundError(
             "site folders not found", where=sites_dir if data.sites_dir else "data.sites_dir",
-            hint="create them with `python scripts/make_sites.py` or point data.sites_dir at existing site folders",
+            hint="create them with `python scripts/make_sites.py` then `python scripts/ingest_sites.py --create-keys` "
+            "(de-identified pool), or point data.sites_dir at existing site folders",
         )
-    try:
-        from medtriage.data.pool import build_sites_pool
-    except ImportError as err:
-        raise ConfigError("this build has no DICOM site pool builder", where="data.source", hint="use experiment=pneumoniamnist") from err
+    from medtriage.data.pool import build_sites_pool
+
     return build_sites_pool(sites_dir, Path(data.pool_dir), seed=data.pool_seed)  # reuses an unchanged pool
 
 
@@ -132,6 +131,7 @@ def train_transforms(augment, size: int):
         return T.Compose([])
     p = augment.prob
     return T.Compose([
+        *_stain_transforms(augment),
         T.RandAffine(
             prob=p, rotate_range=np.deg2rad(augment.rotate_deg), scale_range=augment.scale,
             translate_range=augment.translate * size, padding_mode="border", mode="bilinear", spatial_size=None,
@@ -140,6 +140,16 @@ def train_transforms(augment, size: int):
         T.RandShiftIntensity(offsets=augment.intensity_shift, prob=p),
         T.RandGaussianNoise(prob=p, std=augment.noise_std),
     ])
+
+
+def _stain_transforms(augment) -> list:
+    """H&E stain jitter first, on the tile's own colours (RGB tiles only; off when both amounts are 0)."""
+    sigma, bias = getattr(augment, "stain_sigma", 0.0), getattr(augment, "stain_bias", 0.0)
+    if not (sigma or bias):
+        return []
+    from medtriage.data.stain_augment import RandStainAugment
+
+    return [RandStainAugment(sigma, bias)]
 
 
 class CachedDataset(torch.utils.data.Dataset):

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from medtriage.config import to_plain_dict
+from medtriage.data.audit import AuditResult, require_clean
 from medtriage.data.datasets import CachedSplit, cache_split, load_pool
 from medtriage.data.manifest import SPLITS
 from medtriage.errors import ConfigError
@@ -99,14 +100,18 @@ def train_epochs(fit: Fit, state: TrainState, ckpt_dir: Path, config: dict, run_
     return False
 
 
-def load_data(cfg: DictConfig, model, ranks: Ranks) -> tuple[object, dict[str, CachedSplit]]:
+def load_data(cfg: DictConfig, model, ranks: Ranks) -> tuple[object, dict[str, CachedSplit], AuditResult | None]:
+    """The pool, audited for leakage before any training (rank 0 builds and audits, the others wait)."""
+    audit = None
     if not ranks.is_main:
-        distributed.barrier(ranks)  # rank 0 builds the pool first
+        distributed.barrier(ranks)
     manifest = load_pool(cfg.data)
     if ranks.is_main:
+        audit = require_clean(manifest, override=cfg.data.allow_audit_failure)
+        print(audit.summary())
         distributed.barrier(ranks)
     splits = {s: cache_split(manifest, s, model.preprocess, cfg.data.limit, cfg.trainer.seed) for s in SPLITS}
-    return manifest, splits
+    return manifest, splits, audit
 
 
 def run(cfg: DictConfig) -> "RunResult":
@@ -125,7 +130,7 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> "
     resume_path, resumed = find_resume_checkpoint(cfg) if cfg.trainer.resume else (None, None)
     if resumed and resumed["config"]["model"] != config["model"]:
         raise ConfigError("the model config differs from the checkpoint's", where=resume_path, hint="resume with the same model settings")
-    manifest, splits = load_data(cfg, model, ranks)
+    manifest, splits, audit = load_data(cfg, model, ranks)
     ckpt_dir = resume_path.parent if resume_path else distributed.broadcast(Path(cfg.paths.output_dir) / "checkpoints", ranks)
     fit = Fit(cfg, model, splits, device, ranks)
     state = fit.restore(resumed) if resumed else TrainState()
@@ -140,6 +145,8 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> "
         else:
             sizes = {f"n_{s}": len(splits[s]) for s in SPLITS} | {"sites": ",".join(manifest.sites), "world_size": ranks.world_size}
             tracking.log_run_config(cfg, config, manifest.fingerprint, sizes)
+            mlflow.log_dict(audit.to_dict(), "data_audit.json")
+            mlflow.set_tag("data_audit", "passed" if audit.ok else "failed, overridden by data.allow_audit_failure")
         print(f"MLflow run {run_id} on {device} x{ranks.world_size}; checkpoints in {ckpt_dir}; "
               f"open with `{tracking.ui_command(cfg.tracking.uri)}`")
         interrupted = train_epochs(fit, state, ckpt_dir, config, run_id)
@@ -166,10 +173,6 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> "
 def export_if_enabled(cfg: DictConfig, result: RunResult) -> Path | None:
     if not cfg.export.enabled:
         return None
-    import medtriage.export as export
+    from medtriage.export import export_run
 
-    export_run = getattr(export, "export_run", None)
-    if export_run is None:
-        log.warning("export skipped: medtriage.export provides no export_run in this build")
-        return None
     return export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg)
