@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
-from medtriage.export.benchmark import markdown, run_benchmark, write_section
+from medtriage.benchmarking import write_section
+from medtriage.export.benchmark import markdown, run_benchmark
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
@@ -30,7 +31,7 @@ def main() -> int:
     files = args.files or [f for f in (get_testdata_file("CT_small.dcm"), get_testdata_file("RG1_UNCI.dcm")) if f]
     result = run_benchmark(files, args.network, args.size, args.repeats, args.threads)
     section = markdown(result, shlex.join(["python", "scripts/benchmark_inference.py", *sys.argv[1:]]))
-    write_section(args.doc, section)
+    write_section(section, args.doc)
     print(section)
     return 0
 

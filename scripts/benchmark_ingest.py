@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import pydicom
 
+from medtriage.benchmarking import interleaved_rates, machine, write_section
 from medtriage.data.sources.dicom_sites import make_sites
 from medtriage.io.deid import SiteKey
 from medtriage.io.ingest import ingest_site
@@ -58,42 +56,6 @@ def ingest(sites: Path, pool: Path, workers: int, verify: bool = False):
         return count
 
     return run
-
-
-def interleaved_rates(runs: dict[str, tuple], repeats: int) -> dict[str, float]:
-    """Median files/s per run; `runs` maps a name to (run, cpus). Round 0 warms caches and imports."""
-    everything = sorted(os.sched_getaffinity(0))
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    try:
-        for round_ in range(repeats + 1):
-            for name, (run, cpus) in runs.items():
-                os.sched_setaffinity(0, cpus)
-                start = time.perf_counter()
-                n = run()
-                if round_:
-                    rates[name].append(n / (time.perf_counter() - start))
-    finally:
-        os.sched_setaffinity(0, everything)
-    return {name: statistics.median(values) for name, values in rates.items()}
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores available, Python {platform.python_version()}"
-
-
-def write_section(text: str, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    """Replace (or append) this benchmark's section, leaving the others as they are."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines, out, skipping = old.splitlines(), [], False
-    for line in lines:
-        if line.startswith("## "):
-            skipping = line.strip() == SECTION
-        if not skipping:
-            out.append(line)
-    body = "\n".join(out).rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body)
 
 
 def main() -> None:

@@ -13,38 +13,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
+from medtriage.benchmarking import interleaved_rates, machine, write_section
 from medtriage.io.pathology import iter_tile_batches, open_slide, prepare_slide, read_tile, tile_grid, tissue_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Pathology"
-
-
-def interleaved_rates(runs: dict[str, tuple], repeats: int) -> dict[str, float]:
-    """Median tiles/s per run. Runs take turns in every round, so a busy neighbour slows all alike.
-
-    `runs` maps a name to (run, cpus): `run()` returns how many tiles it produced; it is timed
-    while the process may use only `cpus`.
-    """
-    everything = sorted(os.sched_getaffinity(0))
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    try:
-        for round_ in range(repeats + 1):  # round 0 warms caches and lazy imports
-            for name, (run, cpus) in runs.items():
-                os.sched_setaffinity(0, cpus)
-                start = time.perf_counter()
-                n = run()
-                if round_:
-                    rates[name].append(n / (time.perf_counter() - start))
-    finally:
-        os.sched_setaffinity(0, everything)
-    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def openslide_read(path: Path, coords: list[tuple[int, int]], size: int):
@@ -96,12 +73,6 @@ def medtriage_pipeline(path: Path, tile_size: int, mpp: float, workers: int):
     return run
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    load = os.getloadavg()[0]  # other jobs on the same cores slow every column alike (runs are interleaved)
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores available, load average {load:.1f} at start, Python {platform.python_version()}"
-
-
 def measure(path: Path, tile_size: int, mpp: float, repeats: int) -> dict:
     all_cores = sorted(os.sched_getaffinity(0))
     one_core = {all_cores[0]}
@@ -134,19 +105,6 @@ def table(path: Path, results: dict[int, dict], mpp: float) -> list[str]:
             f"{pipe / base:.2f}x | {r['all_cores'] / base:.2f}x |"
         )
     return lines
-
-
-def write_section(text: str, doc: Path) -> None:
-    """Replace the `## Pathology` section of `doc` (or append it), leaving other sections intact."""
-    old = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(new)
 
 
 def main() -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
-import re
 import statistics
 import tempfile
 import time
@@ -22,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from medtriage.benchmarking import machine
 from medtriage.export.config import ExportConfig
 from medtriage.export.onnx import CalibratedNet
 from medtriage.export.run import SplitScores, export_model
@@ -100,18 +99,7 @@ def run_benchmark(files: list[str], network: str = "resnet18", size: int = 224, 
         batches = [throughput(session, model, pixels, b, max(5, repeats // 3)) for b in (1, 16)]
         provider = predictor.provider
     return {"network": network, "size": size, "repeats": repeats, "threads": threads or os.cpu_count(),
-            "rows": rows, "batches": batches, "provider": provider, "machine": machine(), "load": load}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = names[0].strip() if names else cpu
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"onnxruntime {ort.__version__}, torch {torch.__version__}")
+            "rows": rows, "batches": batches, "provider": provider, "machine": f"{machine()}, onnxruntime {ort.__version__}, torch {torch.__version__}", "load": load}
 
 
 def markdown(result: dict, command: str) -> str:
@@ -139,15 +127,3 @@ def markdown(result: dict, command: str) -> str:
               "| batch | ORT | PyTorch eager |", "|---|---|---|"]
     lines += [f"| {t['batch']} | {t['ort_images_s']:.1f} | {t['torch_images_s']:.1f} |" for t in result["batches"]]
     return "\n".join(lines) + "\n"
-
-
-def write_section(doc: Path, section: str) -> None:
-    """Replace this document's `## Inference` section (or append it), leaving other sections as they are."""
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n\nFigures and the command that reproduces each.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text.rstrip("\n") + "\n")
