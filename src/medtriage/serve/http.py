@@ -4,6 +4,7 @@ POST /v1/score   multipart form with one or more `files` (or a raw application/d
 POST /v1/sr      one DICOM file -> its DICOM Structured Report (application/dicom)
 GET  /health     the process is up;  GET /ready  the model is loaded (provider in use)
 GET  /v1/model   the package's model.json;  /docs  OpenAPI
+GET  /worklist   the radiologist's worklist page (files scored by /v1/score; see worklist.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medtriage import __version__
 from medtriage.errors import MedTriageError
 from medtriage.serve.predictor import Predictor, Rejection, Score
+from medtriage.serve.worklist import DEFAULT_CAPACITY, PAGE_PATH, Worklist, worklist_router
 
 log = logging.getLogger(__name__)
 RAW_TYPES = {"", "application/dicom", "application/octet-stream"}  # a body that is one DICOM file
@@ -30,7 +32,8 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "application/dicom": {"schema": {"type": "string", "format": "binary"}},
 }}}
-OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+# The worklist page is static HTML; the data it fetches carries the token like any other client.
+OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", PAGE_PATH}
 
 
 class RequestError(Exception):
@@ -45,12 +48,15 @@ def error_response(status: int, reason: str, hint: str | None = None, **extra) -
     return JSONResponse(RequestError(status, reason, hint, **extra).body, status_code=status)
 
 
-def create_app(predictor: Predictor, token: str | None = None, max_bytes: int = 256 * 1024 * 1024) -> FastAPI:
+def create_app(predictor: Predictor, token: str | None = None, max_bytes: int = 256 * 1024 * 1024,
+               worklist_size: int = DEFAULT_CAPACITY) -> FastAPI:
     app = FastAPI(title="MedTriage", version=__version__,
                   description=f"Triage scores from {predictor.package.describe()}: decision support, not diagnosis.")
     _add_guards(app, token, max_bytes)
     _add_error_handlers(app)
-    _add_routes(app, predictor, max_bytes)
+    worklist = Worklist(predictor, capacity=worklist_size)
+    _add_routes(app, predictor, max_bytes, worklist)
+    app.include_router(worklist_router(worklist))
     return app
 
 
@@ -92,7 +98,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error ({type(err).__name__}); the service keeps running")
 
 
-def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int) -> None:
+def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Worklist) -> None:
     package = predictor.package
 
     @app.get("/health")
@@ -111,7 +117,7 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int) -> None:
               openapi_extra=UPLOAD_BODY)
     async def score(request: Request) -> JSONResponse:
         uploads = await _uploads(request, max_bytes)
-        outcomes = [await run_in_threadpool(predictor.score_or_reject, data, name) for name, data in uploads]
+        outcomes = [await run_in_threadpool(worklist.score_or_reject, data, name) for name, data in uploads]
         scores = [s for o in outcomes if not isinstance(o, Rejection) for s in o]
         rejected = [o.as_dict() for o in outcomes if isinstance(o, Rejection)]
         body = {"model": {**package.identity(), "provider": predictor.provider},

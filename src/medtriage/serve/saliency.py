@@ -1,0 +1,187 @@
+"""Where the model looked: occlusion sensitivity through the served ONNX session, and a PNG overlay.
+
+numpy + PIL + the served predictor (no torch). A grey patch (the image mean) is slid over a grid;
+all occluded copies go through the model as one batch, and a cell's value is how much hiding it
+lowers the probability of the positive label. Cells whose occlusion raises the probability count
+as zero: the map shows evidence *for* the finding. A 7 x 7 grid costs one batch of 49 occlusions
+plus the unoccluded image. The image is first resized to the model's input size (the graph does
+that anyway), so the cost does not grow with the image.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+from PIL import Image
+
+from medtriage.errors import InputError
+from medtriage.io.dicom import read_dicom
+
+if TYPE_CHECKING:
+    from medtriage.serve.predictor import Predictor, Score
+
+Predict = Callable[[np.ndarray], np.ndarray]  # float32 [B, C, H, W] -> probabilities [B, classes]
+DEFAULT_GRID = 7
+DEFAULT_BATCH = 64
+DISPLAY_SIDE = 512  # longest side of an overlay picture: the 7 x 7 map needs no more; the PACS has the full image
+# Heat map colours, yellow (low) -> orange -> red (high); low values are also nearly transparent.
+HEAT_STOPS = np.array([[255, 240, 60], [255, 190, 0], [255, 120, 0], [240, 50, 0], [215, 0, 20]], np.float32)
+
+
+@dataclass
+class Saliency:
+    map: np.ndarray  # float32 [H, W] in [0, 1]: 1 = the region whose occlusion lowered p the most
+    baseline: float  # probability of the positive label on the unoccluded (working-size) image
+    max_drop: float  # largest drop in that probability over the grid (0 when nothing lowered it)
+    grid: int
+    work_size: int | None
+
+    def describe(self) -> dict:
+        return {"method": "occlusion", "grid": self.grid, "work_size": self.work_size,
+                "baseline": round(self.baseline, 6), "max_drop": round(self.max_drop, 6)}
+
+
+def occlusion_saliency(predict: Predict, image: np.ndarray, positive: int, grid: int = DEFAULT_GRID,
+                       work_size: int | None = None, batch: int = DEFAULT_BATCH) -> Saliency:
+    """Occlusion map of one image `[C, H, W]` (float32 in [0, 1]) for class `positive`, at the image's size.
+
+    `work_size` resizes the image to work_size x work_size first (the model's own input size is
+    a good choice: the graph resizes to it anyway, and the occluded batch stays small).
+    """
+    image = _check_image(image)
+    height, width = image.shape[1:]
+    work = resize_chw(image, (work_size, work_size)) if work_size else image
+    occluded = occluded_copies(work, grid)
+    probabilities = _predict_batched(predict, np.concatenate([work[None], occluded]), batch)[:, positive]
+    drops = np.clip(probabilities[0] - probabilities[1:], 0, None).reshape(grid, grid)
+    smooth = upsample(drops.astype(np.float32), height, width)
+    peak = float(smooth.max())
+    saliency = smooth / peak if peak > 0 else smooth  # normalised after upsampling, so the map reaches 1
+    return Saliency(saliency, float(probabilities[0]), float(drops.max()), grid, work_size)
+
+
+def occluded_copies(image: np.ndarray, grid: int) -> np.ndarray:
+    """`grid * grid` copies of `[C, H, W]`, copy k with cell (k // grid, k % grid) set to the image mean."""
+    if grid < 2:
+        raise InputError(f"occlusion grid must be at least 2 x 2, got {grid}", hint="use a grid of 5 to 8")
+    height, width = image.shape[1:]
+    if height < grid or width < grid:
+        raise InputError(f"image of {height}x{width} pixels is smaller than the {grid}x{grid} occlusion grid")
+    rows, cols = np.linspace(0, height, grid + 1).round().astype(int), np.linspace(0, width, grid + 1).round().astype(int)
+    fill = image.mean(axis=(1, 2), keepdims=True)
+    copies = np.repeat(image[None], grid * grid, axis=0)
+    for k in range(grid * grid):
+        r, c = divmod(k, grid)
+        copies[k, :, rows[r]:rows[r + 1], cols[c]:cols[c + 1]] = fill
+    return copies
+
+
+def _predict_batched(predict: Predict, images: np.ndarray, batch: int) -> np.ndarray:
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    return np.concatenate([np.asarray(predict(images[i:i + batch])) for i in range(0, len(images), batch)])
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise InputError(f"saliency takes one image [C, H, W], got an array of shape {image.shape}",
+                         hint="pass one frame: pixels[frame]")
+    return image
+
+
+def resize_chw(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`[C, H, W]` float32 resized to `size` = (H, W), antialiased (PIL's bilinear filter widens when shrinking)."""
+    height, width = size
+    planes = [Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)) for plane in image]
+    return np.stack([np.asarray(plane.resize((width, height), Image.BILINEAR)) for plane in planes]).astype(np.float32)
+
+
+def upsample(cells: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A coarse `[g, g]` map to `[height, width]`, bilinear between cell centres."""
+    return np.clip(resize_chw(cells[None], (height, width))[0], 0, None)
+
+
+# --- the picture ---------------------------------------------------------------------------------
+
+def overlay_image(pixels: np.ndarray, saliency: np.ndarray, alpha: float = 0.6, max_side: int = DISPLAY_SIDE) -> Image.Image:
+    """The image in grey with the saliency map in warm colours on top (clear where saliency is low)."""
+    grey = to_grey(pixels)
+    if saliency.shape != grey.shape:
+        raise InputError(f"saliency map {saliency.shape} does not match the image {grey.shape}")
+    scale = min(1.0, max_side / max(grey.shape))
+    if scale < 1.0:
+        size = (max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)))
+        grey, saliency = resize_chw(grey[None], size)[0], resize_chw(saliency[None], size)[0]
+    base = Image.fromarray((np.clip(grey, 0, 1) * 255).round().astype(np.uint8)).convert("RGB")
+    heat = Image.fromarray(heat_colours(saliency))
+    opacity = Image.fromarray((np.clip(saliency, 0, 1) * alpha * 255).round().astype(np.uint8))
+    return Image.composite(heat, base, opacity)
+
+
+def overlay_png(pixels: np.ndarray, saliency: np.ndarray, alpha: float = 0.6, max_side: int = DISPLAY_SIDE) -> bytes:
+    """PNG bytes of `overlay_image` (pixels `[C, H, W]` or `[H, W]` in [0, 1]; saliency `[H, W]`)."""
+    buffer = io.BytesIO()
+    overlay_image(pixels, saliency, alpha, max_side).save(buffer, format="PNG", compress_level=3)  # fast, ~as small
+    return buffer.getvalue()
+
+
+def to_grey(pixels: np.ndarray) -> np.ndarray:
+    """`[H, W]`, `[1, H, W]` or RGB `[3, H, W]` -> `[H, W]` luminance (ITU-R BT.601)."""
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if pixels.ndim == 2:
+        return pixels
+    if pixels.ndim == 3 and pixels.shape[0] == 1:
+        return pixels[0]
+    if pixels.ndim == 3 and pixels.shape[0] == 3:
+        return np.einsum("chw,c->hw", pixels, np.array([0.299, 0.587, 0.114], np.float32))
+    raise InputError(f"cannot show an image of shape {pixels.shape}", hint="pass [H, W], [1, H, W] or [3, H, W]")
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB along HEAT_STOPS."""
+    position = np.clip(values, 0, 1) * (len(HEAT_STOPS) - 1)
+    low = np.floor(position).astype(int).clip(0, len(HEAT_STOPS) - 2)
+    frac = (position - low)[..., None]
+    return (HEAT_STOPS[low] * (1 - frac) + HEAT_STOPS[low + 1] * frac).round().astype(np.uint8)
+
+
+# --- for a served model ----------------------------------------------------------------------------
+
+def model_input_size(meta: dict) -> int | None:
+    """The square size the graph resizes to (model.json preprocessing.resize.size), if recorded."""
+    size = meta.get("preprocessing", {}).get("resize", {}).get("size")
+    return int(size) if isinstance(size, (int, float)) and size > 0 else None
+
+
+def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+    """`[C, H, W]` scaled down so its longest side is at most `max_side` (never enlarged)."""
+    scale = max_side / max(image.shape[1:])
+    if scale >= 1.0:
+        return image
+    return resize_chw(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))))
+
+
+def explain_frame(predictor: "Predictor", frame: np.ndarray, max_side: int = DISPLAY_SIDE) -> tuple[Saliency, bytes]:
+    """Occlusion map and overlay PNG of one decoded frame `[C, H, W]`, through the predictor's session."""
+    from medtriage.serve.predictor import to_model_channels
+
+    pixels = to_model_channels(shrink(np.asarray(frame, np.float32), max_side)[None], predictor.package.channels)[0]
+    result = occlusion_saliency(predictor.probabilities, pixels, predictor.positive,
+                                work_size=model_input_size(predictor.package.meta))
+    return result, overlay_png(pixels, result.map, max_side=max_side)
+
+
+def write_overlay(predictor: "Predictor", path: str | Path, scores: list["Score"], out_dir: str | Path) -> Path:
+    """`out_dir/<SOP UID>.overlay.png` for the most suspicious frame of one scored DICOM file."""
+    top = max(scores, key=lambda score: score.probability)
+    image = read_dicom(path, frame=None if top.frame is None else top.frame - 1)
+    _, png = explain_frame(predictor, image.pixels[0])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{top.sop_uid or Path(path).stem}.overlay.png"
+    target.write_bytes(png)
+    return target
