@@ -117,3 +117,60 @@ def test_real_slide_pool_records_coordinates_and_rejects(tmp_path):
     assert rows["sop_uid"].is_unique
     again = load_manifest(tmp_path / "pool")
     assert again.image(3).shape == (3, 112, 112)
+
+
+def test_pool_info_says_how_to_serve_its_tiles(raw_pool):
+    info = read_tile_info(raw_pool.pool_dir)
+    assert info["min_tissue"] == 0.5 and info["source"] == "synthetic" and info["target_stains"] is None
+
+
+# --- stain augmentation in the training transforms ---------------------------------------------
+
+
+def augment_config(**changes):
+    from medtriage.config import AugmentConfig
+
+    return AugmentConfig(**{"prob": 0.0, **changes})  # prob 0: only the stain jitter acts
+
+
+def test_stain_augmentation_is_off_unless_asked():
+    from medtriage.data.datasets import train_transforms
+    from medtriage.data.stain_augment import RandStainAugment
+
+    assert not any(isinstance(t, RandStainAugment) for t in train_transforms(augment_config(), 48).transforms)
+    first = train_transforms(augment_config(stain_sigma=0.3, stain_bias=0.1), 48).transforms[0]
+    assert isinstance(first, RandStainAugment) and (first.sigma, first.bias) == (0.3, 0.1)
+
+
+def test_stain_augmentation_changes_colour_not_layout_and_repeats_with_its_seed(raw_pool):
+    import torch
+
+    from medtriage.data.datasets import train_transforms
+
+    tile = torch.from_numpy(raw_pool.image(0))
+    transforms = train_transforms(augment_config(stain_sigma=0.3, stain_bias=0.1), 48)
+    outputs = []
+    for _ in range(2):
+        transforms.set_random_state(seed=7)
+        outputs.append([torch.as_tensor(transforms(tile)) for _ in range(3)])
+    first, again = outputs
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])
+    for out in first:
+        assert out.shape == tile.shape and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+        assert (out.mean(dim=(1, 2)) - tile.mean(dim=(1, 2))).abs().max() > 1e-3  # colour moved
+        # where the nuclei are stays put: the darkest pixels of the tile are still among the darkest
+        dark = tile.mean(dim=0) < tile.mean(dim=0).quantile(0.1)
+        assert out.mean(dim=0)[dark].mean() < out.mean(dim=0)[~dark].mean()
+
+
+def test_stain_augmentation_refuses_grey_images():
+    import torch
+
+    from medtriage.data.stain_augment import RandStainAugment
+    from medtriage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="RGB tiles"):
+        RandStainAugment(0.1, 0.1)(torch.rand(1, 16, 16))
+    with pytest.raises(ConfigError):
+        RandStainAugment(-0.1, 0.0)

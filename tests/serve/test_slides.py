@@ -118,7 +118,8 @@ def with_pathology_block(package_copy: Path, **block) -> Path:
 
     meta_path = package_copy / "model.json"
     meta = json.loads(meta_path.read_text())
-    meta["pathology"] = {"tile_size": 112, "tile_mpp": 0.5, "stain_normalization": "macenko", "aggregation": "top_k", "top_k": 3, **block}
+    meta["pathology"] = {"tile_size": 112, "tile_mpp": 0.5, "stain_normalization": "macenko", "min_tissue": 0.5,
+                         "aggregation": "top_k", "top_k": 3, **block}
     meta_path.write_text(json.dumps(meta))
     return package_copy
 
@@ -140,6 +141,7 @@ def test_cli_scores_slides_and_rejects_bad_ones(package_copy, tmp_path, capsys):
     (scored,) = document["results"]
     assert scored["modality"] == "SM" and scored["n_tiles"] > 10 and len(scored["top_tiles"]) == 5
     assert 0.0 <= scored["probability"] <= 1.0 and scored["priority"] in {"URGENT", "review", "routine"}
+    assert scored["threshold_level"] == "tile"  # a block without slide thresholds falls back to the tile ones
     assert sum(scored["probabilities"].values()) == pytest.approx(1.0)
     assert Path(scored["heatmap"]).is_file() and Path(scored["heatmap"]).parent == heatmaps
     reasons = {Path(r["file"]).name: r["reason"] for r in document["rejected"]}
@@ -151,3 +153,148 @@ def test_cli_refuses_slides_for_a_package_without_tile_settings(package_copy, ca
 
     assert main(["score", str(package_copy), str(CMU1)]) == 1
     assert "not trained on slide tiles" in capsys.readouterr().out
+
+
+# --- a tile model exported by export_run carries its own pathology block -------------------------
+
+
+def tile_probe_net(manifest, size: int = 32):
+    """A resnet10 on RGB tiles whose random features get a logistic-regression head fitted on the pool's
+    training tiles: a discriminative tile model in seconds (the network path is the real one)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from medtriage.networks import PreprocessSpec, build_triage_net
+
+    torch.manual_seed(0)
+    net = build_triage_net("resnet10", 2, PreprocessSpec(size=size, in_channels=3, mean=0.5, std=0.25)).eval()
+    train = np.flatnonzero(manifest.rows["split"].to_numpy() == "train")
+    pixels = torch.from_numpy(np.stack(list(manifest.images(train))))
+    head, net.backbone.fc = net.backbone.fc, torch.nn.Identity()
+    with torch.no_grad():
+        features = net(pixels).numpy()
+    probe = LogisticRegression(max_iter=3000).fit(features, manifest.rows["label"].to_numpy()[train])
+    head.weight.data = torch.tensor(np.stack([-probe.coef_[0], probe.coef_[0]]) / 2, dtype=torch.float32)
+    head.bias.data = torch.tensor([-probe.intercept_[0], probe.intercept_[0]], dtype=torch.float32) / 2
+    net.backbone.fc = head
+    return net
+
+
+@pytest.fixture(scope="module")
+def tile_package(tmp_path_factory):
+    """(package folder, tile pool): a synthetic tile pool -> checkpoint -> export_run, as training ends."""
+    from dataclasses import asdict
+
+    from medtriage.data.sources.pathology_tiles import SyntheticTilesConfig, build_synthetic_tile_pool
+    from medtriage.export.run import export_run
+    from medtriage.networks import PreprocessSpec
+    from medtriage.training.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tile_model")
+    pool = build_synthetic_tile_pool(root / "pool", SyntheticTilesConfig(patients_per_site=10, tiles_per_slide=6, tile_size=48))
+    config = {
+        "model": {"name": "resnet10", "stem_stride": 2, "preprocess": asdict(PreprocessSpec(size=32, in_channels=3))},
+        "data": {"pool_dir": str(pool.pool_dir), "label_names": pool.label_names},
+    }
+    checkpoint = save_checkpoint(root / "best.pt", model=tile_probe_net(pool).state_dict(), config=config)
+    export = {"models_dir": str(root / "models"), "name": "tiles-test", "modality": "SM", "parity_images": 8,
+              "log_to_mlflow": False, "register_model": False, "slide_top_k": 3}
+    return export_run(None, checkpoint, {**config, "export": export}), pool
+
+
+def val_slide_scores(package_dir: Path, pool, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k slide scores of the pool's validation slides, recomputed here with ONNX Runtime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(package_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    rows = pool.rows[pool.rows["split"] == "val"]
+    scores, labels = [], []
+    for _, slide in rows.groupby("slide_id"):
+        pixels = np.stack(list(pool.images(pool.rows.index.get_indexer(slide.index))))
+        p = session.run(None, {session.get_inputs()[0].name: pixels})[0][:, 1]
+        scores.append(np.sort(p)[-top_k:].mean())
+        labels.append(int(slide["slide_label"].iloc[0]))
+    return np.array(scores), np.array(labels)
+
+
+@pytest.mark.slow
+def test_exported_tile_package_records_how_to_tile_and_slide_thresholds(tile_package):
+    import json
+
+    from medtriage.data.sources.pathology_tiles import read_tile_info
+
+    package_dir, pool = tile_package
+    meta = json.loads((package_dir / "model.json").read_text())
+    block, info = meta["pathology"], read_tile_info(pool.pool_dir)
+    assert (block["tile_size"], block["tile_mpp"], block["stain_normalization"]) == (info["tile_size"], info["tile_mpp"], None)
+    assert (block["aggregation"], block["top_k"], block["min_tissue"]) == ("top_k", 3, 0.5)
+    assert block["threshold_level"] == "slide"
+    scores, labels = val_slide_scores(package_dir, pool, top_k=3)
+    assert set(labels) == {0, 1}
+    # Rule "sensitivity >= 0.95" on fewer than 20 positive slides: the lowest positive slide's score.
+    review = block["slide_thresholds"]["review"]
+    assert review["threshold"] == pytest.approx(scores[labels == 1].min(), abs=1e-5)
+    assert review["specificity"] == pytest.approx((scores[labels == 0] < review["threshold"]).mean())
+    assert block["slide_metrics"]["val"]["overall"]["n"] == len(scores)
+    assert "test" in block["slide_metrics"]
+    card = (package_dir / "MODEL_CARD.md").read_text()
+    assert "## Whole slides" in card and f"{review['threshold']:.4f}" in card
+
+
+@pytest.mark.slow
+def test_medtriage_score_reads_the_exported_block_without_edits(tile_package, tmp_path, capsys):
+    import json
+
+    from medtriage.cli import main
+
+    package_dir, _ = tile_package
+    block = json.loads((package_dir / "model.json").read_text())["pathology"]
+    heatmaps = tmp_path / "heatmaps"
+    assert main(["score", str(package_dir), str(CMU1), "--json", "--heatmaps", str(heatmaps)]) == 0
+    (scored,) = json.loads(capsys.readouterr().out)["results"]
+    assert scored["modality"] == "SM" and scored["threshold_level"] == "slide"
+    assert scored["tile_mpp"] == block["tile_mpp"] and scored["n_tiles"] > 20
+    tiles = scored["top_tiles"]
+    assert len(tiles) == 5 and all(t["size"] == round(block["tile_size"] * block["tile_mpp"] / scored["slide_mpp"]) for t in tiles)
+    assert scored["probability"] == pytest.approx(np.mean([t["probability"] for t in tiles[:3]]), abs=1e-3)
+    review, urgent = block["slide_thresholds"]["review"]["threshold"], block["slide_thresholds"]["urgent"]["threshold"]
+    expected = "URGENT" if scored["probability"] >= urgent else "review" if scored["probability"] >= review else "routine"
+    assert scored["priority"] == expected
+    heatmap = Path(scored["heatmap"])
+    assert heatmap.parent == heatmaps and Image.open(heatmap).format == "PNG"
+
+
+def test_schema_refuses_a_malformed_pathology_block(tile_package):
+    import json
+
+    from medtriage.errors import PackageError
+    from medtriage.serve.schema import validate_model_json
+
+    meta = json.loads((tile_package[0] / "model.json").read_text())
+    validate_model_json(meta)
+    for bad in ({"aggregation": "max"}, {"tile_size": "48"}, {"stain_normalization": "reinhard"}):
+        with pytest.raises(PackageError, match="pathology"):
+            validate_model_json({**meta, "pathology": {**meta["pathology"], **bad}})
+    without = {k: v for k, v in meta["pathology"].items() if k != "tile_mpp"}
+    with pytest.raises(PackageError, match="tile_mpp"):
+        validate_model_json({**meta, "pathology": without})
+
+
+def test_slide_scores_aggregate_per_slide_and_fall_back_to_tile_thresholds():
+    from medtriage.export.config import ExportConfig
+    from medtriage.export.pathology import SlideLabels, TilePool, pathology_block, slide_scores
+
+    ids = np.array(["s2", "s1", "s2", "s1", "s2"])
+    slides = SlideLabels(ids, np.array([1, 0, 1, 0, 1]), np.array(["a"] * 5))
+    tile_scores = np.array([0.9, 0.2, 0.1, 0.4, 0.5])
+    scores, labels, _ = slide_scores(tile_scores, slides, "top_k", 2)
+    assert scores == pytest.approx([0.3, 0.7]) and list(labels) == [0, 1]  # slides in sorted id order
+    assert slide_scores(tile_scores, slides, "mean", 2)[0] == pytest.approx([0.3, 0.5])
+    info = {"tile_size": 64, "tile_mpp": 1.0, "stain_normalization": None}
+    one_class = SlideLabels(ids, np.ones(5, int), slides.sites)
+    block = pathology_block(TilePool(info, one_class), ExportConfig(), positive=1, val_scores=tile_scores)
+    assert block["threshold_level"] == "tile" and block["slide_thresholds"] is None and "single class" in block["note"]
+    from medtriage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="slide aggregation"):
+        pathology_block(TilePool(info, slides), ExportConfig(slide_aggregation="max"), positive=1, val_scores=tile_scores)

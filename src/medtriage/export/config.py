@@ -33,3 +33,7 @@ class ExportConfig:
     opset: int = 18
     log_to_mlflow: bool = True  # log the package as artifacts of the run
     register_model: bool = True  # register a new MLflow model version per export
+    # Tile models (trained on a pool with pathology.json): how `medtriage score` turns tile probabilities into
+    # one slide score; slide thresholds are chosen on validation slides aggregated the same way.
+    slide_aggregation: str = "top_k"  # top_k | mean
+    slide_top_k: int = 5

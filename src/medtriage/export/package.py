@@ -77,6 +77,34 @@ def worst_site(split: dict) -> tuple[str, float] | None:
     return min(scored, key=lambda item: item[1]) if scored else None
 
 
+def slide_card_lines(block: dict) -> list[str]:
+    """The model card's section on whole slides: tiling, aggregation and which thresholds set slide priorities."""
+    stain = block["stain_normalization"] or "none"
+    lines = [
+        "", "## Whole slides",
+        f"Slides are cut into {block['tile_size']} px tiles at {block['tile_mpp']} µm/pixel (positions with at least "
+        f"{block['min_tissue']:.0%} tissue), stain normalisation: {stain}. The slide score is the {_aggregation_text(block)} "
+        "of the tile probabilities.",
+    ]
+    slide = block.get("slide_thresholds")
+    if not slide:
+        reason = block.get("note", "none were chosen on validation slides")
+        return lines + [f"**Slide priorities use the tile thresholds above**, not thresholds chosen on slides ({reason})."]
+    lines.append("Slide priorities use thresholds on the slide score, chosen on validation slides with the same rules:")
+    for tier in ("review", "urgent"):
+        if slide[tier]:
+            point = slide[tier]
+            lines.append(f"- {tier}: slide score >= {point['threshold']:.4f} (sensitivity {point['sensitivity']:.3f}, "
+                         f"specificity {point['specificity']:.3f} on validation slides)")
+    for split_name, split in block.get("slide_metrics", {}).items():
+        lines += ["", f"Slide-level metrics, {split_name} split (the counts are slides):", *_metrics_table(split)]
+    return lines
+
+
+def _aggregation_text(block: dict) -> str:
+    return f"mean of the {block['top_k']} highest" if block["aggregation"] == "top_k" else "mean"
+
+
 def model_card(meta: dict) -> str:
     review, urgent = meta["thresholds"]["review"], meta["thresholds"]["urgent"]
     cal, prov, pre = meta["calibration"], meta["provenance"], meta["preprocessing"]
@@ -95,6 +123,8 @@ def model_card(meta: dict) -> str:
     ]
     if urgent:
         lines.append(f"- urgent: p >= {urgent['threshold']:.4f} (rule {urgent['rule']}, sensitivity {urgent['sensitivity']:.3f}, specificity {urgent['specificity']:.3f})")
+    if meta.get("pathology"):
+        lines += slide_card_lines(meta["pathology"])
     lines += ["", "## Data", f"Training sites: {', '.join(meta['training_sites']) or 'unknown'}."]
     for split_name, split in meta["metrics"].items():
         lines += ["", f"## Metrics: {split_name} split (at the review threshold)", *_metrics_table(split)]

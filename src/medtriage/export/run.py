@@ -24,6 +24,7 @@ from medtriage.export.config import ExportConfig
 from medtriage.export.onnx import INPUT_NAME, OUTPUT_NAME, CalibratedNet, check_parity, export_onnx, parity
 from medtriage.export.operating_point import choose_threshold, priority_thresholds
 from medtriage.export.package import ONNX_FILE, next_version, split_metrics, write_package
+from medtriage.export.pathology import TilePool, pathology_block, tile_pool_of
 from medtriage.serve.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,10 @@ class ExportResult:
 def export_model(
     net, cfg: ExportConfig, *, label_names: Sequence[str], val: SplitScores, parity_images: Sequence[np.ndarray],
     test: SplitScores | None = None, training_sites: Sequence[str] = (), network: dict | None = None,
-    provenance: dict | None = None, assign_version: Callable[[], int] | None = None,
+    provenance: dict | None = None, assign_version: Callable[[], int] | None = None, tile_pool: TilePool | None = None,
 ) -> ExportResult:
-    """Calibrate on `val`, pick thresholds, export + parity-check ONNX, write `<models_dir>/<name>/`."""
+    """Calibrate on `val`, pick thresholds, export + parity-check ONNX, write `<models_dir>/<name>/`.
+    A `tile_pool` (the model scores slide tiles) adds the `pathology` block with slide-level thresholds."""
     positive = _positive_index(label_names, cfg.positive_label)
     val_labels = np.asarray(val.labels).astype(int)
     temperature = fit_temperature(val.logits, val_labels) if cfg.calibrate else 1.0
@@ -81,6 +83,9 @@ def export_model(
             "parity": {"max_abs_diff": diff, "tolerance": cfg.parity_tolerance, "images": count, "split": "val", "runtime": "onnxruntime CPU"},
             "onnx": {"file": ONNX_FILE, "opset": cfg.opset},
         }
+        if tile_pool is not None:
+            test_scores = probabilities(test.logits, temperature)[:, positive] if test is not None else None
+            meta["pathology"] = pathology_block(tile_pool, cfg, positive, probabilities(val.logits, temperature)[:, positive], test_scores)
         meta = write_package(package_dir, onnx_path, meta)
     log.info("model package written to %s", package_dir)
     return ExportResult(package_dir, meta)
@@ -130,9 +135,17 @@ def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any) -> Path:
     from medtriage.training.checkpoint import load_model
     from medtriage.training.predict import predict
 
+    net, train_config = load_model(Path(checkpoint))
+    return export_net(net, train_config, cfg, run_id)
+
+
+def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
+    """export_run for a network already built (a trained model, or an ensemble of several)."""
+    from medtriage.data.manifest import load_manifest
+    from medtriage.training.predict import predict
+
     config = _as_dict(cfg)
     export_cfg = ExportConfig(**config.get("export", {}))
-    net, train_config = load_model(Path(checkpoint))
     pool_dir = _lookup(config, "data.pool_dir") or _lookup(_as_dict(train_config), "data.pool_dir")
     if not pool_dir:
         raise ConfigError("the config names no data.pool_dir to take validation images from", where="data.pool_dir")
@@ -147,6 +160,7 @@ def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any) -> Path:
         net, export_cfg, label_names=manifest.label_names, val=val, test=test, parity_images=parity_images,
         training_sites=manifest.split("train")["site"].unique(), network=_as_dict(config.get("model", {})),
         provenance=provenance, assign_version=register,
+        tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
     )
     if run_id and export_cfg.log_to_mlflow:
         _log_to_mlflow(run_id, result)

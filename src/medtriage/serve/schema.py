@@ -31,6 +31,29 @@ _SPLIT_METRICS = {
     "properties": {"overall": {"type": "object"}, "per_site": {"type": "object"}},
 }
 
+_THRESHOLDS = {
+    "type": "object",
+    "required": ["review", "urgent"],
+    "properties": {"review": _OPERATING_POINT, "urgent": {"type": ["object", "null"], **{k: v for k, v in _OPERATING_POINT.items() if k != "type"}}},
+}
+# Optional: present when the model scores slide tiles (how to cut, stain and combine them; serve/slides.py).
+_PATHOLOGY = {
+    "type": "object",
+    "required": ["tile_size", "tile_mpp", "stain_normalization", "min_tissue", "aggregation", "top_k"],
+    "properties": {
+        "tile_size": {"type": "integer", "minimum": 1},
+        "tile_mpp": {"type": "number", "minimum": 0},
+        "stain_normalization": {"type": ["string", "null"], "enum": ["macenko", None]},
+        "target_stains": {"type": ["object", "null"], "required": ["matrix", "max_concentrations"]},
+        "min_tissue": _PROBABILITY,
+        "aggregation": {"type": "string", "enum": ["mean", "top_k"]},
+        "top_k": {"type": "integer", "minimum": 1},
+        "threshold_level": {"type": "string", "enum": ["slide", "tile"]},
+        "slide_thresholds": {"type": ["object", "null"], **{k: v for k, v in _THRESHOLDS.items() if k != "type"}},
+        "slide_metrics": {"type": "object", "properties": {"val": _SPLIT_METRICS, "test": _SPLIT_METRICS}},
+    },
+}
+
 MODEL_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "MedTriage model package (model.json)",
@@ -76,11 +99,8 @@ MODEL_SCHEMA: dict = {
                 "ece_after": _PROBABILITY,
             },
         },
-        "thresholds": {
-            "type": "object",
-            "required": ["review", "urgent"],
-            "properties": {"review": _OPERATING_POINT, "urgent": {"type": ["object", "null"], **{k: v for k, v in _OPERATING_POINT.items() if k != "type"}}},
-        },
+        "thresholds": _THRESHOLDS,
+        "pathology": _PATHOLOGY,
         "metrics": {"type": "object", "required": ["val"], "properties": {"val": _SPLIT_METRICS, "test": _SPLIT_METRICS}},
         "training_sites": {"type": "array", "items": {"type": "string"}},
         "provenance": {

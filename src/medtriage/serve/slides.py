@@ -6,6 +6,9 @@ normalisation come from the package's `pathology` block so tiles are cut as in t
 
 Aggregation: `mean` (diffuse findings) or `top_k` (mean of the k most suspicious tiles; a small
 tumour focus is not diluted by a large normal slide).
+
+Priority: the block's `slide_thresholds`, chosen at export on validation slides aggregated the same
+way; a package without them falls back to its tile thresholds (`threshold_level` says which).
 """
 
 from __future__ import annotations
@@ -151,6 +154,34 @@ class SlideScore(Score):
     slide_mpp: float = 0.0
     top_tiles: list = field(default_factory=list)
     heatmap: str | None = None
+    threshold_level: str = "slide"  # "slide": priority from thresholds chosen on validation slides; "tile": tile thresholds
+
+
+@dataclass(frozen=True)
+class SlideOperatingPoints:
+    """Review/urgent thresholds on the slide score: the package's slide thresholds, else its tile thresholds."""
+
+    review: float
+    urgent: float | None
+    level: str
+
+    @classmethod
+    def of(cls, package) -> "SlideOperatingPoints":
+        slide = package.meta["pathology"].get("slide_thresholds")
+        if slide:
+            return cls(float(slide["review"]["threshold"]), float(slide["urgent"]["threshold"]) if slide.get("urgent") else None, "slide")
+        return cls(package.review_threshold, package.urgent_threshold, "tile")
+
+    def priority(self, p: float) -> str:
+        if self.urgent is not None and p >= self.urgent:
+            return "URGENT"
+        return "review" if p >= self.review else "routine"
+
+    def finding(self, probs: np.ndarray, positive: int, label_names: list[str]) -> str:
+        """The positive label at or above the review threshold, else the likeliest other label."""
+        if probs[positive] >= self.review:
+            return label_names[positive]
+        return label_names[max((i for i in range(len(probs)) if i != positive), key=lambda i: probs[i])]
 
 
 def score_slide_file(predictor: Predictor, path: str | Path, slide_mpp: float | None = None,
@@ -180,10 +211,13 @@ def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None,
     probs[predictor.positive] = result.score
     if len(probs) == 2:
         probs[1 - predictor.positive] = 1.0 - result.score
+    points = SlideOperatingPoints.of(package)
     return SlideScore(
-        file=result.path, frame=None, finding=predictor.finding(probs), probability=result.score,
-        priority=predictor.priority(result.score), probabilities={k: float(v) for k, v in zip(package.label_names, probs)},
+        file=result.path, frame=None, finding=points.finding(probs, predictor.positive, package.label_names),
+        probability=result.score, priority=points.priority(result.score),
+        probabilities={k: float(v) for k, v in zip(package.label_names, probs)},
         sop_uid="", study_uid="", series_uid="", modality="SM", model=package.name, version=package.version,
         sha256=package.sha256, aggregation=result.aggregation, n_tiles=result.n_tiles, n_background=result.n_background,
         tile_mpp=result.tile_mpp, slide_mpp=result.slide_mpp, top_tiles=result.top_tiles, heatmap=result.heatmap,
+        threshold_level=points.level,
     )

@@ -31,6 +31,7 @@ from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, fit_stains
 TILE_LABELS = ["normal", "tumour"]
 SYNTHETIC_TILE_MPP = 1.0  # nuclei radii below are in pixels at this resolution
 TILE_INFO_FILE = "pathology.json"
+SERVE_MIN_TISSUE = 0.5  # synthetic tiles are all tissue; on real slides, keep positions at least half tissue
 VAL_FRACTION, TEST_FRACTION = 0.2, 0.2
 
 
@@ -170,7 +171,7 @@ def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig
     for site, patient, slide_label in tqdm(slides, desc="synthetic slides", unit="slide"):
         _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[patient])
     write_tile_info(Path(pool_dir), config.tile_size, SYNTHETIC_TILE_MPP, config.stain_normalize,
-                    source="synthetic", synthetic=asdict(config))
+                    source="synthetic", min_tissue=SERVE_MIN_TISSUE, synthetic=asdict(config))
     return writer.close()
 
 

@@ -1,0 +1,106 @@
+"""The `pathology` block of a tile model's package: how slides are tiled, and slide-level operating points.
+
+A tile model is served on whole slides (medtriage.serve.slides): tiles are cut at the training
+pool's size and µm/pixel, stained the same way, and their probabilities aggregated into one slide
+score. That score is not a tile probability (top-k of a slide sits higher than a typical tile), so
+slide priorities get their own thresholds, chosen on validation slides aggregated exactly as serving
+aggregates them, with the same rules as the tile thresholds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from medtriage.errors import ConfigError, InputError
+from medtriage.export.config import ExportConfig
+from medtriage.export.operating_point import choose_threshold, priority_thresholds
+from medtriage.export.package import split_metrics
+from medtriage.serve.slides import AGGREGATIONS, aggregate
+
+log = logging.getLogger(__name__)
+DEFAULT_MIN_TISSUE = 0.5
+
+
+@dataclass
+class SlideLabels:
+    """Per tile of one split: the slide it was cut from, that slide's label (class index) and its site."""
+
+    slide_ids: np.ndarray
+    slide_labels: np.ndarray
+    sites: np.ndarray
+
+
+@dataclass
+class TilePool:
+    """What export needs to know about a tile pool: its `pathology.json` and the slides of val/test tiles."""
+
+    tile_info: dict
+    val: SlideLabels
+    test: SlideLabels | None = None
+
+
+def tile_pool_of(manifest, val_rows: np.ndarray, test_rows: np.ndarray | None) -> TilePool | None:
+    """The TilePool of a manifest (None when it is not a tile pool); `*_rows` are positions in manifest.rows."""
+    from medtriage.data.sources.pathology_tiles import read_tile_info
+
+    info = read_tile_info(manifest.pool_dir)
+    if info is None:
+        return None
+
+    def slides(rows) -> SlideLabels:
+        picked = manifest.rows.iloc[np.asarray(rows)]
+        return SlideLabels(picked["slide_id"].astype(str).to_numpy(), picked["slide_label"].astype(int).to_numpy(),
+                           picked["site"].astype(str).to_numpy())
+
+    return TilePool(info, slides(val_rows), slides(test_rows) if test_rows is not None else None)
+
+
+def slide_scores(tile_scores: np.ndarray, slides: SlideLabels, aggregation: str, top_k: int):
+    """(score, label, site) per slide: tile scores aggregated as medtriage.serve.slides does at serving time."""
+    ids = np.asarray(slides.slide_ids).astype(str)
+    if len(ids) != len(tile_scores):
+        raise InputError(f"{len(tile_scores)} tile scores for {len(ids)} tiles with slide ids")
+    names = sorted(set(ids))
+    members = [np.flatnonzero(ids == name) for name in names]
+    scores = np.array([aggregate(np.asarray(tile_scores)[m], aggregation, top_k) for m in members])
+    labels = np.array([int(slides.slide_labels[m[0]]) for m in members])
+    sites = np.array([str(slides.sites[m[0]]) for m in members])
+    return scores, labels, sites
+
+
+def pathology_block(pool: TilePool, cfg: ExportConfig, positive: int, val_scores: np.ndarray,
+                    test_scores: np.ndarray | None = None) -> dict:
+    """model.json's `pathology` block; `*_scores` are calibrated positive-class tile probabilities."""
+    if cfg.slide_aggregation not in AGGREGATIONS:
+        raise ConfigError(f"unknown slide aggregation '{cfg.slide_aggregation}'", where="export.slide_aggregation",
+                          hint=f"one of {AGGREGATIONS}")
+    info = pool.tile_info
+    block = {
+        "tile_size": int(info["tile_size"]), "tile_mpp": float(info["tile_mpp"]),
+        "stain_normalization": info.get("stain_normalization"), "target_stains": info.get("target_stains"),
+        "min_tissue": float(info.get("min_tissue", DEFAULT_MIN_TISSUE)),
+        "aggregation": cfg.slide_aggregation, "top_k": int(cfg.slide_top_k), "pool_source": info.get("source"),
+    }
+    scores, labels, sites = slide_scores(val_scores, pool.val, cfg.slide_aggregation, cfg.slide_top_k)
+    try:
+        thresholds = _thresholds(scores, labels == positive, cfg)
+    except InputError as err:  # e.g. validation slides of one class only
+        log.warning("no slide-level thresholds (%s); slide priorities will use the tile thresholds", err.reason)
+        return {**block, "threshold_level": "tile", "slide_thresholds": None,
+                "note": f"no slide thresholds: {err.reason}"}
+    review = thresholds["review"]["threshold"]
+    metrics = {"val": split_metrics(scores, labels == positive, sites, review)}
+    if test_scores is not None and pool.test is not None:
+        t_scores, t_labels, t_sites = slide_scores(test_scores, pool.test, cfg.slide_aggregation, cfg.slide_top_k)
+        metrics["test"] = split_metrics(t_scores, t_labels == positive, t_sites, review)
+    return {**block, "threshold_level": "slide", "slide_thresholds": thresholds, "slide_metrics": metrics}
+
+
+def _thresholds(scores: np.ndarray, is_positive: np.ndarray, cfg: ExportConfig) -> dict:
+    """The rules of the tile thresholds (export.threshold_rule / urgent_rule), applied to slide scores."""
+    review = choose_threshold(scores, is_positive, cfg.threshold_rule, cfg.threshold_target)
+    urgent = choose_threshold(scores, is_positive, cfg.urgent_rule, cfg.urgent_target) if cfg.urgent_rule else None
+    return priority_thresholds(review, urgent)
