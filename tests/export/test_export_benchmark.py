@@ -1,6 +1,7 @@
 """The benchmark's report plumbing (the timed run itself is scripts/benchmark_inference.py, not a test)."""
 
-from medtriage.export.benchmark import SECTION, Timing, markdown, time_calls, write_section
+from medtriage.benchmarking import write_section
+from medtriage.export.benchmark import SECTION, Timing, markdown, time_calls
 
 
 def fake_result() -> dict:
@@ -14,18 +15,18 @@ def test_inference_section_is_replaced_and_other_sections_kept(tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## Pathology\nslides: 5/s\n\n## Inference\nold figures\n\n## Training\nepoch: 3 s\n")
     section = markdown(fake_result(), "python scripts/benchmark_inference.py")
-    write_section(doc, section)
+    write_section(section, doc)
     text = doc.read_text()
     assert "old figures" not in text and text.count(SECTION) == 1
     assert "## Pathology\nslides: 5/s" in text and "## Training\nepoch: 3 s" in text
     assert "| CT_small.dcm | 128x128 | 11.0 / 13.0 | 10.0 / 12.0 | 30.0 / 40.0 | 1.10 | 3.00 | 0.9 |" in text
-    write_section(doc, section)  # idempotent
+    write_section(section, doc)  # idempotent
     assert doc.read_text() == text
 
 
 def test_section_is_appended_to_a_new_document(tmp_path):
     doc = tmp_path / "docs" / "benchmarks.md"
-    write_section(doc, markdown(fake_result(), "cmd"))
+    write_section(markdown(fake_result(), "cmd"), doc)
     assert doc.read_text().startswith("# Benchmarks") and SECTION in doc.read_text()
 
 
