@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtriage.benchmarking import write_section
 from medtriage.config import compose_train_config
 from medtriage.data.sources.pathology_tiles import SYNTHETIC_SITES
 from medtriage.training import run
@@ -66,17 +67,6 @@ def format_rows(aucs: dict[str, dict[str, list[float]]]) -> list[str]:
     means = {s: [np.mean(aucs[site][s]) for site in aucs] for s in SETTINGS}
     rows.append("| **mean over sites** | " + " | ".join(f"**{np.mean(means[s]):.3f}**" for s in SETTINGS) + " |")
     return rows
-
-
-def write_section(text: str, doc: Path) -> None:
-    """Replace the section (up to the next `## ` heading) or append it."""
-    old = doc.read_text() if doc.is_file() else "# Pathology\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        doc.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(SECTION))
-    doc.write_text(old[:start] + text + (old[end:] if end >= 0 else ""))
 
 
 def main() -> None:

@@ -40,6 +40,17 @@ class Imbalance(Enum):
     sampler = "sampler"  # class-balanced sampling of training images
 
 
+class AugmentOn(Enum):
+    cpu = "cpu"  # per-image MONAI transforms in the loader
+    device = "device"  # one batched affine + intensity jitter on the training device (medtriage.training.gpu_augment)
+
+
+class LrScaling(Enum):
+    none = "none"  # trainer.lr as given
+    linear = "linear"  # lr * global_batch / lr_reference_batch
+    sqrt = "sqrt"  # lr * sqrt(global_batch / lr_reference_batch)
+
+
 class Loader(Enum):
     torch = "torch"  # torch DataLoader (worker processes when num_workers > 0)
     thread = "thread"  # MONAI ThreadDataLoader: cached tensors, no process hop (GPU)
@@ -57,6 +68,7 @@ class AugmentConfig:
     intensity_scale: float = 0.1
     intensity_shift: float = 0.05
     noise_std: float = 0.01
+    hflip: bool = False  # random left-right flip (trainer.augment_on=device only); off for chest X-rays (heart side)
     # H&E stain jitter of RGB tiles (medtriage.io.stain.augment_stain): concentration scale 1 ± sigma, shift ± bias; 0 = off.
     stain_sigma: float = 0.0
     stain_bias: float = 0.0
@@ -73,9 +85,12 @@ class DataConfig:
     batch_size: int = 64
     num_workers: int = 0
     limit: Optional[int] = None  # at most this many images per split (quick runs)
+    persistent_cache: bool = True  # keep resized splits on disk under <pool_dir>/resized (medtriage.data.split_cache)
+    site_stratified: bool = False  # every batch (and every rank's shard) holds the sites in proportion (training.samplers)
     allow_audit_failure: bool = False  # train despite a failed leakage audit (the result is still logged)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tiles: SyntheticTilesConfig = field(default_factory=SyntheticTilesConfig)  # source=tiles
+    holdout_site: Optional[str] = None  # leave-one-site-out: this site's rows all become test, other sites keep train/val
 
 
 @dataclass
@@ -102,6 +117,11 @@ class TrainerConfig:
     channels_last: bool = True  # CUDA only
     loader: Loader = Loader.torch
     num_threads: Optional[int] = None  # torch intra-op threads on CPU (None = torch default)
+    augment_on: AugmentOn = AugmentOn.cpu
+    cache_on_device: bool = True  # augment_on=device on CUDA: hold the training split in GPU memory
+    compile: bool = False  # torch.compile the training step
+    lr_scaling: LrScaling = LrScaling.none
+    lr_reference_batch: int = 256  # global batch at which trainer.lr applies unscaled
     max_epochs: int = 5
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -116,6 +136,10 @@ class TrainerConfig:
     resume_from: Optional[str] = None  # a last.pt, or a run folder holding checkpoints/last.pt
     limit_train_batches: Optional[int] = None  # per epoch (quick runs)
     stop_after_epochs: Optional[int] = None  # end this process after N epochs, as an interruption would
+    # Recipe knobs (medtriage.training.recipes); the defaults leave training as it was.
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    mixup_alpha: float = 0.0  # mixup Beta(alpha, alpha) on training batches; 0 = off
+    ema_decay: Optional[float] = None  # EMA of weights (e.g. 0.999); evaluated and checkpointed when set
 
 
 @dataclass

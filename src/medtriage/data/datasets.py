@@ -68,6 +68,10 @@ def load_pool(data) -> Manifest:
             f"pool labels {manifest.label_names} differ from the config's {list(data.label_names)}",
             where="data.label_names", hint=f"set data.label_names to {manifest.label_names} or rebuild {manifest.pool_dir}",
         )
+    if getattr(data, "holdout_site", None):
+        from medtriage.data.holdout import hold_out_site
+
+        manifest = hold_out_site(manifest, data.holdout_site)
     return manifest
 
 

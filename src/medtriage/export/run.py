@@ -131,9 +131,7 @@ def _preprocessing(net) -> dict:
 def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any) -> Path:
     """Export the checkpoint of a training run with the run's resolved config (`cfg.export`, `cfg.data.pool_dir`);
     returns the package folder. With a run id, the package is logged to that run and registered."""
-    from medtriage.data.manifest import load_manifest
     from medtriage.training.checkpoint import load_model
-    from medtriage.training.predict import predict
 
     net, train_config = load_model(Path(checkpoint))
     return export_net(net, train_config, cfg, run_id)

@@ -22,13 +22,16 @@ CSV_COLUMNS = ["status", "file", "frame", "finding", "probability", "priority", 
 def register(subparsers) -> None:
     score = subparsers.add_parser("score", help="score DICOM files or folders with a model package")
     score.add_argument("package", help="model package folder, e.g. models/pneumonia-r18")
-    score.add_argument("paths", nargs="+", help="DICOM files or folders (searched recursively)")
+    score.add_argument("paths", nargs="*", help="DICOM files or folders (searched recursively)")
+    score.add_argument("--npz", metavar="FILE", help="score a split of a MedMNIST-layout npz instead (reference labels in --json)")
+    score.add_argument("--split", default="test", choices=["train", "val", "test"], help="the npz split to score (default: test)")
     output = score.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     output.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     score.add_argument("--sr", metavar="OUTDIR", help="also write one DICOM Structured Report per scored file here")
     score.add_argument("--mpp", type=float, default=None, help="scan resolution (µm/pixel) of slides that do not record it")
     score.add_argument("--heatmaps", metavar="OUTDIR", help="write a tile-probability heatmap PNG per slide here")
+    score.add_argument("--overlays", metavar="OUTDIR", help="write a PNG per scored DICOM file here: the image with where the model looked")
     _runtime_options(score)
     score.set_defaults(func=run_score)
 
@@ -66,7 +69,8 @@ def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
 
 
 def score_paths(predictor: Predictor, files: list[Path], progress: bool, sr_dir: str | None,
-                slide_mpp: float | None = None, heatmap_dir: str | None = None) -> Iterator[Score | Rejection]:
+                slide_mpp: float | None = None, heatmap_dir: str | None = None,
+                overlay_dir: str | None = None) -> Iterator[Score | Rejection]:
     from tqdm import tqdm
 
     from medtriage.io.pathology import is_slide_path
@@ -85,6 +89,11 @@ def score_paths(predictor: Predictor, files: list[Path], progress: bool, sr_dir:
             if rejection:
                 yield rejection
                 continue
+        if overlay_dir:
+            rejection = _write_overlay(predictor, path, outcome, overlay_dir)
+            if rejection:
+                yield rejection
+                continue
         yield from outcome
 
 
@@ -99,10 +108,27 @@ def _write_sr(predictor: Predictor, path: Path, scores: list[Score], sr_dir: str
     return None
 
 
+def _write_overlay(predictor: Predictor, path: Path, scores: list[Score], overlay_dir: str) -> Rejection | None:
+    from medtriage.errors import MedTriageError
+    from medtriage.serve.saliency import write_overlay
+
+    try:
+        write_overlay(predictor, path, scores, overlay_dir)
+    except MedTriageError as err:
+        return Rejection(str(path), f"scored, but no overlay written: {err.reason}", type(err).__name__)
+    return None
+
+
 def run_score(args: argparse.Namespace) -> int:
+    if not args.paths and not args.npz:
+        print("error: give DICOM files/folders to score, or --npz FILE", file=sys.stderr)
+        return 2
     predictor = Predictor(load_package(args.package), provider=args.provider, threads=args.threads)
+    if args.npz:
+        return _score_npz(predictor, args)
     files, missing, any_folder = collect_files(args.paths)
-    outcomes = list(score_paths(predictor, files, progress=any_folder, sr_dir=args.sr, slide_mpp=args.mpp, heatmap_dir=args.heatmaps))
+    outcomes = list(score_paths(predictor, files, progress=any_folder, sr_dir=args.sr, slide_mpp=args.mpp, heatmap_dir=args.heatmaps,
+                               overlay_dir=args.overlays))
     scores = [o for o in outcomes if isinstance(o, Score)]
     rejected = missing + [o for o in outcomes if isinstance(o, Rejection)]
     if args.json:
@@ -115,6 +141,26 @@ def run_score(args: argparse.Namespace) -> int:
           f"{len({s.file for s in scores})} file(s) scored ({len(scores)} image(s)), {len(rejected)} rejected; "
           f"provider {predictor.provider}", file=sys.stderr)
     return 1 if rejected else 0
+
+
+def _score_npz(predictor: Predictor, args: argparse.Namespace) -> int:
+    """`--npz FILE --split S`: every image of the split through the package's ONNX session."""
+    from medtriage.errors import MedTriageError
+    from medtriage.serve.npz import score_npz
+
+    try:
+        scores, labels = score_npz(predictor, args.npz, args.split)
+    except MedTriageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**result_document(predictor, scores, []), "labels": labels}, indent=2))
+    elif args.csv:
+        write_csv(sys.stdout, predictor, scores, [])
+    else:
+        print(format_table(predictor, scores, []))
+    print(f"{len(labels)} image(s) of {args.npz} [{args.split}] scored; provider {predictor.provider}", file=sys.stderr)
+    return 0
 
 
 def result_document(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> dict:

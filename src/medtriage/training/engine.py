@@ -23,6 +23,7 @@ from medtriage.config import to_plain_dict
 from medtriage.data.audit import AuditResult, require_clean
 from medtriage.data.datasets import CachedSplit, cache_split, load_pool
 from medtriage.data.manifest import SPLITS
+from medtriage.data.split_cache import persistent_split
 from medtriage.errors import ConfigError
 from medtriage.training import distributed, tracking
 from medtriage.training.checkpoint import BEST, LAST, find_resume_checkpoint, model_from_config, save_checkpoint
@@ -109,9 +110,17 @@ def load_data(cfg: DictConfig, model, ranks: Ranks) -> tuple[object, dict[str, C
     if ranks.is_main:
         audit = require_clean(manifest, override=cfg.data.allow_audit_failure)
         print(audit.summary())
+        splits = resized_splits(cfg, manifest, model)  # rank 0 fills the on-disk cache; the others then read it
         distributed.barrier(ranks)
-    splits = {s: cache_split(manifest, s, model.preprocess, cfg.data.limit, cfg.trainer.seed) for s in SPLITS}
+    else:
+        splits = resized_splits(cfg, manifest, model)
     return manifest, splits, audit
+
+
+def resized_splits(cfg: DictConfig, manifest, model) -> dict[str, CachedSplit]:
+    """Every split at the model's input size, from `<pool_dir>/resized` when an earlier run stored it."""
+    build = persistent_split if cfg.data.persistent_cache else cache_split
+    return {s: build(manifest, s, model.preprocess, cfg.data.limit, cfg.trainer.seed) for s in SPLITS}
 
 
 def run(cfg: DictConfig) -> "RunResult":

@@ -14,10 +14,17 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DistributedSampler
 
-from medtriage.data.datasets import CachedDataset, CachedSplit, train_transforms
+from medtriage.data.datasets import CachedDataset, CachedSplit
 from medtriage.errors import ConfigError
 from medtriage.training import distributed
+from medtriage.training.batch_loader import CachedBatchLoader
 from medtriage.training.checkpoint import restore_rng_state, rng_state
+from medtriage.training.gpu_augment import BatchAugment, loader_transforms
+from medtriage.training.samplers import SiteStratifiedSampler
+from medtriage.training.speed import build_optimizer, scaled_lr, training_forward
+from medtriage.training.throughput import EpochClock
+from medtriage.training.ema import WeightEMA
+from medtriage.training.recipes import Mixup, make_criterion, mixed_loss, no_mix
 from medtriage.training.distributed import Ranks
 from medtriage.training.metrics import evaluate
 from medtriage.training.predict import Predictions, predict_logits
@@ -44,11 +51,25 @@ class Fit:
         model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.model = distributed.wrap(model, ranks, device)
         self.splits = splits
-        self.dataset = CachedDataset(splits["train"], train_transforms(cfg.data.augment, cfg.model.preprocess.size))
+        on_device = self.trainer.augment_on.value == "device"
+        self.dataset = CachedDataset(splits["train"], loader_transforms(cfg.data.augment, cfg.model.preprocess.size, on_device))
         self.steps_per_epoch = self._steps_per_epoch()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.trainer.lr, weight_decay=self.trainer.weight_decay)
+        self.device_augment = BatchAugment(cfg.data.augment, device, self.trainer.seed) if on_device else None
+        self.batch_loader = None  # nothing left to do per image: gather whole batches from the cache
+        if on_device and self.dataset.transform is None:
+            self.batch_loader = CachedBatchLoader(splits["train"], cfg.data.batch_size, device, self.drop_last, self.trainer.cache_on_device)
+        self.train_model = training_forward(self.model, self.trainer.compile)
+        lr = scaled_lr(self.trainer, cfg.data.batch_size, ranks.world_size)
+        self.optimizer = build_optimizer(model, lr, self.trainer.weight_decay, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.criterion = torch.nn.CrossEntropyLoss(weight=self._class_weights().to(device))
+        self.criterion = make_criterion(self.trainer, self._class_weights().to(device))
+        self.mixup = Mixup.from_config(self.trainer)
+        self.ema = WeightEMA.from_config(self.trainer, model)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What is evaluated, selected and checkpointed: the EMA weights when trainer.ema_decay is set."""
+        return self.ema.module if self.ema else distributed.unwrap(self.model)
 
     @property
     def drop_last(self) -> bool:
@@ -92,7 +113,9 @@ class Fit:
 
         generator = torch.Generator().manual_seed(self.trainer.seed * 100_003 + epoch)
         sampler = None
-        if self.ranks.enabled:
+        if self.cfg.data.site_stratified:
+            sampler = self._site_stratified_sampler(epoch)
+        elif self.ranks.enabled:
             if self.trainer.imbalance.value == "sampler":
                 raise ConfigError("class-balanced sampling is not available with several processes", where="trainer.imbalance",
                                   hint="use trainer.imbalance=weighted_loss under torchrun")
@@ -102,6 +125,9 @@ class Fit:
         elif self.trainer.imbalance.value == "sampler":
             weights = (1.0 / self._class_counts().float())[self.splits["train"].labels]
             sampler = torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
+        if self.batch_loader is not None:
+            order = list(sampler) if sampler is not None else torch.randperm(len(self.dataset), generator=generator)
+            return self.batch_loader.batches(order)
         loader_class = ThreadDataLoader if self.trainer.loader.value == "thread" else DataLoader
         return loader_class(
             self.dataset, batch_size=self.cfg.data.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -109,42 +135,63 @@ class Fit:
             pin_memory=self.device.type == "cuda",
         )
 
+    def _site_stratified_sampler(self, epoch: int) -> SiteStratifiedSampler:
+        if self.trainer.imbalance.value == "sampler":
+            raise ConfigError("site-stratified batches and class-balanced sampling exclude each other", where="data.site_stratified",
+                              hint="use trainer.imbalance=weighted_loss with data.site_stratified=true")
+        sampler = SiteStratifiedSampler(self.splits["train"].sites, self.ranks.world_size, self.ranks.rank, self.trainer.seed)
+        sampler.set_epoch(epoch)
+        return sampler
+
     def epoch(self, epoch: int, state: TrainState) -> dict[str, float]:
         """Train once over the training split; returns loss, throughput and learning rate."""
         from tqdm.auto import tqdm
 
         self.model.train()
-        total_loss, seen, started = 0.0, 0, time.perf_counter()
+        if self.mixup:
+            self.mixup.start_epoch(epoch)
+        if self.device_augment:
+            self.device_augment.reseed(epoch)
+        total_loss, seen, started, clock = 0.0, 0, time.perf_counter(), EpochClock(self.device)
         bar = tqdm(self.loader(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.trainer.max_epochs}",
                    unit="batch", disable=not self.ranks.is_main)
         for step, (images, labels) in enumerate(bar):
             if step >= self.steps_per_epoch:
                 break
+            clock.step_begins()
             loss = self._step(images, labels)
+            clock.step_ends(len(labels))
             state.global_step += 1
-            total_loss += loss * len(labels)
+            total_loss += loss * len(labels)  # a device tensor: reading it every step would stall the GPU
             seen += len(labels)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            if step % 10 == 0 or step + 1 == self.steps_per_epoch:
+                bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
         bar.close()
+        total_loss = float(total_loss)
         elapsed = time.perf_counter() - started
         total_loss, seen = distributed.sum_over_ranks([total_loss, seen], self.ranks)
         distributed.sync_buffers(self.model, self.ranks)
-        return {"train/loss": total_loss / max(seen, 1), "train/images_per_s": seen / elapsed,
+        return {**clock.summary(), "train/loss": total_loss / max(seen, 1), "train/images_per_s": seen / elapsed,
                 "train/epoch_s": elapsed, "train/lr": self.scheduler.get_last_lr()[0]}
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
+        if self.device_augment:
+            images = self.device_augment(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(images)
-        loss = self.criterion(logits.float(), labels)
+            batch = self.mixup(images, labels) if self.mixup else no_mix(images, labels)
+            logits = self.train_model(batch.images)
+        loss = mixed_loss(self.criterion, logits.float(), batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        return float(loss.detach())
+        if self.ema:
+            self.ema.update(distributed.unwrap(self.model))
+        return loss.detach()
 
     def evaluate(self, split: str) -> dict[str, float]:
         predictions = self.predict(split)
@@ -154,21 +201,30 @@ class Fit:
         """Each rank predicts its shard; the gathered predictions are the same on every rank."""
         data = self.splits[split]
         mine = distributed.shard(len(data), self.ranks)
-        logits = predict_logits(distributed.unwrap(self.model), data.images[mine], self.trainer.eval_batch_size,
+        logits = predict_logits(self.eval_model, data.images[mine], self.trainer.eval_batch_size,
                                 self.device, autocast_dtype=self.autocast_dtype, channels_last=self.channels_last)
         parts = [logits, data.labels.numpy()[mine], data.sites[mine], data.row_indices[mine]]
         return Predictions(*distributed.gather_concat(parts, self.ranks))
 
     def checkpoint(self, state: TrainState, config: dict, run_id: str) -> dict:
         return {
-            "model": distributed.unwrap(self.model).state_dict(), "config": config, "epoch": state.epoch,
+            "model": self.eval_model.state_dict(), "config": config, **self._ema_state(), "epoch": state.epoch,
             "global_step": state.global_step, "best_val_auc": state.best_val_auc, "best_epoch": state.best_epoch,
             "epochs_since_best": state.epochs_since_best, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "mlflow_run_id": run_id,
         }
 
+    def _ema_state(self) -> dict:
+        """With EMA, `model` holds the averaged weights; the raw ones are kept to resume training."""
+        if not self.ema:
+            return {}
+        return {"train_model": distributed.unwrap(self.model).state_dict(), "ema_updates": self.ema.updates}
+
     def restore(self, checkpoint: dict) -> TrainState:
-        distributed.unwrap(self.model).load_state_dict(checkpoint["model"])
+        distributed.unwrap(self.model).load_state_dict(checkpoint.get("train_model", checkpoint["model"]))
+        if self.ema:
+            self.ema.module.load_state_dict(checkpoint["model"])
+            self.ema.updates = checkpoint.get("ema_updates", 0)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         restore_rng_state(checkpoint["rng"])

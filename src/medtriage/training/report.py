@@ -20,7 +20,7 @@ def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
     """The best checkpoint's val/test metrics (overall and per site) and predictions, on every rank."""
     distributed.barrier(fit.ranks)  # best.pt is written by rank 0
     best = ckpt_dir / BEST if (ckpt_dir / BEST).is_file() else ckpt_dir / LAST
-    distributed.unwrap(fit.model).load_state_dict(read_checkpoint(best)["model"])
+    fit.eval_model.load_state_dict(read_checkpoint(best)["model"])  # the EMA weights when EMA is on
     predictions = {split: fit.predict(split) for split in ("val", "test")}
     metrics: dict[str, float] = {"best_val_auc": state.best_val_auc, "best_epoch": float(state.best_epoch)}
     for split, p in predictions.items():

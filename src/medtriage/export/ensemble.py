@@ -1,0 +1,97 @@
+"""Several trained runs (and horizontal-flip test-time augmentation) exported as ONE ONNX graph.
+
+`EnsembleNet` averages the members' class probabilities over the original and the left-right
+mirrored image inside the graph and returns log-probabilities, which the export treats as logits:
+temperature scaling, thresholds, parity and serving then work as for a single network, with one
+ONNX Runtime session. `export_ensemble` builds the package from MLflow run ids and tracks it as a
+run of its own (members, TTA, metrics, package).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from medtriage.errors import ConfigError
+from medtriage.networks import TriageNet
+
+PROBABILITY_FLOOR = 1e-12  # keeps log finite when every member is certain
+
+
+class EnsembleNet(nn.Module):
+    """Mean of member softmax outputs (each member resizes and normalises the pixels itself)."""
+
+    def __init__(self, members: Sequence[TriageNet], flip_tta: bool = True):
+        super().__init__()
+        if not members:
+            raise ConfigError("an ensemble needs at least one member", where="run ids")
+        specs = {m.preprocess.spec for m in members}
+        if len(specs) != 1:
+            raise ConfigError(f"ensemble members preprocess differently: {sorted(map(str, specs))}",
+                              hint="ensemble runs trained with the same model.preprocess settings")
+        self.members = nn.ModuleList(members)
+        self.flip_tta = flip_tta
+
+    @property
+    def preprocess(self):
+        """The members' shared preprocessing (the export records its spec in model.json)."""
+        return self.members[0].preprocess
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        views = [pixels, torch.flip(pixels, dims=[3])] if self.flip_tta else [pixels]
+        probs = torch.stack([torch.softmax(member(view), dim=-1) for member in self.members for view in views])
+        return torch.log(probs.mean(dim=0).clamp_min(PROBABILITY_FLOOR))
+
+
+def with_flip_tta(net: TriageNet) -> EnsembleNet:
+    """A single network with flip test-time augmentation (an ensemble of one)."""
+    return EnsembleNet([net], flip_tta=True)
+
+
+def load_members(run_ids: Sequence[str], download_dir: Path) -> tuple[list[TriageNet], list[dict]]:
+    """The best checkpoint of each run, rebuilt; with each run's resolved config."""
+    from medtriage.export.from_mlflow import find_checkpoint
+    from medtriage.training.checkpoint import load_model
+
+    members, configs = [], []
+    for i, run_id in enumerate(run_ids):
+        net, config = load_model(find_checkpoint(run_id, download_dir / f"member_{i}"))
+        members.append(net)
+        configs.append(config)
+    _check_same_data(run_ids, configs)
+    return members, configs
+
+
+def _check_same_data(run_ids: Sequence[str], configs: list[dict]) -> None:
+    pools = {c["data"]["pool_dir"] for c in configs}
+    holdouts = {c["data"].get("holdout_site") for c in configs}
+    if len(pools) != 1 or len(holdouts) != 1:
+        raise ConfigError(f"runs {list(run_ids)} were trained on different data ({sorted(pools)}, holdout {sorted(map(str, holdouts))})",
+                          hint="ensemble runs of the same pool")
+
+
+def export_ensemble(run_ids: Sequence[str], name: str, flip_tta: bool = True,
+                    overrides: Sequence[str] = ()) -> tuple[Path, str, EnsembleNet]:
+    """Package the ensemble of `run_ids` as `<models_dir>/<name>/`; returns (package dir, its MLflow run id, the net)."""
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from medtriage.export.run import export_net
+
+    with tempfile.TemporaryDirectory() as tmp:
+        members, configs = load_members(run_ids, Path(tmp))
+    config = OmegaConf.merge(OmegaConf.create(configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
+    net = EnsembleNet(members, flip_tta).eval()
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(run_ids[0]).info.experiment_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-ensemble") as run:
+        mlflow.log_params({"ensemble.members": ",".join(run_ids), "ensemble.size": len(run_ids), "ensemble.flip_tta": flip_tta,
+                           "export.name": name, "model.name": configs[0]["model"]["name"],
+                           "model.preprocess.size": configs[0]["model"]["preprocess"]["size"]})
+        mlflow.set_tags({"ensemble": "true", "data_fingerprint": client.get_run(run_ids[0]).data.tags.get("data_fingerprint", "")})
+        package = export_net(net, configs[0], config, run.info.run_id)
+    return package, run.info.run_id, net

@@ -1,0 +1,62 @@
+"""Score a split of a MedMNIST-layout npz through a model package (numpy + ONNX Runtime only).
+
+MedMNIST ships no DICOM files; this path feeds the same decoded pixels training used (uint8 / 255,
+channel first) to the package's ONNX session, so benchmark figures can be reproduced from the
+served model. Each image is named `<npz file>#<split>_images[<i>]`, as in the training pool.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from medtriage.errors import DataNotFoundError, InputError
+from medtriage.io.dicom import DecodedImage
+from medtriage.serve.predictor import Predictor, Score
+
+SPLITS = ("train", "val", "test")
+BATCH = 256
+
+
+def read_npz_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 pixels `[N, C, H, W]` in [0, 1], int64 labels `[N]`) of one split."""
+    npz_path = Path(npz_path)
+    if split not in SPLITS:
+        raise InputError(f"unknown split '{split}'", where="--split", hint=f"use one of {SPLITS}")
+    if not npz_path.is_file():
+        raise DataNotFoundError("npz file not found", where=npz_path, hint="e.g. data/samples/pneumoniamnist_28.npz")
+    with np.load(npz_path) as data:
+        keys = (f"{split}_images", f"{split}_labels")
+        if any(k not in data for k in keys):
+            raise InputError(f"not a MedMNIST npz: missing {[k for k in keys if k not in data]}", where=npz_path)
+        images, labels = data[keys[0]], data[keys[1]].reshape(-1).astype(np.int64)
+    pixels = images[:, None] if images.ndim == 3 else np.moveaxis(images, -1, 1)
+    return pixels.astype(np.float32) / 255.0, labels
+
+
+def _decoded(pixels: np.ndarray, name: str) -> DecodedImage:
+    _, h, w = pixels.shape
+    return DecodedImage(pixels=pixels[None], sop_uid=name, study_uid=name, series_uid=name, patient_id="", modality="",
+                        sop_class_uid="", photometric="MONOCHROME2" if pixels.shape[0] == 1 else "RGB", rows=h, columns=w,
+                        frames=1, bits_stored=8, transfer_syntax="")
+
+
+def score_npz(predictor: Predictor, npz_path: str | Path, split: str) -> tuple[list[Score], dict[str, int]]:
+    """Scores of every image of `split` (batched ORT calls) and {image name: reference label}."""
+    pixels, labels = read_npz_split(npz_path, split)
+    names = [f"{Path(npz_path).name}#{split}_images[{i}]" for i in range(len(labels))]
+    return list(_scores(predictor, pixels, names)), dict(zip(names, map(int, labels)))
+
+
+def _scores(predictor: Predictor, pixels: np.ndarray, names: list[str]) -> Iterator[Score]:
+    from tqdm import tqdm
+
+    from medtriage.serve.predictor import to_model_channels
+
+    for start in tqdm(range(0, len(names), BATCH), desc="scoring npz", unit="batch", disable=len(names) <= BATCH):
+        batch = to_model_channels(pixels[start : start + BATCH], predictor.package.channels)
+        probs = predictor.probabilities(batch)
+        for name, image, p in zip(names[start : start + BATCH], batch, probs):
+            yield predictor._score(p, name, None, _decoded(image, name))

@@ -1,0 +1,178 @@
+"""The accuracy table behind `scripts/benchmark_accuracy.py`.
+
+Every figure comes from runs made here and logged in MLflow: each recipe (an experiment config)
+is trained for its seeds, exported (temperature + operating points on validation), assessed on
+test (`medtriage.export.assess`), the seeds of the main recipe are packaged as one ensemble graph,
+the package chosen by validation AUC is scored through `medtriage score --npz` (served ONNX), and
+leave-one-site-out runs as a Hydra multirun on the 3-site DICOM pool.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from medtriage.config import compose_train_config, find_project_root
+
+NPZ = "data/samples/pneumoniamnist_28.npz"
+QUICK = ["data.limit=64", "trainer.max_epochs=1", "trainer.warmup_epochs=0.25"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    experiment: str
+    seeds: tuple[int, ...]
+
+
+RECIPES = (Recipe("pneumoniamnist_r10_28", (0, 1, 2)), Recipe("pneumoniamnist_r10_28_mixup", (0,)))
+
+
+@dataclass
+class Row:
+    """One table row: a recipe's runs (one per seed), or an ensemble package."""
+
+    label: str
+    run_ids: list[str]
+    assessments: list[dict]
+    packages: list[Path]
+    reliability: list[Path] = field(default_factory=list)
+
+    @property
+    def val_auc(self) -> float:
+        return float(np.mean([a["val_auc"] for a in self.assessments]))
+
+
+def train(experiment: str, seed: int, overrides: list[str], out_dir: Path):
+    """One training run in this process (the config `scripts/train.py experiment=...` would get)."""
+    import medtriage.training
+
+    name = compose_train_config([f"experiment={experiment}"]).export.name
+    # Seeds are packaged only when chosen (ensemble or best run): an ONNX export costs minutes on 2 cores.
+    cfg = compose_train_config([f"experiment={experiment}", f"trainer.seed={seed}", f"export.name={name}-seed{seed}",
+                                "export.enabled=false", f"paths.output_dir={out_dir / experiment / f'seed{seed}'}", *overrides])
+    return medtriage.training.run(cfg)
+
+
+def assess_network(net, pool_dir: str, run_id: str, name: str, figure_dir: Path, package: Path | None = None) -> tuple[dict, Path]:
+    """Test assessment with the temperature fitted on validation (the package's, when there is one);
+    metrics (`bench/...`) and the reliability PNG go to `run_id`."""
+    from medtriage.data.manifest import load_manifest
+    from medtriage.export.assess import assess
+    from medtriage.export.calibration import fit_temperature
+    from medtriage.export.reliability import plot_reliability
+    from medtriage.training.predict import predict
+
+    manifest = load_manifest(pool_dir)
+    val, test = predict(net.eval(), manifest, "val"), predict(net, manifest, "test")
+    if package is not None:
+        temperature = json.loads((package / "model.json").read_text())["calibration"]["temperature"]
+    else:
+        temperature = fit_temperature(val.logits, val.labels)  # what the export fits, on the same validation logits
+    result = assess(val, test, temperature)
+    figure = plot_reliability(test.logits, test.labels, temperature, figure_dir / f"reliability_{name}.png", f"{name}: test")
+    client = mlflow.MlflowClient()
+    for key, value in result.items():
+        client.log_metric(run_id, f"bench/{key}", value)
+    client.log_artifact(run_id, str(figure), "plots")
+    return result, figure
+
+
+def run_recipe(recipe: Recipe, overrides: list[str], out_dir: Path) -> Row:
+    from medtriage.training.checkpoint import load_model
+
+    row = Row(recipe.experiment, [], [], [])
+    for seed in recipe.seeds:
+        result = train(recipe.experiment, seed, overrides, out_dir)
+        net, config = load_model(result.checkpoint)
+        assessment, figure = assess_network(net, config["data"]["pool_dir"], result.run_id, f"{recipe.experiment}-seed{seed}", out_dir)
+        row.run_ids.append(result.run_id)
+        row.assessments.append(assessment)
+        row.reliability.append(figure)
+    return row
+
+
+def run_ensemble(members: Row, out_dir: Path, flip_tta: bool) -> Row:
+    from medtriage.export.ensemble import export_ensemble
+
+    name = f"{_export_name(members.label)}-ens{len(members.run_ids)}{'-flip' if flip_tta else ''}"
+    package, run_id, net = export_ensemble(members.run_ids, name, flip_tta=flip_tta)
+    assessment, figure = assess_network(net, _pool_dir(members.run_ids[0]), run_id, name, out_dir, package)
+    what = " + flip TTA" if flip_tta else ""
+    return Row(f"{members.label}: ensemble of {len(members.run_ids)} seeds{what} (one ONNX graph)", [run_id], [assessment],
+               [package], [figure])
+
+
+def package_best_run(row: Row, index: int) -> Path:
+    """Export one run of a recipe (scripts/export.py does the same) when it is the one chosen."""
+    from medtriage.export.from_mlflow import export_from_mlflow
+
+    package = export_from_mlflow(row.run_ids[index], [f"export.name={_export_name(row.label)}"])
+    row.packages = [package if i == index else None for i in range(len(row.run_ids))]
+    return package
+
+
+def _export_name(experiment: str) -> str:
+    return compose_train_config([f"experiment={experiment}"]).export.name
+
+
+def _pool_dir(run_id: str) -> str:
+    return mlflow.MlflowClient().get_run(run_id).data.params["data.pool_dir"]
+
+
+def served_test_auc(package: Path, root: Path) -> tuple[float, int]:
+    """Test AUC of `medtriage score PACKAGE --npz ... --split test --json` (the package's ONNX session)."""
+    from sklearn.metrics import roc_auc_score
+
+    command = [sys.executable, "-m", "medtriage.cli", "score", str(package), "--npz", str(root / NPZ), "--split", "test", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root, check=True)
+    document = json.loads(done.stdout)
+    scores = [r["probability"] for r in document["results"]]
+    labels = [document["labels"][r["file"]] for r in document["results"]]
+    return float(roc_auc_score(np.asarray(labels) == 1, scores)), len(scores)  # label 1 = the finding (MedMNIST)
+
+
+def run_loso(overrides: list[str], root: Path, uri: str) -> dict:
+    """`scripts/train.py -m experiment=loso_pneumonia_sites` in a subprocess; per-site and worst test AUC from MLflow."""
+    command = [sys.executable, "scripts/train.py", "-m", "experiment=loso_pneumonia_sites", f"tracking.uri={uri}", *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"leave-one-site-out sweep failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    parent = re.search(r"MLflow parent run ([0-9a-f]{32})", done.stdout).group(1)
+    metrics = mlflow.MlflowClient().get_run(parent).data.metrics
+    per_site = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("loso/") and k.endswith("/test_auc")}
+    return {"parent_run_id": parent, "per_site": per_site, "worst": metrics.get("loso/worst_site_test_auc"),
+            "command": " ".join(["python scripts/train.py -m experiment=loso_pneumonia_sites", *overrides])}
+
+
+def run_benchmark(quick: bool = False, threads: int = 1, recipes: tuple[Recipe, ...] = RECIPES, loso: bool = True) -> dict:
+    """Train, export, assess and serve every row; returns everything the report needs."""
+    root = Path(find_project_root())
+    started = time.perf_counter()
+    overrides = [f"trainer.num_threads={threads}", *(QUICK if quick else [])]
+    out_dir = root / "outputs" / ("benchmark_accuracy_quick" if quick else "benchmark_accuracy")
+    uri = compose_train_config(["experiment=pneumoniamnist"]).tracking.uri
+    mlflow.set_tracking_uri(uri)
+    rows = [run_recipe(recipe, overrides, out_dir) for recipe in recipes]
+    multi_seed = [r for r in rows if len(r.run_ids) > 1]
+    for flip_tta in (False, True) if multi_seed else ():  # flip TTA is a question for chest X-rays (heart side): measure both
+        rows.append(run_ensemble(multi_seed[0], out_dir, flip_tta))
+    best = max(rows, key=lambda r: r.val_auc)  # chosen on validation only
+    best_index = int(np.argmax([a["val_auc"] for a in best.assessments]))
+    if not best.packages:
+        package_best_run(best, best_index)
+    served_auc, served_n = served_test_auc(best.packages[best_index], root)
+    proof = {"row": best.label, "package": str(best.packages[best_index].relative_to(root)), "served_test_auc": served_auc,
+             "torch_test_auc": best.assessments[best_index]["test_auc"], "images": served_n, "run_id": best.run_ids[best_index],
+             "index": best_index}
+    mlflow.MlflowClient().log_metric(proof["run_id"], "bench/served_test_auc", served_auc)
+    loso_result = run_loso([f"trainer.num_threads={threads}", *(QUICK if quick else [])], root, uri) if loso else None
+    return {"rows": rows, "proof": proof, "loso": loso_result, "wall_s": time.perf_counter() - started,
+            "quick": quick, "threads": threads, "uri": uri, "root": root}

@@ -1,0 +1,43 @@
+"""Assessment on validation-chosen operating points, bootstrap interval, and the docs section writer."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medtriage.export.assess import assess
+from medtriage.training.uncertainty import bootstrap_auc_ci, mean_sd
+
+
+def scores(n: int, shift: float, seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    margin = rng.normal(0, 1, n) + shift * (2 * labels - 1)
+    return SimpleNamespace(logits=np.stack([-margin, margin], axis=1) * 1.5, labels=labels)
+
+
+def test_assess_picks_thresholds_on_validation_and_reports_test():
+    val, test = scores(400, 1.2, 0), scores(300, 0.8, 1)  # test is harder than validation, as in PneumoniaMNIST
+    result = assess(val, test, temperature=1.5, n_resamples=200)
+    test_auc = roc_auc_score(test.labels, test.logits[:, 1])
+    assert result["test_auc"] == pytest.approx(test_auc)
+    assert result["test_auc_ci_low"] < test_auc < result["test_auc_ci_high"]
+    assert result["sens95_threshold"] < result["youden_threshold"]  # a high-sensitivity point sits lower
+    assert result["test_sens_sens95"] > result["test_sens_youden"]
+    predicted = (test.logits[:, 1] > test.logits[:, 0]).astype(int)
+    assert result["test_acc"] == pytest.approx((predicted == test.labels).mean())
+    # the same assessment with another test set changes the test figures but not the thresholds
+    other = assess(val, scores(300, 0.3, 2), temperature=1.5, n_resamples=200)
+    assert other["youden_threshold"] == result["youden_threshold"] and other["test_auc"] < result["test_auc"]
+
+
+def test_bootstrap_interval_narrows_with_more_images_and_mean_sd():
+    small, large = scores(80, 0.8, 3), scores(2000, 0.8, 3)
+    low_s, high_s = bootstrap_auc_ci(small.labels, small.logits[:, 1], 300)
+    low_l, high_l = bootstrap_auc_ci(large.labels, large.logits[:, 1], 300)
+    assert high_l - low_l < high_s - low_s
+    assert mean_sd([0.9, 0.92, 0.94]) == pytest.approx((0.92, 0.02))
+    assert mean_sd([0.5]) == (0.5, 0.0)
