@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from medtriage.training.accuracy_benchmark import run_benchmark
-from medtriage.benchmarking import write_section
+from medtriage.benchmarking import command_line, write_section
 from medtriage.training.accuracy_report import section
 
 
@@ -24,7 +24,7 @@ def main() -> int:
     root = result["root"]
     doc = Path(args.doc) if args.doc else root / ("outputs/benchmark_accuracy_quick.md" if args.quick else "docs/benchmarks.md")
     doc.parent.mkdir(parents=True, exist_ok=True)
-    write_section(section(result, "python " + " ".join(["scripts/benchmark_accuracy.py", *sys.argv[1:]]), doc.parent), doc)
+    write_section(section(result, command_line(), doc.parent), doc)
     print(f"accuracy table written to {doc}")
     return 0
 

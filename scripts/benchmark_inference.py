@@ -7,17 +7,13 @@ RG1_UNCI.dcm (a 1955x1841 CR).
 """
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
-from medtriage.benchmarking import write_section
+from medtriage.benchmarking import BENCHMARKS_DOC, command_line, publish
 from medtriage.export.benchmark import markdown, run_benchmark
-
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,13 +22,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="ORT and torch threads (default: all cores)")
-    parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose '## Inference' section is rewritten")
+    parser.add_argument("--doc", type=Path, default=BENCHMARKS_DOC, help="markdown file whose '## Inference' section is rewritten")
     args = parser.parse_args()
     files = args.files or [f for f in (get_testdata_file("CT_small.dcm"), get_testdata_file("RG1_UNCI.dcm")) if f]
     result = run_benchmark(files, args.network, args.size, args.repeats, args.threads)
-    section = markdown(result, shlex.join(["python", "scripts/benchmark_inference.py", *sys.argv[1:]]))
-    write_section(section, args.doc)
-    print(section)
+    publish(markdown(result, command_line()), args.doc)
     return 0
 
 

@@ -7,14 +7,13 @@ existing site pool it writes a small one (make_sites --limit) under outputs/benc
 """
 
 import argparse
-import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from medtriage.benchmarking import write_section
+from medtriage.benchmarking import BENCHMARKS_DOC, command_line, publish
 from medtriage.training.speed_benchmark import Settings, quick_settings, run_benchmark
 from medtriage.training.speed_report import markdown
 
@@ -31,16 +30,14 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time ResNet-18 with trainer.compile=true")
     parser.add_argument("--pool", type=Path, default=ROOT / "data" / "pool" / "pneumonia_sites")
     parser.add_argument("--pool-limit", type=int, default=600, help="images of the site pool written when none exists")
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--doc", type=Path, default=BENCHMARKS_DOC)
     args = parser.parse_args()
     settings = quick_settings(torch.cuda.is_available()) if args.quick else Settings()
     settings = replace(settings, networks=tuple(args.networks), size=args.size, compile=args.compile,
                        batch_size=args.batch_size or settings.batch_size,
                        plain_workers=settings.plain_workers if args.workers is None else args.workers)
     result = run_benchmark(settings, args.pool, ROOT / "outputs" / "benchmark_training", args.pool_limit)
-    section = markdown(result, shlex.join(["python", "scripts/benchmark_training.py", *sys.argv[1:]]))
-    write_section(section, args.doc)
-    print(section)
+    publish(markdown(result, command_line()), args.doc)
     return 0
 
 

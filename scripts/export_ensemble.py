@@ -1,6 +1,8 @@
-"""Package several finished training runs as one ONNX graph (mean of member probabilities, flip TTA inside).
+"""Package several finished training runs as one ONNX graph (mean of member probabilities, optional flip TTA inside).
 
-`python scripts/export_ensemble.py --name pneumoniamnist-ens3 RUN_ID RUN_ID RUN_ID [--no-flip] [export.key=value ...]`
+`python scripts/export_ensemble.py --name pneumoniamnist-ens3 RUN_ID RUN_ID RUN_ID [--flip-tta] [export.key=value ...]`
+
+Flip TTA is off by default: chest X-rays are not left-right symmetric (heart side).
 """
 
 import argparse
@@ -14,7 +16,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("items", nargs="+", help="MLflow run ids, then optional export.key=value overrides")
     parser.add_argument("--name", required=True, help="package and registered-model name")
-    parser.add_argument("--no-flip", action="store_true", help="no horizontal-flip test-time augmentation")
+    parser.add_argument("--flip-tta", action="store_true", help="also average over the left-right mirrored image")
     args = parser.parse_args()
     run_ids = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
@@ -24,7 +26,7 @@ def main() -> int:
 
     mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)  # the project's store
     try:
-        package, run_id, _ = export_ensemble(run_ids, args.name, flip_tta=not args.no_flip, overrides=overrides)
+        package, run_id, _ = export_ensemble(run_ids, args.name, flip_tta=args.flip_tta, overrides=overrides)
     except MedTriageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

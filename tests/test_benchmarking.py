@@ -1,6 +1,6 @@
 import pytest
 
-from medtriage.benchmarking import interleaved_rates, machine, write_section
+from medtriage.benchmarking import ROOT, command_line, interleaved_rates, machine, write_section
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
@@ -29,3 +29,8 @@ def test_interleaved_rates_counts_items_per_second():
     rates = interleaved_rates({"a": (lambda: 10, [0]), "b": (lambda: 20, [0])}, repeats=2)
     assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
     assert "cores available" in machine()
+
+
+def test_command_line_is_what_a_reader_types_from_the_project_root(monkeypatch):
+    monkeypatch.setattr("sys.argv", [str(ROOT / "scripts" / "benchmark_inference.py"), "--threads", "1", "a b.dcm"])
+    assert command_line() == "python scripts/benchmark_inference.py --threads 1 'a b.dcm'"

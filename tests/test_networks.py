@@ -21,3 +21,30 @@ def test_resize_is_identity_at_training_size():
 def test_unknown_network_lists_known_ones():
     with pytest.raises(ConfigError, match="densenet121"):
         build_triage_net("resnet999", 2, PreprocessSpec())
+
+
+def test_per_image_intensity_removes_a_sites_brightness_and_contrast():
+    model = build_triage_net("resnet10", 2, PreprocessSpec(size=32, intensity="per_image")).eval()
+    fixed = build_triage_net("resnet10", 2, PreprocessSpec(size=32)).eval()
+    fixed.load_state_dict(model.state_dict())
+    x = torch.rand(3, 1, 40, 40) * 0.5
+    windowed = 0.3 + 1.6 * x  # another site's window: brighter, more contrast
+    with torch.no_grad():
+        assert torch.allclose(model(windowed), model(x), atol=1e-4)
+        assert not torch.allclose(fixed(windowed), fixed(x), atol=1e-2)  # the fixed normalisation keeps the difference
+        assert torch.isfinite(model(torch.full((1, 1, 40, 40), 0.7))).all()  # a blank image stays finite
+
+
+def test_per_image_intensity_exports_to_onnx_with_parity(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from medtriage.export.onnx import CalibratedNet, export_onnx, parity
+
+    net = build_triage_net("resnet10", 2, PreprocessSpec(size=32, intensity="per_image")).eval()
+    path = export_onnx(CalibratedNet(net, 1.3), tmp_path / "model.onnx")
+    diff, count = parity(path, CalibratedNet(net, 1.3), [torch.rand(1, 45, 37).numpy() * 0.4 + 0.2, torch.rand(1, 32, 32).numpy()])
+    assert count == 2 and diff < 1e-4
+
+
+def test_unknown_intensity_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="per_image"):
+        PreprocessSpec(intensity="histogram")

@@ -6,12 +6,22 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-BENCHMARKS_DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS_DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, as a reader would type it from the project root."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return shlex.join(["python", str(shown), *sys.argv[1:]])
 
 
 def machine() -> str:
@@ -44,6 +54,12 @@ def interleaved_rates(runs: dict[str, tuple[Callable[[], int], list[int]]], repe
     finally:
         os.sched_setaffinity(0, everything)
     return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def publish(section: str, doc: Path = BENCHMARKS_DOC) -> None:
+    """Print a benchmark's section and write it into `doc`."""
+    print(section)
+    write_section(section, doc)
 
 
 def write_section(section: str, doc: Path = BENCHMARKS_DOC) -> None:

@@ -101,6 +101,7 @@ class PreprocessConfig:
     in_channels: int = 1
     mean: float = 0.5
     std: float = 0.25
+    intensity: str = "fixed"  # or "per_image": each image standardised by its own mean and std
 
 
 @dataclass

@@ -18,6 +18,10 @@ from torch import nn
 from medtriage.errors import ConfigError
 
 
+INTENSITY_MODES = ("fixed", "per_image")
+PER_IMAGE_STD_FLOOR = 1e-3  # a blank image stays finite (all zeros) instead of dividing by zero
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """What happens to decoded pixels inside the model (recorded in the model package)."""
@@ -26,10 +30,19 @@ class PreprocessSpec:
     in_channels: int = 1
     mean: float = 0.5
     std: float = 0.25
+    # "fixed": (x - mean) / std for every image. "per_image": each image standardised by its own mean and
+    # std, which removes the brightness and contrast a site's windowing and detector give its images
+    # (per-site intensity harmonisation that needs no site label, so it also holds for a site never seen).
+    intensity: str = "fixed"
+
+    def __post_init__(self):
+        if self.intensity not in INTENSITY_MODES:
+            raise ConfigError(f"unknown intensity normalisation {self.intensity!r}", where="model.preprocess.intensity",
+                              hint=f"use one of {list(INTENSITY_MODES)}")
 
 
 class Preprocess(nn.Module):
-    """Decoded pixels in [0, 1] -> network input: antialiased bilinear resize, then (x - mean) / std."""
+    """Decoded pixels in [0, 1] -> network input: antialiased bilinear resize, then intensity normalisation."""
 
     def __init__(self, spec: PreprocessSpec):
         super().__init__()
@@ -42,7 +55,12 @@ class Preprocess(nn.Module):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.resize(x) - self.spec.mean) / self.spec.std
+        x = self.resize(x)
+        if self.spec.intensity == "per_image":
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            std = x.std(dim=(1, 2, 3), keepdim=True, correction=0).clamp_min(PER_IMAGE_STD_FLOOR)
+            return (x - mean) / std
+        return (x - self.spec.mean) / self.spec.std
 
 
 class TriageNet(nn.Module):

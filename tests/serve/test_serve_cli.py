@@ -1,4 +1,4 @@
-"""`medtriage score`: table, JSON, CSV, folders, rejects with reasons, exit codes, DICOM SR read back by dcmtk."""
+"""`medtriage score`: table, JSON, CSV, folders, rejects with reasons, exit codes, DICOM SR read back by dcmtk; `serve` options."""
 
 import csv
 import io
@@ -70,6 +70,12 @@ def test_unknown_provider_or_broken_package_is_an_error_not_a_crash(capsys, pack
     (package_copy / "model.onnx").write_bytes(b"tampered")
     code, _, err = score(capsys, package_copy, CT)
     assert code == 2 and "sha256" in err
+
+
+def test_serve_refuses_a_worklist_that_keeps_nothing(capsys, package_dir):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(package_dir), "--worklist-size", "0"])
+    assert exit_info.value.code == 2 and "--worklist-size" in capsys.readouterr().err
 
 
 def test_sr_is_written_per_file_and_references_the_source(capsys, package_dir, tmp_path):

@@ -170,6 +170,9 @@ def test_overlays_are_drawn_without_torch(package_dir, tmp_path):
 
 # --- the page in a real browser ------------------------------------------------------------------
 
+LIVE_WORKLIST_SIZE = 50
+
+
 @pytest.fixture
 def live_server(package_dir):
     from test_serve_http import _wait_until_up, free_port
@@ -177,7 +180,8 @@ def live_server(package_dir):
     import httpx
 
     port = free_port()
-    command = [sys.executable, "-m", "medtriage.cli", "serve", str(package_dir), "--port", str(port), "--threads", "1"]
+    command = [sys.executable, "-m", "medtriage.cli", "serve", str(package_dir), "--port", str(port), "--threads", "1",
+               "--worklist-size", str(LIVE_WORKLIST_SIZE)]
     process = subprocess.Popen(command, env={**os.environ, "MEDTRIAGE_TOKEN": TOKEN}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
@@ -234,3 +238,7 @@ def test_a_radiologist_uploads_studies_and_opens_the_most_urgent(live_server, br
     if os.environ.get("MEDTRIAGE_UPDATE_SCREENSHOTS"):  # refresh the documentation's picture on request
         shutil.copy(screenshot, ROOT / "docs" / "images" / "worklist.png")
     assert np.asarray(Image.open(screenshot)).std() > 10  # a rendered page, not a blank one
+    import httpx
+
+    listing = httpx.get(f"{live_server}/v1/worklist", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert listing["capacity"] == LIVE_WORKLIST_SIZE and listing["count"] == 3  # `serve --worklist-size` reached the page

@@ -4,23 +4,8 @@ import torch
 
 from medtriage.config import AugmentConfig
 from medtriage.data.datasets import CachedDataset, cache_split, limit_rows, load_pool, train_transforms
-from medtriage.data.manifest import PoolWriter
 from medtriage.errors import ConfigError
 from medtriage.networks import Preprocess, PreprocessSpec
-
-
-@pytest.fixture
-def two_site_pool(tmp_path):
-    """Two sites with different matrix sizes, both classes per split."""
-    rng = np.random.default_rng(0)
-    writer = PoolWriter(tmp_path / "pool", ["normal", "pneumonia"])
-    for site, size in (("north", 40), ("south", 23)):
-        for i in range(24):
-            split = ("train", "val", "test")[i % 3]
-            writer.add(rng.random((1, size, size), dtype=np.float32), site=site, patient_id=f"{site}{i}",
-                       study_uid=f"s{site}{i}", series_uid=f"r{site}{i}", sop_uid=f"{site}.{i}",
-                       path=f"{site}/{i}.dcm", label=(i // 3) % 2, split=split)
-    return writer.close()
 
 
 def test_split_is_resized_once_by_the_models_own_resize(two_site_pool):

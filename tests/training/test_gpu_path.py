@@ -10,26 +10,12 @@ import torch
 import medtriage.data.split_cache as split_cache
 from medtriage.config import AugmentConfig, TrainerConfig
 from medtriage.data.datasets import CachedSplit, cache_split
-from medtriage.data.manifest import PoolWriter
 from medtriage.networks import Preprocess, PreprocessSpec
 from medtriage.training.batch_loader import CachedBatchLoader
 from medtriage.training.gpu_augment import BatchAugment
 from medtriage.training.samplers import SiteStratifiedSampler
 from medtriage.training.speed import build_optimizer, scaled_lr, training_forward
 from medtriage.training.throughput import EpochClock
-
-
-@pytest.fixture
-def pool(tmp_path):
-    """Two sites of different matrix sizes, both classes in every split."""
-    rng = np.random.default_rng(1)
-    writer = PoolWriter(tmp_path / "pool", ["normal", "pneumonia"])
-    for site, size in (("north", 37), ("south", 22)):
-        for i in range(18):
-            writer.add(rng.random((1, size, size), dtype=np.float32), site=site, patient_id=f"{site}{i}",
-                       study_uid=f"s{site}{i}", series_uid=f"r{site}{i}", sop_uid=f"{site}.{i}",
-                       path=f"{site}/{i}.dcm", label=(i // 3) % 2, split=("train", "val", "test")[i % 3])
-    return writer.close()
 
 
 def _batch(n: int = 8, size: int = 32) -> torch.Tensor:
@@ -76,37 +62,37 @@ def test_horizontal_flip_only_when_asked():
     assert any(was_flipped) and any(kept) and all(a != b for a, b in zip(was_flipped, kept))
 
 
-def test_resized_split_is_stored_once_and_reused(pool, monkeypatch):
+def test_resized_split_is_stored_once_and_reused(two_site_pool, monkeypatch):
     preprocess = Preprocess(PreprocessSpec(size=24))
-    first = split_cache.persistent_split(pool, "train", preprocess)
-    path = split_cache.cache_path(pool, "train", preprocess)
-    assert path.is_file() and path.parent == pool.pool_dir / split_cache.CACHE_FOLDER
+    first = split_cache.persistent_split(two_site_pool, "train", preprocess)
+    path = split_cache.cache_path(two_site_pool, "train", preprocess)
+    assert path.is_file() and path.parent == two_site_pool.pool_dir / split_cache.CACHE_FOLDER
 
     def no_resizing(*args, **kwargs):
         raise AssertionError("resized again although the cache holds this split")
 
     monkeypatch.setattr(split_cache, "cache_split", no_resizing)
-    second = split_cache.persistent_split(pool, "train", preprocess)
+    second = split_cache.persistent_split(two_site_pool, "train", preprocess)
     assert torch.equal(first.images, second.images)  # float32 on disk: the same values as a fresh resize
     assert torch.equal(first.labels, second.labels) and (first.sites == second.sites).all()
     assert np.array_equal(first.row_indices, second.row_indices)
     monkeypatch.undo()
-    assert torch.equal(second.images, cache_split(pool, "train", preprocess).images)
+    assert torch.equal(second.images, cache_split(two_site_pool, "train", preprocess).images)
 
 
-def test_cache_key_follows_size_rows_and_pool(pool):
+def test_cache_key_follows_size_rows_and_pool(two_site_pool):
     small, large = Preprocess(PreprocessSpec(size=24)), Preprocess(PreprocessSpec(size=32))
-    paths = {split_cache.cache_path(pool, "train", small), split_cache.cache_path(pool, "train", large),
-             split_cache.cache_path(pool, "val", small), split_cache.cache_path(pool, "train", small, limit=6)}
+    paths = {split_cache.cache_path(two_site_pool, "train", small), split_cache.cache_path(two_site_pool, "train", large),
+             split_cache.cache_path(two_site_pool, "val", small), split_cache.cache_path(two_site_pool, "train", small, limit=6)}
     assert len(paths) == 4
 
 
-def test_damaged_cache_file_is_rebuilt(pool):
+def test_damaged_cache_file_is_rebuilt(two_site_pool):
     preprocess = Preprocess(PreprocessSpec(size=20))
-    expected = split_cache.persistent_split(pool, "val", preprocess).images
-    path = split_cache.cache_path(pool, "val", preprocess)
+    expected = split_cache.persistent_split(two_site_pool, "val", preprocess).images
+    path = split_cache.cache_path(two_site_pool, "val", preprocess)
     path.write_bytes(b"not an array")
-    assert torch.equal(split_cache.persistent_split(pool, "val", preprocess).images, expected)
+    assert torch.equal(split_cache.persistent_split(two_site_pool, "val", preprocess).images, expected)
     assert np.load(path).shape == tuple(expected.shape)
 
 

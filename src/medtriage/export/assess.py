@@ -8,7 +8,7 @@ argmax, sensitivity/specificity at each operating point, ECE (15 bins) before an
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
+from sklearn.metrics import accuracy_score, log_loss, recall_score, roc_auc_score
 
 from medtriage.export.calibration import expected_calibration_error, probabilities
 from medtriage.export.operating_point import choose_threshold
@@ -28,6 +28,8 @@ def assess(val, test, temperature: float, positive: int = 1, n_bins: int = 15, n
     result = {
         "temperature": float(temperature),
         "val_auc": float(roc_auc_score(val_labels == positive, val_scores)),
+        # a proper scoring rule keeps separating models after validation AUC saturates near 1
+        "val_log_loss": float(log_loss(val_labels, probabilities(val.logits, temperature), labels=np.arange(np.asarray(val.logits).shape[1]))),
         "test_auc": float(roc_auc_score(test_positive, test_scores)), "test_auc_ci_low": low, "test_auc_ci_high": high,
         "test_acc": float(accuracy_score(test_labels, test_probs.argmax(axis=1))),
         "test_ece_before": expected_calibration_error(probabilities(test.logits), test_labels, n_bins),

@@ -25,7 +25,7 @@ PROBABILITY_FLOOR = 1e-12  # keeps log finite when every member is certain
 class EnsembleNet(nn.Module):
     """Mean of member softmax outputs (each member resizes and normalises the pixels itself)."""
 
-    def __init__(self, members: Sequence[TriageNet], flip_tta: bool = True):
+    def __init__(self, members: Sequence[TriageNet], flip_tta: bool = False):
         super().__init__()
         if not members:
             raise ConfigError("an ensemble needs at least one member", where="run ids")
@@ -74,7 +74,7 @@ def _check_same_data(run_ids: Sequence[str], configs: list[dict]) -> None:
                           hint="ensemble runs of the same pool")
 
 
-def export_ensemble(run_ids: Sequence[str], name: str, flip_tta: bool = True,
+def export_ensemble(run_ids: Sequence[str], name: str, flip_tta: bool = False,
                     overrides: Sequence[str] = ()) -> tuple[Path, str, EnsembleNet]:
     """Package the ensemble of `run_ids` as `<models_dir>/<name>/`; returns (package dir, its MLflow run id, the net)."""
     import mlflow

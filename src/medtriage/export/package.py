@@ -105,6 +105,12 @@ def _aggregation_text(block: dict) -> str:
     return f"mean of the {block['top_k']} highest" if block["aggregation"] == "top_k" else "mean"
 
 
+def _normalisation_text(normalize: dict) -> str:
+    if normalize.get("per_image"):
+        return "standardised by each image's own mean and standard deviation"
+    return f"normalised with mean {normalize['mean']}, std {normalize['std']}"
+
+
 def model_card(meta: dict) -> str:
     review, urgent = meta["thresholds"]["review"], meta["thresholds"]["urgent"]
     cal, prov, pre = meta["calibration"], meta["provenance"], meta["preprocessing"]
@@ -115,8 +121,7 @@ def model_card(meta: dict) -> str:
         f"probability of **{meta['positive_label']}**. It is not a diagnosis; a radiologist reads every image.", "",
         "## Input and output",
         f"Decoded pixels (medtriage.io, float32 in [0, 1], {meta['input']['channels']} channel(s), any size), resized inside "
-        f"the graph to {pre['resize']['size']}x{pre['resize']['size']} and normalised with mean {pre['normalize']['mean']}, "
-        f"std {pre['normalize']['std']}. Output: probabilities of {', '.join(meta['label_names'])}, "
+        f"the graph to {pre['resize']['size']}x{pre['resize']['size']} and {_normalisation_text(pre['normalize'])}. Output: probabilities of {', '.join(meta['label_names'])}, "
         f"calibrated with temperature {cal['temperature']:.3f} (validation ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}).", "",
         "## Operating points (chosen on validation)",
         f"- review: p >= {review['threshold']:.4f} (rule {review['rule']}, sensitivity {review['sensitivity']:.3f}, specificity {review['specificity']:.3f})",

@@ -122,7 +122,8 @@ def _preprocessing(net) -> dict:
         "decode": "medtriage.io.dicom.read_dicom: modality LUT, VOI LUT/window, MONOCHROME1 inverted, scaled to [0, 1] (outside the graph)",
         "channels": "RGB converted to luminance (ITU-R BT.601) when the model takes 1 channel (outside the graph)",
         "resize": {"size": spec.size, "mode": "bilinear", "antialias": True, "in_graph": True},
-        "normalize": {"mean": spec.mean, "std": spec.std, "in_graph": True},
+        "normalize": ({"per_image": True, "in_graph": True} if spec.intensity == "per_image"
+                      else {"mean": spec.mean, "std": spec.std, "in_graph": True}),
     }
 
 

@@ -41,8 +41,16 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV})")
     serve.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted request body")
+    serve.add_argument("--worklist-size", type=_positive_int, default=None, metavar="N",
+                       help="scored files the /worklist page keeps, newest first (default: 256)")
     _runtime_options(serve)
     serve.set_defaults(func=run_serve)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -202,10 +210,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from medtriage.serve.http import create_app
+    from medtriage.serve.worklist import DEFAULT_CAPACITY
 
     predictor = Predictor(load_package(args.package), provider=args.provider, threads=args.threads)
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    app = create_app(predictor, token=token, max_bytes=args.max_bytes)
+    app = create_app(predictor, token=token, max_bytes=args.max_bytes,
+                     worklist_size=DEFAULT_CAPACITY if args.worklist_size is None else args.worklist_size)
     print(f"serving {predictor.package.describe()} on http://{args.host}:{args.port} (provider {predictor.provider}, "
           f"{'token required' if token else 'no token'}; docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
