@@ -2,9 +2,10 @@
 
 Every figure comes from runs made here and logged in MLflow: each recipe (an experiment config)
 is trained for its seeds, exported (temperature + operating points on validation), assessed on
-test (`medtriage.export.assess`), the seeds of the main recipe are packaged as one ensemble graph,
-the package chosen by validation AUC is scored through `medtriage score --npz` (served ONNX), and
-leave-one-site-out runs as a Hydra multirun on the 3-site DICOM pool.
+test (`medtriage.export.assess`), the seeds of the main recipe and all runs together are packaged as
+ensemble graphs, the candidate with the lowest validation log-loss is scored through `medtriage score
+--npz` (served ONNX), and leave-one-site-out runs as a Hydra multirun on the 3-site DICOM pool, with and
+without per-image intensity harmonisation.
 """
 
 from __future__ import annotations
