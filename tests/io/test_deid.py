@@ -14,8 +14,9 @@ import pydicom
 import pytest
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as table_e1
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from medtriage.errors import ConfigError
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, patient_key, profile_table
@@ -131,6 +132,32 @@ def test_every_table_attribute_present_gets_its_action(phi_site, source):
             elif old.VR != "SQ":
                 assert new is None or new.value in (None, "") or new.value != old.value, where
     assert checked >= 15
+
+
+def _as_implicit_vr(path: Path) -> Dataset:
+    """The same file re-encoded as implicit VR little endian: pydicom reads its elements without a VR."""
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def test_raw_edits_give_the_values_of_element_by_element_edits(phi_site):
+    """Explicit VR files are edited in their undecoded bytes; implicit VR ones element by element (no VR to
+    trust in the bytes): both must end with the same values."""
+    native = [p for p in phi_site["pooled"] if not pydicom.dcmread(p).file_meta.TransferSyntaxUID.is_compressed]
+    assert len(native) >= 3
+    for path in native:
+        explicit, implicit = pydicom.dcmread(path), _as_implicit_vr(path)
+        assert explicit.original_encoding == (False, True) and implicit.original_encoding == (True, True)
+        deidentify(explicit, KEY)
+        deidentify(implicit, KEY)
+        still_raw = [t for t in explicit.keys() if isinstance(explicit.get_item(t), RawDataElement)]
+        assert len(still_raw) > 20  # the quick path was taken: most elements never decoded
+        values = [{int(e.tag): None if e.is_empty else e.value for e in ds.iterall() if e.VR != "SQ"}  # '' or None
+                  for ds in (explicit, implicit)]
+        assert values[0] == values[1], path.name
 
 
 def _as_list(value):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib
+import io
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,10 +27,16 @@ from datetime import date, timedelta
 from functools import lru_cache
 from pathlib import Path
 
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.uid import UID
 
 from medtriage import __version__
 from medtriage.errors import ConfigError
@@ -38,6 +45,9 @@ TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
 TABLE_EDITION = "DICOM PS3.15 2026c Table E.1-1"
 SECRET_ENV = "MEDTRIAGE_SITE_SECRET"
 DICOM_UID_ROOT = "1.2.840.10008."  # registered DICOM UIDs (SOP classes, transfer syntaxes): not identifying
+IMPLEMENTATION_CLASS_UID = UID("2.25.181688840838635753810091347964069651856")  # medtriage's own
+IMPLEMENTATION_VERSION_NAME = f"MEDTRIAGE_{__version__.replace('.', '')}"[:16]
+EXPLICIT_LITTLE = (False, True)  # (implicit VR, little endian): how nearly every file is encoded
 
 # dicom-anonymizer's category name -> Table E.1-1 action code.
 _TABLE_CATEGORIES = {
@@ -110,6 +120,7 @@ def profile_table() -> ProfileTable:
     return ProfileTable(exact, tuple(masked))
 
 
+@lru_cache(maxsize=1)
 def table_library_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -260,24 +271,51 @@ class _ProfileWalker:
         self.key, self.options, self.table = key, options, profile_table()
         self.pseudonym, self.shift_days = pseudonym, shift_days
         self.retained = frozenset(tag_for_keyword(k) for k in options.retain_characteristics)
+        self.decisions = _DECISIONS.setdefault(options, {})  # depends on the options and the table only
         self.actions: Counter = Counter()
 
     def apply(self, ds: Dataset, top_level: bool = False) -> None:
+        decisions, actions = self.decisions, self.actions
         for tag in list(ds.keys()):
-            raw = ds.get_item(tag)  # still undecoded bytes if nobody looked: keep it that way when kept
-            vr = raw.VR if raw.VR not in (None, "UN") else None  # implicit VR files carry none
-            action = self.action_for(int(tag), vr, top_level)
-            self.actions[action] += 1
+            elem = ds.get_item(tag)  # still undecoded bytes if nobody looked: keep it that way when kept
+            vr = elem.VR if elem.VR not in (None, "UN") else None  # implicit VR files carry none
+            action = decisions.get((int(tag), vr, top_level)) or self.action_for(int(tag), vr, top_level)
+            actions[action] += 1
+            if action == "K" and vr not in ("SQ", "UI", None):
+                continue  # the common case: kept as read
             if action == "X":
                 del ds[tag]
-            elif action != "K" or vr in ("SQ", "UI", None):
+            elif elem.is_raw and vr is not None and self.edits_raw(action, vr):
+                ds[tag] = self.edit_raw(elem, action)
+            else:
                 self.perform(ds, ds[tag], action)
 
+    @staticmethod
+    def edits_raw(action: str, vr: str) -> bool:
+        """Actions whose new value can be written straight into the element's bytes: emptying, and the
+        ASCII-only values of pseudonyms, remapped UIDs and shifted dates. The rest is never decoded."""
+        return ((action == "Z" and vr != "SQ") or (action == "P" and vr in ("PN", "LO"))
+                or (vr == "UI" and action in ("U", "U*", "K")) or (action == "S" and vr in ("DA", "DT")))
+
+    def edit_raw(self, raw: RawDataElement, action: str) -> RawDataElement:
+        """The same element with its new value encoded as pydicom would write it (padded to even length)."""
+        if action == "Z":
+            return raw._replace(value=b"", length=0)
+        if action == "P":
+            return _with_text(raw, self.pseudonym, " ")
+        text = raw.value.decode(default_encoding).rstrip(" \0")  # as pydicom decodes these VRs
+        if not text:
+            return raw
+        if raw.VR == "UI":
+            fn, padding = self.remap_uid, "\0"
+        else:
+            fn, padding = (self.shift_date if raw.VR == "DA" else self.shift_datetime), " "
+        return _with_text(raw, "\\".join(fn(value) for value in text.split("\\")), padding)
+
     def action_for(self, tag: int, vr: str | None, top_level: bool) -> str:
-        decisions = _DECISIONS.setdefault(self.options, {})  # depends on the options and the table only
-        found = decisions.get((tag, vr, top_level))
+        found = self.decisions.get((tag, vr, top_level))
         if found is None:
-            found = decisions[(tag, vr, top_level)] = self._decide(tag, vr, top_level)
+            found = self.decisions[(tag, vr, top_level)] = self._decide(tag, vr, top_level)
         return found
 
     def _decide(self, tag: int, vr: str | None, top_level: bool) -> str:
@@ -350,6 +388,11 @@ class _ProfileWalker:
         return "" if day is None else (day - timedelta(days=self.shift_days)).strftime("%Y%m%d") + value[8:]
 
 
+def _with_text(raw: RawDataElement, text: str, padding: str) -> RawDataElement:
+    data = (text + padding * (len(text) % 2)).encode(default_encoding)
+    return raw._replace(value=data, length=len(data))
+
+
 def _parse_date(value: str) -> date | None:
     text = value.strip().replace(".", "")  # ACR-NEMA wrote YYYY.MM.DD
     if len(text) != 8 or not text.isdigit():
@@ -361,6 +404,14 @@ def _parse_date(value: str) -> date | None:
 
 
 def _mark_deidentified(ds: Dataset, options: DeidOptions) -> None:
+    if ds.original_encoding == EXPLICIT_LITTLE:  # the usual case: add the marks as already-encoded elements
+        for tag, raw in _encoded_marks(options).items():
+            ds[tag] = raw
+    else:
+        _set_marks(ds, options)
+
+
+def _set_marks(ds: Dataset, options: DeidOptions) -> None:
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = [
         "PS3.15 E Basic Profile",
@@ -377,13 +428,26 @@ def _mark_deidentified(ds: Dataset, options: DeidOptions) -> None:
     ds.LongitudinalTemporalInformationModified = "MODIFIED" if options.modified_dates else "REMOVED"
 
 
+@lru_cache(maxsize=8)
+def _encoded_marks(options: DeidOptions) -> dict[int, RawDataElement]:
+    """The marks as pydicom reads them back from explicit VR little endian: encoded once per options.
+    Raw elements are immutable, so every data set can share them (reading one decodes a copy)."""
+    marks = Dataset()
+    _set_marks(marks, options)
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = EXPLICIT_LITTLE
+    write_dataset(fp, marks)
+    decoded = read_dataset(io.BytesIO(fp.getvalue()), *EXPLICIT_LITTLE)
+    return {int(tag): decoded.get_item(tag) for tag in decoded.keys()}
+
+
 def _rebuild_file_meta(ds: Dataset) -> None:
     """Fresh file meta: the old one can name the sending station and carry private information."""
     old = getattr(ds, "file_meta", None) or FileMetaDataset()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = old.TransferSyntaxUID
-    meta.ImplementationClassUID = "2.25.181688840838635753810091347964069651856"  # medtriage's own
-    meta.ImplementationVersionName = f"MEDTRIAGE_{__version__.replace('.', '')}"[:16]
+    for tag, vr, value in ((0x00020002, "UI", ds.SOPClassUID), (0x00020003, "UI", ds.SOPInstanceUID),
+                           (0x00020010, "UI", old.TransferSyntaxUID), (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
+                           (0x00020013, "SH", IMPLEMENTATION_VERSION_NAME)):
+        # values that are already UIDs and names: no second conversion and validation
+        meta[tag] = DataElement(tag, vr, value, already_converted=True)
     ds.file_meta = meta

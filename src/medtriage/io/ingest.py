@@ -40,6 +40,7 @@ from tqdm import tqdm
 from medtriage import __version__
 from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
+from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
 from medtriage.io.site_labels import write_pool_labels
 
@@ -123,9 +124,7 @@ def process_file(source: str) -> Outcome:
     out.accession = str(ds.get("AccessionNumber", "") or "")
     out.modality = "".join(c for c in str(ds.get("Modality", "") or "OT") if c.isalnum())[:16] or "OT"
     out.sop_uid, out.study_uid, out.series_uid, out.patient = result.sop_uid, result.study_uid, result.series_uid, result.pseudonym
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    out.encoded = buffer.getvalue()
+    out.encoded = encode(ds)
     return out
 
 
