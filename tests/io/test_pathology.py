@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,11 @@ import tifffile
 
 from medtriage.errors import DataNotFoundError, InputError
 from medtriage.io.pathology import (
-    iter_tile_batches, open_slide, otsu_threshold, prepare_slide, read_tile, tile_grid, tissue_mask,
+    iter_tile_batches, open_slide, otsu_threshold, prepare_slide, read_tile, read_tile_rgb, tile_grid, tissue_mask,
 )
-from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, augment_stain, fit_stains
+from medtriage.io.stain import (
+    BACKGROUND_INTENSITY, MAX_FIT_PIXELS, OD_THRESHOLD, REFERENCE_STAINS, StainNormalizer, Stains, augment_stain, fit_stains,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CMU1 = ROOT / "data" / "samples" / "CMU-1-Small-Region.svs"
@@ -108,6 +111,99 @@ def test_stain_normalisation_moves_slide_stains_to_the_reference(slide, mask):
     after = np.abs(refit.matrix - REFERENCE_STAINS.matrix).max()
     assert after < 0.1 and after < before / 2
     assert restained[0].dtype == np.float32 and restained[0].shape == tiles[0].shape
+
+
+# --- the fast paths against the textbook maths (float64, whole arrays, no tables or buffers) -------
+
+
+def reference_fit(tiles: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Macenko on every k-th pixel of the concatenated uint8 tiles, all in float64."""
+    rgb = np.concatenate([t.reshape(-1, 3) for t in tiles]).T.astype(np.float64)
+    rgb = rgb[:, :: max(1, rgb.shape[1] // MAX_FIT_PIXELS)]
+    od = np.clip(-np.log(np.maximum(rgb, 1) / 255.0 / BACKGROUND_INTENSITY), 0, None)
+    tissue = od[:, np.linalg.norm(od, axis=0) > OD_THRESHOLD]
+    _, eigvecs = np.linalg.eigh(np.cov(tissue))
+    plane = eigvecs[:, 1:3] * np.where(eigvecs[0, 1:3] < 0, -1, 1)
+    angles = np.arctan2(*(plane.T @ tissue)[::-1])
+    low, high = np.percentile(angles, [1, 99])
+    vectors = [plane @ [np.cos(a), np.sin(a)] for a in (low, high)]
+    matrix = np.stack(sorted(vectors, key=lambda v: -v[0]), axis=1)
+    matrix = np.abs(matrix) / np.linalg.norm(matrix, axis=0)
+    return matrix, np.percentile(np.linalg.pinv(matrix) @ tissue, 99, axis=1)
+
+
+def reference_restain(rgb: np.ndarray, source: Stains, target: Stains) -> np.ndarray:
+    """uint8 `[H, W, 3]` -> float64 `[3, H, W]` restained: I0 * exp(-target @ scaled clip(pinv(source) @ OD))."""
+    od = np.clip(-np.log(np.maximum(rgb.reshape(-1, 3).T.astype(np.float64), 1) / 255.0 / BACKGROUND_INTENSITY), 0, None)
+    concentrations = np.clip(np.linalg.pinv(source.matrix) @ od, 0, None)
+    scaled = concentrations * (target.max_concentrations / source.max_concentrations)[:, None]
+    return (BACKGROUND_INTENSITY * np.exp(-target.matrix @ scaled)).reshape(3, *rgb.shape[:2])
+
+
+@pytest.fixture(scope="module")
+def cmu1_tiles(slide, mask):
+    grid = tile_grid(slide, tile_size=224, mpp=0.5, mask=mask)
+    return [read_tile_rgb(slide.reader(), grid, t) for t in grid.tiles[::3]]
+
+
+def test_fast_stain_fit_matches_the_reference_maths(cmu1_tiles):
+    matrix, max_concentrations = reference_fit(cmu1_tiles)
+    fitted = fit_stains(cmu1_tiles)
+    np.testing.assert_allclose(fitted.matrix, matrix, atol=1e-4)
+    np.testing.assert_allclose(fitted.max_concentrations, max_concentrations, rtol=1e-4)
+    as_served = fit_stains([np.moveaxis(t, -1, 0).astype(np.float32) / 255.0 for t in cmu1_tiles])  # float tiles
+    np.testing.assert_allclose(as_served.matrix, matrix, atol=1e-3)
+
+
+def test_fast_restaining_matches_the_reference_maths(cmu1_tiles):
+    source = fit_stains(cmu1_tiles)
+    normalizer = StainNormalizer(source, REFERENCE_STAINS)
+    batch = np.zeros((2, 3, 224, 224), np.float32)
+    for rgb, out in zip(cmu1_tiles[:2], batch):
+        assert normalizer.from_rgb(rgb, out=out) is out
+        np.testing.assert_allclose(out, reference_restain(rgb, source, REFERENCE_STAINS), atol=2e-6)
+    as_served = np.moveaxis(cmu1_tiles[0], -1, 0).astype(np.float32) / 255.0
+    np.testing.assert_allclose(normalizer(as_served), batch[0], atol=1e-7)  # float tiles take the same path
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(normalizer))(as_served), normalizer(as_served))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        normalizer.from_rgb(cmu1_tiles[0], out=np.zeros((224, 224, 3), np.float32).transpose(2, 0, 1))
+
+
+def test_stain_fit_keeps_pale_eosin_pixels():
+    """Eosin with almost no red OD: pure-eosin pixels must count, or the fitted eosin drifts towards haematoxylin."""
+    rng = np.random.default_rng(0)
+    stains = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])
+    stains /= np.linalg.norm(stains, axis=0)
+    eosin_only = np.stack([np.zeros(7000), rng.uniform(0.2, 0.8, 7000)])
+    nuclei = np.stack([rng.uniform(0.3, 1.5, 3000), rng.uniform(0.0, 0.3, 3000)])
+    od = stains @ np.concatenate([eosin_only, nuclei], axis=1)
+    rgb = np.clip(np.rint(240 * np.exp(-od)), 0, 255).astype(np.uint8).T.reshape(100, 100, 3)
+    fitted = fit_stains(rgb).matrix
+    cosines = np.sum(fitted * stains, axis=0)
+    assert np.degrees(np.arccos(np.clip(cosines, -1, 1))).max() < 3
+
+
+def test_tissue_fractions_are_the_window_means(slide, mask):
+    grid = tile_grid(slide, tile_size=112, mpp=0.5, mask=mask, min_tissue=0.0)
+    d = mask.downsample
+    for tile in grid.tiles[::7]:
+        r0, c0 = int(tile.y / d), int(tile.x / d)
+        r1 = max(int(np.ceil((tile.y + grid.size0) / d)), r0 + 1)
+        c1 = max(int(np.ceil((tile.x + grid.size0) / d)), c0 + 1)
+        assert tile.tissue_fraction == round(float(mask.mask[r0:r1, c0:c1].mean()), 4)
+    assert len(grid.tiles) == grid.n_candidates
+
+
+def test_tile_batches_are_the_tiles_read_one_by_one():
+    prepared = prepare_slide(CMU1, tile_size=112, mpp=0.5, stain_normalize=True)
+    with prepared.slide:
+        tiles, batch = next(iter_tile_batches(prepared, batch_size=8))
+        one_by_one = [read_tile(prepared.slide.reader(), prepared.grid, t, prepared.normalizer) for t in tiles]
+        prepared.normalizer = None
+        _, plain = next(iter_tile_batches(prepared, batch_size=8))
+        rgb = read_tile_rgb(prepared.slide.reader(), prepared.grid, tiles[0])
+    np.testing.assert_array_equal(batch, np.stack(one_by_one))
+    np.testing.assert_array_equal(plain[0], np.moveaxis(rgb, -1, 0).astype(np.float32) / 255)
 
 
 def test_stain_fit_refuses_blank_tiles():

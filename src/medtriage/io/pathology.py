@@ -38,19 +38,29 @@ class TissueMask:
     downsample: float
     threshold: float
 
-    def fraction(self, x0: int, y0: int, size0: float) -> float:
-        """Fraction of tissue under a level-0 square."""
+    def fractions(self, xs: list[int], ys: list[int], size0: float) -> np.ndarray:
+        """`[len(ys), len(xs)]` tissue fractions of the level-0 squares at every (x, y) pair, from one integral image."""
+        rows, cols = self._cells(ys, size0, self.mask.shape[0]), self._cells(xs, size0, self.mask.shape[1])
+        integral = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.int64)
+        integral[1:, 1:] = self.mask.cumsum(axis=0).cumsum(axis=1)
+        (r0, r1), (c0, c1) = rows[:, :, None], cols[:, None, :]
+        area = (r1 - r0) * (c1 - c0)
+        tissue = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
+        return np.where(area > 0, tissue / np.maximum(area, 1), 0.0)
+
+    def _cells(self, starts: list[int], size0: float, limit: int) -> np.ndarray:
+        """`[2, n]` first and end mask cells covered by each level-0 span (at least one cell, clipped to the mask)."""
         d = self.downsample
-        r0, r1 = int(y0 / d), max(int(np.ceil((y0 + size0) / d)), int(y0 / d) + 1)
-        c0, c1 = int(x0 / d), max(int(np.ceil((x0 + size0) / d)), int(x0 / d) + 1)
-        window = self.mask[r0:r1, c0:c1]
-        return float(window.mean()) if window.size else 0.0
+        first = [int(v / d) for v in starts]
+        end = [max(int(np.ceil((v + size0) / d)), f + 1) for v, f in zip(starts, first)]
+        return np.clip(np.array([first, end], np.int64), 0, limit)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation in [0, 1] of uint8 RGB `[h, w, 3]`: stained tissue is coloured, glass is grey."""
-    rgb = rgb.astype(np.float32)
-    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # channel-wise max/min: a reduction over 3 is slow
+    high = np.maximum(np.maximum(red, green), blue).astype(np.float32)
+    low = np.minimum(np.minimum(red, green), blue).astype(np.float32)
     return np.where(high > 0, (high - low) / np.maximum(high, 1), 0.0).astype(np.float32)
 
 
@@ -134,13 +144,12 @@ def tile_grid(slide: Slide, tile_size: int = 224, mpp: float = DEFAULT_TILE_MPP,
     level = slide.finest_level_for(mpp)
     grid = TileGrid(tile_size, mpp, level, max(1, round(size0 / slide.level_downsamples[level])), size0)
     w0, h0 = slide.dimensions
-    for row in range(int(h0 // size0)):
-        for col in range(int(w0 // size0)):
-            x, y = round(col * size0), round(row * size0)
-            fraction = mask.fraction(x, y, size0)
-            grid.n_candidates += 1
-            if fraction >= min_tissue:
-                grid.tiles.append(Tile(x, y, round(fraction, 4)))
+    xs = [round(col * size0) for col in range(int(w0 // size0))]
+    ys = [round(row * size0) for row in range(int(h0 // size0))]
+    fractions = mask.fractions(xs, ys, size0)
+    grid.n_candidates = fractions.size
+    for row, col in zip(*np.nonzero(fractions >= min_tissue)):  # row-major: the grid order
+        grid.tiles.append(Tile(xs[col], ys[row], round(float(fractions[row, col]), 4)))
     return grid
 
 
@@ -152,12 +161,16 @@ def read_tile_rgb(reader: RegionReader, grid: TileGrid, tile: Tile) -> np.ndarra
     return rgb
 
 
-def read_tile(reader: RegionReader, grid: TileGrid, tile: Tile, normalizer: StainNormalizer | None = None) -> np.ndarray:
-    """Decoded (and optionally stain-normalised) tile as float32 `[3, S, S]` in [0, 1]: the model's input."""
+def read_tile(reader: RegionReader, grid: TileGrid, tile: Tile, normalizer: StainNormalizer | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Decoded (and optionally stain-normalised) tile as float32 `[3, S, S]` in [0, 1]: the model's input.
+
+    `out`: a C-contiguous float32 `[3, S, S]` to fill (e.g. one slot of a batch) instead of a new array.
+    """
     rgb = read_tile_rgb(reader, grid, tile)
     if normalizer is not None:
-        return normalizer.from_rgb(rgb)
-    return np.moveaxis(rgb, -1, 0).astype(np.float32) / 255.0
+        return normalizer.from_rgb(rgb, out=out)
+    return np.divide(rgb.transpose(2, 0, 1), np.float32(255.0), out=out, dtype=np.float32)
 
 
 def grid_overview(slide: Slide, grid: TileGrid, mask: TissueMask, max_side: int = 800) -> Image.Image:
@@ -218,7 +231,11 @@ def iter_tile_batches(prepared: PreparedSlide, batch_size: int = 32, workers: in
     def load(batch: list[Tile]) -> tuple[list[Tile], np.ndarray]:
         if not hasattr(local, "reader"):  # tile caches are not thread-safe: one per thread
             local.reader = prepared.slide.shared_reader if workers <= 1 else prepared.slide.reader()
-        return batch, np.stack([read_tile(local.reader, prepared.grid, t, prepared.normalizer) for t in batch])
+        size = prepared.grid.tile_size
+        pixels = np.empty((len(batch), 3, size, size), np.float32)
+        for tile, out in zip(batch, pixels):
+            read_tile(local.reader, prepared.grid, tile, prepared.normalizer, out=out)
+        return batch, pixels
 
     if workers <= 1:
         yield from map(load, batches)

@@ -49,6 +49,7 @@ class Slide:
         self._fd = os.open(self.path, os.O_RDONLY)
         self._shared_reader: RegionReader | None = None
         self._check_not_truncated()
+        self._fast_levels = [_fast_path_ok(level.keyframe) for level in self._levels]  # tifffile page flags are not cheap
 
     def _resolve_mpp(self, override: float | None) -> float:
         if override is not None:
@@ -104,11 +105,14 @@ class Slide:
 
     def scanner_thumbnail(self) -> Image.Image | None:
         """The RGB thumbnail the scanner stored, if any and if it shows the whole slide (same aspect)."""
+        # The thumbnail series decoded straight to RGB: tiffslide's associated_images adds PIL copies
+        # and conversions that cost as much as the decode.
         try:
-            image = self._slide.associated_images.get("thumbnail")
-            if image is None:
+            first = self._slide.properties["tiffslide.series-index"] + 1
+            series = next((s for s in self._slide.ts_tifffile.series[first:] if s.name.lower() == "thumbnail"), None)
+            if series is None or series.dtype != np.uint8 or len(series.shape) != 3 or series.shape[-1] not in (3, 4):
                 return None
-            image = image.convert("RGB")
+            image = Image.fromarray(np.ascontiguousarray(series.asarray(maxworkers=1)[..., :3]))
         except Exception:  # a damaged associated image only costs us the shortcut
             return None
         w0, h0 = self.dimensions
@@ -148,7 +152,7 @@ class RegionReader:
         page = self.slide._levels[level].keyframe
         ds = self.slide.level_downsamples[level]
         x, y = int(round(x0 / ds)), int(round(y0 / ds))
-        if not _fast_path_ok(page):
+        if not self.slide._fast_levels[level]:
             region = self.slide._slide.read_region((x0, y0), level, size, as_array=True)
             return np.ascontiguousarray(region[..., :3], dtype=np.uint8)
         try:
@@ -161,7 +165,8 @@ class RegionReader:
         w, h = size
         width, height = self.slide.level_dimensions[level]
         tw, th = page.tilewidth, page.tilelength
-        out = np.full((h, w, 3), 255, np.uint8)  # outside the slide reads as background
+        inside = x >= 0 and y >= 0 and x + w <= width and y + h <= height
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)  # outside: background
         for ty in range(max(y, 0) // th, (min(y + h, height) - 1) // th + 1):
             for tx in range(max(x, 0) // tw, (min(x + w, width) - 1) // tw + 1):
                 tile = self._tile(page, level, ty, tx)

@@ -10,6 +10,7 @@ to every tile: steadier than per-tile fits, and only a matrix product per tile.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +18,12 @@ import numpy as np
 from medtriage.errors import InputError
 
 BACKGROUND_INTENSITY = 240.0 / 255.0  # I0: brightness of glass; brighter pixels read as zero stain
-OD_THRESHOLD = 0.15  # pixels with less OD in any channel are background, not used for fitting
+OD_THRESHOLD = 0.15  # pixels with a shorter OD vector are background, not used for fitting
 ANGLE_PERCENTILE = 1.0  # robust extremes of the stain angle distribution
 MAX_PERCENTILE = 99.0
 MIN_TISSUE_PIXELS = 100
 MAX_FIT_PIXELS = 100_000  # percentiles are stable well below this; more only costs time
+RESTAIN_CHUNK = 16_384  # pixels restained at a time: the temporaries stay in the CPU cache
 
 
 @dataclass(frozen=True)
@@ -50,36 +52,61 @@ OD_TABLE = np.clip(-np.log(np.maximum(np.arange(256), 1) / 255.0 / BACKGROUND_IN
 
 
 def optical_density(pixels: np.ndarray) -> np.ndarray:
-    """`[3, N]` RGB (uint8, or float in [0, 1]) -> OD `[3, N]` float64 (for the eigen decomposition)."""
+    """`[3, N]` RGB (uint8, or float in [0, 1]) -> OD `[3, N]` float32."""
     if pixels.dtype == np.uint8:
-        return OD_TABLE[pixels].astype(np.float64)
+        return OD_TABLE[pixels]
     rgb = pixels.astype(np.float64)
-    return np.clip(-np.log(np.clip(rgb, 1.0 / 255.0, None) / BACKGROUND_INTENSITY), 0.0, None)
+    return np.clip(-np.log(np.clip(rgb, 1.0 / 255.0, None) / BACKGROUND_INTENSITY), 0.0, None).astype(np.float32)
 
 
-def _channel_rows(tile: np.ndarray) -> np.ndarray:
-    """`[3, N]` view of a tile: uint8 tiles are `[H, W, 3]` as read, float tiles `[3, H, W]` as served."""
-    return np.moveaxis(tile, -1, 0).reshape(3, -1) if tile.dtype == np.uint8 else tile.reshape(3, -1)
+def _sample_pixels(tiles: list[np.ndarray]) -> np.ndarray:
+    """`[3, n]`: every k-th pixel of the tiles taken as one sequence, k chosen so n <= about MAX_FIT_PIXELS.
+
+    Each tile is strided on its own (no concatenation of whole tiles first): the same pixels, less copying.
+    """
+    counts = [t.size // 3 for t in tiles]
+    stride = max(1, sum(counts) // MAX_FIT_PIXELS)
+    rows, offset = [], 0
+    for tile, count in zip(tiles, counts):
+        start = -offset % stride  # continue the stride across tile boundaries
+        if tile.dtype == np.uint8:  # [H, W, 3] as read
+            rows.append(tile.reshape(-1, 3)[start::stride].T)
+        else:  # [3, H, W] as served
+            rows.append(tile.reshape(3, -1)[:, start::stride])
+        offset += count
+    return np.concatenate(rows, axis=1)
+
+
+def _stained_od(pixels: np.ndarray) -> np.ndarray:
+    """OD `[3, m]` float32 of the pixels `[3, n]` whose OD vector is longer than OD_THRESHOLD.
+
+    The length, not every channel: eosin barely absorbs red, so pale stroma has almost no red OD
+    and an every-channel threshold would drop all pure-eosin pixels, biasing the fitted eosin
+    vector towards haematoxylin.
+    """
+    od = optical_density(pixels)
+    # compress keeps rows contiguous (a boolean index here returns a column-major copy, slow to reduce along)
+    return od.compress(np.einsum("ij,ij->j", od, od) > np.float32(OD_THRESHOLD**2), axis=1)
 
 
 def fit_stains(pixels: np.ndarray | list[np.ndarray], where: str | None = None) -> Stains:
     """Macenko: the plane of the two largest OD eigenvectors, extreme angles in it = the two stains.
 
     `pixels`: one tile or a list (uint8 `[H, W, 3]` or float32 `[3, H, W]`), e.g. a sample of a slide's tiles.
+    Per-pixel work is float32 (the same stains as float64 to about 1e-6); the 3x3 and 3x2 algebra is float64.
     """
-    tiles = pixels if isinstance(pixels, list) else [pixels]
-    rows = np.concatenate([_channel_rows(t) for t in tiles], axis=1)
-    od = optical_density(rows[:, :: max(1, rows.shape[1] // MAX_FIT_PIXELS)])
-    tissue = od[:, np.all(od > OD_THRESHOLD, axis=0)]
+    tissue = _stained_od(_sample_pixels(pixels if isinstance(pixels, list) else [pixels]))
     if tissue.shape[1] < MIN_TISSUE_PIXELS:
         raise InputError(
             f"too little stained tissue to fit stains ({tissue.shape[1]} pixels)", where=where,
             hint="fit on tiles that contain tissue, or use the reference stains",
         )
-    _, eigvecs = np.linalg.eigh(np.cov(tissue))
+    centred = tissue - tissue.mean(axis=1, keepdims=True)
+    covariance = (centred @ centred.T).astype(np.float64) / (tissue.shape[1] - 1)  # np.cov without its copies
+    _, eigvecs = np.linalg.eigh(covariance)
     plane = eigvecs[:, 1:3]  # eigh sorts ascending: the two largest
     plane = plane * np.where(plane[0] < 0, -1, 1)  # point both into positive OD
-    projected = plane.T @ tissue
+    projected = plane.T.astype(np.float32) @ tissue
     angles = np.arctan2(projected[1], projected[0])
     low, high = np.percentile(angles, [ANGLE_PERCENTILE, 100 - ANGLE_PERCENTILE])
     v_low = plane @ np.array([np.cos(low), np.sin(low)])
@@ -87,38 +114,68 @@ def fit_stains(pixels: np.ndarray | list[np.ndarray], where: str | None = None) 
     # Haematoxylin absorbs red more than eosin does: it goes first.
     matrix = np.stack([v_low, v_high] if v_low[0] > v_high[0] else [v_high, v_low], axis=1)
     matrix = np.abs(matrix) / np.linalg.norm(matrix, axis=0)
-    concentrations = np.linalg.pinv(matrix) @ tissue
-    return Stains(matrix, np.percentile(concentrations, MAX_PERCENTILE, axis=1))
+    concentrations = np.linalg.pinv(matrix).astype(np.float32) @ tissue
+    return Stains(matrix, np.percentile(concentrations, MAX_PERCENTILE, axis=1).astype(np.float64))
 
 
 class StainNormalizer:
-    """Re-expresses tiles stained like `source` with the `target` stains (Macenko)."""
+    """Re-expresses tiles stained like `source` with the `target` stains (Macenko).
+
+    Per pixel: OD from a 256-entry table, concentrations = unmix @ OD (clipped at 0), then
+    I0 * exp(-remix @ concentrations), all in float32 into reused buffers (one set per thread),
+    writing straight into the caller's output.
+    """
 
     def __init__(self, source: Stains, target: Stains = REFERENCE_STAINS):
         self.source, self.target = source, target
         scale = target.max_concentrations / np.maximum(source.max_concentrations, 1e-6)
         self._unmix = np.linalg.pinv(source.matrix).astype(np.float32)  # [2, 3]: OD -> concentrations
-        self._remix = (target.matrix * scale).astype(np.float32)  # [3, 2]: rescaled concentrations -> OD
+        self._remix = (-target.matrix * scale).astype(np.float32)  # [3, 2]: concentrations -> minus OD
+        self._scratch = threading.local()
+
+    def __getstate__(self) -> dict:  # picklable for worker processes; buffers are rebuilt there
+        return {k: v for k, v in vars(self).items() if k != "_scratch"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state, _scratch=threading.local())
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         """float32 `[3, H, W]` in [0, 1] -> the same, restained."""
         codes = np.rint(np.clip(tile, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return self._restain_codes(codes)
+        out = np.empty(tile.shape, np.float32)
+        self._restain(codes.reshape(3, -1), out.reshape(3, -1))
+        return out
 
-    def from_rgb(self, rgb: np.ndarray) -> np.ndarray:
-        """uint8 `[H, W, 3]` as read from a slide -> restained float32 `[3, H, W]` in [0, 1]."""
-        return self._restain_codes(np.moveaxis(rgb, -1, 0))
+    def from_rgb(self, rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 `[H, W, 3]` as read from a slide -> restained float32 `[3, H, W]` in [0, 1] (into `out` if given)."""
+        h, w, _ = rgb.shape
+        out = np.empty((3, h, w), np.float32) if out is None else out
+        if not out.flags.c_contiguous:
+            raise ValueError("restained tiles are written into a C-contiguous float32 [3, H, W] array")
+        self._restain(rgb.transpose(2, 0, 1).reshape(3, -1), out.reshape(3, -1))
+        return out
 
-    def _restain_codes(self, codes: np.ndarray) -> np.ndarray:
-        # Slides are 8-bit: a 256-entry table replaces a log per pixel.
-        shape = codes.shape
-        concentrations = self._unmix @ OD_TABLE[codes].reshape(3, -1)
-        np.clip(concentrations, 0.0, None, out=concentrations)
-        od = self._remix @ concentrations  # >= 0, so the result stays within [0, I0]
-        np.negative(od, out=od)
-        np.exp(od, out=od)
-        od *= BACKGROUND_INTENSITY
-        return od.reshape(shape)
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scratch = self._scratch
+        if not hasattr(scratch, "od"):  # fresh temporaries per tile would cost page faults
+            scratch.od = np.empty((3, RESTAIN_CHUNK), np.float32)
+            scratch.conc = np.empty((2, RESTAIN_CHUNK), np.float32)
+            scratch.zeros = np.zeros((2, RESTAIN_CHUNK), np.float32)  # np.maximum is SIMD against an array, not a scalar
+        return scratch.od, scratch.conc, scratch.zeros
+
+    def _restain(self, codes: np.ndarray, out: np.ndarray) -> None:
+        """uint8 codes `[3, N]` -> restained float32 `[3, N]`, in chunks small enough to stay in cache."""
+        od_buffer, conc_buffer, zeros = self._buffers()
+        for start in range(0, codes.shape[1], RESTAIN_CHUNK):
+            chunk = out[:, start : start + RESTAIN_CHUNK]
+            n = chunk.shape[1]
+            od, conc = od_buffer[:, :n], conc_buffer[:, :n]
+            np.take(OD_TABLE, codes[:, start : start + RESTAIN_CHUNK], out=od, mode="clip")  # uint8: always in range
+            np.matmul(self._unmix, od, out=conc)
+            np.maximum(conc, zeros[:, :n], out=conc)
+            np.matmul(self._remix, conc, out=chunk)  # <= 0, so the result stays within [0, I0]
+            np.exp(chunk, out=chunk)
+            chunk *= BACKGROUND_INTENSITY
 
 
 def normalize_tiles(tiles: list[np.ndarray], target: Stains = REFERENCE_STAINS, where: str | None = None) -> list[np.ndarray]:

@@ -93,7 +93,7 @@ def section(result: dict, command: str, doc_dir: Path) -> str:
         f"Served check: `medtriage score {proof['package']} --npz {NPZ} --split test --json` "
         f"scored {proof['images']} images through the package's ONNX session: test AUC {proof['served_test_auc']:.6f} vs "
         f"{proof['torch_test_auc']:.6f} from PyTorch (|diff| {abs(proof['served_test_auc'] - proof['torch_test_auc']):.1e}); "
-        f"package chosen by validation log-loss ({proof['row']}).",
+        f"package chosen by validation log-loss ({proof['row']}, MLflow run `{proof['run_id'][:8]}`).",
         "",
         f"![reliability diagram, test split, before and after temperature scaling](images/{figure.name})",
         *loso_lines(result["loso"]),
