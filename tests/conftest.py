@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,33 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
 PNEUMONIA_NPZ = SAMPLES / "pneumoniamnist_28.npz"
+
+
+# What only training needs. The inference side (medtriage.io, medtriage.serve) runs where none of it imports.
+TRAINING_STACK = ("torch", "monai", "mlflow", "hydra", "omegaconf", "sklearn", "onnxscript", "pandas")
+_BLOCKER = textwrap.dedent(
+    f"""
+    import sys
+    class Blocker:
+        blocked = {TRAINING_STACK!r}
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.blocked:
+                raise ImportError(f"{{name}} is blocked: the inference side must not import it")
+            return None
+    sys.meta_path.insert(0, Blocker())
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def run_without_training_stack():
+    """`run(code)`: `code` in a fresh interpreter where importing the training stack fails (`Blocker.blocked`)."""
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _BLOCKER + textwrap.dedent(code)], capture_output=True, text=True,
+                              timeout=120)
+
+    return run
 
 
 @pytest.fixture(autouse=True)

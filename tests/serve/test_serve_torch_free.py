@@ -1,40 +1,17 @@
 """The inference side runs where torch, monai, mlflow and hydra cannot be imported."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 from pydicom.data import get_testdata_file
 
-BLOCKED = ("torch", "monai", "mlflow", "hydra", "omegaconf", "sklearn", "onnxscript")
-
-BLOCKER = textwrap.dedent(
-    f"""
-    import sys
-    class Blocker:
-        blocked = {BLOCKED!r}
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in self.blocked:
-                raise ImportError(f"{{name}} is blocked: the inference side must not import it")
-            return None
-    sys.meta_path.insert(0, Blocker())
-    """
-)
-
-
-def run_blocked(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
-
-
-def test_the_blocker_really_blocks():
-    out = run_blocked("import torch")
+def test_the_blocker_really_blocks(run_without_training_stack):
+    out = run_without_training_stack("import torch")
     assert out.returncode != 0 and "torch is blocked" in out.stderr
 
 
-def test_serve_scores_a_file_and_builds_an_sr_without_torch(package_dir):
+def test_serve_scores_a_file_and_builds_an_sr_without_torch(package_dir, run_without_training_stack):
     ct = get_testdata_file("CT_small.dcm")
-    out = run_blocked(
+    out = run_without_training_stack(
         f"""
         import json, sys
         import medtriage.serve.cli, medtriage.serve.http, medtriage.serve.dicom_results
@@ -44,7 +21,7 @@ def test_serve_scores_a_file_and_builds_an_sr_without_torch(package_dir):
         predictor = Predictor(load_package({str(package_dir)!r}))
         scores = predictor.score_file({ct!r})
         build_sr(read_header({ct!r}), scores, predictor.package)
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in Blocker.blocked)
         print(json.dumps({{"p": scores[0].probability, "heavy": heavy}}))
         """
     )
@@ -53,9 +30,9 @@ def test_serve_scores_a_file_and_builds_an_sr_without_torch(package_dir):
     assert 0.0 <= result["p"] <= 1.0 and result["heavy"] == []
 
 
-def test_the_score_command_runs_without_torch(package_dir):
+def test_the_score_command_runs_without_torch(package_dir, run_without_training_stack):
     ct = get_testdata_file("CT_small.dcm")
-    out = run_blocked(
+    out = run_without_training_stack(
         f"""
         import sys
         from medtriage.cli import main
