@@ -16,7 +16,7 @@ setup: $(BIN)/python
 # The main job: site exports -> de-identifying ingest -> pool + leakage audit -> train -> ONNX package -> triage table.
 demo: setup
 	$(BIN)/python scripts/make_sites.py
-	$(BIN)/python scripts/ingest_sites.py --create-keys
+	$(BIN)/python scripts/ingest_sites.py
 	$(BIN)/python scripts/train.py experiment=pneumonia_sites
 	$(BIN)/medtriage score models/pneumonia-sites-r18 $$($(BIN)/python scripts/pick_files.py data/pool/pneumonia_sites)
 

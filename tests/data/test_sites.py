@@ -121,6 +121,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     first = snapshot(tmp_path / "a")
     assert first == snapshot(tmp_path / "b")
     assert first.keys() != snapshot(tmp_path / "c").keys()
+    keys = {p: first[p] for p in first if p.parts[0] == ".keys"}  # the simulated sites' secrets repeat too
+    assert sorted(p.name for p in keys) == sorted(f"{s.name}.key" for s in SITES)
+    assert keys != {p: v for p, v in snapshot(tmp_path / "c").items() if p.parts[0] == ".keys"}
 
 
 @pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmtk's dcmdump is not installed")

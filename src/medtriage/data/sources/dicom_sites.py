@@ -6,7 +6,10 @@ MONOCHROME1, rescale, window or VOI LUT, matrix size, pixel spacing, noise, tran
 fake but realistic PHI for de-identification to remove, and a `labels.csv` as the hospital
 exports it, including a few bad rows. Output is byte-identical for the same seed.
 
-Layout: `<out>/<site>/<MODALITY>.<SOP Instance UID>.dcm` and `<out>/<site>/labels.csv`.
+Layout: `<out>/<site>/<MODALITY>.<SOP Instance UID>.dcm` and `<out>/<site>/labels.csv`, plus each
+simulated site's secret in `<out>/.keys/<site>.key` (where `ingest_sites` looks for it). The secrets
+follow from the seed too, so pseudonyms, and with them the patient-level splits and every figure
+trained on the pool, repeat on any machine. A real site makes a random secret once and keeps it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import hashlib
 import io
 import shutil
 from dataclasses import dataclass, field
@@ -93,6 +97,9 @@ class SiteResult:
     stray_files: list = field(default_factory=list)  # deliberately damaged or non-image files
 
 
+KEYS_FOLDER = ".keys"  # medtriage.io.ingest.ingest_sites' default place for <site>.key
+
+
 def make_sites(npz: str | Path = DEFAULT_NPZ, out_dir: str | Path = DEFAULT_OUT, seed: int = 0,
                limit: int | None = None, sites: tuple[SiteProfile, ...] = SITES) -> list[SiteResult]:
     """Write one folder per site under `out_dir` (replacing earlier output). `limit` caps the image count."""
@@ -104,7 +111,16 @@ def make_sites(npz: str | Path = DEFAULT_NPZ, out_dir: str | Path = DEFAULT_OUT,
         for site_index, (site, chunk) in enumerate(zip(sites, _shares(order, sites))):
             writer = _SiteWriter(site, out_dir / site.name, seed, site_index)
             results.append(writer.write(images[chunk], labels[chunk], bar))
+            _write_site_key(out_dir, site.name, seed)
     return results
+
+
+def _write_site_key(out_dir: Path, site: str, seed: int) -> None:
+    """The simulated site's secret, derived from the seed: a reproducible pool, unlike a real site's key."""
+    path = out_dir / KEYS_FOLDER / f"{site}.key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(hashlib.sha256(f"medtriage simulated site|{seed}|{site}".encode()).hexdigest() + "\n")
+    path.chmod(0o600)
 
 
 def _all_images(npz) -> tuple[np.ndarray, np.ndarray]:
@@ -360,7 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     results = make_sites(args.npz, args.out, seed=args.seed, limit=args.limit)
     print(summary_table(results))
-    print(f"site folders written under {Path(args.out).resolve()}; next: python scripts/build_pool.py")
+    print(f"site folders written under {Path(args.out).resolve()}; next: python scripts/ingest_sites.py (de-identify into the pool)")
     return 0
 
 
