@@ -150,10 +150,8 @@ def test_score_writes_an_overlay_per_file_and_the_sr_still(capsys, package_dir, 
     assert ct_png.size == (128, 128) and ct_png.mode == "RGB"
 
 
-def test_overlays_are_drawn_without_torch(package_dir, tmp_path):
-    from test_serve_torch_free import BLOCKED, run_blocked
-
-    out = run_blocked(f"""
+def test_overlays_are_drawn_without_torch(package_dir, tmp_path, run_without_training_stack):
+    out = run_without_training_stack(f"""
         import sys
         from medtriage.serve.package import load_package
         from medtriage.serve.predictor import Predictor
@@ -161,7 +159,7 @@ def test_overlays_are_drawn_without_torch(package_dir, tmp_path):
         predictor = Predictor(load_package({str(package_dir)!r}))
         path = {get_testdata_file("CT_small.dcm")!r}
         print(write_overlay(predictor, path, predictor.score_file(path), {str(tmp_path)!r}))
-        print(sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}))
+        print(sorted(m for m in sys.modules if m.split(".")[0] in Blocker.blocked))
         """)
     assert out.returncode == 0, out.stderr
     written, heavy = out.stdout.strip().splitlines()[-2:]
