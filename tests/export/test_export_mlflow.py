@@ -59,6 +59,20 @@ def test_export_from_mlflow_logs_registers_and_versions_the_package(trained_run,
     assert _registrar(run_id, ExportConfig(name="pneumonia-test"))() == 2
 
 
+@pytest.mark.slow
+def test_a_failed_export_leaves_no_registered_version(trained_run, monkeypatch):
+    import medtriage.export.run as export_run
+    from medtriage.export.from_mlflow import export_from_mlflow
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(export_run, "write_package", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_from_mlflow(trained_run[0], [])
+    assert mlflow.MlflowClient().search_model_versions("name='pneumonia-test'") == []
+
+
 def test_script_asks_for_a_run_id(capsys):
     from medtriage.export.from_mlflow import main
 

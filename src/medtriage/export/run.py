@@ -154,16 +154,21 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
     test = predict(net, manifest, "test") if len(manifest.split("test")) else None
     parity_images = list(manifest.images(np.asarray(val.row_indices)[: export_cfg.parity_images]))
     provenance = {"mlflow_run_id": run_id, "git_commit": _git_commit(run_id), "data_fingerprint": manifest.fingerprint}
-    register = _registrar(run_id, export_cfg)
-    result = export_model(
-        net, export_cfg, label_names=manifest.label_names, val=val, test=test, parity_images=parity_images,
-        training_sites=manifest.split("train")["site"].unique(), network=_as_dict(config.get("model", {})),
-        provenance=provenance, assign_version=register,
-        tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
-    )
-    if run_id and export_cfg.log_to_mlflow:
-        _log_to_mlflow(run_id, result)
-    else:
+    registration = _registrar(run_id, export_cfg)
+    try:
+        result = export_model(
+            net, export_cfg, label_names=manifest.label_names, val=val, test=test, parity_images=parity_images,
+            training_sites=manifest.split("train")["site"].unique(), network=_as_dict(config.get("model", {})),
+            provenance=provenance, assign_version=registration,
+            tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
+        )
+        if run_id and export_cfg.log_to_mlflow:
+            _log_to_mlflow(run_id, result)
+    except BaseException:
+        if registration is not None:
+            registration.withdraw()
+        raise
+    if not (run_id and export_cfg.log_to_mlflow):
         print(f"model package {result.meta['name']} v{result.meta['version']} -> {result.package_dir}")
     return result.package_dir
 
@@ -200,29 +205,44 @@ def _git_commit(run_id: str | None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _registrar(run_id: str | None, cfg: ExportConfig) -> Callable[[], int] | None:
-    """A callable that registers the next model version, pointing at where the package will be logged."""
-    if not (run_id and cfg.register_model and cfg.log_to_mlflow):
-        return None
+class _Registration:
+    """Registers the next model version of `name` (pointing at where the package will be logged) when
+    called, and withdraws it again if the package never gets there: no version without its package."""
 
-    def register() -> int:
+    def __init__(self, run_id: str, name: str):
+        self.run_id, self.name, self.version = run_id, name, None
+
+    def __call__(self) -> int:
         import mlflow
         from mlflow.exceptions import MlflowException
 
         client = mlflow.MlflowClient()
         try:
-            client.create_registered_model(cfg.name, description="MedTriage ONNX model package (model.onnx, model.json, MODEL_CARD.md)")
+            client.create_registered_model(self.name, description="MedTriage ONNX model package (model.onnx, model.json, MODEL_CARD.md)")
         except MlflowException:
             pass  # already registered: add a version
-        latest = max((int(v.version) for v in client.search_model_versions(f"name='{cfg.name}'")), default=0)
-        source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path(latest + 1)}"
-        version = int(client.create_model_version(cfg.name, source=source, run_id=run_id).version)
-        if version != latest + 1:
-            raise PackageError(f"another export registered '{cfg.name}' at the same time (got version {version}, expected {latest + 1})",
-                               hint="run the export again")
-        return version
+        latest = max((int(v.version) for v in client.search_model_versions(f"name='{self.name}'")), default=0)
+        source = f"{client.get_run(self.run_id).info.artifact_uri}/{artifact_path(latest + 1)}"
+        self.version = int(client.create_model_version(self.name, source=source, run_id=self.run_id).version)
+        if self.version != latest + 1:
+            raise PackageError(f"another export registered '{self.name}' at the same time (got version {self.version}, "
+                               f"expected {latest + 1})", hint="run the export again")
+        return self.version
 
-    return register
+    def withdraw(self) -> None:
+        if self.version is not None:
+            import mlflow
+
+            mlflow.MlflowClient().delete_model_version(self.name, str(self.version))
+            log.warning("export failed: registered version %s of '%s' withdrawn", self.version, self.name)
+            self.version = None
+
+
+def _registrar(run_id: str | None, cfg: ExportConfig) -> _Registration | None:
+    """The registration of the next model version, when this export registers one."""
+    if not (run_id and cfg.register_model and cfg.log_to_mlflow):
+        return None
+    return _Registration(run_id, cfg.name)
 
 
 def artifact_path(version: int) -> str:
