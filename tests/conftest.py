@@ -63,3 +63,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TQDM_MININTERVAL", "5")
+
+
+@pytest.fixture(scope="session")
+def dicom_wsi(tmp_path_factory) -> Path:
+    """The sample SVS converted to a DICOM whole-slide image (VL Whole Slide Microscopy): a folder of its files."""
+    pytest.importorskip("wsidicom", reason="pip install 'medtriage[wsi]'")
+    folder = tmp_path_factory.mktemp("dicom_wsi")
+    # In a child process: importing wsidicomizer changes how pydicom decodes pixel data for the whole process.
+    # Its tiffslide source re-encodes tiles with imagecodecs, so no system libjpeg-turbo is needed.
+    convert = ("import sys; from wsidicomizer import WsiDicomizer; from wsidicomizer.sources import TiffSlideSource; "
+               "WsiDicomizer.convert(sys.argv[1], sys.argv[2], preferred_source=TiffSlideSource)")
+    done = subprocess.run([sys.executable, "-c", convert, str(SAMPLES / "CMU-1-Small-Region.svs"), str(folder)],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "No module named 'wsidicomizer'" in done.stderr:
+        pytest.skip("pip install wsidicomizer (in the dev extra)")
+    assert done.returncode == 0, done.stderr
+    return folder

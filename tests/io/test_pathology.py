@@ -293,3 +293,27 @@ def test_io_pathology_imports_without_torch(run_without_training_stack):
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) > 10
+
+
+def test_a_dicom_whole_slide_image_tiles_like_the_slide_it_was_made_from(dicom_wsi):
+    from medtriage.io.slide_reader import DicomSlide, is_slide_path
+
+    assert is_slide_path(dicom_wsi)
+    one_file = next(p for p in sorted(dicom_wsi.iterdir()) if p.suffix == ".dcm")
+    for path in (dicom_wsi, one_file):  # the folder, or any file of its series
+        with open_slide(path) as slide:
+            assert isinstance(slide, DicomSlide) and slide.path == dicom_wsi
+    with open_slide(CMU1) as svs, open_slide(dicom_wsi) as wsi:
+        assert wsi.dimensions == svs.dimensions and wsi.mpp == pytest.approx(svs.mpp, rel=1e-3)
+        difference = np.abs(wsi.read_region(500, 600, 0, (224, 224)).astype(int) - svs.read_region(500, 600, 0, (224, 224)))
+        assert difference.mean() < 3  # the same pixels, JPEG-encoded once more
+    from_svs, from_dicom = prepare_slide(CMU1, 224, 0.5), prepare_slide(dicom_wsi, 224, 0.5)
+    assert [(t.x, t.y) for t in from_dicom.grid.tiles] == [(t.x, t.y) for t in from_svs.grid.tiles]
+
+
+def test_a_folder_without_a_whole_slide_image_is_a_clear_error(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "ct.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    with pytest.raises(InputError, match="no DICOM whole-slide image files"):
+        open_slide(tmp_path)

@@ -148,6 +148,20 @@ def test_cli_scores_slides_and_rejects_bad_ones(package_copy, tmp_path, capsys):
     assert "not a readable" in reasons["notes.svs"] and "truncated" in reasons["truncated.svs"]
 
 
+def test_cli_scores_a_dicom_whole_slide_image_once_as_its_folder(package_copy, dicom_wsi, tmp_path, capsys):
+    import json
+
+    from medtriage.cli import main
+
+    package = with_pathology_block(package_copy)
+    one_file = next(p for p in sorted(dicom_wsi.iterdir()) if p.suffix == ".dcm")
+    assert main(["score", str(package), str(dicom_wsi), str(one_file), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [Path(r["file"]) for r in results] == [dicom_wsi]  # one slide, never its files one by one
+    svs = prepare_slide(CMU1, 112, 0.5)
+    assert results[0]["modality"] == "SM" and results[0]["n_tiles"] == len(svs.grid.tiles)
+
+
 def test_cli_refuses_slides_for_a_package_without_tile_settings(package_copy, capsys):
     from medtriage.cli import main
 

@@ -5,6 +5,8 @@ Aperio SVS, generic tiled TIFF and the other TIFF-based formats it knows (NDPI, 
 OME-TIFF) without system libraries. Tiles are read from the TIFF's own JPEG/LZW/... tiles
 through tifffile's decoder with a small cache, several times faster than going through
 zarr (docs/benchmarks.md); pages the fast path does not handle fall back to `TiffSlide.read_region`.
+DICOM whole-slide images (VL Whole Slide Microscopy Image Storage: a folder holding the series'
+files) are read through `wsidicom` (the optional `medtriage[wsi]` extra).
 
 Coordinates are level-0 pixels `(x, y)`.
 """
@@ -22,14 +24,76 @@ from medtriage.errors import DataNotFoundError, InputError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 0.5 for 20x)"
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 
 
 def is_slide_path(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in SLIDE_SUFFIXES
+    """A TIFF-based slide file, or a folder holding a DICOM whole-slide image."""
+    path = Path(path)
+    return path.suffix.lower() in SLIDE_SUFFIXES or (path.is_dir() and is_dicom_wsi_folder(path))
 
 
-class Slide:
-    """An opened whole-slide image. `mpp` (µm/pixel at level 0) is always known once opened."""
+def is_dicom_wsi_file(path: str | Path) -> bool:
+    """True for a DICOM file of a whole-slide image (one level or one associated image of the series)."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # not DICOM, or unreadable: not a whole-slide image either
+        return False
+    return str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS
+
+
+def is_dicom_wsi_folder(folder: str | Path) -> bool:
+    return any(is_dicom_wsi_file(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith("."))
+
+
+class _Levels:
+    """What every slide offers on top of its level sizes, `mpp` and `shared_reader`."""
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def finest_level_for(self, mpp: float) -> int:
+        """Coarsest level whose pixels are still at least as fine as `mpp` (1% slack)."""
+        fine_enough = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= mpp * 1.01]
+        return max(fine_enough, key=self.level_mpp) if fine_enough else 0
+
+    def read_region(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        """uint8 RGB `[h, w, 3]` of `size=(w, h)` pixels at `level`, top-left at level-0 `(x0, y0)`."""
+        return self.shared_reader.read(x0, y0, level, size)
+
+    def level_image(self, level: int) -> np.ndarray:
+        w, h = self.level_dimensions[level]
+        return self.read_region(0, 0, level, (w, h))
+
+    def thumbnail(self, max_side: int = 1024) -> np.ndarray:
+        """uint8 RGB `[h, w, 3]` of the whole slide, longest side `max_side`."""
+        w0, h0 = self.dimensions
+        level = self.finest_level_for(self.mpp * max(w0, h0) / max_side)
+        image = Image.fromarray(self.level_image(level))
+        image.thumbnail((max_side, max_side), Image.Resampling.BOX)
+        return np.asarray(image)
+
+    def __enter__(self) -> "_Levels":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _checked_mpp(override: float | None, path: Path) -> float | None:
+    if override is not None and not override > 0:
+        raise InputError(f"µm/pixel override must be positive, got {override}", where=path)
+    return None if override is None else float(override)
+
+
+class Slide(_Levels):
+    """An opened TIFF-based whole-slide image. `mpp` (µm/pixel at level 0) is always known once opened."""
 
     def __init__(self, path: str | Path, mpp: float | None = None):
         import tiffslide
@@ -52,9 +116,7 @@ class Slide:
         self._fast_levels = [_fast_path_ok(level.keyframe) for level in self._levels]  # tifffile page flags are not cheap
 
     def _resolve_mpp(self, override: float | None) -> float:
-        if override is not None:
-            if not override > 0:
-                raise InputError(f"µm/pixel override must be positive, got {override}", where=self.path)
+        if _checked_mpp(override, self.path) is not None:
             return float(override)
         mpp = self._slide.properties.get("tiffslide.mpp-x")
         if not mpp:
@@ -73,18 +135,6 @@ class Slide:
                 )
 
     @property
-    def level_count(self) -> int:
-        return len(self.level_dimensions)
-
-    def level_mpp(self, level: int) -> float:
-        return self.mpp * self.level_downsamples[level]
-
-    def finest_level_for(self, mpp: float) -> int:
-        """Coarsest level whose pixels are still at least as fine as `mpp` (1% slack)."""
-        fine_enough = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= mpp * 1.01]
-        return max(fine_enough, key=self.level_mpp) if fine_enough else 0
-
-    @property
     def shared_reader(self) -> "RegionReader":
         """The reader of this thread of control: mask, stain fit and tiles share its decoded tiles."""
         if self._shared_reader is None:
@@ -94,14 +144,6 @@ class Slide:
     def reader(self) -> "RegionReader":
         """A reader for another thread: its own cache, seeded (read-only) with what is decoded so far."""
         return RegionReader(self, seed=dict(self.shared_reader._cache))
-
-    def read_region(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
-        """uint8 RGB `[h, w, 3]` of `size=(w, h)` pixels at `level`, top-left at level-0 `(x0, y0)`."""
-        return self.shared_reader.read(x0, y0, level, size)
-
-    def level_image(self, level: int) -> np.ndarray:
-        w, h = self.level_dimensions[level]
-        return self.read_region(0, 0, level, (w, h))
 
     def scanner_thumbnail(self) -> Image.Image | None:
         """The RGB thumbnail the scanner stored, if any and if it shows the whole slide (same aspect)."""
@@ -118,25 +160,11 @@ class Slide:
         w0, h0 = self.dimensions
         return image if abs(image.width / image.height - w0 / h0) < 0.01 * w0 / h0 else None
 
-    def thumbnail(self, max_side: int = 1024) -> np.ndarray:
-        """uint8 RGB `[h, w, 3]` of the whole slide, longest side `max_side`."""
-        w0, h0 = self.dimensions
-        level = self.finest_level_for(self.mpp * max(w0, h0) / max_side)
-        image = Image.fromarray(self.level_image(level))
-        image.thumbnail((max_side, max_side), Image.Resampling.BOX)
-        return np.asarray(image)
-
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
         self._slide.close()
-
-    def __enter__(self) -> "Slide":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class RegionReader:
@@ -220,6 +248,64 @@ def _unreadable(path: Path, err: Exception) -> InputError:
                       hint=f"expected a TIFF-based slide ({', '.join(SLIDE_SUFFIXES)})")
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
-    """Open a slide; `mpp` overrides (or supplies missing) level-0 µm/pixel."""
+def open_slide(path: str | Path, mpp: float | None = None) -> Slide | DicomSlide:
+    """Open a slide (a TIFF-based file, or a DICOM whole-slide image's folder or one of its files);
+    `mpp` overrides (or supplies missing) level-0 µm/pixel."""
+    path = Path(path)
+    if path.is_dir() or (path.suffix.lower() not in SLIDE_SUFFIXES and is_dicom_wsi_file(path)):
+        return DicomSlide(path if path.is_dir() else path.parent, mpp=mpp)
     return Slide(path, mpp=mpp)
+
+
+class DicomSlide(_Levels):
+    """A DICOM whole-slide image (the folder of its series' files), read through wsidicom.
+    Levels are the pyramid's, finest first; µm/pixel comes from the Pixel Spacing of the finest."""
+
+    def __init__(self, folder: str | Path, mpp: float | None = None):
+        self.path = Path(folder)
+        if not self.path.is_dir():
+            raise DataNotFoundError("DICOM whole-slide image folder not found", where=self.path)
+        try:
+            from wsidicom import WsiDicom
+        except ImportError as err:
+            raise InputError("reading DICOM whole-slide images needs wsidicom", where=self.path,
+                             hint="pip install 'medtriage[wsi]'") from err
+        files = [p for p in sorted(self.path.iterdir()) if p.is_file() and is_dicom_wsi_file(p)]
+        if not files:
+            raise InputError("no DICOM whole-slide image files in the folder", where=self.path,
+                             hint="pass the folder holding the VL Whole Slide Microscopy Image files of one slide")
+        try:
+            self._wsi = WsiDicom.open(files)
+            levels = list(self._wsi.levels)
+        except Exception as err:  # wsidicom raises many types for incomplete or damaged series
+            raise InputError(f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})", where=self.path,
+                             hint="check that the folder holds every file of one slide's series") from err
+        self._pyramid_levels = [level.level for level in levels]  # wsidicom's level numbers (log2 of the scale)
+        self.level_dimensions = [(int(level.size.width), int(level.size.height)) for level in levels]
+        self.dimensions = self.level_dimensions[0]
+        self.level_downsamples = [self.dimensions[0] / w for w, _ in self.level_dimensions]
+        spacing = levels[0].mpp  # µm/pixel, absent when the files carry no Pixel Spacing
+        self.mpp = _checked_mpp(mpp, self.path) or (float(spacing.width) if spacing and spacing.width else None)
+        if not self.mpp:
+            raise InputError("no resolution metadata (µm/pixel) in the slide", where=self.path, hint=MPP_HINT)
+        self.shared_reader = _DicomRegionReader(self)
+
+    def reader(self) -> "_DicomRegionReader":
+        return _DicomRegionReader(self)
+
+    def scanner_thumbnail(self) -> Image.Image | None:
+        return None  # the pyramid's coarsest level serves instead
+
+    def close(self) -> None:
+        self._wsi.close()
+
+
+class _DicomRegionReader:
+    def __init__(self, slide: DicomSlide):
+        self.slide = slide
+
+    def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        ds = self.slide.level_downsamples[level]
+        x, y = int(round(x0 / ds)), int(round(y0 / ds))  # wsidicom takes the level's own pixel coordinates
+        region = self.slide._wsi.read_region((x, y), self.slide._pyramid_levels[level], tuple(int(v) for v in size))
+        return np.asarray(region.convert("RGB"), dtype=np.uint8)

@@ -73,7 +73,22 @@ def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
             files.append(path)
         else:
             missing.append(Rejection(raw, "no such file or folder", "FileNotFoundError"))
-    return files, missing, any_folder
+    return _whole_slides_as_folders(files), missing, any_folder
+
+
+def _whole_slides_as_folders(files: list[Path]) -> list[Path]:
+    """A DICOM whole-slide image is a series of files (levels, label, overview): it is scored once, as its folder."""
+    from medtriage.io.slide_reader import is_dicom_wsi_file
+
+    kept, slide_folders = [], set()
+    for path in files:
+        if path.suffix.lower() in ("", ".dcm") and is_dicom_wsi_file(path):
+            if path.parent not in slide_folders:
+                slide_folders.add(path.parent)
+                kept.append(path.parent)
+        else:
+            kept.append(path)
+    return kept
 
 
 def score_paths(predictor: Predictor, files: list[Path], progress: bool, sr_dir: str | None,
