@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -44,8 +45,13 @@ def is_dicom_wsi_file(path: str | Path) -> bool:
     return str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS
 
 
+def dicom_wsi_files(folder: str | Path) -> Iterator[Path]:
+    """The whole-slide image files directly in `folder`, sorted (hidden files skipped)."""
+    return (p for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith(".") and is_dicom_wsi_file(p))
+
+
 def is_dicom_wsi_folder(folder: str | Path) -> bool:
-    return any(is_dicom_wsi_file(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith("."))
+    return next(dicom_wsi_files(folder), None) is not None
 
 
 class _Levels:
@@ -62,6 +68,11 @@ class _Levels:
         """Coarsest level whose pixels are still at least as fine as `mpp` (1% slack)."""
         fine_enough = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= mpp * 1.01]
         return max(fine_enough, key=self.level_mpp) if fine_enough else 0
+
+    def level_position(self, x0: int, y0: int, level: int) -> tuple[int, int]:
+        """Level-0 `(x0, y0)` in the pixel coordinates of `level`."""
+        ds = self.level_downsamples[level]
+        return int(round(x0 / ds)), int(round(y0 / ds))
 
     def read_region(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         """uint8 RGB `[h, w, 3]` of `size=(w, h)` pixels at `level`, top-left at level-0 `(x0, y0)`."""
@@ -116,8 +127,9 @@ class Slide(_Levels):
         self._fast_levels = [_fast_path_ok(level.keyframe) for level in self._levels]  # tifffile page flags are not cheap
 
     def _resolve_mpp(self, override: float | None) -> float:
-        if _checked_mpp(override, self.path) is not None:
-            return float(override)
+        checked = _checked_mpp(override, self.path)
+        if checked is not None:
+            return checked
         mpp = self._slide.properties.get("tiffslide.mpp-x")
         if not mpp:
             raise InputError("no resolution metadata (µm/pixel) in the slide", where=self.path, hint=MPP_HINT)
@@ -178,8 +190,7 @@ class RegionReader:
 
     def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         page = self.slide._levels[level].keyframe
-        ds = self.slide.level_downsamples[level]
-        x, y = int(round(x0 / ds)), int(round(y0 / ds))
+        x, y = self.slide.level_position(x0, y0, level)
         if not self.slide._fast_levels[level]:
             region = self.slide._slide.read_region((x0, y0), level, size, as_array=True)
             return np.ascontiguousarray(region[..., :3], dtype=np.uint8)
@@ -270,7 +281,7 @@ class DicomSlide(_Levels):
         except ImportError as err:
             raise InputError("reading DICOM whole-slide images needs wsidicom", where=self.path,
                              hint="pip install 'medtriage[wsi]'") from err
-        files = [p for p in sorted(self.path.iterdir()) if p.is_file() and is_dicom_wsi_file(p)]
+        files = list(dicom_wsi_files(self.path))
         if not files:
             raise InputError("no DICOM whole-slide image files in the folder", where=self.path,
                              hint="pass the folder holding the VL Whole Slide Microscopy Image files of one slide")
@@ -305,7 +316,6 @@ class _DicomRegionReader:
         self.slide = slide
 
     def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
-        ds = self.slide.level_downsamples[level]
-        x, y = int(round(x0 / ds)), int(round(y0 / ds))  # wsidicom takes the level's own pixel coordinates
+        x, y = self.slide.level_position(x0, y0, level)  # wsidicom takes the level's own pixel coordinates
         region = self.slide._wsi.read_region((x, y), self.slide._pyramid_levels[level], tuple(int(v) for v in size))
         return np.asarray(region.convert("RGB"), dtype=np.uint8)
