@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -63,6 +64,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TQDM_MININTERVAL", "5")
+
+# CI (.ci/run) sets this: a test whose real peer (dcmtk, Orthanc, Chromium) is missing fails there instead of skipping.
+REQUIRE_PEERS = os.environ.get("MEDTRIAGE_REQUIRE_PEERS") == "1"
+
+
+def _need_tool(name: str, install_hint: str) -> str:
+    path = shutil.which(name) or (name if Path(name).is_file() else None)
+    if path is None:
+        message = f"{name} is not installed ({install_hint})"
+        if REQUIRE_PEERS:
+            pytest.fail(message + "; CI needs it: a skipped integration test is not a passed one")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def need_tool():
+    """`need_tool(program, install_hint)`: the path of an external program a test talks to (dcmtk, Orthanc,
+    Chromium). Missing, it skips the test locally and fails it in CI (MEDTRIAGE_REQUIRE_PEERS=1)."""
+    return _need_tool
 
 
 @pytest.fixture(scope="session")

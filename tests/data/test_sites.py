@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -126,8 +125,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert keys != {p: v for p, v in snapshot(tmp_path / "c").items() if p.parts[0] == ".keys"}
 
 
-@pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmtk's dcmdump is not installed")
-def test_dcmtk_reads_every_image(sites):
+def test_dcmtk_reads_every_image(need_tool, sites):
+    need_tool("dcmdump", "apt-get install dcmtk")
     out, results = sites
     paths = [str(p) for paths in image_files(out, results).values() for p in paths]
     paths += [str(out / "st_marys" / name) for name in results[0].stray_files]  # the SR is valid DICOM too

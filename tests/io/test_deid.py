@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 from datetime import date
 from pathlib import Path
@@ -238,8 +237,8 @@ def test_site_secret_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
         load_site_key()
 
 
-@pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmtk's dcmdump not installed")
-def test_dcmdump_reads_the_output(tmp_path, phi_site):
+def test_dcmdump_reads_the_output(need_tool, tmp_path, phi_site):
+    need_tool("dcmdump", "apt-get install dcmtk")
     for path in phi_site["pooled"]:
         ds = pydicom.dcmread(path)
         deidentify(ds, KEY)

@@ -78,8 +78,8 @@ def test_pixels_untouched_and_references_resolve(ingested):
         assert not [e for e in ds.iterall() if e.tag.is_private]
 
 
-@pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmtk's dcmdump not installed")
-def test_dcmdump_reads_every_pooled_file_without_complaint(ingested):
+def test_dcmdump_reads_every_pooled_file_without_complaint(need_tool, ingested):
+    need_tool("dcmdump", "apt-get install dcmtk")
     """An independent parser on the files exactly as ingest wrote them: no damage, nothing to correct."""
     for path in sorted(ingested["pool"].glob("*.dcm")):
         dump = subprocess.run(["dcmdump", "-E", "-dc", str(path)], capture_output=True, text=True)

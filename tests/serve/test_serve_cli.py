@@ -92,8 +92,8 @@ def test_sr_is_written_per_file_and_references_the_source(capsys, package_dir, t
     assert len(list((tmp_path / "sr").glob("*.SR.dcm"))) == 2
 
 
-@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk (dsrdump) is not installed")
-def test_dcmtk_reads_the_sr(capsys, package_dir, tmp_path):
+def test_dcmtk_reads_the_sr(need_tool, capsys, package_dir, tmp_path):
+    need_tool("dsrdump", "apt-get install dcmtk")
     _, out, _ = score(capsys, package_dir, get_testdata_file("emri_small.dcm"), "--json", "--sr", tmp_path)
     results = json.loads(out)["results"]
     (sr_path,) = tmp_path.glob("*.SR.dcm")
