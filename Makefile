@@ -20,5 +20,8 @@ demo: setup
 	$(BIN)/python scripts/train.py experiment=pneumonia_sites
 	$(BIN)/medtriage score models/pneumonia-sites-r18 $$($(BIN)/python scripts/pick_files.py data/pool/pneumonia_sites)
 
+# Lint (ruff), import contracts (import-linter, [tool.importlinter] in pyproject.toml), then the suite.
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

@@ -29,6 +29,10 @@ class DicomError(InputError):
     """A DICOM file that cannot be decoded into pixels."""
 
 
+class ImageTooLargeError(DicomError):
+    """An image whose header claims more pixels, frames or decoded bytes than the configured decode limits."""
+
+
 class NotAnImageError(DicomError):
     """A valid DICOM object without pixel data (SR, RT plan, presentation state...)."""
 

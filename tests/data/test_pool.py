@@ -10,7 +10,7 @@ import pytest
 
 from medtriage.data import pool as pool_module
 from medtriage.data.pool import build_sites_pool
-from medtriage.data.sources.dicom_sites import make_sites
+from medtriage.data.simulate.sites import make_sites
 from medtriage.errors import DataNotFoundError
 from medtriage.io.dicom import read_dicom
 

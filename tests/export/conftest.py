@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_package import shared_tiny_package  # noqa: E402
+from tests.export.tiny_package import shared_tiny_package
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from sklearn.metrics import roc_auc_score
 
 from medtriage.errors import ConfigError
 from medtriage.export.ensemble import EnsembleNet
-from medtriage.networks import PreprocessSpec, build_triage_net
-from tiny_package import NPZ
+from medtriage.model.networks import PreprocessSpec, build_triage_net
+from tests.export.tiny_package import NPZ
 
 
 def tiny_net(seed: int, size: int = 28):
@@ -46,8 +46,10 @@ def test_members_must_share_preprocessing():
 
 @pytest.mark.slow
 def test_ensemble_exports_to_one_onnx_graph_with_parity(tmp_path):
+    from medtriage.config.schema import ExportConfig
     from medtriage.data.sources.medmnist import PNEUMONIA_LABELS, as_chw, read_npz
-    from medtriage.export import ExportConfig, SplitScores, export_model
+    from medtriage.evaluation.predictions import Predictions
+    from medtriage.export.run import export_model
     from medtriage.serve.package import load_package
     from medtriage.serve.predictor import Predictor
 
@@ -58,7 +60,7 @@ def test_ensemble_exports_to_one_onnx_graph_with_parity(tmp_path):
     with torch.no_grad():
         logits = net(torch.from_numpy(pixels)).numpy()
     cfg = ExportConfig(models_dir=str(tmp_path), name="ens", parity_images=8, log_to_mlflow=False, register_model=False)
-    result = export_model(net, cfg, label_names=PNEUMONIA_LABELS, val=SplitScores(logits, labels[pick], np.array(["a"] * 96)),
+    result = export_model(net, cfg, label_names=PNEUMONIA_LABELS, val=Predictions(logits, labels[pick], np.array(["a"] * 96)),
                           parity_images=list(pixels))
     assert result.meta["parity"]["max_abs_diff"] <= 1e-4
     predictor = Predictor(load_package(result.package_dir))

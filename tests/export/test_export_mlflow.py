@@ -6,15 +6,15 @@ from dataclasses import asdict
 import mlflow
 import pytest
 
-from tiny_package import NPZ, linear_probe_net
+from tests.export.tiny_package import NPZ, linear_probe_net
 
 
 @pytest.fixture
 def trained_run(tmp_path):
     """An MLflow run holding a checkpoint (training's format) of a small model and its pool."""
     from medtriage.data.sources.medmnist import PNEUMONIA_LABELS, build_npz_pool
-    from medtriage.networks import PreprocessSpec
-    from medtriage.training.checkpoint import save_checkpoint
+    from medtriage.model.checkpoint import save_checkpoint
+    from medtriage.model.networks import PreprocessSpec
 
     pool = build_npz_pool(NPZ, tmp_path / "pool", PNEUMONIA_LABELS)
     config = {
@@ -31,9 +31,9 @@ def trained_run(tmp_path):
 
 @pytest.mark.slow
 def test_export_from_mlflow_logs_registers_and_versions_the_package(trained_run, tmp_path):
-    from medtriage.export.config import ExportConfig
+    from medtriage.config.schema import ExportConfig
     from medtriage.export.from_mlflow import export_from_mlflow
-    from medtriage.export.run import _registrar, artifact_path
+    from medtriage.export.registry import artifact_path, registrar
     from medtriage.serve.package import load_package
 
     run_id, pool = trained_run
@@ -56,7 +56,7 @@ def test_export_from_mlflow_logs_registers_and_versions_the_package(trained_run,
     assert version.source.endswith(artifact_path(1))
     assert client.get_run(run_id).data.metrics["export_parity_max_abs_diff"] <= 1e-4
     # The next export of the same name becomes version 2.
-    assert _registrar(run_id, ExportConfig(name="pneumonia-test"))() == 2
+    assert registrar(run_id, ExportConfig(name="pneumonia-test"))() == 2
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_a_failed_export_leaves_no_registered_version(trained_run, monkeypatch):
 
 
 def test_script_asks_for_a_run_id(capsys):
-    from medtriage.export.from_mlflow import main
+    from medtriage.cli.export import main
 
     assert main(["export.name=x"]) == 2
     assert "run_id=<mlflow run id>" in capsys.readouterr().err

@@ -6,8 +6,9 @@ import pytest
 
 from medtriage.errors import PackageError
 from medtriage.export.onnx import check_parity
-from medtriage.export.package import next_version, sha256_file
-from medtriage.serve.schema import schema_errors, validate_model_json
+from medtriage.export.package import next_version
+from medtriage.format import sha256_file
+from medtriage.format.schema import schema_errors, validate_model_json
 
 
 def test_package_holds_the_three_files_and_a_schema_valid_model_json(exported):
@@ -35,7 +36,10 @@ def test_parity_calibration_and_thresholds_are_recorded(exported):
     assert meta["parity"]["images"] == 16
     assert 0 <= meta["parity"]["max_abs_diff"] <= meta["parity"]["tolerance"] == 1e-4
     cal = meta["calibration"]
-    assert cal["method"] == "temperature" and 0.05 < cal["temperature"] < 20
+    # Temperature is kept only where cross-validated ECE says it helps; either way the choice is recorded.
+    cv = cal["selection"]["cv_ece"]
+    assert (cal["method"] == "temperature") == (cv["temperature"] < cv["none"] - cal["selection"]["cv_gain_se"])
+    assert 0.05 < cal["temperature"] < 20 if cal["method"] == "temperature" else cal["temperature"] == 1.0
     review, urgent = meta["thresholds"]["review"], meta["thresholds"]["urgent"]
     assert review["sensitivity"] >= 0.95 and urgent["specificity"] >= 0.95
     assert urgent["threshold"] >= review["threshold"]

@@ -18,7 +18,7 @@ from pydicom.uid import UID, ImplicitVRLittleEndian
 from medtriage.errors import ConfigError
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, patient_key, profile_table
 from medtriage.io.quarantine import screen
-from phi_site import build_phi_site, identifying_values, pixel_sha256
+from tests.io.phi_site import build_phi_site, identifying_values, pixel_sha256
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
 DEID_DATA = Path(__import__("deid_data").__file__).parent / "data"

@@ -16,7 +16,7 @@ from medtriage.cli import main as cli_main
 from medtriage.errors import ConfigError
 from medtriage.io.deid import SiteKey
 from medtriage.io.ingest import INDEX_FILE, LABELS_FILE, ingest_site, ledger_folder
-from phi_site import build_phi_site, identifying_values, pixel_sha256
+from tests.io.phi_site import build_phi_site, identifying_values, pixel_sha256
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,7 +159,7 @@ def test_worker_processes_and_full_decode_give_the_same_pool(ingested, tmp_path)
 
 
 def test_simulated_sites_ingest_with_their_labels(tmp_path):
-    make_sites = pytest.importorskip("medtriage.data.sources.dicom_sites").make_sites
+    make_sites = pytest.importorskip("medtriage.data.simulate.sites").make_sites
     results = make_sites(ROOT / "data/samples/pneumoniamnist_28.npz", tmp_path / "sites", seed=0, limit=24)
     for i, result in enumerate(results):
         source = tmp_path / "sites" / result.site

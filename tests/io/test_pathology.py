@@ -11,10 +11,24 @@ import tifffile
 
 from medtriage.errors import DataNotFoundError, InputError
 from medtriage.io.pathology import (
-    iter_tile_batches, open_slide, otsu_threshold, prepare_slide, read_tile, read_tile_rgb, tile_grid, tissue_mask,
+    iter_tile_batches,
+    open_slide,
+    otsu_threshold,
+    prepare_slide,
+    read_tile,
+    read_tile_rgb,
+    tile_grid,
+    tissue_mask,
 )
 from medtriage.io.stain import (
-    BACKGROUND_INTENSITY, MAX_FIT_PIXELS, OD_THRESHOLD, REFERENCE_STAINS, StainNormalizer, Stains, augment_stain, fit_stains,
+    BACKGROUND_INTENSITY,
+    MAX_FIT_PIXELS,
+    OD_THRESHOLD,
+    REFERENCE_STAINS,
+    StainNormalizer,
+    Stains,
+    augment_stain,
+    fit_stains,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
-from tiny_package import shared_tiny_package  # noqa: E402
+from tests.export.tiny_package import shared_safe_package, shared_tiny_package
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +25,14 @@ def package_dir(exported) -> Path:
 def package_copy(package_dir, tmp_path) -> Path:
     """A private copy of the package that a test may tamper with."""
     return Path(shutil.copytree(package_dir, tmp_path / package_dir.name))
+
+
+@pytest.fixture(scope="session")
+def safe_exported(tmp_path_factory):
+    """The tiny model exported with its OOD output and drift references (ExportResult, torch ScoredNet; read-only)."""
+    return shared_safe_package(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def safe_package_dir(safe_exported) -> Path:
+    return safe_exported[0].package_dir

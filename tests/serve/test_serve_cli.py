@@ -25,7 +25,7 @@ def score(capsys, *args) -> tuple[int, str, str]:
 def test_table_shows_finding_probability_priority_and_model(capsys, package_dir):
     code, out, err = score(capsys, package_dir, CT, MR)
     header, first, second = out.splitlines()
-    assert header.split() == ["file", "finding", "p(pneumonia)", "priority", "model"]
+    assert header.split() == ["file", "finding", "p(pneumonia)", "priority", "decision", "model"]
     assert first.startswith("CT_small.dcm") and "tiny-pneumonia v" in first and "(sha256 " in first
     assert second.startswith("MR_small.dcm") and "sha256" not in second
     assert code == 0 and "provider CPUExecutionProvider" in err
@@ -82,7 +82,8 @@ def test_sr_is_written_per_file_and_references_the_source(capsys, package_dir, t
     code, _, _ = score(capsys, package_dir, CT, get_testdata_file("emri_small.dcm"), "--sr", tmp_path / "sr")
     assert code == 0
     source = pydicom.dcmread(CT)
-    sr = pydicom.dcmread(tmp_path / "sr" / f"{source.SOPInstanceUID}.SR.dcm")
+    (sr_path,) = (tmp_path / "sr").glob(f"{source.SOPInstanceUID}.*.SR.dcm")  # UID, digest of the source, suffix
+    sr = pydicom.dcmread(sr_path)
     assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
     assert evidence.StudyInstanceUID == source.StudyInstanceUID

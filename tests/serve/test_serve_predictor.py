@@ -54,7 +54,7 @@ def test_served_equals_pytorch_on_pydicom_files(predictor, exported, name):
 
 
 def test_served_equals_pytorch_on_site_pool_files(predictor, exported, tmp_path):
-    from medtriage.data.sources.dicom_sites import make_sites
+    from medtriage.data.simulate.sites import make_sites
 
     make_sites(out_dir=tmp_path / "sites", limit=9)
     images = [p for p in sorted((tmp_path / "sites").rglob("*.dcm")) if not isinstance(predictor.score_or_reject(p, p.name), Rejection)]

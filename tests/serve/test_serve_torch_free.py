@@ -4,6 +4,7 @@ import json
 
 from pydicom.data import get_testdata_file
 
+
 def test_the_blocker_really_blocks(run_without_training_stack):
     out = run_without_training_stack("import torch")
     assert out.returncode != 0 and "torch is blocked" in out.stderr

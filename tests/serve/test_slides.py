@@ -178,7 +178,7 @@ def tile_probe_net(manifest, size: int = 32):
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from medtriage.networks import PreprocessSpec, build_triage_net
+    from medtriage.model.networks import PreprocessSpec, build_triage_net
 
     torch.manual_seed(0)
     net = build_triage_net("resnet10", 2, PreprocessSpec(size=size, in_channels=3, mean=0.5, std=0.25)).eval()
@@ -199,10 +199,10 @@ def tile_package(tmp_path_factory):
     """(package folder, tile pool): a synthetic tile pool -> checkpoint -> export_run, as training ends."""
     from dataclasses import asdict
 
-    from medtriage.data.sources.pathology_tiles import SyntheticTilesConfig, build_synthetic_tile_pool
+    from medtriage.data.simulate.tiles import SyntheticTilesConfig, build_synthetic_tile_pool
     from medtriage.export.run import export_run
-    from medtriage.networks import PreprocessSpec
-    from medtriage.training.checkpoint import save_checkpoint
+    from medtriage.model.checkpoint import save_checkpoint
+    from medtriage.model.networks import PreprocessSpec
 
     root = tmp_path_factory.mktemp("tile_model")
     pool = build_synthetic_tile_pool(root / "pool", SyntheticTilesConfig(patients_per_site=10, tiles_per_slide=6, tile_size=48))
@@ -235,7 +235,7 @@ def val_slide_scores(package_dir: Path, pool, top_k: int) -> tuple[np.ndarray, n
 def test_exported_tile_package_records_how_to_tile_and_slide_thresholds(tile_package):
     import json
 
-    from medtriage.data.sources.pathology_tiles import read_tile_info
+    from medtriage.data.simulate.tiles import read_tile_info
 
     package_dir, pool = tile_package
     meta = json.loads((package_dir / "model.json").read_text())
@@ -282,7 +282,7 @@ def test_schema_refuses_a_malformed_pathology_block(tile_package):
     import json
 
     from medtriage.errors import PackageError
-    from medtriage.serve.schema import validate_model_json
+    from medtriage.format.schema import validate_model_json
 
     meta = json.loads((tile_package[0] / "model.json").read_text())
     validate_model_json(meta)
@@ -295,7 +295,7 @@ def test_schema_refuses_a_malformed_pathology_block(tile_package):
 
 
 def test_slide_scores_aggregate_per_slide_and_fall_back_to_tile_thresholds():
-    from medtriage.export.config import ExportConfig
+    from medtriage.config.schema import ExportConfig
     from medtriage.export.pathology import SlideLabels, TilePool, pathology_block, slide_scores
 
     ids = np.array(["s2", "s1", "s2", "s1", "s2"])

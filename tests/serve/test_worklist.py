@@ -39,7 +39,7 @@ def predictor(package_dir) -> Predictor:
 @pytest.fixture(scope="module")
 def chest_files(tmp_path_factory, predictor) -> dict:
     """Simulated hospital chest X-rays (real PneumoniaMNIST images as site DICOM): scorable files by p, and a broken one."""
-    from medtriage.data.sources.dicom_sites import make_sites
+    from medtriage.data.simulate.sites import make_sites
 
     out = tmp_path_factory.mktemp("sites")
     make_sites(out_dir=out, limit=18)
@@ -103,8 +103,9 @@ def test_a_row_has_details_and_an_overlay_drawn_once(predictor, chest_files):
     assert saliency["grid"] == 7 and saliency["ms"] > 0
 
 
-def test_a_multiframe_file_is_one_row_at_its_most_suspicious_frame(predictor):
-    client = app_client(predictor)
+def test_a_multiframe_file_is_one_row_at_its_most_suspicious_frame(package_dir):
+    # The only multi-frame sample is an ultrasound: outside a chest X-ray model's scope, so scored and flagged.
+    client = app_client(Predictor(load_package(package_dir), threads=1, allow_out_of_scope=True))
     results = upload(client, MULTIFRAME).json()["results"]
     (entry,) = client.get("/v1/worklist", headers=AUTH).json()["entries"]
     top = max(results, key=lambda r: r["probability"])
@@ -140,13 +141,15 @@ def test_score_writes_an_overlay_per_file_and_the_sr_still(capsys, package_dir, 
     ct = get_testdata_file("CT_small.dcm")
     inputs = [chest_files["by_p"][-1], ct, MULTIFRAME, chest_files["broken"]]
     code = main(["score", str(package_dir), *map(str, inputs), "--overlays", str(tmp_path / "png"), "--sr", str(tmp_path / "sr"),
-                 "--json"])
+                 "--json", "--allow-out-of-scope"])  # the CT and the ultrasound are scored and flagged
     document = json.loads(capsys.readouterr().out)
     assert code == 1 and len(document["rejected"]) == 1  # the broken file, with its reason
     sops = {r["sop_uid"] for r in document["results"]}
-    assert {p.name for p in (tmp_path / "png").iterdir()} == {f"{sop}.overlay.png" for sop in sops}
+    # <SOP UID>.<digest of the source>.overlay.png: one per scored file
+    assert sorted(p.name.removesuffix(".overlay.png").rsplit(".", 1)[0] for p in (tmp_path / "png").iterdir()) == sorted(sops)
     assert len(list((tmp_path / "sr").glob("*.SR.dcm"))) == len(sops)
-    ct_png = Image.open(tmp_path / "png" / f"{pydicom.dcmread(ct).SOPInstanceUID}.overlay.png")
+    (ct_png,) = (tmp_path / "png").glob(f"{pydicom.dcmread(ct).SOPInstanceUID}.*.overlay.png")
+    ct_png = Image.open(ct_png)
     assert ct_png.size == (128, 128) and ct_png.mode == "RGB"
 
 
@@ -156,7 +159,7 @@ def test_overlays_are_drawn_without_torch(package_dir, tmp_path, run_without_tra
         from medtriage.serve.package import load_package
         from medtriage.serve.predictor import Predictor
         from medtriage.serve.saliency import write_overlay
-        predictor = Predictor(load_package({str(package_dir)!r}))
+        predictor = Predictor(load_package({str(package_dir)!r}), allow_out_of_scope=True)
         path = {get_testdata_file("CT_small.dcm")!r}
         print(write_overlay(predictor, path, predictor.score_file(path), {str(tmp_path)!r}))
         print(sorted(m for m in sys.modules if m.split(".")[0] in Blocker.blocked))
@@ -173,9 +176,9 @@ LIVE_WORKLIST_SIZE = 50
 
 @pytest.fixture
 def live_server(package_dir):
-    from test_serve_http import _wait_until_up, free_port
-
     import httpx
+
+    from tests.serve.test_serve_http import _wait_until_up, free_port
 
     port = free_port()
     command = [sys.executable, "-m", "medtriage.cli", "serve", str(package_dir), "--port", str(port), "--threads", "1",

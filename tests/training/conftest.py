@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,18 +68,3 @@ def run_train():
 @pytest.fixture
 def tracking_uri() -> str:
     return os.environ["MLFLOW_TRACKING_URI"]  # set per test by tests/conftest.py
-
-
-@pytest.fixture
-def two_site_pool(tmp_path):
-    """Two sites with different matrix sizes, 24 images each, both classes in every split."""
-    from medtriage.data.manifest import PoolWriter
-
-    rng = np.random.default_rng(0)
-    writer = PoolWriter(tmp_path / "pool", ["normal", "pneumonia"])
-    for site, size in (("north", 40), ("south", 23)):
-        for i in range(24):
-            writer.add(rng.random((1, size, size), dtype=np.float32), site=site, patient_id=f"{site}{i}",
-                       study_uid=f"s{site}{i}", series_uid=f"r{site}{i}", sop_uid=f"{site}.{i}",
-                       path=f"{site}/{i}.dcm", label=(i // 3) % 2, split=("train", "val", "test")[i % 3])
-    return writer.close()

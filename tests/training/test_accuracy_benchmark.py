@@ -1,4 +1,4 @@
-"""Assessment on validation-chosen operating points, bootstrap interval, and the docs section writer."""
+"""Assessment on validation-chosen operating points and the bootstrap interval."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medtriage.export.assess import assess
-from medtriage.training.uncertainty import bootstrap_auc_ci, mean_sd
+from medtriage.evaluation.assess import assess
+from medtriage.evaluation.bootstrap import bootstrap_auc_ci, mean_sd
 
 
 def scores(n: int, shift: float, seed: int):
@@ -43,35 +43,9 @@ def test_bootstrap_interval_narrows_with_more_images_and_mean_sd():
     assert mean_sd([0.5]) == (0.5, 0.0)
 
 
-def test_the_package_is_the_candidate_with_the_lowest_validation_log_loss():
-    from medtriage.training.accuracy_benchmark import Row, choose_package
-
-    def row(label, losses):
-        return Row(label, [f"{label}{i}" for i in range(len(losses))], [{"val_auc": 0.996, "val_log_loss": x} for x in losses], [])
-
-    rows = [row("single", [0.09, 0.07, 0.11]), row("ensemble", [0.08])]
-    assert choose_package(rows) == (rows[0], 1)
-    rows.append(row("wider ensemble", [0.05]))
-    assert choose_package(rows) == (rows[2], 0)
-
-
 def test_validation_log_loss_rewards_confident_correct_scores():
     val, test = scores(400, 1.2, 0), scores(300, 0.8, 1)
     sharper = SimpleNamespace(logits=val.logits * 3, labels=val.labels)
     plain, sharp = assess(val, test, 1.0, n_resamples=50), assess(sharper, test, 1.0, n_resamples=50)
     assert plain["val_auc"] == pytest.approx(sharp["val_auc"])  # same ranking, so AUC cannot tell them apart
     assert plain["val_log_loss"] != pytest.approx(sharp["val_log_loss"])
-
-
-def test_leave_one_site_out_table_sets_the_variants_side_by_side():
-    from medtriage.training.accuracy_report import loso_lines
-
-    def run(seed, aucs):
-        per_site = dict(zip(("north", "south"), aucs))
-        return {"seed": seed, "per_site": per_site, "worst": min(aucs), "parent_run_id": f"{seed}" * 32,
-                "command": f"python scripts/train.py -m experiment=loso_pneumonia_sites trainer.seed={seed}"}
-
-    lines = loso_lines({"fixed": [run(0, (0.90, 0.80)), run(1, (0.92, 0.84))], "per_image": [run(0, (0.91, 0.88)), run(1, (0.93, 0.90))]})
-    assert "| south | 0.820 ± 0.028 | 0.890 ± 0.014 |" in lines
-    assert lines[-1] == "| **worst site** | **0.820 ± 0.028** | **0.890 ± 0.014** |"
-    assert loso_lines(None) == []

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import medtriage.data.split_cache as split_cache
+import medtriage.data.torch.split_cache as split_cache
 from medtriage.config import AugmentConfig, TrainerConfig
-from medtriage.data.datasets import CachedSplit, cache_split
-from medtriage.networks import Preprocess, PreprocessSpec
+from medtriage.data.torch.datasets import CachedSplit, cache_split
+from medtriage.model.networks import Preprocess, PreprocessSpec
+from medtriage.training.augmentation import BatchAugment
 from medtriage.training.batch_loader import CachedBatchLoader
-from medtriage.training.gpu_augment import BatchAugment
+from medtriage.training.optimiser import build_optimizer, scaled_lr, training_forward
 from medtriage.training.samplers import SiteStratifiedSampler
-from medtriage.training.speed import build_optimizer, scaled_lr, training_forward
 from medtriage.training.throughput import EpochClock
 
 

@@ -11,7 +11,7 @@ import torch
 from medtriage.config import compose_train_config
 from medtriage.errors import ConfigError
 from medtriage.training.ema import WeightEMA
-from medtriage.training.recipes import Mixup, make_criterion, mixed_loss, no_mix
+from medtriage.training.losses import Mixup, make_criterion, mixed_loss, no_mix
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("pneumoniamnist_*.yaml"))
@@ -77,8 +77,8 @@ def test_holdout_site_moves_one_site_to_test(tmp_path):
 @pytest.mark.parametrize("experiment", RECIPES)
 def test_recipe_smoke(experiment, tmp_path, npz_cache_dir):
     """Each recipe config for one short epoch (ResNet-10 at 28 px, 64 images per split): it composes, trains, checkpoints."""
+    from medtriage.model.checkpoint import read_checkpoint
     from medtriage.training import run
-    from medtriage.training.checkpoint import read_checkpoint
 
     cfg = compose_train_config([
         f"experiment={experiment}", "model=resnet10", "model.preprocess.size=28", "data.limit=64", "data.batch_size=32",
@@ -100,7 +100,7 @@ def test_leave_one_site_out_multirun_reports_the_worst_site(tmp_path, run_train,
 
     from mlflow.tracking import MlflowClient
 
-    from medtriage.data.sources.dicom_sites import make_sites
+    from medtriage.data.simulate.sites import make_sites
 
     make_sites(ROOT / "data/samples/pneumoniamnist_28.npz", tmp_path / "sites", seed=0, limit=150)
     done = run_train(["-m", "experiment=loso_pneumonia_sites", f"data.sites_dir={tmp_path / 'sites'}", "trainer.max_epochs=1",

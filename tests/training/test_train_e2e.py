@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from medtriage.data.manifest import manifest_hash
-from medtriage.training.checkpoint import read_checkpoint
+from medtriage.model.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
@@ -41,7 +41,7 @@ def artifact_paths(client: MlflowClient, run_id: str) -> set[str]:
 @pytest.fixture(scope="module")
 def tiny_sites(tmp_path_factory):
     """Three DICOM sites made from 240 real X-rays, with the simulator's bad files and label rows."""
-    from medtriage.data.sources.dicom_sites import make_sites
+    from medtriage.data.simulate.sites import make_sites
 
     out = tmp_path_factory.mktemp("sites")
     make_sites(ROOT / "data/samples/pneumoniamnist_28.npz", out, seed=0, limit=240)

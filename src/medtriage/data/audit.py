@@ -16,12 +16,13 @@ distinct images within 12 bits, while the same image resampled to 64-128 px with
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from medtriage.data.manifest import PIXELS_FILE
 from medtriage.errors import MedTriageError
 
 HASH_SIDE, THUMBNAIL, MAX_DISTANCE = 12, 32, 12
@@ -118,8 +119,6 @@ def _sites_without_positives(rows) -> list[Finding]:
 
 def perceptual_hashes(images, side: int = HASH_SIDE) -> np.ndarray:
     """One hash per `[C, H, W]` image: bool `[N, side * side - 1]`."""
-    from PIL import Image
-
     thumbs = np.stack([
         np.asarray(Image.fromarray(np.asarray(image, dtype=np.float32).mean(axis=0), mode="F")
                    .resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR))
@@ -152,8 +151,6 @@ def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 1024) -> list
 
 def _cached_images(manifest):
     """Every row's pixels straight from the cache (one memmap, no per-row table lookups)."""
-    from medtriage.data.manifest import PIXELS_FILE
-
     cache = np.memmap(Path(manifest.pool_dir) / PIXELS_FILE, dtype=np.float32, mode="r")
     shapes = manifest.rows[["channels", "height", "width", "offset"]].astype(int).to_numpy()
     return [np.asarray(cache[o : o + c * h * w]).reshape(c, h, w) for c, h, w, o in shapes]
@@ -186,25 +183,3 @@ def _duplicates(rows, hashes: np.ndarray, max_distance: int) -> list[Finding]:
 def _cross_site_note(pairs: list[dict]) -> str:
     across = sum(1 for p in pairs if p["sites"][0] != p["sites"][1])
     return f", {across} of them across sites" if across else ""
-
-
-# ---------------------------------------------------------------- `medtriage audit`
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("audit", help="leakage audit of a pooled manifest (patients, duplicates, positives per site)")
-    p.add_argument("pool", metavar="POOL", help="pool folder with manifest.csv (from the pool builder)")
-    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    p.add_argument("--max-distance", type=int, default=MAX_DISTANCE, help="perceptual-hash bits for near duplicates")
-    p.add_argument("--no-images", action="store_true", help="skip the pixel checks (table checks only)")
-    p.set_defaults(func=_run_audit)
-
-
-def _run_audit(args) -> int:
-    from medtriage.data.manifest import load_manifest
-
-    result = audit_manifest(load_manifest(args.pool), check_images=not args.no_images, max_distance=args.max_distance)
-    print(result.summary())
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str))
-    return 0 if result.ok else 1

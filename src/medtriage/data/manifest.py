@@ -15,13 +15,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from medtriage.errors import DataNotFoundError
+from medtriage.optional import optional_import
+
+pd = optional_import("pandas")  # not in the torch-free install: needed once a pool is read or summarised
 
 COLUMNS = [
     "site", "patient_id", "study_uid", "series_uid", "sop_uid", "path",
@@ -74,7 +77,7 @@ class PoolWriter:
     def reject(self, site: str, path: str | Path, reason: str) -> None:
         self.rejects.append(Reject(site, str(path), reason))
 
-    def close(self) -> "Manifest":
+    def close(self) -> Manifest:
         self._pixels.close()
         extra = sorted({k for r in self.rows for k in r} - set(COLUMNS))
         _write_csv(self.pool_dir / MANIFEST_FILE, COLUMNS + extra, self.rows)
@@ -95,8 +98,8 @@ class Manifest:
     """A pool folder, read back. `rows` is a pandas DataFrame (one row per image)."""
 
     pool_dir: Path
-    rows: "object"  # pandas.DataFrame
-    rejects: "object"  # pandas.DataFrame
+    rows: object  # pandas.DataFrame
+    rejects: object  # pandas.DataFrame
     label_names: list[str]
     fingerprint: str
     _pixels: np.ndarray | None = field(default=None, repr=False)
@@ -105,7 +108,7 @@ class Manifest:
     def sites(self) -> list[str]:
         return sorted(self.rows["site"].unique())
 
-    def split(self, name: str) -> "object":
+    def split(self, name: str) -> object:
         """Rows of one split (`train`, `val` or `test`)."""
         return self.rows[self.rows["split"] == name]
 
@@ -123,8 +126,6 @@ class Manifest:
 
     def summary(self) -> str:
         """Per-site counts by split and label, and rejects, as a printable table."""
-        import pandas as pd
-
         table = pd.crosstab(
             [self.rows["site"], self.rows["split"]], self.rows["label"].map(lambda i: self.label_names[int(i)])
         )
@@ -141,8 +142,6 @@ def manifest_hash(pool_dir: str | Path) -> str:
 
 def load_manifest(pool_dir: str | Path) -> Manifest:
     """Read a pool folder written by `PoolWriter`."""
-    import pandas as pd
-
     pool_dir = Path(pool_dir).resolve()
     if not (pool_dir / MANIFEST_FILE).is_file():
         raise DataNotFoundError(

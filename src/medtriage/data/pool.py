@@ -12,7 +12,6 @@ the split settings); building again from unchanged inputs reuses it.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -36,7 +35,7 @@ DEFAULT_SITES = Path("data/sites")
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
 LABELS_CSV = "labels.csv"
 INPUTS_FILE = "inputs.json"
-POOL_FORMAT = 1  # bump when the way rows are built changes, to invalidate cached pools
+POOL_FORMAT = 2  # bump when the way rows are built changes, to invalidate cached pools
 KEY_COLUMNS = {"sop_instance_uid": "sop_uid", "accession_number": "accession_number"}  # labels.csv -> header field
 FINDING_COLUMNS = ("finding", "label")
 IN_PROCESS_BELOW = 200  # files; starting worker processes costs more than it saves
@@ -149,9 +148,17 @@ def decode_file(job: tuple[str, str, str]) -> Decoded:
         return Decoded(site, relative, fields=_header_ids(path), error=err.reason)
     fields = {
         "patient_id": image.patient_id, "study_uid": image.study_uid, "series_uid": image.series_uid,
-        "sop_uid": image.sop_uid, "accession_number": image.accession_number,
+        "sop_uid": image.sop_uid, "accession_number": image.accession_number, **acquisition_facts(image),
     }
     return Decoded(site, relative, pixels=image.pixels[0], fields=fields)
+
+
+def acquisition_facts(image) -> dict:
+    """The header facts a model's declared scope is built from (export writes them into model.json)."""
+    return {"modality": image.modality, "sop_class_uid": image.sop_class_uid, "photometric": image.photometric,
+            "bits_stored": image.bits_stored, "rows": image.rows, "columns": image.columns, "body_part": image.body_part,
+            "view_position": image.view_position,
+            "pixel_spacing_mm": "" if image.pixel_spacing is None else "\\".join(f"{v:g}" for v in image.pixel_spacing)}
 
 
 def _header_ids(path: Path) -> dict:
@@ -245,21 +252,6 @@ def _reject_orphan_rows(writer: PoolWriter, tables: dict[str, LabelTable], used:
                 for line, _ in entries:
                     writer.reject(site, f"{site}/{LABELS_CSV}:{line}",
                                   f"label row matches no image ({table.key_column} {key or '(empty)'})")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sites", type=Path, default=DEFAULT_SITES, help="site folders (default: %(default)s)")
-    parser.add_argument("--pool", type=Path, default=DEFAULT_POOL, help="pool folder to write (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="patients in validation (default: %(default)s)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="patients in test (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
-
-
-def run(args: argparse.Namespace) -> int:
-    build_sites_pool(args.sites, args.pool, seed=args.seed, val_fraction=args.val_fraction,
-                     test_fraction=args.test_fraction, workers=args.workers)
-    return 0
 
 
 def split_files(pool_dir: str | Path, split: str = "test", per_site: int = 2) -> list[Path]:

@@ -10,14 +10,19 @@ run of its own (members, TTA, metrics, package).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+import mlflow
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from medtriage.errors import ConfigError
-from medtriage.networks import TriageNet
+from medtriage.export.registry import find_checkpoint
+from medtriage.export.run import export_net
+from medtriage.model.checkpoint import load_model
+from medtriage.model.networks import TriageNet
 
 PROBABILITY_FLOOR = 1e-12  # keeps log finite when every member is certain
 
@@ -54,9 +59,6 @@ def with_flip_tta(net: TriageNet) -> EnsembleNet:
 
 def load_members(run_ids: Sequence[str], download_dir: Path) -> tuple[list[TriageNet], list[dict]]:
     """The best checkpoint of each run, rebuilt; with each run's resolved config."""
-    from medtriage.export.from_mlflow import find_checkpoint
-    from medtriage.training.checkpoint import load_model
-
     members, configs = [], []
     for i, run_id in enumerate(run_ids):
         net, config = load_model(find_checkpoint(run_id, download_dir / f"member_{i}"))
@@ -77,11 +79,6 @@ def _check_same_data(run_ids: Sequence[str], configs: list[dict]) -> None:
 def export_ensemble(run_ids: Sequence[str], name: str, flip_tta: bool = False,
                     overrides: Sequence[str] = ()) -> tuple[Path, str, EnsembleNet]:
     """Package the ensemble of `run_ids` as `<models_dir>/<name>/`; returns (package dir, its MLflow run id, the net)."""
-    import mlflow
-    from omegaconf import OmegaConf
-
-    from medtriage.export.run import export_net
-
     with tempfile.TemporaryDirectory() as tmp:
         members, configs = load_members(run_ids, Path(tmp))
     config = OmegaConf.merge(OmegaConf.create(configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))

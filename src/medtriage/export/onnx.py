@@ -7,8 +7,8 @@ dynamic) and returns calibrated class probabilities, so serving needs no torch a
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from medtriage.errors import PackageError
-from medtriage.networks import TriageNet
+from medtriage.model.networks import TriageNet
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "probabilities"
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def export_onnx(model: CalibratedNet, path: str | Path, opset: int = 18) -> Path
     with torch.no_grad():
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={"pixels": dims}, verbose=False,
+            output_names=list(getattr(model, "output_names", [OUTPUT_NAME])), dynamic_shapes={"pixels": dims}, verbose=False,
         )
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
@@ -70,7 +70,8 @@ def parity(path: str | Path, model: CalibratedNet, images: Iterable[np.ndarray])
     for image in images:
         batch = np.ascontiguousarray(image[None], dtype=np.float32)
         with torch.no_grad():
-            expected = model(torch.from_numpy(batch)).numpy()
+            expected = model(torch.from_numpy(batch))
+        expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()  # a ScoredNet also returns its OOD score
         served = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         worst, count = max(worst, float(np.abs(served - expected).max())), count + 1
     if count == 0:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from medtriage.serve.package import CARD_FILE, META_FILE, ONNX_FILE, sha256_file
-from medtriage.serve.schema import validate_model_json
+from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, validate_model_json
+from medtriage.io.safe_output import write_atomic
 
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
@@ -46,19 +47,41 @@ def next_version(package_dir: Path) -> int:
 
 
 def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
-    """Fill in the sha256, validate, and swap the finished package into place (no half-written package);
-    returns the metadata as written."""
+    """Fill in the sha256, validate, write the package into a hidden staging folder (each file flushed to
+    disk) and swap it into place by renames: a crash leaves the previous package or the new one, never a
+    half-written one under the package's name. Returns the metadata as written."""
     meta = {**meta, "sha256": sha256_file(onnx_path)}
     validate_model_json(meta, where=package_dir / META_FILE)
-    staging = package_dir.with_name(f".{package_dir.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    package_dir = Path(package_dir)
+    _remove_leftovers(package_dir)
+    staging = package_dir.with_name(f".{package_dir.name}.staging-{os.getpid()}")
     staging.mkdir(parents=True)
-    shutil.copyfile(onnx_path, staging / ONNX_FILE)
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    (staging / CARD_FILE).write_text(model_card(meta))
-    shutil.rmtree(package_dir, ignore_errors=True)
-    staging.rename(package_dir)
+    try:
+        with open(onnx_path, "rb") as onnx:
+            write_atomic(staging / ONNX_FILE, lambda out: shutil.copyfileobj(onnx, out))
+        write_atomic(staging / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        write_atomic(staging / CARD_FILE, model_card(meta).encode())
+        _swap_in(staging, package_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return meta
+
+
+def _swap_in(staging: Path, package_dir: Path) -> None:
+    """The old package aside, the new one in, the old one deleted: each step one rename."""
+    retired = package_dir.with_name(f".{package_dir.name}.retired-{os.getpid()}")
+    if package_dir.exists():
+        package_dir.rename(retired)
+    staging.rename(package_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _remove_leftovers(package_dir: Path) -> None:
+    """Staging and retired folders of a killed export (hidden; the loader never sees them)."""
+    for pattern in (f".{package_dir.name}.staging-*", f".{package_dir.name}.retired-*"):
+        for leftover in package_dir.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fmt(value) -> str:
@@ -111,6 +134,22 @@ def _normalisation_text(normalize: dict) -> str:
     return f"normalised with mean {normalize['mean']}, std {normalize['std']}"
 
 
+def _precision_lines(block: dict) -> list[str]:
+    """The card's section on an int8 package: its fp32 source and how far int8 moves the probabilities."""
+    parity, source = block["parity"], block["source"]
+    lines = ["## Precision: int8",
+             f"Quantised from {source['name']} v{source['version']} (sha256 `{source['sha256'][:12]}…`): {block['method']}, "
+             f"calibrated on {block['calibration']}. On those images the probability of the positive label moved by at most "
+             f"{parity['max_abs_diff']:.4f} (mean {parity['mean_abs_diff']:.4f}); {parity['priority_changes']} of "
+             f"{parity['images']} priorities changed."]
+    if parity.get("auc_fp32") is not None:
+        lines.append(f"AUC on them: fp32 {parity['auc_fp32']:.4f}, int8 {parity['auc_int8']:.4f}.")
+    if parity.get("ood_max_abs_diff") is not None:
+        lines.append(f"OOD score: max |Δ| {parity['ood_max_abs_diff']:.4f}"
+                     + (f", {parity['ood_flag_changes']} unusual-input flags changed." if "ood_flag_changes" in parity else "."))
+    return lines + ["Metrics and thresholds above are the fp32 model's.", ""]
+
+
 def model_card(meta: dict) -> str:
     review, urgent = meta["thresholds"]["review"], meta["thresholds"]["urgent"]
     cal, prov, pre = meta["calibration"], meta["provenance"], meta["preprocessing"]
@@ -148,4 +187,6 @@ def model_card(meta: dict) -> str:
         f"medtriage {prov['medtriage_version']}. ONNX vs PyTorch max |dp| = {meta['parity']['max_abs_diff']:.1e} "
         f"on {meta['parity']['images']} validation images. model.onnx sha256 `{meta['sha256']}`.", "",
     ]
+    if meta.get("quantization"):
+        lines += _precision_lines(meta["quantization"])
     return "\n".join(lines)

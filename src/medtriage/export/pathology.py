@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medtriage.config.schema import ExportConfig
+from medtriage.data.simulate.tiles import read_tile_info
 from medtriage.errors import ConfigError, InputError
-from medtriage.export.config import ExportConfig
-from medtriage.export.operating_point import choose_threshold, priority_thresholds
+from medtriage.evaluation.operating_points import choose_priority_thresholds
 from medtriage.export.package import split_metrics
-from medtriage.serve.slides import AGGREGATIONS, aggregate
+from medtriage.format.aggregation import AGGREGATIONS, aggregate
 
 log = logging.getLogger(__name__)
 DEFAULT_MIN_TISSUE = 0.5
@@ -44,8 +45,6 @@ class TilePool:
 
 def tile_pool_of(manifest, val_rows: np.ndarray, test_rows: np.ndarray | None) -> TilePool | None:
     """The TilePool of a manifest (None when it is not a tile pool); `*_rows` are positions in manifest.rows."""
-    from medtriage.data.sources.pathology_tiles import read_tile_info
-
     info = read_tile_info(manifest.pool_dir)
     if info is None:
         return None
@@ -86,7 +85,7 @@ def pathology_block(pool: TilePool, cfg: ExportConfig, positive: int, val_scores
     }
     scores, labels, sites = slide_scores(val_scores, pool.val, cfg.slide_aggregation, cfg.slide_top_k)
     try:
-        thresholds = _thresholds(scores, labels == positive, cfg)
+        thresholds = thresholds_by_export_rules(cfg, scores, labels == positive)  # the tile rules, on slide scores
     except InputError as err:  # e.g. validation slides of one class only
         log.warning("no slide-level thresholds (%s); slide priorities will use the tile thresholds", err.reason)
         return {**block, "threshold_level": "tile", "slide_thresholds": None,
@@ -99,8 +98,6 @@ def pathology_block(pool: TilePool, cfg: ExportConfig, positive: int, val_scores
     return {**block, "threshold_level": "slide", "slide_thresholds": thresholds, "slide_metrics": metrics}
 
 
-def _thresholds(scores: np.ndarray, is_positive: np.ndarray, cfg: ExportConfig) -> dict:
-    """The rules of the tile thresholds (export.threshold_rule / urgent_rule), applied to slide scores."""
-    review = choose_threshold(scores, is_positive, cfg.threshold_rule, cfg.threshold_target)
-    urgent = choose_threshold(scores, is_positive, cfg.urgent_rule, cfg.urgent_target) if cfg.urgent_rule else None
-    return priority_thresholds(review, urgent)
+def thresholds_by_export_rules(cfg: ExportConfig, scores: np.ndarray, is_positive: np.ndarray) -> dict:
+    """The package's review/urgent thresholds by the export rules (tile scores, or slide scores aggregated from them)."""
+    return choose_priority_thresholds(scores, is_positive, cfg.threshold_rule, cfg.threshold_target, cfg.urgent_rule, cfg.urgent_target)

@@ -1,7 +1,7 @@
 """Export a trained model: calibrate, choose operating points, write and verify the ONNX package.
 
 `export_model` works on a network and its validation predictions (no MLflow needed);
-`export_run` is what training calls at the end of a run, and `export_from_mlflow` rebuilds the
+`export_run` is what the train-and-export workflow calls after a run, and `export_from_mlflow` rebuilds the
 same inputs from a finished MLflow run (scripts/export.py).
 """
 
@@ -9,65 +9,64 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 import medtriage
-from medtriage.errors import ConfigError, PackageError
-from medtriage.export.calibration import expected_calibration_error, fit_temperature, probabilities
-from medtriage.export.config import ExportConfig
+from medtriage.config.schema import ExportConfig
+from medtriage.data.manifest import load_manifest
+from medtriage.errors import ConfigError
+from medtriage.evaluation.calibration import probabilities
+from medtriage.evaluation.predictions import Predictions
 from medtriage.export.onnx import INPUT_NAME, OUTPUT_NAME, CalibratedNet, check_parity, export_onnx, parity
-from medtriage.export.operating_point import choose_threshold, priority_thresholds
-from medtriage.export.package import ONNX_FILE, next_version, split_metrics, write_package
-from medtriage.export.pathology import TilePool, pathology_block, tile_pool_of
-from medtriage.serve.schema import SCHEMA_VERSION
+from medtriage.export.ood import OodData, fit_ood, ood_parity
+from medtriage.export.package import next_version, split_metrics, write_package
+from medtriage.export.pathology import TilePool, pathology_block, thresholds_by_export_rules, tile_pool_of
+from medtriage.export.registry import log_package, registrar, run_git_commit
+from medtriage.export.safety import calibration_on_test, choose_calibration, drift_references, scope_from_rows
+from medtriage.format import ONNX_FILE, SCHEMA_VERSION
+from medtriage.model.checkpoint import load_model
+from medtriage.model.predict import predict
 
 log = logging.getLogger(__name__)
-ARTIFACT_DIR = "model_package"  # where the package lives among the MLflow run's artifacts
-
-
-@dataclass
-class SplitScores:
-    """Logits of one split with labels and sites (training's `Predictions` has the same fields)."""
-
-    logits: np.ndarray
-    labels: np.ndarray
-    sites: np.ndarray
 
 
 @dataclass
 class ExportResult:
     package_dir: Path
     meta: dict
+    served: Any = None  # the torch module that was exported (CalibratedNet, or ScoredNet with its OOD score)
 
 
 def export_model(
-    net, cfg: ExportConfig, *, label_names: Sequence[str], val: SplitScores, parity_images: Sequence[np.ndarray],
-    test: SplitScores | None = None, training_sites: Sequence[str] = (), network: dict | None = None,
+    net, cfg: ExportConfig, *, label_names: Sequence[str], val: Predictions, parity_images: Sequence[np.ndarray],
+    test: Predictions | None = None, training_sites: Sequence[str] = (), network: dict | None = None,
     provenance: dict | None = None, assign_version: Callable[[], int] | None = None, tile_pool: TilePool | None = None,
+    ood_data: OodData | None = None, scope: dict | None = None,
 ) -> ExportResult:
     """Calibrate on `val`, pick thresholds, export + parity-check ONNX, write `<models_dir>/<name>/`.
-    A `tile_pool` (the model scores slide tiles) adds the `pathology` block with slide-level thresholds."""
+    A `tile_pool` (the model scores slide tiles) adds the `pathology` block with slide-level thresholds;
+    `ood_data` (training and validation images, validation in `val`'s order) adds the in-graph OOD score
+    and the drift references; `scope` is what the model may be shown (export/safety.py)."""
     positive = _positive_index(label_names, cfg.positive_label)
     val_labels = np.asarray(val.labels).astype(int)
-    temperature = fit_temperature(val.logits, val_labels) if cfg.calibrate else 1.0
-    calibration = {
-        "method": "temperature" if cfg.calibrate else "none", "temperature": temperature, "split": "val", "bins": cfg.ece_bins,
-        "ece_before": expected_calibration_error(probabilities(val.logits), val_labels, cfg.ece_bins),
-        "ece_after": expected_calibration_error(probabilities(val.logits, temperature), val_labels, cfg.ece_bins),
-    }
-    log.info("temperature %.3f: validation ECE %.4f -> %.4f", temperature, calibration["ece_before"], calibration["ece_after"])
-    thresholds = _thresholds(probabilities(val.logits, temperature)[:, positive], val_labels == positive, cfg)
+    calibration = choose_calibration(val.logits, val_labels, cfg.ece_bins, allowed=cfg.calibrate)
+    temperature = calibration["temperature"]
+    if test is not None:
+        calibration["test"] = calibration_on_test(test.logits, test.labels, temperature, cfg.ece_bins)
+    thresholds = thresholds_by_export_rules(cfg, probabilities(val.logits, temperature)[:, positive], val_labels == positive)
     metrics = {name: _metrics(split, temperature, positive, thresholds["review"]["threshold"])
                for name, split in (("val", val), ("test", test)) if split is not None}
     package_dir = Path(cfg.models_dir) / cfg.name
     with tempfile.TemporaryDirectory() as tmp:
-        model = CalibratedNet(net, temperature)
+        ood = fit_ood(net, temperature, ood_data, cfg.ood_false_alarm_rate) if ood_data is not None and cfg.ood else None
+        model = ood.model if ood else CalibratedNet(net, temperature)
         onnx_path = export_onnx(model, Path(tmp) / ONNX_FILE, cfg.opset)
         diff, count = parity(onnx_path, model, parity_images[: cfg.parity_images])
         check_parity(diff, cfg.parity_tolerance, onnx_path)
@@ -83,12 +82,20 @@ def export_model(
             "parity": {"max_abs_diff": diff, "tolerance": cfg.parity_tolerance, "images": count, "split": "val", "runtime": "onnxruntime CPU"},
             "onnx": {"file": ONNX_FILE, "opset": cfg.opset},
         }
+        if scope is not None:
+            meta["scope"] = scope
+        if ood is not None:
+            meta["ood"] = {**ood.block, "parity": ood_parity(onnx_path, ood.model, parity_images[: cfg.parity_images])}
+        if ood_data is not None:
+            meta["drift"] = drift_references(ood_data.val_images, net.preprocess.spec.in_channels,
+                                             probabilities(val.logits, temperature)[:, positive], np.asarray(val.sites),
+                                             ood.val_scores if ood is not None else None)
         if tile_pool is not None:
             test_scores = probabilities(test.logits, temperature)[:, positive] if test is not None else None
             meta["pathology"] = pathology_block(tile_pool, cfg, positive, probabilities(val.logits, temperature)[:, positive], test_scores)
         meta = write_package(package_dir, onnx_path, meta)
     log.info("model package written to %s", package_dir)
-    return ExportResult(package_dir, meta)
+    return ExportResult(package_dir, meta, model)
 
 
 def _positive_index(label_names: Sequence[str], positive_label: str | None) -> int:
@@ -100,13 +107,7 @@ def _positive_index(label_names: Sequence[str], positive_label: str | None) -> i
     return list(label_names).index(positive_label)
 
 
-def _thresholds(scores: np.ndarray, is_positive: np.ndarray, cfg: ExportConfig) -> dict:
-    review = choose_threshold(scores, is_positive, cfg.threshold_rule, cfg.threshold_target)
-    urgent = choose_threshold(scores, is_positive, cfg.urgent_rule, cfg.urgent_target) if cfg.urgent_rule else None
-    return priority_thresholds(review, urgent)
-
-
-def _metrics(split: SplitScores, temperature: float, positive: int, threshold: float) -> dict:
+def _metrics(split: Predictions, temperature: float, positive: int, threshold: float) -> dict:
     scores = probabilities(split.logits, temperature)[:, positive]
     return split_metrics(scores, np.asarray(split.labels) == positive, np.asarray(split.sites), threshold)
 
@@ -132,17 +133,12 @@ def _preprocessing(net) -> dict:
 def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any) -> Path:
     """Export the checkpoint of a training run with the run's resolved config (`cfg.export`, `cfg.data.pool_dir`);
     returns the package folder. With a run id, the package is logged to that run and registered."""
-    from medtriage.training.checkpoint import load_model
-
     net, train_config = load_model(Path(checkpoint))
     return export_net(net, train_config, cfg, run_id)
 
 
 def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
     """export_run for a network already built (a trained model, or an ensemble of several)."""
-    from medtriage.data.manifest import load_manifest
-    from medtriage.training.predict import predict
-
     config = _as_dict(cfg)
     export_cfg = ExportConfig(**config.get("export", {}))
     pool_dir = _lookup(config, "data.pool_dir") or _lookup(_as_dict(train_config), "data.pool_dir")
@@ -153,17 +149,18 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
     val = predict(net, manifest, "val")
     test = predict(net, manifest, "test") if len(manifest.split("test")) else None
     parity_images = list(manifest.images(np.asarray(val.row_indices)[: export_cfg.parity_images]))
-    provenance = {"mlflow_run_id": run_id, "git_commit": _git_commit(run_id), "data_fingerprint": manifest.fingerprint}
-    registration = _registrar(run_id, export_cfg)
+    provenance = {"mlflow_run_id": run_id, "git_commit": run_git_commit(run_id), "data_fingerprint": manifest.fingerprint}
+    registration = registrar(run_id, export_cfg)
     try:
         result = export_model(
             net, export_cfg, label_names=manifest.label_names, val=val, test=test, parity_images=parity_images,
             training_sites=manifest.split("train")["site"].unique(), network=_as_dict(config.get("model", {})),
             provenance=provenance, assign_version=registration,
             tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
+            ood_data=_ood_data(manifest, val, export_cfg), scope=scope_from_rows(manifest.split("train")),
         )
         if run_id and export_cfg.log_to_mlflow:
-            _log_to_mlflow(run_id, result)
+            log_package(run_id, result)
     except BaseException:
         if registration is not None:
             registration.withdraw()
@@ -173,16 +170,20 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
     return result.package_dir
 
 
+def _ood_data(manifest, val: Predictions, cfg: ExportConfig) -> OodData:
+    """Training images (a random subset of at most `ood_fit_images`) and validation images in `val`'s order."""
+    train = np.flatnonzero(manifest.rows["split"].to_numpy() == "train")
+    if len(train) > cfg.ood_fit_images:
+        train = np.sort(np.random.default_rng(0).choice(train, cfg.ood_fit_images, replace=False))
+    return OodData(list(manifest.images(train)), manifest.rows["label"].to_numpy()[train].astype(int),
+                   list(manifest.images(np.asarray(val.row_indices))))
+
+
 def _as_dict(cfg: Any) -> dict:
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg or {})
 
 
@@ -192,73 +193,3 @@ def _lookup(config: dict, dotted: str):
             return None
         config = config[key]
     return config
-
-
-def _git_commit(run_id: str | None) -> str | None:
-    if run_id:
-        import mlflow
-
-        commit = mlflow.MlflowClient().get_run(run_id).data.tags.get("mlflow.source.git.commit")
-        if commit:
-            return commit
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-class _Registration:
-    """Registers the next model version of `name` (pointing at where the package will be logged) when
-    called, and withdraws it again if the package never gets there: no version without its package."""
-
-    def __init__(self, run_id: str, name: str):
-        self.run_id, self.name, self.version = run_id, name, None
-
-    def __call__(self) -> int:
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        client = mlflow.MlflowClient()
-        try:
-            client.create_registered_model(self.name, description="MedTriage ONNX model package (model.onnx, model.json, MODEL_CARD.md)")
-        except MlflowException:
-            pass  # already registered: add a version
-        latest = max((int(v.version) for v in client.search_model_versions(f"name='{self.name}'")), default=0)
-        source = f"{client.get_run(self.run_id).info.artifact_uri}/{artifact_path(latest + 1)}"
-        self.version = int(client.create_model_version(self.name, source=source, run_id=self.run_id).version)
-        if self.version != latest + 1:
-            raise PackageError(f"another export registered '{self.name}' at the same time (got version {self.version}, "
-                               f"expected {latest + 1})", hint="run the export again")
-        return self.version
-
-    def withdraw(self) -> None:
-        if self.version is not None:
-            import mlflow
-
-            mlflow.MlflowClient().delete_model_version(self.name, str(self.version))
-            log.warning("export failed: registered version %s of '%s' withdrawn", self.version, self.name)
-            self.version = None
-
-
-def _registrar(run_id: str | None, cfg: ExportConfig) -> _Registration | None:
-    """The registration of the next model version, when this export registers one."""
-    if not (run_id and cfg.register_model and cfg.log_to_mlflow):
-        return None
-    return _Registration(run_id, cfg.name)
-
-
-def artifact_path(version: int) -> str:
-    """Each version keeps its own folder among the run's artifacts, so a re-export never overwrites one."""
-    return f"{ARTIFACT_DIR}/v{version}"
-
-
-def _log_to_mlflow(run_id: str, result: ExportResult) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    meta = result.meta
-    client.log_artifacts(run_id, str(result.package_dir), artifact_path=artifact_path(meta["version"]))
-    for key, value in (("export_ece_before", meta["calibration"]["ece_before"]), ("export_ece_after", meta["calibration"]["ece_after"]),
-                       ("export_temperature", meta["calibration"]["temperature"]), ("export_parity_max_abs_diff", meta["parity"]["max_abs_diff"]),
-                       ("export_review_threshold", meta["thresholds"]["review"]["threshold"])):
-        client.log_metric(run_id, key, float(value))
-    client.set_tag(run_id, "medtriage.package", f"{meta['name']} v{meta['version']} sha256 {meta['sha256']}")
-    print(f"model package {meta['name']} v{meta['version']} -> {result.package_dir} (logged to MLflow run {run_id})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
-from medtriage.errors import DicomError, NotAnImageError
+from medtriage.errors import DicomError, ImageTooLargeError, NotAnImageError
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _SHORT_PIXELS = re.compile(r"less than expected \((\d+) vs (\d+) bytes\)")
@@ -34,6 +35,28 @@ _IMAGECODECS_DECODERS = {  # transfer syntax UID -> imagecodecs function, when p
     "1.2.840.10008.1.2.4.80": "jpegls_decode", "1.2.840.10008.1.2.4.81": "jpegls_decode",
     "1.2.840.10008.1.2.4.90": "jpeg2k_decode", "1.2.840.10008.1.2.4.91": "jpeg2k_decode",
 }
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a header may claim before anything is decoded: a small compressed file can claim a frame
+    size that expands to gigabytes. `max_decoded_bytes` bounds the float32 pixels a call returns."""
+
+    max_frame_pixels: int = 8192 * 8192  # rows x columns (a large mammogram is ~ 4000 x 5000)
+    max_frames: int = 4096
+    max_decoded_bytes: int = 1 << 30  # 1 GiB of float32 output (e.g. 512 x 512 x 1024 frames)
+
+
+_DEFAULT_LIMITS = [DecodeLimits()]
+
+
+def set_default_limits(limits: DecodeLimits) -> None:
+    """The limits `read_dicom` applies when a call passes none (a service sets them once from its options)."""
+    _DEFAULT_LIMITS[0] = limits
+
+
+def default_limits() -> DecodeLimits:
+    return _DEFAULT_LIMITS[0]
 
 
 @dataclass
@@ -52,27 +75,38 @@ class DecodedImage:
     bits_stored: int
     transfer_syntax: str
     accession_number: str = ""
+    body_part: str = ""  # BodyPartExamined
+    view_position: str = ""  # ViewPosition
+    pixel_spacing: tuple[float, float] | None = None  # mm (row, column): PixelSpacing, else ImagerPixelSpacing
 
 
-def read_dicom(source: str | Path | bytes | BinaryIO, *, frame: int | None = None) -> DecodedImage:
+def read_dicom(source: str | Path | bytes | BinaryIO, *, frame: int | None = None,
+               limits: DecodeLimits | None = None) -> DecodedImage:
     """Decode a DICOM file (path, bytes or binary stream) into display-ready pixels.
 
     `frame` decodes only that frame of a multi-frame object (result has F = 1).
-    Raises `DicomError` for files that are not DICOM or whose pixels cannot be decoded, and
-    `NotAnImageError` for valid DICOM objects without pixel data (SR, RT plan, ...).
+    Raises `DicomError` for files that are not DICOM or whose pixels cannot be decoded,
+    `ImageTooLargeError` when the header claims more than `limits` (default: `default_limits()`),
+    checked before decoding, and `NotAnImageError` for valid DICOM objects without pixel data.
     """
     where = _describe(source)
     ds = _read_dataset(source, where)
-    _require_pixels(ds, where)
-    stored = _decode_stored(ds, where, frame)
     try:
-        pixels = _to_display(stored, ds, where)
+        _require_pixels(ds, where)
+        check_limits(ds, limits or default_limits(), where, frame)
+        stored = _decode_stored(ds, where, frame)
+    except DicomError:
+        raise
+    except Exception as err:  # header values pydicom cannot convert (a bad UID, VR or number), met lazily
+        raise DicomError(f"malformed image attributes ({type(err).__name__}: {err})", where=where,
+                         hint="the header is damaged; export the image again from the source system") from err
+    try:
+        return _decoded(ds, _to_display(stored, ds, where))
     except DicomError:
         raise
     except Exception as err:  # malformed rescale/window/LUT values
         raise DicomError(f"cannot map stored values for display ({type(err).__name__}: {err})", where=where,
                          hint="check the rescale, window and LUT attributes in the source system") from err
-    return _decoded(ds, pixels)
 
 
 def _describe(source) -> str:
@@ -143,11 +177,74 @@ def _require_pixels(ds: pydicom.Dataset, where: str) -> None:
                           hint="only image objects can be scored; skip reports, plans and presentation states")
 
 
+def check_limits(ds: pydicom.Dataset, limits: DecodeLimits, where: str, frame: int | None = None) -> None:
+    """Refuse, from the header alone, an image whose decode would exceed `limits`."""
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (TypeError, ValueError) as err:
+        raise DicomError(f"malformed image size attributes ({err})", where=where,
+                         hint="Rows, Columns, NumberOfFrames and SamplesPerPixel must be whole numbers") from err
+    if rows <= 0 or columns <= 0 or frames <= 0 or samples <= 0:
+        raise DicomError(f"image claims {rows} x {columns} pixels, {frames} frame(s), {samples} sample(s) per pixel",
+                         where=where, hint="the image pixel module is incomplete; fix the export in the source system")
+    if frame is not None and not 0 <= frame < frames:
+        raise DicomError(f"frame {frame + 1} requested of an image with {frames} frame(s)", where=where)
+    hint = "raise the decode limits (medtriage serve --max-frame-pixels/--max-frames/--max-decoded-bytes) if it is genuine"
+    if rows * columns > limits.max_frame_pixels:
+        raise ImageTooLargeError(f"frame of {rows} x {columns} pixels exceeds the limit of {limits.max_frame_pixels} "
+                                 "pixels per frame", where=where, hint=hint)
+    if frames > limits.max_frames:
+        raise ImageTooLargeError(f"{frames} frames exceed the limit of {limits.max_frames}", where=where, hint=hint)
+    decoded = rows * columns * min(samples, 3) * (1 if frame is not None else frames) * 4  # float32 output
+    if decoded > limits.max_decoded_bytes:
+        raise ImageTooLargeError(f"decoding would produce {decoded} bytes of pixels, over the limit of "
+                                 f"{limits.max_decoded_bytes}", where=where, hint=hint)
+    _check_codestreams(ds, rows * columns * samples, frames, where)
+
+
+def _check_codestreams(ds: pydicom.Dataset, claimed: int, frames: int, where: str) -> None:
+    """A JPEG / JPEG-LS / JPEG 2000 frame states its own size, which decoders trust: it must not exceed
+    the header's (else a few bytes can ask a decoder for gigabytes)."""
+    syntax = _transfer_syntax(ds)
+    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        for data in pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames):
+            size = _codestream_samples(data[:4096])
+            if size is not None and size > claimed:
+                raise DicomError(f"cannot decode pixel data: a compressed frame declares {size} samples, the header "
+                                 f"{claimed}", where=where, hint="the pixel data does not match its header; export the image again")
+    except DicomError:
+        raise
+    except Exception:  # malformed encapsulation: the decoder reports it with its own reason
+        return
+
+
+def _codestream_samples(head: bytes) -> int | None:
+    """width x height x components a JPEG 2000 or JPEG / JPEG-LS codestream declares (None if not found)."""
+    start = head.find(b"\xff\x4f\xff\x51")  # SOC + SIZ, also inside a JP2 wrapper
+    if start >= 0 and len(head) >= start + 42:
+        x, y, x0, y0 = struct.unpack(">4I", head[start + 8 : start + 24])
+        components = struct.unpack(">H", head[start + 40 : start + 42])[0]
+        return max(x - x0, 0) * max(y - y0, 0) * components
+    try:
+        found = pydicom.pixels.utils._get_jpg_parameters(head)
+    except Exception:
+        return None
+    if "height" in found and "width" in found:
+        return int(found["height"]) * int(found["width"]) * int(found.get("components") or 1)
+    return None
+
+
 def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.ndarray:
     """Stored values as [F, H, W] (grayscale) or [F, H, W, 3] (colour, RGB)."""
     try:
         arr = ds.pixel_array if frame is None else pydicom.pixels.pixel_array(ds, index=frame)
-    except Exception as err:  # decoders raise ValueError/RuntimeError/NotImplementedError/...
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # ValueError/RuntimeError/...; a Rust decoder's panic is a BaseException
         arr = _decode_with_imagecodecs(ds, frame)
         if arr is None:
             raise DicomError(_decode_failure(err, ds), where=where, hint=_decode_hint(err)) from err
@@ -167,7 +264,9 @@ def _decode_with_imagecodecs(ds: pydicom.Dataset, frame: int | None) -> np.ndarr
         wanted = range(n_frames) if frame is None else [frame]
         decoded = [decode(data) for i, data in enumerate(frames) if i in wanted]
         arr = np.stack(decoded)
-    except Exception:  # no imagecodecs, no decoder for this syntax, or it fails too
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # no imagecodecs, no decoder for this syntax, or it fails (or panics) too
         return None
     if arr.ndim == 4 and str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
         return None  # colour conversion differs by codec: leave such files to pydicom's plugins
@@ -321,4 +420,19 @@ def _decoded(ds: pydicom.Dataset, pixels: np.ndarray) -> DecodedImage:
         bits_stored=int(ds.get("BitsStored") or 0),
         transfer_syntax=str(_transfer_syntax(ds) or ""),
         accession_number=text("AccessionNumber"),
+        body_part=text("BodyPartExamined").strip().upper(),
+        view_position=text("ViewPosition").strip().upper(),
+        pixel_spacing=_pixel_spacing(ds),
     )
+
+
+def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """Row and column spacing in mm; None when absent or malformed (a header fact, not a reason to reject)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            row, column = (float(v) for v in ds.get(keyword) or ())
+        except (TypeError, ValueError):
+            continue
+        if row > 0 and column > 0:
+            return row, column
+    return None

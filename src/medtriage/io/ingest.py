@@ -22,6 +22,7 @@ import io
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import time
@@ -42,6 +43,7 @@ from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
+from medtriage.io.safe_output import output_path, remove_partials, write_atomic
 from medtriage.io.site_labels import write_pool_labels
 
 INDEX_FILE, LABELS_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "labels.csv", "logs", "quarantine.csv"
@@ -116,6 +118,13 @@ def process_file(source: str) -> Outcome:
         return _quarantine(out, Unsafe("not_dicom", "no DICOM preamble/prefix and no recognisable data set"))
     except Exception as err:  # pydicom raises many types on corrupt headers
         return _quarantine(out, Unsafe("unreadable", f"{type(err).__name__}: {err}"))
+    try:
+        return _deidentified(out, ds, w)
+    except Exception as err:  # values pydicom parses lazily can still be malformed: this file only, never the run
+        return _quarantine(out, Unsafe("unreadable", f"{type(err).__name__}: {err}"))
+
+
+def _deidentified(out: Outcome, ds, w: dict) -> Outcome:
     problem = screen(ds) or _pixel_problem(ds, w["verify"])
     if problem:
         return _quarantine(out, problem)
@@ -144,12 +153,14 @@ def _pixel_problem(ds, verify: bool) -> Unsafe | None:
         return Unsafe("no_pixel_data", f"{name or 'DICOM object'} without pixel data")
     try:
         if verify:
-            ds.pixel_array
+            _ = ds.pixel_array  # decoding is the check
         elif ds.file_meta.TransferSyntaxUID.is_encapsulated:
             return _broken_frames(ds)
         elif len(ds.PixelData) < get_expected_length(ds, "bytes"):
             return Unsafe("truncated", f"pixel data holds {len(ds.PixelData)} of {get_expected_length(ds, 'bytes')} bytes")
-    except Exception as err:  # decoder plugins raise ValueError/RuntimeError/NotImplementedError...
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # decoder plugins raise ValueError/RuntimeError/...; Rust ones panic (BaseException)
         reason = "truncated" if "less than expected" in str(err) or "truncat" in str(err).lower() else "undecodable_pixels"
         return Unsafe(reason, f"{type(err).__name__}: {err}")
     return None
@@ -172,10 +183,11 @@ def _broken_frames(ds) -> Unsafe | None:
 # ---------------------------------------------------------------- the site run (main process)
 
 
-def ingest_site(site: str, src: str | Path, pool: str | Path, *, key: SiteKey, options: DeidOptions = DeidOptions(),
+def ingest_site(site: str, src: str | Path, pool: str | Path, *, key: SiteKey, options: DeidOptions | None = None,
                 quarantine: str | Path | None = None, workers: int = 1, progress: bool = True,
                 verify_pixels: bool = False) -> IngestSummary:
     """De-identify `src` into `<pool>/<site>/`; quarantine the rest. Re-running adds only new files."""
+    options = options or DeidOptions()
     src, pool = Path(src).resolve(), Path(pool).resolve()
     if not src.is_dir():
         raise DataNotFoundError("site folder not found", where=src, hint="pass the folder holding the site's DICOM export")
@@ -187,10 +199,12 @@ def ingest_site(site: str, src: str | Path, pool: str | Path, *, key: SiteKey, o
         raise ConfigError("the quarantine holds identifiable originals and must not be inside the pool", where=quarantine)
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     started = time.time()
+    _drop_torn_line(ledger_dir / INDEX_FILE)  # before reading: a torn row must not mark its input done
     index = _read_index(ledger_dir / INDEX_FILE)
     sources = [str(p) for p in sorted(src.rglob("*")) if p.is_file() and p != src / LABELS_FILE]
     summary = IngestSummary(site, run, counts_in=len(sources))
     site_dir.mkdir(parents=True, exist_ok=True)
+    remove_partials(site_dir)  # temporary files of a killed run; their inputs are not in the index, so they run again
     ledger = _Ledger(site, site_dir, ledger_dir / INDEX_FILE, quarantine, run, index, _pooled_pixels(pool))
     for out in _map(sources, workers, progress, site, (key, options, frozenset(index), verify_pixels)):
         ledger.record(out, summary)
@@ -252,10 +266,10 @@ class _Ledger:
         self.seen.add(out.content_key)
 
     def _to_pool(self, out: Outcome) -> None:
-        relative = Path(f"{out.modality}.{out.sop_uid}.dcm")  # the site export's own layout, new UIDs
-        partial = self.site_dir / f".{relative.name}.partial"
-        partial.write_bytes(out.encoded)
-        os.replace(partial, self.site_dir / relative)  # never a half-written file under its final name
+        # The site export's own layout, new UIDs; a UID the profile keeps (DICOM root) is still header data.
+        target = output_path(self.site_dir, f"{out.modality}.{out.sop_uid}", ".dcm")
+        write_atomic(target, out.encoded)  # never a half-written file under its final name
+        relative = Path(target.name)
         self.sops.add(out.sop_uid)
         twin = self.pixels.get(out.pixel_sha256)
         flag = f"identical_pixels:{twin}" if twin else ""
@@ -263,13 +277,14 @@ class _Ledger:
         self._write_index(out, "pooled", path=relative.as_posix(), flag=flag)
 
     def _to_quarantine(self, out: Outcome, indexed: bool = True) -> None:
-        target = self.quarantine / out.reason / f"{out.content_key}{Path(out.source).suffix[:8]}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out.source, target)
+        target = output_path(self.quarantine / out.reason, out.content_key, _kept_suffix(out.source))
+        with open(out.source, "rb") as original:
+            write_atomic(target, lambda f: shutil.copyfileobj(original, f))
         if self._quarantine_file is None:
             self._quarantine_file = _append_csv(self.quarantine / QUARANTINE_LIST, QUARANTINE_COLUMNS)
         self._quarantine_file[1].writerow({"content_key": out.content_key, "reason": out.reason, "detail": out.detail,
                                            "source": out.source, "run": self.run})
+        self._quarantine_file[0].flush()  # before the index row that marks this input done
         if indexed:
             self._write_index(out, "quarantined")
 
@@ -287,14 +302,34 @@ class _Ledger:
                 handle[0].close()
 
 
+def _kept_suffix(source: str) -> str:
+    """The source's extension (so a quarantined .dcm stays one), when it is a plain one."""
+    suffix = Path(source).suffix[:8]
+    return suffix if re.fullmatch(r"\.[A-Za-z0-9_-]+", suffix) else ""
+
+
 def _append_csv(path: Path, columns: list[str]):
     path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_line(path)
     new = not path.exists() or path.stat().st_size == 0
     handle = open(path, "a", newline="")
     writer = csv.DictWriter(handle, fieldnames=columns)
     if new:
         writer.writeheader()
     return handle, writer
+
+
+def _drop_torn_line(path: Path) -> None:
+    """A run killed mid-write may leave a last line without its newline: cut it, so the next row starts clean
+    (that input is not marked done, so this run processes it again)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = f.seek(max(0, size - 65536))  # a row is far shorter than this
+        tail = f.read()
+        if not tail.endswith(b"\n"):
+            f.truncate(start + tail.rfind(b"\n") + 1)
 
 
 def _read_index(path: Path) -> dict[str, dict]:
@@ -328,10 +363,7 @@ def _write_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptions, w
                    "quarantined_total": sum(summary.quarantined.values())},
         "flags": dict(summary.flags), "labels": summary.labels,
     }
-    path = ledger_dir / LOG_DIR / f"{summary.run}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(log, indent=2))
-    return path
+    return write_atomic(ledger_dir / LOG_DIR / f"{summary.run}.json", json.dumps(log, indent=2).encode())
 
 
 # ---------------------------------------------------------------- several sites at once

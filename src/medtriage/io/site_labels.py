@@ -7,10 +7,12 @@ Only key and label columns travel: a hospital export can carry free text (commen
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from medtriage.errors import ConfigError
 from medtriage.io.deid import SiteKey
+from medtriage.io.safe_output import write_atomic
 
 # Column names a hospital export may use, normalised (lower case, no '_' or ' ').
 _KEY_COLUMNS = {
@@ -65,10 +67,11 @@ def write_pool_labels(site_labels: Path, pool_labels: Path, pooled: list[dict], 
                   "accession": image["accession"], "patient": image["patient"], "label": match[1]}
         row = {roles[r]: values[r] for r in roles}
         written[tuple(row.values())] = row  # accession-keyed exports: one row per accession, as the site wrote it
-    with open(pool_labels, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=out_columns)
-        writer.writeheader()
-        writer.writerows(written.values())
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=out_columns)
+    writer.writeheader()
+    writer.writerows(written.values())
+    write_atomic(pool_labels, text.getvalue().encode())  # a killed ingest leaves the previous labels, never half
     labelled = sum(1 for r in pooled if r["sop_uid"] in used or (r["accession"] and r["accession"] in used))
     return {"labels_file": True, "rows": len(rows), "rows_empty_label": empty,
             "rows_matching_no_pooled_image": len(by_sop) + len(by_accession) - len(used),

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -90,7 +90,7 @@ class _Levels:
         image.thumbnail((max_side, max_side), Image.Resampling.BOX)
         return np.asarray(image)
 
-    def __enter__(self) -> "_Levels":
+    def __enter__(self) -> _Levels:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -147,13 +147,13 @@ class Slide(_Levels):
                 )
 
     @property
-    def shared_reader(self) -> "RegionReader":
+    def shared_reader(self) -> RegionReader:
         """The reader of this thread of control: mask, stain fit and tiles share its decoded tiles."""
         if self._shared_reader is None:
             self._shared_reader = RegionReader(self)
         return self._shared_reader
 
-    def reader(self) -> "RegionReader":
+    def reader(self) -> RegionReader:
         """A reader for another thread: its own cache, seeded (read-only) with what is decoded so far."""
         return RegionReader(self, seed=dict(self.shared_reader._cache))
 
@@ -301,7 +301,7 @@ class DicomSlide(_Levels):
             raise InputError("no resolution metadata (µm/pixel) in the slide", where=self.path, hint=MPP_HINT)
         self.shared_reader = _DicomRegionReader(self)
 
-    def reader(self) -> "_DicomRegionReader":
+    def reader(self) -> _DicomRegionReader:
         return _DicomRegionReader(self)
 
     def scanner_thumbnail(self) -> Image.Image | None:

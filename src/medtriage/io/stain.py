@@ -37,7 +37,7 @@ class Stains:
         return {"matrix": self.matrix.round(6).tolist(), "max_concentrations": self.max_concentrations.round(6).tolist()}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Stains":
+    def from_dict(cls, values: dict) -> Stains:
         return cls(np.asarray(values["matrix"], np.float64), np.asarray(values["max_concentrations"], np.float64))
 
 

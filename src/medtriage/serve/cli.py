@@ -7,16 +7,19 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
+from medtriage.io.dicom import DecodeLimits, set_default_limits
+from medtriage.serve.admission import DEFAULT_QUEUE
+from medtriage.serve.batching import add_batching_options, concurrent_requests, enable_batching
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection, Score
 
 TOKEN_ENV = "MEDTRIAGE_TOKEN"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 CSV_COLUMNS = ["status", "file", "frame", "finding", "probability", "priority", "sop_uid", "study_uid", "series_uid",
-               "modality", "model", "version", "sha256", "provider", "reason"]
+               "modality", "model", "version", "sha256", "provider", "reason", "decision", "code", "field"]
 
 
 def register(subparsers) -> None:
@@ -39,11 +42,24 @@ def register(subparsers) -> None:
     serve.add_argument("package", help="model package folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV})")
+    serve.add_argument("--token-file", metavar="FILE", help=f"require 'Authorization: Bearer <token>' with the token "
+                       f"in FILE (or in ${TOKEN_ENV}); required for a --host other than loopback")
+    serve.add_argument("--token", default=None, help="the token itself (discouraged: other users see it in `ps`)")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow a non-loopback --host without a token (anyone on the network sees the worklist)")
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain) file")
+    serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    serve.add_argument("--max-concurrent", type=_positive_int, default=None, metavar="N",
+                       help="requests decoded and scored at once (default: one per core)")
+    serve.add_argument("--queue", type=int, default=DEFAULT_QUEUE, metavar="N",
+                       help="requests that may wait for those; more get 503 + Retry-After (default: %(default)s)")
     serve.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted request body")
     serve.add_argument("--worklist-size", type=_positive_int, default=None, metavar="N",
-                       help="scored files the /worklist page keeps, newest first (default: 256)")
+                       help="studies the /worklist page shows, newest first (default: 256)")
+    serve.add_argument("--state", metavar="DIR", default=None,
+                       help="keep the worklist in this folder (survives restarts); a DICOM node's --state shows its studies")
     _runtime_options(serve)
+    add_batching_options(serve)
     serve.set_defaults(func=run_serve)
 
 
@@ -56,6 +72,15 @@ def _positive_int(text: str) -> int:
 def _runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    limits = DecodeLimits()
+    parser.add_argument("--max-frame-pixels", type=_positive_int, default=limits.max_frame_pixels, metavar="N",
+                        help="refuse images whose frames have more pixels, before decoding (default: %(default)s)")
+    parser.add_argument("--max-frames", type=_positive_int, default=limits.max_frames, metavar="N",
+                        help="refuse images with more frames, before decoding (default: %(default)s)")
+    parser.add_argument("--max-decoded-bytes", type=_positive_int, default=limits.max_decoded_bytes, metavar="N",
+                        help="refuse images whose decoded pixels would take more bytes (default: %(default)s)")
+    parser.add_argument("--allow-out-of-scope", action="store_true",
+                        help="score images outside the model's scope or unlike its training images anyway (results are flagged)")
 
 
 # --- score ---------------------------------------------------------------------------------------
@@ -121,24 +146,25 @@ def score_paths(predictor: Predictor, files: list[Path], progress: bool, sr_dir:
 
 
 def _write_sr(predictor: Predictor, path: Path, scores: list[Score], sr_dir: str) -> Rejection | None:
-    from medtriage.errors import MedTriageError
     from medtriage.serve.dicom_results import write_sr
 
-    try:
-        write_sr(path, scores, predictor.package, sr_dir)
-    except MedTriageError as err:
-        return Rejection(str(path), f"scored, but no SR written: {err.reason}", type(err).__name__)
-    return None
+    return _written("SR", path, lambda: write_sr(path, scores, predictor.package, sr_dir))
 
 
 def _write_overlay(predictor: Predictor, path: Path, scores: list[Score], overlay_dir: str) -> Rejection | None:
-    from medtriage.errors import MedTriageError
     from medtriage.serve.saliency import write_overlay
 
+    return _written("overlay", path, lambda: write_overlay(predictor, path, scores, overlay_dir))
+
+
+def _written(what: str, path: Path, write) -> Rejection | None:
+    """Run one result writer; its typed failure turns the scored file into a rejection saying what is missing."""
+    from medtriage.errors import MedTriageError
+
     try:
-        write_overlay(predictor, path, scores, overlay_dir)
+        write()
     except MedTriageError as err:
-        return Rejection(str(path), f"scored, but no overlay written: {err.reason}", type(err).__name__)
+        return Rejection(str(path), f"scored, but no {what} written: {err.reason}", type(err).__name__)
     return None
 
 
@@ -146,7 +172,9 @@ def run_score(args: argparse.Namespace) -> int:
     if not args.paths and not args.npz:
         print("error: give DICOM files/folders to score, or --npz FILE", file=sys.stderr)
         return 2
-    predictor = Predictor(load_package(args.package), provider=args.provider, threads=args.threads)
+    _apply_decode_limits(args)
+    predictor = Predictor(load_package(args.package), provider=args.provider, threads=args.threads,
+                          allow_out_of_scope=args.allow_out_of_scope)
     if args.npz:
         return _score_npz(predictor, args)
     files, missing, any_folder = collect_files(args.paths)
@@ -203,15 +231,20 @@ def write_csv(stream, predictor: Predictor, scores: list[Score], rejected: list[
 
 
 def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> str:
-    """The radiologist's view: file, finding, p(positive), priority, model."""
+    """The radiologist's view: file, finding, p(positive), priority, the decision against the operating points, model."""
     package = predictor.package
-    header = ["file", "finding", f"p({package.positive_label})", "priority", "model"]
-    rows = [[_file_label(s), s.finding, f"{s.probability:.2f}", s.priority, package.describe(with_sha=i == 0)]
+    header = ["file", "finding", f"p({package.positive_label})", "priority", "decision", "model"]
+    rows = [[_file_label(s), s.finding, f"{s.probability:.2f}", s.priority, _decision(s), package.describe(with_sha=i == 0)]
             for i, s in enumerate(scores)]
-    rows += [[Path(r.file).name, "—", "—", "REJECTED", r.reason] for r in rejected]
+    rows += [[Path(r.file).name, "—", "—", "REJECTED", "—", r.reason] for r in rejected]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]) for row in [header, *rows]]
     return "\n".join(lines)
+
+
+def _decision(score: Score) -> str:
+    flags = getattr(score, "flags", None)
+    return score.decision + (f" [{', '.join(flags)}]" if flags else "") if score.decision else "—"
 
 
 def _file_label(score: Score) -> str:
@@ -224,14 +257,86 @@ def _file_label(score: Score) -> str:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from medtriage.errors import ConfigError
+    from medtriage.serve.admission import Admission, tune_allocator
     from medtriage.serve.http import create_app
     from medtriage.serve.worklist import DEFAULT_CAPACITY
 
-    predictor = Predictor(load_package(args.package), provider=args.provider, threads=args.threads)
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    app = create_app(predictor, token=token, max_bytes=args.max_bytes,
-                     worklist_size=DEFAULT_CAPACITY if args.worklist_size is None else args.worklist_size)
-    print(f"serving {predictor.package.describe()} on http://{args.host}:{args.port} (provider {predictor.provider}, "
-          f"{'token required' if token else 'no token'}; docs at /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        token = _serving_token(args)
+        tls = _tls_files(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tune_allocator()
+    _apply_decode_limits(args)
+    predictor = Predictor(load_package(args.package), provider=args.provider, threads=args.threads,
+                          allow_out_of_scope=args.allow_out_of_scope)
+    enable_batching(predictor, args.max_batch, args.batch_wait_ms)
+    admission = Admission(concurrent_requests(args.max_concurrent, args.max_batch), args.queue)
+    app = create_app(predictor, token=token, max_bytes=args.max_bytes, admission=admission,
+                     worklist_size=DEFAULT_CAPACITY if args.worklist_size is None else args.worklist_size, state=args.state)
+    scheme = "https" if tls else "http"
+    print(f"serving {predictor.package.describe()} on {scheme}://{args.host}:{args.port} (provider {predictor.provider}, "
+          f"{'token required' if token else 'no token'}, {admission.workers} at once + {args.queue} waiting; docs at /docs)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls)
     return 0
+
+
+def _apply_decode_limits(args: argparse.Namespace) -> None:
+    set_default_limits(DecodeLimits(args.max_frame_pixels, args.max_frames, args.max_decoded_bytes))
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def _serving_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file, $MEDTRIAGE_TOKEN or --token; None only where that is safe or asked for."""
+    from medtriage.errors import ConfigError
+
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ConfigError(f"cannot read the token file ({err.strerror})", where=args.token_file) from err
+        if not token:
+            raise ConfigError("the token file is empty", where=args.token_file, hint="put one long random line in it")
+        if Path(args.token_file).stat().st_mode & 0o077:
+            print(f"warning: {args.token_file} is readable by other users; chmod 600 it", file=sys.stderr)
+    elif args.token:
+        print("warning: --token is visible to every user of this machine (ps, /proc); "
+              f"use --token-file or ${TOKEN_ENV}", file=sys.stderr)
+        token = args.token
+    else:
+        token = os.environ.get(TOKEN_ENV) or None
+    if token is None and not is_loopback(args.host) and not args.insecure_no_auth:
+        raise ConfigError(f"refusing to serve on {args.host} without a token: patient IDs and images would be open to "
+                          "anyone on the network", where="--host",
+                          hint=f"give --token-file FILE (or ${TOKEN_ENV}), or --insecure-no-auth if another layer guards it")
+    return token
+
+
+def _tls_files(args: argparse.Namespace) -> dict:
+    from medtriage.errors import ConfigError
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together", where="--tls-cert" if args.tls_cert else "--tls-key")
+    if not args.tls_cert:
+        if not is_loopback(args.host):
+            print(f"warning: serving plain HTTP on {args.host}: tokens and images cross the network unencrypted; "
+                  "give --tls-cert/--tls-key or put a TLS proxy in front", file=sys.stderr)
+        return {}
+    for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if not Path(path).is_file():
+            raise ConfigError("file not found", where=f"{option} {path}")
+    return {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}

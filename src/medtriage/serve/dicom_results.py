@@ -1,8 +1,9 @@
 """Triage results as a DICOM Comprehensive SR (TID 1500 measurement report) with highdicom.
 
-One SR per source instance, in the source's study, referencing the source study, series and
-instance (and frame); each scored frame is one measurement group carrying the calibrated
-probability, the finding, the priority and the algorithm name/version (with the model's sha256).
+One SR per source instance (or, for the DICOM node, one per study covering all its scored
+instances), in the source's study, referencing the source study, series and instance (and frame);
+each scored frame is one measurement group carrying the calibrated probability, the finding, the
+priority and the algorithm name/version (with the model's sha256).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydicom.uid import generate_uid
 
 from medtriage import __version__
 from medtriage.errors import DicomError
+from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.serve.package import ModelPackage
 from medtriage.serve.predictor import Score
 
@@ -25,6 +27,8 @@ SCHEME = "99MEDTRIAGE"  # local coding scheme ("99" prefix = private, PS3.16 8.2
 PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
 PRIORITY = hd.sr.CodedConcept("priority", SCHEME, "Triage priority")
+DECISION = hd.sr.CodedConcept("decision", SCHEME, "Triage decision against the operating points")
+DECISION_CODES = {"URGENT": "above-urgent", "review": "above-review", "routine": "below-review"}
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER = 9901
 
@@ -41,21 +45,28 @@ def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
 
 def build_sr(source: pydicom.Dataset, scores: list[Score], package: ModelPackage) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR for the scores of one source instance."""
+    return build_study_sr([(source, scores)], package)
+
+
+def build_study_sr(sources: list[tuple[pydicom.Dataset, list[Score]]], package: ModelPackage,
+                   sop_instance_uid: str | None = None) -> hd.sr.ComprehensiveSR:
+    """One Comprehensive SR for several instances of one study: a measurement group per scored frame,
+    each referencing its instance; the study and patient attributes come from the first instance."""
     # highdicom writes each parameter key as one TEXT item, so each key is a whole "name=value".
     parameters = {f"sha256={package.sha256}": package.sha256, f"software=medtriage {__version__}": __version__}
     algorithm = hd.sr.AlgorithmIdentification(name=package.name, version=str(package.version), parameters=parameters)
-    groups = [_measurement_group(source, score, package, algorithm) for score in scores]
+    groups = [_measurement_group(source, score, package, algorithm) for source, scores in sources for score in scores]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(package), procedure_reported=PROCEDURE, imaging_measurements=groups,
     )
     try:
         return hd.sr.ComprehensiveSR(
-            evidence=[source], content=report, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=generate_uid(), instance_number=1, manufacturer="MedTriage",
-            series_description=f"AI triage {package.describe(with_sha=False)}", is_complete=True,
+            evidence=[source for source, _ in sources], content=report, series_instance_uid=generate_uid(),
+            series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1,
+            manufacturer="MedTriage", series_description=f"AI triage {package.describe(with_sha=False)}", is_complete=True,
         )
     except (ValueError, AttributeError, TypeError) as err:
-        raise DicomError(f"cannot build an SR referencing this file ({err})", where=str(scores[0].file),
+        raise DicomError(f"cannot build an SR referencing this file ({err})", where=str(sources[0][1][0].file),
                          hint="the source lacks study/patient attributes an SR must copy") from err
 
 
@@ -76,6 +87,9 @@ def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPack
         hd.sr.QualitativeEvaluation(FINDING, hd.sr.CodedConcept(score.finding[:16], SCHEME, score.finding)),
         hd.sr.QualitativeEvaluation(PRIORITY, hd.sr.CodedConcept(score.priority.lower(), SCHEME, score.priority)),
     ]
+    if score.decision:  # "below review threshold 0.785": why the priority is what it is
+        code = DECISION_CODES.get(score.priority, "decision")
+        evaluations.append(hd.sr.QualitativeEvaluation(DECISION, hd.sr.CodedConcept(code, SCHEME, score.decision[:64])))
     frames = [score.frame] if score.frame is not None else None
     image = hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID, referenced_frame_numbers=frames)
     frame_text = f" frame {score.frame}" if score.frame is not None else ""
@@ -86,13 +100,15 @@ def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPack
 
 
 def write_sr(source: str | Path | bytes | BinaryIO, scores: list[Score], package: ModelPackage, out_dir: str | Path) -> Path:
-    """Write the SR for one source instance to `out_dir/<source SOP UID>.SR.dcm`."""
+    """Write the SR for one source instance to `out_dir/<source SOP UID>.<source digest>.SR.dcm`, atomically.
+
+    The UID is sanitised and the digest of the source (its path, or the uploaded bytes) keeps two
+    sources that share a UID apart: a header value never chooses where a file goes."""
     sr = build_sr(read_header(source), scores, package)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{scores[0].sop_uid or sr.SOPInstanceUID}.SR.dcm"
-    sr.save_as(path)
-    return path
+    key = source.getvalue() if isinstance(source, io.BytesIO) else source if isinstance(source, (bytes, bytearray)) \
+        else Path(source).resolve() if isinstance(source, (str, Path)) else getattr(source, "name", scores[0].file)
+    path = output_path(out_dir, scores[0].sop_uid or sr.SOPInstanceUID, ".SR.dcm", source=key)
+    return write_atomic(path, lambda f: sr.save_as(f))
 
 
 def sr_bytes(source: bytes, scores: list[Score], package: ModelPackage) -> bytes:

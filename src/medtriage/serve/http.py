@@ -5,12 +5,15 @@ POST /v1/sr      one DICOM file -> its DICOM Structured Report (application/dico
 GET  /health     the process is up;  GET /ready  the model is loaded (provider in use)
 GET  /v1/model   the package's model.json;  /docs  OpenAPI
 GET  /worklist   the radiologist's worklist page (files scored by /v1/score; see worklist.py)
+GET  /metrics    Prometheus metrics;  GET /v1/drift  input drift per source (`X-Source` header; see metrics.py)
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import tempfile
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +23,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medtriage import __version__
-from medtriage.errors import MedTriageError
+from medtriage.errors import ImageTooLargeError, MedTriageError
+from medtriage.serve.admission import LARGE_REQUEST, Admission, release_memory
+from medtriage.serve.metrics import SOURCE_HEADER, ServiceMonitor, monitoring_router
 from medtriage.serve.predictor import Predictor, Rejection, Score
 from medtriage.serve.worklist import DEFAULT_CAPACITY, PAGE_PATH, Worklist, worklist_router
 
@@ -34,6 +39,8 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 }}}
 # The worklist page is static HTML; the data it fetches carries the token like any other client.
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", PAGE_PATH}
+SPOOL_IN_MEMORY = 1024 * 1024  # bytes of an upload kept in memory before it spills to a temporary file
+TOO_LARGE = ImageTooLargeError.__name__
 
 
 class RequestError(Exception):
@@ -49,33 +56,78 @@ def error_response(status: int, reason: str, hint: str | None = None, **extra) -
 
 
 def create_app(predictor: Predictor, token: str | None = None, max_bytes: int = 256 * 1024 * 1024,
-               worklist_size: int = DEFAULT_CAPACITY) -> FastAPI:
+               worklist_size: int = DEFAULT_CAPACITY, admission: Admission | None = None,
+               state: str | None = None) -> FastAPI:
+    """The service. `admission` bounds concurrent work (default: one worker per core, 64 waiting)."""
     app = FastAPI(title="MedTriage", version=__version__,
                   description=f"Triage scores from {predictor.package.describe()}: decision support, not diagnosis.")
-    _add_guards(app, token, max_bytes)
+    app.state.admission = admission or Admission()
     _add_error_handlers(app)
-    worklist = Worklist(predictor, capacity=worklist_size)
+    worklist = Worklist(predictor, capacity=worklist_size, store=state)  # a DICOM node's state folder, or memory
+    app.state.monitor = ServiceMonitor(predictor.package)
     _add_routes(app, predictor, max_bytes, worklist)
     app.include_router(worklist_router(worklist))
+    app.include_router(monitoring_router(app.state.monitor))
+    app.add_middleware(Guard, token=token, max_bytes=max_bytes, admission=app.state.admission)
     return app
 
 
-def _add_guards(app: FastAPI, token: str | None, max_bytes: int) -> None:
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if token and request.url.path not in OPEN_PATHS and not _authorised(request, token):
+def _is_heavy(method: str, path: str) -> bool:
+    """Requests that decode or run the model: they pass admission (503 when the queue is full)."""
+    return (method == "POST" and path in ("/v1/score", "/v1/sr")) or (method == "GET" and path.endswith("/overlay.png"))
+
+
+class Guard:
+    """Plain ASGI middleware in front of every route: the bearer token, the declared body size, admission
+    of heavy requests, and `Cache-Control: no-store` on every answer (scores, rows and pictures are PHI)."""
+
+    def __init__(self, app, token: str | None, max_bytes: int, admission: Admission):
+        self.app, self.token, self.max_bytes, self.admission = app, token, max_bytes, admission
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        send = _no_store(send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        if not _is_heavy(scope["method"], scope["path"]):
+            return await self.app(scope, receive, send)
+        if not self.admission.try_enter():
+            busy = error_response(503, f"busy: {self.admission.capacity} requests already in progress or waiting",
+                                  "retry after the number of seconds in Retry-After")
+            busy.headers["Retry-After"] = self.admission.retry_after()
+            return await busy(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.leave()
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.token and scope["path"] not in OPEN_PATHS and not _authorised(headers, self.token):
             return JSONResponse({"error": {"reason": "missing or wrong bearer token",
                                            "hint": "send 'Authorization: Bearer <token>'"}},
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_bytes:
-            return error_response(413, f"request body of {int(length)} bytes exceeds the limit of {max_bytes}",
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return error_response(413, f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}",
                                   "send fewer or smaller files per request")
-        return await call_next(request)
+        return None
 
 
-def _authorised(request: Request, token: str) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+def _no_store(send):
+    async def send_no_store(message):
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"cache-control"]
+            message = {**message, "headers": [*headers, (b"cache-control", b"no-store")]}
+        await send(message)
+
+    return send_no_store
+
+
+def _authorised(headers: dict, token: str) -> bool:
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
@@ -116,29 +168,47 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
     @app.post("/v1/score", summary="Score DICOM files (multipart field `files`, or one application/dicom body)",
               openapi_extra=UPLOAD_BODY)
     async def score(request: Request) -> JSONResponse:
-        uploads = await _uploads(request, max_bytes)
-        outcomes = [await run_in_threadpool(worklist.score_or_reject, data, name) for name, data in uploads]
+        source = request.headers.get(SOURCE_HEADER)
+        async with _uploads(request, max_bytes) as uploads:
+            outcomes = [await _in_slot(app, uploads_size(uploads), app.state.monitor.timed, worklist.score_or_reject,
+                                       upload, name, source) for name, upload in uploads]
         scores = [s for o in outcomes if not isinstance(o, Rejection) for s in o]
         rejected = [o.as_dict() for o in outcomes if isinstance(o, Rejection)]
         body = {"model": {**package.identity(), "provider": predictor.provider},
                 "results": [s.as_dict() for s in scores], "rejected": rejected}
         if scores:
             return JSONResponse(body)
-        # A request whose every file is unusable is itself bad input.
+        # A request whose every file is unusable is itself bad input; too large to decode is 413.
+        status = 413 if all(r["error"] == TOO_LARGE for r in rejected) else 422
         error = {"reason": f"no file could be scored: {rejected[0]['reason']}", "hint": "see 'rejected' for each file"}
-        return JSONResponse({"error": error, **body}, status_code=422)
+        return JSONResponse({"error": error, **body}, status_code=status)
 
     @app.post("/v1/sr", summary="One DICOM file -> a DICOM Structured Report with its triage result",
               response_class=Response, responses={200: {"content": {"application/dicom": {}}}}, openapi_extra=UPLOAD_BODY)
     async def structured_report(request: Request) -> Response:
-        uploads = await _uploads(request, max_bytes)
-        if len(uploads) != 1:
-            raise RequestError(400, f"send exactly one file, got {len(uploads)}")
-        name, data = uploads[0]
-        outcome = await run_in_threadpool(predictor.score_or_reject, data, name)
-        if isinstance(outcome, Rejection):
-            raise RequestError(422, outcome.reason, file=name, type=outcome.error)
-        return Response(await run_in_threadpool(_sr_bytes, data, outcome, predictor), media_type="application/dicom")
+        async with _uploads(request, max_bytes) as uploads:
+            if len(uploads) != 1:
+                raise RequestError(400, f"send exactly one file, got {len(uploads)}")
+            name, upload = uploads[0]
+            outcome = await _in_slot(app, uploads_size(uploads), app.state.monitor.timed, predictor.score_or_reject,
+                                     upload, name, request.headers.get(SOURCE_HEADER))
+            if isinstance(outcome, Rejection):
+                raise RequestError(413 if outcome.error == TOO_LARGE else 422, outcome.reason, file=name, type=outcome.error)
+            report = await _in_slot(app, 0, _sr_bytes, upload, outcome, predictor)
+        return Response(report, media_type="application/dicom")
+
+
+async def _in_slot(app: FastAPI, size: int, work, *args):
+    """`work(*args)` in a worker thread once a working slot is free; an upload argument (a spooled file)
+    is read into bytes only then, so waiting requests hold no file in memory."""
+    async with app.state.admission.slot():
+        args = [_read_upload(a) if isinstance(a, Upload) else a for a in args]
+        try:
+            return await run_in_threadpool(work, *args)
+        finally:
+            del args
+            if size >= LARGE_REQUEST:
+                await run_in_threadpool(release_memory)
 
 
 def _sr_bytes(data: bytes, scores: list[Score], predictor: Predictor) -> bytes:
@@ -150,41 +220,77 @@ def _sr_bytes(data: bytes, scores: list[Score], predictor: Predictor) -> bytes:
         raise RequestError(422, f"scored, but no SR could be built: {err.reason}") from err
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, counted as it streams in (a chunked upload has no Content-Length to check first)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes", "send fewer or smaller files per request")
-        chunks.append(chunk)
-    return b"".join(chunks)
+class Upload:
+    """One uploaded file as it arrived: a spooled temporary file (memory up to 1 MB, then disk) and its size."""
+
+    def __init__(self, file, size: int):
+        self.file, self.size = file, size
 
 
-async def _uploads(request: Request, max_bytes: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of each uploaded file; empty or malformed requests are 400s."""
+def _read_upload(upload: Upload) -> bytes:
+    upload.file.seek(0)
+    return upload.file.read()
+
+
+def uploads_size(uploads: list[tuple[str, Upload]]) -> int:
+    return sum(upload.size for _, upload in uploads)
+
+
+class _BodyCounter:
+    """The request's receive channel, counting body bytes: a chunked upload has no Content-Length to check first."""
+
+    def __init__(self, receive, max_bytes: int):
+        self.receive, self.max_bytes, self.size = receive, max_bytes, 0
+
+    async def __call__(self):
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.size += len(message.get("body", b""))
+            if self.size > self.max_bytes:
+                raise RequestError(413, f"request body exceeds the limit of {self.max_bytes} bytes",
+                                   "send fewer or smaller files per request")
+        return message
+
+
+@asynccontextmanager
+async def _uploads(request: Request, max_bytes: int):
+    """(name, Upload) of each uploaded file, streamed to temporary files and closed afterwards; empty or
+    malformed requests are 400s."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        uploads = await _multipart_files(request, max_bytes)
-    elif content_type in RAW_TYPES:
-        body = await _read_body(request, max_bytes)
-        uploads = [("<body>", body)] if body else []
-    else:
-        raise RequestError(415, f"unsupported content type '{content_type}'",
-                           "send multipart/form-data with 'files' fields, or one file as application/dicom")
-    if not uploads:
-        raise RequestError(400, "no file in the request",
-                           "POST multipart/form-data with one or more 'files' fields, or a DICOM file as the body")
-    empty = [name for name, data in uploads if not data]
-    if len(empty) == len(uploads):
-        raise RequestError(400, f"every uploaded file is empty: {', '.join(empty)}")
-    return uploads
-
-
-async def _multipart_files(request: Request, max_bytes: int) -> list[tuple[str, bytes]]:
-    body = await _read_body(request, max_bytes)
+    counted = Request(request.scope, _BodyCounter(request.receive, max_bytes))
+    opened: list = []
     try:
-        form = await _parse_form(request, body)
+        if content_type == "multipart/form-data":
+            uploads = await _multipart_files(counted, max_bytes, opened)
+        elif content_type in RAW_TYPES:
+            uploads = await _raw_file(counted, opened)
+        else:
+            raise RequestError(415, f"unsupported content type '{content_type}'",
+                               "send multipart/form-data with 'files' fields, or one file as application/dicom")
+        if not uploads:
+            raise RequestError(400, "no file in the request",
+                               "POST multipart/form-data with one or more 'files' fields, or a DICOM file as the body")
+        empty = [name for name, upload in uploads if not upload.size]
+        if len(empty) == len(uploads):
+            raise RequestError(400, f"every uploaded file is empty: {', '.join(empty)}")
+        yield uploads
+    finally:
+        for handle in opened:
+            handle.close()
+
+
+async def _raw_file(request: Request, opened: list) -> list[tuple[str, Upload]]:
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+    opened.append(spool)
+    async for chunk in request.stream():
+        spool.write(chunk)
+    size = spool.tell()
+    return [("<body>", Upload(spool, size))] if size else []
+
+
+async def _multipart_files(request: Request, max_bytes: int, opened: list) -> list[tuple[str, Upload]]:
+    try:
+        form = await request.form(max_files=10_000, max_part_size=min(max_bytes, SPOOL_IN_MEMORY))
     except RequestError:
         raise
     except Exception as err:  # python-multipart raises several kinds on malformed input
@@ -192,12 +298,7 @@ async def _multipart_files(request: Request, max_bytes: int) -> list[tuple[str, 
     files = []
     for _, value in form.multi_items():
         if isinstance(value, UploadFile):
-            files.append((value.filename or "<upload>", await value.read()))
+            opened.append(value.file)
+            value.file.seek(0, 2)
+            files.append((value.filename or "<upload>", Upload(value.file, value.file.tell())))
     return files
-
-
-async def _parse_form(request: Request, body: bytes):
-    async def replay():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return await Request(request.scope, replay).form(max_files=10_000, max_part_size=len(body) + 1)

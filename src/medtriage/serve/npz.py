@@ -7,8 +7,8 @@ served model. Each image is named `<npz file>#<split>_images[<i>]`, as in the tr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -57,6 +57,7 @@ def _scores(predictor: Predictor, pixels: np.ndarray, names: list[str]) -> Itera
 
     for start in tqdm(range(0, len(names), BATCH), desc="scoring npz", unit="batch", disable=len(names) <= BATCH):
         batch = to_model_channels(pixels[start : start + BATCH], predictor.package.channels)
-        probs = predictor.probabilities(batch)
-        for name, image, p in zip(names[start : start + BATCH], batch, probs):
-            yield predictor._score(p, name, None, _decoded(image, name))
+        probs, ood = predictor.outputs(batch)
+        for i, (name, image, p) in enumerate(zip(names[start : start + BATCH], batch, probs)):
+            yield predictor._score(p, name, None, _decoded(image, name), [], None if ood is None else float(ood[i]),
+                                   float(image.mean()))

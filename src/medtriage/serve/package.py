@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from medtriage.errors import PackageError
-from medtriage.serve.schema import validate_model_json
+from medtriage.format import META_FILE, ONNX_FILE, sha256_file, validate_model_json
 
-ONNX_FILE, META_FILE, CARD_FILE = "model.onnx", "model.json", "MODEL_CARD.md"
 REEXPORT_HINT = "restore the package from the MLflow run or model registry, or re-export it: python scripts/export.py run_id=<run>"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -63,6 +53,20 @@ class ModelPackage:
     def urgent_threshold(self) -> float | None:
         urgent = self.meta["thresholds"].get("urgent")
         return float(urgent["threshold"]) if urgent else None
+
+    @property
+    def scope(self) -> dict | None:
+        """What the model may be shown (serve/scope.py); None in packages exported before scopes existed."""
+        return self.meta.get("scope")
+
+    @property
+    def ood_output(self) -> str | None:
+        return (self.meta.get("ood") or {}).get("output")
+
+    @property
+    def ood_threshold(self) -> float | None:
+        threshold = (self.meta.get("ood") or {}).get("threshold")
+        return None if threshold is None else float(threshold)
 
     def describe(self, with_sha: bool = True) -> str:
         """'pneumonia-r18 v3 (sha256 4be1…)', the model column of a result."""

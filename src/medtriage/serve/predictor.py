@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -13,6 +13,7 @@ import onnxruntime as ort
 from medtriage.errors import ConfigError, InputError, MedTriageError
 from medtriage.io.dicom import DecodedImage, read_dicom
 from medtriage.serve.package import ModelPackage
+from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unscoped
 
 log = logging.getLogger(__name__)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -37,6 +38,10 @@ class Score:
     model: str
     version: int
     sha256: str
+    decision: str = ""  # the probability against the operating points, e.g. "below review threshold 0.785"
+    flags: list = field(default_factory=list)  # e.g. "out_of_scope:modality", "unusual_input" (--allow-out-of-scope)
+    ood_score: float | None = None  # distance from the training images' features (packages with an OOD output)
+    input_mean: float | None = None  # mean decoded intensity, in model channels (drift monitoring)
 
     def as_dict(self) -> dict:
         return {"status": "scored", **asdict(self)}
@@ -47,9 +52,18 @@ class Rejection:
     file: str
     reason: str
     error: str  # the error type, e.g. DicomError
+    code: str | None = None  # machine-readable cause where there is one: out_of_scope, unusual_input
+    field: str | None = None  # the scope field that failed
+    withheld: list | None = None  # scores computed but not given (unusual input): for the drift monitor only
+
+    @classmethod
+    def of(cls, name: str, err: Exception) -> Rejection:
+        return cls(name, getattr(err, "reason", str(err)), type(err).__name__, getattr(err, "code", None),
+                   getattr(err, "field", None), getattr(err, "withheld", None))
 
     def as_dict(self) -> dict:
-        return {"status": "rejected", **asdict(self)}
+        shown = {"file": self.file, "reason": self.reason, "error": self.error, "code": self.code, "field": self.field}
+        return {"status": "rejected", **{k: v for k, v in shown.items() if v is not None or k in ("file", "reason", "error")}}
 
 
 def create_session(package: ModelPackage, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
@@ -64,6 +78,12 @@ def create_session(package: ModelPackage, provider: str = "cpu", threads: int | 
         )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Inputs come in every size (the graph resizes): ORT's CPU arena would grow to the largest ever seen and
+    # keep it; without it buffers are freed after each run and the process stays flat under load.
+    options.enable_cpu_mem_arena = False
+    # ORT's worker threads otherwise spin for a while after each run, taking the cores that the next
+    # request's decoding (and every other process) needs: see the "Served path" benchmark.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(str(package.onnx_path), options, providers=PROVIDERS[provider])
@@ -88,27 +108,64 @@ def to_model_channels(pixels: np.ndarray, channels: int, where: str = "") -> np.
 class Predictor:
     """A loaded package plus its ORT session; thread-safe (ORT sessions allow concurrent `run`)."""
 
-    def __init__(self, package: ModelPackage, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, package: ModelPackage, provider: str = "cpu", threads: int | None = None,
+                 allow_out_of_scope: bool = False):
         self.package = package
         self.session = create_session(package, provider, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.positive = package.label_names.index(package.positive_label)
+        # Out-of-scope and unusual inputs are refused unless this is set; then they are scored and flagged.
+        self.allow_out_of_scope = allow_out_of_scope
+        warn_if_unscoped(package.meta, package.describe(with_sha=False))
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_names = outputs[:1] + [name for name in [package.ood_output] if name in outputs]
 
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
+    def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities `[N, K]` and, when the graph has one, the OOD score `[N]` of decoded pixels."""
+        batch = np.ascontiguousarray(pixels, dtype=np.float32)
+        results = self.session.run(self.output_names, {self.input_name: batch})
+        return results[0], (results[1].reshape(-1) if len(results) > 1 else None)
+
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Calibrated probabilities `[N, K]` of decoded pixels `[N, C, H, W]` (float32 in [0, 1])."""
-        batch = np.ascontiguousarray(pixels, dtype=np.float32)
-        return self.session.run(None, {self.input_name: batch})[0]
+        return self.outputs(pixels)[0]
 
     def score_decoded(self, image: DecodedImage, name: str) -> list[Score]:
-        """One Score per frame of a decoded image."""
+        """One Score per frame of a decoded image; out-of-scope images are refused before inference and
+        unusual ones after it (OutOfScopeError, UnusualInputError), unless allow_out_of_scope marks them instead."""
+        flags = self._scope_flags(image, name)
         pixels = to_model_channels(image.pixels, self.package.channels, name)
-        probs = np.concatenate([self.probabilities(pixels[i : i + FRAME_BATCH]) for i in range(0, len(pixels), FRAME_BATCH)])
+        chunks = [self.outputs(pixels[i : i + FRAME_BATCH]) for i in range(0, len(pixels), FRAME_BATCH)]
+        probs = np.concatenate([c[0] for c in chunks])
+        ood = np.concatenate([c[1] for c in chunks]) if chunks[0][1] is not None else None
         multi = len(probs) > 1
-        return [self._score(p, name, i + 1 if multi else None, image) for i, p in enumerate(probs)]
+        scores = [self._score(p, name, i + 1 if multi else None, image, flags, None if ood is None else float(ood[i]),
+                              float(pixels[i].mean())) for i, p in enumerate(probs)]
+        return self._screen_content(scores, ood, name)
+
+    def _scope_flags(self, image: DecodedImage, name: str) -> list[str]:
+        try:
+            check_scope(self.package.scope, image, name)
+        except OutOfScopeError as err:
+            if not self.allow_out_of_scope:
+                raise
+            return [f"{OUT_OF_SCOPE}:{err.field}"]
+        return []
+
+    def _screen_content(self, scores: list[Score], ood: np.ndarray | None, name: str) -> list[Score]:
+        """Withhold the scores of an image whose OOD score passes the threshold (any frame), or flag them."""
+        threshold = self.package.ood_threshold
+        if ood is None or threshold is None or not ood.max() > threshold:
+            return scores
+        if not self.allow_out_of_scope:  # the withheld scores still feed the drift monitor, never a result
+            raise UnusualInputError(float(ood.max()), threshold, where=name, withheld=scores)
+        for score in scores:
+            score.flags.append(UNUSUAL_INPUT)
+        return scores
 
     def score_file(self, source: str | Path | bytes | BinaryIO, name: str | None = None) -> list[Score]:
         """Decode a DICOM file (path, bytes or stream) with medtriage.io and score every frame."""
@@ -120,19 +177,21 @@ class Predictor:
         try:
             return self.score_file(source, name)
         except MedTriageError as err:
-            return Rejection(name, err.reason, type(err).__name__)
+            return Rejection.of(name, err)
         except Exception as err:  # a batch goes on: one odd file must not stop the others
             log.exception("unexpected failure scoring %s", name)
             return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
 
-    def _score(self, probs: np.ndarray, name: str, frame: int | None, image: DecodedImage) -> Score:
+    def _score(self, probs: np.ndarray, name: str, frame: int | None, image: DecodedImage, flags: list[str],
+               ood: float | None, input_mean: float) -> Score:
         p = float(probs[self.positive])
         package = self.package
         return Score(
             file=name, frame=frame, finding=self.finding(probs), probability=p, priority=self.priority(p),
             probabilities={label: float(v) for label, v in zip(package.label_names, probs)},
             sop_uid=image.sop_uid, study_uid=image.study_uid, series_uid=image.series_uid, modality=image.modality,
-            model=package.name, version=package.version, sha256=package.sha256,
+            model=package.name, version=package.version, sha256=package.sha256, decision=self.decision(p),
+            flags=list(flags), ood_score=ood, input_mean=input_mean,
         )
 
     def finding(self, probs: np.ndarray) -> str:
@@ -141,6 +200,15 @@ class Predictor:
             return self.package.positive_label
         others = [i for i in range(len(probs)) if i != self.positive]
         return self.package.label_names[max(others, key=lambda i: probs[i])]
+
+    def decision(self, p: float) -> str:
+        """Why the priority is what it is, in the operating points' terms: 'below review threshold 0.785'."""
+        review, urgent = self.package.review_threshold, self.package.urgent_threshold
+        if urgent is not None and p >= urgent:
+            return f"at or above urgent threshold {urgent:.3f}"
+        if p >= review:
+            return f"at or above review threshold {review:.3f}"
+        return f"below review threshold {review:.3f}"
 
     def priority(self, p: float) -> str:
         urgent = self.package.urgent_threshold

@@ -11,15 +11,17 @@ that anyway), so the cost does not grow with the image.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from medtriage.errors import InputError
 from medtriage.io.dicom import read_dicom
+from medtriage.io.safe_output import output_path, write_atomic
 
 if TYPE_CHECKING:
     from medtriage.serve.predictor import Predictor, Score
@@ -165,7 +167,7 @@ def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
     return resize_chw(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))))
 
 
-def explain_frame(predictor: "Predictor", frame: np.ndarray, max_side: int = DISPLAY_SIDE) -> tuple[Saliency, bytes]:
+def explain_frame(predictor: Predictor, frame: np.ndarray, max_side: int = DISPLAY_SIDE) -> tuple[Saliency, bytes]:
     """Occlusion map and overlay PNG of one decoded frame `[C, H, W]`, through the predictor's session."""
     from medtriage.serve.predictor import to_model_channels
 
@@ -175,13 +177,11 @@ def explain_frame(predictor: "Predictor", frame: np.ndarray, max_side: int = DIS
     return result, overlay_png(pixels, result.map, max_side=max_side)
 
 
-def write_overlay(predictor: "Predictor", path: str | Path, scores: list["Score"], out_dir: str | Path) -> Path:
-    """`out_dir/<SOP UID>.overlay.png` for the most suspicious frame of one scored DICOM file."""
+def write_overlay(predictor: Predictor, path: str | Path, scores: list[Score], out_dir: str | Path) -> Path:
+    """`out_dir/<SOP UID>.<source digest>.overlay.png` for the most suspicious frame of one scored DICOM
+    file, written atomically; the UID is sanitised (see medtriage.io.safe_output)."""
     top = max(scores, key=lambda score: score.probability)
     image = read_dicom(path, frame=None if top.frame is None else top.frame - 1)
     _, png = explain_frame(predictor, image.pixels[0])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{top.sop_uid or Path(path).stem}.overlay.png"
-    target.write_bytes(png)
-    return target
+    target = output_path(out_dir, top.sop_uid or Path(path).stem, ".overlay.png", source=Path(path).resolve())
+    return write_atomic(target, png)

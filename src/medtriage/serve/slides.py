@@ -13,20 +13,20 @@ way; a package without them falls back to its tile thresholds (`threshold_level`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from medtriage.errors import ConfigError, MedTriageError, PackageError
+from medtriage.format.aggregation import AGGREGATIONS, aggregate
 from medtriage.io.pathology import DEFAULT_TILE_MPP, PreparedSlide, iter_tile_batches, prepare_slide
 from medtriage.io.stain import REFERENCE_STAINS, Stains
 from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
 
-AGGREGATIONS = ("mean", "top_k")
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
@@ -43,7 +43,7 @@ class SlideSettings:
     top_k: int = 5
 
     @classmethod
-    def from_meta(cls, pathology: dict | None) -> "SlideSettings":
+    def from_meta(cls, pathology: dict | None) -> SlideSettings:
         block = dict(pathology or {})
         if "target_stains" in block:
             block["target_stains"] = Stains.from_dict(block["target_stains"]) if block["target_stains"] else REFERENCE_STAINS
@@ -70,15 +70,6 @@ class SlideResult:
 
     def to_dict(self) -> dict:
         return dict(vars(self))
-
-
-def aggregate(probabilities: np.ndarray, method: str, top_k: int) -> float:
-    if method == "mean":
-        return float(probabilities.mean())
-    if method == "top_k":
-        k = max(1, min(top_k, len(probabilities)))
-        return float(np.sort(probabilities)[-k:].mean())
-    raise ConfigError(f"unknown aggregation '{method}'", hint=f"one of {AGGREGATIONS}")
 
 
 def tile_probabilities(prepared: PreparedSlide, predict: Predict, batch_size: int = 32, workers: int = 1) -> np.ndarray:
@@ -166,7 +157,7 @@ class SlideOperatingPoints:
     level: str
 
     @classmethod
-    def of(cls, package) -> "SlideOperatingPoints":
+    def of(cls, package) -> SlideOperatingPoints:
         slide = package.meta["pathology"].get("slide_thresholds")
         if slide:
             return cls(float(slide["review"]["threshold"]), float(slide["urgent"]["threshold"]) if slide.get("urgent") else None, "slide")

@@ -1,32 +1,32 @@
-"""The radiologist's worklist: every study scored since the service started, most urgent first.
+"""The radiologist's worklist: one row per study, most urgent first, read from the node's SQLite store.
 
-One row per scored file (its most suspicious frame). Rows live in memory, at most `capacity` of
-them (the oldest leave first). The occlusion overlay of a row is drawn the first time someone
-opens it; until then the row keeps a display copy of its frame (at most 512 pixels a side, 8-bit),
-afterwards only the PNG.
+Rows live in a NodeStore (serve/node/store.py): the DICOM node (`medtriage listen`) writes there, and so do
+uploads to POST /v1/score. With a state folder (`serve --state DIR`, the same folder as the node's) the
+list survives restarts; without one the store is in memory. A study's state is received (instances
+arriving or queued), scored, delivered (its SR reached the PACS), failed (with the reason; deliveries
+are retried) or not analysed (out of scope or rejected, with the reason; no SR is sent). The page
+shows the newest `capacity` studies. The occlusion overlay of a study's most urgent image is drawn
+the first time someone opens it (from the spooled file, or an upload's display copy) and kept.
 
 GET  /worklist                        the page (static HTML; its data calls carry the bearer token)
-GET  /v1/worklist                     rows, sorted URGENT > review > routine, then probability
+GET  /v1/worklist                     rows: scored ones URGENT > review > routine, then probability; then the rest
 GET  /v1/worklist/{id}                one row with all class probabilities and the thresholds
 GET  /v1/worklist/{id}/overlay.png    the image with where the model looked
-Files reach the worklist through POST /v1/score (the page uploads there too).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import io
-import itertools
+import json
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
-import pydicom
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -34,49 +34,34 @@ from starlette.exceptions import HTTPException
 
 from medtriage.errors import MedTriageError
 from medtriage.io.dicom import DecodedImage, read_dicom
+from medtriage.io.safe_output import write_atomic
+from medtriage.serve.node.header import STUDY_TAGS, read_identity
+from medtriage.serve.node.store import NodeStore
+from medtriage.serve.node.worker import PRIORITY_RANK, urgency
 from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
 from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame, shrink
 
 log = logging.getLogger(__name__)
 DEFAULT_CAPACITY = 256
-PRIORITY_RANK = {"URGENT": 0, "review": 1, "routine": 2}
-STUDY_TAGS = {"patient_id": "PatientID", "accession": "AccessionNumber", "study_date": "StudyDate",
-              "study_description": "StudyDescription"}
 PAGE_PATH = "/worklist"
-
-
-@dataclass
-class Entry:
-    id: str
-    seq: int
-    received: str
-    score: Score  # the most suspicious frame
-    frames: int
-    study: dict
-    display: np.ndarray | None  # uint8 [C, h, w] in model channels, until the overlay is drawn
-    overlay: bytes | None = None
-    saliency: dict = field(default_factory=dict)
-
-    def sort_key(self) -> tuple:
-        return PRIORITY_RANK.get(self.score.priority, len(PRIORITY_RANK)), -self.score.probability, self.seq
-
-    def summary(self) -> dict:
-        s = self.score
-        return {"id": self.id, "received": self.received, "file": s.file, "frame": s.frame, "frames": self.frames,
-                **self.study, "modality": s.modality, "finding": s.finding, "probability": s.probability,
-                "priority": s.priority, "model": s.model, "version": s.version, "sha256": s.sha256,
-                "overlay": f"/v1/worklist/{self.id}/overlay.png"}
+SHOWN_STATES = {"receiving": "received", "scored": "scored", "delivered": "delivered", "failed": "failed",
+                "not_analysed": "not analysed"}
+__all__ = ["DEFAULT_CAPACITY", "PAGE_PATH", "PRIORITY_RANK", "Worklist", "worklist_router"]
 
 
 class Worklist:
-    """Scores uploads with the predictor and keeps the newest `capacity` rows; thread-safe."""
+    """Studies in a NodeStore as worklist rows; uploads scored here are recorded there too. Thread-safe."""
 
-    def __init__(self, predictor: Predictor, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, predictor: Predictor, capacity: int = DEFAULT_CAPACITY, store: NodeStore | str | Path | None = None):
+        """`store`: a NodeStore, or the state folder to open one in (a DICOM node's --state), or None (memory)."""
         self.predictor, self.capacity = predictor, max(1, int(capacity))
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self.store = store if isinstance(store, NodeStore) else NodeStore(store)
+        self._display: OrderedDict[str, np.ndarray] = OrderedDict()  # SOP UID -> upload's display copy (no spool)
         self._lock = threading.Lock()
-        self._seq = itertools.count()
-        self.evicted = 0
+
+    @property
+    def evicted(self) -> int:
+        return max(0, self.store.studies(0)[1] - self.capacity)  # older studies stay in the store, off the page
 
     def score_or_reject(self, data: bytes, name: str) -> list[Score] | Rejection:
         """Predictor.score_or_reject on one uploaded file, recording what it scored (one decode)."""
@@ -84,80 +69,131 @@ class Worklist:
             image = read_dicom(data)
             scores = self.predictor.score_decoded(image, name)
         except MedTriageError as err:
-            return Rejection(name, err.reason, type(err).__name__)
+            return Rejection.of(name, err)
         except Exception as err:  # one odd file must not stop the others
             log.exception("unexpected failure scoring %s", name)
             return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
-        self.add(image, scores, study_fields(data))
+        self.add(data, image, scores, name)
         return scores
 
-    def add(self, image: DecodedImage, scores: list[Score], study: dict) -> Entry:
+    def add(self, data: bytes, image: DecodedImage, scores: list[Score], name: str) -> None:
+        """Record an upload's scores as a scored instance of its study (a new study when it names none)."""
+        try:
+            header = read_identity(data, where=name)
+            sop_uid, study_uid, fields = header.sop_uid, header.study_uid, header.fields
+        except MedTriageError:  # scorable pixels with odd UIDs: still a row of its own
+            sop_uid = study_uid = f"upload-{uuid.uuid4().hex}"
+            fields = dict.fromkeys(STUDY_TAGS, "")
+        if self.store.has_instance(sop_uid):
+            return  # the same instance again: one result
         top = max(range(len(scores)), key=lambda i: scores[i].probability)
-        entry = Entry(id=uuid.uuid4().hex[:12], seq=next(self._seq), received=_now(), score=scores[top],
-                      frames=len(scores), study=study, display=self._display_copy(image.pixels[top]))
-        with self._lock:
-            self._entries[entry.id] = entry
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-                self.evicted += 1
-        return entry
+        results = [score.as_dict() for score in scores]
+        if self.store.folder is not None:  # kept like a received instance, so the overlay survives a restart
+            spool_name = write_atomic(self.store.spool_path(sop_uid), data).name
+        else:
+            spool_name = ""
+            with self._lock:
+                self._display[sop_uid] = self._display_copy(image.pixels[top])
+                while len(self._display) > self.capacity:
+                    self._display.popitem(last=False)
+        self.store.record_instance(sop_uid, study_uid, image.series_uid, image.sop_class_uid, spool_name, fields,
+                                   name=name, state="scored", result=json.dumps(results), calling_aet="HTTP")
+        study_top = min((s for row in self.store.study_instances(study_uid) if row["state"] == "scored"
+                         for s in json.loads(row["result"])), key=urgency)
+        self.store.close_study(study_uid, study_top, None, None, [], time.time())
 
     def _display_copy(self, frame: np.ndarray) -> np.ndarray:
         pixels = to_model_channels(shrink(frame, DISPLAY_SIDE)[None], self.predictor.package.channels)[0]
         return (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
 
-    def rows(self) -> list[Entry]:
-        with self._lock:
-            return sorted(self._entries.values(), key=Entry.sort_key)
+    def rows(self) -> list[dict]:
+        studies, _ = self.store.studies(self.capacity)
+        rows = [self._summary(study) for study in studies]
+        return sorted(rows, key=_sort_key)
 
-    def get(self, entry_id: str) -> Entry:
-        with self._lock:
-            entry = self._entries.get(entry_id)
-        if entry is None:
-            raise HTTPException(404, f"no worklist entry '{entry_id}' (entries leave after {self.capacity} newer ones, "
-                                     "or when the service restarts)")
+    def _study(self, entry_id: str):
+        study = self.store.study_by_id(int(entry_id), self.capacity) if entry_id.isdigit() else None
+        if study is None:
+            raise HTTPException(404, f"no worklist entry '{entry_id}' (the list shows the newest {self.capacity} studies)")
+        return study
+
+    def _top(self, study) -> tuple[dict | None, list[dict], object]:
+        """The study's most urgent score, all scores of that instance, and the instance row."""
+        row = self.store.instance(study["top_sop"]) if study["top_sop"] else None
+        if row is None or not row["result"]:
+            return None, [], row
+        scores = json.loads(row["result"])
+        return min(scores, key=urgency), scores, row
+
+    def _summary(self, study) -> dict:
+        package = self.predictor.package
+        top, scores, row = self._top(study)
+        fields = json.loads(study["fields"] or "{}")
+        count = len(self.store.study_instances(study["study_uid"]))
+        entry = {"id": str(study["id"]), "received": _iso(study["last_received"]), "state": SHOWN_STATES[study["state"]],
+                 "reason": study["reason"], "study_uid": study["study_uid"], "instances": count,
+                 **{key: fields.get(key, "") for key in STUDY_TAGS}, "file": None, "frame": None, "frames": 0,
+                 "finding": None, "decision": None, "probability": None, "priority": None, "overlay": None,
+                 "model": package.name, "version": package.version, "sha256": package.sha256}
+        if top is not None:
+            entry.update(file=row["name"], frame=top["frame"], frames=len(scores), finding=top["finding"], decision=top.get("decision"),
+                         probability=top["probability"], priority=top["priority"], modality=top["modality"] or entry["modality"],
+                         model=top["model"], version=top["version"], sha256=top["sha256"],
+                         overlay=f"/v1/worklist/{study['id']}/overlay.png")
         return entry
 
-    def overlay(self, entry_id: str) -> bytes:
-        """The entry's overlay PNG, drawn on first request (occlusion through the served model)."""
-        entry = self.get(entry_id)
-        display = entry.display
-        if entry.overlay is None and display is not None:
-            started = time.perf_counter()
-            result, entry.overlay = explain_frame(self.predictor, display.astype(np.float32) / 255, DISPLAY_SIDE)
-            entry.saliency = {**result.describe(), "ms": round(1000 * (time.perf_counter() - started), 1)}
-            entry.display = None  # the PNG is all the row needs from now on
-        return entry.overlay
-
     def detail(self, entry_id: str) -> dict:
-        entry = self.get(entry_id)
-        package, s = self.predictor.package, entry.score
-        return {**entry.summary(), "probabilities": s.probabilities, "positive_label": package.positive_label,
+        study = self._study(entry_id)
+        top, _, _ = self._top(study)
+        package = self.predictor.package
+        summary = self._summary(study)
+        cached = self.store.overlay(study["top_sop"]) if top else None
+        return {**summary, "probabilities": top and top["probabilities"], "positive_label": package.positive_label,
                 "thresholds": {"review": package.review_threshold, "urgent": package.urgent_threshold},
-                "study_uid": s.study_uid, "series_uid": s.series_uid, "sop_uid": s.sop_uid,
-                "saliency": entry.saliency or None}
+                "series_uid": top and top["series_uid"], "sop_uid": top and top["sop_uid"],
+                "decision": top and top.get("decision"), "flags": top and top.get("flags"),
+                "saliency": (cached[1] or None) if cached else None}
+
+    def overlay(self, entry_id: str) -> bytes:
+        """The study's overlay PNG, drawn on first request (occlusion through the served model) and kept."""
+        study = self._study(entry_id)
+        top, _, row = self._top(study)
+        if top is None:
+            raise HTTPException(404, f"study {entry_id} has no scored image ({SHOWN_STATES[study['state']]})")
+        cached = self.store.overlay(top["sop_uid"])
+        if cached:
+            return cached[0]
+        frame = self._frame(row, top)
+        started = time.perf_counter()
+        result, png = explain_frame(self.predictor, frame, DISPLAY_SIDE)
+        self.store.save_overlay(top["sop_uid"], png, {**result.describe(), "ms": round(1000 * (time.perf_counter() - started), 1)})
+        with self._lock:
+            self._display.pop(top["sop_uid"], None)  # the PNG is all the row needs from now on
+        return png
+
+    def _frame(self, row, top: dict) -> np.ndarray:
+        with self._lock:
+            display = self._display.get(top["sop_uid"])
+        if display is not None:
+            return display.astype(np.float32) / 255
+        if row["spool"] and self.store.folder is not None and self.store.spooled(row["spool"]).is_file():
+            image = read_dicom(self.store.spooled(row["spool"]), frame=None if top["frame"] is None else top["frame"] - 1)
+            return image.pixels[0]
+        raise HTTPException(410, "the image of this study is no longer held (uploads without a state folder keep "
+                                 "their pictures only while the service runs)")
 
 
-def study_fields(data: bytes) -> dict:
-    """Patient (pseudonym) ID, accession, study date and description from the header ('' when absent)."""
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, specific_tags=list(STUDY_TAGS.values()))
-    except Exception:  # the pixels decoded, so a header quirk here only blanks these columns
-        return dict.fromkeys(STUDY_TAGS, "")
-    fields = {key: str(ds.get(keyword, "") or "").strip() for key, keyword in STUDY_TAGS.items()}
-    fields["study_date"] = _iso_date(fields["study_date"])
-    return fields
+def _sort_key(entry: dict) -> tuple:
+    """Scored studies by urgency, then the rest (received, not analysed), newest first."""
+    if entry["priority"] is None:
+        return len(PRIORITY_RANK) + 1, 0.0, -int(entry["id"])
+    return PRIORITY_RANK.get(entry["priority"], len(PRIORITY_RANK)), -entry["probability"], -int(entry["id"])
 
 
-def _iso_date(value: str) -> str:
-    try:
-        return dt.datetime.strptime(value[:8], "%Y%m%d").date().isoformat()
-    except ValueError:
-        return value
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+def _iso(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def worklist_page() -> str:
@@ -172,13 +208,12 @@ def worklist_router(worklist: Worklist) -> APIRouter:
     def worklist_html() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
-    @router.get("/v1/worklist", summary="Studies scored since the service started, most urgent first")
+    @router.get("/v1/worklist", summary="Studies, most urgent first, with their state")
     def list_rows() -> dict:
         package = worklist.predictor.package
         rows = worklist.rows()
         return {"model": {**package.identity(), "label": package.describe(), "positive_label": package.positive_label},
-                "capacity": worklist.capacity, "evicted": worklist.evicted, "count": len(rows),
-                "entries": [entry.summary() for entry in rows]}
+                "capacity": worklist.capacity, "evicted": worklist.evicted, "count": len(rows), "entries": rows}
 
     @router.get("/v1/worklist/{entry_id}", summary="One worklist row with its score details")
     def row_detail(entry_id: str) -> dict:

@@ -1,27 +1,9 @@
-"""Hydra-configured training engine, metrics and MLflow tracking.
+"""Training: config -> data -> network -> loop -> checkpoints, tracked in MLflow. Never exports.
 
-`run(cfg) -> RunResult` trains one model as the config says; `checkpoint.load_model(path)` and
-`predict.predict(model, manifest, split)` rebuild and apply a trained model (used by export).
+`run(cfg) -> RunResult` trains one model as the config says (see medtriage.training.job);
+medtriage.workflows.train_and_export adds the export step.
 """
 
-from __future__ import annotations
+from medtriage.training.job import RunResult, run
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from medtriage.training.engine import RunResult
-
-
-def run(cfg) -> "RunResult":
-    """Train one model as `cfg` (the composed `configs/train.yaml`) says; see medtriage.training.engine."""
-    from medtriage.training.engine import run as run_engine
-
-    return run_engine(cfg)
-
-
-def __getattr__(name: str):
-    if name == "RunResult":
-        from medtriage.training.engine import RunResult
-
-        return RunResult
-    raise AttributeError(name)
+__all__ = ["RunResult", "run"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from medtriage.data.datasets import CachedSplit
+from medtriage.data.torch.datasets import CachedSplit
 
 _DONE = object()
 

@@ -16,6 +16,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Ranks:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+SINGLE_PROCESS = Ranks()  # not under torchrun
 
 
 def setup(device_choice: str) -> tuple[Ranks, str]:
@@ -92,8 +96,6 @@ def sum_over_ranks(values: list[float], ranks: Ranks) -> list[float]:
 def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
     if not ranks.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -10,6 +10,8 @@ import copy
 
 import torch
 
+from medtriage.errors import ConfigError
+
 
 class WeightEMA:
     """EMA of parameters and buffers (batch-norm statistics included).
@@ -20,8 +22,6 @@ class WeightEMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
-            from medtriage.errors import ConfigError
-
             raise ConfigError(f"EMA decay must be in (0, 1), got {decay}", where="trainer.ema_decay", hint="e.g. 0.99 or 0.999")
         self.decay, self.updates = float(decay), 0
         self.module = copy.deepcopy(model).eval()
@@ -29,7 +29,7 @@ class WeightEMA:
             parameter.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, trainer, model: torch.nn.Module) -> "WeightEMA | None":
+    def from_config(cls, trainer, model: torch.nn.Module) -> WeightEMA | None:
         decay = getattr(trainer, "ema_decay", None)
         return cls(model, decay) if decay else None
 

@@ -1,4 +1,4 @@
-"""End of a run: evaluate the best checkpoint on validation and test, log plots and artifacts, print a table."""
+"""End of a run: evaluate the final checkpoint (best or last, `trainer.weights`) on validation and test, log plots and artifacts, print a table."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ from pathlib import Path
 
 import mlflow
 
+from medtriage.evaluation.metrics import evaluate, roc_points, site_values, softmax
+from medtriage.evaluation.plots import plot_roc, plot_site_auc
+from medtriage.model.checkpoint import final_checkpoint, read_checkpoint
 from medtriage.training import distributed, tracking
-from medtriage.training.checkpoint import BEST, LAST, read_checkpoint
-from medtriage.training.metrics import evaluate, roc_points, site_values, softmax
-from medtriage.training.plots import plot_roc, plot_site_auc
 
 COLUMNS = ("auc", "acc", "sens", "spec", "n")
 
 
 def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
-    """The best checkpoint's val/test metrics (overall and per site) and predictions, on every rank."""
-    distributed.barrier(fit.ranks)  # best.pt is written by rank 0
-    best = ckpt_dir / BEST if (ckpt_dir / BEST).is_file() else ckpt_dir / LAST
-    fit.eval_model.load_state_dict(read_checkpoint(best)["model"])  # the EMA weights when EMA is on
+    """The final checkpoint's val/test metrics (overall and per site) and predictions, on every rank."""
+    distributed.barrier(fit.ranks)  # checkpoints are written by rank 0
+    final = final_checkpoint(ckpt_dir, fit.trainer.weights)
+    fit.eval_model.load_state_dict(read_checkpoint(final)["model"])  # the EMA weights when EMA is on
     predictions = {split: fit.predict(split) for split in ("val", "test")}
     metrics: dict[str, float] = {"best_val_auc": state.best_val_auc, "best_epoch": float(state.best_epoch)}
     for split, p in predictions.items():
@@ -28,17 +28,17 @@ def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
     return metrics, predictions
 
 
-def log_final(metrics: dict[str, float], predictions: dict, state, ckpt_dir: Path, cfg) -> None:
-    """Test metrics, plots, metrics.json and best.pt into the active MLflow run."""
+def log_final(metrics: dict[str, float], predictions: dict, state, ckpt_dir: Path, name: str, log_checkpoint: bool,
+              weights: str = "best") -> None:
+    """Test metrics, plots (titled `name`), metrics.json and, when `log_checkpoint`, the final checkpoint into the active MLflow run."""
     tracking.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")}, step=state.best_epoch)
     mlflow.log_metric("best_epoch", state.best_epoch)
-    for path in _plots(predictions, metrics, ckpt_dir.parent / "plots", cfg.name):
+    for path in _plots(predictions, metrics, ckpt_dir.parent / "plots", name):
         mlflow.log_artifact(str(path), "plots")
     (ckpt_dir.parent / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     mlflow.log_artifact(str(ckpt_dir.parent / "metrics.json"))
-    best = ckpt_dir / BEST if (ckpt_dir / BEST).is_file() else ckpt_dir / LAST
-    if cfg.tracking.log_checkpoint:
-        mlflow.log_artifact(str(best), "checkpoints")
+    if log_checkpoint:
+        mlflow.log_artifact(str(final_checkpoint(ckpt_dir, weights)), "checkpoints")
 
 
 def _plots(predictions, metrics: dict[str, float], folder: Path, name: str) -> list[Path]:

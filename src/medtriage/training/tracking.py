@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,6 +16,8 @@ import mlflow
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+
+from medtriage.config.project import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,6 @@ def experiment_id(uri: str, name: str) -> str:
 
 def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
-
-
-def git_commit(root: str | Path) -> tuple[str, bool]:
-    """(commit hash or 'unknown', whether the working tree has uncommitted changes)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-
-    try:
-        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", False
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:

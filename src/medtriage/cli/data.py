@@ -1,0 +1,99 @@
+"""`medtriage make-sites | build-pool | audit` and `pick-files`: the data steps before training (torch-free)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medtriage.data.audit import MAX_DISTANCE, audit_manifest
+from medtriage.data.manifest import load_manifest
+from medtriage.data.pool import DEFAULT_POOL, DEFAULT_SITES, build_sites_pool, split_files
+from medtriage.data.simulate.sites import DEFAULT_NPZ, DEFAULT_OUT, make_sites, summary_table
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("make-sites", help="write the simulated 3-site DICOM pool from a MedMNIST npz")
+    add_make_sites_arguments(parser)
+    parser.set_defaults(func=run_make_sites)
+    parser = subparsers.add_parser("build-pool", help="decode site folders into the pooled manifest with patient-level splits")
+    add_build_pool_arguments(parser)
+    parser.set_defaults(func=run_build_pool)
+    parser = subparsers.add_parser("audit", help="leakage audit of a pooled manifest (patients, duplicates, positives per site)")
+    add_audit_arguments(parser)
+    parser.set_defaults(func=run_audit)
+
+
+def add_make_sites_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help="MedMNIST-layout npz (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the site folders (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="write only this many images (for quick tries)")
+
+
+def run_make_sites(args: argparse.Namespace) -> int:
+    results = make_sites(args.npz, args.out, seed=args.seed, limit=args.limit)
+    print(summary_table(results))
+    print(f"site folders written under {Path(args.out).resolve()}; next: python scripts/ingest_sites.py (de-identify into the pool)")
+    return 0
+
+
+def add_build_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=Path, default=DEFAULT_SITES, help="site folders (default: %(default)s)")
+    parser.add_argument("--pool", type=Path, default=DEFAULT_POOL, help="pool folder to write (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="patients in validation (default: %(default)s)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="patients in test (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+
+
+def run_build_pool(args: argparse.Namespace) -> int:
+    build_sites_pool(args.sites, args.pool, seed=args.seed, val_fraction=args.val_fraction,
+                     test_fraction=args.test_fraction, workers=args.workers)
+    return 0
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pool", metavar="POOL", help="pool folder with manifest.csv (from the pool builder)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    parser.add_argument("--max-distance", type=int, default=MAX_DISTANCE, help="perceptual-hash bits for near duplicates")
+    parser.add_argument("--no-images", action="store_true", help="skip the pixel checks (table checks only)")
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    result = audit_manifest(load_manifest(args.pool), check_images=not args.no_images, max_distance=args.max_distance)
+    print(result.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    return 0 if result.ok else 1
+
+
+def make_sites_main(argv: list[str] | None = None) -> int:
+    """`python scripts/make_sites.py [--out data/sites] [--seed 0] [--limit N]`."""
+    parser = argparse.ArgumentParser(description="Write the simulated 3-site DICOM pool.")
+    add_make_sites_arguments(parser)
+    return run_make_sites(parser.parse_args(argv))
+
+
+def build_pool_main(argv: list[str] | None = None) -> int:
+    """`python scripts/build_pool.py [--sites data/sites] [--pool data/pool/pneumonia_sites]`."""
+    parser = argparse.ArgumentParser(description="Build the pooled manifest from site folders.")
+    add_build_pool_arguments(parser)
+    return run_build_pool(parser.parse_args(argv))
+
+
+def pick_files_main(argv: list[str] | None = None) -> int:
+    """Print a few source DICOM paths of one split, e.g. to score held-out test files:
+    `medtriage score models/pneumonia-sites-r18 $(medtriage-pick-files data/pool/pneumonia_sites)`."""
+    parser = argparse.ArgumentParser(description=pick_files_main.__doc__)
+    parser.add_argument("pool", help="pool folder built by scripts/build_pool.py or by training")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--per-site", type=int, default=2)
+    args = parser.parse_args(argv)
+    print("\n".join(str(path) for path in split_files(args.pool, args.split, args.per_site)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(pick_files_main())

@@ -1,0 +1,61 @@
+"""`python scripts/export.py run_id=<id> [export.key=value ...]` and `scripts/export_ensemble.py`: packages from MLflow runs.
+
+The package lands in `<export.models_dir>/<export.name>/`, is logged to the run and registered in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import mlflow
+
+from medtriage.config import compose_train_config
+from medtriage.errors import ConfigError, MedTriageError
+from medtriage.export.ensemble import export_ensemble
+from medtriage.export.from_mlflow import export_from_mlflow
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    """`run_id=<id>` plus dotted overrides, Hydra style."""
+    bad = [a for a in argv if "=" not in a]
+    run_ids = [a.split("=", 1)[1] for a in argv if a.startswith("run_id=")]
+    if bad or len(run_ids) != 1 or not run_ids[0]:
+        raise ConfigError(f"expected run_id=<mlflow run id> [key=value ...], got {' '.join(argv) or 'nothing'}",
+                          hint="find run ids with `mlflow ui` or mlflow.search_runs()")
+    return run_ids[0], [a for a in argv if not a.startswith("run_id=")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run_id, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        export_from_mlflow(run_id, overrides)
+    except MedTriageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def ensemble_main(argv: list[str] | None = None) -> int:
+    """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--flip-tta] [export.key=value ...]`
+
+    Flip TTA is off by default: chest X-rays are not left-right symmetric (heart side)."""
+    parser = argparse.ArgumentParser(description="Package several finished training runs as one ONNX graph (mean of member probabilities).")
+    parser.add_argument("items", nargs="+", help="MLflow run ids, then optional export.key=value overrides")
+    parser.add_argument("--name", required=True, help="package and registered-model name")
+    parser.add_argument("--flip-tta", action="store_true", help="also average over the left-right mirrored image")
+    args = parser.parse_args(argv)
+    run_ids = [i for i in args.items if "=" not in i]
+    overrides = [i for i in args.items if "=" in i]
+    mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)  # the project's store
+    try:
+        package, run_id, _ = export_ensemble(run_ids, args.name, flip_tta=args.flip_tta, overrides=overrides)
+    except MedTriageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"ensemble package {package} (MLflow run {run_id})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""De-identify every site folder into the pool, each with its own site key:
+`python scripts/ingest_sites.py [--sites data/sites] [--into data/pool/ingested] [--create-keys] [--workers N]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medtriage.errors import MedTriageError
+from medtriage.io.ingest import add_sites_arguments, run_sites
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_sites_arguments(parser)
+    try:
+        return run_sites(parser.parse_args(argv))
+    except MedTriageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

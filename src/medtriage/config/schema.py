@@ -1,0 +1,241 @@
+"""The typed training config: one dataclass per config group (data, model, trainer, tracking, export, paths).
+
+Hydra merges every YAML group file onto these (medtriage.config.compose registers them), so a
+misspelt key or a value of the wrong type fails when the config is composed, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+from medtriage.errors import ConfigError
+
+SYNTHETIC_SITE_NAMES = ("synthetic_site_a", "synthetic_site_b", "synthetic_site_c")  # their stains: data.simulate.tiles
+
+
+class Device(Enum):
+    auto = "auto"  # CUDA when present, else CPU
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast on CUDA only; CPU runs stay fp32
+
+
+class Imbalance(Enum):
+    none = "none"
+    weighted_loss = "weighted_loss"  # cross-entropy weighted by inverse class frequency
+    sampler = "sampler"  # class-balanced sampling of training images
+
+
+class AugmentOn(Enum):
+    cpu = "cpu"  # per-image MONAI transforms in the loader
+    device = "device"  # one batched affine + intensity jitter on the training device (medtriage.training.augmentation)
+
+
+class LrScaling(Enum):
+    none = "none"  # trainer.lr as given
+    linear = "linear"  # lr * global_batch / lr_reference_batch
+    sqrt = "sqrt"  # lr * sqrt(global_batch / lr_reference_batch)
+
+
+class Schedule(Enum):
+    cosine = "cosine"  # linear warm-up over trainer.warmup_epochs, cosine decay to trainer.min_lr_ratio * lr
+    one_cycle = "one_cycle"  # torch OneCycleLR: lr/25 up to lr over trainer.one_cycle_pct_start of the steps, then down to ~0
+
+
+class Weights(Enum):
+    best = "best"  # the epoch with the best validation AUC (best.pt)
+    last = "last"  # the weights at the end of training (last.pt; the EMA weights when trainer.ema_decay is set)
+
+
+class Loader(Enum):
+    torch = "torch"  # torch DataLoader (worker processes when num_workers > 0)
+    thread = "thread"  # MONAI ThreadDataLoader: cached tensors, no process hop (GPU)
+
+
+@dataclass
+class AugmentConfig:
+    """MONAI augmentation on the cached, resized training tensors (no vertical flip: anatomy)."""
+
+    enabled: bool = True
+    prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    translate: float = 0.05  # fraction of the image side
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.05
+    noise_std: float = 0.01
+    hflip: bool = False  # random left-right flip (trainer.augment_on=device only); off for chest X-rays (heart side)
+    # H&E stain jitter of RGB tiles (medtriage.io.stain.augment_stain): concentration scale 1 ± sigma, shift ± bias; 0 = off.
+    stain_sigma: float = 0.0
+    stain_bias: float = 0.0
+
+
+@dataclass
+class SyntheticTilesConfig:
+    """The `data.tiles` group of a training config (source=tiles) and of scripts/make_tiles.py."""
+
+    sites: list[str] = field(default_factory=lambda: list(SYNTHETIC_SITE_NAMES))
+    patients_per_site: int = 24
+    tiles_per_slide: int = 12
+    tile_size: int = 64
+    tumour_slide_fraction: float = 0.5
+    tumour_tile_fraction: float = 0.7  # of the tiles of a tumour slide
+    stain_normalize: bool = False  # Macenko, fitted per slide, to the reference stains
+    holdout_site: str | None = None  # every patient of this site goes to test (leave-one-site-out)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING  # a key of medtriage.data.sources.registry.SOURCES
+    pool_dir: str = MISSING  # pooled manifest + pixel cache (built when missing)
+    npz_path: str | None = None  # source=npz
+    sites_dir: str | None = None  # source=sites (made by scripts/make_sites.py)
+    label_names: list[str] = field(default_factory=lambda: ["normal", "pneumonia"])
+    pool_seed: int = 0  # patient-level split seed of the pool builder
+    batch_size: int = 64
+    num_workers: int = 0
+    limit: int | None = None  # at most this many images per split (quick runs)
+    persistent_cache: bool = True  # keep resized splits on disk under <pool_dir>/resized (medtriage.data.torch.split_cache)
+    site_stratified: bool = False  # every batch (and every rank's shard) holds the sites in proportion (training.samplers)
+    allow_audit_failure: bool = False  # train despite a failed leakage audit (the result is still logged)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tiles: SyntheticTilesConfig = field(default_factory=SyntheticTilesConfig)  # source=tiles
+    holdout_site: str | None = None  # leave-one-site-out: this site's rows all become test, other sites keep train/val
+
+
+INTENSITY_MODES = ("fixed", "per_image")
+
+
+@dataclass(unsafe_hash=True)  # hashable: ensemble members must share one spec
+class PreprocessSpec:
+    """What happens to decoded pixels inside the model (`model.preprocess`; recorded in the model package)."""
+
+    size: int = 64
+    in_channels: int = 1
+    mean: float = 0.5
+    std: float = 0.25
+    # "fixed": (x - mean) / std for every image. "per_image": each image standardised by its own mean and
+    # std, which removes the brightness and contrast a site's windowing and detector give its images
+    # (per-site intensity harmonisation that needs no site label, so it also holds for a site never seen).
+    intensity: str = "fixed"
+
+    def __post_init__(self):
+        if self.intensity not in INTENSITY_MODES:
+            raise ConfigError(f"unknown intensity normalisation {self.intensity!r}", where="model.preprocess.intensity",
+                              hint=f"use one of {list(INTENSITY_MODES)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # a key of medtriage.model.networks.BACKBONES
+    stem_stride: int = 2
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+
+
+@dataclass
+class TrainerConfig:
+    device: Device = Device.auto
+    precision: Precision = Precision.bf16
+    channels_last: bool = True  # CUDA only
+    loader: Loader = Loader.torch
+    num_threads: int | None = None  # torch intra-op threads on CPU (None = torch default)
+    augment_on: AugmentOn = AugmentOn.cpu
+    cache_on_device: bool = True  # augment_on=device on CUDA: hold the training split in GPU memory
+    compile: bool = False  # torch.compile the training step
+    lr_scaling: LrScaling = LrScaling.none
+    lr_reference_batch: int = 256  # global batch at which trainer.lr applies unscaled
+    max_epochs: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
+    imbalance: Imbalance = Imbalance.weighted_loss
+    early_stopping_patience: int | None = None  # epochs without a better val AUC
+    eval_batch_size: int = 256
+    seed: int = 0
+    deterministic: bool = True  # deterministic algorithms (CPU runs repeat exactly)
+    resume: bool = False  # continue the latest interrupted run of this experiment
+    resume_from: str | None = None  # a last.pt, or a run folder holding checkpoints/last.pt
+    limit_train_batches: int | None = None  # per epoch (quick runs)
+    stop_after_epochs: int | None = None  # end this process after N epochs, as an interruption would
+    # Recipe knobs (medtriage.training.losses); the defaults leave training as it was.
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    mixup_alpha: float = 0.0  # mixup Beta(alpha, alpha) on training batches; 0 = off
+    ema_decay: float | None = None  # EMA of weights (e.g. 0.999); evaluated and checkpointed when set
+    schedule: Schedule = Schedule.cosine  # learning-rate schedule over max_epochs (medtriage.training.optimiser)
+    one_cycle_pct_start: float = 0.3  # schedule=one_cycle: share of the steps spent raising the rate
+    # Which weights the run ends with (final metrics, exported package). "last" needs no validation choice, which
+    # matters when validation AUC saturates near 1 and shares images with train.
+    weights: Weights = Weights.best
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING  # MLFLOW_TRACKING_URI when set, else sqlite:///<root>/mlflow.db
+    experiment_name: str = "medtriage"
+    run_name: str | None = None
+    log_checkpoint: bool = True  # best.pt as a run artifact
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING  # project root (absolute)
+    data_dir: str = MISSING
+    cache_dir: str = MISSING  # pools built from sources
+    output_dir: str = MISSING  # this job's folder (Hydra's runtime output dir)
+    runs_dir: str = MISSING  # where runs of all experiments live (resume looks here)
+
+
+@dataclass
+class ExportConfig:
+    """How a trained run becomes a model package under `<models_dir>/<name>/`."""
+
+    enabled: bool = True  # export at the end of training
+    models_dir: str = "models"  # packages land in <models_dir>/<name>/
+    name: str = "pneumonia-r18"  # package and registered-model name
+    task: str = "binary triage"
+    modality: str = "CR"  # modality the model was trained for (recorded in model.json)
+    positive_label: str | None = None  # the finding that is triaged; null = the last label name
+    # "Review" threshold, chosen on validation: "sensitivity" = highest threshold whose
+    # sensitivity >= target; "specificity" = lowest threshold whose specificity >= target;
+    # "youden" = argmax(sensitivity + specificity - 1), target unused.
+    threshold_rule: str = "sensitivity"
+    threshold_target: float = 0.95
+    # Optional second, higher threshold for "urgent" (null = no urgent tier).
+    urgent_rule: str | None = "specificity"
+    urgent_target: float = 0.95
+    calibrate: bool = True  # allow temperature scaling; kept only where it lowers cross-validated ECE on validation
+    ece_bins: int = 15
+    # Out-of-distribution score as a second ONNX output (export/ood.py): fitted on training features,
+    # thresholded so that this share of validation images is flagged.
+    ood: bool = True
+    ood_false_alarm_rate: float = 0.01
+    ood_fit_images: int = 4000  # training images the distance is fitted on (a random subset when there are more)
+    parity_tolerance: float = 1e-4  # max |p_onnx - p_torch| on validation images; above it the export fails
+    parity_images: int = 64  # validation images used for the parity check
+    opset: int = 18
+    log_to_mlflow: bool = True  # log the package as artifacts of the run
+    register_model: bool = True  # register a new MLflow model version per export
+    # Tile models (trained on a pool with pathology.json): how `medtriage score` turns tile probabilities into
+    # one slide score; slide thresholds are chosen on validation slides aggregated the same way.
+    slide_aggregation: str = "top_k"  # top_k | mean
+    slide_top_k: int = 5
+
+
+@dataclass
+class TrainConfig:
+    name: str = "pneumonia_sites"  # experiment name: output folder and default run name
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)

@@ -1,0 +1,64 @@
+"""Where pools come from: `data.source` names a builder (MedMNIST npz, site folders, synthetic tiles) and
+`load_pool(data)` returns its pooled manifest, building it on first use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from medtriage.config.schema import SyntheticTilesConfig
+from medtriage.data.holdout import hold_out_site
+from medtriage.data.manifest import MANIFEST_FILE, Manifest, load_manifest
+from medtriage.data.pool import build_sites_pool
+from medtriage.data.simulate.tiles import ensure_synthetic_tile_pool
+from medtriage.data.sources.medmnist import build_npz_pool
+from medtriage.errors import ConfigError, DataNotFoundError
+
+
+def _npz_pool(data) -> Manifest:
+    pool_dir = Path(data.pool_dir)
+    if (pool_dir / MANIFEST_FILE).is_file():
+        manifest = load_manifest(pool_dir)
+    elif not data.npz_path:
+        raise ConfigError("source 'npz' needs a path", where="data.npz_path", hint="e.g. data/samples/pneumoniamnist_28.npz")
+    else:
+        manifest = build_npz_pool(data.npz_path, pool_dir, list(data.label_names))
+    print(manifest.summary())
+    return manifest
+
+
+def _sites_pool(data) -> Manifest:
+    sites_dir = Path(data.sites_dir or "")
+    if not data.sites_dir or not sites_dir.is_dir():
+        raise DataNotFoundError(
+            "site folders not found", where=sites_dir if data.sites_dir else "data.sites_dir",
+            hint="create them with `python scripts/make_sites.py` then `python scripts/ingest_sites.py --create-keys` "
+            "(de-identified pool), or point data.sites_dir at existing site folders",
+        )
+    return build_sites_pool(sites_dir, Path(data.pool_dir), seed=data.pool_seed)  # reuses an unchanged pool
+
+
+def _tiles_pool(data) -> Manifest:
+    settings = OmegaConf.to_object(data.tiles) if OmegaConf.is_config(data.tiles) else data.tiles
+    return ensure_synthetic_tile_pool(data.pool_dir, settings if isinstance(settings, SyntheticTilesConfig) else SyntheticTilesConfig(**settings))
+
+
+# data.source -> builder of the pooled manifest (each prints its per-site summary). New sources register here.
+SOURCES: dict[str, Callable[..., Manifest]] = {"npz": _npz_pool, "sites": _sites_pool, "tiles": _tiles_pool}
+
+
+def load_pool(data) -> Manifest:
+    """The pooled manifest the `data` config group describes, built on first use (and one site held out when asked)."""
+    if data.source not in SOURCES:
+        raise ConfigError(f"unknown data source '{data.source}'", where="data.source", hint=f"choose one of: {', '.join(SOURCES)}")
+    manifest = SOURCES[data.source](data)
+    if list(manifest.label_names) != list(data.label_names):
+        raise ConfigError(
+            f"pool labels {manifest.label_names} differ from the config's {list(data.label_names)}",
+            where="data.label_names", hint=f"set data.label_names to {manifest.label_names} or rebuild {manifest.pool_dir}",
+        )
+    if getattr(data, "holdout_site", None):
+        manifest = hold_out_site(manifest, data.holdout_site)
+    return manifest

@@ -1,0 +1,133 @@
+"""The offline bundle: everything a hospital machine without internet needs to install and run MedTriage.
+
+    <out>/wheels/        MedTriage's wheel + every base dependency for one Python and platform
+    <out>/models/<name>/ the model packages (verified before they are copied)
+    <out>/install.sh     checks SHA256SUMS, then `pip install --no-index --find-links wheels`
+    <out>/systemd/, config/, README.md, sbom.cdx.json, bundle.json, SHA256SUMS
+
+The bundle is built in a hidden sibling folder and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import medtriage
+from medtriage.delivery.wheelhouse import (
+    DEFAULT_PLATFORM,
+    build_medtriage_wheel,
+    default_python,
+    download_dependencies,
+    source_root,
+    wheel_name_version,
+    write_sbom,
+)
+from medtriage.errors import ConfigError
+from medtriage.format import sha256_file
+
+CHECKSUMS, MANIFEST, SBOM = "SHA256SUMS", "bundle.json", "sbom.cdx.json"
+UNITS = ("medtriage-serve@.service", "medtriage-listen@.service")
+CONFIG_EXAMPLES = ("serve.env.example", "listen.env.example")
+
+
+@dataclass
+class Bundle:
+    directory: Path
+    wheels: list[Path]
+    models: list[str]
+
+
+def build_bundle(packages: list[str | Path], out: str | Path, python: str | None = None, platform: str = DEFAULT_PLATFORM,
+                 wheel: str | Path | None = None) -> Bundle:
+    """Write the bundle of `packages` for CPython `python` (default: this one) on `platform` into `out`.
+    `wheel`: a built medtriage wheel to ship instead of building one from the source checkout."""
+    out, python = Path(out), python or default_python()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError("the output folder exists and is not empty", where=out, hint="choose a new --out folder or remove it")
+    models = _model_folders(packages)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    wheels_dir = staging / "wheels"
+    own = _own_wheel(wheel, wheels_dir)
+    wheels = download_dependencies(own, wheels_dir, python, platform)
+    for name, source in models.items():
+        shutil.copytree(source, staging / "models" / name, ignore=shutil.ignore_patterns(".*"))
+    _write_templates(staging, python, platform, wheels, list(models))
+    root = source_root()
+    write_sbom(wheels, staging / SBOM, root / "pyproject.toml" if root else None)
+    (staging / MANIFEST).write_text(json.dumps(_manifest(python, platform, wheels, models), indent=2) + "\n")
+    write_checksums(staging)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    staging.rename(out)
+    return Bundle(out, [out / "wheels" / w.name for w in wheels], list(models))
+
+
+def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
+    """Folder name -> package folder, each loaded (schema and sha256 checked) before anything is built."""
+    from medtriage.serve.package import load_package
+
+    if not packages:
+        raise ConfigError("no model package given", hint="name one or more package folders, e.g. models/pneumonia-r18")
+    folders: dict[str, Path] = {}
+    for raw in packages:
+        package = load_package(raw)
+        name = package.directory.resolve().name
+        if name in folders:
+            raise ConfigError(f"two packages share the folder name '{name}'", where=raw,
+                              hint="the bundle keeps models/<folder name>: rename one of the folders")
+        folders[name] = package.directory
+    return folders
+
+
+def _own_wheel(wheel: str | Path | None, wheels_dir: Path) -> Path:
+    if wheel is None:
+        return build_medtriage_wheel(wheels_dir)
+    wheel = Path(wheel)
+    if not wheel.is_file() or wheel_name_version(wheel) != ("medtriage", medtriage.__version__):
+        raise ConfigError(f"not a medtriage {medtriage.__version__} wheel", where=wheel,
+                          hint="build it with `pip wheel --no-deps .` from this version's source, or leave --wheel out")
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(wheel, wheels_dir))
+
+
+def _write_templates(staging: Path, python: str, platform: str, wheels: list[Path], models: list[str]) -> None:
+    values = {"@VERSION@": medtriage.__version__, "@PYTHON@": python, "@PLATFORM@": platform,
+              "@DATE@": dt.date.today().isoformat(), "@WHEELS@": str(len(wheels)),
+              "@MODELS@": ", ".join(f"`{m}`" for m in models), "@FIRST_MODEL@": models[0]}
+    targets = {"install.sh": "install.sh", "README.md": "README.md", **{u: f"systemd/{u}" for u in UNITS},
+               **{c: f"config/{c}" for c in CONFIG_EXAMPLES}}
+    templates = resources.files("medtriage.delivery") / "templates"
+    for template, target in targets.items():
+        text = (templates / template).read_text()
+        for key, value in values.items():
+            text = text.replace(key, value)
+        path = staging / target
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (staging / "install.sh").chmod(0o755)
+
+
+def _manifest(python: str, platform: str, wheels: list[Path], models: dict[str, Path]) -> dict:
+    from medtriage.serve.package import load_package
+
+    return {
+        "medtriage_version": medtriage.__version__, "python": python, "platform": platform,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "built_with": f"Python {sys.version.split()[0]}",
+        "wheels": [{"file": w.name, "name": wheel_name_version(w)[0], "version": wheel_name_version(w)[1]} for w in wheels],
+        "models": [{"folder": name, **load_package(path).identity()} for name, path in models.items()],
+    }
+
+
+def write_checksums(folder: Path) -> None:
+    """`SHA256SUMS` (sha256sum's format) of every file under `folder` but itself, sorted by path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    (folder / CHECKSUMS).write_text("".join(lines))

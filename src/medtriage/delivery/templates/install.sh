@@ -1,0 +1,48 @@
+#!/bin/sh
+# Installs MedTriage @VERSION@ from this folder without a network: every file is checked against
+# SHA256SUMS first, then pip installs from wheels/ only (--no-index).
+#
+#   ./install.sh [PREFIX]        default PREFIX: /opt/medtriage
+#   PYTHON=/usr/bin/python@PYTHON@ ./install.sh     to choose the interpreter (it must be Python @PYTHON@)
+set -eu
+
+HERE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
+PREFIX=${1:-/opt/medtriage}
+PYTHON=${PYTHON:-python@PYTHON@}
+cd "$HERE"
+
+fail() { echo "install.sh: error: $*" >&2; exit 1; }
+
+echo "checking every file of the bundle against SHA256SUMS"
+sha256sum --check --strict --quiet SHA256SUMS ||
+    fail "the files named above do not match SHA256SUMS: the bundle was changed or damaged after it was built." \
+         "Nothing was installed. Copy the bundle again from its source."
+# A file SHA256SUMS does not list is refused too: pip would install an extra wheel it finds in wheels/.
+listed=$(mktemp) && present=$(mktemp)
+trap 'rm -f "$listed" "$present"' EXIT
+sed 's/^[0-9a-f]*  //' SHA256SUMS | LC_ALL=C sort > "$listed"
+find wheels models -type f | LC_ALL=C sort > "$present"
+unlisted=$(LC_ALL=C comm -13 "$listed" "$present")
+[ -z "$unlisted" ] || fail "files not listed in SHA256SUMS: $unlisted. Nothing was installed. Remove them or copy the bundle again."
+
+command -v "$PYTHON" >/dev/null 2>&1 || fail "$PYTHON not found; install Python @PYTHON@ or set PYTHON=/path/to/python@PYTHON@"
+have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$have" = "@PYTHON@" ] || fail "this bundle holds wheels for Python @PYTHON@, $PYTHON is Python $have; set PYTHON=/path/to/python@PYTHON@"
+
+echo "installing into $PREFIX"
+mkdir -p "$PREFIX"
+"$PYTHON" -m venv "$PREFIX/venv"
+# No configuration file or PIP_* variable of this machine may add an index or a wheel folder.
+PIP_CONFIG_FILE=/dev/null "$PREFIX/venv/bin/python" -m pip --isolated install --quiet --no-index \
+    --find-links "$HERE/wheels" "medtriage==@VERSION@"
+
+mkdir -p "$PREFIX/models" "$PREFIX/systemd"
+cp -R models/. "$PREFIX/models/"
+for unit in systemd/*.service; do
+    sed "s#/opt/medtriage#$PREFIX#g" "$unit" > "$PREFIX/systemd/$(basename "$unit")"
+done
+cp -R config "$PREFIX/"
+for package in "$PREFIX"/models/*/; do  # the loader checks each model.onnx against its model.json
+    "$PREFIX/venv/bin/python" -c 'import sys; from medtriage.serve.package import load_package; print("model", load_package(sys.argv[1]).describe(), "verified")' "$package"
+done
+echo "installed: $PREFIX/venv/bin/medtriage ($("$PREFIX/venv/bin/medtriage" --version)); next steps: $HERE/README.md"

@@ -1,0 +1,178 @@
+"""A wheelhouse of the torch-free install for a named Python and platform: MedTriage's own wheel plus
+every base dependency as binary wheels (`pip download --only-binary=:all:`), and its CycloneDX SBOM."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+import medtriage
+from medtriage.errors import ConfigError, MedTriageError
+from medtriage.format import sha256_file
+
+PYTHONS = ("3.10", "3.11", "3.12")
+DEFAULT_PLATFORM = "manylinux_2_28_x86_64"  # glibc 2.28: RHEL/Rocky 8+, Debian 10+, Ubuntu 20.04+; onnxruntime needs it
+_LEGACY_MANYLINUX = {"manylinux2014": (2, 17), "manylinux2010": (2, 12), "manylinux1": (2, 5)}
+_SOURCE_FILES = ("pyproject.toml", "README.md")  # with src/: what `pip wheel` needs to build medtriage
+
+
+class BuildError(MedTriageError):
+    """A step of building the bundle failed (pip, the wheel build or the SBOM generator)."""
+
+
+def default_python() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def platform_tags(platform: str) -> list[str]:
+    """`manylinux_2_28_x86_64` -> itself and every older manylinux tag of the arch, newest first: pip does not
+    expand a `--platform`, and many wheels are tagged only manylinux2014 / manylinux_2_17."""
+    match = re.fullmatch(r"manylinux_(\d+)_(\d+)_(\w+)", platform) or re.fullmatch(r"(manylinux\d+)_(\w+)", platform)
+    if not match or (len(match.groups()) == 2 and match.group(1) not in _LEGACY_MANYLINUX):
+        raise ConfigError(f"unsupported platform '{platform}'", where="--platform",
+                          hint=f"name a manylinux tag such as {DEFAULT_PLATFORM} or manylinux2014_x86_64")
+    if len(match.groups()) == 2:
+        (major, minor), arch = _LEGACY_MANYLINUX[match.group(1)], match.group(2)
+    else:
+        major, minor, arch = int(match.group(1)), int(match.group(2)), match.group(3)
+    tags = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, 4, -1)]
+    tags += [f"{legacy}_{arch}" for legacy, (ma, mi) in _LEGACY_MANYLINUX.items() if (ma, mi) <= (major, minor)]
+    return tags
+
+
+def source_root() -> Path | None:
+    """The source checkout this medtriage runs from (None when it was installed from a wheel)."""
+    root = Path(medtriage.__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    return root if pyproject.is_file() and 'name = "medtriage"' in pyproject.read_text() else None
+
+
+def build_medtriage_wheel(out_dir: Path, source: Path | None = None) -> Path:
+    """Build MedTriage's own wheel into `out_dir` from a copy of the source (building in the tree would
+    leave build/ and *.egg-info behind)."""
+    source = source or source_root()
+    if source is None:
+        raise ConfigError("no MedTriage source checkout to build the wheel from", where="--wheel",
+                          hint="run from a checkout, or pass a built medtriage wheel with --wheel FILE")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "source"
+        shutil.copytree(source / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
+        for name in _SOURCE_FILES:
+            shutil.copy(source / name, copy / name)
+        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(copy), "-w", str(out_dir)],
+             "building the medtriage wheel")
+    wheels = sorted(out_dir.glob(f"medtriage-{medtriage.__version__}-*.whl"))
+    if not wheels:
+        raise BuildError(f"pip built no medtriage {medtriage.__version__} wheel", where=out_dir)
+    return wheels[-1]
+
+
+def download_dependencies(wheel: Path, out_dir: Path, python: str, platform: str) -> list[Path]:
+    """Every wheel the torch-free install of `wheel` needs on `python`/`platform`, downloaded into `out_dir`
+    (the user's pip configuration picks the index); shows a progress line per wheel. Returns the wheels.
+
+    pip evaluates environment markers for the interpreter it runs in, not the target one, so the
+    wheelhouse is then checked against the target's markers and what is missing is downloaded too."""
+    if python not in PYTHONS:
+        raise ConfigError(f"unsupported Python '{python}'", where="--python", hint=f"use one of {', '.join(PYTHONS)}")
+    tags = platform_tags(platform)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = [str(wheel)]
+    for _ in range(5):
+        _pip_download(wanted, out_dir, python, tags)
+        wanted = missing_requirements(sorted(out_dir.glob("*.whl")), target_environment(python, platform))
+        if not wanted:
+            return sorted(out_dir.glob("*.whl"))
+    raise BuildError(f"the wheelhouse still lacks {', '.join(wanted)} for Python {python} on {platform}", where=out_dir)
+
+
+def target_environment(python: str, platform: str) -> dict[str, str]:
+    """PEP 508 marker values of a CPython `python` on a Linux `platform`."""
+    arch = platform_tags(platform)[0].split("_", 3)[-1]
+    return {"python_version": python, "python_full_version": f"{python}.0", "implementation_name": "cpython",
+            "implementation_version": f"{python}.0", "platform_python_implementation": "CPython", "os_name": "posix",
+            "sys_platform": "linux", "platform_system": "Linux", "platform_machine": arch, "extra": ""}
+
+
+def missing_requirements(wheels: list[Path], environment: dict[str, str]) -> list[str]:
+    """Requirements of `wheels` (their markers evaluated in `environment`) that no wheel of the list satisfies."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    have: dict[str, list[str]] = {}
+    for w in wheels:
+        name, version = wheel_name_version(w)
+        have.setdefault(canonicalize_name(name), []).append(version)
+    missing = []
+    for w in wheels:
+        for line in _requires_dist(w):
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate(environment):
+                continue
+            versions = have.get(canonicalize_name(req.name), [])
+            if not any(req.specifier.contains(v, prereleases=True) for v in versions):
+                missing.append(f"{req.name}{req.specifier}")
+    return sorted(set(missing))
+
+
+def _requires_dist(wheel: Path) -> list[str]:
+    import zipfile
+    from email.parser import HeaderParser
+
+    with zipfile.ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
+        metadata = HeaderParser().parsestr(archive.read(name).decode("utf-8"))
+    return metadata.get_all("Requires-Dist") or []
+
+
+def _pip_download(requirements: list[str], out_dir: Path, python: str, tags: list[str]) -> None:
+    command = [sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--only-binary=:all:",
+               "--python-version", python, "--implementation", "cp", "-d", str(out_dir), *requirements]
+    for tag in tags:
+        command += ["--platform", tag]
+    log: list[str] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as pip, \
+            tqdm(desc=f"wheels for cp{python.replace('.', '')} {tags[0]}", unit=" wheel", file=sys.stderr) as bar:
+        for line in pip.stdout:
+            log.append(line)
+            step = re.match(r"(Collecting|Processing|Downloading) (\S+)", line.strip())
+            if step:  # pip names each requirement as it resolves it, then each file as it fetches it
+                bar.set_postfix_str(Path(step.group(2)).name[:50], refresh=step.group(1) == "Downloading")
+                bar.update(step.group(1) != "Downloading")
+    if pip.returncode != 0:
+        errors = [line.strip() for line in log if line.startswith("ERROR")] or log[-5:]
+        raise BuildError(f"pip could not download every dependency for Python {python} on {tags[0]}: {' '.join(errors)[-600:]}",
+                         hint="a dependency may have no binary wheel for that Python/platform; check the index named in pip's configuration")
+
+
+def wheel_name_version(wheel: Path) -> tuple[str, str]:
+    """(name, version) from a wheel file name (PEP 427: name-version-...)."""
+    name, version = wheel.name.split("-")[:2]
+    return name, version
+
+
+def write_sbom(wheels: list[Path], out_file: Path, pyproject: Path | None) -> None:
+    """CycloneDX JSON SBOM of `wheels` (cyclonedx-py, from pinned requirements with each wheel's sha256)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text("".join(f"{name}=={version} --hash=sha256:{sha256_file(w)}\n"
+                                        for w in wheels for name, version in [wheel_name_version(w)]))
+        command = [sys.executable, "-m", "cyclonedx_py", "requirements", str(requirements), "--of", "JSON",
+                   "--output-reproducible", "-o", str(out_file)]
+        if pyproject is not None:
+            command += ["--pyproject", str(pyproject)]
+        _run(command, "writing the SBOM (cyclonedx-py)",
+             hint="install the generator: pip install cyclonedx-bom (part of medtriage[dev])")
+
+
+def _run(command: list[str], what: str, hint: str | None = None) -> None:
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildError(f"{what} failed: {(done.stderr or done.stdout).strip()[-800:]}", hint=hint)

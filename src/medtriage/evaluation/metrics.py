@@ -1,0 +1,77 @@
+"""Classification metrics from scikit-learn: AUC, accuracy, sensitivity and specificity, per site.
+
+Binary tasks use p(class 1) (the finding) and a 0.5 threshold; multi-class AUC is one-vs-rest
+macro. A metric undefined on a subset (one class only) is left out rather than reported as 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, recall_score, roc_auc_score, roc_curve
+
+THRESHOLD = 0.5
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of `[N, K]` logits (the one used by metrics, calibration and predictions)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """ROC AUC, or None when `labels` hold a single class (AUC undefined)."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    if len(present) < probs.shape[1]:
+        return None
+    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+
+
+def predicted_classes(probs: np.ndarray) -> np.ndarray:
+    if probs.shape[1] == 2:
+        return (probs[:, 1] >= THRESHOLD).astype(np.int64)
+    return probs.argmax(axis=1)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """auc, acc, and for binary tasks sens/spec at the 0.5 threshold (each only when defined)."""
+    predicted = predicted_classes(probs)
+    metrics = {"acc": float(accuracy_score(labels, predicted)), "n": float(len(labels))}
+    value = auc(labels, probs)
+    if value is not None:
+        metrics["auc"] = value
+    if probs.shape[1] == 2:
+        if (labels == 1).any():
+            metrics["sens"] = float(recall_score(labels, predicted, pos_label=1, zero_division=0))
+        if (labels == 0).any():
+            metrics["spec"] = float(recall_score(labels, predicted, pos_label=0, zero_division=0))
+    return metrics
+
+
+def evaluate(logits: np.ndarray, labels: np.ndarray, sites: np.ndarray, prefix: str) -> dict[str, float]:
+    """Overall and per-site metrics as flat MLflow keys: `val/auc`, `val/site/<site>/auc`, ..."""
+    probs = softmax(logits)
+    metrics = {f"{prefix}/{k}": v for k, v in classification_metrics(labels, probs).items()}
+    for site in sorted(set(sites)):
+        mask = sites == site
+        site_metrics = classification_metrics(labels[mask], probs[mask])
+        metrics.update({f"{prefix}/site/{site}/{k}": v for k, v in site_metrics.items()})
+    return metrics
+
+
+def roc_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(false positive rate, true positive rate) of the finding class, for plots; None if undefined."""
+    if probs.shape[1] != 2 or len(np.unique(labels)) < 2:
+        return None
+    fpr, tpr, _ = roc_curve(labels, probs[:, 1])
+    return fpr, tpr
+
+
+def site_values(metrics: dict[str, float], prefix: str, name: str = "auc") -> dict[str, float]:
+    """{site: value} picked out of `evaluate`'s flat keys."""
+    head, tail = f"{prefix}/site/", f"/{name}"
+    return {k[len(head) : -len(tail)]: v for k, v in metrics.items() if k.startswith(head) and k.endswith(tail)}

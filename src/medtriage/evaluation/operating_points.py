@@ -1,0 +1,70 @@
+"""Operating points: thresholds on the positive-class probability, chosen on validation only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from medtriage.errors import ConfigError, InputError
+
+# Rules that turn validation scores into a threshold (see choose_threshold).
+THRESHOLD_RULES = ("sensitivity", "specificity", "youden")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    rule: str
+    target: float | None
+    threshold: float
+    sensitivity: float  # on validation, predicting positive when score >= threshold
+    specificity: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str, target: float | None = None) -> OperatingPoint:
+    """Pick a threshold on `scores` (positive-class probability) against binary `labels` by `rule`."""
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"unknown threshold rule '{rule}'", where="export.threshold_rule", hint=f"use one of {THRESHOLD_RULES}")
+    labels = np.asarray(labels).astype(int)
+    if len(np.unique(labels)) < 2:
+        raise InputError("validation split holds a single class; no threshold can be chosen", hint="check the split of the pool")
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    # sklearn prepends an `inf` threshold (nothing positive); it is never a usable operating point.
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
+    index = _pick(rule, target, tpr, 1.0 - fpr)
+    return OperatingPoint(rule, None if rule == "youden" else target, float(thresholds[index]), float(tpr[index]), float(1.0 - fpr[index]))
+
+
+def _pick(rule: str, target: float | None, sensitivity: np.ndarray, specificity: np.ndarray) -> int:
+    # Thresholds fall along the arrays: sensitivity rises, specificity falls.
+    if rule == "youden":
+        return int(np.argmax(sensitivity + specificity - 1.0))
+    if target is None or not 0.0 < target <= 1.0:
+        raise ConfigError(f"rule '{rule}' needs a target in (0, 1], got {target}", where="export")
+    if rule == "sensitivity":
+        return int(np.flatnonzero(sensitivity >= target)[0])  # highest threshold that reaches it
+    reaching = np.flatnonzero(specificity >= target)
+    return int(reaching[-1]) if len(reaching) else 0  # lowest threshold that keeps it
+
+
+def priority_thresholds(review: OperatingPoint, urgent: OperatingPoint | None) -> dict:
+    """The thresholds block of model.json; an urgent threshold never sits below the review one."""
+    block = {"review": review.as_dict(), "urgent": None}
+    if urgent is not None:
+        block["urgent"] = urgent.as_dict()
+        if urgent.threshold < review.threshold:
+            block["urgent"].update(threshold=review.threshold, sensitivity=review.sensitivity, specificity=review.specificity,
+                                   note="the urgent rule fell below the review threshold; clamped to it")
+    return block
+
+
+def choose_priority_thresholds(scores: np.ndarray, is_positive: np.ndarray, review_rule: str, review_target: float | None,
+                               urgent_rule: str | None = None, urgent_target: float | None = None) -> dict:
+    """The thresholds block for `scores` (tiles or slides alike): a review point and an optional urgent one."""
+    review = choose_threshold(scores, is_positive, review_rule, review_target)
+    urgent = choose_threshold(scores, is_positive, urgent_rule, urgent_target) if urgent_rule else None
+    return priority_thresholds(review, urgent)

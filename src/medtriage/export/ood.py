@@ -1,0 +1,222 @@
+"""An out-of-distribution score inside the served graph, from the network's penultimate features.
+
+Headers can lie (a CT slice saved as CR), so the served graph also says how unlike the training
+images an input is: the Mahalanobis distance of its penultimate features to the nearest training
+class mean, with one covariance shared by the classes (Lee et al., NeurIPS 2018), shrunk with
+Ledoit-Wolf because there are fewer training images than feature dimensions would need. The
+threshold is the validation quantile that flags a stated share of in-distribution images.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from medtriage.errors import PackageError
+
+OOD_NAME = "ood_score"
+FALSE_ALARM_RATE = 0.01
+RELATIVE_TOLERANCE = 1e-3  # share of validation images flagged: the threshold is their 99th percentile
+METHOD = "Mahalanobis distance to the nearest training class mean, shared Ledoit-Wolf covariance"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OodData:
+    """Images the OOD score is fitted on (training) and thresholded on (validation); each `[C, H, W]` in [0, 1]."""
+
+    train_images: Sequence[np.ndarray]
+    train_labels: np.ndarray
+    val_images: Sequence[np.ndarray]
+
+
+class MahalanobisDistance(nn.Module):
+    """features `[B, D]` -> distance to the nearest class mean under a shared precision matrix, `[B]`."""
+
+    def __init__(self, means: np.ndarray, precision: np.ndarray, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("means", torch.tensor(means, dtype=torch.float32))
+        self.register_buffer("precision", torch.tensor(precision, dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor(float(scale)))  # this layer's validation quantile
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        centred = features[:, None, :] - self.means[None]  # [B, K, D]
+        squared = ((centred @ self.precision) * centred).sum(dim=-1)  # [B, K]
+        return squared.min(dim=1).values.clamp_min(0.0).sqrt() / self.scale
+
+
+class ResNetTaps(nn.Module):
+    """A TriageNet with a MONAI ResNet backbone, returning the spatially pooled output of each residual
+    stage; the last one is the penultimate feature vector the final layer reads."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.preprocess, self.backbone = net.preprocess, net.backbone
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        b = self.backbone
+        x = b.act(b.bn1(b.conv1(self.preprocess(pixels))))
+        if not b.no_max_pool:
+            x = b.maxpool(x)
+        taps = []
+        for stage in (b.layer1, b.layer2, b.layer3, b.layer4):
+            x = stage(x)
+            taps.append(x.mean(dim=(2, 3)))
+        return taps
+
+
+class PenultimateTap(nn.Module):
+    """Any other network: only its penultimate features (the input of its last linear layer)."""
+
+    def __init__(self, features: nn.Module):
+        super().__init__()
+        self.features = features
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return [self.features(pixels)]
+
+
+def feature_taps(net: nn.Module) -> tuple[nn.Module, nn.Linear, str]:
+    """(module returning a list of feature vectors, the final linear layer, which features they are)."""
+    backbone = getattr(net, "backbone", None)
+    if all(hasattr(backbone, a) for a in ("conv1", "layer1", "layer4", "fc", "no_max_pool")):
+        return ResNetTaps(net).eval(), backbone.fc, "pooled output of each residual stage (the last is the penultimate layer)"
+    features, head = split_head(net)
+    return PenultimateTap(features).eval(), head, "penultimate features"
+
+
+def split_head(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(a copy of `net` that returns penultimate features, its final Linear layer). The final layer is the
+    last nn.Linear the network holds (DenseNet `class_layers.out`, EfficientNet `_fc`)."""
+    linears = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise PackageError("the network has no final linear layer to take penultimate features from",
+                           hint="export without an OOD score (export.ood=false)")
+    features = copy.deepcopy(net)
+    parent_name, _, attribute = linears[-1].rpartition(".")
+    parent = features.get_submodule(parent_name) if parent_name else features
+    head = getattr(parent, attribute)
+    setattr(parent, attribute, nn.Identity())
+    return features.eval(), head
+
+
+@torch.no_grad()
+def tapped_features(taps: nn.Module, images: Sequence[np.ndarray], batch_size: int = 128) -> list[np.ndarray]:
+    """Per tap, features `[N, D]` of images of any sizes (batched by size)."""
+    out: list = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(tuple(np.shape(image)), []).append(i)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            batch = torch.from_numpy(np.stack([np.asarray(images[i], dtype=np.float32) for i in chunk]))
+            tapped = [t.double().numpy() for t in taps(batch)]
+            for j, i in enumerate(chunk):
+                out[i] = [t[j] for t in tapped]
+    return [np.stack([row[k] for row in out]) for k in range(len(out[0]))]
+
+
+def fit_mahalanobis(features: np.ndarray, labels: np.ndarray) -> MahalanobisDistance:
+    from sklearn.covariance import LedoitWolf
+
+    labels = np.asarray(labels).astype(int)
+    classes = np.unique(labels)
+    means = np.stack([features[labels == k].mean(axis=0) for k in classes])
+    centred = features - means[np.searchsorted(classes, labels)]
+    covariance = LedoitWolf().fit(centred).covariance_
+    return MahalanobisDistance(means, np.linalg.pinv(covariance, hermitian=True))
+
+
+class OodScore(nn.Module):
+    """Tapped features -> max over taps of (distance / that tap's validation quantile): one number per image."""
+
+    def __init__(self, distances: Sequence[MahalanobisDistance]):
+        super().__init__()
+        self.distances = nn.ModuleList(distances)
+
+    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([d(t) for d, t in zip(self.distances, taps)], dim=1).max(dim=1).values
+
+
+class ScoredNet(nn.Module):
+    """The served model as a torch module: calibrated probabilities and the OOD score, from one pass."""
+
+    output_names = ("probabilities", OOD_NAME)
+
+    def __init__(self, net: nn.Module, taps: nn.Module, head: nn.Linear, temperature: float, ood: OodScore):
+        super().__init__()
+        self.net, self.taps, self.head, self.ood = net, taps, head, ood  # `net`: what export reads the preprocessing from
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        taps = self.taps(pixels)
+        return torch.softmax(self.head(taps[-1]) / self.temperature, dim=-1), self.ood(taps)
+
+
+@dataclass
+class OodFit:
+    model: ScoredNet
+    val_scores: np.ndarray
+    block: dict  # model.json -> ood
+
+
+def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate: float = FALSE_ALARM_RATE) -> OodFit:
+    """Fit a distance per tap on training features, scale each by its validation quantile, threshold the
+    maximum on validation at `false_alarm_rate`, and check that the tapped net reproduces `net`'s logits."""
+    net = net.eval()
+    taps, head, which = feature_taps(net)
+    train = tapped_features(taps, data.train_images)
+    val = tapped_features(taps, data.val_images)
+    distances = []
+    for train_k, val_k in zip(train, val):
+        distance = fit_mahalanobis(train_k, data.train_labels)
+        with torch.no_grad():
+            distance.scale.fill_(float(np.quantile(distance(torch.from_numpy(val_k).float()).numpy(), 1.0 - false_alarm_rate)))
+        distances.append(distance)
+    model = ScoredNet(net, taps, head, temperature, OodScore(distances)).eval()
+    with torch.no_grad():
+        val_scores = model.ood([torch.from_numpy(v).float() for v in val]).double().numpy()
+    _check_split(net, model, data.val_images[:4])
+    threshold = float(np.quantile(val_scores, 1.0 - false_alarm_rate))
+    block = {"output": OOD_NAME, "method": f"{METHOD} ({which}); the score is the largest distance over layers, "
+                                           "each divided by its validation 99th percentile",
+             "threshold": threshold, "false_alarm_rate": false_alarm_rate,
+             "val_flagged": float(np.mean(val_scores > threshold)), "threshold_split": "val",
+             "fit": {"split": "train", "images": int(len(train[0])), "features": [int(t.shape[1]) for t in train]}}
+    log.info("OOD score: threshold %.3f flags %.1f%% of validation", threshold, 100 * block["val_flagged"])
+    return OodFit(model, val_scores, block)
+
+
+def _check_split(net: nn.Module, model: ScoredNet, images: Sequence[np.ndarray]) -> None:
+    """The tapped features + head must reproduce the network's logits, or the OOD score reads the wrong layers."""
+    with torch.no_grad():
+        for image in images:
+            batch = torch.from_numpy(np.asarray(image, dtype=np.float32)[None])
+            if not torch.allclose(net(batch), model.head(model.taps(batch)[-1]), atol=1e-4):
+                raise PackageError("the network's last linear layer is not its output layer: no OOD score can be attached",
+                                   hint="export without an OOD score (export.ood=false)")
+
+
+def ood_parity(path, model: ScoredNet, images: Sequence[np.ndarray]) -> dict:
+    """Served (ONNX Runtime) against torch OOD scores on `images`; raises when they differ by more than
+    1e-3 relative: the threshold was chosen on torch scores and must mean the same in serving."""
+    from medtriage.export.onnx import INPUT_NAME, onnx_session
+
+    session, worst = onnx_session(path), 0.0
+    for image in images:
+        batch = np.ascontiguousarray(np.asarray(image, dtype=np.float32)[None])
+        with torch.no_grad():
+            expected = model(torch.from_numpy(batch))[1].double().numpy()
+        served = session.run([OOD_NAME], {INPUT_NAME: batch})[0].astype(np.float64)
+        worst = max(worst, float(np.max(np.abs(served - expected) / np.maximum(1.0, np.abs(expected)))))
+    if worst > RELATIVE_TOLERANCE:
+        raise PackageError(f"ONNX and PyTorch OOD scores disagree: max relative difference {worst:.2e} > {RELATIVE_TOLERANCE:.0e}",
+                           where=path, hint="try another opset (export.opset), or export without an OOD score (export.ood=false)")
+    return {"max_rel_diff": worst, "tolerance": RELATIVE_TOLERANCE, "images": len(images), "runtime": "onnxruntime CPU"}

@@ -1,0 +1,212 @@
+"""INT8 model packages: ONNX Runtime static quantisation (QDQ) of a package, calibrated on validation images.
+
+The package graph is preprocessing (resize, intensity normalisation) + network + calibration
+(temperature, softmax). Only the network's Conv, MatMul and Gemm nodes get int8 weights (per channel)
+and int8 activations at their inputs, with ranges observed on the calibration images; the resize, the
+normalisation and the softmax stay float, so pixels enter and probabilities leave exactly as in fp32.
+`exclude` keeps named nodes float where int8 hurts. The result is a new package version with
+`precision: int8` and a `quantization` block: its source, the calibration images and the parity of its
+served probabilities against the fp32 package on those images.
+
+Torch-free: onnx + onnxruntime.quantization (onnx comes with medtriage[train]).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medtriage.errors import ConfigError, InputError, MedTriageError
+from medtriage.format import ONNX_FILE
+
+log = logging.getLogger(__name__)
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+DEFAULT_IMAGES = 256
+CALIBRATION_BATCH = 16
+
+
+def calibration_images(source: str | Path, channels: int, split: str = "val", limit: int = DEFAULT_IMAGES
+                       ) -> tuple[list[np.ndarray], np.ndarray | None, str]:
+    """Images `[1, C, H, W]` (model channels, float32 in [0, 1]) from a MedMNIST-layout npz split or a folder
+    of DICOM files (first frame of each; files that do not decode are skipped and counted), with the npz
+    labels (None for DICOM), and a description of where they came from."""
+    from medtriage.serve.predictor import to_model_channels
+
+    source = Path(source)
+    if source.is_file() and source.suffix == ".npz":
+        from medtriage.serve.npz import read_npz_split
+
+        pixels, labels = read_npz_split(source, split)
+        pixels, labels = pixels[:limit], labels[:limit]
+        images = [to_model_channels(p[None], channels, str(source)) for p in pixels]
+        return images, labels, f"{source.name} [{split}], first {len(images)} images"
+    if not source.is_dir():
+        raise InputError("calibration images not found", where=source,
+                         hint="pass a MedMNIST-layout .npz (its --split is used) or a folder of validation DICOM files")
+    images, skipped = _dicom_images(source, channels, limit)
+    if not images:
+        raise InputError(f"no DICOM file in the folder decoded ({skipped} skipped)", where=source)
+    return images, None, f"{len(images)} DICOM files from {source.name}/" + (f" ({skipped} skipped: not decodable)" if skipped else "")
+
+
+def _dicom_images(folder: Path, channels: int, limit: int) -> tuple[list[np.ndarray], int]:
+    from medtriage.io.dicom import read_dicom
+    from medtriage.serve.predictor import to_model_channels
+
+    images, skipped = [], 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if len(images) >= limit:
+            break
+        try:
+            images.append(to_model_channels(read_dicom(path).pixels[:1], channels, str(path)))
+        except MedTriageError as err:
+            log.info("calibration: skipped %s (%s)", path, err.reason)
+            skipped += 1
+    return images, skipped
+
+
+def quantize_onnx(source: Path, target: Path, images: list[np.ndarray], input_name: str, exclude: Sequence[str] = ()) -> list[str]:
+    """Write the QDQ int8 model of `source` to `target`; returns the names of the quantised nodes."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    nodes = {n.name: n.op_type for n in onnx.load(str(source), load_external_data=False).graph.node}
+    unknown = sorted(set(exclude) - set(nodes))
+    if unknown:
+        raise ConfigError(f"no node named {', '.join(unknown)} in the graph", where="--exclude",
+                          hint=f"quantisable nodes: {', '.join(n for n, op in nodes.items() if op in QUANTIZED_OPS)}")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):  # same-size images in batches: fewer calibration runs, same observed ranges
+            self.batches = iter(batch for _, batch in _batches(images))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: batch}
+
+    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS),
+                    nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax)
+    return sorted(n for n, op in nodes.items() if op in QUANTIZED_OPS and n not in exclude)
+
+
+def _batches(images: list[np.ndarray]) -> list[tuple[list[int], np.ndarray]]:
+    """(positions, stacked images) of same-size images, at most CALIBRATION_BATCH per stack."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape[1:], []).append(i)
+    return [(group[i : i + CALIBRATION_BATCH], np.concatenate([images[j] for j in group[i : i + CALIBRATION_BATCH]]))
+            for group in by_shape.values() for i in range(0, len(group), CALIBRATION_BATCH)]
+
+
+def served_probabilities(predictor, images: list[np.ndarray]) -> np.ndarray:
+    """`[N, K]` probabilities of `images` through a Predictor, in the order of `images`."""
+    return served_outputs(predictor, images)[0]
+
+
+def served_outputs(predictor, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities `[N, K]` and OOD scores `[N]` (None without an OOD output) of `images`, in their order."""
+    probs = np.zeros((len(images), len(predictor.package.label_names)), dtype=np.float32)
+    ood = None
+    for positions, batch in _batches(images):
+        probs[positions], scores = predictor.outputs(batch)
+        if scores is not None:
+            ood = np.zeros(len(images), dtype=np.float32) if ood is None else ood
+            ood[positions] = scores
+    return probs, ood
+
+
+def parity_report(fp32, int8, images: list[np.ndarray], labels: np.ndarray | None) -> dict:
+    """How the int8 package's served probabilities differ from the fp32 one's on `images` (two Predictors):
+    max and mean |dp| of the positive class, priorities that change, and the AUC of each where labels exist."""
+    (p32, ood32), (p8, ood8) = served_outputs(fp32, images), served_outputs(int8, images)
+    diff = np.abs(p8[:, fp32.positive] - p32[:, fp32.positive])
+    changed = sum(fp32.priority(float(a)) != int8.priority(float(b)) for a, b in zip(p32[:, fp32.positive], p8[:, int8.positive]))
+    report = {"images": len(images), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+              "priority_changes": int(changed), "runtime": "onnxruntime CPU (the served path)"}
+    threshold = fp32.package.ood_threshold
+    if ood32 is not None and ood8 is not None:  # the OOD score comes from the quantised features too
+        report["ood_max_abs_diff"] = float(np.abs(ood8 - ood32).max())
+        if threshold is not None:
+            report["ood_flag_changes"] = int(((ood32 > threshold) != (ood8 > threshold)).sum())
+    if labels is not None:
+        from medtriage.evaluation.metrics import auc
+
+        report.update(auc_fp32=auc(labels, p32), auc_int8=auc(labels, p8))
+    return report
+
+
+def quantize_package(package_dir: str | Path, calibration: str | Path, out: str | Path | None = None, split: str = "val",
+                     limit: int = DEFAULT_IMAGES, exclude: Sequence[str] = ()) -> Path:
+    """Write the int8 version of the package at `package_dir` to `out` (default: `<package_dir>-int8`)."""
+    from medtriage.export.package import write_package
+    from medtriage.serve.package import load_package
+    from medtriage.serve.predictor import Predictor
+
+    package = load_package(package_dir)
+    if package.meta.get("precision", "fp32") != "fp32":
+        raise ConfigError(f"{package.describe(with_sha=False)} is already {package.meta['precision']}", where=package_dir,
+                          hint="quantise the fp32 package it was made from")
+    out = Path(out) if out else package.directory.with_name(f"{package.directory.name}-int8")
+    if out.resolve() == package.directory.resolve():
+        raise ConfigError("--out would overwrite the fp32 package", where=out, hint="choose another folder")
+    fp32 = Predictor(package)
+    images, labels, described = calibration_images(calibration, package.channels, split, limit)
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = Path(tmp) / ONNX_FILE
+        nodes = quantize_onnx(package.onnx_path, quantized, images, fp32.input_name, exclude)
+        meta = {**package.meta, "version": package.version + 1, "precision": "int8"}
+        staged = Path(tmp) / "staged"
+        write_package(staged, quantized, meta)
+        quantization = {
+            "method": "onnxruntime static quantisation, QDQ, per-channel int8 weights, uint8 activations (MinMax)",
+            "source": package.identity(), "calibration": described, "quantized_ops": list(QUANTIZED_OPS),
+            "quantized_nodes": len(nodes), "excluded_nodes": list(exclude),
+            "parity": parity_report(fp32, Predictor(load_package(staged)), images, labels),
+            "note": "metrics, thresholds and calibration were measured on the fp32 source model; parity says how far int8 moves them",
+        }
+        meta = write_package(out, quantized, {**meta, "quantization": quantization})
+    report = quantization["parity"]
+    log.info("int8 package %s v%s written to %s (max |dp| %.4f on %d calibration images)", meta["name"], meta["version"],
+             out, report["max_abs_diff"], report["images"])
+    return out
+
+
+def register(subparsers) -> None:
+    quantize = subparsers.add_parser(
+        "quantize", help="write an int8 version of a model package (ONNX Runtime static quantisation)",
+        description="Quantise a package's network to int8 (QDQ), calibrated on validation images, and write it as a "
+                    "new package version with precision int8 and a parity report against the fp32 package.")
+    quantize.add_argument("package", help="the fp32 model package folder")
+    quantize.add_argument("--calibration", required=True, metavar="PATH",
+                          help="validation images: a MedMNIST-layout .npz (see --split) or a folder of DICOM files")
+    quantize.add_argument("--split", default="val", choices=["train", "val", "test"], help="the npz split to calibrate on (default: val)")
+    quantize.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="calibration images to use (default: %(default)s)")
+    quantize.add_argument("--exclude", nargs="*", default=[], metavar="NODE", help="graph nodes to keep in float")
+    quantize.add_argument("--out", default=None, metavar="DIR", help="where to write the int8 package (default: PACKAGE-int8)")
+    quantize.set_defaults(func=run_quantize)
+
+
+def run_quantize(args) -> int:
+    import importlib.util
+    import json
+    import sys
+
+    if importlib.util.find_spec("onnx") is None:
+        raise ConfigError("quantisation needs the onnx package, which the inference install leaves out",
+                          hint="run it where models are exported: pip install 'medtriage[train]'")
+    out = quantize_package(args.package, args.calibration, args.out, args.split, args.images, args.exclude)
+    meta = json.loads((out / "model.json").read_text())
+    print(json.dumps(meta["quantization"]["parity"], indent=2))
+    print(f"int8 package {meta['name']} v{meta['version']} -> {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,99 @@
+"""The MLflow side of a model package: its place among a run's artifacts, registered versions, checkpoints to fetch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from medtriage.config.project import git_commit
+from medtriage.config.schema import ExportConfig
+from medtriage.errors import DataNotFoundError, PackageError
+
+log = logging.getLogger(__name__)
+ARTIFACT_DIR = "model_package"  # where the package lives among the MLflow run's artifacts
+CHECKPOINT_PREFERENCE = ("best.pt", "last.pt")
+
+
+def run_git_commit(run_id: str | None) -> str | None:
+    """The commit a run recorded, else the project's current one (None when neither is known)."""
+    if run_id:
+        commit = mlflow.MlflowClient().get_run(run_id).data.tags.get("mlflow.source.git.commit")
+        if commit:
+            return commit
+    commit, _ = git_commit()
+    return None if commit == "unknown" else commit
+
+
+class Registration:
+    """Registers the next model version of `name` (pointing at where the package will be logged) when
+    called, and withdraws it again if the package never gets there: no version without its package."""
+
+    def __init__(self, run_id: str, name: str):
+        self.run_id, self.name, self.version = run_id, name, None
+
+    def __call__(self) -> int:
+        client = mlflow.MlflowClient()
+        try:
+            client.create_registered_model(self.name, description="MedTriage ONNX model package (model.onnx, model.json, MODEL_CARD.md)")
+        except MlflowException:
+            pass  # already registered: add a version
+        latest = max((int(v.version) for v in client.search_model_versions(f"name='{self.name}'")), default=0)
+        source = f"{client.get_run(self.run_id).info.artifact_uri}/{artifact_path(latest + 1)}"
+        self.version = int(client.create_model_version(self.name, source=source, run_id=self.run_id).version)
+        if self.version != latest + 1:
+            raise PackageError(f"another export registered '{self.name}' at the same time (got version {self.version}, "
+                               f"expected {latest + 1})", hint="run the export again")
+        return self.version
+
+    def withdraw(self) -> None:
+        if self.version is not None:
+            mlflow.MlflowClient().delete_model_version(self.name, str(self.version))
+            log.warning("export failed: registered version %s of '%s' withdrawn", self.version, self.name)
+            self.version = None
+
+
+def registrar(run_id: str | None, cfg: ExportConfig) -> Registration | None:
+    """The registration of the next model version, when this export registers one."""
+    if not (run_id and cfg.register_model and cfg.log_to_mlflow):
+        return None
+    return Registration(run_id, cfg.name)
+
+
+def artifact_path(version: int) -> str:
+    """Each version keeps its own folder among the run's artifacts, so a re-export never overwrites one."""
+    return f"{ARTIFACT_DIR}/v{version}"
+
+
+def log_package(run_id: str, result) -> None:
+    """Log the package (an ExportResult) to its run, versioned, with the export's figures as metrics."""
+    client = mlflow.MlflowClient()
+    meta = result.meta
+    client.log_artifacts(run_id, str(result.package_dir), artifact_path=artifact_path(meta["version"]))
+    for key, value in (("export_ece_before", meta["calibration"]["ece_before"]), ("export_ece_after", meta["calibration"]["ece_after"]),
+                       ("export_temperature", meta["calibration"]["temperature"]), ("export_parity_max_abs_diff", meta["parity"]["max_abs_diff"]),
+                       ("export_review_threshold", meta["thresholds"]["review"]["threshold"])):
+        client.log_metric(run_id, key, float(value))
+    client.set_tag(run_id, "medtriage.package", f"{meta['name']} v{meta['version']} sha256 {meta['sha256']}")
+    print(f"model package {meta['name']} v{meta['version']} -> {result.package_dir} (logged to MLflow run {run_id})")
+
+
+def find_checkpoint(run_id: str, download_dir: Path) -> Path:
+    """Download the run's best checkpoint artifact (else its last one)."""
+    client = mlflow.MlflowClient()
+    paths = _artifact_paths(client, run_id)
+    for wanted in CHECKPOINT_PREFERENCE:
+        match = [p for p in paths if p.rsplit("/", 1)[-1] == wanted]
+        if match:
+            return Path(client.download_artifacts(run_id, match[0], str(download_dir)))
+    raise DataNotFoundError(f"MLflow run {run_id} has no checkpoint artifact ({' or '.join(CHECKPOINT_PREFERENCE)})",
+                            hint="export from a run that finished training, or pass a checkpoint to medtriage.export.run.export_run")
+
+
+def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += _artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
+    return found

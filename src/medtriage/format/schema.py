@@ -1,0 +1,246 @@
+"""JSON Schema of `model.json` and a small validator for the subset of JSON Schema it uses.
+
+The schema is plain JSON Schema (draft 2020-12 keywords: type, required, properties, items,
+enum, minimum, maximum, minItems, pattern), so other tools can validate packages too.
+"""
+
+from __future__ import annotations
+
+import re
+
+from medtriage.errors import PackageError
+
+SCHEMA_VERSION = 1
+
+_NUMBER = {"type": "number"}
+_PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
+_OPERATING_POINT = {
+    "type": "object",
+    "required": ["rule", "threshold", "sensitivity", "specificity"],
+    "properties": {
+        "rule": {"type": "string", "enum": ["sensitivity", "specificity", "youden"]},
+        "target": {"type": ["number", "null"]},
+        "threshold": _PROBABILITY,
+        "sensitivity": _PROBABILITY,
+        "specificity": _PROBABILITY,
+    },
+}
+_SPLIT_METRICS = {
+    "type": "object",
+    "required": ["overall", "per_site"],
+    "properties": {"overall": {"type": "object"}, "per_site": {"type": "object"}},
+}
+
+_THRESHOLDS = {
+    "type": "object",
+    "required": ["review", "urgent"],
+    "properties": {"review": _OPERATING_POINT, "urgent": {"type": ["object", "null"], **{k: v for k, v in _OPERATING_POINT.items() if k != "type"}}},
+}
+# Optional: present when the model scores slide tiles (how to cut, stain and combine them; serve/slides.py).
+_PATHOLOGY = {
+    "type": "object",
+    "required": ["tile_size", "tile_mpp", "stain_normalization", "min_tissue", "aggregation", "top_k"],
+    "properties": {
+        "tile_size": {"type": "integer", "minimum": 1},
+        "tile_mpp": {"type": "number", "minimum": 0},
+        "stain_normalization": {"type": ["string", "null"], "enum": ["macenko", None]},
+        "target_stains": {"type": ["object", "null"], "required": ["matrix", "max_concentrations"]},
+        "min_tissue": _PROBABILITY,
+        "aggregation": {"type": "string", "enum": ["mean", "top_k"]},
+        "top_k": {"type": "integer", "minimum": 1},
+        "threshold_level": {"type": "string", "enum": ["slide", "tile"]},
+        "slide_thresholds": {"type": ["object", "null"], **{k: v for k, v in _THRESHOLDS.items() if k != "type"}},
+        "slide_metrics": {"type": "object", "properties": {"val": _SPLIT_METRICS, "test": _SPLIT_METRICS}},
+    },
+}
+
+# Optional (packages exported before they existed still load): what the model may be shown
+# (serve/scope.py), its in-graph out-of-distribution score, and the reference distributions
+# the drift monitor compares live inputs with (serve/drift.py).
+_NAMES = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+_SCOPE = {
+    "type": "object",
+    "required": ["modalities", "sop_classes", "photometric", "channels", "bits_stored", "min_rows", "min_columns"],
+    "properties": {
+        "modalities": _NAMES,
+        "sop_classes": _NAMES,
+        "photometric": _NAMES,
+        "channels": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
+        "body_parts": {"type": ["array", "null"], "items": {"type": "string"}},
+        "view_positions": {"type": ["array", "null"], "items": {"type": "string"}},
+        "bits_stored": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2},
+        "min_rows": {"type": "integer", "minimum": 1},
+        "min_columns": {"type": "integer", "minimum": 1},
+        "pixel_spacing_mm": {"type": ["array", "null"], "items": {"type": "number", "minimum": 0}, "minItems": 2},
+    },
+}
+_OOD = {
+    "type": "object",
+    "required": ["output", "method", "threshold", "false_alarm_rate"],
+    "properties": {
+        "output": {"type": "string"},
+        "method": {"type": "string"},
+        "threshold": _NUMBER,
+        "false_alarm_rate": _PROBABILITY,
+    },
+}
+_HISTOGRAM = {
+    "type": "object",
+    "required": ["edges", "proportions"],
+    "properties": {"edges": {"type": "array", "items": _NUMBER}, "proportions": {"type": "array", "items": _PROBABILITY, "minItems": 2}},
+}
+_DRIFT = {
+    "type": "object",
+    "required": ["features", "window", "min_images", "psi_threshold", "reference"],
+    "properties": {
+        "features": _NAMES,
+        "window": {"type": "integer", "minimum": 1},
+        "min_images": {"type": "integer", "minimum": 1},
+        "psi_threshold": {"type": "number", "minimum": 0},
+        "reference": {"type": "object", "required": ["all", "per_site"],
+                      "properties": {"all": {"type": "object", "additionalProperties": _HISTOGRAM}, "per_site": {"type": "object"}}},
+    },
+}
+
+_QUANTIZATION = {
+    "type": "object",
+    "required": ["method", "source", "calibration", "parity"],
+    "properties": {
+        "method": {"type": "string"},
+        "source": {"type": "object", "required": ["name", "version", "sha256"]},
+        "calibration": {"type": "string"},
+        "parity": {"type": "object", "required": ["images", "max_abs_diff", "priority_changes"],
+                   "properties": {"images": {"type": "integer", "minimum": 1}, "max_abs_diff": _PROBABILITY,
+                                  "priority_changes": {"type": "integer", "minimum": 0}}},
+    },
+}
+
+MODEL_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "MedTriage model package (model.json)",
+    "type": "object",
+    "required": [
+        "schema_version", "name", "version", "task", "label_names", "positive_label", "modality", "input",
+        "output", "preprocessing", "calibration", "thresholds", "metrics", "training_sites", "provenance",
+        "parity", "sha256",
+    ],
+    "properties": {
+        "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
+        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+        "version": {"type": "integer", "minimum": 1},
+        "task": {"type": "string"},
+        "label_names": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+        "positive_label": {"type": "string"},
+        "modality": {"type": "string"},
+        "input": {
+            "type": "object",
+            "required": ["name", "dtype", "layout", "channels", "value_range"],
+            "properties": {
+                "name": {"type": "string"},
+                "dtype": {"type": "string", "enum": ["float32"]},
+                "layout": {"type": "string", "enum": ["NCHW"]},
+                "channels": {"type": "integer", "minimum": 1},
+                "value_range": {"type": "array", "items": _NUMBER, "minItems": 2},
+            },
+        },
+        "output": {
+            "type": "object",
+            "required": ["name", "classes"],
+            "properties": {"name": {"type": "string"}, "classes": {"type": "integer", "minimum": 2}},
+        },
+        "preprocessing": {"type": "object", "required": ["decode", "resize", "normalize"]},
+        "network": {"type": "object"},
+        "calibration": {
+            "type": "object",
+            "required": ["method", "temperature", "ece_before", "ece_after"],
+            "properties": {
+                "method": {"type": "string"},
+                "temperature": {"type": "number", "minimum": 0},
+                "ece_before": _PROBABILITY,
+                "ece_after": _PROBABILITY,
+            },
+        },
+        "thresholds": _THRESHOLDS,
+        "pathology": _PATHOLOGY,
+        "scope": _SCOPE,
+        "ood": _OOD,
+        "drift": _DRIFT,
+        "metrics": {"type": "object", "required": ["val"], "properties": {"val": _SPLIT_METRICS, "test": _SPLIT_METRICS}},
+        "training_sites": {"type": "array", "items": {"type": "string"}},
+        "provenance": {
+            "type": "object",
+            "required": ["mlflow_run_id", "git_commit", "data_fingerprint", "medtriage_version"],
+            "properties": {
+                "mlflow_run_id": {"type": ["string", "null"]},
+                "git_commit": {"type": ["string", "null"]},
+                "data_fingerprint": {"type": ["string", "null"]},
+                "medtriage_version": {"type": "string"},
+            },
+        },
+        "parity": {
+            "type": "object",
+            "required": ["max_abs_diff", "tolerance", "images"],
+            "properties": {"max_abs_diff": {"type": "number", "minimum": 0}, "tolerance": _NUMBER, "images": {"type": "integer", "minimum": 1}},
+        },
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        # Numeric precision of model.onnx (absent: fp32); an int8 package names its fp32 source and parity.
+        "precision": {"type": "string", "enum": ["fp32", "int8"]},
+        "quantization": _QUANTIZATION,
+    },
+}
+
+_TYPES = {
+    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+    "integer": int, "number": (int, float),
+}
+
+
+def schema_errors(value, schema: dict = MODEL_SCHEMA, where: str = "$") -> list[str]:
+    """Every way `value` breaks `schema`, as 'path: problem' lines (empty when valid)."""
+    types = schema.get("type")
+    if types is not None:
+        types = [types] if isinstance(types, str) else types
+        if not any(_is_type(value, t) for t in types):
+            return [f"{where}: expected {' or '.join(types)}, got {type(value).__name__}"]
+    errors: list[str] = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{where}: {value} < minimum {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(f"{where}: {value} > maximum {schema['maximum']}")
+    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+        errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{where}: needs at least {schema['minItems']} items")
+        for i, item in enumerate(value):
+            errors += schema_errors(item, schema.get("items", {}), f"{where}[{i}]")
+    if isinstance(value, dict):
+        missing = [f"'{key}'" for key in schema.get("required", []) if key not in value]
+        if missing:
+            errors.append(f"{where}: missing {', '.join(missing)}")
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += schema_errors(value[key], sub, f"{where}.{key}")
+    return errors
+
+
+def _is_type(value, name: str) -> bool:
+    if name in ("integer", "number") and isinstance(value, bool):
+        return False
+    if name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _TYPES[name])
+
+
+def validate_model_json(meta: dict, where: str = "model.json") -> None:
+    """Raise PackageError listing every schema violation of a package's metadata."""
+    errors = schema_errors(meta)
+    if errors:
+        raise PackageError(
+            "model.json does not follow the package schema: " + "; ".join(errors[:8]) + (" ..." if len(errors) > 8 else ""),
+            where=where,
+            hint="re-export the model with this medtriage version (python scripts/export.py run_id=<run>)",
+        )

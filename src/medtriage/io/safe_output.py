@@ -1,0 +1,123 @@
+"""Where output files go and how they get there: names that never come from a header unchecked, and
+writes that are all or nothing.
+
+A header value (SOP Instance UID, patient ID, file name in an upload) is attacker-controlled data:
+`output_path` turns it into one harmless name component, adds a short digest of what identifies
+the source (so two sources that share a UID, or whose values sanitise alike, never overwrite each
+other, while a rerun on the same source lands on the same name) and proves the result resolves
+inside the output folder. `write_atomic` writes to a hidden temporary file in the same folder,
+flushes it to disk and renames it into place: a crash leaves the old file or the new one, never half.
+numpy-free and torch-free: used by io, serve and the DICOM node alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from medtriage.errors import InputError
+
+MAX_COMPONENT = 96  # characters of the readable part; the digest and suffix come on top
+DIGEST_CHARS = 10
+PARTIAL_SUFFIX = ".partial"  # temporary files are hidden (leading dot) and end in this
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_component(value: object, fallback: str = "unnamed") -> str:
+    """`value` as one file-name component: letters, digits, '.', '_' and '-' only, no leading dot
+    (so never '.', '..' or hidden), at most MAX_COMPONENT characters; `fallback` when nothing is left."""
+    text = _UNSAFE.sub("_", str(value or "")).lstrip("._")[:MAX_COMPONENT].rstrip("._")
+    return text or fallback
+
+
+def source_digest(source: object) -> str:
+    """A short hex digest of what identifies a source (its path, content key or bytes)."""
+    data = source if isinstance(source, (bytes, bytearray, memoryview)) else str(source).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
+
+
+def output_path(out_dir: str | Path, stem: object, suffix: str, *, source: object | None = None,
+                fallback: str = "unnamed") -> Path:
+    """`out_dir/<safe stem>[.<digest of source>]<suffix>`, guaranteed to lie directly inside `out_dir`.
+
+    `stem` is usually a header value; `source` (path, content key or bytes of the input) keeps
+    outputs of different inputs apart. Without `source`, a stem that sanitising changed gets the
+    digest of its original value, so distinct stems never share a name. `suffix` is program-chosen (e.g. '.SR.dcm') but checked too."""
+    if not re.fullmatch(r"(\.[A-Za-z0-9_-]+)*", suffix):
+        raise ValueError(f"output suffix {suffix!r} must be dot-separated letters, digits, '_' or '-'")
+    safe = safe_component(stem, fallback)
+    if source is None and safe != str(stem):
+        source = str(stem)  # a stem that had to change carries a digest of its original: no two collapse into one
+    digest = f".{source_digest(source)}" if source is not None else ""
+    name = f"{safe}{digest}{suffix}"
+    return inside(out_dir, name)
+
+
+def inside(out_dir: str | Path, name: str) -> Path:
+    """`out_dir/name`, refused unless it resolves to a direct child of `out_dir` (links included)."""
+    folder = Path(out_dir).resolve()
+    target = (folder / name).resolve()
+    if target.parent != folder or name in ("", ".", ".."):
+        raise InputError(f"output name {name!r} would leave the output folder", where=str(folder),
+                         hint="names are built from sanitised header values; report this file to the maintainers")
+    return target
+
+
+def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write `data` (bytes, or a function that writes to a binary file) to `path` all or nothing:
+    a hidden temporary file in the same folder, flushed to disk, then renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give it what open() would
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+    return path
+
+
+def remove_partials(folder: str | Path) -> int:
+    """Delete temporary files a killed writer left in `folder` (not recursive); returns how many."""
+    removed = 0
+    for leftover in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # read once at import: os.umask is process-wide and not thread-safe
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()

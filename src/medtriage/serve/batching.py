@@ -1,0 +1,183 @@
+"""Dynamic batching: inference calls from concurrent requests that arrive within a short wait share one
+ONNX Runtime call.
+
+`BatchingSession` wraps an ORT session and keeps its `run(output_names, feeds)` signature, so a
+Predictor uses it unchanged (`enable_batching`). A single worker thread collects calls: the first one
+opens a window of `wait_ms`; calls arriving in it join until `max_batch` images are queued. Only inputs
+of the same shape (channels, height, width) and the same requested outputs are stacked: the model
+resizes inside its graph, so padding or resizing outside it would change what the model sees. Each
+shape group of a window is one ORT call. A call larger than `max_batch` (a multi-frame object) runs
+alone; if a stacked call fails, its members run one by one so one bad input fails only its request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+_STOP = object()
+DEFAULT_MAX_BATCH, DEFAULT_WAIT_MS = 1, 5.0
+
+
+@dataclass
+class _Call:
+    outputs: tuple[str, ...] | None
+    pixels: np.ndarray
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> tuple:
+        return self.outputs, self.pixels.shape[1:], self.pixels.dtype.str
+
+
+@dataclass
+class BatchStats:
+    """What the worker did, for logs and benchmarks: ORT calls made and images they carried."""
+
+    calls: int = 0
+    images: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.images / self.calls if self.calls else 0.0
+
+
+class BatchingSession:
+    """An ORT session whose `run` stacks concurrent calls with one input into shared calls."""
+
+    def __init__(self, session, max_batch: int = 16, wait_ms: float = 5.0):
+        if max_batch < 1 or wait_ms < 0:
+            raise ValueError(f"max_batch must be >= 1 and wait_ms >= 0 (got {max_batch}, {wait_ms})")
+        self.session, self.max_batch, self.wait_s = session, int(max_batch), wait_ms / 1000.0
+        self.input_name = session.get_inputs()[0].name
+        self.stats = BatchStats()
+        self._queue: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._loop, name="medtriage-batching", daemon=True)
+        self._worker.start()
+
+    def __getattr__(self, name):  # get_inputs, get_outputs, get_providers ... of the wrapped session
+        return getattr(self.session, name)
+
+    def run(self, output_names, feeds: dict, run_options=None) -> list[np.ndarray]:
+        if set(feeds) != {self.input_name} or run_options is not None or not self._worker.is_alive():
+            return self.session.run(output_names, feeds, run_options)
+        call = _Call(tuple(output_names) if output_names else None, np.asarray(feeds[self.input_name]))
+        self._queue.put(call)
+        return call.future.result()
+
+    def close(self) -> None:
+        """Stop the worker after the calls already queued."""
+        self._queue.put(_STOP)
+        self._worker.join(timeout=10)
+
+    def _loop(self) -> None:
+        carry: _Call | None = None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            if first is _STOP:
+                return
+            window, carry = self._collect(first)
+            for calls in _groups(window):
+                self._execute(calls)
+            if carry is _STOP:
+                return
+
+    def _collect(self, first: _Call) -> tuple[list[_Call], object | None]:
+        """`first` plus the calls that arrive within the wait, up to max_batch images; the call that would
+        overflow is carried into the next window."""
+        window, images = [first], len(first.pixels)
+        deadline = time.perf_counter() + self.wait_s
+        while images < self.max_batch:
+            try:
+                call = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if call is _STOP or images + len(call.pixels) > self.max_batch:
+                return window, call
+            window.append(call)
+            images += len(call.pixels)
+        return window, None
+
+    def _execute(self, calls: list[_Call]) -> None:
+        try:
+            stacked = calls[0].pixels if len(calls) == 1 else np.concatenate([c.pixels for c in calls])
+            results = self._run(calls[0].outputs, stacked)
+        except Exception as err:  # noqa: BLE001 -- handed to the waiting request, which raises it
+            if len(calls) == 1:
+                calls[0].future.set_exception(err)
+                return
+            log.warning("a stacked inference call of %d requests failed (%s); running them one by one", len(calls), err)
+            for call in calls:
+                self._execute([call])
+            return
+        start = 0
+        for call in calls:
+            end = start + len(call.pixels)
+            call.future.set_result([r[start:end] for r in results])
+            start = end
+
+    def _run(self, outputs, pixels: np.ndarray) -> list[np.ndarray]:
+        results = self.session.run(list(outputs) if outputs else None, {self.input_name: pixels})
+        self.stats.calls += 1
+        self.stats.images += len(pixels)
+        return results
+
+
+def _groups(window: list[_Call]) -> list[list[_Call]]:
+    """Calls of one window grouped by what can be stacked (outputs, shape, dtype), in arrival order."""
+    groups: dict[tuple, list[_Call]] = defaultdict(list)
+    for call in window:
+        groups[call.key].append(call)
+    return list(groups.values())
+
+
+def enable_batching(predictor, max_batch: int, wait_ms: float) -> BatchingSession | None:
+    """Route `predictor`'s inference through a BatchingSession (None, and no change, when max_batch is 1)."""
+    if max_batch <= 1:
+        return None
+    predictor.session = BatchingSession(predictor.session, max_batch, wait_ms)
+    return predictor.session
+
+
+def concurrent_requests(max_concurrent: int | None, max_batch: int) -> int | None:
+    """Requests to decode and score at once: --max-concurrent if given; with batching on, at least
+    max_batch (fewer requests in flight could never fill a batch); else None, the admission default."""
+    if max_concurrent or max_batch <= 1:
+        return max_concurrent
+    from medtriage.serve.admission import default_workers
+
+    return max(max_batch, default_workers())
+
+
+def add_batching_options(parser) -> None:
+    """`--max-batch` and `--batch-wait-ms` of a serving command."""
+    parser.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, metavar="N",
+                        help="stack up to N images of concurrent requests into one inference call; 1 turns batching off; "
+                             "unless --max-concurrent says otherwise, N requests are then decoded at once (default: %(default)s)")
+    parser.add_argument("--batch-wait-ms", type=_non_negative_float, default=DEFAULT_WAIT_MS, metavar="MS",
+                        help="how long the first request of a batch waits for others to join (default: %(default)s)")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds >= 0, got {text!r}")
+    return value

@@ -1,0 +1,117 @@
+"""Input drift per source: rolling windows of what was scored, compared with the package's references.
+
+A source is whoever sends images (the calling AE title of the DICOM node, the `X-Source` header
+over HTTP). For each source the monitor keeps the last `window` values of every feature the
+package has references for (mean decoded intensity, OOD score, predicted probability) and their
+population-stability index against the reference of the training site of that name, else the
+pooled validation reference. A source drifts when, with at least `min_images` in its window,
+the PSI of any feature passes the package's threshold (chosen at export for a stated
+false-alarm rate on unshifted windows).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from medtriage.format.references import psi
+
+FEATURES = ("input_mean", "ood_score", "probability")
+DEFAULT_SOURCE = "default"
+MAX_SOURCES = 64  # a header is untrusted: the oldest quiet source leaves when a new one would exceed this
+_SOURCE_CHARS = re.compile(r"[^A-Za-z0-9._ -]")
+
+
+def source_name(raw: str | None) -> str:
+    """A bounded, printable source name (an AE title is at most 16 characters; a header could be anything)."""
+    text = _SOURCE_CHARS.sub("_", (raw or "").strip())[:64].strip()
+    return text or DEFAULT_SOURCE
+
+
+def score_features(score) -> dict[str, float]:
+    """The monitored features of one scored image (a serve.predictor.Score)."""
+    values = {"input_mean": score.input_mean, "ood_score": score.ood_score, "probability": score.probability}
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+@dataclass
+class SourceDrift:
+    source: str
+    reference: str  # the training site compared with, or "all"
+    images: int = 0  # seen since the service started
+    psi: dict = field(default_factory=dict)  # feature -> PSI over the current window
+    window: int = 0  # images in the current window
+
+    def drifting(self, threshold: float, min_images: int) -> bool:
+        return self.window >= min_images and any(v > threshold for v in self.psi.values())
+
+    def as_dict(self, threshold: float, min_images: int) -> dict:
+        worst = max(self.psi, key=self.psi.get) if self.psi else None
+        return {"source": self.source, "reference": self.reference, "images": self.images, "window": self.window,
+                "psi": {k: round(v, 4) for k, v in self.psi.items()}, "worst_feature": worst,
+                "drifting": self.drifting(threshold, min_images)}
+
+
+class DriftMonitor:
+    """Rolling windows and PSI per source; thread-safe. A package without references monitors nothing."""
+
+    def __init__(self, drift_meta: dict | None):
+        drift_meta = drift_meta or {}
+        self.enabled = bool(drift_meta.get("reference"))
+        self.window = int(drift_meta.get("window", 200))
+        self.min_images = int(drift_meta.get("min_images", 100))
+        self.threshold = float(drift_meta.get("psi_threshold", 0.25))
+        reference = drift_meta.get("reference") or {}
+        self.pooled, self.per_site = reference.get("all") or {}, reference.get("per_site") or {}
+        self._windows: OrderedDict[str, dict[str, deque]] = OrderedDict()
+        self._state: dict[str, SourceDrift] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, source: str | None, features: dict[str, float]) -> SourceDrift | None:
+        """Add one scored image of `source`; returns that source's drift state (None when not monitoring)."""
+        if not self.enabled:
+            return None
+        source = source_name(source)
+        reference, reference_name = self._reference(source)
+        with self._lock:
+            windows = self._windows_of(source)
+            state = self._state.setdefault(source, SourceDrift(source, reference_name))
+            state.images += 1
+            for feature, value in features.items():
+                if feature in reference:
+                    windows.setdefault(feature, deque(maxlen=self.window)).append(value)
+            state.window = max((len(w) for w in windows.values()), default=0)
+            state.psi = {f: psi(reference[f], list(w)) for f, w in windows.items()}
+            return state
+
+    def _reference(self, source: str) -> tuple[dict, str]:
+        if source in self.per_site:
+            return self.per_site[source], source
+        return self.pooled, "all"
+
+    def _windows_of(self, source: str) -> dict[str, deque]:
+        if source in self._windows:
+            self._windows.move_to_end(source)
+            return self._windows[source]
+        while len(self._windows) >= MAX_SOURCES:
+            gone, _ = self._windows.popitem(last=False)
+            self._state.pop(gone, None)
+        return self._windows.setdefault(source, {})
+
+    def status(self) -> dict:
+        """What the worklist banner and /v1/drift show: every source, and which drift past the threshold."""
+        with self._lock:
+            sources = [s.as_dict(self.threshold, self.min_images) for s in self._state.values()]
+        return {"monitoring": self.enabled, "threshold": self.threshold, "window": self.window, "min_images": self.min_images,
+                "sources": sources, "drifting": [s["source"] for s in sources if s["drifting"]]}
+
+    def sources(self) -> set[str]:
+        with self._lock:
+            return set(self._state)
+
+    def drifting(self, source: str) -> bool:
+        with self._lock:
+            state = self._state.get(source_name(source))
+            return bool(state and state.drifting(self.threshold, self.min_images))

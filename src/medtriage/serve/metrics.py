@@ -1,0 +1,114 @@
+"""Service metrics in Prometheus format, and the one call every door makes per scored or rejected input.
+
+    monitor = ServiceMonitor(predictor.package)
+    monitor.record(outcome, source="CR_ROOM_2", seconds=0.04)   # outcome: list[Score] | Rejection
+    monitor.exposition()                                          # the /metrics body
+
+Names (one `medtriage_` namespace): medtriage_scored_total, medtriage_rejected_total{reason},
+medtriage_scoring_seconds (histogram), medtriage_drift_psi{source,feature},
+medtriage_drift_alert{source} (1 while the source drifts past the package's threshold).
+Each monitor has its own registry, so several services (or tests) in one process do not collide.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from medtriage.serve.drift import DriftMonitor, score_features, source_name
+from medtriage.serve.package import ModelPackage
+from medtriage.serve.predictor import Rejection
+
+NAMESPACE = "medtriage"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+SOURCE_HEADER = "X-Source"  # over HTTP, the sender names itself here (the DICOM node uses the calling AE title)
+
+
+def rejection_reason(rejection: Rejection) -> str:
+    """A low-cardinality label: the rejection's code, else its error type in snake case (dicom_error, ...)."""
+    if rejection.code:
+        return rejection.code
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", rejection.error).lower() or "unknown"
+
+
+class ServiceMonitor:
+    """Counts, latency and drift of one serving process (HTTP app or DICOM node); thread-safe."""
+
+    def __init__(self, package: ModelPackage, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.drift = DriftMonitor(package.meta.get("drift"))
+        kw = {"namespace": NAMESPACE, "registry": self.registry}
+        self.scored = Counter("scored", "Images scored (one per frame)", **kw)
+        self.rejected = Counter("rejected", "Inputs refused, by reason", ["reason"], **kw)
+        self.latency = Histogram("scoring_seconds", "Time to decode and score one input", buckets=LATENCY_BUCKETS, **kw)
+        self.psi = Gauge("drift_psi", "Population-stability index of a source's rolling window against the reference",
+                         ["source", "feature"], **kw)
+        self.alert = Gauge("drift_alert", "1 while the source drifts past the package's PSI threshold", ["source"], **kw)
+        Gauge("drift_psi_threshold", "PSI above which a source drifts", **kw).set(self.drift.threshold)
+        self._labelled: dict[str, set] = {}  # source -> features with a psi series, to drop them with the source
+        self._lock = threading.Lock()
+
+    def record(self, outcome, source: str | None = None, seconds: float | None = None) -> None:
+        """One input's outcome (list of Scores, or a Rejection) from `source`, and how long it took."""
+        if seconds is not None:
+            self.latency.observe(seconds)
+        source = source_name(source)
+        if isinstance(outcome, Rejection):
+            self.rejected.labels(reason=rejection_reason(outcome)).inc()
+            self._observe(outcome.withheld or [], source)  # an unusual image is part of what a source sends
+            return
+        self.scored.inc(len(outcome))
+        self._observe(outcome, source)
+
+    def _observe(self, scores, source: str) -> None:
+        for score in scores:
+            state = self.drift.observe(source, score_features(score))
+            if state is not None:
+                self._publish(state)
+
+    def _publish(self, state) -> None:
+        with self._lock:
+            self._publish_locked(state)
+
+    def _publish_locked(self, state) -> None:
+        for feature, value in state.psi.items():
+            self.psi.labels(source=state.source, feature=feature).set(value)
+        self._labelled.setdefault(state.source, set()).update(state.psi)
+        self.alert.labels(source=state.source).set(float(state.drifting(self.drift.threshold, self.drift.min_images)))
+        if len(self._labelled) > len(self.drift.sources()):  # the monitor let a source go: so do the series
+            for gone in set(self._labelled) - self.drift.sources():
+                for feature in self._labelled.pop(gone):
+                    self.psi.remove(gone, feature)
+                self.alert.remove(gone)
+
+    def timed(self, score, data, name: str, source: str | None = None):
+        """`score(data, name)` (a score_or_reject), timed and recorded; returns its outcome."""
+        started = time.perf_counter()
+        outcome = score(data, name)
+        self.record(outcome, source, time.perf_counter() - started)
+        return outcome
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def monitoring_router(monitor: ServiceMonitor) -> APIRouter:
+    """GET /metrics (Prometheus text format) and GET /v1/drift (per-source drift, for the worklist banner)."""
+    router = APIRouter()
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+                responses={200: {"content": {CONTENT_TYPE: {}}}})
+    def metrics() -> Response:
+        return Response(monitor.exposition(), media_type=CONTENT_TYPE)
+
+    @router.get("/v1/drift", summary="Input drift per source against the package's reference distributions")
+    def drift() -> dict:
+        return monitor.drift.status()
+
+    return router

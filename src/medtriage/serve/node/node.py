@@ -1,0 +1,93 @@
+"""The node assembled: store, SCP, worker and sender threads, from one NodeConfig."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtriage.serve.metrics import ServiceMonitor
+from medtriage.serve.node.scp import start_scp, tls_context
+from medtriage.serve.node.sender import DicomWebSender, DimseSender, Peer, Sender
+from medtriage.serve.node.store import NodeStore
+from medtriage.serve.node.worker import Worker
+from medtriage.serve.package import load_package
+from medtriage.serve.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeConfig:
+    package: str | Path
+    state: str | Path
+    aet: str = "MEDTRIAGE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    send_to: Peer | None = None
+    dicomweb: str | None = None
+    allowed_callers: list[str] | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    study_timeout: float = 10.0
+    heatmaps: bool = False
+    retry_max: float = 60.0
+    provider: str = "cpu"
+    threads: int | None = None
+    allow_out_of_scope: bool = False
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+
+class Node:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.predictor = Predictor(load_package(config.package), provider=config.provider, threads=config.threads,
+                                   allow_out_of_scope=config.allow_out_of_scope)
+        self.store = NodeStore(config.state, recover=True)
+        self.tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        senders: dict = {}
+        if config.send_to:
+            senders[str(config.send_to)] = DimseSender(config.send_to, config.aet)
+        if config.dicomweb:
+            senders[config.dicomweb] = DicomWebSender(config.dicomweb)
+        self.destinations = list(senders)
+        self.monitor = ServiceMonitor(self.predictor.package)
+        self.worker = Worker(self.store, self.predictor, self.destinations, config.study_timeout, config.heatmaps,
+                             monitor=self.monitor)
+        self.sender = Sender(self.store, senders, retry_max=config.retry_max)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server = None
+        self._metrics = None
+
+    def start(self) -> None:
+        """Resume queued work, then accept associations."""
+        log.info("resuming: %s", self.store.counts())
+        self._threads = [threading.Thread(target=part.run, args=(self._stop,), name=name, daemon=True)
+                         for name, part in (("medtriage-worker", self.worker), ("medtriage-sender", self.sender))]
+        for thread in self._threads:
+            thread.start()
+        if self.config.metrics_port is not None:
+            self._metrics = start_metrics_server(self.monitor, self.config.metrics_host, self.config.metrics_port)
+        self._server = start_scp(self.store, self.config.aet, self.config.host, self.config.port,
+                                 self.config.allowed_callers, self.tls)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.store.close()
+
+
+def start_metrics_server(monitor: ServiceMonitor, host: str, port: int):
+    """GET /metrics (Prometheus text format) on its own port; holds no PHI (counts and AE titles only)."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=monitor.registry)
+    return server

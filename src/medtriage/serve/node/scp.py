@@ -1,0 +1,98 @@
+"""The Storage SCP: image storage SOP classes in the transfer syntaxes medtriage.io decodes, and C-ECHO.
+
+A C-STORE is answered with success only after the instance is in the spool and its row committed
+(store.receive). A data set whose identifying UIDs cannot be read gets 0xC210 (cannot understand);
+a full disk gets 0xA700 (out of resources). Pixels are decoded later by the worker: a file that
+then fails to decode becomes a recorded rejection, not a network error.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+
+from medtriage.errors import MedTriageError
+from medtriage.serve.node.header import read_identity
+from medtriage.serve.node.store import NodeStore
+
+log = logging.getLogger(__name__)
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEG2000Lossless, JPEG2000,
+    JPEGLSLossless, JPEGLSNearLossless, RLELossless,
+]
+IMAGE_STORAGE = sorted(uid for name, uid in _STORAGE_CLASSES.items() if "ImageStorage" in name)
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, PROCESSING_FAILURE = 0x0000, 0xA700, 0xC210, 0x0110
+
+
+def handle_store(event, store: NodeStore) -> int:
+    """One C-STORE: spool + record, then answer. Never raises (pynetdicom would answer 0xC211 anyway)."""
+    calling = event.assoc.requestor.ae_title
+    try:
+        data = event.encoded_dataset()
+        header = read_identity(data, where=f"C-STORE from {calling}")
+    except MedTriageError as err:
+        log.warning("refused an instance from %s: %s", calling, err)
+        return CANNOT_UNDERSTAND
+    except Exception as err:  # noqa: BLE001 -- pynetdicom could not even frame the data set
+        log.warning("refused an unreadable data set from %s: %s", calling, err)
+        return CANNOT_UNDERSTAND
+    if header.sop_uid != str(event.request.AffectedSOPInstanceUID or header.sop_uid):
+        log.warning("refused %s from %s: its SOP Instance UID differs from the request's", header.sop_uid, calling)
+        return CANNOT_UNDERSTAND
+    try:
+        store.receive(data, header.sop_uid, header.study_uid, header.series_uid, header.sop_class, header.fields,
+                      calling_aet=calling)
+    except OSError as err:
+        log.error("cannot spool %s: %s", header.sop_uid, err)
+        return OUT_OF_RESOURCES
+    except Exception:
+        log.exception("cannot record %s", header.sop_uid)
+        return PROCESSING_FAILURE
+    return SUCCESS
+
+
+def tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    """Server-side TLS (TLS 1.2 or newer) with the node's certificate and key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def build_ae(aet: str, allowed_callers: list[str] | None = None) -> AE:
+    ae = AE(ae_title=aet)
+    for sop_class in IMAGE_STORAGE:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+    ae.require_calling_aet = list(allowed_callers or [])
+    ae.maximum_pdu_size = 0  # no limit on what callers may send per PDU
+    ae.network_timeout = ae.dimse_timeout = 60
+    return ae
+
+
+def start_scp(store: NodeStore, aet: str, host: str, port: int, allowed_callers: list[str] | None = None,
+              ssl_context: ssl.SSLContext | None = None):
+    """Start listening (in pynetdicom's threads); returns the server (call `.shutdown()` to stop)."""
+    ae = build_ae(aet, allowed_callers)
+    handlers = [(evt.EVT_C_STORE, handle_store, [store])]
+    return ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)

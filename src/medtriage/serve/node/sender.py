@@ -1,0 +1,139 @@
+"""Delivers the outbox: C-STORE SCU to `--send-to` and/or STOW-RS to `--dicomweb`.
+
+A delivery that fails is retried with exponential backoff (1 s, 2 s, 4 s ... up to `retry_max`) and
+stays queued until it is delivered: nothing is dropped. A resend after a crash carries the same SOP
+Instance UID, so the PACS keeps one copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+from medtriage.errors import ConfigError
+from medtriage.serve.node.store import Delivery, NodeStore
+
+log = logging.getLogger(__name__)
+OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and the warnings that still mean "stored"
+RESULT_CLASSES = [ComprehensiveSRStorage, SecondaryCaptureImageStorage]
+DICOMWEB = "dicomweb"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A DICOM destination, parsed from 'AET@HOST:PORT'."""
+
+    aet: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        match = re.fullmatch(r"([^@\\]{1,16})@([A-Za-z0-9.\-:\[\]]+):(\d{1,5})", text.strip())
+        if not match or not 0 < int(match.group(3)) < 65536:
+            raise ConfigError(f"cannot read the destination {text!r}", where="--send-to",
+                              hint="write it as AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:4242")
+        return cls(match.group(1), match.group(2).strip("[]"), int(match.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.aet}@{self.host}:{self.port}"
+
+
+def backoff(attempts: int, retry_max: float) -> float:
+    """Seconds before the next try after `attempts` failures: 1, 2, 4 ... capped at `retry_max`."""
+    return min(retry_max, 2.0 ** attempts)
+
+
+class DimseSender:
+    def __init__(self, peer: Peer, calling_aet: str, timeout: float = 30):
+        self.peer, self.calling_aet, self.timeout = peer, calling_aet, timeout
+
+    def send(self, deliveries: list[Delivery]) -> dict[int, str | None]:
+        """One association for all `deliveries`: delivery id -> None (stored) or the error."""
+        ae = AE(ae_title=self.calling_aet)
+        for sop_class in RESULT_CLASSES:
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.aet)
+        if not assoc.is_established:
+            return dict.fromkeys((d.id for d in deliveries), f"no association with {self.peer}")
+        outcome = {}
+        try:
+            for delivery in deliveries:
+                outcome[delivery.id] = self._store(assoc, delivery)
+                if not assoc.is_established:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return {d.id: outcome.get(d.id, "association lost") for d in deliveries}
+
+    def _store(self, assoc, delivery: Delivery) -> str | None:
+        try:
+            status = assoc.send_c_store(pydicom.dcmread(delivery.file))
+        except Exception as err:  # noqa: BLE001 -- a refused context, a dropped connection: retried
+            return f"{type(err).__name__}: {err}"
+        code = getattr(status, "Status", None)
+        if code in OK_STATUSES:
+            return None
+        return "no response" if code is None else f"C-STORE status 0x{code:04X}"
+
+
+class DicomWebSender:
+    def __init__(self, url: str):
+        from dicomweb_client.api import DICOMwebClient
+
+        self.url = url
+        self.client = DICOMwebClient(url=url)
+
+    def send(self, deliveries: list[Delivery]) -> dict[int, str | None]:
+        outcome = {}
+        for delivery in deliveries:
+            try:
+                self.client.store_instances([pydicom.dcmread(delivery.file)])
+                outcome[delivery.id] = None
+            except Exception as err:  # noqa: BLE001 -- HTTP errors and refused connections alike: retried
+                outcome[delivery.id] = f"STOW-RS to {self.url}: {type(err).__name__}: {str(err)[:200]}"
+        return outcome
+
+
+class Sender:
+    """Sends due deliveries, grouped by destination; failures are rescheduled with backoff."""
+
+    def __init__(self, store: NodeStore, senders: dict, retry_max: float = 60.0, poll_seconds: float = 0.2):
+        self.store, self.senders, self.retry_max, self.poll_seconds = store, senders, retry_max, poll_seconds
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                sent = self.send_due()
+            except Exception:
+                log.exception("sender step failed")
+                sent = False
+            if not sent:
+                stop.wait(self.poll_seconds)
+
+    def send_due(self) -> bool:
+        due = self.store.due_deliveries()
+        for destination in {d.destination for d in due}:
+            batch = [d for d in due if d.destination == destination]
+            sender = self.senders.get(destination)
+            results = sender.send(batch) if sender else dict.fromkeys((d.id for d in batch), f"no destination {destination}")
+            for delivery in batch:
+                error = results[delivery.id]
+                if error is None:
+                    self.store.set_delivered(delivery.id)
+                else:
+                    wait = backoff(delivery.attempts, self.retry_max)
+                    log.warning("%s for study %s not delivered (%s); retry in %.0f s", delivery.kind, delivery.study_uid,
+                                error, wait)
+                    self.store.set_attempt_failed(delivery, error, time.time() + wait)
+        return bool(due)

@@ -1,0 +1,270 @@
+"""The node's durable state: one SQLite database (WAL) plus a spool folder, both under `--state`.
+
+Nothing received is lost: `receive` writes the instance to the spool (temp + fsync + rename) and
+commits its row before the caller answers the C-STORE with success. Spool and outbox file names
+are digests chosen here, never header values. Every later step (scoring, the study's SR,
+each delivery) is a row whose state a restart reads back, so unfinished work resumes where it
+stopped and finished work is never repeated.
+
+instances   one row per SOP Instance UID: received -> scored | rejected
+studies     one row per Study Instance UID: receiving -> scored -> delivered, or not_analysed
+            ("failed" is shown while a delivery keeps failing; it is retried until delivered)
+deliveries  one row per result object and destination: pending -> delivered
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtriage.io.safe_output import inside, remove_partials, write_atomic
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, series_uid TEXT, sop_class TEXT, spool TEXT NOT NULL,
+    name TEXT, calling_aet TEXT, received REAL NOT NULL, state TEXT NOT NULL DEFAULT 'received',
+    result TEXT, reason TEXT);
+CREATE INDEX IF NOT EXISTS instances_state ON instances(state);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    id INTEGER PRIMARY KEY, study_uid TEXT UNIQUE NOT NULL, state TEXT NOT NULL, first_received REAL,
+    last_received REAL, updated REAL, fields TEXT, top_sop TEXT, priority TEXT, probability REAL, finding TEXT,
+    reason TEXT, sr_uid TEXT);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY, study_uid TEXT NOT NULL, kind TEXT NOT NULL, destination TEXT NOT NULL,
+    file TEXT NOT NULL, sop_uid TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER DEFAULT 0,
+    next_attempt REAL DEFAULT 0, last_error TEXT, created REAL, delivered REAL);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
+CREATE TABLE IF NOT EXISTS overlays (sop_uid TEXT PRIMARY KEY, png BLOB NOT NULL, saliency TEXT);
+"""
+DB_FILE, SPOOL_DIR, OUTBOX_DIR = "node.sqlite", "spool", "outbox"
+
+
+def digest_name(*parts: str, suffix: str = ".dcm") -> str:
+    """A file name from what identifies the content (e.g. a SOP UID): a digest, never the value itself."""
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:40] + suffix
+
+
+@dataclass
+class Instance:
+    sop_uid: str
+    study_uid: str
+    spool: Path
+    name: str
+    calling_aet: str = ""
+
+
+@dataclass
+class Delivery:
+    id: int
+    study_uid: str
+    kind: str
+    destination: str
+    file: Path
+    sop_uid: str
+    attempts: int
+
+
+class NodeStore:
+    """SQLite + spool under one folder; `NodeStore(None)` keeps everything in memory (the HTTP service
+    without a state folder). Thread-safe: one connection behind a lock (writes are small and short)."""
+
+    def __init__(self, folder: str | Path | None, recover: bool = False):
+        """`recover`: this process owns the folder (the node at start): delete half-written files a killed
+        process left. Readers (the worklist of `medtriage serve`) leave them, a running node may be writing."""
+        self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None:
+            for sub in (SPOOL_DIR, OUTBOX_DIR):
+                (self.folder / sub).mkdir(parents=True, exist_ok=True)
+                if recover:
+                    remove_partials(self.folder / sub)
+        target = str(self.folder / DB_FILE) if self.folder is not None else ":memory:"
+        self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        if self.folder is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # --- receiving -------------------------------------------------------------------------------
+
+    def spool_path(self, sop_uid: str) -> Path:
+        if self.folder is None:
+            raise RuntimeError("an in-memory store has no spool")
+        return inside(self.folder / SPOOL_DIR, digest_name(sop_uid))
+
+    def spooled(self, name: str) -> Path:
+        """The spool file of a recorded instance (its row holds the name)."""
+        return inside(self.folder / SPOOL_DIR, name)
+
+    def has_instance(self, sop_uid: str) -> bool:
+        return bool(self._execute("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
+
+    def receive(self, data: bytes, sop_uid: str, study_uid: str, series_uid: str, sop_class: str, fields: dict,
+                calling_aet: str = "", name: str = "") -> bool:
+        """Spool and record one instance; returns False when this SOP instance was already received
+        (the copy on disk is kept, so a resend never produces a second result)."""
+        if self.has_instance(sop_uid):
+            return False
+        spool = self.spool_path(sop_uid)
+        write_atomic(spool, data)
+        self.record_instance(sop_uid, study_uid, series_uid, sop_class, spool.name, fields, calling_aet, name)
+        return True
+
+    def record_instance(self, sop_uid: str, study_uid: str, series_uid: str, sop_class: str, spool: str, fields: dict,
+                        calling_aet: str = "", name: str = "", state: str = "received", result: str | None = None) -> None:
+        """The instance row, and its study opened (or reopened: a late instance makes a new result)."""
+        now = time.time()
+        self._transaction([
+            (("INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class, spool, name, calling_aet, "
+              "received, state, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+             (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result)),
+            (("INSERT INTO studies (study_uid, state, first_received, last_received, updated, fields) "
+              "VALUES (?, 'receiving', ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET state = 'receiving', "
+              "last_received = excluded.last_received, updated = excluded.updated"),
+             (study_uid, now, now, now, json.dumps(fields))),
+        ])
+
+    # --- scoring ---------------------------------------------------------------------------------
+
+    def unscored(self, limit: int = 64) -> list[Instance]:
+        rows = self._execute("SELECT sop_uid, study_uid, spool, name, calling_aet FROM instances "
+                             "WHERE state = 'received' ORDER BY received LIMIT ?", (limit,))
+        return [Instance(r["sop_uid"], r["study_uid"], self.spooled(r["spool"]), r["name"], r["calling_aet"] or "")
+                for r in rows]
+
+    def set_scored(self, sop_uid: str, scores: list[dict]) -> None:
+        self._execute("UPDATE instances SET state = 'scored', result = ? WHERE sop_uid = ?", (json.dumps(scores), sop_uid))
+
+    def set_rejected(self, sop_uid: str, reason: str) -> None:
+        self._execute("UPDATE instances SET state = 'rejected', reason = ? WHERE sop_uid = ?", (reason, sop_uid))
+
+    def quiet_studies(self, quiet_seconds: float) -> list[str]:
+        """Studies still receiving, silent for `quiet_seconds`, with every instance scored or rejected."""
+        rows = self._execute(
+            "SELECT study_uid FROM studies s WHERE state = 'receiving' AND last_received <= ? AND NOT EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.study_uid = s.study_uid AND i.state = 'received')",
+            (time.time() - quiet_seconds,))
+        return [r["study_uid"] for r in rows]
+
+    def study_instances(self, study_uid: str) -> list[sqlite3.Row]:
+        return self._execute("SELECT * FROM instances WHERE study_uid = ? ORDER BY received", (study_uid,))
+
+    def study_received_since(self, study_uid: str, since: float) -> bool:
+        rows = self._execute("SELECT last_received FROM studies WHERE study_uid = ?", (study_uid,))
+        return bool(rows) and rows[0]["last_received"] > since
+
+    def close_study(self, study_uid: str, top: dict | None, reason: str | None, sr_uid: str | None,
+                    deliveries: list[tuple[str, str, str, str]], seen: float, state: str | None = None) -> bool:
+        """The study's result and its deliveries (kind, destination, outbox file, SOP UID) in one transaction.
+        Refused (False) when an instance arrived after `seen`: the study is then closed again later."""
+        now = time.time()
+        state = state or ("not_analysed" if top is None else "scored")
+        values = (top or {}).get
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                closed = self._db.execute(
+                    "UPDATE studies SET state = ?, updated = ?, top_sop = ?, priority = ?, probability = ?, finding = ?, "
+                    "reason = ?, sr_uid = ? WHERE study_uid = ? AND state = 'receiving' AND last_received <= ?",
+                    (state, now, values("sop_uid"), values("priority"), values("probability"), values("finding"),
+                     reason, sr_uid, study_uid, seen)).rowcount
+                for delivery in deliveries if closed else []:
+                    self._db.execute("INSERT INTO deliveries (study_uid, kind, destination, file, sop_uid, created) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)", (study_uid, *delivery, now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return bool(closed)
+
+    def outbox_path(self, name: str) -> Path:
+        return inside(self.folder / OUTBOX_DIR, name)
+
+    # --- delivering ------------------------------------------------------------------------------
+
+    def due_deliveries(self, limit: int = 16) -> list[Delivery]:
+        rows = self._execute("SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt <= ? "
+                             "ORDER BY next_attempt, id LIMIT ?", (time.time(), limit))
+        return [Delivery(r["id"], r["study_uid"], r["kind"], r["destination"], self.outbox_path(r["file"]),
+                         r["sop_uid"], r["attempts"]) for r in rows]
+
+    def next_due(self) -> float | None:
+        rows = self._execute("SELECT MIN(next_attempt) AS t FROM deliveries WHERE state = 'pending'")
+        return rows[0]["t"] if rows and rows[0]["t"] is not None else None
+
+    def set_delivered(self, delivery_id: int) -> None:
+        now = time.time()
+        self._transaction([
+            ("UPDATE deliveries SET state = 'delivered', delivered = ?, last_error = NULL WHERE id = ?", (now, delivery_id)),
+            (("UPDATE studies SET state = 'delivered', reason = NULL, updated = ? WHERE state IN ('scored', 'failed') "
+              "AND study_uid = (SELECT study_uid FROM deliveries WHERE id = ?) AND NOT EXISTS (SELECT 1 FROM deliveries "
+              "d WHERE d.study_uid = studies.study_uid AND d.state = 'pending')"), (now, delivery_id)),
+        ])
+
+    def set_attempt_failed(self, delivery: Delivery, error: str, retry_at: float) -> None:
+        now = time.time()
+        reason = f"{delivery.kind} to {delivery.destination} failed {delivery.attempts + 1} time(s): {error}; retrying"
+        self._transaction([
+            ("UPDATE deliveries SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
+             (retry_at, error, delivery.id)),
+            ("UPDATE studies SET state = 'failed', reason = ?, updated = ? WHERE study_uid = ? AND state IN ('scored', 'failed')",
+             (reason, now, delivery.study_uid)),
+        ])
+
+    # --- the worklist ----------------------------------------------------------------------------
+
+    def studies(self, limit: int) -> tuple[list[sqlite3.Row], int]:
+        """The newest `limit` studies and how many studies there are in all."""
+        total = self._execute("SELECT COUNT(*) AS n FROM studies")[0]["n"]
+        rows = self._execute("SELECT * FROM studies ORDER BY last_received DESC, id DESC LIMIT ?", (limit,))
+        return rows, total
+
+    def study_by_id(self, study_id: int, within_newest: int) -> sqlite3.Row | None:
+        rows = self._execute("SELECT * FROM (SELECT * FROM studies ORDER BY last_received DESC, id DESC LIMIT ?) "
+                             "WHERE id = ?", (within_newest, study_id))
+        return rows[0] if rows else None
+
+    def instance(self, sop_uid: str) -> sqlite3.Row | None:
+        rows = self._execute("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,))
+        return rows[0] if rows else None
+
+    def counts(self) -> dict:
+        """Instances by state and studies by state (for logs, tests and the benchmark)."""
+        instances = {r["state"]: r["n"] for r in self._execute("SELECT state, COUNT(*) AS n FROM instances GROUP BY state")}
+        studies = {r["state"]: r["n"] for r in self._execute("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")}
+        return {"instances": instances, "studies": studies}
+
+    def overlay(self, sop_uid: str) -> tuple[bytes, dict] | None:
+        rows = self._execute("SELECT png, saliency FROM overlays WHERE sop_uid = ?", (sop_uid,))
+        return (rows[0]["png"], json.loads(rows[0]["saliency"] or "{}")) if rows else None
+
+    def save_overlay(self, sop_uid: str, png: bytes, saliency: dict) -> None:
+        self._execute("INSERT OR REPLACE INTO overlays (sop_uid, png, saliency) VALUES (?, ?, ?)",
+                      (sop_uid, png, json.dumps(saliency)))

@@ -1,0 +1,126 @@
+"""Scores what the SCP queued and closes studies: after `study_timeout` quiet seconds a study's result is
+its most urgent instance, and one SR (plus, optionally, a heatmap Secondary Capture) referencing every
+scored instance goes to the outbox with one delivery row per destination. A study with nothing scored
+is "not analysed" with its reasons, and no SR is sent for it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+
+from pydicom.uid import generate_uid
+
+from medtriage.errors import MedTriageError
+from medtriage.io.safe_output import write_atomic
+from medtriage.serve.dicom_results import build_study_sr, read_header
+from medtriage.serve.metrics import ServiceMonitor
+from medtriage.serve.node.store import NodeStore, digest_name
+from medtriage.serve.predictor import Predictor, Rejection, Score
+
+log = logging.getLogger(__name__)
+PRIORITY_RANK = {"URGENT": 0, "review": 1, "routine": 2}
+
+
+def urgency(score: dict) -> tuple:
+    """Sort key: URGENT before review before routine, then the higher probability."""
+    return PRIORITY_RANK.get(score["priority"], len(PRIORITY_RANK)), -score["probability"]
+
+
+def as_score(record: dict) -> Score:
+    return Score(**{key: value for key, value in record.items() if key != "status"})
+
+
+def rejection_summary(reasons: list[str]) -> str:
+    """'2 instance(s): truncated pixel data; 1 instance(s): not an image' — the reasons, commonest first."""
+    return "; ".join(f"{n} instance(s): {reason}" for reason, n in Counter(reasons).most_common(3))
+
+
+class Worker:
+    def __init__(self, store: NodeStore, predictor: Predictor, destinations: list[str], study_timeout: float,
+                 heatmaps: bool = False, poll_seconds: float = 0.2, monitor: ServiceMonitor | None = None):
+        self.store, self.predictor, self.destinations = store, predictor, destinations
+        # Counts, latency and drift per calling AE title (the node's sources); /metrics when --metrics-port is set.
+        self.monitor = monitor or ServiceMonitor(predictor.package)
+        self.study_timeout, self.heatmaps, self.poll_seconds = study_timeout, heatmaps, poll_seconds
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = self.score_queued(stop)
+                busy = self.close_quiet_studies() or busy
+            except Exception:  # the node keeps running; the row stays queued and is tried again
+                log.exception("worker step failed")
+                busy = False
+            if not busy:
+                stop.wait(self.poll_seconds)
+
+    def score_queued(self, stop: threading.Event | None = None) -> bool:
+        queued = self.store.unscored()
+        for instance in queued:
+            if stop is not None and stop.is_set():
+                break
+            outcome = self.monitor.timed(self.predictor.score_or_reject, instance.spool, instance.name,
+                                         instance.calling_aet)
+            if isinstance(outcome, Rejection):
+                log.info("not analysed: %s (%s)", instance.sop_uid, outcome.reason)
+                self.store.set_rejected(instance.sop_uid, outcome.reason)
+            else:
+                self.store.set_scored(instance.sop_uid, [score.as_dict() for score in outcome])
+        return bool(queued)
+
+    def close_quiet_studies(self) -> bool:
+        studies = self.store.quiet_studies(self.study_timeout)
+        for study_uid in studies:
+            self.close_study(study_uid)
+        return bool(studies)
+
+    def close_study(self, study_uid: str) -> None:
+        seen = time.time()
+        rows = self.store.study_instances(study_uid)
+        scored = [(row, json.loads(row["result"])) for row in rows if row["state"] == "scored"]
+        reasons = [row["reason"] for row in rows if row["state"] == "rejected"]
+        if not scored:
+            self.store.close_study(study_uid, None, rejection_summary(reasons) or "no instance could be scored", None, [], seen)
+            return
+        top = min((score for _, scores in scored for score in scores), key=urgency)
+        note = f"not analysed: {rejection_summary(reasons)}" if reasons else None
+        try:
+            deliveries, sr_uid = self.write_results(study_uid, scored, top)
+        except Exception as err:  # noqa: BLE001 -- recorded on the study (not retried in a loop); a new instance retries
+            reason = err.reason if isinstance(err, MedTriageError) else f"{type(err).__name__}: {err}"
+            log.warning("study %s scored, but no SR could be built: %s", study_uid, reason)
+            self.store.close_study(study_uid, top, f"scored, but no SR could be built: {reason}", None, [], seen,
+                                   state="failed")
+            return
+        if self.store.close_study(study_uid, top, note, sr_uid, deliveries, seen):
+            log.info("study %s: %s (p=%.3f) over %d instance(s)", study_uid, top["priority"], top["probability"], len(scored))
+
+    def write_results(self, study_uid: str, scored: list, top: dict) -> tuple[list[tuple[str, str, str, str]], str]:
+        """The SR (and heatmap) files in the outbox, and the delivery rows they need."""
+        sources = [(read_header(self.store.spooled(row["spool"])),
+                    [as_score(s) for s in scores]) for row, scores in scored]
+        sr_uid = generate_uid()
+        sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid)
+        objects = [("sr", self._to_outbox(study_uid, sr_uid, sr.save_as), sr_uid)]
+        if self.heatmaps:
+            objects += self._heatmap(study_uid, scored, top)
+        return [(kind, destination, name, uid) for kind, name, uid in objects for destination in self.destinations], sr_uid
+
+    def _heatmap(self, study_uid: str, scored: list, top: dict) -> list[tuple[str, str, str]]:
+        from medtriage.serve.node.heatmap import secondary_capture
+
+        row = next(row for row, scores in scored if row["sop_uid"] == top["sop_uid"])
+        try:
+            image = secondary_capture(self.predictor, self.store.spooled(row["spool"]), as_score(top))
+        except MedTriageError as err:  # the SR still goes; the picture is an extra
+            log.warning("no heatmap for study %s: %s", study_uid, err)
+            return []
+        return [("heatmap", self._to_outbox(study_uid, image.SOPInstanceUID, image.save_as), image.SOPInstanceUID)]
+
+    def _to_outbox(self, study_uid: str, sop_uid: str, write) -> str:
+        path = self.store.outbox_path(digest_name(study_uid, sop_uid))
+        write_atomic(path, write)
+        return path.name

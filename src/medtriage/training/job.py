@@ -1,0 +1,147 @@
+"""One training job: config -> pooled data -> MONAI network -> epochs -> checkpoints -> MLflow run.
+
+`run(cfg)` trains and never exports (medtriage.workflows.train_and_export adds that). An epoch =
+train (tqdm bar with loss and images/s) -> validate (overall and per site) -> `last.pt`, and `best.pt` when validation AUC
+improves. A run interrupted after any epoch continues with `trainer.resume=true`, in the same
+MLflow run, from `last.pt`. Under torchrun every rank trains; rank 0 alone tracks and writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from medtriage.config import to_plain_dict
+from medtriage.data.audit import AuditResult, require_clean
+from medtriage.data.manifest import SPLITS
+from medtriage.data.sources.registry import load_pool
+from medtriage.data.torch.datasets import CachedSplit, cache_split
+from medtriage.data.torch.split_cache import persistent_split
+from medtriage.errors import ConfigError
+from medtriage.model.checkpoint import BEST, LAST, final_checkpoint, model_from_config
+from medtriage.training import distributed, tracking
+from medtriage.training.distributed import Ranks
+from medtriage.training.loop import TrainingLoop, TrainState, train_epochs
+from medtriage.training.report import final_metrics, log_final, print_summary
+from medtriage.training.resume import find_resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    best_val_auc: float
+    checkpoint: Path  # the final checkpoint: best.pt, or last.pt with trainer.weights=last
+    output_dir: Path  # folder of the run's checkpoints
+    metrics: dict[str, float] = field(default_factory=dict)  # final val/test metrics, overall and per site
+    interrupted: bool = False  # stopped early by trainer.stop_after_epochs; resumable
+    package: Path | None = None  # exported model package, when a workflow exported it
+
+    @property
+    def finished(self) -> bool:
+        """A complete run this process tracked (rank 0, not interrupted): what may be exported."""
+        return bool(self.run_id) and not self.interrupted
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("CUDA requested but no CUDA device is visible", where="trainer.device", hint="use trainer=cpu or trainer.device=auto")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def seed_everything(trainer, device: torch.device) -> None:
+    random.seed(trainer.seed)
+    np.random.seed(trainer.seed)
+    torch.manual_seed(trainer.seed)
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    if device.type == "cuda":  # CPU kernels used here are deterministic already (and the switch costs seconds)
+        torch.use_deterministic_algorithms(trainer.deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not trainer.deterministic
+
+
+def load_data(cfg: DictConfig, model, ranks: Ranks) -> tuple[object, dict[str, CachedSplit], AuditResult | None]:
+    """The pool, audited for leakage before any training (rank 0 builds and audits, the others wait)."""
+    audit = None
+    if not ranks.is_main:
+        distributed.barrier(ranks)
+    manifest = load_pool(cfg.data)
+    if ranks.is_main:
+        audit = require_clean(manifest, override=cfg.data.allow_audit_failure)
+        print(audit.summary())
+        splits = resized_splits(cfg, manifest, model)  # rank 0 fills the on-disk cache; the others then read it
+        distributed.barrier(ranks)
+    else:
+        splits = resized_splits(cfg, manifest, model)
+    return manifest, splits, audit
+
+
+def resized_splits(cfg: DictConfig, manifest, model) -> dict[str, CachedSplit]:
+    """Every split at the model's input size, from `<pool_dir>/resized` when an earlier run stored it."""
+    build = persistent_split if cfg.data.persistent_cache else cache_split
+    return {s: build(manifest, s, model.preprocess, cfg.data.limit, cfg.trainer.seed) for s in SPLITS}
+
+
+def run(cfg: DictConfig) -> RunResult:
+    """Train one model as `cfg` says, tracked in MLflow; returns where everything landed."""
+    config = to_plain_dict(cfg)
+    ranks, device_choice = distributed.setup(cfg.trainer.device.value)
+    try:
+        return _run(cfg, config, ranks, pick_device(device_choice))
+    finally:
+        distributed.teardown(ranks)
+
+
+def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> RunResult:
+    seed_everything(cfg.trainer, device)
+    model = model_from_config(config)  # an unknown network fails here, before any data work
+    resume_path, resumed = find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name) if cfg.trainer.resume else (None, None)
+    if resumed and resumed["config"]["model"] != config["model"]:
+        raise ConfigError("the model config differs from the checkpoint's", where=resume_path, hint="resume with the same model settings")
+    manifest, splits, audit = load_data(cfg, model, ranks)
+    ckpt_dir = resume_path.parent if resume_path else distributed.broadcast(Path(cfg.paths.output_dir) / "checkpoints", ranks)
+    fit = TrainingLoop(cfg.trainer, cfg.data, model, splits, device, ranks)
+    state = fit.restore(resumed) if resumed else TrainState()
+    if not ranks.is_main:
+        interrupted = train_epochs(fit, state, ckpt_dir, config, None)
+        metrics = {} if interrupted else final_metrics(fit, state, ckpt_dir)[0]
+        return RunResult("", state.best_val_auc, final_checkpoint(ckpt_dir, cfg.trainer.weights), ckpt_dir, metrics, interrupted)
+    run_id = tracking.start_run(cfg, resume_run_id=resumed["mlflow_run_id"] if resumed else None).info.run_id
+    try:
+        if resumed:
+            mlflow.set_tag("resumed_from_epoch", str(state.epoch))
+        else:
+            sizes = {f"n_{s}": len(splits[s]) for s in SPLITS} | {"sites": ",".join(manifest.sites), "world_size": ranks.world_size}
+            tracking.log_run_config(cfg, config, manifest.fingerprint, sizes)
+            mlflow.log_dict(audit.to_dict(), "data_audit.json")
+            mlflow.set_tag("data_audit", "passed" if audit.ok else "failed, overridden by data.allow_audit_failure")
+        print(f"MLflow run {run_id} on {device} x{ranks.world_size}; checkpoints in {ckpt_dir}; "
+              f"open with `{tracking.ui_command(cfg.tracking.uri)}`")
+        interrupted = train_epochs(fit, state, ckpt_dir, config, run_id)
+        if interrupted:
+            mlflow.end_run("KILLED")
+            print(f"stopped after epoch {state.epoch}; continue with trainer.resume=true (checkpoint {ckpt_dir / LAST})")
+            return RunResult(run_id, state.best_val_auc, ckpt_dir / BEST, ckpt_dir, interrupted=True)
+        metrics, predictions = final_metrics(fit, state, ckpt_dir)
+        log_final(metrics, predictions, state, ckpt_dir, cfg.name, cfg.tracking.log_checkpoint, cfg.trainer.weights)
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        print(f"interrupted; continue with trainer.resume=true (checkpoints in {ckpt_dir})")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    result = RunResult(run_id, state.best_val_auc, final_checkpoint(ckpt_dir, cfg.trainer.weights), ckpt_dir, metrics)
+    print_summary(result, cfg.tracking.uri, manifest.sites)
+    return result

@@ -1,0 +1,272 @@
+"""The training loop: `TrainingLoop` holds one run's optimiser, learning-rate schedule, class-imbalance
+handling, seeded loaders, a train epoch with a progress bar, evaluation and checkpoint state;
+`train_epochs` runs epochs until max_epochs or early stopping, checkpointing and tracking each.
+
+Works alone or as one rank of a torchrun job (see medtriage.training.distributed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from medtriage.config.schema import DataConfig, TrainerConfig
+from medtriage.data.torch.datasets import CachedDataset, CachedSplit
+from medtriage.errors import ConfigError
+from medtriage.evaluation.metrics import evaluate
+from medtriage.evaluation.predictions import Predictions
+from medtriage.model.checkpoint import BEST, LAST, save_checkpoint
+from medtriage.model.predict import predict_logits
+from medtriage.optional import optional_import
+from medtriage.training import distributed, tracking
+from medtriage.training.augmentation import BatchAugment, loader_transforms
+from medtriage.training.batch_loader import CachedBatchLoader
+from medtriage.training.distributed import SINGLE_PROCESS, Ranks
+from medtriage.training.ema import WeightEMA
+from medtriage.training.losses import Mixup, make_criterion, mixed_loss, no_mix
+from medtriage.training.optimiser import build_optimizer, build_scheduler, scaled_lr, training_forward
+from medtriage.training.resume import restore_rng_state, rng_state
+from medtriage.training.samplers import SiteStratifiedSampler
+from medtriage.training.throughput import EpochClock
+
+monai_data = optional_import("monai.data")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    best_val_auc: float = -math.inf
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+
+
+class TrainingLoop:
+    """Optimiser, schedule, loss and loaders of one run; `epoch()` trains once over the train split."""
+
+    def __init__(self, trainer: TrainerConfig, data: DataConfig, model: torch.nn.Module, splits: dict[str, CachedSplit],
+                 device: torch.device, ranks: Ranks = SINGLE_PROCESS):
+        """`trainer` and `data` are the config groups of those names (typed dataclasses or their DictConfig)."""
+        self.trainer, self.data, self.device, self.ranks = trainer, data, device, ranks
+        cuda = device.type == "cuda"
+        self.channels_last = cuda and self.trainer.channels_last
+        self.autocast_dtype = torch.bfloat16 if cuda and self.trainer.precision.value == "bf16" else None
+        model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self.model = distributed.wrap(model, ranks, device)
+        self.splits = splits
+        on_device = self.trainer.augment_on.value == "device"
+        self.dataset = CachedDataset(splits["train"], loader_transforms(data.augment, model.preprocess.spec.size, on_device))
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.device_augment = BatchAugment(data.augment, device, self.trainer.seed) if on_device else None
+        self.batch_loader = None  # nothing left to do per image: gather whole batches from the cache
+        if on_device and self.dataset.transform is None:
+            self.batch_loader = CachedBatchLoader(splits["train"], data.batch_size, device, self.drop_last, self.trainer.cache_on_device)
+        self.train_model = training_forward(self.model, self.trainer.compile)
+        lr = scaled_lr(self.trainer, data.batch_size, ranks.world_size)
+        self.optimizer = build_optimizer(model, lr, self.trainer.weight_decay, device)
+        self.scheduler = build_scheduler(self.optimizer, self.trainer, self.steps_per_epoch)
+        self.criterion = make_criterion(self.trainer, self._class_weights().to(device))
+        self.mixup = Mixup.from_config(self.trainer)
+        self.ema = WeightEMA.from_config(self.trainer, model)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What is evaluated, selected and checkpointed: the EMA weights when trainer.ema_decay is set."""
+        return self.ema.module if self.ema else distributed.unwrap(self.model)
+
+    @property
+    def drop_last(self) -> bool:
+        """A last batch of one image breaks batch norm: drop the remainder once there is a full batch."""
+        return self._images_per_rank() >= self.data.batch_size
+
+    def _images_per_rank(self) -> int:
+        return math.ceil(len(self.dataset) / self.ranks.world_size)
+
+    def _steps_per_epoch(self) -> int:
+        batches = self._images_per_rank() / self.data.batch_size
+        steps = max(1, math.floor(batches) if self.drop_last else math.ceil(batches))
+        return min(steps, self.trainer.limit_train_batches or steps)
+
+    def _class_counts(self) -> torch.Tensor:
+        counts = torch.bincount(self.splits["train"].labels, minlength=len(self.data.label_names))
+        if (counts == 0).any():
+            missing = [n for n, c in zip(self.data.label_names, counts.tolist()) if c == 0]
+            raise ConfigError(f"no training images of class {missing}", where="data", hint="raise data.limit or check the pool labels")
+        return counts
+
+    def _class_weights(self) -> torch.Tensor:
+        counts = self._class_counts().float()
+        if self.trainer.imbalance.value != "weighted_loss":
+            return torch.ones_like(counts)
+        return counts.sum() / (len(counts) * counts)
+
+    def loader(self, epoch: int):
+        """A loader whose shuffling and augmentation depend only on (seed, epoch): resumable and repeatable."""
+        generator = torch.Generator().manual_seed(self.trainer.seed * 100_003 + epoch)
+        sampler = None
+        if self.data.site_stratified:
+            sampler = self._site_stratified_sampler(epoch)
+        elif self.ranks.enabled:
+            if self.trainer.imbalance.value == "sampler":
+                raise ConfigError("class-balanced sampling is not available with several processes", where="trainer.imbalance",
+                                  hint="use trainer.imbalance=weighted_loss under torchrun")
+            sampler = DistributedSampler(self.dataset, self.ranks.world_size, self.ranks.rank, shuffle=True,
+                                         seed=self.trainer.seed, drop_last=False)
+            sampler.set_epoch(epoch)
+        elif self.trainer.imbalance.value == "sampler":
+            weights = (1.0 / self._class_counts().float())[self.splits["train"].labels]
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
+        if self.batch_loader is not None:
+            order = list(sampler) if sampler is not None else torch.randperm(len(self.dataset), generator=generator)
+            return self.batch_loader.batches(order)
+        loader_class = monai_data.ThreadDataLoader if self.trainer.loader.value == "thread" else monai_data.DataLoader
+        return loader_class(
+            self.dataset, batch_size=self.data.batch_size, shuffle=sampler is None, sampler=sampler,
+            generator=generator, num_workers=self.data.num_workers, drop_last=self.drop_last,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _site_stratified_sampler(self, epoch: int) -> SiteStratifiedSampler:
+        if self.trainer.imbalance.value == "sampler":
+            raise ConfigError("site-stratified batches and class-balanced sampling exclude each other", where="data.site_stratified",
+                              hint="use trainer.imbalance=weighted_loss with data.site_stratified=true")
+        sampler = SiteStratifiedSampler(self.splits["train"].sites, self.ranks.world_size, self.ranks.rank, self.trainer.seed)
+        sampler.set_epoch(epoch)
+        return sampler
+
+    def epoch(self, epoch: int, state: TrainState) -> dict[str, float]:
+        """Train once over the training split; returns loss, throughput and learning rate."""
+        self.model.train()
+        if self.mixup:
+            self.mixup.start_epoch(epoch)
+        if self.device_augment:
+            self.device_augment.reseed(epoch)
+        total_loss, seen, started, clock = 0.0, 0, time.perf_counter(), EpochClock(self.device)
+        bar = tqdm(self.loader(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.trainer.max_epochs}",
+                   unit="batch", disable=not self.ranks.is_main)
+        for step, (images, labels) in enumerate(bar):
+            if step >= self.steps_per_epoch:
+                break
+            clock.step_begins()
+            loss = self.train_step(images, labels)
+            clock.step_ends(len(labels))
+            state.global_step += 1
+            total_loss += loss * len(labels)  # a device tensor: reading it every step would stall the GPU
+            seen += len(labels)
+            if step % 10 == 0 or step + 1 == self.steps_per_epoch:
+                bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        bar.close()
+        total_loss = float(total_loss)
+        elapsed = time.perf_counter() - started
+        total_loss, seen = distributed.sum_over_ranks([total_loss, seen], self.ranks)
+        distributed.sync_buffers(self.model, self.ranks)
+        return {**clock.summary(), "train/loss": total_loss / max(seen, 1), "train/images_per_s": seen / elapsed,
+                "train/epoch_s": elapsed, "train/lr": self.scheduler.get_last_lr()[0]}
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on a batch from `loader` (device augmentation, autocast, EMA included); the loss."""
+        images = images.to(self.device, non_blocking=True)
+        if self.device_augment:
+            images = self.device_augment(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            batch = self.mixup(images, labels) if self.mixup else no_mix(images, labels)
+            logits = self.train_model(batch.images)
+        loss = mixed_loss(self.criterion, logits.float(), batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update(distributed.unwrap(self.model))
+        return loss.detach()
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        predictions = self.predict(split)
+        return evaluate(predictions.logits, predictions.labels, predictions.sites, split)
+
+    def predict(self, split: str) -> Predictions:
+        """Each rank predicts its shard; the gathered predictions are the same on every rank."""
+        data = self.splits[split]
+        mine = distributed.shard(len(data), self.ranks)
+        logits = predict_logits(self.eval_model, data.images[mine], self.trainer.eval_batch_size,
+                                self.device, autocast_dtype=self.autocast_dtype, channels_last=self.channels_last)
+        parts = [logits, data.labels.numpy()[mine], data.sites[mine], data.row_indices[mine]]
+        return Predictions(*distributed.gather_concat(parts, self.ranks))
+
+    def checkpoint(self, state: TrainState, config: dict, run_id: str) -> dict:
+        return {
+            "model": self.eval_model.state_dict(), "config": config, **self._ema_state(), "epoch": state.epoch,
+            "global_step": state.global_step, "best_val_auc": state.best_val_auc, "best_epoch": state.best_epoch,
+            "epochs_since_best": state.epochs_since_best, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "mlflow_run_id": run_id,
+        }
+
+    def _ema_state(self) -> dict:
+        """With EMA, `model` holds the averaged weights; the raw ones are kept to resume training."""
+        if not self.ema:
+            return {}
+        return {"train_model": distributed.unwrap(self.model).state_dict(), "ema_updates": self.ema.updates}
+
+    def restore(self, checkpoint: dict) -> TrainState:
+        distributed.unwrap(self.model).load_state_dict(checkpoint.get("train_model", checkpoint["model"]))
+        if self.ema:
+            self.ema.module.load_state_dict(checkpoint["model"])
+            self.ema.updates = checkpoint.get("ema_updates", 0)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_rng_state(checkpoint["rng"])
+        return TrainState(checkpoint["epoch"], checkpoint["global_step"], checkpoint["best_val_auc"],
+                          checkpoint["best_epoch"], checkpoint["epochs_since_best"])
+
+
+# --- epochs ------------------------------------------------------------------------------------
+
+
+def selection_score(metrics: dict[str, float]) -> float:
+    """Validation AUC; accuracy only when AUC is undefined (a single class in a tiny validation set)."""
+    if "val/auc" not in metrics:
+        log.warning("validation AUC undefined (one class only): selecting the best epoch by accuracy")
+    return metrics.get("val/auc", metrics["val/acc"])
+
+
+def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: dict, run_id: str | None) -> bool:
+    """Epochs until max_epochs or early stopping; True when stopped by trainer.stop_after_epochs."""
+    trainer, done_here = fit.trainer, 0
+    while state.epoch < trainer.max_epochs:
+        epoch = state.epoch + 1
+        metrics = fit.epoch(epoch, state)
+        metrics.update(fit.evaluate("val"))
+        state.epoch = epoch
+        score = selection_score(metrics)
+        improved = score > state.best_val_auc
+        if improved:
+            state.best_val_auc, state.best_epoch, state.epochs_since_best = score, epoch, 0
+        else:
+            state.epochs_since_best += 1
+        if fit.ranks.is_main:
+            tracking.log_metrics({**metrics, "best_val_auc": state.best_val_auc}, step=epoch)
+            save_checkpoint(ckpt_dir / LAST, **fit.checkpoint(state, config, run_id))
+            if improved:
+                shutil.copyfile(ckpt_dir / LAST, ckpt_dir / BEST)
+            log.info("epoch %d: loss %.4f, val AUC %.4f (best %.4f @ %d), %.0f img/s", epoch, metrics["train/loss"],
+                     metrics.get("val/auc", float("nan")), state.best_val_auc, state.best_epoch, metrics["train/images_per_s"])
+        done_here += 1
+        if trainer.early_stopping_patience and state.epochs_since_best >= trainer.early_stopping_patience:
+            log.info("early stopping: no better validation AUC for %d epochs", state.epochs_since_best)
+            break
+        if trainer.stop_after_epochs and done_here >= trainer.stop_after_epochs and state.epoch < trainer.max_epochs:
+            return True
+    return False

@@ -1,0 +1,59 @@
+"""Continuing an interrupted run: the random state saved in a checkpoint, and which checkpoint to continue."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medtriage.errors import DataNotFoundError
+from medtriage.model.checkpoint import LAST, read_checkpoint
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": _python_state_to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_lists(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experiment: str) -> tuple[Path, dict]:
+    """(path, contents) of the checkpoint to continue: trainer.resume_from, else this experiment's newest last.pt."""
+    if resume_from:
+        given = Path(resume_from)
+        candidates = [given, given / "checkpoints" / LAST, given / LAST] if given.is_dir() else [given]
+        looked = str(given)
+    else:
+        experiment_dir = Path(runs_dir) / experiment
+        candidates = sorted(experiment_dir.glob(f"**/checkpoints/{LAST}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        looked = f"{experiment_dir}/**/checkpoints/{LAST}"
+    for path in candidates:
+        if path.is_file():
+            return path, read_checkpoint(path)
+    raise DataNotFoundError(
+        "trainer.resume=true but there is no checkpoint to resume", where=looked,
+        hint="start a new run without trainer.resume, or set trainer.resume_from=<run folder or last.pt>",
+    )

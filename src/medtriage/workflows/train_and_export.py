@@ -1,0 +1,18 @@
+"""The job behind `python scripts/train.py`: train one model, then export its best checkpoint as a package."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from medtriage import training
+from medtriage.export.run import export_run
+from medtriage.training.job import RunResult
+
+
+def train_and_export(cfg: DictConfig) -> RunResult:
+    """Train as `cfg` says; when `export.enabled` and the run finished, export it and log the package to the run."""
+    result = training.run(cfg)
+    if cfg.export.enabled and result.finished:
+        result.package = export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg)
+        print(f"model package: {result.package}")
+    return result

@@ -1,0 +1,103 @@
+"""INT8 packages: real ONNX Runtime static quantisation of the session's tiny package, calibrated on real
+validation images (npz split or DICOM files), checked through the served path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from pydicom.data import get_testdata_file
+
+from medtriage.errors import ConfigError
+from medtriage.export.quantize import quantize_package, served_probabilities
+from medtriage.serve.npz import read_npz_split
+from medtriage.serve.package import load_package
+from medtriage.serve.predictor import Predictor
+from tests.export.tiny_package import NPZ, shared_safe_package, shared_tiny_package
+
+CALIBRATION_IMAGES = 64
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tmp_path_factory) -> Path:
+    return shared_tiny_package(tmp_path_factory)[0].package_dir
+
+
+@pytest.fixture(scope="module")
+def int8_dir(fp32_dir, tmp_path_factory) -> Path:
+    return quantize_package(fp32_dir, NPZ, tmp_path_factory.mktemp("int8") / "tiny-int8", limit=CALIBRATION_IMAGES)
+
+
+def test_int8_package_is_a_new_verified_version_with_its_parity(fp32_dir, int8_dir):
+    fp32, int8 = load_package(fp32_dir), load_package(int8_dir)  # load_package checks schema and sha256
+    assert int8.meta["precision"] == "int8" and int8.version == fp32.version + 1 and int8.name == fp32.name
+    block = int8.meta["quantization"]
+    assert block["source"] == fp32.identity() and "[val]" in block["calibration"]
+    parity = block["parity"]
+    assert parity["images"] == CALIBRATION_IMAGES and 0 < parity["max_abs_diff"] < 0.1
+    assert abs(parity["auc_fp32"] - parity["auc_int8"]) < 0.02
+    assert "## Precision: int8" in (int8_dir / "MODEL_CARD.md").read_text()
+
+
+def test_only_the_network_is_quantised(int8_dir):
+    graph = onnx.load(str(int8_dir / "model.onnx")).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(producers[n.input[0]].op_type == "DequantizeLinear" for n in convs)
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= len(convs)
+    resize = next(n for n in graph.node if n.op_type == "Resize")
+    assert producers.get(resize.input[0]) is None or producers[resize.input[0]].op_type != "DequantizeLinear"
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_int8_scores_held_out_images_like_fp32(fp32_dir, int8_dir):
+    pixels, _ = read_npz_split(NPZ, "test")
+    images = [p[None] for p in pixels[:128]]
+    p32 = served_probabilities(Predictor(load_package(fp32_dir)), images)
+    p8 = served_probabilities(Predictor(load_package(int8_dir)), images)
+    assert np.abs(p8 - p32).max() < 0.1 and not np.array_equal(p8, p32)
+
+
+def test_calibration_from_a_dicom_folder_skips_what_does_not_decode(fp32_dir, tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"):
+        shutil.copy(get_testdata_file(name), folder / name)
+    out = quantize_package(fp32_dir, folder, tmp_path / "int8")
+    block = load_package(out).meta["quantization"]
+    assert block["calibration"] == "2 DICOM files from val/ (1 skipped: not decodable)" and "auc_int8" not in block["parity"]
+
+
+def test_refuses_unknown_nodes_and_packages_already_int8(fp32_dir, int8_dir, tmp_path):
+    with pytest.raises(ConfigError, match="no node named"):
+        quantize_package(fp32_dir, NPZ, tmp_path / "x", limit=8, exclude=["no-such-node"])
+    with pytest.raises(ConfigError, match="already int8"):
+        quantize_package(int8_dir, NPZ, tmp_path / "y", limit=8)
+
+
+def test_quantize_command_runs_without_torch(fp32_dir, tmp_path):
+    code = ("import argparse, sys; from medtriage.export.quantize import register; parser = argparse.ArgumentParser(); "
+            "register(parser.add_subparsers()); args = parser.parse_args(sys.argv[1:]); rc = args.func(args); "
+            "print('heavy', [m for m in ('torch', 'monai', 'mlflow', 'hydra') if m in sys.modules]); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "quantize", str(fp32_dir), "--calibration", str(NPZ), "--images", "16",
+                           "--out", str(tmp_path / "int8")], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("heavy []")
+    assert json.loads((tmp_path / "int8" / "model.json").read_text())["precision"] == "int8"
+
+
+def test_a_package_with_an_ood_output_keeps_it_and_reports_its_drift(tmp_path_factory, tmp_path):
+    safe_dir = shared_safe_package(tmp_path_factory)[0].package_dir
+    int8 = load_package(quantize_package(safe_dir, NPZ, tmp_path / "int8", limit=32))
+    assert int8.ood_output and int8.ood_threshold == load_package(safe_dir).ood_threshold
+    parity = int8.meta["quantization"]["parity"]  # the OOD score comes from quantised features: its change is on record
+    assert parity["ood_max_abs_diff"] > 0 and 0 <= parity["ood_flag_changes"] <= parity["images"]
+    probs, ood = Predictor(int8).outputs(read_npz_split(NPZ, "test")[0][:4])
+    assert probs.shape == (4, 2) and ood.shape == (4,)

@@ -1,0 +1,84 @@
+"""What export writes for safety: a scope from the pool's real headers, calibration chosen on held-out folds,
+drift references with a threshold that unshifted windows pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from medtriage.evaluation.calibration import expected_calibration_error, probabilities
+from medtriage.export.safety import choose_calibration, ece_with_interval, scope_from_rows
+from medtriage.format import schema_errors
+from medtriage.format.references import drift_block, psi
+from medtriage.format.schema import MODEL_SCHEMA
+from medtriage.io.dicom import read_dicom
+from medtriage.serve.scope import first_failure, header_facts
+
+
+@pytest.fixture(scope="module")
+def site_pool(tmp_path_factory):
+    from medtriage.data.pool import build_sites_pool
+    from medtriage.data.simulate.sites import make_sites
+
+    root = tmp_path_factory.mktemp("pool")
+    make_sites(out_dir=root / "sites", limit=40, seed=1)
+    return root / "sites", build_sites_pool(root / "sites", root / "pool", verbose=False)
+
+
+def test_scope_comes_from_the_training_headers(site_pool):
+    sites_dir, manifest = site_pool
+    scope = scope_from_rows(manifest.split("train"))
+    assert scope["modalities"] == ["CR", "DX"]
+    assert scope["sop_classes"] == ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1"]
+    assert scope["photometric"] == ["MONOCHROME1", "MONOCHROME2"]
+    assert (scope["body_parts"], scope["view_positions"], scope["channels"]) == (["CHEST"], ["AP"], [1])
+    assert scope["bits_stored"] == [8, 16] and scope["min_rows"] == scope["min_columns"] == 64
+    assert scope["pixel_spacing_mm"] == [pytest.approx(0.15 / 2), pytest.approx(0.3 * 2)]
+    assert schema_errors(scope, MODEL_SCHEMA["properties"]["scope"]) == []
+    for path in manifest.split("test")["path"]:
+        assert first_failure(scope, header_facts(read_dicom(sites_dir / path))) is None
+    assert first_failure(scope, header_facts(read_dicom(get_testdata_file("CT_small.dcm")))).field == "modality"
+
+
+def test_an_npz_pool_has_no_header_scope():
+    import pandas as pd
+
+    assert scope_from_rows(pd.DataFrame({"site": ["a"], "channels": [1]})) is None
+
+
+def test_temperature_is_kept_only_where_it_helps():
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 2, 2000)
+    labels = (rng.random(2000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    calibrated = np.stack([-true_logit / 2, true_logit / 2], axis=1)  # softmax = the true probability
+    assert choose_calibration(calibrated, labels, 15)["method"] == "none"
+    overconfident = calibrated * 4
+    chosen = choose_calibration(overconfident, labels, 15)
+    assert chosen["method"] == "temperature" and 3 < chosen["temperature"] < 5
+    assert chosen["selection"]["cv_ece"]["temperature"] < chosen["selection"]["cv_ece"]["none"]
+    assert chosen["ece_after"] < chosen["ece_before"]
+    assert choose_calibration(overconfident, labels, 15, allowed=False)["method"] == "none"
+
+
+def test_ece_interval_covers_the_estimate():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (500, 2))
+    labels = rng.integers(0, 2, 500)
+    result = ece_with_interval(probabilities(logits), labels, 15, resamples=200)
+    assert result["ci"][0] <= result["ece"] <= result["ci"][1]
+    assert result["ece"] == pytest.approx(expected_calibration_error(probabilities(logits), labels, 15))
+
+
+def test_drift_references_and_threshold():
+    rng = np.random.default_rng(2)
+    values = rng.normal(0.5, 0.1, 600)
+    sites = np.array(["a"] * 560 + ["b"] * 40)
+    block = drift_block({"input_mean": values}, sites)
+    assert schema_errors(block, MODEL_SCHEMA["properties"]["drift"]) == []
+    assert set(block["reference"]["per_site"]) == {"a"}  # too few images for b's own histogram
+    assert block["psi_threshold"] >= 0.25
+    reference = block["reference"]["all"]["input_mean"]
+    unshifted = [psi(reference, rng.normal(0.5, 0.1, 100)) for _ in range(200)]
+    assert np.mean(np.array(unshifted) > block["psi_threshold"]) <= 0.03
+    assert psi(reference, rng.normal(0.6, 0.1, 100)) > block["psi_threshold"]

@@ -1,0 +1,90 @@
+"""kill -9 in the middle of an ingest: no partial file in the pool, and a rerun ends with the same pool as
+an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from medtriage.io.deid import SiteKey
+from medtriage.io.ingest import INDEX_FILE, ingest_site, ledger_folder
+from tests.io.phi_site import build_phi_site
+
+SECRET = b"test-site-secret-0123456789abcdef"
+# Runs ingest in a child that SIGKILLs itself half-way through writing its third pooled file.
+KILLED_INGEST = textwrap.dedent(f"""
+    import os, signal, sys
+    from pathlib import Path
+    import medtriage.io.ingest as ingest
+    from medtriage.io.deid import SiteKey
+
+    real, writes = ingest.write_atomic, []
+
+    def dying_write(path, data):
+        if Path(path).suffix == ".dcm" and len(writes) == 2:
+            partial = Path(path).with_name("." + Path(path).name + ".0.partial")
+            partial.write_bytes(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        writes.append(path)
+        return real(path, data)
+
+    ingest.write_atomic = dying_write
+    src, pool, quarantine = sys.argv[1:4]
+    ingest.ingest_site("site_a", src, pool, key=SiteKey({SECRET!r}), quarantine=quarantine, progress=False)
+""")
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _rows(path: Path) -> list[dict]:
+    """A ledger's rows without the run that wrote them (which differs by design)."""
+    with open(path, newline="") as f:
+        return sorted(({k: v for k, v in row.items() if k != "run"} for row in csv.DictReader(f)),
+                      key=lambda row: row["content_key"])
+
+
+def test_killed_ingest_leaves_no_partial_file_and_a_rerun_completes_the_same_pool(tmp_path):
+    build_phi_site(tmp_path / "site")
+    key = SiteKey(SECRET)
+    ingest_site("site_a", tmp_path / "site", tmp_path / "whole", key=key, quarantine=tmp_path / "q-whole", progress=False)
+
+    killed = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(tmp_path / "site"), str(tmp_path / "pool"),
+                             str(tmp_path / "q")], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    site_dir = tmp_path / "pool" / "site_a"
+    pooled = [p.name for p in site_dir.iterdir() if not p.name.startswith(".")]
+    assert len([n for n in pooled if n.endswith(".dcm")]) == 2  # the kill came during the third
+    assert [p.name for p in site_dir.glob(".*.partial")]  # what a kill leaves, under a hidden temporary name only
+
+    summary = ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=key, quarantine=tmp_path / "q", progress=False)
+    assert summary.pooled == 5 and not list(site_dir.glob(".*"))
+    assert _tree(site_dir) == _tree(tmp_path / "whole" / "site_a")
+    assert _rows(ledger_folder(tmp_path / "pool", "site_a") / INDEX_FILE) == _rows(ledger_folder(tmp_path / "whole", "site_a") / INDEX_FILE)
+    quarantined, whole = _tree(tmp_path / "q"), _tree(tmp_path / "q-whole")
+    assert quarantined.pop("quarantine.csv") and whole.pop("quarantine.csv") and quarantined == whole
+    assert _rows(tmp_path / "q" / "quarantine.csv") == _rows(tmp_path / "q-whole" / "quarantine.csv")
+
+
+def test_a_row_torn_by_a_kill_is_dropped_and_its_input_processed_again(tmp_path):
+    build_phi_site(tmp_path / "site")
+    key = SiteKey(SECRET)
+    ingest_site("site_a", tmp_path / "site", tmp_path / "whole", key=key, quarantine=tmp_path / "q-whole", progress=False)
+    pool = tmp_path / "pool"
+    ingest_site("site_a", tmp_path / "site", pool, key=key, quarantine=tmp_path / "q", progress=False)
+    index = ledger_folder(pool, "site_a") / INDEX_FILE
+    lines = index.read_text().splitlines(keepends=True)
+    at = max(i for i, line in enumerate(lines) if ",pooled," in line)  # the kill came while writing this row
+    pooled_name = lines[at].split(",")[9]
+    index.write_text("".join(lines[:at]) + lines[at][: len(lines[at]) // 2])
+    (pool / "site_a" / pooled_name).unlink()  # and its file, as if the rename had not happened either
+    summary = ingest_site("site_a", tmp_path / "site", pool, key=key, quarantine=tmp_path / "q", progress=False)
+    assert summary.pooled == 5 and index.read_text().endswith("\n")
+    assert _tree(pool / "site_a") == _tree(tmp_path / "whole" / "site_a")
+    assert _rows(index) == _rows(ledger_folder(tmp_path / "whole", "site_a") / INDEX_FILE)

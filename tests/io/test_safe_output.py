@@ -1,0 +1,51 @@
+"""Output names from header values stay inside the output folder; atomic writes leave no half file."""
+
+import os
+
+import pytest
+
+from medtriage.errors import InputError
+from medtriage.io.safe_output import inside, output_path, remove_partials, safe_component, write_atomic
+
+
+@pytest.mark.parametrize("value", ["../../escaped", "..", ".", "/etc/passwd", "a/../../b", "..\\..\\win", "\0x", "", None,
+                                   "C:\\x", "~root", ".hidden", "x" * 500])
+def test_hostile_header_values_become_one_harmless_component(tmp_path, value):
+    out = tmp_path / "out"
+    path = output_path(out, value, ".SR.dcm", source="a")
+    assert path.parent == out.resolve() and not path.name.startswith(".")
+    assert set(path.name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def test_a_uid_keeps_its_look_and_sources_keep_their_names_apart(tmp_path):
+    uid = "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+    first, second = output_path(tmp_path, uid, ".SR.dcm", source="/a/1.dcm"), output_path(tmp_path, uid, ".SR.dcm", source="/a/2.dcm")
+    assert first.name.startswith(uid + ".") and first != second
+    assert output_path(tmp_path, uid, ".SR.dcm", source="/a/1.dcm") == first  # a rerun lands on the same name
+    assert output_path(tmp_path, "a/b", ".png", source=1) != output_path(tmp_path, "a_b", ".png", source=2)
+    assert safe_component("../../escaped") == "escaped"
+
+
+def test_a_link_or_a_bad_suffix_cannot_lead_out(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(tmp_path, out / "link")
+    with pytest.raises(InputError, match="leave the output folder"):
+        inside(out, "link/x")
+    with pytest.raises(ValueError):
+        output_path(out, "x", "/../../y")
+
+
+def test_write_atomic_replaces_whole_and_cleans_up_after_a_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    write_atomic(target, b"old")
+
+    def half_then_crash(f):
+        f.write(b"new but incomplete")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(target, half_then_crash)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+    (tmp_path / ".f.bin.123.partial").write_bytes(b"left by a killed writer")
+    assert remove_partials(tmp_path) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]

@@ -1,0 +1,72 @@
+"""The node's durable queue on its own (no network), and its torch-free import."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from medtriage.errors import ConfigError
+from medtriage.serve.node.sender import Peer, backoff
+from medtriage.serve.node.store import NodeStore
+from tests.serve.node.peers import cr_study
+
+FIELDS = {"patient_id": "P", "accession": "A", "study_date": "", "study_description": "", "modality": "CR"}
+
+
+def receive(store: NodeStore, path, sop: str, study: str) -> bool:
+    return store.receive(path.read_bytes(), sop, study, "1.2.3", "1.2.840.10008.5.1.4.1.1.1", FIELDS)
+
+
+def test_an_instance_is_spooled_under_a_digest_name_and_kept_once(tmp_path):
+    (path,) = cr_study(tmp_path / "in", 1, seed=1)
+    store = NodeStore(tmp_path / "state")
+    hostile = "../../etc/passwd"  # a header value never becomes a path
+    assert receive(store, path, hostile, "9.9") and not receive(store, path, hostile, "9.9")
+    (spooled,) = (tmp_path / "state" / "spool").iterdir()
+    assert spooled.read_bytes() == path.read_bytes() and ".." not in spooled.name and len(spooled.name) == 44
+    assert [i.sop_uid for i in store.unscored()] == [hostile]
+    store.close()
+    reopened = NodeStore(tmp_path / "state")  # a restart finds the queued instance again
+    assert [i.spool for i in reopened.unscored()] == [spooled]
+
+
+def test_a_study_is_not_closed_when_an_instance_arrived_meanwhile(tmp_path):
+    first, second = cr_study(tmp_path / "in", 2, seed=2)
+    store = NodeStore(tmp_path / "state")
+    receive(store, first, "1.1", "5.5")
+    store.set_rejected("1.1", "truncated pixel data")
+    seen = time.time() - 5  # the worker looked before the next instance came
+    assert not store.close_study("5.5", None, "truncated", None, [], seen)
+    assert store.close_study("5.5", None, "truncated", None, [], time.time())
+    assert store.counts()["studies"] == {"not_analysed": 1}
+    receive(store, second, "1.2", "5.5")  # a late instance reopens the study
+    assert store.counts()["studies"] == {"receiving": 1}
+
+
+def test_destinations_and_backoff():
+    assert str(Peer.parse("ORTHANC@pacs.example.org:4242")) == "ORTHANC@pacs.example.org:4242"
+    for bad in ("ORTHANC@pacs", "pacs:4242", "A@h:99999", "TOO-LONG-AE-TITLE-X@h:1"):
+        with pytest.raises(ConfigError):
+            Peer.parse(bad)
+    assert [backoff(n, 60) for n in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_the_node_imports_without_torch(run_without_training_stack):
+    out = run_without_training_stack("""
+        import sys
+        import medtriage.serve.node.cli, medtriage.serve.node.node, medtriage.serve.node.heatmap, medtriage.serve.worklist
+        print(sorted(m for m in sys.modules if m.split(".")[0] in Blocker.blocked))
+        """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_only_the_node_itself_clears_half_written_spool_files(tmp_path):
+    NodeStore(tmp_path / "state").close()
+    leftover = tmp_path / "state" / "spool" / ".abc.dcm.x.partial"
+    leftover.write_bytes(b"half")
+    NodeStore(tmp_path / "state").close()  # a reader (the worklist) leaves it: a running node may be writing it
+    assert leftover.exists()
+    NodeStore(tmp_path / "state", recover=True).close()  # the node at start: a killed writer left it
+    assert not leftover.exists()

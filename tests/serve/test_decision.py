@@ -1,0 +1,46 @@
+"""A score says how it relates to the operating points, in the CLI table, the JSON and the DICOM SR."""
+
+from __future__ import annotations
+
+import pydicom
+from pydicom.data import get_testdata_file
+
+from medtriage.cli import main
+from medtriage.serve.dicom_results import build_sr, read_header
+from medtriage.serve.package import load_package
+from medtriage.serve.predictor import Predictor
+
+FILES = [get_testdata_file(n) for n in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb.dcm")]
+
+
+def expected_decision(p: float, review: float, urgent: float | None) -> str:
+    if urgent is not None and p >= urgent:
+        return f"at or above urgent threshold {urgent:.3f}"
+    return f"at or above review threshold {review:.3f}" if p >= review else f"below review threshold {review:.3f}"
+
+
+def test_decision_matches_probability_and_thresholds(package_dir):
+    predictor = Predictor(load_package(package_dir), threads=1)
+    package = predictor.package
+    for path in FILES:
+        for score in predictor.score_file(path):
+            assert score.decision == expected_decision(score.probability, package.review_threshold, package.urgent_threshold)
+            below = score.probability < package.review_threshold
+            assert below == (score.finding != package.positive_label) == (score.priority == "routine")
+
+
+def test_table_and_sr_show_the_decision(package_dir, capsys):
+    predictor = Predictor(load_package(package_dir), threads=1)
+    (score,) = predictor.score_file(FILES[0])
+    assert main(["score", str(package_dir), FILES[0]]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert score.decision in row
+    sr = build_sr(read_header(FILES[0]), [score], predictor.package)
+    meanings = {item.ConceptCodeSequence[0].CodeMeaning for item in _items(sr) if "ConceptCodeSequence" in item}
+    assert score.decision in meanings
+
+
+def _items(ds: pydicom.Dataset):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
