@@ -20,8 +20,9 @@ demo: setup
 	$(BIN)/python scripts/train.py experiment=pneumonia_sites
 	$(BIN)/medtriage score models/pneumonia-sites-r18 $$($(BIN)/python scripts/pick_files.py data/pool/pneumonia_sites)
 
-# Lint (ruff), import contracts (import-linter, [tool.importlinter] in pyproject.toml), then the suite.
+# Lint and format (ruff), import contracts (import-linter, [tool.importlinter] in pyproject.toml), then the suite.
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

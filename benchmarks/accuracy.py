@@ -75,8 +75,16 @@ def train(experiment: str, seed: int, overrides: list[str], out_dir: Path):
 
     name = compose_train_config([f"experiment={experiment}"]).export.name
     # Seeds are packaged only when chosen (ensemble or best run): an ONNX export costs minutes on 2 cores.
-    cfg = compose_train_config([f"experiment={experiment}", f"trainer.seed={seed}", f"export.name={name}-seed{seed}",
-                                "export.enabled=false", f"paths.output_dir={out_dir / experiment / f'seed{seed}'}", *overrides])
+    cfg = compose_train_config(
+        [
+            f"experiment={experiment}",
+            f"trainer.seed={seed}",
+            f"export.name={name}-seed{seed}",
+            "export.enabled=false",
+            f"paths.output_dir={out_dir / experiment / f'seed{seed}'}",
+            *overrides,
+        ]
+    )
     return medtriage.training.run(cfg)
 
 
@@ -175,8 +183,9 @@ def served_test_auc(package: Path, root: Path) -> tuple[float, int]:
 
 def loso_job_config(site: str, overrides: list[str], out_dir: Path):
     """One job of the sweep: `site` held out; its outputs under `out_dir/<site>` (no Hydra job folder here)."""
-    return compose_train_config([f"experiment={LOSO_EXPERIMENT}", f"data.holdout_site={site}", *overrides,
-                                 f"paths.output_dir={out_dir / site}"])
+    return compose_train_config(
+        [f"experiment={LOSO_EXPERIMENT}", f"data.holdout_site={site}", *overrides, f"paths.output_dir={out_dir / site}"]
+    )
 
 
 def loso_sites() -> list[str]:
@@ -196,8 +205,9 @@ def run_loso(overrides: list[str], uri: str, out_dir: Path) -> dict:
 
     first = compose_train_config([f"experiment={LOSO_EXPERIMENT}", *overrides])
     client = MlflowClient(uri)
-    parent = client.create_run(experiment_id(uri, first.tracking.experiment_name), run_name=f"{first.name}-sweep",
-                               tags={"sweep": "true"}).info.run_id
+    parent = client.create_run(
+        experiment_id(uri, first.tracking.experiment_name), run_name=f"{first.name}-sweep", tags={"sweep": "true"}
+    ).info.run_id
     os.environ[PARENT_RUN_ENV] = parent
     try:
         for site in loso_sites():
@@ -206,8 +216,12 @@ def run_loso(overrides: list[str], uri: str, out_dir: Path) -> dict:
         os.environ.pop(PARENT_RUN_ENV, None)
     per_site = log_worst_site(client, parent)
     client.set_terminated(parent, "FINISHED")
-    return {"parent_run_id": parent, "per_site": per_site, "worst": min(per_site.values()),
-            "command": " ".join([f"python scripts/train.py -m experiment={LOSO_EXPERIMENT}", *overrides])}
+    return {
+        "parent_run_id": parent,
+        "per_site": per_site,
+        "worst": min(per_site.values()),
+        "command": " ".join([f"python scripts/train.py -m experiment={LOSO_EXPERIMENT}", *overrides]),
+    }
 
 
 # Leave-one-site-out with and without per-image intensity harmonisation (the sites window their images differently).
@@ -233,9 +247,13 @@ def ensure_site_pool(root: Path) -> None:
 def run_loso_comparison(overrides: list[str], root: Path, uri: str, out_dir: Path, seeds: tuple[int, ...] = LOSO_SEEDS) -> dict:
     """variant -> one `run_loso` result per seed."""
     ensure_site_pool(root)
-    return {variant: [{**run_loso([*extra, f"trainer.seed={seed}", *overrides], uri, out_dir / f"loso_{variant}_seed{seed}"),
-                       "seed": seed} for seed in seeds]
-            for variant, extra in LOSO_VARIANTS.items()}
+    return {
+        variant: [
+            {**run_loso([*extra, f"trainer.seed={seed}", *overrides], uri, out_dir / f"loso_{variant}_seed{seed}"), "seed": seed}
+            for seed in seeds
+        ]
+        for variant, extra in LOSO_VARIANTS.items()
+    }
 
 
 def run_benchmark(quick: bool = False, threads: int = 1, recipes: tuple[Recipe, ...] = RECIPES, loso: bool = True) -> dict:
@@ -252,14 +270,29 @@ def run_benchmark(quick: bool = False, threads: int = 1, recipes: tuple[Recipe, 
     if not best.packages:
         package_best_run(best, best_index)
     served_auc, served_n = served_test_auc(best.packages[best_index], root)
-    proof = {"row": best.label, "package": str(best.packages[best_index].relative_to(root)), "served_test_auc": served_auc,
-             "torch_test_auc": best.assessments[best_index]["test_auc"], "images": served_n, "run_id": best.run_ids[best_index],
-             "index": best_index}
+    proof = {
+        "row": best.label,
+        "package": str(best.packages[best_index].relative_to(root)),
+        "served_test_auc": served_auc,
+        "torch_test_auc": best.assessments[best_index]["test_auc"],
+        "images": served_n,
+        "run_id": best.run_ids[best_index],
+        "index": best_index,
+    }
     mlflow.MlflowClient().log_metric(proof["run_id"], "bench/served_test_auc", served_auc)
     loso_overrides = [f"trainer.num_threads={threads}", *(QUICK if quick else [])]
     loso_result = run_loso_comparison(loso_overrides, root, uri, out_dir, LOSO_SEEDS[:1] if quick else LOSO_SEEDS) if loso else None
-    return {"rows": rows, "proof": proof, "loso": loso_result, "wall_s": time.perf_counter() - started,
-            "quick": quick, "threads": threads, "uri": uri, "root": root, "device": _device_words()}
+    return {
+        "rows": rows,
+        "proof": proof,
+        "loso": loso_result,
+        "wall_s": time.perf_counter() - started,
+        "quick": quick,
+        "threads": threads,
+        "uri": uri,
+        "root": root,
+        "device": _device_words(),
+    }
 
 
 def _device_words() -> str:
@@ -272,11 +305,18 @@ def _device_words() -> str:
 
 SECTION = "## Accuracy"
 # MedMNIST v2 paper, PneumoniaMNIST test split (as copied in ../shared/data/README.md).
-PUBLISHED = (("ResNet-18 (28)", 0.944, 0.854), ("ResNet-18 (224)", 0.956, 0.864), ("ResNet-50 (28)", 0.948, 0.854),
-             ("ResNet-50 (224)", 0.962, 0.884), ("auto-sklearn", 0.942, 0.855), ("AutoKeras", 0.947, 0.878),
-             ("Google AutoML Vision", 0.991, 0.946))
-CITATION = ("Yang et al., \"MedMNIST v2 - A large-scale lightweight benchmark for 2D and 3D biomedical image "
-            "classification\", Scientific Data 2023")
+PUBLISHED = (
+    ("ResNet-18 (28)", 0.944, 0.854),
+    ("ResNet-18 (224)", 0.956, 0.864),
+    ("ResNet-50 (28)", 0.948, 0.854),
+    ("ResNet-50 (224)", 0.962, 0.884),
+    ("auto-sklearn", 0.942, 0.855),
+    ("AutoKeras", 0.947, 0.878),
+    ("Google AutoML Vision", 0.991, 0.946),
+)
+CITATION = (
+    'Yang et al., "MedMNIST v2 - A large-scale lightweight benchmark for 2D and 3D biomedical image classification", Scientific Data 2023'
+)
 COLUMNS = ("test_auc", "test_acc", "test_sens_sens95", "test_spec_sens95", "test_sens_youden", "test_spec_youden", "test_acc_youden")
 
 
@@ -295,9 +335,11 @@ def recipe_line(row) -> str:
 
 
 def table(result: dict) -> list[str]:
-    lines = ["| model | test AUC | 95% CI (bootstrap, per run) | test ACC | sens @ val sens≥0.95 | spec @ val sens≥0.95 "
-             "| sens @ val Youden | spec @ val Youden | ACC @ val Youden | test ECE before → after T | val AUC | val log-loss | MLflow run(s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | test AUC | 95% CI (bootstrap, per run) | test ACC | sens @ val sens≥0.95 | spec @ val sens≥0.95 "
+        "| sens @ val Youden | spec @ val Youden | ACC @ val Youden | test ECE before → after T | val AUC | val log-loss | MLflow run(s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     lines += [recipe_line(row) for row in result["rows"]]
     lines += [f"| *published:* {name} | {auc:.3f} | — | {acc:.3f} |{' — |' * 9}" for name, auc, acc in PUBLISHED]
     return lines
@@ -309,15 +351,22 @@ def loso_lines(loso: dict | None) -> list[str]:
         return []
     fixed, harmonised = loso["fixed"], loso["per_image"]
     sites = sorted(fixed[0]["per_site"])
-    lines = ["", "### Leave-one-site-out (3-site DICOM pool)", "",
-             f"The jobs of `{fixed[0]['command']}` (one per held-out site; that site's images are the test split; run "
-             f"in this process as children of one parent MLflow run), for seeds {', '.join(str(r['seed']) for r in fixed)}, "
-             f"and again with `model.preprocess.intensity=per_image` (each image standardised by its own mean and std "
-             f"inside the model, so a site's windowing and detector brightness no longer matter). Test AUC, mean ± sd "
-             f"over seeds; parent MLflow runs: fixed {_runs(fixed)}; per-image {_runs(harmonised)}.", "",
-             "| held-out site | fixed intensity normalisation | per-image intensity harmonisation |", "|---|---|---|"]
-    lines += [f"| {site} | {_cell([r['per_site'][site] for r in fixed])} | {_cell([r['per_site'][site] for r in harmonised])} |"
-              for site in sites]
+    lines = [
+        "",
+        "### Leave-one-site-out (3-site DICOM pool)",
+        "",
+        f"The jobs of `{fixed[0]['command']}` (one per held-out site; that site's images are the test split; run "
+        f"in this process as children of one parent MLflow run), for seeds {', '.join(str(r['seed']) for r in fixed)}, "
+        f"and again with `model.preprocess.intensity=per_image` (each image standardised by its own mean and std "
+        f"inside the model, so a site's windowing and detector brightness no longer matter). Test AUC, mean ± sd "
+        f"over seeds; parent MLflow runs: fixed {_runs(fixed)}; per-image {_runs(harmonised)}.",
+        "",
+        "| held-out site | fixed intensity normalisation | per-image intensity harmonisation |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {site} | {_cell([r['per_site'][site] for r in fixed])} | {_cell([r['per_site'][site] for r in harmonised])} |" for site in sites
+    ]
     worst = [[r["worst"] for r in runs] for runs in (fixed, harmonised)]
     lines.append(f"| **worst site** | **{_cell(worst[0])}** | **{_cell(worst[1])}** |")
     return lines
@@ -334,26 +383,32 @@ REFERENCE = PUBLISHED[0]  # target: the packaged model at least matches the publ
 def data_line(proof: dict) -> str:
     with np.load(ROOT / NPZ) as data:
         train = data["train_labels"].reshape(-1)
-    return (f"- data: PneumoniaMNIST 28 px from `{NPZ}`, its own splits; training split {len(train)} images "
-            f"({int((train == 0).sum())} normal; see data/README.md for how it differs from the official split); "
-            f"test {proof['images']} images")
+    return (
+        f"- data: PneumoniaMNIST 28 px from `{NPZ}`, its own splits; training split {len(train)} images "
+        f"({int((train == 0).sum())} normal; see data/README.md for how it differs from the official split); "
+        f"test {proof['images']} images"
+    )
 
 
 def selection_line(rows: list[Row]) -> str:
     val_aucs = [a["val_auc"] for row in rows for a in row.assessments]
-    return ("- selection: checkpoint by validation AUC; temperature and thresholds (sensitivity ≥ 0.95 and Youden) fitted "
-            "on validation; the served package is the candidate with the lowest validation log-loss (validation AUC of the "
-            f"{len(val_aucs)} candidates spans {min(val_aucs):.3f}-{max(val_aucs):.3f}); ACC is at the calibrated argmax "
-            "(0.5), as in the published table")
+    return (
+        "- selection: checkpoint by validation AUC; temperature and thresholds (sensitivity ≥ 0.95 and Youden) fitted "
+        "on validation; the served package is the candidate with the lowest validation log-loss (validation AUC of the "
+        f"{len(val_aucs)} candidates spans {min(val_aucs):.3f}-{max(val_aucs):.3f}); ACC is at the calibrated argmax "
+        "(0.5), as in the published table"
+    )
 
 
 def verdict_lines(proof: dict) -> list[str]:
     diff = abs(proof["served_test_auc"] - proof["torch_test_auc"])
     name, auc, _ = REFERENCE
-    return [f"Targets: served test AUC equal to PyTorch's within {SERVED_TOLERANCE:g}; packaged model's test AUC at least "
-            f"the published {name} ({auc:.3f}).",
-            f"- served vs PyTorch: |diff| {diff:.1e}: {verdict(diff <= SERVED_TOLERANCE)}",
-            f"- packaged model test AUC {proof['torch_test_auc']:.3f}: {verdict(proof['torch_test_auc'] >= auc)}"]
+    return [
+        f"Targets: served test AUC equal to PyTorch's within {SERVED_TOLERANCE:g}; packaged model's test AUC at least "
+        f"the published {name} ({auc:.3f}).",
+        f"- served vs PyTorch: |diff| {diff:.1e}: {verdict(diff <= SERVED_TOLERANCE)}",
+        f"- packaged model test AUC {proof['torch_test_auc']:.3f}: {verdict(proof['torch_test_auc'] >= auc)}",
+    ]
 
 
 def section(result: dict, command: str, doc_dir: Path) -> str:
@@ -364,18 +419,28 @@ def section(result: dict, command: str, doc_dir: Path) -> str:
     (doc_dir / "images").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(figure, doc_dir / "images" / figure.name)
     lines = [
-        SECTION, "",
-        *header(command, f"{result['machine']}; {result['device']}",
-                f"; wall time {result['wall_s'] / 60:.1f} min (training, export, assessment, serving check"
-                f"{', leave-one-site-out' if result['loso'] else ''})"),
-        data_line(proof), selection_line(rows),
+        SECTION,
+        "",
+        *header(
+            command,
+            f"{result['machine']}; {result['device']}",
+            f"; wall time {result['wall_s'] / 60:.1f} min (training, export, assessment, serving check"
+            f"{', leave-one-site-out' if result['loso'] else ''})",
+        ),
+        data_line(proof),
+        selection_line(rows),
         f"- MLflow: every row is a run in `{result['uri']}` (metrics `bench/*`, reliability diagram under `plots/`)",
-        "", *table(result), "",
-        f"Published rows: {CITATION}.", "",
+        "",
+        *table(result),
+        "",
+        f"Published rows: {CITATION}.",
+        "",
         f"Served check: `medtriage score {proof['package']} --npz {NPZ} --split test` scores {proof['images']} images "
         f"through the package's ONNX session: test AUC {proof['served_test_auc']:.6f} vs {proof['torch_test_auc']:.6f} from "
-        f"PyTorch; package chosen by validation log-loss ({proof['row']}, MLflow run `{proof['run_id'][:8]}`).", "",
-        *verdict_lines(proof), "",
+        f"PyTorch; package chosen by validation log-loss ({proof['row']}, MLflow run `{proof['run_id'][:8]}`).",
+        "",
+        *verdict_lines(proof),
+        "",
         f"![reliability diagram, test split, before and after temperature scaling](images/{figure.name})",
         *loso_lines(result["loso"]),
     ]
@@ -387,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, one epoch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     parser.add_argument("--no-loso", action="store_true", help="skip the leave-one-site-out runs")
-    parser.add_argument("--doc", type=Path, default=None,
-                        help="markdown file to update (default: docs/benchmarks.md; outputs/ with --quick)")
+    parser.add_argument(
+        "--doc", type=Path, default=None, help="markdown file to update (default: docs/benchmarks.md; outputs/ with --quick)"
+    )
     args = parser.parse_args(argv)
     where = machine()
     result = {**run_benchmark(quick=args.quick, threads=args.threads, loso=not args.no_loso), "machine": where}

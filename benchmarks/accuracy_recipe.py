@@ -30,20 +30,37 @@ QUICK = ["data.limit=64", "trainer.max_epochs=1", "export.ood=false", "export.re
 TARGET_AUC, TARGET_ACC, TARGET_MINUTES = 0.990, 0.950, 15.0
 SECTION = "## Accuracy: default recipe"
 # MedMNIST v2 paper, PneumoniaMNIST test split (as listed in ../shared/data/README.md and in the `## Accuracy` section).
-PUBLISHED = (("ResNet-18 (28)", 0.944, 0.854), ("ResNet-18 (224)", 0.956, 0.864), ("ResNet-50 (28)", 0.948, 0.854),
-             ("ResNet-50 (224)", 0.962, 0.884), ("auto-sklearn", 0.942, 0.855), ("AutoKeras", 0.947, 0.878),
-             ("Google AutoML Vision", 0.991, 0.946))
+PUBLISHED = (
+    ("ResNet-18 (28)", 0.944, 0.854),
+    ("ResNet-18 (224)", 0.956, 0.864),
+    ("ResNet-50 (28)", 0.948, 0.854),
+    ("ResNet-50 (224)", 0.962, 0.884),
+    ("auto-sklearn", 0.942, 0.855),
+    ("AutoKeras", 0.947, 0.878),
+    ("Google AutoML Vision", 0.991, 0.946),
+)
 
 
 def served_scores(package: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(p(pneumonia), label, package finding is pneumonia) of every image of `split`, from `medtriage score --json`."""
-    command = [str(Path(sys.executable).with_name("medtriage")), "score", str(package), "--npz", str(ROOT / NPZ),
-               "--split", split, "--json"]
+    command = [
+        str(Path(sys.executable).with_name("medtriage")),
+        "score",
+        str(package),
+        "--npz",
+        str(ROOT / NPZ),
+        "--split",
+        split,
+        "--json",
+    ]
     document = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
     results, labels = document["results"], document["labels"]
     positive = document["model"].get("positive_label", "pneumonia")
-    return (np.array([r["probability"] for r in results]), np.array([labels[r["file"]] for r in results]),
-            np.array([r["finding"] == positive for r in results]))
+    return (
+        np.array([r["probability"] for r in results]),
+        np.array([labels[r["file"]] for r in results]),
+        np.array([r["finding"] == positive for r in results]),
+    )
 
 
 def score_package(package: Path) -> dict:
@@ -55,11 +72,17 @@ def score_package(package: Path) -> dict:
     youden = choose_threshold(val_p, val_y, "youden").threshold
     test_p, test_y, test_found = served_scores(package, "test")  # once, for this fixed package
     low, high = bootstrap_auc_ci(test_y, test_p)
-    return {"test_auc": float(roc_auc_score(test_y, test_p)), "ci_low": low, "ci_high": high,
-            "test_acc": float(np.mean((test_p >= youden) == (test_y == 1))), "youden_threshold": float(youden),
-            "test_acc_argmax": float(np.mean((test_p >= 0.5) == (test_y == 1))),
-            "test_acc_finding": float(np.mean(test_found == (test_y == 1))),
-            "val_auc": float(roc_auc_score(val_y, val_p)), "n_test": int(len(test_y))}
+    return {
+        "test_auc": float(roc_auc_score(test_y, test_p)),
+        "ci_low": low,
+        "ci_high": high,
+        "test_acc": float(np.mean((test_p >= youden) == (test_y == 1))),
+        "youden_threshold": float(youden),
+        "test_acc_argmax": float(np.mean((test_p >= 0.5) == (test_y == 1))),
+        "test_acc_finding": float(np.mean(test_found == (test_y == 1))),
+        "val_auc": float(roc_auc_score(val_y, val_p)),
+        "n_test": int(len(test_y)),
+    }
 
 
 def run_seed(seed: int, threads: int, extra: list[str], out_dir: Path) -> dict:
@@ -67,8 +90,16 @@ def run_seed(seed: int, threads: int, extra: list[str], out_dir: Path) -> dict:
     from medtriage.workflows.train_and_export import train_and_export
 
     name = f"{compose_train_config([f'experiment={EXPERIMENT}']).export.name}-seed{seed}{'-quick' if extra else ''}"
-    cfg = compose_train_config([f"experiment={EXPERIMENT}", f"trainer.seed={seed}", f"trainer.num_threads={threads}",
-                                f"export.name={name}", f"paths.output_dir={out_dir / f'seed{seed}'}", *extra])
+    cfg = compose_train_config(
+        [
+            f"experiment={EXPERIMENT}",
+            f"trainer.seed={seed}",
+            f"trainer.num_threads={threads}",
+            f"export.name={name}",
+            f"paths.output_dir={out_dir / f'seed{seed}'}",
+            *extra,
+        ]
+    )
     started = time.perf_counter()
     result = train_and_export(cfg)
     wall = time.perf_counter() - started
@@ -83,20 +114,29 @@ def mean_sd(values: list[float]) -> str:
 def section(runs: list[dict], command: str, threads: int, quick: bool) -> str:
     aucs, accs = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
     minutes = max(r["wall_s"] for r in runs) / 60
-    rows = [f"| {EXPERIMENT} seed {r['seed']} | {r['test_auc']:.4f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['test_acc']:.4f} "
-            f"(t = {r['youden_threshold']:.3f}) | {r['test_acc_argmax']:.4f} | {r['test_acc_finding']:.4f} | {r['val_auc']:.4f} | {r['wall_s'] / 60:.1f} "
-            f"| `{r['run_id'][:8]}` |" for r in runs]
+    rows = [
+        f"| {EXPERIMENT} seed {r['seed']} | {r['test_auc']:.4f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['test_acc']:.4f} "
+        f"(t = {r['youden_threshold']:.3f}) | {r['test_acc_argmax']:.4f} | {r['test_acc_finding']:.4f} | {r['val_auc']:.4f} | {r['wall_s'] / 60:.1f} "
+        f"| `{r['run_id'][:8]}` |"
+        for r in runs
+    ]
     if len(runs) > 1:
-        rows.append(f"| **{EXPERIMENT}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | — | **{mean_sd(accs)}** "
-                    f"| {mean_sd([r['test_acc_argmax'] for r in runs])} | {mean_sd([r['test_acc_finding'] for r in runs])} "
-                    f"| {mean_sd([r['val_auc'] for r in runs])} "
-                    f"| {np.mean([r['wall_s'] for r in runs]) / 60:.1f} | — |")
+        rows.append(
+            f"| **{EXPERIMENT}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | — | **{mean_sd(accs)}** "
+            f"| {mean_sd([r['test_acc_argmax'] for r in runs])} | {mean_sd([r['test_acc_finding'] for r in runs])} "
+            f"| {mean_sd([r['val_auc'] for r in runs])} "
+            f"| {np.mean([r['wall_s'] for r in runs]) / 60:.1f} | — |"
+        )
     rows += [f"| *published:* {name} | {auc:.3f} | — | {acc:.3f} (argmax) | — | — | — | — | — |" for name, auc, acc in PUBLISHED]
     seeds_note = "" if len(runs) >= 3 else f" (only {len(runs)} seed{'s' if len(runs) > 1 else ''}: the goal asks for the mean of 3)"
     lines = [
-        SECTION, "",
-        *header(command, f"{machine()}; CPU, {threads} torch thread per run, one run at a time",
-                "; smoke run (--quick): tiny data, one epoch, figures meaningless" if quick else ""),
+        SECTION,
+        "",
+        *header(
+            command,
+            f"{machine()}; CPU, {threads} torch thread per run, one run at a time",
+            "; smoke run (--quick): tiny data, one epoch, figures meaningless" if quick else "",
+        ),
         f"- recipe: `python scripts/train.py experiment={EXPERIMENT} trainer.seed=S` (ResNet-18, 28 px upsampled to 64 px "
         "inside the model and its ONNX graph, 20 epochs one-cycle AdamW, batched affine + intensity augmentation, "
         "class-balanced cross-entropy, EMA of weights; the package holds the last EMA weights, no epoch chosen on validation)",
@@ -106,10 +146,12 @@ def section(runs: list[dict], command: str, threads: int, quick: bool) -> str:
         f"- scoring: `medtriage score models/<package> --npz {NPZ} --split test --json` (and `--split val` for the Youden "
         "threshold), run as a subprocess; test is scored once per seed, after the package is written; AUC 95% CI: "
         "1,000 bootstrap resamples of the test images",
-        "- wall time: training + export of one seed (minutes)", "",
+        "- wall time: training + export of one seed (minutes)",
+        "",
         "| model | test AUC | 95% CI | test ACC (val Youden) | ACC @ 0.5 | ACC of package finding | val AUC | wall (min) | MLflow run |",
         "|---|---|---|---|---|---|---|---|---|",
-        *rows, "",
+        *rows,
+        "",
         f"Targets: mean test AUC ≥ {TARGET_AUC} and ACC ≥ {TARGET_ACC} over 3 seeds; a run (training + export) ≤ "
         f"{TARGET_MINUTES:.0f} min on the CPU{seeds_note}.",
         f"- test AUC {np.mean(aucs):.4f}: {verdict(np.mean(aucs) >= TARGET_AUC and len(runs) >= 3)}",
@@ -124,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 images per split, one epoch")
-    parser.add_argument("--doc", type=Path, default=None,
-                        help="markdown file to update (default: docs/benchmarks.md; outputs/ with --quick)")
+    parser.add_argument(
+        "--doc", type=Path, default=None, help="markdown file to update (default: docs/benchmarks.md; outputs/ with --quick)"
+    )
     args = parser.parse_args(argv)
     out_dir = ROOT / "outputs" / ("benchmark_accuracy_recipe_quick" if args.quick else "benchmark_accuracy_recipe")
     runs = []

@@ -68,7 +68,9 @@ def percentile(values: list[float], q: float) -> float:
 def run(package: Path, file: str, args: argparse.Namespace) -> dict:
     body = Path(file).read_bytes()
     # Both admit every client at once: batching on would otherwise get more requests in flight than off.
-    common = ["--allow-out-of-scope", "--max-concurrent", str(args.concurrency)] + (["--threads", str(args.threads)] if args.threads else [])
+    common = ["--allow-out-of-scope", "--max-concurrent", str(args.concurrency)] + (
+        ["--threads", str(args.threads)] if args.threads else []
+    )
     settings = {"off": ["--max-batch", "1"], "on": ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]}
     servers = {name: start_server(package, common + extra) for name, extra in settings.items()}
     rates: dict[str, list[float]] = {name: [] for name in servers}
@@ -85,26 +87,50 @@ def run(package: Path, file: str, args: argparse.Namespace) -> dict:
         for process, _ in servers.values():
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
-    return {name: {"rate": statistics.median(rates[name]), "rates": rates[name], "p50": percentile(latencies[name], 0.5),
-                   "p99": percentile(latencies[name], 0.99)} for name in servers}
+    return {
+        name: {
+            "rate": statistics.median(rates[name]),
+            "rates": rates[name],
+            "p50": percentile(latencies[name], 0.5),
+            "p99": percentile(latencies[name], 0.99),
+        }
+        for name in servers
+    }
 
 
 def markdown(result: dict, args: argparse.Namespace, package: str, file: str, machine_line: str) -> str:
     off, on = result["off"], result["on"]
     ratio = on["rate"] / off["rate"]
-    lines = [SECTION, "", *header(command_line(), machine_line),
-             (f"- model: {package}; each request: POST /v1/score with one DICOM file ({Path(file).name}), "
-             f"{args.concurrency} concurrent clients, {args.rounds} rounds of {args.requests} requests per server, "
-             "servers taking turns; one warm-up round each"),
-             (f"- servers: two `medtriage serve` processes, the same options (`--max-concurrent {args.concurrency}`) except batching "
-             f"(off: `--max-batch 1`; on: `--max-batch {args.max_batch} --batch-wait-ms {args.batch_wait_ms}`)"), "",
-             "| batching | requests/s (median of rounds) | rounds | latency p50 | latency p99 |", "|---|---|---|---|---|"]
+    lines = [
+        SECTION,
+        "",
+        *header(command_line(), machine_line),
+        (
+            f"- model: {package}; each request: POST /v1/score with one DICOM file ({Path(file).name}), "
+            f"{args.concurrency} concurrent clients, {args.rounds} rounds of {args.requests} requests per server, "
+            "servers taking turns; one warm-up round each"
+        ),
+        (
+            f"- servers: two `medtriage serve` processes, the same options (`--max-concurrent {args.concurrency}`) except batching "
+            f"(off: `--max-batch 1`; on: `--max-batch {args.max_batch} --batch-wait-ms {args.batch_wait_ms}`)"
+        ),
+        "",
+        "| batching | requests/s (median of rounds) | rounds | latency p50 | latency p99 |",
+        "|---|---|---|---|---|",
+    ]
     for name in ("off", "on"):
         r = result[name]
-        lines.append(f"| {name} | {r['rate']:.1f} | {', '.join(f'{x:.1f}' for x in r['rates'])} | "
-                     f"{1000 * r['p50']:.0f} ms | {1000 * r['p99']:.0f} ms |")
-    lines += ["", (f"Batching on serves **{ratio:.2f}x** the requests per second of batching off "
-              f"(target ≥ {THROUGHPUT_TARGET}x): {verdict(ratio >= THROUGHPUT_TARGET)}.")]
+        lines.append(
+            f"| {name} | {r['rate']:.1f} | {', '.join(f'{x:.1f}' for x in r['rates'])} | "
+            f"{1000 * r['p50']:.0f} ms | {1000 * r['p99']:.0f} ms |"
+        )
+    lines += [
+        "",
+        (
+            f"Batching on serves **{ratio:.2f}x** the requests per second of batching off "
+            f"(target ≥ {THROUGHPUT_TARGET}x): {verdict(ratio >= THROUGHPUT_TARGET)}."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ NEW_DOC = "# Benchmarks\n\nFigures and the command that reproduces each.\n"
 
 # --- who, where, when -----------------------------------------------------------------------------
 
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command that ran this benchmark, as a reader would type it from the project root."""
     argv = sys.argv if argv is None else argv
@@ -41,8 +42,9 @@ def machine() -> str:
     except OSError:
         pass
     load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
-    return (f"{cpu}, {len(usable_cpus())} cores available{load}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {len(usable_cpus())} cores available{load}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 def today() -> str:
@@ -59,6 +61,7 @@ def verdict(met: bool) -> str:
 
 
 # --- the one timer --------------------------------------------------------------------------------
+
 
 def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -86,8 +89,9 @@ class Timing:
         return statistics.median(n / max(s, 1e-12) for n, s in zip(self.items, self.seconds))
 
 
-def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                cpus: dict[str, set[int]] | None = None) -> dict[str, Timing]:
+def interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, cpus: dict[str, set[int]] | None = None
+) -> dict[str, Timing]:
     """Time every call `repeats` times, the calls taking turns in each round, so that a busy neighbour
     slows all of them alike. A call returns how many items it handled (anything else counts as 1);
     `cpus` pins a call to those CPUs while it runs. Warm-up rounds (caches, lazy imports) are not counted."""
@@ -111,6 +115,7 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
 
 
 # --- writing the docs -----------------------------------------------------------------------------
+
 
 def publish(section: str, doc: Path = BENCHMARKS_DOC) -> None:
     """Print a benchmark's section and write it into `doc`."""

@@ -34,31 +34,43 @@ def demo_config(work: Path):
     """`experiment=pneumonia_sites` as `make demo` trains it, with every file it writes under `work`."""
     from medtriage.config import compose_train_config
 
-    return compose_train_config([
-        "experiment=pneumonia_sites", f"data.sites_dir={work / 'ingested'}", f"data.pool_dir={work / 'pool'}",
-        f"paths.runs_dir={work / 'outputs'}", f"paths.output_dir={work / 'outputs' / 'demo'}",
-        f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"export.models_dir={work / 'models'}"])
+    return compose_train_config(
+        [
+            "experiment=pneumonia_sites",
+            f"data.sites_dir={work / 'ingested'}",
+            f"data.pool_dir={work / 'pool'}",
+            f"paths.runs_dir={work / 'outputs'}",
+            f"paths.output_dir={work / 'outputs' / 'demo'}",
+            f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+            f"export.models_dir={work / 'models'}",
+        ]
+    )
 
 
 def run_demo(work: Path) -> dict:
-    import medtriage.training
     from medtriage.data.pool import split_files
     from medtriage.data.simulate.sites import make_sites
     from medtriage.evaluation.metrics import site_values
     from medtriage.io.ingest import ingest_sites
     from medtriage.serve.package import load_package
     from medtriage.serve.predictor import Predictor
+    from medtriage.workflows.train_and_export import train_and_export
 
     seconds = {}
     _, seconds["site exports"] = timed(make_sites, NPZ, work / "sites")
     _, seconds["de-identifying ingest"] = timed(ingest_sites, work / "sites", work / "ingested")
     cfg = demo_config(work)
-    result, seconds["pool, audit, training, export"] = timed(medtriage.training.run, cfg)
+    result, seconds["pool, audit, training, export"] = timed(train_and_export, cfg)
     predictor = Predictor(load_package(result.package))
     files = split_files(work / "pool", "test", 2)
     _, seconds[f"scoring {len(files)} test files"] = timed(lambda: [predictor.score_file(f) for f in files])
-    return {"seconds": seconds, "test_auc": result.metrics["test/auc"], "sites": site_values(result.metrics, "test"),
-            "epochs": cfg.trainer.max_epochs, "network": cfg.model.name}
+    return {
+        "seconds": seconds,
+        "test_auc": result.metrics["test/auc"],
+        "sites": site_values(result.metrics, "test"),
+        "epochs": cfg.trainer.max_epochs,
+        "network": cfg.model.name,
+    }
 
 
 def markdown(result: dict, command: str, machine_line: str) -> str:
@@ -67,15 +79,19 @@ def markdown(result: dict, command: str, machine_line: str) -> str:
     total = sum(result["seconds"].values()) / 60
     sites = result["sites"]
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         *header(command, f"{machine_line}; torch {torch.__version__}"),
-        f"- what: the steps of `make demo` after installation, in one process ({result['network']}, "
-        f"{result['epochs']} epochs, seeded)", "",
-        "| step | seconds |", "|---|---:|",
+        f"- what: the steps of `make demo` after installation, in one process ({result['network']}, {result['epochs']} epochs, seeded)",
+        "",
+        "| step | seconds |",
+        "|---|---:|",
         *[f"| {step} | {s:.0f} |" for step, s in result["seconds"].items()],
-        f"| **total** | **{total * 60:.0f}** |", "",
+        f"| **total** | **{total * 60:.0f}** |",
+        "",
         f"Test AUC {result['test_auc']:.3f} overall; per site " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(sites.items())) + ".",
-        "", f"Target: the demo's steps within {TARGET_MINUTES:g} minutes on a 2-core CPU.",
+        "",
+        f"Target: the demo's steps within {TARGET_MINUTES:g} minutes on a 2-core CPU.",
         f"- {total:.1f} min: {verdict(total <= TARGET_MINUTES)}",
     ]
     return "\n".join(lines) + "\n"

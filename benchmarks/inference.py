@@ -52,11 +52,16 @@ def build_package(models_dir: Path, network: str, size: int, stem_stride: int) -
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
     logits = np.stack([np.zeros(200), rng.normal(labels * 1.5, 1.0)], axis=1)
-    cfg = ExportConfig(models_dir=str(models_dir), name=f"bench-{network}", parity_images=2, log_to_mlflow=False,
-                       register_model=False)
+    cfg = ExportConfig(models_dir=str(models_dir), name=f"bench-{network}", parity_images=2, log_to_mlflow=False, register_model=False)
     images = [rng.random((1, size + 16, size + 16), dtype=np.float32) for _ in range(2)]
-    result = export_model(net, cfg, label_names=["normal", "pneumonia"], val=Predictions(logits, labels, np.array(["bench"] * 200)),
-                          parity_images=images, network={"name": network, "stem_stride": stem_stride})
+    result = export_model(
+        net,
+        cfg,
+        label_names=["normal", "pneumonia"],
+        val=Predictions(logits, labels, np.array(["bench"] * 200)),
+        parity_images=images,
+        network={"name": network, "stem_stride": stem_stride},
+    )
     return result.package_dir, CalibratedNet(net, result.meta["calibration"]["temperature"]).eval()
 
 
@@ -65,16 +70,27 @@ def benchmark_file(path: str, predictor: Predictor, model: CalibratedNet, repeat
     tensor = torch.from_numpy(pixels)
     session = predictor.session  # (b) is the very session (a) uses, fed the decoded tensor directly
     # (a) and (b) interleaved; (c) on its own: torch's busy worker threads would slow whatever runs next.
-    timings = interleaved({"serve": lambda: predictor.score_file(path), "ort": lambda: session.run(None, {"pixels": pixels}),
-                           "decode": lambda: read_dicom(path)}, repeats, warmup=WARMUP)
+    timings = interleaved(
+        {
+            "serve": lambda: predictor.score_file(path),
+            "ort": lambda: session.run(None, {"pixels": pixels}),
+            "decode": lambda: read_dicom(path),
+        },
+        repeats,
+        warmup=WARMUP,
+    )
     with torch.inference_mode():
         timings.update(interleaved({"torch": lambda: model(tensor)}, repeats, warmup=WARMUP))
-    return {"file": Path(path).name, "shape": "x".join(map(str, pixels.shape[-2:])),
-            **{name: (t.median_ms, t.p95_ms) for name, t in timings.items()}}
+    return {
+        "file": Path(path).name,
+        "shape": "x".join(map(str, pixels.shape[-2:])),
+        **{name: (t.median_ms, t.p95_ms) for name, t in timings.items()},
+    }
 
 
 def counted(call, images: int):
     """`call` as the timer wants it: it reports how many images one call handled."""
+
     def run() -> int:
         call()
         return images
@@ -91,8 +107,9 @@ def throughput(session: ort.InferenceSession, model: CalibratedNet, pixels: np.n
     return {"batch": batch, "ort_images_s": timings["ort"].rate, "torch_images_s": timings["torch"].rate}
 
 
-def run_benchmark(files: list[str], network: str = "resnet18", size: int = 224, repeats: int = 30,
-                  threads: int | None = None, stem_stride: int = 2) -> dict:
+def run_benchmark(
+    files: list[str], network: str = "resnet18", size: int = 224, repeats: int = 30, threads: int | None = None, stem_stride: int = 2
+) -> dict:
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,9 +118,17 @@ def run_benchmark(files: list[str], network: str = "resnet18", size: int = 224, 
         rows = [benchmark_file(f, predictor, model, repeats) for f in files]
         pixels = to_model_channels(read_dicom(files[0]).pixels[:1], 1)
         batches = [throughput(predictor.session, model, pixels, b, max(5, repeats // 3)) for b in (1, 16)]
-    return {"network": network, "stem_stride": stem_stride, "size": size, "repeats": repeats,
-            "threads": threads or os.cpu_count(), "rows": rows, "batches": batches, "provider": predictor.provider,
-            "versions": f"onnxruntime {ort.__version__}, torch {torch.__version__}"}
+    return {
+        "network": network,
+        "stem_stride": stem_stride,
+        "size": size,
+        "repeats": repeats,
+        "threads": threads or os.cpu_count(),
+        "rows": rows,
+        "batches": batches,
+        "provider": predictor.provider,
+        "versions": f"onnxruntime {ort.__version__}, torch {torch.__version__}",
+    }
 
 
 def network_words(network: str, stem_stride: int) -> str:
@@ -118,7 +143,8 @@ def markdown(result: dict, command: str, machine_line: str) -> str:
     """The `## Inference` section of docs/benchmarks.md."""
     size = result["size"]
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         *header(command, f"{machine_line}; {result['versions']}"),
         f"- model: untrained {network_words(result['network'], result['stem_stride'])} at {size}x{size}, 1 channel, exported "
         f"through medtriage.export; ORT provider {result['provider']}, {result['threads']} thread(s); {result['repeats']} timed "
@@ -126,22 +152,35 @@ def markdown(result: dict, command: str, machine_line: str) -> str:
         "",
         "Latency per image (ms, median / p95). (a) DICOM file -> calibrated score through `medtriage.serve` "
         "(decode with medtriage.io + ORT); (b) raw ORT session on the already-decoded tensor; (c) PyTorch eager on the "
-        "same tensor.", "",
+        "same tensor.",
+        "",
         "| file | decoded size | (a) serve | (b) ORT | (c) PyTorch | a/b | c/b | decode alone |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         (a, a95), (b, b95), (c, c95) = row["serve"], row["ort"], row["torch"]
-        lines.append(f"| {row['file']} | {row['shape']} | {a:.1f} / {a95:.1f} | {b:.1f} / {b95:.1f} | {c:.1f} / {c95:.1f} | "
-                     f"{a / b:.2f} | {c / b:.2f} | {row['decode'][0]:.1f} |")
-    lines += ["", f"Targets: a/b ≤ {SERVE_OVERHEAD} (serving adds little beyond the model); c/b ≥ {ORT_SPEEDUP:g} "
-              "(ORT at least twice as fast as PyTorch eager)."]
+        lines.append(
+            f"| {row['file']} | {row['shape']} | {a:.1f} / {a95:.1f} | {b:.1f} / {b95:.1f} | {c:.1f} / {c95:.1f} | "
+            f"{a / b:.2f} | {c / b:.2f} | {row['decode'][0]:.1f} |"
+        )
+    lines += [
+        "",
+        f"Targets: a/b ≤ {SERVE_OVERHEAD} (serving adds little beyond the model); c/b ≥ {ORT_SPEEDUP:g} "
+        "(ORT at least twice as fast as PyTorch eager).",
+    ]
     for row in result["rows"]:
         overhead, speedup = row["serve"][0] / row["ort"][0], row["torch"][0] / row["ort"][0]
-        lines.append(f"- {row['file']}: a/b {overhead:.2f} {verdict(overhead <= SERVE_OVERHEAD)}; "
-                     f"c/b {speedup:.2f} {verdict(speedup >= ORT_SPEEDUP)}")
-    lines += ["", f"Throughput on {result['rows'][0]['file']} (images/s, median over batches):", "",
-              "| batch | ORT | PyTorch eager |", "|---|---:|---:|"]
+        lines.append(
+            f"- {row['file']}: a/b {overhead:.2f} {verdict(overhead <= SERVE_OVERHEAD)}; "
+            f"c/b {speedup:.2f} {verdict(speedup >= ORT_SPEEDUP)}"
+        )
+    lines += [
+        "",
+        f"Throughput on {result['rows'][0]['file']} (images/s, median over batches):",
+        "",
+        "| batch | ORT | PyTorch eager |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {t['batch']} | {t['ort_images_s']:.1f} | {t['torch_images_s']:.1f} |" for t in result["batches"]]
     return "\n".join(lines) + "\n"
 

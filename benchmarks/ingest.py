@@ -73,44 +73,60 @@ def measure(images: int, repeats: int) -> dict:
         sites = Path(tmp) / "sites"
         make_sites(NPZ, sites, seed=0, limit=images)
         files = sorted(sites.rglob("*.dcm"))
-        timings = interleaved({
-            "read": bare_pydicom(files, decode=False),
-            "ingest": ingest(sites, Path(tmp) / "ingest", 1),
-            "decode": bare_pydicom(files, decode=True),
-            "ingest_verify": ingest(sites, Path(tmp) / "ingest_verify", 1, verify=True),
-            "ingest_all": ingest(sites, Path(tmp) / "ingest_all", len(cores)),
-        }, repeats, cpus={"read": one, "ingest": one, "decode": one, "ingest_verify": one, "ingest_all": every})
+        timings = interleaved(
+            {
+                "read": bare_pydicom(files, decode=False),
+                "ingest": ingest(sites, Path(tmp) / "ingest", 1),
+                "decode": bare_pydicom(files, decode=True),
+                "ingest_verify": ingest(sites, Path(tmp) / "ingest_verify", 1, verify=True),
+                "ingest_all": ingest(sites, Path(tmp) / "ingest_all", len(cores)),
+            },
+            repeats,
+            cpus={"read": one, "ingest": one, "decode": one, "ingest_verify": one, "ingest_all": every},
+        )
         megabytes = sum(p.stat().st_size for p in files) / 1e6
-    return {"files": len(files), "megabytes": megabytes, "cores": len(cores), "repeats": repeats,
-            "rates": {name: t.rate for name, t in timings.items()}}
+    return {
+        "files": len(files),
+        "megabytes": megabytes,
+        "cores": len(cores),
+        "repeats": repeats,
+        "rates": {name: t.rate for name, t in timings.items()},
+    }
 
 
 def markdown(result: dict, command: str, machine_line: str) -> str:
     rates, cores = result["rates"], result["cores"]
     plain, decoding = rates["ingest"] / rates["read"], rates["ingest_verify"] / rates["decode"]
-    return "\n".join([
-        SECTION, "",
-        *header(command, machine_line),
-        f"- data: {result['files']} files ({result['megabytes']:.1f} MB) from the simulated 3-site export (native "
-        "8/12/16-bit and JPEG 2000 lossless X-rays, one SR and one truncated file); medians of "
-        f"{result['repeats']} interleaved rounds, each run pinned to one core unless stated",
-        "",
-        "| run | files/s |", "|---|---:|",
-        f"| (a) bare pydicom `dcmread`, no pixel decoding | {rates['read']:.0f} |",
-        f"| (b) `medtriage ingest` (keyed hash, screen, structural pixel check, de-identify, write, index, labels, log) | {rates['ingest']:.0f} |",
-        f"| (c) bare pydicom `dcmread` + `pixel_array` | {rates['decode']:.0f} |",
-        f"| (d) `medtriage ingest --verify-pixels` (b plus a full decode) | {rates['ingest_verify']:.0f} |",
-        f"| (e) `medtriage ingest --workers {cores}`, {cores} cores | {rates['ingest_all']:.0f} |",
-        "",
-        f"Target: ingest on one core at ≥ {TARGET:.0%} of bare pydicom doing the same decoding.",
-        f"- without decoding, b/a = {plain:.0%}: {verdict(plain >= TARGET)}",
-        f"- with decoding, d/c = {decoding:.0%}: {verdict(decoding >= TARGET)}",
-        f"- {cores} workers without decoding, e/a = {rates['ingest_all'] / rates['read']:.0%} (no target)",
-        "",
-        "Ingest also writes every file (file-system work bare pydicom never does). Each ingest round writes into a "
-        "new, empty pool; deleting the previous round's output is not timed. Rates move with the load of the "
-        "machine; the rounds interleave so that the ratios move less.",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                SECTION,
+                "",
+                *header(command, machine_line),
+                f"- data: {result['files']} files ({result['megabytes']:.1f} MB) from the simulated 3-site export (native "
+                "8/12/16-bit and JPEG 2000 lossless X-rays, one SR and one truncated file); medians of "
+                f"{result['repeats']} interleaved rounds, each run pinned to one core unless stated",
+                "",
+                "| run | files/s |",
+                "|---|---:|",
+                f"| (a) bare pydicom `dcmread`, no pixel decoding | {rates['read']:.0f} |",
+                f"| (b) `medtriage ingest` (keyed hash, screen, structural pixel check, de-identify, write, index, labels, log) | {rates['ingest']:.0f} |",
+                f"| (c) bare pydicom `dcmread` + `pixel_array` | {rates['decode']:.0f} |",
+                f"| (d) `medtriage ingest --verify-pixels` (b plus a full decode) | {rates['ingest_verify']:.0f} |",
+                f"| (e) `medtriage ingest --workers {cores}`, {cores} cores | {rates['ingest_all']:.0f} |",
+                "",
+                f"Target: ingest on one core at ≥ {TARGET:.0%} of bare pydicom doing the same decoding.",
+                f"- without decoding, b/a = {plain:.0%}: {verdict(plain >= TARGET)}",
+                f"- with decoding, d/c = {decoding:.0%}: {verdict(decoding >= TARGET)}",
+                f"- {cores} workers without decoding, e/a = {rates['ingest_all'] / rates['read']:.0%} (no target)",
+                "",
+                "Ingest also writes every file (file-system work bare pydicom never does). Each ingest round writes into a "
+                "new, empty pool; deleting the previous round's output is not timed. Rates move with the load of the "
+                "machine; the rounds interleave so that the ratios move less.",
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,8 +62,10 @@ def run(package_dir: Path, npz: Path, int8_dir: Path | None, repeats: int, threa
     fp32_package = load_package(package_dir)
     with tempfile.TemporaryDirectory() as tmp:
         int8_dir = int8_dir or quantize_package(package_dir, npz, Path(tmp) / f"{package_dir.name}-int8")
-        predictors = {"fp32": Predictor(fp32_package, threads=threads),
-                      "int8": Predictor(load_package(int8_dir), allow_out_of_scope=True, threads=threads)}
+        predictors = {
+            "fp32": Predictor(fp32_package, threads=threads),
+            "int8": Predictor(load_package(int8_dir), allow_out_of_scope=True, threads=threads),
+        }
         predictors["fp32"].allow_out_of_scope = True  # the timed DICOM file may lie outside the model's scope
         pixels, labels = read_npz_split(npz, "test")
         images = [p[None] for p in pixels]
@@ -71,38 +73,66 @@ def run(package_dir: Path, npz: Path, int8_dir: Path | None, repeats: int, threa
         scores = {name: accuracy(p, images, labels, bins) for name, p in predictors.items()}
         timings = latencies(predictors, pixels, repeats)
         quantization = predictors["int8"].package.meta["quantization"]
-    return {"package": fp32_package.describe(), "test_images": len(labels), "scores": scores, "timings": timings,
-            "parity": quantization["parity"], "calibration": quantization["calibration"], "nodes": quantization["quantized_nodes"],
-            "threads": threads, "repeats": repeats}
+    return {
+        "package": fp32_package.describe(),
+        "test_images": len(labels),
+        "scores": scores,
+        "timings": timings,
+        "parity": quantization["parity"],
+        "calibration": quantization["calibration"],
+        "nodes": quantization["quantized_nodes"],
+        "threads": threads,
+        "repeats": repeats,
+    }
 
 
 def markdown(result: dict, command: str, machine_line: str) -> str:
     s32, s8 = result["scores"]["fp32"], result["scores"]["int8"]
     drop = s32["auc"] - s8["auc"]
-    lines = [SECTION, "", *header(command, f"{machine_line}, onnxruntime {ort.__version__}"),
-             (f"- model: {result['package']}; int8 by `medtriage quantize` ({result['nodes']} Conv/Gemm nodes, calibrated on "
-             f"{result['calibration']}); {result['test_images']} test images through each package's Predictor"),
-             (f"- timing: {result['repeats']} interleaved rounds after 3 warm-up rounds, ORT threads "
-             f"{result['threads'] or 'all cores'}"), "",
-             "| measure | fp32 | int8 | int8 vs fp32 | target | verdict |", "|---|---|---|---|---|---|",
-             (f"| test AUC | {s32['auc']:.4f} | {s8['auc']:.4f} | {-drop:+.4f} | drop ≤ {AUC_DROP_TARGET} | "
-             f"{verdict(drop <= AUC_DROP_TARGET)} |"),
-             f"| test ECE | {s32['ece']:.4f} | {s8['ece']:.4f} | {s8['ece'] - s32['ece']:+.4f} | — | — |"]
+    lines = [
+        SECTION,
+        "",
+        *header(command, f"{machine_line}, onnxruntime {ort.__version__}"),
+        (
+            f"- model: {result['package']}; int8 by `medtriage quantize` ({result['nodes']} Conv/Gemm nodes, calibrated on "
+            f"{result['calibration']}); {result['test_images']} test images through each package's Predictor"
+        ),
+        (f"- timing: {result['repeats']} interleaved rounds after 3 warm-up rounds, ORT threads {result['threads'] or 'all cores'}"),
+        "",
+        "| measure | fp32 | int8 | int8 vs fp32 | target | verdict |",
+        "|---|---|---|---|---|---|",
+        (
+            f"| test AUC | {s32['auc']:.4f} | {s8['auc']:.4f} | {-drop:+.4f} | drop ≤ {AUC_DROP_TARGET} | "
+            f"{verdict(drop <= AUC_DROP_TARGET)} |"
+        ),
+        f"| test ECE | {s32['ece']:.4f} | {s8['ece']:.4f} | {s8['ece'] - s32['ece']:+.4f} | — | — |",
+    ]
     speedups = {}
     for what in dict.fromkeys(w for w, _ in result["timings"]):
         t32, t8 = result["timings"][(what, "fp32")], result["timings"][(what, "int8")]
         speedups[what] = t32.median_ms / t8.median_ms
         target = what.startswith("batch")
-        lines.append(f"| latency, {what} (median / p95 ms) | {t32.median_ms:.2f} / {t32.p95_ms:.2f} | "
-                     f"{t8.median_ms:.2f} / {t8.p95_ms:.2f} | {speedups[what]:.2f}x | "
-                     + (f"≥ {SPEEDUP_TARGET}x | {verdict(speedups[what] >= SPEEDUP_TARGET)} |" if target else "— | — |"))
+        lines.append(
+            f"| latency, {what} (median / p95 ms) | {t32.median_ms:.2f} / {t32.p95_ms:.2f} | "
+            f"{t8.median_ms:.2f} / {t8.p95_ms:.2f} | {speedups[what]:.2f}x | "
+            + (f"≥ {SPEEDUP_TARGET}x | {verdict(speedups[what] >= SPEEDUP_TARGET)} |" if target else "— | — |")
+        )
     parity = result["parity"]
     met = drop <= AUC_DROP_TARGET and all(v >= SPEEDUP_TARGET for k, v in speedups.items() if k.startswith("batch"))
-    lines += ["", (f"Parity on the calibration images (recorded in the int8 package): max |Δp| {parity['max_abs_diff']:.4f}, "
-              f"mean {parity['mean_abs_diff']:.4f}, {parity['priority_changes']} of {parity['images']} priorities changed."), "",
-              ("Both targets are met: int8 packages can be offered where speed matters; fp32 stays what export writes." if met else
-               "INT8 misses at least one target here, so **fp32 stays the default**: export writes fp32 and an int8 package "
-               "exists only where someone runs `medtriage quantize` and checks its parity report.")]
+    lines += [
+        "",
+        (
+            f"Parity on the calibration images (recorded in the int8 package): max |Δp| {parity['max_abs_diff']:.4f}, "
+            f"mean {parity['mean_abs_diff']:.4f}, {parity['priority_changes']} of {parity['images']} priorities changed."
+        ),
+        "",
+        (
+            "Both targets are met: int8 packages can be offered where speed matters; fp32 stays what export writes."
+            if met
+            else "INT8 misses at least one target here, so **fp32 stays the default**: export writes fp32 and an int8 package "
+            "exists only where someone runs `medtriage quantize` and checks its parity report."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -79,8 +79,9 @@ def run(package: Path, instances: int, studies: int, size: int, study_timeout: f
 
     node_port = free_port()
     pacs = Orthanc(_folder(work / "pacs"), node_port).start()
-    node = Listener(package, work / "state", node_port, "--send-to", f"{ORTHANC_AET}@127.0.0.1:{pacs.dicom_port}",
-                    "--study-timeout", str(study_timeout)).start()
+    node = Listener(
+        package, work / "state", node_port, "--send-to", f"{ORTHANC_AET}@127.0.0.1:{pacs.dicom_port}", "--study-timeout", str(study_timeout)
+    ).start()
     try:
         uids = {pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID for files in data}
         stop = threading.Event()
@@ -102,10 +103,20 @@ def run(package: Path, instances: int, studies: int, size: int, study_timeout: f
         node.stop()
         pacs.close()
     latencies = [arrivals[uid] - ended[uid] for uid in uids]
-    return {"n": n, "studies": studies, "per_study": per_study, "size": size, "timeout": study_timeout,
-            "straight_rate": n / straight_seconds, "receive_rate": n / receive_seconds,
-            "node_rate": n / max(end_to_end - study_timeout, 1e-9), "end_to_end": end_to_end,
-            "p50": statistics.median(latencies), "p95": percentile(latencies, 0.95), "counts": counts}
+    return {
+        "n": n,
+        "studies": studies,
+        "per_study": per_study,
+        "size": size,
+        "timeout": study_timeout,
+        "straight_rate": n / straight_seconds,
+        "receive_rate": n / receive_seconds,
+        "node_rate": n / max(end_to_end - study_timeout, 1e-9),
+        "end_to_end": end_to_end,
+        "p50": statistics.median(latencies),
+        "p95": percentile(latencies, 0.95),
+        "counts": counts,
+    }
 
 
 def _folder(path: Path) -> Path:
@@ -116,22 +127,28 @@ def _folder(path: Path) -> Path:
 def markdown(r: dict, command: str, machine_line: str) -> str:
     rate_ok = r["node_rate"] >= r["straight_rate"] / 2
     latency_ok = r["p95"] <= r["timeout"] + 2
-    return "\n".join([
-        SECTION, "",
-        *header(command, machine_line),
-        f"- work: {r['n']} CR instances ({r['size']}x{r['size']}, 8-bit, uncompressed) in {r['studies']} studies of "
-        f"{r['per_study']}, each study in one storescu association; the node runs with --study-timeout {r['timeout']:g} "
-        "--threads 1 and the small test model package; Orthanc (Debian package, default storage) on loopback",
-        f"- node state at the end: {r['counts']}", "",
-        "| path | instances/s |", "|---|---|",
-        f"| storescu → Orthanc (straight) | {r['straight_rate']:.1f} |",
-        f"| storescu → MedTriage, received (spooled + committed) | {r['receive_rate']:.1f} |",
-        f"| storescu → MedTriage → SR in Orthanc, end to end less the study timeout | {r['node_rate']:.1f} |", "",
-        f"- last instance of a study → its SR stored in Orthanc: p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s",
-        f"- node rate ≥ half the straight rate ({r['node_rate']:.1f} vs {r['straight_rate'] / 2:.1f}): {verdict(rate_ok)}",
-        f"- p95 latency ≤ study timeout + 2 s ({r['p95']:.2f} s vs {r['timeout'] + 2:g} s): {verdict(latency_ok)}",
-        "",
-    ])
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            *header(command, machine_line),
+            f"- work: {r['n']} CR instances ({r['size']}x{r['size']}, 8-bit, uncompressed) in {r['studies']} studies of "
+            f"{r['per_study']}, each study in one storescu association; the node runs with --study-timeout {r['timeout']:g} "
+            "--threads 1 and the small test model package; Orthanc (Debian package, default storage) on loopback",
+            f"- node state at the end: {r['counts']}",
+            "",
+            "| path | instances/s |",
+            "|---|---|",
+            f"| storescu → Orthanc (straight) | {r['straight_rate']:.1f} |",
+            f"| storescu → MedTriage, received (spooled + committed) | {r['receive_rate']:.1f} |",
+            f"| storescu → MedTriage → SR in Orthanc, end to end less the study timeout | {r['node_rate']:.1f} |",
+            "",
+            f"- last instance of a study → its SR stored in Orthanc: p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s",
+            f"- node rate ≥ half the straight rate ({r['node_rate']:.1f} vs {r['straight_rate'] / 2:.1f}): {verdict(rate_ok)}",
+            f"- p95 latency ≤ study timeout + 2 s ({r['p95']:.2f} s vs {r['timeout'] + 2:g} s): {verdict(latency_ok)}",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

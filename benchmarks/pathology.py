@@ -93,15 +93,23 @@ def measure(path: Path, tile_size: int, mpp: float, repeats: int) -> dict:
     with open_slide(path) as slide:
         grid = tile_grid(slide, tile_size, mpp, tissue_mask(slide))
     coords = [(t.x, t.y) for t in grid.tiles]
-    timings = interleaved({
-        "openslide": openslide_read(path, coords, grid.read_size),
-        "tiffslide": tiffslide_read(path, coords, grid.read_size),
-        "read": medtriage_read(path, grid),
-        "pipeline": medtriage_pipeline(path, tile_size, mpp, 1),
-        "pipeline_all": medtriage_pipeline(path, tile_size, mpp, len(cores)),
-    }, repeats, cpus={"openslide": one, "tiffslide": one, "read": one, "pipeline": one, "pipeline_all": set(cores)})
-    return {"tiles": len(coords), "candidates": grid.n_candidates, "cores": len(cores),
-            "rates": {name: t.rate for name, t in timings.items()}}
+    timings = interleaved(
+        {
+            "openslide": openslide_read(path, coords, grid.read_size),
+            "tiffslide": tiffslide_read(path, coords, grid.read_size),
+            "read": medtriage_read(path, grid),
+            "pipeline": medtriage_pipeline(path, tile_size, mpp, 1),
+            "pipeline_all": medtriage_pipeline(path, tile_size, mpp, len(cores)),
+        },
+        repeats,
+        cpus={"openslide": one, "tiffslide": one, "read": one, "pipeline": one, "pipeline_all": set(cores)},
+    )
+    return {
+        "tiles": len(coords),
+        "candidates": grid.n_candidates,
+        "cores": len(cores),
+        "rates": {name: t.rate for name, t in timings.items()},
+    }
 
 
 def table(results: dict[int, dict], mpp: float) -> list[str]:
@@ -115,28 +123,38 @@ def table(results: dict[int, dict], mpp: float) -> list[str]:
         lines.append(
             f"| {size} @ {mpp} | {r['tiles']} of {r['candidates']} | {rates['openslide']:.0f} | {rates['tiffslide']:.0f} | "
             f"{rates['read']:.0f} | {rates['pipeline']:.0f} | {rates['pipeline_all']:.0f} ({r['cores']} threads) | "
-            f"{rates['read'] / rates['openslide']:.2f}x | {rates['pipeline_all'] / rates['pipeline']:.2f}x |")
+            f"{rates['read'] / rates['openslide']:.2f}x | {rates['pipeline_all'] / rates['pipeline']:.2f}x |"
+        )
     return lines
 
 
 def markdown(results: dict[int, dict], slide: Path, mpp: float, repeats: int, command: str, machine_line: str) -> str:
-    verdicts = [f"- {size} px tiles: c/a = {r['rates']['read'] / r['rates']['openslide']:.2f}x: "
-                f"{verdict(r['rates']['read'] / r['rates']['openslide'] >= TARGET)}" for size, r in results.items()]
-    return "\n".join([
-        SECTION, "",
-        *header(command, machine_line),
-        f"- data: the tissue tiles of `{slide.name}`, the same tile coordinates for every reader; tiles/s, median of "
-        f"{repeats} interleaved runs; (a)-(d) pinned to one core",
-        "",
-        "(a)-(c) only read the tiles. (d) opens the slide, computes the tissue mask, lays out the grid, fits the slide's "
-        "stains (Macenko) and returns every tile normalised as float32 `[3, S, S]`, all inside the timed run: more work "
-        "than a read, so it has no ratio against (a).",
-        "",
-        *table(results, mpp),
-        "",
-        f"Target: medtriage's tile read on one core at least {TARGET:.1f}x OpenSlide's read of the same tiles (c/a).",
-        *verdicts,
-    ]) + "\n"
+    verdicts = [
+        f"- {size} px tiles: c/a = {r['rates']['read'] / r['rates']['openslide']:.2f}x: "
+        f"{verdict(r['rates']['read'] / r['rates']['openslide'] >= TARGET)}"
+        for size, r in results.items()
+    ]
+    return (
+        "\n".join(
+            [
+                SECTION,
+                "",
+                *header(command, machine_line),
+                f"- data: the tissue tiles of `{slide.name}`, the same tile coordinates for every reader; tiles/s, median of "
+                f"{repeats} interleaved runs; (a)-(d) pinned to one core",
+                "",
+                "(a)-(c) only read the tiles. (d) opens the slide, computes the tissue mask, lays out the grid, fits the slide's "
+                "stains (Macenko) and returns every tile normalised as float32 `[3, S, S]`, all inside the timed run: more work "
+                "than a read, so it has no ratio against (a).",
+                "",
+                *table(results, mpp),
+                "",
+                f"Target: medtriage's tile read on one core at least {TARGET:.1f}x OpenSlide's read of the same tiles (c/a).",
+                *verdicts,
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,18 +35,25 @@ SETTINGS = {  # name -> overrides; augmentation trains on the raw pool
 
 METRICS = {  # table title -> how to read it from a run's test metrics
     "Test AUC (tile level)": lambda m: m["test/auc"],
-    "Balanced accuracy at the 0.5 threshold, (sensitivity + specificity) / 2":
-        lambda m: (m.get("test/sens", np.nan) + m.get("test/spec", np.nan)) / 2,  # nan when a class is missing
+    "Balanced accuracy at the 0.5 threshold, (sensitivity + specificity) / 2": lambda m: (
+        (m.get("test/sens", np.nan) + m.get("test/spec", np.nan)) / 2
+    ),  # nan when a class is missing
 }
 
 
 def held_out_metrics(site: str, setting: str, seed: int, epochs: int, extra: list[str]) -> dict[str, float]:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     overrides = [
-        "experiment=pathology_tiles", f"data.tiles.holdout_site={site}", f"data.pool_seed={seed}", f"trainer.seed={seed}",
-        f"trainer.max_epochs={epochs}", "export.enabled=false", *SETTINGS[setting],
+        "experiment=pathology_tiles",
+        f"data.tiles.holdout_site={site}",
+        f"data.pool_seed={seed}",
+        f"trainer.seed={seed}",
+        f"trainer.max_epochs={epochs}",
+        "export.enabled=false",
+        *SETTINGS[setting],
         f"name=pathology_loso_{site}_{setting}_s{seed}",
-        f"paths.output_dir={ROOT / 'outputs' / 'pathology_loso' / f'{site}_{setting}_s{seed}_{stamp}'}", *extra,
+        f"paths.output_dir={ROOT / 'outputs' / 'pathology_loso' / f'{site}_{setting}_s{seed}_{stamp}'}",
+        *extra,
     ]
     result = run(compose_train_config(overrides))
     return {title: float(read(result.metrics)) for title, read in METRICS.items()}
@@ -86,17 +93,26 @@ def best_lines(table: dict[str, dict[str, dict[str, list[float]]]]) -> list[str]
         best = max(means, key=means.get)
         wins = {s: sum(np.mean(by_site[site][s]) > np.mean(by_site[site]["raw"]) for site in by_site) for s in SETTINGS if s != "raw"}
         spread = {s: max(np.ptp(by_site[site][s]) for site in by_site) for s in SETTINGS}
-        lines.append(f"- {title.split(',')[0]}: highest mean over held-out sites with **{best}**; ahead of raw at "
-                     + ", ".join(f"{n} of {len(by_site)} sites for {s}" for s, n in wins.items())
-                     + "; largest seed-to-seed range at one site " + ", ".join(f"{s} {v:.3f}" for s, v in spread.items()))
+        lines.append(
+            f"- {title.split(',')[0]}: highest mean over held-out sites with **{best}**; ahead of raw at "
+            + ", ".join(f"{n} of {len(by_site)} sites for {s}" for s, n in wins.items())
+            + "; largest seed-to-seed range at one site "
+            + ", ".join(f"{s} {v:.3f}" for s, v in spread.items())
+        )
     return lines + [""]
 
 
 def format_tables(table: dict[str, dict[str, dict[str, list[float]]]]) -> list[str]:
     lines = []
     for title, by_site in table.items():
-        lines += [f"{title}:", "", "| held-out site | " + " | ".join(SETTINGS) + " |", "|---" * (len(SETTINGS) + 1) + "|",
-                  *format_rows(by_site), ""]
+        lines += [
+            f"{title}:",
+            "",
+            "| held-out site | " + " | ".join(SETTINGS) + " |",
+            "|---" * (len(SETTINGS) + 1) + "|",
+            *format_rows(by_site),
+            "",
+        ]
     return lines
 
 
@@ -106,20 +122,31 @@ def device_words() -> str:
     return f"CUDA ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
 
 
-def markdown(table: dict, epochs: int, seeds: int, command: str, machine_line: str, minutes: tuple[float, float],
-             date: str | None = None) -> str:
+def markdown(
+    table: dict, epochs: int, seeds: int, command: str, machine_line: str, minutes: tuple[float, float], date: str | None = None
+) -> str:
     runs = len(SETTINGS) * len(SYNTHETIC_SITES) * seeds
-    return "\n".join([
-        SECTION, "",
-        "Every patient of the held-out SYNTHETIC site is tested after training on the other two. Each cell: mean "
-        "over seeds (the runs in brackets); one MLflow run per value. Stain augmentation: "
-        "`data.augment.stain_sigma=0.3 data.augment.stain_bias=0.1` on the raw pool. AUC only ranks tiles within the "
-        "held-out site, so it does not see a site-wide shift of the scores; balanced accuracy at the fixed 0.5 "
-        "threshold shows whether the operating point learnt on the training sites still holds there.", "",
-        *header(command, machine_line, f"; {minutes[0]:.1f} min wall, {minutes[1]:.1f} min CPU for the {runs} runs "
-                f"({epochs} epochs, {seeds} seeds)", date),
-        "", *format_tables(table), *best_lines(table),
-    ])
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            "Every patient of the held-out SYNTHETIC site is tested after training on the other two. Each cell: mean "
+            "over seeds (the runs in brackets); one MLflow run per value. Stain augmentation: "
+            "`data.augment.stain_sigma=0.3 data.augment.stain_bias=0.1` on the raw pool. AUC only ranks tiles within the "
+            "held-out site, so it does not see a site-wide shift of the scores; balanced accuracy at the fixed 0.5 "
+            "threshold shows whether the operating point learnt on the training sites still holds there.",
+            "",
+            *header(
+                command,
+                machine_line,
+                f"; {minutes[0]:.1f} min wall, {minutes[1]:.1f} min CPU for the {runs} runs ({epochs} epochs, {seeds} seeds)",
+                date,
+            ),
+            "",
+            *format_tables(table),
+            *best_lines(table),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

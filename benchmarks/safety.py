@@ -49,11 +49,28 @@ SLIDE = ROOT / "data" / "samples" / "CMU-1-Small-Region.svs"
 SAFETY_DOC = ROOT / "docs" / "safety.md"
 SECTION = "## Safety figures"
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-NOT_RADIOGRAPHS = ["CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm", "rtdose.dcm", "SC_rgb.dcm", "JPEG2000.dcm",
-                   "MR_small_RLE.dcm", "liver_1frame.dcm", "examples_ybr_color.dcm", "examples_palette.dcm",
-                   "SC_rgb_jpeg_dcmtk.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "emri_small.dcm", "693_J2KI.dcm"]
-SHIFTS = {"inverted photometric": lambda x: 1.0 - x, "gamma 2.2": lambda x: x**2.2,
-          "narrow window": lambda x: np.clip((x - 0.35) / 0.3, 0.0, 1.0), "gamma 0.6": lambda x: x**0.6}
+NOT_RADIOGRAPHS = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "US1_UNCR.dcm",
+    "rtdose.dcm",
+    "SC_rgb.dcm",
+    "JPEG2000.dcm",
+    "MR_small_RLE.dcm",
+    "liver_1frame.dcm",
+    "examples_ybr_color.dcm",
+    "examples_palette.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "MR-SIEMENS-DICOM-WithOverlays.dcm",
+    "emri_small.dcm",
+    "693_J2KI.dcm",
+]
+SHIFTS = {
+    "inverted photometric": lambda x: 1.0 - x,
+    "gamma 2.2": lambda x: x**2.2,
+    "narrow window": lambda x: np.clip((x - 0.35) / 0.3, 0.0, 1.0),
+    "gamma 0.6": lambda x: x**0.6,
+}
 SHIFT_AFTER, STREAM = 100, 300
 # Targets: false alarms at most twice the stated 1%; 90% of foreign images withheld; unshifted streams alert
 # in at most 5%; every shift detected within 100 images; served calibration no worse than none on test.
@@ -87,8 +104,12 @@ def export(models_dir: Path) -> tuple[Path, dict]:
     pick = np.random.default_rng(1).choice(len(splits["train"][1]), 1000, replace=False)
     cfg = ExportConfig(models_dir=str(models_dir), name="safety-bench", parity_images=16, log_to_mlflow=False, register_model=False)
     result = export_model(
-        net, cfg, label_names=PNEUMONIA_LABELS, val=Predictions(logits["val"], val_labels, np.array(["npz"] * len(val_labels))),
-        test=Predictions(logits["test"], test_labels, np.array(["npz"] * len(test_labels))), parity_images=list(chw["val"]),
+        net,
+        cfg,
+        label_names=PNEUMONIA_LABELS,
+        val=Predictions(logits["val"], val_labels, np.array(["npz"] * len(val_labels))),
+        test=Predictions(logits["test"], test_labels, np.array(["npz"] * len(test_labels))),
+        parity_images=list(chw["val"]),
         ood_data=OodData(list(chw["train"][pick]), splits["train"][1][pick], list(chw["val"])),
     )
     return result.package_dir, temperature_on_test(logits, val_labels, test_labels, cfg.ece_bins)
@@ -108,9 +129,21 @@ def outcome(predictor: Predictor, image: DecodedImage, name: str):
 
 
 def decoded(pixels: np.ndarray, photometric: str = "MONOCHROME2") -> DecodedImage:
-    return DecodedImage(pixels=pixels.astype(np.float32), sop_uid="", study_uid="", series_uid="", patient_id="", modality="CR",
-                        sop_class_uid=CR_STORAGE, photometric=photometric, rows=pixels.shape[-2], columns=pixels.shape[-1],
-                        frames=len(pixels), bits_stored=8, transfer_syntax="")
+    return DecodedImage(
+        pixels=pixels.astype(np.float32),
+        sop_uid="",
+        study_uid="",
+        series_uid="",
+        patient_id="",
+        modality="CR",
+        sop_class_uid=CR_STORAGE,
+        photometric=photometric,
+        rows=pixels.shape[-2],
+        columns=pixels.shape[-1],
+        frames=len(pixels),
+        bits_stored=8,
+        transfer_syntax="",
+    )
 
 
 def withheld(outcomes) -> float:
@@ -142,8 +175,12 @@ def ood_figures(predictor: Predictor, held_out: np.ndarray, work: Path) -> dict:
     finally:
         prepared.slide.close()
     tile_rate = withheld(outcome(predictor, decoded(t[None], "RGB"), "tile") for t in tiles)
-    return {"xrays": (xrays, len(held_out)), "sites": (sites, len(site_files)), "foreign": (foreign, len(foreign_files)),
-            "tiles": (tile_rate, len(tiles))}
+    return {
+        "xrays": (xrays, len(held_out)),
+        "sites": (sites, len(site_files)),
+        "foreign": (foreign, len(foreign_files)),
+        "tiles": (tile_rate, len(tiles)),
+    }
 
 
 def stream_alert(predictor: Predictor, images: np.ndarray, shift=None) -> int | None:
@@ -161,31 +198,46 @@ def drift_figures(predictor: Predictor, held_out: np.ndarray, streams: int) -> d
     rng = np.random.default_rng(0)
     orders = [rng.permutation(len(held_out))[:STREAM] for _ in range(streams)]
     unshifted = [stream_alert(predictor, held_out[order]) for order in orders]
-    delays = {name: [stream_alert(predictor, held_out[order], shift) for order in orders[: max(5, streams // 4)]]
-              for name, shift in SHIFTS.items()}
+    delays = {
+        name: [stream_alert(predictor, held_out[order], shift) for order in orders[: max(5, streams // 4)]]
+        for name, shift in SHIFTS.items()
+    }
     return {"false_alarm": (float(np.mean([a is not None for a in unshifted])), streams), "delays": delays}
 
 
 def markdown(meta: dict, ood: dict, drift: dict, alternative: dict, command: str, machine_line: str, seconds: float) -> str:
     rate = lambda pair: f"{pair[0]:.1%} of {pair[1]}"  # noqa: E731
     stated = meta["ood"]["false_alarm_rate"]
-    lines = [SECTION, "", *header(command, machine_line, f"; {seconds:.0f} s"), "",
-             "Model: ResNet-10 at 32 px, random convolutional features with a logistic-regression head fitted on "
-             "PneumoniaMNIST training images, exported with medtriage.export (OOD fitted on 1000 training images).", "",
-             "### Unusual inputs (OOD score in the graph)", "",
-             f"Threshold {meta['ood']['threshold']:.3f}, chosen on validation to flag {stated:.0%} ({meta['ood']['val_flagged']:.1%} flagged there).", "",
-             "| images | withheld as unusual | target | verdict |", "|---|---|---|---|",
-             f"| held-out X-rays (PneumoniaMNIST test) | {rate(ood['xrays'])} | ≤ {TARGETS['ood_false_alarm']:.0%} | {verdict(ood['xrays'][0] <= TARGETS['ood_false_alarm'])} |",
-             f"| simulated site CR/DX files (3 sites) | {rate(ood['sites'])} | ≤ {TARGETS['ood_false_alarm']:.0%} | {verdict(ood['sites'][0] <= TARGETS['ood_false_alarm'])} |",
-             f"| pydicom CT/MR/US/RT/SC images relabelled as CR | {rate(ood['foreign'])} | ≥ {TARGETS['ood_detection']:.0%} | {verdict(ood['foreign'][0] >= TARGETS['ood_detection'])} |",
-             f"| tissue tiles of the sample slide (224 px, 0.5 µm/px) | {rate(ood['tiles'])} | ≥ {TARGETS['ood_detection']:.0%} | {verdict(ood['tiles'][0] >= TARGETS['ood_detection'])} |",
-             "", "### Drift (PSI per source)", "",
-             f"Threshold {meta['drift']['psi_threshold']:.3f} ({meta['drift']['threshold_rule']}); windows of "
-             f"{meta['drift']['window']} images, alerts from {meta['drift']['min_images']}. Streams of {STREAM} held-out X-rays "
-             f"in random orders; shifted streams switch after {SHIFT_AFTER} images.", "",
-             "| stream | alerts | median delay (images after the shift) | target | verdict |", "|---|---|---|---|---|",
-             f"| unshifted | {drift['false_alarm'][0]:.1%} of {drift['false_alarm'][1]} streams | — | ≤ {TARGETS['drift_false_alarm']:.0%} of streams | "
-             f"{verdict(drift['false_alarm'][0] <= TARGETS['drift_false_alarm'])} |"]
+    lines = [
+        SECTION,
+        "",
+        *header(command, machine_line, f"; {seconds:.0f} s"),
+        "",
+        "Model: ResNet-10 at 32 px, random convolutional features with a logistic-regression head fitted on "
+        "PneumoniaMNIST training images, exported with medtriage.export (OOD fitted on 1000 training images).",
+        "",
+        "### Unusual inputs (OOD score in the graph)",
+        "",
+        f"Threshold {meta['ood']['threshold']:.3f}, chosen on validation to flag {stated:.0%} ({meta['ood']['val_flagged']:.1%} flagged there).",
+        "",
+        "| images | withheld as unusual | target | verdict |",
+        "|---|---|---|---|",
+        f"| held-out X-rays (PneumoniaMNIST test) | {rate(ood['xrays'])} | ≤ {TARGETS['ood_false_alarm']:.0%} | {verdict(ood['xrays'][0] <= TARGETS['ood_false_alarm'])} |",
+        f"| simulated site CR/DX files (3 sites) | {rate(ood['sites'])} | ≤ {TARGETS['ood_false_alarm']:.0%} | {verdict(ood['sites'][0] <= TARGETS['ood_false_alarm'])} |",
+        f"| pydicom CT/MR/US/RT/SC images relabelled as CR | {rate(ood['foreign'])} | ≥ {TARGETS['ood_detection']:.0%} | {verdict(ood['foreign'][0] >= TARGETS['ood_detection'])} |",
+        f"| tissue tiles of the sample slide (224 px, 0.5 µm/px) | {rate(ood['tiles'])} | ≥ {TARGETS['ood_detection']:.0%} | {verdict(ood['tiles'][0] >= TARGETS['ood_detection'])} |",
+        "",
+        "### Drift (PSI per source)",
+        "",
+        f"Threshold {meta['drift']['psi_threshold']:.3f} ({meta['drift']['threshold_rule']}); windows of "
+        f"{meta['drift']['window']} images, alerts from {meta['drift']['min_images']}. Streams of {STREAM} held-out X-rays "
+        f"in random orders; shifted streams switch after {SHIFT_AFTER} images.",
+        "",
+        "| stream | alerts | median delay (images after the shift) | target | verdict |",
+        "|---|---|---|---|---|",
+        f"| unshifted | {drift['false_alarm'][0]:.1%} of {drift['false_alarm'][1]} streams | — | ≤ {TARGETS['drift_false_alarm']:.0%} of streams | "
+        f"{verdict(drift['false_alarm'][0] <= TARGETS['drift_false_alarm'])} |",
+    ]
     for name, delays in drift["delays"].items():
         found = [d for d in delays if d is not None and d >= 1]
         met = len(found) == len(delays) and max(found) <= TARGETS["drift_delay"]
@@ -197,15 +249,22 @@ def markdown(meta: dict, ood: dict, drift: dict, alternative: dict, command: str
     met = test["served"]["ece"] <= test["uncalibrated"]["ece"] + 1e-12
     other = alternative["ece"] if cal["method"] == "none" else test["uncalibrated"]["ece"]
     confirmed = test["served"]["ece"] <= other + 1e-12
-    lines += ["", "### Calibration", "",
-              f"Chosen on validation: **{cal['method']}** (cross-validated ECE: none {cal['selection']['cv_ece']['none']:.3f}, "
-              f"temperature {cal['selection']['cv_ece']['temperature']:.3f}; {cal['selection']['rule']}).", "",
-              f"| test ECE ({test['served']['images']} images, bootstrap 95% interval) | value |", "|---|---|",
-              f"| uncalibrated | {ci(test['uncalibrated'])} |",
-              f"| temperature fitted on all of validation (T = {alternative['temperature']:.3f}) | {ci(alternative)} |",
-              f"| served ({cal['method']}, T = {cal['temperature']:.3f}) | {ci(test['served'])} |",
-              f"| served no worse than uncalibrated | {verdict(met)} |",
-              f"| the choice holds on test (served ECE ≤ the alternative's) | {verdict(confirmed)} |", ""]
+    lines += [
+        "",
+        "### Calibration",
+        "",
+        f"Chosen on validation: **{cal['method']}** (cross-validated ECE: none {cal['selection']['cv_ece']['none']:.3f}, "
+        f"temperature {cal['selection']['cv_ece']['temperature']:.3f}; {cal['selection']['rule']}).",
+        "",
+        f"| test ECE ({test['served']['images']} images, bootstrap 95% interval) | value |",
+        "|---|---|",
+        f"| uncalibrated | {ci(test['uncalibrated'])} |",
+        f"| temperature fitted on all of validation (T = {alternative['temperature']:.3f}) | {ci(alternative)} |",
+        f"| served ({cal['method']}, T = {cal['temperature']:.3f}) | {ci(test['served'])} |",
+        f"| served no worse than uncalibrated | {verdict(met)} |",
+        f"| the choice holds on test (served ECE ≤ the alternative's) | {verdict(confirmed)} |",
+        "",
+    ]
     return "\n".join(lines)
 
 

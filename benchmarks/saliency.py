@@ -53,25 +53,35 @@ def measure(path: str, network: str, size: int, repeats: int, work: Path) -> dic
     work = resize_chw(pixels, (size, size))  # what explain_frame occludes: the frame at the model's input size
     copies = np.concatenate([work[None], occluded_copies(work, DEFAULT_GRID)])
     png = explain_frame(predictor, frame)[1]
-    timings = interleaved({"picture": lambda: explain_frame(predictor, frame),
-                           "batch": lambda: predictor.probabilities(copies)}, repeats)
-    return {"model": f"{network_words(network, 2)} at {size} px", "picture": timings["picture"], "batch": timings["batch"],
-            "copies": len(copies), "png_kb": len(png) / 1000}
+    timings = interleaved({"picture": lambda: explain_frame(predictor, frame), "batch": lambda: predictor.probabilities(copies)}, repeats)
+    return {
+        "model": f"{network_words(network, 2)} at {size} px",
+        "picture": timings["picture"],
+        "batch": timings["batch"],
+        "copies": len(copies),
+        "png_kb": len(png) / 1000,
+    }
 
 
 def markdown(rows: list[dict], frame: str, repeats: int, command: str, machine_line: str) -> str:
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         *header(command, machine_line),
-        f"- frame: `{frame}`; {repeats} interleaved rounds after one warm-up, medians (p95 in brackets)", "",
+        f"- frame: `{frame}`; {repeats} interleaved rounds after one warm-up, medians (p95 in brackets)",
+        "",
         "| model | picture (map + PNG), s | the one batch alone (image + occluded copies), s | images in the batch | PNG, kB |",
         "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['model']} | {r['picture'].median_ms / 1000:.2f} ({r['picture'].p95_ms / 1000:.2f}) | "
-              f"{r['batch'].median_ms / 1000:.2f} | {r['copies']} | {r['png_kb']:.0f} |" for r in rows]
+    lines += [
+        f"| {r['model']} | {r['picture'].median_ms / 1000:.2f} ({r['picture'].p95_ms / 1000:.2f}) | "
+        f"{r['batch'].median_ms / 1000:.2f} | {r['copies']} | {r['png_kb']:.0f} |"
+        for r in rows
+    ]
     lines += ["", f"Target: the picture within {TARGET_SECONDS:g} s of opening a row (median)."]
-    lines += [f"- {r['model']}: {r['picture'].median_ms / 1000:.2f} s {verdict(r['picture'].median_ms / 1000 <= TARGET_SECONDS)}"
-              for r in rows]
+    lines += [
+        f"- {r['model']}: {r['picture'].median_ms / 1000:.2f} s {verdict(r['picture'].median_ms / 1000 <= TARGET_SECONDS)}" for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 

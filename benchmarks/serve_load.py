@@ -37,8 +37,19 @@ SECTION = "## Serving under load"
 TOKEN = "benchmark-token"
 RSS_GROWTH_TARGET = 0.10
 DEFAULT_REQUESTS = 10_000
-VALID = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "emri_small.dcm", "US1_J2KR.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-         "MR_small_RLE.dcm", "RG1_J2KR.dcm", "RG3_UNCI.dcm", "RG1_UNCI.dcm", "MR2_UNCI.dcm"]
+VALID = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "JPEG2000.dcm",
+    "emri_small.dcm",
+    "US1_J2KR.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "MR_small_RLE.dcm",
+    "RG1_J2KR.dcm",
+    "RG3_UNCI.dcm",
+    "RG1_UNCI.dcm",
+    "MR2_UNCI.dcm",
+]
 NOT_IMAGES = ["rtplan.dcm", "test-SR.dcm"]
 
 
@@ -104,8 +115,9 @@ async def load(url: str, mix: dict[str, bool], requests: int, concurrency: int, 
             path = plan[i]
             started = time.perf_counter()
             try:
-                response = await client.post("/v1/score", headers=headers,
-                                              files=[("files", (Path(path).name, bodies[path], "application/dicom"))])
+                response = await client.post(
+                    "/v1/score", headers=headers, files=[("files", (Path(path).name, bodies[path], "application/dicom"))]
+                )
                 code = response.status_code
             except httpx.HTTPError as err:
                 code = f"transport:{type(err).__name__}"
@@ -139,8 +151,12 @@ def start_server(package: Path, extra: list[str]) -> tuple[subprocess.Popen, str
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MEDTRIAGE_TOKEN": TOKEN}
-    process = subprocess.Popen([sys.executable, "-m", "medtriage.cli", "serve", str(package), "--port", str(port), *extra],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medtriage.cli", "serve", str(package), "--port", str(port), *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -162,19 +178,26 @@ def report(result: dict, args: argparse.Namespace, mix: dict[str, bool], server:
     sizes = sorted(Path(p).stat().st_size for p in mix)
     codes = ", ".join(f"{code}: {n}" for code, n in sorted(result["codes"].items(), key=lambda kv: str(kv[0])))
     smaller = f" (the default is {DEFAULT_REQUESTS:,}; this run used fewer)" if args.requests < DEFAULT_REQUESTS else ""
-    lines = [SECTION, "", *header(command_line(), machine()), f"- server: {server}",
-             f"- load: {args.requests:,} requests{smaller}, {args.concurrency} concurrent, one file per request drawn from "
-             f"{len(mix)} files ({sum(mix.values())} valid, {len(mix) - sum(mix.values())} broken or not images; "
-             f"{sizes[0]} B to {sizes[-1] / 1e6:.1f} MB); warm-up = first {args.warmup} requests", "",
-             "| measure | value |", "|---|---|",
-             f"| throughput | {args.requests / result['seconds']:.1f} req/s ({result['seconds']:.0f} s) |",
-             f"| latency p50 / p99 | {1000 * p50:.0f} ms / {1000 * p99:.0f} ms |",
-             f"| responses by code | {codes} |",
-             f"| RSS start / after warm-up / end (peak) | {rss['start']:.0f} / {rss['after_warmup']:.0f} / "
-             f"{rss['end']:.0f} MB ({rss.get('peak', rss['end']):.0f} MB, sampled each second) |",
-             f"| RSS growth after warm-up | {100 * growth:+.1f}% (target ≤ {100 * RSS_GROWTH_TARGET:.0f}%): "
-             f"{verdict(growth <= RSS_GROWTH_TARGET)} |",
-             f"| errors not the input's fault | {errors} (target 0): {verdict(errors == 0)} |"]
+    lines = [
+        SECTION,
+        "",
+        *header(command_line(), machine()),
+        f"- server: {server}",
+        f"- load: {args.requests:,} requests{smaller}, {args.concurrency} concurrent, one file per request drawn from "
+        f"{len(mix)} files ({sum(mix.values())} valid, {len(mix) - sum(mix.values())} broken or not images; "
+        f"{sizes[0]} B to {sizes[-1] / 1e6:.1f} MB); warm-up = first {args.warmup} requests",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| throughput | {args.requests / result['seconds']:.1f} req/s ({result['seconds']:.0f} s) |",
+        f"| latency p50 / p99 | {1000 * p50:.0f} ms / {1000 * p99:.0f} ms |",
+        f"| responses by code | {codes} |",
+        f"| RSS start / after warm-up / end (peak) | {rss['start']:.0f} / {rss['after_warmup']:.0f} / "
+        f"{rss['end']:.0f} MB ({rss.get('peak', rss['end']):.0f} MB, sampled each second) |",
+        f"| RSS growth after warm-up | {100 * growth:+.1f}% (target ≤ {100 * RSS_GROWTH_TARGET:.0f}%): "
+        f"{verdict(growth <= RSS_GROWTH_TARGET)} |",
+        f"| errors not the input's fault | {errors} (target 0): {verdict(errors == 0)} |",
+    ]
     if errors:
         lines.append(f"| of which | {', '.join(f'{k} x{n}' for k, n in result['faults'].most_common(8))} |")
     return "\n".join(lines) + "\n"
@@ -230,11 +253,14 @@ def _fuzz(examples: int) -> str:
     """The DICOM fuzz test with more examples per target (MEDTRIAGE_FUZZ_EXAMPLES), run through pytest."""
     env = {**os.environ, "MEDTRIAGE_FUZZ_EXAMPLES": str(examples)}
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/fuzz"], env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/fuzz"], env=env, capture_output=True, text=True
+    )
     tail = (run.stdout.strip().splitlines() or ["(no output)"])[-1].strip("= ").split(" in ")[0]
-    return (f"\nFuzzing, {examples} examples per target (`MEDTRIAGE_FUZZ_EXAMPLES={examples} pytest tests/fuzz`): "
-            f"{tail} in {time.perf_counter() - started:.0f} s; target: no failure: {verdict(run.returncode == 0)}\n")
+    return (
+        f"\nFuzzing, {examples} examples per target (`MEDTRIAGE_FUZZ_EXAMPLES={examples} pytest tests/fuzz`): "
+        f"{tail} in {time.perf_counter() - started:.0f} s; target: no failure: {verdict(run.returncode == 0)}\n"
+    )
 
 
 if __name__ == "__main__":

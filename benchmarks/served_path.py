@@ -72,15 +72,26 @@ def measure(path: str, predictors: dict[str, Predictor], repeats: int, blocks: i
 
 
 def markdown(rows: list[dict], package: str, args: argparse.Namespace, machine_line: str) -> str:
-    lines = [SECTION, "", *header(command_line(), f"{machine_line}, onnxruntime {ort.__version__}"),
-             (f"- model: {package}; ORT threads {args.threads or 'all cores'}; {args.repeats} rounds per call after warm-up, "
-             "in 5 blocks per setting, settings alternating; medians in ms (p95 of serve in brackets)"),
-             ("- calls: decode = `read_dicom` alone; ORT = the session alone on the decoded tensor; bare = a plain loop "
-             "doing read_dicom then the session; serve = `Predictor.score_file` (decode, channels, scope, ORT, result)"),
-             ("- settings: served = the session as `medtriage serve` creates it (ORT worker threads do not spin); "
-             "spinning = ORT's default, worker threads spin after each run"), "",
-             "| file | decoded | setting | decode | ORT | decode + ORT | bare loop | serve | serve / bare | serve / (decode + ORT) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        SECTION,
+        "",
+        *header(command_line(), f"{machine_line}, onnxruntime {ort.__version__}"),
+        (
+            f"- model: {package}; ORT threads {args.threads or 'all cores'}; {args.repeats} rounds per call after warm-up, "
+            "in 5 blocks per setting, settings alternating; medians in ms (p95 of serve in brackets)"
+        ),
+        (
+            "- calls: decode = `read_dicom` alone; ORT = the session alone on the decoded tensor; bare = a plain loop "
+            "doing read_dicom then the session; serve = `Predictor.score_file` (decode, channels, scope, ORT, result)"
+        ),
+        (
+            "- settings: served = the session as `medtriage serve` creates it (ORT worker threads do not spin); "
+            "spinning = ORT's default, worker threads spin after each run"
+        ),
+        "",
+        "| file | decoded | setting | decode | ORT | decode + ORT | bare loop | serve | serve / bare | serve / (decode + ORT) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     verdicts = []
     for row in rows:
         for setting in ("served", "spinning"):
@@ -89,12 +100,19 @@ def markdown(rows: list[dict], package: str, args: argparse.Namespace, machine_l
             ratio = t["serve"].median_ms / t["bare"].median_ms
             if setting == "served":
                 verdicts.append(ratio <= RATIO_TARGET)
-            lines.append(f"| {row['file']} | {row['shape']} | {setting} | {t['decode'].median_ms:.2f} | {t['ort'].median_ms:.2f} | "
-                         f"{parts:.2f} | {t['bare'].median_ms:.2f} | {t['serve'].median_ms:.2f} ({t['serve'].p95_ms:.2f}) | "
-                         f"{ratio:.2f} | {t['serve'].median_ms / parts:.2f} |")
-    lines += ["", (f"Target serve / bare loop ≤ {RATIO_TARGET} with the served setting: {verdict(all(verdicts))} "
-              f"({sum(verdicts)} of {len(verdicts)} files). decode + ORT adds two medians each timed in a tight loop of its "
-              "own, where code and data stay in the CPU caches; the bare loop alternates them as serving does.")]
+            lines.append(
+                f"| {row['file']} | {row['shape']} | {setting} | {t['decode'].median_ms:.2f} | {t['ort'].median_ms:.2f} | "
+                f"{parts:.2f} | {t['bare'].median_ms:.2f} | {t['serve'].median_ms:.2f} ({t['serve'].p95_ms:.2f}) | "
+                f"{ratio:.2f} | {t['serve'].median_ms / parts:.2f} |"
+            )
+    lines += [
+        "",
+        (
+            f"Target serve / bare loop ≤ {RATIO_TARGET} with the served setting: {verdict(all(verdicts))} "
+            f"({sum(verdicts)} of {len(verdicts)} files). decode + ORT adds two medians each timed in a tight loop of its "
+            "own, where code and data stay in the CPU caches; the bare loop alternates them as serving does."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -114,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
             args.package = build_package(Path(tmp))
         package = load_package(args.package or DEFAULT_PACKAGE)
-        predictors = {"served": Predictor(package, threads=args.threads, allow_out_of_scope=True),
-                      "spinning": spinning_predictor(package, args.threads)}
+        predictors = {
+            "served": Predictor(package, threads=args.threads, allow_out_of_scope=True),
+            "spinning": spinning_predictor(package, args.threads),
+        }
         rows = [measure(f, predictors, args.repeats) for f in files]
         publish(markdown(rows, package.describe(), args, machine_line), args.doc)
     return 0

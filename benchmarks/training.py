@@ -72,6 +72,7 @@ def quick_settings(cuda: bool) -> Settings:
 
 # --- data -----------------------------------------------------------------------------------------
 
+
 def site_pool(pool_dir: Path | None, work_dir: Path, limit: int) -> tuple[Manifest, Path]:
     """The 3-site pool and its DICOM folders: an existing one, else a small one built from the npz."""
     from medtriage.data.pool import INPUTS_FILE, build_sites_pool
@@ -108,14 +109,22 @@ def tutorial_transforms(augment, size: int):
     from monai import transforms as T
 
     p = augment.prob
-    return T.Compose([
-        T.ScaleIntensity(), T.Resize((size, size)),
-        T.RandAffine(prob=p, rotate_range=np.deg2rad(augment.rotate_deg), scale_range=augment.scale,
-                     translate_range=augment.translate * size, padding_mode="border"),
-        T.RandScaleIntensity(factors=augment.intensity_scale, prob=p),
-        T.RandShiftIntensity(offsets=augment.intensity_shift, prob=p),
-        T.RandGaussianNoise(prob=p, std=augment.noise_std),
-    ])
+    return T.Compose(
+        [
+            T.ScaleIntensity(),
+            T.Resize((size, size)),
+            T.RandAffine(
+                prob=p,
+                rotate_range=np.deg2rad(augment.rotate_deg),
+                scale_range=augment.scale,
+                translate_range=augment.translate * size,
+                padding_mode="border",
+            ),
+            T.RandScaleIntensity(factors=augment.intensity_scale, prob=p),
+            T.RandShiftIntensity(offsets=augment.intensity_shift, prob=p),
+            T.RandGaussianNoise(prob=p, std=augment.noise_std),
+        ]
+    )
 
 
 def decoding_dataset(manifest: Manifest, sites_dir: Path, augment, size: int) -> DecodingDataset:
@@ -124,20 +133,30 @@ def decoding_dataset(manifest: Manifest, sites_dir: Path, augment, size: int) ->
 
 
 def endless(dataset, batch_size: int, workers: int) -> Iterator:
-    loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size, shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0
+    )
     return chain.from_iterable(loader for _ in count())
 
 
 # --- the two loops --------------------------------------------------------------------------------
 
+
 def engine_config(network: str, settings: Settings, manifest: Manifest, sites_dir: Path, cuda: bool, compile_model: bool = False):
     trainer = ["trainer=gpu"] if cuda else ["trainer=cpu", "trainer.augment_on=device"]
-    return compose_train_config([
-        "experiment=pneumonia_sites", f"model={network}", f"model.preprocess.size={settings.size}", *trainer,
-        f"trainer.compile={str(compile_model).lower()}", f"data.batch_size={settings.batch_size}",
-        f"data.pool_dir={manifest.pool_dir}", f"data.sites_dir={sites_dir}", "paths.output_dir=unused",
-    ])
+    return compose_train_config(
+        [
+            "experiment=pneumonia_sites",
+            f"model={network}",
+            f"model.preprocess.size={settings.size}",
+            *trainer,
+            f"trainer.compile={str(compile_model).lower()}",
+            f"data.batch_size={settings.batch_size}",
+            f"data.pool_dir={manifest.pool_dir}",
+            f"data.sites_dir={sites_dir}",
+            "paths.output_dir=unused",
+        ]
+    )
 
 
 @dataclass
@@ -221,6 +240,7 @@ def timed_windows(loops: dict[str, Loop], settings: Settings, device: torch.devi
 
 # --- the parts on their own -----------------------------------------------------------------------
 
+
 def cache_start_seconds(manifest: Manifest, size: int) -> tuple[float, float]:
     """Seconds to get the resized training split: resizing it (first run) vs reading the stored one."""
     from medtriage.model.networks import Preprocess, PreprocessSpec
@@ -243,9 +263,12 @@ def data_path_rates(settings: Settings, manifest: Manifest, sites_dir: Path, dev
     from medtriage.training.batch_loader import CachedBatchLoader
 
     split = persistent_split(manifest, "train", Preprocess(PreprocessSpec(size=settings.size)))
-    streams = {"decode + MONAI per image (b)": endless(decoding_dataset(manifest, sites_dir, augment, settings.size),
-                                                       settings.batch_size, settings.plain_workers),
-               "cache + MONAI per image": endless(CachedDataset(split, train_transforms(augment, settings.size)), settings.batch_size, 0)}
+    streams = {
+        "decode + MONAI per image (b)": endless(
+            decoding_dataset(manifest, sites_dir, augment, settings.size), settings.batch_size, settings.plain_workers
+        ),
+        "cache + MONAI per image": endless(CachedDataset(split, train_transforms(augment, settings.size)), settings.batch_size, 0),
+    }
     batched = CachedBatchLoader(split, settings.batch_size, device, drop_last=True, on_device=True)
     batched_stream = chain.from_iterable(batched.batches(torch.randperm(len(split))) for _ in count())
     batch_augment = BatchAugment(augment, device)
@@ -264,7 +287,9 @@ def compile_rates(settings: Settings, manifest: Manifest, sites_dir: Path, devic
     loops, first_step = {}, {}
     for compiled in (False, True):
         name = f"compile={'on' if compiled else 'off'}"
-        loops[name] = engine_loop(engine_config("resnet18", settings, manifest, sites_dir, device.type == "cuda", compiled), manifest, device)
+        loops[name] = engine_loop(
+            engine_config("resnet18", settings, manifest, sites_dir, device.type == "cuda", compiled), manifest, device
+        )
         started = time.perf_counter()
         loops[name].train_on(loops[name].next_batch())
         first_step[name] = time.perf_counter() - started
@@ -277,8 +302,13 @@ def run_benchmark(settings: Settings, pool_dir: Path | None, work_dir: Path, poo
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    result = {"machine": machine(), "date": today(), "device": _device_name(device), "cuda": device.type == "cuda",
-              "settings": vars(settings)}
+    result = {
+        "machine": machine(),
+        "date": today(),
+        "device": _device_name(device),
+        "cuda": device.type == "cuda",
+        "settings": vars(settings),
+    }
     manifest, sites_dir = site_pool(pool_dir, work_dir, pool_limit)
     result["pool"] = _pool_line(manifest)
     result["cache_seconds"] = cache_start_seconds(manifest, settings.size)
@@ -286,10 +316,23 @@ def run_benchmark(settings: Settings, pool_dir: Path | None, work_dir: Path, poo
     result["rows"] = []
     for network in tqdm(settings.networks, desc="networks", unit="net"):
         cfg = engine_config(network, settings, manifest, sites_dir, device.type == "cuda")
-        figures = timed_windows({"engine": engine_loop(cfg, manifest, device),
-                                 "plain": plain_loop(network, settings, manifest, sites_dir, device, cfg.data.augment)}, settings, device)
-        result["rows"].append({"network": network, "engine": figures["engine"][0], "plain": figures["plain"][0],
-                               "engine_busy": figures["engine"][1], "plain_busy": figures["plain"][1]})
+        figures = timed_windows(
+            {
+                "engine": engine_loop(cfg, manifest, device),
+                "plain": plain_loop(network, settings, manifest, sites_dir, device, cfg.data.augment),
+            },
+            settings,
+            device,
+        )
+        result["rows"].append(
+            {
+                "network": network,
+                "engine": figures["engine"][0],
+                "plain": figures["plain"][0],
+                "engine_busy": figures["engine"][1],
+                "plain_busy": figures["plain"][1],
+            }
+        )
     if settings.compile:
         result["compile"] = compile_rates(settings, manifest, sites_dir, device)
     return result
@@ -304,75 +347,115 @@ def _device_name(device: torch.device) -> str:
 def _pool_line(manifest: Manifest) -> str:
     train = manifest.split("train")
     sizes = sorted({f"{h}x{w}" for h, w in zip(train["height"], train["width"])})
-    return (f"{len(train)} training images from {len(manifest.sites)} sites ({', '.join(manifest.sites)}), "
-            f"acquired at {', '.join(sizes)}, fingerprint {manifest.fingerprint[:12]}")
+    return (
+        f"{len(train)} training images from {len(manifest.sites)} sites ({', '.join(manifest.sites)}), "
+        f"acquired at {', '.join(sizes)}, fingerprint {manifest.fingerprint[:12]}"
+    )
 
 
 # --- the section ----------------------------------------------------------------------------------
 
+
 def markdown(result: dict, command: str) -> str:
     s, cuda = result["settings"], result["cuda"]
-    busy_name = "GPU busy fraction (CUDA event time inside the steps / wall time)" if cuda else \
-        "CPU compute fraction (wall time inside the steps / wall time; the rest is waiting for data)"
+    busy_name = (
+        "GPU busy fraction (CUDA event time inside the steps / wall time)"
+        if cuda
+        else "CPU compute fraction (wall time inside the steps / wall time; the rest is waiting for data)"
+    )
     lines = [
-        SECTION, "", *header(command, f"{result['machine']}; device: {result['device']}", date=result.get("date")),
+        SECTION,
+        "",
+        *header(command, f"{result['machine']}; device: {result['device']}", date=result.get("date")),
         f"- data: {result['pool']}; upsampled to {s['size']}x{s['size']}; batch {s['batch_size']}",
         f"- timing: {s['warmup_steps']} warm-up step(s), then {s['windows']} windows of {s['steps_per_window']} steps per "
-        "loop, the loops taking turns; medians over the windows", "",
+        "loop, the loops taking turns; medians over the windows",
+        "",
         "(a) this engine with everything on (`trainer=gpu`; on CPU `trainer=cpu trainer.augment_on=device`): resized split "
         "read from the on-disk cache, batches gathered from it, batched affine + intensity augmentation on the device; on "
         "CUDA also bf16 autocast, channels_last, fused AdamW and the split held in GPU memory. (b) a plain MONAI-tutorial "
         "loop: a Dataset that decodes each DICOM file with pydicom on every access, per-image MONAI transforms, a torch "
         f"DataLoader with {s['plain_workers']} worker(s), fp32, no cache. Same network, size, batch and augmentation settings.",
-        "", "| network | (a) engine, images/s | (b) plain loop, images/s | a/b | (a) busy | (b) busy |",
+        "",
+        "| network | (a) engine, images/s | (b) plain loop, images/s | a/b | (a) busy | (b) busy |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['network']} | {r['engine']:.1f} | {r['plain']:.1f} | {r['engine'] / r['plain']:.2f} | "
-              f"{r['engine_busy']:.0%} | {r['plain_busy']:.0%} |" for r in result["rows"]]
+    lines += [
+        f"| {r['network']} | {r['engine']:.1f} | {r['plain']:.1f} | {r['engine'] / r['plain']:.2f} | "
+        f"{r['engine_busy']:.0%} | {r['plain_busy']:.0%} |"
+        for r in result["rows"]
+    ]
     lines += ["", f"Busy: {busy_name}.", ""]
     if all(r["plain_busy"] > 0.85 for r in result["rows"]):
-        lines += ["Both loops spend most of their time inside the step here, so the network's own compute sets the pace "
-                  "and a/b says little about the data path; the next table shows the data path alone.", ""]
+        lines += [
+            "Both loops spend most of their time inside the step here, so the network's own compute sets the pace "
+            "and a/b says little about the data path; the next table shows the data path alone.",
+            "",
+        ]
     return "\n".join(lines + _data_path(result) + _start_up(result) + _compile(result) + _verdicts(result))
 
 
 def _verdicts(result: dict) -> list[str]:
-    targets = (f"Targets on one H100, ResNet-18 at {TARGET_SIZE}: (a) ≥ {TARGET_IMAGES_S:,} images/s, "
-               f"a/b ≥ {TARGET_RATIO:g}, GPU busy ≥ {TARGET_BUSY:.0%}.")
+    targets = (
+        f"Targets on one H100, ResNet-18 at {TARGET_SIZE}: (a) ≥ {TARGET_IMAGES_S:,} images/s, "
+        f"a/b ≥ {TARGET_RATIO:g}, GPU busy ≥ {TARGET_BUSY:.0%}."
+    )
     row = next((r for r in result["rows"] if r["network"] == "resnet18"), None)
     size = result["settings"]["size"]
     if not result["cuda"] or row is None or size != TARGET_SIZE:
-        why = ("this run had no CUDA device" if not result["cuda"] else
-               "this run did not time ResNet-18" if row is None else f"this run used {size}x{size} images")
-        return [targets, f"- not assessed: {why}; the same command runs unchanged on CUDA (without `--quick`: batch 256, "
-                "longer windows)", ""]
+        why = (
+            "this run had no CUDA device"
+            if not result["cuda"]
+            else "this run did not time ResNet-18"
+            if row is None
+            else f"this run used {size}x{size} images"
+        )
+        return [
+            targets,
+            f"- not assessed: {why}; the same command runs unchanged on CUDA (without `--quick`: batch 256, longer windows)",
+            "",
+        ]
     ratio = row["engine"] / row["plain"]
-    return [targets,
-            f"- (a) {row['engine']:,.0f} images/s: {verdict(row['engine'] >= TARGET_IMAGES_S)}",
-            f"- a/b {ratio:.2f}: {verdict(ratio >= TARGET_RATIO)}",
-            f"- GPU busy {row['engine_busy']:.0%}: {verdict(row['engine_busy'] >= TARGET_BUSY)}",
-            f"- device: {result['device']} (the targets are for an H100)", ""]
+    return [
+        targets,
+        f"- (a) {row['engine']:,.0f} images/s: {verdict(row['engine'] >= TARGET_IMAGES_S)}",
+        f"- a/b {ratio:.2f}: {verdict(ratio >= TARGET_RATIO)}",
+        f"- GPU busy {row['engine_busy']:.0%}: {verdict(row['engine_busy'] >= TARGET_BUSY)}",
+        f"- device: {result['device']} (the targets are for an H100)",
+        "",
+    ]
 
 
 def _data_path(result: dict) -> list[str]:
-    lines = ["Data path alone (augmented batches at the same size and batch, no model), images/s:", "",
-             "| data path | images/s |", "|---|---:|"]
+    lines = [
+        "Data path alone (augmented batches at the same size and batch, no model), images/s:",
+        "",
+        "| data path | images/s |",
+        "|---|---:|",
+    ]
     return lines + [f"| {name} | {rate:.0f} |" for name, rate in result["data_path"].items()] + [""]
 
 
 def _start_up(result: dict) -> list[str]:
     first, second = result["cache_seconds"]
     size = result["settings"]["size"]
-    return [f"Start-up, resized training split at {size}x{size}: first run (resize every image, store "
-            f"`<pool>/resized/*.npy`) {first:.2f} s; second run (read the stored split) {second:.2f} s "
-            f"({first / max(second, 1e-9):.0f}x faster).", ""]
+    return [
+        f"Start-up, resized training split at {size}x{size}: first run (resize every image, store "
+        f"`<pool>/resized/*.npy`) {first:.2f} s; second run (read the stored split) {second:.2f} s "
+        f"({first / max(second, 1e-9):.0f}x faster).",
+        "",
+    ]
 
 
 def _compile(result: dict) -> list[str]:
     if "compile" not in result:
         return []
-    lines = ["`trainer.compile` (ResNet-18, engine (a)):", "", "| setting | first step, s | images/s after warm-up | busy |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        "`trainer.compile` (ResNet-18, engine (a)):",
+        "",
+        "| setting | first step, s | images/s after warm-up | busy |",
+        "|---|---:|---:|---:|",
+    ]
     lines += [f"| {name} | {f['first_step_s']:.1f} | {f['images_per_s']:.1f} | {f['busy']:.0%} |" for name, f in result["compile"].items()]
     return lines + [""]
 
@@ -390,9 +473,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=BENCHMARKS_DOC)
     args = parser.parse_args(argv)
     settings = quick_settings(torch.cuda.is_available()) if args.quick else Settings()
-    settings = replace(settings, networks=tuple(args.networks), size=args.size, compile=args.compile,
-                       batch_size=args.batch_size or settings.batch_size,
-                       plain_workers=settings.plain_workers if args.workers is None else args.workers)
+    settings = replace(
+        settings,
+        networks=tuple(args.networks),
+        size=args.size,
+        compile=args.compile,
+        batch_size=args.batch_size or settings.batch_size,
+        plain_workers=settings.plain_workers if args.workers is None else args.workers,
+    )
     result = run_benchmark(settings, args.pool, ROOT / "outputs" / "benchmark_training", args.pool_limit)
     publish(markdown(result, command_line()), args.doc)
     return 0

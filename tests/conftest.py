@@ -37,8 +37,7 @@ def run_without_training_stack():
     """`run(code)`: `code` in a fresh interpreter where importing the training stack fails (`Blocker.blocked`)."""
 
     def run(code: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", _BLOCKER + textwrap.dedent(code)], capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run([sys.executable, "-c", _BLOCKER + textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
 
     return run
 
@@ -93,10 +92,13 @@ def dicom_wsi(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dicom_wsi")
     # In a child process: importing wsidicomizer changes how pydicom decodes pixel data for the whole process.
     # Its tiffslide source re-encodes tiles with imagecodecs, so no system libjpeg-turbo is needed.
-    convert = ("import sys; from wsidicomizer import WsiDicomizer; from wsidicomizer.sources import TiffSlideSource; "
-               "WsiDicomizer.convert(sys.argv[1], sys.argv[2], preferred_source=TiffSlideSource)")
-    done = subprocess.run([sys.executable, "-c", convert, str(SAMPLES / "CMU-1-Small-Region.svs"), str(folder)],
-                          capture_output=True, text=True, timeout=300)
+    convert = (
+        "import sys; from wsidicomizer import WsiDicomizer; from wsidicomizer.sources import TiffSlideSource; "
+        "WsiDicomizer.convert(sys.argv[1], sys.argv[2], preferred_source=TiffSlideSource)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", convert, str(SAMPLES / "CMU-1-Small-Region.svs"), str(folder)], capture_output=True, text=True, timeout=300
+    )
     if done.returncode != 0 and "No module named 'wsidicomizer'" in done.stderr:
         pytest.skip("pip install wsidicomizer (in the dev extra)")
     assert done.returncode == 0, done.stderr
@@ -114,7 +116,15 @@ def two_site_pool(tmp_path):
     writer = PoolWriter(tmp_path / "pool", ["normal", "pneumonia"])
     for site, size in (("north", 40), ("south", 23)):
         for i in range(24):
-            writer.add(rng.random((1, size, size), dtype=np.float32), site=site, patient_id=f"{site}{i}",
-                       study_uid=f"s{site}{i}", series_uid=f"r{site}{i}", sop_uid=f"{site}.{i}",
-                       path=f"{site}/{i}.dcm", label=(i // 3) % 2, split=("train", "val", "test")[i % 3])
+            writer.add(
+                rng.random((1, size, size), dtype=np.float32),
+                site=site,
+                patient_id=f"{site}{i}",
+                study_uid=f"s{site}{i}",
+                series_uid=f"r{site}{i}",
+                sop_uid=f"{site}.{i}",
+                path=f"{site}/{i}.dcm",
+                label=(i // 3) % 2,
+                split=("train", "val", "test")[i % 3],
+            )
     return writer.close()

@@ -32,8 +32,9 @@ class _Deferred(ModuleType):
                     self._before()
                 self.__dict__["_module"] = importlib.import_module(self.__name__)
             except ModuleNotFoundError as err:
-                raise MissingDependencyError(f"{self.__name__} is not installed",
-                                             hint=f"install it with: pip install 'medtriage[{self._extra}]'") from err
+                raise MissingDependencyError(
+                    f"{self.__name__} is not installed", hint=f"install it with: pip install 'medtriage[{self._extra}]'"
+                ) from err
         return self._module
 
     def __getattr__(self, attr: str) -> Any:

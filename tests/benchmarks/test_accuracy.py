@@ -35,8 +35,13 @@ def test_verdicts_follow_the_figures():
 def test_leave_one_site_out_table_sets_the_variants_side_by_side():
     def run(seed, aucs):
         per_site = dict(zip(("north", "south"), aucs))
-        return {"seed": seed, "per_site": per_site, "worst": min(aucs), "parent_run_id": f"{seed}" * 32,
-                "command": f"python scripts/train.py -m experiment=loso_pneumonia_sites trainer.seed={seed}"}
+        return {
+            "seed": seed,
+            "per_site": per_site,
+            "worst": min(aucs),
+            "parent_run_id": f"{seed}" * 32,
+            "command": f"python scripts/train.py -m experiment=loso_pneumonia_sites trainer.seed={seed}",
+        }
 
     lines = loso_lines({"fixed": [run(0, (0.90, 0.80)), run(1, (0.92, 0.84))], "per_image": [run(0, (0.91, 0.88)), run(1, (0.93, 0.90))]})
     assert "| south | 0.820 ± 0.028 | 0.890 ± 0.014 |" in lines

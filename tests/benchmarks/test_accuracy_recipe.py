@@ -7,9 +7,19 @@ from benchmarks import accuracy_recipe
 
 
 def run(seed, auc, acc, minutes=10.0):
-    return {"seed": seed, "run_id": f"{seed:032d}", "test_auc": auc, "ci_low": auc - 0.01, "ci_high": auc + 0.005,
-            "test_acc": acc, "youden_threshold": 0.6, "test_acc_argmax": acc - 0.01, "test_acc_finding": acc - 0.02,
-            "val_auc": 0.998, "wall_s": minutes * 60}
+    return {
+        "seed": seed,
+        "run_id": f"{seed:032d}",
+        "test_auc": auc,
+        "ci_low": auc - 0.01,
+        "ci_high": auc + 0.005,
+        "test_acc": acc,
+        "youden_threshold": 0.6,
+        "test_acc_argmax": acc - 0.01,
+        "test_acc_finding": acc - 0.02,
+        "val_auc": 0.998,
+        "wall_s": minutes * 60,
+    }
 
 
 def verdicts(text):

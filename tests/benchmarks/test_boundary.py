@@ -17,8 +17,11 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_the_library_never_imports_benchmarks():
-    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.py")
-                 if any(m == "benchmarks" or m.startswith("benchmarks.") for m in imported_modules(p))]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "src").rglob("*.py")
+        if any(m == "benchmarks" or m.startswith("benchmarks.") for m in imported_modules(p))
+    ]
     assert offenders == []
 
 

@@ -43,6 +43,7 @@ def test_interleaved_takes_turns_skips_warmup_and_counts_items():
         def run():
             calls.append(name)
             return items
+
         return run
 
     timings = interleaved({"a": call("a", 10), "b": call("b", None)}, repeats=3, warmup=1)

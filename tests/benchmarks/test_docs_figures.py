@@ -54,8 +54,9 @@ def test_the_stain_comparison_in_pathology_md_is_script_written():
 
 def test_the_section_check_can_fail():
     writers = {"## Ingest": "ingest"}
-    assert check_section("## Ingest", "- command: `python -m benchmarks.ingest`\n- machine: x\n- date: y\n", writers) \
-        == ["## Ingest: no verdict"]
+    assert check_section("## Ingest", "- command: `python -m benchmarks.ingest`\n- machine: x\n- date: y\n", writers) == [
+        "## Ingest: no verdict"
+    ]
     assert check_section("## Typed by hand", "| a | 3 |", writers) == ["## Typed by hand: no benchmark writes this section"]
 
 
@@ -63,7 +64,10 @@ def test_cited_commands_exist():
     missing = []
     for doc in DOCS:
         text = doc.read_text()
-        missing += [f"{doc.name}: benchmarks.{m}" for m in re.findall(r"python -m benchmarks\.(\w+)", text)
-                    if not (ROOT / "benchmarks" / f"{m}.py").is_file()]
+        missing += [
+            f"{doc.name}: benchmarks.{m}"
+            for m in re.findall(r"python -m benchmarks\.(\w+)", text)
+            if not (ROOT / "benchmarks" / f"{m}.py").is_file()
+        ]
         missing += [f"{doc.name}: {s}" for s in re.findall(r"\b(scripts/[\w/]+\.(?:py|sbatch))", text) if not (ROOT / s).is_file()]
     assert missing == []

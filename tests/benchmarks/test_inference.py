@@ -6,11 +6,25 @@ from benchmarks.inference import SECTION, markdown, network_words
 
 
 def fake_result(serve_ms: float = 11.0, torch_ms: float = 30.0, network: str = "resnet18") -> dict:
-    row = {"file": "CT_small.dcm", "shape": "128x128", "serve": (serve_ms, 13.0), "ort": (10.0, 12.0), "torch": (torch_ms, 40.0),
-           "decode": (0.9, 1.2)}
-    return {"network": network, "stem_stride": 2, "size": 224, "repeats": 5, "threads": 2, "provider": "CPUExecutionProvider",
-            "versions": "onnxruntime x, torch y", "rows": [row],
-            "batches": [{"batch": 16, "ort_images_s": 100.0, "torch_images_s": 40.0}]}
+    row = {
+        "file": "CT_small.dcm",
+        "shape": "128x128",
+        "serve": (serve_ms, 13.0),
+        "ort": (10.0, 12.0),
+        "torch": (torch_ms, 40.0),
+        "decode": (0.9, 1.2),
+    }
+    return {
+        "network": network,
+        "stem_stride": 2,
+        "size": 224,
+        "repeats": 5,
+        "threads": 2,
+        "provider": "CPUExecutionProvider",
+        "versions": "onnxruntime x, torch y",
+        "rows": [row],
+        "batches": [{"batch": 16, "ort_images_s": 100.0, "torch_images_s": 40.0}],
+    }
 
 
 def test_inference_section_is_replaced_and_other_sections_kept(tmp_path):

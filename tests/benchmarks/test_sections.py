@@ -13,17 +13,26 @@ def test_ingest_ratios_pair_runs_that_do_the_same_decoding():
 
 def test_pathology_verdict_compares_reads_only():
     rates = {"openslide": 300.0, "tiffslide": 200.0, "read": 900.0, "pipeline": 350.0, "pipeline_all": 600.0}
-    results = {224: {"tiles": 41, "candidates": 117, "cores": 2, "rates": rates},
-               112: {"tiles": 158, "candidates": 494, "cores": 2, "rates": {**rates, "read": 150.0}}}
+    results = {
+        224: {"tiles": 41, "candidates": 117, "cores": 2, "rates": rates},
+        112: {"tiles": 158, "candidates": 494, "cores": 2, "rates": {**rates, "read": 150.0}},
+    }
     text = pathology.markdown(results, pathology.SLIDE, 0.5, 3, "cmd", "cpu")
     assert "| 224 @ 0.5 | 41 of 117 | 300 | 200 | 900 | 350 | 600 (2 threads) | 3.00x | 1.71x |" in text
     assert "- 224 px tiles: c/a = 3.00x: **met**" in text and "- 112 px tiles: c/a = 0.50x: **not met**" in text
 
 
 def result(cuda: bool, engine: float, plain: float, busy: float) -> dict:
-    return {"machine": "cpu", "device": "H100 (CUDA 12)" if cuda else "CPU, 2 torch threads", "cuda": cuda,
-            "settings": vars(training.Settings()), "pool": "pool", "cache_seconds": (10.0, 1.0), "data_path": {"x": 5.0},
-            "rows": [{"network": "resnet18", "engine": engine, "plain": plain, "engine_busy": busy, "plain_busy": 0.5}]}
+    return {
+        "machine": "cpu",
+        "device": "H100 (CUDA 12)" if cuda else "CPU, 2 torch threads",
+        "cuda": cuda,
+        "settings": vars(training.Settings()),
+        "pool": "pool",
+        "cache_seconds": (10.0, 1.0),
+        "data_path": {"x": 5.0},
+        "rows": [{"network": "resnet18", "engine": engine, "plain": plain, "engine_busy": busy, "plain_busy": 0.5}],
+    }
 
 
 def test_training_verdicts_only_where_the_targets_apply():
@@ -40,8 +49,13 @@ def test_demo_section_and_config(tmp_path):
 
     config = to_plain_dict(demo.demo_config(tmp_path))
     assert all(str(tmp_path) in config[k][v] for k, v in (("data", "pool_dir"), ("paths", "output_dir"), ("export", "models_dir")))
-    result = {"seconds": {"site exports": 30.0, "training": 250.0}, "test_auc": 0.99, "sites": {"b": 0.98, "a": 0.97},
-              "epochs": 3, "network": "resnet18"}
+    result = {
+        "seconds": {"site exports": 30.0, "training": 250.0},
+        "test_auc": 0.99,
+        "sites": {"b": 0.98, "a": 0.97},
+        "epochs": 3,
+        "network": "resnet18",
+    }
     text = demo.markdown(result, "python -m benchmarks.demo", "cpu")
     assert "| **total** | **280** |" in text and "per site a 0.970, b 0.980" in text and "- 4.7 min: **met**" in text
 
@@ -49,8 +63,10 @@ def test_demo_section_and_config(tmp_path):
 def test_distributed_efficiency_and_verdicts():
     from benchmarks import distributed
 
-    rows = [{"processes": 1, "batch": 32, "images_s": 100.0, "epoch": 2, "command": "torchrun ..."},
-            {"processes": 2, "batch": 16, "images_s": 170.0, "epoch": 2, "command": "torchrun ..."}]
+    rows = [
+        {"processes": 1, "batch": 32, "images_s": 100.0, "epoch": 2, "command": "torchrun ..."},
+        {"processes": 2, "batch": 16, "images_s": 170.0, "epoch": 2, "command": "torchrun ..."},
+    ]
     assert "| 2 | 16 | 170 | 85% |" in distributed.markdown(rows, False, "cmd", "cpu")
     assert "not assessed" in distributed.markdown(rows, False, "cmd", "cpu")
     assert "- 2 processes: **not met**" in distributed.markdown(rows, True, "cmd", "gpu")
@@ -65,10 +81,15 @@ def test_training_targets_are_not_assessed_at_another_image_size():
 def test_stain_comparison_summary_follows_the_table():
     from benchmarks import pathology_stains as stains
 
-    by_site = {"a": {"raw": [0.8, 0.9], "macenko": [0.85, 0.86], "stain_augment": [0.7, 0.7]},
-               "b": {"raw": [0.6, 0.6], "macenko": [0.7, 0.72], "stain_augment": [0.65, 0.6]}}
+    by_site = {
+        "a": {"raw": [0.8, 0.9], "macenko": [0.85, 0.86], "stain_augment": [0.7, 0.7]},
+        "b": {"raw": [0.6, 0.6], "macenko": [0.7, 0.72], "stain_augment": [0.65, 0.6]},
+    }
     table = {title: by_site for title in stains.METRICS}
     text = stains.markdown(table, 1, 2, "python -m benchmarks.pathology_stains", "cpu", (1.0, 0.5), "2026-01-01")
     assert "- date: 2026-01-01; 1.0 min wall, 0.5 min CPU for the 18 runs (1 epochs, 2 seeds)" in text
-    assert "highest mean over held-out sites with **macenko**; ahead of raw at 2 of 2 sites for macenko, 1 of 2 sites for stain_augment" in text
+    assert (
+        "highest mean over held-out sites with **macenko**; ahead of raw at 2 of 2 sites for macenko, 1 of 2 sites for stain_augment"
+        in text
+    )
     assert "largest seed-to-seed range at one site raw 0.100, macenko 0.020, stain_augment 0.050" in text

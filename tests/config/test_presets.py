@@ -30,11 +30,16 @@ def leaves(node, prefix=""):
 
 def repeats(written, base) -> list[str]:
     """Keys of `written` whose value equals the one `base` already gives (an option's `name` is its identity)."""
-    return [key for key, value in leaves(written) if key != "name" and not OmegaConf.is_interpolation(written, key)
-            and OmegaConf.select(base, key, throw_on_missing=False) == value]
+    return [
+        key
+        for key, value in leaves(written)
+        if key != "name" and not OmegaConf.is_interpolation(written, key) and OmegaConf.select(base, key, throw_on_missing=False) == value
+    ]
 
 
-@pytest.mark.parametrize("path", sorted(p for g in SCHEMAS for p in (CONFIGS / g).glob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path", sorted(p for g in SCHEMAS for p in (CONFIGS / g).glob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}"
+)
 def test_a_group_file_sets_only_what_differs_from_its_schema(path):
     written = OmegaConf.load(path)
     written.pop("defaults", None)

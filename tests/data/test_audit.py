@@ -41,8 +41,17 @@ def _pool(folder: Path, xrays, extra=()):
 
 def _add(writer, image, label, site, patient, split):
     uid = f"{site}-{len(writer.rows)}"
-    writer.add(as_chw(image), site=site, patient_id=patient, study_uid=uid, series_uid=uid, sop_uid=uid,
-               path=f"{uid}.dcm", label=label, split=split)
+    writer.add(
+        as_chw(image),
+        site=site,
+        patient_id=patient,
+        study_uid=uid,
+        series_uid=uid,
+        sop_uid=uid,
+        path=f"{uid}.dcm",
+        label=label,
+        split=split,
+    )
 
 
 def _resampled(image: np.ndarray, size: int, noise: float, seed: int = 0) -> np.ndarray:
@@ -67,7 +76,10 @@ def test_patient_copied_into_test_is_found_and_training_refuses(tmp_path, xrays)
     kinds = {f.kind: f for f in result.findings}
     assert not result.ok
     assert kinds["patient_in_two_splits"].examples[0] == {
-        "site": train["site"], "patient_id": train["patient_id"], "splits": ["test", "train"]}
+        "site": train["site"],
+        "patient_id": train["patient_id"],
+        "splits": ["test", "train"],
+    }
     assert kinds["same_image_in_two_splits"].count == 1
     with pytest.raises(LeakageError, match="patient_in_two_splits") as err:
         require_clean(leaky)
@@ -108,7 +120,11 @@ def test_published_pneumoniamnist_splits_share_identical_images(tmp_path):
     """A real finding: the npz's own train/val splits hold byte-identical X-rays."""
     result = audit_manifest(build_npz_pool(NPZ, tmp_path / "pool", ["normal", "pneumonia"]))
     finding = next(f for f in result.findings if f.kind == "same_image_in_two_splits")
-    assert finding.count >= 8 and {tuple(sorted(e["splits"])) for e in finding.examples} <= {("train", "val"), ("test", "train"), ("test", "val")}
+    assert finding.count >= 8 and {tuple(sorted(e["splits"])) for e in finding.examples} <= {
+        ("train", "val"),
+        ("test", "train"),
+        ("test", "val"),
+    }
 
 
 def test_cli_audit_exit_code_and_json(tmp_path, xrays, capsys):

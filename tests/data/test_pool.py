@@ -47,10 +47,17 @@ def test_counts_in_equal_rows_plus_rejects(sites, built):
     assert len(built.rows) == sum(r.images for r in results) - unusable_labels
 
 
-@pytest.mark.parametrize("kind, count", [
-    ("label row matches no image", 6), ("empty finding in labels.csv", 3), ("no label row in labels.csv", 1),
-    ("unknown finding in labels.csv", 1), ("truncated pixel data", 1), ("DICOM object without pixel data", 1),
-])
+@pytest.mark.parametrize(
+    "kind, count",
+    [
+        ("label row matches no image", 6),
+        ("empty finding in labels.csv", 3),
+        ("no label row in labels.csv", 1),
+        ("unknown finding in labels.csv", 1),
+        ("truncated pixel data", 1),
+        ("DICOM object without pixel data", 1),
+    ],
+)
 def test_each_reject_kind_is_recorded_with_its_reason(built, kind, count):
     assert built.rejects["reason"].str.startswith(kind).sum() == count
 

@@ -63,8 +63,15 @@ def test_bundle_installs_offline_and_scores_a_dicom_file(bundle, tmp_path):
     python = prefix / "venv" / "bin" / "python"
     heavy = run(python, "-c", "import importlib.util as u; print([m for m in ('torch', 'monai', 'mlflow', 'hydra') if u.find_spec(m)])")
     assert heavy.stdout.strip() == "[]"  # the base install brings none of the training stack
-    scored = run(prefix / "venv" / "bin" / "medtriage", "score", prefix / "models" / "tiny-pneumonia",
-                 get_testdata_file("CT_small.dcm"), "--json", "--allow-out-of-scope", timeout=120)  # a CT, not a chest X-ray
+    scored = run(
+        prefix / "venv" / "bin" / "medtriage",
+        "score",
+        prefix / "models" / "tiny-pneumonia",
+        get_testdata_file("CT_small.dcm"),
+        "--json",
+        "--allow-out-of-scope",
+        timeout=120,
+    )  # a CT, not a chest X-ray
     assert scored.returncode == 0, scored.stderr
     (result,) = json.loads(scored.stdout)["results"]
     assert result["file"].endswith("CT_small.dcm") and 0 <= result["probability"] <= 1
@@ -79,16 +86,23 @@ def test_sums_and_sbom_cover_every_file_and_wheel(bundle):
     assert set(listed) == files
     assert all(sha256_file(bundle.directory / name) == digest for name, digest in listed.items())
     sbom = json.loads((bundle.directory / SBOM).read_text())
-    hashes = {c["name"].lower().replace("_", "-"): h["content"] for c in sbom["components"]
-              for ref in c.get("externalReferences", []) for h in ref.get("hashes", [])}
+    hashes = {
+        c["name"].lower().replace("_", "-"): h["content"]
+        for c in sbom["components"]
+        for ref in c.get("externalReferences", [])
+        for h in ref.get("hashes", [])
+    }
     for wheel in bundle.wheels:
         assert hashes[wheel.name.split("-")[0].lower().replace("_", "-")] == sha256_file(wheel), wheel.name
     assert {"medtriage", "onnxruntime", "pydicom", "numpy"} <= set(hashes)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("relative", ["wheels/{wheel}", "models/tiny-pneumonia/model.onnx", "wheels/extra-1.0-py3-none-any.whl"],
-                         ids=["changed wheel", "changed model", "unlisted wheel"])
+@pytest.mark.parametrize(
+    "relative",
+    ["wheels/{wheel}", "models/tiny-pneumonia/model.onnx", "wheels/extra-1.0-py3-none-any.whl"],
+    ids=["changed wheel", "changed model", "unlisted wheel"],
+)
 def test_installer_refuses_a_tampered_bundle(bundle, tmp_path, relative):
     relative = relative.format(wheel=bundle.wheels[0].name)
     copy = tampered_copy(bundle, tmp_path, relative)
@@ -117,8 +131,10 @@ def _wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
 
 
 def test_requirements_are_judged_by_the_target_python_not_this_one(tmp_path):
-    wheels = [_wheel(tmp_path, "anyio", "4.0", ['exceptiongroup>=1.0.2; python_version < "3.11"', "idna>=2.8",
-                                                 'trio>=0.3; extra == "trio"']), _wheel(tmp_path, "idna", "3.4", [])]
+    wheels = [
+        _wheel(tmp_path, "anyio", "4.0", ['exceptiongroup>=1.0.2; python_version < "3.11"', "idna>=2.8", 'trio>=0.3; extra == "trio"']),
+        _wheel(tmp_path, "idna", "3.4", []),
+    ]
     assert missing_requirements(wheels, target_environment("3.10", "manylinux_2_28_x86_64")) == ["exceptiongroup>=1.0.2"]
     assert missing_requirements(wheels, target_environment("3.12", "manylinux_2_28_x86_64")) == []
     old_idna = [wheels[0], _wheel(tmp_path, "idna", "2.0", [])]

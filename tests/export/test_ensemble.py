@@ -60,8 +60,9 @@ def test_ensemble_exports_to_one_onnx_graph_with_parity(tmp_path):
     with torch.no_grad():
         logits = net(torch.from_numpy(pixels)).numpy()
     cfg = ExportConfig(models_dir=str(tmp_path), name="ens", parity_images=8, log_to_mlflow=False, register_model=False)
-    result = export_model(net, cfg, label_names=PNEUMONIA_LABELS, val=Predictions(logits, labels[pick], np.array(["a"] * 96)),
-                          parity_images=list(pixels))
+    result = export_model(
+        net, cfg, label_names=PNEUMONIA_LABELS, val=Predictions(logits, labels[pick], np.array(["a"] * 96)), parity_images=list(pixels)
+    )
     assert result.meta["parity"]["max_abs_diff"] <= 1e-4
     predictor = Predictor(load_package(result.package_dir))
     served = predictor.probabilities(pixels[:8])

@@ -52,8 +52,12 @@ def test_a_killed_export_never_leaves_a_package_the_loader_accepts(exported, tmp
     write_package(target, source / ONNX_FILE, {**meta, "version": 1})
     (tmp_path / "v2.json").write_text(json.dumps({**meta, "version": 2}))
 
-    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(target), str(source / ONNX_FILE),
-                             str(tmp_path / "v2.json"), where], capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_EXPORT, str(target), str(source / ONNX_FILE), str(tmp_path / "v2.json"), where],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -9, killed.stderr
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")]  # the kill left its hidden folder
     try:

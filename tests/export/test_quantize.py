@@ -83,11 +83,30 @@ def test_refuses_unknown_nodes_and_packages_already_int8(fp32_dir, int8_dir, tmp
 
 
 def test_quantize_command_runs_without_torch(fp32_dir, tmp_path):
-    code = ("import argparse, sys; from medtriage.export.quantize import register; parser = argparse.ArgumentParser(); "
-            "register(parser.add_subparsers()); args = parser.parse_args(sys.argv[1:]); rc = args.func(args); "
-            "print('heavy', [m for m in ('torch', 'monai', 'mlflow', 'hydra') if m in sys.modules]); sys.exit(rc)")
-    done = subprocess.run([sys.executable, "-c", code, "quantize", str(fp32_dir), "--calibration", str(NPZ), "--images", "16",
-                           "--out", str(tmp_path / "int8")], capture_output=True, text=True, timeout=300, check=False)
+    code = (
+        "import argparse, sys; from medtriage.export.quantize import register; parser = argparse.ArgumentParser(); "
+        "register(parser.add_subparsers()); args = parser.parse_args(sys.argv[1:]); rc = args.func(args); "
+        "print('heavy', [m for m in ('torch', 'monai', 'mlflow', 'hydra') if m in sys.modules]); sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "quantize",
+            str(fp32_dir),
+            "--calibration",
+            str(NPZ),
+            "--images",
+            "16",
+            "--out",
+            str(tmp_path / "int8"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("heavy []")
     assert json.loads((tmp_path / "int8" / "model.json").read_text())["precision"] == "int8"

@@ -85,8 +85,14 @@ def build_tiny_package(models_dir: Path, name: str = "tiny-pneumonia", size: int
             test_logits = net(torch.from_numpy(np.stack([as_chw(image) for image in test_images]))).numpy()
         extra = {"ood_data": ood_data(list(pixels)), "test": Predictions(test_logits, test_labels, np.full(len(test_labels), "site-a"))}
     result = export_model(
-        net, cfg, label_names=PNEUMONIA_LABELS, val=Predictions(logits, labels, sites), parity_images=list(pixels),
-        training_sites=["site-a", "site-b"], network={"name": "resnet10"}, **extra,
+        net,
+        cfg,
+        label_names=PNEUMONIA_LABELS,
+        val=Predictions(logits, labels, sites),
+        parity_images=list(pixels),
+        training_sites=["site-a", "site-b"],
+        network={"name": "resnet10"},
+        **extra,
     )
     if safety:
         return result, result.served.eval()

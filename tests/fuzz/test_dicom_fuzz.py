@@ -32,16 +32,52 @@ from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection
 
 EXAMPLES = int(os.environ.get("MEDTRIAGE_FUZZ_EXAMPLES", "100"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="MEDTRIAGE_FUZZ_EXAMPLES" not in os.environ,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
-SEEDS = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "emri_small.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-         "JPEGLSNearLossless_16.dcm", "no_meta.dcm", "SC_rgb_small_odd.dcm", "emri_small_jpeg_2k_lossless.dcm"]
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize="MEDTRIAGE_FUZZ_EXAMPLES" not in os.environ,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+SEEDS = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "JPEG2000.dcm",
+    "emri_small.dcm",
+    "MR_small_RLE.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "JPEGLSNearLossless_16.dcm",
+    "no_meta.dcm",
+    "SC_rgb_small_odd.dcm",
+    "emri_small_jpeg_2k_lossless.dcm",
+]
 SEED_BYTES = {name: open(get_testdata_file(name), "rb").read() for name in SEEDS}
-SIZE_TAGS = ["Rows", "Columns", "NumberOfFrames", "BitsAllocated", "BitsStored", "HighBit", "SamplesPerPixel",
-             "PixelRepresentation", "PlanarConfiguration", "RescaleSlope", "WindowWidth", "WindowCenter"]
-SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
-            "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
-            "1.2.840.10008.1.2.5", "1.2.3.4.not.a.syntax", ""]
+SIZE_TAGS = [
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "SamplesPerPixel",
+    "PixelRepresentation",
+    "PlanarConfiguration",
+    "RescaleSlope",
+    "WindowWidth",
+    "WindowCenter",
+]
+SYNTAXES = [
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.5",
+    "1.2.3.4.not.a.syntax",
+    "",
+]
 VRS = ["US", "SS", "UL", "OB", "OW", "DS", "IS", "CS", "UI", "SQ", "UN", "FD", "AT", "LO"]
 
 
@@ -71,8 +107,7 @@ def _rewrite(data: bytes, change) -> bytes:
 @st.composite
 def mutated(draw) -> bytes:
     data = SEED_BYTES[draw(st.sampled_from(SEEDS))]
-    kind = draw(st.sampled_from(["truncate", "flip", "flip_pixels", "length", "size", "syntax", "vr", "drop",
-                                 "pixels", "splice"]))
+    kind = draw(st.sampled_from(["truncate", "flip", "flip_pixels", "length", "size", "syntax", "vr", "drop", "pixels", "splice"]))
     if kind == "truncate":
         return data[: draw(st.integers(0, len(data)))]
     if kind in ("flip", "flip_pixels"):
@@ -85,13 +120,14 @@ def mutated(draw) -> bytes:
         buffer = bytearray(data)
         at = draw(st.integers(132, max(132, len(buffer) - 8)))
         value = draw(st.sampled_from([0, 1, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 0xFFFFFFFE, len(data) * 4]))
-        buffer[at:at + 4] = struct.pack("<I", value)
+        buffer[at : at + 4] = struct.pack("<I", value)
         return bytes(buffer)
     if kind == "size":
         keyword = draw(st.sampled_from(SIZE_TAGS))
         value = draw(st.sampled_from([0, 1, 3, 7, 17, 65535, 2**31 - 1, -1, 10**9]))
-        return _rewrite(data, lambda ds: setattr(ds, keyword, value if keyword not in ("RescaleSlope", "WindowWidth",
-                                                                                        "WindowCenter") else str(value)))
+        return _rewrite(
+            data, lambda ds: setattr(ds, keyword, value if keyword not in ("RescaleSlope", "WindowWidth", "WindowCenter") else str(value))
+        )
     if kind == "syntax":
         syntax = draw(st.sampled_from(SYNTAXES))
         return _rewrite(data, lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", syntax))
@@ -102,13 +138,23 @@ def mutated(draw) -> bytes:
         def change_vr(ds):
             if keyword in ds:
                 raw = ds[keyword]
-                ds[Tag(keyword)] = RawDataElement(Tag(keyword), vr, len(bytes(raw.value) if isinstance(raw.value, bytes)
-                                                                           else 2), b"\0\1" if not isinstance(raw.value, bytes)
-                                                  else raw.value, 0, False, True)
+                ds[Tag(keyword)] = RawDataElement(
+                    Tag(keyword),
+                    vr,
+                    len(bytes(raw.value) if isinstance(raw.value, bytes) else 2),
+                    b"\0\1" if not isinstance(raw.value, bytes) else raw.value,
+                    0,
+                    False,
+                    True,
+                )
+
         return _rewrite(data, change_vr)
     if kind == "drop":
-        keyword = draw(st.sampled_from(SIZE_TAGS + ["PixelData", "PhotometricInterpretation", "TransferSyntaxUID",
-                                                    "SOPClassUID", "ModalityLUTSequence"]))
+        keyword = draw(
+            st.sampled_from(
+                SIZE_TAGS + ["PixelData", "PhotometricInterpretation", "TransferSyntaxUID", "SOPClassUID", "ModalityLUTSequence"]
+            )
+        )
         return _rewrite(data, lambda ds: delattr(ds, keyword) if keyword in ds else None)
     if kind == "pixels":  # pixel data cut short or replaced by noise
         fraction = draw(st.floats(0, 1.5))
@@ -117,9 +163,10 @@ def mutated(draw) -> bytes:
         def change_pixels(ds):
             if "PixelData" in ds:
                 ds.PixelData = ds.PixelData[: int(len(ds.PixelData) * fraction)] + noise
+
         return _rewrite(data, change_pixels)
     other = SEED_BYTES[draw(st.sampled_from(SEEDS))]  # the header of one file and the tail of another
-    return data[: draw(st.integers(0, len(data)))] + other[draw(st.integers(0, len(other))):]
+    return data[: draw(st.integers(0, len(data)))] + other[draw(st.integers(0, len(other))) :]
 
 
 TYPED_NAMES = _typed_names()
@@ -175,8 +222,7 @@ def test_a_folder_of_mutants_ingests_with_every_file_counted(tmp_path):
         site.joinpath(f"{i:03d}.dcm").write_bytes(_mutant(i))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = ingest_site("fuzz", site, tmp_path / "pool", key=SiteKey(b"fuzz-secret-0123456789abcdef0123"),
-                              progress=False)
+        summary = ingest_site("fuzz", site, tmp_path / "pool", key=SiteKey(b"fuzz-secret-0123456789abcdef0123"), progress=False)
     assert summary.counts_in == 40 == summary.pooled + sum(summary.quarantined.values())
 
 

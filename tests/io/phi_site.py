@@ -16,24 +16,44 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 PATIENTS = [
-    dict(PatientName="DOEHRING^JANETTE^Q", PatientID="MRN-47110815", PatientBirthDate="19610203",
-         PatientAddress="742 Evergreen Terrace, Springfield", OtherPatientIDs="OTHERID-99871",
-         PatientTelephoneNumbers="+1-555-0100-7788", PatientMotherBirthName="KRABAPPEL^EDNA"),
-    dict(PatientName="VANHOUTEN^MILHOUSE", PatientID="MRN-08154711", PatientBirthDate="19790512",
-         PatientAddress="316 Pikeland Avenue, Springfield", OtherPatientIDs="OTHERID-12377",
-         PatientTelephoneNumbers="+1-555-0199-2233", PatientMotherBirthName="BOUVIER^LUANN"),
+    dict(
+        PatientName="DOEHRING^JANETTE^Q",
+        PatientID="MRN-47110815",
+        PatientBirthDate="19610203",
+        PatientAddress="742 Evergreen Terrace, Springfield",
+        OtherPatientIDs="OTHERID-99871",
+        PatientTelephoneNumbers="+1-555-0100-7788",
+        PatientMotherBirthName="KRABAPPEL^EDNA",
+    ),
+    dict(
+        PatientName="VANHOUTEN^MILHOUSE",
+        PatientID="MRN-08154711",
+        PatientBirthDate="19790512",
+        PatientAddress="316 Pikeland Avenue, Springfield",
+        OtherPatientIDs="OTHERID-12377",
+        PatientTelephoneNumbers="+1-555-0199-2233",
+        PatientMotherBirthName="BOUVIER^LUANN",
+    ),
 ]
 SITE_PHI = dict(
-    InstitutionName="Saint Elsewhere General Hospital", InstitutionAddress="1 Hospital Road, Shelbyville",
-    ReferringPhysicianName="HIBBERT^JULIUS", PerformingPhysicianName="RIVIERA^NICHOLAS",
-    OperatorsName="TECHNICIAN^TOMASZ", StationName="CTSTATION7", DeviceSerialNumber="SN-99887766",
-    InstitutionalDepartmentName="Radiology Department West", PhysiciansOfRecord="CARLSON^CARLTON",
+    InstitutionName="Saint Elsewhere General Hospital",
+    InstitutionAddress="1 Hospital Road, Shelbyville",
+    ReferringPhysicianName="HIBBERT^JULIUS",
+    PerformingPhysicianName="RIVIERA^NICHOLAS",
+    OperatorsName="TECHNICIAN^TOMASZ",
+    StationName="CTSTATION7",
+    DeviceSerialNumber="SN-99887766",
+    InstitutionalDepartmentName="Radiology Department West",
+    PhysiciansOfRecord="CARLSON^CARLTON",
     RequestingPhysician="NAHASAPEEMA^APU",
 )
 # (pydicom test file, patient index, study number); the last two patients' files share a study.
 IMAGES = [
-    ("CT_small.dcm", 0, 1), ("MR_small.dcm", 0, 2), ("MR_small_RLE.dcm", 1, 3),
-    ("emri_small.dcm", 1, 3), ("JPEG2000.dcm", 0, 1),
+    ("CT_small.dcm", 0, 1),
+    ("MR_small.dcm", 0, 2),
+    ("MR_small_RLE.dcm", 1, 3),
+    ("emri_small.dcm", 1, 3),
+    ("JPEG2000.dcm", 0, 1),
 ]
 ROOT = "1.2.826.0.1.3680043.8.498."  # a real implementation root, so original UIDs look like a site's
 
@@ -99,8 +119,13 @@ def _plant_bad_inputs(folder: Path, paths: list[Path]) -> dict[str, str]:
     report = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
     _plant(report, 0, 1, 9, None)
     report.save_as(bad / "report.dcm", enforce_file_format=True)
-    return {"truncated.dcm": "truncated", "notes.txt": "not_dicom", "burned.dcm": "burned_in_annotation",
-            "zz_duplicate.dcm": "duplicate_sop_instance", "report.dcm": "unsafe_sop_class"}
+    return {
+        "truncated.dcm": "truncated",
+        "notes.txt": "not_dicom",
+        "burned.dcm": "burned_in_annotation",
+        "zz_duplicate.dcm": "duplicate_sop_instance",
+        "report.dcm": "unsafe_sop_class",
+    }
 
 
 def _write_labels(folder: Path, paths: list[Path]) -> None:
@@ -108,8 +133,14 @@ def _write_labels(folder: Path, paths: list[Path]) -> None:
     rows = []
     for i, path in enumerate(paths):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        rows.append({"sop_instance_uid": ds.SOPInstanceUID, "accession_number": ds.AccessionNumber,
-                     "finding": "pneumonia" if i % 2 else "normal", "comment": f"read by {SITE_PHI['PhysiciansOfRecord']}"})
+        rows.append(
+            {
+                "sop_instance_uid": ds.SOPInstanceUID,
+                "accession_number": ds.AccessionNumber,
+                "finding": "pneumonia" if i % 2 else "normal",
+                "comment": f"read by {SITE_PHI['PhysiciansOfRecord']}",
+            }
+        )
     rows.append({"sop_instance_uid": _uid("nobody"), "accession_number": "", "finding": "normal", "comment": ""})
     rows[0]["finding"] = ""
     with open(folder / "labels.csv", "w", newline="") as f:
@@ -130,9 +161,19 @@ def identifying_values(paths: list[Path]) -> set[str]:
 
 
 _IDENTIFYING_KEYWORDS = {
-    "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber", "InstitutionName", "InstitutionAddress",
-    "PatientAddress", "StationName", "DeviceSerialNumber", "PatientTelephoneNumbers", "InstitutionalDepartmentName",
-    "StudyID", "SourceApplicationEntityTitle",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "PatientAddress",
+    "StationName",
+    "DeviceSerialNumber",
+    "PatientTelephoneNumbers",
+    "InstitutionalDepartmentName",
+    "StudyID",
+    "SourceApplicationEntityTitle",
 }
 
 

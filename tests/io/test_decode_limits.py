@@ -8,7 +8,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from medtriage.errors import DicomError, ImageTooLargeError
-from medtriage.io.dicom import DecodeLimits, default_limits, read_dicom, set_default_limits
+from medtriage.io.decode_limits import DecodeLimits, default_limits, set_default_limits
+from medtriage.io.dicom import read_dicom
 
 
 def _with(name: str, **attributes) -> bytes:

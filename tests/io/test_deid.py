@@ -23,14 +23,22 @@ from tests.io.phi_site import build_phi_site, identifying_values, pixel_sha256
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
 DEID_DATA = Path(__import__("deid_data").__file__).parent / "data"
 DEID_DATA_FILES = sorted(DEID_DATA.rglob("*.dcm"))
-CATEGORY_ACTION = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_Z_TAGS": "X/Z",
-                   "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}
+CATEGORY_ACTION = {
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "Z/D",
+    "X_Z_TAGS": "X/Z",
+    "X_D_TAGS": "X/D",
+    "X_Z_D_TAGS": "X/Z/D",
+    "X_Z_U_STAR_TAGS": "X/Z/U*",
+}
 
 
 def _exact_table() -> dict[int, str]:
     """Table E.1-1 read straight from the library, independently of medtriage's lookup."""
-    return {(t[0] << 16) | t[1]: action for category, action in CATEGORY_ACTION.items()
-            for t in getattr(table_e1, category) if len(t) == 2}
+    return {(t[0] << 16) | t[1]: action for category, action in CATEGORY_ACTION.items() for t in getattr(table_e1, category) if len(t) == 2}
 
 
 def _roundtrip(ds: Dataset) -> bytes:
@@ -152,8 +160,10 @@ def test_raw_edits_give_the_values_of_element_by_element_edits(phi_site):
         deidentify(implicit, KEY)
         still_raw = [t for t in explicit.keys() if isinstance(explicit.get_item(t), RawDataElement)]
         assert len(still_raw) > 20  # the quick path was taken: most elements never decoded
-        values = [{int(e.tag): None if e.is_empty else e.value for e in ds.iterall() if e.VR != "SQ"}  # '' or None
-                  for ds in (explicit, implicit)]
+        values = [
+            {int(e.tag): None if e.is_empty else e.value for e in ds.iterall() if e.VR != "SQ"}  # '' or None
+            for ds in (explicit, implicit)
+        ]
         assert values[0] == values[1], path.name
 
 

@@ -65,17 +65,20 @@ def test_decodes_real_files_to_unit_range(name, photometric, shape):
     assert image.sop_uid and image.transfer_syntax
 
 
-@pytest.mark.parametrize("compressed, reference", [
-    ("MR_small_RLE.dcm", "MR_small.dcm"),
-    ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
-    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
-    ("MR_small_bigendian.dcm", "MR_small.dcm"),
-    ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),
-    ("RG3_J2KR.dcm", "RG3_UNCR.dcm"),
-    ("US1_J2KR.dcm", "US1_UNCR.dcm"),
-    ("SC_rgb_rle_2frame.dcm", "SC_rgb_2frame.dcm"),
-    ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb.dcm"),
-])
+@pytest.mark.parametrize(
+    "compressed, reference",
+    [
+        ("MR_small_RLE.dcm", "MR_small.dcm"),
+        ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+        ("MR_small_bigendian.dcm", "MR_small.dcm"),
+        ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),
+        ("RG3_J2KR.dcm", "RG3_UNCR.dcm"),
+        ("US1_J2KR.dcm", "US1_UNCR.dcm"),
+        ("SC_rgb_rle_2frame.dcm", "SC_rgb_2frame.dcm"),
+        ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb.dcm"),
+    ],
+)
 def test_lossless_syntaxes_decode_identically(compressed, reference):
     np.testing.assert_array_equal(read_dicom(sample_file(compressed)).pixels, read_dicom(sample_file(reference)).pixels)
 
@@ -142,8 +145,7 @@ def test_rescale_then_window():
     data = make_dataset(stored, 12, RescaleSlope=2, RescaleIntercept=-100, WindowCenter=200, WindowWidth=201)
     # modality values -100, 100, 300, 500; LINEAR: (x - (c - 0.5)) / (w - 1) + 0.5, clipped to [0, 1]
     np.testing.assert_allclose(read_dicom(data).pixels[0, 0, 0], [0.0, 0.0025, 1.0, 1.0], atol=1e-6)
-    data = make_dataset(stored, 12, RescaleSlope=2, RescaleIntercept=-100, WindowCenter=200, WindowWidth=800,
-                        VOILUTFunction="LINEAR_EXACT")
+    data = make_dataset(stored, 12, RescaleSlope=2, RescaleIntercept=-100, WindowCenter=200, WindowWidth=800, VOILUTFunction="LINEAR_EXACT")
     np.testing.assert_allclose(read_dicom(data).pixels[0, 0, 0], [0.125, 0.375, 0.625, 0.875])
 
 
@@ -179,11 +181,14 @@ def test_not_dicom(tmp_path):
         read_dicom(tmp_path / "missing.dcm")
 
 
-@pytest.mark.parametrize("name, sop_class", [
-    ("rtplan.dcm", "RT Plan Storage"),
-    ("test-SR.dcm", "Comprehensive SR Storage"),
-    ("waveform_ecg.dcm", "12-lead ECG Waveform Storage"),
-])
+@pytest.mark.parametrize(
+    "name, sop_class",
+    [
+        ("rtplan.dcm", "RT Plan Storage"),
+        ("test-SR.dcm", "Comprehensive SR Storage"),
+        ("waveform_ecg.dcm", "12-lead ECG Waveform Storage"),
+    ],
+)
 def test_objects_without_pixels_name_their_sop_class(name, sop_class):
     with pytest.raises(NotAnImageError, match=sop_class):
         read_dicom(sample_file(name))

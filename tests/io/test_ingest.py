@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _snapshot(folder: Path, skip: str = "logs") -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and skip not in p.parts}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and skip not in p.parts
+    }
 
 
 def _csv(path: Path) -> list[dict]:
@@ -37,8 +40,13 @@ def ingested(tmp_path_factory):
     root = tmp_path_factory.mktemp("ingest")
     site = build_phi_site(root / "site")
     summary = ingest_site("site_a", root / "site", root / "pool", key=KEY, progress=False)
-    return {"root": root, "site": site, "summary": summary, "pool": root / "pool" / "site_a",
-            "quarantine": root / "pool-quarantine" / "site_a"}
+    return {
+        "root": root,
+        "site": site,
+        "summary": summary,
+        "pool": root / "pool" / "site_a",
+        "quarantine": root / "pool-quarantine" / "site_a",
+    }
 
 
 def test_every_input_ends_in_exactly_one_place(ingested):
@@ -105,7 +113,9 @@ def test_audit_log_records_profile_counts_and_versions(ingested):
     log = json.loads(Path(ingested["summary"].log_path).read_text())
     assert log["counts"]["in"] == log["counts"]["pooled"] + log["counts"]["quarantined_total"] == 10
     assert log["deidentification"]["options"] == [
-        "Retain Longitudinal Temporal Information Modified Dates Option", "Retain Patient Characteristics Option"]
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+        "Retain Patient Characteristics Option",
+    ]
     assert log["software"]["medtriage"] and log["software"]["table"].startswith("dicom-anonymizer")
     assert log["started_utc"] and log["seconds"] >= 0
 
@@ -140,8 +150,14 @@ def test_incremental_ingest_adds_only_new_files(tmp_path):
 def test_same_image_at_two_sites_is_flagged(ingested, tmp_path):
     pool = tmp_path / "pool"
     shutil.copytree(ingested["root"] / "pool", pool)
-    other = ingest_site("site_b", ingested["root"] / "site", pool, key=SiteKey(b"site-b-secret-0123456789abcdefgh"),
-                        quarantine=tmp_path / "q", progress=False)
+    other = ingest_site(
+        "site_b",
+        ingested["root"] / "site",
+        pool,
+        key=SiteKey(b"site-b-secret-0123456789abcdefgh"),
+        quarantine=tmp_path / "q",
+        progress=False,
+    )
     assert other.pooled_new == 5
     flags = [r["flag"] for r in _csv(ledger_folder(pool, "site_b") / INDEX_FILE) if r["outcome"] == "pooled"]
     assert all(f.startswith("identical_pixels:site_a/") for f in flags)
@@ -150,8 +166,7 @@ def test_same_image_at_two_sites_is_flagged(ingested, tmp_path):
 
 @pytest.mark.slow
 def test_worker_processes_and_full_decode_give_the_same_pool(ingested, tmp_path):
-    summary = ingest_site("site_a", ingested["root"] / "site", tmp_path / "pool", key=KEY, workers=2,
-                          verify_pixels=True, progress=False)
+    summary = ingest_site("site_a", ingested["root"] / "site", tmp_path / "pool", key=KEY, workers=2, verify_pixels=True, progress=False)
     assert summary.line() == ingested["summary"].line()
     ours = {k: v for k, v in _snapshot(tmp_path / "pool").items() if not k.endswith(INDEX_FILE)}
     theirs = {k: v for k, v in _snapshot(ingested["root"] / "pool").items() if not k.endswith(INDEX_FILE)}
@@ -187,8 +202,7 @@ def test_cli_ingest_refuses_a_secret_inside_the_pool_and_reports_counts(tmp_path
     pool = tmp_path / "pool"
     (pool).mkdir()
     (pool / "site.key").write_text("s" * 64)
-    assert cli_main(["ingest", str(tmp_path / "site"), "--site", "a", "--into", str(pool),
-                     "--secret-file", str(pool / "site.key")]) == 2
+    assert cli_main(["ingest", str(tmp_path / "site"), "--site", "a", "--into", str(pool), "--secret-file", str(pool / "site.key")]) == 2
     assert "must not live inside the pool" in capsys.readouterr().err
     monkeypatch.setenv("MEDTRIAGE_SITE_SECRET", "e" * 64)
     assert cli_main(["ingest", str(tmp_path / "site"), "--site", "a", "--into", str(pool), "--workers", "1"]) == 0

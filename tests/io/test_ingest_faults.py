@@ -39,15 +39,13 @@ KILLED_INGEST = textwrap.dedent(f"""
 
 
 def _tree(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _rows(path: Path) -> list[dict]:
     """A ledger's rows without the run that wrote them (which differs by design)."""
     with open(path, newline="") as f:
-        return sorted(({k: v for k, v in row.items() if k != "run"} for row in csv.DictReader(f)),
-                      key=lambda row: row["content_key"])
+        return sorted(({k: v for k, v in row.items() if k != "run"} for row in csv.DictReader(f)), key=lambda row: row["content_key"])
 
 
 def test_killed_ingest_leaves_no_partial_file_and_a_rerun_completes_the_same_pool(tmp_path):
@@ -55,8 +53,12 @@ def test_killed_ingest_leaves_no_partial_file_and_a_rerun_completes_the_same_poo
     key = SiteKey(SECRET)
     ingest_site("site_a", tmp_path / "site", tmp_path / "whole", key=key, quarantine=tmp_path / "q-whole", progress=False)
 
-    killed = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(tmp_path / "site"), str(tmp_path / "pool"),
-                             str(tmp_path / "q")], capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_INGEST, str(tmp_path / "site"), str(tmp_path / "pool"), str(tmp_path / "q")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -9, killed.stderr
     site_dir = tmp_path / "pool" / "site_a"
     pooled = [p.name for p in site_dir.iterdir() if not p.name.startswith(".")]

@@ -33,8 +33,9 @@ def _pydicom_test_files() -> list[str]:
     store = importlib.util.find_spec("data_store")
     if store and store.origin:
         folders.append(Path(store.origin).parent / "data")
-    return sorted(str(p) for folder in folders for p in folder.rglob("*")
-                  if p.is_file() and p.stat().st_size < 2_000_000)  # big files add time, not cases
+    return sorted(
+        str(p) for folder in folders for p in folder.rglob("*") if p.is_file() and p.stat().st_size < 2_000_000
+    )  # big files add time, not cases
 
 
 def _pydicom_bytes(ds) -> bytes:

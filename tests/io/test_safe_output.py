@@ -8,8 +8,10 @@ from medtriage.errors import InputError
 from medtriage.io.safe_output import inside, output_path, remove_partials, safe_component, write_atomic
 
 
-@pytest.mark.parametrize("value", ["../../escaped", "..", ".", "/etc/passwd", "a/../../b", "..\\..\\win", "\0x", "", None,
-                                   "C:\\x", "~root", ".hidden", "x" * 500])
+@pytest.mark.parametrize(
+    "value",
+    ["../../escaped", "..", ".", "/etc/passwd", "a/../../b", "..\\..\\win", "\0x", "", None, "C:\\x", "~root", ".hidden", "x" * 500],
+)
 def test_hostile_header_values_become_one_harmless_component(tmp_path, value):
     out = tmp_path / "out"
     path = output_path(out, value, ".SR.dcm", source="a")

@@ -133,8 +133,9 @@ def test_http_service_with_batching_answers_each_file(package_dir):
     async def post_all():
         transport = httpx.ASGITransport(app=create_app(predictor))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await asyncio.gather(*[client.post("/v1/score", content=body, headers={"content-type": "application/dicom"})
-                                          for body in bodies])
+            return await asyncio.gather(
+                *[client.post("/v1/score", content=body, headers={"content-type": "application/dicom"}) for body in bodies]
+            )
 
     responses = asyncio.run(post_all())
     for f, response in zip(files, responses):

@@ -24,9 +24,21 @@ SHIFTS = {  # another acquisition of the same images
 
 def decoded(pixels: np.ndarray, index: int) -> DecodedImage:
     """A held-out npz image as the predictor receives a decoded DICOM image."""
-    return DecodedImage(pixels=pixels[None].astype(np.float32), sop_uid=f"1.2.3.{index}", study_uid="1.2.3", series_uid="1.2.3.1",
-                        patient_id="", modality="CR", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", photometric="MONOCHROME2",
-                        rows=pixels.shape[-2], columns=pixels.shape[-1], frames=1, bits_stored=8, transfer_syntax="")
+    return DecodedImage(
+        pixels=pixels[None].astype(np.float32),
+        sop_uid=f"1.2.3.{index}",
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        patient_id="",
+        modality="CR",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        photometric="MONOCHROME2",
+        rows=pixels.shape[-2],
+        columns=pixels.shape[-1],
+        frames=1,
+        bits_stored=8,
+        transfer_syntax="",
+    )
 
 
 @pytest.fixture(scope="module")

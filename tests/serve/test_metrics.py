@@ -22,8 +22,7 @@ def client(safe_package_dir, tmp_path_factory) -> TestClient:
 
 
 def samples(text: str) -> dict:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_metrics_count_scored_and_rejected_inputs_per_reason(client, tmp_path):

@@ -46,9 +46,21 @@ def scored_or_rejected(predictor: Predictor, image: DecodedImage, name: str):
 
 
 def as_decoded(pixels: np.ndarray, modality: str) -> DecodedImage:
-    return DecodedImage(pixels=pixels.astype(np.float32), sop_uid="1.2.3.4", study_uid="1.2.3", series_uid="1.2.3.1",
-                        patient_id="", modality=modality, sop_class_uid=CR_STORAGE, photometric="RGB",
-                        rows=pixels.shape[-2], columns=pixels.shape[-1], frames=len(pixels), bits_stored=8, transfer_syntax="")
+    return DecodedImage(
+        pixels=pixels.astype(np.float32),
+        sop_uid="1.2.3.4",
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        patient_id="",
+        modality=modality,
+        sop_class_uid=CR_STORAGE,
+        photometric="RGB",
+        rows=pixels.shape[-2],
+        columns=pixels.shape[-1],
+        frames=len(pixels),
+        bits_stored=8,
+        transfer_syntax="",
+    )
 
 
 def test_the_package_declares_its_ood_output(predictor):

@@ -30,8 +30,14 @@ def test_a_path_in_the_sop_uid_stays_inside_the_output_folders(package_dir, tmp_
     (sr,) = sr_dir.iterdir()
     (overlay,) = overlay_dir.iterdir()
     assert sr.name.startswith("escaped.") and sr.name.endswith(".SR.dcm") and overlay.name.endswith(".overlay.png")
-    assert pydicom.dcmread(sr).CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
-        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "../../escaped"  # the value stays data inside the SR
+    assert (
+        pydicom.dcmread(sr)
+        .CurrentRequestedProcedureEvidenceSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        == "../../escaped"
+    )  # the value stays data inside the SR
 
 
 def test_two_files_sharing_a_uid_get_two_outputs(package_dir, tmp_path, capsys):

@@ -25,8 +25,12 @@ def patch_probe(rows: slice, cols: slice, path, gain: float = 8.0) -> ort.Infere
         return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, [len(values)], values))
 
     nodes = [
-        const("starts", [rows.start, cols.start]), const("ends", [rows.stop, cols.stop]), const("axes", [2, 3]),
-        const("half", [0.5], TensorProto.FLOAT), const("gain", [gain], TensorProto.FLOAT), const("one", [1.0], TensorProto.FLOAT),
+        const("starts", [rows.start, cols.start]),
+        const("ends", [rows.stop, cols.stop]),
+        const("axes", [2, 3]),
+        const("half", [0.5], TensorProto.FLOAT),
+        const("gain", [gain], TensorProto.FLOAT),
+        const("one", [1.0], TensorProto.FLOAT),
         helper.make_node("Slice", ["pixels", "starts", "ends", "axes"], ["patch"]),
         helper.make_node("ReduceMean", ["patch"], ["mean4"], axes=[1, 2, 3], keepdims=1),
         helper.make_node("Flatten", ["mean4"], ["mean"], axis=1),
@@ -37,7 +41,9 @@ def patch_probe(rows: slice, cols: slice, path, gain: float = 8.0) -> ort.Infere
         helper.make_node("Concat", ["negative", "positive"], ["probabilities"], axis=1),
     ]
     graph = helper.make_graph(
-        nodes, "patch-probe", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
+        nodes,
+        "patch-probe",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
     )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -68,7 +74,7 @@ def test_the_map_peaks_where_the_model_looks(tmp_path, rows, cols):
     inside = np.zeros_like(result.map, dtype=bool)
     inside[rows, cols] = True
     far = np.ones_like(inside)
-    far[max(0, rows.start - 12):rows.stop + 12, max(0, cols.start - 12):cols.stop + 12] = False
+    far[max(0, rows.start - 12) : rows.stop + 12, max(0, cols.start - 12) : cols.stop + 12] = False
     assert result.map[inside].mean() > 0.5 and result.map[far].max() < 0.05
     assert result.baseline == pytest.approx(float(predict(image[None])[0, 1]), abs=1e-5)
 

@@ -30,8 +30,13 @@ CHEST_XRAY_SCOPE = {
     "pixel_spacing_mm": [0.1, 0.4],
 }
 # pydicom's real files that a chest X-ray model must not score, and the field each one fails first.
-FOREIGN = {"CT_small.dcm": "modality", "MR_small.dcm": "modality", "US1_UNCR.dcm": "modality", "rtdose.dcm": "modality",
-           "SC_rgb.dcm": "modality"}
+FOREIGN = {
+    "CT_small.dcm": "modality",
+    "MR_small.dcm": "modality",
+    "US1_UNCR.dcm": "modality",
+    "rtdose.dcm": "modality",
+    "SC_rgb.dcm": "modality",
+}
 
 
 def with_meta(package_dir: Path, target: Path, **changes) -> Path:

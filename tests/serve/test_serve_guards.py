@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
 from medtriage.cli import main
-from medtriage.io.dicom import DecodeLimits, default_limits, set_default_limits
+from medtriage.io.decode_limits import DecodeLimits, default_limits, set_default_limits
 from medtriage.serve.admission import Admission
 from medtriage.serve.http import create_app
 from medtriage.serve.package import load_package
@@ -75,7 +75,7 @@ def test_a_chunked_body_over_the_limit_is_413_and_raw_bodies_still_score(predict
 
     def chunks():
         for i in range(0, len(data), 8192):
-            yield data[i:i + 8192]
+            yield data[i : i + 8192]
 
     too_big = client.post("/v1/score", content=chunks(), headers={**AUTH, "Content-Type": "application/dicom"})
     assert too_big.status_code == 413
@@ -84,6 +84,7 @@ def test_a_chunked_body_over_the_limit_is_413_and_raw_bodies_still_score(predict
 
 
 # --- serve's options ---------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def uvicorn_calls(monkeypatch):
@@ -109,8 +110,23 @@ def test_token_file_tls_and_the_token_on_the_command_line(package_dir, uvicorn_c
     token_file.chmod(0o600)
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("x"), key.write_text("y")
-    assert main(["serve", str(package_dir), "--host", "0.0.0.0", "--token-file", str(token_file),
-                 "--tls-cert", str(cert), "--tls-key", str(key)]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                str(package_dir),
+                "--host",
+                "0.0.0.0",
+                "--token-file",
+                str(token_file),
+                "--tls-cert",
+                str(cert),
+                "--tls-key",
+                str(key),
+            ]
+        )
+        == 0
+    )
     assert uvicorn_calls[-1]["ssl_certfile"] == str(cert) and uvicorn_calls[-1]["ssl_keyfile"] == str(key)
     err = capsys.readouterr().err
     assert "https://0.0.0.0" in err and "token required" in err and "warning" not in err

@@ -28,7 +28,19 @@ def free_port() -> int:
 def server(package_dir):
     port = free_port()
     env = {**os.environ, "MEDTRIAGE_TOKEN": TOKEN}
-    command = [sys.executable, "-m", "medtriage.cli", "serve", str(package_dir), "--port", str(port), "--max-bytes", str(MAX_BYTES), "--threads", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "medtriage.cli",
+        "serve",
+        str(package_dir),
+        "--port",
+        str(port),
+        "--max-bytes",
+        str(MAX_BYTES),
+        "--threads",
+        "1",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:

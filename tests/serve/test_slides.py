@@ -37,8 +37,11 @@ def nuclei_model(path: Path) -> Path:
         helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
     ]
     graph = helper.make_graph(
-        nodes, "nuclei", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["B", 3, "H", "W"])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["B", 2])], initializers,
+        nodes,
+        "nuclei",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["B", 3, "H", "W"])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["B", 2])],
+        initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.checker.check_model(model)
@@ -118,8 +121,15 @@ def with_pathology_block(package_copy: Path, **block) -> Path:
 
     meta_path = package_copy / "model.json"
     meta = json.loads(meta_path.read_text())
-    meta["pathology"] = {"tile_size": 112, "tile_mpp": 0.5, "stain_normalization": "macenko", "min_tissue": 0.5,
-                         "aggregation": "top_k", "top_k": 3, **block}
+    meta["pathology"] = {
+        "tile_size": 112,
+        "tile_mpp": 0.5,
+        "stain_normalization": "macenko",
+        "min_tissue": 0.5,
+        "aggregation": "top_k",
+        "top_k": 3,
+        **block,
+    }
     meta_path.write_text(json.dumps(meta))
     return package_copy
 
@@ -211,8 +221,15 @@ def tile_package(tmp_path_factory):
         "data": {"pool_dir": str(pool.pool_dir), "label_names": pool.label_names},
     }
     checkpoint = save_checkpoint(root / "best.pt", model=tile_probe_net(pool).state_dict(), config=config)
-    export = {"models_dir": str(root / "models"), "name": "tiles-test", "modality": "SM", "parity_images": 8,
-              "log_to_mlflow": False, "register_model": False, "slide_top_k": 3}
+    export = {
+        "models_dir": str(root / "models"),
+        "name": "tiles-test",
+        "modality": "SM",
+        "parity_images": 8,
+        "log_to_mlflow": False,
+        "register_model": False,
+        "slide_top_k": 3,
+    }
     return export_run(None, checkpoint, {**config, "export": export}), pool
 
 

@@ -26,8 +26,15 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "worklist-token-51c2"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 MULTIFRAME = get_testdata_file("OBXXXX1A_2frame.dcm")
 
 
@@ -140,8 +147,19 @@ def test_the_page_is_open_and_its_data_needs_the_token(predictor):
 def test_score_writes_an_overlay_per_file_and_the_sr_still(capsys, package_dir, chest_files, tmp_path):
     ct = get_testdata_file("CT_small.dcm")
     inputs = [chest_files["by_p"][-1], ct, MULTIFRAME, chest_files["broken"]]
-    code = main(["score", str(package_dir), *map(str, inputs), "--overlays", str(tmp_path / "png"), "--sr", str(tmp_path / "sr"),
-                 "--json", "--allow-out-of-scope"])  # the CT and the ultrasound are scored and flagged
+    code = main(
+        [
+            "score",
+            str(package_dir),
+            *map(str, inputs),
+            "--overlays",
+            str(tmp_path / "png"),
+            "--sr",
+            str(tmp_path / "sr"),
+            "--json",
+            "--allow-out-of-scope",
+        ]
+    )  # the CT and the ultrasound are scored and flagged
     document = json.loads(capsys.readouterr().out)
     assert code == 1 and len(document["rejected"]) == 1  # the broken file, with its reason
     sops = {r["sop_uid"] for r in document["results"]}
@@ -181,10 +199,22 @@ def live_server(package_dir):
     from tests.serve.test_serve_http import _wait_until_up, free_port
 
     port = free_port()
-    command = [sys.executable, "-m", "medtriage.cli", "serve", str(package_dir), "--port", str(port), "--threads", "1",
-               "--worklist-size", str(LIVE_WORKLIST_SIZE)]
-    process = subprocess.Popen(command, env={**os.environ, "MEDTRIAGE_TOKEN": TOKEN}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "medtriage.cli",
+        "serve",
+        str(package_dir),
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--worklist-size",
+        str(LIVE_WORKLIST_SIZE),
+    ]
+    process = subprocess.Popen(
+        command, env={**os.environ, "MEDTRIAGE_TOKEN": TOKEN}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
         _wait_until_up(client, process)

@@ -43,17 +43,25 @@ def npz_cache_dir(tmp_path_factory) -> Path:
 def tiny_overrides(tmp_path, npz_cache_dir) -> list[str]:
     """PneumoniaMNIST, 128 images per split, ResNet-10 at 28 px, one thread: a few seconds per epoch."""
     return [
-        "experiment=pneumoniamnist", "model=resnet10", "model.preprocess.size=28",
-        "data.limit=128", "data.batch_size=32", "trainer.num_threads=1", "trainer.max_epochs=1",
-        "trainer.warmup_epochs=0.25", "export.enabled=false",
-        f"paths.cache_dir={npz_cache_dir}", f"paths.runs_dir={tmp_path / 'outputs'}",
+        "experiment=pneumoniamnist",
+        "model=resnet10",
+        "model.preprocess.size=28",
+        "data.limit=128",
+        "data.batch_size=32",
+        "trainer.num_threads=1",
+        "trainer.max_epochs=1",
+        "trainer.warmup_epochs=0.25",
+        "export.enabled=false",
+        f"paths.cache_dir={npz_cache_dir}",
+        f"paths.runs_dir={tmp_path / 'outputs'}",
     ]
 
 
 def _run_train(overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    done = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if done.returncode != 0:
         raise AssertionError(f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done

@@ -18,8 +18,15 @@ pytestmark = pytest.mark.slow
 
 def torchrun(nproc: int, overrides: list[str]) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "scripts" / "train.py"), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "scripts" / "train.py"),
+        *overrides,
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done.stdout
@@ -28,7 +35,10 @@ def torchrun(nproc: int, overrides: list[str]) -> str:
 def test_two_ranks_match_one_rank_and_log_one_run(tiny_overrides, tracking_uri):
     # Calm settings so that "within noise" can be tight: no augmentation, a gentle learning rate.
     budget = [o.replace("data.limit=128", "data.limit=256") for o in tiny_overrides] + [
-        "trainer.max_epochs=2", "trainer.lr=0.0003", "data.augment.enabled=false"]
+        "trainer.max_epochs=2",
+        "trainer.lr=0.0003",
+        "data.augment.enabled=false",
+    ]
     one = re.search(r"MLflow run ([0-9a-f]{32})", torchrun(1, [*budget, "data.batch_size=32"])).group(1)
     two = re.search(r"MLflow run ([0-9a-f]{32})", torchrun(2, [*budget, "data.batch_size=16"])).group(1)
     client = MlflowClient(tracking_uri)

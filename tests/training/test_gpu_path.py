@@ -82,8 +82,12 @@ def test_resized_split_is_stored_once_and_reused(two_site_pool, monkeypatch):
 
 def test_cache_key_follows_size_rows_and_pool(two_site_pool):
     small, large = Preprocess(PreprocessSpec(size=24)), Preprocess(PreprocessSpec(size=32))
-    paths = {split_cache.cache_path(two_site_pool, "train", small), split_cache.cache_path(two_site_pool, "train", large),
-             split_cache.cache_path(two_site_pool, "val", small), split_cache.cache_path(two_site_pool, "train", small, limit=6)}
+    paths = {
+        split_cache.cache_path(two_site_pool, "train", small),
+        split_cache.cache_path(two_site_pool, "train", large),
+        split_cache.cache_path(two_site_pool, "val", small),
+        split_cache.cache_path(two_site_pool, "train", small, limit=6),
+    }
     assert len(paths) == 4
 
 
@@ -97,8 +101,7 @@ def test_damaged_cache_file_is_rebuilt(two_site_pool):
 
 
 def test_batch_loader_gathers_in_sampler_order_and_drops_the_remainder():
-    split = CachedSplit(torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1), torch.arange(10) % 2,
-                        np.array(["a"] * 10), np.arange(10))
+    split = CachedSplit(torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1), torch.arange(10) % 2, np.array(["a"] * 10), np.arange(10))
     order = [9, 3, 5, 0, 1, 2, 4, 6, 7, 8]
     batches = list(CachedBatchLoader(split, 4, torch.device("cpu"), drop_last=True).batches(order))
     assert [b[0].flatten().tolist() for b in batches] == [[9, 3, 5, 0], [1, 2, 4, 6]]
@@ -141,7 +144,7 @@ def test_site_stratified_shards_cover_the_epoch_and_keep_the_site_mix():
     assert len(orders[0]) == len(orders[1]) == 50 and sorted(orders[0] + orders[1]) == list(range(100))
     for order in orders:
         for start in range(0, 50, 10):  # a batch of 10 on one rank: sites in proportion 6:3:1, give or take one
-            counts = {site: int((sites[order[start:start + 10]] == site).sum()) for site in "abc"}
+            counts = {site: int((sites[order[start : start + 10]] == site).sum()) for site in "abc"}
             assert abs(counts["a"] - 6) <= 1 and abs(counts["b"] - 3) <= 1 and abs(counts["c"] - 1) <= 1, counts
     again = SiteStratifiedSampler(sites, num_replicas=2, rank=0, seed=5)
     again.set_epoch(3)
@@ -168,8 +171,9 @@ def test_fused_optimizer_only_on_cuda():
 
 def test_compiled_training_step_builds_on_cpu_and_matches_eager():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
     # Graph capture of forward and backward as trainer.compile does it; "aot_eager" skips the C++ code
     # generation that takes most of a minute on 2 cores (the benchmark measures the real inductor backend).
     compiled = training_forward(model, compile_model=True, backend="aot_eager")

@@ -60,8 +60,17 @@ def test_holdout_site_moves_one_site_to_test(tmp_path):
     writer = PoolWriter(tmp_path / "pool", ["normal", "pneumonia"])
     for i in range(18):
         site, split = f"site_{i % 3}", ("train", "val", "test")[(i // 3) % 3]
-        writer.add(np.full((1, 4, 4), i / 18, np.float32), site=site, patient_id=f"p{i}", study_uid=f"s{i}", series_uid=f"r{i}",
-                   sop_uid=f"i{i}", path=f"{i}.dcm", label=i % 2, split=split)
+        writer.add(
+            np.full((1, 4, 4), i / 18, np.float32),
+            site=site,
+            patient_id=f"p{i}",
+            study_uid=f"s{i}",
+            series_uid=f"r{i}",
+            sop_uid=f"i{i}",
+            path=f"{i}.dcm",
+            label=i % 2,
+            split=split,
+        )
     manifest = writer.close()
     held = hold_out_site(manifest, "site_1")
     test = held.split("test")
@@ -80,14 +89,26 @@ def test_recipe_smoke(experiment, tmp_path, npz_cache_dir):
     from medtriage.model.checkpoint import read_checkpoint
     from medtriage.training import run
 
-    cfg = compose_train_config([
-        f"experiment={experiment}", "model=resnet10", "model.preprocess.size=28", "data.limit=64", "data.batch_size=32",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.num_threads=1", "export.enabled=false",
-        f"paths.cache_dir={npz_cache_dir}", f"paths.runs_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}",
-    ])
+    cfg = compose_train_config(
+        [
+            f"experiment={experiment}",
+            "model=resnet10",
+            "model.preprocess.size=28",
+            "data.limit=64",
+            "data.batch_size=32",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.num_threads=1",
+            "export.enabled=false",
+            f"paths.cache_dir={npz_cache_dir}",
+            f"paths.runs_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ]
+    )
     result = run(cfg)
     assert 0.0 <= result.metrics["test/auc"] <= 1.0 and result.metrics["test/n"] == 64
     checkpoint = read_checkpoint(result.checkpoint)
+    assert result.checkpoint.name == ("last.pt" if cfg.trainer.weights.value == "last" else "best.pt")
     if cfg.trainer.ema_decay:  # the EMA weights are checkpointed; the raw ones are kept for resuming
         assert checkpoint["ema_updates"] == 2
         assert any(not torch.equal(checkpoint["model"][k], checkpoint["train_model"][k]) for k in checkpoint["model"])
@@ -103,9 +124,19 @@ def test_leave_one_site_out_multirun_reports_the_worst_site(tmp_path, run_train,
     from medtriage.data.simulate.sites import make_sites
 
     make_sites(ROOT / "data/samples/pneumoniamnist_28.npz", tmp_path / "sites", seed=0, limit=150)
-    done = run_train(["-m", "experiment=loso_pneumonia_sites", f"data.sites_dir={tmp_path / 'sites'}", "trainer.max_epochs=1",
-                      "trainer.limit_train_batches=1", "trainer.num_threads=1", "data.batch_size=16",
-                      f"paths.cache_dir={tmp_path / 'pools'}", f"paths.runs_dir={tmp_path / 'outputs'}"])
+    done = run_train(
+        [
+            "-m",
+            "experiment=loso_pneumonia_sites",
+            f"data.sites_dir={tmp_path / 'sites'}",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=1",
+            "trainer.num_threads=1",
+            "data.batch_size=16",
+            f"paths.cache_dir={tmp_path / 'pools'}",
+            f"paths.runs_dir={tmp_path / 'outputs'}",
+        ]
+    )
     parent = re.search(r"MLflow parent run ([0-9a-f]{32})", done.stdout).group(1)
     metrics = MlflowClient(tracking_uri).get_run(parent).data.metrics
     per_site = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("loso/") and k.endswith("/test_auc")}

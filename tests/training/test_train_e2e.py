@@ -50,8 +50,15 @@ def tiny_sites(tmp_path_factory):
 
 def test_site_pool_to_tracked_run(tmp_path, tiny_overrides, tiny_sites, run_train, tracking_uri):
     overrides = [o for o in tiny_overrides if not o.startswith(("experiment=", "paths.cache_dir"))]
-    done = run_train(["experiment=pneumonia_sites", *overrides, f"data.sites_dir={tiny_sites}",
-                      f"paths.cache_dir={tmp_path / 'pools'}", "data.limit=null"])
+    done = run_train(
+        [
+            "experiment=pneumonia_sites",
+            *overrides,
+            f"data.sites_dir={tiny_sites}",
+            f"paths.cache_dir={tmp_path / 'pools'}",
+            "data.limit=null",
+        ]
+    )
     run_id = run_id_of(done.stdout)
     assert f"mlflow ui --backend-store-uri {tracking_uri}" in done.stdout
     run = MlflowClient(tracking_uri).get_run(run_id)
@@ -73,11 +80,18 @@ def test_site_pool_to_tracked_run(tmp_path, tiny_overrides, tiny_sites, run_trai
         sites = {k.split("/")[2] for k in metrics if k.startswith(f"{split}/site/")}
         assert sites == {"northgate", "riverside", "st_marys"}, split
     assert 0.0 <= metrics["test/auc"] <= 1.0 and metrics["best_val_auc"] == max(
-        m.value for m in client.get_metric_history(run_id, "val/auc"))
+        m.value for m in client.get_metric_history(run_id, "val/auc")
+    )
 
     artifacts = artifact_paths(client, run_id)
-    assert {"config/resolved.yaml", "plots/roc.png", "plots/site_auc.png", "checkpoints/best.pt", "metrics.json",
-            "data_audit.json"} <= artifacts
+    assert {
+        "config/resolved.yaml",
+        "plots/roc.png",
+        "plots/site_auc.png",
+        "checkpoints/best.pt",
+        "metrics.json",
+        "data_audit.json",
+    } <= artifacts
     resolved = yaml.safe_load(Path(client.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path))).read_text())
     assert resolved["data"]["sites_dir"] == str(tiny_sites) and resolved["model"]["preprocess"]["size"] == 28
     best = read_checkpoint(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path)))
@@ -117,8 +131,7 @@ def test_interrupted_run_resumes_in_the_same_mlflow_run_and_matches_an_uninterru
     straight = run_train([o.replace(str(tmp_path / "outputs"), str(tmp_path / "straight")) for o in budget])
     other = run_id_of(straight.stdout)
     for key in ("train/loss", "val/auc"):  # seeded on CPU: resuming changes nothing
-        assert [m.value for m in client.get_metric_history(other, key)] == \
-               [m.value for m in client.get_metric_history(run_id, key)], key
+        assert [m.value for m in client.get_metric_history(other, key)] == [m.value for m in client.get_metric_history(run_id, key)], key
 
 
 @pytest.mark.gpu

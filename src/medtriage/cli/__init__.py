@@ -51,4 +51,3 @@ def main(argv: list[str] | None = None) -> int:
     except MedTriageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-

@@ -49,8 +49,9 @@ def add_build_pool_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_build_pool(args: argparse.Namespace) -> int:
-    build_sites_pool(args.sites, args.pool, seed=args.seed, val_fraction=args.val_fraction,
-                     test_fraction=args.test_fraction, workers=args.workers)
+    build_sites_pool(
+        args.sites, args.pool, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction, workers=args.workers
+    )
     return 0
 
 

@@ -21,8 +21,10 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     bad = [a for a in argv if "=" not in a]
     run_ids = [a.split("=", 1)[1] for a in argv if a.startswith("run_id=")]
     if bad or len(run_ids) != 1 or not run_ids[0]:
-        raise ConfigError(f"expected run_id=<mlflow run id> [key=value ...], got {' '.join(argv) or 'nothing'}",
-                          hint="find run ids with `mlflow ui` or mlflow.search_runs()")
+        raise ConfigError(
+            f"expected run_id=<mlflow run id> [key=value ...], got {' '.join(argv) or 'nothing'}",
+            hint="find run ids with `mlflow ui` or mlflow.search_runs()",
+        )
     return run_ids[0], [a for a in argv if not a.startswith("run_id=")]
 
 

@@ -66,13 +66,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.kind == "synthetic":
         config = SyntheticTilesConfig(
-            patients_per_site=args.patients_per_site, tiles_per_slide=args.tiles_per_slide, tile_size=args.tile_size,
-            stain_normalize=args.stain_normalize, holdout_site=args.holdout_site, seed=args.seed,
+            patients_per_site=args.patients_per_site,
+            tiles_per_slide=args.tiles_per_slide,
+            tile_size=args.tile_size,
+            stain_normalize=args.stain_normalize,
+            holdout_site=args.holdout_site,
+            seed=args.seed,
         )
         manifest = build_synthetic_tile_pool(args.pool_dir, config)
     else:
-        entries = [{"path": str(p), "site": args.site, "patient_id": p.stem, "label": args.label, "split": args.split, "mpp": args.mpp}
-                   for p in args.slides]
+        entries = [
+            {"path": str(p), "site": args.site, "patient_id": p.stem, "label": args.label, "split": args.split, "mpp": args.mpp}
+            for p in args.slides
+        ]
         manifest = build_slide_pool(entries, args.pool_dir, args.tile_size, args.tile_mpp, stain_normalize=args.stain_normalize)
         if args.overview:
             save_overview(args.slides[0], args.overview, args.tile_size, args.tile_mpp, args.mpp)
@@ -87,8 +93,10 @@ def save_overview(slide_path: Path, out: Path, tile_size: int, tile_mpp: float, 
     out.parent.mkdir(parents=True, exist_ok=True)
     image.quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)  # a palette keeps the PNG small
     grid = prepared.grid
-    print(f"overview {out}: {len(grid.tiles)} tissue tiles of {grid.n_candidates} positions "
-          f"({tile_size} px at {tile_mpp} µm/px), mask threshold {prepared.mask.threshold:.3f}")
+    print(
+        f"overview {out}: {len(grid.tiles)} tissue tiles of {grid.n_candidates} positions "
+        f"({tile_size} px at {tile_mpp} µm/px), mask threshold {prepared.mask.threshold:.3f}"
+    )
 
 
 def save_sites_figure(out: Path, n_tiles: int, seed: int, size: int = 64, gap: int = 4) -> None:
@@ -105,9 +113,11 @@ def save_sites_figure(out: Path, n_tiles: int, seed: int, size: int = 64, gap: i
             true = np.stack([slide_stain.haematoxylin, slide_stain.eosin], axis=1)
             true = true / np.linalg.norm(true, axis=0)
             off = np.degrees(np.arccos(np.clip(np.sum(fitted.matrix * true, axis=0), -1, 1)))
-            print(f"{site} {'tumour' if tumour else 'normal'} slide: fitted H {fitted.matrix[:, 0].round(3)} "
-                  f"(true {true[:, 0].round(3)}, {off[0]:.1f}° off), E {fitted.matrix[:, 1].round(3)} "
-                  f"(true {true[:, 1].round(3)}, {off[1]:.1f}° off), max concentrations {fitted.max_concentrations.round(2)}")
+            print(
+                f"{site} {'tumour' if tumour else 'normal'} slide: fitted H {fitted.matrix[:, 0].round(3)} "
+                f"(true {true[:, 0].round(3)}, {off[0]:.1f}° off), E {fitted.matrix[:, 1].round(3)} "
+                f"(true {true[:, 1].round(3)}, {off[1]:.1f}° off), max concentrations {fitted.max_concentrations.round(2)}"
+            )
     step = size + gap
     canvas = np.ones((len(rows) * step + gap, 2 * n_tiles * step + 5 * gap, 3), np.float32)
     for r, row in enumerate(rows):

@@ -24,9 +24,11 @@ def find_project_root(start: str | Path | None = None) -> str:
 
 def git_commit(root: str | Path | None = None) -> tuple[str, bool]:
     """(commit hash or 'unknown', whether the working tree has uncommitted changes) of the project at `root`."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root or find_project_root(), capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root or find_project_root(), capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
 
     try:
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))

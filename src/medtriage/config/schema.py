@@ -129,8 +129,11 @@ class PreprocessSpec:
 
     def __post_init__(self):
         if self.intensity not in INTENSITY_MODES:
-            raise ConfigError(f"unknown intensity normalisation {self.intensity!r}", where="model.preprocess.intensity",
-                              hint=f"use one of {list(INTENSITY_MODES)}")
+            raise ConfigError(
+                f"unknown intensity normalisation {self.intensity!r}",
+                where="model.preprocess.intensity",
+                hint=f"use one of {list(INTENSITY_MODES)}",
+            )
 
 
 @dataclass

@@ -85,7 +85,8 @@ def require_clean(manifest, *, override: bool = False, **kwargs) -> AuditResult:
     result = audit_manifest(manifest, **kwargs)
     if not result.ok and not override:
         raise LeakageError(
-            result.summary(), where=manifest.pool_dir,
+            result.summary(),
+            where=manifest.pool_dir,
             hint="fix the splits (or the pool), or override explicitly (data.allow_audit_failure=true) and say why",
         )
     return result
@@ -100,8 +101,9 @@ def _patients_in_two_splits(rows) -> list[Finding]:
     if leaked.empty:
         return []
     examples = [{"site": site, "patient_id": pid, "splits": s} for (site, pid), s in leaked.head(MAX_EXAMPLES).items()]
-    return [Finding("patient_in_two_splits", "error", len(leaked),
-                    f"{len(leaked)} patient(s) have images in more than one split", examples)]
+    return [
+        Finding("patient_in_two_splits", "error", len(leaked), f"{len(leaked)} patient(s) have images in more than one split", examples)
+    ]
 
 
 def _sites_without_positives(rows) -> list[Finding]:
@@ -110,8 +112,15 @@ def _sites_without_positives(rows) -> list[Finding]:
     if not missing:
         return []
     where = ", ".join(f"{m['site']} in {m['split']}" for m in missing)
-    return [Finding("site_without_positives", "error", len(missing),
-                    f"no positive images for {where}: per-site sensitivity/AUC undefined", missing[:MAX_EXAMPLES])]
+    return [
+        Finding(
+            "site_without_positives",
+            "error",
+            len(missing),
+            f"no positive images for {where}: per-site sensitivity/AUC undefined",
+            missing[:MAX_EXAMPLES],
+        )
+    ]
 
 
 # ---------------------------------------------------------------- checks on the pixels
@@ -119,11 +128,20 @@ def _sites_without_positives(rows) -> list[Finding]:
 
 def perceptual_hashes(images, side: int = HASH_SIDE) -> np.ndarray:
     """One hash per `[C, H, W]` image: bool `[N, side * side - 1]`."""
-    thumbs = np.stack([
-        np.asarray(Image.fromarray(np.asarray(image, dtype=np.float32).mean(axis=0), mode="F")
-                   .resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR))
-        for image in images
-    ]) if images else np.zeros((0, THUMBNAIL, THUMBNAIL), np.float32)
+    thumbs = (
+        np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(np.asarray(image, dtype=np.float32).mean(axis=0), mode="F").resize(
+                        (THUMBNAIL, THUMBNAIL), Image.BILINEAR
+                    )
+                )
+                for image in images
+            ]
+        )
+        if images
+        else np.zeros((0, THUMBNAIL, THUMBNAIL), np.float32)
+    )
     dct = _dct_matrix(THUMBNAIL)[:side]
     low = (dct @ thumbs @ dct.T).reshape(len(thumbs), -1)[:, 1:]  # DC only says how bright
     return low > np.median(low, axis=1, keepdims=True)
@@ -168,16 +186,31 @@ def _duplicates(rows, hashes: np.ndarray, max_distance: int) -> list[Finding]:
             kind = "same_image_at_two_sites"
         else:
             continue  # the same image twice inside one split and site cannot leak
-        found[kind].append({"rows": [i, j], "sites": [site[i], site[j]], "splits": [split[i], split[j]],
-                            "patients": [patient[i], patient[j]], "distance": distance})
+        found[kind].append(
+            {
+                "rows": [i, j],
+                "sites": [site[i], site[j]],
+                "splits": [split[i], split[j]],
+                "patients": [patient[i], patient[j]],
+                "distance": distance,
+            }
+        )
     messages = {
         "same_image_in_two_splits": "identical images in two splits",
         "near_duplicate_in_two_splits": f"near-identical images (perceptual hash within {max_distance} bits) in two splits",
         "same_image_at_two_sites": "the same or a near-identical image at two sites (one split)",
     }
-    return [Finding(kind, "warning" if kind == "same_image_at_two_sites" else "error", len(pairs),
-                    f"{len(pairs)} pair(s) of {messages[kind]}" + _cross_site_note(pairs), pairs[:MAX_EXAMPLES])
-            for kind, pairs in found.items() if pairs]
+    return [
+        Finding(
+            kind,
+            "warning" if kind == "same_image_at_two_sites" else "error",
+            len(pairs),
+            f"{len(pairs)} pair(s) of {messages[kind]}" + _cross_site_note(pairs),
+            pairs[:MAX_EXAMPLES],
+        )
+        for kind, pairs in found.items()
+        if pairs
+    ]
 
 
 def _cross_site_note(pairs: list[dict]) -> str:

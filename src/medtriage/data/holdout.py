@@ -23,8 +23,11 @@ def hold_out_site(manifest: Manifest, site: str) -> Manifest:
     rows.loc[held, "split"] = "test"
     rows = rows[held | (rows["split"] != "test")]
     if not len(rows[rows["split"] == "train"]):
-        raise DataNotFoundError(f"no training images left once '{site}' is held out", where=manifest.pool_dir,
-                                hint="leave-one-site-out needs at least two sites")
+        raise DataNotFoundError(
+            f"no training images left once '{site}' is held out",
+            where=manifest.pool_dir,
+            hint="leave-one-site-out needs at least two sites",
+        )
     print(f"leave-one-site-out: {int(held.sum())} images of {site} -> test; {left_out} test images of other sites left out")
     fingerprint = hashlib.sha256(f"{manifest.fingerprint}|holdout_site={site}".encode()).hexdigest()
     return dataclasses.replace(manifest, rows=rows, fingerprint=fingerprint)

@@ -27,8 +27,19 @@ from medtriage.optional import optional_import
 pd = optional_import("pandas")  # not in the torch-free install: needed once a pool is read or summarised
 
 COLUMNS = [
-    "site", "patient_id", "study_uid", "series_uid", "sop_uid", "path",
-    "label", "split", "fingerprint", "channels", "height", "width", "offset",
+    "site",
+    "patient_id",
+    "study_uid",
+    "series_uid",
+    "sop_uid",
+    "path",
+    "label",
+    "split",
+    "fingerprint",
+    "channels",
+    "height",
+    "width",
+    "offset",
 ]
 REJECT_COLUMNS = ["site", "path", "reason"]
 SPLITS = ("train", "val", "test")
@@ -126,9 +137,7 @@ class Manifest:
 
     def summary(self) -> str:
         """Per-site counts by split and label, and rejects, as a printable table."""
-        table = pd.crosstab(
-            [self.rows["site"], self.rows["split"]], self.rows["label"].map(lambda i: self.label_names[int(i)])
-        )
+        table = pd.crosstab([self.rows["site"], self.rows["split"]], self.rows["label"].map(lambda i: self.label_names[int(i)]))
         text = f"pool {self.pool_dir} ({len(self.rows)} images, fingerprint {self.fingerprint[:12]})\n{table}"
         if len(self.rejects):
             kind = self.rejects["reason"].str.split(" (", n=1, regex=False).str[0].rename("reason")  # details vary per file
@@ -151,6 +160,8 @@ def load_manifest(pool_dir: str | Path) -> Manifest:
             "or point data.pool_dir at an existing pool",
         )
     rows = pd.read_csv(pool_dir / MANIFEST_FILE, dtype={"patient_id": str, "path": str, "sop_uid": str})
-    rejects = pd.read_csv(pool_dir / REJECTS_FILE, dtype=str) if (pool_dir / REJECTS_FILE).exists() else pd.DataFrame(columns=REJECT_COLUMNS)
+    rejects = (
+        pd.read_csv(pool_dir / REJECTS_FILE, dtype=str) if (pool_dir / REJECTS_FILE).exists() else pd.DataFrame(columns=REJECT_COLUMNS)
+    )
     label_names = json.loads((pool_dir / LABELS_FILE).read_text())
     return Manifest(pool_dir, rows, rejects, label_names, manifest_hash(pool_dir))

@@ -62,8 +62,15 @@ class LabelTable:
     problem: str | None = None
 
 
-def build_sites_pool(sites_dir: str | Path, pool_dir: str | Path, seed: int = 0, val_fraction: float = 0.15,
-                     test_fraction: float = 0.2, workers: int | None = None, verbose: bool = True) -> Manifest:
+def build_sites_pool(
+    sites_dir: str | Path,
+    pool_dir: str | Path,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    workers: int | None = None,
+    verbose: bool = True,
+) -> Manifest:
     """Decode every site's files, join the labels, split by patient, write the pool; reuse it if unchanged."""
     sites_dir, pool_dir = Path(sites_dir).resolve(), Path(pool_dir).resolve()
     files = _site_files(sites_dir)
@@ -89,17 +96,16 @@ def _say(verbose: bool, text: str) -> None:
 def _site_files(sites_dir: Path) -> dict[str, list[Path]]:
     """Site name -> every file in its folder (labels.csv and hidden files aside), sorted."""
     if not sites_dir.is_dir():
-        raise DataNotFoundError("site folders not found", where=sites_dir,
-                                hint="create them with `python scripts/make_sites.py` (or `medtriage make-sites`)")
+        raise DataNotFoundError(
+            "site folders not found", where=sites_dir, hint="create them with `python scripts/make_sites.py` (or `medtriage make-sites`)"
+        )
     sites = {}
     for folder in sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        sites[folder.name] = sorted(
-            p for p in folder.rglob("*")
-            if p.is_file() and p.name != LABELS_CSV and not p.name.startswith(".")
-        )
+        sites[folder.name] = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != LABELS_CSV and not p.name.startswith("."))
     if not sites:
-        raise DataNotFoundError("no site folders inside", where=sites_dir,
-                                hint="expected <sites_dir>/<site>/*.dcm with a labels.csv per site")
+        raise DataNotFoundError(
+            "no site folders inside", where=sites_dir, hint="expected <sites_dir>/<site>/*.dcm with a labels.csv per site"
+        )
     return sites
 
 
@@ -147,18 +153,29 @@ def decode_file(job: tuple[str, str, str]) -> Decoded:
     except DicomError as err:
         return Decoded(site, relative, fields=_header_ids(path), error=err.reason)
     fields = {
-        "patient_id": image.patient_id, "study_uid": image.study_uid, "series_uid": image.series_uid,
-        "sop_uid": image.sop_uid, "accession_number": image.accession_number, **acquisition_facts(image),
+        "patient_id": image.patient_id,
+        "study_uid": image.study_uid,
+        "series_uid": image.series_uid,
+        "sop_uid": image.sop_uid,
+        "accession_number": image.accession_number,
+        **acquisition_facts(image),
     }
     return Decoded(site, relative, pixels=image.pixels[0], fields=fields)
 
 
 def acquisition_facts(image) -> dict:
     """The header facts a model's declared scope is built from (export writes them into model.json)."""
-    return {"modality": image.modality, "sop_class_uid": image.sop_class_uid, "photometric": image.photometric,
-            "bits_stored": image.bits_stored, "rows": image.rows, "columns": image.columns, "body_part": image.body_part,
-            "view_position": image.view_position,
-            "pixel_spacing_mm": "" if image.pixel_spacing is None else "\\".join(f"{v:g}" for v in image.pixel_spacing)}
+    return {
+        "modality": image.modality,
+        "sop_class_uid": image.sop_class_uid,
+        "photometric": image.photometric,
+        "bits_stored": image.bits_stored,
+        "rows": image.rows,
+        "columns": image.columns,
+        "body_part": image.body_part,
+        "view_position": image.view_position,
+        "pixel_spacing_mm": "" if image.pixel_spacing is None else "\\".join(f"{v:g}" for v in image.pixel_spacing),
+    }
 
 
 def _header_ids(path: Path) -> dict:
@@ -197,8 +214,9 @@ def _column_name(header: str) -> str:
     return header.strip().lower().replace(" ", "_").replace("-", "_")
 
 
-def _write_pool(pool_dir: Path, decoded: list[Decoded], tables: dict[str, LabelTable], seed: int,
-                val_fraction: float, test_fraction: float) -> Manifest:
+def _write_pool(
+    pool_dir: Path, decoded: list[Decoded], tables: dict[str, LabelTable], seed: int, val_fraction: float, test_fraction: float
+) -> Manifest:
     writer = PoolWriter(pool_dir, PNEUMONIA_LABELS)
     used: dict[str, set] = {site: set() for site in tables}
     accepted, seen_sops = [], {}
@@ -250,8 +268,9 @@ def _reject_orphan_rows(writer: PoolWriter, tables: dict[str, LabelTable], used:
         for key, entries in table.entries.items():
             if key not in used[site]:
                 for line, _ in entries:
-                    writer.reject(site, f"{site}/{LABELS_CSV}:{line}",
-                                  f"label row matches no image ({table.key_column} {key or '(empty)'})")
+                    writer.reject(
+                        site, f"{site}/{LABELS_CSV}:{line}", f"label row matches no image ({table.key_column} {key or '(empty)'})"
+                    )
 
 
 def split_files(pool_dir: str | Path, split: str = "test", per_site: int = 2) -> list[Path]:

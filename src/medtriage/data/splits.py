@@ -18,8 +18,7 @@ import numpy as np
 from medtriage.errors import ConfigError
 
 
-def assign_splits(rows: Iterable[Mapping], val_fraction: float = 0.15, test_fraction: float = 0.2,
-                  seed: int = 0) -> list[str]:
+def assign_splits(rows: Iterable[Mapping], val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0) -> list[str]:
     """Split name (`train`, `val` or `test`) for each row (mappings with site, patient_id, label), in order."""
     _check_fractions(val_fraction, test_fraction)
     rows = list(rows)

@@ -43,8 +43,13 @@ class Bundle:
     models: list[str]
 
 
-def build_bundle(packages: list[str | Path], out: str | Path, python: str | None = None, platform: str = DEFAULT_PLATFORM,
-                 wheel: str | Path | None = None) -> Bundle:
+def build_bundle(
+    packages: list[str | Path],
+    out: str | Path,
+    python: str | None = None,
+    platform: str = DEFAULT_PLATFORM,
+    wheel: str | Path | None = None,
+) -> Bundle:
     """Write the bundle of `packages` for CPython `python` (default: this one) on `platform` into `out`.
     `wheel`: a built medtriage wheel to ship instead of building one from the source checkout."""
     out, python = Path(out), python or default_python()
@@ -80,8 +85,11 @@ def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
         package = load_package(raw)
         name = package.directory.resolve().name
         if name in folders:
-            raise ConfigError(f"two packages share the folder name '{name}'", where=raw,
-                              hint="the bundle keeps models/<folder name>: rename one of the folders")
+            raise ConfigError(
+                f"two packages share the folder name '{name}'",
+                where=raw,
+                hint="the bundle keeps models/<folder name>: rename one of the folders",
+            )
         folders[name] = package.directory
     return folders
 
@@ -91,18 +99,31 @@ def _own_wheel(wheel: str | Path | None, wheels_dir: Path) -> Path:
         return build_medtriage_wheel(wheels_dir)
     wheel = Path(wheel)
     if not wheel.is_file() or wheel_name_version(wheel) != ("medtriage", medtriage.__version__):
-        raise ConfigError(f"not a medtriage {medtriage.__version__} wheel", where=wheel,
-                          hint="build it with `pip wheel --no-deps .` from this version's source, or leave --wheel out")
+        raise ConfigError(
+            f"not a medtriage {medtriage.__version__} wheel",
+            where=wheel,
+            hint="build it with `pip wheel --no-deps .` from this version's source, or leave --wheel out",
+        )
     wheels_dir.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copy(wheel, wheels_dir))
 
 
 def _write_templates(staging: Path, python: str, platform: str, wheels: list[Path], models: list[str]) -> None:
-    values = {"@VERSION@": medtriage.__version__, "@PYTHON@": python, "@PLATFORM@": platform,
-              "@DATE@": dt.date.today().isoformat(), "@WHEELS@": str(len(wheels)),
-              "@MODELS@": ", ".join(f"`{m}`" for m in models), "@FIRST_MODEL@": models[0]}
-    targets = {"install.sh": "install.sh", "README.md": "README.md", **{u: f"systemd/{u}" for u in UNITS},
-               **{c: f"config/{c}" for c in CONFIG_EXAMPLES}}
+    values = {
+        "@VERSION@": medtriage.__version__,
+        "@PYTHON@": python,
+        "@PLATFORM@": platform,
+        "@DATE@": dt.date.today().isoformat(),
+        "@WHEELS@": str(len(wheels)),
+        "@MODELS@": ", ".join(f"`{m}`" for m in models),
+        "@FIRST_MODEL@": models[0],
+    }
+    targets = {
+        "install.sh": "install.sh",
+        "README.md": "README.md",
+        **{u: f"systemd/{u}" for u in UNITS},
+        **{c: f"config/{c}" for c in CONFIG_EXAMPLES},
+    }
     templates = resources.files("medtriage.delivery") / "templates"
     for template, target in targets.items():
         text = (templates / template).read_text()
@@ -118,7 +139,9 @@ def _manifest(python: str, platform: str, wheels: list[Path], models: dict[str, 
     from medtriage.serve.package import load_package
 
     return {
-        "medtriage_version": medtriage.__version__, "python": python, "platform": platform,
+        "medtriage_version": medtriage.__version__,
+        "python": python,
+        "platform": platform,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "built_with": f"Python {sys.version.split()[0]}",
         "wheels": [{"file": w.name, "name": wheel_name_version(w)[0], "version": wheel_name_version(w)[1]} for w in wheels],

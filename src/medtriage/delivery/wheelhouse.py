@@ -35,8 +35,11 @@ def platform_tags(platform: str) -> list[str]:
     expand a `--platform`, and many wheels are tagged only manylinux2014 / manylinux_2_17."""
     match = re.fullmatch(r"manylinux_(\d+)_(\d+)_(\w+)", platform) or re.fullmatch(r"(manylinux\d+)_(\w+)", platform)
     if not match or (len(match.groups()) == 2 and match.group(1) not in _LEGACY_MANYLINUX):
-        raise ConfigError(f"unsupported platform '{platform}'", where="--platform",
-                          hint=f"name a manylinux tag such as {DEFAULT_PLATFORM} or manylinux2014_x86_64")
+        raise ConfigError(
+            f"unsupported platform '{platform}'",
+            where="--platform",
+            hint=f"name a manylinux tag such as {DEFAULT_PLATFORM} or manylinux2014_x86_64",
+        )
     if len(match.groups()) == 2:
         (major, minor), arch = _LEGACY_MANYLINUX[match.group(1)], match.group(2)
     else:
@@ -58,16 +61,21 @@ def build_medtriage_wheel(out_dir: Path, source: Path | None = None) -> Path:
     leave build/ and *.egg-info behind)."""
     source = source or source_root()
     if source is None:
-        raise ConfigError("no MedTriage source checkout to build the wheel from", where="--wheel",
-                          hint="run from a checkout, or pass a built medtriage wheel with --wheel FILE")
+        raise ConfigError(
+            "no MedTriage source checkout to build the wheel from",
+            where="--wheel",
+            hint="run from a checkout, or pass a built medtriage wheel with --wheel FILE",
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "source"
         shutil.copytree(source / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
         for name in _SOURCE_FILES:
             shutil.copy(source / name, copy / name)
-        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(copy), "-w", str(out_dir)],
-             "building the medtriage wheel")
+        _run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(copy), "-w", str(out_dir)],
+            "building the medtriage wheel",
+        )
     wheels = sorted(out_dir.glob(f"medtriage-{medtriage.__version__}-*.whl"))
     if not wheels:
         raise BuildError(f"pip built no medtriage {medtriage.__version__} wheel", where=out_dir)
@@ -96,9 +104,18 @@ def download_dependencies(wheel: Path, out_dir: Path, python: str, platform: str
 def target_environment(python: str, platform: str) -> dict[str, str]:
     """PEP 508 marker values of a CPython `python` on a Linux `platform`."""
     arch = platform_tags(platform)[0].split("_", 3)[-1]
-    return {"python_version": python, "python_full_version": f"{python}.0", "implementation_name": "cpython",
-            "implementation_version": f"{python}.0", "platform_python_implementation": "CPython", "os_name": "posix",
-            "sys_platform": "linux", "platform_system": "Linux", "platform_machine": arch, "extra": ""}
+    return {
+        "python_version": python,
+        "python_full_version": f"{python}.0",
+        "implementation_name": "cpython",
+        "implementation_version": f"{python}.0",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": arch,
+        "extra": "",
+    }
 
 
 def missing_requirements(wheels: list[Path], environment: dict[str, str]) -> list[str]:
@@ -133,13 +150,29 @@ def _requires_dist(wheel: Path) -> list[str]:
 
 
 def _pip_download(requirements: list[str], out_dir: Path, python: str, tags: list[str]) -> None:
-    command = [sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--only-binary=:all:",
-               "--python-version", python, "--implementation", "cp", "-d", str(out_dir), *requirements]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--progress-bar",
+        "off",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "-d",
+        str(out_dir),
+        *requirements,
+    ]
     for tag in tags:
         command += ["--platform", tag]
     log: list[str] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as pip, \
-            tqdm(desc=f"wheels for cp{python.replace('.', '')} {tags[0]}", unit=" wheel", file=sys.stderr) as bar:
+    with (
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as pip,
+        tqdm(desc=f"wheels for cp{python.replace('.', '')} {tags[0]}", unit=" wheel", file=sys.stderr) as bar,
+    ):
         for line in pip.stdout:
             log.append(line)
             step = re.match(r"(Collecting|Processing|Downloading) (\S+)", line.strip())
@@ -148,8 +181,10 @@ def _pip_download(requirements: list[str], out_dir: Path, python: str, tags: lis
                 bar.update(step.group(1) != "Downloading")
     if pip.returncode != 0:
         errors = [line.strip() for line in log if line.startswith("ERROR")] or log[-5:]
-        raise BuildError(f"pip could not download every dependency for Python {python} on {tags[0]}: {' '.join(errors)[-600:]}",
-                         hint="a dependency may have no binary wheel for that Python/platform; check the index named in pip's configuration")
+        raise BuildError(
+            f"pip could not download every dependency for Python {python} on {tags[0]}: {' '.join(errors)[-600:]}",
+            hint="a dependency may have no binary wheel for that Python/platform; check the index named in pip's configuration",
+        )
 
 
 def wheel_name_version(wheel: Path) -> tuple[str, str]:
@@ -162,14 +197,24 @@ def write_sbom(wheels: list[Path], out_file: Path, pyproject: Path | None) -> No
     """CycloneDX JSON SBOM of `wheels` (cyclonedx-py, from pinned requirements with each wheel's sha256)."""
     with tempfile.TemporaryDirectory() as tmp:
         requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text("".join(f"{name}=={version} --hash=sha256:{sha256_file(w)}\n"
-                                        for w in wheels for name, version in [wheel_name_version(w)]))
-        command = [sys.executable, "-m", "cyclonedx_py", "requirements", str(requirements), "--of", "JSON",
-                   "--output-reproducible", "-o", str(out_file)]
+        requirements.write_text(
+            "".join(f"{name}=={version} --hash=sha256:{sha256_file(w)}\n" for w in wheels for name, version in [wheel_name_version(w)])
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "cyclonedx_py",
+            "requirements",
+            str(requirements),
+            "--of",
+            "JSON",
+            "--output-reproducible",
+            "-o",
+            str(out_file),
+        ]
         if pyproject is not None:
             command += ["--pyproject", str(pyproject)]
-        _run(command, "writing the SBOM (cyclonedx-py)",
-             hint="install the generator: pip install cyclonedx-bom (part of medtriage[dev])")
+        _run(command, "writing the SBOM (cyclonedx-py)", hint="install the generator: pip install cyclonedx-bom (part of medtriage[dev])")
 
 
 def _run(command: list[str], what: str, hint: str | None = None) -> None:

@@ -28,8 +28,12 @@ def assess(val, test, temperature: float, positive: int = 1, n_bins: int = 15, n
         "temperature": float(temperature),
         "val_auc": float(roc_auc_score(val_labels == positive, val_scores)),
         # a proper scoring rule keeps separating models after validation AUC saturates near 1
-        "val_log_loss": float(log_loss(val_labels, probabilities(val.logits, temperature), labels=np.arange(np.asarray(val.logits).shape[1]))),
-        "test_auc": float(roc_auc_score(test_positive, test_scores)), "test_auc_ci_low": low, "test_auc_ci_high": high,
+        "val_log_loss": float(
+            log_loss(val_labels, probabilities(val.logits, temperature), labels=np.arange(np.asarray(val.logits).shape[1]))
+        ),
+        "test_auc": float(roc_auc_score(test_positive, test_scores)),
+        "test_auc_ci_low": low,
+        "test_auc_ci_high": high,
         "test_acc": float(accuracy_score(test_labels, test_probs.argmax(axis=1))),
         "test_ece_before": expected_calibration_error(probabilities(test.logits), test_labels, n_bins),
         "test_ece_after": expected_calibration_error(test_probs, test_labels, n_bins),

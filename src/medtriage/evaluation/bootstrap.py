@@ -14,8 +14,9 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, n_resamples: int = 1000, level: float = 0.95,
-                     seed: int = 0) -> tuple[float, float]:
+def bootstrap_auc_ci(
+    labels: np.ndarray, scores: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile interval of ROC AUC over resamples of the test images (with replacement).
 
     Resamples holding a single class (AUC undefined) are drawn again rather than skipped, so the

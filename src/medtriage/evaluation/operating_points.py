@@ -57,13 +57,23 @@ def priority_thresholds(review: OperatingPoint, urgent: OperatingPoint | None) -
     if urgent is not None:
         block["urgent"] = urgent.as_dict()
         if urgent.threshold < review.threshold:
-            block["urgent"].update(threshold=review.threshold, sensitivity=review.sensitivity, specificity=review.specificity,
-                                   note="the urgent rule fell below the review threshold; clamped to it")
+            block["urgent"].update(
+                threshold=review.threshold,
+                sensitivity=review.sensitivity,
+                specificity=review.specificity,
+                note="the urgent rule fell below the review threshold; clamped to it",
+            )
     return block
 
 
-def choose_priority_thresholds(scores: np.ndarray, is_positive: np.ndarray, review_rule: str, review_target: float | None,
-                               urgent_rule: str | None = None, urgent_target: float | None = None) -> dict:
+def choose_priority_thresholds(
+    scores: np.ndarray,
+    is_positive: np.ndarray,
+    review_rule: str,
+    review_target: float | None,
+    urgent_rule: str | None = None,
+    urgent_target: float | None = None,
+) -> dict:
     """The thresholds block for `scores` (tiles or slides alike): a review point and an optional urgent one."""
     review = choose_threshold(scores, is_positive, review_rule, review_target)
     urgent = choose_threshold(scores, is_positive, urgent_rule, urgent_target) if urgent_rule else None

@@ -21,8 +21,11 @@ def confidence_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> 
     correct = probs.argmax(axis=1) == np.asarray(labels)
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
     used = np.unique(bins)
-    return (np.array([confidence[bins == b].mean() for b in used]), np.array([correct[bins == b].mean() for b in used]),
-            np.array([(bins == b).sum() for b in used]))
+    return (
+        np.array([confidence[bins == b].mean() for b in used]),
+        np.array([correct[bins == b].mean() for b in used]),
+        np.array([(bins == b).sum() for b in used]),
+    )
 
 
 def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float, path: Path, title: str, n_bins: int = 15) -> Path:

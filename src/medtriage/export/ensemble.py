@@ -36,8 +36,10 @@ class EnsembleNet(nn.Module):
             raise ConfigError("an ensemble needs at least one member", where="run ids")
         specs = {m.preprocess.spec for m in members}
         if len(specs) != 1:
-            raise ConfigError(f"ensemble members preprocess differently: {sorted(map(str, specs))}",
-                              hint="ensemble runs trained with the same model.preprocess settings")
+            raise ConfigError(
+                f"ensemble members preprocess differently: {sorted(map(str, specs))}",
+                hint="ensemble runs trained with the same model.preprocess settings",
+            )
         self.members = nn.ModuleList(members)
         self.flip_tta = flip_tta
 
@@ -72,12 +74,15 @@ def _check_same_data(run_ids: Sequence[str], configs: list[dict]) -> None:
     pools = {c["data"]["pool_dir"] for c in configs}
     holdouts = {c["data"].get("holdout_site") for c in configs}
     if len(pools) != 1 or len(holdouts) != 1:
-        raise ConfigError(f"runs {list(run_ids)} were trained on different data ({sorted(pools)}, holdout {sorted(map(str, holdouts))})",
-                          hint="ensemble runs of the same pool")
+        raise ConfigError(
+            f"runs {list(run_ids)} were trained on different data ({sorted(pools)}, holdout {sorted(map(str, holdouts))})",
+            hint="ensemble runs of the same pool",
+        )
 
 
-def export_ensemble(run_ids: Sequence[str], name: str, flip_tta: bool = False,
-                    overrides: Sequence[str] = ()) -> tuple[Path, str, EnsembleNet]:
+def export_ensemble(
+    run_ids: Sequence[str], name: str, flip_tta: bool = False, overrides: Sequence[str] = ()
+) -> tuple[Path, str, EnsembleNet]:
     """Package the ensemble of `run_ids` as `<models_dir>/<name>/`; returns (package dir, its MLflow run id, the net)."""
     with tempfile.TemporaryDirectory() as tmp:
         members, configs = load_members(run_ids, Path(tmp))
@@ -86,9 +91,16 @@ def export_ensemble(run_ids: Sequence[str], name: str, flip_tta: bool = False,
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(run_ids[0]).info.experiment_id
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-ensemble") as run:
-        mlflow.log_params({"ensemble.members": ",".join(run_ids), "ensemble.size": len(run_ids), "ensemble.flip_tta": flip_tta,
-                           "export.name": name, "model.name": configs[0]["model"]["name"],
-                           "model.preprocess.size": configs[0]["model"]["preprocess"]["size"]})
+        mlflow.log_params(
+            {
+                "ensemble.members": ",".join(run_ids),
+                "ensemble.size": len(run_ids),
+                "ensemble.flip_tta": flip_tta,
+                "export.name": name,
+                "model.name": configs[0]["model"]["name"],
+                "model.preprocess.size": configs[0]["model"]["preprocess"]["size"],
+            }
+        )
         mlflow.set_tags({"ensemble": "true", "data_fingerprint": client.get_run(run_ids[0]).data.tags.get("data_fingerprint", "")})
         package = export_net(net, configs[0], config, run.info.run_id)
     return package, run.info.run_id, net

@@ -49,8 +49,14 @@ def export_onnx(model: CalibratedNet, path: str | Path, opset: int = 18) -> Path
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     with torch.no_grad():
         program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=list(getattr(model, "output_names", [OUTPUT_NAME])), dynamic_shapes={"pixels": dims}, verbose=False,
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(getattr(model, "output_names", [OUTPUT_NAME])),
+            dynamic_shapes={"pixels": dims},
+            verbose=False,
         )
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)

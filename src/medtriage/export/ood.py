@@ -96,8 +96,9 @@ def split_head(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
     last nn.Linear the network holds (DenseNet `class_layers.out`, EfficientNet `_fc`)."""
     linears = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
-        raise PackageError("the network has no final linear layer to take penultimate features from",
-                           hint="export without an OOD score (export.ood=false)")
+        raise PackageError(
+            "the network has no final linear layer to take penultimate features from", hint="export without an OOD score (export.ood=false)"
+        )
     features = copy.deepcopy(net)
     parent_name, _, attribute = linears[-1].rpartition(".")
     parent = features.get_submodule(parent_name) if parent_name else features
@@ -185,11 +186,15 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
         val_scores = model.ood([torch.from_numpy(v).float() for v in val]).double().numpy()
     _check_split(net, model, data.val_images[:4])
     threshold = float(np.quantile(val_scores, 1.0 - false_alarm_rate))
-    block = {"output": OOD_NAME, "method": f"{METHOD} ({which}); the score is the largest distance over layers, "
-                                           "each divided by its validation 99th percentile",
-             "threshold": threshold, "false_alarm_rate": false_alarm_rate,
-             "val_flagged": float(np.mean(val_scores > threshold)), "threshold_split": "val",
-             "fit": {"split": "train", "images": int(len(train[0])), "features": [int(t.shape[1]) for t in train]}}
+    block = {
+        "output": OOD_NAME,
+        "method": f"{METHOD} ({which}); the score is the largest distance over layers, each divided by its validation 99th percentile",
+        "threshold": threshold,
+        "false_alarm_rate": false_alarm_rate,
+        "val_flagged": float(np.mean(val_scores > threshold)),
+        "threshold_split": "val",
+        "fit": {"split": "train", "images": int(len(train[0])), "features": [int(t.shape[1]) for t in train]},
+    }
     log.info("OOD score: threshold %.3f flags %.1f%% of validation", threshold, 100 * block["val_flagged"])
     return OodFit(model, val_scores, block)
 
@@ -200,8 +205,10 @@ def _check_split(net: nn.Module, model: ScoredNet, images: Sequence[np.ndarray])
         for image in images:
             batch = torch.from_numpy(np.asarray(image, dtype=np.float32)[None])
             if not torch.allclose(net(batch), model.head(model.taps(batch)[-1]), atol=1e-4):
-                raise PackageError("the network's last linear layer is not its output layer: no OOD score can be attached",
-                                   hint="export without an OOD score (export.ood=false)")
+                raise PackageError(
+                    "the network's last linear layer is not its output layer: no OOD score can be attached",
+                    hint="export without an OOD score (export.ood=false)",
+                )
 
 
 def ood_parity(path, model: ScoredNet, images: Sequence[np.ndarray]) -> dict:
@@ -217,6 +224,9 @@ def ood_parity(path, model: ScoredNet, images: Sequence[np.ndarray]) -> dict:
         served = session.run([OOD_NAME], {INPUT_NAME: batch})[0].astype(np.float64)
         worst = max(worst, float(np.max(np.abs(served - expected) / np.maximum(1.0, np.abs(expected)))))
     if worst > RELATIVE_TOLERANCE:
-        raise PackageError(f"ONNX and PyTorch OOD scores disagree: max relative difference {worst:.2e} > {RELATIVE_TOLERANCE:.0e}",
-                           where=path, hint="try another opset (export.opset), or export without an OOD score (export.ood=false)")
+        raise PackageError(
+            f"ONNX and PyTorch OOD scores disagree: max relative difference {worst:.2e} > {RELATIVE_TOLERANCE:.0e}",
+            where=path,
+            hint="try another opset (export.opset), or export without an OOD score (export.ood=false)",
+        )
     return {"max_rel_diff": worst, "tolerance": RELATIVE_TOLERANCE, "images": len(images), "runtime": "onnxruntime CPU"}

@@ -91,7 +91,10 @@ def _fmt(value) -> str:
 def _metrics_table(split: dict) -> list[str]:
     lines = ["| site | images | positives | AUC | sensitivity | specificity |", "|---|---|---|---|---|---|"]
     rows = [("**all sites**", split["overall"])] + list(split["per_site"].items())
-    lines += [f"| {site} | {m['n']} | {m['positives']} | {_fmt(m['auc'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |" for site, m in rows]
+    lines += [
+        f"| {site} | {m['n']} | {m['positives']} | {_fmt(m['auc'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |"
+        for site, m in rows
+    ]
     return lines
 
 
@@ -104,7 +107,8 @@ def slide_card_lines(block: dict) -> list[str]:
     """The model card's section on whole slides: tiling, aggregation and which thresholds set slide priorities."""
     stain = block["stain_normalization"] or "none"
     lines = [
-        "", "## Whole slides",
+        "",
+        "## Whole slides",
         f"Slides are cut into {block['tile_size']} px tiles at {block['tile_mpp']} µm/pixel (positions with at least "
         f"{block['min_tissue']:.0%} tissue), stain normalisation: {stain}. The slide score is the {_aggregation_text(block)} "
         "of the tile probabilities.",
@@ -117,8 +121,10 @@ def slide_card_lines(block: dict) -> list[str]:
     for tier in ("review", "urgent"):
         if slide[tier]:
             point = slide[tier]
-            lines.append(f"- {tier}: slide score >= {point['threshold']:.4f} (sensitivity {point['sensitivity']:.3f}, "
-                         f"specificity {point['specificity']:.3f} on validation slides)")
+            lines.append(
+                f"- {tier}: slide score >= {point['threshold']:.4f} (sensitivity {point['sensitivity']:.3f}, "
+                f"specificity {point['specificity']:.3f} on validation slides)"
+            )
     for split_name, split in block.get("slide_metrics", {}).items():
         lines += ["", f"Slide-level metrics, {split_name} split (the counts are slides):", *_metrics_table(split)]
     return lines
@@ -137,16 +143,20 @@ def _normalisation_text(normalize: dict) -> str:
 def _precision_lines(block: dict) -> list[str]:
     """The card's section on an int8 package: its fp32 source and how far int8 moves the probabilities."""
     parity, source = block["parity"], block["source"]
-    lines = ["## Precision: int8",
-             f"Quantised from {source['name']} v{source['version']} (sha256 `{source['sha256'][:12]}…`): {block['method']}, "
-             f"calibrated on {block['calibration']}. On those images the probability of the positive label moved by at most "
-             f"{parity['max_abs_diff']:.4f} (mean {parity['mean_abs_diff']:.4f}); {parity['priority_changes']} of "
-             f"{parity['images']} priorities changed."]
+    lines = [
+        "## Precision: int8",
+        f"Quantised from {source['name']} v{source['version']} (sha256 `{source['sha256'][:12]}…`): {block['method']}, "
+        f"calibrated on {block['calibration']}. On those images the probability of the positive label moved by at most "
+        f"{parity['max_abs_diff']:.4f} (mean {parity['mean_abs_diff']:.4f}); {parity['priority_changes']} of "
+        f"{parity['images']} priorities changed.",
+    ]
     if parity.get("auc_fp32") is not None:
         lines.append(f"AUC on them: fp32 {parity['auc_fp32']:.4f}, int8 {parity['auc_int8']:.4f}.")
     if parity.get("ood_max_abs_diff") is not None:
-        lines.append(f"OOD score: max |Δ| {parity['ood_max_abs_diff']:.4f}"
-                     + (f", {parity['ood_flag_changes']} unusual-input flags changed." if "ood_flag_changes" in parity else "."))
+        lines.append(
+            f"OOD score: max |Δ| {parity['ood_max_abs_diff']:.4f}"
+            + (f", {parity['ood_flag_changes']} unusual-input flags changed." if "ood_flag_changes" in parity else ".")
+        )
     return lines + ["Metrics and thresholds above are the fp32 model's.", ""]
 
 
@@ -154,19 +164,24 @@ def model_card(meta: dict) -> str:
     review, urgent = meta["thresholds"]["review"], meta["thresholds"]["urgent"]
     cal, prov, pre = meta["calibration"], meta["provenance"], meta["preprocessing"]
     lines = [
-        f"# {meta['name']} v{meta['version']}", "",
+        f"# {meta['name']} v{meta['version']}",
+        "",
         "## Intended use",
         f"Decision support for {meta['task']} of {meta['modality']} images: it orders a worklist by the calibrated "
-        f"probability of **{meta['positive_label']}**. It is not a diagnosis; a radiologist reads every image.", "",
+        f"probability of **{meta['positive_label']}**. It is not a diagnosis; a radiologist reads every image.",
+        "",
         "## Input and output",
         f"Decoded pixels (medtriage.io, float32 in [0, 1], {meta['input']['channels']} channel(s), any size), resized inside "
         f"the graph to {pre['resize']['size']}x{pre['resize']['size']} and {_normalisation_text(pre['normalize'])}. Output: probabilities of {', '.join(meta['label_names'])}, "
-        f"calibrated with temperature {cal['temperature']:.3f} (validation ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}).", "",
+        f"calibrated with temperature {cal['temperature']:.3f} (validation ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}).",
+        "",
         "## Operating points (chosen on validation)",
         f"- review: p >= {review['threshold']:.4f} (rule {review['rule']}, sensitivity {review['sensitivity']:.3f}, specificity {review['specificity']:.3f})",
     ]
     if urgent:
-        lines.append(f"- urgent: p >= {urgent['threshold']:.4f} (rule {urgent['rule']}, sensitivity {urgent['sensitivity']:.3f}, specificity {urgent['specificity']:.3f})")
+        lines.append(
+            f"- urgent: p >= {urgent['threshold']:.4f} (rule {urgent['rule']}, sensitivity {urgent['sensitivity']:.3f}, specificity {urgent['specificity']:.3f})"
+        )
     if meta.get("pathology"):
         lines += slide_card_lines(meta["pathology"])
     lines += ["", "## Data", f"Training sites: {', '.join(meta['training_sites']) or 'unknown'}."]
@@ -176,16 +191,19 @@ def model_card(meta: dict) -> str:
         if worst:
             lines.append(f"\nWorst site on {split_name}: **{worst[0]}** (AUC {worst[1]:.3f}).")
     lines += [
-        "", "## Limitations",
+        "",
+        "## Limitations",
         "- Validated only on the sites listed above; performance at a new site, scanner or population may be lower: "
         "check it on local data before use.",
         f"- Trained for {meta['modality']} images; other modalities or body parts give meaningless scores.",
         "- Thresholds were fitted on the validation split and carry its sampling error.",
-        "", "## Provenance",
+        "",
+        "## Provenance",
         f"MLflow run `{_fmt(prov['mlflow_run_id'])}`, git commit `{_fmt(prov['git_commit'])}`, "
         f"data fingerprint `{_fmt(prov['data_fingerprint'])}`, "
         f"medtriage {prov['medtriage_version']}. ONNX vs PyTorch max |dp| = {meta['parity']['max_abs_diff']:.1e} "
-        f"on {meta['parity']['images']} validation images. model.onnx sha256 `{meta['sha256']}`.", "",
+        f"on {meta['parity']['images']} validation images. model.onnx sha256 `{meta['sha256']}`.",
+        "",
     ]
     if meta.get("quantization"):
         lines += _precision_lines(meta["quantization"])

@@ -51,8 +51,9 @@ def tile_pool_of(manifest, val_rows: np.ndarray, test_rows: np.ndarray | None) -
 
     def slides(rows) -> SlideLabels:
         picked = manifest.rows.iloc[np.asarray(rows)]
-        return SlideLabels(picked["slide_id"].astype(str).to_numpy(), picked["slide_label"].astype(int).to_numpy(),
-                           picked["site"].astype(str).to_numpy())
+        return SlideLabels(
+            picked["slide_id"].astype(str).to_numpy(), picked["slide_label"].astype(int).to_numpy(), picked["site"].astype(str).to_numpy()
+        )
 
     return TilePool(info, slides(val_rows), slides(test_rows) if test_rows is not None else None)
 
@@ -70,26 +71,31 @@ def slide_scores(tile_scores: np.ndarray, slides: SlideLabels, aggregation: str,
     return scores, labels, sites
 
 
-def pathology_block(pool: TilePool, cfg: ExportConfig, positive: int, val_scores: np.ndarray,
-                    test_scores: np.ndarray | None = None) -> dict:
+def pathology_block(
+    pool: TilePool, cfg: ExportConfig, positive: int, val_scores: np.ndarray, test_scores: np.ndarray | None = None
+) -> dict:
     """model.json's `pathology` block; `*_scores` are calibrated positive-class tile probabilities."""
     if cfg.slide_aggregation not in AGGREGATIONS:
-        raise ConfigError(f"unknown slide aggregation '{cfg.slide_aggregation}'", where="export.slide_aggregation",
-                          hint=f"one of {AGGREGATIONS}")
+        raise ConfigError(
+            f"unknown slide aggregation '{cfg.slide_aggregation}'", where="export.slide_aggregation", hint=f"one of {AGGREGATIONS}"
+        )
     info = pool.tile_info
     block = {
-        "tile_size": int(info["tile_size"]), "tile_mpp": float(info["tile_mpp"]),
-        "stain_normalization": info.get("stain_normalization"), "target_stains": info.get("target_stains"),
+        "tile_size": int(info["tile_size"]),
+        "tile_mpp": float(info["tile_mpp"]),
+        "stain_normalization": info.get("stain_normalization"),
+        "target_stains": info.get("target_stains"),
         "min_tissue": float(info.get("min_tissue", DEFAULT_MIN_TISSUE)),
-        "aggregation": cfg.slide_aggregation, "top_k": int(cfg.slide_top_k), "pool_source": info.get("source"),
+        "aggregation": cfg.slide_aggregation,
+        "top_k": int(cfg.slide_top_k),
+        "pool_source": info.get("source"),
     }
     scores, labels, sites = slide_scores(val_scores, pool.val, cfg.slide_aggregation, cfg.slide_top_k)
     try:
         thresholds = thresholds_by_export_rules(cfg, scores, labels == positive)  # the tile rules, on slide scores
     except InputError as err:  # e.g. validation slides of one class only
         log.warning("no slide-level thresholds (%s); slide priorities will use the tile thresholds", err.reason)
-        return {**block, "threshold_level": "tile", "slide_thresholds": None,
-                "note": f"no slide thresholds: {err.reason}"}
+        return {**block, "threshold_level": "tile", "slide_thresholds": None, "note": f"no slide thresholds: {err.reason}"}
     review = thresholds["review"]["threshold"]
     metrics = {"val": split_metrics(scores, labels == positive, sites, review)}
     if test_scores is not None and pool.test is not None:

@@ -29,8 +29,9 @@ DEFAULT_IMAGES = 256
 CALIBRATION_BATCH = 16
 
 
-def calibration_images(source: str | Path, channels: int, split: str = "val", limit: int = DEFAULT_IMAGES
-                       ) -> tuple[list[np.ndarray], np.ndarray | None, str]:
+def calibration_images(
+    source: str | Path, channels: int, split: str = "val", limit: int = DEFAULT_IMAGES
+) -> tuple[list[np.ndarray], np.ndarray | None, str]:
     """Images `[1, C, H, W]` (model channels, float32 in [0, 1]) from a MedMNIST-layout npz split or a folder
     of DICOM files (first frame of each; files that do not decode are skipped and counted), with the npz
     labels (None for DICOM), and a description of where they came from."""
@@ -45,8 +46,11 @@ def calibration_images(source: str | Path, channels: int, split: str = "val", li
         images = [to_model_channels(p[None], channels, str(source)) for p in pixels]
         return images, labels, f"{source.name} [{split}], first {len(images)} images"
     if not source.is_dir():
-        raise InputError("calibration images not found", where=source,
-                         hint="pass a MedMNIST-layout .npz (its --split is used) or a folder of validation DICOM files")
+        raise InputError(
+            "calibration images not found",
+            where=source,
+            hint="pass a MedMNIST-layout .npz (its --split is used) or a folder of validation DICOM files",
+        )
     images, skipped = _dicom_images(source, channels, limit)
     if not images:
         raise InputError(f"no DICOM file in the folder decoded ({skipped} skipped)", where=source)
@@ -83,8 +87,11 @@ def quantize_onnx(source: Path, target: Path, images: list[np.ndarray], input_na
     nodes = {n.name: n.op_type for n in onnx.load(str(source), load_external_data=False).graph.node}
     unknown = sorted(set(exclude) - set(nodes))
     if unknown:
-        raise ConfigError(f"no node named {', '.join(unknown)} in the graph", where="--exclude",
-                          hint=f"quantisable nodes: {', '.join(n for n, op in nodes.items() if op in QUANTIZED_OPS)}")
+        raise ConfigError(
+            f"no node named {', '.join(unknown)} in the graph",
+            where="--exclude",
+            hint=f"quantisable nodes: {', '.join(n for n, op in nodes.items() if op in QUANTIZED_OPS)}",
+        )
 
     class Reader(CalibrationDataReader):
         def __init__(self):  # same-size images in batches: fewer calibration runs, same observed ranges
@@ -94,9 +101,18 @@ def quantize_onnx(source: Path, target: Path, images: list[np.ndarray], input_na
             batch = next(self.batches, None)
             return None if batch is None else {input_name: batch}
 
-    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS),
-                    nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(source),
+        str(target),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=list(QUANTIZED_OPS),
+        nodes_to_exclude=list(exclude),
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     return sorted(n for n, op in nodes.items() if op in QUANTIZED_OPS and n not in exclude)
 
 
@@ -105,8 +121,11 @@ def _batches(images: list[np.ndarray]) -> list[tuple[list[int], np.ndarray]]:
     by_shape: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         by_shape.setdefault(image.shape[1:], []).append(i)
-    return [(group[i : i + CALIBRATION_BATCH], np.concatenate([images[j] for j in group[i : i + CALIBRATION_BATCH]]))
-            for group in by_shape.values() for i in range(0, len(group), CALIBRATION_BATCH)]
+    return [
+        (group[i : i + CALIBRATION_BATCH], np.concatenate([images[j] for j in group[i : i + CALIBRATION_BATCH]]))
+        for group in by_shape.values()
+        for i in range(0, len(group), CALIBRATION_BATCH)
+    ]
 
 
 def served_probabilities(predictor, images: list[np.ndarray]) -> np.ndarray:
@@ -132,8 +151,13 @@ def parity_report(fp32, int8, images: list[np.ndarray], labels: np.ndarray | Non
     (p32, ood32), (p8, ood8) = served_outputs(fp32, images), served_outputs(int8, images)
     diff = np.abs(p8[:, fp32.positive] - p32[:, fp32.positive])
     changed = sum(fp32.priority(float(a)) != int8.priority(float(b)) for a, b in zip(p32[:, fp32.positive], p8[:, int8.positive]))
-    report = {"images": len(images), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-              "priority_changes": int(changed), "runtime": "onnxruntime CPU (the served path)"}
+    report = {
+        "images": len(images),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "priority_changes": int(changed),
+        "runtime": "onnxruntime CPU (the served path)",
+    }
     threshold = fp32.package.ood_threshold
     if ood32 is not None and ood8 is not None:  # the OOD score comes from the quantised features too
         report["ood_max_abs_diff"] = float(np.abs(ood8 - ood32).max())
@@ -146,8 +170,14 @@ def parity_report(fp32, int8, images: list[np.ndarray], labels: np.ndarray | Non
     return report
 
 
-def quantize_package(package_dir: str | Path, calibration: str | Path, out: str | Path | None = None, split: str = "val",
-                     limit: int = DEFAULT_IMAGES, exclude: Sequence[str] = ()) -> Path:
+def quantize_package(
+    package_dir: str | Path,
+    calibration: str | Path,
+    out: str | Path | None = None,
+    split: str = "val",
+    limit: int = DEFAULT_IMAGES,
+    exclude: Sequence[str] = (),
+) -> Path:
     """Write the int8 version of the package at `package_dir` to `out` (default: `<package_dir>-int8`)."""
     from medtriage.export.package import write_package
     from medtriage.serve.package import load_package
@@ -155,8 +185,11 @@ def quantize_package(package_dir: str | Path, calibration: str | Path, out: str 
 
     package = load_package(package_dir)
     if package.meta.get("precision", "fp32") != "fp32":
-        raise ConfigError(f"{package.describe(with_sha=False)} is already {package.meta['precision']}", where=package_dir,
-                          hint="quantise the fp32 package it was made from")
+        raise ConfigError(
+            f"{package.describe(with_sha=False)} is already {package.meta['precision']}",
+            where=package_dir,
+            hint="quantise the fp32 package it was made from",
+        )
     out = Path(out) if out else package.directory.with_name(f"{package.directory.name}-int8")
     if out.resolve() == package.directory.resolve():
         raise ConfigError("--out would overwrite the fp32 package", where=out, hint="choose another folder")
@@ -170,26 +203,41 @@ def quantize_package(package_dir: str | Path, calibration: str | Path, out: str 
         write_package(staged, quantized, meta)
         quantization = {
             "method": "onnxruntime static quantisation, QDQ, per-channel int8 weights, uint8 activations (MinMax)",
-            "source": package.identity(), "calibration": described, "quantized_ops": list(QUANTIZED_OPS),
-            "quantized_nodes": len(nodes), "excluded_nodes": list(exclude),
+            "source": package.identity(),
+            "calibration": described,
+            "quantized_ops": list(QUANTIZED_OPS),
+            "quantized_nodes": len(nodes),
+            "excluded_nodes": list(exclude),
             "parity": parity_report(fp32, Predictor(load_package(staged)), images, labels),
             "note": "metrics, thresholds and calibration were measured on the fp32 source model; parity says how far int8 moves them",
         }
         meta = write_package(out, quantized, {**meta, "quantization": quantization})
     report = quantization["parity"]
-    log.info("int8 package %s v%s written to %s (max |dp| %.4f on %d calibration images)", meta["name"], meta["version"],
-             out, report["max_abs_diff"], report["images"])
+    log.info(
+        "int8 package %s v%s written to %s (max |dp| %.4f on %d calibration images)",
+        meta["name"],
+        meta["version"],
+        out,
+        report["max_abs_diff"],
+        report["images"],
+    )
     return out
 
 
 def register(subparsers) -> None:
     quantize = subparsers.add_parser(
-        "quantize", help="write an int8 version of a model package (ONNX Runtime static quantisation)",
+        "quantize",
+        help="write an int8 version of a model package (ONNX Runtime static quantisation)",
         description="Quantise a package's network to int8 (QDQ), calibrated on validation images, and write it as a "
-                    "new package version with precision int8 and a parity report against the fp32 package.")
+        "new package version with precision int8 and a parity report against the fp32 package.",
+    )
     quantize.add_argument("package", help="the fp32 model package folder")
-    quantize.add_argument("--calibration", required=True, metavar="PATH",
-                          help="validation images: a MedMNIST-layout .npz (see --split) or a folder of DICOM files")
+    quantize.add_argument(
+        "--calibration",
+        required=True,
+        metavar="PATH",
+        help="validation images: a MedMNIST-layout .npz (see --split) or a folder of DICOM files",
+    )
     quantize.add_argument("--split", default="val", choices=["train", "val", "test"], help="the npz split to calibrate on (default: val)")
     quantize.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="calibration images to use (default: %(default)s)")
     quantize.add_argument("--exclude", nargs="*", default=[], metavar="NODE", help="graph nodes to keep in float")
@@ -203,8 +251,10 @@ def run_quantize(args) -> int:
     import sys
 
     if importlib.util.find_spec("onnx") is None:
-        raise ConfigError("quantisation needs the onnx package, which the inference install leaves out",
-                          hint="run it where models are exported: pip install 'medtriage[train]'")
+        raise ConfigError(
+            "quantisation needs the onnx package, which the inference install leaves out",
+            hint="run it where models are exported: pip install 'medtriage[train]'",
+        )
     out = quantize_package(args.package, args.calibration, args.out, args.split, args.images, args.exclude)
     meta = json.loads((out / "model.json").read_text())
     print(json.dumps(meta["quantization"]["parity"], indent=2))

@@ -44,8 +44,10 @@ class Registration:
         source = f"{client.get_run(self.run_id).info.artifact_uri}/{artifact_path(latest + 1)}"
         self.version = int(client.create_model_version(self.name, source=source, run_id=self.run_id).version)
         if self.version != latest + 1:
-            raise PackageError(f"another export registered '{self.name}' at the same time (got version {self.version}, "
-                               f"expected {latest + 1})", hint="run the export again")
+            raise PackageError(
+                f"another export registered '{self.name}' at the same time (got version {self.version}, expected {latest + 1})",
+                hint="run the export again",
+            )
         return self.version
 
     def withdraw(self) -> None:
@@ -72,9 +74,13 @@ def log_package(run_id: str, result) -> None:
     client = mlflow.MlflowClient()
     meta = result.meta
     client.log_artifacts(run_id, str(result.package_dir), artifact_path=artifact_path(meta["version"]))
-    for key, value in (("export_ece_before", meta["calibration"]["ece_before"]), ("export_ece_after", meta["calibration"]["ece_after"]),
-                       ("export_temperature", meta["calibration"]["temperature"]), ("export_parity_max_abs_diff", meta["parity"]["max_abs_diff"]),
-                       ("export_review_threshold", meta["thresholds"]["review"]["threshold"])):
+    for key, value in (
+        ("export_ece_before", meta["calibration"]["ece_before"]),
+        ("export_ece_after", meta["calibration"]["ece_after"]),
+        ("export_temperature", meta["calibration"]["temperature"]),
+        ("export_parity_max_abs_diff", meta["parity"]["max_abs_diff"]),
+        ("export_review_threshold", meta["thresholds"]["review"]["threshold"]),
+    ):
         client.log_metric(run_id, key, float(value))
     client.set_tag(run_id, "medtriage.package", f"{meta['name']} v{meta['version']} sha256 {meta['sha256']}")
     print(f"model package {meta['name']} v{meta['version']} -> {result.package_dir} (logged to MLflow run {run_id})")
@@ -88,8 +94,10 @@ def find_checkpoint(run_id: str, download_dir: Path) -> Path:
         match = [p for p in paths if p.rsplit("/", 1)[-1] == wanted]
         if match:
             return Path(client.download_artifacts(run_id, match[0], str(download_dir)))
-    raise DataNotFoundError(f"MLflow run {run_id} has no checkpoint artifact ({' or '.join(CHECKPOINT_PREFERENCE)})",
-                            hint="export from a run that finished training, or pass a checkpoint to medtriage.export.run.export_run")
+    raise DataNotFoundError(
+        f"MLflow run {run_id} has no checkpoint artifact ({' or '.join(CHECKPOINT_PREFERENCE)})",
+        hint="export from a run that finished training, or pass a checkpoint to medtriage.export.run.export_run",
+    )
 
 
 def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:

@@ -45,10 +45,20 @@ class ExportResult:
 
 
 def export_model(
-    net, cfg: ExportConfig, *, label_names: Sequence[str], val: Predictions, parity_images: Sequence[np.ndarray],
-    test: Predictions | None = None, training_sites: Sequence[str] = (), network: dict | None = None,
-    provenance: dict | None = None, assign_version: Callable[[], int] | None = None, tile_pool: TilePool | None = None,
-    ood_data: OodData | None = None, scope: dict | None = None,
+    net,
+    cfg: ExportConfig,
+    *,
+    label_names: Sequence[str],
+    val: Predictions,
+    parity_images: Sequence[np.ndarray],
+    test: Predictions | None = None,
+    training_sites: Sequence[str] = (),
+    network: dict | None = None,
+    provenance: dict | None = None,
+    assign_version: Callable[[], int] | None = None,
+    tile_pool: TilePool | None = None,
+    ood_data: OodData | None = None,
+    scope: dict | None = None,
 ) -> ExportResult:
     """Calibrate on `val`, pick thresholds, export + parity-check ONNX, write `<models_dir>/<name>/`.
     A `tile_pool` (the model scores slide tiles) adds the `pathology` block with slide-level thresholds;
@@ -61,8 +71,11 @@ def export_model(
     if test is not None:
         calibration["test"] = calibration_on_test(test.logits, test.labels, temperature, cfg.ece_bins)
     thresholds = thresholds_by_export_rules(cfg, probabilities(val.logits, temperature)[:, positive], val_labels == positive)
-    metrics = {name: _metrics(split, temperature, positive, thresholds["review"]["threshold"])
-               for name, split in (("val", val), ("test", test)) if split is not None}
+    metrics = {
+        name: _metrics(split, temperature, positive, thresholds["review"]["threshold"])
+        for name, split in (("val", val), ("test", test))
+        if split is not None
+    }
     package_dir = Path(cfg.models_dir) / cfg.name
     with tempfile.TemporaryDirectory() as tmp:
         ood = fit_ood(net, temperature, ood_data, cfg.ood_false_alarm_rate) if ood_data is not None and cfg.ood else None
@@ -71,15 +84,35 @@ def export_model(
         diff, count = parity(onnx_path, model, parity_images[: cfg.parity_images])
         check_parity(diff, cfg.parity_tolerance, onnx_path)
         meta = {
-            "schema_version": SCHEMA_VERSION, "name": cfg.name,
+            "schema_version": SCHEMA_VERSION,
+            "name": cfg.name,
             "version": assign_version() if assign_version else next_version(package_dir),
-            "task": cfg.task, "label_names": list(label_names), "positive_label": label_names[positive], "modality": cfg.modality,
-            "input": _input_spec(net), "output": {"name": OUTPUT_NAME, "classes": len(label_names), "calibrated": cfg.calibrate},
-            "preprocessing": _preprocessing(net), "network": network or {}, "calibration": calibration,
-            "thresholds": thresholds, "metrics": metrics, "training_sites": sorted(map(str, training_sites)),
-            "provenance": {"medtriage_version": medtriage.__version__, "mlflow_run_id": None, "git_commit": None,
-                           "data_fingerprint": None, **(provenance or {})},
-            "parity": {"max_abs_diff": diff, "tolerance": cfg.parity_tolerance, "images": count, "split": "val", "runtime": "onnxruntime CPU"},
+            "task": cfg.task,
+            "label_names": list(label_names),
+            "positive_label": label_names[positive],
+            "modality": cfg.modality,
+            "input": _input_spec(net),
+            "output": {"name": OUTPUT_NAME, "classes": len(label_names), "calibrated": cfg.calibrate},
+            "preprocessing": _preprocessing(net),
+            "network": network or {},
+            "calibration": calibration,
+            "thresholds": thresholds,
+            "metrics": metrics,
+            "training_sites": sorted(map(str, training_sites)),
+            "provenance": {
+                "medtriage_version": medtriage.__version__,
+                "mlflow_run_id": None,
+                "git_commit": None,
+                "data_fingerprint": None,
+                **(provenance or {}),
+            },
+            "parity": {
+                "max_abs_diff": diff,
+                "tolerance": cfg.parity_tolerance,
+                "images": count,
+                "split": "val",
+                "runtime": "onnxruntime CPU",
+            },
             "onnx": {"file": ONNX_FILE, "opset": cfg.opset},
         }
         if scope is not None:
@@ -87,9 +120,13 @@ def export_model(
         if ood is not None:
             meta["ood"] = {**ood.block, "parity": ood_parity(onnx_path, ood.model, parity_images[: cfg.parity_images])}
         if ood_data is not None:
-            meta["drift"] = drift_references(ood_data.val_images, net.preprocess.spec.in_channels,
-                                             probabilities(val.logits, temperature)[:, positive], np.asarray(val.sites),
-                                             ood.val_scores if ood is not None else None)
+            meta["drift"] = drift_references(
+                ood_data.val_images,
+                net.preprocess.spec.in_channels,
+                probabilities(val.logits, temperature)[:, positive],
+                np.asarray(val.sites),
+                ood.val_scores if ood is not None else None,
+            )
         if tile_pool is not None:
             test_scores = probabilities(test.logits, temperature)[:, positive] if test is not None else None
             meta["pathology"] = pathology_block(tile_pool, cfg, positive, probabilities(val.logits, temperature)[:, positive], test_scores)
@@ -102,8 +139,11 @@ def _positive_index(label_names: Sequence[str], positive_label: str | None) -> i
     if positive_label is None:
         return len(label_names) - 1
     if positive_label not in label_names:
-        raise ConfigError(f"positive label '{positive_label}' is not a label of this model", where="export.positive_label",
-                          hint=f"use one of {list(label_names)}")
+        raise ConfigError(
+            f"positive label '{positive_label}' is not a label of this model",
+            where="export.positive_label",
+            hint=f"use one of {list(label_names)}",
+        )
     return list(label_names).index(positive_label)
 
 
@@ -113,8 +153,16 @@ def _metrics(split: Predictions, temperature: float, positive: int, threshold: f
 
 
 def _input_spec(net) -> dict:
-    return {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "channels": net.preprocess.spec.in_channels,
-            "value_range": [0.0, 1.0], "batch": "dynamic", "height": "dynamic", "width": "dynamic"}
+    return {
+        "name": INPUT_NAME,
+        "dtype": "float32",
+        "layout": "NCHW",
+        "channels": net.preprocess.spec.in_channels,
+        "value_range": [0.0, 1.0],
+        "batch": "dynamic",
+        "height": "dynamic",
+        "width": "dynamic",
+    }
 
 
 def _preprocessing(net) -> dict:
@@ -123,12 +171,16 @@ def _preprocessing(net) -> dict:
         "decode": "medtriage.io.dicom.read_dicom: modality LUT, VOI LUT/window, MONOCHROME1 inverted, scaled to [0, 1] (outside the graph)",
         "channels": "RGB converted to luminance (ITU-R BT.601) when the model takes 1 channel (outside the graph)",
         "resize": {"size": spec.size, "mode": "bilinear", "antialias": True, "in_graph": True},
-        "normalize": ({"per_image": True, "in_graph": True} if spec.intensity == "per_image"
-                      else {"mean": spec.mean, "std": spec.std, "in_graph": True}),
+        "normalize": (
+            {"per_image": True, "in_graph": True}
+            if spec.intensity == "per_image"
+            else {"mean": spec.mean, "std": spec.std, "in_graph": True}
+        ),
     }
 
 
 # --- called by training, and by scripts/export.py ---------------------------------------------
+
 
 def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any) -> Path:
     """Export the checkpoint of a training run with the run's resolved config (`cfg.export`, `cfg.data.pool_dir`);
@@ -153,11 +205,19 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
     registration = registrar(run_id, export_cfg)
     try:
         result = export_model(
-            net, export_cfg, label_names=manifest.label_names, val=val, test=test, parity_images=parity_images,
-            training_sites=manifest.split("train")["site"].unique(), network=_as_dict(config.get("model", {})),
-            provenance=provenance, assign_version=registration,
+            net,
+            export_cfg,
+            label_names=manifest.label_names,
+            val=val,
+            test=test,
+            parity_images=parity_images,
+            training_sites=manifest.split("train")["site"].unique(),
+            network=_as_dict(config.get("model", {})),
+            provenance=provenance,
+            assign_version=registration,
             tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
-            ood_data=_ood_data(manifest, val, export_cfg), scope=scope_from_rows(manifest.split("train")),
+            ood_data=_ood_data(manifest, val, export_cfg),
+            scope=scope_from_rows(manifest.split("train")),
         )
         if run_id and export_cfg.log_to_mlflow:
             log_package(run_id, result)
@@ -175,8 +235,11 @@ def _ood_data(manifest, val: Predictions, cfg: ExportConfig) -> OodData:
     train = np.flatnonzero(manifest.rows["split"].to_numpy() == "train")
     if len(train) > cfg.ood_fit_images:
         train = np.sort(np.random.default_rng(0).choice(train, cfg.ood_fit_images, replace=False))
-    return OodData(list(manifest.images(train)), manifest.rows["label"].to_numpy()[train].astype(int),
-                   list(manifest.images(np.asarray(val.row_indices))))
+    return OodData(
+        list(manifest.images(train)),
+        manifest.rows["label"].to_numpy()[train].astype(int),
+        list(manifest.images(np.asarray(val.row_indices))),
+    )
 
 
 def _as_dict(cfg: Any) -> dict:

@@ -20,6 +20,7 @@ BOOTSTRAP_RESAMPLES = 1000
 
 # --- scope ---------------------------------------------------------------------------------------
 
+
 def scope_from_rows(rows) -> dict | None:
     """`model.json` → `scope` from training manifest rows with header facts (data/pool.py), or None when the
     pool has none (an npz pool): then serving warns that nothing is checked."""
@@ -30,8 +31,7 @@ def scope_from_rows(rows) -> dict | None:
         found = rows[column].dropna().astype(str).str.strip().str.upper() if column in rows else []
         return sorted({v for v in found if v})
 
-    spacing = [float(v) for text in rows.get("pixel_spacing_mm", []) if isinstance(text, str) and text
-               for v in text.split("\\")]
+    spacing = [float(v) for text in rows.get("pixel_spacing_mm", []) if isinstance(text, str) and text for v in text.split("\\")]
     bits = rows["bits_stored"].astype(int)
     return {
         "modalities": values("modality"),
@@ -50,6 +50,7 @@ def scope_from_rows(rows) -> dict | None:
 
 # --- drift references ----------------------------------------------------------------------------
 
+
 def input_means(images: Sequence[np.ndarray], channels: int) -> np.ndarray:
     """Mean decoded intensity per image in model channels: what serving computes for each scored image."""
     means = []
@@ -61,8 +62,9 @@ def input_means(images: Sequence[np.ndarray], channels: int) -> np.ndarray:
     return np.array(means)
 
 
-def drift_references(val_images: Sequence[np.ndarray], channels: int, probability: np.ndarray, sites: np.ndarray,
-                     ood_scores: np.ndarray | None) -> dict:
+def drift_references(
+    val_images: Sequence[np.ndarray], channels: int, probability: np.ndarray, sites: np.ndarray, ood_scores: np.ndarray | None
+) -> dict:
     features = {"input_mean": input_means(val_images, channels), "probability": np.asarray(probability)}
     if ood_scores is not None:
         features["ood_score"] = np.asarray(ood_scores)
@@ -71,8 +73,10 @@ def drift_references(val_images: Sequence[np.ndarray], channels: int, probabilit
 
 # --- calibration ---------------------------------------------------------------------------------
 
-def choose_calibration(logits: np.ndarray, labels: np.ndarray, bins: int, allowed: bool = True,
-                       folds: int = CALIBRATION_FOLDS, seed: int = 0) -> dict:
+
+def choose_calibration(
+    logits: np.ndarray, labels: np.ndarray, bins: int, allowed: bool = True, folds: int = CALIBRATION_FOLDS, seed: int = 0
+) -> dict:
     """Temperature scaling or none, whichever has the lower cross-validated ECE on validation: in each fold
     a temperature is fitted on the other folds and judged on this one, so the choice rests on data the
     temperature never saw; temperature is kept only when it lowers ECE by more than one standard error of the
@@ -93,29 +97,47 @@ def choose_calibration(logits: np.ndarray, labels: np.ndarray, bins: int, allowe
     temperature = fit_temperature(logits, labels) if method == "temperature" else 1.0
     log.info("calibration: cross-validated ECE none %.4f, temperature %.4f -> %s", cv_mean["none"], cv_mean["temperature"], method)
     return {
-        "method": method, "temperature": float(temperature), "split": "val", "bins": bins,
-        "ece_before": before, "ece_after": expected_calibration_error(probabilities(logits, temperature), labels, bins),
-        "selection": {"rule": f"temperature when it lowers the mean ECE of {folds}-fold cross-validation on validation "
-                              "by more than one standard error of the paired fold differences"
-                              + ("" if allowed else " (temperature disabled by export.calibrate=false)"),
-                      "cv_ece": cv_mean, "cv_gain_se": float(gain.std(ddof=1) / np.sqrt(folds)), "folds": folds},
+        "method": method,
+        "temperature": float(temperature),
+        "split": "val",
+        "bins": bins,
+        "ece_before": before,
+        "ece_after": expected_calibration_error(probabilities(logits, temperature), labels, bins),
+        "selection": {
+            "rule": f"temperature when it lowers the mean ECE of {folds}-fold cross-validation on validation "
+            "by more than one standard error of the paired fold differences"
+            + ("" if allowed else " (temperature disabled by export.calibrate=false)"),
+            "cv_ece": cv_mean,
+            "cv_gain_se": float(gain.std(ddof=1) / np.sqrt(folds)),
+            "folds": folds,
+        },
     }
 
 
-def ece_with_interval(probs: np.ndarray, labels: np.ndarray, bins: int, resamples: int = BOOTSTRAP_RESAMPLES,
-                      level: float = 0.95, seed: int = 0) -> dict:
+def ece_with_interval(
+    probs: np.ndarray, labels: np.ndarray, bins: int, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95, seed: int = 0
+) -> dict:
     """ECE and its percentile bootstrap interval over resamples of the images."""
     labels = np.asarray(labels).astype(int)
     rng = np.random.default_rng(seed)
-    draws = [expected_calibration_error(probs[pick], labels[pick], bins)
-             for pick in (rng.integers(0, len(labels), len(labels)) for _ in range(resamples))]
+    draws = [
+        expected_calibration_error(probs[pick], labels[pick], bins)
+        for pick in (rng.integers(0, len(labels), len(labels)) for _ in range(resamples))
+    ]
     tail = (1 - level) / 2
     low, high = np.quantile(draws, [tail, 1 - tail])
-    return {"ece": expected_calibration_error(probs, labels, bins), "ci": [float(low), float(high)], "level": level,
-            "resamples": resamples, "images": int(len(labels))}
+    return {
+        "ece": expected_calibration_error(probs, labels, bins),
+        "ci": [float(low), float(high)],
+        "level": level,
+        "resamples": resamples,
+        "images": int(len(labels)),
+    }
 
 
 def calibration_on_test(test_logits: np.ndarray, test_labels: np.ndarray, temperature: float, bins: int) -> dict:
     """Test ECE of the raw and the served probabilities, each with its bootstrap interval."""
-    return {"uncalibrated": ece_with_interval(probabilities(test_logits), test_labels, bins),
-            "served": ece_with_interval(probabilities(test_logits, temperature), test_labels, bins)}
+    return {
+        "uncalibrated": ece_with_interval(probabilities(test_logits), test_labels, bins),
+        "served": ece_with_interval(probabilities(test_logits, temperature), test_labels, bins),
+    }

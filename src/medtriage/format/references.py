@@ -28,8 +28,7 @@ def reference_histogram(values, bins: int = DEFAULT_BINS) -> dict:
 def shares(edges, values) -> np.ndarray:
     """Share of `values` in each of the len(edges) + 1 bins (left-closed, like the reference)."""
     values = np.asarray(values, dtype=np.float64).ravel()
-    counts = np.bincount(np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="right"),
-                         minlength=len(edges) + 1)
+    counts = np.bincount(np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="right"), minlength=len(edges) + 1)
     return counts / max(len(values), 1)
 
 
@@ -40,8 +39,7 @@ def psi(reference: dict, values) -> float:
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
-def null_psi_quantile(values, window: int, bins: int = DEFAULT_BINS, quantile: float = 0.99, draws: int = 400,
-                      seed: int = 0) -> float:
+def null_psi_quantile(values, window: int, bins: int = DEFAULT_BINS, quantile: float = 0.99, draws: int = 400, seed: int = 0) -> float:
     """How high PSI gets by chance alone: the `quantile` of PSI between a reference built from a random half
     of `values` and a `window` of images drawn from the other half (so the reference's own sampling noise
     counts too), over `draws` random splits. A threshold at it has about 1 - quantile false alarms per check."""
@@ -61,8 +59,9 @@ CONVENTIONAL_PSI = 0.25  # "marked shift": the threshold never goes below it
 FALSE_ALARM_QUANTILE = 0.99  # of PSI on windows drawn from the reference itself
 
 
-def drift_block(features: dict[str, np.ndarray], sites, window: int = DRIFT_WINDOW, min_images: int = DRIFT_MIN_IMAGES,
-                bins: int = DEFAULT_BINS) -> dict:
+def drift_block(
+    features: dict[str, np.ndarray], sites, window: int = DRIFT_WINDOW, min_images: int = DRIFT_MIN_IMAGES, bins: int = DEFAULT_BINS
+) -> dict:
     """`model.json` → `drift`: reference histograms per feature, pooled and per site, and a PSI threshold
     that unshifted windows of `min_images` pass by chance in about 1% of checks per feature (null_psi_quantile)."""
     sites = np.asarray(sites).astype(str)
@@ -74,8 +73,13 @@ def drift_block(features: dict[str, np.ndarray], sites, window: int = DRIFT_WIND
         if mask.sum() >= bins * 5:  # too few images make a histogram of noise: such a site uses the pooled one
             per_site[str(site)] = {name: reference_histogram(values[mask], bins) for name, values in features.items()}
     chance = max(null_psi_quantile(values, min_images, bins, FALSE_ALARM_QUANTILE) for values in features.values())
-    return {"features": sorted(features), "window": window, "min_images": min_images, "bins": bins,
-            "psi_threshold": round(max(CONVENTIONAL_PSI, chance), 4),
-            "threshold_rule": f"max(0.25, {FALSE_ALARM_QUANTILE:.0%} quantile over features of PSI between half of validation "
-                              f"and {min_images}-image windows from the other half)",
-            "reference": {"split": "val", "all": pooled, "per_site": per_site}}
+    return {
+        "features": sorted(features),
+        "window": window,
+        "min_images": min_images,
+        "bins": bins,
+        "psi_threshold": round(max(CONVENTIONAL_PSI, chance), 4),
+        "threshold_rule": f"max(0.25, {FALSE_ALARM_QUANTILE:.0%} quantile over features of PSI between half of validation "
+        f"and {min_images}-image windows from the other half)",
+        "reference": {"split": "val", "all": pooled, "per_site": per_site},
+    }

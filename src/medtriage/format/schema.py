@@ -34,7 +34,10 @@ _SPLIT_METRICS = {
 _THRESHOLDS = {
     "type": "object",
     "required": ["review", "urgent"],
-    "properties": {"review": _OPERATING_POINT, "urgent": {"type": ["object", "null"], **{k: v for k, v in _OPERATING_POINT.items() if k != "type"}}},
+    "properties": {
+        "review": _OPERATING_POINT,
+        "urgent": {"type": ["object", "null"], **{k: v for k, v in _OPERATING_POINT.items() if k != "type"}},
+    },
 }
 # Optional: present when the model scores slide tiles (how to cut, stain and combine them; serve/slides.py).
 _PATHOLOGY = {
@@ -97,8 +100,11 @@ _DRIFT = {
         "window": {"type": "integer", "minimum": 1},
         "min_images": {"type": "integer", "minimum": 1},
         "psi_threshold": {"type": "number", "minimum": 0},
-        "reference": {"type": "object", "required": ["all", "per_site"],
-                      "properties": {"all": {"type": "object", "additionalProperties": _HISTOGRAM}, "per_site": {"type": "object"}}},
+        "reference": {
+            "type": "object",
+            "required": ["all", "per_site"],
+            "properties": {"all": {"type": "object", "additionalProperties": _HISTOGRAM}, "per_site": {"type": "object"}},
+        },
     },
 }
 
@@ -109,9 +115,15 @@ _QUANTIZATION = {
         "method": {"type": "string"},
         "source": {"type": "object", "required": ["name", "version", "sha256"]},
         "calibration": {"type": "string"},
-        "parity": {"type": "object", "required": ["images", "max_abs_diff", "priority_changes"],
-                   "properties": {"images": {"type": "integer", "minimum": 1}, "max_abs_diff": _PROBABILITY,
-                                  "priority_changes": {"type": "integer", "minimum": 0}}},
+        "parity": {
+            "type": "object",
+            "required": ["images", "max_abs_diff", "priority_changes"],
+            "properties": {
+                "images": {"type": "integer", "minimum": 1},
+                "max_abs_diff": _PROBABILITY,
+                "priority_changes": {"type": "integer", "minimum": 0},
+            },
+        },
     },
 }
 
@@ -120,9 +132,23 @@ MODEL_SCHEMA: dict = {
     "title": "MedTriage model package (model.json)",
     "type": "object",
     "required": [
-        "schema_version", "name", "version", "task", "label_names", "positive_label", "modality", "input",
-        "output", "preprocessing", "calibration", "thresholds", "metrics", "training_sites", "provenance",
-        "parity", "sha256",
+        "schema_version",
+        "name",
+        "version",
+        "task",
+        "label_names",
+        "positive_label",
+        "modality",
+        "input",
+        "output",
+        "preprocessing",
+        "calibration",
+        "thresholds",
+        "metrics",
+        "training_sites",
+        "provenance",
+        "parity",
+        "sha256",
     ],
     "properties": {
         "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
@@ -180,7 +206,11 @@ MODEL_SCHEMA: dict = {
         "parity": {
             "type": "object",
             "required": ["max_abs_diff", "tolerance", "images"],
-            "properties": {"max_abs_diff": {"type": "number", "minimum": 0}, "tolerance": _NUMBER, "images": {"type": "integer", "minimum": 1}},
+            "properties": {
+                "max_abs_diff": {"type": "number", "minimum": 0},
+                "tolerance": _NUMBER,
+                "images": {"type": "integer", "minimum": 1},
+            },
         },
         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         # Numeric precision of model.onnx (absent: fp32); an int8 package names its fp32 source and parity.
@@ -190,8 +220,13 @@ MODEL_SCHEMA: dict = {
 }
 
 _TYPES = {
-    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
-    "integer": int, "number": (int, float),
+    "object": dict,
+    "array": list,
+    "string": str,
+    "boolean": bool,
+    "null": type(None),
+    "integer": int,
+    "number": (int, float),
 }
 
 

@@ -51,22 +51,44 @@ EXPLICIT_LITTLE = (False, True)  # (implicit VR, little endian): how nearly ever
 
 # dicom-anonymizer's category name -> Table E.1-1 action code.
 _TABLE_CATEGORIES = {
-    "D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D",
-    "X_Z_TAGS": "X/Z", "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*",
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "Z/D",
+    "X_Z_TAGS": "X/Z",
+    "X_D_TAGS": "X/D",
+    "X_Z_D_TAGS": "X/Z/D",
+    "X_Z_U_STAR_TAGS": "X/Z/U*",
 }
 # A compound action depends on the attribute's Type in the IOD, which a generic tool cannot know.
 # Take the end that is conformant for Type 2/3 and never keeps the value: Z where allowed, D where
 # X or D is asked (a dummy keeps Type 1 attributes valid), and U* = keep the references, remap UIDs.
 RESOLVED_ACTION = {
-    "D": "D", "Z": "Z", "X": "X", "U": "U", "K": "K", "C": "D",
-    "Z/D": "Z", "X/Z": "Z", "X/D": "D", "X/Z/D": "Z", "X/Z/U*": "U*",
+    "D": "D",
+    "Z": "Z",
+    "X": "X",
+    "U": "U",
+    "K": "K",
+    "C": "D",
+    "Z/D": "Z",
+    "X/Z": "Z",
+    "X/D": "D",
+    "X/Z/D": "Z",
+    "X/Z/U*": "U*",
 }
 
 # Retain Patient Characteristics Option: attributes the option marks K (those marked C are free
 # text that cannot be cleaned automatically, so they keep the basic-profile action).
 PATIENT_CHARACTERISTICS = (
-    "PatientSex", "PatientAge", "PatientSize", "PatientWeight", "EthnicGroup",
-    "SmokingStatus", "PregnancyStatus", "PatientSexNeutered",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "EthnicGroup",
+    "SmokingStatus",
+    "PregnancyStatus",
+    "PatientSexNeutered",
 )
 DEFAULT_CHARACTERISTICS = ("PatientSex", "PatientAge", "PatientSize", "PatientWeight")
 # Dates the Modified Dates option does not keep: the birth date would identify; age is retained instead.
@@ -82,9 +104,27 @@ CODE_PATIENT_CHARACTERISTICS = ("113108", "Retain Patient Characteristics Option
 
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY_BY_VR = {
-    "DA": "19000101", "DT": "19000101000000", "TM": "000000", "AS": "000D", "IS": "0", "DS": "0",
-    "US": 0, "SS": 0, "UL": 0, "SL": 0, "UV": 0, "SV": 0, "FL": 0.0, "FD": 0.0,
-    "OB": b"\0\0", "OW": b"\0\0", "OF": b"\0\0\0\0", "OD": b"\0" * 8, "OL": b"\0\0\0\0", "OV": b"\0" * 8, "UN": b"\0\0",
+    "DA": "19000101",
+    "DT": "19000101000000",
+    "TM": "000000",
+    "AS": "000D",
+    "IS": "0",
+    "DS": "0",
+    "US": 0,
+    "SS": 0,
+    "UL": 0,
+    "SL": 0,
+    "UV": 0,
+    "SV": 0,
+    "FL": 0.0,
+    "FD": 0.0,
+    "OB": b"\0\0",
+    "OW": b"\0\0",
+    "OF": b"\0\0\0\0",
+    "OD": b"\0" * 8,
+    "OL": b"\0\0\0\0",
+    "OV": b"\0" * 8,
+    "UN": b"\0\0",
 }
 
 
@@ -257,8 +297,14 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
     _mark_deidentified(ds, options)
     _rebuild_file_meta(ds)
     ds.preamble = b"\0" * 128  # a preamble may hold anything (dual-format TIFF headers, vendor text)
-    return DeidResult(walker.pseudonym, walker.shift_days, str(ds.SOPInstanceUID), str(ds.get("StudyInstanceUID", "")),
-                      str(ds.get("SeriesInstanceUID", "")), walker.actions)
+    return DeidResult(
+        walker.pseudonym,
+        walker.shift_days,
+        str(ds.SOPInstanceUID),
+        str(ds.get("StudyInstanceUID", "")),
+        str(ds.get("SeriesInstanceUID", "")),
+        walker.actions,
+    )
 
 
 _DECISIONS: dict[DeidOptions, dict] = {}
@@ -294,8 +340,12 @@ class _ProfileWalker:
     def edits_raw(action: str, vr: str) -> bool:
         """Actions whose new value can be written straight into the element's bytes: emptying, and the
         ASCII-only values of pseudonyms, remapped UIDs and shifted dates. The rest is never decoded."""
-        return ((action == "Z" and vr != "SQ") or (action == "P" and vr in ("PN", "LO"))
-                or (vr == "UI" and action in ("U", "U*", "K")) or (action == "S" and vr in ("DA", "DT")))
+        return (
+            (action == "Z" and vr != "SQ")
+            or (action == "P" and vr in ("PN", "LO"))
+            or (vr == "UI" and action in ("U", "U*", "K"))
+            or (action == "S" and vr in ("DA", "DT"))
+        )
 
     def edit_raw(self, raw: RawDataElement, action: str) -> RawDataElement:
         """The same element with its new value encoded as pydicom would write it (padded to even length)."""
@@ -445,9 +495,13 @@ def _rebuild_file_meta(ds: Dataset) -> None:
     """Fresh file meta: the old one can name the sending station and carry private information."""
     old = getattr(ds, "file_meta", None) or FileMetaDataset()
     meta = FileMetaDataset()
-    for tag, vr, value in ((0x00020002, "UI", ds.SOPClassUID), (0x00020003, "UI", ds.SOPInstanceUID),
-                           (0x00020010, "UI", old.TransferSyntaxUID), (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
-                           (0x00020013, "SH", IMPLEMENTATION_VERSION_NAME)):
+    for tag, vr, value in (
+        (0x00020002, "UI", ds.SOPClassUID),
+        (0x00020003, "UI", ds.SOPInstanceUID),
+        (0x00020010, "UI", old.TransferSyntaxUID),
+        (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
+        (0x00020013, "SH", IMPLEMENTATION_VERSION_NAME),
+    ):
         # values that are already UIDs and names: no second conversion and validation
         meta[tag] = DataElement(tag, vr, value, already_converted=True)
     ds.file_meta = meta

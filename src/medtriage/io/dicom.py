@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,40 +22,23 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
-from medtriage.errors import DicomError, ImageTooLargeError, NotAnImageError
+from medtriage.errors import DicomError, NotAnImageError
+from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _SHORT_PIXELS = re.compile(r"less than expected \((\d+) vs (\d+) bytes\)")
 # A forced read of a non-DICOM file yields junk tags; a real data set has at least one of these.
 _IDENTIFYING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "Modality", "PixelData", "Rows")
 _IMAGECODECS_DECODERS = {  # transfer syntax UID -> imagecodecs function, when pydicom's plugins fail
-    "1.2.840.10008.1.2.4.50": "jpeg8_decode", "1.2.840.10008.1.2.4.51": "jpeg8_decode",
-    "1.2.840.10008.1.2.4.57": "ljpeg_decode", "1.2.840.10008.1.2.4.70": "ljpeg_decode",
-    "1.2.840.10008.1.2.4.80": "jpegls_decode", "1.2.840.10008.1.2.4.81": "jpegls_decode",
-    "1.2.840.10008.1.2.4.90": "jpeg2k_decode", "1.2.840.10008.1.2.4.91": "jpeg2k_decode",
+    "1.2.840.10008.1.2.4.50": "jpeg8_decode",
+    "1.2.840.10008.1.2.4.51": "jpeg8_decode",
+    "1.2.840.10008.1.2.4.57": "ljpeg_decode",
+    "1.2.840.10008.1.2.4.70": "ljpeg_decode",
+    "1.2.840.10008.1.2.4.80": "jpegls_decode",
+    "1.2.840.10008.1.2.4.81": "jpegls_decode",
+    "1.2.840.10008.1.2.4.90": "jpeg2k_decode",
+    "1.2.840.10008.1.2.4.91": "jpeg2k_decode",
 }
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """What a header may claim before anything is decoded: a small compressed file can claim a frame
-    size that expands to gigabytes. `max_decoded_bytes` bounds the float32 pixels a call returns."""
-
-    max_frame_pixels: int = 8192 * 8192  # rows x columns (a large mammogram is ~ 4000 x 5000)
-    max_frames: int = 4096
-    max_decoded_bytes: int = 1 << 30  # 1 GiB of float32 output (e.g. 512 x 512 x 1024 frames)
-
-
-_DEFAULT_LIMITS = [DecodeLimits()]
-
-
-def set_default_limits(limits: DecodeLimits) -> None:
-    """The limits `read_dicom` applies when a call passes none (a service sets them once from its options)."""
-    _DEFAULT_LIMITS[0] = limits
-
-
-def default_limits() -> DecodeLimits:
-    return _DEFAULT_LIMITS[0]
 
 
 @dataclass
@@ -80,8 +62,7 @@ class DecodedImage:
     pixel_spacing: tuple[float, float] | None = None  # mm (row, column): PixelSpacing, else ImagerPixelSpacing
 
 
-def read_dicom(source: str | Path | bytes | BinaryIO, *, frame: int | None = None,
-               limits: DecodeLimits | None = None) -> DecodedImage:
+def read_dicom(source: str | Path | bytes | BinaryIO, *, frame: int | None = None, limits: DecodeLimits | None = None) -> DecodedImage:
     """Decode a DICOM file (path, bytes or binary stream) into display-ready pixels.
 
     `frame` decodes only that frame of a multi-frame object (result has F = 1).
@@ -98,15 +79,21 @@ def read_dicom(source: str | Path | bytes | BinaryIO, *, frame: int | None = Non
     except DicomError:
         raise
     except Exception as err:  # header values pydicom cannot convert (a bad UID, VR or number), met lazily
-        raise DicomError(f"malformed image attributes ({type(err).__name__}: {err})", where=where,
-                         hint="the header is damaged; export the image again from the source system") from err
+        raise DicomError(
+            f"malformed image attributes ({type(err).__name__}: {err})",
+            where=where,
+            hint="the header is damaged; export the image again from the source system",
+        ) from err
     try:
         return _decoded(ds, _to_display(stored, ds, where))
     except DicomError:
         raise
     except Exception as err:  # malformed rescale/window/LUT values
-        raise DicomError(f"cannot map stored values for display ({type(err).__name__}: {err})", where=where,
-                         hint="check the rescale, window and LUT attributes in the source system") from err
+        raise DicomError(
+            f"cannot map stored values for display ({type(err).__name__}: {err})",
+            where=where,
+            hint="check the rescale, window and LUT attributes in the source system",
+        ) from err
 
 
 def _describe(source) -> str:
@@ -127,8 +114,11 @@ def _read_dataset(source, where: str) -> pydicom.Dataset:
     except InvalidDicomError:
         return _read_raw_dataset(source, where)
     except Exception as err:  # pydicom raises many kinds on damaged headers
-        raise DicomError(f"unreadable DICOM header ({type(err).__name__}: {err})", where=where,
-                         hint="the file is damaged or truncated; export it again from the PACS") from err
+        raise DicomError(
+            f"unreadable DICOM header ({type(err).__name__}: {err})",
+            where=where,
+            hint="the file is damaged or truncated; export it again from the PACS",
+        ) from err
 
 
 def _read_raw_dataset(source, where: str) -> pydicom.Dataset:
@@ -146,8 +136,11 @@ def _read_raw_dataset(source, where: str) -> pydicom.Dataset:
     finally:
         if fp is not source:
             fp.close()
-    raise DicomError("not a DICOM file (no 'DICM' prefix and no recognisable data set)", where=where,
-                     hint="only DICOM files are accepted; convert other formats first")
+    raise DicomError(
+        "not a DICOM file (no 'DICM' prefix and no recognisable data set)",
+        where=where,
+        hint="only DICOM files are accepted; convert other formats first",
+    )
 
 
 def _with_transfer_syntax(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -156,8 +149,11 @@ def _with_transfer_syntax(ds: pydicom.Dataset) -> pydicom.Dataset:
         implicit, little = ds.original_encoding
         ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = (
-            pydicom.uid.ImplicitVRLittleEndian if implicit
-            else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+            pydicom.uid.ImplicitVRLittleEndian
+            if implicit
+            else pydicom.uid.ExplicitVRLittleEndian
+            if little
+            else pydicom.uid.ExplicitVRBigEndian
         )
     return ds
 
@@ -167,75 +163,21 @@ def _require_pixels(ds: pydicom.Dataset, where: str) -> None:
         return
     sop_class = ds.get("SOPClassUID")
     if sop_class is None and "Rows" not in ds:
-        raise DicomError("no data set after the file meta header (file truncated?)", where=where,
-                         hint="the file is incomplete; send or export it again")
+        raise DicomError(
+            "no data set after the file meta header (file truncated?)", where=where, hint="the file is incomplete; send or export it again"
+        )
     name = getattr(sop_class, "name", str(sop_class or "unknown SOP class"))
     if "Rows" in ds or "Image" in name:
-        raise DicomError(f"file ends before its pixel data ({name}); truncated file", where=where,
-                         hint="the transfer was cut short; send or export the image again")
-    raise NotAnImageError(f"DICOM object without pixel data: {name} ({sop_class})", where=where,
-                          hint="only image objects can be scored; skip reports, plans and presentation states")
-
-
-def check_limits(ds: pydicom.Dataset, limits: DecodeLimits, where: str, frame: int | None = None) -> None:
-    """Refuse, from the header alone, an image whose decode would exceed `limits`."""
-    try:
-        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-    except (TypeError, ValueError) as err:
-        raise DicomError(f"malformed image size attributes ({err})", where=where,
-                         hint="Rows, Columns, NumberOfFrames and SamplesPerPixel must be whole numbers") from err
-    if rows <= 0 or columns <= 0 or frames <= 0 or samples <= 0:
-        raise DicomError(f"image claims {rows} x {columns} pixels, {frames} frame(s), {samples} sample(s) per pixel",
-                         where=where, hint="the image pixel module is incomplete; fix the export in the source system")
-    if frame is not None and not 0 <= frame < frames:
-        raise DicomError(f"frame {frame + 1} requested of an image with {frames} frame(s)", where=where)
-    hint = "raise the decode limits (medtriage serve --max-frame-pixels/--max-frames/--max-decoded-bytes) if it is genuine"
-    if rows * columns > limits.max_frame_pixels:
-        raise ImageTooLargeError(f"frame of {rows} x {columns} pixels exceeds the limit of {limits.max_frame_pixels} "
-                                 "pixels per frame", where=where, hint=hint)
-    if frames > limits.max_frames:
-        raise ImageTooLargeError(f"{frames} frames exceed the limit of {limits.max_frames}", where=where, hint=hint)
-    decoded = rows * columns * min(samples, 3) * (1 if frame is not None else frames) * 4  # float32 output
-    if decoded > limits.max_decoded_bytes:
-        raise ImageTooLargeError(f"decoding would produce {decoded} bytes of pixels, over the limit of "
-                                 f"{limits.max_decoded_bytes}", where=where, hint=hint)
-    _check_codestreams(ds, rows * columns * samples, frames, where)
-
-
-def _check_codestreams(ds: pydicom.Dataset, claimed: int, frames: int, where: str) -> None:
-    """A JPEG / JPEG-LS / JPEG 2000 frame states its own size, which decoders trust: it must not exceed
-    the header's (else a few bytes can ask a decoder for gigabytes)."""
-    syntax = _transfer_syntax(ds)
-    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
-        return
-    try:
-        for data in pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames):
-            size = _codestream_samples(data[:4096])
-            if size is not None and size > claimed:
-                raise DicomError(f"cannot decode pixel data: a compressed frame declares {size} samples, the header "
-                                 f"{claimed}", where=where, hint="the pixel data does not match its header; export the image again")
-    except DicomError:
-        raise
-    except Exception:  # malformed encapsulation: the decoder reports it with its own reason
-        return
-
-
-def _codestream_samples(head: bytes) -> int | None:
-    """width x height x components a JPEG 2000 or JPEG / JPEG-LS codestream declares (None if not found)."""
-    start = head.find(b"\xff\x4f\xff\x51")  # SOC + SIZ, also inside a JP2 wrapper
-    if start >= 0 and len(head) >= start + 42:
-        x, y, x0, y0 = struct.unpack(">4I", head[start + 8 : start + 24])
-        components = struct.unpack(">H", head[start + 40 : start + 42])[0]
-        return max(x - x0, 0) * max(y - y0, 0) * components
-    try:
-        found = pydicom.pixels.utils._get_jpg_parameters(head)
-    except Exception:
-        return None
-    if "height" in found and "width" in found:
-        return int(found["height"]) * int(found["width"]) * int(found.get("components") or 1)
-    return None
+        raise DicomError(
+            f"file ends before its pixel data ({name}); truncated file",
+            where=where,
+            hint="the transfer was cut short; send or export the image again",
+        )
+    raise NotAnImageError(
+        f"DICOM object without pixel data: {name} ({sop_class})",
+        where=where,
+        hint="only image objects can be scored; skip reports, plans and presentation states",
+    )
 
 
 def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.ndarray:
@@ -357,8 +299,7 @@ def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
     try:
         out = apply_voi(np.rint(values).astype(np.int32), ds)
     except Exception as err:
-        raise DicomError(f"invalid VOI LUT Sequence: {err}", where=where,
-                         hint="fix or remove the VOI LUT in the source system") from err
+        raise DicomError(f"invalid VOI LUT Sequence: {err}", where=where, hint="fix or remove the VOI LUT in the source system") from err
     bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
     return out.astype(np.float32) * np.float32(1.0 / (2.0**bits - 1))
 

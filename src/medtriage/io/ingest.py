@@ -48,8 +48,20 @@ from medtriage.io.site_labels import write_pool_labels
 
 INDEX_FILE, LABELS_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "labels.csv", "logs", "quarantine.csv"
 LEDGER_DIR = ".ingest"  # hidden: the pool builder skips it
-INDEX_COLUMNS = ["content_key", "outcome", "reason", "sop_uid", "study_uid", "series_uid", "patient", "accession",
-                 "pixel_sha256", "path", "flag", "run"]
+INDEX_COLUMNS = [
+    "content_key",
+    "outcome",
+    "reason",
+    "sop_uid",
+    "study_uid",
+    "series_uid",
+    "patient",
+    "accession",
+    "pixel_sha256",
+    "path",
+    "flag",
+    "run",
+]
 QUARANTINE_COLUMNS = ["content_key", "reason", "detail", "source", "run"]
 
 
@@ -91,8 +103,10 @@ class IngestSummary:
     def line(self) -> str:
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.quarantined.items())) or "none"
         flags = "".join(f"; flagged {f} {n}" for f, n in sorted(self.flags.items()))
-        return (f"{self.site}: in {self.counts_in} = pooled {self.pooled} ({self.pooled_new} new) "
-                f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}")
+        return (
+            f"{self.site}: in {self.counts_in} = pooled {self.pooled} ({self.pooled_new} new) "
+            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}"
+        )
 
 
 # ---------------------------------------------------------------- one file (runs in a worker)
@@ -183,9 +197,18 @@ def _broken_frames(ds) -> Unsafe | None:
 # ---------------------------------------------------------------- the site run (main process)
 
 
-def ingest_site(site: str, src: str | Path, pool: str | Path, *, key: SiteKey, options: DeidOptions | None = None,
-                quarantine: str | Path | None = None, workers: int = 1, progress: bool = True,
-                verify_pixels: bool = False) -> IngestSummary:
+def ingest_site(
+    site: str,
+    src: str | Path,
+    pool: str | Path,
+    *,
+    key: SiteKey,
+    options: DeidOptions | None = None,
+    quarantine: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    verify_pixels: bool = False,
+) -> IngestSummary:
     """De-identify `src` into `<pool>/<site>/`; quarantine the rest. Re-running adds only new files."""
     options = options or DeidOptions()
     src, pool = Path(src).resolve(), Path(pool).resolve()
@@ -282,16 +305,28 @@ class _Ledger:
             write_atomic(target, lambda f: shutil.copyfileobj(original, f))
         if self._quarantine_file is None:
             self._quarantine_file = _append_csv(self.quarantine / QUARANTINE_LIST, QUARANTINE_COLUMNS)
-        self._quarantine_file[1].writerow({"content_key": out.content_key, "reason": out.reason, "detail": out.detail,
-                                           "source": out.source, "run": self.run})
+        self._quarantine_file[1].writerow(
+            {"content_key": out.content_key, "reason": out.reason, "detail": out.detail, "source": out.source, "run": self.run}
+        )
         self._quarantine_file[0].flush()  # before the index row that marks this input done
         if indexed:
             self._write_index(out, "quarantined")
 
     def _write_index(self, out: Outcome, outcome: str, path: str = "", flag: str = "") -> None:
-        row = {"content_key": out.content_key, "outcome": outcome, "reason": out.reason, "sop_uid": out.sop_uid,
-               "study_uid": out.study_uid, "series_uid": out.series_uid, "patient": out.patient,
-               "accession": out.accession, "pixel_sha256": out.pixel_sha256, "path": path, "flag": flag, "run": self.run}
+        row = {
+            "content_key": out.content_key,
+            "outcome": outcome,
+            "reason": out.reason,
+            "sop_uid": out.sop_uid,
+            "study_uid": out.study_uid,
+            "series_uid": out.series_uid,
+            "patient": out.patient,
+            "accession": out.accession,
+            "pixel_sha256": out.pixel_sha256,
+            "path": path,
+            "flag": flag,
+            "run": self.run,
+        }
         self.index[out.content_key] = row
         self._index_file[1].writerow(row)
         self._index_file[0].flush()  # an interrupted run keeps what it recorded
@@ -352,16 +387,28 @@ def _pooled_pixels(pool: Path) -> dict[str, str]:
 def _write_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptions, workers: int, started: float) -> Path:
     """The per-ingest audit log: counts, profile, versions and time. Names no patient, path or original UID."""
     log = {
-        "site": summary.site, "run": summary.run,
+        "site": summary.site,
+        "run": summary.run,
         "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.time() - started, 3), "workers": workers,
-        "software": {"medtriage": __version__, "pydicom": pydicom.__version__, "table": table_library_version(),
-                     "python": platform.python_version()},
+        "seconds": round(time.time() - started, 3),
+        "workers": workers,
+        "software": {
+            "medtriage": __version__,
+            "pydicom": pydicom.__version__,
+            "table": table_library_version(),
+            "python": platform.python_version(),
+        },
         "deidentification": options.describe(),
-        "counts": {"in": summary.counts_in, "pooled": summary.pooled, "pooled_new": summary.pooled_new,
-                   "pooled_before": summary.pooled_before, "quarantined": dict(summary.quarantined),
-                   "quarantined_total": sum(summary.quarantined.values())},
-        "flags": dict(summary.flags), "labels": summary.labels,
+        "counts": {
+            "in": summary.counts_in,
+            "pooled": summary.pooled,
+            "pooled_new": summary.pooled_new,
+            "pooled_before": summary.pooled_before,
+            "quarantined": dict(summary.quarantined),
+            "quarantined_total": sum(summary.quarantined.values()),
+        },
+        "flags": dict(summary.flags),
+        "labels": summary.labels,
     }
     return write_atomic(ledger_dir / LOG_DIR / f"{summary.run}.json", json.dumps(log, indent=2).encode())
 
@@ -369,8 +416,9 @@ def _write_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptions, w
 # ---------------------------------------------------------------- several sites at once
 
 
-def ingest_sites(sites_dir: str | Path, pool: str | Path, *, keys_dir: str | Path | None = None, create_keys: bool = False,
-                 **kwargs) -> list[IngestSummary]:
+def ingest_sites(
+    sites_dir: str | Path, pool: str | Path, *, keys_dir: str | Path | None = None, create_keys: bool = False, **kwargs
+) -> list[IngestSummary]:
     """Ingest every `<sites_dir>/<site>/` with that site's own key `<keys_dir>/<site>.key` (default
     `<sites_dir>/.keys`). `create_keys` makes missing keys: for simulated sites; a real site makes its own."""
     sites_dir, pool = Path(sites_dir).resolve(), Path(pool).resolve()
@@ -401,8 +449,9 @@ def add_sites_arguments(parser) -> None:
 
 
 def run_sites(args) -> int:
-    summaries = ingest_sites(args.sites, args.into, keys_dir=args.keys, create_keys=args.create_keys, workers=args.workers,
-                              verify_pixels=args.verify_pixels)
+    summaries = ingest_sites(
+        args.sites, args.into, keys_dir=args.keys, create_keys=args.create_keys, workers=args.workers, verify_pixels=args.verify_pixels
+    )
     for summary in summaries:
         print(summary.line())
     print(f"pool: {Path(args.into).resolve()}; next: python scripts/build_pool.py --sites {args.into}")
@@ -413,17 +462,23 @@ def run_sites(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("ingest", help="de-identify a site's DICOM folder into the pool (quarantine the rest)",
-                              description="De-identify (PS3.15 Annex E basic profile + modified dates + patient "
-                              "characteristics) every file under SRC into POOL/SITE; unsafe files go to quarantine.")
+    p = subparsers.add_parser(
+        "ingest",
+        help="de-identify a site's DICOM folder into the pool (quarantine the rest)",
+        description="De-identify (PS3.15 Annex E basic profile + modified dates + patient "
+        "characteristics) every file under SRC into POOL/SITE; unsafe files go to quarantine.",
+    )
     p.add_argument("src", metavar="SRC", help="the site's DICOM export folder (labels.csv at its top, optional)")
     p.add_argument("--site", required=True, help="site name, e.g. site_a")
     p.add_argument("--into", required=True, metavar="POOL", help="pool folder (what leaves the site)")
     p.add_argument("--secret-file", help="the site's secret key file (else $MEDTRIAGE_SITE_SECRET); never put it in the pool")
     p.add_argument("--quarantine", help="where originals that cannot be pooled go (default: POOL-quarantine/SITE)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--retain", default=",".join(DeidOptions().retain_characteristics),
-                   help="patient characteristics to retain, comma-separated ('' for none)")
+    p.add_argument(
+        "--retain",
+        default=",".join(DeidOptions().retain_characteristics),
+        help="patient characteristics to retain, comma-separated ('' for none)",
+    )
     p.add_argument("--no-modified-dates", action="store_true", help="remove dates instead of shifting them per patient")
     p.add_argument("--verify-pixels", action="store_true", help="decode every image here (default: structural check)")
     p.set_defaults(func=_run_ingest)
@@ -433,11 +488,18 @@ def _run_ingest(args) -> int:
     pool = Path(args.into).resolve()
     if args.secret_file and Path(args.secret_file).resolve().is_relative_to(pool):
         raise ConfigError("the site secret must not live inside the pool", where=args.secret_file)
-    options = DeidOptions(modified_dates=not args.no_modified_dates,
-                          retain_characteristics=tuple(k for k in args.retain.split(",") if k))
-    summary = ingest_site(args.site, args.src, pool, key=load_site_key(args.secret_file), options=options,
-                          quarantine=args.quarantine, workers=args.workers, progress=True,
-                          verify_pixels=args.verify_pixels)
+    options = DeidOptions(modified_dates=not args.no_modified_dates, retain_characteristics=tuple(k for k in args.retain.split(",") if k))
+    summary = ingest_site(
+        args.site,
+        args.src,
+        pool,
+        key=load_site_key(args.secret_file),
+        options=options,
+        quarantine=args.quarantine,
+        workers=args.workers,
+        progress=True,
+        verify_pixels=args.verify_pixels,
+    )
     print(summary.line())
     print(f"audit log: {summary.log_path}")
     return 0

@@ -35,8 +35,11 @@ _INTEGER_FORMATS = {"US": "<H", "SS": "<h", "UL": "<L", "SL": "<l", "UV": "<Q", 
 _ITEM, _ITEM_END, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\x0d\xe0\0\0\0\0", b"\xfe\xff\xdd\xe0\0\0\0\0"
 _UNDEFINED = 0xFFFFFFFF
 _META_VERSION = DataElement(0x00020001, "OB", b"\0\1")  # File Meta Information Version, as pydicom adds it
-_REQUIRED_META = {0x00020002: "Media Storage SOP Class UID", 0x00020003: "Media Storage SOP Instance UID",
-                  0x00020010: "Transfer Syntax UID"}
+_REQUIRED_META = {
+    0x00020002: "Media Storage SOP Class UID",
+    0x00020003: "Media Storage SOP Instance UID",
+    0x00020010: "Transfer Syntax UID",
+}
 
 
 def encode(ds: Dataset) -> bytes:
@@ -59,11 +62,16 @@ def _encoded_as_read(ds: Dataset) -> bool:
     """True when the file keeps the encoding its raw elements were read in: explicit VR little
     endian under a public, non-deflated transfer syntax, with the same character set."""
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    return (syntax is not None and syntax.is_transfer_syntax and not syntax.is_private
-            and syntax != DeflatedExplicitVRLittleEndian
-            and (syntax.is_implicit_VR, syntax.is_little_endian) == EXPLICIT_LITTLE
-            and _copies_raw(ds) and len(getattr(ds, "preamble", None) or b"\0" * 128) == 128
-            and not any(tag >> 16 in (0, 2) for tag in ds.keys()))
+    return (
+        syntax is not None
+        and syntax.is_transfer_syntax
+        and not syntax.is_private
+        and syntax != DeflatedExplicitVRLittleEndian
+        and (syntax.is_implicit_VR, syntax.is_little_endian) == EXPLICIT_LITTLE
+        and _copies_raw(ds)
+        and len(getattr(ds, "preamble", None) or b"\0" * 128) == 128
+        and not any(tag >> 16 in (0, 2) for tag in ds.keys())
+    )
 
 
 def _copies_raw(ds: Dataset) -> bool:
@@ -97,8 +105,7 @@ def _file_meta(ds: Dataset) -> list[DataElement]:
         meta[0x00020013] = DataElement(0x00020013, "SH", f"PYDICOM {'.'.join(pydicom_version)}")
     missing = [name for tag, name in _REQUIRED_META.items() if tag not in meta or meta[tag].is_empty]
     if missing:
-        raise AttributeError(f"Required File Meta Information elements are either missing or have an empty value: "
-                             f"{', '.join(missing)}")
+        raise AttributeError(f"Required File Meta Information elements are either missing or have an empty value: {', '.join(missing)}")
     return [meta[tag] for tag in sorted(meta)]
 
 

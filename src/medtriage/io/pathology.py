@@ -131,13 +131,15 @@ class TileGrid:
         return self.n_candidates - len(self.tiles)
 
 
-def tile_grid(slide: Slide, tile_size: int = 224, mpp: float = DEFAULT_TILE_MPP,
-              mask: TissueMask | None = None, min_tissue: float = 0.5) -> TileGrid:
+def tile_grid(
+    slide: Slide, tile_size: int = 224, mpp: float = DEFAULT_TILE_MPP, mask: TissueMask | None = None, min_tissue: float = 0.5
+) -> TileGrid:
     """Non-overlapping grid of physical tiles; positions with less tissue than `min_tissue` are skipped."""
     if slide.mpp > mpp * COARSER_TOLERANCE:
         raise InputError(
             f"slide scanned at {slide.mpp:.3f} µm/pixel is coarser than the {mpp:.3f} µm/pixel the tiles need",
-            where=slide.path, hint="use a model trained at a coarser resolution, or rescan at higher magnification",
+            where=slide.path,
+            hint="use a model trained at a coarser resolution, or rescan at higher magnification",
         )
     mask = mask if mask is not None else tissue_mask(slide)
     size0 = tile_size * mpp / slide.mpp
@@ -161,8 +163,9 @@ def read_tile_rgb(reader: RegionReader, grid: TileGrid, tile: Tile) -> np.ndarra
     return rgb
 
 
-def read_tile(reader: RegionReader, grid: TileGrid, tile: Tile, normalizer: StainNormalizer | None = None,
-              out: np.ndarray | None = None) -> np.ndarray:
+def read_tile(
+    reader: RegionReader, grid: TileGrid, tile: Tile, normalizer: StainNormalizer | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """Decoded (and optionally stain-normalised) tile as float32 `[3, S, S]` in [0, 1]: the model's input.
 
     `out`: a C-contiguous float32 `[3, S, S]` to fill (e.g. one slot of a batch) instead of a new array.
@@ -200,9 +203,15 @@ class PreparedSlide:
     normalizer: StainNormalizer | None = None
 
 
-def prepare_slide(path: str | Path, tile_size: int = 224, mpp: float = DEFAULT_TILE_MPP, min_tissue: float = 0.5,
-                  slide_mpp: float | None = None, stain_normalize: bool = False,
-                  target_stains: Stains = REFERENCE_STAINS) -> PreparedSlide:
+def prepare_slide(
+    path: str | Path,
+    tile_size: int = 224,
+    mpp: float = DEFAULT_TILE_MPP,
+    min_tissue: float = 0.5,
+    slide_mpp: float | None = None,
+    stain_normalize: bool = False,
+    target_stains: Stains = REFERENCE_STAINS,
+) -> PreparedSlide:
     """Everything before the tiles: a slide without tissue is refused here, with the counts."""
     slide = open_slide(path, mpp=slide_mpp)
     mask = tissue_mask(slide)
@@ -211,7 +220,8 @@ def prepare_slide(path: str | Path, tile_size: int = 224, mpp: float = DEFAULT_T
         slide.close()
         raise InputError(
             f"no tissue found: none of {grid.n_candidates} tile positions has {min_tissue:.0%} tissue "
-            f"(saturation threshold {mask.threshold:.3f})", where=path,
+            f"(saturation threshold {mask.threshold:.3f})",
+            where=path,
             hint="check that the slide is stained and in focus, or lower the minimum tissue fraction",
         )
     prepared = PreparedSlide(slide, mask, grid)

@@ -23,7 +23,12 @@ UNSAFE_SOP_CLASSES = {
 }
 # Objects that often carry text burned into the pixels: secondary capture (screenshots, scans),
 # ultrasound, visible-light photographs. Accepted only when the site states BurnedInAnnotation=NO.
-BURN_IN_PRONE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.6.", "1.2.840.10008.5.1.4.1.1.3.", "1.2.840.10008.5.1.4.1.1.77.")
+BURN_IN_PRONE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.6.",
+    "1.2.840.10008.5.1.4.1.1.3.",
+    "1.2.840.10008.5.1.4.1.1.77.",
+)
 BURN_IN_PRONE_MODALITIES = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "DOC"})
 
 
@@ -46,8 +51,11 @@ def screen(ds: Dataset) -> Unsafe | None:
         return Unsafe("burned_in_annotation", "BurnedInAnnotation is YES: identifying text in the pixels")
     prone = sop_class.startswith(BURN_IN_PRONE_SOP_CLASSES) or str(ds.get("Modality", "")).upper() in BURN_IN_PRONE_MODALITIES
     if prone and burned_in != "NO":
-        return Unsafe("burned_in_annotation_unknown", f"{ds.get('Modality', '?')} / {sop_class} often has text in its pixels "
-                      "and BurnedInAnnotation is not NO: review it and set NO, or mask the pixels first")
+        return Unsafe(
+            "burned_in_annotation_unknown",
+            f"{ds.get('Modality', '?')} / {sop_class} often has text in its pixels "
+            "and BurnedInAnnotation is not NO: review it and set NO, or mask the pixels first",
+        )
     if "SOPInstanceUID" not in ds:
         return Unsafe("unreadable", "no SOP Instance UID")
     if patient_key(ds) is None:

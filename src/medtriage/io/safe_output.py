@@ -41,8 +41,7 @@ def source_digest(source: object) -> str:
     return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
 
 
-def output_path(out_dir: str | Path, stem: object, suffix: str, *, source: object | None = None,
-                fallback: str = "unnamed") -> Path:
+def output_path(out_dir: str | Path, stem: object, suffix: str, *, source: object | None = None, fallback: str = "unnamed") -> Path:
     """`out_dir/<safe stem>[.<digest of source>]<suffix>`, guaranteed to lie directly inside `out_dir`.
 
     `stem` is usually a header value; `source` (path, content key or bytes of the input) keeps
@@ -63,8 +62,11 @@ def inside(out_dir: str | Path, name: str) -> Path:
     folder = Path(out_dir).resolve()
     target = (folder / name).resolve()
     if target.parent != folder or name in ("", ".", ".."):
-        raise InputError(f"output name {name!r} would leave the output folder", where=str(folder),
-                         hint="names are built from sanitised header values; report this file to the maintainers")
+        raise InputError(
+            f"output name {name!r} would leave the output folder",
+            where=str(folder),
+            hint="names are built from sanitised header values; report this file to the maintainers",
+        )
     return target
 
 

@@ -16,9 +16,12 @@ from medtriage.io.safe_output import write_atomic
 
 # Column names a hospital export may use, normalised (lower case, no '_' or ' ').
 _KEY_COLUMNS = {
-    "sop": {"sopuid", "sopinstanceuid", "sop"}, "study": {"studyuid", "studyinstanceuid"},
-    "series": {"seriesuid", "seriesinstanceuid"}, "accession": {"accession", "accessionnumber"},
-    "patient": {"patientid", "patient"}, "label": {"label", "finding", "diagnosis", "class"},
+    "sop": {"sopuid", "sopinstanceuid", "sop"},
+    "study": {"studyuid", "studyinstanceuid"},
+    "series": {"seriesuid", "seriesinstanceuid"},
+    "accession": {"accession", "accessionnumber"},
+    "patient": {"patientid", "patient"},
+    "label": {"label", "finding", "diagnosis", "class"},
 }
 
 
@@ -44,8 +47,11 @@ def write_pool_labels(site_labels: Path, pool_labels: Path, pooled: list[dict], 
         columns, rows = list(reader.fieldnames or []), list(reader)
     roles = _column_roles(columns)
     if "label" not in roles or not ({"sop", "accession"} & set(roles)):
-        raise ConfigError(f"labels.csv needs a label column and a SOP Instance UID or accession column; has {columns}",
-                          where=site_labels, hint="e.g. columns sop_instance_uid,finding")
+        raise ConfigError(
+            f"labels.csv needs a label column and a SOP Instance UID or accession column; has {columns}",
+            where=site_labels,
+            hint="e.g. columns sop_instance_uid,finding",
+        )
     by_sop, by_accession, empty = {}, {}, 0
     for row in rows:
         label = (row.get(roles["label"]) or "").strip()
@@ -58,13 +64,20 @@ def write_pool_labels(site_labels: Path, pool_labels: Path, pooled: list[dict], 
     out_columns = [c for c in columns if c in roles.values()]  # identifying and free-text columns stay home
     written, used = {}, set()
     for image in sorted(pooled, key=lambda r: r["sop_uid"]):
-        match = next(((k, table[k]) for k, table in ((image["sop_uid"], by_sop), (image["accession"], by_accession))
-                      if k and k in table), None)
+        match = next(
+            ((k, table[k]) for k, table in ((image["sop_uid"], by_sop), (image["accession"], by_accession)) if k and k in table), None
+        )
         if match is None:
             continue
         used.add(match[0])
-        values = {"sop": image["sop_uid"], "study": image["study_uid"], "series": image["series_uid"],
-                  "accession": image["accession"], "patient": image["patient"], "label": match[1]}
+        values = {
+            "sop": image["sop_uid"],
+            "study": image["study_uid"],
+            "series": image["series_uid"],
+            "accession": image["accession"],
+            "patient": image["patient"],
+            "label": match[1],
+        }
         row = {roles[r]: values[r] for r in roles}
         written[tuple(row.values())] = row  # accession-keyed exports: one row per accession, as the site wrote it
     text = io.StringIO(newline="")
@@ -73,7 +86,12 @@ def write_pool_labels(site_labels: Path, pool_labels: Path, pooled: list[dict], 
     writer.writerows(written.values())
     write_atomic(pool_labels, text.getvalue().encode())  # a killed ingest leaves the previous labels, never half
     labelled = sum(1 for r in pooled if r["sop_uid"] in used or (r["accession"] and r["accession"] in used))
-    return {"labels_file": True, "rows": len(rows), "rows_empty_label": empty,
-            "rows_matching_no_pooled_image": len(by_sop) + len(by_accession) - len(used),
-            "images_labelled": labelled, "images_unlabelled": len(pooled) - labelled,
-            "columns_not_pooled": len(columns) - len(out_columns)}
+    return {
+        "labels_file": True,
+        "rows": len(rows),
+        "rows_empty_label": empty,
+        "rows_matching_no_pooled_image": len(by_sop) + len(by_accession) - len(used),
+        "images_labelled": labelled,
+        "images_unlabelled": len(pooled) - labelled,
+        "columns_not_pooled": len(columns) - len(out_columns),
+    }

@@ -143,7 +143,8 @@ class Slide(_Levels):
             if ends and max(ends) > size:
                 raise InputError(
                     f"truncated slide: level {level} pixel data ends at byte {max(ends)}, file has {size} bytes",
-                    where=self.path, hint="copy the slide again from the scanner or archive",
+                    where=self.path,
+                    hint="copy the slide again from the scanner or archive",
                 )
 
     @property
@@ -197,8 +198,9 @@ class RegionReader:
         try:
             return self._assemble(page, level, x, y, size)
         except Exception as err:
-            raise InputError(f"cannot decode slide tile data ({type(err).__name__}: {err})", where=self.slide.path,
-                             hint="the file may be damaged") from err
+            raise InputError(
+                f"cannot decode slide tile data ({type(err).__name__}: {err})", where=self.slide.path, hint="the file may be damaged"
+            ) from err
 
     def _assemble(self, page, level: int, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
         w, h = size
@@ -239,8 +241,7 @@ class RegionReader:
 
 def _fast_path_ok(page) -> bool:
     return bool(
-        page.is_tiled and page.planarconfig == 1 and page.imagedepth == 1
-        and page.dtype == np.uint8 and page.samplesperpixel in (3, 4)
+        page.is_tiled and page.planarconfig == 1 and page.imagedepth == 1 and page.dtype == np.uint8 and page.samplesperpixel in (3, 4)
     )
 
 
@@ -253,10 +254,14 @@ def _unreadable(path: Path, err: Exception) -> InputError:
         header = f.read(4)
     detail = f"{type(err).__name__}: {err}"
     if header in TIFF_MAGIC:
-        return InputError(f"damaged or truncated slide: the TIFF structure cannot be read ({detail}; "
-                          f"file has {path.stat().st_size} bytes)", where=path, hint="copy the slide again from the scanner or archive")
-    return InputError(f"not a readable whole-slide image ({detail})", where=path,
-                      hint=f"expected a TIFF-based slide ({', '.join(SLIDE_SUFFIXES)})")
+        return InputError(
+            f"damaged or truncated slide: the TIFF structure cannot be read ({detail}; file has {path.stat().st_size} bytes)",
+            where=path,
+            hint="copy the slide again from the scanner or archive",
+        )
+    return InputError(
+        f"not a readable whole-slide image ({detail})", where=path, hint=f"expected a TIFF-based slide ({', '.join(SLIDE_SUFFIXES)})"
+    )
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide | DicomSlide:
@@ -279,18 +284,25 @@ class DicomSlide(_Levels):
         try:
             from wsidicom import WsiDicom
         except ImportError as err:
-            raise InputError("reading DICOM whole-slide images needs wsidicom", where=self.path,
-                             hint="pip install 'medtriage[wsi]'") from err
+            raise InputError(
+                "reading DICOM whole-slide images needs wsidicom", where=self.path, hint="pip install 'medtriage[wsi]'"
+            ) from err
         files = list(dicom_wsi_files(self.path))
         if not files:
-            raise InputError("no DICOM whole-slide image files in the folder", where=self.path,
-                             hint="pass the folder holding the VL Whole Slide Microscopy Image files of one slide")
+            raise InputError(
+                "no DICOM whole-slide image files in the folder",
+                where=self.path,
+                hint="pass the folder holding the VL Whole Slide Microscopy Image files of one slide",
+            )
         try:
             self._wsi = WsiDicom.open(files)
             levels = list(self._wsi.levels)
         except Exception as err:  # wsidicom raises many types for incomplete or damaged series
-            raise InputError(f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})", where=self.path,
-                             hint="check that the folder holds every file of one slide's series") from err
+            raise InputError(
+                f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})",
+                where=self.path,
+                hint="check that the folder holds every file of one slide's series",
+            ) from err
         self._pyramid_levels = [level.level for level in levels]  # wsidicom's level numbers (log2 of the scale)
         self.level_dimensions = [(int(level.size.width), int(level.size.height)) for level in levels]
         self.dimensions = self.level_dimensions[0]

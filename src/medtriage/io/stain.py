@@ -98,7 +98,8 @@ def fit_stains(pixels: np.ndarray | list[np.ndarray], where: str | None = None) 
     tissue = _stained_od(_sample_pixels(pixels if isinstance(pixels, list) else [pixels]))
     if tissue.shape[1] < MIN_TISSUE_PIXELS:
         raise InputError(
-            f"too little stained tissue to fit stains ({tissue.shape[1]} pixels)", where=where,
+            f"too little stained tissue to fit stains ({tissue.shape[1]} pixels)",
+            where=where,
             hint="fit on tiles that contain tissue, or use the reference stains",
         )
     centred = tissue - tissue.mean(axis=1, keepdims=True)

@@ -48,8 +48,10 @@ def read_checkpoint(path: str | Path) -> dict:
 def model_from_config(config: dict) -> TriageNet:
     """Build the (untrained) network a resolved training config describes."""
     model = config["model"]
-    spec = PreprocessSpec(**{k: model["preprocess"][k] for k in ("size", "in_channels", "mean", "std")},
-                          intensity=model["preprocess"].get("intensity", "fixed"))  # checkpoints from before the option
+    spec = PreprocessSpec(
+        **{k: model["preprocess"][k] for k in ("size", "in_channels", "mean", "std")},
+        intensity=model["preprocess"].get("intensity", "fixed"),
+    )  # checkpoints from before the option
     return build_triage_net(model["name"], len(config["data"]["label_names"]), spec, model["stem_stride"])
 
 

@@ -94,9 +94,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 def build_backbone(name: str, in_channels: int, num_classes: int, stem_stride: int = 2) -> nn.Module:
     if name not in BACKBONES:
-        raise ConfigError(
-            f"unknown network '{name}'", where="model.name", hint=f"choose one of: {', '.join(sorted(BACKBONES))}"
-        )
+        raise ConfigError(f"unknown network '{name}'", where="model.name", hint=f"choose one of: {', '.join(sorted(BACKBONES))}")
     if in_channels < 1 or num_classes < 2:
         raise ConfigError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels} and {num_classes}", where="model")
     return BACKBONES[name](in_channels=in_channels, num_classes=num_classes, stem_stride=stem_stride)

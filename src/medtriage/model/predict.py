@@ -10,8 +10,14 @@ from medtriage.evaluation.predictions import Predictions
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, device: str | torch.device = "cpu",
-                   autocast_dtype: torch.dtype | None = None, channels_last: bool = False) -> np.ndarray:
+def predict_logits(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> np.ndarray:
     """Logits `[N, K]` (float32) of `images` `[N, C, H, W]`, in batches; the model is left in eval mode."""
     model.eval()
     device = torch.device(device)

@@ -160,11 +160,21 @@ def concurrent_requests(max_concurrent: int | None, max_batch: int) -> int | Non
 
 def add_batching_options(parser) -> None:
     """`--max-batch` and `--batch-wait-ms` of a serving command."""
-    parser.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, metavar="N",
-                        help="stack up to N images of concurrent requests into one inference call; 1 turns batching off; "
-                             "unless --max-concurrent says otherwise, N requests are then decoded at once (default: %(default)s)")
-    parser.add_argument("--batch-wait-ms", type=_non_negative_float, default=DEFAULT_WAIT_MS, metavar="MS",
-                        help="how long the first request of a batch waits for others to join (default: %(default)s)")
+    parser.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help="stack up to N images of concurrent requests into one inference call; 1 turns batching off; "
+        "unless --max-concurrent says otherwise, N requests are then decoded at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=_non_negative_float,
+        default=DEFAULT_WAIT_MS,
+        metavar="MS",
+        help="how long the first request of a batch waits for others to join (default: %(default)s)",
+    )
 
 
 def _positive_int(text: str) -> int:

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from medtriage.io.dicom import DecodeLimits, set_default_limits
+from medtriage.io.decode_limits import DecodeLimits, set_default_limits
 from medtriage.serve.admission import DEFAULT_QUEUE
 from medtriage.serve.batching import add_batching_options, concurrent_requests, enable_batching
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection, Score
+from medtriage.serve.report import format_table, result_document, write_csv
 
 TOKEN_ENV = "MEDTRIAGE_TOKEN"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-CSV_COLUMNS = ["status", "file", "frame", "finding", "probability", "priority", "sop_uid", "study_uid", "series_uid",
-               "modality", "model", "version", "sha256", "provider", "reason", "decision", "code", "field"]
 
 
 def register(subparsers) -> None:
@@ -42,22 +40,48 @@ def register(subparsers) -> None:
     serve.add_argument("package", help="model package folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token-file", metavar="FILE", help=f"require 'Authorization: Bearer <token>' with the token "
-                       f"in FILE (or in ${TOKEN_ENV}); required for a --host other than loopback")
+    serve.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"require 'Authorization: Bearer <token>' with the token "
+        f"in FILE (or in ${TOKEN_ENV}); required for a --host other than loopback",
+    )
     serve.add_argument("--token", default=None, help="the token itself (discouraged: other users see it in `ps`)")
-    serve.add_argument("--insecure-no-auth", action="store_true",
-                       help="allow a non-loopback --host without a token (anyone on the network sees the worklist)")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host without a token (anyone on the network sees the worklist)",
+    )
     serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain) file")
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
-    serve.add_argument("--max-concurrent", type=_positive_int, default=None, metavar="N",
-                       help="requests decoded and scored at once (default: one per core)")
-    serve.add_argument("--queue", type=int, default=DEFAULT_QUEUE, metavar="N",
-                       help="requests that may wait for those; more get 503 + Retry-After (default: %(default)s)")
+    serve.add_argument(
+        "--max-concurrent",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="requests decoded and scored at once (default: one per core)",
+    )
+    serve.add_argument(
+        "--queue",
+        type=int,
+        default=DEFAULT_QUEUE,
+        metavar="N",
+        help="requests that may wait for those; more get 503 + Retry-After (default: %(default)s)",
+    )
     serve.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted request body")
-    serve.add_argument("--worklist-size", type=_positive_int, default=None, metavar="N",
-                       help="studies the /worklist page shows, newest first (default: 256)")
-    serve.add_argument("--state", metavar="DIR", default=None,
-                       help="keep the worklist in this folder (survives restarts); a DICOM node's --state shows its studies")
+    serve.add_argument(
+        "--worklist-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="studies the /worklist page shows, newest first (default: 256)",
+    )
+    serve.add_argument(
+        "--state",
+        metavar="DIR",
+        default=None,
+        help="keep the worklist in this folder (survives restarts); a DICOM node's --state shows its studies",
+    )
     _runtime_options(serve)
     add_batching_options(serve)
     serve.set_defaults(func=run_serve)
@@ -73,17 +97,36 @@ def _runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     limits = DecodeLimits()
-    parser.add_argument("--max-frame-pixels", type=_positive_int, default=limits.max_frame_pixels, metavar="N",
-                        help="refuse images whose frames have more pixels, before decoding (default: %(default)s)")
-    parser.add_argument("--max-frames", type=_positive_int, default=limits.max_frames, metavar="N",
-                        help="refuse images with more frames, before decoding (default: %(default)s)")
-    parser.add_argument("--max-decoded-bytes", type=_positive_int, default=limits.max_decoded_bytes, metavar="N",
-                        help="refuse images whose decoded pixels would take more bytes (default: %(default)s)")
-    parser.add_argument("--allow-out-of-scope", action="store_true",
-                        help="score images outside the model's scope or unlike its training images anyway (results are flagged)")
+    parser.add_argument(
+        "--max-frame-pixels",
+        type=_positive_int,
+        default=limits.max_frame_pixels,
+        metavar="N",
+        help="refuse images whose frames have more pixels, before decoding (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-frames",
+        type=_positive_int,
+        default=limits.max_frames,
+        metavar="N",
+        help="refuse images with more frames, before decoding (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-decoded-bytes",
+        type=_positive_int,
+        default=limits.max_decoded_bytes,
+        metavar="N",
+        help="refuse images whose decoded pixels would take more bytes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-out-of-scope",
+        action="store_true",
+        help="score images outside the model's scope or unlike its training images anyway (results are flagged)",
+    )
 
 
 # --- score ---------------------------------------------------------------------------------------
+
 
 def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
     """Files to score (folders expanded recursively, sorted), missing paths as rejections, and
@@ -116,9 +159,15 @@ def _whole_slides_as_folders(files: list[Path]) -> list[Path]:
     return kept
 
 
-def score_paths(predictor: Predictor, files: list[Path], progress: bool, sr_dir: str | None,
-                slide_mpp: float | None = None, heatmap_dir: str | None = None,
-                overlay_dir: str | None = None) -> Iterator[Score | Rejection]:
+def score_paths(
+    predictor: Predictor,
+    files: list[Path],
+    progress: bool,
+    sr_dir: str | None,
+    slide_mpp: float | None = None,
+    heatmap_dir: str | None = None,
+    overlay_dir: str | None = None,
+) -> Iterator[Score | Rejection]:
     from tqdm import tqdm
 
     from medtriage.io.pathology import is_slide_path
@@ -173,13 +222,17 @@ def run_score(args: argparse.Namespace) -> int:
         print("error: give DICOM files/folders to score, or --npz FILE", file=sys.stderr)
         return 2
     _apply_decode_limits(args)
-    predictor = Predictor(load_package(args.package), provider=args.provider, threads=args.threads,
-                          allow_out_of_scope=args.allow_out_of_scope)
+    predictor = Predictor(
+        load_package(args.package), provider=args.provider, threads=args.threads, allow_out_of_scope=args.allow_out_of_scope
+    )
     if args.npz:
         return _score_npz(predictor, args)
     files, missing, any_folder = collect_files(args.paths)
-    outcomes = list(score_paths(predictor, files, progress=any_folder, sr_dir=args.sr, slide_mpp=args.mpp, heatmap_dir=args.heatmaps,
-                               overlay_dir=args.overlays))
+    outcomes = list(
+        score_paths(
+            predictor, files, progress=any_folder, sr_dir=args.sr, slide_mpp=args.mpp, heatmap_dir=args.heatmaps, overlay_dir=args.overlays
+        )
+    )
     scores = [o for o in outcomes if isinstance(o, Score)]
     rejected = missing + [o for o in outcomes if isinstance(o, Rejection)]
     if args.json:
@@ -188,9 +241,12 @@ def run_score(args: argparse.Namespace) -> int:
         write_csv(sys.stdout, predictor, scores, rejected)
     else:
         print(format_table(predictor, scores, rejected))
-    print(f"{len(files) + len(missing)} input(s): "
-          f"{len({s.file for s in scores})} file(s) scored ({len(scores)} image(s)), {len(rejected)} rejected; "
-          f"provider {predictor.provider}", file=sys.stderr)
+    print(
+        f"{len(files) + len(missing)} input(s): "
+        f"{len({s.file for s in scores})} file(s) scored ({len(scores)} image(s)), {len(rejected)} rejected; "
+        f"provider {predictor.provider}",
+        file=sys.stderr,
+    )
     return 1 if rejected else 0
 
 
@@ -214,45 +270,8 @@ def _score_npz(predictor: Predictor, args: argparse.Namespace) -> int:
     return 0
 
 
-def result_document(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> dict:
-    """The JSON form of a scoring job (CLI --json and the HTTP response)."""
-    return {
-        "model": {**predictor.package.identity(), "provider": predictor.provider},
-        "results": [s.as_dict() for s in scores],
-        "rejected": [r.as_dict() for r in rejected],
-    }
-
-
-def write_csv(stream, predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> None:
-    writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in [s.as_dict() for s in scores] + [r.as_dict() for r in rejected]:
-        writer.writerow({**row, "status": row["status"], "provider": predictor.provider})
-
-
-def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> str:
-    """The radiologist's view: file, finding, p(positive), priority, the decision against the operating points, model."""
-    package = predictor.package
-    header = ["file", "finding", f"p({package.positive_label})", "priority", "decision", "model"]
-    rows = [[_file_label(s), s.finding, f"{s.probability:.2f}", s.priority, _decision(s), package.describe(with_sha=i == 0)]
-            for i, s in enumerate(scores)]
-    rows += [[Path(r.file).name, "—", "—", "REJECTED", "—", r.reason] for r in rejected]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]) for row in [header, *rows]]
-    return "\n".join(lines)
-
-
-def _decision(score: Score) -> str:
-    flags = getattr(score, "flags", None)
-    return score.decision + (f" [{', '.join(flags)}]" if flags else "") if score.decision else "—"
-
-
-def _file_label(score: Score) -> str:
-    name = Path(score.file).name
-    return f"{name} [frame {score.frame}]" if score.frame is not None else name
-
-
 # --- serve ---------------------------------------------------------------------------------------
+
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -270,16 +289,25 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     tune_allocator()
     _apply_decode_limits(args)
-    predictor = Predictor(load_package(args.package), provider=args.provider, threads=args.threads,
-                          allow_out_of_scope=args.allow_out_of_scope)
+    predictor = Predictor(
+        load_package(args.package), provider=args.provider, threads=args.threads, allow_out_of_scope=args.allow_out_of_scope
+    )
     enable_batching(predictor, args.max_batch, args.batch_wait_ms)
     admission = Admission(concurrent_requests(args.max_concurrent, args.max_batch), args.queue)
-    app = create_app(predictor, token=token, max_bytes=args.max_bytes, admission=admission,
-                     worklist_size=DEFAULT_CAPACITY if args.worklist_size is None else args.worklist_size, state=args.state)
+    app = create_app(
+        predictor,
+        token=token,
+        max_bytes=args.max_bytes,
+        admission=admission,
+        worklist_size=DEFAULT_CAPACITY if args.worklist_size is None else args.worklist_size,
+        state=args.state,
+    )
     scheme = "https" if tls else "http"
-    print(f"serving {predictor.package.describe()} on {scheme}://{args.host}:{args.port} (provider {predictor.provider}, "
-          f"{'token required' if token else 'no token'}, {admission.workers} at once + {args.queue} waiting; docs at /docs)",
-          file=sys.stderr)
+    print(
+        f"serving {predictor.package.describe()} on {scheme}://{args.host}:{args.port} (provider {predictor.provider}, "
+        f"{'token required' if token else 'no token'}, {admission.workers} at once + {args.queue} waiting; docs at /docs)",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls)
     return 0
 
@@ -314,15 +342,16 @@ def _serving_token(args: argparse.Namespace) -> str | None:
         if Path(args.token_file).stat().st_mode & 0o077:
             print(f"warning: {args.token_file} is readable by other users; chmod 600 it", file=sys.stderr)
     elif args.token:
-        print("warning: --token is visible to every user of this machine (ps, /proc); "
-              f"use --token-file or ${TOKEN_ENV}", file=sys.stderr)
+        print(f"warning: --token is visible to every user of this machine (ps, /proc); use --token-file or ${TOKEN_ENV}", file=sys.stderr)
         token = args.token
     else:
         token = os.environ.get(TOKEN_ENV) or None
     if token is None and not is_loopback(args.host) and not args.insecure_no_auth:
-        raise ConfigError(f"refusing to serve on {args.host} without a token: patient IDs and images would be open to "
-                          "anyone on the network", where="--host",
-                          hint=f"give --token-file FILE (or ${TOKEN_ENV}), or --insecure-no-auth if another layer guards it")
+        raise ConfigError(
+            f"refusing to serve on {args.host} without a token: patient IDs and images would be open to anyone on the network",
+            where="--host",
+            hint=f"give --token-file FILE (or ${TOKEN_ENV}), or --insecure-no-auth if another layer guards it",
+        )
     return token
 
 
@@ -333,8 +362,11 @@ def _tls_files(args: argparse.Namespace) -> dict:
         raise ConfigError("--tls-cert and --tls-key go together", where="--tls-cert" if args.tls_cert else "--tls-key")
     if not args.tls_cert:
         if not is_loopback(args.host):
-            print(f"warning: serving plain HTTP on {args.host}: tokens and images cross the network unencrypted; "
-                  "give --tls-cert/--tls-key or put a TLS proxy in front", file=sys.stderr)
+            print(
+                f"warning: serving plain HTTP on {args.host}: tokens and images cross the network unencrypted; "
+                "give --tls-cert/--tls-key or put a TLS proxy in front",
+                file=sys.stderr,
+            )
         return {}
     for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if not Path(path).is_file():

@@ -48,8 +48,9 @@ def build_sr(source: pydicom.Dataset, scores: list[Score], package: ModelPackage
     return build_study_sr([(source, scores)], package)
 
 
-def build_study_sr(sources: list[tuple[pydicom.Dataset, list[Score]]], package: ModelPackage,
-                   sop_instance_uid: str | None = None) -> hd.sr.ComprehensiveSR:
+def build_study_sr(
+    sources: list[tuple[pydicom.Dataset, list[Score]]], package: ModelPackage, sop_instance_uid: str | None = None
+) -> hd.sr.ComprehensiveSR:
     """One Comprehensive SR for several instances of one study: a measurement group per scored frame,
     each referencing its instance; the study and patient attributes come from the first instance."""
     # highdicom writes each parameter key as one TEXT item, so each key is a whole "name=value".
@@ -57,17 +58,28 @@ def build_study_sr(sources: list[tuple[pydicom.Dataset, list[Score]]], package: 
     algorithm = hd.sr.AlgorithmIdentification(name=package.name, version=str(package.version), parameters=parameters)
     groups = [_measurement_group(source, score, package, algorithm) for source, scores in sources for score in scores]
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(package), procedure_reported=PROCEDURE, imaging_measurements=groups,
+        observation_context=_observation_context(package),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=groups,
     )
     try:
         return hd.sr.ComprehensiveSR(
-            evidence=[source for source, _ in sources], content=report, series_instance_uid=generate_uid(),
-            series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1,
-            manufacturer="MedTriage", series_description=f"AI triage {package.describe(with_sha=False)}", is_complete=True,
+            evidence=[source for source, _ in sources],
+            content=report,
+            series_instance_uid=generate_uid(),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=sop_instance_uid or generate_uid(),
+            instance_number=1,
+            manufacturer="MedTriage",
+            series_description=f"AI triage {package.describe(with_sha=False)}",
+            is_complete=True,
         )
     except (ValueError, AttributeError, TypeError) as err:
-        raise DicomError(f"cannot build an SR referencing this file ({err})", where=str(sources[0][1][0].file),
-                         hint="the source lacks study/patient attributes an SR must copy") from err
+        raise DicomError(
+            f"cannot build an SR referencing this file ({err})",
+            where=str(sources[0][1][0].file),
+            hint="the source lacks study/patient attributes an SR must copy",
+        ) from err
 
 
 def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
@@ -77,11 +89,15 @@ def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
     )
 
 
-def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPackage, algorithm) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _measurement_group(
+    source: pydicom.Dataset, score: Score, package: ModelPackage, algorithm
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     label = package.positive_label
     probability = hd.sr.Measurement(
         name=hd.sr.CodedConcept(f"p-{label}"[:16], SCHEME, f"Calibrated probability of {label}"),
-        value=round(score.probability, 6), unit=NO_UNITS, algorithm_id=algorithm,
+        value=round(score.probability, 6),
+        unit=NO_UNITS,
+        algorithm_id=algorithm,
     )
     evaluations = [
         hd.sr.QualitativeEvaluation(FINDING, hd.sr.CodedConcept(score.finding[:16], SCHEME, score.finding)),
@@ -95,7 +111,10 @@ def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPack
     frame_text = f" frame {score.frame}" if score.frame is not None else ""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"triage{frame_text}"),
-        algorithm_id=algorithm, measurements=[probability], qualitative_evaluations=evaluations, source_images=[image],
+        algorithm_id=algorithm,
+        measurements=[probability],
+        qualitative_evaluations=evaluations,
+        source_images=[image],
     )
 
 
@@ -105,8 +124,15 @@ def write_sr(source: str | Path | bytes | BinaryIO, scores: list[Score], package
     The UID is sanitised and the digest of the source (its path, or the uploaded bytes) keeps two
     sources that share a UID apart: a header value never chooses where a file goes."""
     sr = build_sr(read_header(source), scores, package)
-    key = source.getvalue() if isinstance(source, io.BytesIO) else source if isinstance(source, (bytes, bytearray)) \
-        else Path(source).resolve() if isinstance(source, (str, Path)) else getattr(source, "name", scores[0].file)
+    key = (
+        source.getvalue()
+        if isinstance(source, io.BytesIO)
+        else source
+        if isinstance(source, (bytes, bytearray))
+        else Path(source).resolve()
+        if isinstance(source, (str, Path))
+        else getattr(source, "name", scores[0].file)
+    )
     path = output_path(out_dir, scores[0].sop_uid or sr.SOPInstanceUID, ".SR.dcm", source=key)
     return write_atomic(path, lambda f: sr.save_as(f))
 

@@ -49,9 +49,15 @@ class SourceDrift:
 
     def as_dict(self, threshold: float, min_images: int) -> dict:
         worst = max(self.psi, key=self.psi.get) if self.psi else None
-        return {"source": self.source, "reference": self.reference, "images": self.images, "window": self.window,
-                "psi": {k: round(v, 4) for k, v in self.psi.items()}, "worst_feature": worst,
-                "drifting": self.drifting(threshold, min_images)}
+        return {
+            "source": self.source,
+            "reference": self.reference,
+            "images": self.images,
+            "window": self.window,
+            "psi": {k: round(v, 4) for k, v in self.psi.items()},
+            "worst_feature": worst,
+            "drifting": self.drifting(threshold, min_images),
+        }
 
 
 class DriftMonitor:
@@ -104,8 +110,14 @@ class DriftMonitor:
         """What the worklist banner and /v1/drift show: every source, and which drift past the threshold."""
         with self._lock:
             sources = [s.as_dict(self.threshold, self.min_images) for s in self._state.values()]
-        return {"monitoring": self.enabled, "threshold": self.threshold, "window": self.window, "min_images": self.min_images,
-                "sources": sources, "drifting": [s["source"] for s in sources if s["drifting"]]}
+        return {
+            "monitoring": self.enabled,
+            "threshold": self.threshold,
+            "window": self.window,
+            "min_images": self.min_images,
+            "sources": sources,
+            "drifting": [s["source"] for s in sources if s["drifting"]],
+        }
 
     def sources(self) -> set[str]:
         with self._lock:

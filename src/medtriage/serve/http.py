@@ -27,16 +27,23 @@ from medtriage.errors import ImageTooLargeError, MedTriageError
 from medtriage.serve.admission import LARGE_REQUEST, Admission, release_memory
 from medtriage.serve.metrics import SOURCE_HEADER, ServiceMonitor, monitoring_router
 from medtriage.serve.predictor import Predictor, Rejection, Score
+from medtriage.serve.report import result_document
 from medtriage.serve.worklist import DEFAULT_CAPACITY, PAGE_PATH, Worklist, worklist_router
 
 log = logging.getLogger(__name__)
 RAW_TYPES = {"", "application/dicom", "application/octet-stream"}  # a body that is one DICOM file
 # Endpoints read the body themselves (size limit, raw or multipart); this documents it for /docs.
-UPLOAD_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-    "application/dicom": {"schema": {"type": "string", "format": "binary"}},
-}}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}
+            },
+            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 # The worklist page is static HTML; the data it fetches carries the token like any other client.
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", PAGE_PATH}
 SPOOL_IN_MEMORY = 1024 * 1024  # bytes of an upload kept in memory before it spills to a temporary file
@@ -55,12 +62,20 @@ def error_response(status: int, reason: str, hint: str | None = None, **extra) -
     return JSONResponse(RequestError(status, reason, hint, **extra).body, status_code=status)
 
 
-def create_app(predictor: Predictor, token: str | None = None, max_bytes: int = 256 * 1024 * 1024,
-               worklist_size: int = DEFAULT_CAPACITY, admission: Admission | None = None,
-               state: str | None = None) -> FastAPI:
+def create_app(
+    predictor: Predictor,
+    token: str | None = None,
+    max_bytes: int = 256 * 1024 * 1024,
+    worklist_size: int = DEFAULT_CAPACITY,
+    admission: Admission | None = None,
+    state: str | None = None,
+) -> FastAPI:
     """The service. `admission` bounds concurrent work (default: one worker per core, 64 waiting)."""
-    app = FastAPI(title="MedTriage", version=__version__,
-                  description=f"Triage scores from {predictor.package.describe()}: decision support, not diagnosis.")
+    app = FastAPI(
+        title="MedTriage",
+        version=__version__,
+        description=f"Triage scores from {predictor.package.describe()}: decision support, not diagnosis.",
+    )
     app.state.admission = admission or Admission()
     _add_error_handlers(app)
     worklist = Worklist(predictor, capacity=worklist_size, store=state)  # a DICOM node's state folder, or memory
@@ -94,8 +109,11 @@ class Guard:
         if not _is_heavy(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         if not self.admission.try_enter():
-            busy = error_response(503, f"busy: {self.admission.capacity} requests already in progress or waiting",
-                                  "retry after the number of seconds in Retry-After")
+            busy = error_response(
+                503,
+                f"busy: {self.admission.capacity} requests already in progress or waiting",
+                "retry after the number of seconds in Retry-After",
+            )
             busy.headers["Retry-After"] = self.admission.retry_after()
             return await busy(scope, receive, send)
         try:
@@ -106,13 +124,16 @@ class Guard:
     def _refusal(self, scope) -> JSONResponse | None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         if self.token and scope["path"] not in OPEN_PATHS and not _authorised(headers, self.token):
-            return JSONResponse({"error": {"reason": "missing or wrong bearer token",
-                                           "hint": "send 'Authorization: Bearer <token>'"}},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return JSONResponse(
+                {"error": {"reason": "missing or wrong bearer token", "hint": "send 'Authorization: Bearer <token>'"}},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
-            return error_response(413, f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}",
-                                  "send fewer or smaller files per request")
+            return error_response(
+                413, f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}", "send fewer or smaller files per request"
+            )
         return None
 
 
@@ -165,17 +186,17 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
     def model() -> dict:
         return package.meta
 
-    @app.post("/v1/score", summary="Score DICOM files (multipart field `files`, or one application/dicom body)",
-              openapi_extra=UPLOAD_BODY)
+    @app.post("/v1/score", summary="Score DICOM files (multipart field `files`, or one application/dicom body)", openapi_extra=UPLOAD_BODY)
     async def score(request: Request) -> JSONResponse:
         source = request.headers.get(SOURCE_HEADER)
         async with _uploads(request, max_bytes) as uploads:
-            outcomes = [await _in_slot(app, uploads_size(uploads), app.state.monitor.timed, worklist.score_or_reject,
-                                       upload, name, source) for name, upload in uploads]
+            outcomes = [
+                await _in_slot(app, uploads_size(uploads), app.state.monitor.timed, worklist.score_or_reject, upload, name, source)
+                for name, upload in uploads
+            ]
         scores = [s for o in outcomes if not isinstance(o, Rejection) for s in o]
-        rejected = [o.as_dict() for o in outcomes if isinstance(o, Rejection)]
-        body = {"model": {**package.identity(), "provider": predictor.provider},
-                "results": [s.as_dict() for s in scores], "rejected": rejected}
+        body = result_document(predictor, scores, [o for o in outcomes if isinstance(o, Rejection)])
+        rejected = body["rejected"]
         if scores:
             return JSONResponse(body)
         # A request whose every file is unusable is itself bad input; too large to decode is 413.
@@ -183,15 +204,27 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
         error = {"reason": f"no file could be scored: {rejected[0]['reason']}", "hint": "see 'rejected' for each file"}
         return JSONResponse({"error": error, **body}, status_code=status)
 
-    @app.post("/v1/sr", summary="One DICOM file -> a DICOM Structured Report with its triage result",
-              response_class=Response, responses={200: {"content": {"application/dicom": {}}}}, openapi_extra=UPLOAD_BODY)
+    @app.post(
+        "/v1/sr",
+        summary="One DICOM file -> a DICOM Structured Report with its triage result",
+        response_class=Response,
+        responses={200: {"content": {"application/dicom": {}}}},
+        openapi_extra=UPLOAD_BODY,
+    )
     async def structured_report(request: Request) -> Response:
         async with _uploads(request, max_bytes) as uploads:
             if len(uploads) != 1:
                 raise RequestError(400, f"send exactly one file, got {len(uploads)}")
             name, upload = uploads[0]
-            outcome = await _in_slot(app, uploads_size(uploads), app.state.monitor.timed, predictor.score_or_reject,
-                                     upload, name, request.headers.get(SOURCE_HEADER))
+            outcome = await _in_slot(
+                app,
+                uploads_size(uploads),
+                app.state.monitor.timed,
+                predictor.score_or_reject,
+                upload,
+                name,
+                request.headers.get(SOURCE_HEADER),
+            )
             if isinstance(outcome, Rejection):
                 raise RequestError(413 if outcome.error == TOO_LARGE else 422, outcome.reason, file=name, type=outcome.error)
             report = await _in_slot(app, 0, _sr_bytes, upload, outcome, predictor)
@@ -247,8 +280,9 @@ class _BodyCounter:
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
             if self.size > self.max_bytes:
-                raise RequestError(413, f"request body exceeds the limit of {self.max_bytes} bytes",
-                                   "send fewer or smaller files per request")
+                raise RequestError(
+                    413, f"request body exceeds the limit of {self.max_bytes} bytes", "send fewer or smaller files per request"
+                )
         return message
 
 
@@ -265,11 +299,15 @@ async def _uploads(request: Request, max_bytes: int):
         elif content_type in RAW_TYPES:
             uploads = await _raw_file(counted, opened)
         else:
-            raise RequestError(415, f"unsupported content type '{content_type}'",
-                               "send multipart/form-data with 'files' fields, or one file as application/dicom")
+            raise RequestError(
+                415,
+                f"unsupported content type '{content_type}'",
+                "send multipart/form-data with 'files' fields, or one file as application/dicom",
+            )
         if not uploads:
-            raise RequestError(400, "no file in the request",
-                               "POST multipart/form-data with one or more 'files' fields, or a DICOM file as the body")
+            raise RequestError(
+                400, "no file in the request", "POST multipart/form-data with one or more 'files' fields, or a DICOM file as the body"
+            )
         empty = [name for name, upload in uploads if not upload.size]
         if len(empty) == len(uploads):
             raise RequestError(400, f"every uploaded file is empty: {', '.join(empty)}")

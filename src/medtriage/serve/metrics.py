@@ -47,8 +47,9 @@ class ServiceMonitor:
         self.scored = Counter("scored", "Images scored (one per frame)", **kw)
         self.rejected = Counter("rejected", "Inputs refused, by reason", ["reason"], **kw)
         self.latency = Histogram("scoring_seconds", "Time to decode and score one input", buckets=LATENCY_BUCKETS, **kw)
-        self.psi = Gauge("drift_psi", "Population-stability index of a source's rolling window against the reference",
-                         ["source", "feature"], **kw)
+        self.psi = Gauge(
+            "drift_psi", "Population-stability index of a source's rolling window against the reference", ["source", "feature"], **kw
+        )
         self.alert = Gauge("drift_alert", "1 while the source drifts past the package's PSI threshold", ["source"], **kw)
         Gauge("drift_psi_threshold", "PSI above which a source drifts", **kw).set(self.drift.threshold)
         self._labelled: dict[str, set] = {}  # source -> features with a psi series, to drop them with the source
@@ -102,8 +103,7 @@ def monitoring_router(monitor: ServiceMonitor) -> APIRouter:
     """GET /metrics (Prometheus text format) and GET /v1/drift (per-source drift, for the worklist banner)."""
     router = APIRouter()
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-                responses={200: {"content": {CONTENT_TYPE: {}}}})
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
     def metrics() -> Response:
         return Response(monitor.exposition(), media_type=CONTENT_TYPE)
 

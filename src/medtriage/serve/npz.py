@@ -38,9 +38,21 @@ def read_npz_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.nda
 
 def _decoded(pixels: np.ndarray, name: str) -> DecodedImage:
     _, h, w = pixels.shape
-    return DecodedImage(pixels=pixels[None], sop_uid=name, study_uid=name, series_uid=name, patient_id="", modality="",
-                        sop_class_uid="", photometric="MONOCHROME2" if pixels.shape[0] == 1 else "RGB", rows=h, columns=w,
-                        frames=1, bits_stored=8, transfer_syntax="")
+    return DecodedImage(
+        pixels=pixels[None],
+        sop_uid=name,
+        study_uid=name,
+        series_uid=name,
+        patient_id="",
+        modality="",
+        sop_class_uid="",
+        photometric="MONOCHROME2" if pixels.shape[0] == 1 else "RGB",
+        rows=h,
+        columns=w,
+        frames=1,
+        bits_stored=8,
+        transfer_syntax="",
+    )
 
 
 def score_npz(predictor: Predictor, npz_path: str | Path, split: str) -> tuple[list[Score], dict[str, int]]:
@@ -59,5 +71,4 @@ def _scores(predictor: Predictor, pixels: np.ndarray, names: list[str]) -> Itera
         batch = to_model_channels(pixels[start : start + BATCH], predictor.package.channels)
         probs, ood = predictor.outputs(batch)
         for i, (name, image, p) in enumerate(zip(names[start : start + BATCH], batch, probs)):
-            yield predictor._score(p, name, None, _decoded(image, name), [], None if ood is None else float(ood[i]),
-                                   float(image.mean()))
+            yield predictor._score(p, name, None, _decoded(image, name), [], None if ood is None else float(ood[i]), float(image.mean()))

@@ -81,8 +81,11 @@ def load_package(directory: str | Path) -> ModelPackage:
     """Read and verify `directory`; raise PackageError saying what is wrong and what to do."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise PackageError("model package folder not found", where=directory,
-                           hint="pass the folder that holds model.onnx and model.json, e.g. models/pneumonia-r18")
+        raise PackageError(
+            "model package folder not found",
+            where=directory,
+            hint="pass the folder that holds model.onnx and model.json, e.g. models/pneumonia-r18",
+        )
     meta = _read_meta(directory / META_FILE)
     validate_model_json(meta, where=directory / META_FILE)
     onnx_path = directory / ONNX_FILE
@@ -93,7 +96,8 @@ def load_package(directory: str | Path) -> ModelPackage:
         raise PackageError(
             f"model.onnx does not match its recorded sha256 (model.json says {meta['sha256'][:12]}…, "
             f"the file hashes to {actual[:12]}…): the model was changed or corrupted after export; refusing to load it",
-            where=onnx_path, hint=REEXPORT_HINT,
+            where=onnx_path,
+            hint=REEXPORT_HINT,
         )
     return ModelPackage(directory, meta)
 

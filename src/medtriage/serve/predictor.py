@@ -58,8 +58,14 @@ class Rejection:
 
     @classmethod
     def of(cls, name: str, err: Exception) -> Rejection:
-        return cls(name, getattr(err, "reason", str(err)), type(err).__name__, getattr(err, "code", None),
-                   getattr(err, "field", None), getattr(err, "withheld", None))
+        return cls(
+            name,
+            getattr(err, "reason", str(err)),
+            type(err).__name__,
+            getattr(err, "code", None),
+            getattr(err, "field", None),
+            getattr(err, "withheld", None),
+        )
 
     def as_dict(self) -> dict:
         shown = {"file": self.file, "reason": self.reason, "error": self.error, "code": self.code, "field": self.field}
@@ -74,7 +80,8 @@ def create_session(package: ModelPackage, provider: str = "cpu", threads: int | 
     if wanted not in ort.get_available_providers():
         raise ConfigError(
             f"{wanted} is not available in this onnxruntime (available: {', '.join(ort.get_available_providers())})",
-            where="--provider", hint="install onnxruntime-gpu with a matching CUDA, or run with --provider cpu",
+            where="--provider",
+            hint="install onnxruntime-gpu with a matching CUDA, or run with --provider cpu",
         )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -88,8 +95,11 @@ def create_session(package: ModelPackage, provider: str = "cpu", threads: int | 
         options.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(str(package.onnx_path), options, providers=PROVIDERS[provider])
     if session.get_providers()[0] != wanted:  # ORT falls back to CPU when the CUDA libraries fail to load
-        raise ConfigError(f"{wanted} was requested but onnxruntime could not start it (it would run on {session.get_providers()[0]})",
-                          where="--provider", hint="check the CUDA/cuDNN install, or run with --provider cpu")
+        raise ConfigError(
+            f"{wanted} was requested but onnxruntime could not start it (it would run on {session.get_providers()[0]})",
+            where="--provider",
+            hint="check the CUDA/cuDNN install, or run with --provider cpu",
+        )
     return session
 
 
@@ -108,8 +118,7 @@ def to_model_channels(pixels: np.ndarray, channels: int, where: str = "") -> np.
 class Predictor:
     """A loaded package plus its ORT session; thread-safe (ORT sessions allow concurrent `run`)."""
 
-    def __init__(self, package: ModelPackage, provider: str = "cpu", threads: int | None = None,
-                 allow_out_of_scope: bool = False):
+    def __init__(self, package: ModelPackage, provider: str = "cpu", threads: int | None = None, allow_out_of_scope: bool = False):
         self.package = package
         self.session = create_session(package, provider, threads)
         self.input_name = self.session.get_inputs()[0].name
@@ -143,8 +152,10 @@ class Predictor:
         probs = np.concatenate([c[0] for c in chunks])
         ood = np.concatenate([c[1] for c in chunks]) if chunks[0][1] is not None else None
         multi = len(probs) > 1
-        scores = [self._score(p, name, i + 1 if multi else None, image, flags, None if ood is None else float(ood[i]),
-                              float(pixels[i].mean())) for i, p in enumerate(probs)]
+        scores = [
+            self._score(p, name, i + 1 if multi else None, image, flags, None if ood is None else float(ood[i]), float(pixels[i].mean()))
+            for i, p in enumerate(probs)
+        ]
         return self._screen_content(scores, ood, name)
 
     def _scope_flags(self, image: DecodedImage, name: str) -> list[str]:
@@ -182,16 +193,29 @@ class Predictor:
             log.exception("unexpected failure scoring %s", name)
             return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
 
-    def _score(self, probs: np.ndarray, name: str, frame: int | None, image: DecodedImage, flags: list[str],
-               ood: float | None, input_mean: float) -> Score:
+    def _score(
+        self, probs: np.ndarray, name: str, frame: int | None, image: DecodedImage, flags: list[str], ood: float | None, input_mean: float
+    ) -> Score:
         p = float(probs[self.positive])
         package = self.package
         return Score(
-            file=name, frame=frame, finding=self.finding(probs), probability=p, priority=self.priority(p),
+            file=name,
+            frame=frame,
+            finding=self.finding(probs),
+            probability=p,
+            priority=self.priority(p),
             probabilities={label: float(v) for label, v in zip(package.label_names, probs)},
-            sop_uid=image.sop_uid, study_uid=image.study_uid, series_uid=image.series_uid, modality=image.modality,
-            model=package.name, version=package.version, sha256=package.sha256, decision=self.decision(p),
-            flags=list(flags), ood_score=ood, input_mean=input_mean,
+            sop_uid=image.sop_uid,
+            study_uid=image.study_uid,
+            series_uid=image.series_uid,
+            modality=image.modality,
+            model=package.name,
+            version=package.version,
+            sha256=package.sha256,
+            decision=self.decision(p),
+            flags=list(flags),
+            ood_score=ood,
+            input_mean=input_mean,
         )
 
     def finding(self, probs: np.ndarray) -> str:

@@ -43,12 +43,18 @@ class Saliency:
     work_size: int | None
 
     def describe(self) -> dict:
-        return {"method": "occlusion", "grid": self.grid, "work_size": self.work_size,
-                "baseline": round(self.baseline, 6), "max_drop": round(self.max_drop, 6)}
+        return {
+            "method": "occlusion",
+            "grid": self.grid,
+            "work_size": self.work_size,
+            "baseline": round(self.baseline, 6),
+            "max_drop": round(self.max_drop, 6),
+        }
 
 
-def occlusion_saliency(predict: Predict, image: np.ndarray, positive: int, grid: int = DEFAULT_GRID,
-                       work_size: int | None = None, batch: int = DEFAULT_BATCH) -> Saliency:
+def occlusion_saliency(
+    predict: Predict, image: np.ndarray, positive: int, grid: int = DEFAULT_GRID, work_size: int | None = None, batch: int = DEFAULT_BATCH
+) -> Saliency:
     """Occlusion map of one image `[C, H, W]` (float32 in [0, 1]) for class `positive`, at the image's size.
 
     `work_size` resizes the image to work_size x work_size first (the model's own input size is
@@ -78,20 +84,19 @@ def occluded_copies(image: np.ndarray, grid: int) -> np.ndarray:
     copies = np.repeat(image[None], grid * grid, axis=0)
     for k in range(grid * grid):
         r, c = divmod(k, grid)
-        copies[k, :, rows[r]:rows[r + 1], cols[c]:cols[c + 1]] = fill
+        copies[k, :, rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = fill
     return copies
 
 
 def _predict_batched(predict: Predict, images: np.ndarray, batch: int) -> np.ndarray:
     images = np.ascontiguousarray(images, dtype=np.float32)
-    return np.concatenate([np.asarray(predict(images[i:i + batch])) for i in range(0, len(images), batch)])
+    return np.concatenate([np.asarray(predict(images[i : i + batch])) for i in range(0, len(images), batch)])
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:
-        raise InputError(f"saliency takes one image [C, H, W], got an array of shape {image.shape}",
-                         hint="pass one frame: pixels[frame]")
+        raise InputError(f"saliency takes one image [C, H, W], got an array of shape {image.shape}", hint="pass one frame: pixels[frame]")
     return image
 
 
@@ -108,6 +113,7 @@ def upsample(cells: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 # --- the picture ---------------------------------------------------------------------------------
+
 
 def overlay_image(pixels: np.ndarray, saliency: np.ndarray, alpha: float = 0.6, max_side: int = DISPLAY_SIDE) -> Image.Image:
     """The image in grey with the saliency map in warm colours on top (clear where saliency is low)."""
@@ -153,6 +159,7 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
 
 # --- for a served model ----------------------------------------------------------------------------
 
+
 def model_input_size(meta: dict) -> int | None:
     """The square size the graph resizes to (model.json preprocessing.resize.size), if recorded."""
     size = meta.get("preprocessing", {}).get("resize", {}).get("size")
@@ -172,8 +179,7 @@ def explain_frame(predictor: Predictor, frame: np.ndarray, max_side: int = DISPL
     from medtriage.serve.predictor import to_model_channels
 
     pixels = to_model_channels(shrink(np.asarray(frame, np.float32), max_side)[None], predictor.package.channels)[0]
-    result = occlusion_saliency(predictor.probabilities, pixels, predictor.positive,
-                                work_size=model_input_size(predictor.package.meta))
+    result = occlusion_saliency(predictor.probabilities, pixels, predictor.positive, work_size=model_input_size(predictor.package.meta))
     return result, overlay_png(pixels, result.map, max_side=max_side)
 
 

@@ -25,9 +25,12 @@ class OutOfScopeError(InputError):
 
     def __init__(self, field: str, value, allowed, *, where: str | None = None):
         self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"out of scope: {field} {value!r} is not {describe_allowed(allowed)}", where=where,
-                         hint="the model was trained on other images; send it only what its scope (model.json) lists, "
-                              "or score anyway with --allow-out-of-scope (results are marked)")
+        super().__init__(
+            f"out of scope: {field} {value!r} is not {describe_allowed(allowed)}",
+            where=where,
+            hint="the model was trained on other images; send it only what its scope (model.json) lists, "
+            "or score anyway with --allow-out-of-scope (results are marked)",
+        )
 
 
 class UnusualInputError(InputError):
@@ -39,9 +42,12 @@ class UnusualInputError(InputError):
 
     def __init__(self, score: float, threshold: float, *, where: str | None = None, withheld: list | None = None):
         self.score, self.threshold, self.withheld = score, threshold, withheld
-        super().__init__(f"unusual input: OOD score {score:.1f} is above the threshold {threshold:.1f} "
-                         "(the image does not look like the model's training images)", where=where,
-                         hint="have it read without triage; score anyway with --allow-out-of-scope (results are marked)")
+        super().__init__(
+            f"unusual input: OOD score {score:.1f} is above the threshold {threshold:.1f} "
+            "(the image does not look like the model's training images)",
+            where=where,
+            hint="have it read without triage; score anyway with --allow-out-of-scope (results are marked)",
+        )
 
 
 def describe_allowed(allowed) -> str:

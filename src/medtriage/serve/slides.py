@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from medtriage.errors import ConfigError, MedTriageError, PackageError
 from medtriage.format.aggregation import AGGREGATIONS, aggregate
 from medtriage.io.pathology import DEFAULT_TILE_MPP, PreparedSlide, iter_tile_batches, prepare_slide
+from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.io.stain import REFERENCE_STAINS, Stains
 from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
 
@@ -82,13 +83,27 @@ def tile_probabilities(prepared: PreparedSlide, predict: Predict, batch_size: in
     return np.concatenate(out)
 
 
-def score_slide(path: str | Path, predict: Predict, settings: SlideSettings = SlideSettings(), *, positive_index: int = 1,
-                slide_mpp: float | None = None, heatmap_path: str | Path | None = None, batch_size: int = 32,
-                workers: int = 1, n_top: int = 5) -> SlideResult:
+def score_slide(
+    path: str | Path,
+    predict: Predict,
+    settings: SlideSettings = SlideSettings(),
+    *,
+    positive_index: int = 1,
+    slide_mpp: float | None = None,
+    heatmap_path: str | Path | None = None,
+    batch_size: int = 32,
+    workers: int = 1,
+    n_top: int = 5,
+) -> SlideResult:
     """Score one slide. Bad slides raise InputError (not a slide, truncated, no tissue, no µm/pixel)."""
     prepared = prepare_slide(
-        path, settings.tile_size, settings.tile_mpp, settings.min_tissue, slide_mpp=slide_mpp,
-        stain_normalize=settings.stain_normalization == "macenko", target_stains=settings.target_stains,
+        path,
+        settings.tile_size,
+        settings.tile_mpp,
+        settings.min_tissue,
+        slide_mpp=slide_mpp,
+        stain_normalize=settings.stain_normalization == "macenko",
+        target_stains=settings.target_stains,
     )
     with prepared.slide as slide:
         all_probs = tile_probabilities(prepared, predict, batch_size, workers)
@@ -96,13 +111,23 @@ def score_slide(path: str | Path, predict: Predict, settings: SlideSettings = Sl
         grid = prepared.grid
         order = np.argsort(-probs, kind="stable")[:n_top]
         result = SlideResult(
-            path=str(path), score=aggregate(probs, settings.aggregation, settings.top_k), aggregation=settings.aggregation,
-            n_tiles=len(grid.tiles), n_background=grid.n_background, tile_mpp=grid.mpp, tile_size=grid.tile_size,
-            slide_mpp=slide.mpp, class_means=[float(v) for v in all_probs.mean(axis=0)],
-            top_tiles=[{"x": grid.tiles[i].x, "y": grid.tiles[i].y, "size": round(grid.size0), "probability": round(float(probs[i]), 4)} for i in order],
+            path=str(path),
+            score=aggregate(probs, settings.aggregation, settings.top_k),
+            aggregation=settings.aggregation,
+            n_tiles=len(grid.tiles),
+            n_background=grid.n_background,
+            tile_mpp=grid.mpp,
+            tile_size=grid.tile_size,
+            slide_mpp=slide.mpp,
+            class_means=[float(v) for v in all_probs.mean(axis=0)],
+            top_tiles=[
+                {"x": grid.tiles[i].x, "y": grid.tiles[i].y, "size": round(grid.size0), "probability": round(float(probs[i]), 4)}
+                for i in order
+            ],
         )
         if heatmap_path is not None:
-            render_heatmap(prepared, probs).save(heatmap_path)
+            image = render_heatmap(prepared, probs)
+            write_atomic(heatmap_path, lambda f: image.save(f, format="PNG"))
             result.heatmap = str(heatmap_path)
     return result
 
@@ -175,8 +200,9 @@ class SlideOperatingPoints:
         return label_names[max((i for i in range(len(probs)) if i != positive), key=lambda i: probs[i])]
 
 
-def score_slide_file(predictor: Predictor, path: str | Path, slide_mpp: float | None = None,
-                     heatmap_dir: str | Path | None = None) -> SlideScore | Rejection:
+def score_slide_file(
+    predictor: Predictor, path: str | Path, slide_mpp: float | None = None, heatmap_dir: str | Path | None = None
+) -> SlideScore | Rejection:
     """Score one slide with a package; bad input becomes a Rejection with its reason (a batch goes on)."""
     try:
         return _score_slide_file(predictor, Path(path), slide_mpp, heatmap_dir)
@@ -187,28 +213,50 @@ def score_slide_file(predictor: Predictor, path: str | Path, slide_mpp: float | 
 def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap_dir: str | Path | None) -> SlideScore:
     package = predictor.package
     if "pathology" not in package.meta:
-        raise PackageError("this model was not trained on slide tiles: model.json has no `pathology` block "
-                           "(tile_size, tile_mpp)", where=package.directory, hint="score slides with a pathology model package")
-    heatmap = Path(heatmap_dir) / f"{path.stem}.heatmap.png" if heatmap_dir else None
-    if heatmap is not None:
-        heatmap.parent.mkdir(parents=True, exist_ok=True)
+        raise PackageError(
+            "this model was not trained on slide tiles: model.json has no `pathology` block (tile_size, tile_mpp)",
+            where=package.directory,
+            hint="score slides with a pathology model package",
+        )
+    # Named like the SR and overlay writers: sanitised, with a digest of the source path so two slides never collide.
+    heatmap = output_path(heatmap_dir, path.stem, ".heatmap.png", source=str(path.resolve())) if heatmap_dir else None
 
     def predict(batch: np.ndarray) -> np.ndarray:
         return predictor.probabilities(to_model_channels(batch, package.channels, str(path)))
 
-    result = score_slide(path, predict, SlideSettings.from_meta(package.meta["pathology"]), positive_index=predictor.positive,
-                         slide_mpp=slide_mpp, heatmap_path=heatmap)
+    result = score_slide(
+        path,
+        predict,
+        SlideSettings.from_meta(package.meta["pathology"]),
+        positive_index=predictor.positive,
+        slide_mpp=slide_mpp,
+        heatmap_path=heatmap,
+    )
     probs = np.array(result.class_means)  # other classes: mean over tiles; binary: the complement
     probs[predictor.positive] = result.score
     if len(probs) == 2:
         probs[1 - predictor.positive] = 1.0 - result.score
     points = SlideOperatingPoints.of(package)
     return SlideScore(
-        file=result.path, frame=None, finding=points.finding(probs, predictor.positive, package.label_names),
-        probability=result.score, priority=points.priority(result.score),
+        file=result.path,
+        frame=None,
+        finding=points.finding(probs, predictor.positive, package.label_names),
+        probability=result.score,
+        priority=points.priority(result.score),
         probabilities={k: float(v) for k, v in zip(package.label_names, probs)},
-        sop_uid="", study_uid="", series_uid="", modality="SM", model=package.name, version=package.version,
-        sha256=package.sha256, aggregation=result.aggregation, n_tiles=result.n_tiles, n_background=result.n_background,
-        tile_mpp=result.tile_mpp, slide_mpp=result.slide_mpp, top_tiles=result.top_tiles, heatmap=result.heatmap,
+        sop_uid="",
+        study_uid="",
+        series_uid="",
+        modality="SM",
+        model=package.name,
+        version=package.version,
+        sha256=package.sha256,
+        aggregation=result.aggregation,
+        n_tiles=result.n_tiles,
+        n_background=result.n_background,
+        tile_mpp=result.tile_mpp,
+        slide_mpp=result.slide_mpp,
+        top_tiles=result.top_tiles,
+        heatmap=result.heatmap,
         threshold_level=points.level,
     )

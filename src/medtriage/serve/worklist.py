@@ -44,8 +44,7 @@ from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame, shrink
 log = logging.getLogger(__name__)
 DEFAULT_CAPACITY = 256
 PAGE_PATH = "/worklist"
-SHOWN_STATES = {"receiving": "received", "scored": "scored", "delivered": "delivered", "failed": "failed",
-                "not_analysed": "not analysed"}
+SHOWN_STATES = {"receiving": "received", "scored": "scored", "delivered": "delivered", "failed": "failed", "not_analysed": "not analysed"}
 __all__ = ["DEFAULT_CAPACITY", "PAGE_PATH", "PRIORITY_RANK", "Worklist", "worklist_router"]
 
 
@@ -96,10 +95,21 @@ class Worklist:
                 self._display[sop_uid] = self._display_copy(image.pixels[top])
                 while len(self._display) > self.capacity:
                     self._display.popitem(last=False)
-        self.store.record_instance(sop_uid, study_uid, image.series_uid, image.sop_class_uid, spool_name, fields,
-                                   name=name, state="scored", result=json.dumps(results), calling_aet="HTTP")
-        study_top = min((s for row in self.store.study_instances(study_uid) if row["state"] == "scored"
-                         for s in json.loads(row["result"])), key=urgency)
+        self.store.record_instance(
+            sop_uid,
+            study_uid,
+            image.series_uid,
+            image.sop_class_uid,
+            spool_name,
+            fields,
+            name=name,
+            state="scored",
+            result=json.dumps(results),
+            calling_aet="HTTP",
+        )
+        study_top = min(
+            (s for row in self.store.study_instances(study_uid) if row["state"] == "scored" for s in json.loads(row["result"])), key=urgency
+        )
         self.store.close_study(study_uid, study_top, None, None, [], time.time())
 
     def _display_copy(self, frame: np.ndarray) -> np.ndarray:
@@ -130,16 +140,41 @@ class Worklist:
         top, scores, row = self._top(study)
         fields = json.loads(study["fields"] or "{}")
         count = len(self.store.study_instances(study["study_uid"]))
-        entry = {"id": str(study["id"]), "received": _iso(study["last_received"]), "state": SHOWN_STATES[study["state"]],
-                 "reason": study["reason"], "study_uid": study["study_uid"], "instances": count,
-                 **{key: fields.get(key, "") for key in STUDY_TAGS}, "file": None, "frame": None, "frames": 0,
-                 "finding": None, "decision": None, "probability": None, "priority": None, "overlay": None,
-                 "model": package.name, "version": package.version, "sha256": package.sha256}
+        entry = {
+            "id": str(study["id"]),
+            "received": _iso(study["last_received"]),
+            "state": SHOWN_STATES[study["state"]],
+            "reason": study["reason"],
+            "study_uid": study["study_uid"],
+            "instances": count,
+            **{key: fields.get(key, "") for key in STUDY_TAGS},
+            "file": None,
+            "frame": None,
+            "frames": 0,
+            "finding": None,
+            "decision": None,
+            "probability": None,
+            "priority": None,
+            "overlay": None,
+            "model": package.name,
+            "version": package.version,
+            "sha256": package.sha256,
+        }
         if top is not None:
-            entry.update(file=row["name"], frame=top["frame"], frames=len(scores), finding=top["finding"], decision=top.get("decision"),
-                         probability=top["probability"], priority=top["priority"], modality=top["modality"] or entry["modality"],
-                         model=top["model"], version=top["version"], sha256=top["sha256"],
-                         overlay=f"/v1/worklist/{study['id']}/overlay.png")
+            entry.update(
+                file=row["name"],
+                frame=top["frame"],
+                frames=len(scores),
+                finding=top["finding"],
+                decision=top.get("decision"),
+                probability=top["probability"],
+                priority=top["priority"],
+                modality=top["modality"] or entry["modality"],
+                model=top["model"],
+                version=top["version"],
+                sha256=top["sha256"],
+                overlay=f"/v1/worklist/{study['id']}/overlay.png",
+            )
         return entry
 
     def detail(self, entry_id: str) -> dict:
@@ -148,11 +183,17 @@ class Worklist:
         package = self.predictor.package
         summary = self._summary(study)
         cached = self.store.overlay(study["top_sop"]) if top else None
-        return {**summary, "probabilities": top and top["probabilities"], "positive_label": package.positive_label,
-                "thresholds": {"review": package.review_threshold, "urgent": package.urgent_threshold},
-                "series_uid": top and top["series_uid"], "sop_uid": top and top["sop_uid"],
-                "decision": top and top.get("decision"), "flags": top and top.get("flags"),
-                "saliency": (cached[1] or None) if cached else None}
+        return {
+            **summary,
+            "probabilities": top and top["probabilities"],
+            "positive_label": package.positive_label,
+            "thresholds": {"review": package.review_threshold, "urgent": package.urgent_threshold},
+            "series_uid": top and top["series_uid"],
+            "sop_uid": top and top["sop_uid"],
+            "decision": top and top.get("decision"),
+            "flags": top and top.get("flags"),
+            "saliency": (cached[1] or None) if cached else None,
+        }
 
     def overlay(self, entry_id: str) -> bytes:
         """The study's overlay PNG, drawn on first request (occlusion through the served model) and kept."""
@@ -179,8 +220,10 @@ class Worklist:
         if row["spool"] and self.store.folder is not None and self.store.spooled(row["spool"]).is_file():
             image = read_dicom(self.store.spooled(row["spool"]), frame=None if top["frame"] is None else top["frame"] - 1)
             return image.pixels[0]
-        raise HTTPException(410, "the image of this study is no longer held (uploads without a state folder keep "
-                                 "their pictures only while the service runs)")
+        raise HTTPException(
+            410,
+            "the image of this study is no longer held (uploads without a state folder keep their pictures only while the service runs)",
+        )
 
 
 def _sort_key(entry: dict) -> tuple:
@@ -212,17 +255,26 @@ def worklist_router(worklist: Worklist) -> APIRouter:
     def list_rows() -> dict:
         package = worklist.predictor.package
         rows = worklist.rows()
-        return {"model": {**package.identity(), "label": package.describe(), "positive_label": package.positive_label},
-                "capacity": worklist.capacity, "evicted": worklist.evicted, "count": len(rows), "entries": rows}
+        return {
+            "model": {**package.identity(), "label": package.describe(), "positive_label": package.positive_label},
+            "capacity": worklist.capacity,
+            "evicted": worklist.evicted,
+            "count": len(rows),
+            "entries": rows,
+        }
 
     @router.get("/v1/worklist/{entry_id}", summary="One worklist row with its score details")
     def row_detail(entry_id: str) -> dict:
         return worklist.detail(entry_id)
 
-    @router.get("/v1/worklist/{entry_id}/overlay.png", summary="The image with where the model looked (occlusion)",
-                response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @router.get(
+        "/v1/worklist/{entry_id}/overlay.png",
+        summary="The image with where the model looked (occlusion)",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
     async def row_overlay(entry_id: str) -> Response:
         png = await run_in_threadpool(worklist.overlay, entry_id)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})  # PHI
 
     return router

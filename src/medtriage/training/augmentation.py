@@ -51,15 +51,24 @@ class BatchAugment:
         apply = (draws[:, APPLY_AFFINE] < p).float()
         angle = _symmetric(draws[:, ANGLE], math.radians(s.rotate_deg)) * apply
         scale = 1 + _symmetric(draws[:, SCALE], s.scale) * apply
-        shift = torch.stack([_symmetric(draws[:, SHIFT_X], 2 * s.translate),  # affine_grid spans [-1, 1]: side = 2
-                             _symmetric(draws[:, SHIFT_Y], 2 * s.translate)], dim=1) * apply[:, None]
+        shift = (
+            torch.stack(
+                [
+                    _symmetric(draws[:, SHIFT_X], 2 * s.translate),  # affine_grid spans [-1, 1]: side = 2
+                    _symmetric(draws[:, SHIFT_Y], 2 * s.translate),
+                ],
+                dim=1,
+            )
+            * apply[:, None]
+        )
         hflip = getattr(s, "hflip", False)
         if p <= 0 and not hflip:  # decided from the settings: testing the draws would make the GPU wait
             return images
         flip = torch.where(draws[:, FLIP] < 0.5, -1.0, 1.0) if hflip else torch.ones_like(angle)
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # output -> input coordinates: zoom in when scale > 1
-        theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], dim=1),
-                             torch.stack([sin * flip, cos, shift[:, 1]], dim=1)], dim=1)
+        theta = torch.stack(
+            [torch.stack([cos * flip, -sin, shift[:, 0]], dim=1), torch.stack([sin * flip, cos, shift[:, 1]], dim=1)], dim=1
+        )
         grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

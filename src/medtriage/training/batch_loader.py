@@ -23,8 +23,9 @@ _DONE = object()
 class CachedBatchLoader:
     """Iterate `(images, labels)` batches of `split` in the order of `indices`, already on `device`."""
 
-    def __init__(self, split: CachedSplit, batch_size: int, device: torch.device, drop_last: bool = False,
-                 on_device: bool = False, prefetch: int = 3):
+    def __init__(
+        self, split: CachedSplit, batch_size: int, device: torch.device, drop_last: bool = False, on_device: bool = False, prefetch: int = 3
+    ):
         self.batch_size, self.device, self.drop_last, self.prefetch = batch_size, device, drop_last, prefetch
         cuda = device.type == "cuda"
         self.on_device = cuda and on_device

@@ -53,7 +53,9 @@ class RunResult:
 
 def pick_device(choice: str) -> torch.device:
     if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("CUDA requested but no CUDA device is visible", where="trainer.device", hint="use trainer=cpu or trainer.device=auto")
+        raise ConfigError(
+            "CUDA requested but no CUDA device is visible", where="trainer.device", hint="use trainer=cpu or trainer.device=auto"
+        )
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
@@ -105,7 +107,9 @@ def run(cfg: DictConfig) -> RunResult:
 def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> RunResult:
     seed_everything(cfg.trainer, device)
     model = model_from_config(config)  # an unknown network fails here, before any data work
-    resume_path, resumed = find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name) if cfg.trainer.resume else (None, None)
+    resume_path, resumed = (
+        find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name) if cfg.trainer.resume else (None, None)
+    )
     if resumed and resumed["config"]["model"] != config["model"]:
         raise ConfigError("the model config differs from the checkpoint's", where=resume_path, hint="resume with the same model settings")
     manifest, splits, audit = load_data(cfg, model, ranks)
@@ -125,8 +129,10 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
             tracking.log_run_config(cfg, config, manifest.fingerprint, sizes)
             mlflow.log_dict(audit.to_dict(), "data_audit.json")
             mlflow.set_tag("data_audit", "passed" if audit.ok else "failed, overridden by data.allow_audit_failure")
-        print(f"MLflow run {run_id} on {device} x{ranks.world_size}; checkpoints in {ckpt_dir}; "
-              f"open with `{tracking.ui_command(cfg.tracking.uri)}`")
+        print(
+            f"MLflow run {run_id} on {device} x{ranks.world_size}; checkpoints in {ckpt_dir}; "
+            f"open with `{tracking.ui_command(cfg.tracking.uri)}`"
+        )
         interrupted = train_epochs(fit, state, ckpt_dir, config, run_id)
         if interrupted:
             mlflow.end_run("KILLED")

@@ -54,8 +54,15 @@ class TrainState:
 class TrainingLoop:
     """Optimiser, schedule, loss and loaders of one run; `epoch()` trains once over the train split."""
 
-    def __init__(self, trainer: TrainerConfig, data: DataConfig, model: torch.nn.Module, splits: dict[str, CachedSplit],
-                 device: torch.device, ranks: Ranks = SINGLE_PROCESS):
+    def __init__(
+        self,
+        trainer: TrainerConfig,
+        data: DataConfig,
+        model: torch.nn.Module,
+        splits: dict[str, CachedSplit],
+        device: torch.device,
+        ranks: Ranks = SINGLE_PROCESS,
+    ):
         """`trainer` and `data` are the config groups of those names (typed dataclasses or their DictConfig)."""
         self.trainer, self.data, self.device, self.ranks = trainer, data, device, ranks
         cuda = device.type == "cuda"
@@ -118,10 +125,14 @@ class TrainingLoop:
             sampler = self._site_stratified_sampler(epoch)
         elif self.ranks.enabled:
             if self.trainer.imbalance.value == "sampler":
-                raise ConfigError("class-balanced sampling is not available with several processes", where="trainer.imbalance",
-                                  hint="use trainer.imbalance=weighted_loss under torchrun")
-            sampler = DistributedSampler(self.dataset, self.ranks.world_size, self.ranks.rank, shuffle=True,
-                                         seed=self.trainer.seed, drop_last=False)
+                raise ConfigError(
+                    "class-balanced sampling is not available with several processes",
+                    where="trainer.imbalance",
+                    hint="use trainer.imbalance=weighted_loss under torchrun",
+                )
+            sampler = DistributedSampler(
+                self.dataset, self.ranks.world_size, self.ranks.rank, shuffle=True, seed=self.trainer.seed, drop_last=False
+            )
             sampler.set_epoch(epoch)
         elif self.trainer.imbalance.value == "sampler":
             weights = (1.0 / self._class_counts().float())[self.splits["train"].labels]
@@ -131,15 +142,23 @@ class TrainingLoop:
             return self.batch_loader.batches(order)
         loader_class = monai_data.ThreadDataLoader if self.trainer.loader.value == "thread" else monai_data.DataLoader
         return loader_class(
-            self.dataset, batch_size=self.data.batch_size, shuffle=sampler is None, sampler=sampler,
-            generator=generator, num_workers=self.data.num_workers, drop_last=self.drop_last,
+            self.dataset,
+            batch_size=self.data.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=generator,
+            num_workers=self.data.num_workers,
+            drop_last=self.drop_last,
             pin_memory=self.device.type == "cuda",
         )
 
     def _site_stratified_sampler(self, epoch: int) -> SiteStratifiedSampler:
         if self.trainer.imbalance.value == "sampler":
-            raise ConfigError("site-stratified batches and class-balanced sampling exclude each other", where="data.site_stratified",
-                              hint="use trainer.imbalance=weighted_loss with data.site_stratified=true")
+            raise ConfigError(
+                "site-stratified batches and class-balanced sampling exclude each other",
+                where="data.site_stratified",
+                hint="use trainer.imbalance=weighted_loss with data.site_stratified=true",
+            )
         sampler = SiteStratifiedSampler(self.splits["train"].sites, self.ranks.world_size, self.ranks.rank, self.trainer.seed)
         sampler.set_epoch(epoch)
         return sampler
@@ -152,8 +171,13 @@ class TrainingLoop:
         if self.device_augment:
             self.device_augment.reseed(epoch)
         total_loss, seen, started, clock = 0.0, 0, time.perf_counter(), EpochClock(self.device)
-        bar = tqdm(self.loader(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.trainer.max_epochs}",
-                   unit="batch", disable=not self.ranks.is_main)
+        bar = tqdm(
+            self.loader(epoch),
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch}/{self.trainer.max_epochs}",
+            unit="batch",
+            disable=not self.ranks.is_main,
+        )
         for step, (images, labels) in enumerate(bar):
             if step >= self.steps_per_epoch:
                 break
@@ -170,8 +194,13 @@ class TrainingLoop:
         elapsed = time.perf_counter() - started
         total_loss, seen = distributed.sum_over_ranks([total_loss, seen], self.ranks)
         distributed.sync_buffers(self.model, self.ranks)
-        return {**clock.summary(), "train/loss": total_loss / max(seen, 1), "train/images_per_s": seen / elapsed,
-                "train/epoch_s": elapsed, "train/lr": self.scheduler.get_last_lr()[0]}
+        return {
+            **clock.summary(),
+            "train/loss": total_loss / max(seen, 1),
+            "train/images_per_s": seen / elapsed,
+            "train/epoch_s": elapsed,
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a batch from `loader` (device augmentation, autocast, EMA included); the loss."""
@@ -201,17 +230,31 @@ class TrainingLoop:
         """Each rank predicts its shard; the gathered predictions are the same on every rank."""
         data = self.splits[split]
         mine = distributed.shard(len(data), self.ranks)
-        logits = predict_logits(self.eval_model, data.images[mine], self.trainer.eval_batch_size,
-                                self.device, autocast_dtype=self.autocast_dtype, channels_last=self.channels_last)
+        logits = predict_logits(
+            self.eval_model,
+            data.images[mine],
+            self.trainer.eval_batch_size,
+            self.device,
+            autocast_dtype=self.autocast_dtype,
+            channels_last=self.channels_last,
+        )
         parts = [logits, data.labels.numpy()[mine], data.sites[mine], data.row_indices[mine]]
         return Predictions(*distributed.gather_concat(parts, self.ranks))
 
     def checkpoint(self, state: TrainState, config: dict, run_id: str) -> dict:
         return {
-            "model": self.eval_model.state_dict(), "config": config, **self._ema_state(), "epoch": state.epoch,
-            "global_step": state.global_step, "best_val_auc": state.best_val_auc, "best_epoch": state.best_epoch,
-            "epochs_since_best": state.epochs_since_best, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "mlflow_run_id": run_id,
+            "model": self.eval_model.state_dict(),
+            "config": config,
+            **self._ema_state(),
+            "epoch": state.epoch,
+            "global_step": state.global_step,
+            "best_val_auc": state.best_val_auc,
+            "best_epoch": state.best_epoch,
+            "epochs_since_best": state.epochs_since_best,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "mlflow_run_id": run_id,
         }
 
     def _ema_state(self) -> dict:
@@ -228,8 +271,13 @@ class TrainingLoop:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         restore_rng_state(checkpoint["rng"])
-        return TrainState(checkpoint["epoch"], checkpoint["global_step"], checkpoint["best_val_auc"],
-                          checkpoint["best_epoch"], checkpoint["epochs_since_best"])
+        return TrainState(
+            checkpoint["epoch"],
+            checkpoint["global_step"],
+            checkpoint["best_val_auc"],
+            checkpoint["best_epoch"],
+            checkpoint["epochs_since_best"],
+        )
 
 
 # --- epochs ------------------------------------------------------------------------------------
@@ -261,8 +309,15 @@ def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: d
             save_checkpoint(ckpt_dir / LAST, **fit.checkpoint(state, config, run_id))
             if improved:
                 shutil.copyfile(ckpt_dir / LAST, ckpt_dir / BEST)
-            log.info("epoch %d: loss %.4f, val AUC %.4f (best %.4f @ %d), %.0f img/s", epoch, metrics["train/loss"],
-                     metrics.get("val/auc", float("nan")), state.best_val_auc, state.best_epoch, metrics["train/images_per_s"])
+            log.info(
+                "epoch %d: loss %.4f, val AUC %.4f (best %.4f @ %d), %.0f img/s",
+                epoch,
+                metrics["train/loss"],
+                metrics.get("val/auc", float("nan")),
+                state.best_val_auc,
+                state.best_epoch,
+                metrics["train/images_per_s"],
+            )
         done_here += 1
         if trainer.early_stopping_patience and state.epochs_since_best >= trainer.early_stopping_patience:
             log.info("early stopping: no better validation AUC for %d epochs", state.epochs_since_best)

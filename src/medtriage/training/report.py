@@ -28,8 +28,9 @@ def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
     return metrics, predictions
 
 
-def log_final(metrics: dict[str, float], predictions: dict, state, ckpt_dir: Path, name: str, log_checkpoint: bool,
-              weights: str = "best") -> None:
+def log_final(
+    metrics: dict[str, float], predictions: dict, state, ckpt_dir: Path, name: str, log_checkpoint: bool, weights: str = "best"
+) -> None:
     """Test metrics, plots (titled `name`), metrics.json and, when `log_checkpoint`, the final checkpoint into the active MLflow run."""
     tracking.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")}, step=state.best_epoch)
     mlflow.log_metric("best_epoch", state.best_epoch)

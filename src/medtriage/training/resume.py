@@ -16,8 +16,13 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": _python_state_to_lists(random.getstate()),
     }
     if torch.cuda.is_available():
@@ -54,6 +59,7 @@ def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experi
         if path.is_file():
             return path, read_checkpoint(path)
     raise DataNotFoundError(
-        "trainer.resume=true but there is no checkpoint to resume", where=looked,
+        "trainer.resume=true but there is no checkpoint to resume",
+        where=looked,
         hint="start a new run without trainer.resume, or set trainer.resume_from=<run folder or last.pt>",
     )

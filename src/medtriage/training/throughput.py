@@ -49,8 +49,11 @@ class EpochClock:
         if self.cuda:
             torch.cuda.synchronize()
         elapsed = max(self.elapsed(), 1e-9)
-        figures = {"train/images_per_s": self.images / elapsed, "train/epoch_s": elapsed,
-                   "train/data_wait_s": max(0.0, elapsed - self.step_seconds)}
+        figures = {
+            "train/images_per_s": self.images / elapsed,
+            "train/epoch_s": elapsed,
+            "train/data_wait_s": max(0.0, elapsed - self.step_seconds),
+        }
         if self.cuda:
             busy = sum(start.elapsed_time(end) for start, end in self._events) / 1000
             figures["train/gpu_busy_fraction"] = min(1.0, busy / elapsed)

@@ -81,8 +81,16 @@ def log_run_config(cfg: DictConfig, plain: dict, fingerprint: str, data_summary:
     params = flatten(plain)
     params.update({"data.fingerprint": fingerprint, **{f"data.{k}": str(v) for k, v in data_summary.items()}})
     mlflow.log_params(params)
-    mlflow.set_tags({"git_commit": commit, "git_dirty": str(dirty), "data_fingerprint": fingerprint,
-                     "mlflow.source.git.commit": commit, "experiment": cfg.name, "model": cfg.model.name})
+    mlflow.set_tags(
+        {
+            "git_commit": commit,
+            "git_dirty": str(dirty),
+            "data_fingerprint": fingerprint,
+            "mlflow.source.git.commit": commit,
+            "experiment": cfg.name,
+            "model": cfg.model.name,
+        }
+    )
     mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(plain)), "config/resolved.yaml")
 
 
@@ -111,9 +119,7 @@ class MultirunParentRun(Callback):
         if parent is None:
             return
         client = MlflowClient(config.tracking.uri)
-        children = client.search_runs(
-            [client.get_run(parent).info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'"
-        )
+        children = client.search_runs([client.get_run(parent).info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
         best = [c.data.metrics["best_val_auc"] for c in children if "best_val_auc" in c.data.metrics]
         if best:
             client.log_metric(parent, "best_val_auc", max(best))

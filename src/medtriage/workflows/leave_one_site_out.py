@@ -37,8 +37,10 @@ def log_worst_site(client: MlflowClient, parent_run_id: str) -> dict[str, float]
         worst = min(per_site, key=per_site.get)
         client.log_metric(parent_run_id, "loso/worst_site_test_auc", per_site[worst])
         client.set_tag(parent_run_id, "loso.worst_site", worst)
-        print(f"leave-one-site-out test AUC: {', '.join(f'{s} {v:.4f}' for s, v in sorted(per_site.items()))}; "
-              f"worst {worst} {per_site[worst]:.4f} (parent MLflow run {parent_run_id})")
+        print(
+            f"leave-one-site-out test AUC: {', '.join(f'{s} {v:.4f}' for s, v in sorted(per_site.items()))}; "
+            f"worst {worst} {per_site[worst]:.4f} (parent MLflow run {parent_run_id})"
+        )
     return per_site
 
 

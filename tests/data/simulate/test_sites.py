@@ -61,8 +61,19 @@ def test_headers_carry_phi_to_remove(sites):
     out, results = sites
     path = image_files(out, results)["st_marys"][0]
     ds = pydicom.dcmread(path)
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "InstitutionName",
-                    "InstitutionAddress", "ReferringPhysicianName", "StudyDate", "StudyTime", "StationName"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "InstitutionName",
+        "InstitutionAddress",
+        "ReferringPhysicianName",
+        "StudyDate",
+        "StudyTime",
+        "StationName",
+    ):
         assert str(ds.get(keyword) or "").strip(), keyword
     private = [e for e in ds if e.tag.is_private and e.VR == "PN"]
     assert private and str(private[0].value) == str(ds.OperatorsName)

@@ -34,8 +34,16 @@ def orthanc(orthanc_exe, node_port, tmp_path_factory):
 @pytest.fixture(scope="module")
 def listener(package_dir, orthanc, node_port, tmp_path_factory):
     metrics_port = free_port()
-    node = start_listener(package_dir, tmp_path_factory.mktemp("node") / "state", node_port, orthanc,
-                          "--send-to", f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}", "--metrics-port", str(metrics_port))
+    node = start_listener(
+        package_dir,
+        tmp_path_factory.mktemp("node") / "state",
+        node_port,
+        orthanc,
+        "--send-to",
+        f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}",
+        "--metrics-port",
+        str(metrics_port),
+    )
     node.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield node
     assert node.stop() == 0, node.log.read_text()[-3000:]

@@ -47,12 +47,22 @@ class Orthanc:
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dicomweb = f"{self.url}/dicom-web"
         config = {
-            "Name": "medtriage-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": ORTHANC_AET,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "Name": "medtriage-test",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": ORTHANC_AET,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
             "DicomModalities": {"medtriage": [NODE_AET, "127.0.0.1", node_port]},
-            "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "SaveJobs": False, "StableAge": 1, "DicomThreadsCount": 4, "HttpThreadsCount": 8,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "SaveJobs": False,
+            "StableAge": 1,
+            "DicomThreadsCount": 4,
+            "HttpThreadsCount": 8,
         }
         self.config = folder / "orthanc.json"
         self.config.write_text(json.dumps(config, indent=2))
@@ -105,16 +115,36 @@ class Orthanc:
 
 def referenced_sops(sr: pydicom.Dataset) -> list[str]:
     """SOP Instance UIDs an SR lists as its evidence."""
-    return [sop.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
-            for series in study.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence]
+    return [
+        sop.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    ]
 
 
 class Listener:
     """`medtriage listen` as a child process (kill -9 and restart it with the same state)."""
 
     def __init__(self, package: Path, state: Path, port: int, *options: str):
-        self.command = [sys.executable, "-c", MAIN, "listen", str(package), "--aet", NODE_AET,
-                        "--host", "127.0.0.1", "--port", str(port), "--state", str(state), "--threads", "1", *options]
+        self.command = [
+            sys.executable,
+            "-c",
+            MAIN,
+            "listen",
+            str(package),
+            "--aet",
+            NODE_AET,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--state",
+            str(state),
+            "--threads",
+            "1",
+            *options,
+        ]
         self.port, self.state = port, state
         self.log = state.parent / f"{state.name}.log"
         self.process: subprocess.Popen | None = None
@@ -122,8 +152,7 @@ class Listener:
     def start(self, timeout: float = 60) -> Listener:
         self.state.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         wait_for(self._echoes, timeout, "the listener to answer C-ECHO", interval=0.2)
         return self
 
@@ -167,8 +196,12 @@ def srs(orthanc: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
 
 
 def wait_for_srs(orthanc: Orthanc, study_uids, timeout: float = 40) -> dict[str, list[pydicom.Dataset]]:
-    wait_for(lambda: all(orthanc.find(Modality="SR", StudyInstanceUID=uid) for uid in study_uids), timeout,
-             f"an SR for each of {len(study_uids)} studies in Orthanc", interval=0.3)
+    wait_for(
+        lambda: all(orthanc.find(Modality="SR", StudyInstanceUID=uid) for uid in study_uids),
+        timeout,
+        f"an SR for each of {len(study_uids)} studies in Orthanc",
+        interval=0.3,
+    )
     return {uid: srs(orthanc, uid) for uid in study_uids}
 
 
@@ -188,16 +221,41 @@ def echo(port: int, aet: str = NODE_AET) -> bool:
 
 
 # dcmtk storescu proposes uncompressed transfer syntaxes unless told which compressed one to add.
-STORESCU_PROPOSE = {"1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx", "1.2.840.10008.1.2.4.70": "-xs",
-                    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.80": "-xt",
-                    "1.2.840.10008.1.2.4.81": "-xu", "1.2.840.10008.1.2.5": "-xr"}
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.5": "-xr",
+}
 
 
-def storescu(executable: str, port: int, files: list[Path], aet: str = NODE_AET, timeout: float = 120,
-             propose: str | None = None) -> subprocess.CompletedProcess:
+def storescu(
+    executable: str, port: int, files: list[Path], aet: str = NODE_AET, timeout: float = 120, propose: str | None = None
+) -> subprocess.CompletedProcess:
     """dcmtk storescu: `files` in one association (-R: only the contexts they need; -nh: go on after a failure)."""
-    return subprocess.run([executable, "-aec", aet, "-aet", "STORESCU", "-R", "-nh", *([propose] if propose else []),
-                           "127.0.0.1", str(port), *map(str, files)], capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [
+            executable,
+            "-aec",
+            aet,
+            "-aet",
+            "STORESCU",
+            "-R",
+            "-nh",
+            *([propose] if propose else []),
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def storescu_by_syntax(executable: str, port: int, files: list[Path], aet: str = NODE_AET) -> list:

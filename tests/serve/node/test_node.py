@@ -36,8 +36,16 @@ from tests.serve.node.peers import (
 
 # Real files in the transfer syntaxes the node accepts: uncompressed, JPEG baseline/extended/lossless,
 # JPEG 2000, JPEG-LS, RLE. The MR_small variants are one SOP instance in several encodings.
-PYDICOM_FILES = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "JPEG-LL.dcm", "JPEG-lossy.dcm",
-                 "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_dcmtk.dcm"]
+PYDICOM_FILES = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "JPEG2000.dcm",
+    "MR_small_RLE.dcm",
+    "JPEG-LL.dcm",
+    "JPEG-lossy.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +69,25 @@ def test_listen_help_explains_every_option(capsys):
         main(["listen", "--help"])
     text = capsys.readouterr().out
     assert done.value.code == 0
-    for option in ("--aet", "--port", "--send-to", "--state", "--dicomweb", "--allow-aet", "--tls-cert", "--tls-key",
-                   "--study-timeout", "--heatmaps", "--retry-max", "AET@HOST:PORT"):
+    for option in (
+        "--aet",
+        "--port",
+        "--send-to",
+        "--state",
+        "--dicomweb",
+        "--allow-aet",
+        "--tls-cert",
+        "--tls-key",
+        "--study-timeout",
+        "--heatmaps",
+        "--retry-max",
+        "AET@HOST:PORT",
+    ):
         assert option in text
     assert "C-STORE" in text and "restart" in text
 
 
-def test_storescu_files_get_one_sr_per_study_back_in_orthanc(listener, orthanc, predictor, storescu_exe, need_tool,
-                                                            tmp_path):
+def test_storescu_files_get_one_sr_per_study_back_in_orthanc(listener, orthanc, predictor, storescu_exe, need_tool, tmp_path):
     files = [get_testdata_file(name) for name in PYDICOM_FILES] + cr_study(tmp_path, 3, seed=1)
     runs = storescu_by_syntax(storescu_exe, listener.port, files)
     assert all(run.returncode == 0 for run in runs), [run.stderr[-500:] for run in runs]
@@ -208,13 +227,44 @@ def test_tls_and_allowed_callers(package_dir, orthanc, tmp_path):
     from pynetdicom.sop_class import Verification
 
     cert, key = tmp_path / "node.pem", tmp_path / "node.key"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                           "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True, timeout=60, check=False)
+    made = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if made.returncode != 0:
         pytest.skip(f"openssl could not make a test certificate: {made.stderr[-300:]}")
     port = free_port()
-    node = Listener(package_dir, tmp_path / "state", port, "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-                    "--tls-cert", str(cert), "--tls-key", str(key), "--allow-aet", "WARD-SCU")
+    node = Listener(
+        package_dir,
+        tmp_path / "state",
+        port,
+        "--send-to",
+        f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--allow-aet",
+        "WARD-SCU",
+    )
     node.state.mkdir(parents=True)
     with open(node.log, "ab") as log:
         node.process = subprocess.Popen(node.command, stdout=log, stderr=subprocess.STDOUT)
@@ -256,9 +306,13 @@ def test_the_worklist_page_shows_the_nodes_study_states(listener, package_dir, n
     need_tool(str(CHROMIUM), "apt-get install chromium")
     wait_for(lambda: {"delivered", "not_analysed"} <= set(listener.counts()["studies"]), 30, "earlier tests' studies")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", MAIN, "serve", str(package_dir), "--port", str(port), "--threads", "1",
-                               "--state", str(listener.state)], env={**os.environ, "MEDTRIAGE_TOKEN": ""},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", MAIN, "serve", str(package_dir), "--port", str(port), "--threads", "1", "--state", str(listener.state)],
+        env={**os.environ, "MEDTRIAGE_TOKEN": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             _wait_until_up(client, server)

@@ -65,22 +65,118 @@ class SiteProfile:
 
 
 SITES = (
-    SiteProfile("st_marys", "St Mary's General Hospital", "12 Harbour Road, Port Ellis", "DXROOM2",
-                "AGFA", "DX-D 600", "DX", 0.45, 96, 0.2, 12, "MONOCHROME2", (1.0, -1024.0), "window", 0.01,
-                ExplicitVRLittleEndian, "accession_number", ("accession_number", "finding"), "SM{:07d}", "SMA{:08d}"),
-    SiteProfile("northgate", "Northgate Community Hospital", "4 Mill Lane, Northgate", "CR01",
-                "Carestream Health", "DirectView CR 975", "CR", 0.30, 64, 0.3, 8, "MONOCHROME1", None, "lut", 0.02,
-                ExplicitVRLittleEndian, "sop_instance_uid", ("sop_instance_uid", "finding"), "NG-{:06d}", "NG{:06d}"),
-    SiteProfile("riverside", "Riverside University Medical Center", "200 River Drive, Lowford", "FCR-PEDS",
-                "FUJIFILM Corporation", "FCR PROFECT CS", "CR", 0.25, 128, 0.15, 16, "MONOCHROME2", (0.5, -100.0),
-                "none", 0.005, JPEG2000Lossless, "accession_number", ("Accession Number", "Finding"),
-                "{:08d}", "RUMC-{:07d}"),
+    SiteProfile(
+        "st_marys",
+        "St Mary's General Hospital",
+        "12 Harbour Road, Port Ellis",
+        "DXROOM2",
+        "AGFA",
+        "DX-D 600",
+        "DX",
+        0.45,
+        96,
+        0.2,
+        12,
+        "MONOCHROME2",
+        (1.0, -1024.0),
+        "window",
+        0.01,
+        ExplicitVRLittleEndian,
+        "accession_number",
+        ("accession_number", "finding"),
+        "SM{:07d}",
+        "SMA{:08d}",
+    ),
+    SiteProfile(
+        "northgate",
+        "Northgate Community Hospital",
+        "4 Mill Lane, Northgate",
+        "CR01",
+        "Carestream Health",
+        "DirectView CR 975",
+        "CR",
+        0.30,
+        64,
+        0.3,
+        8,
+        "MONOCHROME1",
+        None,
+        "lut",
+        0.02,
+        ExplicitVRLittleEndian,
+        "sop_instance_uid",
+        ("sop_instance_uid", "finding"),
+        "NG-{:06d}",
+        "NG{:06d}",
+    ),
+    SiteProfile(
+        "riverside",
+        "Riverside University Medical Center",
+        "200 River Drive, Lowford",
+        "FCR-PEDS",
+        "FUJIFILM Corporation",
+        "FCR PROFECT CS",
+        "CR",
+        0.25,
+        128,
+        0.15,
+        16,
+        "MONOCHROME2",
+        (0.5, -100.0),
+        "none",
+        0.005,
+        JPEG2000Lossless,
+        "accession_number",
+        ("Accession Number", "Finding"),
+        "{:08d}",
+        "RUMC-{:07d}",
+    ),
 )
 
-FAMILY = ["Chen", "Garcia", "Okafor", "Nguyen", "Smith", "Müller", "Kowalski", "Haddad", "Silva", "Ivanova",
-          "Tanaka", "O'Brien", "Patel", "Johansson", "Rossi", "Mensah", "Dubois", "Novak", "Khan", "Lopez"]
-GIVEN = ["Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lina", "Finn", "Ines", "Kai", "Ella", "Ravi",
-         "Nora", "Yusuf", "Ada", "Theo", "Sofia", "Milan", "Aiko", "Jonas"]
+FAMILY = [
+    "Chen",
+    "Garcia",
+    "Okafor",
+    "Nguyen",
+    "Smith",
+    "Müller",
+    "Kowalski",
+    "Haddad",
+    "Silva",
+    "Ivanova",
+    "Tanaka",
+    "O'Brien",
+    "Patel",
+    "Johansson",
+    "Rossi",
+    "Mensah",
+    "Dubois",
+    "Novak",
+    "Khan",
+    "Lopez",
+]
+GIVEN = [
+    "Mia",
+    "Leo",
+    "Ava",
+    "Noah",
+    "Zoe",
+    "Omar",
+    "Lina",
+    "Finn",
+    "Ines",
+    "Kai",
+    "Ella",
+    "Ravi",
+    "Nora",
+    "Yusuf",
+    "Ada",
+    "Theo",
+    "Sofia",
+    "Milan",
+    "Aiko",
+    "Jonas",
+]
 PHYSICIANS = ["Hart^Eleanor^^Dr", "Mbeki^Samuel^^Dr", "Lindqvist^Anna^^Dr", "Ortega^Luis^^Dr", "Wong^Grace^^Dr"]
 
 
@@ -99,8 +195,13 @@ class SiteResult:
 KEYS_FOLDER = ".keys"  # medtriage.io.ingest.ingest_sites' default place for <site>.key
 
 
-def make_sites(npz: str | Path = DEFAULT_NPZ, out_dir: str | Path = DEFAULT_OUT, seed: int = 0,
-               limit: int | None = None, sites: tuple[SiteProfile, ...] = SITES) -> list[SiteResult]:
+def make_sites(
+    npz: str | Path = DEFAULT_NPZ,
+    out_dir: str | Path = DEFAULT_OUT,
+    seed: int = 0,
+    limit: int | None = None,
+    sites: tuple[SiteProfile, ...] = SITES,
+) -> list[SiteResult]:
     """Write one folder per site under `out_dir` (replacing earlier output). `limit` caps the image count."""
     images, labels = _all_images(npz)
     order = np.random.default_rng(seed).permutation(len(images))[:limit]
@@ -176,8 +277,12 @@ class _SiteWriter:
 
     def _patient(self, number: int, image_indices: list[int]) -> dict:
         rng = self.rng
-        first_visit = dt.datetime(2019, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5 * 365)), hours=int(rng.integers(7, 20)),
-                                                             minutes=int(rng.integers(0, 60)), seconds=int(rng.integers(0, 60)))
+        first_visit = dt.datetime(2019, 1, 1) + dt.timedelta(
+            days=int(rng.integers(0, 5 * 365)),
+            hours=int(rng.integers(7, 20)),
+            minutes=int(rng.integers(0, 60)),
+            seconds=int(rng.integers(0, 60)),
+        )
         gaps = np.cumsum([0, *rng.integers(5, 300, len(image_indices) - 1)])
         return {
             "id": self.site.patient_id_format.format(_scramble(number, 10**6, self.offset)),
@@ -290,8 +395,11 @@ class _SiteWriter:
         rows = [dict(r) for r in rows]
         images = [r for r in rows if not r["path"].startswith("SR.") and r["path"] not in self.result.stray_files]
         for i in range(2):
-            unknown = self.site.accession_format.format(99_000_000 + i) if self.site.label_key != "sop_instance_uid" \
+            unknown = (
+                self.site.accession_format.format(99_000_000 + i)
+                if self.site.label_key != "sop_instance_uid"
                 else str(self.uid("unknown", i))
+            )
             rows.append({"key": unknown, "finding": "pneumonia", "path": ""})
         self.result.planted["unknown_id"] = 2
         if len(images) >= 4:

@@ -49,11 +49,16 @@ class SiteStain:
 
 
 # Three deliberately different looks: textbook H&E, dark violet, pale pink-orange.
-SYNTHETIC_SITES = dict(zip(SYNTHETIC_SITE_NAMES, (
-    SiteStain((0.65, 0.70, 0.29), (0.07, 0.99, 0.11)),
-    SiteStain((0.45, 0.80, 0.40), (0.25, 0.90, 0.35), h_strength=1.5, e_strength=0.7, background=0.90),
-    SiteStain((0.80, 0.55, 0.25), (0.02, 0.75, 0.66), h_strength=0.7, e_strength=1.5, background=0.97),
-)))
+SYNTHETIC_SITES = dict(
+    zip(
+        SYNTHETIC_SITE_NAMES,
+        (
+            SiteStain((0.65, 0.70, 0.29), (0.07, 0.99, 0.11)),
+            SiteStain((0.45, 0.80, 0.40), (0.25, 0.90, 0.35), h_strength=1.5, e_strength=0.7, background=0.90),
+            SiteStain((0.80, 0.55, 0.25), (0.02, 0.75, 0.66), h_strength=0.7, e_strength=1.5, background=0.97),
+        ),
+    )
+)
 
 
 # --- drawing one tile ------------------------------------------------------------------------
@@ -100,8 +105,10 @@ def jitter_stain(rng: np.random.Generator, stain: SiteStain, amount: float = 0.1
     """Slide-to-slide variation within a site: strengths and stain vectors wobble a little."""
     wobble = lambda v: tuple(np.clip(np.asarray(v) * rng.uniform(1 - amount, 1 + amount, 3), 0.01, None))  # noqa: E731
     return SiteStain(
-        wobble(stain.haematoxylin), wobble(stain.eosin),
-        stain.h_strength * rng.uniform(1 - amount, 1 + amount), stain.e_strength * rng.uniform(1 - amount, 1 + amount),
+        wobble(stain.haematoxylin),
+        wobble(stain.eosin),
+        stain.h_strength * rng.uniform(1 - amount, 1 + amount),
+        stain.e_strength * rng.uniform(1 - amount, 1 + amount),
         stain.background,
     )
 
@@ -126,9 +133,11 @@ def _normalize_slide(tiles: list[np.ndarray], where: str) -> list[np.ndarray]:
 
 def write_tile_info(pool_dir: Path, tile_size: int, tile_mpp: float, stain_normalize: bool, **extra) -> None:
     info = {
-        "tile_size": tile_size, "tile_mpp": tile_mpp,
+        "tile_size": tile_size,
+        "tile_mpp": tile_mpp,
         "stain_normalization": "macenko" if stain_normalize else None,
-        "target_stains": REFERENCE_STAINS.to_dict() if stain_normalize else None, **extra,
+        "target_stains": REFERENCE_STAINS.to_dict() if stain_normalize else None,
+        **extra,
     }
     (Path(pool_dir) / TILE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -149,19 +158,28 @@ def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig
     rng = np.random.default_rng(config.seed)
     slides = [
         (site, f"{site}-p{p:03d}", int(rng.random() < config.tumour_slide_fraction))
-        for site in config.sites for p in range(config.patients_per_site)
+        for site in config.sites
+        for p in range(config.patients_per_site)
     ]
     splits = patient_splits(slides, config.seed, config.holdout_site)
     writer = PoolWriter(pool_dir, TILE_LABELS)
     for site, patient, slide_label in tqdm(slides, desc="synthetic slides", unit="slide"):
         _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[patient])
-    write_tile_info(Path(pool_dir), config.tile_size, SYNTHETIC_TILE_MPP, config.stain_normalize,
-                    source="synthetic", min_tissue=SERVE_MIN_TISSUE, synthetic=asdict(config))
+    write_tile_info(
+        Path(pool_dir),
+        config.tile_size,
+        SYNTHETIC_TILE_MPP,
+        config.stain_normalize,
+        source="synthetic",
+        min_tissue=SERVE_MIN_TISSUE,
+        synthetic=asdict(config),
+    )
     return writer.close()
 
 
-def _add_synthetic_slide(writer: PoolWriter, rng, config: SyntheticTilesConfig, site: str, patient: str,
-                         slide_label: int, split: str) -> None:
+def _add_synthetic_slide(
+    writer: PoolWriter, rng, config: SyntheticTilesConfig, site: str, patient: str, slide_label: int, split: str
+) -> None:
     stain = jitter_stain(rng, SYNTHETIC_SITES[site])
     labels = [int(slide_label and rng.random() < config.tumour_tile_fraction) for _ in range(config.tiles_per_slide)]
     tiles = [draw_tile(rng, config.tile_size, bool(label), stain) for label in labels]
@@ -170,16 +188,39 @@ def _add_synthetic_slide(writer: PoolWriter, rng, config: SyntheticTilesConfig, 
         tiles = _normalize_slide(tiles, where=slide_id)
     for i, (tile, label) in enumerate(zip(tiles, labels)):
         writer.add(
-            tile, site=site, patient_id=patient, study_uid=slide_id, series_uid=slide_id, sop_uid=f"{slide_id}-t{i:03d}",
-            path=f"synthetic://{site}/{slide_id}/tile{i:03d}", label=label, split=split, slide_id=slide_id,
-            slide_label=slide_label, x=(i % 4) * config.tile_size, y=(i // 4) * config.tile_size,
-            tile_mpp=SYNTHETIC_TILE_MPP, tissue_fraction=1.0, stain_normalized=int(config.stain_normalize),
+            tile,
+            site=site,
+            patient_id=patient,
+            study_uid=slide_id,
+            series_uid=slide_id,
+            sop_uid=f"{slide_id}-t{i:03d}",
+            path=f"synthetic://{site}/{slide_id}/tile{i:03d}",
+            label=label,
+            split=split,
+            slide_id=slide_id,
+            slide_label=slide_label,
+            x=(i % 4) * config.tile_size,
+            y=(i // 4) * config.tile_size,
+            tile_mpp=SYNTHETIC_TILE_MPP,
+            tissue_fraction=1.0,
+            stain_normalized=int(config.stain_normalize),
         )
 
 
-def add_slide_tiles(writer: PoolWriter, path: str | Path, *, site: str, patient_id: str, label: int, split: str,
-                    tile_size: int = 224, mpp: float = 0.5, min_tissue: float = 0.5, slide_mpp: float | None = None,
-                    stain_normalize: bool = False) -> int:
+def add_slide_tiles(
+    writer: PoolWriter,
+    path: str | Path,
+    *,
+    site: str,
+    patient_id: str,
+    label: int,
+    split: str,
+    tile_size: int = 224,
+    mpp: float = 0.5,
+    min_tissue: float = 0.5,
+    slide_mpp: float | None = None,
+    stain_normalize: bool = False,
+) -> int:
     """Cut a real slide into tissue tiles and add them (label = the slide's label); a bad slide is rejected, not raised."""
     try:
         prepared = prepare_slide(path, tile_size, mpp, min_tissue, slide_mpp=slide_mpp, stain_normalize=stain_normalize)
@@ -192,23 +233,46 @@ def add_slide_tiles(writer: PoolWriter, path: str | Path, *, site: str, patient_
         for tiles, batch in iter_tile_batches(prepared):
             for tile, pixels in zip(tiles, batch):
                 writer.add(
-                    pixels, site=site, patient_id=patient_id, study_uid=slide_id, series_uid=slide_id,
-                    sop_uid=f"{slide_id}-x{tile.x}-y{tile.y}", path=f"{path}#x={tile.x},y={tile.y}", label=label,
-                    split=split, slide_id=slide_id, slide_label=label, x=tile.x, y=tile.y, tile_mpp=mpp,
-                    tissue_fraction=tile.tissue_fraction, stain_normalized=int(stain_normalize),
+                    pixels,
+                    site=site,
+                    patient_id=patient_id,
+                    study_uid=slide_id,
+                    series_uid=slide_id,
+                    sop_uid=f"{slide_id}-x{tile.x}-y{tile.y}",
+                    path=f"{path}#x={tile.x},y={tile.y}",
+                    label=label,
+                    split=split,
+                    slide_id=slide_id,
+                    slide_label=label,
+                    x=tile.x,
+                    y=tile.y,
+                    tile_mpp=mpp,
+                    tissue_fraction=tile.tissue_fraction,
+                    stain_normalized=int(stain_normalize),
                 )
                 added += 1
     return added
 
 
-def build_slide_pool(slides: list[dict], pool_dir: str | Path, tile_size: int = 224, mpp: float = 0.5,
-                     min_tissue: float = 0.5, stain_normalize: bool = False) -> Manifest:
+def build_slide_pool(
+    slides: list[dict], pool_dir: str | Path, tile_size: int = 224, mpp: float = 0.5, min_tissue: float = 0.5, stain_normalize: bool = False
+) -> Manifest:
     """Pool from real slides: each entry has `path`, `site`, `patient_id`, `label` (int) and `split`."""
     writer = PoolWriter(pool_dir, TILE_LABELS)
     for entry in tqdm(slides, desc="slides", unit="slide"):
-        add_slide_tiles(writer, entry["path"], site=entry["site"], patient_id=entry["patient_id"], label=int(entry["label"]),
-                        split=entry["split"], tile_size=tile_size, mpp=mpp, min_tissue=min_tissue,
-                        slide_mpp=entry.get("mpp"), stain_normalize=stain_normalize)
+        add_slide_tiles(
+            writer,
+            entry["path"],
+            site=entry["site"],
+            patient_id=entry["patient_id"],
+            label=int(entry["label"]),
+            split=entry["split"],
+            tile_size=tile_size,
+            mpp=mpp,
+            min_tissue=min_tissue,
+            slide_mpp=entry.get("mpp"),
+            stain_normalize=stain_normalize,
+        )
     write_tile_info(Path(pool_dir), tile_size, mpp, stain_normalize, source="slides", min_tissue=min_tissue)
     return writer.close()
 

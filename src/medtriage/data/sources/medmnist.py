@@ -43,7 +43,14 @@ def build_npz_pool(npz_path: str | Path, pool_dir: str | Path, label_names: list
         for i, (image, label) in enumerate(zip(images, labels)):
             uid = f"{split}-{i:05d}"
             writer.add(
-                as_chw(image), site=site, patient_id=uid, study_uid=uid, series_uid=uid, sop_uid=uid,
-                path=f"{Path(npz_path).name}#{split}_images[{i}]", label=int(label), split=split,
+                as_chw(image),
+                site=site,
+                patient_id=uid,
+                study_uid=uid,
+                series_uid=uid,
+                sop_uid=uid,
+                path=f"{Path(npz_path).name}#{split}_images[{i}]",
+                label=int(label),
+                split=split,
             )
     return writer.close()

@@ -33,7 +33,8 @@ def _sites_pool(data) -> Manifest:
     sites_dir = Path(data.sites_dir or "")
     if not data.sites_dir or not sites_dir.is_dir():
         raise DataNotFoundError(
-            "site folders not found", where=sites_dir if data.sites_dir else "data.sites_dir",
+            "site folders not found",
+            where=sites_dir if data.sites_dir else "data.sites_dir",
             hint="create them with `python scripts/make_sites.py` then `python scripts/ingest_sites.py --create-keys` "
             "(de-identified pool), or point data.sites_dir at existing site folders",
         )
@@ -42,7 +43,9 @@ def _sites_pool(data) -> Manifest:
 
 def _tiles_pool(data) -> Manifest:
     settings = OmegaConf.to_object(data.tiles) if OmegaConf.is_config(data.tiles) else data.tiles
-    return ensure_synthetic_tile_pool(data.pool_dir, settings if isinstance(settings, SyntheticTilesConfig) else SyntheticTilesConfig(**settings))
+    return ensure_synthetic_tile_pool(
+        data.pool_dir, settings if isinstance(settings, SyntheticTilesConfig) else SyntheticTilesConfig(**settings)
+    )
 
 
 # data.source -> builder of the pooled manifest (each prints its per-site summary). New sources register here.
@@ -57,7 +60,8 @@ def load_pool(data) -> Manifest:
     if list(manifest.label_names) != list(data.label_names):
         raise ConfigError(
             f"pool labels {manifest.label_names} differ from the config's {list(data.label_names)}",
-            where="data.label_names", hint=f"set data.label_names to {manifest.label_names} or rebuild {manifest.pool_dir}",
+            where="data.label_names",
+            hint=f"set data.label_names to {manifest.label_names} or rebuild {manifest.pool_dir}",
         )
     if getattr(data, "holdout_site", None):
         manifest = hold_out_site(manifest, data.holdout_site)

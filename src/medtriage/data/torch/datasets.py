@@ -28,8 +28,7 @@ def limit_rows(rows, limit: int | None, seed: int):
         return rows
     fraction = limit / len(rows)
     picked = [
-        group.sample(n=max(1, round(len(group) * fraction)), random_state=seed)
-        for _, group in rows.groupby(["site", "label"], sort=True)
+        group.sample(n=max(1, round(len(group) * fraction)), random_state=seed) for _, group in rows.groupby(["site", "label"], sort=True)
     ]
     return pd.concat(picked).sort_index()
 
@@ -60,7 +59,8 @@ def cache_split(manifest: Manifest, split: str, preprocess, limit: int | None = 
         if pixels.shape[0] != channels:
             raise ConfigError(
                 f"image has {pixels.shape[0]} channels, the model expects {channels}",
-                where=f"{manifest.rows.iloc[i]['path']}", hint="set model.preprocess.in_channels to match the pool",
+                where=f"{manifest.rows.iloc[i]['path']}",
+                hint="set model.preprocess.in_channels to match the pool",
             )
         with torch.no_grad():
             images.append(preprocess.resize(pixels[None])[0])
@@ -77,16 +77,23 @@ def train_transforms(augment, size: int):
     if not augment.enabled:
         return T.Compose([])
     p = augment.prob
-    return T.Compose([
-        *_stain_transforms(augment),
-        T.RandAffine(
-            prob=p, rotate_range=np.deg2rad(augment.rotate_deg), scale_range=augment.scale,
-            translate_range=augment.translate * size, padding_mode="border", mode="bilinear", spatial_size=None,
-        ),
-        T.RandScaleIntensity(factors=augment.intensity_scale, prob=p),
-        T.RandShiftIntensity(offsets=augment.intensity_shift, prob=p),
-        T.RandGaussianNoise(prob=p, std=augment.noise_std),
-    ])
+    return T.Compose(
+        [
+            *_stain_transforms(augment),
+            T.RandAffine(
+                prob=p,
+                rotate_range=np.deg2rad(augment.rotate_deg),
+                scale_range=augment.scale,
+                translate_range=augment.translate * size,
+                padding_mode="border",
+                mode="bilinear",
+                spatial_size=None,
+            ),
+            T.RandScaleIntensity(factors=augment.intensity_scale, prob=p),
+            T.RandShiftIntensity(offsets=augment.intensity_shift, prob=p),
+            T.RandGaussianNoise(prob=p, std=augment.noise_std),
+        ]
+    )
 
 
 def _stain_transforms(augment) -> list:

@@ -38,8 +38,11 @@ def split_positions(manifest: Manifest, split: str, limit: int | None = None, se
 def cache_key(manifest: Manifest, positions: np.ndarray, preprocess) -> str:
     """Hash of what the resized images depend on: pool content, which rows, and the resize."""
     spec = preprocess.spec
-    digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "manifest": manifest.fingerprint, "size": spec.size,
-                                        "in_channels": spec.in_channels}, sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            {"v": CACHE_VERSION, "manifest": manifest.fingerprint, "size": spec.size, "in_channels": spec.in_channels}, sort_keys=True
+        ).encode()
+    )
     digest.update(np.ascontiguousarray(positions, dtype=np.int64).tobytes())
     return digest.hexdigest()[:24]
 

@@ -30,7 +30,10 @@ class RandStainAugment(RandomizableTransform):
             return image
         pixels = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
         if pixels.ndim != 3 or pixels.shape[0] != 3:
-            raise ConfigError(f"stain augmentation works on RGB tiles [3, H, W], got shape {list(pixels.shape)}",
-                              where="data.augment.stain_sigma", hint="set it to 0 for grey-level images")
+            raise ConfigError(
+                f"stain augmentation works on RGB tiles [3, H, W], got shape {list(pixels.shape)}",
+                where="data.augment.stain_sigma",
+                hint="set it to 0 for grey-level images",
+            )
         # augment_stain only calls .uniform, which MONAI's RandomState offers too.
         return torch.from_numpy(augment_stain(pixels, self.R, self.sigma, self.bias))

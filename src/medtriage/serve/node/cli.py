@@ -19,36 +19,66 @@ same state: medtriage serve PACKAGE --state DIR.
 
 
 def register(subparsers) -> None:
-    listen = subparsers.add_parser("listen", help="run a DICOM node: receive studies, score them, send SRs back",
-                                   description=LISTEN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    listen = subparsers.add_parser(
+        "listen",
+        help="run a DICOM node: receive studies, score them, send SRs back",
+        description=LISTEN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     listen.add_argument("package", help="model package folder, e.g. models/pneumonia-r18")
     listen.add_argument("--aet", default="MEDTRIAGE", help="this node's AE title (default: MEDTRIAGE)")
     listen.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     listen.add_argument("--port", type=int, default=11112, help="DICOM port to listen on (default: 11112)")
-    listen.add_argument("--send-to", metavar="AET@HOST:PORT",
-                        help="where results go by C-STORE, e.g. ORTHANC@pacs.example.org:4242")
-    listen.add_argument("--dicomweb", metavar="URL", help="also (or instead) store results by STOW-RS at this "
-                                                          "DICOMweb root, e.g. http://pacs:8042/dicom-web")
-    listen.add_argument("--state", required=True, metavar="DIR",
-                        help="folder for the received instances, the queue (SQLite) and the results waiting to go")
-    listen.add_argument("--allow-aet", nargs="+", metavar="AET", default=None,
-                        help="accept associations only from these calling AE titles (default: any)")
+    listen.add_argument("--send-to", metavar="AET@HOST:PORT", help="where results go by C-STORE, e.g. ORTHANC@pacs.example.org:4242")
+    listen.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="also (or instead) store results by STOW-RS at this DICOMweb root, e.g. http://pacs:8042/dicom-web",
+    )
+    listen.add_argument(
+        "--state", required=True, metavar="DIR", help="folder for the received instances, the queue (SQLite) and the results waiting to go"
+    )
+    listen.add_argument(
+        "--allow-aet", nargs="+", metavar="AET", default=None, help="accept associations only from these calling AE titles (default: any)"
+    )
     listen.add_argument("--tls-cert", metavar="PEM", help="serve DICOM over TLS with this certificate (needs --tls-key)")
     listen.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
-    listen.add_argument("--study-timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="a study is complete after this many seconds without a new instance (default: 10)")
-    listen.add_argument("--heatmaps", action="store_true",
-                        help="also send a Secondary Capture per study: the most urgent image with where the model looked")
-    listen.add_argument("--retry-max", type=float, default=60.0, metavar="SECONDS",
-                        help="longest wait between delivery retries; results wait until delivered (default: 60)")
-    listen.add_argument("--allow-out-of-scope", action="store_true",
-                        help="score images outside the model's scope or unlike its training images anyway (results are "
-                             "flagged); by default such images are 'not analysed' and get no SR")
-    listen.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                        help="serve Prometheus metrics (counts, latency, drift per calling AE title) at "
-                             "http://HOST:PORT/metrics (default: off)")
-    listen.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
-                        help="address of the metrics endpoint (default: 127.0.0.1, this machine only)")
+    listen.add_argument(
+        "--study-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a study is complete after this many seconds without a new instance (default: 10)",
+    )
+    listen.add_argument(
+        "--heatmaps", action="store_true", help="also send a Secondary Capture per study: the most urgent image with where the model looked"
+    )
+    listen.add_argument(
+        "--retry-max",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest wait between delivery retries; results wait until delivered (default: 60)",
+    )
+    listen.add_argument(
+        "--allow-out-of-scope",
+        action="store_true",
+        help="score images outside the model's scope or unlike its training images anyway (results are "
+        "flagged); by default such images are 'not analysed' and get no SR",
+    )
+    listen.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics (counts, latency, drift per calling AE title) at http://HOST:PORT/metrics (default: off)",
+    )
+    listen.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the metrics endpoint (default: 127.0.0.1, this machine only)",
+    )
     listen.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
     listen.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     listen.set_defaults(func=run_listen)
@@ -60,17 +90,30 @@ def run_listen(args: argparse.Namespace) -> int:
     from medtriage.serve.node.sender import Peer
 
     if not args.send_to and not args.dicomweb:
-        raise ConfigError("no destination for the results", where="medtriage listen",
-                          hint="give --send-to AET@HOST:PORT and/or --dicomweb URL")
+        raise ConfigError(
+            "no destination for the results", where="medtriage listen", hint="give --send-to AET@HOST:PORT and/or --dicomweb URL"
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("TLS needs both a certificate and its key", where="--tls-cert/--tls-key")
     config = NodeConfig(
-        package=args.package, state=args.state, aet=args.aet, host=args.host, port=args.port,
-        send_to=Peer.parse(args.send_to) if args.send_to else None, dicomweb=args.dicomweb,
-        allowed_callers=args.allow_aet, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        study_timeout=args.study_timeout, heatmaps=args.heatmaps, retry_max=args.retry_max,
-        provider=args.provider, threads=args.threads, allow_out_of_scope=args.allow_out_of_scope,
-        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        package=args.package,
+        state=args.state,
+        aet=args.aet,
+        host=args.host,
+        port=args.port,
+        send_to=Peer.parse(args.send_to) if args.send_to else None,
+        dicomweb=args.dicomweb,
+        allowed_callers=args.allow_aet,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        study_timeout=args.study_timeout,
+        heatmaps=args.heatmaps,
+        retry_max=args.retry_max,
+        provider=args.provider,
+        threads=args.threads,
+        allow_out_of_scope=args.allow_out_of_scope,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for chatty in ("pynetdicom", "highdicom"):  # one line per PDU / copied module otherwise
@@ -80,8 +123,12 @@ def run_listen(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     node.start()
-    print(f"listening as {config.aet} on port {config.port}: {node.predictor.package.describe()}; results to "
-          f"{', '.join(node.destinations)}; state in {config.state}", file=sys.stderr, flush=True)
+    print(
+        f"listening as {config.aet} on port {config.port}: {node.predictor.package.describe()}; results to "
+        f"{', '.join(node.destinations)}; state in {config.state}",
+        file=sys.stderr,
+        flush=True,
+    )
     while not stop.wait(0.5):  # a short wait, so the signal handler runs promptly
         pass
     node.stop()

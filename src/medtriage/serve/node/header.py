@@ -12,8 +12,13 @@ from pydicom.uid import UID
 
 from medtriage.errors import DicomError
 
-STUDY_TAGS = {"patient_id": "PatientID", "accession": "AccessionNumber", "study_date": "StudyDate",
-              "study_description": "StudyDescription", "modality": "Modality"}
+STUDY_TAGS = {
+    "patient_id": "PatientID",
+    "accession": "AccessionNumber",
+    "study_date": "StudyDate",
+    "study_description": "StudyDescription",
+    "modality": "Modality",
+}
 MAX_UID = 64  # PS3.5 6.2: a UI value is at most 64 characters
 
 
@@ -35,15 +40,15 @@ def read_identity(data: bytes, where: str = "<received>") -> Header:
         raise
     except Exception as err:  # a truncated or garbled header raises many kinds
         raise DicomError(f"cannot read the data set header ({type(err).__name__}: {err})", where=where) from err
-    return Header(uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPClassUID"],
-                  study_fields(ds))
+    return Header(uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPClassUID"], study_fields(ds))
 
 
 def _uid(ds: pydicom.Dataset, keyword: str) -> str:
     value = str(ds.get(keyword, "") or "").strip().rstrip("\x00")
     if not value or len(value) > MAX_UID or not UID(value).is_valid:
-        raise DicomError(f"{keyword} is missing or not a valid UID ({value[:80]!r})",
-                         hint="the sending system must give each instance valid UIDs")
+        raise DicomError(
+            f"{keyword} is missing or not a valid UID ({value[:80]!r})", hint="the sending system must give each instance valid UIDs"
+        )
     return value
 
 

@@ -28,10 +28,18 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score) -> hd.sc.S
     source = read_header(path)
     try:
         return hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
-            coordinate_system="PATIENT", series_instance_uid=generate_uid(), series_number=HEATMAP_SERIES_NUMBER,
-            sop_instance_uid=generate_uid(), instance_number=1, manufacturer="MedTriage",
-            patient_orientation=("L", "F"), transfer_syntax_uid="1.2.840.10008.1.2.1",
+            ref_dataset=source,
+            pixel_array=rgb,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=generate_uid(),
+            series_number=HEATMAP_SERIES_NUMBER,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer="MedTriage",
+            patient_orientation=("L", "F"),
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
             series_description=f"AI triage where the model looked ({predictor.package.describe(with_sha=False)})",
         )
     except (ValueError, AttributeError, TypeError) as err:

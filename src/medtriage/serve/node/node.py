@@ -43,8 +43,9 @@ class NodeConfig:
 class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
-        self.predictor = Predictor(load_package(config.package), provider=config.provider, threads=config.threads,
-                                   allow_out_of_scope=config.allow_out_of_scope)
+        self.predictor = Predictor(
+            load_package(config.package), provider=config.provider, threads=config.threads, allow_out_of_scope=config.allow_out_of_scope
+        )
         self.store = NodeStore(config.state, recover=True)
         self.tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         senders: dict = {}
@@ -54,8 +55,7 @@ class Node:
             senders[config.dicomweb] = DicomWebSender(config.dicomweb)
         self.destinations = list(senders)
         self.monitor = ServiceMonitor(self.predictor.package)
-        self.worker = Worker(self.store, self.predictor, self.destinations, config.study_timeout, config.heatmaps,
-                             monitor=self.monitor)
+        self.worker = Worker(self.store, self.predictor, self.destinations, config.study_timeout, config.heatmaps, monitor=self.monitor)
         self.sender = Sender(self.store, senders, retry_max=config.retry_max)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -65,14 +65,15 @@ class Node:
     def start(self) -> None:
         """Resume queued work, then accept associations."""
         log.info("resuming: %s", self.store.counts())
-        self._threads = [threading.Thread(target=part.run, args=(self._stop,), name=name, daemon=True)
-                         for name, part in (("medtriage-worker", self.worker), ("medtriage-sender", self.sender))]
+        self._threads = [
+            threading.Thread(target=part.run, args=(self._stop,), name=name, daemon=True)
+            for name, part in (("medtriage-worker", self.worker), ("medtriage-sender", self.sender))
+        ]
         for thread in self._threads:
             thread.start()
         if self.config.metrics_port is not None:
             self._metrics = start_metrics_server(self.monitor, self.config.metrics_host, self.config.metrics_port)
-        self._server = start_scp(self.store, self.config.aet, self.config.host, self.config.port,
-                                 self.config.allowed_callers, self.tls)
+        self._server = start_scp(self.store, self.config.aet, self.config.host, self.config.port, self.config.allowed_callers, self.tls)
 
     def stop(self) -> None:
         if self._server is not None:

@@ -36,9 +36,19 @@ from medtriage.serve.node.store import NodeStore
 
 log = logging.getLogger(__name__)
 TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEG2000Lossless, JPEG2000,
-    JPEGLSLossless, JPEGLSNearLossless, RLELossless,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
 ]
 IMAGE_STORAGE = sorted(uid for name, uid in _STORAGE_CLASSES.items() if "ImageStorage" in name)
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, PROCESSING_FAILURE = 0x0000, 0xA700, 0xC210, 0x0110
@@ -60,8 +70,7 @@ def handle_store(event, store: NodeStore) -> int:
         log.warning("refused %s from %s: its SOP Instance UID differs from the request's", header.sop_uid, calling)
         return CANNOT_UNDERSTAND
     try:
-        store.receive(data, header.sop_uid, header.study_uid, header.series_uid, header.sop_class, header.fields,
-                      calling_aet=calling)
+        store.receive(data, header.sop_uid, header.study_uid, header.series_uid, header.sop_class, header.fields, calling_aet=calling)
     except OSError as err:
         log.error("cannot spool %s: %s", header.sop_uid, err)
         return OUT_OF_RESOURCES
@@ -90,8 +99,9 @@ def build_ae(aet: str, allowed_callers: list[str] | None = None) -> AE:
     return ae
 
 
-def start_scp(store: NodeStore, aet: str, host: str, port: int, allowed_callers: list[str] | None = None,
-              ssl_context: ssl.SSLContext | None = None):
+def start_scp(
+    store: NodeStore, aet: str, host: str, port: int, allowed_callers: list[str] | None = None, ssl_context: ssl.SSLContext | None = None
+):
     """Start listening (in pynetdicom's threads); returns the server (call `.shutdown()` to stop)."""
     ae = build_ae(aet, allowed_callers)
     handlers = [(evt.EVT_C_STORE, handle_store, [store])]

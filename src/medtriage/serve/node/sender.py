@@ -39,8 +39,11 @@ class Peer:
     def parse(cls, text: str) -> Peer:
         match = re.fullmatch(r"([^@\\]{1,16})@([A-Za-z0-9.\-:\[\]]+):(\d{1,5})", text.strip())
         if not match or not 0 < int(match.group(3)) < 65536:
-            raise ConfigError(f"cannot read the destination {text!r}", where="--send-to",
-                              hint="write it as AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:4242")
+            raise ConfigError(
+                f"cannot read the destination {text!r}",
+                where="--send-to",
+                hint="write it as AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:4242",
+            )
         return cls(match.group(1), match.group(2).strip("[]"), int(match.group(3)))
 
     def __str__(self) -> str:
@@ -49,7 +52,7 @@ class Peer:
 
 def backoff(attempts: int, retry_max: float) -> float:
     """Seconds before the next try after `attempts` failures: 1, 2, 4 ... capped at `retry_max`."""
-    return min(retry_max, 2.0 ** attempts)
+    return min(retry_max, 2.0**attempts)
 
 
 class DimseSender:
@@ -133,7 +136,6 @@ class Sender:
                     self.store.set_delivered(delivery.id)
                 else:
                     wait = backoff(delivery.attempts, self.retry_max)
-                    log.warning("%s for study %s not delivered (%s); retry in %.0f s", delivery.kind, delivery.study_uid,
-                                error, wait)
+                    log.warning("%s for study %s not delivered (%s); retry in %.0f s", delivery.kind, delivery.study_uid, error, wait)
                     self.store.set_attempt_failed(delivery, error, time.time() + wait)
         return bool(due)

@@ -126,8 +126,17 @@ class NodeStore:
     def has_instance(self, sop_uid: str) -> bool:
         return bool(self._execute("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
 
-    def receive(self, data: bytes, sop_uid: str, study_uid: str, series_uid: str, sop_class: str, fields: dict,
-                calling_aet: str = "", name: str = "") -> bool:
+    def receive(
+        self,
+        data: bytes,
+        sop_uid: str,
+        study_uid: str,
+        series_uid: str,
+        sop_class: str,
+        fields: dict,
+        calling_aet: str = "",
+        name: str = "",
+    ) -> bool:
         """Spool and record one instance; returns False when this SOP instance was already received
         (the copy on disk is kept, so a resend never produces a second result)."""
         if self.has_instance(sop_uid):
@@ -137,27 +146,49 @@ class NodeStore:
         self.record_instance(sop_uid, study_uid, series_uid, sop_class, spool.name, fields, calling_aet, name)
         return True
 
-    def record_instance(self, sop_uid: str, study_uid: str, series_uid: str, sop_class: str, spool: str, fields: dict,
-                        calling_aet: str = "", name: str = "", state: str = "received", result: str | None = None) -> None:
+    def record_instance(
+        self,
+        sop_uid: str,
+        study_uid: str,
+        series_uid: str,
+        sop_class: str,
+        spool: str,
+        fields: dict,
+        calling_aet: str = "",
+        name: str = "",
+        state: str = "received",
+        result: str | None = None,
+    ) -> None:
         """The instance row, and its study opened (or reopened: a late instance makes a new result)."""
         now = time.time()
-        self._transaction([
-            (("INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class, spool, name, calling_aet, "
-              "received, state, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-             (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result)),
-            (("INSERT INTO studies (study_uid, state, first_received, last_received, updated, fields) "
-              "VALUES (?, 'receiving', ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET state = 'receiving', "
-              "last_received = excluded.last_received, updated = excluded.updated"),
-             (study_uid, now, now, now, json.dumps(fields))),
-        ])
+        self._transaction(
+            [
+                (
+                    (
+                        "INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class, spool, name, calling_aet, "
+                        "received, state, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    ),
+                    (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result),
+                ),
+                (
+                    (
+                        "INSERT INTO studies (study_uid, state, first_received, last_received, updated, fields) "
+                        "VALUES (?, 'receiving', ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET state = 'receiving', "
+                        "last_received = excluded.last_received, updated = excluded.updated"
+                    ),
+                    (study_uid, now, now, now, json.dumps(fields)),
+                ),
+            ]
+        )
 
     # --- scoring ---------------------------------------------------------------------------------
 
     def unscored(self, limit: int = 64) -> list[Instance]:
-        rows = self._execute("SELECT sop_uid, study_uid, spool, name, calling_aet FROM instances "
-                             "WHERE state = 'received' ORDER BY received LIMIT ?", (limit,))
-        return [Instance(r["sop_uid"], r["study_uid"], self.spooled(r["spool"]), r["name"], r["calling_aet"] or "")
-                for r in rows]
+        rows = self._execute(
+            "SELECT sop_uid, study_uid, spool, name, calling_aet FROM instances WHERE state = 'received' ORDER BY received LIMIT ?",
+            (limit,),
+        )
+        return [Instance(r["sop_uid"], r["study_uid"], self.spooled(r["spool"]), r["name"], r["calling_aet"] or "") for r in rows]
 
     def set_scored(self, sop_uid: str, scores: list[dict]) -> None:
         self._execute("UPDATE instances SET state = 'scored', result = ? WHERE sop_uid = ?", (json.dumps(scores), sop_uid))
@@ -170,7 +201,8 @@ class NodeStore:
         rows = self._execute(
             "SELECT study_uid FROM studies s WHERE state = 'receiving' AND last_received <= ? AND NOT EXISTS "
             "(SELECT 1 FROM instances i WHERE i.study_uid = s.study_uid AND i.state = 'received')",
-            (time.time() - quiet_seconds,))
+            (time.time() - quiet_seconds,),
+        )
         return [r["study_uid"] for r in rows]
 
     def study_instances(self, study_uid: str) -> list[sqlite3.Row]:
@@ -180,8 +212,16 @@ class NodeStore:
         rows = self._execute("SELECT last_received FROM studies WHERE study_uid = ?", (study_uid,))
         return bool(rows) and rows[0]["last_received"] > since
 
-    def close_study(self, study_uid: str, top: dict | None, reason: str | None, sr_uid: str | None,
-                    deliveries: list[tuple[str, str, str, str]], seen: float, state: str | None = None) -> bool:
+    def close_study(
+        self,
+        study_uid: str,
+        top: dict | None,
+        reason: str | None,
+        sr_uid: str | None,
+        deliveries: list[tuple[str, str, str, str]],
+        seen: float,
+        state: str | None = None,
+    ) -> bool:
         """The study's result and its deliveries (kind, destination, outbox file, SOP UID) in one transaction.
         Refused (False) when an instance arrived after `seen`: the study is then closed again later."""
         now = time.time()
@@ -193,11 +233,24 @@ class NodeStore:
                 closed = self._db.execute(
                     "UPDATE studies SET state = ?, updated = ?, top_sop = ?, priority = ?, probability = ?, finding = ?, "
                     "reason = ?, sr_uid = ? WHERE study_uid = ? AND state = 'receiving' AND last_received <= ?",
-                    (state, now, values("sop_uid"), values("priority"), values("probability"), values("finding"),
-                     reason, sr_uid, study_uid, seen)).rowcount
+                    (
+                        state,
+                        now,
+                        values("sop_uid"),
+                        values("priority"),
+                        values("probability"),
+                        values("finding"),
+                        reason,
+                        sr_uid,
+                        study_uid,
+                        seen,
+                    ),
+                ).rowcount
                 for delivery in deliveries if closed else []:
-                    self._db.execute("INSERT INTO deliveries (study_uid, kind, destination, file, sop_uid, created) "
-                                     "VALUES (?, ?, ?, ?, ?, ?)", (study_uid, *delivery, now))
+                    self._db.execute(
+                        "INSERT INTO deliveries (study_uid, kind, destination, file, sop_uid, created) VALUES (?, ?, ?, ?, ?, ?)",
+                        (study_uid, *delivery, now),
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -210,10 +263,13 @@ class NodeStore:
     # --- delivering ------------------------------------------------------------------------------
 
     def due_deliveries(self, limit: int = 16) -> list[Delivery]:
-        rows = self._execute("SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt <= ? "
-                             "ORDER BY next_attempt, id LIMIT ?", (time.time(), limit))
-        return [Delivery(r["id"], r["study_uid"], r["kind"], r["destination"], self.outbox_path(r["file"]),
-                         r["sop_uid"], r["attempts"]) for r in rows]
+        rows = self._execute(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?", (time.time(), limit)
+        )
+        return [
+            Delivery(r["id"], r["study_uid"], r["kind"], r["destination"], self.outbox_path(r["file"]), r["sop_uid"], r["attempts"])
+            for r in rows
+        ]
 
     def next_due(self) -> float | None:
         rows = self._execute("SELECT MIN(next_attempt) AS t FROM deliveries WHERE state = 'pending'")
@@ -221,22 +277,35 @@ class NodeStore:
 
     def set_delivered(self, delivery_id: int) -> None:
         now = time.time()
-        self._transaction([
-            ("UPDATE deliveries SET state = 'delivered', delivered = ?, last_error = NULL WHERE id = ?", (now, delivery_id)),
-            (("UPDATE studies SET state = 'delivered', reason = NULL, updated = ? WHERE state IN ('scored', 'failed') "
-              "AND study_uid = (SELECT study_uid FROM deliveries WHERE id = ?) AND NOT EXISTS (SELECT 1 FROM deliveries "
-              "d WHERE d.study_uid = studies.study_uid AND d.state = 'pending')"), (now, delivery_id)),
-        ])
+        self._transaction(
+            [
+                ("UPDATE deliveries SET state = 'delivered', delivered = ?, last_error = NULL WHERE id = ?", (now, delivery_id)),
+                (
+                    (
+                        "UPDATE studies SET state = 'delivered', reason = NULL, updated = ? WHERE state IN ('scored', 'failed') "
+                        "AND study_uid = (SELECT study_uid FROM deliveries WHERE id = ?) AND NOT EXISTS (SELECT 1 FROM deliveries "
+                        "d WHERE d.study_uid = studies.study_uid AND d.state = 'pending')"
+                    ),
+                    (now, delivery_id),
+                ),
+            ]
+        )
 
     def set_attempt_failed(self, delivery: Delivery, error: str, retry_at: float) -> None:
         now = time.time()
         reason = f"{delivery.kind} to {delivery.destination} failed {delivery.attempts + 1} time(s): {error}; retrying"
-        self._transaction([
-            ("UPDATE deliveries SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
-             (retry_at, error, delivery.id)),
-            ("UPDATE studies SET state = 'failed', reason = ?, updated = ? WHERE study_uid = ? AND state IN ('scored', 'failed')",
-             (reason, now, delivery.study_uid)),
-        ])
+        self._transaction(
+            [
+                (
+                    "UPDATE deliveries SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
+                    (retry_at, error, delivery.id),
+                ),
+                (
+                    "UPDATE studies SET state = 'failed', reason = ?, updated = ? WHERE study_uid = ? AND state IN ('scored', 'failed')",
+                    (reason, now, delivery.study_uid),
+                ),
+            ]
+        )
 
     # --- the worklist ----------------------------------------------------------------------------
 
@@ -247,8 +316,9 @@ class NodeStore:
         return rows, total
 
     def study_by_id(self, study_id: int, within_newest: int) -> sqlite3.Row | None:
-        rows = self._execute("SELECT * FROM (SELECT * FROM studies ORDER BY last_received DESC, id DESC LIMIT ?) "
-                             "WHERE id = ?", (within_newest, study_id))
+        rows = self._execute(
+            "SELECT * FROM (SELECT * FROM studies ORDER BY last_received DESC, id DESC LIMIT ?) WHERE id = ?", (within_newest, study_id)
+        )
         return rows[0] if rows else None
 
     def instance(self, sop_uid: str) -> sqlite3.Row | None:
@@ -266,5 +336,4 @@ class NodeStore:
         return (rows[0]["png"], json.loads(rows[0]["saliency"] or "{}")) if rows else None
 
     def save_overlay(self, sop_uid: str, png: bytes, saliency: dict) -> None:
-        self._execute("INSERT OR REPLACE INTO overlays (sop_uid, png, saliency) VALUES (?, ?, ?)",
-                      (sop_uid, png, json.dumps(saliency)))
+        self._execute("INSERT OR REPLACE INTO overlays (sop_uid, png, saliency) VALUES (?, ?, ?)", (sop_uid, png, json.dumps(saliency)))

@@ -39,8 +39,16 @@ def rejection_summary(reasons: list[str]) -> str:
 
 
 class Worker:
-    def __init__(self, store: NodeStore, predictor: Predictor, destinations: list[str], study_timeout: float,
-                 heatmaps: bool = False, poll_seconds: float = 0.2, monitor: ServiceMonitor | None = None):
+    def __init__(
+        self,
+        store: NodeStore,
+        predictor: Predictor,
+        destinations: list[str],
+        study_timeout: float,
+        heatmaps: bool = False,
+        poll_seconds: float = 0.2,
+        monitor: ServiceMonitor | None = None,
+    ):
         self.store, self.predictor, self.destinations = store, predictor, destinations
         # Counts, latency and drift per calling AE title (the node's sources); /metrics when --metrics-port is set.
         self.monitor = monitor or ServiceMonitor(predictor.package)
@@ -62,8 +70,7 @@ class Worker:
         for instance in queued:
             if stop is not None and stop.is_set():
                 break
-            outcome = self.monitor.timed(self.predictor.score_or_reject, instance.spool, instance.name,
-                                         instance.calling_aet)
+            outcome = self.monitor.timed(self.predictor.score_or_reject, instance.spool, instance.name, instance.calling_aet)
             if isinstance(outcome, Rejection):
                 log.info("not analysed: %s (%s)", instance.sop_uid, outcome.reason)
                 self.store.set_rejected(instance.sop_uid, outcome.reason)
@@ -92,16 +99,14 @@ class Worker:
         except Exception as err:  # noqa: BLE001 -- recorded on the study (not retried in a loop); a new instance retries
             reason = err.reason if isinstance(err, MedTriageError) else f"{type(err).__name__}: {err}"
             log.warning("study %s scored, but no SR could be built: %s", study_uid, reason)
-            self.store.close_study(study_uid, top, f"scored, but no SR could be built: {reason}", None, [], seen,
-                                   state="failed")
+            self.store.close_study(study_uid, top, f"scored, but no SR could be built: {reason}", None, [], seen, state="failed")
             return
         if self.store.close_study(study_uid, top, note, sr_uid, deliveries, seen):
             log.info("study %s: %s (p=%.3f) over %d instance(s)", study_uid, top["priority"], top["probability"], len(scored))
 
     def write_results(self, study_uid: str, scored: list, top: dict) -> tuple[list[tuple[str, str, str, str]], str]:
         """The SR (and heatmap) files in the outbox, and the delivery rows they need."""
-        sources = [(read_header(self.store.spooled(row["spool"])),
-                    [as_score(s) for s in scores]) for row, scores in scored]
+        sources = [(read_header(self.store.spooled(row["spool"])), [as_score(s) for s in scores]) for row, scores in scored]
         sr_uid = generate_uid()
         sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid)
         objects = [("sr", self._to_outbox(study_uid, sr_uid, sr.save_as), sr_uid)]

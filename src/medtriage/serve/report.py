@@ -1,0 +1,70 @@
+"""The forms a scoring job's results take: the JSON document (CLI `--json` and the HTTP answer), CSV, and
+the radiologist's table."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from medtriage.serve.predictor import Predictor, Rejection, Score
+
+CSV_COLUMNS = [
+    "status",
+    "file",
+    "frame",
+    "finding",
+    "probability",
+    "priority",
+    "sop_uid",
+    "study_uid",
+    "series_uid",
+    "modality",
+    "model",
+    "version",
+    "sha256",
+    "provider",
+    "reason",
+    "decision",
+    "code",
+    "field",
+]
+
+
+def result_document(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> dict:
+    """The JSON form of a scoring job (CLI --json and the HTTP response)."""
+    return {
+        "model": {**predictor.package.identity(), "provider": predictor.provider},
+        "results": [s.as_dict() for s in scores],
+        "rejected": [r.as_dict() for r in rejected],
+    }
+
+
+def write_csv(stream, predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> None:
+    writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in [s.as_dict() for s in scores] + [r.as_dict() for r in rejected]:
+        writer.writerow({**row, "status": row["status"], "provider": predictor.provider})
+
+
+def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> str:
+    """The radiologist's view: file, finding, p(positive), priority, the decision against the operating points, model."""
+    package = predictor.package
+    header = ["file", "finding", f"p({package.positive_label})", "priority", "decision", "model"]
+    rows = [
+        [_file_label(s), s.finding, f"{s.probability:.2f}", s.priority, _decision(s), package.describe(with_sha=i == 0)]
+        for i, s in enumerate(scores)
+    ]
+    rows += [[Path(r.file).name, "—", "—", "REJECTED", "—", r.reason] for r in rejected]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]) for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _decision(score: Score) -> str:
+    flags = getattr(score, "flags", None)
+    return score.decision + (f" [{', '.join(flags)}]" if flags else "") if score.decision else "—"
+
+
+def _file_label(score: Score) -> str:
+    name = Path(score.file).name
+    return f"{name} [frame {score.frame}]" if score.frame is not None else name
