@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.accuracy import PUBLISHED
 from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
 
 EXPERIMENT = "pneumoniamnist_sota"
@@ -29,16 +30,6 @@ NPZ = "data/samples/pneumoniamnist_28.npz"
 QUICK = ["data.limit=64", "trainer.max_epochs=1", "export.ood=false", "export.register_model=false"]
 TARGET_AUC, TARGET_ACC, TARGET_MINUTES = 0.990, 0.950, 15.0
 SECTION = "## Accuracy: default recipe"
-# MedMNIST v2 paper, PneumoniaMNIST test split (as listed in ../shared/data/README.md and in the `## Accuracy` section).
-PUBLISHED = (
-    ("ResNet-18 (28)", 0.944, 0.854),
-    ("ResNet-18 (224)", 0.956, 0.864),
-    ("ResNet-50 (28)", 0.948, 0.854),
-    ("ResNet-50 (224)", 0.962, 0.884),
-    ("auto-sklearn", 0.942, 0.855),
-    ("AutoKeras", 0.947, 0.878),
-    ("Google AutoML Vision", 0.991, 0.946),
-)
 
 
 def served_scores(package: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -71,4 +71,6 @@ def _scores(predictor: Predictor, pixels: np.ndarray, names: list[str]) -> Itera
         batch = to_model_channels(pixels[start : start + BATCH], predictor.package.channels)
         probs, ood = predictor.outputs(batch)
         for i, (name, image, p) in enumerate(zip(names[start : start + BATCH], batch, probs)):
-            yield predictor._score(p, name, None, _decoded(image, name), [], None if ood is None else float(ood[i]), float(image.mean()))
+            yield predictor.score_from_outputs(
+                p, name, None, _decoded(image, name), [], None if ood is None else float(ood[i]), float(image.mean())
+            )

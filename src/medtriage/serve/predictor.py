@@ -153,7 +153,9 @@ class Predictor:
         ood = np.concatenate([c[1] for c in chunks]) if chunks[0][1] is not None else None
         multi = len(probs) > 1
         scores = [
-            self._score(p, name, i + 1 if multi else None, image, flags, None if ood is None else float(ood[i]), float(pixels[i].mean()))
+            self.score_from_outputs(
+                p, name, i + 1 if multi else None, image, flags, None if ood is None else float(ood[i]), float(pixels[i].mean())
+            )
             for i, p in enumerate(probs)
         ]
         return self._screen_content(scores, ood, name)
@@ -193,9 +195,10 @@ class Predictor:
             log.exception("unexpected failure scoring %s", name)
             return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
 
-    def _score(
+    def score_from_outputs(
         self, probs: np.ndarray, name: str, frame: int | None, image: DecodedImage, flags: list[str], ood: float | None, input_mean: float
     ) -> Score:
+        """One frame's Score from the graph's outputs (its probabilities and OOD score), with its decision and priority."""
         p = float(probs[self.positive])
         package = self.package
         return Score(

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,12 @@ from pathlib import Path
 import httpx
 import pydicom
 
+from tests.serve.test_serve_http import free_port
+
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ORTHANC_AET, NODE_AET = "ORTHANC", "MEDTRIAGE"
 STUDY_TIMEOUT = "1"  # seconds of quiet that close a study: short, so the tests stay fast
 MAIN = "import sys; from medtriage.cli import main; sys.exit(main(sys.argv[1:]))"  # the `medtriage` command
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
