@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     score.add_argument("--mpp", type=float, default=None, help="scan resolution (µm/pixel) of slides that do not record it")
     score.add_argument("--heatmaps", metavar="OUTDIR", help="write a tile-probability heatmap PNG per slide here")
     score.add_argument("--overlays", metavar="OUTDIR", help="write a PNG per scored DICOM file here: the image with where the model looked")
-    _runtime_options(score)
+    add_runtime_options(score)
     score.set_defaults(func=run_score)
 
     serve = subparsers.add_parser("serve", help="serve a model package over HTTP (FastAPI + uvicorn)")
@@ -82,7 +82,7 @@ def register(subparsers) -> None:
         default=None,
         help="keep the worklist in this folder (survives restarts); a DICOM node's --state shows its studies",
     )
-    _runtime_options(serve)
+    add_runtime_options(serve)
     add_batching_options(serve)
     serve.set_defaults(func=run_serve)
 
@@ -93,7 +93,8 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _runtime_options(parser: argparse.ArgumentParser) -> None:
+def add_runtime_options(parser: argparse.ArgumentParser, out_of_scope_help: str = "(results are flagged)") -> None:
+    """Options every scoring door shares (score, serve, listen): ONNX Runtime, decode limits, scope."""
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     limits = DecodeLimits()
@@ -121,7 +122,7 @@ def _runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-out-of-scope",
         action="store_true",
-        help="score images outside the model's scope or unlike its training images anyway (results are flagged)",
+        help=f"score images outside the model's scope or unlike its training images anyway {out_of_scope_help}",
     )
 
 
@@ -221,7 +222,7 @@ def run_score(args: argparse.Namespace) -> int:
     if not args.paths and not args.npz:
         print("error: give DICOM files/folders to score, or --npz FILE", file=sys.stderr)
         return 2
-    _apply_decode_limits(args)
+    apply_decode_limits(args)
     predictor = Predictor(
         load_package(args.package), provider=args.provider, threads=args.threads, allow_out_of_scope=args.allow_out_of_scope
     )
@@ -288,7 +289,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     tune_allocator()
-    _apply_decode_limits(args)
+    apply_decode_limits(args)
     predictor = Predictor(
         load_package(args.package), provider=args.provider, threads=args.threads, allow_out_of_scope=args.allow_out_of_scope
     )
@@ -312,7 +313,8 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_decode_limits(args: argparse.Namespace) -> None:
+def apply_decode_limits(args: argparse.Namespace) -> None:
+    """The --max-* options as the process's decode limits (read_dicom applies them to every file)."""
     set_default_limits(DecodeLimits(args.max_frame_pixels, args.max_frames, args.max_decoded_bytes))
 
 

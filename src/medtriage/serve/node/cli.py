@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 
+from medtriage.serve.cli import add_runtime_options, apply_decode_limits
+
 LISTEN_HELP = """\
 Receive images from a PACS or modality (DICOM C-STORE), score each study with the model package and
 send one DICOM SR per study back (C-STORE to --send-to and/or STOW-RS to --dicomweb).
@@ -61,12 +63,6 @@ def register(subparsers) -> None:
         help="longest wait between delivery retries; results wait until delivered (default: 60)",
     )
     listen.add_argument(
-        "--allow-out-of-scope",
-        action="store_true",
-        help="score images outside the model's scope or unlike its training images anyway (results are "
-        "flagged); by default such images are 'not analysed' and get no SR",
-    )
-    listen.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -79,8 +75,7 @@ def register(subparsers) -> None:
         metavar="HOST",
         help="address of the metrics endpoint (default: 127.0.0.1, this machine only)",
     )
-    listen.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
-    listen.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    add_runtime_options(listen, out_of_scope_help="(results are flagged); by default such images are 'not analysed' and get no SR")
     listen.set_defaults(func=run_listen)
 
 
@@ -95,6 +90,7 @@ def run_listen(args: argparse.Namespace) -> int:
         )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("TLS needs both a certificate and its key", where="--tls-cert/--tls-key")
+    apply_decode_limits(args)
     config = NodeConfig(
         package=args.package,
         state=args.state,
