@@ -1,21 +1,19 @@
-"""The PneumoniaMNIST accuracy table and leave-one-site-out comparison; writes `## Accuracy` in docs/benchmarks.md.
+"""The PneumoniaMNIST accuracy table; writes `## Accuracy` in docs/benchmarks.md.
 
-    python -m benchmarks.accuracy [--quick] [--threads 1] [--no-loso] [--doc docs/benchmarks.md]
+    python -m benchmarks.accuracy [--quick] [--threads 1] [--doc docs/benchmarks.md]
 
 Every figure comes from runs made here and logged in MLflow: each recipe (an experiment config)
 is trained for its seeds, exported (temperature + operating points on validation), assessed on
 test (`medtriage.evaluation.assess`), the seeds of the main recipe and all runs together are packaged
 as ensemble graphs, the candidate with the lowest validation log-loss is scored through the served
-package (`medtriage score --npz`'s path, ONNX), and the leave-one-site-out sweep's jobs run on the
-3-site DICOM pool, with and without per-image intensity harmonisation. --quick: one short epoch on
-64 images per split, written to outputs/benchmark_accuracy_quick.md unless --doc is given.
+package (`medtriage score --npz`'s path, ONNX). Leave-one-site-out is `python -m benchmarks.site_generalisation`.
+--quick: one short epoch on 64 images per split, written to outputs/benchmark_accuracy_quick.md unless --doc is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,7 +21,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from omegaconf import OmegaConf
 
 from benchmarks.common import (
     ROOT,
@@ -36,7 +33,6 @@ from benchmarks.common import (
 from medtriage.config import compose_train_config
 from medtriage.evaluation.bootstrap import mean_sd
 
-LOSO_EXPERIMENT = "loso_pneumonia_sites"
 NPZ = "data/samples/pneumoniamnist_28.npz"
 QUICK = ["data.limit=64", "trainer.max_epochs=1", "trainer.warmup_epochs=0.25"]
 
@@ -181,82 +177,7 @@ def served_test_auc(package: Path, root: Path) -> tuple[float, int]:
     return float(roc_auc_score(truth, [s.probability for s in scores])), len(scores)
 
 
-def loso_job_config(site: str, overrides: list[str], out_dir: Path):
-    """One job of the sweep: `site` held out; its outputs under `out_dir/<site>` (no Hydra job folder here)."""
-    return compose_train_config(
-        [f"experiment={LOSO_EXPERIMENT}", f"data.holdout_site={site}", *overrides, f"paths.output_dir={out_dir / site}"]
-    )
-
-
-def loso_sites() -> list[str]:
-    """The held-out sites the sweep `scripts/train.py -m experiment=loso_pneumonia_sites` runs, read from its config."""
-    sweep = OmegaConf.load(ROOT / "configs" / "experiment" / f"{LOSO_EXPERIMENT}.yaml").hydra.sweeper.params
-    return [site.strip() for site in str(sweep["data.holdout_site"]).split(",")]
-
-
-def run_loso(overrides: list[str], uri: str, out_dir: Path) -> dict:
-    """The sweep's jobs in this process, one per held-out site, as children of one parent MLflow run; per-site
-    and worst test AUC read back from MLflow (the parent run records them as the sweep's callback does)."""
-    from mlflow import MlflowClient
-
-    import medtriage.training
-    from medtriage.training.tracking import PARENT_RUN_ENV, experiment_id
-    from medtriage.workflows.leave_one_site_out import log_worst_site
-
-    first = compose_train_config([f"experiment={LOSO_EXPERIMENT}", *overrides])
-    client = MlflowClient(uri)
-    parent = client.create_run(
-        experiment_id(uri, first.tracking.experiment_name), run_name=f"{first.name}-sweep", tags={"sweep": "true"}
-    ).info.run_id
-    os.environ[PARENT_RUN_ENV] = parent
-    try:
-        for site in loso_sites():
-            medtriage.training.run(loso_job_config(site, overrides, out_dir))
-    finally:
-        os.environ.pop(PARENT_RUN_ENV, None)
-    per_site = log_worst_site(client, parent)
-    client.set_terminated(parent, "FINISHED")
-    return {
-        "parent_run_id": parent,
-        "per_site": per_site,
-        "worst": min(per_site.values()),
-        "command": " ".join([f"python scripts/train.py -m experiment={LOSO_EXPERIMENT}", *overrides]),
-    }
-
-
-# Leave-one-site-out with and without per-image intensity harmonisation (the sites window their images differently).
-LOSO_VARIANTS = {"fixed": [], "per_image": ["model.preprocess.intensity=per_image"]}
-LOSO_SEEDS = (0, 1)
-
-
-def ensure_site_pool(root: Path) -> None:
-    """The de-identified 3-site pool the leave-one-site-out jobs read, made as `make demo` makes it when missing."""
-    from medtriage.data.simulate.sites import make_sites
-    from medtriage.io.ingest import ingest_sites
-
-    pool = Path(compose_train_config([f"experiment={LOSO_EXPERIMENT}"]).data.sites_dir)
-    pool = pool if pool.is_absolute() else root / pool
-    if pool.is_dir():
-        return
-    sites = root / "data" / "sites"
-    if not sites.is_dir():
-        make_sites(root / NPZ, sites)
-    ingest_sites(sites, pool, create_keys=True)
-
-
-def run_loso_comparison(overrides: list[str], root: Path, uri: str, out_dir: Path, seeds: tuple[int, ...] = LOSO_SEEDS) -> dict:
-    """variant -> one `run_loso` result per seed."""
-    ensure_site_pool(root)
-    return {
-        variant: [
-            {**run_loso([*extra, f"trainer.seed={seed}", *overrides], uri, out_dir / f"loso_{variant}_seed{seed}"), "seed": seed}
-            for seed in seeds
-        ]
-        for variant, extra in LOSO_VARIANTS.items()
-    }
-
-
-def run_benchmark(quick: bool = False, threads: int = 1, recipes: tuple[Recipe, ...] = RECIPES, loso: bool = True) -> dict:
+def run_benchmark(quick: bool = False, threads: int = 1, recipes: tuple[Recipe, ...] = RECIPES) -> dict:
     """Train, export, assess and serve every row; returns everything the report needs."""
     root = ROOT
     started = time.perf_counter()
@@ -280,12 +201,9 @@ def run_benchmark(quick: bool = False, threads: int = 1, recipes: tuple[Recipe, 
         "index": best_index,
     }
     mlflow.MlflowClient().log_metric(proof["run_id"], "bench/served_test_auc", served_auc)
-    loso_overrides = [f"trainer.num_threads={threads}", *(QUICK if quick else [])]
-    loso_result = run_loso_comparison(loso_overrides, root, uri, out_dir, LOSO_SEEDS[:1] if quick else LOSO_SEEDS) if loso else None
     return {
         "rows": rows,
         "proof": proof,
-        "loso": loso_result,
         "wall_s": time.perf_counter() - started,
         "quick": quick,
         "threads": threads,
@@ -345,37 +263,6 @@ def table(result: dict) -> list[str]:
     return lines
 
 
-def loso_lines(loso: dict | None) -> list[str]:
-    """Per held-out site: test AUC (mean over seeds) without and with per-image intensity harmonisation."""
-    if not loso:
-        return []
-    fixed, harmonised = loso["fixed"], loso["per_image"]
-    sites = sorted(fixed[0]["per_site"])
-    lines = [
-        "",
-        "### Leave-one-site-out (3-site DICOM pool)",
-        "",
-        f"The jobs of `{fixed[0]['command']}` (one per held-out site; that site's images are the test split; run "
-        f"in this process as children of one parent MLflow run), for seeds {', '.join(str(r['seed']) for r in fixed)}, "
-        f"and again with `model.preprocess.intensity=per_image` (each image standardised by its own mean and std "
-        f"inside the model, so a site's windowing and detector brightness no longer matter). Test AUC, mean ± sd "
-        f"over seeds; parent MLflow runs: fixed {_runs(fixed)}; per-image {_runs(harmonised)}.",
-        "",
-        "| held-out site | fixed intensity normalisation | per-image intensity harmonisation |",
-        "|---|---|---|",
-    ]
-    lines += [
-        f"| {site} | {_cell([r['per_site'][site] for r in fixed])} | {_cell([r['per_site'][site] for r in harmonised])} |" for site in sites
-    ]
-    worst = [[r["worst"] for r in runs] for runs in (fixed, harmonised)]
-    lines.append(f"| **worst site** | **{_cell(worst[0])}** | **{_cell(worst[1])}** |")
-    return lines
-
-
-def _runs(results: list[dict]) -> str:
-    return ", ".join(f"`{r['parent_run_id'][:8]}`" for r in results)
-
-
 SERVED_TOLERANCE = 1e-4  # target: the served package's test AUC equals PyTorch's to this
 REFERENCE = PUBLISHED[0]  # target: the packaged model at least matches the published ResNet-18 at the same 28 px
 
@@ -424,8 +311,7 @@ def section(result: dict, command: str, doc_dir: Path) -> str:
         *header(
             command,
             f"{result['machine']}; {result['device']}",
-            f"; wall time {result['wall_s'] / 60:.1f} min (training, export, assessment, serving check"
-            f"{', leave-one-site-out' if result['loso'] else ''})",
+            f"; wall time {result['wall_s'] / 60:.1f} min (training, export, assessment, serving check)",
         ),
         data_line(proof),
         selection_line(rows),
@@ -442,7 +328,6 @@ def section(result: dict, command: str, doc_dir: Path) -> str:
         *verdict_lines(proof),
         "",
         f"![reliability diagram, test split, before and after temperature scaling](images/{figure.name})",
-        *loso_lines(result["loso"]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -451,13 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, one epoch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
-    parser.add_argument("--no-loso", action="store_true", help="skip the leave-one-site-out runs")
     parser.add_argument(
         "--doc", type=Path, default=None, help="markdown file to update (default: docs/benchmarks.md; outputs/ with --quick)"
     )
     args = parser.parse_args(argv)
     where = machine()
-    result = {**run_benchmark(quick=args.quick, threads=args.threads, loso=not args.no_loso), "machine": where}
+    result = {**run_benchmark(quick=args.quick, threads=args.threads), "machine": where}
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_quick.md" if args.quick else "docs/benchmarks.md")
     write_section(section(result, command_line(), doc.parent), doc)
     print(f"accuracy table written to {doc}")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from medtriage.delivery.bundle import CHECKSUMS, SBOM, build_bundle
+from medtriage.delivery.bundle import CHECKSUMS, SBOM, build_bundle, template_values, write_templates
+from medtriage.delivery.sbom import write_sbom
 from medtriage.delivery.wheelhouse import (
     missing_requirements,
     platform_tags,
@@ -22,6 +23,7 @@ from medtriage.delivery.wheelhouse import (
 )
 from medtriage.errors import ConfigError
 from medtriage.format import sha256_file
+from tests.delivery.units import verify
 from tests.export.tiny_package import shared_tiny_package
 
 
@@ -77,6 +79,25 @@ def test_bundle_installs_offline_and_scores_a_dicom_file(bundle, tmp_path):
     assert result["file"].endswith("CT_small.dcm") and 0 <= result["probability"] <= 1
     unit = (prefix / "systemd" / "medtriage-serve@.service").read_text()
     assert f"ExecStart={prefix}/venv/bin/medtriage serve {prefix}/models/%i" in unit and "TOKEN" not in unit.split("ExecStart")[1]
+    assert "systemd-analyze verify found" not in installed.stderr
+    analyze = shutil.which("systemd-analyze")  # test_units.py requires it; here the installed units are checked too
+    if analyze:
+        assert verify(analyze, sorted((prefix / "systemd").glob("*.service"))) == []
+
+
+def sbom_components(sbom: dict) -> dict[str, dict]:
+    """Normalised name -> component, the root component (MedTriage itself) included."""
+    root = [sbom["metadata"]["component"]] if "component" in sbom.get("metadata", {}) else []
+    return {c["name"].lower().replace("_", "-"): c for c in root + sbom["components"]}
+
+
+def assert_valid_cyclonedx(text: str) -> None:
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    assert json.loads(text)["specVersion"] == "1.6"
+    error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(text)
+    assert error is None, str(error)[:2000]
 
 
 @pytest.mark.slow
@@ -85,16 +106,56 @@ def test_sums_and_sbom_cover_every_file_and_wheel(bundle):
     files = {p.relative_to(bundle.directory).as_posix() for p in bundle.directory.rglob("*") if p.is_file()} - {CHECKSUMS}
     assert set(listed) == files
     assert all(sha256_file(bundle.directory / name) == digest for name, digest in listed.items())
-    sbom = json.loads((bundle.directory / SBOM).read_text())
-    hashes = {
-        c["name"].lower().replace("_", "-"): h["content"]
-        for c in sbom["components"]
-        for ref in c.get("externalReferences", [])
-        for h in ref.get("hashes", [])
-    }
+    components = sbom_components(json.loads((bundle.directory / SBOM).read_text()))
+    assert len(components) == len(bundle.wheels)
     for wheel in bundle.wheels:
-        assert hashes[wheel.name.split("-")[0].lower().replace("_", "-")] == sha256_file(wheel), wheel.name
-    assert {"medtriage", "onnxruntime", "pydicom", "numpy"} <= set(hashes)
+        (digest,) = components[wheel.name.split("-")[0].lower().replace("_", "-")]["hashes"]
+        assert digest == {"alg": "SHA-256", "content": sha256_file(wheel)}, wheel.name
+    assert {"medtriage", "onnxruntime", "pydicom", "numpy"} <= set(components)
+
+
+@pytest.mark.slow
+def test_the_sbom_gives_every_wheel_its_declared_licence_and_follows_the_schema(bundle):
+    text = (bundle.directory / SBOM).read_text()
+    assert_valid_cyclonedx(text)
+    components = sbom_components(json.loads(text))
+    numpy, onnxruntime = components["numpy"]["licenses"], components["onnxruntime"]["licenses"]
+    assert "BSD-3-Clause" in json.dumps(numpy)  # numpy: License-Expression
+    assert {"license": {"acknowledgement": "declared", "id": "MIT"}} in onnxruntime  # onnxruntime: classifier
+    assert components["medtriage"]["licenses"][0]["license"]["id"] == "Apache-2.0"
+    unlicensed = json.loads((bundle.directory / "bundle.json").read_text())["wheels_without_licence"]
+    for wheel in bundle.wheels:
+        name = wheel.name.split("-")[0].lower().replace("_", "-")
+        assert ("licenses" in components[name]) == (wheel.name.split("-")[0] not in unlicensed), wheel.name
+    readme = (bundle.directory / "README.md").read_text()
+    assert f"gives them none: {', '.join(f'`{n}`' for n in unlicensed)}." in readme if unlicensed else "Every wheel declares one." in readme
+
+
+def test_each_wheel_gets_the_licence_its_metadata_declares_and_none_is_invented(tmp_path):
+    wheels = [
+        _wheel(tmp_path, "alpha", "1.0", ["beta>=1"], ["License-Expression: MIT OR Apache-2.0", "License: not read: an expression wins"]),
+        _wheel(tmp_path, "beta", "2.0", [], ["Classifier: License :: OSI Approved :: MIT License"]),
+        _wheel(tmp_path, "gamma", "3.0", [], ["License: 3-Clause BSD License"]),  # a name, not an SPDX id
+        _wheel(tmp_path, "delta", "4.0", [], ["License: UNKNOWN"]),
+        _wheel(tmp_path, "epsilon", "5.0", [], []),
+    ]
+    out = tmp_path / "sbom.cdx.json"
+    unlicensed = write_sbom(wheels, out, None)
+    assert unlicensed == ["delta", "epsilon"]
+    write_templates(tmp_path / "bundle", template_values("3.11", "manylinux_2_28_x86_64", wheels, ["model"], unlicensed))
+    assert "gives them none: `delta`, `epsilon`." in (tmp_path / "bundle" / "README.md").read_text()
+    assert_valid_cyclonedx(out.read_text())
+    sbom = json.loads(out.read_text())
+    components = sbom_components(sbom)
+    declared = {"acknowledgement": "declared"}
+    assert components["alpha"]["licenses"] == [{**declared, "expression": "MIT OR Apache-2.0"}]
+    assert components["beta"]["licenses"] == [{"license": {**declared, "id": "MIT"}}]
+    assert components["gamma"]["licenses"] == [{"license": {**declared, "name": "3-Clause BSD License"}}]
+    assert "licenses" not in components["delta"] and "licenses" not in components["epsilon"]
+    assert components["gamma"]["purl"] == "pkg:pypi/gamma@3.0"
+    assert components["epsilon"]["hashes"] == [{"alg": "SHA-256", "content": sha256_file(wheels[-1])}]
+    (alpha,) = [d for d in sbom["dependencies"] if d["ref"] == components["alpha"]["bom-ref"]]
+    assert alpha["dependsOn"] == [components["beta"]["bom-ref"]]
 
 
 @pytest.mark.slow
@@ -122,11 +183,12 @@ def test_platform_tags_reach_down_to_manylinux2014():
         platform_tags("win_amd64")
 
 
-def _wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
+def _wheel(folder: Path, name: str, version: str, requires: list[str], headers: list[str] = ()) -> Path:
+    """A wheel file holding only its METADATA: `requires` as Requires-Dist, then the `headers` lines."""
     path = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as archive:
-        metadata = "".join(f"Requires-Dist: {r}\n" for r in requires)
-        archive.writestr(f"{name}-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{metadata}")
+        metadata = "".join(f"Requires-Dist: {r}\n" for r in requires) + "".join(f"{h}\n" for h in headers)
+        archive.writestr(f"{name}-{version}.dist-info/METADATA", f"Metadata-Version: 2.4\nName: {name}\nVersion: {version}\n{metadata}")
     return path
 
 

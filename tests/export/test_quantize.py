@@ -120,3 +120,30 @@ def test_a_package_with_an_ood_output_keeps_it_and_reports_its_drift(tmp_path_fa
     assert parity["ood_max_abs_diff"] > 0 and 0 <= parity["ood_flag_changes"] <= parity["images"]
     probs, ood = Predictor(int8).outputs(read_npz_split(NPZ, "test")[0][:4])
     assert probs.shape == (4, 2) and ood.shape == (4,)
+
+
+def test_activations_stay_int8_between_convolutions_and_the_settings_are_on_record(int8_dir):
+    block = load_package(int8_dir).meta["quantization"]
+    assert block["settings"]["per_channel"] is True and block["settings"]["format"] == "QDQ"
+    assert "per-channel" in block["method"]
+    graph = onnx.load(str(int8_dir / "model.onnx")).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    adds = [n for n in graph.node if n.op_type == "Add" and all(i in producers for i in n.input)]
+    assert adds and all(producers[i].op_type == "DequantizeLinear" for n in adds for i in n.input)  # residual adds in int8
+    # the 32 px tiny net ends on 2x2 and 1x1 maps: its last 3x3 convolutions lose the taps that read only padding
+    trimmed = [n for n in graph.node if n.name in block["trimmed_convs"]]
+    assert trimmed and all(list(next(a for a in n.attribute if a.name == "kernel_shape").ints) != [3, 3] for n in trimmed)
+
+
+def test_per_tensor_weights_are_an_option(fp32_dir, tmp_path):
+    int8 = load_package(quantize_package(fp32_dir, NPZ, tmp_path / "int8", limit=16, per_channel=False))
+    block = int8.meta["quantization"]
+    assert block["settings"]["per_channel"] is False and "per-tensor" in block["method"]
+    graph = onnx.load(str(int8.onnx_path)).graph
+    scales = {t.name: t for t in graph.initializer}
+    weight_dq = [
+        n
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in scales and scales[n.input[0]].data_type == onnx.TensorProto.INT8
+    ]
+    assert weight_dq and all(np.prod(scales[n.input[1]].dims, dtype=int) == 1 for n in weight_dq)

@@ -149,3 +149,15 @@ def test_batching_lets_enough_requests_in_to_fill_a_batch():
     assert concurrent_requests(None, 1) is None  # batching off: the admission default
     assert concurrent_requests(3, 16) == 3  # an explicit --max-concurrent wins
     assert concurrent_requests(None, 16) == max(16, default_workers())
+
+
+def test_the_batchers_counters_are_published_for_metrics(package_dir, images):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    predictor, recording = batching_predictor(package_dir, max_batch=4, wait_ms=300)
+    registry = CollectorRegistry()
+    predictor.session.expose(registry)
+    concurrently(predictor.probabilities, images[:8])
+    text = generate_latest(registry).decode()
+    assert f"medtriage_batch_calls_total {float(len(recording.sizes))}" in text
+    assert "medtriage_batch_images_total 8.0" in text and len(recording.sizes) < 8

@@ -109,6 +109,10 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tiles: SyntheticTilesConfig = field(default_factory=SyntheticTilesConfig)  # source=tiles
     holdout_site: str | None = None  # leave-one-site-out: this site's rows all become test, other sites keep train/val
+    # k-fold cross-validation on train+val (medtriage.data.folds): fold cv_fold is validation, test is left out
+    cv_folds: int | None = None
+    cv_fold: int = 0
+    cv_seed: int = 0
 
 
 INTENSITY_MODES = ("fixed", "per_image")
@@ -234,6 +238,14 @@ class ExportConfig:
 
 
 @dataclass
+class CrossValidationConfig:
+    """`scripts/cross_validate.py` (medtriage.workflows.cross_validation): folds of train+val, trainings at a time."""
+
+    folds: int = 3
+    jobs: int = 1
+
+
+@dataclass
 class TrainConfig:
     name: str = "pneumonia_sites"  # experiment name: output folder and default run name
     data: DataConfig = field(default_factory=DataConfig)
@@ -242,3 +254,4 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    cv: CrossValidationConfig = field(default_factory=CrossValidationConfig)

@@ -75,7 +75,7 @@ def audit_manifest(manifest, *, check_images: bool = True, max_distance: int = M
     result.findings += _patients_in_two_splits(rows)
     result.findings += _sites_without_positives(rows)
     if check_images and len(rows):
-        hashes = perceptual_hashes(_cached_images(manifest))
+        hashes = perceptual_hashes(cached_images(manifest))
         result.findings += _duplicates(rows, hashes, max_distance)
     return result
 
@@ -167,7 +167,7 @@ def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 1024) -> list
     return pairs
 
 
-def _cached_images(manifest):
+def cached_images(manifest):
     """Every row's pixels straight from the cache (one memmap, no per-row table lookups)."""
     cache = np.memmap(Path(manifest.pool_dir) / PIXELS_FILE, dtype=np.float32, mode="r")
     shapes = manifest.rows[["channels", "height", "width", "offset"]].astype(int).to_numpy()

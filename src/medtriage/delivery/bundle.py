@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 import medtriage
+from medtriage.delivery.sbom import write_sbom
 from medtriage.delivery.wheelhouse import (
     DEFAULT_PLATFORM,
     build_medtriage_wheel,
@@ -26,7 +27,6 @@ from medtriage.delivery.wheelhouse import (
     download_dependencies,
     source_root,
     wheel_name_version,
-    write_sbom,
 )
 from medtriage.errors import ConfigError
 from medtriage.format import sha256_file
@@ -63,10 +63,10 @@ def build_bundle(
     wheels = download_dependencies(own, wheels_dir, python, platform)
     for name, source in models.items():
         shutil.copytree(source, staging / "models" / name, ignore=shutil.ignore_patterns(".*"))
-    _write_templates(staging, python, platform, wheels, list(models))
     root = source_root()
-    write_sbom(wheels, staging / SBOM, root / "pyproject.toml" if root else None)
-    (staging / MANIFEST).write_text(json.dumps(_manifest(python, platform, wheels, models), indent=2) + "\n")
+    unlicensed = write_sbom(wheels, staging / SBOM, root / "pyproject.toml" if root else None)
+    write_templates(staging, template_values(python, platform, wheels, list(models), unlicensed))
+    (staging / MANIFEST).write_text(json.dumps(_manifest(python, platform, wheels, models, unlicensed), indent=2) + "\n")
     write_checksums(staging)
     if out.exists():
         out.rmdir()  # empty, checked above
@@ -108,8 +108,8 @@ def _own_wheel(wheel: str | Path | None, wheels_dir: Path) -> Path:
     return Path(shutil.copy(wheel, wheels_dir))
 
 
-def _write_templates(staging: Path, python: str, platform: str, wheels: list[Path], models: list[str]) -> None:
-    values = {
+def template_values(python: str, platform: str, wheels: list[Path], models: list[str], unlicensed: list[str]) -> dict[str, str]:
+    return {
         "@VERSION@": medtriage.__version__,
         "@PYTHON@": python,
         "@PLATFORM@": platform,
@@ -117,7 +117,19 @@ def _write_templates(staging: Path, python: str, platform: str, wheels: list[Pat
         "@WHEELS@": str(len(wheels)),
         "@MODELS@": ", ".join(f"`{m}`" for m in models),
         "@FIRST_MODEL@": models[0],
+        "@UNLICENSED@": _licence_gaps(unlicensed),
     }
+
+
+def _licence_gaps(unlicensed: list[str]) -> str:
+    if not unlicensed:
+        return "Every wheel declares one."
+    names = ", ".join(f"`{name}`" for name in unlicensed)
+    return f"These wheels declare none, so the SBOM gives them none: {names}. Check their projects' licences before redistributing this bundle."
+
+
+def write_templates(folder: Path, values: dict[str, str]) -> None:
+    """install.sh, README.md, the systemd units and the config examples, with `values` filled in."""
     targets = {
         "install.sh": "install.sh",
         "README.md": "README.md",
@@ -129,13 +141,13 @@ def _write_templates(staging: Path, python: str, platform: str, wheels: list[Pat
         text = (templates / template).read_text()
         for key, value in values.items():
             text = text.replace(key, value)
-        path = staging / target
+        path = folder / target
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    (staging / "install.sh").chmod(0o755)
+    (folder / "install.sh").chmod(0o755)
 
 
-def _manifest(python: str, platform: str, wheels: list[Path], models: dict[str, Path]) -> dict:
+def _manifest(python: str, platform: str, wheels: list[Path], models: dict[str, Path], unlicensed: list[str]) -> dict:
     from medtriage.serve.package import load_package
 
     return {
@@ -146,6 +158,7 @@ def _manifest(python: str, platform: str, wheels: list[Path], models: dict[str, 
         "built_with": f"Python {sys.version.split()[0]}",
         "wheels": [{"file": w.name, "name": wheel_name_version(w)[0], "version": wheel_name_version(w)[1]} for w in wheels],
         "models": [{"folder": name, **load_package(path).identity()} for name, path in models.items()],
+        "wheels_without_licence": unlicensed,  # their metadata declares none; the SBOM gives them none
     }
 
 

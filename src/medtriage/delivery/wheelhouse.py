@@ -1,5 +1,5 @@
 """A wheelhouse of the torch-free install for a named Python and platform: MedTriage's own wheel plus
-every base dependency as binary wheels (`pip download --only-binary=:all:`), and its CycloneDX SBOM."""
+every base dependency as binary wheels (`pip download --only-binary=:all:`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
+from email.message import Message
+from email.parser import HeaderParser
 from pathlib import Path
 
 from tqdm import tqdm
 
 import medtriage
 from medtriage.errors import ConfigError, MedTriageError
-from medtriage.format import sha256_file
 
 PYTHONS = ("3.10", "3.11", "3.12")
 DEFAULT_PLATFORM = "manylinux_2_28_x86_64"  # glibc 2.28: RHEL/Rocky 8+, Debian 10+, Ubuntu 20.04+; onnxruntime needs it
@@ -140,13 +142,14 @@ def missing_requirements(wheels: list[Path], environment: dict[str, str]) -> lis
 
 
 def _requires_dist(wheel: Path) -> list[str]:
-    import zipfile
-    from email.parser import HeaderParser
+    return wheel_metadata(wheel).get_all("Requires-Dist") or []
 
+
+def wheel_metadata(wheel: Path) -> Message:
+    """The core metadata (`*.dist-info/METADATA`) of a wheel file."""
     with zipfile.ZipFile(wheel) as archive:
         name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
-        metadata = HeaderParser().parsestr(archive.read(name).decode("utf-8"))
-    return metadata.get_all("Requires-Dist") or []
+        return HeaderParser().parsestr(archive.read(name).decode("utf-8"))
 
 
 def _pip_download(requirements: list[str], out_dir: Path, python: str, tags: list[str]) -> None:
@@ -191,30 +194,6 @@ def wheel_name_version(wheel: Path) -> tuple[str, str]:
     """(name, version) from a wheel file name (PEP 427: name-version-...)."""
     name, version = wheel.name.split("-")[:2]
     return name, version
-
-
-def write_sbom(wheels: list[Path], out_file: Path, pyproject: Path | None) -> None:
-    """CycloneDX JSON SBOM of `wheels` (cyclonedx-py, from pinned requirements with each wheel's sha256)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text(
-            "".join(f"{name}=={version} --hash=sha256:{sha256_file(w)}\n" for w in wheels for name, version in [wheel_name_version(w)])
-        )
-        command = [
-            sys.executable,
-            "-m",
-            "cyclonedx_py",
-            "requirements",
-            str(requirements),
-            "--of",
-            "JSON",
-            "--output-reproducible",
-            "-o",
-            str(out_file),
-        ]
-        if pyproject is not None:
-            command += ["--pyproject", str(pyproject)]
-        _run(command, "writing the SBOM (cyclonedx-py)", hint="install the generator: pip install cyclonedx-bom (part of medtriage[dev])")
 
 
 def _run(command: list[str], what: str, hint: str | None = None) -> None:

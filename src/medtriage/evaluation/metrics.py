@@ -1,13 +1,13 @@
 """Classification metrics from scikit-learn: AUC, accuracy, sensitivity and specificity, per site.
 
 Binary tasks use p(class 1) (the finding) and a 0.5 threshold; multi-class AUC is one-vs-rest
-macro. A metric undefined on a subset (one class only) is left out rather than reported as 0.5.
+macro. Log-loss and Brier score are proper scores: they still rank models when AUC saturates near 1. A metric undefined on a subset (one class only) is left out rather than reported as 0.5.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, recall_score, roc_auc_score, roc_curve
+from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, recall_score, roc_auc_score, roc_curve
 
 THRESHOLD = 0.5
 
@@ -38,9 +38,12 @@ def predicted_classes(probs: np.ndarray) -> np.ndarray:
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """auc, acc, and for binary tasks sens/spec at the 0.5 threshold (each only when defined)."""
+    """auc, acc, log-loss (and Brier score) of the uncalibrated probabilities, and for binary tasks sens/spec at the 0.5 threshold (each only when defined)."""
     predicted = predicted_classes(probs)
     metrics = {"acc": float(accuracy_score(labels, predicted)), "n": float(len(labels))}
+    metrics["log_loss"] = float(log_loss(labels, probs, labels=np.arange(probs.shape[1])))
+    if probs.shape[1] == 2:
+        metrics["brier"] = float(brier_score_loss(labels, probs[:, 1], pos_label=1))
     value = auc(labels, probs)
     if value is not None:
         metrics["auc"] = value

@@ -1,12 +1,16 @@
 """INT8 model packages: ONNX Runtime static quantisation (QDQ) of a package, calibrated on validation images.
 
 The package graph is preprocessing (resize, intensity normalisation) + network + calibration
-(temperature, softmax). Only the network's Conv, MatMul and Gemm nodes get int8 weights (per channel)
-and int8 activations at their inputs, with ranges observed on the calibration images; the resize, the
-normalisation and the softmax stay float, so pixels enter and probabilities leave exactly as in fp32.
-`exclude` keeps named nodes float where int8 hurts. The result is a new package version with
-`precision: int8` and a `quantization` block: its source, the calibration images and the parity of its
-served probabilities against the fp32 package on those images.
+(temperature, softmax). The network's Conv, MatMul and Gemm nodes get int8 weights (per channel unless
+asked otherwise) and uint8 activations, with ranges observed on the calibration images; the residual
+Adds, ReLUs and pooling between them are quantised too, so activations stay int8 from one convolution
+to the next instead of going back to float at every block. The resize, the normalisation and the
+softmax stay float, so pixels enter and probabilities leave exactly as in fp32. Before quantising, the
+graph goes through the pre-processing ONNX Runtime recommends (shape inference, basic optimisations), and
+convolutions whose kernels only read padding at some taps are cut to the taps that read pixels (see
+conv_taps; exact in float). `exclude` keeps named nodes float where int8 hurts. The result is a new
+package version with `precision: int8` and a `quantization` block: its source, its settings, the
+calibration images and the parity of its served probabilities against the fp32 package on those images.
 
 Torch-free: onnx + onnxruntime.quantization (onnx comes with medtriage[train]).
 """
@@ -24,7 +28,9 @@ from medtriage.errors import ConfigError, InputError, MedTriageError
 from medtriage.format import ONNX_FILE
 
 log = logging.getLogger(__name__)
-QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")  # the nodes with int8 weights
+# ...and the nodes between them that keep activations int8 (a float round trip at each would cost more)
+QUANTIZED_OPS = (*WEIGHTED_OPS, "Add", "Relu", "MaxPool", "GlobalAveragePool")
 DEFAULT_IMAGES = 256
 CALIBRATION_BATCH = 16
 
@@ -73,8 +79,11 @@ def _dicom_images(folder: Path, channels: int, limit: int) -> tuple[list[np.ndar
     return images, skipped
 
 
-def quantize_onnx(source: Path, target: Path, images: list[np.ndarray], input_name: str, exclude: Sequence[str] = ()) -> list[str]:
-    """Write the QDQ int8 model of `source` to `target`; returns the names of the quantised nodes."""
+def quantize_onnx(
+    source: Path, target: Path, images: list[np.ndarray], input_name: str, exclude: Sequence[str] = (), per_channel: bool = True
+) -> dict:
+    """Write the QDQ int8 model of `source` to `target`; returns what was done: the quantised nodes with
+    weights (`quantized_nodes`), the convolutions cut to the taps that read pixels (`trimmed_convs`)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -101,19 +110,52 @@ def quantize_onnx(source: Path, target: Path, images: list[np.ndarray], input_na
             batch = next(self.batches, None)
             return None if batch is None else {input_name: batch}
 
-    quantize_static(
-        str(source),
-        str(target),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=list(QUANTIZED_OPS),
-        nodes_to_exclude=list(exclude),
-        calibrate_method=CalibrationMethod.MinMax,
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        trimmed = prepare_graph(source, prepared)
+        quantize_static(
+            str(prepared),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,  # u8 x s8: the fast integer GEMM on x86 (VNNI where present)
+            per_channel=per_channel,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_exclude=list(exclude),
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    graph = onnx.load(str(target)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    weighted = sorted(
+        n.name for n in graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and producers.get(n.input[1]) == "DequantizeLinear"
     )
-    return sorted(n for n, op in nodes.items() if op in QUANTIZED_OPS and n not in exclude)
+    return {"quantized_nodes": weighted, "trimmed_convs": trimmed}
+
+
+def prepare_graph(source: Path, target: Path) -> list[str]:
+    """Write to `target` the float graph that gets quantised; returns the convolutions trimmed on the way.
+
+    The pre-processing ONNX Runtime recommends before quantising: shapes inferred (by onnx, with data
+    propagation; `onnxruntime.tools` would import torch wherever it is installed), padded taps trimmed where
+    the shapes are now known, then ONNX Runtime's basic graph optimisations (constant folding, redundant
+    nodes removed). Numerically the same float model as `source`."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    from medtriage.export.conv_taps import trim_padded_taps
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(source)), data_prop=True)
+    trimmed = trim_padded_taps(model)
+    add_pre_process_metadata(model)  # what quant_pre_process marks: quantize_static then knows it was done
+    shaped = target.with_name(f"shaped-{target.name}")
+    onnx.save(model, str(shaped))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    ort.InferenceSession(str(shaped), options, providers=["CPUExecutionProvider"])
+    return trimmed
 
 
 def _batches(images: list[np.ndarray]) -> list[tuple[list[int], np.ndarray]]:
@@ -177,8 +219,10 @@ def quantize_package(
     split: str = "val",
     limit: int = DEFAULT_IMAGES,
     exclude: Sequence[str] = (),
+    per_channel: bool = True,
 ) -> Path:
-    """Write the int8 version of the package at `package_dir` to `out` (default: `<package_dir>-int8`)."""
+    """Write the int8 version of the package at `package_dir` to `out` (default: `<package_dir>-int8`);
+    `per_channel=False` gives each weight tensor one scale instead of one per output channel."""
     from medtriage.export.package import write_package
     from medtriage.serve.package import load_package
     from medtriage.serve.predictor import Predictor
@@ -197,16 +241,26 @@ def quantize_package(
     images, labels, described = calibration_images(calibration, package.channels, split, limit)
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / ONNX_FILE
-        nodes = quantize_onnx(package.onnx_path, quantized, images, fp32.input_name, exclude)
+        done = quantize_onnx(package.onnx_path, quantized, images, fp32.input_name, exclude, per_channel)
         meta = {**package.meta, "version": package.version + 1, "precision": "int8"}
         staged = Path(tmp) / "staged"
         write_package(staged, quantized, meta)
         quantization = {
-            "method": "onnxruntime static quantisation, QDQ, per-channel int8 weights, uint8 activations (MinMax)",
+            "method": f"onnxruntime static quantisation, QDQ, {_granularity(per_channel)} int8 weights, uint8 activations (MinMax)",
             "source": package.identity(),
             "calibration": described,
+            "settings": {
+                "format": "QDQ",
+                "weights": "int8",
+                "activations": "uint8",
+                "per_channel": per_channel,
+                "reduce_range": False,
+                "calibration_method": "MinMax",
+                "preprocessing": "shape inference, padded convolution taps trimmed, onnxruntime basic optimisations",
+            },
             "quantized_ops": list(QUANTIZED_OPS),
-            "quantized_nodes": len(nodes),
+            "quantized_nodes": len(done["quantized_nodes"]),
+            "trimmed_convs": done["trimmed_convs"],
             "excluded_nodes": list(exclude),
             "parity": parity_report(fp32, Predictor(load_package(staged)), images, labels),
             "note": "metrics, thresholds and calibration were measured on the fp32 source model; parity says how far int8 moves them",
@@ -222,6 +276,10 @@ def quantize_package(
         report["images"],
     )
     return out
+
+
+def _granularity(per_channel: bool) -> str:
+    return "per-channel" if per_channel else "per-tensor"
 
 
 def register(subparsers) -> None:
@@ -241,6 +299,9 @@ def register(subparsers) -> None:
     quantize.add_argument("--split", default="val", choices=["train", "val", "test"], help="the npz split to calibrate on (default: val)")
     quantize.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="calibration images to use (default: %(default)s)")
     quantize.add_argument("--exclude", nargs="*", default=[], metavar="NODE", help="graph nodes to keep in float")
+    quantize.add_argument(
+        "--per-tensor", action="store_true", help="one scale per weight tensor instead of one per output channel (the default)"
+    )
     quantize.add_argument("--out", default=None, metavar="DIR", help="where to write the int8 package (default: PACKAGE-int8)")
     quantize.set_defaults(func=run_quantize)
 
@@ -255,7 +316,7 @@ def run_quantize(args) -> int:
             "quantisation needs the onnx package, which the inference install leaves out",
             hint="run it where models are exported: pip install 'medtriage[train]'",
         )
-    out = quantize_package(args.package, args.calibration, args.out, args.split, args.images, args.exclude)
+    out = quantize_package(args.package, args.calibration, args.out, args.split, args.images, args.exclude, per_channel=not args.per_tensor)
     meta = json.loads((out / "model.json").read_text())
     print(json.dumps(meta["quantization"]["parity"], indent=2))
     print(f"int8 package {meta['name']} v{meta['version']} -> {out}", file=sys.stderr)

@@ -1,11 +1,8 @@
 """DICOM -> display-ready float pixels in [0, 1], shared by training and serving (numpy + pydicom only).
 
-Order of operations follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> modality LUT
-(rescale slope/intercept or a Modality LUT Sequence) -> VOI (VOI LUT Sequence, else window
-center/width) -> [0, 1]; MONOCHROME1 is then inverted so that bright means dense everywhere.
-Without any VOI the values are scaled by the range the stored bits can hold (through the modality
-LUT), never by the image's own min/max: the same scanner setting always gives the same intensities.
-Colour images (RGB, YBR_*, PALETTE COLOR) come out as 3-channel RGB scaled by their bit depth.
+This module reads the file and decodes its stored values (uncompressed grayscale in place, JPEG 2000 at a
+reduced level where the caller allows, everything else through pydicom's decoders, imagecodecs as a second
+opinion); io.display maps stored values to display values, following the DICOM grayscale pipeline.
 """
 
 from __future__ import annotations
@@ -20,10 +17,12 @@ from typing import BinaryIO
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
 from medtriage.errors import DicomError, NotAnImageError
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
+from medtriage.io.display import to_display
+from medtriage.io.j2k_reduced import reduced_j2k_frames
+from medtriage.io.native_pixels import StoredValues, native_stored
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _SHORT_PIXELS = re.compile(r"less than expected \((\d+) vs (\d+) bytes\)")
@@ -60,12 +59,18 @@ class DecodedImage:
     body_part: str = ""  # BodyPartExamined
     view_position: str = ""  # ViewPosition
     pixel_spacing: tuple[float, float] | None = None  # mm (row, column): PixelSpacing, else ImagerPixelSpacing
+    frame_means: np.ndarray | None = None  # mean of each frame's pixels [F], where decoding computed it on the way
+    resolution_level: int = 0  # pixels hold 1/2^level of rows x columns (a reduced JPEG 2000 decode: min_side)
 
 
-def read_dicom(source: str | Path | bytes | BinaryIO, *, frame: int | None = None, limits: DecodeLimits | None = None) -> DecodedImage:
+def read_dicom(
+    source: str | Path | bytes | BinaryIO, *, frame: int | None = None, limits: DecodeLimits | None = None, min_side: int | None = None
+) -> DecodedImage:
     """Decode a DICOM file (path, bytes or binary stream) into display-ready pixels.
 
-    `frame` decodes only that frame of a multi-frame object (result has F = 1).
+    `frame` decodes only that frame of a multi-frame object (result has F = 1). `min_side` lets a JPEG 2000
+    image be decoded at a coarser resolution level whose sides all stay >= min_side (see io.j2k_reduced: for
+    scoring with a model that resizes anyway, never for display or training).
     Raises `DicomError` for files that are not DICOM or whose pixels cannot be decoded,
     `ImageTooLargeError` when the header claims more than `limits` (default: `default_limits()`),
     checked before decoding, and `NotAnImageError` for valid DICOM objects without pixel data.
@@ -75,7 +80,7 @@ def read_dicom(source: str | Path | bytes | BinaryIO, *, frame: int | None = Non
     try:
         _require_pixels(ds, where)
         check_limits(ds, limits or default_limits(), where, frame)
-        stored = _decode_stored(ds, where, frame)
+        stored = native_stored(ds, _transfer_syntax(ds), frame) or _reduced(ds, frame, min_side) or _decode_stored(ds, where, frame)
     except DicomError:
         raise
     except Exception as err:  # header values pydicom cannot convert (a bad UID, VR or number), met lazily
@@ -85,7 +90,8 @@ def read_dicom(source: str | Path | bytes | BinaryIO, *, frame: int | None = Non
             hint="the header is damaged; export the image again from the source system",
         ) from err
     try:
-        return _decoded(ds, _to_display(stored, ds, where))
+        level = stored.resolution_level if isinstance(stored, StoredValues) else 0
+        return _decoded(ds, *to_display(stored, ds, where), resolution_level=level)
     except DicomError:
         raise
     except Exception as err:  # malformed rescale/window/LUT values
@@ -194,6 +200,14 @@ def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.nda
     return arr.reshape((-1, *per_frame))
 
 
+def _reduced(ds: pydicom.Dataset, frame: int | None, min_side: int | None) -> StoredValues | None:
+    reduced = reduced_j2k_frames(ds, _transfer_syntax(ds), frame, min_side)
+    if reduced is None:
+        return None
+    values, level = reduced
+    return StoredValues(values, 8 * values.dtype.itemsize, resolution_level=level)
+
+
 def _decode_with_imagecodecs(ds: pydicom.Dataset, frame: int | None) -> np.ndarray | None:
     """Second opinion for compressed frames pydicom's plugins refuse (e.g. 12-bit JPEG Extended)."""
     name = _IMAGECODECS_DECODERS.get(str(_transfer_syntax(ds)))
@@ -234,117 +248,11 @@ def _decode_hint(err: Exception) -> str:
     return "the pixel data is damaged or incomplete; send or export the image again"
 
 
-def _to_display(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric == "PALETTE COLOR":
-        return _palette_to_rgb(stored, ds, where)
-    if stored.ndim == 4:
-        return _colour_to_unit(stored, int(ds.get("BitsStored") or 8 * stored.dtype.itemsize))
-    pixels = _grayscale_to_unit(stored, ds, where)
-    if photometric == "MONOCHROME1":
-        np.subtract(1.0, pixels, out=pixels)
-    return pixels[:, None]
-
-
-def _colour_to_unit(rgb: np.ndarray, bits: int) -> np.ndarray:
-    pixels = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2), dtype=np.float32)
-    if rgb.dtype.kind == "f":
-        return _min_max(pixels)
-    pixels *= np.float32(1.0 / (2.0**bits - 1))
-    return pixels
-
-
-def _palette_to_rgb(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
-    try:
-        rgb = apply_color_lut(stored, ds)
-    except Exception as err:
-        raise DicomError(f"cannot apply the palette colour lookup table: {err}", where=where) from err
-    return _colour_to_unit(rgb, 8 * rgb.dtype.itemsize)
-
-
-def _grayscale_to_unit(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
-    if stored.dtype.kind == "f":  # Float Pixel Data: real-world values without a stored range
-        return _min_max(stored.astype(np.float32))
-    values, value_range = _modality(stored, ds)
-    if ds.get("VOILUTSequence"):
-        return _voi_lut(values, ds, where)
-    window = _window_values(ds)
-    if window is not None:
-        return _apply_window(values, *window)
-    low, high = value_range
-    values -= low
-    values *= 1.0 / max(high - low, 1e-12)
-    return np.clip(values, 0.0, 1.0, out=values)
-
-
-def _modality(stored: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float]]:
-    """Modality LUT output as float32 (a fresh array, safe to modify) and the range it can span."""
-    if ds.get("ModalityLUTSequence"):
-        bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
-        return apply_modality_lut(stored, ds).astype(np.float32), (0.0, 2.0**bits - 1)
-    bits = int(ds.get("BitsStored") or stored.dtype.itemsize * 8)
-    signed = int(ds.get("PixelRepresentation") or 0) == 1
-    low, high = (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
-    values = stored.astype(np.float32)
-    slope, intercept = float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
-    if (slope, intercept) != (1.0, 0.0):
-        values *= slope
-        values += intercept
-        low, high = sorted((low * slope + intercept, high * slope + intercept))
-    return values, (low, high)
-
-
-def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
-    """VOI LUT Sequence: look up the (integer) modality values, scale by the LUT's bit depth."""
-    try:
-        out = apply_voi(np.rint(values).astype(np.int32), ds)
-    except Exception as err:
-        raise DicomError(f"invalid VOI LUT Sequence: {err}", where=where, hint="fix or remove the VOI LUT in the source system") from err
-    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-    return out.astype(np.float32) * np.float32(1.0 / (2.0**bits - 1))
-
-
-def _window_values(ds: pydicom.Dataset) -> tuple[float, float, str] | None:
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is None or width is None or center == "" or width == "":
-        return None
-    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
-    function = str(ds.get("VOILUTFunction") or "LINEAR").upper()
-    return first(center), first(width), function
-
-
-def _apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """PS3.3 C.11.2.1.2/3 windowing straight to [0, 1], in place on float32."""
-    if function == "SIGMOID":
-        values -= center
-        values *= -4.0 / width
-        np.exp(values, out=values)
-        values += 1.0
-        return np.reciprocal(values, out=values)
-    if function == "LINEAR_EXACT":
-        values -= center
-        values *= 1.0 / width
-    elif width <= 1:
-        return (values > center - 0.5).astype(np.float32)
-    else:
-        values -= center - 0.5
-        values *= 1.0 / (width - 1)
-    values += 0.5
-    return np.clip(values, 0.0, 1.0, out=values)
-
-
-def _min_max(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
-    values -= low
-    values *= 1.0 / max(high - low, 1e-12)
-    return values
-
-
 def _transfer_syntax(ds: pydicom.Dataset):
     return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
 
 
-def _decoded(ds: pydicom.Dataset, pixels: np.ndarray) -> DecodedImage:
+def _decoded(ds: pydicom.Dataset, pixels: np.ndarray, frame_means: np.ndarray | None = None, resolution_level: int = 0) -> DecodedImage:
     text = lambda keyword: str(ds.get(keyword) or "")  # noqa: E731
     return DecodedImage(
         pixels=pixels,
@@ -364,6 +272,8 @@ def _decoded(ds: pydicom.Dataset, pixels: np.ndarray) -> DecodedImage:
         body_part=text("BodyPartExamined").strip().upper(),
         view_position=text("ViewPosition").strip().upper(),
         pixel_spacing=_pixel_spacing(ds),
+        frame_means=frame_means,
+        resolution_level=resolution_level,
     )
 
 

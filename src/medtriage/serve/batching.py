@@ -1,5 +1,5 @@
-"""Dynamic batching: inference calls from concurrent requests that arrive within a short wait share one
-ONNX Runtime call.
+"""Dynamic batching: inference calls from concurrent requests (HTTP uploads in `serve`, received instances
+in `listen`) that arrive within a short wait share one ONNX Runtime call.
 
 `BatchingSession` wraps an ORT session and keeps its `run(output_names, feeds)` signature, so a
 Predictor uses it unchanged (`enable_batching`). A single worker thread collects calls: the first one
@@ -51,6 +51,21 @@ class BatchStats:
         return self.images / self.calls if self.calls else 0.0
 
 
+class _StatsCollector:
+    """BatchStats as Prometheus counters: medtriage_batch_calls_total, medtriage_batch_images_total."""
+
+    def __init__(self, stats: BatchStats):
+        self.stats = stats
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("medtriage_batch_calls", "ONNX Runtime calls made by the batcher", value=self.stats.calls)
+        yield CounterMetricFamily(
+            "medtriage_batch_images", "Images those calls carried (images / calls: mean batch)", value=self.stats.images
+        )
+
+
 class BatchingSession:
     """An ORT session whose `run` stacks concurrent calls with one input into shared calls."""
 
@@ -73,6 +88,10 @@ class BatchingSession:
         call = _Call(tuple(output_names) if output_names else None, np.asarray(feeds[self.input_name]))
         self._queue.put(call)
         return call.future.result()
+
+    def expose(self, registry) -> None:
+        """Publish the batcher's counters in a Prometheus `registry` (the serving process's /metrics)."""
+        registry.register(_StatsCollector(self.stats))
 
     def close(self) -> None:
         """Stop the worker after the calls already queued."""
@@ -158,22 +177,22 @@ def concurrent_requests(max_concurrent: int | None, max_batch: int) -> int | Non
     return max(max_batch, default_workers())
 
 
-def add_batching_options(parser) -> None:
-    """`--max-batch` and `--batch-wait-ms` of a serving command."""
+def add_batching_options(parser, at_once: str = "unless --max-concurrent says otherwise, N requests are then decoded at once") -> None:
+    """`--max-batch` and `--batch-wait-ms` of a serving command (serve, listen); `at_once` says how many
+    inputs that command decodes at once with batching on."""
     parser.add_argument(
         "--max-batch",
         type=_positive_int,
         default=DEFAULT_MAX_BATCH,
         metavar="N",
-        help="stack up to N images of concurrent requests into one inference call; 1 turns batching off; "
-        "unless --max-concurrent says otherwise, N requests are then decoded at once (default: %(default)s)",
+        help=f"stack up to N images of concurrent inputs into one inference call; 1 turns batching off; {at_once} (default: %(default)s)",
     )
     parser.add_argument(
         "--batch-wait-ms",
         type=_non_negative_float,
         default=DEFAULT_WAIT_MS,
         metavar="MS",
-        help="how long the first request of a batch waits for others to join (default: %(default)s)",
+        help="how long the first input of a batch waits for others to join (default: %(default)s)",
     )
 
 

@@ -88,10 +88,15 @@ def load_data(cfg: DictConfig, model, ranks: Ranks) -> tuple[object, dict[str, C
     return manifest, splits, audit
 
 
+def run_splits(data) -> tuple[str, ...]:
+    """The splits a run loads: all three, or train and validation alone in a cross-validation fold (no test)."""
+    return ("train", "val") if data.get("cv_folds") else SPLITS
+
+
 def resized_splits(cfg: DictConfig, manifest, model) -> dict[str, CachedSplit]:
-    """Every split at the model's input size, from `<pool_dir>/resized` when an earlier run stored it."""
+    """Every split of the run at the model's input size, from `<pool_dir>/resized` when an earlier run stored it."""
     build = persistent_split if cfg.data.persistent_cache else cache_split
-    return {s: build(manifest, s, model.preprocess, cfg.data.limit, cfg.trainer.seed) for s in SPLITS}
+    return {s: build(manifest, s, model.preprocess, cfg.data.limit, cfg.trainer.seed) for s in run_splits(cfg.data)}
 
 
 def run(cfg: DictConfig) -> RunResult:
@@ -125,7 +130,7 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
         if resumed:
             mlflow.set_tag("resumed_from_epoch", str(state.epoch))
         else:
-            sizes = {f"n_{s}": len(splits[s]) for s in SPLITS} | {"sites": ",".join(manifest.sites), "world_size": ranks.world_size}
+            sizes = {f"n_{s}": len(splits[s]) for s in splits} | {"sites": ",".join(manifest.sites), "world_size": ranks.world_size}
             tracking.log_run_config(cfg, config, manifest.fingerprint, sizes)
             mlflow.log_dict(audit.to_dict(), "data_audit.json")
             mlflow.set_tag("data_audit", "passed" if audit.ok else "failed, overridden by data.allow_audit_failure")

@@ -21,7 +21,7 @@ def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
     distributed.barrier(fit.ranks)  # checkpoints are written by rank 0
     final = final_checkpoint(ckpt_dir, fit.trainer.weights)
     fit.eval_model.load_state_dict(read_checkpoint(final)["model"])  # the EMA weights when EMA is on
-    predictions = {split: fit.predict(split) for split in ("val", "test")}
+    predictions = {split: fit.predict(split) for split in ("val", "test") if split in fit.splits}  # no test in a CV fold
     metrics: dict[str, float] = {"best_val_auc": state.best_val_auc, "best_epoch": float(state.best_epoch)}
     for split, p in predictions.items():
         metrics.update(evaluate(p.logits, p.labels, p.sites, split))

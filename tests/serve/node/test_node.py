@@ -81,6 +81,9 @@ def test_listen_help_explains_every_option(capsys):
         "--study-timeout",
         "--heatmaps",
         "--retry-max",
+        "--max-batch",
+        "--batch-wait-ms",
+        "--reduced-j2k",
         "AET@HOST:PORT",
     ):
         assert option in text

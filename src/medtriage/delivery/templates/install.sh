@@ -41,6 +41,10 @@ cp -R models/. "$PREFIX/models/"
 for unit in systemd/*.service; do
     sed "s#/opt/medtriage#$PREFIX#g" "$unit" > "$PREFIX/systemd/$(basename "$unit")"
 done
+if command -v systemd-analyze >/dev/null 2>&1; then  # this machine's systemd judges the units it will run
+    systemd-analyze verify --man=no "$PREFIX"/systemd/*.service ||
+        echo "install.sh: warning: systemd-analyze verify found the problems above in $PREFIX/systemd" >&2
+fi
 cp -R config "$PREFIX/"
 for package in "$PREFIX"/models/*/; do  # the loader checks each model.onnx against its model.json
     "$PREFIX/venv/bin/python" -c 'import sys; from medtriage.serve.package import load_package; print("model", load_package(sys.argv[1]).describe(), "verified")' "$package"

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from medtriage.serve.batching import add_batching_options
 from medtriage.serve.cli import add_runtime_options, apply_decode_limits
 
 LISTEN_HELP = """\
@@ -76,6 +77,7 @@ def register(subparsers) -> None:
         help="address of the metrics endpoint (default: 127.0.0.1, this machine only)",
     )
     add_runtime_options(listen, out_of_scope_help="(results are flagged); by default such images are 'not analysed' and get no SR")
+    add_batching_options(listen, at_once="N queued instances are then decoded at once")
     listen.set_defaults(func=run_listen)
 
 
@@ -108,8 +110,11 @@ def run_listen(args: argparse.Namespace) -> int:
         provider=args.provider,
         threads=args.threads,
         allow_out_of_scope=args.allow_out_of_scope,
+        reduced_j2k=args.reduced_j2k,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for chatty in ("pynetdicom", "highdicom"):  # one line per PDU / copied module otherwise

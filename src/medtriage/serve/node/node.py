@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtriage.serve.batching import enable_batching
 from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.node.scp import start_scp, tls_context
 from medtriage.serve.node.sender import DicomWebSender, DimseSender, Peer, Sender
@@ -38,13 +39,20 @@ class NodeConfig:
     allow_out_of_scope: bool = False
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    reduced_j2k: bool = False  # JPEG 2000 decoded only to the level the model needs (serve/predictor.py)
+    max_batch: int = 1  # > 1: instances scored side by side share ORT calls (serve/batching.py)
+    batch_wait_ms: float = 5.0
 
 
 class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
         self.predictor = Predictor(
-            load_package(config.package), provider=config.provider, threads=config.threads, allow_out_of_scope=config.allow_out_of_scope
+            load_package(config.package),
+            provider=config.provider,
+            threads=config.threads,
+            allow_out_of_scope=config.allow_out_of_scope,
+            reduced_j2k=config.reduced_j2k,
         )
         self.store = NodeStore(config.state, recover=True)
         self.tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
@@ -55,7 +63,18 @@ class Node:
             senders[config.dicomweb] = DicomWebSender(config.dicomweb)
         self.destinations = list(senders)
         self.monitor = ServiceMonitor(self.predictor.package)
-        self.worker = Worker(self.store, self.predictor, self.destinations, config.study_timeout, config.heatmaps, monitor=self.monitor)
+        self.batcher = enable_batching(self.predictor, config.max_batch, config.batch_wait_ms)
+        if self.batcher is not None:
+            self.batcher.expose(self.monitor.registry)
+        self.worker = Worker(
+            self.store,
+            self.predictor,
+            self.destinations,
+            config.study_timeout,
+            config.heatmaps,
+            monitor=self.monitor,
+            at_once=max(1, config.max_batch),
+        )
         self.sender = Sender(self.store, senders, retry_max=config.retry_max)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -83,6 +102,9 @@ class Node:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)
+        self.worker.close()
+        if self.batcher is not None:
+            self.batcher.close()
         self.store.close()
 
 

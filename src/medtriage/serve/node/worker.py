@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.uid import generate_uid
 
@@ -48,11 +49,16 @@ class Worker:
         heatmaps: bool = False,
         poll_seconds: float = 0.2,
         monitor: ServiceMonitor | None = None,
+        at_once: int = 1,
     ):
         self.store, self.predictor, self.destinations = store, predictor, destinations
         # Counts, latency and drift per calling AE title (the node's sources); /metrics when --metrics-port is set.
         self.monitor = monitor or ServiceMonitor(predictor.package)
         self.study_timeout, self.heatmaps, self.poll_seconds = study_timeout, heatmaps, poll_seconds
+        # With batching on, `at_once` queued instances are decoded side by side, so that their inference
+        # calls reach the predictor's BatchingSession together and can share one ORT call.
+        self.at_once = at_once
+        self._pool = ThreadPoolExecutor(at_once, thread_name_prefix="medtriage-scoring") if at_once > 1 else None
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -67,16 +73,28 @@ class Worker:
 
     def score_queued(self, stop: threading.Event | None = None) -> bool:
         queued = self.store.unscored()
-        for instance in queued:
+        for start in range(0, len(queued), self.at_once):
             if stop is not None and stop.is_set():
                 break
-            outcome = self.monitor.timed(self.predictor.score_or_reject, instance.spool, instance.name, instance.calling_aet)
-            if isinstance(outcome, Rejection):
-                log.info("not analysed: %s (%s)", instance.sop_uid, outcome.reason)
-                self.store.set_rejected(instance.sop_uid, outcome.reason)
-            else:
-                self.store.set_scored(instance.sop_uid, [score.as_dict() for score in outcome])
+            group = queued[start : start + self.at_once]
+            outcomes = self._pool.map(self._score, group) if self._pool and len(group) > 1 else map(self._score, group)
+            for instance, outcome in zip(group, outcomes):
+                self._record(instance, outcome)
         return bool(queued)
+
+    def _score(self, instance):
+        return self.monitor.timed(self.predictor.score_or_reject, instance.spool, instance.name, instance.calling_aet)
+
+    def _record(self, instance, outcome) -> None:
+        if isinstance(outcome, Rejection):
+            log.info("not analysed: %s (%s)", instance.sop_uid, outcome.reason)
+            self.store.set_rejected(instance.sop_uid, outcome.reason)
+        else:
+            self.store.set_scored(instance.sop_uid, [score.as_dict() for score in outcome])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def close_quiet_studies(self) -> bool:
         studies = self.store.quiet_studies(self.study_timeout)

@@ -1,0 +1,308 @@
+"""Does the model hold up at a site it never saw? Leave-one-site-out on the 3-site DICOM pool against the
+model trained on all three sites; writes `## Leave-one-site-out` in docs/benchmarks.md.
+
+    python -m benchmarks.site_generalisation [--seeds 0 1] [--threads 1] [--quick] [--doc docs/benchmarks.md]
+
+For each intensity variant (fixed normalisation; per-image harmonisation inside the model) and each seed:
+- the jobs of `python scripts/train.py -m experiment=loso_pneumonia_sites`, one per held-out site (that
+  site's images are the test split), run in this process as children of one parent MLflow run, which
+  records each site's test AUC and the worst;
+- the pooled model: `python scripts/train.py experiment=loso_pneumonia_sites` (no site held out), trained on
+  every site and tested on the pool's own test split, a plain MLflow run named `...-pooled-<variant>-seed<s>`.
+Target: the worst held-out site's test AUC within 0.01 of the pooled model's test AUC (mean over seeds).
+--quick: a pool of a few hundred images made under outputs/, one short epoch; written to
+outputs/benchmark_site_generalisation_quick.md unless --doc is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
+from medtriage.config import compose_train_config
+from medtriage.evaluation.bootstrap import mean_sd
+
+SECTION = "## Leave-one-site-out"
+LOSO_EXPERIMENT = "loso_pneumonia_sites"
+NPZ = "data/samples/pneumoniamnist_28.npz"
+TARGET_GAP = 0.01  # target: pooled test AUC - worst held-out site's test AUC, mean over seeds
+# With and without per-image intensity harmonisation (the sites window their images differently).
+LOSO_VARIANTS = {"fixed": [], "per_image": ["model.preprocess.intensity=per_image"]}
+VARIANT_TITLES = {"fixed": "fixed intensity normalisation", "per_image": "per-image intensity harmonisation"}
+LOSO_SEEDS = (0, 1)
+QUICK = ["data.limit=64", "trainer.max_epochs=1", "trainer.warmup_epochs=0.25"]
+QUICK_IMAGES = 300  # the --quick pool: enough of both classes at each site for a test AUC
+
+
+# --- the runs ---------------------------------------------------------------------------------------
+
+
+def loso_job_config(site: str, overrides: list[str], out_dir: Path):
+    """One job of the sweep: `site` held out; its outputs under `out_dir/<site>` (no Hydra job folder here)."""
+    return compose_train_config(
+        [f"experiment={LOSO_EXPERIMENT}", f"data.holdout_site={site}", *overrides, f"paths.output_dir={out_dir / site}"]
+    )
+
+
+def pooled_job_config(overrides: list[str], out_dir: Path, run_name: str):
+    """The same experiment with no site held out: every site trains, the pool's own test split tests."""
+    return compose_train_config(
+        [
+            f"experiment={LOSO_EXPERIMENT}",
+            "data.holdout_site=null",
+            *overrides,
+            f"tracking.run_name={run_name}",
+            f"paths.output_dir={out_dir / 'pooled'}",
+        ]
+    )
+
+
+def loso_sites() -> list[str]:
+    """The held-out sites the sweep `scripts/train.py -m experiment=loso_pneumonia_sites` runs, read from its config."""
+    sweep = OmegaConf.load(ROOT / "configs" / "experiment" / f"{LOSO_EXPERIMENT}.yaml").hydra.sweeper.params
+    return [site.strip() for site in str(sweep["data.holdout_site"]).split(",")]
+
+
+def run_loso(overrides: list[str], uri: str, out_dir: Path) -> dict:
+    """The sweep's jobs in this process, one per held-out site, as children of one parent MLflow run; per-site
+    and worst test AUC read back from MLflow (the parent run records them as the sweep's callback does)."""
+    from mlflow import MlflowClient
+
+    import medtriage.training
+    from medtriage.training.tracking import PARENT_RUN_ENV, experiment_id
+    from medtriage.workflows.leave_one_site_out import log_worst_site
+
+    first = compose_train_config([f"experiment={LOSO_EXPERIMENT}", *overrides])
+    client = MlflowClient(uri)
+    parent = client.create_run(
+        experiment_id(uri, first.tracking.experiment_name), run_name=f"{first.name}-sweep", tags={"sweep": "true"}
+    ).info.run_id
+    os.environ[PARENT_RUN_ENV] = parent
+    seconds = []
+    try:
+        for site in loso_sites():
+            started = time.perf_counter()
+            medtriage.training.run(loso_job_config(site, overrides, out_dir))
+            seconds.append(time.perf_counter() - started)
+    finally:
+        os.environ.pop(PARENT_RUN_ENV, None)
+    per_site = log_worst_site(client, parent)
+    client.set_terminated(parent, "FINISHED")
+    return {
+        "parent_run_id": parent,
+        "per_site": per_site,
+        "worst": min(per_site.values()),
+        "seconds": seconds,
+        "command": " ".join([f"python scripts/train.py -m experiment={LOSO_EXPERIMENT}", *overrides]),
+    }
+
+
+def run_pooled(overrides: list[str], uri: str, out_dir: Path, run_name: str) -> dict:
+    """The pooled model's run; its test AUC overall and per site read back from MLflow."""
+    from mlflow import MlflowClient
+
+    import medtriage.training
+    from medtriage.evaluation.metrics import site_values
+
+    started = time.perf_counter()
+    result = medtriage.training.run(pooled_job_config(overrides, out_dir, run_name))
+    seconds = time.perf_counter() - started
+    run = MlflowClient(uri).get_run(result.run_id)
+    return {
+        "run_id": result.run_id,
+        "auc": run.data.metrics["test/auc"],
+        "per_site": site_values(run.data.metrics, "test"),
+        "n_test": int(run.data.params["data.n_test"]),
+        "seconds": seconds,
+        "command": " ".join([f"python scripts/train.py experiment={LOSO_EXPERIMENT}", *overrides]),
+    }
+
+
+def gap(result: dict) -> float:
+    """Pooled test AUC minus the worst held-out site's: what the target bounds."""
+    return result["pooled"]["auc"] - result["worst"]
+
+
+def compare(variant: str, seed: int, overrides: list[str], uri: str, out_dir: Path) -> dict:
+    """One seed of one variant: the sweep, then the pooled model; the parent run records the pooled AUC and the gap."""
+    from mlflow import MlflowClient
+
+    job = [*LOSO_VARIANTS[variant], f"trainer.seed={seed}", *overrides]
+    loso = run_loso(job, uri, out_dir / f"loso_{variant}_seed{seed}")
+    pooled = run_pooled(job, uri, out_dir / f"pooled_{variant}_seed{seed}", f"{LOSO_EXPERIMENT}-pooled-{variant}-seed{seed}")
+    result = {**loso, "seed": seed, "pooled": pooled}
+    client = MlflowClient(uri)
+    client.log_metric(loso["parent_run_id"], "loso/pooled_test_auc", pooled["auc"])
+    client.log_metric(loso["parent_run_id"], "loso/pooled_minus_worst", gap(result))
+    client.set_tag(loso["parent_run_id"], "loso.pooled_run", pooled["run_id"])
+    print(f"{variant} seed {seed}: worst site {loso['worst']:.4f}, pooled {pooled['auc']:.4f}, gap {gap(result):+.4f}")
+    return result
+
+
+def ensure_site_pool(ingested: Path, sites: Path, limit: int | None = None) -> None:
+    """The de-identified 3-site pool the jobs read (`ingested`), made as `make demo` makes it when missing:
+    site DICOM exports from the npz into `sites`, then ingested with each site's key."""
+    from medtriage.data.simulate.sites import make_sites
+    from medtriage.io.ingest import ingest_sites
+
+    if ingested.is_dir():
+        return
+    if not sites.is_dir():
+        make_sites(ROOT / NPZ, sites, limit=limit)
+    ingest_sites(sites, ingested, create_keys=True)
+
+
+def run_benchmark(seeds: tuple[int, ...] = LOSO_SEEDS, threads: int = 1, quick: bool = False) -> dict:
+    """Every variant x seed: the sweep and the pooled model; returns everything the section needs."""
+    started = time.perf_counter()
+    out_dir = ROOT / "outputs" / ("benchmark_site_generalisation_quick" if quick else "benchmark_site_generalisation")
+    overrides = [f"trainer.num_threads={threads}"]
+    if quick:
+        overrides += [*QUICK, f"data.sites_dir={out_dir / 'ingested'}", f"data.pool_dir={out_dir / 'pool'}"]
+    cfg = compose_train_config([f"experiment={LOSO_EXPERIMENT}", *overrides])
+    data, uri = cfg.data, cfg.tracking.uri
+    sites = out_dir / "sites" if quick else ROOT / "data" / "sites"
+    ensure_site_pool(Path(data.sites_dir), sites, QUICK_IMAGES if quick else None)
+    variants = {variant: [compare(variant, seed, overrides, uri, out_dir) for seed in seeds] for variant in LOSO_VARIANTS}
+    return {
+        "variants": variants,
+        "wall_s": time.perf_counter() - started,
+        "quick": quick,
+        "uri": uri,
+        "sites_dir": str(Path(data.sites_dir).relative_to(ROOT)) if Path(data.sites_dir).is_relative_to(ROOT) else data.sites_dir,
+        "device": _device_words(),
+    }
+
+
+def _device_words() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"CUDA ({torch.cuda.get_device_name()})"
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} torch thread{'' if threads == 1 else 's'} per run"
+
+
+# --- the section ------------------------------------------------------------------------------------
+
+
+def _cell(values: list[float], signed: bool = False) -> str:
+    mean, sd = mean_sd(values)
+    shown = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return f"{shown} ± {sd:.3f}" if len(values) > 1 else shown
+
+
+def _runs(results: list[dict], key) -> str:
+    return ", ".join(f"`{key(r)[:8]}`" for r in results)
+
+
+def table_lines(variants: dict[str, list[dict]]) -> list[str]:
+    """Rows: each held-out site, the worst of them, the pooled model and the gap; one column per variant."""
+    columns = list(variants.values())
+    sites = sorted(columns[0][0]["per_site"])
+
+    def row(label: str, value, bold: bool = False, signed: bool = False) -> str:
+        cells = [_cell([value(r) for r in runs], signed) for runs in columns]
+        cells = [f"**{c}**" for c in cells] if bold else cells
+        return f"| {label} | {' | '.join(cells)} |"
+
+    lines = [f"| test AUC | {' | '.join(VARIANT_TITLES.get(v, v) for v in variants)} |", "|---" * (len(variants) + 1) + "|"]
+    lines += [row(f"{site} held out", lambda r, s=site: r["per_site"][s]) for site in sites]
+    lines.append(row("**worst held-out site**", lambda r: r["worst"], bold=True))
+    lines.append(row("**pooled model** (all sites train; pool's test split)", lambda r: r["pooled"]["auc"], bold=True))
+    lines.append(row("**gap: pooled − worst**", gap, bold=True, signed=True))
+    return lines
+
+
+def pooled_site_lines(variants: dict[str, list[dict]]) -> list[str]:
+    """The pooled model's test AUC on each site's own test rows: how hard each site is once it is seen in training."""
+    parts = []
+    for variant, runs in variants.items():
+        sites = sorted(runs[0]["pooled"]["per_site"])
+        values = ", ".join(f"{site} {_cell([r['pooled']['per_site'].get(site, float('nan')) for r in runs])}" for site in sites)
+        parts.append(f"{VARIANT_TITLES.get(variant, variant)}: {values}")
+    return [f"Pooled model on each site's test rows (context; mean ± sd over seeds): {'; '.join(parts)}."]
+
+
+def verdict_lines(variants: dict[str, list[dict]]) -> list[str]:
+    lines = [
+        f"Target: worst held-out site's test AUC within {TARGET_GAP:g} of the pooled model's (gap, mean over seeds, ≤ {TARGET_GAP:g})."
+    ]
+    for variant, runs in variants.items():
+        mean_gap = statistics.fmean(gap(r) for r in runs)
+        lines.append(f"- {VARIANT_TITLES.get(variant, variant)}: gap {mean_gap:+.3f}: {verdict(mean_gap <= TARGET_GAP)}")
+    return lines
+
+
+def section(result: dict, command: str) -> str:
+    variants = result["variants"]
+    everything = [r for runs in variants.values() for r in runs]
+    seconds = [s for r in everything for s in (*r["seconds"], r["pooled"]["seconds"])]
+    first_runs = next(iter(variants.values()))
+    first = first_runs[0]
+    seeds = ", ".join(str(r["seed"]) for r in first_runs)
+    quick = "; smoke run (--quick): a few hundred images, one short epoch, figures meaningless" if result["quick"] else ""
+    lines = [
+        SECTION,
+        "",
+        *header(
+            command,
+            f"{result['machine']}; {result['device']}",
+            f"; wall time {result['wall_s'] / 60:.1f} min for {len(seconds)} trainings "
+            f"(median {statistics.median(seconds):.0f} s each){quick}",
+        ),
+        f"- data: the 3-site DICOM pool `{result['sites_dir']}` (site exports of `{NPZ}`, de-identified at each site); "
+        f"a held-out site's images are all its test split; the pooled model's test split is the pool's own "
+        f"({first['pooled']['n_test']} images, every site)",
+        f"- MLflow (`{result['uri']}`): per variant and seed one parent run with a child per held-out site (`loso/<site>/test_auc`, "
+        "`loso/worst_site_test_auc`, `loso/pooled_test_auc`, `loso/pooled_minus_worst`) and one pooled run "
+        "(`test/auc`), linked by the parent's `loso.pooled_run` tag",
+        "",
+        f"Per variant and seed ({seeds}): the jobs of `{first['command']}` (one per held-out site, run in this process "
+        f"as children of one parent MLflow run) and the pooled model `{first['pooled']['command']}` (no site held out). "
+        "Variants: fixed intensity normalisation, and `model.preprocess.intensity=per_image` (each image standardised "
+        "by its own mean and std inside the model, so a site's windowing and detector brightness no longer matter). "
+        "Test AUC, mean ± sd over seeds.",
+        "",
+        *table_lines(variants),
+        "",
+        *pooled_site_lines(variants),
+        "",
+        "MLflow runs: "
+        + "; ".join(
+            f"{VARIANT_TITLES.get(v, v)}: parents {_runs(runs, lambda r: r['parent_run_id'])}, "
+            f"pooled {_runs(runs, lambda r: r['pooled']['run_id'])}"
+            for v, runs in variants.items()
+        )
+        + ".",
+        "",
+        *verdict_lines(variants),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(LOSO_SEEDS), help="training seeds (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny pool under outputs/, one short epoch")
+    parser.add_argument(
+        "--doc", type=Path, default=None, help="markdown file to update (default: docs/benchmarks.md; outputs/ with --quick)"
+    )
+    args = parser.parse_args(argv)
+    where = machine()
+    result = {**run_benchmark(tuple(args.seeds), args.threads, args.quick), "machine": where}
+    doc = args.doc or ROOT / ("outputs/benchmark_site_generalisation_quick.md" if args.quick else "docs/benchmarks.md")
+    write_section(section(result, command_line()), doc)
+    print(f"leave-one-site-out section written to {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

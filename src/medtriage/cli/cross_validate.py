@@ -1,0 +1,28 @@
+"""`python scripts/cross_validate.py experiment=... [key=value ...] [cv.folds=3 cv.jobs=2]` (or `medtriage-cv`).
+
+Cross-validates one training config (medtriage.workflows.cross_validation) and returns its mean held-out
+log-loss, so Hydra sweepers can minimise it: `-m hparams_search=pneumoniamnist_optuna` runs an Optuna search
+whose every trial is a child MLflow run of the sweep, with one grandchild run per fold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
+from medtriage.workflows.cross_validation import cross_validate
+
+CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(cfg: TrainConfig) -> float:
+    overrides = list(HydraConfig.get().overrides.task)  # this job's, the sweeper's choices included
+    return cross_validate(overrides, Path(cfg.paths.output_dir), cfg).score
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The bundle's CycloneDX SBOM: one component per wheel with its version, purl, sha256, dependencies and the
+licence its own metadata declares.
+
+The generator (cyclonedx-py) reads licences only in its environment mode, from the metadata of installed
+distributions. importlib.metadata also finds the `*.dist-info` of a wheel file that is itself on the path,
+so the generator runs with the wheels as the interpreter's whole path (`-S`: no site-packages). Nothing is
+installed or imported, and wheels for another Python version are read the same way. The generator turns
+License-Expression, an SPDX `License` value and the `License ::` classifiers into licences; a `License`
+value that names a licence without being an SPDX id ("3-Clause BSD License") it drops, so that one is kept
+here as a named licence. A wheel that declares nothing keeps no licence: none is invented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from medtriage.delivery.wheelhouse import BuildError, wheel_metadata, wheel_name_version
+from medtriage.format import sha256_file
+
+SPEC_VERSION = "1.6"
+_NAME_MAX = 100  # a longer `License` value is a licence text, not a licence name
+_NOT_A_LICENCE = {"", "unknown", "none", "n/a"}
+_GENERATOR_HINT = "install the generator: pip install cyclonedx-bom (part of medtriage[dev])"
+
+
+def write_sbom(wheels: list[Path], out_file: Path, pyproject: Path | None) -> list[str]:
+    """Write the SBOM of `wheels` to `out_file` (`pyproject`: the root component, when building from a
+    checkout); it is checked against the CycloneDX schema first. Returns the names of the wheels whose
+    metadata declares no licence."""
+    from packaging.utils import canonicalize_name
+
+    document = _generate(wheels, pyproject)
+    by_name = {canonicalize_name(wheel_name_version(w)[0]): w for w in wheels}
+    root = document.get("metadata", {}).get("component")
+    listed, unlicensed = set(), []
+    for component in [*([root] if root else []), *document.get("components", [])]:
+        wheel = by_name.get(canonicalize_name(component["name"]))
+        if wheel is None:
+            raise BuildError(f"the SBOM generator listed '{component['name']}', which is no wheel of the bundle", where=out_file)
+        listed.add(canonicalize_name(component["name"]))
+        component["hashes"] = [{"alg": "SHA-256", "content": sha256_file(wheel)}]
+        if not component.get("licenses"):
+            component["licenses"] = named_licences(wheel)
+        if not component["licenses"]:
+            del component["licenses"]
+            unlicensed.append(wheel_name_version(wheel)[0])
+    if set(by_name) - listed:
+        raise BuildError(f"the SBOM generator missed {', '.join(sorted(set(by_name) - listed))}", where=out_file)
+    text = json.dumps(document, indent=2) + "\n"
+    validate(text)
+    out_file.write_text(text)
+    return sorted(unlicensed)
+
+
+def named_licences(wheel: Path) -> list[dict]:
+    """The wheel's `License` values that name a licence (one short line), as CycloneDX named licences."""
+    values = {value.strip() for value in wheel_metadata(wheel).get_all("License") or []}
+    return [
+        {"license": {"name": value, "acknowledgement": "declared"}}
+        for value in sorted(values)
+        if value.lower() not in _NOT_A_LICENCE and len(value) <= _NAME_MAX and "\n" not in value
+    ]
+
+
+def validate(text: str) -> None:
+    """Check an SBOM against the CycloneDX JSON schema (strict: no unknown properties)."""
+    try:
+        from cyclonedx.schema import SchemaVersion
+        from cyclonedx.validation.json import JsonStrictValidator
+    except ImportError as err:
+        raise BuildError("cannot check the SBOM: cyclonedx-python-lib is missing", hint=_GENERATOR_HINT) from err
+    error = JsonStrictValidator(SchemaVersion.from_version(SPEC_VERSION)).validate_str(text)
+    if error is not None:
+        raise BuildError(f"the SBOM does not match the CycloneDX {SPEC_VERSION} schema: {str(error)[:600]}")
+
+
+def _generate(wheels: list[Path], pyproject: Path | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out, python = Path(tmp) / "sbom.cdx.json", Path(tmp) / "python"
+        # The generator asks this interpreter for its path; only that question sees the wheels (the
+        # generator itself must keep importing its own dependencies, not the bundle's).
+        path = os.pathsep.join(str(w.resolve()) for w in wheels)
+        python.write_text(f'#!/bin/sh\nPYTHONPATH={shlex.quote(path)} exec {shlex.quote(sys.executable)} "$@"\n')
+        python.chmod(0o755)
+        command = [sys.executable, "-m", "cyclonedx_py", "environment", "-S", str(python)]
+        command += ["--sv", SPEC_VERSION, "--of", "JSON", "--output-reproducible", "--no-validate", "-o", str(out)]  # checked below
+        if pyproject is not None:
+            command += ["--pyproject", str(pyproject)]
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError(f"writing the SBOM (cyclonedx-py) failed: {(done.stderr or done.stdout).strip()[-800:]}", hint=_GENERATOR_HINT)
+        return json.loads(out.read_text())

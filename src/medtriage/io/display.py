@@ -1,0 +1,167 @@
+"""Stored values -> display-ready float pixels in [0, 1] (numpy + pydicom only).
+
+Order of operations follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> modality LUT
+(rescale slope/intercept or a Modality LUT Sequence) -> VOI (VOI LUT Sequence, else window
+center/width) -> [0, 1]; MONOCHROME1 is then inverted so that bright means dense everywhere.
+Without any VOI the values are scaled by the range the stored bits can hold (through the modality
+LUT), never by the image's own min/max: the same scanner setting always gives the same intensities.
+Colour images (RGB, YBR_*, PALETTE COLOR) come out as 3-channel RGB scaled by their bit depth.
+Where the grayscale pipeline is one affine map and a clip (the usual case), it runs as such, in one
+blocked pass (io.native_pixels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+
+from medtriage.errors import DicomError
+from medtriage.io.native_pixels import StoredValues, affine_to_unit
+
+
+def to_display(stored: np.ndarray | StoredValues, ds: pydicom.Dataset, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Display pixels `[F, C, H, W]`, and the mean of each frame where it came on the way (the affine grayscale
+    mapping, in one blocked pass), else None."""
+    if isinstance(stored, np.ndarray) and stored.ndim == 3 and stored.dtype.kind in "iu":
+        stored = StoredValues(stored, 8 * stored.dtype.itemsize)  # decoded by pydicom: its unused bits are already fixed
+    if isinstance(stored, StoredValues):
+        affine = _display_affine(ds, 8 * stored.values.dtype.itemsize)
+        if affine is not None:
+            return affine_to_unit(stored, *affine)
+        stored = stored.corrected()
+    return _general_to_display(stored, ds, where), None
+
+
+def _display_affine(ds: pydicom.Dataset, allocated: int) -> tuple[float, float] | None:
+    """(scale, offset) such that display = clip(stored * scale + offset, 0, 1) gives what _general_to_display does for a
+    grayscale image (rescale, then a LINEAR / LINEAR_EXACT window or the stored range, MONOCHROME1 inverted);
+    None where the mapping is not affine (lookup tables, SIGMOID, a window one value wide)."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
+        return None
+    slope, intercept, (low, high) = _rescale(ds, allocated)
+    window = _window_values(ds)
+    if window is None:
+        span = max(high - low, 1e-12)
+        scale, offset = slope / span, (intercept - low) / span
+    else:
+        center, width, function = window
+        if function == "SIGMOID" or (function != "LINEAR_EXACT" and width <= 1):
+            return None
+        span, start = (width, center) if function == "LINEAR_EXACT" else (width - 1, center - 0.5)
+        scale, offset = slope / span, (intercept - start) / span + 0.5
+    return (-scale, 1.0 - offset) if photometric == "MONOCHROME1" else (scale, offset)
+
+
+def _general_to_display(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        return _palette_to_rgb(stored, ds, where)
+    if stored.ndim == 4:
+        return _colour_to_unit(stored, int(ds.get("BitsStored") or 8 * stored.dtype.itemsize))
+    pixels = _grayscale_to_unit(stored, ds, where)
+    if photometric == "MONOCHROME1":
+        np.subtract(1.0, pixels, out=pixels)
+    return pixels[:, None]
+
+
+def _colour_to_unit(rgb: np.ndarray, bits: int) -> np.ndarray:
+    pixels = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2), dtype=np.float32)
+    if rgb.dtype.kind == "f":
+        return _min_max(pixels)
+    pixels *= np.float32(1.0 / (2.0**bits - 1))
+    return pixels
+
+
+def _palette_to_rgb(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    try:
+        rgb = apply_color_lut(stored, ds)
+    except Exception as err:
+        raise DicomError(f"cannot apply the palette colour lookup table: {err}", where=where) from err
+    return _colour_to_unit(rgb, 8 * rgb.dtype.itemsize)
+
+
+def _grayscale_to_unit(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    if stored.dtype.kind == "f":  # Float Pixel Data: real-world values without a stored range
+        return _min_max(stored.astype(np.float32))
+    values, value_range = _modality(stored, ds)
+    if ds.get("VOILUTSequence"):
+        return _voi_lut(values, ds, where)
+    window = _window_values(ds)
+    if window is not None:
+        return _apply_window(values, *window)
+    low, high = value_range
+    values -= low
+    values *= 1.0 / max(high - low, 1e-12)
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
+def _modality(stored: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float]]:
+    """Modality LUT output as float32 (a fresh array, safe to modify) and the range it can span."""
+    if ds.get("ModalityLUTSequence"):
+        bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        return apply_modality_lut(stored, ds).astype(np.float32), (0.0, 2.0**bits - 1)
+    slope, intercept, value_range = _rescale(ds, stored.dtype.itemsize * 8)
+    values = stored.astype(np.float32)
+    if (slope, intercept) != (1.0, 0.0):
+        values *= slope
+        values += intercept
+    return values, value_range
+
+
+def _rescale(ds: pydicom.Dataset, allocated: int) -> tuple[float, float, tuple[float, float]]:
+    """Rescale slope and intercept, and the range of modality values the stored bits can hold."""
+    bits = int(ds.get("BitsStored") or allocated)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    low, high = (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
+    slope, intercept = float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
+    if (slope, intercept) != (1.0, 0.0):
+        low, high = sorted((low * slope + intercept, high * slope + intercept))
+    return slope, intercept, (low, high)
+
+
+def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    """VOI LUT Sequence: look up the (integer) modality values, scale by the LUT's bit depth."""
+    try:
+        out = apply_voi(np.rint(values).astype(np.int32), ds)
+    except Exception as err:
+        raise DicomError(f"invalid VOI LUT Sequence: {err}", where=where, hint="fix or remove the VOI LUT in the source system") from err
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    return out.astype(np.float32) * np.float32(1.0 / (2.0**bits - 1))
+
+
+def _window_values(ds: pydicom.Dataset) -> tuple[float, float, str] | None:
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None or center == "" or width == "":
+        return None
+    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
+    function = str(ds.get("VOILUTFunction") or "LINEAR").upper()
+    return first(center), first(width), function
+
+
+def _apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2/3 windowing straight to [0, 1], in place on float32."""
+    if function == "SIGMOID":
+        values -= center
+        values *= -4.0 / width
+        np.exp(values, out=values)
+        values += 1.0
+        return np.reciprocal(values, out=values)
+    if function == "LINEAR_EXACT":
+        values -= center
+        values *= 1.0 / width
+    elif width <= 1:
+        return (values > center - 0.5).astype(np.float32)
+    else:
+        values -= center - 0.5
+        values *= 1.0 / (width - 1)
+    values += 0.5
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    values -= low
+    values *= 1.0 / max(high - low, 1e-12)
+    return values

@@ -1,0 +1,95 @@
+"""JPEG 2000 frames decoded at a lower resolution level, for callers that need far fewer pixels than the image has.
+
+A JPEG 2000 codestream is a wavelet pyramid: resolution level r holds the image at 1/2^r of its size, and
+openjpeg decodes it without touching the code-blocks of the finer levels, where nearly all of the decoding
+time goes. A model that resizes every image to 28 or 224 pixels inside its graph needs nothing like a
+2000-pixel radiograph: the caller names the smallest side it needs (`min_side`), and the frame is decoded
+at the coarsest level whose both sides still reach it. The level-r image is the wavelet's low-pass band,
+on the scale of the stored values: a smoothed, subsampled image (not bit-identical to resizing the full
+decode), so this is for scoring, never for display or training data.
+
+Only plain single-component unsigned codestreams are taken (origin at 0, no subsampling); anything else,
+or any failure, returns None and the caller decodes the full image as usual. Decoding goes through
+Pillow's openjpeg binding, whose public `reduce` rounds the reduced size where openjpeg takes the ceiling:
+the size is set here as openjpeg computes it.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pydicom
+
+J2K_SYNTAXES = frozenset({pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000})
+_SOC, _SIZ, _COD, _SOT = b"\xff\x4f", b"\xff\x51", b"\xff\x52", b"\xff\x90"
+
+
+def reduced_j2k_frames(ds: pydicom.Dataset, syntax, frame: int | None, min_side: int | None) -> tuple[np.ndarray, int] | None:
+    """(stored values `[F, h, w]` at the coarsest level with both sides >= `min_side`, that level), or None where
+    no level below full size qualifies or the frame is not a plain grayscale codestream."""
+    if not min_side or syntax not in J2K_SYNTAXES or int(ds.get("SamplesPerPixel") or 1) != 1:
+        return None
+    if int(ds.get("PixelRepresentation") or 0) != 0:
+        return None
+    rows, columns, count = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
+    codestreams = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=count))
+    wanted = range(count) if frame is None else [frame]
+    decoded, level = [], 0
+    for index in wanted:
+        header = _codestream_header(codestreams[index])
+        if header is None or header[:2] != (rows, columns):
+            return None
+        level = _level(rows, columns, header[3], min_side)
+        values = _decode_at(codestreams[index], level, header[2]) if level else None
+        if values is None or values.shape != (-(-rows // 2**level), -(-columns // 2**level)):
+            return None
+        decoded.append(values)
+    return np.stack(decoded), level
+
+
+def _level(rows: int, columns: int, levels: int, min_side: int) -> int:
+    level = 0
+    while level < levels and min(-(-rows // 2 ** (level + 1)), -(-columns // 2 ** (level + 1))) >= min_side:
+        level += 1
+    return level
+
+
+def _codestream_header(codestream: bytes) -> tuple[int, int, int, int] | None:
+    """(rows, columns, bit precision, wavelet levels) of a single-component unsigned raw codestream; else None."""
+    if codestream[:2] != _SOC or codestream[2:4] != _SIZ or len(codestream) < 49:
+        return None
+    length, _, width, height, x0, y0 = struct.unpack(">HHIIII", codestream[4:24])
+    components, depth, dx, dy = struct.unpack(">HBBB", codestream[40:45])
+    if x0 or y0 or components != 1 or depth & 0x80 or (dx, dy) != (1, 1):
+        return None
+    position = 4 + length
+    while position + 4 <= len(codestream):  # main header markers up to the first tile
+        marker, segment = codestream[position : position + 2], struct.unpack(">H", codestream[position + 2 : position + 4])[0]
+        if marker == _SOT:
+            return None
+        if marker == _COD and position + 9 < len(codestream):
+            return height, width, (depth & 0x7F) + 1, codestream[position + 9]
+        position += 2 + segment
+    return None
+
+
+def _decode_at(codestream: bytes, level: int, precision: int) -> np.ndarray | None:
+    """The codestream decoded at resolution level `level` (0 = full size) as stored values; None if Pillow fails."""
+    try:
+        from PIL import Image, ImageFile
+
+        image = Image.open(io.BytesIO(codestream), formats=["JPEG2000"])
+        width, height = image.size
+        tile = image.tile[0]
+        image._size = (-(-width // 2**level), -(-height // 2**level))  # openjpeg's ceiling, not Pillow's rounding
+        image.tile = [tile._replace(extents=(0, 0, *image._size), args=(tile.args[0], level, *tile.args[2:]))]
+        ImageFile.ImageFile.load(image)
+        values = np.asarray(image)
+    except Exception:  # a Pillow without this layout, or a codestream it refuses: the full decode takes over
+        return None
+    container = 8 * values.dtype.itemsize
+    if values.dtype.kind != "u" or precision > container:
+        return None
+    return values >> (container - precision) if precision < container else values  # Pillow scales values up to its mode

@@ -1,0 +1,159 @@
+"""K-fold cross-validation of one training config: the selection score that never looks at test.
+
+`cross_validate(overrides, out_dir)` trains the config once per fold (`data.cv_folds`/`data.cv_fold`:
+train + validation pooled, de-duplicated groups kept together, test left out, see
+medtriage.data.folds), each fold a child MLflow run of one "trial" run, and scores each fold's
+held-out images with the run's final weights. The trial's score is the mean held-out log-loss, a
+proper score: it still separates configs when every fold's AUC is near 1. Folds run as
+`scripts/train.py` processes (export off), `jobs` at a time, so a 2-core machine trains two folds
+on one thread each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from medtriage.config import compose_train_config
+from medtriage.errors import MedTriageError
+from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id
+
+SCORES = ("log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
+OWN_KEYS = ("cv.", "data.cv_", "export.enabled", "paths.output_dir", "hydra.", "hparams_search", "tracking.run_name")
+
+
+class FoldFailedError(MedTriageError):
+    """A fold's training process failed; the trial has no score."""
+
+
+@dataclass
+class Fold:
+    fold: int
+    output_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+@dataclass
+class CrossValidation:
+    overrides: list[str]
+    folds: list[Fold]
+    run_id: str  # the trial's MLflow run; the folds are its children
+
+    def values(self, score: str) -> np.ndarray:
+        return np.array([f.metrics[f"val/{score}"] for f in self.folds])
+
+    def mean(self, score: str = SCORES[0]) -> float:
+        return float(self.values(score).mean())
+
+    def sd(self, score: str = SCORES[0]) -> float:
+        values = self.values(score)
+        return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+    @property
+    def score(self) -> float:
+        """Mean held-out log-loss: lower is better."""
+        return self.mean(SCORES[0])
+
+
+def quoted(value: str) -> str:
+    """`value` as a quoted Hydra override value (paths may hold `=` and `,`: a sweep's job folders do)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def fold_command(overrides: Sequence[str], folds: int, fold: int, output_dir: Path, run_name: str) -> list[str]:
+    """A `scripts/train.py` process that trains fold `fold` and exports nothing."""
+    return [
+        sys.executable,
+        "-m",
+        "medtriage.cli.train",
+        *overrides,
+        f"data.cv_folds={folds}",
+        f"data.cv_fold={fold}",
+        "export.enabled=false",
+        f"tracking.run_name={run_name}",
+        "hydra.run.dir=" + quoted(str(output_dir)),
+    ]
+
+
+def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | None = None) -> CrossValidation:
+    """Train the config of `overrides` on every fold, `cv.jobs` processes at a time; the folds' held-out scores.
+
+    `cfg` is that config when the caller has it composed already (inside a Hydra app, which cannot compose again).
+    """
+    cfg = cfg if cfg is not None else compose_train_config([*overrides, "paths.output_dir=."])
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(OWN_KEYS)]  # what the fold runs share
+    folds, jobs = cfg.cv.folds, cfg.cv.jobs
+    client = MlflowClient(cfg.tracking.uri)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    trial = client.create_run(
+        experiment_id(cfg.tracking.uri, cfg.tracking.experiment_name),
+        run_name=f"{cfg.name}-cv{folds}",
+        tags={"cross_validation": "true", **({PARENT_TAG: parent} if parent else {})},
+    )
+    run_id = trial.info.run_id
+    client.log_param(run_id, "cv.overrides", " ".join(overrides) or "-")
+    client.log_param(run_id, "cv.folds", folds)
+    print(f"cross-validation of `{' '.join(overrides)}` on {folds} folds; MLflow run {run_id}", flush=True)
+    try:
+        results = _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    result = CrossValidation(list(overrides), results, run_id)
+    for score in SCORES:
+        for fold in results:
+            client.log_metric(run_id, f"cv/{score}", fold.metrics[f"val/{score}"], step=fold.fold)
+        client.log_metric(run_id, f"cv/mean_{score}", result.mean(score))
+        client.log_metric(run_id, f"cv/sd_{score}", result.sd(score))
+    client.set_terminated(run_id, "FINISHED")
+    print(
+        "cross-validation: " + ", ".join(f"{s} {result.mean(s):.4f} ± {result.sd(s):.4f}" for s in SCORES) + f" (MLflow run {run_id})",
+        flush=True,
+    )
+    return result
+
+
+def _run_folds(overrides: list[str], folds: int, out_dir: Path, jobs: int, name: str, trial_run_id: str) -> list[Fold]:
+    env = {**os.environ, PARENT_RUN_ENV: trial_run_id}
+    pending = [Fold(i, out_dir / f"fold{i}") for i in range(folds)]
+    running: list[tuple[Fold, subprocess.Popen, float]] = []
+    done: list[Fold] = []
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            fold = pending.pop(0)
+            fold.output_dir.mkdir(parents=True, exist_ok=True)
+            log = (fold.output_dir / "train.log").open("w")
+            command = fold_command(overrides, folds, fold.fold, fold.output_dir, f"{name}-cv{folds}-fold{fold.fold}")
+            running.append((fold, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter()))
+            print(f"  fold {fold.fold + 1}/{folds} started (log: {fold.output_dir / 'train.log'})", flush=True)
+        time.sleep(1.0)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            fold, process, started = item
+            fold.wall_s = time.perf_counter() - started
+            if process.returncode != 0:
+                for _, other, _ in running:
+                    other.terminate()
+                raise FoldFailedError(
+                    f"fold {fold.fold} failed (exit {process.returncode})",
+                    where=str(fold.output_dir / "train.log"),
+                    hint="read the fold's log; the other folds were stopped",
+                )
+            fold.metrics = json.loads((fold.output_dir / "metrics.json").read_text())
+            done.append(fold)
+            print(
+                f"  fold {fold.fold + 1}/{folds} done in {fold.wall_s / 60:.1f} min: val log-loss {fold.metrics['val/log_loss']:.4f}",
+                flush=True,
+            )
+    return sorted(done, key=lambda f: f.fold)

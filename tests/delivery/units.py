@@ -1,0 +1,36 @@
+"""`systemd-analyze verify` of unit files offline, and the bundle's units as install.sh writes them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from medtriage.delivery.bundle import UNITS, write_templates
+
+DEFAULT_PREFIX = "/opt/medtriage"
+
+
+def verify(analyze: str, units: list[Path]) -> list[str]:
+    """What `systemd-analyze verify` says about `units`: its lines naming one of them, or its exit status."""
+    done = subprocess.run([analyze, "verify", "--man=no", *map(str, units)], capture_output=True, text=True, timeout=60, check=False)
+    names = [u.name for u in units] + [u.name.replace("@.", "@i.") for u in units]  # a template is checked as instance "i"
+    problems = [line for line in (done.stdout + done.stderr).splitlines() if any(name in line for name in names)]
+    return problems or ([f"exit status {done.returncode}: {done.stderr.strip()[-500:]}"] if done.returncode else [])
+
+
+def installed_units(tmp_path: Path) -> list[Path]:
+    """The bundle's units rewritten for PREFIX=tmp_path/opt, whose venv/bin/medtriage is an executable."""
+    write_templates(tmp_path / "bundle", {})
+    prefix = tmp_path / "opt"
+    executable = prefix / "venv" / "bin" / "medtriage"
+    executable.parent.mkdir(parents=True)
+    executable.write_text("#!/bin/sh\n")
+    executable.chmod(0o755)
+    (prefix / "systemd").mkdir()
+    units = []
+    for name in UNITS:
+        text = (tmp_path / "bundle" / "systemd" / name).read_text()
+        assert f"ExecStart={DEFAULT_PREFIX}/venv/bin/medtriage " in text
+        units.append(prefix / "systemd" / name)
+        units[-1].write_text(text.replace(DEFAULT_PREFIX, str(prefix)))  # install.sh: sed s#/opt/medtriage#$PREFIX#g
+    return units

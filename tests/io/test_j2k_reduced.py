@@ -1,0 +1,45 @@
+"""JPEG 2000 decoded at a coarser resolution level when the caller needs fewer pixels: real CR files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from medtriage.io.dicom import read_dicom
+from tests.io.test_dicom import sample_file
+
+
+def block_means(pixels: np.ndarray, level: int) -> np.ndarray:
+    k = 2**level
+    h, w = pixels.shape[0] // k * k, pixels.shape[1] // k * k
+    return pixels[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm"])
+def test_a_large_jpeg2000_image_is_decoded_at_the_coarsest_level_that_is_large_enough(name):
+    path = sample_file(name)
+    full = read_dicom(path)
+    reduced = read_dicom(path, min_side=200)
+    level = reduced.resolution_level
+    h, w = reduced.pixels.shape[-2:]
+    assert level >= 2 and (h, w) == (-(-full.rows // 2**level), -(-full.columns // 2**level))
+    assert min(h, w) >= 200 and min(-(-h // 2), -(-w // 2)) < 200  # one level coarser would be too small
+    assert (reduced.rows, reduced.columns) == (full.rows, full.columns) and full.resolution_level == 0  # header facts stay
+    # the low-pass band is the image smoothed: close to the full decode averaged over 2^level x 2^level blocks
+    expected = block_means(full.pixels[0, 0], level)
+    assert np.abs(reduced.pixels[0, 0, : expected.shape[0], : expected.shape[1]] - expected).mean() < 0.02
+
+
+def test_full_decode_where_no_level_is_small_enough_or_the_file_is_not_jpeg2000():
+    j2k = sample_file("RG3_J2KR.dcm")
+    rows = pydicom.dcmread(j2k, stop_before_pixels=True).Rows
+    assert read_dicom(j2k, min_side=rows).resolution_level == 0
+    np.testing.assert_array_equal(read_dicom(j2k, min_side=rows).pixels, read_dicom(j2k).pixels)
+    plain = sample_file("RG1_UNCI.dcm")
+    np.testing.assert_array_equal(read_dicom(plain, min_side=16).pixels, read_dicom(plain).pixels)
+
+
+def test_signed_or_multi_component_jpeg2000_is_decoded_in_full():
+    assert read_dicom(sample_file("MR_small_jp2klossless.dcm"), min_side=8).resolution_level == 0  # signed
+    assert read_dicom(sample_file("US1_J2KR.dcm"), min_side=8).resolution_level == 0  # colour
