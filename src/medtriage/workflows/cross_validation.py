@@ -133,9 +133,9 @@ def _run_folds(overrides: list[str], folds: int, out_dir: Path, jobs: int, name:
         while pending and len(running) < max(1, jobs):
             fold = pending.pop(0)
             fold.output_dir.mkdir(parents=True, exist_ok=True)
-            log = (fold.output_dir / "train.log").open("w")
             command = fold_command(overrides, folds, fold.fold, fold.output_dir, f"{name}-cv{folds}-fold{fold.fold}")
-            running.append((fold, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter()))
+            with (fold.output_dir / "train.log").open("w") as log:  # the process keeps its own copy of the handle
+                running.append((fold, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter()))
             print(f"  fold {fold.fold + 1}/{folds} started (log: {fold.output_dir / 'train.log'})", flush=True)
         time.sleep(1.0)
         for item in [r for r in running if r[1].poll() is not None]:
