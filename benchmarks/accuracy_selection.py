@@ -4,8 +4,8 @@
 
 1. Every candidate recipe (CANDIDATES: overrides of `experiment=pneumoniamnist_sota`) is cross-validated on
    train + validation (medtriage.workflows.cross_validation: folds de-duplicated by the leakage audit, test
-   left out of every fold run). The candidate with the lowest mean held-out log-loss is chosen; AUC saturates
-   near 1 on the folds, log-loss does not.
+   left out of every fold run), and scored by held-out log-loss (AUC saturates near 1 on the folds, log-loss
+   does not). The default recipe stays unless a candidate beats it by more than the folds' noise (`choose`).
 2. Only the chosen recipe is then trained on the official train split with each seed, exported (temperature and
    thresholds on validation), and its package scored on test once, through `medtriage score --npz --split test`;
    the seeds' packages are also exported as one ensemble graph and scored on test once.
@@ -41,6 +41,7 @@ CANDIDATES = {
         "data.augment.translate=0.08",
         "trainer.weight_decay=0.005",
     ],
+    "long-average": ["trainer.ema_decay=0.998"],  # EMA over about the last half of training: close to SWA
 }
 QUICK = ["data.limit=64", "trainer.max_epochs=1", "export.ood=false", "export.register_model=false"]
 
@@ -77,6 +78,25 @@ def cross_validate_candidate(overrides: list[str], cfg, out_dir: Path) -> dict:
     }
 
 
+def fold_log_losses(client, run_id: str) -> np.ndarray:
+    """A cross-validation trial's held-out log-loss per fold, in fold order (its MLflow run's `cv/log_loss`)."""
+    history = client.get_metric_history(run_id, "cv/log_loss")
+    return np.array([m.value for m in sorted(history, key=lambda m: m.step)])
+
+
+def choose(cv: dict, client, incumbent: str = "default") -> str:
+    """The incumbent, unless a challenger's fold log-losses are lower by more than one standard error of the
+    paired fold differences (the one-standard-error rule: a change must beat the folds' noise); among such
+    challengers, the lowest mean log-loss."""
+    base = fold_log_losses(client, cv[incumbent]["run_id"])
+    better = []
+    for label, result in cv.items():
+        gain = base - fold_log_losses(client, result["run_id"])  # > 0: the challenger is better on that fold
+        if label != incumbent and gain.mean() > gain.std(ddof=1) / np.sqrt(len(gain)):
+            better.append(label)
+    return min(better, key=lambda label: cv[label]["mean_log_loss"]) if better else incumbent
+
+
 def train_seed(overrides: list[str], seed: int, threads: int, name: str, out_dir: Path) -> dict:
     from medtriage.config import compose_train_config
     from medtriage.workflows.train_and_export import train_and_export
@@ -111,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     # Candidates side by side, each with its share of the training processes (folds of one candidate in turn).
     from medtriage.config import compose_train_config
 
-    fold_jobs = max(1, args.jobs // len(CANDIDATES))
     recipes = {label: [*BASE, *overrides, *extra] for label, overrides in CANDIDATES.items()}
+    to_run = [label for label, recipe in recipes.items() if not stage_file(out_dir, "cv", recipe).is_file()]
+    fold_jobs = max(1, args.jobs // max(1, len(to_run)))
     settings = [f"trainer.num_threads={args.threads}", f"cv.folds={args.folds}", f"cv.jobs={fold_jobs}"]
     # Composed here, in one thread: Hydra's state is global.
     configs = {label: compose_train_config([*recipe, *settings, "paths.output_dir=."]) for label, recipe in recipes.items()}
@@ -126,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             for label, recipe in recipes.items()
         }
         cv = {label: future.result() for label, future in futures.items()}
-    chosen = min(cv, key=lambda label: cv[label]["mean_log_loss"])  # decided before any test figure exists
+    from mlflow import MlflowClient
+
+    chosen = choose(
+        cv, MlflowClient(configs["default"].tracking.uri)
+    )  # decided on the folds alone, before any test figure of a new recipe exists
     recipe = [*BASE, *CANDIDATES[chosen], *extra]
     print(f"cross-validation: {json.dumps(cv)}\nchosen by cross-validated log-loss: {chosen}", flush=True)
 
@@ -196,8 +221,9 @@ def section(cv: dict, chosen: str, runs: list[dict], combined: dict | None, args
         f"`python scripts/cross_validate.py experiment={EXPERIMENT} <overrides> cv.folds={args.folds}`: train + validation "
         "pooled and cut into stratified folds that keep each patient and every (near-)duplicate group of the leakage audit "
         "together; test is left out of every fold run; each fold's last (EMA) weights are scored on its held-out images",
-        "- rule, fixed before any test figure: the lowest mean held-out log-loss (uncalibrated; a proper score, it does not "
-        "saturate when the folds' AUC does) chooses the recipe. Then the chosen recipe alone is trained on the official train "
+        "- rule, on the folds alone: held-out log-loss (uncalibrated; a proper score, it does not saturate when the folds' AUC "
+        "does); a candidate replaces the default recipe only if its fold log-losses are lower by more than one standard error "
+        "of the paired fold differences (the one-standard-error rule), and the lowest mean among those wins. Then the chosen recipe alone is trained on the official train "
         "split per seed, exported (temperature and thresholds on validation), and scored on test once per package",
         f"- test scoring: `medtriage score <package> --npz {NPZ} --split test --json` as a subprocess; ACC at the threshold at "
         "Youden's J on the served validation scores, and at the calibrated argmax (0.5); AUC 95% CI: 1,000 bootstrap resamples",
