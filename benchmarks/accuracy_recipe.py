@@ -76,26 +76,25 @@ def score_package(package: Path) -> dict:
     }
 
 
-def run_seed(seed: int, threads: int, extra: list[str], out_dir: Path) -> dict:
+def train_seed(overrides: list[str], seed: int, threads: int, name: str, out_dir: Path) -> dict:
+    """`scripts/train.py`'s job (train, then export as package `name`) for one seed; where it landed and its wall time."""
     from medtriage.config import compose_train_config
     from medtriage.workflows.train_and_export import train_and_export
 
-    name = f"{compose_train_config([f'experiment={EXPERIMENT}']).export.name}-seed{seed}{'-quick' if extra else ''}"
     cfg = compose_train_config(
-        [
-            f"experiment={EXPERIMENT}",
-            f"trainer.seed={seed}",
-            f"trainer.num_threads={threads}",
-            f"export.name={name}",
-            f"paths.output_dir={out_dir / f'seed{seed}'}",
-            *extra,
-        ]
+        [*overrides, f"trainer.seed={seed}", f"trainer.num_threads={threads}", f"export.name={name}", f"paths.output_dir={out_dir}"]
     )
     started = time.perf_counter()
     result = train_and_export(cfg)
-    wall = time.perf_counter() - started
-    scores = score_package(result.package)
-    return {"seed": seed, "run_id": result.run_id, "package": result.package, "wall_s": wall, **scores}
+    return {"seed": seed, "run_id": result.run_id, "package": str(result.package), "wall_s": time.perf_counter() - started}
+
+
+def run_seed(seed: int, threads: int, extra: list[str], out_dir: Path) -> dict:
+    from medtriage.config import compose_train_config
+
+    name = f"{compose_train_config([f'experiment={EXPERIMENT}']).export.name}-seed{seed}{'-quick' if extra else ''}"
+    trained = train_seed([f"experiment={EXPERIMENT}", *extra], seed, threads, name, out_dir / f"seed{seed}")
+    return {**trained, **score_package(Path(trained["package"]))}
 
 
 def mean_sd(values: list[float]) -> str:

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.accuracy import PUBLISHED
-from benchmarks.accuracy_recipe import EXPERIMENT, NPZ, TARGET_ACC, TARGET_AUC, TARGET_MINUTES, mean_sd, score_package
+from benchmarks.accuracy_recipe import EXPERIMENT, NPZ, TARGET_ACC, TARGET_AUC, TARGET_MINUTES, mean_sd, score_package, train_seed
 from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
+from medtriage.io.safe_output import write_atomic
 
 SECTION = "## Accuracy: selection"
 BASE = [f"experiment={EXPERIMENT}"]
@@ -56,10 +57,7 @@ def cached(path: Path, compute) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(result, indent=2, default=str).encode())
     return result
 
 
@@ -95,18 +93,6 @@ def choose(cv: dict, client, incumbent: str = "default") -> str:
         if label != incumbent and gain.mean() > gain.std(ddof=1) / np.sqrt(len(gain)):
             better.append(label)
     return min(better, key=lambda label: cv[label]["mean_log_loss"]) if better else incumbent
-
-
-def train_seed(overrides: list[str], seed: int, threads: int, name: str, out_dir: Path) -> dict:
-    from medtriage.config import compose_train_config
-    from medtriage.workflows.train_and_export import train_and_export
-
-    cfg = compose_train_config(
-        [*overrides, f"trainer.seed={seed}", f"trainer.num_threads={threads}", f"export.name={name}", f"paths.output_dir={out_dir}"]
-    )
-    started = time.perf_counter()
-    result = train_and_export(cfg)
-    return {"seed": seed, "run_id": result.run_id, "package": str(result.package), "wall_s": time.perf_counter() - started}
 
 
 def ensemble(run_ids: list[str], name: str) -> dict:
