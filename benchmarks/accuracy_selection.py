@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
@@ -27,7 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.accuracy import PUBLISHED
-from benchmarks.accuracy_recipe import EXPERIMENT, NPZ, TARGET_ACC, TARGET_AUC, TARGET_MINUTES, mean_sd, score_package, train_seed
+from benchmarks.accuracy_recipe import (
+    EXPERIMENT,
+    NPZ,
+    TARGET_ACC,
+    TARGET_AUC,
+    TARGET_MINUTES,
+    mean_sd,
+    score_package,
+    served_scores,
+    train_seed,
+)
 from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
 from medtriage.io.safe_output import write_atomic
 
@@ -43,6 +54,13 @@ CANDIDATES = {
         "trainer.weight_decay=0.005",
     ],
     "long-average": ["trainer.ema_decay=0.998"],  # EMA over about the last half of training: close to SWA
+    # Two routes to brightness and contrast robustness: invariance built into the model (each image standardised by
+    # its own mean and std, in the ONNX graph too), or learned from stronger photometric augmentation.
+    "per-image-intensity": ["model.preprocess.intensity=per_image"],
+    "strong-photometric": ["data.augment.intensity_scale=0.3", "data.augment.intensity_shift=0.1", "data.augment.noise_std=0.03"],
+    # This copy of the training split keeps a third of the official normals (388 of 3,882 images): draw the classes
+    # equally, so each normal image comes back under many augmentations, instead of up-weighting the same few in the loss.
+    "balanced-sampling": ["trainer.imbalance=sampler"],
 }
 QUICK = ["data.limit=64", "trainer.max_epochs=1", "export.ood=false", "export.register_model=false"]
 
@@ -95,6 +113,21 @@ def choose(cv: dict, client, incumbent: str = "default") -> str:
     return min(better, key=lambda label: cv[label]["mean_log_loss"]) if better else incumbent
 
 
+def seeds_mean_ci(packages: list[str]) -> tuple[float, float]:
+    """Bootstrap 95% interval of the seeds' mean test AUC: each resample of the test images scores every seed's package."""
+    from medtriage.evaluation.bootstrap import bootstrap_auc_ci
+
+    served = [served_scores(Path(package), "test") for package in packages]  # the fixed packages, scored as before
+    return bootstrap_auc_ci(served[0][1], np.stack([scores for scores, _, _ in served]))
+
+
+def timed_run(recipe: list[str], seed: int, threads: int, name: str, out_dir: Path) -> dict:
+    """One more training of the chosen recipe, with `threads` torch threads; the machine's load when it started
+    is kept with its wall time (the target is about a run that has the cores to itself)."""
+    load = os.getloadavg()[0]
+    return {**train_seed(recipe, seed, threads, name, out_dir), "threads": threads, "load_at_start": load}
+
+
 def ensemble(run_ids: list[str], name: str) -> dict:
     from medtriage.export.ensemble import export_ensemble
 
@@ -108,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training process")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--timing-threads",
+        type=int,
+        default=2,
+        help="the timed run: the chosen recipe's first seed trained again alone with this many threads (0: none)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 images per split, one epoch")
     parser.add_argument("--doc", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -161,13 +200,30 @@ def main(argv: list[str] | None = None) -> int:
         members = [r["run_id"] for r in runs]
         packaged = cached(stage_file(out_dir, "ensemble", [*recipe, *members]), lambda: ensemble(members, name))
         combined = {**packaged, **score_package(Path(packaged["package"]))}
+    seeds_ci = seeds_mean_ci([r["package"] for r in runs]) if len(runs) > 1 else None
+    timed = None
+    if args.timing_threads:  # last, alone on the machine: the wall time the ≤ 15 min target is about
+        name = f"pneumoniamnist-{chosen}-timed{'-quick' if args.quick else ''}"
+        timed = cached(
+            stage_file(out_dir, f"timed{args.timing_threads}", recipe),
+            partial(timed_run, recipe, args.seeds[0], args.timing_threads, name, out_dir / name),
+        )
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_selection_quick.md" if args.quick else "docs/benchmarks.md")
-    write_section(section(cv, chosen, runs, combined, args, command_line()), doc)
+    write_section(section(cv, chosen, runs, combined, args, command_line(), seeds_ci, timed), doc)
     print(f"written to {doc}")
     return 0
 
 
-def section(cv: dict, chosen: str, runs: list[dict], combined: dict | None, args, command: str) -> str:
+def section(
+    cv: dict,
+    chosen: str,
+    runs: list[dict],
+    combined: dict | None,
+    args,
+    command: str,
+    seeds_ci: tuple[float, float] | None = None,
+    timed: dict | None = None,
+) -> str:
     cv_rows = [
         f"| {'**' + label + '**' if label == chosen else label} | `{' '.join(CANDIDATES[label]) or '(as the experiment)'}` "
         f"| {r['mean_log_loss']:.4f} ± {r['sd_log_loss']:.4f} | {r['mean_brier']:.4f} ± {r['sd_brier']:.4f} "
@@ -182,7 +238,7 @@ def section(cv: dict, chosen: str, runs: list[dict], combined: dict | None, args
     aucs, accs = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
     if len(runs) > 1:
         test_rows.append(
-            f"| **{chosen}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | — | **{mean_sd(accs)}** "
+            f"| **{chosen}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | {_interval(seeds_ci)} | **{mean_sd(accs)}** "
             f"| {mean_sd([r['test_acc_argmax'] for r in runs])} | {mean_sd([r['val_auc'] for r in runs])} "
             f"| {np.mean([r['wall_s'] for r in runs]) / 60:.1f} | — |"
         )
@@ -193,7 +249,11 @@ def section(cv: dict, chosen: str, runs: list[dict], combined: dict | None, args
             f"| {combined['val_auc']:.4f} | — | `{combined['run_id'][:8]}` |"
         )
     test_rows += [f"| *published:* {name} | {auc:.3f} | — | {acc:.3f} (argmax) | — | — | — | — |" for name, auc, acc in PUBLISHED]
-    minutes = max(r["wall_s"] for r in runs) / 60
+    minutes, minutes_threads = max(r["wall_s"] for r in runs) / 60, args.threads
+    time_basis = "slowest run"
+    if timed:
+        minutes, minutes_threads = timed["wall_s"] / 60, timed["threads"]
+        time_basis = f"timed run (seed {timed['seed']}, load average {timed['load_at_start']:.1f} at its start)"
     best_auc = max([np.mean(aucs)] + ([combined["test_auc"]] if combined else []))
     lines = [
         SECTION,
@@ -212,7 +272,15 @@ def section(cv: dict, chosen: str, runs: list[dict], combined: dict | None, args
         "of the paired fold differences (the one-standard-error rule), and the lowest mean among those wins. Then the chosen recipe alone is trained on the official train "
         "split per seed, exported (temperature and thresholds on validation), and scored on test once per package",
         f"- test scoring: `medtriage score <package> --npz {NPZ} --split test --json` as a subprocess; ACC at the threshold at "
-        "Youden's J on the served validation scores, and at the calibrated argmax (0.5); AUC 95% CI: 1,000 bootstrap resamples",
+        "Youden's J on the served validation scores, and at the calibrated argmax (0.5); AUC 95% CI: 1,000 bootstrap resamples of the test images (for the seeds' "
+        "mean, each resample is scored by every seed's package)",
+        "- wall time: training + export of one run"
+        + (
+            f"; the ≤ {TARGET_MINUTES:.0f} min target is judged on one more run of the first seed with {timed['threads']} "
+            "threads, started after every other stage (`--timing-threads`)"
+            if timed
+            else ""
+        ),
         "",
         f"Cross-validation ({args.folds} folds; mean ± sd over folds; wall: minutes per fold):",
         "",
@@ -227,13 +295,17 @@ def section(cv: dict, chosen: str, runs: list[dict], combined: dict | None, args
         *test_rows,
         "",
         f"Targets: mean test AUC ≥ {TARGET_AUC} and ACC ≥ {TARGET_ACC} over 3 seeds, an ensemble above that; a run ≤ "
-        f"{TARGET_MINUTES:.0f} min on the CPU.",
+        f"{TARGET_MINUTES:.0f} min on 2 CPU cores.",
         f"- mean test AUC {np.mean(aucs):.4f}: {verdict(np.mean(aucs) >= TARGET_AUC and len(runs) >= 3)}",
         f"- mean test ACC {np.mean(accs):.4f}: {verdict(np.mean(accs) >= TARGET_ACC and len(runs) >= 3)}",
         f"- best of seeds' mean and ensemble, test AUC {best_auc:.4f}: {verdict(best_auc >= TARGET_AUC)}",
-        f"- slowest run {minutes:.1f} min on {args.threads} thread: {verdict(minutes <= TARGET_MINUTES)}",
+        f"- {time_basis} {minutes:.1f} min on {minutes_threads} thread{'s' if minutes_threads > 1 else ''}: {verdict(minutes <= TARGET_MINUTES)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _interval(ci: tuple[float, float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—"
 
 
 if __name__ == "__main__":

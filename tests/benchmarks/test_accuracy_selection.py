@@ -30,3 +30,31 @@ def test_a_challenger_better_on_every_fold_replaces_the_default():
 def test_a_gain_within_the_folds_noise_keeps_the_default():
     losses = {"default": [0.0561, 0.0800, 0.0760], "tie": [0.0562, 0.0800, 0.0755], "noisy": [0.03, 0.10, 0.07]}
     assert choose(cv_of(losses), FoldHistory(losses)) == "default"
+
+
+def _run(seed: int, minutes: float) -> dict:
+    figures = {"test_auc": 0.98, "ci_low": 0.97, "ci_high": 0.99, "test_acc": 0.93, "test_acc_argmax": 0.9, "val_auc": 0.997}
+    return {"seed": seed, "run_id": f"run{seed}", "wall_s": minutes * 60, **figures}
+
+
+def test_the_time_target_is_judged_on_the_timed_run_when_there_is_one():
+    from benchmarks.accuracy_selection import section
+
+    fold = {"mean_log_loss": 0.07, "sd_log_loss": 0.01, "mean_brier": 0.02, "sd_brier": 0.0, "mean_auc": 0.99, "sd_auc": 0.0}
+    cv = {"default": {**fold, "fold_wall_s": [600.0], "run_id": "cvrun"}}
+    args = SimpleNamespace(folds=3, threads=1, jobs=2, quick=False, timing_threads=2)
+    runs = [_run(0, 16.0), _run(1, 15.5)]  # one thread each, two at a time: slower than alone
+    text = section(
+        cv,
+        "default",
+        runs,
+        None,
+        args,
+        "cmd",
+        seeds_ci=(0.975, 0.986),
+        timed={"seed": 0, "wall_s": 9 * 60, "threads": 2, "load_at_start": 0.3},
+    )
+    assert "timed run (seed 0, load average 0.3 at its start) 9.0 min on 2 threads: **met**" in text
+    assert "[0.975, 0.986]" in text
+    untimed = section(cv, "default", runs, None, SimpleNamespace(**{**vars(args), "timing_threads": 0}), "cmd")
+    assert "slowest run 16.0 min on 1 thread: **not met**" in untimed

@@ -87,7 +87,7 @@ def test_every_job_of_the_comparison_composes_fully(tmp_path, variant):
     for site in sites:
         config = to_plain_dict(bench.loso_job_config(site, extra, tmp_path))
         assert config["data"]["holdout_site"] == site and config["paths"]["output_dir"] == str(tmp_path / site)
-        assert config["model"]["preprocess"]["intensity"] == ("per_image" if variant == "per_image" else "fixed")
+        assert config["model"]["preprocess"]["intensity"] == ("fixed" if variant == "fixed" else "per_image")
     pooled = to_plain_dict(bench.pooled_job_config(extra, tmp_path, "pooled-run"))
     assert pooled["data"]["holdout_site"] is None and pooled["tracking"]["run_name"] == "pooled-run"
     assert pooled["paths"]["output_dir"] == str(tmp_path / "pooled")

@@ -43,6 +43,19 @@ def test_bootstrap_interval_narrows_with_more_images_and_mean_sd():
     assert mean_sd([0.5]) == (0.5, 0.0)
 
 
+def test_bootstrap_interval_of_several_models_is_that_of_their_mean_auc():
+    data = scores(300, 0.8, 4)
+    rng = np.random.default_rng(0)
+    models = np.stack([data.logits[:, 1] + rng.normal(0, 0.5, len(data.labels)) for _ in range(3)])
+    mean_auc = np.mean([roc_auc_score(data.labels, m) for m in models])
+    low, high = bootstrap_auc_ci(data.labels, models, 300)
+    assert low < mean_auc < high
+    # one model alone is the plain interval; a shape mismatch is an error, not a silent broadcast
+    assert bootstrap_auc_ci(data.labels, models[0], 300) == bootstrap_auc_ci(data.labels, models[:1], 300)
+    with pytest.raises(ValueError, match="scores per model"):
+        bootstrap_auc_ci(data.labels, models[:, :-1], 50)
+
+
 def test_validation_log_loss_rewards_confident_correct_scores():
     val, test = scores(400, 1.2, 0), scores(300, 0.8, 1)
     sharper = SimpleNamespace(logits=val.logits * 3, labels=val.labels)
