@@ -62,6 +62,7 @@ CANDIDATES = {
     # equally, so each normal image comes back under many augmentations, instead of up-weighting the same few in the loss.
     "balanced-sampling": ["trainer.imbalance=sampler"],
 }
+MIN_GAIN = 1e-4  # fold log-loss differences below this are ties (e.g. two EMA decays that end on the same weights)
 QUICK = ["data.limit=64", "trainer.max_epochs=1", "export.ood=false", "export.register_model=false"]
 
 
@@ -100,16 +101,29 @@ def fold_log_losses(client, run_id: str) -> np.ndarray:
     return np.array([m.value for m in sorted(history, key=lambda m: m.step)])
 
 
-def choose(cv: dict, client, incumbent: str = "default") -> str:
-    """The incumbent, unless a challenger's fold log-losses are lower by more than one standard error of the
-    paired fold differences (the one-standard-error rule: a change must beat the folds' noise); among such
-    challengers, the lowest mean log-loss."""
+def gains(cv: dict, client, incumbent: str = "default") -> dict[str, tuple[float, float]]:
+    """Each challenger's mean fold log-loss gain over the incumbent (> 0: better) and its standard error,
+    from the paired fold differences."""
     base = fold_log_losses(client, cv[incumbent]["run_id"])
-    better = []
-    for label, result in cv.items():
-        gain = base - fold_log_losses(client, result["run_id"])  # > 0: the challenger is better on that fold
-        if label != incumbent and gain.mean() > gain.std(ddof=1) / np.sqrt(len(gain)):
-            better.append(label)
+    result = {}
+    for label, trial in cv.items():
+        if label != incumbent:
+            gain = base - fold_log_losses(client, trial["run_id"])
+            result[label] = (float(gain.mean()), float(gain.std(ddof=1) / np.sqrt(len(gain))))
+    return result
+
+
+def compared(gain: float, se: float) -> str:
+    """A challenger's standing against the incumbent: "better" only beyond one standard error of the paired fold
+    differences (the one-standard-error rule); differences under MIN_GAIN are ties whatever their SE."""
+    margin = max(se, MIN_GAIN)
+    return "better" if gain > margin else "worse" if gain < -margin else "within noise"
+
+
+def choose(cv: dict, client, incumbent: str = "default") -> str:
+    """The incumbent, unless a challenger is better beyond the folds' noise (`compared`); among such challengers,
+    the lowest mean log-loss."""
+    better = [label for label, gain in gains(cv, client, incumbent).items() if compared(*gain) == "better"]
     return min(better, key=lambda label: cv[label]["mean_log_loss"]) if better else incumbent
 
 
@@ -174,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         cv = {label: future.result() for label, future in futures.items()}
     from mlflow import MlflowClient
 
-    chosen = choose(
-        cv, MlflowClient(configs["default"].tracking.uri)
-    )  # decided on the folds alone, before any test figure of a new recipe exists
+    client = MlflowClient(configs["default"].tracking.uri)
+    chosen = choose(cv, client)  # decided on the folds alone, before any test figure of a new recipe exists
+    cv_gains = gains(cv, client)
     recipe = [*BASE, *CANDIDATES[chosen], *extra]
     print(f"cross-validation: {json.dumps(cv)}\nchosen by cross-validated log-loss: {chosen}", flush=True)
 
@@ -209,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             partial(timed_run, recipe, args.seeds[0], args.timing_threads, name, out_dir / name),
         )
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_selection_quick.md" if args.quick else "docs/benchmarks.md")
-    write_section(section(cv, chosen, runs, combined, args, command_line(), seeds_ci, timed), doc)
+    write_section(section(cv, chosen, runs, combined, args, command_line(), seeds_ci, timed, cv_gains), doc)
     print(f"written to {doc}")
     return 0
 
@@ -223,10 +237,12 @@ def section(
     command: str,
     seeds_ci: tuple[float, float] | None = None,
     timed: dict | None = None,
+    cv_gains: dict[str, tuple[float, float]] | None = None,
 ) -> str:
+    cv_gains = cv_gains or {}
     cv_rows = [
         f"| {'**' + label + '**' if label == chosen else label} | `{' '.join(CANDIDATES[label]) or '(as the experiment)'}` "
-        f"| {r['mean_log_loss']:.4f} ± {r['sd_log_loss']:.4f} | {r['mean_brier']:.4f} ± {r['sd_brier']:.4f} "
+        f"| {r['mean_log_loss']:.4f} ± {r['sd_log_loss']:.4f} | {_gain(cv_gains.get(label))} | {r['mean_brier']:.4f} ± {r['sd_brier']:.4f} "
         f"| {r['mean_auc']:.4f} ± {r['sd_auc']:.4f} | {np.mean(r['fold_wall_s']) / 60:.1f} | `{r['run_id'][:8]}` |"
         for label, r in cv.items()
     ]
@@ -284,8 +300,8 @@ def section(
         "",
         f"Cross-validation ({args.folds} folds; mean ± sd over folds; wall: minutes per fold):",
         "",
-        "| candidate | overrides | log-loss | Brier | AUC | wall (min) | MLflow trial run |",
-        "|---|---|---|---|---|---|---|",
+        "| candidate | overrides | log-loss | gain over default ± SE (better: replaces it) | Brier | AUC | wall (min) | MLflow trial run |",
+        "|---|---|---|---|---|---|---|---|",
         *cv_rows,
         "",
         f"Chosen: **{chosen}**. Test, scored once per package:",
@@ -302,6 +318,12 @@ def section(
         f"- {time_basis} {minutes:.1f} min on {minutes_threads} thread{'s' if minutes_threads > 1 else ''}: {verdict(minutes <= TARGET_MINUTES)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _gain(gain: tuple[float, float] | None) -> str:
+    if gain is None:
+        return "—"
+    return f"{gain[0]:+.4f} ± {gain[1]:.4f}: {compared(*gain)}"
 
 
 def _interval(ci: tuple[float, float] | None) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from benchmarks.accuracy_selection import choose
+import pytest
+
+from benchmarks.accuracy_selection import choose, compared, gains
 
 
 class FoldHistory:
@@ -30,6 +32,16 @@ def test_a_challenger_better_on_every_fold_replaces_the_default():
 def test_a_gain_within_the_folds_noise_keeps_the_default():
     losses = {"default": [0.0561, 0.0800, 0.0760], "tie": [0.0562, 0.0800, 0.0755], "noisy": [0.03, 0.10, 0.07]}
     assert choose(cv_of(losses), FoldHistory(losses)) == "default"
+    gain, se = gains(cv_of(losses), FoldHistory(losses))["noisy"]
+    assert gain == pytest.approx((0.0561 - 0.03 + 0.08 - 0.10 + 0.076 - 0.07) / 3) and 0 < gain < se
+    assert compared(gain, se) == "within noise"
+
+
+def test_differences_too_small_to_matter_are_ties_even_with_a_tiny_standard_error():
+    losses = {"default": [0.0561, 0.0800, 0.0760], "same": [0.05609998, 0.07999997, 0.07599996]}
+    assert choose(cv_of(losses), FoldHistory(losses)) == "default"
+    assert compared(*gains(cv_of(losses), FoldHistory(losses))["same"]) == "within noise"
+    assert compared(0.01, 0.002) == "better" and compared(-0.01, 0.002) == "worse"
 
 
 def _run(seed: int, minutes: float) -> dict:
@@ -41,7 +53,7 @@ def test_the_time_target_is_judged_on_the_timed_run_when_there_is_one():
     from benchmarks.accuracy_selection import section
 
     fold = {"mean_log_loss": 0.07, "sd_log_loss": 0.01, "mean_brier": 0.02, "sd_brier": 0.0, "mean_auc": 0.99, "sd_auc": 0.0}
-    cv = {"default": {**fold, "fold_wall_s": [600.0], "run_id": "cvrun"}}
+    cv = {label: {**fold, "fold_wall_s": [600.0], "run_id": label} for label in ("default", "balanced-sampling")}
     args = SimpleNamespace(folds=3, threads=1, jobs=2, quick=False, timing_threads=2)
     runs = [_run(0, 16.0), _run(1, 15.5)]  # one thread each, two at a time: slower than alone
     text = section(
@@ -53,7 +65,9 @@ def test_the_time_target_is_judged_on_the_timed_run_when_there_is_one():
         "cmd",
         seeds_ci=(0.975, 0.986),
         timed={"seed": 0, "wall_s": 9 * 60, "threads": 2, "load_at_start": 0.3},
+        cv_gains={"balanced-sampling": (0.0029, 0.0035)},
     )
+    assert "| +0.0029 ± 0.0035: within noise |" in text
     assert "timed run (seed 0, load average 0.3 at its start) 9.0 min on 2 threads: **met**" in text
     assert "[0.975, 0.986]" in text
     untimed = section(cv, "default", runs, None, SimpleNamespace(**{**vars(args), "timing_threads": 0}), "cmd")
