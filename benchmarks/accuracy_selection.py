@@ -285,7 +285,7 @@ def section(
         "together; test is left out of every fold run; each fold's last (EMA) weights are scored on its held-out images",
         "- rule, on the folds alone: held-out log-loss (uncalibrated; a proper score, it does not saturate when the folds' AUC "
         "does); a candidate replaces the default recipe only if its fold log-losses are lower by more than one standard error "
-        "of the paired fold differences (the one-standard-error rule), and the lowest mean among those wins. Then the chosen recipe alone is trained on the official train "
+        f"of the paired fold differences (the one-standard-error rule; differences under {MIN_GAIN:g} are ties), and the lowest mean among those wins. Then the chosen recipe alone is trained on the official train "
         "split per seed, exported (temperature and thresholds on validation), and scored on test once per package",
         f"- test scoring: `medtriage score <package> --npz {NPZ} --split test --json` as a subprocess; ACC at the threshold at "
         "Youden's J on the served validation scores, and at the calibrated argmax (0.5); AUC 95% CI: 1,000 bootstrap resamples of the test images (for the seeds' "

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +30,9 @@ def _isolated_mlflow(tmp_path, monkeypatch, empty_mlflow_db):
     """Each test still gets its own store (a copy of the empty one), as in tests/conftest.py."""
     db = tmp_path / "mlflow.db"
     shutil.copyfile(empty_mlflow_db, db)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # in-process runs set mlflow's global URI; no test inherits an earlier test's store
     yield
 
 

@@ -51,3 +51,22 @@ def test_optuna_sweep_over_folds_tracks_trials_and_folds_and_never_sees_test(tmp
         assert trial.data.metrics["cv/mean_log_loss"] == pytest.approx(np.mean(losses))
     best = min(t.data.metrics["cv/mean_log_loss"] for t in trials)
     assert f"Best value: {best}" in done.stdout + done.stderr  # the sweeper minimised what the trials logged
+
+
+def test_the_pool_is_built_once_before_folds_start_side_by_side(tmp_path, tiny_overrides, tracking_uri, monkeypatch):
+    """Folds launched together would each build a missing pool, and one would read the pixels another is writing."""
+    from medtriage.data.manifest import MANIFEST_FILE
+    from medtriage.workflows import cross_validation
+
+    fresh = tmp_path / "fresh_cache"
+    overrides = [o for o in tiny_overrides if not o.startswith("paths.cache_dir")] + [f"paths.cache_dir={fresh}", "cv.jobs=2"]
+    seen = {}
+
+    def folds_start(*args, **kwargs):
+        seen["pools"] = sorted(p.parent.name for p in fresh.rglob(MANIFEST_FILE))
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(cross_validation, "_run_folds", folds_start)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        cross_validation.cross_validate(overrides, tmp_path / "cv")
+    assert seen["pools"], "no pool existed when the folds were launched"

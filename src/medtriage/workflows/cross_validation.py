@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from medtriage.config import compose_train_config
+from medtriage.data.sources.registry import build_pool
 from medtriage.errors import MedTriageError
 from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id
 
@@ -106,6 +107,7 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     client.log_param(run_id, "cv.folds", folds)
     print(f"cross-validation of `{' '.join(overrides)}` on {folds} folds; MLflow run {run_id}", flush=True)
     try:
+        build_pool(cfg.data)  # here, once: folds starting side by side must not each build the pool they share
         results = _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id)
     except BaseException:
         client.set_terminated(run_id, "FAILED")

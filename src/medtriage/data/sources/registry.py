@@ -53,8 +53,9 @@ def _tiles_pool(data) -> Manifest:
 SOURCES: dict[str, Callable[..., Manifest]] = {"npz": _npz_pool, "sites": _sites_pool, "tiles": _tiles_pool}
 
 
-def load_pool(data) -> Manifest:
-    """The pooled manifest the `data` config group describes, built on first use (and one site held out when asked)."""
+def build_pool(data) -> Manifest:
+    """The whole pooled manifest the `data` config group describes, built on first use. Runs that share a pool and
+    start side by side (cross-validation folds) need it built once beforehand, or one reads what another writes."""
     if data.source not in SOURCES:
         raise ConfigError(f"unknown data source '{data.source}'", where="data.source", hint=f"choose one of: {', '.join(SOURCES)}")
     manifest = SOURCES[data.source](data)
@@ -64,6 +65,12 @@ def load_pool(data) -> Manifest:
             where="data.label_names",
             hint=f"set data.label_names to {manifest.label_names} or rebuild {manifest.pool_dir}",
         )
+    return manifest
+
+
+def load_pool(data) -> Manifest:
+    """The pooled manifest the `data` config group describes, built on first use (and one site held out when asked)."""
+    manifest = build_pool(data)
     if getattr(data, "holdout_site", None):
         manifest = hold_out_site(manifest, data.holdout_site)
     if getattr(data, "cv_folds", None):
