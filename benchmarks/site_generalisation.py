@@ -173,8 +173,8 @@ def ensure_site_pool(data, sites: Path, limit: int | None = None) -> None:
     """The de-identified 3-site pool the jobs read (`data.sites_dir`), made as `make demo` makes it when missing
     (site DICOM exports from the npz into `sites`, then ingested with each site's key), and the training pool built
     from it here, once, before jobs running side by side would each build it."""
-    from medtriage.data.pool import build_sites_pool
     from medtriage.data.simulate.sites import make_sites
+    from medtriage.data.sources.registry import build_pool
     from medtriage.io.ingest import ingest_sites
 
     ingested = Path(data.sites_dir)
@@ -182,7 +182,7 @@ def ensure_site_pool(data, sites: Path, limit: int | None = None) -> None:
         if not sites.is_dir():
             make_sites(ROOT / NPZ, sites, limit=limit)
         ingest_sites(sites, ingested, create_keys=True)
-    build_sites_pool(ingested, Path(data.pool_dir), seed=data.pool_seed)  # reused when unchanged
+    build_pool(data)  # reused when unchanged
 
 
 def run_benchmark(seeds: tuple[int, ...] = LOSO_SEEDS, threads: int = 1, quick: bool = False, jobs: int = 1) -> dict:
