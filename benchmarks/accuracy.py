@@ -122,15 +122,14 @@ def run_recipe(recipe: Recipe, overrides: list[str], out_dir: Path) -> Row:
     return row
 
 
-def run_ensemble(members: list[Row], name: str, label: str, out_dir: Path, flip_tta: bool = False) -> Row:
+def run_ensemble(members: list[Row], name: str, label: str, out_dir: Path) -> Row:
     """The runs of `members` averaged in one ONNX graph, exported, packaged and assessed like a single run."""
     from medtriage.export.ensemble import export_ensemble
 
     run_ids = [run_id for row in members for run_id in row.run_ids]
-    package, run_id, net = export_ensemble(run_ids, name, flip_tta=flip_tta)
+    package, run_id, net = export_ensemble(run_ids, name)
     assessment, figure = assess_network(net, _pool_dir(run_ids[0]), run_id, name, out_dir, package)
-    what = " + flip TTA" if flip_tta else ""
-    return Row(f"{label}: ensemble of {len(run_ids)} runs{what} (one ONNX graph)", [run_id], [assessment], [package], [figure])
+    return Row(f"{label}: ensemble of {len(run_ids)} runs (one ONNX graph)", [run_id], [assessment], [package], [figure])
 
 
 def ensembles(rows: list[Row], out_dir: Path) -> list[Row]:

@@ -6,8 +6,10 @@
    train + validation (medtriage.workflows.cross_validation: folds de-duplicated by the leakage audit, test
    left out of every fold run), and scored by held-out log-loss (AUC saturates near 1 on the folds, log-loss
    does not). The default recipe stays unless a candidate beats it by more than the folds' noise (`choose`).
-2. Only the chosen recipe is then trained on the official train split with each seed, exported (temperature and
-   thresholds on validation), and its package scored on test once, through `medtriage score --npz --split test`;
+2. Test-time views (TTA_VIEWS) are decided on the same folds by the same rule: the chosen trial's fold models, not
+   retrained, scored on their held-out images with and without them.
+3. Only the chosen recipe is then trained on the official train split with each seed, exported with the chosen
+   views (temperature and thresholds on validation), and its package scored on test once, through `medtriage score --npz --split test`;
    the seeds' packages are also exported as one ensemble graph and scored on test once.
 A stage whose result file exists under outputs/benchmark_accuracy_selection/ for the same overrides is not run again
 (CPU training is deterministic: a rerun repeats the figures), so the section can be rewritten without retraining.
@@ -16,7 +18,6 @@ A stage whose result file exists under outputs/benchmark_accuracy_selection/ for
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import os
@@ -39,8 +40,7 @@ from benchmarks.accuracy_recipe import (
     served_scores,
     train_seed,
 )
-from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
-from medtriage.io.safe_output import write_atomic
+from benchmarks.common import ROOT, cached, command_line, header, machine, stage_file, verdict, write_section
 
 SECTION = "## Accuracy: selection"
 BASE = [f"experiment={EXPERIMENT}"]
@@ -62,22 +62,11 @@ CANDIDATES = {
     # equally, so each normal image comes back under many augmentations, instead of up-weighting the same few in the loss.
     "balanced-sampling": ["trainer.imbalance=sampler"],
 }
+# Test-time views the anatomy allows: one-pixel shifts (no mirror image: the heart is on one side). Kept only when
+# the fold models score better with them, by the same rule as a candidate recipe.
+TTA_VIEWS = "shift"
 MIN_GAIN = 1e-4  # fold log-loss differences below this are ties (e.g. two EMA decays that end on the same weights)
 QUICK = ["data.limit=64", "trainer.max_epochs=1", "export.ood=false", "export.register_model=false"]
-
-
-def stage_file(out_dir: Path, kind: str, overrides: list[str]) -> Path:
-    key = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]
-    return out_dir / f"{kind}-{key}.json"
-
-
-def cached(path: Path, compute) -> dict:
-    """`compute()`'s result, stored as JSON at `path` (atomically) and read back on later runs."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    write_atomic(path, json.dumps(result, indent=2, default=str).encode())
-    return result
 
 
 def cross_validate_candidate(overrides: list[str], cfg, out_dir: Path) -> dict:
@@ -101,16 +90,16 @@ def fold_log_losses(client, run_id: str) -> np.ndarray:
     return np.array([m.value for m in sorted(history, key=lambda m: m.step)])
 
 
+def paired_gain(incumbent: np.ndarray, challenger: np.ndarray) -> tuple[float, float]:
+    """Mean fold log-loss gain of the challenger (> 0: better) and its standard error, from the paired fold differences."""
+    gain = np.asarray(incumbent) - np.asarray(challenger)
+    return float(gain.mean()), float(gain.std(ddof=1) / np.sqrt(len(gain)))
+
+
 def gains(cv: dict, client, incumbent: str = "default") -> dict[str, tuple[float, float]]:
-    """Each challenger's mean fold log-loss gain over the incumbent (> 0: better) and its standard error,
-    from the paired fold differences."""
+    """Each challenger's `paired_gain` over the incumbent."""
     base = fold_log_losses(client, cv[incumbent]["run_id"])
-    result = {}
-    for label, trial in cv.items():
-        if label != incumbent:
-            gain = base - fold_log_losses(client, trial["run_id"])
-            result[label] = (float(gain.mean()), float(gain.std(ddof=1) / np.sqrt(len(gain))))
-    return result
+    return {label: paired_gain(base, fold_log_losses(client, trial["run_id"])) for label, trial in cv.items() if label != incumbent}
 
 
 def compared(gain: float, se: float) -> str:
@@ -127,6 +116,64 @@ def choose(cv: dict, client, incumbent: str = "default") -> str:
     return min(better, key=lambda label: cv[label]["mean_log_loss"]) if better else incumbent
 
 
+def fold_tta(cv_dir: Path, folds: int, weights: str, tta: str = TTA_VIEWS) -> dict:
+    """Each fold model of a cross-validation trial (its final weights, not retrained) scored again on its held-out
+    images, as trained and averaged over the `tta` views: {"none": {...}, tta: {...}} of per-fold log-loss and AUC."""
+    from omegaconf import OmegaConf
+
+    from medtriage.data.sources.registry import load_pool
+    from medtriage.data.torch.datasets import cache_split
+    from medtriage.evaluation.metrics import evaluate
+    from medtriage.model.averaging import averaged
+    from medtriage.model.checkpoint import final_checkpoint, load_model
+    from medtriage.model.predict import predict_cached
+
+    scores = {views: {"log_loss": [], "auc": []} for views in ("none", tta)}
+    for fold in range(folds):
+        net, config = load_model(final_checkpoint(cv_dir / f"fold{fold}" / "checkpoints", weights))
+        data = OmegaConf.create(config["data"])
+        manifest = load_pool(data)  # the fold's split: its held-out images are "val"
+        held_out = cache_split(manifest, "val", net.preprocess, data.limit, config["trainer"]["seed"])  # as the fold run took them
+        for views, score in scores.items():
+            predictions = predict_cached(averaged(net, views), held_out)
+            metrics = evaluate(predictions.logits, predictions.labels, predictions.sites, "val")
+            score["log_loss"].append(metrics["val/log_loss"])
+            score["auc"].append(metrics["val/auc"])
+    return scores
+
+
+def check_refolded(tta: dict, client, run_id: str) -> dict:
+    """`tta`, once the fold models scored again without views give the trial's own fold log-losses (else they are
+    not its models, or not scored on its held-out images)."""
+    logged = fold_log_losses(client, run_id)
+    if not np.allclose(tta["none"]["log_loss"], logged, atol=1e-6):
+        raise RuntimeError(f"fold models give log-losses {tta['none']['log_loss']}, the trial {run_id} logged {logged.tolist()}")
+    return tta
+
+
+def package_views(package: Path) -> str:
+    meta = json.loads((package / "model.json").read_text())
+    return meta["preprocessing"].get("test_time_augmentation", {}).get("views", "none")
+
+
+def served_with(trained: dict, tta: str, out_dir: Path) -> dict:
+    """`trained`'s package when it already averages over the `tta` views; else its run exported again with them
+    (`python scripts/export.py run_id=<id> export.tta=<views>`), as package `<name>-<views>`."""
+    from medtriage.export.from_mlflow import export_from_mlflow
+
+    package = Path(trained["package"])
+    if package_views(package) == tta:
+        return trained
+    name = f"{package.name}-{tta}"
+
+    def export() -> dict:
+        started = time.perf_counter()
+        exported = export_from_mlflow(trained["run_id"], [f"export.tta={tta}", f"export.name={name}"])
+        return {"package": str(exported), "export_wall_s": time.perf_counter() - started}
+
+    return {**trained, **cached(stage_file(out_dir, f"export-{name}", [trained["run_id"], tta]), export), "tta": tta}
+
+
 def seeds_mean_ci(packages: list[str]) -> tuple[float, float]:
     """Bootstrap 95% interval of the seeds' mean test AUC: each resample of the test images scores every seed's package."""
     from medtriage.evaluation.bootstrap import bootstrap_auc_ci
@@ -139,13 +186,14 @@ def timed_run(recipe: list[str], seed: int, threads: int, name: str, out_dir: Pa
     """One more training of the chosen recipe, with `threads` torch threads; the machine's load when it started
     is kept with its wall time (the target is about a run that has the cores to itself)."""
     load = os.getloadavg()[0]
-    return {**train_seed(recipe, seed, threads, name, out_dir), "threads": threads, "load_at_start": load}
+    trained = train_seed(recipe, seed, threads, name, out_dir)
+    return {**trained, "threads": threads, "load_at_start": load, "tta": package_views(Path(trained["package"]))}
 
 
-def ensemble(run_ids: list[str], name: str) -> dict:
+def ensemble(run_ids: list[str], name: str, tta: str) -> dict:
     from medtriage.export.ensemble import export_ensemble
 
-    package, run_id, _ = export_ensemble(run_ids, name)
+    package, run_id, _ = export_ensemble(run_ids, name, tta)
     return {"run_id": run_id, "package": str(package)}
 
 
@@ -186,13 +234,23 @@ def main(argv: list[str] | None = None) -> int:
             for label, recipe in recipes.items()
         }
         cv = {label: future.result() for label, future in futures.items()}
-    from mlflow import MlflowClient
+    import mlflow
 
-    client = MlflowClient(configs["default"].tracking.uri)
+    mlflow.set_tracking_uri(configs["default"].tracking.uri)  # the exports below find their runs in the project's store
+    client = mlflow.MlflowClient()
     chosen = choose(cv, client)  # decided on the folds alone, before any test figure of a new recipe exists
     cv_gains = gains(cv, client)
     recipe = [*BASE, *CANDIDATES[chosen], *extra]
     print(f"cross-validation: {json.dumps(cv)}\nchosen by cross-validated log-loss: {chosen}", flush=True)
+    # Test-time views, decided on the same folds: the chosen trial's fold models scored again with them.
+    weights = configs[chosen].trainer.weights
+    folds_dir, trial = out_dir / f"cv-{chosen}", cv[chosen]["run_id"]
+    views = cached(
+        stage_file(out_dir, "tta", [*recipe, TTA_VIEWS]), lambda: check_refolded(fold_tta(folds_dir, args.folds, weights), client, trial)
+    )
+    views_gain = paired_gain(views["none"]["log_loss"], views[TTA_VIEWS]["log_loss"])
+    tta = TTA_VIEWS if compared(*views_gain) == "better" else "none"
+    print(f"test-time views {TTA_VIEWS}: fold log-loss gain {views_gain[0]:+.4f} ± {views_gain[1]:.4f}; served with: {tta}", flush=True)
 
     # The chosen recipe's seeds, args.jobs trainings at a time (each in its own process: torch threads per process).
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -203,16 +261,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             for seed, name in names.items()
         ]
-        trained = [future.result() for future in futures]
+        trained = [served_with(future.result(), tta, out_dir) for future in futures]
     runs = []
     for result in trained:  # test scored once per package, after every package exists
         runs.append({**result, **score_package(Path(result["package"]))})
         print(json.dumps(runs[-1], default=str), flush=True)
     combined = None
     if len(runs) > 1:
-        name = f"pneumoniamnist-{chosen}-ensemble{len(runs)}{'-quick' if args.quick else ''}"
+        name = f"pneumoniamnist-{chosen}-ensemble{len(runs)}{'' if tta == 'none' else '-' + tta}{'-quick' if args.quick else ''}"
         members = [r["run_id"] for r in runs]
-        packaged = cached(stage_file(out_dir, "ensemble", [*recipe, *members]), lambda: ensemble(members, name))
+        key = [*recipe, *members, *([] if tta == "none" else [tta])]
+        packaged = cached(stage_file(out_dir, "ensemble", key), lambda: ensemble(members, name, tta))
         combined = {**packaged, **score_package(Path(packaged["package"]))}
     seeds_ci = seeds_mean_ci([r["package"] for r in runs]) if len(runs) > 1 else None
     timed = None
@@ -223,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             partial(timed_run, recipe, args.seeds[0], args.timing_threads, name, out_dir / name),
         )
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_selection_quick.md" if args.quick else "docs/benchmarks.md")
-    write_section(section(cv, chosen, runs, combined, args, command_line(), seeds_ci, timed, cv_gains), doc)
+    averaging = {"scores": views, "gain": views_gain, "served": tta, "configured": configs[chosen].export.tta}
+    write_section(section(cv, chosen, runs, combined, args, command_line(), seeds_ci, timed, cv_gains, averaging), doc)
     print(f"written to {doc}")
     return 0
 
@@ -238,8 +298,11 @@ def section(
     seeds_ci: tuple[float, float] | None = None,
     timed: dict | None = None,
     cv_gains: dict[str, tuple[float, float]] | None = None,
+    averaging: dict | None = None,
 ) -> str:
     cv_gains = cv_gains or {}
+    served = averaging["served"] if averaging else "none"
+    model = chosen if served == "none" else f"{chosen} + {served} views"
     cv_rows = [
         f"| {'**' + label + '**' if label == chosen else label} | `{' '.join(CANDIDATES[label]) or '(as the experiment)'}` "
         f"| {r['mean_log_loss']:.4f} ± {r['sd_log_loss']:.4f} | {_gain(cv_gains.get(label))} | {r['mean_brier']:.4f} ± {r['sd_brier']:.4f} "
@@ -247,20 +310,20 @@ def section(
         for label, r in cv.items()
     ]
     test_rows = [
-        f"| {chosen} seed {r['seed']} | {r['test_auc']:.4f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['test_acc']:.4f} "
+        f"| {model} seed {r['seed']} | {r['test_auc']:.4f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['test_acc']:.4f} "
         f"| {r['test_acc_argmax']:.4f} | {r['val_auc']:.4f} | {r['wall_s'] / 60:.1f} | `{r['run_id'][:8]}` |"
         for r in runs
     ]
     aucs, accs = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
     if len(runs) > 1:
         test_rows.append(
-            f"| **{chosen}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | {_interval(seeds_ci)} | **{mean_sd(accs)}** "
+            f"| **{model}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | {_interval(seeds_ci)} | **{mean_sd(accs)}** "
             f"| {mean_sd([r['test_acc_argmax'] for r in runs])} | {mean_sd([r['val_auc'] for r in runs])} "
             f"| {np.mean([r['wall_s'] for r in runs]) / 60:.1f} | — |"
         )
     if combined:
         test_rows.append(
-            f"| {chosen}: ensemble of the {len(runs)} seeds (one ONNX graph) | {combined['test_auc']:.4f} "
+            f"| {model}: ensemble of the {len(runs)} seeds (one ONNX graph) | {combined['test_auc']:.4f} "
             f"| [{combined['ci_low']:.3f}, {combined['ci_high']:.3f}] | {combined['test_acc']:.4f} | {combined['test_acc_argmax']:.4f} "
             f"| {combined['val_auc']:.4f} | — | `{combined['run_id'][:8]}` |"
         )
@@ -269,7 +332,8 @@ def section(
     time_basis = "slowest run"
     if timed:
         minutes, minutes_threads = timed["wall_s"] / 60, timed["threads"]
-        time_basis = f"timed run (seed {timed['seed']}, load average {timed['load_at_start']:.1f} at its start)"
+        exported = "" if timed.get("tta", "none") == "none" else f", exported with {timed['tta']} views"
+        time_basis = f"timed run (seed {timed['seed']}{exported}, load average {timed['load_at_start']:.1f} at its start)"
     best_auc = max([np.mean(aucs)] + ([combined["test_auc"]] if combined else []))
     lines = [
         SECTION,
@@ -286,7 +350,8 @@ def section(
         "- rule, on the folds alone: held-out log-loss (uncalibrated; a proper score, it does not saturate when the folds' AUC "
         "does); a candidate replaces the default recipe only if its fold log-losses are lower by more than one standard error "
         f"of the paired fold differences (the one-standard-error rule; differences under {MIN_GAIN:g} are ties), and the lowest mean among those wins. Then the chosen recipe alone is trained on the official train "
-        "split per seed, exported (temperature and thresholds on validation), and scored on test once per package",
+        "split per seed, exported with the chosen test-time views (temperature and thresholds on validation), and scored on "
+        "test once per package",
         f"- test scoring: `medtriage score <package> --npz {NPZ} --split test --json` as a subprocess; ACC at the threshold at "
         "Youden's J on the served validation scores, and at the calibrated argmax (0.5); AUC 95% CI: 1,000 bootstrap resamples of the test images (for the seeds' "
         "mean, each resample is scored by every seed's package)",
@@ -304,7 +369,8 @@ def section(
         "|---|---|---|---|---|---|---|---|",
         *cv_rows,
         "",
-        f"Chosen: **{chosen}**. Test, scored once per package:",
+        *(_averaging_lines(averaging) if averaging else []),
+        f"Chosen: **{model}**. Test, scored once per package:",
         "",
         "| model | test AUC | 95% CI | test ACC (val Youden) | ACC @ 0.5 | val AUC | wall (min) | MLflow run |",
         "|---|---|---|---|---|---|---|---|",
@@ -318,6 +384,31 @@ def section(
         f"- {time_basis} {minutes:.1f} min on {minutes_threads} thread{'s' if minutes_threads > 1 else ''}: {verdict(minutes <= TARGET_MINUTES)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _averaging_lines(averaging: dict) -> list[str]:
+    """The test-time views' table: the chosen trial's fold models with and without them, and the decision."""
+    from medtriage.model.averaging import view_count
+
+    rows = [
+        f"| {views} ({view_count(views)}) | {mean_sd(s['log_loss'])} | {_gain(averaging['gain']) if views != 'none' else '—'} | {mean_sd(s['auc'])} |"
+        for views, s in averaging["scores"].items()
+    ]
+    configured = averaging["configured"]
+    agreement = "agrees" if configured == averaging["served"] else f"**differs**: set `export.tta: {averaging['served']}` there"
+    return [
+        "Test-time views (one source pixel each way, edges replicated; no mirror image: the heart is on one side), decided on "
+        "the same folds by the same rule: the chosen trial's fold models, not retrained, scored again on their held-out images "
+        "(without views they reproduce the trial's logged fold log-losses, or the run stops):",
+        "",
+        "| views (count) | fold log-loss | gain ± SE (better: served with them) | fold AUC |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Served with: **{averaging['served']}**. The recipe's config (`configs/experiment/{EXPERIMENT}.yaml`) exports with "
+        f"`export.tta: {configured}`: {agreement}.",
+        "",
+    ]
 
 
 def _gain(gain: tuple[float, float] | None) -> str:

@@ -4,6 +4,8 @@ interleaved timer (medians), and the writer of a benchmark's section in the docs
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 import platform
 import re
@@ -14,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from medtriage.io.safe_output import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]  # benchmarks/ sits at the project root, outside the package
 BENCHMARKS_DOC = ROOT / "docs" / "benchmarks.md"
@@ -112,6 +116,24 @@ def interleaved(
         if cpus and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, everything)
     return timings
+
+
+# --- stage results kept between runs ----------------------------------------------------------------
+
+
+def stage_file(out_dir: Path, kind: str, overrides: list[str]) -> Path:
+    """Where a benchmark stage's result for these overrides is kept: `<kind>-<hash of the overrides>.json`."""
+    key = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]
+    return out_dir / f"{kind}-{key}.json"
+
+
+def cached(path: Path, compute) -> dict:
+    """`compute()`'s result, stored as JSON at `path` (atomically) and read back on later runs."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    write_atomic(path, json.dumps(result, indent=2, default=str).encode())
+    return result
 
 
 # --- writing the docs -----------------------------------------------------------------------------

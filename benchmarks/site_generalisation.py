@@ -27,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
+from benchmarks.common import ROOT, cached, command_line, header, machine, stage_file, verdict, write_section
 from medtriage.config import compose_train_config
 from medtriage.evaluation.bootstrap import mean_sd
 
@@ -59,6 +59,9 @@ VARIANT_TITLES = {
     "per_image_trained": "per-image, trained 8 epochs",
     "per_image_trained_20": "per-image, trained 20 epochs",
 }
+# Data volume or site shift? For this variant, a pooled model is also trained per held-out site on a random subset of
+# the pool's training split (every site, stratified by site and label) as large as that run's training set.
+SIZE_MATCHED = "per_image_trained"
 LOSO_SEEDS = (0, 1, 2)
 QUICK = ["data.limit=64", "trainer.max_epochs=1", "trainer.warmup_epochs=0.25"]
 QUICK_IMAGES = 300  # the --quick pool: enough of both classes at each site for a test AUC
@@ -148,19 +151,49 @@ def run_pooled(overrides: list[str], uri: str, out_dir: Path, run_name: str) -> 
     }
 
 
+def training_sizes(data, limit: int | None = None) -> dict[str, int]:
+    """Training images of each held-out-site run (the other sites' training rows), at most `limit`."""
+    from medtriage.data.holdout import hold_out_site
+    from medtriage.data.sources.registry import build_pool
+
+    manifest = build_pool(data)
+    sizes = {site: len(hold_out_site(manifest, site).split("train")) for site in loso_sites()}
+    return {site: min(n, limit or n) for site, n in sizes.items()}
+
+
+def run_size_matched(job: list[str], sizes: dict[str, int], uri: str, out_dir: Path, run_name: str) -> dict:
+    """Per site: the pooled model trained on as many images as the run holding that site out (`data.limit` draws them
+    from every (site, label) group of each split; validation and test are smaller than any of these sizes, so only
+    training is cut), and its test AUC on that site's rows of the pool's test split."""
+    result = {}
+    for site, n_train in sizes.items():
+        pooled = run_pooled([*job, f"data.limit={n_train}"], uri, out_dir / site, f"{run_name}-{site}")
+        result[site] = {"n_train": n_train, "site_auc": pooled["per_site"][site], "auc": pooled["auc"], "run_id": pooled["run_id"]}
+    return result
+
+
 def gap(result: dict) -> float:
     """Pooled test AUC minus the worst held-out site's: what the target bounds."""
     return result["pooled"]["auc"] - result["worst"]
 
 
-def compare(variant: str, seed: int, overrides: list[str], uri: str, out_dir: Path) -> dict:
-    """One seed of one variant: the sweep, then the pooled model; the parent run records the pooled AUC and the gap."""
+def compare(variant: str, seed: int, overrides: list[str], uri: str, out_dir: Path, sizes: dict[str, int]) -> dict:
+    """One seed of one variant, kept under `out_dir` for later runs: the sweep, then the pooled model (and for
+    SIZE_MATCHED the size-matched pooled models); the parent run records the pooled AUC and the gap."""
+    job = [*LOSO_VARIANTS[variant], f"trainer.seed={seed}", *overrides]
+    key = [*job, *(f"{site}={n}" for site, n in sizes.items())] if variant == SIZE_MATCHED else job
+    return cached(stage_file(out_dir, f"compare-{variant}-seed{seed}", key), lambda: _compare(variant, seed, job, uri, out_dir, sizes))
+
+
+def _compare(variant: str, seed: int, job: list[str], uri: str, out_dir: Path, sizes: dict[str, int]) -> dict:
     from mlflow import MlflowClient
 
-    job = [*LOSO_VARIANTS[variant], f"trainer.seed={seed}", *overrides]
     loso = run_loso(job, uri, out_dir / f"loso_{variant}_seed{seed}")
     pooled = run_pooled(job, uri, out_dir / f"pooled_{variant}_seed{seed}", f"{LOSO_EXPERIMENT}-pooled-{variant}-seed{seed}")
     result = {**loso, "seed": seed, "pooled": pooled}
+    if variant == SIZE_MATCHED:
+        name = f"{LOSO_EXPERIMENT}-size-matched-{variant}-seed{seed}"
+        result["size_matched"] = run_size_matched(job, sizes, uri, out_dir / f"size_matched_{variant}_seed{seed}", name)
     client = MlflowClient(uri)
     client.log_metric(loso["parent_run_id"], "loso/pooled_test_auc", pooled["auc"])
     client.log_metric(loso["parent_run_id"], "loso/pooled_minus_worst", gap(result))
@@ -197,10 +230,11 @@ def run_benchmark(seeds: tuple[int, ...] = LOSO_SEEDS, threads: int = 1, quick: 
     data, uri = cfg.data, cfg.tracking.uri
     sites = out_dir / "sites" if quick else ROOT / "data" / "sites"
     ensure_site_pool(data, sites, QUICK_IMAGES if quick else None)
+    sizes = training_sizes(data, data.limit)
     # The longest variants first, so the last job to start is a short one.
     order = [(variant, seed) for variant in reversed(LOSO_VARIANTS) for seed in seeds]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {job: pool.submit(compare, *job, overrides, uri, out_dir) for job in order}
+        futures = {job: pool.submit(compare, *job, overrides, uri, out_dir, sizes) for job in order}
         variants = {variant: [futures[variant, seed].result() for seed in seeds] for variant in LOSO_VARIANTS}
     return {
         "variants": variants,
@@ -262,6 +296,49 @@ def pooled_site_lines(variants: dict[str, list[dict]]) -> list[str]:
     return [f"Pooled model on each site's test rows (context; mean ± sd over seeds): {'; '.join(parts)}."]
 
 
+def _site_figures(run: dict, site: str) -> dict[str, float]:
+    """One seed's test AUC on `site` from the held-out, the size-matched pooled and the full pooled model, and the
+    shortfall split into volume (full - size-matched) and site (size-matched - held out)."""
+    held_out, matched, full = run["per_site"][site], run["size_matched"][site]["site_auc"], run["pooled"]["per_site"][site]
+    return {"held_out": held_out, "matched": matched, "full": full, "volume": full - matched, "site": matched - held_out}
+
+
+def size_matched_lines(variants: dict[str, list[dict]]) -> list[str]:
+    """Per site, how much of the held-out model's shortfall is the smaller training set, and how much the unseen site."""
+    runs = [r for r in variants.get(SIZE_MATCHED, []) if "size_matched" in r]
+    if not runs:
+        return []
+    sites = sorted(runs[0]["size_matched"])
+    figures = {site: [_site_figures(r, site) for r in runs] for site in sites}
+
+    def cell(site: str, key: str) -> str:
+        return _cell([f[key] for f in figures[site]], signed=key in ("volume", "site"))
+
+    rows = [
+        f"| {site} | {runs[0]['size_matched'][site]['n_train']} | "
+        + " | ".join(cell(site, key) for key in ("held_out", "matched", "full", "volume", "site"))
+        + " |"
+        for site in sites
+    ]
+    worst = min(sites, key=lambda site: statistics.fmean(f["held_out"] for f in figures[site]))
+    volume, shift = (statistics.fmean(f[key] for f in figures[worst]) for key in ("volume", "site"))
+    share = f" ({volume / (volume + shift):.0%} volume)" if volume > 0 and shift > 0 else ""
+    return [
+        f"Data volume or site shift ({VARIANT_TITLES[SIZE_MATCHED]}): each site's test AUC from the model that never saw it, "
+        "from a pooled model trained on a random subset of the pool's training split (every site, by site and label) "
+        "as large as that model's training set, and from the full pooled model. The two pooled models are scored on "
+        "the site's rows of the pool's test split, the held-out model on all the site's images. Mean ± sd over seeds:",
+        "",
+        "| site | training images when it is held out | held out | pooled, size-matched | pooled, all | "
+        "from volume (all − size-matched) | from the site (size-matched − held out) |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Worst held-out site, {worst}: {volume:+.3f} of its shortfall comes from the smaller training set and "
+        f"{shift:+.3f} from never having seen the site{share}.",
+    ]
+
+
 def verdict_lines(variants: dict[str, list[dict]]) -> list[str]:
     lines = [
         f"Target: worst held-out site's test AUC within {TARGET_GAP:g} of the pooled model's (gap, mean over seeds, ≤ {TARGET_GAP:g})."
@@ -307,6 +384,8 @@ def section(result: dict, command: str) -> str:
         *table_lines(variants),
         "",
         *pooled_site_lines(variants),
+        "",
+        *size_matched_lines(variants),
         "",
         "MLflow runs: "
         + "; ".join(

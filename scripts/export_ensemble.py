@@ -1,4 +1,4 @@
-"""Package several finished training runs as one ONNX graph: `python scripts/export_ensemble.py --name NAME RUN_ID ... [--flip-tta]`."""
+"""Package several finished training runs as one ONNX graph: `python scripts/export_ensemble.py --name NAME RUN_ID ... [--tta shift|flip]`."""
 
 import sys
 

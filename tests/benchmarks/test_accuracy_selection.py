@@ -72,3 +72,37 @@ def test_the_time_target_is_judged_on_the_timed_run_when_there_is_one():
     assert "[0.975, 0.986]" in text
     untimed = section(cv, "default", runs, None, SimpleNamespace(**{**vars(args), "timing_threads": 0}), "cmd")
     assert "slowest run 16.0 min on 1 thread: **not met**" in untimed
+
+
+def _section_with_views(served: str, configured: str) -> str:
+    from benchmarks.accuracy_selection import section
+
+    fold = {"mean_log_loss": 0.07, "sd_log_loss": 0.01, "mean_brier": 0.02, "sd_brier": 0.0, "mean_auc": 0.99, "sd_auc": 0.0}
+    cv = {"default": {**fold, "fold_wall_s": [600.0], "run_id": "default"}}
+    args = SimpleNamespace(folds=3, threads=1, jobs=2, quick=False, timing_threads=0)
+    scores = {
+        "none": {"log_loss": [0.056, 0.080, 0.076], "auc": [0.997] * 3},
+        "shift": {"log_loss": [0.054, 0.076, 0.073], "auc": [0.997] * 3},
+    }
+    averaging = {"scores": scores, "gain": (0.003, 0.0005), "served": served, "configured": configured}
+    return section(cv, "default", [_run(0, 9.0), _run(1, 9.0)], None, args, "cmd", averaging=averaging)
+
+
+def test_the_served_views_and_their_agreement_with_the_recipe_config_are_stated():
+    text = _section_with_views("shift", "shift")
+    assert "| shift (9) | 0.0677 ± 0.0119 | +0.0030 ± 0.0005: better |" in text
+    assert "Served with: **shift**" in text and "`export.tta: shift`: agrees" in text
+    assert "| default + shift views seed 0 |" in text
+    assert "**differs**: set `export.tta: shift` there" in _section_with_views("shift", "none")
+    assert "| default seed 0 |" in _section_with_views("none", "none")
+
+
+def test_fold_models_that_do_not_reproduce_the_trials_log_losses_stop_the_run():
+    from benchmarks.accuracy_selection import check_refolded, paired_gain
+
+    history = FoldHistory({"trial": [0.056, 0.080, 0.076]})
+    check_refolded({"none": {"log_loss": [0.056, 0.080, 0.076]}}, history, "trial")
+    with pytest.raises(RuntimeError, match="the trial trial logged"):
+        check_refolded({"none": {"log_loss": [0.056, 0.081, 0.076]}}, history, "trial")
+    gain, se = paired_gain([0.056, 0.080, 0.076], [0.055, 0.077, 0.074])
+    assert gain == pytest.approx(0.002) and se == pytest.approx(0.000577, rel=1e-3)

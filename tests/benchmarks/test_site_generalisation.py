@@ -92,3 +92,25 @@ def test_every_job_of_the_comparison_composes_fully(tmp_path, variant):
     assert pooled["data"]["holdout_site"] is None and pooled["tracking"]["run_name"] == "pooled-run"
     assert pooled["paths"]["output_dir"] == str(tmp_path / "pooled")
     assert pooled["name"] == config["name"] and pooled["model"] == config["model"] and pooled["trainer"] == config["trainer"]
+
+
+def with_size_matched(run: dict, matched: dict[str, float]) -> dict:
+    return {
+        **run,
+        "size_matched": {site: {"n_train": 1775, "site_auc": auc, "auc": 0.9, "run_id": "m" * 32} for site, auc in matched.items()},
+    }
+
+
+def test_the_worst_sites_shortfall_is_split_into_training_volume_and_the_unseen_site():
+    # south held out: 0.80 / 0.84; full pooled on south: 0.89 / 0.91; size-matched pooled on south: 0.85 / 0.87
+    runs = [
+        with_size_matched(VARIANTS["fixed"][0], {"north": 0.90, "south": 0.85}),
+        with_size_matched(VARIANTS["fixed"][1], {"north": 0.92, "south": 0.87}),
+    ]
+    lines = bench.size_matched_lines({bench.SIZE_MATCHED: runs})
+    assert "| south | 1775 | 0.820 ± 0.028 | 0.860 ± 0.014 | 0.900 ± 0.014 | +0.040 ± 0.000 | +0.040 ± 0.014 |" in lines
+    assert (
+        lines[-1]
+        == "Worst held-out site, south: +0.040 of its shortfall comes from the smaller training set and +0.040 from never having seen the site (50% volume)."
+    )
+    assert bench.size_matched_lines(VARIANTS) == []  # variants without the diagnostic add nothing

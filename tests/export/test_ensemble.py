@@ -1,4 +1,4 @@
-"""Ensembles and flip TTA as one ONNX graph, and npz scoring through a package's ONNX session."""
+"""Ensembles and test-time views as one ONNX graph, and npz scoring through a package's ONNX session."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from medtriage.errors import ConfigError
-from medtriage.export.ensemble import EnsembleNet
+from medtriage.model.averaging import EnsembleNet
 from medtriage.model.networks import PreprocessSpec, build_triage_net
 from tests.export.tiny_package import NPZ
 
@@ -25,15 +25,15 @@ def test_ensemble_averages_member_probabilities_over_flips():
     pixels = torch.rand(3, 1, 28, 30)
     with torch.no_grad():
         expected = torch.stack([torch.softmax(m(v), -1) for m in members for v in (pixels, pixels.flip(3))]).mean(0)
-        got = EnsembleNet(members, flip_tta=True)(pixels).exp()
-        plain = EnsembleNet(members, flip_tta=False)(pixels).exp()
+        got = EnsembleNet(members, tta="flip")(pixels).exp()
+        plain = EnsembleNet(members)(pixels).exp()
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.allclose(got.sum(-1), torch.ones(3), atol=1e-5)
     assert not torch.allclose(plain, got, atol=1e-4)  # the flipped view does change the result
 
 
 def test_flip_tta_makes_the_model_mirror_invariant():
-    net = EnsembleNet([tiny_net(2)], flip_tta=True)
+    net = EnsembleNet([tiny_net(2)], tta="flip")
     pixels = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(net(pixels), net(pixels.flip(3)), atol=1e-5)
@@ -56,7 +56,7 @@ def test_ensemble_exports_to_one_onnx_graph_with_parity(tmp_path):
     images, labels = read_npz(NPZ)["val"]
     pick = np.random.default_rng(0).choice(len(labels), 96, replace=False)
     pixels = np.stack([as_chw(image) for image in images[pick]])
-    net = EnsembleNet([tiny_net(4), tiny_net(3)], flip_tta=True)
+    net = EnsembleNet([tiny_net(4), tiny_net(3)], tta="flip")
     with torch.no_grad():
         logits = net(torch.from_numpy(pixels)).numpy()
     cfg = ExportConfig(models_dir=str(tmp_path), name="ens", parity_images=8, log_to_mlflow=False, register_model=False)

@@ -14,6 +14,7 @@ from medtriage.config import compose_train_config
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.export.ensemble import export_ensemble
 from medtriage.export.from_mlflow import export_from_mlflow
+from medtriage.model.averaging import TTA
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -39,19 +40,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ensemble_main(argv: list[str] | None = None) -> int:
-    """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--flip-tta] [export.key=value ...]`
+    """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--tta shift|flip] [export.key=value ...]`
 
-    Flip TTA is off by default: chest X-rays are not left-right symmetric (heart side)."""
+    No test-time views by default; "flip" is for tissue, not chest X-rays (the heart is on one side)."""
     parser = argparse.ArgumentParser(description="Package several finished training runs as one ONNX graph (mean of member probabilities).")
     parser.add_argument("items", nargs="+", help="MLflow run ids, then optional export.key=value overrides")
     parser.add_argument("--name", required=True, help="package and registered-model name")
-    parser.add_argument("--flip-tta", action="store_true", help="also average over the left-right mirrored image")
+    parser.add_argument(
+        "--tta",
+        choices=TTA,
+        default="none",
+        help="also average over views: one-pixel shifts, or the left-right mirror (not for chest X-rays)",
+    )
     args = parser.parse_args(argv)
     run_ids = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
     mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)  # the project's store
     try:
-        package, run_id, _ = export_ensemble(run_ids, args.name, flip_tta=args.flip_tta, overrides=overrides)
+        package, run_id, _ = export_ensemble(run_ids, args.name, tta=args.tta, overrides=overrides)
     except MedTriageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -219,6 +219,9 @@ class ExportConfig:
     # Optional second, higher threshold for "urgent" (null = no urgent tier).
     urgent_rule: str | None = "specificity"
     urgent_target: float = 0.95
+    # Test-time augmentation inside the served graph (model/averaging.py): none | shift (one-pixel shifts) | flip
+    # (also the mirror image; not for chest X-rays). Calibration, thresholds and the OOD fit see the averaged output.
+    tta: str = "none"
     calibrate: bool = True  # allow temperature scaling; kept only where it lowers cross-validated ECE on validation
     ece_bins: int = 15
     # Out-of-distribution score as a second ONNX output (export/ood.py): fitted on training features,

@@ -1,10 +1,8 @@
-"""Several trained runs (and horizontal-flip test-time augmentation) exported as ONE ONNX graph.
+"""Several trained runs (and test-time views of the image) exported as ONE ONNX graph.
 
-`EnsembleNet` averages the members' class probabilities over the original and the left-right
-mirrored image inside the graph and returns log-probabilities, which the export treats as logits:
-temperature scaling, thresholds, parity and serving then work as for a single network, with one
-ONNX Runtime session. `export_ensemble` builds the package from MLflow run ids and tracks it as a
-run of its own (members, TTA, metrics, package).
+`medtriage.model.averaging.EnsembleNet` averages the members' class probabilities inside the graph;
+`export_ensemble` builds the package from MLflow run ids and tracks it as a run of its own (members,
+TTA, metrics, package).
 """
 
 from __future__ import annotations
@@ -14,49 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
-import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from medtriage.errors import ConfigError
 from medtriage.export.registry import find_checkpoint
 from medtriage.export.run import export_net
+from medtriage.model.averaging import EnsembleNet
 from medtriage.model.checkpoint import load_model
 from medtriage.model.networks import TriageNet
-
-PROBABILITY_FLOOR = 1e-12  # keeps log finite when every member is certain
-
-
-class EnsembleNet(nn.Module):
-    """Mean of member softmax outputs (each member resizes and normalises the pixels itself)."""
-
-    def __init__(self, members: Sequence[TriageNet], flip_tta: bool = False):
-        super().__init__()
-        if not members:
-            raise ConfigError("an ensemble needs at least one member", where="run ids")
-        specs = {m.preprocess.spec for m in members}
-        if len(specs) != 1:
-            raise ConfigError(
-                f"ensemble members preprocess differently: {sorted(map(str, specs))}",
-                hint="ensemble runs trained with the same model.preprocess settings",
-            )
-        self.members = nn.ModuleList(members)
-        self.flip_tta = flip_tta
-
-    @property
-    def preprocess(self):
-        """The members' shared preprocessing (the export records its spec in model.json)."""
-        return self.members[0].preprocess
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        views = [pixels, torch.flip(pixels, dims=[3])] if self.flip_tta else [pixels]
-        probs = torch.stack([torch.softmax(member(view), dim=-1) for member in self.members for view in views])
-        return torch.log(probs.mean(dim=0).clamp_min(PROBABILITY_FLOOR))
-
-
-def with_flip_tta(net: TriageNet) -> EnsembleNet:
-    """A single network with flip test-time augmentation (an ensemble of one)."""
-    return EnsembleNet([net], flip_tta=True)
 
 
 def load_members(run_ids: Sequence[str], download_dir: Path) -> tuple[list[TriageNet], list[dict]]:
@@ -80,9 +43,7 @@ def _check_same_data(run_ids: Sequence[str], configs: list[dict]) -> None:
         )
 
 
-def export_ensemble(
-    run_ids: Sequence[str], name: str, flip_tta: bool = False, overrides: Sequence[str] = ()
-) -> tuple[Path, str, EnsembleNet]:
+def export_ensemble(run_ids: Sequence[str], name: str, tta: str = "none", overrides: Sequence[str] = ()) -> tuple[Path, str, EnsembleNet]:
     """Package the ensemble of `run_ids` as `<models_dir>/<name>/`; returns (package dir, its MLflow run id, the net)."""
     with tempfile.TemporaryDirectory() as tmp:
         members, configs = load_members(run_ids, Path(tmp))
@@ -92,7 +53,7 @@ def export_ensemble(
         # members has no such single feature space, so the ensemble package carries no OOD score.
         print("ensemble: exported without an OOD score (export.ood is defined for single networks only)")
         config.export.ood = False
-    net = EnsembleNet(members, flip_tta).eval()
+    net = EnsembleNet(members, tta).eval()
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(run_ids[0]).info.experiment_id
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-ensemble") as run:
@@ -100,7 +61,7 @@ def export_ensemble(
             {
                 "ensemble.members": ",".join(run_ids),
                 "ensemble.size": len(run_ids),
-                "ensemble.flip_tta": flip_tta,
+                "ensemble.tta": tta,
                 "export.name": name,
                 "model.name": configs[0]["model"]["name"],
                 "model.preprocess.size": configs[0]["model"]["preprocess"]["size"],

@@ -31,7 +31,9 @@ from medtriage.export.pathology import TilePool, pathology_block, thresholds_by_
 from medtriage.export.registry import log_package, registrar, run_git_commit
 from medtriage.export.safety import calibration_on_test, choose_calibration, drift_references, scope_from_rows
 from medtriage.format import ONNX_FILE, SCHEMA_VERSION
+from medtriage.model.averaging import EnsembleNet, averaged
 from medtriage.model.checkpoint import load_model
+from medtriage.model.networks import TriageNet
 from medtriage.model.predict import predict
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,7 @@ def _input_spec(net) -> dict:
 
 def _preprocessing(net) -> dict:
     spec = net.preprocess.spec
+    averaging = {"test_time_augmentation": net.describe()} if isinstance(net, EnsembleNet) else {}
     return {
         "decode": "medtriage.io.dicom.read_dicom: modality LUT, VOI LUT/window, MONOCHROME1 inverted, scaled to [0, 1] (outside the graph)",
         "channels": "RGB converted to luminance (ITU-R BT.601) when the model takes 1 channel (outside the graph)",
@@ -176,6 +179,7 @@ def _preprocessing(net) -> dict:
             if spec.intensity == "per_image"
             else {"mean": spec.mean, "std": spec.std, "in_graph": True}
         ),
+        **averaging,
     }
 
 
@@ -197,7 +201,7 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
     if not pool_dir:
         raise ConfigError("the config names no data.pool_dir to take validation images from", where="data.pool_dir")
     manifest = load_manifest(pool_dir)
-    net.eval()
+    net = averaged(net, export_cfg.tta).eval() if isinstance(net, TriageNet) else net.eval()
     val = predict(net, manifest, "val")
     test = predict(net, manifest, "test") if len(manifest.split("test")) else None
     parity_images = list(manifest.images(np.asarray(val.row_indices)[: export_cfg.parity_images]))

@@ -1,0 +1,99 @@
+"""Test-time views averaged inside the network: which views, their mean, and the package they export to."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medtriage.errors import ConfigError
+from medtriage.model.averaging import EnsembleNet, averaged, shift_step, views
+from medtriage.model.networks import PreprocessSpec, build_triage_net
+
+
+def tiny_net(seed: int = 0, size: int = 28):
+    torch.manual_seed(seed)
+    return build_triage_net("resnet10", 2, PreprocessSpec(size=size)).eval()
+
+
+def test_shift_views_move_the_image_by_one_step_each_way_with_edges_replicated():
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 4, 4] = 1.0
+    shifted = views(x, "shift", step=2)
+    assert len(shifted) == 9 and torch.equal(shifted[0], x)  # the image itself first
+    spots = {tuple(torch.nonzero(v[0, 0])[0].tolist()) for v in shifted}
+    assert spots == {(4 + dy, 4 + dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2)}
+    ramp = torch.arange(8.0).repeat(8, 1)[None, None]  # columns 0..7
+    assert views(ramp, "shift", step=1)[1][0, 0, 0].tolist() == [0, 0, 1, 2, 3, 4, 5, 6]  # edge column repeated, not wrapped
+
+
+def test_the_shift_is_one_source_pixel_of_a_28px_image_at_any_model_size():
+    assert shift_step(28) == 1 and shift_step(64) == 2 and shift_step(128) == 5 and shift_step(8) == 1
+
+
+def test_shift_tta_is_the_mean_probability_over_the_nine_views():
+    net = tiny_net()
+    pixels = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(net.backbone(v), -1) for v in views(net.preprocess(pixels), "shift", 1)]).mean(0)
+        got = averaged(net, "shift")(pixels).exp()
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, torch.softmax(net(pixels), -1), atol=1e-4)  # the views do change the output
+
+
+def test_no_tta_is_the_network_itself_and_unknown_views_are_refused():
+    net = tiny_net()
+    assert averaged(net, "none") is net
+    with pytest.raises(ConfigError, match="unknown test-time augmentation 'rotate'") as err:
+        averaged(net, "rotate")
+    assert "shift" in str(err.value)
+
+
+def test_the_averaged_output_of_one_member_is_its_own_probability_without_views():
+    net = tiny_net(3)
+    pixels = torch.rand(2, 1, 30, 26)
+    with torch.no_grad():
+        assert torch.allclose(EnsembleNet([net])(pixels).exp(), torch.softmax(net(pixels), -1), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_shift_tta_package_serves_the_averaged_probabilities_with_its_ood_score(tmp_path):
+    """Exported with views and the OOD output: ONNX Runtime reproduces the torch averaged probabilities, the OOD
+    score reads the image itself through the one network, and model.json says which views the graph averages."""
+    from medtriage.config.schema import ExportConfig
+    from medtriage.data.sources.medmnist import PNEUMONIA_LABELS, as_chw, read_npz
+    from medtriage.evaluation.predictions import Predictions
+    from medtriage.export.ood import feature_taps
+    from medtriage.export.run import export_model
+    from medtriage.serve.package import load_package
+    from medtriage.serve.predictor import Predictor
+    from tests.export.tiny_package import NPZ, linear_probe_net, ood_data
+
+    net = linear_probe_net(32)
+    served = averaged(net, "shift")
+    images, labels = read_npz(NPZ)["val"]
+    pick = np.random.default_rng(0).choice(len(labels), 200, replace=False)
+    pixels = np.stack([as_chw(image) for image in images[pick]])
+    with torch.no_grad():
+        logits = served(torch.from_numpy(pixels)).numpy()
+    cfg = ExportConfig(models_dir=str(tmp_path), name="tta", parity_images=8, log_to_mlflow=False, register_model=False)
+    result = export_model(
+        served,
+        cfg,
+        label_names=PNEUMONIA_LABELS,
+        val=Predictions(logits, labels[pick], np.array(["a"] * len(pick))),
+        parity_images=list(pixels),
+        ood_data=ood_data(list(pixels), train_images=200),
+    )
+    assert result.meta["preprocessing"]["test_time_augmentation"] == {"views": "shift", "count": 9, "shift_px": 1, "in_graph": True}
+    assert result.meta["parity"]["max_abs_diff"] <= 1e-4 and "ood" in result.meta
+    package = load_package(result.package_dir)
+    probabilities = Predictor(package).probabilities(pixels[:8])
+    temperature = result.meta["calibration"]["temperature"]
+    with torch.no_grad():
+        expected = torch.softmax(served(torch.from_numpy(pixels[:8])) / temperature, -1).numpy()
+        taps, _, _ = feature_taps(net)
+        expected_ood = result.served.ood(taps(torch.from_numpy(pixels[:8]))).numpy()
+        _, ood = result.served(torch.from_numpy(pixels[:8]))
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+    np.testing.assert_allclose(ood.numpy(), expected_ood, rtol=1e-5)
