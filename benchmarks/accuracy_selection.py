@@ -174,6 +174,27 @@ def served_with(trained: dict, tta: str, out_dir: Path) -> dict:
     return {**trained, **cached(stage_file(out_dir, f"export-{name}", [trained["run_id"], tta]), export), "tta": tta}
 
 
+def views_latency(model, tta: str, repeats: int = 50) -> dict[str, float]:
+    """Median served latency (ms) of one 28 px image without and with the `tta` views: the recipe's network (untrained:
+    latency does not depend on the weights) exported both ways through the real export path, the two ONNX Runtime
+    sessions timed in interleaved rounds."""
+    import tempfile
+
+    from benchmarks.common import interleaved
+    from benchmarks.inference import build_package
+    from medtriage.serve.package import load_package
+    from medtriage.serve.predictor import Predictor
+
+    image = np.random.default_rng(0).random((1, model.preprocess.in_channels, 28, 28), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        predictors = {
+            views: Predictor(load_package(build_package(Path(tmp) / views, model.name, model.preprocess.size, model.stem_stride, views)[0]))
+            for views in ("none", tta)
+        }
+        timings = interleaved({views: partial(p.probabilities, image) for views, p in predictors.items()}, repeats, warmup=3)
+    return {views: timing.median_ms for views, timing in timings.items()}
+
+
 def seeds_mean_ci(packages: list[str]) -> tuple[float, float]:
     """Bootstrap 95% interval of the seeds' mean test AUC: each resample of the test images scores every seed's package."""
     from medtriage.evaluation.bootstrap import bootstrap_auc_ci
@@ -283,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_selection_quick.md" if args.quick else "docs/benchmarks.md")
     averaging = {"scores": views, "gain": views_gain, "served": tta, "configured": configs[chosen].export.tta}
+    if tta != "none":  # timed after the trainings, like the timed run
+        averaging["latency_ms"] = views_latency(configs[chosen].model, tta)
     write_section(section(cv, chosen, runs, combined, args, command_line(), seeds_ci, timed, cv_gains, averaging), doc)
     print(f"written to {doc}")
     return 0
@@ -407,7 +430,19 @@ def _averaging_lines(averaging: dict) -> list[str]:
         "",
         f"Served with: **{averaging['served']}**. The recipe's config (`configs/experiment/{EXPERIMENT}.yaml`) exports with "
         f"`export.tta: {configured}`: {agreement}.",
+        *_latency_lines(averaging.get("latency_ms")),
         "",
+    ]
+
+
+def _latency_lines(latency: dict[str, float] | None) -> list[str]:
+    if not latency:
+        return []
+    (_, base), (views, viewed) = latency.items()
+    return [
+        f"What the views cost a served image (`views_latency`: the recipe's network exported without and with the {views} "
+        f"views, one 28 px image per call through ONNX Runtime, median of interleaved rounds): {base:.1f} ms without, "
+        f"{viewed:.1f} ms with ({viewed / base:.1f}×)."
     ]
 
 

@@ -35,6 +35,7 @@ from medtriage.evaluation.predictions import Predictions
 from medtriage.export.onnx import CalibratedNet
 from medtriage.export.run import export_model
 from medtriage.io.dicom import read_dicom
+from medtriage.model.averaging import averaged
 from medtriage.model.networks import PreprocessSpec, build_triage_net
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, to_model_channels
@@ -45,10 +46,10 @@ SERVE_OVERHEAD = 1.15  # target: a/b at most this (serving adds little beyond th
 ORT_SPEEDUP = 2.0  # target: c/b at least this (ORT at least twice as fast as PyTorch eager)
 
 
-def build_package(models_dir: Path, network: str, size: int, stem_stride: int) -> tuple[Path, CalibratedNet]:
-    """An untrained network exported as a real package (synthetic validation scores)."""
+def build_package(models_dir: Path, network: str, size: int, stem_stride: int, tta: str = "none") -> tuple[Path, CalibratedNet]:
+    """An untrained network exported as a real package (synthetic validation scores), averaged over the `tta` views."""
     torch.manual_seed(0)
-    net = build_triage_net(network, 2, PreprocessSpec(size=size, in_channels=1), stem_stride).eval()
+    net = averaged(build_triage_net(network, 2, PreprocessSpec(size=size, in_channels=1), stem_stride).eval(), tta)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
     logits = np.stack([np.zeros(200), rng.normal(labels * 1.5, 1.0)], axis=1)

@@ -169,6 +169,7 @@ def run_size_matched(job: list[str], sizes: dict[str, int], uri: str, out_dir: P
     for site, n_train in sizes.items():
         pooled = run_pooled([*job, f"data.limit={n_train}"], uri, out_dir / site, f"{run_name}-{site}")
         result[site] = {"n_train": n_train, "site_auc": pooled["per_site"][site], "auc": pooled["auc"], "run_id": pooled["run_id"]}
+        result[site]["seconds"] = pooled["seconds"]
     return result
 
 
@@ -352,7 +353,8 @@ def verdict_lines(variants: dict[str, list[dict]]) -> list[str]:
 def section(result: dict, command: str) -> str:
     variants = result["variants"]
     everything = [r for runs in variants.values() for r in runs]
-    seconds = [s for r in everything for s in (*r["seconds"], r["pooled"]["seconds"])]
+    matched = [m["seconds"] for r in everything for m in r.get("size_matched", {}).values()]
+    seconds = [s for r in everything for s in (*r["seconds"], r["pooled"]["seconds"])] + matched
     first_runs = next(iter(variants.values()))
     first = first_runs[0]
     seeds = ", ".join(str(r["seed"]) for r in first_runs)
@@ -363,8 +365,9 @@ def section(result: dict, command: str) -> str:
         *header(
             command,
             f"{result['machine']}; {result['device']}, {result.get('jobs', 1)} variant × seed comparison(s) at a time",
-            f"; wall time {result['wall_s'] / 60:.1f} min for {len(seconds)} trainings "
-            f"(median {statistics.median(seconds):.0f} s each){quick}",
+            f"; {len(seconds)} trainings, median {statistics.median(seconds):.0f} s each, {sum(seconds) / 60:.1f} "
+            f"training-minutes in all; this run {result['wall_s'] / 60:.1f} min (comparisons kept under outputs/ from an "
+            f"earlier run are read back, not retrained){quick}",
         ),
         f"- data: the 3-site DICOM pool `{result['sites_dir']}` (site exports of `{NPZ}`, de-identified at each site); "
         f"a held-out site's images are all its test split; the pooled model's test split is the pool's own "

@@ -106,3 +106,11 @@ def test_fold_models_that_do_not_reproduce_the_trials_log_losses_stop_the_run():
         check_refolded({"none": {"log_loss": [0.056, 0.081, 0.076]}}, history, "trial")
     gain, se = paired_gain([0.056, 0.080, 0.076], [0.055, 0.077, 0.074])
     assert gain == pytest.approx(0.002) and se == pytest.approx(0.000577, rel=1e-3)
+
+
+def test_the_cost_of_the_views_is_stated_when_measured():
+    from benchmarks.accuracy_selection import _latency_lines
+
+    assert _latency_lines(None) == []
+    (line,) = _latency_lines({"none": 5.0, "shift": 20.0})
+    assert "5.0 ms without, 20.0 ms with (4.0×)" in line

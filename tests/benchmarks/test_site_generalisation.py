@@ -66,7 +66,7 @@ def test_section_carries_command_machine_date_runs_and_verdicts():
     text = bench.section(result(), "python -m benchmarks.site_generalisation --seeds 0 1")
     assert text.startswith(bench.SECTION + "\n")
     assert check_section(bench.SECTION, text.split("\n", 1)[1], written_sections()) == []
-    assert "2.0 min for 12 trainings (median 12 s each)" in text
+    assert "12 trainings, median 12 s each, 2.8 training-minutes in all; this run 2.0 min" in text
     assert "pooled `p0p0p0p0`, `p1p1p1p1`" in text and "parents `00000000`, `11111111`" in text
     assert "fixed intensity normalisation: north 0.920 ± 0.014, south 0.900 ± 0.014" in text
     assert "smoke run" not in text and "smoke run" in bench.section(result(quick=True), "cmd")
@@ -97,7 +97,9 @@ def test_every_job_of_the_comparison_composes_fully(tmp_path, variant):
 def with_size_matched(run: dict, matched: dict[str, float]) -> dict:
     return {
         **run,
-        "size_matched": {site: {"n_train": 1775, "site_auc": auc, "auc": 0.9, "run_id": "m" * 32} for site, auc in matched.items()},
+        "size_matched": {
+            site: {"n_train": 1775, "site_auc": auc, "auc": 0.9, "run_id": "m" * 32, "seconds": 30.0} for site, auc in matched.items()
+        },
     }
 
 

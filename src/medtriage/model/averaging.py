@@ -1,9 +1,10 @@
 """Class probabilities averaged inside the graph: over the members of an ensemble and over test-time views of the image.
 
-`EnsembleNet` preprocesses the pixels once (its members share the preprocessing), makes the views, runs every
-member's backbone on every view and returns the log of the mean softmax, which the export treats as logits:
-temperature scaling, thresholds, parity and serving then work as for a single network, with one ONNX Runtime
-session. A single network with test-time augmentation is an ensemble of one (`averaged`).
+`EnsembleNet` preprocesses the pixels once (its members share the preprocessing), makes the views, runs each
+member's backbone once over all of them (stacked along the batch) and returns the log of the mean softmax, which
+the export treats as logits: temperature scaling, thresholds, parity and serving then work as for a single
+network, with one ONNX Runtime session. A single network with test-time augmentation is an ensemble of one
+(`averaged`).
 
 Views (`TTA`), chosen by anatomy:
 - "shift": the 3 x 3 grid of shifts by one source pixel of a 28 px MedMNIST image (SHIFT_FRACTION of the
@@ -78,8 +79,9 @@ class EnsembleNet(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(pixels)
-        logits = [member.backbone(view) for member in self.members for view in views(x, self.tta, self.step)]
-        probs = torch.stack([torch.softmax(member_logits, dim=-1) for member_logits in logits])
+        stacked = torch.cat(views(x, self.tta, self.step))  # [V*B, ...]: one backbone pass per member over every view
+        logits = torch.stack([member.backbone(stacked) for member in self.members])  # [M, V*B, K]
+        probs = torch.softmax(logits, dim=-1).reshape(-1, x.shape[0], logits.shape[-1])  # [M*V, B, K]
         return torch.log(probs.mean(dim=0).clamp_min(PROBABILITY_FLOOR))
 
     def describe(self) -> dict:
