@@ -62,6 +62,32 @@ def test_horizontal_flip_only_when_asked():
     assert any(was_flipped) and any(kept) and all(a != b for a, b in zip(was_flipped, kept))
 
 
+def test_tone_curve_jitter_bends_each_image_within_its_range_and_leaves_other_runs_draws_alone():
+    images = _batch(16, 21) * 0.8 + 0.1  # a ramp from 0.1 to 0.9
+    still = dict(rotate_deg=0, scale=0, translate=0, intensity_scale=0.0, intensity_shift=0.0, noise_std=0.0)
+    bent = BatchAugment(AugmentConfig(prob=1.0, gamma=0.5, **still), "cpu", seed=0)(images.clone())
+    assert torch.allclose(bent.amin(dim=(1, 2, 3)), images.amin(dim=(1, 2, 3)), atol=1e-5)  # ends stay
+    assert torch.allclose(bent.amax(dim=(1, 2, 3)), images.amax(dim=(1, 2, 3)), atol=1e-5)
+    middle = bent[:, 0, 10, 10] - images[:, 0, 10, 10]
+    assert (middle > 1e-3).any() and (middle < -1e-3).any()  # powers drawn either side of 1, per image
+    # Off (the default), it consumes no random draws: other runs' augmentation is unchanged.
+    plain = AugmentConfig(prob=1.0, noise_std=0.05)
+    assert torch.equal(
+        BatchAugment(plain, "cpu", seed=1)(images.clone()),
+        BatchAugment(AugmentConfig(prob=1.0, noise_std=0.05, gamma=0.0), "cpu", seed=1)(images.clone()),
+    )
+
+
+def test_tone_curve_jitter_on_the_cpu_path_is_monai_adjust_contrast():
+    from medtriage.data.torch.datasets import gamma_range, train_transforms
+
+    names = [type(t).__name__ for t in train_transforms(AugmentConfig(gamma=0.5), 32).transforms]
+    assert "RandAdjustContrast" in names and "RandAdjustContrast" not in [
+        type(t).__name__ for t in train_transforms(AugmentConfig(), 32).transforms
+    ]
+    assert gamma_range(0.5) == (1 / 1.5, 1.5)
+
+
 def test_resized_split_is_stored_once_and_reused(two_site_pool, monkeypatch):
     preprocess = Preprocess(PreprocessSpec(size=24))
     first = split_cache.persistent_split(two_site_pool, "train", preprocess)

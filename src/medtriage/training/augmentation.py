@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from medtriage.data.torch.datasets import train_transforms
+from medtriage.data.torch.datasets import gamma_range, train_transforms
 from medtriage.optional import optional_import
 
 stain_augment = optional_import("medtriage.data.torch.stain_augment")  # imports MONAI
@@ -75,6 +75,8 @@ class BatchAugment:
     def _intensity(self, images: torch.Tensor, draws: torch.Tensor, p: float) -> torch.Tensor:
         s = self.settings
         per_image = (images.shape[0], 1, 1, 1)
+        if getattr(s, "gamma", 0.0) > 0:  # drawn only when on, so runs without it keep their draws
+            images = self._tone_curve(images, p)
         gain = 1 + _symmetric(draws[:, GAIN], s.intensity_scale) * (draws[:, APPLY_GAIN] < p)
         offset = _symmetric(draws[:, OFFSET], s.intensity_shift) * (draws[:, APPLY_OFFSET] < p)
         images = images * gain.view(per_image) + offset.view(per_image)
@@ -83,6 +85,16 @@ class BatchAugment:
             noise = torch.randn(images.shape, generator=self.generator, device=images.device, dtype=images.dtype)
             images = images + noise * noise_std.view(per_image)
         return images
+
+    def _tone_curve(self, images: torch.Tensor, p: float) -> torch.Tensor:
+        """Each image rescaled to [0, 1] by its own min and max, raised to a power drawn log-uniformly in
+        `gamma_range`, and scaled back (MONAI RandAdjustContrast, batched)."""
+        apply, power = torch.rand(2, images.shape[0], generator=self.generator, device=images.device)
+        low, high = (math.log(g) for g in gamma_range(self.settings.gamma))
+        gamma = torch.where(apply < p, torch.exp(low + (high - low) * power), torch.ones_like(power)).view(-1, 1, 1, 1)
+        lo = images.amin(dim=(1, 2, 3), keepdim=True)
+        span = (images.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-7)
+        return ((images - lo) / span).pow(gamma.to(images.dtype)) * span + lo
 
 
 def _symmetric(uniform01: torch.Tensor, half_range: float) -> torch.Tensor:

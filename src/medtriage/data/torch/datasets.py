@@ -89,11 +89,17 @@ def train_transforms(augment, size: int):
                 mode="bilinear",
                 spatial_size=None,
             ),
+            *([T.RandAdjustContrast(prob=p, gamma=gamma_range(augment.gamma))] if getattr(augment, "gamma", 0.0) else []),
             T.RandScaleIntensity(factors=augment.intensity_scale, prob=p),
             T.RandShiftIntensity(offsets=augment.intensity_shift, prob=p),
             T.RandGaussianNoise(prob=p, std=augment.noise_std),
         ]
     )
+
+
+def gamma_range(gamma: float) -> tuple[float, float]:
+    """The powers tone-curve jitter draws from: [1 / (1 + gamma), 1 + gamma] (symmetric in log)."""
+    return 1.0 / (1.0 + gamma), 1.0 + gamma
 
 
 def _stain_transforms(augment) -> list:
