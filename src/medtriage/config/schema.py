@@ -72,7 +72,7 @@ class AugmentConfig:
     intensity_shift: float = 0.05
     noise_std: float = 0.01
     # Tone-curve jitter: each image's intensities (rescaled to its own [min, max]) raised to a power drawn in
-    # [1 / (1 + gamma), 1 + gamma], as MONAI's RandAdjustContrast; it spans the sites' VOI LUT curves. 0 = off.
+    # [1 / (1 + gamma), 1 + gamma] (MONAI's RandAdjustContrast); it spans the sites' VOI LUT curves. 0 = off.
     gamma: float = 0.0
     hflip: bool = False  # random left-right flip (trainer.augment_on=device only); off for chest X-rays (heart side)
     # H&E stain jitter of RGB tiles (medtriage.io.stain.augment_stain): concentration scale 1 ± sigma, shift ± bias; 0 = off.

@@ -87,8 +87,8 @@ class BatchAugment:
         return images
 
     def _tone_curve(self, images: torch.Tensor, p: float) -> torch.Tensor:
-        """Each image rescaled to [0, 1] by its own min and max, raised to a power drawn log-uniformly in
-        `gamma_range`, and scaled back (MONAI RandAdjustContrast, batched)."""
+        """Each image rescaled to [0, 1] by its own min and max, raised to a power drawn in `gamma_range`, and scaled
+        back: MONAI RandAdjustContrast, batched, with the power drawn log-uniformly (MONAI draws it uniformly)."""
         apply, power = torch.rand(2, images.shape[0], generator=self.generator, device=images.device)
         low, high = (math.log(g) for g in gamma_range(self.settings.gamma))
         gamma = torch.where(apply < p, torch.exp(low + (high - low) * power), torch.ones_like(power)).view(-1, 1, 1, 1)
