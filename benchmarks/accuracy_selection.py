@@ -152,7 +152,9 @@ def check_refolded(tta: dict, client, run_id: str) -> dict:
 
 
 def package_views(package: Path) -> str:
-    meta = json.loads((package / "model.json").read_text())
+    from medtriage.serve.package import load_package
+
+    meta = load_package(package).meta
     return meta["preprocessing"].get("test_time_augmentation", {}).get("views", "none")
 
 

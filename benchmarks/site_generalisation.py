@@ -156,12 +156,10 @@ def run_pooled(overrides: list[str], uri: str, out_dir: Path, run_name: str) -> 
     }
 
 
-def training_sizes(data, limit: int | None = None) -> dict[str, int]:
-    """Training images of each held-out-site run (the other sites' training rows), at most `limit`."""
+def training_sizes(manifest, limit: int | None = None) -> dict[str, int]:
+    """Training images of each held-out-site run of the pool `manifest` (the other sites' training rows), at most `limit`."""
     from medtriage.data.holdout import hold_out_site
-    from medtriage.data.sources.registry import build_pool
 
-    manifest = build_pool(data)
     sizes = {site: len(hold_out_site(manifest, site).split("train")) for site in loso_sites()}
     return {site: min(n, limit or n) for site, n in sizes.items()}
 
@@ -173,8 +171,13 @@ def run_size_matched(job: list[str], sizes: dict[str, int], uri: str, out_dir: P
     result = {}
     for site, n_train in sizes.items():
         pooled = run_pooled([*job, f"data.limit={n_train}"], uri, out_dir / site, f"{run_name}-{site}")
-        result[site] = {"n_train": n_train, "site_auc": pooled["per_site"][site], "auc": pooled["auc"], "run_id": pooled["run_id"]}
-        result[site]["seconds"] = pooled["seconds"]
+        result[site] = {
+            "n_train": n_train,
+            "site_auc": pooled["per_site"][site],
+            "auc": pooled["auc"],
+            "run_id": pooled["run_id"],
+            "seconds": pooled["seconds"],
+        }
     return result
 
 
@@ -208,10 +211,10 @@ def _compare(variant: str, seed: int, job: list[str], uri: str, out_dir: Path, s
     return result
 
 
-def ensure_site_pool(data, sites: Path, limit: int | None = None) -> None:
+def ensure_site_pool(data, sites: Path, limit: int | None = None):
     """The de-identified 3-site pool the jobs read (`data.sites_dir`), made as `make demo` makes it when missing
     (site DICOM exports from the npz into `sites`, then ingested with each site's key), and the training pool built
-    from it here, once, before jobs running side by side would each build it."""
+    from it here, once, before jobs running side by side would each build it; returns the pool's manifest."""
     from medtriage.data.simulate.sites import make_sites
     from medtriage.data.sources.registry import build_pool
     from medtriage.io.ingest import ingest_sites
@@ -221,7 +224,7 @@ def ensure_site_pool(data, sites: Path, limit: int | None = None) -> None:
         if not sites.is_dir():
             make_sites(ROOT / NPZ, sites, limit=limit)
         ingest_sites(sites, ingested, create_keys=True)
-    build_pool(data)  # reused when unchanged
+    return build_pool(data)  # reused when unchanged
 
 
 def run_benchmark(seeds: tuple[int, ...] = LOSO_SEEDS, threads: int = 1, quick: bool = False, jobs: int = 1) -> dict:
@@ -235,8 +238,7 @@ def run_benchmark(seeds: tuple[int, ...] = LOSO_SEEDS, threads: int = 1, quick: 
     cfg = compose_train_config([f"experiment={LOSO_EXPERIMENT}", *overrides])
     data, uri = cfg.data, cfg.tracking.uri
     sites = out_dir / "sites" if quick else ROOT / "data" / "sites"
-    ensure_site_pool(data, sites, QUICK_IMAGES if quick else None)
-    sizes = training_sizes(data, data.limit)
+    sizes = training_sizes(ensure_site_pool(data, sites, QUICK_IMAGES if quick else None), data.limit)
     # The longest variants first, so the last job to start is a short one.
     order = [(variant, seed) for variant in reversed(LOSO_VARIANTS) for seed in seeds]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from medtriage.errors import PackageError
+from medtriage.model.averaging import EnsembleNet
 
 OOD_NAME = "ood_score"
 FALSE_ALARM_RATE = 0.01
@@ -151,17 +152,15 @@ class ScoredNet(nn.Module):
 
     output_names = ("probabilities", OOD_NAME)
 
-    def __init__(
-        self, net: nn.Module, taps: nn.Module, head: nn.Linear, temperature: float, ood: OodScore, averaged: nn.Module | None = None
-    ):
+    def __init__(self, net: nn.Module, taps: nn.Module, head: nn.Linear, temperature: float, ood: OodScore):
         super().__init__()
-        self.net, self.taps, self.head, self.ood = net, taps, head, ood  # `net`: what export reads the preprocessing from
-        self.averaged = averaged  # the network averaged over test-time views, when it is served that way
+        self.net, self.taps, self.head, self.ood = net, taps, head, ood  # `net`: what is served (and its preprocessing)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         taps = self.taps(pixels)
-        logits = self.head(taps[-1]) if self.averaged is None else self.averaged(pixels)
+        # Averaged over test-time views, the served probabilities come from the whole average; the taps read the image.
+        logits = self.net(pixels) if isinstance(self.net, EnsembleNet) else self.head(taps[-1])
         return torch.softmax(logits / self.temperature, dim=-1), self.ood(taps)
 
 
@@ -178,10 +177,10 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
     A network averaged over test-time views (an ensemble of one) is served averaged; its distance reads the
     image itself, through the one network."""
     served = net.eval()
-    members = getattr(served, "members", None)
-    if members is not None and len(members) != 1:
-        raise PackageError("an ensemble has no single feature space for an OOD score", hint="export it with export.ood=false")
-    net = members[0] if members is not None else served
+    if isinstance(served, EnsembleNet):
+        if len(served.members) != 1:
+            raise PackageError("an ensemble has no single feature space for an OOD score", hint="export it with export.ood=false")
+        net = served.members[0]
     taps, head, which = feature_taps(net)
     train = tapped_features(taps, data.train_images)
     val = tapped_features(taps, data.val_images)
@@ -191,7 +190,7 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
         with torch.no_grad():
             distance.scale.fill_(float(np.quantile(distance(torch.from_numpy(val_k).float()).numpy(), 1.0 - false_alarm_rate)))
         distances.append(distance)
-    model = ScoredNet(served, taps, head, temperature, OodScore(distances), averaged=served if served is not net else None).eval()
+    model = ScoredNet(served, taps, head, temperature, OodScore(distances)).eval()
     with torch.no_grad():
         val_scores = model.ood([torch.from_numpy(v).float() for v in val]).double().numpy()
     _check_split(net, model, data.val_images[:4])

@@ -28,9 +28,9 @@ SHIFT_FRACTION = 1 / 28
 PROBABILITY_FLOOR = 1e-12  # keeps log finite when every member is certain
 
 
-def check_tta(tta: str, where: str = "export.tta") -> str:
+def check_tta(tta: str) -> str:
     if tta not in TTA:
-        raise ConfigError(f"unknown test-time augmentation '{tta}'", where=where, hint=f"choose one of: {', '.join(TTA)}")
+        raise ConfigError(f"unknown test-time augmentation '{tta}'", where="export.tta", hint=f"choose one of: {', '.join(TTA)}")
     return tta
 
 
@@ -52,7 +52,7 @@ def views(x: torch.Tensor, tta: str, step: int = 1) -> list[torch.Tensor]:
 
 
 def view_count(tta: str) -> int:
-    return {"none": 1, "shift": 9, "flip": 2}[check_tta(tta)]
+    return len(views(torch.zeros(1, 1, 1, 1), check_tta(tta)))
 
 
 class EnsembleNet(nn.Module):
