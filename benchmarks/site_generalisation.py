@@ -10,7 +10,9 @@ for 8 or 20 epochs like the default recipe; 8 epochs with tone-curve jitter) and
   children of one parent MLflow run, which records each site's test AUC and the worst;
 - the pooled model: `python scripts/train.py experiment=loso_pneumonia_sites` (no site held out), trained on
   every site and tested on the pool's own test split, a plain MLflow run named `...-pooled-<variant>-seed<s>`.
-Target: the worst held-out site's test AUC within 0.01 of the pooled model's test AUC (mean over seeds).
+Then every model of each comparison is scored from its final checkpoint on each site's rows of the pool's test split,
+so the held-out and the pooled model are compared on the same images.
+Target: the worst held-out site's test AUC within 0.01 of the pooled model's on the same images (mean over seeds).
 --quick: a pool of a few hundred images made under outputs/, one short epoch; written to
 outputs/benchmark_site_generalisation_quick.md unless --doc is given.
 """
@@ -29,7 +31,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.common import ROOT, cached, command_line, header, machine, stage_file, verdict, write_section
 from medtriage.config import compose_train_config
-from medtriage.evaluation.bootstrap import mean_sd
+from medtriage.evaluation.bootstrap import bootstrap_auc_difference_ci, mean_sd
 
 SECTION = "## Leave-one-site-out"
 LOSO_EXPERIMENT = "loso_pneumonia_sites"
@@ -69,6 +71,7 @@ VARIANT_TITLES = {
 SIZE_MATCHED = "per_image_trained"
 LOSO_SEEDS = (0, 1, 2)
 QUICK = ["data.limit=64", "trainer.max_epochs=1", "trainer.warmup_epochs=0.25"]
+BOOTSTRAP_RESAMPLES = 1000  # paired resamples of a site's test rows for the same-images gap's interval
 QUICK_IMAGES = 300  # the --quick pool: enough of both classes at each site for a test AUC
 
 
@@ -181,6 +184,11 @@ def run_size_matched(job: list[str], sizes: dict[str, int], uri: str, out_dir: P
     return result
 
 
+def run_dirs(variant: str, seed: int, out_dir: Path) -> tuple[Path, Path]:
+    """Where one comparison's held-out-site runs and its pooled run keep their outputs."""
+    return out_dir / f"loso_{variant}_seed{seed}", out_dir / f"pooled_{variant}_seed{seed}"
+
+
 def gap(result: dict) -> float:
     """Pooled test AUC minus the worst held-out site's: what the target bounds."""
     return result["pooled"]["auc"] - result["worst"]
@@ -197,8 +205,9 @@ def compare(variant: str, seed: int, overrides: list[str], uri: str, out_dir: Pa
 def _compare(variant: str, seed: int, job: list[str], uri: str, out_dir: Path, sizes: dict[str, int]) -> dict:
     from mlflow import MlflowClient
 
-    loso = run_loso(job, uri, out_dir / f"loso_{variant}_seed{seed}")
-    pooled = run_pooled(job, uri, out_dir / f"pooled_{variant}_seed{seed}", f"{LOSO_EXPERIMENT}-pooled-{variant}-seed{seed}")
+    loso_dir, pooled_dir = run_dirs(variant, seed, out_dir)
+    loso = run_loso(job, uri, loso_dir)
+    pooled = run_pooled(job, uri, pooled_dir, f"{LOSO_EXPERIMENT}-pooled-{variant}-seed{seed}")
     result = {**loso, "seed": seed, "pooled": pooled}
     if variant == SIZE_MATCHED:
         name = f"{LOSO_EXPERIMENT}-size-matched-{variant}-seed{seed}"
@@ -209,6 +218,78 @@ def _compare(variant: str, seed: int, job: list[str], uri: str, out_dir: Path, s
     client.set_tag(loso["parent_run_id"], "loso.pooled_run", pooled["run_id"])
     print(f"{variant} seed {seed}: worst site {loso['worst']:.4f}, pooled {pooled['auc']:.4f}, gap {gap(result):+.4f}")
     return result
+
+
+# --- the same images ------------------------------------------------------------------------------
+# A held-out site's AUC above is measured on all its images, the pooled model's on the pool's test split: two image
+# sets, and an AUC moves with the images it is measured on. Here both models score the same images, the site's rows of
+# the pool's test split, from the final checkpoints the runs left, so the difference is the unseen site alone.
+
+
+def same_images(variant: str, seed: int, result: dict, overrides: list[str], uri: str, out_dir: Path, manifest) -> dict:
+    """One comparison's models scored on each site's rows of the pool's test split, kept under `out_dir`."""
+    job = [*LOSO_VARIANTS[variant], f"trainer.seed={seed}", *overrides]
+    key = [*job, result["parent_run_id"], result["pooled"]["run_id"]]
+    path = stage_file(out_dir, f"same-images-{variant}-seed{seed}", key)
+    return cached(path, lambda: _same_images(variant, seed, job, result, uri, out_dir, manifest))
+
+
+def _same_images(variant: str, seed: int, job: list[str], result: dict, uri: str, out_dir: Path, manifest) -> dict:
+    from mlflow import MlflowClient
+
+    loso_dir, pooled_dir = run_dirs(variant, seed, out_dir)
+    test_draw = pooled_job_config(job, pooled_dir, "")
+    pooled = test_scores(test_draw, test_draw, manifest)
+    sites = {}
+    for site in loso_sites():
+        rows = pooled["sites"] == site
+        held_out = test_scores(loso_job_config(site, job, loso_dir), test_draw, manifest)
+        labels = pooled["labels"][rows]
+        sites[site] = {
+            "rows": pooled["rows"][rows].tolist(),
+            "labels": labels.tolist(),
+            "held_out": held_out["scores"][rows].tolist(),
+            "pooled": pooled["scores"][rows].tolist(),
+            "held_out_auc": _auc(labels, held_out["scores"][rows]),
+            "pooled_auc": _auc(labels, pooled["scores"][rows]),
+        }
+        check_reproduced(sites[site]["pooled_auc"], result["pooled"]["per_site"][site], f"{variant} seed {seed}, {site}")
+    worst = max(sites.values(), key=lambda s: s["pooled_auc"] - s["held_out_auc"])
+    MlflowClient(uri).log_metric(result["parent_run_id"], "loso/same_images_worst_gap", worst["pooled_auc"] - worst["held_out_auc"])
+    return sites
+
+
+def test_scores(run_config, test_draw, manifest) -> dict:
+    """The positive-class probability of the final checkpoint of the run `run_config` on the pool's test split, drawn
+    as the run `test_draw` drew it (its `data.limit` and seed), with the labels and sites of those images."""
+    import numpy as np
+
+    from medtriage.data.torch.datasets import cache_split
+    from medtriage.evaluation.metrics import softmax
+    from medtriage.model.checkpoint import final_checkpoint, load_model
+    from medtriage.model.predict import predict_cached
+
+    model, _ = load_model(final_checkpoint(Path(run_config.paths.output_dir) / "checkpoints", run_config.trainer.weights))
+    split = cache_split(manifest, "test", model.preprocess, test_draw.data.limit, test_draw.trainer.seed)
+    predictions = predict_cached(model, split)
+    scores = softmax(predictions.logits)[:, 1]
+    return {"scores": scores, "labels": predictions.labels, "sites": np.asarray(predictions.sites), "rows": predictions.row_indices}
+
+
+def check_reproduced(scored: float, logged: float, what: str) -> None:
+    """The checkpoint scored here must be the one the run tested: its AUC on the site's rows must equal the logged one."""
+    if abs(scored - logged) > 1e-6:
+        raise RuntimeError(
+            f"{what}: the pooled checkpoint scores AUC {scored:.6f} on the site's test rows, its run logged {logged:.6f}; "
+            "the outputs under outputs/benchmark_site_generalisation no longer belong to the kept comparison: delete them "
+            "and the compare-*.json files to retrain"
+        )
+
+
+def _auc(labels, scores) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores))
 
 
 def ensure_site_pool(data, sites: Path, limit: int | None = None):
@@ -238,12 +319,16 @@ def run_benchmark(seeds: tuple[int, ...] = LOSO_SEEDS, threads: int = 1, quick: 
     cfg = compose_train_config([f"experiment={LOSO_EXPERIMENT}", *overrides])
     data, uri = cfg.data, cfg.tracking.uri
     sites = out_dir / "sites" if quick else ROOT / "data" / "sites"
-    sizes = training_sizes(ensure_site_pool(data, sites, QUICK_IMAGES if quick else None), data.limit)
+    manifest = ensure_site_pool(data, sites, QUICK_IMAGES if quick else None)
+    sizes = training_sizes(manifest, data.limit)
     # The longest variants first, so the last job to start is a short one.
     order = [(variant, seed) for variant in reversed(LOSO_VARIANTS) for seed in seeds]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {job: pool.submit(compare, *job, overrides, uri, out_dir, sizes) for job in order}
         variants = {variant: [futures[variant, seed].result() for seed in seeds] for variant in LOSO_VARIANTS}
+    for variant, runs in variants.items():
+        for run in runs:
+            run["same_images"] = same_images(variant, run["seed"], run, overrides, uri, out_dir, manifest)
     return {
         "variants": variants,
         "wall_s": time.perf_counter() - started,
@@ -305,9 +390,13 @@ def pooled_site_lines(variants: dict[str, list[dict]]) -> list[str]:
 
 
 def _site_figures(run: dict, site: str) -> dict[str, float]:
-    """One seed's test AUC on `site` from the held-out, the size-matched pooled and the full pooled model, and the
-    shortfall split into volume (full - size-matched) and site (size-matched - held out)."""
-    held_out, matched, full = run["per_site"][site], run["size_matched"][site]["site_auc"], run["pooled"]["per_site"][site]
+    """One seed's test AUC on `site`'s rows of the pool's test split from the held-out, the size-matched pooled and the
+    full pooled model, and the shortfall split into volume (full - size-matched) and site (size-matched - held out)."""
+    held_out, matched, full = (
+        run["same_images"][site]["held_out_auc"],
+        run["size_matched"][site]["site_auc"],
+        run["pooled"]["per_site"][site],
+    )
     return {"held_out": held_out, "matched": matched, "full": full, "volume": full - matched, "site": matched - held_out}
 
 
@@ -334,8 +423,8 @@ def size_matched_lines(variants: dict[str, list[dict]]) -> list[str]:
     return [
         f"Data volume or site shift ({VARIANT_TITLES[SIZE_MATCHED]}): each site's test AUC from the model that never saw it, "
         "from a pooled model trained on a random subset of the pool's training split (every site, by site and label) "
-        "as large as that model's training set, and from the full pooled model. The two pooled models are scored on "
-        "the site's rows of the pool's test split, the held-out model on all the site's images. Mean ± sd over seeds:",
+        "as large as that model's training set, and from the full pooled model, all three on the same images (the site's "
+        "rows of the pool's test split). Mean ± sd over seeds:",
         "",
         "| site | training images when it is held out | held out | pooled, size-matched | pooled, all | "
         "from volume (all − size-matched) | from the site (size-matched − held out) |",
@@ -347,13 +436,98 @@ def size_matched_lines(variants: dict[str, list[dict]]) -> list[str]:
     ]
 
 
+def same_image_gaps(runs: list[dict], site: str) -> list[float]:
+    """Per seed: the pooled model's test AUC on `site`'s rows of the pool's test split minus the held-out model's there."""
+    return [r["same_images"][site]["pooled_auc"] - r["same_images"][site]["held_out_auc"] for r in runs]
+
+
+def worst_same_image_site(runs: list[dict]) -> str:
+    return max(runs[0]["same_images"], key=lambda site: statistics.fmean(same_image_gaps(runs, site)))
+
+
+def paired_interval(runs: list[dict], site: str) -> tuple[float, float] | None:
+    """95% paired bootstrap interval of the seeds' mean gap at `site`, resampling the site's test rows; None when the
+    seeds scored different rows (a run with `data.limit` draws its test rows by seed)."""
+    images = [r["same_images"][site] for r in runs]
+    if any(i["rows"] != images[0]["rows"] for i in images):
+        return None
+    pooled, held_out = ([i[key] for i in images] for key in ("pooled", "held_out"))
+    return bootstrap_auc_difference_ci(images[0]["labels"], pooled, held_out, BOOTSTRAP_RESAMPLES)
+
+
+def _gap_cell(runs: list[dict], site: str) -> str:
+    interval = paired_interval(runs, site)
+    shown = _cell(same_image_gaps(runs, site), signed=True)
+    return f"{shown} [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else shown
+
+
+def same_images_lines(variants: dict[str, list[dict]]) -> list[str]:
+    """Per site and variant, the held-out model's test AUC on the site's rows of the pool's test split and what the
+    pooled model gains over it on exactly those images; then the worst site's gap and what the image set alone moved."""
+    columns = list(variants.values())
+    sites = sorted(columns[0][0]["same_images"])
+
+    def row(label: str, cell) -> str:
+        return f"| {label} | {' | '.join(cell(runs) for runs in columns)} |"
+
+    counts = {site: len(columns[0][0]["same_images"][site]["labels"]) for site in sites}
+    lines = [
+        "The same images: the held-out model and the pooled model each scored from their final checkpoints on a site's "
+        "rows of the pool's test split (the pooled model's scores reproduce its logged per-site AUC, or the run stops). "
+        "Gaps are pooled − held out, mean ± sd over seeds, with a 95% paired bootstrap interval of the mean "
+        f"({BOOTSTRAP_RESAMPLES} resamples of the site's rows, each scored by every seed's two models):",
+        "",
+        f"| same images | {' | '.join(VARIANT_TITLES.get(v, v) for v in variants)} |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
+    lines += [row(f"{site} held out, on its {counts[site]} test rows", lambda runs, s=site: _same_auc_cell(runs, s)) for site in sites]
+    lines += [row(f"{site}: pooled − held out", lambda runs, s=site: _gap_cell(runs, s)) for site in sites]
+    lines.append(
+        row(
+            "**worst site: pooled − held out**",
+            lambda runs: f"**{worst_same_image_site(runs)} {_gap_cell(runs, worst_same_image_site(runs))}**",
+        )
+    )
+    lines += ["", *image_set_lines(variants)]
+    return lines
+
+
+def _same_auc_cell(runs: list[dict], site: str) -> str:
+    return _cell([r["same_images"][site]["held_out_auc"] for r in runs])
+
+
+def image_set_lines(variants: dict[str, list[dict]]) -> list[str]:
+    """How far the same held-out model's AUC moves between all of its site's images and the site's test rows: the
+    part of the first table's gap that is the image set, not the model."""
+    parts = []
+    for variant, runs in variants.items():
+        site = min(runs[0]["per_site"], key=lambda s: statistics.fmean(r["per_site"][s] for r in runs))
+        everything = statistics.fmean(r["per_site"][site] for r in runs)
+        rows = statistics.fmean(r["same_images"][site]["held_out_auc"] for r in runs)
+        parts.append(f"{VARIANT_TITLES.get(variant, variant)}: {site} {everything:.3f} on all its images, {rows:.3f} on its test rows")
+    return [
+        "The same held-out model on the worst site of the first table, on all the site's images and on its rows of the "
+        f"pool's test split (mean over seeds): {'; '.join(parts)}."
+    ]
+
+
 def verdict_lines(variants: dict[str, list[dict]]) -> list[str]:
     lines = [
-        f"Target: worst held-out site's test AUC within {TARGET_GAP:g} of the pooled model's (gap, mean over seeds, ≤ {TARGET_GAP:g})."
+        f"Target: the worst held-out site's test AUC within {TARGET_GAP:g} of the pooled model's, judged on the same images "
+        f"(the worst site's gap, pooled − held out on its test rows, mean over seeds, ≤ {TARGET_GAP:g}); the first table's "
+        "gap, which compares different images, is shown beside it."
     ]
     for variant, runs in variants.items():
-        mean_gap = statistics.fmean(gap(r) for r in runs)
-        lines.append(f"- {VARIANT_TITLES.get(variant, variant)}: gap {mean_gap:+.3f}: {verdict(mean_gap <= TARGET_GAP)}")
+        site = worst_same_image_site(runs)
+        same = statistics.fmean(same_image_gaps(runs, site))
+        unpaired = statistics.fmean(gap(r) for r in runs)
+        lowest = min(statistics.fmean(r["same_images"][s]["held_out_auc"] for r in runs) for s in runs[0]["same_images"])
+        pooled = statistics.fmean(r["pooled"]["auc"] for r in runs)
+        lines.append(
+            f"- {VARIANT_TITLES.get(variant, variant)}: same images, worst site {site} {same:+.3f}: {verdict(same <= TARGET_GAP)} "
+            f"(lowest held-out site on its test rows {lowest:.3f} against the pooled model's {pooled:.3f} on the whole test "
+            f"split: {pooled - lowest:+.3f}; first table's gap {unpaired:+.3f}: {verdict(unpaired <= TARGET_GAP)})"
+        )
     return lines
 
 
@@ -394,6 +568,8 @@ def section(result: dict, command: str) -> str:
         *table_lines(variants),
         "",
         *pooled_site_lines(variants),
+        "",
+        *same_images_lines(variants),
         "",
         *size_matched_lines(variants),
         "",

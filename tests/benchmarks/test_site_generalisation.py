@@ -6,9 +6,30 @@ from benchmarks import site_generalisation as bench
 from tests.benchmarks.test_docs_figures import check_section, written_sections
 
 
-def seed_result(seed, site_aucs, pooled_auc):
+@pytest.fixture(autouse=True)
+def few_resamples(monkeypatch):
+    monkeypatch.setattr(bench, "BOOTSTRAP_RESAMPLES", 100)
+
+
+def site_images(missed: int, rows=tuple(range(20))) -> dict:
+    """A site's 20 test rows: the pooled model ranks them perfectly, the held-out one puts a positive below `missed`
+    of the 10 negatives, so its AUC is 1 - missed / 100 and the same-images gap missed / 100."""
+    held_out = [float(i) for i in range(20)]
+    held_out[10] = 9.5 - missed
+    return {
+        "rows": list(rows),
+        "labels": [0] * 10 + [1] * 10,
+        "held_out": held_out,
+        "pooled": [float(i) for i in range(20)],
+        "held_out_auc": 1 - missed / 100,
+        "pooled_auc": 1.0,
+    }
+
+
+def seed_result(seed, site_aucs, pooled_auc, missed=(1, 2)):
     per_site = dict(zip(("north", "south"), site_aucs))
     return {
+        "same_images": {site: site_images(m) for site, m in zip(("north", "south"), missed)},
         "seed": seed,
         "per_site": per_site,
         "worst": min(site_aucs),
@@ -27,9 +48,10 @@ def seed_result(seed, site_aucs, pooled_auc):
 
 
 # fixed: worst 0.80 / 0.84, pooled 0.90 / 0.92 -> gap 0.10 / 0.08; per-image: worst 0.88 / 0.90, pooled 0.89 / 0.90 -> gap 0.01 / 0.00
+# same images: fixed south gap 0.03 / 0.05 (north 0.01); per-image north 0 / 0, south 0.01 / 0
 VARIANTS = {
-    "fixed": [seed_result(0, (0.90, 0.80), 0.90), seed_result(1, (0.92, 0.84), 0.92)],
-    "per_image": [seed_result(0, (0.91, 0.88), 0.89), seed_result(1, (0.93, 0.90), 0.90)],
+    "fixed": [seed_result(0, (0.90, 0.80), 0.90, (1, 3)), seed_result(1, (0.92, 0.84), 0.92, (1, 5))],
+    "per_image": [seed_result(0, (0.91, 0.88), 0.89, (0, 1)), seed_result(1, (0.93, 0.90), 0.90, (0, 0))],
 }
 
 
@@ -53,13 +75,42 @@ def test_table_sets_sites_worst_pooled_and_gap_side_by_side():
     assert lines[-1] == "| **gap: pooled − worst** | **+0.090 ± 0.014** | **+0.005 ± 0.007** |"
 
 
-def test_verdict_follows_the_mean_gap_per_variant():
+def test_verdict_follows_the_worst_sites_gap_on_the_same_images_per_variant():
     lines = bench.verdict_lines(VARIANTS)
-    assert lines[1] == "- fixed intensity normalisation: gap +0.090: **not met**"
-    assert lines[2] == "- per-image intensity harmonisation: gap +0.005: **met**"
-    # a held-out site that beats the pooled model is within the target too
-    better = {"fixed": [seed_result(0, (0.95, 0.93), 0.91)]}
-    assert bench.verdict_lines(better)[1].endswith("gap -0.020: **met**")
+    assert lines[1] == (
+        "- fixed intensity normalisation: same images, worst site south +0.040: **not met** (lowest held-out site on its "
+        "test rows 0.960 against the pooled model's 0.910 on the whole test split: -0.050; first table's gap +0.090: **not met**)"
+    )
+    assert lines[2].startswith("- per-image intensity harmonisation: same images, worst site south +0.005: **met**")
+    assert lines[2].endswith("first table's gap +0.005: **met**)")
+    # a held-out site that beats the pooled model on its images is within the target too
+    better = {"fixed": [{**seed_result(0, (0.95, 0.93), 0.91), "same_images": {"north": {**site_images(0), "pooled_auc": 0.98}}}]}
+    assert "same images, worst site north -0.020: **met**" in bench.verdict_lines(better)[1]
+
+
+def test_same_images_table_gives_each_sites_paired_gap_with_its_interval():
+    lines = bench.same_images_lines(VARIANTS)
+    assert "| north held out, on its 20 test rows | 0.990 ± 0.000 | 1.000 ± 0.000 |" in lines
+    south = next(line for line in lines if line.startswith("| south: pooled − held out |"))
+    fixed, per_image = south.split(" | ")[1:3]
+    assert fixed.startswith("+0.040 ± 0.014 [") and per_image.startswith("+0.005 ± 0.007 [")
+    low, high = (float(v) for v in fixed[fixed.index("[") + 1 : -1].split(", "))
+    assert 0 <= low < 0.04 < high  # a paired interval around the mean gap
+    assert "| **worst site: pooled − held out** | **south +0.040 ± 0.014" in next(line for line in lines if "worst site" in line)
+    assert "fixed intensity normalisation: south 0.820 on all its images, 0.960 on its test rows" in lines[-1]
+
+
+def test_seeds_that_scored_different_rows_get_no_paired_interval():
+    runs = [seed_result(0, (0.9, 0.8), 0.9), {**seed_result(1, (0.9, 0.8), 0.9)}]
+    runs[1]["same_images"] = {site: site_images(1, rows=tuple(range(1, 21))) for site in ("north", "south")}
+    assert bench.paired_interval(runs, "north") is None
+    assert bench._gap_cell(runs, "north") == "+0.010 ± 0.000"
+
+
+def test_a_checkpoint_that_does_not_reproduce_its_logged_auc_stops_the_run():
+    bench.check_reproduced(0.9912345, 0.9912345, "x")
+    with pytest.raises(RuntimeError, match="no longer belong to the kept comparison"):
+        bench.check_reproduced(0.991, 0.992, "per_image seed 0, north")
 
 
 def test_section_carries_command_machine_date_runs_and_verdicts():
@@ -104,15 +155,16 @@ def with_size_matched(run: dict, matched: dict[str, float]) -> dict:
 
 
 def test_the_worst_sites_shortfall_is_split_into_training_volume_and_the_unseen_site():
-    # south held out: 0.80 / 0.84; full pooled on south: 0.89 / 0.91; size-matched pooled on south: 0.85 / 0.87
-    runs = [
-        with_size_matched(VARIANTS["fixed"][0], {"north": 0.90, "south": 0.85}),
-        with_size_matched(VARIANTS["fixed"][1], {"north": 0.92, "south": 0.87}),
-    ]
+    # on south's test rows: held out 0.96 / 0.94, size-matched pooled 0.97 / 0.97, full pooled 0.99 / 0.99
+    runs = []
+    for seed, missed in ((0, 4), (1, 6)):
+        run = seed_result(seed, (0.90, 0.80), 0.90, (1, missed))
+        run["pooled"]["per_site"] = {"north": 0.99, "south": 0.99}
+        runs.append(with_size_matched(run, {"north": 0.99, "south": 0.97}))
     lines = bench.size_matched_lines({bench.SIZE_MATCHED: runs})
-    assert "| south | 1775 | 0.820 ± 0.028 | 0.860 ± 0.014 | 0.900 ± 0.014 | +0.040 ± 0.000 | +0.040 ± 0.014 |" in lines
+    assert "| south | 1775 | 0.950 ± 0.014 | 0.970 ± 0.000 | 0.990 ± 0.000 | +0.020 ± 0.000 | +0.020 ± 0.014 |" in lines
     assert (
         lines[-1]
-        == "Worst held-out site, south: +0.040 of its shortfall comes from the smaller training set and +0.040 from never having seen the site (50% volume)."
+        == "Worst held-out site, south: +0.020 of its shortfall comes from the smaller training set and +0.020 from never having seen the site (50% volume)."
     )
     assert bench.size_matched_lines(VARIANTS) == []  # variants without the diagnostic add nothing

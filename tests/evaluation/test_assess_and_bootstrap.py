@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medtriage.evaluation.assess import assess
-from medtriage.evaluation.bootstrap import bootstrap_auc_ci, mean_sd
+from medtriage.evaluation.bootstrap import bootstrap_auc_ci, bootstrap_auc_difference_ci, mean_sd
 
 
 def scores(n: int, shift: float, seed: int):
@@ -54,6 +54,21 @@ def test_bootstrap_interval_of_several_models_is_that_of_their_mean_auc():
     assert bootstrap_auc_ci(data.labels, models[0], 300) == bootstrap_auc_ci(data.labels, models[:1], 300)
     with pytest.raises(ValueError, match="scores per model"):
         bootstrap_auc_ci(data.labels, models[:, :-1], 50)
+
+
+def test_paired_difference_interval_is_narrower_than_the_unpaired_intervals_allow():
+    data = scores(300, 0.8, 5)
+    rng = np.random.default_rng(1)
+    better = data.logits[:, 1] + rng.normal(0, 0.2, len(data.labels))
+    worse = data.logits[:, 1] + rng.normal(0, 1.0, len(data.labels))
+    difference = roc_auc_score(data.labels, better) - roc_auc_score(data.labels, worse)
+    low, high = bootstrap_auc_difference_ci(data.labels, better, worse, 300)
+    assert 0 < low < difference < high  # the gain is resolved: both are scored on each resample's same images
+    (b_low, b_high), (w_low, w_high) = (bootstrap_auc_ci(data.labels, s, 300) for s in (better, worse))
+    assert b_low < w_high  # while their separate intervals overlap
+    assert bootstrap_auc_difference_ci(data.labels, better, better, 100) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="scores per model"):
+        bootstrap_auc_difference_ci(data.labels, better, worse[:-1], 50)
 
 
 def test_validation_log_loss_rewards_confident_correct_scores():
