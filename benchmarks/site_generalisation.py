@@ -239,11 +239,11 @@ def _same_images(variant: str, seed: int, job: list[str], result: dict, uri: str
 
     loso_dir, pooled_dir = run_dirs(variant, seed, out_dir)
     test_draw = pooled_job_config(job, pooled_dir, "")
-    pooled = test_scores(test_draw, test_draw, manifest)
+    pooled = scores_on_test_split(test_draw, test_draw, manifest)
     sites = {}
     for site in loso_sites():
         rows = pooled["sites"] == site
-        held_out = test_scores(loso_job_config(site, job, loso_dir), test_draw, manifest)
+        held_out = scores_on_test_split(loso_job_config(site, job, loso_dir), test_draw, manifest)
         labels = pooled["labels"][rows]
         sites[site] = {
             "rows": pooled["rows"][rows].tolist(),
@@ -259,7 +259,7 @@ def _same_images(variant: str, seed: int, job: list[str], result: dict, uri: str
     return sites
 
 
-def test_scores(run_config, test_draw, manifest) -> dict:
+def scores_on_test_split(run_config, test_draw, manifest) -> dict:
     """The positive-class probability of the final checkpoint of the run `run_config` on the pool's test split, drawn
     as the run `test_draw` drew it (its `data.limit` and seed), with the labels and sites of those images."""
     import numpy as np

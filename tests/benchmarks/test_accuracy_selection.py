@@ -72,6 +72,12 @@ def test_the_time_target_is_judged_on_the_timed_run_when_there_is_one():
     assert "[0.975, 0.986]" in text
     untimed = section(cv, "default", runs, None, SimpleNamespace(**{**vars(args), "timing_threads": 0}), "cmd")
     assert "slowest run 16.0 min on 1 thread: **not met**" in untimed
+    assert "Chosen: **default**. Test" in untimed
+    challenger = section(cv, "balanced-sampling", runs, None, args, "cmd")
+    expected = (
+        "Chosen: **balanced-sampling**, trained with `python scripts/train.py experiment=pneumoniamnist_sota trainer.imbalance=sampler`."
+    )
+    assert expected in challenger
 
 
 def _section_with_views(served: str, configured: str) -> str:

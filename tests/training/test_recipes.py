@@ -32,6 +32,41 @@ def test_ema_follows_the_ramped_decay_and_copies_counters():
         WeightEMA(model, decay=1.5)
 
 
+def test_debiased_ema_is_the_decay_weighted_average_of_the_trained_weights_alone():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = WeightEMA(model, decay=0.9, warmup="debiased")
+    trained = []
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.fill_(float(step))  # the trained weights x_1..x_5; the initial weights are never averaged in
+        trained.append(float(step))
+        ema.update(model)
+        if step == 1:
+            torch.testing.assert_close(ema.module.weight, model.weight)
+    weights = np.array([0.9 ** (5 - i) for i in range(1, 6)])
+    expected = float((weights * np.array(trained)).sum() / weights.sum())
+    torch.testing.assert_close(ema.module.weight, torch.full((1, 2), expected))
+    assert ema.current_decay() == pytest.approx(0.9 * (1 - 0.9**4) / (1 - 0.9**5)) and ema.updates_to_reach_decay() == 0
+    with pytest.raises(ConfigError, match="ema_warmup"):
+        WeightEMA(model, decay=0.9, warmup="slow")
+
+
+def test_a_run_too_short_for_the_ramp_is_told_its_decay_is_never_reached():
+    model = torch.nn.Linear(2, 1)
+    for decay, needed in ((0.99, 890), (0.998, 4490)):
+        ema = WeightEMA(model, decay=decay)
+        assert ema.updates_to_reach_decay() == needed
+        ema.updates = needed
+        assert ema.current_decay() == pytest.approx(decay)  # reached exactly there
+        assert ema.shortfall(needed) is None
+    message = WeightEMA(model, decay=0.998).shortfall(920)
+    assert "trainer.ema_decay=0.998 is never reached" in message and "4490 updates" in message and "0.9903" in message
+    assert "trainer.ema_warmup=debiased" in message
+    assert WeightEMA(model, decay=0.998, warmup="debiased").shortfall(10) is None
+    config = compose_train_config(["experiment=pneumoniamnist_sota", "trainer.ema_warmup=debiased"])
+    assert WeightEMA.from_config(config.trainer, model).warmup.value == "debiased"
+
+
 def test_mixup_is_repeatable_per_epoch_and_mixes_the_loss():
     images, labels = torch.rand(8, 1, 4, 4), torch.tensor([0, 1] * 4)
     first, again = Mixup(0.4, seed=3), Mixup(0.4, seed=3)

@@ -54,6 +54,15 @@ class Weights(Enum):
     last = "last"  # the weights at the end of training (last.pt; the EMA weights when trainer.ema_decay is set)
 
 
+class EmaWarmup(Enum):
+    # decay min(ema_decay, (1 + n) / (10 + n)) after n updates: it reaches 0.99 after 890 updates and 0.998 after
+    # 4,490, so in a shorter run the ramp, not ema_decay, sets the average (the run says so when it starts)
+    ramp = "ramp"
+    # ema_decay from the first update, bias-corrected as Adam's moments are: each trained step weighs ema_decay^age,
+    # the initial weights not at all, so ema_decay sets the horizon (about 1 / (1 - ema_decay) updates) in any run
+    debiased = "debiased"
+
+
 class Loader(Enum):
     torch = "torch"  # torch DataLoader (worker processes when num_workers > 0)
     thread = "thread"  # MONAI ThreadDataLoader: cached tensors, no process hop (GPU)
@@ -180,6 +189,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     mixup_alpha: float = 0.0  # mixup Beta(alpha, alpha) on training batches; 0 = off
     ema_decay: float | None = None  # EMA of weights (e.g. 0.999); evaluated and checkpointed when set
+    ema_warmup: EmaWarmup = EmaWarmup.ramp  # how the EMA starts (EmaWarmup)
     schedule: Schedule = Schedule.cosine  # learning-rate schedule over max_epochs (medtriage.training.optimiser)
     one_cycle_pct_start: float = 0.3  # schedule=one_cycle: share of the steps spent raising the rate
     # Which weights the run ends with (final metrics, exported package). "last" needs no validation choice, which

@@ -85,6 +85,8 @@ class TrainingLoop:
         self.criterion = make_criterion(self.trainer, self._class_weights().to(device))
         self.mixup = Mixup.from_config(self.trainer)
         self.ema = WeightEMA.from_config(self.trainer, model)
+        if self.ema and ranks.is_main and (shortfall := self.ema.shortfall(self.steps_per_epoch * self.trainer.max_epochs)):
+            log.warning(shortfall)
 
     @property
     def eval_model(self) -> torch.nn.Module:
