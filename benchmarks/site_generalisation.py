@@ -482,14 +482,14 @@ def same_images_lines(variants: dict[str, list[dict]]) -> list[str]:
     ]
     lines += [row(f"{site} held out, on its {counts[site]} test rows", lambda runs, s=site: _same_auc_cell(runs, s)) for site in sites]
     lines += [row(f"{site}: pooled − held out", lambda runs, s=site: _gap_cell(runs, s)) for site in sites]
-    lines.append(
-        row(
-            "**worst site: pooled − held out**",
-            lambda runs: f"**{worst_same_image_site(runs)} {_gap_cell(runs, worst_same_image_site(runs))}**",
-        )
-    )
+    lines.append(row("**worst site: pooled − held out**", _worst_gap_cell))
     lines += ["", *image_set_lines(variants)]
     return lines
+
+
+def _worst_gap_cell(runs: list[dict]) -> str:
+    site = worst_same_image_site(runs)
+    return f"**{site} {_gap_cell(runs, site)}**"
 
 
 def _same_auc_cell(runs: list[dict], site: str) -> str:
@@ -554,7 +554,7 @@ def section(result: dict, command: str) -> str:
         f"a held-out site's images are all its test split; the pooled model's test split is the pool's own "
         f"({first['pooled']['n_test']} images, every site)",
         f"- MLflow (`{result['uri']}`): per variant and seed one parent run with a child per held-out site (`loso/<site>/test_auc`, "
-        "`loso/worst_site_test_auc`, `loso/pooled_test_auc`, `loso/pooled_minus_worst`) and one pooled run "
+        "`loso/worst_site_test_auc`, `loso/pooled_test_auc`, `loso/pooled_minus_worst`, `loso/same_images_worst_gap`) and one pooled run "
         "(`test/auc`), linked by the parent's `loso.pooled_run` tag",
         "",
         f"Per variant and seed ({seeds}): the jobs of `{first['command']}` (one per held-out site, run in one process "
