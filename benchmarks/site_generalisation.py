@@ -54,7 +54,8 @@ LOSO_VARIANTS = {
     "per_image": ["model.preprocess.intensity=per_image"],
     "per_image_trained": [*TRAINED, "trainer.max_epochs=8"],
     "per_image_trained_20": [*TRAINED, "trainer.max_epochs=20"],
-    # The size-matched models put the shortfall on the unseen site, not on volume. The sites' VOI differs in its tone
+    # Added when the size-matched models, then compared on different images, put the shortfall on the unseen site (on
+    # the same images most of it was the image set: the section shows it). The sites' VOI differs in its tone
     # curve (a linear window, none, a vendor LUT with power 0.8), which per-image standardisation cannot undo: jitter
     # the curve over powers 2/3 to 3/2.
     "per_image_trained_gamma": [*TRAINED, "trainer.max_epochs=8", "data.augment.gamma=0.5"],
