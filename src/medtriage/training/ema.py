@@ -49,7 +49,7 @@ class WeightEMA:
                 return 0.0  # the first update copies the trained weights
             # c_n = a_n / (1 - d^n) with a_n = d a_(n-1) + (1 - d) x_n, written as one blend of c_(n-1) and x_n
             return d * (1.0 - d ** (n - 1)) / (1.0 - d**n)
-        return min(d, (1 + n) / (10 + n))
+        return min(d, _ramp(n))
 
     def updates_to_reach_decay(self) -> int:
         """Updates before the configured decay applies: the ramp's length, none when debiased."""
@@ -60,7 +60,7 @@ class WeightEMA:
         needed = self.updates_to_reach_decay()
         if needed <= total_updates:
             return None
-        highest = (1 + total_updates) / (10 + total_updates)
+        highest = _ramp(total_updates)
         return (
             f"trainer.ema_decay={self.decay:g} is never reached: the EMA ramp needs {needed} updates and this run makes "
             f"{total_updates}, so the decay stays at or below {highest:.4f}; set trainer.ema_warmup=debiased to average "
@@ -76,3 +76,8 @@ class WeightEMA:
                 averaged.lerp_(live.to(averaged.dtype), 1.0 - decay)
             else:
                 averaged.copy_(live)  # counters such as num_batches_tracked
+
+
+def _ramp(updates: int) -> float:
+    """The ramp's cap on the decay after `updates` updates."""
+    return (1 + updates) / (10 + updates)
