@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from benchmarks.accuracy_selection import choose, compared, gains
+from benchmarks.accuracy_selection import RULE_SCORE, choose, compared, gains, select
 
 
 class FoldHistory:
@@ -20,28 +21,40 @@ class FoldHistory:
         return [SimpleNamespace(step=i, value=v) for i, v in reversed(list(enumerate(self.losses[run_id])))]
 
 
-def cv_of(losses: dict[str, list[float]]) -> dict:
-    return {label: {"run_id": label, "mean_log_loss": sum(v) / len(v)} for label, v in losses.items()}
+def arrays(losses: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    return {label: np.array(v) for label, v in losses.items()}
 
 
 def test_a_challenger_better_on_every_fold_replaces_the_default():
     losses = {"default": [0.10, 0.12, 0.11], "a": [0.08, 0.10, 0.09], "b": [0.09, 0.11, 0.10]}
-    assert choose(cv_of(losses), FoldHistory(losses)) == "a"
+    assert choose(arrays(losses)) == "a"
 
 
 def test_a_gain_within_the_folds_noise_keeps_the_default():
     losses = {"default": [0.0561, 0.0800, 0.0760], "tie": [0.0562, 0.0800, 0.0755], "noisy": [0.03, 0.10, 0.07]}
-    assert choose(cv_of(losses), FoldHistory(losses)) == "default"
-    gain, se = gains(cv_of(losses), FoldHistory(losses))["noisy"]
+    assert choose(arrays(losses)) == "default"
+    gain, se = gains(arrays(losses))["noisy"]
     assert gain == pytest.approx((0.0561 - 0.03 + 0.08 - 0.10 + 0.076 - 0.07) / 3) and 0 < gain < se
     assert compared(gain, se) == "within noise"
 
 
 def test_differences_too_small_to_matter_are_ties_even_with_a_tiny_standard_error():
     losses = {"default": [0.0561, 0.0800, 0.0760], "same": [0.05609998, 0.07999997, 0.07599996]}
-    assert choose(cv_of(losses), FoldHistory(losses)) == "default"
-    assert compared(*gains(cv_of(losses), FoldHistory(losses))["same"]) == "within noise"
+    assert choose(arrays(losses)) == "default"
+    assert compared(*gains(arrays(losses))["same"]) == "within noise"
     assert compared(0.01, 0.002) == "better" and compared(-0.01, 0.002) == "worse"
+
+
+def test_the_rule_judges_the_log_loss_after_temperature_and_reports_what_the_raw_log_loss_would_choose():
+    # "sharper" wins as trained only by being less over-confident; after temperature the default separates better.
+    scores = {
+        "default": {"none": {"log_loss": [0.080, 0.090, 0.085], RULE_SCORE: [0.050, 0.055, 0.052]}},
+        "sharper": {"none": {"log_loss": [0.060, 0.070, 0.066], RULE_SCORE: [0.056, 0.060, 0.058]}},
+    }
+    selection = select(scores)
+    assert selection["chosen"] == "default" and selection["as_trained_choice"] == "sharper"
+    assert compared(*selection["gains"]["sharper"]) == "worse"
+    assert compared(*selection["as_trained_gains"]["sharper"]) == "better"
 
 
 def _run(seed: int, minutes: float) -> dict:
@@ -65,9 +78,16 @@ def test_the_time_target_is_judged_on_the_timed_run_when_there_is_one():
         "cmd",
         seeds_ci=(0.975, 0.986),
         timed={"seed": 0, "wall_s": 9 * 60, "threads": 2, "load_at_start": 0.3},
-        cv_gains={"balanced-sampling": (0.0029, 0.0035)},
+        selection={
+            "chosen": "default",
+            "scores": {"default": [0.05, 0.06], "balanced-sampling": [0.052, 0.061]},
+            "gains": {"balanced-sampling": (-0.0015, 0.0005)},
+            "as_trained_choice": "balanced-sampling",
+            "as_trained_gains": {"balanced-sampling": (0.0029, 0.0005)},
+        },
     )
-    assert "| +0.0029 ± 0.0035: within noise |" in text
+    assert "| 0.0565 ± 0.0064 | -0.0015 ± 0.0005: worse | 0.0700 ± 0.0100 | +0.0029 ± 0.0005: better |" in text
+    assert "The same rule on the log-loss as trained chooses **balanced-sampling**." in text
     assert "timed run (seed 0, load average 0.3 at its start) 9.0 min on 2 threads: **met**" in text
     assert "[0.975, 0.986]" in text
     untimed = section(cv, "default", runs, None, SimpleNamespace(**{**vars(args), "timing_threads": 0}), "cmd")
@@ -87,8 +107,8 @@ def _section_with_views(served: str, configured: str) -> str:
     cv = {"default": {**fold, "fold_wall_s": [600.0], "run_id": "default"}}
     args = SimpleNamespace(folds=3, threads=1, jobs=2, quick=False, timing_threads=0)
     scores = {
-        "none": {"log_loss": [0.056, 0.080, 0.076], "auc": [0.997] * 3},
-        "shift": {"log_loss": [0.054, 0.076, 0.073], "auc": [0.997] * 3},
+        "none": {"log_loss": [0.056, 0.080, 0.076], RULE_SCORE: [0.05, 0.07, 0.07], "auc": [0.997] * 3},
+        "shift": {"log_loss": [0.054, 0.076, 0.073], RULE_SCORE: [0.048, 0.066, 0.067], "auc": [0.997] * 3},
     }
     averaging = {"scores": scores, "gain": (0.003, 0.0005), "served": served, "configured": configured}
     return section(cv, "default", [_run(0, 9.0), _run(1, 9.0)], None, args, "cmd", averaging=averaging)
@@ -96,7 +116,7 @@ def _section_with_views(served: str, configured: str) -> str:
 
 def test_the_served_views_and_their_agreement_with_the_recipe_config_are_stated():
     text = _section_with_views("shift", "shift")
-    assert "| shift (9) | 0.0677 ± 0.0119 | +0.0030 ± 0.0005: better |" in text
+    assert "| shift (9) | 0.0603 ± 0.0107 | +0.0030 ± 0.0005: better | 0.0677 ± 0.0119 |" in text
     assert "Served with: **shift**" in text and "`export.tta: shift`: agrees" in text
     assert "| default + shift views seed 0 |" in text
     assert "**differs**: set `export.tta: shift` there" in _section_with_views("shift", "none")

@@ -42,3 +42,30 @@ def test_ece_by_hand_on_two_bins():
     labels = np.array([0, 0, 0, 1])
     expected = 0.5 * abs(0.5 - 0.6) + 0.5 * abs(1.0 - 0.95)
     assert expected_calibration_error(probs, labels, n_bins=15) == pytest.approx(expected)
+
+
+def test_cross_fitted_log_loss_removes_what_a_temperature_fixes_and_nothing_more():
+    from sklearn.metrics import log_loss
+
+    from medtriage.evaluation.calibration import cross_fitted_log_loss
+
+    logits = make_logits()
+    labels = sampled_labels(logits)
+    calibrated = log_loss(labels, probabilities(logits))
+    # Three times over-confident: the raw log-loss is far worse, the cross-fitted one close to the calibrated source's.
+    assert log_loss(labels, probabilities(logits * 3.0)) > calibrated + 0.1
+    assert cross_fitted_log_loss(logits * 3.0, labels) == pytest.approx(calibrated, abs=0.01)
+    # Logits that carry no information stay at chance (log 2): a temperature cannot add ranking.
+    noise = np.random.default_rng(1).normal(0, 1, logits.shape)
+    assert cross_fitted_log_loss(noise, labels) == pytest.approx(np.log(2), abs=0.01)
+
+
+def test_the_halves_split_every_class_and_refuse_a_class_too_small_to_split():
+    from medtriage.evaluation.calibration import stratified_halves
+
+    labels = np.array([0] * 5 + [1] * 8)
+    first, second = stratified_halves(labels, seed=3)
+    assert set(first).isdisjoint(second) and len(first) + len(second) == 13
+    assert sorted(labels[first].tolist()) == [0, 0, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="at least 2 cases of each of 2 classes"):
+        stratified_halves(np.array([0, 1, 1, 1]))

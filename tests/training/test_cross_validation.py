@@ -49,8 +49,10 @@ def test_optuna_sweep_over_folds_tracks_trials_and_folds_and_never_sees_test(tmp
         assert all("n_test" not in f.data.params for f in folds)
         losses = [f.data.metrics["val/log_loss"] for f in folds]
         assert trial.data.metrics["cv/mean_log_loss"] == pytest.approx(np.mean(losses))
-    best = min(t.data.metrics["cv/mean_log_loss"] for t in trials)
-    assert f"Best value: {best}" in done.stdout + done.stderr  # the sweeper minimised what the trials logged
+        calibrated = [m.value for m in client.get_metric_history(trial.info.run_id, "cv/calibrated_log_loss")]
+        assert len(calibrated) == 2 and all(0 < v < 1 for v in calibrated)
+    best = min(t.data.metrics["cv/mean_calibrated_log_loss"] for t in trials)
+    assert f"Best value: {best}" in done.stdout + done.stderr  # the sweeper minimised the score after temperature
 
 
 def test_the_pool_is_built_once_before_folds_start_side_by_side(tmp_path, tiny_overrides, tracking_uri, monkeypatch):
@@ -70,3 +72,13 @@ def test_the_pool_is_built_once_before_folds_start_side_by_side(tmp_path, tiny_o
     with pytest.raises(RuntimeError, match="stop before training"):
         cross_validation.cross_validate(overrides, tmp_path / "cv")
     assert seen["pools"], "no pool existed when the folds were launched"
+
+
+def test_a_fold_without_the_selection_score_is_named_with_what_to_do(tmp_path):
+    from medtriage.errors import MedTriageError
+    from medtriage.workflows.cross_validation import CrossValidation, Fold
+
+    folds = [Fold(0, tmp_path / "fold0", {"val/calibrated_log_loss": 0.1}), Fold(1, tmp_path / "fold1", {"val/log_loss": 0.2})]
+    with pytest.raises(MedTriageError, match=r"folds \[1\] have no held-out calibrated_log_loss") as error:
+        CrossValidation([], folds, "trial").mean()
+    assert "fold1/metrics.json" in str(error.value) and "use fewer folds or more data" in str(error.value)

@@ -1,7 +1,7 @@
 """`python scripts/cross_validate.py experiment=... [key=value ...] [cv.folds=3 cv.jobs=2]` (or `medtriage-cv`).
 
 Cross-validates one training config (medtriage.workflows.cross_validation) and returns its mean held-out
-log-loss, so Hydra sweepers can minimise it: `-m hparams_search=pneumoniamnist_optuna` runs an Optuna search
+log-loss after a cross-fitted temperature, so Hydra sweepers can minimise it: `-m hparams_search=pneumoniamnist_optuna` runs an Optuna search
 whose every trial is a child MLflow run of the sweep, with one grandchild run per fold.
 """
 

@@ -1,4 +1,5 @@
-"""Temperature scaling fitted on validation logits, and the expected calibration error."""
+"""Temperature scaling fitted on validation logits, the log-loss it leaves on unseen cases, and the expected calibration
+error."""
 
 from __future__ import annotations
 
@@ -23,6 +24,42 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     # Searching log T keeps T positive; [1/20, 20] covers under- and over-confident nets.
     result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(result.x))
+
+
+def cross_fitted_log_loss(logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """Log-loss after temperature scaling, with no case scored by a temperature fitted on it: the cases are cut into two
+    stratified halves and each half is scored with the temperature fitted on the other. A served model is scaled by a
+    temperature fitted on validation, so this is the log-loss it can be expected to serve; fitting and scoring on the
+    same cases would flatter it."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    classes = np.arange(logits.shape[1])
+    halves = stratified_halves(labels, seed)
+    total = 0.0
+    for fit, scored in (halves, halves[::-1]):
+        temperature = fit_temperature(logits[fit], labels[fit])
+        total += log_loss(labels[scored], probabilities(logits[scored], temperature), labels=classes, normalize=False)
+    return total / len(labels)
+
+
+def cross_fittable(labels: np.ndarray) -> bool:
+    """Whether `stratified_halves` can cut these labels: at least 2 classes, each with at least 2 cases."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    return len(counts) >= 2 and counts.min() >= 2
+
+
+def stratified_halves(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint index sets that each hold half of every class's cases (shuffled with `seed`)."""
+    labels = np.asarray(labels)
+    if not cross_fittable(labels):
+        counts = dict(zip(*(v.tolist() for v in np.unique(labels, return_counts=True)), strict=True))
+        raise ValueError(f"cross-fitting a temperature needs at least 2 cases of each of 2 classes; got class counts {counts}")
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        first.append(members[: len(members) // 2])
+        second.append(members[len(members) // 2 :])
+    return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:

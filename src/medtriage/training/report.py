@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 
+from medtriage.evaluation.calibration import cross_fittable, cross_fitted_log_loss
 from medtriage.evaluation.metrics import evaluate, roc_points, site_values, softmax
 from medtriage.evaluation.plots import plot_roc, plot_site_auc
 from medtriage.model.checkpoint import final_checkpoint, read_checkpoint
@@ -25,6 +26,10 @@ def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
     metrics: dict[str, float] = {"best_val_auc": state.best_val_auc, "best_epoch": float(state.best_epoch)}
     for split, p in predictions.items():
         metrics.update(evaluate(p.logits, p.labels, p.sites, split))
+    if "val" in predictions and cross_fittable(predictions["val"].labels):
+        # What validation log-loss is left once the export's temperature is applied (fitted on other validation cases):
+        # the cross-validation's selection score. Never on test: test fits nothing.
+        metrics["val/calibrated_log_loss"] = cross_fitted_log_loss(predictions["val"].logits, predictions["val"].labels)
     return metrics, predictions
 
 

@@ -3,8 +3,9 @@
 `cross_validate(overrides, out_dir)` trains the config once per fold (`data.cv_folds`/`data.cv_fold`:
 train + validation pooled, de-duplicated groups kept together, test left out, see
 medtriage.data.folds), each fold a child MLflow run of one "trial" run, and scores each fold's
-held-out images with the run's final weights. The trial's score is the mean held-out log-loss, a
-proper score: it still separates configs when every fold's AUC is near 1. Folds run as
+held-out images with the run's final weights. The trial's score is the mean held-out log-loss after a
+temperature fitted on other held-out cases (every package is served temperature-scaled, so only what survives
+the temperature counts), a proper score: it still separates configs when every fold's AUC is near 1. Folds run as
 `scripts/train.py` processes (export off), `jobs` at a time, so a 2-core machine trains two folds
 on one thread each.
 """
@@ -29,7 +30,7 @@ from medtriage.data.sources.registry import build_pool
 from medtriage.errors import MedTriageError
 from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id
 
-SCORES = ("log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
+SCORES = ("calibrated_log_loss", "log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
 OWN_KEYS = ("cv.", "data.cv_", "export.enabled", "paths.output_dir", "hydra.", "hparams_search", "tracking.run_name")
 
 
@@ -52,6 +53,14 @@ class CrossValidation:
     run_id: str  # the trial's MLflow run; the folds are its children
 
     def values(self, score: str) -> np.ndarray:
+        missing = [f for f in self.folds if f"val/{score}" not in f.metrics]
+        if missing:
+            raise MedTriageError(
+                f"folds {[f.fold for f in missing]} have no held-out {score}",
+                where=", ".join(str(f.output_dir / "metrics.json") for f in missing),
+                hint="each fold needs held-out images of both classes, at least 2 of each for the score after temperature: "
+                "use fewer folds or more data",
+            )
         return np.array([f.metrics[f"val/{score}"] for f in self.folds])
 
     def mean(self, score: str = SCORES[0]) -> float:
@@ -63,7 +72,7 @@ class CrossValidation:
 
     @property
     def score(self) -> float:
-        """Mean held-out log-loss: lower is better."""
+        """Mean held-out log-loss after temperature scaling: lower is better."""
         return self.mean(SCORES[0])
 
 
@@ -108,16 +117,15 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     print(f"cross-validation of `{' '.join(overrides)}` on {folds} folds; MLflow run {run_id}", flush=True)
     try:
         build_pool(cfg.data)  # here, once: folds starting side by side must not each build the pool they share
-        results = _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id)
+        result = CrossValidation(list(overrides), _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id), run_id)
+        for score in SCORES:
+            for fold, value in zip(result.folds, result.values(score), strict=True):
+                client.log_metric(run_id, f"cv/{score}", float(value), step=fold.fold)
+            client.log_metric(run_id, f"cv/mean_{score}", result.mean(score))
+            client.log_metric(run_id, f"cv/sd_{score}", result.sd(score))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    result = CrossValidation(list(overrides), results, run_id)
-    for score in SCORES:
-        for fold in results:
-            client.log_metric(run_id, f"cv/{score}", fold.metrics[f"val/{score}"], step=fold.fold)
-        client.log_metric(run_id, f"cv/mean_{score}", result.mean(score))
-        client.log_metric(run_id, f"cv/sd_{score}", result.sd(score))
     client.set_terminated(run_id, "FINISHED")
     print(
         "cross-validation: " + ", ".join(f"{s} {result.mean(s):.4f} ± {result.sd(s):.4f}" for s in SCORES) + f" (MLflow run {run_id})",
