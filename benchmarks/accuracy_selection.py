@@ -153,7 +153,7 @@ def fold_scores(cv_dir: Path, folds: int, weights: str, views: tuple[str, ...] =
     return scores
 
 
-def scored_folds(label: str, recipe: list[str], views: tuple[str, ...] = ("none",), *, cv, configs, out_dir: Path, folds: int) -> dict:
+def scored_folds(label: str, recipe: list[str], views: tuple[str, ...] = ("none",), *, configs, out_dir: Path, folds: int) -> dict:
     """A candidate's `fold_scores`, kept per recipe and views (scoring its fold models again repeats them)."""
     weights = configs[label].trainer.weights
     return cached(stage_file(out_dir, "heldout", [*recipe, *views]), lambda: fold_scores(out_dir / f"cv-{label}", folds, weights, views))
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mlflow.set_tracking_uri(configs["default"].tracking.uri)  # the exports below find their runs in the project's store
     client = mlflow.MlflowClient()
-    fold_jobs = partial(scored_folds, cv=cv, configs=configs, out_dir=out_dir, folds=args.folds)
+    fold_jobs = partial(scored_folds, configs=configs, out_dir=out_dir, folds=args.folds)
     scores = {label: check_refolded(fold_jobs(label, recipe), client, cv[label]["run_id"]) for label, recipe in recipes.items()}
     selection = select(scores)  # decided on the folds alone, before any test figure of a new recipe exists
     chosen = selection["chosen"]
