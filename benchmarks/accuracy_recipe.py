@@ -8,6 +8,8 @@ subprocess, the served package's own answer. Nothing is chosen on test: the reci
 the accuracy rule are fixed before test is scored, once per seed. ACC is at the threshold at Youden's J on the
 served validation scores; also shown: ACC of the calibrated argmax (p >= 0.5, the published table's rule) and of
 the package's finding (its review threshold, sensitivity >= 0.95 on validation: a triage rule, not an ACC rule).
+A seed's training is kept under `stage_dir()` by recipe, where the selection benchmark keeps its own: a seed of the
+experiment as it stands that either benchmark trained is scored again, not retrained.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.accuracy import PUBLISHED
-from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
+from benchmarks.common import ROOT, cached, command_line, header, machine, recipe_key, stage_file, verdict, write_section
 
 EXPERIMENT = "pneumoniamnist_sota"
 NPZ = "data/samples/pneumoniamnist_28.npz"
@@ -89,21 +91,54 @@ def train_seed(overrides: list[str], seed: int, threads: int, name: str, out_dir
     return {"seed": seed, "run_id": result.run_id, "package": str(result.package), "wall_s": time.perf_counter() - started}
 
 
+def stage_dir(quick: bool) -> Path:
+    """Where both accuracy benchmarks keep their stage results, keyed by recipe (`recipe_key`): a seed of the recipe
+    that one of them trained is found by the other, not trained again."""
+    return ROOT / "outputs" / ("benchmark_accuracy_stages_quick" if quick else "benchmark_accuracy_stages")
+
+
 def run_seed(seed: int, threads: int, extra: list[str], out_dir: Path) -> dict:
+    """One seed of the experiment as it stands, trained (or found trained under `out_dir`), its package scored."""
     from medtriage.config import compose_train_config
 
-    name = f"{compose_train_config([f'experiment={EXPERIMENT}']).export.name}-seed{seed}{'-quick' if extra else ''}"
-    trained = train_seed([f"experiment={EXPERIMENT}", *extra], seed, threads, name, out_dir / f"seed{seed}")
-    return {**trained, **score_package(Path(trained["package"]))}
+    overrides = [f"experiment={EXPERIMENT}", *extra]
+    cfg = compose_train_config([*overrides, "paths.output_dir=."])
+    name = f"{cfg.export.name}-seed{seed}{'-quick' if extra else ''}"
+    stage = stage_file(out_dir, f"seed{seed}", [recipe_key(cfg)])
+    kept = stage.is_file()
+    trained = cached(stage, lambda: train_seed(overrides, seed, threads, name, out_dir / name))
+    return {**trained, "kept": kept, **score_package(Path(trained["package"]))}
+
+
+def describe(cfg) -> str:
+    """The recipe in a reader's words, from its composed config."""
+    from omegaconf import OmegaConf
+
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True, enum_to_str=True)
+    balance = {"sampler": "classes drawn equally often", "weighted_loss": "class-weighted cross-entropy", "none": "no class balancing"}
+    return (
+        f"{cfg.model.name}, images resized to {cfg.model.preprocess.size} px inside the model and its ONNX graph, "
+        f"{trainer['max_epochs']} epochs of {trainer['schedule'].replace('_', '-')} AdamW (lr {trainer['lr']:g}), batched "
+        f"affine + intensity augmentation, {balance.get(trainer['imbalance'], trainer['imbalance'])}, EMA of weights "
+        f"(decay {trainer['ema_decay']:g}); the package holds the {trainer['weights']} weights (no epoch chosen on "
+        f"validation) and averages over {cfg.export.tta} test-time views"
+    )
 
 
 def mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
-def section(runs: list[dict], command: str, threads: int, quick: bool) -> str:
+def section(runs: list[dict], command: str, threads: int, quick: bool, recipe: str) -> str:
     aucs, accs = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
     minutes = max(r["wall_s"] for r in runs) / 60
+    kept = [str(r["seed"]) for r in runs if r.get("kept")]
+    kept_note = (
+        f"; {'seeds' if len(kept) > 1 else 'seed'} {', '.join(kept)} kept from an earlier run of either accuracy benchmark "
+        "(maybe beside another training): the wall time is that run's"
+        if kept
+        else ""
+    )
     rows = [
         f"| {EXPERIMENT} seed {r['seed']} | {r['test_auc']:.4f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['test_acc']:.4f} "
         f"(t = {r['youden_threshold']:.3f}) | {r['test_acc_argmax']:.4f} | {r['test_acc_finding']:.4f} | {r['val_auc']:.4f} | {r['wall_s'] / 60:.1f} "
@@ -127,16 +162,14 @@ def section(runs: list[dict], command: str, threads: int, quick: bool) -> str:
             f"{machine()}; CPU, {threads} torch thread per run, one run at a time",
             "; smoke run (--quick): tiny data, one epoch, figures meaningless" if quick else "",
         ),
-        f"- recipe: `python scripts/train.py experiment={EXPERIMENT} trainer.seed=S` (ResNet-18, 28 px upsampled to 64 px "
-        "inside the model and its ONNX graph, 20 epochs one-cycle AdamW, batched affine + intensity augmentation, "
-        "class-balanced cross-entropy, EMA of weights; the package holds the last EMA weights, no epoch chosen on validation)",
+        f"- recipe: `python scripts/train.py experiment={EXPERIMENT} trainer.seed=S` ({recipe})",
         "- calibration and thresholds: temperature and operating points fitted on validation by the export; test ACC at the "
         "threshold at Youden's J on the served validation scores (fixed before test was scored); also ACC of the calibrated "
         "argmax (p ≥ 0.5, the published rule) and of the package's finding (review threshold: sensitivity ≥ 0.95 on validation)",
         f"- scoring: `medtriage score models/<package> --npz {NPZ} --split test --json` (and `--split val` for the Youden "
         "threshold), run as a subprocess; test is scored once per seed, after the package is written; AUC 95% CI: "
         "1,000 bootstrap resamples of the test images",
-        "- wall time: training + export of one seed (minutes)",
+        f"- wall time: training + export of one seed (minutes){kept_note}",
         "",
         "| model | test AUC | 95% CI | test ACC (val Youden) | ACC @ 0.5 | ACC of package finding | val AUC | wall (min) | MLflow run |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -160,13 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         "--doc", type=Path, default=None, help="markdown file to update (default: docs/benchmarks.md; outputs/ with --quick)"
     )
     args = parser.parse_args(argv)
-    out_dir = ROOT / "outputs" / ("benchmark_accuracy_recipe_quick" if args.quick else "benchmark_accuracy_recipe")
+    from medtriage.config import compose_train_config
+
+    extra = QUICK if args.quick else []
     runs = []
     for seed in args.seeds:
-        runs.append(run_seed(seed, args.threads, QUICK if args.quick else [], out_dir))
+        runs.append(run_seed(seed, args.threads, extra, stage_dir(args.quick)))
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in runs[-1].items()}), flush=True)
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_recipe_quick.md" if args.quick else "docs/benchmarks.md")
-    write_section(section(runs, command_line(), args.threads, args.quick), doc)
+    recipe = describe(compose_train_config([f"experiment={EXPERIMENT}", *extra, "paths.output_dir=."]))
+    write_section(section(runs, command_line(), args.threads, args.quick, recipe), doc)
     print(f"written to {doc}")
     return 0
 

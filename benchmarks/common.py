@@ -121,10 +121,32 @@ def interleaved(
 # --- stage results kept between runs ----------------------------------------------------------------
 
 
-def stage_file(out_dir: Path, kind: str, overrides: list[str]) -> Path:
-    """Where a benchmark stage's result for these overrides is kept: `<kind>-<hash of the overrides>.json`."""
-    key = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]
-    return out_dir / f"{kind}-{key}.json"
+# Settings of a training config that change where a run writes and how fast it goes, not what it computes.
+RUN_SETTINGS = ("name", "paths", "tracking", "cv", "trainer.num_threads", "export.name", "export.models_dir")
+
+
+def recipe_key(cfg) -> str:
+    """A composed training config as the stage caches know it: every value as written (interpolations unresolved, so
+    the same on every machine), less RUN_SETTINGS. Keyed by this rather than by the command's overrides, a stage
+    reruns when a config file changes under the same command, and is found again under any command that composes
+    the same recipe."""
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    for dotted in RUN_SETTINGS:
+        *parents, leaf = dotted.split(".")
+        node = recipe
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return json.dumps(recipe, sort_keys=True)
+
+
+def stage_file(out_dir: Path, kind: str, key: list[str]) -> Path:
+    """Where a benchmark stage's result is kept: `<kind>-<hash of key>.json`; the key names everything the result
+    depends on (a `recipe_key`, run ids, views)."""
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+    return out_dir / f"{kind}-{digest}.json"
 
 
 def cached(path: Path, compute) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmarks.common import ROOT, cached, command_line, header, machine, stage_file, verdict, write_section
+from benchmarks.common import ROOT, cached, command_line, header, machine, recipe_key, stage_file, verdict, write_section
 from medtriage.config import compose_train_config
 from medtriage.evaluation.bootstrap import bootstrap_auc_difference_ci, mean_sd
 
@@ -195,11 +195,17 @@ def gap(result: dict) -> float:
     return result["pooled"]["auc"] - result["worst"]
 
 
+def job_key(job: list[str]) -> str:
+    """The recipe a comparison's runs compose (`recipe_key`): what its kept results are keyed by, so that an edited
+    experiment config reruns them."""
+    return recipe_key(compose_train_config([f"experiment={LOSO_EXPERIMENT}", *job, "paths.output_dir=."]))
+
+
 def compare(variant: str, seed: int, overrides: list[str], uri: str, out_dir: Path, sizes: dict[str, int]) -> dict:
     """One seed of one variant, kept under `out_dir` for later runs: the sweep, then the pooled model (and for
     SIZE_MATCHED the size-matched pooled models); the parent run records the pooled AUC and the gap."""
     job = [*LOSO_VARIANTS[variant], f"trainer.seed={seed}", *overrides]
-    key = [*job, *(f"{site}={n}" for site, n in sizes.items())] if variant == SIZE_MATCHED else job
+    key = [job_key(job), *(f"{site}={n}" for site, n in sizes.items() if variant == SIZE_MATCHED)]
     return cached(stage_file(out_dir, f"compare-{variant}-seed{seed}", key), lambda: _compare(variant, seed, job, uri, out_dir, sizes))
 
 
@@ -230,7 +236,7 @@ def _compare(variant: str, seed: int, job: list[str], uri: str, out_dir: Path, s
 def same_images(variant: str, seed: int, result: dict, overrides: list[str], uri: str, out_dir: Path, manifest) -> dict:
     """One comparison's models scored on each site's rows of the pool's test split, kept under `out_dir`."""
     job = [*LOSO_VARIANTS[variant], f"trainer.seed={seed}", *overrides]
-    key = [*job, result["parent_run_id"], result["pooled"]["run_id"]]
+    key = [job_key(job), result["parent_run_id"], result["pooled"]["run_id"]]
     path = stage_file(out_dir, f"same-images-{variant}-seed{seed}", key)
     return cached(path, lambda: _same_images(variant, seed, job, result, uri, out_dir, manifest))
 

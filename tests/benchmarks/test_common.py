@@ -68,3 +68,18 @@ def test_command_line_is_what_a_reader_types_from_the_project_root():
 def test_machine_and_verdict_lines():
     assert "cores available" in machine()
     assert verdict(True) == "**met**" and verdict(False) == "**not met**"
+
+
+def test_a_stage_is_keyed_by_the_recipe_a_command_composes_not_by_its_words():
+    from benchmarks.common import recipe_key
+    from medtriage.config import compose_train_config
+
+    def key(*overrides):
+        return recipe_key(compose_train_config(["experiment=pneumoniamnist_sota", *overrides]))
+
+    stands = key("paths.output_dir=.")
+    assert key("paths.output_dir=/elsewhere", "trainer.num_threads=2", "cv.jobs=4", "export.name=other") == stands
+    assert key("paths.output_dir=.", "trainer.max_epochs=30") == stands  # the config's own value, spelled out
+    assert key("paths.output_dir=.", "trainer.max_epochs=31") != stands
+    assert key("paths.output_dir=.", "export.tta=none") != stands
+    assert "/elsewhere" not in key("paths.output_dir=/elsewhere")

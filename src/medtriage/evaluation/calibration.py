@@ -43,19 +43,27 @@ def cross_fitted_log_loss(logits: np.ndarray, labels: np.ndarray, seed: int = 0)
 
 def cross_fittable(labels: np.ndarray) -> bool:
     """Whether `stratified_halves` can cut these labels: at least 2 classes, each with at least 2 cases."""
-    counts = np.unique(np.asarray(labels), return_counts=True)[1]
-    return len(counts) >= 2 and counts.min() >= 2
+    return _fittable(_class_counts(labels))
+
+
+def _class_counts(labels: np.ndarray) -> dict[int, int]:
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist(), strict=True))
+
+
+def _fittable(counts: dict[int, int]) -> bool:
+    return len(counts) >= 2 and min(counts.values()) >= 2
 
 
 def stratified_halves(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Two disjoint index sets that each hold half of every class's cases (shuffled with `seed`)."""
     labels = np.asarray(labels)
-    if not cross_fittable(labels):
-        counts = dict(zip(*(v.tolist() for v in np.unique(labels, return_counts=True)), strict=True))
+    counts = _class_counts(labels)
+    if not _fittable(counts):
         raise ValueError(f"cross-fitting a temperature needs at least 2 cases of each of 2 classes; got class counts {counts}")
     rng = np.random.default_rng(seed)
     first, second = [], []
-    for c in np.unique(labels):
+    for c in counts:
         members = rng.permutation(np.flatnonzero(labels == c))
         first.append(members[: len(members) // 2])
         second.append(members[len(members) // 2 :])
