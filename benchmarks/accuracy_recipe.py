@@ -97,13 +97,10 @@ def stage_dir(quick: bool) -> Path:
     return ROOT / "outputs" / ("benchmark_accuracy_stages_quick" if quick else "benchmark_accuracy_stages")
 
 
-def run_seed(seed: int, threads: int, extra: list[str], out_dir: Path) -> dict:
-    """One seed of the experiment as it stands, trained (or found trained under `out_dir`), its package scored."""
-    from medtriage.config import compose_train_config
-
-    overrides = [f"experiment={EXPERIMENT}", *extra]
-    cfg = compose_train_config([*overrides, "paths.output_dir=."])
-    name = f"{cfg.export.name}-seed{seed}{'-quick' if extra else ''}"
+def run_seed(seed: int, threads: int, overrides: list[str], cfg, out_dir: Path, quick: bool = False) -> dict:
+    """One seed of the experiment as it stands (`overrides`, composed as `cfg`), trained (or found trained under
+    `out_dir`), its package scored."""
+    name = f"{cfg.export.name}-seed{seed}{'-quick' if quick else ''}"
     stage = stage_file(out_dir, f"seed{seed}", [recipe_key(cfg)])
     kept = stage.is_file()
     trained = cached(stage, lambda: train_seed(overrides, seed, threads, name, out_dir / name))
@@ -195,14 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from medtriage.config import compose_train_config
 
-    extra = QUICK if args.quick else []
+    overrides = [f"experiment={EXPERIMENT}", *(QUICK if args.quick else [])]
+    cfg = compose_train_config([*overrides, "paths.output_dir=."])
     runs = []
     for seed in args.seeds:
-        runs.append(run_seed(seed, args.threads, extra, stage_dir(args.quick)))
+        runs.append(run_seed(seed, args.threads, overrides, cfg, stage_dir(args.quick), args.quick))
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in runs[-1].items()}), flush=True)
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_recipe_quick.md" if args.quick else "docs/benchmarks.md")
-    recipe = describe(compose_train_config([f"experiment={EXPERIMENT}", *extra, "paths.output_dir=."]))
-    write_section(section(runs, command_line(), args.threads, args.quick, recipe), doc)
+    write_section(section(runs, command_line(), args.threads, args.quick, describe(cfg)), doc)
     print(f"written to {doc}")
     return 0
 
