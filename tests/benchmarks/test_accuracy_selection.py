@@ -154,3 +154,11 @@ def test_one_candidate_is_the_experiment_as_it_stands_and_every_candidate_is_a_d
     assert [label for label, overrides in CANDIDATES.items() if not overrides] == [INCUMBENT]
     keys = {recipe_key(compose_train_config([*BASE, *overrides, "paths.output_dir=."])) for overrides in CANDIDATES.values()}
     assert len(keys) == len(CANDIDATES)
+
+
+def test_the_candidates_judged_after_test_are_the_tail_of_the_candidate_list():
+    from benchmarks.accuracy_selection import CANDIDATES, FIRST_AFTER_TEST, INCUMBENT, judged_after_test
+
+    later = judged_after_test()
+    assert later[0] == FIRST_AFTER_TEST and later == list(CANDIDATES)[-len(later) :]
+    assert INCUMBENT not in later
