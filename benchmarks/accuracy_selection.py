@@ -96,6 +96,8 @@ CANDIDATES = {
     "lighter-augmentation": ["data.augment.prob=0.25"],
     # Twice the peak learning rate, the other side of gentler-rate.
     "steeper-rate": ["trainer.lr=0.004"],
+    # Half the batch: twice the updates over the same epochs, each noisier (and slower per image on a CPU).
+    "smaller-batch": ["data.batch_size=32"],
 }
 INCUMBENT = next(label for label, overrides in CANDIDATES.items() if not overrides)
 # The first candidate judged after balanced-longer's test figures had been seen; it and every later entry of CANDIDATES
