@@ -92,7 +92,7 @@ CANDIDATES = {
     "decoupled-decay": ["trainer.weight_decay=0.05"],
     # Half the peak learning rate: less noise in the updates, for a recipe that wins by fitting the training images.
     "gentler-rate": ["trainer.lr=0.001"],
-    # Round 3, both at the recipe's cost. Half as many images augmented: the net sees more of the images as they are.
+    # Round 3, each at about the recipe's cost. Half as many images augmented: the net sees more of the images as they are.
     "lighter-augmentation": ["data.augment.prob=0.25"],
     # Twice the peak learning rate, the other side of gentler-rate.
     "steeper-rate": ["trainer.lr=0.004"],
