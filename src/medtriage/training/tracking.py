@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
 from hydra.experimental.callback import Callback
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from medtriage.config.project import git_commit
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory file locks
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +43,37 @@ def artifact_location(uri: str) -> str | None:
     return (db_path.parent / "mlruns").resolve().as_uri()
 
 
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Held while a process opens the store and finds or creates an experiment. MLflow creates a new SQLite store's
+    tables, and an experiment, by check-then-act: runs that start together on a new store (a sweep's jobs, the folds of
+    a cross-validation, two terminals) would otherwise each try, and all but one fail."""
+    if urlparse(uri).scheme != "sqlite" or fcntl is None:
+        yield  # a tracking server keeps its own store; without fcntl (Windows), start the first run alone
+        return
+    db_path = Path(uri[len("sqlite:///") :])
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(db_path.with_name(db_path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def experiment_id(uri: str, name: str) -> str:
+    """The experiment `name` in the store at `uri`, created (with the store itself) when it is not there yet."""
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+    with store_lock(uri):
+        found = mlflow.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+        except MlflowException as error:  # another client of the same tracking server created it first
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def ui_command(uri: str) -> str:
