@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medtriage.errors import DataNotFoundError
+from medtriage.io.safe_output import AtomicFile, write_atomic
 from medtriage.optional import optional_import
 
 pd = optional_import("pandas")  # not in the torch-free install: needed once a pool is read or summarised
@@ -61,7 +63,11 @@ class Reject:
 
 
 class PoolWriter:
-    """Streams images into a pool folder; `close()` writes the manifest. Counts in = rows + rejects."""
+    """Streams images into a pool folder; `close()` writes the manifest. Counts in = rows + rejects.
+
+    All or nothing: the pixels stream into a hidden temporary file, and `close()` renames each file into place, the
+    manifest (what says a pool is built) last. Until then a reader finds no pool, or the previous one whole; a killed
+    build leaves only a hidden `.partial` file; two processes building the same pool at once each write their own."""
 
     def __init__(self, pool_dir: str | Path, label_names: list[str]):
         self.pool_dir = Path(pool_dir)
@@ -69,7 +75,7 @@ class PoolWriter:
         self.label_names = list(label_names)
         self.rows: list[dict] = []
         self.rejects: list[Reject] = []
-        self._pixels = open(self.pool_dir / PIXELS_FILE, "wb")
+        self._pixels = AtomicFile(self.pool_dir / PIXELS_FILE)
         self._offset = 0
 
     def add(self, pixels: np.ndarray, **row) -> dict:
@@ -80,7 +86,7 @@ class PoolWriter:
         c, h, w = pixels.shape
         row = {**row, "channels": c, "height": h, "width": w, "offset": self._offset}
         row.setdefault("fingerprint", pixel_fingerprint(pixels))
-        self._pixels.write(pixels.tobytes())
+        self._pixels.file.write(pixels.tobytes())
         self._offset += pixels.size
         self.rows.append(row)
         return row
@@ -89,19 +95,20 @@ class PoolWriter:
         self.rejects.append(Reject(site, str(path), reason))
 
     def close(self) -> Manifest:
-        self._pixels.close()
+        self._pixels.commit()
+        write_atomic(self.pool_dir / LABELS_FILE, json.dumps(self.label_names).encode())
+        write_atomic(self.pool_dir / REJECTS_FILE, _csv_bytes(REJECT_COLUMNS, [vars(r) for r in self.rejects]))
         extra = sorted({k for r in self.rows for k in r} - set(COLUMNS))
-        _write_csv(self.pool_dir / MANIFEST_FILE, COLUMNS + extra, self.rows)
-        _write_csv(self.pool_dir / REJECTS_FILE, REJECT_COLUMNS, [vars(r) for r in self.rejects])
-        (self.pool_dir / LABELS_FILE).write_text(json.dumps(self.label_names))
+        write_atomic(self.pool_dir / MANIFEST_FILE, _csv_bytes(COLUMNS + extra, self.rows))
         return load_manifest(self.pool_dir)
 
 
-def _write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise", restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+def _csv_bytes(columns: list[str], rows: Iterable[dict]) -> bytes:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="raise", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
 
 
 @dataclass

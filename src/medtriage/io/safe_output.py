@@ -5,8 +5,9 @@ A header value (SOP Instance UID, patient ID, file name in an upload) is attacke
 `output_path` turns it into one harmless name component, adds a short digest of what identifies
 the source (so two sources that share a UID, or whose values sanitise alike, never overwrite each
 other, while a rerun on the same source lands on the same name) and proves the result resolves
-inside the output folder. `write_atomic` writes to a hidden temporary file in the same folder,
-flushes it to disk and renames it into place: a crash leaves the old file or the new one, never half.
+inside the output folder. `write_atomic` (and `AtomicFile`, for a writer that streams) writes to a hidden temporary
+file in the same folder, flushes it to disk and renames it into place: a crash leaves the old file or the new one,
+never half.
 numpy-free and torch-free: used by io, serve and the DICOM node alike.
 """
 
@@ -70,27 +71,48 @@ def inside(out_dir: str | Path, name: str) -> Path:
     return target
 
 
+class AtomicFile:
+    """A file that appears at `path` whole or not at all, for writers that stream into it: `file` is a hidden
+    temporary file in the same folder; `commit()` flushes it to disk and renames it over `path`; `discard()`, or a
+    crash before the commit, leaves `path` as it was."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=PARTIAL_SUFFIX, dir=self.path.parent)
+        self.temporary = Path(temporary)
+        self.file: BinaryIO = os.fdopen(handle, "wb")
+
+    def commit(self) -> Path:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.chmod(self.temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give it what open() would
+            os.replace(self.temporary, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        _sync_folder(self.path.parent)
+        return self.path
+
+    def discard(self) -> None:
+        self.file.close()
+        self.temporary.unlink(missing_ok=True)
+
+
 def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object]) -> Path:
-    """Write `data` (bytes, or a function that writes to a binary file) to `path` all or nothing:
-    a hidden temporary file in the same folder, flushed to disk, then renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    """Write `data` (bytes, or a function that writes to a binary file) to `path` all or nothing (`AtomicFile`)."""
+    target = AtomicFile(path)
     try:
-        with os.fdopen(handle, "wb") as f:
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                f.write(data)
-            else:
-                data(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give it what open() would
-        os.replace(temporary, path)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            target.file.write(data)
+        else:
+            data(target.file)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        target.discard()
         raise
-    _sync_folder(path.parent)
-    return path
+    return target.commit()
 
 
 def remove_partials(folder: str | Path) -> int:

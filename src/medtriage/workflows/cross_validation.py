@@ -116,7 +116,7 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     client.log_param(run_id, "cv.folds", folds)
     print(f"cross-validation of `{' '.join(overrides)}` on {folds} folds; MLflow run {run_id}", flush=True)
     try:
-        build_pool(cfg.data)  # here, once: folds starting side by side must not each build the pool they share
+        build_pool(cfg.data)  # here, once: folds starting side by side would each build the pool they share
         result = CrossValidation(list(overrides), _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id), run_id)
         for score in SCORES:
             for fold, value in zip(result.folds, result.values(score), strict=True):

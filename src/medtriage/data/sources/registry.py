@@ -54,8 +54,9 @@ SOURCES: dict[str, Callable[..., Manifest]] = {"npz": _npz_pool, "sites": _sites
 
 
 def build_pool(data) -> Manifest:
-    """The whole pooled manifest the `data` config group describes, built on first use. Runs that share a pool and
-    start side by side (cross-validation folds) need it built once beforehand, or one reads what another writes."""
+    """The whole pooled manifest the `data` config group describes, built on first use. Runs that start side by side
+    on a pool not built yet each build it (`PoolWriter` is all or nothing: none reads a half-written pool), so a
+    workflow that starts several (cross-validation folds) builds it once beforehand to spare the repeats."""
     if data.source not in SOURCES:
         raise ConfigError(f"unknown data source '{data.source}'", where="data.source", hint=f"choose one of: {', '.join(SOURCES)}")
     manifest = SOURCES[data.source](data)

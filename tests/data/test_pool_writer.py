@@ -1,0 +1,41 @@
+"""PoolWriter writes a pool all or nothing: a reader during a build finds no pool (or the previous one whole), and a
+second build of the same pool started meanwhile does not spoil the first."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medtriage.data.manifest import MANIFEST_FILE, PIXELS_FILE, PoolWriter, load_manifest
+from medtriage.errors import DataNotFoundError
+
+
+def image(value: float) -> np.ndarray:
+    return np.full((1, 64, 64), value, dtype=np.float32)  # 16 KiB: larger than a file buffer, so each add reaches the disk
+
+
+def add(writer: PoolWriter, value: float) -> None:
+    uid = f"img-{value}"
+    writer.add(image(value), site="a", patient_id=uid, study_uid=uid, series_uid=uid, sop_uid=uid, path=uid, label=0, split="train")
+
+
+def test_a_pool_in_the_making_is_not_there_to_read(tmp_path):
+    writer = PoolWriter(tmp_path, ["normal", "pneumonia"])
+    add(writer, 0.25)
+    assert not (tmp_path / PIXELS_FILE).exists() and not (tmp_path / MANIFEST_FILE).exists()
+    with pytest.raises(DataNotFoundError):
+        load_manifest(tmp_path)
+    manifest = writer.close()
+    assert np.array_equal(manifest.image(0), image(0.25))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left behind
+
+
+def test_a_second_build_started_meanwhile_does_not_spoil_the_first(tmp_path):
+    first = PoolWriter(tmp_path, ["normal", "pneumonia"])
+    add(first, 0.25)
+    second = PoolWriter(tmp_path, ["normal", "pneumonia"])  # e.g. another training on the same new pool
+    add(first, 0.5)
+    add(second, 0.75)
+    manifest = first.close()
+    assert [manifest.image(i)[0, 0, 0] for i in range(2)] == [0.25, 0.5]
+    assert second.close().image(0)[0, 0, 0] == 0.75  # the last build to finish is the pool, whole
