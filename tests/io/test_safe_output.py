@@ -5,7 +5,7 @@ import os
 import pytest
 
 from medtriage.errors import InputError
-from medtriage.io.safe_output import inside, output_path, remove_partials, safe_component, write_atomic
+from medtriage.io.safe_output import inside, output_path, remove_partials, safe_component, write_atomic, write_new
 
 
 @pytest.mark.parametrize(
@@ -51,3 +51,11 @@ def test_write_atomic_replaces_whole_and_cleans_up_after_a_failure(tmp_path):
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
     (tmp_path / ".f.bin.123.partial").write_bytes(b"left by a killed writer")
     assert remove_partials(tmp_path) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_write_new_makes_an_owner_only_secret_once_and_never_replaces_one(tmp_path):
+    key = tmp_path / "keys" / "site.key"
+    assert write_new(key, b"first") is True
+    assert key.read_bytes() == b"first" and key.stat().st_mode & 0o777 == 0o600
+    assert write_new(key, b"second") is False  # another ingest got there first: its secret stands
+    assert key.read_bytes() == b"first" and [p.name for p in key.parent.iterdir()] == ["site.key"]

@@ -30,6 +30,7 @@ from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.data.splits import assign_splits
 from medtriage.errors import DataNotFoundError, DicomError
 from medtriage.io.dicom import read_dicom
+from medtriage.io.safe_output import write_atomic
 
 DEFAULT_SITES = Path("data/sites")
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
@@ -83,7 +84,7 @@ def build_sites_pool(
     decoded = _decode_all(sites_dir, files, workers, verbose)
     tables = {site: read_labels(sites_dir / site / LABELS_CSV, site) for site in files}
     manifest = _write_pool(pool_dir, decoded, tables, seed, val_fraction, test_fraction)
-    (pool_dir / INPUTS_FILE).write_text(json.dumps({"inputs_sha256": inputs_hash, "sites_dir": str(sites_dir)}, indent=1))
+    write_atomic(pool_dir / INPUTS_FILE, json.dumps({"inputs_sha256": inputs_hash, "sites_dir": str(sites_dir)}, indent=1).encode())
     _say(verbose, manifest.summary())
     return manifest
 

@@ -43,7 +43,7 @@ from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
-from medtriage.io.safe_output import output_path, remove_partials, write_atomic
+from medtriage.io.safe_output import output_path, remove_partials, write_atomic, write_new
 from medtriage.io.site_labels import write_pool_labels
 
 INDEX_FILE, LABELS_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "labels.csv", "logs", "quarantine.csv"
@@ -432,9 +432,7 @@ def ingest_sites(
     for folder in folders:
         key_file = keys_dir / f"{folder.name}.key"
         if not key_file.exists() and create_keys:
-            keys_dir.mkdir(parents=True, exist_ok=True)
-            key_file.write_text(secrets.token_hex(32) + "\n")
-            key_file.chmod(0o600)
+            write_new(key_file, (secrets.token_hex(32) + "\n").encode())  # a concurrent ingest's key, if first, stands
         summaries.append(ingest_site(folder.name, folder, pool, key=load_site_key(key_file), **kwargs))
     return summaries
 

@@ -115,6 +115,27 @@ def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object]) -
     return target.commit()
 
 
+def write_new(path: str | Path, data: bytes) -> bool:
+    """Write `data` to `path` readable by its owner only (0600), unless `path` exists: for secrets made on first use.
+    Written whole to a temporary file, then hard-linked into place, which fails when another writer got there first
+    (theirs stands: two processes never end up using two different secrets). Returns whether this call wrote it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)  # 0600
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    _sync_folder(path.parent)
+    return True
+
+
 def remove_partials(folder: str | Path) -> int:
     """Delete temporary files a killed writer left in `folder` (not recursive); returns how many."""
     removed = 0

@@ -11,6 +11,7 @@ import mlflow
 from medtriage.evaluation.calibration import cross_fittable, cross_fitted_log_loss
 from medtriage.evaluation.metrics import evaluate, roc_points, site_values, softmax
 from medtriage.evaluation.plots import plot_roc, plot_site_auc
+from medtriage.io.safe_output import write_atomic
 from medtriage.model.checkpoint import final_checkpoint, read_checkpoint
 from medtriage.training import distributed, tracking
 
@@ -41,7 +42,7 @@ def log_final(
     mlflow.log_metric("best_epoch", state.best_epoch)
     for path in _plots(predictions, metrics, ckpt_dir.parent / "plots", name):
         mlflow.log_artifact(str(path), "plots")
-    (ckpt_dir.parent / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_atomic(ckpt_dir.parent / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
     mlflow.log_artifact(str(ckpt_dir.parent / "metrics.json"))
     if log_checkpoint:
         mlflow.log_artifact(str(final_checkpoint(ckpt_dir, weights)), "checkpoints")
