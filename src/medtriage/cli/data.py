@@ -11,6 +11,7 @@ from medtriage.data.audit import MAX_DISTANCE, audit_manifest
 from medtriage.data.manifest import load_manifest
 from medtriage.data.pool import DEFAULT_POOL, DEFAULT_SITES, build_sites_pool, split_files
 from medtriage.data.simulate.sites import DEFAULT_NPZ, DEFAULT_OUT, make_sites, summary_table
+from medtriage.io.safe_output import write_atomic
 
 
 def register(subparsers) -> None:
@@ -66,7 +67,7 @@ def run_audit(args: argparse.Namespace) -> int:
     result = audit_manifest(load_manifest(args.pool), check_images=not args.no_images, max_distance=args.max_distance)
     print(result.summary())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        write_atomic(args.json, json.dumps(result.to_dict(), indent=2, default=str).encode())
     return 0 if result.ok else 1
 
 
