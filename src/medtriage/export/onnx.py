@@ -7,6 +7,7 @@ dynamic) and returns calibrated class probabilities, so serving needs no torch a
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 # The exporter's graph passes log every rewrite at INFO; a training run's log should show only ours.
 for _chatty in ("onnx_ir", "onnxscript"):
     logging.getLogger(_chatty).setLevel(logging.WARNING)
+# It also warns, once per op, that torchvision's detection ops cannot be registered without torchvision: these nets
+# use none of them, and the training install has no torchvision.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 class CalibratedNet(nn.Module):
@@ -47,7 +51,9 @@ def export_onnx(model: CalibratedNet, path: str | Path, opset: int = 18) -> Path
     # The example must differ from the training size: otherwise the resize branch would be traced out.
     example = torch.rand(2, model.net.preprocess.spec.in_channels, size + 7, size + 11)
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own deprecation inside the exporter (pytree's LeafSpec), nothing a caller can act on
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         program = torch.onnx.export(
             model,
             (example,),
