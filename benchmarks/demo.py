@@ -62,7 +62,7 @@ def run_demo(work: Path) -> dict:
     cfg = demo_config(work)
     result, seconds["pool, audit, training, export"] = timed(train_and_export, cfg)
     predictor = Predictor(load_package(result.package))
-    files = split_files(work / "pool", "test", 2)
+    files = split_files(work / "pool", "test")  # the files `make demo` scores
     _, seconds[f"scoring {len(files)} test files"] = timed(lambda: [predictor.score_file(f) for f in files])
     return {
         "seconds": seconds,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medtriage.data import pool as pool_module
-from medtriage.data.pool import build_sites_pool
+from medtriage.data.pool import build_sites_pool, split_files
 from medtriage.data.simulate.sites import make_sites
 from medtriage.errors import DataNotFoundError
 from medtriage.io.dicom import read_dicom
@@ -122,3 +122,12 @@ def test_missing_sites_folder_says_which_command_creates_it(tmp_path):
 def test_summary_lists_sites_and_reject_kinds(built):
     text = built.summary()
     assert "northgate" in text and "truncated pixel data" in text
+
+
+def test_picked_files_show_each_label_at_each_site(sites, built):
+    out, _ = sites
+    rows = built.rows.set_index("path")
+    picked = [rows.loc[str(path.relative_to(out))] for path in split_files(built.pool_dir, "test", per_label=1)]
+    test = built.split("test")
+    assert all(row["split"] == "test" for row in picked)
+    assert sorted((row["site"], row["label"]) for row in picked) == sorted(set(zip(test["site"], test["label"])))

@@ -86,14 +86,14 @@ def build_pool_main(argv: list[str] | None = None) -> int:
 
 
 def pick_files_main(argv: list[str] | None = None) -> int:
-    """Print a few source DICOM paths of one split, e.g. to score held-out test files:
+    """Print a few source DICOM paths of one split, each label at each site, e.g. to score held-out test files:
     `medtriage score models/pneumonia-sites-r18 $(medtriage-pick-files data/pool/pneumonia_sites)`."""
     parser = argparse.ArgumentParser(description=pick_files_main.__doc__)
     parser.add_argument("pool", help="pool folder built by scripts/build_pool.py or by training")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--per-site", type=int, default=2)
+    parser.add_argument("--per-label", type=int, default=1, help="files of each label at each site (default: %(default)s)")
     args = parser.parse_args(argv)
-    print("\n".join(str(path) for path in split_files(args.pool, args.split, args.per_site)))
+    print("\n".join(str(path) for path in split_files(args.pool, args.split, args.per_label)))
     return 0
 
 

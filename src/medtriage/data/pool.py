@@ -274,10 +274,11 @@ def _reject_orphan_rows(writer: PoolWriter, tables: dict[str, LabelTable], used:
                     )
 
 
-def split_files(pool_dir: str | Path, split: str = "test", per_site: int = 2) -> list[Path]:
-    """The first `per_site` source files of each site in one split: DICOM to hand to `medtriage score`."""
+def split_files(pool_dir: str | Path, split: str = "test", per_label: int = 1) -> list[Path]:
+    """The first `per_label` source files of each label at each site in one split: DICOM to hand to `medtriage score`
+    (every finding shows up in its table)."""
     pool_dir = Path(pool_dir)
     manifest = load_manifest(pool_dir)
     sites_dir = Path(json.loads((pool_dir / INPUTS_FILE).read_text())["sites_dir"])
-    rows = manifest.split(split).sort_values("path").groupby("site").head(per_site)
+    rows = manifest.split(split).sort_values(["site", "label", "path"]).groupby(["site", "label"]).head(per_label)
     return [sites_dir / path for path in rows["path"]]
