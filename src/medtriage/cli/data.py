@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from medtriage.arguments import positive_int
 from medtriage.data.audit import MAX_DISTANCE, audit_manifest
 from medtriage.data.manifest import load_manifest
 from medtriage.data.pool import DEFAULT_POOL, DEFAULT_SITES, build_sites_pool, split_files
@@ -91,7 +92,7 @@ def pick_files_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=pick_files_main.__doc__)
     parser.add_argument("pool", help="pool folder built by scripts/build_pool.py or by training")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--per-label", type=int, default=1, help="files of each label at each site (default: %(default)s)")
+    parser.add_argument("--per-label", type=positive_int, default=1, help="files of each label at each site (default: %(default)s)")
     args = parser.parse_args(argv)
     print("\n".join(str(path) for path in split_files(args.pool, args.split, args.per_label)))
     return 0

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medtriage.arguments import positive_int
+
 log = logging.getLogger(__name__)
 _STOP = object()
 DEFAULT_MAX_BATCH, DEFAULT_WAIT_MS = 1, 5.0
@@ -182,7 +184,7 @@ def add_batching_options(parser, at_once: str = "unless --max-concurrent says ot
     inputs that command decodes at once with batching on."""
     parser.add_argument(
         "--max-batch",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_BATCH,
         metavar="N",
         help=f"stack up to N images of concurrent inputs into one inference call; 1 turns batching off; {at_once} (default: %(default)s)",
@@ -194,12 +196,6 @@ def add_batching_options(parser, at_once: str = "unless --max-concurrent says ot
         metavar="MS",
         help="how long the first input of a batch waits for others to join (default: %(default)s)",
     )
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 def _non_negative_float(text: str) -> float:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from medtriage.arguments import positive_int
 from medtriage.io.decode_limits import DecodeLimits, set_default_limits
 from medtriage.serve.admission import DEFAULT_QUEUE
 from medtriage.serve.batching import add_batching_options, concurrent_requests, enable_batching
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     serve.add_argument(
         "--max-concurrent",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="requests decoded and scored at once (default: one per core)",
@@ -71,7 +72,7 @@ def register(subparsers) -> None:
     serve.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted request body")
     serve.add_argument(
         "--worklist-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="studies the /worklist page shows, newest first (default: 256)",
@@ -87,12 +88,6 @@ def register(subparsers) -> None:
     serve.set_defaults(func=run_serve)
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
-
-
 def add_runtime_options(parser: argparse.ArgumentParser, out_of_scope_help: str = "(results are flagged)") -> None:
     """Options every scoring door shares (score, serve, listen): ONNX Runtime, decode limits, scope."""
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
@@ -100,21 +95,21 @@ def add_runtime_options(parser: argparse.ArgumentParser, out_of_scope_help: str 
     limits = DecodeLimits()
     parser.add_argument(
         "--max-frame-pixels",
-        type=_positive_int,
+        type=positive_int,
         default=limits.max_frame_pixels,
         metavar="N",
         help="refuse images whose frames have more pixels, before decoding (default: %(default)s)",
     )
     parser.add_argument(
         "--max-frames",
-        type=_positive_int,
+        type=positive_int,
         default=limits.max_frames,
         metavar="N",
         help="refuse images with more frames, before decoding (default: %(default)s)",
     )
     parser.add_argument(
         "--max-decoded-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=limits.max_decoded_bytes,
         metavar="N",
         help="refuse images whose decoded pixels would take more bytes (default: %(default)s)",
