@@ -12,9 +12,7 @@ The manifest hash (sha256 of `manifest.csv`) is the data fingerprint a training 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medtriage.errors import DataNotFoundError
-from medtriage.io.safe_output import AtomicFile, write_atomic
+from medtriage.io.safe_output import AtomicFile, write_atomic, write_csv_atomic
 from medtriage.optional import optional_import
 
 pd = optional_import("pandas")  # not in the torch-free install: needed once a pool is read or summarised
@@ -97,18 +95,10 @@ class PoolWriter:
     def close(self) -> Manifest:
         self._pixels.commit()
         write_atomic(self.pool_dir / LABELS_FILE, json.dumps(self.label_names).encode())
-        write_atomic(self.pool_dir / REJECTS_FILE, _csv_bytes(REJECT_COLUMNS, [vars(r) for r in self.rejects]))
+        write_csv_atomic(self.pool_dir / REJECTS_FILE, REJECT_COLUMNS, [vars(r) for r in self.rejects])
         extra = sorted({k for r in self.rows for k in r} - set(COLUMNS))
-        write_atomic(self.pool_dir / MANIFEST_FILE, _csv_bytes(COLUMNS + extra, self.rows))
+        write_csv_atomic(self.pool_dir / MANIFEST_FILE, COLUMNS + extra, self.rows)
         return load_manifest(self.pool_dir)
-
-
-def _csv_bytes(columns: list[str], rows: Iterable[dict]) -> bytes:
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="raise", restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue().encode()
 
 
 @dataclass

@@ -13,11 +13,13 @@ numpy-free and torch-free: used by io, serve and the DICOM node alike.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,11 +85,15 @@ class AtomicFile:
         self.temporary = Path(temporary)
         self.file: BinaryIO = os.fdopen(handle, "wb")
 
+    def sync_and_close(self) -> None:
+        """The temporary file's bytes on disk, before it takes the place of anything."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
     def commit(self) -> Path:
         try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
+            self.sync_and_close()
             os.chmod(self.temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give it what open() would
             os.replace(self.temporary, self.path)
         except BaseException:
@@ -115,24 +121,30 @@ def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object]) -
     return target.commit()
 
 
+def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[dict]) -> Path:
+    """`rows` as a CSV file with a header of `columns` (a row with a key outside them is an error), all or nothing."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_atomic(path, text.getvalue().encode())
+
+
 def write_new(path: str | Path, data: bytes) -> bool:
     """Write `data` to `path` readable by its owner only (0600), unless `path` exists: for secrets made on first use.
-    Written whole to a temporary file, then hard-linked into place, which fails when another writer got there first
-    (theirs stands: two processes never end up using two different secrets). Returns whether this call wrote it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)  # 0600
+    Written whole to a temporary file (`AtomicFile`, 0600 until committed), then hard-linked into place, which fails
+    when another writer got there first (theirs stands: two processes never end up using two different secrets).
+    Returns whether this call wrote it."""
+    target = AtomicFile(path)
     try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(temporary, path)
+        target.file.write(data)
+        target.sync_and_close()
+        os.link(target.temporary, target.path)
     except FileExistsError:
         return False
     finally:
-        Path(temporary).unlink(missing_ok=True)
-    _sync_folder(path.parent)
+        target.discard()  # the temporary name only: a link in place keeps the data
+    _sync_folder(target.path.parent)
     return True
 
 

@@ -7,12 +7,11 @@ Only key and label columns travel: a hospital export can carry free text (commen
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 
 from medtriage.errors import ConfigError
 from medtriage.io.deid import SiteKey
-from medtriage.io.safe_output import write_atomic
+from medtriage.io.safe_output import write_csv_atomic
 
 # Column names a hospital export may use, normalised (lower case, no '_' or ' ').
 _KEY_COLUMNS = {
@@ -80,11 +79,7 @@ def write_pool_labels(site_labels: Path, pool_labels: Path, pooled: list[dict], 
         }
         row = {roles[r]: values[r] for r in roles}
         written[tuple(row.values())] = row  # accession-keyed exports: one row per accession, as the site wrote it
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=out_columns)
-    writer.writeheader()
-    writer.writerows(written.values())
-    write_atomic(pool_labels, text.getvalue().encode())  # a killed ingest leaves the previous labels, never half
+    write_csv_atomic(pool_labels, out_columns, written.values())  # a killed ingest leaves the previous labels, never half
     labelled = sum(1 for r in pooled if r["sop_uid"] in used or (r["accession"] and r["accession"] in used))
     return {
         "labels_file": True,
