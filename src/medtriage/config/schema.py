@@ -163,7 +163,7 @@ class ModelConfig:
 class TrainerConfig:
     device: Device = Device.auto
     precision: Precision = Precision.bf16
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC training steps (evaluation too on CUDA)
     loader: Loader = Loader.torch
     num_threads: int | None = None  # torch intra-op threads on CPU (None = torch default)
     augment_on: AugmentOn = AugmentOn.cpu

@@ -32,7 +32,7 @@ from medtriage.training.batch_loader import CachedBatchLoader
 from medtriage.training.distributed import SINGLE_PROCESS, Ranks
 from medtriage.training.ema import WeightEMA
 from medtriage.training.losses import Mixup, make_criterion, mixed_loss, no_mix
-from medtriage.training.optimiser import build_optimizer, build_scheduler, scaled_lr, training_forward
+from medtriage.training.optimiser import build_optimizer, build_scheduler, scaled_lr, training_autocast, training_forward
 from medtriage.training.resume import restore_rng_state, rng_state
 from medtriage.training.samplers import SiteStratifiedSampler
 from medtriage.training.throughput import EpochClock
@@ -66,8 +66,12 @@ class TrainingLoop:
         """`trainer` and `data` are the config groups of those names (typed dataclasses or their DictConfig)."""
         self.trainer, self.data, self.device, self.ranks = trainer, data, device, ranks
         cuda = device.type == "cuda"
-        self.channels_last = cuda and self.trainer.channels_last
-        self.autocast_dtype = torch.bfloat16 if cuda and self.trainer.precision.value == "bf16" else None
+        self.channels_last = self.trainer.channels_last
+        self.autocast_dtype = training_autocast(self.trainer.precision.value, device)
+        # Evaluation on a CPU stays fp32 and NCHW: the exported fp32 graph is what is served, and held-out scores must
+        # not depend on the training precision (fold scores are recomputed from checkpoints and compared).
+        self.eval_autocast_dtype = self.autocast_dtype if cuda else None
+        self.eval_channels_last = self.channels_last and cuda
         model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.model = distributed.wrap(model, ranks, device)
         self.splits = splits
@@ -237,8 +241,8 @@ class TrainingLoop:
             data.images[mine],
             self.trainer.eval_batch_size,
             self.device,
-            autocast_dtype=self.autocast_dtype,
-            channels_last=self.channels_last,
+            autocast_dtype=self.eval_autocast_dtype,
+            channels_last=self.eval_channels_last,
         )
         parts = [logits, data.labels.numpy()[mine], data.sites[mine], data.row_indices[mine]]
         return Predictions(*distributed.gather_concat(parts, self.ranks))

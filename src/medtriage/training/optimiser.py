@@ -6,7 +6,9 @@
 - fused AdamW on CUDA (one kernel for all parameters);
 - the learning-rate schedule (`trainer.schedule`): warm-up + cosine, or one-cycle (Smith & Topin 2019);
 - `trainer.compile=true`: the training forward/backward through `torch.compile` (the first steps
-  compile and are slow; evaluation and checkpoints keep the plain module).
+  compile and are slow; evaluation and checkpoints keep the plain module);
+- `trainer.precision=bf16`: the training forward in bf16 autocast (weights, optimiser and loss stay fp32), on CUDA
+  and on CPUs with native bf16 (AVX512-BF16 or AMX), where convolutions run about twice as fast.
 """
 
 from __future__ import annotations
@@ -67,3 +69,18 @@ def training_forward(model: torch.nn.Module, compile_model: bool, backend: str =
         return model
     log.info("compiling the training step with torch.compile (the first steps are slow)")
     return torch.compile(model, backend=backend)
+
+
+def training_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the training forward: bf16 when `precision` asks for it, else none (fp32).
+
+    Without native bf16, a CPU emulates it more slowly than fp32: the run still does what was asked, and says so.
+    """
+    if precision != "bf16":
+        return None
+    if device.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        log.warning(
+            "trainer.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is slower than fp32: "
+            "set trainer.precision=fp32 on this machine"
+        )
+    return torch.bfloat16
