@@ -45,6 +45,7 @@ from benchmarks.common import (
 from medtriage.config import AugmentConfig, compose_train_config, to_plain_dict
 from medtriage.data.manifest import MANIFEST_FILE, Manifest, load_manifest
 from medtriage.data.torch.split_cache import cache_path, persistent_split
+from medtriage.training.optimiser import native_bf16
 from medtriage.training.throughput import EpochClock
 
 SECTION = "## Training"
@@ -62,6 +63,7 @@ class Settings:
     warmup_steps: int = 5
     plain_workers: int = 8
     compile: bool = False  # also time ResNet-18 with trainer.compile=true
+    precision: bool = False  # also time ResNet-18 in fp32 NCHW against bf16 channels_last training steps
 
 
 def quick_settings(cuda: bool) -> Settings:
@@ -142,7 +144,7 @@ def endless(dataset, batch_size: int, workers: int) -> Iterator:
 # --- the two loops --------------------------------------------------------------------------------
 
 
-def engine_config(network: str, settings: Settings, manifest: Manifest, sites_dir: Path, cuda: bool, compile_model: bool = False):
+def engine_config(network: str, settings: Settings, manifest: Manifest, sites_dir: Path, cuda: bool, trainer_overrides=()):
     trainer = ["trainer=gpu"] if cuda else ["trainer=cpu", "trainer.augment_on=device"]
     return compose_train_config(
         [
@@ -150,7 +152,7 @@ def engine_config(network: str, settings: Settings, manifest: Manifest, sites_di
             f"model={network}",
             f"model.preprocess.size={settings.size}",
             *trainer,
-            f"trainer.compile={str(compile_model).lower()}",
+            *trainer_overrides,
             f"data.batch_size={settings.batch_size}",
             f"data.pool_dir={manifest.pool_dir}",
             f"data.sites_dir={sites_dir}",
@@ -282,13 +284,20 @@ def data_path_rates(settings: Settings, manifest: Manifest, sites_dir: Path, dev
     return {name: rate for name, (rate, _) in timed_windows(loops, settings, device).items()}
 
 
-def compile_rates(settings: Settings, manifest: Manifest, sites_dir: Path, device: torch.device) -> dict[str, dict]:
-    """ResNet-18 engine steps with trainer.compile off and on: seconds of the first step, then images/s (interleaved)."""
+# Engine settings timed against each other on ResNet-18 (`--compile`, `--precision`): name -> trainer overrides.
+COMPILE_VARIANTS = {"compile=off": ["trainer.compile=false"], "compile=on": ["trainer.compile=true"]}
+PRECISION_VARIANTS = {
+    "fp32, NCHW": ["trainer.precision=fp32", "trainer.channels_last=false"],
+    "bf16, channels_last": ["trainer.precision=bf16", "trainer.channels_last=true"],
+}
+
+
+def variant_rates(variants: dict[str, list[str]], settings: Settings, manifest: Manifest, sites_dir: Path, device) -> dict[str, dict]:
+    """ResNet-18 engine steps under each variant: seconds of the first step, then images/s (interleaved)."""
     loops, first_step = {}, {}
-    for compiled in (False, True):
-        name = f"compile={'on' if compiled else 'off'}"
+    for name, overrides in variants.items():
         loops[name] = engine_loop(
-            engine_config("resnet18", settings, manifest, sites_dir, device.type == "cuda", compiled), manifest, device
+            engine_config("resnet18", settings, manifest, sites_dir, device.type == "cuda", overrides), manifest, device
         )
         started = time.perf_counter()
         loops[name].train_on(loops[name].next_batch())
@@ -307,6 +316,7 @@ def run_benchmark(settings: Settings, pool_dir: Path | None, work_dir: Path, poo
         "date": today(),
         "device": _device_name(device),
         "cuda": device.type == "cuda",
+        "native_bf16": native_bf16(device),
         "settings": vars(settings),
     }
     manifest, sites_dir = site_pool(pool_dir, work_dir, pool_limit)
@@ -334,7 +344,9 @@ def run_benchmark(settings: Settings, pool_dir: Path | None, work_dir: Path, poo
             }
         )
     if settings.compile:
-        result["compile"] = compile_rates(settings, manifest, sites_dir, device)
+        result["compile"] = variant_rates(COMPILE_VARIANTS, settings, manifest, sites_dir, device)
+    if settings.precision:
+        result["precision"] = variant_rates(PRECISION_VARIANTS, settings, manifest, sites_dir, device)
     return result
 
 
@@ -392,7 +404,7 @@ def markdown(result: dict, command: str) -> str:
             "and a/b says little about the data path; the next table shows the data path alone.",
             "",
         ]
-    return "\n".join(lines + _data_path(result) + _start_up(result) + _compile(result) + _verdicts(result))
+    return "\n".join(lines + _data_path(result) + _start_up(result) + _compile(result) + _precision(result) + _verdicts(result))
 
 
 def _verdicts(result: dict) -> list[str]:
@@ -460,6 +472,25 @@ def _compile(result: dict) -> list[str]:
     return lines + [""]
 
 
+def _precision(result: dict) -> list[str]:
+    if "precision" not in result:
+        return []
+    figures = result["precision"]
+    baseline = figures[next(iter(PRECISION_VARIANTS))]["images_per_s"]
+    lines = [
+        "Training-step precision (ResNet-18, engine (a); `trainer.precision`, `trainer.channels_last`; weights, optimiser "
+        f"and loss fp32 throughout; this CPU has native bf16: {'yes' if result.get('native_bf16') else 'no'}):",
+        "",
+        "| setting | first step, s | images/s after warm-up | vs fp32 | busy |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {f['first_step_s']:.1f} | {f['images_per_s']:.1f} | {f['images_per_s'] / baseline:.2f}x | {f['busy']:.0%} |"
+        for name, f in figures.items()
+    ]
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few, short windows (CPU: batch 16)")
@@ -468,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers of the plain loop")
     parser.add_argument("--compile", action="store_true", help="also time ResNet-18 with trainer.compile=true")
+    parser.add_argument("--precision", action="store_true", help="also time ResNet-18 with fp32 and with bf16 training steps")
     parser.add_argument("--pool", type=Path, default=ROOT / "data" / "pool" / "pneumonia_sites")
     parser.add_argument("--pool-limit", type=int, default=600, help="images of the site pool written when none exists")
     parser.add_argument("--doc", type=Path, default=BENCHMARKS_DOC)
@@ -478,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         networks=tuple(args.networks),
         size=args.size,
         compile=args.compile,
+        precision=args.precision,
         batch_size=args.batch_size or settings.batch_size,
         plain_workers=settings.plain_workers if args.workers is None else args.workers,
     )

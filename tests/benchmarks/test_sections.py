@@ -93,3 +93,16 @@ def test_stain_comparison_summary_follows_the_table():
         in text
     )
     assert "largest seed-to-seed range at one site raw 0.100, macenko 0.020, stain_augment 0.050" in text
+
+
+def test_training_precision_table_states_the_speed_over_fp32_and_whether_bf16_is_native():
+    timed = result(False, 2.0, 1.7, 0.98)
+    timed["native_bf16"] = True
+    timed["precision"] = {
+        "fp32, NCHW": {"first_step_s": 1.0, "images_per_s": 4.0, "busy": 1.0},
+        "bf16, channels_last": {"first_step_s": 0.8, "images_per_s": 7.0, "busy": 1.0},
+    }
+    text = training.markdown(timed, "cmd")
+    assert "this CPU has native bf16: yes" in text
+    assert "| fp32, NCHW | 1.0 | 4.0 | 1.00x | 100% |" in text and "| bf16, channels_last | 0.8 | 7.0 | 1.75x | 100% |" in text
+    assert "Training-step precision" not in training.markdown(result(False, 2.0, 1.7, 0.98), "cmd")

@@ -11,8 +11,7 @@ from medtriage.data.torch.datasets import CachedSplit
 from medtriage.model.networks import PreprocessSpec, build_triage_net
 from medtriage.model.predict import predict_logits
 from medtriage.training.loop import TrainingLoop
-
-native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+from medtriage.training.optimiser import native_bf16
 
 
 def _split(n: int, seed: int) -> CachedSplit:
@@ -49,7 +48,7 @@ def test_bf16_on_cpu_trains_in_bf16_and_evaluates_in_fp32(caplog):
     assert dtypes[1:] == [torch.float32]  # evaluation: fp32, as the exported graph serves
     fp32 = predict_logits(loop.eval_model, loop.splits["val"].images, 256, "cpu")
     np.testing.assert_array_equal(predictions.logits, fp32)
-    if native_bf16:
+    if native_bf16(torch.device("cpu")):
         assert "slower than fp32" not in caplog.text
 
 

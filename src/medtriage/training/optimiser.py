@@ -71,6 +71,11 @@ def training_forward(model: torch.nn.Module, compile_model: bool, backend: str =
     return torch.compile(model, backend=backend)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (elsewhere it is emulated)."""
+    return device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def training_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the training forward: bf16 when `precision` asks for it, else none (fp32).
 
@@ -78,7 +83,7 @@ def training_autocast(precision: str, device: torch.device) -> torch.dtype | Non
     """
     if precision != "bf16":
         return None
-    if device.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if not native_bf16(device):
         log.warning(
             "trainer.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is slower than fp32: "
             "set trainer.precision=fp32 on this machine"
