@@ -8,7 +8,7 @@
 - `trainer.compile=true`: the training forward/backward through `torch.compile` (the first steps
   compile and are slow; evaluation and checkpoints keep the plain module);
 - `trainer.precision=bf16`: the training forward in bf16 autocast (weights, optimiser and loss stay fp32), on CUDA
-  and on CPUs with native bf16 (AVX512-BF16 or AMX), where convolutions run about twice as fast.
+  and on CPUs with native bf16 (AVX512-BF16 or AMX); `python -m benchmarks.training --precision` measures the gain.
 """
 
 from __future__ import annotations
