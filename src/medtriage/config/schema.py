@@ -24,7 +24,7 @@ class Device(Enum):
 
 class Precision(Enum):
     fp32 = "fp32"
-    bf16 = "bf16"  # autocast on CUDA only; CPU runs stay fp32
+    bf16 = "bf16"  # autocast in the training forward (CUDA, or a CPU: training.optimiser.training_autocast); evaluation on a CPU stays fp32
 
 
 class Imbalance(Enum):
