@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.accuracy import PUBLISHED
 from benchmarks.accuracy_recipe import EXPERIMENT, NPZ, TARGET_ACC, TARGET_AUC, mean_sd, score_package, stage_dir, train_seed
 from benchmarks.accuracy_selection import (
     BASE,
@@ -35,6 +34,7 @@ from benchmarks.accuracy_selection import (
     ensemble,
     scored_folds,
     seeds_mean_ci,
+    seeds_table_rows,
     select,
 )
 from benchmarks.common import ROOT, cached, command_line, header, machine, recipe_key, stage_file, verdict, write_section
@@ -193,26 +193,6 @@ def section(cv: dict, chosen: str, selection: dict, runs: list[dict], combined, 
 
 
 def _test_lines(chosen: str, runs: list[dict], combined, seeds_ci, trainer: str) -> list[str]:
-    aucs, accs = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
-    rows = [
-        f"| {chosen} seed {r['seed']} | {r['test_auc']:.4f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['test_acc']:.4f} "
-        f"| {r['test_acc_argmax']:.4f} | {r['val_auc']:.4f} | {r['wall_s'] / 60:.1f} | `{r['run_id'][:8]}` |"
-        for r in runs
-    ]
-    if len(runs) > 1:
-        interval = f"[{seeds_ci[0]:.3f}, {seeds_ci[1]:.3f}]" if seeds_ci else "—"
-        rows.append(
-            f"| **{chosen}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | {interval} | **{mean_sd(accs)}** "
-            f"| {mean_sd([r['test_acc_argmax'] for r in runs])} | {mean_sd([r['val_auc'] for r in runs])} "
-            f"| {np.mean([r['wall_s'] for r in runs]) / 60:.1f} | — |"
-        )
-    if combined:
-        rows.append(
-            f"| {chosen}: ensemble of the {len(runs)} seeds (one ONNX graph) | {combined['test_auc']:.4f} "
-            f"| [{combined['ci_low']:.3f}, {combined['ci_high']:.3f}] | {combined['test_acc']:.4f} | {combined['test_acc_argmax']:.4f} "
-            f"| {combined['val_auc']:.4f} | — | `{combined['run_id'][:8]}` |"
-        )
-    rows += [f"| *published:* {name} | {auc:.3f} | — | {acc:.3f} (argmax) | — | — | — | — |" for name, auc, acc in PUBLISHED]
     overrides = " ".join(GPU_CANDIDATES[chosen])
     return [
         f"Chosen: **{chosen}**, trained with `python scripts/train.py experiment={EXPERIMENT} trainer={trainer} {overrides}`. "
@@ -221,7 +201,7 @@ def _test_lines(chosen: str, runs: list[dict], combined, seeds_ci, trainer: str)
         "",
         "| model | test AUC | 95% CI | test ACC (val Youden) | ACC @ 0.5 | val AUC | wall (min) | MLflow run |",
         "|---|---|---|---|---|---|---|---|",
-        *rows,
+        *seeds_table_rows(chosen, runs, combined, seeds_ci),
     ]
 
 

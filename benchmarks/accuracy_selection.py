@@ -416,25 +416,8 @@ def section(
         f"| {r['mean_auc']:.4f} ± {r['sd_auc']:.4f} | {np.mean(r['fold_wall_s']) / 60:.1f} | `{r['run_id'][:8]}` |"
         for label, r in cv.items()
     ]
-    test_rows = [
-        f"| {model} seed {r['seed']} | {r['test_auc']:.4f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['test_acc']:.4f} "
-        f"| {r['test_acc_argmax']:.4f} | {r['val_auc']:.4f} | {r['wall_s'] / 60:.1f} | `{r['run_id'][:8]}` |"
-        for r in runs
-    ]
+    test_rows = seeds_table_rows(model, runs, combined, seeds_ci)
     aucs, accs = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
-    if len(runs) > 1:
-        test_rows.append(
-            f"| **{model}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | {_interval(seeds_ci)} | **{mean_sd(accs)}** "
-            f"| {mean_sd([r['test_acc_argmax'] for r in runs])} | {mean_sd([r['val_auc'] for r in runs])} "
-            f"| {np.mean([r['wall_s'] for r in runs]) / 60:.1f} | — |"
-        )
-    if combined:
-        test_rows.append(
-            f"| {model}: ensemble of the {len(runs)} seeds (one ONNX graph) | {combined['test_auc']:.4f} "
-            f"| [{combined['ci_low']:.3f}, {combined['ci_high']:.3f}] | {combined['test_acc']:.4f} | {combined['test_acc_argmax']:.4f} "
-            f"| {combined['val_auc']:.4f} | — | `{combined['run_id'][:8]}` |"
-        )
-    test_rows += [f"| *published:* {name} | {auc:.3f} | — | {acc:.3f} (argmax) | — | — | — | — |" for name, auc, acc in PUBLISHED]
     minutes, minutes_threads = max(r["wall_s"] for r in runs) / 60, args.threads
     time_basis = "slowest run"
     if timed:
@@ -506,6 +489,31 @@ def section(
         f"- {time_basis} {minutes:.1f} min on {minutes_threads} thread{'s' if minutes_threads > 1 else ''}: {verdict(minutes <= TARGET_MINUTES)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def seeds_table_rows(model: str, runs: list[dict], combined: dict | None, seeds_ci: tuple[float, float] | None) -> list[str]:
+    """The test table's rows: each seed's package, the seeds' mean ± sd (with the bootstrap interval of the mean), the
+    seeds' ensemble, and the published rows."""
+    rows = [
+        f"| {model} seed {r['seed']} | {r['test_auc']:.4f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['test_acc']:.4f} "
+        f"| {r['test_acc_argmax']:.4f} | {r['val_auc']:.4f} | {r['wall_s'] / 60:.1f} | `{r['run_id'][:8]}` |"
+        for r in runs
+    ]
+    aucs, accs = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
+    if len(runs) > 1:
+        rows.append(
+            f"| **{model}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | {_interval(seeds_ci)} | **{mean_sd(accs)}** "
+            f"| {mean_sd([r['test_acc_argmax'] for r in runs])} | {mean_sd([r['val_auc'] for r in runs])} "
+            f"| {np.mean([r['wall_s'] for r in runs]) / 60:.1f} | — |"
+        )
+    if combined:
+        rows.append(
+            f"| {model}: ensemble of the {len(runs)} seeds (one ONNX graph) | {combined['test_auc']:.4f} "
+            f"| [{combined['ci_low']:.3f}, {combined['ci_high']:.3f}] | {combined['test_acc']:.4f} | {combined['test_acc_argmax']:.4f} "
+            f"| {combined['val_auc']:.4f} | — | `{combined['run_id'][:8]}` |"
+        )
+    rows += [f"| *published:* {name} | {auc:.3f} | — | {acc:.3f} (argmax) | — | — | — | — |" for name, auc, acc in PUBLISHED]
+    return rows
 
 
 def _judged_cells(selection: dict | None, label: str) -> str:
