@@ -84,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     plans = recipes(args.trainer, args.quick)
     keys = {label: recipe_key(compose_train_config([*recipe, "paths.output_dir=."])) for label, recipe in plans.items()}
     settings = [f"trainer.num_threads={args.threads}", f"cv.folds={args.folds}", f"cv.jobs={args.folds}"]
-    configs = {
-        label: compose_train_config([*recipe, *settings, "paths.output_dir=."]) for label, recipe in plans.items()
-    }  # one thread: Hydra's state is global
+    # Composed here, in one thread: Hydra's state is global.
+    configs = {label: compose_train_config([*recipe, *settings, "paths.output_dir=."]) for label, recipe in plans.items()}
     # Every candidate's folds at once: one GPU holds them all, and each fold run alone leaves it mostly idle.
     with ThreadPoolExecutor(len(plans)) as pool:
         futures = {

@@ -14,7 +14,9 @@ then timed in windows of a few steps, (a) and (b) taking turns, so a busy neighb
 alike; figures are medians over the windows. Busy fraction: CUDA event time inside the steps (or,
 on CPU, wall time inside the steps) over the window's wall time. Runs on CUDA when present, else on
 CPU (use --quick there: batch 16, short windows). Without an existing site pool it writes a small
-one under outputs/benchmark_training/. The `## Training` section of docs/benchmarks.md is replaced.
+one under outputs/benchmark_training/. The `## Training` section of docs/benchmarks.md is replaced
+after each network, saying what is still to be timed (a run stopped at a time limit keeps what it
+timed), and again at the end.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from benchmarks.common import (
     publish,
     today,
     verdict,
+    write_section,
 )
 from medtriage.config import AugmentConfig, compose_train_config, to_plain_dict
 from medtriage.data.manifest import MANIFEST_FILE, Manifest, load_manifest
@@ -306,7 +309,11 @@ def variant_rates(variants: dict[str, list[str]], settings: Settings, manifest: 
     return {name: {"first_step_s": first_step[name], "images_per_s": rate, "busy": busy} for name, (rate, busy) in figures.items()}
 
 
-def run_benchmark(settings: Settings, pool_dir: Path | None, work_dir: Path, pool_limit: int = 600) -> dict:
+def run_benchmark(
+    settings: Settings, pool_dir: Path | None, work_dir: Path, pool_limit: int = 600, measured: Callable[[dict], None] | None = None
+) -> dict:
+    """Every figure of the section. `measured(result so far)` is called after each network, with the stages still to
+    come under "pending", so a run stopped at a machine's time limit leaves what it timed."""
     from tqdm.auto import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -343,11 +350,19 @@ def run_benchmark(settings: Settings, pool_dir: Path | None, work_dir: Path, poo
                 "plain_busy": figures["plain"][1],
             }
         )
+        if measured:
+            measured({**result, "pending": _pending(settings, len(result["rows"]))})
     if settings.compile:
         result["compile"] = variant_rates(COMPILE_VARIANTS, settings, manifest, sites_dir, device)
     if settings.precision:
         result["precision"] = variant_rates(PRECISION_VARIANTS, settings, manifest, sites_dir, device)
     return result
+
+
+def _pending(settings: Settings, networks_done: int) -> list[str]:
+    """The stages still to be timed once `networks_done` networks have been."""
+    extras = [name for name, on in (("trainer.compile", settings.compile), ("precision", settings.precision)) if on]
+    return [*settings.networks[networks_done:], *extras]
 
 
 def _device_name(device: torch.device) -> str:
@@ -382,6 +397,7 @@ def markdown(result: dict, command: str) -> str:
         f"- data: {result['pool']}; upsampled to {s['size']}x{s['size']}; batch {s['batch_size']}",
         f"- timing: {s['warmup_steps']} warm-up step(s), then {s['windows']} windows of {s['steps_per_window']} steps per "
         "loop, the loops taking turns; medians over the windows",
+        *_cut_short(result),
         "",
         "(a) this engine with everything on (`trainer=gpu`; on CPU `trainer=cpu trainer.augment_on=device`): resized split "
         "read from the on-disk cache, batches gathered from it, batched affine + intensity augmentation on the device; on "
@@ -405,6 +421,13 @@ def markdown(result: dict, command: str) -> str:
             "",
         ]
     return "\n".join(lines + _data_path(result) + _start_up(result) + _compile(result) + _precision(result) + _verdicts(result))
+
+
+def _cut_short(result: dict) -> list[str]:
+    pending = result.get("pending")
+    if not pending:
+        return []
+    return [f"- written before {', '.join(pending)} had been timed: the run stopped there, or had not finished when this was written"]
 
 
 def _verdicts(result: dict) -> list[str]:
@@ -514,8 +537,13 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size or settings.batch_size,
         plain_workers=settings.plain_workers if args.workers is None else args.workers,
     )
-    result = run_benchmark(settings, args.pool, ROOT / "outputs" / "benchmark_training", args.pool_limit)
-    publish(markdown(result, command_line()), args.doc)
+    command = command_line()
+
+    def measured(so_far: dict) -> None:  # what is timed reaches the doc at once: a run may be stopped at a time limit
+        write_section(markdown(so_far, command), args.doc)
+
+    result = run_benchmark(settings, args.pool, ROOT / "outputs" / "benchmark_training", args.pool_limit, measured)
+    publish(markdown(result, command), args.doc)
     return 0
 
 

@@ -106,3 +106,13 @@ def test_training_precision_table_states_the_speed_over_fp32_and_whether_bf16_is
     assert "this CPU has native bf16: yes" in text
     assert "| fp32, NCHW | 1.0 | 4.0 | 1.00x | 100% |" in text and "| bf16, channels_last | 0.8 | 7.0 | 1.75x | 100% |" in text
     assert "Training-step precision" not in training.markdown(result(False, 2.0, 1.7, 0.98), "cmd")
+
+
+def test_a_training_run_cut_short_says_what_it_had_not_timed():
+    settings = training.Settings(networks=("resnet18", "densenet121"), precision=True)
+    assert training._pending(settings, 1) == ["densenet121", "precision"]
+    assert training._pending(training.Settings(networks=("resnet18",)), 1) == []
+    cut = training.markdown({**result(True, 10_000.0, 200.0, 0.98), "pending": ["densenet121", "precision"]}, "cmd")
+    assert "- written before densenet121, precision had been timed" in cut
+    assert "(a) 10,000 images/s: **not met**" in cut  # what was timed is still judged
+    assert "written before" not in training.markdown({**result(True, 10_000.0, 200.0, 0.98), "pending": []}, "cmd")
