@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = stage_dir(args.quick)
     plans = recipes(args.trainer, args.quick)
-    keys = {label: recipe_key(compose_train_config([*recipe, "paths.output_dir=."])) for label, recipe in plans.items()}
     settings = [f"trainer.num_threads={args.threads}", f"cv.folds={args.folds}", f"cv.jobs={args.folds}"]
     # Composed here, in one thread: Hydra's state is global.
     configs = {label: compose_train_config([*recipe, *settings, "paths.output_dir=."]) for label, recipe in plans.items()}
+    keys = {label: recipe_key(cfg) for label, cfg in configs.items()}  # the settings are run settings: not in the key
     # Every candidate's folds at once: one GPU holds them all, and each fold run alone leaves it mostly idle.
     with ThreadPoolExecutor(len(plans)) as pool:
         futures = {
@@ -111,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs, combined, seeds_ci = [], None, None
     if chosen != INCUMBENT:
-        runs, combined, seeds_ci = trained_and_tested(chosen, plans[chosen], keys[chosen], args, out_dir)
+        runs, combined, seeds_ci = trained_and_tested(chosen, plans[chosen], keys[chosen], configs[chosen].export.tta, args, out_dir)
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_gpu_quick.md" if args.quick else "docs/benchmarks.md")
     write_section(section(cv, chosen, selection, runs, combined, seeds_ci, args, command_line()), doc)
     print(f"written to {doc}")
     return 0
 
 
-def trained_and_tested(chosen: str, recipe: list[str], key: str, args, out_dir: Path) -> tuple[list[dict], dict | None, tuple | None]:
+def trained_and_tested(
+    chosen: str, recipe: list[str], key: str, tta: str, args, out_dir: Path
+) -> tuple[list[dict], dict | None, tuple | None]:
     """The chosen recipe per seed (all at once, each its own process), then each package and the seeds' ensemble scored on
     test once, after every package exists."""
     quick = "-quick" if args.quick else ""
@@ -137,9 +139,6 @@ def trained_and_tested(chosen: str, recipe: list[str], key: str, args, out_dir: 
         print(json.dumps(run, default=str), flush=True)
     if len(runs) < 2:
         return runs, None, None
-    from medtriage.config import compose_train_config
-
-    tta = compose_train_config([*recipe, "paths.output_dir=."]).export.tta
     members = [r["run_id"] for r in runs]
     name = f"pneumoniamnist-{chosen}-ensemble{len(runs)}{quick}"
     packaged = cached(stage_file(out_dir, "ensemble", [key, *members, tta]), lambda: ensemble(members, name, tta))

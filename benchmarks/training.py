@@ -15,8 +15,8 @@ alike; figures are medians over the windows. Busy fraction: CUDA event time insi
 on CPU, wall time inside the steps) over the window's wall time. Runs on CUDA when present, else on
 CPU (use --quick there: batch 16, short windows). Without an existing site pool it writes a small
 one under outputs/benchmark_training/. The `## Training` section of docs/benchmarks.md is replaced
-after each network, saying what is still to be timed (a run stopped at a time limit keeps what it
-timed), and again at the end.
+after each network that leaves more to time, saying what that is (a run stopped at a time limit
+keeps what it timed), and again at the end.
 """
 
 from __future__ import annotations
@@ -312,8 +312,8 @@ def variant_rates(variants: dict[str, list[str]], settings: Settings, manifest: 
 def run_benchmark(
     settings: Settings, pool_dir: Path | None, work_dir: Path, pool_limit: int = 600, measured: Callable[[dict], None] | None = None
 ) -> dict:
-    """Every figure of the section. `measured(result so far)` is called after each network, with the stages still to
-    come under "pending", so a run stopped at a machine's time limit leaves what it timed."""
+    """Every figure of the section. `measured(result so far)` is called after each network that leaves stages to time,
+    with those under "pending", so a run stopped at a machine's time limit leaves what it timed."""
     from tqdm.auto import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -350,8 +350,9 @@ def run_benchmark(
                 "plain_busy": figures["plain"][1],
             }
         )
-        if measured:
-            measured({**result, "pending": _pending(settings, len(result["rows"]))})
+        pending = _pending(settings, len(result["rows"]))
+        if measured and pending:  # with nothing left, the caller writes the finished result
+            measured({**result, "pending": pending})
     if settings.compile:
         result["compile"] = variant_rates(COMPILE_VARIANTS, settings, manifest, sites_dir, device)
     if settings.precision:
