@@ -29,9 +29,9 @@ from benchmarks.accuracy_selection import (
     BASE,
     INCUMBENT,
     QUICK,
-    compared,
-    cross_validate_candidate,
+    cross_validated,
     ensemble,
+    gain_text,
     scored_folds,
     seeds_mean_ci,
     seeds_table_rows,
@@ -55,17 +55,6 @@ def recipes(trainer: str, quick: bool) -> dict[str, list[str]]:
     extra = QUICK if quick else []
     candidates = {label: [*BASE, f"trainer={trainer}", *overrides, *extra] for label, overrides in GPU_CANDIDATES.items()}
     return {INCUMBENT: [*BASE, *extra], **candidates}
-
-
-def cross_validated(overrides: list[str], cfg, key: str, out_dir: Path, folds: int, need_kept: bool) -> dict:
-    """A recipe's cross-validation stage (`overrides` composed as `cfg`): kept from an earlier run, else run now (unless
-    `need_kept`: then an error that says which benchmark keeps it)."""
-    path = stage_file(out_dir, "cv", [key, f"folds={folds}"])
-    if need_kept and not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: the default recipe's cross-validation is not kept here; run `python -m benchmarks.accuracy_selection` first"
-        )
-    return cached(path, partial(cross_validate_candidate, overrides, cfg, path.with_suffix("")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +144,7 @@ def gpu_name() -> str:
 def section(cv: dict, chosen: str, selection: dict, runs: list[dict], combined, seeds_ci, args, command: str) -> str:
     cv_rows = [
         f"| {'**' + label + '**' if label == chosen else label} | `{' '.join(GPU_CANDIDATES.get(label, [])) or '(as the experiment)'}` "
-        f"| {mean_sd(selection['scores'][label])} | {_gain(selection['gains'].get(label))} | {r['mean_log_loss']:.4f} "
+        f"| {mean_sd(selection['scores'][label])} | {gain_text(selection['gains'].get(label))} | {r['mean_log_loss']:.4f} "
         f"| {r['mean_auc']:.4f} ± {r['sd_auc']:.4f} | {np.mean(r['fold_wall_s']) / 60:.1f} | `{r['run_id'][:8]}` |"
         for label, r in cv.items()
     ]
@@ -209,7 +198,7 @@ def _verdicts(chosen: str, selection: dict, runs: list[dict], combined) -> list[
     lines = [
         f"Targets: a GPU recipe better than {INCUMBENT} on the folds; its mean test AUC ≥ {TARGET_AUC} and ACC ≥ {TARGET_ACC} "
         "over 3 seeds, an ensemble above that.",
-        f"- better on the folds (closest: {best}, gain {_gain(selection['gains'][best])}): {verdict(chosen != INCUMBENT)}",
+        f"- better on the folds (closest: {best}, gain {gain_text(selection['gains'][best])}): {verdict(chosen != INCUMBENT)}",
     ]
     if not runs:
         return [*lines, "- test targets: not assessed (no GPU recipe was chosen, so none was scored on test)"]
@@ -221,10 +210,6 @@ def _verdicts(chosen: str, selection: dict, runs: list[dict], combined) -> list[
         f"- mean test ACC {np.mean(accs):.4f}: {verdict(np.mean(accs) >= TARGET_ACC and len(runs) >= 3)}",
         f"- best of seeds' mean and ensemble, test AUC {best_auc:.4f}: {verdict(best_auc >= TARGET_AUC)}",
     ]
-
-
-def _gain(gain) -> str:
-    return "—" if gain is None else f"{gain[0]:+.4f} ± {gain[1]:.4f}: {compared(*gain)}"
 
 
 if __name__ == "__main__":

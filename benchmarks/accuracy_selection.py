@@ -112,7 +112,7 @@ def judged_after_test() -> list[str]:
 
 
 # Test-time views the anatomy allows: one-pixel shifts (no mirror image: the heart is on one side). Kept only when
-# the fold models score better with them, by the same rule as a candidate recipe.
+# the fold models score better with them, by the same rule as a candidate recipe (`chosen_views`).
 TTA_VIEWS = "shift"
 # What the rule judges: held-out log-loss after a temperature fitted on other held-out cases. Every package is served
 # temperature-scaled, so a candidate must not win on what the temperature gives every candidate anyway: only ranking
@@ -137,6 +137,17 @@ def cross_validate_candidate(overrides: list[str], cfg, out_dir: Path) -> dict:
         **{f"mean_{s}": result.mean(s) for s in SCORES},
         **{f"sd_{s}": result.sd(s) for s in SCORES},
     }
+
+
+def cross_validated(overrides: list[str], cfg, key: str, out_dir: Path, folds: int, need_kept: bool) -> dict:
+    """A recipe's cross-validation stage (`overrides` composed as `cfg`): kept from an earlier run, else run now (unless
+    `need_kept`: then an error that says which benchmark keeps it)."""
+    path = stage_file(out_dir, "cv", [key, f"folds={folds}"])
+    if need_kept and not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the default recipe's cross-validation is not kept here; run `python -m benchmarks.accuracy_selection` first"
+        )
+    return cached(path, partial(cross_validate_candidate, overrides, cfg, path.with_suffix("")))
 
 
 def fold_metric(client, run_id: str, score: str) -> np.ndarray:
@@ -206,6 +217,18 @@ def scored_folds(trial: dict, key: str, weights: str, views: tuple[str, ...] = (
     return cached(path, lambda: fold_scores(out_dir / trial["cv_dir"], folds, weights, views))
 
 
+def chosen_views(scores: dict[str, dict], view_sets: tuple[str, ...]) -> tuple[str, dict[str, tuple[float, float, str]]]:
+    """The views to serve, from a trial's fold scores per view set ({"none": ..., each of `view_sets`: ...}): the sets
+    in order, each adding views to the one before and replacing the views served so far only if better beyond the
+    folds' noise; and each set's gain ± SE over the views it was judged against, with their name."""
+    served, judged = "none", {}
+    for views in view_sets:
+        judged[views] = (*paired_gain(scores[served][RULE_SCORE], scores[views][RULE_SCORE]), served)
+        if compared(*judged[views][:2]) == "better":
+            served = views
+    return served, judged
+
+
 def select(scores: dict[str, dict], incumbent: str) -> dict:
     """The rule's choice from each candidate's fold scores without views, with every challenger's gain over the
     incumbent; and, beside them, what the same rule on the log-loss as trained would choose."""
@@ -256,10 +279,10 @@ def served_with(trained: dict, tta: str, out_dir: Path) -> dict:
     return {**trained, **cached(stage_file(out_dir, f"export-{name}", [trained["run_id"], tta]), export), "tta": tta}
 
 
-def views_latency(model, tta: str, repeats: int = 50) -> dict[str, float]:
-    """Median served latency (ms) of one 28 px image without and with the `tta` views: the recipe's network (untrained:
-    latency does not depend on the weights) exported both ways through the real export path, the two ONNX Runtime
-    sessions timed in interleaved rounds."""
+def views_latency(model, *view_sets: str, repeats: int = 50) -> dict[str, float]:
+    """Median served latency (ms) of one 28 px image without views and with each of `view_sets`: the recipe's network
+    (untrained: latency does not depend on the weights) exported each way through the real export path, the ONNX
+    Runtime sessions timed in interleaved rounds."""
     import tempfile
 
     from benchmarks.common import interleaved
@@ -271,7 +294,7 @@ def views_latency(model, tta: str, repeats: int = 50) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         predictors = {
             views: Predictor(load_package(build_package(Path(tmp) / views, model.name, model.preprocess.size, model.stem_stride, views)[0]))
-            for views in ("none", tta)
+            for views in ("none", *view_sets)
         }
         timings = interleaved({views: partial(p.probabilities, image) for views, p in predictors.items()}, repeats, warmup=3)
     return {views: timing.median_ms for views, timing in timings.items()}
@@ -353,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cross-validation: {json.dumps(cv)}\nchosen on the folds: {chosen} ({json.dumps(selection)})", flush=True)
     # Test-time views, decided on the same folds by the same rule: the chosen trial's fold models scored again with them.
     views = {"none": scores[chosen]["none"], **rescored(chosen, (TTA_VIEWS,))}
-    views_gain = paired_gain(views["none"][RULE_SCORE], views[TTA_VIEWS][RULE_SCORE])
-    tta = TTA_VIEWS if compared(*views_gain) == "better" else "none"
+    tta, judged_views = chosen_views(views, (TTA_VIEWS,))
+    views_gain = judged_views[TTA_VIEWS][:2]
     print(f"test-time views {TTA_VIEWS}: fold log-loss gain {views_gain[0]:+.4f} ± {views_gain[1]:.4f}; served with: {tta}", flush=True)
 
     # The chosen recipe's seeds, args.jobs trainings at a time (each in its own process: torch threads per process).
@@ -412,7 +435,7 @@ def section(
     cv_rows = [
         f"| {'**' + label + '**' if label == chosen else label} | `{' '.join(CANDIDATES[label]) or '(as the experiment)'}` "
         f"{_judged_cells(selection, label)}| {r['mean_log_loss']:.4f} ± {r['sd_log_loss']:.4f} "
-        f"| {_gain(selection['as_trained_gains'].get(label) if selection else None)} | {r['mean_brier']:.4f} ± {r['sd_brier']:.4f} "
+        f"| {gain_text(selection['as_trained_gains'].get(label) if selection else None)} | {r['mean_brier']:.4f} ± {r['sd_brier']:.4f} "
         f"| {r['mean_auc']:.4f} ± {r['sd_auc']:.4f} | {np.mean(r['fold_wall_s']) / 60:.1f} | `{r['run_id'][:8]}` |"
         for label, r in cv.items()
     ]
@@ -520,7 +543,7 @@ def _judged_cells(selection: dict | None, label: str) -> str:
     """The rule's two cells of a candidate's row: its fold log-loss after temperature, and its gain over the incumbent."""
     if not selection:
         return "| — | — "
-    return f"| {mean_sd(selection['scores'][label])} | {_gain(selection['gains'].get(label))} "
+    return f"| {mean_sd(selection['scores'][label])} | {gain_text(selection['gains'].get(label))} "
 
 
 def _old_rule_lines(selection: dict | None, chosen: str) -> list[str]:
@@ -541,7 +564,7 @@ def _averaging_lines(averaging: dict) -> list[str]:
     from medtriage.model.averaging import view_count
 
     rows = [
-        f"| {views} ({view_count(views)}) | {mean_sd(s[RULE_SCORE])} | {_gain(averaging['gain']) if views != 'none' else '—'} "
+        f"| {views} ({view_count(views)}) | {mean_sd(s[RULE_SCORE])} | {gain_text(averaging['gain']) if views != 'none' else '—'} "
         f"| {mean_sd(s['log_loss'])} | {mean_sd(s['auc'])} |"
         for views, s in averaging["scores"].items()
     ]
@@ -574,7 +597,8 @@ def _latency_lines(latency: dict[str, float] | None) -> list[str]:
     ]
 
 
-def _gain(gain: tuple[float, float] | None) -> str:
+def gain_text(gain: tuple[float, float] | None) -> str:
+    """A table cell: a challenger's gain ± SE and its standing (`compared`)."""
     if gain is None:
         return "—"
     return f"{gain[0]:+.4f} ± {gain[1]:.4f}: {compared(*gain)}"

@@ -122,6 +122,22 @@ def test_the_served_views_and_their_agreement_with_the_recipe_config_are_stated(
     assert "| balanced-longer seed 0 |" in _section_with_views("none", "none")
 
 
+def test_each_view_set_is_judged_against_the_views_served_before_it():
+    from benchmarks.accuracy_selection import chosen_views
+
+    def scored(*losses):
+        return dict(zip(("none", "shift", "affine"), ({RULE_SCORE: folds} for folds in losses)))
+
+    sets = ("shift", "affine")
+    served, judged = chosen_views(scored([0.05, 0.07, 0.07], [0.045, 0.064, 0.066], [0.044, 0.065, 0.066]), sets)
+    assert served == "shift"  # affine's small gain over shift is within the folds' noise
+    assert judged["shift"][2] == "none" and compared(*judged["shift"][:2]) == "better"
+    assert judged["affine"][2] == "shift" and compared(*judged["affine"][:2]) == "within noise"
+    served, judged = chosen_views(scored([0.05, 0.07, 0.07], [0.049, 0.071, 0.069], [0.045, 0.066, 0.066]), sets)
+    assert served == "affine" and judged["affine"][2] == "none"  # shift did not beat none, so affine is judged against none
+    assert chosen_views(scored([0.05, 0.07, 0.07], [0.05, 0.07, 0.07], [0.051, 0.07, 0.07]), sets)[0] == "none"
+
+
 def test_fold_models_that_do_not_reproduce_the_trials_scores_stop_the_run():
     from benchmarks.accuracy_selection import check_refolded, paired_gain
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medtriage.errors import ConfigError
-from medtriage.model.averaging import EnsembleNet, averaged, shift_step, views
+from medtriage.model.averaging import EnsembleNet, averaged, shift_step, view_count, views
 from medtriage.model.networks import PreprocessSpec, build_triage_net
 
 
@@ -25,6 +25,21 @@ def test_shift_views_move_the_image_by_one_step_each_way_with_edges_replicated()
     assert spots == {(4 + dy, 4 + dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2)}
     ramp = torch.arange(8.0).repeat(8, 1)[None, None]  # columns 0..7
     assert views(ramp, "shift", step=1)[1][0, 0, 0].tolist() == [0, 0, 1, 2, 3, 4, 5, 6]  # edge column repeated, not wrapped
+
+
+def test_affine_views_add_small_turns_and_zooms_about_the_centre_to_the_shifts():
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 8:24, 14:18] = 1.0  # an upright bar through the centre
+    affine = views(x, "affine", step=1)
+    assert view_count("affine") == len(affine) == 13 and view_count("shift") == 9
+    for view, reference in zip(affine[:9], views(x, "shift", step=1)):
+        assert torch.equal(view, reference)  # the shift grid first, unchanged
+    turned_left, turned_right, zoomed_out, zoomed_in = affine[9:]
+    assert torch.allclose(turned_left, torch.flip(turned_right, dims=[3]), atol=1e-5)  # opposite turns mirror each other
+    assert not torch.allclose(turned_left, x, atol=0.1)
+    centre = (slice(None), slice(None), slice(15, 17), slice(15, 17))
+    assert torch.allclose(turned_left[centre], x[centre], atol=1e-5)  # turned about the centre
+    assert zoomed_out.sum() < x.sum() < zoomed_in.sum()  # the bar covers less of the image zoomed out, more zoomed in
 
 
 def test_the_shift_is_one_source_pixel_of_a_28px_image_at_any_model_size():
@@ -56,10 +71,15 @@ def test_the_averaged_output_of_one_member_is_its_own_probability_without_views(
         assert torch.allclose(EnsembleNet([net])(pixels).exp(), torch.softmax(net(pixels), -1), atol=1e-6)
 
 
+AFFINE = {"rotations_deg": [-5.0, 5.0], "zooms": [0.95, 1.05]}
+
+
 @pytest.mark.slow
-def test_a_shift_tta_package_serves_the_averaged_probabilities_with_its_ood_score(tmp_path):
-    """Exported with views and the OOD output: ONNX Runtime reproduces the torch averaged probabilities, the OOD
-    score reads the image itself through the one network, and model.json says which views the graph averages."""
+@pytest.mark.parametrize(("tta", "described"), [("shift", {"count": 9}), ("affine", {"count": 13, **AFFINE})])
+def test_a_package_with_views_serves_the_averaged_probabilities_with_its_ood_score(tmp_path, tta, described):
+    """Exported with views and the OOD output: ONNX Runtime reproduces the torch averaged probabilities (the turns
+    and zooms as GridSample), the OOD score reads the image itself through the one network, and model.json says which
+    views the graph averages."""
     from medtriage.config.schema import ExportConfig
     from medtriage.data.sources.medmnist import PNEUMONIA_LABELS, as_chw, read_npz
     from medtriage.evaluation.predictions import Predictions
@@ -70,7 +90,7 @@ def test_a_shift_tta_package_serves_the_averaged_probabilities_with_its_ood_scor
     from tests.export.tiny_package import NPZ, linear_probe_net, ood_data
 
     net = linear_probe_net(32)
-    served = averaged(net, "shift")
+    served = averaged(net, tta)
     images, labels = read_npz(NPZ)["val"]
     pick = np.random.default_rng(0).choice(len(labels), 200, replace=False)
     pixels = np.stack([as_chw(image) for image in images[pick]])
@@ -85,7 +105,8 @@ def test_a_shift_tta_package_serves_the_averaged_probabilities_with_its_ood_scor
         parity_images=list(pixels),
         ood_data=ood_data(list(pixels), train_images=200),
     )
-    assert result.meta["preprocessing"]["test_time_augmentation"] == {"views": "shift", "count": 9, "shift_px": 1, "in_graph": True}
+    expected_views = {"views": tta, "shift_px": 1, **described, "in_graph": True}
+    assert result.meta["preprocessing"]["test_time_augmentation"] == expected_views
     assert result.meta["parity"]["max_abs_diff"] <= 1e-4 and "ood" in result.meta
     package = load_package(result.package_dir)
     probabilities = Predictor(package).probabilities(pixels[:8])

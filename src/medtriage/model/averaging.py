@@ -9,11 +9,14 @@ network, with one ONNX Runtime session. A single network with test-time augmenta
 Views (`TTA`), chosen by anatomy:
 - "shift": the 3 x 3 grid of shifts by one source pixel of a 28 px MedMNIST image (SHIFT_FRACTION of the
   model's input side; edges replicated), well inside the training translations. It leaves the anatomy as it is.
+- "affine": the shift grid, and the image turned by ±ROTATION_DEG and zoomed by the ZOOMS (bilinear, edges
+  replicated), inside the training augmentation's rotations (10 degrees) and scales (10%). Still no mirror image.
 - "flip": the left-right mirror as well. Not for chest X-rays (the heart is on one side); for tissue tiles.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,8 +26,10 @@ from torch import nn
 from medtriage.errors import ConfigError
 from medtriage.model.networks import TriageNet
 
-TTA = ("none", "shift", "flip")
+TTA = ("none", "shift", "affine", "flip")
 SHIFT_FRACTION = 1 / 28
+ROTATION_DEG = 5.0
+ZOOMS = (0.95, 1.05)
 PROBABILITY_FLOOR = 1e-12  # keeps log finite when every member is certain
 
 
@@ -39,20 +44,49 @@ def shift_step(size: int) -> int:
     return max(1, round(size * SHIFT_FRACTION))
 
 
-def views(x: torch.Tensor, tta: str, step: int = 1) -> list[torch.Tensor]:
-    """The preprocessed batch `x` [B, C, S, S] as the views `tta` averages over (the image itself first)."""
+def warps(tta: str) -> list[tuple[float, float]]:
+    """(rotation in degrees, zoom) of each resampled view of `tta`, after its shifts."""
+    if tta != "affine":
+        return []
+    return [(-ROTATION_DEG, 1.0), (ROTATION_DEG, 1.0), *((0.0, zoom) for zoom in ZOOMS)]
+
+
+def sampling_grid(size: int, rotation_deg: float, zoom: float) -> torch.Tensor:
+    """grid_sample's grid [1, size, size, 2] that turns a `size` px image about its centre and zooms it by `zoom`."""
+    turn = math.radians(rotation_deg)
+    cos, sin = math.cos(turn) / zoom, math.sin(turn) / zoom
+    theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])
+    return F.affine_grid(theta, [1, 1, size, size], align_corners=False)
+
+
+def warp_grids(tta: str, size: int) -> torch.Tensor:
+    """The grids [V, size, size, 2] of `tta`'s resampled views (none: V = 0)."""
+    grids = [sampling_grid(size, *warp) for warp in warps(tta)]
+    return torch.cat(grids) if grids else torch.empty(0, size, size, 2)
+
+
+def views(x: torch.Tensor, tta: str, step: int = 1, grids: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The preprocessed batch `x` [B, C, S, S] as the views `tta` averages over (the image itself first); `grids`
+    ([V, S, S, 2], `warp_grids`) are the resampled views of "affine", made here unless given (once per input size)."""
     if tta == "flip":
         return [x, torch.flip(x, dims=[3])]
-    if tta == "shift":
-        padded = F.pad(x, (step, step, step, step), mode="replicate")
-        height, width = x.shape[-2:]
-        offsets = (0, -step, step)
-        return [padded[..., step + dy : step + dy + height, step + dx : step + dx + width] for dy in offsets for dx in offsets]
-    return [x]
+    if tta not in ("shift", "affine"):
+        return [x]
+    padded = F.pad(x, (step, step, step, step), mode="replicate")
+    height, width = x.shape[-2:]
+    offsets = (0, -step, step)
+    shifted = [padded[..., step + dy : step + dy + height, step + dx : step + dx + width] for dy in offsets for dx in offsets]
+    if grids is None:
+        grids = warp_grids(tta, width)
+    resampled = [
+        F.grid_sample(x, grid.expand(x.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=False)
+        for grid in grids[:, None]
+    ]
+    return shifted + resampled
 
 
 def view_count(tta: str) -> int:
-    return len(views(torch.zeros(1, 1, 1, 1), check_tta(tta)))
+    return len(views(torch.zeros(1, 1, 2, 2), check_tta(tta)))
 
 
 class EnsembleNet(nn.Module):
@@ -70,7 +104,10 @@ class EnsembleNet(nn.Module):
             )
         self.members = nn.ModuleList(members)
         self.tta = check_tta(tta)
-        self.step = shift_step(members[0].preprocess.spec.size)
+        size = members[0].preprocess.spec.size
+        self.step = shift_step(size)
+        # Constants of the graph (ONNX GridSample reads them); not weights, so not in the state dict.
+        self.register_buffer("grids", warp_grids(self.tta, size), persistent=False)
 
     @property
     def preprocess(self):
@@ -79,14 +116,17 @@ class EnsembleNet(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(pixels)
-        stacked = torch.cat(views(x, self.tta, self.step))  # [V*B, ...]: one backbone pass per member over every view
+        stacked = torch.cat(views(x, self.tta, self.step, self.grids))  # [V*B, ...]: one backbone pass per member over every view
         logits = torch.stack([member.backbone(stacked) for member in self.members])  # [M, V*B, K]
         probs = torch.softmax(logits, dim=-1).reshape(-1, x.shape[0], logits.shape[-1])  # [M*V, B, K]
         return torch.log(probs.mean(dim=0).clamp_min(PROBABILITY_FLOOR))
 
     def describe(self) -> dict:
         """What model.json records of the averaging (under preprocessing.test_time_augmentation)."""
-        return {"views": self.tta, "count": view_count(self.tta), "shift_px": self.step if self.tta == "shift" else 0, "in_graph": True}
+        described = {"views": self.tta, "count": view_count(self.tta), "shift_px": self.step if self.tta in ("shift", "affine") else 0}
+        if self.tta == "affine":
+            described |= {"rotations_deg": [-ROTATION_DEG, ROTATION_DEG], "zooms": list(ZOOMS)}
+        return described | {"in_graph": True}
 
 
 def averaged(net: TriageNet, tta: str) -> nn.Module:
