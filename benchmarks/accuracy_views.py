@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = stage_dir(args.quick)
     recipe = [*BASE, *(QUICK if args.quick else [])]
-    cfg = compose_train_config([*recipe, "trainer.num_threads=1", f"cv.folds={args.folds}", f"cv.jobs={args.folds}", "paths.output_dir=."])
-    key = recipe_key(cfg)
-    trial = cross_validated([*recipe, "trainer.num_threads=1"], cfg, key, out_dir, args.folds, need_kept=not args.quick)
+    settings = ["trainer.num_threads=1", f"cv.folds={args.folds}", f"cv.jobs={args.folds}"]
+    cfg = compose_train_config([*recipe, *settings, "paths.output_dir=."])
+    key = recipe_key(cfg)  # the settings are run settings: not in the key
+    trial = cross_validated([*recipe, *settings], cfg, key, out_dir, args.folds, need_kept=not args.quick)
     mlflow.set_tracking_uri(cfg.tracking.uri)
 
     def scored(views: str) -> dict:  # one stage per set: a set added later leaves the others' scores kept

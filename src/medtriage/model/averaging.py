@@ -30,6 +30,7 @@ TTA = ("none", "shift", "affine", "flip")
 SHIFT_FRACTION = 1 / 28
 ROTATION_DEG = 5.0
 ZOOMS = (0.95, 1.05)
+SHIFTED = ("shift", "affine")  # the view sets that start with the shift grid
 PROBABILITY_FLOOR = 1e-12  # keeps log finite when every member is certain
 
 
@@ -70,7 +71,7 @@ def views(x: torch.Tensor, tta: str, step: int = 1, grids: torch.Tensor | None =
     ([V, S, S, 2], `warp_grids`) are the resampled views of "affine", made here unless given (once per input size)."""
     if tta == "flip":
         return [x, torch.flip(x, dims=[3])]
-    if tta not in ("shift", "affine"):
+    if tta not in SHIFTED:
         return [x]
     padded = F.pad(x, (step, step, step, step), mode="replicate")
     height, width = x.shape[-2:]
@@ -123,7 +124,7 @@ class EnsembleNet(nn.Module):
 
     def describe(self) -> dict:
         """What model.json records of the averaging (under preprocessing.test_time_augmentation)."""
-        described = {"views": self.tta, "count": view_count(self.tta), "shift_px": self.step if self.tta in ("shift", "affine") else 0}
+        described = {"views": self.tta, "count": view_count(self.tta), "shift_px": self.step if self.tta in SHIFTED else 0}
         if self.tta == "affine":
             described |= {"rotations_deg": [-ROTATION_DEG, ROTATION_DEG], "zooms": list(ZOOMS)}
         return described | {"in_graph": True}
