@@ -30,7 +30,7 @@ from pydicom.data import get_testdata_file
 
 from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
 from medtriage.config.schema import ExportConfig
-from medtriage.data.sources.medmnist import PNEUMONIA_LABELS, as_chw, read_npz
+from medtriage.data.sources.medmnist import PNEUMONIA_LABELS, as_chw
 from medtriage.errors import MedTriageError
 from medtriage.evaluation.calibration import fit_temperature, probabilities
 from medtriage.evaluation.predictions import Predictions
@@ -38,6 +38,7 @@ from medtriage.export.ood import OodData
 from medtriage.export.run import export_model
 from medtriage.export.safety import ece_with_interval
 from medtriage.io.dicom import DecodedImage
+from medtriage.io.npz import read_npz
 from medtriage.io.pathology import iter_tile_batches, prepare_slide
 from medtriage.model.networks import PreprocessSpec, build_triage_net
 from medtriage.serve.metrics import ServiceMonitor

@@ -331,3 +331,48 @@ def test_a_folder_without_a_whole_slide_image_is_a_clear_error(tmp_path):
     (tmp_path / "ct.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
     with pytest.raises(InputError, match="no DICOM whole-slide image files"):
         open_slide(tmp_path)
+
+
+def _flat_slide(path: Path) -> tuple[Path, np.ndarray]:
+    """A single-level slide (no pyramid, no scanner thumbnail): gradients and one block of tissue colour."""
+    y, x = np.mgrid[0:1536, 0:2048]
+    image = np.stack([x * 255 // 2048, y * 255 // 1536, (x + y) % 256], -1).astype(np.uint8)
+    image[400:900, 500:1400] = (180, 90, 160)
+    return write_tiff(path, image), image
+
+
+def _thumbnail_and_peak(path: Path) -> tuple[np.ndarray, int, np.ndarray]:
+    import tracemalloc
+
+    with open_slide(path) as flat:
+        tracemalloc.start()
+        try:
+            thumbnail = flat.thumbnail(256)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        return thumbnail, peak, tissue_mask(flat).mask
+
+
+def test_a_level_too_large_to_decode_whole_is_shrunk_block_by_block(tmp_path, monkeypatch):
+    from medtriage.io import slide_reader
+
+    path, image = _flat_slide(tmp_path / "flat.tif")
+    whole, whole_peak, whole_mask = _thumbnail_and_peak(path)
+    monkeypatch.setattr(slide_reader, "READ_BLOCK_BYTES", 3 * 300 * 300)  # blocks of 300 x 300 pixels
+    blocked, blocked_peak, blocked_mask = _thumbnail_and_peak(path)
+    assert blocked.shape == whole.shape == (192, 256, 3)
+    assert np.abs(blocked.astype(int) - whole).mean() < 3  # block edges are resampled on their own
+    assert (blocked_mask != whole_mask).mean() < 0.05
+    assert blocked_peak < whole_peak - image.nbytes // 2  # the level was never held whole
+
+
+def test_a_whole_level_image_beyond_the_limit_is_refused(tmp_path, monkeypatch):
+    from medtriage.io import slide_reader
+
+    path, _ = _flat_slide(tmp_path / "flat.tif")
+    monkeypatch.setattr(slide_reader, "MAX_WHOLE_IMAGE_BYTES", 3 * 1000 * 1000)
+    with open_slide(path) as flat:
+        assert flat.thumbnail(256).shape == (192, 256, 3) and tissue_mask(flat).mask.shape == (96, 128)  # small: fine
+        with pytest.raises(InputError, match="exceeds the limit"):
+            flat.level_image(0)  # 2048 x 1536 RGB at full size

@@ -81,10 +81,11 @@ def test_a_package_with_views_serves_the_averaged_probabilities_with_its_ood_sco
     and zooms as GridSample), the OOD score reads the image itself through the one network, and model.json says which
     views the graph averages."""
     from medtriage.config.schema import ExportConfig
-    from medtriage.data.sources.medmnist import PNEUMONIA_LABELS, as_chw, read_npz
+    from medtriage.data.sources.medmnist import PNEUMONIA_LABELS, as_chw
     from medtriage.evaluation.predictions import Predictions
     from medtriage.export.ood import feature_taps
     from medtriage.export.run import export_model
+    from medtriage.io.npz import read_npz
     from medtriage.serve.package import load_package
     from medtriage.serve.predictor import Predictor
     from tests.export.tiny_package import NPZ, linear_probe_net, ood_data

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medtriage.data.sources.medmnist import as_chw, read_npz
+from medtriage.data.sources.medmnist import as_chw
 from medtriage.errors import MedTriageError
 from medtriage.format.references import psi, reference_histogram
 from medtriage.io.dicom import DecodedImage
+from medtriage.io.npz import read_npz
 from medtriage.serve.drift import MAX_SOURCES, DriftMonitor, source_name
 from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.package import load_package

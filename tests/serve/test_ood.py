@@ -11,9 +11,10 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from medtriage.data.sources.medmnist import as_chw, read_npz
+from medtriage.data.sources.medmnist import as_chw
 from medtriage.errors import MedTriageError
 from medtriage.io.dicom import DecodedImage, read_dicom
+from medtriage.io.npz import read_npz
 from medtriage.io.pathology import iter_tile_batches, prepare_slide
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection, to_model_channels

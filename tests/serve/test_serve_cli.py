@@ -60,6 +60,19 @@ def test_a_folder_with_bad_files_lists_every_reject_and_exits_nonzero(capsys, pa
     assert code == 1 and "6 input(s)" in err and "4 rejected" in err
 
 
+def test_an_empty_folder_is_rejected_not_a_clean_result(capsys, package_dir, tmp_path):
+    (tmp_path / "inbox").mkdir()
+    code, out, err = score(capsys, package_dir, tmp_path / "inbox", "--json")
+    (rejected,) = json.loads(out)["rejected"]
+    assert "holds no files" in rejected["reason"] and code == 1 and "1 rejected" in err
+
+
+def test_an_npz_that_is_not_one_is_a_clear_error(capsys, package_dir, tmp_path):
+    (tmp_path / "scan.npz").write_bytes(b"not a zip")
+    code, _, err = score(capsys, package_dir, "--npz", tmp_path / "scan.npz", "--split", "test")
+    assert code != 0 and "not a readable npz file" in err and "Traceback" not in err
+
+
 def test_table_lists_rejected_files_with_reason(capsys, package_dir):
     code, out, _ = score(capsys, package_dir, RTPLAN)
     (row,) = out.splitlines()[1:]

@@ -78,10 +78,11 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def low_resolution_image(slide: Slide, mpp: float) -> tuple[Image.Image, float]:
-    """The smallest image of the whole slide still at least as fine as `mpp`, and its µm/pixel.
+    """An image of the whole slide at `mpp` or finer, and its µm/pixel.
 
-    Candidates are the pyramid levels and the scanner's thumbnail (when its shape matches the
-    slide): a slide without a coarse level then needs no full-resolution decode for its mask.
+    The scanner's thumbnail when it is fine enough (and its shape matches the slide), else the coarsest pyramid level
+    fine enough, shrunk to `mpp`: block by block when that level is large (`Slide.level_image`), so a slide without a
+    coarse level is never decoded whole for its mask.
     """
     level = slide.finest_level_for(mpp)
     thumbnail = slide.scanner_thumbnail()
@@ -89,7 +90,10 @@ def low_resolution_image(slide: Slide, mpp: float) -> tuple[Image.Image, float]:
         thumb_mpp = slide.mpp * slide.dimensions[0] / thumbnail.width
         if slide.level_mpp(level) < thumb_mpp <= mpp * 1.01:
             return thumbnail, thumb_mpp
-    return Image.fromarray(slide.level_image(level)), slide.level_mpp(level)
+    w, h = slide.level_dimensions[level]
+    scale = min(1.0, slide.level_mpp(level) / mpp)
+    image = slide.level_image(level, (max(1, round(w * scale)), max(1, round(h * scale))))
+    return image, slide.mpp * slide.dimensions[0] / image.width
 
 
 def tissue_mask(slide: Slide, mask_mpp: float = MASK_MPP, min_saturation: float = MIN_SATURATION) -> TissueMask:

@@ -13,6 +13,7 @@ Coordinates are level-0 pixels `(x, y)`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from medtriage.errors import DataNotFoundError, InputError
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 0.5 for 20x)"
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+READ_BLOCK_BYTES = 64 << 20  # RGB bytes of a level decoded at once when a whole level is read (thumbnail, tissue mask)
+MAX_WHOLE_IMAGE_BYTES = 256 << 20  # RGB bytes of a whole-level image: a 7.5 cm square of tissue at the mask's 8 µm/pixel
 
 
 def is_slide_path(path: str | Path) -> bool:
@@ -78,17 +81,45 @@ class _Levels:
         """uint8 RGB `[h, w, 3]` of `size=(w, h)` pixels at `level`, top-left at level-0 `(x0, y0)`."""
         return self.shared_reader.read(x0, y0, level, size)
 
-    def level_image(self, level: int) -> np.ndarray:
+    def level_image(self, level: int, size: tuple[int, int] | None = None) -> Image.Image:
+        """The whole of `level`, resized to `size=(w, h)` (box filter) when given. The sizes come from the file: a
+        level of more than `READ_BLOCK_BYTES` is read and shrunk block by block, so a slide without coarse pyramid
+        levels is never decoded into memory whole, and the image returned is bounded by `MAX_WHOLE_IMAGE_BYTES`."""
         w, h = self.level_dimensions[level]
-        return self.read_region(0, 0, level, (w, h))
+        size = size or (w, h)
+        if size[0] * size[1] * 3 > MAX_WHOLE_IMAGE_BYTES:
+            raise InputError(
+                f"an image of {size[0]} x {size[1]} pixels of the whole of level {level} ({w} x {h}) exceeds the limit "
+                f"of {MAX_WHOLE_IMAGE_BYTES} bytes",
+                where=self.path,
+                hint="the slide claims an implausible size, or needs a coarser level or a smaller image of it",
+            )
+        if w * h * 3 <= READ_BLOCK_BYTES:
+            image = Image.fromarray(self.read_region(0, 0, level, (w, h)))
+            return image if image.size == size else image.resize(size, Image.Resampling.BOX)
+        return self._shrunk_in_blocks(level, size)
+
+    def _shrunk_in_blocks(self, level: int, size: tuple[int, int]) -> Image.Image:
+        (w, h), downsample = self.level_dimensions[level], self.level_downsamples[level]
+        out = Image.new("RGB", size)
+        sx, sy = size[0] / w, size[1] / h
+        block = max(1, math.isqrt(READ_BLOCK_BYTES // 3))  # side of a square block, in pixels of the level
+        for y in range(0, h, block):
+            for x in range(0, w, block):
+                bw, bh = min(block, w - x), min(block, h - y)
+                box = (round(x * sx), round(y * sy), round((x + bw) * sx), round((y + bh) * sy))
+                if box[2] > box[0] and box[3] > box[1]:
+                    rgb = self.read_region(round(x * downsample), round(y * downsample), level, (bw, bh))
+                    out.paste(Image.fromarray(rgb).resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BOX), box[:2])
+        return out
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
         """uint8 RGB `[h, w, 3]` of the whole slide, longest side `max_side`."""
         w0, h0 = self.dimensions
         level = self.finest_level_for(self.mpp * max(w0, h0) / max_side)
-        image = Image.fromarray(self.level_image(level))
-        image.thumbnail((max_side, max_side), Image.Resampling.BOX)
-        return np.asarray(image)
+        w, h = self.level_dimensions[level]
+        ratio = min(1.0, max_side / max(w, h))
+        return np.asarray(self.level_image(level, (max(1, round(w * ratio)), max(1, round(h * ratio)))))
 
     def __enter__(self) -> _Levels:
         return self

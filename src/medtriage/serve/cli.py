@@ -142,14 +142,17 @@ def predictor_from_args(args: argparse.Namespace) -> Predictor:
 
 
 def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
-    """Files to score (folders expanded recursively, sorted), missing paths as rejections, and
-    whether a folder was given (then a progress bar is shown)."""
+    """Files to score (folders expanded recursively, sorted), missing paths and empty folders as rejections (a
+    mistyped path must not pass for a clean result), and whether a folder was given (then a progress bar is shown)."""
     files, missing, any_folder = [], [], False
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             any_folder = True
-            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files += found
+            if not found:
+                missing.append(Rejection(raw, "folder holds no files to score", "DataNotFoundError"))
         elif path.is_file():
             files.append(path)
         else:

@@ -12,26 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-from medtriage.errors import DataNotFoundError, InputError
+from medtriage.errors import InputError
 from medtriage.io.dicom import DecodedImage
+from medtriage.io.npz import SPLITS, read_npz
 from medtriage.serve.predictor import Predictor, Score
 
-SPLITS = ("train", "val", "test")
 BATCH = 256
 
 
 def read_npz_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(float32 pixels `[N, C, H, W]` in [0, 1], int64 labels `[N]`) of one split."""
-    npz_path = Path(npz_path)
     if split not in SPLITS:
         raise InputError(f"unknown split '{split}'", where="--split", hint=f"use one of {SPLITS}")
-    if not npz_path.is_file():
-        raise DataNotFoundError("npz file not found", where=npz_path, hint="e.g. data/samples/pneumoniamnist_28.npz")
-    with np.load(npz_path) as data:
-        keys = (f"{split}_images", f"{split}_labels")
-        if any(k not in data for k in keys):
-            raise InputError(f"not a MedMNIST npz: missing {[k for k in keys if k not in data]}", where=npz_path)
-        images, labels = data[keys[0]], data[keys[1]].reshape(-1).astype(np.int64)
+    images, labels = read_npz(npz_path, (split,))[split]
     pixels = images[:, None] if images.ndim == 3 else np.moveaxis(images, -1, 1)
     return pixels.astype(np.float32) / 255.0, labels
 

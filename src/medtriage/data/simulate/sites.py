@@ -28,7 +28,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from tqdm import tqdm
 
-from medtriage.data.sources.medmnist import PNEUMONIA_LABELS, read_npz
+from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
+from medtriage.io.npz import read_npz
 
 DEFAULT_NPZ = Path("data/samples/pneumoniamnist_28.npz")
 DEFAULT_OUT = Path("data/sites")

@@ -10,22 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medtriage.data.manifest import SPLITS, Manifest, PoolWriter
-from medtriage.errors import DataNotFoundError, InputError
+from medtriage.data.manifest import Manifest, PoolWriter
+from medtriage.io.npz import read_npz
 
 PNEUMONIA_LABELS = ["normal", "pneumonia"]
-
-
-def read_npz(npz_path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Split name -> (images uint8 `[N, H, W]` or `[N, H, W, 3]`, labels int64 `[N]`)."""
-    npz_path = Path(npz_path)
-    if not npz_path.is_file():
-        raise DataNotFoundError("MedMNIST npz not found", where=npz_path, hint="the bundled copy is data/samples/pneumoniamnist_28.npz")
-    with np.load(npz_path) as data:
-        missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in data]
-        if missing:
-            raise InputError(f"not a MedMNIST npz: missing keys {missing}", where=npz_path)
-        return {s: (data[f"{s}_images"], data[f"{s}_labels"].reshape(-1).astype(np.int64)) for s in SPLITS}
 
 
 def as_chw(image: np.ndarray) -> np.ndarray:

@@ -1,0 +1,96 @@
+"""MedMNIST-layout npz files, read as untrusted input (numpy only).
+
+An npz is a zip of `.npy` members, and each member's header states a dtype and a shape that `np.load` allocates before
+it reads a byte. So each member's header is read first and the array is refused unless its dtype is plain numbers
+(never pickled objects), its shape is what the layout holds (`<split>_images`: uint8 `[N, H, W]` or `[N, H, W, 3]`;
+`<split>_labels`: integers `[N]` or `[N, 1]`), and its size is within both `max_bytes` and the size the zip states for
+the member. Only then is it allocated and filled.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medtriage.errors import DataNotFoundError, InputError
+
+SPLITS = ("train", "val", "test")
+MAX_ARRAY_BYTES = 8 << 30  # one array; the largest MedMNIST+ 2D release (ChestMNIST, 224 px) holds 3.9 GB of images
+NPZ_HINT = "give a MedMNIST .npz (train/val/test _images and _labels), e.g. data/samples/pneumoniamnist_28.npz"
+
+
+def read_npz(
+    npz_path: str | Path, splits: Sequence[str] = SPLITS, *, max_bytes: int = MAX_ARRAY_BYTES
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Split name -> (images uint8 `[N, H, W]` or `[N, H, W, 3]`, labels int64 `[N]`)."""
+    npz_path = Path(npz_path)
+    if not npz_path.is_file():
+        raise DataNotFoundError("npz file not found", where=npz_path, hint=NPZ_HINT)
+    try:
+        with zipfile.ZipFile(npz_path) as archive:
+            return {split: _split(archive, npz_path, split, max_bytes) for split in splits}
+    except (zipfile.BadZipFile, OSError, EOFError) as err:  # not a zip, or a member that is corrupt or cut short
+        raise InputError(f"not a readable npz file ({err})", where=npz_path, hint=NPZ_HINT) from err
+
+
+def _split(archive: zipfile.ZipFile, npz_path: Path, split: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    images = _array(archive, npz_path, f"{split}_images", max_bytes)
+    labels = _array(archive, npz_path, f"{split}_labels", max_bytes)
+    if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        raise InputError(
+            f"'{split}_images' is {images.dtype} {list(images.shape)}, not uint8 [N, H, W] or [N, H, W, 3]",
+            where=npz_path,
+            hint=NPZ_HINT,
+        )
+    if labels.dtype.kind not in "iu" or labels.shape not in ((len(images),), (len(images), 1)):
+        raise InputError(
+            f"'{split}_labels' is {labels.dtype} {list(labels.shape)}, not one integer label for each of the "
+            f"{len(images)} images (multi-label sets are not supported)",
+            where=npz_path,
+            hint=NPZ_HINT,
+        )
+    return images, labels.reshape(-1).astype(np.int64)
+
+
+def _array(archive: zipfile.ZipFile, npz_path: Path, key: str, max_bytes: int) -> np.ndarray:
+    """One member, its header checked before anything is allocated."""
+    try:
+        info = archive.getinfo(f"{key}.npy")
+    except KeyError:
+        raise InputError(f"not a MedMNIST npz: no '{key}' array", where=npz_path, hint=NPZ_HINT) from None
+    where = f"{npz_path}#{key}"
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"npy format version {version} is not supported")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(member)
+        except ValueError as err:
+            raise InputError(f"not an npy array ({err})", where=where, hint=NPZ_HINT) from err
+        if dtype.hasobject:
+            raise InputError("holds Python objects, which would be unpickled: refused", where=where, hint=NPZ_HINT)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > min(max_bytes, info.file_size):
+            raise InputError(
+                f"header claims {list(shape)} {dtype} ({nbytes} bytes); the zip holds {info.file_size} bytes for it and "
+                f"the limit is {max_bytes}",
+                where=where,
+                hint="the file is corrupt or not a MedMNIST npz; raise max_bytes only for a genuine larger set",
+            )
+        array = np.empty(shape[::-1] if fortran_order else shape, dtype=dtype)
+        _fill(member, memoryview(array).cast("B"), where)
+    return array.T if fortran_order else array
+
+
+def _fill(member, buffer: memoryview, where: str) -> None:
+    filled = 0
+    while filled < len(buffer):
+        got = member.readinto(buffer[filled:])
+        if not got:
+            raise InputError(f"array data ends after {filled} of {len(buffer)} bytes", where=where, hint=NPZ_HINT)
+        filled += got
