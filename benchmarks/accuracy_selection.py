@@ -561,15 +561,7 @@ def _recipe_command(chosen: str) -> str:
 
 def _averaging_lines(averaging: dict) -> list[str]:
     """The test-time views' table: the chosen trial's fold models with and without them, and the decision."""
-    from medtriage.model.averaging import view_count
-
-    rows = [
-        f"| {views} ({view_count(views)}) | {mean_sd(s[RULE_SCORE])} | {gain_text(averaging['gain']) if views != 'none' else '—'} "
-        f"| {mean_sd(s['log_loss'])} | {mean_sd(s['auc'])} |"
-        for views, s in averaging["scores"].items()
-    ]
-    configured = averaging["configured"]
-    agreement = "agrees" if configured == averaging["served"] else f"**differs**: set `export.tta: {averaging['served']}` there"
+    gains = {views: gain_text(averaging["gain"]) for views in averaging["scores"] if views != "none"}
     return [
         "Test-time views (one source pixel each way, edges replicated; no mirror image: the heart is on one side), decided on "
         "the same folds by the same rule: the chosen trial's fold models, not retrained, scored again on their held-out images "
@@ -577,13 +569,33 @@ def _averaging_lines(averaging: dict) -> list[str]:
         "",
         "| views (count) | fold log-loss after temperature | gain ± SE (better: served with them) | as trained | fold AUC |",
         "|---|---|---|---|---|",
-        *rows,
+        *views_rows(averaging["scores"], gains),
         "",
-        f"Served with: **{averaging['served']}**. The recipe's config (`configs/experiment/{EXPERIMENT}.yaml`) exports with "
-        f"`export.tta: {configured}`: {agreement}.",
+        served_line(averaging["served"], averaging["configured"]),
         *_latency_lines(averaging.get("latency_ms")),
         "",
     ]
+
+
+def views_rows(scores: dict[str, dict], gains: dict[str, str], latency_ms: dict[str, float] | None = None) -> list[str]:
+    """A views table's rows: each set's fold log-loss after temperature, its gain cell ('—' when not judged), as
+    trained, fold AUC, and its served latency when measured."""
+    from medtriage.model.averaging import view_count
+
+    return [
+        f"| {views} ({view_count(views)}) | {mean_sd(s[RULE_SCORE])} | {gains.get(views, '—')} | {mean_sd(s['log_loss'])} "
+        f"| {mean_sd(s['auc'])} |" + (f" {latency_ms[views]:.1f} |" if latency_ms else "")
+        for views, s in scores.items()
+    ]
+
+
+def served_line(served: str, configured: str) -> str:
+    """The views decision, and whether the recipe's config already exports with it."""
+    agreement = "agrees" if configured == served else f"**differs**: set `export.tta: {served}` there"
+    return (
+        f"Served with: **{served}**. The recipe's config (`configs/experiment/{EXPERIMENT}.yaml`) exports with "
+        f"`export.tta: {configured}`: {agreement}."
+    )
 
 
 def _latency_lines(latency: dict[str, float] | None) -> list[str]:

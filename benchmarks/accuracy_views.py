@@ -17,19 +17,20 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.accuracy_recipe import EXPERIMENT, mean_sd, stage_dir
+from benchmarks.accuracy_recipe import stage_dir
 from benchmarks.accuracy_selection import (
     BASE,
     INCUMBENT,
     QUICK,
-    RULE_SCORE,
     check_refolded,
     chosen_views,
     compared,
     cross_validated,
     gain_text,
     scored_folds,
+    served_line,
     views_latency,
+    views_rows,
 )
 from benchmarks.common import ROOT, command_line, header, machine, recipe_key, verdict, write_section
 
@@ -74,15 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def section(scores: dict, served: str, judged: dict, latency: dict, configured: str, trial: dict, args, command: str) -> str:
-    from medtriage.model.averaging import ROTATION_DEG, ZOOMS, view_count
+    from medtriage.model.averaging import ROTATION_DEG, ZOOMS
 
-    rows = [
-        f"| {views} ({view_count(views)}) | {mean_sd(s[RULE_SCORE])} | {_judged(judged.get(views))} | {mean_sd(s['log_loss'])} "
-        f"| {mean_sd(s['auc'])} | {latency[views]:.1f} |"
-        for views, s in scores.items()
-    ]
+    gains = {views: f"{gain_text(judgement[:2])} (over {judgement[2]})" for views, judgement in judged.items()}
     beyond = [views for views in VIEW_SETS[1:] if compared(*judged[views][:2]) == "better"]
-    agreement = "agrees" if configured == served else f"**differs**: set `export.tta: {served}` there"
     lines = [
         SECTION,
         "",
@@ -107,19 +103,14 @@ def section(scores: dict, served: str, judged: dict, latency: dict, configured: 
         "| views (count) | fold log-loss after temperature | gain ± SE over the views before (better: served with them) "
         "| as trained | fold AUC | served latency (ms) |",
         "|---|---|---|---|---|---|",
-        *rows,
+        *views_rows(scores, gains, latency),
         "",
-        f"Served with: **{served}**. The recipe's config (`configs/experiment/{EXPERIMENT}.yaml`) exports with "
-        f"`export.tta: {configured}`: {agreement}.",
+        served_line(served, configured),
         "",
         "Target: a set of views beyond shift better on the folds.",
         f"- {', '.join(beyond) if beyond else 'none of ' + ', '.join(VIEW_SETS[1:])}: {verdict(bool(beyond))}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _judged(judged: tuple[float, float, str] | None) -> str:
-    return "—" if judged is None else f"{gain_text(judged[:2])} (over {judged[2]})"
 
 
 if __name__ == "__main__":
