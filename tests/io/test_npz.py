@@ -12,6 +12,7 @@ import pytest
 from medtriage.errors import DataNotFoundError, InputError
 from medtriage.io.npz import read_npz
 from medtriage.serve.npz import read_npz_split
+from tests.io.damage import mutations
 
 NPZ = Path(__file__).resolve().parents[2] / "data" / "samples" / "pneumoniamnist_28.npz"
 
@@ -62,6 +63,20 @@ def test_a_file_that_is_not_an_npz_is_an_input_error(tmp_path):
         read_npz(tmp_path / "x.npz")
     with pytest.raises(DataNotFoundError):
         read_npz(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_a_damaged_member_is_refused_not_read_as_other_pixels(tmp_path, save):
+    save(tmp_path / "d.npz", **_layout(n=40, side=28))
+    with zipfile.ZipFile(tmp_path / "d.npz") as archive:
+        info = archive.getinfo("val_images.npy")
+    raw = bytearray((tmp_path / "d.npz").read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # the member's data, past its local header
+    raw[start + info.compress_size // 2] ^= 0xFF
+    (tmp_path / "d.npz").write_bytes(raw)
+    assert len(read_npz(tmp_path / "d.npz", ("train",))["train"][0]) == 40  # the other members are intact
+    with pytest.raises(InputError, match="not a readable npz|not an npy array"):
+        read_npz(tmp_path / "d.npz", ("val",))
 
 
 def test_a_missing_array_is_named(tmp_path):
@@ -132,3 +147,19 @@ def test_the_served_split_reader_scales_pixels_and_checks_the_split_name():
     assert pixels.shape == (len(labels), 1, 28, 28) and pixels.dtype == np.float32 and 0 <= pixels.min() <= pixels.max() <= 1
     with pytest.raises(InputError, match="unknown split"):
         read_npz_split(NPZ, "tst")
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_a_damaged_npz_is_an_input_error_whatever_the_damage(tmp_path, save):
+    save(tmp_path / "n.npz", **_layout(n=20, side=28))
+    raw, damaged = (tmp_path / "n.npz").read_bytes(), tmp_path / "damaged.npz"
+    unexpected = []
+    for data in mutations(raw, 1500):
+        damaged.write_bytes(data)
+        try:
+            read_npz(damaged)
+        except InputError:
+            pass
+        except Exception as err:  # anything else is a traceback for the user of `medtriage score --npz`
+            unexpected.append(f"{type(err).__name__}: {err}")
+    assert unexpected == []

@@ -30,6 +30,7 @@ from medtriage.io.stain import (
     augment_stain,
     fit_stains,
 )
+from tests.io.damage import mutations
 
 ROOT = Path(__file__).resolve().parents[2]
 CMU1 = ROOT / "data" / "samples" / "CMU-1-Small-Region.svs"
@@ -376,3 +377,22 @@ def test_a_whole_level_image_beyond_the_limit_is_refused(tmp_path, monkeypatch):
         assert flat.thumbnail(256).shape == (192, 256, 3) and tissue_mask(flat).mask.shape == (96, 128)  # small: fine
         with pytest.raises(InputError, match="exceeds the limit"):
             flat.level_image(0)  # 2048 x 1536 RGB at full size
+
+
+def test_a_damaged_slide_is_an_input_error_whatever_the_damage(tmp_path):
+    from medtriage.errors import MedTriageError
+
+    path, _ = _flat_slide(tmp_path / "flat.tif")
+    raw, damaged = path.read_bytes(), tmp_path / "damaged.tif"
+    unexpected = []
+    for data in mutations(raw, 300):
+        damaged.write_bytes(data)
+        try:
+            prepared = prepare_slide(damaged, 224, 0.5)
+            for _ in iter_tile_batches(prepared, 16):
+                pass
+        except MedTriageError:
+            pass
+        except Exception as err:  # anything else would stop a batch of slides or answer HTTP 500
+            unexpected.append(f"{type(err).__name__}: {err}")
+    assert unexpected == []

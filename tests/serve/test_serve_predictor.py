@@ -108,6 +108,19 @@ def test_unusable_files_are_rejected_with_a_reason(predictor, tmp_path, make, re
     assert outcome.error in {"DicomError", "NotAnImageError"}
 
 
+@pytest.mark.parametrize("name", sorted(ENCODINGS))
+def test_a_damaged_file_is_a_typed_rejection_never_an_internal_error(predictor, name):
+    """Every encoding's decoder meets cut files and overwritten bytes: each becomes a score or a rejection whose error
+    type says what is wrong; the catch-all 'internal error' would tell a radiologist nothing."""
+    import io
+
+    from tests.io.damage import mutations
+
+    outcomes = [predictor.score_or_reject(io.BytesIO(data), name) for data in mutations(open(dicom_file(name), "rb").read(), 40)]
+    internal = [o.reason for o in outcomes if isinstance(o, Rejection) and o.reason.startswith("internal error")]
+    assert internal == [] and any(isinstance(o, Rejection) for o in outcomes)
+
+
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def read_npz(
     try:
         with zipfile.ZipFile(npz_path) as archive:
             return {split: _split(archive, npz_path, split, max_bytes) for split in splits}
-    except (zipfile.BadZipFile, OSError, EOFError) as err:  # not a zip, or a member that is corrupt or cut short
+    # not a zip, an archive feature zipfile lacks, or a member that is corrupt or cut short
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError, EOFError) as err:
         raise InputError(f"not a readable npz file ({err})", where=npz_path, hint=NPZ_HINT) from err
 
 
@@ -70,10 +72,12 @@ def _array(archive: zipfile.ZipFile, npz_path: Path, key: str, max_bytes: int) -
                 raise ValueError(f"npy format version {version} is not supported")
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran_order, dtype = read_header(member)
-        except ValueError as err:
-            raise InputError(f"not an npy array ({err})", where=where, hint=NPZ_HINT) from err
+        except Exception as err:  # numpy parses the header as a Python literal: any malformed text may surface here
+            raise InputError(f"not an npy array ({type(err).__name__}: {err})", where=where, hint=NPZ_HINT) from err
         if dtype.hasobject:
             raise InputError("holds Python objects, which would be unpickled: refused", where=where, hint=NPZ_HINT)
+        if dtype.kind not in "biuf":
+            raise InputError(f"holds {dtype} values, not numbers", where=where, hint=NPZ_HINT)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > min(max_bytes, info.file_size):
             raise InputError(
@@ -84,6 +88,8 @@ def _array(archive: zipfile.ZipFile, npz_path: Path, key: str, max_bytes: int) -
             )
         array = np.empty(shape[::-1] if fortran_order else shape, dtype=dtype)
         _fill(member, memoryview(array).cast("B"), where)
+        if member.read(1):  # reading to the end also makes zipfile check the member's CRC: flipped bits are refused
+            raise InputError("array data runs past what its header states", where=where, hint=NPZ_HINT)
     return array.T if fortran_order else array
 
 

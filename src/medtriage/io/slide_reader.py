@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medtriage.errors import DataNotFoundError, InputError
+from medtriage.errors import DataNotFoundError, InputError, MedTriageError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 0.5 for 20x)"
@@ -143,17 +143,27 @@ class Slide(_Levels):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataNotFoundError("slide file not found", where=self.path)
+        self._fd: int | None = None
+        self._shared_reader: RegionReader | None = None
         try:
             self._slide = tiffslide.TiffSlide(self.path)
-            self._levels = self._slide.ts_tifffile.series[self._slide.properties["tiffslide.series-index"]].levels
-            self.dimensions = tuple(int(v) for v in self._slide.dimensions)
         except Exception as err:  # tifffile raises many types for non-TIFF or damaged headers
             raise _unreadable(self.path, err) from err
+        try:
+            self._read_structure(mpp)
+        except Exception as err:  # damaged tags surface as any type, here or in tifffile's lazy page attributes
+            self.close()
+            if isinstance(err, MedTriageError):
+                raise
+            raise _unreadable(self.path, err) from err
+
+    def _read_structure(self, mpp: float | None) -> None:
+        self._levels = self._slide.ts_tifffile.series[self._slide.properties["tiffslide.series-index"]].levels
+        self.dimensions = tuple(int(v) for v in self._slide.dimensions)
         self.level_dimensions = [tuple(int(v) for v in d) for d in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         self.mpp = self._resolve_mpp(mpp)
         self._fd = os.open(self.path, os.O_RDONLY)
-        self._shared_reader: RegionReader | None = None
         self._check_not_truncated()
         self._fast_levels = [_fast_path_ok(level.keyframe) for level in self._levels]  # tifffile page flags are not cheap
 
@@ -221,14 +231,13 @@ class RegionReader:
         self._seed = seed or {}  # tiles another reader decoded; never modified here
 
     def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
-        page = self.slide._levels[level].keyframe
-        x, y = self.slide.level_position(x0, y0, level)
-        if not self.slide._fast_levels[level]:
-            region = self.slide._slide.read_region((x0, y0), level, size, as_array=True)
-            return np.ascontiguousarray(region[..., :3], dtype=np.uint8)
         try:
-            return self._assemble(page, level, x, y, size)
-        except Exception as err:
+            if not self.slide._fast_levels[level]:
+                region = self.slide._slide.read_region((x0, y0), level, size, as_array=True)
+                return np.ascontiguousarray(region[..., :3], dtype=np.uint8)
+            x, y = self.slide.level_position(x0, y0, level)
+            return self._assemble(self.slide._levels[level].keyframe, level, x, y, size)
+        except Exception as err:  # codecs and tifffile raise many types for damaged tile data
             raise InputError(
                 f"cannot decode slide tile data ({type(err).__name__}: {err})", where=self.slide.path, hint="the file may be damaged"
             ) from err
