@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -379,20 +380,38 @@ def test_a_whole_level_image_beyond_the_limit_is_refused(tmp_path, monkeypatch):
             flat.level_image(0)  # 2048 x 1536 RGB at full size
 
 
-def test_a_damaged_slide_is_an_input_error_whatever_the_damage(tmp_path):
+def _prepared_or_typed_error(path: Path) -> str | None:
+    """None when the slide tiles or fails with a typed error; else what escaped (it would stop a batch of slides or
+    answer HTTP 500)."""
     from medtriage.errors import MedTriageError
 
+    try:
+        for _ in iter_tile_batches(prepare_slide(path, 224, 0.5), 16):
+            pass
+    except MedTriageError:
+        pass
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def test_a_damaged_slide_is_an_input_error_whatever_the_damage(tmp_path):
     path, _ = _flat_slide(tmp_path / "flat.tif")
     raw, damaged = path.read_bytes(), tmp_path / "damaged.tif"
     unexpected = []
     for data in mutations(raw, 300):
         damaged.write_bytes(data)
-        try:
-            prepared = prepare_slide(damaged, 224, 0.5)
-            for _ in iter_tile_batches(prepared, 16):
-                pass
-        except MedTriageError:
-            pass
-        except Exception as err:  # anything else would stop a batch of slides or answer HTTP 500
-            unexpected.append(f"{type(err).__name__}: {err}")
-    assert unexpected == []
+        unexpected.append(_prepared_or_typed_error(damaged))
+    assert [u for u in unexpected if u] == []
+
+
+def test_a_damaged_dicom_whole_slide_image_is_an_input_error_whatever_the_damage(dicom_wsi, tmp_path):
+    finest = max(dicom_wsi.iterdir(), key=lambda p: p.stat().st_size)
+    unexpected = []
+    for data in mutations(finest.read_bytes(), 100):
+        folder = tmp_path / "slide"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(dicom_wsi, folder)
+        (folder / finest.name).write_bytes(data)
+        unexpected.append(_prepared_or_typed_error(folder))
+    assert [u for u in unexpected if u] == []

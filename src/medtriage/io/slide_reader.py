@@ -41,11 +41,11 @@ def is_dicom_wsi_file(path: str | Path) -> bool:
     """True for a DICOM file of a whole-slide image (one level or one associated image of the series)."""
     import pydicom
 
-    try:
+    try:  # pydicom converts values lazily: a damaged SOP Class UID raises on `get`
         header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        return str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS
     except Exception:  # not DICOM, or unreadable: not a whole-slide image either
         return False
-    return str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS
 
 
 def dicom_wsi_files(folder: str | Path) -> Iterator[Path]:
@@ -238,9 +238,7 @@ class RegionReader:
             x, y = self.slide.level_position(x0, y0, level)
             return self._assemble(self.slide._levels[level].keyframe, level, x, y, size)
         except Exception as err:  # codecs and tifffile raise many types for damaged tile data
-            raise InputError(
-                f"cannot decode slide tile data ({type(err).__name__}: {err})", where=self.slide.path, hint="the file may be damaged"
-            ) from err
+            raise _damaged_tiles(self.slide.path, err) from err
 
     def _assemble(self, page, level: int, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
         w, h = size
@@ -343,6 +341,15 @@ class DicomSlide(_Levels):
                 where=self.path,
                 hint="check that the folder holds every file of one slide's series",
             ) from err
+        try:
+            self._read_structure(levels, mpp)
+        except Exception as err:  # damaged attributes that wsidicom reads lazily
+            self.close()
+            if isinstance(err, MedTriageError):
+                raise
+            raise InputError(f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})", where=self.path) from err
+
+    def _read_structure(self, levels: list, mpp: float | None) -> None:
         self._pyramid_levels = [level.level for level in levels]  # wsidicom's level numbers (log2 of the scale)
         self.level_dimensions = [(int(level.size.width), int(level.size.height)) for level in levels]
         self.dimensions = self.level_dimensions[0]
@@ -369,5 +376,12 @@ class _DicomRegionReader:
 
     def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         x, y = self.slide.level_position(x0, y0, level)  # wsidicom takes the level's own pixel coordinates
-        region = self.slide._wsi.read_region((x, y), self.slide._pyramid_levels[level], tuple(int(v) for v in size))
-        return np.asarray(region.convert("RGB"), dtype=np.uint8)
+        try:
+            region = self.slide._wsi.read_region((x, y), self.slide._pyramid_levels[level], tuple(int(v) for v in size))
+            return np.asarray(region.convert("RGB"), dtype=np.uint8)
+        except Exception as err:  # wsidicom, pydicom and the codecs raise many types for damaged frames
+            raise _damaged_tiles(self.slide.path, err) from err
+
+
+def _damaged_tiles(path: Path, err: Exception) -> InputError:
+    return InputError(f"cannot decode slide tile data ({type(err).__name__}: {err})", where=path, hint="the file may be damaged")
