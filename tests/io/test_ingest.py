@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from medtriage.cli import main as cli_main
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, InputError
 from medtriage.io.deid import SiteKey
 from medtriage.io.ingest import INDEX_FILE, LABELS_FILE, ingest_site, ledger_folder
 from tests.io.phi_site import build_phi_site, identifying_values, pixel_sha256
@@ -145,6 +145,23 @@ def test_incremental_ingest_adds_only_new_files(tmp_path):
     assert dict(second.quarantined) == {r: 1 for r in site["quarantined"].values()}
     assert _snapshot(tmp_path / "pool" / "site_a") == before  # pooled files and labels untouched
     assert len(_csv(ledger_folder(tmp_path / "pool", "site_a") / INDEX_FILE)) == 10
+
+
+@pytest.mark.parametrize(
+    ("labels", "error", "message"),
+    [
+        ("sop_instance_uid,finding\n1.2.3,épanchement\n".encode("latin-1"), InputError, "not UTF-8 text"),
+        (b"sop_instance_uid,comment\n1.2.3,none\n", ConfigError, "needs a label column"),
+        (b'sop_instance_uid,finding\n1.2.3,"' + b"x" * 200_000 + b'"\n', InputError, "cannot be read as CSV"),
+    ],
+)
+def test_an_unusable_labels_file_stops_the_ingest_before_anything_is_pooled(tmp_path, labels, error, message):
+    build_phi_site(tmp_path / "site")
+    (tmp_path / "site" / LABELS_FILE).write_bytes(labels)
+    with pytest.raises(error, match=message) as raised:
+        ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=KEY, progress=False)
+    assert raised.value.where == str((tmp_path / "site" / LABELS_FILE).resolve())
+    assert not (tmp_path / "pool").exists() or not list((tmp_path / "pool").rglob("*.dcm"))
 
 
 def test_same_image_at_two_sites_is_flagged(ingested, tmp_path):

@@ -44,7 +44,7 @@ from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, t
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
 from medtriage.io.safe_output import output_path, remove_partials, write_atomic, write_new
-from medtriage.io.site_labels import write_pool_labels
+from medtriage.io.site_labels import read_site_labels, write_pool_labels
 
 INDEX_FILE, LABELS_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "labels.csv", "logs", "quarantine.csv"
 LEDGER_DIR = ".ingest"  # hidden: the pool builder skips it
@@ -220,6 +220,7 @@ def ingest_site(
     quarantine = Path(quarantine).resolve() if quarantine else pool.parent / f"{pool.name}-quarantine" / site
     if quarantine.is_relative_to(pool):
         raise ConfigError("the quarantine holds identifiable originals and must not be inside the pool", where=quarantine)
+    labels = read_site_labels(src / LABELS_FILE)  # a labels file that cannot be used stops the run before it starts
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     started = time.time()
     _drop_torn_line(ledger_dir / INDEX_FILE)  # before reading: a torn row must not mark its input done
@@ -234,7 +235,7 @@ def ingest_site(
     ledger.close()
     rows = ledger.index.values()
     summary.flags = Counter(r["flag"].split(":")[0] for r in rows if r["flag"] and r["content_key"] in ledger.seen)
-    summary.labels = write_pool_labels(src / LABELS_FILE, site_dir / LABELS_FILE, [r for r in rows if r["outcome"] == "pooled"], key)
+    summary.labels = write_pool_labels(labels, site_dir / LABELS_FILE, [r for r in rows if r["outcome"] == "pooled"], key)
     summary.log_path = str(_write_log(ledger_dir, summary, options, workers, started))
     return summary
 

@@ -7,9 +7,10 @@ Only key and label columns travel: a hospital export can carry free text (commen
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, InputError
 from medtriage.io.deid import SiteKey
 from medtriage.io.safe_output import write_csv_atomic
 
@@ -35,22 +36,49 @@ def _column_roles(columns: list[str]) -> dict[str, str]:
     return roles
 
 
-def write_pool_labels(site_labels: Path, pool_labels: Path, pooled: list[dict], key: SiteKey) -> dict:
-    """Join the site's labels.csv (original SOP UIDs or accession numbers) onto the pooled files and write it
-    in the same shape, keyed by the new values. The site's keys go through the same keyed functions as the
-    headers, so the join happens on original identifiers, at the site. Returns counts for the audit log."""
-    if not site_labels.is_file():
-        return {"labels_file": False, "images_unlabelled": len(pooled)}
-    with open(site_labels, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns, rows = list(reader.fieldnames or []), list(reader)
+@dataclass
+class SiteLabels:
+    """A site's labels.csv as read: its columns, rows and which column plays which role."""
+
+    columns: list[str]
+    rows: list[dict]
+    roles: dict[str, str]
+
+
+def read_site_labels(path: Path) -> SiteLabels | None:
+    """The site's labels.csv, or None when the site has none. Read before anything is ingested, so a file that cannot
+    be used stops the run before it has pooled a file, with what to fix."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns, rows = list(reader.fieldnames or []), list(reader)
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"labels.csv is not UTF-8 text (byte {err.start}: {err.reason})",
+            where=path,
+            hint="save it as UTF-8 (in Excel: 'CSV UTF-8'), then ingest again",
+        ) from err
+    except csv.Error as err:
+        raise InputError(f"labels.csv cannot be read as CSV ({err})", where=path, hint="export it again as plain CSV") from err
     roles = _column_roles(columns)
     if "label" not in roles or not ({"sop", "accession"} & set(roles)):
         raise ConfigError(
             f"labels.csv needs a label column and a SOP Instance UID or accession column; has {columns}",
-            where=site_labels,
+            where=path,
             hint="e.g. columns sop_instance_uid,finding",
         )
+    return SiteLabels(columns, rows, roles)
+
+
+def write_pool_labels(labels: SiteLabels | None, pool_labels: Path, pooled: list[dict], key: SiteKey) -> dict:
+    """Join the site's labels (original SOP UIDs or accession numbers) onto the pooled files and write them
+    in the same shape, keyed by the new values. The site's keys go through the same keyed functions as the
+    headers, so the join happens on original identifiers, at the site. Returns counts for the audit log."""
+    if labels is None:
+        return {"labels_file": False, "images_unlabelled": len(pooled)}
+    columns, rows, roles = labels.columns, labels.rows, labels.roles
     by_sop, by_accession, empty = {}, {}, 0
     for row in rows:
         label = (row.get(roles["label"]) or "").strip()
