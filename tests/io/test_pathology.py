@@ -405,6 +405,7 @@ def test_a_damaged_slide_is_an_input_error_whatever_the_damage(tmp_path):
     assert [u for u in unexpected if u] == []
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom and wsidicom warn about the damaged values they read
 def test_a_damaged_dicom_whole_slide_image_is_an_input_error_whatever_the_damage(dicom_wsi, tmp_path):
     finest = max(dicom_wsi.iterdir(), key=lambda p: p.stat().st_size)
     unexpected = []

@@ -108,6 +108,7 @@ def test_unusable_files_are_rejected_with_a_reason(predictor, tmp_path, make, re
     assert outcome.error in {"DicomError", "NotAnImageError"}
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damaged values it reads
 @pytest.mark.parametrize("name", sorted(ENCODINGS))
 def test_a_damaged_file_is_a_typed_rejection_never_an_internal_error(predictor, name):
     """Every encoding's decoder meets cut files and overwritten bytes: each becomes a score or a rejection whose error

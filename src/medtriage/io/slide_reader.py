@@ -121,6 +121,17 @@ class _Levels:
         ratio = min(1.0, max_side / max(w, h))
         return np.asarray(self.level_image(level, (max(1, round(w * ratio)), max(1, round(h * ratio)))))
 
+    def _structure_or_close(self, read_structure, unreadable) -> None:
+        """Read the levels' structure from an opened slide. Damaged tags surface as any type, here or in the readers'
+        lazy attributes: on failure the slide is closed and the error is typed (`unreadable(err)`)."""
+        try:
+            read_structure()
+        except Exception as err:
+            self.close()
+            if isinstance(err, MedTriageError):
+                raise
+            raise unreadable(err) from err
+
     def __enter__(self) -> _Levels:
         return self
 
@@ -149,13 +160,7 @@ class Slide(_Levels):
             self._slide = tiffslide.TiffSlide(self.path)
         except Exception as err:  # tifffile raises many types for non-TIFF or damaged headers
             raise _unreadable(self.path, err) from err
-        try:
-            self._read_structure(mpp)
-        except Exception as err:  # damaged tags surface as any type, here or in tifffile's lazy page attributes
-            self.close()
-            if isinstance(err, MedTriageError):
-                raise
-            raise _unreadable(self.path, err) from err
+        self._structure_or_close(lambda: self._read_structure(mpp), lambda err: _unreadable(self.path, err))
 
     def _read_structure(self, mpp: float | None) -> None:
         self._levels = self._slide.ts_tifffile.series[self._slide.properties["tiffslide.series-index"]].levels
@@ -341,13 +346,10 @@ class DicomSlide(_Levels):
                 where=self.path,
                 hint="check that the folder holds every file of one slide's series",
             ) from err
-        try:
-            self._read_structure(levels, mpp)
-        except Exception as err:  # damaged attributes that wsidicom reads lazily
-            self.close()
-            if isinstance(err, MedTriageError):
-                raise
-            raise InputError(f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})", where=self.path) from err
+        self._structure_or_close(
+            lambda: self._read_structure(levels, mpp),
+            lambda err: InputError(f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})", where=self.path),
+        )
 
     def _read_structure(self, levels: list, mpp: float | None) -> None:
         self._pyramid_levels = [level.level for level in levels]  # wsidicom's level numbers (log2 of the scale)
