@@ -110,16 +110,29 @@ def test_unusable_files_are_rejected_with_a_reason(predictor, tmp_path, make, re
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damaged values it reads
 @pytest.mark.parametrize("name", sorted(ENCODINGS))
-def test_a_damaged_file_is_a_typed_rejection_never_an_internal_error(predictor, name):
+def test_a_damaged_file_is_a_typed_rejection_and_its_sr_a_typed_error(predictor, name):
     """Every encoding's decoder meets cut files and overwritten bytes: each becomes a score or a rejection whose error
-    type says what is wrong; the catch-all 'internal error' would tell a radiologist nothing."""
+    type says what is wrong (the catch-all 'internal error' would tell a radiologist nothing). A damaged header can
+    still score: its SR then builds, or fails as a DicomError that the CLI, the HTTP API and the node report."""
     import io
 
+    from medtriage.errors import DicomError
+    from medtriage.serve.dicom_results import sr_bytes
     from tests.io.damage import mutations
 
-    outcomes = [predictor.score_or_reject(io.BytesIO(data), name) for data in mutations(open(dicom_file(name), "rb").read(), 40)]
-    internal = [o.reason for o in outcomes if isinstance(o, Rejection) and o.reason.startswith("internal error")]
-    assert internal == [] and any(isinstance(o, Rejection) for o in outcomes)
+    internal, untyped = [], []
+    for data in mutations(open(dicom_file(name), "rb").read(), 40):
+        outcome = predictor.score_or_reject(io.BytesIO(data), name)
+        if isinstance(outcome, Rejection):
+            internal += [outcome.reason] if outcome.reason.startswith("internal error") else []
+            continue
+        try:
+            sr_bytes(data, outcome, predictor.package)
+        except DicomError:
+            pass
+        except Exception as err:
+            untyped.append(f"{type(err).__name__}: {err}")
+    assert internal == [] and untyped == []
 
 
 def _write(path, data: bytes):

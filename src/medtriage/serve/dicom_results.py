@@ -9,6 +9,8 @@ priority and the algorithm name/version (with the model's sha256).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,7 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from medtriage import __version__
-from medtriage.errors import DicomError
+from medtriage.errors import DicomError, MedTriageError
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.serve.package import ModelPackage
 from medtriage.serve.predictor import Score
@@ -43,6 +45,26 @@ def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
         raise DicomError(f"cannot read the header to reference in the SR ({err})", where=str(source)) from err
 
 
+@contextmanager
+def built_from_header(what: str, where: str, hint: str | None = None) -> Iterator[None]:
+    """Builders copy attributes from the source's header, which is untrusted: pydicom converts values lazily and
+    highdicom checks them, so a damaged header surfaces as any exception type, which becomes a DicomError here."""
+    try:
+        yield
+    except MedTriageError:
+        raise
+    except Exception as err:
+        raise DicomError(f"cannot build {what} ({type(err).__name__}: {err})", where=where, hint=hint) from err
+
+
+def encoded(dataset: pydicom.Dataset, what: str, where: str) -> bytes:
+    """A built object as Part 10 bytes (values copied from a damaged header can still fail to encode)."""
+    buffer = io.BytesIO()
+    with built_from_header(what, where):
+        dataset.save_as(buffer)
+    return buffer.getvalue()
+
+
 def build_sr(source: pydicom.Dataset, scores: list[Score], package: ModelPackage) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR for the scores of one source instance."""
     return build_study_sr([(source, scores)], package)
@@ -56,13 +78,14 @@ def build_study_sr(
     # highdicom writes each parameter key as one TEXT item, so each key is a whole "name=value".
     parameters = {f"sha256={package.sha256}": package.sha256, f"software=medtriage {__version__}": __version__}
     algorithm = hd.sr.AlgorithmIdentification(name=package.name, version=str(package.version), parameters=parameters)
-    groups = [_measurement_group(source, score, package, algorithm) for source, scores in sources for score in scores]
-    report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(package),
-        procedure_reported=PROCEDURE,
-        imaging_measurements=groups,
-    )
-    try:
+    hint = "the source's header is damaged, or lacks study/patient attributes an SR must copy"
+    with built_from_header("an SR referencing this file", where=str(sources[0][1][0].file), hint=hint):
+        groups = [_measurement_group(source, score, package, algorithm) for source, scores in sources for score in scores]
+        report = hd.sr.MeasurementReport(
+            observation_context=_observation_context(package),
+            procedure_reported=PROCEDURE,
+            imaging_measurements=groups,
+        )
         return hd.sr.ComprehensiveSR(
             evidence=[source for source, _ in sources],
             content=report,
@@ -74,12 +97,6 @@ def build_study_sr(
             series_description=f"AI triage {package.describe(with_sha=False)}",
             is_complete=True,
         )
-    except (ValueError, AttributeError, TypeError) as err:
-        raise DicomError(
-            f"cannot build an SR referencing this file ({err})",
-            where=str(sources[0][1][0].file),
-            hint="the source lacks study/patient attributes an SR must copy",
-        ) from err
 
 
 def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
@@ -134,10 +151,8 @@ def write_sr(source: str | Path | bytes | BinaryIO, scores: list[Score], package
         else getattr(source, "name", scores[0].file)
     )
     path = output_path(out_dir, scores[0].sop_uid or sr.SOPInstanceUID, ".SR.dcm", source=key)
-    return write_atomic(path, lambda f: sr.save_as(f))
+    return write_atomic(path, encoded(sr, "the SR", scores[0].file))
 
 
 def sr_bytes(source: bytes, scores: list[Score], package: ModelPackage) -> bytes:
-    buffer = io.BytesIO()
-    build_sr(read_header(source), scores, package).save_as(buffer)
-    return buffer.getvalue()
+    return encoded(build_sr(read_header(source), scores, package), "the SR", scores[0].file)

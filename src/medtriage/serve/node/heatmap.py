@@ -11,9 +11,8 @@ import numpy as np
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from medtriage.errors import DicomError
 from medtriage.io.dicom import read_dicom
-from medtriage.serve.dicom_results import read_header
+from medtriage.serve.dicom_results import built_from_header, read_header
 from medtriage.serve.predictor import Predictor, Score
 from medtriage.serve.saliency import explain_frame
 
@@ -26,7 +25,7 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score) -> hd.sc.S
     _, png = explain_frame(predictor, image.pixels[0])
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     source = read_header(path)
-    try:
+    with built_from_header("the heatmap Secondary Capture", where=str(score.sop_uid)):
         return hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
             pixel_array=rgb,
@@ -42,5 +41,3 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score) -> hd.sc.S
             transfer_syntax_uid="1.2.840.10008.1.2.1",
             series_description=f"AI triage where the model looked ({predictor.package.describe(with_sha=False)})",
         )
-    except (ValueError, AttributeError, TypeError) as err:
-        raise DicomError(f"cannot build the heatmap Secondary Capture ({err})", where=str(score.sop_uid)) from err

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from medtriage.errors import MedTriageError
 from medtriage.io.safe_output import write_atomic
-from medtriage.serve.dicom_results import build_study_sr, read_header
+from medtriage.serve.dicom_results import build_study_sr, encoded, read_header
 from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.node.store import NodeStore, digest_name
 from medtriage.serve.predictor import Predictor, Rejection, Score
@@ -127,7 +127,7 @@ class Worker:
         sources = [(read_header(self.store.spooled(row["spool"])), [as_score(s) for s in scores]) for row, scores in scored]
         sr_uid = generate_uid()
         sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid)
-        objects = [("sr", self._to_outbox(study_uid, sr_uid, sr.save_as), sr_uid)]
+        objects = [("sr", self._to_outbox(study_uid, sr_uid, encoded(sr, "the study's SR", study_uid)), sr_uid)]
         if self.heatmaps:
             objects += self._heatmap(study_uid, scored, top)
         return [(kind, destination, name, uid) for kind, name, uid in objects for destination in self.destinations], sr_uid
@@ -138,12 +138,13 @@ class Worker:
         row = next(row for row, scores in scored if row["sop_uid"] == top["sop_uid"])
         try:
             image = secondary_capture(self.predictor, self.store.spooled(row["spool"]), as_score(top))
+            data = encoded(image, "the heatmap Secondary Capture", top["sop_uid"])
         except MedTriageError as err:  # the SR still goes; the picture is an extra
             log.warning("no heatmap for study %s: %s", study_uid, err)
             return []
-        return [("heatmap", self._to_outbox(study_uid, image.SOPInstanceUID, image.save_as), image.SOPInstanceUID)]
+        return [("heatmap", self._to_outbox(study_uid, image.SOPInstanceUID, data), image.SOPInstanceUID)]
 
-    def _to_outbox(self, study_uid: str, sop_uid: str, write) -> str:
+    def _to_outbox(self, study_uid: str, sop_uid: str, data: bytes) -> str:
         path = self.store.outbox_path(digest_name(study_uid, sop_uid))
-        write_atomic(path, write)
+        write_atomic(path, data)
         return path.name
