@@ -54,6 +54,11 @@ def test_csv_cells_from_headers_never_start_a_spreadsheet_formula(capsys, packag
     assert rejected["file"] == "'=missing.dcm" and code == 1
 
 
+def test_the_table_prints_control_characters_as_escapes(capsys, package_dir):
+    code, out, _ = score(capsys, package_dir, "\x1b]0;owned\x07\x1b[2J.dcm")
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;owned\\x07\\x1b[2J.dcm" in out and code == 1
+
+
 def test_a_folder_with_bad_files_lists_every_reject_and_exits_nonzero(capsys, package_dir, tmp_path):
     folder = tmp_path / "inbox" / "nested"
     folder.mkdir(parents=True)

@@ -64,9 +64,16 @@ def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejec
         for i, s in enumerate(scores)
     ]
     rows += [[Path(r.file).name, "—", "—", "REJECTED", "—", r.reason] for r in rejected]
+    rows = [[_printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]) for row in [header, *rows]]
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    """File names and reasons can carry control characters (an escape sequence in a file name rewrites the terminal
+    that shows it): they are printed as escapes."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _decision(score: Score) -> str:
