@@ -59,3 +59,11 @@ def test_write_new_makes_an_owner_only_secret_once_and_never_replaces_one(tmp_pa
     assert key.read_bytes() == b"first" and key.stat().st_mode & 0o777 == 0o600
     assert write_new(key, b"second") is False  # another ingest got there first: its secret stands
     assert key.read_bytes() == b"first" and [p.name for p in key.parent.iterdir()] == ["site.key"]
+
+
+def test_spreadsheet_text_keeps_formulas_as_text_and_leaves_the_rest():
+    from medtriage.io.safe_output import spreadsheet_text
+
+    for formula in ("=1+1", "+cmd", "-2+3", "@SUM(A1)", "\t=x", "\r=x"):
+        assert spreadsheet_text(formula) == "'" + formula
+    assert [spreadsheet_text(v) for v in ("1.2.840.1", "CT", "", 0.5, None, -1)] == ["1.2.840.1", "CT", "", 0.5, None, -1]

@@ -43,7 +43,7 @@ from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
-from medtriage.io.safe_output import output_path, remove_partials, write_atomic, write_new
+from medtriage.io.safe_output import output_path, remove_partials, spreadsheet_text, write_atomic, write_new
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
 
 INDEX_FILE, LABELS_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "labels.csv", "logs", "quarantine.csv"
@@ -306,9 +306,8 @@ class _Ledger:
             write_atomic(target, lambda f: shutil.copyfileobj(original, f))
         if self._quarantine_file is None:
             self._quarantine_file = _append_csv(self.quarantine / QUARANTINE_LIST, QUARANTINE_COLUMNS)
-        self._quarantine_file[1].writerow(
-            {"content_key": out.content_key, "reason": out.reason, "detail": out.detail, "source": out.source, "run": self.run}
-        )
+        row = {"content_key": out.content_key, "reason": out.reason, "detail": out.detail, "source": out.source, "run": self.run}
+        self._quarantine_file[1].writerow({key: spreadsheet_text(value) for key, value in row.items()})  # read by people
         self._quarantine_file[0].flush()  # before the index row that marks this input done
         if indexed:
             self._write_index(out, "quarantined")

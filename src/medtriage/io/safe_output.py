@@ -130,6 +130,16 @@ def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[dict])
     return write_atomic(path, text.getvalue().encode())
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # how a spreadsheet recognises a formula (or DDE) in a cell
+
+
+def spreadsheet_text(value):
+    """A CSV cell for people: text from headers and paths is untrusted, and a cell that starts like a formula would
+    run when the CSV is opened in a spreadsheet, so it is prefixed with ' to stay text. (Not for CSVs the program
+    reads back.)"""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def write_new(path: str | Path, data: bytes) -> bool:
     """Write `data` to `path` readable by its owner only (0600), unless `path` exists: for secrets made on first use.
     Written whole to a temporary file (`AtomicFile`, 0600 until committed), then hard-linked into place, which fails

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from medtriage.io.safe_output import spreadsheet_text
 from medtriage.serve.predictor import Predictor, Rejection, Score
 
 CSV_COLUMNS = [
@@ -39,20 +40,11 @@ def result_document(predictor: Predictor, scores: list[Score], rejected: list[Re
     }
 
 
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # how a spreadsheet recognises a formula (or DDE) in a cell
-
-
 def write_csv(stream, predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> None:
     writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for row in [s.as_dict() for s in scores] + [r.as_dict() for r in rejected]:
-        writer.writerow({key: _as_text(value) for key, value in {**row, "provider": predictor.provider}.items()})
-
-
-def _as_text(value):
-    """UIDs, modality, file names and reasons come from headers and paths, which are untrusted: a cell that starts
-    like a formula would run when the CSV is opened in a spreadsheet, so it is prefixed with ' to stay text."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+        writer.writerow({key: spreadsheet_text(value) for key, value in {**row, "provider": predictor.provider}.items()})
 
 
 def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> str:
