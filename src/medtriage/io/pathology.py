@@ -90,9 +90,7 @@ def low_resolution_image(slide: Slide, mpp: float) -> tuple[Image.Image, float]:
         thumb_mpp = slide.mpp * slide.dimensions[0] / thumbnail.width
         if slide.level_mpp(level) < thumb_mpp <= mpp * 1.01:
             return thumbnail, thumb_mpp
-    w, h = slide.level_dimensions[level]
-    scale = min(1.0, slide.level_mpp(level) / mpp)
-    image = slide.level_image(level, (max(1, round(w * scale)), max(1, round(h * scale))))
+    image = slide.level_image(level, min(1.0, slide.level_mpp(level) / mpp))
     return image, slide.mpp * slide.dimensions[0] / image.width
 
 

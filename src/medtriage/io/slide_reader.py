@@ -81,12 +81,12 @@ class _Levels:
         """uint8 RGB `[h, w, 3]` of `size=(w, h)` pixels at `level`, top-left at level-0 `(x0, y0)`."""
         return self.shared_reader.read(x0, y0, level, size)
 
-    def level_image(self, level: int, size: tuple[int, int] | None = None) -> Image.Image:
-        """The whole of `level`, resized to `size=(w, h)` (box filter) when given. The sizes come from the file: a
-        level of more than `READ_BLOCK_BYTES` is read and shrunk block by block, so a slide without coarse pyramid
-        levels is never decoded into memory whole, and the image returned is bounded by `MAX_WHOLE_IMAGE_BYTES`."""
+    def level_image(self, level: int, scale: float = 1.0) -> Image.Image:
+        """The whole of `level`, shrunk by `scale` (≤ 1, box filter). The sizes come from the file: a level of more
+        than `READ_BLOCK_BYTES` is read and shrunk block by block, so a slide without coarse pyramid levels is never
+        decoded into memory whole, and the image returned is bounded by `MAX_WHOLE_IMAGE_BYTES`."""
         w, h = self.level_dimensions[level]
-        size = size or (w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
         if size[0] * size[1] * 3 > MAX_WHOLE_IMAGE_BYTES:
             raise InputError(
                 f"an image of {size[0]} x {size[1]} pixels of the whole of level {level} ({w} x {h}) exceeds the limit "
@@ -117,9 +117,7 @@ class _Levels:
         """uint8 RGB `[h, w, 3]` of the whole slide, longest side `max_side`."""
         w0, h0 = self.dimensions
         level = self.finest_level_for(self.mpp * max(w0, h0) / max_side)
-        w, h = self.level_dimensions[level]
-        ratio = min(1.0, max_side / max(w, h))
-        return np.asarray(self.level_image(level, (max(1, round(w * ratio)), max(1, round(h * ratio)))))
+        return np.asarray(self.level_image(level, min(1.0, max_side / max(self.level_dimensions[level]))))
 
     def _structure_or_close(self, read_structure, unreadable) -> None:
         """Read the levels' structure from an opened slide. Damaged tags surface as any type, here or in the readers'

@@ -125,8 +125,8 @@ class EnsembleNet(nn.Module):
     def describe(self) -> dict:
         """What model.json records of the averaging (under preprocessing.test_time_augmentation)."""
         described = {"views": self.tta, "count": view_count(self.tta), "shift_px": self.step if self.tta in SHIFTED else 0}
-        if self.tta == "affine":
-            described |= {"rotations_deg": [-ROTATION_DEG, ROTATION_DEG], "zooms": list(ZOOMS)}
+        if warped := warps(self.tta):
+            described |= {"rotations_deg": [r for r, _ in warped if r], "zooms": [z for _, z in warped if z != 1.0]}
         return described | {"in_graph": True}
 
 
