@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,6 +149,29 @@ def cross_validated(overrides: list[str], cfg, key: str, out_dir: Path, folds: i
             f"{path}: the default recipe's cross-validation is not kept here; run `python -m benchmarks.accuracy_selection` first"
         )
     return cached(path, partial(cross_validate_candidate, overrides, cfg, path.with_suffix("")))
+
+
+def kept_default_folds(argv: list[str] | None, description: str) -> tuple[argparse.Namespace, Any, str, dict, Path]:
+    """For benchmarks that score the default recipe's fold models again (`--folds`, `--quick`, `--doc`): (their
+    arguments, the recipe's config, its `recipe_key`, its cross-validation trial as this benchmark keeps it, the stage
+    folder). The trial must be kept, except in a smoke run (then a tiny one is run)."""
+    import mlflow
+
+    from medtriage.config import compose_train_config
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 images per split, one epoch of each fold")
+    parser.add_argument("--doc", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out_dir = stage_dir(args.quick)
+    recipe = [*BASE, *(QUICK if args.quick else [])]
+    settings = ["trainer.num_threads=1", f"cv.folds={args.folds}", f"cv.jobs={args.folds}"]
+    cfg = compose_train_config([*recipe, *settings, "paths.output_dir=."])
+    key = recipe_key(cfg)  # the settings are run settings: not in the key
+    trial = cross_validated([*recipe, *settings], cfg, key, out_dir, args.folds, need_kept=not args.quick)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    return args, cfg, key, trial, out_dir
 
 
 def fold_metric(client, run_id: str, score: str) -> np.ndarray:

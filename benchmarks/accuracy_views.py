@@ -13,26 +13,21 @@ recipe's config serves it. Each set's served latency is measured on the recipe's
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
-from benchmarks.accuracy_recipe import stage_dir
 from benchmarks.accuracy_selection import (
-    BASE,
     INCUMBENT,
-    QUICK,
     check_refolded,
     chosen_views,
     compared,
-    cross_validated,
     gain_text,
+    kept_default_folds,
     scored_folds,
     served_line,
     views_latency,
     views_rows,
 )
-from benchmarks.common import ROOT, command_line, header, machine, recipe_key, verdict, write_section
+from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
 
 SECTION = "## Accuracy: test-time views"
 # Each set adds views to the one before it, all inside the training augmentation (translations of 5% of the side,
@@ -42,22 +37,9 @@ VIEW_SETS = ("shift", "affine")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 64 images per split, one epoch of each fold")
-    parser.add_argument("--doc", type=Path, default=None)
-    args = parser.parse_args(argv)
     import mlflow
 
-    from medtriage.config import compose_train_config
-
-    out_dir = stage_dir(args.quick)
-    recipe = [*BASE, *(QUICK if args.quick else [])]
-    settings = ["trainer.num_threads=1", f"cv.folds={args.folds}", f"cv.jobs={args.folds}"]
-    cfg = compose_train_config([*recipe, *settings, "paths.output_dir=."])
-    key = recipe_key(cfg)  # the settings are run settings: not in the key
-    trial = cross_validated([*recipe, *settings], cfg, key, out_dir, args.folds, need_kept=not args.quick)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
+    args, cfg, key, trial, out_dir = kept_default_folds(argv, __doc__)
 
     def scored(views: str) -> dict:  # one stage per set: a set added later leaves the others' scores kept
         return scored_folds(trial, key, cfg.trainer.weights, (views,), out_dir=out_dir, folds=args.folds)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import mlflow
 
 from medtriage.config import compose_train_config
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.export.ensemble import export_ensemble
+from medtriage.export.fold_ensemble import export_fold_ensemble
 from medtriage.export.from_mlflow import export_from_mlflow
 from medtriage.model.averaging import TTA
 
@@ -40,12 +42,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ensemble_main(argv: list[str] | None = None) -> int:
-    """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--tta shift|flip] [export.key=value ...]`
+    """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--tta shift|flip] [export.key=value ...]`, or
+    `--cross-validation DIR` for the fold models of one `scripts/cross_validate.py` run (calibrated out-of-fold).
 
     No test-time views by default; "flip" is for tissue, not chest X-rays (the heart is on one side)."""
-    parser = argparse.ArgumentParser(description="Package several finished training runs as one ONNX graph (mean of member probabilities).")
-    parser.add_argument("items", nargs="+", help="MLflow run ids, then optional export.key=value overrides")
+    parser = argparse.ArgumentParser(description="Package several trained models as one ONNX graph (mean of member probabilities).")
+    parser.add_argument("items", nargs="*", help="MLflow run ids (none with --cross-validation), then optional export.key=value overrides")
     parser.add_argument("--name", required=True, help="package and registered-model name")
+    parser.add_argument(
+        "--cross-validation",
+        type=Path,
+        metavar="DIR",
+        help="the folder of one cross-validation (its fold<k>/ runs): serve its fold models, calibrated on their out-of-fold predictions",
+    )
     parser.add_argument(
         "--tta",
         choices=TTA,
@@ -55,9 +64,15 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_ids = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
+    if bool(run_ids) == bool(args.cross_validation):
+        parser.error("give either MLflow run ids or --cross-validation DIR (one of them, not both)")
     mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)  # the project's store
     try:
-        package, run_id, _ = export_ensemble(run_ids, args.name, tta=args.tta, overrides=overrides)
+        if args.cross_validation:
+            folds = export_fold_ensemble(args.cross_validation, args.name, tta=args.tta, overrides=overrides)
+            package, run_id = folds.package_dir, folds.run_id
+        else:
+            package, run_id, _ = export_ensemble(run_ids, args.name, tta=args.tta, overrides=overrides)
     except MedTriageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -160,9 +160,23 @@ def _precision_lines(block: dict) -> list[str]:
     return lines + ["Metrics and thresholds above are the fp32 model's.", ""]
 
 
+HELD_OUT_TEXT = {
+    "val": "the validation split",
+    "out-of-fold": "out-of-fold predictions (each train and validation image scored by the cross-validation fold model "
+    "that did not train on it; the served ensemble averages all the fold models, so its scores are slightly less extreme)",
+}
+
+
+def held_out_text(meta: dict) -> str:
+    """What the package's temperature, thresholds and `val` metrics were fitted and measured on."""
+    split = meta["calibration"].get("split", "val")
+    return HELD_OUT_TEXT.get(split, split)
+
+
 def model_card(meta: dict) -> str:
     review, urgent = meta["thresholds"]["review"], meta["thresholds"]["urgent"]
     cal, prov, pre = meta["calibration"], meta["provenance"], meta["preprocessing"]
+    held_out = held_out_text(meta)
     lines = [
         f"# {meta['name']} v{meta['version']}",
         "",
@@ -173,9 +187,11 @@ def model_card(meta: dict) -> str:
         "## Input and output",
         f"Decoded pixels (medtriage.io, float32 in [0, 1], {meta['input']['channels']} channel(s), any size), resized inside "
         f"the graph to {pre['resize']['size']}x{pre['resize']['size']} and {_normalisation_text(pre['normalize'])}. Output: probabilities of {', '.join(meta['label_names'])}, "
-        f"calibrated with temperature {cal['temperature']:.3f} (validation ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}).",
+        f"calibrated with temperature {cal['temperature']:.3f} (held-out ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}).",
         "",
-        "## Operating points (chosen on validation)",
+        f"Temperature, operating points and the `val` metrics come from {held_out}.",
+        "",
+        "## Operating points (chosen on held-out images)",
         f"- review: p >= {review['threshold']:.4f} (rule {review['rule']}, sensitivity {review['sensitivity']:.3f}, specificity {review['specificity']:.3f})",
     ]
     if urgent:
@@ -186,6 +202,7 @@ def model_card(meta: dict) -> str:
         lines += slide_card_lines(meta["pathology"])
     lines += ["", "## Data", f"Training sites: {', '.join(meta['training_sites']) or 'unknown'}."]
     for split_name, split in meta["metrics"].items():
+        split_name = cal.get("split", "val") if split_name == "val" else split_name
         lines += ["", f"## Metrics: {split_name} split (at the review threshold)", *_metrics_table(split)]
         worst = worst_site(split)
         if worst:
@@ -196,13 +213,13 @@ def model_card(meta: dict) -> str:
         "- Validated only on the sites listed above; performance at a new site, scanner or population may be lower: "
         "check it on local data before use.",
         f"- Trained for {meta['modality']} images; other modalities or body parts give meaningless scores.",
-        "- Thresholds were fitted on the validation split and carry its sampling error.",
+        "- Thresholds were fitted on held-out images (above) and carry their sampling error.",
         "",
         "## Provenance",
         f"MLflow run `{_fmt(prov['mlflow_run_id'])}`, git commit `{_fmt(prov['git_commit'])}`, "
         f"data fingerprint `{_fmt(prov['data_fingerprint'])}`, "
         f"medtriage {prov['medtriage_version']}. ONNX vs PyTorch max |dp| = {meta['parity']['max_abs_diff']:.1e} "
-        f"on {meta['parity']['images']} validation images. model.onnx sha256 `{meta['sha256']}`.",
+        f"on {meta['parity']['images']} held-out images. model.onnx sha256 `{meta['sha256']}`.",
         "",
     ]
     if meta.get("quantization"):

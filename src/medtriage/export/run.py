@@ -61,14 +61,16 @@ def export_model(
     tile_pool: TilePool | None = None,
     ood_data: OodData | None = None,
     scope: dict | None = None,
+    held_out_split: str = "val",
 ) -> ExportResult:
     """Calibrate on `val`, pick thresholds, export + parity-check ONNX, write `<models_dir>/<name>/`.
     A `tile_pool` (the model scores slide tiles) adds the `pathology` block with slide-level thresholds;
     `ood_data` (training and validation images, validation in `val`'s order) adds the in-graph OOD score
-    and the drift references; `scope` is what the model may be shown (export/safety.py)."""
+    and the drift references; `scope` is what the model may be shown (export/safety.py); `held_out_split` names what
+    `val` is in model.json (`out-of-fold`: each image scored by a fold model that did not train on it)."""
     positive = _positive_index(label_names, cfg.positive_label)
     val_labels = np.asarray(val.labels).astype(int)
-    calibration = choose_calibration(val.logits, val_labels, cfg.ece_bins, allowed=cfg.calibrate)
+    calibration = choose_calibration(val.logits, val_labels, cfg.ece_bins, allowed=cfg.calibrate) | {"split": held_out_split}
     temperature = calibration["temperature"]
     if test is not None:
         calibration["test"] = calibration_on_test(test.logits, test.labels, temperature, cfg.ece_bins)
@@ -129,6 +131,7 @@ def export_model(
                 np.asarray(val.sites),
                 ood.val_scores if ood is not None else None,
             )
+            meta["drift"]["reference"]["split"] = held_out_split
         if tile_pool is not None:
             test_scores = probabilities(test.logits, temperature)[:, positive] if test is not None else None
             meta["pathology"] = pathology_block(tile_pool, cfg, positive, probabilities(val.logits, temperature)[:, positive], test_scores)
@@ -204,25 +207,30 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
     net = averaged(net, export_cfg.tta).eval() if isinstance(net, TriageNet) else net.eval()
     val = predict(net, manifest, "val")
     test = predict(net, manifest, "test") if len(manifest.split("test")) else None
-    parity_images = list(manifest.images(np.asarray(val.row_indices)[: export_cfg.parity_images]))
-    provenance = {"mlflow_run_id": run_id, "git_commit": run_git_commit(run_id), "data_fingerprint": manifest.fingerprint}
+    return export_tracked(
+        net,
+        export_cfg,
+        run_id,
+        label_names=manifest.label_names,
+        val=val,
+        test=test,
+        parity_images=list(manifest.images(np.asarray(val.row_indices)[: export_cfg.parity_images])),
+        training_sites=manifest.split("train")["site"].unique(),
+        network=_as_dict(config.get("model", {})),
+        provenance={"data_fingerprint": manifest.fingerprint},
+        tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
+        ood_data=_ood_data(manifest, val, export_cfg),
+        scope=scope_from_rows(manifest.split("train")),
+    )
+
+
+def export_tracked(net, export_cfg: ExportConfig, run_id: str | None, **inputs) -> Path:
+    """`export_model(net, export_cfg, **inputs)`, its version registered and its package logged to the MLflow run
+    `run_id` (when there is one); a failed export withdraws the version it took."""
+    inputs["provenance"] = {"mlflow_run_id": run_id, "git_commit": run_git_commit(run_id), **inputs.get("provenance", {})}
     registration = registrar(run_id, export_cfg)
     try:
-        result = export_model(
-            net,
-            export_cfg,
-            label_names=manifest.label_names,
-            val=val,
-            test=test,
-            parity_images=parity_images,
-            training_sites=manifest.split("train")["site"].unique(),
-            network=_as_dict(config.get("model", {})),
-            provenance=provenance,
-            assign_version=registration,
-            tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
-            ood_data=_ood_data(manifest, val, export_cfg),
-            scope=scope_from_rows(manifest.split("train")),
-        )
+        result = export_model(net, export_cfg, assign_version=registration, **inputs)
         if run_id and export_cfg.log_to_mlflow:
             log_package(run_id, result)
     except BaseException:

@@ -1,0 +1,162 @@
+"""The fold models of one cross-validation served as one ensemble, calibrated on their out-of-fold predictions.
+
+`scripts/cross_validate.py` trains one model per fold of train + validation pooled (test left out of every run).
+Together the fold models have seen every labelled image, and each image was held out from exactly one of them. Their
+ensemble therefore learns from all the labelled data, which matters when a class is scarce, and still gets its
+temperature, operating points and drift references from images their scorer had not trained on: each image scored by
+the fold model that held it out (out-of-fold). Those are one member's scores, not the ensemble's. An average of
+members is slightly less extreme than each member, so the calibration is close, not exact; model.json says
+`calibration.split: out-of-fold` and the model card says what that means. Like every ensemble package it has no OOD
+score (`medtriage.export.ensemble`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from omegaconf import OmegaConf
+
+from medtriage.config.schema import ExportConfig
+from medtriage.data.manifest import Manifest, load_manifest
+from medtriage.data.sources.registry import load_pool
+from medtriage.data.torch.datasets import cache_split
+from medtriage.errors import ConfigError, DataNotFoundError
+from medtriage.evaluation.predictions import Predictions
+from medtriage.export.ood import OodData
+from medtriage.export.run import export_tracked
+from medtriage.export.safety import scope_from_rows
+from medtriage.model.averaging import EnsembleNet, averaged
+from medtriage.model.checkpoint import final_checkpoint, load_model
+from medtriage.model.networks import TriageNet
+from medtriage.model.predict import predict_cached
+
+FOLD_DIR = re.compile(r"fold(\d+)")
+HELD_OUT_SPLIT = "out-of-fold"
+
+
+@dataclass
+class FoldMembers:
+    nets: list[TriageNet]
+    configs: list[dict]
+    manifests: list[Manifest]  # each fold's pool: its held-out images are its "val" split
+
+
+@dataclass
+class FoldEnsemble:
+    package_dir: Path
+    run_id: str
+    net: EnsembleNet
+    out_of_fold: Predictions  # as the package was calibrated on: views averaged, before temperature
+
+
+def fold_members(cv_dir: Path) -> FoldMembers:
+    """Each `fold<k>/` model of the cross-validation in `cv_dir` (its final weights), with its config and its fold."""
+    cv_dir = Path(cv_dir)
+    folds = sorted((int(m.group(1)), p) for p in cv_dir.glob("fold*") if (m := FOLD_DIR.fullmatch(p.name)))
+    if not folds:
+        raise DataNotFoundError(
+            "no fold models found", where=cv_dir, hint="pass the folder `scripts/cross_validate.py` wrote (cv.output_dir)"
+        )
+    nets, configs, manifests = [], [], []
+    for _, fold_dir in folds:
+        net, config = _final_model(fold_dir / "checkpoints")
+        nets.append(net.eval())
+        configs.append(config)
+        manifests.append(load_pool(OmegaConf.create(config["data"])))
+    _check_one_cross_validation(cv_dir, configs)
+    return FoldMembers(nets, configs, manifests)
+
+
+def _final_model(checkpoints: Path) -> tuple[TriageNet, dict]:
+    """The weights the fold run ended with by its own rule (`trainer.weights`), as its held-out score was taken."""
+    net, config = load_model(final_checkpoint(checkpoints, "last"))
+    weights = config["trainer"].get("weights", "best")
+    return (net, config) if weights == "last" else load_model(final_checkpoint(checkpoints, weights))
+
+
+def _check_one_cross_validation(cv_dir: Path, configs: Sequence[dict]) -> None:
+    """The folds must be the folds of one cut of one pool, each once: else their held-out images overlap or miss."""
+    cuts = {(c["data"]["pool_dir"], c["data"].get("cv_folds"), c["data"].get("cv_seed"), c["data"].get("limit")) for c in configs}
+    folds = sorted(c["data"].get("cv_fold") for c in configs if c["data"].get("cv_fold") is not None)
+    (pool, count, *_), *others = sorted(cuts, key=str)
+    if others or count is None or folds != list(range(count)):
+        raise ConfigError(
+            f"the fold models in {cv_dir} are not the {count or '?'} folds of one cross-validation "
+            f"(folds {folds}, cuts {sorted(map(str, cuts))})",
+            where=cv_dir,
+            hint="export the folder of one finished `scripts/cross_validate.py` run, with every fold trained",
+        )
+
+
+def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.ndarray]]:
+    """Every held-out image scored by the fold model that held it out (averaged over `tta` views), and the images."""
+    parts, images, seen = [], [], set()
+    for net, config, manifest in zip(members.nets, members.configs, members.manifests, strict=True):
+        held_out = cache_split(manifest, "val", net.preprocess, config["data"].get("limit"), config["trainer"]["seed"])
+        predictions = predict_cached(averaged(net, tta).eval(), held_out)
+        rows = set(map(int, predictions.row_indices))
+        if rows & seen:
+            raise ConfigError(
+                "the folds' held-out images overlap", where=manifest.pool_dir, hint="export the folds of one cross-validation"
+            )
+        seen |= rows
+        parts.append(predictions)
+        images += list(manifest.images(np.asarray(predictions.row_indices)))
+    joined = Predictions(
+        np.concatenate([p.logits for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.sites for p in parts]),
+        np.concatenate([p.row_indices for p in parts]),
+    )
+    return joined, images
+
+
+def export_fold_ensemble(cv_dir: Path, name: str, tta: str = "none", overrides: Sequence[str] = ()) -> FoldEnsemble:
+    """Package the fold models of the cross-validation in `cv_dir` as one ensemble `<models_dir>/<name>/`, calibrated
+    on their out-of-fold predictions, tracked as an MLflow run of the folds' experiment."""
+    members = fold_members(cv_dir)
+    config = OmegaConf.merge(OmegaConf.create(members.configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
+    export_cfg = ExportConfig(**OmegaConf.to_container(config.export, resolve=True))
+    if export_cfg.ood:
+        print("fold ensemble: exported without an OOD score (export.ood is defined for single networks only)")
+    export_cfg = dataclasses.replace(export_cfg, ood=False, tta=tta)
+    val, images = out_of_fold(members, tta)
+    pooled = members.manifests[0]
+    labelled = pooled.rows[pooled.rows["split"] != "test"]
+    net = EnsembleNet(members.nets, tta).eval()
+    tracking = config.tracking
+    mlflow.set_tracking_uri(tracking.uri)
+    experiment = mlflow.set_experiment(tracking.experiment_name)  # the folds' own experiment
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"{name}-folds") as run:
+        mlflow.log_params(
+            {
+                "ensemble.cross_validation": str(Path(cv_dir).resolve()),
+                "ensemble.size": len(members.nets),
+                "ensemble.tta": tta,
+                "ensemble.calibration": HELD_OUT_SPLIT,
+                "export.name": name,
+                "model.name": members.configs[0]["model"]["name"],
+            }
+        )
+        mlflow.set_tags({"ensemble": "true", "cross_validation": "true"})
+        package = export_tracked(
+            net,
+            export_cfg,
+            run.info.run_id,
+            label_names=pooled.label_names,
+            val=val,
+            parity_images=images[: export_cfg.parity_images],
+            training_sites=labelled["site"].unique(),
+            network=OmegaConf.to_container(config.model, resolve=True),
+            provenance={"data_fingerprint": load_manifest(pooled.pool_dir).fingerprint},
+            ood_data=OodData([], np.zeros(0, dtype=int), images),  # images for the drift references; no OOD head is fitted
+            scope=scope_from_rows(labelled),
+            held_out_split=HELD_OUT_SPLIT,
+        )
+    return FoldEnsemble(package, run.info.run_id, net, val)
