@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 
 def mutations(raw: bytes, count: int, seed: int = 0) -> Iterator[bytes]:
@@ -19,3 +19,17 @@ def mutations(raw: bytes, count: int, seed: int = 0) -> Iterator[bytes]:
             if i < len(data):
                 data[i] = rng.randrange(256)
         yield bytes(data)
+
+
+def untyped_failures(copies: Iterable[bytes], read: Callable[[bytes], object], typed: type[Exception]) -> list[str]:
+    """What `read` raised on the damaged `copies` that is not a `typed` error (each would reach the user as a
+    traceback, stop a batch or answer HTTP 500); an empty list when every copy read or failed typed."""
+    escaped = []
+    for data in copies:
+        try:
+            read(data)
+        except typed:
+            pass
+        except Exception as err:
+            escaped.append(f"{type(err).__name__}: {err}")
+    return escaped
