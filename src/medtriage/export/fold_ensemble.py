@@ -61,7 +61,9 @@ def fold_members(cv_dir: Path) -> FoldMembers:
     folds = sorted((int(m.group(1)), p) for p in cv_dir.glob("fold*") if (m := FOLD_DIR.fullmatch(p.name)))
     if not folds:
         raise DataNotFoundError(
-            "no fold models found", where=cv_dir, hint="pass the folder `scripts/cross_validate.py` wrote (cv.output_dir)"
+            "no fold models found",
+            where=cv_dir,
+            hint="pass the run folder of `scripts/cross_validate.py`, which holds fold0/, fold1/, ... (it prints it when done)",
         )
     nets, configs, manifests = [], [], []
     for _, fold_dir in folds:

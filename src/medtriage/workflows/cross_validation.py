@@ -128,7 +128,9 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
         raise
     client.set_terminated(run_id, "FINISHED")
     print(
-        "cross-validation: " + ", ".join(f"{s} {result.mean(s):.4f} ± {result.sd(s):.4f}" for s in SCORES) + f" (MLflow run {run_id})",
+        "cross-validation: " + ", ".join(f"{s} {result.mean(s):.4f} ± {result.sd(s):.4f}" for s in SCORES) + f" (MLflow run {run_id})\n"
+        f"fold models in {out_dir}; to serve them as one ensemble calibrated on their out-of-fold predictions: "
+        f"python scripts/export_ensemble.py --name <package name> --cross-validation {out_dir}",
         flush=True,
     )
     return result
