@@ -62,11 +62,12 @@ def test_the_node_imports_without_torch(run_without_training_stack):
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_only_the_node_itself_clears_half_written_spool_files(tmp_path):
+def test_only_the_node_itself_clears_half_written_spool_files_and_half_received_instances(tmp_path):
     NodeStore(tmp_path / "state").close()
-    leftover = tmp_path / "state" / "spool" / ".abc.dcm.x.partial"
-    leftover.write_bytes(b"half")
-    NodeStore(tmp_path / "state").close()  # a reader (the worklist) leaves it: a running node may be writing it
-    assert leftover.exists()
-    NodeStore(tmp_path / "state", recover=True).close()  # the node at start: a killed writer left it
-    assert not leftover.exists()
+    leftovers = [tmp_path / "state" / "spool" / ".abc.dcm.x.partial", tmp_path / "state" / "incoming" / "tmpk2j4.dcm"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half")
+    NodeStore(tmp_path / "state").close()  # a reader (the worklist) leaves them: a running node may be writing them
+    assert all(leftover.exists() for leftover in leftovers)
+    NodeStore(tmp_path / "state", recover=True).close()  # the node at start: a killed process left them
+    assert not any(leftover.exists() for leftover in leftovers)

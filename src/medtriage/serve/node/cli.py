@@ -6,10 +6,12 @@ import argparse
 import logging
 import signal
 import sys
+import tempfile
 import threading
 
 from medtriage.serve.batching import add_batching_options
 from medtriage.serve.cli import add_runtime_options, apply_decode_limits
+from medtriage.serve.node.store import MAX_INSTANCE_BYTES
 
 LISTEN_HELP = """\
 Receive images from a PACS or modality (DICOM C-STORE), score each study with the model package and
@@ -76,6 +78,14 @@ def register(subparsers) -> None:
         metavar="HOST",
         help="address of the metrics endpoint (default: 127.0.0.1, this machine only)",
     )
+    listen.add_argument(
+        "--max-instance-bytes",
+        type=int,
+        default=MAX_INSTANCE_BYTES,
+        metavar="BYTES",
+        help=f"refuse a larger instance with status 0xA700, out of resources (default: {MAX_INSTANCE_BYTES}); instances "
+        "arrive on disk under STATE/incoming, never whole in memory",
+    )
     add_runtime_options(listen, out_of_scope_help="(results are flagged); by default such images are 'not analysed' and get no SR")
     add_batching_options(listen, at_once="N queued instances are then decoded at once")
     listen.set_defaults(func=run_listen)
@@ -115,11 +125,15 @@ def run_listen(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
+        max_instance_bytes=args.max_instance_bytes,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for chatty in ("pynetdicom", "highdicom"):  # one line per PDU / copied module otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     node = Node(config)
+    # pynetdicom writes each arriving instance to a temporary file (serve/node/scp.py): this process's temporary files
+    # go to the store's own folder, on the spool's disk, not to a /tmp that may be RAM.
+    tempfile.tempdir = str(node.store.incoming)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

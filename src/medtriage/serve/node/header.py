@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from pydicom.uid import UID
@@ -31,10 +32,11 @@ class Header:
     fields: dict
 
 
-def read_identity(data: bytes, where: str = "<received>") -> Header:
-    """The UIDs and study fields of a Part 10 byte string; DicomError when they are missing or malformed."""
+def read_identity(data: bytes | Path, where: str = "<received>") -> Header:
+    """The UIDs and study fields of a Part 10 byte string or file (its header only); DicomError when they are missing
+    or malformed."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else Path(data), stop_before_pixels=True, force=True)
         uids = {key: _uid(ds, key) for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")}
     except DicomError:
         raise

@@ -11,7 +11,7 @@ from medtriage.serve.batching import enable_batching
 from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.node.scp import start_scp, tls_context
 from medtriage.serve.node.sender import DicomWebSender, DimseSender, Peer, Sender
-from medtriage.serve.node.store import NodeStore
+from medtriage.serve.node.store import MAX_INSTANCE_BYTES, NodeStore
 from medtriage.serve.node.worker import Worker
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
@@ -42,6 +42,7 @@ class NodeConfig:
     reduced_j2k: bool = False  # JPEG 2000 decoded only to the level the model needs (serve/predictor.py)
     max_batch: int = 1  # > 1: instances scored side by side share ORT calls (serve/batching.py)
     batch_wait_ms: float = 5.0
+    max_instance_bytes: int = MAX_INSTANCE_BYTES  # a larger C-STORE is refused with 0xA700 (out of resources)
 
 
 class Node:
@@ -92,7 +93,10 @@ class Node:
             thread.start()
         if self.config.metrics_port is not None:
             self._metrics = start_metrics_server(self.monitor, self.config.metrics_host, self.config.metrics_port)
-        self._server = start_scp(self.store, self.config.aet, self.config.host, self.config.port, self.config.allowed_callers, self.tls)
+        config = self.config
+        self._server = start_scp(
+            self.store, config.aet, config.host, config.port, config.allowed_callers, self.tls, config.max_instance_bytes
+        )
 
     def stop(self) -> None:
         if self._server is not None:

@@ -2,8 +2,12 @@
 
 A C-STORE is answered with success only after the instance is in the spool and its row committed
 (store.receive). A data set whose identifying UIDs cannot be read gets 0xC210 (cannot understand);
-a full disk gets 0xA700 (out of resources). Pixels are decoded later by the worker: a file that
-then fails to decode becomes a recorded rejection, not a network error.
+a full disk, or an instance over `--max-instance-bytes`, gets 0xA700 (out of resources). Pixels are decoded later
+by the worker: a file that then fails to decode becomes a recorded rejection, not a network error.
+
+Instances arrive in a file, never whole in memory (pynetdicom's STORE_RECV_CHUNKED_DATASET): a whole-slide image
+or a tomosynthesis series of several GB would otherwise be held two or three times over in RAM per association.
+`medtriage listen` points that file at the store's `incoming/` folder (same disk as the spool, not a RAM-backed /tmp).
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 
 from medtriage.errors import MedTriageError
 from medtriage.serve.node.header import read_identity
-from medtriage.serve.node.store import NodeStore
+from medtriage.serve.node.store import MAX_INSTANCE_BYTES, NodeStore
 
 log = logging.getLogger(__name__)
 TRANSFER_SYNTAXES = [
@@ -54,12 +58,16 @@ IMAGE_STORAGE = sorted(uid for name, uid in _STORAGE_CLASSES.items() if "ImageSt
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, PROCESSING_FAILURE = 0x0000, 0xA700, 0xC210, 0x0110
 
 
-def handle_store(event, store: NodeStore) -> int:
+def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES) -> int:
     """One C-STORE: spool + record, then answer. Never raises (pynetdicom would answer 0xC211 anyway)."""
     calling = event.assoc.requestor.ae_title
     try:
-        data = event.encoded_dataset()
-        header = read_identity(data, where=f"C-STORE from {calling}")
+        received = Path(event.dataset_path)  # the file pynetdicom wrote the data set to as it arrived
+        size = received.stat().st_size
+        if size > max_bytes:
+            log.warning("refused an instance of %d bytes from %s: over the limit of %d (--max-instance-bytes)", size, calling, max_bytes)
+            return OUT_OF_RESOURCES
+        header = read_identity(received, where=f"C-STORE from {calling}")
     except MedTriageError as err:
         log.warning("refused an instance from %s: %s", calling, err)
         return CANNOT_UNDERSTAND
@@ -70,7 +78,7 @@ def handle_store(event, store: NodeStore) -> int:
         log.warning("refused %s from %s: its SOP Instance UID differs from the request's", header.sop_uid, calling)
         return CANNOT_UNDERSTAND
     try:
-        store.receive(data, header.sop_uid, header.study_uid, header.series_uid, header.sop_class, header.fields, calling_aet=calling)
+        store.receive(received, header.sop_uid, header.study_uid, header.series_uid, header.sop_class, header.fields, calling_aet=calling)
     except OSError as err:
         log.error("cannot spool %s: %s", header.sop_uid, err)
         return OUT_OF_RESOURCES
@@ -100,9 +108,16 @@ def build_ae(aet: str, allowed_callers: list[str] | None = None) -> AE:
 
 
 def start_scp(
-    store: NodeStore, aet: str, host: str, port: int, allowed_callers: list[str] | None = None, ssl_context: ssl.SSLContext | None = None
+    store: NodeStore,
+    aet: str,
+    host: str,
+    port: int,
+    allowed_callers: list[str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    max_instance_bytes: int = MAX_INSTANCE_BYTES,
 ):
     """Start listening (in pynetdicom's threads); returns the server (call `.shutdown()` to stop)."""
+    _config.STORE_RECV_CHUNKED_DATASET = True  # each arriving data set goes to a file (module docstring)
     ae = build_ae(aet, allowed_callers)
-    handlers = [(evt.EVT_C_STORE, handle_store, [store])]
+    handlers = [(evt.EVT_C_STORE, handle_store, [store, max_instance_bytes])]
     return ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)

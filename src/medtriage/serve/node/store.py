@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from medtriage.io.safe_output import inside, remove_partials, write_atomic
@@ -43,7 +45,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
 CREATE TABLE IF NOT EXISTS overlays (sop_uid TEXT PRIMARY KEY, png BLOB NOT NULL, saliency TEXT);
 """
-DB_FILE, SPOOL_DIR, OUTBOX_DIR = "node.sqlite", "spool", "outbox"
+DB_FILE, SPOOL_DIR, OUTBOX_DIR, INCOMING_DIR = "node.sqlite", "spool", "outbox", "incoming"
+COPY_CHUNK = 1 << 20
+MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
+
+
+def _copy_file(source: Path, target) -> None:
+    with source.open("rb") as handle:
+        shutil.copyfileobj(handle, target, COPY_CHUNK)
 
 
 def digest_name(*parts: str, suffix: str = ".dcm") -> str:
@@ -80,10 +89,13 @@ class NodeStore:
         process left. Readers (the worklist of `medtriage serve`) leave them, a running node may be writing."""
         self.folder = Path(folder) if folder is not None else None
         if self.folder is not None:
-            for sub in (SPOOL_DIR, OUTBOX_DIR):
+            for sub in (SPOOL_DIR, OUTBOX_DIR, INCOMING_DIR):
                 (self.folder / sub).mkdir(parents=True, exist_ok=True)
                 if recover:
                     remove_partials(self.folder / sub)
+            if recover:  # instances a killed process was still receiving: their senders got no success, and resend
+                for leftover in (self.folder / INCOMING_DIR).glob("*.dcm"):
+                    leftover.unlink(missing_ok=True)
         target = str(self.folder / DB_FILE) if self.folder is not None else ":memory:"
         self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -126,9 +138,16 @@ class NodeStore:
     def has_instance(self, sop_uid: str) -> bool:
         return bool(self._execute("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
 
+    @property
+    def incoming(self) -> Path:
+        """Where instances arriving over the network are buffered until they are spooled (same disk as the spool)."""
+        if self.folder is None:
+            raise RuntimeError("an in-memory store has no incoming folder")
+        return self.folder / INCOMING_DIR
+
     def receive(
         self,
-        data: bytes,
+        data: bytes | Path,
         sop_uid: str,
         study_uid: str,
         series_uid: str,
@@ -137,12 +156,12 @@ class NodeStore:
         calling_aet: str = "",
         name: str = "",
     ) -> bool:
-        """Spool and record one instance; returns False when this SOP instance was already received
-        (the copy on disk is kept, so a resend never produces a second result)."""
+        """Spool and record one instance (its bytes, or a file of them, copied in chunks); returns False when this SOP
+        instance was already received (the copy on disk is kept, so a resend never produces a second result)."""
         if self.has_instance(sop_uid):
             return False
         spool = self.spool_path(sop_uid)
-        write_atomic(spool, data)
+        write_atomic(spool, data if isinstance(data, (bytes, bytearray)) else partial(_copy_file, Path(data)))
         self.record_instance(sop_uid, study_uid, series_uid, sop_class, spool.name, fields, calling_aet, name)
         return True
 
