@@ -7,7 +7,6 @@ opinion); io.display maps stored values to display values, following the DICOM g
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medtriage.errors import DicomError, NotAnImageError
+from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 from medtriage.io.display import to_display
 from medtriage.io.j2k_reduced import reduced_j2k_frames
@@ -113,12 +113,14 @@ def _describe(source) -> str:
 def _read_dataset(source, where: str) -> pydicom.Dataset:
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise DicomError("file not found", where=where, hint="check the path")
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        source = io.BytesIO(source)
     try:
-        return _with_transfer_syntax(pydicom.dcmread(source))
-    except InvalidDicomError:
-        return _read_raw_dataset(source, where)
+        with dicom_source(source) as fp:  # reads bounded by the file's size, not by the lengths it claims
+            try:
+                return _with_transfer_syntax(pydicom.dcmread(fp))
+            except InvalidDicomError:
+                return _read_raw_dataset(fp, where)
+    except DicomError:
+        raise
     except Exception as err:  # pydicom raises many kinds on damaged headers
         raise DicomError(
             f"unreadable DICOM header ({type(err).__name__}: {err})",
@@ -127,9 +129,8 @@ def _read_dataset(source, where: str) -> pydicom.Dataset:
         ) from err
 
 
-def _read_raw_dataset(source, where: str) -> pydicom.Dataset:
+def _read_raw_dataset(fp: BinaryIO, where: str) -> pydicom.Dataset:
     """Files written without the 128-byte preamble and 'DICM' prefix (older modalities do this)."""
-    fp = open(source, "rb") if isinstance(source, (str, Path)) else source
     try:
         fp.seek(0)
         with warnings.catch_warnings():
@@ -139,9 +140,6 @@ def _read_raw_dataset(source, where: str) -> pydicom.Dataset:
                 return _with_transfer_syntax(ds)
     except Exception:
         pass  # reported below: a forced read of a non-DICOM file fails in arbitrary ways
-    finally:
-        if fp is not source:
-            fp.close()
     raise DicomError(
         "not a DICOM file (no 'DICM' prefix and no recognisable data set)",
         where=where,

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from medtriage.errors import DataNotFoundError, InputError, MedTriageError
+from medtriage.io.clamped import dicom_source
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 0.5 for 20x)"
@@ -42,7 +43,8 @@ def is_dicom_wsi_file(path: str | Path) -> bool:
     import pydicom
 
     try:  # pydicom converts values lazily: a damaged SOP Class UID raises on `get`
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        with dicom_source(Path(path)) as source:
+            header = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["SOPClassUID"])
         return str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS
     except Exception:  # not DICOM, or unreadable: not a whole-slide image either
         return False

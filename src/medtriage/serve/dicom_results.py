@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 
 from medtriage import __version__
 from medtriage.errors import DicomError, MedTriageError
+from medtriage.io.clamped import dicom_source
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.serve.package import ModelPackage
 from medtriage.serve.predictor import Score
@@ -37,12 +38,12 @@ SR_SERIES_NUMBER = 9901
 
 def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
     """The source's header (no pixels), for the references the SR carries."""
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
     try:
-        return pydicom.dcmread(source, stop_before_pixels=True, force=True)
+        with dicom_source(source) as fp:
+            return pydicom.dcmread(fp, stop_before_pixels=True, force=True)
     except Exception as err:
-        raise DicomError(f"cannot read the header to reference in the SR ({err})", where=str(source)) from err
+        where = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(getattr(source, "name", source))
+        raise DicomError(f"cannot read the header to reference in the SR ({err})", where=where) from err
 
 
 @contextmanager

@@ -4,7 +4,6 @@ they key the queue) and the worklist's study columns. Pixels are not touched her
 from __future__ import annotations
 
 import datetime as dt
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pydicom
 from pydicom.uid import UID
 
 from medtriage.errors import DicomError
+from medtriage.io.clamped import dicom_source
 
 STUDY_TAGS = {
     "patient_id": "PatientID",
@@ -36,7 +36,8 @@ def read_identity(data: bytes | Path, where: str = "<received>") -> Header:
     """The UIDs and study fields of a Part 10 byte string or file (its header only); DicomError when they are missing
     or malformed."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else Path(data), stop_before_pixels=True, force=True)
+        with dicom_source(data if isinstance(data, (bytes, bytearray)) else Path(data)) as source:
+            ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
         uids = {key: _uid(ds, key) for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")}
     except DicomError:
         raise

@@ -1,0 +1,56 @@
+"""Reading untrusted DICOM without trusting its value lengths.
+
+pydicom reads an element of length L with `file.read(L)`, and CPython's buffered and raw file readers allocate all L
+bytes before they read: a 40 KB file whose Pixel Data claims 4 GB makes a 4 GB allocation, for every file and request
+that says so. A byte buffer (BytesIO) returns only what it holds. `ClampedReader` gives a file the same behaviour: a
+read asks for no more than what is left in it. `dicom_source` is what every reader of untrusted DICOM hands pydicom.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+class ClampedReader:
+    """A binary file whose read(n) never asks for more than the bytes left after the current position."""
+
+    def __init__(self, file: BinaryIO, size: int):
+        self._file = file
+        self._size = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self._file.tell())
+        return self._file.read(left if n is None or n < 0 else min(n, left))
+
+    def __getattr__(self, name: str):  # seek, tell, name, close ... as the file has them
+        return getattr(self._file, name)
+
+
+def _size(file: BinaryIO) -> int:
+    try:
+        return os.fstat(file.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):  # not a real file: measure by seeking
+        here = file.tell()
+        end = file.seek(0, io.SEEK_END)
+        file.seek(here)
+        return end
+
+
+@contextmanager
+def dicom_source(source: str | Path | bytes | bytearray | memoryview | BinaryIO) -> Iterator[BinaryIO]:
+    """`source` as a file for pydicom.dcmread whose reads are bounded by its real size: bytes as a buffer, a path
+    opened here (and closed on leaving), a file object clamped (left open for its owner)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(source)
+    elif isinstance(source, io.BytesIO):
+        yield source  # a buffer already returns only what it holds
+    elif isinstance(source, (str, Path)):
+        with open(source, "rb") as file:
+            yield ClampedReader(file, _size(file))  # type: ignore[misc]
+    else:
+        yield ClampedReader(source, _size(source))  # type: ignore[misc]
