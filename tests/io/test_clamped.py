@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import struct
 import tracemalloc
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -90,3 +91,28 @@ def test_sources_of_every_kind_read_alike_and_paths_are_closed(tmp_path):
     for data in (b"abc", bytearray(b"abc"), io.BytesIO(b"abc")):
         with dicom_source(data) as buffer:
             assert buffer.read() == b"abc"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom and wsidicom warn about the damaged values they read
+def test_frames_of_a_dicom_whole_slide_image_claiming_4_gb_are_not_allocated(dicom_wsi, tmp_path):
+    import shutil
+
+    from medtriage.io.pathology import iter_tile_batches, prepare_slide
+
+    folder = Path(shutil.copytree(dicom_wsi, tmp_path / "slide"))
+    finest = max(folder.iterdir(), key=lambda p: p.stat().st_size)
+    raw = bytearray(finest.read_bytes())
+    items = [i for i in range(len(raw) - 8) if raw[i : i + 4] == b"\xfe\xff\x00\xe0"]  # (FFFE,E000): the frames' items
+    for at in items[2:]:  # past the offset table and the first frame
+        raw[at + 4 : at + 8] = struct.pack("<I", CLAIM)
+    finest.write_bytes(bytes(raw))
+    tracemalloc.start()
+    try:
+        for _ in iter_tile_batches(prepare_slide(folder, 224, 0.5), 16):
+            pass
+    except MedTriageError:
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 1e9, f"reading the slide allocated {peak / 1e9:.2f} GB"

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from medtriage.errors import DataNotFoundError, InputError, MedTriageError
-from medtriage.io.clamped import dicom_source
+from medtriage.io.clamped import ClampedReader, dicom_source
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 0.5 for 20x)"
@@ -337,10 +337,15 @@ class DicomSlide(_Levels):
                 where=self.path,
                 hint="pass the folder holding the VL Whole Slide Microscopy Image files of one slide",
             )
+        # Streams whose reads are bounded by each file's size: wsidicom reads a frame by the length its item claims.
+        self._files: list = []
         try:
-            self._wsi = WsiDicom.open(files)
+            for path in files:
+                self._files.append(open(path, "rb"))  # closed by close(), or below when the series is unreadable
+            self._wsi = WsiDicom.open_streams([ClampedReader(file, os.fstat(file.fileno()).st_size) for file in self._files])
             levels = list(self._wsi.levels)
         except Exception as err:  # wsidicom raises many types for incomplete or damaged series
+            self._close_files()
             raise InputError(
                 f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})",
                 where=self.path,
@@ -370,6 +375,11 @@ class DicomSlide(_Levels):
 
     def close(self) -> None:
         self._wsi.close()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for file in self._files:
+            file.close()
 
 
 class _DicomRegionReader:
