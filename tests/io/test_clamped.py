@@ -116,3 +116,31 @@ def test_frames_of_a_dicom_whole_slide_image_claiming_4_gb_are_not_allocated(dic
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     assert peak < 1e9, f"reading the slide allocated {peak / 1e9:.2f} GB"
+
+
+@pytest.mark.parametrize("image", ["Thumbnail", "Label", "Macro"])
+def test_a_tiff_slide_image_claiming_4_gb_is_refused_as_truncated_before_it_is_read(tmp_path, image):
+    import tifffile
+
+    from medtriage.errors import InputError
+    from medtriage.io.slide_reader import open_slide
+
+    svs = Path(__file__).resolve().parents[2] / "data" / "samples" / "CMU-1-Small-Region.svs"
+    raw = bytearray(svs.read_bytes())
+    with tifffile.TiffFile(svs) as tif:
+        page = next(series for series in tif.series if series.name == image).keyframe
+        counts = page.tags.get("StripByteCounts") or page.tags.get("TileByteCounts")
+        for k in range(counts.count):  # LONG values, in the tag itself when there is one
+            at = counts.valueoffset + 4 * k
+            raw[at : at + 4] = struct.pack("<I", CLAIM)
+    claimed = tmp_path / "claimed.svs"
+    claimed.write_bytes(bytes(raw))
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="truncated slide: the pixel data of image \\d of the file ends at byte"):
+            with open_slide(claimed) as slide:
+                slide.thumbnail(256)
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 1e9

@@ -182,13 +182,16 @@ class Slide(_Levels):
         return float(mpp)
 
     def _check_not_truncated(self) -> None:
+        """Every level, and every other image of the file (thumbnail, label, macro), must hold its data inside the
+        file: tifffile reads a strip or tile by the byte count its tags claim, allocating the claim first."""
         size = os.fstat(self._fd).st_size
-        for level in range(len(self._levels)):
-            page = self._levels[level].keyframe
+        pages = [(f"level {level}", self._levels[level].keyframe) for level in range(len(self._levels))]
+        pages += [(f"image {index} of the file", page) for index, page in enumerate(self._slide.ts_tifffile.pages)]
+        for what, page in pages:
             ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
             if ends and max(ends) > size:
                 raise InputError(
-                    f"truncated slide: level {level} pixel data ends at byte {max(ends)}, file has {size} bytes",
+                    f"truncated slide: the pixel data of {what} ends at byte {max(ends)}, file has {size} bytes",
                     where=self.path,
                     hint="copy the slide again from the scanner or archive",
                 )
