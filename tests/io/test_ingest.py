@@ -237,3 +237,25 @@ def test_byte_identical_copy_and_vanished_sources_keep_the_counts(tmp_path):
     site["pooled"][1].unlink()  # a file the site no longer exports stays pooled, but is no input now
     again = ingest_site("a", tmp_path / "site", tmp_path / "pool", key=KEY, progress=False)
     assert again.counts_in == 10 == again.pooled + sum(again.quarantined.values()) and again.pooled_new == 0
+
+
+def test_a_full_decode_refuses_an_image_claiming_more_than_the_decode_limits_before_decoding(tmp_path):
+    """--verify-pixels decodes every image: a small JPEG whose header claims 60000 x 60000 pixels is quarantined as
+    too large from its header, not handed to a decoder that would allocate 10 GB for it."""
+    import tracemalloc
+
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    ds.Rows = ds.Columns = 60000
+    ds.BurnedInAnnotation = "NO"  # a secondary capture is screened for burned-in text first
+    (tmp_path / "site").mkdir()
+    ds.save_as(tmp_path / "site" / "huge.dcm")
+    tracemalloc.start()
+    try:
+        summary = ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=KEY, workers=1, verify_pixels=True, progress=False)
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert dict(summary.quarantined) == {"too_large": 1} and summary.pooled == 0
+    assert peak < 1e9

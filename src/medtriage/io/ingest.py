@@ -39,7 +39,8 @@ from pydicom.pixels.utils import get_expected_length
 from tqdm import tqdm
 
 from medtriage import __version__
-from medtriage.errors import ConfigError, DataNotFoundError
+from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError
+from medtriage.io.decode_limits import check_limits, default_limits
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
@@ -167,11 +168,14 @@ def _pixel_problem(ds, verify: bool) -> Unsafe | None:
         return Unsafe("no_pixel_data", f"{name or 'DICOM object'} without pixel data")
     try:
         if verify:
+            check_limits(ds, default_limits(), "ingest")  # what the header claims, before a decoder allocates it
             _ = ds.pixel_array  # decoding is the check
         elif ds.file_meta.TransferSyntaxUID.is_encapsulated:
             return _broken_frames(ds)
         elif len(ds.PixelData) < get_expected_length(ds, "bytes"):
             return Unsafe("truncated", f"pixel data holds {len(ds.PixelData)} of {get_expected_length(ds, 'bytes')} bytes")
+    except ImageTooLargeError as err:
+        return Unsafe("too_large", str(err))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # decoder plugins raise ValueError/RuntimeError/...; Rust ones panic (BaseException)
@@ -443,7 +447,11 @@ def add_sites_arguments(parser) -> None:
     parser.add_argument("--keys", help="folder of <site>.key secrets (default: SITES/.keys)")
     parser.add_argument("--create-keys", action="store_true", help="create missing keys (simulated sites only)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes per site (default 1)")
-    parser.add_argument("--verify-pixels", action="store_true", help="decode every image during ingest")
+    parser.add_argument(
+        "--verify-pixels",
+        action="store_true",
+        help="decode every image during ingest (one whose header claims more than the decode limits is quarantined as too_large, undecoded)",
+    )
 
 
 def run_sites(args) -> int:
