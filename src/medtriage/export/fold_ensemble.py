@@ -86,7 +86,7 @@ def _check_one_cross_validation(cv_dir: Path, configs: Sequence[dict]) -> None:
     """The folds must be the folds of one cut of one pool, each once: else their held-out images overlap or miss."""
     cuts = {(c["data"]["pool_dir"], c["data"].get("cv_folds"), c["data"].get("cv_seed"), c["data"].get("limit")) for c in configs}
     folds = sorted(c["data"].get("cv_fold") for c in configs if c["data"].get("cv_fold") is not None)
-    (pool, count, *_), *others = sorted(cuts, key=str)
+    (_, count, _, _), *others = sorted(cuts, key=str)
     if others or count is None or folds != list(range(count)):
         raise ConfigError(
             f"the fold models in {cv_dir} are not the {count or '?'} folds of one cross-validation "

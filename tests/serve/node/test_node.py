@@ -84,10 +84,16 @@ def test_listen_help_explains_every_option(capsys):
         "--max-batch",
         "--batch-wait-ms",
         "--reduced-j2k",
+        "--max-instance-bytes",
         "AET@HOST:PORT",
     ):
         assert option in text
     assert "C-STORE" in text and "restart" in text
+
+
+def test_listen_refuses_a_limit_that_would_refuse_everything(tmp_path, capsys):
+    code = main(["listen", str(tmp_path), "--send-to", "PACS@127.0.0.1:4242", "--state", str(tmp_path / "s"), "--max-instance-bytes", "0"])
+    assert code != 0 and "--max-instance-bytes must be positive" in capsys.readouterr().err
 
 
 def test_storescu_files_get_one_sr_per_study_back_in_orthanc(listener, orthanc, predictor, storescu_exe, need_tool, tmp_path):

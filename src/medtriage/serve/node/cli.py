@@ -102,6 +102,8 @@ def run_listen(args: argparse.Namespace) -> int:
         )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("TLS needs both a certificate and its key", where="--tls-cert/--tls-key")
+    if args.max_instance_bytes < 1:
+        raise ConfigError(f"--max-instance-bytes must be positive, got {args.max_instance_bytes}", where="--max-instance-bytes")
     apply_decode_limits(args)
     config = NodeConfig(
         package=args.package,
