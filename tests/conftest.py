@@ -44,8 +44,12 @@ def run_without_training_stack():
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
-    """No test writes into the project's mlflow.db."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    """No test writes into the project's mlflow.db, nor into an earlier test's: a URI set in-process by an earlier
+    test (mlflow.set_tracking_uri) would win over the environment, so it is reset too once mlflow is loaded."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(uri)
     yield
 
 

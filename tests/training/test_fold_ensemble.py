@@ -54,6 +54,7 @@ def test_fold_models_are_served_calibrated_on_images_each_scorer_held_out(cross_
 
     meta = load_package(folds.package_dir).meta
     assert meta["calibration"]["split"] == "out-of-fold" and meta["drift"]["reference"]["split"] == "out-of-fold"
+    assert "cross-validation on the out-of-fold scores" in meta["calibration"]["selection"]["rule"]
     expected = fit_temperature(oof.logits, oof.labels) if meta["calibration"]["method"] == "temperature" else 1.0
     assert meta["calibration"]["temperature"] == pytest.approx(expected, rel=1e-4)
     assert meta["metrics"]["val"]["overall"]["n"] == len(oof.labels) and "test" not in meta["metrics"]  # test never scored

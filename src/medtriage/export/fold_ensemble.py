@@ -119,9 +119,16 @@ def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.nd
     return joined, images
 
 
+def _experiment_id(name: str) -> str:
+    """The folds' own experiment in the current tracking store (the caller chose the store)."""
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else client.create_experiment(name)
+
+
 def export_fold_ensemble(cv_dir: Path, name: str, tta: str = "none", overrides: Sequence[str] = ()) -> FoldEnsemble:
     """Package the fold models of the cross-validation in `cv_dir` as one ensemble `<models_dir>/<name>/`, calibrated
-    on their out-of-fold predictions, tracked as an MLflow run of the folds' experiment."""
+    on their out-of-fold predictions, tracked as an MLflow run of the folds' experiment in the current tracking store."""
     members = fold_members(cv_dir)
     config = OmegaConf.merge(OmegaConf.create(members.configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
     export_cfg = ExportConfig(**OmegaConf.to_container(config.export, resolve=True))
@@ -132,10 +139,7 @@ def export_fold_ensemble(cv_dir: Path, name: str, tta: str = "none", overrides: 
     pooled = members.manifests[0]
     labelled = pooled.rows[pooled.rows["split"] != "test"]
     net = EnsembleNet(members.nets, tta).eval()
-    tracking = config.tracking
-    mlflow.set_tracking_uri(tracking.uri)
-    experiment = mlflow.set_experiment(tracking.experiment_name)  # the folds' own experiment
-    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"{name}-folds") as run:
+    with mlflow.start_run(experiment_id=_experiment_id(config.tracking.experiment_name), run_name=f"{name}-folds") as run:
         mlflow.log_params(
             {
                 "ensemble.cross_validation": str(Path(cv_dir).resolve()),

@@ -70,7 +70,7 @@ def export_model(
     `val` is in model.json (`out-of-fold`: each image scored by a fold model that did not train on it)."""
     positive = _positive_index(label_names, cfg.positive_label)
     val_labels = np.asarray(val.labels).astype(int)
-    calibration = choose_calibration(val.logits, val_labels, cfg.ece_bins, allowed=cfg.calibrate) | {"split": held_out_split}
+    calibration = choose_calibration(val.logits, val_labels, cfg.ece_bins, allowed=cfg.calibrate, split=held_out_split)
     temperature = calibration["temperature"]
     if test is not None:
         calibration["test"] = calibration_on_test(test.logits, test.labels, temperature, cfg.ece_bins)

@@ -75,12 +75,18 @@ def drift_references(
 
 
 def choose_calibration(
-    logits: np.ndarray, labels: np.ndarray, bins: int, allowed: bool = True, folds: int = CALIBRATION_FOLDS, seed: int = 0
+    logits: np.ndarray,
+    labels: np.ndarray,
+    bins: int,
+    allowed: bool = True,
+    folds: int = CALIBRATION_FOLDS,
+    seed: int = 0,
+    split: str = "val",
 ) -> dict:
-    """Temperature scaling or none, whichever has the lower cross-validated ECE on validation: in each fold
-    a temperature is fitted on the other folds and judged on this one, so the choice rests on data the
-    temperature never saw; temperature is kept only when it lowers ECE by more than one standard error of the
-    paired fold differences. The kept temperature is then fitted on all of validation."""
+    """Temperature scaling or none, whichever has the lower cross-validated ECE on the held-out scores (`split`: the
+    validation split, or out-of-fold predictions): in each fold a temperature is fitted on the other folds and judged
+    on this one, so the choice rests on data the temperature never saw; temperature is kept only when it lowers ECE by
+    more than one standard error of the paired fold differences. The kept temperature is then fitted on all of them."""
     labels = np.asarray(labels).astype(int)
     before = expected_calibration_error(probabilities(logits), labels, bins)
     fold_of = np.random.default_rng(seed).permutation(len(labels)) % folds
@@ -99,12 +105,12 @@ def choose_calibration(
     return {
         "method": method,
         "temperature": float(temperature),
-        "split": "val",
+        "split": split,
         "bins": bins,
         "ece_before": before,
         "ece_after": expected_calibration_error(probabilities(logits, temperature), labels, bins),
         "selection": {
-            "rule": f"temperature when it lowers the mean ECE of {folds}-fold cross-validation on validation "
+            "rule": f"temperature when it lowers the mean ECE of {folds}-fold cross-validation on the {split} scores "
             "by more than one standard error of the paired fold differences"
             + ("" if allowed else " (temperature disabled by export.calibrate=false)"),
             "cv_ece": cv_mean,
