@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, validate_model_json
-from medtriage.io.safe_output import write_atomic
+from medtriage.io.safe_output import copy_atomic, write_atomic
 
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
@@ -57,8 +57,7 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
     staging = package_dir.with_name(f".{package_dir.name}.staging-{os.getpid()}")
     staging.mkdir(parents=True)
     try:
-        with open(onnx_path, "rb") as onnx:
-            write_atomic(staging / ONNX_FILE, lambda out: shutil.copyfileobj(onnx, out))
+        copy_atomic(onnx_path, staging / ONNX_FILE)
         write_atomic(staging / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         write_atomic(staging / CARD_FILE, model_card(meta).encode())
         _swap_in(staging, package_dir)

@@ -24,7 +24,6 @@ import os
 import platform
 import re
 import secrets
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -44,7 +43,7 @@ from medtriage.io.decode_limits import check_limits, default_limits
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
-from medtriage.io.safe_output import output_path, remove_partials, spreadsheet_text, write_atomic, write_new
+from medtriage.io.safe_output import copy_atomic, output_path, remove_partials, spreadsheet_row, write_atomic, write_new
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
 
 INDEX_FILE, LABELS_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "labels.csv", "logs", "quarantine.csv"
@@ -306,12 +305,11 @@ class _Ledger:
 
     def _to_quarantine(self, out: Outcome, indexed: bool = True) -> None:
         target = output_path(self.quarantine / out.reason, out.content_key, _kept_suffix(out.source))
-        with open(out.source, "rb") as original:
-            write_atomic(target, lambda f: shutil.copyfileobj(original, f))
+        copy_atomic(out.source, target)
         if self._quarantine_file is None:
             self._quarantine_file = _append_csv(self.quarantine / QUARANTINE_LIST, QUARANTINE_COLUMNS)
         row = {"content_key": out.content_key, "reason": out.reason, "detail": out.detail, "source": out.source, "run": self.run}
-        self._quarantine_file[1].writerow({key: spreadsheet_text(value) for key, value in row.items()})  # read by people
+        self._quarantine_file[1].writerow(spreadsheet_row(row))  # read by people
         self._quarantine_file[0].flush()  # before the index row that marks this input done
         if indexed:
             self._write_index(out, "quarantined")

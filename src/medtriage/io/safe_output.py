@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,6 +29,7 @@ from medtriage.errors import InputError
 MAX_COMPONENT = 96  # characters of the readable part; the digest and suffix come on top
 DIGEST_CHARS = 10
 PARTIAL_SUFFIX = ".partial"  # temporary files are hidden (leading dot) and end in this
+COPY_CHUNK = 1 << 20  # bytes copied at a time by copy_atomic
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -121,6 +123,12 @@ def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object]) -
     return target.commit()
 
 
+def copy_atomic(source: str | Path, path: str | Path) -> Path:
+    """The file `source` copied to `path` all or nothing, in chunks (never whole in memory)."""
+    with open(source, "rb") as original:
+        return write_atomic(path, lambda target: shutil.copyfileobj(original, target, COPY_CHUNK))
+
+
 def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[dict]) -> Path:
     """`rows` as a CSV file with a header of `columns` (a row with a key outside them is an error), all or nothing."""
     text = io.StringIO(newline="")
@@ -138,6 +146,11 @@ def spreadsheet_text(value):
     run when the CSV is opened in a spreadsheet, so it is prefixed with ' to stay text. (Not for CSVs the program
     reads back.)"""
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def spreadsheet_row(row: dict) -> dict:
+    """A CSV row for people: every cell through `spreadsheet_text`."""
+    return {key: spreadsheet_text(value) for key, value in row.items()}
 
 
 def write_new(path: str | Path, data: bytes) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from medtriage.io.safe_output import spreadsheet_text
+from medtriage.io.safe_output import spreadsheet_row
 from medtriage.serve.predictor import Predictor, Rejection, Score
 
 CSV_COLUMNS = [
@@ -44,7 +44,7 @@ def write_csv(stream, predictor: Predictor, scores: list[Score], rejected: list[
     writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for row in [s.as_dict() for s in scores] + [r.as_dict() for r in rejected]:
-        writer.writerow({key: spreadsheet_text(value) for key, value in {**row, "provider": predictor.provider}.items()})
+        writer.writerow(spreadsheet_row({**row, "provider": predictor.provider}))
 
 
 def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> str:

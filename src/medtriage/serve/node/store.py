@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-from medtriage.io.safe_output import inside, remove_partials, write_atomic
+from medtriage.io.safe_output import copy_atomic, inside, remove_partials, write_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -46,13 +44,7 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
 CREATE TABLE IF NOT EXISTS overlays (sop_uid TEXT PRIMARY KEY, png BLOB NOT NULL, saliency TEXT);
 """
 DB_FILE, SPOOL_DIR, OUTBOX_DIR, INCOMING_DIR = "node.sqlite", "spool", "outbox", "incoming"
-COPY_CHUNK = 1 << 20
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
-
-
-def _copy_file(source: Path, target) -> None:
-    with source.open("rb") as handle:
-        shutil.copyfileobj(handle, target, COPY_CHUNK)
 
 
 def digest_name(*parts: str, suffix: str = ".dcm") -> str:
@@ -161,7 +153,10 @@ class NodeStore:
         if self.has_instance(sop_uid):
             return False
         spool = self.spool_path(sop_uid)
-        write_atomic(spool, data if isinstance(data, (bytes, bytearray)) else partial(_copy_file, Path(data)))
+        if isinstance(data, (bytes, bytearray)):
+            write_atomic(spool, data)
+        else:
+            copy_atomic(data, spool)
         self.record_instance(sop_uid, study_uid, series_uid, sop_class, spool.name, fields, calling_aet, name)
         return True
 
