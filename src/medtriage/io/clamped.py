@@ -23,6 +23,11 @@ class ClampedReader:
         self._file = file
         self._size = size
 
+    @classmethod
+    def over(cls, file: BinaryIO) -> ClampedReader:
+        """`file` clamped to its own size."""
+        return cls(file, _size(file))
+
     def read(self, n: int | None = -1) -> bytes:
         left = max(0, self._size - self._file.tell())
         return self._file.read(left if n is None or n < 0 else min(n, left))
@@ -51,6 +56,6 @@ def dicom_source(source: str | Path | bytes | bytearray | memoryview | BinaryIO)
         yield source  # a buffer already returns only what it holds
     elif isinstance(source, (str, Path)):
         with open(source, "rb") as file:
-            yield ClampedReader(file, _size(file))  # type: ignore[misc]
+            yield ClampedReader.over(file)  # type: ignore[misc]
     else:
-        yield ClampedReader(source, _size(source))  # type: ignore[misc]
+        yield ClampedReader.over(source)  # type: ignore[misc]

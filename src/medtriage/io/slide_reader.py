@@ -345,18 +345,18 @@ class DicomSlide(_Levels):
         try:
             for path in files:
                 self._files.append(open(path, "rb"))  # closed by close(), or below when the series is unreadable
-            self._wsi = WsiDicom.open_streams([ClampedReader(file, os.fstat(file.fileno()).st_size) for file in self._files])
+            self._wsi = WsiDicom.open_streams([ClampedReader.over(file) for file in self._files])
             levels = list(self._wsi.levels)
         except Exception as err:  # wsidicom raises many types for incomplete or damaged series
             self._close_files()
-            raise InputError(
-                f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})",
-                where=self.path,
-                hint="check that the folder holds every file of one slide's series",
-            ) from err
-        self._structure_or_close(
-            lambda: self._read_structure(levels, mpp),
-            lambda err: InputError(f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})", where=self.path),
+            raise self._unreadable_series(err) from err
+        self._structure_or_close(lambda: self._read_structure(levels, mpp), self._unreadable_series)
+
+    def _unreadable_series(self, err: Exception) -> InputError:
+        return InputError(
+            f"not a readable DICOM whole-slide image ({type(err).__name__}: {err})",
+            where=self.path,
+            hint="check that the folder holds every file of one slide's series",
         )
 
     def _read_structure(self, levels: list, mpp: float | None) -> None:
