@@ -18,11 +18,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.accuracy import PUBLISHED
-from benchmarks.accuracy_recipe import NPZ, TARGET_ACC, TARGET_AUC, served_scores
+from benchmarks.accuracy_recipe import NPZ, TARGET_ACC, TARGET_AUC, scored_test_split
 from benchmarks.accuracy_selection import INCUMBENT, check_refolded, kept_default_folds, scored_folds
 from benchmarks.common import ROOT, cached, command_line, header, machine, stage_file, verdict, write_section
 
@@ -48,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
 def scored_package(cv_dir: Path, name: str, tta: str, models_dir: str) -> dict:
     """Export the fold ensemble, then score its test split once: AUC with its bootstrap interval, and accuracy at
     Youden's J on the out-of-fold scores, at 0.5 and of the package's finding."""
-    from medtriage.evaluation.bootstrap import bootstrap_auc_ci
     from medtriage.evaluation.calibration import probabilities
     from medtriage.evaluation.operating_points import choose_threshold
     from medtriage.export.fold_ensemble import export_fold_ensemble
@@ -61,9 +59,8 @@ def scored_package(cv_dir: Path, name: str, tta: str, models_dir: str) -> dict:
     oof = folds.out_of_fold
     oof_p = probabilities(oof.logits, meta["calibration"]["temperature"])[:, 1]
     youden = choose_threshold(oof_p, oof.labels, "youden").threshold  # fixed before test is scored
-    test_p, test_y, test_found = served_scores(folds.package_dir, "test")  # once, for this fixed package
-    low, high = bootstrap_auc_ci(test_y, test_p)
     return {
+        **scored_test_split(folds.package_dir, youden),  # once, for this fixed package
         "package": str(folds.package_dir),
         "version": meta["version"],
         "run_id": folds.run_id,
@@ -74,12 +71,6 @@ def scored_package(cv_dir: Path, name: str, tta: str, models_dir: str) -> dict:
         "out_of_fold_auc": float(roc_auc_score(oof.labels, oof_p)),
         "temperature": meta["calibration"]["temperature"],
         "youden_threshold": float(youden),
-        "test_auc": float(roc_auc_score(test_y, test_p)),
-        "ci_low": low,
-        "ci_high": high,
-        "test_acc": float(np.mean((test_p >= youden) == (test_y == 1))),
-        "test_acc_argmax": float(np.mean((test_p >= 0.5) == (test_y == 1))),
-        "test_acc_finding": float(np.mean(test_found == (test_y == 1))),
         "export_s": export_s,
     }
 

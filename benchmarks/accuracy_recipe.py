@@ -58,22 +58,27 @@ def served_scores(package: Path, split: str) -> tuple[np.ndarray, np.ndarray, np
 
 def score_package(package: Path) -> dict:
     """Test AUC (bootstrap 95% CI) and accuracy at the validation Youden threshold, at 0.5 and of the package's finding."""
-    from medtriage.evaluation.bootstrap import bootstrap_auc_ci
     from medtriage.evaluation.operating_points import choose_threshold
 
     val_p, val_y, _ = served_scores(package, "val")
     youden = choose_threshold(val_p, val_y, "youden").threshold
-    test_p, test_y, test_found = served_scores(package, "test")  # once, for this fixed package
+    return {**scored_test_split(package, youden), "youden_threshold": float(youden), "val_auc": float(roc_auc_score(val_y, val_p))}
+
+
+def scored_test_split(package: Path, threshold: float) -> dict:
+    """The package's test split, scored once: AUC with its bootstrap 95% CI, and accuracy at `threshold` (fixed before
+    this call), at the calibrated argmax (0.5) and of the package's own finding."""
+    from medtriage.evaluation.bootstrap import bootstrap_auc_ci
+
+    test_p, test_y, test_found = served_scores(package, "test")
     low, high = bootstrap_auc_ci(test_y, test_p)
     return {
         "test_auc": float(roc_auc_score(test_y, test_p)),
         "ci_low": low,
         "ci_high": high,
-        "test_acc": float(np.mean((test_p >= youden) == (test_y == 1))),
-        "youden_threshold": float(youden),
+        "test_acc": float(np.mean((test_p >= threshold) == (test_y == 1))),
         "test_acc_argmax": float(np.mean((test_p >= 0.5) == (test_y == 1))),
         "test_acc_finding": float(np.mean(test_found == (test_y == 1))),
-        "val_auc": float(roc_auc_score(val_y, val_p)),
         "n_test": int(len(test_y)),
     }
 
