@@ -29,7 +29,6 @@ from medtriage.errors import InputError
 MAX_COMPONENT = 96  # characters of the readable part; the digest and suffix come on top
 DIGEST_CHARS = 10
 PARTIAL_SUFFIX = ".partial"  # temporary files are hidden (leading dot) and end in this
-COPY_CHUNK = 1 << 20  # bytes copied at a time by copy_atomic
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -126,7 +125,7 @@ def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object]) -
 def copy_atomic(source: str | Path, path: str | Path) -> Path:
     """The file `source` copied to `path` all or nothing, in chunks (never whole in memory)."""
     with open(source, "rb") as original:
-        return write_atomic(path, lambda target: shutil.copyfileobj(original, target, COPY_CHUNK))
+        return write_atomic(path, lambda target: shutil.copyfileobj(original, target))
 
 
 def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[dict]) -> Path:
