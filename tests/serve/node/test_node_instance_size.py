@@ -1,23 +1,39 @@
 """Large instances at the DICOM node: they arrive on disk, not whole in memory, and a limit refuses larger ones
-with a clean status (nothing spooled, the node keeps serving)."""
+with a clean status (nothing spooled, the node keeps serving). A peer cannot make the node buffer an oversized PDU."""
 
 from __future__ import annotations
 
 import hashlib
+import socket
+import struct
+import subprocess
+import sys
 import tracemalloc
 
 import pydicom
+import pytest
 
-from medtriage.serve.node.scp import OUT_OF_RESOURCES, SUCCESS, start_scp
+from medtriage.serve.node.scp import MAX_PDU_BYTES, OUT_OF_RESOURCES, SUCCESS, start_scp
 from medtriage.serve.node.store import SPOOL_DIR, NodeStore
-from tests.serve.node.peers import NODE_AET, cr_study, free_port, send_files, storescu
+from tests.serve.node.peers import NODE_AET, cr_study, echo, free_port, send_files, storescu
 
 
 def pixel_digest(path) -> str:
     return hashlib.sha256(pydicom.dcmread(path).PixelData).hexdigest()
 
 
-def test_a_large_instance_is_received_through_a_file_not_held_in_memory(storescu_exe, tmp_path):
+def send_with(sender: str, storescu_exe: str, port: int, big) -> tuple[int, str]:
+    """Send one file from a peer in its own process (only the node's allocations are traced): (exit code, stderr)."""
+    if sender == "dcmtk":
+        sent = storescu(storescu_exe, port, [big])
+        return sent.returncode, sent.stderr
+    code = f"import sys; from tests.serve.node.peers import send_files; sys.exit(send_files({port}, [sys.argv[1]])[sys.argv[1]])"
+    sent = subprocess.run([sys.executable, "-c", code, str(big)], capture_output=True, text=True, timeout=120)
+    return sent.returncode, sent.stderr
+
+
+@pytest.mark.parametrize("sender", ["dcmtk", "pynetdicom"])  # pynetdicom fills each PDU up to the node's maximum
+def test_a_large_instance_is_received_through_a_file_not_held_in_memory(sender, storescu_exe, tmp_path):
     (big,) = cr_study(tmp_path / "big", 1, seed=31, size=28 * 200)  # a 5600 x 5600 chest X-ray: 31 MB of pixels
     size = big.stat().st_size
     store = NodeStore(tmp_path / "state")
@@ -25,12 +41,12 @@ def test_a_large_instance_is_received_through_a_file_not_held_in_memory(storescu
     server = start_scp(store, NODE_AET, "127.0.0.1", port)
     tracemalloc.start()
     try:
-        sent = storescu(storescu_exe, port, [big])  # dcmtk in its own process: only the node's allocations are traced
+        returncode, stderr = send_with(sender, storescu_exe, port, big)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
         server.shutdown()
-    assert sent.returncode == 0, sent.stderr[-500:]
+    assert returncode == 0, stderr[-500:]
     row = store.instance(str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID))
     assert row["state"] == "received" and pixel_digest(store.spooled(row["spool"])) == pixel_digest(big)
     assert peak < size / 4, f"the node held {peak / 1e6:.1f} MB in memory for a {size / 1e6:.1f} MB instance"
@@ -51,3 +67,36 @@ def test_an_instance_over_the_limit_is_refused_out_of_resources_and_nothing_is_s
         store.spool_path(str(pydicom.dcmread(small).SOPInstanceUID)).name
     ]
     store.close()
+
+
+def offer(peer: socket.socket, limit: int) -> int:
+    """Stream zeros until `limit` bytes or until the node hangs up; how many bytes were sent."""
+    chunk, sent = bytes(1 << 16), 0
+    try:
+        while sent < limit:
+            peer.sendall(chunk)
+            sent += len(chunk)
+    except OSError:  # the node closed the connection
+        pass
+    return sent
+
+
+def test_a_pdu_claiming_more_than_the_node_accepts_drops_the_peer_before_its_body_is_read(tmp_path):
+    store = NodeStore(tmp_path / "state")
+    port = free_port()
+    server = start_scp(store, NODE_AET, "127.0.0.1", port)
+    offered = 64 << 20
+    tracemalloc.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as peer:
+            peer.sendall(struct.pack(">BBL", 0x01, 0, 1 << 30))  # an A-ASSOCIATE-RQ header claiming a 1 GiB body
+            sent = offer(peer, offered)
+        _, peak = tracemalloc.get_traced_memory()
+        still_serving = echo(port)
+    finally:
+        tracemalloc.stop()
+        server.shutdown()
+        store.close()
+    assert sent < offered, "the node read a 64 MB PDU body instead of hanging up"
+    assert peak < 4 * MAX_PDU_BYTES, f"the node held {peak / 1e6:.1f} MB for a refused PDU"
+    assert still_serving

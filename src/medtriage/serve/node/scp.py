@@ -8,12 +8,17 @@ by the worker: a file that then fails to decode becomes a recorded rejection, no
 Instances arrive in a file, never whole in memory (pynetdicom's STORE_RECV_CHUNKED_DATASET): a whole-slide image
 or a tomosynthesis series of several GB would otherwise be held two or three times over in RAM per association.
 `medtriage listen` points that file at the store's `incoming/` folder (same disk as the spool, not a RAM-backed /tmp).
+
+pynetdicom still reads each PDU whole into memory before handling it, so the node advertises a maximum PDU length
+(MAX_PDU_BYTES: conforming peers split a data set into PDUs no longer) and drops a peer whose PDU header claims more,
+before reading its body: a peer cannot make the node hold more than one bounded PDU per association.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from pathlib import Path
 
 from pydicom.uid import (
@@ -33,6 +38,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from medtriage.errors import MedTriageError
 from medtriage.serve.node.header import read_identity
@@ -56,6 +63,29 @@ TRANSFER_SYNTAXES = [
 ]
 IMAGE_STORAGE = sorted(uid for name, uid in _STORAGE_CLASSES.items() if "ImageStorage" in name)
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, PROCESSING_FAILURE = 0x0000, 0xA700, 0xC210, 0x0110
+MAX_PDU_BYTES = 1 << 20  # advertised and enforced; ample for association PDUs, and 64 data PDUs per 64 MB instance
+
+
+class PduTooLong(OSError):
+    """A peer's PDU header claims more than the node accepts; pynetdicom closes the connection on an OSError."""
+
+
+class _BoundedPduSocket(AssociationSocket):
+    """pynetdicom reads a PDU as recv(6) for its header, then recv(length) for its body: refuse the body up front."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > MAX_PDU_BYTES:
+            raise PduTooLong(f"a PDU of {nr_bytes} bytes exceeds the node's maximum of {MAX_PDU_BYTES}: connection dropped")
+        return super().recv(nr_bytes)
+
+
+class _BoundedPduHandler(RequestHandler):
+    def _create_association(self):
+        assoc = super()._create_association()
+        # pynetdicom builds the socket inside _create_association; taking over its class adds the bound to recv
+        # without copying that setup (the subclass adds no state).
+        assoc.dul.socket.__class__ = _BoundedPduSocket
+        return assoc
 
 
 def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES) -> int:
@@ -102,7 +132,7 @@ def build_ae(aet: str, allowed_callers: list[str] | None = None) -> AE:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     ae.require_calling_aet = list(allowed_callers or [])
-    ae.maximum_pdu_size = 0  # no limit on what callers may send per PDU
+    ae.maximum_pdu_size = MAX_PDU_BYTES  # what callers may send per PDU (enforced by _BoundedPduSocket)
     ae.network_timeout = ae.dimse_timeout = 60
     return ae
 
@@ -120,4 +150,14 @@ def start_scp(
     _config.STORE_RECV_CHUNKED_DATASET = True  # each arriving data set goes to a file (module docstring)
     ae = build_ae(aet, allowed_callers)
     handlers = [(evt.EVT_C_STORE, handle_store, [store, max_instance_bytes])]
-    return ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
+    # AE.start_server(block=False), with the bounded request handler it offers no argument for
+    server = ae.make_server(
+        (host, port),
+        ssl_context=ssl_context,
+        evt_handlers=handlers,
+        server_class=ThreadedAssociationServer,
+        request_handler=_BoundedPduHandler,
+    )
+    threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True).start()
+    ae._servers.append(server)
+    return server
