@@ -16,6 +16,7 @@ the section without scoring test again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
@@ -45,26 +46,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def scored_package(cv_dir: Path, name: str, tta: str, models_dir: str) -> dict:
-    """Export the fold ensemble, then score its test split once: AUC with its bootstrap interval, and accuracy at
-    Youden's J on the out-of-fold scores, at 0.5 and of the package's finding."""
+    """Export the fold ensemble, then score its test split once (`scored_export`)."""
+    from medtriage.export.fold_ensemble import export_fold_ensemble
+
+    return scored_export(lambda: export_fold_ensemble(cv_dir, name, tta=tta, overrides=[f"export.models_dir={models_dir}"]))
+
+
+def scored_export(export: Callable) -> dict:
+    """Run `export` (a package calibrated out-of-fold: `medtriage.export.fold_ensemble`), then score its test split once:
+    AUC with its bootstrap interval, and accuracy at Youden's J on the out-of-fold scores, at 0.5 and of its finding."""
     from medtriage.evaluation.calibration import probabilities
     from medtriage.evaluation.operating_points import choose_threshold
-    from medtriage.export.fold_ensemble import export_fold_ensemble
     from medtriage.serve.package import load_package
 
     start = time.perf_counter()
-    folds = export_fold_ensemble(cv_dir, name, tta=tta, overrides=[f"export.models_dir={models_dir}"])
+    exported = export()
     export_s = time.perf_counter() - start
-    meta = load_package(folds.package_dir).meta
-    oof = folds.out_of_fold
+    meta = load_package(exported.package_dir).meta
+    oof = exported.out_of_fold
     oof_p = probabilities(oof.logits, meta["calibration"]["temperature"])[:, 1]
     youden = choose_threshold(oof_p, oof.labels, "youden").threshold  # fixed before test is scored
     return {
-        **scored_test_split(folds.package_dir, youden),  # once, for this fixed package
-        "package": str(folds.package_dir),
+        **scored_test_split(exported.package_dir, youden),  # once, for this fixed package
+        "package": str(exported.package_dir),
         "version": meta["version"],
-        "run_id": folds.run_id,
-        "members": len(folds.net.members),
+        "run_id": exported.run_id,
+        "members": len(exported.net.members),
         "views": meta["preprocessing"]["test_time_augmentation"]["views"],
         "out_of_fold_images": int(len(oof.labels)),
         "out_of_fold_normal": int((oof.labels == 0).sum()),

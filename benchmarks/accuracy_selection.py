@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -151,7 +152,9 @@ def cross_validated(overrides: list[str], cfg, key: str, out_dir: Path, folds: i
     return cached(path, partial(cross_validate_candidate, overrides, cfg, path.with_suffix("")))
 
 
-def kept_default_folds(argv: list[str] | None, description: str) -> tuple[argparse.Namespace, Any, str, dict, Path]:
+def kept_default_folds(
+    argv: list[str] | None, description: str, more_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+) -> tuple[argparse.Namespace, Any, str, dict, Path]:
     """For benchmarks that score the default recipe's fold models again (`--folds`, `--quick`, `--doc`): (their
     arguments, the recipe's config, its `recipe_key`, its cross-validation trial as this benchmark keeps it, the stage
     folder). The trial must be kept, except in a smoke run (then a tiny one is run)."""
@@ -163,6 +166,8 @@ def kept_default_folds(argv: list[str] | None, description: str) -> tuple[argpar
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 images per split, one epoch of each fold")
     parser.add_argument("--doc", type=Path, default=None)
+    if more_arguments:
+        more_arguments(parser)
     args = parser.parse_args(argv)
     out_dir = stage_dir(args.quick)
     recipe = [*BASE, *(QUICK if args.quick else [])]

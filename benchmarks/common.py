@@ -123,6 +123,9 @@ def interleaved(
 
 # Settings of a training config that change where a run writes and how fast it goes, not what it computes.
 RUN_SETTINGS = ("name", "paths", "tracking", "cv", "trainer.num_threads", "export.name", "export.models_dir")
+# Config keys added after stages were kept, with the value that leaves a recipe as it was: dropped from the key at that
+# value, so a recipe that does not use them keeps the key (and the kept stages) it had.
+ADDED_SETTINGS = {"data.refit": False}
 
 
 def recipe_key(cfg) -> str:
@@ -133,7 +136,8 @@ def recipe_key(cfg) -> str:
     from omegaconf import OmegaConf
 
     recipe = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-    for dotted in RUN_SETTINGS:
+    dropped = [*RUN_SETTINGS, *(d for d, off in ADDED_SETTINGS.items() if OmegaConf.select(cfg, d) == off)]
+    for dotted in dropped:
         *parents, leaf = dotted.split(".")
         node = recipe
         for parent in parents:

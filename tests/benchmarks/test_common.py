@@ -83,3 +83,5 @@ def test_a_stage_is_keyed_by_the_recipe_a_command_composes_not_by_its_words():
     assert key("paths.output_dir=.", "trainer.max_epochs=31") != stands
     assert key("paths.output_dir=.", "export.tta=none") != stands
     assert "/elsewhere" not in key("paths.output_dir=/elsewhere")
+    # a setting added later leaves the key of a recipe that does not use it as it was, and changes one that does
+    assert '"refit"' not in stands and key("paths.output_dir=.", "data.refit=true") != stands

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medtriage.data.audit import audit_manifest
-from medtriage.data.folds import cross_validation_fold
+from medtriage.data.folds import all_labelled, cross_validation_fold
 from medtriage.data.manifest import PoolWriter
 from medtriage.data.sources.medmnist import as_chw, read_npz
 from medtriage.errors import ConfigError
@@ -67,3 +67,10 @@ def test_fold_fingerprints_differ_and_bad_folds_are_refused(pool):
         cross_validation_fold(pool, 3, 3)
     with pytest.raises(ConfigError, match="at least 2 folds"):
         cross_validation_fold(pool, 1, 0)
+
+
+def test_a_refit_pools_train_and_validation_as_train_and_leaves_test_out(pool):
+    refit = all_labelled(pool)
+    labelled = pool.rows[pool.rows["split"] != "test"]
+    assert sorted(refit.rows.index) == sorted(labelled.index) and set(refit.rows["split"]) == {"train"}
+    assert refit.fingerprint not in {pool.fingerprint, cross_validation_fold(pool, 3, 0).fingerprint}  # its own cache key

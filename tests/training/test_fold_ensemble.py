@@ -1,5 +1,6 @@
 """A cross-validation's fold models served as one ensemble, calibrated on their out-of-fold predictions
-(`scripts/export_ensemble.py --cross-validation DIR`)."""
+(`scripts/export_ensemble.py --cross-validation DIR`), and its recipe refitted on all labelled images, calibrated on the
+same out-of-fold predictions (`--refit RUN_DIR ...`)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def cross_validation(tmp_path, tiny_overrides):
+def recipe(tiny_overrides) -> list[str]:
+    """The tiny recipe, ending with its last weights (as a refit must: it has no validation to choose an epoch by)."""
+    kept = [o for o in tiny_overrides if not o.startswith(("data.limit", "export.enabled"))]
+    return [*kept, "data.limit=48", "trainer.weights=last", "trainer.early_stopping_patience=null"]
+
+
+@pytest.fixture
+def cross_validation(tmp_path, recipe):
     """Two folds of the tiny recipe trained by `scripts/cross_validate.py` (test left out of both)."""
     from medtriage.workflows.cross_validation import cross_validate
 
-    overrides = [o for o in tiny_overrides if not o.startswith(("data.limit", "export.enabled"))]
     cv_dir = tmp_path / "cv"
-    cross_validate([*overrides, "data.limit=48", "cv.folds=2", "cv.jobs=2"], cv_dir)
+    cross_validate([*recipe, "cv.folds=2", "cv.jobs=2"], cv_dir)
     return cv_dir
 
 
@@ -106,3 +113,76 @@ def test_folds_that_are_not_one_cross_validation_are_refused(configs, tmp_path):
     with pytest.raises(ConfigError, match="folds of one cross-validation"):
         _check_one_cross_validation(tmp_path, configs)
     _check_one_cross_validation(tmp_path, [fold_config(k) for k in range(3)])  # the three folds of one cut pass
+
+
+def refit_run(recipe: list[str], run_dir, *more: str):
+    from medtriage.config import compose_train_config
+    from medtriage.workflows.train_and_export import train_and_export
+
+    return train_and_export(compose_train_config([*recipe, "data.refit=true", f"paths.output_dir={run_dir}", *more]))
+
+
+def test_a_refit_learns_from_train_and_validation_and_is_served_calibrated_on_the_folds_out_of_fold_scores(
+    cross_validation, recipe, tmp_path, capsys
+):
+    import mlflow
+    import torch
+
+    from medtriage.export.fold_ensemble import export_fold_ensemble, export_refit
+    from medtriage.model.checkpoint import load_model
+    from medtriage.serve.package import load_package
+
+    result = refit_run(recipe, tmp_path / "refit")
+    said = capsys.readouterr().out
+    assert "refit on all" in said and "no validation split" in said and "--refit" in said  # how to serve it
+    assert result.package is None and sorted(p.name for p in (tmp_path / "refit" / "checkpoints").iterdir()) == ["last.pt"]
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["data.n_train"] == "48" and "data.n_val" not in run.data.params and "data.n_test" not in run.data.params
+    assert not any(k.startswith(("val/", "test/", "best_val")) for k in run.data.metrics)
+
+    models = tmp_path / "models"
+    folds = export_fold_ensemble(cross_validation, "tiny-folds", overrides=[f"export.models_dir={models}"])
+    refit = export_refit(cross_validation, [tmp_path / "refit"], "tiny-refit", overrides=[f"export.models_dir={models}"])
+    np.testing.assert_allclose(refit.out_of_fold.logits, folds.out_of_fold.logits, atol=1e-6)  # the same calibration data
+    meta = load_package(refit.package_dir).meta
+    assert meta["calibration"]["split"] == "out-of-fold (refit)" and "test" not in meta["metrics"]
+    assert meta["calibration"]["temperature"] == load_package(folds.package_dir).meta["calibration"]["temperature"]
+    assert "refitted on all of those images" in (refit.package_dir / "MODEL_CARD.md").read_text()
+    (served,) = refit.net.members  # the refit itself, not the fold models
+    refit_net, _ = load_model(tmp_path / "refit" / "checkpoints" / "last.pt")
+    image = torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(0))  # any size: the nets resize inside
+    np.testing.assert_allclose(served(image).detach().numpy(), refit_net.eval()(image).detach().numpy(), atol=1e-5)
+
+
+def test_a_refit_that_is_not_the_folds_recipe_or_not_a_refit_is_refused(cross_validation, recipe, tmp_path):
+    from medtriage.errors import ConfigError
+    from medtriage.export.fold_ensemble import export_refit
+
+    refit_run([*recipe, "model.preprocess.size=32"], tmp_path / "other")  # another input size: not the folds' recipe
+    with pytest.raises(ConfigError, match="its model differ"):
+        export_refit(cross_validation, [tmp_path / "other"], "bad", overrides=[f"export.models_dir={tmp_path / 'models'}"])
+    with pytest.raises(ConfigError, match="not trained with data.refit=true"):
+        export_refit(cross_validation, [cross_validation / "fold0"], "bad", overrides=[f"export.models_dir={tmp_path / 'models'}"])
+    assert not (tmp_path / "models").exists()
+
+    script = [sys.executable, str(ROOT / "scripts" / "export_ensemble.py"), "--name", "bad", "--refit", str(tmp_path / "other")]
+    done = subprocess.run(script, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "--refit needs --cross-validation" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["trainer.weights=best"], "trainer.weights=best"),
+        (["trainer.early_stopping_patience=3"], "early_stopping_patience"),
+        (["data.cv_folds=3"], "data.cv_folds"),
+    ],
+)
+def test_a_refit_refuses_what_needs_a_validation_split(recipe, overrides, reason, tmp_path):
+    from medtriage.config import compose_train_config
+    from medtriage.errors import ConfigError
+    from medtriage.training.job import check_refit
+
+    check_refit(compose_train_config([*recipe, "data.refit=true", "paths.output_dir=."]))  # the recipe itself is fine
+    with pytest.raises(ConfigError, match=reason):
+        check_refit(compose_train_config([*recipe, "data.refit=true", "paths.output_dir=.", *overrides]))

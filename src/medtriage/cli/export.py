@@ -14,7 +14,7 @@ import mlflow
 from medtriage.config import compose_train_config
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.export.ensemble import export_ensemble
-from medtriage.export.fold_ensemble import export_fold_ensemble
+from medtriage.export.fold_ensemble import export_fold_ensemble, export_refit
 from medtriage.export.from_mlflow import export_from_mlflow
 from medtriage.model.averaging import TTA
 
@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def ensemble_main(argv: list[str] | None = None) -> int:
     """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--tta shift|flip] [export.key=value ...]`, or
-    `--cross-validation DIR` for the fold models of one `scripts/cross_validate.py` run (calibrated out-of-fold).
+    `--cross-validation DIR` for the fold models of one `scripts/cross_validate.py` run (calibrated out-of-fold), or
+    `--cross-validation DIR --refit RUN_DIR ...` for that recipe refitted on all its images (`data.refit=true`), calibrated
+    on the same out-of-fold scores.
 
     No test-time views by default; "flip" is for tissue, not chest X-rays (the heart is on one side)."""
     parser = argparse.ArgumentParser(description="Package several trained models as one ONNX graph (mean of member probabilities).")
@@ -56,6 +58,13 @@ def ensemble_main(argv: list[str] | None = None) -> int:
         help="the folder of one cross-validation (its fold<k>/ runs): serve its fold models, calibrated on their out-of-fold predictions",
     )
     parser.add_argument(
+        "--refit",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="with --cross-validation: serve these data.refit=true runs of its recipe instead of its fold models",
+    )
+    parser.add_argument(
         "--tta",
         choices=TTA,
         default="none",
@@ -64,11 +73,16 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_ids = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
+    if args.refit and not args.cross_validation:
+        parser.error("--refit needs --cross-validation DIR: the refit is calibrated on that cross-validation's out-of-fold scores")
     if bool(run_ids) == bool(args.cross_validation):
         parser.error("give either MLflow run ids or --cross-validation DIR (one of them, not both)")
     mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)  # the project's store
     try:
-        if args.cross_validation:
+        if args.refit:
+            refit = export_refit(args.cross_validation, args.refit, args.name, tta=args.tta, overrides=overrides)
+            package, run_id = refit.package_dir, refit.run_id
+        elif args.cross_validation:
             folds = export_fold_ensemble(args.cross_validation, args.name, tta=args.tta, overrides=overrides)
             package, run_id = folds.package_dir, folds.run_id
         else:

@@ -125,6 +125,9 @@ class DataConfig:
     cv_folds: int | None = None
     cv_fold: int = 0
     cv_seed: int = 0
+    # train on train + validation pooled, test left out, no validation split (medtriage.data.folds.all_labelled);
+    # served as `scripts/export_ensemble.py --refit`, calibrated on the recipe's out-of-fold scores
+    refit: bool = False
 
 
 INTENSITY_MODES = ("fixed", "per_image")

@@ -7,6 +7,10 @@ becomes the validation split of the run. Rows that must not be separated travel 
 the images of one patient, and images the leakage audit finds identical or near-identical
 (perceptual hash within `audit.MAX_DISTANCE` bits). The test rows are dropped from the manifest,
 so a cross-validation run cannot see, score or log test.
+
+A refit (`all_labelled`) then trains the chosen recipe on every labelled image, with no validation split: what the
+folds held out of each model, and what a validation split holds out of a plain run (here a quarter of the scarce
+normal images), it learns from. Its calibration comes from the recipe's out-of-fold scores instead.
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ def cross_validation_fold(manifest: Manifest, folds: int, fold: int, seed: int =
     rows["split"] = split
     fingerprint = hashlib.sha256(f"{manifest.fingerprint}|cv={folds}/{fold}/seed{seed}".encode()).hexdigest()
     print(f"cross-validation fold {fold + 1}/{folds}: {len(rows) - len(held)} train, {len(held)} validation images; test left out")
+    return dataclasses.replace(manifest, rows=rows, fingerprint=fingerprint, _pixels=None)
+
+
+def all_labelled(manifest: Manifest) -> Manifest:
+    """A copy of `manifest`: the train and validation rows pooled as `train`, no validation split, no test."""
+    rows = manifest.rows[manifest.rows["split"] != "test"].copy()
+    rows["split"] = "train"
+    fingerprint = hashlib.sha256(f"{manifest.fingerprint}|refit".encode()).hexdigest()
+    print(f"refit on all {len(rows)} labelled images (train + validation pooled): no validation split; test left out")
     return dataclasses.replace(manifest, rows=rows, fingerprint=fingerprint, _pixels=None)
 
 

@@ -38,6 +38,7 @@ from medtriage.model.predict import predict_cached
 
 FOLD_DIR = re.compile(r"fold(\d+)")
 HELD_OUT_SPLIT = "out-of-fold"
+REFIT_SPLIT = "out-of-fold (refit)"  # the same scores; the served models are not the ones that produced them
 
 
 @dataclass
@@ -130,27 +131,91 @@ def export_fold_ensemble(cv_dir: Path, name: str, tta: str = "none", overrides: 
     """Package the fold models of the cross-validation in `cv_dir` as one ensemble `<models_dir>/<name>/`, calibrated
     on their out-of-fold predictions, tracked as an MLflow run of the folds' experiment in the current tracking store."""
     members = fold_members(cv_dir)
+    tags = {"cross_validation": "true"}
+    return _export_out_of_fold(members.nets, members, cv_dir, name, tta, overrides, HELD_OUT_SPLIT, f"{name}-folds", tags)
+
+
+def export_refit(cv_dir: Path, refit_dirs: Sequence[Path], name: str, tta: str = "none", overrides: Sequence[str] = ()) -> FoldEnsemble:
+    """Package the refit runs in `refit_dirs` (the recipe of the cross-validation in `cv_dir`, trained with
+    `data.refit=true` on all its images) as one model `<models_dir>/<name>/`, calibrated on the cross-validation's
+    out-of-fold predictions, which stand in for the refit models' own held-out scores (they have none)."""
+    members = fold_members(cv_dir)
+    nets = [_refit_model(Path(d), members.configs[0]) for d in refit_dirs]
+    if not nets:
+        raise ConfigError("no refit runs given", where="--refit", hint="pass the run folder of each `data.refit=true` training")
+    tags = {"refit": "true", "refit_runs": ",".join(str(Path(d).resolve()) for d in refit_dirs)}
+    return _export_out_of_fold(nets, members, cv_dir, name, tta, overrides, REFIT_SPLIT, f"{name}-refit", tags)
+
+
+# What a refit may differ in from the folds' runs: run settings, not the recipe (trainer.seed: seeds are members).
+RUN_SETTINGS = {"seed", "num_threads", "device", "resume", "resume_from", "stop_after_epochs"}
+
+
+def _refit_model(run_dir: Path, fold_config: dict) -> TriageNet:
+    """A refit run's final weights, checked to be the folds' recipe on the folds' pool."""
+    checkpoints = run_dir / "checkpoints"
+    if not (checkpoints / "last.pt").is_file():
+        raise DataNotFoundError(
+            "no refit checkpoint found", where=checkpoints / "last.pt", hint="pass the run folder of a finished `data.refit=true` training"
+        )
+    net, config = load_model(checkpoints / "last.pt")
+    differs = [
+        key
+        for key in ("model", "pool_dir", "limit", "batch_size", "trainer", "augment")
+        if _recipe_part(config, key) != _recipe_part(fold_config, key)
+    ]
+    if not config["data"].get("refit") or differs:
+        raise ConfigError(
+            f"{run_dir} is not a refit of the cross-validation's recipe ("
+            + ("not trained with data.refit=true" if not config["data"].get("refit") else f"its {', '.join(differs)} differ")
+            + ")",
+            where=run_dir,
+            hint="train the folds' overrides with data.refit=true (the seed may differ), then export it with their folder",
+        )
+    return net.eval()
+
+
+def _recipe_part(config: dict, key: str):
+    if key == "model":
+        return config["model"]
+    if key == "trainer":
+        return {k: v for k, v in config["trainer"].items() if k not in RUN_SETTINGS}
+    return config["data"].get(key)
+
+
+def _export_out_of_fold(
+    nets: list[TriageNet],
+    members: FoldMembers,
+    cv_dir: Path,
+    name: str,
+    tta: str,
+    overrides: Sequence[str],
+    split: str,
+    run_name: str,
+    tags: dict,
+) -> FoldEnsemble:
+    """Export `nets` as one package calibrated on the out-of-fold predictions of `members` (the cross-validation)."""
     config = OmegaConf.merge(OmegaConf.create(members.configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
     export_cfg = ExportConfig(**OmegaConf.to_container(config.export, resolve=True))
     if export_cfg.ood:
-        print("fold ensemble: exported without an OOD score (export.ood is defined for single networks only)")
+        print("ensemble: exported without an OOD score (export.ood is defined for single networks only)")
     export_cfg = dataclasses.replace(export_cfg, ood=False, tta=tta)
     val, images = out_of_fold(members, tta)
     pooled = members.manifests[0]
     labelled = pooled.rows[pooled.rows["split"] != "test"]
-    net = EnsembleNet(members.nets, tta).eval()
-    with mlflow.start_run(experiment_id=_experiment_id(config.tracking.experiment_name), run_name=f"{name}-folds") as run:
+    net = EnsembleNet(nets, tta).eval()
+    with mlflow.start_run(experiment_id=_experiment_id(config.tracking.experiment_name), run_name=run_name) as run:
         mlflow.log_params(
             {
                 "ensemble.cross_validation": str(Path(cv_dir).resolve()),
-                "ensemble.size": len(members.nets),
+                "ensemble.size": len(nets),
                 "ensemble.tta": tta,
-                "ensemble.calibration": HELD_OUT_SPLIT,
+                "ensemble.calibration": split,
                 "export.name": name,
                 "model.name": members.configs[0]["model"]["name"],
             }
         )
-        mlflow.set_tags({"ensemble": "true", "cross_validation": "true"})
+        mlflow.set_tags({"ensemble": "true", **tags})
         package = export_tracked(
             net,
             export_cfg,
@@ -163,6 +228,6 @@ def export_fold_ensemble(cv_dir: Path, name: str, tta: str = "none", overrides: 
             provenance={"data_fingerprint": load_manifest(pooled.pool_dir).fingerprint},
             ood_data=OodData([], np.zeros(0, dtype=int), images),  # images for the drift references; no OOD head is fitted
             scope=scope_from_rows(labelled),
-            held_out_split=HELD_OUT_SPLIT,
+            held_out_split=split,
         )
     return FoldEnsemble(package, run.info.run_id, net, val)

@@ -89,8 +89,26 @@ def load_data(cfg: DictConfig, model, ranks: Ranks) -> tuple[object, dict[str, C
 
 
 def run_splits(data) -> tuple[str, ...]:
-    """The splits a run loads: all three, or train and validation alone in a cross-validation fold (no test)."""
+    """The splits a run loads: all three, train and validation alone in a cross-validation fold (no test), or train
+    alone in a refit (`data.refit`)."""
+    if data.get("refit"):
+        return ("train",)
     return ("train", "val") if data.get("cv_folds") else SPLITS
+
+
+def check_refit(cfg: DictConfig) -> None:
+    """A refit has no validation split: it cannot choose an epoch, stop early, or be a cross-validation fold."""
+    if not cfg.data.get("refit"):
+        return
+    where, conflicts = "data.refit", []
+    if cfg.data.get("cv_folds"):
+        conflicts.append("data.cv_folds (a refit pools every fold)")
+    if getattr(cfg.trainer.weights, "value", cfg.trainer.weights) != "last":
+        conflicts.append("trainer.weights=best (no validation AUC to choose an epoch by): set trainer.weights=last")
+    if cfg.trainer.early_stopping_patience:
+        conflicts.append("trainer.early_stopping_patience (no validation AUC to stop on): set it to null")
+    if conflicts:
+        raise ConfigError("a refit trains without a validation split, which rules out " + "; ".join(conflicts), where=where)
 
 
 def resized_splits(cfg: DictConfig, manifest, model) -> dict[str, CachedSplit]:
@@ -110,6 +128,7 @@ def run(cfg: DictConfig) -> RunResult:
 
 
 def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> RunResult:
+    check_refit(cfg)
     seed_everything(cfg.trainer, device)
     model = model_from_config(config)  # an unknown network fails here, before any data work
     resume_path, resumed = (

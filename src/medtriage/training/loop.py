@@ -296,32 +296,38 @@ def selection_score(metrics: dict[str, float]) -> float:
     return metrics.get("val/auc", metrics["val/acc"])
 
 
+def validate_epoch(fit: TrainingLoop, state: TrainState, metrics: dict[str, float], epoch: int) -> bool:
+    """Add the epoch's validation metrics to `metrics`; True when the epoch is the best so far."""
+    metrics.update(fit.evaluate("val"))
+    improved = selection_score(metrics) > state.best_val_auc
+    if improved:
+        state.best_val_auc, state.best_epoch, state.epochs_since_best = selection_score(metrics), epoch, 0
+    else:
+        state.epochs_since_best += 1
+    metrics["best_val_auc"] = state.best_val_auc
+    return improved
+
+
 def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: dict, run_id: str | None) -> bool:
-    """Epochs until max_epochs or early stopping; True when stopped by trainer.stop_after_epochs."""
-    trainer, done_here = fit.trainer, 0
+    """Epochs until max_epochs or early stopping; True when stopped by trainer.stop_after_epochs. Without a validation
+    split (a refit) no epoch is ever best: the run ends with its last weights."""
+    trainer, done_here, validated = fit.trainer, 0, "val" in fit.splits
     while state.epoch < trainer.max_epochs:
         epoch = state.epoch + 1
         metrics = fit.epoch(epoch, state)
-        metrics.update(fit.evaluate("val"))
+        improved = validated and validate_epoch(fit, state, metrics, epoch)
         state.epoch = epoch
-        score = selection_score(metrics)
-        improved = score > state.best_val_auc
-        if improved:
-            state.best_val_auc, state.best_epoch, state.epochs_since_best = score, epoch, 0
-        else:
-            state.epochs_since_best += 1
         if fit.ranks.is_main:
-            tracking.log_metrics({**metrics, "best_val_auc": state.best_val_auc}, step=epoch)
+            tracking.log_metrics(metrics, step=epoch)
             save_checkpoint(ckpt_dir / LAST, **fit.checkpoint(state, config, run_id))
             if improved:
                 shutil.copyfile(ckpt_dir / LAST, ckpt_dir / BEST)
+            validation = f", val AUC {metrics.get('val/auc', float('nan')):.4f} (best {state.best_val_auc:.4f} @ {state.best_epoch})"
             log.info(
-                "epoch %d: loss %.4f, val AUC %.4f (best %.4f @ %d), %.0f img/s",
+                "epoch %d: loss %.4f%s, %.0f img/s",
                 epoch,
                 metrics["train/loss"],
-                metrics.get("val/auc", float("nan")),
-                state.best_val_auc,
-                state.best_epoch,
+                validation if validated else "",
                 metrics["train/images_per_s"],
             )
         done_here += 1

@@ -24,7 +24,8 @@ def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
     final = final_checkpoint(ckpt_dir, fit.trainer.weights)
     fit.eval_model.load_state_dict(read_checkpoint(final)["model"])  # the EMA weights when EMA is on
     predictions = {split: fit.predict(split) for split in ("val", "test") if split in fit.splits}  # no test in a CV fold
-    metrics: dict[str, float] = {"best_val_auc": state.best_val_auc, "best_epoch": float(state.best_epoch)}
+    validated = "val" in fit.splits  # not in a refit: no epoch was chosen
+    metrics: dict[str, float] = {"best_val_auc": state.best_val_auc, "best_epoch": float(state.best_epoch)} if validated else {}
     for split, p in predictions.items():
         metrics.update(evaluate(p.logits, p.labels, p.sites, split))
     if "val" in predictions and cross_fittable(predictions["val"].labels):
@@ -82,8 +83,13 @@ def _cell(column: str, value: float | None) -> str:
 
 
 def print_summary(result, uri: str, sites: list[str]) -> None:
-    print(summary_table(result.metrics, sites))
-    print(f"best epoch {int(result.metrics.get('best_epoch', 0))}, best val AUC {result.best_val_auc:.4f}; checkpoint {result.checkpoint}")
+    table = summary_table(result.metrics, sites)
+    if "\n" in table:  # a refit has no split to score
+        print(table)
+    if "best_epoch" in result.metrics:
+        print(f"best epoch {int(result.metrics['best_epoch'])}, best val AUC {result.best_val_auc:.4f}; checkpoint {result.checkpoint}")
+    else:
+        print(f"no validation split; final checkpoint {result.checkpoint}")
     if result.package:
         print(f"model package: {result.package}")
     print(f"MLflow run {result.run_id}; open with `{tracking.ui_command(uri)}`")

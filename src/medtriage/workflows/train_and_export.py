@@ -12,7 +12,13 @@ from medtriage.training.job import RunResult
 def train_and_export(cfg: DictConfig) -> RunResult:
     """Train as `cfg` says; when `export.enabled` and the run finished, export it and log the package to the run."""
     result = training.run(cfg)
-    if cfg.export.enabled and result.finished:
+    if cfg.data.get("refit") and result.finished:
+        print(
+            "a refit has no validation split to calibrate on: serve it calibrated on the out-of-fold scores of the "
+            "recipe's cross-validation, python scripts/export_ensemble.py --name <package name> "
+            f"--cross-validation <the folder of scripts/cross_validate.py> --refit {result.output_dir.parent} [more refit runs]"
+        )
+    elif cfg.export.enabled and result.finished:
         result.package = export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg)
         print(f"model package: {result.package}")
     return result

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from medtriage.config.schema import SyntheticTilesConfig
-from medtriage.data.folds import cross_validation_fold
+from medtriage.data.folds import all_labelled, cross_validation_fold
 from medtriage.data.holdout import hold_out_site
 from medtriage.data.manifest import MANIFEST_FILE, Manifest, load_manifest
 from medtriage.data.pool import build_sites_pool
@@ -76,4 +76,6 @@ def load_pool(data) -> Manifest:
         manifest = hold_out_site(manifest, data.holdout_site)
     if getattr(data, "cv_folds", None):
         manifest = cross_validation_fold(manifest, data.cv_folds, data.cv_fold, data.cv_seed)
+    if getattr(data, "refit", False):
+        manifest = all_labelled(manifest)
     return manifest
