@@ -17,13 +17,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.accuracy import PUBLISHED
 from benchmarks.accuracy_folds import scored_export
 from benchmarks.accuracy_recipe import NPZ, TARGET_ACC, TARGET_AUC
 from benchmarks.accuracy_selection import BASE, INCUMBENT, QUICK, check_refolded, kept_default_folds, scored_folds, seeds_mean_ci
 from benchmarks.common import ROOT, cached, command_line, header, machine, recipe_key, stage_file, verdict, write_section
+from medtriage.evaluation.bootstrap import mean_sd
 
 SECTION = "## Accuracy: refit"
 PACKAGE = "pneumoniamnist-sota-refit"
@@ -89,10 +88,6 @@ def scored_refit(cv_dir: Path, runs: list[dict], name: str, tta: str, models_dir
 
     export = lambda: export_refit(cv_dir, [Path(r["run_dir"]) for r in runs], name, tta=tta, overrides=[f"export.models_dir={models_dir}"])  # noqa: E731
     return scored_export(export) | {"seeds": [r["seed"] for r in runs]}
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _row(model: str, r: dict, ci: tuple[float, float] | None = None) -> str:

@@ -3,6 +3,7 @@
 from argparse import Namespace
 
 from benchmarks import accuracy_refit as bench
+from tests.benchmarks.test_accuracy_folds import result
 from tests.benchmarks.test_docs_figures import check_section, written_sections
 
 ARGS = Namespace(folds=3, quick=False)
@@ -11,22 +12,8 @@ RUNS = [{"seed": s, "run_id": f"{s}" * 32, "run_dir": f"/runs/{s}", "wall_s": 75
 
 
 def package(seeds: list[int], test_auc: float, test_acc: float) -> dict:
-    return {
-        "seeds": seeds,
-        "run_id": "5ee1" * 8,
-        "views": "shift",
-        "out_of_fold_images": 4406,
-        "out_of_fold_normal": 523,
-        "out_of_fold_auc": 0.9971,
-        "temperature": 1.0,
-        "youden_threshold": 0.7091,
-        "test_auc": test_auc,
-        "ci_low": 0.981,
-        "ci_high": 0.995,
-        "test_acc": test_acc,
-        "test_acc_argmax": 0.9,
-        "test_acc_finding": 0.95,
-    }
+    """A scored package as `scored_export` keeps it (the fold benchmark's), refit's own fields added."""
+    return result(test_auc, test_acc) | {"seeds": seeds, "temperature": 1.0, "youden_threshold": 0.7091}
 
 
 def section(aucs: list[float], accs: list[float], ensemble_auc: float) -> str:

@@ -148,7 +148,7 @@ def export_refit(cv_dir: Path, refit_dirs: Sequence[Path], name: str, tta: str =
 
 
 # What a refit may differ in from the folds' runs: run settings, not the recipe (trainer.seed: seeds are members).
-RUN_SETTINGS = {"seed", "num_threads", "device", "resume", "resume_from", "stop_after_epochs"}
+TRAINER_RUN_SETTINGS = {"seed", "num_threads", "device", "resume", "resume_from", "stop_after_epochs"}
 
 
 def _refit_model(run_dir: Path, fold_config: dict) -> TriageNet:
@@ -179,7 +179,7 @@ def _recipe_part(config: dict, key: str):
     if key == "model":
         return config["model"]
     if key == "trainer":
-        return {k: v for k, v in config["trainer"].items() if k not in RUN_SETTINGS}
+        return {k: v for k, v in config["trainer"].items() if k not in TRAINER_RUN_SETTINGS}
     return config["data"].get(key)
 
 

@@ -299,9 +299,10 @@ def selection_score(metrics: dict[str, float]) -> float:
 def validate_epoch(fit: TrainingLoop, state: TrainState, metrics: dict[str, float], epoch: int) -> bool:
     """Add the epoch's validation metrics to `metrics`; True when the epoch is the best so far."""
     metrics.update(fit.evaluate("val"))
-    improved = selection_score(metrics) > state.best_val_auc
+    score = selection_score(metrics)
+    improved = score > state.best_val_auc
     if improved:
-        state.best_val_auc, state.best_epoch, state.epochs_since_best = selection_score(metrics), epoch, 0
+        state.best_val_auc, state.best_epoch, state.epochs_since_best = score, epoch, 0
     else:
         state.epochs_since_best += 1
     metrics["best_val_auc"] = state.best_val_auc
@@ -322,14 +323,12 @@ def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: d
             save_checkpoint(ckpt_dir / LAST, **fit.checkpoint(state, config, run_id))
             if improved:
                 shutil.copyfile(ckpt_dir / LAST, ckpt_dir / BEST)
-            validation = f", val AUC {metrics.get('val/auc', float('nan')):.4f} (best {state.best_val_auc:.4f} @ {state.best_epoch})"
-            log.info(
-                "epoch %d: loss %.4f%s, %.0f img/s",
-                epoch,
-                metrics["train/loss"],
-                validation if validated else "",
-                metrics["train/images_per_s"],
+            validation = (
+                f", val AUC {metrics.get('val/auc', float('nan')):.4f} (best {state.best_val_auc:.4f} @ {state.best_epoch})"
+                if validated
+                else ""
             )
+            log.info("epoch %d: loss %.4f%s, %.0f img/s", epoch, metrics["train/loss"], validation, metrics["train/images_per_s"])
         done_here += 1
         if trainer.early_stopping_patience and state.epochs_since_best >= trainer.early_stopping_patience:
             log.info("early stopping: no better validation AUC for %d epochs", state.epochs_since_best)
