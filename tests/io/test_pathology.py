@@ -279,6 +279,102 @@ def test_truncated_tile_data_is_named_as_such(tmp_path):
         open_slide(cut_path)
 
 
+RESOLUTION = {"resolution": (2e4, 2e4), "resolutionunit": "CENTIMETER"}  # 0.5 µm/pixel
+NOT_BRIGHTFIELD = {  # what microscopes write that is not an 8-bit RGB brightfield scan, and what the error names
+    "greyscale": (np.zeros((512, 512), np.uint8), {"photometric": "minisblack"}, "1 sample(s) each, photometric MINISBLACK"),
+    "16-bit RGB": (np.zeros((512, 512, 3), np.uint16), {"photometric": "rgb"}, "uint16 pixels"),
+    "float RGB": (np.zeros((512, 512, 3), np.float32), {"photometric": "rgb"}, "float32 pixels"),
+    "CMYK": (np.zeros((512, 512, 4), np.uint8), {"photometric": "separated"}, "photometric SEPARATED"),
+    "fluorescence channels": (
+        np.zeros((4, 512, 512), np.uint8),
+        {"ome": True, "metadata": {"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}},
+        "in 4 C planes",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_BRIGHTFIELD)
+def test_a_slide_that_is_not_8_bit_rgb_brightfield_is_refused_by_name(tmp_path, kind):
+    """Read as RGB, these would be scored as garbage (16-bit values wrap, floats become 0, channels become colours)."""
+    pixels, layout, named = NOT_BRIGHTFIELD[kind]
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, pixels, tile=(256, 256), **RESOLUTION, **layout)
+    with pytest.raises(InputError, match="not an 8-bit RGB brightfield slide") as err:
+        open_slide(path)
+    assert named in str(err.value) and "export the slide as 8-bit RGB" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "pixels, layout",
+    [
+        (np.zeros((3, 512, 512), np.uint8), {"photometric": "rgb", "planarconfig": "separate"}),
+        (np.zeros((6, 512, 512), np.uint8), {"ome": True, "metadata": {"axes": "ZYX", "PhysicalSizeX": 0.5}}),
+    ],
+    ids=["planar RGB", "z-stack"],
+)
+def test_a_tiff_layout_the_reader_cannot_tile_is_unsupported_not_damaged(tmp_path, pixels, layout):
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, pixels, tile=(256, 256), **RESOLUTION, **layout)
+    with pytest.raises(InputError, match="unsupported slide layout") as err:
+        open_slide(path)
+    assert "damaged" not in str(err.value) and "export the slide as 8-bit RGB" in str(err.value)
+
+
+def test_an_rgb_ome_tiff_reads_like_the_image_it_holds(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    path = tmp_path / "slide.ome.tif"
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", ome=True, metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    with open_slide(path) as slide:
+        np.testing.assert_array_equal(slide.read_region(0, 0, 0, (512, 512)), image)
+
+
+@pytest.mark.parametrize("size, unit, mpp", [("0.25", "µm", 0.25), ("500", "nm", 0.5), ("0.5", None, 0.5)])
+def test_an_ome_tiff_gives_its_resolution_in_its_ome_xml(tmp_path, size, unit, mpp):
+    path = tmp_path / "slide.ome.tif"
+    physical = {"PhysicalSizeX": size, "PhysicalSizeY": size} | ({"PhysicalSizeXUnit": unit} if unit else {})
+    tifffile.imwrite(path, np.zeros((512, 512, 3), np.uint8), tile=(256, 256), photometric="rgb", ome=True, metadata=physical)
+    with open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(mpp)
+
+
+@pytest.mark.parametrize("pixels_per_cm", [1e6, 1e9])
+def test_an_implausibly_fine_resolution_tag_is_refused_before_it_sizes_the_tiles(tmp_path, pixels_per_cm):
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(
+        path,
+        np.zeros((512, 512, 3), np.uint8),
+        tile=(256, 256),
+        photometric="rgb",
+        resolution=(pixels_per_cm,) * 2,
+        resolutionunit="CENTIMETER",
+    )
+    with pytest.raises(InputError, match="implausible scan resolution from the slide's metadata") as err:
+        open_slide(path)
+    assert "--mpp" in str(err.value)
+    with open_slide(path, mpp=0.5) as slide:  # the remedy the error names
+        assert slide.mpp == 0.5
+
+
+@pytest.mark.parametrize("override", [0.0, -1.0, 0.001, float("nan")])
+def test_an_implausible_resolution_override_is_refused(override):
+    with pytest.raises(InputError, match="implausible scan resolution from the override"):
+        open_slide(CMU1, mpp=override)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("photometric, samples", [("MONOCHROME2", 1), ("RGB", 4)])
+def test_a_dicom_whole_slide_image_that_is_not_rgb_brightfield_is_refused_before_decoding(dicom_wsi, tmp_path, photometric, samples):
+    import pydicom
+
+    folder = shutil.copytree(dicom_wsi, tmp_path / "slide")
+    for path in folder.iterdir():  # what a fluorescence scanner's series says of its pixels
+        dataset = pydicom.dcmread(path)
+        dataset.PhotometricInterpretation, dataset.SamplesPerPixel = photometric, samples
+        dataset.save_as(path)
+    with pytest.raises(InputError, match=f"not an 8-bit RGB brightfield slide: level 0 holds 8-bit pixels, {samples} sample"):
+        open_slide(folder)
+
+
 def test_blank_slide_has_no_tissue(tmp_path):
     rng = np.random.default_rng(0)
     glass = np.clip(rng.normal(235, 3, (1024, 1024, 3)), 0, 255).astype(np.uint8)

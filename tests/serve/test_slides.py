@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from medtriage.errors import InputError
@@ -144,8 +145,12 @@ def test_cli_scores_slides_and_rejects_bad_ones(package_copy, tmp_path, capsys):
     not_slide.write_text("not a slide")
     truncated = tmp_path / "truncated.svs"
     truncated.write_bytes(CMU1.read_bytes()[: CMU1.stat().st_size // 2])
+    deep = tmp_path / "rgb16.tif"  # 16-bit: read as RGB its values would wrap
+    tifffile.imwrite(
+        deep, np.zeros((512, 512, 3), np.uint16), tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER"
+    )
     heatmaps = tmp_path / "heatmaps"
-    code = main(["score", str(package), str(CMU1), str(not_slide), str(truncated), "--json", "--heatmaps", str(heatmaps)])
+    code = main(["score", str(package), str(CMU1), str(not_slide), str(truncated), str(deep), "--json", "--heatmaps", str(heatmaps)])
     document = json.loads(capsys.readouterr().out)
     assert code == 1  # some inputs were rejected
     (scored,) = document["results"]
@@ -156,6 +161,7 @@ def test_cli_scores_slides_and_rejects_bad_ones(package_copy, tmp_path, capsys):
     assert Path(scored["heatmap"]).is_file() and Path(scored["heatmap"]).parent == heatmaps
     reasons = {Path(r["file"]).name: r["reason"] for r in document["rejected"]}
     assert "not a readable" in reasons["notes.svs"] and "truncated" in reasons["truncated.svs"]
+    assert "not an 8-bit RGB brightfield slide" in reasons["rgb16.tif"]
 
 
 def test_cli_scores_a_dicom_whole_slide_image_once_as_its_folder(package_copy, dicom_wsi, tmp_path, capsys):

@@ -30,6 +30,13 @@ MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 READ_BLOCK_BYTES = 64 << 20  # RGB bytes of a level decoded at once when a whole level is read (thumbnail, tissue mask)
 MAX_WHOLE_IMAGE_BYTES = 256 << 20  # RGB bytes of a whole-level image: a 7.5 cm square of tissue at the mask's 8 µm/pixel
+MIN_MPP = 0.05  # µm/pixel: a quarter of what light microscopes resolve; anything finer is a damaged tag
+BRIGHTFIELD_HINT = (
+    "the pathology models read 8-bit RGB brightfield slides (H&E, IHC): export the slide as 8-bit RGB "
+    "(SVS, a tiled pyramidal TIFF or a DICOM whole-slide image)"
+)
+TIFF_COLOUR_PHOTOMETRICS = (2, 6)  # RGB, YCbCr: what a brightfield scanner writes (CMYK or a palette would read as RGB)
+DICOM_COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
 def is_slide_path(path: str | Path) -> bool:
@@ -140,9 +147,42 @@ class _Levels:
 
 
 def _checked_mpp(override: float | None, path: Path) -> float | None:
-    if override is not None and not override > 0:
-        raise InputError(f"µm/pixel override must be positive, got {override}", where=path)
-    return None if override is None else float(override)
+    return None if override is None else _plausible_mpp(float(override), path, "the override")
+
+
+def _plausible_mpp(mpp: float, path: Path, source: str) -> float:
+    """A damaged or hostile tag must not size the tile grid: at 0.001 µm/pixel one tile spans the whole slide."""
+    if not (math.isfinite(mpp) and mpp >= MIN_MPP):
+        raise InputError(
+            f"implausible scan resolution from {source}: {mpp:g} µm/pixel (light microscopes resolve no finer than "
+            f"about 0.2 µm; the limit is {MIN_MPP:g})",
+            where=path,
+            hint=MPP_HINT,
+        )
+    return mpp
+
+
+OME_UNITS_IN_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
+
+
+def _ome_mpp(tif, width: int, height: int) -> float | None:
+    """µm/pixel of the OME-XML image of this size (OME-TIFF keeps it there, not in the resolution tags)."""
+    if not tif.is_ome:
+        return None
+    from xml.etree import ElementTree
+
+    try:
+        ome = ElementTree.fromstring(tif.ome_metadata)
+    except ElementTree.ParseError:
+        return None  # damaged OME-XML: as if it said nothing
+    for pixels in ome.iter():
+        if pixels.tag.rsplit("}", 1)[-1] == "Pixels" and (pixels.get("SizeX"), pixels.get("SizeY")) == (str(width), str(height)):
+            size, unit = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit", "µm")
+            try:
+                return float(size) * OME_UNITS_IN_UM[unit] if size else None
+            except (KeyError, ValueError):
+                return None
+    return None
 
 
 class Slide(_Levels):
@@ -163,7 +203,9 @@ class Slide(_Levels):
         self._structure_or_close(lambda: self._read_structure(mpp), lambda err: _unreadable(self.path, err))
 
     def _read_structure(self, mpp: float | None) -> None:
-        self._levels = self._slide.ts_tifffile.series[self._slide.properties["tiffslide.series-index"]].levels
+        series = self._slide.ts_tifffile.series[self._slide.properties["tiffslide.series-index"]]
+        _check_brightfield(_tiff_pixels(series), self.path)
+        self._levels = series.levels
         self.dimensions = tuple(int(v) for v in self._slide.dimensions)
         self.level_dimensions = [tuple(int(v) for v in d) for d in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
@@ -176,10 +218,10 @@ class Slide(_Levels):
         checked = _checked_mpp(override, self.path)
         if checked is not None:
             return checked
-        mpp = self._slide.properties.get("tiffslide.mpp-x")
+        mpp = self._slide.properties.get("tiffslide.mpp-x") or _ome_mpp(self._slide.ts_tifffile, *self.dimensions)
         if not mpp:
             raise InputError("no resolution metadata (µm/pixel) in the slide", where=self.path, hint=MPP_HINT)
-        return float(mpp)
+        return _plausible_mpp(float(mpp), self.path, "the slide's metadata")
 
     def _check_not_truncated(self) -> None:
         """Every level, and every other image of the file (thumbnail, label, macro), must hold its data inside the
@@ -285,6 +327,33 @@ class RegionReader:
         return tile
 
 
+def _tiff_pixels(series) -> str | None:
+    """What is wrong with a TIFF series' pixels for an RGB brightfield reader, or None when nothing is."""
+    samples = series.shape[-1] if series.axes.endswith("S") else 1
+    planes = [f"{n} {axis}" for axis, n in zip(series.axes, series.shape) if axis not in "YXS" and n > 1]
+    photometric = series.levels[0].keyframe.photometric
+    if series.dtype == np.uint8 and samples in (3, 4) and not planes and int(photometric) in TIFF_COLOUR_PHOTOMETRICS:
+        return None
+    return (
+        f"{series.dtype} pixels, {samples} sample(s) each, photometric {getattr(photometric, 'name', photometric)}"
+        + (f", in {' x '.join(planes)} planes (channels, focal planes or time points)" if planes else "")
+        + f" (axes {series.axes})"
+    )
+
+
+def _dicom_pixels(dataset) -> str | None:
+    """What is wrong with a DICOM whole-slide level's pixels for an RGB brightfield reader, or None."""
+    photometric, samples, bits = dataset.PhotometricInterpretation, dataset.SamplesPerPixel, dataset.BitsAllocated
+    if photometric in DICOM_COLOUR_PHOTOMETRICS and samples == 3 and bits == 8:
+        return None
+    return f"{bits}-bit pixels, {samples} sample(s) each, {photometric}"
+
+
+def _check_brightfield(problem: str | None, path: Path) -> None:
+    if problem is not None:
+        raise InputError(f"not an 8-bit RGB brightfield slide: level 0 holds {problem}", where=path, hint=BRIGHTFIELD_HINT)
+
+
 def _fast_path_ok(page) -> bool:
     return bool(
         page.is_tiled and page.planarconfig == 1 and page.imagedepth == 1 and page.dtype == np.uint8 and page.samplesperpixel in (3, 4)
@@ -299,6 +368,8 @@ def _unreadable(path: Path, err: Exception) -> InputError:
     with open(path, "rb") as f:
         header = f.read(4)
     detail = f"{type(err).__name__}: {err}"
+    if header in TIFF_MAGIC and isinstance(err, NotImplementedError):  # tifffile's word for a layout it cannot tile
+        return InputError(f"unsupported slide layout ({detail})", where=path, hint=BRIGHTFIELD_HINT)
     if header in TIFF_MAGIC:
         return InputError(
             f"damaged or truncated slide: the TIFF structure cannot be read ({detail}; file has {path.stat().st_size} bytes)",
@@ -360,13 +431,17 @@ class DicomSlide(_Levels):
         )
 
     def _read_structure(self, levels: list, mpp: float | None) -> None:
+        _check_brightfield(_dicom_pixels(levels[0].datasets[0]), self.path)
         self._pyramid_levels = [level.level for level in levels]  # wsidicom's level numbers (log2 of the scale)
         self.level_dimensions = [(int(level.size.width), int(level.size.height)) for level in levels]
         self.dimensions = self.level_dimensions[0]
         self.level_downsamples = [self.dimensions[0] / w for w, _ in self.level_dimensions]
         spacing = levels[0].mpp  # µm/pixel, absent when the files carry no Pixel Spacing
-        self.mpp = _checked_mpp(mpp, self.path) or (float(spacing.width) if spacing and spacing.width else None)
-        if not self.mpp:
+        if mpp is not None:
+            self.mpp = _checked_mpp(mpp, self.path)
+        elif spacing and spacing.width:
+            self.mpp = _plausible_mpp(float(spacing.width), self.path, "the slide's Pixel Spacing")
+        else:
             raise InputError("no resolution metadata (µm/pixel) in the slide", where=self.path, hint=MPP_HINT)
         self.shared_reader = _DicomRegionReader(self)
 
