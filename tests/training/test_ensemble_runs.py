@@ -11,19 +11,35 @@ from tests.training.test_train_e2e import run_id_of
 pytestmark = pytest.mark.slow
 
 
-def test_runs_exported_with_an_ood_head_ensemble_into_a_package_without_one(tmp_path, tiny_overrides, run_train, capsys):
+def test_an_ensemble_of_runs_carries_the_mean_of_its_members_ood_scores(tmp_path, tiny_overrides, run_train):
+    import numpy as np
+    import onnxruntime as ort
+
     from medtriage.export.ensemble import export_ensemble
     from medtriage.serve.package import load_package
     from medtriage.serve.predictor import Predictor
     from tests.io.test_dicom import sample_file
 
     overrides = [o for o in tiny_overrides if o != "export.enabled=false"] + ["data.limit=48", f"export.models_dir={tmp_path / 'models'}"]
-    run_ids = [run_id_of(run_train([*overrides, f"trainer.seed={seed}"]).stdout) for seed in (0, 1)]
-    singles = [json.loads(p.read_text()) for p in sorted((tmp_path / "models").glob("*/model.json"))]
-    assert singles and all(meta.get("ood") for meta in singles)  # the members' own packages carry an OOD score
+    run_ids = [run_id_of(run_train([*overrides, f"trainer.seed={seed}", f"export.name=member{seed}"]).stdout) for seed in (0, 1)]
+    singles = sorted((tmp_path / "models").glob("*/model.json"))
+    assert len(singles) == 2 and all(json.loads(p.read_text()).get("ood") for p in singles)  # each member's own package
 
     package, _, _ = export_ensemble(run_ids, "tiny-ensemble", overrides=[f"export.models_dir={tmp_path / 'models'}"])
-    assert "without an OOD score" in capsys.readouterr().out
     loaded = load_package(package)
-    assert not loaded.meta.get("ood") and loaded.ood_output is None
-    assert 0.0 <= Predictor(loaded, allow_out_of_scope=True).score_file(sample_file("CT_small.dcm"))[0].probability <= 1.0
+    ood = loaded.meta["ood"]
+    assert ood["fit"]["members"] == 2 and "averaged over the 2 members" in ood["method"] and ood["parity"]["max_rel_diff"] <= 1e-3
+    assert 0.0 < ood["val_flagged"] <= 0.05
+
+    # Each member's score is the one its own package serves (same checkpoint, same training and validation images).
+    channels = loaded.meta["input"]["channels"]
+    images = np.random.default_rng(0).random((3, channels, 40, 40), dtype=np.float32)
+    served = [
+        ort.InferenceSession(str(p.parent / "model.onnx")).run(["ood_score"], {"pixels": images})[0]
+        for p in [*singles, package / "model.json"]
+    ]
+    np.testing.assert_allclose(served[2], (served[0] + served[1]) / 2, rtol=1e-4)
+
+    # Serving reads it: every scored image carries the ensemble's OOD score.
+    (result,) = Predictor(loaded, allow_out_of_scope=True).score_file(sample_file("CT_small.dcm"))
+    assert result.ood_score is not None and result.ood_score >= 0.0

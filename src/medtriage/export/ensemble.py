@@ -48,11 +48,6 @@ def export_ensemble(run_ids: Sequence[str], name: str, tta: str = "none", overri
     with tempfile.TemporaryDirectory() as tmp:
         members, configs = load_members(run_ids, Path(tmp))
     config = OmegaConf.merge(OmegaConf.create(configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
-    if config.export.get("ood"):
-        # The OOD head reads one network's features and re-derives its logits from them; an average of
-        # members has no such single feature space, so the ensemble package carries no OOD score.
-        print("ensemble: exported without an OOD score (export.ood is defined for single networks only)")
-        config.export.ood = False
     net = EnsembleNet(members, tta).eval()
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(run_ids[0]).info.experiment_id

@@ -6,8 +6,8 @@ ensemble therefore learns from all the labelled data, which matters when a class
 temperature, operating points and drift references from images their scorer had not trained on: each image scored by
 the fold model that held it out (out-of-fold). Those are one member's scores, not the ensemble's. An average of
 members is slightly less extreme than each member, so the calibration is close, not exact; model.json says
-`calibration.split: out-of-fold` and the model card says what that means. Like every ensemble package it has no OOD
-score (`medtriage.export.ensemble`).
+`calibration.split: out-of-fold` and the model card says what that means. Unlike an ensemble of runs it has no OOD
+score: its threshold would need images that no member trained on.
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ def _export_out_of_fold(
     config = OmegaConf.merge(OmegaConf.create(members.configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
     export_cfg = ExportConfig(**OmegaConf.to_container(config.export, resolve=True))
     if export_cfg.ood:
-        print("ensemble: exported without an OOD score (export.ood is defined for single networks only)")
+        # The OOD threshold is a quantile over images no member trained on, and every labelled image trained some.
+        print("ensemble: exported without an OOD score (no labelled image is unseen by every member to set its threshold on)")
     export_cfg = dataclasses.replace(export_cfg, ood=False, tta=tta)
     val, images = out_of_fold(members, tta)
     pooled = members.manifests[0]

@@ -148,20 +148,26 @@ class OodScore(nn.Module):
 
 
 class ScoredNet(nn.Module):
-    """The served model as a torch module: calibrated probabilities and the OOD score, from one pass."""
+    """The served model as a torch module: calibrated probabilities and the OOD score, from one pass. An ensemble's
+    OOD score is the mean over its members of each member's own score, read from that member's features."""
 
     output_names = ("probabilities", OOD_NAME)
 
-    def __init__(self, net: nn.Module, taps: nn.Module, head: nn.Linear, temperature: float, ood: OodScore):
+    def __init__(self, net: nn.Module, taps: Sequence[nn.Module], head: nn.Linear, temperature: float, scores: Sequence[OodScore]):
         super().__init__()
-        self.net, self.taps, self.head, self.ood = net, taps, head, ood  # `net`: what is served (and its preprocessing)
+        self.net, self.head = net, head  # `net`: what is served (and its preprocessing); `head`: a lone network's last layer
+        self.taps, self.scores = nn.ModuleList(taps), nn.ModuleList(scores)  # one of each per member
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        taps = self.taps(pixels)
-        # Averaged over test-time views, the served probabilities come from the whole average; the taps read the image.
-        logits = self.net(pixels) if isinstance(self.net, EnsembleNet) else self.head(taps[-1])
-        return torch.softmax(logits / self.temperature, dim=-1), self.ood(taps)
+        taps = [member_taps(pixels) for member_taps in self.taps]
+        # Averaged over members or test-time views, the served probabilities come from the whole average; the taps
+        # read the image. A lone network's logits come from its taps: one pass.
+        logits = self.net(pixels) if isinstance(self.net, EnsembleNet) else self.head(taps[0][-1])
+        return torch.softmax(logits / self.temperature, dim=-1), self.ood_score(taps)
+
+    def ood_score(self, taps: Sequence[list[torch.Tensor]]) -> torch.Tensor:
+        return torch.stack([score(member) for score, member in zip(self.scores, taps)], dim=1).mean(dim=1)
 
 
 @dataclass
@@ -172,48 +178,60 @@ class OodFit:
 
 
 def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate: float = FALSE_ALARM_RATE) -> OodFit:
-    """Fit a distance per tap on training features, scale each by its validation quantile, threshold the
-    maximum on validation at `false_alarm_rate`, and check that the tapped net reproduces `net`'s logits.
-    A network averaged over test-time views (an ensemble of one) is served averaged; its distance reads the
-    image itself, through the one network."""
+    """Per network (each member of an ensemble): fit a distance per tap on training features and scale each by its
+    validation quantile; the score is the maximum over taps, averaged over members, thresholded on validation at
+    `false_alarm_rate`. Checks that each tapped network reproduces its own logits. Test-time views are served
+    averaged; the distances read the image itself."""
     served = net.eval()
-    if isinstance(served, EnsembleNet):
-        if len(served.members) != 1:
-            raise PackageError("an ensemble has no single feature space for an OOD score", hint="export it with export.ood=false")
-        net = served.members[0]
-    taps, head, which = feature_taps(net)
-    train = tapped_features(taps, data.train_images)
-    val = tapped_features(taps, data.val_images)
-    distances = []
-    for train_k, val_k in zip(train, val):
-        distance = fit_mahalanobis(train_k, data.train_labels)
-        with torch.no_grad():
-            distance.scale.fill_(float(np.quantile(distance(torch.from_numpy(val_k).float()).numpy(), 1.0 - false_alarm_rate)))
-        distances.append(distance)
-    model = ScoredNet(served, taps, head, temperature, OodScore(distances)).eval()
+    members = list(served.members) if isinstance(served, EnsembleNet) else [served]
+    taps, scores, val_features = [], [], []
+    for member in members:
+        member_taps, head, which = feature_taps(member)
+        train = tapped_features(member_taps, data.train_images)
+        val = tapped_features(member_taps, data.val_images)
+        scores.append(
+            OodScore([_scaled_distance(train_k, data.train_labels, val_k, false_alarm_rate) for train_k, val_k in zip(train, val)])
+        )
+        _check_split(member, member_taps, head, data.val_images[:4])
+        taps.append(member_taps)
+        val_features.append([torch.from_numpy(v).float() for v in val])
+    model = ScoredNet(served, taps, head, temperature, scores).eval()
     with torch.no_grad():
-        val_scores = model.ood([torch.from_numpy(v).float() for v in val]).double().numpy()
-    _check_split(net, model, data.val_images[:4])
+        val_scores = model.ood_score(val_features).double().numpy()
     threshold = float(np.quantile(val_scores, 1.0 - false_alarm_rate))
+    averaged_over = f", averaged over the {len(members)} members" if len(members) > 1 else ""
     block = {
         "output": OOD_NAME,
-        "method": f"{METHOD} ({which}); the score is the largest distance over layers, each divided by its validation 99th percentile",
+        "method": f"{METHOD} ({which}); the score is the largest distance over layers, each divided by its validation 99th "
+        f"percentile{averaged_over}",
         "threshold": threshold,
         "false_alarm_rate": false_alarm_rate,
         "val_flagged": float(np.mean(val_scores > threshold)),
         "threshold_split": "val",
-        "fit": {"split": "train", "images": int(len(train[0])), "features": [int(t.shape[1]) for t in train]},
+        "fit": {
+            "split": "train",
+            "images": len(data.train_images),
+            "features": [int(v.shape[1]) for v in val_features[0]],
+            "members": len(members),
+        },
     }
     log.info("OOD score: threshold %.3f flags %.1f%% of validation", threshold, 100 * block["val_flagged"])
     return OodFit(model, val_scores, block)
 
 
-def _check_split(net: nn.Module, model: ScoredNet, images: Sequence[np.ndarray]) -> None:
+def _scaled_distance(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, false_alarm_rate: float) -> MahalanobisDistance:
+    distance = fit_mahalanobis(train, train_labels)
+    with torch.no_grad():
+        distance.scale.fill_(float(np.quantile(distance(torch.from_numpy(val).float()).numpy(), 1.0 - false_alarm_rate)))
+    return distance
+
+
+def _check_split(net: nn.Module, taps: nn.Module, head: nn.Linear, images: Sequence[np.ndarray]) -> None:
     """The tapped features + head must reproduce the network's logits, or the OOD score reads the wrong layers."""
     with torch.no_grad():
         for image in images:
             batch = torch.from_numpy(np.asarray(image, dtype=np.float32)[None])
-            if not torch.allclose(net(batch), model.head(model.taps(batch)[-1]), atol=1e-4):
+            if not torch.allclose(net(batch), head(taps(batch)[-1]), atol=1e-4):
                 raise PackageError(
                     "the network's last linear layer is not its output layer: no OOD score can be attached",
                     hint="export without an OOD score (export.ood=false)",

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from medtriage.errors import ConfigError, InputError, MedTriageError
 from medtriage.io.dicom import DecodedImage, read_dicom
 from medtriage.serve.package import ModelPackage
-from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unscoped
+from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unguarded
 
 log = logging.getLogger(__name__)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -143,7 +143,7 @@ class Predictor:
         self.positive = package.label_names.index(package.positive_label)
         # Out-of-scope and unusual inputs are refused unless this is set; then they are scored and flagged.
         self.allow_out_of_scope = allow_out_of_scope
-        warn_if_unscoped(package.meta, package.describe(with_sha=False))
+        warn_if_unguarded(package.meta, package.describe(with_sha=False))
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_names = outputs[:1] + [name for name in [package.ood_output] if name in outputs]
         # Opt-in: JPEG 2000 files decoded only to the resolution the model needs (much faster; scores not bit-identical).

@@ -128,6 +128,9 @@ def check_scope(scope: dict | None, image: DecodedImage, where: str | None = Non
         raise failure.error(where)
 
 
-def warn_if_unscoped(meta: dict, where: str) -> None:
+def warn_if_unguarded(meta: dict, where: str) -> None:
+    """Say at load what a package cannot refuse: without a scope any header passes, without an OOD score any pixels."""
     if meta.get("scope") is None:
         log.warning("%s declares no scope: every decodable image will be scored (re-export it to add one)", where)
+    if meta.get("ood") is None:
+        log.warning("%s carries no OOD score: images unlike its training images will not be flagged as unusual", where)
