@@ -28,7 +28,7 @@ def site_pool(tmp_path_factory):
 
 def test_scope_comes_from_the_training_headers(site_pool):
     sites_dir, manifest = site_pool
-    scope = scope_from_rows(manifest.split("train"))
+    scope = scope_from_rows(manifest.split("train"), "CR")
     assert scope["modalities"] == ["CR", "DX"]
     assert scope["sop_classes"] == ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1"]
     assert scope["photometric"] == ["MONOCHROME1", "MONOCHROME2"]
@@ -41,10 +41,16 @@ def test_scope_comes_from_the_training_headers(site_pool):
     assert first_failure(scope, header_facts(read_dicom(get_testdata_file("CT_small.dcm")))).field == "modality"
 
 
-def test_an_npz_pool_has_no_header_scope():
+@pytest.mark.parametrize("declared, modalities", [("CR", ["CR", "DX"]), ("dx ", ["CR", "DX"]), ("SM", ["SM"])])
+def test_an_npz_pool_is_scoped_to_its_declared_modality_alone(declared, modalities):
     import pandas as pd
 
-    assert scope_from_rows(pd.DataFrame({"site": ["a"], "channels": [1]})) is None
+    scope = scope_from_rows(pd.DataFrame({"site": ["a"], "channels": [1]}), declared)
+    assert scope["modalities"] == modalities and set(scope) == {"modalities", "source"}
+    assert schema_errors(scope, MODEL_SCHEMA["properties"]["scope"]) == []
+    chest = header_facts(read_dicom(get_testdata_file("MR_small.dcm"))) | {"modality": "DX"}  # only the modality is checked
+    assert (first_failure(scope, chest) is None) == ("DX" in modalities)
+    assert first_failure(scope, header_facts(read_dicom(get_testdata_file("CT_small.dcm")))).field == "modality"
 
 
 def test_temperature_is_kept_only_where_it_helps():

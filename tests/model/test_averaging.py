@@ -115,7 +115,7 @@ def test_a_package_with_views_serves_the_averaged_probabilities_with_its_ood_sco
     with torch.no_grad():
         expected = torch.softmax(served(torch.from_numpy(pixels[:8])) / temperature, -1).numpy()
         taps, _, _ = feature_taps(net)
-        expected_ood = result.served.ood(taps(torch.from_numpy(pixels[:8]))).numpy()
+        expected_ood = result.served.ood_score([taps(torch.from_numpy(pixels[:8]))]).numpy()
         _, ood = result.served(torch.from_numpy(pixels[:8]))
     np.testing.assert_allclose(probabilities, expected, atol=1e-4)
     np.testing.assert_allclose(ood.numpy(), expected_ood, rtol=1e-5)

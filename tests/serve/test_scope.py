@@ -137,8 +137,8 @@ def test_the_schema_validates_the_scope_block(safe_package_dir, tmp_path):
     broken = with_meta(safe_package_dir, tmp_path / "broken", scope={**CHEST_XRAY_SCOPE, "modalities": "CR", "min_rows": 0})
     with pytest.raises(PackageError, match=r"scope\.modalities.*expected array"):
         load_package(broken)
-    errors = schema_errors({"scope": {k: v for k, v in CHEST_XRAY_SCOPE.items() if k != "channels"}})
-    assert any("'channels'" in e for e in errors)
+    errors = schema_errors({"scope": {k: v for k, v in CHEST_XRAY_SCOPE.items() if k != "modalities"}})
+    assert any("'modalities'" in e for e in errors)
 
 
 def test_score_command_refuses_and_allows(scoped_dir, capsys):

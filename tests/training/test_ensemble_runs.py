@@ -17,7 +17,7 @@ def test_an_ensemble_of_runs_carries_the_mean_of_its_members_ood_scores(tmp_path
 
     from medtriage.export.ensemble import export_ensemble
     from medtriage.serve.package import load_package
-    from medtriage.serve.predictor import Predictor
+    from medtriage.serve.predictor import Predictor, Rejection
     from tests.io.test_dicom import sample_file
 
     overrides = [o for o in tiny_overrides if o != "export.enabled=false"] + ["data.limit=48", f"export.models_dir={tmp_path / 'models'}"]
@@ -43,3 +43,7 @@ def test_an_ensemble_of_runs_carries_the_mean_of_its_members_ood_scores(tmp_path
     # Serving reads it: every scored image carries the ensemble's OOD score.
     (result,) = Predictor(loaded, allow_out_of_scope=True).score_file(sample_file("CT_small.dcm"))
     assert result.ood_score is not None and result.ood_score >= 0.0
+    # The npz pool records no headers, so the package is scoped to the declared modality: a CT slice is refused by it.
+    assert loaded.scope["modalities"] == ["CR", "DX"]
+    refused = Predictor(loaded).score_or_reject(sample_file("CT_small.dcm"), "CT_small.dcm")
+    assert isinstance(refused, Rejection) and (refused.code, refused.field) == ("out_of_scope", "modality")

@@ -228,7 +228,7 @@ def _export_out_of_fold(
             network=OmegaConf.to_container(config.model, resolve=True),
             provenance={"data_fingerprint": load_manifest(pooled.pool_dir).fingerprint},
             ood_data=OodData([], np.zeros(0, dtype=int), images),  # images for the drift references; no OOD head is fitted
-            scope=scope_from_rows(labelled),
+            scope=scope_from_rows(labelled, export_cfg.modality),
             held_out_split=split,
         )
     return FoldEnsemble(package, run.info.run_id, net, val)

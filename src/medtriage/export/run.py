@@ -220,7 +220,7 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
         provenance={"data_fingerprint": manifest.fingerprint},
         tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
         ood_data=_ood_data(manifest, val, export_cfg),
-        scope=scope_from_rows(manifest.split("train")),
+        scope=scope_from_rows(manifest.split("train"), export_cfg.modality),
     )
 
 

@@ -21,11 +21,15 @@ BOOTSTRAP_RESAMPLES = 1000
 # --- scope ---------------------------------------------------------------------------------------
 
 
-def scope_from_rows(rows) -> dict | None:
-    """`model.json` → `scope` from training manifest rows with header facts (data/pool.py), or None when the
-    pool has none (an npz pool): then serving warns that nothing is checked."""
+PROJECTION_RADIOGRAPHY = ("CR", "DX")  # one chest film, read from a cassette (CR) or a flat-panel detector (DX)
+
+
+def scope_from_rows(rows, declared_modality: str) -> dict:
+    """`model.json` → `scope` from training manifest rows with header facts (data/pool.py). A pool without them (an
+    npz) gives only the modality the export config declares: a CT slice must not be scored by a chest X-ray model
+    just because its training images came without headers."""
     if "modality" not in rows.columns or rows["modality"].isna().all():
-        return None
+        return declared_scope(declared_modality)
 
     def values(column: str) -> list[str]:
         found = rows[column].dropna().astype(str).str.strip().str.upper() if column in rows else []
@@ -45,6 +49,15 @@ def scope_from_rows(rows) -> dict | None:
         "min_columns": int(rows["columns"].min()),
         "pixel_spacing_mm": [round(min(spacing) / SPACING_MARGIN, 6), round(max(spacing) * SPACING_MARGIN, 6)] if spacing else None,
         "source": f"training split of the pool ({len(rows)} images); pixel spacing widened {SPACING_MARGIN:g}x each way",
+    }
+
+
+def declared_scope(modality: str) -> dict:
+    """Only the declared modality is checked; CR and DX stand for each other (the same projection radiograph)."""
+    modality = modality.strip().upper()
+    return {
+        "modalities": list(PROJECTION_RADIOGRAPHY) if modality in PROJECTION_RADIOGRAPHY else [modality],
+        "source": f"declared by export.modality ({modality}): the training pool records no DICOM headers",
     }
 
 

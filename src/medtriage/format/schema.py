@@ -63,7 +63,7 @@ _PATHOLOGY = {
 _NAMES = {"type": "array", "items": {"type": "string"}, "minItems": 1}
 _SCOPE = {
     "type": "object",
-    "required": ["modalities", "sop_classes", "photometric", "channels", "bits_stored", "min_rows", "min_columns"],
+    "required": ["modalities"],  # a pool without DICOM headers declares its modality alone (export/safety.py)
     "properties": {
         "modalities": _NAMES,
         "sop_classes": _NAMES,
