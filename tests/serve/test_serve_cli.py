@@ -76,6 +76,21 @@ def test_a_folder_with_bad_files_lists_every_reject_and_exits_nonzero(capsys, pa
     assert code == 1 and "6 input(s)" in err and "4 rejected" in err
 
 
+def test_what_a_folder_holds_that_is_no_file_is_rejected_by_name(capsys, package_dir, tmp_path):
+    import os
+
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    shutil.copy(CT, folder)
+    (folder / "lost.dcm").symlink_to(tmp_path / "moved-away.dcm")  # a link whose file is gone
+    os.mkfifo(folder / "pipe.dcm")
+    code, out, err = score(capsys, package_dir, folder, "--json", "--allow-out-of-scope")
+    document = json.loads(out)
+    rejected = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in document["rejected"]}
+    assert set(rejected) == {"lost.dcm", "pipe.dcm"} and all("not a file" in reason for reason in rejected.values())
+    assert len(document["results"]) == 1 and code == 1 and "2 rejected" in err
+
+
 def test_an_empty_folder_is_rejected_not_a_clean_result(capsys, package_dir, tmp_path):
     (tmp_path / "inbox").mkdir()
     code, out, err = score(capsys, package_dir, tmp_path / "inbox", "--json")

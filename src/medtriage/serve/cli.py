@@ -140,17 +140,22 @@ def predictor_from_args(args: argparse.Namespace) -> Predictor:
 
 # --- score ---------------------------------------------------------------------------------------
 
+NOT_A_FILE = "not a file: a broken link, a pipe or a device (was the study copied whole?)"
+
 
 def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
-    """Files to score (folders expanded recursively, sorted), missing paths and empty folders as rejections (a
-    mistyped path must not pass for a clean result), and whether a folder was given (then a progress bar is shown)."""
+    """Files to score (folders expanded recursively, sorted), missing paths, empty folders and what a folder holds that
+    is no file (a broken link, a pipe) as rejections: a mistyped path or a half-copied study must not pass for a clean
+    result. Also whether a folder was given (then a progress bar is shown). Hidden files are not images: skipped."""
     files, missing, any_folder = [], [], False
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             any_folder = True
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            entries = sorted(p for p in path.rglob("*") if not p.name.startswith("."))
+            found = [p for p in entries if p.is_file()]
             files += found
+            missing += [Rejection(str(p), NOT_A_FILE, "DataNotFoundError") for p in entries if not (p.is_file() or p.is_dir())]
             if not found:
                 missing.append(Rejection(raw, "folder holds no files to score", "DataNotFoundError"))
         elif path.is_file():
