@@ -27,11 +27,11 @@ from benchmarks.common import (
     command_line,
     header,
     machine,
+    mean_sd_text,
     verdict,
     write_section,
 )
 from medtriage.config import compose_train_config
-from medtriage.evaluation.bootstrap import mean_sd
 
 NPZ = "data/samples/pneumoniamnist_28.npz"
 QUICK = ["data.limit=64", "trainer.max_epochs=1", "trainer.warmup_epochs=0.25"]
@@ -238,8 +238,7 @@ COLUMNS = ("test_auc", "test_acc", "test_sens_sens95", "test_spec_sens95", "test
 
 
 def _cell(values: list[float]) -> str:
-    mean, sd = mean_sd(values)
-    return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
+    return mean_sd_text(values, digits=3)
 
 
 def recipe_line(row) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.accuracy_recipe import EXPERIMENT, NPZ, TARGET_ACC, TARGET_AUC, mean_sd, score_package, stage_dir, train_seed
+from benchmarks.accuracy_recipe import EXPERIMENT, NPZ, TARGET_ACC, TARGET_AUC, mean_sd_text, score_package, stage_dir, train_seed
 from benchmarks.accuracy_selection import (
     BASE,
     INCUMBENT,
@@ -144,7 +144,7 @@ def gpu_name() -> str:
 def section(cv: dict, chosen: str, selection: dict, runs: list[dict], combined, seeds_ci, args, command: str) -> str:
     cv_rows = [
         f"| {'**' + label + '**' if label == chosen else label} | `{' '.join(GPU_CANDIDATES.get(label, [])) or '(as the experiment)'}` "
-        f"| {mean_sd(selection['scores'][label])} | {gain_text(selection['gains'].get(label))} | {r['mean_log_loss']:.4f} "
+        f"| {mean_sd_text(selection['scores'][label])} | {gain_text(selection['gains'].get(label))} | {r['mean_log_loss']:.4f} "
         f"| {r['mean_auc']:.4f} ± {r['sd_auc']:.4f} | {np.mean(r['fold_wall_s']) / 60:.1f} | `{r['run_id'][:8]}` |"
         for label, r in cv.items()
     ]

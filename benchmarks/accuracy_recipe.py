@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.accuracy import PUBLISHED
-from benchmarks.common import ROOT, cached, command_line, header, machine, recipe_key, stage_file, verdict, write_section
+from benchmarks.common import ROOT, cached, command_line, header, machine, mean_sd_text, recipe_key, stage_file, verdict, write_section
 
 EXPERIMENT = "pneumoniamnist_sota"
 NPZ = "data/samples/pneumoniamnist_28.npz"
@@ -127,10 +127,6 @@ def describe(cfg) -> str:
     )
 
 
-def mean_sd(values: list[float]) -> str:
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
-
-
 def section(runs: list[dict], command: str, threads: int, quick: bool, recipe: str) -> str:
     aucs, accs = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
     minutes = max(r["wall_s"] for r in runs) / 60
@@ -149,9 +145,9 @@ def section(runs: list[dict], command: str, threads: int, quick: bool, recipe: s
     ]
     if len(runs) > 1:
         rows.append(
-            f"| **{EXPERIMENT}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | — | **{mean_sd(accs)}** "
-            f"| {mean_sd([r['test_acc_argmax'] for r in runs])} | {mean_sd([r['test_acc_finding'] for r in runs])} "
-            f"| {mean_sd([r['val_auc'] for r in runs])} "
+            f"| **{EXPERIMENT}, mean ± sd of {len(runs)} seeds** | **{mean_sd_text(aucs)}** | — | **{mean_sd_text(accs)}** "
+            f"| {mean_sd_text([r['test_acc_argmax'] for r in runs])} | {mean_sd_text([r['test_acc_finding'] for r in runs])} "
+            f"| {mean_sd_text([r['val_auc'] for r in runs])} "
             f"| {np.mean([r['wall_s'] for r in runs]) / 60:.1f} | — |"
         )
     rows += [f"| *published:* {name} | {auc:.3f} | — | {acc:.3f} (argmax) | — | — | — | — | — |" for name, auc, acc in PUBLISHED]

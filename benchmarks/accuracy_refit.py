@@ -21,7 +21,7 @@ from benchmarks.accuracy import PUBLISHED
 from benchmarks.accuracy_folds import scored_export
 from benchmarks.accuracy_recipe import NPZ, TARGET_ACC, TARGET_AUC
 from benchmarks.accuracy_selection import BASE, INCUMBENT, QUICK, check_refolded, kept_default_folds, scored_folds, seeds_mean_ci
-from benchmarks.common import ROOT, cached, command_line, header, machine, recipe_key, stage_file, verdict, write_section
+from benchmarks.common import ROOT, cached, command_line, header, machine, mean_sd_text, recipe_key, stage_file, verdict, write_section
 from medtriage.evaluation.bootstrap import mean_sd
 
 SECTION = "## Accuracy: refit"
@@ -99,14 +99,14 @@ def _row(model: str, r: dict, ci: tuple[float, float] | None = None) -> str:
 
 
 def section(runs: list[dict], seeds: list[dict], together: dict, trial: dict, args, command: str) -> str:
-    auc, acc = mean_sd([s["test_auc"] for s in seeds]), mean_sd([s["test_acc"] for s in seeds])
-    argmax, finding = mean_sd([s["test_acc_argmax"] for s in seeds]), mean_sd([s["test_acc_finding"] for s in seeds])
+    cells = {key: mean_sd_text([s[key] for s in seeds]) for key in ("test_auc", "test_acc", "test_acc_argmax", "test_acc_finding")}
+    (auc, _), (acc, _) = mean_sd([s["test_auc"] for s in seeds]), mean_sd([s["test_acc"] for s in seeds])
     low, high = together["seeds_ci"]
     minutes = [r["wall_s"] / 60 for r in runs]
     rows = [
         *(_row(f"{INCUMBENT} refit, seed {s['seeds'][0]}", s) for s in seeds),
-        f"| **{INCUMBENT} refit, mean ± sd of {len(seeds)} seeds** | **{auc[0]:.4f} ± {auc[1]:.4f}** | [{low:.3f}, {high:.3f}] "
-        f"| **{acc[0]:.4f} ± {acc[1]:.4f}** | {argmax[0]:.4f} ± {argmax[1]:.4f} | {finding[0]:.4f} ± {finding[1]:.4f} | — |",
+        f"| **{INCUMBENT} refit, mean ± sd of {len(seeds)} seeds** | **{cells['test_auc']}** | [{low:.3f}, {high:.3f}] "
+        f"| **{cells['test_acc']}** | {cells['test_acc_argmax']} | {cells['test_acc_finding']} | — |",
         _row(f"{INCUMBENT} refit: ensemble of the {len(seeds)} seeds (one ONNX graph)", together),
         *(f"| *published:* {name} | {p_auc:.3f} | — | {p_acc:.3f} (argmax) | — | — | — |" for name, p_auc, p_acc in PUBLISHED),
     ]
@@ -141,9 +141,9 @@ def section(runs: list[dict], seeds: list[dict], together: dict, trial: dict, ar
         "recipe` (and its 3-seed ensemble in `## Accuracy: selection`).",
         "",
         "Targets: mean test AUC ≥ 0.99 and ACC ≥ 0.95 over 3 seeds, an ensemble above that.",
-        f"- mean test AUC {auc[0]:.4f}: {verdict(auc[0] >= TARGET_AUC)}",
-        f"- mean test ACC {acc[0]:.4f}: {verdict(acc[0] >= TARGET_ACC)}",
-        f"- ensemble test AUC {r['test_auc']:.4f}: {verdict(r['test_auc'] >= max(TARGET_AUC, auc[0]))}",
+        f"- mean test AUC {auc:.4f}: {verdict(auc >= TARGET_AUC)}",
+        f"- mean test ACC {acc:.4f}: {verdict(acc >= TARGET_ACC)}",
+        f"- ensemble test AUC {r['test_auc']:.4f}: {verdict(r['test_auc'] >= max(TARGET_AUC, auc))}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -40,7 +40,7 @@ from benchmarks.accuracy_recipe import (
     TARGET_ACC,
     TARGET_AUC,
     TARGET_MINUTES,
-    mean_sd,
+    mean_sd_text,
     score_package,
     served_scores,
     stage_dir,
@@ -554,8 +554,8 @@ def seeds_table_rows(model: str, runs: list[dict], combined: dict | None, seeds_
     aucs, accs = [r["test_auc"] for r in runs], [r["test_acc"] for r in runs]
     if len(runs) > 1:
         rows.append(
-            f"| **{model}, mean ± sd of {len(runs)} seeds** | **{mean_sd(aucs)}** | {_interval(seeds_ci)} | **{mean_sd(accs)}** "
-            f"| {mean_sd([r['test_acc_argmax'] for r in runs])} | {mean_sd([r['val_auc'] for r in runs])} "
+            f"| **{model}, mean ± sd of {len(runs)} seeds** | **{mean_sd_text(aucs)}** | {_interval(seeds_ci)} | **{mean_sd_text(accs)}** "
+            f"| {mean_sd_text([r['test_acc_argmax'] for r in runs])} | {mean_sd_text([r['val_auc'] for r in runs])} "
             f"| {np.mean([r['wall_s'] for r in runs]) / 60:.1f} | — |"
         )
     if combined:
@@ -572,7 +572,7 @@ def _judged_cells(selection: dict | None, label: str) -> str:
     """The rule's two cells of a candidate's row: its fold log-loss after temperature, and its gain over the incumbent."""
     if not selection:
         return "| — | — "
-    return f"| {mean_sd(selection['scores'][label])} | {gain_text(selection['gains'].get(label))} "
+    return f"| {mean_sd_text(selection['scores'][label])} | {gain_text(selection['gains'].get(label))} "
 
 
 def _old_rule_lines(selection: dict | None, chosen: str) -> list[str]:
@@ -612,8 +612,8 @@ def views_rows(scores: dict[str, dict], gains: dict[str, str], latency_ms: dict[
     from medtriage.model.averaging import view_count
 
     return [
-        f"| {views} ({view_count(views)}) | {mean_sd(s[RULE_SCORE])} | {gains.get(views, '—')} | {mean_sd(s['log_loss'])} "
-        f"| {mean_sd(s['auc'])} |" + (f" {latency_ms[views]:.1f} |" if latency_ms else "")
+        f"| {views} ({view_count(views)}) | {mean_sd_text(s[RULE_SCORE])} | {gains.get(views, '—')} | {mean_sd_text(s['log_loss'])} "
+        f"| {mean_sd_text(s['auc'])} |" + (f" {latency_ms[views]:.1f} |" if latency_ms else "")
         for views, s in scores.items()
     ]
 

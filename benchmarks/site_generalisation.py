@@ -29,9 +29,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmarks.common import ROOT, cached, command_line, header, machine, recipe_key, stage_file, verdict, write_section
+from benchmarks.common import ROOT, cached, command_line, header, machine, mean_sd_text, recipe_key, stage_file, verdict, write_section
 from medtriage.config import compose_train_config
-from medtriage.evaluation.bootstrap import bootstrap_auc_difference_ci, mean_sd
+from medtriage.evaluation.bootstrap import bootstrap_auc_difference_ci
 
 SECTION = "## Leave-one-site-out"
 LOSO_EXPERIMENT = "loso_pneumonia_sites"
@@ -360,9 +360,7 @@ def _device_words(threads: int) -> str:
 
 
 def _cell(values: list[float], signed: bool = False) -> str:
-    mean, sd = mean_sd(values)
-    shown = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    return f"{shown} ± {sd:.3f}" if len(values) > 1 else shown
+    return mean_sd_text(values, digits=3, signed=signed)
 
 
 def _runs(results: list[dict], key) -> str:
