@@ -4,6 +4,7 @@ same out-of-fold predictions (`--refit RUN_DIR ...`)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,6 @@ def test_fold_models_are_served_calibrated_on_images_each_scorer_held_out(cross_
 
     models = tmp_path / "models"
     folds = export_fold_ensemble(cross_validation, "tiny-folds", tta="shift", overrides=[f"export.models_dir={models}"])
-    assert "without an OOD score" in capsys.readouterr().out
 
     members = fold_members(cross_validation)
     assert len(members.nets) == len(folds.net.members) == 2
@@ -68,11 +68,40 @@ def test_fold_models_are_served_calibrated_on_images_each_scorer_held_out(cross_
     assert meta["preprocessing"]["test_time_augmentation"]["views"] == "shift"
     card = (folds.package_dir / "MODEL_CARD.md").read_text()
     assert "out-of-fold predictions" in card and "## Metrics: out-of-fold split" in card
+    _check_the_ood_score_is_each_fold_models_own_on_what_it_held_out(folds, members)
     assert (
         0.0
         <= Predictor(load_package(folds.package_dir), allow_out_of_scope=True).score_file(sample_file("CT_small.dcm"))[0].probability
         <= 1.0
     )
+
+
+def _check_the_ood_score_is_each_fold_models_own_on_what_it_held_out(folds, members):
+    """Each member's OOD score is the one a lone network fitted on the member's own training images and held-out
+    images would serve; the package serves their mean, thresholded on each held-out image's own member's score."""
+    import onnxruntime as ort
+    import torch
+
+    from medtriage.config.schema import ExportConfig
+    from medtriage.export.fold_ensemble import out_of_fold
+    from medtriage.export.ood import fit_ood
+    from medtriage.export.run import ood_data_of
+    from medtriage.model.averaging import averaged
+
+    meta = json.loads((folds.package_dir / "model.json").read_text())
+    assert meta["ood"]["threshold_split"] == "out-of-fold" and meta["ood"]["fit"]["members"] == 2
+    _, _, parts = out_of_fold(members, "shift")
+    alone = [
+        fit_ood(averaged(net, "shift"), 1.0, ood_data_of(manifest, part, ExportConfig()))
+        for net, manifest, part in zip(members.nets, members.manifests, parts, strict=True)
+    ]
+    own_scores = np.concatenate([fit.val_scores for fit in alone])
+    assert meta["ood"]["threshold"] == pytest.approx(float(np.quantile(own_scores, 0.99)), rel=1e-6)
+    images = np.random.default_rng(0).random((3, 1, 40, 40), dtype=np.float32)
+    with torch.no_grad():
+        expected = np.mean([fit.model(torch.from_numpy(images))[1].numpy() for fit in alone], axis=0)
+    served = ort.InferenceSession(str(folds.package_dir / "model.onnx")).run(["ood_score"], {"pixels": images})[0]
+    np.testing.assert_allclose(served, expected, rtol=1e-4)
 
 
 def test_the_command_refuses_folds_of_different_cross_validations_and_a_missing_fold(cross_validation, tmp_path):
@@ -143,9 +172,10 @@ def test_a_refit_learns_from_train_and_validation_and_is_served_calibrated_on_th
     models = tmp_path / "models"
     folds = export_fold_ensemble(cross_validation, "tiny-folds", overrides=[f"export.models_dir={models}"])
     refit = export_refit(cross_validation, [tmp_path / "refit"], "tiny-refit", overrides=[f"export.models_dir={models}"])
+    assert "refit: exported without an OOD score" in capsys.readouterr().out  # its members held nothing out
     np.testing.assert_allclose(refit.out_of_fold.logits, folds.out_of_fold.logits, atol=1e-6)  # the same calibration data
     meta = load_package(refit.package_dir).meta
-    assert meta["calibration"]["split"] == "out-of-fold (refit)" and "test" not in meta["metrics"]
+    assert meta["calibration"]["split"] == "out-of-fold (refit)" and "test" not in meta["metrics"] and "ood" not in meta
     assert meta["calibration"]["temperature"] == load_package(folds.package_dir).meta["calibration"]["temperature"]
     assert "refitted on all of those images" in (refit.package_dir / "MODEL_CARD.md").read_text()
     (served,) = refit.net.members  # the refit itself, not the fold models

@@ -6,8 +6,9 @@ ensemble therefore learns from all the labelled data, which matters when a class
 temperature, operating points and drift references from images their scorer had not trained on: each image scored by
 the fold model that held it out (out-of-fold). Those are one member's scores, not the ensemble's. An average of
 members is slightly less extreme than each member, so the calibration is close, not exact; model.json says
-`calibration.split: out-of-fold` and the model card says what that means. Unlike an ensemble of runs it has no OOD
-score: its threshold would need images that no member trained on.
+`calibration.split: out-of-fold` and the model card says what that means. Its OOD score is set the same way: each fold
+model fitted on its own training images and thresholded on the images it held out. A refit's members held out
+nothing, so a refit package carries no OOD score.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from medtriage.data.torch.datasets import cache_split
 from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.evaluation.predictions import Predictions
 from medtriage.export.ood import OodData
-from medtriage.export.run import export_tracked
+from medtriage.export.run import export_tracked, ood_data_of
 from medtriage.export.safety import scope_from_rows
 from medtriage.model.averaging import EnsembleNet, averaged
 from medtriage.model.checkpoint import final_checkpoint, load_model
@@ -97,8 +98,9 @@ def _check_one_cross_validation(cv_dir: Path, configs: Sequence[dict]) -> None:
         )
 
 
-def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.ndarray]]:
-    """Every held-out image scored by the fold model that held it out (averaged over `tta` views), and the images."""
+def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.ndarray], list[Predictions]]:
+    """Every held-out image scored by the fold model that held it out (averaged over `tta` views), the images, and
+    each fold model's part (in member order: the parts joined are the first)."""
     parts, images, seen = [], [], set()
     for net, config, manifest in zip(members.nets, members.configs, members.manifests, strict=True):
         held_out = cache_split(manifest, "val", net.preprocess, config["data"].get("limit"), config["trainer"]["seed"])
@@ -117,7 +119,7 @@ def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.nd
         np.concatenate([p.sites for p in parts]),
         np.concatenate([p.row_indices for p in parts]),
     )
-    return joined, images
+    return joined, images, parts
 
 
 def _experiment_id(name: str) -> str:
@@ -197,11 +199,13 @@ def _export_out_of_fold(
     """Export `nets` as one package calibrated on the out-of-fold predictions of `members` (the cross-validation)."""
     config = OmegaConf.merge(OmegaConf.create(members.configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
     export_cfg = ExportConfig(**OmegaConf.to_container(config.export, resolve=True))
-    if export_cfg.ood:
-        # The OOD threshold is a quantile over images no member trained on, and every labelled image trained some.
-        print("ensemble: exported without an OOD score (no labelled image is unseen by every member to set its threshold on)")
-    export_cfg = dataclasses.replace(export_cfg, ood=False, tta=tta)
-    val, images = out_of_fold(members, tta)
+    served_folds = split == HELD_OUT_SPLIT
+    if export_cfg.ood and not served_folds:
+        # Each fold model sets its OOD threshold on the images it held out; a refit's members held out none.
+        print("refit: exported without an OOD score (its members trained on every labelled image: none is left to set a threshold on)")
+    export_cfg = dataclasses.replace(export_cfg, ood=export_cfg.ood and served_folds, tta=tta)
+    val, images, parts = out_of_fold(members, tta)
+    per_member = [ood_data_of(m, part, export_cfg) for m, part in zip(members.manifests, parts)] if served_folds else None
     pooled = members.manifests[0]
     labelled = pooled.rows[pooled.rows["split"] != "test"]
     net = EnsembleNet(nets, tta).eval()
@@ -227,7 +231,7 @@ def _export_out_of_fold(
             training_sites=labelled["site"].unique(),
             network=OmegaConf.to_container(config.model, resolve=True),
             provenance={"data_fingerprint": load_manifest(pooled.pool_dir).fingerprint},
-            ood_data=OodData([], np.zeros(0, dtype=int), images),  # images for the drift references; no OOD head is fitted
+            ood_data=OodData([], np.zeros(0, dtype=int), images, per_member),  # the drift references use `images`
             scope=scope_from_rows(labelled, export_cfg.modality),
             held_out_split=split,
         )

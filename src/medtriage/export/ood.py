@@ -30,11 +30,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OodData:
-    """Images the OOD score is fitted on (training) and thresholded on (validation); each `[C, H, W]` in [0, 1]."""
+    """Images the OOD score is fitted on (training) and thresholded on (validation); each `[C, H, W]` in [0, 1].
+    `per_member` (fold models): each member's own training and held-out images, its held-out sets in turn making up
+    `val_images`; each member is then fitted and scaled on its own, and `val_images` scored by the member that held
+    each out, standing in for the ensemble (as the out-of-fold calibration does)."""
 
     train_images: Sequence[np.ndarray]
     train_labels: np.ndarray
     val_images: Sequence[np.ndarray]
+    per_member: Sequence[OodData] | None = None
+
+    def member(self, k: int) -> OodData:
+        return self.per_member[k] if self.per_member is not None else self
 
 
 class MahalanobisDistance(nn.Module):
@@ -181,42 +188,60 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
     """Per network (each member of an ensemble): fit a distance per tap on training features and scale each by its
     validation quantile; the score is the maximum over taps, averaged over members, thresholded on validation at
     `false_alarm_rate`. Checks that each tapped network reproduces its own logits. Test-time views are served
-    averaged; the distances read the image itself."""
+    averaged; the distances read the image itself. With `data.per_member` (fold models) each member uses its own
+    images, and validation is scored member by member (see OodData)."""
     served = net.eval()
     members = list(served.members) if isinstance(served, EnsembleNet) else [served]
+    if data.per_member is not None and len(data.per_member) != len(members):
+        raise PackageError(f"OOD images given for {len(data.per_member)} members; the ensemble has {len(members)}")
     taps, scores, val_features = [], [], []
-    for member in members:
+    for k, member in enumerate(members):
+        own = data.member(k)
         member_taps, head, which = feature_taps(member)
-        train = tapped_features(member_taps, data.train_images)
-        val = tapped_features(member_taps, data.val_images)
+        train = tapped_features(member_taps, own.train_images)
+        val = tapped_features(member_taps, own.val_images)
         scores.append(
-            OodScore([_scaled_distance(train_k, data.train_labels, val_k, false_alarm_rate) for train_k, val_k in zip(train, val)])
+            OodScore([_scaled_distance(train_k, own.train_labels, val_k, false_alarm_rate) for train_k, val_k in zip(train, val)])
         )
-        _check_split(member, member_taps, head, data.val_images[:4])
+        _check_split(member, member_taps, head, own.val_images[:4])
         taps.append(member_taps)
         val_features.append([torch.from_numpy(v).float() for v in val])
     model = ScoredNet(served, taps, head, temperature, scores).eval()
     with torch.no_grad():
-        val_scores = model.ood_score(val_features).double().numpy()
+        if data.per_member is None:
+            val_scores = model.ood_score(val_features).double().numpy()
+        else:  # each held-out image scored by the member that held it out, in `val_images`' order
+            val_scores = np.concatenate([score(features).double().numpy() for score, features in zip(scores, val_features)])
     threshold = float(np.quantile(val_scores, 1.0 - false_alarm_rate))
-    averaged_over = f", averaged over the {len(members)} members" if len(members) > 1 else ""
     block = {
         "output": OOD_NAME,
         "method": f"{METHOD} ({which}); the score is the largest distance over layers, each divided by its validation 99th "
-        f"percentile{averaged_over}",
+        f"percentile{_members_text(len(members), data.per_member is not None)}",
         "threshold": threshold,
         "false_alarm_rate": false_alarm_rate,
         "val_flagged": float(np.mean(val_scores > threshold)),
-        "threshold_split": "val",
+        "threshold_split": "val" if data.per_member is None else "out-of-fold",
         "fit": {
             "split": "train",
-            "images": len(data.train_images),
+            "images": sum(len(data.member(k).train_images) for k in range(len(members))),
             "features": [int(v.shape[1]) for v in val_features[0]],
             "members": len(members),
         },
     }
     log.info("OOD score: threshold %.3f flags %.1f%% of validation", threshold, 100 * block["val_flagged"])
     return OodFit(model, val_scores, block)
+
+
+def _members_text(count: int, per_member: bool) -> str:
+    if count == 1:
+        return ""
+    if not per_member:
+        return f", averaged over the {count} members"
+    return (
+        f", averaged over the {count} fold members; each member is fitted on its own training images and scaled on the "
+        "images it held out, and the threshold is set on each held-out image's score by the member that held it out "
+        "(one member's score standing in for the ensemble's, as in the out-of-fold calibration)"
+    )
 
 
 def _scaled_distance(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, false_alarm_rate: float) -> MahalanobisDistance:

@@ -219,7 +219,7 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
         network=_as_dict(config.get("model", {})),
         provenance={"data_fingerprint": manifest.fingerprint},
         tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
-        ood_data=_ood_data(manifest, val, export_cfg),
+        ood_data=ood_data_of(manifest, val, export_cfg),
         scope=scope_from_rows(manifest.split("train"), export_cfg.modality),
     )
 
@@ -242,7 +242,7 @@ def export_tracked(net, export_cfg: ExportConfig, run_id: str | None, **inputs) 
     return result.package_dir
 
 
-def _ood_data(manifest, val: Predictions, cfg: ExportConfig) -> OodData:
+def ood_data_of(manifest, val: Predictions, cfg: ExportConfig) -> OodData:
     """Training images (a random subset of at most `ood_fit_images`) and validation images in `val`'s order."""
     train = np.flatnonzero(manifest.rows["split"].to_numpy() == "train")
     if len(train) > cfg.ood_fit_images:
