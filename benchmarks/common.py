@@ -27,15 +27,6 @@ NEW_DOC = "# Benchmarks\n\nFigures and the command that reproduces each.\n"
 # --- who, where, when -----------------------------------------------------------------------------
 
 
-def mean_sd_text(values: list[float], digits: int = 4, signed: bool = False) -> str:
-    """ "mean ± sd" of a table cell (the mean alone for one value)."""
-    from medtriage.evaluation.bootstrap import mean_sd
-
-    mean, sd = mean_sd(values)
-    shown = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
-    return f"{shown} ± {sd:.{digits}f}" if len(values) > 1 else shown
-
-
 def command_line(argv: list[str] | None = None) -> str:
     """The command that ran this benchmark, as a reader would type it from the project root."""
     argv = sys.argv if argv is None else argv
@@ -172,6 +163,15 @@ def cached(path: Path, compute) -> dict:
 
 
 # --- writing the docs -----------------------------------------------------------------------------
+
+
+def mean_sd_text(values: list[float], digits: int = 4, signed: bool = False) -> str:
+    """A table cell: "mean ± sd", or the mean alone for one value."""
+    from medtriage.evaluation.bootstrap import mean_sd
+
+    mean, sd = mean_sd(values)
+    shown = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return f"{shown} ± {sd:.{digits}f}" if len(values) > 1 else shown
 
 
 def publish(section: str, doc: Path = BENCHMARKS_DOC) -> None:

@@ -223,7 +223,7 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
         "threshold_split": "val" if data.per_member is None else "out-of-fold",
         "fit": {
             "split": "train",
-            "images": sum(len(data.member(k).train_images) for k in range(len(members))),
+            "images": len(data.train_images) if data.per_member is None else sum(len(own.train_images) for own in data.per_member),
             "features": [int(v.shape[1]) for v in val_features[0]],
             "members": len(members),
         },

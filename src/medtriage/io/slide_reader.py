@@ -37,6 +37,7 @@ BRIGHTFIELD_HINT = (
 )
 TIFF_COLOUR_PHOTOMETRICS = (2, 6)  # RGB, YCbCr: what a brightfield scanner writes (CMYK or a palette would read as RGB)
 DICOM_COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+OME_UNITS_IN_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}  # OME-XML PhysicalSizeXUnit values
 
 
 def is_slide_path(path: str | Path) -> bool:
@@ -160,9 +161,6 @@ def _plausible_mpp(mpp: float, path: Path, source: str) -> float:
             hint=MPP_HINT,
         )
     return mpp
-
-
-OME_UNITS_IN_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
 
 
 def _ome_mpp(tif, width: int, height: int) -> float | None:
