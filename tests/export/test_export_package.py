@@ -59,6 +59,29 @@ def test_model_card_states_use_limits_and_worst_site(exported):
     assert "## Limitations" in card and result.meta["sha256"] in card
 
 
+def test_model_card_says_what_the_package_refuses_to_score(exported):
+    from medtriage.export.package import model_card
+
+    meta = json.loads(json.dumps(exported[0].meta))
+    meta.pop("scope", None), meta.pop("ood", None)
+    unguarded = model_card(meta)
+    assert "## What it refuses to score" in unguarded
+    assert "**No declared scope**" in unguarded and "**No OOD score**" in unguarded
+    meta["scope"] = {"modalities": ["CR", "DX"], "bits_stored": [8, 16], "body_parts": None, "source": "declared by export.modality (CR)"}
+    meta["ood"] = {
+        "threshold": 1.0842,
+        "false_alarm_rate": 0.01,
+        "val_flagged": 0.0102,
+        "threshold_split": "out-of-fold",
+        "method": "Mahalanobis",
+    }
+    guarded = model_card(meta)
+    assert "outside its scope: modality CR, DX; bits stored (range) 8, 16 (declared by export.modality (CR))" in guarded
+    assert "; body part" not in guarded  # an unset field checks nothing, so the card does not list it
+    assert "OOD score above 1.084, which flags 1.0% of the out-of-fold images (Mahalanobis)" in guarded
+    assert "No declared scope" not in guarded and "No OOD score" not in guarded
+
+
 def test_schema_names_every_problem(exported):
     meta = json.loads(json.dumps(exported[0].meta))
     del meta["thresholds"]

@@ -175,6 +175,43 @@ def held_out_text(meta: dict) -> str:
     return HELD_OUT_TEXT.get(split, split)
 
 
+SCOPE_CARD_FIELDS = {  # model.json scope key -> what the card calls it
+    "modalities": "modality",
+    "sop_classes": "SOP class",
+    "photometric": "photometric interpretation",
+    "channels": "channels",
+    "body_parts": "body part",
+    "view_positions": "view position",
+    "bits_stored": "bits stored (range)",
+    "min_rows": "rows at least",
+    "min_columns": "columns at least",
+    "pixel_spacing_mm": "pixel spacing in mm (range)",
+}
+
+
+def _refusal_lines(scope: dict | None, ood: dict | None) -> list[str]:
+    """What the package withholds a score from, so a deployer knows what reaches the worklist unscored."""
+    lines = ["", "## What it refuses to score"]
+    if scope:
+        checked = [f"{name} {_listed(scope[key])}" for key, name in SCOPE_CARD_FIELDS.items() if scope.get(key) is not None]
+        lines.append(f"- An image whose header is outside its scope: {'; '.join(checked)} ({scope.get('source', 'scope')}).")
+    else:
+        lines.append("- **No declared scope**: any decodable image is scored, whatever its header says.")
+    if ood:
+        lines.append(
+            f"- An image unlike its training images: OOD score above {ood['threshold']:.3f}, which flags "
+            f"{ood.get('val_flagged', ood['false_alarm_rate']):.1%} of the {ood.get('threshold_split', 'val')} images ({ood['method']})."
+        )
+    else:
+        lines.append("- **No OOD score**: images unlike the training images are scored like any other.")
+    lines.append("- `--allow-out-of-scope` scores refused images anyway and marks each result.")
+    return lines
+
+
+def _listed(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def model_card(meta: dict) -> str:
     review, urgent = meta["thresholds"]["review"], meta["thresholds"]["urgent"]
     cal, prov, pre = meta["calibration"], meta["provenance"], meta["preprocessing"]
@@ -202,6 +239,7 @@ def model_card(meta: dict) -> str:
         )
     if meta.get("pathology"):
         lines += slide_card_lines(meta["pathology"])
+    lines += _refusal_lines(meta.get("scope"), meta.get("ood"))
     lines += ["", "## Data", f"Training sites: {', '.join(meta['training_sites']) or 'unknown'}."]
     for split_name, split in meta["metrics"].items():
         split_name = cal.get("split", "val") if split_name == "val" else split_name
