@@ -84,11 +84,16 @@ def test_what_a_folder_holds_that_is_no_file_is_rejected_by_name(capsys, package
     shutil.copy(CT, folder)
     (folder / "lost.dcm").symlink_to(tmp_path / "moved-away.dcm")  # a link whose file is gone
     os.mkfifo(folder / "pipe.dcm")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(MR, tmp_path / "elsewhere")
+    (folder / "series2").symlink_to(tmp_path / "elsewhere")  # not followed: such a link may lead back up the tree
     code, out, err = score(capsys, package_dir, folder, "--json", "--allow-out-of-scope")
     document = json.loads(out)
     rejected = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in document["rejected"]}
-    assert set(rejected) == {"lost.dcm", "pipe.dcm"} and all("not a file" in reason for reason in rejected.values())
-    assert len(document["results"]) == 1 and code == 1 and "2 rejected" in err
+    assert set(rejected) == {"lost.dcm", "pipe.dcm", "series2"}
+    assert "not a file" in rejected["lost.dcm"] and "not a file" in rejected["pipe.dcm"]
+    assert "linked folder is not followed" in rejected["series2"]
+    assert len(document["results"]) == 1 and code == 1 and "3 rejected" in err
 
 
 def test_an_empty_folder_is_rejected_not_a_clean_result(capsys, package_dir, tmp_path):

@@ -141,12 +141,13 @@ def predictor_from_args(args: argparse.Namespace) -> Predictor:
 # --- score ---------------------------------------------------------------------------------------
 
 NOT_A_FILE = "not a file: a broken link, a pipe or a device (was the study copied whole?)"
+LINKED_FOLDER = "a linked folder is not followed (it may lead back up the tree): pass it by its own path"
 
 
 def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
     """Files to score (folders expanded recursively, sorted), missing paths, empty folders and what a folder holds that
-    is no file (a broken link, a pipe) as rejections: a mistyped path or a half-copied study must not pass for a clean
-    result. Also whether a folder was given (then a progress bar is shown). Hidden files are not images: skipped."""
+    is no file (a broken link, a pipe) or a linked folder as rejections: a mistyped path or a half-copied study must not
+    pass for a clean result. Also whether a folder was given (then a progress bar is shown). Hidden files are not images: skipped."""
     files, missing, any_folder = [], [], False
     for raw in paths:
         path = Path(raw)
@@ -156,6 +157,7 @@ def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
             found = [p for p in entries if p.is_file()]
             files += found
             missing += [Rejection(str(p), NOT_A_FILE, "DataNotFoundError") for p in entries if not (p.is_file() or p.is_dir())]
+            missing += [Rejection(str(p), LINKED_FOLDER, "DataNotFoundError") for p in entries if p.is_dir() and p.is_symlink()]
             if not found:
                 missing.append(Rejection(raw, "folder holds no files to score", "DataNotFoundError"))
         elif path.is_file():
