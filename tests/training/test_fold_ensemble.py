@@ -1,5 +1,5 @@
 """A cross-validation's fold models served as one ensemble, calibrated on their out-of-fold predictions
-(`scripts/export_ensemble.py --cross-validation DIR`), and its recipe refitted on all labelled images, calibrated on the
+(`scripts/export_ensemble.py --cross-validation DIR [DIR ...]`: one cross-validation, or several cut alike), and its recipe refitted on all labelled images, calibrated on the
 same out-of-fold predictions (`--refit RUN_DIR ...`)."""
 
 from __future__ import annotations
@@ -104,6 +104,68 @@ def _check_the_ood_score_is_each_fold_models_own_on_what_it_held_out(folds, memb
     np.testing.assert_allclose(served, expected, rtol=1e-4)
 
 
+def test_cross_validations_cut_alike_serve_together_each_image_scored_by_the_mean_of_its_holders(cross_validation, recipe, tmp_path):
+    """Two recipes cross-validated on the same folds: one package of all four fold models, calibrated on each image's
+    mean over the two models that held it out, and OOD-thresholded on the same mean of their own scores."""
+    import torch
+
+    from medtriage.config.schema import ExportConfig
+    from medtriage.data.torch.datasets import cache_split
+    from medtriage.export.fold_ensemble import export_fold_ensemble, fold_members
+    from medtriage.export.ood import fit_ood
+    from medtriage.export.run import ood_data_of
+    from medtriage.model.averaging import averaged
+    from medtriage.model.predict import predict_cached
+    from medtriage.workflows.cross_validation import cross_validate
+
+    other = tmp_path / "cv-other"
+    cross_validate([*recipe, "trainer.lr=0.01", "cv.folds=2", "cv.jobs=2"], other)  # another recipe, the same cut
+    both = [cross_validation, other]
+    folds = export_fold_ensemble(both, "tiny-two", tta="shift", overrides=[f"export.models_dir={tmp_path / 'models'}"])
+    members = fold_members(both)
+    assert members.folds == [0, 1, 0, 1] and len(folds.net.members) == 4
+
+    oof, start, own_scores = folds.out_of_fold, 0, []
+    for fold in (0, 1):
+        holders = [k for k, held in enumerate(members.folds) if held == fold]
+        first = holders[0]
+        held_out = cache_split(
+            members.manifests[first], "val", members.nets[first].preprocess, 48, members.configs[first]["trainer"]["seed"]
+        )
+        alone = [predict_cached(averaged(members.nets[k], "shift"), held_out) for k in holders]
+        mean = np.mean([np.exp(a.logits) / np.exp(a.logits).sum(1, keepdims=True) for a in alone], axis=0)
+        stop = start + len(held_out.labels)
+        np.testing.assert_allclose(np.exp(oof.logits[start:stop]), mean, atol=1e-5)
+        np.testing.assert_array_equal(oof.row_indices[start:stop], held_out.row_indices)
+        fits = [
+            fit_ood(averaged(members.nets[k], "shift"), 1.0, ood_data_of(members.manifests[k], alone[0], ExportConfig())) for k in holders
+        ]
+        own_scores.append(np.mean([fit.val_scores for fit in fits], axis=0))
+        start = stop
+    assert start == len(oof.labels) == len(set(oof.row_indices.tolist()))  # each labelled image once
+    meta = json.loads((folds.package_dir / "model.json").read_text())
+    assert meta["ood"]["fit"]["members"] == 4 and "the members that held it out" in meta["ood"]["method"]
+    assert meta["ood"]["threshold"] == pytest.approx(float(np.quantile(np.concatenate(own_scores), 0.99)), rel=1e-6)
+    assert (
+        meta["calibration"]["split"] == "out-of-fold" and "several cross-validations" in (folds.package_dir / "MODEL_CARD.md").read_text()
+    )
+    assert torch.isfinite(folds.net(torch.rand(2, 1, 40, 40))).all()
+
+
+def test_cross_validations_cut_differently_or_given_twice_are_refused_together(tmp_path):
+    from medtriage.errors import ConfigError
+    from medtriage.export.fold_ensemble import _check_one_cut, fold_members
+
+    with pytest.raises(ConfigError, match="given twice"):
+        fold_members([tmp_path, tmp_path / "."])
+
+    with pytest.raises(ConfigError, match="not cut alike"):
+        _check_one_cut(["a", "b"], [[fold_config(0), fold_config(1)], [fold_config(0, seed=3), fold_config(1, seed=3)]])
+    with pytest.raises(ConfigError, match="not cut alike"):
+        _check_one_cut(["a", "b"], [[fold_config(0, folds=2)], [fold_config(0)]])
+    _check_one_cut(["a", "b"], [[fold_config(k) for k in range(3)], [fold_config(k) for k in range(3)]])
+
+
 def test_the_command_refuses_folds_of_different_cross_validations_and_a_missing_fold(cross_validation, tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "export_ensemble.py"), "--name", "bad", f"export.models_dir={tmp_path / 'models'}"]
 
@@ -198,6 +260,8 @@ def test_a_refit_that_is_not_the_folds_recipe_or_not_a_refit_is_refused(cross_va
     script = [sys.executable, str(ROOT / "scripts" / "export_ensemble.py"), "--name", "bad", "--refit", str(tmp_path / "other")]
     done = subprocess.run(script, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2 and "--refit needs --cross-validation" in done.stderr
+    done = subprocess.run([*script, "--cross-validation", "a", "b"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "give one --cross-validation DIR" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def ensemble_main(argv: list[str] | None = None) -> int:
     """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--tta shift|flip] [export.key=value ...]`, or
-    `--cross-validation DIR` for the fold models of one `scripts/cross_validate.py` run (calibrated out-of-fold), or
-    `--cross-validation DIR --refit RUN_DIR ...` for that recipe refitted on all its images (`data.refit=true`), calibrated
-    on the same out-of-fold scores.
+    `--cross-validation DIR [DIR ...]` for the fold models of one `scripts/cross_validate.py` run, or of several cut
+    alike (calibrated out-of-fold), or `--cross-validation DIR --refit RUN_DIR ...` for that recipe refitted on all its
+    images (`data.refit=true`), calibrated on the same out-of-fold scores.
 
     No test-time views by default; "flip" is for tissue, not chest X-rays (the heart is on one side)."""
     parser = argparse.ArgumentParser(description="Package several trained models as one ONNX graph (mean of member probabilities).")
@@ -54,8 +54,10 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cross-validation",
         type=Path,
+        nargs="+",
         metavar="DIR",
-        help="the folder of one cross-validation (its fold<k>/ runs): serve its fold models, calibrated on their out-of-fold predictions",
+        help="the folder of a cross-validation (its fold<k>/ runs): serve its fold models, calibrated on their out-of-fold "
+        "predictions; several folders (recipes cross-validated on the same folds) serve all their fold models together",
     )
     parser.add_argument(
         "--refit",
@@ -77,10 +79,12 @@ def ensemble_main(argv: list[str] | None = None) -> int:
         parser.error("--refit needs --cross-validation DIR: the refit is calibrated on that cross-validation's out-of-fold scores")
     if bool(run_ids) == bool(args.cross_validation):
         parser.error("give either MLflow run ids or --cross-validation DIR (one of them, not both)")
+    if args.refit and len(args.cross_validation) > 1:
+        parser.error("--refit is calibrated on the out-of-fold scores of its own recipe: give one --cross-validation DIR")
     mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)  # the project's store
     try:
         if args.refit:
-            refit = export_refit(args.cross_validation, args.refit, args.name, tta=args.tta, overrides=overrides)
+            refit = export_refit(args.cross_validation[0], args.refit, args.name, tta=args.tta, overrides=overrides)
             package, run_id = refit.package_dir, refit.run_id
         elif args.cross_validation:
             folds = export_fold_ensemble(args.cross_validation, args.name, tta=args.tta, overrides=overrides)

@@ -1,14 +1,16 @@
-"""The fold models of one cross-validation served as one ensemble, calibrated on their out-of-fold predictions.
+"""The fold models of cross-validations served as one ensemble, calibrated on their out-of-fold predictions.
 
 `scripts/cross_validate.py` trains one model per fold of train + validation pooled (test left out of every run).
 Together the fold models have seen every labelled image, and each image was held out from exactly one of them. Their
 ensemble therefore learns from all the labelled data, which matters when a class is scarce, and still gets its
 temperature, operating points and drift references from images their scorer had not trained on: each image scored by
-the fold model that held it out (out-of-fold). Those are one member's scores, not the ensemble's. An average of
-members is slightly less extreme than each member, so the calibration is close, not exact; model.json says
-`calibration.split: out-of-fold` and the model card says what that means. Its OOD score is set the same way: each fold
-model fitted on its own training images and thresholded on the images it held out. A refit's members held out
-nothing, so a refit package carries no OOD score.
+the fold model that held it out (out-of-fold). Several cross-validations of one cut (different recipes on the same
+folds) serve together the same way: each image is then scored by the mean of the fold models that held it out, one per
+recipe. Those are the scores of some members, not of the whole ensemble. An average of more members is slightly less
+extreme, so the calibration is close, not exact; model.json says `calibration.split: out-of-fold` and the model card
+says what that means. Its OOD score is set the same way: each fold model fitted on its own training images, scaled on
+the images it held out, and the threshold set on the mean score of the members that held each image out. A refit's
+members held out nothing, so a refit package carries no OOD score.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from omegaconf import OmegaConf
 from medtriage.config.schema import ExportConfig
 from medtriage.data.manifest import Manifest, load_manifest
 from medtriage.data.sources.registry import load_pool
-from medtriage.data.torch.datasets import cache_split
+from medtriage.data.torch.datasets import cache_split, limit_rows
 from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.evaluation.predictions import Predictions
 from medtriage.export.ood import OodData
@@ -47,6 +49,7 @@ class FoldMembers:
     nets: list[TriageNet]
     configs: list[dict]
     manifests: list[Manifest]  # each fold's pool: its held-out images are its "val" split
+    folds: list[int]  # the fold each member held out (cross-validations of one cut share them)
 
 
 @dataclass
@@ -57,9 +60,23 @@ class FoldEnsemble:
     out_of_fold: Predictions  # as the package was calibrated on: views averaged, before temperature
 
 
-def fold_members(cv_dir: Path) -> FoldMembers:
-    """Each `fold<k>/` model of the cross-validation in `cv_dir` (its final weights), with its config and its fold."""
-    cv_dir = Path(cv_dir)
+def fold_members(cv_dirs: Path | Sequence[Path]) -> FoldMembers:
+    """Each `fold<k>/` model (its final weights) of the cross-validation in each of `cv_dirs`, with its config and its
+    fold; several cross-validations must be of one cut (the same folds of the same pool)."""
+    cv_dirs = _as_list(cv_dirs)
+    if len(set(d.resolve() for d in cv_dirs)) != len(cv_dirs):
+        raise ConfigError("a cross-validation is given twice", where=" ".join(map(str, cv_dirs)), hint="give each folder once")
+    each = [_one_cross_validation(d) for d in cv_dirs]
+    if len(each) > 1:
+        _check_one_cut(cv_dirs, [m.configs for m in each])
+    return FoldMembers(*([item for one in each for item in getattr(one, f.name)] for f in dataclasses.fields(FoldMembers)))
+
+
+def _as_list(cv_dirs: Path | Sequence[Path]) -> list[Path]:
+    return [Path(cv_dirs)] if isinstance(cv_dirs, (str, Path)) else [Path(d) for d in cv_dirs]
+
+
+def _one_cross_validation(cv_dir: Path) -> FoldMembers:
     folds = sorted((int(m.group(1)), p) for p in cv_dir.glob("fold*") if (m := FOLD_DIR.fullmatch(p.name)))
     if not folds:
         raise DataNotFoundError(
@@ -74,7 +91,7 @@ def fold_members(cv_dir: Path) -> FoldMembers:
         configs.append(config)
         manifests.append(load_pool(OmegaConf.create(config["data"])))
     _check_one_cross_validation(cv_dir, configs)
-    return FoldMembers(nets, configs, manifests)
+    return FoldMembers(nets, configs, manifests, [c["data"]["cv_fold"] for c in configs])
 
 
 def _final_model(checkpoints: Path) -> tuple[TriageNet, dict]:
@@ -84,9 +101,15 @@ def _final_model(checkpoints: Path) -> tuple[TriageNet, dict]:
     return (net, config) if weights == "last" else load_model(final_checkpoint(checkpoints, weights))
 
 
+def _cut(config: dict) -> tuple:
+    """What decides a fold run's held-out images: the pool, how many folds, the seed of the cut and any image limit."""
+    data = config["data"]
+    return data["pool_dir"], data.get("cv_folds"), data.get("cv_seed"), data.get("limit")
+
+
 def _check_one_cross_validation(cv_dir: Path, configs: Sequence[dict]) -> None:
     """The folds must be the folds of one cut of one pool, each once: else their held-out images overlap or miss."""
-    cuts = {(c["data"]["pool_dir"], c["data"].get("cv_folds"), c["data"].get("cv_seed"), c["data"].get("limit")) for c in configs}
+    cuts = {_cut(c) for c in configs}
     folds = sorted(c["data"].get("cv_fold") for c in configs if c["data"].get("cv_fold") is not None)
     (_, count, _, _), *others = sorted(cuts, key=str)
     if others or count is None or folds != list(range(count)):
@@ -98,13 +121,29 @@ def _check_one_cross_validation(cv_dir: Path, configs: Sequence[dict]) -> None:
         )
 
 
+def _check_one_cut(cv_dirs: Sequence[Path], configs: Sequence[Sequence[dict]]) -> None:
+    """Cross-validations served together must share their folds: each image then has the same holders in every one."""
+    cuts = {_cut(each[0]) for each in configs}
+    if len(cuts) > 1:
+        raise ConfigError(
+            f"the cross-validations are not cut alike ({sorted(map(str, cuts))}): their held-out images differ",
+            where=" ".join(map(str, cv_dirs)),
+            hint="serve together only cross-validations of one pool with the same data.cv_folds, data.cv_seed and data.limit",
+        )
+
+
 def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.ndarray], list[Predictions]]:
-    """Every held-out image scored by the fold model that held it out (averaged over `tta` views), the images, and
-    each fold model's part (in member order: the parts joined are the first)."""
+    """Every held-out image scored by the mean of the fold models that held it out (one per cross-validation), averaged
+    over `tta` views; the images; and each fold's part, in fold order (the parts joined are the first)."""
     parts, images, seen = [], [], set()
-    for net, config, manifest in zip(members.nets, members.configs, members.manifests, strict=True):
-        held_out = cache_split(manifest, "val", net.preprocess, config["data"].get("limit"), config["trainer"]["seed"])
-        predictions = predict_cached(averaged(net, tta).eval(), held_out)
+    for fold in sorted(set(members.folds)):
+        holders = [k for k, held in enumerate(members.folds) if held == fold]
+        _check_held_out_alike(members, holders, fold)
+        config, manifest = members.configs[holders[0]], members.manifests[holders[0]]
+        nets = [members.nets[k] for k in holders]
+        held_out = cache_split(manifest, "val", nets[0].preprocess, config["data"].get("limit"), config["trainer"]["seed"])
+        scorer = averaged(nets[0], tta) if len(nets) == 1 else EnsembleNet(nets, tta)
+        predictions = predict_cached(scorer.eval(), held_out)
         rows = set(map(int, predictions.row_indices))
         if rows & seen:
             raise ConfigError(
@@ -122,6 +161,22 @@ def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.nd
     return joined, images, parts
 
 
+def _held_out_rows(config: dict, manifest: Manifest) -> list[int]:
+    """The rows a fold run held out, as it took them (`cache_split`: a limit samples them by the run's seed)."""
+    return limit_rows(manifest.split("val"), config["data"].get("limit"), config["trainer"]["seed"]).index.tolist()
+
+
+def _check_held_out_alike(members: FoldMembers, holders: Sequence[int], fold: int) -> None:
+    """The members holding out one fold must hold out the same images, or their mean scores no image out-of-fold."""
+    rows = {tuple(_held_out_rows(members.configs[k], members.manifests[k])) for k in holders}
+    if len(rows) > 1:
+        raise ConfigError(
+            f"the cross-validations hold out different images in fold {fold} (a data.limit sampled with different seeds?)",
+            where=members.manifests[holders[0]].pool_dir,
+            hint="serve together only cross-validations whose folds hold out the same images",
+        )
+
+
 def _experiment_id(name: str) -> str:
     """The folds' own experiment in the current tracking store (the caller chose the store)."""
     client = mlflow.MlflowClient()
@@ -129,12 +184,13 @@ def _experiment_id(name: str) -> str:
     return found.experiment_id if found is not None else client.create_experiment(name)
 
 
-def export_fold_ensemble(cv_dir: Path, name: str, tta: str = "none", overrides: Sequence[str] = ()) -> FoldEnsemble:
-    """Package the fold models of the cross-validation in `cv_dir` as one ensemble `<models_dir>/<name>/`, calibrated
-    on their out-of-fold predictions, tracked as an MLflow run of the folds' experiment in the current tracking store."""
-    members = fold_members(cv_dir)
+def export_fold_ensemble(cv_dirs: Path | Sequence[Path], name: str, tta: str = "none", overrides: Sequence[str] = ()) -> FoldEnsemble:
+    """Package the fold models of the cross-validation in `cv_dirs` (or of several, cut alike) as one ensemble
+    `<models_dir>/<name>/`, calibrated on their out-of-fold predictions, tracked as an MLflow run of the folds' experiment
+    in the current tracking store."""
+    members = fold_members(cv_dirs)
     tags = {"cross_validation": "true"}
-    return _export_out_of_fold(members.nets, members, cv_dir, name, tta, overrides, HELD_OUT_SPLIT, f"{name}-folds", tags)
+    return _export_out_of_fold(members.nets, members, cv_dirs, name, tta, overrides, HELD_OUT_SPLIT, f"{name}-folds", tags)
 
 
 def export_refit(cv_dir: Path, refit_dirs: Sequence[Path], name: str, tta: str = "none", overrides: Sequence[str] = ()) -> FoldEnsemble:
@@ -188,7 +244,7 @@ def _recipe_part(config: dict, key: str):
 def _export_out_of_fold(
     nets: list[TriageNet],
     members: FoldMembers,
-    cv_dir: Path,
+    cv_dirs: Path | Sequence[Path],
     name: str,
     tta: str,
     overrides: Sequence[str],
@@ -205,14 +261,16 @@ def _export_out_of_fold(
         print("refit: exported without an OOD score (its members trained on every labelled image: none is left to set a threshold on)")
     export_cfg = dataclasses.replace(export_cfg, ood=export_cfg.ood and served_folds, tta=tta)
     val, images, parts = out_of_fold(members, tta)
-    per_member = [ood_data_of(m, part, export_cfg) for m, part in zip(members.manifests, parts)] if served_folds else None
+    part_of = dict(zip(sorted(set(members.folds)), parts))
+    per_member = [ood_data_of(m, part_of[f], export_cfg) for m, f in zip(members.manifests, members.folds)] if served_folds else None
+    ood_data = OodData([], np.zeros(0, dtype=int), images, per_member, members.folds if served_folds else None)
     pooled = members.manifests[0]
     labelled = pooled.rows[pooled.rows["split"] != "test"]
     net = EnsembleNet(nets, tta).eval()
     with mlflow.start_run(experiment_id=_experiment_id(config.tracking.experiment_name), run_name=run_name) as run:
         mlflow.log_params(
             {
-                "ensemble.cross_validation": str(Path(cv_dir).resolve()),
+                "ensemble.cross_validation": ",".join(str(Path(d).resolve()) for d in _as_list(cv_dirs)),
                 "ensemble.size": len(nets),
                 "ensemble.tta": tta,
                 "ensemble.calibration": split,
@@ -231,7 +289,7 @@ def _export_out_of_fold(
             training_sites=labelled["site"].unique(),
             network=OmegaConf.to_container(config.model, resolve=True),
             provenance={"data_fingerprint": load_manifest(pooled.pool_dir).fingerprint},
-            ood_data=OodData([], np.zeros(0, dtype=int), images, per_member),  # the drift references use `images`
+            ood_data=ood_data,  # the drift references use its `val_images`: the out-of-fold images
             scope=scope_from_rows(labelled, export_cfg.modality),
             held_out_split=split,
         )

@@ -31,14 +31,22 @@ log = logging.getLogger(__name__)
 @dataclass
 class OodData:
     """Images the OOD score is fitted on (training) and thresholded on (validation); each `[C, H, W]` in [0, 1].
-    `per_member` (fold models): each member's own training and held-out images, its held-out sets in turn making up
-    `val_images`; each member is then fitted and scaled on its own, and `val_images` scored by the member that held
-    each out, standing in for the ensemble (as the out-of-fold calibration does)."""
+    `per_member` (fold models): each member's own training and held-out images; each member is then fitted and scaled
+    on its own, and `val_images` scored by the members that held each out, standing in for the ensemble (as the
+    out-of-fold calibration does). `held_out_by` gives each member's fold: the members of one fold (one per
+    cross-validation of the same cut) hold out the same images, and their mean scores them; the folds' held-out sets,
+    in fold order, make up `val_images`. Without it each member is a fold of its own."""
 
     train_images: Sequence[np.ndarray]
     train_labels: np.ndarray
     val_images: Sequence[np.ndarray]
     per_member: Sequence[OodData] | None = None
+    held_out_by: Sequence[int] | None = None
+
+    def holders(self) -> list[list[int]]:
+        """The members that held out each fold, in fold order (per-member data only)."""
+        folds = list(range(len(self.per_member))) if self.held_out_by is None else list(self.held_out_by)
+        return [[k for k, held in enumerate(folds) if held == fold] for fold in sorted(set(folds))]
 
     def member(self, k: int) -> OodData:
         return self.per_member[k] if self.per_member is not None else self
@@ -210,8 +218,10 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
     with torch.no_grad():
         if data.per_member is None:
             val_scores = model.ood_score(val_features).double().numpy()
-        else:  # each held-out image scored by the member that held it out, in `val_images`' order
-            val_scores = np.concatenate([score(features).double().numpy() for score, features in zip(scores, val_features)])
+        else:  # each held-out image scored by the mean of the members that held it out, in `val_images`' order
+            val_scores = np.concatenate(
+                [np.mean([scores[k](val_features[k]).double().numpy() for k in fold], axis=0) for fold in data.holders()]
+            )
     threshold = float(np.quantile(val_scores, 1.0 - false_alarm_rate))
     block = {
         "output": OOD_NAME,
@@ -239,8 +249,8 @@ def _members_text(count: int, per_member: bool) -> str:
         return f", averaged over the {count} members"
     return (
         f", averaged over the {count} fold members; each member is fitted on its own training images and scaled on the "
-        "images it held out, and the threshold is set on each held-out image's score by the member that held it out "
-        "(one member's score standing in for the ensemble's, as in the out-of-fold calibration)"
+        "images it held out, and the threshold is set on each held-out image's score by the members that held it out "
+        "(their mean standing in for the ensemble's, as in the out-of-fold calibration)"
     )
 
 

@@ -162,7 +162,8 @@ def _precision_lines(block: dict) -> list[str]:
 HELD_OUT_TEXT = {
     "val": "the validation split",
     "out-of-fold": "out-of-fold predictions (each train and validation image scored by the cross-validation fold model "
-    "that did not train on it; the served ensemble averages all the fold models, so its scores are slightly less extreme)",
+    "that did not train on it, or the mean of those of several cross-validations cut alike; the served ensemble averages "
+    "all the fold models, so its scores are slightly less extreme)",
     "out-of-fold (refit)": "out-of-fold predictions of the recipe's cross-validation (each train and validation image "
     "scored by the fold model that did not train on it); the served model is the same recipe refitted on all of those "
     "images, which has no held-out images of its own, so the fold models' scores stand in for its",

@@ -153,11 +153,9 @@ def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
         path = Path(raw)
         if path.is_dir():
             any_folder = True
-            entries = sorted(p for p in path.rglob("*") if not p.name.startswith("."))
-            found = [p for p in entries if p.is_file()]
+            found, unscorable = _folder_files(path)
             files += found
-            missing += [Rejection(str(p), NOT_A_FILE, "DataNotFoundError") for p in entries if not (p.is_file() or p.is_dir())]
-            missing += [Rejection(str(p), LINKED_FOLDER, "DataNotFoundError") for p in entries if p.is_dir() and p.is_symlink()]
+            missing += unscorable
             if not found:
                 missing.append(Rejection(raw, "folder holds no files to score", "DataNotFoundError"))
         elif path.is_file():
@@ -165,6 +163,20 @@ def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
         else:
             missing.append(Rejection(raw, "no such file or folder", "FileNotFoundError"))
     return _whole_slides_as_folders(files), missing, any_folder
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], list[Rejection]]:
+    """The files under `folder` (sorted, hidden ones skipped) and its entries that are neither a file nor a folder of
+    its own (a broken link, a pipe, a linked folder, which is not followed: it may lead back up the tree)."""
+    files, unscorable = [], []
+    for entry in sorted(p for p in folder.rglob("*") if not p.name.startswith(".")):
+        if entry.is_file():
+            files.append(entry)
+        elif not entry.is_dir():
+            unscorable.append(Rejection(str(entry), NOT_A_FILE, "DataNotFoundError"))
+        elif entry.is_symlink():
+            unscorable.append(Rejection(str(entry), LINKED_FOLDER, "DataNotFoundError"))
+    return files, unscorable
 
 
 def _whole_slides_as_folders(files: list[Path]) -> list[Path]:
