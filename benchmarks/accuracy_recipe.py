@@ -34,8 +34,8 @@ TARGET_AUC, TARGET_ACC, TARGET_MINUTES = 0.990, 0.950, 15.0
 SECTION = "## Accuracy: default recipe"
 
 
-def served_scores(package: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(p(pneumonia), label, package finding is pneumonia) of every image of `split`, from `medtriage score --json`."""
+def served_document(package: Path, split: str) -> dict:
+    """`medtriage score PACKAGE --npz NPZ --split SPLIT --json`'s answer: every image of `split` as the package serves it."""
     command = [
         str(Path(sys.executable).with_name("medtriage")),
         "score",
@@ -46,7 +46,12 @@ def served_scores(package: Path, split: str) -> tuple[np.ndarray, np.ndarray, np
         split,
         "--json",
     ]
-    document = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+
+
+def served_scores(package: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(p(pneumonia), label, package finding is pneumonia) of every image of `split`, from `medtriage score --json`."""
+    document = served_document(package, split)
     results, labels = document["results"], document["labels"]
     positive = document["model"].get("positive_label", "pneumonia")
     return (
@@ -54,6 +59,12 @@ def served_scores(package: Path, split: str) -> tuple[np.ndarray, np.ndarray, np
         np.array([labels[r["file"]] for r in results]),
         np.array([r["finding"] == positive for r in results]),
     )
+
+
+def unusual_share(package: Path, split: str) -> dict:
+    """How many images of `split` the package's OOD score flags (it would withhold them from a radiologist)."""
+    results = served_document(package, split)["results"]
+    return {"flagged": sum("unusual_input" in r["flags"] for r in results), "images": len(results)}
 
 
 def score_package(package: Path) -> dict:

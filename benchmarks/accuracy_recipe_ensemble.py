@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks.accuracy import PUBLISHED
 from benchmarks.accuracy_folds import scored_export
-from benchmarks.accuracy_recipe import NPZ, TARGET_ACC, TARGET_AUC, stage_dir
+from benchmarks.accuracy_recipe import NPZ, TARGET_ACC, TARGET_AUC, stage_dir, unusual_share
 from benchmarks.accuracy_selection import BASE, INCUMBENT, QUICK, compared, cross_validated, gain_text, paired_gain
 from benchmarks.common import ROOT, cached, command_line, header, machine, mean_sd_text, recipe_key, stage_file, verdict, write_section
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         cv_dirs = [out_dir / trials[label]["cv_dir"] for label in chosen]
         path = stage_file(out_dir, "recipes-package", [*(trials[label]["cv_dir"] for label in chosen), cfg.export.tta])
         result = cached(path, lambda: scored_package(cv_dirs, name, cfg.export.tta, cfg.export.models_dir))
+        unusual = stage_file(out_dir, "unusual", [result["run_id"], "test"])  # measured after the package's test figures
+        result["test_unusual"] = cached(unusual, lambda: unusual_on_test(Path(result["package"])))
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_recipe_ensemble_quick.md" if args.quick else "docs/benchmarks.md")
     write_section(section(predictions, trials, steps, chosen, result, cfg.export.tta, args, command_line()), doc)
     print(f"written to {doc}")
@@ -212,6 +214,7 @@ def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
         f"the views; temperature ({r['temperature']:.3f}) and thresholds fitted on the {r['out_of_fold_images']} out-of-fold "
         f"scores ({r['out_of_fold_normal']} normal), each image scored by the mean of the {len(chosen)} fold models that held "
         "it out: their scores stand in for the whole ensemble's",
+        *unusual_lines(r),
         f"- test scoring: `medtriage score <package> --npz {NPZ} --split test --json` as a subprocess, once; ACC at Youden's "
         "J on the out-of-fold scores (fixed before test was scored), at the calibrated argmax (0.5) and of the package's "
         "finding (review threshold: sensitivity ≥ 0.95 out-of-fold); AUC 95% CI: 1,000 bootstrap resamples of the test images",
@@ -226,6 +229,28 @@ def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
         "Targets: test AUC ≥ 0.99 and ACC ≥ 0.95 (the goal asks them of an ensemble above the default recipe's 3-seed mean).",
         f"- test AUC {r['test_auc']:.4f}: {verdict(r['test_auc'] >= TARGET_AUC)}",
         f"- test ACC {r['test_acc']:.4f}: {verdict(r['test_acc'] >= TARGET_ACC)}",
+    ]
+
+
+def unusual_on_test(package: Path) -> dict:
+    """The package's OOD false-alarm rate as set out-of-fold, and how many test images it flags (none: no OOD score)."""
+    import json
+
+    meta = json.loads((package / "model.json").read_text())
+    return {**unusual_share(package, "test"), "false_alarm_rate": meta["ood"]["false_alarm_rate"]} if "ood" in meta else {}
+
+
+def unusual_lines(r: dict) -> list[str]:
+    """The OOD score's false alarms on test: new chest X-rays of the same kind, which it should pass."""
+    measured = r.get("test_unusual") or {}
+    if not measured:
+        return []
+    flagged, images = measured["flagged"], measured["images"]
+    return [
+        f"- OOD score: thresholded to flag {measured['false_alarm_rate']:.0%} of the out-of-fold images as unusual; it flags "
+        f"{flagged} of the {images} test images ({flagged / images:.1%}), which are chest X-rays like the training images: "
+        "on this test set the served false-alarm rate is the latter (measured after the test figures above, with the same "
+        "package; test chose nothing)"
     ]
 
 

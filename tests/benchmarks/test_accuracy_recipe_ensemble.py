@@ -61,6 +61,7 @@ def result(test_auc: float, test_acc: float) -> dict:
         "test_acc_argmax": 0.9,
         "test_acc_finding": 0.95,
         "export_s": 300.0,
+        "test_unusual": {"flagged": 33, "images": 624, "false_alarm_rate": 0.01},
     }
 
 
@@ -85,6 +86,8 @@ def test_the_section_reports_each_recipe_the_selection_and_the_test_verdicts(pre
     assert "| default + other-errors: ensemble of their 6 fold models, shift views | 0.9881 | [0.981, 0.995] | 0.9391 (t = 0.712) |" in text
     assert "- test AUC 0.9881: **not met**" in text and "- test ACC 0.9391: **not met**" in text
     assert "*published:* Google AutoML Vision | 0.991" in text
+    assert "flag 1% of the out-of-fold images as unusual; it flags 33 of the 624 test images (5.3%)" in text
+    assert "unusual" not in section(predictions, {**result(0.9881, 0.9391), "test_unusual": {}})  # a package without OOD score
     assert "- test AUC 0.9903: **met**" in section(predictions, result(0.9903, 0.9503))
 
 

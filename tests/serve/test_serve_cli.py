@@ -155,3 +155,14 @@ def test_dcmtk_reads_the_sr(need_tool, capsys, package_dir, tmp_path):
     assert results[0]["sop_uid"] in dump.stdout  # the referenced source instance
     assert "Algorithm Name" in dump.stdout and "tiny-pneumonia" in dump.stdout
     assert '"Triage priority"' in dump.stdout
+
+
+def test_an_npz_split_is_scored_whole_with_the_images_the_ood_score_would_withhold_flagged(capsys, safe_package_dir):
+    from tests.export.tiny_package import NPZ
+
+    code, out, _ = score(capsys, safe_package_dir, "--npz", NPZ, "--split", "val", "--json")
+    results = json.loads(out)["results"]
+    threshold = json.loads((safe_package_dir / "model.json").read_text())["ood"]["threshold"]
+    flagged = [r["ood_score"] > threshold for r in results]
+    assert code == 0 and len(results) == 524 and all(r["status"] == "scored" for r in results)
+    assert [("unusual_input" in r["flags"]) for r in results] == flagged and any(flagged) and not all(flagged)

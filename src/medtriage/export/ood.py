@@ -168,9 +168,10 @@ class ScoredNet(nn.Module):
 
     output_names = ("probabilities", OOD_NAME)
 
-    def __init__(self, net: nn.Module, taps: Sequence[nn.Module], head: nn.Linear, temperature: float, scores: Sequence[OodScore]):
+    def __init__(self, net: nn.Module, taps: Sequence[nn.Module], head: nn.Linear | None, temperature: float, scores: Sequence[OodScore]):
         super().__init__()
-        self.net, self.head = net, head  # `net`: what is served (and its preprocessing); `head`: a lone network's last layer
+        # `net`: what is served (and its preprocessing); `head`: a lone network's last layer (None for an average)
+        self.net, self.head = net, head
         self.taps, self.scores = nn.ModuleList(taps), nn.ModuleList(scores)  # one of each per member
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
@@ -214,7 +215,7 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
         _check_split(member, member_taps, head, own.val_images[:4])
         taps.append(member_taps)
         val_features.append([torch.from_numpy(v).float() for v in val])
-    model = ScoredNet(served, taps, head, temperature, scores).eval()
+    model = ScoredNet(served, taps, None if isinstance(served, EnsembleNet) else head, temperature, scores).eval()
     with torch.no_grad():
         if data.per_member is None:
             val_scores = model.ood_score(val_features).double().numpy()

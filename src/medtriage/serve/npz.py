@@ -2,7 +2,8 @@
 
 MedMNIST ships no DICOM files; this path feeds the same decoded pixels training used (uint8 / 255,
 channel first) to the package's ONNX session, so benchmark figures can be reproduced from the
-served model. Each image is named `<npz file>#<split>_images[<i>]`, as in the training pool.
+served model. Each image is named `<npz file>#<split>_images[<i>]`, as in the training pool. Every image is scored:
+one that the package's OOD score would withhold is flagged `unusual_input` instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from medtriage.errors import InputError
 from medtriage.io.dicom import DecodedImage
 from medtriage.io.npz import SPLITS, read_npz
 from medtriage.serve.predictor import Predictor, Score
+from medtriage.serve.scope import UNUSUAL_INPUT
 
 BATCH = 256
 
@@ -64,6 +66,14 @@ def _scores(predictor: Predictor, pixels: np.ndarray, names: list[str]) -> Itera
         batch = to_model_channels(pixels[start : start + BATCH], predictor.package.channels)
         probs, ood = predictor.outputs(batch)
         for i, (name, image, p) in enumerate(zip(names[start : start + BATCH], batch, probs)):
+            score = None if ood is None else float(ood[i])
             yield predictor.score_from_outputs(
-                p, name, None, _decoded(image, name), [], None if ood is None else float(ood[i]), float(image.mean())
+                p, name, None, _decoded(image, name), _unusual_flag(predictor, score), score, float(image.mean())
             )
+
+
+def _unusual_flag(predictor: Predictor, ood: float | None) -> list[str]:
+    """Every image of the split is scored (the figures must cover it whole); one the package's OOD score would have
+    withheld from a radiologist is flagged, so how often that happens on a split can be counted."""
+    threshold = predictor.package.ood_threshold
+    return [UNUSUAL_INPUT] if ood is not None and threshold is not None and ood > threshold else []
