@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.accuracy import PUBLISHED
-from benchmarks.accuracy_folds import scored_export
-from benchmarks.accuracy_recipe import NPZ, TARGET_ACC, TARGET_AUC, stage_dir, unusual_share
+from benchmarks.accuracy_folds import TEST_SCORING, scored_export, test_table
+from benchmarks.accuracy_recipe import stage_dir, unusual_share
 from benchmarks.accuracy_selection import BASE, INCUMBENT, QUICK, compared, cross_validated, gain_text, paired_gain
-from benchmarks.common import ROOT, cached, command_line, header, machine, mean_sd_text, recipe_key, stage_file, verdict, write_section
+from benchmarks.common import ROOT, cached, command_line, header, machine, mean_sd_text, recipe_key, stage_file, write_section
 
 SECTION = "## Accuracy: recipe ensemble"
 PACKAGE = "pneumoniamnist-sota-recipes"
@@ -202,12 +201,6 @@ def section(
 
 
 def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
-    rows = [
-        f"| {' + '.join(chosen)}: ensemble of their {r['members']} fold models, {r['views']} views | {r['test_auc']:.4f} "
-        f"| [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['test_acc']:.4f} (t = {r['youden_threshold']:.3f}) "
-        f"| {r['test_acc_argmax']:.4f} | {r['test_acc_finding']:.4f} | {r['out_of_fold_auc']:.4f} | `{r['run_id'][:8]}` |",
-        *(f"| *published:* {name} | {auc:.3f} | — | {acc:.3f} (argmax) | — | — | — | — |" for name, auc, acc in PUBLISHED),
-    ]
     return [
         f"- package: `python scripts/export_ensemble.py --name {PACKAGE} --cross-validation <each chosen recipe's folder> "
         f"--tta {tta}` (v{r['version']}, export {r['export_s'] / 60:.1f} min): one ONNX graph averaging all the members over "
@@ -215,20 +208,12 @@ def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
         f"scores ({r['out_of_fold_normal']} normal), each image scored by the mean of the {len(chosen)} fold models that held "
         "it out: their scores stand in for the whole ensemble's",
         *unusual_lines(r),
-        f"- test scoring: `medtriage score <package> --npz {NPZ} --split test --json` as a subprocess, once; ACC at Youden's "
-        "J on the out-of-fold scores (fixed before test was scored), at the calibrated argmax (0.5) and of the package's "
-        "finding (review threshold: sensitivity ≥ 0.95 out-of-fold); AUC 95% CI: 1,000 bootstrap resamples of the test images",
+        TEST_SCORING,
         "- what was seen before: the default recipe's seed packages, its fold ensemble and its refit had been scored on test "
         "(`## Accuracy: selection`, `## Accuracy: fold ensemble`, `## Accuracy: refit`); no other recipe of RECIPES had "
         "been, and the rule above was fixed before this package was scored",
         "",
-        "| model | test AUC | 95% CI | test ACC (out-of-fold Youden) | ACC @ 0.5 | ACC of package finding | out-of-fold AUC | MLflow run |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "Targets: test AUC ≥ 0.99 and ACC ≥ 0.95 (the goal asks them of an ensemble above the default recipe's 3-seed mean).",
-        f"- test AUC {r['test_auc']:.4f}: {verdict(r['test_auc'] >= TARGET_AUC)}",
-        f"- test ACC {r['test_acc']:.4f}: {verdict(r['test_acc'] >= TARGET_ACC)}",
+        *test_table(f"{' + '.join(chosen)}: ensemble of their {r['members']} fold models", r),
     ]
 
 
@@ -248,9 +233,10 @@ def unusual_lines(r: dict) -> list[str]:
     flagged, images = measured["flagged"], measured["images"]
     return [
         f"- OOD score: thresholded to flag {measured['false_alarm_rate']:.0%} of the out-of-fold images as unusual; it flags "
-        f"{flagged} of the {images} test images ({flagged / images:.1%}), which are chest X-rays like the training images: "
-        "on this test set the served false-alarm rate is the latter (measured after the test figures above, with the same "
-        "package; test chose nothing)"
+        f"{flagged} of the {images} test images ({flagged / images:.1%}; "
+        + ", ".join(f"{count} {label}" for label, count in measured["flagged_by_label"].items())
+        + "), which are chest X-rays like the training images: on this test set the served false-alarm rate is the latter "
+        "(measured after the test figures above, with the same package; test chose nothing)"
     ]
 
 
