@@ -61,19 +61,6 @@ def served_scores(package: Path, split: str) -> tuple[np.ndarray, np.ndarray, np
     )
 
 
-def unusual_share(package: Path, split: str) -> dict:
-    """How many images of `split` the package's OOD score flags (it would withhold them from a radiologist), in all and
-    of each reference label."""
-    document = served_document(package, split)
-    flagged = [document["labels"][r["file"]] for r in document["results"] if "unusual_input" in r["flags"]]
-    names = json.loads((package / "model.json").read_text())["label_names"]
-    return {
-        "flagged": len(flagged),
-        "images": len(document["results"]),
-        "flagged_by_label": {n: flagged.count(k) for k, n in enumerate(names)},
-    }
-
-
 def score_package(package: Path) -> dict:
     """Test AUC (bootstrap 95% CI) and accuracy at the validation Youden threshold, at 0.5 and of the package's finding."""
     from medtriage.evaluation.operating_points import choose_threshold

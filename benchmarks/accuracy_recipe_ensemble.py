@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.accuracy_folds import TEST_SCORING, scored_export, test_table
-from benchmarks.accuracy_recipe import stage_dir, unusual_share
+from benchmarks.accuracy_recipe import served_document, stage_dir
 from benchmarks.accuracy_selection import BASE, INCUMBENT, QUICK, compared, cross_validated, gain_text, paired_gain
 from benchmarks.common import ROOT, cached, command_line, header, machine, mean_sd_text, recipe_key, stage_file, write_section
 
@@ -99,26 +99,30 @@ def out_of_fold_probabilities(cv_dir: Path, tta: str) -> dict:
     }
 
 
-def fold_losses(predictions: dict[str, dict], labels: list[str]) -> list[float]:
-    """Per fold, the held-out log-loss after a cross-fitted temperature of the mean of `labels`' probabilities."""
-    from medtriage.evaluation.calibration import cross_fitted_log_loss
-
+def per_fold(predictions: dict[str, dict], labels: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per fold, the mean of `labels`' probabilities on its held-out images, and their labels."""
     first = predictions[labels[0]]
     if any(predictions[label]["rows"] != first["rows"] or predictions[label]["folds"] != first["folds"] for label in labels):
         raise RuntimeError(f"the cross-validations of {', '.join(labels)} hold out different images: they are not cut alike")
     p = np.mean([predictions[label]["p"] for label in labels], axis=0)
-    logits = np.log(np.clip(np.stack([1.0 - p, p], axis=1), 1e-12, 1.0))
     folds, y = np.asarray(first["folds"]), np.asarray(first["labels"])
-    return [float(cross_fitted_log_loss(logits[folds == k], y[folds == k])) for k in sorted(set(first["folds"]))]
+    return [(p[folds == k], y[folds == k]) for k in sorted(set(first["folds"]))]
+
+
+def fold_losses(predictions: dict[str, dict], labels: list[str]) -> list[float]:
+    """Per fold, the held-out log-loss after a cross-fitted temperature of the mean of `labels`' probabilities."""
+    from medtriage.evaluation.calibration import cross_fitted_log_loss
+
+    return [
+        float(cross_fitted_log_loss(np.log(np.clip(np.stack([1.0 - p, p], axis=1), 1e-12, 1.0)), y))
+        for p, y in per_fold(predictions, labels)
+    ]
 
 
 def fold_aucs(predictions: dict[str, dict], labels: list[str]) -> list[float]:
     from sklearn.metrics import roc_auc_score
 
-    first = predictions[labels[0]]
-    p = np.mean([predictions[label]["p"] for label in labels], axis=0)
-    folds, y = np.asarray(first["folds"]), np.asarray(first["labels"])
-    return [float(roc_auc_score(y[folds == k], p[folds == k])) for k in sorted(set(first["folds"]))]
+    return [float(roc_auc_score(y, p)) for p, y in per_fold(predictions, labels)]
 
 
 def greedy(predictions: dict[str, dict]) -> list[dict]:
@@ -218,11 +222,23 @@ def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
 
 
 def unusual_on_test(package: Path) -> dict:
-    """The package's OOD false-alarm rate as set out-of-fold, and how many test images it flags (none: no OOD score)."""
+    """The package's OOD false-alarm rate as set out-of-fold, and the test images its OOD score flags (it would withhold
+    them from a radiologist), in all and per reference label; nothing for a package without an OOD score."""
     import json
 
+    from medtriage.serve.scope import UNUSUAL_INPUT
+
     meta = json.loads((package / "model.json").read_text())
-    return {**unusual_share(package, "test"), "false_alarm_rate": meta["ood"]["false_alarm_rate"]} if "ood" in meta else {}
+    if "ood" not in meta:
+        return {}
+    document = served_document(package, "test")
+    flagged = [document["labels"][r["file"]] for r in document["results"] if UNUSUAL_INPUT in r["flags"]]
+    return {
+        "flagged": len(flagged),
+        "images": len(document["results"]),
+        "false_alarm_rate": meta["ood"]["false_alarm_rate"],
+        "flagged_by_label": {name: flagged.count(k) for k, name in enumerate(meta["label_names"])},
+    }
 
 
 def unusual_lines(r: dict) -> list[str]:

@@ -51,6 +51,10 @@ class FoldMembers:
     manifests: list[Manifest]  # each fold's pool: its held-out images are its "val" split
     folds: list[int]  # the fold each member held out (cross-validations of one cut share them)
 
+    def holders(self) -> list[list[int]]:
+        """The members that held out each fold, in fold order (one per cross-validation)."""
+        return [[k for k, held in enumerate(self.folds) if held == fold] for fold in sorted(set(self.folds))]
+
 
 @dataclass
 class FoldEnsemble:
@@ -136,8 +140,7 @@ def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.nd
     """Every held-out image scored by the mean of the fold models that held it out (one per cross-validation), averaged
     over `tta` views; the images; and each fold's part, in fold order (the parts joined are the first)."""
     parts, images, seen = [], [], set()
-    for fold in sorted(set(members.folds)):
-        holders = [k for k, held in enumerate(members.folds) if held == fold]
+    for fold, holders in enumerate(members.holders()):
         _check_held_out_alike(members, holders, fold)
         config, manifest = members.configs[holders[0]], members.manifests[holders[0]]
         nets = [members.nets[k] for k in holders]
@@ -261,9 +264,12 @@ def _export_out_of_fold(
         print("refit: exported without an OOD score (its members trained on every labelled image: none is left to set a threshold on)")
     export_cfg = dataclasses.replace(export_cfg, ood=export_cfg.ood and served_folds, tta=tta)
     val, images, parts = out_of_fold(members, tta)
-    part_of = dict(zip(sorted(set(members.folds)), parts))
-    per_member = [ood_data_of(m, part_of[f], export_cfg) for m, f in zip(members.manifests, members.folds)] if served_folds else None
-    ood_data = OodData([], np.zeros(0, dtype=int), images, per_member, members.folds if served_folds else None)
+    ood_data = OodData([], np.zeros(0, dtype=int), images)  # the drift references use its `val_images`: the out-of-fold images
+    if served_folds:  # a fold's holders share its training and held-out images: read them once per fold
+        groups = members.holders()
+        per_fold = [ood_data_of(members.manifests[group[0]], part, export_cfg) for group, part in zip(groups, parts)]
+        fold_of = {k: f for f, group in enumerate(groups) for k in group}
+        ood_data = dataclasses.replace(ood_data, per_member=[per_fold[fold_of[k]] for k in range(len(nets))], holders=groups)
     pooled = members.manifests[0]
     labelled = pooled.rows[pooled.rows["split"] != "test"]
     net = EnsembleNet(nets, tta).eval()
@@ -289,7 +295,7 @@ def _export_out_of_fold(
             training_sites=labelled["site"].unique(),
             network=OmegaConf.to_container(config.model, resolve=True),
             provenance={"data_fingerprint": load_manifest(pooled.pool_dir).fingerprint},
-            ood_data=ood_data,  # the drift references use its `val_images`: the out-of-fold images
+            ood_data=ood_data,
             scope=scope_from_rows(labelled, export_cfg.modality),
             held_out_split=split,
         )

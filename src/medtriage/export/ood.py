@@ -33,20 +33,15 @@ class OodData:
     """Images the OOD score is fitted on (training) and thresholded on (validation); each `[C, H, W]` in [0, 1].
     `per_member` (fold models): each member's own training and held-out images; each member is then fitted and scaled
     on its own, and `val_images` scored by the members that held each out, standing in for the ensemble (as the
-    out-of-fold calibration does). `held_out_by` gives each member's fold: the members of one fold (one per
-    cross-validation of the same cut) hold out the same images, and their mean scores them; the folds' held-out sets,
-    in fold order, make up `val_images`. Without it each member is a fold of its own."""
+    out-of-fold calibration does). `holders` lists the members that held out each fold (one per cross-validation of
+    the same cut): they hold out the same images, and their mean scores them; the folds' held-out sets, in that order,
+    make up `val_images`."""
 
     train_images: Sequence[np.ndarray]
     train_labels: np.ndarray
     val_images: Sequence[np.ndarray]
     per_member: Sequence[OodData] | None = None
-    held_out_by: Sequence[int] | None = None
-
-    def holders(self) -> list[list[int]]:
-        """The members that held out each fold, in fold order (per-member data only)."""
-        folds = list(range(len(self.per_member))) if self.held_out_by is None else list(self.held_out_by)
-        return [[k for k, held in enumerate(folds) if held == fold] for fold in sorted(set(folds))]
+    holders: Sequence[Sequence[int]] = ()
 
     def member(self, k: int) -> OodData:
         return self.per_member[k] if self.per_member is not None else self
@@ -203,6 +198,8 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
     members = list(served.members) if isinstance(served, EnsembleNet) else [served]
     if data.per_member is not None and len(data.per_member) != len(members):
         raise PackageError(f"OOD images given for {len(data.per_member)} members; the ensemble has {len(members)}")
+    if data.per_member is not None and sorted(k for fold in data.holders for k in fold) != list(range(len(members))):
+        raise PackageError(f"the folds' holders {data.holders} do not name each of the {len(members)} members once")
     taps, scores, val_features = [], [], []
     for k, member in enumerate(members):
         own = data.member(k)
@@ -221,7 +218,7 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
             val_scores = model.ood_score(val_features).double().numpy()
         else:  # each held-out image scored by the mean of the members that held it out, in `val_images`' order
             val_scores = np.concatenate(
-                [np.mean([scores[k](val_features[k]).double().numpy() for k in fold], axis=0) for fold in data.holders()]
+                [np.mean([scores[k](val_features[k]).double().numpy() for k in fold], axis=0) for fold in data.holders]
             )
     threshold = float(np.quantile(val_scores, 1.0 - false_alarm_rate))
     block = {
