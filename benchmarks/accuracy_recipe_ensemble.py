@@ -12,7 +12,7 @@ standard error of the paired fold differences (`accuracy_selection.compared`); s
 chosen recipes' fold models are exported as one package (`scripts/export_ensemble.py --cross-validation DIR DIR ...`,
 calibrated on the same out-of-fold means) and test is scored once.
 
-RECIPES holds recipes that share the default's 64 px input (one ONNX graph preprocesses once for all members). Each
+RECIPES may upsample the images to other sizes than the default's 64 px (the graph resizes once per size). Each
 recipe's cross-validation is kept under the stage folder by recipe, where `benchmarks.accuracy_selection` keeps the
 default's (run now when not kept: about an hour per recipe on 2 CPU cores). Results are kept, so a rerun rewrites the
 section without scoring test again.
@@ -40,6 +40,9 @@ RECIPES = {  # label -> overrides of the experiment config; the first is the def
     "resnet10": ["model=resnet10"],
     # Warm-up and cosine decay instead of one cycle: other weights at the end of the same epochs.
     "cosine": ["trainer.schedule=cosine"],
+    # The same network seeing the 28 px images upsampled to other sizes: other filters at other scales.
+    "96px-bf16": ["trainer.precision=bf16", "trainer.channels_last=true", "model.preprocess.size=96"],
+    "80px-20-epochs": ["model.preprocess.size=80", "trainer.max_epochs=20"],
 }
 
 

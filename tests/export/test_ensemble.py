@@ -39,9 +39,11 @@ def test_flip_tta_makes_the_model_mirror_invariant():
         assert torch.allclose(net(pixels), net(pixels.flip(3)), atol=1e-5)
 
 
-def test_members_must_share_preprocessing():
+def test_members_must_read_pixels_alike_though_their_input_sizes_may_differ():
+    other_intensity = build_triage_net("resnet10", 2, PreprocessSpec(size=28, intensity="per_image"))
     with pytest.raises(ConfigError, match="preprocess differently"):
-        EnsembleNet([tiny_net(0, 28), tiny_net(1, 32)])
+        EnsembleNet([tiny_net(0, 28), other_intensity])
+    assert EnsembleNet([tiny_net(0, 28), tiny_net(1, 32)]).sizes == [28, 32]
 
 
 @pytest.mark.slow

@@ -71,6 +71,18 @@ def test_the_averaged_output_of_one_member_is_its_own_probability_without_views(
         assert torch.allclose(EnsembleNet([net])(pixels).exp(), torch.softmax(net(pixels), -1), atol=1e-6)
 
 
+def test_members_of_different_input_sizes_each_see_the_image_resized_and_shifted_at_their_own_size():
+    small, large = tiny_net(1, size=28), tiny_net(2, size=84)  # a one-pixel shift of a 28 px source: 1 and 3 px
+    ensemble = EnsembleNet([small, large, tiny_net(3, size=28)], "shift")
+    pixels = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        alone = [averaged(net, "shift")(pixels).exp() for net in ensemble.members]
+        assert torch.allclose(ensemble(pixels).exp(), torch.stack(alone).mean(0), atol=1e-6)  # each member weighs alike
+    assert ensemble.sizes == [28, 84] and ensemble.preprocess is large.preprocess  # the largest resize: model.json's size
+    assert ensemble.describe()["shift_px"] == [1, 3]
+    assert [(sorted(part.sizes), count) for part, count in ensemble.size_groups()] == [([28], 2), ([84], 1)]
+
+
 AFFINE = {"rotations_deg": [-5.0, 5.0], "zooms": [0.95, 1.05]}
 
 

@@ -105,8 +105,9 @@ def _check_the_ood_score_is_each_fold_models_own_on_what_it_held_out(folds, memb
 
 
 def test_cross_validations_cut_alike_serve_together_each_image_scored_by_the_mean_of_its_holders(cross_validation, recipe, tmp_path):
-    """Two recipes cross-validated on the same folds: one package of all four fold models, calibrated on each image's
-    mean over the two models that held it out, and OOD-thresholded on the same mean of their own scores."""
+    """Two recipes cross-validated on the same folds, the second upsampling to another size: one package of all four
+    fold models, calibrated on each image's mean over the two models that held it out (each model scoring the images
+    resized to its own size), and OOD-thresholded on the same mean of their own scores."""
     import torch
 
     from medtriage.config.schema import ExportConfig
@@ -119,7 +120,7 @@ def test_cross_validations_cut_alike_serve_together_each_image_scored_by_the_mea
     from medtriage.workflows.cross_validation import cross_validate
 
     other = tmp_path / "cv-other"
-    cross_validate([*recipe, "trainer.lr=0.01", "cv.folds=2", "cv.jobs=2"], other)  # another recipe, the same cut
+    cross_validate([*recipe, "trainer.lr=0.01", "model.preprocess.size=40", "cv.folds=2", "cv.jobs=2"], other)  # the same cut
     both = [cross_validation, other]
     folds = export_fold_ensemble(both, "tiny-two", tta="shift", overrides=[f"export.models_dir={tmp_path / 'models'}"])
     members = fold_members(both)
@@ -128,15 +129,18 @@ def test_cross_validations_cut_alike_serve_together_each_image_scored_by_the_mea
     oof, start, own_scores = folds.out_of_fold, 0, []
     for fold in (0, 1):
         holders = [k for k, held in enumerate(members.folds) if held == fold]
-        first = holders[0]
-        held_out = cache_split(
-            members.manifests[first], "val", members.nets[first].preprocess, 48, members.configs[first]["trainer"]["seed"]
-        )
-        alone = [predict_cached(averaged(members.nets[k], "shift"), held_out) for k in holders]
+        assert [members.nets[k].preprocess.spec.size for k in holders] == [28, 40]
+        alone = [
+            predict_cached(
+                averaged(members.nets[k], "shift"),
+                cache_split(members.manifests[k], "val", members.nets[k].preprocess, 48, members.configs[k]["trainer"]["seed"]),
+            )
+            for k in holders
+        ]
         mean = np.mean([np.exp(a.logits) / np.exp(a.logits).sum(1, keepdims=True) for a in alone], axis=0)
-        stop = start + len(held_out.labels)
+        stop = start + len(alone[0].labels)
         np.testing.assert_allclose(np.exp(oof.logits[start:stop]), mean, atol=1e-5)
-        np.testing.assert_array_equal(oof.row_indices[start:stop], held_out.row_indices)
+        np.testing.assert_array_equal(oof.row_indices[start:stop], alone[0].row_indices)
         fits = [
             fit_ood(averaged(members.nets[k], "shift"), 1.0, ood_data_of(members.manifests[k], alone[0], ExportConfig())) for k in holders
         ]
@@ -145,10 +149,11 @@ def test_cross_validations_cut_alike_serve_together_each_image_scored_by_the_mea
     assert start == len(oof.labels) == len(set(oof.row_indices.tolist()))  # each labelled image once
     meta = json.loads((folds.package_dir / "model.json").read_text())
     assert meta["ood"]["fit"]["members"] == 4 and "the members that held it out" in meta["ood"]["method"]
+    assert meta["preprocessing"]["resize"]["size"] == 40 and meta["preprocessing"]["resize"]["member_sizes"] == [28, 40]
+    assert meta["preprocessing"]["test_time_augmentation"]["shift_px"] == [1, 1] and meta["parity"]["max_abs_diff"] <= 1e-4
     assert meta["ood"]["threshold"] == pytest.approx(float(np.quantile(np.concatenate(own_scores), 0.99)), rel=1e-6)
-    assert (
-        meta["calibration"]["split"] == "out-of-fold" and "several cross-validations" in (folds.package_dir / "MODEL_CARD.md").read_text()
-    )
+    card = (folds.package_dir / "MODEL_CARD.md").read_text()
+    assert meta["calibration"]["split"] == "out-of-fold" and "several cross-validations" in card and "28x28 or 40x40" in card
     assert torch.isfinite(folds.net(torch.rand(2, 1, 40, 40))).all()
 
 

@@ -133,7 +133,7 @@ class DataConfig:
 INTENSITY_MODES = ("fixed", "per_image")
 
 
-@dataclass(unsafe_hash=True)  # hashable: ensemble members must share one spec
+@dataclass(unsafe_hash=True)  # hashable: ensemble members must share one spec but for its size
 class PreprocessSpec:
     """What happens to decoded pixels inside the model (`model.preprocess`; recorded in the model package)."""
 

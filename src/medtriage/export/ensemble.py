@@ -59,7 +59,7 @@ def export_ensemble(run_ids: Sequence[str], name: str, tta: str = "none", overri
                 "ensemble.tta": tta,
                 "export.name": name,
                 "model.name": configs[0]["model"]["name"],
-                "model.preprocess.size": configs[0]["model"]["preprocess"]["size"],
+                "model.preprocess.size": ",".join(map(str, net.sizes)),
             }
         )
         mlflow.set_tags({"ensemble": "true", "data_fingerprint": client.get_run(run_ids[0]).data.tags.get("data_fingerprint", "")})

@@ -8,7 +8,8 @@ the fold model that held it out (out-of-fold). Several cross-validations of one 
 folds) serve together the same way: each image is then scored by the mean of the fold models that held it out, one per
 recipe. Those are the scores of some members, not of the whole ensemble. An average of more members is slightly less
 extreme, so the calibration is close, not exact; model.json says `calibration.split: out-of-fold` and the model card
-says what that means. Its OOD score is set the same way: each fold model fitted on its own training images, scaled on
+says what that means. Recipes may upsample the images to different sizes: the graph resizes once per size. Its OOD
+score is set the same way: each fold model fitted on its own training images, scaled on
 the images it held out, and the threshold set on the mean score of the members that held each image out. A refit's
 members held out nothing, so a refit package carries no OOD score.
 """
@@ -28,7 +29,7 @@ from omegaconf import OmegaConf
 from medtriage.config.schema import ExportConfig
 from medtriage.data.manifest import Manifest, load_manifest
 from medtriage.data.sources.registry import load_pool
-from medtriage.data.torch.datasets import cache_split, limit_rows
+from medtriage.data.torch.datasets import limit_rows
 from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.evaluation.predictions import Predictions
 from medtriage.export.ood import OodData
@@ -37,7 +38,7 @@ from medtriage.export.safety import scope_from_rows
 from medtriage.model.averaging import EnsembleNet, averaged
 from medtriage.model.checkpoint import final_checkpoint, load_model
 from medtriage.model.networks import TriageNet
-from medtriage.model.predict import predict_cached
+from medtriage.model.predict import predict_split
 
 FOLD_DIR = re.compile(r"fold(\d+)")
 HELD_OUT_SPLIT = "out-of-fold"
@@ -144,9 +145,8 @@ def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.nd
         _check_held_out_alike(members, holders, fold)
         config, manifest = members.configs[holders[0]], members.manifests[holders[0]]
         nets = [members.nets[k] for k in holders]
-        held_out = cache_split(manifest, "val", nets[0].preprocess, config["data"].get("limit"), config["trainer"]["seed"])
         scorer = averaged(nets[0], tta) if len(nets) == 1 else EnsembleNet(nets, tta)
-        predictions = predict_cached(scorer.eval(), held_out)
+        predictions = predict_split(scorer.eval(), manifest, "val", config["data"].get("limit"), config["trainer"]["seed"])
         rows = set(map(int, predictions.row_indices))
         if rows & seen:
             raise ConfigError(

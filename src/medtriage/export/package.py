@@ -133,6 +133,12 @@ def _aggregation_text(block: dict) -> str:
     return f"mean of the {block['top_k']} highest" if block["aggregation"] == "top_k" else "mean"
 
 
+def _resize_text(resize: dict) -> str:
+    sizes = resize.get("member_sizes") or [resize["size"]]
+    squares = " or ".join(f"{size}x{size}" for size in sizes)
+    return squares + (" (each member at the size it was trained on)" if len(sizes) > 1 else "")
+
+
 def _normalisation_text(normalize: dict) -> str:
     if normalize.get("per_image"):
         return "standardised by each image's own mean and standard deviation"
@@ -226,7 +232,7 @@ def model_card(meta: dict) -> str:
         "",
         "## Input and output",
         f"Decoded pixels (medtriage.io, float32 in [0, 1], {meta['input']['channels']} channel(s), any size), resized inside "
-        f"the graph to {pre['resize']['size']}x{pre['resize']['size']} and {_normalisation_text(pre['normalize'])}. Output: probabilities of {', '.join(meta['label_names'])}, "
+        f"the graph to {_resize_text(pre['resize'])} and {_normalisation_text(pre['normalize'])}. Output: probabilities of {', '.join(meta['label_names'])}, "
         f"calibrated with temperature {cal['temperature']:.3f} (held-out ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}).",
         "",
         f"Temperature, operating points and the `val` metrics come from {held_out}.",

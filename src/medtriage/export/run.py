@@ -176,7 +176,7 @@ def _preprocessing(net) -> dict:
     return {
         "decode": "medtriage.io.dicom.read_dicom: modality LUT, VOI LUT/window, MONOCHROME1 inverted, scaled to [0, 1] (outside the graph)",
         "channels": "RGB converted to luminance (ITU-R BT.601) when the model takes 1 channel (outside the graph)",
-        "resize": {"size": spec.size, "mode": "bilinear", "antialias": True, "in_graph": True},
+        "resize": {"size": spec.size, **_member_sizes(net), "mode": "bilinear", "antialias": True, "in_graph": True},
         "normalize": (
             {"per_image": True, "in_graph": True}
             if spec.intensity == "per_image"
@@ -184,6 +184,12 @@ def _preprocessing(net) -> dict:
         ),
         **averaging,
     }
+
+
+def _member_sizes(net) -> dict:
+    """An ensemble of several input sizes: each (`size` is the largest, all a decoder needs to deliver)."""
+    sizes = net.sizes if isinstance(net, EnsembleNet) else []
+    return {"member_sizes": sizes} if len(sizes) > 1 else {}
 
 
 # --- called by training, and by scripts/export.py ---------------------------------------------

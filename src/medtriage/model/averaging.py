@@ -1,7 +1,8 @@
 """Class probabilities averaged inside the graph: over the members of an ensemble and over test-time views of the image.
 
-`EnsembleNet` preprocesses the pixels once (its members share the preprocessing), makes the views, runs each
-member's backbone once over all of them (stacked along the batch) and returns the log of the mean softmax, which
+`EnsembleNet` preprocesses the pixels once per input size its members take (members may differ in the size their
+images are upsampled to, and in nothing else of the preprocessing), makes the views, runs each member's backbone once
+over all of them (stacked along the batch) and returns the log of the mean softmax over members and views, which
 the export treats as logits: temperature scaling, thresholds, parity and serving then work as for a single
 network, with one ONNX Runtime session. A single network with test-time augmentation is an ensemble of one
 (`averaged`).
@@ -16,6 +17,7 @@ Views (`TTA`), chosen by anatomy:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -91,43 +93,66 @@ def view_count(tta: str) -> int:
 
 
 class EnsembleNet(nn.Module):
-    """Mean of member softmax outputs over the `tta` views; returns log-probabilities."""
+    """Mean of member softmax outputs over the `tta` views; returns log-probabilities. Members that take one input size
+    share one resize and one set of views (a `size_groups` entry)."""
 
     def __init__(self, members: Sequence[TriageNet], tta: str = "none"):
         super().__init__()
         if not members:
             raise ConfigError("an ensemble needs at least one member", where="run ids")
-        specs = {m.preprocess.spec for m in members}
-        if len(specs) != 1:
-            raise ConfigError(
-                f"ensemble members preprocess differently: {sorted(map(str, specs))}",
-                hint="ensemble runs trained with the same model.preprocess settings",
-            )
+        _check_preprocessing_alike(members)
         self.members = nn.ModuleList(members)
         self.tta = check_tta(tta)
-        size = members[0].preprocess.spec.size
-        self.step = shift_step(size)
-        # Constants of the graph (ONNX GridSample reads them); not weights, so not in the state dict.
-        self.register_buffer("grids", warp_grids(self.tta, size), persistent=False)
+        self.groups: dict[int, list[int]] = {}  # input size -> its members, in order of first appearance
+        for k, member in enumerate(members):
+            self.groups.setdefault(member.preprocess.spec.size, []).append(k)
+        for size in self.groups:
+            # Constants of the graph (ONNX GridSample reads them); not weights, so not in the state dict.
+            self.register_buffer(f"grids_{size}px", warp_grids(self.tta, size), persistent=False)
 
     @property
     def preprocess(self):
-        """The members' shared preprocessing (the export records its spec in model.json)."""
-        return self.members[0].preprocess
+        """The preprocessing of the members' largest input (the export records its spec in model.json: decoding and
+        saliency need no finer image); the members' preprocessing differs in nothing else."""
+        return self.members[self.groups[max(self.groups)][0]].preprocess
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted(self.groups)
+
+    def size_groups(self) -> list[tuple[EnsembleNet, int]]:
+        """(the members of one input size as an ensemble of their own, with the same views; their count) per size. The
+        whole ensemble's probability is the member-weighted mean of theirs: each scores its images resized once."""
+        if len(self.groups) == 1:
+            return [(self, len(self.members))]
+        return [(EnsembleNet([self.members[k] for k in group], self.tta), len(group)) for group in self.groups.values()]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(pixels)
-        stacked = torch.cat(views(x, self.tta, self.step, self.grids))  # [V*B, ...]: one backbone pass per member over every view
-        logits = torch.stack([member.backbone(stacked) for member in self.members])  # [M, V*B, K]
-        probs = torch.softmax(logits, dim=-1).reshape(-1, x.shape[0], logits.shape[-1])  # [M*V, B, K]
-        return torch.log(probs.mean(dim=0).clamp_min(PROBABILITY_FLOOR))
+        probs = []
+        for size, group in self.groups.items():
+            x = self.members[group[0]].preprocess(pixels)
+            stacked = torch.cat(views(x, self.tta, shift_step(size), getattr(self, f"grids_{size}px")))  # [V*B, ...]
+            logits = torch.stack([self.members[k].backbone(stacked) for k in group])  # [M, V*B, K]: one pass per member
+            probs.append(torch.softmax(logits, dim=-1).reshape(-1, pixels.shape[0], logits.shape[-1]))  # [M*V, B, K]
+        return torch.log(torch.cat(probs).mean(dim=0).clamp_min(PROBABILITY_FLOOR))
 
     def describe(self) -> dict:
         """What model.json records of the averaging (under preprocessing.test_time_augmentation)."""
-        described = {"views": self.tta, "count": view_count(self.tta), "shift_px": self.step if self.tta in SHIFTED else 0}
+        steps = [shift_step(size) if self.tta in SHIFTED else 0 for size in self.sizes]
+        described = {"views": self.tta, "count": view_count(self.tta), "shift_px": steps[0] if len(steps) == 1 else steps}
         if warped := warps(self.tta):
             described |= {"rotations_deg": [r for r, _ in warped if r], "zooms": [z for _, z in warped if z != 1.0]}
         return described | {"in_graph": True}
+
+
+def _check_preprocessing_alike(members: Sequence[TriageNet]) -> None:
+    """Members may be upsampled to different sizes (each size resized once), but must read the pixels alike otherwise."""
+    others = {dataclasses.replace(m.preprocess.spec, size=0) for m in members}
+    if len(others) != 1:
+        raise ConfigError(
+            f"ensemble members preprocess differently: {sorted(map(str, {m.preprocess.spec for m in members}))}",
+            hint="ensemble runs trained with the same model.preprocess settings (model.preprocess.size may differ)",
+        )
 
 
 def averaged(net: TriageNet, tta: str) -> nn.Module:

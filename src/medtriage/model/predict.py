@@ -38,5 +38,29 @@ def predict_cached(model: torch.nn.Module, split: CachedSplit, batch_size: int =
 
 def predict(model: torch.nn.Module, manifest, split: str, batch_size: int = 256, device: str = "cpu") -> Predictions:
     """Predictions on every image of `split`; each image is resized by the model's own resize first."""
-    model = model.to(device)
-    return predict_cached(model, cache_split(manifest, split, model.preprocess), batch_size, device)
+    return predict_split(model, manifest, split, batch_size=batch_size, device=device)
+
+
+def predict_split(
+    model: torch.nn.Module, manifest, split: str, limit: int | None = None, seed: int = 0, batch_size: int = 256, device: str = "cpu"
+) -> Predictions:
+    """`predict` on the rows of `split` that `cache_split` takes (a `limit` sampled by `seed`). An ensemble whose members
+    take several input sizes is scored one size at a time on images resized once to it, and the sizes' probabilities
+    are averaged by member count: what its graph computes from the original images."""
+    from medtriage.model.averaging import EnsembleNet
+
+    groups = model.size_groups() if isinstance(model, EnsembleNet) else [(model, 1)]
+    parts = [
+        predict_cached(part.to(device), cache_split(manifest, split, part.preprocess, limit, seed), batch_size, device)
+        for part, _ in groups
+    ]
+    return parts[0] if len(parts) == 1 else _member_weighted_mean(parts, [count for _, count in groups])
+
+
+def _member_weighted_mean(parts: list[Predictions], counts: list[int]) -> Predictions:
+    """The mean probability of `parts` (log-probability outputs of ensembles of `counts` members), as log-probabilities."""
+    if any(not np.array_equal(part.row_indices, parts[0].row_indices) for part in parts):
+        raise RuntimeError("the input sizes of one ensemble were scored on different images")
+    probabilities = sum(count * np.exp(part.logits.astype(np.float64)) for part, count in zip(parts, counts)) / sum(counts)
+    logits = np.log(np.clip(probabilities, 1e-12, None)).astype(np.float32)
+    return Predictions(logits, parts[0].labels, parts[0].sites, parts[0].row_indices)

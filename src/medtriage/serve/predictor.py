@@ -148,7 +148,7 @@ class Predictor:
         self.output_names = outputs[:1] + [name for name in [package.ood_output] if name in outputs]
         # Opt-in: JPEG 2000 files decoded only to the resolution the model needs (much faster; scores not bit-identical).
         size = package.meta.get("preprocessing", {}).get("resize", {}).get("size") if reduced_j2k else None
-        size = min(size) if isinstance(size, (list, tuple)) and size else size
+        size = max(size) if isinstance(size, (list, tuple)) and size else size
         self.min_decoded_side = J2K_SIDE_MARGIN * int(size) if isinstance(size, (int, float)) and size > 0 else None
 
     @property
