@@ -78,3 +78,16 @@ def test_the_section_reports_each_recipe_the_selection_and_the_test_verdicts(pre
 def test_nothing_chosen_beyond_the_default_points_to_the_fold_ensemble(predictions):
     text = section({"default": predictions["default"], "copy": predictions["copy"]}, None)
     assert "Chosen: **default**." in text and "`## Accuracy: fold ensemble`" in text and "test AUC" not in text
+
+
+def test_candidates_added_after_a_test_score_are_named_and_a_new_choice_says_what_was_scored_before(predictions):
+    later = {"default": [], bench.FIRST_AFTER_TEST: ["model=resnet10"], "last": ["trainer.seed=1"]}
+    original, bench.RECIPES = bench.RECIPES, later
+    try:
+        history = bench.history_lines()
+        seen = bench.test_lines(result(0.9881, 0.9391), ["default", "last"], "shift")
+        first = bench.test_lines(result(0.9881, 0.9391), bench.FIRST_TESTED.split(" + "), "shift")
+    finally:
+        bench.RECIPES = original
+    assert f"{bench.FIRST_AFTER_TEST}, last joined the candidates afterwards" in history[0]
+    assert f"and so had {bench.FIRST_TESTED}" in "\n".join(seen) and "and so had" not in "\n".join(first)

@@ -3,15 +3,15 @@
 `scripts/cross_validate.py` trains one model per fold of train + validation pooled (test left out of every run).
 Together the fold models have seen every labelled image, and each image was held out from exactly one of them. Their
 ensemble therefore learns from all the labelled data, which matters when a class is scarce, and still gets its
-temperature, operating points and drift references from images their scorer had not trained on: each image scored by
-the fold model that held it out (out-of-fold). Several cross-validations of one cut (different recipes on the same
-folds) serve together the same way: each image is then scored by the mean of the fold models that held it out, one per
-recipe. Those are the scores of some members, not of the whole ensemble. An average of more members is slightly less
-extreme, so the calibration is close, not exact; model.json says `calibration.split: out-of-fold` and the model card
-says what that means. Recipes may upsample the images to different sizes: the graph resizes once per size. Its OOD
-score is set the same way: each fold model fitted on its own training images, scaled on
-the images it held out, and the threshold set on the mean score of the members that held each image out. A refit's
-members held out nothing, so a refit package carries no OOD score.
+temperature, operating points and drift references from images their scorer had not trained on: each image scored by the
+fold model that held it out (out-of-fold). Several cross-validations of one cut (different recipes on the same folds)
+serve together the same way: each image is then scored by the mean of the fold models that held it out, one per recipe.
+Those are the scores of some members, not of the whole ensemble. An average of more members is slightly less extreme, so
+the calibration is close, not exact; model.json says `calibration.split: out-of-fold` and the model card says what that
+means. Recipes may upsample the images to different sizes: the graph resizes once per size. Its OOD score is set the
+same way: each fold model fitted on its own training images, scaled on the images it held out, and the threshold set on
+the mean score of the members that held each image out. A refit's members held out nothing, so a refit package carries
+no OOD score.
 """
 
 from __future__ import annotations
