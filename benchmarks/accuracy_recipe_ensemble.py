@@ -49,7 +49,7 @@ RECIPES = {  # label -> overrides of the experiment config; the first is the def
 # The first candidate added after the ensemble the rule chose from the candidates above it had been scored on test; it
 # and every later entry of RECIPES were judged by the same rule, on the folds alone.
 FIRST_AFTER_TEST = "96px-bf16"
-FIRST_TESTED = "balanced-longer + bf16-50-epochs"  # what the rule chose then
+FIRST_TESTED = ("balanced-longer", "bf16-50-epochs")  # what the rule chose then
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +225,7 @@ def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
         TEST_SCORING,
         "- what was seen before: the default recipe's seed packages, its fold ensemble and its refit had been scored on test "
         "(`## Accuracy: selection`, `## Accuracy: fold ensemble`, `## Accuracy: refit`)"
-        + (f", and so had {FIRST_TESTED} (history above)" if " + ".join(chosen) != FIRST_TESTED else "")
+        + (f", and so had {' + '.join(FIRST_TESTED)} (history above)" if tuple(chosen) != FIRST_TESTED else "")
         + "; no other recipe of RECIPES had been, and the rule above was fixed before this package was scored",
         "",
         *test_table(f"{' + '.join(chosen)}: ensemble of their {r['members']} fold models", r),
@@ -238,7 +238,7 @@ def history_lines() -> list[str]:
         return []
     later = labels[labels.index(FIRST_AFTER_TEST) :]
     return [
-        f"- history: the rule first chose {FIRST_TESTED} from the recipes listed above {FIRST_AFTER_TEST}, and that "
+        f"- history: the rule first chose {' + '.join(FIRST_TESTED)} from the recipes listed above {FIRST_AFTER_TEST}, and that "
         f"package was scored on test; {', '.join(later)} joined the candidates afterwards, judged by the same rule on "
         "the folds alone"
     ]

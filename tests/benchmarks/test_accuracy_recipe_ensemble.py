@@ -86,8 +86,8 @@ def test_candidates_added_after_a_test_score_are_named_and_a_new_choice_says_wha
     try:
         history = bench.history_lines()
         seen = bench.test_lines(result(0.9881, 0.9391), ["default", "last"], "shift")
-        first = bench.test_lines(result(0.9881, 0.9391), bench.FIRST_TESTED.split(" + "), "shift")
+        first = bench.test_lines(result(0.9881, 0.9391), list(bench.FIRST_TESTED), "shift")
     finally:
         bench.RECIPES = original
     assert f"{bench.FIRST_AFTER_TEST}, last joined the candidates afterwards" in history[0]
-    assert f"and so had {bench.FIRST_TESTED}" in "\n".join(seen) and "and so had" not in "\n".join(first)
+    assert f"and so had {' + '.join(bench.FIRST_TESTED)}" in "\n".join(seen) and "and so had" not in "\n".join(first)

@@ -7,6 +7,7 @@ import torch
 
 from medtriage.data.torch.datasets import CachedSplit, cache_split
 from medtriage.evaluation.predictions import Predictions
+from medtriage.model.averaging import PROBABILITY_FLOOR, EnsembleNet
 
 
 @torch.no_grad()
@@ -47,8 +48,6 @@ def predict_split(
     """`predict` on the rows of `split` that `cache_split` takes (a `limit` sampled by `seed`). An ensemble whose members
     take several input sizes is scored one size at a time on images resized once to it, and the sizes' probabilities
     are averaged by member count: what its graph computes from the original images."""
-    from medtriage.model.averaging import EnsembleNet
-
     groups = model.size_groups() if isinstance(model, EnsembleNet) else [(model, 1)]
     parts = [
         predict_cached(part.to(device), cache_split(manifest, split, part.preprocess, limit, seed), batch_size, device)
@@ -62,5 +61,5 @@ def _member_weighted_mean(parts: list[Predictions], counts: list[int]) -> Predic
     if any(not np.array_equal(part.row_indices, parts[0].row_indices) for part in parts):
         raise RuntimeError("the input sizes of one ensemble were scored on different images")
     probabilities = sum(count * np.exp(part.logits.astype(np.float64)) for part, count in zip(parts, counts)) / sum(counts)
-    logits = np.log(np.clip(probabilities, 1e-12, None)).astype(np.float32)
+    logits = np.log(np.clip(probabilities, PROBABILITY_FLOOR, None)).astype(np.float32)
     return Predictions(logits, parts[0].labels, parts[0].sites, parts[0].row_indices)
