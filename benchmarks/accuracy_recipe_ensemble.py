@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks.accuracy_folds import TEST_SCORING, scored_export, test_table
 from benchmarks.accuracy_recipe import served_document, stage_dir
 from benchmarks.accuracy_selection import BASE, INCUMBENT, QUICK, compared, cross_validated, gain_text, paired_gain
-from benchmarks.common import ROOT, cached, command_line, header, machine, mean_sd_text, recipe_key, stage_file, write_section
+from benchmarks.common import ROOT, cached, command_line, header, joined_since, machine, mean_sd_text, recipe_key, stage_file, write_section
 
 SECTION = "## Accuracy: recipe ensemble"
 PACKAGE = "pneumoniamnist-sota-recipes"
@@ -233,10 +233,9 @@ def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
 
 
 def history_lines() -> list[str]:
-    labels = list(RECIPES)
-    if FIRST_AFTER_TEST not in labels:
+    later = joined_since(list(RECIPES), FIRST_AFTER_TEST)
+    if not later:
         return []
-    later = labels[labels.index(FIRST_AFTER_TEST) :]
     return [
         f"- history: the rule first chose {' + '.join(FIRST_TESTED)} from the recipes listed above {FIRST_AFTER_TEST}, and that "
         f"package was scored on test; {', '.join(later)} joined the candidates afterwards, judged by the same rule on "

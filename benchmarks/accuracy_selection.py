@@ -46,7 +46,7 @@ from benchmarks.accuracy_recipe import (
     stage_dir,
     train_seed,
 )
-from benchmarks.common import ROOT, cached, command_line, header, machine, recipe_key, stage_file, verdict, write_section
+from benchmarks.common import ROOT, cached, command_line, header, joined_since, machine, recipe_key, stage_file, verdict, write_section
 
 SECTION = "## Accuracy: selection"
 BASE = [f"experiment={EXPERIMENT}"]
@@ -109,8 +109,7 @@ FIRST_AFTER_TEST = "longer-average"
 
 def judged_after_test() -> list[str]:
     """The candidates cross-validated after the chosen recipe's test figures existed, in the order they joined."""
-    labels = list(CANDIDATES)
-    return labels[labels.index(FIRST_AFTER_TEST) :]
+    return joined_since(list(CANDIDATES), FIRST_AFTER_TEST)
 
 
 # Test-time views the anatomy allows: one-pixel shifts (no mirror image: the heart is on one side). Kept only when

@@ -165,6 +165,12 @@ def cached(path: Path, compute) -> dict:
 # --- writing the docs -----------------------------------------------------------------------------
 
 
+def joined_since(labels: list[str], first: str) -> list[str]:
+    """The candidates from `first` on, in the order they joined (none when `first` is not among them): those judged
+    after an earlier choice had been scored on test."""
+    return labels[labels.index(first) :] if first in labels else []
+
+
 def mean_sd_text(values: list[float], digits: int = 4, signed: bool = False) -> str:
     """A table cell: "mean ± sd", or the mean alone for one value."""
     from medtriage.evaluation.bootstrap import mean_sd

@@ -127,8 +127,7 @@ def test_cross_validations_cut_alike_serve_together_each_image_scored_by_the_mea
     assert members.folds == [0, 1, 0, 1] and len(folds.net.members) == 4
 
     oof, start, own_scores = folds.out_of_fold, 0, []
-    for fold in (0, 1):
-        holders = [k for k, held in enumerate(members.folds) if held == fold]
+    for holders in members.holders():
         assert [members.nets[k].preprocess.spec.size for k in holders] == [28, 40]
         alone = [
             predict_cached(
