@@ -98,7 +98,8 @@ def train_seed(overrides: list[str], seed: int, threads: int, name: str, out_dir
     )
     started = time.perf_counter()
     result = train_and_export(cfg)
-    return {"seed": seed, "run_id": result.run_id, "package": str(result.package), "wall_s": time.perf_counter() - started}
+    wall_s = time.perf_counter() - started
+    return {"seed": seed, "run_id": result.run_id, "package": str(result.package), "checkpoint": str(result.checkpoint), "wall_s": wall_s}
 
 
 def stage_dir(quick: bool) -> Path:
@@ -107,14 +108,20 @@ def stage_dir(quick: bool) -> Path:
     return ROOT / "outputs" / ("benchmark_accuracy_stages_quick" if quick else "benchmark_accuracy_stages")
 
 
-def run_seed(seed: int, threads: int, overrides: list[str], cfg, out_dir: Path, quick: bool = False) -> dict:
+def trained_seed(seed: int, threads: int, overrides: list[str], cfg, out_dir: Path, quick: bool = False) -> dict:
     """One seed of the experiment as it stands (`overrides`, composed as `cfg`), trained (or found trained under
-    `out_dir`), its package scored."""
+    `out_dir`, then `kept` is true): its run id, package, final checkpoint and wall time."""
     name = f"{cfg.export.name}-seed{seed}{'-quick' if quick else ''}"
     stage = stage_file(out_dir, f"seed{seed}", [recipe_key(cfg)])
     kept = stage.is_file()
     trained = cached(stage, lambda: train_seed(overrides, seed, threads, name, out_dir / name))
-    return {**trained, "kept": kept, **score_package(Path(trained["package"]))}
+    return {**trained, "kept": kept}
+
+
+def run_seed(seed: int, threads: int, overrides: list[str], cfg, out_dir: Path, quick: bool = False) -> dict:
+    """One seed of the experiment as it stands, trained (or found trained), its package scored."""
+    trained = trained_seed(seed, threads, overrides, cfg, out_dir, quick)
+    return {**trained, **score_package(Path(trained["package"]))}
 
 
 def describe(cfg) -> str:

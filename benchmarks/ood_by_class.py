@@ -1,0 +1,238 @@
+"""Which new chest X-rays of the same kind the OOD score flags, per class, and whether fitting it per class flags fewer of
+the scarce class; writes `## OOD score by class`.
+
+    python -m benchmarks.ood_by_class [--seed 0] [--threads 2] [--doc docs/benchmarks.md]
+
+The default recipe's package for one seed (trained, or found trained where `benchmarks.accuracy_recipe` keeps its
+seeds) withholds as unusual an image whose features lie far from the nearest training class mean
+(`medtriage.export.ood`: one covariance shared by the classes, each layer's distance divided by its validation 99th
+percentile, the largest over layers thresholded to flag 1% of validation). Normal images are scarce in this training
+split (388 of 3,882), so the served score may flag them more often than pneumonia. Variants refitted here on the same
+network's features, each thresholded to flag the same 1% of validation:
+
+- per-class scale: each class's distance divided by the 99th percentile of the validation images of that class;
+- per-class covariance: one Ledoit-Wolf covariance per class instead of one shared;
+- both of those;
+- last layer only: the served score on the penultimate features alone (are the early layers what flags them?).
+
+The served row is the package's own answer (`medtriage score --npz ... --split val|test --json`); the refit of the served
+score must reproduce the package's threshold, or the run stops. Test is scored for every variant, so nothing is chosen
+here: the section says whether a variant would flag fewer test normal images, for a later change to be judged on data
+other than test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from benchmarks.accuracy_recipe import EXPERIMENT, served_document, stage_dir, trained_seed
+from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
+
+SECTION = "## OOD score by class"
+QUANTILE = 0.99  # the served score's: each layer scaled, and the threshold set, at validation's 99th percentile
+VARIANTS = {  # label: (covariance per class, scale per class, layers)
+    "per-class scale": (False, True, "all"),
+    "per-class covariance": (True, False, "all"),
+    "per-class covariance and scale": (True, True, "all"),
+    "last layer only": (False, False, "last"),
+}
+SERVED = (False, False, "all")
+THRESHOLD_TOLERANCE = 1e-3  # relative: the refit's threshold against the package's (float32 graph, float64 here)
+
+
+def class_distances(train: np.ndarray, labels: np.ndarray, features: np.ndarray, per_class: bool) -> np.ndarray:
+    """`[N, K]` Mahalanobis distance of each image's features to each training class mean, under one Ledoit-Wolf
+    covariance shared by the classes (as served) or one per class."""
+    from sklearn.covariance import LedoitWolf
+
+    classes = np.unique(labels)
+    means = [train[labels == k].mean(axis=0) for k in classes]
+    if per_class:
+        covariances = [LedoitWolf().fit(train[labels == k] - m).covariance_ for k, m in zip(classes, means)]
+    else:
+        centred = train - np.stack(means)[np.searchsorted(classes, labels)]
+        covariances = [LedoitWolf().fit(centred).covariance_] * len(classes)
+    out = []
+    for mean, covariance in zip(means, covariances):
+        centred = features - mean
+        precision = np.linalg.pinv(covariance, hermitian=True)
+        out.append(np.sqrt(np.maximum(((centred @ precision) * centred).sum(axis=1), 0.0)))
+    return np.stack(out, axis=1)
+
+
+def variant_scores(train: list, train_labels: np.ndarray, splits: dict[str, list], val_labels: np.ndarray, variant: tuple) -> dict:
+    """{split: (score `[N]`, deciding layer `[N]`)} for `splits` (which include "val", the scaling split): per layer, the
+    distance to the nearest class divided by its validation 99th percentile (per class: each class's distance by that
+    class's own validation images'), the largest over layers."""
+    per_class_covariance, per_class_scale, layers = variant
+    chosen = range(len(train)) if layers == "all" else [len(train) - 1]
+    scaled = {name: [] for name in splits}
+    for layer in chosen:
+        distances = {name: class_distances(train[layer], train_labels, f[layer], per_class_covariance) for name, f in splits.items()}
+        val = distances["val"]
+        if per_class_scale:
+            scale = np.array([np.quantile(val[val_labels == k, k], QUANTILE) for k in range(val.shape[1])])
+            for name, d in distances.items():
+                scaled[name].append((d / scale).min(axis=1))
+        else:
+            scale = np.quantile(val.min(axis=1), QUANTILE)
+            for name, d in distances.items():
+                scaled[name].append(d.min(axis=1) / scale)
+    return {name: (np.max(s, axis=0), np.asarray(chosen)[np.argmax(s, axis=0)]) for name, s in scaled.items()}
+
+
+def flag_counts(flags: np.ndarray, labels: np.ndarray) -> dict:
+    return {
+        "flagged": int(flags.sum()),
+        "images": int(flags.size),
+        "by_label": [[int(flags[labels == k].sum()), int((labels == k).sum())] for k in (0, 1)],
+    }
+
+
+def network_features(checkpoint: Path) -> dict:
+    """The trained network's tapped features of every train, validation and test image, with labels and layer names."""
+    from medtriage.data.manifest import load_manifest
+    from medtriage.export.ood import feature_taps, tapped_features
+    from medtriage.model.checkpoint import load_model
+
+    net, config = load_model(checkpoint)
+    manifest = load_manifest(config["data"]["pool_dir"])
+    taps, _, which = feature_taps(net)
+    out = {"which": which}
+    for split in ("train", "val", "test"):
+        rows = np.flatnonzero(manifest.rows["split"].to_numpy() == split)
+        out[split] = tapped_features(taps, list(manifest.images(rows)))
+        out[f"{split}_labels"] = manifest.rows["label"].to_numpy()[rows].astype(int)
+    return out
+
+
+def served_flags(package: Path, split: str) -> dict:
+    """The package's own answer for `split`: p(pneumonia), reference label and whether it withholds each image as unusual."""
+    from medtriage.serve.scope import UNUSUAL_INPUT
+
+    document = served_document(package, split)
+    results = document["results"]
+    return {
+        "p": np.array([r["probability"] for r in results]),
+        "labels": np.array([document["labels"][r["file"]] for r in results]),
+        "flags": np.array([UNUSUAL_INPUT in r["flags"] for r in results]),
+    }
+
+
+def measure(trained: dict) -> dict:
+    package = Path(trained["package"])
+    meta = json.loads((package / "model.json").read_text())
+    features = network_features(Path(trained["checkpoint"]))
+    splits = {"val": features["val"], "test": features["test"]}
+    rows = {}
+    for label, variant in {"served (refitted)": SERVED, **VARIANTS}.items():
+        scores = variant_scores(features["train"], features["train_labels"], splits, features["val_labels"], variant)
+        threshold = float(np.quantile(scores["val"][0], QUANTILE))
+        rows[label] = {s: flag_counts(scores[s][0] > threshold, features[f"{s}_labels"]) for s in splits}
+        rows[label]["threshold"] = threshold
+        if variant == SERVED:
+            served_threshold = meta["ood"]["threshold"]
+            if abs(threshold - served_threshold) > THRESHOLD_TOLERANCE * abs(served_threshold):
+                raise SystemExit(f"the refitted served score's threshold {threshold:.4f} is not the package's {served_threshold:.4f}")
+            test_flags = scores["test"][0] > threshold
+            rows[label]["deciding_layers"] = np.bincount(scores["test"][1][test_flags], minlength=len(features["train"])).tolist()
+    served = {split: served_flags(package, split) for split in splits}
+    test = served["test"]
+    kept, normal = ~test["flags"], test["labels"] == 0
+    return {
+        "seed": trained["seed"],
+        "run_id": trained["run_id"],
+        "kept": trained.get("kept", False),
+        "which": features["which"],
+        "train_by_label": [int((features["train_labels"] == k).sum()) for k in (0, 1)],
+        "served": {split: flag_counts(served[split]["flags"], served[split]["labels"]) for split in splits},
+        "variants": rows,
+        "test_auc_all": float(roc_auc_score(test["labels"], test["p"])),
+        "test_auc_kept": float(roc_auc_score(test["labels"][kept], test["p"][kept])),
+        "normal_p_flagged": float(test["p"][normal & test["flags"]].mean()) if (normal & test["flags"]).any() else None,
+        "normal_p_kept": float(test["p"][normal & kept].mean()),
+    }
+
+
+def count_cell(counts: dict, k: int) -> str:
+    flagged, of = counts["by_label"][k]
+    return f"{flagged} of {of} ({flagged / of:.1%})"
+
+
+def table_row(label: str, counts: dict) -> str:
+    val, test = counts["val"], counts["test"]
+    return (
+        f"| {label} | {val['flagged']} of {val['images']} | {count_cell(val, 0)} | {count_cell(val, 1)} | "
+        f"{test['flagged']} of {test['images']} | {count_cell(test, 0)} | {count_cell(test, 1)} |"
+    )
+
+
+def layer_names(count: int, which: str) -> list[str]:
+    return [f"layer{i + 1}" for i in range(count)] if count > 1 else [which]
+
+
+def section(r: dict, command: str) -> str:
+    served_normals = r["served"]["test"]["by_label"][0][0]
+    variants = r["variants"]
+    best = min(VARIANTS, key=lambda label: variants[label]["test"]["by_label"][0][0])
+    best_normals = variants[best]["test"]["by_label"][0][0]
+    deciding = variants["served (refitted)"]["deciding_layers"]
+    names = layer_names(len(deciding), r["which"])
+    normal_train, pneumonia_train = r["train_by_label"]
+    flagged_p = "—" if r["normal_p_flagged"] is None else f"{r['normal_p_flagged']:.3f}"
+    lines = [
+        SECTION,
+        "",
+        *header(command, f"{machine()}; CPU"),
+        f"- package: the default recipe (`experiment={EXPERIMENT}`) seed {r['seed']}, MLflow run `{r['run_id'][:8]}`"
+        + (" (found trained in the accuracy benchmarks' stages)" if r["kept"] else ""),
+        f"- served OOD score: {r['which']}; Mahalanobis distance to the nearest training class mean, one covariance shared "
+        f"by the classes, fitted on {normal_train + pneumonia_train} training images ({normal_train} normal, "
+        f"{pneumonia_train} pneumonia); each layer divided by its validation 99th percentile, the largest thresholded "
+        "to flag 1% of validation. Row *served*: the package's own answer (`medtriage score --npz ... --split val|test "
+        "--json`); the refit here reproduces its threshold",
+        "- variants, refitted on the same network's features, each thresholded to flag the same 1% of validation: "
+        "per-class scale (each class's distance divided by its own validation images' 99th percentile), per-class "
+        "covariance (a Ledoit-Wolf covariance per class), both, and the last layer alone. Test is scored for every "
+        "variant, so nothing is chosen here",
+        "",
+        "| OOD score | val flagged | val normal | val pneumonia | test flagged | test normal | test pneumonia |",
+        "|---|---|---|---|---|---|---|",
+        table_row("**served**", r["served"]),
+        *[table_row(label, variants[label]) for label in ("served (refitted)", *VARIANTS)],
+        "",
+        "- layers that decide the served score on its flagged test images: "
+        + ", ".join(f"{name} {count}" for name, count in zip(names, deciding)),
+        f"- what the flags withhold: served test AUC {r['test_auc_all']:.4f} on all {r['served']['test']['images']} images, "
+        f"{r['test_auc_kept']:.4f} on the {r['served']['test']['images'] - r['served']['test']['flagged']} not flagged; mean "
+        f"p(pneumonia) of the flagged normal images {flagged_p}, of the other normal images {r['normal_p_kept']:.3f}",
+        "",
+        "Target: a variant that flags fewer test normal images than the served score, each flagging 1% of validation.",
+        f"- fewest: {best}, {best_normals} against the served {served_normals}: {verdict(best_normals < served_normals)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, if the seed must be trained")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+    from medtriage.config import compose_train_config
+
+    overrides = [f"experiment={EXPERIMENT}"]
+    cfg = compose_train_config([*overrides, "paths.output_dir=."])
+    result = measure(trained_seed(args.seed, args.threads, overrides, cfg, stage_dir(False)))
+    print(json.dumps(result, default=str), flush=True)
+    write_section(section(result, command_line()), args.doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

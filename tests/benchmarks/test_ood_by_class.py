@@ -1,0 +1,83 @@
+"""The OOD-by-class benchmark's variants and section (the run is `python -m benchmarks.ood_by_class`)."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import ood_by_class as bench
+from medtriage.export.ood import fit_mahalanobis
+from tests.benchmarks.test_docs_figures import check_section, written_sections
+
+DIM = 6
+
+
+def two_classes(rng: np.random.Generator, scarce: int, common: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class 0 scarce and spread four times wider than class 1, their means apart."""
+    features = np.concatenate([rng.normal(0.0, 4.0, (scarce, DIM)), rng.normal(10.0, 1.0, (common, DIM))])
+    return features, np.repeat([0, 1], [scarce, common])
+
+
+@pytest.fixture
+def features():
+    rng = np.random.default_rng(0)
+    return {name: two_classes(rng, scarce, 8 * scarce) for name, scarce in (("train", 300), ("val", 400), ("test", 400))}
+
+
+def test_the_shared_refit_is_the_served_distance(features):
+    train, labels = features["train"]
+    val, _ = features["val"]
+    served = fit_mahalanobis(train, labels)(torch.from_numpy(val).float()).double().numpy()
+    np.testing.assert_allclose(bench.class_distances(train, labels, val, per_class=False).min(axis=1), served, rtol=1e-4)
+
+
+def test_a_shared_covariance_flags_the_wider_scarce_class_and_per_class_fits_do_not(features):
+    """One covariance shared by the classes is too narrow for the wider class: its images are flagged far more often.
+    A scale or a covariance per class flags each class at about the rate set on validation (1%)."""
+    train, train_labels = features["train"]
+    splits = {name: [features[name][0]] for name in ("val", "test")}
+    val_labels, test_labels = features["val"][1], features["test"][1]
+
+    def test_rates(variant):
+        scores = bench.variant_scores([train], train_labels, splits, val_labels, variant)
+        threshold = np.quantile(scores["val"][0], bench.QUANTILE)
+        counts = bench.flag_counts(scores["test"][0] > threshold, test_labels)
+        return [flagged / of for flagged, of in counts["by_label"]]
+
+    shared = test_rates(bench.SERVED)
+    assert shared[0] > 0.05 and shared[1] < 0.01
+    for label in ("per-class scale", "per-class covariance"):
+        per_class = test_rates(bench.VARIANTS[label])
+        assert per_class[0] < 0.04 and per_class[0] < shared[0] / 2, label
+
+
+def result(test_normals: dict[str, int]) -> dict:
+    def counts(normal: int) -> dict:
+        return {
+            "val": {"flagged": 6, "images": 524, "by_label": [[5, 135], [1, 389]]},
+            "test": {"flagged": normal + 1, "images": 624, "by_label": [[normal, 234], [1, 390]]},
+        }
+
+    variants = {label: counts(test_normals.get(label, 10)) for label in bench.VARIANTS}
+    return {
+        "seed": 0,
+        "run_id": "68d51b2a49b8",
+        "kept": True,
+        "which": "pooled output of each residual stage",
+        "train_by_label": [388, 3494],
+        "served": counts(10),
+        "variants": {"served (refitted)": {**counts(10), "deciding_layers": [8, 0, 0, 2]}, **variants},
+        "test_auc_all": 0.9871,
+        "test_auc_kept": 0.9867,
+        "normal_p_flagged": 0.167,
+        "normal_p_kept": 0.269,
+    }
+
+
+def test_section_says_whether_a_variant_flags_fewer_test_normals():
+    text = bench.section(result({}), "python -m benchmarks.ood_by_class")
+    assert check_section(bench.SECTION, text, written_sections()) == []
+    assert "| **served** | 6 of 524 | 5 of 135 (3.7%) | 1 of 389 (0.3%) | 11 of 624 | 10 of 234 (4.3%) |" in text
+    assert "layer1 8, layer2 0, layer3 0, layer4 2" in text
+    assert text.rstrip().endswith("10 against the served 10: **not met**")
+    fewer = bench.section(result({"per-class covariance": 4}), "python -m benchmarks.ood_by_class")
+    assert fewer.rstrip().endswith("per-class covariance, 4 against the served 10: **met**")
