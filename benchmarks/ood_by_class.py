@@ -124,10 +124,9 @@ def served_flags(package: Path, split: str) -> dict:
     }
 
 
-def measure(trained: dict) -> dict:
-    package = Path(trained["package"])
-    meta = json.loads((package / "model.json").read_text())
-    features = network_features(Path(trained["checkpoint"]))
+def refitted_rows(features: dict, served_threshold: float) -> dict:
+    """{variant: flag counts on val and test, its threshold}; the served score's refit must reproduce the package's
+    threshold, and its row also counts the layer that decides each flagged test image."""
     splits = {"val": features["val"], "test": features["test"]}
     rows = {}
     for label, variant in {"served (refitted)": SERVED, **VARIANTS}.items():
@@ -136,26 +135,40 @@ def measure(trained: dict) -> dict:
         rows[label] = {s: flag_counts(scores[s][0] > threshold, features[f"{s}_labels"]) for s in splits}
         rows[label]["threshold"] = threshold
         if variant == SERVED:
-            served_threshold = meta["ood"]["threshold"]
             if abs(threshold - served_threshold) > THRESHOLD_TOLERANCE * abs(served_threshold):
-                raise SystemExit(f"the refitted served score's threshold {threshold:.4f} is not the package's {served_threshold:.4f}")
+                raise RuntimeError(f"the refitted served score's threshold {threshold:.4f} is not the package's {served_threshold:.4f}")
             test_flags = scores["test"][0] > threshold
             rows[label]["deciding_layers"] = np.bincount(scores["test"][1][test_flags], minlength=len(features["train"])).tolist()
-    served = {split: served_flags(package, split) for split in splits}
-    test = served["test"]
+    return rows
+
+
+def withheld(test: dict) -> dict:
+    """What the served flags withhold from test: AUC with and without the flagged images, and how the model scores the
+    flagged normal images against the other normal ones."""
     kept, normal = ~test["flags"], test["labels"] == 0
+    flagged_normal = normal & test["flags"]
+    return {
+        "test_auc_all": float(roc_auc_score(test["labels"], test["p"])),
+        "test_auc_kept": float(roc_auc_score(test["labels"][kept], test["p"][kept])),
+        "normal_p_flagged": float(test["p"][flagged_normal].mean()) if flagged_normal.any() else None,
+        "normal_p_kept": float(test["p"][normal & kept].mean()),
+    }
+
+
+def measure(trained: dict) -> dict:
+    package = Path(trained["package"])
+    meta = json.loads((package / "model.json").read_text())
+    features = network_features(Path(trained["checkpoint"]))
+    served = {split: served_flags(package, split) for split in ("val", "test")}
     return {
         "seed": trained["seed"],
         "run_id": trained["run_id"],
         "kept": trained.get("kept", False),
         "which": features["which"],
         "train_by_label": [int((features["train_labels"] == k).sum()) for k in (0, 1)],
-        "served": {split: flag_counts(served[split]["flags"], served[split]["labels"]) for split in splits},
-        "variants": rows,
-        "test_auc_all": float(roc_auc_score(test["labels"], test["p"])),
-        "test_auc_kept": float(roc_auc_score(test["labels"][kept], test["p"][kept])),
-        "normal_p_flagged": float(test["p"][normal & test["flags"]].mean()) if (normal & test["flags"]).any() else None,
-        "normal_p_kept": float(test["p"][normal & kept].mean()),
+        "served": {split: flag_counts(s["flags"], s["labels"]) for split, s in served.items()},
+        "variants": refitted_rows(features, meta["ood"]["threshold"]),
+        **withheld(served["test"]),
     }
 
 
