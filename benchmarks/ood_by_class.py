@@ -45,9 +45,9 @@ SERVED = (False, False, "all")
 THRESHOLD_TOLERANCE = 1e-3  # relative: the refit's threshold against the package's (float32 graph, float64 here)
 
 
-def class_distances(train: np.ndarray, labels: np.ndarray, features: np.ndarray, per_class: bool) -> np.ndarray:
-    """`[N, K]` Mahalanobis distance of each image's features to each training class mean, under one Ledoit-Wolf
-    covariance shared by the classes (as served) or one per class."""
+def class_distances(train: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], per_class: bool) -> dict:
+    """{split: `[N, K]` Mahalanobis distance of each image's features to each training class mean}, under one
+    Ledoit-Wolf covariance shared by the classes (as served) or one per class, fitted once for all splits."""
     from sklearn.covariance import LedoitWolf
 
     classes = np.unique(labels)
@@ -57,12 +57,13 @@ def class_distances(train: np.ndarray, labels: np.ndarray, features: np.ndarray,
     else:
         centred = train - np.stack(means)[np.searchsorted(classes, labels)]
         covariances = [LedoitWolf().fit(centred).covariance_] * len(classes)
-    out = []
-    for mean, covariance in zip(means, covariances):
-        centred = features - mean
-        precision = np.linalg.pinv(covariance, hermitian=True)
-        out.append(np.sqrt(np.maximum(((centred @ precision) * centred).sum(axis=1), 0.0)))
-    return np.stack(out, axis=1)
+    precisions = [np.linalg.pinv(c, hermitian=True) for c in covariances]
+
+    def distances(features: np.ndarray) -> np.ndarray:
+        centred = [features - mean for mean in means]
+        return np.stack([np.sqrt(np.maximum(((c @ p) * c).sum(axis=1), 0.0)) for c, p in zip(centred, precisions)], axis=1)
+
+    return {name: distances(features) for name, features in splits.items()}
 
 
 def variant_scores(train: list, train_labels: np.ndarray, splits: dict[str, list], val_labels: np.ndarray, variant: tuple) -> dict:
@@ -73,7 +74,7 @@ def variant_scores(train: list, train_labels: np.ndarray, splits: dict[str, list
     chosen = range(len(train)) if layers == "all" else [len(train) - 1]
     scaled = {name: [] for name in splits}
     for layer in chosen:
-        distances = {name: class_distances(train[layer], train_labels, f[layer], per_class_covariance) for name, f in splits.items()}
+        distances = class_distances(train[layer], train_labels, {name: f[layer] for name, f in splits.items()}, per_class_covariance)
         val = distances["val"]
         if per_class_scale:
             scale = np.array([np.quantile(val[val_labels == k, k], QUANTILE) for k in range(val.shape[1])])

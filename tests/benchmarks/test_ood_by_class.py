@@ -27,7 +27,8 @@ def test_the_shared_refit_is_the_served_distance(features):
     train, labels = features["train"]
     val, _ = features["val"]
     served = fit_mahalanobis(train, labels)(torch.from_numpy(val).float()).double().numpy()
-    np.testing.assert_allclose(bench.class_distances(train, labels, val, per_class=False).min(axis=1), served, rtol=1e-4)
+    refitted = bench.class_distances(train, labels, {"val": val}, per_class=False)["val"]
+    np.testing.assert_allclose(refitted.min(axis=1), served, rtol=1e-4)
 
 
 def test_a_shared_covariance_flags_the_wider_scarce_class_and_per_class_fits_do_not(features):
