@@ -46,18 +46,22 @@ THRESHOLD_TOLERANCE = 1e-3  # relative: the refit's threshold against the packag
 
 
 def class_distances(train: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], per_class: bool) -> dict:
-    """{split: `[N, K]` Mahalanobis distance of each image's features to each training class mean}, under one
-    Ledoit-Wolf covariance shared by the classes (as served) or one per class, fitted once for all splits."""
+    """{split: `[N, K]` Mahalanobis distance of each image's features to each training class mean}, under the served
+    fit (`fit_mahalanobis`: one Ledoit-Wolf covariance shared by the classes) or one covariance per class, fitted once
+    for all splits."""
     from sklearn.covariance import LedoitWolf
 
+    from medtriage.export.ood import fit_mahalanobis
+
     classes = np.unique(labels)
-    means = [train[labels == k].mean(axis=0) for k in classes]
     if per_class:
+        means = [train[labels == k].mean(axis=0) for k in classes]
         covariances = [LedoitWolf().fit(train[labels == k] - m).covariance_ for k, m in zip(classes, means)]
+        precisions = [np.linalg.pinv(c, hermitian=True) for c in covariances]
     else:
-        centred = train - np.stack(means)[np.searchsorted(classes, labels)]
-        covariances = [LedoitWolf().fit(centred).covariance_] * len(classes)
-    precisions = [np.linalg.pinv(c, hermitian=True) for c in covariances]
+        served = fit_mahalanobis(train, labels)
+        means = list(served.means.double().numpy())
+        precisions = [served.precision.double().numpy()] * len(classes)
 
     def distances(features: np.ndarray) -> np.ndarray:
         centred = [features - mean for mean in means]
