@@ -15,6 +15,11 @@ network's features, each thresholded to flag the same 1% of validation:
 - both of those;
 - last layer only: the served score on the penultimate features alone (are the early layers what flags them?).
 
+It also asks whether the package could release the flagged normal images because the model scores them confidently as
+normal: a gate that scores an unusual image anyway when its p(pneumonia) is at most the largest of the flagged normal
+validation images' (set on validation, counted on test), against images that are not chest X-rays at all (pydicom's
+non-radiographs relabelled as CR, and tissue tiles of the sample slide, as `benchmarks.safety` sends them).
+
 The served row is the package's own answer (`medtriage score --npz ... --split val|test --json`); the refit of the served
 score must reproduce the package's threshold, or the run stops. Test is scored for every variant, so nothing is chosen
 here: the section says whether a variant would flag fewer test normal images, for a later change to be judged on data
@@ -160,6 +165,55 @@ def withheld(test: dict) -> dict:
     }
 
 
+def foreign_outcomes(package: Path) -> list[dict]:
+    """Each foreign file (the lowest p(pneumonia) of its frames, the one a gate would release first) and each slide tile:
+    name, p(pneumonia) and whether the package withholds it as unusual."""
+    from pydicom.data import get_testdata_file
+
+    from benchmarks.safety import NOT_RADIOGRAPHS, SLIDE, decoded, relabelled_as_cr
+    from medtriage.io.pathology import iter_tile_batches, prepare_slide
+    from medtriage.serve.package import load_package
+    from medtriage.serve.predictor import Predictor
+    from medtriage.serve.scope import UNUSUAL_INPUT
+
+    predictor = Predictor(load_package(package), allow_out_of_scope=True)  # scores the withheld images, flagged
+
+    def outcome(name: str, scores: list) -> dict:
+        lowest = min(scores, key=lambda s: s.probability)
+        return {"name": name, "p": float(lowest.probability), "withheld": UNUSUAL_INPUT in lowest.flags}
+
+    files = [Path(p) for p in map(get_testdata_file, NOT_RADIOGRAPHS) if p]
+    outcomes = [outcome(f.name, predictor.score_file(relabelled_as_cr(str(f)), f.name)) for f in files]
+    prepared = prepare_slide(SLIDE, tile_size=224, min_tissue=0.5)
+    try:
+        tiles = np.concatenate([batch for _, batch in iter_tile_batches(prepared, batch_size=32)])
+    finally:
+        prepared.slide.close()
+    return outcomes + [outcome("slide tile", predictor.score_decoded(decoded(t[None], "RGB"), "tile")) for t in tiles]
+
+
+def confidence_gate(served: dict, foreign: list[dict]) -> dict:
+    """The gate that releases every flagged normal validation image (p(pneumonia) at most the largest of theirs), and
+    what it releases on test and among the withheld foreign images."""
+    val, test = served["val"], served["test"]
+    flagged_normal_val = val["p"][val["flags"] & (val["labels"] == 0)]
+    withheld_foreign = [f for f in foreign if f["withheld"]]
+    if not flagged_normal_val.size:
+        return {"cut": None, "foreign_withheld": len(withheld_foreign), "foreign": len(foreign)}
+    cut = float(flagged_normal_val.max())
+    released = test["flags"] & (test["p"] <= cut)
+    return {
+        "cut": cut,
+        "test_released": [int((released & (test["labels"] == k)).sum()) for k in (0, 1)],
+        "test_flagged": [int((test["flags"] & (test["labels"] == k)).sum()) for k in (0, 1)],
+        "foreign": len(foreign),
+        "foreign_withheld": len(withheld_foreign),
+        "foreign_released": sorted({f["name"] for f in withheld_foreign if f["p"] <= cut}),
+        "foreign_released_count": sum(f["p"] <= cut for f in withheld_foreign),
+        "foreign_lowest_p": min((f["p"] for f in withheld_foreign), default=None),
+    }
+
+
 def measure(trained: dict) -> dict:
     package = Path(trained["package"])
     meta = json.loads((package / "model.json").read_text())
@@ -174,6 +228,7 @@ def measure(trained: dict) -> dict:
         "served": {split: flag_counts(s["flags"], s["labels"]) for split, s in served.items()},
         "variants": refitted_rows(features, meta["ood"]["threshold"]),
         **withheld(served["test"]),
+        "gate": confidence_gate(served, foreign_outcomes(package)),
     }
 
 
@@ -229,11 +284,37 @@ def section(r: dict, command: str) -> str:
         f"- what the flags withhold: served test AUC {r['test_auc_all']:.4f} on all {r['served']['test']['images']} images, "
         f"{r['test_auc_kept']:.4f} on the {r['served']['test']['images'] - r['served']['test']['flagged']} not flagged; mean "
         f"p(pneumonia) of the flagged normal images {flagged_p}, of the other normal images {r['normal_p_kept']:.3f}",
+        *gate_lines(r["gate"]),
         "",
-        "Target: a variant that flags fewer test normal images than the served score, each flagging 1% of validation.",
+        "Targets: a variant that flags fewer test normal images than the served score, each flagging 1% of validation; a "
+        "gate set on validation that releases flagged normal images without releasing any image that is not a chest X-ray.",
         f"- fewest: {best}, {best_normals} against the served {served_normals}: {verdict(best_normals < served_normals)}",
+        gate_verdict(r["gate"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def gate_lines(gate: dict) -> list[str]:
+    foreign = f"{gate['foreign_withheld']} of the {gate['foreign']} images that are not chest X-rays"
+    if gate["cut"] is None:
+        return [f"- confidence gate: no normal validation image is flagged, so none is set; the package withholds {foreign}"]
+    (normal, pneumonia), (of_normal, of_pneumonia) = gate["test_released"], gate["test_flagged"]
+    names = ", ".join(gate["foreign_released"]) or "none"
+    return [
+        f"- confidence gate (scores an unusual image anyway when p(pneumonia) ≤ {gate['cut']:.4f}, the largest of the "
+        f"flagged normal validation images'): on test it releases {normal} of the {of_normal} flagged normal images and "
+        f"{pneumonia} of the {of_pneumonia} flagged pneumonia; the package withholds {foreign} (pydicom's "
+        "non-radiographs relabelled as CR, tissue tiles of the sample slide), and the gate would release "
+        f"{gate['foreign_released_count']} of them onto the worklist as confidently normal ({names}); the lowest "
+        f"p(pneumonia) among them is {gate['foreign_lowest_p']:.4f}",
+    ]
+
+
+def gate_verdict(gate: dict) -> str:
+    if gate["cut"] is None:
+        return "- confidence gate: not assessed (no flagged normal validation image to set it on)"
+    normal, foreign = gate["test_released"][0], gate["foreign_released_count"]
+    return f"- confidence gate: {normal} test normal images released, {foreign} foreign: {verdict(normal > 0 and foreign == 0)}"
 
 
 def main(argv: list[str] | None = None) -> int:

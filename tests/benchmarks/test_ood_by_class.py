@@ -71,7 +71,36 @@ def result(test_normals: dict[str, int]) -> dict:
         "test_auc_kept": 0.9867,
         "normal_p_flagged": 0.167,
         "normal_p_kept": 0.269,
+        "gate": {
+            "cut": 0.2,
+            "test_released": [7, 0],
+            "test_flagged": [10, 1],
+            "foreign": 55,
+            "foreign_withheld": 55,
+            "foreign_released": ["SC_rgb.dcm", "slide tile"],
+            "foreign_released_count": 12,
+            "foreign_lowest_p": 0.002,
+        },
     }
+
+
+def served(p: list[float], labels: list[int], flags: list[bool]) -> dict:
+    return {"p": np.array(p), "labels": np.array(labels), "flags": np.array(flags)}
+
+
+def test_the_gate_is_set_on_validation_and_counts_what_it_releases():
+    split = {
+        "val": served([0.1, 0.3, 0.05, 0.9], [0, 0, 0, 1], [True, True, False, True]),
+        "test": served([0.2, 0.4, 0.25, 0.1, 0.95], [0, 0, 1, 0, 1], [True, True, True, False, True]),
+    }
+    foreign = [{"name": "a", "p": 0.25, "withheld": True}, {"name": "b", "p": 0.5, "withheld": True}]
+    foreign.append({"name": "c", "p": 0.01, "withheld": False})  # not withheld: nothing for a gate to release
+    gate = bench.confidence_gate(split, foreign)
+    assert gate["cut"] == 0.3  # the largest flagged normal validation image's p; the flagged pneumonia (0.9) does not count
+    assert gate["test_released"] == [1, 1] and gate["test_flagged"] == [2, 2]
+    assert gate["foreign_released"] == ["a"] and gate["foreign_withheld"] == 2 and gate["foreign_lowest_p"] == 0.25
+    split["val"]["flags"][:] = False
+    assert bench.confidence_gate(split, foreign)["cut"] is None
 
 
 def test_section_says_whether_a_variant_flags_fewer_test_normals():
@@ -79,6 +108,10 @@ def test_section_says_whether_a_variant_flags_fewer_test_normals():
     assert check_section(bench.SECTION, text, written_sections()) == []
     assert "| **served** | 6 of 524 | 5 of 135 (3.7%) | 1 of 389 (0.3%) | 11 of 624 | 10 of 234 (4.3%) |" in text
     assert "layer1 8, layer2 0, layer3 0, layer4 2" in text
-    assert text.rstrip().endswith("10 against the served 10: **not met**")
+    assert "10 against the served 10: **not met**" in text
+    assert text.rstrip().endswith("7 test normal images released, 12 foreign: **not met**")
     fewer = bench.section(result({"per-class covariance": 4}), "python -m benchmarks.ood_by_class")
-    assert fewer.rstrip().endswith("per-class covariance, 4 against the served 10: **met**")
+    assert "per-class covariance, 4 against the served 10: **met**" in fewer
+    safe = result({})
+    safe["gate"].update(foreign_released=[], foreign_released_count=0)
+    assert bench.section(safe, "cmd").rstrip().endswith("7 test normal images released, 0 foreign: **met**")
