@@ -8,9 +8,12 @@ first bytes of each frame, before a decoder runs.
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import pydicom
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from medtriage.errors import DicomError, ImageTooLargeError
 
@@ -26,6 +29,7 @@ class DecodeLimits:
 
 
 _DEFAULT_LIMITS = [DecodeLimits()]
+HEADER_BYTES = 16 << 20  # room for the non-pixel elements of an inflated data set
 
 
 def set_default_limits(limits: DecodeLimits) -> None:
@@ -64,7 +68,9 @@ def check_limits(ds: pydicom.Dataset, limits: DecodeLimits, where: str, frame: i
         )
     if frames > limits.max_frames:
         raise ImageTooLargeError(f"{frames} frames exceed the limit of {limits.max_frames}", where=where, hint=hint)
-    decoded = rows * columns * min(samples, 3) * (1 if frame is not None else frames) * 4  # float32 output
+    # float32 output; a palette colour image holds one sample per pixel but comes out as RGB
+    channels = 3 if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR" else min(samples, 3)
+    decoded = rows * columns * channels * (1 if frame is not None else frames) * 4
     if decoded > limits.max_decoded_bytes:
         raise ImageTooLargeError(
             f"decoding would produce {decoded} bytes of pixels, over the limit of {limits.max_decoded_bytes}", where=where, hint=hint
@@ -107,3 +113,34 @@ def _codestream_samples(head: bytes) -> int | None:
     if "height" in found and "width" in found:
         return int(found["height"]) * int(found["width"]) * int(found.get("components") or 1)
     return None
+
+
+def check_inflated_size(fp: BinaryIO, limits: DecodeLimits, where: str) -> None:
+    """A Deflated Explicit VR Little Endian file is inflated whole by pydicom before any element is read, and deflate
+    expands up to ~1000-fold: a 1 MB file can become 1 GB. Inflate it here in bounded chunks, counting only, and refuse
+    a data set larger than `limits` allow for its pixels (plus `HEADER_BYTES`). Leaves `fp` where it was; files of
+    other transfer syntaxes, or unreadable ones, are left to pydicom."""
+    start = fp.tell()
+    try:
+        pydicom.filereader.read_preamble(fp, True)
+        meta = pydicom.filereader._read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        allowed, total, inflater = limits.max_decoded_bytes + HEADER_BYTES, 0, zlib.decompressobj(-zlib.MAX_WBITS)
+        while not inflater.eof:
+            chunk = inflater.unconsumed_tail or fp.read(1 << 16)
+            if not chunk:
+                break
+            total += len(inflater.decompress(chunk, 1 << 20))  # at most 1 MiB of output at a time
+            if total > allowed:
+                raise ImageTooLargeError(
+                    f"the deflated data set inflates to more than {allowed} bytes",
+                    where=where,
+                    hint="raise the decode limits (medtriage serve --max-decoded-bytes) if it is genuine",
+                )
+    except ImageTooLargeError:
+        raise
+    except Exception:  # a damaged header or stream: pydicom reports it with its own reason
+        return
+    finally:
+        fp.seek(start)

@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 
 from medtriage.errors import DicomError, NotAnImageError
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
+from medtriage.io.decode_limits import DecodeLimits, check_inflated_size, check_limits, default_limits
 from medtriage.io.display import to_display
 from medtriage.io.j2k_reduced import reduced_j2k_frames
 from medtriage.io.native_pixels import StoredValues, native_stored
@@ -76,10 +76,11 @@ def read_dicom(
     checked before decoding, and `NotAnImageError` for valid DICOM objects without pixel data.
     """
     where = _describe(source)
-    ds = _read_dataset(source, where)
+    limits = limits or default_limits()
+    ds = _read_dataset(source, where, limits)
     try:
         _require_pixels(ds, where)
-        check_limits(ds, limits or default_limits(), where, frame)
+        check_limits(ds, limits, where, frame)
         stored = native_stored(ds, _transfer_syntax(ds), frame) or _reduced(ds, frame, min_side) or _decode_stored(ds, where, frame)
     except DicomError:
         raise
@@ -110,11 +111,12 @@ def _describe(source) -> str:
     return str(getattr(source, "name", "<stream>"))
 
 
-def _read_dataset(source, where: str) -> pydicom.Dataset:
+def _read_dataset(source, where: str, limits: DecodeLimits) -> pydicom.Dataset:
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise DicomError("file not found", where=where, hint="check the path")
     try:
         with dicom_source(source) as fp:  # reads bounded by the file's size, not by the lengths it claims
+            check_inflated_size(fp, limits, where)
             try:
                 return _with_transfer_syntax(pydicom.dcmread(fp))
             except InvalidDicomError:

@@ -115,7 +115,7 @@ def _rescale(ds: pydicom.Dataset, allocated: int) -> tuple[float, float, tuple[f
     bits = int(ds.get("BitsStored") or allocated)
     signed = int(ds.get("PixelRepresentation") or 0) == 1
     low, high = (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
-    slope, intercept = float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
+    slope, intercept = float(_attribute(ds, "RescaleSlope") or 1.0), float(_attribute(ds, "RescaleIntercept") or 0.0)
     if (slope, intercept) != (1.0, 0.0):
         low, high = sorted((low * slope + intercept, high * slope + intercept))
     return slope, intercept, (low, high)
@@ -132,12 +132,42 @@ def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
 
 
 def _window_values(ds: pydicom.Dataset) -> tuple[float, float, str] | None:
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    center, width = _attribute(ds, "WindowCenter"), _attribute(ds, "WindowWidth")
     if center is None or width is None or center == "" or width == "":
         return None
     first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
-    function = str(ds.get("VOILUTFunction") or "LINEAR").upper()
+    function = str(_attribute(ds, "VOILUTFunction") or "LINEAR").upper()
     return first(center), first(width), function
+
+
+# Enhanced multi-frame objects (Enhanced CT/MR/XA...) keep rescale and window in functional group macros, not at the top.
+_FUNCTIONAL_MACROS = {
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+    "WindowCenter": "FrameVOILUTSequence",
+    "WindowWidth": "FrameVOILUTSequence",
+    "VOILUTFunction": "FrameVOILUTSequence",
+}
+
+
+def _attribute(ds: pydicom.Dataset, keyword: str):
+    """A top-level attribute; else its value in the shared functional groups; else in the per-frame groups when every
+    frame has the same value (values that differ between frames are not applied)."""
+    value = ds.get(keyword)
+    if value is not None:
+        return value
+    macro = _FUNCTIONAL_MACROS[keyword]
+    for item in ds.get("SharedFunctionalGroupsSequence") or ():
+        for values in item.get(macro) or ():
+            if keyword in values:
+                return values.get(keyword)
+    per_frame = [
+        next((values.get(keyword) for values in item.get(macro) or () if keyword in values), None)
+        for item in ds.get("PerFrameFunctionalGroupsSequence") or ()
+    ]
+    if per_frame and all(str(v) == str(per_frame[0]) for v in per_frame):
+        return per_frame[0]
+    return None
 
 
 def _apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:

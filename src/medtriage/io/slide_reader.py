@@ -30,6 +30,7 @@ MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 READ_BLOCK_BYTES = 64 << 20  # RGB bytes of a level decoded at once when a whole level is read (thumbnail, tissue mask)
 MAX_WHOLE_IMAGE_BYTES = 256 << 20  # RGB bytes of a whole-level image: a 7.5 cm square of tissue at the mask's 8 µm/pixel
+MAX_CHUNK_BYTES = 256 << 20  # decoded bytes of one tile or strip: a decoder allocates what the tags claim, whatever the data
 MIN_MPP = 0.05  # µm/pixel: a quarter of what light microscopes resolve; anything finer is a damaged tag
 BRIGHTFIELD_HINT = (
     "the pathology models read 8-bit RGB brightfield slides (H&E, IHC): export the slide as 8-bit RGB "
@@ -210,6 +211,7 @@ class Slide(_Levels):
         self.mpp = self._resolve_mpp(mpp)
         self._fd = os.open(self.path, os.O_RDONLY)
         self._check_not_truncated()
+        self._check_chunk_sizes()
         self._fast_levels = [_fast_path_ok(level.keyframe) for level in self._levels]  # tifffile page flags are not cheap
 
     def _resolve_mpp(self, override: float | None) -> float:
@@ -234,6 +236,21 @@ class Slide(_Levels):
                     f"truncated slide: the pixel data of {what} ends at byte {max(ends)}, file has {size} bytes",
                     where=self.path,
                     hint="copy the slide again from the scanner or archive",
+                )
+
+    def _check_chunk_sizes(self) -> None:
+        """Reading any pixel of a level decodes its whole tile (or strip), sized by the tags: a few kilobytes of
+        compressed data can claim gigabytes. Refuse such a level before anything is decoded."""
+        for level, pages in enumerate(self._levels):
+            page = pages.keyframe
+            claimed = math.prod(page.chunks) * np.dtype(page.dtype or np.uint8).itemsize
+            if claimed > MAX_CHUNK_BYTES:
+                kind = "tile" if page.is_tiled else "strip"
+                raise InputError(
+                    f"level {level} is stored in {kind}s of {' x '.join(map(str, page.chunks))} samples ({claimed} bytes "
+                    f"each when decoded), over the limit of {MAX_CHUNK_BYTES} bytes",
+                    where=self.path,
+                    hint="export the slide again as a tiled pyramidal TIFF or SVS with tiles of at most a few thousand pixels",
                 )
 
     @property

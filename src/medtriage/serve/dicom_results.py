@@ -20,8 +20,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from medtriage import __version__
-from medtriage.errors import DicomError, MedTriageError
+from medtriage.errors import DicomError, ImageTooLargeError, MedTriageError
 from medtriage.io.clamped import dicom_source
+from medtriage.io.decode_limits import check_inflated_size, default_limits
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.serve.package import ModelPackage
 from medtriage.serve.predictor import Score
@@ -38,11 +39,14 @@ SR_SERIES_NUMBER = 9901
 
 def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
     """The source's header (no pixels), for the references the SR carries."""
+    where = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(getattr(source, "name", source))
     try:
         with dicom_source(source) as fp:
+            check_inflated_size(fp, default_limits(), where)  # pydicom inflates a deflated data set whole, pixels too
             return pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    except ImageTooLargeError:
+        raise
     except Exception as err:
-        where = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(getattr(source, "name", source))
         raise DicomError(f"cannot read the header to reference in the SR ({err})", where=where) from err
 
 

@@ -1,0 +1,162 @@
+"""Sizes claimed by a file are bounded before anything is allocated (deflated DICOM, palette colour output, slide
+tiles), and enhanced multi-frame images are rescaled and windowed from their functional groups."""
+
+from __future__ import annotations
+
+import copy
+import io
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+from medtriage.errors import ImageTooLargeError, InputError
+from medtriage.io.decode_limits import DecodeLimits, default_limits, set_default_limits
+from medtriage.io.deid import SiteKey
+from medtriage.io.dicom import read_dicom
+from medtriage.io.ingest import ingest_site
+from medtriage.io.slide_reader import open_slide
+
+SIDE = 8192  # 64 MiB of 8-bit pixels, deflated to ~64 KB
+
+
+def _deflated(side: int = SIDE) -> bytes:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.PatientID, ds.BurnedInAnnotation = "DX", "P1", "NO"
+    ds.Rows = ds.Columns = side
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(side * side)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _peak(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_a_deflated_file_is_refused_before_it_is_inflated_beyond_the_limits():
+    data = _deflated()
+    assert len(data) < 200_000
+
+    def read():
+        with pytest.raises(ImageTooLargeError):
+            read_dicom(data, limits=DecodeLimits(max_decoded_bytes=1 << 20))
+
+    assert _peak(read) < 32 << 20  # the 64 MiB data set is never held
+
+
+def test_a_deflated_file_within_the_limits_still_decodes():
+    image = read_dicom(get_testdata_file("image_dfl.dcm"))
+    assert image.transfer_syntax == DeflatedExplicitVRLittleEndian
+    assert image.pixels.shape[-2:] == (image.rows, image.columns)
+    assert read_dicom(_deflated(64)).pixels.shape == (1, 1, 64, 64)
+
+
+def test_ingest_quarantines_a_deflated_file_before_inflating_it(tmp_path: Path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "bomb.dcm").write_bytes(_deflated())
+    previous = default_limits()
+    set_default_limits(DecodeLimits(max_decoded_bytes=1 << 20))
+    try:
+        peak = _peak(lambda: ingest_site("a", site, tmp_path / "pool", key=SiteKey(b"k" * 32), progress=False))
+    finally:
+        set_default_limits(previous)
+    assert peak < 32 << 20
+    assert list((tmp_path / "pool-quarantine" / "a" / "too_large").iterdir())
+
+
+def test_palette_colour_output_counts_three_channels_against_the_limit():
+    path = get_testdata_file("OBXXXX1A.dcm")  # 600 x 800 PALETTE COLOR, one sample per pixel
+    with pytest.raises(ImageTooLargeError, match="bytes of pixels"):
+        read_dicom(path, limits=DecodeLimits(max_decoded_bytes=600 * 800 * 4 * 2))
+    assert read_dicom(path, limits=DecodeLimits(max_decoded_bytes=600 * 800 * 4 * 3)).pixels.shape == (1, 3, 600, 800)
+
+
+def test_a_slide_whose_tiles_claim_gigabytes_is_refused_before_any_tile_is_decoded(tmp_path: Path):
+    path = tmp_path / "claim.tif"
+    tifffile.imwrite(
+        path,
+        np.zeros((16, 16, 3), np.uint8),
+        tile=(16, 16),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
+    with tifffile.TiffFile(path, mode="r+b") as tif:  # a few hundred bytes that claim one 65536 x 65536 RGB tile (12 GiB)
+        for name in ("ImageWidth", "ImageLength", "TileWidth", "TileLength"):
+            tif.pages[0].tags[name].overwrite(65536)
+    with pytest.raises(InputError, match="over the limit"):
+        open_slide(path)
+
+
+def _top_level_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The same image with the shared functional groups' rescale and window written at the top level."""
+    flat = copy.deepcopy(ds)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for macro in (shared.PixelValueTransformationSequence[0], shared.FrameVOILUTSequence[0]):
+        for elem in macro:
+            flat[elem.tag] = copy.deepcopy(elem)
+    del flat.SharedFunctionalGroupsSequence
+    return flat
+
+
+def _decoded(ds: pydicom.Dataset) -> np.ndarray:
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return read_dicom(buffer.getvalue()).pixels
+
+
+def test_an_enhanced_ct_is_rescaled_and_windowed_from_its_functional_groups():
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))  # rescale and window only in the shared groups
+    expected = _decoded(_top_level_copy(ds))
+    assert expected.max() == 1.0  # the window (49 / 102 HU after a -1024 intercept) spans the display range
+    np.testing.assert_array_equal(read_dicom(get_testdata_file("eCT_Supplemental.dcm")).pixels, expected)
+
+    per_frame = copy.deepcopy(ds)  # the same values given frame by frame
+    shared = per_frame.SharedFunctionalGroupsSequence[0]
+    for item in per_frame.PerFrameFunctionalGroupsSequence:
+        item.PixelValueTransformationSequence = copy.deepcopy(shared.PixelValueTransformationSequence)
+        item.FrameVOILUTSequence = copy.deepcopy(shared.FrameVOILUTSequence)
+    del shared.PixelValueTransformationSequence, shared.FrameVOILUTSequence
+    np.testing.assert_array_equal(_decoded(per_frame), expected)
+
+
+def test_header_readers_refuse_a_deflated_file_before_inflating_it():
+    """The DICOM node reads each received instance's header, and the SR builder its sources': pydicom would inflate a
+    deflated data set whole (pixels too) for either, however little of it they need."""
+    from medtriage.serve.dicom_results import read_header
+    from medtriage.serve.node.header import read_identity
+
+    data, previous = _deflated(), default_limits()
+    set_default_limits(DecodeLimits(max_decoded_bytes=1 << 20))
+    try:
+        for read in (lambda: read_identity(data), lambda: read_header(data)):
+
+            def refused(read=read):
+                with pytest.raises(ImageTooLargeError):
+                    read()
+
+            assert _peak(refused) < 32 << 20
+    finally:
+        set_default_limits(previous)
+    assert read_header(_deflated(64)).Rows == 64  # within the limits: read as before
