@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 
 from medtriage import __version__
 from medtriage.errors import ImageTooLargeError, MedTriageError
@@ -163,6 +164,14 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
+        where = f"{request.method} {request.url.path}"
+        if err.status_code == 404 and err.detail == "Not Found":  # the router's answer: no such route
+            return error_response(404, f"no such route: {where}", "see /docs for the service's routes")
+        if err.status_code == 405:  # the router's answer; its Allow header is what a client needs
+            allowed = (err.headers or {}).get("Allow", "")
+            response = error_response(405, f"method not allowed: {where}", f"this route accepts {allowed}; see /docs")
+            response.headers.update(err.headers or {})
+            return response
         return error_response(err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
@@ -326,17 +335,35 @@ async def _raw_file(request: Request, opened: list) -> list[tuple[str, Upload]]:
     return [("<body>", Upload(spool, size))] if size else []
 
 
+class _SpoolingParser(MultiPartParser):
+    """Starlette's parser keeps each file part in memory up to 1 MB, so a request of many smaller files (a CT series)
+    would wait for its slot whole in memory; here the parts that begin after the request's first SPOOL_IN_MEMORY
+    bytes go straight to disk. Every spooled file is also listed in `opened`, so a refused request closes them."""
+
+    def __init__(self, request: Request, counter: _BodyCounter, opened: list, **limits):
+        super().__init__(request.headers, request.stream(), **limits)
+        self.counter, self.opened = counter, opened
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        upload = self._current_part.file
+        if upload is not None:
+            self.opened.append(upload.file)
+            if self.counter.size > SPOOL_IN_MEMORY:
+                upload.file.rollover()
+
+
 async def _multipart_files(request: Request, max_bytes: int, opened: list) -> list[tuple[str, Upload]]:
     try:
-        form = await request.form(max_files=10_000, max_part_size=min(max_bytes, SPOOL_IN_MEMORY))
+        parser = _SpoolingParser(request, request.receive, opened, max_files=10_000, max_part_size=min(max_bytes, SPOOL_IN_MEMORY))
+        form = await parser.parse()
     except RequestError:
         raise
     except Exception as err:  # python-multipart raises several kinds on malformed input
         raise RequestError(400, f"malformed multipart body ({type(err).__name__}: {err})") from err
     files = []
     for _, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            opened.append(value.file)
+        if isinstance(value, UploadFile):  # its file is in `opened` already
             value.file.seek(0, 2)
             files.append((value.filename or "<upload>", Upload(value.file, value.file.tell())))
     return files

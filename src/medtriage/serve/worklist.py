@@ -107,10 +107,13 @@ class Worklist:
             result=json.dumps(results),
             calling_aet="HTTP",
         )
+        # `seen` before the study's instances are read: an instance recorded after that read makes this close refused
+        # (the later upload closes the study with every score); taken after, a concurrent upload's score was lost
+        seen = time.time()
         study_top = min(
             (s for row in self.store.study_instances(study_uid) if row["state"] == "scored" for s in json.loads(row["result"])), key=urgency
         )
-        self.store.close_study(study_uid, study_top, None, None, [], time.time())
+        self.store.close_study(study_uid, study_top, None, None, [], seen)
 
     def _display_copy(self, frame: np.ndarray) -> np.ndarray:
         pixels = to_model_channels(shrink(frame, DISPLAY_SIDE)[None], self.predictor.package.channels)[0]
@@ -122,7 +125,9 @@ class Worklist:
         return sorted(rows, key=_sort_key)
 
     def _study(self, entry_id: str):
-        study = self.store.study_by_id(int(entry_id), self.capacity) if entry_id.isdigit() else None
+        # ASCII digits that fit SQLite's 64-bit integer: int() of '²' or of 5000 digits raises, and so does a larger query
+        is_row_number = entry_id.isascii() and entry_id.isdigit() and len(entry_id) <= 18
+        study = self.store.study_by_id(int(entry_id), self.capacity) if is_row_number else None
         if study is None:
             raise HTTPException(404, f"no worklist entry '{entry_id}' (the list shows the newest {self.capacity} studies)")
         return study
