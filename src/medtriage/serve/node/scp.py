@@ -118,6 +118,21 @@ def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES) -
     return SUCCESS
 
 
+def discard_partial_instance(event) -> None:
+    """When a connection ends, remove the file of an instance it was still sending. pynetdicom creates that file with
+    delete=False and unlinks it only after a complete C-STORE: a peer that drops mid-instance (a modality rebooting,
+    a network cut, a PDU over MAX_PDU_BYTES) would otherwise leave up to one instance on disk per association."""
+    message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    try:
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+    except OSError as err:
+        log.warning("cannot remove a half-received instance %s: %s; delete it by hand, or restart the node", partial.name, err)
+
+
 def tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
     """Server-side TLS (TLS 1.2 or newer) with the node's certificate and key."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -149,7 +164,7 @@ def start_scp(
     """Start listening (in pynetdicom's threads); returns the server (call `.shutdown()` to stop)."""
     _config.STORE_RECV_CHUNKED_DATASET = True  # each arriving data set goes to a file (module docstring)
     ae = build_ae(aet, allowed_callers)
-    handlers = [(evt.EVT_C_STORE, handle_store, [store, max_instance_bytes])]
+    handlers = [(evt.EVT_C_STORE, handle_store, [store, max_instance_bytes]), (evt.EVT_CONN_CLOSE, discard_partial_instance)]
     # AE.start_server(block=False), with the bounded request handler it offers no argument for
     server = ae.make_server(
         (host, port),

@@ -129,7 +129,12 @@ class Sender:
         for destination in {d.destination for d in due}:
             batch = [d for d in due if d.destination == destination]
             sender = self.senders.get(destination)
-            results = sender.send(batch) if sender else dict.fromkeys((d.id for d in batch), f"no destination {destination}")
+            try:
+                results = sender.send(batch) if sender else dict.fromkeys((d.id for d in batch), f"no destination {destination}")
+            except Exception as err:  # noqa: BLE001 -- e.g. a host name that does not resolve: pynetdicom raises
+                # a failed try like any other (backoff, the study's reason), and the other destinations still go
+                error = f"cannot reach {destination} ({type(err).__name__}: {err}); check the host name and the network"
+                results = dict.fromkeys((d.id for d in batch), error)
             for delivery in batch:
                 error = results[delivery.id]
                 if error is None:
