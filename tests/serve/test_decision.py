@@ -44,3 +44,21 @@ def _items(ds: pydicom.Dataset):
     for item in ds.get("ContentSequence", []):
         yield item
         yield from _items(item)
+
+
+def test_an_sr_is_built_for_a_source_without_patient_or_study_identifiers(package_dir):
+    """Minimal or de-identified sources often leave out the Type 2 patient and study attributes the SR copies; the SR
+    carries them empty (as the standard has it) instead of failing the study, and the source's header is left as it was."""
+    import io
+
+    from medtriage.serve.dicom_results import TYPE2_COPIED, encoded
+
+    predictor = Predictor(load_package(package_dir), threads=1)
+    (score,) = predictor.score_file(FILES[0])
+    header = read_header(FILES[0])
+    for keyword in TYPE2_COPIED:
+        if keyword in header:
+            del header[keyword]
+    sr = pydicom.dcmread(io.BytesIO(encoded(build_sr(header, [score], predictor.package), "the SR", "test")))
+    assert all(keyword in sr and not str(sr[keyword].value or "") for keyword in TYPE2_COPIED)
+    assert sr.StudyInstanceUID == header.StudyInstanceUID and "PatientID" not in header

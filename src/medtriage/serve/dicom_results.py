@@ -8,6 +8,7 @@ priority and the algorithm name/version (with the model's sha256).
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +85,7 @@ def build_study_sr(
     parameters = {f"sha256={package.sha256}": package.sha256, f"software=medtriage {__version__}": __version__}
     algorithm = hd.sr.AlgorithmIdentification(name=package.name, version=str(package.version), parameters=parameters)
     hint = "the source's header is damaged, or lacks study/patient attributes an SR must copy"
+    sources = [(_with_type2_attributes(source), scores) for source, scores in sources]
     with built_from_header("an SR referencing this file", where=str(sources[0][1][0].file), hint=hint):
         groups = [_measurement_group(source, score, package, algorithm) for source, scores in sources for score in scores]
         report = hd.sr.MeasurementReport(
@@ -102,6 +104,31 @@ def build_study_sr(
             series_description=f"AI triage {package.describe(with_sha=False)}",
             is_complete=True,
         )
+
+
+# Patient and study attributes the SR must carry (Type 2: present, possibly empty) and copies from its evidence.
+# De-identified or minimal sources often leave them out; empty in the SR is what the standard says then.
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+)
+
+
+def _with_type2_attributes(source: pydicom.Dataset) -> pydicom.Dataset:
+    missing = [keyword for keyword in TYPE2_COPIED if keyword not in source]
+    if not missing:
+        return source
+    source = copy.deepcopy(source)  # a header (no pixels): the caller's dataset stays as it was
+    for keyword in missing:
+        setattr(source, keyword, "")
+    return source
 
 
 def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
