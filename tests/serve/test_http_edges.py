@@ -175,3 +175,27 @@ def test_a_waiting_multipart_upload_of_many_small_files_is_not_held_in_memory(pr
         response = client.post("/v1/score", files=[("files", (f"{i}.dcm", data, "application/dicom")) for i in range(count)], headers=AUTH)
     assert response.status_code == 200 and len(response.json()["results"]) == count
     assert held and held[0] <= 2 * SPOOL_IN_MEMORY, f"{held[0]} bytes of the upload held in memory"
+
+
+def test_an_upload_that_stops_sending_is_dropped_and_frees_its_place(predictor, monkeypatch):
+    """A client that dies mid-body without closing its connection (no FIN) would wait for its body for good, holding
+    a place in the admission queue; after BODY_IDLE_S without a byte it gets a 408 and its place is free again."""
+    from medtriage.serve import http
+
+    monkeypatch.setattr(http, "BODY_IDLE_S", 1.0)
+    admission = Admission(workers=1, queue=0)
+    with LiveServer(create_app(predictor, token=TOKEN, admission=admission)) as client:
+        data = _ct()
+        with socket.create_connection(("127.0.0.1", client.base_url.port), timeout=10) as stalled:
+            head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            head += f"Content-Type: application/dicom\r\nContent-Length: {len(data)}\r\n\r\n"
+            stalled.sendall(head.encode() + data[:1000])  # then nothing more
+            started = time.monotonic()
+            answer = stalled.recv(4096).decode(errors="replace")
+            waited = time.monotonic() - started
+            while not answer.endswith("}") and (more := stalled.recv(4096)):  # the JSON body may come in a second packet
+                answer += more.decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 408") and "no request body bytes for 1 s" in answer, answer[:300]
+        assert waited < 10
+        after = client.post("/v1/score", content=data, headers={**AUTH, "Content-Type": "application/dicom"})
+        assert after.status_code == 200 and admission.in_system == 0

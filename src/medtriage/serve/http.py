@@ -10,6 +10,7 @@ GET  /metrics    Prometheus metrics;  GET /v1/drift  input drift per source (`X-
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import tempfile
@@ -48,6 +49,7 @@ UPLOAD_BODY = {
 # The worklist page is static HTML; the data it fetches carries the token like any other client.
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", PAGE_PATH}
 SPOOL_IN_MEMORY = 1024 * 1024  # bytes of an upload kept in memory before it spills to a temporary file
+BODY_IDLE_S = 30.0  # seconds an upload may pause between body chunks before it is dropped (408)
 TOO_LARGE = ImageTooLargeError.__name__
 
 
@@ -285,7 +287,14 @@ class _BodyCounter:
         self.receive, self.max_bytes, self.size = receive, max_bytes, 0
 
     async def __call__(self):
-        message = await self.receive()
+        try:  # a client that stops sending (crashed, cable pulled: no FIN) would hold its place in the queue for good
+            message = await asyncio.wait_for(self.receive(), BODY_IDLE_S)
+        except asyncio.TimeoutError:
+            raise RequestError(
+                408,
+                f"no request body bytes for {BODY_IDLE_S:g} s (after {self.size} bytes)",
+                "send the whole body without pausing, then retry",
+            ) from None
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
             if self.size > self.max_bytes:
