@@ -42,6 +42,7 @@ COLUMNS = [
     "offset",
 ]
 REJECT_COLUMNS = ["site", "path", "reason"]
+TEXT_COLUMNS = ("site", "patient_id", "study_uid", "series_uid", "sop_uid", "path", "split", "fingerprint")
 SPLITS = ("train", "val", "test")
 MANIFEST_FILE, REJECTS_FILE, LABELS_FILE, PIXELS_FILE = "manifest.csv", "rejects.csv", "labels.json", "pixels.f32"
 
@@ -156,9 +157,19 @@ def load_manifest(pool_dir: str | Path) -> Manifest:
             hint="build it first: `python scripts/make_sites.py` then `python scripts/build_pool.py`, "
             "or point data.pool_dir at an existing pool",
         )
-    rows = pd.read_csv(pool_dir / MANIFEST_FILE, dtype={"patient_id": str, "path": str, "sop_uid": str})
+    # Identifiers are text exactly as written: pandas would make site "01" the number 1, series "1.20" the float 1.2,
+    # and a patient pseudonymised "NA" missing (then no group, so the leakage audit would not see that patient).
+    header = pd.read_csv(pool_dir / MANIFEST_FILE, nrows=0).columns
+    rows = pd.read_csv(
+        pool_dir / MANIFEST_FILE,
+        dtype={c: str for c in TEXT_COLUMNS},
+        keep_default_na=False,
+        na_values={c: [""] for c in header if c not in TEXT_COLUMNS},  # other columns: empty = missing, as before
+    )
     rejects = (
-        pd.read_csv(pool_dir / REJECTS_FILE, dtype=str) if (pool_dir / REJECTS_FILE).exists() else pd.DataFrame(columns=REJECT_COLUMNS)
+        pd.read_csv(pool_dir / REJECTS_FILE, dtype=str, keep_default_na=False)
+        if (pool_dir / REJECTS_FILE).exists()
+        else pd.DataFrame(columns=REJECT_COLUMNS)
     )
     label_names = json.loads((pool_dir / LABELS_FILE).read_text())
     return Manifest(pool_dir, rows, rejects, label_names, manifest_hash(pool_dir))

@@ -111,6 +111,28 @@ def check_refit(cfg: DictConfig) -> None:
         raise ConfigError("a refit trains without a validation split, which rules out " + "; ".join(conflicts), where=where)
 
 
+RUNTIME_DATA_KEYS = ("num_workers", "persistent_cache")  # how data is fed, not which: may change on resume
+
+
+def check_resume_config(saved: dict, config: dict, resume_path: Path) -> None:
+    """A resumed run continues the checkpoint's model on the checkpoint's data: another pool, split, fold or held-out
+    site would train on images the first epochs held out (and the MLflow run would record the old data)."""
+    if saved["model"] != config["model"]:
+        raise ConfigError("the model config differs from the checkpoint's", where=resume_path, hint="resume with the same model settings")
+    changed = {
+        key: (saved["data"][key], value)
+        for key, value in config["data"].items()
+        if key in saved["data"] and key not in RUNTIME_DATA_KEYS and saved["data"][key] != value
+    }
+    if changed:
+        diff = "; ".join(f"data.{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
+        raise ConfigError(
+            f"the data config differs from the checkpoint's ({diff})",
+            where=resume_path,
+            hint="resume with the checkpoint's data settings, or start a new run without trainer.resume",
+        )
+
+
 def resized_splits(cfg: DictConfig, manifest, model) -> dict[str, CachedSplit]:
     """Every split of the run at the model's input size, from `<pool_dir>/resized` when an earlier run stored it."""
     build = persistent_split if cfg.data.persistent_cache else cache_split
@@ -134,8 +156,8 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     resume_path, resumed = (
         find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name) if cfg.trainer.resume else (None, None)
     )
-    if resumed and resumed["config"]["model"] != config["model"]:
-        raise ConfigError("the model config differs from the checkpoint's", where=resume_path, hint="resume with the same model settings")
+    if resumed:
+        check_resume_config(resumed["config"], config, resume_path)
     manifest, splits, audit = load_data(cfg, model, ranks)
     ckpt_dir = resume_path.parent if resume_path else distributed.broadcast(Path(cfg.paths.output_dir) / "checkpoints", ranks)
     fit = TrainingLoop(cfg.trainer, cfg.data, model, splits, device, ranks)

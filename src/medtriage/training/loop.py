@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from medtriage.data.torch.datasets import CachedDataset, CachedSplit
 from medtriage.errors import ConfigError
 from medtriage.evaluation.metrics import evaluate
 from medtriage.evaluation.predictions import Predictions
+from medtriage.io.safe_output import copy_atomic
 from medtriage.model.checkpoint import BEST, LAST, save_checkpoint
 from medtriage.model.predict import predict_logits
 from medtriage.optional import optional_import
@@ -322,7 +322,7 @@ def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: d
             tracking.log_metrics(metrics, step=epoch)
             save_checkpoint(ckpt_dir / LAST, **fit.checkpoint(state, config, run_id))
             if improved:
-                shutil.copyfile(ckpt_dir / LAST, ckpt_dir / BEST)
+                copy_atomic(ckpt_dir / LAST, ckpt_dir / BEST)  # a crash mid-copy never leaves a truncated best.pt
             validation = (
                 f", val AUC {metrics.get('val/auc', float('nan')):.4f} (best {state.best_val_auc:.4f} @ {state.best_epoch})"
                 if validated

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -145,8 +146,15 @@ class MultirunParentRun(Callback):
         client = MlflowClient(uri)
         run = client.create_run(experiment_id(uri, name), run_name=f"{config.name}-sweep", tags={"sweep": "true"})
         client.log_param(run.info.run_id, "sweep.overrides", " ".join(config.hydra.overrides.task) or "-")
-        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        os.environ[PARENT_RUN_ENV] = self._parent = run.info.run_id
         print(f"MLflow parent run {run.info.run_id} (children: one per job); open with `{ui_command(uri)}`")
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        # Hydra's sweeper re-raises a failed job's error after this call, so on_multirun_end never runs: close the
+        # parent this multirun opened here, or it stays RUNNING for good.
+        parent = getattr(self, "_parent", None)
+        if parent is not None and job_return.status == JobStatus.FAILED:
+            MlflowClient(config.tracking.uri).set_terminated(parent, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = os.environ.pop(PARENT_RUN_ENV, None)

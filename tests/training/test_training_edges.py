@@ -1,0 +1,121 @@
+"""Edge cases on the way from a pool to a tracked run: identifiers read back verbatim, resuming only the same data,
+and no MLflow parent run left RUNNING when a sweep job fails."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from medtriage.config import compose_train_config, to_plain_dict
+from medtriage.data.audit import audit_manifest
+from medtriage.data.holdout import hold_out_site
+from medtriage.data.manifest import PoolWriter
+from medtriage.errors import ConfigError
+from medtriage.model.checkpoint import save_checkpoint
+from medtriage.training import job
+from medtriage.training.tracking import PARENT_RUN_ENV, MultirunParentRun
+
+
+@pytest.fixture
+def numeric_looking_pool(tmp_path):
+    """Sites named "01"/"02", a pseudonym "NA" and UIDs that look like numbers: all text, as the hospitals wrote them."""
+    writer = PoolWriter(tmp_path / "pool", ["normal", "pneumonia"])
+    rng = np.random.default_rng(0)
+    rows = [
+        ("01", "NA", "train", 1, "1.20"),
+        ("01", "NA", "test", 0, "1.2"),  # one patient in two splits: the audit must see it
+        ("01", "p2", "val", 1, "1.3"),
+        ("01", "p3", "test", 1, "1.4"),
+        ("02", "007", "train", 1, "1.5"),
+        ("02", "p5", "val", 1, "1.6"),
+        ("02", "p6", "test", 1, "1.7"),
+    ]
+    for i, (site, patient, split, label, series) in enumerate(rows):
+        writer.add(
+            rng.random((1, 8, 8)),
+            site=site,
+            patient_id=patient,
+            study_uid=series,
+            series_uid=series,
+            sop_uid=f"2.{i}",
+            path=f"{site}/{i}.dcm",
+            label=label,
+            split=split,
+        )
+    return writer.close()
+
+
+def test_identifiers_are_read_back_as_written(numeric_looking_pool):
+    rows = numeric_looking_pool.rows
+    assert numeric_looking_pool.sites == ["01", "02"]
+    assert rows["patient_id"].tolist()[:2] == ["NA", "NA"] and "007" in rows["patient_id"].tolist()
+    assert rows["series_uid"].tolist()[:2] == ["1.20", "1.2"]  # two series, not one number
+
+
+def test_a_site_with_a_numeric_looking_name_can_be_held_out(numeric_looking_pool):
+    held = hold_out_site(numeric_looking_pool, "01")
+    assert set(held.split("test")["site"]) == {"01"}
+
+
+def test_a_patient_pseudonymised_as_na_in_two_splits_fails_the_audit(numeric_looking_pool):
+    result = audit_manifest(numeric_looking_pool, check_images=False)
+    leaked = [f for f in result.findings if f.kind == "patient_in_two_splits"]
+    assert not result.ok and leaked and leaked[0].examples[0]["patient_id"] == "NA"
+
+
+def _config(tmp_path, *extra):
+    return compose_train_config(
+        [
+            "experiment=pneumoniamnist",
+            "model=resnet10",
+            "model.preprocess.size=28",
+            f"paths.output_dir={tmp_path / 'run'}",
+            f"paths.runs_dir={tmp_path / 'runs'}",
+            "data.cv_folds=5",
+            *extra,
+        ]
+    )
+
+
+def test_resuming_with_other_data_is_refused_before_any_training(tmp_path, monkeypatch):
+    checkpoint = save_checkpoint(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path, "data.cv_fold=0")), mlflow_run_id="x")
+
+    def reached_training(*args, **kwargs):
+        raise AssertionError("the run went on to load data for a checkpoint trained on another fold")
+
+    monkeypatch.setattr(job, "load_data", reached_training)
+    with pytest.raises(ConfigError, match="cv_fold") as refused:
+        job.run(_config(tmp_path, "data.cv_fold=1", "trainer.resume=true", f"trainer.resume_from={checkpoint}"))
+    assert str(checkpoint) in str(refused.value)
+
+
+def test_resuming_with_the_same_data_and_other_worker_count_goes_on(tmp_path, monkeypatch):
+    checkpoint = save_checkpoint(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id="x")
+
+    class Reached(Exception):
+        pass
+
+    def reached_training(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(job, "load_data", reached_training)
+    with pytest.raises(Reached):
+        job.run(_config(tmp_path, "data.num_workers=2", "trainer.resume=true", f"trainer.resume_from={checkpoint}"))
+
+
+def test_a_failed_sweep_job_does_not_leave_the_parent_run_running(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'sweep.db'}"
+    config = OmegaConf.create(
+        {"name": "sweep", "tracking": {"uri": uri, "experiment_name": "edges"}, "hydra": {"overrides": {"task": ["model=a,b"]}}}
+    )
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    callback = MultirunParentRun()
+    callback.on_multirun_start(config)
+    parent = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("edges").experiment_id])[0].info.run_id
+    # Hydra's sweeper re-raises a failed job's error after on_job_end, so on_multirun_end never comes
+    callback.on_job_end(config, job_return=JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("out of memory")))
+    assert MlflowClient(uri).get_run(parent).info.status == "FAILED"
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
