@@ -58,6 +58,19 @@ def build_bundle(
     models = _model_folders(packages)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        wheels = _fill(staging, models, python, platform, wheel)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed build (no network, pip error) leaves no half bundle
+        raise
+    return Bundle(out, [out / "wheels" / w.name for w in wheels], list(models))
+
+
+def _fill(staging: Path, models: dict[str, Path], python: str, platform: str, wheel: str | Path | None) -> list[Path]:
+    """Write everything of the bundle into `staging`; returns its wheels."""
     wheels_dir = staging / "wheels"
     own = _own_wheel(wheel, wheels_dir)
     wheels = download_dependencies(own, wheels_dir, python, platform)
@@ -68,10 +81,7 @@ def build_bundle(
     write_templates(staging, template_values(python, platform, wheels, list(models), unlicensed))
     (staging / MANIFEST).write_text(json.dumps(_manifest(python, platform, wheels, models, unlicensed), indent=2) + "\n")
     write_checksums(staging)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    staging.rename(out)
-    return Bundle(out, [out / "wheels" / w.name for w in wheels], list(models))
+    return wheels
 
 
 def _model_folders(packages: list[str | Path]) -> dict[str, Path]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from medtriage.errors import PackageError
 from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, validate_model_json
 from medtriage.io.safe_output import copy_atomic, write_atomic
 
@@ -41,9 +42,17 @@ def next_version(package_dir: Path) -> int:
     if not meta_path.is_file():
         return 1
     try:
-        return int(json.loads(meta_path.read_text()).get("version", 0)) + 1
-    except (ValueError, TypeError):
-        return 1
+        version = json.loads(meta_path.read_text())["version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise TypeError(version)
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as err:
+        # Starting again at 1 would give a second, different package of the same name and version.
+        raise PackageError(
+            f"cannot read the version of the package already there ({type(err).__name__}: {err}), so the next one is unknown",
+            where=meta_path,
+            hint="restore that package from MLflow or the model registry, or remove the folder to start again at version 1",
+        ) from err
+    return version + 1
 
 
 def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
@@ -53,6 +62,7 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
     meta = {**meta, "sha256": sha256_file(onnx_path)}
     validate_model_json(meta, where=package_dir / META_FILE)
     package_dir = Path(package_dir)
+    _check_replaceable(package_dir, meta["name"])
     _remove_leftovers(package_dir)
     staging = package_dir.with_name(f".{package_dir.name}.staging-{os.getpid()}")
     staging.mkdir(parents=True)
@@ -65,6 +75,33 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return meta
+
+
+def _check_replaceable(package_dir: Path, name: str) -> None:
+    """The swap deletes whatever held the package's folder: only an earlier package of the same model (or an empty
+    folder) may be replaced, never another model's package or a folder of other things (`--out models`)."""
+    if not package_dir.exists():
+        return
+    if not package_dir.is_dir():
+        raise PackageError("the package folder is a file", where=package_dir, hint="choose another folder for the package")
+    if not any(package_dir.iterdir()):
+        return
+    meta_path = package_dir / META_FILE
+    hint = "choose another folder for the package, or move that one away first"
+    if not meta_path.is_file():
+        raise PackageError(
+            f"the folder exists and is not a model package (no {META_FILE}); refusing to replace it", where=package_dir, hint=hint
+        )
+    try:
+        existing = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return  # a package whose model.json broke: replacing it is the repair
+    if isinstance(existing, dict) and existing.get("name", name) != name:
+        raise PackageError(
+            f"the folder holds the package of another model ('{existing['name']}'), not of '{name}'; refusing to replace it",
+            where=package_dir,
+            hint=hint,
+        )
 
 
 def _swap_in(staging: Path, package_dir: Path) -> None:

@@ -6,8 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import medtriage
 from medtriage.errors import PackageError
-from medtriage.format import META_FILE, ONNX_FILE, sha256_file, validate_model_json
+from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, sha256_file, validate_model_json
 
 REEXPORT_HINT = "restore the package from the MLflow run or model registry, or re-export it: python scripts/export.py run_id=<run>"
 
@@ -87,6 +88,7 @@ def load_package(directory: str | Path) -> ModelPackage:
             hint="pass the folder that holds model.onnx and model.json, e.g. models/pneumonia-r18",
         )
     meta = _read_meta(directory / META_FILE)
+    _check_schema_version(meta, directory / META_FILE)
     validate_model_json(meta, where=directory / META_FILE)
     onnx_path = directory / ONNX_FILE
     if not onnx_path.is_file():
@@ -100,6 +102,20 @@ def load_package(directory: str | Path) -> ModelPackage:
             hint=REEXPORT_HINT,
         )
     return ModelPackage(directory, meta)
+
+
+def _check_schema_version(meta: dict, where: Path) -> None:
+    """A package from a newer medtriage would otherwise fail the schema check with advice to re-export it here."""
+    version = meta.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        provenance = meta.get("provenance")
+        written_by = provenance.get("medtriage_version", "unknown") if isinstance(provenance, dict) else "unknown"
+        raise PackageError(
+            f"model.json has package schema version {version}, written by medtriage {written_by}; this medtriage "
+            f"({medtriage.__version__}) reads schema version {SCHEMA_VERSION} and cannot load it",
+            where=where,
+            hint=f"upgrade medtriage on this machine to {written_by} or later, or export the model with medtriage {medtriage.__version__}",
+        )
 
 
 def _read_meta(path: Path) -> dict:
