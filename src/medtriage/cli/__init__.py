@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from medtriage import __version__
 from medtriage.errors import MedTriageError
@@ -46,8 +48,26 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
+    return report_errors(args.func, args)
+
+
+def report_errors(func: Callable[..., int | None], *args) -> int:
+    """Run one command: a MedTriageError ends it with its message on stderr and exit status 2, not a traceback."""
     try:
-        return int(args.func(args) or 0)
+        return int(func(*args) or 0)
     except MedTriageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def exit_with_message(err: MedTriageError) -> NoReturn:
+    """In a Hydra entry point: end a single run with the message and exit status 2 (Hydra would print a traceback).
+
+    In a multirun the error is raised again, so that the sweeper records the failed job as before."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise err
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None

@@ -12,7 +12,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
+from medtriage.cli import exit_with_message
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
+from medtriage.errors import MedTriageError
 from medtriage.workflows.cross_validation import cross_validate
 
 CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
@@ -21,7 +23,10 @@ CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: TrainConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)  # this job's, the sweeper's choices included
-    return cross_validate(overrides, Path(cfg.paths.output_dir), cfg).score
+    try:
+        return cross_validate(overrides, Path(cfg.paths.output_dir), cfg).score
+    except MedTriageError as err:
+        exit_with_message(err)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from medtriage.arguments import positive_int
+from medtriage.cli import report_errors
 from medtriage.data.audit import MAX_DISTANCE, audit_manifest
 from medtriage.data.manifest import load_manifest
 from medtriage.data.pool import DEFAULT_POOL, DEFAULT_SITES, build_sites_pool, split_files
@@ -76,14 +77,14 @@ def make_sites_main(argv: list[str] | None = None) -> int:
     """`python scripts/make_sites.py [--out data/sites] [--seed 0] [--limit N]`."""
     parser = argparse.ArgumentParser(description="Write the simulated 3-site DICOM pool.")
     add_make_sites_arguments(parser)
-    return run_make_sites(parser.parse_args(argv))
+    return report_errors(run_make_sites, parser.parse_args(argv))
 
 
 def build_pool_main(argv: list[str] | None = None) -> int:
     """`python scripts/build_pool.py [--sites data/sites] [--pool data/pool/pneumonia_sites]`."""
     parser = argparse.ArgumentParser(description="Build the pooled manifest from site folders.")
     add_build_pool_arguments(parser)
-    return run_build_pool(parser.parse_args(argv))
+    return report_errors(run_build_pool, parser.parse_args(argv))
 
 
 def pick_files_main(argv: list[str] | None = None) -> int:
@@ -94,8 +95,7 @@ def pick_files_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--per-label", type=positive_int, default=1, help="files of each label at each site (default: %(default)s)")
     args = parser.parse_args(argv)
-    print("\n".join(str(path) for path in split_files(args.pool, args.split, args.per_label)))
-    return 0
+    return report_errors(lambda: print("\n".join(str(path) for path in split_files(args.pool, args.split, args.per_label))))
 
 
 if __name__ == "__main__":

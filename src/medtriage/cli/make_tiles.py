@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medtriage.cli import report_errors
 from medtriage.data.simulate.tiles import (
     SYNTHETIC_SITES,
     SyntheticTilesConfig,
@@ -33,6 +34,10 @@ from medtriage.io.stain import StainNormalizer, fit_stains
 
 
 def main(argv: list[str] | None = None) -> int:
+    return report_errors(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
     synthetic = sub.add_parser("synthetic", help="SYNTHETIC H&E-like tiles from several stain 'sites'")
