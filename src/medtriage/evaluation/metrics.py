@@ -14,6 +14,8 @@ THRESHOLD = 0.5
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of `[N, K]` logits (the one used by metrics, calibration and predictions)."""
+    # In float64: float32 rounds every p > 1 - 6e-8 (logit margin > ~17) to 1.0, tying confident cases in AUC/ROC.
+    logits = np.asarray(logits, dtype=np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
