@@ -6,14 +6,18 @@ Each image counts as its own patient: MedMNIST ships no patient ids.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from medtriage.data.manifest import Manifest, PoolWriter
+from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter
+from medtriage.format import sha256_file
 from medtriage.io.npz import read_npz
+from medtriage.io.safe_output import write_atomic
 
 PNEUMONIA_LABELS = ["normal", "pneumonia"]
+SOURCE_FILE = "source.json"  # the npz a pool was built from (its sha256): another npz at the same pool_dir rebuilds it
 
 
 def as_chw(image: np.ndarray) -> np.ndarray:
@@ -41,4 +45,17 @@ def build_npz_pool(npz_path: str | Path, pool_dir: str | Path, label_names: list
                 label=int(label),
                 split=split,
             )
-    return writer.close()
+    manifest = writer.close()
+    write_atomic(Path(pool_dir) / SOURCE_FILE, json.dumps({"npz": Path(npz_path).name, "sha256": sha256_file(npz_path)}).encode())
+    return manifest
+
+
+def npz_pool_is_current(npz_path: str | Path, pool_dir: str | Path) -> bool:
+    """Whether `pool_dir` holds a pool built from this very npz (a missing npz, or a pool without its record, is not)."""
+    record = Path(pool_dir) / SOURCE_FILE
+    if not (Path(pool_dir) / MANIFEST_FILE).is_file() or not record.is_file() or not Path(npz_path).is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("sha256") == sha256_file(npz_path)
+    except (ValueError, AttributeError):
+        return False

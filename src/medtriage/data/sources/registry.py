@@ -14,18 +14,18 @@ from medtriage.data.holdout import hold_out_site
 from medtriage.data.manifest import MANIFEST_FILE, Manifest, load_manifest
 from medtriage.data.pool import build_sites_pool
 from medtriage.data.simulate.tiles import ensure_synthetic_tile_pool
-from medtriage.data.sources.medmnist import build_npz_pool
+from medtriage.data.sources.medmnist import build_npz_pool, npz_pool_is_current
 from medtriage.errors import ConfigError, DataNotFoundError
 
 
 def _npz_pool(data) -> Manifest:
     pool_dir = Path(data.pool_dir)
-    if (pool_dir / MANIFEST_FILE).is_file():
-        manifest = load_manifest(pool_dir)
-    elif not data.npz_path:
-        raise ConfigError("source 'npz' needs a path", where="data.npz_path", hint="e.g. data/samples/pneumoniamnist_28.npz")
-    else:
+    if data.npz_path and not npz_pool_is_current(data.npz_path, pool_dir):  # a missing npz fails here with its path
         manifest = build_npz_pool(data.npz_path, pool_dir, list(data.label_names))
+    elif (pool_dir / MANIFEST_FILE).is_file():
+        manifest = load_manifest(pool_dir)
+    else:
+        raise ConfigError("source 'npz' needs a path", where="data.npz_path", hint="e.g. data/samples/pneumoniamnist_28.npz")
     print(manifest.summary())
     return manifest
 
