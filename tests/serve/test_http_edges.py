@@ -25,6 +25,7 @@ from medtriage.serve.node.store import NodeStore
 from medtriage.serve.node.worker import urgency
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
+from tests.serve.node.peers import free_port
 
 TOKEN = "edge-token-93d1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -36,17 +37,11 @@ def predictor(package_dir) -> Predictor:
     return Predictor(load_package(package_dir), threads=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LiveServer:
     """`create_app(...)` served by uvicorn on a free loopback port in a background thread."""
 
     def __init__(self, app):
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
