@@ -81,15 +81,15 @@ def test_the_reader_gives_what_the_file_holds_and_nothing_more(tmp_path):
 def test_sources_of_every_kind_read_alike_and_paths_are_closed(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"abc")
-    with dicom_source(path) as opened:
+    with dicom_source(path, "f") as opened:
         assert opened.read() == b"abc"
     assert opened.closed  # opened here, closed here
     with open(path, "rb") as owned:
-        with dicom_source(owned) as clamped:
+        with dicom_source(owned, "f") as clamped:
             assert clamped.read(100) == b"abc"
         assert not owned.closed  # the caller's file stays open
     for data in (b"abc", bytearray(b"abc"), io.BytesIO(b"abc")):
-        with dicom_source(data) as buffer:
+        with dicom_source(data, "f") as buffer:
             assert buffer.read() == b"abc"
 
 

@@ -160,3 +160,18 @@ def test_header_readers_refuse_a_deflated_file_before_inflating_it():
     finally:
         set_default_limits(previous)
     assert read_header(_deflated(64)).Rows == 64  # within the limits: read as before
+
+
+def test_the_slide_folder_probe_does_not_inflate_a_deflated_file(tmp_path: Path):
+    """Telling whether a folder holds a DICOM whole-slide image reads one attribute of each file, but pydicom would
+    inflate a deflated data set whole to find it."""
+    from medtriage.io.slide_reader import is_dicom_wsi_file
+
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(_deflated())
+    previous = default_limits()
+    set_default_limits(DecodeLimits(max_decoded_bytes=1 << 20))
+    try:
+        assert _peak(lambda: is_dicom_wsi_file(bomb)) < 32 << 20
+    finally:
+        set_default_limits(previous)

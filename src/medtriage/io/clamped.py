@@ -3,7 +3,9 @@
 pydicom reads an element of length L with `file.read(L)`, and CPython's buffered and raw file readers allocate all L
 bytes before they read: a 40 KB file whose Pixel Data claims 4 GB makes a 4 GB allocation, for every file and request
 that says so. A byte buffer (BytesIO) returns only what it holds. `ClampedReader` gives a file the same behaviour: a
-read asks for no more than what is left in it. `dicom_source` is what every reader of untrusted DICOM hands pydicom.
+read asks for no more than what is left in it. A deflated data set is inflated by pydicom whole, before any element
+is read, whatever `stop_before_pixels` says: `dicom_source` counts its inflated size first. It is what every reader of
+untrusted DICOM hands pydicom.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from medtriage.io.decode_limits import DecodeLimits, check_inflated_size, default_limits
 
 
 class ClampedReader:
@@ -47,9 +51,19 @@ def _size(file: BinaryIO) -> int:
 
 
 @contextmanager
-def dicom_source(source: str | Path | bytes | bytearray | memoryview | BinaryIO) -> Iterator[BinaryIO]:
-    """`source` as a file for pydicom.dcmread whose reads are bounded by its real size: bytes as a buffer, a path
-    opened here (and closed on leaving), a file object clamped (left open for its owner)."""
+def dicom_source(
+    source: str | Path | bytes | bytearray | memoryview | BinaryIO, where: str, limits: DecodeLimits | None = None
+) -> Iterator[BinaryIO]:
+    """`source` as a file for pydicom.dcmread whose reads are bounded by its real size (bytes as a buffer, a path
+    opened here and closed on leaving, a file object clamped and left open for its owner), after refusing a deflated
+    data set that would inflate past `limits` (the service's defaults when None) with ImageTooLargeError."""
+    with _bounded(source) as fp:
+        check_inflated_size(fp, limits or default_limits(), where)
+        yield fp
+
+
+@contextmanager
+def _bounded(source: str | Path | bytes | bytearray | memoryview | BinaryIO) -> Iterator[BinaryIO]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         yield io.BytesIO(source)
     elif isinstance(source, io.BytesIO):

@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 
 from medtriage.errors import DicomError, NotAnImageError
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import DecodeLimits, check_inflated_size, check_limits, default_limits
+from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 from medtriage.io.display import to_display
 from medtriage.io.j2k_reduced import reduced_j2k_frames
 from medtriage.io.native_pixels import StoredValues, native_stored
@@ -115,8 +115,7 @@ def _read_dataset(source, where: str, limits: DecodeLimits) -> pydicom.Dataset:
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise DicomError("file not found", where=where, hint="check the path")
     try:
-        with dicom_source(source) as fp:  # reads bounded by the file's size, not by the lengths it claims
-            check_inflated_size(fp, limits, where)
+        with dicom_source(source, where, limits) as fp:  # reads bounded by the file's size, not by the lengths it claims
             try:
                 return _with_transfer_syntax(pydicom.dcmread(fp))
             except InvalidDicomError:

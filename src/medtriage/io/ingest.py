@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
 import platform
@@ -39,7 +38,8 @@ from tqdm import tqdm
 
 from medtriage import __version__
 from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError
-from medtriage.io.decode_limits import check_inflated_size, check_limits, default_limits
+from medtriage.io.clamped import dicom_source
+from medtriage.io.decode_limits import check_limits, default_limits
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
@@ -126,10 +126,9 @@ def process_file(source: str) -> Outcome:
     if out.content_key in w["known"]:
         out.status = "already"
         return out
-    buffer = io.BytesIO(data)
     try:
-        check_inflated_size(buffer, default_limits(), "ingest")  # before pydicom inflates a deflated file whole
-        ds = pydicom.dcmread(buffer)
+        with dicom_source(data, "ingest") as buffer:
+            ds = pydicom.dcmread(buffer)
     except ImageTooLargeError as err:
         return _quarantine(out, Unsafe("too_large", str(err)))
     except InvalidDicomError:

@@ -52,7 +52,7 @@ def is_dicom_wsi_file(path: str | Path) -> bool:
     import pydicom
 
     try:  # pydicom converts values lazily: a damaged SOP Class UID raises on `get`
-        with dicom_source(Path(path)) as source:
+        with dicom_source(Path(path), str(path)) as source:
             header = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["SOPClassUID"])
         return str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS
     except Exception:  # not DICOM, or unreadable: not a whole-slide image either

@@ -23,7 +23,6 @@ from pydicom.uid import generate_uid
 from medtriage import __version__
 from medtriage.errors import DicomError, ImageTooLargeError, MedTriageError
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import check_inflated_size, default_limits
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.serve.package import ModelPackage
 from medtriage.serve.predictor import Score
@@ -42,8 +41,7 @@ def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
     """The source's header (no pixels), for the references the SR carries."""
     where = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(getattr(source, "name", source))
     try:
-        with dicom_source(source) as fp:
-            check_inflated_size(fp, default_limits(), where)  # pydicom inflates a deflated data set whole, pixels too
+        with dicom_source(source, where) as fp:
             return pydicom.dcmread(fp, stop_before_pixels=True, force=True)
     except ImageTooLargeError:
         raise

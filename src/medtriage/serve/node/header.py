@@ -12,7 +12,6 @@ from pydicom.uid import UID
 
 from medtriage.errors import DicomError
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import check_inflated_size, default_limits
 
 STUDY_TAGS = {
     "patient_id": "PatientID",
@@ -37,8 +36,7 @@ def read_identity(data: bytes | Path, where: str = "<received>") -> Header:
     """The UIDs and study fields of a Part 10 byte string or file (its header only); DicomError when they are missing
     or malformed."""
     try:
-        with dicom_source(data if isinstance(data, (bytes, bytearray)) else Path(data)) as source:
-            check_inflated_size(source, default_limits(), where)  # pydicom inflates a deflated data set whole, pixels too
+        with dicom_source(data if isinstance(data, (bytes, bytearray)) else Path(data), where) as source:
             ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
         uids = {key: _uid(ds, key) for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")}
     except DicomError:
