@@ -1,4 +1,4 @@
-"""Fixtures: the session's tiny model package (see tests/export/tiny_package.py)."""
+"""Fixtures: the session's tiny model packages (see tests/export/tiny_package.py) and predictors over them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from medtriage.serve.package import load_package
+from medtriage.serve.predictor import Predictor
 from tests.export.tiny_package import shared_safe_package, shared_tiny_package
 
 
@@ -36,3 +38,15 @@ def safe_exported(tmp_path_factory):
 @pytest.fixture(scope="session")
 def safe_package_dir(safe_exported) -> Path:
     return safe_exported[0].package_dir
+
+
+@pytest.fixture(scope="module")
+def predictor(package_dir) -> Predictor:
+    """One single-threaded predictor per test module over the tiny package."""
+    return Predictor(load_package(package_dir), threads=1)
+
+
+@pytest.fixture(scope="module")
+def safe_predictor(safe_package_dir) -> Predictor:
+    """One single-threaded predictor per test module over the package with OOD output and drift references."""
+    return Predictor(load_package(safe_package_dir), threads=1)

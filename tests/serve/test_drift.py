@@ -12,7 +12,6 @@ from medtriage.io.dicom import DecodedImage
 from medtriage.io.npz import read_npz
 from medtriage.serve.drift import MAX_SOURCES, DriftMonitor, source_name
 from medtriage.serve.metrics import ServiceMonitor
-from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection
 from tests.export.tiny_package import NPZ
 
@@ -43,8 +42,9 @@ def decoded(pixels: np.ndarray, index: int) -> DecodedImage:
 
 
 @pytest.fixture(scope="module")
-def predictor(safe_package_dir) -> Predictor:
-    return Predictor(load_package(safe_package_dir), threads=1)
+def predictor(safe_predictor) -> Predictor:
+    """This module scores with the package that carries an OOD output and drift references."""
+    return safe_predictor
 
 
 @pytest.fixture(scope="module")

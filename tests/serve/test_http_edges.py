@@ -23,18 +23,11 @@ from medtriage.serve.admission import Admission
 from medtriage.serve.http import SPOOL_IN_MEMORY, create_app
 from medtriage.serve.node.store import NodeStore
 from medtriage.serve.node.worker import urgency
-from medtriage.serve.package import load_package
-from medtriage.serve.predictor import Predictor
 from tests.serve.node.peers import free_port
 
 TOKEN = "edge-token-93d1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CT = get_testdata_file("CT_small.dcm")
-
-
-@pytest.fixture(scope="module")
-def predictor(package_dir) -> Predictor:
-    return Predictor(load_package(package_dir), threads=1)
 
 
 class LiveServer:
@@ -59,6 +52,14 @@ class LiveServer:
         self.client.close()
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def _all_left(admission: Admission, within_s: float = 5.0) -> bool:
+    """Whether every request has left `admission`: a request leaves just after its answer is sent."""
+    deadline = time.monotonic() + within_s
+    while admission.in_system and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return admission.in_system == 0
 
 
 def _ct(study_uid: str | None = None, scale: float = 1.0) -> bytes:
@@ -193,4 +194,37 @@ def test_an_upload_that_stops_sending_is_dropped_and_frees_its_place(predictor, 
         assert answer.startswith("HTTP/1.1 408") and "no request body bytes for 1 s" in answer, answer[:300]
         assert waited < 10
         after = client.post("/v1/score", content=data, headers={**AUTH, "Content-Type": "application/dicom"})
-        assert after.status_code == 200 and admission.in_system == 0
+        assert after.status_code == 200 and _all_left(admission)
+
+
+def test_an_upload_that_trickles_is_dropped_and_frees_its_place(predictor, monkeypatch):
+    """A client sending a few bytes every second never pauses long enough for the idle timeout, yet would hold its
+    place for hours: after the grace period the body must average BODY_MIN_RATE."""
+    from medtriage.serve import http
+
+    monkeypatch.setattr(http, "BODY_GRACE_S", 1.0)
+    monkeypatch.setattr(http, "BODY_MIN_RATE", 1000)
+    admission = Admission(workers=1, queue=0)
+    with LiveServer(create_app(predictor, token=TOKEN, admission=admission)) as client:
+        data = _ct()
+        with socket.create_connection(("127.0.0.1", client.base_url.port), timeout=10) as trickling:
+            head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            head += f"Content-Type: application/dicom\r\nContent-Length: {len(data)}\r\n\r\n"
+            trickling.sendall(head.encode())
+            trickling.settimeout(0.2)
+            answer, sent, started = b"", 0, time.monotonic()
+            while not answer and time.monotonic() - started < 15:
+                trickling.sendall(data[sent : sent + 50])  # 250 bytes/s: never idle, far below the minimum
+                sent += 50
+                try:
+                    answer = trickling.recv(4096)
+                except TimeoutError:
+                    pass
+            trickling.settimeout(10)
+            while not answer.endswith(b"}") and (more := trickling.recv(4096)):
+                answer += more
+        text = answer.decode(errors="replace")
+        assert text.startswith("HTTP/1.1 408") and "arrived too slowly" in text, text[:300]
+        assert time.monotonic() - started < 10
+        after = client.post("/v1/score", content=data, headers={**AUTH, "Content-Type": "application/dicom"})
+        assert after.status_code == 200 and _all_left(admission)

@@ -25,8 +25,9 @@ SLIDE = ROOT / "data" / "samples" / "CMU-1-Small-Region.svs"
 
 
 @pytest.fixture(scope="module")
-def predictor(safe_package_dir) -> Predictor:
-    return Predictor(load_package(safe_package_dir), threads=1)
+def predictor(safe_predictor) -> Predictor:
+    """This module scores with the package that carries an OOD output and drift references."""
+    return safe_predictor
 
 
 def relabelled_as_cr(name: str) -> bytes:

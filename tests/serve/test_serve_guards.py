@@ -12,17 +12,10 @@ from medtriage.cli import main
 from medtriage.io.decode_limits import DecodeLimits, default_limits, set_default_limits
 from medtriage.serve.admission import Admission
 from medtriage.serve.http import create_app
-from medtriage.serve.package import load_package
-from medtriage.serve.predictor import Predictor
 
 TOKEN = "guard-token-1234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CT = get_testdata_file("CT_small.dcm")
-
-
-@pytest.fixture(scope="module")
-def predictor(package_dir) -> Predictor:
-    return Predictor(load_package(package_dir), threads=1)
 
 
 def _client(predictor, **kwargs) -> TestClient:

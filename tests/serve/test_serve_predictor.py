@@ -32,11 +32,6 @@ def dicom_file(name: str) -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def predictor(package_dir) -> Predictor:
-    return Predictor(load_package(package_dir), threads=1)
-
-
 def torch_probability(model, path) -> np.ndarray:
     import torch
 

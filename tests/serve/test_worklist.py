@@ -39,11 +39,6 @@ MULTIFRAME = get_testdata_file("OBXXXX1A_2frame.dcm")
 
 
 @pytest.fixture(scope="module")
-def predictor(package_dir) -> Predictor:
-    return Predictor(load_package(package_dir), threads=1)
-
-
-@pytest.fixture(scope="module")
 def chest_files(tmp_path_factory, predictor) -> dict:
     """Simulated hospital chest X-rays (real PneumoniaMNIST images as site DICOM): scorable files by p, and a broken one."""
     from medtriage.data.simulate.sites import make_sites

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import tempfile
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -50,6 +51,10 @@ UPLOAD_BODY = {
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", PAGE_PATH}
 SPOOL_IN_MEMORY = 1024 * 1024  # bytes of an upload kept in memory before it spills to a temporary file
 BODY_IDLE_S = 30.0  # seconds an upload may pause between body chunks before it is dropped (408)
+# A trickle (a byte every few seconds) never pauses that long yet would hold its place for hours: after a grace
+# period a body must average a minimum rate, as Apache's mod_reqtimeout asks (its default is 500 bytes/s).
+BODY_GRACE_S = 30.0
+BODY_MIN_RATE = 32 * 1024  # bytes per second: a 10 MB radiograph may take 5 minutes
 TOO_LARGE = ImageTooLargeError.__name__
 
 
@@ -285,23 +290,42 @@ class _BodyCounter:
 
     def __init__(self, receive, max_bytes: int):
         self.receive, self.max_bytes, self.size = receive, max_bytes, 0
+        self.started: float | None = None
+        self.complete = False
 
     async def __call__(self):
+        if self.complete:  # later reads only wait for a disconnect
+            return await self.receive()
+        now = time.monotonic()
+        self.started = self.started or now
+        rate_left = self.started + BODY_GRACE_S + self.size / BODY_MIN_RATE - now
         try:  # a client that stops sending (crashed, cable pulled: no FIN) would hold its place in the queue for good
-            message = await asyncio.wait_for(self.receive(), BODY_IDLE_S)
+            message = await asyncio.wait_for(self.receive(), max(0.0, min(BODY_IDLE_S, rate_left)))
         except asyncio.TimeoutError:
-            raise RequestError(
-                408,
-                f"no request body bytes for {BODY_IDLE_S:g} s (after {self.size} bytes)",
-                "send the whole body without pausing, then retry",
-            ) from None
+            raise self._too_slow(idle=BODY_IDLE_S <= rate_left) from None
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
             if self.size > self.max_bytes:
                 raise RequestError(
                     413, f"request body exceeds the limit of {self.max_bytes} bytes", "send fewer or smaller files per request"
                 )
         return message
+
+    def _too_slow(self, idle: bool) -> RequestError:
+        if idle:
+            return RequestError(
+                408,
+                f"no request body bytes for {BODY_IDLE_S:g} s (after {self.size} bytes)",
+                "send the whole body without pausing, then retry",
+            )
+        elapsed = time.monotonic() - (self.started or 0.0)
+        return RequestError(
+            408,
+            f"the request body arrived too slowly: {self.size} bytes in {elapsed:.0f} s, under the minimum of "
+            f"{BODY_MIN_RATE} bytes/s after the first {BODY_GRACE_S:g} s",
+            "send from a faster link, or fewer files per request",
+        )
 
 
 @asynccontextmanager
