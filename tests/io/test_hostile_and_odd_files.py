@@ -1,5 +1,5 @@
 """Sizes claimed by a file are bounded before anything is allocated (deflated DICOM, palette colour output, slide
-tiles), and enhanced multi-frame images are rescaled and windowed from their functional groups."""
+tiles and thumbnails), and enhanced multi-frame images are rescaled and windowed from their functional groups."""
 
 from __future__ import annotations
 
@@ -175,3 +175,21 @@ def test_the_slide_folder_probe_does_not_inflate_a_deflated_file(tmp_path: Path)
         assert _peak(lambda: is_dicom_wsi_file(bomb)) < 32 << 20
     finally:
         set_default_limits(previous)
+
+
+def test_a_scanner_thumbnail_claiming_hundreds_of_megabytes_is_not_decoded(tmp_path: Path):
+    """The tissue mask may start from the thumbnail the scanner stored; its tags (not its data) size the decode."""
+    from tests.conftest import SAMPLES
+
+    path = tmp_path / "claim.svs"
+    path.write_bytes((SAMPLES / "CMU-1-Small-Region.svs").read_bytes())
+    with open_slide(path) as slide:
+        assert slide.scanner_thumbnail().size == (574, 768)  # as stored: the shortcut is taken
+    with tifffile.TiffFile(path, mode="r+b") as tif:  # the 574 x 768 thumbnail (page 1) now claims 16 times each side
+        thumbnail = tif.pages[1]
+        for name in ("ImageWidth", "ImageLength"):
+            thumbnail.tags[name].overwrite(thumbnail.tags[name].value * 16)  # ~340 MB of RGB, same aspect
+    with open_slide(path) as slide:
+        peak = _peak(lambda: slide.scanner_thumbnail())
+        assert slide.scanner_thumbnail() is None
+    assert peak < 64 << 20

@@ -265,19 +265,26 @@ class Slide(_Levels):
         return RegionReader(self, seed=dict(self.shared_reader._cache))
 
     def scanner_thumbnail(self) -> Image.Image | None:
-        """The RGB thumbnail the scanner stored, if any and if it shows the whole slide (same aspect)."""
+        """The RGB thumbnail the scanner stored, if any, if it shows the whole slide (same aspect) and if its tags
+        claim no more than `MAX_WHOLE_IMAGE_BYTES` (its decode allocates what they claim)."""
         # The thumbnail series decoded straight to RGB: tiffslide's associated_images adds PIL copies
         # and conversions that cost as much as the decode.
         try:
             first = self._slide.properties["tiffslide.series-index"] + 1
             series = next((s for s in self._slide.ts_tifffile.series[first:] if s.name.lower() == "thumbnail"), None)
-            if series is None or series.dtype != np.uint8 or len(series.shape) != 3 or series.shape[-1] not in (3, 4):
+            if series is None or not self._usable_thumbnail(series.shape, series.dtype, series.keyframe.chunks):
                 return None
-            image = Image.fromarray(np.ascontiguousarray(series.asarray(maxworkers=1)[..., :3]))
+            return Image.fromarray(np.ascontiguousarray(series.asarray(maxworkers=1)[..., :3]))
         except Exception:  # a damaged associated image only costs us the shortcut
             return None
-        w0, h0 = self.dimensions
-        return image if abs(image.width / image.height - w0 / h0) < 0.01 * w0 / h0 else None
+
+    def _usable_thumbnail(self, shape: tuple, dtype, chunks: tuple) -> bool:
+        if dtype != np.uint8 or len(shape) != 3 or shape[-1] not in (3, 4) or min(shape) < 1:
+            return False
+        if math.prod(shape) > MAX_WHOLE_IMAGE_BYTES or math.prod(chunks) > MAX_CHUNK_BYTES:
+            return False
+        (w0, h0), (height, width) = self.dimensions, shape[:2]
+        return abs(width / height - w0 / h0) < 0.01 * w0 / h0
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
