@@ -34,9 +34,10 @@ def int8_dir(fp32_dir, tmp_path_factory) -> Path:
     return quantize_package(fp32_dir, NPZ, tmp_path_factory.mktemp("int8") / "tiny-int8", limit=CALIBRATION_IMAGES)
 
 
-def test_int8_package_is_a_new_verified_version_with_its_parity(fp32_dir, int8_dir):
+def test_int8_package_is_its_own_verified_model_with_its_parity(fp32_dir, int8_dir):
+    """Named apart from its source: the fp32 model's next version (from its registry) cannot collide with it."""
     fp32, int8 = load_package(fp32_dir), load_package(int8_dir)  # load_package checks schema and sha256
-    assert int8.meta["precision"] == "int8" and int8.version == fp32.version + 1 and int8.name == fp32.name
+    assert int8.meta["precision"] == "int8" and int8.name == f"{fp32.name}-int8" and int8.version == fp32.version
     block = int8.meta["quantization"]
     assert block["source"] == fp32.identity() and "[val]" in block["calibration"]
     parity = block["parity"]
@@ -147,3 +148,10 @@ def test_per_tensor_weights_are_an_option(fp32_dir, tmp_path):
         if n.op_type == "DequantizeLinear" and n.input[0] in scales and scales[n.input[0]].data_type == onnx.TensorProto.INT8
     ]
     assert weight_dq and all(np.prod(scales[n.input[1]].dims, dtype=int) == 1 for n in weight_dq)
+
+
+def test_quantising_again_into_the_same_folder_takes_the_next_version(fp32_dir, int8_dir, tmp_path):
+    out = Path(shutil.copytree(int8_dir, tmp_path / "int8"))
+    first = load_package(out)
+    again = load_package(quantize_package(fp32_dir, NPZ, out, limit=8, per_channel=False))
+    assert again.name == first.name and again.version == first.version + 1 and again.sha256 != first.sha256

@@ -8,9 +8,11 @@ to the next instead of going back to float at every block. The resize, the norma
 softmax stay float, so pixels enter and probabilities leave exactly as in fp32. Before quantising, the
 graph goes through the pre-processing ONNX Runtime recommends (shape inference, basic optimisations), and
 convolutions whose kernels only read padding at some taps are cut to the taps that read pixels (see
-conv_taps; exact in float). `exclude` keeps named nodes float where int8 hurts. The result is a new
-package version with `precision: int8` and a `quantization` block: its source, its settings, the
-calibration images and the parity of its served probabilities against the fp32 package on those images.
+conv_taps; exact in float). `exclude` keeps named nodes float where int8 hurts. The result is a package of
+its own model, `<name>-int8`, with `precision: int8` and a `quantization` block: its source, its settings,
+the calibration images and the parity of its served probabilities against the fp32 package on those images.
+Its own name keeps (name, version) one package: the fp32 model's next version comes from its registry, which
+knows nothing of int8 packages, and a worklist row or SR says which of the two scored it.
 
 Torch-free: onnx + onnxruntime.quantization (onnx comes with medtriage[train]).
 """
@@ -28,6 +30,7 @@ from medtriage.errors import ConfigError, InputError, MedTriageError
 from medtriage.format import ONNX_FILE
 
 log = logging.getLogger(__name__)
+INT8_SUFFIX = "-int8"
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")  # the nodes with int8 weights
 # ...and the nodes between them that keep activations int8 (a float round trip at each would cost more)
 QUANTIZED_OPS = (*WEIGHTED_OPS, "Add", "Relu", "MaxPool", "GlobalAveragePool")
@@ -221,9 +224,11 @@ def quantize_package(
     exclude: Sequence[str] = (),
     per_channel: bool = True,
 ) -> Path:
-    """Write the int8 version of the package at `package_dir` to `out` (default: `<package_dir>-int8`);
-    `per_channel=False` gives each weight tensor one scale instead of one per output channel."""
-    from medtriage.export.package import write_package
+    """Write the int8 form of the package at `package_dir` to `out` (default: `<package_dir>-int8`) as model
+    `<name>-int8`, at the source's version unless `out` already holds that version or a later one (then one more:
+    a version is never reused); `per_channel=False` gives each weight tensor one scale instead of one per output
+    channel."""
+    from medtriage.export.package import next_version, write_package
     from medtriage.serve.package import load_package
     from medtriage.serve.predictor import Predictor
 
@@ -234,15 +239,16 @@ def quantize_package(
             where=package_dir,
             hint="quantise the fp32 package it was made from",
         )
-    out = Path(out) if out else package.directory.with_name(f"{package.directory.name}-int8")
+    out = Path(out) if out else package.directory.with_name(f"{package.directory.name}{INT8_SUFFIX}")
     if out.resolve() == package.directory.resolve():
         raise ConfigError("--out would overwrite the fp32 package", where=out, hint="choose another folder")
+    version = max(package.version, next_version(out))
     fp32 = Predictor(package)
     images, labels, described = calibration_images(calibration, package.channels, split, limit)
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / ONNX_FILE
         done = quantize_onnx(package.onnx_path, quantized, images, fp32.input_name, exclude, per_channel)
-        meta = {**package.meta, "version": package.version + 1, "precision": "int8"}
+        meta = {**package.meta, "name": f"{package.name}{INT8_SUFFIX}", "version": version, "precision": "int8"}
         staged = Path(tmp) / "staged"
         write_package(staged, quantized, meta)
         quantization = {
@@ -285,9 +291,9 @@ def _granularity(per_channel: bool) -> str:
 def register(subparsers) -> None:
     quantize = subparsers.add_parser(
         "quantize",
-        help="write an int8 version of a model package (ONNX Runtime static quantisation)",
-        description="Quantise a package's network to int8 (QDQ), calibrated on validation images, and write it as a "
-        "new package version with precision int8 and a parity report against the fp32 package.",
+        help="write the int8 form of a model package (ONNX Runtime static quantisation)",
+        description="Quantise a package's network to int8 (QDQ), calibrated on validation images, and write it as "
+        "model NAME-int8 (at the source's version, never reusing one in --out) with a parity report against the fp32 package.",
     )
     quantize.add_argument("package", help="the fp32 model package folder")
     quantize.add_argument(
