@@ -141,6 +141,28 @@ def test_an_enhanced_ct_is_rescaled_and_windowed_from_its_functional_groups():
     np.testing.assert_array_equal(_decoded(per_frame), expected)
 
 
+def test_rescale_and_window_that_differ_between_frames_are_applied_frame_by_frame():
+    """Enhanced objects (PET, MR, CT reconstructions) may scale each frame differently: each frame must come out as
+    the same frame would alone, with its own values at the top level."""
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    per_frame, frame_values = copy.deepcopy(ds), [("-1024", "49", "102"), ("-1000", "300", "1500")]
+    shared = per_frame.SharedFunctionalGroupsSequence[0]
+    for item, (intercept, center, width) in zip(per_frame.PerFrameFunctionalGroupsSequence, frame_values):
+        item.PixelValueTransformationSequence = copy.deepcopy(shared.PixelValueTransformationSequence)
+        item.PixelValueTransformationSequence[0].RescaleIntercept = intercept
+        item.FrameVOILUTSequence = copy.deepcopy(shared.FrameVOILUTSequence)
+        item.FrameVOILUTSequence[0].WindowCenter, item.FrameVOILUTSequence[0].WindowWidth = center, width
+    del shared.PixelValueTransformationSequence, shared.FrameVOILUTSequence
+    decoded = _decoded(per_frame)
+    for index, (intercept, center, width) in enumerate(frame_values):
+        alone = _top_level_copy(ds)
+        alone.RescaleIntercept, alone.WindowCenter, alone.WindowWidth = intercept, center, width
+        np.testing.assert_array_equal(decoded[index], _decoded(alone)[index])
+        one = io.BytesIO()
+        per_frame.save_as(one)
+        np.testing.assert_array_equal(read_dicom(one.getvalue(), frame=index).pixels[0], decoded[index])
+
+
 def test_header_readers_refuse_a_deflated_file_before_inflating_it():
     """The DICOM node reads each received instance's header, and the SR builder its sources': pydicom would inflate a
     deflated data set whole (pixels too) for either, however little of it they need."""

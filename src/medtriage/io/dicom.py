@@ -92,7 +92,7 @@ def read_dicom(
         ) from err
     try:
         level = stored.resolution_level if isinstance(stored, StoredValues) else 0
-        return _decoded(ds, *to_display(stored, ds, where), resolution_level=level)
+        return _decoded(ds, *to_display(stored, ds, where, frame), resolution_level=level)
     except DicomError:
         raise
     except Exception as err:  # malformed rescale/window/LUT values

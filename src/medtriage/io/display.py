@@ -5,7 +5,8 @@ Order of operations follows the DICOM grayscale pipeline (PS3.4 N.2): stored val
 center/width) -> [0, 1]; MONOCHROME1 is then inverted so that bright means dense everywhere.
 Without any VOI the values are scaled by the range the stored bits can hold (through the modality
 LUT), never by the image's own min/max: the same scanner setting always gives the same intensities.
-Colour images (RGB, YBR_*, PALETTE COLOR) come out as 3-channel RGB scaled by their bit depth.
+Enhanced multi-frame objects keep these attributes in functional groups; where they differ between frames,
+each frame goes through the pipeline with its own. Colour images (RGB, YBR_*, PALETTE COLOR) come out as 3-channel RGB scaled by their bit depth.
 Where the grayscale pipeline is one affine map and a clip (the usual case), it runs as such, in one
 blocked pass (io.native_pixels).
 """
@@ -20,9 +21,14 @@ from medtriage.errors import DicomError
 from medtriage.io.native_pixels import StoredValues, affine_to_unit
 
 
-def to_display(stored: np.ndarray | StoredValues, ds: pydicom.Dataset, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+def to_display(
+    stored: np.ndarray | StoredValues, ds: pydicom.Dataset, where: str, frame: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Display pixels `[F, C, H, W]`, and the mean of each frame where it came on the way (the affine grayscale
-    mapping, in one blocked pass), else None."""
+    mapping, in one blocked pass), else None. `frame` is the one frame `stored` holds, if it holds only one."""
+    views = _frame_views(ds, frame)
+    if views is not None:
+        return _frame_by_frame(stored, views, where)
     if isinstance(stored, np.ndarray) and stored.ndim == 3 and stored.dtype.kind in "iu":
         stored = StoredValues(stored, 8 * stored.dtype.itemsize)  # decoded by pydicom: its unused bits are already fixed
     if isinstance(stored, StoredValues):
@@ -152,7 +158,7 @@ _FUNCTIONAL_MACROS = {
 
 def _attribute(ds: pydicom.Dataset, keyword: str):
     """A top-level attribute; else its value in the shared functional groups; else in the per-frame groups when every
-    frame has the same value (values that differ between frames are not applied)."""
+    frame has the same value (`to_display` decodes frame by frame when they differ)."""
     value = ds.get(keyword)
     if value is not None:
         return value
@@ -168,6 +174,66 @@ def _attribute(ds: pydicom.Dataset, keyword: str):
     if per_frame and all(str(v) == str(per_frame[0]) for v in per_frame):
         return per_frame[0]
     return None
+
+
+def _frame_views(ds: pydicom.Dataset, frame: int | None) -> list[pydicom.Dataset] | None:
+    """When an enhanced multi-frame image's rescale or window differ between frames: for each decoded frame, a
+    dataset of the top-level attributes (no pixels, no functional groups) with that frame's values written at the top
+    level; else None."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or ()
+    if len(per_frame) < 2:
+        return None
+    values = [_frame_values(ds, item) for item in per_frame]
+    if all(v == values[0] for v in values):
+        return None
+    kept = [ds[tag] for tag in ds.keys() if pydicom.datadict.keyword_for_tag(tag) not in _NOT_IN_FRAME_VIEWS]
+    views = []
+    for chosen in values if frame is None else [values[frame]]:
+        view = pydicom.Dataset()  # its own element dictionary (a copy.copy would share one)
+        for element in kept:
+            view.add(element)
+        for keyword, value in chosen.items():
+            if keyword not in view:  # a top-level value holds for every frame: already there
+                setattr(view, keyword, value)
+        views.append(view)
+    return views
+
+
+_NOT_IN_FRAME_VIEWS = {
+    "PixelData",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
+    "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence",
+}
+
+
+def _frame_values(ds: pydicom.Dataset, item: pydicom.Dataset) -> dict:
+    """The rescale and window attributes that hold for one frame: top level, else the frame's groups, else shared."""
+    found = {}
+    for keyword, macro in _FUNCTIONAL_MACROS.items():
+        sources = [
+            ds,
+            *(item.get(macro) or ()),
+            *(m for shared in ds.get("SharedFunctionalGroupsSequence") or () for m in shared.get(macro) or ()),
+        ]
+        value = next((source.get(keyword) for source in sources if source.get(keyword) is not None), None)
+        if value is not None:
+            found[keyword] = value
+    return found
+
+
+def _frame_by_frame(stored: np.ndarray | StoredValues, views: list[pydicom.Dataset], where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    parts = [to_display(_one_frame(stored, index), view, where) for index, view in enumerate(views)]
+    means = [part_means for _, part_means in parts]
+    pixels = np.concatenate([part_pixels for part_pixels, _ in parts])
+    return pixels, None if any(m is None for m in means) else np.concatenate(means)
+
+
+def _one_frame(stored: np.ndarray | StoredValues, index: int) -> np.ndarray | StoredValues:
+    if isinstance(stored, StoredValues):
+        return StoredValues(stored.values[index : index + 1], stored.bits_stored, stored.resolution_level)
+    return stored[index : index + 1]
 
 
 def _apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
