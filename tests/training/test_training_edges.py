@@ -92,7 +92,21 @@ def test_resuming_with_other_data_is_refused_before_any_training(tmp_path, monke
     assert str(checkpoint) in str(refused.value)
 
 
-def test_resuming_with_the_same_data_and_other_worker_count_goes_on(tmp_path, monkeypatch):
+def test_resuming_with_another_recipe_is_refused_before_any_training(tmp_path, monkeypatch):
+    checkpoint = save_checkpoint(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id="x")
+
+    def reached_training(*args, **kwargs):
+        raise AssertionError("the run went on with another learning rate and schedule length than its checkpoint's")
+
+    monkeypatch.setattr(job, "load_data", reached_training)
+    resume = ("trainer.resume=true", f"trainer.resume_from={checkpoint}")
+    with pytest.raises(ConfigError, match=r"trainer\.max_epochs: 3 in the checkpoint, 9 now; trainer\.lr: 0\.001 in the checkpoint, 0\.01 now") as refused:
+        job.run(_config(tmp_path, "trainer.lr=0.01", "trainer.max_epochs=9", *resume))
+    assert str(checkpoint) in str(refused.value)
+
+
+@pytest.mark.parametrize("runtime", ["data.num_workers=2", "trainer.eval_batch_size=64", "trainer.precision=fp32"])
+def test_resuming_with_the_same_recipe_on_other_runtime_settings_goes_on(tmp_path, monkeypatch, runtime):
     checkpoint = save_checkpoint(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id="x")
 
     class Reached(Exception):
@@ -103,7 +117,7 @@ def test_resuming_with_the_same_data_and_other_worker_count_goes_on(tmp_path, mo
 
     monkeypatch.setattr(job, "load_data", reached_training)
     with pytest.raises(Reached):
-        job.run(_config(tmp_path, "data.num_workers=2", "trainer.resume=true", f"trainer.resume_from={checkpoint}"))
+        job.run(_config(tmp_path, runtime, "trainer.resume=true", f"trainer.resume_from={checkpoint}"))
 
 
 def test_a_failed_sweep_job_does_not_leave_the_parent_run_running(tmp_path, monkeypatch):

@@ -111,26 +111,49 @@ def check_refit(cfg: DictConfig) -> None:
         raise ConfigError("a refit trains without a validation split, which rules out " + "; ".join(conflicts), where=where)
 
 
-RUNTIME_DATA_KEYS = ("num_workers", "persistent_cache")  # how data is fed, not which: may change on resume
+# How a run is fed and computed, not what it learns: these may change on resume (another machine, more workers).
+RUNTIME_KEYS = {
+    "data": ("num_workers", "persistent_cache"),
+    "trainer": (
+        "device",
+        "precision",
+        "channels_last",
+        "loader",
+        "num_threads",
+        "augment_on",
+        "cache_on_device",
+        "compile",
+        "eval_batch_size",
+        "deterministic",
+        "resume",
+        "resume_from",
+        "stop_after_epochs",
+    ),
+}
+RESUME_REASONS = {
+    "data": "another pool, split, fold or held-out site would train on images the first epochs held out",
+    "trainer": "another schedule, loss or weighting would finish a different recipe than the one the run records",
+}
 
 
 def check_resume_config(saved: dict, config: dict, resume_path: Path) -> None:
-    """A resumed run continues the checkpoint's model on the checkpoint's data: another pool, split, fold or held-out
-    site would train on images the first epochs held out (and the MLflow run would record the old data)."""
+    """A resumed run continues the checkpoint's model, on the checkpoint's data, with the checkpoint's recipe (the
+    MLflow run it continues records them)."""
     if saved["model"] != config["model"]:
         raise ConfigError("the model config differs from the checkpoint's", where=resume_path, hint="resume with the same model settings")
-    changed = {
-        key: (saved["data"][key], value)
-        for key, value in config["data"].items()
-        if key in saved["data"] and key not in RUNTIME_DATA_KEYS and saved["data"][key] != value
-    }
-    if changed:
-        diff = "; ".join(f"data.{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
-        raise ConfigError(
-            f"the data config differs from the checkpoint's ({diff})",
-            where=resume_path,
-            hint="resume with the checkpoint's data settings, or start a new run without trainer.resume",
-        )
+    for section, reason in RESUME_REASONS.items():
+        changed = {
+            key: (saved[section][key], value)
+            for key, value in config[section].items()
+            if key in saved.get(section, {}) and key not in RUNTIME_KEYS[section] and saved[section][key] != value
+        }
+        if changed:
+            diff = "; ".join(f"{section}.{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
+            raise ConfigError(
+                f"the {section} config differs from the checkpoint's ({diff}): {reason}",
+                where=resume_path,
+                hint=f"resume with the checkpoint's {section} settings, or start a new run without trainer.resume",
+            )
 
 
 def resized_splits(cfg: DictConfig, manifest, model) -> dict[str, CachedSplit]:
