@@ -173,6 +173,19 @@ def test_a_waiting_multipart_upload_of_many_small_files_is_not_held_in_memory(pr
     assert held and held[0] <= 2 * SPOOL_IN_MEMORY, f"{held[0]} bytes of the upload held in memory"
 
 
+def _score_head(data: bytes) -> bytes:
+    """The head of a raw `POST /v1/score` of `data`, for a client that then sends the body its own way."""
+    head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+    return (head + f"Content-Type: application/dicom\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+
+
+def _rest_of_answer(connection: socket.socket, answer: bytes) -> str:
+    connection.settimeout(10)
+    while not answer.endswith(b"}") and (more := connection.recv(4096)):  # the JSON body may come in a second packet
+        answer += more
+    return answer.decode(errors="replace")
+
+
 def test_an_upload_that_stops_sending_is_dropped_and_frees_its_place(predictor, monkeypatch):
     """A client that dies mid-body without closing its connection (no FIN) would wait for its body for good, holding
     a place in the admission queue; after BODY_IDLE_S without a byte it gets a 408 and its place is free again."""
@@ -183,14 +196,11 @@ def test_an_upload_that_stops_sending_is_dropped_and_frees_its_place(predictor, 
     with LiveServer(create_app(predictor, token=TOKEN, admission=admission)) as client:
         data = _ct()
         with socket.create_connection(("127.0.0.1", client.base_url.port), timeout=10) as stalled:
-            head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-            head += f"Content-Type: application/dicom\r\nContent-Length: {len(data)}\r\n\r\n"
-            stalled.sendall(head.encode() + data[:1000])  # then nothing more
+            stalled.sendall(_score_head(data) + data[:1000])  # then nothing more
             started = time.monotonic()
-            answer = stalled.recv(4096).decode(errors="replace")
+            first = stalled.recv(4096)
             waited = time.monotonic() - started
-            while not answer.endswith("}") and (more := stalled.recv(4096)):  # the JSON body may come in a second packet
-                answer += more.decode(errors="replace")
+            answer = _rest_of_answer(stalled, first)
         assert answer.startswith("HTTP/1.1 408") and "no request body bytes for 1 s" in answer, answer[:300]
         assert waited < 10
         after = client.post("/v1/score", content=data, headers={**AUTH, "Content-Type": "application/dicom"})
@@ -208,23 +218,19 @@ def test_an_upload_that_trickles_is_dropped_and_frees_its_place(predictor, monke
     with LiveServer(create_app(predictor, token=TOKEN, admission=admission)) as client:
         data = _ct()
         with socket.create_connection(("127.0.0.1", client.base_url.port), timeout=10) as trickling:
-            head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-            head += f"Content-Type: application/dicom\r\nContent-Length: {len(data)}\r\n\r\n"
-            trickling.sendall(head.encode())
+            trickling.sendall(_score_head(data))
             trickling.settimeout(0.2)
-            answer, sent, started = b"", 0, time.monotonic()
-            while not answer and time.monotonic() - started < 15:
+            first, sent, started = b"", 0, time.monotonic()
+            while not first and time.monotonic() - started < 15:
                 trickling.sendall(data[sent : sent + 50])  # 250 bytes/s: never idle, far below the minimum
                 sent += 50
                 try:
-                    answer = trickling.recv(4096)
+                    first = trickling.recv(4096)
                 except TimeoutError:
                     pass
-            trickling.settimeout(10)
-            while not answer.endswith(b"}") and (more := trickling.recv(4096)):
-                answer += more
-        text = answer.decode(errors="replace")
-        assert text.startswith("HTTP/1.1 408") and "arrived too slowly" in text, text[:300]
-        assert time.monotonic() - started < 10
+            waited = time.monotonic() - started
+            answer = _rest_of_answer(trickling, first)
+        assert answer.startswith("HTTP/1.1 408") and "arrived too slowly" in answer, answer[:300]
+        assert waited < 10
         after = client.post("/v1/score", content=data, headers={**AUTH, "Content-Type": "application/dicom"})
         assert after.status_code == 200 and _all_left(admission)
