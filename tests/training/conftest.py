@@ -45,6 +45,11 @@ def npz_cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_overrides(tmp_path, npz_cache_dir) -> list[str]:
     """PneumoniaMNIST, 128 images per split, ResNet-10 at 28 px, one thread: a few seconds per epoch."""
+    return tiny_recipe(tmp_path / "outputs", npz_cache_dir)
+
+
+def tiny_recipe(runs_dir: Path, npz_cache_dir: Path) -> list[str]:
+    """The overrides of `tiny_overrides`, with runs kept under `runs_dir`."""
     return [
         "experiment=pneumoniamnist",
         "model=resnet10",
@@ -56,7 +61,7 @@ def tiny_overrides(tmp_path, npz_cache_dir) -> list[str]:
         "trainer.warmup_epochs=0.25",
         "export.enabled=false",
         f"paths.cache_dir={npz_cache_dir}",
-        f"paths.runs_dir={tmp_path / 'outputs'}",
+        f"paths.runs_dir={runs_dir}",
     ]
 
 

@@ -9,29 +9,43 @@ import shutil
 import subprocess
 import sys
 
+import mlflow
 import numpy as np
 import pytest
 
-from tests.training.conftest import ROOT
+from tests.training.conftest import ROOT, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def recipe(tiny_overrides) -> list[str]:
+def last_weights(overrides: list[str]) -> list[str]:
     """The tiny recipe, ending with its last weights (as a refit must: it has no validation to choose an epoch by)."""
-    kept = [o for o in tiny_overrides if not o.startswith(("data.limit", "export.enabled"))]
+    kept = [o for o in overrides if not o.startswith(("data.limit", "export.enabled"))]
     return [*kept, "data.limit=48", "trainer.weights=last", "trainer.early_stopping_patience=null"]
 
 
 @pytest.fixture
-def cross_validation(tmp_path, recipe):
-    """Two folds of the tiny recipe trained by `scripts/cross_validate.py` (test left out of both)."""
+def recipe(tiny_overrides) -> list[str]:
+    return last_weights(tiny_overrides)
+
+
+@pytest.fixture(scope="module")
+def cross_validation(tmp_path_factory, npz_cache_dir, empty_mlflow_db):
+    """Two folds of the tiny recipe trained by `scripts/cross_validate.py` (test left out of both), once for the module
+    in a tracking store of its own: tests read it and write elsewhere."""
     from medtriage.workflows.cross_validation import cross_validate
 
-    cv_dir = tmp_path / "cv"
-    cross_validate([*recipe, "cv.folds=2", "cv.jobs=2"], cv_dir)
-    return cv_dir
+    base = tmp_path_factory.mktemp("fold-cv")
+    shutil.copyfile(empty_mlflow_db, base / "mlflow.db")
+    uri, previous = f"sqlite:///{base / 'mlflow.db'}", mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            cross_validate([*last_weights(tiny_recipe(base / "outputs", npz_cache_dir)), "cv.folds=2", "cv.jobs=2"], base / "cv")
+        finally:
+            mlflow.set_tracking_uri(previous)
+    return base / "cv"
 
 
 def test_fold_models_are_served_calibrated_on_images_each_scorer_held_out(cross_validation, tmp_path, capsys):

@@ -100,7 +100,9 @@ def test_resuming_with_another_recipe_is_refused_before_any_training(tmp_path, m
 
     monkeypatch.setattr(job, "load_data", reached_training)
     resume = ("trainer.resume=true", f"trainer.resume_from={checkpoint}")
-    with pytest.raises(ConfigError, match=r"trainer\.max_epochs: 3 in the checkpoint, 9 now; trainer\.lr: 0\.001 in the checkpoint, 0\.01 now") as refused:
+    with pytest.raises(
+        ConfigError, match=r"trainer\.max_epochs: 3 in the checkpoint, 9 now; trainer\.lr: 0\.001 in the checkpoint, 0\.01 now"
+    ) as refused:
         job.run(_config(tmp_path, "trainer.lr=0.01", "trainer.max_epochs=9", *resume))
     assert str(checkpoint) in str(refused.value)
 
