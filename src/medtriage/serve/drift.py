@@ -2,7 +2,8 @@
 
 A source is whoever sends images (the calling AE title of the DICOM node, the `X-Source` header
 over HTTP). For each source the monitor keeps the last `window` values of every feature the
-package has references for (mean decoded intensity, OOD score, predicted probability) and their
+package has references for (mean decoded intensity, OOD score, predicted probability), one value
+per input (a multi-frame object's frames averaged, so that one object cannot fill a window), and their
 population-stability index against the reference of the training site of that name, else the
 pooled validation reference. A source drifts when, with at least `min_images` in its window,
 the PSI of any feature passes the package's threshold (chosen at export for a stated
@@ -20,7 +21,7 @@ from medtriage.format.references import psi
 
 FEATURES = ("input_mean", "ood_score", "probability")
 DEFAULT_SOURCE = "default"
-MAX_SOURCES = 64  # a header is untrusted: the oldest quiet source leaves when a new one would exceed this
+MAX_SOURCES = 64  # a header is untrusted: a quiet source leaves when a new one would exceed this (_evictable)
 _SOURCE_CHARS = re.compile(r"[^A-Za-z0-9._ -]")
 
 
@@ -30,10 +31,15 @@ def source_name(raw: str | None) -> str:
     return text or DEFAULT_SOURCE
 
 
-def score_features(score) -> dict[str, float]:
-    """The monitored features of one scored image (a serve.predictor.Score)."""
-    values = {"input_mean": score.input_mean, "ood_score": score.ood_score, "probability": score.probability}
-    return {k: float(v) for k, v in values.items() if v is not None}
+def input_features(scores) -> dict[str, float]:
+    """The monitored features of one input (its serve.predictor.Scores, one per frame), each the mean over
+    the frames: frames of one acquisition are not independent images, and the threshold assumes such."""
+    values: dict[str, list[float]] = {}
+    for score in scores:
+        for feature in FEATURES:
+            if getattr(score, feature) is not None:
+                values.setdefault(feature, []).append(float(getattr(score, feature)))
+    return {feature: sum(v) / len(v) for feature, v in values.items()}
 
 
 @dataclass
@@ -102,9 +108,16 @@ class DriftMonitor:
             self._windows.move_to_end(source)
             return self._windows[source]
         while len(self._windows) >= MAX_SOURCES:
-            gone, _ = self._windows.popitem(last=False)
+            gone = self._evictable()
+            del self._windows[gone]
             self._state.pop(gone, None)
         return self._windows.setdefault(source, {})
+
+    def _evictable(self) -> str:
+        """The least recently seen source whose window is too short to alert, else the least recently seen:
+        a stream of one-off names must not push out a source that drifts (and with it, its alert)."""
+        short = (s for s in self._windows if self._state[s].window < self.min_images)
+        return next(short, next(iter(self._windows)))
 
     def status(self) -> dict:
         """What the worklist banner and /v1/drift show: every source, and which drift past the threshold."""

@@ -20,7 +20,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from medtriage.serve.drift import DriftMonitor, score_features, source_name
+from medtriage.serve.drift import DriftMonitor, input_features, source_name
 from medtriage.serve.package import ModelPackage
 from medtriage.serve.predictor import Rejection
 
@@ -68,10 +68,11 @@ class ServiceMonitor:
         self._observe(outcome, source)
 
     def _observe(self, scores, source: str) -> None:
-        for score in scores:
-            state = self.drift.observe(source, score_features(score))
-            if state is not None:
-                self._publish(state)
+        if not scores:  # refused before inference: nothing to compare
+            return
+        state = self.drift.observe(source, input_features(scores))
+        if state is not None:
+            self._publish(state)
 
     def _publish(self, state) -> None:
         with self._lock:

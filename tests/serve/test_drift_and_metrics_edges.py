@@ -1,0 +1,45 @@
+"""Drift watch edges: a multi-frame object counts as one input (it cannot raise an alert alone), and a
+stream of one-off source names cannot push a drifting source, and its alert, out of the monitor."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from medtriage.serve.drift import MAX_SOURCES
+from medtriage.serve.metrics import ServiceMonitor
+from medtriage.serve.predictor import Predictor
+from tests.serve.test_drift import SHIFTS, decoded, outcome, stream
+from tests.serve.test_drift import held_out as held_out  # noqa: F401 -- the module fixture
+
+
+@pytest.fixture(scope="module")
+def predictor(safe_predictor) -> Predictor:
+    """The package that carries an OOD output and drift references."""
+    return safe_predictor
+
+
+def test_one_multiframe_object_does_not_raise_an_alert(predictor, held_out):
+    still = decoded(held_out[0], 0)
+    cine = replace(still, pixels=np.repeat(still.pixels, 120, axis=0), frames=120)  # a static 120-frame cine
+    scores = outcome(predictor, cine, "cine.dcm")
+    assert len(scores) == 120 > predictor.package.meta["drift"]["min_images"]
+    monitor = ServiceMonitor(predictor.package)
+    monitor.record(scores, "US_ROOM_1", 0.1)
+    (state,) = monitor.drift.status()["sources"]
+    assert state["window"] == 1 and state["images"] == 1 and not state["drifting"], state
+    assert 'medtriage_drift_alert{source="US_ROOM_1"} 0.0' in monitor.exposition().decode()
+
+
+def test_one_off_source_names_do_not_evict_a_drifting_source(predictor, held_out):
+    monitor = ServiceMonitor(predictor.package)
+    stream(predictor, held_out[:120], "CR_ROOM_1", monitor, SHIFTS["inverted photometric"])
+    assert monitor.drift.drifting("CR_ROOM_1")
+    one = outcome(predictor, decoded(held_out[0], 0), "img0")
+    for i in range(MAX_SOURCES):  # e.g. a client that puts a request id in X-Source
+        monitor.record(one, f"upload-{i}", 0.01)
+    assert monitor.drift.drifting("CR_ROOM_1"), monitor.drift.status()["drifting"]
+    assert 'medtriage_drift_alert{source="CR_ROOM_1"} 1.0' in monitor.exposition().decode()
+    assert len(monitor.drift.sources()) == MAX_SOURCES
