@@ -238,13 +238,13 @@ def test_a_radiologist_uploads_studies_and_opens_the_most_urgent(live_server, br
     uploads = [by_p[0], by_p[-1], by_p[len(by_p) // 2], chest_files["broken"]]  # not in priority order
     page = browser.new_page(viewport={"width": 1400, "height": 720})
     page.goto(f"{live_server}/worklist")
-    page.wait_for_function("document.getElementById('status').textContent.includes('access token')")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('access token')")
 
     page.fill("#token", TOKEN)
     page.click("#save-token")
     page.set_input_files("#files", [str(p) for p in uploads])
     page.click("#upload")
-    page.wait_for_function("document.querySelectorAll('#worklist tbody tr').length === 3")
+    page.wait_for_function("() => document.querySelectorAll('#worklist tbody tr').length === 3")
     assert "3 image(s) scored, 1 file(s) rejected" in page.text_content("#status")
     assert "truncated" in page.text_content("#rejected")
 
@@ -254,7 +254,7 @@ def test_a_radiologist_uploads_studies_and_opens_the_most_urgent(live_server, br
     assert [r[0] for r in rows] == [predictor.priority(chest_files["p"][p]) for p in (by_p[-1], by_p[len(by_p) // 2], by_p[0])]
 
     page.click("#worklist tbody tr:first-child")
-    page.wait_for_function("document.getElementById('overlay').complete && document.getElementById('overlay').naturalWidth > 0")
+    page.wait_for_function("() => document.getElementById('overlay').complete && document.getElementById('overlay').naturalWidth > 0")
     assert by_p[-1].name in page.text_content("#detail-fields") and rows[0][0] in page.text_content("#detail-title")
     assert page.is_visible("#detail") and "calibrated" in page.text_content("#detail-fields")
     screenshot = tmp_path / "worklist.png"

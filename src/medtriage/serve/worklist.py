@@ -16,13 +16,15 @@ GET  /v1/worklist/{id}/overlay.png    the image with where the model looked
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame, shrink
 log = logging.getLogger(__name__)
 DEFAULT_CAPACITY = 256
 PAGE_PATH = "/worklist"
+UPLOAD_AET = "HTTP"  # the calling AE title recorded for uploads, to tell them from what the node received
 SHOWN_STATES = {"receiving": "received", "scored": "scored", "delivered": "delivered", "failed": "failed", "not_analysed": "not analysed"}
 __all__ = ["DEFAULT_CAPACITY", "PAGE_PATH", "PRIORITY_RANK", "Worklist", "worklist_router"]
 
@@ -55,7 +58,7 @@ class Worklist:
         """`store`: a NodeStore, or the state folder to open one in (a DICOM node's --state), or None (memory)."""
         self.predictor, self.capacity = predictor, max(1, int(capacity))
         self.store = store if isinstance(store, NodeStore) else NodeStore(store)
-        self._display: OrderedDict[str, np.ndarray] = OrderedDict()  # SOP UID -> upload's display copy (no spool)
+        self._display: dict[str, np.ndarray] = {}  # SOP UID -> upload's display copy (no spool)
         self._lock = threading.Lock()
 
     @property
@@ -83,37 +86,48 @@ class Worklist:
         except MedTriageError:  # scorable pixels with odd UIDs: still a row of its own
             sop_uid = study_uid = f"upload-{uuid.uuid4().hex}"
             fields = dict.fromkeys(STUDY_TAGS, "")
-        if self.store.has_instance(sop_uid):
-            return  # the same instance again: one result
         top = max(range(len(scores)), key=lambda i: scores[i].probability)
-        results = [score.as_dict() for score in scores]
-        if self.store.folder is not None:  # kept like a received instance, so the overlay survives a restart
-            spool_name = write_atomic(self.store.spool_path(sop_uid), data).name
-        else:
-            spool_name = ""
-            with self._lock:
-                self._display[sop_uid] = self._display_copy(image.pixels[top])
-                while len(self._display) > self.capacity:
-                    self._display.popitem(last=False)
-        self.store.record_instance(
-            sop_uid,
-            study_uid,
-            image.series_uid,
-            image.sop_class_uid,
-            spool_name,
-            fields,
-            name=name,
-            state="scored",
-            result=json.dumps(results),
-            calling_aet="HTTP",
-        )
+        # keyed by the UID the instance is recorded under, which the row's score and picture are looked up by
+        results = [{**score.as_dict(), "sop_uid": sop_uid} for score in scores]
+        display = self._display_copy(image.pixels[top]) if self.store.folder is None else None
+        with self._lock:  # one upload at a time: the display copies kept are those of the studies as recorded
+            if self.store.has_instance(sop_uid):
+                return  # the same instance again: one result
+            if display is None:  # kept like a received instance, so the overlay survives a restart
+                spool_name = write_atomic(self.store.spool_path(sop_uid), data).name
+            else:
+                spool_name, self._display[sop_uid] = "", display
+            self.store.record_instance(
+                sop_uid,
+                study_uid,
+                image.series_uid,
+                image.sop_class_uid,
+                spool_name,
+                fields,
+                name=name,
+                state="scored",
+                result=json.dumps(results),
+                calling_aet=UPLOAD_AET,
+            )
+            self._close(study_uid)
+            self._drop_unneeded_display_copies()
+
+    def _close(self, study_uid: str) -> None:
         # `seen` before the study's instances are read: an instance recorded after that read makes this close refused
         # (the later upload closes the study with every score); taken after, a concurrent upload's score was lost
         seen = time.time()
-        study_top = min(
-            (s for row in self.store.study_instances(study_uid) if row["state"] == "scored" for s in json.loads(row["result"])), key=urgency
-        )
-        self.store.close_study(study_uid, study_top, None, None, [], seen)
+        instances = self.store.study_instances(study_uid)
+        study_top = min((s for row in instances if row["state"] == "scored" for s in json.loads(row["result"])), key=urgency)
+        # A study the DICOM node received stays open (with its top score shown): the node closes it once it is
+        # quiet, with the SR of every instance. Closed here, the node would never send that SR.
+        from_node = any(row["calling_aet"] != UPLOAD_AET for row in instances)
+        self.store.close_study(study_uid, study_top, None, None, [], seen, state="receiving" if from_node else None)
+
+    def _drop_unneeded_display_copies(self) -> None:
+        """Keep the copies of the pictures still to be drawn: the top image of each shown study, no other."""
+        shown = {study["top_sop"] for study in self.store.studies(self.capacity)[0]}
+        for sop_uid in [sop_uid for sop_uid in self._display if sop_uid not in shown]:
+            del self._display[sop_uid]
 
     def _display_copy(self, frame: np.ndarray) -> np.ndarray:
         pixels = to_model_channels(shrink(frame, DISPLAY_SIDE)[None], self.predictor.package.channels)[0]
@@ -248,13 +262,36 @@ def worklist_page() -> str:
     return resources.files("medtriage.serve").joinpath("static", "worklist.html").read_text(encoding="utf-8")
 
 
+def page_headers(page: str) -> dict:
+    """The page is open without the token and shows PHI: it runs only its own inline script and style, talks only
+    to this service, and may not be framed by another site."""
+    policy = (
+        f"default-src 'none'; script-src {_inline_hashes(page, 'script')}; style-src {_inline_hashes(page, 'style')}; "
+        "connect-src 'self'; img-src blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return {
+        "Cache-Control": "no-store",
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+    }
+
+
+def _inline_hashes(page: str, tag: str) -> str:
+    """CSP sources for the page's inline <script> or <style> blocks: the sha256 of each one's text."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'" for block in blocks)
+
+
 def worklist_router(worklist: Worklist) -> APIRouter:
     router = APIRouter()
     page = worklist_page()
+    headers = page_headers(page)
 
     @router.get(PAGE_PATH, response_class=HTMLResponse, include_in_schema=False)
     def worklist_html() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(page, headers=headers)
 
     @router.get("/v1/worklist", summary="Studies, most urgent first, with their state")
     def list_rows() -> dict:

@@ -1,0 +1,114 @@
+"""Worklist edge cases: pictures of studies with several uploaded instances, uploads whose UIDs are not valid,
+uploads into a study the DICOM node is still receiving, and the page's security headers (checked in Chromium
+too, with hostile header values in the rows)."""
+
+import io
+import json
+
+import httpx
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+
+from medtriage.serve.http import create_app
+from medtriage.serve.node.header import read_identity
+from medtriage.serve.node.store import NodeStore
+from medtriage.serve.node.worker import Worker
+from medtriage.serve.worklist import Worklist
+from tests.serve import test_worklist as base
+from tests.serve.test_worklist import AUTH, TOKEN
+
+browser, chest_files, live_server = base.browser, base.chest_files, base.live_server  # the worklist tests' fixtures
+
+
+def edited(path, **values) -> bytes:
+    """The file's bytes with some header elements replaced (e.g. StudyInstanceUID of another file)."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+def upload(client, name: str, data: bytes):
+    return client.post("/v1/score", files=[("files", (name, data, "application/dicom"))], headers=AUTH)
+
+
+def test_the_picture_of_a_shown_study_survives_uploads_of_its_other_instances(predictor, chest_files):
+    client = TestClient(create_app(predictor, token=TOKEN, worklist_size=1))
+    top, lower = chest_files["by_p"][-1], chest_files["by_p"][0]
+    study_uid = pydicom.dcmread(top, stop_before_pixels=True).StudyInstanceUID
+    upload(client, top.name, top.read_bytes())
+    upload(client, lower.name, edited(lower, StudyInstanceUID=study_uid))  # a second, less suspicious image of the study
+    (entry,) = client.get("/v1/worklist", headers=AUTH).json()["entries"]
+    assert entry["instances"] == 2 and entry["file"] == top.name
+    png = client.get(entry["overlay"], headers=AUTH)
+    assert png.status_code == 200, png.text
+
+
+def test_an_upload_with_invalid_uids_is_listed_with_its_priority_and_picture(predictor, chest_files):
+    client = TestClient(create_app(predictor, token=TOKEN))
+    path = chest_files["by_p"][-1]
+    assert upload(client, path.name, edited(path, SeriesInstanceUID="series one")).json()["results"]
+    (entry,) = client.get("/v1/worklist", headers=AUTH).json()["entries"]
+    assert entry["state"] == "scored" and entry["priority"] == predictor.priority(chest_files["p"][path])
+    assert client.get(entry["overlay"], headers=AUTH).status_code == 200
+
+
+def test_an_upload_leaves_a_study_the_node_is_receiving_for_the_node_to_close(predictor, chest_files, tmp_path):
+    store = NodeStore(tmp_path / "state")
+    worker = Worker(store, predictor, destinations=[], study_timeout=0)
+    sent, uploaded = chest_files["by_p"][0], chest_files["by_p"][-1]
+    header = read_identity(sent)
+    store.receive(sent.read_bytes(), header.sop_uid, header.study_uid, header.series_uid, header.sop_class, header.fields, "MODALITY")
+    worker.score_queued()  # scored by the node; the study waits for its quiet time before its SR is sent
+
+    worklist = Worklist(predictor, store=store)
+    assert isinstance(worklist.score_or_reject(edited(uploaded, StudyInstanceUID=header.study_uid), uploaded.name), list)
+    (row,) = worklist.rows()
+    assert row["instances"] == 2 and row["priority"] == predictor.priority(chest_files["p"][uploaded])  # listed at once
+
+    worker.close_quiet_studies()
+    (study,) = store.studies(1)[0]
+    assert study["state"] == "scored" and study["sr_uid"], "the node closes the study and sends its SR"
+    assert json.loads(store.instance(study["top_sop"])["result"])[0]["file"] == uploaded.name
+
+
+def test_the_page_carries_a_content_security_policy_and_no_sniffing(predictor):
+    page = TestClient(create_app(predictor, token=TOKEN)).get("/worklist")
+    policy = page.headers.get("content-security-policy", "")
+    assert "frame-ancestors 'none'" in policy and "default-src 'none'" in policy
+    assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy
+    assert page.headers.get("x-content-type-options") == "nosniff" and page.headers["cache-control"] == "no-store"
+
+
+HOSTILE = {
+    "PatientID": '<img src=x onerror="window.pwned=1">',
+    "AccessionNumber": "<script>window.pwned=2</script>",
+    "StudyDescription": "</dd><b>bold</b>" + "W" * 100,
+}
+
+
+@pytest.mark.slow
+def test_the_page_runs_under_its_policy_and_shows_header_values_as_text(live_server, browser, chest_files):
+    path = chest_files["by_p"][-1]
+    files = [("files", (path.name, edited(path, **HOSTILE), "application/dicom"))]
+    assert httpx.post(f"{live_server}/v1/score", files=files, headers=AUTH, timeout=60).status_code == 200
+
+    page = browser.new_page(viewport={"width": 1200, "height": 700})
+    page.add_init_script(
+        "window.violations = []; document.addEventListener('securitypolicyviolation', e => window.violations.push(e.violatedDirective))"
+    )
+    response = page.goto(f"{live_server}/worklist")
+    assert "frame-ancestors 'none'" in response.headers.get("content-security-policy", "")
+    page.fill("#token", TOKEN)
+    page.click("#save-token")
+    page.wait_for_function("() => document.querySelectorAll('#worklist tbody tr').length === 1")
+    page.click("#worklist tbody tr:first-child")
+    page.wait_for_function("() => document.getElementById('overlay').complete && document.getElementById('overlay').naturalWidth > 0")
+    cells = page.eval_on_selector_all("#worklist tbody td", "cells => cells.map(c => c.textContent)")
+    assert HOSTILE["PatientID"] in cells and HOSTILE["AccessionNumber"] in cells
+    assert HOSTILE["StudyDescription"][:100] in page.text_content("#detail-fields")
+    assert page.evaluate("window.pwned") is None and page.evaluate("window.violations") == []
+    assert page.eval_on_selector_all("#detail-fields b, #worklist img", "nodes => nodes.length") == 0
