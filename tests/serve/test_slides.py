@@ -287,9 +287,10 @@ def test_medtriage_score_reads_the_exported_block_without_edits(tile_package, tm
     package_dir, _ = tile_package
     block = json.loads((package_dir / "model.json").read_text())["pathology"]
     heatmaps = tmp_path / "heatmaps"
-    assert main(["score", str(package_dir), str(CMU1), "--json", "--heatmaps", str(heatmaps)]) == 0
+    # Real tissue is unlike the synthetic training tiles (OOD): scored only on request, and flagged.
+    assert main(["score", str(package_dir), str(CMU1), "--json", "--heatmaps", str(heatmaps), "--allow-out-of-scope"]) == 0
     (scored,) = json.loads(capsys.readouterr().out)["results"]
-    assert scored["modality"] == "SM" and scored["threshold_level"] == "slide"
+    assert scored["modality"] == "SM" and scored["threshold_level"] == "slide" and scored["flags"] == ["unusual_input"]
     assert scored["tile_mpp"] == block["tile_mpp"] and scored["n_tiles"] > 20
     tiles = scored["top_tiles"]
     assert len(tiles) == 5 and all(t["size"] == round(block["tile_size"] * block["tile_mpp"] / scored["slide_mpp"]) for t in tiles)

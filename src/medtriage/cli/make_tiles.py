@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ from medtriage.data.simulate.tiles import (
     draw_tile,
     jitter_stain,
 )
+from medtriage.errors import ConfigError
 from medtriage.io.pathology import grid_overview, prepare_slide
+from medtriage.io.safe_output import write_atomic
 from medtriage.io.stain import StainNormalizer, fit_stains
 
 
@@ -80,6 +83,7 @@ def _main(argv: list[str] | None) -> int:
         )
         manifest = build_synthetic_tile_pool(args.pool_dir, config)
     else:
+        check_distinct_names(args.slides)
         entries = [
             {"path": str(p), "site": args.site, "patient_id": p.stem, "label": args.label, "split": args.split, "mpp": args.mpp}
             for p in args.slides
@@ -91,12 +95,27 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def check_distinct_names(slides: list[Path]) -> None:
+    """A slide's file name (without suffix) is its patient and slide id in the pool: two slides of one name would be
+    merged into one slide, their tiles sharing ids."""
+    repeated = sorted(stem for stem, n in Counter(p.stem for p in slides).items() if n > 1)
+    if repeated:
+        raise ConfigError(
+            f"several slides are named {', '.join(repeated)}: a slide's name is its id in the pool",
+            hint="rename the slides, or build a pool from each folder in its own run",
+        )
+
+
+def save_png(image: Image.Image, out: Path) -> None:
+    """A palette PNG (keeps it small), written whole or not at all."""
+    write_atomic(out, lambda f: image.quantize(256, method=Image.Quantize.MEDIANCUT).save(f, format="PNG", optimize=True))
+
+
 def save_overview(slide_path: Path, out: Path, tile_size: int, tile_mpp: float, slide_mpp: float | None) -> None:
     prepared = prepare_slide(slide_path, tile_size, tile_mpp, slide_mpp=slide_mpp)
     with prepared.slide:
         image = grid_overview(prepared.slide, prepared.grid, prepared.mask, max_side=720)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)  # a palette keeps the PNG small
+    save_png(image, out)
     grid = prepared.grid
     print(
         f"overview {out}: {len(grid.tiles)} tissue tiles of {grid.n_candidates} positions "
@@ -129,9 +148,7 @@ def save_sites_figure(out: Path, n_tiles: int, seed: int, size: int = 64, gap: i
         for i, tile in enumerate(row):
             x = gap + i * step + (4 * gap if i >= n_tiles else 0)  # a wider gap between raw and normalised
             canvas[gap + r * step : gap + r * step + size, x : x + size] = np.moveaxis(tile, 0, -1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(np.rint(canvas * 255).astype(np.uint8))
-    image.quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)  # a palette keeps the PNG small
+    save_png(Image.fromarray(np.rint(canvas * 255).astype(np.uint8)), out)
     print(f"sites figure {out}: rows {', '.join(f'{s} normal/tumour' for s in SYNTHETIC_SITES)}; left raw, right normalised")
 
 

@@ -2,12 +2,15 @@
 
 numpy + PIL only (reading is `medtriage.io.slide_reader`). Coordinates are level-0 pixels `(x, y)`
 of a tile's top-left corner. The grid is laid out in µm/pixel, not pyramid levels, so slides
-scanned at 20x and 40x give the same physical tiles.
+scanned at 20x and 40x give the same physical tiles. The last column and row may run past the
+slide's right and bottom edges: that part reads as white glass and counts as background.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from medtriage.errors import InputError
+from medtriage.errors import ConfigError, InputError
 from medtriage.io.slide_reader import SLIDE_SUFFIXES, RegionReader, Slide, is_slide_path, open_slide  # noqa: F401 (re-exported)
 from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, Stains, fit_stains
 
@@ -25,6 +28,7 @@ MASK_MPP = 8.0  # tissue mask resolution, µm/pixel
 MIN_SATURATION = 0.07  # Otsu floor: a blank slide has no threshold worth splitting on
 COARSER_TOLERANCE = 1.1  # read a slide up to 10% coarser than asked before refusing
 STAIN_FIT_TILES = 16  # tiles sampled across the slide to fit its stains
+READ_AHEAD_PER_WORKER = 2  # tile batches loaded ahead of the consumer, per worker thread
 
 
 # --- tissue mask ---------------------------------------------------------------------------
@@ -136,7 +140,10 @@ class TileGrid:
 def tile_grid(
     slide: Slide, tile_size: int = 224, mpp: float = DEFAULT_TILE_MPP, mask: TissueMask | None = None, min_tissue: float = 0.5
 ) -> TileGrid:
-    """Non-overlapping grid of physical tiles; positions with less tissue than `min_tissue` are skipped."""
+    """Non-overlapping grid of physical tiles covering the whole slide; positions with less tissue than `min_tissue`
+    are skipped (the part of an edge tile beyond the slide counts as background)."""
+    if not (tile_size >= 1 and math.isfinite(mpp) and mpp > 0):
+        raise ConfigError(f"tiles of {tile_size} pixels at {mpp} µm/pixel", hint="tile size and µm/pixel must be positive")
     if slide.mpp > mpp * COARSER_TOLERANCE:
         raise InputError(
             f"slide scanned at {slide.mpp:.3f} µm/pixel is coarser than the {mpp:.3f} µm/pixel the tiles need",
@@ -148,21 +155,42 @@ def tile_grid(
     level = slide.finest_level_for(mpp)
     grid = TileGrid(tile_size, mpp, level, max(1, round(size0 / slide.level_downsamples[level])), size0)
     w0, h0 = slide.dimensions
-    xs = [round(col * size0) for col in range(int(w0 // size0))]
-    ys = [round(row * size0) for row in range(int(h0 // size0))]
-    fractions = mask.fractions(xs, ys, size0)
+    # Partial tiles at the right and bottom edges too: tissue there would otherwise never be scored.
+    xs = [round(col * size0) for col in range(math.ceil(w0 / size0))]
+    ys = [round(row * size0) for row in range(math.ceil(h0 / size0))]
+    fractions = mask.fractions(xs, ys, size0) * np.outer(_inside_share(ys, size0, h0), _inside_share(xs, size0, w0))
     grid.n_candidates = fractions.size
     for row, col in zip(*np.nonzero(fractions >= min_tissue)):  # row-major: the grid order
         grid.tiles.append(Tile(xs[col], ys[row], round(float(fractions[row, col]), 4)))
     return grid
 
 
+def _inside_share(starts: list[int], size0: float, limit: int) -> np.ndarray:
+    """Share of each level-0 span `[start, start + size0)` that lies inside `[0, limit)`."""
+    return np.clip((limit - np.asarray(starts, np.float64)) / size0, 0.0, 1.0)
+
+
 def read_tile_rgb(reader: RegionReader, grid: TileGrid, tile: Tile) -> np.ndarray:
     """A tile as uint8 RGB `[tile_size, tile_size, 3]`, resampled to the grid's µm/pixel when needed."""
-    rgb = reader.read(tile.x, tile.y, grid.level, (grid.read_size, grid.read_size))
+    rgb = _read_inside(reader, grid, tile)
     if grid.read_size != grid.tile_size:
         rgb = np.asarray(Image.fromarray(rgb).resize((grid.tile_size, grid.tile_size), Image.Resampling.BILINEAR, reducing_gap=2.0))
     return rgb
+
+
+def _read_inside(reader: RegionReader, grid: TileGrid, tile: Tile) -> np.ndarray:
+    """The tile's `read_size` square at its level; what lies beyond the level's edge is white glass. Only the part
+    inside is read: readers differ beyond the edge (black, white or an error)."""
+    slide = reader.slide
+    x, y = slide.level_position(tile.x, tile.y, grid.level)
+    width, height = slide.level_dimensions[grid.level]
+    w, h = min(grid.read_size, width - x), min(grid.read_size, height - y)
+    if (w, h) == (grid.read_size, grid.read_size):
+        return reader.read(tile.x, tile.y, grid.level, (w, h))
+    out = np.full((grid.read_size, grid.read_size, 3), 255, np.uint8)
+    if w > 0 and h > 0:
+        out[:h, :w] = reader.read(tile.x, tile.y, grid.level, (w, h))
+    return out
 
 
 def read_tile(
@@ -214,12 +242,22 @@ def prepare_slide(
     stain_normalize: bool = False,
     target_stains: Stains = REFERENCE_STAINS,
 ) -> PreparedSlide:
-    """Everything before the tiles: a slide without tissue is refused here, with the counts."""
+    """Everything before the tiles: a slide without tissue is refused here, with the counts. A slide refused after
+    it was opened is closed (its file handles would otherwise stay open for the life of a server)."""
     slide = open_slide(path, mpp=slide_mpp)
+    try:
+        return _prepare_open_slide(slide, path, tile_size, mpp, min_tissue, stain_normalize, target_stains)
+    except BaseException:
+        slide.close()
+        raise
+
+
+def _prepare_open_slide(
+    slide: Slide, path: str | Path, tile_size: int, mpp: float, min_tissue: float, stain_normalize: bool, target_stains: Stains
+) -> PreparedSlide:
     mask = tissue_mask(slide)
     grid = tile_grid(slide, tile_size, mpp, mask, min_tissue)
     if not grid.tiles:
-        slide.close()
         raise InputError(
             f"no tissue found: none of {grid.n_candidates} tile positions has {min_tissue:.0%} tissue "
             f"(saturation threshold {mask.threshold:.3f})",
@@ -252,5 +290,16 @@ def iter_tile_batches(prepared: PreparedSlide, batch_size: int = 32, workers: in
     if workers <= 1:
         yield from map(load, batches)
         return
-    with ThreadPoolExecutor(workers) as pool:
-        yield from pool.map(load, batches)
+    # A few batches ahead of the consumer, never the whole slide: the model is slower than the readers, and a large
+    # slide's batches would all wait in memory (Executor.map submits every one at once).
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for batch in batches:
+            pending.append(pool.submit(load, batch))
+            if len(pending) > READ_AHEAD_PER_WORKER * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)

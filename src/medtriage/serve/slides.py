@@ -7,6 +7,10 @@ normalisation come from the package's `pathology` block so tiles are cut as in t
 Aggregation: `mean` (diffuse findings) or `top_k` (mean of the k most suspicious tiles; a small
 tumour focus is not diluted by a large normal slide).
 
+Unusual tiles: with a package that has an OOD score, tiles above its threshold (ink, folds, tissue unlike the
+training tiles) are left out of the score, the top tiles and the heatmap; a slide whose median tile is unusual is
+withheld like an unusual image (scored and flagged with `allow_unusual`).
+
 Priority: the block's `slide_thresholds`, chosen at export on validation slides aggregated the same
 way; a package without them falls back to its tile thresholds (`threshold_level` says which).
 """
@@ -27,8 +31,10 @@ from medtriage.io.pathology import DEFAULT_TILE_MPP, PreparedSlide, iter_tile_ba
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.io.stain import REFERENCE_STAINS, Stains
 from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
+from medtriage.serve.scope import UNUSUAL_INPUT, UnusualInputError
 
-Predict = Callable[[np.ndarray], np.ndarray]
+# Tile batch -> probabilities [B, K], or (probabilities, OOD scores [B] or None) from a graph with an OOD output.
+Predict = Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, np.ndarray | None]]
 
 
 @dataclass(frozen=True)
@@ -68,19 +74,41 @@ class SlideResult:
     top_tiles: list[dict] = field(default_factory=list)  # x, y (level 0), size (level-0 pixels), probability
     heatmap: str | None = None
     class_means: list[float] = field(default_factory=list)  # mean tile probability per class
+    n_unusual: int = 0  # tissue tiles above the OOD threshold, left out of the score
+    flags: list[str] = field(default_factory=list)  # "unusual_input": withheld but scored on request
 
     def to_dict(self) -> dict:
         return dict(vars(self))
 
 
-def tile_probabilities(prepared: PreparedSlide, predict: Predict, batch_size: int = 32, workers: int = 1) -> np.ndarray:
-    """Class probabilities per tile `[N, K]`, in grid order."""
-    out = []
+def tile_outputs(prepared: PreparedSlide, predict: Predict, batch_size: int = 32, workers: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities per tile `[N, K]` and, when `predict` gives them, OOD scores `[N]`, in grid order."""
+    probs, ood = [], []
     batches = iter_tile_batches(prepared, batch_size=batch_size, workers=workers)
     total = -(-len(prepared.grid.tiles) // batch_size)
     for _, batch in tqdm(batches, total=total, desc=prepared.slide.path.name, unit="batch", leave=False):
-        out.append(np.asarray(predict(batch), dtype=np.float64).reshape(len(batch), -1))
-    return np.concatenate(out)
+        out = predict(batch)
+        p, o = out if isinstance(out, tuple) else (out, None)
+        probs.append(np.asarray(p, dtype=np.float64).reshape(len(batch), -1))
+        if o is not None:
+            ood.append(np.asarray(o, dtype=np.float64).reshape(len(batch)))
+    return np.concatenate(probs), np.concatenate(ood) if ood else None
+
+
+def usual_tiles(n: int, ood: np.ndarray | None, threshold: float | None, allow_unusual: bool, where: str) -> tuple[np.ndarray, list[str]]:
+    """Which of the `n` tiles the slide score is made of, and the slide's flags.
+
+    The probability of a tile unlike the training tiles means nothing (and with top_k one such tile could set the
+    score), so it is left out. A slide whose median tile is unusual is itself unlike the training slides: withheld,
+    as an unusual image is, or with `allow_unusual` scored on all its tiles and flagged."""
+    if ood is None or threshold is None:
+        return np.ones(n, bool), []
+    median = float(np.median(ood))
+    if median > threshold:
+        if not allow_unusual:
+            raise UnusualInputError(median, threshold, where=where)
+        return np.ones(n, bool), [UNUSUAL_INPUT]
+    return ~(ood > threshold), []
 
 
 def score_slide(
@@ -94,8 +122,11 @@ def score_slide(
     batch_size: int = 32,
     workers: int = 1,
     n_top: int = 5,
+    ood_threshold: float | None = None,
+    allow_unusual: bool = False,
 ) -> SlideResult:
-    """Score one slide. Bad slides raise InputError (not a slide, truncated, no tissue, no µm/pixel)."""
+    """Score one slide. Bad slides raise InputError (not a slide, truncated, no tissue, no µm/pixel); a slide whose
+    median tile OOD score is above `ood_threshold` raises UnusualInputError unless `allow_unusual`."""
     prepared = prepare_slide(
         path,
         settings.tile_size,
@@ -106,9 +137,11 @@ def score_slide(
         target_stains=settings.target_stains,
     )
     with prepared.slide as slide:
-        all_probs = tile_probabilities(prepared, predict, batch_size, workers)
-        probs = all_probs[:, positive_index]
+        all_probs, ood = tile_outputs(prepared, predict, batch_size, workers)
         grid = prepared.grid
+        keep, flags = usual_tiles(len(all_probs), ood, ood_threshold, allow_unusual, str(path))
+        all_probs, tiles = all_probs[keep], [t for t, k in zip(grid.tiles, keep) if k]
+        probs = all_probs[:, positive_index]
         order = np.argsort(-probs, kind="stable")[:n_top]
         result = SlideResult(
             path=str(path),
@@ -121,12 +154,13 @@ def score_slide(
             slide_mpp=slide.mpp,
             class_means=[float(v) for v in all_probs.mean(axis=0)],
             top_tiles=[
-                {"x": grid.tiles[i].x, "y": grid.tiles[i].y, "size": round(grid.size0), "probability": round(float(probs[i]), 4)}
-                for i in order
+                {"x": tiles[i].x, "y": tiles[i].y, "size": round(grid.size0), "probability": round(float(probs[i]), 4)} for i in order
             ],
+            n_unusual=len(grid.tiles) - len(tiles),
+            flags=flags,
         )
         if heatmap_path is not None:
-            image = render_heatmap(prepared, probs)
+            image = render_heatmap(prepared, probs, tiles)
             write_atomic(heatmap_path, lambda f: image.save(f, format="PNG"))
             result.heatmap = str(heatmap_path)
     return result
@@ -141,14 +175,16 @@ def _colormap(values: np.ndarray) -> np.ndarray:
     return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
 
 
-def render_heatmap(prepared: PreparedSlide, probabilities: np.ndarray, max_side: int = 1024, opacity: float = 0.45) -> Image.Image:
-    """Tile probabilities as coloured squares over the slide thumbnail (background tiles left clear)."""
+def render_heatmap(
+    prepared: PreparedSlide, probabilities: np.ndarray, tiles: list | None = None, max_side: int = 1024, opacity: float = 0.45
+) -> Image.Image:
+    """Probabilities of `tiles` (default: all the grid's) as coloured squares over the slide thumbnail; the rest is left clear."""
     slide, grid = prepared.slide, prepared.grid
     thumb = Image.fromarray(slide.thumbnail(max_side)).convert("RGB")
     scale = thumb.width / slide.dimensions[0]
     colour = np.zeros((thumb.height, thumb.width, 3), np.uint8)
     alpha = np.zeros((thumb.height, thumb.width), np.uint8)
-    for tile, p in zip(grid.tiles, probabilities):
+    for tile, p in zip(grid.tiles if tiles is None else tiles, probabilities):
         x0, y0 = int(tile.x * scale), int(tile.y * scale)
         x1, y1 = int((tile.x + grid.size0) * scale), int((tile.y + grid.size0) * scale)
         colour[y0:y1, x0:x1] = _colormap(np.float32(p))
@@ -166,6 +202,7 @@ class SlideScore(Score):
     aggregation: str = ""
     n_tiles: int = 0
     n_background: int = 0
+    n_unusual: int = 0
     tile_mpp: float = 0.0
     slide_mpp: float = 0.0
     top_tiles: list = field(default_factory=list)
@@ -207,7 +244,7 @@ def score_slide_file(
     try:
         return _score_slide_file(predictor, Path(path), slide_mpp, heatmap_dir)
     except MedTriageError as err:
-        return Rejection(str(path), err.reason, type(err).__name__)
+        return Rejection.of(str(path), err)
 
 
 def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap_dir: str | Path | None) -> SlideScore:
@@ -221,8 +258,8 @@ def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None,
     # Named like the SR and overlay writers: sanitised, with a digest of the source path so two slides never collide.
     heatmap = output_path(heatmap_dir, path.stem, ".heatmap.png", source=str(path.resolve())) if heatmap_dir else None
 
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return predictor.probabilities(to_model_channels(batch, package.channels, str(path)))
+    def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return predictor.outputs(to_model_channels(batch, package.channels, str(path)))
 
     result = score_slide(
         path,
@@ -231,6 +268,8 @@ def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None,
         positive_index=predictor.positive,
         slide_mpp=slide_mpp,
         heatmap_path=heatmap,
+        ood_threshold=package.ood_threshold,
+        allow_unusual=predictor.allow_out_of_scope,
     )
     probs = np.array(result.class_means)  # other classes: mean over tiles; binary: the complement
     probs[predictor.positive] = result.score
@@ -254,6 +293,8 @@ def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None,
         aggregation=result.aggregation,
         n_tiles=result.n_tiles,
         n_background=result.n_background,
+        n_unusual=result.n_unusual,
+        flags=result.flags,
         tile_mpp=result.tile_mpp,
         slide_mpp=result.slide_mpp,
         top_tiles=result.top_tiles,
