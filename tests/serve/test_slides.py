@@ -310,7 +310,7 @@ def test_schema_refuses_a_malformed_pathology_block(tile_package):
 
     meta = json.loads((tile_package[0] / "model.json").read_text())
     validate_model_json(meta)
-    for bad in ({"aggregation": "max"}, {"tile_size": "48"}, {"stain_normalization": "reinhard"}):
+    for bad in ({"aggregation": "max"}, {"tile_size": "48"}, {"stain_normalization": "reinhard"}, {"tile_mpp": 0}):
         with pytest.raises(PackageError, match="pathology"):
             validate_model_json({**meta, "pathology": {**meta["pathology"], **bad}})
     without = {k: v for k, v in meta["pathology"].items() if k != "tile_mpp"}

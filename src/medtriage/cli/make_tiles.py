@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,6 @@ from medtriage.data.simulate.tiles import (
     draw_tile,
     jitter_stain,
 )
-from medtriage.errors import ConfigError
 from medtriage.io.pathology import grid_overview, prepare_slide
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.stain import StainNormalizer, fit_stains
@@ -83,7 +81,6 @@ def _main(argv: list[str] | None) -> int:
         )
         manifest = build_synthetic_tile_pool(args.pool_dir, config)
     else:
-        check_distinct_names(args.slides)
         entries = [
             {"path": str(p), "site": args.site, "patient_id": p.stem, "label": args.label, "split": args.split, "mpp": args.mpp}
             for p in args.slides
@@ -93,17 +90,6 @@ def _main(argv: list[str] | None) -> int:
             save_overview(args.slides[0], args.overview, args.tile_size, args.tile_mpp, args.mpp)
     print(manifest.summary())
     return 0
-
-
-def check_distinct_names(slides: list[Path]) -> None:
-    """A slide's file name (without suffix) is its patient and slide id in the pool: two slides of one name would be
-    merged into one slide, their tiles sharing ids."""
-    repeated = sorted(stem for stem, n in Counter(p.stem for p in slides).items() if n > 1)
-    if repeated:
-        raise ConfigError(
-            f"several slides are named {', '.join(repeated)}: a slide's name is its id in the pool",
-            hint="rename the slides, or build a pool from each folder in its own run",
-        )
 
 
 def save_png(image: Image.Image, out: Path) -> None:

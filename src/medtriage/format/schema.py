@@ -1,7 +1,7 @@
 """JSON Schema of `model.json` and a small validator for the subset of JSON Schema it uses.
 
 The schema is plain JSON Schema (draft 2020-12 keywords: type, required, properties, items,
-enum, minimum, maximum, minItems, pattern), so other tools can validate packages too.
+enum, minimum, exclusiveMinimum, maximum, minItems, pattern), so other tools can validate packages too.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _PATHOLOGY = {
     "required": ["tile_size", "tile_mpp", "stain_normalization", "min_tissue", "aggregation", "top_k"],
     "properties": {
         "tile_size": {"type": "integer", "minimum": 1},
-        "tile_mpp": {"type": "number", "minimum": 0},
+        "tile_mpp": {"type": "number", "exclusiveMinimum": 0},
         "stain_normalization": {"type": ["string", "null"], "enum": ["macenko", None]},
         "target_stains": {"type": ["object", "null"], "required": ["matrix", "max_concentrations"]},
         "min_tissue": _PROBABILITY,
@@ -243,6 +243,8 @@ def schema_errors(value, schema: dict = MODEL_SCHEMA, where: str = "$") -> list[
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
             errors.append(f"{where}: {value} < minimum {schema['minimum']}")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            errors.append(f"{where}: {value} <= exclusive minimum {schema['exclusiveMinimum']}")
         if "maximum" in schema and value > schema["maximum"]:
             errors.append(f"{where}: {value} > maximum {schema['maximum']}")
     if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):

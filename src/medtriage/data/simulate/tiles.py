@@ -16,6 +16,7 @@ that a model trained on the pool must be served with.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from medtriage.config.schema import SYNTHETIC_SITE_NAMES, SyntheticTilesConfig
 from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, load_manifest
 from medtriage.data.splits import assign_splits
-from medtriage.errors import InputError
+from medtriage.errors import ConfigError, InputError
 from medtriage.io.pathology import iter_tile_batches, prepare_slide
 from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, fit_stains
 
@@ -258,6 +259,7 @@ def build_slide_pool(
     slides: list[dict], pool_dir: str | Path, tile_size: int = 224, mpp: float = 0.5, min_tissue: float = 0.5, stain_normalize: bool = False
 ) -> Manifest:
     """Pool from real slides: each entry has `path`, `site`, `patient_id`, `label` (int) and `split`."""
+    _check_distinct_slide_ids([entry["path"] for entry in slides])
     writer = PoolWriter(pool_dir, TILE_LABELS)
     for entry in tqdm(slides, desc="slides", unit="slide"):
         add_slide_tiles(
@@ -275,6 +277,17 @@ def build_slide_pool(
         )
     write_tile_info(Path(pool_dir), tile_size, mpp, stain_normalize, source="slides", min_tissue=min_tissue)
     return writer.close()
+
+
+def _check_distinct_slide_ids(paths: list) -> None:
+    """A slide's file name (without suffix) is its slide id in the pool: two slides of one name (from two folders,
+    say) would be merged into one slide, their tiles sharing ids."""
+    repeated = sorted(stem for stem, n in Counter(Path(p).stem for p in paths).items() if n > 1)
+    if repeated:
+        raise ConfigError(
+            f"several slides are named {', '.join(repeated)}: a slide's name is its id in the pool",
+            hint="rename the slides, or build a pool from each folder in its own run",
+        )
 
 
 def ensure_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig) -> Manifest:
