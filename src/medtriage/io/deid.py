@@ -429,18 +429,25 @@ class _ProfileWalker:
         return self.key.uid(uid)
 
     def shift_date(self, value: str) -> str:
-        day = _parse_date(value)
-        return "" if day is None else (day - timedelta(days=self.shift_days)).strftime("%Y%m%d")
+        return _shifted(_parse_date(value), self.shift_days)
 
     def shift_datetime(self, value: str) -> str:
-        day = _parse_date(value[:8])
         # partial datetimes (year or month only) cannot be shifted by days: empty them rather than keep them
-        return "" if day is None else (day - timedelta(days=self.shift_days)).strftime("%Y%m%d") + value[8:]
+        shifted = _shifted(_parse_date(value[:8]), self.shift_days)
+        return shifted + value[8:] if shifted else ""
 
 
 def _with_text(raw: RawDataElement, text: str, padding: str) -> RawDataElement:
     data = (text + padding * (len(text) % 2)).encode(default_encoding)
     return raw._replace(value=data, length=len(data))
+
+
+def _shifted(day: date | None, days: int) -> str:
+    """`day` moved `days` back as DA text; empty when there is no date or the shift would pass year 1 (the
+    0001-01-01 placeholder some systems write for 'no date'). isoformat keeps four-digit years below 1000."""
+    if day is None or day.toordinal() <= days:
+        return ""
+    return (day - timedelta(days=days)).isoformat().replace("-", "")
 
 
 def _parse_date(value: str) -> date | None:

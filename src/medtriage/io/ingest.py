@@ -224,8 +224,7 @@ def ingest_site(
         raise ConfigError(f"invalid site name {site!r}", hint="use a short name such as site_a")
     site_dir, ledger_dir = pool / site, ledger_folder(pool, site)
     quarantine = Path(quarantine).resolve() if quarantine else pool.parent / f"{pool.name}-quarantine" / site
-    if quarantine.is_relative_to(pool):
-        raise ConfigError("the quarantine holds identifiable originals and must not be inside the pool", where=quarantine)
+    _check_folders(src, pool, quarantine)
     labels = read_site_labels(src / LABELS_FILE)  # a labels file that cannot be used stops the run before it starts
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     started = time.time()
@@ -244,6 +243,17 @@ def ingest_site(
     summary.labels = write_pool_labels(labels, site_dir / LABELS_FILE, [r for r in rows if r["outcome"] == "pooled"], key)
     summary.log_path = str(_write_log(ledger_dir, summary, options, workers, started))
     return summary
+
+
+def _check_folders(src: Path, pool: Path, quarantine: Path) -> None:
+    """Identifiable originals (the site folder, the quarantine) stay out of the pool, and no output lies inside the
+    site folder: the next run would read it back as input and pool every image again under new pseudonyms."""
+    if quarantine.is_relative_to(pool):
+        raise ConfigError("the quarantine holds identifiable originals and must not be inside the pool", where=quarantine)
+    if src.is_relative_to(pool) or pool.is_relative_to(src):
+        raise ConfigError("the site folder and the pool must not be inside one another", where=pool)
+    if quarantine.is_relative_to(src):
+        raise ConfigError("the quarantine must not be inside the site folder (a rerun would ingest it)", where=quarantine)
 
 
 def ledger_folder(pool: str | Path, site: str) -> Path:
@@ -478,7 +488,7 @@ def register(subparsers) -> None:
     p.add_argument("src", metavar="SRC", help="the site's DICOM export folder (labels.csv at its top, optional)")
     p.add_argument("--site", required=True, help="site name, e.g. site_a")
     p.add_argument("--into", required=True, metavar="POOL", help="pool folder (what leaves the site)")
-    p.add_argument("--secret-file", help="the site's secret key file (else $MEDTRIAGE_SITE_SECRET); never put it in the pool")
+    p.add_argument("--secret-file", help="the site's secret key file (else $MEDTRIAGE_SITE_SECRET); keep it outside the pool and SRC")
     p.add_argument("--quarantine", help="where originals that cannot be pooled go (default: POOL-quarantine/SITE)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument(
@@ -492,9 +502,11 @@ def register(subparsers) -> None:
 
 
 def _run_ingest(args) -> int:
-    pool = Path(args.into).resolve()
-    if args.secret_file and Path(args.secret_file).resolve().is_relative_to(pool):
+    pool, secret = Path(args.into).resolve(), Path(args.secret_file).resolve() if args.secret_file else None
+    if secret and secret.is_relative_to(pool):
         raise ConfigError("the site secret must not live inside the pool", where=args.secret_file)
+    if secret and secret.is_relative_to(Path(args.src).resolve()):  # it would be ingested: copied to quarantine
+        raise ConfigError("the site secret must not live inside the site folder", where=args.secret_file)
     options = DeidOptions(modified_dates=not args.no_modified_dates, retain_characteristics=tuple(k for k in args.retain.split(",") if k))
     summary = ingest_site(
         args.site,
