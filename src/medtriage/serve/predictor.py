@@ -58,6 +58,7 @@ class Rejection:
     code: str | None = None  # machine-readable cause where there is one: out_of_scope, unusual_input
     field: str | None = None  # the scope field that failed
     withheld: list | None = None  # scores computed but not given (unusual input): for the drift monitor only
+    hint: str | None = None  # what to do about it, where the error says
 
     @classmethod
     def of(cls, name: str, err: Exception) -> Rejection:
@@ -68,10 +69,11 @@ class Rejection:
             getattr(err, "code", None),
             getattr(err, "field", None),
             getattr(err, "withheld", None),
+            getattr(err, "hint", None),
         )
 
     def as_dict(self) -> dict:
-        shown = {"file": self.file, "reason": self.reason, "error": self.error, "code": self.code, "field": self.field}
+        shown = {"file": self.file, "reason": self.reason, "error": self.error, "code": self.code, "field": self.field, "hint": self.hint}
         return {"status": "rejected", **{k: v for k, v in shown.items() if v is not None or k in ("file", "reason", "error")}}
 
 
@@ -126,6 +128,17 @@ def _frame_means(image: DecodedImage, pixels: np.ndarray) -> list[float]:
     return [float(frame.mean()) for frame in pixels]
 
 
+def _require_finite(frame_means: list[float], where: str) -> None:
+    """Refuse pixels with NaN or infinity (float pixel data, a broken rescale): the graph would return a NaN
+    probability, which every threshold reads as routine. One such pixel makes its frame's mean non-finite."""
+    if not np.isfinite(frame_means).all():
+        raise InputError(
+            "decoded pixels include NaN or infinite values",
+            where=where,
+            hint="the stored pixel values or their rescale/window attributes are invalid; export the image again from the source system",
+        )
+
+
 class Predictor:
     """A loaded package plus its ORT session; thread-safe (ORT sessions allow concurrent `run`)."""
 
@@ -170,11 +183,12 @@ class Predictor:
         unusual ones after it (OutOfScopeError, UnusualInputError), unless allow_out_of_scope marks them instead."""
         flags = self._scope_flags(image, name)
         pixels = to_model_channels(image.pixels, self.package.channels, name)
+        means = _frame_means(image, pixels)
+        _require_finite(means, name)
         chunks = [self.outputs(pixels[i : i + FRAME_BATCH]) for i in range(0, len(pixels), FRAME_BATCH)]
         probs = np.concatenate([c[0] for c in chunks])
         ood = np.concatenate([c[1] for c in chunks]) if chunks[0][1] is not None else None
         multi = len(probs) > 1
-        means = _frame_means(image, pixels)
         scores = [
             self.score_from_outputs(p, name, i + 1 if multi else None, image, flags, None if ood is None else float(ood[i]), means[i])
             for i, p in enumerate(probs)

@@ -28,6 +28,7 @@ CSV_COLUMNS = [
     "decision",
     "code",
     "field",
+    "hint",
 ]
 
 
@@ -55,7 +56,7 @@ def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejec
         [_file_label(s), s.finding, f"{s.probability:.2f}", s.priority, _decision(s), package.describe(with_sha=i == 0)]
         for i, s in enumerate(scores)
     ]
-    rows += [[Path(r.file).name, "—", "—", "REJECTED", "—", r.reason] for r in rejected]
+    rows += [[Path(r.file).name, "—", "—", "REJECTED", "—", f"{r.reason} ({r.hint})" if r.hint else r.reason] for r in rejected]
     rows = [[_printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]) for row in [header, *rows]]

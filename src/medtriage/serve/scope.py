@@ -16,6 +16,9 @@ from medtriage.io.dicom import DecodedImage
 
 log = logging.getLogger(__name__)
 OUT_OF_SCOPE, UNUSUAL_INPUT = "out_of_scope", "unusual_input"
+# Bounds that hold whatever a scope lists, because the graph squeezes every image into its square input: a strip
+# (a stitched spine, a sliver cut from a film) arrives distorted beyond reading, and a few pixels carry no picture.
+MIN_SIDE, MAX_ASPECT_RATIO = 16, 3.0
 
 
 class OutOfScopeError(InputError):
@@ -53,6 +56,8 @@ class UnusualInputError(InputError):
 def describe_allowed(allowed) -> str:
     if isinstance(allowed, dict):  # a range
         low, high = allowed.get("min"), allowed.get("max")
+        if low is None:
+            return f"at most {high}"
         if high is None:
             return f"at least {low}"
         return f"within [{low}, {high}]"
@@ -81,6 +86,7 @@ def header_facts(image: DecodedImage) -> dict:
         "view_position": image.view_position or None,
         "rows": image.rows,
         "columns": image.columns,
+        "aspect_ratio": round(max(image.rows, image.columns) / max(min(image.rows, image.columns), 1), 2),
         "pixel_spacing": tuple(image.pixel_spacing) if image.pixel_spacing else None,
     }
 
@@ -96,12 +102,14 @@ CHECKS = (
     ("bits_stored", "bits_stored", "range"),
     ("rows", "min_rows", "minimum"),
     ("columns", "min_columns", "minimum"),
+    ("aspect_ratio", "max_aspect_ratio", "maximum"),
     ("pixel_spacing", "pixel_spacing_mm", "range"),
 )
 
 
 def first_failure(scope: dict, facts: dict) -> ScopeFailure | None:
     """The first fact outside `scope`, or None when the image fits. Absent facts and unset scope keys pass."""
+    scope = with_structural_bounds(scope)
     for fact, key, kind in CHECKS:
         allowed, value = scope.get(key), facts.get(fact)
         if allowed is None or value is None:
@@ -110,9 +118,21 @@ def first_failure(scope: dict, facts: dict) -> ScopeFailure | None:
             return ScopeFailure(fact, value, list(allowed))
         if kind == "minimum" and value < allowed:
             return ScopeFailure(fact, value, {"min": allowed})
+        if kind == "maximum" and value > allowed:
+            return ScopeFailure(fact, value, {"max": allowed})
         if kind == "range" and not all(allowed[0] <= v <= allowed[1] for v in _values(value)):
             return ScopeFailure(fact, value, {"min": allowed[0], "max": allowed[1]})
     return None
+
+
+def with_structural_bounds(scope: dict) -> dict:
+    """`scope` with the size and shape bounds every image must meet; a scope's own larger minimum still holds."""
+    return {
+        **scope,
+        "min_rows": max(scope.get("min_rows") or 0, MIN_SIDE),
+        "min_columns": max(scope.get("min_columns") or 0, MIN_SIDE),
+        "max_aspect_ratio": MAX_ASPECT_RATIO,
+    }
 
 
 def _values(value) -> tuple:
