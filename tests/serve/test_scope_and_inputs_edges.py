@@ -7,6 +7,7 @@ Each case is a real pydicom test file, edited the way a misbehaving export or a 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -17,6 +18,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from medtriage.errors import InputError
 from medtriage.io.dicom import read_dicom
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection
@@ -81,17 +83,25 @@ def cr_crop(rows: slice, columns: slice, name: str = "RG1_UNCR.dcm") -> bytes:
 )
 def test_pixels_that_are_not_finite_are_refused_before_inference(predictor, monkeypatch, make):
     """A NaN probability is below every threshold: the image would be filed as routine, and the JSON report would
-    carry a NaN no strict parser reads."""
+    carry a NaN no strict parser reads. The decoder refuses such pixels (training and ingest read them too)."""
     monkeypatch.setattr(predictor, "outputs", no_inference)
     outcome = predictor.score_or_reject(make(), "float.dcm")
     assert isinstance(outcome, Rejection), outcome
-    assert outcome.error == "InputError" and "NaN or infinite" in outcome.reason
+    assert outcome.error == "DicomError" and "NaN or infinite" in outcome.reason and outcome.hint
     json.dumps(result_document(predictor, [], [outcome]), allow_nan=False)
 
 
-def test_the_ood_screen_does_not_let_a_nan_through(safe_predictor):
-    outcome = safe_predictor.score_or_reject(float_pixels(np.nan), "float.dcm")
-    assert isinstance(outcome, Rejection) and "NaN or infinite" in outcome.reason
+def test_decoded_pixels_that_are_not_finite_never_reach_the_model(predictor, safe_predictor, monkeypatch):
+    """Pixels handed over already decoded (score_decoded) are checked too; the OOD screen cannot catch a NaN, whose
+    score is never above any threshold."""
+    decoded = read_dicom(get_testdata_file("CT_small.dcm"))
+    pixels = decoded.pixels.copy()
+    pixels[0, 0, 10, 10] = np.nan
+    image = dataclasses.replace(decoded, pixels=pixels, frame_means=None)  # as another decoder might hand it over
+    for scorer in (predictor, safe_predictor):
+        monkeypatch.setattr(scorer, "outputs", no_inference)
+        with pytest.raises(InputError, match="NaN or infinite"):
+            scorer.score_decoded(image, "float.dcm")
 
 
 @pytest.mark.parametrize(

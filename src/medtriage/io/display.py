@@ -121,7 +121,8 @@ def _rescale(ds: pydicom.Dataset, allocated: int) -> tuple[float, float, tuple[f
     bits = int(ds.get("BitsStored") or allocated)
     signed = int(ds.get("PixelRepresentation") or 0) == 1
     low, high = (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
-    slope, intercept = float(_attribute(ds, "RescaleSlope") or 1.0), float(_attribute(ds, "RescaleIntercept") or 0.0)
+    slope = _finite(_attribute(ds, "RescaleSlope") or 1.0, "Rescale Slope")
+    intercept = _finite(_attribute(ds, "RescaleIntercept") or 0.0, "Rescale Intercept")
     if (slope, intercept) != (1.0, 0.0):
         low, high = sorted((low * slope + intercept, high * slope + intercept))
     return slope, intercept, (low, high)
@@ -141,9 +142,17 @@ def _window_values(ds: pydicom.Dataset) -> tuple[float, float, str] | None:
     center, width = _attribute(ds, "WindowCenter"), _attribute(ds, "WindowWidth")
     if center is None or width is None or center == "" or width == "":
         return None
-    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
+    first = lambda v, name: _finite(v[0] if isinstance(v, pydicom.multival.MultiValue) else v, name)  # noqa: E731
     function = str(_attribute(ds, "VOILUTFunction") or "LINEAR").upper()
-    return first(center), first(width), function
+    return first(center, "Window Center"), first(width, "Window Width"), function
+
+
+def _finite(value, name: str) -> float:
+    """A header number as float: NaN or infinity would make every pixel NaN."""
+    number = float(value)
+    if not np.isfinite(number):
+        raise ValueError(f"{name} is NaN or infinite ({value!r})")
+    return number
 
 
 # Enhanced multi-frame objects (Enhanced CT/MR/XA...) keep rescale and window in functional group macros, not at the top.
@@ -257,7 +266,10 @@ def _apply_window(values: np.ndarray, center: float, width: float, function: str
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:
+    """Float pixel data scaled by its own range; NaN or infinity would spread to every pixel."""
     low, high = float(values.min()), float(values.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError("float pixel data holds NaN or infinite values")
     values -= low
     values *= 1.0 / max(high - low, 1e-12)
     return values
