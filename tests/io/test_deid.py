@@ -241,10 +241,24 @@ def test_site_secret_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
         load_site_key()
     assert "token_hex" in str(err.value)
     (tmp_path / "site.key").write_text("f" * 64 + "\n")
+    (tmp_path / "site.key").chmod(0o600)
     assert load_site_key(tmp_path / "site.key").pseudonym("|x") == SiteKey(b"f" * 64).pseudonym("|x")
     monkeypatch.setenv("MEDTRIAGE_SITE_SECRET", "short")
     with pytest.raises(ConfigError, match="too short"):
         load_site_key()
+
+
+def test_a_site_secret_that_other_users_can_read_is_refused(tmp_path):
+    """With the secret, anyone can confirm which patient ID gave a pseudonym and undo the date shifts."""
+    key = tmp_path / "site.key"
+    key.write_text("f" * 64 + "\n")
+    for mode in (0o644, 0o640, 0o604):
+        key.chmod(mode)
+        with pytest.raises(ConfigError, match="can be read by other users") as err:
+            load_site_key(key)
+        assert "chmod 600" in str(err.value)
+    key.chmod(0o400)
+    assert load_site_key(key).pseudonym("|x") == SiteKey(b"f" * 64).pseudonym("|x")
 
 
 def test_dcmdump_reads_the_output(need_tool, tmp_path, phi_site):

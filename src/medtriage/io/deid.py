@@ -21,6 +21,7 @@ import hmac
 import importlib
 import io
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -180,7 +181,7 @@ class SiteKey:
         if len(secret) < 16:
             raise ConfigError(
                 "site secret is too short (need at least 16 bytes)",
-                hint='make one with: python -c "import secrets; print(secrets.token_hex(32))" > site.key',
+                hint='make one with: (umask 077; python -c "import secrets; print(secrets.token_hex(32))" > site.key)',
             )
         if max_shift_days < 1:
             raise ConfigError(f"max_shift_days must be >= 1, got {max_shift_days}")
@@ -217,19 +218,32 @@ class SiteKey:
 def load_site_key(secret_file: str | Path | None = None, *, max_shift_days: int = 3650) -> SiteKey:
     """The site secret from a file (preferred) or the MEDTRIAGE_SITE_SECRET environment variable."""
     hint = (
-        f'create one once and keep it at the site: python -c "import secrets; print(secrets.token_hex(32))" > site.key; '
+        f'create one once and keep it at the site: (umask 077; python -c "import secrets; print(secrets.token_hex(32))" > site.key); '
         f"then pass --secret-file site.key or set {SECRET_ENV}"
     )
     if secret_file is not None:
         path = Path(secret_file)
         if not path.is_file():
             raise ConfigError("site secret file not found", where=path, hint=hint)
+        _check_private(path)
         secret = path.read_bytes().strip()
     elif os.environ.get(SECRET_ENV):
         secret = os.environ[SECRET_ENV].strip().encode()
     else:
         raise ConfigError("no site secret given", hint=hint)
     return SiteKey(secret, max_shift_days=max_shift_days)
+
+
+def _check_private(path: Path) -> None:
+    """The secret must be readable by its owner alone: with it, anyone can confirm which patient ID gave a pseudonym
+    (IDs are few enough to try them all) and undo the date shifts (ssh refuses a readable private key likewise)."""
+    mode = path.stat().st_mode
+    if os.name == "posix" and mode & 0o077:
+        raise ConfigError(
+            f"the site secret file can be read by other users (mode {stat.S_IMODE(mode):o})",
+            where=path,
+            hint=f"chmod 600 {path}",
+        )
 
 
 # ---------------------------------------------------------------- applying the profile

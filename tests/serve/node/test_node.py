@@ -48,11 +48,6 @@ PYDICOM_FILES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def predictor(package_dir) -> Predictor:
-    return Predictor(load_package(package_dir), threads=1)
-
-
 def expected_results(predictor: Predictor, paths) -> dict[str, dict[str, dict]]:
     """Study UID -> SOP UID -> the most urgent score of that file, computed here with the same package."""
     studies: dict[str, dict[str, dict]] = {}
