@@ -1,5 +1,6 @@
 """Sizes claimed by a file are bounded before anything is allocated (deflated DICOM, palette colour output, slide
-tiles and thumbnails), and enhanced multi-frame images are rescaled and windowed from their functional groups."""
+tiles and thumbnails), enhanced multi-frame images are rescaled and windowed from their functional groups (frame by
+frame where they differ), and multi-valued header fields read as DICOM writes them."""
 
 from __future__ import annotations
 
@@ -215,3 +216,13 @@ def test_a_scanner_thumbnail_claiming_hundreds_of_megabytes_is_not_decoded(tmp_p
         peak = _peak(lambda: slide.scanner_thumbnail())
         assert slide.scanner_thumbnail() is None
     assert peak < 64 << 20
+
+
+def test_multi_valued_header_fields_read_as_dicom_writes_them():
+    """Not as a Python list's text, which would reach scope messages and the pool manifest."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.ViewPosition, ds.BodyPartExamined = ["PA", "LL"], ["CHEST", "ABDOMEN"]
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    image = read_dicom(buffer.getvalue())
+    assert (image.view_position, image.body_part) == ("PA\\LL", "CHEST\\ABDOMEN")

@@ -252,7 +252,7 @@ def _transfer_syntax(ds: pydicom.Dataset):
 
 
 def _decoded(ds: pydicom.Dataset, pixels: np.ndarray, frame_means: np.ndarray | None = None, resolution_level: int = 0) -> DecodedImage:
-    text = lambda keyword: str(ds.get(keyword) or "")  # noqa: E731
+    text = lambda keyword: _as_text(ds.get(keyword))  # noqa: E731
     return DecodedImage(
         pixels=pixels,
         sop_uid=text("SOPInstanceUID"),
@@ -274,6 +274,13 @@ def _decoded(ds: pydicom.Dataset, pixels: np.ndarray, frame_means: np.ndarray | 
         frame_means=frame_means,
         resolution_level=resolution_level,
     )
+
+
+def _as_text(value) -> str:
+    """A header value as DICOM writes it: several values joined by backslashes, not as a Python list."""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value or "")
 
 
 def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
