@@ -15,7 +15,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from medtriage.cli import main as cli_main
 from medtriage.errors import ConfigError
 from medtriage.io.deid import SiteKey, deidentify
-from medtriage.io.ingest import ingest_site
+from medtriage.io.ingest import ingest_site, ingest_sites
 from tests.io.phi_site import build_phi_site
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
@@ -83,3 +83,13 @@ def test_a_secret_kept_in_the_site_folder_is_refused_not_copied_to_quarantine(tm
     assert code == 2 and "site folder" in capsys.readouterr().err
     copies = [p for p in tmp_path.rglob("*") if p.is_file() and p != secret and p.read_bytes() == secret.read_bytes()]
     assert not copies
+
+
+def test_a_pool_among_the_site_folders_is_refused_before_any_site_is_ingested(tmp_path):
+    """The pool would be read as one more site; found at its turn, the sites before it would already be pooled."""
+    for site in ("site_a", "site_b"):
+        build_phi_site(tmp_path / "sites" / site)
+    pool = tmp_path / "sites" / "site_c_pool"
+    with pytest.raises(ConfigError, match="must not be inside one another"):
+        ingest_sites(tmp_path / "sites", pool, create_keys=True, progress=False)
+    assert not pool.exists() and not (tmp_path / "sites" / ".keys").exists()

@@ -442,6 +442,8 @@ def ingest_sites(
     keys_dir = Path(keys_dir).resolve() if keys_dir else sites_dir / ".keys"
     if keys_dir.is_relative_to(pool):
         raise ConfigError("site keys must not live inside the pool", where=keys_dir)
+    if pool.is_relative_to(sites_dir) or sites_dir.is_relative_to(pool):  # before any site is ingested, not at the pool's turn
+        raise ConfigError("the site folders and the pool must not be inside one another", where=pool)
     folders = sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     summaries = []
     for folder in folders:
