@@ -1,6 +1,6 @@
 """Sizes claimed by a file are bounded before anything is allocated (deflated DICOM, palette colour output, slide
 tiles and thumbnails), enhanced multi-frame images are rescaled and windowed from their functional groups (frame by
-frame where they differ), and multi-valued header fields read as DICOM writes them."""
+frame where they differ), multi-valued header fields read as DICOM writes them, and a slide left unclosed gives back its descriptors."""
 
 from __future__ import annotations
 
@@ -226,3 +226,23 @@ def test_multi_valued_header_fields_read_as_dicom_writes_them():
     ds.save_as(buffer)
     image = read_dicom(buffer.getvalue())
     assert (image.view_position, image.body_part) == ("PA\\LL", "CHEST\\ABDOMEN")
+
+
+def test_a_slide_dropped_without_close_gives_its_file_descriptors_back():
+    """A caller that forgets `close()` (or loses the slide to an exception) must not leak a descriptor per slide."""
+    import gc
+    import os
+
+    from tests.conftest import SAMPLES
+
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.collect()
+    before = open_descriptors()
+    for _ in range(5):
+        slide = open_slide(SAMPLES / "CMU-1-Small-Region.svs")
+        slide.thumbnail(64)
+        del slide
+    gc.collect()
+    assert open_descriptors() == before

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,6 +211,7 @@ class Slide(_Levels):
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         self.mpp = self._resolve_mpp(mpp)
         self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd_closer = weakref.finalize(self, os.close, self._fd)  # a slide dropped unclosed still gives it back
         self._check_not_truncated()
         self._check_chunk_sizes()
         self._fast_levels = [_fast_path_ok(level.keyframe) for level in self._levels]  # tifffile page flags are not cheap
@@ -288,7 +290,7 @@ class Slide(_Levels):
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            self._fd_closer()
             self._fd = None
         self._slide.close()
 
