@@ -33,9 +33,17 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str, target: 
     if len(np.unique(labels)) < 2:
         raise InputError("validation split holds a single class; no threshold can be chosen", hint="check the split of the pool")
     fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
-    # sklearn prepends an `inf` threshold (nothing positive); it is never a usable operating point.
-    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
-    index = _pick(rule, target, tpr, 1.0 - fpr)
+    # sklearn's first point flags nothing (threshold inf). Only a specificity target may need it - when negatives hold
+    # the top score - and then as the least threshold above every score, so that the target is kept, not missed.
+    top = np.asarray(scores).dtype.type(thresholds[1])  # step in the scores' own precision, so they compare below it
+    thresholds[0] = np.nextafter(top, top.dtype.type(np.inf))
+    first = 0 if rule == "specificity" else 1
+    index = first + _pick(rule, target, tpr[first:], 1.0 - fpr[first:])
+    if thresholds[index] > 1.0:
+        raise InputError(
+            f"no threshold in [0, 1] keeps specificity >= {target}: validation negatives score 1.0",
+            hint="lower the specificity target, or calibrate so that scores do not saturate",
+        )
     return OperatingPoint(rule, None if rule == "youden" else target, float(thresholds[index]), float(tpr[index]), float(1.0 - fpr[index]))
 
 
@@ -47,8 +55,7 @@ def _pick(rule: str, target: float | None, sensitivity: np.ndarray, specificity:
         raise ConfigError(f"rule '{rule}' needs a target in (0, 1], got {target}", where="export")
     if rule == "sensitivity":
         return int(np.flatnonzero(sensitivity >= target)[0])  # highest threshold that reaches it
-    reaching = np.flatnonzero(specificity >= target)
-    return int(reaching[-1]) if len(reaching) else 0  # lowest threshold that keeps it
+    return int(np.flatnonzero(specificity >= target)[-1])  # lowest threshold that keeps it
 
 
 def priority_thresholds(review: OperatingPoint, urgent: OperatingPoint | None) -> dict:
