@@ -130,7 +130,10 @@ def _with_type2_attributes(source: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
-    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=generate_uid(), name="medtriage", model_name=package.name)
+    # The observer is this software running this model: the same UID in every report it makes, so a PACS can
+    # tell its reports from others' (a fresh UID per report would be a new device each time).
+    device_uid = generate_uid(entropy_srcs=["medtriage device observer", package.name, package.sha256])
+    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=device_uid, name="medtriage", model_name=package.name)
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
     )
