@@ -9,6 +9,7 @@ import httpx
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
 
 from medtriage.serve.http import create_app
 from medtriage.serve.node.header import read_identity
@@ -110,5 +111,30 @@ def test_the_page_runs_under_its_policy_and_shows_header_values_as_text(live_ser
     cells = page.eval_on_selector_all("#worklist tbody td", "cells => cells.map(c => c.textContent)")
     assert HOSTILE["PatientID"] in cells and HOSTILE["AccessionNumber"] in cells
     assert HOSTILE["StudyDescription"][:100] in page.text_content("#detail-fields")
-    assert page.evaluate("window.pwned") is None and page.evaluate("window.violations") == []
+    assert page.evaluate("() => window.pwned") is None and page.evaluate("() => window.violations") == []
     assert page.eval_on_selector_all("#detail-fields b, #worklist img", "nodes => nodes.length") == 0
+
+
+def test_an_urgent_study_stays_listed_when_newer_routine_studies_arrive(predictor, chest_files, monkeypatch):
+    """The list shows the newest N studies: N less urgent arrivals would otherwise push an unread URGENT study off it."""
+    from medtriage.serve.node import store
+
+    by_priority = {path: predictor.priority(p) for path, p in chest_files["p"].items()}
+    urgent = next(path for path in reversed(chest_files["by_p"]) if by_priority[path] == "URGENT")
+    calm = chest_files["by_p"][0]  # the least suspicious file, and a copy of it as another study
+    assert by_priority[calm] != "URGENT"
+    later = [
+        ("calm.dcm", calm.read_bytes()),
+        ("calm-again.dcm", edited(calm, StudyInstanceUID=generate_uid(), SOPInstanceUID=generate_uid())),
+    ]
+    client = TestClient(create_app(predictor, token=TOKEN, worklist_size=1))
+    for name, data in [(urgent.name, urgent.read_bytes()), *later]:
+        assert upload(client, name, data).status_code == 200
+    body = client.get("/v1/worklist", headers=AUTH).json()
+    assert sorted(e["file"] for e in body["entries"]) == sorted([urgent.name, "calm-again.dcm"]) and body["evicted"] == 1
+    shown_urgent = next(e for e in body["entries"] if e["file"] == urgent.name)
+    assert client.get(shown_urgent["overlay"], headers=AUTH).status_code == 200
+
+    monkeypatch.setattr(store, "URGENT_KEPT_S", -60)  # as if a day had passed
+    body = client.get("/v1/worklist", headers=AUTH).json()
+    assert [e["file"] for e in body["entries"]] == ["calm-again.dcm"] and body["evicted"] == 2

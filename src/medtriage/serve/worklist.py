@@ -5,7 +5,7 @@ uploads to POST /v1/score. With a state folder (`serve --state DIR`, the same fo
 list survives restarts; without one the store is in memory. A study's state is received (instances
 arriving or queued), scored, delivered (its SR reached the PACS), failed (with the reason; deliveries
 are retried) or not analysed (out of scope or rejected, with the reason; no SR is sent). The page
-shows the newest `capacity` studies. The occlusion overlay of a study's most urgent image is drawn
+shows the newest `capacity` studies and every URGENT study of the last day beyond them. The occlusion overlay of a study's most urgent image is drawn
 the first time someone opens it (from the spooled file, or an upload's display copy) and kept.
 
 GET  /worklist                        the page (static HTML; its data calls carry the bearer token)
@@ -63,7 +63,8 @@ class Worklist:
 
     @property
     def evicted(self) -> int:
-        return max(0, self.store.studies(0)[1] - self.capacity)  # older studies stay in the store, off the page
+        shown, total = self.store.studies(self.capacity)
+        return total - len(shown)  # older studies stay in the store, off the page
 
     def score_or_reject(self, data: bytes, name: str) -> list[Score] | Rejection:
         """Predictor.score_or_reject on one uploaded file, recording what it scored (one decode)."""
@@ -143,7 +144,10 @@ class Worklist:
         is_row_number = entry_id.isascii() and entry_id.isdigit() and len(entry_id) <= 18
         study = self.store.study_by_id(int(entry_id), self.capacity) if is_row_number else None
         if study is None:
-            raise HTTPException(404, f"no worklist entry '{entry_id}' (the list shows the newest {self.capacity} studies)")
+            raise HTTPException(
+                404,
+                f"no worklist entry '{entry_id}' (the list shows the newest {self.capacity} studies and the urgent ones of the last day)",
+            )
         return study
 
     def _top(self, study) -> tuple[dict | None, list[dict], object]:

@@ -324,12 +324,12 @@ def test_the_worklist_page_shows_the_nodes_study_states(listener, package_dir, n
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 720})
             page.goto(f"http://127.0.0.1:{port}/worklist")
-            page.wait_for_function("document.querySelectorAll('#worklist tbody tr').length > 1")
+            page.wait_for_function("() => document.querySelectorAll('#worklist tbody tr').length > 1")
             states = page.eval_on_selector_all("#worklist tbody tr", "rows => rows.map(r => r.dataset.state)")
             assert {"delivered", "not analysed"} <= set(states)
             assert states.index("not analysed") > max(i for i, s in enumerate(states) if s == "delivered")  # scored first
             page.click("#worklist tbody tr[data-state='not analysed']")
-            page.wait_for_function("document.getElementById('detail-fields').textContent.includes('Reason')")
+            page.wait_for_function("() => document.getElementById('detail-fields').textContent.includes('Reason')")
             assert "instance(s)" in page.text_content("#detail-fields")  # the rejection reasons
             browser.close()
     finally:

@@ -44,6 +44,11 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
 CREATE TABLE IF NOT EXISTS overlays (sop_uid TEXT PRIMARY KEY, png BLOB NOT NULL, saliency TEXT);
 """
 DB_FILE, SPOOL_DIR, OUTBOX_DIR, INCOMING_DIR = "node.sqlite", "spool", "outbox", "incoming"
+URGENT_KEPT_S = 24 * 3600  # an URGENT study stays listed this long, however many studies arrive after it
+SHOWN_STUDIES = (
+    "SELECT * FROM studies WHERE id IN (SELECT id FROM studies ORDER BY last_received DESC, id DESC LIMIT ?) "
+    "OR (priority = 'URGENT' AND last_received >= ?) ORDER BY last_received DESC, id DESC"
+)
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
 
 
@@ -324,15 +329,14 @@ class NodeStore:
     # --- the worklist ----------------------------------------------------------------------------
 
     def studies(self, limit: int) -> tuple[list[sqlite3.Row], int]:
-        """The newest `limit` studies and how many studies there are in all."""
+        """The newest `limit` studies with every URGENT study of the last `URGENT_KEPT_S` beyond them (routine arrivals
+        must not push an urgent study off the list), newest first, and how many studies there are in all."""
         total = self._execute("SELECT COUNT(*) AS n FROM studies")[0]["n"]
-        rows = self._execute("SELECT * FROM studies ORDER BY last_received DESC, id DESC LIMIT ?", (limit,))
-        return rows, total
+        return self._execute(SHOWN_STUDIES, (limit, time.time() - URGENT_KEPT_S)), total
 
     def study_by_id(self, study_id: int, within_newest: int) -> sqlite3.Row | None:
-        rows = self._execute(
-            "SELECT * FROM (SELECT * FROM studies ORDER BY last_received DESC, id DESC LIMIT ?) WHERE id = ?", (within_newest, study_id)
-        )
+        """The study with that id, if `studies(within_newest)` shows it."""
+        rows = self._execute(f"SELECT * FROM ({SHOWN_STUDIES}) WHERE id = ?", (within_newest, time.time() - URGENT_KEPT_S, study_id))
         return rows[0] if rows else None
 
     def instance(self, sop_uid: str) -> sqlite3.Row | None:
