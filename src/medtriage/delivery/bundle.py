@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,7 +30,7 @@ from medtriage.delivery.wheelhouse import (
     source_root,
     wheel_name_version,
 )
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, PackageError
 from medtriage.format import sha256_file
 
 CHECKSUMS, MANIFEST, SBOM = "SHA256SUMS", "bundle.json", "sbom.cdx.json"
@@ -52,7 +54,9 @@ def build_bundle(
 ) -> Bundle:
     """Write the bundle of `packages` for CPython `python` (default: this one) on `platform` into `out`.
     `wheel`: a built medtriage wheel to ship instead of building one from the source checkout."""
-    out, python = Path(out), python or default_python()
+    out, python = Path(out).resolve(), python or default_python()  # resolved: `--out .` has no name to build beside
+    if out.exists() and not out.is_dir():
+        raise ConfigError("the output path is a file, not a folder", where=out, hint="choose a new --out folder")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("the output folder exists and is not empty", where=out, hint="choose a new --out folder or remove it")
     models = _model_folders(packages)
@@ -60,9 +64,11 @@ def build_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         wheels = _fill(staging, models, python, platform, wheel)
+        _sync_tree(staging)  # on disk before the bundle takes its name and the build reports success
         if out.exists():
             out.rmdir()  # empty, checked above
         staging.rename(out)
+        _sync_folder(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed build (no network, pip error) leaves no half bundle
         raise
@@ -74,9 +80,13 @@ def _fill(staging: Path, models: dict[str, Path], python: str, platform: str, wh
     wheels_dir = staging / "wheels"
     own = _own_wheel(wheel, wheels_dir)
     wheels = download_dependencies(own, wheels_dir, python, platform)
+    _step(f"copying and verifying {len(models)} model package(s)")
     for name, source in models.items():
         shutil.copytree(source, staging / "models" / name, ignore=shutil.ignore_patterns(".*"))
+    # The copies are what ships: verified again, as the sources may have changed during the download.
+    models = {name: _verified_copy(staging / "models" / name, source) for name, source in models.items()}
     root = source_root()
+    _step("writing the SBOM (cyclonedx-py) and SHA256SUMS")
     unlicensed = write_sbom(wheels, staging / SBOM, root / "pyproject.toml" if root else None)
     write_templates(staging, template_values(python, platform, wheels, list(models), unlicensed))
     (staging / MANIFEST).write_text(json.dumps(_manifest(python, platform, wheels, models, unlicensed), indent=2) + "\n")
@@ -104,11 +114,26 @@ def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
     return folders
 
 
+def _verified_copy(copy: Path, source: Path) -> Path:
+    from medtriage.serve.package import load_package
+
+    try:
+        load_package(copy)
+    except PackageError as err:
+        raise PackageError(
+            f"the copy of this package in the bundle fails its check: {err.reason}",
+            where=source,
+            hint="the package changed while the bundle was built; build the bundle again once it is complete",
+        ) from err
+    return copy
+
+
 def _own_wheel(wheel: str | Path | None, wheels_dir: Path) -> Path:
     if wheel is None:
+        _step("building the medtriage wheel from the source checkout")
         return build_medtriage_wheel(wheels_dir)
     wheel = Path(wheel)
-    if not wheel.is_file() or wheel_name_version(wheel) != ("medtriage", medtriage.__version__):
+    if not (wheel.is_file() and zipfile.is_zipfile(wheel)) or _name_version(wheel) != ("medtriage", medtriage.__version__):
         raise ConfigError(
             f"not a medtriage {medtriage.__version__} wheel",
             where=wheel,
@@ -116,6 +141,12 @@ def _own_wheel(wheel: str | Path | None, wheels_dir: Path) -> Path:
         )
     wheels_dir.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copy(wheel, wheels_dir))
+
+
+def _name_version(wheel: Path) -> tuple[str, str] | None:
+    """(name, version) of a file named like a wheel; None for any other name."""
+    parts = wheel.name.split("-")
+    return (parts[0], parts[1]) if wheel.suffix == ".whl" and len(parts) >= 5 else None
 
 
 def template_values(python: str, platform: str, wheels: list[Path], models: list[str], unlicensed: list[str]) -> dict[str, str]:
@@ -177,3 +208,27 @@ def write_checksums(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
     lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
     (folder / CHECKSUMS).write_text("".join(lines))
+
+
+def _step(text: str) -> None:
+    """One line on stderr per step of the build: the steps other than the download show no progress of their own."""
+    print(f"bundle: {text}", file=sys.stderr, flush=True)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, the folder itself last."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as file:
+                os.fsync(file.fileno())
+        elif path.is_dir():
+            _sync_folder(path)
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

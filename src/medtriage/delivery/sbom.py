@@ -33,29 +33,35 @@ def write_sbom(wheels: list[Path], out_file: Path, pyproject: Path | None) -> li
     """Write the SBOM of `wheels` to `out_file` (`pyproject`: the root component, when building from a
     checkout); it is checked against the CycloneDX schema first. Returns the names of the wheels whose
     metadata declares no licence."""
-    from packaging.utils import canonicalize_name
-
     document = _generate(wheels, pyproject)
-    by_name = {canonicalize_name(wheel_name_version(w)[0]): w for w in wheels}
+    by_key = {_key(*wheel_name_version(w)): w for w in wheels}  # by version too: a wheelhouse may hold two of one name
     root = document.get("metadata", {}).get("component")
     listed, unlicensed = set(), []
     for component in [*([root] if root else []), *document.get("components", [])]:
-        wheel = by_name.get(canonicalize_name(component["name"]))
+        key = _key(component["name"], component.get("version", ""))
+        wheel = by_key.get(key)
         if wheel is None:
-            raise BuildError(f"the SBOM generator listed '{component['name']}', which is no wheel of the bundle", where=out_file)
-        listed.add(canonicalize_name(component["name"]))
+            raise BuildError(f"the SBOM generator listed '{' '.join(key)}', which is no wheel of the bundle", where=out_file)
+        listed.add(key)
         component["hashes"] = [{"alg": "SHA-256", "content": sha256_file(wheel)}]
         if not component.get("licenses"):
             component["licenses"] = named_licences(wheel)
         if not component["licenses"]:
             del component["licenses"]
             unlicensed.append(wheel_name_version(wheel)[0])
-    if set(by_name) - listed:
-        raise BuildError(f"the SBOM generator missed {', '.join(sorted(set(by_name) - listed))}", where=out_file)
+    if set(by_key) - listed:
+        raise BuildError(f"the SBOM generator missed {', '.join(' '.join(k) for k in sorted(set(by_key) - listed))}", where=out_file)
     text = json.dumps(document, indent=2) + "\n"
     validate(text)
     out_file.write_text(text)
     return sorted(unlicensed)
+
+
+def _key(name: str, version: str) -> tuple[str, str]:
+    """A distribution as both a wheel's file name and its metadata spell it."""
+    from packaging.utils import canonicalize_name, canonicalize_version
+
+    return canonicalize_name(name), canonicalize_version(version)
 
 
 def named_licences(wheel: Path) -> list[dict]:

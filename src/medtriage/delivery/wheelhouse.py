@@ -22,6 +22,7 @@ PYTHONS = ("3.10", "3.11", "3.12")
 DEFAULT_PLATFORM = "manylinux_2_28_x86_64"  # glibc 2.28: RHEL/Rocky 8+, Debian 10+, Ubuntu 20.04+; onnxruntime needs it
 _LEGACY_MANYLINUX = {"manylinux2014": (2, 17), "manylinux2010": (2, 12), "manylinux1": (2, 5)}
 _SOURCE_FILES = ("pyproject.toml", "README.md")  # with src/: what `pip wheel` needs to build medtriage
+METADATA_MAX = 16 * 1024 * 1024  # bytes of a wheel's METADATA (a long description included); more is not a wheel's
 
 
 class BuildError(MedTriageError):
@@ -147,9 +148,20 @@ def _requires_dist(wheel: Path) -> list[str]:
 
 def wheel_metadata(wheel: Path) -> Message:
     """The core metadata (`*.dist-info/METADATA`) of a wheel file."""
-    with zipfile.ZipFile(wheel) as archive:
-        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
-        return HeaderParser().parsestr(archive.read(name).decode("utf-8"))
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return HeaderParser().parsestr(archive.read(_metadata_entry(archive, wheel)).decode("utf-8"))
+    except (zipfile.BadZipFile, UnicodeDecodeError) as err:
+        raise BuildError(f"the wheel cannot be read: {err}", where=wheel, hint="download or build the wheel again") from err
+
+
+def _metadata_entry(archive: zipfile.ZipFile, wheel: Path) -> zipfile.ZipInfo:
+    info = next((i for i in archive.infolist() if i.filename.endswith(".dist-info/METADATA") and i.filename.count("/") == 1), None)
+    if info is None:
+        raise BuildError("the wheel has no *.dist-info/METADATA", where=wheel, hint="download or build the wheel again")
+    if info.file_size > METADATA_MAX:  # the size the archive claims, checked before anything is unpacked
+        raise BuildError(f"the wheel's METADATA claims {info.file_size} bytes, more than {METADATA_MAX}", where=wheel)
+    return info
 
 
 def _pip_download(requirements: list[str], out_dir: Path, python: str, tags: list[str]) -> None:

@@ -2,26 +2,38 @@
 # Installs MedTriage @VERSION@ from this folder without a network: every file is checked against
 # SHA256SUMS first, then pip installs from wheels/ only (--no-index).
 #
-#   ./install.sh [PREFIX]        default PREFIX: /opt/medtriage
+#   ./install.sh [PREFIX]        default PREFIX: /opt/medtriage (absolute; letters, digits, / . _ - only)
 #   PYTHON=/usr/bin/python@PYTHON@ ./install.sh     to choose the interpreter (it must be Python @PYTHON@)
 set -eu
 
 HERE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 PREFIX=${1:-/opt/medtriage}
 PYTHON=${PYTHON:-python@PYTHON@}
-cd "$HERE"
 
 fail() { echo "install.sh: error: $*" >&2; exit 1; }
+
+# The units get PREFIX in their ExecStart (through sed): systemd wants an absolute path without spaces or
+# specifiers, and a relative one would be taken from the bundle folder, not from where this was started.
+case "$PREFIX" in
+    /*) ;;
+    *) fail "PREFIX '$PREFIX' is not an absolute path. Nothing was installed. Give one such as /opt/medtriage." ;;
+esac
+case "$PREFIX" in
+    *[!A-Za-z0-9/._-]*) fail "PREFIX '$PREFIX' holds characters other than letters, digits, '/', '.', '_' and '-'," \
+        "which the systemd units cannot carry. Nothing was installed. Choose a plain path such as /opt/medtriage." ;;
+esac
+cd "$HERE"
 
 echo "checking every file of the bundle against SHA256SUMS"
 sha256sum --check --strict --quiet SHA256SUMS ||
     fail "the files named above do not match SHA256SUMS: the bundle was changed or damaged after it was built." \
          "Nothing was installed. Copy the bundle again from its source."
-# A file SHA256SUMS does not list is refused too: pip would install an extra wheel it finds in wheels/.
+# Anything SHA256SUMS does not list is refused too, links included: pip would install an extra wheel (or one
+# a link points to) that it finds in wheels/, and models/, systemd/ and config/ are all copied into PREFIX.
 listed=$(mktemp) && present=$(mktemp)
 trap 'rm -f "$listed" "$present"' EXIT
 sed 's/^[0-9a-f]*  //' SHA256SUMS | LC_ALL=C sort > "$listed"
-find wheels models -type f | LC_ALL=C sort > "$present"
+find . ! -type d ! -path ./SHA256SUMS | sed 's#^\./##' | LC_ALL=C sort > "$present"
 unlisted=$(LC_ALL=C comm -13 "$listed" "$present")
 [ -z "$unlisted" ] || fail "files not listed in SHA256SUMS: $unlisted. Nothing was installed. Remove them or copy the bundle again."
 

@@ -1,0 +1,233 @@
+"""Checks of the bundle that need no package index: install.sh's refusals on a small bundle of fake wheels and
+models, the output folder, the copies of the model packages, and the wheels read for requirements."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import medtriage
+from medtriage.delivery import bundle as bundle_module
+from medtriage.delivery.bundle import build_bundle, template_values, write_checksums, write_templates
+from medtriage.delivery.wheelhouse import (
+    DEFAULT_PLATFORM,
+    METADATA_MAX,
+    BuildError,
+    default_python,
+    missing_requirements,
+    target_environment,
+)
+from medtriage.errors import ConfigError, PackageError
+
+NO_PYTHON = "/nonexistent/python"  # install.sh stops at its interpreter check once the bundle's checks have passed
+
+
+def small_bundle(tmp_path: Path) -> Path:
+    """A bundle folder as build_bundle lays it out, with one fake wheel and one fake model package."""
+    folder = tmp_path / "bundle"
+    write_templates(folder, template_values(default_python(), DEFAULT_PLATFORM, [], ["model"], []))
+    (folder / "wheels").mkdir()
+    (folder / "wheels" / "alpha-1.0-py3-none-any.whl").write_bytes(b"wheel")
+    (folder / "models" / "model").mkdir(parents=True)
+    (folder / "models" / "model" / "model.json").write_text("{}")
+    write_checksums(folder)
+    return folder
+
+
+def install(folder: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": NO_PYTHON}
+    return subprocess.run(
+        [str(folder / "install.sh"), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_install_sh_passes_its_checks_on_an_intact_bundle(tmp_path):
+    done = install(small_bundle(tmp_path), tmp_path / "opt", cwd=tmp_path)
+    assert done.returncode != 0 and f"{NO_PYTHON} not found" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "relative",
+    ["systemd/medtriage-extra@.service", "config/extra.env.example", "wheels/numpy-99.0-py3-none-any.whl"],
+    ids=["extra unit", "extra config", "link to a wheel"],
+)
+def test_install_sh_refuses_anything_sha256sums_does_not_list(tmp_path, relative):
+    folder = small_bundle(tmp_path)
+    if relative.startswith("wheels/"):  # pip follows a link in wheels/; sha256sum --check never sees it
+        (tmp_path / "elsewhere.whl").write_bytes(b"not shipped")
+        (folder / relative).symlink_to(tmp_path / "elsewhere.whl")
+    else:
+        (folder / relative).write_text("[Service]\nExecStart=/bin/true\n")
+    done = install(folder, tmp_path / "opt", cwd=tmp_path)
+    assert done.returncode != 0 and "not listed in SHA256SUMS" in done.stderr and relative in done.stderr, done.stderr
+    assert "Nothing was installed" in done.stderr and not (tmp_path / "opt").exists()
+
+
+@pytest.mark.parametrize("prefix", ["srv/medtriage", "/srv/med triage", "/srv/a#b"], ids=["relative", "space", "sed separator"])
+def test_install_sh_refuses_a_prefix_the_units_cannot_carry(tmp_path, prefix):
+    folder = small_bundle(tmp_path)
+    done = install(folder, prefix, cwd=tmp_path)
+    assert done.returncode != 0 and f"PREFIX '{prefix}'" in done.stderr and "Nothing was installed" in done.stderr, done.stderr
+    assert not (tmp_path / "srv").exists() and not (folder / "srv").exists()
+
+
+def test_bundle_command_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
+    from medtriage.cli import main
+
+    (tmp_path / "bundle.tar").write_text("not a folder")
+    assert main(["bundle", str(tmp_path / "pkg"), "--out", str(tmp_path / "bundle.tar")]) == 2
+    err = capsys.readouterr().err
+    assert "bundle.tar: the output path is a file" in err and (tmp_path / "bundle.tar").read_text() == "not a folder"
+
+
+@pytest.fixture
+def quick_fill(monkeypatch):
+    """build_bundle with no packages to load and a `_fill` that writes two files: the folder handling alone."""
+
+    def fill(staging, models, python, platform, wheel):
+        (staging / "wheels").mkdir(parents=True)
+        (staging / "wheels" / "alpha-1.0-py3-none-any.whl").write_bytes(b"wheel")
+        (staging / "bundle.json").write_text("{}")
+        return []
+
+    monkeypatch.setattr(bundle_module, "_model_folders", lambda packages: {"model": Path("unused")})
+    monkeypatch.setattr(bundle_module, "_fill", fill)
+
+
+def test_bundle_into_the_current_empty_folder(tmp_path, monkeypatch, quick_fill):
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    result = build_bundle(["pkg"], ".")
+    assert result.directory == tmp_path / "out" and (tmp_path / "out" / "bundle.json").is_file()
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_every_file_is_on_disk_before_the_bundle_takes_its_name(tmp_path, monkeypatch, quick_fill):
+    synced, at_rename = set(), []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def rename(self, target):
+        at_rename.append(set(synced))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    out = build_bundle(["pkg"], tmp_path / "out").directory
+    staging = tmp_path / ".out.partial"
+    written = {p.relative_to(out) for p in out.rglob("*")}
+    assert written == {Path("wheels"), Path("wheels/alpha-1.0-py3-none-any.whl"), Path("bundle.json")}
+    assert {str(staging / p) for p in written} | {str(staging)} <= at_rename[0]
+    assert str(tmp_path) in synced  # the rename itself
+
+
+def fake_package(folder: Path, onnx: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.onnx").write_bytes(onnx)
+    meta = {"name": folder.name, "version": 1, "sha256": hashlib.sha256(onnx).hexdigest()}
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_package_changed_while_the_bundle_is_built_is_not_shipped(tmp_path, monkeypatch):
+    """A re-export into the package folder during the download: the copy gets the new model.onnx with the old
+    model.json, then the export finishes; the source is sound again, the copy in the bundle is not."""
+    import medtriage.serve.package as package_module
+
+    monkeypatch.setattr(package_module, "validate_model_json", lambda meta, where: None)  # a fake package: sha256 only
+    source = fake_package(tmp_path / "models" / "pneumonia", b"old model")
+    wheel = tmp_path / f"medtriage-{medtriage.__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("medtriage.txt", "")
+
+    def download(own, wheels_dir, python, platform):
+        (source / "model.onnx").write_bytes(b"new model")
+        return [own]
+
+    def copytree(src, dst, **kwargs):
+        copied = real_copytree(src, dst, **kwargs)
+        fake_package(source, b"new model")  # the export completes its model.json
+        return copied
+
+    real_copytree = bundle_module.shutil.copytree
+    monkeypatch.setattr(bundle_module, "download_dependencies", download)
+    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject: [])
+    monkeypatch.setattr(bundle_module.shutil, "copytree", copytree)
+    with pytest.raises(PackageError, match="changed while the bundle was built"):
+        build_bundle([source], tmp_path / "out", wheel=wheel)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_each_step_of_the_build_says_what_it_does(tmp_path, monkeypatch, capsys):
+    import medtriage.serve.package as package_module
+
+    monkeypatch.setattr(package_module, "validate_model_json", lambda meta, where: None)  # a fake package: sha256 only
+    source = fake_package(tmp_path / "models" / "pneumonia", b"model")
+    monkeypatch.setattr(bundle_module, "build_medtriage_wheel", lambda wheels_dir: wheels_dir / "medtriage.whl")
+    monkeypatch.setattr(bundle_module, "download_dependencies", lambda own, wheels_dir, python, platform: [])
+    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject: [])
+    build_bundle([source], tmp_path / "out")
+    steps = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bundle: ")]
+    assert steps == [
+        "bundle: building the medtriage wheel from the source checkout",
+        "bundle: copying and verifying 1 model package(s)",
+        "bundle: writing the SBOM (cyclonedx-py) and SHA256SUMS",
+    ]
+
+
+@pytest.mark.parametrize("name", ["medtriage.whl", "medtriage"], ids=["no version", "no suffix"])
+def test_a_wheel_option_that_names_no_wheel_is_refused_with_a_message(tmp_path, name):
+    wheel = tmp_path / name
+    wheel.write_text("not a wheel")
+    with pytest.raises(ConfigError, match="not a medtriage .* wheel"):
+        bundle_module._own_wheel(wheel, tmp_path / "wheels")
+    not_a_zip = tmp_path / f"medtriage-{medtriage.__version__}-py3-none-any.whl"
+    not_a_zip.write_text("not a zip")
+    with pytest.raises(ConfigError, match="not a medtriage .* wheel"):
+        bundle_module._own_wheel(not_a_zip, tmp_path / "wheels")
+
+
+def _zip(path: Path, files: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return path
+
+
+def test_a_wheel_without_metadata_is_a_build_error_not_a_traceback(tmp_path):
+    wheel = _zip(tmp_path / "alpha-1.0-py3-none-any.whl", {"alpha/__init__.py": ""})
+    with pytest.raises(BuildError, match="no \\*.dist-info/METADATA"):
+        missing_requirements([wheel], target_environment("3.11", DEFAULT_PLATFORM))
+
+
+def test_a_wheel_whose_metadata_claims_too_many_bytes_is_refused_before_it_is_unpacked(tmp_path):
+    text = "Metadata-Version: 2.1\nName: alpha\nVersion: 1.0\n\n" + "x" * METADATA_MAX
+    wheel = _zip(tmp_path / "alpha-1.0-py3-none-any.whl", {"alpha-1.0.dist-info/METADATA": text})
+    with pytest.raises(BuildError, match="METADATA claims"):
+        missing_requirements([wheel], target_environment("3.11", DEFAULT_PLATFORM))
+
+
+def test_two_versions_of_one_wheel_each_get_their_own_sha256_in_the_sbom(tmp_path):
+    from medtriage.delivery.sbom import write_sbom
+    from medtriage.format import sha256_file
+    from tests.delivery.test_bundle import _wheel
+
+    (tmp_path / "old").mkdir()
+    wheels = [
+        _wheel(tmp_path / "old", "alpha", "1.0", []),
+        _wheel(tmp_path, "alpha", "2.0", []),
+        _wheel(tmp_path, "beta", "1.0", ["alpha"]),
+    ]
+    write_sbom(wheels, tmp_path / "sbom.cdx.json", None)
+    components = json.loads((tmp_path / "sbom.cdx.json").read_text())["components"]
+    hashes = {(c["name"], c["version"]): c["hashes"] for c in components}
+    assert hashes == {(w.name.split("-")[0], w.name.split("-")[1]): [{"alg": "SHA-256", "content": sha256_file(w)}] for w in wheels}
