@@ -509,3 +509,15 @@ def test_a_damaged_dicom_whole_slide_image_is_an_input_error_whatever_the_damage
         _tile_every_batch(folder)
 
     assert untyped_failures(mutations(finest.read_bytes(), 100), read, MedTriageError) == []
+
+
+def test_every_reader_reads_the_slide_inside_its_edge_and_white_glass_beyond(dicom_wsi, monkeypatch):
+    with open_slide(CMU1) as svs, open_slide(dicom_wsi) as wsi:
+        width, height = svs.dimensions
+        corner = (width - 150, height - 100, 0, (300, 200))  # 150 x 100 inside, the rest beyond both edges
+        fast = svs.read_region(*corner)
+        monkeypatch.setattr(svs, "_fast_levels", [False] * svs.level_count)  # the general TIFF reader's path
+        for region in (fast, svs.read_region(*corner), wsi.read_region(*corner)):
+            assert region.shape == (200, 300, 3) and (region[100:] == 255).all() and (region[:, 150:] == 255).all()
+            assert np.abs(region[:100, :150].astype(int) - fast[:100, :150]).mean() < 3  # DICOM: JPEG-encoded once more
+            assert (region[:100, :150] < 250).any()  # the slide's own pixels, not a fill

@@ -1,6 +1,7 @@
 """Content of the DICOM objects the system writes, as a PACS reads them: the heatmap Secondary Capture's
-patient orientation against its source (axial, lateral, unknown), and the SR's device observer identity
-and fresh UIDs across two reports of the same study."""
+patient orientation against its source (axial, lateral, unknown), and the SR's device observer identity,
+fresh UIDs across two reports of the same study, and a report for a source whose header holds values the
+standard does not allow."""
 
 from __future__ import annotations
 
@@ -78,3 +79,13 @@ def test_two_reports_of_one_study_share_the_device_observer_but_no_instance_uid(
     assert _device_observer_uid(first) == _device_observer_uid(second)  # the same device made both
     assert first.SOPInstanceUID != second.SOPInstanceUID and first.SeriesInstanceUID != second.SeriesInstanceUID
     assert first.StudyInstanceUID == second.StudyInstanceUID
+
+
+def test_a_header_value_the_standard_does_not_allow_costs_that_value_not_the_report(predictor, tmp_path):
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    source.PatientSex, source.PatientBirthDate, source.StudyDate, source.StudyTime = "X", "1990-01-01", "2024-13-45", "25:99"
+    path = _saved(source, tmp_path / "odd_header.dcm")
+    scores = predictor.score_or_reject(path, path.name)
+    sr = pydicom.dcmread(io.BytesIO(sr_bytes(path.read_bytes(), scores, predictor.package)))
+    assert (sr.PatientSex, sr.PatientBirthDate, sr.StudyDate, sr.StudyTime) == ("", "", "", "")
+    assert (sr.PatientID, sr.PatientName, sr.StudyInstanceUID) == (source.PatientID, source.PatientName, source.StudyInstanceUID)

@@ -1,5 +1,6 @@
-"""Drift watch edges: a multi-frame object counts as one input (it cannot raise an alert alone), and a
-stream of one-off source names cannot push a drifting source, and its alert, out of the monitor."""
+"""Drift watch edges: a multi-frame object counts as one input (it cannot raise an alert alone), a
+stream of one-off source names cannot push a drifting source, and its alert, out of the monitor,
+out-of-scope images scored anyway do not feed it, and a package without references shows no threshold."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 
 from medtriage.serve.drift import MAX_SOURCES
 from medtriage.serve.metrics import ServiceMonitor
+from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
 from tests.serve.test_drift import SHIFTS, decoded, outcome, stream
 from tests.serve.test_drift import held_out as held_out  # noqa: F401 -- the module fixture
+from tests.serve.test_scope import with_meta
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +46,23 @@ def test_one_off_source_names_do_not_evict_a_drifting_source(predictor, held_out
     assert monitor.drift.drifting("CR_ROOM_1"), monitor.drift.status()["drifting"]
     assert 'medtriage_drift_alert{source="CR_ROOM_1"} 1.0' in monitor.exposition().decode()
     assert len(monitor.drift.sources()) == MAX_SOURCES
+
+
+def test_out_of_scope_images_scored_anyway_do_not_feed_drift(safe_package_dir, held_out, tmp_path):
+    scoped = load_package(with_meta(safe_package_dir, tmp_path / "chest", scope={"modalities": ["CR", "DX"]}))
+    anyway = Predictor(scoped, threads=1, allow_out_of_scope=True)
+    monitor = ServiceMonitor(scoped)
+    ultrasound = replace(decoded(held_out[0], 0), modality="US")
+    scores = outcome(anyway, ultrasound, "us.dcm")
+    assert [flag.split(":")[0] for flag in scores[0].flags] == ["out_of_scope"]
+    monitor.record(scores, "US_ROOM_1", 0.01)
+    monitor.record(outcome(anyway, decoded(held_out[1], 1), "cr.dcm"), "CR_ROOM_1", 0.01)
+    assert [state["source"] for state in monitor.drift.status()["sources"]] == ["CR_ROOM_1"]
+    assert monitor.registry.get_sample_value("medtriage_scored_total") == 2  # both were scored, and counted
+
+
+def test_a_package_without_drift_references_shows_no_psi_threshold(predictor, package_dir):
+    plain = ServiceMonitor(load_package(package_dir))
+    assert not plain.drift.enabled and b"medtriage_drift_psi_threshold" not in plain.exposition()
+    threshold = predictor.package.meta["drift"]["psi_threshold"]
+    assert ServiceMonitor(predictor.package).registry.get_sample_value("medtriage_drift_psi_threshold") == threshold

@@ -186,6 +186,14 @@ def _rest_of_answer(connection: socket.socket, answer: bytes) -> str:
     return answer.decode(errors="replace")
 
 
+def _assert_dropped_and_place_freed(client, admission: Admission, data: bytes, answer: str, waited: float, why: str) -> None:
+    """The slow upload got a 408 saying `why` within 10 s, and the next upload is scored in the place it held."""
+    assert answer.startswith("HTTP/1.1 408") and why in answer, answer[:300]
+    assert waited < 10
+    after = client.post("/v1/score", content=data, headers={**AUTH, "Content-Type": "application/dicom"})
+    assert after.status_code == 200 and _all_left(admission)
+
+
 def test_an_upload_that_stops_sending_is_dropped_and_frees_its_place(predictor, monkeypatch):
     """A client that dies mid-body without closing its connection (no FIN) would wait for its body for good, holding
     a place in the admission queue; after BODY_IDLE_S without a byte it gets a 408 and its place is free again."""
@@ -201,10 +209,7 @@ def test_an_upload_that_stops_sending_is_dropped_and_frees_its_place(predictor, 
             first = stalled.recv(4096)
             waited = time.monotonic() - started
             answer = _rest_of_answer(stalled, first)
-        assert answer.startswith("HTTP/1.1 408") and "no request body bytes for 1 s" in answer, answer[:300]
-        assert waited < 10
-        after = client.post("/v1/score", content=data, headers={**AUTH, "Content-Type": "application/dicom"})
-        assert after.status_code == 200 and _all_left(admission)
+        _assert_dropped_and_place_freed(client, admission, data, answer, waited, "no request body bytes for 1 s")
 
 
 def test_an_upload_that_trickles_is_dropped_and_frees_its_place(predictor, monkeypatch):
@@ -230,7 +235,4 @@ def test_an_upload_that_trickles_is_dropped_and_frees_its_place(predictor, monke
                     pass
             waited = time.monotonic() - started
             answer = _rest_of_answer(trickling, first)
-        assert answer.startswith("HTTP/1.1 408") and "arrived too slowly" in answer, answer[:300]
-        assert waited < 10
-        after = client.post("/v1/score", content=data, headers={**AUTH, "Content-Type": "application/dicom"})
-        assert after.status_code == 200 and _all_left(admission)
+        _assert_dropped_and_place_freed(client, admission, data, answer, waited, "arrived too slowly")

@@ -172,25 +172,10 @@ def _inside_share(starts: list[int], size0: float, limit: int) -> np.ndarray:
 
 def read_tile_rgb(reader: RegionReader, grid: TileGrid, tile: Tile) -> np.ndarray:
     """A tile as uint8 RGB `[tile_size, tile_size, 3]`, resampled to the grid's µm/pixel when needed."""
-    rgb = _read_inside(reader, grid, tile)
+    rgb = reader.read(tile.x, tile.y, grid.level, (grid.read_size, grid.read_size))  # white beyond the edge
     if grid.read_size != grid.tile_size:
         rgb = np.asarray(Image.fromarray(rgb).resize((grid.tile_size, grid.tile_size), Image.Resampling.BILINEAR, reducing_gap=2.0))
     return rgb
-
-
-def _read_inside(reader: RegionReader, grid: TileGrid, tile: Tile) -> np.ndarray:
-    """The tile's `read_size` square at its level; what lies beyond the level's edge is white glass. Only the part
-    inside is read: readers differ beyond the edge (black, white or an error)."""
-    slide = reader.slide
-    x, y = slide.level_position(tile.x, tile.y, grid.level)
-    width, height = slide.level_dimensions[grid.level]
-    w, h = min(grid.read_size, width - x), min(grid.read_size, height - y)
-    if (w, h) == (grid.read_size, grid.read_size):
-        return reader.read(tile.x, tile.y, grid.level, (w, h))
-    out = np.full((grid.read_size, grid.read_size, 3), 255, np.uint8)
-    if w > 0 and h > 0:
-        out[:h, :w] = reader.read(tile.x, tile.y, grid.level, (w, h))
-    return out
 
 
 def read_tile(

@@ -305,6 +305,9 @@ class RegionReader:
         self._seed = seed or {}  # tiles another reader decoded; never modified here
 
     def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        return white_beyond_edge(self.slide, self._read_inside, x0, y0, level, size)
+
+    def _read_inside(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         try:
             if not self.slide._fast_levels[level]:
                 region = self.slide._slide.read_region((x0, y0), level, size, as_array=True)
@@ -489,12 +492,30 @@ class _DicomRegionReader:
         self.slide = slide
 
     def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        return white_beyond_edge(self.slide, self._read_inside, x0, y0, level, size)
+
+    def _read_inside(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         x, y = self.slide.level_position(x0, y0, level)  # wsidicom takes the level's own pixel coordinates
         try:
             region = self.slide._wsi.read_region((x, y), self.slide._pyramid_levels[level], tuple(int(v) for v in size))
             return np.asarray(region.convert("RGB"), dtype=np.uint8)
         except Exception as err:  # wsidicom, pydicom and the codecs raise many types for damaged frames
             raise _damaged_tiles(self.slide.path, err) from err
+
+
+def white_beyond_edge(slide, read_inside, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
+    """`read_inside` of the region's part inside the level, and white glass beyond its right and bottom edges:
+    only that part is read, as readers differ beyond the edge (black, white or an error)."""
+    x, y = slide.level_position(x0, y0, level)
+    width, height = slide.level_dimensions[level]
+    w, h = size
+    inside_w, inside_h = min(w, width - x), min(h, height - y)
+    if (inside_w, inside_h) == (w, h):
+        return read_inside(x0, y0, level, size)
+    out = np.full((h, w, 3), 255, np.uint8)
+    if inside_w > 0 and inside_h > 0:
+        out[:inside_h, :inside_w] = read_inside(x0, y0, level, (inside_w, inside_h))
+    return out
 
 
 def _damaged_tiles(path: Path, err: Exception) -> InputError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, TM
 
 from medtriage import __version__
 from medtriage.errors import DicomError, ImageTooLargeError, MedTriageError
@@ -33,8 +35,10 @@ FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
 PRIORITY = hd.sr.CodedConcept("priority", SCHEME, "Triage priority")
 DECISION = hd.sr.CodedConcept("decision", SCHEME, "Triage decision against the operating points")
 DECISION_CODES = {"URGENT": "above-urgent", "review": "above-review", "routine": "below-review"}
+log = logging.getLogger(__name__)
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER = 9901
+PATIENT_SEX = ("M", "F", "O")  # PS3.3 C.7.1.1: the enumerated values
 
 
 def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
@@ -75,10 +79,15 @@ def build_sr(source: pydicom.Dataset, scores: list[Score], package: ModelPackage
 
 
 def build_study_sr(
-    sources: list[tuple[pydicom.Dataset, list[Score]]], package: ModelPackage, sop_instance_uid: str | None = None
+    sources: list[tuple[pydicom.Dataset, list[Score]]],
+    package: ModelPackage,
+    sop_instance_uid: str | None = None,
+    revision: int | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """One Comprehensive SR for several instances of one study: a measurement group per scored frame,
-    each referencing its instance; the study and patient attributes come from the first instance."""
+    each referencing its instance; the study and patient attributes come from the first instance.
+    `revision` (1, 2, ...: the study's reports so far, plus one) puts every report this model makes on the study
+    in one series, numbered in order; without it the report is a series of its own."""
     # highdicom writes each parameter key as one TEXT item, so each key is a whole "name=value".
     parameters = {f"sha256={package.sha256}": package.sha256, f"software=medtriage {__version__}": __version__}
     algorithm = hd.sr.AlgorithmIdentification(name=package.name, version=str(package.version), parameters=parameters)
@@ -94,10 +103,10 @@ def build_study_sr(
         return hd.sr.ComprehensiveSR(
             evidence=[source for source, _ in sources],
             content=report,
-            series_instance_uid=generate_uid(),
+            series_instance_uid=_report_series_uid(sources[0][0], package) if revision else generate_uid(),
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=sop_instance_uid or generate_uid(),
-            instance_number=1,
+            instance_number=revision or 1,
             manufacturer="MedTriage",
             series_description=f"AI triage {package.describe(with_sha=False)}",
             is_complete=True,
@@ -120,13 +129,38 @@ TYPE2_COPIED = (
 
 
 def _with_type2_attributes(source: pydicom.Dataset) -> pydicom.Dataset:
-    missing = [keyword for keyword in TYPE2_COPIED if keyword not in source]
-    if not missing:
+    """The source with every copied attribute the SR can carry: missing ones empty, and values the standard does not
+    allow (a sex of "X", a date written "1990-01-01") emptied too, so that one odd value costs that value, not the SR."""
+    unusable = [keyword for keyword in TYPE2_COPIED if keyword not in source or not _carried(keyword, source[keyword].value)]
+    if not unusable:
         return source
     source = copy.deepcopy(source)  # a header (no pixels): the caller's dataset stays as it was
-    for keyword in missing:
+    for keyword in unusable:
+        if keyword in source:
+            log.warning("SR leaves %s empty: %r is not a value the standard allows", keyword, str(source[keyword].value)[:64])
         setattr(source, keyword, "")
     return source
+
+
+def _carried(keyword: str, value) -> bool:
+    """Whether an SR builder accepts this copied value (the checks highdicom makes on them)."""
+    if value is None or value == "":
+        return True
+    if keyword == "PatientSex":
+        return value in PATIENT_SEX
+    kind = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM}.get(keyword)
+    if kind is None:
+        return True
+    try:
+        kind(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _report_series_uid(source: pydicom.Dataset, package: ModelPackage) -> str:
+    """The same series for every report of this model on this study (a UID from them, never a copied value)."""
+    return generate_uid(entropy_srcs=["medtriage triage reports", str(source.StudyInstanceUID), package.sha256])
 
 
 def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:

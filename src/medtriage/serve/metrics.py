@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from medtriage.serve.drift import DriftMonitor, input_features, source_name
 from medtriage.serve.package import ModelPackage
 from medtriage.serve.predictor import Rejection
+from medtriage.serve.scope import OUT_OF_SCOPE
 
 NAMESPACE = "medtriage"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -51,7 +52,8 @@ class ServiceMonitor:
             "drift_psi", "Population-stability index of a source's rolling window against the reference", ["source", "feature"], **kw
         )
         self.alert = Gauge("drift_alert", "1 while the source drifts past the package's PSI threshold", ["source"], **kw)
-        Gauge("drift_psi_threshold", "PSI above which a source drifts", **kw).set(self.drift.threshold)
+        if self.drift.enabled:  # without references nothing drifts: no threshold to show
+            Gauge("drift_psi_threshold", "PSI above which a source drifts", **kw).set(self.drift.threshold)
         self._labelled: dict[str, set] = {}  # source -> features with a psi series, to drop them with the source
         self._lock = threading.Lock()
 
@@ -68,7 +70,10 @@ class ServiceMonitor:
         self._observe(outcome, source)
 
     def _observe(self, scores, source: str) -> None:
-        if not scores:  # refused before inference: nothing to compare
+        # Out-of-scope images (scored only under --allow-out-of-scope) are not what the references describe: left
+        # out, so that the flag does not change whether a source drifts. Unusual in-scope images do count.
+        scores = [score for score in scores if not any(flag.startswith(OUT_OF_SCOPE) for flag in score.flags)]
+        if not scores:  # refused before inference, or out of scope: nothing to compare
             return
         state = self.drift.observe(source, input_features(scores))
         if state is not None:

@@ -231,6 +231,11 @@ class NodeStore:
         rows = self._execute("SELECT last_received FROM studies WHERE study_uid = ?", (study_uid,))
         return bool(rows) and rows[0]["last_received"] > since
 
+    def reports_sent(self, study_uid: str) -> int:
+        """How many SRs the study has had (each has delivery rows: the node always has a destination)."""
+        rows = self._execute("SELECT COUNT(DISTINCT sop_uid) AS n FROM deliveries WHERE study_uid = ? AND kind = 'sr'", (study_uid,))
+        return int(rows[0]["n"])
+
     def close_study(
         self,
         study_uid: str,

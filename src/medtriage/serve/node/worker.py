@@ -82,15 +82,20 @@ class Worker:
                 self._record(instance, outcome)
         return bool(queued)
 
-    def _score(self, instance):
-        return self.monitor.timed(self.predictor.score_or_reject, instance.spool, instance.name, instance.calling_aet)
+    def _score(self, instance) -> tuple[list[Score] | Rejection, float]:
+        started = time.perf_counter()
+        outcome = self.predictor.score_or_reject(instance.spool, instance.name)
+        return outcome, time.perf_counter() - started
 
-    def _record(self, instance, outcome) -> None:
+    def _record(self, instance, scored: tuple[list[Score] | Rejection, float]) -> None:
+        outcome, seconds = scored
         if isinstance(outcome, Rejection):
             log.info("not analysed: %s (%s)", instance.sop_uid, outcome.reason)
             self.store.set_rejected(instance.sop_uid, outcome.reason)
         else:
             self.store.set_scored(instance.sop_uid, [score.as_dict() for score in outcome])
+        # Counted once on record: when the write fails the row stays queued and is scored again, and counts then.
+        self.monitor.record(outcome, instance.calling_aet, seconds)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -126,7 +131,8 @@ class Worker:
         """The SR (and heatmap) files in the outbox, and the delivery rows they need."""
         sources = [(read_header(self.store.spooled(row["spool"])), [as_score(s) for s in scores]) for row, scores in scored]
         sr_uid = generate_uid()
-        sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid)
+        revision = self.store.reports_sent(study_uid) + 1  # a late instance reopens the study: its next report
+        sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid, revision=revision)
         objects = [("sr", self._to_outbox(study_uid, sr_uid, encoded(sr, "the study's SR", study_uid)), sr_uid)]
         if self.heatmaps:
             objects += self._heatmap(study_uid, scored, top)
