@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 
 import pytest
 
@@ -87,7 +88,8 @@ def test_a_bundle_that_fails_midway_leaves_nothing_behind(exported, tmp_path, mo
 
     monkeypatch.setattr(bundle, "download_dependencies", offline)
     wheel = tmp_path / f"medtriage-{medtriage.__version__}-py3-none-any.whl"
-    wheel.write_bytes(b"wheel")
+    with zipfile.ZipFile(wheel, "w") as archive:  # a wheel as far as the bundle checks before the download
+        archive.writestr(f"medtriage-{medtriage.__version__}.dist-info/METADATA", "Name: medtriage\n")
     with pytest.raises(BuildError):
         bundle.build_bundle([exported[0].package_dir], tmp_path / "out", wheel=wheel)
     assert sorted(p.name for p in tmp_path.iterdir()) == [wheel.name]

@@ -39,6 +39,7 @@ def split_metrics(scores: np.ndarray, labels: np.ndarray, sites: np.ndarray, thr
 def next_version(package_dir: Path) -> int:
     """One more than the package already there (1 for a new name)."""
     meta_path = package_dir / META_FILE
+    _restore_retired(package_dir)
     if not meta_path.is_file():
         return 1
     try:
@@ -62,7 +63,8 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
     meta = {**meta, "sha256": sha256_file(onnx_path)}
     validate_model_json(meta, where=package_dir / META_FILE)
     package_dir = Path(package_dir)
-    _check_replaceable(package_dir, meta["name"])
+    _restore_retired(package_dir)
+    _check_replaceable(package_dir, meta["name"], meta["version"])
     _remove_leftovers(package_dir)
     staging = package_dir.with_name(f".{package_dir.name}.staging-{os.getpid()}")
     staging.mkdir(parents=True)
@@ -77,9 +79,10 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
     return meta
 
 
-def _check_replaceable(package_dir: Path, name: str) -> None:
+def _check_replaceable(package_dir: Path, name: str, version: int) -> None:
     """The swap deletes whatever held the package's folder: only an earlier package of the same model (or an empty
-    folder) may be replaced, never another model's package or a folder of other things (`--out models`)."""
+    folder) may be replaced, never another model's package, a folder of other things (`--out models`), or the same
+    model at this version or a later one (two different packages would share a name and version)."""
     if not package_dir.exists():
         return
     if not package_dir.is_dir():
@@ -102,6 +105,13 @@ def _check_replaceable(package_dir: Path, name: str) -> None:
             where=package_dir,
             hint=hint,
         )
+    held = existing.get("version") if isinstance(existing, dict) else None
+    if isinstance(held, int) and not isinstance(held, bool) and held >= version:
+        raise PackageError(
+            f"the folder already holds v{held} of '{name}'; writing v{version} over it would reuse or lower its version",
+            where=package_dir,
+            hint=f"move that package away first (an export numbered from this folder takes v{held + 1})",
+        )
 
 
 def _swap_in(staging: Path, package_dir: Path) -> None:
@@ -111,6 +121,14 @@ def _swap_in(staging: Path, package_dir: Path) -> None:
         package_dir.rename(retired)
     staging.rename(package_dir)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def _restore_retired(package_dir: Path) -> None:
+    """An export killed between the two renames of `_swap_in` leaves the previous package retired and none in its
+    place: put it back, so the next version counts on from it rather than from 1."""
+    retired = sorted(package_dir.parent.glob(f".{package_dir.name}.retired-*"), key=lambda p: p.stat().st_mtime)
+    if retired and not package_dir.exists() and (retired[-1] / META_FILE).is_file():
+        retired[-1].rename(package_dir)
 
 
 def _remove_leftovers(package_dir: Path) -> None:

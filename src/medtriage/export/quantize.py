@@ -46,6 +46,8 @@ def calibration_images(
     labels (None for DICOM), and a description of where they came from."""
     from medtriage.serve.predictor import to_model_channels
 
+    if limit < 1:  # no image to observe ranges on: onnxruntime would fail deep inside, with no word on why
+        raise ConfigError(f"{limit} calibration images asked for", where="--images", hint=f"use at least 1 (default {DEFAULT_IMAGES})")
     source = Path(source)
     if source.is_file() and source.suffix == ".npz":
         from medtriage.serve.npz import read_npz_split
@@ -53,6 +55,8 @@ def calibration_images(
         pixels, labels = read_npz_split(source, split)
         pixels, labels = pixels[:limit], labels[:limit]
         images = [to_model_channels(p[None], channels, str(source)) for p in pixels]
+        if not images:
+            raise InputError(f"the {split} split holds no images to calibrate on", where=source, hint="choose another --split")
         return images, labels, f"{source.name} [{split}], first {len(images)} images"
     if not source.is_dir():
         raise InputError(

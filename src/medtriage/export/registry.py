@@ -15,6 +15,7 @@ from medtriage.errors import DataNotFoundError, PackageError
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "model_package"  # where the package lives among the MLflow run's artifacts
 CHECKPOINT_PREFERENCE = ("best.pt", "last.pt")
+REGISTER_ATTEMPTS = 5  # tries at a version number that matches its package folder
 
 
 def run_git_commit(run_id: str | None) -> str | None:
@@ -40,15 +41,21 @@ class Registration:
             client.create_registered_model(self.name, description="MedTriage ONNX model package (model.onnx, model.json, MODEL_CARD.md)")
         except MlflowException:
             pass  # already registered: add a version
-        latest = max((int(v.version) for v in client.search_model_versions(f"name='{self.name}'")), default=0)
-        source = f"{client.get_run(self.run_id).info.artifact_uri}/{artifact_path(latest + 1)}"
-        self.version = int(client.create_model_version(self.name, source=source, run_id=self.run_id).version)
-        if self.version != latest + 1:
-            raise PackageError(
-                f"another export registered '{self.name}' at the same time (got version {self.version}, expected {latest + 1})",
-                hint="run the export again",
-            )
-        return self.version
+        expected = max((int(v.version) for v in client.search_model_versions(f"name='{self.name}'")), default=0) + 1
+        artifact_uri = client.get_run(self.run_id).info.artifact_uri
+        for _ in range(REGISTER_ATTEMPTS):
+            source = f"{artifact_uri}/{artifact_path(expected)}"
+            self.version = int(client.create_model_version(self.name, source=source, run_id=self.run_id).version)
+            if self.version == expected:
+                return self.version
+            # Its source names another version's folder: the registry never reuses the number of a deleted version
+            # (a withdrawn export; searches do not list those), or another export took `expected`. Try the next one.
+            client.delete_model_version(self.name, str(self.version))
+            expected, self.version = self.version + 1, None
+        raise PackageError(
+            f"could not register a version of '{self.name}': other exports kept taking the next number",
+            hint="run the export again",
+        )
 
     def withdraw(self) -> None:
         if self.version is not None:

@@ -1,7 +1,7 @@
 """JSON Schema of `model.json` and a small validator for the subset of JSON Schema it uses.
 
 The schema is plain JSON Schema (draft 2020-12 keywords: type, required, properties, items,
-enum, minimum, exclusiveMinimum, maximum, minItems, pattern), so other tools can validate packages too.
+enum, minimum, exclusiveMinimum, maximum, minItems, pattern, additionalProperties), so other tools can validate packages too.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def schema_errors(value, schema: dict = MODEL_SCHEMA, where: str = "$") -> list[
             errors.append(f"{where}: {value} <= exclusive minimum {schema['exclusiveMinimum']}")
         if "maximum" in schema and value > schema["maximum"]:
             errors.append(f"{where}: {value} > maximum {schema['maximum']}")
-    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+    if isinstance(value, str) and "pattern" in schema and not re.search(_ecma(schema["pattern"]), value):
         errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
@@ -258,10 +258,50 @@ def schema_errors(value, schema: dict = MODEL_SCHEMA, where: str = "$") -> list[
         missing = [f"'{key}'" for key in schema.get("required", []) if key not in value]
         if missing:
             errors.append(f"{where}: missing {', '.join(missing)}")
-        for key, sub in schema.get("properties", {}).items():
+        properties = schema.get("properties", {})
+        for key, sub in properties.items():
             if key in value:
                 errors += schema_errors(value[key], sub, f"{where}.{key}")
+        if isinstance(schema.get("additionalProperties"), dict):
+            for key in value.keys() - properties.keys():
+                errors += schema_errors(value[key], schema["additionalProperties"], f"{where}.{key}")
     return errors
+
+
+def consistency_errors(meta: dict) -> list[str]:
+    """Ways the fields of a schema-valid `model.json` disagree with each other (serving would fail on them later,
+    with a traceback, or quietly mislabel results)."""
+    labels = meta["label_names"]
+    errors = (
+        [] if meta["positive_label"] in labels else [f"$.positive_label: {meta['positive_label']!r} is not one of label_names {labels}"]
+    )
+    if len(set(labels)) != len(labels):
+        errors.append(f"$.label_names: {labels} repeats a name")
+    if meta["output"]["classes"] != len(labels):
+        errors.append(f"$.output.classes: {meta['output']['classes']} classes, but label_names has {len(labels)}")
+    reference = (meta.get("drift") or {}).get("reference", {})
+    for site, histograms in [("all", reference.get("all", {})), *reference.get("per_site", {}).items()]:
+        for feature, histogram in histograms.items() if isinstance(histograms, dict) else ():
+            errors += _histogram_errors(histogram, f"$.drift.reference.{site}.{feature}")
+    return errors
+
+
+def _histogram_errors(histogram, where: str) -> list[str]:
+    errors = schema_errors(histogram, _HISTOGRAM, where)  # per-site histograms have no schema of their own
+    if errors:
+        return errors
+    edges, proportions = histogram["edges"], histogram["proportions"]
+    if len(proportions) != len(edges) + 1:
+        return [f"{where}: {len(proportions)} proportions for {len(edges)} edges (needs one more proportion than edges)"]
+    if edges != sorted(edges):
+        return [f"{where}: edges must be increasing"]
+    return []
+
+
+def _ecma(pattern: str) -> str:
+    """JSON Schema patterns are ECMA-262, where a final `$` is the end of the text; in Python it also matches before
+    a final newline, which would let 'name\\n' through."""
+    return pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith(r"\$") else pattern
 
 
 def _is_type(value, name: str) -> bool:
@@ -274,7 +314,7 @@ def _is_type(value, name: str) -> bool:
 
 def validate_model_json(meta: dict, where: str = "model.json") -> None:
     """Raise PackageError listing every schema violation of a package's metadata."""
-    errors = schema_errors(meta)
+    errors = schema_errors(meta) or consistency_errors(meta)
     if errors:
         raise PackageError(
             "model.json does not follow the package schema: " + "; ".join(errors[:8]) + (" ..." if len(errors) > 8 else ""),

@@ -123,7 +123,7 @@ def _read_meta(path: Path) -> dict:
         raise PackageError("model.json is missing", where=path.parent, hint=REEXPORT_HINT)
     try:
         meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nesting deeper than the parser goes
         raise PackageError(f"model.json is not valid JSON ({err})", where=path, hint=REEXPORT_HINT) from err
     if not isinstance(meta, dict):
         raise PackageError("model.json must hold a JSON object", where=path, hint=REEXPORT_HINT)

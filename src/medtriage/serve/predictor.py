@@ -10,9 +10,9 @@ from typing import BinaryIO
 import numpy as np
 import onnxruntime as ort
 
-from medtriage.errors import ConfigError, InputError, MedTriageError
+from medtriage.errors import ConfigError, InputError, MedTriageError, PackageError
 from medtriage.io.dicom import DecodedImage, read_dicom
-from medtriage.serve.package import ModelPackage
+from medtriage.serve.package import REEXPORT_HINT, ModelPackage
 from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unguarded
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,17 @@ def _require_finite(frame_means: list[float], where: str) -> None:
         )
 
 
+def _check_ood_output(package: ModelPackage, outputs: list[str]) -> None:
+    """The OOD output model.json declares must be in the graph: without it every unusual image would be scored,
+    with no word that the check is off."""
+    if package.ood_output and package.ood_output not in outputs:
+        raise PackageError(
+            f"model.json declares the OOD output '{package.ood_output}', which model.onnx does not have ({', '.join(outputs)})",
+            where=package.directory,
+            hint=REEXPORT_HINT,
+        )
+
+
 class Predictor:
     """A loaded package plus its ORT session; thread-safe (ORT sessions allow concurrent `run`)."""
 
@@ -158,7 +169,8 @@ class Predictor:
         self.allow_out_of_scope = allow_out_of_scope
         warn_if_unguarded(package.meta, package.describe(with_sha=False))
         outputs = [o.name for o in self.session.get_outputs()]
-        self.output_names = outputs[:1] + [name for name in [package.ood_output] if name in outputs]
+        _check_ood_output(package, outputs)
+        self.output_names = outputs[:1] + ([package.ood_output] if package.ood_output else [])
         # Opt-in: JPEG 2000 files decoded only to the resolution the model needs (much faster; scores not bit-identical).
         size = package.meta.get("preprocessing", {}).get("resize", {}).get("size") if reduced_j2k else None
         size = max(size) if isinstance(size, (list, tuple)) and size else size

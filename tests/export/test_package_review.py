@@ -1,0 +1,142 @@
+"""Version numbers that never go backwards or repeat, and model.json fields that must agree with each other."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlflow
+import pytest
+
+from medtriage.errors import PackageError
+from medtriage.export.package import next_version, write_package
+from medtriage.export.registry import Registration, artifact_path
+from medtriage.format import META_FILE, ONNX_FILE
+from medtriage.serve.package import load_package
+
+
+@pytest.fixture
+def package_copy(exported, tmp_path):
+    """A private copy of the tests' shared tiny package that a test may change."""
+    return shutil.copytree(exported[0].package_dir, tmp_path / "tiny")
+
+
+@pytest.fixture
+def source(exported):
+    """(model.onnx, model.json as a dict) of the tests' shared tiny package."""
+    package_dir = exported[0].package_dir
+    return package_dir / ONNX_FILE, json.loads((package_dir / META_FILE).read_text())
+
+
+def test_a_version_withdrawn_by_a_failed_export_does_not_block_the_next_export():
+    """The registry never reuses a deleted version's number, and searches do not list deleted versions."""
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("registry")).info.run_id
+    failed = Registration(run_id, "chest")
+    assert failed() == 1
+    failed.withdraw()
+
+    version = Registration(run_id, "chest")()
+    assert version > 1
+    (registered,) = client.search_model_versions("name='chest'")
+    assert int(registered.version) == version and registered.source.endswith(artifact_path(version))
+
+
+def test_a_package_is_never_replaced_by_the_same_or_an_earlier_version(source, tmp_path):
+    """A registry that numbers from 1 while the folder holds v3 (exported before MLflow was used), or two exports
+    that read the same next version, would otherwise give two different packages one name and version."""
+    onnx, meta = source
+    write_package(tmp_path / "tiny", onnx, {**meta, "version": 3})
+    for version in (1, 3):
+        with pytest.raises(PackageError, match="already holds v3") as err:
+            write_package(tmp_path / "tiny", onnx, {**meta, "version": version})
+        assert "move that package away" in err.value.hint
+    assert load_package(tmp_path / "tiny").version == 3
+
+
+def test_an_export_killed_between_the_renames_does_not_restart_the_versions_at_1(source, tmp_path):
+    onnx, meta = source
+    package_dir = tmp_path / "models" / "tiny"
+    write_package(package_dir, onnx, {**meta, "version": 4})
+    package_dir.rename(package_dir.with_name(".tiny.retired-12345"))  # what the kill left
+
+    assert next_version(package_dir) == 5
+    write_package(package_dir, onnx, {**meta, "version": 5})
+    assert load_package(package_dir).version == 5
+    assert sorted(p.name for p in package_dir.parent.iterdir()) == ["tiny"]
+
+
+@pytest.mark.parametrize(
+    "change, complaint",
+    [
+        (lambda m: m.update(positive_label="covid"), "positive_label"),
+        (lambda m: m.update(label_names=["normal", "normal"], positive_label="normal"), "repeats"),
+        (lambda m: m["output"].update(classes=3), "output.classes"),
+    ],
+)
+def test_a_package_whose_labels_disagree_is_refused_when_loaded(package_copy, change, complaint):
+    """Otherwise it loads and serving fails later with a traceback, or names probabilities after the wrong labels."""
+    meta = json.loads((package_copy / META_FILE).read_text())
+    change(meta)
+    (package_copy / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(PackageError, match=complaint) as err:
+        load_package(package_copy)
+    assert str(package_copy / META_FILE) in str(err.value) and "re-export" in err.value.hint
+
+
+@pytest.mark.parametrize(
+    "histogram, complaint",
+    [
+        ({"edges": [0.2, 0.5], "proportions": [0.5, 0.5]}, "one more proportion"),
+        ({"edges": [0.5, 0.2], "proportions": [0.3, 0.3, 0.4]}, "increasing"),
+        ({"edges": [0.2, 0.5], "proportions": [0.3, 1.5, 0.4]}, "maximum"),
+    ],
+)
+@pytest.mark.parametrize("site", ["all", "site-a"])
+def test_drift_references_that_serving_cannot_compare_with_are_refused(package_copy, histogram, complaint, site):
+    """Serving bins live values with the edges and compares shares with the proportions, on every scored image."""
+    meta = json.loads((package_copy / META_FILE).read_text())
+    good = {"edges": [0.2, 0.5], "proportions": [0.3, 0.3, 0.4]}
+    histograms = {"brightness": good, "contrast": histogram}
+    reference = {"split": "val", "all": histograms if site == "all" else {"brightness": good, "contrast": good}, "per_site": {}}
+    if site != "all":
+        reference["per_site"][site] = histograms
+    meta["drift"] = {
+        "features": ["brightness", "contrast"],
+        "window": 200,
+        "min_images": 100,
+        "psi_threshold": 0.25,
+        "reference": reference,
+    }
+    (package_copy / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(PackageError, match=complaint):
+        load_package(package_copy)
+    histograms["contrast"] = good
+    (package_copy / META_FILE).write_text(json.dumps(meta))
+    assert load_package(package_copy).meta["drift"]["reference"]["all"]["contrast"] == good
+
+
+def test_a_name_with_a_trailing_newline_is_refused_before_any_folder_is_made(source, tmp_path):
+    """A YAML block scalar (`name: |`) ends in a newline; Python's `$` alone would accept it."""
+    onnx, meta = source
+    with pytest.raises(PackageError, match="name"):
+        write_package(tmp_path / "tiny\n", onnx, {**meta, "name": "tiny\n"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantising_on_no_calibration_images_says_so(exported, tmp_path):
+    from medtriage.errors import ConfigError
+    from medtriage.export.quantize import quantize_package
+    from tests.export.tiny_package import NPZ
+
+    with pytest.raises(ConfigError, match="calibration images") as err:
+        quantize_package(exported[0].package_dir, NPZ, tmp_path / "tiny-int8", limit=0)
+    assert err.value.where == "--images"
+    assert not (tmp_path / "tiny-int8").exists()
+
+
+def test_a_model_json_nested_too_deep_to_parse_is_a_package_error(package_copy):
+    (package_copy / META_FILE).write_text("[" * 100_000)
+    with pytest.raises(PackageError, match="not valid JSON") as err:
+        load_package(package_copy)
+    assert err.value.hint and "re-export" in err.value.hint
