@@ -1,4 +1,4 @@
-"""Build the pooled manifest from site folders: `python scripts/build_pool.py [--sites data/sites] [--pool data/pool/pneumonia_sites]`."""
+"""Build the pooled manifest from de-identified site folders: `python scripts/build_pool.py [--sites data/pool/ingested] [--pool data/pool/pneumonia_sites]`."""
 
 import sys
 

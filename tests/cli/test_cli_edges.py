@@ -54,3 +54,16 @@ def test_train_without_site_folders_prints_the_message_not_a_traceback(tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "error: " in out.stderr and "no_sites" in out.stderr and "make_sites.py" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_build_pool_reads_by_default_what_ingest_writes_not_the_raw_site_exports():
+    import argparse
+
+    from medtriage.cli.data import add_build_pool_arguments
+    from medtriage.io.ingest import add_sites_arguments
+
+    pool, ingest = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_build_pool_arguments(pool)
+    add_sites_arguments(ingest)
+    sites, into = pool.parse_args([]).sites, ingest.parse_args([]).into
+    assert str(sites) == str(into) != str(ingest.parse_args([]).sites)  # de-identified before pooling

@@ -43,7 +43,7 @@ def run_make_sites(args: argparse.Namespace) -> int:
 
 
 def add_build_pool_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sites", type=Path, default=DEFAULT_SITES, help="site folders (default: %(default)s)")
+    parser.add_argument("--sites", type=Path, default=DEFAULT_SITES, help="de-identified site folders, as scripts/ingest_sites.py writes them (default: %(default)s)")
     parser.add_argument("--pool", type=Path, default=DEFAULT_POOL, help="pool folder to write (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="patients in validation (default: %(default)s)")
@@ -81,7 +81,7 @@ def make_sites_main(argv: list[str] | None = None) -> int:
 
 
 def build_pool_main(argv: list[str] | None = None) -> int:
-    """`python scripts/build_pool.py [--sites data/sites] [--pool data/pool/pneumonia_sites]`."""
+    """`python scripts/build_pool.py [--sites data/pool/ingested] [--pool data/pool/pneumonia_sites]`."""
     parser = argparse.ArgumentParser(description="Build the pooled manifest from site folders.")
     add_build_pool_arguments(parser)
     return report_errors(run_build_pool, parser.parse_args(argv))

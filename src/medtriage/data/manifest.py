@@ -154,7 +154,7 @@ def load_manifest(pool_dir: str | Path) -> Manifest:
         raise DataNotFoundError(
             "no pooled manifest here",
             where=pool_dir,
-            hint="build it first: `python scripts/make_sites.py` then `python scripts/build_pool.py`, "
+            hint="build it first: `python scripts/make_sites.py`, `python scripts/ingest_sites.py`, then `python scripts/build_pool.py`, "
             "or point data.pool_dir at an existing pool",
         )
     # Identifiers are text exactly as written: pandas would make site "01" the number 1, series "1.20" the float 1.2,

@@ -32,7 +32,7 @@ from medtriage.errors import DataNotFoundError, DicomError
 from medtriage.io.dicom import read_dicom
 from medtriage.io.safe_output import write_atomic
 
-DEFAULT_SITES = Path("data/sites")
+DEFAULT_SITES = Path("data/pool/ingested")  # what ingest_sites.py writes: site exports pass de-identification first
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
 LABELS_CSV = "labels.csv"
 INPUTS_FILE = "inputs.json"
