@@ -25,7 +25,7 @@ def score(capsys, *args) -> tuple[int, str, str]:
 def test_table_shows_finding_probability_priority_and_model(capsys, package_dir):
     code, out, err = score(capsys, package_dir, CT, MR)
     header, first, second = out.splitlines()
-    assert header.split() == ["file", "finding", "p(pneumonia)", "priority", "decision", "model"]
+    assert header.split() == ["file", "finding", "p(pneumonia)", "priority", "decision", "model", "/", "why", "not", "scored"]
     assert first.startswith("CT_small.dcm") and "tiny-pneumonia v" in first and "(sha256 " in first
     assert second.startswith("MR_small.dcm") and "sha256" not in second
     assert code == 0 and "provider CPUExecutionProvider" in err

@@ -49,9 +49,10 @@ def write_csv(stream, predictor: Predictor, scores: list[Score], rejected: list[
 
 
 def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> str:
-    """The radiologist's view: file, finding, p(positive), priority, the decision against the operating points, model."""
+    """The radiologist's view: file, finding, p(positive), priority, the decision against the operating points, and the
+    model that scored it (for a file not scored: why not, and what to do)."""
     package = predictor.package
-    header = ["file", "finding", f"p({package.positive_label})", "priority", "decision", "model"]
+    header = ["file", "finding", f"p({package.positive_label})", "priority", "decision", "model / why not scored"]
     rows = [
         [_file_label(s), s.finding, f"{s.probability:.2f}", s.priority, _decision(s), package.describe(with_sha=i == 0)]
         for i, s in enumerate(scores)
