@@ -43,7 +43,12 @@ def run_make_sites(args: argparse.Namespace) -> int:
 
 
 def add_build_pool_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sites", type=Path, default=DEFAULT_SITES, help="de-identified site folders, as scripts/ingest_sites.py writes them (default: %(default)s)")
+    parser.add_argument(
+        "--sites",
+        type=Path,
+        default=DEFAULT_SITES,
+        help="de-identified site folders, as scripts/ingest_sites.py writes them (default: %(default)s)",
+    )
     parser.add_argument("--pool", type=Path, default=DEFAULT_POOL, help="pool folder to write (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="patients in validation (default: %(default)s)")
