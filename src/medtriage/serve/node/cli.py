@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import tempfile
 import threading
+from urllib.parse import urlsplit
 
 from medtriage.serve.batching import add_batching_options
 from medtriage.serve.cli import add_runtime_options, apply_decode_limits
 from medtriage.serve.node.store import MAX_INSTANCE_BYTES
+
+AE_TITLE = re.compile(r"[\x20-\x5B\x5D-\x7E]{1,16}")  # PS3.5 AE: printable ASCII without backslash
 
 LISTEN_HELP = """\
 Receive images from a PACS or modality (DICOM C-STORE), score each study with the model package and
@@ -91,6 +95,30 @@ def register(subparsers) -> None:
     listen.set_defaults(func=run_listen)
 
 
+def check_network_options(args: argparse.Namespace) -> None:
+    """Refuse, before the model loads, values that would fail later with a traceback (an AE title pynetdicom refuses,
+    a port out of range, a URL without a scheme) or spin (retries without a wait)."""
+    from medtriage.errors import ConfigError
+
+    for option, title in [("--aet", args.aet), *(("--allow-aet", t) for t in args.allow_aet or [])]:
+        if not AE_TITLE.fullmatch(title) or not title.strip():
+            raise ConfigError(
+                f"{title!r} is not an AE title", where=option, hint="1 to 16 ASCII characters, no backslash or control character"
+            )
+    for option, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"port {port} is out of range", where=option, hint="give a port from 1 to 65535")
+    if args.retry_max < 1:
+        raise ConfigError(
+            f"--retry-max must be at least 1 second, got {args.retry_max}",
+            where="--retry-max",
+            hint="a shorter wait retries a down destination without pause",
+        )
+    url = urlsplit(args.dicomweb or "http://unset")
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise ConfigError(f"cannot read the DICOMweb root {args.dicomweb!r}", where="--dicomweb", hint="e.g. http://pacs:8042/dicom-web")
+
+
 def run_listen(args: argparse.Namespace) -> int:
     from medtriage.errors import ConfigError
     from medtriage.serve.node.node import Node, NodeConfig
@@ -104,6 +132,7 @@ def run_listen(args: argparse.Namespace) -> int:
         raise ConfigError("TLS needs both a certificate and its key", where="--tls-cert/--tls-key")
     if args.max_instance_bytes < 1:
         raise ConfigError(f"--max-instance-bytes must be positive, got {args.max_instance_bytes}", where="--max-instance-bytes")
+    check_network_options(args)
     apply_decode_limits(args)
     config = NodeConfig(
         package=args.package,

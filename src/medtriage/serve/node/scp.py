@@ -2,7 +2,7 @@
 
 A C-STORE is answered with success only after the instance is in the spool and its row committed
 (store.receive). A data set whose identifying UIDs cannot be read gets 0xC210 (cannot understand);
-a full disk, or an instance over `--max-instance-bytes`, gets 0xA700 (out of resources). Pixels are decoded later
+a full disk, or an instance over `--max-instance-bytes` (not written past the limit), gets 0xA700 (out of resources). Pixels are decoded later
 by the worker: a file that then fails to decode becomes a recorded rejection, not a network error.
 
 Instances arrive in a file, never whole in memory (pynetdicom's STORE_RECV_CHUNKED_DATASET): a whole-slide image
@@ -41,7 +41,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from medtriage.errors import MedTriageError
+from medtriage.errors import ConfigError, MedTriageError
 from medtriage.serve.node.header import read_identity
 from medtriage.serve.node.store import MAX_INSTANCE_BYTES, NodeStore
 
@@ -70,12 +70,49 @@ class PduTooLong(OSError):
     """A peer's PDU header claims more than the node accepts; pynetdicom closes the connection on an OSError."""
 
 
+class _DroppedRest:
+    """Stands in for the file of an instance once it is over --max-instance-bytes: the rest is read off the network
+    and dropped, so the disk holds no more than the limit, and handle_store still answers 0xA700 (the file is over
+    the limit) when the instance ends, the association going on."""
+
+    def __init__(self, spilled):
+        spilled.close()
+        self.name, self.file = spilled.name, self  # pynetdicom writes to it, then flushes `.file`
+
+    def write(self, data) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def bound_message(message, max_instance_bytes: int) -> None:
+    """pynetdicom gathers a DIMSE message's fragments without a limit: an instance in its file, anything else in
+    memory. Cap the file at the instance limit; a command, or a data set that is not an instance, past one PDU's
+    worth is no conforming peer's: drop it."""
+    spilled = getattr(message, "_data_set_file", None)
+    if spilled is not None and not isinstance(spilled, _DroppedRest) and spilled.tell() > max_instance_bytes:
+        message._data_set_file = _DroppedRest(spilled)
+    held = message.encoded_command_set.tell() + (message.data_set.tell() if spilled is None else 0)
+    if held > MAX_PDU_BYTES:
+        raise PduTooLong(f"a DIMSE message of over {MAX_PDU_BYTES} bytes without an instance file: connection dropped")
+
+
 class _BoundedPduSocket(AssociationSocket):
-    """pynetdicom reads a PDU as recv(6) for its header, then recv(length) for its body: refuse the body up front."""
+    """pynetdicom reads a PDU as recv(6) for its header, then recv(length) for its body: refuse the body up front,
+    and check the message that the PDUs so far make (bound_message) before reading the next."""
+
+    max_instance_bytes = MAX_INSTANCE_BYTES
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > MAX_PDU_BYTES:
             raise PduTooLong(f"a PDU of {nr_bytes} bytes exceeds the node's maximum of {MAX_PDU_BYTES}: connection dropped")
+        message = getattr(self.assoc.dimse, "message", None)
+        if message is not None:
+            bound_message(message, self.max_instance_bytes)
         return super().recv(nr_bytes)
 
 
@@ -83,8 +120,9 @@ class _BoundedPduHandler(RequestHandler):
     def _create_association(self):
         assoc = super()._create_association()
         # pynetdicom builds the socket inside _create_association; taking over its class adds the bound to recv
-        # without copying that setup (the subclass adds no state).
+        # without copying that setup (the subclass adds only the instance limit).
         assoc.dul.socket.__class__ = _BoundedPduSocket
+        assoc.dul.socket.max_instance_bytes = self.server.max_instance_bytes
         return assoc
 
 
@@ -137,7 +175,14 @@ def tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
     """Server-side TLS (TLS 1.2 or newer) with the node's certificate and key."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(cert), str(key))
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as err:  # a missing file, or a key that is not the certificate's
+        raise ConfigError(
+            f"cannot load the TLS certificate {cert} with its key {key}: {err}",
+            where="--tls-cert/--tls-key",
+            hint="give PEM files, the key matching the certificate",
+        ) from err
     return context
 
 
@@ -166,13 +211,21 @@ def start_scp(
     ae = build_ae(aet, allowed_callers)
     handlers = [(evt.EVT_C_STORE, handle_store, [store, max_instance_bytes]), (evt.EVT_CONN_CLOSE, discard_partial_instance)]
     # AE.start_server(block=False), with the bounded request handler it offers no argument for
-    server = ae.make_server(
-        (host, port),
-        ssl_context=ssl_context,
-        evt_handlers=handlers,
-        server_class=ThreadedAssociationServer,
-        request_handler=_BoundedPduHandler,
-    )
+    try:
+        server = ae.make_server(
+            (host, port),
+            ssl_context=ssl_context,
+            evt_handlers=handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=_BoundedPduHandler,
+        )
+    except OSError as err:  # the port taken, or an address this machine does not have
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}",
+            where="--host/--port",
+            hint="choose a free --port, or stop the process that uses it; --host must be an address of this machine",
+        ) from err
+    server.max_instance_bytes = max_instance_bytes  # read by _BoundedPduHandler for each association
     threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True).start()
     ae._servers.append(server)
     return server

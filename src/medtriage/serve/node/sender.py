@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import pydicom
+import requests
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
@@ -52,7 +53,8 @@ class Peer:
 
 def backoff(attempts: int, retry_max: float) -> float:
     """Seconds before the next try after `attempts` failures: 1, 2, 4 ... capped at `retry_max`."""
-    return min(retry_max, 2.0**attempts)
+    # 2.0**1024 overflows: a destination down for a weekend must not turn the backoff into an error (and a hot loop)
+    return min(retry_max, 2.0 ** min(attempts, 30))
 
 
 class DimseSender:
@@ -90,19 +92,45 @@ class DimseSender:
         return "no response" if code is None else f"C-STORE status 0x{code:04X}"
 
 
+class _TimedSession(requests.Session):
+    """requests waits for ever by default: a server that takes the request and never answers would hold the sender,
+    and with it every destination's deliveries."""
+
+    def __init__(self, timeout: float):
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, *args, **kwargs):
+        kwargs.setdefault("timeout", self.timeout)
+        return super().request(*args, **kwargs)
+
+
+def stow_failure(answer: pydicom.Dataset) -> str | None:
+    """The failure a STOW-RS answer lists, or None. PS3.18 10.5.3: a 202 (and some servers' 200) still carries a
+    Failed SOP Sequence for the instances it did not store, which no HTTP error reports."""
+    failed = answer.get("FailedSOPSequence") or []
+    if not failed:
+        return None
+    reason = failed[0].get("FailureReason")
+    return f"refused {failed[0].get('ReferencedSOPInstanceUID', '')}" + (f" with reason 0x{reason:04X}" if reason is not None else "")
+
+
 class DicomWebSender:
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout: float = 60):
         from dicomweb_client.api import DICOMwebClient
 
         self.url = url
-        self.client = DICOMwebClient(url=url)
+        self.client = DICOMwebClient(url=url, session=_TimedSession(timeout))
+        # Its own retries (5 tries, 2 to 16 s apart, on any error) would sleep in the sender thread, holding up every
+        # other delivery and a shutdown: the Sender's backoff retries instead, and records why.
+        self.client.set_http_retry_params(retry=False)
 
     def send(self, deliveries: list[Delivery]) -> dict[int, str | None]:
         outcome = {}
         for delivery in deliveries:
             try:
-                self.client.store_instances([pydicom.dcmread(delivery.file)])
-                outcome[delivery.id] = None
+                failure = stow_failure(self.client.store_instances([pydicom.dcmread(delivery.file)]))
+                outcome[delivery.id] = None if failure is None else f"STOW-RS to {self.url}: {failure}"
             except Exception as err:  # noqa: BLE001 -- HTTP errors and refused connections alike: retried
                 outcome[delivery.id] = f"STOW-RS to {self.url}: {type(err).__name__}: {str(err)[:200]}"
         return outcome

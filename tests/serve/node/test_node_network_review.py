@@ -1,0 +1,180 @@
+"""The node's network edges: what a DICOMweb server answers, a destination that never answers or stays down for
+days, and `medtriage listen` options that cannot work."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+
+from medtriage.cli import main
+from medtriage.errors import ConfigError
+from medtriage.serve.node.scp import MAX_PDU_BYTES, OUT_OF_RESOURCES, SUCCESS, start_scp, tls_context
+from medtriage.serve.node.sender import DicomWebSender, Sender, backoff
+from medtriage.serve.node.store import MAX_INSTANCE_BYTES, Delivery, NodeStore
+from tests.serve.node.peers import NODE_AET, cr_study, free_port, send_files
+
+SOP = "1.2.826.0.1.3680043.8.498.1"
+
+
+def stow_answer(failed: bool) -> dict:
+    """A PS3.18 STOW-RS answer in DICOM JSON: the instance as stored, or in the Failed SOP Sequence."""
+    item = {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.33"]}, "00081155": {"vr": "UI", "Value": [SOP]}}
+    if failed:
+        return {"00081198": {"vr": "SQ", "Value": [{**item, "00081197": {"vr": "US", "Value": [0xA700]}}]}}
+    return {"00081199": {"vr": "SQ", "Value": [item]}}
+
+
+def stow_server(status: int, answer: dict) -> ThreadingHTTPServer:
+    body = json.dumps(answer).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def delivery(tmp_path) -> Delivery:
+    (file,) = cr_study(tmp_path / "out", 1, seed=41)
+    return Delivery(7, "1.2.3", "sr", "dicomweb", file, SOP, 0)
+
+
+@pytest.mark.parametrize(("status", "failed"), [(202, True), (200, True), (200, False)])
+def test_a_stow_answer_listing_the_instance_as_failed_is_not_a_delivery(delivery, status, failed):
+    server = stow_server(status, stow_answer(failed))
+    try:
+        outcome = DicomWebSender(f"http://127.0.0.1:{server.server_port}/dicom-web").send([delivery])
+    finally:
+        server.shutdown()
+    if failed:
+        assert outcome[7] is not None and "0xA700" in outcome[7]
+    else:
+        assert outcome == {7: None}
+
+
+def test_a_stow_server_that_never_answers_costs_one_timeout_not_the_sender(delivery):
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts the connection; nobody ever answers
+    outcome: dict = {}
+    try:
+        sender = DicomWebSender(f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web", timeout=1)
+        thread = threading.Thread(target=lambda: outcome.update(sender.send([delivery])), daemon=True)
+        thread.start()
+        thread.join(timeout=20)
+        assert not thread.is_alive(), "STOW-RS waited for an answer with no timeout"
+    finally:
+        silent.close()
+    assert outcome[7] is not None and "Timeout" in outcome[7]
+
+
+def test_a_stow_server_that_is_down_fails_the_try_at_once(delivery):
+    started = time.monotonic()
+    outcome = DicomWebSender(f"http://127.0.0.1:{free_port()}/dicom-web").send([delivery])
+    assert outcome[7] is not None and "ConnectionError" in outcome[7]
+    assert time.monotonic() - started < 5, "the try slept in the sender thread instead of leaving the retry to its backoff"
+
+
+class Down:
+    def send(self, deliveries):
+        return {d.id: "no association with PACS@127.0.0.1:4242" for d in deliveries}
+
+
+def test_a_destination_down_for_days_is_retried_after_the_longest_wait_not_in_a_loop(tmp_path):
+    assert backoff(2000, 60) == 60
+    store = NodeStore(tmp_path / "state")
+    store.record_instance("1.2.3.4", "1.2.3", "1.2.3.5", "1.2.840.10008.5.1.4.1.1.1", "x.dcm", {})
+    assert store.close_study("1.2.3", None, "none", None, [("sr", "PACS", "sr.dcm", SOP)], seen=time.time() + 1, state="scored")
+    store._execute("UPDATE deliveries SET attempts = 1100")  # some 17 hours of one-minute retries
+    try:
+        assert Sender(store, {"PACS": Down()}, retry_max=60).send_due()
+        (row,) = store._execute("SELECT attempts, next_attempt FROM deliveries")
+    finally:
+        store.close()
+    assert row["attempts"] == 1101 and row["next_attempt"] > time.time() + 50
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--retry-max", "0"),
+        ("--port", "70000"),
+        ("--metrics-port", "0"),
+        ("--aet", "A-TITLE-OF-20-CHARS!"),
+        ("--allow-aet", "BACK\\SLASH"),
+        ("--dicomweb", "pacs:8042/dicom-web"),
+    ],
+)
+def test_listen_names_the_option_that_cannot_work(tmp_path, capsys, option, value):
+    args = ["listen", str(tmp_path / "missing-package"), "--send-to", "PACS@127.0.0.1:4242", "--state", str(tmp_path / "s")]
+    assert main([*args, option, value]) == 2
+    assert f"{option}" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path):
+    taken = socket.create_server(("127.0.0.1", free_port()))
+    store = NodeStore(tmp_path / "state")
+    try:
+        with pytest.raises(ConfigError, match="--host/--port.*cannot listen on 127.0.0.1"):
+            start_scp(store, NODE_AET, "127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
+        store.close()
+
+
+def test_a_missing_tls_certificate_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="--tls-cert/--tls-key"):
+        tls_context(tmp_path / "node.pem", tmp_path / "node.key")
+
+
+def test_an_instance_over_the_limit_fills_no_more_disk_than_the_limit(tmp_path, monkeypatch):
+    from medtriage.serve.node import scp
+
+    (big,) = cr_study(tmp_path / "big", 1, seed=42, size=28 * 150)  # 17 MB of pixels
+    (small,) = cr_study(tmp_path / "small", 1, seed=43)
+    limit = 2 << 20
+    on_disk: list[int] = []
+
+    def measured(event, *args):
+        on_disk.append(Path(event.dataset_path).stat().st_size)
+        return handle_store(event, *args)
+
+    handle_store = scp.handle_store
+    monkeypatch.setattr(scp, "handle_store", measured)
+    store = NodeStore(tmp_path / "state")
+    port = free_port()
+    server = start_scp(store, NODE_AET, "127.0.0.1", port, max_instance_bytes=limit)
+    try:
+        assert send_files(port, [big, small]) == {big: OUT_OF_RESOURCES, small: SUCCESS}
+    finally:
+        server.shutdown()
+        store.close()
+    assert on_disk[0] <= limit + 2 * MAX_PDU_BYTES < big.stat().st_size, f"{on_disk[0]} bytes on disk for a limit of {limit}"
+
+
+def test_a_message_that_is_not_an_instance_is_not_gathered_in_memory_without_end():
+    from medtriage.serve.node.scp import PduTooLong, bound_message
+
+    class Fragments:  # a command (or a C-ECHO's data set) still arriving, fragment after fragment
+        _data_set_file = None
+        encoded_command_set, data_set = BytesIO(), BytesIO(bytes(MAX_PDU_BYTES + 1))
+
+    Fragments.data_set.seek(0, 2)
+    with pytest.raises(PduTooLong):
+        bound_message(Fragments(), MAX_INSTANCE_BYTES)
