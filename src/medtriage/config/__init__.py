@@ -19,6 +19,7 @@ from medtriage.config.schema import (
     TrackingConfig,
     TrainConfig,
     TrainerConfig,
+    check_values,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "TrainerConfig",
+    "check_values",
     "compose_train_config",
     "find_project_root",
     "git_commit",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from medtriage.errors import ConfigError
 
@@ -274,3 +274,49 @@ class TrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     cv: CrossValidationConfig = field(default_factory=CrossValidationConfig)
+
+
+# Values the schema's types admit but no run can use: (test, what is allowed). Unchecked, a zero batch size or a
+# negative learning rate ends in a library's traceback (an evaluation batch size of 0 only after the first epoch), and
+# a minimum learning-rate ratio above 1 or a negative mixup alpha trains a different recipe without a word.
+_COUNT, _POSITIVE, _NON_NEGATIVE, _FRACTION = (
+    (lambda v: v >= 1, "1 or more"),
+    (lambda v: v > 0, "above 0"),
+    (lambda v: v >= 0, "0 or more"),
+    (lambda v: 0 <= v <= 1, "between 0 and 1"),
+)
+VALUE_RANGES = {
+    "data.batch_size": _COUNT,
+    "data.num_workers": _NON_NEGATIVE,
+    "data.limit": _COUNT,  # null: every image
+    "data.augment.prob": _FRACTION,
+    "model.preprocess.size": _COUNT,
+    "model.preprocess.std": _POSITIVE,
+    "trainer.max_epochs": _COUNT,
+    "trainer.lr": _POSITIVE,
+    "trainer.lr_reference_batch": _COUNT,
+    "trainer.weight_decay": _NON_NEGATIVE,
+    "trainer.warmup_epochs": _NON_NEGATIVE,
+    "trainer.min_lr_ratio": _FRACTION,
+    "trainer.mixup_alpha": _NON_NEGATIVE,
+    "trainer.eval_batch_size": _COUNT,
+    "trainer.limit_train_batches": _COUNT,  # null: every batch
+    "cv.folds": (lambda v: v >= 2, "2 or more"),
+}
+
+
+def check_values(cfg) -> None:
+    """Fail before any data work on every value out of its range, and on stain jitter of grey-level images (which
+    fails inside the loader's workers otherwise)."""
+    wrong = []
+    for key, (allowed, text) in VALUE_RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not allowed(value):
+            wrong.append(f"{key}={value} (must be {text})")
+    augment, channels = cfg.data.augment, cfg.model.preprocess.in_channels
+    if augment.enabled and (augment.stain_sigma or augment.stain_bias) and channels != 3:
+        wrong.append(f"data.augment.stain_sigma/stain_bias with model.preprocess.in_channels={channels} (stain jitter needs RGB: 3)")
+    if wrong:
+        raise ConfigError(
+            "values no run can use: " + "; ".join(wrong), where="config", hint="change them on the command line or in the experiment file"
+        )

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from medtriage.config import to_plain_dict
+from medtriage.config import check_values, to_plain_dict
 from medtriage.data.audit import AuditResult, require_clean
 from medtriage.data.manifest import SPLITS
 from medtriage.data.sources.registry import load_pool
@@ -167,12 +167,14 @@ def run(cfg: DictConfig) -> RunResult:
     config = to_plain_dict(cfg)
     ranks, device_choice = distributed.setup(cfg.trainer.device.value)
     try:
-        return _run(cfg, config, ranks, pick_device(device_choice))
+        with tracking.terminate_as_interrupt():
+            return _run(cfg, config, ranks, pick_device(device_choice))
     finally:
         distributed.teardown(ranks)
 
 
 def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> RunResult:
+    check_values(cfg)
     check_refit(cfg)
     seed_everything(cfg.trainer, device)
     model = model_from_config(config)  # an unknown network fails here, before any data work

@@ -45,21 +45,26 @@ def _python_state_to_lists(state: tuple) -> list:
     return [version, list(internal), gauss]
 
 
+FINISHED_MARK = "metrics.json"  # written next to checkpoints/ when a run ends (training.report.log_final)
+
+
 def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experiment: str) -> tuple[Path, dict]:
-    """(path, contents) of the checkpoint to continue: trainer.resume_from, else this experiment's newest last.pt."""
+    """(path, contents) of the checkpoint to continue: trainer.resume_from, else the last.pt of this experiment's newest
+    unfinished run (a finished run has nothing left to train: continuing it would re-open it, not the interrupted one)."""
     if resume_from:
         given = Path(resume_from)
         candidates = [given, given / "checkpoints" / LAST, given / LAST] if given.is_dir() else [given]
         looked = str(given)
     else:
         experiment_dir = Path(runs_dir) / experiment
-        candidates = sorted(experiment_dir.glob(f"**/checkpoints/{LAST}"), key=lambda p: p.stat().st_mtime, reverse=True)
-        looked = f"{experiment_dir}/**/checkpoints/{LAST}"
+        unfinished = [p for p in experiment_dir.glob(f"**/checkpoints/{LAST}") if not (p.parent.parent / FINISHED_MARK).is_file()]
+        candidates = sorted(unfinished, key=lambda p: p.stat().st_mtime, reverse=True)
+        looked = f"{experiment_dir}/**/checkpoints/{LAST} of a run without {FINISHED_MARK}"
     for path in candidates:
         if path.is_file():
             return path, read_checkpoint(path)
     raise DataNotFoundError(
-        "trainer.resume=true but there is no checkpoint to resume",
+        "trainer.resume=true but no unfinished run has a checkpoint to resume",
         where=looked,
         hint="start a new run without trainer.resume, or set trainer.resume_from=<run folder or last.pt>",
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,11 +20,12 @@ import mlflow
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from medtriage.config.project import git_commit
+from medtriage.errors import ConfigError
 
 try:
     import fcntl
@@ -96,7 +99,7 @@ def start_run(cfg: DictConfig, resume_run_id: str | None = None):
     uri = cfg.tracking.uri
     mlflow.set_tracking_uri(uri)
     if resume_run_id:
-        return mlflow.start_run(run_id=resume_run_id)
+        return mlflow.start_run(run_id=_resumable(uri, resume_run_id))
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         exp_id = MlflowClient(uri).get_run(parent).info.experiment_id
@@ -104,6 +107,42 @@ def start_run(cfg: DictConfig, resume_run_id: str | None = None):
         exp_id = experiment_id(uri, cfg.tracking.experiment_name)
     tags = {PARENT_TAG: parent} if parent else {}
     return mlflow.start_run(experiment_id=exp_id, run_name=cfg.tracking.run_name or _run_name(cfg), tags=tags)
+
+
+def _resumable(uri: str, run_id: str) -> str:
+    """`run_id`, when the store at `uri` holds it undeleted: a resume against another store (MLFLOW_TRACKING_URI unset
+    in a new shell, a laptop's SQLite file instead of the server) fails here, saying which run and which store."""
+    try:
+        found = MlflowClient(uri).get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        found = False
+    if not found:
+        raise ConfigError(
+            f"the checkpoint's MLflow run {run_id} is not in the tracking store {uri}",
+            where="tracking.uri",
+            hint="resume with the store the run started in (MLFLOW_TRACKING_URI), or start a new run without trainer.resume",
+        )
+    return run_id
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a SLURM time limit or preemption, a stopped cross-validation fold) raised as KeyboardInterrupt in the
+    block, as Ctrl-C is: the run ends KILLED and resumable, where the default action would leave it RUNNING for good."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_name(cfg: DictConfig) -> str:

@@ -25,10 +25,10 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from medtriage.config import compose_train_config
+from medtriage.config import check_values, compose_train_config
 from medtriage.data.sources.registry import build_pool
 from medtriage.errors import MedTriageError
-from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id
+from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id, terminate_as_interrupt
 
 SCORES = ("calibrated_log_loss", "log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
 OWN_KEYS = ("cv.", "data.cv_", "export.enabled", "paths.output_dir", "hydra.", "hparams_search", "tracking.run_name")
@@ -102,6 +102,7 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     `cfg` is that config when the caller has it composed already (inside a Hydra app, which cannot compose again).
     """
     cfg = cfg if cfg is not None else compose_train_config([*overrides, "paths.output_dir=."])
+    check_values(cfg)  # here, not in each fold's log after the pool is built
     overrides = [o for o in overrides if not o.lstrip("+~").startswith(OWN_KEYS)]  # what the fold runs share
     folds, jobs = cfg.cv.folds, cfg.cv.jobs
     client = MlflowClient(cfg.tracking.uri)
@@ -116,13 +117,17 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     client.log_param(run_id, "cv.folds", folds)
     print(f"cross-validation of `{' '.join(overrides)}` on {folds} folds; MLflow run {run_id}", flush=True)
     try:
-        build_pool(cfg.data)  # here, once: folds starting side by side would each build the pool they share
-        result = CrossValidation(list(overrides), _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id), run_id)
+        with terminate_as_interrupt():
+            build_pool(cfg.data)  # here, once: folds starting side by side would each build the pool they share
+            result = CrossValidation(list(overrides), _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id), run_id)
         for score in SCORES:
             for fold, value in zip(result.folds, result.values(score), strict=True):
                 client.log_metric(run_id, f"cv/{score}", float(value), step=fold.fold)
             client.log_metric(run_id, f"cv/mean_{score}", result.mean(score))
             client.log_metric(run_id, f"cv/sd_{score}", result.sd(score))
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -156,7 +161,7 @@ def _run_folds(overrides: list[str], folds: int, out_dir: Path, jobs: int, name:
             fold.wall_s = time.perf_counter() - started
             if process.returncode != 0:
                 for _, other, _ in running:
-                    other.terminate()
+                    other.terminate()  # each ends its MLflow run KILLED (training.tracking.terminate_as_interrupt)
                 raise FoldFailedError(
                     f"fold {fold.fold} failed (exit {process.returncode})",
                     where=str(fold.output_dir / "train.log"),

@@ -1,0 +1,119 @@
+"""Launching a run: values no run can use fail before any work, a resume continues the interrupted run in its own
+store, and a run stopped by SIGTERM or Ctrl-C does not stay RUNNING in MLflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from medtriage import training
+from medtriage.config import compose_train_config
+from medtriage.errors import ConfigError
+from tests.training.conftest import ROOT, tiny_recipe
+
+MISSING_NPZ = "data.npz_path=/nonexistent/pneumoniamnist.npz"  # reaching the data would fail with DataNotFoundError
+
+
+def _tiny(tmp_path: Path, npz_cache_dir: Path, run: str, *extra: str):
+    runs = tmp_path / "outputs"
+    return compose_train_config([*tiny_recipe(runs, npz_cache_dir), f"paths.output_dir={runs / 'pneumoniamnist' / run}", *extra])
+
+
+def _statuses(uri: str) -> list[str]:
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.status for r in client.search_runs(experiments)]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.batch_size=0", "data.batch_size"),
+        ("trainer.eval_batch_size=0", "trainer.eval_batch_size"),
+        ("trainer.lr=-0.001", "trainer.lr"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("trainer.min_lr_ratio=2", "trainer.min_lr_ratio"),
+        ("trainer.mixup_alpha=-0.2", "trainer.mixup_alpha"),
+        ("model.preprocess.std=0", "model.preprocess.std"),
+        ("trainer.max_epochs=0", "trainer.max_epochs"),
+        ("data.augment.stain_sigma=0.3", "model.preprocess.in_channels=1"),
+    ],
+)
+def test_a_value_no_run_can_use_fails_before_any_data_work_naming_the_key(tmp_path, npz_cache_dir, override, key):
+    cfg = _tiny(tmp_path, npz_cache_dir, "bad", MISSING_NPZ, override)
+    with pytest.raises(ConfigError) as err:
+        training.run(cfg)
+    assert err.value.where == "config" and key in str(err.value)
+
+
+def test_cross_validation_with_one_fold_fails_before_its_mlflow_run(tmp_path, npz_cache_dir, tracking_uri):
+    from medtriage.workflows.cross_validation import cross_validate
+
+    overrides = [*tiny_recipe(tmp_path / "outputs", npz_cache_dir), MISSING_NPZ, "cv.folds=1"]
+    with pytest.raises(ConfigError, match=r"cv\.folds=1 \(must be 2 or more\)"):
+        cross_validate(overrides, tmp_path / "cv")
+    assert _statuses(tracking_uri) == []
+
+
+def test_an_interrupted_cross_validation_ends_its_run_killed(tmp_path, npz_cache_dir, tracking_uri, monkeypatch):
+    from medtriage.workflows import cross_validation
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cross_validation, "build_pool", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validation.cross_validate(tiny_recipe(tmp_path / "outputs", npz_cache_dir), tmp_path / "cv")
+    assert _statuses(tracking_uri) == ["KILLED"]
+
+
+def test_resume_continues_the_interrupted_run_not_a_newer_finished_one(tmp_path, npz_cache_dir):
+    recipe = ("trainer.max_epochs=2", "data.limit=64")
+    interrupted = training.run(_tiny(tmp_path, npz_cache_dir, "a", *recipe, "trainer.stop_after_epochs=1"))
+    finished = training.run(_tiny(tmp_path, npz_cache_dir, "b", *recipe))
+    assert interrupted.interrupted and finished.finished
+    resumed = training.run(_tiny(tmp_path, npz_cache_dir, "c", *recipe, "trainer.resume=true"))
+    assert resumed.run_id == interrupted.run_id and resumed.output_dir == interrupted.output_dir
+
+
+def test_resuming_against_another_tracking_store_names_the_run_and_the_store(tmp_path, npz_cache_dir, monkeypatch, empty_mlflow_db):
+    recipe = ("trainer.max_epochs=2", "data.limit=64")
+    interrupted = training.run(_tiny(tmp_path, npz_cache_dir, "a", *recipe, "trainer.stop_after_epochs=1"))
+    other = tmp_path / "other.db"
+    shutil.copyfile(empty_mlflow_db, other)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")  # a new shell without the run's store
+    with pytest.raises(ConfigError) as err:
+        training.run(_tiny(tmp_path, npz_cache_dir, "b", *recipe, "trainer.resume=true"))
+    assert interrupted.run_id in str(err.value) and str(other) in str(err.value) and err.value.where == "tracking.uri"
+
+
+def test_a_run_stopped_by_sigterm_ends_killed_not_running(tmp_path, npz_cache_dir, tracking_uri):
+    """A SLURM time limit or preemption, or a failed fold stopping the others, sends SIGTERM."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from medtriage.config import compose_train_config
+        from medtriage.training import job
+        from tests.training.conftest import tiny_recipe
+
+        def terminated(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not stop the run")
+
+        job.train_epochs = terminated
+        runs = {str(tmp_path / "outputs")!r}
+        job.run(compose_train_config([*tiny_recipe(runs, {str(npz_cache_dir)!r}), "paths.output_dir=" + runs + "/run"]))
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert _statuses(tracking_uri) == ["KILLED"], done.stderr[-3000:]
+    assert "continue with trainer.resume=true" in done.stdout
