@@ -1,9 +1,11 @@
 import json
+import shutil
 
 import pytest
 
 from medtriage.errors import PackageError
 from medtriage.serve.package import load_package
+from medtriage.serve.predictor import Predictor
 
 
 def test_a_valid_package_loads(package_dir, exported):
@@ -44,3 +46,10 @@ def test_incomplete_packages_are_refused(package_copy, damage, expected):
 def test_a_missing_folder_says_what_to_pass(tmp_path):
     with pytest.raises(PackageError, match="folder that holds model.onnx"):
         load_package(tmp_path / "nope")
+
+
+def test_a_model_replaced_after_its_package_loaded_is_not_served(package_copy, safe_package_dir):
+    package = load_package(package_copy)
+    shutil.copy(safe_package_dir / "model.onnx", package_copy / "model.onnx")  # a valid graph, not the one hashed
+    with pytest.raises(PackageError, match="changed after its package was loaded"):
+        Predictor(package, threads=1)

@@ -53,6 +53,26 @@ def test_a_value_no_run_can_use_fails_before_any_data_work_naming_the_key(tmp_pa
     assert err.value.where == "config" and key in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "where"),
+    [
+        ("export.threshold_rule=sensitivty", "export.threshold_rule"),
+        ("export.urgent_rule=youdens", "export.urgent_rule"),
+        ("export.threshold_target=95", "export.threshold_target"),
+        ("export.tta=mirror", "export.tta"),
+        ("export.slide_aggregation=max", "export.slide_aggregation"),
+        ("export.ood_false_alarm_rate=1", "export.ood_false_alarm_rate"),
+    ],
+)
+def test_an_export_setting_that_cannot_work_fails_before_the_training(tmp_path, npz_cache_dir, monkeypatch, override, where):
+    from medtriage.workflows.train_and_export import train_and_export
+
+    monkeypatch.setattr(training, "run", lambda cfg: pytest.fail("trained with an export setting that cannot work"))
+    with pytest.raises(ConfigError) as err:
+        train_and_export(_tiny(tmp_path, npz_cache_dir, "bad-export", "export.enabled=true", override))
+    assert err.value.where == where
+
+
 def test_cross_validation_with_one_fold_fails_before_its_mlflow_run(tmp_path, npz_cache_dir, tracking_uri):
     from medtriage.workflows.cross_validation import cross_validate
 

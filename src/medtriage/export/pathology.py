@@ -71,14 +71,22 @@ def slide_scores(tile_scores: np.ndarray, slides: SlideLabels, aggregation: str,
     return scores, labels, sites
 
 
-def pathology_block(
-    pool: TilePool, cfg: ExportConfig, positive: int, val_scores: np.ndarray, test_scores: np.ndarray | None = None
-) -> dict:
-    """model.json's `pathology` block; `*_scores` are calibrated positive-class tile probabilities."""
+def check_slide_settings(cfg: ExportConfig) -> None:
     if cfg.slide_aggregation not in AGGREGATIONS:
         raise ConfigError(
             f"unknown slide aggregation '{cfg.slide_aggregation}'", where="export.slide_aggregation", hint=f"one of {AGGREGATIONS}"
         )
+    if cfg.slide_top_k < 1:
+        raise ConfigError(
+            f"export.slide_top_k={cfg.slide_top_k}", where="export.slide_top_k", hint="the number of top tiles averaged: 1 or more"
+        )
+
+
+def pathology_block(
+    pool: TilePool, cfg: ExportConfig, positive: int, val_scores: np.ndarray, test_scores: np.ndarray | None = None
+) -> dict:
+    """model.json's `pathology` block; `*_scores` are calibrated positive-class tile probabilities."""
+    check_slide_settings(cfg)
     info = pool.tile_info
     block = {
         "tile_size": int(info["tile_size"]),

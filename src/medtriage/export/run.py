@@ -23,15 +23,16 @@ from medtriage.config.schema import ExportConfig
 from medtriage.data.manifest import load_manifest
 from medtriage.errors import ConfigError
 from medtriage.evaluation.calibration import probabilities
+from medtriage.evaluation.operating_points import THRESHOLD_RULES
 from medtriage.evaluation.predictions import Predictions
 from medtriage.export.onnx import INPUT_NAME, OUTPUT_NAME, CalibratedNet, check_parity, export_onnx, parity
 from medtriage.export.ood import OodData, fit_ood, ood_parity
 from medtriage.export.package import next_version, split_metrics, write_package
-from medtriage.export.pathology import TilePool, pathology_block, thresholds_by_export_rules, tile_pool_of
+from medtriage.export.pathology import TilePool, check_slide_settings, pathology_block, thresholds_by_export_rules, tile_pool_of
 from medtriage.export.registry import log_package, registrar, run_git_commit
 from medtriage.export.safety import calibration_on_test, choose_calibration, drift_references, scope_from_rows
 from medtriage.format import ONNX_FILE, SCHEMA_VERSION
-from medtriage.model.averaging import EnsembleNet, averaged
+from medtriage.model.averaging import EnsembleNet, averaged, check_tta
 from medtriage.model.checkpoint import load_model
 from medtriage.model.networks import TriageNet
 from medtriage.model.predict import predict
@@ -195,6 +196,25 @@ def _member_sizes(net) -> dict:
 # --- called by training, and by scripts/export.py ---------------------------------------------
 
 
+def check_export_settings(export: Any) -> None:
+    """Refuse export settings that cannot work before a training is spent on them (the export runs at its end)."""
+    cfg = ExportConfig(**_as_dict(export))
+    check_tta(cfg.tta)
+    for key, rule in (("threshold_rule", cfg.threshold_rule), ("urgent_rule", cfg.urgent_rule)):
+        if rule is not None and rule not in THRESHOLD_RULES:
+            raise ConfigError(f"unknown threshold rule '{rule}'", where=f"export.{key}", hint=f"use one of {', '.join(THRESHOLD_RULES)}")
+    for key, value in (("threshold_target", cfg.threshold_target), ("urgent_target", cfg.urgent_target)):
+        if not 0 < value <= 1:
+            raise ConfigError(f"export.{key}={value} is not a rate", where=f"export.{key}", hint="a sensitivity or specificity in (0, 1]")
+    if not 0 < cfg.ood_false_alarm_rate < 1:
+        raise ConfigError(
+            f"export.ood_false_alarm_rate={cfg.ood_false_alarm_rate}",
+            where="export.ood_false_alarm_rate",
+            hint="a share in (0, 1), e.g. 0.01",
+        )
+    check_slide_settings(cfg)
+
+
 def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any) -> Path:
     """Export the checkpoint of a training run with the run's resolved config (`cfg.export`, `cfg.data.pool_dir`);
     returns the package folder. With a run id, the package is logged to that run and registered."""
@@ -206,6 +226,7 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
     """export_run for a network already built (a trained model, or an ensemble of several)."""
     config = _as_dict(cfg)
     export_cfg = ExportConfig(**config.get("export", {}))
+    check_export_settings(export_cfg)
     pool_dir = _lookup(config, "data.pool_dir") or _lookup(_as_dict(train_config), "data.pool_dir")
     if not pool_dir:
         raise ConfigError("the config names no data.pool_dir to take validation images from", where="data.pool_dir")

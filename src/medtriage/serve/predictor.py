@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ def create_session(package: ModelPackage, provider: str = "cpu", threads: int | 
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(str(package.onnx_path), options, providers=PROVIDERS[provider])
+    session = ort.InferenceSession(_verified_model(package), options, providers=PROVIDERS[provider])
     if session.get_providers()[0] != wanted:  # ORT falls back to CPU when the CUDA libraries fail to load
         raise ConfigError(
             f"{wanted} was requested but onnxruntime could not start it (it would run on {session.get_providers()[0]})",
@@ -106,6 +107,19 @@ def create_session(package: ModelPackage, provider: str = "cpu", threads: int | 
             hint="check the CUDA/cuDNN install, or run with --provider cpu",
         )
     return session
+
+
+def _verified_model(package: ModelPackage) -> bytes:
+    """model.onnx's bytes, checked again against model.json's sha256 as they are handed to ONNX Runtime: the file
+    was hashed when the package loaded, and a re-export may have replaced it since (the folder is swapped whole)."""
+    data = package.onnx_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != package.sha256:
+        raise PackageError(
+            "model.onnx changed after its package was loaded: its sha256 no longer matches model.json",
+            where=package.onnx_path,
+            hint="load the package again (a re-export may have replaced it)",
+        )
+    return data
 
 
 def to_model_channels(pixels: np.ndarray, channels: int, where: str = "") -> np.ndarray:

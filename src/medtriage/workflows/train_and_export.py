@@ -5,12 +5,14 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from medtriage import training
-from medtriage.export.run import export_run
+from medtriage.export.run import check_export_settings, export_run
 from medtriage.training.job import RunResult
 
 
 def train_and_export(cfg: DictConfig) -> RunResult:
     """Train as `cfg` says; when `export.enabled` and the run finished, export it and log the package to the run."""
+    if cfg.export.enabled and not cfg.data.get("refit"):
+        check_export_settings(cfg.export)  # now, not after the training it would waste
     result = training.run(cfg)
     if cfg.data.get("refit") and result.finished:
         print(

@@ -46,7 +46,7 @@ def test_a_study_is_not_closed_when_an_instance_arrived_meanwhile(tmp_path):
 
 def test_destinations_and_backoff():
     assert str(Peer.parse("ORTHANC@pacs.example.org:4242")) == "ORTHANC@pacs.example.org:4242"
-    for bad in ("ORTHANC@pacs", "pacs:4242", "A@h:99999", "TOO-LONG-AE-TITLE-X@h:1"):
+    for bad in ("ORTHANC@pacs", "pacs:4242", "A@h:99999", "TOO-LONG-AE-TITLE-X@h:1", "ORT\x07HANC@h:1", "   @h:1", "A\\B@h:1"):
         with pytest.raises(ConfigError):
             Peer.parse(bad)
     assert [backoff(n, 60) for n in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]

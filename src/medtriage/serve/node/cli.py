@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import signal
 import sys
 import tempfile
@@ -14,8 +13,6 @@ from urllib.parse import urlsplit
 from medtriage.serve.batching import add_batching_options
 from medtriage.serve.cli import add_runtime_options, apply_decode_limits
 from medtriage.serve.node.store import MAX_INSTANCE_BYTES
-
-AE_TITLE = re.compile(r"[\x20-\x5B\x5D-\x7E]{1,16}")  # PS3.5 AE: printable ASCII without backslash
 
 LISTEN_HELP = """\
 Receive images from a PACS or modality (DICOM C-STORE), score each study with the model package and
@@ -99,9 +96,10 @@ def check_network_options(args: argparse.Namespace) -> None:
     """Refuse, before the model loads, values that would fail later with a traceback (an AE title pynetdicom refuses,
     a port out of range, a URL without a scheme) or spin (retries without a wait)."""
     from medtriage.errors import ConfigError
+    from medtriage.serve.node.sender import is_ae_title
 
     for option, title in [("--aet", args.aet), *(("--allow-aet", t) for t in args.allow_aet or [])]:
-        if not AE_TITLE.fullmatch(title) or not title.strip():
+        if not is_ae_title(title):
             raise ConfigError(
                 f"{title!r} is not an AE title", where=option, hint="1 to 16 ASCII characters, no backslash or control character"
             )

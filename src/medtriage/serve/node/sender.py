@@ -28,6 +28,14 @@ RESULT_CLASSES = [ComprehensiveSRStorage, SecondaryCaptureImageStorage]
 DICOMWEB = "dicomweb"
 
 
+AE_TITLE = re.compile(r"[\x20-\x5B\x5D-\x7E]{1,16}")  # PS3.5 AE: printable ASCII without backslash
+
+
+def is_ae_title(text: str) -> bool:
+    """Whether pynetdicom takes `text` as an AE title (a control character would fail every try, retried for ever)."""
+    return bool(AE_TITLE.fullmatch(text)) and bool(text.strip())
+
+
 @dataclass(frozen=True)
 class Peer:
     """A DICOM destination, parsed from 'AET@HOST:PORT'."""
@@ -38,8 +46,8 @@ class Peer:
 
     @classmethod
     def parse(cls, text: str) -> Peer:
-        match = re.fullmatch(r"([^@\\]{1,16})@([A-Za-z0-9.\-:\[\]]+):(\d{1,5})", text.strip())
-        if not match or not 0 < int(match.group(3)) < 65536:
+        match = re.fullmatch(r"([^@]{1,16})@([A-Za-z0-9.\-:\[\]]+):(\d{1,5})", text.strip())
+        if not match or not is_ae_title(match.group(1)) or not 0 < int(match.group(3)) < 65536:
             raise ConfigError(
                 f"cannot read the destination {text!r}",
                 where="--send-to",
@@ -66,7 +74,8 @@ class DimseSender:
         ae = AE(ae_title=self.calling_aet)
         for sop_class in RESULT_CLASSES:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        # connection_timeout too: a host that drops packets would otherwise hold the sender for the system's (minutes)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout
         assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.aet)
         if not assoc.is_established:
             return dict.fromkeys((d.id for d in deliveries), f"no association with {self.peer}")
