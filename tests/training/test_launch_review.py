@@ -101,6 +101,8 @@ def test_resume_continues_the_interrupted_run_not_a_newer_finished_one(tmp_path,
     assert interrupted.interrupted and finished.finished
     resumed = training.run(_tiny(tmp_path, npz_cache_dir, "c", *recipe, "trainer.resume=true"))
     assert resumed.run_id == interrupted.run_id and resumed.output_dir == interrupted.output_dir
+    with pytest.raises(ConfigError, match="names a run that finished"):  # named outright, it is refused
+        training.run(_tiny(tmp_path, npz_cache_dir, "d", *recipe, f"trainer.resume_from={finished.output_dir}"))
 
 
 def test_resuming_against_another_tracking_store_names_the_run_and_the_store(tmp_path, npz_cache_dir, monkeypatch, empty_mlflow_db):
@@ -137,3 +139,25 @@ def test_a_run_stopped_by_sigterm_ends_killed_not_running(tmp_path, npz_cache_di
     assert done.returncode != 0
     assert _statuses(tracking_uri) == ["KILLED"], done.stderr[-3000:]
     assert "continue with trainer.resume=true" in done.stdout
+
+
+def test_an_interrupted_cross_validation_stops_the_folds_it_started(tmp_path, monkeypatch):
+    from medtriage.workflows import cross_validation
+
+    started = []
+    popen = subprocess.Popen
+
+    def record(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(running, folds):  # SIGTERM to this process alone, while its folds train
+        raise KeyboardInterrupt
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    monkeypatch.setattr(cross_validation, "fold_command", lambda *args: sleeper)
+    monkeypatch.setattr(cross_validation.subprocess, "Popen", record)
+    monkeypatch.setattr(cross_validation, "_finished", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validation._run_folds([], 3, tmp_path, 2, "cv", "run")
+    assert len(started) == 2 and all(process.poll() is not None for process in started)

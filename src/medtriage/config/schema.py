@@ -185,7 +185,7 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = True  # deterministic algorithms (CPU runs repeat exactly)
     resume: bool = False  # continue the latest interrupted run of this experiment
-    resume_from: str | None = None  # a last.pt, or a run folder holding checkpoints/last.pt
+    resume_from: str | None = None  # a last.pt, or a run folder holding checkpoints/last.pt (resumes it: resume implied)
     limit_train_batches: int | None = None  # per epoch (quick runs)
     stop_after_epochs: int | None = None  # end this process after N epochs, as an interruption would
     # Recipe knobs (medtriage.training.losses); the defaults leave training as it was.

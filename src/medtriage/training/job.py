@@ -178,9 +178,8 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     check_refit(cfg)
     seed_everything(cfg.trainer, device)
     model = model_from_config(config)  # an unknown network fails here, before any data work
-    resume_path, resumed = (
-        find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name) if cfg.trainer.resume else (None, None)
-    )
+    resuming = cfg.trainer.resume or cfg.trainer.resume_from  # naming the checkpoint is asking to resume it
+    resume_path, resumed = find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name) if resuming else (None, None)
     if resumed:
         check_resume_config(resumed["config"], config, resume_path)
     manifest, splits, audit = load_data(cfg, model, ranks)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtriage.errors import DataNotFoundError
+from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.model.checkpoint import LAST, read_checkpoint
 
 
@@ -48,6 +48,17 @@ def _python_state_to_lists(state: tuple) -> list:
 FINISHED_MARK = "metrics.json"  # written next to checkpoints/ when a run ends (training.report.log_final)
 
 
+def _refuse_finished(checkpoint: Path) -> None:
+    """A finished run has nothing left to train: continuing it would only reopen its MLflow run and log it again."""
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    if (run_dir / FINISHED_MARK).is_file():
+        raise ConfigError(
+            "trainer.resume_from names a run that finished",
+            where=checkpoint,
+            hint="resume an interrupted run instead, or start a new run without trainer.resume",
+        )
+
+
 def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experiment: str) -> tuple[Path, dict]:
     """(path, contents) of the checkpoint to continue: trainer.resume_from, else the last.pt of this experiment's newest
     unfinished run (a finished run has nothing left to train: continuing it would re-open it, not the interrupted one)."""
@@ -62,6 +73,7 @@ def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experi
         looked = f"{experiment_dir}/**/checkpoints/{LAST} of a run without {FINISHED_MARK}"
     for path in candidates:
         if path.is_file():
+            _refuse_finished(path)
             return path, read_checkpoint(path)
     raise DataNotFoundError(
         "trainer.resume=true but no unfinished run has a checkpoint to resume",

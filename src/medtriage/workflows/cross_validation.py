@@ -31,6 +31,7 @@ from medtriage.errors import MedTriageError
 from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id, terminate_as_interrupt
 
 SCORES = ("calibrated_log_loss", "log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
+STOP_WAIT_S = 60  # for a stopped fold to end its MLflow run, before it is killed
 OWN_KEYS = ("cv.", "data.cv_", "export.enabled", "paths.output_dir", "hydra.", "hparams_search", "tracking.run_name")
 
 
@@ -141,36 +142,55 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     return result
 
 
+def _finished(running: list[tuple[Fold, subprocess.Popen, float]], folds: int) -> list[Fold]:
+    """The folds whose process ended (taken out of `running`), with their metrics; a failed one raises."""
+    finished = []
+    for item in [r for r in running if r[1].poll() is not None]:
+        running.remove(item)
+        fold, process, started = item
+        fold.wall_s = time.perf_counter() - started
+        if process.returncode != 0:
+            raise FoldFailedError(
+                f"fold {fold.fold} failed (exit {process.returncode})",
+                where=str(fold.output_dir / "train.log"),
+                hint="read the fold's log; the other folds were stopped",
+            )
+        fold.metrics = json.loads((fold.output_dir / "metrics.json").read_text())
+        finished.append(fold)
+        print(
+            f"  fold {fold.fold + 1}/{folds} done in {fold.wall_s / 60:.1f} min: val log-loss {fold.metrics['val/log_loss']:.4f}",
+            flush=True,
+        )
+    return finished
+
+
+def _stop(running: list[tuple[Fold, subprocess.Popen, float]]) -> None:
+    for _, process, _ in running:
+        process.terminate()  # each ends its MLflow run KILLED (training.tracking.terminate_as_interrupt)
+    for _, process, _ in running:
+        try:
+            process.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def _run_folds(overrides: list[str], folds: int, out_dir: Path, jobs: int, name: str, trial_run_id: str) -> list[Fold]:
     env = {**os.environ, PARENT_RUN_ENV: trial_run_id}
     pending = [Fold(i, out_dir / f"fold{i}") for i in range(folds)]
     running: list[tuple[Fold, subprocess.Popen, float]] = []
     done: list[Fold] = []
-    while pending or running:
-        while pending and len(running) < max(1, jobs):
-            fold = pending.pop(0)
-            fold.output_dir.mkdir(parents=True, exist_ok=True)
-            command = fold_command(overrides, folds, fold.fold, fold.output_dir, f"{name}-cv{folds}-fold{fold.fold}")
-            with (fold.output_dir / "train.log").open("w") as log:  # the process keeps its own copy of the handle
-                running.append((fold, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter()))
-            print(f"  fold {fold.fold + 1}/{folds} started (log: {fold.output_dir / 'train.log'})", flush=True)
-        time.sleep(1.0)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            fold, process, started = item
-            fold.wall_s = time.perf_counter() - started
-            if process.returncode != 0:
-                for _, other, _ in running:
-                    other.terminate()  # each ends its MLflow run KILLED (training.tracking.terminate_as_interrupt)
-                raise FoldFailedError(
-                    f"fold {fold.fold} failed (exit {process.returncode})",
-                    where=str(fold.output_dir / "train.log"),
-                    hint="read the fold's log; the other folds were stopped",
-                )
-            fold.metrics = json.loads((fold.output_dir / "metrics.json").read_text())
-            done.append(fold)
-            print(
-                f"  fold {fold.fold + 1}/{folds} done in {fold.wall_s / 60:.1f} min: val log-loss {fold.metrics['val/log_loss']:.4f}",
-                flush=True,
-            )
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, jobs):
+                fold = pending.pop(0)
+                fold.output_dir.mkdir(parents=True, exist_ok=True)
+                command = fold_command(overrides, folds, fold.fold, fold.output_dir, f"{name}-cv{folds}-fold{fold.fold}")
+                with (fold.output_dir / "train.log").open("w") as log:  # the process keeps its own copy of the handle
+                    running.append((fold, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter()))
+                print(f"  fold {fold.fold + 1}/{folds} started (log: {fold.output_dir / 'train.log'})", flush=True)
+            time.sleep(1.0)
+            done += _finished(running, folds)
+    except BaseException:  # a failed fold, Ctrl-C, or SIGTERM (which reaches this process alone): no fold trains on
+        _stop(running)
+        raise
     return sorted(done, key=lambda f: f.fold)
