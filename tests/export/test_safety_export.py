@@ -13,6 +13,7 @@ from medtriage.format import schema_errors
 from medtriage.format.references import drift_block, psi
 from medtriage.format.schema import MODEL_SCHEMA
 from medtriage.io.dicom import read_dicom
+from medtriage.serve.drift import DriftMonitor
 from medtriage.serve.scope import first_failure, header_facts
 
 
@@ -88,3 +89,23 @@ def test_drift_references_and_threshold():
     unshifted = [psi(reference, rng.normal(0.5, 0.1, 100)) for _ in range(200)]
     assert np.mean(np.array(unshifted) > block["psi_threshold"]) <= 0.03
     assert psi(reference, rng.normal(0.6, 0.1, 100)) > block["psi_threshold"]
+
+
+def test_a_small_site_reference_has_its_own_threshold_and_keeps_the_false_alarm_rate():
+    rng = np.random.default_rng(3)
+    sites = np.array(["big"] * 1000 + ["small"] * 50)
+    values = rng.normal(0.5, 0.1, len(sites))
+    block = drift_block({"input_mean": values}, sites)
+    assert schema_errors(block, MODEL_SCHEMA["properties"]["drift"]) == []
+    thresholds = block["site_psi_thresholds"]
+    assert set(thresholds) == {"big", "small"} and thresholds["small"] > block["psi_threshold"]
+    small = block["reference"]["per_site"]["small"]["input_mean"]  # 50 images: noisier than the pooled 1050
+    unshifted = np.array([psi(small, rng.normal(0.5, 0.1, 100)) for _ in range(1000)])
+    assert np.mean(unshifted > block["psi_threshold"]) > 0.04  # the pooled threshold would alarm on this site
+    assert np.mean(unshifted > thresholds["small"]) <= 0.02
+    assert psi(small, rng.normal(0.7, 0.1, 100)) > thresholds["small"]  # and a marked shift still alarms
+    monitor = DriftMonitor(block)
+    for value in rng.normal(0.5, 0.1, 150):
+        monitor.observe("small", {"input_mean": float(value)})
+    (state,) = monitor.status()["sources"]
+    assert (state["reference"], state["threshold"]) == ("small", thresholds["small"])

@@ -78,7 +78,9 @@ def input_means(images: Sequence[np.ndarray], channels: int) -> np.ndarray:
 def drift_references(
     val_images: Sequence[np.ndarray], channels: int, probability: np.ndarray, sites: np.ndarray, ood_scores: np.ndarray | None
 ) -> dict:
-    features = {"input_mean": input_means(val_images, channels), "probability": np.asarray(probability)}
+    """`model.json` → `drift` from validation. The probability is binned in float32, as the graph serves it: values that
+    float32 rounds alike (every p > 1 - 3e-8 serves as 1.0) must fall in one bin, or an unshifted source drifts."""
+    features = {"input_mean": input_means(val_images, channels), "probability": np.asarray(probability, dtype=np.float32)}
     if ood_scores is not None:
         features["ood_score"] = np.asarray(ood_scores)
     return drift_block(features, sites)

@@ -39,18 +39,24 @@ def psi(reference: dict, values) -> float:
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
-def null_psi_quantile(values, window: int, bins: int = DEFAULT_BINS, quantile: float = 0.99, draws: int = 400, seed: int = 0) -> float:
+def null_psi_quantile(
+    values, window: int, bins: int = DEFAULT_BINS, quantile: float = 0.99, draws: int = 400, seed: int = 0, whole: bool = False
+) -> float:
     """How high PSI gets by chance alone: the `quantile` of PSI between a reference built from a random half
     of `values` and a `window` of images drawn from the other half (so the reference's own sampling noise
-    counts too), over `draws` random splits. A threshold at it has about 1 - quantile false alarms per check."""
+    counts too), over `draws` random splits. A threshold at it has about 1 - quantile false alarms per check.
+    `whole`: the reference is built from all of `values` (as a site's is), so each draw resamples a reference of
+    that size and a window, both with replacement (halving a few dozen images would overstate the noise)."""
     values = np.asarray(values, dtype=np.float64).ravel()
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(draws):
-        order = rng.permutation(len(values))
-        half = len(values) // 2
-        reference = reference_histogram(values[order[:half]], bins)
-        samples.append(psi(reference, rng.choice(values[order[half:]], window, replace=True)))
+        if whole:
+            built_from, drawn_from = rng.choice(values, len(values), replace=True), values
+        else:
+            order = rng.permutation(len(values))
+            built_from, drawn_from = values[order[: len(values) // 2]], values[order[len(values) // 2 :]]
+        samples.append(psi(reference_histogram(built_from, bins), rng.choice(drawn_from, window, replace=True)))
     return float(np.quantile(samples, quantile))
 
 
@@ -72,14 +78,24 @@ def drift_block(
         mask = sites == site
         if mask.sum() >= bins * 5:  # too few images make a histogram of noise: such a site uses the pooled one
             per_site[str(site)] = {name: reference_histogram(values[mask], bins) for name, values in features.items()}
-    chance = max(null_psi_quantile(values, min_images, bins, FALSE_ALARM_QUANTILE) for values in features.values())
+    # A site's reference rests on fewer images than the pooled one, so chance moves its PSI further: its own threshold.
+    site_thresholds = {
+        site: _threshold([values[sites == site] for values in features.values()], min_images, bins, whole=True) for site in per_site
+    }
     return {
         "features": sorted(features),
         "window": window,
         "min_images": min_images,
         "bins": bins,
-        "psi_threshold": round(max(CONVENTIONAL_PSI, chance), 4),
+        "psi_threshold": _threshold(features.values(), min_images, bins),
+        "site_psi_thresholds": site_thresholds,
         "threshold_rule": f"max(0.25, {FALSE_ALARM_QUANTILE:.0%} quantile over features of PSI between half of validation "
-        f"and {min_images}-image windows from the other half)",
+        f"and {min_images}-image windows from the other half); a site's: of PSI between resamples of its validation images "
+        f"as large as its reference and {min_images}-image windows from them",
         "reference": {"split": "val", "all": pooled, "per_site": per_site},
     }
+
+
+def _threshold(feature_values, min_images: int, bins: int, whole: bool = False) -> float:
+    chance = max(null_psi_quantile(values, min_images, bins, FALSE_ALARM_QUANTILE, whole=whole) for values in feature_values)
+    return round(max(CONVENTIONAL_PSI, chance), 4)

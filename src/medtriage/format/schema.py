@@ -100,6 +100,7 @@ _DRIFT = {
         "window": {"type": "integer", "minimum": 1},
         "min_images": {"type": "integer", "minimum": 1},
         "psi_threshold": {"type": "number", "minimum": 0},
+        "site_psi_thresholds": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},  # per_site's own
         "reference": {
             "type": "object",
             "required": ["all", "per_site"],

@@ -6,8 +6,8 @@ package has references for (mean decoded intensity, OOD score, predicted probabi
 per input (a multi-frame object's frames averaged, so that one object cannot fill a window), and their
 population-stability index against the reference of the training site of that name, else the
 pooled validation reference. A source drifts when, with at least `min_images` in its window,
-the PSI of any feature passes the package's threshold (chosen at export for a stated
-false-alarm rate on unshifted windows).
+the PSI of any feature passes that reference's threshold (chosen at export for a stated
+false-alarm rate on unshifted windows; a site's reference, built on fewer images, has its own).
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ def input_features(scores) -> dict[str, float]:
 class SourceDrift:
     source: str
     reference: str  # the training site compared with, or "all"
+    threshold: float  # that reference's PSI threshold
     images: int = 0  # seen since the service started
     psi: dict = field(default_factory=dict)  # feature -> PSI over the current window
     window: int = 0  # images in the current window
 
-    def drifting(self, threshold: float, min_images: int) -> bool:
-        return self.window >= min_images and any(v > threshold for v in self.psi.values())
+    def drifting(self, min_images: int) -> bool:
+        return self.window >= min_images and any(v > self.threshold for v in self.psi.values())
 
-    def as_dict(self, threshold: float, min_images: int) -> dict:
+    def as_dict(self, min_images: int) -> dict:
         worst = max(self.psi, key=self.psi.get) if self.psi else None
         return {
             "source": self.source,
@@ -62,7 +63,8 @@ class SourceDrift:
             "window": self.window,
             "psi": {k: round(v, 4) for k, v in self.psi.items()},
             "worst_feature": worst,
-            "drifting": self.drifting(threshold, min_images),
+            "threshold": self.threshold,
+            "drifting": self.drifting(min_images),
         }
 
 
@@ -75,6 +77,8 @@ class DriftMonitor:
         self.window = int(drift_meta.get("window", 200))
         self.min_images = int(drift_meta.get("min_images", 100))
         self.threshold = float(drift_meta.get("psi_threshold", 0.25))
+        # Packages exported before sites had thresholds of their own compare every source with the pooled one's.
+        self.site_thresholds = {str(site): float(t) for site, t in (drift_meta.get("site_psi_thresholds") or {}).items()}
         reference = drift_meta.get("reference") or {}
         self.pooled, self.per_site = reference.get("all") or {}, reference.get("per_site") or {}
         self._windows: OrderedDict[str, dict[str, deque]] = OrderedDict()
@@ -89,7 +93,8 @@ class DriftMonitor:
         reference, reference_name = self._reference(source)
         with self._lock:
             windows = self._windows_of(source)
-            state = self._state.setdefault(source, SourceDrift(source, reference_name))
+            threshold = self.site_thresholds.get(reference_name, self.threshold)
+            state = self._state.setdefault(source, SourceDrift(source, reference_name, threshold))
             state.images += 1
             for feature, value in features.items():
                 if feature in reference:
@@ -122,7 +127,7 @@ class DriftMonitor:
     def status(self) -> dict:
         """What the worklist banner and /v1/drift show: every source, and which drift past the threshold."""
         with self._lock:
-            sources = [s.as_dict(self.threshold, self.min_images) for s in self._state.values()]
+            sources = [s.as_dict(self.min_images) for s in self._state.values()]
         return {
             "monitoring": self.enabled,
             "threshold": self.threshold,
@@ -139,4 +144,4 @@ class DriftMonitor:
     def drifting(self, source: str) -> bool:
         with self._lock:
             state = self._state.get(source_name(source))
-            return bool(state and state.drifting(self.threshold, self.min_images))
+            return bool(state and state.drifting(self.min_images))

@@ -53,7 +53,11 @@ class ServiceMonitor:
         )
         self.alert = Gauge("drift_alert", "1 while the source drifts past the package's PSI threshold", ["source"], **kw)
         if self.drift.enabled:  # without references nothing drifts: no threshold to show
-            Gauge("drift_psi_threshold", "PSI above which a source drifts", **kw).set(self.drift.threshold)
+            Gauge(
+                "drift_psi_threshold",
+                "PSI above which a source compared with the pooled reference drifts (a training site has its own: /v1/drift)",
+                **kw,
+            ).set(self.drift.threshold)
         self._labelled: dict[str, set] = {}  # source -> features with a psi series, to drop them with the source
         self._lock = threading.Lock()
 
@@ -87,7 +91,7 @@ class ServiceMonitor:
         for feature, value in state.psi.items():
             self.psi.labels(source=state.source, feature=feature).set(value)
         self._labelled.setdefault(state.source, set()).update(state.psi)
-        self.alert.labels(source=state.source).set(float(state.drifting(self.drift.threshold, self.drift.min_images)))
+        self.alert.labels(source=state.source).set(float(state.drifting(self.drift.min_images)))
         if len(self._labelled) > len(self.drift.sources()):  # the monitor let a source go: so do the series
             for gone in set(self._labelled) - self.drift.sources():
                 for feature in self._labelled.pop(gone):

@@ -2,10 +2,10 @@
 
 numpy + PIL + the served predictor (no torch). A grey patch (the image mean) is slid over a grid;
 all occluded copies go through the model as one batch, and a cell's value is how much hiding it
-lowers the probability of the positive label. Cells whose occlusion raises the probability count
-as zero: the map shows evidence *for* the finding. A 7 x 7 grid costs one batch of 49 occlusions
-plus the unoccluded image. The image is first resized to the model's input size (the graph does
-that anyway), so the cost does not grow with the image.
+lowers the probability of the positive label. Cells whose occlusion raises the probability (or lowers
+its log-odds by less than MIN_LOGIT_DROP) count as zero: the map shows evidence *for* the finding. A 7 x 7
+grid costs one batch of 49 occlusions plus the unoccluded image. The image is first resized to the
+model's input size (the graph does that anyway), so the cost does not grow with the image.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ Predict = Callable[[np.ndarray], np.ndarray]  # float32 [B, C, H, W] -> probabil
 DEFAULT_GRID = 7
 DEFAULT_BATCH = 64
 DISPLAY_SIDE = 512  # longest side of an overlay picture: the 7 x 7 map needs no more; the PACS has the full image
+# A cell whose occlusion lowers the log-odds of the finding by less than this is rounding or no evidence: normalised to
+# the map's peak it would paint a flat image in full heat. Log-odds, not probability: for a confident finding
+# (p = 0.999999) occlusion moves p only in the sixth decimal, yet that is real evidence and must show.
+MIN_LOGIT_DROP = 1e-3
 # Heat map colours, yellow (low) -> orange -> red (high); low values are also nearly transparent.
 HEAT_STOPS = np.array([[255, 240, 60], [255, 190, 0], [255, 120, 0], [240, 50, 0], [215, 0, 20]], np.float32)
 
@@ -66,10 +70,17 @@ def occlusion_saliency(
     occluded = occluded_copies(work, grid)
     probabilities = _predict_batched(predict, np.concatenate([work[None], occluded]), batch)[:, positive]
     drops = np.clip(probabilities[0] - probabilities[1:], 0, None).reshape(grid, grid)
-    smooth = upsample(drops.astype(np.float32), height, width)
+    logit_drops = (_logit(probabilities[0]) - _logit(probabilities[1:])).reshape(grid, grid)
+    evidence = np.where(logit_drops >= MIN_LOGIT_DROP, drops, 0)
+    smooth = upsample(evidence.astype(np.float32), height, width)
     peak = float(smooth.max())
     saliency = smooth / peak if peak > 0 else smooth  # normalised after upsampling, so the map reaches 1
     return Saliency(saliency, float(probabilities[0]), float(drops.max()), grid, work_size)
+
+
+def _logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)  # float32 1.0 is "at least 1 - 6e-8": finite, ordered
+    return np.log(p) - np.log1p(-p)
 
 
 def occluded_copies(image: np.ndarray, grid: int) -> np.ndarray:

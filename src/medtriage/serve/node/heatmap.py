@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 from medtriage.io.dicom import read_dicom
 from medtriage.serve.dicom_results import built_from_header, read_header
 from medtriage.serve.predictor import Predictor, Score
-from medtriage.serve.saliency import explain_frame
+from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame
 
 HEATMAP_SERIES_NUMBER = 9902
 # Patient direction letters along +x, +y, +z of the patient coordinate system, negative first (PS3.3 C.7.6.1.1.1).
@@ -47,7 +47,34 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score) -> hd.sc.S
             series_description=f"AI triage where the model looked ({predictor.package.describe(with_sha=False)})",
         )
         image.PatientOrientation = patient_orientation(source, score.frame)
+        describe_derivation(image, source, score.frame, predictor)
     return image
+
+
+def describe_derivation(image: pydicom.Dataset, source: pydicom.Dataset, frame: int | None, predictor: Predictor) -> None:
+    """Where the heatmap comes from, for the PACS and the reader: the source instance (and frame), what the picture
+    is (a scaled copy with the occlusion map on it, not for diagnosis), and the source's burned-in annotation and
+    lossy compression flags, which hold for the heatmap's pixels as much as for the source's."""
+    if source.get("SOPClassUID") and source.get("SOPInstanceUID"):
+        reference = pydicom.Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        if frame is not None:
+            reference.ReferencedFrameNumber = frame
+        image.SourceImageSequence = [reference]
+    package = predictor.package
+    image.DerivationDescription = (
+        f"Occlusion sensitivity of {package.describe(with_sha=False)} on the source image scaled to at most {DISPLAY_SIDE} "
+        f"pixels: warm where hiding a region lowered the probability of {package.positive_label}. "
+        "Decision support, not for diagnosis; no pixel spacing."
+    )
+    if str(source.get("BurnedInAnnotation", "")).strip().upper() in ("YES", "NO"):
+        image.BurnedInAnnotation = str(source.BurnedInAnnotation).strip().upper()
+    if str(source.get("LossyImageCompression", "")).strip() == "01":  # once lossy, never unflagged (PS3.3 C.7.6.1.1.5)
+        image.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if source.get(keyword):
+                setattr(image, keyword, source[keyword].value)
 
 
 def patient_orientation(source: pydicom.Dataset, frame: int | None) -> list[str]:
