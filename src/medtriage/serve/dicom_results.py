@@ -103,7 +103,7 @@ def build_study_sr(
         return hd.sr.ComprehensiveSR(
             evidence=[source for source, _ in sources],
             content=report,
-            series_instance_uid=_report_series_uid(sources[0][0], package) if revision else generate_uid(),
+            series_instance_uid=revision_series_uid(sources[0][0], package, "reports") if revision else generate_uid(),
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=sop_instance_uid or generate_uid(),
             instance_number=revision or 1,
@@ -158,9 +158,10 @@ def _carried(keyword: str, value) -> bool:
     return True
 
 
-def _report_series_uid(source: pydicom.Dataset, package: ModelPackage) -> str:
-    """The same series for every report of this model on this study (a UID from them, never a copied value)."""
-    return generate_uid(entropy_srcs=["medtriage triage reports", str(source.StudyInstanceUID), package.sha256])
+def revision_series_uid(source: pydicom.Dataset, package: ModelPackage, kind: str) -> str:
+    """One series for every object of `kind` this model makes on the source's study, whichever revision (a UID
+    derived from them, never a copied value): a reopened study's new report joins its earlier ones."""
+    return generate_uid(entropy_srcs=[f"medtriage triage {kind}", str(source.StudyInstanceUID), package.sha256])
 
 
 def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:

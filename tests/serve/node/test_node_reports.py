@@ -1,5 +1,5 @@
-"""What the node's worker writes and counts for a study: the reports of a study reopened by a late instance
-share one series and are numbered in order, and an instance whose result could not be stored is counted
+"""What the node's worker writes and counts for a study: the reports (and heatmaps) of a study reopened by a late
+instance share one series and are numbered in order, and an instance whose result could not be stored is counted
 once, when it is stored, not once per attempt."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ def _receive(store: NodeStore, path, study_uid: str) -> None:
     store.receive(path.read_bytes(), ds.SOPInstanceUID, study_uid, ds.SeriesInstanceUID, ds.SOPClassUID, FIELDS)
 
 
-def _reports(store: NodeStore, study_uid: str) -> list[pydicom.Dataset]:
-    rows = store._execute("SELECT DISTINCT file FROM deliveries WHERE study_uid = ? AND kind = 'sr' ORDER BY id", (study_uid,))
+def _sent(store: NodeStore, study_uid: str, kind: str) -> list[pydicom.Dataset]:
+    rows = store._execute("SELECT DISTINCT file FROM deliveries WHERE study_uid = ? AND kind = ? ORDER BY id", (study_uid, kind))
     return [pydicom.dcmread(store.outbox_path(row["file"])) for row in rows]
 
 
@@ -30,15 +30,18 @@ def test_reports_of_a_reopened_study_share_a_series_numbered_in_order(predictor,
     first, late = cr_study(tmp_path / "in", 2, seed=3)
     study_uid = pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID
     store = NodeStore(tmp_path / "state")
-    worker = Worker(store, predictor, ["PACS@127.0.0.1:1"], study_timeout=0)
+    worker = Worker(store, predictor, ["PACS@127.0.0.1:1"], study_timeout=0, heatmaps=True)
     for path in (first, late):  # the late instance reopens the closed study: a second report
         _receive(store, path, study_uid)
         time.sleep(0.01)
         assert worker.score_queued() and worker.close_quiet_studies()
-    one, two = _reports(store, study_uid)
+    one, two = _sent(store, study_uid, "sr")
     assert one.SeriesInstanceUID == two.SeriesInstanceUID and one.SOPInstanceUID != two.SOPInstanceUID
     assert (one.SeriesNumber, one.InstanceNumber, two.InstanceNumber) == (9901, 1, 2)
     assert len(two.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence) == 2
+    first_map, second_map = _sent(store, study_uid, "heatmap")  # the pictures likewise, in a series of their own
+    assert first_map.SeriesInstanceUID == second_map.SeriesInstanceUID != one.SeriesInstanceUID
+    assert (first_map.SeriesNumber, first_map.InstanceNumber, second_map.InstanceNumber) == (9902, 1, 2)
     store.close()
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from medtriage.io.dicom import read_dicom
-from medtriage.serve.dicom_results import built_from_header, read_header
+from medtriage.serve.dicom_results import built_from_header, read_header, revision_series_uid
 from medtriage.serve.predictor import Predictor, Score
 from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame
 
@@ -24,8 +24,9 @@ PATIENT_LETTERS = {"R", "L", "A", "P", "F", "H"}
 MINOR_COSINE = 0.1  # a direction's lesser components below this are noise, not a named obliquity
 
 
-def secondary_capture(predictor: Predictor, path: Path, score: Score) -> hd.sc.SCImage:
-    """The overlay of `score`'s frame of the instance at `path`, referencing that instance's study."""
+def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: int | None = None) -> hd.sc.SCImage:
+    """The overlay of `score`'s frame of the instance at `path`, referencing that instance's study. `revision` as for
+    the study's SR (dicom_results.build_study_sr): the heatmaps of one study share a series, numbered in order."""
     image = read_dicom(path, frame=None if score.frame is None else score.frame - 1)
     _, png = explain_frame(predictor, image.pixels[0])
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
@@ -37,10 +38,10 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score) -> hd.sc.S
             photometric_interpretation="RGB",
             bits_allocated=8,
             coordinate_system="PATIENT",
-            series_instance_uid=generate_uid(),
+            series_instance_uid=revision_series_uid(source, predictor.package, "heatmaps") if revision else generate_uid(),
             series_number=HEATMAP_SERIES_NUMBER,
             sop_instance_uid=generate_uid(),
-            instance_number=1,
+            instance_number=revision or 1,
             manufacturer="MedTriage",
             patient_orientation=("L", "F"),  # replaced below: highdicom takes single letters only
             transfer_syntax_uid="1.2.840.10008.1.2.1",

@@ -135,15 +135,15 @@ class Worker:
         sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid, revision=revision)
         objects = [("sr", self._to_outbox(study_uid, sr_uid, encoded(sr, "the study's SR", study_uid)), sr_uid)]
         if self.heatmaps:
-            objects += self._heatmap(study_uid, scored, top)
+            objects += self._heatmap(study_uid, scored, top, revision)
         return [(kind, destination, name, uid) for kind, name, uid in objects for destination in self.destinations], sr_uid
 
-    def _heatmap(self, study_uid: str, scored: list, top: dict) -> list[tuple[str, str, str]]:
+    def _heatmap(self, study_uid: str, scored: list, top: dict, revision: int) -> list[tuple[str, str, str]]:
         from medtriage.serve.node.heatmap import secondary_capture
 
         row = next(row for row, scores in scored if row["sop_uid"] == top["sop_uid"])
         try:
-            image = secondary_capture(self.predictor, self.store.spooled(row["spool"]), as_score(top))
+            image = secondary_capture(self.predictor, self.store.spooled(row["spool"]), as_score(top), revision)
             data = encoded(image, "the heatmap Secondary Capture", top["sop_uid"])
         except MedTriageError as err:  # the SR still goes; the picture is an extra
             log.warning("no heatmap for study %s: %s", study_uid, err)
