@@ -200,6 +200,8 @@ class TrainingLoop:
         elapsed = time.perf_counter() - started
         total_loss, seen = distributed.sum_over_ranks([total_loss, seen], self.ranks)
         distributed.sync_buffers(self.model, self.ranks)
+        if self.ema:  # each rank's average took its own batches' statistics: evaluate rank 0's, which is checkpointed
+            distributed.sync_buffers(self.ema.module, self.ranks)
         return {
             **clock.summary(),
             "train/loss": total_loss / max(seen, 1),
