@@ -194,3 +194,11 @@ def test_every_rank_evaluates_the_same_ema_batch_norm_statistics(tmp_path):
     assert first.keys() == second.keys() and any("running_mean" in name for name in first)
     for name in first:
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_logged_rate_is_the_one_the_epoch_last_used():
+    loop = tiny_loop(max_epochs=2, lr=0.01, warmup_epochs=0.0, min_lr_ratio=0.1)
+    used = rates_used(loop.trainer, loop.steps_per_epoch)
+    state = TrainState()
+    logged = [loop.epoch(epoch, state)["train/lr"] for epoch in range(2)]
+    assert logged == pytest.approx([used[loop.steps_per_epoch - 1], used[-1]])

@@ -86,6 +86,7 @@ class TrainingLoop:
         lr = scaled_lr(self.trainer, data.batch_size, ranks.world_size)
         self.optimizer = build_optimizer(model, lr, self.trainer.weight_decay, device)
         self.scheduler = build_scheduler(self.optimizer, self.trainer, self.steps_per_epoch)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.criterion = make_criterion(self.trainer, self._class_weights().to(device))
         self.mixup = Mixup.from_config(self.trainer)
         self.ema = WeightEMA.from_config(self.trainer, model)
@@ -207,7 +208,7 @@ class TrainingLoop:
             "train/loss": total_loss / max(seen, 1),
             "train/images_per_s": seen / elapsed,
             "train/epoch_s": elapsed,
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": self.last_lr,  # of the epoch's last step
         }
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -225,6 +226,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used; the scheduler moves on to the next
         self.scheduler.step()
         if self.ema:
             self.ema.update(distributed.unwrap(self.model))
