@@ -30,6 +30,9 @@ class DecodeLimits:
 
 _DEFAULT_LIMITS = [DecodeLimits()]
 HEADER_BYTES = 16 << 20  # room for the non-pixel elements of an inflated data set
+# How far into a frame its size is looked for: APPn / COM segments (an ICC profile, up to 64 KiB each) and JP2
+# header boxes may come before the JPEG frame header or the JPEG 2000 SIZ marker.
+CODESTREAM_HEAD_BYTES = 1 << 20
 
 
 def set_default_limits(limits: DecodeLimits) -> None:
@@ -86,7 +89,7 @@ def _check_codestreams(ds: pydicom.Dataset, claimed: int, frames: int, where: st
         return
     try:
         for data in pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames):
-            size = _codestream_samples(data[:4096])
+            size = _codestream_samples(data[:CODESTREAM_HEAD_BYTES])
             if size is not None and size > claimed:
                 raise DicomError(
                     f"cannot decode pixel data: a compressed frame declares {size} samples, the header {claimed}",

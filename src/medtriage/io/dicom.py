@@ -166,7 +166,8 @@ def _with_transfer_syntax(ds: pydicom.Dataset) -> pydicom.Dataset:
 def _require_pixels(ds: pydicom.Dataset, where: str) -> None:
     if any(k in ds for k in PIXEL_KEYWORDS):
         return
-    sop_class = ds.get("SOPClassUID")
+    # a DICOMDIR names its SOP class only in the file meta
+    sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     if sop_class is None and "Rows" not in ds:
         raise DicomError(
             "no data set after the file meta header (file truncated?)", where=where, hint="the file is incomplete; send or export it again"

@@ -5,6 +5,8 @@ Order of operations follows the DICOM grayscale pipeline (PS3.4 N.2): stored val
 center/width) -> [0, 1]; MONOCHROME1 is then inverted so that bright means dense everywhere.
 Without any VOI the values are scaled by the range the stored bits can hold (through the modality
 LUT), never by the image's own min/max: the same scanner setting always gives the same intensities.
+Float Pixel Data holds real-world values with no stored range: a window applies as above; without one, each frame
+is scaled by its own min/max (so a frame decoded alone comes out as it does within the whole image).
 Enhanced multi-frame objects keep these attributes in functional groups; where they differ between frames,
 each frame goes through the pipeline with its own. Colour images (RGB, YBR_*, PALETTE COLOR) come out as 3-channel RGB scaled by their bit depth.
 Where the grayscale pipeline is one affine map and a clip (the usual case), it runs as such, in one
@@ -90,7 +92,12 @@ def _palette_to_rgb(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.n
 
 def _grayscale_to_unit(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
     if stored.dtype.kind == "f":  # Float Pixel Data: real-world values without a stored range
-        return _min_max(stored.astype(np.float32))
+        window, values = _window_values(ds), stored.astype(np.float32)
+        if window is None:
+            return _min_max(values)
+        if not np.isfinite(values).all():  # NaN would pass through the window to the model
+            raise ValueError("float pixel data holds NaN or infinite values")
+        return _apply_window(values, *window)
     values, value_range = _modality(stored, ds)
     if ds.get("VOILUTSequence"):
         return _voi_lut(values, ds, where)
@@ -144,7 +151,10 @@ def _window_values(ds: pydicom.Dataset) -> tuple[float, float, str] | None:
         return None
     first = lambda v, name: _finite(v[0] if isinstance(v, pydicom.multival.MultiValue) else v, name)  # noqa: E731
     function = str(_attribute(ds, "VOILUTFunction") or "LINEAR").upper()
-    return first(center, "Window Center"), first(width, "Window Width"), function
+    width = first(width, "Window Width")
+    if width <= 0:  # PS3.3 C.11.2.1.2 wants > 0: a negative width would invert the image, a zero one (some writers'
+        return None  # "unset") make it two-valued. Such a window is no window: viewers show these images unwindowed.
+    return first(center, "Window Center"), width, function
 
 
 def _finite(value, name: str) -> float:
@@ -266,10 +276,12 @@ def _apply_window(values: np.ndarray, center: float, width: float, function: str
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:
-    """Float pixel data scaled by its own range; NaN or infinity would spread to every pixel."""
-    low, high = float(values.min()), float(values.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise ValueError("float pixel data holds NaN or infinite values")
-    values -= low
-    values *= 1.0 / max(high - low, 1e-12)
+    """Float pixel data `[F, ...]`, each frame scaled by its own range, in place; NaN or infinity would spread to every
+    pixel."""
+    for frame in values:
+        low, high = float(frame.min()), float(frame.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError("float pixel data holds NaN or infinite values")
+        frame -= low
+        frame *= 1.0 / max(high - low, 1e-12)
     return values
