@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
 
 log = logging.getLogger(__name__)
+DRAIN_S = 20.0  # on stop, how long associations in progress may go on (systemd's default stop timeout is 90 s)
 
 
 @dataclass
@@ -98,9 +100,10 @@ class Node:
             self.store, config.aet, config.host, config.port, config.allowed_callers, self.tls, config.max_instance_bytes
         )
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = DRAIN_S) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self._server.shutdown()  # no new associations
+            drain(self._server, drain_s)
         if self._metrics is not None:
             self._metrics.shutdown()
         self._stop.set()
@@ -110,6 +113,19 @@ class Node:
         if self.batcher is not None:
             self.batcher.close()
         self.store.close()
+
+
+def drain(server, seconds: float) -> None:
+    """Let the associations in progress end (a modality mid-study gets its answers, each after its instance is
+    stored), then abort those still open: their sender keeps what got no success and sends it again."""
+    deadline = time.monotonic() + seconds
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for association in server.active_associations:
+        log.warning("stopping: association with %s aborted after %.0f s", association.requestor.ae_title, seconds)
+        association.abort()
+    for association in server.active_associations:
+        association.join(timeout=5)  # before the store closes under it
 
 
 def start_metrics_server(monitor: ServiceMonitor, host: str, port: int):
