@@ -84,7 +84,8 @@ def test_patient_copied_into_test_is_found_and_training_refuses(tmp_path, xrays)
     with pytest.raises(LeakageError, match="patient_in_two_splits") as err:
         require_clean(leaky)
     assert "override" in str(err.value)
-    assert not require_clean(leaky, override=True).ok  # an explicit override still returns (and logs) the findings
+    with pytest.raises(LeakageError, match="no override"):
+        require_clean(leaky, override=True)  # no override lets a patient in two splits through
 
 
 def test_same_xray_resampled_at_another_site_in_another_split_is_found(tmp_path, xrays):

@@ -117,7 +117,7 @@ class DataConfig:
     limit: int | None = None  # at most this many images per split (quick runs)
     persistent_cache: bool = True  # keep resized splits on disk under <pool_dir>/resized (medtriage.data.torch.split_cache)
     site_stratified: bool = False  # every batch (and every rank's shard) holds the sites in proportion (training.samplers)
-    allow_audit_failure: bool = False  # train despite a failed leakage audit (the result is still logged)
+    allow_audit_failure: bool = False  # train despite known duplicate images (logged); never a patient in two splits
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tiles: SyntheticTilesConfig = field(default_factory=SyntheticTilesConfig)  # source=tiles
     holdout_site: str | None = None  # leave-one-site-out: this site's rows all become test, other sites keep train/val

@@ -8,6 +8,9 @@ Checks, each a finding with a severity (`error` fails the audit, `warning` does 
 - `site_without_positives`      a split in which a site has images but no positive label, so its
                                 per-site sensitivity and AUC are undefined
 
+A failed audit stops training (`require_clean`) unless `data.allow_audit_failure` overrides it, for known duplicate
+images; no override lets a patient in two splits through.
+
 Perceptual hash: 32x32 bilinear thumbnail -> 2D DCT -> the 12x12 lowest frequencies (DC dropped)
 thresholded at their median = 143 bits. Measured on the 4,999 distinct PneumoniaMNIST images: no two
 distinct images within 12 bits, while the same image resampled to 64-128 px with noise stays within
@@ -28,6 +31,9 @@ from medtriage.errors import MedTriageError
 HASH_SIDE, THUMBNAIL, MAX_DISTANCE = 12, 32, 12
 NEGATIVE_LABEL = 0  # label index 0 is the normal/negative class; any other label counts as positive
 MAX_EXAMPLES = 20  # examples kept per finding, so a report stays readable
+# findings no override lets through: every split is cut by patient, so a patient in two splits is never a known,
+# accepted state of a pool, and every figure of a run on it would be measured on patients it trained on
+NOT_OVERRIDABLE = ("patient_in_two_splits",)
 
 
 class LeakageError(MedTriageError):
@@ -81,8 +87,17 @@ def audit_manifest(manifest, *, check_images: bool = True, max_distance: int = M
 
 
 def require_clean(manifest, *, override: bool = False, **kwargs) -> AuditResult:
-    """The training-start gate: raise `LeakageError` on a failed audit unless `override` is set."""
+    """The training-start gate: raise `LeakageError` on a failed audit unless `override` is set. The override is for
+    known duplicate images (the official PneumoniaMNIST splits); a finding in `NOT_OVERRIDABLE` refuses regardless."""
     result = audit_manifest(manifest, **kwargs)
+    binding = [f.kind for f in result.findings if f.severity == "error" and f.kind in NOT_OVERRIDABLE]
+    if binding:
+        raise LeakageError(
+            result.summary(),
+            where=manifest.pool_dir,
+            hint=f"no override (data.allow_audit_failure) lets {', '.join(binding)} through: rebuild the pool so that each "
+            "patient's images lie in one split",
+        )
     if not result.ok and not override:
         raise LeakageError(
             result.summary(),

@@ -6,7 +6,8 @@ train and validation rows are pooled and cut into `folds` stratified folds, and 
 becomes the validation split of the run. Rows that must not be separated travel together:
 the images of one patient, and images the leakage audit finds identical or near-identical
 (perceptual hash within `audit.MAX_DISTANCE` bits). The test rows are dropped from the manifest,
-so a cross-validation run cannot see, score or log test.
+so a cross-validation run cannot see, score or log test. Its audit then no longer sees test either, so a pool with
+a patient in test and in train or validation is refused here (as it is by the audit of a plain run).
 
 A refit (`all_labelled`) then trains the chosen recipe on every labelled image, with no validation split: what the
 folds held out of each model, and what a validation split holds out of a plain run (here a quarter of the scarce
@@ -21,7 +22,7 @@ import hashlib
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medtriage.data.audit import MAX_DISTANCE, cached_images, near_pairs, perceptual_hashes
+from medtriage.data.audit import MAX_DISTANCE, LeakageError, cached_images, near_pairs, perceptual_hashes
 from medtriage.data.manifest import Manifest
 from medtriage.errors import ConfigError
 
@@ -32,6 +33,7 @@ def cross_validation_fold(manifest: Manifest, folds: int, fold: int, seed: int =
         raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}", where="data.cv_folds", hint="use 3 to 10 folds")
     if not 0 <= fold < folds:
         raise ConfigError(f"fold {fold} is not one of 0..{folds - 1}", where="data.cv_fold", hint=f"choose a fold below {folds}")
+    _require_test_patients_apart(manifest)
     rows = manifest.rows[manifest.rows["split"] != "test"].copy()
     pooled = dataclasses.replace(manifest, rows=rows, _pixels=None)
     groups = inseparable_groups(pooled)
@@ -48,11 +50,27 @@ def cross_validation_fold(manifest: Manifest, folds: int, fold: int, seed: int =
 
 def all_labelled(manifest: Manifest) -> Manifest:
     """A copy of `manifest`: the train and validation rows pooled as `train`, no validation split, no test."""
+    _require_test_patients_apart(manifest)
     rows = manifest.rows[manifest.rows["split"] != "test"].copy()
     rows["split"] = "train"
     fingerprint = hashlib.sha256(f"{manifest.fingerprint}|refit".encode()).hexdigest()
     print(f"refit on all {len(rows)} labelled images (train + validation pooled): no validation split; test left out")
     return dataclasses.replace(manifest, rows=rows, fingerprint=fingerprint, _pixels=None)
+
+
+def _require_test_patients_apart(manifest: Manifest) -> None:
+    """A run without test rows is audited without them, so a test patient who also has train or validation images
+    would go unseen by its audit while its models are scored on test later: refuse such a pool here."""
+    rows = manifest.rows
+    keys = rows["site"].astype(str) + "/" + rows["patient_id"].astype(str)
+    test = (rows["split"] == "test").to_numpy()
+    shared = sorted(set(keys[test]) & set(keys[~test]))
+    if shared:
+        raise LeakageError(
+            f"{len(shared)} patient(s) with images in test and in train or validation, e.g. {shared[0]}",
+            where=manifest.pool_dir,
+            hint="rebuild the pool so that each patient's images lie in one split (`medtriage audit POOL` lists them)",
+        )
 
 
 def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> np.ndarray:
