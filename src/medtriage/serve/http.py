@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from medtriage import __version__
 from medtriage.errors import ImageTooLargeError, MedTriageError
@@ -46,6 +47,28 @@ UPLOAD_BODY = {
             "application/dicom": {"schema": {"type": "string", "format": "binary"}},
         },
     }
+}
+# What every refusal looks like, for /docs: `reason` says what went wrong, `hint` what to do; some add fields (file, type).
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["reason"],
+            "properties": {"reason": {"type": "string"}, "hint": {"type": ["string", "null"]}},
+            "additionalProperties": True,
+        }
+    },
+}
+ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+UPLOAD_ERRORS = {
+    400: {"description": "no file, every file empty, or a malformed multipart body", **ERROR},
+    408: {"description": "the body paused or trickled (see the service's limits)", **ERROR},
+    413: {"description": "the body or an image is over the limits", **ERROR},
+    415: {"description": "neither multipart/form-data nor application/dicom", **ERROR},
+    422: {"description": "no file could be scored (each file's reason under 'rejected')", **ERROR},
+    503: {"description": "busy: retry after the seconds in Retry-After", **ERROR},
 }
 # The worklist page is static HTML; the data it fetches carries the token like any other client.
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", PAGE_PATH}
@@ -92,7 +115,38 @@ def create_app(
     app.include_router(worklist_router(worklist))
     app.include_router(monitoring_router(app.state.monitor))
     app.add_middleware(Guard, token=token, max_bytes=max_bytes, admission=app.state.admission)
+    app.openapi = _openapi_with_errors_and_auth(app, token is not None)
     return app
+
+
+def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool):
+    """FastAPI's schema, plus what the routes' own code decides: the JSON error body (also in place of FastAPI's
+    validation error, which the service never sends) and, with a token, the bearer scheme on every closed route."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+        for name in ("HTTPValidationError", "ValidationError"):
+            components["schemas"].pop(name, None)
+        if bearer:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = {"description": responses["422"].get("description", "invalid request"), **ERROR}
+                if "{" in path:
+                    responses.setdefault("404", {"description": "no such entry", **ERROR})
+                if bearer and path not in OPEN_PATHS:
+                    operation["security"] = [{"bearer": []}]
+                    responses.setdefault("401", {"description": "missing or wrong bearer token", **ERROR})
+        return schema
+
+    return openapi
 
 
 def _is_heavy(method: str, path: str) -> bool:
@@ -111,6 +165,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = _no_store(send)
+        if scope["method"] == "HEAD":  # RFC 9110: a HEAD is answered as its GET would be, without the body
+            scope, send = {**scope, "method": "GET"}, _no_body(send)
         refusal = self._refusal(scope)
         if refusal is not None:
             return await refusal(scope, receive, send)
@@ -155,6 +211,15 @@ def _no_store(send):
     return send_no_store
 
 
+def _no_body(send):
+    async def send_headers_only(message):
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_headers_only
+
+
 def _authorised(headers: dict, token: str) -> bool:
     scheme, _, given = headers.get("authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
@@ -179,12 +244,17 @@ def _add_error_handlers(app: FastAPI) -> None:
             response = error_response(405, f"method not allowed: {where}", f"this route accepts {allowed}; see /docs")
             response.headers.update(err.headers or {})
             return response
-        return error_response(err.status_code, str(err.detail))
+        detail = err.detail if isinstance(err.detail, dict) else {"reason": str(err.detail)}  # a route's own refusal
+        return error_response(err.status_code, **detail)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
         log.exception("unexpected error on %s", request.url.path)
-        return error_response(500, f"internal error ({type(err).__name__}); the service keeps running")
+        return error_response(
+            500,
+            f"internal error ({type(err).__name__}); the service keeps running",
+            "retry; if it happens again, the service's log holds the details",
+        )
 
 
 def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Worklist) -> None:
@@ -202,7 +272,12 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
     def model() -> dict:
         return package.meta
 
-    @app.post("/v1/score", summary="Score DICOM files (multipart field `files`, or one application/dicom body)", openapi_extra=UPLOAD_BODY)
+    @app.post(
+        "/v1/score",
+        summary="Score DICOM files (multipart field `files`, or one application/dicom body)",
+        openapi_extra=UPLOAD_BODY,
+        responses=UPLOAD_ERRORS,
+    )
     async def score(request: Request) -> JSONResponse:
         source = request.headers.get(SOURCE_HEADER)
         async with _uploads(request, max_bytes) as uploads:
@@ -224,13 +299,15 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
         "/v1/sr",
         summary="One DICOM file -> a DICOM Structured Report with its triage result",
         response_class=Response,
-        responses={200: {"content": {"application/dicom": {}}}},
+        responses={200: {"content": {"application/dicom": {}}}, **UPLOAD_ERRORS},
         openapi_extra=UPLOAD_BODY,
     )
     async def structured_report(request: Request) -> Response:
         async with _uploads(request, max_bytes) as uploads:
             if len(uploads) != 1:
-                raise RequestError(400, f"send exactly one file, got {len(uploads)}")
+                raise RequestError(
+                    400, f"send exactly one file, got {len(uploads)}", "POST several files to /v1/score, or one at a time here"
+                )
             name, upload = uploads[0]
             outcome = await _in_slot(
                 app,
@@ -242,7 +319,10 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
                 request.headers.get(SOURCE_HEADER),
             )
             if isinstance(outcome, Rejection):
-                raise RequestError(413 if outcome.error == TOO_LARGE else 422, outcome.reason, file=name, type=outcome.error)
+                status = 413 if outcome.error == TOO_LARGE else 422
+                raise RequestError(
+                    status, outcome.reason, outcome.hint, file=name, type=outcome.error, code=outcome.code, field=outcome.field
+                )
             report = await _in_slot(app, 0, _sr_bytes, upload, outcome, predictor)
         return Response(report, media_type="application/dicom")
 
@@ -352,8 +432,12 @@ async def _uploads(request: Request, max_bytes: int):
             )
         empty = [name for name, upload in uploads if not upload.size]
         if len(empty) == len(uploads):
-            raise RequestError(400, f"every uploaded file is empty: {', '.join(empty)}")
+            raise RequestError(400, f"every uploaded file is empty: {', '.join(empty)}", "attach each file's contents, not only its name")
         yield uploads
+    except ClientDisconnect:  # the answer goes nowhere; a client that hung up is not an error of the service
+        raise RequestError(
+            400, "the client closed the connection before the whole body arrived", "send the whole body, then wait for the answer"
+        ) from None
     finally:
         for handle in opened:
             handle.close()
@@ -390,10 +474,14 @@ async def _multipart_files(request: Request, max_bytes: int, opened: list) -> li
     try:
         parser = _SpoolingParser(request, request.receive, opened, max_files=10_000, max_part_size=min(max_bytes, SPOOL_IN_MEMORY))
         form = await parser.parse()
-    except RequestError:
+    except (RequestError, ClientDisconnect):
         raise
     except Exception as err:  # python-multipart raises several kinds on malformed input
-        raise RequestError(400, f"malformed multipart body ({type(err).__name__}: {err})") from err
+        raise RequestError(
+            400,
+            f"malformed multipart body ({type(err).__name__}: {err})",
+            "send multipart/form-data with its boundary and one 'files' part per file, or one file as application/dicom",
+        ) from err
     files = []
     for _, value in form.multi_items():
         if isinstance(value, UploadFile):  # its file is in `opened` already

@@ -144,10 +144,8 @@ class Worklist:
         is_row_number = entry_id.isascii() and entry_id.isdigit() and len(entry_id) <= 18
         study = self.store.study_by_id(int(entry_id), self.capacity) if is_row_number else None
         if study is None:
-            raise HTTPException(
-                404,
-                f"no worklist entry '{entry_id}' (the list shows the newest {self.capacity} studies and the urgent ones of the last day)",
-            )
+            reason = f"no worklist entry '{entry_id[:40]}' (the list shows the newest {self.capacity} studies and the urgent ones of the last day)"
+            raise HTTPException(404, {"reason": reason, "hint": "GET /v1/worklist lists the entries and their ids"})
         return study
 
     def _top(self, study) -> tuple[dict | None, list[dict], object]:
@@ -223,7 +221,13 @@ class Worklist:
         study = self._study(entry_id)
         top, _, row = self._top(study)
         if top is None:
-            raise HTTPException(404, f"study {entry_id} has no scored image ({SHOWN_STATES[study['state']]})")
+            raise HTTPException(
+                404,
+                {
+                    "reason": f"study {entry_id} has no scored image ({SHOWN_STATES[study['state']]})",
+                    "hint": "only a scored study has a picture; its row's state and reason say why it has none",
+                },
+            )
         cached = self.store.overlay(top["sop_uid"])
         if cached:
             return cached[0]
@@ -245,7 +249,10 @@ class Worklist:
             return image.pixels[0]
         raise HTTPException(
             410,
-            "the image of this study is no longer held (uploads without a state folder keep their pictures only while the service runs)",
+            {
+                "reason": "the image of this study is no longer held (uploads without a state folder keep their pictures only while the service runs)",
+                "hint": "open the study in the PACS viewer; serve with --state DIR to keep the pictures of uploads",
+            },
         )
 
 
