@@ -18,12 +18,16 @@ NPZ = Path(__file__).resolve().parents[2] / "data/samples/pneumoniamnist_28.npz"
 SITES = ("site_a", "site_b")
 
 
+def first_xrays(per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels): the first `per_class` normal and pneumonia training X-rays (no duplicates among them)."""
+    images, labels = read_npz(NPZ)["train"]
+    chosen = np.concatenate([np.flatnonzero(labels == 0)[:per_class], np.flatnonzero(labels == 1)[:per_class]])
+    return images[chosen], labels[chosen]
+
+
 @pytest.fixture(scope="module")
 def xrays():
-    """(images, labels): the first 45 normal and 45 pneumonia training X-rays (no duplicates among them)."""
-    images, labels = read_npz(NPZ)["train"]
-    chosen = np.concatenate([np.flatnonzero(labels == 0)[:45], np.flatnonzero(labels == 1)[:45]])
-    return images[chosen], labels[chosen]
+    return first_xrays(45)
 
 
 def _pool(folder: Path, xrays, extra=()):

@@ -14,18 +14,16 @@ from PIL import Image
 from medtriage.data.audit import LeakageError, audit_manifest, require_clean
 from medtriage.data.folds import all_labelled, cross_validation_fold
 from medtriage.data.manifest import PoolWriter
-from medtriage.data.sources.medmnist import as_chw, read_npz
+from medtriage.data.sources.medmnist import as_chw
 from medtriage.data.splits import assign_splits
+from tests.data.test_audit import first_xrays
 
 NPZ = Path(__file__).resolve().parents[2] / "data/samples/pneumoniamnist_28.npz"
 
 
 @pytest.fixture(scope="module")
 def xrays():
-    """(images, labels): 30 normal and 30 pneumonia training X-rays, no two alike."""
-    images, labels = read_npz(NPZ)["train"]
-    chosen = np.concatenate([np.flatnonzero(labels == 0)[:30], np.flatnonzero(labels == 1)[:30]])
-    return images[chosen], labels[chosen]
+    return first_xrays(30)
 
 
 def _pool(folder: Path, xrays, extra=()):
