@@ -18,8 +18,6 @@ from medtriage.data.sources.medmnist import as_chw
 from medtriage.data.splits import assign_splits
 from tests.data.test_audit import first_xrays
 
-NPZ = Path(__file__).resolve().parents[2] / "data/samples/pneumoniamnist_28.npz"
-
 
 @pytest.fixture(scope="module")
 def xrays():
