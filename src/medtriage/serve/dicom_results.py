@@ -29,13 +29,13 @@ from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.serve.package import ModelPackage
 from medtriage.serve.predictor import Score
 
+log = logging.getLogger(__name__)
 SCHEME = "99MEDTRIAGE"  # local coding scheme ("99" prefix = private, PS3.16 8.2) for model-specific concepts
 PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
 PRIORITY = hd.sr.CodedConcept("priority", SCHEME, "Triage priority")
 DECISION = hd.sr.CodedConcept("decision", SCHEME, "Triage decision against the operating points")
 DECISION_CODES = {"URGENT": "above-urgent", "review": "above-review", "routine": "below-review"}
-log = logging.getLogger(__name__)
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER = 9901
 PATIENT_SEX = ("M", "F", "O")  # PS3.3 C.7.1.1: the enumerated values
