@@ -143,3 +143,12 @@ def test_the_token_from_a_file_is_what_the_service_checks(predictor, package_dir
     client = TestClient(apps[-1])
     assert client.get("/v1/model").status_code == 401
     assert client.get("/v1/model", headers=AUTH).status_code == 200
+
+
+def test_a_token_with_non_ascii_characters_matches_as_its_utf8_bytes(predictor):
+    token = "clé-ŝecret-1234"
+    client = TestClient(create_app(predictor, token=token))
+    sent = b"Bearer " + token.encode()  # what a client puts on the wire for it
+    assert client.get("/v1/model", headers={"Authorization": sent}).status_code == 200
+    wrong = b"Bearer " + token.replace("é", "e").encode()
+    assert client.get("/v1/model", headers={"Authorization": wrong}).status_code == 401

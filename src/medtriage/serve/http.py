@@ -222,7 +222,8 @@ def _no_body(send):
 
 def _authorised(headers: dict, token: str) -> bool:
     scheme, _, given = headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    # The header's bytes came in as latin-1 text; the token is compared as the UTF-8 bytes a client sends for it.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), token.encode())
 
 
 def _add_error_handlers(app: FastAPI) -> None:
