@@ -59,6 +59,9 @@ def test_the_openapi_schema_names_the_bearer_token_and_the_error_body(predictor)
     assert "503" in schema["paths"]["/v1/sr"]["post"]["responses"]
     detail = schema["paths"]["/v1/worklist/{entry_id}"]["get"]["responses"]
     assert detail["404"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    picture = schema["paths"]["/v1/worklist/{entry_id}/overlay.png"]["get"]["responses"]
+    for status in ("404", "409", "410"):
+        assert picture[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}, status
     # every reference resolves, and none names FastAPI's validation body, which this service never sends
     refs = _refs(schema)
     assert refs and all(ref.removeprefix("#/components/schemas/") in schema["components"]["schemas"] for ref in refs)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from medtriage.arguments import positive_int
+from medtriage.arguments import fraction, non_negative_int, positive_int
 from medtriage.cli import report_errors
 from medtriage.data.audit import MAX_DISTANCE, audit_manifest
 from medtriage.data.manifest import load_manifest
@@ -32,7 +32,7 @@ def add_make_sites_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help="MedMNIST-layout npz (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the site folders (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=None, help="write only this many images (for quick tries)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="write only this many images (for quick tries)")
 
 
 def run_make_sites(args: argparse.Namespace) -> int:
@@ -51,9 +51,9 @@ def add_build_pool_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pool", type=Path, default=DEFAULT_POOL, help="pool folder to write (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="patients in validation (default: %(default)s)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="patients in test (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    parser.add_argument("--val-fraction", type=fraction, default=0.15, help="patients in validation (default: %(default)s)")
+    parser.add_argument("--test-fraction", type=fraction, default=0.2, help="patients in test (default: %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=None, help="decoding processes (default: all cores)")
 
 
 def run_build_pool(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def run_build_pool(args: argparse.Namespace) -> int:
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pool", metavar="POOL", help="pool folder with manifest.csv (from the pool builder)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    parser.add_argument("--max-distance", type=int, default=MAX_DISTANCE, help="perceptual-hash bits for near duplicates")
+    parser.add_argument("--max-distance", type=non_negative_int, default=MAX_DISTANCE, help="perceptual-hash bits for near duplicates")
     parser.add_argument("--no-images", action="store_true", help="skip the pixel checks (table checks only)")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medtriage.arguments import positive_float, positive_int
 from medtriage.cli import report_errors
 from medtriage.data.simulate.tiles import (
     SYNTHETIC_SITES,
@@ -43,26 +44,26 @@ def _main(argv: list[str] | None) -> int:
     sub = parser.add_subparsers(dest="kind", required=True)
     synthetic = sub.add_parser("synthetic", help="SYNTHETIC H&E-like tiles from several stain 'sites'")
     synthetic.add_argument("pool_dir", type=Path)
-    synthetic.add_argument("--patients-per-site", type=int, default=24)
-    synthetic.add_argument("--tiles-per-slide", type=int, default=12)
-    synthetic.add_argument("--tile-size", type=int, default=64)
+    synthetic.add_argument("--patients-per-site", type=positive_int, default=24)
+    synthetic.add_argument("--tiles-per-slide", type=positive_int, default=12)
+    synthetic.add_argument("--tile-size", type=positive_int, default=64)
     synthetic.add_argument("--stain-normalize", action="store_true")
     synthetic.add_argument("--holdout-site", default=None)
     synthetic.add_argument("--seed", type=int, default=0)
     slides = sub.add_parser("slides", help="tissue tiles of real slides (one patient per slide)")
     slides.add_argument("pool_dir", type=Path)
     slides.add_argument("slides", nargs="+", type=Path)
-    slides.add_argument("--label", type=int, default=0, help="label of every slide given (0 = normal, 1 = tumour)")
+    slides.add_argument("--label", type=int, choices=[0, 1], default=0, help="label of every slide given (0 = normal, 1 = tumour)")
     slides.add_argument("--site", default="slides")
-    slides.add_argument("--split", default="test")
-    slides.add_argument("--tile-size", type=int, default=224)
-    slides.add_argument("--tile-mpp", type=float, default=0.5)
-    slides.add_argument("--mpp", type=float, default=None, help="scan µm/pixel for slides that do not record it")
+    slides.add_argument("--split", default="test", choices=["train", "val", "test"])
+    slides.add_argument("--tile-size", type=positive_int, default=224)
+    slides.add_argument("--tile-mpp", type=positive_float, default=0.5)
+    slides.add_argument("--mpp", type=positive_float, default=None, help="scan µm/pixel for slides that do not record it")
     slides.add_argument("--stain-normalize", action="store_true")
     slides.add_argument("--overview", type=Path, help="save the first slide's thumbnail with tissue mask and tile grid here")
     figure = sub.add_parser("sites-figure", help="PNG of each synthetic site's tiles, raw and Macenko-normalised")
     figure.add_argument("out", type=Path)
-    figure.add_argument("--tiles", type=int, default=6, help="tiles shown per slide")
+    figure.add_argument("--tiles", type=positive_int, default=6, help="tiles shown per slide")
     figure.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

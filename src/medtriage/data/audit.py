@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from medtriage.data.manifest import PIXELS_FILE
+from medtriage.data.splits import patient_identity
 from medtriage.errors import MedTriageError
 
 HASH_SIDE, THUMBNAIL, MAX_DISTANCE = 12, 32, 12
@@ -111,7 +112,8 @@ def require_clean(manifest, *, override: bool = False, **kwargs) -> AuditResult:
 
 
 def _patients_in_two_splits(rows) -> list[Finding]:
-    splits = rows.groupby(["site", "patient_id"])["split"].agg(lambda s: sorted(set(s)))
+    patients = rows["site"].combine(rows["patient_id"], patient_identity)
+    splits = rows["split"].groupby(patients).agg(lambda s: sorted(set(s)))
     leaked = splits[splits.map(len) > 1]
     if leaked.empty:
         return []

@@ -29,6 +29,8 @@ from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, load_ma
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.data.splits import assign_splits
 from medtriage.errors import DataNotFoundError, DicomError
+from medtriage.io.clamped import dicom_source
+from medtriage.io.deid import patient_id_text
 from medtriage.io.dicom import read_dicom
 from medtriage.io.safe_output import write_atomic
 
@@ -36,7 +38,7 @@ DEFAULT_SITES = Path("data/pool/ingested")  # what ingest_sites.py writes: site 
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
 LABELS_CSV = "labels.csv"
 INPUTS_FILE = "inputs.json"
-POOL_FORMAT = 2  # bump when the way rows are built changes, to invalidate cached pools
+POOL_FORMAT = 3  # bump when the way rows are built changes, to invalidate cached pools
 KEY_COLUMNS = {"sop_instance_uid": "sop_uid", "accession_number": "accession_number"}  # labels.csv -> header field
 FINDING_COLUMNS = ("finding", "label")
 IN_PROCESS_BELOW = 200  # files; starting worker processes costs more than it saves
@@ -154,7 +156,7 @@ def decode_file(job: tuple[str, str, str]) -> Decoded:
     except DicomError as err:
         return Decoded(site, relative, fields=_header_ids(path), error=err.reason)
     fields = {
-        "patient_id": image.patient_id,
+        "patient_id": patient_id_text(image.patient_id),  # the padding a site writes is not part of who it is
         "study_uid": image.study_uid,
         "series_uid": image.series_uid,
         "sop_uid": image.sop_uid,
@@ -180,9 +182,11 @@ def acquisition_facts(image) -> dict:
 
 
 def _header_ids(path: Path) -> dict:
-    """Identifiers of a file whose pixels failed, so its label row is not reported a second time."""
+    """Identifiers of a file whose pixels failed, so its label row is not reported a second time. Read through
+    `dicom_source`: a failed file is the likeliest to claim value lengths it does not hold."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        with dicom_source(path, str(path)) as source:
+            ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
         return {"sop_uid": str(ds.get("SOPInstanceUID", "")), "accession_number": str(ds.get("AccessionNumber", ""))}
     except Exception:
         return {}
@@ -225,7 +229,7 @@ def _write_pool(
         table = tables[item.site]
         key = item.fields.get(KEY_COLUMNS.get(table.key_column, ""), "")
         used[item.site].add(key)
-        reason = item.error or _duplicate(item, seen_sops) or _label_problem(table, key)
+        reason = item.error or _no_patient(item) or _duplicate(item, seen_sops) or _label_problem(table, key)
         if reason:
             writer.reject(item.site, item.path, reason)
         else:
@@ -236,6 +240,15 @@ def _write_pool(
         fields = {k: v for k, v in item.fields.items() if k != "accession_number"}
         writer.add(item.pixels, site=item.site, path=item.path, label=label, split=split, **fields)
     return writer.close()
+
+
+def _no_patient(item: Decoded) -> str | None:
+    """Splits keep each patient's images together; images without a Patient ID would all form one pseudo-patient
+    per site, a block that lands in one split whole, and a study UID is no stand-in: a patient's other studies could
+    still land in another split. So they are rejected, visibly, rather than grouped by a guess."""
+    if item.fields["patient_id"]:
+        return None
+    return "no Patient ID in the header (patient-level splits need one; fill PatientID at the site and export again)"
 
 
 def _duplicate(item: Decoded, seen_sops: dict[str, str]) -> str | None:

@@ -1,7 +1,7 @@
 """Patient-level train/val/test splits, stratified by site and label.
 
-A patient (site + patient id: ids are only unique within a hospital) lands in exactly one split, so
-no test image shares a patient with a training image. Within each stratum (site, patient label)
+A patient (site + patient id: ids are only unique within a hospital; the id without its padding spaces, see
+`patient_identity`) lands in exactly one split, so no test image shares a patient with a training image. Within each stratum (site, patient label)
 patients are shuffled with a seed and cut by the requested fractions, so every site and class
 is represented in every split in proportion. The patient label is the max of its image labels:
 a patient with any pneumonia image counts as a pneumonia patient.
@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from medtriage.errors import ConfigError
+from medtriage.io.deid import patient_id_text
 
 
 def assign_splits(rows: Iterable[Mapping], val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0) -> list[str]:
@@ -38,8 +39,14 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
+def patient_identity(site: object, patient_id: object) -> tuple[str, str]:
+    """Who a row belongs to, for splits and the leakage audit alike: a DICOM reader keeps the leading spaces a
+    site pads a Patient ID with, and one patient must not become two."""
+    return str(site), patient_id_text(patient_id)
+
+
 def _patient_key(row: Mapping) -> tuple[str, str]:
-    return str(row["site"]), str(row["patient_id"])
+    return patient_identity(row["site"], row["patient_id"])
 
 
 def _patients(rows: list[Mapping]) -> dict[tuple[str, str], int]:

@@ -25,10 +25,15 @@ class OperatingPoint:
         return asdict(self)
 
 
+def check_rule(rule: str, where: str = "export.threshold_rule") -> None:
+    """Refuse a rule that is not one of THRESHOLD_RULES; `where` is the setting that named it."""
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"unknown threshold rule '{rule}'", where=where, hint=f"use one of {', '.join(THRESHOLD_RULES)}")
+
+
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str, target: float | None = None) -> OperatingPoint:
     """Pick a threshold on `scores` (positive-class probability) against binary `labels` by `rule`."""
-    if rule not in THRESHOLD_RULES:
-        raise ConfigError(f"unknown threshold rule '{rule}'", where="export.threshold_rule", hint=f"use one of {THRESHOLD_RULES}")
+    check_rule(rule)
     labels = np.asarray(labels).astype(int)
     if len(np.unique(labels)) < 2:
         raise InputError("validation split holds a single class; no threshold can be chosen", hint="check the split of the pool")

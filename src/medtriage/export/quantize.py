@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtriage.arguments import positive_int
 from medtriage.errors import ConfigError, InputError, MedTriageError
 from medtriage.format import ONNX_FILE
 
@@ -307,7 +308,7 @@ def register(subparsers) -> None:
         help="validation images: a MedMNIST-layout .npz (see --split) or a folder of DICOM files",
     )
     quantize.add_argument("--split", default="val", choices=["train", "val", "test"], help="the npz split to calibrate on (default: val)")
-    quantize.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="calibration images to use (default: %(default)s)")
+    quantize.add_argument("--images", type=positive_int, default=DEFAULT_IMAGES, help="calibration images to use (default: %(default)s)")
     quantize.add_argument("--exclude", nargs="*", default=[], metavar="NODE", help="graph nodes to keep in float")
     quantize.add_argument(
         "--per-tensor", action="store_true", help="one scale per weight tensor instead of one per output channel (the default)"

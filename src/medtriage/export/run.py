@@ -23,7 +23,7 @@ from medtriage.config.schema import ExportConfig
 from medtriage.data.manifest import load_manifest
 from medtriage.errors import ConfigError
 from medtriage.evaluation.calibration import probabilities
-from medtriage.evaluation.operating_points import THRESHOLD_RULES
+from medtriage.evaluation.operating_points import check_rule
 from medtriage.evaluation.predictions import Predictions
 from medtriage.export.onnx import INPUT_NAME, OUTPUT_NAME, CalibratedNet, check_parity, export_onnx, parity
 from medtriage.export.ood import OodData, fit_ood, ood_parity
@@ -196,13 +196,14 @@ def _member_sizes(net) -> dict:
 # --- called by training, and by scripts/export.py ---------------------------------------------
 
 
-def check_export_settings(export: Any) -> None:
-    """Refuse export settings that cannot work before a training is spent on them (the export runs at its end)."""
+def check_export_settings(export: Any) -> ExportConfig:
+    """Refuse export settings that cannot work before a training is spent on them (the export runs at its end);
+    returns them as the ExportConfig that export_run(checked=...) takes without checking again."""
     cfg = ExportConfig(**_as_dict(export))
     check_tta(cfg.tta)
     for key, rule in (("threshold_rule", cfg.threshold_rule), ("urgent_rule", cfg.urgent_rule)):
-        if rule is not None and rule not in THRESHOLD_RULES:
-            raise ConfigError(f"unknown threshold rule '{rule}'", where=f"export.{key}", hint=f"use one of {', '.join(THRESHOLD_RULES)}")
+        if rule is not None:
+            check_rule(rule, where=f"export.{key}")
     for key, value in (("threshold_target", cfg.threshold_target), ("urgent_target", cfg.urgent_target)):
         if not 0 < value <= 1:
             raise ConfigError(f"export.{key}={value} is not a rate", where=f"export.{key}", hint="a sensitivity or specificity in (0, 1]")
@@ -213,20 +214,21 @@ def check_export_settings(export: Any) -> None:
             hint="a share in (0, 1), e.g. 0.01",
         )
     check_slide_settings(cfg)
+    return cfg
 
 
-def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any) -> Path:
+def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any, checked: ExportConfig | None = None) -> Path:
     """Export the checkpoint of a training run with the run's resolved config (`cfg.export`, `cfg.data.pool_dir`);
-    returns the package folder. With a run id, the package is logged to that run and registered."""
+    returns the package folder. With a run id, the package is logged to that run and registered. `checked` is
+    `cfg.export` as check_export_settings returned it, when that already ran; without it, the settings are checked here."""
     net, train_config = load_model(Path(checkpoint))
-    return export_net(net, train_config, cfg, run_id)
+    return export_net(net, train_config, cfg, run_id, checked)
 
 
-def export_net(net, train_config: dict, cfg: Any, run_id: str | None) -> Path:
+def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: ExportConfig | None = None) -> Path:
     """export_run for a network already built (a trained model, or an ensemble of several)."""
     config = _as_dict(cfg)
-    export_cfg = ExportConfig(**config.get("export", {}))
-    check_export_settings(export_cfg)
+    export_cfg = checked if checked is not None else check_export_settings(config.get("export", {}))
     pool_dir = _lookup(config, "data.pool_dir") or _lookup(_as_dict(train_config), "data.pool_dir")
     if not pool_dir:
         raise ConfigError("the config names no data.pool_dir to take validation images from", where="data.pool_dir")

@@ -2,13 +2,15 @@
 
 A small compressed file can claim a frame size that expands to gigabytes, and JPEG / JPEG-LS / JPEG 2000
 codestreams state their own size, which decoders trust: both are bounded here, from the header and the
-first bytes of each frame, before a decoder runs.
+header segments of each frame, before a decoder runs.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -30,9 +32,9 @@ class DecodeLimits:
 
 _DEFAULT_LIMITS = [DecodeLimits()]
 HEADER_BYTES = 16 << 20  # room for the non-pixel elements of an inflated data set
-# How far into a frame its size is looked for: APPn / COM segments (an ICC profile, up to 64 KiB each) and JP2
-# header boxes may come before the JPEG frame header or the JPEG 2000 SIZ marker.
-CODESTREAM_HEAD_BYTES = 1 << 20
+# Marker segments (JPEG) or boxes (JP2) stepped over to reach a frame's declared size: real files have a few dozen
+# (an ICC profile takes up to 255 APP2 segments). The bound keeps the walk cheap whatever a file holds.
+MAX_HEADER_SEGMENTS = 1024
 
 
 def set_default_limits(limits: DecodeLimits) -> None:
@@ -83,39 +85,110 @@ def check_limits(ds: pydicom.Dataset, limits: DecodeLimits, where: str, frame: i
 
 def _check_codestreams(ds: pydicom.Dataset, claimed: int, frames: int, where: str) -> None:
     """A JPEG / JPEG-LS / JPEG 2000 frame states its own size, which decoders trust: it must not exceed
-    the header's (else a few bytes can ask a decoder for gigabytes)."""
+    the header's (else a few bytes can ask a decoder for gigabytes). A frame whose size cannot be found
+    the way a decoder would find it is refused, never decoded unchecked."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
+    declared_samples = _DECLARED_SAMPLES.get(syntax)
+    if declared_samples is None or "PixelData" not in ds:
         return
-    try:
-        for data in pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames):
-            size = _codestream_samples(data[:CODESTREAM_HEAD_BYTES])
-            if size is not None and size > claimed:
-                raise DicomError(
-                    f"cannot decode pixel data: a compressed frame declares {size} samples, the header {claimed}",
-                    where=where,
-                    hint="the pixel data does not match its header; export the image again",
-                )
-    except DicomError:
-        raise
-    except Exception:  # malformed encapsulation: the decoder reports it with its own reason
-        return
+    for number, data in enumerate(_frames(ds, frames), start=1):
+        try:
+            size = declared_samples(data)
+        except _NoFrameSize as err:
+            raise DicomError(
+                f"cannot decode pixel data: frame {number} {err}",
+                where=where,
+                hint="the pixel data is damaged or not what its transfer syntax says; export the image again",
+            ) from err
+        if size > claimed:
+            raise DicomError(
+                f"cannot decode pixel data: a compressed frame declares {size} samples, the header {claimed}",
+                where=where,
+                hint="the pixel data does not match its header; export the image again",
+            )
 
 
-def _codestream_samples(head: bytes) -> int | None:
-    """width x height x components a JPEG 2000 or JPEG / JPEG-LS codestream declares (None if not found)."""
-    start = head.find(b"\xff\x4f\xff\x51")  # SOC + SIZ, also inside a JP2 wrapper
-    if start >= 0 and len(head) >= start + 42:
-        x, y, x0, y0 = struct.unpack(">4I", head[start + 8 : start + 24])
-        components = struct.unpack(">H", head[start + 40 : start + 42])[0]
-        return max(x - x0, 0) * max(y - y0, 0) * components
+def _frames(ds: pydicom.Dataset, frames: int) -> Iterator[bytes]:
+    """The frames' codestreams, as far as the encapsulation can be read (the decoder reports a malformed one with its
+    own reason)."""
     try:
-        found = pydicom.pixels.utils._get_jpg_parameters(head)
+        yield from pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames)
     except Exception:
-        return None
-    if "height" in found and "width" in found:
-        return int(found["height"]) * int(found["width"]) * int(found.get("components") or 1)
-    return None
+        return
+
+
+class _NoFrameSize(ValueError):
+    """A codestream whose declared size cannot be read (the message completes "frame N ...")."""
+
+
+def _jpeg_samples(codestream: bytes) -> int:
+    """Height x width x components of a JPEG / JPEG-LS codestream's frame header, reached by stepping over the
+    marker segments before it by their lengths (APPn / COM segments may hold megabytes): nothing is decoded."""
+    if codestream[:2] != b"\xff\xd8":
+        raise _NoFrameSize("is not a JPEG codestream (it does not start with the SOI marker)")
+    position = 2
+    for _ in range(MAX_HEADER_SEGMENTS):
+        fill = _JPEG_FILL.match(codestream, position)  # a marker, after any 0xFF fill bytes
+        if fill is None or fill.end() >= len(codestream):
+            raise _NoFrameSize(f"has no JPEG marker at byte {position} before its frame header (SOF)")
+        code, position = codestream[fill.end()], fill.end() + 1
+        if code in _JPEG_FRAME_HEADERS:
+            if len(codestream) < position + 8:
+                raise _NoFrameSize("ends inside its JPEG frame header (SOF)")
+            height, width, components = struct.unpack_from(">HHB", codestream, position + 3)
+            return height * width * components
+        if code in _JPEG_STANDALONE:
+            continue
+        if code in _JPEG_BEFORE_FRAME_FORBIDDEN or len(codestream) < position + 2:
+            raise _NoFrameSize(f"has no JPEG frame header (SOF) before byte {position}")
+        length = struct.unpack_from(">H", codestream, position)[0]
+        if length < 2:
+            raise _NoFrameSize(f"has a JPEG marker segment of length {length} at byte {position}")
+        position += length
+    raise _NoFrameSize(f"has no frame header (SOF) within its first {MAX_HEADER_SEGMENTS} marker segments")
+
+
+def _j2k_samples(codestream: bytes) -> int:
+    """Width x height x components a JPEG 2000 codestream's SIZ declares. SIZ must follow SOC at the start of the
+    codestream (ISO 15444-1 A.4.1); in a JP2 file the codestream is the contents of its jp2c box."""
+    start = _jp2_codestream_start(codestream) if codestream.startswith(_JP2_SIGNATURE) else 0
+    if codestream[start : start + 4] != b"\xff\x4f\xff\x51":
+        raise _NoFrameSize("is not a JPEG 2000 codestream (it does not start with the SOC and SIZ markers)")
+    if len(codestream) < start + 42:
+        raise _NoFrameSize("ends inside its JPEG 2000 SIZ marker segment")
+    x, y, x0, y0 = struct.unpack_from(">4I", codestream, start + 8)
+    components = struct.unpack_from(">H", codestream, start + 40)[0]
+    return max(x - x0, 0) * max(y - y0, 0) * components
+
+
+def _jp2_codestream_start(data: bytes) -> int:
+    """Where the contents of a JP2 file's codestream box begin, found by stepping over the boxes before it."""
+    position = 0
+    for _ in range(MAX_HEADER_SEGMENTS):
+        if len(data) < position + 8:
+            raise _NoFrameSize("is a JP2 file that ends before its JPEG 2000 codestream box")
+        length, kind = struct.unpack_from(">I4s", data, position)
+        header = 8
+        if length == 1 and len(data) >= position + 16:  # the box's length follows as 64 bits
+            length, header = struct.unpack_from(">Q", data, position + 8)[0], 16
+        if kind == b"jp2c":
+            return position + header
+        if length < header:  # 0 means "to the end of the file": no codestream box would follow
+            raise _NoFrameSize(f"is a JP2 file with a box of length {length} before its JPEG 2000 codestream")
+        position += length
+    raise _NoFrameSize(f"is a JP2 file without a codestream box within its first {MAX_HEADER_SEGMENTS} boxes")
+
+
+_JPEG_FILL = re.compile(rb"\xff+")
+# SOF0-3, 5-7, 9-11, 13-15 (ISO 10918-1 B.1.1.3), DHP (a hierarchical image's size, laid out alike), JPEG-LS SOF55
+_JPEG_FRAME_HEADERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xDE, 0xF7})
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length follows
+_JPEG_BEFORE_FRAME_FORBIDDEN = frozenset({0x00, 0xD8, 0xD9, 0xDA})  # not a marker, SOI, EOI, SOS
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_DECLARED_SAMPLES = {
+    **dict.fromkeys([*pydicom.uid.JPEGTransferSyntaxes, *pydicom.uid.JPEGLSTransferSyntaxes], _jpeg_samples),
+    **dict.fromkeys(pydicom.uid.JPEG2000TransferSyntaxes, _j2k_samples),
+}
 
 
 def check_inflated_size(fp: BinaryIO, limits: DecodeLimits, where: str) -> None:

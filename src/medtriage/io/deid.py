@@ -292,11 +292,17 @@ class DeidResult:
     actions: Counter = field(default_factory=Counter)
 
 
+def patient_id_text(value) -> str:
+    """A Patient ID (LO) as identity: leading and trailing spaces are padding, not part of the value (PS3.5 6.2),
+    so ' 123 ' and '123' are one patient; case is kept (LO is case-sensitive)."""
+    return "" if value is None else str(value).strip()
+
+
 def patient_key(ds: Dataset) -> str | None:
     """What identifies the patient at the site; None when the file names nobody."""
-    pid = str(ds.get("PatientID", "") or "").strip()
+    pid = patient_id_text(ds.get("PatientID", ""))
     if pid:
-        return f"{str(ds.get('IssuerOfPatientID', '') or '').strip()}|{pid}"
+        return f"{patient_id_text(ds.get('IssuerOfPatientID', ''))}|{pid}"
     name, birth = str(ds.get("PatientName", "") or "").strip(), str(ds.get("PatientBirthDate", "") or "").strip()
     return f"name|{name}|{birth}" if name else None
 

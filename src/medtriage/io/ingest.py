@@ -8,7 +8,8 @@ builder reads it like any site folder:
 - `<pool>/.ingest/<site>/index.csv`      one row per source file ever seen, keyed by a keyed hash of its
                                          bytes: what makes re-ingest idempotent and incremental
 - `<pool>/.ingest/<site>/logs/<run>.json`  one audit log per ingest: counts, profile, versions, time; no PHI
-Site side (never pooled), `<quarantine>/`: originals by reason plus `quarantine.csv` with source paths.
+Site side (never pooled), `<quarantine>/`: originals by reason plus `quarantine.csv` with source paths (a file
+that cannot be read at all is listed there as `cannot_read`, without a copy, and read again by the next run).
 
 Every input file ends in exactly one place: counts in = pooled + quarantined (per reason).
 Torch-free and pandas-free: a site installs only the base package.
@@ -37,6 +38,7 @@ from pydicom.pixels.utils import get_expected_length
 from tqdm import tqdm
 
 from medtriage import __version__
+from medtriage.arguments import positive_int
 from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import check_limits, default_limits
@@ -71,7 +73,7 @@ class Outcome:
 
     source: str
     content_key: str = ""
-    status: str = "pending"  # pending | quarantined | already
+    status: str = "pending"  # pending | quarantined | already | unread
     reason: str = ""
     detail: str = ""
     sop_uid: str = ""
@@ -121,7 +123,10 @@ def _init_worker(key: SiteKey, options: DeidOptions, known: frozenset, verify: b
 def process_file(source: str) -> Outcome:
     """Read, screen, check and de-identify one file; the main process decides where the result goes."""
     w = _WORKER
-    data = Path(source).read_bytes()
+    try:
+        data = Path(source).read_bytes()
+    except OSError as err:  # permissions, a file removed since the listing: this file only, never the run
+        return Outcome(source, status="unread", reason="cannot_read", detail=f"{type(err).__name__}: {err.strerror or err}")
     out = Outcome(source, content_key=w["key"].content_key(data))
     if out.content_key in w["known"]:
         out.status = "already"
@@ -284,6 +289,10 @@ class _Ledger:
 
     def record(self, out: Outcome, summary: IngestSummary) -> None:
         """Place one input and count it exactly once: pooled (new or before) or quarantined by reason."""
+        if out.status == "unread":  # no bytes, so no key and no copy: listed, not indexed, so the next run tries again
+            self._list_quarantined(out)
+            summary.quarantined[out.reason] += 1
+            return
         if out.content_key in self.seen:  # the same bytes twice in this run: the second copy adds nothing
             _quarantine(out, Unsafe("duplicate_file", "byte-identical to another input of this run"))
             self._to_quarantine(out, indexed=False)
@@ -319,13 +328,16 @@ class _Ledger:
     def _to_quarantine(self, out: Outcome, indexed: bool = True) -> None:
         target = output_path(self.quarantine / out.reason, out.content_key, _kept_suffix(out.source))
         copy_atomic(out.source, target)
+        self._list_quarantined(out)
+        if indexed:
+            self._write_index(out, "quarantined")
+
+    def _list_quarantined(self, out: Outcome) -> None:
         if self._quarantine_file is None:
             self._quarantine_file = _append_csv(self.quarantine / QUARANTINE_LIST, QUARANTINE_COLUMNS)
         row = {"content_key": out.content_key, "reason": out.reason, "detail": out.detail, "source": out.source, "run": self.run}
         self._quarantine_file[1].writerow(spreadsheet_row(row))  # read by people
         self._quarantine_file[0].flush()  # before the index row that marks this input done
-        if indexed:
-            self._write_index(out, "quarantined")
 
     def _write_index(self, out: Outcome, outcome: str, path: str = "", flag: str = "") -> None:
         row = {
@@ -459,7 +471,7 @@ def add_sites_arguments(parser) -> None:
     parser.add_argument("--into", default="data/pool/ingested", help="pool folder (default: %(default)s)")
     parser.add_argument("--keys", help="folder of <site>.key secrets (default: SITES/.keys)")
     parser.add_argument("--create-keys", action="store_true", help="create missing keys (simulated sites only)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes per site (default 1)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="worker processes per site (default 1)")
     parser.add_argument(
         "--verify-pixels",
         action="store_true",
@@ -492,7 +504,7 @@ def register(subparsers) -> None:
     p.add_argument("--into", required=True, metavar="POOL", help="pool folder (what leaves the site)")
     p.add_argument("--secret-file", help="the site's secret key file (else $MEDTRIAGE_SITE_SECRET); keep it outside the pool and SRC")
     p.add_argument("--quarantine", help="where originals that cannot be pooled go (default: POOL-quarantine/SITE)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument(
         "--retain",
         default=",".join(DeidOptions().retain_characteristics),

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from medtriage.arguments import positive_int
+from medtriage.arguments import non_negative_int, positive_float, positive_int
 from medtriage.io.decode_limits import DecodeLimits, set_default_limits
 from medtriage.serve.admission import DEFAULT_QUEUE
 from medtriage.serve.batching import add_batching_options, concurrent_requests, enable_batching
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     output.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     score.add_argument("--sr", metavar="OUTDIR", help="also write one DICOM Structured Report per scored file here")
-    score.add_argument("--mpp", type=float, default=None, help="scan resolution (µm/pixel) of slides that do not record it")
+    score.add_argument("--mpp", type=positive_float, default=None, help="scan resolution (µm/pixel) of slides that do not record it")
     score.add_argument("--heatmaps", metavar="OUTDIR", help="write a tile-probability heatmap PNG per slide here")
     score.add_argument("--overlays", metavar="OUTDIR", help="write a PNG per scored DICOM file here: the image with where the model looked")
     add_runtime_options(score)
@@ -64,12 +64,12 @@ def register(subparsers) -> None:
     )
     serve.add_argument(
         "--queue",
-        type=int,
+        type=non_negative_int,
         default=DEFAULT_QUEUE,
         metavar="N",
         help="requests that may wait for those; more get 503 + Retry-After (default: %(default)s)",
     )
-    serve.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted request body")
+    serve.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES, help="largest accepted request body")
     serve.add_argument(
         "--worklist-size",
         type=positive_int,
@@ -91,7 +91,7 @@ def register(subparsers) -> None:
 def add_runtime_options(parser: argparse.ArgumentParser, out_of_scope_help: str = "(results are flagged)") -> None:
     """Options every scoring door shares (score, serve, listen): ONNX Runtime, decode limits, scope."""
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     limits = DecodeLimits()
     parser.add_argument(
         "--max-frame-pixels",

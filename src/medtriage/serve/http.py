@@ -139,6 +139,9 @@ def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool):
                 responses = operation.setdefault("responses", {})
                 if "422" in responses:
                     responses["422"] = {"description": responses["422"].get("description", "invalid request"), **ERROR}
+                for status, response in responses.items():  # a route names its refusals; their body is the one Error
+                    if status[0] in "45" and "content" not in response:
+                        response.update(ERROR)
                 if "{" in path:
                     responses.setdefault("404", {"description": "no such entry", **ERROR})
                 if bearer and path not in OPEN_PATHS:
@@ -283,7 +286,7 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
         source = request.headers.get(SOURCE_HEADER)
         async with _uploads(request, max_bytes) as uploads:
             outcomes = [
-                await _in_slot(app, uploads_size(uploads), app.state.monitor.timed, worklist.score_or_reject, upload, name, source)
+                await _in_slot(request, uploads_size(uploads), app.state.monitor.timed, worklist.score_or_reject, upload, name, source)
                 for name, upload in uploads
             ]
         scores = [s for o in outcomes if not isinstance(o, Rejection) for s in o]
@@ -311,7 +314,7 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
                 )
             name, upload = uploads[0]
             outcome = await _in_slot(
-                app,
+                request,
                 uploads_size(uploads),
                 app.state.monitor.timed,
                 predictor.score_or_reject,
@@ -324,14 +327,20 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
                 raise RequestError(
                     status, outcome.reason, outcome.hint, file=name, type=outcome.error, code=outcome.code, field=outcome.field
                 )
-            report = await _in_slot(app, 0, _sr_bytes, upload, outcome, predictor)
+            report = await _in_slot(request, 0, _sr_bytes, upload, outcome, predictor)
         return Response(report, media_type="application/dicom")
 
 
-async def _in_slot(app: FastAPI, size: int, work, *args):
+async def _in_slot(request: Request, size: int, work, *args):
     """`work(*args)` in a worker thread once a working slot is free; an upload argument (a spooled file)
-    is read into bytes only then, so waiting requests hold no file in memory."""
-    async with app.state.admission.slot():
+    is read into bytes only then, so waiting requests hold no file in memory. Work whose client hung up
+    while it waited is dropped: its answer would go nowhere. Work already running is not interrupted (an
+    inference call cannot be); its slot is free again when it ends."""
+    async with request.app.state.admission.slot():
+        if await request.is_disconnected():
+            raise RequestError(
+                400, "the client closed the connection before its files were scored", "keep the connection open until the answer arrives"
+            )
         args = [_read_upload(a) if isinstance(a, Upload) else a for a in args]
         try:
             return await run_in_threadpool(work, *args)

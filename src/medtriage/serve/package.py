@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import medtriage
 from medtriage.errors import PackageError
 from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, sha256_file, validate_model_json
@@ -48,12 +50,12 @@ class ModelPackage:
 
     @property
     def review_threshold(self) -> float:
-        return float(self.meta["thresholds"]["review"]["threshold"])
+        return served_threshold(self.meta["thresholds"]["review"]["threshold"])
 
     @property
     def urgent_threshold(self) -> float | None:
         urgent = self.meta["thresholds"].get("urgent")
-        return float(urgent["threshold"]) if urgent else None
+        return served_threshold(urgent["threshold"]) if urgent else None
 
     @property
     def scope(self) -> dict | None:
@@ -76,6 +78,16 @@ class ModelPackage:
 
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+def served_threshold(threshold: float) -> float:
+    """An operating point's threshold as served probabilities meet it: its nearest float32. It was chosen among
+    float64 validation scores, but ONNX Runtime serves float32 probabilities, and a score at the threshold may round
+    below it, to a lower priority than validation gave it. Rounding keeps order, so against the rounded threshold
+    every validation score at or above the threshold stays at or above it, and every one below stays below unless
+    float32 cannot tell it from the threshold. Both sides being float32 values, `p >= threshold` is then the float32
+    comparison."""
+    return float(np.float32(threshold))
 
 
 def load_package(directory: str | Path) -> ModelPackage:

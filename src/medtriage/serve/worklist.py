@@ -6,7 +6,10 @@ list survives restarts; without one the store is in memory. A study's state is r
 arriving or queued), scored, delivered (its SR reached the PACS), failed (with the reason; deliveries
 are retried) or not analysed (out of scope or rejected, with the reason; no SR is sent). The page
 shows the newest `capacity` studies and every URGENT study of the last day beyond them. The occlusion overlay of a study's most urgent image is drawn
-the first time someone opens it (from the spooled file, or an upload's display copy) and kept.
+the first time someone opens it (from the spooled file, or an upload's display copy) and kept. A picture is only ever
+shown with the score of the package that drew it (name, version and sha256): a row scored by another package than the
+served one (scored before a restart with a new package, or by a DICOM node running another) keeps a picture that package
+drew, and otherwise says why it has none rather than show where a different model looked.
 
 GET  /worklist                        the page (static HTML; its data calls carry the bearer token)
 GET  /v1/worklist                     rows: scored ones URGENT > review > routine, then probability; then the rest
@@ -177,6 +180,8 @@ class Worklist:
             "probability": None,
             "priority": None,
             "overlay": None,
+            "overlay_unavailable": None,
+            "flags": [],
             "model": package.name,
             "version": package.version,
             "sha256": package.sha256,
@@ -194,8 +199,10 @@ class Worklist:
                 model=top["model"],
                 version=top["version"],
                 sha256=top["sha256"],
-                overlay=f"/v1/worklist/{study['id']}/overlay.png",
+                flags=top.get("flags") or [],
             )
+            missing = self._picture_missing(top)
+            entry.update(overlay=None if missing else f"/v1/worklist/{study['id']}/overlay.png", overlay_unavailable=missing)
         return entry
 
     def detail(self, entry_id: str) -> dict:
@@ -203,12 +210,14 @@ class Worklist:
         top, _, _ = self._top(study)
         package = self.predictor.package
         summary = self._summary(study)
-        cached = self.store.overlay(study["top_sop"]) if top else None
+        cached = self._cached_overlay(top) if top else None
+        served = top is None or _scored_by(top) == package.identity()
         return {
             **summary,
             "probabilities": top and top["probabilities"],
             "positive_label": package.positive_label,
-            "thresholds": {"review": package.review_threshold, "urgent": package.urgent_threshold},
+            # the operating points that set the priority: those of the scoring package, not held when another is served
+            "thresholds": {"review": package.review_threshold, "urgent": package.urgent_threshold} if served else None,
             "series_uid": top and top["series_uid"],
             "sop_uid": top and top["sop_uid"],
             "decision": top and top.get("decision"),
@@ -228,16 +237,36 @@ class Worklist:
                     "hint": "only a scored study has a picture; its row's state and reason say why it has none",
                 },
             )
-        cached = self.store.overlay(top["sop_uid"])
+        cached = self._cached_overlay(top)
         if cached:
             return cached[0]
+        missing = self._picture_missing(top)
+        if missing:
+            raise HTTPException(409, {"reason": missing, "hint": "open the study in the PACS viewer, or serve the package that scored it"})
         frame = self._frame(row, top)
         started = time.perf_counter()
         result, png = explain_frame(self.predictor, frame, DISPLAY_SIDE)
-        self.store.save_overlay(top["sop_uid"], png, {**result.describe(), "ms": round(1000 * (time.perf_counter() - started), 1)})
+        drawing = {**result.describe(), "ms": round(1000 * (time.perf_counter() - started), 1), "package": _scored_by(top)}
+        self.store.save_overlay(top["sop_uid"], png, drawing)
         with self._lock:
             self._display.pop(top["sop_uid"], None)  # the PNG is all the row needs from now on
         return png
+
+    def _cached_overlay(self, top: dict) -> tuple[bytes, dict] | None:
+        """The kept overlay of the top image, if the package that scored it drew it (one kept without a
+        package was drawn by whichever was served then, so it is not shown)."""
+        cached = self.store.overlay(top["sop_uid"])
+        return cached if cached and (cached[1] or {}).get("package") == _scored_by(top) else None
+
+    def _picture_missing(self, top: dict) -> str | None:
+        """Why the row can have no picture: None when the served package scored it, or drew its kept picture."""
+        scored_by, served = _scored_by(top), self.predictor.package.identity()
+        if scored_by == served or self._cached_overlay(top):
+            return None
+        return (
+            f"no picture: this study was scored by {_describe(scored_by)} and the service now runs {_describe(served)}; "
+            "a picture drawn by another model would not show where the scoring model looked"
+        )
 
     def _frame(self, row, top: dict) -> np.ndarray:
         with self._lock:
@@ -261,6 +290,15 @@ def _sort_key(entry: dict) -> tuple:
     if entry["priority"] is None:
         return len(PRIORITY_RANK) + 1, 0.0, -int(entry["id"])
     return PRIORITY_RANK.get(entry["priority"], len(PRIORITY_RANK)), -entry["probability"], -int(entry["id"])
+
+
+def _scored_by(top: dict) -> dict:
+    """The identity of the package that scored an image, in ModelPackage.identity()'s form."""
+    return {"name": top["model"], "version": top["version"], "sha256": top["sha256"]}
+
+
+def _describe(identity: dict) -> str:
+    return f"{identity['name']} v{identity['version']} (sha256 {identity['sha256'][:12]}…)"
 
 
 def _iso(seconds: float | None) -> str:
@@ -324,7 +362,11 @@ def worklist_router(worklist: Worklist) -> APIRouter:
         "/v1/worklist/{entry_id}/overlay.png",
         summary="The image with where the model looked (occlusion)",
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}},
+        responses={
+            200: {"content": {"image/png": {}}},
+            409: {"description": "the study was scored by a package other than the one served, which drew no picture of it"},
+            410: {"description": "the study's image is no longer held"},
+        },
     )
     async def row_overlay(entry_id: str) -> Response:
         png = await run_in_threadpool(worklist.overlay, entry_id)

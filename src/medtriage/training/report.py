@@ -16,6 +16,7 @@ from medtriage.model.checkpoint import final_checkpoint, read_checkpoint
 from medtriage.training import distributed, tracking
 
 COLUMNS = ("auc", "acc", "sens", "spec", "n")
+METRICS_FILE = "metrics.json"  # in the run folder, next to checkpoints/; written only when the run ends
 
 
 def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
@@ -43,8 +44,8 @@ def log_final(
     mlflow.log_metric("best_epoch", state.best_epoch)
     for path in _plots(predictions, metrics, ckpt_dir.parent / "plots", name):
         mlflow.log_artifact(str(path), "plots")
-    write_atomic(ckpt_dir.parent / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
-    mlflow.log_artifact(str(ckpt_dir.parent / "metrics.json"))
+    write_atomic(ckpt_dir.parent / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
+    mlflow.log_artifact(str(ckpt_dir.parent / METRICS_FILE))
     if log_checkpoint:
         mlflow.log_artifact(str(final_checkpoint(ckpt_dir, weights)), "checkpoints")
 

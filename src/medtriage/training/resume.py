@@ -10,6 +10,7 @@ import torch
 
 from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.model.checkpoint import LAST, read_checkpoint
+from medtriage.training.report import METRICS_FILE
 
 
 def rng_state() -> dict:
@@ -45,13 +46,18 @@ def _python_state_to_lists(state: tuple) -> list:
     return [version, list(internal), gauss]
 
 
-FINISHED_MARK = "metrics.json"  # written next to checkpoints/ when a run ends (training.report.log_final)
+def _run_dir(checkpoint: Path) -> Path:
+    """The run folder of `checkpoint`: <run>/checkpoints/last.pt, or a checkpoint given directly in <run>/."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def _finished(checkpoint: Path) -> bool:
+    return (_run_dir(checkpoint) / METRICS_FILE).is_file()
 
 
 def _refuse_finished(checkpoint: Path) -> None:
     """A finished run has nothing left to train: continuing it would only reopen its MLflow run and log it again."""
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    if (run_dir / FINISHED_MARK).is_file():
+    if _finished(checkpoint):
         raise ConfigError(
             "trainer.resume_from names a run that finished",
             where=checkpoint,
@@ -68,9 +74,9 @@ def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experi
         looked = str(given)
     else:
         experiment_dir = Path(runs_dir) / experiment
-        unfinished = [p for p in experiment_dir.glob(f"**/checkpoints/{LAST}") if not (p.parent.parent / FINISHED_MARK).is_file()]
+        unfinished = [p for p in experiment_dir.glob(f"**/checkpoints/{LAST}") if not _finished(p)]
         candidates = sorted(unfinished, key=lambda p: p.stat().st_mtime, reverse=True)
-        looked = f"{experiment_dir}/**/checkpoints/{LAST} of a run without {FINISHED_MARK}"
+        looked = f"{experiment_dir}/**/checkpoints/{LAST} of a run without {METRICS_FILE}"
     for path in candidates:
         if path.is_file():
             _refuse_finished(path)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from medtriage.config import check_values, compose_train_config
 from medtriage.data.sources.registry import build_pool
 from medtriage.errors import MedTriageError
+from medtriage.training.report import METRICS_FILE
 from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id, terminate_as_interrupt
 
 SCORES = ("calibrated_log_loss", "log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
@@ -58,7 +59,7 @@ class CrossValidation:
         if missing:
             raise MedTriageError(
                 f"folds {[f.fold for f in missing]} have no held-out {score}",
-                where=", ".join(str(f.output_dir / "metrics.json") for f in missing),
+                where=", ".join(str(f.output_dir / METRICS_FILE) for f in missing),
                 hint="each fold needs held-out images of both classes, at least 2 of each for the score after temperature: "
                 "use fewer folds or more data",
             )
@@ -155,7 +156,7 @@ def _finished(running: list[tuple[Fold, subprocess.Popen, float]], folds: int) -
                 where=str(fold.output_dir / "train.log"),
                 hint="read the fold's log; the other folds were stopped",
             )
-        fold.metrics = json.loads((fold.output_dir / "metrics.json").read_text())
+        fold.metrics = json.loads((fold.output_dir / METRICS_FILE).read_text())
         finished.append(fold)
         print(
             f"  fold {fold.fold + 1}/{folds} done in {fold.wall_s / 60:.1f} min: val log-loss {fold.metrics['val/log_loss']:.4f}",

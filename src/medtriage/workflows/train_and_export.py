@@ -11,8 +11,9 @@ from medtriage.training.job import RunResult
 
 def train_and_export(cfg: DictConfig) -> RunResult:
     """Train as `cfg` says; when `export.enabled` and the run finished, export it and log the package to the run."""
+    checked = None
     if cfg.export.enabled and not cfg.data.get("refit"):
-        check_export_settings(cfg.export)  # now, not after the training it would waste
+        checked = check_export_settings(cfg.export)  # now, not after the training it would waste
     result = training.run(cfg)
     if cfg.data.get("refit") and result.finished:
         print(
@@ -21,6 +22,6 @@ def train_and_export(cfg: DictConfig) -> RunResult:
             f"--cross-validation <the folder of scripts/cross_validate.py> --refit {result.output_dir.parent} [more refit runs]"
         )
     elif cfg.export.enabled and result.finished:
-        result.package = export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg)
+        result.package = export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg, checked=checked)
         print(f"model package: {result.package}")
     return result

@@ -96,7 +96,7 @@ def check_network_options(args: argparse.Namespace) -> None:
     """Refuse, before the model loads, values that would fail later with a traceback (an AE title pynetdicom refuses,
     a port out of range, a URL without a scheme) or spin (retries without a wait)."""
     from medtriage.errors import ConfigError
-    from medtriage.serve.node.sender import is_ae_title
+    from medtriage.serve.node.sender import check_port, is_ae_title
 
     for option, title in [("--aet", args.aet), *(("--allow-aet", t) for t in args.allow_aet or [])]:
         if not is_ae_title(title):
@@ -104,8 +104,8 @@ def check_network_options(args: argparse.Namespace) -> None:
                 f"{title!r} is not an AE title", where=option, hint="1 to 16 ASCII characters, no backslash or control character"
             )
     for option, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
-        if port is not None and not 0 < port < 65536:
-            raise ConfigError(f"port {port} is out of range", where=option, hint="give a port from 1 to 65535")
+        if port is not None:
+            check_port(port, where=option)
     if args.retry_max < 1:
         raise ConfigError(
             f"--retry-max must be at least 1 second, got {args.retry_max}",

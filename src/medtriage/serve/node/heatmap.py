@@ -1,9 +1,13 @@
 """`--heatmaps`: the occlusion picture of a study's most urgent instance as a DICOM Secondary Capture
-(RGB, 8-bit) in the same study, so the PACS viewer shows where the model looked next to the image."""
+(RGB, 8-bit) in the same study, so the PACS viewer shows where the model looked next to the image: with the
+source's orientation, pixel shape and side, so it hangs and looks like the image it explains."""
 
 from __future__ import annotations
 
 import io
+import math
+import re
+from fractions import Fraction
 from pathlib import Path
 
 import highdicom as hd
@@ -22,6 +26,9 @@ HEATMAP_SERIES_NUMBER = 9902
 AXIS_LETTERS = (("R", "L"), ("A", "P"), ("F", "H"))
 PATIENT_LETTERS = {"R", "L", "A", "P", "F", "H"}
 MINOR_COSINE = 0.1  # a direction's lesser components below this are noise, not a named obliquity
+LATERALITIES = {"R", "L", "B", "U"}  # Image Laterality: right, left, both, unpaired (PS3.3 C.7.6.1)
+CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")  # a CS value: copied only when valid, so a bad source cannot spoil the SC
+ASPECT_DENOMINATOR = 1000  # pixel shapes closer than 1 in 1000 to square are square (spacings differing by rounding)
 
 
 def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: int | None = None) -> hd.sc.SCImage:
@@ -48,8 +55,57 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: 
             series_description=f"AI triage where the model looked ({predictor.package.describe(with_sha=False)})",
         )
         image.PatientOrientation = patient_orientation(source, score.frame)
+        aspect = pixel_aspect_ratio(source, score.frame)
+        if aspect:
+            image.PixelAspectRatio = aspect
+        describe_anatomy(image, source, score.frame)
         describe_derivation(image, source, score.frame, predictor)
     return image
+
+
+def pixel_aspect_ratio(source: pydicom.Dataset, frame: int | None) -> list[int] | None:
+    """The vertical and horizontal size of the source's pixels as whole numbers (Pixel Aspect Ratio, PS3.3 C.7.6.3),
+    None where they are square or unknown. The heatmap is the source scaled alike along both axes, so its pixels have
+    the same shape, and a viewer given the ratio shows it as unstretched as the source. A ratio, not a pixel spacing:
+    the picture is for looking, not for measuring."""
+    for sizes in _pixel_sizes(source, frame):
+        try:
+            vertical, horizontal = (float(value) for value in sizes)
+        except (TypeError, ValueError):
+            continue
+        if vertical > 0 and horizontal > 0 and math.isfinite(vertical / horizontal):
+            ratio = Fraction(vertical / horizontal).limit_denominator(ASPECT_DENOMINATOR)
+            return None if ratio in (0, 1) else [ratio.numerator, ratio.denominator]
+    return None
+
+
+def _pixel_sizes(source: pydicom.Dataset, frame: int | None) -> list:
+    """(row spacing, column spacing) pairs that may describe the source's pixels, the most authoritative first."""
+    spacings = [source.get(keyword) for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")]
+    measures = [
+        group.PixelMeasuresSequence[0].get("PixelSpacing") for group in _frame_groups(source, frame) if group.get("PixelMeasuresSequence")
+    ]
+    return [sizes for sizes in [*spacings, *measures, source.get("PixelAspectRatio")] if sizes]
+
+
+def describe_anatomy(image: pydicom.Dataset, source: pydicom.Dataset, frame: int | None) -> None:
+    """Which side and which view the picture shows, as the source says, for hanging protocols and the reader: Image
+    Laterality (from the source's image, frame or series laterality; image level, since one heatmap series may hold
+    pictures of both sides of a study) and View Position."""
+    laterality = image_laterality(source, frame)
+    if laterality:
+        image.ImageLaterality = laterality
+    view = str(source.get("ViewPosition") or "").strip().upper()
+    if CODE_STRING.fullmatch(view):
+        image.ViewPosition = view
+
+
+def image_laterality(source: pydicom.Dataset, frame: int | None) -> str | None:
+    """R, L, B or U: the source's Image Laterality, else its frame's (Frame Anatomy of an enhanced object), else its
+    series' Laterality; None where none holds a valid value."""
+    anatomy = [group.FrameAnatomySequence[0] for group in _frame_groups(source, frame) if group.get("FrameAnatomySequence")]
+    candidates = [source.get("ImageLaterality"), *(item.get("FrameLaterality") for item in anatomy), source.get("Laterality")]
+    return next((value for value in (str(c or "").strip().upper() for c in candidates) if value in LATERALITIES), None)
 
 
 def describe_derivation(image: pydicom.Dataset, source: pydicom.Dataset, frame: int | None, predictor: Predictor) -> None:
@@ -96,13 +152,18 @@ def _image_orientation(source: pydicom.Dataset, frame: int | None) -> list[float
     """Image Orientation (Patient) of a classic image, or of the frame in an enhanced multi-frame object."""
     if "ImageOrientationPatient" in source:
         return [float(value) for value in source.ImageOrientationPatient]
-    shared = source.get("SharedFunctionalGroupsSequence") or []
-    per_frame = source.get("PerFrameFunctionalGroupsSequence") or []
-    index = (frame or 1) - 1
-    for group in [*shared[:1], *per_frame[index : index + 1]]:
+    for group in _frame_groups(source, frame):
         if group.get("PlaneOrientationSequence"):
             return [float(value) for value in group.PlaneOrientationSequence[0].ImageOrientationPatient]
     return None
+
+
+def _frame_groups(source: pydicom.Dataset, frame: int | None) -> list[pydicom.Dataset]:
+    """The functional groups of an enhanced multi-frame object that hold for `frame` (1-based): shared, then its own."""
+    shared = source.get("SharedFunctionalGroupsSequence") or []
+    per_frame = source.get("PerFrameFunctionalGroupsSequence") or []
+    index = (frame or 1) - 1
+    return [*shared[:1], *per_frame[index : index + 1]]
 
 
 def _direction_letters(cosine: list[float]) -> str:

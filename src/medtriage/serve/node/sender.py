@@ -36,6 +36,12 @@ def is_ae_title(text: str) -> bool:
     return bool(AE_TITLE.fullmatch(text)) and bool(text.strip())
 
 
+def check_port(port: int, where: str) -> None:
+    """Refuse a TCP port outside 1..65535 (`where`: the option that gave it) before a socket fails on it."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"port {port} is out of range", where=where, hint="give a port from 1 to 65535")
+
+
 @dataclass(frozen=True)
 class Peer:
     """A DICOM destination, parsed from 'AET@HOST:PORT'."""
@@ -47,12 +53,13 @@ class Peer:
     @classmethod
     def parse(cls, text: str) -> Peer:
         match = re.fullmatch(r"([^@]{1,16})@([A-Za-z0-9.\-:\[\]]+):(\d{1,5})", text.strip())
-        if not match or not is_ae_title(match.group(1)) or not 0 < int(match.group(3)) < 65536:
+        if not match or not is_ae_title(match.group(1)):
             raise ConfigError(
                 f"cannot read the destination {text!r}",
                 where="--send-to",
                 hint="write it as AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:4242",
             )
+        check_port(int(match.group(3)), where="--send-to")
         return cls(match.group(1), match.group(2).strip("[]"), int(match.group(3)))
 
     def __str__(self) -> str:
