@@ -102,14 +102,14 @@ def test_images_without_a_patient_id_are_rejected_with_their_reason_not_lumped(t
 def unreadable(monkeypatch):
     """Paths whose reads fail as a file without read permission does (the tests run as root, where chmod does not)."""
     paths: set[Path] = set()
-    real = Path.read_bytes
+    real = Path.open
 
-    def read_bytes(self):
+    def open_(self, *args, **kwargs):
         if self in paths:
             raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", open_)
     return paths
 
 

@@ -6,6 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import mlflow
@@ -65,20 +68,72 @@ def tiny_recipe(runs_dir: Path, npz_cache_dir: Path) -> list[str]:
     ]
 
 
-def _run_train(overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    done = subprocess.run(
-        [sys.executable, str(TRAIN_SCRIPT), *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if done.returncode != 0:
-        raise AssertionError(f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+def training_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+
+
+def run_side_by_side(
+    commands: list[list[str]], timeout: float = 300, env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess]:
+    """`commands` run at once from the project root (tests run one at a time, and a one-thread run leaves a core idle),
+    each one's output captured (in files: a full pipe would stall it), all within `timeout`; their results in order."""
+    with ExitStack() as stack:
+        outputs = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in ("stdout", "stderr")] for _ in commands]
+        processes = [
+            subprocess.Popen(command, cwd=ROOT, env=env or training_env(), stdout=out, stderr=err, text=True)
+            for command, (out, err) in zip(commands, outputs, strict=True)
+        ]
+        deadline = time.monotonic() + timeout
+        try:
+            for process in processes:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        results = []
+        for process, files in zip(processes, outputs, strict=True):
+            for file in files:
+                file.seek(0)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, *(file.read() for file in files)))
+        return results
+
+
+def build_pool_of(overrides: list[str]) -> None:
+    """The pool of the run `overrides` configure, built here: runs started side by side would each build it."""
+    from medtriage.config import compose_train_config
+    from medtriage.data.sources.registry import build_pool
+
+    build_pool(compose_train_config([*overrides, "paths.output_dir=."]).data)
+
+
+def _run_trains(*runs: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """`scripts/train.py` once per override list, side by side (each needs its own `paths.runs_dir`: Hydra names a
+    run's folder by the second it starts), on a pool built beforehand."""
+    if len(runs) > 1:
+        build_pool_of(runs[0])
+    done = run_side_by_side([[sys.executable, str(TRAIN_SCRIPT), *overrides] for overrides in runs], timeout)
+    for each in done:
+        if each.returncode != 0:
+            raise AssertionError(f"train.py failed ({each.returncode}):\n{each.stdout[-3000:]}\n{each.stderr[-5000:]}")
     return done
+
+
+def _run_train(overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return _run_trains(overrides, timeout=timeout)[0]
 
 
 @pytest.fixture
 def run_train():
     """`python scripts/train.py <overrides>` in a subprocess, as a user would run it."""
     return _run_train
+
+
+@pytest.fixture
+def run_trains():
+    """`run_trains(overrides, overrides, ...)`: several `scripts/train.py` runs at once (`_run_trains`)."""
+    return _run_trains
 
 
 @pytest.fixture

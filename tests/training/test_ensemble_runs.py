@@ -11,7 +11,7 @@ from tests.training.test_train_e2e import run_id_of
 pytestmark = pytest.mark.slow
 
 
-def test_an_ensemble_of_runs_carries_the_mean_of_its_members_ood_scores(tmp_path, tiny_overrides, run_train):
+def test_an_ensemble_of_runs_carries_the_mean_of_its_members_ood_scores(tmp_path, tiny_overrides, run_trains):
     import numpy as np
     import onnxruntime as ort
 
@@ -20,8 +20,12 @@ def test_an_ensemble_of_runs_carries_the_mean_of_its_members_ood_scores(tmp_path
     from medtriage.serve.predictor import Predictor, Rejection
     from tests.io.test_dicom import sample_file
 
-    overrides = [o for o in tiny_overrides if o != "export.enabled=false"] + ["data.limit=48", f"export.models_dir={tmp_path / 'models'}"]
-    run_ids = [run_id_of(run_train([*overrides, f"trainer.seed={seed}", f"export.name=member{seed}"]).stdout) for seed in (0, 1)]
+    overrides = [o for o in tiny_overrides if not o.startswith(("export.enabled", "paths.runs_dir"))]
+    overrides += ["data.limit=48", f"export.models_dir={tmp_path / 'models'}"]
+    members = [
+        [*overrides, f"trainer.seed={seed}", f"export.name=member{seed}", f"paths.runs_dir={tmp_path / f'runs{seed}'}"] for seed in (0, 1)
+    ]
+    run_ids = [run_id_of(done.stdout) for done in run_trains(*members)]
     singles = sorted((tmp_path / "models").glob("*/model.json"))
     assert len(singles) == 2 and all(json.loads(p.read_text()).get("ood") for p in singles)  # each member's own package
 

@@ -5,15 +5,18 @@ same out-of-fold predictions (`--refit RUN_DIR ...`)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 
-from tests.training.conftest import ROOT, tiny_recipe
+from tests.training.conftest import ROOT, run_side_by_side, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +32,21 @@ def recipe(tiny_overrides) -> list[str]:
     return last_weights(tiny_overrides)
 
 
+@contextmanager
+def own_tracking_store(folder: Path, empty_mlflow_db: Path):
+    """MLflow writes into a store of its own in `folder` meanwhile (a module's fixture outlives each test's store)."""
+    if not (folder / "mlflow.db").exists():
+        shutil.copyfile(empty_mlflow_db, folder / "mlflow.db")
+    uri, previous = f"sqlite:///{folder / 'mlflow.db'}", mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+
 @pytest.fixture(scope="module")
 def cross_validation(tmp_path_factory, npz_cache_dir, empty_mlflow_db):
     """Two folds of the tiny recipe trained by `scripts/cross_validate.py` (test left out of both), once for the module
@@ -36,31 +54,32 @@ def cross_validation(tmp_path_factory, npz_cache_dir, empty_mlflow_db):
     from medtriage.workflows.cross_validation import cross_validate
 
     base = tmp_path_factory.mktemp("fold-cv")
-    shutil.copyfile(empty_mlflow_db, base / "mlflow.db")
-    uri, previous = f"sqlite:///{base / 'mlflow.db'}", mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        try:
-            cross_validate([*last_weights(tiny_recipe(base / "outputs", npz_cache_dir)), "cv.folds=2", "cv.jobs=2"], base / "cv")
-        finally:
-            mlflow.set_tracking_uri(previous)
+    with own_tracking_store(base, empty_mlflow_db):
+        cross_validate([*last_weights(tiny_recipe(base / "outputs", npz_cache_dir)), "cv.folds=2", "cv.jobs=2"], base / "cv")
     return base / "cv"
 
 
-def test_fold_models_are_served_calibrated_on_images_each_scorer_held_out(cross_validation, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def fold_package(cross_validation, empty_mlflow_db):
+    """The fold models of `cross_validation` exported once for the module, with one-pixel shifts (tests only read it)."""
+    from medtriage.export.fold_ensemble import export_fold_ensemble
+
+    base = cross_validation.parent
+    with own_tracking_store(base, empty_mlflow_db):
+        return export_fold_ensemble(cross_validation, "tiny-folds", tta="shift", overrides=[f"export.models_dir={base / 'models'}"])
+
+
+def test_fold_models_are_served_calibrated_on_images_each_scorer_held_out(cross_validation, fold_package):
     from medtriage.data.torch.datasets import cache_split
     from medtriage.evaluation.calibration import fit_temperature
-    from medtriage.export.fold_ensemble import export_fold_ensemble, fold_members
+    from medtriage.export.fold_ensemble import fold_members
     from medtriage.model.averaging import averaged
     from medtriage.model.predict import predict_cached
     from medtriage.serve.package import load_package
     from medtriage.serve.predictor import Predictor
     from tests.io.test_dicom import sample_file
 
-    models = tmp_path / "models"
-    folds = export_fold_ensemble(cross_validation, "tiny-folds", tta="shift", overrides=[f"export.models_dir={models}"])
-
+    folds = fold_package
     members = fold_members(cross_validation)
     assert len(members.nets) == len(folds.net.members) == 2
     oof, start = folds.out_of_fold, 0
@@ -189,16 +208,19 @@ def test_the_command_refuses_folds_of_different_cross_validations_and_a_missing_
 
     missing = tmp_path / "missing"
     shutil.copytree(cross_validation / "fold0", missing / "fold0")
-    done = subprocess.run([*script, "--cross-validation", str(missing)], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert done.returncode == 2 and "not the 2 folds of one cross-validation" in done.stderr and "every fold trained" in done.stderr
-
-    done = subprocess.run([*script, "--cross-validation", str(tmp_path / "nowhere")], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert done.returncode == 2 and "no fold models found" in done.stderr
-
-    done = subprocess.run(
-        [*script, "run-a", "--cross-validation", str(cross_validation)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    one_fold, no_folds, runs_and_folds = run_side_by_side(
+        [
+            [*script, "--cross-validation", str(missing)],
+            [*script, "--cross-validation", str(tmp_path / "nowhere")],
+            [*script, "run-a", "--cross-validation", str(cross_validation)],
+        ],
+        timeout=120,
+        env=dict(os.environ),
     )
-    assert done.returncode == 2 and "one of them, not both" in done.stderr
+    assert one_fold.returncode == 2 and "not the 2 folds of one cross-validation" in one_fold.stderr
+    assert "every fold trained" in one_fold.stderr
+    assert no_folds.returncode == 2 and "no fold models found" in no_folds.stderr
+    assert runs_and_folds.returncode == 2 and "one of them, not both" in runs_and_folds.stderr
     assert not (tmp_path / "models").exists()  # nothing written by a refused export
 
 
@@ -232,12 +254,12 @@ def refit_run(recipe: list[str], run_dir, *more: str):
 
 
 def test_a_refit_learns_from_train_and_validation_and_is_served_calibrated_on_the_folds_out_of_fold_scores(
-    cross_validation, recipe, tmp_path, capsys
+    cross_validation, fold_package, recipe, tmp_path, capsys
 ):
     import mlflow
     import torch
 
-    from medtriage.export.fold_ensemble import export_fold_ensemble, export_refit
+    from medtriage.export.fold_ensemble import export_refit
     from medtriage.model.checkpoint import load_model
     from medtriage.serve.package import load_package
 
@@ -249,9 +271,10 @@ def test_a_refit_learns_from_train_and_validation_and_is_served_calibrated_on_th
     assert run.data.params["data.n_train"] == "48" and "data.n_val" not in run.data.params and "data.n_test" not in run.data.params
     assert not any(k.startswith(("val/", "test/", "best_val")) for k in run.data.metrics)
 
-    models = tmp_path / "models"
-    folds = export_fold_ensemble(cross_validation, "tiny-folds", overrides=[f"export.models_dir={models}"])
-    refit = export_refit(cross_validation, [tmp_path / "refit"], "tiny-refit", overrides=[f"export.models_dir={models}"])
+    folds = fold_package  # the refit is served with the same views, so it is calibrated on the same scores
+    refit = export_refit(
+        cross_validation, [tmp_path / "refit"], "tiny-refit", tta="shift", overrides=[f"export.models_dir={tmp_path / 'models'}"]
+    )
     assert "refit: exported without an OOD score" in capsys.readouterr().out  # its members held nothing out
     np.testing.assert_allclose(refit.out_of_fold.logits, folds.out_of_fold.logits, atol=1e-6)  # the same calibration data
     meta = load_package(refit.package_dir).meta
@@ -268,18 +291,19 @@ def test_a_refit_that_is_not_the_folds_recipe_or_not_a_refit_is_refused(cross_va
     from medtriage.errors import ConfigError
     from medtriage.export.fold_ensemble import export_refit
 
-    refit_run([*recipe, "model.preprocess.size=32"], tmp_path / "other")  # another input size: not the folds' recipe
+    script = [sys.executable, str(ROOT / "scripts" / "export_ensemble.py"), "--name", "bad", "--refit", str(tmp_path / "other")]
+    with ThreadPoolExecutor(1) as commands:  # refused before they read a run: they need not wait for it to train
+        refused = commands.submit(run_side_by_side, [script, [*script, "--cross-validation", "a", "b"]], 120, dict(os.environ))
+        refit_run([*recipe, "model.preprocess.size=32"], tmp_path / "other")  # another input size: not the folds' recipe
     with pytest.raises(ConfigError, match="its model differ"):
         export_refit(cross_validation, [tmp_path / "other"], "bad", overrides=[f"export.models_dir={tmp_path / 'models'}"])
     with pytest.raises(ConfigError, match="not trained with data.refit=true"):
         export_refit(cross_validation, [cross_validation / "fold0"], "bad", overrides=[f"export.models_dir={tmp_path / 'models'}"])
     assert not (tmp_path / "models").exists()
 
-    script = [sys.executable, str(ROOT / "scripts" / "export_ensemble.py"), "--name", "bad", "--refit", str(tmp_path / "other")]
-    done = subprocess.run(script, capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert done.returncode == 2 and "--refit needs --cross-validation" in done.stderr
-    done = subprocess.run([*script, "--cross-validation", "a", "b"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert done.returncode == 2 and "give one --cross-validation DIR" in done.stderr
+    without_folds, two_folds = refused.result()
+    assert without_folds.returncode == 2 and "--refit needs --cross-validation" in without_folds.stderr
+    assert two_folds.returncode == 2 and "give one --cross-validation DIR" in two_folds.stderr
 
 
 @pytest.mark.parametrize(

@@ -113,9 +113,13 @@ def test_multirun_gives_one_parent_and_a_child_per_job(tmp_path, tiny_overrides,
     assert parent.data.metrics["best_val_auc"] == max(c.data.metrics["best_val_auc"] for c in children)
 
 
-def test_interrupted_run_resumes_in_the_same_mlflow_run_and_matches_an_uninterrupted_one(tmp_path, tiny_overrides, run_train, tracking_uri):
+def test_interrupted_run_resumes_in_the_same_mlflow_run_and_matches_an_uninterrupted_one(
+    tmp_path, tiny_overrides, run_train, run_trains, tracking_uri
+):
     budget = [o.replace("data.limit=128", "data.limit=64") for o in tiny_overrides] + ["trainer.max_epochs=2"]
-    first = run_train([*budget, "trainer.stop_after_epochs=1"])
+    first, straight = run_trains(  # the uninterrupted run, in a folder of its own, trains meanwhile
+        [*budget, "trainer.stop_after_epochs=1"], [o.replace(str(tmp_path / "outputs"), str(tmp_path / "straight")) for o in budget]
+    )
     run_id = run_id_of(first.stdout)
     client = MlflowClient(tracking_uri)
     assert client.get_run(run_id).info.status == "KILLED"
@@ -128,7 +132,6 @@ def test_interrupted_run_resumes_in_the_same_mlflow_run_and_matches_an_uninterru
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "1"
     assert steps(client, run_id, "val/auc") == [1, 2] and read_checkpoint(last)["epoch"] == 2
 
-    straight = run_train([o.replace(str(tmp_path / "outputs"), str(tmp_path / "straight")) for o in budget])
     other = run_id_of(straight.stdout)
     for key in ("train/loss", "val/auc"):  # seeded on CPU: resuming changes nothing
         assert [m.value for m in client.get_metric_history(other, key)] == [m.value for m in client.get_metric_history(run_id, key)], key

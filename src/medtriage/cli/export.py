@@ -9,14 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import mlflow
-
-from medtriage.config import compose_train_config
 from medtriage.errors import ConfigError, MedTriageError
-from medtriage.export.ensemble import export_ensemble
-from medtriage.export.fold_ensemble import export_fold_ensemble, export_refit
-from medtriage.export.from_mlflow import export_from_mlflow
 from medtriage.model.averaging import TTA
+
+# MLflow and the exporters are imported once the arguments are found sound: a mistyped command answers at once.
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -34,6 +30,8 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     try:
         run_id, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        from medtriage.export.from_mlflow import export_from_mlflow
+
         export_from_mlflow(run_id, overrides)
     except MedTriageError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -81,6 +79,16 @@ def ensemble_main(argv: list[str] | None = None) -> int:
         parser.error("give either MLflow run ids or --cross-validation DIR (one of them, not both)")
     if args.refit and len(args.cross_validation) > 1:
         parser.error("--refit is calibrated on the out-of-fold scores of its own recipe: give one --cross-validation DIR")
+    return _export_ensemble(args, run_ids, overrides)
+
+
+def _export_ensemble(args: argparse.Namespace, run_ids: list[str], overrides: list[str]) -> int:
+    import mlflow
+
+    from medtriage.config import compose_train_config
+    from medtriage.export.ensemble import export_ensemble
+    from medtriage.export.fold_ensemble import export_fold_ensemble, export_refit
+
     mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)  # the project's store
     try:
         if args.refit:

@@ -58,7 +58,9 @@ def _main(argv: list[str] | None) -> int:
     slides.add_argument("--split", default="test", choices=["train", "val", "test"])
     slides.add_argument("--tile-size", type=positive_int, default=224)
     slides.add_argument("--tile-mpp", type=positive_float, default=0.5)
-    slides.add_argument("--mpp", type=positive_float, default=None, help="scan µm/pixel for slides that do not record it")
+    slides.add_argument(
+        "--mpp", type=positive_float, default=None, help="scan µm/pixel of every slide given, overriding what a slide records"
+    )
     slides.add_argument("--stain-normalize", action="store_true")
     slides.add_argument("--overview", type=Path, help="save the first slide's thumbnail with tissue mask and tile grid here")
     figure = sub.add_parser("sites-figure", help="PNG of each synthetic site's tiles, raw and Macenko-normalised")

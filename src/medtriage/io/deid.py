@@ -97,6 +97,28 @@ NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "Pati
 PSEUDONYM_TAGS = frozenset(tag_for_keyword(k) for k in ("PatientID", "PatientName"))
 # Z allows "a dummy value consistent with the VR": a keyed one keeps accession-keyed labels joinable.
 ACCESSION_TAG = tag_for_keyword("AccessionNumber")
+# What systems write into Patient's Name when they know no name (compared upper-case, name components joined by
+# spaces). Without a Patient ID the name is the identity, and such a value would make one patient of everyone
+# who has it, so it counts as no name at all; a name of only carets and spaces is empty the same way.
+PLACEHOLDER_NAMES = frozenset(
+    {
+        "ANONYMOUS",
+        "ANONYMIZED",
+        "ANON",
+        "UNKNOWN",
+        "UNK",
+        "NONE",
+        "NULL",
+        "N/A",
+        "NA",
+        "TEST",
+        "TEST PATIENT",
+        "NO NAME",
+        "NONAME",
+        "PATIENT",
+    }
+)
+NO_PATIENT_IDENTITY = "no Patient ID, and no Patient's Name or only a placeholder one (such as ANONYMOUS)"
 
 # CID 7050 De-identification Method codes.
 CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
@@ -255,6 +277,10 @@ class DeidOptions:
 
     modified_dates: bool = True
     retain_characteristics: tuple[str, ...] = DEFAULT_CHARACTERISTICS
+    # One Patient ID is one patient, whatever Issuer of Patient ID says (a site that fills the issuer on some
+    # modalities only would split a patient, and possibly across splits). A site whose IDs come from several
+    # issuing systems, where one ID can name two patients, sets this to key the patient on issuer and ID.
+    several_id_issuers: bool = False
 
     def __post_init__(self):
         unknown = sorted(set(self.retain_characteristics) - set(PATIENT_CHARACTERISTICS))
@@ -279,6 +305,7 @@ class DeidOptions:
             "private_elements": "removed",
             "uids": "2.25 + keyed hash",
             "patient_id": "keyed pseudonym",
+            "patient_identity": "Issuer of Patient ID + Patient ID" if self.several_id_issuers else "Patient ID (issuer ignored)",
         }
 
 
@@ -290,6 +317,7 @@ class DeidResult:
     study_uid: str
     series_uid: str
     actions: Counter = field(default_factory=Counter)
+    identified_by_name: bool = False  # no Patient ID: the patient is known by name and birth date only
 
 
 def patient_id_text(value) -> str:
@@ -298,20 +326,29 @@ def patient_id_text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
-def patient_key(ds: Dataset) -> str | None:
-    """What identifies the patient at the site; None when the file names nobody."""
+def is_placeholder_name(name: str) -> bool:
+    """A Patient's Name that names nobody: empty, only carets and spaces, or one of PLACEHOLDER_NAMES."""
+    words = " ".join(name.replace("^", " ").replace("=", " ").split()).upper()
+    return not words or words in PLACEHOLDER_NAMES
+
+
+def patient_key(ds: Dataset, options: DeidOptions = DeidOptions()) -> str | None:
+    """What identifies the patient at the site; None when the file names nobody (no Patient ID, and no name or a
+    placeholder one). The issuer joins the key only for a site with several; '|<id>' is the key either way without one."""
     pid = patient_id_text(ds.get("PatientID", ""))
     if pid:
-        return f"{patient_id_text(ds.get('IssuerOfPatientID', ''))}|{pid}"
+        issuer = patient_id_text(ds.get("IssuerOfPatientID", "")) if options.several_id_issuers else ""
+        return f"{issuer}|{pid}"
     name, birth = str(ds.get("PatientName", "") or "").strip(), str(ds.get("PatientBirthDate", "") or "").strip()
-    return f"name|{name}|{birth}" if name else None
+    return None if is_placeholder_name(name) else f"name|{name}|{birth}"
 
 
 def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) -> DeidResult:
     """De-identify `ds` in place (file meta included). Raises ConfigError if the patient is unnamed."""
-    patient = patient_key(ds)
+    patient = patient_key(ds, options)
     if patient is None:
-        raise ConfigError("no Patient ID or Patient's Name: the file cannot be linked to a patient pseudonym")
+        raise ConfigError(f"{NO_PATIENT_IDENTITY}: the file cannot be linked to a patient pseudonym")
+    by_name = not patient_id_text(ds.get("PatientID", ""))
     walker = _ProfileWalker(key, options, key.pseudonym(patient), key.date_shift_days(patient))
     walker.apply(ds, top_level=True)
     _mark_deidentified(ds, options)
@@ -324,6 +361,7 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
         str(ds.get("StudyInstanceUID", "")),
         str(ds.get("SeriesInstanceUID", "")),
         walker.actions,
+        by_name,
     )
 
 

@@ -9,7 +9,8 @@ builder reads it like any site folder:
                                          bytes: what makes re-ingest idempotent and incremental
 - `<pool>/.ingest/<site>/logs/<run>.json`  one audit log per ingest: counts, profile, versions, time; no PHI
 Site side (never pooled), `<quarantine>/`: originals by reason plus `quarantine.csv` with source paths (a file
-that cannot be read at all is listed there as `cannot_read`, without a copy, and read again by the next run).
+that cannot be read at all is listed there as `cannot_read`, and one over the size limit as `too_large`, without a
+copy, and both are looked at again by the next run).
 
 Every input file ends in exactly one place: counts in = pooled + quarantined (per reason).
 Torch-free and pandas-free: a site installs only the base package.
@@ -41,7 +42,7 @@ from medtriage import __version__
 from medtriage.arguments import positive_int
 from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import check_limits, default_limits
+from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
@@ -65,6 +66,11 @@ INDEX_COLUMNS = [
     "run",
 ]
 QUARANTINE_COLUMNS = ["content_key", "reason", "detail", "source", "run"]
+# Each input is read whole into a worker's memory, so its size is bounded before it is read. The bound is the decode
+# limit on an image's float32 pixels: stored samples are rarely wider than that, so the pool builder could not use a
+# larger file anyway.
+DEFAULT_MAX_FILE_BYTES = DecodeLimits().max_decoded_bytes
+_READ_STEP = 16 << 20  # how much more a file that grew since its size was read is read at a time
 
 
 @dataclass
@@ -83,6 +89,7 @@ class Outcome:
     accession: str = ""
     pixel_sha256: str = ""
     modality: str = ""
+    identified_by_name: bool = False
     encoded: bytes = b""  # the de-identified file; the main process decides where it goes
 
 
@@ -95,6 +102,7 @@ class IngestSummary:
     pooled_before: int = 0
     quarantined: Counter = field(default_factory=Counter)  # reason -> count, this run and earlier
     flags: Counter = field(default_factory=Counter)
+    identified_by_name: int = 0  # pooled this run by Patient's Name and birth date, for want of a Patient ID
     labels: dict = field(default_factory=dict)
     log_path: str = ""
 
@@ -105,9 +113,10 @@ class IngestSummary:
     def line(self) -> str:
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.quarantined.items())) or "none"
         flags = "".join(f"; flagged {f} {n}" for f, n in sorted(self.flags.items()))
+        by_name = f"; {self.identified_by_name} identified by name, not Patient ID" if self.identified_by_name else ""
         return (
             f"{self.site}: in {self.counts_in} = pooled {self.pooled} ({self.pooled_new} new) "
-            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}"
+            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}{by_name}"
         )
 
 
@@ -116,17 +125,19 @@ class IngestSummary:
 _WORKER: dict = {}
 
 
-def _init_worker(key: SiteKey, options: DeidOptions, known: frozenset, verify: bool) -> None:
-    _WORKER.update(key=key, options=options, known=known, verify=verify)
+def _init_worker(key: SiteKey, options: DeidOptions, known: frozenset, verify: bool, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
+    _WORKER.update(key=key, options=options, known=known, verify=verify, max_file_bytes=max_file_bytes)
 
 
 def process_file(source: str) -> Outcome:
     """Read, screen, check and de-identify one file; the main process decides where the result goes."""
     w = _WORKER
     try:
-        data = Path(source).read_bytes()
+        data = _read_bounded(source, w["max_file_bytes"])
     except OSError as err:  # permissions, a file removed since the listing: this file only, never the run
         return Outcome(source, status="unread", reason="cannot_read", detail=f"{type(err).__name__}: {err.strerror or err}")
+    if isinstance(data, Unsafe):
+        return Outcome(source, status="unread", reason=data.reason, detail=data.detail)
     out = Outcome(source, content_key=w["key"].content_key(data))
     if out.content_key in w["known"]:
         out.status = "already"
@@ -146,6 +157,24 @@ def process_file(source: str) -> Outcome:
         return _quarantine(out, Unsafe("unreadable", f"{type(err).__name__}: {err}"))
 
 
+def _read_bounded(source: str, limit: int) -> bytes | Unsafe:
+    """The file's bytes, or why it is too large to read: its size is checked first, and the read stops past the
+    limit, so a file that grows after the check still costs at most the limit. (A read allocates what it asks for:
+    it asks for the size found, and for the growth in steps.)"""
+    hint = "raise --max-file-bytes if it is genuine"
+    with Path(source).open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            return Unsafe("too_large", f"file of {size} bytes exceeds the ingest limit of {limit} bytes: {hint}")
+        data = f.read(size + 1)  # one byte more shows whether it grew
+        if len(data) > size:  # read on up to one byte past the limit
+            while len(data) <= limit and (more := f.read(min(_READ_STEP, limit + 1 - len(data)))):
+                data += more
+    if len(data) > limit:
+        return Unsafe("too_large", f"file grew past the ingest limit of {limit} bytes while it was read: {hint}")
+    return data
+
+
 def _deidentified(out: Outcome, ds, w: dict) -> Outcome:
     problem = screen(ds) or _pixel_problem(ds, w["verify"])
     if problem:
@@ -155,6 +184,7 @@ def _deidentified(out: Outcome, ds, w: dict) -> Outcome:
     out.accession = str(ds.get("AccessionNumber", "") or "")
     out.modality = "".join(c for c in str(ds.get("Modality", "") or "OT") if c.isalnum())[:16] or "OT"
     out.sop_uid, out.study_uid, out.series_uid, out.patient = result.sop_uid, result.study_uid, result.series_uid, result.pseudonym
+    out.identified_by_name = result.identified_by_name
     out.encoded = encode(ds)
     return out
 
@@ -219,8 +249,10 @@ def ingest_site(
     workers: int = 1,
     progress: bool = True,
     verify_pixels: bool = False,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> IngestSummary:
-    """De-identify `src` into `<pool>/<site>/`; quarantine the rest. Re-running adds only new files."""
+    """De-identify `src` into `<pool>/<site>/`; quarantine the rest. Re-running adds only new files. A file over
+    `max_file_bytes` is listed in the quarantine as too_large, unread and not copied."""
     options = options or DeidOptions()
     src, pool = Path(src).resolve(), Path(pool).resolve()
     if not src.is_dir():
@@ -240,7 +272,7 @@ def ingest_site(
     site_dir.mkdir(parents=True, exist_ok=True)
     remove_partials(site_dir)  # temporary files of a killed run; their inputs are not in the index, so they run again
     ledger = _Ledger(site, site_dir, ledger_dir / INDEX_FILE, quarantine, run, index, _pooled_pixels(pool))
-    for out in _map(sources, workers, progress, site, (key, options, frozenset(index), verify_pixels)):
+    for out in _map(sources, workers, progress, site, (key, options, frozenset(index), verify_pixels, max_file_bytes)):
         ledger.record(out, summary)
     ledger.close()
     rows = ledger.index.values()
@@ -289,7 +321,7 @@ class _Ledger:
 
     def record(self, out: Outcome, summary: IngestSummary) -> None:
         """Place one input and count it exactly once: pooled (new or before) or quarantined by reason."""
-        if out.status == "unread":  # no bytes, so no key and no copy: listed, not indexed, so the next run tries again
+        if out.status == "unread":  # no bytes read, so no key and no copy: listed, not indexed, so the next run looks again
             self._list_quarantined(out)
             summary.quarantined[out.reason] += 1
             return
@@ -310,6 +342,7 @@ class _Ledger:
             else:
                 self._to_pool(out)
                 summary.pooled_new += 1
+                summary.identified_by_name += out.identified_by_name
         if out.status == "quarantined":
             summary.quarantined[out.reason] += 1
         self.seen.add(out.content_key)
@@ -433,6 +466,7 @@ def _write_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptions, w
             "pooled_before": summary.pooled_before,
             "quarantined": dict(summary.quarantined),
             "quarantined_total": sum(summary.quarantined.values()),
+            "identified_by_name": summary.identified_by_name,
         },
         "flags": dict(summary.flags),
         "labels": summary.labels,
@@ -477,11 +511,27 @@ def add_sites_arguments(parser) -> None:
         action="store_true",
         help="decode every image during ingest (one whose header claims more than the decode limits is quarantined as too_large, undecoded)",
     )
+    _add_max_file_bytes(parser)
+
+
+def _add_max_file_bytes(parser) -> None:
+    parser.add_argument(
+        "--max-file-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_FILE_BYTES,
+        help="larger input files are listed in the quarantine as too_large, unread (default: %(default)s)",
+    )
 
 
 def run_sites(args) -> int:
     summaries = ingest_sites(
-        args.sites, args.into, keys_dir=args.keys, create_keys=args.create_keys, workers=args.workers, verify_pixels=args.verify_pixels
+        args.sites,
+        args.into,
+        keys_dir=args.keys,
+        create_keys=args.create_keys,
+        workers=args.workers,
+        verify_pixels=args.verify_pixels,
+        max_file_bytes=args.max_file_bytes,
     )
     for summary in summaries:
         print(summary.line())
@@ -512,6 +562,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-modified-dates", action="store_true", help="remove dates instead of shifting them per patient")
     p.add_argument("--verify-pixels", action="store_true", help="decode every image here (default: structural check)")
+    p.add_argument(
+        "--several-id-issuers",
+        action="store_true",
+        help="the site's Patient IDs come from several issuers (one ID may name two patients): key patients on "
+        "Issuer of Patient ID and Patient ID (default: one Patient ID is one patient, whatever its issuer)",
+    )
+    _add_max_file_bytes(p)
     p.set_defaults(func=_run_ingest)
 
 
@@ -521,7 +578,11 @@ def _run_ingest(args) -> int:
         raise ConfigError("the site secret must not live inside the pool", where=args.secret_file)
     if secret and secret.is_relative_to(Path(args.src).resolve()):  # it would be ingested: copied to quarantine
         raise ConfigError("the site secret must not live inside the site folder", where=args.secret_file)
-    options = DeidOptions(modified_dates=not args.no_modified_dates, retain_characteristics=tuple(k for k in args.retain.split(",") if k))
+    options = DeidOptions(
+        modified_dates=not args.no_modified_dates,
+        retain_characteristics=tuple(k for k in args.retain.split(",") if k),
+        several_id_issuers=args.several_id_issuers,
+    )
     summary = ingest_site(
         args.site,
         args.src,
@@ -532,6 +593,7 @@ def _run_ingest(args) -> int:
         workers=args.workers,
         progress=True,
         verify_pixels=args.verify_pixels,
+        max_file_bytes=args.max_file_bytes,
     )
     print(summary.line())
     print(f"audit log: {summary.log_path}")

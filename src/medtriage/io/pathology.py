@@ -98,14 +98,25 @@ def low_resolution_image(slide: Slide, mpp: float) -> tuple[Image.Image, float]:
     return image, slide.mpp * slide.dimensions[0] / image.width
 
 
+def tissue_threshold(sat: np.ndarray, min_saturation: float = MIN_SATURATION) -> float:
+    """Otsu's split of glass from tissue, floored so blank glass stays background. A slide covered in tissue has no
+    glass to split off, and Otsu would split the tissue itself (pale from dark, dropping the pale): when what falls
+    below its threshold is mostly not glass (median saturation above the floor), the floor alone decides."""
+    threshold = otsu_threshold(sat)
+    below = sat[sat <= threshold]
+    if below.size and float(np.median(below)) > min_saturation:
+        return min_saturation
+    return max(threshold, min_saturation)
+
+
 def tissue_mask(slide: Slide, mask_mpp: float = MASK_MPP, min_saturation: float = MIN_SATURATION) -> TissueMask:
-    """Otsu on saturation at low resolution, floored so blank glass stays background."""
+    """Tissue where the saturation at low resolution is above `tissue_threshold`."""
     image, image_mpp = low_resolution_image(slide, mask_mpp)
     scale = image_mpp / mask_mpp
     if scale < 1:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX)
     sat = saturation(np.asarray(image))
-    threshold = max(otsu_threshold(sat), min_saturation)
+    threshold = tissue_threshold(sat, min_saturation)
     mask = Image.fromarray(((sat > threshold) * 255).astype(np.uint8)).filter(ImageFilter.MedianFilter(3))
     return TissueMask(np.asarray(mask) > 0, downsample=slide.dimensions[0] / image.width, threshold=threshold)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from medtriage.io.deid import patient_key
+from medtriage.io.deid import NO_PATIENT_IDENTITY, patient_key
 
 # Objects whose identity lives in free text or documents the header profile does not reach.
 UNSAFE_SOP_CLASSES = {
@@ -59,5 +59,5 @@ def screen(ds: Dataset) -> Unsafe | None:
     if "SOPInstanceUID" not in ds:
         return Unsafe("unreadable", "no SOP Instance UID")
     if patient_key(ds) is None:
-        return Unsafe("no_patient_identity", "no Patient ID or Patient's Name: patient-level splits would be impossible")
+        return Unsafe("no_patient_identity", f"{NO_PATIENT_IDENTITY}: patient-level splits would be impossible")
     return None

@@ -32,6 +32,7 @@ WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Im
 READ_BLOCK_BYTES = 64 << 20  # RGB bytes of a level decoded at once when a whole level is read (thumbnail, tissue mask)
 MAX_WHOLE_IMAGE_BYTES = 256 << 20  # RGB bytes of a whole-level image: a 7.5 cm square of tissue at the mask's 8 µm/pixel
 MAX_CHUNK_BYTES = 256 << 20  # decoded bytes of one tile or strip: a decoder allocates what the tags claim, whatever the data
+TILE_CACHE_BYTES = 128 << 20  # decoded tiles one reader keeps: 680 of 256 pixels (a row across a large slide), fewer larger ones
 MIN_MPP = 0.05  # µm/pixel: a quarter of what light microscopes resolve; anything finer is a damaged tag
 BRIGHTFIELD_HINT = (
     "the pathology models read 8-bit RGB brightfield slides (H&E, IHC): export the slide as 8-bit RGB "
@@ -298,10 +299,10 @@ class Slide(_Levels):
 class RegionReader:
     """Reads regions tile by tile straight from the TIFF, keeping recently decoded tiles."""
 
-    def __init__(self, slide: Slide, cache_tiles: int = 512, seed: dict | None = None):
+    def __init__(self, slide: Slide, seed: dict | None = None):
         self.slide = slide
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self._cache_tiles = cache_tiles
+        self._cache_bytes = 0  # bounded in bytes, not tiles: a file may hold tiles of a few megabytes each
         self._seed = seed or {}  # tiles another reader decoded; never modified here
 
     def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
@@ -315,7 +316,7 @@ class RegionReader:
             x, y = self.slide.level_position(x0, y0, level)
             return self._assemble(self.slide._levels[level].keyframe, level, x, y, size)
         except Exception as err:  # codecs and tifffile raise many types for damaged tile data
-            raise _damaged_tiles(self.slide.path, err) from err
+            raise _damaged_tiles(self.slide.path, err, level, x0, y0, size) from err
 
     def _assemble(self, page, level: int, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
         w, h = size
@@ -347,10 +348,11 @@ class RegionReader:
         else:
             data = os.pread(self.slide._fd, count, offset)
             segment = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)[0]
-            tile = segment.reshape(page.tilelength, page.tilewidth, -1)[..., :3]
+            tile = np.ascontiguousarray(segment.reshape(page.tilelength, page.tilewidth, -1)[..., :3])
         self._cache[key] = tile
-        if len(self._cache) > self._cache_tiles:
-            self._cache.popitem(last=False)
+        self._cache_bytes += tile.nbytes
+        while self._cache_bytes > TILE_CACHE_BYTES and len(self._cache) > 1:
+            self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
         return tile
 
 
@@ -500,7 +502,7 @@ class _DicomRegionReader:
             region = self.slide._wsi.read_region((x, y), self.slide._pyramid_levels[level], tuple(int(v) for v in size))
             return np.asarray(region.convert("RGB"), dtype=np.uint8)
         except Exception as err:  # wsidicom, pydicom and the codecs raise many types for damaged frames
-            raise _damaged_tiles(self.slide.path, err) from err
+            raise _damaged_tiles(self.slide.path, err, level, x0, y0, size) from err
 
 
 def white_beyond_edge(slide, read_inside, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
@@ -518,5 +520,11 @@ def white_beyond_edge(slide, read_inside, x0: int, y0: int, level: int, size: tu
     return out
 
 
-def _damaged_tiles(path: Path, err: Exception) -> InputError:
-    return InputError(f"cannot decode slide tile data ({type(err).__name__}: {err})", where=path, hint="the file may be damaged")
+def _damaged_tiles(path: Path, err: Exception, level: int, x0: int, y0: int, size: tuple[int, int]) -> InputError:
+    """Where in the slide: a lab checks the scan there, or rescans."""
+    return InputError(
+        f"cannot decode slide tile data of level {level}, in the {size[0]} x {size[1]} pixel region at level-0 pixel "
+        f"({x0}, {y0}) ({type(err).__name__}: {err})",
+        where=path,
+        hint="the file may be damaged: copy it again from the scanner or archive, or rescan the slide",
+    )

@@ -31,7 +31,12 @@ def register(subparsers) -> None:
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     output.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     score.add_argument("--sr", metavar="OUTDIR", help="also write one DICOM Structured Report per scored file here")
-    score.add_argument("--mpp", type=positive_float, default=None, help="scan resolution (µm/pixel) of slides that do not record it")
+    score.add_argument(
+        "--mpp",
+        type=positive_float,
+        default=None,
+        help="scan resolution (µm/pixel) of every slide given, overriding what a slide records (for slides that record none, or a wrong one)",
+    )
     score.add_argument("--heatmaps", metavar="OUTDIR", help="write a tile-probability heatmap PNG per slide here")
     score.add_argument("--overlays", metavar="OUTDIR", help="write a PNG per scored DICOM file here: the image with where the model looked")
     add_runtime_options(score)

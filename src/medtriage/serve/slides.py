@@ -12,7 +12,8 @@ training tiles) are left out of the score, the top tiles and the heatmap; a slid
 withheld like an unusual image (scored and flagged with `allow_unusual`).
 
 Priority: the block's `slide_thresholds`, chosen at export on validation slides aggregated the same
-way; a package without them falls back to its tile thresholds (`threshold_level` says which).
+way; a package without them falls back to its tile thresholds (`threshold_level` says which). The slide score and
+the thresholds meet as float32 values, as an image's probability and its thresholds do.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from medtriage.format.aggregation import AGGREGATIONS, aggregate
 from medtriage.io.pathology import DEFAULT_TILE_MPP, PreparedSlide, iter_tile_batches, prepare_slide
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.io.stain import REFERENCE_STAINS, Stains
+from medtriage.serve.package import served_threshold
 from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
 from medtriage.serve.scope import UNUSUAL_INPUT, UnusualInputError
 
@@ -111,6 +113,15 @@ def usual_tiles(n: int, ood: np.ndarray | None, threshold: float | None, allow_u
     return ~(ood > threshold), []
 
 
+def served_slide_score(tile_probabilities: np.ndarray, settings: SlideSettings) -> float:
+    """The aggregate of served (float32) tile probabilities, as a float32 value like every served probability.
+
+    Export chose the slide thresholds among float64 aggregates of float64 tile probabilities; served tiles round to
+    float32, so a slide at a threshold may aggregate just below it. With both sides float32 (`served_threshold`) it
+    keeps its priority, as an image does, unless float32 cannot tell its served aggregate from the threshold."""
+    return float(np.float32(aggregate(tile_probabilities, settings.aggregation, settings.top_k)))
+
+
 def score_slide(
     path: str | Path,
     predict: Predict,
@@ -145,7 +156,7 @@ def score_slide(
         order = np.argsort(-probs, kind="stable")[:n_top]
         result = SlideResult(
             path=str(path),
-            score=aggregate(probs, settings.aggregation, settings.top_k),
+            score=served_slide_score(probs, settings),
             aggregation=settings.aggregation,
             n_tiles=len(grid.tiles),
             n_background=grid.n_background,
@@ -222,7 +233,8 @@ class SlideOperatingPoints:
     def of(cls, package) -> SlideOperatingPoints:
         slide = package.meta["pathology"].get("slide_thresholds")
         if slide:
-            return cls(float(slide["review"]["threshold"]), float(slide["urgent"]["threshold"]) if slide.get("urgent") else None, "slide")
+            urgent = served_threshold(slide["urgent"]["threshold"]) if slide.get("urgent") else None
+            return cls(served_threshold(slide["review"]["threshold"]), urgent, "slide")
         return cls(package.review_threshold, package.urgent_threshold, "tile")
 
     def priority(self, p: float) -> str:
