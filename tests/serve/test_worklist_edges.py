@@ -71,7 +71,7 @@ def test_an_upload_leaves_a_study_the_node_is_receiving_for_the_node_to_close(pr
     assert row["instances"] == 2 and row["priority"] == predictor.priority(chest_files["p"][uploaded])  # listed at once
 
     worker.close_quiet_studies()
-    (study,) = store.studies(1)[0]
+    (study,) = store.shown_studies(1)
     assert study["state"] == "scored" and study["sr_uid"], "the node closes the study and sends its SR"
     assert json.loads(store.instance(study["top_sop"])["result"])[0]["file"] == uploaded.name
 

@@ -45,12 +45,22 @@ class TissueMask:
     def fractions(self, xs: list[int], ys: list[int], size0: float) -> np.ndarray:
         """`[len(ys), len(xs)]` tissue fractions of the level-0 squares at every (x, y) pair, from one integral image."""
         rows, cols = self._cells(ys, size0, self.mask.shape[0]), self._cells(xs, size0, self.mask.shape[1])
-        integral = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.int64)
-        integral[1:, 1:] = self.mask.cumsum(axis=0).cumsum(axis=1)
+        integral = self.integral_image()
         (r0, r1), (c0, c1) = rows[:, :, None], cols[:, None, :]
         area = (r1 - r0) * (c1 - c0)
+        # Left to right every partial result lies in [-n, n] for n mask pixels, so the integral's dtype holds it too.
         tissue = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
         return np.where(area > 0, tissue / np.maximum(area, 1), 0.0)
+
+    def integral_image(self) -> np.ndarray:
+        """`[h + 1, w + 1]` counts of tissue pixels above and left of each corner, summed in place: the only array the
+        size of the mask is the result, 4 bytes a pixel (int64 cumsums and their temporaries took 24)."""
+        h, w = self.mask.shape
+        integral = np.zeros((h + 1, w + 1), integral_dtype(self.mask.size))
+        for row in range(h):  # row by row: whole-array cumsums make temporaries the size of the mask
+            np.cumsum(self.mask[row], dtype=integral.dtype, out=integral[row + 1, 1:])
+            integral[row + 1] += integral[row]
+        return integral
 
     def _cells(self, starts: list[int], size0: float, limit: int) -> np.ndarray:
         """`[2, n]` first and end mask cells covered by each level-0 span (at least one cell, clipped to the mask)."""
@@ -58,6 +68,12 @@ class TissueMask:
         first = [int(v / d) for v in starts]
         end = [max(int(np.ceil((v + size0) / d)), f + 1) for v, f in zip(starts, first)]
         return np.clip(np.array([first, end], np.int64), 0, limit)
+
+
+def integral_dtype(n_pixels: int) -> type[np.integer]:
+    """int32 when counts of up to `n_pixels` fit it, else int64: int32 for any mask `tissue_mask` makes
+    (the image it thresholds is capped at MAX_WHOLE_IMAGE_BYTES / 3 pixels, far below 2**31)."""
+    return np.int32 if n_pixels <= np.iinfo(np.int32).max else np.int64
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:

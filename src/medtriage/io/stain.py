@@ -22,6 +22,7 @@ OD_THRESHOLD = 0.15  # pixels with a shorter OD vector are background, not used 
 ANGLE_PERCENTILE = 1.0  # robust extremes of the stain angle distribution
 MAX_PERCENTILE = 99.0
 MIN_TISSUE_PIXELS = 100
+MIN_STAIN_ANGLE_DEGREES = 5.0  # the reference H&E stains are 22° apart; fits closer than this saw a single colour
 MAX_FIT_PIXELS = 100_000  # percentiles are stable well below this; more only costs time
 RESTAIN_CHUNK = 16_384  # pixels restained at a time: the temporaries stay in the CPU cache
 
@@ -102,11 +103,14 @@ def fit_stains(pixels: np.ndarray | list[np.ndarray], where: str | None = None) 
             where=where,
             hint="fit on tiles that contain tissue, or use the reference stains",
         )
-    centred = tissue - tissue.mean(axis=1, keepdims=True)
+    mean = tissue.mean(axis=1, keepdims=True)
+    centred = tissue - mean
     covariance = (centred @ centred.T).astype(np.float64) / (tissue.shape[1] - 1)  # np.cov without its copies
     _, eigvecs = np.linalg.eigh(covariance)
     plane = eigvecs[:, 1:3]  # eigh sorts ascending: the two largest
-    plane = plane * np.where(plane[0] < 0, -1, 1)  # point both into positive OD
+    # Point both towards the tissue's mean OD, so its angles stay clear of ±π instead of wrapping there. The sign of
+    # the red component (Macenko's code) can flip an eosin-like vector, which barely absorbs red, away from the tissue.
+    plane = plane * np.where(mean[:, 0].astype(np.float64) @ plane < 0, -1, 1)
     projected = plane.T.astype(np.float32) @ tissue
     angles = np.arctan2(projected[1], projected[0])
     low, high = np.percentile(angles, [ANGLE_PERCENTILE, 100 - ANGLE_PERCENTILE])
@@ -115,8 +119,28 @@ def fit_stains(pixels: np.ndarray | list[np.ndarray], where: str | None = None) 
     # Haematoxylin absorbs red more than eosin does: it goes first.
     matrix = np.stack([v_low, v_high] if v_low[0] > v_high[0] else [v_high, v_low], axis=1)
     matrix = np.abs(matrix) / np.linalg.norm(matrix, axis=0)
+    _refuse_single_colour(matrix, tissue.shape[1], where)
     concentrations = np.linalg.pinv(matrix).astype(np.float32) @ tissue
     return Stains(matrix, np.percentile(concentrations, MAX_PERCENTILE, axis=1).astype(np.float64))
+
+
+def stain_angle_degrees(matrix: np.ndarray) -> float:
+    """Angle between the two unit stain vectors (columns of `matrix`)."""
+    return float(np.degrees(np.arccos(np.clip(matrix[:, 0] @ matrix[:, 1], -1.0, 1.0))))
+
+
+def _refuse_single_colour(matrix: np.ndarray, n_pixels: int, where: str | None) -> None:
+    """A sample of one flat colour has no second stain: both fitted vectors come out (nearly) the same, and
+    unmixing with them turns every tile into meaningless colours."""
+    angle = stain_angle_degrees(matrix)
+    if angle < MIN_STAIN_ANGLE_DEGREES:
+        raise InputError(
+            f"degenerate stain fit: the haematoxylin {matrix[:, 0].round(3).tolist()} and eosin "
+            f"{matrix[:, 1].round(3).tolist()} vectors fitted on {n_pixels} stained pixels are {angle:.1f}° apart "
+            f"(at least {MIN_STAIN_ANGLE_DEGREES:g}° needed): the sample shows a single colour, not two stains",
+            where=where,
+            hint="fit on tiles that show stained tissue (nuclei and stroma), or turn stain normalisation off",
+        )
 
 
 class StainNormalizer:

@@ -11,6 +11,7 @@ GET  /metrics    Prometheus metrics;  GET /v1/drift  input drift per source (`X-
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import tempfile
@@ -109,8 +110,9 @@ def create_app(
     )
     app.state.admission = admission or Admission()
     _add_error_handlers(app)
-    worklist = Worklist(predictor, capacity=worklist_size, store=state)  # a DICOM node's state folder, or memory
     app.state.monitor = ServiceMonitor(predictor.package)
+    # a DICOM node's state folder, or memory; rows from a source the monitor finds drifting are marked
+    worklist = Worklist(predictor, capacity=worklist_size, store=state, drift=app.state.monitor.drift)
     _add_routes(app, predictor, max_bytes, worklist)
     app.include_router(worklist_router(worklist))
     app.include_router(monitoring_router(app.state.monitor))
@@ -284,9 +286,10 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
     )
     async def score(request: Request) -> JSONResponse:
         source = request.headers.get(SOURCE_HEADER)
+        score_and_record = functools.partial(worklist.score_or_reject, source=source)  # each row names its sender
         async with _uploads(request, max_bytes) as uploads:
             outcomes = [
-                await _in_slot(request, uploads_size(uploads), app.state.monitor.timed, worklist.score_or_reject, upload, name, source)
+                await _in_slot(request, uploads_size(uploads), app.state.monitor.timed, score_and_record, upload, name, source)
                 for name, upload in uploads
             ]
         scores = [s for o in outcomes if not isinstance(o, Rejection) for s in o]

@@ -5,7 +5,9 @@ uploads to POST /v1/score. With a state folder (`serve --state DIR`, the same fo
 list survives restarts; without one the store is in memory. A study's state is received (instances
 arriving or queued), scored, delivered (its SR reached the PACS), failed (with the reason; deliveries
 are retried) or not analysed (out of scope or rejected, with the reason; no SR is sent). The page
-shows the newest `capacity` studies and every URGENT study of the last day beyond them. The occlusion overlay of a study's most urgent image is drawn
+shows the newest `capacity` studies and up to `capacity` URGENT studies of the last day beyond them (the newest),
+and counts the studies it leaves out. Each row names its source (the upload's `X-Source`, the node's calling AE
+title: the names of the drift monitor) and says whether that source drifts now. The occlusion overlay of a study's most urgent image is drawn
 the first time someone opens it (from the spooled file, or an upload's display copy) and kept. A picture is only ever
 shown with the score of the package that drew it (name, version and sha256): a row scored by another package than the
 served one (scored before a restart with a new package, or by a DICOM node running another) keeps a picture that package
@@ -40,6 +42,7 @@ from starlette.exceptions import HTTPException
 from medtriage.errors import MedTriageError
 from medtriage.io.dicom import DecodedImage, read_dicom
 from medtriage.io.safe_output import write_atomic
+from medtriage.serve.drift import DriftMonitor, source_name
 from medtriage.serve.node.header import STUDY_TAGS, read_identity
 from medtriage.serve.node.store import NodeStore
 from medtriage.serve.node.worker import PRIORITY_RANK, urgency
@@ -57,20 +60,27 @@ __all__ = ["DEFAULT_CAPACITY", "PAGE_PATH", "PRIORITY_RANK", "Worklist", "workli
 class Worklist:
     """Studies in a NodeStore as worklist rows; uploads scored here are recorded there too. Thread-safe."""
 
-    def __init__(self, predictor: Predictor, capacity: int = DEFAULT_CAPACITY, store: NodeStore | str | Path | None = None):
-        """`store`: a NodeStore, or the state folder to open one in (a DICOM node's --state), or None (memory)."""
-        self.predictor, self.capacity = predictor, max(1, int(capacity))
+    def __init__(
+        self,
+        predictor: Predictor,
+        capacity: int = DEFAULT_CAPACITY,
+        store: NodeStore | str | Path | None = None,
+        drift: DriftMonitor | None = None,
+    ):
+        """`store`: a NodeStore, or the state folder to open one in (a DICOM node's --state), or None (memory).
+        `drift`: the service's drift monitor, whose drifting sources mark their rows."""
+        self.predictor, self.capacity, self.drift = predictor, max(1, int(capacity)), drift
         self.store = store if isinstance(store, NodeStore) else NodeStore(store)
         self._display: dict[str, np.ndarray] = {}  # SOP UID -> upload's display copy (no spool)
         self._lock = threading.Lock()
 
-    @property
-    def evicted(self) -> int:
-        shown, total = self.store.studies(self.capacity)
-        return total - len(shown)  # older studies stay in the store, off the page
+    def unlisted(self) -> dict:
+        """How many studies the list leaves out (they stay in the store), and how many of those are URGENT."""
+        evicted, urgent = self.store.unlisted(self.capacity)
+        return {"evicted": evicted, "urgent_not_listed": urgent}
 
-    def score_or_reject(self, data: bytes, name: str) -> list[Score] | Rejection:
-        """Predictor.score_or_reject on one uploaded file, recording what it scored (one decode)."""
+    def score_or_reject(self, data: bytes, name: str, source: str | None = None) -> list[Score] | Rejection:
+        """Predictor.score_or_reject on one uploaded file from `source` (X-Source), recording what it scored (one decode)."""
         try:
             image = read_dicom(data)
             scores = self.predictor.score_decoded(image, name)
@@ -79,10 +89,10 @@ class Worklist:
         except Exception as err:  # one odd file must not stop the others
             log.exception("unexpected failure scoring %s", name)
             return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
-        self.add(data, image, scores, name)
+        self.add(data, image, scores, name, source)
         return scores
 
-    def add(self, data: bytes, image: DecodedImage, scores: list[Score], name: str) -> None:
+    def add(self, data: bytes, image: DecodedImage, scores: list[Score], name: str, source: str | None = None) -> None:
         """Record an upload's scores as a scored instance of its study (a new study when it names none)."""
         try:
             header = read_identity(data, where=name)
@@ -112,6 +122,7 @@ class Worklist:
                 state="scored",
                 result=json.dumps(results),
                 calling_aet=UPLOAD_AET,
+                source=source_name(source),  # untrusted header text: bounded and printable, as the drift monitor names it
             )
             self._close(study_uid)
             self._drop_unneeded_display_copies()
@@ -129,7 +140,7 @@ class Worklist:
 
     def _drop_unneeded_display_copies(self) -> None:
         """Keep the copies of the pictures still to be drawn: the top image of each shown study, no other."""
-        shown = {study["top_sop"] for study in self.store.studies(self.capacity)[0]}
+        shown = {study["top_sop"] for study in self.store.shown_studies(self.capacity)}
         for sop_uid in [sop_uid for sop_uid in self._display if sop_uid not in shown]:
             del self._display[sop_uid]
 
@@ -138,39 +149,40 @@ class Worklist:
         return (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
 
     def rows(self) -> list[dict]:
-        studies, _ = self.store.studies(self.capacity)
-        rows = [self._summary(study) for study in studies]
+        drifting = self._drifting_sources()
+        rows = [self._summary(study, drifting) for study in self.store.shown_studies(self.capacity)]
         return sorted(rows, key=_sort_key)
+
+    def _drifting_sources(self) -> set[str]:
+        return set(self.drift.status()["drifting"]) if self.drift else set()
 
     def _study(self, entry_id: str):
         # ASCII digits that fit SQLite's 64-bit integer: int() of '²' or of 5000 digits raises, and so does a larger query
         is_row_number = entry_id.isascii() and entry_id.isdigit() and len(entry_id) <= 18
         study = self.store.study_by_id(int(entry_id), self.capacity) if is_row_number else None
         if study is None:
-            reason = f"no worklist entry '{entry_id[:40]}' (the list shows the newest {self.capacity} studies and the urgent ones of the last day)"
+            reason = (
+                f"no worklist entry '{entry_id[:40]}' (the list shows the newest {self.capacity} studies and up to "
+                f"{self.capacity} urgent ones of the last day)"
+            )
             raise HTTPException(404, {"reason": reason, "hint": "GET /v1/worklist lists the entries and their ids"})
         return study
 
-    def _top(self, study) -> tuple[dict | None, list[dict], object]:
-        """The study's most urgent score, all scores of that instance, and the instance row."""
-        row = self.store.instance(study["top_sop"]) if study["top_sop"] else None
-        if row is None or not row["result"]:
-            return None, [], row
-        scores = json.loads(row["result"])
-        return min(scores, key=urgency), scores, row
-
-    def _summary(self, study) -> dict:
+    def _summary(self, study, drifting: set[str]) -> dict:
+        """The row of a study as NodeStore.shown_studies reads it (with its top instance): no further query."""
         package = self.predictor.package
-        top, scores, row = self._top(study)
+        top, scores = _top(study)
         fields = json.loads(study["fields"] or "{}")
-        count = len(self.store.study_instances(study["study_uid"]))
+        source = _sender(study)
         entry = {
             "id": str(study["id"]),
             "received": _iso(study["last_received"]),
             "state": SHOWN_STATES[study["state"]],
             "reason": study["reason"],
             "study_uid": study["study_uid"],
-            "instances": count,
+            "instances": study["instance_count"],
+            "source": source,
+            "source_drifting": source in drifting,
             **{key: fields.get(key, "") for key in STUDY_TAGS},
             "file": None,
             "frame": None,
@@ -188,7 +200,7 @@ class Worklist:
         }
         if top is not None:
             entry.update(
-                file=row["name"],
+                file=study["top_name"],
                 frame=top["frame"],
                 frames=len(scores),
                 finding=top["finding"],
@@ -201,16 +213,15 @@ class Worklist:
                 sha256=top["sha256"],
                 flags=top.get("flags") or [],
             )
-            missing = self._picture_missing(top)
+            missing = self._picture_missing(study, top)
             entry.update(overlay=None if missing else f"/v1/worklist/{study['id']}/overlay.png", overlay_unavailable=missing)
         return entry
 
     def detail(self, entry_id: str) -> dict:
         study = self._study(entry_id)
-        top, _, _ = self._top(study)
+        top, _ = _top(study)
         package = self.predictor.package
-        summary = self._summary(study)
-        cached = self._cached_overlay(top) if top else None
+        summary = self._summary(study, self._drifting_sources())
         served = top is None or _scored_by(top) == package.identity()
         return {
             **summary,
@@ -222,13 +233,13 @@ class Worklist:
             "sop_uid": top and top["sop_uid"],
             "decision": top and top.get("decision"),
             "flags": top and top.get("flags"),
-            "saliency": (cached[1] or None) if cached else None,
+            "saliency": _kept_saliency(study, top) if top else None,
         }
 
     def overlay(self, entry_id: str) -> bytes:
         """The study's overlay PNG, drawn on first request (occlusion through the served model) and kept."""
         study = self._study(entry_id)
-        top, _, row = self._top(study)
+        top, _ = _top(study)
         if top is None:
             raise HTTPException(
                 404,
@@ -237,13 +248,13 @@ class Worklist:
                     "hint": "only a scored study has a picture; its row's state and reason say why it has none",
                 },
             )
-        cached = self._cached_overlay(top)
-        if cached:
-            return cached[0]
-        missing = self._picture_missing(top)
+        kept = self.store.overlay(top["sop_uid"]) if _kept_saliency(study, top) else None
+        if kept:
+            return kept[0]
+        missing = self._picture_missing(study, top)
         if missing:
             raise HTTPException(409, {"reason": missing, "hint": "open the study in the PACS viewer, or serve the package that scored it"})
-        frame = self._frame(row, top)
+        frame = self._frame(study, top)
         started = time.perf_counter()
         result, png = explain_frame(self.predictor, frame, DISPLAY_SIDE)
         drawing = {**result.describe(), "ms": round(1000 * (time.perf_counter() - started), 1), "package": _scored_by(top)}
@@ -252,29 +263,24 @@ class Worklist:
             self._display.pop(top["sop_uid"], None)  # the PNG is all the row needs from now on
         return png
 
-    def _cached_overlay(self, top: dict) -> tuple[bytes, dict] | None:
-        """The kept overlay of the top image, if the package that scored it drew it (one kept without a
-        package was drawn by whichever was served then, so it is not shown)."""
-        cached = self.store.overlay(top["sop_uid"])
-        return cached if cached and (cached[1] or {}).get("package") == _scored_by(top) else None
-
-    def _picture_missing(self, top: dict) -> str | None:
+    def _picture_missing(self, study, top: dict) -> str | None:
         """Why the row can have no picture: None when the served package scored it, or drew its kept picture."""
         scored_by, served = _scored_by(top), self.predictor.package.identity()
-        if scored_by == served or self._cached_overlay(top):
+        if scored_by == served or _kept_saliency(study, top):
             return None
         return (
             f"no picture: this study was scored by {_describe(scored_by)} and the service now runs {_describe(served)}; "
             "a picture drawn by another model would not show where the scoring model looked"
         )
 
-    def _frame(self, row, top: dict) -> np.ndarray:
+    def _frame(self, study, top: dict) -> np.ndarray:
         with self._lock:
             display = self._display.get(top["sop_uid"])
         if display is not None:
             return display.astype(np.float32) / 255
-        if row["spool"] and self.store.folder is not None and self.store.spooled(row["spool"]).is_file():
-            image = read_dicom(self.store.spooled(row["spool"]), frame=None if top["frame"] is None else top["frame"] - 1)
+        spool = study["top_spool"]
+        if spool and self.store.folder is not None and self.store.spooled(spool).is_file():
+            image = read_dicom(self.store.spooled(spool), frame=None if top["frame"] is None else top["frame"] - 1)
             return image.pixels[0]
         raise HTTPException(
             410,
@@ -283,6 +289,29 @@ class Worklist:
                 "hint": "open the study in the PACS viewer; serve with --state DIR to keep the pictures of uploads",
             },
         )
+
+
+def _top(study) -> tuple[dict | None, list[dict]]:
+    """The study's most urgent score and all scores of that instance (a NodeStore.shown_studies row)."""
+    if not study["top_sop"] or not study["top_result"]:
+        return None, []
+    scores = json.loads(study["top_result"])
+    return min(scores, key=urgency), scores
+
+
+def _kept_saliency(study, top: dict) -> dict | None:
+    """The saliency kept with the top image's picture, if the package that scored it drew it (one kept without a
+    package was drawn by whichever was served then, so it is not shown)."""
+    saliency = json.loads(study["top_saliency"] or "{}")
+    return saliency if saliency.get("package") == _scored_by(top) else None
+
+
+def _sender(study) -> str | None:
+    """Who sent the study's top (or first) instance, as the drift monitor names it: an upload's recorded X-Source,
+    else the node's calling AE title; None for an upload recorded before uploads kept their source."""
+    if study["source"] is not None:
+        return study["source"]
+    return None if study["calling_aet"] in (None, UPLOAD_AET) else source_name(study["calling_aet"])
 
 
 def _sort_key(entry: dict) -> tuple:
@@ -349,7 +378,7 @@ def worklist_router(worklist: Worklist) -> APIRouter:
         return {
             "model": {**package.identity(), "label": package.describe(), "positive_label": package.positive_label},
             "capacity": worklist.capacity,
-            "evicted": worklist.evicted,
+            **worklist.unlisted(),
             "count": len(rows),
             "entries": rows,
         }

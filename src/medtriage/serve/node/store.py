@@ -44,10 +44,34 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
 CREATE TABLE IF NOT EXISTS overlays (sop_uid TEXT PRIMARY KEY, png BLOB NOT NULL, saliency TEXT);
 """
 DB_FILE, SPOOL_DIR, OUTBOX_DIR, INCOMING_DIR = "node.sqlite", "spool", "outbox", "incoming"
+# Columns newer than the first state folders: added when a folder without them is opened (readers of the old
+# schema name their columns, so an older node on the same folder keeps working). instances.source: who sent the
+# instance as the drift monitor names it (an upload's X-Source); NULL for the node's, whose calling AE title says it.
+ADDED_COLUMNS = (("instances", "source", "TEXT"),)
 URGENT_KEPT_S = 24 * 3600  # an URGENT study stays listed this long, however many studies arrive after it
-SHOWN_STUDIES = (
-    "SELECT * FROM studies WHERE id IN (SELECT id FROM studies ORDER BY last_received DESC, id DESC LIMIT ?) "
-    "OR (priority = 'URGENT' AND last_received >= ?) ORDER BY last_received DESC, id DESC"
+# The newest `limit` studies, and up to `limit` URGENT studies of the last URGENT_KEPT_S beyond them (the newest):
+# routine arrivals cannot push an urgent study off the list, and a flood of urgent ones cannot make it unbounded.
+SHOWN = (
+    "WITH newest AS (SELECT id FROM studies ORDER BY last_received DESC, id DESC LIMIT :limit), "
+    "urgent AS (SELECT id FROM studies WHERE priority = 'URGENT' AND last_received >= :since "
+    "AND id NOT IN (SELECT id FROM newest) ORDER BY last_received DESC, id DESC LIMIT :limit), "
+    "shown AS (SELECT id FROM newest UNION ALL SELECT id FROM urgent) "
+)
+# Each shown study with what its row needs, in one query: its top instance (name, scores, spool), the saliency kept
+# with that instance's picture (not the PNG), its number of instances, and the sender of the top instance (or of
+# its first one, before it is scored).
+SHOWN_ROWS = SHOWN + (
+    "SELECT s.*, top.name AS top_name, top.result AS top_result, top.spool AS top_spool, o.saliency AS top_saliency, "
+    "(SELECT COUNT(*) FROM instances c WHERE c.study_uid = s.study_uid) AS instance_count, "
+    "sender.source AS source, sender.calling_aet AS calling_aet FROM studies s "
+    "LEFT JOIN instances top ON top.sop_uid = s.top_sop LEFT JOIN overlays o ON o.sop_uid = s.top_sop "
+    "LEFT JOIN instances sender ON sender.sop_uid = COALESCE(s.top_sop, "
+    "(SELECT f.sop_uid FROM instances f WHERE f.study_uid = s.study_uid ORDER BY f.received LIMIT 1)) "
+    "WHERE s.id IN (SELECT id FROM shown) {only} ORDER BY s.last_received DESC, s.id DESC"
+)
+UNLISTED = SHOWN + (
+    "SELECT (SELECT COUNT(*) FROM studies) - (SELECT COUNT(*) FROM shown) AS evicted, (SELECT COUNT(*) FROM studies "
+    "WHERE priority = 'URGENT' AND last_received >= :since AND id NOT IN (SELECT id FROM shown)) AS urgent"
 )
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
 
@@ -101,12 +125,23 @@ class NodeStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        for table, column, kind in ADDED_COLUMNS:
+            if column in {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                continue
+            try:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as err:  # the node or the service opening the folder added it first
+                if "duplicate column" not in str(err):
+                    raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _execute(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    def _execute(self, sql: str, args: tuple | dict = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -177,17 +212,19 @@ class NodeStore:
         name: str = "",
         state: str = "received",
         result: str | None = None,
+        source: str | None = None,
     ) -> None:
-        """The instance row, and its study opened (or reopened: a late instance makes a new result)."""
+        """The instance row, and its study opened (or reopened: a late instance makes a new result). `source`: the
+        sender as the drift monitor names it, when the calling AE title does not say it (an upload's X-Source)."""
         now = time.time()
         self._transaction(
             [
                 (
                     (
                         "INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class, spool, name, calling_aet, "
-                        "received, state, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                        "received, state, result, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     ),
-                    (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result),
+                    (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result, source),
                 ),
                 (
                     (
@@ -333,16 +370,25 @@ class NodeStore:
 
     # --- the worklist ----------------------------------------------------------------------------
 
-    def studies(self, limit: int) -> tuple[list[sqlite3.Row], int]:
-        """The newest `limit` studies with every URGENT study of the last `URGENT_KEPT_S` beyond them (routine arrivals
-        must not push an urgent study off the list), newest first, and how many studies there are in all."""
-        total = self._execute("SELECT COUNT(*) AS n FROM studies")[0]["n"]
-        return self._execute(SHOWN_STUDIES, (limit, time.time() - URGENT_KEPT_S)), total
+    def shown_studies(self, limit: int) -> list[sqlite3.Row]:
+        """The newest `limit` studies and up to `limit` URGENT studies of the last `URGENT_KEPT_S` beyond them, newest
+        first, each with its top instance, kept saliency, number of instances and sender (SHOWN_ROWS); one query."""
+        return self._execute(SHOWN_ROWS.format(only=""), self._shown_args(limit))
 
-    def study_by_id(self, study_id: int, within_newest: int) -> sqlite3.Row | None:
-        """The study with that id, if `studies(within_newest)` shows it."""
-        rows = self._execute(f"SELECT * FROM ({SHOWN_STUDIES}) WHERE id = ?", (within_newest, time.time() - URGENT_KEPT_S, study_id))
+    def study_by_id(self, study_id: int, within: int) -> sqlite3.Row | None:
+        """The study with that id, as `shown_studies(within)` lists it, if it does."""
+        rows = self._execute(SHOWN_ROWS.format(only="AND s.id = :id"), {**self._shown_args(within), "id": study_id})
         return rows[0] if rows else None
+
+    def unlisted(self, limit: int) -> tuple[int, int]:
+        """How many studies `shown_studies(limit)` leaves out, and how many of those are URGENT ones of the last
+        `URGENT_KEPT_S`; one query."""
+        row = self._execute(UNLISTED, self._shown_args(limit))[0]
+        return row["evicted"], row["urgent"]
+
+    @staticmethod
+    def _shown_args(limit: int) -> dict:
+        return {"limit": limit, "since": time.time() - URGENT_KEPT_S}
 
     def instance(self, sop_uid: str) -> sqlite3.Row | None:
         rows = self._execute("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,))
