@@ -1,11 +1,17 @@
-"""JPEG 2000 decoded at a coarser resolution level when the caller needs fewer pixels: real CR files."""
+"""JPEG 2000 decoded at a coarser resolution level when the caller needs fewer pixels: real CR files, and one with
+marker segments added before its coding style segment (any number of comments is legal; the walk to it is bounded)."""
 
 from __future__ import annotations
+
+import struct
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
+from medtriage.errors import DicomError
+from medtriage.io.decode_limits import MAX_HEADER_SEGMENTS
 from medtriage.io.dicom import read_dicom
 from tests.io.test_dicom import sample_file
 
@@ -43,3 +49,41 @@ def test_full_decode_where_no_level_is_small_enough_or_the_file_is_not_jpeg2000(
 def test_signed_or_multi_component_jpeg2000_is_decoded_in_full():
     assert read_dicom(sample_file("MR_small_jp2klossless.dcm"), min_side=8).resolution_level == 0  # signed
     assert read_dicom(sample_file("US1_J2KR.dcm"), min_side=8).resolution_level == 0  # colour
+
+
+def with_segments_before_cod(tmp_path: Path, segments: bytes) -> Path:
+    """RG1_J2KR.dcm with `segments` between its codestream's SIZ and COD marker segments."""
+    ds = pydicom.dcmread(sample_file("RG1_J2KR.dcm"))
+    (codestream,) = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)
+    after_siz = 4 + struct.unpack_from(">H", codestream, 4)[0]
+    ds.PixelData = pydicom.encaps.encapsulate([codestream[:after_siz] + segments + codestream[after_siz:]])
+    ds.save_as(tmp_path / "segments.dcm")
+    return tmp_path / "segments.dcm"
+
+
+def comments(count: int) -> bytes:
+    """`count` comment (COM) marker segments: Lcom, Rcom (1 = Latin-1 text), the text."""
+    return b"\xff\x64\x00\x07\x00\x01abc" * count
+
+
+def test_comment_segments_before_the_coding_style_are_stepped_over(tmp_path):
+    path = with_segments_before_cod(tmp_path, comments(100))
+    reduced = read_dicom(path, min_side=200)
+    assert reduced.resolution_level >= 2
+    np.testing.assert_array_equal(reduced.pixels, read_dicom(sample_file("RG1_J2KR.dcm"), min_side=200).pixels)
+
+
+@pytest.mark.parametrize(
+    ("segments", "reason"),
+    [
+        (comments(MAX_HEADER_SEGMENTS), f"no JPEG 2000 coding style segment \\(COD\\) within its first {MAX_HEADER_SEGMENTS}"),
+        (b"\xff\x64\x00\x00", "a JPEG 2000 marker segment of length 0"),
+        (b"\x00\x00\x00\x07\x00\x01abc", "no JPEG 2000 marker segment at byte 45"),
+    ],
+    ids=["too-many-segments", "zero-length", "not-a-marker"],
+)
+def test_a_main_header_that_cannot_be_walked_to_its_coding_style_is_refused_naming_the_file(tmp_path, segments, reason):
+    path = with_segments_before_cod(tmp_path, segments)
+    with pytest.raises(DicomError, match=f"frame 1 has {reason}") as refused:
+        read_dicom(path, min_side=200)
+    assert refused.value.where == str(path)

@@ -11,7 +11,9 @@ decode), so this is for scoring, never for display or training data.
 Only plain single-component unsigned codestreams are taken (origin at 0, no subsampling); anything else,
 or any failure, returns None and the caller decodes the full image as usual. Decoding goes through
 Pillow's openjpeg binding, whose public `reduce` rounds the reduced size where openjpeg takes the ceiling:
-the size is set here as openjpeg computes it.
+the size is set here as openjpeg computes it. The one exception to "return None" is a main header that cannot be
+walked to its coding style segment within decode_limits.MAX_HEADER_SEGMENTS marker segments: a damaged or hostile
+codestream, refused (read_dicom names the file), not handed on.
 """
 
 from __future__ import annotations
@@ -22,8 +24,15 @@ import struct
 import numpy as np
 import pydicom
 
+from medtriage.io.decode_limits import MAX_HEADER_SEGMENTS
+
 J2K_SYNTAXES = frozenset({pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000})
 _SOC, _SIZ, _COD, _SOT = b"\xff\x4f", b"\xff\x51", b"\xff\x52", b"\xff\x90"
+
+
+class MalformedCodestreamError(ValueError):
+    """A JPEG 2000 main header whose marker segments cannot be walked to its coding style segment (the message
+    completes "frame N ..."); read_dicom refuses the file with it."""
 
 
 def reduced_j2k_frames(ds: pydicom.Dataset, syntax, frame: int | None, min_side: int | None) -> tuple[np.ndarray, int] | None:
@@ -38,7 +47,10 @@ def reduced_j2k_frames(ds: pydicom.Dataset, syntax, frame: int | None, min_side:
     wanted = range(count) if frame is None else [frame]
     decoded, level = [], 0
     for index in wanted:
-        header = _codestream_header(codestreams[index])
+        try:
+            header = _codestream_header(codestreams[index])
+        except MalformedCodestreamError as err:
+            raise MalformedCodestreamError(f"frame {index + 1} {err}") from None
         if header is None or header[:2] != (rows, columns):
             return None
         level = _level(rows, columns, header[3], min_side)
@@ -64,15 +76,28 @@ def _codestream_header(codestream: bytes) -> tuple[int, int, int, int] | None:
     components, depth, dx, dy = struct.unpack(">HBBB", codestream[40:45])
     if x0 or y0 or components != 1 or depth & 0x80 or (dx, dy) != (1, 1):
         return None
-    position = 4 + length
-    while position + 4 <= len(codestream):  # main header markers up to the first tile
-        marker, segment = codestream[position : position + 2], struct.unpack(">H", codestream[position + 2 : position + 4])[0]
+    levels = _wavelet_levels(codestream, 4 + length)
+    return None if levels is None else (height, width, (depth & 0x7F) + 1, levels)
+
+
+def _wavelet_levels(codestream: bytes, position: int) -> int | None:
+    """The decomposition levels of the coding style segment (COD), reached by stepping over the main header's marker
+    segments from `position` by their lengths; None where the main header ends (first tile, SOT) without one.
+    A header may hold any number of comment segments: the walk stops at MAX_HEADER_SEGMENTS, so that it stays cheap."""
+    for _ in range(MAX_HEADER_SEGMENTS):
+        if len(codestream) < position + 4 or codestream[position] != 0xFF:
+            raise MalformedCodestreamError(f"has no JPEG 2000 marker segment at byte {position}, before its coding style segment (COD)")
+        marker, length = codestream[position : position + 2], struct.unpack_from(">H", codestream, position + 2)[0]
         if marker == _SOT:
             return None
-        if marker == _COD and position + 9 < len(codestream):
-            return height, width, (depth & 0x7F) + 1, codestream[position + 9]
-        position += 2 + segment
-    return None
+        if length < 2:  # a segment's length counts its own two bytes (ISO 15444-1 A.1.3)
+            raise MalformedCodestreamError(f"has a JPEG 2000 marker segment of length {length} at byte {position}")
+        if marker == _COD:
+            if len(codestream) < position + 10:
+                raise MalformedCodestreamError("ends inside its JPEG 2000 coding style segment (COD)")
+            return codestream[position + 9]
+        position += 2 + length
+    raise MalformedCodestreamError(f"has no JPEG 2000 coding style segment (COD) within its first {MAX_HEADER_SEGMENTS} marker segments")
 
 
 def _decode_at(codestream: bytes, level: int, precision: int) -> np.ndarray | None:

@@ -4,6 +4,11 @@ One SR per source instance (or, for the DICOM node, one per study covering all i
 instances), in the source's study, referencing the source study, series and instance (and frame);
 each scored frame is one measurement group carrying the calibrated probability, the finding, the
 priority and the algorithm name/version (with the model's sha256).
+
+A result names the package that scored it (name, version, sha256 of model.onnx), taken from its scores, not
+from the package loaded now: a node restarted with a new package still closes the studies scored before. The
+package is named in the content tree (TID 4019 Algorithm Identification of every measurement), in the General
+Equipment attributes a PACS lists, and in the Contributing Equipment Sequence (Processing Equipment).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +35,8 @@ from medtriage.serve.package import ModelPackage
 from medtriage.serve.predictor import Score
 
 log = logging.getLogger(__name__)
+MANUFACTURER = "MedTriage"
+LONG_STRING = 64  # the most characters of an LO value (PS3.5 6.2): Series Description, Manufacturer's Model Name
 SCHEME = "99MEDTRIAGE"  # local coding scheme ("99" prefix = private, PS3.16 8.2) for model-specific concepts
 PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
@@ -87,16 +94,17 @@ def build_study_sr(
     """One Comprehensive SR for several instances of one study: a measurement group per scored frame,
     each referencing its instance; the study and patient attributes come from the first instance.
     `revision` (1, 2, ...: the study's reports so far, plus one) puts every report this model makes on the study
-    in one series, numbered in order; without it the report is a series of its own."""
-    # highdicom writes each parameter key as one TEXT item, so each key is a whole "name=value".
-    parameters = {f"sha256={package.sha256}": package.sha256, f"software=medtriage {__version__}": __version__}
-    algorithm = hd.sr.AlgorithmIdentification(name=package.name, version=str(package.version), parameters=parameters)
+    in one series, numbered in order; without it the report is a series of its own. `package` is the one loaded
+    now (its label names the probability); the scores name the package that made them."""
     hint = "the source's header is damaged, or lacks study/patient attributes an SR must copy"
     sources = [(_with_type2_attributes(source), scores) for source, scores in sources]
+    # The report's equipment is the package of its first measurement; each measurement names its own, and every
+    # package that scored one is contributing equipment (more than one only where a restart changed the package).
+    identities = _scoring_packages(score for _, scores in sources for score in scores)
     with built_from_header("an SR referencing this file", where=str(sources[0][1][0].file), hint=hint):
-        groups = [_measurement_group(source, score, package, algorithm) for source, scores in sources for score in scores]
+        groups = [_measurement_group(source, score, package) for source, scores in sources for score in scores]
         report = hd.sr.MeasurementReport(
-            observation_context=_observation_context(package),
+            observation_context=_observation_context(identities[0]),
             procedure_reported=PROCEDURE,
             imaging_measurements=groups,
         )
@@ -107,10 +115,66 @@ def build_study_sr(
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=sop_instance_uid or generate_uid(),
             instance_number=revision or 1,
-            manufacturer="MedTriage",
-            series_description=f"AI triage {package.describe(with_sha=False)}",
+            series_description=long_string(f"AI triage {model_label(identities[0])}"),
             is_complete=True,
+            contributing_equipment=[scoring_equipment(identity, "scored the referenced images") for identity in identities],
+            **equipment(identities[0]),
         )
+
+
+def scored_by(score: Score) -> dict:
+    """The package that scored `score`, in ModelPackage.identity()'s form."""
+    return {"name": score.model, "version": score.version, "sha256": score.sha256}
+
+
+def _scoring_packages(scores: Iterable[Score]) -> list[dict]:
+    """The identities of the packages that scored `scores`, each once, in the order met."""
+    identities: list[dict] = []
+    for identity in map(scored_by, scores):
+        if identity not in identities:
+            identities.append(identity)
+    return identities
+
+
+def model_label(identity: dict) -> str:
+    """'pneumonia-r18 v3', as ModelPackage.describe(with_sha=False) writes it."""
+    return f"{identity['name']} v{identity['version']}"
+
+
+def long_string(text: str) -> str:
+    """`text` cut to what an LO attribute holds (a package name has no length limit)."""
+    return text[:LONG_STRING]
+
+
+def equipment(identity: dict) -> dict:
+    """General Equipment attributes (PS3.3 C.7.5.1) of an object the package `identity` made, as highdicom's keyword
+    arguments: the package is the model, its version stands beside the software's, and the sha256 of model.onnx
+    (64 hex digits, an LO's full length) is the serial number, which tells two exports of one version apart."""
+    return {
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": long_string(identity["name"]),
+        "software_versions": [long_string(model_label(identity)), f"medtriage {__version__}"],
+        "device_serial_number": identity["sha256"],
+    }
+
+
+def scoring_equipment(identity: dict, contribution: str) -> hd.ContributingEquipment:
+    """A Contributing Equipment item (Processing Equipment) for the package `identity`: `contribution` says what it
+    did, with the full name and sha256 that the LO attributes may cut short."""
+    attributes = equipment(identity)
+    return hd.ContributingEquipment(
+        attributes.pop("manufacturer"),
+        codes.DCM.ProcessingEquipment,
+        contribution_description=f"{contribution}: {model_label(identity)}, model.onnx sha256 {identity['sha256']}",
+        **attributes,
+    )
+
+
+def _algorithm(identity: dict) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 for the package `identity`. highdicom writes each parameter key as one TEXT item, so each key is a
+    whole "name=value"."""
+    parameters = {f"sha256={identity['sha256']}": identity["sha256"], f"software=medtriage {__version__}": __version__}
+    return hd.sr.AlgorithmIdentification(name=identity["name"], version=str(identity["version"]), parameters=parameters)
 
 
 # Patient and study attributes the SR must carry (Type 2: present, possibly empty) and copies from its evidence.
@@ -164,20 +228,20 @@ def revision_series_uid(source: pydicom.Dataset, package: ModelPackage, kind: st
     return generate_uid(entropy_srcs=[f"medtriage triage {kind}", str(source.StudyInstanceUID), package.sha256])
 
 
-def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
+def _observation_context(identity: dict) -> hd.sr.ObservationContext:
     # The observer is this software running this model: the same UID in every report it makes, so a PACS can
     # tell its reports from others' (a fresh UID per report would be a new device each time).
-    device_uid = generate_uid(entropy_srcs=["medtriage device observer", package.name, package.sha256])
-    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=device_uid, name="medtriage", model_name=package.name)
+    device_uid = generate_uid(entropy_srcs=["medtriage device observer", identity["name"], identity["sha256"]])
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_uid, name="medtriage", manufacturer_name=MANUFACTURER, model_name=identity["name"], serial_number=identity["sha256"]
+    )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
     )
 
 
-def _measurement_group(
-    source: pydicom.Dataset, score: Score, package: ModelPackage, algorithm
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    label = package.positive_label
+def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPackage) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    label, algorithm = package.positive_label, _algorithm(scored_by(score))
     probability = hd.sr.Measurement(
         name=hd.sr.CodedConcept(f"p-{label}"[:16], SCHEME, f"Calibrated probability of {label}"),
         value=round(score.probability, 6),

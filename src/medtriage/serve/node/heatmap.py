@@ -1,6 +1,8 @@
 """`--heatmaps`: the occlusion picture of a study's most urgent instance as a DICOM Secondary Capture
 (RGB, 8-bit) in the same study, so the PACS viewer shows where the model looked next to the image: with the
-source's orientation, pixel shape and side, so it hangs and looks like the image it explains."""
+source's orientation, pixel shape and side, so it hangs and looks like the image it explains. It names the package
+that scored the image, and is drawn only by that package: a picture from another model (a node restarted with a new
+package closing a study scored before) would not show where the scoring model looked."""
 
 from __future__ import annotations
 
@@ -16,8 +18,18 @@ import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
 
+from medtriage.errors import MedTriageError
 from medtriage.io.dicom import read_dicom
-from medtriage.serve.dicom_results import built_from_header, read_header, revision_series_uid
+from medtriage.serve.dicom_results import (
+    built_from_header,
+    equipment,
+    long_string,
+    model_label,
+    read_header,
+    revision_series_uid,
+    scored_by,
+    scoring_equipment,
+)
 from medtriage.serve.predictor import Predictor, Score
 from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame
 
@@ -34,6 +46,7 @@ ASPECT_DENOMINATOR = 1000  # pixel shapes closer than 1 in 1000 to square are sq
 def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: int | None = None) -> hd.sc.SCImage:
     """The overlay of `score`'s frame of the instance at `path`, referencing that instance's study. `revision` as for
     the study's SR (dicom_results.build_study_sr): the heatmaps of one study share a series, numbered in order."""
+    identity = _drawn_by_scoring_package(predictor, score)
     image = read_dicom(path, frame=None if score.frame is None else score.frame - 1)
     _, png = explain_frame(predictor, image.pixels[0])
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
@@ -49,18 +62,33 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: 
             series_number=HEATMAP_SERIES_NUMBER,
             sop_instance_uid=generate_uid(),
             instance_number=revision or 1,
-            manufacturer="MedTriage",
             patient_orientation=("L", "F"),  # replaced below: highdicom takes single letters only
             transfer_syntax_uid="1.2.840.10008.1.2.1",
-            series_description=f"AI triage where the model looked ({predictor.package.describe(with_sha=False)})",
+            series_description=long_string(f"AI triage where the model looked ({model_label(identity)})"),
+            contributing_equipment=[scoring_equipment(identity, "scored the source image and drew where it looked")],
+            **equipment(identity),
         )
         image.PatientOrientation = patient_orientation(source, score.frame)
         aspect = pixel_aspect_ratio(source, score.frame)
         if aspect:
             image.PixelAspectRatio = aspect
         describe_anatomy(image, source, score.frame)
-        describe_derivation(image, source, score.frame, predictor)
+        describe_derivation(image, source, score.frame, identity, predictor.package.positive_label)
     return image
+
+
+def _drawn_by_scoring_package(predictor: Predictor, score: Score) -> dict:
+    """The identity of the package that scored `score`, which must be the one that draws the picture."""
+    identity, served = scored_by(score), predictor.package.identity()
+    if identity != served:
+        raise MedTriageError(
+            f"the image was scored by {model_label(identity)} (sha256 {identity['sha256'][:12]}…) and the node "
+            f"now runs {model_label(served)} (sha256 {served['sha256'][:12]}…); a picture drawn by another model would "
+            "not show where the scoring model looked",
+            where=score.sop_uid,
+            hint="the study's report still names the package that scored it; send the study again for a new score and picture",
+        )
+    return identity
 
 
 def pixel_aspect_ratio(source: pydicom.Dataset, frame: int | None) -> list[int] | None:
@@ -108,10 +136,10 @@ def image_laterality(source: pydicom.Dataset, frame: int | None) -> str | None:
     return next((value for value in (str(c or "").strip().upper() for c in candidates) if value in LATERALITIES), None)
 
 
-def describe_derivation(image: pydicom.Dataset, source: pydicom.Dataset, frame: int | None, predictor: Predictor) -> None:
+def describe_derivation(image: pydicom.Dataset, source: pydicom.Dataset, frame: int | None, identity: dict, positive_label: str) -> None:
     """Where the heatmap comes from, for the PACS and the reader: the source instance (and frame), what the picture
-    is (a scaled copy with the occlusion map on it, not for diagnosis), and the source's burned-in annotation and
-    lossy compression flags, which hold for the heatmap's pixels as much as for the source's."""
+    is (a scaled copy with the occlusion map of the package `identity` on it, not for diagnosis), and the source's
+    burned-in annotation and lossy compression flags, which hold for the heatmap's pixels as much as for the source's."""
     if source.get("SOPClassUID") and source.get("SOPInstanceUID"):
         reference = pydicom.Dataset()
         reference.ReferencedSOPClassUID = source.SOPClassUID
@@ -119,10 +147,9 @@ def describe_derivation(image: pydicom.Dataset, source: pydicom.Dataset, frame: 
         if frame is not None:
             reference.ReferencedFrameNumber = frame
         image.SourceImageSequence = [reference]
-    package = predictor.package
     image.DerivationDescription = (
-        f"Occlusion sensitivity of {package.describe(with_sha=False)} on the source image scaled to at most {DISPLAY_SIDE} "
-        f"pixels: warm where hiding a region lowered the probability of {package.positive_label}. "
+        f"Occlusion sensitivity of {model_label(identity)} (model.onnx sha256 {identity['sha256']}) on the source image "
+        f"scaled to at most {DISPLAY_SIDE} pixels: warm where hiding a region lowered the probability of {positive_label}. "
         "Decision support, not for diagnosis; no pixel spacing."
     )
     if str(source.get("BurnedInAnnotation", "")).strip().upper() in ("YES", "NO"):
