@@ -87,3 +87,12 @@ def test_a_main_header_that_cannot_be_walked_to_its_coding_style_is_refused_nami
     with pytest.raises(DicomError, match=f"frame 1 has {reason}") as refused:
         read_dicom(path, min_side=200)
     assert refused.value.where == str(path)
+
+
+def test_a_jpeg2000_header_that_cannot_be_walked_is_refused_as_undecodable_pixel_data(tmp_path):
+    path = with_segments_before_cod(tmp_path, b"\xff\x64\x00\x00")  # a marker segment of length 0 before COD
+    with pytest.raises(DicomError) as refused:
+        read_dicom(path, min_side=200)
+    assert refused.value.reason.startswith("cannot decode pixel data: frame 1 has a JPEG 2000 marker segment of length 0")
+    assert refused.value.where == str(path)
+    assert "export the image again" in refused.value.hint and "header" not in refused.value.hint

@@ -7,10 +7,14 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import log_loss
 
-from medtriage.evaluation.metrics import softmax
+from medtriage.errors import InputError
+from medtriage.evaluation.metrics import finite, softmax
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature), for a finite temperature > 0 (any other would reverse or erase the ranking)."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise InputError(f"temperature {temperature} is not a finite number above 0", hint="refit it on validation logits")
     return softmax(np.asarray(logits, dtype=np.float64) / temperature)
 
 
@@ -71,13 +75,25 @@ def stratified_halves(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: the bin-weighted gap between confidence and accuracy, equal-width bins."""
-    probs = np.asarray(probs)
+    """Top-label ECE: the image-weighted gap between confidence and accuracy over `confidence_bins`."""
+    confidence, accuracy, counts = confidence_bins(probs, labels, n_bins)
+    return float(np.sum(counts * np.abs(accuracy - confidence)) / counts.sum())
+
+
+def confidence_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean confidence, accuracy, image count) of each non-empty bin of top-label confidence: `n_bins` equal-width
+    bins [k/n, (k+1)/n), the last one closed so that a confidence of 1.0 counts."""
+    probs, labels = finite(probs, "probabilities"), np.asarray(labels)
+    if len(probs) == 0:
+        raise InputError("no probabilities to bin", hint="score at least one image")
+    if len(labels) != len(probs):
+        raise InputError(f"{len(labels)} labels for {len(probs)} rows of probabilities", hint="pass one label per scored image")
     confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == np.asarray(labels)
+    correct = probs.argmax(axis=1) == labels
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in np.unique(bins):
-        in_bin = bins == b
-        ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    used, counts = np.unique(bins, return_counts=True)
+    return (
+        np.array([confidence[bins == b].mean() for b in used]),
+        np.array([correct[bins == b].mean() for b in used]),
+        counts,
+    )

@@ -9,13 +9,27 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, recall_score, roc_auc_score, roc_curve
 
+from medtriage.errors import InputError
+
 THRESHOLD = 0.5
+
+
+def finite(values: np.ndarray, what: str) -> np.ndarray:
+    """`values` as float64, refused if any is NaN or infinite: no statistic over them would mean anything."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = np.argwhere(~np.isfinite(values))
+    if len(bad):
+        raise InputError(
+            f"{what}: {len(bad)} value(s) not finite (first at index {', '.join(map(str, bad[0]))}: {values[tuple(bad[0])]})",
+            hint="a diverged model or a broken input produced them; find and fix that before evaluating",
+        )
+    return values
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of `[N, K]` logits (the one used by metrics, calibration and predictions)."""
     # In float64: float32 rounds every p > 1 - 6e-8 (logit margin > ~17) to 1.0, tying confident cases in AUC/ROC.
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = finite(logits, "logits")
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)

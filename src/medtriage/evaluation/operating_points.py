@@ -8,6 +8,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from medtriage.errors import ConfigError, InputError
+from medtriage.evaluation.metrics import finite
 
 # Rules that turn validation scores into a threshold (see choose_threshold).
 THRESHOLD_RULES = ("sensitivity", "specificity", "youden")
@@ -34,6 +35,7 @@ def check_rule(rule: str, where: str = "export.threshold_rule") -> None:
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str, target: float | None = None) -> OperatingPoint:
     """Pick a threshold on `scores` (positive-class probability) against binary `labels` by `rule`."""
     check_rule(rule)
+    finite(scores, "validation scores")
     labels = np.asarray(labels).astype(int)
     if len(np.unique(labels)) < 2:
         raise InputError("validation split holds a single class; no threshold can be chosen", hint="check the split of the pool")

@@ -1,6 +1,6 @@
 """Reliability diagram: top-label confidence against accuracy, before and after temperature scaling.
 
-Bins are the equal-width ones of `calibration.expected_calibration_error` (whose value the legend shows).
+Bins are `calibration.confidence_bins`, those of the expected calibration error the legend shows.
 """
 
 from __future__ import annotations
@@ -9,23 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medtriage.evaluation.calibration import expected_calibration_error, probabilities
+from medtriage.evaluation.calibration import confidence_bins, expected_calibration_error, probabilities
 from medtriage.optional import pyplot
 
 plt = pyplot()
-
-
-def confidence_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean confidence, accuracy, image count) of each non-empty bin."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == np.asarray(labels)
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    used = np.unique(bins)
-    return (
-        np.array([confidence[bins == b].mean() for b in used]),
-        np.array([correct[bins == b].mean() for b in used]),
-        np.array([(bins == b).sum() for b in used]),
-    )
 
 
 def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float, path: Path, title: str, n_bins: int = 15) -> Path:

@@ -21,7 +21,7 @@ from medtriage.errors import DicomError, NotAnImageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 from medtriage.io.display import to_display
-from medtriage.io.j2k_reduced import reduced_j2k_frames
+from medtriage.io.j2k_reduced import MalformedCodestreamError, reduced_j2k_frames
 from medtriage.io.native_pixels import StoredValues, native_stored
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -81,7 +81,7 @@ def read_dicom(
     try:
         _require_pixels(ds, where)
         check_limits(ds, limits, where, frame)
-        stored = native_stored(ds, _transfer_syntax(ds), frame) or _reduced(ds, frame, min_side) or _decode_stored(ds, where, frame)
+        stored = native_stored(ds, _transfer_syntax(ds), frame) or _reduced(ds, where, frame, min_side) or _decode_stored(ds, where, frame)
     except DicomError:
         raise
     except Exception as err:  # header values pydicom cannot convert (a bad UID, VR or number), met lazily
@@ -200,8 +200,15 @@ def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.nda
     return arr.reshape((-1, *per_frame))
 
 
-def _reduced(ds: pydicom.Dataset, frame: int | None, min_side: int | None) -> StoredValues | None:
-    reduced = reduced_j2k_frames(ds, _transfer_syntax(ds), frame, min_side)
+def _reduced(ds: pydicom.Dataset, where: str, frame: int | None, min_side: int | None) -> StoredValues | None:
+    try:
+        reduced = reduced_j2k_frames(ds, _transfer_syntax(ds), frame, min_side)
+    except MalformedCodestreamError as err:  # worded like the size check's refusal of a codestream (decode_limits)
+        raise DicomError(
+            f"cannot decode pixel data: {err}",
+            where=where,
+            hint="the JPEG 2000 codestream is damaged; export the image again",
+        ) from err
     if reduced is None:
         return None
     values, level = reduced

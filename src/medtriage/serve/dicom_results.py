@@ -95,7 +95,7 @@ def build_study_sr(
     each referencing its instance; the study and patient attributes come from the first instance.
     `revision` (1, 2, ...: the study's reports so far, plus one) puts every report this model makes on the study
     in one series, numbered in order; without it the report is a series of its own. `package` is the one loaded
-    now (its label names the probability); the scores name the package that made them."""
+    now; the scores name the package that made them and the label their probability is of."""
     hint = "the source's header is damaged, or lacks study/patient attributes an SR must copy"
     sources = [(_with_type2_attributes(source), scores) for source, scores in sources]
     # The report's equipment is the package of its first measurement; each measurement names its own, and every
@@ -111,7 +111,7 @@ def build_study_sr(
         return hd.sr.ComprehensiveSR(
             evidence=[source for source, _ in sources],
             content=report,
-            series_instance_uid=revision_series_uid(sources[0][0], package, "reports") if revision else generate_uid(),
+            series_instance_uid=revision_series_uid(sources[0][0], identities[0], "reports") if revision else generate_uid(),
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=sop_instance_uid or generate_uid(),
             instance_number=revision or 1,
@@ -222,10 +222,13 @@ def _carried(keyword: str, value) -> bool:
     return True
 
 
-def revision_series_uid(source: pydicom.Dataset, package: ModelPackage, kind: str) -> str:
+def revision_series_uid(source: pydicom.Dataset, package: ModelPackage | dict, kind: str) -> str:
     """One series for every object of `kind` this model makes on the source's study, whichever revision (a UID
-    derived from them, never a copied value): a reopened study's new report joins its earlier ones."""
-    return generate_uid(entropy_srcs=[f"medtriage triage {kind}", str(source.StudyInstanceUID), package.sha256])
+    derived from them, never a copied value): a reopened study's new report joins its earlier ones. `package` is
+    a ModelPackage or, for a report, the identity of the package that scored its first image: the series is that of
+    the equipment the report names, so a restart with another package leaves a study's reports in one series."""
+    sha256 = package["sha256"] if isinstance(package, dict) else package.sha256
+    return generate_uid(entropy_srcs=[f"medtriage triage {kind}", str(source.StudyInstanceUID), sha256])
 
 
 def _observation_context(identity: dict) -> hd.sr.ObservationContext:
@@ -240,10 +243,21 @@ def _observation_context(identity: dict) -> hd.sr.ObservationContext:
     )
 
 
+def _probability_concept(score: Score, package: ModelPackage) -> hd.sr.CodedConcept:
+    """What the score's probability is of: the scoring package's positive label. A result stored before scores
+    recorded it takes the loaded package's label only where that package made it; otherwise the label is not known,
+    and the report says so rather than name a label of another model (its finding, priority and decision were made
+    by the scoring package and still stand)."""
+    label = score.positive_label or (package.positive_label if scored_by(score) == package.identity() else "")
+    if not label:
+        return hd.sr.CodedConcept("p-unrecorded", SCHEME, "Calibrated probability of an unrecorded label")
+    return hd.sr.CodedConcept(f"p-{label}"[:16], SCHEME, f"Calibrated probability of {label}")
+
+
 def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPackage) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    label, algorithm = package.positive_label, _algorithm(scored_by(score))
+    algorithm = _algorithm(scored_by(score))
     probability = hd.sr.Measurement(
-        name=hd.sr.CodedConcept(f"p-{label}"[:16], SCHEME, f"Calibrated probability of {label}"),
+        name=_probability_concept(score, package),
         value=round(score.probability, 6),
         unit=NO_UNITS,
         algorithm_id=algorithm,

@@ -32,7 +32,7 @@ class Score:
     file: str
     frame: int | None
     finding: str
-    probability: float  # calibrated probability of the positive label
+    probability: float  # calibrated probability of `positive_label`
     priority: str  # URGENT | review | routine
     probabilities: dict
     sop_uid: str
@@ -46,6 +46,9 @@ class Score:
     flags: list = field(default_factory=list)  # e.g. "out_of_scope:modality", "unusual_input" (--allow-out-of-scope)
     ood_score: float | None = None  # distance from the training images' features (packages with an OOD output)
     input_mean: float | None = None  # mean decoded intensity, in model channels (drift monitoring)
+    # The scoring package's positive label (its label names are the keys of `probabilities`), so that a result read
+    # back after a restart with another package still says what `probability` is of; "" where it was not recorded.
+    positive_label: str = ""
 
     def as_dict(self) -> dict:
         return {"status": "scored", **asdict(self)}
@@ -280,6 +283,7 @@ class Predictor:
             flags=list(flags),
             ood_score=ood,
             input_mean=input_mean,
+            positive_label=package.positive_label,
         )
 
     def finding(self, probs: np.ndarray) -> str:
