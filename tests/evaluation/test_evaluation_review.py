@@ -78,3 +78,19 @@ def test_a_patient_level_interval_of_repeated_images_is_that_of_one_image_per_pa
 def test_groups_must_name_one_patient_per_image():
     with pytest.raises(InputError, match="4 groups for 3 images"):
         bootstrap_auc_ci(np.array([0, 1, 1]), np.array([0.1, 0.2, 0.3]), 10, groups=np.arange(4))
+
+
+def test_a_temperature_fit_that_finds_no_minimum_before_its_bound_says_so(caplog):
+    from medtriage.evaluation.calibration import TEMPERATURE_BOUNDS, fit_temperature
+
+    separated = np.array([[2.0, -2.0]] * 20 + [[-2.0, 2.0]] * 20)
+    labels = np.array([0] * 20 + [1] * 20)
+    with caplog.at_level("WARNING", logger="medtriage.evaluation.calibration"):
+        temperature = fit_temperature(separated, labels)
+    assert TEMPERATURE_BOUNDS[0] <= temperature < 0.1
+    assert "perfectly separated" in caplog.text
+    caplog.clear()
+    noisy = np.random.default_rng(0).normal(size=(200, 2)) + np.array([[0.0, 1.0]]) * labels.repeat(5)[:, None]
+    with caplog.at_level("WARNING", logger="medtriage.evaluation.calibration"):
+        fit_temperature(noisy, labels.repeat(5))
+    assert "no minimum" not in caplog.text  # an ordinary fit finds its minimum inside the bounds

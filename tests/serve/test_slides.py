@@ -292,6 +292,7 @@ def test_medtriage_score_reads_the_exported_block_without_edits(tile_package, tm
     (scored,) = json.loads(capsys.readouterr().out)["results"]
     assert scored["modality"] == "SM" and scored["threshold_level"] == "slide" and scored["flags"] == ["unusual_input"]
     assert scored["tile_mpp"] == block["tile_mpp"] and scored["n_tiles"] > 20
+    assert scored["positive_label"] == json.loads((package_dir / "model.json").read_text())["positive_label"]
     tiles = scored["top_tiles"]
     assert len(tiles) == 5 and all(t["size"] == round(block["tile_size"] * block["tile_mpp"] / scored["slide_mpp"]) for t in tiles)
     assert scored["probability"] == pytest.approx(np.mean([t["probability"] for t in tiles[:3]]), abs=1e-3)

@@ -3,12 +3,17 @@ error."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import log_loss
 
 from medtriage.errors import InputError
 from medtriage.evaluation.metrics import finite, softmax
+
+log = logging.getLogger(__name__)
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # [1/20, 20] covers under- and over-confident nets
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -25,8 +30,16 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     def nll(log_t: float) -> float:
         return log_loss(labels, probabilities(logits, float(np.exp(log_t))), labels=classes)
 
-    # Searching log T keeps T positive; [1/20, 20] covers under- and over-confident nets.
-    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    low, high = np.log(TEMPERATURE_BOUNDS)  # searching log T keeps T positive
+    result = minimize_scalar(nll, bounds=(low, high), method="bounded")
+    for bound, why in ((low, "perfectly separated: their log-loss keeps falling as T shrinks"), (high, "near chance")):
+        if nll(bound) <= result.fun:  # the log-loss still falls towards the bound: the fit found no minimum, say so
+            log.warning(
+                "temperature fit found no minimum before its bound T=%.3g (kept T=%.3g): the validation cases are %s",
+                np.exp(bound),
+                np.exp(result.x),
+                why,
+            )
     return float(np.exp(result.x))
 
 
