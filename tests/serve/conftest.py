@@ -11,6 +11,17 @@ from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
 from tests.export.tiny_package import shared_safe_package, shared_tiny_package
 
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
@@ -50,3 +61,17 @@ def predictor(package_dir) -> Predictor:
 def safe_predictor(safe_package_dir) -> Predictor:
     """One single-threaded predictor per test module over the package with OOD output and drift references."""
     return Predictor(load_package(safe_package_dir), threads=1)
+
+
+@pytest.fixture(scope="module")
+def chromium(need_tool):
+    """Debian's Chromium through playwright, one per test module (each test opens its own page or context). Missing,
+    it skips locally and fails in CI, like every real peer (`need_tool`)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    need_tool(str(CHROMIUM), "apt-get install chromium")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

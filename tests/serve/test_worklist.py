@@ -25,16 +25,6 @@ from medtriage.serve.worklist import PRIORITY_RANK
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "worklist-token-51c2"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 MULTIFRAME = get_testdata_file("OBXXXX1A_2frame.dcm")
 
 
@@ -220,23 +210,11 @@ def live_server(package_dir):
         process.wait(timeout=30)
 
 
-@pytest.fixture
-def browser(need_tool):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    need_tool(str(CHROMIUM), "apt-get install chromium")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
 @pytest.mark.slow
-def test_a_radiologist_uploads_studies_and_opens_the_most_urgent(live_server, browser, chest_files, predictor, tmp_path):
+def test_a_radiologist_uploads_studies_and_opens_the_most_urgent(live_server, chromium, chest_files, predictor, tmp_path):
     by_p = chest_files["by_p"]
     uploads = [by_p[0], by_p[-1], by_p[len(by_p) // 2], chest_files["broken"]]  # not in priority order
-    page = browser.new_page(viewport={"width": 1400, "height": 720})
+    page = chromium.new_page(viewport={"width": 1400, "height": 720})
     page.goto(f"{live_server}/worklist")
     page.wait_for_function("() => document.getElementById('status').textContent.includes('access token')")
 

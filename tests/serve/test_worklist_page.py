@@ -151,21 +151,6 @@ class CannedService:
             route.fulfill(status=status, body=json.dumps(body), content_type="application/json")
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    from tests.serve.test_worklist import CHROMIUM, CHROMIUM_ARGS
-
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    if not CHROMIUM.is_file():
-        pytest.skip("apt-get install chromium")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 @pytest.fixture
 def open_page(chromium):
     """open_page(service): the worklist page in a reader's browser (Indian time), its requests answered by `service`."""

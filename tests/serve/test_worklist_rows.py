@@ -17,7 +17,7 @@ from medtriage.serve.node.store import NodeStore
 from medtriage.serve.worklist import Worklist, worklist_router
 from tests.serve.node.peers import cr_study
 from tests.serve.test_http_edges import LiveServer
-from tests.serve.test_worklist_page import CannedService, chromium, entry, open_page  # noqa: F401 (fixtures)
+from tests.serve.test_worklist_page import CannedService, entry, open_page  # noqa: F401 (fixture)
 
 TOKEN = "rows-token-7e21"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

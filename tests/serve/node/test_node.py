@@ -294,7 +294,7 @@ def test_tls_and_allowed_callers(package_dir, orthanc, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_worklist_page_shows_the_nodes_study_states(listener, package_dir, need_tool, tmp_path):
+def test_the_worklist_page_shows_the_nodes_study_states(listener, package_dir, chromium, tmp_path):
     """`medtriage serve --state` on the node's folder, in Chromium: delivered and not-analysed studies with reasons."""
     import os
     import signal
@@ -304,10 +304,7 @@ def test_the_worklist_page_shows_the_nodes_study_states(listener, package_dir, n
 
     from tests.serve.node.peers import MAIN
     from tests.serve.test_serve_http import _wait_until_up
-    from tests.serve.test_worklist import CHROMIUM, CHROMIUM_ARGS
 
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    need_tool(str(CHROMIUM), "apt-get install chromium")
     wait_for(lambda: {"delivered", "not_analysed"} <= set(listener.counts()["studies"]), 30, "earlier tests' studies")
     port = free_port()
     server = subprocess.Popen(
@@ -320,18 +317,15 @@ def test_the_worklist_page_shows_the_nodes_study_states(listener, package_dir, n
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             _wait_until_up(client, server)
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 720})
-            page.goto(f"http://127.0.0.1:{port}/worklist")
-            page.wait_for_function("() => document.querySelectorAll('#worklist tbody tr').length > 1")
-            states = page.eval_on_selector_all("#worklist tbody tr", "rows => rows.map(r => r.dataset.state)")
-            assert {"delivered", "not analysed"} <= set(states)
-            assert states.index("not analysed") > max(i for i, s in enumerate(states) if s == "delivered")  # scored first
-            page.click("#worklist tbody tr[data-state='not analysed']")
-            page.wait_for_function("() => document.getElementById('detail-fields').textContent.includes('Reason')")
-            assert "instance(s)" in page.text_content("#detail-fields")  # the rejection reasons
-            browser.close()
+        page = chromium.new_page(viewport={"width": 1400, "height": 720})
+        page.goto(f"http://127.0.0.1:{port}/worklist")
+        page.wait_for_function("() => document.querySelectorAll('#worklist tbody tr').length > 1")
+        states = page.eval_on_selector_all("#worklist tbody tr", "rows => rows.map(r => r.dataset.state)")
+        assert {"delivered", "not analysed"} <= set(states)
+        assert states.index("not analysed") > max(i for i, s in enumerate(states) if s == "delivered")  # scored first
+        page.click("#worklist tbody tr[data-state='not analysed']")
+        page.wait_for_function("() => document.getElementById('detail-fields').textContent.includes('Reason')")
+        assert "instance(s)" in page.text_content("#detail-fields")  # the rejection reasons
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
