@@ -19,7 +19,7 @@ from medtriage.serve.worklist import Worklist
 from tests.serve import test_worklist as base
 from tests.serve.test_worklist import AUTH, TOKEN
 
-browser, chest_files, live_server = base.browser, base.chest_files, base.live_server  # the worklist tests' fixtures
+chest_files, live_server = base.chest_files, base.live_server  # the worklist tests' fixtures
 
 
 def edited(path, **values) -> bytes:
@@ -92,12 +92,12 @@ HOSTILE = {
 
 
 @pytest.mark.slow
-def test_the_page_runs_under_its_policy_and_shows_header_values_as_text(live_server, browser, chest_files):
+def test_the_page_runs_under_its_policy_and_shows_header_values_as_text(live_server, chromium, chest_files):
     path = chest_files["by_p"][-1]
     files = [("files", (path.name, edited(path, **HOSTILE), "application/dicom"))]
     assert httpx.post(f"{live_server}/v1/score", files=files, headers=AUTH, timeout=60).status_code == 200
 
-    page = browser.new_page(viewport={"width": 1200, "height": 700})
+    page = chromium.new_page(viewport={"width": 1200, "height": 700})
     page.add_init_script(
         "window.violations = []; document.addEventListener('securitypolicyviolation', e => window.violations.push(e.violatedDirective))"
     )
