@@ -31,7 +31,7 @@ from medtriage import __version__
 from medtriage.errors import DicomError, ImageTooLargeError, MedTriageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.safe_output import output_path, write_atomic
-from medtriage.serve.package import ModelPackage
+from medtriage.serve.package import ModelPackage, identity_label
 from medtriage.serve.predictor import Score
 
 log = logging.getLogger(__name__)
@@ -115,30 +115,20 @@ def build_study_sr(
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=sop_instance_uid or generate_uid(),
             instance_number=revision or 1,
-            series_description=long_string(f"AI triage {model_label(identities[0])}"),
+            series_description=long_string(f"AI triage {identity_label(identities[0])}"),
             is_complete=True,
             contributing_equipment=[scoring_equipment(identity, "scored the referenced images") for identity in identities],
             **equipment(identities[0]),
         )
 
 
-def scored_by(score: Score) -> dict:
-    """The package that scored `score`, in ModelPackage.identity()'s form."""
-    return {"name": score.model, "version": score.version, "sha256": score.sha256}
-
-
 def _scoring_packages(scores: Iterable[Score]) -> list[dict]:
     """The identities of the packages that scored `scores`, each once, in the order met."""
     identities: list[dict] = []
-    for identity in map(scored_by, scores):
+    for identity in (score.scoring_package() for score in scores):
         if identity not in identities:
             identities.append(identity)
     return identities
-
-
-def model_label(identity: dict) -> str:
-    """'pneumonia-r18 v3', as ModelPackage.describe(with_sha=False) writes it."""
-    return f"{identity['name']} v{identity['version']}"
 
 
 def long_string(text: str) -> str:
@@ -153,7 +143,7 @@ def equipment(identity: dict) -> dict:
     return {
         "manufacturer": MANUFACTURER,
         "manufacturer_model_name": long_string(identity["name"]),
-        "software_versions": [long_string(model_label(identity)), f"medtriage {__version__}"],
+        "software_versions": [long_string(identity_label(identity)), f"medtriage {__version__}"],
         "device_serial_number": identity["sha256"],
     }
 
@@ -165,7 +155,7 @@ def scoring_equipment(identity: dict, contribution: str) -> hd.ContributingEquip
     return hd.ContributingEquipment(
         attributes.pop("manufacturer"),
         codes.DCM.ProcessingEquipment,
-        contribution_description=f"{contribution}: {model_label(identity)}, model.onnx sha256 {identity['sha256']}",
+        contribution_description=f"{contribution}: {identity_label(identity)}, model.onnx sha256 {identity['sha256']}",
         **attributes,
     )
 
@@ -248,14 +238,14 @@ def _probability_concept(score: Score, package: ModelPackage) -> hd.sr.CodedConc
     recorded it takes the loaded package's label only where that package made it; otherwise the label is not known,
     and the report says so rather than name a label of another model (its finding, priority and decision were made
     by the scoring package and still stand)."""
-    label = score.positive_label or (package.positive_label if scored_by(score) == package.identity() else "")
+    label = score.positive_label or (package.positive_label if score.scoring_package() == package.identity() else "")
     if not label:
         return hd.sr.CodedConcept("p-unrecorded", SCHEME, "Calibrated probability of an unrecorded label")
     return hd.sr.CodedConcept(f"p-{label}"[:16], SCHEME, f"Calibrated probability of {label}")
 
 
 def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPackage) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    algorithm = _algorithm(scored_by(score))
+    algorithm = _algorithm(score.scoring_package())
     probability = hd.sr.Measurement(
         name=_probability_concept(score, package),
         value=round(score.probability, 6),

@@ -73,11 +73,32 @@ class ModelPackage:
 
     def describe(self, with_sha: bool = True) -> str:
         """'pneumonia-r18 v3 (sha256 4be1…)', the model column of a result."""
-        text = f"{self.name} v{self.version}"
-        return f"{text} (sha256 {self.sha256[:4]}…)" if with_sha else text
+        return identity_label(self.identity(), sha_chars=4 if with_sha else 0)
 
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+def scored_by(result: dict) -> dict:
+    """The identity, in ModelPackage.identity()'s form, of the package that scored a result (Score.as_dict())."""
+    return {"name": result["model"], "version": result["version"], "sha256": result["sha256"]}
+
+
+def identity_label(identity: dict, sha_chars: int = 0) -> str:
+    """'pneumonia-r18 v3', followed by ' (sha256 4be1…)' with `sha_chars` of the model's digest."""
+    text = f"{identity['name']} v{identity['version']}"
+    return f"{text} (sha256 {identity['sha256'][:sha_chars]}…)" if sha_chars else text
+
+
+def picture_refused(scoring: dict, served: dict) -> str | None:
+    """Why the served package may not draw the picture of an image another package scored (identities as above);
+    None when it scored it. A picture from another model would not show where the scoring model looked."""
+    if scoring == served:
+        return None
+    return (
+        f"the image was scored by {identity_label(scoring, 12)} and the service now runs {identity_label(served, 12)}; "
+        "a picture drawn by another model would not show where the scoring model looked"
+    )
 
 
 def served_threshold(threshold: float) -> float:

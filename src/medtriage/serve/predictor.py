@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from medtriage.errors import ConfigError, InputError, MedTriageError, PackageError
 from medtriage.io.dicom import DecodedImage, read_dicom
-from medtriage.serve.package import REEXPORT_HINT, ModelPackage
+from medtriage.serve.package import REEXPORT_HINT, ModelPackage, scored_by
 from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unguarded
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ class Score:
 
     def as_dict(self) -> dict:
         return {"status": "scored", **asdict(self)}
+
+    def scoring_package(self) -> dict:
+        """The identity of the package that scored this image, in ModelPackage.identity()'s form."""
+        return scored_by(self.as_dict())
 
 
 @dataclass

@@ -7,7 +7,8 @@ arriving or queued), scored, delivered (its SR reached the PACS), failed (with t
 are retried) or not analysed (out of scope or rejected, with the reason; no SR is sent). The page
 shows the newest `capacity` studies and up to `capacity` URGENT studies of the last day beyond them (the newest),
 and counts the studies it leaves out. Each row names its source (the upload's `X-Source`, the node's calling AE
-title: the names of the drift monitor) and says whether that source drifts now. The occlusion overlay of a study's most urgent image is drawn
+title: the names of the drift monitor) and says whether that source drifts now (to the drift monitor of this service, or
+of the DICOM node writing the same folder). The occlusion overlay of a study's most urgent image is drawn
 the first time someone opens it (from the spooled file, or an upload's display copy) and kept. A picture is only ever
 shown with the score of the package that drew it (name, version and sha256): a row scored by another package than the
 served one (scored before a restart with a new package, or by a DICOM node running another) keeps a picture that package
@@ -46,6 +47,7 @@ from medtriage.serve.drift import DriftMonitor, source_name
 from medtriage.serve.node.header import STUDY_TAGS, read_identity
 from medtriage.serve.node.store import NodeStore
 from medtriage.serve.node.worker import PRIORITY_RANK, urgency
+from medtriage.serve.package import picture_refused, scored_by
 from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
 from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame, shrink
 
@@ -140,7 +142,7 @@ class Worklist:
 
     def _drop_unneeded_display_copies(self) -> None:
         """Keep the copies of the pictures still to be drawn: the top image of each shown study, no other."""
-        shown = {study["top_sop"] for study in self.store.shown_studies(self.capacity)}
+        shown = self.store.shown_top_instances(self.capacity)
         for sop_uid in [sop_uid for sop_uid in self._display if sop_uid not in shown]:
             del self._display[sop_uid]
 
@@ -154,7 +156,10 @@ class Worklist:
         return sorted(rows, key=_sort_key)
 
     def _drifting_sources(self) -> set[str]:
-        return set(self.drift.status()["drifting"]) if self.drift else set()
+        """The sources drifting now: those of this service's uploads, and those the DICOM node writing the same
+        state folder finds drifting (its monitor runs in its own process)."""
+        own = set(self.drift.status()["drifting"]) if self.drift else set()
+        return own if self.store.folder is None else own | self.store.drifting_sources()  # no node writes to memory
 
     def _study(self, entry_id: str):
         # ASCII digits that fit SQLite's 64-bit integer: int() of '²' or of 5000 digits raises, and so does a larger query
@@ -222,7 +227,7 @@ class Worklist:
         top, _ = _top(study)
         package = self.predictor.package
         summary = self._summary(study, self._drifting_sources())
-        served = top is None or _scored_by(top) == package.identity()
+        served = top is None or scored_by(top) == package.identity()
         return {
             **summary,
             "probabilities": top and top["probabilities"],
@@ -257,7 +262,7 @@ class Worklist:
         frame = self._frame(study, top)
         started = time.perf_counter()
         result, png = explain_frame(self.predictor, frame, DISPLAY_SIDE)
-        drawing = {**result.describe(), "ms": round(1000 * (time.perf_counter() - started), 1), "package": _scored_by(top)}
+        drawing = {**result.describe(), "ms": round(1000 * (time.perf_counter() - started), 1), "package": scored_by(top)}
         self.store.save_overlay(top["sop_uid"], png, drawing)
         with self._lock:
             self._display.pop(top["sop_uid"], None)  # the PNG is all the row needs from now on
@@ -265,13 +270,10 @@ class Worklist:
 
     def _picture_missing(self, study, top: dict) -> str | None:
         """Why the row can have no picture: None when the served package scored it, or drew its kept picture."""
-        scored_by, served = _scored_by(top), self.predictor.package.identity()
-        if scored_by == served or _kept_saliency(study, top):
+        if _kept_saliency(study, top):
             return None
-        return (
-            f"no picture: this study was scored by {_describe(scored_by)} and the service now runs {_describe(served)}; "
-            "a picture drawn by another model would not show where the scoring model looked"
-        )
+        refused = picture_refused(scored_by(top), self.predictor.package.identity())
+        return refused and f"no picture: {refused}"
 
     def _frame(self, study, top: dict) -> np.ndarray:
         with self._lock:
@@ -303,7 +305,7 @@ def _kept_saliency(study, top: dict) -> dict | None:
     """The saliency kept with the top image's picture, if the package that scored it drew it (one kept without a
     package was drawn by whichever was served then, so it is not shown)."""
     saliency = json.loads(study["top_saliency"] or "{}")
-    return saliency if saliency.get("package") == _scored_by(top) else None
+    return saliency if saliency.get("package") == scored_by(top) else None
 
 
 def _sender(study) -> str | None:
@@ -319,15 +321,6 @@ def _sort_key(entry: dict) -> tuple:
     if entry["priority"] is None:
         return len(PRIORITY_RANK) + 1, 0.0, -int(entry["id"])
     return PRIORITY_RANK.get(entry["priority"], len(PRIORITY_RANK)), -entry["probability"], -int(entry["id"])
-
-
-def _scored_by(top: dict) -> dict:
-    """The identity of the package that scored an image, in ModelPackage.identity()'s form."""
-    return {"name": top["model"], "version": top["version"], "sha256": top["sha256"]}
-
-
-def _describe(identity: dict) -> str:
-    return f"{identity['name']} v{identity['version']} (sha256 {identity['sha256'][:12]}…)"
 
 
 def _iso(seconds: float | None) -> str:

@@ -24,12 +24,11 @@ from medtriage.serve.dicom_results import (
     built_from_header,
     equipment,
     long_string,
-    model_label,
     read_header,
     revision_series_uid,
-    scored_by,
     scoring_equipment,
 )
+from medtriage.serve.package import identity_label, picture_refused
 from medtriage.serve.predictor import Predictor, Score
 from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame
 
@@ -64,7 +63,7 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: 
             instance_number=revision or 1,
             patient_orientation=("L", "F"),  # replaced below: highdicom takes single letters only
             transfer_syntax_uid="1.2.840.10008.1.2.1",
-            series_description=long_string(f"AI triage where the model looked ({model_label(identity)})"),
+            series_description=long_string(f"AI triage where the model looked ({identity_label(identity)})"),
             contributing_equipment=[scoring_equipment(identity, "scored the source image and drew where it looked")],
             **equipment(identity),
         )
@@ -79,12 +78,11 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: 
 
 def _drawn_by_scoring_package(predictor: Predictor, score: Score) -> dict:
     """The identity of the package that scored `score`, which must be the one that draws the picture."""
-    identity, served = scored_by(score), predictor.package.identity()
-    if identity != served:
+    identity = score.scoring_package()
+    refused = picture_refused(identity, predictor.package.identity())
+    if refused:
         raise MedTriageError(
-            f"the image was scored by {model_label(identity)} (sha256 {identity['sha256'][:12]}…) and the node "
-            f"now runs {model_label(served)} (sha256 {served['sha256'][:12]}…); a picture drawn by another model would "
-            "not show where the scoring model looked",
+            refused,
             where=score.sop_uid,
             hint="the study's report still names the package that scored it; send the study again for a new score and picture",
         )
@@ -148,7 +146,7 @@ def describe_derivation(image: pydicom.Dataset, source: pydicom.Dataset, frame: 
             reference.ReferencedFrameNumber = frame
         image.SourceImageSequence = [reference]
     image.DerivationDescription = (
-        f"Occlusion sensitivity of {model_label(identity)} (model.onnx sha256 {identity['sha256']}) on the source image "
+        f"Occlusion sensitivity of {identity_label(identity)} (model.onnx sha256 {identity['sha256']}) on the source image "
         f"scaled to at most {DISPLAY_SIDE} pixels: warm where hiding a region lowered the probability of {positive_label}. "
         "Decision support, not for diagnosis; no pixel spacing."
     )

@@ -10,6 +10,8 @@ instances   one row per SOP Instance UID: received -> scored | rejected
 studies     one row per Study Instance UID: receiving -> scored -> delivered, or not_analysed
             ("failed" is shown while a delivery keeps failing; it is retried until delivered)
 deliveries  one row per result object and destination: pending -> delivered
+drifting_sources  the calling AE titles the node's drift monitor finds drifting now, for the worklist of
+            `medtriage serve --state` (another process) to mark their rows
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt REAL DEFAULT 0, last_error TEXT, created REAL, delivered REAL);
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
 CREATE TABLE IF NOT EXISTS overlays (sop_uid TEXT PRIMARY KEY, png BLOB NOT NULL, saliency TEXT);
+CREATE TABLE IF NOT EXISTS drifting_sources (source TEXT PRIMARY KEY, since REAL NOT NULL);
 """
 DB_FILE, SPOOL_DIR, OUTBOX_DIR, INCOMING_DIR = "node.sqlite", "spool", "outbox", "incoming"
 # Columns newer than the first state folders: added when a folder without them is opened (readers of the old
@@ -69,6 +72,7 @@ SHOWN_ROWS = SHOWN + (
     "(SELECT f.sop_uid FROM instances f WHERE f.study_uid = s.study_uid ORDER BY f.received LIMIT 1)) "
     "WHERE s.id IN (SELECT id FROM shown) {only} ORDER BY s.last_received DESC, s.id DESC"
 )
+SHOWN_TOPS = SHOWN + "SELECT top_sop FROM studies WHERE id IN (SELECT id FROM shown) AND top_sop IS NOT NULL"
 UNLISTED = SHOWN + (
     "SELECT (SELECT COUNT(*) FROM studies) - (SELECT COUNT(*) FROM shown) AS evicted, (SELECT COUNT(*) FROM studies "
     "WHERE priority = 'URGENT' AND last_received >= :since AND id NOT IN (SELECT id FROM shown)) AS urgent"
@@ -126,6 +130,8 @@ class NodeStore:
             self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
         self._db.executescript(SCHEMA)
         self._add_missing_columns()
+        if recover:  # the node's drift windows start empty: no source drifts until it has seen enough again
+            self._db.execute("DELETE FROM drifting_sources")
 
     def _add_missing_columns(self) -> None:
         for table, column, kind in ADDED_COLUMNS:
@@ -375,6 +381,10 @@ class NodeStore:
         first, each with its top instance, kept saliency, number of instances and sender (SHOWN_ROWS); one query."""
         return self._execute(SHOWN_ROWS.format(only=""), self._shown_args(limit))
 
+    def shown_top_instances(self, limit: int) -> set[str]:
+        """The SOP UIDs of the top instances of the studies `shown_studies(limit)` lists, without their rows."""
+        return {row["top_sop"] for row in self._execute(SHOWN_TOPS, self._shown_args(limit))}
+
     def study_by_id(self, study_id: int, within: int) -> sqlite3.Row | None:
         """The study with that id, as `shown_studies(within)` lists it, if it does."""
         rows = self._execute(SHOWN_ROWS.format(only="AND s.id = :id"), {**self._shown_args(within), "id": study_id})
@@ -389,6 +399,16 @@ class NodeStore:
     @staticmethod
     def _shown_args(limit: int) -> dict:
         return {"limit": limit, "since": time.time() - URGENT_KEPT_S}
+
+    def mark_drifting(self, source: str, drifting: bool) -> None:
+        """Record whether the node's drift monitor finds `source` (a bounded source name) drifting now."""
+        if drifting:
+            self._execute("INSERT OR IGNORE INTO drifting_sources (source, since) VALUES (?, ?)", (source, time.time()))
+        else:
+            self._execute("DELETE FROM drifting_sources WHERE source = ?", (source,))
+
+    def drifting_sources(self) -> set[str]:
+        return {row["source"] for row in self._execute("SELECT source FROM drifting_sources")}
 
     def instance(self, sop_uid: str) -> sqlite3.Row | None:
         rows = self._execute("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,))

@@ -17,6 +17,7 @@ from pydicom.uid import generate_uid
 from medtriage.errors import MedTriageError
 from medtriage.io.safe_output import write_atomic
 from medtriage.serve.dicom_results import build_study_sr, encoded, read_header
+from medtriage.serve.drift import source_name
 from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.node.store import NodeStore, digest_name
 from medtriage.serve.predictor import Predictor, Rejection, Score
@@ -59,6 +60,7 @@ class Worker:
         # calls reach the predictor's BatchingSession together and can share one ORT call.
         self.at_once = at_once
         self._pool = ThreadPoolExecutor(at_once, thread_name_prefix="medtriage-scoring") if at_once > 1 else None
+        self._shared_drift: dict[str, bool] = {}  # source -> drifting, as last written to the store
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -96,6 +98,17 @@ class Worker:
             self.store.set_scored(instance.sop_uid, [score.as_dict() for score in outcome])
         # Counted once on record: when the write fails the row stays queued and is scored again, and counts then.
         self.monitor.record(outcome, instance.calling_aet, seconds)
+        self._share_drift(instance.calling_aet)
+
+    def _share_drift(self, calling_aet: str) -> None:
+        """Keep the store's drifting sources as the monitor has them, for a worklist served by another process."""
+        if not self.monitor.drift.enabled:
+            return
+        source = source_name(calling_aet)
+        drifting = self.monitor.drift.drifting(source)
+        if self._shared_drift.get(source) != drifting:
+            self.store.mark_drifting(source, drifting)
+            self._shared_drift[source] = drifting
 
     def close(self) -> None:
         if self._pool is not None:
