@@ -1,8 +1,9 @@
 """Test-set assessment of a calibrated model, every choice made on validation only.
 
 Temperature (fitted on validation by the export), operating points chosen on validation
-(sensitivity >= 0.95, Youden), then on test: AUC with a 95% bootstrap interval, accuracy at the
-argmax, sensitivity/specificity at each operating point, ECE (15 bins) before and after scaling.
+(sensitivity >= 0.95, Youden), then on test: AUC with a 95% bootstrap interval, accuracy (binary: the
+positive class at p >= 0.5, as predicted_classes), sensitivity/specificity at each operating point, ECE (15 bins)
+before and after scaling.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from sklearn.metrics import accuracy_score, log_loss, recall_score, roc_auc_scor
 
 from medtriage.evaluation.bootstrap import bootstrap_auc_ci
 from medtriage.evaluation.calibration import expected_calibration_error, probabilities
+from medtriage.evaluation.metrics import predicted_classes
 from medtriage.evaluation.operating_points import choose_threshold
 
 OPERATING_POINTS = {"sens95": ("sensitivity", 0.95), "youden": ("youden", None)}
@@ -34,7 +36,7 @@ def assess(val, test, temperature: float, positive: int = 1, n_bins: int = 15, n
         "test_auc": float(roc_auc_score(test_positive, test_scores)),
         "test_auc_ci_low": low,
         "test_auc_ci_high": high,
-        "test_acc": float(accuracy_score(test_labels, test_probs.argmax(axis=1))),
+        "test_acc": float(accuracy_score(test_labels, predicted_classes(test_probs, positive))),
         "test_ece_before": expected_calibration_error(probabilities(test.logits), test_labels, n_bins),
         "test_ece_after": expected_calibration_error(test_probs, test_labels, n_bins),
         "val_ece_before": expected_calibration_error(probabilities(val.logits), val_labels, n_bins),

@@ -47,9 +47,11 @@ def auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
 
 
-def predicted_classes(probs: np.ndarray) -> np.ndarray:
+def predicted_classes(probs: np.ndarray, positive: int = 1) -> np.ndarray:
+    """The predicted class of each row. Binary: `positive` at or above THRESHOLD, as served (a tie at 0.5 is
+    positive, where argmax would take class 0); otherwise the likeliest class."""
     if probs.shape[1] == 2:
-        return (probs[:, 1] >= THRESHOLD).astype(np.int64)
+        return np.where(probs[:, positive] >= THRESHOLD, positive, 1 - positive).astype(np.int64)
     return probs.argmax(axis=1)
 
 

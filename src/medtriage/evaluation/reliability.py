@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from medtriage.evaluation.calibration import confidence_bins, expected_calibration_error, probabilities
+from medtriage.io.safe_output import write_atomic
 from medtriage.optional import pyplot
 
 plt = pyplot()
@@ -24,11 +25,17 @@ def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float,
         confidence, accuracy, counts = confidence_bins(probs, labels, n_bins)
         ece = expected_calibration_error(probs, labels, n_bins)
         ax.plot(confidence, accuracy, marker=marker, label=f"{name}: ECE {ece:.3f}")
-    ax.set(xlabel="confidence (top-label probability)", ylabel="accuracy", title=title, xlim=(0.45, 1.0), ylim=(0.0, 1.02))
+    limits = confidence_axis(np.asarray(logits).shape[1])
+    ax.set(xlabel="confidence (top-label probability)", ylabel="accuracy", title=title, xlim=limits, ylim=(0.0, 1.02))
     ax.legend(loc="lower right", fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda out: fig.savefig(out, dpi=110, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
+
+
+def confidence_axis(n_classes: int) -> tuple[float, float]:
+    """The confidence axis: from a little below 1/n_classes, the least a top-label probability can be, to 1."""
+    return 1.0 / n_classes - 0.05, 1.0
