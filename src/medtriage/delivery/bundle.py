@@ -59,10 +59,9 @@ def build_bundle(
         raise ConfigError("the output path is a file, not a folder", where=out, hint="choose a new --out folder")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("the output folder exists and is not empty", where=out, hint="choose a new --out folder or remove it")
-    models = _model_folders(packages)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = _new_staging(out)
     try:
+        models = _model_folders(packages)
         wheels = _fill(staging, models, python, platform, wheel)
         _sync_tree(staging)  # on disk before the bundle takes its name and the build reports success
         if out.exists():
@@ -73,6 +72,22 @@ def build_bundle(
         shutil.rmtree(staging, ignore_errors=True)  # a failed build (no network, pip error) leaves no half bundle
         raise
     return Bundle(out, [out / "wheels" / w.name for w in wheels], list(models))
+
+
+def _new_staging(out: Path) -> Path:
+    """The empty hidden sibling the bundle is built in, made before any long step: a parent that cannot hold
+    the bundle (missing permission, a file, a read-only file system) is reported up front."""
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the bundle folder here: {err.strerror}",
+            where=out,
+            hint="choose an --out inside a folder you can write to",
+        ) from err
+    return staging
 
 
 def _fill(staging: Path, models: dict[str, Path], python: str, platform: str, wheel: str | Path | None) -> list[Path]:

@@ -3,6 +3,7 @@ every base dependency as binary wheels (`pip download --only-binary=:all:`)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ PYTHONS = ("3.10", "3.11", "3.12")
 DEFAULT_PLATFORM = "manylinux_2_28_x86_64"  # glibc 2.28: RHEL/Rocky 8+, Debian 10+, Ubuntu 20.04+; onnxruntime needs it
 _LEGACY_MANYLINUX = {"manylinux2014": (2, 17), "manylinux2010": (2, 12), "manylinux1": (2, 5)}
 _SOURCE_FILES = ("pyproject.toml", "README.md")  # with src/: what `pip wheel` needs to build medtriage
+ZIP_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry holds
 METADATA_MAX = 16 * 1024 * 1024  # bytes of a wheel's METADATA (a long description included); more is not a wheel's
 
 
@@ -75,9 +77,12 @@ def build_medtriage_wheel(out_dir: Path, source: Path | None = None) -> Path:
         shutil.copytree(source / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
         for name in _SOURCE_FILES:
             shutil.copy(source / name, copy / name)
+        # Every entry gets one fixed time (unless the caller sets its own): the same source gives the same wheel,
+        # so its sha256 in the SBOM and SHA256SUMS is the same in every build of it.
         _run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(copy), "-w", str(out_dir)],
             "building the medtriage wheel",
+            env={**os.environ, "SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", ZIP_EPOCH)},
         )
     wheels = sorted(out_dir.glob(f"medtriage-{medtriage.__version__}-*.whl"))
     if not wheels:
@@ -208,7 +213,7 @@ def wheel_name_version(wheel: Path) -> tuple[str, str]:
     return name, version
 
 
-def _run(command: list[str], what: str, hint: str | None = None) -> None:
-    done = subprocess.run(command, check=False, capture_output=True, text=True)
+def _run(command: list[str], what: str, hint: str | None = None, env: dict[str, str] | None = None) -> None:
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise BuildError(f"{what} failed: {(done.stderr or done.stdout).strip()[-800:]}", hint=hint)

@@ -58,7 +58,23 @@ if command -v systemd-analyze >/dev/null 2>&1; then  # this machine's systemd ju
         echo "install.sh: warning: systemd-analyze verify found the problems above in $PREFIX/systemd" >&2
 fi
 cp -R config "$PREFIX/"
-for package in "$PREFIX"/models/*/; do  # the loader checks each model.onnx against its model.json
-    "$PREFIX/venv/bin/python" -c 'import sys; from medtriage.serve.package import load_package; print("model", load_package(sys.argv[1]).describe(), "verified")' "$package"
+# Each model's sha256 against its model.json, then an ONNX Runtime session: the wheels' native libraries load
+# only on a machine that matches the bundle's platform (glibc, CPU), and nothing else here would load them.
+check_model='import sys
+try:
+    from medtriage.serve.package import load_package
+    from medtriage.serve.predictor import create_session
+    package = load_package(sys.argv[1])
+    create_session(package)
+except Exception as err:
+    sys.exit("%s: %s" % (type(err).__name__, err))
+print("model", package.describe(), "verified and loaded by ONNX Runtime")'
+for package in "$PREFIX"/models/*/; do
+    "$PREFIX/venv/bin/python" -c "$check_model" "$package" ||
+        fail "the model in $package does not load on this machine (the reason is above). MedTriage is installed in" \
+             "$PREFIX but cannot score. The bundle was built for CPython @PYTHON@ on @PLATFORM@: check that this machine matches."
 done
-echo "installed: $PREFIX/venv/bin/medtriage ($("$PREFIX/venv/bin/medtriage" --version)); next steps: $HERE/README.md"
+# Its own step: inside echo's arguments a failure would go unnoticed.
+version=$("$PREFIX/venv/bin/medtriage" --version) ||
+    fail "$PREFIX/venv/bin/medtriage does not run (the reason is above); the bundle was built for CPython @PYTHON@ on @PLATFORM@."
+echo "installed: $PREFIX/venv/bin/medtriage ($version); next steps: $HERE/README.md"

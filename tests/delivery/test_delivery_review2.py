@@ -1,0 +1,140 @@
+"""The bundle's output folder checked before any long step, and install.sh's end checks: a runtime that does not
+load on the target machine, or a `medtriage` command that does not run, fails the install instead of passing it.
+
+install.sh runs for real (a venv, pip with --no-index) on a small bundle whose medtriage wheel is a stand-in: its
+modules fail the way a wheel built for another glibc or CPU fails, which a test cannot reproduce on this machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import medtriage
+from medtriage.cli import main
+from medtriage.delivery.bundle import template_values, write_checksums, write_templates
+from medtriage.delivery.wheelhouse import DEFAULT_PLATFORM, default_python
+
+RUNTIME_ERROR = "libonnxruntime.so.1: version `GLIBC_2.28' not found"
+
+STAND_IN = {
+    "medtriage/__init__.py": "",
+    "medtriage/serve/__init__.py": "",
+    "medtriage/serve/package.py": (
+        "class Package:\n    def describe(self):\n        return 'stand-in v1'\n\ndef load_package(path):\n    return Package()\n"
+    ),
+    "medtriage/serve/predictor.py": (
+        "import os\n\n"
+        "def create_session(package):\n"
+        "    if os.environ.get('STAND_IN_RUNTIME_FAILS'):\n"
+        f"        raise ImportError({RUNTIME_ERROR!r})\n"
+    ),
+    "medtriage/cli.py": (
+        "import os, sys\n\n"
+        "def main():\n"
+        "    if os.environ.get('STAND_IN_COMMAND_FAILS'):\n"
+        f"        sys.exit({RUNTIME_ERROR!r})\n"
+        f"    print('medtriage {medtriage.__version__}')\n"
+    ),
+}
+
+
+def stand_in_wheel(folder: Path) -> Path:
+    version = medtriage.__version__
+    dist_info = f"medtriage-{version}.dist-info"
+    files = {
+        **STAND_IN,
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: medtriage\nVersion: {version}\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist_info}/entry_points.txt": "[console_scripts]\nmedtriage = medtriage.cli:main\n",
+    }
+    files[f"{dist_info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{dist_info}/RECORD"])
+    wheel = folder / f"medtriage-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def stand_in_bundle(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("stand-in") / "bundle"
+    write_templates(folder, template_values(default_python(), DEFAULT_PLATFORM, [], ["model"], []))
+    (folder / "wheels").mkdir()
+    stand_in_wheel(folder / "wheels")
+    (folder / "models" / "model").mkdir(parents=True)
+    (folder / "models" / "model" / "model.json").write_text("{}")
+    write_checksums(folder)
+    return folder
+
+
+def install(bundle: Path, prefix: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(bundle / "install.sh"), str(prefix)],
+        env={**os.environ, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def installed(stand_in_bundle) -> tuple[Path, subprocess.CompletedProcess]:
+    """The prefix of one passing install, and its run; the failing runs install again over it."""
+    prefix = stand_in_bundle.parent / "opt"
+    return prefix, install(stand_in_bundle, prefix)
+
+
+@pytest.mark.slow
+def test_install_sh_loads_each_model_in_the_runtime_and_reports_the_version(installed):
+    done = installed[1]
+    assert done.returncode == 0, done.stderr
+    assert "model stand-in v1 verified and loaded by ONNX Runtime" in done.stdout
+    assert f"(medtriage {medtriage.__version__})" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("failing", "said"),
+    [("STAND_IN_RUNTIME_FAILS", "does not load on this machine"), ("STAND_IN_COMMAND_FAILS", "bin/medtriage does not run")],
+    ids=["runtime", "command"],
+)
+@pytest.mark.slow
+def test_install_sh_fails_when_the_installed_medtriage_cannot_run_here(stand_in_bundle, installed, failing, said):
+    done = install(stand_in_bundle, installed[0], **{failing: "1"})
+    assert done.returncode != 0, done.stdout
+    assert RUNTIME_ERROR in done.stderr and said in done.stderr and DEFAULT_PLATFORM in done.stderr, done.stderr
+    assert "installed:" not in done.stdout
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_anything_is_built(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["bundle", str(tmp_path / "pkg"), "--out", str(tmp_path / "afile" / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'afile' / 'bundle'}: cannot create the bundle folder here" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_missing_package_leaves_no_partial_folder(tmp_path, capsys):
+    assert main(["bundle", str(tmp_path / "pkg"), "--out", str(tmp_path / "out")]) == 2
+    assert "model package folder not found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_same_source_builds_the_same_medtriage_wheel(tmp_path, monkeypatch):
+    """Its sha256 goes into the SBOM and SHA256SUMS: two builds of one checkout must agree (the zip entries
+    the build writes carry a time, which would otherwise be the time of the build)."""
+    from medtriage.delivery.wheelhouse import build_medtriage_wheel
+    from medtriage.format import sha256_file
+
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    first = build_medtriage_wheel(tmp_path / "first")
+    time.sleep(2.1)  # zip times have a two-second step
+    second = build_medtriage_wheel(tmp_path / "second")
+    assert first.name == second.name and sha256_file(first) == sha256_file(second)
