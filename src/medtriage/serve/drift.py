@@ -16,6 +16,7 @@ import re
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import chain
 
 from medtriage.format.references import psi
 
@@ -119,10 +120,12 @@ class DriftMonitor:
         return self._windows.setdefault(source, {})
 
     def _evictable(self) -> str:
-        """The least recently seen source whose window is too short to alert, else the least recently seen:
-        a stream of one-off names must not push out a source that drifts (and with it, its alert)."""
+        """The least recently seen source whose window is too short to alert, else the least recently seen that
+        does not drift, else the least recently seen: a new name must not push out a source that drifts (and
+        with it, its alert) while another can go, even when every window is long enough to alert."""
         short = (s for s in self._windows if self._state[s].window < self.min_images)
-        return next(short, next(iter(self._windows)))
+        steady = (s for s in self._windows if not self._state[s].drifting(self.min_images))
+        return next(chain(short, steady, self._windows))
 
     def status(self) -> dict:
         """What the worklist banner and /v1/drift show: every source, and which drift past the threshold."""

@@ -31,11 +31,16 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 SOURCE_HEADER = "X-Source"  # over HTTP, the sender names itself here (the DICOM node uses the calling AE title)
 
 
+# Where a CamelCase name splits into words: before an upper-case letter that follows a lower-case one or a digit,
+# and before the last capital of an acronym (OSError -> os_error, not o_s_error).
+_WORD_START = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
 def rejection_reason(rejection: Rejection) -> str:
-    """A low-cardinality label: the rejection's code, else its error type in snake case (dicom_error, ...)."""
+    """A low-cardinality label: the rejection's code, else its error type in snake case (dicom_error, os_error, ...)."""
     if rejection.code:
         return rejection.code
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", rejection.error).lower() or "unknown"
+    return _WORD_START.sub("_", rejection.error).lower() or "unknown"
 
 
 class ServiceMonitor:
