@@ -160,6 +160,20 @@ def _require_finite(frame_means: list[float], where: str) -> None:
         )
 
 
+def _require_finite_outputs(probs: np.ndarray, ood: np.ndarray | None, where: str) -> None:
+    """Refuse NaN or infinite graph outputs on finite pixels (a numeric overflow, e.g. in a reduced-precision
+    graph): a NaN probability reads as routine against every threshold, and a NaN OOD score passes the
+    unusual-input check, so neither may become a score."""
+    if np.isfinite(probs).all() and (ood is None or np.isfinite(ood).all()):
+        return
+    what = "probabilities" if not np.isfinite(probs).all() else "OOD score"
+    raise PackageError(
+        f"the model returned a NaN or infinite {what} for this image; it was not scored",
+        where=where,
+        hint="have the image read without triage, and report the file to whoever maintains the model package",
+    )
+
+
 def _check_ood_output(package: ModelPackage, outputs: list[str]) -> None:
     """The OOD output model.json declares must be in the graph: without it every unusual image would be scored,
     with no word that the check is off."""
@@ -221,6 +235,7 @@ class Predictor:
         chunks = [self.outputs(pixels[i : i + FRAME_BATCH]) for i in range(0, len(pixels), FRAME_BATCH)]
         probs = np.concatenate([c[0] for c in chunks])
         ood = np.concatenate([c[1] for c in chunks]) if chunks[0][1] is not None else None
+        _require_finite_outputs(probs, ood, name)
         multi = len(probs) > 1
         scores = [
             self.score_from_outputs(p, name, i + 1 if multi else None, image, flags, None if ood is None else float(ood[i]), means[i])
