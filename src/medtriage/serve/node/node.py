@@ -106,6 +106,7 @@ class Node:
             drain(self._server, drain_s)
         if self._metrics is not None:
             self._metrics.shutdown()
+            self._metrics.server_close()  # the port is free for a node started again in this process
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)
