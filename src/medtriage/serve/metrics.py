@@ -57,12 +57,16 @@ class ServiceMonitor:
             "drift_psi", "Population-stability index of a source's rolling window against the reference", ["source", "feature"], **kw
         )
         self.alert = Gauge("drift_alert", "1 while the source drifts past the package's PSI threshold", ["source"], **kw)
+        # A short window's PSI is large by chance (a first image's is far past any threshold): an alert rule on the
+        # PSI itself needs the window, and compares only from drift_min_images on, as drift_alert does.
+        self.window = Gauge("drift_window", "Inputs in the source's rolling window", ["source"], **kw)
         if self.drift.enabled:  # without references nothing drifts: no threshold to show
             Gauge(
                 "drift_psi_threshold",
                 "PSI above which a source compared with the pooled reference drifts (a training site has its own: /v1/drift)",
                 **kw,
             ).set(self.drift.threshold)
+            Gauge("drift_min_images", "Inputs a window holds before its PSI can raise drift_alert", **kw).set(self.drift.min_images)
         self._labelled: dict[str, set] = {}  # source -> features with a psi series, to drop them with the source
         self._lock = threading.Lock()
 
@@ -97,11 +101,13 @@ class ServiceMonitor:
             self.psi.labels(source=state.source, feature=feature).set(value)
         self._labelled.setdefault(state.source, set()).update(state.psi)
         self.alert.labels(source=state.source).set(float(state.drifting(self.drift.min_images)))
+        self.window.labels(source=state.source).set(state.window)
         if len(self._labelled) > len(self.drift.sources()):  # the monitor let a source go: so do the series
             for gone in set(self._labelled) - self.drift.sources():
                 for feature in self._labelled.pop(gone):
                     self.psi.remove(gone, feature)
                 self.alert.remove(gone)
+                self.window.remove(gone)
 
     def timed(self, score, data, name: str, source: str | None = None):
         """`score(data, name)` (a score_or_reject), timed and recorded; returns its outcome."""
