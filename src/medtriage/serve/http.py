@@ -116,7 +116,7 @@ def create_app(
     _add_routes(app, predictor, max_bytes, worklist)
     app.include_router(worklist_router(worklist))
     app.include_router(monitoring_router(app.state.monitor))
-    app.add_middleware(Guard, token=token, max_bytes=max_bytes, admission=app.state.admission)
+    app.add_middleware(Guard, token=token, max_bytes=max_bytes, admission=app.state.admission, monitor=app.state.monitor)
     app.openapi = _openapi_with_errors_and_auth(app, token is not None)
     return app
 
@@ -154,6 +154,9 @@ def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool):
     return openapi
 
 
+REFUSAL_REASONS = {401: "unauthorised", 413: "too_large", 503: "busy"}  # medtriage_refused_total{reason}
+
+
 def _is_heavy(method: str, path: str) -> bool:
     """Requests that decode or run the model: they pass admission (503 when the queue is full)."""
     return (method == "POST" and path in ("/v1/score", "/v1/sr")) or (method == "GET" and path.endswith("/overlay.png"))
@@ -163,8 +166,9 @@ class Guard:
     """Plain ASGI middleware in front of every route: the bearer token, the declared body size, admission
     of heavy requests, and `Cache-Control: no-store` on every answer (scores, rows and pictures are PHI)."""
 
-    def __init__(self, app, token: str | None, max_bytes: int, admission: Admission):
+    def __init__(self, app, token: str | None, max_bytes: int, admission: Admission, monitor: ServiceMonitor):
         self.app, self.token, self.max_bytes, self.admission = app, token, max_bytes, admission
+        self.refused = monitor.refused  # by reason: an overloaded or misconfigured client shows on /metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -174,6 +178,7 @@ class Guard:
             scope, send = {**scope, "method": "GET"}, _no_body(send)
         refusal = self._refusal(scope)
         if refusal is not None:
+            self.refused.labels(reason=REFUSAL_REASONS[refusal.status_code]).inc()
             return await refusal(scope, receive, send)
         if not _is_heavy(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
@@ -184,6 +189,7 @@ class Guard:
                 "retry after the number of seconds in Retry-After",
             )
             busy.headers["Retry-After"] = self.admission.retry_after()
+            self.refused.labels(reason=REFUSAL_REASONS[503]).inc()
             return await busy(scope, receive, send)
         try:
             await self.app(scope, receive, send)

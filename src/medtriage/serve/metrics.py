@@ -52,6 +52,7 @@ class ServiceMonitor:
         kw = {"namespace": NAMESPACE, "registry": self.registry}
         self.scored = Counter("scored", "Images scored (one per frame)", **kw)
         self.rejected = Counter("rejected", "Inputs refused, by reason", ["reason"], **kw)
+        self.refused = Counter("refused", "HTTP requests refused before any work (busy, too_large, unauthorised)", ["reason"], **kw)
         self.latency = Histogram("scoring_seconds", "Time to decode and score one input", buckets=LATENCY_BUCKETS, **kw)
         self.psi = Gauge(
             "drift_psi", "Population-stability index of a source's rolling window against the reference", ["source", "feature"], **kw
