@@ -6,6 +6,7 @@ misspelt key or a value of the wrong type fails when the config is composed, nam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -277,8 +278,9 @@ class TrainConfig:
 
 
 # Values the schema's types admit but no run can use: (test, what is allowed). Unchecked, a zero batch size or a
-# negative learning rate ends in a library's traceback (an evaluation batch size of 0 only after the first epoch), and
-# a minimum learning-rate ratio above 1 or a negative mixup alpha trains a different recipe without a word.
+# negative learning rate ends in a library's traceback (an evaluation batch size of 0 only after the first epoch, an
+# OOD fit on 0 images only after the whole training), a negative early-stopping patience ends every run after its
+# first epoch, and a minimum learning-rate ratio above 1 or a negative mixup alpha trains a different recipe without a word.
 _COUNT, _POSITIVE, _NON_NEGATIVE, _FRACTION = (
     (lambda v: v >= 1, "1 or more"),
     (lambda v: v > 0, "above 0"),
@@ -289,9 +291,21 @@ VALUE_RANGES = {
     "data.batch_size": _COUNT,
     "data.num_workers": _NON_NEGATIVE,
     "data.limit": _COUNT,  # null: every image
+    "data.cv_folds": (lambda v: v >= 2, "2 or more, or null for no cross-validation fold"),
     "data.augment.prob": _FRACTION,
+    "data.augment.noise_std": _NON_NEGATIVE,
+    "data.augment.gamma": _NON_NEGATIVE,
+    "data.augment.stain_sigma": _NON_NEGATIVE,
+    "data.augment.stain_bias": _NON_NEGATIVE,
+    "data.tiles.patients_per_site": _COUNT,
+    "data.tiles.tiles_per_slide": _COUNT,
+    "data.tiles.tile_size": _COUNT,
+    "data.tiles.tumour_slide_fraction": _FRACTION,
+    "data.tiles.tumour_tile_fraction": _FRACTION,
+    "model.stem_stride": _COUNT,
     "model.preprocess.size": _COUNT,
     "model.preprocess.std": _POSITIVE,
+    "trainer.num_threads": (_COUNT[0], "1 or more, or null for torch's default"),
     "trainer.max_epochs": _COUNT,
     "trainer.lr": _POSITIVE,
     "trainer.lr_reference_batch": _COUNT,
@@ -299,24 +313,76 @@ VALUE_RANGES = {
     "trainer.warmup_epochs": _NON_NEGATIVE,
     "trainer.min_lr_ratio": _FRACTION,
     "trainer.mixup_alpha": _NON_NEGATIVE,
+    "trainer.early_stopping_patience": (_COUNT[0], "1 or more, or null for no early stopping"),
     "trainer.eval_batch_size": _COUNT,
     "trainer.limit_train_batches": _COUNT,  # null: every batch
+    "trainer.stop_after_epochs": (_COUNT[0], "1 or more, or null to run to trainer.max_epochs"),
+    "export.ece_bins": _COUNT,
+    "export.ood_fit_images": _COUNT,
+    "export.parity_tolerance": _NON_NEGATIVE,
+    "export.parity_images": _COUNT,
     "cv.folds": (lambda v: v >= 2, "2 or more"),
 }
 
 
 def check_values(cfg) -> None:
-    """Fail before any data work on every value out of its range, and on stain jitter of grey-level images (which
-    fails inside the loader's workers otherwise)."""
-    wrong = []
+    """Fail before any data work on every value out of its range or not finite, on label names that are not two or
+    more distinct classes or a positive label none of them, on a fold beyond data.cv_folds, and on stain jitter of
+    grey-level images (which fails inside the loader's workers otherwise)."""
+    wrong = _not_finite(cfg)
     for key, (allowed, text) in VALUE_RANGES.items():
         value = OmegaConf.select(cfg, key)
-        if value is not None and not allowed(value):
-            wrong.append(f"{key}={value} (must be {text})")
-    augment, channels = cfg.data.augment, cfg.model.preprocess.in_channels
-    if augment.enabled and (augment.stain_sigma or augment.stain_bias) and channels != 3:
-        wrong.append(f"data.augment.stain_sigma/stain_bias with model.preprocess.in_channels={channels} (stain jitter needs RGB: 3)")
+        if value is not None and key not in wrong and not allowed(value):
+            wrong[key] = f"{key}={value} (must be {text})"
+    wrong |= _label_problems(cfg) | _combination_problems(cfg)
     if wrong:
         raise ConfigError(
-            "values no run can use: " + "; ".join(wrong), where="config", hint="change them on the command line or in the experiment file"
+            "values no run can use: " + "; ".join(wrong.values()),
+            where="config",
+            hint="change them on the command line or in the experiment file",
         )
+
+
+def _combination_problems(cfg) -> dict[str, str]:
+    """Values each allowed alone but not together."""
+    found = {}
+    folds, fold = cfg.data.cv_folds, cfg.data.cv_fold
+    if folds is not None and folds >= 2 and not 0 <= fold < folds:
+        found["data.cv_fold"] = f"data.cv_fold={fold} (must be one of 0..{folds - 1} with data.cv_folds={folds})"
+    augment, channels = cfg.data.augment, cfg.model.preprocess.in_channels
+    if augment.enabled and (augment.stain_sigma or augment.stain_bias) and channels != 3:
+        found["stain"] = f"data.augment.stain_sigma/stain_bias with model.preprocess.in_channels={channels} (stain jitter needs RGB: 3)"
+    return found
+
+
+def _label_problems(cfg) -> dict[str, str]:
+    """Label names that are not two or more distinct classes, and a positive label that is none of them (which the
+    export would otherwise refuse only after the whole training)."""
+    labels, positive = list(cfg.data.label_names), cfg.export.positive_label
+    found = {}
+    if len(labels) < 2 or len(set(labels)) < len(labels):
+        found["data.label_names"] = f"data.label_names={labels} (must name 2 or more distinct classes, in label order)"
+    if positive is not None and positive not in labels:
+        found["export.positive_label"] = (
+            f"export.positive_label={positive!r} (must be one of data.label_names {labels}, or null for the last)"
+        )
+    return found
+
+
+def _not_finite(cfg) -> dict[str, str]:
+    """Every number of the config that is nan or infinite (a range test lets inf through: an infinite learning rate
+    trains to nan and fails only when the first evaluation meets its outputs)."""
+    found = {}
+
+    def visit(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(value, f"{prefix}{key}.")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                visit(value, f"{prefix[:-1]}[{index}].")
+        elif isinstance(node, float) and not math.isfinite(node):
+            found[prefix[:-1]] = f"{prefix[:-1]}={node} (must be a finite number)"
+
+    visit(OmegaConf.to_container(cfg, resolve=False), "")
+    return found
