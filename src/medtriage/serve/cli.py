@@ -273,12 +273,7 @@ def run_score(args: argparse.Namespace) -> int:
     )
     scores = [o for o in outcomes if isinstance(o, Score)]
     rejected = missing + [o for o in outcomes if isinstance(o, Rejection)]
-    if args.json:
-        print(json.dumps(result_document(predictor, scores, rejected), indent=2))
-    elif args.csv:
-        write_csv(sys.stdout, predictor, scores, rejected)
-    else:
-        print(format_table(predictor, scores, rejected))
+    _print_results(args, predictor, scores, rejected)
     print(
         f"{len(files) + len(missing)} input(s): "
         f"{len({s.file for s in scores})} file(s) scored ({len(scores)} image(s)), {len(rejected)} rejected; "
@@ -298,14 +293,30 @@ def _score_npz(predictor: Predictor, args: argparse.Namespace) -> int:
     except MedTriageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps({**result_document(predictor, scores, []), "labels": labels}, indent=2))
-    elif args.csv:
-        write_csv(sys.stdout, predictor, scores, [])
-    else:
-        print(format_table(predictor, scores, []))
+    _print_results(args, predictor, scores, [], labels)
     print(f"{len(labels)} image(s) of {args.npz} [{args.split}] scored; provider {predictor.provider}", file=sys.stderr)
     return 0
+
+
+def _print_results(
+    args: argparse.Namespace, predictor: Predictor, scores: list[Score], rejected: list[Rejection], labels: dict | None = None
+) -> None:
+    """The results on stdout as the table, --json (with the npz's reference labels, if any) or --csv. A reader that
+    stops early (`| head`) ends the output quietly, not with a traceback; stdout then points at /dev/null so that the
+    flush at exit cannot fail again."""
+    try:
+        if args.json:
+            document = result_document(predictor, scores, rejected)
+            print(json.dumps(document if labels is None else {**document, "labels": labels}, indent=2))
+        elif args.csv:
+            write_csv(sys.stdout, predictor, scores, rejected)
+        else:
+            print(format_table(predictor, scores, rejected))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # --- serve ---------------------------------------------------------------------------------------

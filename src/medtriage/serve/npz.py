@@ -16,19 +16,32 @@ import numpy as np
 from medtriage.errors import InputError
 from medtriage.io.dicom import DecodedImage
 from medtriage.io.npz import SPLITS, read_npz
-from medtriage.serve.predictor import Predictor, Score
+from medtriage.serve.predictor import Predictor, Score, require_finite_outputs
 from medtriage.serve.scope import UNUSUAL_INPUT
 
 BATCH = 256
+# A split with an image the graph returns NaN for is not scored at all: figures without it would not cover the split.
+NOT_FINITE_HINT = "no image of the split was scored; report it to whoever maintains the model package"
 
 
 def read_npz_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(float32 pixels `[N, C, H, W]` in [0, 1], int64 labels `[N]`) of one split."""
+    images, labels = _read_split(npz_path, split)
+    return _unit_pixels(images), labels
+
+
+def _read_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images `[N, H, W]` or `[N, H, W, 3]`, int64 labels `[N]`) of one split."""
     if split not in SPLITS:
         raise InputError(f"unknown split '{split}'", where="--split", hint=f"use one of {SPLITS}")
-    images, labels = read_npz(npz_path, (split,))[split]
-    pixels = images[:, None] if images.ndim == 3 else np.moveaxis(images, -1, 1)
-    return pixels.astype(np.float32) / 255.0, labels
+    return read_npz(npz_path, (split,))[split]
+
+
+def _unit_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 images as float32 `[N, C, H, W]` in [0, 1]: one float copy, divided in place (4 bytes a pixel, not 8)."""
+    pixels = (images[:, None] if images.ndim == 3 else np.moveaxis(images, -1, 1)).astype(np.float32)
+    pixels /= 255.0
+    return pixels
 
 
 def _decoded(pixels: np.ndarray, name: str) -> DecodedImage:
@@ -51,20 +64,22 @@ def _decoded(pixels: np.ndarray, name: str) -> DecodedImage:
 
 
 def score_npz(predictor: Predictor, npz_path: str | Path, split: str) -> tuple[list[Score], dict[str, int]]:
-    """Scores of every image of `split` (batched ORT calls) and {image name: reference label}."""
-    pixels, labels = read_npz_split(npz_path, split)
+    """Scores of every image of `split` (batched ORT calls) and {image name: reference label}. The split stays uint8
+    in memory; each batch is made float on its own (the whole split as float32 would take four times the npz)."""
+    images, labels = _read_split(npz_path, split)
     names = [f"{Path(npz_path).name}#{split}_images[{i}]" for i in range(len(labels))]
-    return list(_scores(predictor, pixels, names)), dict(zip(names, map(int, labels)))
+    return list(_scores(predictor, images, names)), dict(zip(names, map(int, labels)))
 
 
-def _scores(predictor: Predictor, pixels: np.ndarray, names: list[str]) -> Iterator[Score]:
+def _scores(predictor: Predictor, images: np.ndarray, names: list[str]) -> Iterator[Score]:
     from tqdm import tqdm
 
     from medtriage.serve.predictor import to_model_channels
 
     for start in tqdm(range(0, len(names), BATCH), desc="scoring npz", unit="batch", disable=len(names) <= BATCH):
-        batch = to_model_channels(pixels[start : start + BATCH], predictor.package.channels)
+        batch = to_model_channels(_unit_pixels(images[start : start + BATCH]), predictor.package.channels)
         probs, ood = predictor.outputs(batch)
+        require_finite_outputs(probs, ood, names[start : start + BATCH], hint=NOT_FINITE_HINT)
         for i, (name, image, p) in enumerate(zip(names[start : start + BATCH], batch, probs)):
             score = None if ood is None else float(ood[i])
             yield predictor.score_from_outputs(

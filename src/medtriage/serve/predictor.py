@@ -160,18 +160,21 @@ def _require_finite(frame_means: list[float], where: str) -> None:
         )
 
 
-def _require_finite_outputs(probs: np.ndarray, ood: np.ndarray | None, where: str) -> None:
+def require_finite_outputs(
+    probs: np.ndarray,
+    ood: np.ndarray | None,
+    names: list[str],
+    hint: str = "have the image read without triage, and report the file to whoever maintains the model package",
+) -> None:
     """Refuse NaN or infinite graph outputs on finite pixels (a numeric overflow, e.g. in a reduced-precision
-    graph): a NaN probability reads as routine against every threshold, and a NaN OOD score passes the
-    unusual-input check, so neither may become a score."""
-    if np.isfinite(probs).all() and (ood is None or np.isfinite(ood).all()):
+    graph), naming the first image (`names`: one per row) that has one: a NaN probability reads as routine against
+    every threshold, and a NaN OOD score passes the unusual-input check, so neither may become a score."""
+    finite = np.isfinite(probs).all(axis=1) & (True if ood is None else np.isfinite(ood))
+    if finite.all():
         return
-    what = "probabilities" if not np.isfinite(probs).all() else "OOD score"
-    raise PackageError(
-        f"the model returned a NaN or infinite {what} for this image; it was not scored",
-        where=where,
-        hint="have the image read without triage, and report the file to whoever maintains the model package",
-    )
+    first = int(np.flatnonzero(~finite)[0])
+    what = "probabilities" if not np.isfinite(probs[first]).all() else "OOD score"
+    raise PackageError(f"the model returned a NaN or infinite {what} for this image; it was not scored", where=names[first], hint=hint)
 
 
 def _check_ood_output(package: ModelPackage, outputs: list[str]) -> None:
@@ -235,7 +238,7 @@ class Predictor:
         chunks = [self.outputs(pixels[i : i + FRAME_BATCH]) for i in range(0, len(pixels), FRAME_BATCH)]
         probs = np.concatenate([c[0] for c in chunks])
         ood = np.concatenate([c[1] for c in chunks]) if chunks[0][1] is not None else None
-        _require_finite_outputs(probs, ood, name)
+        require_finite_outputs(probs, ood, [name] * len(probs))
         multi = len(probs) > 1
         scores = [
             self.score_from_outputs(p, name, i + 1 if multi else None, image, flags, None if ood is None else float(ood[i]), means[i])

@@ -26,6 +26,7 @@ CSV_COLUMNS = [
     "provider",
     "reason",
     "decision",
+    "flags",
     "code",
     "field",
     "hint",
@@ -42,10 +43,12 @@ def result_document(predictor: Predictor, scores: list[Score], rejected: list[Re
 
 
 def write_csv(stream, predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> None:
+    """One row per scored image, then one per rejection. `flags` (out_of_scope:<field>, unusual_input) is joined by
+    '; ': a score scored despite its scope or content must not read as a routine one in the spreadsheet."""
     writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for row in [s.as_dict() for s in scores] + [r.as_dict() for r in rejected]:
-        writer.writerow(spreadsheet_row({**row, "provider": predictor.provider}))
+        writer.writerow(spreadsheet_row({**row, "flags": "; ".join(row.get("flags") or []), "provider": predictor.provider}))
 
 
 def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> str:
