@@ -32,7 +32,7 @@ from medtriage.io.pathology import DEFAULT_TILE_MPP, PreparedSlide, iter_tile_ba
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.io.stain import REFERENCE_STAINS, Stains
 from medtriage.serve.package import served_threshold
-from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
+from medtriage.serve.predictor import Predictor, Rejection, Score, require_finite_outputs, to_model_channels
 from medtriage.serve.scope import UNUSUAL_INPUT, UnusualInputError
 
 # Tile batch -> probabilities [B, K], or (probabilities, OOD scores [B] or None) from a graph with an OOD output.
@@ -150,6 +150,10 @@ def score_slide(
     with prepared.slide as slide:
         all_probs, ood = tile_outputs(prepared, predict, batch_size, workers)
         grid = prepared.grid
+        tile_names = [f"{path} tile at ({tile.x}, {tile.y})" for tile in grid.tiles]
+        require_finite_outputs(
+            all_probs, ood, tile_names, hint="have the slide read without triage, and report it to whoever maintains the model package"
+        )
         keep, flags = usual_tiles(len(all_probs), ood, ood_threshold, allow_unusual, str(path))
         all_probs, tiles = all_probs[keep], [t for t, k in zip(grid.tiles, keep) if k]
         probs = all_probs[:, positive_index]
