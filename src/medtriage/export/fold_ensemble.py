@@ -26,14 +26,13 @@ import mlflow
 import numpy as np
 from omegaconf import OmegaConf
 
-from medtriage.config.schema import ExportConfig
 from medtriage.data.manifest import Manifest, load_manifest
 from medtriage.data.sources.registry import load_pool
 from medtriage.data.torch.datasets import limit_rows
 from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.evaluation.predictions import Predictions
 from medtriage.export.ood import OodData
-from medtriage.export.run import export_tracked, ood_data_of
+from medtriage.export.run import check_export_settings, export_tracked, ood_data_of
 from medtriage.export.safety import scope_from_rows
 from medtriage.model.averaging import EnsembleNet, averaged
 from medtriage.model.checkpoint import final_checkpoint, load_model
@@ -257,7 +256,7 @@ def _export_out_of_fold(
 ) -> FoldEnsemble:
     """Export `nets` as one package calibrated on the out-of-fold predictions of `members` (the cross-validation)."""
     config = OmegaConf.merge(OmegaConf.create(members.configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
-    export_cfg = ExportConfig(**OmegaConf.to_container(config.export, resolve=True))
+    export_cfg = check_export_settings(config.export)  # before the fold models score every labelled image
     served_folds = split == HELD_OUT_SPLIT
     if export_cfg.ood and not served_folds:
         # Each fold model sets its OOD threshold on the images it held out; a refit's members held out none.

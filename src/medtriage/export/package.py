@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,11 @@ from sklearn.metrics import roc_auc_score
 from medtriage.errors import PackageError
 from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, validate_model_json
 from medtriage.io.safe_output import copy_atomic, write_atomic
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one export of a name at a time
+    fcntl = None
 
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
@@ -39,7 +46,8 @@ def split_metrics(scores: np.ndarray, labels: np.ndarray, sites: np.ndarray, thr
 def next_version(package_dir: Path) -> int:
     """One more than the package already there (1 for a new name)."""
     meta_path = package_dir / META_FILE
-    _restore_retired(package_dir)
+    with _package_lock(package_dir):
+        _restore_retired(package_dir)
     if not meta_path.is_file():
         return 1
     try:
@@ -63,20 +71,40 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
     meta = {**meta, "sha256": sha256_file(onnx_path)}
     validate_model_json(meta, where=package_dir / META_FILE)
     package_dir = Path(package_dir)
-    _restore_retired(package_dir)
-    _check_replaceable(package_dir, meta["name"], meta["version"])
-    _remove_leftovers(package_dir)
-    staging = package_dir.with_name(f".{package_dir.name}.staging-{os.getpid()}")
-    staging.mkdir(parents=True)
-    try:
-        copy_atomic(onnx_path, staging / ONNX_FILE)
-        write_atomic(staging / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-        write_atomic(staging / CARD_FILE, model_card(meta).encode())
-        _swap_in(staging, package_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with _package_lock(package_dir):
+        _restore_retired(package_dir)
+        _check_replaceable(package_dir, meta["name"], meta["version"])
+        _remove_leftovers(package_dir)
+        staging = package_dir.with_name(f".{package_dir.name}.staging-{os.getpid()}")
+        staging.mkdir(parents=True)
+        try:
+            copy_atomic(onnx_path, staging / ONNX_FILE)
+            write_atomic(staging / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+            write_atomic(staging / CARD_FILE, model_card(meta).encode())
+            _swap_in(staging, package_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return meta
+
+
+@contextmanager
+def _package_lock(package_dir: Path) -> Iterator[None]:
+    """Held while a package folder is checked and replaced: a lock on the folder that holds it (no lock file is left
+    beside the package). Two exports of one name (a re-export while another runs, two registered versions) would
+    otherwise interleave: one deletes the other's staging folder as a leftover, or swaps its lower version in over the
+    other's newer package after both passed their checks."""
+    parent = Path(package_dir).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    handle = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
+        yield
+    finally:
+        os.close(handle)
 
 
 def _check_replaceable(package_dir: Path, name: str, version: int) -> None:
