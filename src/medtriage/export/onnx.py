@@ -85,6 +85,12 @@ def parity(path: str | Path, model: CalibratedNet, images: Iterable[np.ndarray])
             expected = model(torch.from_numpy(batch))
         expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()  # a ScoredNet also returns its OOD score
         served = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        if not (np.isfinite(served).all() and np.isfinite(expected).all()):  # NaN would pass max() and the tolerance
+            raise PackageError(
+                f"the model returns NaN or infinite probabilities on validation image {count + 1}",
+                where=path,
+                hint="the training diverged (look for a NaN loss in the run's metrics): train again, e.g. with a lower trainer.lr",
+            )
         worst, count = max(worst, float(np.abs(served - expected).max())), count + 1
     if count == 0:
         raise PackageError("no validation images for the parity check", hint="the pool's val split is empty")
