@@ -107,6 +107,12 @@ def _package_lock(package_dir: Path) -> Iterator[None]:
         os.close(handle)
 
 
+def _parity_of(meta: dict) -> str:
+    """Whose graph the ONNX-vs-PyTorch parity was measured on: a quantized package keeps its fp32 source's figure
+    (its own graph's distance from that source is under Precision)."""
+    return " (of the fp32 source graph; this graph's distance from it: Precision, below)" if meta.get("quantization") else ""
+
+
 def _check_replaceable(package_dir: Path, name: str, version: int) -> None:
     """The swap deletes whatever held the package's folder: only an earlier package of the same model (or an empty
     folder) may be replaced, never another model's package, a folder of other things (`--out models`), or the same
@@ -349,7 +355,7 @@ def model_card(meta: dict) -> str:
         f"MLflow run `{_fmt(prov['mlflow_run_id'])}`, git commit `{_fmt(prov['git_commit'])}`, "
         f"data fingerprint `{_fmt(prov['data_fingerprint'])}`, "
         f"medtriage {prov['medtriage_version']}. ONNX vs PyTorch max |dp| = {meta['parity']['max_abs_diff']:.1e} "
-        f"on {meta['parity']['images']} held-out images. model.onnx sha256 `{meta['sha256']}`.",
+        f"on {meta['parity']['images']} held-out images{_parity_of(meta)}. model.onnx sha256 `{meta['sha256']}`.",
         "",
     ]
     if meta.get("quantization"):
