@@ -21,7 +21,8 @@ def test_an_ensemble_of_runs_carries_the_mean_of_its_members_ood_scores(tmp_path
     from tests.io.test_dicom import sample_file
 
     overrides = [o for o in tiny_overrides if not o.startswith(("export.enabled", "paths.runs_dir"))]
-    overrides += ["data.limit=48", f"export.models_dir={tmp_path / 'models'}"]
+    # 256 training images for each OOD fit (not the pool's thousands): the ensemble takes the members' setting
+    overrides += ["data.limit=48", "export.ood_fit_images=256", f"export.models_dir={tmp_path / 'models'}"]
     members = [
         [*overrides, f"trainer.seed={seed}", f"export.name=member{seed}", f"paths.runs_dir={tmp_path / f'runs{seed}'}"] for seed in (0, 1)
     ]

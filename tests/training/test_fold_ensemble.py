@@ -20,6 +20,8 @@ from tests.training.conftest import ROOT, run_side_by_side, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
+OOD_FIT_IMAGES = 256  # training images each OOD distance is fitted on: a subset of the pool's thousands, as fast to check
+
 
 def last_weights(overrides: list[str]) -> list[str]:
     """The tiny recipe, ending with its last weights (as a refit must: it has no validation to choose an epoch by)."""
@@ -66,7 +68,8 @@ def fold_package(cross_validation, empty_mlflow_db):
 
     base = cross_validation.parent
     with own_tracking_store(base, empty_mlflow_db):
-        return export_fold_ensemble(cross_validation, "tiny-folds", tta="shift", overrides=[f"export.models_dir={base / 'models'}"])
+        overrides = [f"export.models_dir={base / 'models'}", f"export.ood_fit_images={OOD_FIT_IMAGES}"]
+        return export_fold_ensemble(cross_validation, "tiny-folds", tta="shift", overrides=overrides)
 
 
 def test_fold_models_are_served_calibrated_on_images_each_scorer_held_out(cross_validation, fold_package):
@@ -125,7 +128,7 @@ def _check_the_ood_score_is_each_fold_models_own_on_what_it_held_out(folds, memb
     assert meta["ood"]["threshold_split"] == "out-of-fold" and meta["ood"]["fit"]["members"] == 2
     _, _, parts = out_of_fold(members, "shift")
     alone = [
-        fit_ood(averaged(net, "shift"), 1.0, ood_data_of(manifest, part, ExportConfig()))
+        fit_ood(averaged(net, "shift"), 1.0, ood_data_of(manifest, part, ExportConfig(ood_fit_images=OOD_FIT_IMAGES)))
         for net, manifest, part in zip(members.nets, members.manifests, parts, strict=True)
     ]
     own_scores = np.concatenate([fit.val_scores for fit in alone])
@@ -155,7 +158,8 @@ def test_cross_validations_cut_alike_serve_together_each_image_scored_by_the_mea
     other = tmp_path / "cv-other"
     cross_validate([*recipe, "trainer.lr=0.01", "model.preprocess.size=40", "cv.folds=2", "cv.jobs=2"], other)  # the same cut
     both = [cross_validation, other]
-    folds = export_fold_ensemble(both, "tiny-two", tta="shift", overrides=[f"export.models_dir={tmp_path / 'models'}"])
+    overrides = [f"export.models_dir={tmp_path / 'models'}", f"export.ood_fit_images={OOD_FIT_IMAGES}"]
+    folds = export_fold_ensemble(both, "tiny-two", tta="shift", overrides=overrides)
     members = fold_members(both)
     assert members.folds == [0, 1, 0, 1] and len(folds.net.members) == 4
 
@@ -174,7 +178,12 @@ def test_cross_validations_cut_alike_serve_together_each_image_scored_by_the_mea
         np.testing.assert_allclose(np.exp(oof.logits[start:stop]), mean, atol=1e-5)
         np.testing.assert_array_equal(oof.row_indices[start:stop], alone[0].row_indices)
         fits = [
-            fit_ood(averaged(members.nets[k], "shift"), 1.0, ood_data_of(members.manifests[k], alone[0], ExportConfig())) for k in holders
+            fit_ood(
+                averaged(members.nets[k], "shift"),
+                1.0,
+                ood_data_of(members.manifests[k], alone[0], ExportConfig(ood_fit_images=OOD_FIT_IMAGES)),
+            )
+            for k in holders
         ]
         own_scores.append(np.mean([fit.val_scores for fit in fits], axis=0))
         start = stop

@@ -24,7 +24,8 @@ def _race(uris: list[str], barrier, results) -> None:
 
 def test_processes_opening_a_new_store_at_once_share_one_experiment(tmp_path):
     uris = [f"sqlite:///{tmp_path / f'store{i}' / 'mlflow.db'}" for i in range(ROUNDS)]
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")  # each racer a fresh process, forked from one clean server
+    context.set_forkserver_preload([__name__])  # that imports this module once for all of them, not once each
     barrier, results = context.Barrier(RACERS), context.Queue()
     racers = [context.Process(target=_race, args=(uris, barrier, results)) for _ in range(RACERS)]
     for racer in racers:
