@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import sys
 import zipfile
@@ -25,6 +26,7 @@ from medtriage.delivery.sbom import write_sbom
 from medtriage.delivery.wheelhouse import (
     DEFAULT_PLATFORM,
     build_medtriage_wheel,
+    check_target,
     default_python,
     download_dependencies,
     source_root,
@@ -36,6 +38,7 @@ from medtriage.format import sha256_file
 CHECKSUMS, MANIFEST, SBOM = "SHA256SUMS", "bundle.json", "sbom.cdx.json"
 UNITS = ("medtriage-serve@.service", "medtriage-listen@.service")
 CONFIG_EXAMPLES = ("serve.env.example", "listen.env.example")
+MODEL_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a systemd instance name and a SHA256SUMS path as is
 
 
 @dataclass
@@ -59,6 +62,7 @@ def build_bundle(
         raise ConfigError("the output path is a file, not a folder", where=out, hint="choose a new --out folder")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("the output folder exists and is not empty", where=out, hint="choose a new --out folder or remove it")
+    check_target(python, platform)  # before the wheel is built and anything downloaded
     staging = _new_staging(out)
     try:
         models = _model_folders(packages)
@@ -119,6 +123,12 @@ def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
     for raw in packages:
         package = load_package(raw)
         name = package.directory.resolve().name
+        if not MODEL_FOLDER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"the package folder name {name!r} cannot name a model in the bundle",
+                where=raw,
+                hint="it becomes a systemd instance name and a SHA256SUMS path: rename the folder to letters, digits, '.', '_' and '-'",
+            )
         if name in folders:
             raise ConfigError(
                 f"two packages share the folder name '{name}'",

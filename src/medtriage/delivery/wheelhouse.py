@@ -35,6 +35,13 @@ def default_python() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
+def check_target(python: str, platform: str) -> list[str]:
+    """Refuse a target no wheelhouse can be made for (before any build or download); returns the platform's tags."""
+    if python not in PYTHONS:
+        raise ConfigError(f"unsupported Python '{python}'", where="--python", hint=f"use one of {', '.join(PYTHONS)}")
+    return platform_tags(platform)
+
+
 def platform_tags(platform: str) -> list[str]:
     """`manylinux_2_28_x86_64` -> itself and every older manylinux tag of the arch, newest first: pip does not
     expand a `--platform`, and many wheels are tagged only manylinux2014 / manylinux_2_17."""
@@ -96,9 +103,7 @@ def download_dependencies(wheel: Path, out_dir: Path, python: str, platform: str
 
     pip evaluates environment markers for the interpreter it runs in, not the target one, so the
     wheelhouse is then checked against the target's markers and what is missing is downloaded too."""
-    if python not in PYTHONS:
-        raise ConfigError(f"unsupported Python '{python}'", where="--python", hint=f"use one of {', '.join(PYTHONS)}")
-    tags = platform_tags(platform)
+    tags = check_target(python, platform)
     out_dir.mkdir(parents=True, exist_ok=True)
     wanted = [str(wheel)]
     for _ in range(5):
