@@ -1,8 +1,10 @@
-"""The reliability diagram shows every bin, whatever the number of classes."""
+"""The reliability diagram shows every bin, whatever the number of classes; a bin count that makes no bins is refused."""
 
 import numpy as np
+import pytest
 
-from medtriage.evaluation.calibration import confidence_bins, probabilities
+from medtriage.errors import InputError
+from medtriage.evaluation.calibration import confidence_bins, expected_calibration_error, probabilities
 from medtriage.evaluation.reliability import confidence_axis, plot_reliability
 
 
@@ -18,3 +20,10 @@ def test_the_confidence_axis_holds_every_bin_of_a_three_class_model(tmp_path):
 
 def test_a_binary_axis_starts_below_one_half():
     assert confidence_axis(2)[0] < 0.5
+
+
+@pytest.mark.parametrize("n_bins", [0, -3, 2.5])
+def test_a_bin_count_below_one_or_not_whole_is_refused(n_bins):
+    probs, labels = np.array([[0.2, 0.8], [0.6, 0.4]]), np.array([1, 0])
+    with pytest.raises(InputError, match="confidence bins"):
+        expected_calibration_error(probs, labels, n_bins)

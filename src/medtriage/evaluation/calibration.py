@@ -97,6 +97,8 @@ def confidence_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> 
     """(mean confidence, accuracy, image count) of each non-empty bin of top-label confidence: `n_bins` equal-width
     bins [k/n, (k+1)/n), the last one closed so that a confidence of 1.0 counts."""
     probs, labels = finite(probs, "probabilities"), np.asarray(labels)
+    if not (isinstance(n_bins, (int, np.integer)) and n_bins >= 1):  # 0 would quietly bin everything together
+        raise InputError(f"{n_bins!r} confidence bins", hint="use 1 or more bins (15 by default)")
     if len(probs) == 0:
         raise InputError("no probabilities to bin", hint="score at least one image")
     if len(labels) != len(probs):
