@@ -151,6 +151,13 @@ def read_tile_info(pool_dir: str | Path) -> dict | None:
 def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig | None = None) -> Manifest:
     """Write a pool of SYNTHETIC tiles: sites x patients (one slide each) x tiles."""
     config = config or SyntheticTilesConfig()
+    sites = list(config.sites)
+    if not sites or len(set(sites)) < len(sites):  # a repeated site would merge its patients with their namesakes
+        raise InputError(
+            f"the synthetic sites {sites} are not one or more distinct sites",
+            where="data.tiles.sites",
+            hint=f"name each site once, from {list(SYNTHETIC_SITES)}",
+        )
     unknown = [s for s in [*config.sites, config.holdout_site] if s is not None and s not in SYNTHETIC_SITES]
     if unknown:
         raise InputError(f"unknown synthetic sites {unknown}", hint=f"choose from {list(SYNTHETIC_SITES)}")
