@@ -71,7 +71,7 @@ def export_model(
     `ood_data` (training and validation images, validation in `val`'s order) adds the in-graph OOD score
     and the drift references; `scope` is what the model may be shown (export/safety.py); `held_out_split` names what
     `val` is in model.json (`out-of-fold`: each image scored by a fold model that did not train on it)."""
-    positive = _positive_index(label_names, cfg.positive_label)
+    positive = positive_index(label_names, cfg.positive_label)
     val_labels = np.asarray(val.labels).astype(int)
     calibration = choose_calibration(val.logits, val_labels, cfg.ece_bins, allowed=cfg.calibrate, split=held_out_split)
     temperature = calibration["temperature"]
@@ -143,7 +143,8 @@ def export_model(
     return ExportResult(package_dir, meta, model)
 
 
-def _positive_index(label_names: Sequence[str], positive_label: str | None) -> int:
+def positive_index(label_names: Sequence[str], positive_label: str | None) -> int:
+    """The index of `positive_label` (None: the last label) among the model's labels; refused when it is none."""
     if positive_label is None:
         return len(label_names) - 1
     if positive_label not in label_names:
@@ -270,7 +271,7 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: E
     if not pool_dir:
         raise ConfigError("the config names no data.pool_dir to take validation images from", where="data.pool_dir")
     manifest = load_manifest(pool_dir)
-    _positive_index(manifest.label_names, export_cfg.positive_label)  # before the splits are scored, not after
+    positive_index(manifest.label_names, export_cfg.positive_label)  # before the splits are scored, not after
     net = averaged(net, export_cfg.tta).eval() if isinstance(net, TriageNet) else net.eval()
     val = predict(net, manifest, "val")
     test = predict(net, manifest, "test") if len(manifest.split("test")) else None
