@@ -6,6 +6,7 @@ enum, minimum, exclusiveMinimum, maximum, minItems, pattern, additionalPropertie
 
 from __future__ import annotations
 
+import math
 import re
 
 from medtriage.errors import PackageError
@@ -237,7 +238,8 @@ def schema_errors(value, schema: dict = MODEL_SCHEMA, where: str = "$") -> list[
     if types is not None:
         types = [types] if isinstance(types, str) else types
         if not any(_is_type(value, t) for t in types):
-            return [f"{where}: expected {' or '.join(types)}, got {type(value).__name__}"]
+            got = value if isinstance(value, float) else type(value).__name__  # nan / inf say what is wrong
+            return [f"{where}: expected {' or '.join(types)}, got {got}"]
     errors: list[str] = []
     if "enum" in schema and value not in schema["enum"]:
         errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
@@ -308,6 +310,8 @@ def _ecma(pattern: str) -> str:
 def _is_type(value, name: str) -> bool:
     if name in ("integer", "number") and isinstance(value, bool):
         return False
+    if name in ("integer", "number") and isinstance(value, float) and not math.isfinite(value):
+        return False  # JSON has no NaN or Infinity (Python's json reads them); NaN passes every bound unnoticed
     if name == "integer" and isinstance(value, float):
         return value.is_integer()
     return isinstance(value, _TYPES[name])

@@ -138,13 +138,22 @@ def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[dict])
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # how a spreadsheet recognises a formula (or DDE) in a cell
+# Spreadsheets may trim leading blanks and read full-width signs as their ASCII forms before deciding what a cell is.
+_FORMULA_LIKE = re.compile(r"\s*[=+\-@\uff1d\uff0b\uff0d\uff20\ufe62\ufe63\ufe66]")
+_PLAIN_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")  # '-0.5' is a number, not a formula
 
 
 def spreadsheet_text(value):
     """A CSV cell for people: text from headers and paths is untrusted, and a cell that starts like a formula would
     run when the CSV is opened in a spreadsheet, so it is prefixed with ' to stay text. (Not for CSVs the program
-    reads back.)"""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+    reads back.) Numbers and None stay as they are; anything else (a Path, a header value object) is written as its
+    text, so it is checked as text."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = str(value)
+    if _PLAIN_NUMBER.match(text):
+        return value
+    return "'" + text if text.startswith(FORMULA_STARTS) or _FORMULA_LIKE.match(text) else value
 
 
 def spreadsheet_row(row: dict) -> dict:
