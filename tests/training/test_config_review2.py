@@ -95,3 +95,9 @@ def test_a_positive_label_that_is_no_class_fails_before_the_training(tmp_path, n
         training.run(_tiny(tmp_path, npz_cache_dir, "export.positive_label=pnuemonia"))
     assert "export.positive_label='pnuemonia'" in str(err.value) and "['normal', 'pneumonia']" in str(err.value)
     check_values(_tiny(tmp_path, npz_cache_dir, "export.positive_label=normal"))  # a class of the run is fine
+
+
+def test_a_flip_asked_of_the_cpu_transforms_is_refused_not_ignored(tmp_path, npz_cache_dir):
+    with pytest.raises(ConfigError, match="data.augment.hflip=true with trainer.augment_on=cpu"):
+        training.run(_tiny(tmp_path, npz_cache_dir, "data.augment.hflip=true", "trainer.augment_on=cpu"))
+    check_values(_tiny(tmp_path, npz_cache_dir, "data.augment.hflip=true", "trainer.augment_on=device"))  # the device flips

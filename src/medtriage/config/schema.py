@@ -350,6 +350,10 @@ def _combination_problems(cfg) -> dict[str, str]:
     if folds is not None and folds >= 2 and not 0 <= fold < folds:
         found["data.cv_fold"] = f"data.cv_fold={fold} (must be one of 0..{folds - 1} with data.cv_folds={folds})"
     augment, channels = cfg.data.augment, cfg.model.preprocess.in_channels
+    if augment.enabled and augment.hflip and cfg.trainer.augment_on == AugmentOn.cpu:  # the CPU transforms have no flip
+        found["data.augment.hflip"] = (
+            "data.augment.hflip=true with trainer.augment_on=cpu (the flip runs on the device only: trainer.augment_on=device)"
+        )
     if augment.enabled and (augment.stain_sigma or augment.stain_bias) and channels != 3:
         found["stain"] = f"data.augment.stain_sigma/stain_bias with model.preprocess.in_channels={channels} (stain jitter needs RGB: 3)"
     return found
