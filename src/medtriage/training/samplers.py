@@ -16,9 +16,17 @@ import math
 import numpy as np
 import torch
 
+from medtriage.errors import ConfigError
+
 
 class SiteStratifiedSampler(torch.utils.data.Sampler[int]):
     def __init__(self, sites: np.ndarray, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ConfigError(
+                f"rank {rank} is not one of the {num_replicas} processes",
+                where="SiteStratifiedSampler",
+                hint="pass the world size and this process's rank, as torchrun sets them",
+            )
         self.sites = np.asarray(sites)
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
         self.num_samples = math.ceil(len(self.sites) / num_replicas)
@@ -31,7 +39,8 @@ class SiteStratifiedSampler(torch.utils.data.Sampler[int]):
         rng = np.random.default_rng([self.seed, self.epoch])
         by_site = [rng.permutation(np.flatnonzero(self.sites == site)) for site in np.unique(self.sites)]
         dealt = np.concatenate(by_site)
-        dealt = np.concatenate([dealt, dealt[: self.num_samples * self.num_replicas - len(dealt)]])  # equal shards
+        # Equal shards, repeating the start as often as needed (fewer images than ranks): a short shard hangs DDP.
+        dealt = np.resize(dealt, self.num_samples * self.num_replicas)
         mine = dealt[self.rank :: self.num_replicas]  # dealt site by site: every rank gets each site's share
         keys = np.empty(len(mine))
         for site in np.unique(self.sites[mine]):

@@ -23,7 +23,11 @@ stain_augment = optional_import("medtriage.data.torch.stain_augment")  # imports
 
 
 def limit_rows(rows, limit: int | None, seed: int):
-    """At most `limit` rows, sampled evenly across (site, label) groups so every group stays present."""
+    """About `limit` rows, sampled evenly across (site, label) groups so every group stays present.
+
+    Each group keeps its rounded share and at least one row, so the result can exceed `limit` by up to the
+    number of groups (always when the groups outnumber `limit`).
+    """
     if limit is None or len(rows) <= limit:
         return rows
     fraction = limit / len(rows)
