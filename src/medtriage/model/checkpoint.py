@@ -12,18 +12,17 @@ from pathlib import Path
 import torch
 
 from medtriage.errors import DataNotFoundError, PackageError
+from medtriage.io.safe_output import write_atomic
 from medtriage.model.networks import PreprocessSpec, TriageNet, build_triage_net
 
 LAST, BEST = "last.pt", "best.pt"
+ARCHITECTURE_KEYS = "model.name, model.stem_stride, model.preprocess.in_channels and data.label_names"
 
 
 def save_checkpoint(path: Path, **fields) -> Path:
-    """Write atomically: an interruption mid-write never leaves a truncated last.pt behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".pt.partial")
-    torch.save(fields, partial)
-    partial.replace(path)
-    return path
+    """Write atomically and durably (`write_atomic`): an interruption or a power loss mid-write never leaves a
+    truncated last.pt behind, and a failed save leaves no temporary file next to it."""
+    return write_atomic(path, lambda file: torch.save(fields, file))
 
 
 def final_checkpoint(ckpt_dir: str | Path, weights: str = "best") -> Path:
@@ -58,7 +57,31 @@ def model_from_config(config: dict) -> TriageNet:
 def load_model(path: str | Path) -> tuple[TriageNet, dict]:
     """(model in eval mode with the checkpoint's weights, the run's resolved config)."""
     checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise PackageError(f"not a training checkpoint: it needs 'model' and 'config', has {found}", where=path)
     config = checkpoint["config"]
     model = model_from_config(config)
-    model.load_state_dict(checkpoint["model"])
+    if mismatch := weight_mismatch(model, checkpoint["model"]):
+        raise PackageError(
+            f"the weights do not fit the network its config describes ({mismatch})",
+            where=path,
+            hint=f"the checkpoint's {ARCHITECTURE_KEYS} must be those its weights were trained with",
+        )
+    model.load_state_dict(checkpoint["model"])  # strict: every weight present and used
     return model.eval(), config
+
+
+def weight_mismatch(model: torch.nn.Module, weights: dict) -> str:
+    """How `weights` differ from `model`'s own in names and shapes (an example of each), or "" when they fit."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    resized = [name for name in expected if name in weights and tuple(weights[name].shape) != tuple(expected[name].shape)]
+    parts = [f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else []
+    if resized:
+        name = resized[0]
+        shapes = f"{list(weights[name].shape)} in the checkpoint, {list(expected[name].shape)} in the network"
+        parts.append(f"{len(resized)} of another shape, e.g. {name}: {shapes}")
+    return "; ".join(parts)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtriage.config.schema import PreprocessSpec
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, InputError
 from medtriage.optional import optional_import
 
 nets = optional_import("monai.networks.nets")  # MONAI takes seconds to import: on first network built
@@ -37,12 +37,25 @@ class Preprocess(nn.Module):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resize(x)
+        x = self.resize(as_float32_pixels(x))
         if self.spec.intensity == "per_image":
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             std = x.std(dim=(1, 2, 3), keepdim=True, correction=0).clamp_min(PER_IMAGE_STD_FLOOR)
             return (x - mean) / std
         return (x - self.spec.mean) / self.spec.std
+
+
+def as_float32_pixels(x: torch.Tensor) -> torch.Tensor:
+    """`x` as float32 pixels: float64 (what numpy makes by default) is narrowed to the weights' precision; integer
+    pixels are refused, since their 0-255 scale would be normalised as if it were 0-1 into silently wrong scores.
+    A branch on the dtype only, so the exported float32 graph is unchanged."""
+    if not x.is_floating_point():
+        raise InputError(
+            f"pixels of type {x.dtype}, expected float32 in [0, 1]",
+            where="model input",
+            hint="decode images with medtriage.io, or scale integer pixels to [0, 1] first",
+        )
+    return x.float() if x.dtype == torch.float64 else x
 
 
 class TriageNet(nn.Module):
