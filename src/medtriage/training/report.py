@@ -39,15 +39,23 @@ def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
 def log_final(
     metrics: dict[str, float], predictions: dict, state, ckpt_dir: Path, name: str, log_checkpoint: bool, weights: str = "best"
 ) -> None:
-    """Test metrics, plots (titled `name`), metrics.json and, when `log_checkpoint`, the final checkpoint into the active MLflow run."""
+    """Test metrics, plots (titled `name`), when `log_checkpoint` the final checkpoint, and metrics.json into the
+    active MLflow run. metrics.json marks the run finished, so it comes last: a run stopped before it is resumable."""
+    folder = run_folder(ckpt_dir)
     tracking.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")}, step=state.best_epoch)
     mlflow.log_metric("best_epoch", state.best_epoch)
-    for path in _plots(predictions, metrics, ckpt_dir.parent / "plots", name):
+    for path in _plots(predictions, metrics, folder / "plots", name):
         mlflow.log_artifact(str(path), "plots")
-    write_atomic(ckpt_dir.parent / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
-    mlflow.log_artifact(str(ckpt_dir.parent / METRICS_FILE))
     if log_checkpoint:
         mlflow.log_artifact(str(final_checkpoint(ckpt_dir, weights)), "checkpoints")
+    write_atomic(folder / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
+    mlflow.log_artifact(str(folder / METRICS_FILE))
+
+
+def run_folder(ckpt_dir: Path) -> Path:
+    """The run folder of a checkpoint folder: `<run>` of `<run>/checkpoints`, or `<run>` itself when the resumed
+    checkpoint was given there directly."""
+    return ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
 
 
 def _plots(predictions, metrics: dict[str, float], folder: Path, name: str) -> list[Path]:

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from medtriage.errors import ConfigError, DataNotFoundError
-from medtriage.model.checkpoint import LAST, read_checkpoint
-from medtriage.training.report import METRICS_FILE
+from medtriage.io.safe_output import copy_atomic
+from medtriage.model.checkpoint import BEST, LAST, read_checkpoint
+from medtriage.training.report import METRICS_FILE, run_folder
 
 
 def rng_state() -> dict:
@@ -48,7 +49,7 @@ def _python_state_to_lists(state: tuple) -> list:
 
 def _run_dir(checkpoint: Path) -> Path:
     """The run folder of `checkpoint`: <run>/checkpoints/last.pt, or a checkpoint given directly in <run>/."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return run_folder(checkpoint.parent)
 
 
 def _finished(checkpoint: Path) -> bool:
@@ -65,9 +66,21 @@ def _refuse_finished(checkpoint: Path) -> None:
         )
 
 
+def _catch_up_best(checkpoint: Path, contents: dict) -> None:
+    """best.pt is copied from last.pt after an epoch that improved: a run stopped between the two holds its best epoch
+    in last.pt alone, and would end with an older best.pt. Copied here, unless best.pt was written after last.pt."""
+    if not contents.get("epoch") or contents.get("best_epoch") != contents["epoch"]:
+        return
+    best = checkpoint.with_name(BEST)
+    if best.is_file() and best.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
+        return
+    copy_atomic(checkpoint, best)
+
+
 def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experiment: str) -> tuple[Path, dict]:
     """(path, contents) of the checkpoint to continue: trainer.resume_from, else the last.pt of this experiment's newest
-    unfinished run (a finished run has nothing left to train: continuing it would re-open it, not the interrupted one)."""
+    unfinished run (a finished run has nothing left to train: continuing it would re-open it, not the interrupted one).
+    A best.pt that an interruption left behind its last.pt is brought up to date first."""
     if resume_from:
         given = Path(resume_from)
         candidates = [given, given / "checkpoints" / LAST, given / LAST] if given.is_dir() else [given]
@@ -80,7 +93,9 @@ def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experi
     for path in candidates:
         if path.is_file():
             _refuse_finished(path)
-            return path, read_checkpoint(path)
+            contents = read_checkpoint(path)
+            _catch_up_best(path, contents)
+            return path, contents
     raise DataNotFoundError(
         "trainer.resume=true but no unfinished run has a checkpoint to resume",
         where=looked,

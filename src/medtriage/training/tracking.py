@@ -71,13 +71,27 @@ def experiment_id(uri: str, name: str) -> str:
     with store_lock(uri):
         found = mlflow.get_experiment_by_name(name)
         if found is not None:
-            return found.experiment_id
+            return _active(found, uri)
         try:
             return mlflow.create_experiment(name, artifact_location=artifact_location(uri))
         except MlflowException as error:  # another client of the same tracking server created it first
             if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
-            return mlflow.get_experiment_by_name(name).experiment_id
+            return _active(mlflow.get_experiment_by_name(name), uri)
+
+
+def _active(experiment, uri: str) -> str:
+    """The id of `experiment`, when it is not deleted: a deleted one keeps its name, so no new experiment can take it,
+    and MLflow refuses a run in it."""
+    if experiment.lifecycle_stage != "deleted":
+        return experiment.experiment_id
+    raise ConfigError(
+        f"the MLflow experiment {experiment.name!r} in the tracking store {uri} is deleted",
+        where="tracking.experiment_name",
+        hint=f"restore it (`mlflow experiments restore --experiment-id {experiment.experiment_id}` with "
+        f"MLFLOW_TRACKING_URI={uri}), remove it for good with `mlflow gc --backend-store-uri {uri} --experiment-ids "
+        f"{experiment.experiment_id}`, or set another tracking.experiment_name",
+    )
 
 
 def ui_command(uri: str) -> str:

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 from medtriage import training
 from medtriage.export.run import check_export_settings, export_run
 from medtriage.training.job import RunResult
+from medtriage.training.report import run_folder
 
 
 def train_and_export(cfg: DictConfig) -> RunResult:
@@ -19,7 +20,7 @@ def train_and_export(cfg: DictConfig) -> RunResult:
         print(
             "a refit has no validation split to calibrate on: serve it calibrated on the out-of-fold scores of the "
             "recipe's cross-validation, python scripts/export_ensemble.py --name <package name> "
-            f"--cross-validation <the folder of scripts/cross_validate.py> --refit {result.output_dir.parent} [more refit runs]"
+            f"--cross-validation <the folder of scripts/cross_validate.py> --refit {run_folder(result.output_dir)} [more refit runs]"
         )
     elif cfg.export.enabled and result.finished:
         result.package = export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg, checked=checked)

@@ -1,0 +1,89 @@
+"""A run's bookkeeping: the experiment it is tracked in, the finished mark in its own folder, and an end of run that
+stays resumable until everything it records is in its MLflow run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from medtriage import training
+from medtriage.config import compose_train_config
+from medtriage.errors import ConfigError
+from medtriage.training import tracking
+from medtriage.training.report import METRICS_FILE
+from tests.training.conftest import tiny_recipe
+
+RECIPE = ("trainer.max_epochs=2", "data.limit=64")
+
+
+def _tiny(tmp_path: Path, npz_cache_dir: Path, run: str, *extra: str):
+    runs = tmp_path / "outputs"
+    return compose_train_config([*tiny_recipe(runs, npz_cache_dir), f"paths.output_dir={runs / 'pneumoniamnist' / run}", *RECIPE, *extra])
+
+
+def test_a_deleted_experiment_is_named_with_how_to_get_it_back(tracking_uri):
+    deleted = tracking.experiment_id(tracking_uri, "medtriage-gone")
+    MlflowClient(tracking_uri).delete_experiment(deleted)
+    with pytest.raises(ConfigError) as err:
+        tracking.experiment_id(tracking_uri, "medtriage-gone")
+    assert err.value.where == "tracking.experiment_name"
+    assert "medtriage-gone" in err.value.reason and tracking_uri in err.value.reason
+    assert "restore" in err.value.hint and deleted in err.value.hint
+
+
+def test_a_resumed_checkpoint_held_directly_in_its_run_folder_marks_that_folder_finished(tmp_path, npz_cache_dir):
+    interrupted = training.run(_tiny(tmp_path, npz_cache_dir, "a", "trainer.stop_after_epochs=1"))
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    shutil.copyfile(interrupted.output_dir / "last.pt", copied / "last.pt")
+    resumed = training.run(_tiny(tmp_path, npz_cache_dir, "b", f"trainer.resume_from={copied / 'last.pt'}"))
+    assert resumed.finished and resumed.run_id == interrupted.run_id
+    assert (copied / METRICS_FILE).is_file() and not (tmp_path / METRICS_FILE).exists()
+    with pytest.raises(ConfigError, match="names a run that finished"):
+        training.run(_tiny(tmp_path, npz_cache_dir, "c", f"trainer.resume_from={copied}"))
+
+
+def test_a_run_interrupted_while_logging_its_checkpoint_resumes_and_finishes(tmp_path, npz_cache_dir, tracking_uri, monkeypatch):
+    log_artifact = mlflow.log_artifact
+
+    def ctrl_c_on_checkpoint(local_path, artifact_path=None, *args, **kwargs):
+        if artifact_path == "checkpoints":
+            raise KeyboardInterrupt  # Ctrl-C while a large checkpoint uploads to the tracking server
+        return log_artifact(local_path, artifact_path, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_artifact", ctrl_c_on_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        training.run(_tiny(tmp_path, npz_cache_dir, "a"))
+    monkeypatch.setattr(mlflow, "log_artifact", log_artifact)
+    resumed = training.run(_tiny(tmp_path, npz_cache_dir, "b", "trainer.resume=true"))
+    run = MlflowClient(tracking_uri).get_run(resumed.run_id)
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in MlflowClient(tracking_uri).list_artifacts(resumed.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    assert (resumed.output_dir.parent / METRICS_FILE).is_file()
+
+
+def test_a_run_interrupted_before_its_best_checkpoint_was_copied_ends_with_the_best_epoch(tmp_path, npz_cache_dir, monkeypatch):
+    from medtriage.model.checkpoint import read_checkpoint
+    from medtriage.training import loop
+
+    copies = []
+
+    def ctrl_c_on_the_second_best(source, path):
+        copies.append(path)
+        if len(copies) == 2:
+            raise KeyboardInterrupt  # Ctrl-C after last.pt of a better epoch, before best.pt follows it
+        return copy_atomic(source, path)
+
+    copy_atomic = loop.copy_atomic
+    monkeypatch.setattr(loop, "copy_atomic", ctrl_c_on_the_second_best)
+    recipe = ("trainer.max_epochs=3", "trainer.lr=0.00003")  # epochs 1 and 2 improve on this tiny set, 3 does not
+    with pytest.raises(KeyboardInterrupt):
+        training.run(_tiny(tmp_path, npz_cache_dir, "a", *recipe))
+    monkeypatch.setattr(loop, "copy_atomic", copy_atomic)
+    resumed = training.run(_tiny(tmp_path, npz_cache_dir, "b", *recipe, "trainer.resume=true"))
+    # the weights the run ends with are those of the epoch it reports as best
+    assert read_checkpoint(resumed.checkpoint)["epoch"] == resumed.metrics["best_epoch"]
