@@ -9,7 +9,7 @@ from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.predictor import Predictor
 from tests.serve.test_drift import decoded, outcome
 from tests.serve.test_drift import held_out as held_out  # noqa: F401 -- the module fixture
-from tests.serve.test_metrics_review2 import series
+from tests.serve.test_metrics_sources import series
 
 
 @pytest.fixture(scope="module")
