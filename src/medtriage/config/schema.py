@@ -329,18 +329,26 @@ def check_values(cfg) -> None:
     """Fail before any data work on every value out of its range or not finite, on label names that are not two or
     more distinct classes or a positive label none of them, on a fold beyond data.cv_folds, and on stain jitter of
     grey-level images (which fails inside the loader's workers otherwise)."""
-    wrong = _not_finite(cfg)
-    for key, (allowed, text) in VALUE_RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and key not in wrong and not allowed(value):
-            wrong[key] = f"{key}={value} (must be {text})"
-    wrong |= _label_problems(cfg) | _combination_problems(cfg)
+    wrong = value_problems(cfg) | _label_problems(cfg) | _combination_problems(cfg)
     if wrong:
         raise ConfigError(
             "values no run can use: " + "; ".join(wrong.values()),
             where="config",
             hint="change them on the command line or in the experiment file",
         )
+
+
+def value_problems(cfg, group: str = "") -> dict[str, str]:
+    """Every number of `cfg` that is not finite, and every value out of its VALUE_RANGES range (only the keys of
+    `group`, e.g. "export", when given): key -> what is wrong."""
+    wrong = _not_finite(cfg)
+    for key, (allowed, text) in VALUE_RANGES.items():
+        if not key.startswith(group):
+            continue
+        value = OmegaConf.select(cfg, key)
+        if value is not None and key not in wrong and not allowed(value):
+            wrong[key] = f"{key}={value} (must be {text})"
+    return wrong
 
 
 def _combination_problems(cfg) -> dict[str, str]:

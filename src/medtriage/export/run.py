@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import medtriage
-from medtriage.config.schema import VALUE_RANGES, ExportConfig
+from medtriage.config.schema import ExportConfig, value_problems
 from medtriage.data.manifest import load_manifest
 from medtriage.errors import ConfigError
 from medtriage.evaluation.calibration import probabilities
@@ -203,7 +202,6 @@ def check_export_settings(export: Any) -> ExportConfig:
     """Refuse export settings that cannot work before a training is spent on them (the export runs at its end);
     returns them as the ExportConfig that export_run(checked=...) takes without checking again."""
     cfg = _typed_export_config(export)
-    _check_value_ranges(cfg)
     check_tta(cfg.tta)
     for key, rule in (("threshold_rule", cfg.threshold_rule), ("urgent_rule", cfg.urgent_rule)):
         if rule is not None:
@@ -222,37 +220,25 @@ def check_export_settings(export: Any) -> ExportConfig:
 
 
 def _typed_export_config(export: Any) -> ExportConfig:
-    """`export` as an ExportConfig, each value of its field's type: a re-export's `export.key=value` overrides come as
-    untyped text, where a misspelt key or `ece_bins=abc` would otherwise fail deep inside the export."""
+    """`export` as an ExportConfig, each value of its field's type and range: a re-export's `export.key=value`
+    overrides come as untyped text, where a misspelt key or `ece_bins=abc` would otherwise fail deep inside the
+    export, and it skips the training's check, where a value out of range fails only late (parity on 0 images, an
+    OOD fit on none, ECE in 0 bins) or never (a nan parity tolerance passes every graph)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), _as_dict(export)))
+        typed = OmegaConf.merge(OmegaConf.structured(ExportConfig), _as_dict(export))
     except OmegaConfBaseException as err:
         key = f"export.{err.full_key}" if getattr(err, "full_key", None) else "export"
         raise ConfigError(
             str(err).splitlines()[0], where=key, hint="fix or drop that setting (the export group's keys: configs/export/)"
         ) from None
-
-
-def _check_value_ranges(cfg: ExportConfig) -> None:
-    """The training config's ranges for the export group (config.schema.VALUE_RANGES) and finite numbers, here too: a
-    re-export of a finished run skips the training's check, and a value out of range fails only late (parity on 0
-    images, an OOD fit on none, ECE in 0 bins) or never (a nan parity tolerance passes every graph)."""
-    wrong = [
-        f"export.{f.name}={value} (must be a finite number)"
-        for f in dataclasses.fields(cfg)
-        if isinstance(value := getattr(cfg, f.name), float) and not math.isfinite(value)
-    ]
-    for key, (allowed, text) in VALUE_RANGES.items():
-        group, _, name = key.partition(".")
-        value = getattr(cfg, name, None) if group == "export" else None
-        if value is not None and (not isinstance(value, float) or math.isfinite(value)) and not allowed(value):
-            wrong.append(f"{key}={value} (must be {text})")
+    wrong = value_problems(OmegaConf.create({"export": typed}), group="export.")
     if wrong:
         raise ConfigError(
-            "export values no export can use: " + "; ".join(wrong),
+            "export values no export can use: " + "; ".join(wrong.values()),
             where="export",
             hint="change them on the command line (export.key=value) or in the config",
         )
+    return OmegaConf.to_object(typed)
 
 
 def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any, checked: ExportConfig | None = None) -> Path:
