@@ -137,9 +137,9 @@ def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[dict])
     return write_atomic(path, text.getvalue().encode())
 
 
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # how a spreadsheet recognises a formula (or DDE) in a cell
-# Spreadsheets may trim leading blanks and read full-width signs as their ASCII forms before deciding what a cell is.
-_FORMULA_LIKE = re.compile(r"\s*[=+\-@\uff1d\uff0b\uff0d\uff20\ufe62\ufe63\ufe66]")
+# How a spreadsheet recognises a formula (or DDE) in a cell: a sign, or a tab or CR, first. It may trim leading blanks
+# and read full-width signs as their ASCII forms before deciding what a cell is.
+_FORMULA_LIKE = re.compile(r"[\t\r]|\s*[=+\-@\uff1d\uff0b\uff0d\uff20\ufe62\ufe63\ufe66]")
 _PLAIN_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")  # '-0.5' is a number, not a formula
 
 
@@ -153,7 +153,7 @@ def spreadsheet_text(value):
     text = str(value)
     if _PLAIN_NUMBER.match(text):
         return value
-    return "'" + text if text.startswith(FORMULA_STARTS) or _FORMULA_LIKE.match(text) else value
+    return "'" + text if _FORMULA_LIKE.match(text) else value
 
 
 def spreadsheet_row(row: dict) -> dict:

@@ -55,7 +55,7 @@ class Score:
 
     def scoring_package(self) -> dict:
         """The identity of the package that scored this image, in ModelPackage.identity()'s form."""
-        return scored_by(self.as_dict())
+        return scored_by(vars(self))  # its fields, without as_dict's deep copy of the probabilities
 
 
 @dataclass
