@@ -133,6 +133,8 @@ def test_the_size_limit_is_applied(tmp_path):
         ("train_labels", np.zeros((3,), np.int64), "one integer label for each of the 4"),
         ("train_labels", np.zeros((4, 14), np.uint8), "multi-label"),
         ("train_labels", np.zeros((4,), np.float32), "one integer label"),
+        ("train_images", np.zeros((0, 5, 5), np.uint8), "'train_images' holds no images"),
+        ("train_labels", np.zeros((0,), np.uint8), "one integer label for each of the 4"),
     ],
 )
 def test_arrays_outside_the_layout_are_refused(tmp_path, key, value, message):

@@ -53,6 +53,23 @@ def test_write_atomic_replaces_whole_and_cleans_up_after_a_failure(tmp_path):
     assert remove_partials(tmp_path) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
+def test_a_staging_folder_named_like_a_partial_stays_and_the_files_beside_it_go(tmp_path):
+    (tmp_path / ".bundle.partial").mkdir()  # a bundle being built into the same folder
+    (tmp_path / ".bundle.partial" / "model.onnx").write_bytes(b"building")
+    (tmp_path / ".f.bin.7.partial").write_bytes(b"left by a killed writer")
+    assert remove_partials(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [".bundle.partial"]
+
+
+def test_a_private_atomic_write_is_owner_only_from_its_first_byte(tmp_path):
+    key = tmp_path / "site.key"
+    key.write_bytes(b"old")
+    key.chmod(0o644)
+    seen = []
+    write_atomic(key, lambda f: seen.extend(p.stat().st_mode & 0o777 for p in tmp_path.glob(".*.partial")), private=True)
+    assert seen == [0o600] and key.stat().st_mode & 0o777 == 0o600
+
+
 def test_write_new_makes_an_owner_only_secret_once_and_never_replaces_one(tmp_path):
     key = tmp_path / "keys" / "site.key"
     assert write_new(key, b"first") is True

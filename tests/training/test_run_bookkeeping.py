@@ -87,3 +87,16 @@ def test_a_run_interrupted_before_its_best_checkpoint_was_copied_ends_with_the_b
     resumed = training.run(_tiny(tmp_path, npz_cache_dir, "b", *recipe, "trainer.resume=true"))
     # the weights the run ends with are those of the epoch it reports as best
     assert read_checkpoint(resumed.checkpoint)["epoch"] == resumed.metrics["best_epoch"]
+
+
+def test_a_deleted_experiment_fails_the_run_before_any_data_work(tmp_path, npz_cache_dir, tracking_uri, monkeypatch):
+    from medtriage.training import job
+
+    def no_data_work(*args):
+        raise AssertionError("the pool was loaded before the experiment was checked")
+
+    name = "medtriage-deleted-before-run"
+    MlflowClient(tracking_uri).delete_experiment(tracking.experiment_id(tracking_uri, name))
+    monkeypatch.setattr(job, "load_data", no_data_work)
+    with pytest.raises(ConfigError, match="is deleted"):
+        training.run(_tiny(tmp_path, npz_cache_dir, "a", f"tracking.experiment_name={name}"))

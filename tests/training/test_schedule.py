@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from medtriage.config.schema import Schedule, TrainerConfig
-from medtriage.errors import ConfigError
 from medtriage.training.optimiser import build_scheduler
 
 
@@ -52,9 +51,3 @@ def test_one_cycle_state_resumes_where_it_stopped():
     resumed_optimizer.load_state_dict(optimizer.state_dict())
     resumed.load_state_dict(scheduler.state_dict())
     assert resumed.get_last_lr() == scheduler.get_last_lr()
-
-
-def test_one_cycle_share_is_validated():
-    trainer = TrainerConfig(schedule=Schedule.one_cycle, one_cycle_pct_start=1.0)
-    with pytest.raises(ConfigError, match="one_cycle_pct_start|one-cycle"):
-        build_scheduler(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), trainer, 10)

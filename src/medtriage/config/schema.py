@@ -312,6 +312,7 @@ VALUE_RANGES = {
     "trainer.weight_decay": _NON_NEGATIVE,
     "trainer.warmup_epochs": _NON_NEGATIVE,
     "trainer.min_lr_ratio": _FRACTION,
+    "trainer.one_cycle_pct_start": (lambda v: 0 < v < 1, "above 0 and below 1"),
     "trainer.mixup_alpha": _NON_NEGATIVE,
     "trainer.early_stopping_patience": (_COUNT[0], "1 or more, or null for no early stopping"),
     "trainer.eval_batch_size": _COUNT,
@@ -329,7 +330,8 @@ def check_values(cfg) -> None:
     """Fail before any data work on every value out of its range or not finite, on label names that are not two or
     more distinct classes or a positive label none of them, on a fold beyond data.cv_folds, and on stain jitter of
     grey-level images (which fails inside the loader's workers otherwise)."""
-    wrong = value_problems(cfg) | _label_problems(cfg) | _combination_problems(cfg)
+    wrong = value_problems(cfg)
+    wrong |= {key: text for key, text in (_label_problems(cfg) | _combination_problems(cfg)).items() if key not in wrong}
     if wrong:
         raise ConfigError(
             "values no run can use: " + "; ".join(wrong.values()),
@@ -357,6 +359,12 @@ def _combination_problems(cfg) -> dict[str, str]:
     folds, fold = cfg.data.cv_folds, cfg.data.cv_fold
     if folds is not None and folds >= 2 and not 0 <= fold < folds:
         found["data.cv_fold"] = f"data.cv_fold={fold} (must be one of 0..{folds - 1} with data.cv_folds={folds})"
+    trainer = cfg.trainer
+    if trainer.schedule == Schedule.cosine and trainer.warmup_epochs >= trainer.max_epochs:  # the rate would never decay
+        found["trainer.warmup_epochs"] = (
+            f"trainer.warmup_epochs={trainer.warmup_epochs} with trainer.max_epochs={trainer.max_epochs} "
+            "(the cosine schedule's warm-up must end before the last epoch)"
+        )
     augment, channels = cfg.data.augment, cfg.model.preprocess.in_channels
     if augment.enabled and augment.hflip and cfg.trainer.augment_on == AugmentOn.cpu:  # the CPU transforms have no flip
         found["data.augment.hflip"] = (

@@ -42,6 +42,8 @@ def read_npz(
 def _split(archive: zipfile.ZipFile, npz_path: Path, split: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     images = _array(archive, npz_path, f"{split}_images", max_bytes)
     labels = _array(archive, npz_path, f"{split}_labels", max_bytes)
+    if not len(images):
+        raise InputError(f"'{split}_images' holds no images", where=npz_path, hint=NPZ_HINT)
     if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
         raise InputError(
             f"'{split}_images' is {images.dtype} {list(images.shape)}, not uint8 [N, H, W] or [N, H, W, 3]",
@@ -87,7 +89,8 @@ def _array(archive: zipfile.ZipFile, npz_path: Path, key: str, max_bytes: int) -
                 hint="the file is corrupt or not a MedMNIST npz; raise max_bytes only for a genuine larger set",
             )
         array = np.empty(shape[::-1] if fortran_order else shape, dtype=dtype)
-        _fill(member, memoryview(array).cast("B"), where)
+        if array.size:  # an empty array has nothing to read (and a memoryview of it cannot be cast)
+            _fill(member, memoryview(array).cast("B"), where)
         if member.read(1):  # reading to the end also makes zipfile check the member's CRC: flipped bits are refused
             raise InputError("array data runs past what its header states", where=where, hint=NPZ_HINT)
     return array.T if fortran_order else array

@@ -92,10 +92,11 @@ class AtomicFile:
         os.fsync(self.file.fileno())
         self.file.close()
 
-    def commit(self) -> Path:
+    def commit(self, private: bool = False) -> Path:
         try:
             self.sync_and_close()
-            os.chmod(self.temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give it what open() would
+            if not private:
+                os.chmod(self.temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give it what open() would
             os.replace(self.temporary, self.path)
         except BaseException:
             self.discard()
@@ -108,8 +109,9 @@ class AtomicFile:
         self.temporary.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object]) -> Path:
-    """Write `data` (bytes, or a function that writes to a binary file) to `path` all or nothing (`AtomicFile`)."""
+def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object], private: bool = False) -> Path:
+    """Write `data` (bytes, or a function that writes to a binary file) to `path` all or nothing (`AtomicFile`);
+    `private`: readable by its owner only (0600) from the first byte, for secrets."""
     target = AtomicFile(path)
     try:
         if isinstance(data, (bytes, bytearray, memoryview)):
@@ -119,7 +121,7 @@ def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object]) -
     except BaseException:
         target.discard()
         raise
-    return target.commit()
+    return target.commit(private)
 
 
 def copy_atomic(source: str | Path, path: str | Path) -> Path:
@@ -180,9 +182,12 @@ def write_new(path: str | Path, data: bytes) -> bool:
 
 
 def remove_partials(folder: str | Path) -> int:
-    """Delete temporary files a killed writer left in `folder` (not recursive); returns how many."""
+    """Delete temporary files a killed writer left in `folder` (not recursive); returns how many. A folder with such a
+    name (a bundle's staging folder) is not a writer's file: it stays."""
     removed = 0
     for leftover in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            continue
         leftover.unlink(missing_ok=True)
         removed += 1
     return removed

@@ -182,6 +182,8 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     resume_path, resumed = find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name) if resuming else (None, None)
     if resumed:
         check_resume_config(resumed["config"], config, resume_path)
+    if ranks.is_main:
+        tracking.check_destination(cfg, resumed["mlflow_run_id"] if resumed else None)
     manifest, splits, audit = load_data(cfg, model, ranks)
     ckpt_dir = resume_path.parent if resume_path else distributed.broadcast(Path(cfg.paths.output_dir) / "checkpoints", ranks)
     fit = TrainingLoop(cfg.trainer, cfg.data, model, splits, device, ranks)

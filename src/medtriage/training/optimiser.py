@@ -19,8 +19,6 @@ import math
 
 import torch
 
-from medtriage.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 
@@ -41,12 +39,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, trainer, steps_per_epoch: 
     """The per-step schedule over `trainer.max_epochs * steps_per_epoch` steps that `trainer.schedule` names."""
     total = max(2, trainer.max_epochs * steps_per_epoch)
     if getattr(trainer.schedule, "value", trainer.schedule) == "one_cycle":
-        if not 0.0 < trainer.one_cycle_pct_start < 1.0:
-            raise ConfigError(
-                f"one-cycle warm-up share must be in (0, 1), got {trainer.one_cycle_pct_start}",
-                where="trainer.one_cycle_pct_start",
-                hint="e.g. 0.3",
-            )
         peak = [group["lr"] for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total, pct_start=trainer.one_cycle_pct_start)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_cosine, trainer=trainer, steps_per_epoch=steps_per_epoch))

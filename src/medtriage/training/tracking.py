@@ -108,6 +108,15 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: str(tree)}
 
 
+def check_destination(cfg: DictConfig, resume_run_id: str | None = None) -> None:
+    """Fail before any data work when the run could not be recorded: the experiment is deleted, or the resumed run is
+    not in the store (start_run would find either only after the pool is built and audited)."""
+    if resume_run_id:
+        _resumable(cfg.tracking.uri, resume_run_id)
+    elif not os.environ.get(PARENT_RUN_ENV):
+        experiment_id(cfg.tracking.uri, cfg.tracking.experiment_name)
+
+
 def start_run(cfg: DictConfig, resume_run_id: str | None = None):
     """An active MLflow run: the interrupted one when resuming, else a new one (child of a sweep's parent)."""
     uri = cfg.tracking.uri

@@ -29,7 +29,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_
 from tqdm import tqdm
 
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
+from medtriage.errors import InputError
 from medtriage.io.npz import read_npz
+from medtriage.io.safe_output import write_atomic
 
 DEFAULT_NPZ = Path("data/samples/pneumoniamnist_28.npz")
 DEFAULT_OUT = Path("data/sites")
@@ -218,20 +220,33 @@ def make_sites(
 
 def _write_site_key(out_dir: Path, site: str, seed: int) -> None:
     """The simulated site's secret, derived from the seed: a reproducible pool, unlike a real site's key."""
-    path = out_dir / KEYS_FOLDER / f"{site}.key"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(hashlib.sha256(f"medtriage simulated site|{seed}|{site}".encode()).hexdigest() + "\n")
-    path.chmod(0o600)
+    secret = hashlib.sha256(f"medtriage simulated site|{seed}|{site}".encode()).hexdigest() + "\n"
+    write_atomic(out_dir / KEYS_FOLDER / f"{site}.key", secret.encode(), private=True)
 
 
 def _all_images(npz) -> tuple[np.ndarray, np.ndarray]:
     """Every npz image once: PneumoniaMNIST holds byte-identical copies, which would leak across splits."""
     splits = read_npz(npz)
+    _check_pneumonia_layout(splits, npz)
     images = np.concatenate([x for x, _ in splits.values()])
     labels = np.concatenate([y for _, y in splits.values()])
     _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
     keep = np.sort(first)
     return images[keep], labels[keep]
+
+
+def _check_pneumonia_layout(splits: dict[str, tuple[np.ndarray, np.ndarray]], npz) -> None:
+    """The sites are grey-scale X-ray departments labelling normal (0) or pneumonia (1): another MedMNIST set (colour
+    images, other classes) cannot be written as their exports, and a label such as -1 would silently read as
+    pneumonia."""
+    hint = "give a grey-scale two-class npz (normal 0, pneumonia 1) such as data/samples/pneumoniamnist_28.npz"
+    shapes = {images.shape[1:] for images, _ in splits.values()}
+    if len(shapes) > 1 or any(len(shape) != 2 for shape in shapes):
+        raise InputError(f"images are {sorted(map(list, shapes))}, not one grey-scale [H, W] size", where=npz, hint=hint)
+    for split, (_, labels) in splits.items():
+        bad = labels[(labels < 0) | (labels >= len(PNEUMONIA_LABELS))]
+        if len(bad):
+            raise InputError(f"'{split}_labels' holds label {int(bad[0])}, not 0 (normal) or 1 (pneumonia)", where=npz, hint=hint)
 
 
 def _shares(order: np.ndarray, sites) -> list[np.ndarray]:

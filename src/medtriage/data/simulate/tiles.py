@@ -29,6 +29,7 @@ from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, load_ma
 from medtriage.data.splits import assign_splits
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.pathology import iter_tile_batches, prepare_slide
+from medtriage.io.safe_output import write_atomic
 from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, fit_stains
 
 TILE_LABELS = ["normal", "tumour"]
@@ -133,6 +134,8 @@ def _normalize_slide(tiles: list[np.ndarray], where: str) -> list[np.ndarray]:
 
 
 def write_tile_info(pool_dir: Path, tile_size: int, tile_mpp: float, stain_normalize: bool, **extra) -> None:
+    """Written after the pool's manifest: a build that fails before then leaves the previous pool with its own
+    record, which no longer matches the settings asked for, so the next run rebuilds instead of reusing it."""
     info = {
         "tile_size": tile_size,
         "tile_mpp": tile_mpp,
@@ -140,12 +143,21 @@ def write_tile_info(pool_dir: Path, tile_size: int, tile_mpp: float, stain_norma
         "target_stains": REFERENCE_STAINS.to_dict() if stain_normalize else None,
         **extra,
     }
-    (Path(pool_dir) / TILE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_atomic(Path(pool_dir) / TILE_INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
 
 
 def read_tile_info(pool_dir: str | Path) -> dict | None:
+    """The pool's tile settings; None for a pool that is not a tile pool."""
     path = Path(pool_dir) / TILE_INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"unreadable tile settings ({err})", where=path, hint="rebuild the tile pool") from err
+    if not isinstance(info, dict):
+        raise InputError("tile settings are not a JSON object", where=path, hint="rebuild the tile pool")
+    return info
 
 
 def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig | None = None) -> Manifest:
@@ -173,6 +185,7 @@ def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig
     writer = PoolWriter(pool_dir, TILE_LABELS)
     for site, patient, slide_label in tqdm(slides, desc="synthetic slides", unit="slide"):
         _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[patient])
+    manifest = writer.close()
     write_tile_info(
         Path(pool_dir),
         config.tile_size,
@@ -182,7 +195,7 @@ def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig
         min_tissue=SERVE_MIN_TISSUE,
         synthetic=asdict(config),
     )
-    return writer.close()
+    return manifest
 
 
 def _add_synthetic_slide(
@@ -282,8 +295,9 @@ def build_slide_pool(
             slide_mpp=entry.get("mpp"),
             stain_normalize=stain_normalize,
         )
+    manifest = writer.close()
     write_tile_info(Path(pool_dir), tile_size, mpp, stain_normalize, source="slides", min_tissue=min_tissue)
-    return writer.close()
+    return manifest
 
 
 def _check_distinct_slide_ids(paths: list) -> None:
@@ -300,7 +314,10 @@ def _check_distinct_slide_ids(paths: list) -> None:
 def ensure_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig) -> Manifest:
     """The pool for `config`, built on first use; rebuilt when the folder holds a pool made with other settings."""
     pool_dir = Path(pool_dir)
-    info = read_tile_info(pool_dir)
+    try:
+        info = read_tile_info(pool_dir)
+    except InputError:
+        info = None  # a damaged record cannot vouch for the pool: rebuild it
     if (pool_dir / MANIFEST_FILE).is_file() and info and info.get("synthetic") == asdict(config):
         return load_manifest(pool_dir)
     if (pool_dir / MANIFEST_FILE).is_file():

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter
+from medtriage.errors import InputError
 from medtriage.format import sha256_file
-from medtriage.io.npz import read_npz
+from medtriage.io.npz import NPZ_HINT, read_npz
 from medtriage.io.safe_output import write_atomic
 
 PNEUMONIA_LABELS = ["normal", "pneumonia"]
@@ -29,8 +30,9 @@ def as_chw(image: np.ndarray) -> np.ndarray:
 def build_npz_pool(npz_path: str | Path, pool_dir: str | Path, label_names: list[str] | None = None, site: str = "medmnist") -> Manifest:
     """Write a pool folder from an npz, one manifest row per image, keeping the npz's splits."""
     splits = read_npz(npz_path)
-    n_classes = int(max(labels.max() for _, labels in splits.values())) + 1
-    writer = PoolWriter(pool_dir, label_names or [f"class_{i}" for i in range(n_classes)])
+    label_names = label_names or [f"class_{i}" for i in range(_class_count(splits))]
+    _check_labels(splits, label_names, npz_path)
+    writer = PoolWriter(pool_dir, label_names)
     for split, (images, labels) in splits.items():
         for i, (image, label) in enumerate(zip(images, labels)):
             uid = f"{split}-{i:05d}"
@@ -48,6 +50,24 @@ def build_npz_pool(npz_path: str | Path, pool_dir: str | Path, label_names: list
     manifest = writer.close()
     write_atomic(Path(pool_dir) / SOURCE_FILE, json.dumps({"npz": Path(npz_path).name, "sha256": sha256_file(npz_path)}).encode())
     return manifest
+
+
+def _class_count(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    return max((int(labels.max()) + 1 for _, labels in splits.values() if len(labels)), default=0)
+
+
+def _check_labels(splits: dict[str, tuple[np.ndarray, np.ndarray]], label_names: list[str], npz_path: str | Path) -> None:
+    """Every label must index a name: a label past the names, or a negative one (which Python would count from the
+    end), would put images in a class they do not belong to."""
+    for split, (_, labels) in splits.items():
+        bad = labels[(labels < 0) | (labels >= len(label_names))]
+        if len(bad):
+            raise InputError(
+                f"'{split}_labels' holds label {int(bad[0])} ({len(bad)} such), but the {len(label_names)} label names "
+                f"{label_names} cover only 0..{len(label_names) - 1}",
+                where=npz_path,
+                hint=f"set data.label_names to one name per class of this npz ({NPZ_HINT})",
+            )
 
 
 def npz_pool_is_current(npz_path: str | Path, pool_dir: str | Path) -> bool:
