@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from medtriage.config import check_values, compose_train_config
 from medtriage.data.sources.registry import build_pool
-from medtriage.errors import MedTriageError
+from medtriage.errors import ConfigError, MedTriageError
 from medtriage.training.report import METRICS_FILE
 from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id, terminate_as_interrupt
 
@@ -72,6 +72,12 @@ class CrossValidation:
         values = self.values(score)
         return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
+    def reported(self) -> tuple[str, ...]:
+        """The scores to report: the selection score (a fold without it raises), and each other score every fold holds
+        (a task of more than two classes has no Brier score, a held-out fold of one class no AUC)."""
+        self.values(SCORES[0])
+        return tuple(s for s in SCORES if all(f"val/{s}" in f.metrics for f in self.folds))
+
     @property
     def score(self) -> float:
         """Mean held-out log-loss after temperature scaling: lower is better."""
@@ -81,6 +87,23 @@ class CrossValidation:
 def quoted(value: str) -> str:
     """`value` as a quoted Hydra override value (paths may hold `=` and `,`: a sweep's job folders do)."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def check_fold_settings(cfg: DictConfig) -> None:
+    """Refuse settings that every fold run would fail on or misuse, but only after the pool is built or its training done."""
+    trainer, found = cfg.trainer, []
+    if trainer.stop_after_epochs and trainer.stop_after_epochs < trainer.max_epochs:
+        found.append(f"trainer.stop_after_epochs={trainer.stop_after_epochs} (a fold stopped early ends without a held-out score)")
+    if trainer.resume or trainer.resume_from:
+        found.append("trainer.resume/trainer.resume_from (every fold would continue the same earlier run)")
+    if cfg.data.get("refit"):
+        found.append("data.refit=true (a refit holds no fold out: run it after the cross-validation)")
+    if found:
+        raise ConfigError(
+            "cross-validation cannot train its folds with " + "; ".join(found),
+            where="config",
+            hint="drop these settings from the command line or the experiment file",
+        )
 
 
 def fold_command(overrides: Sequence[str], folds: int, fold: int, output_dir: Path, run_name: str) -> list[str]:
@@ -105,6 +128,7 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     """
     cfg = cfg if cfg is not None else compose_train_config([*overrides, "paths.output_dir=."])
     check_values(cfg)  # here, not in each fold's log after the pool is built
+    check_fold_settings(cfg)
     overrides = [o for o in overrides if not o.lstrip("+~").startswith(OWN_KEYS)]  # what the fold runs share
     folds, jobs = cfg.cv.folds, cfg.cv.jobs
     client = MlflowClient(cfg.tracking.uri)
@@ -122,7 +146,7 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
         with terminate_as_interrupt():
             build_pool(cfg.data)  # here, once: folds starting side by side would each build the pool they share
             result = CrossValidation(list(overrides), _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id), run_id)
-        for score in SCORES:
+        for score in result.reported():
             for fold, value in zip(result.folds, result.values(score), strict=True):
                 client.log_metric(run_id, f"cv/{score}", float(value), step=fold.fold)
             client.log_metric(run_id, f"cv/mean_{score}", result.mean(score))
@@ -135,7 +159,9 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
         raise
     client.set_terminated(run_id, "FINISHED")
     print(
-        "cross-validation: " + ", ".join(f"{s} {result.mean(s):.4f} ± {result.sd(s):.4f}" for s in SCORES) + f" (MLflow run {run_id})\n"
+        "cross-validation: "
+        + ", ".join(f"{s} {result.mean(s):.4f} ± {result.sd(s):.4f}" for s in result.reported())
+        + f" (MLflow run {run_id})\n"
         f"fold models in {out_dir}; to serve them as one ensemble calibrated on their out-of-fold predictions: "
         f"python scripts/export_ensemble.py --name <package name> --cross-validation {out_dir}",
         flush=True,
@@ -156,7 +182,14 @@ def _finished(running: list[tuple[Fold, subprocess.Popen, float]], folds: int) -
                 where=str(fold.output_dir / "train.log"),
                 hint="read the fold's log; the other folds were stopped",
             )
-        fold.metrics = json.loads((fold.output_dir / METRICS_FILE).read_text())
+        metrics_file = fold.output_dir / METRICS_FILE
+        if not metrics_file.is_file():  # exit 0 without it: the run was stopped before its end
+            raise FoldFailedError(
+                f"fold {fold.fold} ended without its held-out scores ({METRICS_FILE})",
+                where=str(fold.output_dir / "train.log"),
+                hint="read the fold's log; the other folds were stopped",
+            )
+        fold.metrics = json.loads(metrics_file.read_text())
         finished.append(fold)
         print(
             f"  fold {fold.fold + 1}/{folds} done in {fold.wall_s / 60:.1f} min: val log-loss {fold.metrics['val/log_loss']:.4f}",
@@ -185,6 +218,7 @@ def _run_folds(overrides: list[str], folds: int, out_dir: Path, jobs: int, name:
             while pending and len(running) < max(1, jobs):
                 fold = pending.pop(0)
                 fold.output_dir.mkdir(parents=True, exist_ok=True)
+                (fold.output_dir / METRICS_FILE).unlink(missing_ok=True)  # an earlier run's in a reused folder is not this fold's
                 command = fold_command(overrides, folds, fold.fold, fold.output_dir, f"{name}-cv{folds}-fold{fold.fold}")
                 with (fold.output_dir / "train.log").open("w") as log:  # the process keeps its own copy of the handle
                     running.append((fold, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter()))

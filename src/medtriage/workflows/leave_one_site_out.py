@@ -16,21 +16,31 @@ from omegaconf import DictConfig
 from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, MultirunParentRun
 
 
-def site_test_aucs(client: MlflowClient, parent_run_id: str) -> dict[str, float]:
-    """{held-out site: test AUC} of the parent's finished child runs."""
+def held_out_sites(client: MlflowClient, parent_run_id: str) -> dict[str, float | None]:
+    """{held-out site: test AUC, or None where the run has none} of the parent's child runs. A site whose test
+    images are of one class has no AUC (medtriage.evaluation.metrics leaves it out)."""
     parent = client.get_run(parent_run_id)
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
-    found = {}
+    found: dict[str, float | None] = {}
     for child in children:
         site = child.data.params.get("data.holdout_site")
-        if site and site != "None" and "test/auc" in child.data.metrics:
-            found[site] = child.data.metrics["test/auc"]
+        if site and site != "None":
+            value = child.data.metrics.get("test/auc")
+            if found.get(site) is None:
+                found[site] = value
     return found
 
 
+def site_test_aucs(client: MlflowClient, parent_run_id: str) -> dict[str, float]:
+    """{held-out site: test AUC} of the parent's child runs that have one."""
+    return {site: value for site, value in held_out_sites(client, parent_run_id).items() if value is not None}
+
+
 def log_worst_site(client: MlflowClient, parent_run_id: str) -> dict[str, float]:
-    """Log `loso/<site>/test_auc` per site and `loso/worst_site_test_auc` on the parent run."""
-    per_site = site_test_aucs(client, parent_run_id)
+    """Log `loso/<site>/test_auc` per site and `loso/worst_site_test_auc` on the parent run; the held-out sites
+    without a test AUC are tagged `loso.sites_without_test_auc`, as the worst is taken without them."""
+    sites = held_out_sites(client, parent_run_id)
+    per_site = {site: value for site, value in sites.items() if value is not None}
     for site, value in per_site.items():
         client.log_metric(parent_run_id, f"loso/{site}/test_auc", value)
     if per_site:
@@ -40,6 +50,12 @@ def log_worst_site(client: MlflowClient, parent_run_id: str) -> dict[str, float]
         print(
             f"leave-one-site-out test AUC: {', '.join(f'{s} {v:.4f}' for s, v in sorted(per_site.items()))}; "
             f"worst {worst} {per_site[worst]:.4f} (parent MLflow run {parent_run_id})"
+        )
+    if without := sorted(set(sites) - set(per_site)):
+        client.set_tag(parent_run_id, "loso.sites_without_test_auc", ",".join(without))
+        print(
+            f"leave-one-site-out: no test AUC for held-out site(s) {', '.join(without)}, so the worst site leaves them out; "
+            "a site whose test images are all of one class has none: add the other class's images to that site"
         )
     return per_site
 
