@@ -41,6 +41,7 @@ def _tiny(tmp_path: Path, npz_cache_dir: Path, *extra: str):
         "export.ece_bins=0",  # every image in one bin: another calibration measure, chosen on without a word
         "trainer.schedule=one_cycle trainer.one_cycle_pct_start=1",  # refused only once the pool was built
         "trainer.max_epochs=2 trainer.warmup_epochs=2",  # a cosine schedule that never decays, without a word
+        "cv.jobs=0",  # read as one training at a time, without a word
     ],
 )
 def test_a_value_out_of_range_fails_before_any_data_work_naming_the_key(tmp_path, npz_cache_dir, override):

@@ -323,6 +323,7 @@ VALUE_RANGES = {
     "export.parity_tolerance": _NON_NEGATIVE,
     "export.parity_images": _COUNT,
     "cv.folds": (lambda v: v >= 2, "2 or more"),
+    "cv.jobs": _COUNT,
 }
 
 

@@ -78,6 +78,7 @@ class BatchingSession:
         self.input_name = session.get_inputs()[0].name
         self.stats = BatchStats()
         self._queue: queue.Queue = queue.Queue()
+        self._closed, self._closing = False, threading.Lock()  # no call may be queued behind the stop marker
         self._worker = threading.Thread(target=self._loop, name="medtriage-batching", daemon=True)
         self._worker.start()
 
@@ -85,19 +86,34 @@ class BatchingSession:
         return getattr(self.session, name)
 
     def run(self, output_names, feeds: dict, run_options=None) -> list[np.ndarray]:
-        if set(feeds) != {self.input_name} or run_options is not None or not self._worker.is_alive():
+        call = self._queued(output_names, feeds, run_options)
+        if call is None:  # not stackable, or the batcher is closed: the wrapped session answers it
             return self.session.run(output_names, feeds, run_options)
-        call = _Call(tuple(output_names) if output_names else None, np.asarray(feeds[self.input_name]))
-        self._queue.put(call)
         return call.future.result()
+
+    def _queued(self, output_names, feeds: dict, run_options) -> _Call | None:
+        if set(feeds) != {self.input_name} or run_options is not None:
+            return None
+        pixels = np.asarray(feeds[self.input_name])
+        if pixels.ndim == 0:  # nothing to stack along; the session says what is wrong with it
+            return None
+        call = _Call(tuple(output_names) if output_names else None, pixels)
+        with self._closing:
+            if self._closed or not self._worker.is_alive():
+                return None
+            self._queue.put(call)
+        return call
 
     def expose(self, registry) -> None:
         """Publish the batcher's counters in a Prometheus `registry` (the serving process's /metrics)."""
         registry.register(_StatsCollector(self.stats))
 
     def close(self) -> None:
-        """Stop the worker after the calls already queued."""
-        self._queue.put(_STOP)
+        """Stop the worker after the calls already queued; later calls go straight to the wrapped session."""
+        with self._closing:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
         self._worker.join(timeout=10)
 
     def _loop(self) -> None:
@@ -131,7 +147,7 @@ class BatchingSession:
     def _execute(self, calls: list[_Call]) -> None:
         try:
             stacked = calls[0].pixels if len(calls) == 1 else np.concatenate([c.pixels for c in calls])
-            results = self._run(calls[0].outputs, stacked)
+            answers = _split(calls, self._run(calls[0].outputs, stacked))
         except Exception as err:  # noqa: BLE001 -- handed to the waiting request, which raises it
             if len(calls) == 1:
                 calls[0].future.set_exception(err)
@@ -140,17 +156,27 @@ class BatchingSession:
             for call in calls:
                 self._execute([call])
             return
-        start = 0
-        for call in calls:
-            end = start + len(call.pixels)
-            call.future.set_result([r[start:end] for r in results])
-            start = end
+        for call, answer in zip(calls, answers):
+            call.future.set_result(answer)
 
     def _run(self, outputs, pixels: np.ndarray) -> list[np.ndarray]:
         results = self.session.run(list(outputs) if outputs else None, {self.input_name: pixels})
         self.stats.calls += 1
         self.stats.images += len(pixels)
         return results
+
+
+def _split(calls: list[_Call], results: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Each call's rows of a stacked call's results. A call run alone gets the results as the session returned
+    them; a stacked call whose outputs do not have one row per image cannot be split back (ValueError)."""
+    if len(calls) == 1:
+        return [results]
+    images = sum(len(call.pixels) for call in calls)
+    shapes = [np.shape(r) for r in results]
+    if any(not shape or shape[0] != images for shape in shapes):
+        raise ValueError(f"outputs of shapes {shapes} have no row for each of the {images} stacked images")
+    bounds = np.cumsum([0] + [len(call.pixels) for call in calls])
+    return [[r[start:end] for r in results] for start, end in zip(bounds[:-1], bounds[1:])]
 
 
 def _groups(window: list[_Call]) -> list[list[_Call]]:
