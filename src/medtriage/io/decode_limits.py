@@ -64,6 +64,12 @@ def check_limits(ds: pydicom.Dataset, limits: DecodeLimits, where: str, frame: i
             where=where,
             hint="the image pixel module is incomplete; fix the export in the source system",
         )
+    if samples not in (1, 3):  # the codestream bound below scales with it: a false count would lift that bound
+        raise DicomError(
+            f"image claims {samples} samples per pixel; an image holds 1 (grayscale, palette) or 3 (colour)",
+            where=where,
+            hint="the Samples per Pixel attribute is damaged; export the image again from the source system",
+        )
     if frame is not None and not 0 <= frame < frames:
         raise DicomError(f"frame {frame + 1} requested of an image with {frames} frame(s)", where=where)
     hint = "raise the decode limits (medtriage serve --max-frame-pixels/--max-frames/--max-decoded-bytes) if it is genuine"
@@ -74,7 +80,7 @@ def check_limits(ds: pydicom.Dataset, limits: DecodeLimits, where: str, frame: i
     if frames > limits.max_frames:
         raise ImageTooLargeError(f"{frames} frames exceed the limit of {limits.max_frames}", where=where, hint=hint)
     # float32 output; a palette colour image holds one sample per pixel but comes out as RGB
-    channels = 3 if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR" else min(samples, 3)
+    channels = 3 if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR" else samples
     decoded = rows * columns * channels * (1 if frame is not None else frames) * 4
     if decoded > limits.max_decoded_bytes:
         raise ImageTooLargeError(

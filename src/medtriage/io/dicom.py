@@ -196,7 +196,21 @@ def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.nda
         arr = _decode_with_imagecodecs(ds, frame)
         if arr is None:
             raise DicomError(_decode_failure(err, ds), where=where, hint=_decode_hint(err)) from err
-    per_frame = arr.shape[-2:] if int(ds.get("SamplesPerPixel") or 1) == 1 else arr.shape[-3:]
+    return _frames_as_header_says(arr, ds, where)
+
+
+def _frames_as_header_says(arr: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    """`arr` as [F, H, W] or [F, H, W, 3], refused unless each frame is the header's size: the header's size is what
+    the limits checked and what the image is reported as, and a codestream may state another (imagecodecs follows it)."""
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    per_frame = (int(ds.Rows), int(ds.Columns), *((samples,) if samples > 1 else ()))
+    decoded = arr.shape[-len(per_frame) :]
+    if decoded != per_frame:
+        raise DicomError(
+            f"pixel data decodes to frames of {' x '.join(map(str, decoded))}, the header says {' x '.join(map(str, per_frame))}",
+            where=where,
+            hint="the pixel data does not match its header; export the image again",
+        )
     return arr.reshape((-1, *per_frame))
 
 
@@ -298,6 +312,6 @@ def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
             row, column = (float(v) for v in ds.get(keyword) or ())
         except (TypeError, ValueError):
             continue
-        if row > 0 and column > 0:
+        if 0 < row < np.inf and 0 < column < np.inf:  # "inf" parses as a number but is no spacing
             return row, column
     return None
