@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from medtriage.errors import PackageError
 from medtriage.format import sha256_file
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection
@@ -19,14 +20,28 @@ from tests.serve.node.peers import cr_study
 
 def with_nan_output(package_dir: Path, target: Path, output: str) -> Path:
     """A copy of the package whose graph multiplies `output` by NaN (model.json's sha256 updated to match)."""
+    nan = helper.make_node("Constant", [], ["nan_value"], value=helper.make_tensor("nan_value", onnx.TensorProto.FLOAT, [], [np.nan]))
+    return with_wrapped_output(package_dir, target, output, lambda inner: [nan, helper.make_node("Mul", [inner, "nan_value"], [output])])
+
+
+def with_first_row_only(package_dir: Path, target: Path, output: str) -> Path:
+    """A copy of the package whose graph returns `output` of the first image only, whatever the batch."""
+    bounds = [helper.make_tensor(n, onnx.TensorProto.INT64, [1], [v]) for n, v in (("first", 0), ("second", 1), ("rows", 0))]
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in bounds]
+    return with_wrapped_output(
+        package_dir, target, output, lambda inner: [*constants, helper.make_node("Slice", [inner, "first", "second", "rows"], [output])]
+    )
+
+
+def with_wrapped_output(package_dir: Path, target: Path, output: str, nodes) -> Path:
+    """A copy of the package whose graph passes `output` through `nodes(inner name)` (model.json's sha256 updated)."""
     shutil.copytree(package_dir, target)
     model = onnx.load(target / "model.onnx")
-    inner = f"{output}_before_nan"
+    inner = f"{output}_before_change"
     for node in model.graph.node:
         node.output[:] = [inner if name == output else name for name in node.output]
         node.input[:] = [inner if name == output else name for name in node.input]
-    nan = helper.make_node("Constant", [], ["nan_value"], value=helper.make_tensor("nan_value", onnx.TensorProto.FLOAT, [], [np.nan]))
-    model.graph.node.extend([nan, helper.make_node("Mul", [inner, "nan_value"], [output])])
+    model.graph.node.extend(nodes(inner))
     onnx.save(model, target / "model.onnx")
     meta = json.loads((target / "model.json").read_text())
     meta["sha256"] = sha256_file(target / "model.onnx")
@@ -55,3 +70,10 @@ def test_a_nan_output_is_a_rejection_not_a_score(safe_package_dir, image, tmp_pa
 def test_the_unchanged_package_scores_the_same_image(safe_predictor, image):
     (score,) = safe_predictor.score_file(image)
     assert np.isfinite(score.probability) and np.isfinite(score.ood_score)
+
+
+def test_a_graph_that_returns_fewer_rows_than_images_scores_none_of_them(safe_package_dir, tmp_path):
+    output = onnx.load(safe_package_dir / "model.onnx").graph.output[0].name
+    predictor = Predictor(load_package(with_first_row_only(safe_package_dir, tmp_path / "cut", output)), threads=1)
+    with pytest.raises(PackageError, match=r"shape \[1, 2\] and 3 OOD scores for 3 images of 2 classes"):
+        predictor.outputs(np.zeros((3, predictor.package.channels, 64, 64), np.float32))

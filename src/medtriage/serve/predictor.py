@@ -222,7 +222,22 @@ class Predictor:
         """Calibrated probabilities `[N, K]` and, when the graph has one, the OOD score `[N]` of decoded pixels."""
         batch = np.ascontiguousarray(pixels, dtype=np.float32)
         results = self.session.run(self.output_names, {self.input_name: batch})
-        return results[0], (results[1].reshape(-1) if len(results) > 1 else None)
+        probs, ood = results[0], (results[1].reshape(-1) if len(results) > 1 else None)
+        self._check_rows(probs, ood, len(batch))
+        return probs, ood
+
+    def _check_rows(self, probs: np.ndarray, ood: np.ndarray | None, images: int) -> None:
+        """One row of every class per image, one OOD score per image: anything else would pair images with other
+        images' scores (a batch cut short) or read one row as another class."""
+        classes = len(self.package.label_names)
+        if probs.shape != (images, classes) or (ood is not None and len(ood) != images):
+            raise PackageError(
+                f"the model returned probabilities of shape {list(probs.shape)}"
+                + ("" if ood is None else f" and {len(ood)} OOD scores")
+                + f" for {images} images of {classes} classes; nothing was scored",
+                where=self.package.onnx_path,
+                hint="the graph does not match its model.json: export the package again",
+            )
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Calibrated probabilities `[N, K]` of decoded pixels `[N, C, H, W]` (float32 in [0, 1])."""
