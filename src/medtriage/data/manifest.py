@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtriage.errors import DataNotFoundError
+from medtriage.errors import DataNotFoundError, InputError
 from medtriage.io.safe_output import AtomicFile, write_atomic, write_csv_atomic
 from medtriage.optional import optional_import
 
@@ -171,5 +171,50 @@ def load_manifest(pool_dir: str | Path) -> Manifest:
         if (pool_dir / REJECTS_FILE).exists()
         else pd.DataFrame(columns=REJECT_COLUMNS)
     )
-    label_names = json.loads((pool_dir / LABELS_FILE).read_text())
+    label_names = _read_label_names(pool_dir)
+    _check_rows(rows, label_names, pool_dir)
     return Manifest(pool_dir, rows, rejects, label_names, manifest_hash(pool_dir))
+
+
+# A pool folder is data on disk that anyone may have edited or cut short: what training and serving rely on is
+# checked on reading, so a damaged pool is refused with the row at fault rather than failing later or training wrong.
+INTEGER_COLUMNS = {"label": 0, "channels": 1, "height": 1, "width": 1, "offset": 0}  # column -> smallest valid value
+
+
+def _damaged(reason: str, where: Path) -> InputError:
+    return InputError(reason, where=where, hint=f"the pool is damaged or was edited by hand; delete {where.parent} and build it again")
+
+
+def _read_label_names(pool_dir: Path) -> list[str]:
+    try:
+        names = json.loads((pool_dir / LABELS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise _damaged(f"label names unreadable ({err})", pool_dir / LABELS_FILE) from err
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise _damaged("label names must be a non-empty JSON list of strings", pool_dir / LABELS_FILE)
+    return names
+
+
+def _check_rows(rows, label_names: list[str], pool_dir: Path) -> None:
+    where = pool_dir / MANIFEST_FILE
+    missing = [c for c in COLUMNS if c not in rows.columns]
+    if missing:
+        raise _damaged(f"manifest lacks columns {missing}", where)
+    for column, smallest in INTEGER_COLUMNS.items():
+        values = pd.to_numeric(rows[column], errors="coerce")
+        largest = len(label_names) - 1 if column == "label" else np.inf
+        bad = values.isna() | (values % 1 != 0) | (values < smallest) | (values > largest)
+        span = f"{smallest}..{largest}" if column == "label" else f">= {smallest}"
+        _refuse(bad, rows[column], f"{column} not an integer {span}", where)
+        rows[column] = values.astype(np.int64)
+    _refuse(~rows["split"].isin(SPLITS), rows["split"], f"split not one of {', '.join(SPLITS)}", where)
+    ends = rows["offset"] + rows["channels"] * rows["height"] * rows["width"]
+    stored = (pool_dir / PIXELS_FILE).stat().st_size // 4 if (pool_dir / PIXELS_FILE).is_file() else 0
+    _refuse(ends > stored, ends, f"pixels ending past the {stored} values stored in {PIXELS_FILE}", where)
+
+
+def _refuse(bad, values, what: str, where: Path) -> None:
+    """Raise naming the first bad row (its line in the CSV file, the header being line 1) and how many there are."""
+    if bad.any():
+        first = int(np.flatnonzero(bad.to_numpy())[0])
+        raise _damaged(f"{what}: {values.tolist()[first]!r} on line {first + 2} ({int(bad.sum())} row(s) in all)", where)

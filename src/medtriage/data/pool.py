@@ -20,7 +20,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import pydicom
 from tqdm import tqdm
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, load_manifest
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.data.splits import assign_splits
-from medtriage.errors import DataNotFoundError, DicomError
+from medtriage.errors import DataNotFoundError, DicomError, InputError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.deid import patient_id_text
 from medtriage.io.dicom import read_dicom
@@ -198,21 +198,28 @@ def read_labels(path: Path, site: str) -> LabelTable:
     if not path.is_file():
         table.problem = f"site has no {LABELS_CSV} (expected {path})"
         return table
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [_column_name(h) for h in next(reader, [])]
-        key = next((c for c in KEY_COLUMNS if c in header), None)
-        finding = next((c for c in FINDING_COLUMNS if c in header), None)
-        if key is None or finding is None:
-            table.problem = f"{LABELS_CSV} lacks columns ({' or '.join(KEY_COLUMNS)}, and finding; found {header})"
-            return table
-        table.key_column = key
-        key_at, finding_at = header.index(key), header.index(finding)
-        for line, values in enumerate(reader, start=2):
-            if values:
-                padded = values + [""] * (len(header) - len(values))
-                table.entries.setdefault(padded[key_at].strip(), []).append((line, padded[finding_at].strip().lower()))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            _read_label_rows(csv.reader(f), table)
+    except (UnicodeDecodeError, csv.Error) as err:  # a spreadsheet's export: the site's files are rejected, the run goes on
+        table.key_column, table.entries = None, {}
+        table.problem = f"{LABELS_CSV} is not readable UTF-8 CSV ({err}; save it again as 'CSV UTF-8')"
     return table
+
+
+def _read_label_rows(reader, table: LabelTable) -> None:
+    header = [_column_name(h) for h in next(reader, [])]
+    key = next((c for c in KEY_COLUMNS if c in header), None)
+    finding = next((c for c in FINDING_COLUMNS if c in header), None)
+    if key is None or finding is None:
+        table.problem = f"{LABELS_CSV} lacks columns ({' or '.join(KEY_COLUMNS)}, and finding; found {header})"
+        return
+    table.key_column = key
+    key_at, finding_at = header.index(key), header.index(finding)
+    for line, values in enumerate(reader, start=2):
+        if values:
+            padded = values + [""] * (len(header) - len(values))
+            table.entries.setdefault(padded[key_at].strip(), []).append((line, padded[finding_at].strip().lower()))
 
 
 def _column_name(header: str) -> str:
@@ -227,7 +234,7 @@ def _write_pool(
     accepted, seen_sops = [], {}
     for item in decoded:
         table = tables[item.site]
-        key = item.fields.get(KEY_COLUMNS.get(table.key_column, ""), "")
+        key = str(item.fields.get(KEY_COLUMNS.get(table.key_column, "")) or "").strip()
         used[item.site].add(key)
         reason = item.error or _no_patient(item) or _duplicate(item, seen_sops) or _label_problem(table, key)
         if reason:
@@ -262,7 +269,7 @@ def _duplicate(item: Decoded, seen_sops: dict[str, str]) -> str | None:
 def _label_problem(table: LabelTable, key: str) -> str | None:
     if table.problem:
         return table.problem
-    entries = table.entries.get(key)
+    entries = table.entries.get(key) if key else None  # a blank identifier names no image: it must not match a blank cell
     if not entries:
         return f"no label row in {LABELS_CSV} ({table.key_column} {key or 'missing in the header'})"
     findings = {finding for _, finding in entries}
@@ -280,7 +287,7 @@ def _label_problem(table: LabelTable, key: str) -> str | None:
 def _reject_orphan_rows(writer: PoolWriter, tables: dict[str, LabelTable], used: dict[str, set]) -> None:
     for site, table in tables.items():
         for key, entries in table.entries.items():
-            if key not in used[site]:
+            if not key or key not in used[site]:
                 for line, _ in entries:
                     writer.reject(
                         site, f"{site}/{LABELS_CSV}:{line}", f"label row matches no image ({table.key_column} {key or '(empty)'})"
@@ -292,6 +299,29 @@ def split_files(pool_dir: str | Path, split: str = "test", per_label: int = 1) -
     (every finding shows up in its table)."""
     pool_dir = Path(pool_dir)
     manifest = load_manifest(pool_dir)
-    sites_dir = Path(json.loads((pool_dir / INPUTS_FILE).read_text())["sites_dir"])
+    sites_dir = _recorded_sites_dir(pool_dir)
     rows = manifest.split(split).sort_values(["site", "label", "path"]).groupby(["site", "label"]).head(per_label)
-    return [sites_dir / path for path in rows["path"]]
+    return [_site_file(sites_dir, path, pool_dir) for path in rows["path"]]
+
+
+def _recorded_sites_dir(pool_dir: Path) -> Path:
+    try:
+        return Path(json.loads((pool_dir / INPUTS_FILE).read_text())["sites_dir"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataNotFoundError(
+            "this pool does not record the site folders it was built from",
+            where=pool_dir / INPUTS_FILE,
+            hint="source files can be picked only from a pool built from site folders (`python scripts/build_pool.py`)",
+        ) from err
+
+
+def _site_file(sites_dir: Path, relative: str, pool_dir: Path) -> Path:
+    """A manifest path is data: it names a file inside the site folders, never one elsewhere."""
+    path = PurePath(relative)
+    if not relative or path.is_absolute() or ".." in path.parts:
+        raise InputError(
+            f"manifest path {relative!r} does not lie inside the site folders",
+            where=pool_dir / MANIFEST_FILE,
+            hint=f"the pool is damaged or was edited by hand; delete {pool_dir} and build it again",
+        )
+    return sites_dir / path
