@@ -247,7 +247,17 @@ def _decode_with_imagecodecs(ds: pydicom.Dataset, frame: int | None) -> np.ndarr
         return None
     if arr.ndim == 4 and str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
         return None  # colour conversion differs by codec: leave such files to pydicom's plugins
-    return arr
+    return _sign_extended(arr, ds) if int(ds.get("PixelRepresentation") or 0) == 1 else arr
+
+
+def _sign_extended(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Signed samples from a codec that hands back their two's complement bits as unsigned, as pydicom's plugins
+    correct them: left as they come, -1000 HU stored in 12 bits would read 3096, brighter than bone."""
+    if arr.dtype.kind not in "iu":
+        return arr
+    signed, width, bits = np.dtype(f"i{arr.dtype.itemsize}"), 8 * arr.dtype.itemsize, int(ds.get("BitsStored") or 0)
+    unused = signed.type(width - bits if 0 < bits <= width else 0)
+    return (arr.view(signed) << unused) >> unused
 
 
 def _decode_failure(err: Exception, ds: pydicom.Dataset) -> str:

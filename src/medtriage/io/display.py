@@ -128,11 +128,19 @@ def _rescale(ds: pydicom.Dataset, allocated: int) -> tuple[float, float, tuple[f
     bits = int(ds.get("BitsStored") or allocated)
     signed = int(ds.get("PixelRepresentation") or 0) == 1
     low, high = (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
-    slope = _finite(_attribute(ds, "RescaleSlope") or 1.0, "Rescale Slope")
-    intercept = _finite(_attribute(ds, "RescaleIntercept") or 0.0, "Rescale Intercept")
+    slope = _header_number(ds, "RescaleSlope", "Rescale Slope", 1.0)
+    if slope == 0.0:  # every pixel would map to the intercept: what the stored values mean is lost
+        raise ValueError("Rescale Slope is 0, so the real-world values of the pixels are unknown")
+    intercept = _header_number(ds, "RescaleIntercept", "Rescale Intercept", 0.0)
     if (slope, intercept) != (1.0, 0.0):
         low, high = sorted((low * slope + intercept, high * slope + intercept))
     return slope, intercept, (low, high)
+
+
+def _header_number(ds: pydicom.Dataset, keyword: str, name: str, default: float) -> float:
+    """A number the header may leave out (absent or empty: `default`); a zero it states stays zero."""
+    value = _attribute(ds, keyword)
+    return default if value is None or value == "" else _finite(value, name)
 
 
 def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
@@ -146,15 +154,25 @@ def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
 
 
 def _window_values(ds: pydicom.Dataset) -> tuple[float, float, str] | None:
-    center, width = _attribute(ds, "WindowCenter"), _attribute(ds, "WindowWidth")
-    if center is None or width is None or center == "" or width == "":
-        return None
-    first = lambda v, name: _finite(v[0] if isinstance(v, pydicom.multival.MultiValue) else v, name)  # noqa: E731
+    """The first window (center, width) the header gives in full with a positive width, and the VOI LUT function;
+    None where there is none. PS3.3 C.11.2.1.2 wants a width > 0: a negative one would invert the image, a zero one
+    (some writers' "unset") make it two-valued, and an empty value names nothing. Such a window is no window: viewers
+    show images with only such windows unwindowed, and a later window in the list is another view of the same image."""
     function = str(_attribute(ds, "VOILUTFunction") or "LINEAR").upper()
-    width = first(width, "Window Width")
-    if width <= 0:  # PS3.3 C.11.2.1.2 wants > 0: a negative width would invert the image, a zero one (some writers'
-        return None  # "unset") make it two-valued. Such a window is no window: viewers show these images unwindowed.
-    return first(center, "Window Center"), width, function
+    for center, width in zip(_listed(ds, "WindowCenter"), _listed(ds, "WindowWidth")):
+        if center in (None, "") or width in (None, ""):
+            continue
+        width = _finite(width, "Window Width")
+        if width > 0:
+            return _finite(center, "Window Center"), width, function
+    return None
+
+
+def _listed(ds: pydicom.Dataset, keyword: str) -> list:
+    value = _attribute(ds, keyword)
+    if value is None:
+        return []
+    return list(value) if isinstance(value, pydicom.multival.MultiValue) else [value]
 
 
 def _finite(value, name: str) -> float:
