@@ -20,6 +20,13 @@ from medtriage.data.torch.datasets import CachedSplit
 _DONE = object()
 
 
+class _Failed:
+    """What the background gather raised, handed to the consumer to raise in its own thread."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
 class CachedBatchLoader:
     """Iterate `(images, labels)` batches of `split` in the order of `indices`, already on `device`."""
 
@@ -47,25 +54,35 @@ class CachedBatchLoader:
     def _gather(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images.index_select(0, chunk), self.labels.index_select(0, chunk)
 
+    def _gather_into(self, chunk: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_gather`, written straight into pinned memory when `pin`."""
+        images = torch.empty((len(chunk), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=pin)
+        torch.index_select(self.images, 0, chunk, out=images)
+        labels = self.labels.index_select(0, chunk)
+        return images, labels.pin_memory() if pin else labels
+
     def _prefetched(self, chunks: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Gathered by a background thread, `prefetch` batches ahead (into pinned memory when bound for CUDA)."""
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop, pin = threading.Event(), self.device.type == "cuda"
 
         def produce() -> None:
-            for chunk in chunks:
-                if stop.is_set():
-                    return
-                images = torch.empty((len(chunk), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=pin)
-                torch.index_select(self.images, 0, chunk, out=images)
-                labels = self.labels.index_select(0, chunk)
-                ready.put((images, labels.pin_memory() if pin else labels))
+            try:
+                for chunk in chunks:
+                    if stop.is_set():
+                        return
+                    ready.put(self._gather_into(chunk, pin))
+            except Exception as error:  # raised again by the consumer, which would otherwise wait for it forever
+                ready.put(_Failed(error))
+                return
             ready.put(_DONE)
 
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
         try:
             while (item := ready.get()) is not _DONE:
+                if isinstance(item, _Failed):
+                    raise item.error
                 yield item
         finally:  # the consumer may stop early (limit_train_batches): let the producer finish, free its batches
             stop.set()

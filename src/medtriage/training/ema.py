@@ -53,7 +53,15 @@ class WeightEMA:
 
     def updates_to_reach_decay(self) -> int:
         """Updates before the configured decay applies: the ramp's length, none when debiased."""
-        return 0 if self.warmup is EmaWarmup.debiased else math.ceil((10 * self.decay - 1) / (1 - self.decay))
+        if self.warmup is EmaWarmup.debiased:
+            return 0
+        needed = math.ceil((10 * self.decay - 1) / (1 - self.decay))
+        # The closed form is off by one where its float rounding differs from the ramp's own (decay 0.9: 81, not 80).
+        while needed > 0 and _ramp(needed - 1) >= self.decay:
+            needed -= 1
+        while _ramp(needed) < self.decay:
+            needed += 1
+        return needed
 
     def shortfall(self, total_updates: int) -> str | None:
         """What to tell a run of `total_updates` updates whose ramp never reaches the configured decay."""
