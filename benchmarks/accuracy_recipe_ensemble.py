@@ -229,6 +229,17 @@ def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
         + "; no other recipe of RECIPES had been, and the rule above was fixed before this package was scored",
         "",
         *test_table(f"{' + '.join(chosen)}: ensemble of their {r['members']} fold models", r),
+        *second_look_lines(chosen),
+    ]
+
+
+def second_look_lines(chosen: list[str]) -> list[str]:
+    """The verdicts of a package chosen after an earlier choice's test figures were seen are a second look at test."""
+    if tuple(chosen) == FIRST_TESTED:
+        return []
+    return [
+        f"- a second look at test: {' + '.join(FIRST_TESTED)}, the rule's first choice, was scored on test before the "
+        "candidates that changed the choice joined; these verdicts are not those of the first package chosen"
     ]
 
 

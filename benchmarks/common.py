@@ -37,15 +37,20 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(["python", str(shown), *argv[1:]])
 
 
+# The load when the benchmark's process started: a section is written after its measurements, whose own load the
+# one-minute average would report as the machine's.
+START_LOAD = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def machine() -> str:
-    """CPU model, usable cores, load at the time of the call, OS, Python version."""
+    """CPU model, usable cores, load when the process started (START_LOAD), OS, Python version."""
     cpu = platform.processor() or platform.machine()
     try:
         names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
         cpu = names[0].strip() if names else cpu
     except OSError:
         pass
-    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    load = f", load average {START_LOAD:.1f} at start" if START_LOAD is not None else ""
     return (
         f"{cpu}, {len(usable_cpus())} cores available{load}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
     )

@@ -91,3 +91,4 @@ def test_candidates_added_after_a_test_score_are_named_and_a_new_choice_says_wha
         bench.RECIPES = original
     assert f"{bench.FIRST_AFTER_TEST}, last joined the candidates afterwards" in history[0]
     assert f"and so had {' + '.join(bench.FIRST_TESTED)}" in "\n".join(seen) and "and so had" not in "\n".join(first)
+    assert seen[-1].startswith("- a second look at test: ") and not first[-1].startswith("- a second look")

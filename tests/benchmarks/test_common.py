@@ -70,6 +70,13 @@ def test_machine_and_verdict_lines():
     assert verdict(True) == "**met**" and verdict(False) == "**not met**"
 
 
+def test_the_machine_line_gives_the_load_before_the_measurements_not_theirs(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))  # the benchmark's own load, by the time it writes
+    assert "cores available" in machine() and "load average 99.0" not in machine()
+
+
 def test_a_stage_is_keyed_by_the_recipe_a_command_composes_not_by_its_words():
     from benchmarks.common import recipe_key
     from medtriage.config import compose_train_config

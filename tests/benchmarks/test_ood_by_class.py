@@ -51,14 +51,15 @@ def test_a_shared_covariance_flags_the_wider_scarce_class_and_per_class_fits_do_
         assert per_class[0] < 0.04 and per_class[0] < shared[0] / 2, label
 
 
-def result(test_normals: dict[str, int]) -> dict:
-    def counts(normal: int) -> dict:
+def result(test_normals: dict[str, int], val_normals: dict[str, int] | None = None) -> dict:
+    def counts(normal: int, val_normal: int = 5) -> dict:
         return {
-            "val": {"flagged": 6, "images": 524, "by_label": [[5, 135], [1, 389]]},
+            "val": {"flagged": 6, "images": 524, "by_label": [[val_normal, 135], [6 - val_normal, 389]]},
             "test": {"flagged": normal + 1, "images": 624, "by_label": [[normal, 234], [1, 390]]},
         }
 
-    variants = {label: counts(test_normals.get(label, 10)) for label in bench.VARIANTS}
+    val_normals = val_normals or {}
+    variants = {label: counts(test_normals.get(label, 10), val_normals.get(label, 5)) for label in bench.VARIANTS}
     return {
         "seed": 0,
         "run_id": "68d51b2a49b8",
@@ -103,15 +104,17 @@ def test_the_gate_is_set_on_validation_and_counts_what_it_releases():
     assert bench.confidence_gate(split, foreign)["cut"] is None
 
 
-def test_section_says_whether_a_variant_flags_fewer_test_normals():
+def test_section_judges_on_test_the_variant_chosen_on_validation():
     text = bench.section(result({}), "python -m benchmarks.ood_by_class")
     assert check_section(bench.SECTION, text, written_sections()) == []
     assert "| **served** | 6 of 524 | 5 of 135 (3.7%) | 1 of 389 (0.3%) | 11 of 624 | 10 of 234 (4.3%) |" in text
     assert "layer1 8, layer2 0, layer3 0, layer4 2" in text
-    assert "10 against the served 10: **not met**" in text
+    assert "fewest validation normal images: per-class scale; on test 10 against the served 10: **not met**" in text
     assert text.rstrip().endswith("7 test normal images released, 12 foreign: **not met**")
-    fewer = bench.section(result({"per-class covariance": 4}), "python -m benchmarks.ood_by_class")
-    assert "per-class covariance, 4 against the served 10: **met**" in fewer
+    fewer = bench.section(result({"per-class covariance": 4}, {"per-class covariance": 3}), "python -m benchmarks.ood_by_class")
+    assert "per-class covariance; on test 4 against the served 10: **met**" in fewer
+    fewest_on_test_only = bench.section(result({"per-class covariance": 4}, {"last layer only": 3}), "cmd")
+    assert "last layer only; on test 10 against the served 10: **not met**" in fewest_on_test_only  # test chooses nothing
     safe = result({})
     safe["gate"].update(foreign_released=[], foreign_released_count=0)
     assert bench.section(safe, "cmd").rstrip().endswith("7 test normal images released, 0 foreign: **met**")
