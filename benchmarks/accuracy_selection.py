@@ -13,8 +13,9 @@
 3. Only the chosen recipe is then trained on the official train split with each seed, exported with the chosen
    views (temperature and thresholds on validation), and its package scored on test once, through `medtriage score --npz --split test`;
    the seeds' packages are also exported as one ensemble graph and scored on test once.
-A stage whose result file exists under outputs/benchmark_accuracy_stages/ for the same recipe is not run again (CPU
-training is deterministic: a rerun repeats the figures), so the section can be rewritten without retraining. Stages are
+A stage whose result file exists under outputs/benchmark_accuracy_stages/ for the same recipe is not run again, so the
+section can be rewritten without retraining. A stage run again on another machine or library version need not repeat
+its figures to the last digit (CPU kernels differ in their summation order): its section then reports the new run. Stages are
 keyed by the composed config (`recipe_key`), not by the command: editing a config file reruns what it changes.
 """
 
