@@ -138,3 +138,38 @@ def test_the_same_source_builds_the_same_medtriage_wheel(tmp_path, monkeypatch):
     time.sleep(2.1)  # zip times have a two-second step
     second = build_medtriage_wheel(tmp_path / "second")
     assert first.name == second.name and sha256_file(first) == sha256_file(second)
+
+
+@pytest.mark.slow
+def test_a_reinstall_switches_releases_only_when_it_passes_and_replaces_model_folders_whole(stand_in_bundle, tmp_path):
+    prefix = tmp_path / "opt"
+    older, previous = prefix / "venvs" / "0.0.1-py3.0", prefix / "venvs" / "0.0.2-py3.0"
+    for release in (older, previous):
+        (release / "bin").mkdir(parents=True)
+    (prefix / "venv").symlink_to(previous)  # what the units run now
+    (prefix / "models" / "model").mkdir(parents=True)
+    (prefix / "models" / "model" / "stale.bin").write_text("a file of the model's earlier version")
+    (prefix / "models" / "withdrawn").mkdir()
+
+    failed = install(stand_in_bundle, prefix, STAND_IN_RUNTIME_FAILS="1")
+    assert failed.returncode != 0 and "Nothing was switched" in failed.stderr
+    assert os.readlink(prefix / "venv") == str(previous) and (prefix / "models" / "model" / "stale.bin").exists()
+
+    done = install(stand_in_bundle, prefix)
+    assert done.returncode == 0, done.stderr
+    release = Path(os.readlink(prefix / "venv"))
+    assert release.parent == prefix / "venvs" and release.name.startswith(medtriage.__version__)
+    assert sorted(p.name for p in (prefix / "venvs").iterdir()) == sorted([previous.name, release.name])  # older went
+    assert f"the previous release stays in {previous}" in done.stdout
+    assert sorted(p.name for p in (prefix / "models" / "model").iterdir()) == ["model.json"]
+    assert f"{prefix / 'models' / 'withdrawn'}/ is not in this bundle" in done.stderr
+    assert subprocess.run([prefix / "venv" / "bin" / "medtriage"], capture_output=True, text=True).stdout.startswith("medtriage")
+
+
+@pytest.mark.slow
+def test_an_install_made_before_releases_had_folders_of_their_own_is_switched_to_one(stand_in_bundle, tmp_path):
+    prefix = tmp_path / "opt"
+    (prefix / "venv" / "bin").mkdir(parents=True)  # the venv as a folder of its own
+    done = install(stand_in_bundle, prefix)
+    assert done.returncode == 0, done.stderr
+    assert (prefix / "venv").is_symlink() and (prefix / "venv" / "bin" / "medtriage").exists()

@@ -41,23 +41,19 @@ command -v "$PYTHON" >/dev/null 2>&1 || fail "$PYTHON not found; install Python 
 have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$have" = "@PYTHON@" ] || fail "this bundle holds wheels for Python @PYTHON@, $PYTHON is Python $have; set PYTHON=/path/to/python@PYTHON@"
 
-echo "installing into $PREFIX"
-mkdir -p "$PREFIX"
-"$PYTHON" -m venv "$PREFIX/venv"
+# Each release gets a virtual environment of its own (venvs/VERSION-pyX.Y; a venv cannot be moved once made);
+# PREFIX/venv, which the units run, is switched to it by one rename only after everything below passed: a failed
+# install leaves the running one as it was, and the previous release stays beside it to switch back to.
+venv="$PREFIX/venvs/@VERSION@-py@PYTHON@"
+live=$(readlink "$PREFIX/venv" 2>/dev/null || true)
+echo "installing into $venv"
+mkdir -p "$PREFIX/venvs"
+[ "$live" = "$venv" ] || rm -rf "$venv"  # a leftover of a failed install, or of a bundle built for another Python
+"$PYTHON" -m venv "$venv"
 # No configuration file or PIP_* variable of this machine may add an index or a wheel folder.
-PIP_CONFIG_FILE=/dev/null "$PREFIX/venv/bin/python" -m pip --isolated install --quiet --no-index \
+PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated install --quiet --no-index \
     --find-links "$HERE/wheels" "medtriage==@VERSION@"
 
-mkdir -p "$PREFIX/models" "$PREFIX/systemd"
-cp -R models/. "$PREFIX/models/"
-for unit in systemd/*.service; do
-    sed "s#/opt/medtriage#$PREFIX#g" "$unit" > "$PREFIX/systemd/$(basename "$unit")"
-done
-if command -v systemd-analyze >/dev/null 2>&1; then  # this machine's systemd judges the units it will run
-    systemd-analyze verify --man=no "$PREFIX"/systemd/*.service ||
-        echo "install.sh: warning: systemd-analyze verify found the problems above in $PREFIX/systemd" >&2
-fi
-cp -R config "$PREFIX/"
 # Each model's sha256 against its model.json, then an ONNX Runtime session: the wheels' native libraries load
 # only on a machine that matches the bundle's platform (glibc, CPU), and nothing else here would load them.
 check_model='import sys
@@ -69,12 +65,43 @@ try:
 except Exception as err:
     sys.exit("%s: %s" % (type(err).__name__, err))
 print("model", package.describe(), "verified and loaded by ONNX Runtime")'
-for package in "$PREFIX"/models/*/; do
-    "$PREFIX/venv/bin/python" -c "$check_model" "$package" ||
-        fail "the model in $package does not load on this machine (the reason is above). MedTriage is installed in" \
-             "$PREFIX but cannot score. The bundle was built for CPython @PYTHON@ on @PLATFORM@: check that this machine matches."
+for package in models/*/; do
+    "$venv/bin/python" -c "$check_model" "$package" ||
+        fail "the model in $HERE/$package does not load on this machine (the reason is above). Nothing was switched:" \
+             "$PREFIX runs what it ran before. The bundle was built for CPython @PYTHON@ on @PLATFORM@: check that this machine matches."
 done
 # Its own step: inside echo's arguments a failure would go unnoticed.
-version=$("$PREFIX/venv/bin/medtriage" --version) ||
-    fail "$PREFIX/venv/bin/medtriage does not run (the reason is above); the bundle was built for CPython @PYTHON@ on @PLATFORM@."
+version=$("$venv/bin/medtriage" --version) ||
+    fail "$venv/bin/medtriage does not run (the reason is above). Nothing was switched: $PREFIX runs what it ran" \
+         "before. The bundle was built for CPython @PYTHON@ on @PLATFORM@."
+
+# Each model folder is replaced whole (no file of an earlier version of it stays), by a rename.
+mkdir -p "$PREFIX/models" "$PREFIX/systemd"
+for package in models/*/; do
+    name=$(basename "$package")
+    rm -rf "$PREFIX/models/.$name.new" && cp -R "$package" "$PREFIX/models/.$name.new"
+    rm -rf "$PREFIX/models/$name" && mv "$PREFIX/models/.$name.new" "$PREFIX/models/$name"
+done
+for unit in systemd/*.service; do
+    sed "s#/opt/medtriage#$PREFIX#g" "$unit" > "$PREFIX/systemd/$(basename "$unit")"
+done
+cp -R config "$PREFIX/"
+
+# The switch. A PREFIX/venv that is a folder (an install made before venvs/ existed) makes way for the link.
+ln -sfn "$venv" "$PREFIX/.venv.new"
+[ -L "$PREFIX/venv" ] || rm -rf "$PREFIX/venv"
+mv -T "$PREFIX/.venv.new" "$PREFIX/venv"
+if command -v systemd-analyze >/dev/null 2>&1; then  # this machine's systemd judges the units it will run (their ExecStart exists now)
+    systemd-analyze verify --man=no "$PREFIX"/systemd/*.service ||
+        echo "install.sh: warning: systemd-analyze verify found the problems above in $PREFIX/systemd" >&2
+fi
+for old in "$PREFIX"/venvs/*; do  # keep this release and the one it replaces
+    [ "$old" = "$venv" ] || [ "$old" = "$live" ] || rm -rf "$old"
+done
+[ -z "$live" ] || [ "$live" = "$venv" ] || echo "the previous release stays in $live; to go back to it:" \
+    "ln -sfn $live $PREFIX/.venv.new && mv -T $PREFIX/.venv.new $PREFIX/venv"
+for package in "$PREFIX"/models/*/; do
+    [ -d "models/$(basename "$package")" ] || echo "install.sh: warning: $package is not in this bundle (left by an" \
+        "earlier install); remove it (rm -r $package) if that model was withdrawn" >&2
+done
 echo "installed: $PREFIX/venv/bin/medtriage ($version); next steps: $HERE/README.md"
