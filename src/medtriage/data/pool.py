@@ -6,8 +6,12 @@ becomes a manifest row or a reject, and each label row that names no file become
 files + orphan label rows = rows + rejects. Manifest paths are relative to `sites_dir`, so the data
 fingerprint does not depend on where the data lives.
 
+Files under a hidden name (a dot first) at any depth are not site data: notebook checkpoints, trash folders and OS
+metadata hold copies or deleted images. A build that would hold no image at all is refused, its rejects kept to read.
+
 A pool folder remembers a hash of its inputs (file names, sizes, mtimes, labels.csv contents and
-the split settings); building again from unchanged inputs reuses it.
+the split settings) and of the manifest and label names it wrote; building again from unchanged inputs reuses it
+while those files are still the ones it wrote.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path, PurePath
 import pydicom
 from tqdm import tqdm
 
-from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, load_manifest
+from medtriage.data.manifest import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, Manifest, PoolWriter, load_manifest
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.data.splits import assign_splits
 from medtriage.errors import DataNotFoundError, DicomError, InputError
@@ -38,6 +42,7 @@ DEFAULT_SITES = Path("data/pool/ingested")  # what ingest_sites.py writes: site 
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
 LABELS_CSV = "labels.csv"
 INPUTS_FILE = "inputs.json"
+POOL_FILES = (MANIFEST_FILE, LABELS_FILE)  # what a reused pool is read by; hashed at build time, checked on reuse
 POOL_FORMAT = 3  # bump when the way rows are built changes, to invalidate cached pools
 KEY_COLUMNS = {"sop_instance_uid": "sop_uid", "accession_number": "accession_number"}  # labels.csv -> header field
 FINDING_COLUMNS = ("finding", "label")
@@ -76,19 +81,38 @@ def build_sites_pool(
 ) -> Manifest:
     """Decode every site's files, join the labels, split by patient, write the pool; reuse it if unchanged."""
     sites_dir, pool_dir = Path(sites_dir).resolve(), Path(pool_dir).resolve()
-    files = _site_files(sites_dir)
+    files, hidden = _site_files(sites_dir)
+    _say(bool(verbose and hidden), f"left out {len(hidden)} hidden folder(s), not site data: {', '.join(hidden)}")
     inputs_hash = _inputs_hash(sites_dir, files, seed, val_fraction, test_fraction)
-    if _cached(pool_dir, inputs_hash):
+    if _cached(pool_dir, inputs_hash, verbose):
         manifest = load_manifest(pool_dir)
-        _say(verbose, f"reusing pool built from the same inputs\n{manifest.summary()}")
+        _say(verbose, f"reusing pool built from the same inputs\n{manifest.summary()}{_empty_sites(sites_dir, files)}")
         return manifest
     (pool_dir / INPUTS_FILE).unlink(missing_ok=True)  # a half-written pool must never look cached
     decoded = _decode_all(sites_dir, files, workers, verbose)
     tables = {site: read_labels(sites_dir / site / LABELS_CSV, site) for site in files}
     manifest = _write_pool(pool_dir, decoded, tables, seed, val_fraction, test_fraction)
-    write_atomic(pool_dir / INPUTS_FILE, json.dumps({"inputs_sha256": inputs_hash, "sites_dir": str(sites_dir)}, indent=1).encode())
-    _say(verbose, manifest.summary())
+    if not len(manifest.rows):
+        _refuse_empty_pool(sites_dir, pool_dir)
+    record = {"inputs_sha256": inputs_hash, "sites_dir": str(sites_dir), "pool_sha256": _pool_hashes(pool_dir)}
+    write_atomic(pool_dir / INPUTS_FILE, json.dumps(record, indent=1).encode())
+    _say(verbose, manifest.summary() + _empty_sites(sites_dir, files))
     return manifest
+
+
+def _refuse_empty_pool(sites_dir: Path, pool_dir: Path) -> None:
+    """No pool at all rather than a 0-image one that training would pick up; the rejects stay to say why."""
+    (pool_dir / MANIFEST_FILE).unlink()
+    raise DataNotFoundError(
+        f"no image of the site folders {sites_dir} made it into the pool",
+        where=pool_dir / REJECTS_FILE,
+        hint="read the reasons there, fix the files or labels.csv at the sites, and build again",
+    )
+
+
+def _empty_sites(sites_dir: Path, files: dict[str, list[Path]]) -> str:
+    """A line per site folder without files: it shows in neither the rows nor the rejects."""
+    return "".join(f"\nsite {site}: no image files in {sites_dir / site}" for site, paths in files.items() if not paths)
 
 
 def _say(verbose: bool, text: str) -> None:
@@ -96,20 +120,27 @@ def _say(verbose: bool, text: str) -> None:
         print(text)
 
 
-def _site_files(sites_dir: Path) -> dict[str, list[Path]]:
-    """Site name -> every file in its folder (labels.csv and hidden files aside), sorted."""
+def _site_files(sites_dir: Path) -> tuple[dict[str, list[Path]], list[str]]:
+    """Site name -> every file in its folder (labels.csv and hidden names aside), sorted; and the hidden folders left
+    out, relative to `sites_dir`."""
     if not sites_dir.is_dir():
         raise DataNotFoundError(
             "site folders not found", where=sites_dir, hint="create them with `python scripts/make_sites.py` (or `medtriage make-sites`)"
         )
-    sites = {}
+    sites, hidden = {}, []
     for folder in sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        sites[folder.name] = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != LABELS_CSV and not p.name.startswith("."))
+        entries = [(p, p.relative_to(folder).parts) for p in folder.rglob("*")]
+        sites[folder.name] = sorted(p for p, parts in entries if p.is_file() and p.name != LABELS_CSV and not _hidden(parts))
+        hidden += [str(p.relative_to(sites_dir)) for p, parts in entries if p.is_dir() and _hidden(parts) and not _hidden(parts[:-1])]
     if not sites:
         raise DataNotFoundError(
             "no site folders inside", where=sites_dir, hint="expected <sites_dir>/<site>/*.dcm with a labels.csv per site"
         )
-    return sites
+    return sites, hidden
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    return any(name.startswith(".") for name in parts)
 
 
 def _inputs_hash(sites_dir: Path, files: dict[str, list[Path]], *settings) -> str:
@@ -123,12 +154,30 @@ def _inputs_hash(sites_dir: Path, files: dict[str, list[Path]], *settings) -> st
     return digest.hexdigest()
 
 
-def _cached(pool_dir: Path, inputs_hash: str) -> bool:
+def _cached(pool_dir: Path, inputs_hash: str, verbose: bool) -> bool:
+    """Same inputs, and the pool's files still the ones the build wrote: an edited manifest (a flipped label) or
+    label names would otherwise be trained on as if built from the sites."""
     try:
-        recorded = json.loads((pool_dir / INPUTS_FILE).read_text())["inputs_sha256"]
-    except (OSError, ValueError, KeyError):
+        record = json.loads((pool_dir / INPUTS_FILE).read_text())
+        recorded, pool_hashes = record["inputs_sha256"], record["pool_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):  # pools recorded before the file hashes are built again once
         return False
-    return recorded == inputs_hash and (pool_dir / MANIFEST_FILE).is_file()
+    if recorded != inputs_hash or not isinstance(pool_hashes, dict) or not (pool_dir / MANIFEST_FILE).is_file():
+        return False
+    changed = [name for name, digest in _pool_hashes(pool_dir).items() if pool_hashes.get(name) != digest]
+    _say(bool(verbose and changed), f"{', '.join(changed)} differs from what the build wrote; building the pool again")
+    return not changed
+
+
+def _pool_hashes(pool_dir: Path) -> dict[str, str | None]:
+    return {name: _file_hash(pool_dir / name) for name in POOL_FILES}
+
+
+def _file_hash(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _decode_all(sites_dir: Path, files: dict[str, list[Path]], workers: int | None, verbose: bool) -> list[Decoded]:
