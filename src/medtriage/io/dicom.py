@@ -16,6 +16,7 @@ from typing import BinaryIO
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.decoders.base import DecodeRunner
 
 from medtriage.errors import DicomError, NotAnImageError
 from medtriage.io.clamped import dicom_source
@@ -193,10 +194,36 @@ def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.nda
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # ValueError/RuntimeError/...; a Rust decoder's panic is a BaseException
-        arr = _decode_with_imagecodecs(ds, frame)
+        arr = _second_opinion(ds, where, frame)
         if arr is None:
             raise DicomError(_decode_failure(err, ds), where=where, hint=_decode_hint(err)) from err
     return _frames_as_header_says(arr, ds, where)
+
+
+def _second_opinion(ds: pydicom.Dataset, where: str, frame: int | None) -> np.ndarray | None:
+    """imagecodecs' reading of a codestream pydicom's plugins cannot decode (or none is installed for); None where it
+    has no decoder for the transfer syntax or fails too. A pixel description pydicom finds invalid is refused first:
+    no codec makes it valid, and the display mapping would read the pixels by it."""
+    decoder = _IMAGECODECS_DECODERS.get(str(_transfer_syntax(ds)))
+    if decoder is None:
+        return None
+    _require_valid_pixel_description(ds, where)
+    return _decode_with_imagecodecs(ds, frame, decoder)
+
+
+def _require_valid_pixel_description(ds: pydicom.Dataset, where: str) -> None:
+    """pydicom's own checks of the Image Pixel attributes, run apart from its decoding: its decoders run them before
+    any plugin (so they may not have run at all when no plugin is installed)."""
+    runner = DecodeRunner(pydicom.uid.UID(str(_transfer_syntax(ds))))
+    try:
+        runner.set_source(ds)
+        runner.validate()
+    except (AttributeError, TypeError, ValueError) as err:  # a missing attribute, or a value out of range
+        raise DicomError(
+            f"invalid pixel description: {' '.join(str(err).split())}",
+            where=where,
+            hint="the Image Pixel attributes (0028,xxxx) are missing or contradict each other; fix the export in the source system",
+        ) from err
 
 
 def _frames_as_header_says(arr: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
@@ -229,13 +256,12 @@ def _reduced(ds: pydicom.Dataset, where: str, frame: int | None, min_side: int |
     return StoredValues(values, 8 * values.dtype.itemsize, resolution_level=level)
 
 
-def _decode_with_imagecodecs(ds: pydicom.Dataset, frame: int | None) -> np.ndarray | None:
+def _decode_with_imagecodecs(ds: pydicom.Dataset, frame: int | None, decoder: str) -> np.ndarray | None:
     """Second opinion for compressed frames pydicom's plugins refuse (e.g. 12-bit JPEG Extended)."""
-    name = _IMAGECODECS_DECODERS.get(str(_transfer_syntax(ds)))
     try:
         import imagecodecs
 
-        decode = getattr(imagecodecs, name)
+        decode = getattr(imagecodecs, decoder)
         n_frames = int(ds.get("NumberOfFrames") or 1)
         frames = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=n_frames)
         wanted = range(n_frames) if frame is None else [frame]
@@ -243,21 +269,23 @@ def _decode_with_imagecodecs(ds: pydicom.Dataset, frame: int | None) -> np.ndarr
         arr = np.stack(decoded)
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException:  # no imagecodecs, no decoder for this syntax, or it fails (or panics) too
+    except BaseException:  # no imagecodecs, or it fails (or panics) too
         return None
     if arr.ndim == 4 and str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
         return None  # colour conversion differs by codec: leave such files to pydicom's plugins
-    return _sign_extended(arr, ds) if int(ds.get("PixelRepresentation") or 0) == 1 else arr
+    return _stored_bits_only(arr, ds)
 
 
-def _sign_extended(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
-    """Signed samples from a codec that hands back their two's complement bits as unsigned, as pydicom's plugins
-    correct them: left as they come, -1000 HU stored in 12 bits would read 3096, brighter than bone."""
+def _stored_bits_only(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The samples as pydicom's decoders leave them: bits above Bits Stored cleared (unsigned) or filled with the sign
+    (signed). A codec hands back all the bits of the codestream's precision: left as they come, -1000 HU stored in 12
+    bits would read 3096, and an overlay in an unused high bit would turn the pixels under it white."""
     if arr.dtype.kind not in "iu":
         return arr
-    signed, width, bits = np.dtype(f"i{arr.dtype.itemsize}"), 8 * arr.dtype.itemsize, int(ds.get("BitsStored") or 0)
-    unused = signed.type(width - bits if 0 < bits <= width else 0)
-    return (arr.view(signed) << unused) >> unused
+    kind = "i" if int(ds.get("PixelRepresentation") or 0) == 1 else "u"
+    width, bits = 8 * arr.dtype.itemsize, int(ds.get("BitsStored") or 0)
+    as_stored = arr.view(np.dtype(f"{kind}{arr.dtype.itemsize}"))
+    return StoredValues(as_stored, bits if 0 < bits <= width else width).corrected()
 
 
 def _decode_failure(err: Exception, ds: pydicom.Dataset) -> str:
