@@ -32,11 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         run_id, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         from medtriage.export.from_mlflow import export_from_mlflow
 
+        _use_project_store()
         export_from_mlflow(run_id, overrides)
     except MedTriageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _use_project_store() -> None:
+    """Look runs up in the store training records them in (tracking.uri: MLFLOW_TRACKING_URI, else the project's
+    mlflow.db), not in MLflow's default, an mlflow.db in whatever folder the command runs from."""
+    import mlflow
+
+    from medtriage.config import compose_train_config
+
+    mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)
 
 
 def ensemble_main(argv: list[str] | None = None) -> int:
@@ -83,13 +94,10 @@ def ensemble_main(argv: list[str] | None = None) -> int:
 
 
 def _export_ensemble(args: argparse.Namespace, run_ids: list[str], overrides: list[str]) -> int:
-    import mlflow
-
-    from medtriage.config import compose_train_config
     from medtriage.export.ensemble import export_ensemble
     from medtriage.export.fold_ensemble import export_fold_ensemble, export_refit
 
-    mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)  # the project's store
+    _use_project_store()
     try:
         if args.refit:
             refit = export_refit(args.cross_validation[0], args.refit, args.name, tta=args.tta, overrides=overrides)

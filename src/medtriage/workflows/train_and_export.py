@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from medtriage import training
+from medtriage.errors import MedTriageError
 from medtriage.export.run import check_export_settings, export_run
 from medtriage.training.job import RunResult
 from medtriage.training.report import run_folder
@@ -23,6 +26,31 @@ def train_and_export(cfg: DictConfig) -> RunResult:
             f"--cross-validation <the folder of scripts/cross_validate.py> --refit {run_folder(result.output_dir)} [more refit runs]"
         )
     elif cfg.export.enabled and result.finished:
-        result.package = export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg, checked=checked)
+        result.package = _export_trained(result, cfg, checked)
         print(f"model package: {result.package}")
     return result
+
+
+def _export_trained(result: RunResult, cfg: DictConfig, checked) -> Path:
+    """export_run for the run just trained; a failed export says that the training is kept and how to export it alone
+    (the error alone would read as if the hours of training were lost)."""
+    try:
+        return export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg, checked=checked)
+    except MedTriageError as err:
+        hint = f"{err.hint}; " if err.hint else ""
+        raise type(err)(f"the export after training failed: {err.reason}", where=err.where, hint=hint + _retry(result, cfg)) from err
+    except Exception as err:
+        err.add_note(f"the export after training failed ({_retry(result, cfg)})")
+        raise
+
+
+def _retry(result: RunResult, cfg: DictConfig) -> str:
+    """What is kept of a run whose export failed, and the command that exports it again without training."""
+    command = f"python scripts/export.py run_id={result.run_id} [export.key=value ...]"
+    kept = f"the training itself finished and is kept: MLflow run {result.run_id}, checkpoint {result.checkpoint}"
+    if not cfg.get("tracking", {}).get("log_checkpoint", True):  # scripts/export.py fetches the checkpoint from the run
+        command = (
+            f"mlflow.MlflowClient().log_artifact('{result.run_id}', '{result.checkpoint}', 'checkpoints') "
+            f"(tracking.log_checkpoint=false kept it out of the run), then {command}"
+        )
+    return f"{kept}; fix the cause, then export it again on its own: {command}"
