@@ -118,6 +118,14 @@ def test_a_run_whose_training_did_not_finish_is_refused(store, status):
     assert "trainer.resume=true" in err.value.hint
 
 
+def test_an_ensemble_member_whose_training_did_not_finish_is_refused(store, tmp_path):
+    from medtriage.export.ensemble import load_members
+
+    run_id = _run_in("KILLED")
+    with pytest.raises(ConfigError, match=f"{run_id} is KILLED, not FINISHED"):
+        load_members([run_id], tmp_path)
+
+
 def test_a_finished_run_without_a_checkpoint_says_so(store):
     from medtriage.export.from_mlflow import export_from_mlflow
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from medtriage.config.project import git_commit
 from medtriage.config.schema import ExportConfig
-from medtriage.errors import DataNotFoundError, PackageError
+from medtriage.errors import ConfigError, DataNotFoundError, PackageError
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "model_package"  # where the package lives among the MLflow run's artifacts
@@ -93,8 +94,14 @@ def log_package(run_id: str, result) -> None:
     print(f"model package {meta['name']} v{meta['version']} -> {result.package_dir} (logged to MLflow run {run_id})")
 
 
+def log_checkpoint_command(run_id: str, checkpoint: str | Path) -> str:
+    """The call that adds a checkpoint kept out of its run (tracking.log_checkpoint=false) where find_checkpoint looks."""
+    return f"mlflow.MlflowClient().log_artifact('{run_id}', '{checkpoint}', 'checkpoints')"
+
+
 def find_checkpoint(run_id: str, download_dir: Path) -> Path:
-    """Download the run's best checkpoint artifact (else its last one)."""
+    """Download the best checkpoint artifact (else the last one) of run `run_id`, a finished run of this store."""
+    check_finished_run(run_id)
     client = mlflow.MlflowClient()
     paths = _artifact_paths(client, run_id)
     for wanted in CHECKPOINT_PREFERENCE:
@@ -103,8 +110,42 @@ def find_checkpoint(run_id: str, download_dir: Path) -> Path:
             return Path(client.download_artifacts(run_id, match[0], str(download_dir)))
     raise DataNotFoundError(
         f"MLflow run {run_id} has no checkpoint artifact ({' or '.join(CHECKPOINT_PREFERENCE)})",
-        hint="export from a run that finished training, or pass a checkpoint to medtriage.export.run.export_run",
+        hint=f"log its checkpoint to the run: {log_checkpoint_command(run_id, '<path of best.pt>')}",
     )
+
+
+NOT_FOUND = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}  # unknown, or not an id
+UNFINISHED_HINTS = {
+    "RUNNING": "wait until its training ends (one whose process died stays RUNNING: resume it with trainer.resume=true)",
+    "SCHEDULED": "wait until its training ends",
+    "KILLED": "it was stopped: resume it with python scripts/train.py <its overrides> trainer.resume=true, then export",
+    "FAILED": "its training failed: see the run's log, resume it with trainer.resume=true or train again",
+}
+
+
+def check_finished_run(run_id: str) -> None:
+    """Refuse a run the tracking store does not hold, and one whose training did not finish (its checkpoint would be
+    a partly trained or a failed one), before anything is downloaded or registered."""
+    uri = mlflow.get_tracking_uri()
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        if err.error_code not in NOT_FOUND:
+            raise
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        raise DataNotFoundError(
+            f"MLflow run {run_id} is not in this tracking store",
+            where=uri,
+            hint="check the run id (mlflow ui), or set MLFLOW_TRACKING_URI to the store the run was trained in",
+        )
+    status = run.info.status
+    if status != "FINISHED":
+        raise ConfigError(
+            f"MLflow run {run_id} is {status}, not FINISHED: only a finished training is exported",
+            where=uri,
+            hint=UNFINISHED_HINTS.get(status, "export a run whose training finished"),
+        )
 
 
 def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:

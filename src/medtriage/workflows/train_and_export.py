@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from medtriage import training
 from medtriage.errors import MedTriageError
+from medtriage.export.registry import log_checkpoint_command
 from medtriage.export.run import check_export_settings, export_run
 from medtriage.training.job import RunResult
 from medtriage.training.report import run_folder
@@ -50,7 +51,7 @@ def _retry(result: RunResult, cfg: DictConfig) -> str:
     kept = f"the training itself finished and is kept: MLflow run {result.run_id}, checkpoint {result.checkpoint}"
     if not cfg.get("tracking", {}).get("log_checkpoint", True):  # scripts/export.py fetches the checkpoint from the run
         command = (
-            f"mlflow.MlflowClient().log_artifact('{result.run_id}', '{result.checkpoint}', 'checkpoints') "
+            f"{log_checkpoint_command(result.run_id, result.checkpoint)} "
             f"(tracking.log_checkpoint=false kept it out of the run), then {command}"
         )
     return f"{kept}; fix the cause, then export it again on its own: {command}"
