@@ -3,6 +3,8 @@ and no MLflow parent run left RUNNING when a sweep job fails."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
@@ -15,7 +17,7 @@ from medtriage.data.holdout import hold_out_site
 from medtriage.data.manifest import PoolWriter
 from medtriage.errors import ConfigError
 from medtriage.model.checkpoint import save_checkpoint
-from medtriage.training import job
+from medtriage.training import job, tracking
 from medtriage.training.tracking import PARENT_RUN_ENV, MultirunParentRun
 
 
@@ -109,7 +111,9 @@ def test_resuming_with_another_recipe_is_refused_before_any_training(tmp_path, m
 
 @pytest.mark.parametrize("runtime", ["data.num_workers=2", "trainer.eval_batch_size=64", "trainer.precision=fp32"])
 def test_resuming_with_the_same_recipe_on_other_runtime_settings_goes_on(tmp_path, monkeypatch, runtime):
-    checkpoint = save_checkpoint(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id="x")
+    uri = os.environ["MLFLOW_TRACKING_URI"]  # the run the checkpoint names must be in the store: it is checked first
+    run_id = MlflowClient(uri).create_run(tracking.experiment_id(uri, "edges")).info.run_id
+    checkpoint = save_checkpoint(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id=run_id)
 
     class Reached(Exception):
         pass

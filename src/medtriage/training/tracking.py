@@ -111,10 +111,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 def check_destination(cfg: DictConfig, resume_run_id: str | None = None) -> None:
     """Fail before any data work when the run could not be recorded: the experiment is deleted, or the resumed run is
     not in the store (start_run would find either only after the pool is built and audited)."""
+    uri = cfg.tracking.uri
     if resume_run_id:
-        _resumable(cfg.tracking.uri, resume_run_id)
+        _resumable(uri, resume_run_id)
     elif not os.environ.get(PARENT_RUN_ENV):
-        experiment_id(cfg.tracking.uri, cfg.tracking.experiment_name)
+        mlflow.set_tracking_uri(uri)
+        found = mlflow.get_experiment_by_name(cfg.tracking.experiment_name)  # not created yet: the run may still fail
+        if found is not None:
+            _active(found, uri)
 
 
 def start_run(cfg: DictConfig, resume_run_id: str | None = None):
@@ -122,6 +126,7 @@ def start_run(cfg: DictConfig, resume_run_id: str | None = None):
     uri = cfg.tracking.uri
     mlflow.set_tracking_uri(uri)
     if resume_run_id:
+        _resumed_runs.add(resume_run_id)
         return mlflow.start_run(run_id=_resumable(uri, resume_run_id))
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
@@ -191,9 +196,28 @@ def log_run_config(cfg: DictConfig, plain: dict, fingerprint: str, data_summary:
     mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(plain)), "config/resolved.yaml")
 
 
+# Runs continued in this process: their steps may have been logged before the interruption.
+_resumed_runs: set[str] = set()
+
+
 def log_metrics(metrics: dict[str, float], step: int) -> None:
+    """`metrics` at `step` in the active run, unless a resumed run logged that step already."""
     # MLflow metric keys allow letters, digits, "_-./ " only; site names are kept to those.
-    mlflow.log_metrics({_safe_key(k): float(v) for k, v in metrics.items()}, step=step)
+    safe = {_safe_key(k): float(v) for k, v in metrics.items()}
+    if safe and not _logged_before(safe, step):
+        mlflow.log_metrics(safe, step=step)
+
+
+def _logged_before(metrics: dict[str, float], step: int) -> bool:
+    """True when the active run was resumed and holds `step` already. A run stopped after logging an epoch but before
+    checkpointing it trains that epoch again on resume: logged twice, the charts would show two points at one step.
+    One key stands for the batch: a batch is logged in one call, whole or not at all."""
+    active = mlflow.active_run()
+    run_id = active.info.run_id if active else None
+    if run_id not in _resumed_runs:
+        return False
+    history = MlflowClient().get_metric_history(run_id, next(iter(metrics)))
+    return any(point.step == step for point in history)
 
 
 def _safe_key(key: str) -> str:
