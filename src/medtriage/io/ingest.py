@@ -8,11 +8,14 @@ builder reads it like any site folder:
 - `<pool>/.ingest/<site>/index.csv`      one row per source file ever seen, keyed by a keyed hash of its
                                          bytes: what makes re-ingest idempotent and incremental
 - `<pool>/.ingest/<site>/logs/<run>.json`  one audit log per ingest: counts, profile, versions, time; no PHI
+- `<pool>/.ingest/<site>/ingest.lock`      held for the whole ingest: a second ingest of the site is refused
 Site side (never pooled), `<quarantine>/`: originals by reason plus `quarantine.csv` with source paths (a file
 that cannot be read at all is listed there as `cannot_read`, and one over the size limit as `too_large`, without a
 copy, and both are looked at again by the next run).
 
-Every input file ends in exactly one place: counts in = pooled + quarantined (per reason).
+Every input file ends in exactly one place: counts in = pooled + quarantined (per reason). Files under a hidden name
+(a dot first) at any depth of the site folder are not inputs: notebook checkpoints, trash folders, OS and editor files
+would otherwise be pooled under ordinary names, where the pool builder could no longer tell them from site data.
 Torch-free and pandas-free: a site installs only the base package.
 """
 
@@ -28,6 +31,7 @@ import secrets
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +44,7 @@ from tqdm import tqdm
 
 from medtriage import __version__
 from medtriage.arguments import positive_int
-from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError
+from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError, MedTriageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
@@ -49,7 +53,13 @@ from medtriage.io.quarantine import Unsafe, screen
 from medtriage.io.safe_output import copy_atomic, output_path, remove_partials, spreadsheet_row, write_atomic, write_new
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one ingest of a site at a time
+    fcntl = None
+
 INDEX_FILE, LABELS_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "labels.csv", "logs", "quarantine.csv"
+LOCK_FILE = "ingest.lock"
 LEDGER_DIR = ".ingest"  # hidden: the pool builder skips it
 INDEX_COLUMNS = [
     "content_key",
@@ -98,6 +108,7 @@ class IngestSummary:
     site: str
     run: str
     counts_in: int = 0
+    hidden: int = 0  # files under a hidden name, left out: not inputs, so not in counts_in
     pooled_new: int = 0
     pooled_before: int = 0
     quarantined: Counter = field(default_factory=Counter)  # reason -> count, this run and earlier
@@ -114,9 +125,10 @@ class IngestSummary:
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.quarantined.items())) or "none"
         flags = "".join(f"; flagged {f} {n}" for f, n in sorted(self.flags.items()))
         by_name = f"; {self.identified_by_name} identified by name, not Patient ID" if self.identified_by_name else ""
+        hidden = f"; left out {self.hidden} hidden file(s) (a name starting with '.')" if self.hidden else ""
         return (
             f"{self.site}: in {self.counts_in} = pooled {self.pooled} ({self.pooled_new} new) "
-            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}{by_name}"
+            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}{by_name}{hidden}"
         )
 
 
@@ -265,21 +277,55 @@ def ingest_site(
     labels = read_site_labels(src / LABELS_FILE)  # a labels file that cannot be used stops the run before it starts
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     started = time.time()
-    _drop_torn_line(ledger_dir / INDEX_FILE)  # before reading: a torn row must not mark its input done
-    index = _read_index(ledger_dir / INDEX_FILE)
-    sources = [str(p) for p in sorted(src.rglob("*")) if p.is_file() and p != src / LABELS_FILE]
-    summary = IngestSummary(site, run, counts_in=len(sources))
-    site_dir.mkdir(parents=True, exist_ok=True)
-    remove_partials(site_dir)  # temporary files of a killed run; their inputs are not in the index, so they run again
-    ledger = _Ledger(site, site_dir, ledger_dir / INDEX_FILE, quarantine, run, index, _pooled_pixels(pool))
-    for out in _map(sources, workers, progress, site, (key, options, frozenset(index), verify_pixels, max_file_bytes)):
-        ledger.record(out, summary)
-    ledger.close()
-    rows = ledger.index.values()
-    summary.flags = Counter(r["flag"].split(":")[0] for r in rows if r["flag"] and r["content_key"] in ledger.seen)
-    summary.labels = write_pool_labels(labels, site_dir / LABELS_FILE, [r for r in rows if r["outcome"] == "pooled"], key)
-    summary.log_path = str(_write_log(ledger_dir, summary, options, workers, started))
+    with _site_lock(ledger_dir, site):
+        _drop_torn_line(ledger_dir / INDEX_FILE)  # before reading: a torn row must not mark its input done
+        index = _read_index(ledger_dir / INDEX_FILE)
+        sources, hidden = _site_inputs(src)
+        summary = IngestSummary(site, run, counts_in=len(sources), hidden=hidden)
+        site_dir.mkdir(parents=True, exist_ok=True)
+        remove_partials(site_dir)  # temporary files of a killed run; their inputs are not in the index, so they run again
+        ledger = _Ledger(site, site_dir, ledger_dir / INDEX_FILE, quarantine, run, index, _pooled_pixels(pool))
+        for out in _map(sources, workers, progress, site, (key, options, frozenset(index), verify_pixels, max_file_bytes)):
+            ledger.record(out, summary)
+        ledger.close()
+        rows = ledger.index.values()
+        summary.flags = Counter(r["flag"].split(":")[0] for r in rows if r["flag"] and r["content_key"] in ledger.seen)
+        summary.labels = write_pool_labels(labels, site_dir / LABELS_FILE, [r for r in rows if r["outcome"] == "pooled"], key)
+        summary.log_path = str(_write_log(ledger_dir, summary, options, workers, started))
     return summary
+
+
+def _site_inputs(src: Path) -> tuple[list[str], int]:
+    """Every file under `src` but its labels file, sorted; and how many were left out under a hidden name (a dot first
+    at any depth): checkpoint and trash copies, OS and editor files are not the site's export."""
+    files = [p for p in sorted(src.rglob("*")) if p.is_file() and p != src / LABELS_FILE]
+    inputs = [str(p) for p in files if not any(name.startswith(".") for name in p.relative_to(src).parts)]
+    return inputs, len(files) - len(inputs)
+
+
+@contextmanager
+def _site_lock(ledger_dir: Path, site: str):
+    """Held for a whole ingest of one site. A second ingest of the site at once would delete the first one's temporary
+    files as a killed run's leftovers, and both would write the index: it is refused instead."""
+    ledger_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(ledger_dir / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, a killed run's too
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise MedTriageError(
+                f"another ingest of site {site!r} into this pool is running (process {holder})",
+                where=ledger_dir / LOCK_FILE,
+                hint="wait for it to finish, then run this ingest again: it adds only what the other did not",
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def _check_folders(src: Path, pool: Path, quarantine: Path) -> None:
@@ -461,6 +507,7 @@ def _write_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptions, w
         "deidentification": options.describe(),
         "counts": {
             "in": summary.counts_in,
+            "hidden_left_out": summary.hidden,
             "pooled": summary.pooled,
             "pooled_new": summary.pooled_new,
             "pooled_before": summary.pooled_before,
