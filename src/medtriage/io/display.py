@@ -31,14 +31,37 @@ def to_display(
     views = _frame_views(ds, frame)
     if views is not None:
         return _frame_by_frame(stored, views, where)
-    if isinstance(stored, np.ndarray) and stored.ndim == 3 and stored.dtype.kind in "iu":
-        stored = StoredValues(stored, 8 * stored.dtype.itemsize)  # decoded by pydicom: its unused bits are already fixed
+    stored = _only_stored_bits(stored, ds)
     if isinstance(stored, StoredValues):
         affine = _display_affine(ds, 8 * stored.values.dtype.itemsize)
         if affine is not None:
             return affine_to_unit(stored, *affine)
         stored = stored.corrected()
     return _general_to_display(stored, ds, where), None
+
+
+def _only_stored_bits(stored: np.ndarray | StoredValues, ds: pydicom.Dataset) -> np.ndarray | StoredValues:
+    """Integer samples whose bits above Bits Stored count for nothing (PS3.5 8.1.1): cleared (unsigned) or filled with
+    the sign (signed) on the way to display. pydicom does so for native, RLE and JPEG data, not for JPEG-LS or
+    JPEG 2000 (it only fixes the sign where the codestream's precision differs from Bits Stored), and a JPEG 2000
+    frame decoded at a reduced level keeps the codestream's bits: left as they come, an overlay drawn in an unused
+    high bit would turn the pixels under it white. Grayscale values come back as StoredValues (the bits are dropped
+    block by block in the affine pass); colour samples are corrected here."""
+    if isinstance(stored, StoredValues):
+        bits = _stored_bits(ds, stored.bits_stored)
+        return StoredValues(stored.values, bits, stored.resolution_level)
+    if stored.dtype.kind not in "iu":
+        return stored
+    values = StoredValues(stored, _stored_bits(ds, 8 * stored.dtype.itemsize))
+    if stored.ndim == 3:
+        return values
+    return values.corrected() if values.unused_bits else stored
+
+
+def _stored_bits(ds: pydicom.Dataset, known: int) -> int:
+    """Bits Stored where the header gives fewer than `known` (the bits the values are known to hold), else `known`."""
+    bits = int(ds.get("BitsStored") or known)
+    return bits if 0 < bits < known else known
 
 
 def _display_affine(ds: pydicom.Dataset, allocated: int) -> tuple[float, float] | None:
