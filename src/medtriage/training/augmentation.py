@@ -6,7 +6,8 @@ one go and applied to the batch with a single `affine_grid` + `grid_sample`; int
 noise are batched tensor operations too. Same knobs as `data.augment` (each part applied to an
 image with probability `prob`), no vertical flip (anatomy), horizontal flip only when
 `data.augment.hflip` asks for it. Draws come from the augmenter's own generator, reseeded from
-(seed, epoch), so a resumed or repeated run sees the same augmentation.
+(seed, epoch), so a resumed or repeated run sees the same augmentation; under torchrun each rank passes a seed of its
+own (medtriage.training.distributed.rank_seed), so the shards of one batch are not augmented alike.
 """
 
 from __future__ import annotations

@@ -36,6 +36,15 @@ class Ranks:
 
 SINGLE_PROCESS = Ranks()  # not under torchrun
 
+RANK_SEED_STRIDE = 1_000_003  # a prime: no (seed, rank) pair of a run meets another rank's seed
+
+
+def rank_seed(seed: int, ranks: Ranks) -> int:
+    """The seed of this rank's random draws (augmentation, loader transforms, dropout). Ranks train different images:
+    drawn alike, image i of every rank's shard would get the same flip, affine and noise. Rank 0 keeps `seed`, so a
+    run of one process draws as it always has."""
+    return seed + RANK_SEED_STRIDE * ranks.rank
+
 
 def setup(device_choice: str) -> tuple[Ranks, str]:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); returns ranks and device."""

@@ -78,7 +78,8 @@ class TrainingLoop:
         on_device = self.trainer.augment_on.value == "device"
         self.dataset = CachedDataset(splits["train"], loader_transforms(data.augment, model.preprocess.spec.size, on_device))
         self.steps_per_epoch = self._steps_per_epoch()
-        self.device_augment = BatchAugment(data.augment, device, self.trainer.seed) if on_device else None
+        self.draw_seed = distributed.rank_seed(self.trainer.seed, ranks)  # the model above was built alike on every rank
+        self.device_augment = BatchAugment(data.augment, device, self.draw_seed) if on_device else None
         self.batch_loader = None  # nothing left to do per image: gather whole batches from the cache
         if on_device and self.dataset.transform is None:
             self.batch_loader = CachedBatchLoader(splits["train"], data.batch_size, device, self.drop_last, self.trainer.cache_on_device)
@@ -92,6 +93,14 @@ class TrainingLoop:
         self.ema = WeightEMA.from_config(self.trainer, model)
         if self.ema and ranks.is_main and (shortfall := self.ema.shortfall(self.steps_per_epoch * self.trainer.max_epochs)):
             log.warning(shortfall)
+        self._own_global_stream(epoch=0)
+
+    def _own_global_stream(self, epoch: int) -> None:
+        """Dropout and drop-connect draw from torch's global generator, seeded alike on every rank so the model starts
+        alike: the other ranks move to streams of their own, so their shards are not masked as rank 0's. Rank 0 keeps
+        its stream (a run of one process is unchanged)."""
+        if not self.ranks.is_main:
+            torch.manual_seed(self.draw_seed * 100_003 + epoch)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -125,8 +134,9 @@ class TrainingLoop:
         return counts.sum() / (len(counts) * counts)
 
     def loader(self, epoch: int):
-        """A loader whose shuffling and augmentation depend only on (seed, epoch): resumable and repeatable."""
-        generator = torch.Generator().manual_seed(self.trainer.seed * 100_003 + epoch)
+        """A loader whose shuffling and augmentation depend only on (seed, rank, epoch): resumable and repeatable.
+        Under torchrun the samplers shuffle alike on every rank; the generator seeds only the per-image transforms."""
+        generator = torch.Generator().manual_seed(self.draw_seed * 100_003 + epoch)
         sampler = None
         if self.data.site_stratified:
             sampler = self._site_stratified_sampler(epoch)
@@ -280,7 +290,8 @@ class TrainingLoop:
             self.ema.updates = checkpoint.get("ema_updates", 0)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        restore_rng_state(checkpoint["rng"])
+        restore_rng_state(checkpoint["rng"])  # rank 0's, as rank 0 wrote the checkpoint
+        self._own_global_stream(checkpoint["epoch"])
         return TrainState(
             checkpoint["epoch"],
             checkpoint["global_step"],
