@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from medtriage.errors import PackageError
 from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, validate_model_json
-from medtriage.io.safe_output import copy_atomic, write_atomic
+from medtriage.io.safe_output import copy_atomic, sync_folder, write_atomic
 
 try:
     import fcntl
@@ -64,10 +64,11 @@ def next_version(package_dir: Path) -> int:
     return version + 1
 
 
-def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
+def write_package(package_dir: Path, onnx_path: Path, meta: dict, keep_previous: bool = False) -> dict:
     """Fill in the sha256, validate, write the package into a hidden staging folder (each file flushed to
     disk) and swap it into place by renames: a crash leaves the previous package or the new one, never a
-    half-written one under the package's name. Returns the metadata as written."""
+    half-written one under the package's name. With `keep_previous`, the package it replaced stays aside (hidden)
+    until `settle_package` keeps the new one or puts the previous one back. Returns the metadata as written."""
     meta = {**meta, "sha256": sha256_file(onnx_path)}
     validate_model_json(meta, where=package_dir / META_FILE)
     package_dir = Path(package_dir)
@@ -85,6 +86,8 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict) -> dict:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if not keep_previous:
+            shutil.rmtree(_retired_name(package_dir), ignore_errors=True)
     return meta
 
 
@@ -148,13 +151,43 @@ def _check_replaceable(package_dir: Path, name: str, version: int) -> None:
         )
 
 
+def settle_package(package_dir: Path, meta: dict, keep: bool) -> None:
+    """After write_package(keep_previous=True): keep the new package (the previous one deleted), or undo it: the
+    previous package back in its place, or no package where there was none, so an export that failed after writing
+    leaves no version on disk that the registry does not know. The folder is undone only while it still holds this
+    package (not one a later export put there)."""
+    package_dir = Path(package_dir)
+    with _package_lock(package_dir):
+        previous = _retired_name(package_dir)
+        if not keep and _holds(package_dir, meta):
+            undone = package_dir.with_name(f".{package_dir.name}.staging-undone-{os.getpid()}")  # a leftover if killed here
+            package_dir.rename(undone)
+            if previous.exists():
+                previous.rename(package_dir)
+            sync_folder(package_dir.parent)
+            shutil.rmtree(undone, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _holds(package_dir: Path, meta: dict) -> bool:
+    try:
+        held = json.loads((package_dir / META_FILE).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(held, dict) and all(held.get(key) == meta[key] for key in ("name", "version", "sha256"))
+
+
+def _retired_name(package_dir: Path) -> Path:
+    return package_dir.with_name(f".{package_dir.name}.retired-{os.getpid()}")
+
+
 def _swap_in(staging: Path, package_dir: Path) -> None:
-    """The old package aside, the new one in, the old one deleted: each step one rename."""
-    retired = package_dir.with_name(f".{package_dir.name}.retired-{os.getpid()}")
+    """The old package aside (its deletion is the caller's), the new one in: each step one rename, both flushed to
+    disk before anyone is told the package is there."""
     if package_dir.exists():
-        package_dir.rename(retired)
+        package_dir.rename(_retired_name(package_dir))
     staging.rename(package_dir)
-    shutil.rmtree(retired, ignore_errors=True)
+    sync_folder(package_dir.parent)
 
 
 def _restore_retired(package_dir: Path) -> None:

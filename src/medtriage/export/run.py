@@ -8,6 +8,7 @@ same inputs from a finished MLflow run (scripts/export.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
@@ -28,11 +29,11 @@ from medtriage.evaluation.operating_points import check_rule
 from medtriage.evaluation.predictions import Predictions
 from medtriage.export.onnx import INPUT_NAME, OUTPUT_NAME, CalibratedNet, check_parity, export_onnx, parity
 from medtriage.export.ood import OodData, fit_ood, ood_parity
-from medtriage.export.package import next_version, split_metrics, write_package
+from medtriage.export.package import next_version, settle_package, split_metrics, write_package
 from medtriage.export.pathology import TilePool, check_slide_settings, pathology_block, thresholds_by_export_rules, tile_pool_of
-from medtriage.export.registry import log_package, registrar, run_git_commit
+from medtriage.export.registry import artifact_path, log_package, registrar, run_git_commit
 from medtriage.export.safety import calibration_on_test, choose_calibration, drift_references, scope_from_rows
-from medtriage.format import ONNX_FILE, SCHEMA_VERSION
+from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION
 from medtriage.model.averaging import EnsembleNet, averaged, check_tta
 from medtriage.model.checkpoint import load_model
 from medtriage.model.networks import TriageNet
@@ -64,12 +65,14 @@ def export_model(
     ood_data: OodData | None = None,
     scope: dict | None = None,
     held_out_split: str = "val",
+    keep_previous: bool = False,
 ) -> ExportResult:
     """Calibrate on `val`, pick thresholds, export + parity-check ONNX, write `<models_dir>/<name>/`.
     A `tile_pool` (the model scores slide tiles) adds the `pathology` block with slide-level thresholds;
     `ood_data` (training and validation images, validation in `val`'s order) adds the in-graph OOD score
     and the drift references; `scope` is what the model may be shown (export/safety.py); `held_out_split` names what
-    `val` is in model.json (`out-of-fold`: each image scored by a fold model that did not train on it)."""
+    `val` is in model.json (`out-of-fold`: each image scored by a fold model that did not train on it); with
+    `keep_previous`, the package it replaces stays aside until package.settle_package keeps or undoes the export."""
     positive = positive_index(label_names, cfg.positive_label)
     val_labels = np.asarray(val.labels).astype(int)
     calibration = choose_calibration(val.logits, val_labels, cfg.ece_bins, allowed=cfg.calibrate, split=held_out_split)
@@ -137,7 +140,7 @@ def export_model(
         if tile_pool is not None:
             test_scores = probabilities(test.logits, temperature)[:, positive] if test is not None else None
             meta["pathology"] = pathology_block(tile_pool, cfg, positive, probabilities(val.logits, temperature)[:, positive], test_scores)
-        meta = write_package(package_dir, onnx_path, meta)
+        meta = write_package(package_dir, onnx_path, meta, keep_previous)
     log.info("model package written to %s", package_dir)
     return ExportResult(package_dir, meta, model)
 
@@ -280,20 +283,35 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: E
 
 def export_tracked(net, export_cfg: ExportConfig, run_id: str | None, **inputs) -> Path:
     """`export_model(net, export_cfg, **inputs)`, its version registered and its package logged to the MLflow run
-    `run_id` (when there is one); a failed export withdraws the version it took."""
+    `run_id` (when there is one); a failed export withdraws the version it took and puts the models folder back as it
+    was (a package there that the registry does not know would be served, and the one it replaced lost)."""
     inputs["provenance"] = {"mlflow_run_id": run_id, "git_commit": run_git_commit(run_id), **inputs.get("provenance", {})}
     registration = registrar(run_id, export_cfg)
+    package_dir, result, step = Path(export_cfg.models_dir) / export_cfg.name, None, "the export"
     try:
-        result = export_model(net, export_cfg, assign_version=registration, **inputs)
+        result = export_model(net, export_cfg, assign_version=registration, keep_previous=True, **inputs)
         if run_id and export_cfg.log_to_mlflow:
+            step = f"logging the package to MLflow run {run_id} ({artifact_path(result.meta['version'])})"
             log_package(run_id, result)
-    except BaseException:
+    except BaseException as err:
+        if result is not None:
+            settle_package(result.package_dir, result.meta, keep=False)
         if registration is not None:
             registration.withdraw()
+        err.add_note(f"{step} failed: no version of '{export_cfg.name}' was registered, {_held(package_dir)} as before")
         raise
+    settle_package(result.package_dir, result.meta, keep=True)
     if not (run_id and export_cfg.log_to_mlflow):
         print(f"model package {result.meta['name']} v{result.meta['version']} -> {result.package_dir}")
     return result.package_dir
+
+
+def _held(package_dir: Path) -> str:
+    """What the package folder holds, for a message: its version, or no package."""
+    try:
+        return f"{package_dir} holds v{json.loads((package_dir / META_FILE).read_text())['version']}"
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{package_dir} holds no package"
 
 
 def ood_data_of(manifest, val: Predictions, cfg: ExportConfig) -> OodData:

@@ -101,7 +101,7 @@ class AtomicFile:
         except BaseException:
             self.discard()
             raise
-        _sync_folder(self.path.parent)
+        sync_folder(self.path.parent)
         return self.path
 
     def discard(self) -> None:
@@ -177,7 +177,7 @@ def write_new(path: str | Path, data: bytes) -> bool:
         return False
     finally:
         target.discard()  # the temporary name only: a link in place keeps the data
-    _sync_folder(target.path.parent)
+    sync_folder(target.path.parent)
     return True
 
 
@@ -193,7 +193,7 @@ def remove_partials(folder: str | Path) -> int:
     return removed
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
