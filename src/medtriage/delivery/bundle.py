@@ -71,7 +71,7 @@ def build_bundle(
         if out.exists():
             out.rmdir()  # empty, checked above
         staging.rename(out)
-        _sync_folder(out.parent)
+        sync_folder(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed build (no network, pip error) leaves no half bundle
         raise
@@ -247,11 +247,11 @@ def _sync_tree(folder: Path) -> None:
             with open(path, "rb") as file:
                 os.fsync(file.fileno())
         elif path.is_dir():
-            _sync_folder(path)
-    _sync_folder(folder)
+            sync_folder(path)
+    sync_folder(folder)
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
