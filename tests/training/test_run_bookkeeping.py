@@ -63,6 +63,7 @@ def test_a_run_interrupted_while_logging_its_checkpoint_resumes_and_finishes(tmp
     run = MlflowClient(tracking_uri).get_run(resumed.run_id)
     assert run.info.status == "FINISHED"
     assert [a.path for a in MlflowClient(tracking_uri).list_artifacts(resumed.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    assert len(MlflowClient(tracking_uri).get_metric_history(resumed.run_id, "best_epoch")) == 1  # logged before the stop
     assert (resumed.output_dir.parent / METRICS_FILE).is_file()
 
 

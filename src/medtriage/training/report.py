@@ -43,7 +43,7 @@ def log_final(
     active MLflow run. metrics.json marks the run finished, so it comes last: a run stopped before it is resumable."""
     folder = run_folder(ckpt_dir)
     tracking.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")}, step=state.best_epoch)
-    mlflow.log_metric("best_epoch", state.best_epoch)
+    tracking.log_metrics({"best_epoch": state.best_epoch}, step=0)  # once, though a resumed run reaches here again
     for path in _plots(predictions, metrics, folder / "plots", name):
         mlflow.log_artifact(str(path), "plots")
     if log_checkpoint:
