@@ -1,9 +1,11 @@
 """The Storage SCP: image storage SOP classes in the transfer syntaxes medtriage.io decodes, and C-ECHO.
 
 A C-STORE is answered with success only after the instance is in the spool and its row committed
-(store.receive). A data set whose identifying UIDs cannot be read gets 0xC210 (cannot understand);
-a full disk, or an instance over `--max-instance-bytes` (not written past the limit), gets 0xA700 (out of resources). Pixels are decoded later
-by the worker: a file that then fails to decode becomes a recorded rejection, not a network error.
+(store.receive). A data set whose identifying UIDs cannot be read gets 0xC210 (cannot understand); one of another
+SOP class than its request 0xA900; a SOP Instance UID the store holds for another study 0x0111 (duplicate);
+a full disk or database, or an instance over `--max-instance-bytes` (not written past the limit), gets 0xA700 (out of
+resources). Pixels are decoded later by the worker: a file that then fails to decode becomes a recorded rejection,
+not a network error.
 
 Instances arrive in a file, never whole in memory (pynetdicom's STORE_RECV_CHUNKED_DATASET): a whole-slide image
 or a tomosynthesis series of several GB would otherwise be held two or three times over in RAM per association.
@@ -43,7 +45,7 @@ from pynetdicom.utils import make_target
 
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.serve.node.header import read_identity
-from medtriage.serve.node.store import MAX_INSTANCE_BYTES, NodeStore
+from medtriage.serve.node.store import MAX_INSTANCE_BYTES, ConflictingInstance, NodeStore
 
 log = logging.getLogger(__name__)
 TRANSFER_SYNTAXES = [
@@ -63,6 +65,7 @@ TRANSFER_SYNTAXES = [
 ]
 IMAGE_STORAGE = sorted(uid for name, uid in _STORAGE_CLASSES.items() if "ImageStorage" in name)
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, PROCESSING_FAILURE = 0x0000, 0xA700, 0xC210, 0x0110
+DATA_SET_MISMATCH, DUPLICATE_INSTANCE = 0xA900, 0x0111  # PS3.4 Table B.2-1; PS3.7 Annex C (Duplicate SOP Instance)
 MAX_PDU_BYTES = 1 << 20  # advertised and enforced; ample for association PDUs, and 64 data PDUs per 64 MB instance
 
 
@@ -145,8 +148,21 @@ def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES) -
     if header.sop_uid != str(event.request.AffectedSOPInstanceUID or header.sop_uid):
         log.warning("refused %s from %s: its SOP Instance UID differs from the request's", header.sop_uid, calling)
         return CANNOT_UNDERSTAND
+    if header.sop_class != str(event.request.AffectedSOPClassUID or header.sop_class):
+        # e.g. a report sent in an image context: stored, it would be answered success and never analysed
+        log.warning(
+            "refused %s from %s: its data set is of SOP class %s, its request of %s",
+            header.sop_uid,
+            calling,
+            header.sop_class,
+            event.request.AffectedSOPClassUID,
+        )
+        return DATA_SET_MISMATCH
     try:
         store.receive(received, header.sop_uid, header.study_uid, header.series_uid, header.sop_class, header.fields, calling_aet=calling)
+    except ConflictingInstance as err:
+        log.warning("refused an instance from %s: %s", calling, err)
+        return DUPLICATE_INSTANCE
     except OSError as err:
         log.error("cannot spool %s: %s", header.sop_uid, err)
         return OUT_OF_RESOURCES

@@ -16,6 +16,7 @@ drifting_sources  the calling AE titles the node's drift monitor finds drifting 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sqlite3
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtriage.errors import InputError
 from medtriage.io.safe_output import copy_atomic, inside, remove_partials, write_atomic
 
 SCHEMA = """
@@ -77,7 +79,16 @@ UNLISTED = SHOWN + (
     "SELECT (SELECT COUNT(*) FROM studies) - (SELECT COUNT(*) FROM shown) AS evicted, (SELECT COUNT(*) FROM studies "
     "WHERE priority = 'URGENT' AND last_received >= :since AND id NOT IN (SELECT id FROM shown)) AS urgent"
 )
+SQLITE_FULL = 13  # the result code of a write to a full disk or past max_page_count (sqlite3.SQLITE_FULL from 3.11)
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
+
+
+class ConflictingInstance(InputError):
+    """A received instance whose SOP Instance UID the store already holds for another study, series or SOP class."""
+
+
+def _is_full(err: sqlite3.OperationalError) -> bool:
+    return getattr(err, "sqlite_errorcode", None) == SQLITE_FULL or "database or disk is full" in str(err)
 
 
 def digest_name(*parts: str, suffix: str = ".dcm") -> str:
@@ -159,7 +170,8 @@ class NodeStore:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite ends some failed transactions itself (a full database)
+                    self._db.execute("ROLLBACK")
                 raise
 
     # --- receiving -------------------------------------------------------------------------------
@@ -195,16 +207,36 @@ class NodeStore:
         name: str = "",
     ) -> bool:
         """Spool and record one instance (its bytes, or a file of them, copied in chunks); returns False when this SOP
-        instance was already received (the copy on disk is kept, so a resend never produces a second result)."""
+        instance was already received (the copy on disk is kept, so a resend never produces a second result).
+        ConflictingInstance when the SOP Instance UID is held for another study, series or SOP class; OSError when the
+        disk or the database is full (nothing of the instance is kept)."""
         if self.has_instance(sop_uid):
+            self._check_resend(sop_uid, study_uid, series_uid, sop_class)
             return False
         spool = self.spool_path(sop_uid)
         if isinstance(data, (bytes, bytearray)):
             write_atomic(spool, data)
         else:
             copy_atomic(data, spool)
-        self.record_instance(sop_uid, study_uid, series_uid, sop_class, spool.name, fields, calling_aet, name)
+        try:
+            self.record_instance(sop_uid, study_uid, series_uid, sop_class, spool.name, fields, calling_aet, name)
+        except BaseException as err:
+            spool.unlink(missing_ok=True)  # unrecorded, it would hold disk for good; its sender gets no success
+            if isinstance(err, sqlite3.OperationalError) and _is_full(err):
+                raise OSError(errno.ENOSPC, f"the node's database {self.folder / DB_FILE} is full: {err}") from err
+            raise
         return True
+
+    def _check_resend(self, sop_uid: str, study_uid: str, series_uid: str, sop_class: str) -> None:
+        """A resend names the study, series and SOP class it did the first time; another instance reusing the UID
+        would otherwise be dropped unseen (its study never listed)."""
+        held = self.instance(sop_uid)
+        if (held["study_uid"], held["series_uid"] or "", held["sop_class"] or "") != (study_uid, series_uid, sop_class):
+            raise ConflictingInstance(
+                f"SOP Instance UID {sop_uid} is already held for study {held['study_uid']}, series {held['series_uid']}, "
+                f"SOP class {held['sop_class']}; this instance says study {study_uid}, series {series_uid}, SOP class {sop_class}",
+                hint="the sending system reuses SOP Instance UIDs: each instance must have its own",
+            )
 
     def record_instance(
         self,
