@@ -69,7 +69,7 @@ UPLOAD_ERRORS = {
     413: {"description": "the body or an image is over the limits", **ERROR},
     415: {"description": "neither multipart/form-data nor application/dicom", **ERROR},
     422: {"description": "no file could be scored (each file's reason under 'rejected')", **ERROR},
-    503: {"description": "busy: retry after the seconds in Retry-After", **ERROR},
+    503: {"description": "busy (retry after the seconds in Retry-After), or the upload could not be stored", **ERROR},
 }
 # The worklist page is static HTML; the data it fetches carries the token like any other client.
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", PAGE_PATH}
@@ -164,7 +164,8 @@ def _is_heavy(method: str, path: str) -> bool:
 
 class Guard:
     """Plain ASGI middleware in front of every route: the bearer token, the declared body size, admission
-    of heavy requests, and `Cache-Control: no-store` on every answer (scores, rows and pictures are PHI)."""
+    of heavy requests, and the headers of every answer (`_Answer`). It also answers a route's unexpected error
+    itself: Starlette's own 500 handler sits outside every middleware, so its answer would lack those headers."""
 
     def __init__(self, app, token: str | None, max_bytes: int, admission: Admission, monitor: ServiceMonitor):
         self.app, self.token, self.max_bytes, self.admission = app, token, max_bytes, admission
@@ -173,9 +174,18 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        send = _no_store(send)
+        send = answer = _Answer(send)
         if scope["method"] == "HEAD":  # RFC 9110: a HEAD is answered as its GET would be, without the body
-            scope, send = {**scope, "method": "GET"}, _no_body(send)
+            scope, send = {**scope, "method": "GET"}, _no_body(answer)
+        try:
+            await self._guarded(scope, receive, send)
+        except Exception as err:
+            if answer.started:  # too late for an error body: the server drops the connection
+                raise
+            log.exception("unexpected error on %s", scope["path"])
+            await internal_error(err)(scope, receive, send)
+
+    async def _guarded(self, scope, receive, send):
         refusal = self._refusal(scope)
         if refusal is not None:
             self.refused.labels(reason=REFUSAL_REASONS[refusal.status_code]).inc()
@@ -212,14 +222,24 @@ class Guard:
         return None
 
 
-def _no_store(send):
-    async def send_no_store(message):
-        if message["type"] == "http.response.start":
-            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"cache-control"]
-            message = {**message, "headers": [*headers, (b"cache-control", b"no-store")]}
-        await send(message)
+# On every answer: scores, rows and pictures are PHI, so nothing is cached; error bodies echo file names and
+# paths as JSON text, which a browser must not sniff into HTML.
+ANSWER_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
 
-    return send_no_store
+
+class _Answer:
+    """The response channel, adding ANSWER_HEADERS; `started` says whether an answer has begun."""
+
+    def __init__(self, send):
+        self.send, self.started = send, False
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.started = True
+            names = {name for name, _ in ANSWER_HEADERS}
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+            message = {**message, "headers": [*headers, *ANSWER_HEADERS]}
+        await self.send(message)
 
 
 def _no_body(send):
@@ -260,13 +280,18 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(err.status_code, **detail)
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception):
+    async def unexpected(request: Request, err: Exception):  # the routes' errors are answered by Guard; this is its own
         log.exception("unexpected error on %s", request.url.path)
-        return error_response(
-            500,
-            f"internal error ({type(err).__name__}); the service keeps running",
-            "retry; if it happens again, the service's log holds the details",
-        )
+        return internal_error(err)
+
+
+def internal_error(err: Exception) -> JSONResponse:
+    """The answer to an error of the service itself: its type, never its message (it may name files or data)."""
+    return error_response(
+        500,
+        f"internal error ({type(err).__name__}); the service keeps running",
+        "retry; if it happens again, the service's log holds the details",
+    )
 
 
 def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Worklist) -> None:
@@ -431,20 +456,9 @@ class _BodyCounter:
 async def _uploads(request: Request, max_bytes: int):
     """(name, Upload) of each uploaded file, streamed to temporary files and closed afterwards; empty or
     malformed requests are 400s."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    counted = Request(request.scope, _BodyCounter(request.receive, max_bytes))
     opened: list = []
     try:
-        if content_type == "multipart/form-data":
-            uploads = await _multipart_files(counted, max_bytes, opened)
-        elif content_type in RAW_TYPES:
-            uploads = await _raw_file(counted, opened)
-        else:
-            raise RequestError(
-                415,
-                f"unsupported content type '{content_type}'",
-                "send multipart/form-data with 'files' fields, or one file as application/dicom",
-            )
+        uploads = await _received_files(request, max_bytes, opened)
         if not uploads:
             raise RequestError(
                 400, "no file in the request", "POST multipart/form-data with one or more 'files' fields, or a DICOM file as the body"
@@ -453,13 +467,36 @@ async def _uploads(request: Request, max_bytes: int):
         if len(empty) == len(uploads):
             raise RequestError(400, f"every uploaded file is empty: {', '.join(empty)}", "attach each file's contents, not only its name")
         yield uploads
+    finally:
+        for handle in opened:
+            handle.close()
+
+
+async def _received_files(request: Request, max_bytes: int, opened: list) -> list[tuple[str, Upload]]:
+    """The request body's files, spooled as they arrive; each spool is listed in `opened` for the caller to close."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    counted = Request(request.scope, _BodyCounter(request.receive, max_bytes))
+    try:
+        if content_type == "multipart/form-data":
+            return await _multipart_files(counted, max_bytes, opened)
+        if content_type in RAW_TYPES:
+            return await _raw_file(counted, opened)
     except ClientDisconnect:  # the answer goes nowhere; a client that hung up is not an error of the service
         raise RequestError(
             400, "the client closed the connection before the whole body arrived", "send the whole body, then wait for the answer"
         ) from None
-    finally:
-        for handle in opened:
-            handle.close()
+    except OSError as err:  # spooling to the temporary folder failed (full, removed): the service's fault, not the body's
+        log.error("an upload could not be spooled to the temporary folder: %s", err)
+        raise RequestError(
+            503,
+            f"the upload could not be stored by the service ({err.strerror or type(err).__name__})",
+            "retry later; if it persists, the service's operator should check its temporary folder (free space, TMPDIR)",
+        ) from None
+    raise RequestError(
+        415,
+        f"unsupported content type '{content_type}'",
+        "send multipart/form-data with 'files' fields, or one file as application/dicom",
+    )
 
 
 async def _raw_file(request: Request, opened: list) -> list[tuple[str, Upload]]:
@@ -493,7 +530,7 @@ async def _multipart_files(request: Request, max_bytes: int, opened: list) -> li
     try:
         parser = _SpoolingParser(request, request.receive, opened, max_files=10_000, max_part_size=min(max_bytes, SPOOL_IN_MEMORY))
         form = await parser.parse()
-    except (RequestError, ClientDisconnect):
+    except (RequestError, ClientDisconnect, OSError):  # OSError: the spool's disk, not the body
         raise
     except Exception as err:  # python-multipart raises several kinds on malformed input
         raise RequestError(
