@@ -119,7 +119,8 @@ def test_quantize_command_runs_without_torch(fp32_dir, tmp_path):
 def test_a_package_with_an_ood_output_keeps_it_and_reports_its_drift(tmp_path_factory, tmp_path):
     safe_dir = shared_safe_package(tmp_path_factory)[0].package_dir
     int8 = load_package(quantize_package(safe_dir, NPZ, tmp_path / "int8", limit=32))
-    assert int8.ood_output and int8.ood_threshold == load_package(safe_dir).ood_threshold
+    assert int8.ood_output and int8.meta["ood"]["refit"]["graph"] == "int8"  # its threshold set on its own scores
+    assert int8.meta["ood"]["refit"]["fp32"]["threshold"] == load_package(safe_dir).ood_threshold
     parity = int8.meta["quantization"]["parity"]  # the OOD score comes from quantised features: its change is on record
     assert parity["ood_max_abs_diff"] > 0 and 0 <= parity["ood_flag_changes"] <= parity["images"]
     probs, ood = Predictor(int8).outputs(read_npz_split(NPZ, "test")[0][:4])

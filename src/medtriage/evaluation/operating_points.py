@@ -26,6 +26,11 @@ class OperatingPoint:
         return asdict(self)
 
 
+def flagging_threshold(scores: np.ndarray, rate: float) -> float:
+    """The OOD threshold's rule: the score above which a share `rate` of in-distribution (validation) images lies."""
+    return float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - rate))
+
+
 def check_rule(rule: str, where: str = "export.threshold_rule") -> None:
     """Refuse a rule that is not one of THRESHOLD_RULES; `where` is the setting that named it."""
     if rule not in THRESHOLD_RULES:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from medtriage.errors import PackageError
+from medtriage.evaluation.operating_points import flagging_threshold
 from medtriage.model.averaging import EnsembleNet
 
 OOD_NAME = "ood_score"
@@ -220,7 +221,7 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
             val_scores = np.concatenate(
                 [np.mean([scores[k](val_features[k]).double().numpy() for k in fold], axis=0) for fold in data.holders]
             )
-    threshold = float(np.quantile(val_scores, 1.0 - false_alarm_rate))
+    threshold = flagging_threshold(val_scores, false_alarm_rate)
     block = {
         "output": OOD_NAME,
         "method": f"{METHOD} ({which}); the score is the largest distance over layers, each divided by its validation 99th "

@@ -284,7 +284,11 @@ def _precision_lines(block: dict) -> list[str]:
             f"OOD score: max |Δ| {parity['ood_max_abs_diff']:.4f}"
             + (f", {parity['ood_flag_changes']} unusual-input flags changed." if "ood_flag_changes" in parity else ".")
         )
-    return lines + ["Metrics and thresholds above are the fp32 model's.", ""]
+    return lines + [
+        "Metrics above are the fp32 model's. Its operating points, OOD threshold and drift references say under `refit` "
+        "in model.json whether they were refitted on this int8 graph's outputs.",
+        "",
+    ]
 
 
 HELD_OUT_TEXT = {

@@ -11,6 +11,9 @@ convolutions whose kernels only read padding at some taps are cut to the taps th
 conv_taps; exact in float). `exclude` keeps named nodes float where int8 hurts. The result is a package of
 its own model, `<name>-int8`, with `precision: int8` and a `quantization` block: its source, its settings,
 the calibration images and the parity of its served probabilities against the fp32 package on those images.
+What serving compares the graph's outputs with is refitted on the int8 graph's outputs for the same (validation)
+images, so that they mean for int8 what they say: the OOD threshold, the drift references of the probability and
+the OOD score, and (labelled images only) the review/urgent operating points.
 Its own name keeps (name, version) one package: the fp32 model's next version comes from its registry, which
 knows nothing of int8 packages, and a worklist row or SR says which of the two scored it.
 
@@ -40,14 +43,14 @@ CALIBRATION_BATCH = 16
 
 
 def calibration_images(
-    source: str | Path, channels: int, split: str = "val", limit: int = DEFAULT_IMAGES
+    source: str | Path, channels: int, split: str = "val", limit: int | None = DEFAULT_IMAGES
 ) -> tuple[list[np.ndarray], np.ndarray | None, str]:
     """Images `[1, C, H, W]` (model channels, float32 in [0, 1]) from a MedMNIST-layout npz split or a folder
     of DICOM files (first frame of each; files that do not decode are skipped and counted), with the npz
-    labels (None for DICOM), and a description of where they came from."""
+    labels (None for DICOM), and a description of where they came from. `limit=None`: all of them."""
     from medtriage.serve.predictor import to_model_channels
 
-    if limit < 1:  # no image to observe ranges on: onnxruntime would fail deep inside, with no word on why
+    if limit is not None and limit < 1:  # no image to observe ranges on: onnxruntime would fail deep inside, with no word on why
         raise ConfigError(f"{limit} calibration images asked for", where="--images", hint=f"use at least 1 (default {DEFAULT_IMAGES})")
     source = Path(source)
     if source.is_file() and source.suffix == ".npz":
@@ -71,13 +74,13 @@ def calibration_images(
     return images, None, f"{len(images)} DICOM files from {source.name}/" + (f" ({skipped} skipped: not decodable)" if skipped else "")
 
 
-def _dicom_images(folder: Path, channels: int, limit: int) -> tuple[list[np.ndarray], int]:
+def _dicom_images(folder: Path, channels: int, limit: int | None) -> tuple[list[np.ndarray], int]:
     from medtriage.io.dicom import read_dicom
     from medtriage.serve.predictor import to_model_channels
 
     images, skipped = [], 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        if len(images) >= limit:
+        if limit is not None and len(images) >= limit:
             break
         try:
             images.append(to_model_channels(read_dicom(path).pixels[:1], channels, str(path)))
@@ -85,6 +88,18 @@ def _dicom_images(folder: Path, channels: int, limit: int) -> tuple[list[np.ndar
             log.info("calibration: skipped %s (%s)", path, err.reason)
             skipped += 1
     return images, skipped
+
+
+def refit_images(
+    source: str | Path, channels: int, split: str, calibration: tuple[list[np.ndarray], np.ndarray | None]
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The validation images the int8 refits rest on: a whole npz split (the thresholds' rules need all the images
+    the fp32 export used, a subset moves them by chance more than int8 does), or the calibration images of a DICOM
+    folder (decoded images are large: --images bounds them)."""
+    if Path(source).is_file():
+        images, labels, _ = calibration_images(source, channels, split, limit=None)
+        return images, labels
+    return calibration
 
 
 def quantize_onnx(
@@ -208,11 +223,11 @@ def parity_report(fp32, int8, images: list[np.ndarray], labels: np.ndarray | Non
         "priority_changes": int(changed),
         "runtime": "onnxruntime CPU (the served path)",
     }
-    threshold = fp32.package.ood_threshold
+    threshold32, threshold8 = fp32.package.ood_threshold, int8.package.ood_threshold
     if ood32 is not None and ood8 is not None:  # the OOD score comes from the quantised features too
         report["ood_max_abs_diff"] = float(np.abs(ood8 - ood32).max())
-        if threshold is not None:
-            report["ood_flag_changes"] = int(((ood32 > threshold) != (ood8 > threshold)).sum())
+        if threshold32 is not None and threshold8 is not None:  # each flags at its own threshold, as served
+            report["ood_flag_changes"] = int(((ood32 > threshold32) != (ood8 > threshold8)).sum())
     if labels is not None:
         from medtriage.evaluation.metrics import auc
 
@@ -254,7 +269,10 @@ def quantize_package(
         quantized = Path(tmp) / ONNX_FILE
         done = quantize_onnx(package.onnx_path, quantized, images, fp32.input_name, exclude, per_channel)
         meta = {**package.meta, "name": f"{package.name}{INT8_SUFFIX}", "version": version, "precision": "int8"}
-        staged = Path(tmp) / "staged"
+        write_package(Path(tmp) / "as-fp32", quantized, meta)
+        validation, validation_labels = refit_images(calibration, package.channels, split, (images, labels))
+        meta = refit_on_int8(meta, fp32, Predictor(load_package(Path(tmp) / "as-fp32")), validation, validation_labels, split)
+        staged = Path(tmp) / "staged"  # with the refitted values: the parity's priorities and flags meet them
         write_package(staged, quantized, meta)
         quantization = {
             "method": f"onnxruntime static quantisation, QDQ, {_granularity(per_channel)} int8 weights, uint8 activations (MinMax)",
@@ -274,7 +292,9 @@ def quantize_package(
             "trimmed_convs": done["trimmed_convs"],
             "excluded_nodes": list(exclude),
             "parity": parity_report(fp32, Predictor(load_package(staged)), images, labels),
-            "note": "metrics, thresholds and calibration were measured on the fp32 source model; parity says how far int8 moves them",
+            "note": "metrics and calibration were measured on the fp32 source model, parity says how far int8 moves them; "
+            "what serving compares int8 outputs with (OOD threshold, drift references, operating points) says under "
+            "`refit` whether it was refitted on the int8 graph",
         }
         meta = write_package(out, quantized, {**meta, "quantization": quantization})
     report = quantization["parity"]
@@ -287,6 +307,105 @@ def quantize_package(
         report["images"],
     )
     return out
+
+
+GRAPH_OUTPUT_FEATURES = ("probability", "ood_score")  # drift features read from the graph; input_mean is the pixels'
+
+
+def refit_on_int8(meta: dict, fp32, int8, images: list[np.ndarray], labels: np.ndarray | None, split: str) -> dict:
+    """`meta` with the OOD threshold, the drift references of the graph's outputs and (with labels) the operating
+    points refitted on the int8 graph's outputs for `images`, each by the rule the fp32 export used; each block says
+    under `refit` whether it was. A block is refitted only where the images are the split the fp32 value was set on:
+    validation (out-of-fold values of a fold ensemble cannot be reproduced from the served ensemble's scores)."""
+    (p32, ood32), (p8, ood8) = served_outputs(fp32, images), served_outputs(int8, images)
+    positive = fp32.positive
+    where = {"graph": "int8", "split": split, "images": len(images)}
+    meta = dict(meta)
+    if meta.get("ood") and ood8 is not None:
+        meta["ood"] = _refit_block(meta["ood"], meta["ood"].get("threshold_split"), split, lambda b: _refit_ood(b, ood8, where))
+    if meta.get("drift"):
+        outputs = {"probability": (p32[:, positive], p8[:, positive]), "ood_score": (ood32, ood8)}
+        meta["drift"] = _refit_block(
+            meta["drift"], meta["drift"]["reference"].get("split"), split, lambda b: _refit_drift(b, outputs, where)
+        )
+    thresholds = meta["thresholds"]
+    reason = _operating_points_kept(meta, labels, fp32.positive)
+    if reason:
+        meta["thresholds"] = {**thresholds, "refit": {"graph": "fp32", "reason": f"kept from the fp32 model: {reason}"}}
+    else:
+        scores, is_positive = p8[:, positive], np.asarray(labels) == positive
+        meta["thresholds"] = _refit_block(
+            thresholds, meta["calibration"].get("split"), split, lambda b: _refit_operating_points(b, scores, is_positive, where)
+        )
+    return meta
+
+
+def _operating_points_kept(meta: dict, labels: np.ndarray | None, positive: int) -> str | None:
+    """Why the operating points cannot be chosen again on these images (None: they can)."""
+    if labels is None:
+        return "the calibration images carry no labels"
+    if "pathology" in meta:
+        return "they apply to slide scores, not to images"
+    if len(np.unique(np.asarray(labels) == positive)) < 2:
+        return "the calibration images hold one class only"
+    return None
+
+
+def _refit_block(block: dict, fp32_split: str | None, split: str, refit) -> dict:
+    if split == "val" and fp32_split in (None, "val"):
+        return refit(block)
+    reason = f"kept from the fp32 model: set on its {fp32_split} scores, while the calibration images are the {split} split"
+    return {**block, "refit": {"graph": "fp32", "reason": reason}}
+
+
+def _refit_ood(block: dict, scores: np.ndarray, where: dict) -> dict:
+    """The export's rule (flagging_threshold): the validation quantile that flags `false_alarm_rate` of the images."""
+    from medtriage.evaluation.operating_points import flagging_threshold
+
+    threshold = flagging_threshold(scores, block["false_alarm_rate"])
+    fp32 = {"threshold": block["threshold"], "val_flagged_int8": float(np.mean(scores > block["threshold"]))}
+    return {**block, "threshold": threshold, "val_flagged": float(np.mean(scores > threshold)), "refit": {**where, "fp32": fp32}}
+
+
+def _refit_drift(block: dict, outputs: dict[str, tuple[np.ndarray, np.ndarray | None]], where: dict) -> dict:
+    """Each reference histogram of a graph output, pooled and per site, with its edges carried to the int8 graph: an
+    edge that had a share q of the images' fp32 values below it moves to the int8 values' q-quantile. The images have no
+    sites here, so per-site references can only be carried this way; the shares, and the PSI thresholds (which depend
+    on ranks, not values), stay."""
+    reference = block["reference"]
+    carried = [name for name in GRAPH_OUTPUT_FEATURES if name in block["features"] and outputs[name][1] is not None]
+
+    def moved(histograms: dict) -> dict:
+        return {name: _carry(h, *outputs[name]) if name in carried else h for name, h in histograms.items()}
+
+    refit = {
+        **where,
+        "features": carried,
+        "method": "edges moved to the int8 outputs' quantiles at the fp32 outputs' shares below them",
+    }
+    return {
+        **block,
+        "reference": {**reference, "all": moved(reference["all"]), "per_site": {s: moved(h) for s, h in reference["per_site"].items()}},
+        "refit": refit,
+    }
+
+
+def _carry(histogram: dict, fp32_values: np.ndarray, int8_values: np.ndarray) -> dict:
+    edges = np.asarray(histogram["edges"], dtype=np.float64)
+    below = np.searchsorted(np.sort(fp32_values.astype(np.float64)), edges, side="left") / len(fp32_values)
+    return {**histogram, "edges": [float(e) for e in np.quantile(int8_values.astype(np.float64), below)]}
+
+
+def _refit_operating_points(block: dict, scores: np.ndarray, is_positive: np.ndarray, where: dict) -> dict:
+    """The export's rules and targets (evaluation/operating_points), chosen again on the int8 probabilities."""
+    from medtriage.evaluation.operating_points import choose_priority_thresholds
+
+    review, urgent = block["review"], block.get("urgent")
+    refitted = choose_priority_thresholds(
+        scores, is_positive, review["rule"], review.get("target"), urgent and urgent["rule"], urgent and urgent.get("target")
+    )
+    fp32 = {k: block[k]["threshold"] for k in ("review", "urgent") if block.get(k)}
+    return {**block, **refitted, "refit": {**where, "fp32": fp32}}
 
 
 def _granularity(per_channel: bool) -> str:
