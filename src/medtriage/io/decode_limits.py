@@ -127,7 +127,7 @@ class _NoFrameSize(ValueError):
     """A codestream whose declared size cannot be read (the message completes "frame N ...")."""
 
 
-def _jpeg_samples(codestream: bytes) -> int:
+def jpeg_samples(codestream: bytes) -> int:
     """Height x width x components of a JPEG / JPEG-LS codestream's frame header, reached by stepping over the
     marker segments before it by their lengths (APPn / COM segments may hold megabytes): nothing is decoded."""
     if codestream[:2] != b"\xff\xd8":
@@ -154,7 +154,7 @@ def _jpeg_samples(codestream: bytes) -> int:
     raise _NoFrameSize(f"has no frame header (SOF) within its first {MAX_HEADER_SEGMENTS} marker segments")
 
 
-def _j2k_samples(codestream: bytes) -> int:
+def j2k_samples(codestream: bytes) -> int:
     """Width x height x components a JPEG 2000 codestream's SIZ declares. SIZ must follow SOC at the start of the
     codestream (ISO 15444-1 A.4.1); in a JP2 file the codestream is the contents of its jp2c box."""
     start = _jp2_codestream_start(codestream) if codestream.startswith(_JP2_SIGNATURE) else 0
@@ -192,8 +192,8 @@ _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no leng
 _JPEG_BEFORE_FRAME_FORBIDDEN = frozenset({0x00, 0xD8, 0xD9, 0xDA})  # not a marker, SOI, EOI, SOS
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 _DECLARED_SAMPLES = {
-    **dict.fromkeys([*pydicom.uid.JPEGTransferSyntaxes, *pydicom.uid.JPEGLSTransferSyntaxes], _jpeg_samples),
-    **dict.fromkeys(pydicom.uid.JPEG2000TransferSyntaxes, _j2k_samples),
+    **dict.fromkeys([*pydicom.uid.JPEGTransferSyntaxes, *pydicom.uid.JPEGLSTransferSyntaxes], jpeg_samples),
+    **dict.fromkeys(pydicom.uid.JPEG2000TransferSyntaxes, j2k_samples),
 }
 
 

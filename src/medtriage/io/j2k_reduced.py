@@ -9,7 +9,8 @@ on the scale of the stored values: a smoothed, subsampled image (not bit-identic
 decode), so this is for scoring, never for display or training data.
 
 Only plain single-component unsigned codestreams are taken (origin at 0, no subsampling); anything else,
-or any failure, returns None and the caller decodes the full image as usual. Decoding goes through
+or any failure, returns None, as does a level whose bits above Bits Stored are not the same throughout (see
+`_mixed_unused_bits`), and the caller decodes the full image as usual. Decoding goes through
 Pillow's openjpeg binding, whose public `reduce` rounds the reduced size where openjpeg takes the ceiling:
 the size is set here as openjpeg computes it. The one exception to "return None" is a main header that cannot be
 walked to its coding style segment within decode_limits.MAX_HEADER_SEGMENTS marker segments: a damaged or hostile
@@ -43,6 +44,7 @@ def reduced_j2k_frames(ds: pydicom.Dataset, syntax, frame: int | None, min_side:
     if int(ds.get("PixelRepresentation") or 0) != 0:
         return None
     rows, columns, count = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
+    bits_stored = int(ds.get("BitsStored") or 0)
     codestreams = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=count))
     wanted = range(count) if frame is None else [frame]
     decoded, level = [], 0
@@ -57,8 +59,20 @@ def reduced_j2k_frames(ds: pydicom.Dataset, syntax, frame: int | None, min_side:
         values = _decode_at(codestreams[index], level, header[2]) if level else None
         if values is None or values.shape != (-(-rows // 2**level), -(-columns // 2**level)):
             return None
+        if _mixed_unused_bits(values, bits_stored):
+            return None
         decoded.append(values)
     return np.stack(decoded), level
+
+
+def _mixed_unused_bits(values: np.ndarray, bits_stored: int) -> bool:
+    """True where the bits above Bits Stored differ across the level. The low-pass band averages whole samples, so a
+    high bit set in some of them (an overlay) is spread into the stored bits beside it, and dropping the high bits
+    afterwards leaves noise there; the same high bits everywhere shift every value alike and drop out exactly."""
+    if not 0 < bits_stored < 8 * values.dtype.itemsize:
+        return False
+    high = values >> bits_stored
+    return bool(high.min() != high.max())
 
 
 def _level(rows: int, columns: int, levels: int, min_side: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from PIL import Image
 
 from medtriage.errors import DataNotFoundError, InputError, MedTriageError
 from medtriage.io.clamped import ClampedReader, dicom_source
+from medtriage.io.decode_limits import j2k_samples, jpeg_samples
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 0.5 for 20x)"
@@ -33,6 +35,7 @@ READ_BLOCK_BYTES = 64 << 20  # RGB bytes of a level decoded at once when a whole
 MAX_WHOLE_IMAGE_BYTES = 256 << 20  # RGB bytes of a whole-level image: a 7.5 cm square of tissue at the mask's 8 µm/pixel
 MAX_CHUNK_BYTES = 256 << 20  # decoded bytes of one tile or strip: a decoder allocates what the tags claim, whatever the data
 TILE_CACHE_BYTES = 128 << 20  # decoded tiles one reader keeps: 680 of 256 pixels (a row across a large slide), fewer larger ones
+MAX_TIFF_PAGES = 1024  # images (IFDs) in one slide file: a pyramid, its focal planes and a few associated images
 MIN_MPP = 0.05  # µm/pixel: a quarter of what light microscopes resolve; anything finer is a damaged tag
 BRIGHTFIELD_HINT = (
     "the pathology models read 8-bit RGB brightfield slides (H&E, IHC): export the slide as 8-bit RGB "
@@ -40,6 +43,7 @@ BRIGHTFIELD_HINT = (
 )
 TIFF_COLOUR_PHOTOMETRICS = (2, 6)  # RGB, YCbCr: what a brightfield scanner writes (CMYK or a palette would read as RGB)
 DICOM_COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+CHUNK_HEADER_READERS = {7: jpeg_samples, 33003: j2k_samples, 33005: j2k_samples, 34712: j2k_samples}  # by TIFF Compression
 OME_UNITS_IN_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}  # OME-XML PhysicalSizeXUnit values
 
 
@@ -197,6 +201,7 @@ class Slide(_Levels):
             raise DataNotFoundError("slide file not found", where=self.path)
         self._fd: int | None = None
         self._shared_reader: RegionReader | None = None
+        _check_ifd_chain(self.path)
         try:
             self._slide = tiffslide.TiffSlide(self.path)
         except Exception as err:  # tifffile raises many types for non-TIFF or damaged headers
@@ -277,6 +282,7 @@ class Slide(_Levels):
             series = next((s for s in self._slide.ts_tifffile.series[first:] if s.name.lower() == "thumbnail"), None)
             if series is None or not self._usable_thumbnail(series.shape, series.dtype, series.keyframe.chunks):
                 return None
+            self._check_chunk_headers(series.keyframe)
             return Image.fromarray(np.ascontiguousarray(series.asarray(maxworkers=1)[..., :3]))
         except Exception:  # a damaged associated image only costs us the shortcut
             return None
@@ -288,6 +294,11 @@ class Slide(_Levels):
             return False
         (w0, h0), (height, width) = self.dimensions, shape[:2]
         return abs(width / height - w0 / h0) < 0.01 * w0 / h0
+
+    def _check_chunk_headers(self, page) -> None:
+        for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+            if count:
+                _check_chunk_header(page, os.pread(self._fd, count, offset), index)
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -347,6 +358,7 @@ class RegionReader:
             tile = np.full((page.tilelength, page.tilewidth, 3), 255, np.uint8)
         else:
             data = os.pread(self.slide._fd, count, offset)
+            _check_chunk_header(page, data, index)
             segment = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)[0]
             tile = np.ascontiguousarray(segment.reshape(page.tilelength, page.tilewidth, -1)[..., :3])
         self._cache[key] = tile
@@ -354,6 +366,23 @@ class RegionReader:
         while self._cache_bytes > TILE_CACHE_BYTES and len(self._cache) > 1:
             self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
         return tile
+
+
+def _check_chunk_header(page, data: bytes, index: int) -> None:
+    """A JPEG or JPEG 2000 tile (or strip) is decoded at the size its own header declares, allocated first, before it
+    is found not to fit: a few kilobytes can declare gigabytes. Refuse a declaration larger than the tags' chunk."""
+    read_header = CHUNK_HEADER_READERS.get(int(page.compression))
+    try:
+        declared = read_header(data) if read_header else None
+    except ValueError:  # no readable frame header: the decoder says what is wrong
+        return
+    if declared is not None and declared > math.prod(page.chunks):
+        kind = "tile" if page.is_tiled else "strip"
+        raise ValueError(
+            f"{kind} {index} declares {declared} samples (height x width x components) in its "
+            f"{getattr(page.compression, 'name', page.compression)} header, more than the "
+            f"{' x '.join(map(str, page.chunks))} of the TIFF's {kind}s; it was not decoded"
+        )
 
 
 def _tiff_pixels(series) -> str | None:
@@ -390,6 +419,51 @@ def _fast_path_ok(page) -> bool:
 
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+MAX_TAGS_PER_IFD = 4096  # more is a damaged entry count (tifffile stops its own walk there too)
+
+
+def _check_ifd_chain(path: Path) -> None:
+    """Walk the chain of image directories (IFDs) before tifffile does: its walk notices a loop only among the first
+    100 and then runs on without end, and its series detection takes time quadratic in the number of images.
+    A loop, or more than MAX_TIFF_PAGES images, is refused; a chain that breaks off is left to tifffile to report."""
+    with open(path, "rb") as f:
+        header = f.read(16)
+        if header[:4] not in TIFF_MAGIC:
+            return  # not a TIFF: tiffslide says so
+        order, big = "<" if header[:2] == b"II" else ">", header[2:4] in (b"+\x00", b"\x00+")
+        count_format, entry_size, offset_format = ("Q", 20, "Q") if big else ("H", 12, "I")
+        offset = struct.unpack_from(order + offset_format, header, 8 if big else 4)[0] if len(header) == 16 else 0
+        seen: set[int] = set()
+        while offset:
+            if offset in seen:
+                raise InputError(
+                    f"damaged slide: the TIFF's chain of image directories loops back to the one at byte {offset}",
+                    where=path,
+                    hint="copy the slide again from the scanner or archive",
+                )
+            if len(seen) == MAX_TIFF_PAGES:
+                raise InputError(
+                    f"the TIFF holds more than {MAX_TIFF_PAGES} images (image directories); a slide holds its pyramid "
+                    "levels and a few associated images",
+                    where=path,
+                    hint="the file is damaged or is not one slide: copy it again, or export the slide again",
+                )
+            seen.add(offset)
+            offset = _next_ifd(f, offset, order, count_format, entry_size, offset_format)
+
+
+def _next_ifd(f, offset: int, order: str, count_format: str, entry_size: int, offset_format: str) -> int:
+    """Offset of the IFD after the one at `offset`; 0 where the chain ends or cannot be read on."""
+    f.seek(offset)
+    raw = f.read(struct.calcsize(count_format))
+    if len(raw) < struct.calcsize(count_format):
+        return 0
+    tags = struct.unpack(order + count_format, raw)[0]
+    if tags > MAX_TAGS_PER_IFD:
+        return 0
+    f.seek(offset + len(raw) + tags * entry_size)
+    raw = f.read(struct.calcsize(offset_format))
+    return struct.unpack(order + offset_format, raw)[0] if len(raw) == struct.calcsize(offset_format) else 0
 
 
 def _unreadable(path: Path, err: Exception) -> InputError:

@@ -1,0 +1,172 @@
+"""Structure claims of untrusted slide and JPEG 2000 files: a TIFF's chain of image directories (IFDs) that loops or
+runs on for thousands of images, JPEG tiles declaring more pixels than their tile, and a reduced JPEG 2000 decode of a
+codestream whose bits above Bits Stored differ across the image."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from medtriage.errors import InputError
+from medtriage.io.dicom import read_dicom
+from medtriage.io.slide_reader import MAX_TIFF_PAGES, open_slide
+from tests.io.test_fallback_decoder_scope import unsigned_10_bit_with_a_high_bit_set
+from tests.io.test_j2k_reduced import block_means
+from tests.io.test_unused_bits_after_pydicom import with_pixels
+
+pytest.importorskip("imagecodecs")
+
+RESOLUTION = {"resolution": (2e4, 2e4), "resolutionunit": "CENTIMETER"}  # 0.5 µm/pixel
+CMU1 = Path(__file__).resolve().parents[2] / "data" / "samples" / "CMU-1-Small-Region.svs"
+
+
+def test_a_jpeg2000_codestream_with_bits_above_bits_stored_is_decoded_in_full(tmp_path):
+    """An overlay in unused bit 11 over half the image: the full decode drops it, a reduced level would average it in."""
+    ds, samples = unsigned_10_bit_with_a_high_bit_set()  # 128 x 128, Bits Stored 10
+    samples = samples & 0x3FF
+    samples[:, :64] |= 0x800
+    path = with_pixels(ds, samples, tmp_path, "overlay", "jpeg-2000")  # codestream precision 16
+    full = read_dicom(path)
+    reduced = read_dicom(path, min_side=32)
+    assert reduced.resolution_level == 0
+    np.testing.assert_array_equal(reduced.pixels, full.pixels)
+
+
+def test_a_jpeg2000_codestream_within_bits_stored_is_still_decoded_reduced(tmp_path):
+    ds, samples = unsigned_10_bit_with_a_high_bit_set()
+    ds.BitsStored, ds.HighBit = 16, 15  # every bit of the codestream is the value
+    path = with_pixels(ds, samples, tmp_path, "all_bits", "jpeg-2000")
+    reduced = read_dicom(path, min_side=32)
+    assert reduced.resolution_level == 2
+    expected = block_means(read_dicom(path).pixels[0, 0], 2)
+    assert np.abs(reduced.pixels[0, 0] - expected).mean() < 0.02
+
+
+def chained_copies(tmp_path: Path, copies: int, loop_to: int | None = None) -> Path:
+    """A one-level tiled RGB slide whose image directory (IFD) is followed by `copies` copies of itself (their tag
+    values stay where they are); with `loop_to`, the last copy links back to copy number `loop_to`."""
+    base = tmp_path / "base.tif"
+    pixels = np.full((256, 256, 3), (180, 90, 160), np.uint8)
+    tifffile.imwrite(base, pixels, tile=(256, 256), photometric="rgb", **RESOLUTION)
+    data = bytearray(base.read_bytes())
+    first = struct.unpack_from("<I", data, 4)[0]
+    ifd = bytes(data[first : first + 2 + 12 * struct.unpack_from("<H", data, first)[0]])
+    step, start = len(ifd) + 4, len(data)
+    struct.pack_into("<I", data, first + len(ifd), start)
+    for copy in range(copies):
+        last = copy == copies - 1
+        following = (0 if loop_to is None else start + loop_to * step) if last else start + (copy + 1) * step
+        data += ifd + struct.pack("<I", following)
+    path = tmp_path / "chained.tif"
+    path.write_bytes(data)
+    return path
+
+
+def open_within(path: Path, seconds: float) -> BaseException | None:
+    """What opening the slide raised (None if it opened), failing the test when it does not finish in `seconds`."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            open_slide(path).close()
+            outcome.append(None)
+        except BaseException as err:  # handed to the test
+            outcome.append(err)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"opening the slide did not finish within {seconds} s"
+    return outcome[0]
+
+
+def test_an_ifd_chain_looping_back_after_a_hundred_images_is_refused_not_followed_for_ever(tmp_path):
+    """tifffile looks for a loop only among the first 100 image directories: past them it would append offsets
+    until memory runs out. The check runs in a child process, so a regression cannot leave a runaway thread."""
+    import subprocess
+    import sys
+
+    path = chained_copies(tmp_path, 150, loop_to=0)
+    code = (
+        "import sys\nfrom medtriage.errors import InputError\nfrom medtriage.io.slide_reader import open_slide\n"
+        "try:\n    open_slide(sys.argv[1]).close()\nexcept InputError as err:\n    print(err)"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("opening a slide whose image directories loop did not finish within 20 s")
+    assert done.returncode == 0, done.stderr
+    assert "chain of image directories loops back" in done.stdout and str(path) in done.stdout
+
+
+def test_an_ifd_chain_looping_back_to_the_start_is_refused(tmp_path):
+    err = open_within(chained_copies(tmp_path, 3, loop_to=1), 10)
+    assert isinstance(err, InputError) and "loops back" in str(err)
+    assert "copy the slide again" in err.hint
+
+
+def test_a_file_with_more_images_than_a_slide_holds_is_refused_before_tifffile_sorts_them(tmp_path):
+    """tifffile's series detection takes time quadratic in the number of images: 20000 copies of one directory
+    (4 MB) took over a minute to open."""
+    err = open_within(chained_copies(tmp_path, MAX_TIFF_PAGES), 10)  # with the original: one more than the limit
+    assert isinstance(err, InputError) and f"more than {MAX_TIFF_PAGES} images" in str(err)
+
+
+def test_a_chain_within_the_limit_still_opens(tmp_path):
+    assert open_within(chained_copies(tmp_path, 20), 10) is None
+
+
+def with_jpeg_size_claim(source: Path, path: Path, series: int, height: int, width: int) -> Path:
+    """`source` with the frame header (SOF0) of the first JPEG chunk of `series` declaring `height` x `width`."""
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        page = tif.series[series].keyframe
+        offset, count = page.dataoffsets[0], page.databytecounts[0]
+    sof = data.index(b"\xff\xc0", offset, offset + count)
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    path.write_bytes(data)
+    return path
+
+
+def outcome_and_peak_bytes(action) -> tuple[object, int]:
+    """What `action` returned or raised, and the most memory it held (numpy's and the codecs' arrays included)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            outcome = action()
+        except Exception as err:  # handed to the test
+            outcome = err
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_jpeg_tile_declaring_more_pixels_than_its_tile_is_refused_before_it_is_decoded(tmp_path):
+    """Its 2 kB would otherwise be decoded into 48 MB first (declaring a 45000 pixel square: 6 GB, half a minute)."""
+    colour = (180, 90, 160)
+    base = tmp_path / "jpeg.tif"
+    pixels = np.full((512, 512, 3), colour, np.uint8)
+    tifffile.imwrite(base, pixels, tile=(256, 256), photometric="rgb", compression="jpeg", **RESOLUTION)
+    path = with_jpeg_size_claim(base, tmp_path / "claims.tif", 0, 4000, 4000)
+    with open_slide(path) as slide:
+        assert np.abs(slide.read_region(256, 0, 0, (256, 256)).astype(int) - colour).max() < 8  # the other tiles read
+        refused, peak = outcome_and_peak_bytes(lambda: slide.read_region(0, 0, 0, (256, 256)))
+    assert isinstance(refused, InputError) and refused.where == str(path)
+    assert "tile 0 declares 48000000 samples (height x width x components) in its JPEG header" in str(refused)
+    assert peak < 16 << 20
+
+
+def test_a_scanner_thumbnail_declaring_more_pixels_than_its_strips_is_skipped_without_decoding_it(tmp_path):
+    path = with_jpeg_size_claim(CMU1, tmp_path / "thumbnail.svs", 1, 4000, 4000)
+    with open_slide(path) as slide:
+        thumbnail, peak = outcome_and_peak_bytes(slide.scanner_thumbnail)
+    assert thumbnail is None and peak < 16 << 20
+    with open_slide(CMU1) as intact:
+        assert intact.scanner_thumbnail().size == (574, 768)
