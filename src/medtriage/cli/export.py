@@ -79,7 +79,8 @@ def ensemble_main(argv: list[str] | None = None) -> int:
         "--tta",
         choices=TTA,
         default="none",
-        help="also average over views: one-pixel shifts, or the left-right mirror (not for chest X-rays)",
+        help="also average over views: one-pixel shifts, or the left-right mirror (only for models trained with "
+        "data.augment.hflip=true; not for chest X-rays)",
     )
     args = parser.parse_args(argv)
     run_ids = [i for i in args.items if "=" not in i]

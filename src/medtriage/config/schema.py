@@ -7,6 +7,7 @@ misspelt key or a value of the wrong type fails when the config is composed, nam
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -237,7 +238,8 @@ class ExportConfig:
     urgent_rule: str | None = "specificity"
     urgent_target: float = 0.95
     # Test-time augmentation inside the served graph (model/averaging.py): none | shift (one-pixel shifts) | flip
-    # (also the mirror image; not for chest X-rays). Calibration, thresholds and the OOD fit see the averaged output.
+    # (also the mirror image; not for chest X-rays, and only for models trained with data.augment.hflip=true).
+    # Calibration, thresholds and the OOD fit see the averaged output.
     tta: str = "none"
     calibrate: bool = True  # allow temperature scaling; kept only where it lowers cross-validated ECE on validation
     ece_bins: int = 15
@@ -373,7 +375,22 @@ def _combination_problems(cfg) -> dict[str, str]:
         )
     if augment.enabled and (augment.stain_sigma or augment.stain_bias) and channels != 3:
         found["stain"] = f"data.augment.stain_sigma/stain_bias with model.preprocess.in_channels={channels} (stain jitter needs RGB: 3)"
+    if cfg.export.enabled and cfg.export.tta == "flip" and not trained_with_flips(cfg):
+        found["export.tta"] = (
+            "export.tta=flip for a model trained without left-right flips (data.augment.hflip=true with "
+            "trainer.augment_on=device), to which mirrored views are out of distribution"
+        )
     return found
+
+
+def trained_with_flips(train_config: Mapping) -> bool:
+    """Whether a run of this training config (a resolved dict as checkpoints store it, or the composed config) saw
+    left-right mirrored images: only then may the export average mirrored views. Missing keys read as their defaults."""
+    data, trainer = train_config.get("data") or {}, train_config.get("trainer") or {}
+    augment = data.get("augment") or {}
+    augment_on = trainer.get("augment_on", AugmentOn.cpu)
+    on_device = getattr(augment_on, "value", augment_on) == AugmentOn.device.value  # the CPU transforms have no flip
+    return bool(augment.get("enabled", AugmentConfig.enabled) and augment.get("hflip", AugmentConfig.hflip) and on_device)
 
 
 def _label_problems(cfg) -> dict[str, str]:

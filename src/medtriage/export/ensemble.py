@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from medtriage.errors import ConfigError
 from medtriage.export.registry import find_checkpoint
-from medtriage.export.run import export_net
+from medtriage.export.run import check_views_trained, export_net
 from medtriage.model.averaging import EnsembleNet
 from medtriage.model.checkpoint import load_model
 from medtriage.model.networks import TriageNet
@@ -47,6 +47,7 @@ def export_ensemble(run_ids: Sequence[str], name: str, tta: str = "none", overri
     """Package the ensemble of `run_ids` as `<models_dir>/<name>/`; returns (package dir, its MLflow run id, the net)."""
     with tempfile.TemporaryDirectory() as tmp:
         members, configs = load_members(run_ids, Path(tmp))
+    check_views_trained(tta, configs)
     config = OmegaConf.merge(OmegaConf.create(configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
     net = EnsembleNet(members, tta).eval()
     client = mlflow.MlflowClient()

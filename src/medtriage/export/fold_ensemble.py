@@ -32,7 +32,7 @@ from medtriage.data.torch.datasets import limit_rows
 from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.evaluation.predictions import Predictions
 from medtriage.export.ood import OodData
-from medtriage.export.run import check_export_settings, export_tracked, ood_data_of, positive_index
+from medtriage.export.run import check_export_settings, check_views_trained, export_tracked, ood_data_of, positive_index
 from medtriage.export.safety import scope_from_rows
 from medtriage.model.averaging import EnsembleNet, averaged
 from medtriage.model.checkpoint import final_checkpoint, load_model
@@ -258,6 +258,7 @@ def _export_out_of_fold(
     config = OmegaConf.merge(OmegaConf.create(members.configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
     export_cfg = check_export_settings(config.export)  # before the fold models score every labelled image
     positive_index(members.manifests[0].label_names, export_cfg.positive_label)  # so is the positive label
+    check_views_trained(tta, members.configs)  # a refit's augmentation is its folds' (_refit_model)
     served_folds = split == HELD_OUT_SPLIT
     if export_cfg.ood and not served_folds:
         # Each fold model sets its OOD threshold on the images it held out; a refit's members held out none.

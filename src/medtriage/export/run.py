@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import medtriage
-from medtriage.config.schema import ExportConfig, value_problems
+from medtriage.config.schema import ExportConfig, trained_with_flips, value_problems
 from medtriage.data.manifest import load_manifest
 from medtriage.errors import ConfigError
 from medtriage.evaluation.calibration import probabilities
@@ -222,6 +222,21 @@ def check_export_settings(export: Any) -> ExportConfig:
     return cfg
 
 
+def check_views_trained(tta: str, train_configs: Sequence[Any]) -> None:
+    """Refuse mirrored views for any averaged model that never saw a mirrored image in training: to it they are out of
+    distribution (a chest X-ray is not left-right symmetric), and averaging them in shifts every served score."""
+    if tta != "flip":
+        return
+    unflipped = [k for k, config in enumerate(train_configs) if not trained_with_flips(_as_dict(config))]
+    if unflipped:
+        models = "the model was" if len(train_configs) == 1 else f"members {unflipped} of {len(train_configs)} were"
+        raise ConfigError(
+            f"test-time flip views averaged, but {models} trained without left-right flips",
+            where="export.tta",
+            hint="train with data.augment.hflip=true and trainer.augment_on=device, or choose export.tta=shift, affine or none",
+        )
+
+
 def _typed_export_config(export: Any) -> ExportConfig:
     """`export` as an ExportConfig, each value of its field's type and range: a re-export's `export.key=value`
     overrides come as untyped text, where a misspelt key or `ece_bins=abc` would otherwise fail deep inside the
@@ -256,6 +271,8 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: E
     """export_run for a network already built (a trained model, or an ensemble of several)."""
     config = _as_dict(cfg)
     export_cfg = checked if checked is not None else check_export_settings(config.get("export", {}))
+    if isinstance(net, TriageNet):  # an ensemble's members were checked where their configs were loaded
+        check_views_trained(export_cfg.tta, [train_config])
     pool_dir = _lookup(config, "data.pool_dir") or _lookup(_as_dict(train_config), "data.pool_dir")
     if not pool_dir:
         raise ConfigError("the config names no data.pool_dir to take validation images from", where="data.pool_dir")
