@@ -96,7 +96,7 @@ class AtomicFile:
         try:
             self.sync_and_close()
             if not private:
-                os.chmod(self.temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give it what open() would
+                os.chmod(self.temporary, PUBLIC_MODE)  # mkstemp makes 0600; give it what open() would
             os.replace(self.temporary, self.path)
         except BaseException:
             self.discard()
@@ -214,3 +214,4 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+PUBLIC_MODE = 0o666 & ~_UMASK  # what open() gives a new file

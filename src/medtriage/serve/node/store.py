@@ -19,14 +19,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from medtriage.errors import InputError
-from medtriage.io.safe_output import copy_atomic, inside, remove_partials, write_atomic
+from medtriage.io.safe_output import PUBLIC_MODE, AtomicFile, inside, remove_partials, sync_folder
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -114,6 +117,25 @@ class Delivery:
     file: Path
     sop_uid: str
     attempts: int
+
+
+class _Buffered:
+    """A file in the store's incoming folder, renamed into the spool by the call that records it: no second copy of
+    a large instance on disk. Another call's (a resend, a conflict) is left to its writer: pynetdicom deletes its
+    file after the C-STORE handler returns, ignoring one already gone."""
+
+    def __init__(self, path: Path, spool: Path):
+        self.path, self.spool = path, spool
+        with open(path, "rb") as written:  # its bytes on disk before its row is committed
+            os.fsync(written.fileno())
+
+    def commit(self) -> None:
+        os.chmod(self.path, PUBLIC_MODE)  # a temporary file's 0600 made what the spool's other files have
+        os.replace(self.path, self.spool)
+        sync_folder(self.spool.parent)
+
+    def discard(self) -> None:
+        pass
 
 
 class NodeStore:
@@ -206,26 +228,68 @@ class NodeStore:
         calling_aet: str = "",
         name: str = "",
     ) -> bool:
-        """Spool and record one instance (its bytes, or a file of them, copied in chunks); returns False when this SOP
-        instance was already received (the copy on disk is kept, so a resend never produces a second result).
+        """Spool and record one instance (its bytes, or a file of them: copied in chunks, or moved when the file is in
+        the store's `incoming` folder); returns False when this SOP instance was already received (the copy on disk
+        is kept, so a resend never produces a second result), by this call's time or by a concurrent one's.
         ConflictingInstance when the SOP Instance UID is held for another study, series or SOP class; OSError when the
         disk or the database is full (nothing of the instance is kept)."""
-        if self.has_instance(sop_uid):
+        if self.has_instance(sop_uid):  # a resend: nothing to write
             self._check_resend(sop_uid, study_uid, series_uid, sop_class)
             return False
         spool = self.spool_path(sop_uid)
-        if isinstance(data, (bytes, bytearray)):
-            write_atomic(spool, data)
-        else:
-            copy_atomic(data, spool)
+        copy, renamed = self._buffered(data, spool) or self._spool_copy(data, spool), False
+
+        def keep() -> None:  # run by the call whose row is inserted, before its commit
+            nonlocal renamed
+            copy.commit()
+            renamed = True
+
+        kept = False
         try:
-            self.record_instance(sop_uid, study_uid, series_uid, sop_class, spool.name, fields, calling_aet, name)
-        except BaseException as err:
-            spool.unlink(missing_ok=True)  # unrecorded, it would hold disk for good; its sender gets no success
-            if isinstance(err, sqlite3.OperationalError) and _is_full(err):
+            with self._lock:  # the spool file is this call's from its rename until a failed commit removes it
+                try:
+                    kept = self.record_instance(sop_uid, study_uid, series_uid, sop_class, spool.name, fields, calling_aet, name, keep=keep)
+                except BaseException:
+                    if renamed:  # unrecorded, it would hold disk for good; its sender gets no success
+                        spool.unlink(missing_ok=True)
+                    raise
+        except sqlite3.OperationalError as err:
+            if _is_full(err):
                 raise OSError(errno.ENOSPC, f"the node's database {self.folder / DB_FILE} is full: {err}") from err
             raise
-        return True
+        finally:
+            if not kept:
+                copy.discard()
+        if not kept:  # a concurrent association recorded this SOP Instance UID first: a resend, or a conflict
+            self._check_resend(sop_uid, study_uid, series_uid, sop_class)
+        return kept
+
+    def _buffered(self, data: bytes | Path, spool: Path) -> _Buffered | None:
+        """An instance the network layer wrote to this store's incoming folder, on the spool's disk: moved, not copied."""
+        if isinstance(data, (bytes, bytearray)) or self.folder is None:
+            return None
+        data = Path(data)
+        if data.parent.resolve() != self.incoming.resolve() or data.stat().st_dev != spool.parent.stat().st_dev:
+            return None
+        return _Buffered(data, spool)
+
+    @staticmethod
+    def _spool_copy(data: bytes | Path, spool: Path) -> AtomicFile:
+        """`data` in a temporary file of its own beside `spool`, on disk: concurrent receivers of one SOP Instance UID
+        never write the same file, and the slow fsync is done before the database lock is taken."""
+        copy = AtomicFile(spool)
+        try:
+            if isinstance(data, (bytes, bytearray)):
+                copy.file.write(data)
+            else:
+                with open(data, "rb") as original:
+                    shutil.copyfileobj(original, copy.file)
+            copy.file.flush()
+            os.fsync(copy.file.fileno())
+        except BaseException:
+            copy.discard()
+            raise
+        return copy
 
     def _check_resend(self, sop_uid: str, study_uid: str, series_uid: str, sop_class: str) -> None:
         """A resend names the study, series and SOP class it did the first time; another instance reusing the UID
@@ -251,29 +315,37 @@ class NodeStore:
         state: str = "received",
         result: str | None = None,
         source: str | None = None,
-    ) -> None:
-        """The instance row, and its study opened (or reopened: a late instance makes a new result). `source`: the
-        sender as the drift monitor names it, when the calling AE title does not say it (an upload's X-Source)."""
+        keep: Callable[[], None] | None = None,
+    ) -> bool:
+        """The instance row, and its study opened (or reopened: a late instance makes a new result), in one transaction;
+        False, and nothing changed, when the SOP Instance UID is already held (checked and recorded as one step, so
+        of concurrent calls for one UID exactly one records it). `keep`: run once the row is in, before the commit
+        (the spool file put in place). `source`: the sender as the drift monitor names it, when the calling AE title
+        does not say it (an upload's X-Source)."""
         now = time.time()
-        self._transaction(
-            [
-                (
-                    (
-                        "INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class, spool, name, calling_aet, "
-                        "received, state, result, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    ),
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = self._db.execute(
+                    "INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class, spool, name, calling_aet, "
+                    "received, state, result, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result, source),
-                ),
-                (
-                    (
+                ).rowcount
+                if inserted:
+                    self._db.execute(
                         "INSERT INTO studies (study_uid, state, first_received, last_received, updated, fields) "
                         "VALUES (?, 'receiving', ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET state = 'receiving', "
-                        "last_received = excluded.last_received, updated = excluded.updated"
-                    ),
-                    (study_uid, now, now, now, json.dumps(fields)),
-                ),
-            ]
-        )
+                        "last_received = excluded.last_received, updated = excluded.updated",
+                        (study_uid, now, now, now, json.dumps(fields)),
+                    )
+                    if keep is not None:
+                        keep()
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite ends some failed transactions itself (a full database)
+                    self._db.execute("ROLLBACK")
+                raise
+        return bool(inserted)
 
     # --- scoring ---------------------------------------------------------------------------------
 
