@@ -24,7 +24,8 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,17 +185,23 @@ class NodeStore:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+    @contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, under the store's lock: committed when the block ends, rolled back when it raises."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite ends some failed transactions itself (a full database)
                     self._db.execute("ROLLBACK")
                 raise
+
+    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._immediate() as db:
+            for sql, args in statements:
+                db.execute(sql, args)
 
     # --- receiving -------------------------------------------------------------------------------
 
@@ -323,28 +330,21 @@ class NodeStore:
         (the spool file put in place). `source`: the sender as the drift monitor names it, when the calling AE title
         does not say it (an upload's X-Source)."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                inserted = self._db.execute(
-                    "INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class, spool, name, calling_aet, "
-                    "received, state, result, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result, source),
-                ).rowcount
-                if inserted:
-                    self._db.execute(
-                        "INSERT INTO studies (study_uid, state, first_received, last_received, updated, fields) "
-                        "VALUES (?, 'receiving', ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET state = 'receiving', "
-                        "last_received = excluded.last_received, updated = excluded.updated",
-                        (study_uid, now, now, now, json.dumps(fields)),
-                    )
-                    if keep is not None:
-                        keep()
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # SQLite ends some failed transactions itself (a full database)
-                    self._db.execute("ROLLBACK")
-                raise
+        with self._immediate() as db:
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO instances (sop_uid, study_uid, series_uid, sop_class, spool, name, calling_aet, "
+                "received, state, result, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result, source),
+            ).rowcount
+            if inserted:
+                db.execute(
+                    "INSERT INTO studies (study_uid, state, first_received, last_received, updated, fields) "
+                    "VALUES (?, 'receiving', ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET state = 'receiving', "
+                    "last_received = excluded.last_received, updated = excluded.updated",
+                    (study_uid, now, now, now, json.dumps(fields)),
+                )
+                if keep is not None:
+                    keep()
         return bool(inserted)
 
     # --- scoring ---------------------------------------------------------------------------------
@@ -398,34 +398,28 @@ class NodeStore:
         now = time.time()
         state = state or ("not_analysed" if top is None else "scored")
         values = (top or {}).get
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                closed = self._db.execute(
-                    "UPDATE studies SET state = ?, updated = ?, top_sop = ?, priority = ?, probability = ?, finding = ?, "
-                    "reason = ?, sr_uid = ? WHERE study_uid = ? AND state = 'receiving' AND last_received <= ?",
-                    (
-                        state,
-                        now,
-                        values("sop_uid"),
-                        values("priority"),
-                        values("probability"),
-                        values("finding"),
-                        reason,
-                        sr_uid,
-                        study_uid,
-                        seen,
-                    ),
-                ).rowcount
-                for delivery in deliveries if closed else []:
-                    self._db.execute(
-                        "INSERT INTO deliveries (study_uid, kind, destination, file, sop_uid, created) VALUES (?, ?, ?, ?, ?, ?)",
-                        (study_uid, *delivery, now),
-                    )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._immediate() as db:
+            closed = db.execute(
+                "UPDATE studies SET state = ?, updated = ?, top_sop = ?, priority = ?, probability = ?, finding = ?, "
+                "reason = ?, sr_uid = ? WHERE study_uid = ? AND state = 'receiving' AND last_received <= ?",
+                (
+                    state,
+                    now,
+                    values("sop_uid"),
+                    values("priority"),
+                    values("probability"),
+                    values("finding"),
+                    reason,
+                    sr_uid,
+                    study_uid,
+                    seen,
+                ),
+            ).rowcount
+            for delivery in deliveries if closed else []:
+                db.execute(
+                    "INSERT INTO deliveries (study_uid, kind, destination, file, sop_uid, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (study_uid, *delivery, now),
+                )
         return bool(closed)
 
     def outbox_path(self, name: str) -> Path:
