@@ -11,6 +11,7 @@ import pytest
 from medtriage.data.manifest import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, load_manifest
 from medtriage.data.pool import build_sites_pool
 from medtriage.errors import DataNotFoundError
+from medtriage.io.site_folder import read_site_folder
 from tests.data.test_pool_and_manifest_edges import edit_manifest, set_cell, write_dicom
 
 
@@ -75,3 +76,14 @@ def test_a_pool_edited_by_hand_is_built_again_not_reused(tmp_path, capsys, file,
     assert f"{file} differs from what the build wrote" in capsys.readouterr().out
     assert build(sites, tmp_path / "pool", verbose=True).fingerprint == first.fingerprint
     assert "reusing pool" in capsys.readouterr().out  # restored, then reused as before
+
+
+def test_a_site_folder_lists_its_inputs_and_the_outermost_hidden_names_it_leaves_out(tmp_path):
+    sites = one_site(tmp_path / "sites")
+    for hidden in (".DS_Store", ".Trash-1000/files/old.dcm", "sub/.~lock.dcm"):
+        write_dicom(sites / "a" / hidden, "p9", "A9")
+    write_dicom(sites / "a" / "sub" / "2.dcm", "p2", "A2")
+    contents = read_site_folder(sites / "a")
+    assert [p.relative_to(sites / "a").as_posix() for p in contents.inputs] == ["1.dcm", "sub/2.dcm"]
+    assert [p.as_posix() for p in contents.hidden_roots()] == [".DS_Store", ".Trash-1000", "sub/.~lock.dcm"]
+    assert len(contents.hidden) == 3

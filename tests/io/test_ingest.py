@@ -15,7 +15,8 @@ import pytest
 from medtriage.cli import main as cli_main
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.deid import SiteKey
-from medtriage.io.ingest import INDEX_FILE, LABELS_FILE, ingest_site, ledger_folder
+from medtriage.io.ingest import INDEX_FILE, ingest_site, ledger_folder
+from medtriage.io.site_folder import SITE_LABELS_FILE
 from tests.io.phi_site import build_phi_site, identifying_values, pixel_sha256
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
@@ -96,9 +97,9 @@ def test_dcmdump_reads_every_pooled_file_without_complaint(need_tool, ingested):
 
 
 def test_labels_follow_the_new_uids_and_bad_rows_are_counted(ingested):
-    rows = _csv(ingested["pool"] / LABELS_FILE)
+    rows = _csv(ingested["pool"] / SITE_LABELS_FILE)
     assert rows and set(rows[0]) == {"sop_instance_uid", "accession_number", "finding"}  # free-text column stays home
-    site_rows = {r["sop_instance_uid"]: r["finding"] for r in _csv(ingested["root"] / "site" / LABELS_FILE)}
+    site_rows = {r["sop_instance_uid"]: r["finding"] for r in _csv(ingested["root"] / "site" / SITE_LABELS_FILE)}
     pooled_sops = {str(pydicom.dcmread(p).SOPInstanceUID) for p in ingested["pool"].glob("*.dcm")}
     for row in rows:
         assert row["sop_instance_uid"] in pooled_sops
@@ -138,7 +139,7 @@ def test_incremental_ingest_adds_only_new_files(tmp_path):
     first = ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=KEY, progress=False)
     assert first.pooled_new == 5 and not first.quarantined
     before = _snapshot(tmp_path / "pool" / "site_a")
-    assert before and not [name for name in before if not name.endswith(".dcm") and name != LABELS_FILE]
+    assert before and not [name for name in before if not name.endswith(".dcm") and name != SITE_LABELS_FILE]
     shutil.move(held_back, tmp_path / "site" / "zz_more")
     second = ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=KEY, progress=False)
     assert second.pooled_new == 0 and second.pooled == 5
@@ -157,10 +158,10 @@ def test_incremental_ingest_adds_only_new_files(tmp_path):
 )
 def test_an_unusable_labels_file_stops_the_ingest_before_anything_is_pooled(tmp_path, labels, error, message):
     build_phi_site(tmp_path / "site")
-    (tmp_path / "site" / LABELS_FILE).write_bytes(labels)
+    (tmp_path / "site" / SITE_LABELS_FILE).write_bytes(labels)
     with pytest.raises(error, match=message) as raised:
         ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=KEY, progress=False)
-    assert raised.value.where == str((tmp_path / "site" / LABELS_FILE).resolve())
+    assert raised.value.where == str((tmp_path / "site" / SITE_LABELS_FILE).resolve())
     assert not (tmp_path / "pool").exists() or not list((tmp_path / "pool").rglob("*.dcm"))
 
 
@@ -201,8 +202,8 @@ def test_simulated_sites_ingest_with_their_labels(tmp_path):
         assert summary.pooled == result.images and sum(summary.quarantined.values()) == len(result.stray_files)
         blob = b"".join(p.read_bytes() for p in (tmp_path / "pool" / result.site).rglob("*") if p.is_file())
         assert not [v for v in values if v.encode() in blob]
-        labels = _csv(tmp_path / "pool" / result.site / LABELS_FILE)
-        assert labels and list(labels[0]) == next(csv.reader(open(source / LABELS_FILE)))  # same shape
+        labels = _csv(tmp_path / "pool" / result.site / SITE_LABELS_FILE)
+        assert labels and list(labels[0]) == next(csv.reader(open(source / SITE_LABELS_FILE)))  # same shape
 
 
 def test_deid_data_package_ingests_and_quarantines_by_reason(tmp_path):

@@ -6,8 +6,7 @@ becomes a manifest row or a reject, and each label row that names no file become
 files + orphan label rows = rows + rejects. Manifest paths are relative to `sites_dir`, so the data
 fingerprint does not depend on where the data lives.
 
-Files under a hidden name (a dot first) at any depth are not site data: notebook checkpoints, trash folders and OS
-metadata hold copies or deleted images. A build that would hold no image at all is refused, its rejects kept to read.
+Files under a hidden name (a dot first) at any depth are not site data (`medtriage.io.site_folder`). A build that would hold no image at all is refused, its rejects kept to read.
 
 A pool folder remembers a hash of its inputs (file names, sizes, mtimes, labels.csv contents and
 the split settings) and of the manifest and label names it wrote; building again from unchanged inputs reuses it
@@ -37,10 +36,10 @@ from medtriage.io.clamped import dicom_source
 from medtriage.io.deid import patient_id_text
 from medtriage.io.dicom import read_dicom
 from medtriage.io.safe_output import write_atomic
+from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
 
 DEFAULT_SITES = Path("data/pool/ingested")  # what ingest_sites.py writes: site exports pass de-identification first
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
-LABELS_CSV = "labels.csv"
 INPUTS_FILE = "inputs.json"
 POOL_FILES = (MANIFEST_FILE, LABELS_FILE)  # what a reused pool is read by; hashed at build time, checked on reuse
 POOL_FORMAT = 3  # bump when the way rows are built changes, to invalidate cached pools
@@ -82,7 +81,7 @@ def build_sites_pool(
     """Decode every site's files, join the labels, split by patient, write the pool; reuse it if unchanged."""
     sites_dir, pool_dir = Path(sites_dir).resolve(), Path(pool_dir).resolve()
     files, hidden = _site_files(sites_dir)
-    _say(bool(verbose and hidden), f"left out {len(hidden)} hidden folder(s), not site data: {', '.join(hidden)}")
+    _say(bool(verbose and hidden), f"left out {len(hidden)} hidden name(s), not site data: {', '.join(hidden)}")
     inputs_hash = _inputs_hash(sites_dir, files, seed, val_fraction, test_fraction)
     if _cached(pool_dir, inputs_hash, verbose):
         manifest = load_manifest(pool_dir)
@@ -90,7 +89,7 @@ def build_sites_pool(
         return manifest
     (pool_dir / INPUTS_FILE).unlink(missing_ok=True)  # a half-written pool must never look cached
     decoded = _decode_all(sites_dir, files, workers, verbose)
-    tables = {site: read_labels(sites_dir / site / LABELS_CSV, site) for site in files}
+    tables = {site: read_labels(sites_dir / site / SITE_LABELS_FILE, site) for site in files}
     manifest = _write_pool(pool_dir, decoded, tables, seed, val_fraction, test_fraction)
     if not len(manifest.rows):
         _refuse_empty_pool(sites_dir, pool_dir)
@@ -121,26 +120,22 @@ def _say(verbose: bool, text: str) -> None:
 
 
 def _site_files(sites_dir: Path) -> tuple[dict[str, list[Path]], list[str]]:
-    """Site name -> every file in its folder (labels.csv and hidden names aside), sorted; and the hidden folders left
-    out, relative to `sites_dir`."""
+    """Site name -> every input file in its folder, sorted; and the outermost hidden names left out, relative to
+    `sites_dir`."""
     if not sites_dir.is_dir():
         raise DataNotFoundError(
             "site folders not found", where=sites_dir, hint="create them with `python scripts/make_sites.py` (or `medtriage make-sites`)"
         )
     sites, hidden = {}, []
     for folder in sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        entries = [(p, p.relative_to(folder).parts) for p in folder.rglob("*")]
-        sites[folder.name] = sorted(p for p, parts in entries if p.is_file() and p.name != LABELS_CSV and not _hidden(parts))
-        hidden += [str(p.relative_to(sites_dir)) for p, parts in entries if p.is_dir() and _hidden(parts) and not _hidden(parts[:-1])]
+        contents = read_site_folder(folder)
+        sites[folder.name] = contents.inputs
+        hidden += [str(folder.name / root) for root in contents.hidden_roots()]
     if not sites:
         raise DataNotFoundError(
             "no site folders inside", where=sites_dir, hint="expected <sites_dir>/<site>/*.dcm with a labels.csv per site"
         )
     return sites, hidden
-
-
-def _hidden(parts: tuple[str, ...]) -> bool:
-    return any(name.startswith(".") for name in parts)
 
 
 def _inputs_hash(sites_dir: Path, files: dict[str, list[Path]], *settings) -> str:
@@ -149,7 +144,7 @@ def _inputs_hash(sites_dir: Path, files: dict[str, list[Path]], *settings) -> st
         for path in paths:
             stat = path.stat()
             digest.update(f"{path.relative_to(sites_dir)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        labels = sites_dir / site / LABELS_CSV
+        labels = sites_dir / site / SITE_LABELS_FILE
         digest.update(labels.read_bytes() if labels.is_file() else b"<no labels.csv>")
     return digest.hexdigest()
 
@@ -245,14 +240,14 @@ def read_labels(path: Path, site: str) -> LabelTable:
     """Parse a hospital's labels.csv; header names are matched ignoring case, spaces and dashes."""
     table = LabelTable(site)
     if not path.is_file():
-        table.problem = f"site has no {LABELS_CSV} (expected {path})"
+        table.problem = f"site has no {SITE_LABELS_FILE} (expected {path})"
         return table
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             _read_label_rows(csv.reader(f), table)
     except (UnicodeDecodeError, csv.Error) as err:  # a spreadsheet's export: the site's files are rejected, the run goes on
         table.key_column, table.entries = None, {}
-        table.problem = f"{LABELS_CSV} is not readable UTF-8 CSV ({err}; save it again as 'CSV UTF-8')"
+        table.problem = f"{SITE_LABELS_FILE} is not readable UTF-8 CSV ({err}; save it again as 'CSV UTF-8')"
     return table
 
 
@@ -261,7 +256,7 @@ def _read_label_rows(reader, table: LabelTable) -> None:
     key = next((c for c in KEY_COLUMNS if c in header), None)
     finding = next((c for c in FINDING_COLUMNS if c in header), None)
     if key is None or finding is None:
-        table.problem = f"{LABELS_CSV} lacks columns ({' or '.join(KEY_COLUMNS)}, and finding; found {header})"
+        table.problem = f"{SITE_LABELS_FILE} lacks columns ({' or '.join(KEY_COLUMNS)}, and finding; found {header})"
         return
     table.key_column = key
     key_at, finding_at = header.index(key), header.index(finding)
@@ -320,16 +315,16 @@ def _label_problem(table: LabelTable, key: str) -> str | None:
         return table.problem
     entries = table.entries.get(key) if key else None  # a blank identifier names no image: it must not match a blank cell
     if not entries:
-        return f"no label row in {LABELS_CSV} ({table.key_column} {key or 'missing in the header'})"
+        return f"no label row in {SITE_LABELS_FILE} ({table.key_column} {key or 'missing in the header'})"
     findings = {finding for _, finding in entries}
     lines = ", ".join(str(line) for line, _ in entries)
     if len(findings) > 1:
-        return f"conflicting findings in {LABELS_CSV} ({sorted(findings)} on lines {lines})"
+        return f"conflicting findings in {SITE_LABELS_FILE} ({sorted(findings)} on lines {lines})"
     finding = findings.pop()
     if not finding:
-        return f"empty finding in {LABELS_CSV} (line {lines})"
+        return f"empty finding in {SITE_LABELS_FILE} (line {lines})"
     if finding not in PNEUMONIA_LABELS:
-        return f"unknown finding in {LABELS_CSV} ('{finding}' on line {lines}; expected {' or '.join(PNEUMONIA_LABELS)})"
+        return f"unknown finding in {SITE_LABELS_FILE} ('{finding}' on line {lines}; expected {' or '.join(PNEUMONIA_LABELS)})"
     return None
 
 
@@ -339,7 +334,7 @@ def _reject_orphan_rows(writer: PoolWriter, tables: dict[str, LabelTable], used:
             if not key or key not in used[site]:
                 for line, _ in entries:
                     writer.reject(
-                        site, f"{site}/{LABELS_CSV}:{line}", f"label row matches no image ({table.key_column} {key or '(empty)'})"
+                        site, f"{site}/{SITE_LABELS_FILE}:{line}", f"label row matches no image ({table.key_column} {key or '(empty)'})"
                     )
 
 

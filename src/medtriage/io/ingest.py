@@ -14,8 +14,7 @@ that cannot be read at all is listed there as `cannot_read`, and one over the si
 copy, and both are looked at again by the next run).
 
 Every input file ends in exactly one place: counts in = pooled + quarantined (per reason). Files under a hidden name
-(a dot first) at any depth of the site folder are not inputs: notebook checkpoints, trash folders, OS and editor files
-would otherwise be pooled under ordinary names, where the pool builder could no longer tell them from site data.
+(a dot first) at any depth of the site folder are not inputs (`medtriage.io.site_folder`).
 Torch-free and pandas-free: a site installs only the base package.
 """
 
@@ -51,6 +50,7 @@ from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, t
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
 from medtriage.io.safe_output import copy_atomic, output_path, remove_partials, spreadsheet_row, write_atomic, write_new
+from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
 
 try:
@@ -58,7 +58,7 @@ try:
 except ImportError:  # Windows: no advisory locks; one ingest of a site at a time
     fcntl = None
 
-INDEX_FILE, LABELS_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "labels.csv", "logs", "quarantine.csv"
+INDEX_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "logs", "quarantine.csv"
 LOCK_FILE = "ingest.lock"
 LEDGER_DIR = ".ingest"  # hidden: the pool builder skips it
 INDEX_COLUMNS = [
@@ -274,14 +274,15 @@ def ingest_site(
     site_dir, ledger_dir = pool / site, ledger_folder(pool, site)
     quarantine = Path(quarantine).resolve() if quarantine else pool.parent / f"{pool.name}-quarantine" / site
     _check_folders(src, pool, quarantine)
-    labels = read_site_labels(src / LABELS_FILE)  # a labels file that cannot be used stops the run before it starts
+    labels = read_site_labels(src / SITE_LABELS_FILE)  # a labels file that cannot be used stops the run before it starts
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     started = time.time()
     with _site_lock(ledger_dir, site):
         _drop_torn_line(ledger_dir / INDEX_FILE)  # before reading: a torn row must not mark its input done
         index = _read_index(ledger_dir / INDEX_FILE)
-        sources, hidden = _site_inputs(src)
-        summary = IngestSummary(site, run, counts_in=len(sources), hidden=hidden)
+        contents = read_site_folder(src)
+        sources = [str(path) for path in contents.inputs]
+        summary = IngestSummary(site, run, counts_in=len(sources), hidden=len(contents.hidden))
         site_dir.mkdir(parents=True, exist_ok=True)
         remove_partials(site_dir)  # temporary files of a killed run; their inputs are not in the index, so they run again
         ledger = _Ledger(site, site_dir, ledger_dir / INDEX_FILE, quarantine, run, index, _pooled_pixels(pool))
@@ -290,17 +291,9 @@ def ingest_site(
         ledger.close()
         rows = ledger.index.values()
         summary.flags = Counter(r["flag"].split(":")[0] for r in rows if r["flag"] and r["content_key"] in ledger.seen)
-        summary.labels = write_pool_labels(labels, site_dir / LABELS_FILE, [r for r in rows if r["outcome"] == "pooled"], key)
+        summary.labels = write_pool_labels(labels, site_dir / SITE_LABELS_FILE, [r for r in rows if r["outcome"] == "pooled"], key)
         summary.log_path = str(_write_log(ledger_dir, summary, options, workers, started))
     return summary
-
-
-def _site_inputs(src: Path) -> tuple[list[str], int]:
-    """Every file under `src` but its labels file, sorted; and how many were left out under a hidden name (a dot first
-    at any depth): checkpoint and trash copies, OS and editor files are not the site's export."""
-    files = [p for p in sorted(src.rglob("*")) if p.is_file() and p != src / LABELS_FILE]
-    inputs = [str(p) for p in files if not any(name.startswith(".") for name in p.relative_to(src).parts)]
-    return inputs, len(files) - len(inputs)
 
 
 @contextmanager
