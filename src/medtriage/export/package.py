@@ -69,8 +69,7 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict, keep_previous:
     disk) and swap it into place by renames: a crash leaves the previous package or the new one, never a
     half-written one under the package's name. With `keep_previous`, the package it replaced stays aside (hidden)
     until `settle_package` keeps the new one or puts the previous one back. Returns the metadata as written."""
-    meta = {**meta, "sha256": sha256_file(onnx_path)}
-    validate_model_json(meta, where=package_dir / META_FILE)
+    meta = completed_meta(onnx_path, meta, where=package_dir / META_FILE)
     package_dir = Path(package_dir)
     with _package_lock(package_dir):
         _restore_retired(package_dir)
@@ -88,6 +87,13 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict, keep_previous:
             raise
         if not keep_previous:
             shutil.rmtree(_retired_name(package_dir), ignore_errors=True)
+    return meta
+
+
+def completed_meta(onnx_path: Path, meta: dict, where: Path) -> dict:
+    """`meta` with the graph's sha256 filled in, validated as model.json: what `write_package` writes."""
+    meta = {**meta, "sha256": sha256_file(onnx_path)}
+    validate_model_json(meta, where=where)
     return meta
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from medtriage.arguments import positive_int
 from medtriage.errors import ConfigError, InputError, MedTriageError
-from medtriage.format import ONNX_FILE
+from medtriage.format import META_FILE, ONNX_FILE
 
 log = logging.getLogger(__name__)
 INT8_SUFFIX = "-int8"
@@ -269,11 +269,8 @@ def quantize_package(
         quantized = Path(tmp) / ONNX_FILE
         done = quantize_onnx(package.onnx_path, quantized, images, fp32.input_name, exclude, per_channel)
         meta = {**package.meta, "name": f"{package.name}{INT8_SUFFIX}", "version": version, "precision": "int8"}
-        write_package(Path(tmp) / "as-fp32", quantized, meta)
         validation, validation_labels = refit_images(calibration, package.channels, split, (images, labels))
-        meta = refit_on_int8(meta, fp32, Predictor(load_package(Path(tmp) / "as-fp32")), validation, validation_labels, split)
-        staged = Path(tmp) / "staged"  # with the refitted values: the parity's priorities and flags meet them
-        write_package(staged, quantized, meta)
+        meta = refit_on_int8(meta, fp32, _unwritten(quantized, meta), validation, validation_labels, split)
         quantization = {
             "method": f"onnxruntime static quantisation, QDQ, {_granularity(per_channel)} int8 weights, uint8 activations (MinMax)",
             "source": package.identity(),
@@ -291,7 +288,7 @@ def quantize_package(
             "quantized_nodes": len(done["quantized_nodes"]),
             "trimmed_convs": done["trimmed_convs"],
             "excluded_nodes": list(exclude),
-            "parity": parity_report(fp32, Predictor(load_package(staged)), images, labels),
+            "parity": parity_report(fp32, _unwritten(quantized, meta), images, labels),  # priorities meet the refitted values
             "note": "metrics and calibration were measured on the fp32 source model, parity says how far int8 moves them; "
             "what serving compares int8 outputs with (OOD threshold, drift references, operating points) says under "
             "`refit` whether it was refitted on the int8 graph",
@@ -307,6 +304,16 @@ def quantize_package(
         report["images"],
     )
     return out
+
+
+def _unwritten(onnx_path: Path, meta: dict):
+    """A Predictor on the int8 graph where it lies, with `meta` as the package will hold it: the refits and the parity
+    need one before the package is written, and it is written once, with their results."""
+    from medtriage.export.package import completed_meta
+    from medtriage.serve.package import ModelPackage
+    from medtriage.serve.predictor import Predictor
+
+    return Predictor(ModelPackage(onnx_path.parent, completed_meta(onnx_path, meta, where=onnx_path.parent / META_FILE)))
 
 
 GRAPH_OUTPUT_FEATURES = ("probability", "ood_score")  # drift features read from the graph; input_mean is the pixels'
