@@ -170,3 +170,18 @@ def test_a_scanner_thumbnail_declaring_more_pixels_than_its_strips_is_skipped_wi
     assert thumbnail is None and peak < 16 << 20
     with open_slide(CMU1) as intact:
         assert intact.scanner_thumbnail().size == (574, 768)
+
+
+def test_a_jpeg_strip_declaring_more_pixels_than_its_strip_is_refused_before_it_is_decoded(tmp_path):
+    """Strips are read through tiffslide, not the tile path: the same claim must be refused there too (48 MB decoded
+    from 2 kB before)."""
+    colour = (180, 90, 160)
+    base = tmp_path / "strips.tif"
+    tifffile.imwrite(base, np.full((512, 512, 3), colour, np.uint8), rowsperstrip=64, photometric="rgb", compression="jpeg", **RESOLUTION)
+    path = with_jpeg_size_claim(base, tmp_path / "claims.tif", 0, 4000, 4000)
+    with open_slide(path) as slide:
+        assert np.abs(slide.read_region(0, 64, 0, (512, 448)).astype(int) - colour).max() < 8  # the other strips read
+        refused, peak = outcome_and_peak_bytes(lambda: slide.read_region(0, 60, 0, (64, 8)))  # crosses strips 0 and 1
+    assert isinstance(refused, InputError) and refused.where == str(path)
+    assert "strip 0 declares 48000000 samples (height x width x components) in its JPEG header" in str(refused)
+    assert peak < 16 << 20

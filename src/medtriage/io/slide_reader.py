@@ -315,6 +315,7 @@ class RegionReader:
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = 0  # bounded in bytes, not tiles: a file may hold tiles of a few megabytes each
         self._seed = seed or {}  # tiles another reader decoded; never modified here
+        self._checked_chunks: set[tuple[int, int]] = set()  # (level, chunk) whose header fits, off the fast path
 
     def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         return white_beyond_edge(self.slide, self._read_inside, x0, y0, level, size)
@@ -322,12 +323,25 @@ class RegionReader:
     def _read_inside(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         try:
             if not self.slide._fast_levels[level]:
+                self._check_headers_under(level, self.slide.level_position(x0, y0, level)[1], size[1])
                 region = self.slide._slide.read_region((x0, y0), level, size, as_array=True)
                 return np.ascontiguousarray(region[..., :3], dtype=np.uint8)
             x, y = self.slide.level_position(x0, y0, level)
             return self._assemble(self.slide._levels[level].keyframe, level, x, y, size)
         except Exception as err:  # codecs and tifffile raise many types for damaged tile data
             raise _damaged_tiles(self.slide.path, err, level, x0, y0, size) from err
+
+    def _check_headers_under(self, level: int, y: int, height: int) -> None:
+        """tiffslide decodes each chunk a region crosses at the size its header declares: check those headers first,
+        each chunk once per reader."""
+        page = self.slide._levels[level].keyframe
+        if int(page.compression) not in CHUNK_HEADER_READERS:
+            return  # a codec without a frame header decodes to the size the tags give, already bounded
+        for index in _chunks_crossed(page, y, height):
+            count = page.databytecounts[index]
+            if count and (level, index) not in self._checked_chunks:
+                _check_chunk_header(page, os.pread(self.slide._fd, count, page.dataoffsets[index]), index)
+                self._checked_chunks.add((level, index))
 
     def _assemble(self, page, level: int, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
         w, h = size
@@ -383,6 +397,16 @@ def _check_chunk_header(page, data: bytes, index: int) -> None:
             f"{getattr(page.compression, 'name', page.compression)} header, more than the "
             f"{' x '.join(map(str, page.chunks))} of the TIFF's {kind}s; it was not decoded"
         )
+
+
+def _chunks_crossed(page, y: int, height: int) -> range:
+    """The chunks rows `y .. y + height` of `page` cross: exactly for interleaved strips (the usual layout off the
+    fast path), every chunk of the page for the rarer ones (separate colour planes, tiles of several planes)."""
+    if page.is_tiled or page.planarconfig != 1:
+        return range(len(page.dataoffsets))
+    rows = page.rowsperstrip or page.imagelength
+    first, last = max(y, 0) // rows, (min(y + height, page.imagelength) - 1) // rows
+    return range(first, min(last + 1, len(page.dataoffsets)))
 
 
 def _tiff_pixels(series) -> str | None:
