@@ -19,6 +19,8 @@ from medtriage.serve.report import format_table, result_document, write_csv
 
 TOKEN_ENV = "MEDTRIAGE_TOKEN"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_FILES = 1000
+DEFAULT_HEADER_TIMEOUT_S = 20.0
 
 
 def register(subparsers) -> None:
@@ -75,6 +77,20 @@ def register(subparsers) -> None:
         help="requests that may wait for those; more get 503 + Retry-After (default: %(default)s)",
     )
     serve.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES, help="largest accepted request body")
+    serve.add_argument(
+        "--max-files",
+        type=positive_int,
+        default=DEFAULT_MAX_FILES,
+        metavar="N",
+        help="most files in one /v1/score request (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a connection that has not sent a whole request head by then is closed (default: %(default)s)",
+    )
     serve.add_argument(
         "--worklist-size",
         type=positive_int,
@@ -327,7 +343,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from medtriage.errors import ConfigError
     from medtriage.serve.admission import Admission, tune_allocator
-    from medtriage.serve.http import create_app
+    from medtriage.serve.http import connection_protocol, create_app
     from medtriage.serve.worklist import DEFAULT_CAPACITY
 
     try:
@@ -345,6 +361,7 @@ def run_serve(args: argparse.Namespace) -> int:
         predictor,
         token=token,
         max_bytes=args.max_bytes,
+        max_files=args.max_files,
         admission=admission,
         worklist_size=DEFAULT_CAPACITY if args.worklist_size is None else args.worklist_size,
         state=args.state,
@@ -357,7 +374,8 @@ def run_serve(args: argparse.Namespace) -> int:
         f"{'token required' if token else 'no token'}, {admission.workers} at once + {args.queue} waiting; docs at /docs)",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls)
+    http = connection_protocol(args.header_timeout)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http, **tls)
     return 0
 
 

@@ -18,14 +18,16 @@ import tempfile
 import time
 from contextlib import asynccontextmanager
 
+import h11
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from medtriage import __version__
 from medtriage.errors import ImageTooLargeError, MedTriageError
@@ -64,9 +66,9 @@ ERROR_SCHEMA = {
 }
 ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 UPLOAD_ERRORS = {
-    400: {"description": "no file, every file empty, or a malformed multipart body", **ERROR},
+    400: {"description": "no file, every file empty, a malformed multipart body, or more than one file to /v1/sr", **ERROR},
     408: {"description": "the body paused or trickled (see the service's limits)", **ERROR},
-    413: {"description": "the body or an image is over the limits", **ERROR},
+    413: {"description": "the body, its number of files or an image is over the limits", **ERROR},
     415: {"description": "neither multipart/form-data nor application/dicom", **ERROR},
     422: {"description": "no file could be scored (each file's reason under 'rejected')", **ERROR},
     503: {"description": "busy (retry after the seconds in Retry-After), or the upload could not be stored", **ERROR},
@@ -79,6 +81,8 @@ BODY_IDLE_S = 30.0  # seconds an upload may pause between body chunks before it 
 # period a body must average a minimum rate, as Apache's mod_reqtimeout asks (its default is 500 bytes/s).
 BODY_GRACE_S = 30.0
 BODY_MIN_RATE = 32 * 1024  # bytes per second: a 10 MB radiograph may take 5 minutes
+# Every file part past the request's first SPOOL_IN_MEMORY bytes is an open temporary file until the answer.
+MAX_FILES = 1000
 TOO_LARGE = ImageTooLargeError.__name__
 
 
@@ -98,6 +102,7 @@ def create_app(
     predictor: Predictor,
     token: str | None = None,
     max_bytes: int = 256 * 1024 * 1024,
+    max_files: int = MAX_FILES,
     worklist_size: int = DEFAULT_CAPACITY,
     admission: Admission | None = None,
     state: str | None = None,
@@ -113,7 +118,7 @@ def create_app(
     app.state.monitor = ServiceMonitor(predictor.package)
     # a DICOM node's state folder, or memory; rows from a source the monitor finds drifting are marked
     worklist = Worklist(predictor, capacity=worklist_size, store=state, drift=app.state.monitor.drift)
-    _add_routes(app, predictor, max_bytes, worklist)
+    _add_routes(app, predictor, max_bytes, max_files, worklist)
     app.include_router(worklist_router(worklist))
     app.include_router(monitoring_router(app.state.monitor))
     app.add_middleware(Guard, token=token, max_bytes=max_bytes, admission=app.state.admission, monitor=app.state.monitor)
@@ -294,7 +299,7 @@ def internal_error(err: Exception) -> JSONResponse:
     )
 
 
-def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Worklist) -> None:
+def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, max_files: int, worklist: Worklist) -> None:
     package = predictor.package
 
     @app.get("/health")
@@ -318,7 +323,7 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
     async def score(request: Request) -> JSONResponse:
         source = request.headers.get(SOURCE_HEADER)
         score_and_record = functools.partial(worklist.score_or_reject, source=source)  # each row names its sender
-        async with _uploads(request, max_bytes) as uploads:
+        async with _uploads(request, max_bytes, max_files) as uploads:
             outcomes = [
                 await _in_slot(request, uploads_size(uploads), app.state.monitor.timed, score_and_record, upload, name, source)
                 for name, upload in uploads
@@ -341,7 +346,7 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, worklist: Wo
         openapi_extra=UPLOAD_BODY,
     )
     async def structured_report(request: Request) -> Response:
-        async with _uploads(request, max_bytes) as uploads:
+        async with _uploads(request, max_bytes, 1) as uploads:
             if len(uploads) != 1:
                 raise RequestError(
                     400, f"send exactly one file, got {len(uploads)}", "POST several files to /v1/score, or one at a time here"
@@ -453,12 +458,12 @@ class _BodyCounter:
 
 
 @asynccontextmanager
-async def _uploads(request: Request, max_bytes: int):
+async def _uploads(request: Request, max_bytes: int, max_files: int):
     """(name, Upload) of each uploaded file, streamed to temporary files and closed afterwards; empty or
     malformed requests are 400s."""
     opened: list = []
     try:
-        uploads = await _received_files(request, max_bytes, opened)
+        uploads = await _received_files(request, max_bytes, max_files, opened)
         if not uploads:
             raise RequestError(
                 400, "no file in the request", "POST multipart/form-data with one or more 'files' fields, or a DICOM file as the body"
@@ -472,13 +477,13 @@ async def _uploads(request: Request, max_bytes: int):
             handle.close()
 
 
-async def _received_files(request: Request, max_bytes: int, opened: list) -> list[tuple[str, Upload]]:
+async def _received_files(request: Request, max_bytes: int, max_files: int, opened: list) -> list[tuple[str, Upload]]:
     """The request body's files, spooled as they arrive; each spool is listed in `opened` for the caller to close."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     counted = Request(request.scope, _BodyCounter(request.receive, max_bytes))
     try:
         if content_type == "multipart/form-data":
-            return await _multipart_files(counted, max_bytes, opened)
+            return await _multipart_files(counted, max_bytes, max_files, opened)
         if content_type in RAW_TYPES:
             return await _raw_file(counted, opened)
     except ClientDisconnect:  # the answer goes nowhere; a client that hung up is not an error of the service
@@ -518,7 +523,12 @@ class _SpoolingParser(MultiPartParser):
         self.counter, self.opened = counter, opened
 
     def on_headers_finished(self) -> None:
-        super().on_headers_finished()
+        try:
+            super().on_headers_finished()
+        except MultiPartException:
+            if self._current_files > self.max_files:  # Starlette stops before opening the file
+                raise _too_many_files(self.max_files) from None
+            raise
         upload = self._current_part.file
         if upload is not None:
             self.opened.append(upload.file)
@@ -526,9 +536,15 @@ class _SpoolingParser(MultiPartParser):
                 upload.file.rollover()
 
 
-async def _multipart_files(request: Request, max_bytes: int, opened: list) -> list[tuple[str, Upload]]:
+def _too_many_files(limit: int) -> RequestError:
+    if limit == 1:
+        return RequestError(400, "send exactly one file, got more", "POST several files to /v1/score, or one at a time here")
+    return RequestError(413, f"more than {limit} files in one request", f"send at most {limit} files per request")
+
+
+async def _multipart_files(request: Request, max_bytes: int, max_files: int, opened: list) -> list[tuple[str, Upload]]:
     try:
-        parser = _SpoolingParser(request, request.receive, opened, max_files=10_000, max_part_size=min(max_bytes, SPOOL_IN_MEMORY))
+        parser = _SpoolingParser(request, request.receive, opened, max_files=max_files, max_part_size=min(max_bytes, SPOOL_IN_MEMORY))
         form = await parser.parse()
     except (RequestError, ClientDisconnect, OSError):  # OSError: the spool's disk, not the body
         raise
@@ -544,3 +560,60 @@ async def _multipart_files(request: Request, max_bytes: int, opened: list) -> li
             value.file.seek(0, 2)
             files.append((value.filename or "<upload>", Upload(value.file, value.file.tell())))
     return files
+
+
+# --- the connection ------------------------------------------------------------------------------
+
+HEADER_TIMEOUT_S = 20.0  # seconds a client has to send a request's whole head (line and headers)
+_REQUEST_TIMEOUT = b'{"error":{"reason":"the request head did not arrive in time","hint":"send the whole head at once"}}'
+
+
+class _HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, with a deadline for the request head. uvicorn waits for a head for ever (its
+    keep-alive timer stops at the first byte), so clients that send a header byte now and then (slowloris) hold
+    their connections, and with enough of them the process's file descriptors. The body's pace is the app's
+    (`_BodyCounter`); this is Apache mod_reqtimeout's `header=` limit, answered with a 408 and a closed connection."""
+
+    header_timeout_s = HEADER_TIMEOUT_S
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._start_deadline()
+
+    def on_response_complete(self) -> None:
+        self._start_deadline()  # before uvicorn parses a request already waiting (pipelined), which stops it again
+        super().on_response_complete()
+
+    def handle_events(self) -> None:
+        scope = self.scope
+        super().handle_events()
+        if self.scope is not scope:  # a whole head arrived
+            self._stop_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
+
+    def _start_deadline(self) -> None:
+        self._stop_deadline()
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._deadline_passed)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self.conn.our_state is h11.IDLE and self.conn.trailing_data[0]:  # part of a head came: say why it ends
+            head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            head += b"".join(name + b": " + value + b"\r\n" for name, value in ANSWER_HEADERS)
+            self.transport.write(head + b"content-length: %d\r\n\r\n%s" % (len(_REQUEST_TIMEOUT), _REQUEST_TIMEOUT))
+        self.transport.close()
+
+
+def connection_protocol(header_timeout_s: float = HEADER_TIMEOUT_S) -> type[H11Protocol]:
+    """The class to give uvicorn as `http=`: HTTP/1.1 connections that must send each request head in time."""
+    return type("HeaderDeadline", (_HeaderDeadline,), {"header_timeout_s": header_timeout_s})
