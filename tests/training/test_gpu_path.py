@@ -3,6 +3,8 @@ epoch clock, learning-rate scaling and torch.compile (on CPU here; the same code
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,15 @@ def test_cuda_path_prefetches_pinned_batches_and_times_the_gpu():
         out = augment(images)
         clock.step_ends(len(out))
     assert 0 < clock.summary()["train/gpu_busy_fraction"] <= 1
+
+
+def test_data_wait_is_the_time_before_steps_not_what_follows_the_last_one():
+    """On CUDA the epoch's end waits for queued GPU work; that, and logging after the last step, is not data waiting."""
+    clock = EpochClock(torch.device("cpu"))
+    for _ in range(2):
+        time.sleep(0.03)  # the next batch
+        clock.step_begins()
+        clock.step_ends(images=8)
+    time.sleep(0.3)  # after the last step: a synchronisation, validation, logging
+    wait = clock.summary()["train/data_wait_s"]
+    assert 0.06 <= wait < 0.25

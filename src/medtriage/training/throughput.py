@@ -8,7 +8,9 @@
 - on CPU, `train/cpu_compute_fraction`: wall time inside the steps (forward, backward, optimiser,
   device augmentation) divided by the epoch's wall time; the remainder is data waiting.
 
-Both come with `train/images_per_s` and `train/data_wait_s`. Only the CUDA path synchronises, once
+Both come with `train/images_per_s` and `train/data_wait_s`: host time from the epoch's start, or the end of a step, to
+the start of the next step (waiting for the batch). It is measured, not inferred from the rest: on CUDA the epoch's
+end waits for the GPU's queued work, which is not data waiting. Only the CUDA path synchronises, once
 per epoch, so the clock does not slow the loop it measures.
 """
 
@@ -27,9 +29,12 @@ class EpochClock:
         self.images = 0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._step_started = 0.0
+        self.wait_seconds = 0.0
+        self._waiting_since = self.started
 
     def step_begins(self) -> None:
         self._step_started = time.perf_counter()
+        self.wait_seconds += self._step_started - self._waiting_since
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -38,7 +43,8 @@ class EpochClock:
     def step_ends(self, images: int) -> None:
         if self.cuda:
             self._events[-1][1].record()
-        self.step_seconds += time.perf_counter() - self._step_started
+        self._waiting_since = time.perf_counter()
+        self.step_seconds += self._waiting_since - self._step_started
         self.images += images
 
     def elapsed(self) -> float:
@@ -52,7 +58,7 @@ class EpochClock:
         figures = {
             "train/images_per_s": self.images / elapsed,
             "train/epoch_s": elapsed,
-            "train/data_wait_s": max(0.0, elapsed - self.step_seconds),
+            "train/data_wait_s": self.wait_seconds,
         }
         if self.cuda:
             busy = sum(start.elapsed_time(end) for start, end in self._events) / 1000
