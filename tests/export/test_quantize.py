@@ -79,6 +79,17 @@ def test_calibration_from_a_dicom_folder_skips_what_does_not_decode(fp32_dir, tm
     assert block["calibration"] == "2 DICOM files from val/ (1 skipped: not decodable)" and "auc_int8" not in block["parity"]
 
 
+def test_refits_from_a_dicom_folder_rest_on_every_file_not_only_the_calibration_images(tmp_path_factory, tmp_path):
+    safe_dir = shared_safe_package(tmp_path_factory)[0].package_dir
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"):
+        shutil.copy(get_testdata_file(name), folder / name)
+    meta = load_package(quantize_package(safe_dir, folder, tmp_path / "int8", limit=1)).meta
+    assert meta["quantization"]["calibration"] == "1 DICOM files from val/" and meta["quantization"]["parity"]["images"] == 1
+    assert meta["ood"]["refit"]["graph"] == "int8" and meta["ood"]["refit"]["images"] == 2  # both that decode
+
+
 def test_refuses_unknown_nodes_and_packages_already_int8(fp32_dir, int8_dir, tmp_path):
     with pytest.raises(ConfigError, match="no node named"):
         quantize_package(fp32_dir, NPZ, tmp_path / "x", limit=8, exclude=["no-such-node"])

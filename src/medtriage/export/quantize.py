@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,31 +75,49 @@ def calibration_images(
 
 
 def _dicom_images(folder: Path, channels: int, limit: int | None) -> tuple[list[np.ndarray], int]:
-    from medtriage.io.dicom import read_dicom
-    from medtriage.serve.predictor import to_model_channels
-
     images, skipped = [], 0
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for image in _decoded_dicoms(folder, channels):
         if limit is not None and len(images) >= limit:
             break
-        try:
-            images.append(to_model_channels(read_dicom(path).pixels[:1], channels, str(path)))
-        except MedTriageError as err:
-            log.info("calibration: skipped %s (%s)", path, err.reason)
+        if image is None:
             skipped += 1
+        else:
+            images.append(image)
     return images, skipped
 
 
-def refit_images(
-    source: str | Path, channels: int, split: str, calibration: tuple[list[np.ndarray], np.ndarray | None]
-) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """The validation images the int8 refits rest on: a whole npz split (the thresholds' rules need all the images
-    the fp32 export used, a subset moves them by chance more than int8 does), or the calibration images of a DICOM
-    folder (decoded images are large: --images bounds them)."""
+def _decoded_dicoms(folder: Path, channels: int) -> Iterator[np.ndarray | None]:
+    """The first frame of each file under `folder` as a `[1, C, H, W]` model input, one at a time; None for a file
+    that does not decode (logged)."""
+    from medtriage.io.dicom import read_dicom
+    from medtriage.serve.predictor import to_model_channels
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        try:
+            yield to_model_channels(read_dicom(path).pixels[:1], channels, str(path))
+        except MedTriageError as err:
+            log.info("calibration: skipped %s (%s)", path, err.reason)
+            yield None
+
+
+Outputs = tuple[np.ndarray, np.ndarray | None]  # probabilities [N, K] and OOD scores [N] (None: no OOD output)
+
+
+def refit_outputs(source: str | Path, channels: int, split: str, fp32, int8) -> tuple[Outputs, Outputs, np.ndarray | None]:
+    """Both graphs' outputs on the validation images the int8 refits rest on, and their labels: a whole npz split, or
+    every file of a DICOM folder that decodes (the thresholds' rules need all the images the fp32 export used: a subset
+    moves them by chance more than int8 does). A folder's images are decoded and scored one at a time, so --images
+    bounds the calibration's memory, not the refits' images."""
     if Path(source).is_file():
         images, labels, _ = calibration_images(source, channels, split, limit=None)
-        return images, labels
-    return calibration
+        return served_outputs(fp32, images), served_outputs(int8, images), labels
+    pairs = [(fp32.outputs(image), int8.outputs(image)) for image in _decoded_dicoms(Path(source), channels) if image is not None]
+    return _joined([a for a, _ in pairs]), _joined([b for _, b in pairs]), None
+
+
+def _joined(outputs: list[Outputs]) -> Outputs:
+    ood = [scores for _, scores in outputs]
+    return np.concatenate([probs for probs, _ in outputs]), None if None in ood else np.concatenate(ood)
 
 
 def quantize_onnx(
@@ -269,8 +287,8 @@ def quantize_package(
         quantized = Path(tmp) / ONNX_FILE
         done = quantize_onnx(package.onnx_path, quantized, images, fp32.input_name, exclude, per_channel)
         meta = {**package.meta, "name": f"{package.name}{INT8_SUFFIX}", "version": version, "precision": "int8"}
-        validation, validation_labels = refit_images(calibration, package.channels, split, (images, labels))
-        meta = refit_on_int8(meta, fp32, _unwritten(quantized, meta), validation, validation_labels, split)
+        outputs32, outputs8, refit_labels = refit_outputs(calibration, package.channels, split, fp32, _unwritten(quantized, meta))
+        meta = refit_on_int8(meta, fp32.positive, outputs32, outputs8, refit_labels, split)
         quantization = {
             "method": f"onnxruntime static quantisation, QDQ, {_granularity(per_channel)} int8 weights, uint8 activations (MinMax)",
             "source": package.identity(),
@@ -319,14 +337,14 @@ def _unwritten(onnx_path: Path, meta: dict):
 GRAPH_OUTPUT_FEATURES = ("probability", "ood_score")  # drift features read from the graph; input_mean is the pixels'
 
 
-def refit_on_int8(meta: dict, fp32, int8, images: list[np.ndarray], labels: np.ndarray | None, split: str) -> dict:
+def refit_on_int8(meta: dict, positive: int, outputs32: Outputs, outputs8: Outputs, labels: np.ndarray | None, split: str) -> dict:
     """`meta` with the OOD threshold, the drift references of the graph's outputs and (with labels) the operating
-    points refitted on the int8 graph's outputs for `images`, each by the rule the fp32 export used; each block says
+    points refitted on the int8 graph's outputs (`outputs8`, beside the fp32 graph's on the same images), each by the
+    rule the fp32 export used; each block says
     under `refit` whether it was. A block is refitted only where the images are the split the fp32 value was set on:
     validation (out-of-fold values of a fold ensemble cannot be reproduced from the served ensemble's scores)."""
-    (p32, ood32), (p8, ood8) = served_outputs(fp32, images), served_outputs(int8, images)
-    positive = fp32.positive
-    where = {"graph": "int8", "split": split, "images": len(images)}
+    (p32, ood32), (p8, ood8) = outputs32, outputs8
+    where = {"graph": "int8", "split": split, "images": len(p8)}
     meta = dict(meta)
     if meta.get("ood") and ood8 is not None:
         meta["ood"] = _refit_block(meta["ood"], meta["ood"].get("threshold_split"), split, lambda b: _refit_ood(b, ood8, where))
@@ -336,7 +354,7 @@ def refit_on_int8(meta: dict, fp32, int8, images: list[np.ndarray], labels: np.n
             meta["drift"], meta["drift"]["reference"].get("split"), split, lambda b: _refit_drift(b, outputs, where)
         )
     thresholds = meta["thresholds"]
-    reason = _operating_points_kept(meta, labels, fp32.positive)
+    reason = _operating_points_kept(meta, labels, positive)
     if reason:
         meta["thresholds"] = {**thresholds, "refit": {"graph": "fp32", "reason": f"kept from the fp32 model: {reason}"}}
     else:
@@ -434,7 +452,12 @@ def register(subparsers) -> None:
         help="validation images: a MedMNIST-layout .npz (see --split) or a folder of DICOM files",
     )
     quantize.add_argument("--split", default="val", choices=["train", "val", "test"], help="the npz split to calibrate on (default: val)")
-    quantize.add_argument("--images", type=positive_int, default=DEFAULT_IMAGES, help="calibration images to use (default: %(default)s)")
+    quantize.add_argument(
+        "--images",
+        type=positive_int,
+        default=DEFAULT_IMAGES,
+        help="images the activation ranges are observed on (default: %(default)s); the thresholds are refitted on the whole split or folder",
+    )
     quantize.add_argument("--exclude", nargs="*", default=[], metavar="NODE", help="graph nodes to keep in float")
     quantize.add_argument(
         "--per-tensor", action="store_true", help="one scale per weight tensor instead of one per output channel (the default)"
