@@ -200,12 +200,12 @@ class TrainingLoop:
                 break
             clock.step_begins()
             loss = self.train_step(images, labels)
-            clock.step_ends(len(labels))
             state.global_step += 1
             total_loss += loss * len(labels)  # a device tensor: reading it every step would stall the GPU
             seen += len(labels)
-            if step % 10 == 0 or step + 1 == self.steps_per_epoch:
+            if step % 10 == 0 or step + 1 == self.steps_per_epoch:  # reading the loss waits for the GPU: step time
                 bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            clock.step_ends(len(labels))
         bar.close()
         total_loss = float(total_loss)
         elapsed = time.perf_counter() - started
