@@ -4,6 +4,7 @@ with a clean status (nothing spooled, the node keeps serving). A peer cannot mak
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
 import struct
 import subprocess
@@ -66,6 +67,25 @@ def test_an_instance_over_the_limit_is_refused_out_of_resources_and_nothing_is_s
     assert [p.name for p in (tmp_path / "state" / SPOOL_DIR).iterdir()] == [
         store.spool_path(str(pydicom.dcmread(small).SOPInstanceUID)).name
     ]
+    store.close()
+
+
+def test_instances_are_refused_out_of_resources_while_the_disk_is_short_of_the_reserve_and_taken_after(tmp_path):
+    first, second = cr_study(tmp_path / "study", 2, seed=34)
+    store = NodeStore(tmp_path / "state")
+    free = shutil.disk_usage(tmp_path).free
+    ports = free_port(), free_port()
+    short = start_scp(store, NODE_AET, "127.0.0.1", ports[0], min_free_bytes=free + (1 << 40))  # more than the disk has
+    try:
+        assert send_files(ports[0], [first]) == {first: OUT_OF_RESOURCES}
+    finally:
+        short.shutdown()
+    assert store.counts()["instances"] == {} and not list((tmp_path / "state" / SPOOL_DIR).iterdir())
+    roomy = start_scp(store, NODE_AET, "127.0.0.1", ports[1], min_free_bytes=1 << 20)  # the sender's retry, with room
+    try:
+        assert send_files(ports[1], [first, second]) == {first: SUCCESS, second: SUCCESS}
+    finally:
+        roomy.shutdown()
     store.close()
 
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from medtriage.serve.batching import add_batching_options
 from medtriage.serve.cli import add_runtime_options, apply_decode_limits
-from medtriage.serve.node.store import MAX_INSTANCE_BYTES
+from medtriage.serve.node.store import MAX_INSTANCE_BYTES, MIN_FREE_BYTES
 
 LISTEN_HELP = """\
 Receive images from a PACS or modality (DICOM C-STORE), score each study with the model package and
@@ -87,6 +87,14 @@ def register(subparsers) -> None:
         help=f"refuse a larger instance with status 0xA700, out of resources (default: {MAX_INSTANCE_BYTES}); instances "
         "arrive on disk under STATE/incoming, never whole in memory",
     )
+    listen.add_argument(
+        "--min-free-bytes",
+        type=int,
+        default=MIN_FREE_BYTES,
+        metavar="BYTES",
+        help=f"refuse instances with status 0xA700 while the state folder's disk has less free (default: {MIN_FREE_BYTES}): "
+        "senders retry later, and results, database and logs keep room",
+    )
     add_runtime_options(listen, out_of_scope_help="(results are flagged); by default such images are 'not analysed' and get no SR")
     add_batching_options(listen, at_once="N queued instances are then decoded at once")
     listen.set_defaults(func=run_listen)
@@ -130,6 +138,8 @@ def run_listen(args: argparse.Namespace) -> int:
         raise ConfigError("TLS needs both a certificate and its key", where="--tls-cert/--tls-key")
     if args.max_instance_bytes < 1:
         raise ConfigError(f"--max-instance-bytes must be positive, got {args.max_instance_bytes}", where="--max-instance-bytes")
+    if args.min_free_bytes < 0:
+        raise ConfigError(f"--min-free-bytes must be 0 or more, got {args.min_free_bytes}", where="--min-free-bytes")
     check_network_options(args)
     apply_decode_limits(args)
     config = NodeConfig(
@@ -155,6 +165,7 @@ def run_listen(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         max_instance_bytes=args.max_instance_bytes,
+        min_free_bytes=args.min_free_bytes,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for chatty in ("pynetdicom", "highdicom"):  # one line per PDU / copied module otherwise

@@ -12,7 +12,7 @@ from medtriage.serve.batching import enable_batching
 from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.node.scp import start_scp, tls_context
 from medtriage.serve.node.sender import DicomWebSender, DimseSender, Peer, Sender
-from medtriage.serve.node.store import MAX_INSTANCE_BYTES, NodeStore
+from medtriage.serve.node.store import MAX_INSTANCE_BYTES, MIN_FREE_BYTES, NodeStore
 from medtriage.serve.node.worker import Worker
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
@@ -45,6 +45,7 @@ class NodeConfig:
     max_batch: int = 1  # > 1: instances scored side by side share ORT calls (serve/batching.py)
     batch_wait_ms: float = 5.0
     max_instance_bytes: int = MAX_INSTANCE_BYTES  # a larger C-STORE is refused with 0xA700 (out of resources)
+    min_free_bytes: int = MIN_FREE_BYTES  # so is one arriving when the state folder's disk has less free
 
 
 class Node:
@@ -97,7 +98,14 @@ class Node:
             self._metrics = start_metrics_server(self.monitor, self.config.metrics_host, self.config.metrics_port)
         config = self.config
         self._server = start_scp(
-            self.store, config.aet, config.host, config.port, config.allowed_callers, self.tls, config.max_instance_bytes
+            self.store,
+            config.aet,
+            config.host,
+            config.port,
+            config.allowed_callers,
+            self.tls,
+            config.max_instance_bytes,
+            config.min_free_bytes,
         )
 
     def stop(self, drain_s: float = DRAIN_S) -> None:

@@ -3,8 +3,9 @@
 A C-STORE is answered with success only after the instance is in the spool and its row committed
 (store.receive). A data set whose identifying UIDs cannot be read gets 0xC210 (cannot understand); one of another
 SOP class than its request 0xA900; a SOP Instance UID the store holds for another study 0x0111 (duplicate);
-a full disk or database, or an instance over `--max-instance-bytes` (not written past the limit), gets 0xA700 (out of
-resources). Pixels are decoded later by the worker: a file that then fails to decode becomes a recorded rejection,
+a full disk or database, an instance over `--max-instance-bytes` (not written past the limit), or one that arrives when
+the store's disk has less than `--min-free-bytes` left, gets 0xA700 (out of resources): the sender keeps it and retries,
+where a disk filled to the last byte would fail the node's results, database and logs too. Pixels are decoded later by the worker: a file that then fails to decode becomes a recorded rejection,
 not a network error.
 
 Instances arrive in a file, never whole in memory (pynetdicom's STORE_RECV_CHUNKED_DATASET): a whole-slide image
@@ -19,6 +20,7 @@ before reading its body: a peer cannot make the node hold more than one bounded 
 from __future__ import annotations
 
 import logging
+import shutil
 import ssl
 import threading
 from pathlib import Path
@@ -45,7 +47,7 @@ from pynetdicom.utils import make_target
 
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.serve.node.header import read_identity
-from medtriage.serve.node.store import MAX_INSTANCE_BYTES, ConflictingInstance, NodeStore
+from medtriage.serve.node.store import MAX_INSTANCE_BYTES, MIN_FREE_BYTES, ConflictingInstance, NodeStore
 
 log = logging.getLogger(__name__)
 TRANSFER_SYNTAXES = [
@@ -129,7 +131,7 @@ class _BoundedPduHandler(RequestHandler):
         return assoc
 
 
-def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES) -> int:
+def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES, min_free_bytes: int = MIN_FREE_BYTES) -> int:
     """One C-STORE: spool + record, then answer. Never raises (pynetdicom would answer 0xC211 anyway)."""
     calling = event.assoc.requestor.ae_title
     try:
@@ -137,6 +139,11 @@ def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES) -
         size = received.stat().st_size
         if size > max_bytes:
             log.warning("refused an instance of %d bytes from %s: over the limit of %d (--max-instance-bytes)", size, calling, max_bytes)
+            return OUT_OF_RESOURCES
+        if _short_of_space(store, min_free_bytes):
+            log.error(
+                "refused an instance from %s: under %d bytes free on the state folder's disk (--min-free-bytes)", calling, min_free_bytes
+            )
             return OUT_OF_RESOURCES
         header = read_identity(received, where=f"C-STORE from {calling}")
     except MedTriageError as err:
@@ -170,6 +177,11 @@ def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES) -
         log.exception("cannot record %s", header.sop_uid)
         return PROCESSING_FAILURE
     return SUCCESS
+
+
+def _short_of_space(store: NodeStore, min_free_bytes: int) -> bool:
+    """Whether the disk of the store's folder holds less than `min_free_bytes` free (the instance already on it)."""
+    return store.folder is not None and shutil.disk_usage(store.folder).free < min_free_bytes
 
 
 def discard_partial_instance(event) -> None:
@@ -221,11 +233,15 @@ def start_scp(
     allowed_callers: list[str] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     max_instance_bytes: int = MAX_INSTANCE_BYTES,
+    min_free_bytes: int = MIN_FREE_BYTES,
 ):
     """Start listening (in pynetdicom's threads); returns the server (call `.shutdown()` to stop)."""
     _config.STORE_RECV_CHUNKED_DATASET = True  # each arriving data set goes to a file (module docstring)
     ae = build_ae(aet, allowed_callers)
-    handlers = [(evt.EVT_C_STORE, handle_store, [store, max_instance_bytes]), (evt.EVT_CONN_CLOSE, discard_partial_instance)]
+    handlers = [
+        (evt.EVT_C_STORE, handle_store, [store, max_instance_bytes, min_free_bytes]),
+        (evt.EVT_CONN_CLOSE, discard_partial_instance),
+    ]
     # AE.start_server(block=False), with the bounded request handler it offers no argument for
     try:
         server = ae.make_server(

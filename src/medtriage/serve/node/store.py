@@ -85,6 +85,7 @@ UNLISTED = SHOWN + (
 )
 SQLITE_FULL = 13  # the result code of a write to a full disk or past max_page_count (sqlite3.SQLITE_FULL from 3.11)
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
+MIN_FREE_BYTES = 1 << 30  # default --min-free-bytes: room kept for results, the database and logs
 
 
 class ConflictingInstance(InputError):
