@@ -6,7 +6,8 @@ becomes a manifest row or a reject, and each label row that names no file become
 files + orphan label rows = rows + rejects. Manifest paths are relative to `sites_dir`, so the data
 fingerprint does not depend on where the data lives.
 
-Files under a hidden name (a dot first) at any depth are not site data (`medtriage.io.site_folder`). A build that would hold no image at all is refused, its rejects kept to read.
+Files under a hidden name (a dot first) at any depth are not site data (`medtriage.io.site_folder`). A build that
+would hold no image at all is refused, its rejects kept to read.
 
 A pool folder remembers a hash of its inputs (file names, sizes, mtimes, labels.csv contents and
 the split settings) and of the manifest and label names it wrote; building again from unchanged inputs reuses it
