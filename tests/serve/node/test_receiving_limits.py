@@ -17,7 +17,7 @@ from tests.serve.node.peers import NODE_AET, cr_study, free_port, send_files
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-DATA_SET_MISMATCH, DUPLICATE_INSTANCE = 0xA900, 0x0111  # C-STORE failures: PS3.4 Table B.2-1, PS3.7 Annex C
+DATA_SET_MISMATCH, DUPLICATE_INSTANCE, CANNOT_UNDERSTAND = 0xA900, 0x0111, 0xC210  # C-STORE failures: PS3.4 Table B.2-1
 
 
 @pytest.fixture
@@ -83,6 +83,18 @@ def test_a_sop_instance_uid_already_held_for_another_study_is_refused_not_droppe
     assert send_files(port, [other]) == {other: DUPLICATE_INSTANCE}
     assert store.instance(sop)["study_uid"] == str(pydicom.dcmread(first).StudyInstanceUID)
     assert store.counts() == {"instances": {"received": 1}, "studies": {"receiving": 1}}
+
+
+def test_an_instance_naming_a_held_study_under_another_patient_is_refused_not_merged(node, tmp_path):
+    store, port = node
+    first, second = cr_study(tmp_path / "a", 2, seed=64)
+    (stranger,) = cr_study(tmp_path / "b", 1, seed=65, patient="PSEUDO-2")
+    study = str(pydicom.dcmread(first).StudyInstanceUID)
+    rewritten(stranger, StudyInstanceUID=study)  # another patient's image under the same Study Instance UID
+    assert send_files(port, [first]) == {first: SUCCESS}
+    assert send_files(port, [stranger, second]) == {stranger: CANNOT_UNDERSTAND, second: SUCCESS}
+    assert not store.has_instance(str(pydicom.dcmread(stranger).SOPInstanceUID)) and len(spooled(store)) == 2
+    assert store.counts() == {"instances": {"received": 2}, "studies": {"receiving": 1}}
 
 
 def fill(store: NodeStore) -> None:

@@ -2,7 +2,8 @@
 
 A C-STORE is answered with success only after the instance is in the spool and its row committed
 (store.receive). A data set whose identifying UIDs cannot be read gets 0xC210 (cannot understand); one of another
-SOP class than its request 0xA900; a SOP Instance UID the store holds for another study 0x0111 (duplicate);
+SOP class than its request 0xA900; a SOP Instance UID the store holds for another study 0x0111 (duplicate); a study
+the store holds for another Patient ID 0xC210 (never merged into that patient's result);
 a full disk or database, an instance over `--max-instance-bytes` (not written past the limit), or one that arrives when
 the store's disk has less than `--min-free-bytes` left, gets 0xA700 (out of resources): the sender keeps it and retries,
 where a disk filled to the last byte would fail the node's results, database and logs too. Pixels are decoded later by the worker: a file that then fails to decode becomes a recorded rejection,
@@ -47,7 +48,7 @@ from pynetdicom.utils import make_target
 
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.serve.node.header import read_identity
-from medtriage.serve.node.store import MAX_INSTANCE_BYTES, MIN_FREE_BYTES, ConflictingInstance, NodeStore
+from medtriage.serve.node.store import MAX_INSTANCE_BYTES, MIN_FREE_BYTES, ConflictingInstance, ConflictingPatient, NodeStore
 
 log = logging.getLogger(__name__)
 TRANSFER_SYNTAXES = [
@@ -170,6 +171,9 @@ def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES, m
     except ConflictingInstance as err:
         log.warning("refused an instance from %s: %s", calling, err)
         return DUPLICATE_INSTANCE
+    except ConflictingPatient as err:
+        log.warning("refused an instance from %s: %s", calling, err)
+        return CANNOT_UNDERSTAND
     except OSError as err:
         log.error("cannot spool %s: %s", header.sop_uid, err)
         return OUT_OF_RESOURCES

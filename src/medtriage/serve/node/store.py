@@ -92,6 +92,10 @@ class ConflictingInstance(InputError):
     """A received instance whose SOP Instance UID the store already holds for another study, series or SOP class."""
 
 
+class ConflictingPatient(InputError):
+    """A received instance naming a study the store holds for another patient."""
+
+
 def _is_full(err: sqlite3.OperationalError) -> bool:
     return getattr(err, "sqlite_errorcode", None) == SQLITE_FULL or "database or disk is full" in str(err)
 
@@ -239,11 +243,13 @@ class NodeStore:
         """Spool and record one instance (its bytes, or a file of them: copied in chunks, or moved when the file is in
         the store's `incoming` folder); returns False when this SOP instance was already received (the copy on disk
         is kept, so a resend never produces a second result), by this call's time or by a concurrent one's.
-        ConflictingInstance when the SOP Instance UID is held for another study, series or SOP class; OSError when the
+        ConflictingInstance when the SOP Instance UID is held for another study, series or SOP class, ConflictingPatient
+        when the study is held for another patient; OSError when the
         disk or the database is full (nothing of the instance is kept)."""
         if self.has_instance(sop_uid):  # a resend: nothing to write
             self._check_resend(sop_uid, study_uid, series_uid, sop_class)
             return False
+        self._check_patient(study_uid, fields)
         spool = self.spool_path(sop_uid)
         copy, renamed = self._buffered(data, spool) or self._spool_copy(data, spool), False
 
@@ -308,6 +314,18 @@ class NodeStore:
                 f"SOP Instance UID {sop_uid} is already held for study {held['study_uid']}, series {held['series_uid']}, "
                 f"SOP class {held['sop_class']}; this instance says study {study_uid}, series {series_uid}, SOP class {sop_class}",
                 hint="the sending system reuses SOP Instance UIDs: each instance must have its own",
+            )
+
+    def _check_patient(self, study_uid: str, fields: dict) -> None:
+        """An instance of a held study names that study's patient: merged, another patient's image would be scored and
+        reported under the first one's name. A blank Patient ID on either side is unknown, not another patient."""
+        rows = self._execute("SELECT fields FROM studies WHERE study_uid = ?", (study_uid,))
+        held = json.loads(rows[0]["fields"] or "{}").get("patient_id", "") if rows else ""
+        arriving = fields.get("patient_id", "")
+        if held and arriving and held != arriving:
+            raise ConflictingPatient(
+                f"study {study_uid} is held for another patient than this instance's (Patient ID differs)",
+                hint="the sending system reuses a Study Instance UID across patients: correct the study there and send it again",
             )
 
     def record_instance(
