@@ -5,7 +5,7 @@ import os
 import pytest
 
 from medtriage.errors import InputError
-from medtriage.io.safe_output import inside, output_path, remove_partials, safe_component, write_atomic, write_new
+from medtriage.io.safe_output import AtomicFile, inside, output_path, remove_partials, safe_component, write_atomic, write_new
 
 
 @pytest.mark.parametrize(
@@ -84,3 +84,20 @@ def test_spreadsheet_text_keeps_formulas_as_text_and_leaves_the_rest():
     for formula in ("=1+1", "+cmd", "-2+3", "@SUM(A1)", "\t=x", "\r=x"):
         assert spreadsheet_text(formula) == "'" + formula
     assert [spreadsheet_text(v) for v in ("1.2.840.1", "CT", "", 0.5, None, -1)] == ["1.2.840.1", "CT", "", 0.5, None, -1]
+
+
+def test_an_atomic_file_synced_early_is_not_synced_again_by_its_commit(tmp_path, monkeypatch):
+    synced_files: list[int] = []
+    fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        if os.path.isfile(f"/proc/self/fd/{fd}"):  # the folder syncs are not the file's
+            synced_files.append(fd)
+        fsync(fd)
+
+    target = AtomicFile(tmp_path / "out.bin")
+    target.file.write(b"data")
+    monkeypatch.setattr(os, "fsync", counting)
+    target.sync_and_close()  # early, as the node's spool does outside its lock
+    assert target.commit() == tmp_path / "out.bin" and (tmp_path / "out.bin").read_bytes() == b"data"
+    assert len(synced_files) == 1

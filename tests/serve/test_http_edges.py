@@ -107,9 +107,10 @@ class RacingStore(NodeStore):
         self.reader.sop = sop_uid
         if sop_uid == self.second_sop:
             self.first_read.wait(5)
-        super().record_instance(sop_uid, *args, **kwargs)
+        recorded = super().record_instance(sop_uid, *args, **kwargs)
         if sop_uid == self.second_sop:
             self.second_recorded.set()
+        return recorded
 
     def study_instances(self, study_uid):
         if getattr(self.reader, "sop", None) == self.second_sop:

@@ -39,9 +39,10 @@ def upload(client, name: str, data: bytes):
 def test_the_picture_of_a_shown_study_survives_uploads_of_its_other_instances(predictor, chest_files):
     client = TestClient(create_app(predictor, token=TOKEN, worklist_size=1))
     top, lower = chest_files["by_p"][-1], chest_files["by_p"][0]
-    study_uid = pydicom.dcmread(top, stop_before_pixels=True).StudyInstanceUID
+    header = pydicom.dcmread(top, stop_before_pixels=True)
     upload(client, top.name, top.read_bytes())
-    upload(client, lower.name, edited(lower, StudyInstanceUID=study_uid))  # a second, less suspicious image of the study
+    second = edited(lower, StudyInstanceUID=header.StudyInstanceUID, PatientID=header.PatientID)  # less suspicious
+    upload(client, lower.name, second)
     (entry,) = client.get("/v1/worklist", headers=AUTH).json()["entries"]
     assert entry["instances"] == 2 and entry["file"] == top.name
     png = client.get(entry["overlay"], headers=AUTH)
@@ -66,7 +67,8 @@ def test_an_upload_leaves_a_study_the_node_is_receiving_for_the_node_to_close(pr
     worker.score_queued()  # scored by the node; the study waits for its quiet time before its SR is sent
 
     worklist = Worklist(predictor, store=store)
-    assert isinstance(worklist.score_or_reject(edited(uploaded, StudyInstanceUID=header.study_uid), uploaded.name), list)
+    same_study = edited(uploaded, StudyInstanceUID=header.study_uid, PatientID=header.fields["patient_id"])
+    assert isinstance(worklist.score_or_reject(same_study, uploaded.name), list)
     (row,) = worklist.rows()
     assert row["instances"] == 2 and row["priority"] == predictor.priority(chest_files["p"][uploaded])  # listed at once
 
@@ -74,6 +76,21 @@ def test_an_upload_leaves_a_study_the_node_is_receiving_for_the_node_to_close(pr
     (study,) = store.shown_studies(1)
     assert study["state"] == "scored" and study["sr_uid"], "the node closes the study and sends its SR"
     assert json.loads(store.instance(study["top_sop"])["result"])[0]["file"] == uploaded.name
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["in memory", "state folder"])
+def test_an_upload_naming_a_study_held_for_another_patient_is_refused_not_merged(predictor, chest_files, tmp_path, with_state):
+    worklist = Worklist(predictor, store=tmp_path / "state" if with_state else None)
+    first, stranger = chest_files["by_p"][0], chest_files["by_p"][-1]
+    header = read_identity(first)
+    assert isinstance(worklist.score_or_reject(first.read_bytes(), first.name), list)
+    other_patient = edited(stranger, StudyInstanceUID=header.study_uid, PatientID=header.fields["patient_id"] + "-OTHER")
+    refused = worklist.score_or_reject(other_patient, stranger.name)
+    assert refused.error == "ConflictingPatient" and "another patient" in refused.reason and refused.hint
+    (row,) = worklist.rows()
+    assert row["instances"] == 1 and row["file"] == first.name  # the first patient's study as it was
+    if with_state:
+        assert len(list((tmp_path / "state" / "spool").iterdir())) == 1  # nothing of the refused upload kept
 
 
 def test_the_page_carries_a_content_security_policy_and_no_sniffing(predictor):

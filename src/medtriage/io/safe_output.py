@@ -87,7 +87,10 @@ class AtomicFile:
         self.file: BinaryIO = os.fdopen(handle, "wb")
 
     def sync_and_close(self) -> None:
-        """The temporary file's bytes on disk, before it takes the place of anything."""
+        """The temporary file's bytes on disk, before it takes the place of anything; once (a writer may sync early,
+        outside a lock its commit then takes)."""
+        if self.file.closed:
+            return
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()

@@ -42,10 +42,9 @@ from starlette.exceptions import HTTPException
 
 from medtriage.errors import MedTriageError
 from medtriage.io.dicom import DecodedImage, read_dicom
-from medtriage.io.safe_output import write_atomic
 from medtriage.serve.drift import DriftMonitor, source_name
 from medtriage.serve.node.header import STUDY_TAGS, read_identity
-from medtriage.serve.node.store import NodeStore
+from medtriage.serve.node.store import ConflictingInstance, ConflictingPatient, NodeStore
 from medtriage.serve.node.worker import PRIORITY_RANK, urgency
 from medtriage.serve.package import picture_refused, scored_by
 from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
@@ -91,11 +90,16 @@ class Worklist:
         except Exception as err:  # one odd file must not stop the others
             log.exception("unexpected failure scoring %s", name)
             return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
-        self.add(data, image, scores, name, source)
+        try:
+            self.add(data, image, scores, name, source)
+        except (ConflictingInstance, ConflictingPatient) as err:  # its UIDs name what the store holds for another
+            return Rejection.of(name, err)
         return scores
 
     def add(self, data: bytes, image: DecodedImage, scores: list[Score], name: str, source: str | None = None) -> None:
-        """Record an upload's scores as a scored instance of its study (a new study when it names none)."""
+        """Record an upload's scores as a scored instance of its study (a new study when it names none).
+        ConflictingInstance or ConflictingPatient, and nothing recorded, when its UIDs name what the store holds for
+        another study or patient."""
         try:
             header = read_identity(data, where=name)
             sop_uid, study_uid, fields = header.sop_uid, header.study_uid, header.fields
@@ -105,27 +109,20 @@ class Worklist:
         top = max(range(len(scores)), key=lambda i: scores[i].probability)
         # keyed by the UID the instance is recorded under, which the row's score and picture are looked up by
         results = [{**score.as_dict(), "sop_uid": sop_uid} for score in scores]
+        recorded = {
+            "name": name,
+            "state": "scored",
+            "result": json.dumps(results),
+            "calling_aet": UPLOAD_AET,
+            "source": source_name(source),  # untrusted header text: bounded and printable, as the drift monitor names it
+        }
+        # with a state folder, spooled like a received instance (the overlay survives a restart); else a display copy
         display = self._display_copy(image.pixels[top]) if self.store.folder is None else None
         with self._lock:  # one upload at a time: the display copies kept are those of the studies as recorded
-            if self.store.has_instance(sop_uid):
+            if not self.store.receive(data, sop_uid, study_uid, image.series_uid, image.sop_class_uid, fields, **recorded):
                 return  # the same instance again: one result
-            if display is None:  # kept like a received instance, so the overlay survives a restart
-                spool_name = write_atomic(self.store.spool_path(sop_uid), data).name
-            else:
-                spool_name, self._display[sop_uid] = "", display
-            self.store.record_instance(
-                sop_uid,
-                study_uid,
-                image.series_uid,
-                image.sop_class_uid,
-                spool_name,
-                fields,
-                name=name,
-                state="scored",
-                result=json.dumps(results),
-                calling_aet=UPLOAD_AET,
-                source=source_name(source),  # untrusted header text: bounded and printable, as the drift monitor names it
-            )
+            if display is not None:
+                self._display[sop_uid] = display
             self._close(study_uid)
             self._drop_unneeded_display_copies()
 

@@ -12,7 +12,7 @@ import pytest
 
 from medtriage.io.safe_output import write_atomic
 from medtriage.serve.node.scp import SUCCESS, start_scp
-from medtriage.serve.node.store import SPOOL_DIR, ConflictingInstance, NodeStore
+from medtriage.serve.node.store import SPOOL_DIR, ConflictingInstance, ConflictingPatient, NodeStore
 from tests.serve.node.peers import NODE_AET, cr_study, free_port, send_files
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -35,13 +35,14 @@ class LinedUpStore(NodeStore):
         return held
 
 
-def receive_together(store: NodeStore, calls: list[tuple[bytes, str]]) -> list[object]:
-    """Each (data, study) received on its own thread at once; what each returned or raised, in order."""
+def receive_together(store: NodeStore, calls: list[tuple], sops: tuple[str, str] = (SOP, SOP)) -> list[object]:
+    """Each (data, study[, fields]) received on its own thread at once, under the SOP UID `sops` gives it; what each
+    returned or raised, in order."""
     outcomes: list[object] = [None] * len(calls)
 
-    def send(k: int, data: bytes, study: str) -> None:
+    def send(k: int, data: bytes, study: str, fields: dict = FIELDS) -> None:
         try:
-            outcomes[k] = store.receive(data, SOP, study, "2.25.7", CR, FIELDS, calling_aet=f"AE{k}")
+            outcomes[k] = store.receive(data, sops[k], study, "2.25.7", CR, fields, calling_aet=f"AE{k}")
         except Exception as err:  # noqa: BLE001 -- what the C-STORE handler would answer is the point
             outcomes[k] = err
 
@@ -84,6 +85,19 @@ def test_another_study_under_the_same_new_uid_at_once_is_refused_not_answered_su
     assert kept.read_bytes() == (b"study-one", b"study-two")[winner]
     assert store.instance(SOP)["study_uid"] == ("2.25.1", "2.25.2")[winner]
     assert store.counts()["studies"] == {"receiving": 1}  # the refused instance opened no study
+
+
+def test_two_patients_instances_of_one_new_study_at_once_keep_one_patient(store):
+    """Both pass the check made before spooling (the study is not held yet); the one made in the transaction refuses
+    the second, so no study holds two patients' images."""
+    calls = [(b"patient-one", "2.25.1", FIELDS), (b"patient-two", "2.25.1", {**FIELDS, "patient_id": "Q"})]
+    outcomes = receive_together(store, calls, sops=(SOP, SOP + "1"))
+    assert sum(outcome is True for outcome in outcomes) == 1
+    (refused,) = [outcome for outcome in outcomes if outcome is not True]
+    assert isinstance(refused, ConflictingPatient)
+    (kept,) = spool_files(store)
+    assert kept.read_bytes() == (b"patient-one", b"patient-two")[outcomes.index(True)]
+    assert store.counts() == {"instances": {"received": 1}, "studies": {"receiving": 1}}
 
 
 def test_an_instance_in_the_incoming_folder_is_moved_into_the_spool_not_copied(store):

@@ -239,21 +239,34 @@ class NodeStore:
         fields: dict,
         calling_aet: str = "",
         name: str = "",
+        **recorded,
     ) -> bool:
         """Spool and record one instance (its bytes, or a file of them: copied in chunks, or moved when the file is in
-        the store's `incoming` folder); returns False when this SOP instance was already received (the copy on disk
-        is kept, so a resend never produces a second result), by this call's time or by a concurrent one's.
+        the store's `incoming` folder; an in-memory store keeps no copy), with `recorded` as record_instance takes it
+        (an upload's state, result and source). False when this SOP instance was already received (the copy on disk is
+        kept, so a resend never produces a second result), by this call's time or by a concurrent one's.
         ConflictingInstance when the SOP Instance UID is held for another study, series or SOP class, ConflictingPatient
-        when the study is held for another patient; OSError when the
-        disk or the database is full (nothing of the instance is kept)."""
+        when the study is held for another patient; OSError when the disk or the database is full (nothing of the
+        instance is kept)."""
+        identity = (sop_uid, study_uid, series_uid, sop_class)
         if self.has_instance(sop_uid):  # a resend: nothing to write
-            self._check_resend(sop_uid, study_uid, series_uid, sop_class)
+            self._check_resend(*identity)
             return False
-        self._check_patient(study_uid, fields)
-        spool = self.spool_path(sop_uid)
+        self._check_patient(study_uid, fields)  # before a large file is spooled; record_instance checks again, atomically
+        if self.folder is None:
+            kept = self.record_instance(*identity, "", fields, calling_aet, name, **recorded)
+        else:
+            kept = self._spool_and_record(data, identity, fields, calling_aet=calling_aet, name=name, **recorded)
+        if not kept:  # a concurrent call recorded this SOP Instance UID first: a resend, or a conflict
+            self._check_resend(*identity)
+        return kept
+
+    def _spool_and_record(self, data: bytes | Path, identity: tuple[str, str, str, str], fields: dict, **recorded) -> bool:
+        """record_instance, with the instance's file put in the spool by the call whose row is inserted, before its commit."""
+        spool = self.spool_path(identity[0])
         copy, renamed = self._buffered(data, spool) or self._spool_copy(data, spool), False
 
-        def keep() -> None:  # run by the call whose row is inserted, before its commit
+        def keep() -> None:
             nonlocal renamed
             copy.commit()
             renamed = True
@@ -262,7 +275,7 @@ class NodeStore:
         try:
             with self._lock:  # the spool file is this call's from its rename until a failed commit removes it
                 try:
-                    kept = self.record_instance(sop_uid, study_uid, series_uid, sop_class, spool.name, fields, calling_aet, name, keep=keep)
+                    kept = self.record_instance(*identity, spool.name, fields, keep=keep, **recorded)
                 except BaseException:
                     if renamed:  # unrecorded, it would hold disk for good; its sender gets no success
                         spool.unlink(missing_ok=True)
@@ -274,13 +287,11 @@ class NodeStore:
         finally:
             if not kept:
                 copy.discard()
-        if not kept:  # a concurrent association recorded this SOP Instance UID first: a resend, or a conflict
-            self._check_resend(sop_uid, study_uid, series_uid, sop_class)
         return kept
 
     def _buffered(self, data: bytes | Path, spool: Path) -> _Buffered | None:
         """An instance the network layer wrote to this store's incoming folder, on the spool's disk: moved, not copied."""
-        if isinstance(data, (bytes, bytearray)) or self.folder is None:
+        if isinstance(data, (bytes, bytearray)):
             return None
         data = Path(data)
         if data.parent.resolve() != self.incoming.resolve() or data.stat().st_dev != spool.parent.stat().st_dev:
@@ -298,8 +309,7 @@ class NodeStore:
             else:
                 with open(data, "rb") as original:
                     shutil.copyfileobj(original, copy.file)
-            copy.file.flush()
-            os.fsync(copy.file.fileno())
+            copy.sync_and_close()  # its commit, under the lock, then only renames
         except BaseException:
             copy.discard()
             raise
@@ -345,7 +355,8 @@ class NodeStore:
     ) -> bool:
         """The instance row, and its study opened (or reopened: a late instance makes a new result), in one transaction;
         False, and nothing changed, when the SOP Instance UID is already held (checked and recorded as one step, so
-        of concurrent calls for one UID exactly one records it). `keep`: run once the row is in, before the commit
+        of concurrent calls for one UID exactly one records it). ConflictingPatient, and nothing changed, when the study
+        is held for another patient. `keep`: run once the row is in, before the commit
         (the spool file put in place). `source`: the sender as the drift monitor names it, when the calling AE title
         does not say it (an upload's X-Source)."""
         now = time.time()
@@ -356,6 +367,7 @@ class NodeStore:
                 (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result, source),
             ).rowcount
             if inserted:
+                self._check_patient(study_uid, fields)  # in the transaction: a concurrent instance's study is seen
                 db.execute(
                     "INSERT INTO studies (study_uid, state, first_received, last_received, updated, fields) "
                     "VALUES (?, 'receiving', ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET state = 'receiving', "
