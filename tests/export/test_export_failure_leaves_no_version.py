@@ -131,3 +131,22 @@ def test_a_written_package_is_on_disk_before_the_export_answers(tiny_net, store,
 
     placed = max(i for i, event in enumerate(events) if event == ("rename", package))
     assert ("fsync", models) in events[placed:]
+
+
+def test_a_version_is_tagged_logged_only_once_its_package_is_at_its_source(tiny_net, store, tmp_path, monkeypatch):
+    import medtriage.export.run as export_run
+    from medtriage.export.registry import PACKAGE_STATE_TAG
+
+    seen_while_logging = []
+    log_package = export_run.log_package
+
+    def logging_package(run_id, result):
+        (version,) = [v for v in store.search_model_versions(f"name='{NAME}'") if int(v.version) == result.meta["version"]]
+        seen_while_logging.append(version.tags.get(PACKAGE_STATE_TAG))
+        log_package(run_id, result)
+
+    monkeypatch.setattr(export_run, "log_package", logging_package)
+    _export(tiny_net, tmp_path / "models", _run(store, tmp_path / "run-artifacts"))
+    assert seen_while_logging == ["writing"]  # registered before its package was logged, and said so
+    states = {int(v.version): v.tags.get(PACKAGE_STATE_TAG) for v in store.search_model_versions(f"name='{NAME}'")}
+    assert states == {1: "logged", 2: "logged"}

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 ARTIFACT_DIR = "model_package"  # where the package lives among the MLflow run's artifacts
 CHECKPOINT_PREFERENCE = ("best.pt", "last.pt")
 REGISTER_ATTEMPTS = 5  # tries at a version number that matches its package folder
+# A version is registered before its package is written (the package carries its number): this tag says whether the
+# package is at the version's source yet. One left `writing` belongs to an export still running, or to one killed
+# before it could withdraw its version: never deploy it.
+PACKAGE_STATE_TAG, PACKAGE_WRITING, PACKAGE_LOGGED = "medtriage.package_state", "writing", "logged"
 
 
 def run_git_commit(run_id: str | None) -> str | None:
@@ -30,8 +34,9 @@ def run_git_commit(run_id: str | None) -> str | None:
 
 
 class Registration:
-    """Registers the next model version of `name` (pointing at where the package will be logged) when
-    called, and withdraws it again if the package never gets there: no version without its package."""
+    """Registers the next model version of `name` (pointing at where the package will be logged, tagged as being
+    written) when called, tags it logged once the package is there, and withdraws it again if the package never gets
+    there: no version without its package."""
 
     def __init__(self, run_id: str, name: str):
         self.run_id, self.name, self.version = run_id, name, None
@@ -46,7 +51,8 @@ class Registration:
         artifact_uri = client.get_run(self.run_id).info.artifact_uri
         for _ in range(REGISTER_ATTEMPTS):
             source = f"{artifact_uri}/{artifact_path(expected)}"
-            self.version = int(client.create_model_version(self.name, source=source, run_id=self.run_id).version)
+            tags = {PACKAGE_STATE_TAG: PACKAGE_WRITING}
+            self.version = int(client.create_model_version(self.name, source=source, run_id=self.run_id, tags=tags).version)
             if self.version == expected:
                 return self.version
             # Its source names another version's folder: the registry never reuses the number of a deleted version
@@ -57,6 +63,10 @@ class Registration:
             f"could not register a version of '{self.name}': other exports kept taking the next number",
             hint="run the export again",
         )
+
+    def confirm(self) -> None:
+        """The package is logged at the version's source."""
+        mlflow.MlflowClient().set_model_version_tag(self.name, str(self.version), PACKAGE_STATE_TAG, PACKAGE_LOGGED)
 
     def withdraw(self) -> None:
         if self.version is not None:

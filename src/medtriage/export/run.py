@@ -310,6 +310,8 @@ def export_tracked(net, export_cfg: ExportConfig, run_id: str | None, **inputs) 
         if run_id and export_cfg.log_to_mlflow:
             step = f"logging the package to MLflow run {run_id} ({artifact_path(result.meta['version'])})"
             log_package(run_id, result)
+            if registration is not None:
+                registration.confirm()
     except BaseException as err:
         if result is not None:
             settle_package(result.package_dir, result.meta, keep=False)
