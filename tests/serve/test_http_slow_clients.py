@@ -1,5 +1,5 @@
 """Clients that hold the service's connections or files: a request head sent a byte at a time (slowloris) is
-closed with a 408 once its deadline passes, and a multipart body of more file parts than a route takes is refused
+closed with a 408 once its deadline passes, a connection past the limit is answered 503 at once, and a multipart body of more file parts than a route takes is refused
 before they are all spooled to temporary files."""
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ from medtriage.serve.http import connection_protocol, create_app
 from tests.serve.test_http_edges import LiveServer, free_port
 
 HEADER_TIMEOUT_S = 0.5
+HEALTH = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
 class DeadlineServer(LiveServer):
     """LiveServer with the service's connection protocol and a short header deadline."""
 
-    def __init__(self, app):
+    def __init__(self, app, max_connections: int = 64):
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", http=connection_protocol(HEADER_TIMEOUT_S))
+        http = connection_protocol(HEADER_TIMEOUT_S, max_connections)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", http=http)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -71,6 +73,31 @@ def test_the_deadline_restarts_for_each_request_of_a_kept_alive_connection(predi
                     answer += chunk
                 assert answer.startswith(b"HTTP/1.1 200 ")
                 time.sleep(HEADER_TIMEOUT_S * 0.6)
+
+
+def _read_until_closed(conn: socket.socket) -> bytes:
+    answer = b""
+    while chunk := conn.recv(4096):
+        answer += chunk
+    return answer
+
+
+def test_a_connection_past_the_limit_is_answered_503_at_once_and_closed(predictor):
+    with DeadlineServer(create_app(predictor), max_connections=2) as client:
+        port = client.base_url.port
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]  # silent, within the deadline
+        time.sleep(0.1)  # both accepted by the server
+        with socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT_S / 2) as extra:  # before any deadline
+            answer = _read_until_closed(extra)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer and b"as many connections" in answer
+        for conn in held:  # the connections within the limit are served as before
+            with conn:
+                conn.sendall(HEALTH)
+                assert _read_until_closed(conn).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:  # and their places are free again
+            conn.sendall(HEALTH)
+            assert _read_until_closed(conn).startswith(b"HTTP/1.1 200 ")
 
 
 def test_more_file_parts_than_the_limit_are_refused_by_name(predictor):

@@ -20,7 +20,8 @@ from medtriage.serve.report import format_table, result_document, write_csv
 TOKEN_ENV = "MEDTRIAGE_TOKEN"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_FILES = 1000
-DEFAULT_HEADER_TIMEOUT_S = 20.0
+DEFAULT_HEADER_TIMEOUT_S = 20.0  # seconds a client has to send a request's whole head (line and headers)
+DEFAULT_MAX_CONNECTIONS = 512  # each holds a file descriptor; Linux's usual soft limit is 1024
 
 
 def register(subparsers) -> None:
@@ -90,6 +91,13 @@ def register(subparsers) -> None:
         default=DEFAULT_HEADER_TIMEOUT_S,
         metavar="SECONDS",
         help="a connection that has not sent a whole request head by then is closed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections held at once; one more is answered 503 and closed (default: %(default)s)",
     )
     serve.add_argument(
         "--worklist-size",
@@ -374,7 +382,7 @@ def run_serve(args: argparse.Namespace) -> int:
         f"{'token required' if token else 'no token'}, {admission.workers} at once + {args.queue} waiting; docs at /docs)",
         file=sys.stderr,
     )
-    http = connection_protocol(args.header_timeout)
+    http = connection_protocol(args.header_timeout, args.max_connections)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http, **tls)
     return 0
 

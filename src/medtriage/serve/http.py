@@ -564,21 +564,29 @@ async def _multipart_files(request: Request, max_bytes: int, max_files: int, ope
 
 # --- the connection ------------------------------------------------------------------------------
 
-HEADER_TIMEOUT_S = 20.0  # seconds a client has to send a request's whole head (line and headers)
 _REQUEST_TIMEOUT = b'{"error":{"reason":"the request head did not arrive in time","hint":"send the whole head at once"}}'
+_TOO_MANY_CONNECTIONS = (
+    b'{"error":{"reason":"the service holds as many connections as it takes","hint":"retry in a moment, or reuse a connection"}}'
+)
 
 
 class _HeaderDeadline(H11Protocol):
-    """uvicorn's HTTP/1.1 connection, with a deadline for the request head. uvicorn waits for a head for ever (its
-    keep-alive timer stops at the first byte), so clients that send a header byte now and then (slowloris) hold
-    their connections, and with enough of them the process's file descriptors. The body's pace is the app's
-    (`_BodyCounter`); this is Apache mod_reqtimeout's `header=` limit, answered with a 408 and a closed connection."""
+    """uvicorn's HTTP/1.1 connection, with a deadline for the request head and a bound on open connections. uvicorn
+    waits for a head for ever (its keep-alive timer stops at the first byte), so clients that send a header byte now
+    and then (slowloris) hold their connections, and with enough of them the process's file descriptors. The body's
+    pace is the app's (`_BodyCounter`); this is Apache mod_reqtimeout's `header=` limit, answered with a 408 and a
+    closed connection. A connection past `max_connections` is answered 503 and closed at once: within the deadline,
+    many clients could otherwise still hold every descriptor (uvicorn's own limit answers only once a head came)."""
 
-    header_timeout_s = HEADER_TIMEOUT_S
+    header_timeout_s: float
+    max_connections: int
     _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self._answer_and_close(b"503 Service Unavailable", _TOO_MANY_CONNECTIONS, b"retry-after: 1\r\n")
+            return
         self._start_deadline()
 
     def on_response_complete(self) -> None:
@@ -608,12 +616,19 @@ class _HeaderDeadline(H11Protocol):
         if self.transport.is_closing():
             return
         if self.conn.our_state is h11.IDLE and self.conn.trailing_data[0]:  # part of a head came: say why it ends
-            head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            head += b"".join(name + b": " + value + b"\r\n" for name, value in ANSWER_HEADERS)
-            self.transport.write(head + b"content-length: %d\r\n\r\n%s" % (len(_REQUEST_TIMEOUT), _REQUEST_TIMEOUT))
+            self._answer_and_close(b"408 Request Timeout", _REQUEST_TIMEOUT)
+        else:
+            self.transport.close()
+
+    def _answer_and_close(self, status: bytes, body: bytes, extra_headers: bytes = b"") -> None:
+        """A refusal written straight to the socket (no request cycle runs), and the connection closed."""
+        head = b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n" + extra_headers
+        head += b"".join(name + b": " + value + b"\r\n" for name, value in ANSWER_HEADERS)
+        self.transport.write(head + b"content-length: %d\r\n\r\n%s" % (len(body), body))
         self.transport.close()
 
 
-def connection_protocol(header_timeout_s: float = HEADER_TIMEOUT_S) -> type[H11Protocol]:
-    """The class to give uvicorn as `http=`: HTTP/1.1 connections that must send each request head in time."""
-    return type("HeaderDeadline", (_HeaderDeadline,), {"header_timeout_s": header_timeout_s})
+def connection_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    """The class to give uvicorn as `http=`: HTTP/1.1 connections that must send each request head within
+    `header_timeout_s`, at most `max_connections` of them open at once."""
+    return type("HeaderDeadline", (_HeaderDeadline,), {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
