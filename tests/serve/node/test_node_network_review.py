@@ -1,5 +1,5 @@
 """The node's network edges: what a DICOMweb server answers, a destination that never answers or stays down for
-days, and `medtriage listen` options that cannot work."""
+days, a sender that trickles, and `medtriage listen` options that cannot work."""
 
 from __future__ import annotations
 
@@ -178,3 +178,39 @@ def test_a_message_that_is_not_an_instance_is_not_gathered_in_memory_without_end
     Fragments.data_set.seek(0, 2)
     with pytest.raises(PduTooLong):
         bound_message(Fragments(), MAX_INSTANCE_BYTES)
+
+
+def _held_while_trickling(port: int, give_up_s: float) -> float:
+    """Claim a PDU of 1000 bytes and send its body a byte at a time; how long until the node closes the connection
+    (`give_up_s` when it never does)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+        conn.sendall(bytes([0x01, 0]) + (1000).to_bytes(4, "big"))  # an A-ASSOCIATE-RQ's header
+        while time.monotonic() - started < give_up_s:
+            try:
+                conn.sendall(b"\x00")
+                conn.settimeout(0.1)
+                if conn.recv(1) == b"":
+                    break  # closed by the node
+            except TimeoutError:
+                continue
+            except OSError:
+                break  # reset by the node
+    return time.monotonic() - started
+
+
+def test_a_sender_that_trickles_a_pdu_is_dropped_at_its_deadline_and_others_are_served(tmp_path, monkeypatch):
+    from medtriage.serve.node.scp import _BoundedPduSocket
+
+    monkeypatch.setattr(_BoundedPduSocket, "grace_s", 0.5)  # a 1000-byte PDU's deadline: 0.5 s + 1 ms
+    monkeypatch.setattr(_BoundedPduSocket, "min_bytes_per_s", 1 << 20)
+    store = NodeStore(tmp_path / "state")
+    port = free_port()
+    server = start_scp(store, NODE_AET, "127.0.0.1", port)
+    try:
+        assert _held_while_trickling(port, give_up_s=6) < 3  # without the deadline: until the peer gives up
+        (path,) = cr_study(tmp_path / "in", 1, seed=44)
+        assert send_files(port, [path]) == {path: SUCCESS}  # a sender at network speed meets every deadline
+    finally:
+        server.shutdown()
+        store.close()

@@ -15,7 +15,8 @@ or a tomosynthesis series of several GB would otherwise be held two or three tim
 
 pynetdicom still reads each PDU whole into memory before handling it, so the node advertises a maximum PDU length
 (MAX_PDU_BYTES: conforming peers split a data set into PDUs no longer) and drops a peer whose PDU header claims more,
-before reading its body: a peer cannot make the node hold more than one bounded PDU per association.
+before reading its body: a peer cannot make the node hold more than one bounded PDU per association. Each PDU is read
+to a deadline (READ_GRACE_S plus its length at MIN_READ_BYTES_PER_S): a peer that trickles one is dropped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import shutil
 import ssl
 import threading
+import time
 from pathlib import Path
 
 from pydicom.uid import (
@@ -70,10 +72,18 @@ IMAGE_STORAGE = sorted(uid for name, uid in _STORAGE_CLASSES.items() if "ImageSt
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, PROCESSING_FAILURE = 0x0000, 0xA700, 0xC210, 0x0110
 DATA_SET_MISMATCH, DUPLICATE_INSTANCE = 0xA900, 0x0111  # PS3.4 Table B.2-1; PS3.7 Annex C (Duplicate SOP Instance)
 MAX_PDU_BYTES = 1 << 20  # advertised and enforced; ample for association PDUs, and 64 data PDUs per 64 MB instance
+# Each PDU must arrive within READ_GRACE_S plus its length at MIN_READ_BYTES_PER_S (8 KiB/s is 64 kbit/s, below any
+# link DICOM is sent over): the socket's timeout restarts at each byte, so a peer that claims a long PDU and sends a
+# byte now and then would otherwise hold its association, one of the node's few, for ever.
+READ_GRACE_S, MIN_READ_BYTES_PER_S = 30.0, 8 << 10
 
 
 class PduTooLong(OSError):
     """A peer's PDU header claims more than the node accepts; pynetdicom closes the connection on an OSError."""
+
+
+class TooSlow(OSError):
+    """A peer sends a PDU slower than its deadline allows; pynetdicom closes the connection on an OSError."""
 
 
 class _DroppedRest:
@@ -109,9 +119,11 @@ def bound_message(message, max_instance_bytes: int) -> None:
 
 class _BoundedPduSocket(AssociationSocket):
     """pynetdicom reads a PDU as recv(6) for its header, then recv(length) for its body: refuse the body up front,
-    and check the message that the PDUs so far make (bound_message) before reading the next."""
+    check the message that the PDUs so far make (bound_message) before reading the next, and read each to its
+    deadline (READ_GRACE_S, MIN_READ_BYTES_PER_S)."""
 
     max_instance_bytes = MAX_INSTANCE_BYTES
+    grace_s, min_bytes_per_s = READ_GRACE_S, MIN_READ_BYTES_PER_S
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > MAX_PDU_BYTES:
@@ -119,7 +131,33 @@ class _BoundedPduSocket(AssociationSocket):
         message = getattr(self.assoc.dimse, "message", None)
         if message is not None:
             bound_message(message, self.max_instance_bytes)
-        return super().recv(nr_bytes)
+        return self._read_by(nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.min_bytes_per_s)
+
+    def _read_by(self, nr_bytes: int, deadline: float) -> bytearray:
+        """pynetdicom's read loop (fewer bytes when the peer closes), each wait cut short at `deadline`, and at the
+        network timeout: an accepted socket has none of its own, and a peer silent mid-PDU would hold it for ever."""
+        timeout, previous, received = self.assoc.network_timeout, self.socket.gettimeout(), bytearray()
+        try:
+            while len(received) < nr_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TooSlow(
+                        f"the peer sent {len(received)} of {nr_bytes} bytes too slowly (under {self.min_bytes_per_s} bytes/s "
+                        f"after {self.grace_s:g} s): connection dropped"
+                    )
+                self.socket.settimeout(left if timeout is None else min(left, timeout))
+                try:
+                    chunk = self.socket.recv(min(4096, nr_bytes - len(received)))
+                except TimeoutError:
+                    if time.monotonic() < deadline:
+                        raise  # the network timeout: the peer went silent
+                    continue  # the deadline: said above
+                if not chunk:
+                    break
+                received += chunk
+        finally:
+            self.socket.settimeout(previous)
+        return received
 
 
 class _BoundedPduHandler(RequestHandler):
