@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from medtriage.errors import ConfigError
 from medtriage.serve.node.sender import Peer, backoff
-from medtriage.serve.node.store import NodeStore
+from medtriage.serve.node.store import ConflictingPatient, NodeStore
 from tests.serve.node.peers import cr_study
 
 FIELDS = {"patient_id": "P", "accession": "A", "study_date": "", "study_description": "", "modality": "CR"}
@@ -42,6 +43,20 @@ def test_a_study_is_not_closed_when_an_instance_arrived_meanwhile(tmp_path):
     assert store.counts()["studies"] == {"not_analysed": 1}
     receive(store, second, "1.2", "5.5")  # a late instance reopens the study
     assert store.counts()["studies"] == {"receiving": 1}
+
+
+def test_a_study_first_received_without_a_patient_id_takes_the_first_one_named_and_keeps_to_it(tmp_path):
+    store = NodeStore(None)
+
+    def record(sop: str, patient: str) -> bool:
+        return store.receive(b"", sop, "5.5", "1.2.3", "1.2", {**FIELDS, "patient_id": patient})
+
+    assert record("1.1", "") and record("1.2", "P1") and record("1.3", "")  # a blank Patient ID is unknown
+    with pytest.raises(ConflictingPatient):
+        record("1.4", "P2")
+    (study,) = store.shown_studies(1)
+    assert json.loads(study["fields"])["patient_id"] == "P1"  # what the worklist row shows
+    assert [row["sop_uid"] for row in store.study_instances("5.5")] == ["1.1", "1.2", "1.3"]
 
 
 def test_destinations_and_backoff():

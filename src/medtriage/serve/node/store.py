@@ -326,17 +326,19 @@ class NodeStore:
                 hint="the sending system reuses SOP Instance UIDs: each instance must have its own",
             )
 
-    def _check_patient(self, study_uid: str, fields: dict) -> None:
+    def _check_patient(self, study_uid: str, fields: dict) -> dict | None:
         """An instance of a held study names that study's patient: merged, another patient's image would be scored and
-        reported under the first one's name. A blank Patient ID on either side is unknown, not another patient."""
+        reported under the first one's name. A blank Patient ID on either side is unknown, not another patient.
+        Returns the study's fields as held (None when the study is not)."""
         rows = self._execute("SELECT fields FROM studies WHERE study_uid = ?", (study_uid,))
-        held = json.loads(rows[0]["fields"] or "{}").get("patient_id", "") if rows else ""
-        arriving = fields.get("patient_id", "")
+        held_fields = json.loads(rows[0]["fields"] or "{}") if rows else None
+        held, arriving = (held_fields or {}).get("patient_id", ""), fields.get("patient_id", "")
         if held and arriving and held != arriving:
             raise ConflictingPatient(
                 f"study {study_uid} is held for another patient than this instance's (Patient ID differs)",
                 hint="the sending system reuses a Study Instance UID across patients: correct the study there and send it again",
             )
+        return held_fields
 
     def record_instance(
         self,
@@ -367,7 +369,10 @@ class NodeStore:
                 (sop_uid, study_uid, series_uid, sop_class, spool, name or sop_uid, calling_aet, now, state, result, source),
             ).rowcount
             if inserted:
-                self._check_patient(study_uid, fields)  # in the transaction: a concurrent instance's study is seen
+                held = self._check_patient(study_uid, fields)  # in the transaction: a concurrent instance's study is seen
+                if held is not None and not held.get("patient_id") and fields.get("patient_id"):
+                    # the first instance naming the patient gives the study its fields: later ones are checked against it
+                    db.execute("UPDATE studies SET fields = ? WHERE study_uid = ?", (json.dumps(fields), study_uid))
                 db.execute(
                     "INSERT INTO studies (study_uid, state, first_received, last_received, updated, fields) "
                     "VALUES (?, 'receiving', ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET state = 'receiving', "
