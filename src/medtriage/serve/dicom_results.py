@@ -46,6 +46,29 @@ DECISION_CODES = {"URGENT": "above-urgent", "review": "above-review", "routine":
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER = 9901
 PATIENT_SEX = ("M", "F", "O")  # PS3.3 C.7.1.1: the enumerated values
+# Image storage SOP classes whose IOD has no Multi-frame module (PS3.3 Annex A): a reference to one of their
+# instances names no frame (Referenced Frame Number is Type 1C, for multi-frame images only: PS3.3 Table 10-3).
+SINGLE_FRAME_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
+        "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray, for presentation
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray, for processing
+        "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray, for presentation
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray, for processing
+        "1.2.840.10008.5.1.4.1.1.1.3",  # Digital Intra-Oral X-Ray, for presentation
+        "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray, for processing
+        "1.2.840.10008.5.1.4.1.1.2",  # CT
+        "1.2.840.10008.5.1.4.1.1.4",  # MR
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.128",  # PET
+        "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL Endoscopic
+        "1.2.840.10008.5.1.4.1.1.77.1.2",  # VL Microscopic
+        "1.2.840.10008.5.1.4.1.1.77.1.3",  # VL Slide-Coordinates Microscopic
+        "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL Photographic
+        "1.2.840.10008.5.1.4.1.1.77.1.7",  # Dermoscopic Photography
+    }
+)
 
 
 def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
@@ -259,7 +282,7 @@ def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPack
     if score.decision:  # "below review threshold 0.785": why the priority is what it is
         code = DECISION_CODES.get(score.priority, "decision")
         evaluations.append(hd.sr.QualitativeEvaluation(DECISION, hd.sr.CodedConcept(code, SCHEME, score.decision[:64])))
-    frames = [score.frame] if score.frame is not None else None
+    frames = referenced_frames(source, score.frame)
     image = hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID, referenced_frame_numbers=frames)
     frame_text = f" frame {score.frame}" if score.frame is not None else ""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -269,6 +292,16 @@ def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPack
         qualitative_evaluations=evaluations,
         source_images=[image],
     )
+
+
+def referenced_frames(source: pydicom.Dataset, frame: int | None) -> list[int] | None:
+    """The frame numbers a reference to `frame` (1-based) of the source names: none for a whole instance, nor for an
+    instance of a single-frame SOP class. A source holding frames its class cannot (Number of Frames in a CT or
+    ultrasound image) is scored frame by frame, but a reference naming its frame makes the SR or picture invalid,
+    which a PACS may refuse whole; the frame is still named in the measurement's tracking identifier."""
+    if frame is None or str(source.get("SOPClassUID", "")) in SINGLE_FRAME_CLASSES:
+        return None
+    return [frame]
 
 
 def write_sr(source: str | Path | bytes | BinaryIO, scores: list[Score], package: ModelPackage, out_dir: str | Path) -> Path:

@@ -25,6 +25,7 @@ from medtriage.serve.dicom_results import (
     equipment,
     long_string,
     read_header,
+    referenced_frames,
     revision_series_uid,
     scoring_equipment,
 )
@@ -117,10 +118,14 @@ def _pixel_sizes(source: pydicom.Dataset, frame: int | None) -> list:
 def describe_anatomy(image: pydicom.Dataset, source: pydicom.Dataset, frame: int | None) -> None:
     """Which side and which view the picture shows, as the source says, for hanging protocols and the reader: Image
     Laterality (from the source's image, frame or series laterality; image level, since one heatmap series may hold
-    pictures of both sides of a study) and View Position."""
+    pictures of both sides of a study) and View Position. Where the source names no side, the series' Laterality is
+    present and empty: it is Type 2C, required for a paired body part without an Image Laterality, and the heatmap
+    cannot tell whether the body part is paired (empty is the standard's "unknown")."""
     laterality = image_laterality(source, frame)
     if laterality:
         image.ImageLaterality = laterality
+    else:
+        image.Laterality = ""
     view = str(source.get("ViewPosition") or "").strip().upper()
     if CODE_STRING.fullmatch(view):
         image.ViewPosition = view
@@ -142,11 +147,13 @@ def describe_derivation(image: pydicom.Dataset, source: pydicom.Dataset, frame: 
         reference = pydicom.Dataset()
         reference.ReferencedSOPClassUID = source.SOPClassUID
         reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        if frame is not None:
-            reference.ReferencedFrameNumber = frame
+        frames = referenced_frames(source, frame)  # none for a single-frame SOP class, which the description still names
+        if frames:
+            reference.ReferencedFrameNumber = frames[0]
         image.SourceImageSequence = [reference]
+    of_frame = f" (frame {frame})" if frame is not None else ""
     image.DerivationDescription = (
-        f"Occlusion sensitivity of {identity_label(identity)} (model.onnx sha256 {identity['sha256']}) on the source image "
+        f"Occlusion sensitivity of {identity_label(identity)} (model.onnx sha256 {identity['sha256']}) on the source image{of_frame} "
         f"scaled to at most {DISPLAY_SIDE} pixels: warm where hiding a region lowered the probability of {positive_label}. "
         "Decision support, not for diagnosis; no pixel spacing."
     )
