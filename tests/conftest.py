@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -72,8 +73,16 @@ os.environ.setdefault("TQDM_MININTERVAL", "5")
 REQUIRE_PEERS = os.environ.get("MEDTRIAGE_REQUIRE_PEERS") == "1"
 
 
+def _system_path() -> str:
+    """PATH without this environment's scripts folder: pynetdicom installs its own `storescu`, `findscu` and others
+    there, whose options are not dcmtk's, and an activated virtualenv would put them first."""
+    scripts = Path(sysconfig.get_path("scripts")).resolve()
+    folders = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(folder for folder in folders if folder and Path(folder).resolve() != scripts)
+
+
 def _need_tool(name: str, install_hint: str) -> str:
-    path = shutil.which(name) or (name if Path(name).is_file() else None)
+    path = shutil.which(name, path=_system_path()) or (name if Path(name).is_file() else None)
     if path is None:
         message = f"{name} is not installed ({install_hint})"
         if REQUIRE_PEERS:
