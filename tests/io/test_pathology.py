@@ -477,6 +477,44 @@ def test_a_whole_level_image_beyond_the_limit_is_refused(tmp_path, monkeypatch):
             flat.level_image(0)  # 2048 x 1536 RGB at full size
 
 
+def _repeated_tile_slide(path: Path, side: int = 1 << 17, tile: int = 4096) -> Path:
+    """A classic TIFF claiming a `side` square level (0.5 µm/pixel, no pyramid) whose every tile offset points at
+    one deflated blank tile: a file of kilobytes that would take minutes of decoding to read whole."""
+    import struct
+    import zlib
+
+    count = (side // tile) ** 2
+    data = zlib.compress(bytes(tile * tile * 3), 9)
+    entries = 14
+    extra = 8 + 2 + entries * 12 + 4  # where the out-of-entry values start
+    bits, xres, yres = extra, extra + 6, extra + 14
+    offsets, counts, payload = extra + 22, extra + 22 + 4 * count, extra + 22 + 8 * count
+    tags = [
+        (256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, bits), (259, 3, 1, 8), (262, 3, 1, 2), (277, 3, 1, 3),
+        (282, 5, 1, xres), (283, 5, 1, yres), (284, 3, 1, 1), (296, 3, 1, 3), (322, 4, 1, tile), (323, 4, 1, tile),
+        (324, 4, count, offsets), (325, 4, count, counts),
+    ]  # fmt: skip
+    assert len(tags) == entries
+    ifd = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", entries)
+    ifd += b"".join(struct.pack("<HHII", *tag) for tag in tags) + struct.pack("<I", 0)
+    values = struct.pack("<3H", 8, 8, 8) + struct.pack("<4I", 20000, 1, 20000, 1)
+    tables = struct.pack(f"<{count}I", *[payload] * count) + struct.pack(f"<{count}I", *[len(data)] * count)
+    path.write_bytes(ifd + values + tables + data)
+    return path
+
+
+def test_a_small_file_claiming_a_huge_level_without_a_pyramid_is_refused_before_decoding_it(tmp_path):
+    path = _repeated_tile_slide(tmp_path / "claims.tif")
+    assert path.stat().st_size < 1 << 20
+    with open_slide(path) as claimed:
+        assert claimed.dimensions == (1 << 17, 1 << 17) and claimed.level_count == 1
+        assert claimed.read_region(0, 0, 0, (64, 64)).max() == 0  # a readable slide: tiles still serve
+        for whole_level_image in (claimed.thumbnail, lambda: tissue_mask(claimed)):
+            with pytest.raises(InputError, match="would be decoded whole") as refused:
+                whole_level_image()
+            assert "pyramid" in refused.value.hint
+
+
 def _tile_every_batch(path: Path) -> None:
     for _ in iter_tile_batches(prepare_slide(path, 224, 0.5), 16):
         pass

@@ -33,6 +33,10 @@ MPP_HINT = "pass the scan resolution explicitly (e.g. --mpp 0.25 for 40x, --mpp 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 READ_BLOCK_BYTES = 64 << 20  # RGB bytes of a level decoded at once when a whole level is read (thumbnail, tissue mask)
 MAX_WHOLE_IMAGE_BYTES = 256 << 20  # RGB bytes of a whole-level image: a 7.5 cm square of tissue at the mask's 8 µm/pixel
+# Pixels of a level decoded block by block into a whole-level image (a slide without coarse levels): 65,536 square, a
+# 3.3 cm square at 20x, about a minute of decoding. Repeated tile offsets let a small file claim far more.
+MAX_SHRUNK_LEVEL_PIXELS = 1 << 32
+PYRAMID_HINT = "convert it to a pyramidal TIFF, e.g. `vips tiffsave SLIDE OUT.tif --tile --pyramid --compression jpeg`"
 MAX_CHUNK_BYTES = 256 << 20  # decoded bytes of one tile or strip: a decoder allocates what the tags claim, whatever the data
 TILE_CACHE_BYTES = 128 << 20  # decoded tiles one reader keeps: 680 of 256 pixels (a row across a large slide), fewer larger ones
 MAX_TIFF_PAGES = 1024  # images (IFDs) in one slide file: a pyramid, its focal planes and a few associated images
@@ -101,7 +105,8 @@ class _Levels:
     def level_image(self, level: int, scale: float = 1.0) -> Image.Image:
         """The whole of `level`, shrunk by `scale` (≤ 1, box filter). The sizes come from the file: a level of more
         than `READ_BLOCK_BYTES` is read and shrunk block by block, so a slide without coarse pyramid levels is never
-        decoded into memory whole, and the image returned is bounded by `MAX_WHOLE_IMAGE_BYTES`."""
+        decoded into memory whole; the image returned is bounded by `MAX_WHOLE_IMAGE_BYTES`, and the pixels decoded
+        for it by `MAX_SHRUNK_LEVEL_PIXELS`."""
         w, h = self.level_dimensions[level]
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         if size[0] * size[1] * 3 > MAX_WHOLE_IMAGE_BYTES:
@@ -114,6 +119,13 @@ class _Levels:
         if w * h * 3 <= READ_BLOCK_BYTES:
             image = Image.fromarray(self.read_region(0, 0, level, (w, h)))
             return image if image.size == size else image.resize(size, Image.Resampling.BOX)
+        if w * h > MAX_SHRUNK_LEVEL_PIXELS:
+            raise InputError(
+                f"level {level} ({w} x {h} pixels) would be decoded whole for an image of {size[0]} x {size[1]}: more "
+                f"than the limit of {MAX_SHRUNK_LEVEL_PIXELS} pixels (the slide has no level coarse enough)",
+                where=self.path,
+                hint=f"the slide claims an implausible size, or lacks a pyramid: {PYRAMID_HINT}",
+            )
         return self._shrunk_in_blocks(level, size)
 
     def _shrunk_in_blocks(self, level: int, size: tuple[int, int]) -> Image.Image:
