@@ -199,6 +199,49 @@ def _held_while_trickling(port: int, give_up_s: float) -> float:
     return time.monotonic() - started
 
 
+def _held_while_fragmenting(port: int, give_up_s: float) -> float:
+    """Associate, then send a C-ECHO command one byte per P-DATA PDU, each PDU whole and at once, a PDU every 50 ms:
+    how long until the node drops the association (`give_up_s` when it never does)."""
+    from pynetdicom import AE
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    started = time.monotonic()
+    try:
+        while assoc.is_established and time.monotonic() - started < give_up_s:
+            fragment = P_DATA()
+            fragment.presentation_data_value_list = [[context_id, b"\x01\x00"]]  # a command fragment, not the last
+            assoc.dul.socket.send(P_DATA_TF(fragment).encode())
+            time.sleep(0.05)
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+    return time.monotonic() - started
+
+
+def test_a_sender_that_splits_a_message_into_tiny_pdus_is_dropped_at_the_messages_deadline(tmp_path, monkeypatch):
+    from medtriage.serve.node.scp import _BoundedPduSocket
+
+    monkeypatch.setattr(_BoundedPduSocket, "grace_s", 0.5)  # every 1-byte PDU meets its own deadline at once
+    monkeypatch.setattr(_BoundedPduSocket, "min_bytes_per_s", 1 << 20)
+    store = NodeStore(tmp_path / "state")
+    port = free_port()
+    server = start_scp(store, NODE_AET, "127.0.0.1", port)
+    try:
+        assert _held_while_fragmenting(port, give_up_s=6) < 3  # without the message's deadline: until the peer gives up
+        (path,) = cr_study(tmp_path / "in", 1, seed=45)
+        assert send_files(port, [path]) == {path: SUCCESS}  # a sender at network speed meets every deadline
+    finally:
+        server.shutdown()
+        store.close()
+
+
 def test_a_sender_that_trickles_a_pdu_is_dropped_at_its_deadline_and_others_are_served(tmp_path, monkeypatch):
     from medtriage.serve.node.scp import _BoundedPduSocket
 

@@ -15,8 +15,9 @@ or a tomosynthesis series of several GB would otherwise be held two or three tim
 
 pynetdicom still reads each PDU whole into memory before handling it, so the node advertises a maximum PDU length
 (MAX_PDU_BYTES: conforming peers split a data set into PDUs no longer) and drops a peer whose PDU header claims more,
-before reading its body: a peer cannot make the node hold more than one bounded PDU per association. Each PDU is read
-to a deadline (READ_GRACE_S plus its length at MIN_READ_BYTES_PER_S): a peer that trickles one is dropped.
+before reading its body: a peer cannot make the node hold more than one bounded PDU per association. Each PDU, and
+each DIMSE message, is read to a deadline (READ_GRACE_S plus its length at MIN_READ_BYTES_PER_S): a peer that trickles
+one is dropped.
 """
 
 from __future__ import annotations
@@ -119,11 +120,14 @@ def bound_message(message, max_instance_bytes: int) -> None:
 
 class _BoundedPduSocket(AssociationSocket):
     """pynetdicom reads a PDU as recv(6) for its header, then recv(length) for its body: refuse the body up front,
-    check the message that the PDUs so far make (bound_message) before reading the next, and read each to its
-    deadline (READ_GRACE_S, MIN_READ_BYTES_PER_S)."""
+    check the message that the PDUs so far make (bound_message) before reading the next, and read each PDU, and each
+    DIMSE message, to its deadline (READ_GRACE_S, MIN_READ_BYTES_PER_S)."""
 
     max_instance_bytes = MAX_INSTANCE_BYTES
     grace_s, min_bytes_per_s = READ_GRACE_S, MIN_READ_BYTES_PER_S
+    # The DIMSE message being received, when its first PDU came, and the bytes read since (the class is swapped in
+    # after pynetdicom builds the socket, so these start here, not in __init__).
+    _message, _message_since, _message_bytes = None, 0.0, 0
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > MAX_PDU_BYTES:
@@ -131,7 +135,23 @@ class _BoundedPduSocket(AssociationSocket):
         message = getattr(self.assoc.dimse, "message", None)
         if message is not None:
             bound_message(message, self.max_instance_bytes)
-        return self._read_by(nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.min_bytes_per_s)
+        self._pace_message(message)
+        received = self._read_by(nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.min_bytes_per_s)
+        self._message_bytes += len(received)
+        return received
+
+    def _pace_message(self, message) -> None:
+        """Each PDU meeting its own deadline is not enough: a peer sending a message as many tiny PDUs, each well in
+        time, would hold the association as long as it liked. The message's PDUs share one deadline, by the same
+        rule, from the first of them."""
+        now = time.monotonic()
+        if message is not self._message:
+            self._message, self._message_since, self._message_bytes = message, now, 0
+        elif message is not None and now > self._message_since + self.grace_s + self._message_bytes / self.min_bytes_per_s:
+            raise TooSlow(
+                f"the peer sent a DIMSE message of {self._message_bytes} bytes so far too slowly (under "
+                f"{self.min_bytes_per_s} bytes/s after {self.grace_s:g} s): connection dropped"
+            )
 
     def _read_by(self, nr_bytes: int, deadline: float) -> bytearray:
         """pynetdicom's read loop (fewer bytes when the peer closes), each wait cut short at `deadline`, and at the
