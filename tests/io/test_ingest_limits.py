@@ -15,6 +15,7 @@ from pydicom.uid import generate_uid
 
 from medtriage.cli import main as cli_main
 from medtriage.cli.ingest_sites import main as ingest_sites_main
+from medtriage.errors import ConfigError
 from medtriage.io import ingest
 from medtriage.io.decode_limits import DecodeLimits
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, patient_key
@@ -165,3 +166,29 @@ def test_ingest_keys_a_patient_on_the_id_alone_by_default_and_on_the_issuer_when
     assert patients == {KEY.pseudonym("|MRN-7"), KEY.pseudonym("HOSP_A|MRN-7")}
     log = json.loads(Path(capsys.readouterr().out.split("audit log: ")[1].strip()).read_text())
     assert "issuer" in log["deidentification"]["patient_identity"].lower()
+
+
+def _drop_logged_identity(pool: Path, site: str) -> None:
+    """Make the site's audit logs those of an ingest from before the rule was logged (which keyed on issuer and ID)."""
+    for path in (ledger_folder(pool, site) / "logs").glob("*.json"):
+        log = json.loads(path.read_text())
+        del log["deidentification"]["patient_identity"]
+        path.write_text(json.dumps(log))
+
+
+def test_a_site_ingested_keying_patients_one_way_is_not_ingested_again_the_other_way(tmp_path):
+    site, pool = tmp_path / "site", tmp_path / "pool"
+    _write(site, [_image("MRN-7", issuer="HOSP_A", n=0)])
+    ingest_site("a", site, pool, key=KEY, progress=False, options=DeidOptions(several_id_issuers=True))
+    _drop_logged_identity(pool, "a")
+    _write(site, [_image("MRN-7", issuer="HOSP_A", n=0), _image("MRN-7", issuer="HOSP_A", n=1)])
+    with pytest.raises(ConfigError, match="second pseudonym") as refused:
+        ingest_site("a", site, pool, key=KEY, progress=False)  # the default rule would key MRN-7 anew
+    assert "--several-id-issuers" in refused.value.hint
+    assert {r["patient"] for r in _csv(ledger_folder(pool, "a") / INDEX_FILE)} == {KEY.pseudonym("HOSP_A|MRN-7")}
+    summary = ingest_site("a", site, pool, key=KEY, progress=False, options=DeidOptions(several_id_issuers=True))
+    assert summary.pooled_new == 1  # keyed as before, the new file joins its patient
+    assert {r["patient"] for r in _csv(ledger_folder(pool, "a") / INDEX_FILE)} == {KEY.pseudonym("HOSP_A|MRN-7")}
+    ingest_site("b", site, pool, key=KEY, progress=False)  # the default rule, logged: the other is refused the same way
+    with pytest.raises(ConfigError, match="second pseudonym"):
+        ingest_site("b", site, pool, key=KEY, progress=False, options=DeidOptions(several_id_issuers=True))

@@ -271,6 +271,9 @@ def _check_private(path: Path) -> None:
 # ---------------------------------------------------------------- applying the profile
 
 
+SEVERAL_ISSUERS_IDENTITY = "Issuer of Patient ID + Patient ID"  # how patients are keyed with several_id_issuers
+
+
 @dataclass(frozen=True)
 class DeidOptions:
     """Which options of the profile apply, and which characteristics a pool retains."""
@@ -305,7 +308,7 @@ class DeidOptions:
             "private_elements": "removed",
             "uids": "2.25 + keyed hash",
             "patient_id": "keyed pseudonym",
-            "patient_identity": "Issuer of Patient ID + Patient ID" if self.several_id_issuers else "Patient ID (issuer ignored)",
+            "patient_identity": SEVERAL_ISSUERS_IDENTITY if self.several_id_issuers else "Patient ID (issuer ignored)",
         }
 
 

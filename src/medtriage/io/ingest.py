@@ -46,7 +46,7 @@ from medtriage.arguments import positive_int
 from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError, MedTriageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
-from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
+from medtriage.io.deid import SEVERAL_ISSUERS_IDENTITY, DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
 from medtriage.io.safe_output import copy_atomic, output_path, remove_partials, spreadsheet_row, write_atomic, write_new
@@ -278,6 +278,7 @@ def ingest_site(
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     started = time.time()
     with _site_lock(ledger_dir, site):
+        _check_patient_identity(ledger_dir, options, site)
         _drop_torn_line(ledger_dir / INDEX_FILE)  # before reading: a torn row must not mark its input done
         index = _read_index(ledger_dir / INDEX_FILE)
         contents = read_site_folder(src)
@@ -319,6 +320,26 @@ def _site_lock(ledger_dir: Path, site: str):
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         yield
+
+
+def _check_patient_identity(ledger_dir: Path, options: DeidOptions, site: str) -> None:
+    """A site's patients keep one pseudonym across its ingests: a rule keying them otherwise than an earlier ingest
+    did would give a patient whose files carry an issuer a second pseudonym, which patient-level splits could put
+    on both sides of a split. Ingests that logged no rule keyed on issuer and ID, as the option does."""
+    wanted = options.describe()["patient_identity"]
+    for log_path in sorted((ledger_dir / LOG_DIR).glob("*.json")):
+        try:
+            used = json.loads(log_path.read_text())["deidentification"].get("patient_identity", SEVERAL_ISSUERS_IDENTITY)
+        except (OSError, ValueError, LookupError, TypeError, AttributeError):
+            continue  # not an audit log of this tool's: it says nothing of how the pool's patients were keyed
+        if used != wanted:
+            flag = "without --several-id-issuers" if options.several_id_issuers else "with --several-id-issuers"
+            raise ConfigError(
+                f"site {site!r} was ingested into this pool keying patients on {used}; this ingest keys them on {wanted}: "
+                "a patient whose files carry an Issuer of Patient ID would get a second pseudonym",
+                where=log_path,
+                hint=f"run the ingest {flag}, as before, or ingest the site into a new pool",
+            )
 
 
 def _check_folders(src: Path, pool: Path, quarantine: Path) -> None:
