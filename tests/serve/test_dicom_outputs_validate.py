@@ -80,3 +80,24 @@ def test_the_nodes_study_sr_and_heatmap_are_valid(source, dciodvfy, predictor, t
     store.close()
     errors = invalid(dciodvfy, written["sr"], "study SR") + invalid(dciodvfy, written["heatmap"], "heatmap Secondary Capture")
     assert not errors, "\n".join(errors)
+
+
+def _designators(dataset: pydicom.Dataset) -> set[str]:
+    """Every Coding Scheme Designator in the content of `dataset`, at any depth."""
+    found: set[str] = set()
+    dataset.walk(lambda ds, elem: found.add(str(elem.value)) if elem.keyword == "CodingSchemeDesignator" else None)
+    return found
+
+
+def test_the_private_coding_scheme_an_sr_uses_is_identified_in_it(package_dir, tmp_path):
+    """dciodvfy only warns of a designator outside PS3.16; PS3.3 C.12.1.1.2 says where a private one is described."""
+    paths = _chest_cr(tmp_path / "in")
+    assert main(["score", str(package_dir), *map(str, paths), "--sr", str(tmp_path / "sr")]) == 0
+    for path in sorted((tmp_path / "sr").glob("*.SR.dcm")):
+        sr = pydicom.dcmread(path)
+        identified = {item.CodingSchemeDesignator: item for item in sr.get("CodingSchemeIdentificationSequence", [])}
+        content = pydicom.Dataset()
+        content.ContentSequence = sr.ContentSequence
+        private = {designator for designator in _designators(content) if designator.startswith("99")}
+        assert private and private <= set(identified), f"{sorted(private - set(identified))} not identified in {path.name}"
+        assert all(identified[designator].CodingSchemeResponsibleOrganization for designator in private)

@@ -131,7 +131,7 @@ def build_study_sr(
             procedure_reported=PROCEDURE,
             imaging_measurements=groups,
         )
-        return hd.sr.ComprehensiveSR(
+        sr = hd.sr.ComprehensiveSR(
             evidence=[source for source, _ in sources],
             content=report,
             series_instance_uid=revision_series_uid(sources[0][0], identities[0], "reports") if revision else generate_uid(),
@@ -143,6 +143,19 @@ def build_study_sr(
             contributing_equipment=[scoring_equipment(identity, "scored the referenced images") for identity in identities],
             **equipment(identities[0]),
         )
+    sr.CodingSchemeIdentificationSequence = [private_scheme()]
+    return sr
+
+
+def private_scheme() -> pydicom.Dataset:
+    """The SOP Common module's Coding Scheme Identification item (PS3.3 C.12.1.1.2) for SCHEME: a reader meeting
+    its codes finds who is responsible for them, and that no registry knows them."""
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = "MedTriage triage concepts"
+    item.CodingSchemeVersion = __version__[:16]
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
 
 
 def _scoring_packages(scores: Iterable[Score]) -> list[dict]:
