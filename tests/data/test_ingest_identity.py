@@ -4,6 +4,7 @@ refused rather than lumped with every other anonymous image, and one unreadable 
 from __future__ import annotations
 
 import csv
+import json
 import tracemalloc
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from medtriage.data.audit import audit_manifest
 from medtriage.data.manifest import PoolWriter
 from medtriage.data.pool import build_sites_pool, decode_file
 from medtriage.data.splits import assign_splits, patient_identity
+from medtriage.errors import InputError
 from medtriage.io.deid import SiteKey
 from medtriage.io.ingest import INDEX_FILE, ingest_site, ledger_folder
 from tests.io.test_clamped import claiming_file
@@ -143,3 +145,17 @@ def test_the_pool_builder_never_allocates_what_a_rejected_file_claims(tmp_path):
         tracemalloc.stop()
     assert decoded.error and decoded.fields["sop_uid"]  # rejected, its identifiers still read for the label join
     assert peak < 50e6, f"allocated {peak / 1e9:.2f} GB for a {path.stat().st_size / 1e3:.0f} KB file"
+
+
+def test_a_pool_whose_site_was_ingested_under_two_patient_keying_rules_is_not_built(tmp_path):
+    """Ingest refuses a second rule now; a pool ingested before it could still hold one, which its logs show."""
+    _write_site(tmp_path / "site", [f"Mrn{i}" for i in range(8)])
+    ingest_site("site_a", tmp_path / "site", tmp_path / "ingested", key=KEY, progress=False)
+    assert len(build_sites_pool(tmp_path / "ingested", tmp_path / "pool", workers=1, verbose=False).rows) == 8
+    (log,) = (ledger_folder(tmp_path / "ingested", "site_a") / "logs").glob("*.json")
+    older = json.loads(log.read_text())
+    del older["deidentification"]["patient_identity"]  # as an ingest that keyed on issuer and ID logged it
+    (log.parent / "20200101T000000000000Z.json").write_text(json.dumps(older))
+    with pytest.raises(InputError, match="two pseudonyms") as refused:
+        build_sites_pool(tmp_path / "ingested", tmp_path / "pool", workers=1, verbose=False)  # the cached pool too
+    assert "into a new pool" in refused.value.hint

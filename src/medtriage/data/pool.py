@@ -36,6 +36,7 @@ from medtriage.errors import DataNotFoundError, DicomError, InputError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.deid import patient_id_text
 from medtriage.io.dicom import read_dicom
+from medtriage.io.ingest import ledger_folder, logged_patient_identities
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
 
@@ -83,6 +84,8 @@ def build_sites_pool(
     sites_dir, pool_dir = Path(sites_dir).resolve(), Path(pool_dir).resolve()
     files, hidden = _site_files(sites_dir)
     _say(bool(verbose and hidden), f"left out {len(hidden)} hidden name(s), not site data: {', '.join(hidden)}")
+    for site in files:
+        _refuse_mixed_patient_keys(sites_dir, site)
     inputs_hash = _inputs_hash(sites_dir, files, seed, val_fraction, test_fraction)
     if _cached(pool_dir, inputs_hash, verbose):
         manifest = load_manifest(pool_dir)
@@ -98,6 +101,20 @@ def build_sites_pool(
     write_atomic(pool_dir / INPUTS_FILE, json.dumps(record, indent=1).encode())
     _say(verbose, manifest.summary() + _empty_sites(sites_dir, files))
     return manifest
+
+
+def _refuse_mixed_patient_keys(sites_dir: Path, site: str) -> None:
+    """A site ingested under two patient-keying rules (its audit logs say so; ingest refuses this now, but pools
+    built before did not) may hold a patient under two pseudonyms, which the patient-level split could put on both
+    sides of it: every test figure would be in doubt."""
+    rules = logged_patient_identities(ledger_folder(sites_dir, site))
+    if len(rules) > 1:
+        raise InputError(
+            f"site {site!r} was ingested keying patients on {' and then on '.join(rules)}: a patient whose files carry "
+            "an Issuer of Patient ID may be in the pool twice, under two pseudonyms",
+            where=ledger_folder(sites_dir, site),
+            hint="ingest the site again into a new pool (medtriage ingest SITE_FOLDER --site NAME --into NEW_POOL) and build from that",
+        )
 
 
 def _refuse_empty_pool(sites_dir: Path, pool_dir: Path) -> None:

@@ -325,13 +325,9 @@ def _site_lock(ledger_dir: Path, site: str):
 def _check_patient_identity(ledger_dir: Path, options: DeidOptions, site: str) -> None:
     """A site's patients keep one pseudonym across its ingests: a rule keying them otherwise than an earlier ingest
     did would give a patient whose files carry an issuer a second pseudonym, which patient-level splits could put
-    on both sides of a split. Ingests that logged no rule keyed on issuer and ID, as the option does."""
+    on both sides of a split."""
     wanted = options.describe()["patient_identity"]
-    for log_path in sorted((ledger_dir / LOG_DIR).glob("*.json")):
-        try:
-            used = json.loads(log_path.read_text())["deidentification"].get("patient_identity", SEVERAL_ISSUERS_IDENTITY)
-        except (OSError, ValueError, LookupError, TypeError, AttributeError):
-            continue  # not an audit log of this tool's: it says nothing of how the pool's patients were keyed
+    for used, log_path in logged_patient_identities(ledger_dir).items():
         if used != wanted:
             flag = "without --several-id-issuers" if options.several_id_issuers else "with --several-id-issuers"
             raise ConfigError(
@@ -340,6 +336,19 @@ def _check_patient_identity(ledger_dir: Path, options: DeidOptions, site: str) -
                 where=log_path,
                 hint=f"run the ingest {flag}, as before, or ingest the site into a new pool",
             )
+
+
+def logged_patient_identities(ledger_dir: str | Path) -> dict[str, Path]:
+    """How the site's ingests keyed patients, by their audit logs: each rule and the first log that names it. Logs
+    from before the rule was logged keyed on issuer and ID, as `--several-id-issuers` does."""
+    rules: dict[str, Path] = {}
+    for log_path in sorted((Path(ledger_dir) / LOG_DIR).glob("*.json")):
+        try:
+            used = json.loads(log_path.read_text())["deidentification"].get("patient_identity", SEVERAL_ISSUERS_IDENTITY)
+        except (OSError, ValueError, LookupError, TypeError, AttributeError):
+            continue  # not an audit log of this tool's: it says nothing of how the pool's patients were keyed
+        rules.setdefault(str(used), log_path)
+    return rules
 
 
 def _check_folders(src: Path, pool: Path, quarantine: Path) -> None:
