@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -73,16 +72,25 @@ os.environ.setdefault("TQDM_MININTERVAL", "5")
 REQUIRE_PEERS = os.environ.get("MEDTRIAGE_REQUIRE_PEERS") == "1"
 
 
-def _system_path() -> str:
-    """PATH without this environment's scripts folder: pynetdicom installs its own `storescu`, `findscu` and others
-    there, whose options are not dcmtk's, and an activated virtualenv would put them first."""
-    scripts = Path(sysconfig.get_path("scripts")).resolve()
-    folders = os.environ.get("PATH", "").split(os.pathsep)
-    return os.pathsep.join(folder for folder in folders if folder and Path(folder).resolve() != scripts)
+def _native_program(name: str) -> str | None:
+    """The first `name` on PATH that is not a Python entry point: pynetdicom installs its own `storescu`, `findscu`
+    and others into every virtualenv that holds it, with options that are not dcmtk's, and any activated one puts
+    them first. The peers the tests talk to (dcmtk, dicom3tools, Orthanc, Chromium, systemd) are all native."""
+    for folder in filter(None, os.environ.get("PATH", "").split(os.pathsep)):
+        candidate = shutil.which(name, path=folder)
+        if candidate is not None and not _is_python_script(candidate):
+            return candidate
+    return None
+
+
+def _is_python_script(path: str) -> bool:
+    with open(path, "rb") as program:
+        first_line = program.readline(256)
+    return first_line.startswith(b"#!") and b"python" in first_line
 
 
 def _need_tool(name: str, install_hint: str) -> str:
-    path = shutil.which(name, path=_system_path()) or (name if Path(name).is_file() else None)
+    path = _native_program(name) or (name if Path(name).is_file() else None)
     if path is None:
         message = f"{name} is not installed ({install_hint})"
         if REQUIRE_PEERS:
