@@ -27,7 +27,7 @@ from PIL import Image
 
 from medtriage.data.manifest import PIXELS_FILE
 from medtriage.data.splits import patient_identity
-from medtriage.errors import MedTriageError
+from medtriage.errors import InputError, MedTriageError
 
 HASH_SIDE, THUMBNAIL, MAX_DISTANCE = 12, 32, 12
 NEGATIVE_LABEL = 0  # label index 0 is the normal/negative class; any other label counts as positive
@@ -82,7 +82,7 @@ def audit_manifest(manifest, *, check_images: bool = True, max_distance: int = M
     result.findings += _patients_in_two_splits(rows)
     result.findings += _sites_without_positives(rows)
     if check_images and len(rows):
-        hashes = perceptual_hashes(cached_images(manifest))
+        hashes = manifest_hashes(manifest)
         result.findings += _duplicates(rows, hashes, max_distance)
     return result
 
@@ -144,24 +144,34 @@ def _sites_without_positives(rows) -> list[Finding]:
 
 
 def perceptual_hashes(images, side: int = HASH_SIDE) -> np.ndarray:
-    """One hash per `[C, H, W]` image: bool `[N, side * side - 1]`."""
-    thumbs = (
-        np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(np.asarray(image, dtype=np.float32).mean(axis=0), mode="F").resize(
-                        (THUMBNAIL, THUMBNAIL), Image.BILINEAR
-                    )
-                )
-                for image in images
-            ]
-        )
-        if images
-        else np.zeros((0, THUMBNAIL, THUMBNAIL), np.float32)
-    )
+    """One hash per `[C, H, W]` image (a list, an `[N, C, H, W]` array or a stream such as `Manifest.images`):
+    bool `[N, side * side - 1]`."""
+    thumbs = [np.asarray(_thumbnail(image)) for image in images]  # one at a time: a stream is never held whole
+    thumbs = np.stack(thumbs) if thumbs else np.zeros((0, THUMBNAIL, THUMBNAIL), np.float32)
     dct = _dct_matrix(THUMBNAIL)[:side]
-    low = (dct @ thumbs @ dct.T).reshape(len(thumbs), -1)[:, 1:]  # DC only says how bright
+    low = (dct @ thumbs @ dct.T).reshape(len(thumbs), side * side)[:, 1:]  # DC only says how bright
     return low > np.median(low, axis=1, keepdims=True)
+
+
+def _thumbnail(image) -> Image.Image:
+    gray = np.asarray(image, dtype=np.float32).mean(axis=0)
+    return Image.fromarray(gray, mode="F").resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR)
+
+
+def manifest_hashes(manifest) -> np.ndarray:
+    """`perceptual_hashes` of every row of `manifest`, refusing pixels that are not finite: NaN spreads through the
+    thumbnail and the DCT, so every damaged image hashes alike and would be reported (and grouped) as one duplicate."""
+    images = cached_images(manifest)
+    damaged = [i for i, image in enumerate(images) if not np.isfinite(image).all()]
+    if damaged:
+        paths = manifest.rows["path"].astype(str).to_numpy()
+        raise InputError(
+            f"{len(damaged)} image(s) with NaN or infinite pixels, e.g. {paths[damaged[0]]}; "
+            "their perceptual hashes would all match one another",
+            where=Path(manifest.pool_dir) / PIXELS_FILE,
+            hint=f"the pool is damaged or its source wrote unchecked pixels; delete {manifest.pool_dir} and build it again",
+        )
+    return perceptual_hashes(images)
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -186,6 +196,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 1024) -> list
 
 def cached_images(manifest):
     """Every row's pixels straight from the cache (one memmap, no per-row table lookups)."""
+    if not len(manifest.rows):
+        return []  # an empty pixel cache cannot be mapped at all
     cache = np.memmap(Path(manifest.pool_dir) / PIXELS_FILE, dtype=np.float32, mode="r")
     shapes = manifest.rows[["channels", "height", "width", "offset"]].astype(int).to_numpy()
     return [np.asarray(cache[o : o + c * h * w]).reshape(c, h, w) for c, h, w, o in shapes]

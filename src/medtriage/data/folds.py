@@ -22,9 +22,10 @@ import hashlib
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medtriage.data.audit import MAX_DISTANCE, LeakageError, cached_images, near_pairs, perceptual_hashes
+from medtriage.data.audit import MAX_DISTANCE, LeakageError, manifest_hashes, near_pairs
 from medtriage.data.manifest import Manifest
-from medtriage.errors import ConfigError
+from medtriage.data.splits import patient_identity
+from medtriage.errors import ConfigError, DataNotFoundError
 
 
 def cross_validation_fold(manifest: Manifest, folds: int, fold: int, seed: int = 0) -> Manifest:
@@ -33,19 +34,47 @@ def cross_validation_fold(manifest: Manifest, folds: int, fold: int, seed: int =
         raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}", where="data.cv_folds", hint="use 3 to 10 folds")
     if not 0 <= fold < folds:
         raise ConfigError(f"fold {fold} is not one of 0..{folds - 1}", where="data.cv_fold", hint=f"choose a fold below {folds}")
+    if not 0 <= seed < 2**32:  # what the fold shuffle accepts; its own error names no setting
+        raise ConfigError(f"cross-validation seed {seed} is out of range", where="data.cv_seed", hint="use a seed from 0 to 2**32 - 1")
     _require_test_patients_apart(manifest)
     rows = manifest.rows[manifest.rows["split"] != "test"].copy()
+    if not len(rows):
+        raise DataNotFoundError(
+            "no train or validation images to cut into folds",
+            where=manifest.pool_dir,
+            hint="cross-validation needs a pool with labelled images",
+        )
     pooled = dataclasses.replace(manifest, rows=rows, _pixels=None)
-    groups = inseparable_groups(pooled)
-    labels = rows["label"].to_numpy()
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    held = list(splitter.split(np.zeros(len(rows)), labels, groups))[fold][1]
+    held = _held_out(rows["label"].to_numpy(), inseparable_groups(pooled), folds, fold, seed)
     split = np.full(len(rows), "train", dtype=object)
     split[held] = "val"
     rows["split"] = split
     fingerprint = hashlib.sha256(f"{manifest.fingerprint}|cv={folds}/{fold}/seed{seed}".encode()).hexdigest()
     print(f"cross-validation fold {fold + 1}/{folds}: {len(rows) - len(held)} train, {len(held)} validation images; test left out")
     return dataclasses.replace(manifest, rows=rows, fingerprint=fingerprint, _pixels=None)
+
+
+def _held_out(labels: np.ndarray, groups: np.ndarray, folds: int, fold: int, seed: int) -> np.ndarray:
+    """Row positions of fold `fold`; a pool too small to give that fold any image is refused, not run unvalidated."""
+    n_groups = len(np.unique(groups))
+    if n_groups < folds:
+        raise ConfigError(
+            f"{folds} folds asked of {n_groups} group(s) of inseparable images (a patient's images, and duplicates, stay together)",
+            where="data.cv_folds",
+            hint=f"use at most {n_groups} folds, or a pool with more patients",
+        )
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    try:
+        held = list(splitter.split(np.zeros(len(labels)), labels, groups))[fold][1]
+    except ValueError as err:  # every class smaller than the number of folds
+        raise ConfigError(f"cannot stratify into {folds} folds: {err}", where="data.cv_folds", hint="use fewer folds") from err
+    if not len(held):
+        raise ConfigError(
+            f"fold {fold} of {folds} holds no validation images: stratifying {n_groups} groups of inseparable images left it empty",
+            where="data.cv_folds",
+            hint="use fewer folds, or another data.cv_seed",
+        )
+    return held
 
 
 def all_labelled(manifest: Manifest) -> Manifest:
@@ -62,12 +91,13 @@ def _require_test_patients_apart(manifest: Manifest) -> None:
     """A run without test rows is audited without them, so a test patient who also has train or validation images
     would go unseen by its audit while its models are scored on test later: refuse such a pool here."""
     rows = manifest.rows
-    keys = rows["site"].astype(str) + "/" + rows["patient_id"].astype(str)
-    test = (rows["split"] == "test").to_numpy()
-    shared = sorted(set(keys[test]) & set(keys[~test]))
+    test, labelled = set(), set()
+    for key, is_test in zip(_patient_keys(rows), rows["split"] == "test"):
+        (test if is_test else labelled).add(key)
+    shared = sorted(test & labelled)
     if shared:
         raise LeakageError(
-            f"{len(shared)} patient(s) with images in test and in train or validation, e.g. {shared[0]}",
+            f"{len(shared)} patient(s) with images in test and in train or validation, e.g. {'/'.join(shared[0])}",
             where=manifest.pool_dir,
             hint="rebuild the pool so that each patient's images lie in one split (`medtriage audit POOL` lists them)",
         )
@@ -76,7 +106,7 @@ def _require_test_patients_apart(manifest: Manifest) -> None:
 def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> np.ndarray:
     """One group id per row: rows of one patient, and (near-)duplicate images, share a group (union-find)."""
     rows = manifest.rows.reset_index(drop=True)
-    patient_keys = (rows["site"].astype(str) + "/" + rows["patient_id"].astype(str)).to_numpy()
+    patient_keys = _patient_keys(rows)
     parent = np.arange(len(rows))
 
     def root(i: int) -> int:
@@ -88,9 +118,15 @@ def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> 
     def join(i: int, j: int) -> None:
         parent[root(i)] = root(j)
 
-    first_of_patient: dict[str, int] = {}
+    first_of_patient: dict[tuple[str, str], int] = {}
     for i, key in enumerate(patient_keys):
         join(i, first_of_patient.setdefault(key, i))
-    for i, j, _ in near_pairs(perceptual_hashes(cached_images(manifest)), max_distance):
+    for i, j, _ in near_pairs(manifest_hashes(manifest), max_distance):
         join(i, j)
     return np.array([root(i) for i in range(len(rows))])
+
+
+def _patient_keys(rows) -> list[tuple[str, str]]:
+    """(site, patient) per row, as the splits and the audit tell patients apart (`splits.patient_identity`: an ID with
+    and without its padding spaces is one patient); a tuple, so no site or ID containing "/" can pose as another."""
+    return [patient_identity(site, pid) for site, pid in zip(rows["site"], rows["patient_id"])]

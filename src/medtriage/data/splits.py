@@ -2,8 +2,10 @@
 
 A patient (site + patient id: ids are only unique within a hospital; the id without its padding spaces, see
 `patient_identity`) lands in exactly one split, so no test image shares a patient with a training image. Within each stratum (site, patient label)
-patients are shuffled with a seed and cut by the requested fractions, so every site and class
-is represented in every split in proportion. The patient label is the max of its image labels:
+patients are shuffled with a seed and cut by the requested fractions (each count rounded), so every site and class
+is represented in every split in proportion once its stratum is large enough: at the default fractions a stratum of
+one or two patients goes to train whole and one of three has none in val, which the leakage audit then reports as
+`site_without_positives` when it is a site's positive stratum. The patient label is the max of its image labels:
 a patient with any pneumonia image counts as a pneumonia patient.
 """
 
@@ -22,6 +24,10 @@ from medtriage.io.deid import patient_id_text
 def assign_splits(rows: Iterable[Mapping], val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0) -> list[str]:
     """Split name (`train`, `val` or `test`) for each row (mappings with site, patient_id, label), in order."""
     _check_fractions(val_fraction, test_fraction)
+    if not seed >= 0:  # numpy's seeding refuses it with no word of which setting
+        raise ConfigError(
+            f"split seed {seed} is negative", where="data.pool_seed (--seed of the pool builder)", hint="use a seed of 0 or more"
+        )
     rows = list(rows)
     patients = _patients(rows)
     split_of_patient = {}
