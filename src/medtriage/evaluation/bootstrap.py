@@ -8,12 +8,14 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from medtriage.errors import InputError
-from medtriage.evaluation.metrics import finite
+from medtriage.evaluation.metrics import binary_labels, finite
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:  # numpy would answer NaN with a warning
+        raise InputError("no values to take the mean and standard deviation of", hint="pass one figure per seed")
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
@@ -61,7 +63,7 @@ def bootstrap_auc_difference_ci(
 
 
 def _checked(labels: np.ndarray, scores: np.ndarray, what: str = "scores") -> tuple[np.ndarray, np.ndarray]:
-    labels, scores = np.asarray(labels).astype(int), np.atleast_2d(finite(scores, what))
+    labels, scores = binary_labels(labels, "bootstrap labels"), np.atleast_2d(finite(scores, what))
     if len(np.unique(labels)) < 2:
         raise ValueError("bootstrap AUC needs both classes in the labels")
     if scores.shape[1] != len(labels):
@@ -90,6 +92,10 @@ def _sampler(groups: np.ndarray | None, n_images: int):
 
 def _interval(labels: np.ndarray, statistic, n_resamples: int, level: float, seed: int, groups: np.ndarray | None) -> tuple[float, float]:
     """Percentile interval of `statistic(pick)` over resamples `pick` holding both classes."""
+    if not (isinstance(n_resamples, (int, np.integer)) and n_resamples >= 1):
+        raise InputError(f"{n_resamples!r} bootstrap resamples", hint="use 1 or more (1000 by default)")
+    if not 0.0 < level < 1.0:
+        raise InputError(f"interval level {level} is not a fraction in (0, 1)", hint="e.g. 0.95 for a 95% interval")
     draw = _sampler(groups, len(labels))
     rng = np.random.default_rng(seed)
     values = []

@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, recall_s
 from medtriage.errors import InputError
 
 THRESHOLD = 0.5
+PROBABILITY_SLACK = 1e-6  # float32 softmax outputs may overshoot 1 by a rounding step
 
 
 def finite(values: np.ndarray, what: str) -> np.ndarray:
@@ -26,10 +27,46 @@ def finite(values: np.ndarray, what: str) -> np.ndarray:
     return values
 
 
+def class_matrix(values: np.ndarray, what: str) -> np.ndarray:
+    """`values` as a finite float64 `[images, classes]` array of 2 or more classes: a vector of p(positive) or one
+    column would otherwise fail deep in numpy, or give every image a probability of 1."""
+    values = finite(values, what)
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise InputError(
+            f"{what} of shape {values.shape} are not [images, classes] with 2 or more classes",
+            hint="pass the model's full output, one row per image and one column per class",
+        )
+    return values
+
+
+def unit_interval(values: np.ndarray, what: str) -> np.ndarray:
+    """`values` (finite), refused if any lies outside [0, 1]: logits or scores passed where probabilities belong."""
+    values = finite(values, what)
+    outside = np.flatnonzero((values.ravel() < -PROBABILITY_SLACK) | (values.ravel() > 1.0 + PROBABILITY_SLACK))
+    if len(outside):
+        raise InputError(
+            f"{what}: {len(outside)} value(s) outside [0, 1] (first: {values.ravel()[outside[0]]}); they are not probabilities",
+            hint="pass softmax probabilities (medtriage.evaluation.calibration.probabilities), not logits",
+        )
+    return values
+
+
+def binary_labels(labels: np.ndarray, what: str = "labels") -> np.ndarray:
+    """`labels` as int 0/1 (bool, integer or integer-valued float): a third class or a fraction has no place in a
+    binary statistic, and `astype(int)` would silently truncate 0.7 to 0."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "biuf" or not np.isin(labels, (0, 1)).all():
+        raise InputError(
+            f"{what} are not binary: values {np.unique(labels)[:5].tolist()}",
+            hint="pass whether each image is positive (0/1 or False/True)",
+        )
+    return labels.astype(int)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of `[N, K]` logits (the one used by metrics, calibration and predictions)."""
     # In float64: float32 rounds every p > 1 - 6e-8 (logit margin > ~17) to 1.0, tying confident cases in AUC/ROC.
-    logits = finite(logits, "logits")
+    logits = class_matrix(logits, "logits")
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)

@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from medtriage.errors import ConfigError, InputError
-from medtriage.evaluation.metrics import finite
+from medtriage.evaluation.metrics import binary_labels, finite, unit_interval
 
 # Rules that turn validation scores into a threshold (see choose_threshold).
 THRESHOLD_RULES = ("sensitivity", "specificity", "youden")
@@ -28,7 +28,10 @@ class OperatingPoint:
 
 def flagging_threshold(scores: np.ndarray, rate: float) -> float:
     """The OOD threshold's rule: the score above which a share `rate` of in-distribution (validation) images lies."""
-    return float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - rate))
+    scores = finite(scores, "OOD validation scores")  # one NaN would make the threshold NaN: nothing ever flagged
+    if scores.size == 0:
+        raise InputError("no validation scores to set the OOD threshold on", hint="score the validation images first")
+    return float(np.quantile(scores, 1.0 - rate))
 
 
 def check_rule(rule: str, where: str = "export.threshold_rule") -> None:
@@ -40,14 +43,17 @@ def check_rule(rule: str, where: str = "export.threshold_rule") -> None:
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str, target: float | None = None) -> OperatingPoint:
     """Pick a threshold on `scores` (positive-class probability) against binary `labels` by `rule`."""
     check_rule(rule)
-    finite(scores, "validation scores")
-    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores)
+    if not np.issubdtype(scores.dtype, np.floating):  # integer scores: the float steps below need a float type
+        scores = scores.astype(np.float64)
+    unit_interval(scores, "validation scores")  # a threshold on logits would not apply to the served probabilities
+    labels = binary_labels(labels, "validation labels")
     if len(np.unique(labels)) < 2:
         raise InputError("validation split holds a single class; no threshold can be chosen", hint="check the split of the pool")
     fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
     # sklearn's first point flags nothing (threshold inf). Only a specificity target may need it - when negatives hold
     # the top score - and then as the least threshold above every score, so that the target is kept, not missed.
-    top = np.asarray(scores).dtype.type(thresholds[1])  # step in the scores' own precision, so they compare below it
+    top = scores.dtype.type(thresholds[1])  # step in the scores' own precision, so they compare below it
     thresholds[0] = np.nextafter(top, top.dtype.type(np.inf))
     first = 0 if rule == "specificity" else 1
     index = first + _pick(rule, target, tpr[first:], 1.0 - fpr[first:])
