@@ -15,11 +15,17 @@ import numpy as np
 
 from medtriage.errors import InputError
 from medtriage.io.dicom import DecodedImage
-from medtriage.io.npz import SPLITS, read_npz
+from medtriage.io.npz import NPZ_HINT, SPLITS, read_npz
 from medtriage.serve.predictor import Predictor, Score, require_finite_outputs
 from medtriage.serve.scope import UNUSUAL_INPUT
 
 BATCH = 256
+# Float pixels of one batch, in model channels: 256 images of the largest MedMNIST+ size (224 px RGB) take 154 MB.
+# Larger images come fewer to a batch, so a batch never holds more than this whatever size the npz states.
+BATCH_BYTES = 256 << 20
+# Every image's score is held until the report is written, and the byte limit on an array alone would allow billions
+# of 1-pixel images: six times the largest MedMNIST split (TissueMNIST train, 165,466 images).
+MAX_IMAGES = 1_000_000
 # A split with an image the graph returns NaN for is not scored at all: figures without it would not cover the split.
 NOT_FINITE_HINT = "no image of the split was scored; report it to whoever maintains the model package"
 
@@ -34,7 +40,16 @@ def _read_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
     """(uint8 images `[N, H, W]` or `[N, H, W, 3]`, int64 labels `[N]`) of one split."""
     if split not in SPLITS:
         raise InputError(f"unknown split '{split}'", where="--split", hint=f"use one of {SPLITS}")
-    return read_npz(npz_path, (split,))[split]
+    images, labels = read_npz(npz_path, (split,))[split]
+    if not images[0].size:  # the graph's resize fails on them with a bare ONNX Runtime error
+        raise InputError(f"images of shape {list(images.shape[1:])} have no pixels", where=f"{npz_path}#{split}_images", hint=NPZ_HINT)
+    if len(images) > MAX_IMAGES:
+        raise InputError(
+            f"{len(images)} images, more than the {MAX_IMAGES} one run scores",
+            where=f"{npz_path}#{split}_images",
+            hint="score the split in parts: save slices of it as separate npz files",
+        )
+    return images, labels
 
 
 def _unit_pixels(images: np.ndarray) -> np.ndarray:
@@ -76,15 +91,24 @@ def _scores(predictor: Predictor, images: np.ndarray, names: list[str]) -> Itera
 
     from medtriage.serve.predictor import to_model_channels
 
-    for start in tqdm(range(0, len(names), BATCH), desc="scoring npz", unit="batch", disable=len(names) <= BATCH):
-        batch = to_model_channels(_unit_pixels(images[start : start + BATCH]), predictor.package.channels)
+    step = _batch_size(images, predictor.package.channels)
+    for start in tqdm(range(0, len(names), step), desc="scoring npz", unit="batch", disable=len(names) <= step):
+        batch = to_model_channels(_unit_pixels(images[start : start + step]), predictor.package.channels)
         probs, ood = predictor.outputs(batch)
-        require_finite_outputs(probs, ood, names[start : start + BATCH], hint=NOT_FINITE_HINT)
-        for i, (name, image, p) in enumerate(zip(names[start : start + BATCH], batch, probs)):
+        require_finite_outputs(probs, ood, names[start : start + step], hint=NOT_FINITE_HINT)
+        for i, (name, image, p) in enumerate(zip(names[start : start + step], batch, probs)):
             score = None if ood is None else float(ood[i])
             yield predictor.score_from_outputs(
                 p, name, None, _decoded(image, name), _unusual_flag(predictor, score), score, float(image.mean())
             )
+
+
+def _batch_size(images: np.ndarray, model_channels: int) -> int:
+    """Images per batch: BATCH, or fewer where their float pixels would pass BATCH_BYTES (at least one). A grayscale
+    image fed to an RGB model is repeated into three channels, so the larger channel count is what a batch holds."""
+    channels = max(3 if images.ndim == 4 else 1, model_channels)
+    per_image = images.shape[1] * images.shape[2] * channels * 4
+    return max(1, min(BATCH, BATCH_BYTES // per_image))
 
 
 def _unusual_flag(predictor: Predictor, ood: float | None) -> list[str]:

@@ -61,7 +61,8 @@ def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejec
         for i, s in enumerate(scores)
     ]
     rows += [[Path(r.file).name, "—", "—", "REJECTED", "—", f"{r.reason} ({r.hint})" if r.hint else r.reason] for r in rejected]
-    rows = [[_printable(str(cell)) for cell in row] for row in rows]
+    # the header too: the positive label comes from model.json, which the package's digest does not cover
+    header, *rows = [[_printable(str(cell)) for cell in row] for row in [header, *rows]]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]) for row in [header, *rows]]
     return "\n".join(lines)
