@@ -4,7 +4,6 @@ failure), and a batch of large images is made float within a byte budget, not 25
 from __future__ import annotations
 
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
 from medtriage.serve.report import format_table
 from tests.export.tiny_package import NPZ
+from tests.serve.test_score_outputs import scored_with_peak
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 0), (2, 28, 0), (2, 0, 28, 3)])
@@ -36,15 +36,9 @@ def test_the_cli_says_what_is_wrong_with_images_without_pixels(capsys, package_d
 
 def test_a_batch_of_large_images_stays_within_its_byte_budget(predictor, tmp_path, monkeypatch):
     images = np.random.default_rng(0).integers(0, 256, (32, 256, 256), dtype=np.uint8)
-    np.savez(tmp_path / "large.npz", test_images=images, test_labels=np.zeros(len(images), np.int64))
     one_as_float = images[0].size * 4
     monkeypatch.setattr(npz, "BATCH_BYTES", 2 * one_as_float, raising=False)
-    tracemalloc.start()
-    try:
-        scores, labels = score_npz(predictor, tmp_path / "large.npz", "test")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    scores, labels, peak = scored_with_peak(predictor, images, tmp_path / "large.npz")
     assert len(scores) == len(labels) == len(images)
     # reading the uint8 split takes about 3x its size at its peak; one float batch of all 32 images would add 4x more
     assert peak < 4 * images.nbytes

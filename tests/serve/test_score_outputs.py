@@ -44,16 +44,21 @@ def test_an_npz_split_with_a_nan_output_is_an_error_not_nan_json(capsys, safe_pa
     assert f"NaN or infinite {which}" in err and "test_images[0]" in err
 
 
-def test_an_npz_split_is_made_float_one_batch_at_a_time(predictor, tmp_path):
-    images = np.random.default_rng(0).integers(0, 256, (2048, 128, 128), dtype=np.uint8)
-    np.savez(tmp_path / "big.npz", test_images=images, test_labels=np.zeros(len(images), np.int64))
-    split_as_float = images.size * 4
+def scored_with_peak(predictor, images: np.ndarray, path) -> tuple[list, dict, int]:
+    """`score_npz` of `images` saved as the test split at `path`: its scores, labels and peak of traced memory."""
+    np.savez(path, test_images=images, test_labels=np.zeros(len(images), np.int64))
     tracemalloc.start()
     try:
-        scores, labels = score_npz(predictor, tmp_path / "big.npz", "test")
-        peak = tracemalloc.get_traced_memory()[1]
+        scores, labels = score_npz(predictor, path, "test")
+        return scores, labels, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_an_npz_split_is_made_float_one_batch_at_a_time(predictor, tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (2048, 128, 128), dtype=np.uint8)
+    split_as_float = images.size * 4
+    scores, labels, peak = scored_with_peak(predictor, images, tmp_path / "big.npz")
     assert len(scores) == len(labels) == len(images)
     assert peak < split_as_float
 
