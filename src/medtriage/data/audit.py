@@ -111,8 +111,14 @@ def require_clean(manifest, *, override: bool = False, **kwargs) -> AuditResult:
 # ---------------------------------------------------------------- checks on the table
 
 
+def patient_keys(rows):
+    """(site, patient) per row of a manifest table, as the splits tell patients apart (`splits.patient_identity`: an
+    ID with and without its padding spaces is one patient); tuples, so no site or ID with a "/" can pose as another."""
+    return rows["site"].combine(rows["patient_id"], patient_identity)
+
+
 def _patients_in_two_splits(rows) -> list[Finding]:
-    patients = rows["site"].combine(rows["patient_id"], patient_identity)
+    patients = patient_keys(rows)
     splits = rows["split"].groupby(patients).agg(lambda s: sorted(set(s)))
     leaked = splits[splits.map(len) > 1]
     if leaked.empty:

@@ -22,9 +22,8 @@ import hashlib
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medtriage.data.audit import MAX_DISTANCE, LeakageError, manifest_hashes, near_pairs
+from medtriage.data.audit import MAX_DISTANCE, LeakageError, manifest_hashes, near_pairs, patient_keys
 from medtriage.data.manifest import Manifest
-from medtriage.data.splits import patient_identity
 from medtriage.errors import ConfigError, DataNotFoundError
 
 
@@ -92,7 +91,7 @@ def _require_test_patients_apart(manifest: Manifest) -> None:
     would go unseen by its audit while its models are scored on test later: refuse such a pool here."""
     rows = manifest.rows
     test, labelled = set(), set()
-    for key, is_test in zip(_patient_keys(rows), rows["split"] == "test"):
+    for key, is_test in zip(patient_keys(rows), rows["split"] == "test"):
         (test if is_test else labelled).add(key)
     shared = sorted(test & labelled)
     if shared:
@@ -106,7 +105,7 @@ def _require_test_patients_apart(manifest: Manifest) -> None:
 def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> np.ndarray:
     """One group id per row: rows of one patient, and (near-)duplicate images, share a group (union-find)."""
     rows = manifest.rows.reset_index(drop=True)
-    patient_keys = _patient_keys(rows)
+    keys = patient_keys(rows)
     parent = np.arange(len(rows))
 
     def root(i: int) -> int:
@@ -119,14 +118,8 @@ def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> 
         parent[root(i)] = root(j)
 
     first_of_patient: dict[tuple[str, str], int] = {}
-    for i, key in enumerate(patient_keys):
+    for i, key in enumerate(keys):
         join(i, first_of_patient.setdefault(key, i))
     for i, j, _ in near_pairs(manifest_hashes(manifest), max_distance):
         join(i, j)
     return np.array([root(i) for i in range(len(rows))])
-
-
-def _patient_keys(rows) -> list[tuple[str, str]]:
-    """(site, patient) per row, as the splits and the audit tell patients apart (`splits.patient_identity`: an ID with
-    and without its padding spaces is one patient); a tuple, so no site or ID containing "/" can pose as another."""
-    return [patient_identity(site, pid) for site, pid in zip(rows["site"], rows["patient_id"])]
