@@ -34,7 +34,7 @@ WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Im
 READ_BLOCK_BYTES = 64 << 20  # RGB bytes of a level decoded at once when a whole level is read (thumbnail, tissue mask)
 MAX_WHOLE_IMAGE_BYTES = 256 << 20  # RGB bytes of a whole-level image: a 7.5 cm square of tissue at the mask's 8 µm/pixel
 # Pixels of a level decoded block by block into a whole-level image (a slide without coarse levels): 65,536 square, a
-# 3.3 cm square at 20x, about a minute of decoding. Repeated tile offsets let a small file claim far more.
+# 3.3 cm square at 20x. Repeated tile offsets let a small file claim far more.
 MAX_SHRUNK_LEVEL_PIXELS = 1 << 32
 PYRAMID_HINT = "convert it to a pyramidal TIFF, e.g. `vips tiffsave SLIDE OUT.tif --tile --pyramid --compression jpeg`"
 MAX_CHUNK_BYTES = 256 << 20  # decoded bytes of one tile or strip: a decoder allocates what the tags claim, whatever the data
