@@ -49,8 +49,8 @@ def warmup_cosine(step: int, trainer, steps_per_epoch: int) -> float:
     warmup = max(1, round(trainer.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return (step + 1) / warmup
-    total = max(warmup + 1, trainer.max_epochs * steps_per_epoch)
-    progress = min(1.0, (step - warmup) / (total - warmup))
+    last = max(warmup + 1, trainer.max_epochs * steps_per_epoch) - 1  # steps count from 0: the run's last one
+    progress = min(1.0, (step - warmup) / max(1, last - warmup))
     floor = trainer.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
