@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -29,11 +31,25 @@ def read_npz(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Split name -> (images uint8 `[N, H, W]` or `[N, H, W, 3]`, labels int64 `[N]`)."""
     npz_path = Path(npz_path)
+    with _archive(npz_path) as archive:
+        return {split: _split(archive, npz_path, split, max_bytes) for split in splits}
+
+
+def array_shape(npz_path: str | Path, key: str) -> tuple[int, ...]:
+    """The shape one member's header states, checked as `read_npz` checks it but with none of its data read: a
+    caller can bound the array (e.g. its image count) before `read_npz` allocates it."""
+    npz_path = Path(npz_path)
+    with _archive(npz_path) as archive, _member(archive, npz_path, key) as (member, _):
+        return _header(member, f"{npz_path}#{key}")[0]
+
+
+@contextmanager
+def _archive(npz_path: Path) -> Iterator[zipfile.ZipFile]:
     if not npz_path.is_file():
         raise DataNotFoundError("npz file not found", where=npz_path, hint=NPZ_HINT)
     try:
         with zipfile.ZipFile(npz_path) as archive:
-            return {split: _split(archive, npz_path, split, max_bytes) for split in splits}
+            yield archive
     # not a zip, an archive feature zipfile lacks, or a member that is corrupt or cut short
     except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError, EOFError) as err:
         raise InputError(f"not a readable npz file ({err})", where=npz_path, hint=NPZ_HINT) from err
@@ -62,28 +78,13 @@ def _split(archive: zipfile.ZipFile, npz_path: Path, split: str, max_bytes: int)
 
 def _array(archive: zipfile.ZipFile, npz_path: Path, key: str, max_bytes: int) -> np.ndarray:
     """One member, its header checked before anything is allocated."""
-    try:
-        info = archive.getinfo(f"{key}.npy")
-    except KeyError:
-        raise InputError(f"not a MedMNIST npz: no '{key}' array", where=npz_path, hint=NPZ_HINT) from None
     where = f"{npz_path}#{key}"
-    with archive.open(info) as member:
-        try:
-            version = np.lib.format.read_magic(member)
-            if version not in ((1, 0), (2, 0)):
-                raise ValueError(f"npy format version {version} is not supported")
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(member)
-        except Exception as err:  # numpy parses the header as a Python literal: any malformed text may surface here
-            raise InputError(f"not an npy array ({type(err).__name__}: {err})", where=where, hint=NPZ_HINT) from err
-        if dtype.hasobject:
-            raise InputError("holds Python objects, which would be unpickled: refused", where=where, hint=NPZ_HINT)
-        if dtype.kind not in "biuf":
-            raise InputError(f"holds {dtype} values, not numbers", where=where, hint=NPZ_HINT)
+    with _member(archive, npz_path, key) as (member, file_size):
+        shape, fortran_order, dtype = _header(member, where)
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > min(max_bytes, info.file_size):
+        if nbytes > min(max_bytes, file_size):
             raise InputError(
-                f"header claims {list(shape)} {dtype} ({nbytes} bytes); the zip holds {info.file_size} bytes for it and "
+                f"header claims {list(shape)} {dtype} ({nbytes} bytes); the zip holds {file_size} bytes for it and "
                 f"the limit is {max_bytes}",
                 where=where,
                 hint="the file is corrupt or not a MedMNIST npz; raise max_bytes only for a genuine larger set",
@@ -94,6 +95,34 @@ def _array(archive: zipfile.ZipFile, npz_path: Path, key: str, max_bytes: int) -
         if member.read(1):  # reading to the end also makes zipfile check the member's CRC: flipped bits are refused
             raise InputError("array data runs past what its header states", where=where, hint=NPZ_HINT)
     return array.T if fortran_order else array
+
+
+@contextmanager
+def _member(archive: zipfile.ZipFile, npz_path: Path, key: str) -> Iterator[tuple[IO[bytes], int]]:
+    """The open `<key>.npy` member and the size the zip states for it."""
+    try:
+        info = archive.getinfo(f"{key}.npy")
+    except KeyError:
+        raise InputError(f"not a MedMNIST npz: no '{key}' array", where=npz_path, hint=NPZ_HINT) from None
+    with archive.open(info) as member:
+        yield member, info.file_size
+
+
+def _header(member: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from the member's npy header, refused unless the dtype is plain numbers."""
+    try:
+        version = np.lib.format.read_magic(member)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"npy format version {version} is not supported")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(member)
+    except Exception as err:  # numpy parses the header as a Python literal: any malformed text may surface here
+        raise InputError(f"not an npy array ({type(err).__name__}: {err})", where=where, hint=NPZ_HINT) from err
+    if dtype.hasobject:
+        raise InputError("holds Python objects, which would be unpickled: refused", where=where, hint=NPZ_HINT)
+    if dtype.kind not in "biuf":
+        raise InputError(f"holds {dtype} values, not numbers", where=where, hint=NPZ_HINT)
+    return shape, fortran_order, dtype
 
 
 def _fill(member, buffer: memoryview, where: str) -> None:

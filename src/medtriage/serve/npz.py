@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from medtriage.errors import InputError
+from medtriage.errors import InputError, PackageError
 from medtriage.io.dicom import DecodedImage
-from medtriage.io.npz import NPZ_HINT, SPLITS, read_npz
+from medtriage.io.npz import NPZ_HINT, SPLITS, array_shape, read_npz
 from medtriage.serve.predictor import Predictor, Score, require_finite_outputs
 from medtriage.serve.scope import UNUSUAL_INPUT
 
@@ -28,6 +29,9 @@ BATCH_BYTES = 256 << 20
 MAX_IMAGES = 1_000_000
 # A split with an image the graph returns NaN for is not scored at all: figures without it would not cover the split.
 NOT_FINITE_HINT = "no image of the split was scored; report it to whoever maintains the model package"
+# What ONNX Runtime raises from `run` (a graph refusing an input shape, an allocation or provider failure): its own
+# classes, each derived from Exception alone, so they are collected by module rather than caught by a base class.
+ORT_ERRORS = tuple(c for c in vars(_ort_state).values() if isinstance(c, type) and issubclass(c, Exception))
 
 
 def read_npz_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -40,16 +44,38 @@ def _read_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
     """(uint8 images `[N, H, W]` or `[N, H, W, 3]`, int64 labels `[N]`) of one split."""
     if split not in SPLITS:
         raise InputError(f"unknown split '{split}'", where="--split", hint=f"use one of {SPLITS}")
+    _require_countable(npz_path, split)
     images, labels = read_npz(npz_path, (split,))[split]
     if not images[0].size:  # the graph's resize fails on them with a bare ONNX Runtime error
         raise InputError(f"images of shape {list(images.shape[1:])} have no pixels", where=f"{npz_path}#{split}_images", hint=NPZ_HINT)
-    if len(images) > MAX_IMAGES:
+    return images, labels
+
+
+def _require_countable(npz_path: str | Path, split: str) -> None:
+    """Refuse a split of more than MAX_IMAGES from its npy header: reading the split first would already hold all of
+    it in memory, which is what the bound is there to prevent."""
+    shape = array_shape(npz_path, f"{split}_images")
+    if shape and shape[0] > MAX_IMAGES:  # a 0-d array is left to read_npz's layout check
         raise InputError(
-            f"{len(images)} images, more than the {MAX_IMAGES} one run scores",
+            f"{shape[0]} images, more than the {MAX_IMAGES} one run scores",
             where=f"{npz_path}#{split}_images",
             hint="score the split in parts: save slices of it as separate npz files",
         )
-    return images, labels
+
+
+def _require_class_labels(labels: np.ndarray, label_names: list[str], npz_path: str | Path, split: str) -> None:
+    """Reference labels are indices into the package's classes: any other value would be printed and counted as a
+    class the model does not have (or, negative, as one counted from the end)."""
+    outside = np.flatnonzero((labels < 0) | (labels >= len(label_names)))
+    if len(outside):
+        first = int(outside[0])
+        # quoted: model.json is outside the package's digest, and a name with an escape sequence would reach the terminal
+        classes = ", ".join(f"{i} = {name!r}" for i, name in enumerate(label_names))
+        raise InputError(
+            f"{len(outside)} label(s) are not classes of the package, the first at index {first}: {int(labels[first])}",
+            where=f"{npz_path}#{split}_labels",
+            hint=f"the package's classes are {classes}; give an npz of the data set this model was trained for",
+        )
 
 
 def _unit_pixels(images: np.ndarray) -> np.ndarray:
@@ -82,11 +108,12 @@ def score_npz(predictor: Predictor, npz_path: str | Path, split: str) -> tuple[l
     """Scores of every image of `split` (batched ORT calls) and {image name: reference label}. The split stays uint8
     in memory; each batch is made float on its own (the whole split as float32 would take four times the npz)."""
     images, labels = _read_split(npz_path, split)
+    _require_class_labels(labels, predictor.package.label_names, npz_path, split)
     names = [f"{Path(npz_path).name}#{split}_images[{i}]" for i in range(len(labels))]
-    return list(_scores(predictor, images, names)), dict(zip(names, map(int, labels)))
+    return list(_scores(predictor, images, names, f"{npz_path}#{split}_images")), dict(zip(names, map(int, labels)))
 
 
-def _scores(predictor: Predictor, images: np.ndarray, names: list[str]) -> Iterator[Score]:
+def _scores(predictor: Predictor, images: np.ndarray, names: list[str], where: str) -> Iterator[Score]:
     from tqdm import tqdm
 
     from medtriage.serve.predictor import to_model_channels
@@ -94,13 +121,28 @@ def _scores(predictor: Predictor, images: np.ndarray, names: list[str]) -> Itera
     step = _batch_size(images, predictor.package.channels)
     for start in tqdm(range(0, len(names), step), desc="scoring npz", unit="batch", disable=len(names) <= step):
         batch = to_model_channels(_unit_pixels(images[start : start + step]), predictor.package.channels)
-        probs, ood = predictor.outputs(batch)
+        probs, ood = _outputs(predictor, batch, f"{where}[{start}:{start + len(batch)}]")
         require_finite_outputs(probs, ood, names[start : start + step], hint=NOT_FINITE_HINT)
         for i, (name, image, p) in enumerate(zip(names[start : start + step], batch, probs)):
             score = None if ood is None else float(ood[i])
             yield predictor.score_from_outputs(
                 p, name, None, _decoded(image, name), _unusual_flag(predictor, score), score, float(image.mean())
             )
+
+
+def _outputs(predictor: Predictor, batch: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The graph's outputs for one batch; an ONNX Runtime failure becomes an error naming the batch. The npz has passed
+    its layout checks by now, so what the graph refuses is most likely the package's own mismatch."""
+    try:
+        return predictor.outputs(batch)
+    except ORT_ERRORS as err:
+        raise PackageError(
+            f"ONNX Runtime could not score this batch of {list(batch.shape)} float32 pixels; nothing was scored "
+            f"({type(err).__name__}: {' '.join(str(err).split())})",  # ORT's message spans lines
+            where=where,
+            hint=f"check that {predictor.package.onnx_path} takes what model.json's 'input' states (re-export the "
+            "package if not), or run with --provider cpu if the accelerator failed",
+        ) from err
 
 
 def _batch_size(images: np.ndarray, model_channels: int) -> int:
