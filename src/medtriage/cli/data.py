@@ -23,7 +23,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("build-pool", help="decode site folders into the pooled manifest with patient-level splits")
     add_build_pool_arguments(parser)
     parser.set_defaults(func=run_build_pool)
-    parser = subparsers.add_parser("audit", help="leakage audit of a pooled manifest (patients, duplicates, positives per site)")
+    parser = subparsers.add_parser(
+        "audit", help="leakage audit of a pooled manifest (patients, duplicates, each class at each site in each split)"
+    )
     add_audit_arguments(parser)
     parser.set_defaults(func=run_audit)
 

@@ -7,6 +7,15 @@ Checks, each a finding with a severity (`error` fails the audit, `warning` does 
 - `same_image_at_two_sites`     an exact or near duplicate shared by two sites in one split (warning)
 - `site_without_positives`      a split in which a site has images but no positive label, so its
                                 per-site sensitivity and AUC are undefined
+- `site_without_negatives`      a split in which a site has images but no negative (label 0) one, so its
+                                per-site specificity and AUC are undefined (warning: a patient with any positive
+                                image is a positive patient, so in pneumonia pools negative patients are the scarce
+                                stratum and a small site's val or test often has none; the run's pooled figures stand)
+- `site_in_one_split`           a site whose images all lie in one split other than test (warning): splits are
+                                cut by patient, so a site of a single patient (or too few per stratum) stays whole
+                                in one split (train, at the default fractions) and is missing from the others: never
+                                validated or tested. Not reported for a site all in test (the held-out site of
+                                leave-one-site-out) nor for a pool of one split (a refit)
 
 A failed audit stops training (`require_clean`) unless `data.allow_audit_failure` overrides it, for known duplicate
 images; no override lets a patient in two splits through.
@@ -80,7 +89,9 @@ def audit_manifest(manifest, *, check_images: bool = True, max_distance: int = M
     rows = manifest.rows.reset_index(drop=True)
     result = AuditResult(str(manifest.pool_dir), len(rows))
     result.findings += _patients_in_two_splits(rows)
-    result.findings += _sites_without_positives(rows)
+    result.findings += _sites_without_class(rows, positive=True)
+    result.findings += _sites_without_class(rows, positive=False)
+    result.findings += _sites_in_one_split(rows)
     if check_images and len(rows):
         hashes = manifest_hashes(manifest)
         result.findings += _duplicates(rows, hashes, max_distance)
@@ -129,21 +140,46 @@ def _patients_in_two_splits(rows) -> list[Finding]:
     ]
 
 
-def _sites_without_positives(rows) -> list[Finding]:
-    positives = (rows["label"].astype(int) != NEGATIVE_LABEL).groupby([rows["split"], rows["site"]]).sum()
-    missing = [{"split": split, "site": site} for (split, site), n in positives.items() if n == 0]
+# positive? -> (finding, images missing, figure lost, severity). A missing negative class only warns (module docstring):
+# simulated site pools of 40 to 240 images, as the training and leave-one-site-out tests build them, all have one
+_CLASS_GAPS = {
+    True: ("site_without_positives", "positive", "sensitivity", "error"),
+    False: ("site_without_negatives", "negative", "specificity", "warning"),
+}
+
+
+def _sites_without_class(rows, *, positive: bool) -> list[Finding]:
+    """`site_without_positives` or `site_without_negatives`: a (split, site) with images but none of one class, so
+    the per-site figures that need that class (sensitivity or specificity, and AUC either way) are undefined."""
+    is_positive = rows["label"].astype(int) != NEGATIVE_LABEL
+    wanted = is_positive if positive else ~is_positive
+    counts = wanted.groupby([rows["split"], rows["site"]]).sum()
+    missing = [{"split": split, "site": site} for (split, site), n in counts.items() if n == 0]
     if not missing:
         return []
+    kind, images, figure, severity = _CLASS_GAPS[positive]
     where = ", ".join(f"{m['site']} in {m['split']}" for m in missing)
-    return [
-        Finding(
-            "site_without_positives",
-            "error",
-            len(missing),
-            f"no positive images for {where}: per-site sensitivity/AUC undefined",
-            missing[:MAX_EXAMPLES],
-        )
-    ]
+    message = f"no {images} images for {where}: per-site {figure}/AUC undefined"
+    return [Finding(kind, severity, len(missing), message, missing[:MAX_EXAMPLES])]
+
+
+def _sites_in_one_split(rows) -> list[Finding]:
+    """Sites that never reach validation or test (or training) because all their patients landed in one split.
+    Only reported when the pool has more than one split (a refit puts everything in train on purpose) and not for a
+    site all in test (the held-out site of leave-one-site-out)."""
+    if rows["split"].nunique() < 2:
+        return []
+    patients = patient_keys(rows)
+    confined = []
+    for site, group in rows.groupby("site", sort=True):
+        splits = set(group["split"])
+        if len(splits) == 1 and (split := splits.pop()) != "test":
+            confined.append({"site": site, "split": split, "patients": int(patients[group.index].nunique())})
+    if not confined:
+        return []
+    where = ", ".join(f"{c['site']} only in {c['split']} ({c['patients']} patient(s))" for c in confined)
+    message = f"site(s) with every image in one split, as splits are cut by patient, so absent from the others: {where}"
+    return [Finding("site_in_one_split", "warning", len(confined), message, confined[:MAX_EXAMPLES])]
 
 
 # ---------------------------------------------------------------- checks on the pixels

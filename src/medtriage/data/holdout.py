@@ -2,6 +2,7 @@
 
 The test rows of the other sites are left out of the run (their count is printed), so the test
 figures are those of the unseen site alone. The data fingerprint records which site was held out.
+A pool whose other sites keep no training or no validation images is refused.
 """
 
 from __future__ import annotations
@@ -22,12 +23,22 @@ def hold_out_site(manifest: Manifest, site: str) -> Manifest:
     left_out = int((~held & (rows["split"] == "test")).sum())
     rows.loc[held, "split"] = "test"
     rows = rows[held | (rows["split"] != "test")]
-    if not len(rows[rows["split"] == "train"]):
-        raise DataNotFoundError(
-            f"no training images left once '{site}' is held out",
-            where=manifest.pool_dir,
-            hint="leave-one-site-out needs at least two sites",
-        )
+    _require_split(rows, "train", site, manifest, hint="leave-one-site-out needs at least two sites")
+    # with no validation images the run would still train and report test figures, unvalidated
+    _require_split(
+        rows,
+        "val",
+        site,
+        manifest,
+        hint="the other sites have no validation patients: give them more patients, or rebuild the pool with a larger "
+        "validation fraction (--val-fraction of the pool builder)",
+    )
     print(f"leave-one-site-out: {int(held.sum())} images of {site} -> test; {left_out} test images of other sites left out")
     fingerprint = hashlib.sha256(f"{manifest.fingerprint}|holdout_site={site}".encode()).hexdigest()
     return dataclasses.replace(manifest, rows=rows, fingerprint=fingerprint)
+
+
+def _require_split(rows, split: str, site: str, manifest: Manifest, *, hint: str) -> None:
+    if not (rows["split"] == split).any():
+        name = {"train": "training", "val": "validation"}[split]
+        raise DataNotFoundError(f"no {name} images left once '{site}' is held out", where=manifest.pool_dir, hint=hint)
