@@ -7,6 +7,7 @@ header segments of each frame, before a decoder runs.
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import zlib
@@ -115,10 +116,20 @@ def _check_codestreams(ds: pydicom.Dataset, claimed: int, frames: int, where: st
 
 
 def _frames(ds: pydicom.Dataset, frames: int) -> Iterator[bytes]:
-    """The frames' codestreams, as far as the encapsulation can be read (the decoder reports a malformed one with its
-    own reason)."""
+    """The frames' codestreams as every decoder finds them, as far as the encapsulation can be read (the decoder reports
+    a malformed one with its own reason): in fragment order (the imagecodecs fallback, and pydicom without an Extended
+    Offset Table), and by the Extended Offset Table where the data set has one, as pydicom's decoders go by it: the two
+    can point at different bytes."""
+    yield from _readable(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames))
+    if 0x7FE00001 in ds and 0x7FE00002 in ds:
+        table = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        # a decoder reads no more than the header's frames; table entries may overlap, so reading on would cost more
+        yield from _readable(itertools.islice(pydicom.encaps.generate_frames(ds.PixelData, extended_offsets=table), frames))
+
+
+def _readable(codestreams: Iterator[bytes]) -> Iterator[bytes]:
     try:
-        yield from pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames)
+        yield from codestreams
     except Exception:
         return
 
@@ -142,6 +153,8 @@ def jpeg_samples(codestream: bytes) -> int:
             if len(codestream) < position + 8:
                 raise _NoFrameSize("ends inside its JPEG frame header (SOF)")
             height, width, components = struct.unpack_from(">HHB", codestream, position + 3)
+            if not (height and width and components):  # a height of 0 is set later (DNL, or a JPEG-LS LSE segment)
+                raise _NoFrameSize(f"has a frame header (SOF) that declares {height} x {width} pixels, {components} component(s)")
             return height * width * components
         if code in _JPEG_STANDALONE:
             continue

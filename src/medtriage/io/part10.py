@@ -155,7 +155,7 @@ def _header(tag: int, vr: str | None, length: int) -> bytes | None:
 def _tag_and_vr(tag: int, vr: str | None) -> bytes | None:
     if not vr or len(vr) != 2:
         return None  # implicit or ambiguous VR
-    return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+    return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode(default_encoding)  # one byte a character, as pydicom reads and writes it
 
 
 def _python_encodings(charset) -> list[str]:
