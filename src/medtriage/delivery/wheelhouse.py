@@ -10,14 +10,19 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from email.message import Message
 from email.parser import HeaderParser
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 import medtriage
 from medtriage.errors import ConfigError, MedTriageError
+
+if TYPE_CHECKING:
+    from packaging.requirements import Requirement
 
 PYTHONS = ("3.10", "3.11", "3.12")
 DEFAULT_PLATFORM = "manylinux_2_28_x86_64"  # glibc 2.28: RHEL/Rocky 8+, Debian 10+, Ubuntu 20.04+; onnxruntime needs it
@@ -45,12 +50,13 @@ def check_target(python: str, platform: str) -> list[str]:
 def platform_tags(platform: str) -> list[str]:
     """`manylinux_2_28_x86_64` -> itself and every older manylinux tag of the arch, newest first: pip does not
     expand a `--platform`, and many wheels are tagged only manylinux2014 / manylinux_2_17."""
-    match = re.fullmatch(r"manylinux_(\d+)_(\d+)_(\w+)", platform) or re.fullmatch(r"(manylinux\d+)_(\w+)", platform)
-    if not match or (len(match.groups()) == 2 and match.group(1) not in _LEGACY_MANYLINUX):
+    match = re.fullmatch(r"manylinux_(2)_(\d+)_(\w+)", platform) or re.fullmatch(r"(manylinux\d+)_(\w+)", platform)
+    # manylinux_2_5 (= manylinux1) is the oldest tag: below it no tag would remain and pip would fetch this machine's wheels
+    if not match or (match.group(1) not in _LEGACY_MANYLINUX if len(match.groups()) == 2 else int(match.group(2)) < 5):
         raise ConfigError(
             f"unsupported platform '{platform}'",
             where="--platform",
-            hint=f"name a manylinux tag such as {DEFAULT_PLATFORM} or manylinux2014_x86_64",
+            hint=f"name a manylinux tag (glibc 2.5 or later) such as {DEFAULT_PLATFORM} or manylinux2014_x86_64",
         )
     if len(match.groups()) == 2:
         (major, minor), arch = _LEGACY_MANYLINUX[match.group(1)], match.group(2)
@@ -132,24 +138,61 @@ def target_environment(python: str, platform: str) -> dict[str, str]:
 
 
 def missing_requirements(wheels: list[Path], environment: dict[str, str]) -> list[str]:
-    """Requirements of `wheels` (their markers evaluated in `environment`) that no wheel of the list satisfies."""
-    from packaging.requirements import Requirement
+    """Requirements of `wheels` (their markers evaluated in `environment`, with the extras other requirements ask
+    of each wheel) that no wheel of the list satisfies."""
     from packaging.utils import canonicalize_name
 
     have: dict[str, list[str]] = {}
     for w in wheels:
         name, version = wheel_name_version(w)
         have.setdefault(canonicalize_name(name), []).append(version)
+    requires = {w: _requirements(w) for w in wheels}
+    extras = _requested_extras(requires, environment)
     missing = []
-    for w in wheels:
-        for line in _requires_dist(w):
-            req = Requirement(line)
-            if req.marker is not None and not req.marker.evaluate(environment):
+    for w, requirements in requires.items():
+        for req in requirements:
+            if not _applies(req, environment, extras.get(canonicalize_name(wheel_name_version(w)[0]), set())):
                 continue
             versions = have.get(canonicalize_name(req.name), [])
             if not any(req.specifier.contains(v, prereleases=True) for v in versions):
-                missing.append(f"{req.name}{req.specifier}")
+                wanted = f"[{','.join(sorted(req.extras))}]" if req.extras else ""  # pip then fetches what the extras need
+                missing.append(f"{req.name}{wanted}{req.specifier}")
     return sorted(set(missing))
+
+
+def _requested_extras(requires: dict[Path, list[Requirement]], environment: dict[str, str]) -> dict[str, set[str]]:
+    """Canonical name -> the extras that applicable requirements ask of it (`foo[bar]`), to a fixed point: an extra's
+    own requirements may ask for more. pip judged these by this interpreter's markers, not the target's."""
+    from packaging.utils import canonicalize_name
+
+    extras: dict[str, set[str]] = {}
+    while True:
+        before = sum(map(len, extras.values()))
+        for w, requirements in requires.items():
+            asked = extras.get(canonicalize_name(wheel_name_version(w)[0]), set())
+            for req in requirements:
+                if req.extras and _applies(req, environment, asked):
+                    extras.setdefault(canonicalize_name(req.name), set()).update(canonicalize_name(e) for e in req.extras)
+        if sum(map(len, extras.values())) == before:
+            return extras
+
+
+def _applies(req: Requirement, environment: dict[str, str], extras: set[str]) -> bool:
+    """Whether a requirement holds on the target for the wheel installed plain or with any of `extras`."""
+    return req.marker is None or any(req.marker.evaluate({**environment, "extra": extra}) for extra in ("", *sorted(extras)))
+
+
+def _requirements(wheel: Path) -> list[Requirement]:
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        return [Requirement(line) for line in _requires_dist(wheel)]
+    except InvalidRequirement as err:
+        raise BuildError(
+            f"the wheel's metadata holds a requirement that cannot be read: {err}",
+            where=wheel,
+            hint="pin a release of that project whose wheel has valid metadata, or download the wheel again",
+        ) from err
 
 
 def _requires_dist(wheel: Path) -> list[str]:
@@ -159,9 +202,11 @@ def _requires_dist(wheel: Path) -> list[str]:
 def wheel_metadata(wheel: Path) -> Message:
     """The core metadata (`*.dist-info/METADATA`) of a wheel file."""
     try:
-        with zipfile.ZipFile(wheel) as archive:
-            return HeaderParser().parsestr(archive.read(_metadata_entry(archive, wheel)).decode("utf-8"))
-    except (zipfile.BadZipFile, UnicodeDecodeError) as err:
+        with zipfile.ZipFile(wheel) as archive, archive.open(_metadata_entry(archive, wheel)) as entry:
+            # A bounded read: the size _metadata_entry checks is the header's word, and the stream may hold more.
+            data = entry.read(METADATA_MAX)
+        return HeaderParser().parsestr(data.decode("utf-8"))
+    except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError) as err:  # a damaged download: zlib's own error too
         raise BuildError(f"the wheel cannot be read: {err}", where=wheel, hint="download or build the wheel again") from err
 
 
@@ -171,6 +216,12 @@ def _metadata_entry(archive: zipfile.ZipFile, wheel: Path) -> zipfile.ZipInfo:
         raise BuildError("the wheel has no *.dist-info/METADATA", where=wheel, hint="download or build the wheel again")
     if info.file_size > METADATA_MAX:  # the size the archive claims, checked before anything is unpacked
         raise BuildError(f"the wheel's METADATA claims {info.file_size} bytes, more than {METADATA_MAX}", where=wheel)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # zipfile bounds no other method's output
+        raise BuildError(
+            f"the wheel's METADATA uses zip compression method {info.compress_type}, not stored or deflate",
+            where=wheel,
+            hint="wheels use deflate: download or build the wheel again",
+        )
     return info
 
 
