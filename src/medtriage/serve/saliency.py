@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from medtriage.errors import InputError
+from medtriage.errors import InputError, PackageError
 from medtriage.io.dicom import read_dicom
 from medtriage.io.safe_output import output_path, write_atomic
 
@@ -57,18 +57,29 @@ class Saliency:
 
 
 def occlusion_saliency(
-    predict: Predict, image: np.ndarray, positive: int, grid: int = DEFAULT_GRID, work_size: int | None = None, batch: int = DEFAULT_BATCH
+    predict: Predict,
+    image: np.ndarray,
+    positive: int,
+    grid: int = DEFAULT_GRID,
+    work_size: int | None = None,
+    batch: int = DEFAULT_BATCH,
+    out_size: tuple[int, int] | None = None,
 ) -> Saliency:
-    """Occlusion map of one image `[C, H, W]` (float32 in [0, 1]) for class `positive`, at the image's size.
+    """Occlusion map of one image `[C, H, W]` (float32 in [0, 1]) for class `positive`, at the image's size
+    (or `out_size` = (H, W): a copy of the image at another scale, e.g. the one it is shown at).
 
     `work_size` resizes the image to work_size x work_size first (the model's own input size is
     a good choice: the graph resizes to it anyway, and the occluded batch stays small).
+    Raises PackageError where the model returns a NaN or infinite probability for any copy: a map with holes
+    where it did would look like a map of evidence.
     """
     image = _check_image(image)
-    height, width = image.shape[1:]
+    height, width = out_size or image.shape[1:]
     work = resize_chw(image, (work_size, work_size)) if work_size else image
     occluded = occluded_copies(work, grid)
-    probabilities = _predict_batched(predict, np.concatenate([work[None], occluded]), batch)[:, positive]
+    probabilities = _predict_batched(predict, np.concatenate([work[None], occluded]), batch)
+    _require_finite(probabilities)
+    probabilities = probabilities[:, positive]
     drops = np.clip(probabilities[0] - probabilities[1:], 0, None).reshape(grid, grid)
     logit_drops = (_logit(probabilities[0]) - _logit(probabilities[1:])).reshape(grid, grid)
     evidence = np.where(logit_drops >= MIN_LOGIT_DROP, drops, 0)
@@ -102,6 +113,17 @@ def occluded_copies(image: np.ndarray, grid: int) -> np.ndarray:
 def _predict_batched(predict: Predict, images: np.ndarray, batch: int) -> np.ndarray:
     images = np.ascontiguousarray(images, dtype=np.float32)
     return np.concatenate([np.asarray(predict(images[i : i + batch])) for i in range(0, len(images), batch)])
+
+
+def _require_finite(probabilities: np.ndarray) -> None:
+    """NaN compares false with every threshold, so its cell would be drawn as "no evidence", silently."""
+    bad = ~np.isfinite(probabilities).all(axis=1)
+    if bad.any():
+        which = "the unoccluded image" if bad[0] else f"{int(bad[1:].sum())} of its {len(bad) - 1} occluded copies"
+        raise PackageError(
+            f"the model returned a NaN or infinite probability for {which}: no map of where it looked can be drawn",
+            hint="the score stands; have the image read without the picture, and report it to whoever maintains the model package",
+        )
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -186,11 +208,16 @@ def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def explain_frame(predictor: Predictor, frame: np.ndarray, max_side: int = DISPLAY_SIDE) -> tuple[Saliency, bytes]:
-    """Occlusion map and overlay PNG of one decoded frame `[C, H, W]`, through the predictor's session."""
+    """Occlusion map and overlay PNG of one decoded frame `[C, H, W]`, through the predictor's session. The model
+    is shown the frame resized straight to its input size, as its graph does when scoring (not the display copy:
+    with an input side over `max_side`, that would explain a blurred image the model never scored)."""
     from medtriage.serve.predictor import to_model_channels
 
-    pixels = to_model_channels(shrink(np.asarray(frame, np.float32), max_side)[None], predictor.package.channels)[0]
-    result = occlusion_saliency(predictor.probabilities, pixels, predictor.positive, work_size=model_input_size(predictor.package.meta))
+    frame, channels, size = np.asarray(frame, np.float32), predictor.package.channels, model_input_size(predictor.package.meta)
+    pixels = to_model_channels(shrink(frame, max_side)[None], channels)[0]
+    # resized before the channel conversion, which then runs on a model-sized copy, never on a huge frame
+    seen = pixels if size is None else to_model_channels(resize_chw(frame, (size, size))[None], channels)[0]
+    result = occlusion_saliency(predictor.probabilities, seen, predictor.positive, work_size=size, out_size=pixels.shape[1:])
     return result, overlay_png(pixels, result.map, max_side=max_side)
 
 
