@@ -39,6 +39,7 @@ from medtriage.io.dicom import read_dicom
 from medtriage.io.ingest import ledger_folder, logged_patient_identities
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
+from medtriage.io.site_labels import MAX_LABELS_BYTES
 
 DEFAULT_SITES = Path("data/pool/ingested")  # what ingest_sites.py writes: site exports pass de-identification first
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
@@ -163,7 +164,12 @@ def _inputs_hash(sites_dir: Path, files: dict[str, list[Path]], *settings) -> st
             stat = path.stat()
             digest.update(f"{path.relative_to(sites_dir)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         labels = sites_dir / site / SITE_LABELS_FILE
-        digest.update(labels.read_bytes() if labels.is_file() else b"<no labels.csv>")
+        if labels.is_file():
+            with open(labels, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):  # in blocks: its size is checked where it is parsed
+                    digest.update(block)
+        else:
+            digest.update(b"<no labels.csv>")
     return digest.hexdigest()
 
 
@@ -259,6 +265,12 @@ def read_labels(path: Path, site: str) -> LabelTable:
     table = LabelTable(site)
     if not path.is_file():
         table.problem = f"site has no {SITE_LABELS_FILE} (expected {path})"
+        return table
+    size = path.stat().st_size
+    if size > MAX_LABELS_BYTES:  # parsed, a table takes about ten times its file's size in memory
+        table.problem = (
+            f"{SITE_LABELS_FILE} holds {size} bytes, over the limit of {MAX_LABELS_BYTES} (keep only its identifier and finding columns)"
+        )
         return table
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:

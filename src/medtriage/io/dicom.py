@@ -7,6 +7,7 @@ opinion); io.display maps stored values to display values, following the DICOM g
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ def read_dicom(
     try:
         _require_pixels(ds, where)
         check_limits(ds, limits, where, frame)
+        _require_claimed_frames(ds, where)
         stored = native_stored(ds, _transfer_syntax(ds), frame) or _reduced(ds, where, frame, min_side) or _decode_stored(ds, where, frame)
     except DicomError:
         raise
@@ -185,6 +187,44 @@ def _require_pixels(ds: pydicom.Dataset, where: str) -> None:
         where=where,
         hint="only image objects can be scored; skip reports, plans and presentation states",
     )
+
+
+def _require_claimed_frames(ds: pydicom.Dataset, where: str) -> None:
+    """Encapsulated pixel data holding fewer frames than Number of Frames is refused, whichever frame is asked for:
+    decoders read what is there (a short offset table gives one frame less, without a word), and the image would be
+    reported with the frames found as if they were all of it."""
+    syntax = _transfer_syntax(ds)
+    known = isinstance(syntax, pydicom.uid.UID) and syntax.is_transfer_syntax  # an unknown one: the decoders name it
+    if not (known and syntax.is_encapsulated and "PixelData" in ds):
+        return
+    claimed = int(ds.get("NumberOfFrames") or 1)  # a whole number > 0: check_limits refused anything else
+    found = _encapsulated_frames(ds, claimed)
+    if found < claimed:
+        raise DicomError(
+            f"pixel data holds {found} of the {claimed} frames its header claims (Number of Frames)",
+            where=where,
+            hint="frames are missing (an interrupted export or transfer); send or export the image again",
+        )
+
+
+def _encapsulated_frames(ds: pydicom.Dataset, claimed: int) -> int:
+    """Frames in the encapsulated pixel data as pydicom's decoders find them: by the Extended Offset Table where there
+    is one, else the Basic Offset Table's frames, else one fragment per frame at least."""
+    if 0x7FE00001 in ds and 0x7FE00002 in ds:
+        table, lengths = ds.ExtendedOffsetTable or b"", ds.ExtendedOffsetTableLengths or b""
+        return min(len(table), len(lengths)) // 8  # 64-bit entries
+    try:
+        with warnings.catch_warnings():  # pydicom warns of frames it does not find: counted here instead
+            warnings.simplefilter("ignore")
+            return sum(1 for _ in pydicom.encaps.generate_fragmented_frames(ds.PixelData, number_of_frames=claimed))
+    except ValueError:  # fewer fragments than frames (and no offset table), or items that cannot be walked
+        pass
+    try:
+        items = io.BytesIO(ds.PixelData)
+        pydicom.encaps.parse_basic_offsets(items)  # the Basic Offset Table is the first item, not a fragment
+        return pydicom.encaps.parse_fragments(items)[0]
+    except ValueError:  # damaged items: the decoder reports them with its own reason
+        return claimed
 
 
 def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.ndarray:

@@ -7,12 +7,18 @@ Only key and label columns travel: a hospital export can carry free text (commen
 from __future__ import annotations
 
 import csv
+import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.deid import SiteKey
 from medtriage.io.safe_output import write_csv_atomic
+
+# A site's label table: about 1.5 million rows of UID, accession number and finding. Parsed, a table takes about ten
+# times its file's size in memory, so the file is refused by its size before it is read.
+MAX_LABELS_BYTES = 128 << 20
 
 # Column names a hospital export may use, normalised (lower case, no '_' or ' ').
 _KEY_COLUMNS = {
@@ -51,9 +57,9 @@ def read_site_labels(path: Path) -> SiteLabels | None:
     if not path.is_file():
         return None
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns, rows = list(reader.fieldnames or []), list(reader)
+        text = _bounded_bytes(path).decode("utf-8").removeprefix("\ufeff")  # Excel's byte order mark; errors at file offsets
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns, rows = list(reader.fieldnames or []), list(reader)
     except UnicodeDecodeError as err:
         raise InputError(
             f"labels.csv is not UTF-8 text (byte {err.start}: {err.reason})",
@@ -70,6 +76,20 @@ def read_site_labels(path: Path) -> SiteLabels | None:
             hint="e.g. columns sop_instance_uid,finding",
         )
     return SiteLabels(columns, rows, roles)
+
+
+def _bounded_bytes(path: Path) -> bytes:
+    """The file's bytes, refused by its size before any is read (and should it grow past the limit while read)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(MAX_LABELS_BYTES + 1) if size <= MAX_LABELS_BYTES else b""
+    if size > MAX_LABELS_BYTES or len(data) > MAX_LABELS_BYTES:
+        raise InputError(
+            f"labels.csv holds {max(size, len(data))} bytes, over the limit of {MAX_LABELS_BYTES}",
+            where=path,
+            hint="export only the identifier and label columns (e.g. sop_instance_uid,finding), the only ones used, then ingest again",
+        )
+    return data
 
 
 def write_pool_labels(labels: SiteLabels | None, pool_labels: Path, pooled: list[dict], key: SiteKey) -> dict:

@@ -396,17 +396,21 @@ class RegionReader:
 
 def _check_chunk_header(page, data: bytes, index: int) -> None:
     """A JPEG or JPEG 2000 tile (or strip) is decoded at the size its own header declares, allocated first, before it
-    is found not to fit: a few kilobytes can declare gigabytes. Refuse a declaration larger than the tags' chunk."""
+    is found not to fit: a few kilobytes can declare gigabytes. Refuse a declaration larger than the tags' chunk, and
+    a header that cannot be read: a decoder may still find one there (libjpeg skips bytes it does not understand)."""
     read_header = CHUNK_HEADER_READERS.get(int(page.compression))
-    try:
-        declared = read_header(data) if read_header else None
-    except ValueError:  # no readable frame header: the decoder says what is wrong
+    if read_header is None:
         return
-    if declared is not None and declared > math.prod(page.chunks):
-        kind = "tile" if page.is_tiled else "strip"
+    kind = "tile" if page.is_tiled else "strip"
+    codec = getattr(page.compression, "name", page.compression)
+    jpegheader = getattr(page, "jpegheader", None)  # NDPI: the frame header is the file's, the chunk only its scan
+    try:
+        declared = read_header(data if jpegheader is None else jpegheader + data)
+    except ValueError as err:
+        raise ValueError(f"{kind} {index} {err}; it was not decoded") from None
+    if declared > math.prod(page.chunks):
         raise ValueError(
-            f"{kind} {index} declares {declared} samples (height x width x components) in its "
-            f"{getattr(page.compression, 'name', page.compression)} header, more than the "
+            f"{kind} {index} declares {declared} samples (height x width x components) in its {codec} header, more than the "
             f"{' x '.join(map(str, page.chunks))} of the TIFF's {kind}s; it was not decoded"
         )
 
