@@ -103,3 +103,20 @@ def test_holding_out_the_only_site_with_validation_patients_is_refused(tmp_path,
     assert err.value.where == str(pool.pool_dir) and "val-fraction" in err.value.hint
     held = hold_out_site(pool, "site_b")  # the other way round, site_a keeps train and validation
     assert set(held.split("val")["site"]) == {"site_a"} and set(held.split("test")["site"]) == {"site_b"}
+
+
+@pytest.mark.parametrize("pooling", [{"cv_folds": 2, "cv_fold": 0, "cv_seed": 0}, {"refit": True}], ids=["cv-fold", "refit"])
+def test_a_fold_or_refit_of_a_site_held_out_needs_no_validation_split_of_its_own(tmp_path, xrays, monkeypatch, pooling):
+    """A fold cuts its validation images from train + validation, a refit trains on both: the pool's own split is unused."""
+    from types import SimpleNamespace
+
+    from medtriage.data.sources import registry
+
+    pool = _split_pool(tmp_path / "pool", xrays, {"site_a": 20, "site_b": 4})
+    monkeypatch.setattr(registry, "build_pool", lambda data: pool)
+    data = SimpleNamespace(**{"holdout_site": "site_a", "cv_folds": None, "refit": False, **pooling})
+    run = registry.load_pool(data)
+    assert "site_a" not in set(run.rows.loc[run.rows["split"] != "test", "site"])  # the held-out site never trains
+    assert len(run.split("train")) > 0
+    if not pooling.get("refit"):
+        assert len(run.split("val")) > 0  # the fold's own validation images, cut from site_b's

@@ -4,9 +4,10 @@ A patient (site + patient id: ids are only unique within a hospital; the id with
 `patient_identity`) lands in exactly one split, so no test image shares a patient with a training image. Within each stratum (site, patient label)
 patients are shuffled with a seed and cut by the requested fractions (each count rounded), so every site and class
 is represented in every split in proportion once its stratum is large enough: at the default fractions a stratum of
-one or two patients goes to train whole and one of three has none in val, which the leakage audit then reports as
-`site_without_positives` when it is a site's positive stratum. The patient label is the max of its image labels:
-a patient with any pneumonia image counts as a pneumonia patient.
+one or two patients goes to train whole and one of three has none in val, which the leakage audit then reports:
+`site_without_positives` (an error) when it is a site's positive stratum, `site_without_negatives` (a warning) when it
+is its negative one, and `site_in_one_split` (a warning) when all of a site's strata are that small. The patient
+label is the max of its image labels: a patient with any pneumonia image counts as a pneumonia patient.
 """
 
 from __future__ import annotations

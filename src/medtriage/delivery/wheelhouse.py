@@ -123,11 +123,12 @@ def download_dependencies(wheel: Path, out_dir: Path, python: str, platform: str
 def target_environment(python: str, platform: str) -> dict[str, str]:
     """PEP 508 marker values of a CPython `python` on a Linux `platform`."""
     arch = platform_tags(platform)[0].split("_", 3)[-1]
+    full = _full_version(python)
     return {
-        "python_version": python,
-        "python_full_version": f"{python}.0",
+        "python_version": ".".join(full.split(".")[:2]),
+        "python_full_version": full,
         "implementation_name": "cpython",
-        "implementation_version": f"{python}.0",
+        "implementation_version": full,
         "platform_python_implementation": "CPython",
         "os_name": "posix",
         "sys_platform": "linux",
@@ -135,6 +136,14 @@ def target_environment(python: str, platform: str) -> dict[str, str]:
         "platform_machine": arch,
         "extra": "",
     }
+
+
+def _full_version(python: str) -> str:
+    """`python` as three parts, zeros added: "3.11" is 3.11.0. `pip download --python-version 3.11` pads it the same
+    way and judges each wheel's Requires-Python by 3.11.0, so the markers here judge the wheelhouse as pip chose it
+    (`python_full_version >= "3.11.1"` is false for it, as pip would refuse a wheel that requires 3.11.1)."""
+    parts = python.split(".")[:3]
+    return ".".join(parts + ["0"] * (3 - len(parts)))
 
 
 def missing_requirements(wheels: list[Path], environment: dict[str, str]) -> list[str]:
@@ -259,8 +268,17 @@ def _pip_download(requirements: list[str], out_dir: Path, python: str, tags: lis
         errors = [line.strip() for line in log if line.startswith("ERROR")] or log[-5:]
         raise BuildError(
             f"pip could not download every dependency for Python {python} on {tags[0]}: {' '.join(errors)[-600:]}",
-            hint="a dependency may have no binary wheel for that Python/platform; check the index named in pip's configuration",
+            where=f"pip download of {_listed(requirements)} into {out_dir}",
+            hint="check --python and --platform against the target machines (a dependency may have no binary wheel for "
+            "them); pip takes its index from its configuration: a machine without internet access needs a local index "
+            "or wheel folder (PIP_INDEX_URL, PIP_FIND_LINKS, or index-url / find-links in pip.conf)",
         )
+
+
+def _listed(requirements: list[str], shown: int = 5) -> str:
+    """The first `shown` requirements, and how many more: an error stays readable."""
+    more = f" and {len(requirements) - shown} more" if len(requirements) > shown else ""
+    return ", ".join(requirements[:shown]) + more
 
 
 def wheel_name_version(wheel: Path) -> tuple[str, str]:

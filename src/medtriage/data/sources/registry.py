@@ -73,7 +73,8 @@ def load_pool(data) -> Manifest:
     """The pooled manifest the `data` config group describes, built on first use (and one site held out when asked)."""
     manifest = build_pool(data)
     if getattr(data, "holdout_site", None):
-        manifest = hold_out_site(manifest, data.holdout_site)
+        pooled = bool(getattr(data, "cv_folds", None) or getattr(data, "refit", False))  # folds or a refit: no validation split kept
+        manifest = hold_out_site(manifest, data.holdout_site, validated=not pooled)
     if getattr(data, "cv_folds", None):
         manifest = cross_validation_fold(manifest, data.cv_folds, data.cv_fold, data.cv_seed)
     if getattr(data, "refit", False):
