@@ -4,7 +4,6 @@ whose metadata is damaged, unreadable or larger than its header states (tiny whe
 from __future__ import annotations
 
 import struct
-import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from medtriage.delivery.wheelhouse import (
 )
 from medtriage.errors import ConfigError
 from tests.delivery.test_bundle import _wheel
+from tests.memory import outcome_and_peak_bytes
 
 
 @pytest.mark.parametrize("platform", ["manylinux_2_4_x86_64", "manylinux_1_9_x86_64", "manylinux_3_0_x86_64"])
@@ -84,12 +84,7 @@ def test_metadata_larger_than_its_header_states_is_not_unpacked_whole(tmp_path, 
     monkeypatch.setattr(wheelhouse, "METADATA_MAX", limit)
     wheel = _understated_metadata(tmp_path / "alpha-1.0-py3-none-any.whl", 32 * limit, method)
     assert wheel.stat().st_size < limit // 8  # a small file
-    tracemalloc.start()
-    try:
-        with pytest.raises(BuildError) as refused:
-            wheel_metadata(wheel)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    refused, peak = outcome_and_peak_bytes(lambda: wheel_metadata(wheel))
+    assert isinstance(refused, BuildError), refused
     assert peak < 4 * limit, f"{peak / limit:.1f} MiB unpacked"
-    assert refused.value.where == str(wheel) and refused.value.hint
+    assert refused.where == str(wheel) and refused.hint

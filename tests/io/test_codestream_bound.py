@@ -16,7 +16,6 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000, JPEGBaseline8Bit
 
-import medtriage.io.dicom
 from medtriage.errors import DicomError
 from medtriage.io.decode_limits import MAX_HEADER_SEGMENTS
 from medtriage.io.dicom import read_dicom
@@ -25,19 +24,6 @@ SIDE = 16
 HUGE = 40_000  # 40000 x 40000 samples: gigabytes, if a decoder were let loose on it
 COMMENT = b"x" * 65_000  # nearly the largest a segment can hold
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
-
-
-@pytest.fixture
-def decoder_calls(monkeypatch) -> list:
-    """Stands in for the pixel decoder: a refused frame must never reach it."""
-    calls = []
-
-    def decode(ds, where, frame):
-        calls.append(where)
-        raise RuntimeError("the decoder was reached")
-
-    monkeypatch.setattr(medtriage.io.dicom, "_decode_stored", decode)
-    return calls
 
 
 def _jpeg(comments: int, comment: bytes = COMMENT, side: tuple[int, int] | None = None) -> bytes:

@@ -15,7 +15,6 @@ from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 
-import medtriage.io.dicom
 from medtriage.errors import DicomError
 from medtriage.io.deid import SiteKey, deidentify
 from medtriage.io.dicom import read_dicom
@@ -24,19 +23,6 @@ from tests.io.test_dicom import sample_file
 
 HUGE = 40_000  # 40000 x 40000 samples: gigabytes, if a decoder were let loose on it
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
-
-
-@pytest.fixture
-def decoder_calls(monkeypatch) -> list:
-    """Stands in for the pixel decoder: a refused frame must never reach it."""
-    calls = []
-
-    def decode(ds, where, frame):
-        calls.append(where)
-        raise RuntimeError("the decoder was reached")
-
-    monkeypatch.setattr(medtriage.io.dicom, "_decode_stored", decode)
-    return calls
 
 
 def _saved(ds: pydicom.Dataset) -> bytes:

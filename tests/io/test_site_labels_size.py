@@ -3,7 +3,6 @@ in memory. The files over the limit are sparse: their size is real, their blocks
 
 from __future__ import annotations
 
-import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from medtriage.data.pool import read_labels
 from medtriage.errors import InputError
 from medtriage.io.site_labels import MAX_LABELS_BYTES, read_site_labels
+from tests.memory import outcome_and_peak_bytes
 
 HEADER = b"sop_instance_uid,finding\n1.2.3,pneumonia\n"
 
@@ -26,15 +26,10 @@ def labels_of_size(folder: Path, size: int) -> Path:
 def test_a_labels_file_over_the_limit_is_refused_before_it_is_read(tmp_path):
     """Before, the whole file was read and parsed (a few GB of rows for a file of a few hundred MB)."""
     path = labels_of_size(tmp_path, MAX_LABELS_BYTES + 1)
-    tracemalloc.start()
-    try:
-        with pytest.raises(InputError) as refused:
-            read_site_labels(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert refused.value.reason == f"labels.csv holds {MAX_LABELS_BYTES + 1} bytes, over the limit of {MAX_LABELS_BYTES}"
-    assert refused.value.where == str(path) and "identifier and label columns" in refused.value.hint
+    refused, peak = outcome_and_peak_bytes(lambda: read_site_labels(path))
+    assert isinstance(refused, InputError), refused
+    assert refused.reason == f"labels.csv holds {MAX_LABELS_BYTES + 1} bytes, over the limit of {MAX_LABELS_BYTES}"
+    assert refused.where == str(path) and "identifier and label columns" in refused.hint
     assert peak < 1 << 20
 
 

@@ -18,6 +18,7 @@ from medtriage.io.slide_reader import MAX_TIFF_PAGES, open_slide
 from tests.io.test_fallback_decoder_scope import unsigned_10_bit_with_a_high_bit_set
 from tests.io.test_j2k_reduced import block_means
 from tests.io.test_unused_bits_after_pydicom import with_pixels
+from tests.memory import outcome_and_peak_bytes
 
 pytest.importorskip("imagecodecs")
 
@@ -131,21 +132,6 @@ def with_jpeg_size_claim(source: Path, path: Path, series: int, height: int, wid
     struct.pack_into(">HH", data, sof + 5, height, width)
     path.write_bytes(data)
     return path
-
-
-def outcome_and_peak_bytes(action) -> tuple[object, int]:
-    """What `action` returned or raised, and the most memory it held (numpy's and the codecs' arrays included)."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        try:
-            outcome = action()
-        except Exception as err:  # handed to the test
-            outcome = err
-        return outcome, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def test_a_jpeg_tile_declaring_more_pixels_than_its_tile_is_refused_before_it_is_decoded(tmp_path):
