@@ -21,6 +21,13 @@ class MedTriageError(Exception):
         super().__init__(" ".join(parts))
 
 
+def printable(text: str) -> str:
+    """`text` as a terminal shows it written, on one line: messages carry file names and header values, whose control
+    characters (a newline that makes one error read as two, an escape sequence that rewrites the screen) and other
+    unprintable ones are shown as escapes (\\n, \\x1b); letters of every script stay as they are."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class InputError(MedTriageError):
     """An input file or request cannot be used (corrupt, unsupported, not an image)."""
 

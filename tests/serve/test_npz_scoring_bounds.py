@@ -18,6 +18,7 @@ from medtriage.serve import npz
 from medtriage.serve.npz import score_npz
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
+from tests.serve.test_package_input_shape import with_input_dims
 
 
 def save_split(path, images: np.ndarray, labels: np.ndarray):
@@ -79,28 +80,30 @@ def test_a_split_over_the_bound_is_refused_before_its_images_are_read(predictor,
     assert peak < images.nbytes // 8
 
 
-def channels_mismatched(package_copy):
-    """The package with model.json stating 3 input channels for a graph that takes 1 (model.json is not covered by
-    the package's digest): the npz's grayscale images are repeated into 3 channels, which ONNX Runtime refuses."""
-    meta = json.loads((package_copy / "model.json").read_text())
+def channels_mismatched(package_copy, tmp_path):
+    """The package with its graph's channel dimension left free and model.json stating 3 input channels (a fixed one
+    that disagrees is refused at load): the npz's grayscale images are repeated into 3 channels, which ONNX Runtime
+    refuses when it runs the graph."""
+    package = with_input_dims(package_copy, tmp_path / "free_channels", {1: "channels"})
+    meta = json.loads((package / "model.json").read_text())
     meta["input"]["channels"] = 3
-    (package_copy / "model.json").write_text(json.dumps(meta))
-    return package_copy
+    (package / "model.json").write_text(json.dumps(meta))
+    return package
 
 
 def test_an_onnx_runtime_failure_names_the_npz_split_and_batch(package_copy, tmp_path, monkeypatch):
-    scorer = Predictor(load_package(channels_mismatched(package_copy)), threads=1)
+    scorer = Predictor(load_package(channels_mismatched(package_copy, tmp_path)), threads=1)
     path = save_split(tmp_path / "gray.npz", np.zeros((5, 28, 28), np.uint8), np.zeros(5, np.int64))
     monkeypatch.setattr(npz, "BATCH", 2)
     with pytest.raises(MedTriageError) as caught:
         score_npz(scorer, path, "test")
     assert caught.value.where == f"{path}#test_images[0:2]" and "ONNX Runtime" in caught.value.reason
-    assert "Got: 3 Expected: 1" in caught.value.reason and "model.json" in caught.value.hint
+    assert "Input channels C is not equal to kernel channels" in caught.value.reason and "model.json" in caught.value.hint
     assert isinstance(caught.value.__cause__, Exception)
 
 
 def test_the_cli_reports_an_onnx_runtime_failure_without_a_traceback(package_copy, tmp_path):
-    package = channels_mismatched(package_copy)
+    package = channels_mismatched(package_copy, tmp_path)
     path = save_split(tmp_path / "gray.npz", np.zeros((5, 28, 28), np.uint8), np.zeros(5, np.int64))
     command = [sys.executable, "-m", "medtriage.cli", "score", str(package), "--npz", str(path), "--split", "test"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from medtriage import __version__
-from medtriage.errors import MedTriageError
+from medtriage.errors import MedTriageError, printable
 
 # Modules that define `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
@@ -56,7 +56,7 @@ def report_errors(func: Callable[..., int | None], *args) -> int:
     try:
         return int(func(*args) or 0)
     except MedTriageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err))}", file=sys.stderr)
         return 2
 
 
@@ -69,5 +69,5 @@ def exit_with_message(err: MedTriageError) -> NoReturn:
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise err
-    print(f"error: {err}", file=sys.stderr)
+    print(f"error: {printable(str(err))}", file=sys.stderr)
     raise SystemExit(2) from None

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medtriage.errors import ConfigError, MedTriageError
+from medtriage.errors import ConfigError, MedTriageError, printable
 from medtriage.model.averaging import TTA
 
 # MLflow and the exporters are imported once the arguments are found sound: a mistyped command answers at once.
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         _use_project_store()
         export_from_mlflow(run_id, overrides)
     except MedTriageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err))}", file=sys.stderr)
         return 2
     return 0
 
@@ -109,7 +109,7 @@ def _export_ensemble(args: argparse.Namespace, run_ids: list[str], overrides: li
         else:
             package, run_id, _ = export_ensemble(run_ids, args.name, tta=args.tta, overrides=overrides)
     except MedTriageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err))}", file=sys.stderr)
         return 2
     print(f"ensemble package {package} (MLflow run {run_id})")
     return 0

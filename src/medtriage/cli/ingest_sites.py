@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medtriage.errors import MedTriageError
+from medtriage.errors import MedTriageError, printable
 from medtriage.io.ingest import add_sites_arguments, run_sites
 
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_sites(parser.parse_args(argv))
     except MedTriageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err))}", file=sys.stderr)
         return 1
 
 

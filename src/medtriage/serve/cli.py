@@ -6,10 +6,12 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from medtriage.arguments import non_negative_int, positive_float, positive_int
+from medtriage.errors import printable
 from medtriage.io.decode_limits import DecodeLimits, set_default_limits
 from medtriage.serve.admission import DEFAULT_QUEUE
 from medtriage.serve.batching import add_batching_options, concurrent_requests, enable_batching
@@ -213,13 +215,15 @@ def _whole_slides_as_folders(files: list[Path]) -> list[Path]:
     from medtriage.io.slide_reader import is_dicom_wsi_file
 
     kept, slide_folders = [], set()
-    for path in files:
-        if path.suffix.lower() in ("", ".dcm") and is_dicom_wsi_file(path):
-            if path.parent not in slide_folders:
-                slide_folders.add(path.parent)
-                kept.append(path.parent)
-        else:
-            kept.append(path)
+    with warnings.catch_warnings():  # what pydicom says of a header is said once, when its file is read to be scored
+        warnings.simplefilter("ignore")
+        for path in files:
+            if path.suffix.lower() in ("", ".dcm") and is_dicom_wsi_file(path):
+                if path.parent not in slide_folders:
+                    slide_folders.add(path.parent)
+                    kept.append(path.parent)
+            else:
+                kept.append(path)
     return kept
 
 
@@ -315,7 +319,7 @@ def _score_npz(predictor: Predictor, args: argparse.Namespace) -> int:
     try:
         scores, labels = score_npz(predictor, args.npz, args.split)
     except MedTriageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err))}", file=sys.stderr)
         return 2
     _print_results(args, predictor, scores, [], labels)
     print(f"{len(labels)} image(s) of {args.npz} [{args.split}] scored; provider {predictor.provider}", file=sys.stderr)
@@ -358,7 +362,7 @@ def run_serve(args: argparse.Namespace) -> int:
         token = _serving_token(args)
         tls = _tls_files(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err))}", file=sys.stderr)
         return 2
     tune_allocator()
     apply_decode_limits(args)

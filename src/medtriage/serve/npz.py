@@ -12,12 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from medtriage.errors import InputError, PackageError
 from medtriage.io.dicom import DecodedImage
 from medtriage.io.npz import NPZ_HINT, SPLITS, array_shape, read_npz
-from medtriage.serve.predictor import Predictor, Score, require_finite_outputs
+from medtriage.serve.predictor import ORT_ERRORS, Predictor, Score, require_finite_outputs
 from medtriage.serve.scope import UNUSUAL_INPUT
 
 BATCH = 256
@@ -29,9 +28,6 @@ BATCH_BYTES = 256 << 20
 MAX_IMAGES = 1_000_000
 # A split with an image the graph returns NaN for is not scored at all: figures without it would not cover the split.
 NOT_FINITE_HINT = "no image of the split was scored; report it to whoever maintains the model package"
-# What ONNX Runtime raises from `run` (a graph refusing an input shape, an allocation or provider failure): its own
-# classes, each derived from Exception alone, so they are collected by module rather than caught by a base class.
-ORT_ERRORS = tuple(c for c in vars(_ort_state).values() if isinstance(c, type) and issubclass(c, Exception))
 
 
 def read_npz_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:

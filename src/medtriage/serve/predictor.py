@@ -10,10 +10,11 @@ from typing import BinaryIO
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from medtriage.errors import ConfigError, InputError, MedTriageError, PackageError
 from medtriage.io.dicom import DecodedImage, read_dicom
-from medtriage.serve.package import REEXPORT_HINT, ModelPackage, scored_by
+from medtriage.serve.package import REEXPORT_HINT, ModelPackage, check_input_shape, scored_by
 from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unguarded
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,9 @@ FRAME_BATCH = 16  # frames of a multi-frame object scored per ORT call
 # With reduced_j2k, a JPEG 2000 image is decoded at the coarsest level still this many times the model's input
 # size: the graph's antialiased resize then does the last step (scores move by ~0.02 at most on the test CRs).
 J2K_SIDE_MARGIN = 8
+# What ONNX Runtime raises from `run` (a graph refusing an input, a kernel or provider failure): its own classes, each
+# derived from Exception alone, so they are collected by module rather than caught by a base class.
+ORT_ERRORS = tuple(c for c in vars(_ort_state).values() if isinstance(c, type) and issubclass(c, Exception))
 
 
 @dataclass
@@ -206,6 +210,8 @@ class Predictor:
         # Out-of-scope and unusual inputs are refused unless this is set; then they are scored and flagged.
         self.allow_out_of_scope = allow_out_of_scope
         warn_if_unguarded(package.meta, package.describe(with_sha=False))
+        # load_package checked the file; this is the input as ONNX Runtime will feed it, for packages built in memory
+        check_input_shape(package.meta, self.session.get_inputs()[0].shape, where=package.directory)
         outputs = [o.name for o in self.session.get_outputs()]
         _check_ood_output(package, outputs)
         self.output_names = outputs[:1] + ([package.ood_output] if package.ood_output else [])
@@ -250,7 +256,7 @@ class Predictor:
         pixels = to_model_channels(image.pixels, self.package.channels, name)
         means = _frame_means(image, pixels)
         _require_finite(means, name)
-        chunks = [self.outputs(pixels[i : i + FRAME_BATCH]) for i in range(0, len(pixels), FRAME_BATCH)]
+        chunks = [self._image_outputs(pixels[i : i + FRAME_BATCH], name) for i in range(0, len(pixels), FRAME_BATCH)]
         probs = np.concatenate([c[0] for c in chunks])
         ood = np.concatenate([c[1] for c in chunks]) if chunks[0][1] is not None else None
         require_finite_outputs(probs, ood, [name] * len(probs))
@@ -260,6 +266,20 @@ class Predictor:
             for i, p in enumerate(probs)
         ]
         return self._screen_content(scores, ood, name)
+
+    def _image_outputs(self, pixels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """`outputs` of frames of the image `name`. The pixels are what model.json's `input` states by now, so a graph
+        that refuses them (e.g. its channels, where it leaves them free) is the package's mismatch, not an internal error."""
+        try:
+            return self.outputs(pixels)
+        except ORT_ERRORS as err:
+            raise PackageError(
+                f"ONNX Runtime could not score this image's {list(pixels.shape)} float32 pixels "
+                f"(model.json declares {self.package.channels} channel(s); {type(err).__name__}: {' '.join(str(err).split())})",
+                where=name,
+                hint=f"check that {self.package.onnx_path} takes what model.json's 'input' states (re-export the package if "
+                "not), or run with --provider cpu if the accelerator failed",
+            ) from err
 
     def _scope_flags(self, image: DecodedImage, name: str) -> list[str]:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from medtriage.errors import printable
 from medtriage.io.safe_output import spreadsheet_row
 from medtriage.serve.predictor import Predictor, Rejection, Score
 
@@ -62,16 +63,10 @@ def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejec
     ]
     rows += [[Path(r.file).name, "—", "—", "REJECTED", "—", f"{r.reason} ({r.hint})" if r.hint else r.reason] for r in rejected]
     # the header too: the positive label comes from model.json, which the package's digest does not cover
-    header, *rows = [[_printable(str(cell)) for cell in row] for row in [header, *rows]]
+    header, *rows = [[printable(str(cell)) for cell in row] for row in [header, *rows]]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]) for row in [header, *rows]]
     return "\n".join(lines)
-
-
-def _printable(text: str) -> str:
-    """File names and reasons can carry control characters (an escape sequence in a file name rewrites the terminal
-    that shows it): they are printed as escapes."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _decision(score: Score) -> str:

@@ -256,9 +256,13 @@ class Worklist:
         missing = self._picture_missing(study, top)
         if missing:
             raise HTTPException(409, {"reason": missing, "hint": "open the study in the PACS viewer, or serve the package that scored it"})
-        frame = self._frame(study, top)
-        started = time.perf_counter()
-        result, png = explain_frame(self.predictor, frame, DISPLAY_SIDE)
+        try:
+            frame = self._frame(study, top)
+            started = time.perf_counter()
+            result, png = explain_frame(self.predictor, frame, DISPLAY_SIDE)
+        except MedTriageError as err:  # e.g. the graph returns NaN for occluded copies, or the spooled file no longer reads
+            hint = err.hint or "the score stands; open the study in the PACS viewer"
+            raise HTTPException(422, {"reason": f"no picture could be drawn: {err.reason}", "hint": hint}) from err
         drawing = {**result.describe(), "ms": round(1000 * (time.perf_counter() - started), 1), "package": scored_by(top)}
         self.store.save_overlay(top["sop_uid"], png, drawing)
         with self._lock:
@@ -385,6 +389,7 @@ def worklist_router(worklist: Worklist) -> APIRouter:
             200: {"content": {"image/png": {}}},
             409: {"description": "the study was scored by a package other than the one served, which drew no picture of it"},
             410: {"description": "the study's image is no longer held"},
+            422: {"description": "no picture could be drawn of the image (the reason says why; the score stands)"},
         },
     )
     async def row_overlay(entry_id: str) -> Response:
