@@ -8,12 +8,12 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from medtriage.errors import InputError
-from medtriage.evaluation.metrics import binary_labels, finite
+from medtriage.evaluation.metrics import EvaluationInputError, binary_labels, finite
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
-    values = np.asarray(values, dtype=np.float64)
+    values = finite(values, "figures to average")  # one NaN (an undefined AUC) would make both NaN
     if values.size == 0:  # numpy would answer NaN with a warning
         raise InputError("no values to take the mean and standard deviation of", hint="pass one figure per seed")
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -65,9 +65,12 @@ def bootstrap_auc_difference_ci(
 def _checked(labels: np.ndarray, scores: np.ndarray, what: str = "scores") -> tuple[np.ndarray, np.ndarray]:
     labels, scores = binary_labels(labels, "bootstrap labels"), np.atleast_2d(finite(scores, what))
     if len(np.unique(labels)) < 2:
-        raise ValueError("bootstrap AUC needs both classes in the labels")
+        raise EvaluationInputError(
+            f"bootstrap AUC needs both classes in the labels; the {len(labels)} labels hold {np.unique(labels).tolist()}",
+            hint="an AUC is undefined on images of one class: score a split with positive and negative images",
+        )
     if scores.shape[1] != len(labels):
-        raise ValueError(f"{scores.shape[1]} scores per model for {len(labels)} labels")
+        raise EvaluationInputError(f"{scores.shape[1]} scores per model for {len(labels)} labels", hint="pass one score per labelled image")
     return labels, scores
 
 

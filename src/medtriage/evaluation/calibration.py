@@ -10,7 +10,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import log_loss
 
 from medtriage.errors import InputError
-from medtriage.evaluation.metrics import class_matrix, softmax, unit_interval
+from medtriage.evaluation.metrics import EvaluationInputError, class_labels, class_matrix, require_images, softmax, unit_interval
 
 log = logging.getLogger(__name__)
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # [1/20, 20] covers under- and over-confident nets
@@ -25,7 +25,7 @@ def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T > 0 minimising validation NLL of softmax(logits / T) (Guo et al. 2017)."""
-    logits = class_matrix(logits, "logits")
+    logits, labels = _scored(logits, labels)
     classes = np.arange(logits.shape[1])
 
     def nll(log_t: float) -> float:
@@ -49,7 +49,7 @@ def cross_fitted_log_loss(logits: np.ndarray, labels: np.ndarray, seed: int = 0)
     stratified halves and each half is scored with the temperature fitted on the other. A served model is scaled by a
     temperature fitted on validation, so this is the log-loss it can be expected to serve; fitting and scoring on the
     same cases would flatter it."""
-    logits, labels = class_matrix(logits, "logits"), np.asarray(labels)
+    logits, labels = _scored(logits, labels)
     classes = np.arange(logits.shape[1])
     halves = stratified_halves(labels, seed)
     total = 0.0
@@ -57,6 +57,15 @@ def cross_fitted_log_loss(logits: np.ndarray, labels: np.ndarray, seed: int = 0)
         temperature = fit_temperature(logits[fit], labels[fit])
         total += log_loss(labels[scored], probabilities(logits[scored], temperature), labels=classes, normalize=False)
     return total / len(labels)
+
+
+def _scored(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits `[images, classes]` and one class number per image (a log-loss would otherwise pair images with other
+    images' labels, or fail in scikit-learn)."""
+    logits = class_matrix(logits, "logits")
+    labels = class_labels(labels, logits.shape[1])
+    require_images(labels, len(logits))
+    return logits, labels
 
 
 def cross_fittable(labels: np.ndarray) -> bool:
@@ -78,7 +87,10 @@ def stratified_halves(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np
     labels = np.asarray(labels)
     counts = _class_counts(labels)
     if not _fittable(counts):
-        raise ValueError(f"cross-fitting a temperature needs at least 2 cases of each of 2 classes; got class counts {counts}")
+        raise EvaluationInputError(
+            f"cross-fitting a temperature needs at least 2 cases of each of 2 classes; got class counts {counts}",
+            hint="check with cross_fittable first, or score a split with more images of each class",
+        )
     rng = np.random.default_rng(seed)
     first, second = [], []
     for c in counts:
@@ -97,7 +109,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 def confidence_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean confidence, accuracy, image count) of each non-empty bin of top-label confidence: `n_bins` equal-width
     bins [k/n, (k+1)/n), the last one closed so that a confidence of 1.0 counts."""
-    probs, labels = unit_interval(class_matrix(probs, "probabilities"), "probabilities"), _class_numbers(labels)
+    probs = unit_interval(class_matrix(probs, "probabilities"), "probabilities")
+    labels = class_labels(labels, probs.shape[1])  # a string, a fraction or another class never equals an argmax
     if not (isinstance(n_bins, (int, np.integer)) and n_bins >= 1):  # 0 would quietly bin everything together
         raise InputError(f"{n_bins!r} confidence bins", hint="use 1 or more bins (15 by default)")
     if len(probs) == 0:
@@ -113,12 +126,3 @@ def confidence_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> 
         np.array([correct[bins == b].mean() for b in used]),
         counts,
     )
-
-
-def _class_numbers(labels: np.ndarray) -> np.ndarray:
-    """`labels` as class numbers (bool, integer or integer-valued float): a string or a fraction never equals an
-    argmax, so every image would silently count as wrong."""
-    labels = np.asarray(labels)
-    if labels.dtype.kind not in "biuf" or not np.array_equal(labels, np.round(labels)):
-        raise InputError(f"labels are not class numbers: values {np.unique(labels)[:5].tolist()}", hint="pass one class index per image")
-    return labels

@@ -13,6 +13,12 @@ from medtriage.errors import InputError
 
 THRESHOLD = 0.5
 PROBABILITY_SLACK = 1e-6  # float32 softmax outputs may overshoot 1 by a rounding step
+LABELS_HINT = "pass one class index (0 to the number of classes - 1) per scored image"
+
+
+class EvaluationInputError(InputError, ValueError):
+    """Inputs no evaluation figure can be computed on. Also a ValueError, the type callers catching a bad argument to
+    these functions expect."""
 
 
 def finite(values: np.ndarray, what: str) -> np.ndarray:
@@ -63,6 +69,33 @@ def binary_labels(labels: np.ndarray, what: str = "labels") -> np.ndarray:
     return labels.astype(int)
 
 
+def class_labels(labels: np.ndarray, n_classes: int, what: str = "labels") -> np.ndarray:
+    """`labels` as int64 class indices in [0, n_classes) (bool, integer or integer-valued float): a string, a fraction
+    or NaN never equals a predicted class and a number outside the classes is a class the model does not have, so each
+    would count as wrong, or fail deep in scikit-learn; `astype(int)` would truncate 0.7 to class 0."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "biuf" or not _whole_numbers_below(labels, n_classes):
+        shown = list(dict.fromkeys(labels.ravel().tolist()))[:5]  # in order of appearance: mixed types do not sort
+        raise EvaluationInputError(
+            f"{what} are not class numbers of a {n_classes}-class model: shape {list(labels.shape)}, values {shown}",
+            hint=LABELS_HINT,
+        )
+    return labels.astype(np.int64)
+
+
+def _whole_numbers_below(values: np.ndarray, limit: int) -> bool:
+    with np.errstate(invalid="ignore"):  # NaN compares False: refused
+        return bool(np.all((values >= 0) & (values < limit) & (values == np.round(values))))
+
+
+def require_images(labels: np.ndarray, images: int, what: str = "images") -> None:
+    """Refuse labels that are not one per image (pairing an image with another's label), or no images at all."""
+    if len(labels) != images:
+        raise EvaluationInputError(f"{len(labels)} labels for {images} {what}", hint=LABELS_HINT)
+    if images == 0:
+        raise EvaluationInputError(f"no images to evaluate: 0 {what}", hint="score at least one image of the split")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of `[N, K]` logits (the one used by metrics, calibration and predictions)."""
     # In float64: float32 rounds every p > 1 - 6e-8 (logit margin > ~17) to 1.0, tying confident cases in AUC/ROC.
@@ -94,6 +127,9 @@ def predicted_classes(probs: np.ndarray, positive: int = 1) -> np.ndarray:
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """auc, acc, log-loss (and Brier score) of the uncalibrated probabilities, and for binary tasks sens/spec at the 0.5 threshold (each only when defined)."""
+    probs = class_matrix(probs, "probabilities")
+    labels = class_labels(labels, probs.shape[1])
+    require_images(labels, len(probs))
     predicted = predicted_classes(probs)
     metrics = {"acc": float(accuracy_score(labels, predicted)), "n": float(len(labels))}
     metrics["log_loss"] = float(log_loss(labels, probs, labels=np.arange(probs.shape[1])))
@@ -112,7 +148,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
 
 def evaluate(logits: np.ndarray, labels: np.ndarray, sites: np.ndarray, prefix: str) -> dict[str, float]:
     """Overall and per-site metrics as flat MLflow keys: `val/auc`, `val/site/<site>/auc`, ..."""
-    probs = softmax(logits)
+    probs, sites = softmax(logits), np.asarray(sites)
+    labels = class_labels(labels, probs.shape[1])
+    require_images(labels, len(probs))
+    if len(sites) != len(probs):  # a boolean mask of another length fails in numpy, naming neither
+        raise EvaluationInputError(f"{len(sites)} sites for {len(probs)} images", hint="pass one site per scored image")
     metrics = {f"{prefix}/{k}": v for k, v in classification_metrics(labels, probs).items()}
     for site in sorted(set(sites)):
         mask = sites == site

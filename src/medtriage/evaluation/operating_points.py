@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from medtriage.errors import ConfigError, InputError
-from medtriage.evaluation.metrics import binary_labels, finite, unit_interval
+from medtriage.evaluation.metrics import EvaluationInputError, binary_labels, finite, unit_interval
 
 # Rules that turn validation scores into a threshold (see choose_threshold).
 THRESHOLD_RULES = ("sensitivity", "specificity", "youden")
@@ -48,6 +48,11 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str, target: 
         scores = scores.astype(np.float64)
     unit_interval(scores, "validation scores")  # a threshold on logits would not apply to the served probabilities
     labels = binary_labels(labels, "validation labels")
+    if scores.ndim != 1 or len(labels) != len(scores):  # scikit-learn would refuse them without saying which is which
+        raise EvaluationInputError(
+            f"{len(labels)} labels for {len(scores)} scores of shape {list(scores.shape)}",
+            hint="pass one score per image, p(positive) (a column of the probabilities), and one label per score",
+        )
     if len(np.unique(labels)) < 2:
         raise InputError("validation split holds a single class; no threshold can be chosen", hint="check the split of the pool")
     fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
