@@ -15,8 +15,9 @@ import mlflow
 from omegaconf import OmegaConf
 
 from medtriage.errors import ConfigError
+from medtriage.export.from_mlflow import parse_overrides
 from medtriage.export.registry import find_checkpoint
-from medtriage.export.run import check_views_trained, export_net
+from medtriage.export.run import check_package_name, check_views_trained, export_net
 from medtriage.model.averaging import EnsembleNet
 from medtriage.model.checkpoint import load_model
 from medtriage.model.networks import TriageNet
@@ -45,10 +46,12 @@ def _check_same_data(run_ids: Sequence[str], configs: list[dict]) -> None:
 
 def export_ensemble(run_ids: Sequence[str], name: str, tta: str = "none", overrides: Sequence[str] = ()) -> tuple[Path, str, EnsembleNet]:
     """Package the ensemble of `run_ids` as `<models_dir>/<name>/`; returns (package dir, its MLflow run id, the net)."""
+    check_package_name(name)  # the name and the overrides are refused before any checkpoint is downloaded
+    changes = parse_overrides([f"export.name={name}", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         members, configs = load_members(run_ids, Path(tmp))
     check_views_trained(tta, configs)
-    config = OmegaConf.merge(OmegaConf.create(configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
+    config = OmegaConf.merge(OmegaConf.create(configs[0]), changes)
     net = EnsembleNet(members, tta).eval()
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(run_ids[0]).info.experiment_id

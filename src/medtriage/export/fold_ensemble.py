@@ -31,8 +31,16 @@ from medtriage.data.sources.registry import load_pool
 from medtriage.data.torch.datasets import limit_rows
 from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.evaluation.predictions import Predictions
+from medtriage.export.from_mlflow import parse_overrides
 from medtriage.export.ood import OodData
-from medtriage.export.run import check_export_settings, check_views_trained, export_tracked, ood_data_of, positive_index
+from medtriage.export.run import (
+    check_export_settings,
+    check_package_name,
+    check_views_trained,
+    export_tracked,
+    ood_data_of,
+    positive_index,
+)
 from medtriage.export.safety import scope_from_rows
 from medtriage.model.averaging import EnsembleNet, averaged
 from medtriage.model.checkpoint import final_checkpoint, load_model
@@ -190,6 +198,8 @@ def export_fold_ensemble(cv_dirs: Path | Sequence[Path], name: str, tta: str = "
     """Package the fold models of the cross-validation in `cv_dirs` (or of several, cut alike) as one ensemble
     `<models_dir>/<name>/`, calibrated on their out-of-fold predictions, tracked as an MLflow run of the folds' experiment
     in the current tracking store."""
+    check_package_name(name)  # before the fold models are loaded
+    parse_overrides(overrides)
     members = fold_members(cv_dirs)
     tags = {"cross_validation": "true"}
     return _export_out_of_fold(members.nets, members, cv_dirs, name, tta, overrides, HELD_OUT_SPLIT, f"{name}-folds", tags)
@@ -199,6 +209,8 @@ def export_refit(cv_dir: Path, refit_dirs: Sequence[Path], name: str, tta: str =
     """Package the refit runs in `refit_dirs` (the recipe of the cross-validation in `cv_dir`, trained with
     `data.refit=true` on all its images) as one model `<models_dir>/<name>/`, calibrated on the cross-validation's
     out-of-fold predictions, which stand in for the refit models' own held-out scores (they have none)."""
+    check_package_name(name)  # before the fold models are loaded
+    parse_overrides(overrides)
     members = fold_members(cv_dir)
     nets = [_refit_model(Path(d), members.configs[0]) for d in refit_dirs]
     if not nets:
@@ -255,7 +267,7 @@ def _export_out_of_fold(
     tags: dict,
 ) -> FoldEnsemble:
     """Export `nets` as one package calibrated on the out-of-fold predictions of `members` (the cross-validation)."""
-    config = OmegaConf.merge(OmegaConf.create(members.configs[0]), OmegaConf.from_dotlist([f"export.name={name}", *overrides]))
+    config = OmegaConf.merge(OmegaConf.create(members.configs[0]), parse_overrides([f"export.name={name}", *overrides]))
     export_cfg = check_export_settings(config.export)  # before the fold models score every labelled image
     positive_index(members.manifests[0].label_names, export_cfg.positive_label)  # so is the positive label
     check_views_trained(tta, members.configs)  # a refit's augmentation is its folds' (_refit_model)

@@ -1,22 +1,41 @@
-"""Export a finished MLflow run: fetch its best checkpoint, reuse the config inside it, call export_run
-(`python scripts/export.py run_id=<id> ...`, medtriage.cli.export)."""
+"""Export a finished MLflow run: fetch its best checkpoint, rebuild its network and export it with the config inside
+it, as export_run does after a training (`python scripts/export.py run_id=<id> ...`, medtriage.cli.export)."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from medtriage.errors import ConfigError
 from medtriage.export.registry import find_checkpoint
-from medtriage.export.run import export_run
-from medtriage.model.checkpoint import read_checkpoint
+from medtriage.export.run import export_net
+from medtriage.model.checkpoint import load_model
 
 
-def export_from_mlflow(run_id: str, overrides: list[str] = ()) -> Path:
+def export_from_mlflow(run_id: str, overrides: Sequence[str] = ()) -> Path:
     """Export run `run_id` with the config its checkpoint carries, plus `key=value` overrides."""
+    changes = parse_overrides(overrides)  # a mistyped override answers before anything is downloaded
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = find_checkpoint(run_id, Path(tmp))
-        config = OmegaConf.create(read_checkpoint(checkpoint)["config"])
-        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
-        return export_run(run_id=run_id, checkpoint=checkpoint, cfg=config)
+        net, train_config = load_model(checkpoint)  # a checkpoint that is not a training's says so, by name
+        config = OmegaConf.merge(OmegaConf.create(train_config), changes)
+        return export_net(net, train_config, config, run_id)
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """`key=value` overrides (Hydra's dotted form) as a config, each refused by name when it is not one."""
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or not key or "" in key.split("."):
+            raise ConfigError(f"{override!r} is not a key=value override", where=override, hint="write it as e.g. export.name=chest-r18")
+        try:
+            OmegaConf.from_dotlist([override])
+        except OmegaConfBaseException as err:
+            raise ConfigError(
+                f"cannot read the override: {str(err).splitlines()[0]}", where=override, hint="quote or fix its value"
+            ) from None
+    return OmegaConf.from_dotlist(list(overrides))

@@ -17,10 +17,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from medtriage.errors import PackageError
+from medtriage.errors import ConfigError, PackageError
 from medtriage.model.networks import TriageNet
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "probabilities"
+# The graph resizes with antialiasing, which ONNX's Resize has only from opset 18 on: the exporter writes 18 whatever
+# lower opset it is asked for. The highest is the newest this onnx knows (it cannot check a graph of a newer one).
+MIN_OPSET, MAX_OPSET = 18, onnx.defs.onnx_opset_version()
 log = logging.getLogger(__name__)
 # The exporter's graph passes log every rewrite at INFO; a training run's log should show only ours.
 for _chatty in ("onnx_ir", "onnxscript"):
@@ -66,7 +69,41 @@ def export_onnx(model: CalibratedNet, path: str | Path, opset: int = 18) -> Path
         )
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
+    written = graph_signature(path)["opset"]
+    if written != opset:  # model.json would name an opset the graph does not have
+        raise ConfigError(
+            f"export.opset={opset} was asked for, but the exporter wrote opset {written}",
+            where="export.opset",
+            hint=f"use export.opset={written} (from {MIN_OPSET} to {MAX_OPSET})",
+        )
     return path
+
+
+def graph_signature(path: str | Path) -> dict:
+    """What the graph at `path` says of itself: its ONNX opset, and the channels of its input and the width of its
+    first output (None where the graph leaves them free)."""
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+
+    def dim(value, axis: int) -> int | None:
+        dims = value.type.tensor_type.shape.dim
+        return dims[axis].dim_value if len(dims) > axis and dims[axis].HasField("dim_value") else None
+
+    return {"opset": opset, "channels": dim(model.graph.input[0], 1), "classes": dim(model.graph.output[0], 1)}
+
+
+def check_graph_agrees(onnx_path: Path, meta: dict, where: str | Path) -> None:
+    """model.json (to be written at `where`) describes the graph it ships with: its opset, its input's channels and its
+    output's classes."""
+    graph = graph_signature(onnx_path)
+    said = {"opset": meta["onnx"]["opset"], "channels": meta["input"]["channels"], "classes": meta["output"]["classes"]}
+    differ = [f"{key} {said[key]} in model.json, {graph[key]} in the graph" for key in said if graph[key] not in (None, said[key])]
+    if differ:
+        raise PackageError(
+            "model.json would not describe its graph: " + "; ".join(differ),
+            where=where,
+            hint="the network and the export's inputs disagree: export the checkpoint with the pool and config it was trained with",
+        )
 
 
 def onnx_session(path: str | Path) -> ort.InferenceSession:

@@ -104,7 +104,7 @@ def _package_lock(package_dir: Path) -> Iterator[None]:
     otherwise interleave: one deletes the other's staging folder as a leftover, or swaps its lower version in over the
     other's newer package after both passed their checks."""
     parent = Path(package_dir).parent
-    parent.mkdir(parents=True, exist_ok=True)
+    _make_models_folder(parent)
     if fcntl is None:
         yield
         return
@@ -114,6 +114,22 @@ def _package_lock(package_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(handle)
+
+
+def _make_models_folder(folder: Path) -> None:
+    """The folder packages land in, made where missing; refused with what the system said where it cannot be (a file
+    under its name or above it, no permission), before anything is written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = (
+            "it, or a folder above it, is a file" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror or str(err)
+        )
+        raise PackageError(
+            f"cannot make the folder the package goes in: {reason}",
+            where=folder,
+            hint="choose another folder for the package (export.models_dir, or --out)",
+        ) from err
 
 
 def _parity_of(meta: dict) -> str:

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,24 @@ from medtriage.errors import ConfigError
 from medtriage.evaluation.calibration import probabilities
 from medtriage.evaluation.operating_points import check_rule
 from medtriage.evaluation.predictions import Predictions
-from medtriage.export.onnx import INPUT_NAME, OUTPUT_NAME, CalibratedNet, check_parity, export_onnx, parity
+from medtriage.export.onnx import (
+    INPUT_NAME,
+    MAX_OPSET,
+    MIN_OPSET,
+    OUTPUT_NAME,
+    CalibratedNet,
+    check_graph_agrees,
+    check_parity,
+    export_onnx,
+    parity,
+)
 from medtriage.export.ood import OodData, fit_ood, ood_parity
 from medtriage.export.package import next_version, settle_package, split_metrics, write_package
 from medtriage.export.pathology import TilePool, check_slide_settings, pathology_block, thresholds_by_export_rules, tile_pool_of
 from medtriage.export.registry import artifact_path, log_package, registrar, run_git_commit
 from medtriage.export.safety import calibration_on_test, choose_calibration, drift_references, scope_from_rows
-from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION
+from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, schema_errors
+from medtriage.format.schema import MODEL_SCHEMA
 from medtriage.model.averaging import EnsembleNet, averaged, check_tta
 from medtriage.model.checkpoint import load_model
 from medtriage.model.networks import TriageNet
@@ -73,7 +84,9 @@ def export_model(
     and the drift references; `scope` is what the model may be shown (export/safety.py); `held_out_split` names what
     `val` is in model.json (`out-of-fold`: each image scored by a fold model that did not train on it); with
     `keep_previous`, the package it replaces stays aside until package.settle_package keeps or undoes the export."""
+    check_package_name(cfg.name)  # before any folder is made or looked into under it
     positive = positive_index(label_names, cfg.positive_label)
+    _check_outputs_named(val.logits, label_names)
     val_labels = np.asarray(val.labels).astype(int)
     calibration = choose_calibration(val.logits, val_labels, cfg.ece_bins, allowed=cfg.calibrate, split=held_out_split)
     temperature = calibration["temperature"]
@@ -140,9 +153,34 @@ def export_model(
         if tile_pool is not None:
             test_scores = probabilities(test.logits, temperature)[:, positive] if test is not None else None
             meta["pathology"] = pathology_block(tile_pool, cfg, positive, probabilities(val.logits, temperature)[:, positive], test_scores)
+        check_graph_agrees(onnx_path, meta, where=package_dir / META_FILE)
         meta = write_package(package_dir, onnx_path, meta, keep_previous)
     log.info("model package written to %s", package_dir)
     return ExportResult(package_dir, meta, model)
+
+
+def check_package_name(name: object) -> None:
+    """Refuse a package name that is not one plain folder name (model.json's rule): it names the package's folder under
+    `models_dir`, so '../x' or 'a/b' would put the package, or the folders made on the way, somewhere else."""
+    wrong = schema_errors(name, MODEL_SCHEMA["properties"]["name"], "export.name")
+    if wrong:
+        raise ConfigError(
+            f"export.name={name!r} is not a package name",
+            where="export.name",
+            hint="letters, digits, '.', '_' and '-', starting with a letter or digit (it becomes the package's folder name)",
+        )
+
+
+def _check_outputs_named(logits, label_names: Sequence[str]) -> None:
+    """The network scores as many classes as there are labels to name them (else model.json would name the graph's
+    probabilities wrongly): a pool with other labels than the training's is refused here, before anything is exported."""
+    width = np.asarray(logits).shape[-1]
+    if width != len(label_names):
+        raise ConfigError(
+            f"the network scores {width} classes, but the pool names {len(label_names)} labels ({list(label_names)})",
+            where="data.pool_dir",
+            hint="export with the pool the model was trained on (leave data.pool_dir as the run had it)",
+        )
 
 
 def positive_index(label_names: Sequence[str], positive_label: str | None) -> int:
@@ -205,6 +243,13 @@ def check_export_settings(export: Any) -> ExportConfig:
     """Refuse export settings that cannot work before a training is spent on them (the export runs at its end);
     returns them as the ExportConfig that export_run(checked=...) takes without checking again."""
     cfg = _typed_export_config(export)
+    check_package_name(cfg.name)
+    if not MIN_OPSET <= cfg.opset <= MAX_OPSET:
+        raise ConfigError(
+            f"export.opset={cfg.opset} cannot be exported",
+            where="export.opset",
+            hint=f"use an opset from {MIN_OPSET} (the graph's antialiased resize needs it) to {MAX_OPSET}",
+        )
     check_tta(cfg.tta)
     for key, rule in (("threshold_rule", cfg.threshold_rule), ("urgent_rule", cfg.urgent_rule)):
         if rule is not None:
@@ -349,8 +394,18 @@ def _as_dict(cfg: Any) -> dict:
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
     if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg or {})
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as err:  # an override's ${...} that names nothing
+            key = getattr(err, "full_key", None) or "config"
+            raise ConfigError(str(err).splitlines()[0], where=key, hint="fix or drop the ${...} in that value") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, Mapping):  # e.g. an override `export=5` that replaced the whole group
+        raise ConfigError(
+            f"expected a group of settings, got {cfg!r}", where="config", hint="override its keys (export.name=...), not the group"
+        )
+    return dict(cfg)
 
 
 def _lookup(config: dict, dotted: str):
