@@ -39,7 +39,7 @@ from medtriage.io.dicom import read_dicom
 from medtriage.io.ingest import ledger_folder, logged_patient_identities
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
-from medtriage.io.site_labels import MAX_LABELS_BYTES
+from medtriage.io.site_labels import labels_size_problem
 
 DEFAULT_SITES = Path("data/pool/ingested")  # what ingest_sites.py writes: site exports pass de-identification first
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
@@ -266,11 +266,9 @@ def read_labels(path: Path, site: str) -> LabelTable:
     if not path.is_file():
         table.problem = f"site has no {SITE_LABELS_FILE} (expected {path})"
         return table
-    size = path.stat().st_size
-    if size > MAX_LABELS_BYTES:  # parsed, a table takes about ten times its file's size in memory
-        table.problem = (
-            f"{SITE_LABELS_FILE} holds {size} bytes, over the limit of {MAX_LABELS_BYTES} (keep only its identifier and finding columns)"
-        )
+    oversized = labels_size_problem(path.stat().st_size)  # parsed, a table takes about ten times its file's size in memory
+    if oversized:
+        table.problem = f"{oversized} (keep only its identifier and finding columns)"
         return table
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:

@@ -78,14 +78,20 @@ def read_site_labels(path: Path) -> SiteLabels | None:
     return SiteLabels(columns, rows, roles)
 
 
+def labels_size_problem(size: int) -> str | None:
+    """Why a labels file of `size` bytes is refused (None within the limit): the rule ingest and the pool build share."""
+    return f"labels.csv holds {size} bytes, over the limit of {MAX_LABELS_BYTES}" if size > MAX_LABELS_BYTES else None
+
+
 def _bounded_bytes(path: Path) -> bytes:
     """The file's bytes, refused by its size before any is read (and should it grow past the limit while read)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         data = f.read(MAX_LABELS_BYTES + 1) if size <= MAX_LABELS_BYTES else b""
-    if size > MAX_LABELS_BYTES or len(data) > MAX_LABELS_BYTES:
+    oversized = labels_size_problem(max(size, len(data)))
+    if oversized:
         raise InputError(
-            f"labels.csv holds {max(size, len(data))} bytes, over the limit of {MAX_LABELS_BYTES}",
+            oversized,
             where=path,
             hint="export only the identifier and label columns (e.g. sop_instance_uid,finding), the only ones used, then ingest again",
         )
