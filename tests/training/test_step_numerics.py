@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -168,19 +167,15 @@ def test_evaluation_sees_the_images_unaugmented():
 # --- several ranks -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _ema_buffers_of_rank(rank: int, world_size: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _ema_buffers_of_rank(rank: int, world_size: int, out: str) -> None:
+    # A file rendezvous: with tcp://, rank 0 hosts the store, and its exit could abort a rank still tearing down.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         loop = tiny_loop(Ranks(rank, world_size, rank), max_epochs=1, ema_decay=0.9, ema_warmup=EmaWarmup.debiased)
         loop.epoch(1, TrainState())
         torch.save({name: b.clone() for name, b in loop.eval_model.named_buffers()}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # neither rank closes its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 
@@ -189,7 +184,7 @@ def _ema_buffers_of_rank(rank: int, world_size: int, port: int, out: str) -> Non
 def test_every_rank_evaluates_the_same_ema_batch_norm_statistics(tmp_path):
     """Each rank predicts its own shard of validation with its EMA copy: the copies must be one model (rank 0's,
     which is checkpointed), batch-norm statistics included."""
-    torch.multiprocessing.spawn(_ema_buffers_of_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ema_buffers_of_rank, args=(2, str(tmp_path)), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert first.keys() == second.keys() and any("running_mean" in name for name in first)
     for name in first:
