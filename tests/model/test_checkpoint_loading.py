@@ -77,3 +77,18 @@ def test_integer_pixels_are_refused_rather_than_read_on_a_0_to_255_scale():
     net = build_triage_net("resnet10", 2, PreprocessSpec(size=32)).eval()
     with pytest.raises(InputError, match=r"torch.uint8, expected float32 in \[0, 1\]"):
         net(torch.randint(0, 256, (1, 1, 32, 32), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dotted", ["model.stem_stride", "model.preprocess.mean", "data.label_names"])
+def test_a_checkpoint_whose_config_lacks_a_key_names_it(tmp_path, config, dotted):
+    weights = model_from_config(config).state_dict()
+    broken = copy.deepcopy(config)
+    *parents, last = dotted.split(".")
+    node = broken
+    for key in parents:
+        node = node[key]
+    del node[last]
+    path = save_checkpoint(tmp_path / "best.pt", model=weights, config=broken)
+    with pytest.raises(PackageError, match=f"config lacks {dotted}:") as refused:
+        load_model(path)
+    assert refused.value.where == str(path)

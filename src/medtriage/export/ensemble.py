@@ -37,9 +37,11 @@ def load_members(run_ids: Sequence[str], download_dir: Path) -> tuple[list[Triag
 def _check_same_data(run_ids: Sequence[str], configs: list[dict]) -> None:
     pools = {c["data"]["pool_dir"] for c in configs}
     holdouts = {c["data"].get("holdout_site") for c in configs}
-    if len(pools) != 1 or len(holdouts) != 1:
+    labels = {tuple(c["data"]["label_names"]) for c in configs}  # the members' outputs are averaged class by class
+    if len(pools) != 1 or len(holdouts) != 1 or len(labels) != 1:
         raise ConfigError(
-            f"runs {list(run_ids)} were trained on different data ({sorted(pools)}, holdout {sorted(map(str, holdouts))})",
+            f"runs {list(run_ids)} were trained on different data ({sorted(pools)}, holdout {sorted(map(str, holdouts))}, "
+            f"labels {sorted(map(list, labels))})",
             hint="ensemble runs of the same pool",
         )
 

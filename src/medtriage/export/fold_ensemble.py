@@ -233,7 +233,7 @@ def _refit_model(run_dir: Path, fold_config: dict) -> TriageNet:
     net, config = load_model(checkpoints / "last.pt")
     differs = [
         key
-        for key in ("model", "pool_dir", "limit", "batch_size", "trainer", "augment")
+        for key in ("model", "pool_dir", "label_names", "limit", "batch_size", "trainer", "augment")
         if _recipe_part(config, key) != _recipe_part(fold_config, key)
     ]
     if not config["data"].get("refit") or differs:

@@ -183,6 +183,18 @@ def _check_outputs_named(logits, label_names: Sequence[str]) -> None:
         )
 
 
+def check_trained_labels(pool_labels: Sequence[str], train_config: dict, pool_dir) -> None:
+    """The pool names its labels in the order the network was trained on: model.json names the graph's outputs with
+    the pool's names, so a pool rebuilt with its labels in another order would serve 'normal' as 'pneumonia'."""
+    trained = _lookup(_as_dict(train_config), "data.label_names")
+    if trained is not None and list(trained) != list(pool_labels):
+        raise ConfigError(
+            f"the pool names its labels {list(pool_labels)}, but the network was trained on {list(trained)}, in that order",
+            where=pool_dir,
+            hint="export with the pool the model was trained on, or rebuild the pool with the training's label names",
+        )
+
+
 def positive_index(label_names: Sequence[str], positive_label: str | None) -> int:
     """The index of `positive_label` (None: the last label) among the model's labels; refused when it is none."""
     if positive_label is None:
@@ -322,6 +334,7 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: E
     if not pool_dir:
         raise ConfigError("the config names no data.pool_dir to take validation images from", where="data.pool_dir")
     manifest = load_manifest(pool_dir)
+    check_trained_labels(manifest.label_names, train_config, manifest.pool_dir)
     positive_index(manifest.label_names, export_cfg.positive_label)  # before the splits are scored, not after
     net = averaged(net, export_cfg.tta).eval() if isinstance(net, TriageNet) else net.eval()
     val = predict(net, manifest, "val")

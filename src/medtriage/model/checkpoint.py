@@ -17,6 +17,12 @@ from medtriage.model.networks import PreprocessSpec, TriageNet, build_triage_net
 
 LAST, BEST = "last.pt", "best.pt"
 ARCHITECTURE_KEYS = "model.name, model.stem_stride, model.preprocess.in_channels and data.label_names"
+CONFIG_KEYS = (
+    "model.name",
+    "model.stem_stride",
+    *(f"model.preprocess.{k}" for k in ("size", "in_channels", "mean", "std")),
+    "data.label_names",
+)
 
 
 def save_checkpoint(path: Path, **fields) -> Path:
@@ -61,6 +67,12 @@ def load_model(path: str | Path) -> tuple[TriageNet, dict]:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise PackageError(f"not a training checkpoint: it needs 'model' and 'config', has {found}", where=path)
     config = checkpoint["config"]
+    if missing := missing_config_keys(config):
+        raise PackageError(
+            f"the checkpoint's config lacks {', '.join(missing)}: the network cannot be rebuilt from it",
+            where=path,
+            hint="export a checkpoint written by scripts/train.py (its config is the run's, fully resolved)",
+        )
     model = model_from_config(config)
     if mismatch := weight_mismatch(model, checkpoint["model"]):
         raise PackageError(
@@ -70,6 +82,20 @@ def load_model(path: str | Path) -> tuple[TriageNet, dict]:
         )
     model.load_state_dict(checkpoint["model"])  # strict: every weight present and used
     return model.eval(), config
+
+
+def missing_config_keys(config) -> list[str]:
+    """Which of the keys model_from_config builds the network from `config` lacks (dotted)."""
+
+    def present(dotted: str) -> bool:
+        node = config
+        for key in dotted.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return False
+            node = node[key]
+        return True
+
+    return [key for key in CONFIG_KEYS if not present(key)]
 
 
 def weight_mismatch(model: torch.nn.Module, weights: dict) -> str:
