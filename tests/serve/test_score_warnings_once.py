@@ -1,5 +1,5 @@
-"""`medtriage score` says each of pydicom's warnings about a file once: the check for whole-slide images reads every
-header before the file is read to be scored, and would say them a second time."""
+"""`medtriage score` says each of pydicom's warnings about a file once, naming the file: pydicom says it twice (a log
+record and a Python warning) and the check for whole-slide images reads every header before the file is scored."""
 
 import warnings
 
@@ -8,13 +8,14 @@ from pydicom.data import get_testdata_file
 from medtriage.cli import main
 
 IMPLICIT_VR_IN_EXPLICIT = get_testdata_file("SC_rgb_jpeg.dcm")  # pydicom: "Expected explicit VR, but found implicit VR"
+SAID = "Expected explicit VR, but found implicit VR - using implicit VR for reading"
 
 
-def test_a_header_warning_is_said_once_per_file(package_dir, capsys):
-    with warnings.catch_warnings(record=True) as said:
+def test_a_header_warning_is_said_once_per_file_naming_it(package_dir, capsys):
+    with warnings.catch_warnings(record=True) as python_warnings:
         warnings.simplefilter("always")
-        assert main(["score", str(package_dir), IMPLICIT_VR_IN_EXPLICIT]) == 0
-    assert [str(w.message) for w in said if "explicit VR" in str(w.message)] == [
-        "Expected explicit VR, but found implicit VR - using implicit VR for reading"
-    ]
-    assert "SC_rgb_jpeg.dcm" in capsys.readouterr().out  # scored
+        assert main(["score", str(package_dir), IMPLICIT_VR_IN_EXPLICIT, IMPLICIT_VR_IN_EXPLICIT]) == 0
+    out, err = capsys.readouterr()
+    assert "SC_rgb_jpeg.dcm" in out  # scored
+    assert [line for line in err.splitlines() if "explicit VR" in line] == [f"warning: {IMPLICIT_VR_IN_EXPLICIT}: {SAID}"]
+    assert not [w for w in python_warnings if "explicit VR" in str(w.message)]

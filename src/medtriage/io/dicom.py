@@ -23,6 +23,7 @@ from medtriage.errors import DicomError, NotAnImageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 from medtriage.io.display import to_display
+from medtriage.io.header_warnings import reading
 from medtriage.io.j2k_reduced import MalformedCodestreamError, reduced_j2k_frames
 from medtriage.io.native_pixels import StoredValues, native_stored
 
@@ -78,7 +79,11 @@ def read_dicom(
     checked before decoding, and `NotAnImageError` for valid DICOM objects without pixel data.
     """
     where = _describe(source)
-    limits = limits or default_limits()
+    with reading(where):  # pydicom's warnings, from the header or met while decoding, name the file
+        return _read_dicom(source, where, frame, limits or default_limits(), min_side)
+
+
+def _read_dicom(source, where: str, frame: int | None, limits: DecodeLimits, min_side: int | None) -> DecodedImage:
     ds = _read_dataset(source, where, limits)
     try:
         _require_pixels(ds, where)

@@ -6,13 +6,13 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from medtriage.arguments import non_negative_int, positive_float, positive_int
 from medtriage.errors import printable
 from medtriage.io.decode_limits import DecodeLimits, set_default_limits
+from medtriage.io.header_warnings import say_header_warnings
 from medtriage.serve.admission import DEFAULT_QUEUE
 from medtriage.serve.batching import add_batching_options, concurrent_requests, enable_batching
 from medtriage.serve.package import load_package
@@ -215,15 +215,13 @@ def _whole_slides_as_folders(files: list[Path]) -> list[Path]:
     from medtriage.io.slide_reader import is_dicom_wsi_file
 
     kept, slide_folders = [], set()
-    with warnings.catch_warnings():  # what pydicom says of a header is said once, when its file is read to be scored
-        warnings.simplefilter("ignore")
-        for path in files:
-            if path.suffix.lower() in ("", ".dcm") and is_dicom_wsi_file(path):
-                if path.parent not in slide_folders:
-                    slide_folders.add(path.parent)
-                    kept.append(path.parent)
-            else:
-                kept.append(path)
+    for path in files:
+        if path.suffix.lower() in ("", ".dcm") and is_dicom_wsi_file(path):
+            if path.parent not in slide_folders:
+                slide_folders.add(path.parent)
+                kept.append(path.parent)
+        else:
+            kept.append(path)
     return kept
 
 
@@ -392,8 +390,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def apply_decode_limits(args: argparse.Namespace) -> None:
-    """The --max-* options as the process's decode limits (read_dicom applies them to every file)."""
+    """The --max-* options as the process's decode limits (read_dicom applies them to every file); what pydicom
+    says of a file's header is printed once per file, naming it."""
     set_default_limits(DecodeLimits(args.max_frame_pixels, args.max_frames, args.max_decoded_bytes))
+    say_header_warnings()
 
 
 def is_loopback(host: str) -> bool:

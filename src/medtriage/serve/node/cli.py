@@ -10,6 +10,7 @@ import tempfile
 import threading
 from urllib.parse import urlsplit
 
+from medtriage.io.header_warnings import say_header_warnings
 from medtriage.serve.batching import add_batching_options
 from medtriage.serve.cli import add_runtime_options, apply_decode_limits
 from medtriage.serve.node.store import MAX_INSTANCE_BYTES, MIN_FREE_BYTES
@@ -167,7 +168,9 @@ def run_listen(args: argparse.Namespace) -> int:
         max_instance_bytes=args.max_instance_bytes,
         min_free_bytes=args.min_free_bytes,
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format, stream=sys.stderr)
+    say_header_warnings(log_format)  # pydicom's, as the node's own lines, once per file and naming it
     for chatty in ("pynetdicom", "highdicom"):  # one line per PDU / copied module otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     node = Node(config)

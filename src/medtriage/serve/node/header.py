@@ -12,6 +12,7 @@ from pydicom.uid import UID
 
 from medtriage.errors import DicomError
 from medtriage.io.clamped import dicom_source
+from medtriage.io.header_warnings import reading
 
 STUDY_TAGS = {
     "patient_id": "PatientID",
@@ -35,15 +36,16 @@ class Header:
 def read_identity(data: bytes | Path, where: str = "<received>") -> Header:
     """The UIDs and study fields of a Part 10 byte string or file (its header only); DicomError when they are missing
     or malformed."""
-    try:
-        with dicom_source(data if isinstance(data, (bytes, bytearray)) else Path(data), where) as source:
-            ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
-        uids = {key: _uid(ds, key) for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")}
-    except DicomError:
-        raise
-    except Exception as err:  # a truncated or garbled header raises many kinds
-        raise DicomError(f"cannot read the data set header ({type(err).__name__}: {err})", where=where) from err
-    return Header(uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPClassUID"], study_fields(ds))
+    with reading(where):  # pydicom converts values lazily: its warnings come as they are read, after dcmread
+        try:
+            with dicom_source(data if isinstance(data, (bytes, bytearray)) else Path(data), where) as source:
+                ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
+            uids = {key: _uid(ds, key) for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")}
+        except DicomError:
+            raise
+        except Exception as err:  # a truncated or garbled header raises many kinds
+            raise DicomError(f"cannot read the data set header ({type(err).__name__}: {err})", where=where) from err
+        return Header(uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPClassUID"], study_fields(ds))
 
 
 def _uid(ds: pydicom.Dataset, keyword: str) -> str:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pydicom.uid import generate_uid
 
 from medtriage.errors import MedTriageError
+from medtriage.io.header_warnings import reading
 from medtriage.io.safe_output import write_atomic
 from medtriage.serve.dicom_results import build_study_sr, encoded, read_header
 from medtriage.serve.drift import source_name
@@ -145,7 +146,8 @@ class Worker:
         sources = [(read_header(self.store.spooled(row["spool"])), [as_score(s) for s in scores]) for row, scores in scored]
         sr_uid = generate_uid()
         revision = self.store.reports_sent(study_uid) + 1  # a late instance reopens the study: its next report
-        sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid, revision=revision)
+        with reading(f"the SR of study {study_uid}"):  # its sources' values are converted, and warned of, here
+            sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid, revision=revision)
         objects = [("sr", self._to_outbox(study_uid, sr_uid, encoded(sr, "the study's SR", study_uid)), sr_uid)]
         if self.heatmaps:
             objects += self._heatmap(study_uid, scored, top, revision)

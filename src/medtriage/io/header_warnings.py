@@ -1,0 +1,91 @@
+"""What pydicom says about a file's header, said once per file and naming the file.
+
+pydicom reports a damaged header ("Expected explicit VR, but found implicit VR", a value too long for its VR) twice,
+as a record of its `pydicom` logger and as a Python warning, and names neither the file nor the sender. A service
+reads one file several times (its identity on arrival, its pixels to score it, its header again for the results):
+each read would say it again. `reading(where)` marks the file a thread is reading (every reader of untrusted DICOM
+enters it, through `io.clamped.dicom_source` and `io.dicom.read_dicom`), and `say_header_warnings` prints pydicom's
+records with that name in front, each (file, message) once, and silences pydicom's copies as Python warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+PYDICOM = "pydicom"
+_current = threading.local()
+
+
+@contextmanager
+def reading(where: str) -> Iterator[None]:
+    """Within this block, pydicom's records on this thread are about `where` (the innermost block's)."""
+    outer = getattr(_current, "where", None)
+    _current.where = where
+    try:
+        yield
+    finally:
+        _current.where = outer
+
+
+def file_being_read() -> str | None:
+    return getattr(_current, "where", None)
+
+
+class NamedOnce(logging.Filter):
+    """Puts the file being read in front of a record's message, and drops a (file, message) said before. The last
+    `remember` pairs are kept: a long-running service reads new files without end."""
+
+    def __init__(self, remember: int = 4096):
+        super().__init__()
+        self._said: OrderedDict[tuple[str | None, str], None] = OrderedDict()
+        self._remember = remember
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        where, message = file_being_read(), record.getMessage()
+        with self._lock:
+            if (where, message) in self._said:
+                self._said.move_to_end((where, message))
+                return False
+            self._said[(where, message)] = None
+            if len(self._said) > self._remember:
+                self._said.popitem(last=False)
+        if where is not None:
+            record.msg, record.args = f"{where}: {message}", None
+        return True
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a test's capture, a redirected stream)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def say_header_warnings(fmt: str = "warning: %(message)s") -> None:
+    """Print pydicom's warnings on stderr as `fmt` says, each once per file and naming it; its Python warnings, the
+    same messages again, are silenced. Idempotent: a second call changes only the format."""
+    logger = logging.getLogger(PYDICOM)
+    handler = next((h for h in logger.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        handler.addFilter(NamedOnce())
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(fmt))
+    logger.propagate = False  # a service's own log handler would print each record a second time
+    warnings.filterwarnings("ignore", category=UserWarning, module=PYDICOM)

@@ -1,0 +1,79 @@
+"""pydicom's warnings about a header name the file they are about, whichever thread reads it and however late pydicom
+converts the value, and each (file, warning) is said once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from medtriage.io.header_warnings import NamedOnce, reading, say_header_warnings
+from medtriage.serve.node.header import read_identity
+
+TOO_LONG = "The value length (100) exceeds the maximum length of 64 allowed for VR LO."
+
+
+@pytest.fixture
+def said():
+    """The messages a NamedOnce filter lets through, from records of the pydicom logger."""
+    kept: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: kept.append(record.getMessage())
+    handler.addFilter(NamedOnce(remember=3))
+    logger = logging.getLogger("pydicom")
+    logger.addHandler(handler)
+    yield kept
+    logger.removeHandler(handler)
+
+
+def test_a_warning_names_the_file_being_read_and_is_said_once_per_file(said):
+    log = logging.getLogger("pydicom")
+    with reading("a.dcm"):
+        log.warning("odd header")
+        log.warning("odd header")
+    with reading("b.dcm"), reading("inner.dcm"):
+        log.warning("odd header")
+    log.warning("odd header")
+    assert said == ["a.dcm: odd header", "inner.dcm: odd header", "odd header"]
+
+
+def test_only_the_latest_pairs_are_remembered(said):
+    log = logging.getLogger("pydicom")
+    for name in ("a", "b", "c", "d", "a"):
+        with reading(name):
+            log.warning("x")
+    assert said == ["a: x", "b: x", "c: x", "d: x", "a: x"]  # remember=3: 'a' was forgotten when 'd' came
+
+
+def test_each_thread_names_its_own_file(said):
+    log = logging.getLogger("pydicom")
+    both_inside = threading.Barrier(2)
+
+    def read(name: str) -> None:
+        with reading(name):
+            both_inside.wait(timeout=10)  # each thread logs while the other is inside its own file
+            log.warning("odd header")
+
+    threads = [threading.Thread(target=read, args=(name,)) for name in ("left.dcm", "right.dcm")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(said) == ["left.dcm: odd header", "right.dcm: odd header"]
+
+
+def test_a_value_pydicom_converts_after_the_read_is_still_named(tmp_path, capsys):
+    """read_identity reads the study fields after dcmread returns: pydicom warns of a too-long value only then."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    with pytest.warns(UserWarning, match="exceeds the maximum length"):
+        ds["StudyDescription"] = pydicom.DataElement(0x00081030, "LO", "x" * 100)
+    path = tmp_path / "long description.dcm"
+    ds.save_as(path)
+    say_header_warnings()
+    read_identity(path, where=str(path))
+    read_identity(path, where=str(path))
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "exceeds" in line] == [f"warning: {path}: {TOO_LONG}"]
