@@ -10,23 +10,22 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medtriage.io.header_warnings import NamedOnce, reading, say_header_warnings
+from medtriage.io.header_warnings import HeaderWarnings, reading, say_header_warnings
 from medtriage.serve.node.header import read_identity
 
 TOO_LONG = "The value length (100) exceeds the maximum length of 64 allowed for VR LO."
 
 
 @pytest.fixture
-def said():
-    """The messages a NamedOnce filter lets through, from records of the pydicom logger."""
-    kept: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: kept.append(record.getMessage())
-    handler.addFilter(NamedOnce(remember=3))
+def said(capsys):
+    """`said()`: the lines a HeaderWarnings handler (remembering 3 pairs), alone on the pydicom logger, printed."""
     logger = logging.getLogger("pydicom")
-    logger.addHandler(handler)
-    yield kept
-    logger.removeHandler(handler)
+    others = list(logger.handlers)
+    for handler in others:
+        logger.removeHandler(handler)
+    logger.addHandler(HeaderWarnings(remember=3))
+    yield lambda: capsys.readouterr().err.splitlines()
+    logger.handlers = others
 
 
 def test_a_warning_names_the_file_being_read_and_is_said_once_per_file(said):
@@ -37,7 +36,7 @@ def test_a_warning_names_the_file_being_read_and_is_said_once_per_file(said):
     with reading("b.dcm"), reading("inner.dcm"):
         log.warning("odd header")
     log.warning("odd header")
-    assert said == ["a.dcm: odd header", "inner.dcm: odd header", "odd header"]
+    assert said() == ["a.dcm: odd header", "inner.dcm: odd header", "odd header"]
 
 
 def test_only_the_latest_pairs_are_remembered(said):
@@ -45,7 +44,7 @@ def test_only_the_latest_pairs_are_remembered(said):
     for name in ("a", "b", "c", "d", "a"):
         with reading(name):
             log.warning("x")
-    assert said == ["a: x", "b: x", "c: x", "d: x", "a: x"]  # remember=3: 'a' was forgotten when 'd' came
+    assert said() == ["a: x", "b: x", "c: x", "d: x", "a: x"]  # remember=3: 'a' was forgotten when 'd' came
 
 
 def test_each_thread_names_its_own_file(said):
@@ -62,7 +61,7 @@ def test_each_thread_names_its_own_file(said):
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(said) == ["left.dcm: odd header", "right.dcm: odd header"]
+    assert sorted(said()) == ["left.dcm: odd header", "right.dcm: odd header"]
 
 
 def test_a_value_pydicom_converts_after_the_read_is_still_named(tmp_path, capsys):
@@ -77,3 +76,9 @@ def test_a_value_pydicom_converts_after_the_read_is_still_named(tmp_path, capsys
     read_identity(path, where=str(path))
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "exceeds" in line] == [f"warning: {path}: {TOO_LONG}"]
+
+
+def test_control_characters_of_a_name_or_a_quoted_value_are_shown_as_escapes(said):
+    with reading("ward\x1b[2J.dcm"):
+        logging.getLogger("pydicom").warning("Invalid value for VR CS: 'a\nb'")
+    assert said() == ["ward\\x1b[2J.dcm: Invalid value for VR CS: 'a\\nb'"]

@@ -67,7 +67,12 @@ class DecodedImage:
 
 
 def read_dicom(
-    source: str | Path | bytes | BinaryIO, *, frame: int | None = None, limits: DecodeLimits | None = None, min_side: int | None = None
+    source: str | Path | bytes | BinaryIO,
+    *,
+    frame: int | None = None,
+    limits: DecodeLimits | None = None,
+    min_side: int | None = None,
+    name: str | None = None,
 ) -> DecodedImage:
     """Decode a DICOM file (path, bytes or binary stream) into display-ready pixels.
 
@@ -76,9 +81,10 @@ def read_dicom(
     scoring with a model that resizes anyway, never for display or training).
     Raises `DicomError` for files that are not DICOM or whose pixels cannot be decoded,
     `ImageTooLargeError` when the header claims more than `limits` (default: `default_limits()`),
-    checked before decoding, and `NotAnImageError` for valid DICOM objects without pixel data.
+    checked before decoding, and `NotAnImageError` for valid DICOM objects without pixel data. Errors and pydicom's
+    warnings call the source `name` (an upload's file name), else its path, '<bytes>' or the stream's name.
     """
-    where = _describe(source)
+    where = name or _describe(source)
     with reading(where):  # pydicom's warnings, from the header or met while decoding, name the file
         return _read_dicom(source, where, frame, limits or default_limits(), min_side)
 

@@ -18,6 +18,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from medtriage.errors import printable
+
 PYDICOM = "pydicom"
 _current = threading.local()
 
@@ -37,35 +39,18 @@ def file_being_read() -> str | None:
     return getattr(_current, "where", None)
 
 
-class NamedOnce(logging.Filter):
-    """Puts the file being read in front of a record's message, and drops a (file, message) said before. The last
-    `remember` pairs are kept: a long-running service reads new files without end."""
+class HeaderWarnings(logging.StreamHandler):
+    """Writes pydicom's records to whatever sys.stderr is when they come (a redirected stream, a test's capture), with
+    the file being read in front, each (file, message) once. The last `remember` pairs are kept: a service reads new
+    files without end. A file name (an upload's, a sender's) and the header values pydicom quotes are untrusted: their
+    control characters are shown as escapes."""
 
     def __init__(self, remember: int = 4096):
         super().__init__()
         self._said: OrderedDict[tuple[str | None, str], None] = OrderedDict()
         self._remember = remember
         self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        where, message = file_being_read(), record.getMessage()
-        with self._lock:
-            if (where, message) in self._said:
-                self._said.move_to_end((where, message))
-                return False
-            self._said[(where, message)] = None
-            if len(self._said) > self._remember:
-                self._said.popitem(last=False)
-        if where is not None:
-            record.msg, record.args = f"{where}: {message}", None
-        return True
-
-
-class _Stderr(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record comes (a test's capture, a redirected stream)."""
-
-    def __init__(self):
-        super().__init__()
+        self.setLevel(logging.WARNING)
 
     @property
     def stream(self):
@@ -75,16 +60,30 @@ class _Stderr(logging.StreamHandler):
     def stream(self, _value) -> None:
         pass
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = (file_being_read(), record.getMessage())  # records are handled on the thread that logs them
+        with self._lock:
+            if said in self._said:
+                self._said.move_to_end(said)
+                return False
+            self._said[said] = None
+            if len(self._said) > self._remember:
+                self._said.popitem(last=False)
+        return super().filter(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        where, message = file_being_read(), record.getMessage()
+        named = printable(message if where is None else f"{where}: {message}")
+        return super().format(logging.makeLogRecord({**record.__dict__, "msg": named, "args": None}))
+
 
 def say_header_warnings(fmt: str = "warning: %(message)s") -> None:
     """Print pydicom's warnings on stderr as `fmt` says, each once per file and naming it; its Python warnings, the
     same messages again, are silenced. Idempotent: a second call changes only the format."""
     logger = logging.getLogger(PYDICOM)
-    handler = next((h for h in logger.handlers if isinstance(h, _Stderr)), None)
+    handler = next((h for h in logger.handlers if isinstance(h, HeaderWarnings)), None)
     if handler is None:
-        handler = _Stderr()
-        handler.addFilter(NamedOnce())
-        handler.setLevel(logging.WARNING)
+        handler = HeaderWarnings()
         logger.addHandler(handler)
     handler.setFormatter(logging.Formatter(fmt))
     logger.propagate = False  # a service's own log handler would print each record a second time

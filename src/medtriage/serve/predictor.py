@@ -304,7 +304,7 @@ class Predictor:
     def score_file(self, source: str | Path | bytes | BinaryIO, name: str | None = None) -> list[Score]:
         """Decode a DICOM file (path, bytes or stream) with medtriage.io and score every frame."""
         name = name or str(source if isinstance(source, (str, Path)) else getattr(source, "name", "<upload>"))
-        return self.score_decoded(read_dicom(source, min_side=self.min_decoded_side), name)
+        return self.score_decoded(read_dicom(source, min_side=self.min_decoded_side, name=name), name)
 
     def score_or_reject(self, source, name: str) -> list[Score] | Rejection:
         """Like score_file, but a file that cannot be scored becomes a Rejection with its reason."""

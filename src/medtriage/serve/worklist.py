@@ -83,7 +83,7 @@ class Worklist:
     def score_or_reject(self, data: bytes, name: str, source: str | None = None) -> list[Score] | Rejection:
         """Predictor.score_or_reject on one uploaded file from `source` (X-Source), recording what it scored (one decode)."""
         try:
-            image = read_dicom(data)
+            image = read_dicom(data, name=name)
             scores = self.predictor.score_decoded(image, name)
         except MedTriageError as err:
             return Rejection.of(name, err)
