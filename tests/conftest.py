@@ -149,3 +149,18 @@ def two_site_pool(tmp_path):
                 split=("train", "val", "test")[i % 3],
             )
     return writer.close()
+
+
+@pytest.fixture
+def no_header_warnings_said():
+    """pydicom's logger without the handler an earlier command of this process installed, which remembers the
+    (file, warning) pairs it said: a test of what is said starts from nothing said. Put back afterwards."""
+    import logging
+
+    from medtriage.io.header_warnings import HeaderWarnings
+
+    logger = logging.getLogger("pydicom")
+    handlers, propagate = list(logger.handlers), logger.propagate
+    logger.handlers = [h for h in handlers if not isinstance(h, HeaderWarnings)]
+    yield
+    logger.handlers, logger.propagate = handlers, propagate

@@ -1,5 +1,5 @@
 """pydicom's warnings about a header name the file they are about, whichever thread reads it and however late pydicom
-converts the value, and each (file, warning) is said once."""
+converts the value, and each (file, warning) is said once (within a minute)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,15 @@ def test_only_the_latest_pairs_are_remembered(said):
     assert said() == ["a: x", "b: x", "c: x", "d: x", "a: x"]  # remember=3: 'a' was forgotten when 'd' came
 
 
+def test_a_file_read_again_after_the_window_is_said_again(said):
+    logger = logging.getLogger("pydicom")
+    logger.handlers = [HeaderWarnings(window=0.0)]  # the fixture puts the logger's handlers back
+    for _ in range(2):
+        with reading("image.dcm"):
+            logger.warning("odd header")
+    assert said() == ["image.dcm: odd header"] * 2
+
+
 def test_each_thread_names_its_own_file(said):
     log = logging.getLogger("pydicom")
     both_inside = threading.Barrier(2)
@@ -64,7 +73,7 @@ def test_each_thread_names_its_own_file(said):
     assert sorted(said()) == ["left.dcm: odd header", "right.dcm: odd header"]
 
 
-def test_a_value_pydicom_converts_after_the_read_is_still_named(tmp_path, capsys):
+def test_a_value_pydicom_converts_after_the_read_is_still_named(tmp_path, capsys, no_header_warnings_said):
     """read_identity reads the study fields after dcmread returns: pydicom warns of a too-long value only then."""
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     with pytest.warns(UserWarning, match="exceeds the maximum length"):

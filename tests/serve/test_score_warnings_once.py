@@ -11,7 +11,7 @@ IMPLICIT_VR_IN_EXPLICIT = get_testdata_file("SC_rgb_jpeg.dcm")  # pydicom: "Expe
 SAID = "Expected explicit VR, but found implicit VR - using implicit VR for reading"
 
 
-def test_a_header_warning_is_said_once_per_file_naming_it(package_dir, capsys):
+def test_a_header_warning_is_said_once_per_file_naming_it(package_dir, capsys, no_header_warnings_said):
     with warnings.catch_warnings(record=True) as python_warnings:
         warnings.simplefilter("always")
         assert main(["score", str(package_dir), IMPLICIT_VR_IN_EXPLICIT, IMPLICIT_VR_IN_EXPLICIT]) == 0
@@ -21,7 +21,7 @@ def test_a_header_warning_is_said_once_per_file_naming_it(package_dir, capsys):
     assert not [w for w in python_warnings if "explicit VR" in str(w.message)]
 
 
-def test_an_uploads_warning_names_the_upload_and_escapes_its_control_characters(package_dir, capsys):
+def test_an_uploads_warning_names_the_upload_and_escapes_its_control_characters(package_dir, capsys, no_header_warnings_said):
     from fastapi.testclient import TestClient
 
     from medtriage.io.header_warnings import say_header_warnings

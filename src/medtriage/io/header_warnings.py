@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -41,14 +42,15 @@ def file_being_read() -> str | None:
 
 class HeaderWarnings(logging.StreamHandler):
     """Writes pydicom's records to whatever sys.stderr is when they come (a redirected stream, a test's capture), with
-    the file being read in front, each (file, message) once. The last `remember` pairs are kept: a service reads new
-    files without end. A file name (an upload's, a sender's) and the header values pydicom quotes are untrusted: their
-    control characters are shown as escapes."""
+    the file being read in front, each (file, message) once within `window` seconds: the reads of one file follow each
+    other closely, while a service may see a file of the same name again later (another upload called image.dcm),
+    which is said again. At most `remember` pairs are kept. A file name (an upload's, a sender's) and the header values
+    pydicom quotes are untrusted: their control characters are shown as escapes."""
 
-    def __init__(self, remember: int = 4096):
+    def __init__(self, window: float = 60.0, remember: int = 4096):
         super().__init__()
-        self._said: OrderedDict[tuple[str | None, str], None] = OrderedDict()
-        self._remember = remember
+        self._said: OrderedDict[tuple[str | None, str], float] = OrderedDict()  # oldest first
+        self._window, self._remember = window, remember
         self._lock = threading.Lock()
         self.setLevel(logging.WARNING)
 
@@ -62,13 +64,13 @@ class HeaderWarnings(logging.StreamHandler):
 
     def filter(self, record: logging.LogRecord) -> bool:
         said = (file_being_read(), record.getMessage())  # records are handled on the thread that logs them
+        now = time.monotonic()
         with self._lock:
-            if said in self._said:
-                self._said.move_to_end(said)
-                return False
-            self._said[said] = None
-            if len(self._said) > self._remember:
+            while self._said and (len(self._said) >= self._remember or now - next(iter(self._said.values())) >= self._window):
                 self._said.popitem(last=False)
+            if said in self._said:
+                return False
+            self._said[said] = now
         return super().filter(record)
 
     def format(self, record: logging.LogRecord) -> str:
