@@ -34,21 +34,26 @@ STAND_IN = {
         "    if os.environ.get('STAND_IN_RUNTIME_FAILS'):\n"
         f"        raise ImportError({RUNTIME_ERROR!r})\n"
     ),
-    "medtriage/cli.py": (
+}
+
+
+def stand_in_cli(banner: str) -> str:
+    """The stand-in's `medtriage` command: it prints `banner` and the version."""
+    return (
         "import os, sys\n\n"
         "def main():\n"
         "    if os.environ.get('STAND_IN_COMMAND_FAILS'):\n"
         f"        sys.exit({RUNTIME_ERROR!r})\n"
-        f"    print('medtriage {medtriage.__version__}')\n"
-    ),
-}
+        f"    print('{banner} {medtriage.__version__}')\n"
+    )
 
 
-def stand_in_wheel(folder: Path) -> Path:
+def stand_in_wheel(folder: Path, banner: str = "medtriage") -> Path:
     version = medtriage.__version__
     dist_info = f"medtriage-{version}.dist-info"
     files = {
         **STAND_IN,
+        "medtriage/cli.py": stand_in_cli(banner),
         f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: medtriage\nVersion: {version}\n",
         f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
         f"{dist_info}/entry_points.txt": "[console_scripts]\nmedtriage = medtriage.cli:main\n",
@@ -61,16 +66,19 @@ def stand_in_wheel(folder: Path) -> Path:
     return wheel
 
 
-@pytest.fixture(scope="module")
-def stand_in_bundle(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("stand-in") / "bundle"
+def write_stand_in_bundle(folder: Path, banner: str = "medtriage") -> Path:
     write_templates(folder, template_values(default_python(), DEFAULT_PLATFORM, [], ["model"], []))
     (folder / "wheels").mkdir()
-    stand_in_wheel(folder / "wheels")
+    stand_in_wheel(folder / "wheels", banner)
     (folder / "models" / "model").mkdir(parents=True)
     (folder / "models" / "model" / "model.json").write_text("{}")
     write_checksums(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def stand_in_bundle(tmp_path_factory) -> Path:
+    return write_stand_in_bundle(tmp_path_factory.mktemp("stand-in") / "bundle")
 
 
 def install(bundle: Path, prefix: Path, **env: str) -> subprocess.CompletedProcess:
@@ -154,6 +162,7 @@ def test_a_reinstall_switches_releases_only_when_it_passes_and_replaces_model_fo
     failed = install(stand_in_bundle, prefix, STAND_IN_RUNTIME_FAILS="1")
     assert failed.returncode != 0 and "Nothing was switched" in failed.stderr
     assert os.readlink(prefix / "venv") == str(previous) and (prefix / "models" / "model" / "stale.bin").exists()
+    assert sorted((prefix / "venvs").iterdir()) == [older, previous]  # the failed release's venv went with it
 
     done = install(stand_in_bundle, prefix)
     assert done.returncode == 0, done.stderr
@@ -173,3 +182,32 @@ def test_an_install_made_before_releases_had_folders_of_their_own_is_switched_to
     done = install(stand_in_bundle, prefix)
     assert done.returncode == 0, done.stderr
     assert (prefix / "venv").is_symlink() and (prefix / "venv" / "bin" / "medtriage").exists()
+
+
+@pytest.mark.slow
+def test_a_rebuilt_bundle_of_the_installed_version_is_installed_not_skipped(installed, tmp_path):
+    """pip, run in the venv of the running release, found medtriage of this version there and installed nothing:
+    neither the rebuilt wheel nor the dependencies the new SBOM lists, and the install still reported success."""
+    prefix, first = installed
+    assert first.returncode == 0, first.stderr
+    running = os.readlink(prefix / "venv")
+    done = install(write_stand_in_bundle(tmp_path / "bundle", banner="rebuilt medtriage"), prefix)
+    assert done.returncode == 0, done.stderr
+    assert f"(rebuilt medtriage {medtriage.__version__})" in done.stdout
+    assert os.readlink(prefix / "venv") != running and f"the previous release stays in {running}" in done.stdout
+    assert Path(running, "bin", "medtriage").exists()  # to switch back to
+
+
+@pytest.mark.slow
+def test_a_prefix_spelt_with_extra_slashes_keeps_the_release_it_replaces(stand_in_bundle, tmp_path):
+    """`/opt/medtriage//` after an install into `/opt/medtriage/.`: releases were told apart by their spelling, and
+    the one replaced was removed while the installer said it stays; the units got the slashes too."""
+    prefix = tmp_path / "opt"
+    previous = prefix / "venvs" / "0.0.2-py3.0"
+    (previous / "bin").mkdir(parents=True)
+    (prefix / "venv").symlink_to(f"{prefix}/./venvs/{previous.name}")  # as an install given `{prefix}/.` linked it
+    done = install(stand_in_bundle, f"{prefix}//")
+    assert done.returncode == 0, done.stderr
+    assert previous.is_dir() and "the previous release stays in" in done.stdout
+    unit = (prefix / "systemd" / "medtriage-serve@.service").read_text()
+    assert f"ExecStart={prefix}/venv/bin/medtriage serve {prefix}/models/%i" in unit

@@ -1,14 +1,17 @@
-"""What `medtriage bundle` refuses before any long step: a target no wheelhouse can be made for, and a package
-folder whose name cannot name a model on the target (it becomes a systemd instance name and a SHA256SUMS path)."""
+"""What `medtriage bundle` refuses before any long step: a target no wheelhouse can be made for, a package folder
+whose name cannot name a model on the target (it becomes a systemd instance name and a SHA256SUMS path), a package
+file the bundle cannot ship, and an output folder that cannot take the finished bundle's name."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from medtriage.delivery.bundle import build_bundle
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, PackageError
 from tests.export.tiny_package import shared_tiny_package
 
 
@@ -29,3 +32,49 @@ def test_a_package_folder_name_that_cannot_name_a_model_is_refused(tmp_path_fact
         build_bundle([package], tmp_path / "out", wheel=tmp_path / "unused.whl")
     assert "rename the folder" in refused.value.hint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packages"]
+
+
+def _add_dangling_link(package: Path) -> None:
+    (package / "latest").symlink_to(package / "no-such-file")
+
+
+def _add_file_with_a_line_break(package: Path) -> None:
+    (package / "notes\nv2.txt").write_text("release notes")
+
+
+def _add_file_whose_name_is_no_utf8(package: Path) -> None:
+    with open(os.fsencode(package) + b"/r\xe9sum\xe9.txt", "w") as file:  # Latin-1, as a copy from an old share names it
+        file.write("summary")
+
+
+@pytest.mark.parametrize(
+    ("add", "said"),
+    [
+        (_add_dangling_link, "a link in the package leads nowhere"),
+        (_add_file_with_a_line_break, "cannot be listed in SHA256SUMS: 'notes\\nv2.txt'"),
+        (_add_file_whose_name_is_no_utf8, "cannot be listed in SHA256SUMS"),
+    ],
+    ids=["dangling link", "line break", "not utf-8"],
+)
+def test_a_package_file_the_bundle_cannot_ship_is_refused_before_anything_is_built(tmp_path_factory, tmp_path, add, said):
+    """The link failed the copy after the whole download, with a traceback; the line break gave a bundle whose
+    SHA256SUMS install.sh reads as damaged; the Latin-1 name a traceback while SHA256SUMS was written."""
+    package = shutil.copytree(shared_tiny_package(tmp_path_factory)[0].package_dir, tmp_path / "packages" / "chest")
+    add(package)
+    with pytest.raises(PackageError) as refused:
+        build_bundle([package], tmp_path / "out", wheel=tmp_path / "unused.whl")
+    assert said in str(refused.value) and refused.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packages"]
+
+
+def test_an_empty_mount_point_as_the_output_folder_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """A freshly formatted USB drive as --out: the bundle, built beside it, cannot be renamed onto a mount point,
+    which failed with a traceback (EBUSY) after the whole download."""
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    is_mount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == usb or is_mount(path))
+    with pytest.raises(ConfigError, match="is a mount point") as refused:
+        build_bundle([tmp_path / "no-such-package"], usb)
+    assert refused.value.where == str(usb) and refused.value.hint.endswith(f"--out {usb / 'medtriage-bundle'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["usb"]

@@ -32,7 +32,7 @@ from medtriage.delivery.wheelhouse import (
     source_root,
     wheel_name_version,
 )
-from medtriage.errors import ConfigError, PackageError
+from medtriage.errors import ConfigError, PackageError, printable
 from medtriage.format import sha256_file
 
 CHECKSUMS, MANIFEST, SBOM = "SHA256SUMS", "bundle.json", "sbom.cdx.json"
@@ -62,6 +62,12 @@ def build_bundle(
         raise ConfigError("the output path is a file, not a folder", where=out, hint="choose a new --out folder")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("the output folder exists and is not empty", where=out, hint="choose a new --out folder or remove it")
+    if os.path.ismount(out):  # the bundle is built beside it and renamed into place: a mount point cannot be replaced
+        raise ConfigError(
+            "the output folder is a mount point (a USB drive or network share, for example)",
+            where=out,
+            hint=f"name a new folder on it, e.g. --out {out / 'medtriage-bundle'}",
+        )
     check_target(python, platform)  # before the wheel is built and anything downloaded
     staging = _new_staging(out)
     try:
@@ -135,8 +141,34 @@ def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
                 where=raw,
                 hint="the bundle keeps models/<folder name>: rename one of the folders",
             )
+        _check_shipped_files(package.directory)
         folders[name] = package.directory
     return folders
+
+
+def _check_shipped_files(package: Path) -> None:
+    """Refuse, before the long steps, a file of the package the bundle cannot ship: a link that leads nowhere (the
+    copy would fail at the end of the build) or a name SHA256SUMS cannot hold on one line (a line break would make
+    install.sh call the whole bundle damaged; a byte that is no UTF-8 cannot be written into it)."""
+    for path in _shipped_files(package):
+        relative = path.relative_to(package).as_posix()
+        if not relative.isprintable():
+            raise PackageError(
+                f"the package holds a file whose name cannot be listed in SHA256SUMS: '{printable(relative)}'",
+                where=package,
+                hint="rename or remove that file: the bundle lists every file by name, one per line",
+            )
+        if not path.exists():
+            raise PackageError("a link in the package leads nowhere", where=path, hint="remove the link or restore the file it points to")
+
+
+def _shipped_files(folder: Path):
+    """What the copy into the bundle takes from `folder`: everything below it but hidden names, links followed."""
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith("."):  # the copy's ignore pattern
+            yield path
+            if path.is_dir():
+                yield from _shipped_files(path)
 
 
 def _verified_copy(copy: Path, source: Path) -> Path:

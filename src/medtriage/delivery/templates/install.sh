@@ -22,6 +22,8 @@ case "$PREFIX" in
     *[!A-Za-z0-9/._-]*) fail "PREFIX '$PREFIX' holds characters other than letters, digits, '/', '.', '_' and '-'," \
         "which the systemd units cannot carry. Nothing was installed. Choose a plain path such as /opt/medtriage." ;;
 esac
+# One spelling of PREFIX ("/opt//medtriage/" is /opt/medtriage): the units carry it, and releases are told apart by it.
+PREFIX=$(printf '%s\n' "$PREFIX" | sed 's#//*#/#g; s#\(.\)/$#\1#')
 cd "$HERE"
 
 echo "checking every file of the bundle against SHA256SUMS"
@@ -31,7 +33,11 @@ sha256sum --check --strict --quiet SHA256SUMS ||
 # Anything SHA256SUMS does not list is refused too, links included: pip would install an extra wheel (or one
 # a link points to) that it finds in wheels/, and models/, systemd/ and config/ are all copied into PREFIX.
 listed=$(mktemp) && present=$(mktemp)
-trap 'rm -f "$listed" "$present"' EXIT
+venv="" switched=""
+# On any failure or interruption the release folder this run made goes (a venv holds hundreds of MB); the one
+# PREFIX/venv runs is never it until the switch.
+trap 'rm -f "$listed" "$present"; [ -n "$switched" ] || [ -z "$venv" ] || rm -rf "$venv"' EXIT
+trap 'exit 1' HUP INT TERM
 sed 's/^[0-9a-f]*  //' SHA256SUMS | LC_ALL=C sort > "$listed"
 find . ! -type d ! -path ./SHA256SUMS | sed 's#^\./##' | LC_ALL=C sort > "$present"
 unlisted=$(LC_ALL=C comm -13 "$listed" "$present")
@@ -41,14 +47,18 @@ command -v "$PYTHON" >/dev/null 2>&1 || fail "$PYTHON not found; install Python 
 have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$have" = "@PYTHON@" ] || fail "this bundle holds wheels for Python @PYTHON@, $PYTHON is Python $have; set PYTHON=/path/to/python@PYTHON@"
 
-# Each release gets a virtual environment of its own (venvs/VERSION-pyX.Y; a venv cannot be moved once made);
-# PREFIX/venv, which the units run, is switched to it by one rename only after everything below passed: a failed
-# install leaves the running one as it was, and the previous release stays beside it to switch back to.
-venv="$PREFIX/venvs/@VERSION@-py@PYTHON@"
+# Every install gets a new virtual environment (venvs/VERSION-pyX.Y-TIME; a venv cannot be moved once made): pip in
+# an existing one keeps what it holds, so a bundle of the same version with other wheels would change nothing, and
+# the running release would be changed in place. PREFIX/venv, which the units run, is switched to it by one rename
+# only after everything below passed: a failed install leaves the running one as it was, and the previous release
+# stays beside it to switch back to.
 live=$(readlink "$PREFIX/venv" 2>/dev/null || true)
-echo "installing into $venv"
 mkdir -p "$PREFIX/venvs"
-[ "$live" = "$venv" ] || rm -rf "$venv"  # a leftover of a failed install, or of a bundle built for another Python
+new="$PREFIX/venvs/@VERSION@-py@PYTHON@-$(date -u +%Y%m%dT%H%M%SZ)"
+[ ! -e "$new" ] || fail "$new exists: another install started this second. Nothing was installed. Run install.sh again."
+mkdir "$new"
+venv=$new
+echo "installing into $venv"
 "$PYTHON" -m venv "$venv"
 # No configuration file or PIP_* variable of this machine may add an index or a wheel folder.
 PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated install --quiet --no-index \
@@ -91,14 +101,15 @@ cp -R config "$PREFIX/"
 ln -sfn "$venv" "$PREFIX/.venv.new"
 [ -L "$PREFIX/venv" ] || rm -rf "$PREFIX/venv"
 mv -T "$PREFIX/.venv.new" "$PREFIX/venv"
+switched=1
 if command -v systemd-analyze >/dev/null 2>&1; then  # this machine's systemd judges the units it will run (their ExecStart exists now)
     systemd-analyze verify --man=no "$PREFIX"/systemd/*.service ||
         echo "install.sh: warning: systemd-analyze verify found the problems above in $PREFIX/systemd" >&2
 fi
-for old in "$PREFIX"/venvs/*; do  # keep this release and the one it replaces
-    [ "$old" = "$venv" ] || [ "$old" = "$live" ] || rm -rf "$old"
+for old in "$PREFIX"/venvs/*; do  # keep this release and the one it replaces (-ef: however an earlier install spelt it)
+    [ "$old" -ef "$venv" ] || [ "$old" -ef "$live" ] || rm -rf "$old"
 done
-[ -z "$live" ] || [ "$live" = "$venv" ] || echo "the previous release stays in $live; to go back to it:" \
+[ -z "$live" ] || [ ! -e "$live" ] || echo "the previous release stays in $live; to go back to it:" \
     "ln -sfn $live $PREFIX/.venv.new && mv -T $PREFIX/.venv.new $PREFIX/venv"
 for package in "$PREFIX"/models/*/; do
     [ -d "models/$(basename "$package")" ] || echo "install.sh: warning: $package is not in this bundle (left by an" \
