@@ -106,6 +106,43 @@ def test_a_damaged_manifest_is_refused_with_the_line_at_fault(tmp_path, edit, me
     assert message in str(err.value) and MANIFEST_FILE in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("row", "column", "value"),
+    [
+        (2, "offset", str(2**64 - 48)),  # read as an int64 it wraps to -48: row 0's pixels
+        (1, "offset", "0"),  # row 0's pixels again
+        (2, "offset", "20"),  # half of row 1's
+        (1, "height", str(2**32)),  # 1 * 2**32 * 2**32 values: 0 once the product wraps
+    ],
+)
+def test_an_offset_or_side_that_points_at_another_images_pixels_is_refused(tmp_path, row, column, value):
+    tiny_pool(tmp_path)
+    edit_manifest(tmp_path, set_cell(column, value, row=row))
+    if column == "height":
+        edit_manifest(tmp_path, set_cell("width", str(2**32), row=row))
+    with pytest.raises(InputError, match="build it again") as err:
+        load_manifest(tmp_path)
+    assert f"line {row + 2}" in str(err.value) and MANIFEST_FILE in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: b"",  # cut short to nothing
+        lambda text: text.replace(b"a/1.dcm", b'"a/1.dcm'),  # a quote left open
+        lambda text: b"\xff\xfe" + text,  # saved as UTF-16 by an editor
+    ],
+)
+@pytest.mark.parametrize("file", [MANIFEST_FILE, "rejects.csv"])
+def test_a_pool_csv_that_cannot_be_parsed_is_refused_as_damaged_naming_it(tmp_path, damage, file):
+    tiny_pool(tmp_path)
+    intact = (tmp_path / MANIFEST_FILE).read_bytes() if file == MANIFEST_FILE else b"site,path,reason\na,a/1.dcm,unreadable\n"
+    (tmp_path / file).write_bytes(damage(intact))
+    with pytest.raises(InputError, match="not a readable CSV file") as err:
+        load_manifest(tmp_path)
+    assert err.value.where == str(tmp_path / file) and "build it again" in err.value.hint
+
+
 def test_a_cut_short_pixel_cache_or_missing_label_names_are_refused(tmp_path):
     tiny_pool(tmp_path)
     with open(tmp_path / PIXELS_FILE, "r+b") as f:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medtriage.data import manifest as manifest_module
 from medtriage.data.manifest import MANIFEST_FILE, PIXELS_FILE, PoolWriter, load_manifest
 from medtriage.errors import DataNotFoundError
 
@@ -39,3 +40,25 @@ def test_a_second_build_started_meanwhile_does_not_spoil_the_first(tmp_path):
     manifest = first.close()
     assert [manifest.image(i)[0, 0, 0] for i in range(2)] == [0.25, 0.5]
     assert second.close().image(0)[0, 0, 0] == 0.75  # the last build to finish is the pool, whole
+
+
+def test_a_rebuild_that_fails_before_its_manifest_leaves_no_pool_not_old_rows_over_new_pixels(tmp_path, monkeypatch):
+    old = PoolWriter(tmp_path, ["normal", "pneumonia"])
+    add(old, 0.25)
+    add(old, 0.5)
+    old.close()
+    new = PoolWriter(tmp_path, ["normal", "pneumonia"])
+    add(new, 0.75)
+    add(new, 1.0)
+
+    def disk_full(path, columns, rows):
+        if path.name == MANIFEST_FILE:
+            raise OSError(28, "No space left on device")
+        return write_csv_atomic(path, columns, rows)
+
+    write_csv_atomic = manifest_module.write_csv_atomic
+    monkeypatch.setattr(manifest_module, "write_csv_atomic", disk_full)
+    with pytest.raises(OSError):
+        new.close()
+    with pytest.raises(DataNotFoundError, match="build it first"):  # not image 0.25 read as 0.75
+        load_manifest(tmp_path)

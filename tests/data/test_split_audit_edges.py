@@ -66,6 +66,50 @@ def test_folds_keep_a_patient_together_whatever_the_padding_of_its_id(tmp_path, 
     assert len(set(groups)) == len(pool.rows) - 1
 
 
+# ---------------------------------------------------------------- one patient, its ID written two ways at one site
+
+
+def _pool_of_studies(folder: Path, rows) -> object:
+    """rows: (patient, study UID, split, label), each a distinct image at site `a`."""
+    writer = PoolWriter(folder, ["normal", "pneumonia"])
+    for image, (patient, study, split, label) in zip(_noise(len(rows)), rows):
+        uid = f"u{len(writer.rows)}"
+        writer.add(image, site="a", patient_id=patient, study_uid=study, series_uid=uid, sop_uid=uid, path=uid, label=label, split=split)
+    return writer.close()
+
+
+SHARED_STUDY = "1.2.826.0.1.3680043.8.498.1"
+PATIENTS_OF_TWO_STUDIES = [
+    ("AB12", SHARED_STUDY, "train", 1),  # a frontal view
+    ("ab12", SHARED_STUDY, "test", 1),  # its lateral view, the ID typed again in lower case
+    *[(f"p{i}", f"1.2.3.{i}", ("train", "val", "test")[i % 3], i % 2) for i in range(9)],
+]
+
+
+def test_the_audit_finds_one_study_under_two_patient_ids_in_two_splits(tmp_path):
+    result = audit_manifest(_pool_of_studies(tmp_path / "pool", PATIENTS_OF_TWO_STUDIES), check_images=False)
+    leaked = [f for f in result.findings if f.kind == "study_in_two_splits"]
+    assert not result.ok and leaked and leaked[0].severity == "error"
+    assert leaked[0].examples == [{"study_uid": SHARED_STUDY, "splits": ["test", "train"], "patients": ["a/AB12", "a/ab12"]}]
+
+
+def test_a_study_of_one_patient_or_a_study_named_by_its_pool_is_not_reported_twice(tmp_path):
+    rows = [
+        ("AB12", SHARED_STUDY, "train", 1),
+        ("AB12", SHARED_STUDY, "test", 1),
+        ("p1", "slide-1", "train", 0),
+        ("p2", "slide-1", "test", 0),
+    ]
+    kinds = {f.kind for f in audit_manifest(_pool_of_studies(tmp_path / "pool", rows), check_images=False).findings}
+    assert "patient_in_two_splits" in kinds and "study_in_two_splits" not in kinds  # tile pools name studies per file stem
+
+
+def test_folds_keep_one_study_together_whatever_its_patient_ids(tmp_path):
+    pool = _pool_of_studies(tmp_path / "pool", [(patient, study, "train", label) for patient, study, _, label in PATIENTS_OF_TWO_STUDIES])
+    groups = inseparable_groups(pool)
+    assert groups[0] == groups[1] and len(set(groups)) == len(pool.rows) - 1
+
+
 # ---------------------------------------------------------------- damaged pixels
 
 
@@ -124,6 +168,18 @@ def test_a_class_too_small_for_any_fold_is_a_config_error(tmp_path, xrays):
     with pytest.raises(ConfigError, match="number of members in each class") as err:
         cross_validation_fold(pool, 5, 0)
     assert err.value.where == "data.cv_folds" and "fewer folds" in str(err.value)
+
+
+@pytest.mark.parametrize(("fold", "side"), [(0, "training"), (1, "validation"), (2, "validation")])
+def test_a_fold_without_one_class_on_either_side_is_refused(tmp_path, fold, side):
+    # enough images of each class for 3 folds, but every negative image is one patient's: stratifying by image cannot
+    # spread them, so one fold validates on them all (and trains on positives alone) and the others validate without any
+    rows = [(image, 0, "p0", "train") for image in _noise(6, seed=0)]
+    rows += [(image, 1, f"p{i + 1}", "train") for i, image in enumerate(_noise(5, seed=1))]
+    pool = _pool(tmp_path / "pool", rows)
+    with pytest.raises(ConfigError, match=f"fold {fold} of 3 has no {side} images of the negative class") as err:
+        cross_validation_fold(pool, 3, fold)
+    assert err.value.where == "data.cv_folds" and "fewer folds" in err.value.hint
 
 
 # ---------------------------------------------------------------- the hash takes what `Manifest.images` gives

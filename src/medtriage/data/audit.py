@@ -2,6 +2,8 @@
 
 Checks, each a finding with a severity (`error` fails the audit, `warning` does not):
 - `patient_in_two_splits`       the same (site, pseudonymous patient) in more than one split
+- `study_in_two_splits`         one DICOM study (Study Instance UID) under two patient IDs in more than one split:
+                                a UID is unique worldwide, so this is one patient whose ID was written two ways
 - `same_image_in_two_splits`    identical decoded pixels (manifest fingerprint) in two splits
 - `near_duplicate_in_two_splits`  a perceptual-hash match across splits, at one site or across sites
 - `same_image_at_two_sites`     an exact or near duplicate shared by two sites in one split (warning)
@@ -41,6 +43,7 @@ from medtriage.errors import InputError, MedTriageError
 HASH_SIDE, THUMBNAIL, MAX_DISTANCE = 12, 32, 12
 NEGATIVE_LABEL = 0  # label index 0 is the normal/negative class; any other label counts as positive
 MAX_EXAMPLES = 20  # examples kept per finding, so a report stays readable
+DICOM_UID = r"[0-9]+(\.[0-9]+)+"  # digits and dots (PS3.5 9.1)
 # findings no override lets through: every split is cut by patient, so a patient in two splits is never a known,
 # accepted state of a pool, and every figure of a run on it would be measured on patients it trained on
 NOT_OVERRIDABLE = ("patient_in_two_splits",)
@@ -89,6 +92,7 @@ def audit_manifest(manifest, *, check_images: bool = True, max_distance: int = M
     rows = manifest.rows.reset_index(drop=True)
     result = AuditResult(str(manifest.pool_dir), len(rows))
     result.findings += _patients_in_two_splits(rows)
+    result.findings += _studies_in_two_splits(rows)
     result.findings += _sites_without_class(rows, positive=True)
     result.findings += _sites_without_class(rows, positive=False)
     result.findings += _sites_in_one_split(rows)
@@ -138,6 +142,34 @@ def _patients_in_two_splits(rows) -> list[Finding]:
     return [
         Finding("patient_in_two_splits", "error", len(leaked), f"{len(leaked)} patient(s) have images in more than one split", examples)
     ]
+
+
+def study_keys(rows):
+    """The Study Instance UID of each row, missing (NaN) where it is not a DICOM UID (a pool of npz images or slide
+    tiles names its studies itself, and only a DICOM UID is unique beyond its pool)."""
+    study = rows["study_uid"].astype(str).str.strip()
+    return study.where(study.str.fullmatch(DICOM_UID))
+
+
+def _studies_in_two_splits(rows) -> list[Finding]:
+    """Patients are told apart by their IDs as written: one patient under two spellings of its ID (a case, a leading
+    zero, a typo at the site) is two patients to the splits and to `patient_in_two_splits`, but its studies keep
+    their UIDs. Studies of a single patient in two splits are that check's to report."""
+    studies = study_keys(rows)
+    known = studies.notna()
+    if not known.any():
+        return []
+    table = rows[known].assign(study=studies[known], patient=patient_keys(rows)[known])
+    spread = table.groupby("study").agg(splits=("split", lambda s: sorted(set(s))), patients=("patient", lambda p: sorted(set(p))))
+    leaked = spread[(spread["splits"].map(len) > 1) & (spread["patients"].map(len) > 1)]
+    if leaked.empty:
+        return []
+    examples = [
+        {"study_uid": study, "splits": row.splits, "patients": ["/".join(p) for p in row.patients]}
+        for study, row in leaked.head(MAX_EXAMPLES).iterrows()
+    ]
+    message = f"{len(leaked)} study(ies) under more than one patient ID in more than one split: one patient, its ID written two ways"
+    return [Finding("study_in_two_splits", "error", len(leaked), message, examples)]
 
 
 # positive? -> (finding, images missing, figure lost, severity). A missing negative class only warns (module docstring):

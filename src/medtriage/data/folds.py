@@ -4,7 +4,7 @@ Model selection must not lean on a validation split that saturates (AUC near 1) 
 images with train (the official PneumoniaMNIST splits do: `medtriage audit` lists them). So the
 train and validation rows are pooled and cut into `folds` stratified folds, and fold `fold`
 becomes the validation split of the run. Rows that must not be separated travel together:
-the images of one patient, and images the leakage audit finds identical or near-identical
+the images of one patient (or one DICOM study), and images the leakage audit finds identical or near-identical
 (perceptual hash within `audit.MAX_DISTANCE` bits). The test rows are dropped from the manifest,
 so a cross-validation run cannot see, score or log test. Its audit then no longer sees test either, so a pool with
 a patient in test and in train or validation is refused here (as it is by the audit of a plain run).
@@ -22,7 +22,7 @@ import hashlib
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medtriage.data.audit import MAX_DISTANCE, LeakageError, manifest_hashes, near_pairs, patient_keys
+from medtriage.data.audit import MAX_DISTANCE, NEGATIVE_LABEL, LeakageError, manifest_hashes, near_pairs, patient_keys, study_keys
 from medtriage.data.manifest import Manifest
 from medtriage.errors import ConfigError, DataNotFoundError
 
@@ -73,7 +73,28 @@ def _held_out(labels: np.ndarray, groups: np.ndarray, folds: int, fold: int, see
             where="data.cv_folds",
             hint="use fewer folds, or another data.cv_seed",
         )
+    _require_both_classes(labels, held, folds, fold)
     return held
+
+
+def _require_both_classes(labels: np.ndarray, held: np.ndarray, folds: int, fold: int) -> None:
+    """Stratification counts images, but groups move whole: a class held by few patients can leave a fold's validation
+    images without it (its AUC undefined, its epoch chosen on nothing) or its training images without it (a model
+    that never saw that class). The audit only warns of a missing negative class per site, so it is refused here."""
+    positive = labels != NEGATIVE_LABEL
+    if positive.all() or not positive.any():
+        return  # a pool of one class: no fold can be asked for the other
+    in_fold = np.zeros(len(labels), dtype=bool)
+    in_fold[held] = True
+    for side, members in (("validation", in_fold), ("training", ~in_fold)):
+        for kind, wanted in (("negative", ~positive), ("positive", positive)):
+            if not (members & wanted).any():
+                raise ConfigError(
+                    f"fold {fold} of {folds} has no {side} images of the {kind} class: its {int(wanted.sum())} {kind} "
+                    "image(s) belong to too few patients (a patient's images, and duplicates, stay in one fold)",
+                    where="data.cv_folds",
+                    hint=f"use fewer folds, another data.cv_seed, or a pool with more {kind} patients",
+                )
 
 
 def all_labelled(manifest: Manifest) -> Manifest:
@@ -103,7 +124,8 @@ def _require_test_patients_apart(manifest: Manifest) -> None:
 
 
 def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> np.ndarray:
-    """One group id per row: rows of one patient, and (near-)duplicate images, share a group (union-find)."""
+    """One group id per row: rows of one patient or one DICOM study, and (near-)duplicate images, share a group
+    (union-find)."""
     rows = manifest.rows.reset_index(drop=True)
     keys = patient_keys(rows)
     parent = np.arange(len(rows))
@@ -120,6 +142,9 @@ def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> 
     first_of_patient: dict[tuple[str, str], int] = {}
     for i, key in enumerate(keys):
         join(i, first_of_patient.setdefault(key, i))
+    first_of_study: dict[str, int] = {}
+    for i, study in study_keys(rows).dropna().items():  # one study is one patient, whatever its ID was written as
+        join(i, first_of_study.setdefault(study, i))
     for i, j, _ in near_pairs(manifest_hashes(manifest), max_distance):
         join(i, j)
     return np.array([root(i) for i in range(len(rows))])

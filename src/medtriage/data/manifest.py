@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtriage.errors import DataNotFoundError, InputError
+from medtriage.errors import DataNotFoundError, InputError, printable
 from medtriage.io.safe_output import AtomicFile, write_atomic, write_csv_atomic
 from medtriage.optional import optional_import
 
@@ -94,6 +94,9 @@ class PoolWriter:
         self.rejects.append(Reject(site, str(path), reason))
 
     def close(self) -> Manifest:
+        # The files cannot all be renamed at once: the old manifest goes first, so that until the new one is in place a
+        # reader finds no pool, never the old rows over the new pixels (offsets into another build's images)
+        (self.pool_dir / MANIFEST_FILE).unlink(missing_ok=True)
         self._pixels.commit()
         write_atomic(self.pool_dir / LABELS_FILE, json.dumps(self.label_names).encode())
         write_csv_atomic(self.pool_dir / REJECTS_FILE, REJECT_COLUMNS, [vars(r) for r in self.rejects])
@@ -159,15 +162,15 @@ def load_manifest(pool_dir: str | Path) -> Manifest:
         )
     # Identifiers are text exactly as written: pandas would make site "01" the number 1, series "1.20" the float 1.2,
     # and a patient pseudonymised "NA" missing (then no group, so the leakage audit would not see that patient).
-    header = pd.read_csv(pool_dir / MANIFEST_FILE, nrows=0).columns
-    rows = pd.read_csv(
+    header = _read_csv(pool_dir / MANIFEST_FILE, nrows=0).columns
+    rows = _read_csv(
         pool_dir / MANIFEST_FILE,
         dtype={c: str for c in TEXT_COLUMNS},
         keep_default_na=False,
         na_values={c: [""] for c in header if c not in TEXT_COLUMNS},  # other columns: empty = missing, as before
     )
     rejects = (
-        pd.read_csv(pool_dir / REJECTS_FILE, dtype=str, keep_default_na=False)
+        _read_csv(pool_dir / REJECTS_FILE, dtype=str, keep_default_na=False)
         if (pool_dir / REJECTS_FILE).exists()
         else pd.DataFrame(columns=REJECT_COLUMNS)
     )
@@ -185,6 +188,14 @@ def _damaged(reason: str, where: Path) -> InputError:
     return InputError(reason, where=where, hint=f"the pool is damaged or was edited by hand; delete {where.parent} and build it again")
 
 
+def _read_csv(path: Path, **options):
+    """A pool CSV file as a table; one cut short to nothing, left with an open quote or not UTF-8 is refused as damaged."""
+    try:
+        return pd.read_csv(path, **options)
+    except ValueError as err:  # pandas' EmptyDataError and ParserError, and UnicodeDecodeError, are ValueErrors
+        raise _damaged(f"not a readable CSV file ({printable(str(err))})", path) from err
+
+
 def _read_label_names(pool_dir: Path) -> list[str]:
     try:
         names = json.loads((pool_dir / LABELS_FILE).read_text(encoding="utf-8"))
@@ -200,17 +211,37 @@ def _check_rows(rows, label_names: list[str], pool_dir: Path) -> None:
     missing = [c for c in COLUMNS if c not in rows.columns]
     if missing:
         raise _damaged(f"manifest lacks columns {missing}", where)
+    numbers = {}
     for column, smallest in INTEGER_COLUMNS.items():
         values = pd.to_numeric(rows[column], errors="coerce")
         largest = len(label_names) - 1 if column == "label" else np.inf
         bad = values.isna() | (values % 1 != 0) | (values < smallest) | (values > largest)
         span = f"{smallest}..{largest}" if column == "label" else f">= {smallest}"
         _refuse(bad, rows[column], f"{column} not an integer {span}", where)
-        rows[column] = values.astype(np.int64)
+        numbers[column] = values.astype(np.float64)
     _refuse(~rows["split"].isin(SPLITS), rows["split"], f"split not one of {', '.join(SPLITS)}", where)
-    ends = rows["offset"] + rows["channels"] * rows["height"] * rows["width"]
+    # Where each image ends, in floats: an offset or side of 2**64 would wrap around as an int64 (to a negative offset
+    # that reads another image's pixels) and a product of large sides would overflow. Every value is at least 0, so
+    # once every end lies within the cache, each value does and the int64 conversion below is exact.
+    ends = numbers["offset"] + numbers["channels"] * numbers["height"] * numbers["width"]
     stored = (pool_dir / PIXELS_FILE).stat().st_size // 4 if (pool_dir / PIXELS_FILE).is_file() else 0
-    _refuse(ends > stored, ends, f"pixels ending past the {stored} values stored in {PIXELS_FILE}", where)
+    _refuse(ends > stored, ends.map(int), f"pixels ending past the {stored} values stored in {PIXELS_FILE}", where)
+    for column, values in numbers.items():
+        rows[column] = values.astype(np.int64)
+    _refuse_shared_pixels(rows["offset"].to_numpy(), ends.astype(np.int64).to_numpy(), where)
+
+
+def _refuse_shared_pixels(starts: np.ndarray, ends: np.ndarray, where: Path) -> None:
+    """Each row's pixels are its own (the writer appends every image): an offset edited to point into another row's
+    pixels would give that row another image silently. Sorted by offset, no image may begin before the previous ends."""
+    order = np.argsort(starts, kind="stable")
+    clashes = np.flatnonzero(starts[order][1:] < ends[order][:-1])
+    if len(clashes):
+        row, other = int(order[clashes[0] + 1]), int(order[clashes[0]])
+        raise _damaged(
+            f"pixels of line {row + 2} (offset {int(starts[row])}) overlap those of line {other + 2} ({len(clashes)} row(s) in all)",
+            where,
+        )
 
 
 def _refuse(bad, values, what: str, where: Path) -> None:
