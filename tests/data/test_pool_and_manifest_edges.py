@@ -125,6 +125,16 @@ def test_an_offset_or_side_that_points_at_another_images_pixels_is_refused(tmp_p
     assert f"line {row + 2}" in str(err.value) and MANIFEST_FILE in str(err.value)
 
 
+def test_a_manifest_header_naming_a_column_twice_is_refused(tmp_path):
+    """A second 'label' column (pasted in by hand) was read as 'label.1' and ignored: the first one silently won."""
+    tiny_pool(tmp_path)
+    text = (tmp_path / MANIFEST_FILE).read_text().splitlines()
+    (tmp_path / MANIFEST_FILE).write_text("\n".join([text[0] + ",label", *(line + ",1" for line in text[1:])]) + "\n")
+    with pytest.raises(InputError, match=r"names columns \['label'\] twice") as err:
+        load_manifest(tmp_path)
+    assert err.value.where == str(tmp_path / MANIFEST_FILE)
+
+
 @pytest.mark.parametrize(
     "damage",
     [

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medtriage.data.audit import audit_manifest, perceptual_hashes
+from medtriage.data.audit import LeakageError, audit_manifest, perceptual_hashes
 from medtriage.data.folds import all_labelled, cross_validation_fold, inseparable_groups
 from medtriage.data.manifest import PoolWriter
 from medtriage.data.sources.medmnist import as_chw
@@ -102,6 +102,16 @@ def test_a_study_of_one_patient_or_a_study_named_by_its_pool_is_not_reported_twi
     ]
     kinds = {f.kind for f in audit_manifest(_pool_of_studies(tmp_path / "pool", rows), check_images=False).findings}
     assert "patient_in_two_splits" in kinds and "study_in_two_splits" not in kinds  # tile pools name studies per file stem
+
+
+def test_folds_refuse_a_test_study_also_labelled_under_another_patient_id(tmp_path):
+    """A cross-validation's audit never sees test: the folds themselves refuse a study in test and in train."""
+    pool = _pool_of_studies(tmp_path / "pool", PATIENTS_OF_TWO_STUDIES)
+    for cut in (lambda: cross_validation_fold(pool, 2, 0), lambda: all_labelled(pool)):
+        with pytest.raises(
+            LeakageError, match=f"1 DICOM study\\(ies\\) with images in test and in train or validation, e.g. {SHARED_STUDY}"
+        ):
+            cut()
 
 
 def test_folds_keep_one_study_together_whatever_its_patient_ids(tmp_path):

@@ -109,18 +109,20 @@ def all_labelled(manifest: Manifest) -> Manifest:
 
 def _require_test_patients_apart(manifest: Manifest) -> None:
     """A run without test rows is audited without them, so a test patient who also has train or validation images
-    would go unseen by its audit while its models are scored on test later: refuse such a pool here."""
-    rows = manifest.rows
-    test, labelled = set(), set()
-    for key, is_test in zip(patient_keys(rows), rows["split"] == "test"):
-        (test if is_test else labelled).add(key)
-    shared = sorted(test & labelled)
-    if shared:
-        raise LeakageError(
-            f"{len(shared)} patient(s) with images in test and in train or validation, e.g. {'/'.join(shared[0])}",
-            where=manifest.pool_dir,
-            hint="rebuild the pool so that each patient's images lie in one split (`medtriage audit POOL` lists them)",
-        )
+    would go unseen by its audit while its models are scored on test later: refuse such a pool here. A DICOM study
+    counts as one patient whatever its patient IDs (the audit's `study_in_two_splits`)."""
+    rows = manifest.rows.reset_index(drop=True)
+    is_test = rows["split"] == "test"
+    for what, keys in (("patient(s)", patient_keys(rows)), ("DICOM study(ies)", study_keys(rows).dropna())):
+        in_test = is_test[keys.index]
+        shared = sorted(set(keys[in_test]) & set(keys[~in_test]))
+        if shared:
+            example = "/".join(shared[0]) if isinstance(shared[0], tuple) else shared[0]
+            raise LeakageError(
+                f"{len(shared)} {what} with images in test and in train or validation, e.g. {example}",
+                where=manifest.pool_dir,
+                hint="rebuild the pool so that each patient's images lie in one split (`medtriage audit POOL` lists them)",
+            )
 
 
 def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> np.ndarray:

@@ -162,7 +162,9 @@ def load_manifest(pool_dir: str | Path) -> Manifest:
         )
     # Identifiers are text exactly as written: pandas would make site "01" the number 1, series "1.20" the float 1.2,
     # and a patient pseudonymised "NA" missing (then no group, so the leakage audit would not see that patient).
-    header = _read_csv(pool_dir / MANIFEST_FILE, nrows=0).columns
+    header = list(_read_csv(pool_dir / MANIFEST_FILE, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0])
+    if repeated := sorted({c for c in header if header.count(c) > 1}):  # pandas would read the second as 'label.1'
+        raise _damaged(f"manifest header names columns {repeated} twice", pool_dir / MANIFEST_FILE)
     rows = _read_csv(
         pool_dir / MANIFEST_FILE,
         dtype={c: str for c in TEXT_COLUMNS},
