@@ -129,7 +129,6 @@ def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> 
     """One group id per row: rows of one patient or one DICOM study, and (near-)duplicate images, share a group
     (union-find)."""
     rows = manifest.rows.reset_index(drop=True)
-    keys = patient_keys(rows)
     parent = np.arange(len(rows))
 
     def root(i: int) -> int:
@@ -141,12 +140,11 @@ def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> 
     def join(i: int, j: int) -> None:
         parent[root(i)] = root(j)
 
-    first_of_patient: dict[tuple[str, str], int] = {}
-    for i, key in enumerate(keys):
-        join(i, first_of_patient.setdefault(key, i))
-    first_of_study: dict[str, int] = {}
-    for i, study in study_keys(rows).dropna().items():  # one study is one patient, whatever its ID was written as
-        join(i, first_of_study.setdefault(study, i))
+    # a DICOM study is one patient, whatever its patient ID was written as
+    for keys in (patient_keys(rows), study_keys(rows).dropna()):
+        first_row: dict = {}
+        for i, key in keys.items():
+            join(i, first_row.setdefault(key, i))
     for i, j, _ in near_pairs(manifest_hashes(manifest), max_distance):
         join(i, j)
     return np.array([root(i) for i in range(len(rows))])
