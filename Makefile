@@ -20,9 +20,11 @@ demo: setup
 	$(BIN)/python scripts/train.py experiment=pneumonia_sites
 	$(BIN)/medtriage score models/pneumonia-sites-r18 $$($(BIN)/python scripts/pick_files.py data/pool/pneumonia_sites)
 
-# Lint and format (ruff), import contracts (import-linter, [tool.importlinter] in pyproject.toml), then the suite.
+# Lint and format (ruff), import contracts (import-linter, [tool.importlinter] in pyproject.toml), then the suite in
+# TEST_WORKERS processes (pytest-xdist), each taking a whole module at a time: a module's shared fixtures are made once.
+TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadscope

@@ -75,8 +75,8 @@ def training_env() -> dict[str, str]:
 def run_side_by_side(
     commands: list[list[str]], timeout: float = 300, env: dict[str, str] | None = None
 ) -> list[subprocess.CompletedProcess]:
-    """`commands` run at once from the project root (tests run one at a time, and a one-thread run leaves a core idle),
-    each one's output captured (in files: a full pipe would stall it), all within `timeout`; their results in order."""
+    """`commands` run at once from the project root (a one-thread run leaves a core idle: two runs wait less than one
+    after the other), each one's output captured (in files: a full pipe would stall it), all within `timeout`; their results in order."""
     with ExitStack() as stack:
         outputs = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in ("stdout", "stderr")] for _ in commands]
         processes = [

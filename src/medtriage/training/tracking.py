@@ -237,10 +237,13 @@ class MultirunParentRun(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         # Hydra's sweeper re-raises a failed job's error after this call, so on_multirun_end never runs: close the
-        # parent this multirun opened here, or it stays RUNNING for good.
+        # parent this multirun opened here, or it stays RUNNING for good; and forget it, or runs started later in this
+        # process would be filed as its children.
         parent = getattr(self, "_parent", None)
         if parent is not None and job_return.status == JobStatus.FAILED:
             MlflowClient(config.tracking.uri).set_terminated(parent, "FAILED")
+            if os.environ.get(PARENT_RUN_ENV) == parent:
+                del os.environ[PARENT_RUN_ENV]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = os.environ.pop(PARENT_RUN_ENV, None)
