@@ -68,6 +68,29 @@ def test_temperature_is_kept_only_where_it_helps():
     assert choose_calibration(overconfident, labels, 15, allowed=False)["method"] == "none"
 
 
+@pytest.mark.parametrize("positives", [2, 3])
+def test_every_calibration_fold_fits_its_temperature_on_both_classes(positives):
+    """A rare class of a few images is dealt over the folds: no fold's temperature is fitted on one class alone."""
+    from medtriage.export.safety import stratified_folds
+
+    labels = np.array([1] * positives + [0] * (40 - positives))
+    fold_of = stratified_folds(labels, 5, seed=0)
+    assert np.bincount(fold_of).tolist() == [8] * 5 and all(set(labels[fold_of != k]) == {0, 1} for k in range(5))
+    logits = np.random.default_rng(0).normal(0, 1, (40, 2))
+    for seed in range(10):  # shuffled without regard to class, some seeds put both positives in one fold
+        assert choose_calibration(logits, labels, 15, seed=seed)["method"] in ("none", "temperature")
+
+
+@pytest.mark.parametrize(("labels", "named"), [([1] + [0] * 39, "class 0: 39, class 1: 1"), ([0, 1, 0], "there are 3")])
+def test_too_few_held_out_images_for_calibration_folds_are_refused_by_count(labels, named):
+    from medtriage.errors import InputError
+
+    logits = np.zeros((len(labels), 2))
+    with pytest.raises(InputError, match="5-fold cross-validation needs") as refused:
+        choose_calibration(logits, np.array(labels), 15)
+    assert named in str(refused.value) and "data.limit" in str(refused.value)
+
+
 def test_ece_interval_covers_the_estimate():
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 3, (500, 2))

@@ -23,9 +23,11 @@ def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return softmax(np.asarray(logits, dtype=np.float64) / temperature)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T > 0 minimising validation NLL of softmax(logits / T) (Guo et al. 2017)."""
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, where: str = "validation split") -> float:
+    """The temperature T > 0 minimising validation NLL of softmax(logits / T) (Guo et al. 2017). `where` names the
+    cases in the error refusing labels of a single class."""
     logits, labels = _scored(logits, labels)
+    _require_two_classes(labels, where)
     classes = np.arange(logits.shape[1])
 
     def nll(log_t: float) -> float:
@@ -33,7 +35,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
     low, high = np.log(TEMPERATURE_BOUNDS)  # searching log T keeps T positive
     result = minimize_scalar(nll, bounds=(low, high), method="bounded")
-    for bound, why in ((low, "perfectly separated: their log-loss keeps falling as T shrinks"), (high, "near chance")):
+    for bound, why in (
+        (low, "perfectly separated, or scored far less confidently than they are ranked: their log-loss keeps falling as T shrinks"),
+        (high, "near chance"),
+    ):
         if nll(bound) <= result.fun:  # the log-loss still falls towards the bound: the fit found no minimum, say so
             log.warning(
                 "temperature fit found no minimum before its bound T=%.3g (kept T=%.3g): the validation cases are %s",
@@ -42,6 +47,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
                 why,
             )
     return float(np.exp(result.x))
+
+
+def _require_two_classes(labels: np.ndarray, where: str) -> None:
+    """Refuse labels of one class: with no image of another class the log-loss rewards confidence in that class alone,
+    so the fit ends at a bound or wherever these logits put it, saying nothing of how sure the model should be."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise EvaluationInputError(
+            f"all {len(labels)} images are of class {present[0]}: a temperature cannot be fitted on a single class",
+            where=where,
+            hint="fit it on images of two classes or more; check how the pool was split",
+        )
 
 
 def cross_fitted_log_loss(logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
@@ -107,8 +124,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 
 
 def confidence_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean confidence, accuracy, image count) of each non-empty bin of top-label confidence: `n_bins` equal-width
-    bins [k/n, (k+1)/n), the last one closed so that a confidence of 1.0 counts."""
+    """(mean confidence, accuracy, image count) of each non-empty bin of top-label confidence (`confidence_bin_index`):
+    the one binning of the expected calibration error and of the reliability diagram."""
     probs = unit_interval(class_matrix(probs, "probabilities"), "probabilities")
     labels = class_labels(labels, probs.shape[1])  # a string, a fraction or another class never equals an argmax
     if not (isinstance(n_bins, (int, np.integer)) and n_bins >= 1):  # 0 would quietly bin everything together
@@ -119,10 +136,21 @@ def confidence_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> 
         raise InputError(f"{len(labels)} labels for {len(probs)} rows of probabilities", hint="pass one label per scored image")
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    bins = confidence_bin_index(confidence, n_bins)
     used, counts = np.unique(bins, return_counts=True)
     return (
         np.array([confidence[bins == b].mean() for b in used]),
         np.array([correct[bins == b].mean() for b in used]),
         counts,
     )
+
+
+def confidence_bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    """The bin of each confidence among `n_bins` equal-width bins [k/n, (k+1)/n), the last one closed [(n-1)/n, 1] so
+    that a confidence of 1.0 counts. A confidence at an edge k/n falls in bin k: `confidence * n` may round to just
+    below k (29/50 * 50 < 29), so the floor is moved by one where it disagrees with the edges themselves."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    bins = np.floor(confidence * n_bins).astype(np.int64)
+    bins += (bins + 1) / n_bins <= confidence  # rounded below the edge it sits on
+    bins -= bins / n_bins > confidence  # rounded above the next edge
+    return np.clip(bins, 0, n_bins - 1)

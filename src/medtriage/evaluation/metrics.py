@@ -106,7 +106,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    """ROC AUC, or None when `labels` hold a single class (AUC undefined)."""
+    """ROC AUC, or None when `labels` hold a single class (AUC undefined). Probabilities that are not finite, or
+    labels that are not one class of theirs per row, are refused: scikit-learn would rank a NaN as a score, or fail
+    naming neither."""
+    probs = class_matrix(probs, "probabilities")
+    labels = class_labels(labels, probs.shape[1])
+    require_images(labels, len(probs))
     present = np.unique(labels)
     if len(present) < 2:
         return None
@@ -127,7 +132,7 @@ def predicted_classes(probs: np.ndarray, positive: int = 1) -> np.ndarray:
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """auc, acc, log-loss (and Brier score) of the uncalibrated probabilities, and for binary tasks sens/spec at the 0.5 threshold (each only when defined)."""
-    probs = class_matrix(probs, "probabilities")
+    probs = unit_interval(class_matrix(probs, "probabilities"), "probabilities")
     labels = class_labels(labels, probs.shape[1])
     require_images(labels, len(probs))
     predicted = predicted_classes(probs)
@@ -163,6 +168,9 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, sites: np.ndarray, prefix: 
 
 def roc_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(false positive rate, true positive rate) of the finding class, for plots; None if undefined."""
+    probs = class_matrix(probs, "probabilities")  # a NaN would be drawn as a point of the curve
+    labels = class_labels(labels, probs.shape[1])
+    require_images(labels, len(probs))
     if probs.shape[1] != 2 or len(np.unique(labels)) < 2:
         return None
     fpr, tpr, _ = roc_curve(labels, probs[:, 1])

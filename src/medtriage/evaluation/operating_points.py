@@ -28,6 +28,8 @@ class OperatingPoint:
 
 def flagging_threshold(scores: np.ndarray, rate: float) -> float:
     """The OOD threshold's rule: the score above which a share `rate` of in-distribution (validation) images lies."""
+    if not 0.0 <= rate <= 1.0:  # numpy would refuse it as a quantile, naming neither the rate nor its setting
+        raise InputError(f"OOD false-alarm rate {rate} is not a fraction in [0, 1]", hint="e.g. 0.01 flags 1% of validation images")
     scores = finite(scores, "OOD validation scores")  # one NaN would make the threshold NaN: nothing ever flagged
     if scores.size == 0:
         raise InputError("no validation scores to set the OOD threshold on", hint="score the validation images first")

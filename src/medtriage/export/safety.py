@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from medtriage.evaluation.calibration import expected_calibration_error, fit_temperature, probabilities
+from medtriage.evaluation.metrics import EvaluationInputError
 from medtriage.format.references import drift_block
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,11 @@ def choose_calibration(
     more than one standard error of the paired fold differences. The kept temperature is then fitted on all of them."""
     labels = np.asarray(labels).astype(int)
     before = expected_calibration_error(probabilities(logits), labels, bins)
-    fold_of = np.random.default_rng(seed).permutation(len(labels)) % folds
+    fold_of = stratified_folds(labels, folds, seed)
     cv = {"none": [], "temperature": []}
     for k in range(folds):
         held, rest = fold_of == k, fold_of != k
-        t = fit_temperature(logits[rest], labels[rest])
+        t = fit_temperature(logits[rest], labels[rest], where=f"{split} scores outside calibration fold {k}")
         cv["none"].append(expected_calibration_error(probabilities(logits[held]), labels[held], bins))
         cv["temperature"].append(expected_calibration_error(probabilities(logits[held], t), labels[held], bins))
     cv_mean = {name: float(np.mean(v)) for name, v in cv.items()}
@@ -133,6 +134,25 @@ def choose_calibration(
             "folds": folds,
         },
     }
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each image's fold, each class dealt round-robin over the folds after a shuffle: every fold holds images, and a
+    class of two images or more is in every fold's complement, so each fold's temperature sees every such class."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(labels) < folds or counts.min() < 2:  # (an empty split stops at the first test)
+        per_class = ", ".join(f"class {c}: {n}" for c, n in zip(classes.tolist(), counts.tolist(), strict=True))
+        raise EvaluationInputError(
+            f"calibration's {folds}-fold cross-validation needs {folds} held-out images or more and 2 or more of each"
+            f" class present; there are {len(labels)} ({per_class or 'none'})",
+            where="calibration's cross-validation",
+            hint="export from a larger held-out split: more labelled images, or a higher data.limit",
+        )
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in classes])
+    fold_of = np.empty(len(labels), dtype=int)
+    fold_of[order] = np.arange(len(labels)) % folds
+    return fold_of
 
 
 def ece_with_interval(
