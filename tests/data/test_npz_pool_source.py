@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from medtriage.data.sources import medmnist
 from medtriage.data.sources.registry import build_pool
 from medtriage.errors import DataNotFoundError
 
@@ -46,3 +47,19 @@ def test_a_missing_npz_is_an_error_even_when_a_pool_is_there(tmp_path):
     with pytest.raises(DataNotFoundError) as err:
         build_pool(data(tmp_path / "gone.npz", pool))
     assert "gone.npz" in str(err.value)
+
+
+def test_a_rebuild_cut_short_before_it_records_its_npz_is_not_taken_for_the_previous_npz_pool(tmp_path, monkeypatch):
+    first, second = write_npz(tmp_path / "a.npz", 4, 0), write_npz(tmp_path / "b.npz", 6, 1)
+    pool = tmp_path / "pool"
+    build_pool(data(first, pool))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(medmnist, "write_atomic", disk_full)  # b's pool is in place, its record of b.npz is not
+    with pytest.raises(OSError):
+        build_pool(data(second, pool))
+    monkeypatch.undo()
+    rebuilt = build_pool(data(first, pool))
+    assert len(rebuilt.rows) == 12 and rebuilt.rows["path"].str.startswith("a.npz#").all()  # not b's 18 images as a's

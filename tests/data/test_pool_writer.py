@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medtriage.data import manifest as manifest_module
-from medtriage.data.manifest import MANIFEST_FILE, PIXELS_FILE, PoolWriter, load_manifest
+from medtriage.data.manifest import LOCK_FILE, MANIFEST_FILE, PIXELS_FILE, PoolWriter, load_manifest
 from medtriage.errors import DataNotFoundError
 
 
@@ -28,7 +28,7 @@ def test_a_pool_in_the_making_is_not_there_to_read(tmp_path):
         load_manifest(tmp_path)
     manifest = writer.close()
     assert np.array_equal(manifest.image(0), image(0.25))
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left behind
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [LOCK_FILE]  # no temporary file left behind
 
 
 def test_a_second_build_started_meanwhile_does_not_spoil_the_first(tmp_path):

@@ -6,15 +6,22 @@ On disk (`<pool_dir>/`):
 - `labels.json`   label names, index = class id
 - `pixels.f32`    every image's decoded pixels (float32 in [0, 1], C*H*W each, concatenated);
                   row `i` lives at `offset` with shape (`channels`, `height`, `width`)
+- `.pool.lock`    held while the pool is built or published (`pool_lock`): builders of one pool take turns
 
-The manifest hash (sha256 of `manifest.csv`) is the data fingerprint a training run records.
+The manifest hash (sha256 of `manifest.csv`) is the data fingerprint a training run records. A loaded manifest reads
+only the pixel file it was loaded with: a pool built again meanwhile is refused, never read as the old rows' images.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import stat
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +30,11 @@ import numpy as np
 from medtriage.errors import DataNotFoundError, InputError, printable
 from medtriage.io.safe_output import AtomicFile, write_atomic, write_csv_atomic
 from medtriage.optional import optional_import
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory file locks
+    fcntl = None
 
 pd = optional_import("pandas")  # not in the torch-free install: needed once a pool is read or summarised
 
@@ -45,6 +57,61 @@ REJECT_COLUMNS = ["site", "path", "reason"]
 TEXT_COLUMNS = ("site", "patient_id", "study_uid", "series_uid", "sop_uid", "path", "split", "fingerprint")
 SPLITS = ("train", "val", "test")
 MANIFEST_FILE, REJECTS_FILE, LABELS_FILE, PIXELS_FILE = "manifest.csv", "rejects.csv", "labels.json", "pixels.f32"
+LOCK_FILE = ".pool.lock"
+READ_ATTEMPTS = 3  # a pool published while it is read is read again; one that keeps changing is refused
+_held = threading.local()  # the pool locks this thread holds, so that a builder's own writer takes its lock again
+
+
+@contextmanager
+def pool_lock(pool_dir: str | Path) -> Iterator[None]:
+    """Held while a pool folder is built or published. Builders of one pool started side by side (cross-validation
+    folds, DDP ranks, two users) take turns, so each later one finds the pool the one before it finished (and reuses
+    it when current), and two writers never interleave their renames (one's manifest over the other's pixels).
+    Re-entrant within a thread. Where no lock can be had (no fcntl, a folder that cannot be written or locked), the work
+    goes on unlocked: a pool that cannot be written is not built there either."""
+    handle = _open_lock(Path(pool_dir))
+    if handle is None:
+        yield
+        return
+    try:
+        status = os.fstat(handle)
+        key, held = (status.st_dev, status.st_ino), _held.__dict__.setdefault("keys", set())
+        if key in held or not _lock(handle, pool_dir):
+            yield
+            return
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _open_lock(pool_dir: Path) -> int | None:
+    if fcntl is None:
+        return None
+    try:
+        pool_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # read-only: a pool of another user's, to reuse
+        try:
+            return os.open(pool_dir / LOCK_FILE, flags, 0o666)
+        except OSError:
+            continue
+    return None
+
+
+def _lock(handle: int, pool_dir: str | Path) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"pool {pool_dir}: another build of it is under way; waiting for it to finish", flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:  # a file system without locks
+        return False
+    return True
 
 
 def pixel_fingerprint(pixels: np.ndarray) -> str:
@@ -66,7 +133,8 @@ class PoolWriter:
 
     All or nothing: the pixels stream into a hidden temporary file, and `close()` renames each file into place, the
     manifest (what says a pool is built) last. Until then a reader finds no pool, or the previous one whole; a killed
-    build leaves only a hidden `.partial` file; two processes building the same pool at once each write their own."""
+    build leaves only a hidden `.partial` file. Two writers of the same pool each write their own files and publish
+    them in turn (`pool_lock`): the last to close is the pool, whole."""
 
     def __init__(self, pool_dir: str | Path, label_names: list[str]):
         self.pool_dir = Path(pool_dir)
@@ -94,15 +162,17 @@ class PoolWriter:
         self.rejects.append(Reject(site, str(path), reason))
 
     def close(self) -> Manifest:
-        # The files cannot all be renamed at once: the old manifest goes first, so that until the new one is in place a
-        # reader finds no pool, never the old rows over the new pixels (offsets into another build's images)
-        (self.pool_dir / MANIFEST_FILE).unlink(missing_ok=True)
-        self._pixels.commit()
-        write_atomic(self.pool_dir / LABELS_FILE, json.dumps(self.label_names).encode())
-        write_csv_atomic(self.pool_dir / REJECTS_FILE, REJECT_COLUMNS, [vars(r) for r in self.rejects])
-        extra = sorted({k for r in self.rows for k in r} - set(COLUMNS))
-        write_csv_atomic(self.pool_dir / MANIFEST_FILE, COLUMNS + extra, self.rows)
-        return load_manifest(self.pool_dir)
+        self._pixels.sync_and_close()  # the slow part, before the lock
+        with pool_lock(self.pool_dir):
+            # The files cannot all be renamed at once: the old manifest goes first, so that until the new one is in
+            # place a reader finds no pool, never the old rows over the new pixels (offsets into another build's images)
+            (self.pool_dir / MANIFEST_FILE).unlink(missing_ok=True)
+            self._pixels.commit()
+            write_atomic(self.pool_dir / LABELS_FILE, json.dumps(self.label_names).encode())
+            write_csv_atomic(self.pool_dir / REJECTS_FILE, REJECT_COLUMNS, [vars(r) for r in self.rejects])
+            extra = sorted({k for r in self.rows for k in r} - set(COLUMNS))
+            write_csv_atomic(self.pool_dir / MANIFEST_FILE, COLUMNS + extra, self.rows)
+            return load_manifest(self.pool_dir)
 
 
 @dataclass
@@ -115,6 +185,7 @@ class Manifest:
     label_names: list[str]
     fingerprint: str
     _pixels: np.ndarray | None = field(default=None, repr=False)
+    pixel_identity: tuple | None = field(default=None, repr=False)  # of the pixel file the rows were read with
 
     @property
     def sites(self) -> list[str]:
@@ -126,9 +197,9 @@ class Manifest:
 
     def image(self, index: int) -> np.ndarray:
         """Decoded pixels of manifest row `index` as float32 `[C, H, W]`, read from the cache."""
-        if self._pixels is None:
-            self._pixels = np.memmap(self.pool_dir / PIXELS_FILE, dtype=np.float32, mode="r")
         row = self.rows.iloc[index]
+        if self._pixels is None:
+            self._pixels = _map_pixels(self.pool_dir / PIXELS_FILE, self.pixel_identity)
         c, h, w, offset = (int(row[k]) for k in ("channels", "height", "width", "offset"))
         return np.array(self._pixels[offset : offset + c * h * w]).reshape(c, h, w)
 
@@ -151,34 +222,82 @@ def manifest_hash(pool_dir: str | Path) -> str:
 
 
 def load_manifest(pool_dir: str | Path) -> Manifest:
-    """Read a pool folder written by `PoolWriter`."""
+    """Read a pool folder written by `PoolWriter`. Writers publish one at a time, pixels before the manifest, so a
+    read between two looks at the same pixel file saw that file's manifest; one that saw the pixels replaced is done
+    again, and the manifest keeps the file's identity to read no other."""
     pool_dir = Path(pool_dir).resolve()
-    if not (pool_dir / MANIFEST_FILE).is_file():
+    for _attempt in range(READ_ATTEMPTS):
+        before = _pixel_identity(pool_dir)
+        manifest = _read_pool(pool_dir, before)
+        if _pixel_identity(pool_dir) == before:
+            return manifest
+    raise InputError(
+        f"the pool was built again each of the {READ_ATTEMPTS} times it was read",
+        where=pool_dir,
+        hint="wait for the builds of this pool to finish, then run again",
+    )
+
+
+def _read_pool(pool_dir: Path, pixel_identity: tuple | None) -> Manifest:
+    where = pool_dir / MANIFEST_FILE
+    try:
+        text = where.read_bytes()  # once: the rows, the header check and the fingerprint all come from these bytes
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise DataNotFoundError(
             "no pooled manifest here",
             where=pool_dir,
             hint="build it first: `python scripts/make_sites.py`, `python scripts/ingest_sites.py`, then `python scripts/build_pool.py`, "
             "or point data.pool_dir at an existing pool",
-        )
+        ) from None
     # Identifiers are text exactly as written: pandas would make site "01" the number 1, series "1.20" the float 1.2,
     # and a patient pseudonymised "NA" missing (then no group, so the leakage audit would not see that patient).
-    header = list(_read_csv(pool_dir / MANIFEST_FILE, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0])
+    header = list(_read_csv(where, io.BytesIO(text), header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0])
     if repeated := sorted({c for c in header if header.count(c) > 1}):  # pandas would read the second as 'label.1'
-        raise _damaged(f"manifest header names columns {repeated} twice", pool_dir / MANIFEST_FILE)
+        raise _damaged(f"manifest header names columns {repeated} twice", where)
     rows = _read_csv(
-        pool_dir / MANIFEST_FILE,
+        where,
+        io.BytesIO(text),
         dtype={c: str for c in TEXT_COLUMNS},
         keep_default_na=False,
         na_values={c: [""] for c in header if c not in TEXT_COLUMNS},  # other columns: empty = missing, as before
     )
     rejects = (
-        _read_csv(pool_dir / REJECTS_FILE, dtype=str, keep_default_na=False)
+        _read_csv(pool_dir / REJECTS_FILE, pool_dir / REJECTS_FILE, dtype=str, keep_default_na=False)
         if (pool_dir / REJECTS_FILE).exists()
         else pd.DataFrame(columns=REJECT_COLUMNS)
     )
     label_names = _read_label_names(pool_dir)
-    _check_rows(rows, label_names, pool_dir)
-    return Manifest(pool_dir, rows, rejects, label_names, manifest_hash(pool_dir))
+    _check_rows(rows, label_names, pool_dir, stored=pixel_identity[2] // 4 if pixel_identity else 0)
+    fingerprint = hashlib.sha256(text).hexdigest()
+    return Manifest(pool_dir, rows, rejects, label_names, fingerprint, pixel_identity=pixel_identity)
+
+
+def _pixel_identity(pool_dir: Path) -> tuple | None:
+    """What tells one pixel file from the next build's: a rebuild renames a new file (another inode) into place."""
+    try:
+        status = os.stat(pool_dir / PIXELS_FILE)
+    except OSError:
+        return None
+    return _identity(status) if stat.S_ISREG(status.st_mode) else None
+
+
+def _identity(status: os.stat_result) -> tuple:
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def _map_pixels(path: Path, identity: tuple | None) -> np.ndarray:
+    """The pixel file mapped into memory (nothing read yet), refused unless it is the one the rows were read with."""
+    try:
+        with open(path, "rb") as f:
+            if identity is None or _identity(os.fstat(f.fileno())) == identity:
+                return np.memmap(f, dtype=np.float32, mode="r")  # the mapping keeps this file, whatever replaces it
+    except FileNotFoundError:
+        pass
+    raise InputError(
+        f"{PIXELS_FILE} changed since this manifest was read: the pool was built again, and its pixels belong to other rows",
+        where=path,
+        hint="load the pool again (start the run again) to use the new build; keep one pool folder per build to use both",
+    )
 
 
 # A pool folder is data on disk that anyone may have edited or cut short: what training and serving rely on is
@@ -190,10 +309,11 @@ def _damaged(reason: str, where: Path) -> InputError:
     return InputError(reason, where=where, hint=f"the pool is damaged or was edited by hand; delete {where.parent} and build it again")
 
 
-def _read_csv(path: Path, **options):
-    """A pool CSV file as a table; one cut short to nothing, left with an open quote or not UTF-8 is refused as damaged."""
+def _read_csv(path: Path, source, **options):
+    """A pool CSV file (read from `source`: its path or its bytes) as a table; one cut short to nothing, left with an
+    open quote or not UTF-8 is refused as damaged."""
     try:
-        return pd.read_csv(path, **options)
+        return pd.read_csv(source, **options)
     except ValueError as err:  # pandas' EmptyDataError and ParserError, and UnicodeDecodeError, are ValueErrors
         raise _damaged(f"not a readable CSV file ({printable(str(err))})", path) from err
 
@@ -208,7 +328,8 @@ def _read_label_names(pool_dir: Path) -> list[str]:
     return names
 
 
-def _check_rows(rows, label_names: list[str], pool_dir: Path) -> None:
+def _check_rows(rows, label_names: list[str], pool_dir: Path, stored: int) -> None:
+    """`stored`: how many float32 values the pixel file holds."""
     where = pool_dir / MANIFEST_FILE
     missing = [c for c in COLUMNS if c not in rows.columns]
     if missing:
@@ -226,7 +347,6 @@ def _check_rows(rows, label_names: list[str], pool_dir: Path) -> None:
     # that reads another image's pixels) and a product of large sides would overflow. Every value is at least 0, so
     # once every end lies within the cache, each value does and the int64 conversion below is exact.
     ends = numbers["offset"] + numbers["channels"] * numbers["height"] * numbers["width"]
-    stored = (pool_dir / PIXELS_FILE).stat().st_size // 4 if (pool_dir / PIXELS_FILE).is_file() else 0
     _refuse(ends > stored, ends.map(int), f"pixels ending past the {stored} values stored in {PIXELS_FILE}", where)
     for column, values in numbers.items():
         rows[column] = values.astype(np.int64)

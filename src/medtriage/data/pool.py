@@ -11,7 +11,8 @@ would hold no image at all is refused, its rejects kept to read.
 
 A pool folder remembers a hash of its inputs (file names, sizes, mtimes, labels.csv contents and
 the split settings) and of the manifest and label names it wrote; building again from unchanged inputs reuses it
-while those files are still the ones it wrote.
+while those files are still the ones it wrote. Builds of one pool folder take turns (`pool_lock`): one started while
+another runs waits for it, then reuses what it built.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path, PurePath
 import pydicom
 from tqdm import tqdm
 
-from medtriage.data.manifest import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, Manifest, PoolWriter, load_manifest
+from medtriage.data.manifest import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, Manifest, PoolWriter, load_manifest, pool_lock
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.data.splits import assign_splits
 from medtriage.errors import DataNotFoundError, DicomError, InputError
@@ -88,18 +89,19 @@ def build_sites_pool(
     for site in files:
         _refuse_mixed_patient_keys(sites_dir, site)
     inputs_hash = _inputs_hash(sites_dir, files, seed, val_fraction, test_fraction)
-    if _cached(pool_dir, inputs_hash, verbose):
-        manifest = load_manifest(pool_dir)
-        _say(verbose, f"reusing pool built from the same inputs\n{manifest.summary()}{_empty_sites(sites_dir, files)}")
-        return manifest
-    (pool_dir / INPUTS_FILE).unlink(missing_ok=True)  # a half-written pool must never look cached
-    decoded = _decode_all(sites_dir, files, workers, verbose)
-    tables = {site: read_labels(sites_dir / site / SITE_LABELS_FILE, site) for site in files}
-    manifest = _write_pool(pool_dir, decoded, tables, seed, val_fraction, test_fraction)
-    if not len(manifest.rows):
-        _refuse_empty_pool(sites_dir, pool_dir)
-    record = {"inputs_sha256": inputs_hash, "sites_dir": str(sites_dir), "pool_sha256": _pool_hashes(pool_dir)}
-    write_atomic(pool_dir / INPUTS_FILE, json.dumps(record, indent=1).encode())
+    with pool_lock(pool_dir):  # a build started meanwhile waits here, then finds this one's pool cached
+        if _cached(pool_dir, inputs_hash, verbose):
+            manifest = load_manifest(pool_dir)
+            _say(verbose, f"reusing pool built from the same inputs\n{manifest.summary()}{_empty_sites(sites_dir, files)}")
+            return manifest
+        (pool_dir / INPUTS_FILE).unlink(missing_ok=True)  # a half-written pool must never look cached
+        decoded = _decode_all(sites_dir, files, workers, verbose)
+        tables = {site: read_labels(sites_dir / site / SITE_LABELS_FILE, site) for site in files}
+        manifest = _write_pool(pool_dir, decoded, tables, seed, val_fraction, test_fraction)
+        if not len(manifest.rows):
+            _refuse_empty_pool(sites_dir, pool_dir)
+        record = {"inputs_sha256": inputs_hash, "sites_dir": str(sites_dir), "pool_sha256": _pool_hashes(pool_dir)}
+        write_atomic(pool_dir / INPUTS_FILE, json.dumps(record, indent=1).encode())
     _say(verbose, manifest.summary() + _empty_sites(sites_dir, files))
     return manifest
 

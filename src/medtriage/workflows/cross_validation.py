@@ -144,7 +144,7 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     print(f"cross-validation of `{' '.join(overrides)}` on {folds} folds; MLflow run {run_id}", flush=True)
     try:
         with terminate_as_interrupt():
-            build_pool(cfg.data)  # here, once: folds starting side by side would each build the pool they share
+            build_pool(cfg.data)  # here, once: folds starting side by side would wait for one another to build it
             result = CrossValidation(list(overrides), _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id), run_id)
         for score in result.reported():
             for fold, value in zip(result.folds, result.values(score), strict=True):

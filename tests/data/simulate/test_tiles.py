@@ -83,6 +83,24 @@ def test_held_out_site_is_all_test_and_nowhere_else(tmp_path):
     assert {"train", "val"} <= set(rows["split"])
 
 
+def test_a_rebuild_cut_short_before_its_record_is_not_reused_for_the_previous_settings(tmp_path, monkeypatch):
+    from medtriage.data.simulate import tiles
+
+    first = SyntheticTilesConfig(**SMALL)
+    tiles.ensure_synthetic_tile_pool(tmp_path, first)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tiles, "write_tile_info", disk_full)
+        with pytest.raises(OSError):
+            tiles.ensure_synthetic_tile_pool(tmp_path, SyntheticTilesConfig(**{**SMALL, "patients_per_site": 4}))
+    again = tiles.ensure_synthetic_tile_pool(tmp_path, first)  # built again: the pool on disk holds the other settings'
+    assert len(again.rows) == len(build_synthetic_tile_pool(tmp_path / "fresh", first).rows)
+    assert read_tile_info(tmp_path)["synthetic"]["patients_per_site"] == SMALL["patients_per_site"]
+
+
 def test_sites_look_different_and_normalisation_brings_them_together(raw_pool, normalized_pool):
     spread_raw = np.ptp(site_mean_colours(raw_pool), axis=0).max()
     spread_norm = np.ptp(site_mean_colours(normalized_pool), axis=0).max()

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medtriage.config.schema import SYNTHETIC_SITE_NAMES, SyntheticTilesConfig
-from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, load_manifest
+from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, load_manifest, pool_lock
 from medtriage.data.splits import assign_splits
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.pathology import iter_tile_batches, prepare_slide
@@ -182,20 +182,28 @@ def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig
         for p in range(config.patients_per_site)
     ]
     splits = patient_splits(slides, config.seed, config.holdout_site)
-    writer = PoolWriter(pool_dir, TILE_LABELS)
-    for site, patient, slide_label in tqdm(slides, desc="synthetic slides", unit="slide"):
-        _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[patient])
-    manifest = writer.close()
-    write_tile_info(
-        Path(pool_dir),
-        config.tile_size,
-        SYNTHETIC_TILE_MPP,
-        config.stain_normalize,
-        source="synthetic",
-        min_tissue=SERVE_MIN_TISSUE,
-        synthetic=asdict(config),
-    )
+    with pool_lock(pool_dir):
+        writer = _tile_pool_writer(Path(pool_dir))
+        for site, patient, slide_label in tqdm(slides, desc="synthetic slides", unit="slide"):
+            _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[patient])
+        manifest = writer.close()
+        write_tile_info(
+            Path(pool_dir),
+            config.tile_size,
+            SYNTHETIC_TILE_MPP,
+            config.stain_normalize,
+            source="synthetic",
+            min_tissue=SERVE_MIN_TISSUE,
+            synthetic=asdict(config),
+        )
     return manifest
+
+
+def _tile_pool_writer(pool_dir: Path) -> PoolWriter:
+    """A writer of a tile pool, the record of the pool it replaces gone first: a build cut short after its manifest,
+    before its own record, must not leave its tiles looking made with the previous settings."""
+    (pool_dir / TILE_INFO_FILE).unlink(missing_ok=True)
+    return PoolWriter(pool_dir, TILE_LABELS)
 
 
 def _add_synthetic_slide(
@@ -280,23 +288,24 @@ def build_slide_pool(
 ) -> Manifest:
     """Pool from real slides: each entry has `path`, `site`, `patient_id`, `label` (int) and `split`."""
     _check_distinct_slide_ids([entry["path"] for entry in slides])
-    writer = PoolWriter(pool_dir, TILE_LABELS)
-    for entry in tqdm(slides, desc="slides", unit="slide"):
-        add_slide_tiles(
-            writer,
-            entry["path"],
-            site=entry["site"],
-            patient_id=entry["patient_id"],
-            label=int(entry["label"]),
-            split=entry["split"],
-            tile_size=tile_size,
-            mpp=mpp,
-            min_tissue=min_tissue,
-            slide_mpp=entry.get("mpp"),
-            stain_normalize=stain_normalize,
-        )
-    manifest = writer.close()
-    write_tile_info(Path(pool_dir), tile_size, mpp, stain_normalize, source="slides", min_tissue=min_tissue)
+    with pool_lock(pool_dir):
+        writer = _tile_pool_writer(Path(pool_dir))
+        for entry in tqdm(slides, desc="slides", unit="slide"):
+            add_slide_tiles(
+                writer,
+                entry["path"],
+                site=entry["site"],
+                patient_id=entry["patient_id"],
+                label=int(entry["label"]),
+                split=entry["split"],
+                tile_size=tile_size,
+                mpp=mpp,
+                min_tissue=min_tissue,
+                slide_mpp=entry.get("mpp"),
+                stain_normalize=stain_normalize,
+            )
+        manifest = writer.close()
+        write_tile_info(Path(pool_dir), tile_size, mpp, stain_normalize, source="slides", min_tissue=min_tissue)
     return manifest
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter
+from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, pool_lock
 from medtriage.errors import InputError
 from medtriage.format import sha256_file
 from medtriage.io.npz import NPZ_HINT, read_npz
@@ -29,9 +29,20 @@ def as_chw(image: np.ndarray) -> np.ndarray:
 
 def build_npz_pool(npz_path: str | Path, pool_dir: str | Path, label_names: list[str] | None = None, site: str = "medmnist") -> Manifest:
     """Write a pool folder from an npz, one manifest row per image, keeping the npz's splits."""
-    splits = read_npz(npz_path)
+    record = {"npz": Path(npz_path).name, "sha256": _digest(npz_path)}  # before reading: an npz replaced meanwhile rebuilds
+    splits = read_npz(npz_path)  # a missing or unreadable npz is refused here, naming it
     label_names = label_names or [f"class_{i}" for i in range(_class_count(splits))]
     _check_labels(splits, label_names, npz_path)
+    with pool_lock(pool_dir):
+        # The record of the previous npz goes first: a build cut short after its manifest, before its own record, must
+        # not leave this npz's pool looking built from that one
+        (Path(pool_dir) / SOURCE_FILE).unlink(missing_ok=True)
+        manifest = _write_npz_pool(splits, npz_path, pool_dir, label_names, site)
+        write_atomic(Path(pool_dir) / SOURCE_FILE, json.dumps(record).encode())
+    return manifest
+
+
+def _write_npz_pool(splits: dict, npz_path: str | Path, pool_dir: str | Path, label_names: list[str], site: str) -> Manifest:
     writer = PoolWriter(pool_dir, label_names)
     for split, (images, labels) in splits.items():
         for i, (image, label) in enumerate(zip(images, labels)):
@@ -47,9 +58,14 @@ def build_npz_pool(npz_path: str | Path, pool_dir: str | Path, label_names: list
                 label=int(label),
                 split=split,
             )
-    manifest = writer.close()
-    write_atomic(Path(pool_dir) / SOURCE_FILE, json.dumps({"npz": Path(npz_path).name, "sha256": sha256_file(npz_path)}).encode())
-    return manifest
+    return writer.close()
+
+
+def _digest(npz_path: str | Path) -> str | None:
+    try:
+        return sha256_file(npz_path)
+    except OSError:
+        return None  # read_npz says what is wrong with the path
 
 
 def _class_count(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:

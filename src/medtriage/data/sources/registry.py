@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from medtriage.config.schema import SyntheticTilesConfig
 from medtriage.data.folds import all_labelled, cross_validation_fold
 from medtriage.data.holdout import hold_out_site
-from medtriage.data.manifest import MANIFEST_FILE, Manifest, load_manifest
+from medtriage.data.manifest import MANIFEST_FILE, Manifest, load_manifest, pool_lock
 from medtriage.data.pool import build_sites_pool
 from medtriage.data.simulate.tiles import ensure_synthetic_tile_pool
 from medtriage.data.sources.medmnist import build_npz_pool, npz_pool_is_current
@@ -55,11 +55,12 @@ SOURCES: dict[str, Callable[..., Manifest]] = {"npz": _npz_pool, "sites": _sites
 
 def build_pool(data) -> Manifest:
     """The whole pooled manifest the `data` config group describes, built on first use. Runs that start side by side
-    on a pool not built yet each build it (`PoolWriter` is all or nothing: none reads a half-written pool), so a
-    workflow that starts several (cross-validation folds) builds it once beforehand to spare the repeats."""
+    on a pool not built yet (cross-validation folds, DDP ranks, two users) take turns (`pool_lock`): the first builds
+    it, the others wait and then find it current and reuse it."""
     if data.source not in SOURCES:
         raise ConfigError(f"unknown data source '{data.source}'", where="data.source", hint=f"choose one of: {', '.join(SOURCES)}")
-    manifest = SOURCES[data.source](data)
+    with pool_lock(data.pool_dir):  # the check whether the pool is current and the build are one step
+        manifest = SOURCES[data.source](data)
     if list(manifest.label_names) != list(data.label_names):
         raise ConfigError(
             f"pool labels {manifest.label_names} differ from the config's {list(data.label_names)}",
