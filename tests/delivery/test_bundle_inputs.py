@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from medtriage.delivery import bundle as bundle_module
 from medtriage.delivery.bundle import build_bundle
 from medtriage.errors import ConfigError, PackageError
 from tests.export.tiny_package import shared_tiny_package
@@ -47,24 +48,66 @@ def _add_file_whose_name_is_no_utf8(package: Path) -> None:
         file.write("summary")
 
 
+def _add_link_to_its_own_folder(package: Path) -> None:
+    (package / "same").symlink_to(".")
+
+
+def _add_link_to_the_folder_above(package: Path) -> None:
+    (package / "up").symlink_to("..")
+
+
+def _add_links_to_each_other(package: Path) -> None:
+    (package / "a").symlink_to("b")
+    (package / "b").symlink_to("a")
+
+
+def _add_folders_linked_to_each_other(package: Path) -> None:
+    for name, other in (("x", "y"), ("y", "x")):
+        (package / name).mkdir()
+        (package / name / f"to-{other}").symlink_to(f"../{other}")
+
+
+def _add_named_pipe(package: Path) -> None:
+    os.mkfifo(package / "progress.fifo")  # as a tool that reports progress leaves it
+
+
 @pytest.mark.parametrize(
     ("add", "said"),
     [
         (_add_dangling_link, "a link in the package leads nowhere"),
         (_add_file_with_a_line_break, "cannot be listed in SHA256SUMS: 'notes\\nv2.txt'"),
         (_add_file_whose_name_is_no_utf8, "cannot be listed in SHA256SUMS"),
+        (_add_link_to_its_own_folder, "same: a link in the package leads back to"),
+        (_add_link_to_the_folder_above, "up: a link in the package leads back to"),
+        (_add_links_to_each_other, "a: links in the package lead round in a loop"),
+        (_add_folders_linked_to_each_other, "x/to-y/to-x: a link in the package leads back to"),
+        (_add_named_pipe, "progress.fifo: the package holds a named pipe"),
     ],
-    ids=["dangling link", "line break", "not utf-8"],
+    ids=["dangling link", "line break", "not utf-8", "link to itself", "link above", "links to each other", "folder loop", "pipe"],
 )
 def test_a_package_file_the_bundle_cannot_ship_is_refused_before_anything_is_built(tmp_path_factory, tmp_path, add, said):
     """The link failed the copy after the whole download, with a traceback; the line break gave a bundle whose
-    SHA256SUMS install.sh reads as damaged; the Latin-1 name a traceback while SHA256SUMS was written."""
+    SHA256SUMS install.sh reads as damaged; the Latin-1 name a traceback while SHA256SUMS was written. A link that
+    leads back up was walked to the kernel's limit of forty links, then called one that leads nowhere (up: the
+    whole folder above, over and over); the pipe stopped the copy after the download."""
     package = shutil.copytree(shared_tiny_package(tmp_path_factory)[0].package_dir, tmp_path / "packages" / "chest")
     add(package)
     with pytest.raises(PackageError) as refused:
         build_bundle([package], tmp_path / "out", wheel=tmp_path / "unused.whl")
     assert said in str(refused.value) and refused.value.hint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packages"]
+
+
+def test_a_link_to_another_folder_of_the_package_is_shipped(tmp_path_factory, tmp_path):
+    """Links are followed: one to a folder that does not hold it is no loop, however the folders nest."""
+    package = shutil.copytree(shared_tiny_package(tmp_path_factory)[0].package_dir, tmp_path / "chest")
+    (package / "docs" / "v1").mkdir(parents=True)
+    (package / "latest-docs").symlink_to("docs/v1")
+    (package / "docs" / "v1" / "all-docs").symlink_to("../../docs", target_is_directory=True)  # docs holds this link
+    with pytest.raises(PackageError, match="all-docs: a link in the package leads back to"):
+        bundle_module._check_shipped_files(package)
+    (package / "docs" / "v1" / "all-docs").unlink()
+    bundle_module._check_shipped_files(package)
 
 
 def test_an_empty_mount_point_as_the_output_folder_is_refused_before_anything_is_built(tmp_path, monkeypatch):

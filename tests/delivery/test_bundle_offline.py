@@ -3,6 +3,7 @@ models, the output folder, the copies of the model packages, and the wheels read
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -231,3 +232,60 @@ def test_two_versions_of_one_wheel_each_get_their_own_sha256_in_the_sbom(tmp_pat
     components = json.loads((tmp_path / "sbom.cdx.json").read_text())["components"]
     hashes = {(c["name"], c["version"]): c["hashes"] for c in components}
     assert hashes == {(w.name.split("-")[0], w.name.split("-")[1]): [{"alg": "SHA-256", "content": sha256_file(w)}] for w in wheels}
+
+
+def _no_space_for_the_model_copy(monkeypatch, out):
+    def copyfile(source, target, **kwargs):  # as sendfile reports it: the source and the file it could not fill
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(source), None, os.fspath(target))
+
+    monkeypatch.setattr(bundle_module.shutil, "copyfile", copyfile)
+    return "cannot write models/pneumonia/model.json of the bundle: No space left on device", "free space"
+
+
+def _no_space_for_the_manifest(monkeypatch, out):
+    write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "bundle.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a failed write() names no file
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    return "cannot write the bundle: No space left on device", "free space"
+
+
+def _read_only_out(monkeypatch, out):
+    def read_only(folder):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder / "SHA256SUMS"))
+
+    monkeypatch.setattr(bundle_module, "write_checksums", read_only)
+    return "cannot write SHA256SUMS of the bundle: Read-only file system", "read-only"
+
+
+def _failing_disk(monkeypatch, out):
+    def fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return "cannot write the bundle: Input/output error", "dmesg"
+
+
+@pytest.mark.parametrize(
+    "fail", [_no_space_for_the_model_copy, _no_space_for_the_manifest, _read_only_out, _failing_disk], ids=["copy", "write", "rofs", "eio"]
+)
+def test_a_disk_error_while_building_is_a_message_and_leaves_no_partial_bundle(tmp_path, monkeypatch, capsys, fail):
+    """A full disk under --out, or a read-only one, came out as a traceback (copytree's shutil.Error, an OSError)."""
+    import medtriage.serve.package as package_module
+    from medtriage.cli import main
+
+    monkeypatch.setattr(package_module, "validate_model_json", lambda meta, where: None)  # a fake package: sha256 only
+    source = fake_package(tmp_path / "models" / "pneumonia", b"model")
+    monkeypatch.setattr(bundle_module, "build_medtriage_wheel", lambda wheels_dir: wheels_dir / "medtriage.whl")
+    monkeypatch.setattr(bundle_module, "download_dependencies", lambda own, wheels_dir, python, platform: [])
+    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject: [])
+    out = tmp_path / "usb" / "bundle"
+    said, hint = fail(monkeypatch, out)
+    assert main(["bundle", str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}: {said}" in err and hint in err and "build" in err, err
+    assert list((tmp_path / "usb").iterdir()) == []  # neither the bundle nor its hidden partial folder

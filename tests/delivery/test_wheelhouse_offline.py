@@ -88,3 +88,19 @@ def test_metadata_larger_than_its_header_states_is_not_unpacked_whole(tmp_path, 
     assert isinstance(refused, BuildError), refused
     assert peak < 4 * limit, f"{peak / limit:.1f} MiB unpacked"
     assert refused.where == str(wheel) and refused.hint
+
+
+def test_a_wheel_whose_metadata_is_encrypted_is_a_build_error_not_a_traceback(tmp_path):
+    wheel = _zip_metadata(tmp_path / "alpha-1.0-py3-none-any.whl")
+    data = bytearray(wheel.read_bytes())
+    data[data.index(b"PK\x01\x02") + 8] |= 0x1  # the central directory's flag: encrypted
+    wheel.write_bytes(bytes(data))
+    with pytest.raises(BuildError, match="encrypted") as refused:
+        wheel_metadata(wheel)
+    assert refused.value.where == str(wheel) and refused.value.hint
+
+
+def _zip_metadata(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("alpha-1.0.dist-info/METADATA", "Metadata-Version: 2.4\nName: alpha\nVersion: 1.0\n")
+    return path

@@ -4,12 +4,15 @@ what it was fetching and what to do (real pip, offline: an empty wheel folder is
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 from packaging.markers import Marker
 
+from medtriage.delivery import wheelhouse
 from medtriage.delivery.wheelhouse import DEFAULT_PLATFORM, BuildError, download_dependencies, target_environment
 
 
@@ -55,3 +58,16 @@ def test_a_failed_pip_download_names_what_it_fetched_and_how_to_give_pip_a_sourc
         download_dependencies(app, tmp_path / "wheels", "3.11", DEFAULT_PLATFORM)
     assert str(app) in failed.value.where and str(tmp_path / "wheels") in failed.value.where
     assert "--platform" in failed.value.hint and "PIP_FIND_LINKS" in failed.value.hint
+
+
+def test_a_full_disk_under_the_pip_download_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """pip reports an OSError as "ERROR: Exception:" and a traceback: that line alone was the message, with a hint
+    about the target and the index."""
+    output = "Collecting app\nERROR: Exception:\nTraceback (most recent call last):\nOSError: [Errno 28] No space left on device\n"
+    popen = subprocess.Popen
+    pip = [sys.executable, "-c", f"import sys; sys.stdout.write({output!r}); sys.exit(2)"]
+    monkeypatch.setattr(wheelhouse.subprocess, "Popen", lambda command, **kwargs: popen(pip, **kwargs))
+    app = _installable_wheel(tmp_path, "app", [])
+    with pytest.raises(BuildError, match=r"OSError: \[Errno 28\] No space left on device") as failed:
+        download_dependencies(app, tmp_path / "wheels", "3.11", DEFAULT_PLATFORM)
+    assert failed.value.where == str(tmp_path / "wheels") and "free space" in failed.value.hint

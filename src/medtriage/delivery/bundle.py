@@ -11,10 +11,12 @@ The bundle is built in a hidden sibling folder and renamed into place when compl
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import medtriage
 from medtriage.delivery.sbom import write_sbom
 from medtriage.delivery.wheelhouse import (
     DEFAULT_PLATFORM,
+    BuildError,
     build_medtriage_wheel,
     check_target,
     default_python,
@@ -78,10 +81,40 @@ def build_bundle(
             out.rmdir()  # empty, checked above
         staging.rename(out)
         sync_folder(out.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed build (no network, pip error) leaves no half bundle
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed build (no network, pip error, a full disk) leaves no half bundle
+        if isinstance(err, OSError):
+            raise _disk_error(err, staging, out) from err
         raise
     return Bundle(out, [out / "wheels" / w.name for w in wheels], list(models))
+
+
+_DISK_HINTS = {  # for a file of the bundle, or a write that names none
+    errno.ENOSPC: "free space on that disk, or choose an --out on a disk with more room",
+    errno.EDQUOT: "free space within your quota there, or choose an --out on another disk",
+    errno.EROFS: "that disk is read-only: choose an --out on a writable one",
+    errno.EACCES: "choose an --out in a folder you may write to",
+    errno.EPERM: "choose an --out in a folder you may write to",
+}
+
+
+def _disk_error(err: OSError, staging: Path, out: Path) -> BuildError:
+    """An OSError of the build (a full disk, a read-only or unwritable folder) as a message: the file, what failed
+    and what to do. A file of the bundle is named as the bundle holds it: the folder it was written in is gone."""
+    files, reason = [err.filename2, err.filename], err.strerror or str(err)  # sendfile's: the target, the source
+    if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list) and err.args[0]:
+        source, target, reason = err.args[0][0]  # copytree's: (source, target, message) of each file it could not copy
+        files = [target, source]
+    files = [Path(os.fspath(f)) for f in files if isinstance(f, (str, os.PathLike))]
+    inside = next((f for f in files if f.is_relative_to(staging)), None)
+    if files and inside is None:  # a file outside the bundle: a model package read, a temporary folder
+        hint = "free space on that disk (TMPDIR moves temporary files)" if err.errno == errno.ENOSPC else "check that file and its disk"
+        return BuildError(
+            f"building the bundle {out} failed on this file: {reason}", where=files[0], hint=f"{hint}, then build the bundle again"
+        )
+    hint = f"{_DISK_HINTS.get(err.errno, 'check that disk, whose errors dmesg shows')}, then build the bundle again"
+    what = f"{inside.relative_to(staging).as_posix()} of the bundle" if inside and inside != staging else "the bundle"
+    return BuildError(f"cannot write {what}: {reason}", where=out, hint=hint)
 
 
 def _new_staging(out: Path) -> Path:
@@ -107,7 +140,10 @@ def _fill(staging: Path, models: dict[str, Path], python: str, platform: str, wh
     wheels = download_dependencies(own, wheels_dir, python, platform)
     _step(f"copying and verifying {len(models)} model package(s)")
     for name, source in models.items():
-        shutil.copytree(source, staging / "models" / name, ignore=shutil.ignore_patterns(".*"))
+        try:
+            shutil.copytree(source, staging / "models" / name, ignore=shutil.ignore_patterns(".*"), copy_function=_copy_file)
+        except _CopyFailed as failed:
+            raise failed.__cause__ from None
     # The copies are what ships: verified again, as the sources may have changed during the download.
     models = {name: _verified_copy(staging / "models" / name, source) for name, source in models.items()}
     root = source_root()
@@ -117,6 +153,18 @@ def _fill(staging: Path, models: dict[str, Path], python: str, platform: str, wh
     (staging / MANIFEST).write_text(json.dumps(_manifest(python, platform, wheels, models, unlicensed), indent=2) + "\n")
     write_checksums(staging)
     return wheels
+
+
+class _CopyFailed(Exception):
+    """A file copytree could not copy, out of it at once: copytree would note the OSError and copy on (onto a full
+    disk), then raise a shutil.Error whose text has lost the error's number."""
+
+
+def _copy_file(source: str, target: str) -> None:
+    try:
+        shutil.copy2(source, target)
+    except OSError as err:
+        raise _CopyFailed from err
 
 
 def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
@@ -148,9 +196,11 @@ def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
 
 def _check_shipped_files(package: Path) -> None:
     """Refuse, before the long steps, a file of the package the bundle cannot ship: a link that leads nowhere (the
-    copy would fail at the end of the build) or a name SHA256SUMS cannot hold on one line (a line break would make
+    copy would fail at the end of the build), one that leads round in a loop or back to a folder that holds it (the
+    copy follows links: it would never end), something that is neither a file nor a folder (a named pipe or a device
+    the copy would wait on or read without end) or a name SHA256SUMS cannot hold on one line (a line break would make
     install.sh call the whole bundle damaged; a byte that is no UTF-8 cannot be written into it)."""
-    for path in _shipped_files(package):
+    for path, walked in _shipped_files(package):  # each is checked before the walk goes into it
         relative = path.relative_to(package).as_posix()
         if not relative.isprintable():
             raise PackageError(
@@ -158,17 +208,56 @@ def _check_shipped_files(package: Path) -> None:
                 where=package,
                 hint="rename or remove that file: the bundle lists every file by name, one per line",
             )
-        if not path.exists():
-            raise PackageError("a link in the package leads nowhere", where=path, hint="remove the link or restore the file it points to")
+        if path.is_symlink():
+            _check_link(path, walked)
+        if not (path.is_file() or path.is_dir()):
+            raise PackageError(
+                f"the package holds {_kind(path)}, which the bundle cannot ship: only files and folders",
+                where=path,
+                hint="remove it from the package folder, or the link that leads to it",
+            )
 
 
-def _shipped_files(folder: Path):
-    """What the copy into the bundle takes from `folder`: everything below it but hidden names, links followed."""
+def _check_link(link: Path, walked: tuple[str, ...]) -> None:
+    """`walked`: the real paths of the folders the walk to `link` went through, the package's first."""
+    try:
+        os.stat(link)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PackageError(
+                "links in the package lead round in a loop",
+                where=link,
+                hint="remove the link, or point it at a file or folder instead of another link of the loop",
+            ) from None
+        raise PackageError(
+            "a link in the package leads nowhere", where=link, hint="remove the link or restore the file it points to"
+        ) from None
+    target = os.path.realpath(link)
+    if link.is_dir() and any(folder == target or folder.startswith(target.rstrip("/") + "/") for folder in walked):
+        raise PackageError(
+            f"a link in the package leads back to {printable(target)}, a folder that holds it: the copy, which follows "
+            "links, would never end",
+            where=link,
+            hint="remove the link, or replace it with a copy of the files it should give",
+        )
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device", stat.S_ISBLK: "a device"}
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+def _shipped_files(folder: Path, walked: tuple[str, ...] = ()):
+    """What the copy into the bundle takes from `folder`: everything below it but hidden names, links followed; each
+    path with the real paths of the folders the walk went through to reach it. A folder is walked only when the
+    caller asks for the next path after it: a check that raises on it stops the walk before it goes in."""
+    walked = (*walked, os.path.realpath(folder))
     for path in sorted(folder.iterdir()):
         if not path.name.startswith("."):  # the copy's ignore pattern
-            yield path
+            yield path, walked
             if path.is_dir():
-                yield from _shipped_files(path)
+                yield from _shipped_files(path, walked)
 
 
 def _verified_copy(copy: Path, source: Path) -> Path:

@@ -3,6 +3,7 @@ every base dependency as binary wheels (`pip download --only-binary=:all:`)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ DEFAULT_PLATFORM = "manylinux_2_28_x86_64"  # glibc 2.28: RHEL/Rocky 8+, Debian 
 _LEGACY_MANYLINUX = {"manylinux2014": (2, 17), "manylinux2010": (2, 12), "manylinux1": (2, 5)}
 _SOURCE_FILES = ("pyproject.toml", "README.md")  # with src/: what `pip wheel` needs to build medtriage
 ZIP_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry holds
+_DISK_ERROR = re.compile(rf"\[Errno ({errno.ENOSPC}|{errno.EDQUOT}|{errno.EROFS})\]")  # pip reports an OSError as a traceback
 METADATA_MAX = 16 * 1024 * 1024  # bytes of a wheel's METADATA (a long description included); more is not a wheel's
 
 
@@ -225,6 +227,8 @@ def _metadata_entry(archive: zipfile.ZipFile, wheel: Path) -> zipfile.ZipInfo:
         raise BuildError("the wheel has no *.dist-info/METADATA", where=wheel, hint="download or build the wheel again")
     if info.file_size > METADATA_MAX:  # the size the archive claims, checked before anything is unpacked
         raise BuildError(f"the wheel's METADATA claims {info.file_size} bytes, more than {METADATA_MAX}", where=wheel)
+    if info.flag_bits & 0x1:  # zipfile would ask for a password (a RuntimeError); no wheel tool encrypts
+        raise BuildError("the wheel's METADATA is encrypted", where=wheel, hint="download or build the wheel again")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # zipfile bounds no other method's output
         raise BuildError(
             f"the wheel's METADATA uses zip compression method {info.compress_type}, not stored or deflate",
@@ -265,6 +269,13 @@ def _pip_download(requirements: list[str], out_dir: Path, python: str, tags: lis
                 bar.set_postfix_str(Path(step.group(2)).name[:50], refresh=step.group(1) == "Downloading")
                 bar.update(step.group(1) != "Downloading")
     if pip.returncode != 0:
+        disk = next((line.strip() for line in log if _DISK_ERROR.search(line)), None)  # the last line of pip's traceback
+        if disk:
+            raise BuildError(
+                f"pip could not write the wheels for Python {python} on {tags[0]}: {disk}",
+                where=out_dir,
+                hint="free space on that disk, or choose an --out on a writable disk with more room, then build the bundle again",
+            )
         errors = [line.strip() for line in log if line.startswith("ERROR")] or log[-5:]
         raise BuildError(
             f"pip could not download every dependency for Python {python} on {tags[0]}: {' '.join(errors)[-600:]}",

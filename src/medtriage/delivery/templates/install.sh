@@ -26,6 +26,60 @@ esac
 PREFIX=$(printf '%s\n' "$PREFIX" | sed 's#//*#/#g; s#\(.\)/$#\1#')
 cd "$HERE"
 
+venv="" staging="" committing="" switched=""
+
+# What this bundle puts into PREFIX: each model folder, unit and config example. Each is first copied beside its place
+# as a hidden .NAME.new and verified; only then, next to the switch of PREFIX/venv, is it renamed into place, the one it
+# replaces stepping aside as .NAME.old until the switch is done. A failure on the way (a full disk, say) leaves PREFIX
+# as it was, not new models served by the old release.
+each_target() {  # runs "$1 DIR NAME" for each (DIR: models, systemd or config); stops at the first that fails
+    for item in models/*/ systemd/*.service config/*; do
+        [ -e "$item" ] || continue  # a pattern that matched nothing
+        item=${item%/}
+        "$1" "${item%%/*}" "${item#*/}" || return
+    done
+}
+UNCHANGED="Nothing was switched: $PREFIX runs what it ran before, and what this run copied there was removed."
+stage() {
+    staged="$PREFIX/$1/.$2.new"
+    rm -rf "$staged" "$PREFIX/$1/.$2.old" || fail "cannot remove $staged or $PREFIX/$1/.$2.old, left by an install that" \
+        "was stopped (the reason is above). $UNCHANGED Remove them, then run install.sh again."
+    case $1 in
+        models) cp -R "models/$2" "$staged" ;;
+        systemd) sed "s#/opt/medtriage#$PREFIX#g" "systemd/$2" > "$staged" ;;
+        *) cp "$1/$2" "$staged" ;;
+    esac || fail "could not copy $HERE/$1/$2 to $staged (the reason is above). $UNCHANGED Check the free space" \
+        "(df $PREFIX) and that $PREFIX is writable, then run install.sh again."
+    # The copy as it landed on the disk: a full or failing disk can leave a short file without an error. A model's
+    # lines of SHA256SUMS are checked inside its copy.
+    case $1 in
+        models) awk -v dir="models/$2/" 'substr($0, 67, length(dir)) == dir { print substr($0, 1, 66) substr($0, 67 + length(dir)) }' \
+            SHA256SUMS | (cd "$staged" && sha256sum --check --strict --quiet) ;;
+        systemd) sed "s#/opt/medtriage#$PREFIX#g" "systemd/$2" | cmp -s - "$staged" ;;
+        *) cmp -s "$1/$2" "$staged" ;;
+    esac || fail "the copy $staged does not match SHA256SUMS or the bundle (the files named above, if any): the disk" \
+        "under $PREFIX may be full or failing. $UNCHANGED Check it (df $PREFIX; dmesg), then run install.sh again."
+}
+commit() {
+    if [ -e "$PREFIX/$1/$2" ] || [ -L "$PREFIX/$1/$2" ]; then
+        mv "$PREFIX/$1/$2" "$PREFIX/$1/.$2.old" || return
+    fi
+    mv "$PREFIX/$1/.$2.new" "$PREFIX/$1/$2"
+}
+restore() {  # undoes stage and commit: the name gets back what it held (nothing, where the bundle added it)
+    set -- "$PREFIX/$1/$2" "$PREFIX/$1/.$2.new" "$PREFIX/$1/.$2.old"
+    if [ -e "$2" ]; then
+        rm -rf "$2"  # not renamed yet (or its rename failed)
+    elif [ -n "$committing" ]; then
+        rm -rf "$1"  # renamed: the name holds this bundle's
+    fi
+    if [ -n "$committing" ] && { [ -e "$3" ] || [ -L "$3" ]; } && [ ! -e "$1" ] && [ ! -L "$1" ]; then
+        mv "$3" "$1"
+    fi
+    return 0  # on to the next one whatever happened to this one
+}
+drop_old() { rm -rf "$PREFIX/$1/.$2.old"; }
+
 echo "checking every file of the bundle against SHA256SUMS"
 sha256sum --check --strict --quiet SHA256SUMS ||
     fail "the files named above do not match SHA256SUMS: the bundle was changed or damaged after it was built." \
@@ -33,10 +87,14 @@ sha256sum --check --strict --quiet SHA256SUMS ||
 # Anything SHA256SUMS does not list is refused too, links included: pip would install an extra wheel (or one
 # a link points to) that it finds in wheels/, and models/, systemd/ and config/ are all copied into PREFIX.
 listed=$(mktemp) && present=$(mktemp)
-venv="" switched=""
-# On any failure or interruption the release folder this run made goes (a venv holds hundreds of MB); the one
-# PREFIX/venv runs is never it until the switch.
-trap 'rm -f "$listed" "$present"; [ -n "$switched" ] || [ -z "$venv" ] || rm -rf "$venv"' EXIT
+# On any failure or interruption before the switch PREFIX gets back what it held, and the release folder this run made
+# goes (a venv holds hundreds of MB); the one PREFIX/venv runs is never it until the switch.
+undo() {
+    [ -z "$staging" ] || each_target restore
+    [ -z "$staging" ] || rm -f "$PREFIX/.venv.new"
+    [ -z "$venv" ] || rm -rf "$venv"
+}
+trap 'rm -f "$listed" "$present"; [ -n "$switched" ] || undo || :' EXIT
 trap 'exit 1' HUP INT TERM
 sed 's/^[0-9a-f]*  //' SHA256SUMS | LC_ALL=C sort > "$listed"
 find . ! -type d ! -path ./SHA256SUMS | sed 's#^\./##' | LC_ALL=C sort > "$present"
@@ -85,23 +143,22 @@ version=$("$venv/bin/medtriage" --version) ||
     fail "$venv/bin/medtriage does not run (the reason is above). Nothing was switched: $PREFIX runs what it ran" \
          "before. The bundle was built for CPython @PYTHON@ on @PLATFORM@."
 
-# Each model folder is replaced whole (no file of an earlier version of it stays), by a rename.
-mkdir -p "$PREFIX/models" "$PREFIX/systemd"
-for package in models/*/; do
-    name=$(basename "$package")
-    rm -rf "$PREFIX/models/.$name.new" && cp -R "$package" "$PREFIX/models/.$name.new"
-    rm -rf "$PREFIX/models/$name" && mv "$PREFIX/models/.$name.new" "$PREFIX/models/$name"
-done
-for unit in systemd/*.service; do
-    sed "s#/opt/medtriage#$PREFIX#g" "$unit" > "$PREFIX/systemd/$(basename "$unit")"
-done
-cp -R config "$PREFIX/"
+# Each model folder is replaced whole (no file of an earlier version of it stays), each unit and config example by
+# itself (other files in PREFIX/systemd and PREFIX/config stay).
+mkdir -p "$PREFIX/models" "$PREFIX/systemd" "$PREFIX/config" ||
+    fail "cannot create the folders of $PREFIX (the reason is above). Nothing was switched: $PREFIX runs what it ran before."
+staging=1
+each_target stage
+ln -sfn "$venv" "$PREFIX/.venv.new" || fail "cannot create $PREFIX/.venv.new (the reason is above). $UNCHANGED"
 
-# The switch. A PREFIX/venv that is a folder (an install made before venvs/ existed) makes way for the link.
-ln -sfn "$venv" "$PREFIX/.venv.new"
-[ -L "$PREFIX/venv" ] || rm -rf "$PREFIX/venv"
-mv -T "$PREFIX/.venv.new" "$PREFIX/venv"
+# The switch, renames only. A PREFIX/venv that is a folder (an install made before venvs/ existed) makes way for the link.
+committing=1
+each_target commit && { [ -L "$PREFIX/venv" ] || rm -rf "$PREFIX/venv"; } && mv -T "$PREFIX/.venv.new" "$PREFIX/venv" ||
+    fail "could not switch $PREFIX to the new release (the reason is above). Nothing was switched: $PREFIX runs what it" \
+        "ran before; each model, unit and config example renamed so far was put back. Run install.sh again."
 switched=1
+each_target drop_old || echo "install.sh: warning: could not remove the replaced copies (.*.old) in $PREFIX/models," \
+    "$PREFIX/systemd or $PREFIX/config (the reason is above); remove them by hand" >&2
 if command -v systemd-analyze >/dev/null 2>&1; then  # this machine's systemd judges the units it will run (their ExecStart exists now)
     systemd-analyze verify --man=no "$PREFIX"/systemd/*.service ||
         echo "install.sh: warning: systemd-analyze verify found the problems above in $PREFIX/systemd" >&2
