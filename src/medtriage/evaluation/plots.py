@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtriage.io.safe_output import write_atomic
 from medtriage.optional import pyplot
 
 plt = pyplot()
@@ -19,7 +20,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path
     ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_site_auc(values: dict[str, dict[str, float]], path: Path, title: str) -> Path:
@@ -34,12 +35,16 @@ def plot_site_auc(values: dict[str, dict[str, float]], path: Path, title: str) -
     ax.set_xticks(x + width * (len(values) - 1) / 2, sites, rotation=20)
     ax.set(ylabel="AUC", ylim=(0, 1), title=title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """`fig` written to `path` all or nothing (a run stopped meanwhile leaves no half image to log), then closed."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda out: fig.savefig(out, dpi=110, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from medtriage.evaluation.calibration import confidence_bins, expected_calibration_error, probabilities
-from medtriage.io.safe_output import write_atomic
+from medtriage.evaluation.plots import save_figure
 from medtriage.optional import pyplot
 
 plt = pyplot()
@@ -28,12 +28,7 @@ def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float,
     limits = confidence_axis(np.asarray(logits).shape[1])
     ax.set(xlabel="confidence (top-label probability)", ylabel="accuracy", title=title, xlim=limits, ylim=(0.0, 1.02))
     ax.legend(loc="lower right", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    write_atomic(path, lambda out: fig.savefig(out, dpi=110, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def confidence_axis(n_classes: int) -> tuple[float, float]:
