@@ -106,10 +106,15 @@ def test_a_graph_whose_output_width_is_not_the_label_count_is_never_written(tmp_
     assert not (tmp_path / "models" / "small").exists()
 
 
-def test_an_exported_package_names_its_graphs_opset_channels_and_classes(tmp_path):
+def test_an_exported_package_names_its_graphs_opset_channels_and_classes(tmp_path, monkeypatch):
+    """... and the export reads them from its graph once (the graph may be large)."""
+    from medtriage.export import onnx as exporting
     from medtriage.export.onnx import graph_signature
 
+    reads = []
+    monkeypatch.setattr(exporting, "graph_signature", lambda path: reads.append(path) or graph_signature(path))
     result = export_small(small_net(), tmp_path)
+    assert len(reads) == 1
     graph = graph_signature(result.package_dir / "model.onnx")
     meta = result.meta
     assert graph == {"opset": meta["onnx"]["opset"], "channels": meta["input"]["channels"], "classes": len(meta["label_names"])}

@@ -12,11 +12,13 @@ from medtriage.model.networks import PreprocessSpec, build_triage_net
 def test_a_diverged_model_fails_parity_instead_of_passing_it(tmp_path):
     net = build_triage_net("resnet10", 2, PreprocessSpec(size=32)).eval()
     images = [torch.rand(1, 32, 32).numpy() for _ in range(2)]
-    healthy = export_onnx(CalibratedNet(net, 1.0), tmp_path / "healthy.onnx")
+    healthy = tmp_path / "healthy.onnx"
+    export_onnx(CalibratedNet(net, 1.0), healthy)
     assert parity(healthy, CalibratedNet(net, 1.0), images)[1] == 2
     with torch.no_grad():
         for parameter in net.parameters():
             parameter.fill_(float("nan"))  # what a training that diverged leaves
-    diverged = export_onnx(CalibratedNet(net, 1.0), tmp_path / "diverged.onnx")
+    diverged = tmp_path / "diverged.onnx"
+    export_onnx(CalibratedNet(net, 1.0), diverged)
     with pytest.raises(PackageError, match="NaN or infinite probabilities on validation image 1"):
         parity(diverged, CalibratedNet(net, 1.0), images)

@@ -10,7 +10,7 @@ import torch
 from medtriage.config import compose_train_config, to_plain_dict
 from medtriage.errors import InputError, PackageError
 from medtriage.model.averaging import averaged
-from medtriage.model.checkpoint import load_model, model_from_config, read_checkpoint, save_checkpoint
+from medtriage.model.checkpoint import config_value, load_model, model_from_config, read_checkpoint, save_checkpoint
 from medtriage.model.networks import PreprocessSpec, build_triage_net
 
 
@@ -92,3 +92,12 @@ def test_a_checkpoint_whose_config_lacks_a_key_names_it(tmp_path, config, dotted
     with pytest.raises(PackageError, match=f"config lacks {dotted}:") as refused:
         load_model(path)
     assert refused.value.where == str(path)
+
+
+def test_a_dotted_key_is_looked_up_in_a_plain_config_and_a_none_value_is_present():
+    config = {"data": {"pool_dir": None, "label_names": ["a", "b"]}, "model": "resnet10"}
+    assert config_value(config, "data.label_names") == ["a", "b"]
+    assert config_value(config, "data.pool_dir", default="absent") is None  # set to None: present
+    assert config_value(config, "data.holdout_site", default="absent") == "absent"
+    assert config_value(config, "model.name") is None  # a value where a group is expected: no such key
+    assert config_value(None, "data") is None

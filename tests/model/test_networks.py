@@ -40,7 +40,8 @@ def test_per_image_intensity_exports_to_onnx_with_parity(tmp_path):
     from medtriage.export.onnx import CalibratedNet, export_onnx, parity
 
     net = build_triage_net("resnet10", 2, PreprocessSpec(size=32, intensity="per_image")).eval()
-    path = export_onnx(CalibratedNet(net, 1.3), tmp_path / "model.onnx")
+    path = tmp_path / "model.onnx"
+    export_onnx(CalibratedNet(net, 1.3), path)
     diff, count = parity(path, CalibratedNet(net, 1.3), [torch.rand(1, 45, 37).numpy() * 0.4 + 0.2, torch.rand(1, 32, 32).numpy()])
     assert count == 2 and diff < 1e-4
 
@@ -58,7 +59,8 @@ def test_upsampling_happens_inside_the_onnx_graph(tmp_path):
 
     net = build_triage_net("resnet10", 2, PreprocessSpec(size=64)).eval()
     assert net.preprocess(torch.rand(2, 1, 28, 28)).shape == (2, 1, 64, 64)
-    path = export_onnx(CalibratedNet(net, 1.0), tmp_path / "model.onnx")
+    path = tmp_path / "model.onnx"
+    export_onnx(CalibratedNet(net, 1.0), path)
     assert any(node.op_type == "Resize" for node in onnx.load(str(path)).graph.node)
     diff, count = parity(path, CalibratedNet(net, 1.0), [torch.rand(1, 28, 28).numpy() for _ in range(3)])
     assert count == 3 and diff < 1e-4

@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from medtriage.cli import main
 from medtriage.errors import PackageError
 from medtriage.format import sha256_file
-from medtriage.serve.package import ModelPackage, graph_input_shape, load_package
+from medtriage.serve.package import ModelPackage, graph_header, graph_input_shape, load_package
 from medtriage.serve.predictor import Predictor, Rejection
 
 GRAYSCALE_MR = get_testdata_file("MR_small.dcm")
@@ -84,3 +84,15 @@ def test_a_graph_that_refuses_channels_it_leaves_free_rejects_the_image_as_a_pac
     assert outcome.reason.startswith("ONNX Runtime could not score this image's [1, 3, 64, 64] float32 pixels")
     assert "model.json declares 3 channel(s)" in outcome.reason and "\n" not in outcome.reason
     assert str(free / "model.onnx") in outcome.hint
+
+
+def test_the_graph_header_reads_opset_input_and_output_as_onnx_runtime_and_onnx_do(package_dir, predictor):
+    """One reader of what a graph says of itself serves both the load check here and the export's model.json check."""
+    header = graph_header(package_dir / "model.onnx")
+    default = next(entry.version for entry in onnx.load(package_dir / "model.onnx").opset_import if entry.domain in ("", "ai.onnx"))
+    assert header == {
+        "opset": default,
+        "input": predictor.session.get_inputs()[0].shape,
+        "output": predictor.session.get_outputs()[0].shape,
+    }
+    assert graph_header(package_dir / "model.json") is None

@@ -19,6 +19,7 @@ from torch import nn
 
 from medtriage.errors import ConfigError, PackageError
 from medtriage.model.networks import TriageNet
+from medtriage.serve.package import graph_header
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "probabilities"
 # The graph resizes with antialiasing, which ONNX's Resize has only from opset 18 on: the exporter writes 18 whatever
@@ -45,8 +46,9 @@ class CalibratedNet(nn.Module):
         return torch.softmax(self.net(pixels) / self.temperature, dim=-1)
 
 
-def export_onnx(model: CalibratedNet, path: str | Path, opset: int = 18) -> Path:
-    """Write `model` as ONNX with dynamic batch/height/width (dynamo exporter) and check it."""
+def export_onnx(model: CalibratedNet, path: str | Path, opset: int = 18) -> dict:
+    """Write `model` to `path` as ONNX with dynamic batch/height/width (dynamo exporter) and check it; returns what the
+    written graph says of itself (graph_signature), for check_graph_agrees without reading the file again."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
@@ -69,33 +71,31 @@ def export_onnx(model: CalibratedNet, path: str | Path, opset: int = 18) -> Path
         )
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
-    written = graph_signature(path)["opset"]
-    if written != opset:  # model.json would name an opset the graph does not have
+    graph = graph_signature(path)
+    if graph["opset"] != opset:  # model.json would name an opset the graph does not have
         raise ConfigError(
-            f"export.opset={opset} was asked for, but the exporter wrote opset {written}",
+            f"export.opset={opset} was asked for, but the exporter wrote opset {graph['opset']}",
             where="export.opset",
-            hint=f"use export.opset={written} (from {MIN_OPSET} to {MAX_OPSET})",
+            hint=f"use export.opset={graph['opset']} (from {MIN_OPSET} to {MAX_OPSET})",
         )
-    return path
+    return graph
 
 
 def graph_signature(path: str | Path) -> dict:
     """What the graph at `path` says of itself: its ONNX opset, and the channels of its input and the width of its
-    first output (None where the graph leaves them free)."""
-    model = onnx.load(str(path), load_external_data=False)
-    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+    first output (None where the graph leaves them free). Read as serving reads it when it loads the package, so what
+    the export checks is what serving will find."""
+    header = graph_header(Path(path)) or {}
 
-    def dim(value, axis: int) -> int | None:
-        dims = value.type.tensor_type.shape.dim
-        return dims[axis].dim_value if len(dims) > axis and dims[axis].HasField("dim_value") else None
+    def fixed(shape: list | None, axis: int) -> int | None:
+        return shape[axis] if shape is not None and len(shape) > axis and isinstance(shape[axis], int) else None
 
-    return {"opset": opset, "channels": dim(model.graph.input[0], 1), "classes": dim(model.graph.output[0], 1)}
+    return {"opset": header.get("opset"), "channels": fixed(header.get("input"), 1), "classes": fixed(header.get("output"), 1)}
 
 
-def check_graph_agrees(onnx_path: Path, meta: dict, where: str | Path) -> None:
-    """model.json (to be written at `where`) describes the graph it ships with: its opset, its input's channels and its
-    output's classes."""
-    graph = graph_signature(onnx_path)
+def check_graph_agrees(graph: dict, meta: dict, where: str | Path) -> None:
+    """model.json (to be written at `where`) describes the graph it ships with (`graph`, its graph_signature): its
+    opset, its input's channels and its output's classes."""
     said = {"opset": meta["onnx"]["opset"], "channels": meta["input"]["channels"], "classes": meta["output"]["classes"]}
     differ = [f"{key} {said[key]} in model.json, {graph[key]} in the graph" for key in said if graph[key] not in (None, said[key])]
     if differ:

@@ -46,7 +46,7 @@ from medtriage.export.safety import calibration_on_test, choose_calibration, dri
 from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, schema_errors
 from medtriage.format.schema import MODEL_SCHEMA
 from medtriage.model.averaging import EnsembleNet, averaged, check_tta
-from medtriage.model.checkpoint import load_model
+from medtriage.model.checkpoint import config_value, load_model
 from medtriage.model.networks import TriageNet
 from medtriage.model.predict import predict
 
@@ -102,7 +102,8 @@ def export_model(
     with tempfile.TemporaryDirectory() as tmp:
         ood = fit_ood(net, temperature, ood_data, cfg.ood_false_alarm_rate) if ood_data is not None and cfg.ood else None
         model = ood.model if ood else CalibratedNet(net, temperature)
-        onnx_path = export_onnx(model, Path(tmp) / ONNX_FILE, cfg.opset)
+        onnx_path = Path(tmp) / ONNX_FILE
+        graph = export_onnx(model, onnx_path, cfg.opset)
         diff, count = parity(onnx_path, model, parity_images[: cfg.parity_images])
         check_parity(diff, cfg.parity_tolerance, onnx_path)
         meta = {
@@ -153,7 +154,7 @@ def export_model(
         if tile_pool is not None:
             test_scores = probabilities(test.logits, temperature)[:, positive] if test is not None else None
             meta["pathology"] = pathology_block(tile_pool, cfg, positive, probabilities(val.logits, temperature)[:, positive], test_scores)
-        check_graph_agrees(onnx_path, meta, where=package_dir / META_FILE)
+        check_graph_agrees(graph, meta, where=package_dir / META_FILE)
         meta = write_package(package_dir, onnx_path, meta, keep_previous)
     log.info("model package written to %s", package_dir)
     return ExportResult(package_dir, meta, model)
@@ -186,7 +187,7 @@ def _check_outputs_named(logits, label_names: Sequence[str]) -> None:
 def check_trained_labels(pool_labels: Sequence[str], train_config: dict, pool_dir) -> None:
     """The pool names its labels in the order the network was trained on: model.json names the graph's outputs with
     the pool's names, so a pool rebuilt with its labels in another order would serve 'normal' as 'pneumonia'."""
-    trained = _lookup(_as_dict(train_config), "data.label_names")
+    trained = config_value(_as_dict(train_config), "data.label_names")
     if trained is not None and list(trained) != list(pool_labels):
         raise ConfigError(
             f"the pool names its labels {list(pool_labels)}, but the network was trained on {list(trained)}, in that order",
@@ -330,7 +331,7 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: E
     export_cfg = checked if checked is not None else check_export_settings(config.get("export", {}))
     if isinstance(net, TriageNet):  # an ensemble's members were checked where their configs were loaded
         check_views_trained(export_cfg.tta, [train_config])
-    pool_dir = _lookup(config, "data.pool_dir") or _lookup(_as_dict(train_config), "data.pool_dir")
+    pool_dir = config_value(config, "data.pool_dir") or config_value(_as_dict(train_config), "data.pool_dir")
     if not pool_dir:
         raise ConfigError("the config names no data.pool_dir to take validation images from", where="data.pool_dir")
     manifest = load_manifest(pool_dir)
@@ -419,11 +420,3 @@ def _as_dict(cfg: Any) -> dict:
             f"expected a group of settings, got {cfg!r}", where="config", hint="override its keys (export.name=...), not the group"
         )
     return dict(cfg)
-
-
-def _lookup(config: dict, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(config, dict) or key not in config:
-            return None
-        config = config[key]
-    return config

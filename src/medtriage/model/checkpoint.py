@@ -86,16 +86,19 @@ def load_model(path: str | Path) -> tuple[TriageNet, dict]:
 
 def missing_config_keys(config) -> list[str]:
     """Which of the keys model_from_config builds the network from `config` lacks (dotted)."""
+    absent = object()  # a key set to None is present
+    return [key for key in CONFIG_KEYS if config_value(config, key, default=absent) is absent]
 
-    def present(dotted: str) -> bool:
-        node = config
-        for key in dotted.split("."):
-            if not isinstance(node, dict) or key not in node:
-                return False
-            node = node[key]
-        return True
 
-    return [key for key in CONFIG_KEYS if not present(key)]
+def config_value(config, dotted: str, default=None):
+    """The value at `dotted` ('data.pool_dir') in a plain-dict config (a checkpoint's, resolved); `default` where a key
+    on the way is missing or holds no group."""
+    node = config
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
 
 
 def weight_mismatch(model: torch.nn.Module, weights: dict) -> str:

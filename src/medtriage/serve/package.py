@@ -15,10 +15,12 @@ from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, sha256_file, 
 
 REEXPORT_HINT = "restore the package from the MLflow run or model registry, or re-export it: python scripts/export.py run_id=<run>"
 INPUT_AXES = ("batch", "channels", "height", "width")  # model.json's `input` keys, in the graph's NCHW order
-# ONNX protobuf field numbers (onnx.proto) on the way to the graph's input shape: ModelProto.graph, GraphProto.initializer
-# and .input, TensorProto.name, ValueInfoProto.name and .type, TypeProto.tensor_type, its .shape, the shape's .dim, and
-# a dimension's dim_value and dim_param.
-_GRAPH, _INITIALIZER, _INPUT, _TENSOR_NAME, _VALUE_NAME, _VALUE_TYPE = 7, 5, 11, 8, 1, 2
+# ONNX protobuf field numbers (onnx.proto) on the way to the graph's opset and input and output shapes: ModelProto.graph
+# and .opset_import, OperatorSetIdProto.domain and .version, GraphProto.initializer, .input and .output,
+# TensorProto.name, ValueInfoProto.name and .type, TypeProto.tensor_type, its .shape, the shape's .dim, and a
+# dimension's dim_value and dim_param.
+_GRAPH, _OPSET_IMPORT, _OPSET_DOMAIN, _OPSET_VERSION = 7, 8, 1, 2
+_INITIALIZER, _INPUT, _OUTPUT, _TENSOR_NAME, _VALUE_NAME, _VALUE_TYPE = 5, 11, 12, 8, 1, 2
 _TENSOR_TYPE, _SHAPE, _DIM, _DIM_VALUE, _DIM_PARAM = 1, 2, 1, 1, 2
 
 
@@ -168,29 +170,54 @@ def check_input_shape(meta: dict, shape: list | None, where: str | Path) -> None
 
 
 def graph_input_shape(onnx_path: Path) -> list[int | str] | None:
-    """The shape model.onnx declares for the input ONNX Runtime feeds (its first graph input that is no initializer):
-    an int per fixed dimension, a name ('' if none) per free one; None where the file reads as no ONNX model or
-    declares no shape. The onnx library is training-side, so the few protobuf fields on the way are read here, through
-    a memory map: the weights are stepped over, never read."""
+    """The shape model.onnx declares for the input ONNX Runtime feeds (graph_header's `input`); None where the file
+    reads as no ONNX model or declares no shape."""
+    header = graph_header(onnx_path)
+    return header["input"] if header else None
+
+
+def graph_header(onnx_path: Path) -> dict | None:
+    """What model.onnx says of itself: `opset` (its default domain's), the shape of the `input` ONNX Runtime feeds (its
+    first graph input that is no initializer) and of its first `output`, each an int per fixed dimension and a name ('' if
+    none) per free one, None where it declares none. None where the file reads as no ONNX model. The onnx library is
+    training-side, so the few protobuf fields on the way are read here, through a memory map: the weights are stepped
+    over, never read."""
     try:
         with open(onnx_path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _first_input_shape(data)
+            return _header(data)
     except (OSError, ValueError, IndexError):  # unreadable, empty (mmap) or not protobuf: ONNX Runtime will say why
         return None
 
 
-def _first_input_shape(data) -> list[int | str] | None:
-    graphs = _messages(data, (0, len(data)), _GRAPH)
+def _header(data) -> dict | None:
+    model = (0, len(data))
+    graphs = _messages(data, model, _GRAPH)
     if not graphs:
         return None
-    inputs, initializers = [], set()
+    inputs, outputs, initializers = [], [], set()
     for number, wire, value in _fields(data, *graphs[-1]):
         if wire == 2 and number == _INPUT:
             inputs.append(value)
+        elif wire == 2 and number == _OUTPUT:
+            outputs.append(value)
         elif wire == 2 and number == _INITIALIZER:  # listed as inputs too by graphs of ONNX IR version 3 and older
             initializers.add(_text(data, value, _TENSOR_NAME))
     fed = [span for span in inputs if _text(data, span, _VALUE_NAME) not in initializers]
-    return _shape(data, fed[0]) if fed else None
+    return {
+        "opset": _default_opset(data, model),
+        "input": _shape(data, fed[0]) if fed else None,
+        "output": _shape(data, outputs[0]) if outputs else None,
+    }
+
+
+def _default_opset(data, model: tuple[int, int]) -> int | None:
+    """The version of the first opset import of the default domain ('' or 'ai.onnx'); 0, protobuf's default, where
+    that import names none."""
+    for span in _messages(data, model, _OPSET_IMPORT):
+        if _text(data, span, _OPSET_DOMAIN) in ("", "ai.onnx"):
+            versions = [value for number, wire, value in _fields(data, *span) if number == _OPSET_VERSION and wire == 0]
+            return versions[-1] if versions else 0  # protobuf: the last of a repeated scalar field wins
+    return None
 
 
 def _shape(data, value_info: tuple[int, int]) -> list[int | str] | None:
