@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from pathlib import Path
+
+from medtriage.errors import ConfigError
 
 
 def positive_int(text: str) -> int:
@@ -16,6 +20,17 @@ def non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
     return int(text)
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """The argument type of a whole number from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+
+    return parse
 
 
 def positive_float(text: str) -> float:
@@ -38,3 +53,11 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def refuse_file_as_folder(path: str | Path | None, option: str) -> None:
+    """An output folder option naming an existing file fails before any work, not after it with a traceback."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(
+            "this is a file, not a folder", where=f"{option} {path}", hint="give a folder to write into (it is created if missing)"
+        )

@@ -13,6 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from medtriage.cli import exit_with_message
+from medtriage.cli.train import check_data_paths
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import MedTriageError
 from medtriage.workflows.cross_validation import cross_validate
@@ -24,6 +25,7 @@ CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
 def main(cfg: TrainConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)  # this job's, the sweeper's choices included
     try:
+        check_data_paths(cfg)
         return cross_validate(overrides, Path(cfg.paths.output_dir), cfg).score
     except MedTriageError as err:
         exit_with_message(err)

@@ -7,13 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from medtriage.arguments import fraction, non_negative_int, positive_int
+from medtriage.arguments import fraction, non_negative_int, positive_int, refuse_file_as_folder, whole_number
 from medtriage.cli import report_errors
-from medtriage.data.audit import MAX_DISTANCE, audit_manifest
+from medtriage.data.audit import HASH_SIDE, MAX_DISTANCE, audit_manifest
 from medtriage.data.manifest import load_manifest
 from medtriage.data.pool import DEFAULT_POOL, DEFAULT_SITES, build_sites_pool, split_files
 from medtriage.data.simulate.sites import DEFAULT_NPZ, DEFAULT_OUT, make_sites, summary_table
+from medtriage.errors import ConfigError
 from medtriage.io.safe_output import write_atomic
+
+HASH_BITS = HASH_SIDE * HASH_SIDE - 1  # the DC term is dropped
 
 
 def register(subparsers) -> None:
@@ -33,11 +36,12 @@ def register(subparsers) -> None:
 def add_make_sites_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help="MedMNIST-layout npz (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the site folders (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="same seed, same bytes (default: %(default)s)")
     parser.add_argument("--limit", type=positive_int, default=None, help="write only this many images (for quick tries)")
 
 
 def run_make_sites(args: argparse.Namespace) -> int:
+    refuse_file_as_folder(args.out, "--out")
     results = make_sites(args.npz, args.out, seed=args.seed, limit=args.limit)
     print(summary_table(results))
     print(f"site folders written under {Path(args.out).resolve()}; next: python scripts/ingest_sites.py (de-identify into the pool)")
@@ -52,13 +56,20 @@ def add_build_pool_arguments(parser: argparse.ArgumentParser) -> None:
         help="de-identified site folders, as scripts/ingest_sites.py writes them (default: %(default)s)",
     )
     parser.add_argument("--pool", type=Path, default=DEFAULT_POOL, help="pool folder to write (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="split seed (default: %(default)s)")
     parser.add_argument("--val-fraction", type=fraction, default=0.15, help="patients in validation (default: %(default)s)")
     parser.add_argument("--test-fraction", type=fraction, default=0.2, help="patients in test (default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=None, help="decoding processes (default: all cores)")
 
 
 def run_build_pool(args: argparse.Namespace) -> int:
+    refuse_file_as_folder(args.pool, "--pool")
+    if args.val_fraction + args.test_fraction >= 1:  # before every file is decoded, not after
+        raise ConfigError(
+            f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} leave no patient to train on",
+            where="--val-fraction/--test-fraction",
+            hint="give fractions whose sum is below 1, e.g. 0.15 and 0.2",
+        )
     build_sites_pool(
         args.sites, args.pool, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction, workers=args.workers
     )
@@ -68,11 +79,20 @@ def run_build_pool(args: argparse.Namespace) -> int:
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pool", metavar="POOL", help="pool folder with manifest.csv (from the pool builder)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    parser.add_argument("--max-distance", type=non_negative_int, default=MAX_DISTANCE, help="perceptual-hash bits for near duplicates")
+    parser.add_argument(
+        "--max-distance",
+        type=whole_number(0, HASH_BITS),
+        default=MAX_DISTANCE,
+        help=f"perceptual-hash bits for near duplicates (0 to {HASH_BITS})",
+    )
     parser.add_argument("--no-images", action="store_true", help="skip the pixel checks (table checks only)")
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    if args.json and Path(args.json).is_dir():
+        raise ConfigError(
+            "this is a folder, not a file", where=f"--json {args.json}", hint="give a file name for the JSON, e.g. audit.json"
+        )
     result = audit_manifest(load_manifest(args.pool), check_images=not args.no_images, max_distance=args.max_distance)
     print(result.summary())
     if args.json:

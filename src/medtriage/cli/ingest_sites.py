@@ -6,18 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medtriage.errors import MedTriageError, printable
+from medtriage.cli import report_errors
 from medtriage.io.ingest import add_sites_arguments, run_sites
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_sites_arguments(parser)
-    try:
-        return run_sites(parser.parse_args(argv))
-    except MedTriageError as err:
-        print(f"error: {printable(str(err))}", file=sys.stderr)
-        return 1
+    return report_errors(run_sites, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medtriage.arguments import positive_float, positive_int
+from medtriage.arguments import non_negative_int, positive_float, positive_int, refuse_file_as_folder
 from medtriage.cli import report_errors
+from medtriage.data.manifest import REJECTS_FILE
 from medtriage.data.simulate.tiles import (
     SYNTHETIC_SITES,
     SyntheticTilesConfig,
@@ -30,6 +31,7 @@ from medtriage.data.simulate.tiles import (
     draw_tile,
     jitter_stain,
 )
+from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.io.pathology import grid_overview, prepare_slide
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.stain import StainNormalizer, fit_stains
@@ -49,7 +51,7 @@ def _main(argv: list[str] | None) -> int:
     synthetic.add_argument("--tile-size", type=positive_int, default=64)
     synthetic.add_argument("--stain-normalize", action="store_true")
     synthetic.add_argument("--holdout-site", default=None)
-    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--seed", type=non_negative_int, default=0)
     slides = sub.add_parser("slides", help="tissue tiles of real slides (one patient per slide)")
     slides.add_argument("pool_dir", type=Path)
     slides.add_argument("slides", nargs="+", type=Path)
@@ -66,8 +68,12 @@ def _main(argv: list[str] | None) -> int:
     figure = sub.add_parser("sites-figure", help="PNG of each synthetic site's tiles, raw and Macenko-normalised")
     figure.add_argument("out", type=Path)
     figure.add_argument("--tiles", type=positive_int, default=6, help="tiles shown per slide")
-    figure.add_argument("--seed", type=int, default=0)
+    figure.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
+    for name, option in (("out", "OUT"), ("overview", "--overview")):
+        refuse_folder_as_file(getattr(args, name, None), option)
+    if args.kind != "sites-figure":
+        refuse_file_as_folder(args.pool_dir, "POOL_DIR")
 
     if args.kind == "sites-figure":
         save_sites_figure(args.out, args.tiles, args.seed)
@@ -89,10 +95,22 @@ def _main(argv: list[str] | None) -> int:
             for p in args.slides
         ]
         manifest = build_slide_pool(entries, args.pool_dir, args.tile_size, args.tile_mpp, stain_normalize=args.stain_normalize)
+        if not len(manifest.rows):  # not a 0-tile pool that passes for a result
+            raise DataNotFoundError(
+                "no tile of the slides given made it into the pool",
+                where=args.pool_dir / REJECTS_FILE,
+                hint="read the reasons there, and give readable whole-slide images (.svs, .tif, ... or a DICOM slide folder)",
+            )
         if args.overview:
             save_overview(args.slides[0], args.overview, args.tile_size, args.tile_mpp, args.mpp)
     print(manifest.summary())
     return 0
+
+
+def refuse_folder_as_file(path: Path | None, option: str) -> None:
+    """An output file option naming a folder fails before any work, not after it with a traceback."""
+    if path is not None and path.is_dir():
+        raise ConfigError("this is a folder, not a file", where=f"{option} {path}", hint="give a file name, e.g. tiles.png")
 
 
 def save_png(image: Image.Image, out: Path) -> None:

@@ -8,18 +8,38 @@ import hydra
 
 from medtriage.cli import exit_with_message
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
-from medtriage.errors import MedTriageError
+from medtriage.errors import ConfigError, MedTriageError
 from medtriage.workflows.train_and_export import train_and_export
 
 CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
+DATA_PATH_EXAMPLES = {
+    "pool_dir": "data/pool/pneumonia_sites",
+    "sites_dir": "data/pool/ingested",
+    "npz_path": "data/samples/pneumoniamnist_28.npz",
+}
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: TrainConfig) -> float:
     try:
+        check_data_paths(cfg)
         return train_and_export(cfg).best_val_auc  # lets Hydra sweepers optimise it
     except MedTriageError as err:
         exit_with_message(err)
+
+
+def check_data_paths(cfg: TrainConfig) -> None:
+    """Refuse, before the pool is built, an empty data path (it would mean the folder the command runs in: the pool
+    would be written there, or that folder read as the sites) and a pool folder that is a file."""
+    for key, example in DATA_PATH_EXAMPLES.items():
+        value = cfg.data.get(key)
+        if value is not None and not str(value).strip():
+            raise ConfigError("is empty", where=f"data.{key}", hint=f"give a path, e.g. data.{key}={example}, or leave the override out")
+    pool = Path(cfg.data.pool_dir)
+    if pool.exists() and not pool.is_dir():
+        raise ConfigError(
+            "the pool folder is a file", where=f"data.pool_dir={cfg.data.pool_dir}", hint="give a folder (it is created if missing)"
+        )
 
 
 if __name__ == "__main__":

@@ -62,6 +62,12 @@ def calibration_images(
         if not images:
             raise InputError(f"the {split} split holds no images to calibrate on", where=source, hint="choose another --split")
         return images, labels, f"{source.name} [{split}], first {len(images)} images"
+    if source.is_file():
+        raise InputError(
+            "calibration file is not an .npz",
+            where=source,
+            hint="pass a MedMNIST-layout .npz (its --split is used) or a folder of validation DICOM files",
+        )
     if not source.is_dir():
         raise InputError(
             "calibration images not found",
@@ -270,6 +276,8 @@ def quantize_package(
     from medtriage.serve.package import load_package
     from medtriage.serve.predictor import Predictor
 
+    if out and Path(out).exists() and not Path(out).is_dir():  # before any work, not after it
+        raise ConfigError("--out is a file, not a folder", where=out, hint="choose another folder for the package")
     package = load_package(package_dir)
     if package.meta.get("precision", "fp32") != "fp32":
         raise ConfigError(

@@ -274,6 +274,7 @@ def ingest_site(
     site_dir, ledger_dir = pool / site, ledger_folder(pool, site)
     quarantine = Path(quarantine).resolve() if quarantine else pool.parent / f"{pool.name}-quarantine" / site
     _check_folders(src, pool, quarantine)
+    _refuse_files_as_folders(("pool folder (--into)", pool), ("site's pool folder", site_dir), ("quarantine folder", quarantine))
     labels = read_site_labels(src / SITE_LABELS_FILE)  # a labels file that cannot be used stops the run before it starts
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     started = time.time()
@@ -360,6 +361,15 @@ def _check_folders(src: Path, pool: Path, quarantine: Path) -> None:
         raise ConfigError("the site folder and the pool must not be inside one another", where=pool)
     if quarantine.is_relative_to(src):
         raise ConfigError("the quarantine must not be inside the site folder (a rerun would ingest it)", where=quarantine)
+
+
+def _refuse_files_as_folders(*folders: tuple[str, Path]) -> None:
+    """An output folder that is a file fails here, before the site lock: not with a traceback halfway through a run."""
+    for what, folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(
+                f"the {what} is a file, not a folder", where=folder, hint="give a folder to write into (it is created if missing)"
+            )
 
 
 def ledger_folder(pool: str | Path, site: str) -> Path:
@@ -612,6 +622,17 @@ def run_sites(args) -> int:
 # ---------------------------------------------------------------- `medtriage ingest`
 
 
+def _refuse_empty_site_folder(src: Path) -> None:
+    """A folder with nothing to ingest is a mistyped path or an export not copied yet, not a site with no images: an
+    ingest of it would report success and leave an empty site in the pool."""
+    if src.is_dir() and not read_site_folder(src).inputs:
+        raise DataNotFoundError(
+            "no files to ingest in the site folder",
+            where=src,
+            hint="pass the folder holding the site's DICOM export (its files may be in subfolders)",
+        )
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "ingest",
@@ -643,6 +664,7 @@ def register(subparsers) -> None:
 
 
 def _run_ingest(args) -> int:
+    _refuse_empty_site_folder(Path(args.src))
     pool, secret = Path(args.into).resolve(), Path(args.secret_file).resolve() if args.secret_file else None
     if secret and secret.is_relative_to(pool):
         raise ConfigError("the site secret must not live inside the pool", where=args.secret_file)

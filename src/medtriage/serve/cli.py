@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from medtriage.arguments import non_negative_int, positive_float, positive_int
+from medtriage.arguments import non_negative_int, positive_float, positive_int, refuse_file_as_folder, whole_number
 from medtriage.errors import printable
 from medtriage.io.decode_limits import DecodeLimits, set_default_limits
 from medtriage.io.header_warnings import say_header_warnings
@@ -24,6 +24,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_FILES = 1000
 DEFAULT_HEADER_TIMEOUT_S = 20.0  # seconds a client has to send a request's whole head (line and headers)
 DEFAULT_MAX_CONNECTIONS = 512  # each holds a file descriptor; Linux's usual soft limit is 1024
+MAX_THREADS = 1024  # ONNX Runtime takes minutes to start tens of thousands of threads, and more than the cores only slow it
 
 
 def register(subparsers) -> None:
@@ -50,7 +51,7 @@ def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="serve a model package over HTTP (FastAPI + uvicorn)")
     serve.add_argument("package", help="model package folder")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=whole_number(1, 65535), default=8000)
     serve.add_argument(
         "--token-file",
         metavar="FILE",
@@ -122,7 +123,9 @@ def register(subparsers) -> None:
 def add_runtime_options(parser: argparse.ArgumentParser, out_of_scope_help: str = "(results are flagged)") -> None:
     """Options every scoring door shares (score, serve, listen): ONNX Runtime, decode limits, scope."""
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=whole_number(1, MAX_THREADS), default=None, help="ONNX Runtime intra-op threads (default: all cores)"
+    )
     limits = DecodeLimits()
     parser.add_argument(
         "--max-frame-pixels",
@@ -287,6 +290,8 @@ def run_score(args: argparse.Namespace) -> int:
     if not args.paths and not args.npz:
         print("error: give DICOM files/folders to score, or --npz FILE", file=sys.stderr)
         return 2
+    for option in ("--sr", "--heatmaps", "--overlays"):
+        refuse_file_as_folder(getattr(args, option[2:]), option)
     apply_decode_limits(args)
     predictor = predictor_from_args(args)
     if args.npz:
@@ -359,6 +364,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         token = _serving_token(args)
         tls = _tls_files(args)
+        refuse_file_as_folder(args.state, "--state")
     except ConfigError as err:
         print(f"error: {printable(str(err))}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import tempfile
 import threading
 from urllib.parse import urlsplit
 
+from medtriage.arguments import positive_float, refuse_file_as_folder
 from medtriage.io.header_warnings import say_header_warnings
 from medtriage.serve.batching import add_batching_options
 from medtriage.serve.cli import add_runtime_options, apply_decode_limits
@@ -52,7 +53,7 @@ def register(subparsers) -> None:
     listen.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     listen.add_argument(
         "--study-timeout",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="a study is complete after this many seconds without a new instance (default: 10)",
@@ -115,9 +116,9 @@ def check_network_options(args: argparse.Namespace) -> None:
     for option, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
         if port is not None:
             check_port(port, where=option)
-    if args.retry_max < 1:
+    if not 1 <= args.retry_max < float("inf"):  # nan too
         raise ConfigError(
-            f"--retry-max must be at least 1 second, got {args.retry_max}",
+            f"--retry-max must be a finite number of at least 1 second, got {args.retry_max}",
             where="--retry-max",
             hint="a shorter wait retries a down destination without pause",
         )
@@ -142,6 +143,7 @@ def run_listen(args: argparse.Namespace) -> int:
     if args.min_free_bytes < 0:
         raise ConfigError(f"--min-free-bytes must be 0 or more, got {args.min_free_bytes}", where="--min-free-bytes")
     check_network_options(args)
+    refuse_file_as_folder(args.state, "--state")
     apply_decode_limits(args)
     config = NodeConfig(
         package=args.package,
