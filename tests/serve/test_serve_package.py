@@ -53,3 +53,18 @@ def test_a_model_replaced_after_its_package_loaded_is_not_served(package_copy, s
     shutil.copy(safe_package_dir / "model.onnx", package_copy / "model.onnx")  # a valid graph, not the one hashed
     with pytest.raises(PackageError, match="changed after its package was loaded"):
         Predictor(package, threads=1)
+
+
+def test_a_model_onnx_that_onnx_runtime_cannot_read_is_a_package_error_even_with_its_sha256(package_copy):
+    """model.json's sha256 vouches for the bytes exported, not that they are a graph: bytes recorded as they are (text
+    copied over model.onnx before it was hashed) are refused by name, not with ONNX Runtime's traceback."""
+    import hashlib
+
+    onnx_path = package_copy / "model.onnx"
+    onnx_path.write_bytes(b"not an ONNX graph\n" * 8)
+    meta = json.loads((package_copy / "model.json").read_text())
+    meta["sha256"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    (package_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(PackageError, match="ONNX Runtime cannot load model.onnx") as err:
+        Predictor(load_package(package_copy))
+    assert err.value.where == str(onnx_path) and "re-export" in str(err.value)

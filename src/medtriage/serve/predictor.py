@@ -110,7 +110,7 @@ def create_session(package: ModelPackage, provider: str = "cpu", threads: int | 
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(_verified_model(package), options, providers=PROVIDERS[provider])
+    session = _session(package, options, provider)
     if session.get_providers()[0] != wanted:  # ORT falls back to CPU when the CUDA libraries fail to load
         raise ConfigError(
             f"{wanted} was requested but onnxruntime could not start it (it would run on {session.get_providers()[0]})",
@@ -118,6 +118,20 @@ def create_session(package: ModelPackage, provider: str = "cpu", threads: int | 
             hint="check the CUDA/cuDNN install, or run with --provider cpu",
         )
     return session
+
+
+def _session(package: ModelPackage, options, provider: str) -> ort.InferenceSession:
+    """The session, or a PackageError where ONNX Runtime cannot read or build the graph: a model.json's sha256 vouches
+    only that the bytes are the ones exported, and bytes written as something else (a file copied over it before the
+    export hashed it) would otherwise end the command in ONNX Runtime's traceback."""
+    try:
+        return ort.InferenceSession(_verified_model(package), options, providers=PROVIDERS[provider])
+    except ORT_ERRORS as err:
+        raise PackageError(
+            f"ONNX Runtime cannot load model.onnx ({type(err).__name__}: {' '.join(str(err).split())[:300]})",
+            where=package.onnx_path,
+            hint=REEXPORT_HINT,
+        ) from None
 
 
 def _verified_model(package: ModelPackage) -> bytes:
