@@ -13,7 +13,7 @@ import pytest
 from medtriage.delivery import bundle as bundle_module
 from medtriage.delivery.bundle import build_bundle
 from medtriage.errors import ConfigError, PackageError
-from tests.export.tiny_package import shared_tiny_package
+from tests.export.tiny_package import shared_tiny_package, write_unreadable_graph
 
 
 @pytest.mark.parametrize(
@@ -121,3 +121,13 @@ def test_an_empty_mount_point_as_the_output_folder_is_refused_before_anything_is
         build_bundle([tmp_path / "no-such-package"], usb)
     assert refused.value.where == str(usb) and refused.value.hint.endswith(f"--out {usb / 'medtriage-bundle'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["usb"]
+
+
+def test_a_model_onnx_runtime_cannot_load_is_refused_before_anything_is_built(tmp_path_factory, tmp_path):
+    """Its sha256 matches (recorded as written), so only loading it shows it is no graph: it shipped, and failed only in
+    the hospital's install."""
+    package = shutil.copytree(shared_tiny_package(tmp_path_factory)[0].package_dir, tmp_path / "packages" / "chest")
+    write_unreadable_graph(package)
+    with pytest.raises(PackageError, match="ONNX Runtime cannot load model.onnx"):
+        build_bundle([package], tmp_path / "out", wheel=tmp_path / "unused.whl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packages"]

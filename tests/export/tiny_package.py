@@ -97,3 +97,17 @@ def build_tiny_package(models_dir: Path, name: str = "tiny-pneumonia", size: int
     if safety:
         return result, result.served.eval()
     return result, CalibratedNet(net, result.meta["calibration"]["temperature"]).eval()
+
+
+def write_unreadable_graph(package_dir: Path) -> Path:
+    """Bytes that are no ONNX graph as the package's model.onnx, its sha256 recorded in model.json all the same (as an
+    export would record a file copied over the graph before it was hashed); the path of model.onnx."""
+    import hashlib
+    import json
+
+    onnx_path = Path(package_dir) / "model.onnx"
+    onnx_path.write_bytes(b"not an ONNX graph\n" * 8)
+    meta = json.loads((Path(package_dir) / "model.json").read_text())
+    meta["sha256"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    (Path(package_dir) / "model.json").write_text(json.dumps(meta))
+    return onnx_path

@@ -58,13 +58,9 @@ def test_a_model_replaced_after_its_package_loaded_is_not_served(package_copy, s
 def test_a_model_onnx_that_onnx_runtime_cannot_read_is_a_package_error_even_with_its_sha256(package_copy):
     """model.json's sha256 vouches for the bytes exported, not that they are a graph: bytes recorded as they are (text
     copied over model.onnx before it was hashed) are refused by name, not with ONNX Runtime's traceback."""
-    import hashlib
+    from tests.export.tiny_package import write_unreadable_graph
 
-    onnx_path = package_copy / "model.onnx"
-    onnx_path.write_bytes(b"not an ONNX graph\n" * 8)
-    meta = json.loads((package_copy / "model.json").read_text())
-    meta["sha256"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-    (package_copy / "model.json").write_text(json.dumps(meta))
+    onnx_path = write_unreadable_graph(package_copy)
     with pytest.raises(PackageError, match="ONNX Runtime cannot load model.onnx") as err:
         Predictor(load_package(package_copy))
     assert err.value.where == str(onnx_path) and "re-export" in str(err.value)
