@@ -131,6 +131,15 @@ def test_every_file_is_on_disk_before_the_bundle_takes_its_name(tmp_path, monkey
     assert str(tmp_path) in synced  # the rename itself
 
 
+def accept_fake_packages(monkeypatch) -> None:
+    """Let `fake_package`s through the checks of a real one: their model.json holds the sha256 alone, their
+    model.onnx is no graph."""
+    import medtriage.serve.package as package_module
+
+    monkeypatch.setattr(package_module, "validate_model_json", lambda meta, where: None)
+    monkeypatch.setattr(bundle_module, "_opens_in_onnx_runtime", lambda package: None)
+
+
 def fake_package(folder: Path, onnx: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(onnx)
@@ -142,9 +151,7 @@ def fake_package(folder: Path, onnx: bytes) -> Path:
 def test_a_package_changed_while_the_bundle_is_built_is_not_shipped(tmp_path, monkeypatch):
     """A re-export into the package folder during the download: the copy gets the new model.onnx with the old
     model.json, then the export finishes; the source is sound again, the copy in the bundle is not."""
-    import medtriage.serve.package as package_module
-
-    monkeypatch.setattr(package_module, "validate_model_json", lambda meta, where: None)  # a fake package: sha256 only
+    accept_fake_packages(monkeypatch)
     source = fake_package(tmp_path / "models" / "pneumonia", b"old model")
     wheel = tmp_path / f"medtriage-{medtriage.__version__}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
@@ -169,9 +176,7 @@ def test_a_package_changed_while_the_bundle_is_built_is_not_shipped(tmp_path, mo
 
 
 def test_each_step_of_the_build_says_what_it_does(tmp_path, monkeypatch, capsys):
-    import medtriage.serve.package as package_module
-
-    monkeypatch.setattr(package_module, "validate_model_json", lambda meta, where: None)  # a fake package: sha256 only
+    accept_fake_packages(monkeypatch)
     source = fake_package(tmp_path / "models" / "pneumonia", b"model")
     monkeypatch.setattr(bundle_module, "build_medtriage_wheel", lambda wheels_dir: wheels_dir / "medtriage.whl")
     monkeypatch.setattr(bundle_module, "download_dependencies", lambda own, wheels_dir, python, platform: [])
@@ -275,10 +280,9 @@ def _failing_disk(monkeypatch, out):
 )
 def test_a_disk_error_while_building_is_a_message_and_leaves_no_partial_bundle(tmp_path, monkeypatch, capsys, fail):
     """A full disk under --out, or a read-only one, came out as a traceback (copytree's shutil.Error, an OSError)."""
-    import medtriage.serve.package as package_module
     from medtriage.cli import main
 
-    monkeypatch.setattr(package_module, "validate_model_json", lambda meta, where: None)  # a fake package: sha256 only
+    accept_fake_packages(monkeypatch)
     source = fake_package(tmp_path / "models" / "pneumonia", b"model")
     monkeypatch.setattr(bundle_module, "build_medtriage_wheel", lambda wheels_dir: wheels_dir / "medtriage.whl")
     monkeypatch.setattr(bundle_module, "download_dependencies", lambda own, wheels_dir, python, platform: [])

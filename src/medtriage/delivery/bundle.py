@@ -171,7 +171,6 @@ def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
     """Folder name -> package folder, each loaded (schema and sha256 checked) and opened by ONNX Runtime before anything
     is built: a graph it cannot read would otherwise ship, and fail only in the hospital's install."""
     from medtriage.serve.package import load_package
-    from medtriage.serve.predictor import create_session
 
     if not packages:
         raise ConfigError("no model package given", hint="name one or more package folders, e.g. models/pneumonia-r18")
@@ -192,9 +191,15 @@ def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
                 hint="the bundle keeps models/<folder name>: rename one of the folders",
             )
         _check_shipped_files(package.directory)
-        create_session(package)
+        _opens_in_onnx_runtime(package)
         folders[name] = package.directory
     return folders
+
+
+def _opens_in_onnx_runtime(package) -> None:
+    from medtriage.serve.predictor import create_session
+
+    create_session(package)
 
 
 def _check_shipped_files(package: Path) -> None:
