@@ -6,8 +6,10 @@ Before, each of these ended in a Python traceback (exit status 1), ran for minut
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -234,9 +236,28 @@ def run_hydra_main(module: str, overrides: list[str], tmp_path, monkeypatch) -> 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setattr(sys, "argv", [module, *overrides, f"hydra.run.dir={tmp_path}/hydra", f"paths.runs_dir={tmp_path}/runs"])
-    with pytest.raises(SystemExit) as exit_info:
+    with root_logging_kept(), pytest.raises(SystemExit) as exit_info:
         importlib.import_module(module).main()
     return exit_info.value.code
+
+
+@contextmanager
+def root_logging_kept():
+    """Hydra's main sets the root logger's handlers up for its job, on this test's captured stderr: they go when it
+    returns, or every later test's log line would be written to a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.mark.parametrize("module", ["medtriage.cli.train", "medtriage.cli.cross_validate"])
