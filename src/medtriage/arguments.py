@@ -61,3 +61,9 @@ def refuse_file_as_folder(path: str | Path | None, option: str) -> None:
         raise ConfigError(
             "this is a file, not a folder", where=f"{option} {path}", hint="give a folder to write into (it is created if missing)"
         )
+
+
+def refuse_folder_as_file(path: str | Path | None, option: str, example: str) -> None:
+    """An output file option naming a folder fails before any work, not after it with a traceback."""
+    if path is not None and Path(path).is_dir():
+        raise ConfigError("this is a folder, not a file", where=f"{option} {path}", hint=f"give a file name, e.g. {example}")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from medtriage.arguments import fraction, non_negative_int, positive_int, refuse_file_as_folder, whole_number
+from medtriage.arguments import fraction, non_negative_int, positive_int, refuse_file_as_folder, refuse_folder_as_file, whole_number
 from medtriage.cli import report_errors
 from medtriage.data.audit import HASH_SIDE, MAX_DISTANCE, audit_manifest
 from medtriage.data.manifest import load_manifest
@@ -89,10 +89,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    if args.json and Path(args.json).is_dir():
-        raise ConfigError(
-            "this is a folder, not a file", where=f"--json {args.json}", hint="give a file name for the JSON, e.g. audit.json"
-        )
+    refuse_folder_as_file(args.json, "--json", "audit.json")
     result = audit_manifest(load_manifest(args.pool), check_images=not args.no_images, max_distance=args.max_distance)
     print(result.summary())
     if args.json:

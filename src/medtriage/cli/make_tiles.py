@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medtriage.arguments import non_negative_int, positive_float, positive_int, refuse_file_as_folder
+from medtriage.arguments import non_negative_int, positive_float, positive_int, refuse_file_as_folder, refuse_folder_as_file
 from medtriage.cli import report_errors
 from medtriage.data.manifest import REJECTS_FILE
 from medtriage.data.simulate.tiles import (
@@ -31,7 +31,7 @@ from medtriage.data.simulate.tiles import (
     draw_tile,
     jitter_stain,
 )
-from medtriage.errors import ConfigError, DataNotFoundError
+from medtriage.errors import DataNotFoundError
 from medtriage.io.pathology import grid_overview, prepare_slide
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.stain import StainNormalizer, fit_stains
@@ -71,7 +71,7 @@ def _main(argv: list[str] | None) -> int:
     figure.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
     for name, option in (("out", "OUT"), ("overview", "--overview")):
-        refuse_folder_as_file(getattr(args, name, None), option)
+        refuse_folder_as_file(getattr(args, name, None), option, "tiles.png")
     if args.kind != "sites-figure":
         refuse_file_as_folder(args.pool_dir, "POOL_DIR")
 
@@ -105,12 +105,6 @@ def _main(argv: list[str] | None) -> int:
             save_overview(args.slides[0], args.overview, args.tile_size, args.tile_mpp, args.mpp)
     print(manifest.summary())
     return 0
-
-
-def refuse_folder_as_file(path: Path | None, option: str) -> None:
-    """An output file option naming a folder fails before any work, not after it with a traceback."""
-    if path is not None and path.is_dir():
-        raise ConfigError("this is a folder, not a file", where=f"{option} {path}", hint="give a file name, e.g. tiles.png")
 
 
 def save_png(image: Image.Image, out: Path) -> None:
