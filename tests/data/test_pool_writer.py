@@ -62,3 +62,27 @@ def test_a_rebuild_that_fails_before_its_manifest_leaves_no_pool_not_old_rows_ov
         new.close()
     with pytest.raises(DataNotFoundError, match="build it first"):  # not image 0.25 read as 0.75
         load_manifest(tmp_path)
+
+
+def test_a_build_that_fails_leaves_no_hidden_pixel_file_behind(tmp_path, monkeypatch):
+    """Its pixels are as large as the pool: each failed build used to leave its `.partial` file in the folder."""
+    from medtriage.data.sources import medmnist
+    from tests.data.test_npz_pool_source import write_npz
+
+    with pytest.raises(RuntimeError, match="decoding failed"), PoolWriter(tmp_path / "pool", ["normal", "pneumonia"]) as writer:
+        add(writer, 0.25)
+        raise RuntimeError("decoding failed")
+    assert [p.name for p in (tmp_path / "pool").iterdir()] == []
+
+    real_as_chw, seen = medmnist.as_chw, []
+
+    def fails_on_the_third(image):
+        seen.append(image)
+        if len(seen) == 3:
+            raise MemoryError("out of memory")
+        return real_as_chw(image)
+
+    monkeypatch.setattr(medmnist, "as_chw", fails_on_the_third)
+    with pytest.raises(MemoryError):
+        medmnist.build_npz_pool(write_npz(tmp_path / "a.npz", 4, 0), tmp_path / "npz-pool", ["normal", "pneumonia"])
+    assert [p.name for p in (tmp_path / "npz-pool").iterdir()] == [LOCK_FILE]

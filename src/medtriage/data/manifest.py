@@ -133,8 +133,9 @@ class PoolWriter:
 
     All or nothing: the pixels stream into a hidden temporary file, and `close()` renames each file into place, the
     manifest (what says a pool is built) last. Until then a reader finds no pool, or the previous one whole; a killed
-    build leaves only a hidden `.partial` file. Two writers of the same pool each write their own files and publish
-    them in turn (`pool_lock`): the last to close is the pool, whole."""
+    build leaves only a hidden `.partial` file, and one that fails inside `with PoolWriter(...) as writer:` not even
+    that. Two writers of the same pool each write their own files and publish them in turn (`pool_lock`): the last to
+    close is the pool, whole."""
 
     def __init__(self, pool_dir: str | Path, label_names: list[str]):
         self.pool_dir = Path(pool_dir)
@@ -144,6 +145,13 @@ class PoolWriter:
         self.rejects: list[Reject] = []
         self._pixels = AtomicFile(self.pool_dir / PIXELS_FILE)
         self._offset = 0
+
+    def __enter__(self) -> PoolWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is not None:  # a build that failed: its pixels, as large as the pool, go with it
+            self._pixels.discard()
 
     def add(self, pixels: np.ndarray, **row) -> dict:
         """Add one decoded image (`[C, H, W]` float in [0, 1]) with its manifest fields."""

@@ -303,24 +303,24 @@ def _column_name(header: str) -> str:
 def _write_pool(
     pool_dir: Path, decoded: list[Decoded], tables: dict[str, LabelTable], seed: int, val_fraction: float, test_fraction: float
 ) -> Manifest:
-    writer = PoolWriter(pool_dir, PNEUMONIA_LABELS)
-    used: dict[str, set] = {site: set() for site in tables}
-    accepted, seen_sops = [], {}
-    for item in decoded:
-        table = tables[item.site]
-        key = str(item.fields.get(KEY_COLUMNS.get(table.key_column, "")) or "").strip()
-        used[item.site].add(key)
-        reason = item.error or _no_patient(item) or _duplicate(item, seen_sops) or _label_problem(table, key)
-        if reason:
-            writer.reject(item.site, item.path, reason)
-        else:
-            accepted.append((item, PNEUMONIA_LABELS.index(table.entries[key][0][1])))
-    _reject_orphan_rows(writer, tables, used)
-    rows = [{"site": item.site, "patient_id": item.fields["patient_id"], "label": label} for item, label in accepted]
-    for (item, label), split in zip(accepted, assign_splits(rows, val_fraction, test_fraction, seed)):
-        fields = {k: v for k, v in item.fields.items() if k != "accession_number"}
-        writer.add(item.pixels, site=item.site, path=item.path, label=label, split=split, **fields)
-    return writer.close()
+    with PoolWriter(pool_dir, PNEUMONIA_LABELS) as writer:
+        used: dict[str, set] = {site: set() for site in tables}
+        accepted, seen_sops = [], {}
+        for item in decoded:
+            table = tables[item.site]
+            key = str(item.fields.get(KEY_COLUMNS.get(table.key_column, "")) or "").strip()
+            used[item.site].add(key)
+            reason = item.error or _no_patient(item) or _duplicate(item, seen_sops) or _label_problem(table, key)
+            if reason:
+                writer.reject(item.site, item.path, reason)
+            else:
+                accepted.append((item, PNEUMONIA_LABELS.index(table.entries[key][0][1])))
+        _reject_orphan_rows(writer, tables, used)
+        rows = [{"site": item.site, "patient_id": item.fields["patient_id"], "label": label} for item, label in accepted]
+        for (item, label), split in zip(accepted, assign_splits(rows, val_fraction, test_fraction, seed)):
+            fields = {k: v for k, v in item.fields.items() if k != "accession_number"}
+            writer.add(item.pixels, site=item.site, path=item.path, label=label, split=split, **fields)
+        return writer.close()
 
 
 def _no_patient(item: Decoded) -> str | None:

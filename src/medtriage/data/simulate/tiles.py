@@ -183,10 +183,10 @@ def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig
     ]
     splits = patient_splits(slides, config.seed, config.holdout_site)
     with pool_lock(pool_dir):
-        writer = _tile_pool_writer(Path(pool_dir))
-        for site, patient, slide_label in tqdm(slides, desc="synthetic slides", unit="slide"):
-            _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[patient])
-        manifest = writer.close()
+        with _tile_pool_writer(Path(pool_dir)) as writer:
+            for site, patient, slide_label in tqdm(slides, desc="synthetic slides", unit="slide"):
+                _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[patient])
+            manifest = writer.close()
         write_tile_info(
             Path(pool_dir),
             config.tile_size,
@@ -289,22 +289,22 @@ def build_slide_pool(
     """Pool from real slides: each entry has `path`, `site`, `patient_id`, `label` (int) and `split`."""
     _check_distinct_slide_ids([entry["path"] for entry in slides])
     with pool_lock(pool_dir):
-        writer = _tile_pool_writer(Path(pool_dir))
-        for entry in tqdm(slides, desc="slides", unit="slide"):
-            add_slide_tiles(
-                writer,
-                entry["path"],
-                site=entry["site"],
-                patient_id=entry["patient_id"],
-                label=int(entry["label"]),
-                split=entry["split"],
-                tile_size=tile_size,
-                mpp=mpp,
-                min_tissue=min_tissue,
-                slide_mpp=entry.get("mpp"),
-                stain_normalize=stain_normalize,
-            )
-        manifest = writer.close()
+        with _tile_pool_writer(Path(pool_dir)) as writer:
+            for entry in tqdm(slides, desc="slides", unit="slide"):
+                add_slide_tiles(
+                    writer,
+                    entry["path"],
+                    site=entry["site"],
+                    patient_id=entry["patient_id"],
+                    label=int(entry["label"]),
+                    split=entry["split"],
+                    tile_size=tile_size,
+                    mpp=mpp,
+                    min_tissue=min_tissue,
+                    slide_mpp=entry.get("mpp"),
+                    stain_normalize=stain_normalize,
+                )
+            manifest = writer.close()
         write_tile_info(Path(pool_dir), tile_size, mpp, stain_normalize, source="slides", min_tissue=min_tissue)
     return manifest
 

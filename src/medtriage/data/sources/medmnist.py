@@ -43,22 +43,22 @@ def build_npz_pool(npz_path: str | Path, pool_dir: str | Path, label_names: list
 
 
 def _write_npz_pool(splits: dict, npz_path: str | Path, pool_dir: str | Path, label_names: list[str], site: str) -> Manifest:
-    writer = PoolWriter(pool_dir, label_names)
-    for split, (images, labels) in splits.items():
-        for i, (image, label) in enumerate(zip(images, labels)):
-            uid = f"{split}-{i:05d}"
-            writer.add(
-                as_chw(image),
-                site=site,
-                patient_id=uid,
-                study_uid=uid,
-                series_uid=uid,
-                sop_uid=uid,
-                path=f"{Path(npz_path).name}#{split}_images[{i}]",
-                label=int(label),
-                split=split,
-            )
-    return writer.close()
+    with PoolWriter(pool_dir, label_names) as writer:
+        for split, (images, labels) in splits.items():
+            for i, (image, label) in enumerate(zip(images, labels)):
+                uid = f"{split}-{i:05d}"
+                writer.add(
+                    as_chw(image),
+                    site=site,
+                    patient_id=uid,
+                    study_uid=uid,
+                    series_uid=uid,
+                    sop_uid=uid,
+                    path=f"{Path(npz_path).name}#{split}_images[{i}]",
+                    label=int(label),
+                    split=split,
+                )
+        return writer.close()
 
 
 def _digest(npz_path: str | Path) -> str | None:
