@@ -9,14 +9,12 @@ from pathlib import Path
 
 from medtriage.arguments import fraction, non_negative_int, positive_int, refuse_file_as_folder, refuse_folder_as_file, whole_number
 from medtriage.cli import report_errors
-from medtriage.data.audit import HASH_SIDE, MAX_DISTANCE, audit_manifest
+from medtriage.data.audit import HASH_BITS, MAX_DISTANCE, audit_manifest
 from medtriage.data.manifest import load_manifest
 from medtriage.data.pool import DEFAULT_POOL, DEFAULT_SITES, build_sites_pool, split_files
 from medtriage.data.simulate.sites import DEFAULT_NPZ, DEFAULT_OUT, make_sites, summary_table
 from medtriage.errors import ConfigError
 from medtriage.io.safe_output import write_atomic
-
-HASH_BITS = HASH_SIDE * HASH_SIDE - 1  # the DC term is dropped
 
 
 def register(subparsers) -> None:

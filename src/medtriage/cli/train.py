@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hydra
 
+from medtriage.arguments import refuse_file_as_folder
 from medtriage.cli import exit_with_message
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import ConfigError, MedTriageError
@@ -35,11 +36,7 @@ def check_data_paths(cfg: TrainConfig) -> None:
         value = cfg.data.get(key)
         if value is not None and not str(value).strip():
             raise ConfigError("is empty", where=f"data.{key}", hint=f"give a path, e.g. data.{key}={example}, or leave the override out")
-    pool = Path(cfg.data.pool_dir)
-    if pool.exists() and not pool.is_dir():
-        raise ConfigError(
-            "the pool folder is a file", where=f"data.pool_dir={cfg.data.pool_dir}", hint="give a folder (it is created if missing)"
-        )
+    refuse_file_as_folder(cfg.data.pool_dir, "data.pool_dir")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtriage.arguments import positive_int
+from medtriage.arguments import positive_int, refuse_file_as_folder
 from medtriage.errors import ConfigError, InputError, MedTriageError
 from medtriage.format import META_FILE, ONNX_FILE
 
@@ -276,8 +276,7 @@ def quantize_package(
     from medtriage.serve.package import load_package
     from medtriage.serve.predictor import Predictor
 
-    if out and Path(out).exists() and not Path(out).is_dir():  # before any work, not after it
-        raise ConfigError("--out is a file, not a folder", where=out, hint="choose another folder for the package")
+    refuse_file_as_folder(out, "--out")  # before any work, not after it
     package = load_package(package_dir)
     if package.meta.get("precision", "fp32") != "fp32":
         raise ConfigError(
