@@ -13,7 +13,8 @@ from pydicom.data import get_testdata_file
 from medtriage.cli import main
 from medtriage.errors import PackageError
 from medtriage.format import sha256_file
-from medtriage.serve.package import ModelPackage, graph_header, graph_input_shape, load_package
+from medtriage.format.onnx_header import graph_header
+from medtriage.serve.package import ModelPackage, graph_input_shape, load_package
 from medtriage.serve.predictor import Predictor, Rejection
 
 GRAYSCALE_MR = get_testdata_file("MR_small.dcm")

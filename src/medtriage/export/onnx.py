@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from medtriage.errors import ConfigError, PackageError
+from medtriage.format.onnx_header import graph_header
 from medtriage.model.networks import TriageNet
-from medtriage.serve.package import graph_header
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "probabilities"
 # The graph resizes with antialiasing, which ONNX's Resize has only from opset 18 on: the exporter writes 18 whatever
