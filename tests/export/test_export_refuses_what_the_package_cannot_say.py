@@ -140,6 +140,16 @@ def test_an_override_that_cannot_be_read_is_refused_before_mlflow_is_asked(overr
     assert refused.value.where == override and refused.value.hint
 
 
+def test_overrides_read_one_at_a_time_apply_as_hydra_s_dotted_list_does():
+    from medtriage.export.from_mlflow import parse_overrides
+
+    overrides = ["export.name=first", "export.tta=shift", "export.name=second", "model.preprocess.size=64"]
+    assert parse_overrides(overrides) == OmegaConf.from_dotlist(overrides)  # the last of a key wins
+    with pytest.raises(ConfigError) as refused:
+        parse_overrides(["export.name=ok", "export.tta=${oops"])
+    assert refused.value.where == "export.tta=${oops"
+
+
 @pytest.mark.parametrize(
     ("override", "where"),
     [("export.name=${oc.env:MEDTRIAGE_NO_SUCH_VARIABLE}", "export.name"), ("export.models_dir=${paths.nowhere}", "export.models_dir")],

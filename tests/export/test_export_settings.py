@@ -58,10 +58,11 @@ def test_untyped_overrides_become_the_settings_types():
 
 def test_the_fold_models_export_refuses_an_out_of_range_value_before_scoring_any_fold():
     from medtriage.export.fold_ensemble import HELD_OUT_SPLIT, FoldMembers, _export_out_of_fold
+    from medtriage.export.from_mlflow import parse_overrides
 
     members = FoldMembers(nets=[], configs=[{"export": {"name": "folds"}}], manifests=[], folds=[])
     with pytest.raises(ConfigError) as refused:
-        _export_out_of_fold([], members, [], "folds", "none", ["export.ece_bins=0"], HELD_OUT_SPLIT, "folds", {})
+        _export_out_of_fold([], members, [], "none", parse_overrides(["export.ece_bins=0"]), HELD_OUT_SPLIT, "folds", {})
     assert "export.ece_bins=0" in refused.value.reason
 
 
@@ -69,11 +70,12 @@ def test_the_fold_models_export_refuses_a_positive_label_no_fold_has_before_scor
     from types import SimpleNamespace
 
     from medtriage.export.fold_ensemble import HELD_OUT_SPLIT, FoldMembers, _export_out_of_fold
+    from medtriage.export.from_mlflow import parse_overrides
 
     pool = SimpleNamespace(label_names=["normal", "pneumonia"])  # what the check reads of a fold's pool
     members = FoldMembers(nets=[], configs=[{"export": {"name": "folds"}}], manifests=[pool], folds=[])
     with pytest.raises(ConfigError, match="positive label 'pnuemonia'") as refused:
-        _export_out_of_fold([], members, [], "folds", "none", ["export.positive_label=pnuemonia"], HELD_OUT_SPLIT, "folds", {})
+        _export_out_of_fold([], members, [], "none", parse_overrides(["export.positive_label=pnuemonia"]), HELD_OUT_SPLIT, "folds", {})
     assert refused.value.where == "export.positive_label"
 
 

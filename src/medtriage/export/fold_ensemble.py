@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from medtriage.data.manifest import Manifest, load_manifest
 from medtriage.data.sources.registry import load_pool
@@ -199,10 +199,10 @@ def export_fold_ensemble(cv_dirs: Path | Sequence[Path], name: str, tta: str = "
     `<models_dir>/<name>/`, calibrated on their out-of-fold predictions, tracked as an MLflow run of the folds' experiment
     in the current tracking store."""
     check_package_name(name)  # before the fold models are loaded
-    parse_overrides(overrides)
+    changes = parse_overrides([f"export.name={name}", *overrides])  # so is a mistyped override
     members = fold_members(cv_dirs)
     tags = {"cross_validation": "true"}
-    return _export_out_of_fold(members.nets, members, cv_dirs, name, tta, overrides, HELD_OUT_SPLIT, f"{name}-folds", tags)
+    return _export_out_of_fold(members.nets, members, cv_dirs, tta, changes, HELD_OUT_SPLIT, f"{name}-folds", tags)
 
 
 def export_refit(cv_dir: Path, refit_dirs: Sequence[Path], name: str, tta: str = "none", overrides: Sequence[str] = ()) -> FoldEnsemble:
@@ -210,13 +210,13 @@ def export_refit(cv_dir: Path, refit_dirs: Sequence[Path], name: str, tta: str =
     `data.refit=true` on all its images) as one model `<models_dir>/<name>/`, calibrated on the cross-validation's
     out-of-fold predictions, which stand in for the refit models' own held-out scores (they have none)."""
     check_package_name(name)  # before the fold models are loaded
-    parse_overrides(overrides)
+    changes = parse_overrides([f"export.name={name}", *overrides])  # so is a mistyped override
     members = fold_members(cv_dir)
     nets = [_refit_model(Path(d), members.configs[0]) for d in refit_dirs]
     if not nets:
         raise ConfigError("no refit runs given", where="--refit", hint="pass the run folder of each `data.refit=true` training")
     tags = {"refit": "true", "refit_runs": ",".join(str(Path(d).resolve()) for d in refit_dirs)}
-    return _export_out_of_fold(nets, members, cv_dir, name, tta, overrides, REFIT_SPLIT, f"{name}-refit", tags)
+    return _export_out_of_fold(nets, members, cv_dir, tta, changes, REFIT_SPLIT, f"{name}-refit", tags)
 
 
 # What a refit may differ in from the folds' runs: run settings, not the recipe (trainer.seed: seeds are members).
@@ -259,15 +259,14 @@ def _export_out_of_fold(
     nets: list[TriageNet],
     members: FoldMembers,
     cv_dirs: Path | Sequence[Path],
-    name: str,
     tta: str,
-    overrides: Sequence[str],
+    changes: DictConfig,
     split: str,
     run_name: str,
     tags: dict,
 ) -> FoldEnsemble:
     """Export `nets` as one package calibrated on the out-of-fold predictions of `members` (the cross-validation)."""
-    config = OmegaConf.merge(OmegaConf.create(members.configs[0]), parse_overrides([f"export.name={name}", *overrides]))
+    config = OmegaConf.merge(OmegaConf.create(members.configs[0]), changes)
     export_cfg = check_export_settings(config.export)  # before the fold models score every labelled image
     positive_index(members.manifests[0].label_names, export_cfg.positive_label)  # so is the positive label
     check_views_trained(tta, members.configs)  # a refit's augmentation is its folds' (_refit_model)
@@ -293,7 +292,7 @@ def _export_out_of_fold(
                 "ensemble.size": len(nets),
                 "ensemble.tta": tta,
                 "ensemble.calibration": split,
-                "export.name": name,
+                "export.name": export_cfg.name,
                 "model.name": members.configs[0]["model"]["name"],
             }
         )

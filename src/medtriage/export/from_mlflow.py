@@ -28,14 +28,15 @@ def export_from_mlflow(run_id: str, overrides: Sequence[str] = ()) -> Path:
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     """`key=value` overrides (Hydra's dotted form) as a config, each refused by name when it is not one."""
+    changes = OmegaConf.create()
     for override in overrides:
         key = override.split("=", 1)[0]
         if "=" not in override or not key or "" in key.split("."):
             raise ConfigError(f"{override!r} is not a key=value override", where=override, hint="write it as e.g. export.name=chest-r18")
         try:
-            OmegaConf.from_dotlist([override])
+            changes.merge_with_dotlist([override])  # one at a time, as OmegaConf.from_dotlist does, to name the bad one
         except OmegaConfBaseException as err:
             raise ConfigError(
                 f"cannot read the override: {str(err).splitlines()[0]}", where=override, hint="quote or fix its value"
             ) from None
-    return OmegaConf.from_dotlist(list(overrides))
+    return changes
