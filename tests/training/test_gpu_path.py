@@ -90,6 +90,17 @@ def test_tone_curve_jitter_on_the_cpu_path_is_monai_adjust_contrast():
     assert gamma_range(0.5) == (1 / 1.5, 1.5)
 
 
+def test_the_cpu_augmentation_keeps_pixels_in_the_unit_range_as_the_device_one_does():
+    from medtriage.data.torch.datasets import train_transforms
+
+    strong = AugmentConfig(prob=1.0, intensity_shift=0.5, intensity_scale=0.5, noise_std=0.3)
+    images = torch.rand(16, 1, 24, 24)
+    cpu = torch.stack([torch.as_tensor(train_transforms(strong, 24)(image)) for image in images])
+    device = BatchAugment(strong, "cpu")(images.clone())
+    assert cpu.min() >= 0 and cpu.max() <= 1 and device.min() >= 0 and device.max() <= 1
+    assert (cpu == 0).any() and (cpu == 1).any()  # the jitter did reach past both ends, and was clamped back
+
+
 def test_resized_split_is_stored_once_and_reused(two_site_pool, monkeypatch):
     preprocess = Preprocess(PreprocessSpec(size=24))
     first = split_cache.persistent_split(two_site_pool, "train", preprocess)

@@ -77,7 +77,7 @@ def cache_split(manifest: Manifest, split: str, preprocess, limit: int | None = 
 
 
 def train_transforms(augment, size: int):
-    """Small affine + intensity jitter + noise (MONAI), on channel-first tensors. No vertical flip."""
+    """Small affine + intensity jitter + noise (MONAI), on channel-first tensors, clamped to [0, 1]. No vertical flip."""
     if not augment.enabled:
         return T.Compose([])
     p = augment.prob
@@ -97,8 +97,15 @@ def train_transforms(augment, size: int):
             T.RandScaleIntensity(factors=augment.intensity_scale, prob=p),
             T.RandShiftIntensity(offsets=augment.intensity_shift, prob=p),
             T.RandGaussianNoise(prob=p, std=augment.noise_std),
+            T.Lambda(func=_to_unit_range),
         ]
     )
+
+
+def _to_unit_range(image: torch.Tensor) -> torch.Tensor:
+    """Decoded pixels live in [0, 1] and the served model never sees more: shift, gain and noise are clamped back, as
+    the device augmentation does (a module function, so DataLoader workers can pickle it)."""
+    return image.clamp(0.0, 1.0)
 
 
 def gamma_range(gamma: float) -> tuple[float, float]:
