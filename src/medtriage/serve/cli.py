@@ -127,27 +127,12 @@ def add_runtime_options(parser: argparse.ArgumentParser, out_of_scope_help: str 
         "--threads", type=whole_number(1, MAX_THREADS), default=None, help="ONNX Runtime intra-op threads (default: all cores)"
     )
     limits = DecodeLimits()
-    parser.add_argument(
-        "--max-frame-pixels",
-        type=positive_int,
-        default=limits.max_frame_pixels,
-        metavar="N",
-        help="refuse images whose frames have more pixels, before decoding (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-frames",
-        type=positive_int,
-        default=limits.max_frames,
-        metavar="N",
-        help="refuse images with more frames, before decoding (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-decoded-bytes",
-        type=positive_int,
-        default=limits.max_decoded_bytes,
-        metavar="N",
-        help="refuse images whose decoded pixels would take more bytes (default: %(default)s)",
-    )
+    for option, default, refused in (
+        ("--max-frame-pixels", limits.max_frame_pixels, "whose frames have more pixels, before decoding"),
+        ("--max-frames", limits.max_frames, "with more frames, before decoding"),
+        ("--max-decoded-bytes", limits.max_decoded_bytes, "whose decoded pixels would take more bytes"),
+    ):
+        parser.add_argument(option, type=positive_int, default=default, metavar="N", help=f"refuse images {refused} (default: %(default)s)")
     parser.add_argument(
         "--allow-out-of-scope",
         action="store_true",
