@@ -42,8 +42,51 @@ def run_without_training_stack():
     return run
 
 
+@pytest.fixture
+def _leaves_no_process_state():
+    """A test that changes what the process shares (environment, working folder, root log handlers, an open MLflow run)
+    fails itself: in two workers, modules run side by side in an order that changes, and a leak would fail another
+    module's test only in some runs."""
+    before = _process_state()
+    yield
+    after = _process_state()
+    leaked = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
+    if "environment" in leaked:
+        was, now = leaked.pop("environment")
+        leaked.update({f"${k}": (was.get(k), now.get(k)) for k in was.keys() | now.keys() if was.get(k) != now.get(k)})
+    if leaked:
+        pytest.fail(f"the test left process state changed (before, after): {leaked}", pytrace=False)
+
+
+# Set by pytest itself or once by a library's first use (torch's OpenMP, compiler and CUDA settings; MLflow's
+# telemetry), not by a test.
+SET_BY_IMPORTS = {
+    "PYTEST_CURRENT_TEST",
+    "KMP_DUPLICATE_LIB_OK",
+    "KMP_INIT_AT_FORK",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "_MLFLOW_TELEMETRY_SESSION_ID",
+}
+
+
+def _process_state() -> dict:
+    import logging
+
+    mlflow = sys.modules.get("mlflow")
+    run = mlflow.active_run() if mlflow else None
+    pytest_handlers = ("LogCaptureHandler", "_LiveLoggingNullHandler", "_FileHandler", "_LiveLoggingStreamHandler")
+    return {
+        "environment": {k: v for k, v in os.environ.items() if k not in SET_BY_IMPORTS},
+        "working folder": os.getcwd(),
+        "root log handlers": [h for h in logging.getLogger().handlers if type(h).__name__ not in pytest_handlers],
+        "root log level": logging.getLogger().level,
+        "active MLflow run": run.info.run_id if run else None,
+    }
+
+
 @pytest.fixture(autouse=True)
-def _isolated_mlflow(tmp_path, monkeypatch):
+def _isolated_mlflow(_leaves_no_process_state, tmp_path, monkeypatch):
     """No test writes into the project's mlflow.db, nor into an earlier test's: a URI set in-process by an earlier
     test (mlflow.set_tracking_uri) would win over the environment, so it is reset too once mlflow is loaded."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

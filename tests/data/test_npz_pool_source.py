@@ -57,9 +57,10 @@ def test_a_rebuild_cut_short_before_it_records_its_npz_is_not_taken_for_the_prev
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    write_atomic = medmnist.write_atomic
     monkeypatch.setattr(medmnist, "write_atomic", disk_full)  # b's pool is in place, its record of b.npz is not
     with pytest.raises(OSError):
         build_pool(data(second, pool))
-    monkeypatch.undo()
+    monkeypatch.setattr(medmnist, "write_atomic", write_atomic)
     rebuilt = build_pool(data(first, pool))
     assert len(rebuilt.rows) == 12 and rebuilt.rows["path"].str.startswith("a.npz#").all()  # not b's 18 images as a's

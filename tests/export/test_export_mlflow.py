@@ -23,8 +23,8 @@ def trained_run(tmp_path):
         "export": {"models_dir": str(tmp_path / "models"), "name": "pneumonia-test", "parity_images": 8},
     }
     checkpoint = save_checkpoint(tmp_path / "best.pt", model=linear_probe_net(32).state_dict(), config=config)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("export-test", artifact_location=str(tmp_path / "artifacts")))
-    with mlflow.start_run() as run:
+    experiment_id = mlflow.create_experiment("export-test", artifact_location=str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment_id) as run:  # not set_experiment: it sets $MLFLOW_EXPERIMENT_ID for good
         mlflow.log_artifact(str(checkpoint), "checkpoints")
     return run.info.run_id, pool
 
