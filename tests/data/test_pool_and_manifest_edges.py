@@ -19,11 +19,11 @@ from medtriage.errors import DataNotFoundError, InputError
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
-def write_dicom(path: Path, patient_id: str, accession: str) -> None:
+def write_dicom(path: Path, patient_id: str, accession: str, study_uid: str | None = None) -> None:
     """A minimal 8x8 CR image with the identifiers the pool joins on."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = CR_STORAGE, generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
     ds.PatientID, ds.AccessionNumber, ds.Modality = patient_id, accession, "CR"
     ds.Rows = ds.Columns = 8
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -59,7 +59,7 @@ def test_a_labels_csv_that_is_not_utf8_rejects_its_site_and_the_run_goes_on(tmp_
     (sites / "b" / "labels.csv").write_bytes("accession_number,finding,comment\nB1,normal,Réf. ext\n".encode("latin-1"))
     manifest = build_sites_pool(sites, tmp_path / "pool", workers=1, verbose=False)
     assert list(manifest.rows["path"]) == ["a/1.dcm"]
-    assert "not readable UTF-8 CSV" in reason_of(manifest, "b/1.dcm") and "CSV UTF-8" in reason_of(manifest, "b/1.dcm")
+    assert "is not UTF-8 text" in reason_of(manifest, "b/1.dcm") and "CSV UTF-8" in reason_of(manifest, "b/1.dcm")
 
 
 def tiny_pool(pool_dir: Path):

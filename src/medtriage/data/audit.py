@@ -37,14 +37,13 @@ import numpy as np
 from PIL import Image
 
 from medtriage.data.manifest import PIXELS_FILE
-from medtriage.data.splits import patient_identity
+from medtriage.data.splits import DICOM_UID, patient_identity
 from medtriage.errors import InputError, MedTriageError
 
 HASH_SIDE, THUMBNAIL, MAX_DISTANCE = 12, 32, 12
 HASH_BITS = HASH_SIDE * HASH_SIDE - 1  # a perceptual hash's bits: its DC term is dropped
 NEGATIVE_LABEL = 0  # label index 0 is the normal/negative class; any other label counts as positive
 MAX_EXAMPLES = 20  # examples kept per finding, so a report stays readable
-DICOM_UID = r"[0-9]+(\.[0-9]+)+"  # digits and dots (PS3.5 9.1)
 # findings no override lets through: every split is cut by patient, so a patient in two splits is never a known,
 # accepted state of a pool, and every figure of a run on it would be measured on patients it trained on
 NOT_OVERRIDABLE = ("patient_in_two_splits",)

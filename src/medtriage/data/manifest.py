@@ -7,6 +7,7 @@ On disk (`<pool_dir>/`):
 - `pixels.f32`    every image's decoded pixels (float32 in [0, 1], C*H*W each, concatenated);
                   row `i` lives at `offset` with shape (`channels`, `height`, `width`)
 - `.pool.lock`    held while the pool is built or published (`pool_lock`): builders of one pool take turns
+- `.*.partial`    a writer's temporary files; those of a killed build are removed by the next (`remove_stale_partials`)
 
 The manifest hash (sha256 of `manifest.csv`) is the data fingerprint a training run records. A loaded manifest reads
 only the pixel file it was loaded with: a pool built again meanwhile is refused, never read as the old rows' images.
@@ -24,11 +25,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from medtriage.errors import DataNotFoundError, InputError, printable
-from medtriage.io.safe_output import AtomicFile, write_atomic, write_csv_atomic
+from medtriage.io.safe_output import PARTIAL_SUFFIX, AtomicFile, write_atomic, write_csv_atomic
 from medtriage.optional import optional_import
 
 try:
@@ -59,6 +61,7 @@ SPLITS = ("train", "val", "test")
 MANIFEST_FILE, REJECTS_FILE, LABELS_FILE, PIXELS_FILE = "manifest.csv", "rejects.csv", "labels.json", "pixels.f32"
 LOCK_FILE = ".pool.lock"
 READ_ATTEMPTS = 3  # a pool published while it is read is read again; one that keeps changing is refused
+CLAIM_ATTEMPTS = 3  # a new pixel file removed before its writer could claim it is replaced; again and again is an error
 _held = threading.local()  # the pool locks this thread holds, so that a builder's own writer takes its lock again
 
 
@@ -114,6 +117,84 @@ def _lock(handle: int, pool_dir: str | Path) -> bool:
     return True
 
 
+def _holds_lock(pool_dir: Path) -> bool:
+    """Whether this thread holds the pool's lock, not merely went on where none could be had."""
+    try:
+        status = os.stat(pool_dir / LOCK_FILE)
+    except OSError:
+        return False
+    return (status.st_dev, status.st_ino) in _held.__dict__.get("keys", set())
+
+
+def remove_stale_partials(pool_dir: str | Path) -> int:
+    """Delete the temporary files that killed builds of the pool left in its folder; returns how many. A pixel file
+    is removed only when no writer claims it (`_claim`): writers started side by side each stream into their own,
+    under the pool lock or not. The pool's other files are written only under the lock, so while this thread holds
+    it, any other is a leftover. Where files cannot be locked, a live file cannot be told from a stale one: all stay."""
+    pool_dir = Path(pool_dir)
+    if fcntl is None:
+        return 0
+    locked = _holds_lock(pool_dir)
+    removed = 0
+    for leftover in pool_dir.glob(f".*{PARTIAL_SUFFIX}"):
+        if (locked or leftover.name.startswith(f".{PIXELS_FILE}.")) and _remove_unclaimed(leftover):
+            removed += 1
+    return removed
+
+
+def _remove_unclaimed(path: Path) -> bool:
+    """Remove `path` unless a writer holds its claim; the lock taken here keeps a writer from claiming it meanwhile."""
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)  # for writing: NFS locks it exclusively only so
+    except OSError:  # gone, a link, a folder, or not ours to open
+        return False
+    try:
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode):  # a folder of that name (a staging folder) is no writer's file
+            return False
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _identity(os.stat(path, follow_symlinks=False)) != _identity(status):  # renamed into place meanwhile
+            return False
+        path.unlink()
+        return True
+    except OSError:  # claimed (BlockingIOError), gone meanwhile, or a file system without locks
+        return False
+    finally:
+        os.close(handle)
+
+
+def _new_pixel_file(pool_dir: Path) -> tuple[AtomicFile, IO[bytes] | None]:
+    """A writer's temporary pixel file and its claim on it, a lock held until the writer is done with the file."""
+    for _attempt in range(CLAIM_ATTEMPTS):
+        pixels = AtomicFile(pool_dir / PIXELS_FILE)
+        try:
+            return pixels, _claim(pixels.temporary)
+        except FileNotFoundError:  # another build removed it as stale before this writer held its claim
+            pixels.discard()
+    raise InputError(
+        f"each of {CLAIM_ATTEMPTS} new temporary pixel files was removed before it could be written",
+        where=pool_dir,
+        hint="something else in this folder deletes hidden files; build the pool in a folder of its own",
+    )
+
+
+def _claim(path: Path) -> IO[bytes] | None:
+    """An open handle on `path` holding a shared lock: while it is open, `_remove_unclaimed` leaves the file alone,
+    and the kernel releases it when the writer dies, however it dies. None where files cannot be locked."""
+    if fcntl is None:
+        return None
+    handle = open(path, "rb")  # its own open file: the writer's handle is closed before the commit, this one after
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)  # waits out a remover that locked it first; it then finds it gone
+    except OSError:  # a file system without locks: nothing is removed there either
+        handle.close()
+        return None
+    if os.fstat(handle.fileno()).st_nlink == 0:
+        handle.close()
+        raise FileNotFoundError(path)
+    return handle
+
+
 def pixel_fingerprint(pixels: np.ndarray) -> str:
     """Content hash of decoded pixels (shape included), to spot duplicates and changed files."""
     digest = hashlib.sha256(str(pixels.shape).encode())
@@ -133,9 +214,9 @@ class PoolWriter:
 
     All or nothing: the pixels stream into a hidden temporary file, and `close()` renames each file into place, the
     manifest (what says a pool is built) last. Until then a reader finds no pool, or the previous one whole; a killed
-    build leaves only a hidden `.partial` file, and one that fails inside `with PoolWriter(...) as writer:` not even
-    that. Two writers of the same pool each write their own files and publish them in turn (`pool_lock`): the last to
-    close is the pool, whole."""
+    build leaves only a hidden `.partial` file (which the next build of the pool removes), and one that fails inside
+    `with PoolWriter(...) as writer:` not even that. Two writers of the same pool each write their own files and publish
+    them in turn (`pool_lock`): the last to close is the pool, whole."""
 
     def __init__(self, pool_dir: str | Path, label_names: list[str]):
         self.pool_dir = Path(pool_dir)
@@ -143,7 +224,8 @@ class PoolWriter:
         self.label_names = list(label_names)
         self.rows: list[dict] = []
         self.rejects: list[Reject] = []
-        self._pixels = AtomicFile(self.pool_dir / PIXELS_FILE)
+        remove_stale_partials(self.pool_dir)  # before this build's own file: a killed build's is as large as the pool
+        self._pixels, self._claim = _new_pixel_file(self.pool_dir)
         self._offset = 0
 
     def __enter__(self) -> PoolWriter:
@@ -152,12 +234,18 @@ class PoolWriter:
     def __exit__(self, error_type, error, traceback) -> None:
         if error_type is not None:  # a build that failed: its pixels, as large as the pool, go with it
             self._pixels.discard()
+            self._release()
+
+    def _release(self) -> None:
+        if self._claim is not None:
+            self._claim.close()
+            self._claim = None
 
     def add(self, pixels: np.ndarray, **row) -> dict:
         """Add one decoded image (`[C, H, W]` float in [0, 1]) with its manifest fields."""
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        if pixels.ndim != 3:
-            raise ValueError(f"pixels must be [C, H, W], got shape {pixels.shape}")
+        if pixels.ndim != 3 or not pixels.size:  # an image without pixels would be refused as damaged once written
+            raise ValueError(f"pixels must be [C, H, W] with no side 0, got shape {pixels.shape}")
         c, h, w = pixels.shape
         row = {**row, "channels": c, "height": h, "width": w, "offset": self._offset}
         row.setdefault("fingerprint", pixel_fingerprint(pixels))
@@ -175,7 +263,10 @@ class PoolWriter:
             # The files cannot all be renamed at once: the old manifest goes first, so that until the new one is in
             # place a reader finds no pool, never the old rows over the new pixels (offsets into another build's images)
             (self.pool_dir / MANIFEST_FILE).unlink(missing_ok=True)
-            self._pixels.commit()
+            try:
+                self._pixels.commit()
+            finally:
+                self._release()
             write_atomic(self.pool_dir / LABELS_FILE, json.dumps(self.label_names).encode())
             write_csv_atomic(self.pool_dir / REJECTS_FILE, REJECT_COLUMNS, [vars(r) for r in self.rejects])
             extra = sorted({k for r in self.rows for k in r} - set(COLUMNS))

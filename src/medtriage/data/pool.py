@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import multiprocessing
 import os
+import stat
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,23 +35,24 @@ from tqdm import tqdm
 from medtriage.data.manifest import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, Manifest, PoolWriter, load_manifest, pool_lock
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.data.splits import assign_splits
-from medtriage.errors import DataNotFoundError, DicomError, InputError
+from medtriage.errors import DataNotFoundError, DicomError, InputError, printable
 from medtriage.io.clamped import dicom_source
 from medtriage.io.deid import patient_id_text
 from medtriage.io.dicom import read_dicom
 from medtriage.io.ingest import ledger_folder, logged_patient_identities
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
-from medtriage.io.site_labels import labels_size_problem
+from medtriage.io.site_labels import MAX_LABELS_BYTES, labels_size_problem
 
 DEFAULT_SITES = Path("data/pool/ingested")  # what ingest_sites.py writes: site exports pass de-identification first
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
 INPUTS_FILE = "inputs.json"
 POOL_FILES = (MANIFEST_FILE, LABELS_FILE)  # what a reused pool is read by; hashed at build time, checked on reuse
-POOL_FORMAT = 3  # bump when the way rows are built changes, to invalidate cached pools
+POOL_FORMAT = 4  # bump when the way rows are built changes, to invalidate cached pools (4: a DICOM study splits whole)
 KEY_COLUMNS = {"sop_instance_uid": "sop_uid", "accession_number": "accession_number"}  # labels.csv -> header field
 FINDING_COLUMNS = ("finding", "label")
 IN_PROCESS_BELOW = 200  # files; starting worker processes costs more than it saves
+SHOWN_CHARS, HEADER_SHOWN_CHARS = 64, 240  # of a labels.csv cell, and its header, quoted in a reason: a cell can hold 128 KiB
 
 
 @dataclass
@@ -61,6 +64,15 @@ class Decoded:
     pixels: object = None
     fields: dict = field(default_factory=dict)
     error: str | None = None
+
+
+@dataclass
+class LabelsFile:
+    """A site's labels.csv, read once: the bytes the inputs hash records are the bytes parsed. `data` is None when
+    there is nothing to parse (then `problem` says why)."""
+
+    data: bytes | None = None
+    problem: str | None = None
 
 
 @dataclass
@@ -88,7 +100,8 @@ def build_sites_pool(
     _say(bool(verbose and hidden), f"left out {len(hidden)} hidden name(s), not site data: {', '.join(hidden)}")
     for site in files:
         _refuse_mixed_patient_keys(sites_dir, site)
-    inputs_hash = _inputs_hash(sites_dir, files, seed, val_fraction, test_fraction)
+    labels = {site: read_labels_file(sites_dir / site / SITE_LABELS_FILE) for site in files}
+    inputs_hash = _inputs_hash(sites_dir, files, labels, seed, val_fraction, test_fraction)
     with pool_lock(pool_dir):  # a build started meanwhile waits here, then finds this one's pool cached
         if _cached(pool_dir, inputs_hash, verbose):
             manifest = load_manifest(pool_dir)
@@ -96,7 +109,7 @@ def build_sites_pool(
             return manifest
         (pool_dir / INPUTS_FILE).unlink(missing_ok=True)  # a half-written pool must never look cached
         decoded = _decode_all(sites_dir, files, workers, verbose)
-        tables = {site: read_labels(sites_dir / site / SITE_LABELS_FILE, site) for site in files}
+        tables = {site: parse_labels(labels[site], site) for site in files}
         manifest = _write_pool(pool_dir, decoded, tables, seed, val_fraction, test_fraction)
         if not len(manifest.rows):
             _refuse_empty_pool(sites_dir, pool_dir)
@@ -159,19 +172,14 @@ def _site_files(sites_dir: Path) -> tuple[dict[str, list[Path]], list[str]]:
     return sites, hidden
 
 
-def _inputs_hash(sites_dir: Path, files: dict[str, list[Path]], *settings) -> str:
+def _inputs_hash(sites_dir: Path, files: dict[str, list[Path]], labels: dict[str, LabelsFile], *settings) -> str:
     digest = hashlib.sha256(json.dumps([POOL_FORMAT, PNEUMONIA_LABELS, *settings]).encode())
     for site, paths in files.items():
         for path in paths:
-            stat = path.stat()
-            digest.update(f"{path.relative_to(sites_dir)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        labels = sites_dir / site / SITE_LABELS_FILE
-        if labels.is_file():
-            with open(labels, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):  # in blocks: its size is checked where it is parsed
-                    digest.update(block)
-        else:
-            digest.update(b"<no labels.csv>")
+            status = path.stat()
+            digest.update(f"{path.relative_to(sites_dir)}|{status.st_size}|{status.st_mtime_ns}\n".encode())
+        table = labels[site]
+        digest.update(table.data if table.data is not None else f"<{table.problem}>".encode())
     return digest.hexdigest()
 
 
@@ -264,20 +272,56 @@ def _header_ids(path: Path) -> dict:
 
 def read_labels(path: Path, site: str) -> LabelTable:
     """Parse a hospital's labels.csv; header names are matched ignoring case, spaces and dashes."""
-    table = LabelTable(site)
-    if not path.is_file():
-        table.problem = f"site has no {SITE_LABELS_FILE} (expected {path})"
-        return table
-    oversized = labels_size_problem(path.stat().st_size)  # parsed, a table takes about ten times its file's size in memory
-    if oversized:
-        table.problem = f"{oversized} (keep only its identifier and finding columns)"
-        return table
+    return parse_labels(read_labels_file(path), site)
+
+
+def read_labels_file(path: Path) -> LabelsFile:
+    """The bytes of a site's labels.csv, from one open file: its size is bounded on that file, before it is read and
+    again by what was read (a file replaced or grown after the check is not read past it). Parsed, a table takes
+    about ten times its file's size in memory."""
+    missing = LabelsFile(problem=f"site has no {SITE_LABELS_FILE} (expected {path})")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            _read_label_rows(csv.reader(f), table)
-    except (UnicodeDecodeError, csv.Error) as err:  # a spreadsheet's export: the site's files are rejected, the run goes on
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO of that name must not wait for a writer
+    except FileNotFoundError:
+        return missing
+    except OSError as err:
+        return LabelsFile(problem=f"{SITE_LABELS_FILE} cannot be opened ({err.strerror}; expected a readable file at {path})")
+    try:
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode):  # a folder or a device of that name
+            return missing
+        oversized = labels_size_problem(status.st_size)
+        if not oversized:
+            with os.fdopen(handle, "rb", closefd=False) as f:
+                data = f.read(MAX_LABELS_BYTES + 1)
+            oversized = labels_size_problem(len(data))
+    finally:
+        os.close(handle)
+    if oversized:
+        return LabelsFile(problem=f"{oversized} (keep only its identifier and finding columns)")
+    return LabelsFile(data)
+
+
+def parse_labels(labels: LabelsFile, site: str) -> LabelTable:
+    """The label table of a site's labels.csv as read (`read_labels_file`), or the problem that makes it unusable."""
+    table = LabelTable(site, problem=labels.problem)
+    if labels.data is None:
+        return table
+    # A spreadsheet's export that cannot be read: the site's files are rejected, the run goes on
+    try:
+        text = labels.data.decode("utf-8-sig")  # Excel's byte order mark goes
+    except UnicodeDecodeError as err:
+        table.problem = f"{SITE_LABELS_FILE} is not UTF-8 text (byte {err.start}: {err.reason}; save it again as 'CSV UTF-8')"
+        return table
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        _read_label_rows(reader, table)
+    except csv.Error as err:
         table.key_column, table.entries = None, {}
-        table.problem = f"{SITE_LABELS_FILE} is not readable UTF-8 CSV ({err}; save it again as 'CSV UTF-8')"
+        table.problem = (
+            f"{SITE_LABELS_FILE} cannot be read as CSV (line {reader.line_num}: {printable(str(err))}; "
+            "export it again with only its identifier and finding columns)"
+        )
     return table
 
 
@@ -286,14 +330,23 @@ def _read_label_rows(reader, table: LabelTable) -> None:
     key = next((c for c in KEY_COLUMNS if c in header), None)
     finding = next((c for c in FINDING_COLUMNS if c in header), None)
     if key is None or finding is None:
-        table.problem = f"{SITE_LABELS_FILE} lacks columns ({' or '.join(KEY_COLUMNS)}, and finding; found {header})"
+        table.problem = (
+            f"{SITE_LABELS_FILE} lacks columns ({' or '.join(KEY_COLUMNS)}, and finding; found {_shown(str(header), HEADER_SHOWN_CHARS)})"
+        )
         return
     table.key_column = key
     key_at, finding_at = header.index(key), header.index(finding)
-    for line, values in enumerate(reader, start=2):
-        if values:
+    ended = reader.line_num
+    for values in reader:
+        line, ended = ended + 1, reader.line_num  # where the row starts: a quoted cell may span several lines
+        if any(value.strip() for value in values):  # a row of blank cells is a blank line, as a spreadsheet writes it
             padded = values + [""] * (len(header) - len(values))
             table.entries.setdefault(padded[key_at].strip(), []).append((line, padded[finding_at].strip().lower()))
+
+
+def _shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """A labels.csv cell (or its header) as a reason quotes it: short, and on one line."""
+    return printable(value[:limit]) + ("..." if len(value) > limit else "")
 
 
 def _column_name(header: str) -> str:
@@ -316,7 +369,7 @@ def _write_pool(
             else:
                 accepted.append((item, PNEUMONIA_LABELS.index(table.entries[key][0][1])))
         _reject_orphan_rows(writer, tables, used)
-        rows = [{"site": item.site, "patient_id": item.fields["patient_id"], "label": label} for item, label in accepted]
+        rows = [{"site": item.site, "label": label, **item.fields} for item, label in accepted]
         for (item, label), split in zip(accepted, assign_splits(rows, val_fraction, test_fraction, seed)):
             fields = {k: v for k, v in item.fields.items() if k != "accession_number"}
             writer.add(item.pixels, site=item.site, path=item.path, label=label, split=split, **fields)
@@ -345,16 +398,16 @@ def _label_problem(table: LabelTable, key: str) -> str | None:
         return table.problem
     entries = table.entries.get(key) if key else None  # a blank identifier names no image: it must not match a blank cell
     if not entries:
-        return f"no label row in {SITE_LABELS_FILE} ({table.key_column} {key or 'missing in the header'})"
+        return f"no label row in {SITE_LABELS_FILE} ({table.key_column} {_shown(key) if key else 'missing in the header'})"
     findings = {finding for _, finding in entries}
     lines = ", ".join(str(line) for line, _ in entries)
     if len(findings) > 1:
-        return f"conflicting findings in {SITE_LABELS_FILE} ({sorted(findings)} on lines {lines})"
+        return f"conflicting findings in {SITE_LABELS_FILE} ({_shown(str(sorted(findings)))} on lines {lines})"
     finding = findings.pop()
     if not finding:
         return f"empty finding in {SITE_LABELS_FILE} (line {lines})"
     if finding not in PNEUMONIA_LABELS:
-        return f"unknown finding in {SITE_LABELS_FILE} ('{finding}' on line {lines}; expected {' or '.join(PNEUMONIA_LABELS)})"
+        return f"unknown finding in {SITE_LABELS_FILE} ('{_shown(finding)}' on line {lines}; expected {' or '.join(PNEUMONIA_LABELS)})"
     return None
 
 
@@ -364,7 +417,9 @@ def _reject_orphan_rows(writer: PoolWriter, tables: dict[str, LabelTable], used:
             if not key or key not in used[site]:
                 for line, _ in entries:
                     writer.reject(
-                        site, f"{site}/{SITE_LABELS_FILE}:{line}", f"label row matches no image ({table.key_column} {key or '(empty)'})"
+                        site,
+                        f"{site}/{SITE_LABELS_FILE}:{line}",
+                        f"label row matches no image ({table.key_column} {_shown(key) or '(empty)'})",
                     )
 
 

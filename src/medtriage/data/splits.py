@@ -1,7 +1,9 @@
 """Patient-level train/val/test splits, stratified by site and label.
 
 A patient (site + patient id: ids are only unique within a hospital; the id without its padding spaces, see
-`patient_identity`) lands in exactly one split, so no test image shares a patient with a training image. Within each stratum (site, patient label)
+`patient_identity`) lands in exactly one split, so no test image shares a patient with a training image. A DICOM study
+(a Study Instance UID, unique worldwide) is one patient whatever Patient IDs its images carry (one pseudonym per image,
+an ID written two ways): the patients it names move together, with all their other studies. Within each stratum (site, patient label)
 patients are shuffled with a seed and cut by the requested fractions (each count rounded), so every site and class
 is represented in every split in proportion once its stratum is large enough: at the default fractions a stratum of
 one or two patients goes to train whole and one of three has none in val, which the leakage audit then reports:
@@ -12,6 +14,7 @@ label is the max of its image labels: a patient with any pneumonia image counts 
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -21,20 +24,24 @@ import numpy as np
 from medtriage.errors import ConfigError
 from medtriage.io.deid import patient_id_text
 
+DICOM_UID = r"[0-9]+(\.[0-9]+)+"  # digits and dots (PS3.5 9.1): what names a study beyond its pool
+_DICOM_UID = re.compile(DICOM_UID)
+
 
 def assign_splits(rows: Iterable[Mapping], val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0) -> list[str]:
-    """Split name (`train`, `val` or `test`) for each row (mappings with site, patient_id, label), in order."""
+    """Split name (`train`, `val` or `test`) for each row (mappings with site, patient_id, label and, optionally,
+    study_uid), in order."""
     _check_fractions(val_fraction, test_fraction)
     if not seed >= 0:  # numpy's seeding refuses it with no word of which setting
         raise ConfigError(
             f"split seed {seed} is negative", where="data.pool_seed (--seed of the pool builder)", hint="use a seed of 0 or more"
         )
     rows = list(rows)
-    patients = _patients(rows)
-    split_of_patient = {}
-    for stratum, members in sorted(_strata(patients).items()):
-        split_of_patient.update(_cut(members, val_fraction, test_fraction, _stratum_rng(seed, stratum)))
-    return [split_of_patient[_patient_key(row)] for row in rows]
+    units = _units(rows)
+    split_of_unit = {}
+    for stratum, members in sorted(_strata(_unit_labels(rows, units)).items()):
+        split_of_unit.update(_cut(members, val_fraction, test_fraction, _stratum_rng(seed, stratum)))
+    return [split_of_unit[unit] for unit in units]
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -56,12 +63,39 @@ def _patient_key(row: Mapping) -> tuple[str, str]:
     return patient_identity(row["site"], row["patient_id"])
 
 
-def _patients(rows: list[Mapping]) -> dict[tuple[str, str], int]:
-    """Patient -> patient label (max over its images)."""
-    labels: dict[tuple[str, str], int] = {}
+def study_identity(study_uid: object) -> str | None:
+    """The study a row belongs to beyond its patient ID, None unless its name is a DICOM UID (an npz or tile pool
+    names its studies itself, and only a DICOM UID is unique beyond its pool)."""
+    text = str(study_uid or "").strip()
+    return text if _DICOM_UID.fullmatch(text) else None
+
+
+def _units(rows: list[Mapping]) -> list[tuple[str, str]]:
+    """Per row, the unit it moves with: patients who share a DICOM study are one unit (union-find), named by its
+    smallest patient key, so that the units do not depend on the order of the rows."""
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root(key: tuple[str, str]) -> tuple[str, str]:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    first_patient_of_study: dict[str, tuple[str, str]] = {}
     for row in rows:
-        key = _patient_key(row)
-        labels[key] = max(labels.get(key, int(row["label"])), int(row["label"]))
+        key = root(_patient_key(row))
+        study = study_identity(row.get("study_uid"))
+        if study is not None:
+            other = root(first_patient_of_study.setdefault(study, key))
+            parent[max(key, other)] = min(key, other)
+    return [root(_patient_key(row)) for row in rows]
+
+
+def _unit_labels(rows: list[Mapping], units: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Unit -> its label (max over its images)."""
+    labels: dict[tuple[str, str], int] = {}
+    for row, unit in zip(rows, units):
+        labels[unit] = max(labels.get(unit, int(row["label"])), int(row["label"]))
     return labels
 
 
