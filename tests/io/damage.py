@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+import struct
 from collections.abc import Callable, Iterable, Iterator
 
 
@@ -33,3 +35,20 @@ def untyped_failures(copies: Iterable[bytes], read: Callable[[bytes], object], t
         except Exception as err:
             escaped.append(f"{type(err).__name__}: {err}")
     return escaped
+
+
+def with_vr(raw: bytes, tag: int, vr: bytes) -> bytes:
+    """An explicit VR file with element `tag` labelled `vr` instead (the same length: nothing else moves), as a writer
+    that mislabels one element leaves it."""
+    header = re.compile(re.escape(struct.pack("<HH", tag >> 16, tag & 0xFFFF)) + b"[A-Z]{2}")
+    found = [m.start() for m in header.finditer(raw)]
+    if len(found) != 1:
+        raise ValueError(f"element {tag:08X} found {len(found)} times, not once")
+    return raw[: found[0] + 4] + vr + raw[found[0] + 6 :]
+
+
+def replaced(raw: bytes, old: bytes, new: bytes) -> bytes:
+    """`raw` with its one occurrence of `old` overwritten by `new`, of the same length."""
+    if len(old) != len(new) or raw.count(old) != 1:
+        raise ValueError("needs one occurrence and a replacement of the same length")
+    return raw.replace(old, new)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from medtriage.cli import main as cli_main
 from medtriage.io.header_warnings import HeaderWarnings, reading, say_header_warnings
 from medtriage.serve.node.header import read_identity
+from tests.io.damage import replaced, with_vr
 
 TOO_LONG = "The value length (100) exceeds the maximum length of 64 allowed for VR LO."
 
@@ -91,3 +94,20 @@ def test_control_characters_of_a_name_or_a_quoted_value_are_shown_as_escapes(sai
     with reading("ward\x1b[2J.dcm"):
         logging.getLogger("pydicom").warning("Invalid value for VR CS: 'a\nb'")
     assert said() == ["ward\\x1b[2J.dcm: Invalid value for VR CS: 'a\\nb'"]
+
+
+def test_ingest_names_each_file_in_pydicoms_warnings_once(tmp_path, capsys, no_header_warnings_said):
+    """A Modality labelled as a UID is warned of when de-identification reads it, after the header is read. Before,
+    `medtriage ingest` left pydicom's warnings as Python warnings (one raw line per message and place in pydicom, naming
+    no file: the second file's went unsaid), and read every file as 'ingest'."""
+    site = tmp_path / "site"
+    site.mkdir()
+    damaged = with_vr(Path(get_testdata_file("CT_small.dcm")).read_bytes(), 0x00080060, b"UI")  # Modality 'CT'
+    (site / "a.dcm").write_bytes(damaged)
+    (site / "b.dcm").write_bytes(replaced(damaged, b"CompressedSamples^CT1", b"CompressedSamples^CT2"))
+    key = tmp_path / "site.key"
+    key.write_text("e" * 64)
+    key.chmod(0o600)
+    assert cli_main(["ingest", str(site), "--site", "a", "--into", str(tmp_path / "pool"), "--secret-file", str(key)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "Invalid value for VR UI: 'CT'" in line]  # a bar's \r too
+    assert [line.split(": Invalid")[0] for line in said] == [f"warning: {site.resolve() / name}" for name in ("a.dcm", "b.dcm")]

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medtriage.errors import MedTriageError
 from medtriage.io.deid import SiteKey
 from medtriage.io.ingest import INDEX_FILE, ingest_site, ledger_folder
+from medtriage.io.site_folder import read_site_folder
 from tests.io.phi_site import build_phi_site
 
 SECRET = b"test-site-secret-0123456789abcdef"
@@ -111,3 +113,21 @@ def test_a_second_ingest_of_a_site_while_one_runs_is_refused_and_leaves_the_firs
     assert len(rows) == len({row["content_key"] for row in rows}) == 10  # one row per input, written by one ingest
     again = ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=KEY, quarantine=tmp_path / "q", progress=False)
     assert again.pooled == 5 and again.pooled_new == 0  # the lock went with the first ingest
+
+
+def test_the_ingest_command_lists_the_site_folder_once(tmp_path, monkeypatch, capsys):
+    """Before, `medtriage ingest` listed the site folder to refuse an empty one, then again to ingest it: a walk of
+    every folder of the export, twice."""
+    import medtriage.io.ingest
+    from medtriage.cli import main as cli_main
+
+    listed = []
+    monkeypatch.setattr(medtriage.io.ingest, "read_site_folder", lambda folder: listed.append(folder) or read_site_folder(folder))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "ct.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    key = tmp_path / "site.key"
+    key.write_bytes(SECRET)
+    key.chmod(0o600)
+    argv = ["ingest", str(tmp_path / "site"), "--site", "a", "--into", str(tmp_path / "pool"), "--secret-file", str(key)]
+    assert cli_main(argv) == 0
+    assert listed == [(tmp_path / "site").resolve()] and "in 1 = pooled 1" in capsys.readouterr().out

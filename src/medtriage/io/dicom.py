@@ -7,7 +7,6 @@ opinion); io.display maps stored values to display values, following the DICOM g
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from medtriage.errors import DicomError, NotAnImageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 from medtriage.io.display import to_display
+from medtriage.io.encapsulation import MalformedItems, claimed_frames
 from medtriage.io.header_warnings import reading
 from medtriage.io.j2k_reduced import MalformedCodestreamError, reduced_j2k_frames
 from medtriage.io.native_pixels import StoredValues, native_stored
@@ -219,22 +219,10 @@ def _require_claimed_frames(ds: pydicom.Dataset, where: str) -> None:
 
 
 def _encapsulated_frames(ds: pydicom.Dataset, claimed: int) -> int:
-    """Frames in the encapsulated pixel data as pydicom's decoders find them: by the Extended Offset Table where there
-    is one, else the Basic Offset Table's frames, else one fragment per frame at least."""
-    if 0x7FE00001 in ds and 0x7FE00002 in ds:
-        table, lengths = ds.ExtendedOffsetTable or b"", ds.ExtendedOffsetTableLengths or b""
-        return min(len(table), len(lengths)) // 8  # 64-bit entries
+    """Frames in the encapsulated pixel data as pydicom's decoders find them (io.encapsulation), up to `claimed`."""
     try:
-        with warnings.catch_warnings():  # pydicom warns of frames it does not find: counted here instead
-            warnings.simplefilter("ignore")
-            return sum(1 for _ in pydicom.encaps.generate_fragmented_frames(ds.PixelData, number_of_frames=claimed))
-    except ValueError:  # fewer fragments than frames (and no offset table), or items that cannot be walked
-        pass
-    try:
-        items = io.BytesIO(ds.PixelData)
-        pydicom.encaps.parse_basic_offsets(items)  # the Basic Offset Table is the first item, not a fragment
-        return pydicom.encaps.parse_fragments(items)[0]
-    except ValueError:  # damaged items: the decoder reports them with its own reason
+        return sum(1 for _ in claimed_frames(ds, claimed))
+    except MalformedItems:  # the decoder reports them with its own reason
         return claimed
 
 

@@ -19,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tqdm import tqdm
+
 from medtriage.errors import printable
 
 PYDICOM = "pydicom"
@@ -73,10 +75,19 @@ class HeaderWarnings(logging.StreamHandler):
             self._said[said] = now
         return super().filter(record)
 
+    def emit(self, record: logging.LogRecord) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):  # a progress bar there (ingest's) is cleared, then drawn below
+            super().emit(record)
+
     def format(self, record: logging.LogRecord) -> str:
         where, message = file_being_read(), record.getMessage()
         named = printable(message if where is None else f"{where}: {message}")
         return super().format(logging.makeLogRecord({**record.__dict__, "msg": named, "args": None}))
+
+
+def saying_header_warnings() -> bool:
+    """Whether say_header_warnings is in effect in this process (a worker process started afresh inherits nothing)."""
+    return any(isinstance(h, HeaderWarnings) for h in logging.getLogger(PYDICOM).handlers)
 
 
 def say_header_warnings(fmt: str = "warning: %(message)s") -> None:

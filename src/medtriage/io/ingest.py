@@ -36,21 +36,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pydicom
-from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
 from tqdm import tqdm
 
 from medtriage import __version__
-from medtriage.arguments import positive_int
+from medtriage.arguments import positive_int, refuse_file_as_folder
 from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError, MedTriageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 from medtriage.io.deid import SEVERAL_ISSUERS_IDENTITY, DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
+from medtriage.io.encapsulation import claimed_frames, ends_with
+from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
 from medtriage.io.safe_output import copy_atomic, output_path, remove_partials, spreadsheet_row, write_atomic, write_new
-from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
+from medtriage.io.site_folder import SITE_LABELS_FILE, SiteFolder, read_site_folder
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
 
 try:
@@ -137,13 +138,26 @@ class IngestSummary:
 _WORKER: dict = {}
 
 
-def _init_worker(key: SiteKey, options: DeidOptions, known: frozenset, verify: bool, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
+def _init_worker(
+    key: SiteKey,
+    options: DeidOptions,
+    known: frozenset,
+    verify: bool,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    say_warnings: bool = False,
+) -> None:
     _WORKER.update(key=key, options=options, known=known, verify=verify, max_file_bytes=max_file_bytes)
+    if say_warnings and not saying_header_warnings():  # a worker started afresh (spawn), not forked from the command
+        say_header_warnings()
 
 
 def process_file(source: str) -> Outcome:
     """Read, screen, check and de-identify one file; the main process decides where the result goes."""
-    w = _WORKER
+    with reading(source):  # pydicom's warnings name the file, those met after the read (de-identifying) included
+        return _process_file(source, _WORKER)
+
+
+def _process_file(source: str, w: dict) -> Outcome:
     try:
         data = _read_bounded(source, w["max_file_bytes"])
     except OSError as err:  # permissions, a file removed since the listing: this file only, never the run
@@ -155,7 +169,7 @@ def process_file(source: str) -> Outcome:
         out.status = "already"
         return out
     try:
-        with dicom_source(data, "ingest") as buffer:
+        with dicom_source(data, source) as buffer:
             ds = pydicom.dcmread(buffer)
     except ImageTooLargeError as err:
         return _quarantine(out, Unsafe("too_large", str(err)))
@@ -237,12 +251,17 @@ _END_OF_IMAGE = {"1.2.840.10008.1.2.4": b"\xff\xd9"}  # JPEG, JPEG-LS and JPEG 2
 
 
 def _broken_frames(ds) -> Unsafe | None:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    found = list(generate_frames(ds.PixelData, number_of_frames=frames))
-    if len(found) < frames:
-        return Unsafe("truncated", f"{len(found)} of {frames} compressed frames present")
+    """Frames missing, counted as the pool builder's decoders count them (io.encapsulation), or a frame's last fragment
+    without its end-of-image marker: looked at where the frames lie, never copied."""
+    claimed = int(ds.get("NumberOfFrames", 1) or 1)
     marker = next((m for prefix, m in _END_OF_IMAGE.items() if ds.file_meta.TransferSyntaxUID.startswith(prefix)), None)
-    if marker and any(not frame.rstrip(b"\0").endswith(marker) for frame in found):
+    data, found, unmarked = ds.PixelData, 0, False
+    for last_fragment in claimed_frames(ds, claimed):
+        found += 1
+        unmarked = unmarked or (marker is not None and not ends_with(data, last_fragment, marker))
+    if found < claimed:
+        return Unsafe("truncated", f"{found} of {claimed} compressed frames present")
+    if unmarked:
         return Unsafe("truncated", "a compressed frame lacks its end-of-image marker")
     return None
 
@@ -262,9 +281,11 @@ def ingest_site(
     progress: bool = True,
     verify_pixels: bool = False,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    refuse_empty: bool = False,
 ) -> IngestSummary:
     """De-identify `src` into `<pool>/<site>/`; quarantine the rest. Re-running adds only new files. A file over
-    `max_file_bytes` is listed in the quarantine as too_large, unread and not copied."""
+    `max_file_bytes` is listed in the quarantine as too_large, unread and not copied. `refuse_empty`: a site folder
+    without inputs is refused (DataNotFoundError) before the pool is touched."""
     options = options or DeidOptions()
     src, pool = Path(src).resolve(), Path(pool).resolve()
     if not src.is_dir():
@@ -274,21 +295,25 @@ def ingest_site(
     site_dir, ledger_dir = pool / site, ledger_folder(pool, site)
     quarantine = Path(quarantine).resolve() if quarantine else pool.parent / f"{pool.name}-quarantine" / site
     _check_folders(src, pool, quarantine)
-    _refuse_files_as_folders(("pool folder (--into)", pool), ("site's pool folder", site_dir), ("quarantine folder", quarantine))
+    for what, folder in (("pool folder (--into)", pool), ("site's pool folder", site_dir), ("quarantine folder", quarantine)):
+        refuse_file_as_folder(folder, what)  # here, before the site lock: not with a traceback halfway through a run
     labels = read_site_labels(src / SITE_LABELS_FILE)  # a labels file that cannot be used stops the run before it starts
+    contents = read_site_folder(src)
+    if refuse_empty:
+        _refuse_empty_site_folder(src, contents)
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     started = time.time()
     with _site_lock(ledger_dir, site):
         _check_patient_identity(ledger_dir, options, site)
         _drop_torn_line(ledger_dir / INDEX_FILE)  # before reading: a torn row must not mark its input done
         index = _read_index(ledger_dir / INDEX_FILE)
-        contents = read_site_folder(src)
         sources = [str(path) for path in contents.inputs]
         summary = IngestSummary(site, run, counts_in=len(sources), hidden=len(contents.hidden))
         site_dir.mkdir(parents=True, exist_ok=True)
         remove_partials(site_dir)  # temporary files of a killed run; their inputs are not in the index, so they run again
         ledger = _Ledger(site, site_dir, ledger_dir / INDEX_FILE, quarantine, run, index, _pooled_pixels(pool))
-        for out in _map(sources, workers, progress, site, (key, options, frozenset(index), verify_pixels, max_file_bytes)):
+        init_args = (key, options, frozenset(index), verify_pixels, max_file_bytes, saying_header_warnings())
+        for out in _map(sources, workers, progress, site, init_args):
             ledger.record(out, summary)
         ledger.close()
         rows = ledger.index.values()
@@ -361,15 +386,6 @@ def _check_folders(src: Path, pool: Path, quarantine: Path) -> None:
         raise ConfigError("the site folder and the pool must not be inside one another", where=pool)
     if quarantine.is_relative_to(src):
         raise ConfigError("the quarantine must not be inside the site folder (a rerun would ingest it)", where=quarantine)
-
-
-def _refuse_files_as_folders(*folders: tuple[str, Path]) -> None:
-    """An output folder that is a file fails here, before the site lock: not with a traceback halfway through a run."""
-    for what, folder in folders:
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(
-                f"the {what} is a file, not a folder", where=folder, hint="give a folder to write into (it is created if missing)"
-            )
 
 
 def ledger_folder(pool: str | Path, site: str) -> Path:
@@ -604,6 +620,7 @@ def _add_max_file_bytes(parser) -> None:
 
 
 def run_sites(args) -> int:
+    say_header_warnings()  # pydicom's, once per file and naming it
     summaries = ingest_sites(
         args.sites,
         args.into,
@@ -622,10 +639,10 @@ def run_sites(args) -> int:
 # ---------------------------------------------------------------- `medtriage ingest`
 
 
-def _refuse_empty_site_folder(src: Path) -> None:
+def _refuse_empty_site_folder(src: Path, contents: SiteFolder) -> None:
     """A folder with nothing to ingest is a mistyped path or an export not copied yet, not a site with no images: an
     ingest of it would report success and leave an empty site in the pool."""
-    if src.is_dir() and not read_site_folder(src).inputs:
+    if not contents.inputs:
         raise DataNotFoundError(
             "no files to ingest in the site folder",
             where=src,
@@ -664,7 +681,7 @@ def register(subparsers) -> None:
 
 
 def _run_ingest(args) -> int:
-    _refuse_empty_site_folder(Path(args.src))
+    say_header_warnings()  # pydicom's, once per file and naming it
     pool, secret = Path(args.into).resolve(), Path(args.secret_file).resolve() if args.secret_file else None
     if secret and secret.is_relative_to(pool):
         raise ConfigError("the site secret must not live inside the pool", where=args.secret_file)
@@ -686,6 +703,7 @@ def _run_ingest(args) -> int:
         progress=True,
         verify_pixels=args.verify_pixels,
         max_file_bytes=args.max_file_bytes,
+        refuse_empty=True,
     )
     print(summary.line())
     print(f"audit log: {summary.log_path}")

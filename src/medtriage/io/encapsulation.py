@@ -1,0 +1,157 @@
+"""Where the frames of encapsulated pixel data lie, found as pydicom's decoders find them, without copying the data.
+
+Two readers count them: `io.dicom` refuses an image whose pixel data holds fewer frames than its Number of Frames (a
+decoder decodes what is there, without a word), and ingest refuses a file whose frames are missing or lack their
+end-of-image marker. One rule serves both, so that a file ingest pools is a file the pool builder reads. Item headers
+are read in place: a frame is known by its last fragment's position, its bytes are never joined or copied, an offset
+table's entries are read as they are needed (a hostile table may hold millions), and a walk stops once the frames asked
+for are found.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import pydicom
+
+_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
+_EOI = b"\xff\xd9"  # pydicom ends a frame at a fragment with this in its last _EOI_WINDOW bytes
+_EOI_WINDOW = 10
+_TAIL_STEP = 4096  # trailing padding is read back this many bytes at a time
+
+
+class Span(NamedTuple):
+    """Bytes start:stop of the pixel data: the value of a frame's last fragment."""
+
+    start: int
+    stop: int
+
+
+class MalformedItems(ValueError):
+    """Encapsulated pixel data whose items cannot be walked (pydicom's decoders refuse them too)."""
+
+
+def claimed_frames(ds: pydicom.Dataset, claimed: int) -> Iterator[Span]:
+    """The last fragment of each of the first `claimed` frames of `ds`'s encapsulated pixel data, as pydicom's decoders
+    locate the frames: by the Extended Offset Table where they use one, else by the Basic Offset Table, else one
+    fragment per frame (fragments ending in an end-of-image marker where there are more fragments than frames).
+    Fewer fragments than frames, without a table, give the fragments there are. Raises MalformedItems."""
+    return frame_ends(ds.PixelData, claimed, extended_offsets(ds))
+
+
+def extended_offsets(ds: pydicom.Dataset) -> tuple[bytes, bytes] | None:
+    """The Extended Offset Table and its lengths, where the decoders go by them: both present, as many bytes in each
+    (else they ignore the table)."""
+    if 0x7FE00001 not in ds or 0x7FE00002 not in ds:
+        return None
+    table, lengths = ds.ExtendedOffsetTable or b"", ds.ExtendedOffsetTableLengths or b""
+    return (table, lengths) if len(table) == len(lengths) else None
+
+
+def frame_ends(data: bytes, claimed: int, extended: tuple[bytes, bytes] | None = None) -> Iterator[Span]:
+    """`claimed_frames` for the encapsulated pixel data `data` and an Extended Offset Table, where one is used."""
+    if claimed < 1:
+        return
+    basic_count, basic_entry, first = _basic_offsets(data)
+    if extended is not None:
+        yield from itertools.islice(_by_extended_table(data, first, *extended), claimed)
+    elif basic_count:
+        yield from _by_basic_table(data, first, basic_count, basic_entry, claimed)
+    else:
+        yield from _by_fragments(data, first, claimed)
+
+
+def ends_with(data: bytes, span: Span, marker: bytes) -> bool:
+    """Whether the fragment `span`, less the zero bytes that pad it, ends with `marker`; read back from its end a step at
+    a time, so that neither the fragment nor its padding is copied whole."""
+    stop = span.stop
+    while stop > span.start:
+        start = max(span.start, stop - _TAIL_STEP)
+        kept = len(data[start:stop].rstrip(b"\0"))
+        if kept:
+            end = start + kept
+            return data[max(span.start, end - len(marker)) : end] == marker
+        stop = start
+    return False
+
+
+def _basic_offsets(data: bytes) -> tuple[int, Callable[[int], int], int]:
+    """The Basic Offset Table's entry count, a reader of its entries (read when asked for: a table may hold millions)
+    and where the item after it starts."""
+    if len(data) < 8:
+        raise MalformedItems("the pixel data ends before its Basic Offset Table item")
+    group, element, length = struct.unpack_from("<HHL", data, 0)
+    if group << 16 | element != _ITEM:
+        raise MalformedItems(f"the pixel data starts with the tag ({group:04X},{element:04X}), not the Basic Offset Table item")
+    if length % 4 or 8 + length > len(data):
+        raise MalformedItems(f"a Basic Offset Table item of {length} bytes (a multiple of 4, within the pixel data)")
+    return length // 4, lambda index: struct.unpack_from("<L", data, 8 + 4 * index)[0], 8 + length
+
+
+def _fragments(data: bytes, position: int) -> Iterator[Span]:
+    """The fragments from `position` on, as pydicom reads them: up to a sequence delimiter or the end of the data, the
+    last one cut short where the data ends."""
+    end = len(data)
+    while position + 4 <= end:
+        group, element = struct.unpack_from("<HH", data, position)
+        if group << 16 | element == _SEQUENCE_END:
+            return
+        if group << 16 | element != _ITEM:
+            raise MalformedItems(f"an item with the tag ({group:04X},{element:04X}) at byte {position} of the pixel data")
+        if position + 8 > end:
+            raise MalformedItems(f"the pixel data ends inside the item header at byte {position}")
+        (length,) = struct.unpack_from("<L", data, position + 4)
+        if length == 0xFFFFFFFF:
+            raise MalformedItems(f"an item of undefined length at byte {position} of the pixel data")
+        yield Span(position + 8, min(position + 8 + length, end))
+        position += 8 + length
+
+
+def _by_extended_table(data: bytes, first: int, table: bytes, lengths: bytes) -> Iterator[Span]:
+    """One fragment per frame, at each entry's offset from the first item after the Basic Offset Table."""
+    for index in range(min(len(table), len(lengths)) // 8):
+        (offset,), (length,) = struct.unpack_from("<Q", table, 8 * index), struct.unpack_from("<Q", lengths, 8 * index)
+        start = min(first + offset + 8, len(data))  # past the item header; a decoder reads nothing beyond the data
+        yield Span(start, min(start + length, len(data)))
+
+
+def _by_basic_table(data: bytes, first: int, count: int, entry: Callable[[int], int], claimed: int) -> Iterator[Span]:
+    """Fragments join the frame whose entry they start at or after, in item order (pydicom's reading: the last frame
+    takes every fragment left)."""
+    index, offset, last = 0, 0, Span(first, first)
+    for fragment in _fragments(data, first):
+        if index < count - 1 and offset >= entry(index + 1):
+            yield last
+            index += 1
+            if index == claimed:
+                return
+        last = fragment
+        offset += fragment.stop - fragment.start + 8
+    yield last
+
+
+def _by_fragments(data: bytes, first: int, claimed: int) -> Iterator[Span]:
+    """Without an offset table: one frame of every fragment, one fragment per frame, or (more fragments than frames) a
+    frame ends at each fragment with an end-of-image marker near its end, and any fragments after the last make one."""
+    if claimed == 1:
+        last = deque(_fragments(data, first), maxlen=1)
+        yield last[0] if last else Span(first, first)
+        return
+    some = list(itertools.islice(_fragments(data, first), claimed + 1))
+    if len(some) <= claimed:
+        yield from some
+        return
+    found, last = 0, None
+    for fragment in _fragments(data, first):
+        last = fragment
+        if _EOI in data[max(fragment.start, fragment.stop - _EOI_WINDOW) : fragment.stop]:
+            yield fragment
+            found, last = found + 1, None
+            if found == claimed:
+                return
+    if last is not None:
+        yield last
