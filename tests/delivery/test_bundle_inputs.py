@@ -131,3 +131,13 @@ def test_a_model_onnx_runtime_cannot_load_is_refused_before_anything_is_built(tm
     with pytest.raises(PackageError, match="ONNX Runtime cannot load model.onnx"):
         build_bundle([package], tmp_path / "out", wheel=tmp_path / "unused.whl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packages"]
+
+
+def test_an_output_folder_inside_a_package_it_ships_is_refused(tmp_path_factory, tmp_path):
+    """`--out models/chest/bundle` built, and left the bundle in the package: every later bundle of it shipped that one."""
+    package = shutil.copytree(shared_tiny_package(tmp_path_factory)[0].package_dir, tmp_path / "chest")
+    before = sorted(p.name for p in package.iterdir())
+    with pytest.raises(ConfigError, match="inside the model package") as refused:
+        build_bundle([package], package / "bundle", wheel=tmp_path / "unused.whl")
+    assert refused.value.where == str(package / "bundle") and "--out" in refused.value.hint
+    assert sorted(p.name for p in package.iterdir()) == before

@@ -131,6 +131,54 @@ def test_every_file_is_on_disk_before_the_bundle_takes_its_name(tmp_path, monkey
     assert str(tmp_path) in synced  # the rename itself
 
 
+def test_a_failed_sync_after_the_bundle_took_its_name_is_a_warning_not_a_failed_build(tmp_path, monkeypatch, capsys, quick_fill):
+    """The bundle was complete under its name, yet the build said `cannot write the bundle` and exited 2."""
+    from medtriage.cli import main
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path):  # the folder that holds the bundle's name
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    assert main(["bundle", "pkg", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: the bundle {out} is complete, but" in err and "Input/output error" in err, err
+    assert "found as .out.partial" in err and "dmesg" in err and "sha256sum --check SHA256SUMS" in err, err
+    assert "error:" not in err and f"bundle written to {out}" in err, err
+    assert (out / "bundle.json").is_file() and not (tmp_path / ".out.partial").exists()
+
+
+def test_a_second_build_of_the_same_out_while_one_runs_is_refused_and_the_first_completes(tmp_path, monkeypatch):
+    """The second removed the first's hidden folder as left over by a stopped build, and built its own there: the first
+    then wrote into a folder that was gone."""
+    second: list[ConfigError | None] = []
+
+    def fill(staging, models, python, platform, wheel):
+        (staging / "bundle.json").write_text("{}")
+        if not second:
+            second.append(None)
+            try:
+                build_bundle(["pkg"], tmp_path / "out")  # started while this one is writing
+            except ConfigError as err:
+                second.append(err)
+        (staging / "wheels").mkdir()
+        return []
+
+    monkeypatch.setattr(bundle_module, "_model_folders", lambda packages: {"model": Path("unused")})
+    monkeypatch.setattr(bundle_module, "_fill", fill)
+    first = build_bundle(["pkg"], tmp_path / "out")
+    assert [str(err) for err in second[1:]] == [
+        f"{tmp_path / 'out'}: another `medtriage bundle` is writing this bundle (in {tmp_path / '.out.partial'}) "
+        "(let it finish, or choose another --out)"
+    ]
+    assert sorted(p.name for p in first.directory.iterdir()) == ["bundle.json", "wheels"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def accept_fake_packages(monkeypatch) -> None:
     """Let `fake_package`s through the checks of a real one: their model.json holds the sha256 alone, their
     model.onnx is no graph."""

@@ -5,13 +5,14 @@
     <out>/install.sh     checks SHA256SUMS, then `pip install --no-index --find-links wheels`
     <out>/systemd/, config/, README.md, sbom.cdx.json, bundle.json, SHA256SUMS
 
-The bundle is built in a hidden sibling folder and renamed into place when complete.
+The bundle is built in a hidden sibling folder, locked while one build writes it, and renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import errno
+import fcntl
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import shutil
 import stat
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Bundle:
     directory: Path
     wheels: list[Path]
     models: list[str]
+    warnings: list[str] = field(default_factory=list)  # about a bundle that was written whole
 
 
 def build_bundle(
@@ -72,21 +74,37 @@ def build_bundle(
             hint=f"name a new folder on it, e.g. --out {out / 'medtriage-bundle'}",
         )
     check_target(python, platform)  # before the wheel is built and anything downloaded
-    staging = _new_staging(out)
+    staging, lock = _new_staging(out)
     try:
         models = _model_folders(packages)
+        _refuse_out_inside_a_package(out, models)
         wheels = _fill(staging, models, python, platform, wheel)
         _sync_tree(staging)  # on disk before the bundle takes its name and the build reports success
         if out.exists():
             out.rmdir()  # empty, checked above
         staging.rename(out)
-        sync_folder(out.parent)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)  # a failed build (no network, pip error, a full disk) leaves no half bundle
         if isinstance(err, OSError):
             raise _disk_error(err, staging, out) from err
         raise
-    return Bundle(out, [out / "wheels" / w.name for w in wheels], list(models))
+    finally:
+        os.close(lock)
+    unsynced = _sync_name(out, staging)  # the bundle is whole under its name from here on: no error can undo that
+    return Bundle(out, [out / "wheels" / w.name for w in wheels], list(models), [unsynced] if unsynced else [])
+
+
+def _sync_name(out: Path, staging: Path) -> str | None:
+    """The rename on disk, or a warning saying what a failure to put it there means for the finished bundle."""
+    try:
+        sync_folder(out.parent)
+    except OSError as err:
+        return (
+            f"the bundle {out} is complete, but its disk reported an error while storing its name ({out.parent}: "
+            f"{err.strerror or err}): after a power loss it may be missing, or found as {staging.name} beside it. "
+            "Check that disk (dmesg), and before copying the bundle run `sha256sum --check SHA256SUMS` in it"
+        )
+    return None
 
 
 _DISK_HINTS = {  # for a file of the bundle, or a write that names none
@@ -117,20 +135,43 @@ def _disk_error(err: OSError, staging: Path, out: Path) -> BuildError:
     return BuildError(f"cannot write {what}: {reason}", where=out, hint=hint)
 
 
-def _new_staging(out: Path) -> Path:
-    """The empty hidden sibling the bundle is built in, made before any long step: a parent that cannot hold
-    the bundle (missing permission, a file, a read-only file system) is reported up front."""
+def _new_staging(out: Path) -> tuple[Path, int]:
+    """The empty hidden sibling the bundle is built in, made before any long step (a parent that cannot hold the
+    bundle: missing permission, a file, a read-only file system, is reported up front), and a descriptor that holds
+    its lock while the build runs: one left by a stopped build is removed, one a running build holds is not."""
     staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
+        if staging.is_dir():
+            os.close(_lock(staging, out))  # free: left by a stopped build
+        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        return staging, _lock(staging, out)
     except OSError as err:
         raise ConfigError(
             f"cannot create the bundle folder here: {err.strerror}",
             where=out,
             hint="choose an --out inside a folder you can write to",
         ) from err
-    return staging
+
+
+def _lock(staging: Path, out: Path) -> int:
+    """A descriptor of `staging` holding flock's lock on it (gone when it is closed). On a file system without such
+    locks (some network shares) the folder counts as free."""
+    fd = os.open(staging, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
+            return fd
+        os.close(fd)
+        if isinstance(err, BlockingIOError):
+            raise ConfigError(
+                f"another `medtriage bundle` is writing this bundle (in {staging})",
+                where=out,
+                hint="let it finish, or choose another --out",
+            ) from None
+        raise
+    return fd
 
 
 def _fill(staging: Path, models: dict[str, Path], python: str, platform: str, wheel: str | Path | None) -> list[Path]:
@@ -194,6 +235,17 @@ def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
         _opens_in_onnx_runtime(package)
         folders[name] = package.directory
     return folders
+
+
+def _refuse_out_inside_a_package(out: Path, models: dict[str, Path]) -> None:
+    """The bundle would stay in the package folder, and every later bundle of that package would ship it."""
+    for folder in models.values():
+        if out.is_relative_to(folder.resolve()):
+            raise ConfigError(
+                f"the output folder is inside the model package {folder}, which the bundle ships",
+                where=out,
+                hint="choose an --out outside every package folder",
+            )
 
 
 def _opens_in_onnx_runtime(package) -> None:

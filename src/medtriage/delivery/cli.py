@@ -38,6 +38,8 @@ def run_bundle(args: argparse.Namespace) -> int:
     from medtriage.delivery.bundle import build_bundle
 
     result = build_bundle(args.packages, args.out, args.python, args.platform, args.wheel)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(
         f"bundle written to {result.directory}: {len(result.wheels)} wheels for CPython {args.python} on {args.platform}, "
         f"models {', '.join(result.models)}; copy the folder and run its install.sh (see README.md)",

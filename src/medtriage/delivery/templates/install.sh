@@ -11,6 +11,7 @@ PREFIX=${1:-/opt/medtriage}
 PYTHON=${PYTHON:-python@PYTHON@}
 
 fail() { echo "install.sh: error: $*" >&2; exit 1; }
+[ $# -le 1 ] || fail "install.sh takes one argument, PREFIX, and was given $#. Nothing was installed. Run ./install.sh [PREFIX]."
 
 # The units get PREFIX in their ExecStart (through sed): systemd wants an absolute path without spaces or
 # specifiers, and a relative one would be taken from the bundle folder, not from where this was started.
@@ -22,11 +23,24 @@ case "$PREFIX" in
     *[!A-Za-z0-9/._-]*) fail "PREFIX '$PREFIX' holds characters other than letters, digits, '/', '.', '_' and '-'," \
         "which the systemd units cannot carry. Nothing was installed. Choose a plain path such as /opt/medtriage." ;;
 esac
-# One spelling of PREFIX ("/opt//medtriage/" is /opt/medtriage): the units carry it, and releases are told apart by it.
-PREFIX=$(printf '%s\n' "$PREFIX" | sed 's#//*#/#g; s#\(.\)/$#\1#')
+case "$PREFIX/" in
+    */../*) fail "PREFIX '$PREFIX' holds a '..' step, which systemd refuses in the units' ExecStart. Nothing was" \
+        "installed. Give the path without it, such as /opt/medtriage." ;;
+esac
+# One spelling of PREFIX ("/opt//./medtriage/" is /opt/medtriage): the units carry it (systemd refuses a '.' step), and
+# releases are told apart by it.
+PREFIX=$(printf '%s\n' "$PREFIX" | sed 's#//*#/#g; :dot
+s#/\./#/#; t dot
+s#/\.$##; s#^$#/#; s#\(.\)/$#\1#')
+[ ! -e "$PREFIX" ] || [ -d "$PREFIX" ] ||
+    fail "PREFIX $PREFIX is not a folder. Nothing was installed. Give the path of a folder, or of one to create."
+# Every file in the bundle is checked against SHA256SUMS: what an install put there would stop every later run.
+case "$PREFIX/" in
+    "$HERE"/*) fail "PREFIX $PREFIX is inside the bundle $HERE. Nothing was installed. Give one outside it, such as /opt/medtriage." ;;
+esac
 cd "$HERE"
 
-venv="" staging="" committing="" switched=""
+venv="" staging="" switched="" locked=""
 
 # What this bundle puts into PREFIX: each model folder, unit and config example. Each is first copied beside its place
 # as a hidden .NAME.new and verified; only then, next to the switch of PREFIX/venv, is it renamed into place, the one it
@@ -39,11 +53,18 @@ each_target() {  # runs "$1 DIR NAME" for each (DIR: models, systemd or config);
         "$1" "${item%%/*}" "${item#*/}" || return
     done
 }
+item() {  # the paths of item $2 of folder $1 of PREFIX ("." for PREFIX itself): its place, its staged copy, its aside copy
+    folder=$PREFIX
+    [ "$1" = . ] || folder=$PREFIX/$1
+    place=$folder/$2 staged=$folder/.$2.new aside=$folder/.$2.old
+}
+exists() { [ -e "$1" ] || [ -L "$1" ]; }  # a link that leads nowhere too
+NOTHING="(nothing was here)"  # what the aside link of a name the bundle adds leads to
+added() { [ "$(readlink "$1" 2>/dev/null)" = "$NOTHING" ]; }
 UNCHANGED="Nothing was switched: $PREFIX runs what it ran before, and what this run copied there was removed."
 stage() {
-    staged="$PREFIX/$1/.$2.new"
-    rm -rf "$staged" "$PREFIX/$1/.$2.old" || fail "cannot remove $staged or $PREFIX/$1/.$2.old, left by an install that" \
-        "was stopped (the reason is above). $UNCHANGED Remove them, then run install.sh again."
+    item "$1" "$2"
+    rm -rf "$staged" || fail "cannot remove $staged (the reason is above). $UNCHANGED Remove it, then run install.sh again."
     case $1 in
         models) cp -R "models/$2" "$staged" ;;
         systemd) sed "s#/opt/medtriage#$PREFIX#g" "systemd/$2" > "$staged" ;;
@@ -60,25 +81,86 @@ stage() {
     esac || fail "the copy $staged does not match SHA256SUMS or the bundle (the files named above, if any): the disk" \
         "under $PREFIX may be full or failing. $UNCHANGED Check it (df $PREFIX; dmesg), then run install.sh again."
 }
+# A file, or the link PREFIX/venv, is never missing: the one in place is linked as .NAME.old (to put back) and the new
+# one renamed over it. A folder cannot be renamed over: it steps aside first, and an install stopped between the two
+# renames (SIGKILL, a power loss) leaves its name empty until the next run puts it back (recover, below). A name that
+# held nothing gets a .NAME.old that says so: putting back empties it.
 commit() {
-    if [ -e "$PREFIX/$1/$2" ] || [ -L "$PREFIX/$1/$2" ]; then
-        mv "$PREFIX/$1/$2" "$PREFIX/$1/.$2.old" || return
-    fi
-    mv "$PREFIX/$1/.$2.new" "$PREFIX/$1/$2"
+    item "$1" "$2"
+    if [ -d "$place" ] && [ ! -L "$place" ]; then
+        mv -T "$place" "$aside"
+    elif exists "$place"; then
+        ln -P "$place" "$aside"
+    else
+        ln -s "$NOTHING" "$aside"
+    fi && mv -T "$staged" "$place"
 }
-restore() {  # undoes stage and commit: the name gets back what it held (nothing, where the bundle added it)
-    set -- "$PREFIX/$1/$2" "$PREFIX/$1/.$2.new" "$PREFIX/$1/.$2.old"
-    if [ -e "$2" ]; then
-        rm -rf "$2"  # not renamed yet (or its rename failed)
-    elif [ -n "$committing" ]; then
-        rm -rf "$1"  # renamed: the name holds this bundle's
-    fi
-    if [ -n "$committing" ] && { [ -e "$3" ] || [ -L "$3" ]; } && [ ! -e "$1" ] && [ ! -L "$1" ]; then
-        mv "$3" "$1"
-    fi
-    return 0  # on to the next one whatever happened to this one
+put_back() {  # undoes stage and commit of one item: its name gets back what it held; says what it could not do
+    item "$1" "$2"
+    rm -rf "$staged" || return  # never in place
+    if ! exists "$aside"; then
+        return 0
+    elif added "$aside"; then
+        rm -rf "$place" && rm -f "$aside"
+    elif [ "$aside" -ef "$place" ]; then
+        rm -f "$aside"  # linked, but the rename over it did not happen
+    elif [ -d "$place" ] && [ ! -L "$place" ]; then
+        mv -T "$place" "$staged" && mv -T "$aside" "$place" && rm -rf "$staged"  # this bundle's folder makes way
+    else
+        mv -T "$aside" "$place"
+    fi || { echo "install.sh: error: could not put $aside back as $place (the reason is above); run install.sh again," \
+        "which does that first, or rename it by hand" >&2; return 1; }
 }
-drop_old() { rm -rf "$PREFIX/$1/.$2.old"; }
+restore() { put_back "$1" "$2" || :; }  # each_target's: on to the next one whatever happened to this one
+settle() {  # after a switch that finished: what it replaced goes; a copy staged for a switch that never came goes
+    item "$1" "$2"
+    rm -rf "$staged" || return
+    if exists "$place" || added "$aside"; then rm -rf "$aside"; elif exists "$aside"; then mv -T "$aside" "$place"; fi
+}
+drop_old() { item "$1" "$2" && rm -rf "$aside"; }
+
+# An install stopped where no trap runs (SIGKILL, a power loss) can leave copies staged (.NAME.new) and items renamed
+# aside (.NAME.old), a folder's name empty. PREFIX/.venv.new, made after the staging and renamed onto PREFIX/venv by
+# the last rename of the switch, tells how far it got: still there, the switch did not finish and everything it
+# replaced is put back (the venv last, so that a run stopped while doing this is put back again); gone, it finished,
+# and what it replaced goes. Done first, under the lock.
+each_left() {  # runs "$1 DIR NAME" for each item an earlier install left staged or aside; stops at the first that fails
+    for left in "$PREFIX"/models/.*.new "$PREFIX"/models/.*.old "$PREFIX"/systemd/.*.service.new \
+        "$PREFIX"/systemd/.*.service.old "$PREFIX"/config/.*.example.new "$PREFIX"/config/.*.example.old; do
+        exists "$left" || continue  # a pattern that matched nothing, or the second name of one done
+        name=${left##*/} dir=${left%/*}
+        name=${name#.}
+        "$1" "${dir##*/}" "${name%.*}" || return
+    done
+}
+recover() {
+    if exists "$PREFIX/.venv.new"; then
+        echo "install.sh: an install into $PREFIX was stopped during its switch; putting back what it replaced" >&2
+        each_left put_back && put_back . venv  # the release it made in venvs/ goes with the next install that passes
+    elif exists "$PREFIX/.venv.old" || [ -n "$(each_left echo)" ]; then
+        echo "install.sh: an install into $PREFIX was stopped before it had finished; removing what it left" >&2
+        each_left settle && settle . venv
+    fi
+}
+
+# One install into PREFIX at a time: two would each remove the release the other builds in PREFIX/venvs, the copies
+# it staged and the copies it put aside. The lock is flock's on the folder itself: it leaves no file behind, and goes
+# with this shell (and whatever it started) however that ends.
+take_prefix() {
+    [ -z "$locked" ] || return 0
+    locked=1
+    if command -v flock >/dev/null 2>&1; then
+        exec 9<"$PREFIX"
+        flock -n 9 || fail "another install.sh is installing into $PREFIX (it holds the lock on that folder). Nothing" \
+            "was installed. Let it finish (ps -ef | grep install.sh), then run install.sh again if still needed."
+    else
+        echo "install.sh: warning: flock (util-linux) not found: nothing stops a second install.sh into $PREFIX" \
+            "at the same time; run one at a time" >&2
+    fi
+    recover || fail "could not put back what a stopped install left in $PREFIX (the reason is above). Nothing was" \
+        "installed. Put it right by hand (the hidden .NAME.old are what it replaced), then run install.sh again."
+}
+[ ! -d "$PREFIX" ] || take_prefix
 
 echo "checking every file of the bundle against SHA256SUMS"
 sha256sum --check --strict --quiet SHA256SUMS ||
@@ -90,8 +172,9 @@ listed=$(mktemp) && present=$(mktemp)
 # On any failure or interruption before the switch PREFIX gets back what it held, and the release folder this run made
 # goes (a venv holds hundreds of MB); the one PREFIX/venv runs is never it until the switch.
 undo() {
+    [ -z "$venv" ] || [ ! "$PREFIX/venv" -ef "$venv" ] || return 0  # switched: a signal came right after the last rename
     [ -z "$staging" ] || each_target restore
-    [ -z "$staging" ] || rm -f "$PREFIX/.venv.new"
+    [ -z "$staging" ] || put_back . venv || :  # last: until it goes, .venv.new tells a next run to put back the rest
     [ -z "$venv" ] || rm -rf "$venv"
 }
 trap 'rm -f "$listed" "$present"; [ -n "$switched" ] || undo || :' EXIT
@@ -102,7 +185,9 @@ unlisted=$(LC_ALL=C comm -13 "$listed" "$present")
 [ -z "$unlisted" ] || fail "files not listed in SHA256SUMS: $unlisted. Nothing was installed. Remove them or copy the bundle again."
 
 command -v "$PYTHON" >/dev/null 2>&1 || fail "$PYTHON not found; install Python @PYTHON@ or set PYTHON=/path/to/python@PYTHON@"
-have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') ||
+    fail "$PYTHON does not run (the reason is above). Nothing was installed: $PREFIX runs what it ran before." \
+        "Install Python @PYTHON@ or set PYTHON=/path/to/python@PYTHON@"
 [ "$have" = "@PYTHON@" ] || fail "this bundle holds wheels for Python @PYTHON@, $PYTHON is Python $have; set PYTHON=/path/to/python@PYTHON@"
 
 # Every install gets a new virtual environment (venvs/VERSION-pyX.Y-TIME; a venv cannot be moved once made): pip in
@@ -110,17 +195,24 @@ have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 # the running release would be changed in place. PREFIX/venv, which the units run, is switched to it by one rename
 # only after everything below passed: a failed install leaves the running one as it was, and the previous release
 # stays beside it to switch back to.
+mkdir -p "$PREFIX" && take_prefix && mkdir -p "$PREFIX/venvs" ||
+    fail "cannot create $PREFIX/venvs (the reason is above). Nothing was installed. Check that $PREFIX, or the folder" \
+        "it is to be made in, is writable (as root for /opt), and the free space (df), then run install.sh again."
 live=$(readlink "$PREFIX/venv" 2>/dev/null || true)
-mkdir -p "$PREFIX/venvs"
 new="$PREFIX/venvs/@VERSION@-py@PYTHON@-$(date -u +%Y%m%dT%H%M%SZ)"
 [ ! -e "$new" ] || fail "$new exists: another install started this second. Nothing was installed. Run install.sh again."
-mkdir "$new"
+mkdir "$new" || fail "cannot create $new (the reason is above). Nothing was installed. Check the free space (df $PREFIX)."
 venv=$new
 echo "installing into $venv"
-"$PYTHON" -m venv "$venv"
+"$PYTHON" -m venv "$venv" ||
+    fail "$PYTHON could not create a virtual environment in $venv (the reason is above). Nothing was switched: $PREFIX" \
+        "runs what it ran before. Where it names ensurepip, install the venv module (python@PYTHON@-venv on Debian and" \
+        "Ubuntu); else check the free space (df $PREFIX). Then run install.sh again."
 # No configuration file or PIP_* variable of this machine may add an index or a wheel folder.
 PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated install --quiet --no-index \
-    --find-links "$HERE/wheels" "medtriage==@VERSION@"
+    --find-links "$HERE/wheels" "medtriage==@VERSION@" ||
+    fail "pip could not install medtriage from $HERE/wheels (the reason is above). Nothing was switched: $PREFIX runs" \
+        "what it ran before. The bundle was built for CPython @PYTHON@ on @PLATFORM@: check that this machine matches."
 
 # Each model's sha256 against its model.json, then an ONNX Runtime session: the wheels' native libraries load
 # only on a machine that matches the bundle's platform (glibc, CPU), and nothing else here would load them.
@@ -150,21 +242,26 @@ mkdir -p "$PREFIX/models" "$PREFIX/systemd" "$PREFIX/config" ||
 staging=1
 each_target stage
 ln -sfn "$venv" "$PREFIX/.venv.new" || fail "cannot create $PREFIX/.venv.new (the reason is above). $UNCHANGED"
+sync  # the release and the copies on the disk, not only in its cache, before a switch a power loss could keep
 
-# The switch, renames only. A PREFIX/venv that is a folder (an install made before venvs/ existed) makes way for the link.
-committing=1
-each_target commit && { [ -L "$PREFIX/venv" ] || rm -rf "$PREFIX/venv"; } && mv -T "$PREFIX/.venv.new" "$PREFIX/venv" ||
+# The switch, renames only; its last one, of .venv.new onto PREFIX/venv, is the point after which the new release runs.
+# A PREFIX/venv that is a folder (an install made before venvs/ existed) steps aside like a model folder.
+each_target commit && commit . venv ||
     fail "could not switch $PREFIX to the new release (the reason is above). Nothing was switched: $PREFIX runs what it" \
         "ran before; each model, unit and config example renamed so far was put back. Run install.sh again."
 switched=1
-each_target drop_old || echo "install.sh: warning: could not remove the replaced copies (.*.old) in $PREFIX/models," \
-    "$PREFIX/systemd or $PREFIX/config (the reason is above); remove them by hand" >&2
+# From here on the new release runs: what fails is said as a warning, and the install still passes.
+sync  # the switch on the disk before it is reported
+{ each_target drop_old && drop_old . venv; } || echo "install.sh: warning: could not remove the replaced copies" \
+    "(.*.old) in $PREFIX, $PREFIX/models, $PREFIX/systemd or $PREFIX/config (the reason is above); the install is" \
+    "complete: remove them by hand" >&2
 if command -v systemd-analyze >/dev/null 2>&1; then  # this machine's systemd judges the units it will run (their ExecStart exists now)
     systemd-analyze verify --man=no "$PREFIX"/systemd/*.service ||
         echo "install.sh: warning: systemd-analyze verify found the problems above in $PREFIX/systemd" >&2
 fi
 for old in "$PREFIX"/venvs/*; do  # keep this release and the one it replaces (-ef: however an earlier install spelt it)
-    [ "$old" -ef "$venv" ] || [ "$old" -ef "$live" ] || rm -rf "$old"
+    [ "$old" -ef "$venv" ] || [ "$old" -ef "$live" ] || rm -rf "$old" || echo "install.sh: warning: could not remove" \
+        "$old, an older release (the reason is above); the install is complete: remove it by hand" >&2
 done
 [ -z "$live" ] || [ ! -e "$live" ] || echo "the previous release stays in $live; to go back to it:" \
     "ln -sfn $live $PREFIX/.venv.new && mv -T $PREFIX/.venv.new $PREFIX/venv"
