@@ -129,3 +129,16 @@ def test_a_step_after_the_switch_that_fails_is_a_warning_and_the_install_passes(
     assert done.returncode == 0, done.stderr
     assert f"warning: could not remove {prefix}/venvs/0.0.1-py3.0" in done.stderr and "installed:" in done.stdout
     assert os.readlink(prefix / "venv") != str(prefix / "venvs" / "0.0.2-py3.0")
+
+
+def test_the_way_back_it_prints_is_not_taken_for_a_stopped_install_when_it_is_cut_short(tmp_path):
+    """Going back by the printed commands, stopped after their first: the link they leave must not tell the next install
+    that its own switch was stopped (which would put back a stopped switch that never was)."""
+    prefix, bundle = earlier_install(tmp_path / "opt"), small_bundle(tmp_path)
+    done = install(bundle, prefix, fake_python(tmp_path))
+    assert done.returncode == 0, done.stderr
+    way_back = done.stdout.split("to go back to it:")[1].split("&&")[0].split()
+    assert way_back[:2] == ["ln", "-sfn"], done.stdout
+    os.symlink(way_back[2], way_back[3])  # its first command ran, its second never came
+    again = install(bundle, prefix, Path(NO_PYTHON))
+    assert "was stopped" not in again.stderr, again.stderr

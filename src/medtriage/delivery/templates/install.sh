@@ -264,7 +264,7 @@ for old in "$PREFIX"/venvs/*; do  # keep this release and the one it replaces (-
         "$old, an older release (the reason is above); the install is complete: remove it by hand" >&2
 done
 [ -z "$live" ] || [ ! -e "$live" ] || echo "the previous release stays in $live; to go back to it:" \
-    "ln -sfn $live $PREFIX/.venv.new && mv -T $PREFIX/.venv.new $PREFIX/venv"
+    "ln -sfn $live $PREFIX/.venv.back && mv -T $PREFIX/.venv.back $PREFIX/venv"
 for package in "$PREFIX"/models/*/; do
     [ -d "models/$(basename "$package")" ] || echo "install.sh: warning: $package is not in this bundle (left by an" \
         "earlier install); remove it (rm -r $package) if that model was withdrawn" >&2
