@@ -86,6 +86,19 @@ def _process_state() -> dict:
 
 
 @pytest.fixture(autouse=True)
+def _pydicom_log_put_back(_leaves_no_process_state):
+    """A command run in-process (`main([...])`) takes pydicom's log records over for good, as its process is its own
+    (io.header_warnings.say_header_warnings); the next test gets the logger as it was, not a handler writing into this
+    test's captured output."""
+    import logging
+
+    logger = logging.getLogger("pydicom")
+    handlers, propagate = list(logger.handlers), logger.propagate
+    yield
+    logger.handlers, logger.propagate = handlers, propagate
+
+
+@pytest.fixture(autouse=True)
 def _isolated_mlflow(_leaves_no_process_state, tmp_path, monkeypatch):
     """No test writes into the project's mlflow.db, nor into an earlier test's: a URI set in-process by an earlier
     test (mlflow.set_tracking_uri) would win over the environment, so it is reset too once mlflow is loaded."""

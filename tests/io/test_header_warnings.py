@@ -22,13 +22,8 @@ TOO_LONG = "The value length (100) exceeds the maximum length of 64 allowed for 
 @pytest.fixture
 def said(capsys):
     """`said()`: the lines a HeaderWarnings handler (remembering 3 pairs), alone on the pydicom logger, printed."""
-    logger = logging.getLogger("pydicom")
-    others = list(logger.handlers)
-    for handler in others:
-        logger.removeHandler(handler)
-    logger.addHandler(HeaderWarnings(remember=3))
-    yield lambda: capsys.readouterr().err.splitlines()
-    logger.handlers = others
+    logging.getLogger("pydicom").handlers = [HeaderWarnings(remember=3)]  # conftest puts the logger back
+    return lambda: capsys.readouterr().err.splitlines()
 
 
 def test_a_warning_names_the_file_being_read_and_is_said_once_per_file(said):
@@ -52,7 +47,7 @@ def test_only_the_latest_pairs_are_remembered(said):
 
 def test_a_file_read_again_after_the_window_is_said_again(said):
     logger = logging.getLogger("pydicom")
-    logger.handlers = [HeaderWarnings(window=0.0)]  # the fixture puts the logger's handlers back
+    logger.handlers = [HeaderWarnings(window=0.0)]  # conftest puts the logger back
     for _ in range(2):
         with reading("image.dcm"):
             logger.warning("odd header")
