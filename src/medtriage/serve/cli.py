@@ -50,8 +50,8 @@ def register(subparsers) -> None:
 
     serve = subparsers.add_parser("serve", help="serve a model package over HTTP (FastAPI + uvicorn)")
     serve.add_argument("package", help="model package folder")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=whole_number(1, 65535), default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=whole_number(1, 65535), default=8000, help="HTTP port (default: %(default)s)")
     serve.add_argument(
         "--token-file",
         metavar="FILE",
@@ -80,7 +80,13 @@ def register(subparsers) -> None:
         metavar="N",
         help="requests that may wait for those; more get 503 + Retry-After (default: %(default)s)",
     )
-    serve.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES, help="largest accepted request body")
+    serve.add_argument(
+        "--max-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_BYTES,
+        metavar="BYTES",
+        help="largest accepted request body; a larger one is answered 413 (default: %(default)s)",
+    )
     serve.add_argument(
         "--max-files",
         type=positive_int,
@@ -124,7 +130,11 @@ def add_runtime_options(parser: argparse.ArgumentParser, out_of_scope_help: str 
     """Options every scoring door shares (score, serve, listen): ONNX Runtime, decode limits, scope."""
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
     parser.add_argument(
-        "--threads", type=whole_number(1, MAX_THREADS), default=None, help="ONNX Runtime intra-op threads (default: all cores)"
+        "--threads",
+        type=whole_number(1, MAX_THREADS),
+        default=None,
+        metavar="N",
+        help="ONNX Runtime intra-op threads (default: all cores)",
     )
     limits = DecodeLimits()
     for option, default, refused in (
