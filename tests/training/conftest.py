@@ -29,8 +29,8 @@ def empty_mlflow_db(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_mlflow(tmp_path, monkeypatch, empty_mlflow_db):
-    """Each test still gets its own store (a copy of the empty one), as in tests/conftest.py."""
+def _isolated_mlflow(_leaves_no_process_state, tmp_path, monkeypatch, empty_mlflow_db):
+    """Each test still gets its own store (a copy of the empty one), and is checked for leaks, as in tests/conftest.py."""
     db = tmp_path / "mlflow.db"
     shutil.copyfile(empty_mlflow_db, db)
     uri = f"sqlite:///{db}"
