@@ -4,10 +4,13 @@ a MedMNIST npz (counts, dtypes or shapes that do not fit). Each says what is wro
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from medtriage.data.manifest import MANIFEST_FILE, PoolWriter, load_manifest
 from medtriage.data.pool import build_sites_pool
@@ -133,3 +136,32 @@ def test_a_writer_refuses_an_image_without_pixels_and_leaves_nothing(tmp_path):
         add(writer, 0.25)
         writer.add(np.zeros((1, 0, 8), np.float32), site="a", path="a/empty", label=0, split="train")
     assert [p.name for p in (tmp_path / "pool").iterdir() if not p.name.startswith(".pool")] == []
+
+
+def emri_with_frame_count(path: Path, sop_uid: str, count: bytes) -> None:
+    """pydicom's 10-frame JPEG 2000 sample, of patient p1, with Number of Frames written as `count`, byte for byte."""
+    ds = pydicom.dcmread(get_testdata_file("emri_small_jpeg_2k_lossless.dcm"))
+    ds.PatientID, ds.SOPInstanceUID, ds.NumberOfFrames = "p1", sop_uid, "7777777"
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    path.write_bytes(buffer.getvalue().replace(b"7777777 ", count.ljust(8)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")  # pydicom's note on 2.5; the reject says it
+@pytest.mark.parametrize(
+    ("count", "reason"),
+    [
+        (b"0", "image claims 64 x 64 pixels, 0 frame(s), 1 sample(s) per pixel"),
+        (b"2.5", "malformed image size attributes (Number of Frames 2.5 is not a whole number)"),
+    ],
+)
+def test_a_file_whose_number_of_frames_counts_no_frame_or_a_fraction_is_rejected_saying_so(tmp_path, count, reason):
+    """Before, Number of Frames 0 was read as 1 and 2.5 as 2: the file was pooled from its first frame."""
+    site = tmp_path / "sites" / "a"
+    site.mkdir(parents=True)
+    emri_with_frame_count(site / "whole.dcm", "1.2.3.1", b"10")
+    emri_with_frame_count(site / "odd.dcm", "1.2.3.2", count)
+    (site / "labels.csv").write_text("sop_instance_uid,finding\n1.2.3.1,normal\n1.2.3.2,pneumonia\n")
+    manifest = build_sites_pool(tmp_path / "sites", tmp_path / "pool", val_fraction=0.0, test_fraction=0.0, workers=1, verbose=False)
+    assert list(manifest.rows["path"]) == ["a/whole.dcm"] and reasons(manifest) == {"a/odd.dcm": reason}

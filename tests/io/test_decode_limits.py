@@ -61,3 +61,36 @@ def test_nonsense_sizes_are_typed_errors():
         with pytest.raises(DicomError):
             read_dicom(_with("CT_small.dcm", **attributes))
     assert np.isfinite(read_dicom(get_testdata_file("CT_small.dcm")).pixels).all()
+
+
+def _with_frame_count(name: str, count: bytes) -> bytes:
+    """pydicom's sample `name` with Number of Frames written as `count`, byte for byte (pydicom would refuse to write
+    some of these values)."""
+    data = _with(name, NumberOfFrames="7777777")
+    return data.replace(b"7777777 ", count.ljust(8))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")  # pydicom's notes on 2.5 and abc; the refusal says it
+@pytest.mark.parametrize("name", ["emri_small.dcm", "emri_small_jpeg_2k_lossless.dcm", "emri_small_RLE.dcm"])
+@pytest.mark.parametrize(
+    ("count", "reason"),
+    [
+        (b"0", r"image claims 64 x 64 pixels, 0 frame\(s\)"),
+        (b"-0", r"image claims 64 x 64 pixels, 0 frame\(s\)"),
+        (b"00", r"image claims 64 x 64 pixels, 0 frame\(s\)"),
+        (b"2.5", r"malformed image size attributes \(Number of Frames 2.5 is not a whole number\)"),
+        (b"abc", r"malformed image size attributes \(invalid literal"),
+    ],
+)
+def test_a_number_of_frames_that_counts_no_frame_or_is_no_whole_number_is_refused(name, count, reason):
+    """Before, a count of 0 was read as 1 (one frame of ten decoded from the JPEG 2000 file, all ten from the RLE one,
+    without a word) and 2.5 as 2."""
+    with pytest.raises(DicomError, match=reason) as refused:
+        read_dicom(_with_frame_count(name, count))
+    assert refused.value.where == "<bytes>" and refused.value.hint
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")  # 10.0 is not how IS writes 10
+def test_a_number_of_frames_written_otherwise_but_whole_still_reads():
+    for count in (b"10", b"+10", b" 10", b"10.0"):
+        assert read_dicom(_with_frame_count("emri_small_jpeg_2k_lossless.dcm", count)).frames == 10

@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate, encapsulate_extended, generate_fragmente
 
 import medtriage.io.dicom
 import medtriage.io.ingest
-from medtriage.io.encapsulation import MalformedItems, Span, ends_with, frame_ends
+from medtriage.io.encapsulation import MalformedItems, Span, ends_with, frame_bytes, frame_ends, frames_in
 
 JPEG_2000, RLE = "emri_small_jpeg_2k_lossless.dcm", "emri_small_RLE.dcm"
 
@@ -62,6 +62,31 @@ LAYOUTS = list(_layouts())
 def test_frames_are_found_where_pydicoms_decoders_find_them(data, claimed, extended):
     found = [data[start:stop] for start, stop in frame_ends(data, claimed, extended)]
     assert found == _pydicoms_last_fragments(data, claimed, extended)
+
+
+def _pydicoms_frames(data: bytes, claimed: int, extended) -> list[bytes]:
+    """The bytes of each frame pydicom's decoders decode (fewer fragments than frames, without a table: one each)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            found = generate_fragmented_frames(data, number_of_frames=claimed, extended_offsets=extended)
+            return [b"".join(frame) for frame in itertools.islice(found, claimed)]
+        except ValueError:
+            return _pydicoms_last_fragments(data, claimed, extended)
+
+
+@pytest.mark.parametrize(("data", "claimed", "extended"), [case[1:] for case in LAYOUTS], ids=[case[0] for case in LAYOUTS])
+def test_each_frame_is_the_bytes_pydicoms_decoders_are_handed(data, claimed, extended):
+    assert [bytes(frame_bytes(data, frame)) for frame in frames_in(data, claimed, extended)] == _pydicoms_frames(data, claimed, extended)
+
+
+def test_a_frame_of_many_fragments_is_joined_in_one_copy_of_that_frame():
+    """Ten frames of 2 MB in 64 fragments each: one frame's bytes take one frame's memory, however many fragments."""
+    frames = [bytes([i]) * (2 << 20) for i in range(10)]
+    data = encapsulate(frames, fragments_per_frame=64, has_bot=True)
+    located = list(frames_in(data, 10))
+    peak = _peak(lambda: frame_bytes(data, located[6]))
+    assert bytes(frame_bytes(data, located[6])) == frames[6] and peak < (2 << 20) + (64 << 10)
 
 
 @pytest.mark.parametrize(

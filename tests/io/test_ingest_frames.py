@@ -16,6 +16,7 @@ from medtriage.errors import DicomError
 from medtriage.io.deid import DeidOptions, SiteKey
 from medtriage.io.dicom import read_dicom
 from medtriage.io.ingest import _init_worker, process_file
+from tests.io.test_decode_limits import _with
 
 SAMPLES = ["emri_small_jpeg_2k_lossless.dcm", "emri_small_RLE.dcm"]
 
@@ -97,3 +98,19 @@ def test_a_frame_without_its_end_of_image_marker_is_quarantined_as_truncated(ing
         "truncated",
         "a compressed frame lacks its end-of-image marker",
     )
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["structural", "verify pixels"])
+@pytest.mark.parametrize("name", ["emri_small.dcm", "emri_small_jpeg_2k_lossless.dcm", "emri_small_RLE.dcm"])
+@pytest.mark.parametrize(("count", "said"), [(b"0", "counts no frame"), (b"-1", "counts no frame"), (b"2.5", "not a whole number")])
+def test_a_number_of_frames_that_counts_no_frame_is_quarantined_as_the_pool_builder_refuses_it(tmp_path, name, count, said, verify):
+    """Before, ingest read 0 as 1 frame and 2.5 as 2, and checked nothing for -1 on native pixels: it pooled files the
+    pool builder then refused."""
+    _init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), verify)
+    path = tmp_path / "image.dcm"
+    data = _with(name, NumberOfFrames="7777777", PatientID="patient-1")  # a patient: else refused for having none
+    path.write_bytes(data.replace(b"7777777 ", count.ljust(8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own notes on 2.5
+        outcome = process_file(str(path))
+    assert (outcome.status, outcome.reason) == ("quarantined", "unreadable") and said in outcome.detail, outcome

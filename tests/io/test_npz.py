@@ -161,3 +161,20 @@ def test_a_damaged_npz_is_an_input_error_whatever_the_damage(tmp_path, save):
         read_npz(damaged)
 
     assert untyped_failures(mutations((tmp_path / "n.npz").read_bytes(), 1500), read, InputError) == []
+
+
+def test_a_uint64_label_past_int64_is_refused_showing_its_value(tmp_path):
+    """Before, 2**63 was read as -9223372036854775808, and the refusal downstream quoted that label."""
+    arrays = _layout() | {"train_labels": np.array([0, 1, 2**63 + 5, 2**64 - 1], np.uint64)}
+    np.savez(tmp_path / "s.npz", **arrays)
+    with pytest.raises(InputError) as refused:
+        read_npz(tmp_path / "s.npz")
+    assert refused.value.reason == "2 label(s) are larger than any class index can be, the first at index 2: 9223372036854775813"
+    assert refused.value.where == f"{tmp_path / 's.npz'}#train_labels"
+
+
+def test_uint64_labels_that_fit_read_as_int64(tmp_path):
+    arrays = _layout() | {"train_labels": np.array([0, 1, 1, 2**63 - 1], np.uint64)}
+    np.savez(tmp_path / "s.npz", **arrays)
+    labels = read_npz(tmp_path / "s.npz")["train"][1]
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 1, 1, 2**63 - 1]

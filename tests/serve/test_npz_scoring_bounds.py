@@ -32,7 +32,6 @@ def save_split(path, images: np.ndarray, labels: np.ndarray):
         np.array([0, 1, 2, 1]),  # the package has two classes: 2 is none of them
         np.array([0, 1, -1, 0]),
         np.array([[0], [1], [7], [1]], np.uint8),  # the MedMNIST [N, 1] column, read as [N]
-        np.array([0, 1, 2**63, 1], np.uint64),  # past int64: negative once read as int64, still refused
     ],
 )
 def test_labels_that_are_not_classes_of_the_package_are_refused(predictor, tmp_path, labels):
@@ -41,6 +40,14 @@ def test_labels_that_are_not_classes_of_the_package_are_refused(predictor, tmp_p
         score_npz(predictor, path, "test")
     assert caught.value.where == f"{path}#test_labels" and "index 2" in caught.value.reason
     assert "0 = 'normal', 1 = 'pneumonia'" in caught.value.hint
+
+
+def test_a_label_past_int64_is_refused_showing_its_value(predictor, tmp_path):
+    path = save_split(tmp_path / "bad.npz", np.zeros((4, 28, 28), np.uint8), np.array([0, 1, 2**63, 1], np.uint64))
+    with pytest.raises(InputError) as caught:
+        score_npz(predictor, path, "test")
+    assert caught.value.where == f"{path}#test_labels" and "index 2" in caught.value.reason
+    assert str(2**63) in caught.value.reason  # not the negative number it wraps to as int64
 
 
 def test_labels_that_are_not_integers_stay_refused(predictor, tmp_path):

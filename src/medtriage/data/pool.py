@@ -11,8 +11,9 @@ would hold no image at all is refused, its rejects kept to read.
 
 A pool folder remembers a hash of its inputs (file names, sizes, mtimes, labels.csv contents and
 the split settings) and of the manifest and label names it wrote; building again from unchanged inputs reuses it
-while those files are still the ones it wrote. Builds of one pool folder take turns (`pool_lock`): one started while
-another runs waits for it, then reuses what it built.
+while those files are still the ones it wrote. A file's size and mtime are taken as it is decoded, before and after: a
+file replaced meanwhile is decoded again, so that the hash recorded describes the files the pool holds. Builds of one
+pool folder take turns (`pool_lock`): one started while another runs waits for it, then reuses what it built.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from medtriage.errors import DataNotFoundError, DicomError, InputError, printabl
 from medtriage.io.clamped import dicom_source
 from medtriage.io.deid import patient_id_text
 from medtriage.io.dicom import read_dicom
+from medtriage.io.header_warnings import say_header_warnings, saying_header_warnings
 from medtriage.io.ingest import ledger_folder, logged_patient_identities
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
@@ -52,6 +54,7 @@ POOL_FORMAT = 4  # bump when the way rows are built changes, to invalidate cache
 KEY_COLUMNS = {"sop_instance_uid": "sop_uid", "accession_number": "accession_number"}  # labels.csv -> header field
 FINDING_COLUMNS = ("finding", "label")
 IN_PROCESS_BELOW = 200  # files; starting worker processes costs more than it saves
+READS_OF_A_CHANGING_FILE = 3  # a file that changes each time it is decoded stops the build
 SHOWN_CHARS, HEADER_SHOWN_CHARS = 64, 240  # of a labels.csv cell, and its header, quoted in a reason: a cell can hold 128 KiB
 
 
@@ -64,6 +67,8 @@ class Decoded:
     pixels: object = None
     fields: dict = field(default_factory=dict)
     error: str | None = None
+    state: tuple | None = None  # the file's identity, size and times as it was decoded; None: gone
+    changed: bool = False  # its state after decoding differed from before: what was decoded is not known
 
 
 @dataclass
@@ -108,12 +113,14 @@ def build_sites_pool(
             _say(verbose, f"reusing pool built from the same inputs\n{manifest.summary()}{_empty_sites(sites_dir, files)}")
             return manifest
         (pool_dir / INPUTS_FILE).unlink(missing_ok=True)  # a half-written pool must never look cached
-        decoded = _decode_all(sites_dir, files, workers, verbose)
+        decoded = _settled(sites_dir, _decode_all(sites_dir, files, workers, verbose))
         tables = {site: parse_labels(labels[site], site) for site in files}
         manifest = _write_pool(pool_dir, decoded, tables, seed, val_fraction, test_fraction)
         if not len(manifest.rows):
             _refuse_empty_pool(sites_dir, pool_dir)
-        record = {"inputs_sha256": inputs_hash, "sites_dir": str(sites_dir), "pool_sha256": _pool_hashes(pool_dir)}
+        states = {item.path: item.state for item in decoded}  # as decoded, not as hashed before (a file replaced since)
+        decoded_hash = _inputs_hash(sites_dir, files, labels, seed, val_fraction, test_fraction, states=states)
+        record = {"inputs_sha256": decoded_hash, "sites_dir": str(sites_dir), "pool_sha256": _pool_hashes(pool_dir)}
         write_atomic(pool_dir / INPUTS_FILE, json.dumps(record, indent=1).encode())
     _say(verbose, manifest.summary() + _empty_sites(sites_dir, files))
     return manifest
@@ -172,15 +179,49 @@ def _site_files(sites_dir: Path) -> tuple[dict[str, list[Path]], list[str]]:
     return sites, hidden
 
 
-def _inputs_hash(sites_dir: Path, files: dict[str, list[Path]], labels: dict[str, LabelsFile], *settings) -> str:
+def _inputs_hash(
+    sites_dir: Path, files: dict[str, list[Path]], labels: dict[str, LabelsFile], *settings, states: dict[str, tuple | None] | None = None
+) -> str:
+    """The hash of the inputs: each file's size and mtime as it is now, or as `states` (relative path -> `file_state`)
+    recorded it when decoded."""
     digest = hashlib.sha256(json.dumps([POOL_FORMAT, PNEUMONIA_LABELS, *settings]).encode())
     for site, paths in files.items():
         for path in paths:
-            status = path.stat()
-            digest.update(f"{path.relative_to(sites_dir)}|{status.st_size}|{status.st_mtime_ns}\n".encode())
+            relative = str(path.relative_to(sites_dir))
+            state = file_state(path) if states is None else states[relative]
+            digest.update(f"{relative}|{'<gone>' if state is None else f'{state[2]}|{state[3]}'}\n".encode())
         table = labels[site]
         digest.update(table.data if table.data is not None else f"<{table.problem}>".encode())
     return digest.hexdigest()
+
+
+def file_state(path: Path) -> tuple | None:
+    """(device, inode, size, mtime, ctime) of `path`, None when it is gone: the same before and after a file is decoded
+    only if it was neither replaced nor written meanwhile."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+
+
+def _settled(sites_dir: Path, decoded: list[Decoded]) -> list[Decoded]:
+    """`decoded` with each file that changed while it was decoded decoded again, until it stays the same: the pool, and
+    the inputs hash it records, must describe the same file. One that changes each time stops the build."""
+    for _ in range(READS_OF_A_CHANGING_FILE - 1):
+        changed = [index for index, item in enumerate(decoded) if item.changed]
+        if not changed:
+            return decoded
+        for index in changed:
+            decoded[index] = decode_file((str(sites_dir), decoded[index].site, decoded[index].path))
+    changing = next((item for item in decoded if item.changed), None)
+    if changing is not None:
+        raise InputError(
+            f"a site file changed each time it was read ({READS_OF_A_CHANGING_FILE} times) while the pool was built",
+            where=sites_dir / changing.path,
+            hint="build the pool again once nothing writes to the site folders (an ingest still running?)",
+        )
+    return decoded
 
 
 def _cached(pool_dir: Path, inputs_hash: str, verbose: bool) -> bool:
@@ -218,17 +259,33 @@ def _decode_all(sites_dir: Path, files: dict[str, list[Path]], workers: int | No
         results = [decode_file(job) for job in tqdm(jobs, **bar)]
         workers = 1
     else:  # spawn: safe even when the caller already started threads (torch, MLflow)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        spawn, say_warnings = multiprocessing.get_context("spawn"), (saying_header_warnings(),)
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=say_warnings) as pool:
             results = list(tqdm(pool.map(decode_file, jobs, chunksize=32), **bar))
     seconds = time.perf_counter() - started
     _say(verbose, f"decoded {len(jobs)} files in {seconds:.1f} s ({len(jobs) / max(seconds, 1e-9):.0f} files/s, {workers} worker(s))")
     return results
 
 
+def _init_worker(say_warnings: bool) -> None:
+    """A worker started afresh (spawn) says pydicom's warnings as the command that started it does."""
+    if say_warnings and not saying_header_warnings():
+        say_header_warnings()
+
+
 def decode_file(job: tuple[str, str, str]) -> Decoded:
-    """Worker: first frame as [C, H, W] plus the identifiers the manifest and the label join need."""
+    """Worker: first frame as [C, H, W] plus the identifiers the manifest and the label join need, and the file's state
+    (`file_state`) as it was decoded."""
     sites_dir, site, relative = job
     path = Path(sites_dir) / relative
+    before = file_state(path)
+    decoded = _decode(site, relative, path)
+    decoded.state = file_state(path)
+    decoded.changed = decoded.state != before
+    return decoded
+
+
+def _decode(site: str, relative: str, path: Path) -> Decoded:
     try:
         image = read_dicom(path, frame=0)
     except DicomError as err:
@@ -263,9 +320,9 @@ def _header_ids(path: Path) -> dict:
     """Identifiers of a file whose pixels failed, so its label row is not reported a second time. Read through
     `dicom_source`: a failed file is the likeliest to claim value lengths it does not hold."""
     try:
-        with dicom_source(path, str(path)) as source:
+        with dicom_source(path, str(path)) as source:  # values are read inside: pydicom's warnings of them name the file
             ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
-        return {"sop_uid": str(ds.get("SOPInstanceUID", "")), "accession_number": str(ds.get("AccessionNumber", ""))}
+            return {"sop_uid": str(ds.get("SOPInstanceUID", "")), "accession_number": str(ds.get("AccessionNumber", ""))}
     except Exception:
         return {}
 

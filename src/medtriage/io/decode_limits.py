@@ -51,7 +51,7 @@ def check_limits(ds: pydicom.Dataset, limits: DecodeLimits, where: str, frame: i
     """Refuse, from the header alone, an image whose decode would exceed `limits`."""
     try:
         rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        frames = int(ds.get("NumberOfFrames") or 1)
+        frames = number_of_frames(ds)
         samples = int(ds.get("SamplesPerPixel") or 1)
     except (TypeError, ValueError) as err:
         raise DicomError(
@@ -88,6 +88,18 @@ def check_limits(ds: pydicom.Dataset, limits: DecodeLimits, where: str, frame: i
             f"decoding would produce {decoded} bytes of pixels, over the limit of {limits.max_decoded_bytes}", where=where, hint=hint
         )
     _check_codestreams(ds, rows * columns * samples, frames, where)
+
+
+def number_of_frames(ds: pydicom.Dataset) -> int:
+    """Number of Frames as the header states it, 1 where it is absent or empty; a count of 0 stays 0 (for the caller to
+    refuse: read as 1, the image would be decoded as one frame by one decoder and as all it holds by another). Raises
+    ValueError for a value that is not a whole number (2.5 would be read as 2)."""
+    value = ds.get("NumberOfFrames")
+    if value is None or value == "":
+        return 1
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"Number of Frames {value} is not a whole number")
+    return int(value)
 
 
 def _check_codestreams(ds: pydicom.Dataset, claimed: int, frames: int, where: str) -> None:

@@ -7,6 +7,7 @@ opinion); io.display maps stored values to display values, following the DICOM g
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from medtriage.errors import DicomError, NotAnImageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
 from medtriage.io.display import to_display
-from medtriage.io.encapsulation import MalformedItems, claimed_frames
+from medtriage.io.encapsulation import MalformedItems, claimed_frames, frame_bytes, located_frames, misplaced_basic_entry
 from medtriage.io.header_warnings import reading
 from medtriage.io.j2k_reduced import MalformedCodestreamError, reduced_j2k_frames
 from medtriage.io.native_pixels import StoredValues, native_stored
@@ -216,6 +217,20 @@ def _require_claimed_frames(ds: pydicom.Dataset, where: str) -> None:
             where=where,
             hint="frames are missing (an interrupted export or transfer); send or export the image again",
         )
+    misplaced = _misplaced_entry(ds, claimed)
+    if misplaced is not None:  # a frame read alone would be other bytes than the size check and the other decoders read
+        raise DicomError(
+            f"the Basic Offset Table does not point at where frame {misplaced + 1} starts in the pixel data",
+            where=where,
+            hint="the pixel data's offset table is damaged; export the image again",
+        )
+
+
+def _misplaced_entry(ds: pydicom.Dataset, claimed: int) -> int | None:
+    try:
+        return misplaced_basic_entry(ds, claimed)
+    except MalformedItems:  # the decoder reports them with its own reason
+        return None
 
 
 def _encapsulated_frames(ds: pydicom.Dataset, claimed: int) -> int:
@@ -229,7 +244,8 @@ def _encapsulated_frames(ds: pydicom.Dataset, claimed: int) -> int:
 def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.ndarray:
     """Stored values as [F, H, W] (grayscale) or [F, H, W, 3] (colour, RGB)."""
     try:
-        arr = ds.pixel_array if frame is None else pydicom.pixels.pixel_array(ds, index=frame)
+        # no frames past Number of Frames: the decode limits were checked against it, and the image is reported by it
+        arr = pydicom.pixels.pixel_array(ds, index=frame, allow_excess_frames=False)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # ValueError/RuntimeError/...; a Rust decoder's panic is a BaseException
@@ -301,11 +317,9 @@ def _decode_with_imagecodecs(ds: pydicom.Dataset, frame: int | None, decoder: st
         import imagecodecs
 
         decode = getattr(imagecodecs, decoder)
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-        frames = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=n_frames)
-        wanted = range(n_frames) if frame is None else [frame]
-        decoded = [decode(data) for i, data in enumerate(frames) if i in wanted]
-        arr = np.stack(decoded)
+        frames = located_frames(ds, int(ds.get("NumberOfFrames") or 1))  # frame N is the frame pydicom calls N
+        wanted = frames if frame is None else itertools.islice(frames, frame, frame + 1)
+        arr = np.stack([decode(frame_bytes(ds.PixelData, located)) for located in wanted])
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException:  # no imagecodecs, or it fails (or panics) too

@@ -2,8 +2,10 @@
 
 Two readers count them: `io.dicom` refuses an image whose pixel data holds fewer frames than its Number of Frames (a
 decoder decodes what is there, without a word), and ingest refuses a file whose frames are missing or lack their
-end-of-image marker. One rule serves both, so that a file ingest pools is a file the pool builder reads. Item headers
-are read in place: a frame is known by its last fragment's position, its bytes are never joined or copied, an offset
+end-of-image marker. One rule serves both, so that a file ingest pools is a file the pool builder reads; the decoders
+`io.dicom` calls besides pydicom's (imagecodecs, the reduced JPEG 2000 decode) take their frames by it too, so that
+frame N is the same frame whichever decodes it. Item headers are read in place: a frame is known by the positions of
+its first and last fragments, its bytes are joined only for a frame a decoder asks for (`frame_bytes`), an offset
 table's entries are read as they are needed (a hostile table may hold millions), and a walk stops once the frames asked
 for are found.
 """
@@ -31,6 +33,14 @@ class Span(NamedTuple):
     stop: int
 
 
+class Frame(NamedTuple):
+    """A frame's first and last fragments (the same span for a frame of one fragment); the fragments between them, in
+    item order, are the rest of it."""
+
+    first: Span
+    last: Span
+
+
 class MalformedItems(ValueError):
     """Encapsulated pixel data whose items cannot be walked (pydicom's decoders refuse them too)."""
 
@@ -41,6 +51,28 @@ def claimed_frames(ds: pydicom.Dataset, claimed: int) -> Iterator[Span]:
     fragment per frame (fragments ending in an end-of-image marker where there are more fragments than frames).
     Fewer fragments than frames, without a table, give the fragments there are. Raises MalformedItems."""
     return frame_ends(ds.PixelData, claimed, extended_offsets(ds))
+
+
+def located_frames(ds: pydicom.Dataset, claimed: int) -> Iterator[Frame]:
+    """`claimed_frames`, each frame with its first fragment too: what `frame_bytes` joins."""
+    return frames_in(ds.PixelData, claimed, extended_offsets(ds))
+
+
+def misplaced_basic_entry(ds: pydicom.Dataset, claimed: int) -> int | None:
+    """The first of the first `claimed` frames whose Basic Offset Table entry is not where the frame's first item lies
+    in item order (None: each is, or the table is not what locates the frames). pydicom's decoders read the frames of a
+    whole image in item order but a frame asked for alone from its entry on (`pydicom.encaps.get_frame`): only where
+    each entry is where its frame starts do the two take the same bytes for it. Raises MalformedItems."""
+    data = ds.PixelData
+    count, entry, first = _basic_offsets(data)
+    if not count or extended_offsets(ds) is not None:
+        return None
+    for index, frame in enumerate(frames_in(data, min(count, claimed))):
+        starts = frame.first.start - 8 - first if frame.first != Span(first, first) else None  # None: no fragments
+        fits = entry(index) == starts if starts is not None else index < count - 1 and entry(index) == entry(index + 1)
+        if not fits:
+            return index
+    return None
 
 
 def extended_offsets(ds: pydicom.Dataset) -> tuple[bytes, bytes] | None:
@@ -54,6 +86,11 @@ def extended_offsets(ds: pydicom.Dataset) -> tuple[bytes, bytes] | None:
 
 def frame_ends(data: bytes, claimed: int, extended: tuple[bytes, bytes] | None = None) -> Iterator[Span]:
     """`claimed_frames` for the encapsulated pixel data `data` and an Extended Offset Table, where one is used."""
+    return (frame.last for frame in frames_in(data, claimed, extended))
+
+
+def frames_in(data: bytes, claimed: int, extended: tuple[bytes, bytes] | None = None) -> Iterator[Frame]:
+    """`located_frames` for the encapsulated pixel data `data` and an Extended Offset Table, where one is used."""
     if claimed < 1:
         return
     basic_count, basic_entry, first = _basic_offsets(data)
@@ -63,6 +100,27 @@ def frame_ends(data: bytes, claimed: int, extended: tuple[bytes, bytes] | None =
         yield from _by_basic_table(data, first, basic_count, basic_entry, claimed)
     else:
         yield from _by_fragments(data, first, claimed)
+
+
+def frame_bytes(data: bytes, frame: Frame) -> bytes | bytearray:
+    """The bytes of `frame` as a decoder is handed them: its fragments' values joined, in one copy of that frame alone
+    (its size is counted first: a frame may hold a million empty fragments). A frame of one span is that span (an
+    Extended Offset Table's entry, which need not end where an item does)."""
+    if frame.first == frame.last:
+        return data[frame.first.start : frame.first.stop]
+    joined = bytearray(sum(stop - start for start, stop in _fragments_of(data, frame)))
+    view, filled = memoryview(data), 0
+    for start, stop in _fragments_of(data, frame):
+        joined[filled : filled + stop - start] = view[start:stop]
+        filled += stop - start
+    return joined
+
+
+def _fragments_of(data: bytes, frame: Frame) -> Iterator[Span]:
+    for fragment in _fragments(data, frame.first.start - 8):  # from the first fragment's item header
+        yield fragment
+        if fragment.start >= frame.last.start:
+            return
 
 
 def ends_with(data: bytes, span: Span, marker: bytes) -> bool:
@@ -111,47 +169,50 @@ def _fragments(data: bytes, position: int) -> Iterator[Span]:
         position += 8 + length
 
 
-def _by_extended_table(data: bytes, first: int, table: bytes, lengths: bytes) -> Iterator[Span]:
+def _by_extended_table(data: bytes, first: int, table: bytes, lengths: bytes) -> Iterator[Frame]:
     """One fragment per frame, at each entry's offset from the first item after the Basic Offset Table."""
     for index in range(min(len(table), len(lengths)) // 8):
         (offset,), (length,) = struct.unpack_from("<Q", table, 8 * index), struct.unpack_from("<Q", lengths, 8 * index)
         start = min(first + offset + 8, len(data))  # past the item header; a decoder reads nothing beyond the data
-        yield Span(start, min(start + length, len(data)))
+        span = Span(start, min(start + length, len(data)))
+        yield Frame(span, span)
 
 
-def _by_basic_table(data: bytes, first: int, count: int, entry: Callable[[int], int], claimed: int) -> Iterator[Span]:
+def _by_basic_table(data: bytes, first: int, count: int, entry: Callable[[int], int], claimed: int) -> Iterator[Frame]:
     """Fragments join the frame whose entry they start at or after, in item order (pydicom's reading: the last frame
     takes every fragment left)."""
-    index, offset, last = 0, 0, Span(first, first)
+    index, offset, begins, last = 0, 0, None, Span(first, first)
     for fragment in _fragments(data, first):
         if index < count - 1 and offset >= entry(index + 1):
-            yield last
-            index += 1
+            yield Frame(begins or last, last)  # a frame without fragments: the empty span
+            index, begins = index + 1, None
             if index == claimed:
                 return
-        last = fragment
+        begins, last = begins or fragment, fragment
         offset += fragment.stop - fragment.start + 8
-    yield last
+    yield Frame(begins or last, last)
 
 
-def _by_fragments(data: bytes, first: int, claimed: int) -> Iterator[Span]:
+def _by_fragments(data: bytes, first: int, claimed: int) -> Iterator[Frame]:
     """Without an offset table: one frame of every fragment, one fragment per frame, or (more fragments than frames) a
     frame ends at each fragment with an end-of-image marker near its end, and any fragments after the last make one."""
     if claimed == 1:
-        last = deque(_fragments(data, first), maxlen=1)
-        yield last[0] if last else Span(first, first)
+        fragments = _fragments(data, first)
+        begins = next(fragments, Span(first, first))
+        last = deque(fragments, maxlen=1)
+        yield Frame(begins, last[0] if last else begins)
         return
     some = list(itertools.islice(_fragments(data, first), claimed + 1))
     if len(some) <= claimed:
-        yield from some
+        yield from (Frame(fragment, fragment) for fragment in some)
         return
-    found, last = 0, None
+    found, begins, last = 0, None, None
     for fragment in _fragments(data, first):
-        last = fragment
+        begins, last = begins or fragment, fragment
         if _EOI in data[max(fragment.start, fragment.stop - _EOI_WINDOW) : fragment.stop]:
-            yield fragment
-            found, last = found + 1, None
+            yield Frame(begins, fragment)
+            found, begins = found + 1, None
             if found == claimed:
                 return
-    if last is not None:
-        yield last
+    if begins is not None:
+        yield Frame(begins, last)

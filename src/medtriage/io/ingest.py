@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 from pydicom.pixels.utils import get_expected_length
 from tqdm import tqdm
 
@@ -44,7 +45,7 @@ from medtriage import __version__
 from medtriage.arguments import positive_int, refuse_file_as_folder
 from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError, MedTriageError
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
+from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, number_of_frames
 from medtriage.io.deid import SEVERAL_ISSUERS_IDENTITY, DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
 from medtriage.io.encapsulation import claimed_frames, ends_with
 from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
@@ -229,12 +230,15 @@ def _pixel_problem(ds, verify: bool) -> Unsafe | None:
         if "Image" in name or "Rows" in ds:
             return Unsafe("truncated", f"{name or 'image object'} without pixel data: the file ends early")
         return Unsafe("no_pixel_data", f"{name or 'DICOM object'} without pixel data")
+    frames = _claimed_frames(ds)
+    if isinstance(frames, Unsafe):
+        return frames
     try:
         if verify:
             check_limits(ds, default_limits(), "ingest")  # what the header claims, before a decoder allocates it
-            _ = ds.pixel_array  # decoding is the check
+            pixel_array(ds, allow_excess_frames=False)  # decoding is the check, of the frames the header claims
         elif ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            return _broken_frames(ds)
+            return _broken_frames(ds, frames)
         elif len(ds.PixelData) < get_expected_length(ds, "bytes"):
             return Unsafe("truncated", f"pixel data holds {len(ds.PixelData)} of {get_expected_length(ds, 'bytes')} bytes")
     except ImageTooLargeError as err:
@@ -247,13 +251,24 @@ def _pixel_problem(ds, verify: bool) -> Unsafe | None:
     return None
 
 
+def _claimed_frames(ds) -> int | Unsafe:
+    """Number of Frames as decoders and the pool builder take it; 0, a negative or a fraction is no count of frames (read
+    as 1, one decoder would decode a frame and another all the data holds)."""
+    try:
+        frames = number_of_frames(ds)
+    except (ValueError, TypeError) as err:
+        return Unsafe("unreadable", f"Number of Frames: {err}")
+    if frames < 1:
+        return Unsafe("unreadable", f"Number of Frames {frames} counts no frame")
+    return frames
+
+
 _END_OF_IMAGE = {"1.2.840.10008.1.2.4": b"\xff\xd9"}  # JPEG, JPEG-LS and JPEG 2000 codestreams all end in FFD9
 
 
-def _broken_frames(ds) -> Unsafe | None:
+def _broken_frames(ds, claimed: int) -> Unsafe | None:
     """Frames missing, counted as the pool builder's decoders count them (io.encapsulation), or a frame's last fragment
     without its end-of-image marker: looked at where the frames lie, never copied."""
-    claimed = int(ds.get("NumberOfFrames", 1) or 1)
     marker = next((m for prefix, m in _END_OF_IMAGE.items() if ds.file_meta.TransferSyntaxUID.startswith(prefix)), None)
     data, found, unmarked = ds.PixelData, 0, False
     for last_fragment in claimed_frames(ds, claimed):

@@ -26,6 +26,7 @@ import numpy as np
 import pydicom
 
 from medtriage.io.decode_limits import MAX_HEADER_SEGMENTS
+from medtriage.io.encapsulation import MalformedItems, frame_bytes, located_frames
 
 J2K_SYNTAXES = frozenset({pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000})
 _SOC, _SIZ, _COD, _SOT = b"\xff\x4f", b"\xff\x51", b"\xff\x52", b"\xff\x90"
@@ -45,20 +46,23 @@ def reduced_j2k_frames(ds: pydicom.Dataset, syntax, frame: int | None, min_side:
         return None
     rows, columns, count = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
     bits_stored = int(ds.get("BitsStored") or 0)
-    codestreams = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=count))
-    wanted = range(count) if frame is None else [frame]
-    if len(codestreams) < count:  # fewer frames than the header says: the full decode reports it
+    try:
+        frames = list(located_frames(ds, count))  # where each frame lies, as pydicom's decoders find it: nothing copied
+    except MalformedItems:  # the full decode reports it
+        return None
+    if len(frames) < count:  # fewer frames than the header says: the full decode reports it
         return None
     decoded, level = [], 0
-    for index in wanted:
+    for index in range(count) if frame is None else [frame]:
+        codestream = frame_bytes(ds.PixelData, frames[index])
         try:
-            header = _codestream_header(codestreams[index])
+            header = _codestream_header(codestream)
         except MalformedCodestreamError as err:
             raise MalformedCodestreamError(f"frame {index + 1} {err}") from None
         if header is None or header[:2] != (rows, columns):
             return None
         level = _level(rows, columns, header[3], min_side)
-        values = _decode_at(codestreams[index], level, header[2]) if level else None
+        values = _decode_at(codestream, level, header[2]) if level else None
         if values is None or values.shape != (-(-rows // 2**level), -(-columns // 2**level)):
             return None
         if _mixed_unused_bits(values, bits_stored):

@@ -73,7 +73,21 @@ def _split(archive: zipfile.ZipFile, npz_path: Path, split: str, max_bytes: int)
             where=npz_path,
             hint=NPZ_HINT,
         )
-    return images, labels.reshape(-1).astype(np.int64)
+    return images, _as_int64(labels.reshape(-1), f"{npz_path}#{split}_labels")
+
+
+def _as_int64(labels: np.ndarray, where: str) -> np.ndarray:
+    """Labels as int64, refused where a uint64 label does not fit: converted, 2**63 would read as a negative number,
+    and a refusal quoting it would name a label the file does not hold."""
+    if labels.dtype == np.uint64:
+        past = np.flatnonzero(labels > np.iinfo(np.int64).max)
+        if len(past):
+            raise InputError(
+                f"{len(past)} label(s) are larger than any class index can be, the first at index {int(past[0])}: {int(labels[past[0]])}",
+                where=where,
+                hint=NPZ_HINT,
+            )
+    return labels.astype(np.int64)
 
 
 def _array(archive: zipfile.ZipFile, npz_path: Path, key: str, max_bytes: int) -> np.ndarray:
