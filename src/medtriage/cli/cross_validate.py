@@ -16,6 +16,7 @@ from medtriage.cli import exit_with_message
 from medtriage.cli.train import check_data_paths
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import MedTriageError
+from medtriage.io.header_warnings import say_header_warnings
 from medtriage.workflows.cross_validation import cross_validate
 
 CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
@@ -25,6 +26,7 @@ CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
 def main(cfg: TrainConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)  # this job's, the sweeper's choices included
     try:
+        say_header_warnings()  # pydicom's, once per file and naming it, while the pool is built
         check_data_paths(cfg)
         return cross_validate(overrides, Path(cfg.paths.output_dir), cfg).score
     except MedTriageError as err:

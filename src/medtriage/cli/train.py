@@ -10,6 +10,7 @@ from medtriage.arguments import refuse_file_as_folder
 from medtriage.cli import exit_with_message
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import ConfigError, MedTriageError
+from medtriage.io.header_warnings import say_header_warnings
 from medtriage.workflows.train_and_export import train_and_export
 
 CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
@@ -23,6 +24,7 @@ DATA_PATH_EXAMPLES = {
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: TrainConfig) -> float:
     try:
+        say_header_warnings()  # pydicom's, once per file and naming it, while the pool is built
         check_data_paths(cfg)
         return train_and_export(cfg).best_val_auc  # lets Hydra sweepers optimise it
     except MedTriageError as err:
