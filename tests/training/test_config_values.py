@@ -104,3 +104,10 @@ def test_a_flip_asked_of_the_cpu_transforms_is_refused_not_ignored(tmp_path, npz
     with pytest.raises(ConfigError, match="data.augment.hflip=true with trainer.augment_on=cpu"):
         training.run(_tiny(tmp_path, npz_cache_dir, "data.augment.hflip=true", "trainer.augment_on=cpu"))
     check_values(_tiny(tmp_path, npz_cache_dir, "data.augment.hflip=true", "trainer.augment_on=device"))  # the device flips
+
+
+def test_site_stratified_batches_with_class_balanced_sampling_are_refused_before_the_pool_is_built(tmp_path, npz_cache_dir):
+    """Before, only the first training loader refused them, after the pool was built and the network made."""
+    with pytest.raises(ConfigError, match="data.site_stratified=true with trainer.imbalance=sampler"):
+        check_values(_tiny(tmp_path, npz_cache_dir, "data.site_stratified=true", "trainer.imbalance=sampler"))
+    check_values(_tiny(tmp_path, npz_cache_dir, "data.site_stratified=true", "trainer.imbalance=weighted_loss"))

@@ -237,8 +237,9 @@ class ExportConfig:
     # Optional second, higher threshold for "urgent" (null = no urgent tier).
     urgent_rule: str | None = "specificity"
     urgent_target: float = 0.95
-    # Test-time augmentation inside the served graph (model/averaging.py): none | shift (one-pixel shifts) | flip
-    # (also the mirror image; not for chest X-rays, and only for models trained with data.augment.hflip=true).
+    # Test-time augmentation inside the served graph (model/averaging.py): none | shift (one-pixel shifts) | affine
+    # (also small turns and zooms) | flip (also the mirror image; not for chest X-rays, and only for models trained
+    # with data.augment.hflip=true).
     # Calibration, thresholds and the OOD fit see the averaged output.
     tta: str = "none"
     calibrate: bool = True  # allow temperature scaling; kept only where it lowers cross-validated ECE on validation
@@ -367,6 +368,11 @@ def _combination_problems(cfg) -> dict[str, str]:
         found["trainer.warmup_epochs"] = (
             f"trainer.warmup_epochs={trainer.warmup_epochs} with trainer.max_epochs={trainer.max_epochs} "
             "(the cosine schedule's warm-up must end before the last epoch)"
+        )
+    if cfg.data.site_stratified and trainer.imbalance == Imbalance.sampler:  # two orders for one epoch's images
+        found["data.site_stratified"] = (
+            "data.site_stratified=true with trainer.imbalance=sampler (site-stratified batches and class-balanced "
+            "sampling exclude each other: use trainer.imbalance=weighted_loss)"
         )
     augment, channels = cfg.data.augment, cfg.model.preprocess.in_channels
     if augment.enabled and augment.hflip and cfg.trainer.augment_on == AugmentOn.cpu:  # the CPU transforms have no flip

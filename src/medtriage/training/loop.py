@@ -170,12 +170,6 @@ class TrainingLoop:
         )
 
     def _site_stratified_sampler(self, epoch: int) -> SiteStratifiedSampler:
-        if self.trainer.imbalance.value == "sampler":
-            raise ConfigError(
-                "site-stratified batches and class-balanced sampling exclude each other",
-                where="data.site_stratified",
-                hint="use trainer.imbalance=weighted_loss with data.site_stratified=true",
-            )
         sampler = SiteStratifiedSampler(self.splits["train"].sites, self.ranks.world_size, self.ranks.rank, self.trainer.seed)
         sampler.set_epoch(epoch)
         return sampler
