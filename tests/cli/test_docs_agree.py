@@ -223,3 +223,26 @@ def test_every_relative_link_and_anchor_resolves():
             elif fragment and fragment not in {anchor(h) for h in re.findall(r"^#+ (.*)$", target_path.read_text(encoding="utf-8"), re.M)}:
                 problems.append(f"{path.name}: {link} names no heading there")
     assert problems == []
+
+
+SERVING_COMMANDS = ("score", "serve", "listen", "bundle", "quantize")  # what a hospital runs, reading the docs
+
+
+def unnamed_options(text: str, options: set[str]) -> list[str]:
+    """The long options that `text` never names (a longer option that starts alike does not count)."""
+    return sorted(o for o in options if o.startswith("--") and o != "--help" and not re.search(re.escape(o) + r"(?![\w-])", text))
+
+
+def test_every_option_of_the_serving_commands_is_documented():
+    """Each option of score, serve, listen, bundle and quantize is named in the docs; each of listen's in docs/pacs.md,
+    whose option table says `medtriage listen --help` prints the same."""
+    options = subcommand_options()
+    everything = "\n".join(path.read_text(encoding="utf-8") for path in DOCS)
+    problems = [f"no doc names `medtriage {c}` {o}" for c in SERVING_COMMANDS for o in unnamed_options(everything, options[c])]
+    pacs = (ROOT / "docs" / "pacs.md").read_text(encoding="utf-8")
+    problems += [f"pacs.md does not name `medtriage listen` {o}" for o in unnamed_options(pacs, options["listen"])]
+    assert problems == []
+
+
+def test_the_option_check_tells_an_option_from_a_longer_one():
+    assert unnamed_options("`--max-frames-x` and `--max-bytes N`", {"--max-frames", "--max-bytes", "--help", "-h"}) == ["--max-frames"]

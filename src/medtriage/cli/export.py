@@ -51,7 +51,7 @@ def _use_project_store() -> None:
 
 
 def ensemble_main(argv: list[str] | None = None) -> int:
-    """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--tta shift|flip] [export.key=value ...]`, or
+    """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--tta shift|affine|flip] [export.key=value ...]`, or
     `--cross-validation DIR [DIR ...]` for the fold models of one `scripts/cross_validate.py` run, or of several cut
     alike (calibrated out-of-fold), or `--cross-validation DIR --refit RUN_DIR ...` for that recipe refitted on all its
     images (`data.refit=true`), calibrated on the same out-of-fold scores.
@@ -79,8 +79,8 @@ def ensemble_main(argv: list[str] | None = None) -> int:
         "--tta",
         choices=TTA,
         default="none",
-        help="also average over views: one-pixel shifts, or the left-right mirror (only for models trained with "
-        "data.augment.hflip=true; not for chest X-rays)",
+        help="also average over views: one-pixel shifts (shift), also small turns and zooms (affine), or also the "
+        "left-right mirror (flip: only for models trained with data.augment.hflip=true; not for chest X-rays)",
     )
     args = parser.parse_args(argv)
     run_ids = [i for i in args.items if "=" not in i]

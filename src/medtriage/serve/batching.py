@@ -205,7 +205,9 @@ def concurrent_requests(max_concurrent: int | None, max_batch: int) -> int | Non
     return max(max_batch, default_workers())
 
 
-def add_batching_options(parser, at_once: str = "unless --max-concurrent says otherwise, N requests are then decoded at once") -> None:
+def add_batching_options(
+    parser, at_once: str = "unless --max-concurrent says otherwise, N requests (or one per core, if more) are then decoded at once"
+) -> None:
     """`--max-batch` and `--batch-wait-ms` of a serving command (serve, listen); `at_once` says how many
     inputs that command decodes at once with batching on."""
     parser.add_argument(
