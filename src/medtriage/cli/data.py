@@ -13,7 +13,7 @@ from medtriage.data.audit import HASH_BITS, MAX_DISTANCE, audit_manifest
 from medtriage.data.manifest import load_manifest
 from medtriage.data.pool import DEFAULT_POOL, DEFAULT_SITES, build_sites_pool, split_files
 from medtriage.data.simulate.sites import DEFAULT_NPZ, DEFAULT_OUT, make_sites, summary_table
-from medtriage.errors import ConfigError
+from medtriage.data.splits import check_fractions
 from medtriage.io.header_warnings import say_header_warnings
 from medtriage.io.safe_output import write_atomic
 
@@ -64,12 +64,7 @@ def add_build_pool_arguments(parser: argparse.ArgumentParser) -> None:
 def run_build_pool(args: argparse.Namespace) -> int:
     refuse_file_as_folder(args.pool, "--pool")
     say_header_warnings()  # pydicom's, once per file and naming it
-    if args.val_fraction + args.test_fraction >= 1:  # before every file is decoded, not after
-        raise ConfigError(
-            f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} leave no patient to train on",
-            where="--val-fraction/--test-fraction",
-            hint="give fractions whose sum is below 1, e.g. 0.15 and 0.2",
-        )
+    check_fractions(args.val_fraction, args.test_fraction, where="--val-fraction/--test-fraction")  # before any decoding
     build_sites_pool(
         args.sites, args.pool, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction, workers=args.workers
     )

@@ -31,7 +31,7 @@ _DICOM_UID = re.compile(DICOM_UID)
 def assign_splits(rows: Iterable[Mapping], val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0) -> list[str]:
     """Split name (`train`, `val` or `test`) for each row (mappings with site, patient_id, label and, optionally,
     study_uid), in order."""
-    _check_fractions(val_fraction, test_fraction)
+    check_fractions(val_fraction, test_fraction)
     if not seed >= 0:  # numpy's seeding refuses it with no word of which setting
         raise ConfigError(
             f"split seed {seed} is negative", where="data.pool_seed (--seed of the pool builder)", hint="use a seed of 0 or more"
@@ -44,11 +44,12 @@ def assign_splits(rows: Iterable[Mapping], val_fraction: float = 0.15, test_frac
     return [split_of_unit[unit] for unit in units]
 
 
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+def check_fractions(val_fraction: float, test_fraction: float, where: str = "data.val_fraction / data.test_fraction") -> None:
+    """Refuse split fractions that leave no patient to train on; `where` names them as the caller's user sets them."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConfigError(
             f"split fractions val={val_fraction}, test={test_fraction} leave nothing to train on",
-            where="data.val_fraction / data.test_fraction",
+            where=where,
             hint="use fractions in [0, 1) whose sum is below 1, e.g. 0.15 and 0.2",
         )
 
