@@ -76,6 +76,14 @@ def _split(archive: zipfile.ZipFile, npz_path: Path, split: str, max_bytes: int)
     return images, _as_int64(labels.reshape(-1), f"{npz_path}#{split}_labels")
 
 
+def require_pixels(images: np.ndarray, split: str, where: str | Path) -> None:
+    """Refuse a split whose images have a side of 0: pooled, they would make the pool read as damaged; scored, the
+    graph's resize fails on them with a bare ONNX Runtime error."""
+    height, width = images.shape[1:3]
+    if not height or not width:
+        raise InputError(f"'{split}_images' holds images of {height} x {width} pixels: no pixels", where=where, hint=NPZ_HINT)
+
+
 def _as_int64(labels: np.ndarray, where: str) -> np.ndarray:
     """Labels as int64, refused where a uint64 label does not fit: converted, 2**63 would read as a negative number,
     and a refusal quoting it would name a label the file does not hold."""

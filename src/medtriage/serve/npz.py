@@ -15,7 +15,7 @@ import numpy as np
 
 from medtriage.errors import InputError, PackageError
 from medtriage.io.dicom import DecodedImage
-from medtriage.io.npz import NPZ_HINT, SPLITS, array_shape, read_npz
+from medtriage.io.npz import SPLITS, array_shape, read_npz, require_pixels
 from medtriage.serve.predictor import ORT_ERRORS, Predictor, Score, require_finite_outputs
 from medtriage.serve.scope import UNUSUAL_INPUT
 
@@ -42,8 +42,7 @@ def _read_split(npz_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
         raise InputError(f"unknown split '{split}'", where="--split", hint=f"use one of {SPLITS}")
     _require_countable(npz_path, split)
     images, labels = read_npz(npz_path, (split,))[split]
-    if not images[0].size:  # the graph's resize fails on them with a bare ONNX Runtime error
-        raise InputError(f"images of shape {list(images.shape[1:])} have no pixels", where=f"{npz_path}#{split}_images", hint=NPZ_HINT)
+    require_pixels(images, split, f"{npz_path}#{split}_images")
     return images, labels
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, pool_lock
 from medtriage.errors import InputError
 from medtriage.format import sha256_file
-from medtriage.io.npz import NPZ_HINT, read_npz
+from medtriage.io.npz import NPZ_HINT, read_npz, require_pixels
 from medtriage.io.safe_output import write_atomic
 
 PNEUMONIA_LABELS = ["normal", "pneumonia"]
@@ -33,7 +33,8 @@ def build_npz_pool(npz_path: str | Path, pool_dir: str | Path, label_names: list
     splits = read_npz(npz_path)  # a missing or unreadable npz is refused here, naming it
     label_names = label_names or [f"class_{i}" for i in range(_class_count(splits))]
     _check_labels(splits, label_names, npz_path)
-    _check_image_sides(splits, npz_path)
+    for split, (images, _) in splits.items():
+        require_pixels(images, split, npz_path)
     with pool_lock(pool_dir):
         # The record of the previous npz goes first: a build cut short after its manifest, before its own record, must
         # not leave this npz's pool looking built from that one
@@ -84,18 +85,6 @@ def _check_labels(splits: dict[str, tuple[np.ndarray, np.ndarray]], label_names:
                 f"{label_names} cover only 0..{len(label_names) - 1}",
                 where=npz_path,
                 hint=f"set data.label_names to one name per class of this npz ({NPZ_HINT})",
-            )
-
-
-def _check_image_sides(splits: dict[str, tuple[np.ndarray, np.ndarray]], npz_path: str | Path) -> None:
-    """An image with a side of 0 holds no pixels: written, it would make the new pool read as damaged."""
-    for split, (images, _) in splits.items():
-        height, width = images.shape[1:3]
-        if not height or not width:
-            raise InputError(
-                f"'{split}_images' holds images of {height} x {width} pixels: no pixels to learn from",
-                where=npz_path,
-                hint=NPZ_HINT,
             )
 
 
