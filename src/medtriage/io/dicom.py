@@ -21,7 +21,7 @@ from pydicom.pixels.decoders.base import DecodeRunner
 
 from medtriage.errors import DicomError, NotAnImageError
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits
+from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, number_of_frames
 from medtriage.io.display import to_display
 from medtriage.io.encapsulation import MalformedItems, claimed_frames, frame_bytes, located_frames, misplaced_basic_entry
 from medtriage.io.header_warnings import reading
@@ -209,7 +209,7 @@ def _require_claimed_frames(ds: pydicom.Dataset, where: str) -> None:
     known = isinstance(syntax, pydicom.uid.UID) and syntax.is_transfer_syntax  # an unknown one: the decoders name it
     if not (known and syntax.is_encapsulated and "PixelData" in ds):
         return
-    claimed = int(ds.get("NumberOfFrames") or 1)  # a whole number > 0: check_limits refused anything else
+    claimed = number_of_frames(ds)  # a whole number > 0: check_limits refused anything else
     found = _encapsulated_frames(ds, claimed)
     if found < claimed:
         raise DicomError(
@@ -317,7 +317,7 @@ def _decode_with_imagecodecs(ds: pydicom.Dataset, frame: int | None, decoder: st
         import imagecodecs
 
         decode = getattr(imagecodecs, decoder)
-        frames = located_frames(ds, int(ds.get("NumberOfFrames") or 1))  # frame N is the frame pydicom calls N
+        frames = located_frames(ds, number_of_frames(ds))  # frame N is the frame pydicom calls N
         wanted = frames if frame is None else itertools.islice(frames, frame, frame + 1)
         arr = np.stack([decode(frame_bytes(ds.PixelData, located)) for located in wanted])
     except (KeyboardInterrupt, SystemExit):

@@ -230,7 +230,7 @@ def _pixel_problem(ds, verify: bool) -> Unsafe | None:
         if "Image" in name or "Rows" in ds:
             return Unsafe("truncated", f"{name or 'image object'} without pixel data: the file ends early")
         return Unsafe("no_pixel_data", f"{name or 'DICOM object'} without pixel data")
-    frames = _claimed_frames(ds)
+    frames = _frame_count(ds)
     if isinstance(frames, Unsafe):
         return frames
     try:
@@ -251,7 +251,7 @@ def _pixel_problem(ds, verify: bool) -> Unsafe | None:
     return None
 
 
-def _claimed_frames(ds) -> int | Unsafe:
+def _frame_count(ds) -> int | Unsafe:
     """Number of Frames as decoders and the pool builder take it; 0, a negative or a fraction is no count of frames (read
     as 1, one decoder would decode a frame and another all the data holds)."""
     try:

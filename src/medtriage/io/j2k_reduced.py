@@ -25,7 +25,7 @@ import struct
 import numpy as np
 import pydicom
 
-from medtriage.io.decode_limits import MAX_HEADER_SEGMENTS
+from medtriage.io.decode_limits import MAX_HEADER_SEGMENTS, number_of_frames
 from medtriage.io.encapsulation import MalformedItems, frame_bytes, located_frames
 
 J2K_SYNTAXES = frozenset({pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000})
@@ -44,7 +44,7 @@ def reduced_j2k_frames(ds: pydicom.Dataset, syntax, frame: int | None, min_side:
         return None
     if int(ds.get("PixelRepresentation") or 0) != 0:
         return None
-    rows, columns, count = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
+    rows, columns, count = int(ds.Rows), int(ds.Columns), number_of_frames(ds)
     bits_stored = int(ds.get("BitsStored") or 0)
     try:
         frames = list(located_frames(ds, count))  # where each frame lies, as pydicom's decoders find it: nothing copied

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 
+from medtriage.io.decode_limits import number_of_frames
+
 # Uncompressed little-endian transfer syntaxes: the pixel bytes are the stored values as they lie.
 NATIVE_SYNTAXES = frozenset({pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian})
 BLOCK_PIXELS = 1 << 16  # 256 KiB of float32 per block: it stays in the core's own cache through every step
@@ -48,7 +50,7 @@ def native_stored(ds: pydicom.Dataset, syntax, frame: int | None) -> StoredValue
     bits_stored = int(ds.get("BitsStored") or allocated)
     if allocated not in (8, 16) or not 0 < bits_stored <= allocated:
         return None
-    rows, columns, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
+    rows, columns, frames = int(ds.Rows), int(ds.Columns), number_of_frames(ds)
     data = ds.PixelData
     if not isinstance(data, bytes) or len(data) < rows * columns * frames * allocated // 8:
         return None
