@@ -16,6 +16,7 @@ from medtriage.data.simulate.sites import DEFAULT_NPZ, DEFAULT_OUT, make_sites, 
 from medtriage.data.splits import check_fractions
 from medtriage.io.header_warnings import say_header_warnings
 from medtriage.io.safe_output import write_atomic
+from medtriage.project import project_path
 
 
 def register(subparsers) -> None:
@@ -33,8 +34,8 @@ def register(subparsers) -> None:
 
 
 def add_make_sites_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help="MedMNIST-layout npz (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the site folders (default: %(default)s)")
+    parser.add_argument("--npz", type=Path, default=project_path(DEFAULT_NPZ), help="MedMNIST-layout npz (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=project_path(DEFAULT_OUT), help="folder for the site folders (default: %(default)s)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="same seed, same bytes (default: %(default)s)")
     parser.add_argument("--limit", type=positive_int, default=None, help="write only this many images (for quick tries)")
 
@@ -51,10 +52,10 @@ def add_build_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sites",
         type=Path,
-        default=DEFAULT_SITES,
+        default=project_path(DEFAULT_SITES),
         help="de-identified site folders, as scripts/ingest_sites.py writes them (default: %(default)s)",
     )
-    parser.add_argument("--pool", type=Path, default=DEFAULT_POOL, help="pool folder to write (default: %(default)s)")
+    parser.add_argument("--pool", type=Path, default=project_path(DEFAULT_POOL), help="pool folder to write (default: %(default)s)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="split seed (default: %(default)s)")
     parser.add_argument("--val-fraction", type=fraction, default=0.15, help="patients in validation (default: %(default)s)")
     parser.add_argument("--test-fraction", type=fraction, default=0.2, help="patients in test (default: %(default)s)")

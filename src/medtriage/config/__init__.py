@@ -1,7 +1,6 @@
 """Configuration: the typed schema (one dataclass per group), the project root, and the composed Hydra config."""
 
 from medtriage.config.compose import compose_train_config, register_configs, to_plain_dict
-from medtriage.config.project import CONFIG_DIR_NAME, find_project_root, git_commit
 from medtriage.config.schema import (
     AugmentConfig,
     AugmentOn,
@@ -21,6 +20,7 @@ from medtriage.config.schema import (
     TrainerConfig,
     check_values,
 )
+from medtriage.project import CONFIG_DIR_NAME, find_project_root, git_commit
 
 __all__ = [
     "CONFIG_DIR_NAME",

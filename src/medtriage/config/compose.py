@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from medtriage.config.project import CONFIG_DIR_NAME, find_project_root
 from medtriage.config.schema import TrainConfig
+from medtriage.project import CONFIG_DIR_NAME, find_project_root
 
 
 def register_configs() -> None:

@@ -9,9 +9,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from medtriage.config.project import git_commit
 from medtriage.config.schema import ExportConfig
 from medtriage.errors import ConfigError, DataNotFoundError, PackageError
+from medtriage.project import git_commit
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "model_package"  # where the package lives among the MLflow run's artifacts

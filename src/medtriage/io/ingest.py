@@ -54,6 +54,7 @@ from medtriage.io.quarantine import Unsafe, screen
 from medtriage.io.safe_output import copy_atomic, output_path, remove_partials, spreadsheet_row, write_atomic, write_new
 from medtriage.io.site_folder import SITE_LABELS_FILE, SiteFolder, read_site_folder
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
+from medtriage.project import project_path
 
 try:
     import fcntl
@@ -612,8 +613,8 @@ def ingest_sites(
 
 
 def add_sites_arguments(parser) -> None:
-    parser.add_argument("--sites", default="data/sites", help="folder of site folders (default: %(default)s)")
-    parser.add_argument("--into", default="data/pool/ingested", help="pool folder (default: %(default)s)")
+    parser.add_argument("--sites", default=project_path("data/sites"), help="folder of site folders (default: %(default)s)")
+    parser.add_argument("--into", default=project_path("data/pool/ingested"), help="pool folder (default: %(default)s)")
     parser.add_argument("--keys", help="folder of <site>.key secrets (default: SITES/.keys)")
     parser.add_argument("--create-keys", action="store_true", help="create missing keys (simulated sites only)")
     parser.add_argument("--workers", type=positive_int, default=1, help="worker processes per site (default 1)")

@@ -24,8 +24,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from medtriage.config.project import git_commit
 from medtriage.errors import ConfigError
+from medtriage.project import git_commit
 
 try:
     import fcntl

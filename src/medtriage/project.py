@@ -22,6 +22,12 @@ def find_project_root(start: str | Path | None = None) -> str:
     return str(here)
 
 
+def project_path(relative: str | Path) -> Path:
+    """`relative` under the project root: the data commands' default folders, wherever they are run from, the same
+    folders training's `paths` group names."""
+    return Path(find_project_root()) / relative
+
+
 def git_commit(root: str | Path | None = None) -> tuple[str, bool]:
     """(commit hash or 'unknown', whether the working tree has uncommitted changes) of the project at `root`."""
 
