@@ -114,3 +114,25 @@ def test_a_number_of_frames_that_counts_no_frame_is_quarantined_as_the_pool_buil
         warnings.simplefilter("ignore")  # pydicom's own notes on 2.5
         outcome = process_file(str(path))
     assert (outcome.status, outcome.reason) == ("quarantined", "unreadable") and said in outcome.detail, outcome
+
+
+def _first_entry_at_the_second_frame(frames):
+    pixel_data = encapsulate(frames, has_bot=True)
+    return (pixel_data[:8] + pixel_data[12:16] + pixel_data[12:],)
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["structural", "verify pixels"])
+def test_a_basic_table_not_pointing_at_its_frames_is_quarantined_as_the_pool_builder_refuses_it(tmp_path, verify):
+    """Before, ingest pooled it (every frame is there, and a whole-image decode reads them in item order); the pool
+    builder then refused it, and a frame read alone would have been other bytes."""
+    _init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), verify)
+    data = _saved(SAMPLES[0], _first_entry_at_the_second_frame)
+    with pytest.raises(DicomError, match="does not point at where frame 1 starts"):
+        read_dicom(data)
+    path = tmp_path / "image.dcm"
+    path.write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own notes on the damaged table
+        outcome = process_file(str(path))
+    assert (outcome.status, outcome.reason) == ("quarantined", "undecodable_pixels"), outcome
+    assert "does not point at where frame 1 starts" in outcome.detail

@@ -47,7 +47,7 @@ from medtriage.errors import ConfigError, DataNotFoundError, ImageTooLargeError,
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, number_of_frames
 from medtriage.io.deid import SEVERAL_ISSUERS_IDENTITY, DeidOptions, SiteKey, deidentify, load_site_key, table_library_version
-from medtriage.io.encapsulation import claimed_frames, ends_with
+from medtriage.io.encapsulation import claimed_frames, ends_with, misplaced_basic_entry
 from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
@@ -235,13 +235,15 @@ def _pixel_problem(ds, verify: bool) -> Unsafe | None:
     if isinstance(frames, Unsafe):
         return frames
     try:
+        encapsulated = ds.file_meta.TransferSyntaxUID.is_encapsulated
         if verify:
             check_limits(ds, default_limits(), "ingest")  # what the header claims, before a decoder allocates it
             pixel_array(ds, allow_excess_frames=False)  # decoding is the check, of the frames the header claims
-        elif ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            return _broken_frames(ds, frames)
-        elif len(ds.PixelData) < get_expected_length(ds, "bytes"):
+        elif encapsulated and (broken := _broken_frames(ds, frames)):
+            return broken
+        elif not encapsulated and len(ds.PixelData) < get_expected_length(ds, "bytes"):
             return Unsafe("truncated", f"pixel data holds {len(ds.PixelData)} of {get_expected_length(ds, 'bytes')} bytes")
+        return _misplaced_table(ds, frames) if encapsulated else None
     except ImageTooLargeError as err:
         return Unsafe("too_large", str(err))
     except (KeyboardInterrupt, SystemExit):
@@ -249,7 +251,6 @@ def _pixel_problem(ds, verify: bool) -> Unsafe | None:
     except BaseException as err:  # decoder plugins raise ValueError/RuntimeError/...; Rust ones panic (BaseException)
         reason = "truncated" if "less than expected" in str(err) or "truncat" in str(err).lower() else "undecodable_pixels"
         return Unsafe(reason, f"{type(err).__name__}: {err}")
-    return None
 
 
 def _frame_count(ds) -> int | Unsafe:
@@ -280,6 +281,15 @@ def _broken_frames(ds, claimed: int) -> Unsafe | None:
     if unmarked:
         return Unsafe("truncated", "a compressed frame lacks its end-of-image marker")
     return None
+
+
+def _misplaced_table(ds, claimed: int) -> Unsafe | None:
+    """A Basic Offset Table entry that is not where its frame starts: a frame read alone (as the node and scoring read
+    one) would be other bytes than the whole image's, and the pool builder refuses the file."""
+    misplaced = misplaced_basic_entry(ds, claimed)
+    if misplaced is None:
+        return None
+    return Unsafe("undecodable_pixels", f"the Basic Offset Table does not point at where frame {misplaced + 1} starts")
 
 
 # ---------------------------------------------------------------- the site run (main process)
