@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 
 from medtriage.errors import DicomError
+from medtriage.io import ingest
 from medtriage.io.deid import DeidOptions, SiteKey
 from medtriage.io.dicom import read_dicom
 from medtriage.io.ingest import _init_worker, process_file
@@ -136,3 +137,20 @@ def test_a_basic_table_not_pointing_at_its_frames_is_quarantined_as_the_pool_bui
         outcome = process_file(str(path))
     assert (outcome.status, outcome.reason) == ("quarantined", "undecodable_pixels"), outcome
     assert "does not point at where frame 1 starts" in outcome.detail
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_verify_pixels_decodes_only_the_frames_the_header_claims(tmp_path, name, monkeypatch):
+    """The decode limits are checked against Number of Frames (3 here, of 10 held); before, the verifying decode went on
+    to every frame the data holds, past what was checked."""
+    decoded = []
+    real = ingest.pixel_array
+    monkeypatch.setattr(ingest, "pixel_array", lambda *a, **kw: decoded.append(real(*a, **kw).shape) or decoded[-1])
+    _init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), True)
+    path = tmp_path / "image.dcm"
+    path.write_bytes(_with(name, NumberOfFrames="3", PatientID="patient-1"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's note on the frames past the count
+        outcome = process_file(str(path))
+    assert outcome.status == "pending", outcome
+    assert decoded == [(3, 64, 64)]
