@@ -20,7 +20,8 @@ from medtriage.data.pool import build_sites_pool, decode_file
 from medtriage.data.splits import assign_splits, patient_identity
 from medtriage.errors import InputError
 from medtriage.io.deid import SiteKey
-from medtriage.io.ingest import INDEX_FILE, ingest_site, ledger_folder
+from medtriage.io.ingest import ingest_site
+from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
 from tests.io.test_clamped import claiming_file
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")

@@ -26,7 +26,8 @@ from pydicom.tag import Tag
 from medtriage.errors import MedTriageError
 from medtriage.io.deid import DeidOptions, SiteKey
 from medtriage.io.dicom import read_dicom
-from medtriage.io.ingest import _init_worker, ingest_site, process_file
+from medtriage.io.ingest import ingest_site
+from medtriage.io.ingest_file import init_worker, process_file
 from medtriage.serve.http import create_app
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection
@@ -206,7 +207,7 @@ def test_scoring_gives_scores_or_a_typed_rejection(predictor, data):
 def test_ingest_pools_or_quarantines_every_file(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("fuzz") / "input.dcm"
     path.write_bytes(data)
-    _init_worker(SiteKey(b"fuzz-secret-0123456789abcdef0123"), DeidOptions(), frozenset(), False)
+    init_worker(SiteKey(b"fuzz-secret-0123456789abcdef0123"), DeidOptions(), frozenset(), False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outcome = process_file(str(path))

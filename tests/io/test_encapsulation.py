@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_fragmented_frames, generate_fragments, generate_frames
 
 import medtriage.io.dicom
-import medtriage.io.ingest
+import medtriage.io.ingest_file
 from medtriage.io.encapsulation import MalformedItems, Span, ends_with, frame_bytes, frame_ends, frames_in
 
 JPEG_2000, RLE = "emri_small_jpeg_2k_lossless.dcm", "emri_small_RLE.dcm"
@@ -151,5 +151,5 @@ def test_counting_frames_copies_no_frame_and_reads_no_more_of_a_table_than_the_f
     read_dicom's count copied each fragment in turn (2 MB each)."""
     ds = make()
     assert _peak(lambda: medtriage.io.dicom._require_claimed_frames(ds, "big.dcm")) < 256 << 10
-    assert _peak(lambda: medtriage.io.ingest._pixel_problem(ds, verify=False)) < 256 << 10
-    assert medtriage.io.ingest._pixel_problem(ds, verify=False) is None
+    assert _peak(lambda: medtriage.io.ingest_file._pixel_problem(ds, verify=False)) < 256 << 10
+    assert medtriage.io.ingest_file._pixel_problem(ds, verify=False) is None

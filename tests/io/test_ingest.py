@@ -15,7 +15,8 @@ import pytest
 from medtriage.cli import main as cli_main
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.deid import SiteKey
-from medtriage.io.ingest import INDEX_FILE, ingest_site, ledger_folder
+from medtriage.io.ingest import ingest_site
+from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
 from medtriage.io.site_folder import SITE_LABELS_FILE
 from tests.io.phi_site import build_phi_site, identifying_values, pixel_sha256
 

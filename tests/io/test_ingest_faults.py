@@ -11,7 +11,8 @@ import textwrap
 from pathlib import Path
 
 from medtriage.io.deid import SiteKey
-from medtriage.io.ingest import INDEX_FILE, ingest_site, ledger_folder
+from medtriage.io.ingest import ingest_site
+from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
 from tests.io.phi_site import build_phi_site
 
 SECRET = b"test-site-secret-0123456789abcdef"
@@ -20,9 +21,10 @@ KILLED_INGEST = textwrap.dedent(f"""
     import os, signal, sys
     from pathlib import Path
     import medtriage.io.ingest as ingest
+    import medtriage.io.ingest_ledger as ledger
     from medtriage.io.deid import SiteKey
 
-    real, writes = ingest.write_atomic, []
+    real, writes = ledger.write_atomic, []
 
     def dying_write(path, data):
         if Path(path).suffix == ".dcm" and len(writes) == 2:
@@ -32,7 +34,7 @@ KILLED_INGEST = textwrap.dedent(f"""
         writes.append(path)
         return real(path, data)
 
-    ingest.write_atomic = dying_write
+    ledger.write_atomic = dying_write
     src, pool, quarantine = sys.argv[1:4]
     ingest.ingest_site("site_a", src, pool, key=SiteKey({SECRET!r}), quarantine=quarantine, progress=False)
 """)

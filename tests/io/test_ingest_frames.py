@@ -13,10 +13,10 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 
 from medtriage.errors import DicomError
-from medtriage.io import ingest
+from medtriage.io import ingest_file
 from medtriage.io.deid import DeidOptions, SiteKey
 from medtriage.io.dicom import read_dicom
-from medtriage.io.ingest import _init_worker, process_file
+from medtriage.io.ingest_file import init_worker, process_file
 from tests.io.test_decode_limits import _with
 
 SAMPLES = ["emri_small_jpeg_2k_lossless.dcm", "emri_small_RLE.dcm"]
@@ -57,7 +57,7 @@ LAYOUTS = {  # name: (encapsulation, frames read_dicom finds)
 
 @pytest.fixture
 def ingest_one(tmp_path):
-    _init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), False)
+    init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), False)
 
     def ingest(data: bytes):
         path = tmp_path / "image.dcm"
@@ -107,7 +107,7 @@ def test_a_frame_without_its_end_of_image_marker_is_quarantined_as_truncated(ing
 def test_a_number_of_frames_that_counts_no_frame_is_quarantined_as_the_pool_builder_refuses_it(tmp_path, name, count, said, verify):
     """Before, ingest read 0 as 1 frame and 2.5 as 2, and checked nothing for -1 on native pixels: it pooled files the
     pool builder then refused."""
-    _init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), verify)
+    init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), verify)
     path = tmp_path / "image.dcm"
     data = _with(name, NumberOfFrames="7777777", PatientID="patient-1")  # a patient: else refused for having none
     path.write_bytes(data.replace(b"7777777 ", count.ljust(8)))
@@ -126,7 +126,7 @@ def _first_entry_at_the_second_frame(frames):
 def test_a_basic_table_not_pointing_at_its_frames_is_quarantined_as_the_pool_builder_refuses_it(tmp_path, verify):
     """Before, ingest pooled it (every frame is there, and a whole-image decode reads them in item order); the pool
     builder then refused it, and a frame read alone would have been other bytes."""
-    _init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), verify)
+    init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), verify)
     data = _saved(SAMPLES[0], _first_entry_at_the_second_frame)
     with pytest.raises(DicomError, match="does not point at where frame 1 starts"):
         read_dicom(data)
@@ -144,9 +144,9 @@ def test_verify_pixels_decodes_only_the_frames_the_header_claims(tmp_path, name,
     """The decode limits are checked against Number of Frames (3 here, of 10 held); before, the verifying decode went on
     to every frame the data holds, past what was checked."""
     decoded = []
-    real = ingest.pixel_array
-    monkeypatch.setattr(ingest, "pixel_array", lambda *a, **kw: decoded.append(real(*a, **kw).shape) or decoded[-1])
-    _init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), True)
+    real = ingest_file.pixel_array
+    monkeypatch.setattr(ingest_file, "pixel_array", lambda *a, **kw: decoded.append(real(*a, **kw).shape) or decoded[-1])
+    init_worker(SiteKey(b"test-site-secret-0123456789abcdef"), DeidOptions(), frozenset(), True)
     path = tmp_path / "image.dcm"
     path.write_bytes(_with(name, NumberOfFrames="3", PatientID="patient-1"))
     with warnings.catch_warnings():

@@ -18,7 +18,8 @@ from pydicom.uid import generate_uid
 
 from medtriage.errors import MedTriageError
 from medtriage.io.deid import SiteKey
-from medtriage.io.ingest import INDEX_FILE, ingest_site, ledger_folder
+from medtriage.io.ingest import ingest_site
+from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
 from medtriage.io.site_folder import read_site_folder
 from tests.io.phi_site import build_phi_site
 
@@ -30,9 +31,10 @@ PAUSED_INGEST = textwrap.dedent(f"""
     import os, sys, time
     from pathlib import Path
     import medtriage.io.ingest as ingest
+    import medtriage.io.ingest_ledger as ledger
     from medtriage.io.deid import SiteKey
 
-    real, paused = ingest.write_atomic, []
+    real, paused = ledger.write_atomic, []
     src, pool, quarantine, ready, go = sys.argv[1:6]
 
     def paused_write(path, data):
@@ -49,7 +51,7 @@ PAUSED_INGEST = textwrap.dedent(f"""
         os.replace(partial, path)
         return path
 
-    ingest.write_atomic = paused_write
+    ledger.write_atomic = paused_write
     summary = ingest.ingest_site("site_a", src, pool, key=SiteKey({SECRET!r}), quarantine=quarantine, progress=False)
     print(summary.line())
 """)

@@ -16,10 +16,11 @@ from pydicom.uid import generate_uid
 from medtriage.cli import main as cli_main
 from medtriage.cli.ingest_sites import main as ingest_sites_main
 from medtriage.errors import ConfigError
-from medtriage.io import ingest
+from medtriage.io import ingest_file
 from medtriage.io.decode_limits import DecodeLimits
 from medtriage.io.deid import DeidOptions, SiteKey, deidentify, patient_key
-from medtriage.io.ingest import INDEX_FILE, ingest_site, ledger_folder
+from medtriage.io.ingest import ingest_site
+from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
 from medtriage.io.quarantine import screen
 
 KEY_TEXT = "test-site-secret-0123456789abcdef"
@@ -79,17 +80,17 @@ def test_the_default_limit_refuses_a_multi_gigabyte_file_from_its_size_alone(tmp
     _sparse(tmp_path / "site" / "huge.dcm", SPARSE_BYTES)
     summary = ingest_site("a", tmp_path / "site", tmp_path / "pool", key=KEY, progress=False)
     assert dict(summary.quarantined) == {"too_large": 1}
-    assert ingest.DEFAULT_MAX_FILE_BYTES == DecodeLimits().max_decoded_bytes < SPARSE_BYTES
+    assert ingest_file.DEFAULT_MAX_FILE_BYTES == DecodeLimits().max_decoded_bytes < SPARSE_BYTES
 
 
 def test_a_file_growing_past_the_limit_after_its_size_was_read_is_refused(tmp_path, monkeypatch):
     big = _sparse(tmp_path / "grown.dcm", 3 << 20)
-    monkeypatch.setattr(ingest.os, "fstat", lambda fd: SimpleNamespace(st_size=100))  # its size before it grew
-    ingest._init_worker(KEY, DeidOptions(), frozenset(), False, 1 << 20)
-    out = ingest.process_file(str(big))
+    monkeypatch.setattr(ingest_file.os, "fstat", lambda fd: SimpleNamespace(st_size=100))  # its size before it grew
+    ingest_file.init_worker(KEY, DeidOptions(), frozenset(), False, 1 << 20)
+    out = ingest_file.process_file(str(big))
     assert (out.status, out.reason) == ("unread", "too_large") and str(1 << 20) in out.detail
     _write(tmp_path / "site", [_image()])  # grown, but within the limit: read whole and pooled
-    assert ingest.process_file(str(tmp_path / "site" / "IM0000.dcm")).status == "pending"
+    assert ingest_file.process_file(str(tmp_path / "site" / "IM0000.dcm")).status == "pending"
 
 
 def test_both_ingest_commands_take_the_size_limit(tmp_path, monkeypatch, capsys):

@@ -41,7 +41,7 @@ from medtriage.io.clamped import dicom_source
 from medtriage.io.deid import patient_id_text
 from medtriage.io.dicom import read_dicom
 from medtriage.io.header_warnings import say_header_warnings, saying_header_warnings
-from medtriage.io.ingest import ledger_folder, logged_patient_identities
+from medtriage.io.ingest_ledger import ledger_folder, logged_patient_identities
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
 from medtriage.io.site_labels import MAX_LABELS_BYTES, labels_size_problem

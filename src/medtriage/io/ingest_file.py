@@ -1,0 +1,205 @@
+"""One site file through ingest, in a worker process: read it within its size limit, screen it, check its pixels
+and de-identify it. Where the result goes is the ledger's decision (`medtriage.io.ingest_ledger`), in the main process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import get_expected_length
+
+from medtriage.errors import ImageTooLargeError
+from medtriage.io.clamped import dicom_source
+from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, number_of_frames
+from medtriage.io.deid import DeidOptions, SiteKey, deidentify
+from medtriage.io.encapsulation import claimed_frames, ends_with, misplaced_basic_entry
+from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
+from medtriage.io.part10 import encode
+from medtriage.io.quarantine import Unsafe, screen
+
+# Each input is read whole into a worker's memory, so its size is bounded before it is read. The bound is the decode
+# limit on an image's float32 pixels: stored samples are rarely wider than that, so the pool builder could not use a
+# larger file anyway.
+DEFAULT_MAX_FILE_BYTES = DecodeLimits().max_decoded_bytes
+_READ_STEP = 16 << 20  # how much more a file that grew since its size was read is read at a time
+
+
+@dataclass
+class Outcome:
+    """What one worker made of one source file. `pending` files still need the duplicate check."""
+
+    source: str
+    content_key: str = ""
+    status: str = "pending"  # pending | quarantined | already | unread
+    reason: str = ""
+    detail: str = ""
+    sop_uid: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    patient: str = ""
+    accession: str = ""
+    pixel_sha256: str = ""
+    modality: str = ""
+    identified_by_name: bool = False
+    encoded: bytes = b""  # the de-identified file; the main process decides where it goes
+
+
+_WORKER: dict = {}
+
+
+def init_worker(
+    key: SiteKey,
+    options: DeidOptions,
+    known: frozenset,
+    verify: bool,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    say_warnings: bool = False,
+) -> None:
+    _WORKER.update(key=key, options=options, known=known, verify=verify, max_file_bytes=max_file_bytes)
+    if say_warnings and not saying_header_warnings():  # a worker started afresh (spawn), not forked from the command
+        say_header_warnings()
+
+
+def process_file(source: str) -> Outcome:
+    """Read, screen, check and de-identify one file; the main process decides where the result goes."""
+    with reading(source):  # pydicom's warnings name the file, those met after the read (de-identifying) included
+        return _process_file(source, _WORKER)
+
+
+def _process_file(source: str, w: dict) -> Outcome:
+    try:
+        data = _read_bounded(source, w["max_file_bytes"])
+    except OSError as err:  # permissions, a file removed since the listing: this file only, never the run
+        return Outcome(source, status="unread", reason="cannot_read", detail=f"{type(err).__name__}: {err.strerror or err}")
+    if isinstance(data, Unsafe):
+        return Outcome(source, status="unread", reason=data.reason, detail=data.detail)
+    out = Outcome(source, content_key=w["key"].content_key(data))
+    if out.content_key in w["known"]:
+        out.status = "already"
+        return out
+    try:
+        with dicom_source(data, source) as buffer:
+            ds = pydicom.dcmread(buffer)
+    except ImageTooLargeError as err:
+        return quarantined(out, Unsafe("too_large", str(err)))
+    except InvalidDicomError:
+        return quarantined(out, Unsafe("not_dicom", "no DICOM preamble/prefix and no recognisable data set"))
+    except Exception as err:  # pydicom raises many types on corrupt headers
+        return quarantined(out, Unsafe("unreadable", f"{type(err).__name__}: {err}"))
+    try:
+        return _deidentified(out, ds, w)
+    except Exception as err:  # values pydicom parses lazily can still be malformed: this file only, never the run
+        return quarantined(out, Unsafe("unreadable", f"{type(err).__name__}: {err}"))
+
+
+def _read_bounded(source: str, limit: int) -> bytes | Unsafe:
+    """The file's bytes, or why it is too large to read: its size is checked first, and the read stops past the
+    limit, so a file that grows after the check still costs at most the limit. (A read allocates what it asks for:
+    it asks for the size found, and for the growth in steps.)"""
+    hint = "raise --max-file-bytes if it is genuine"
+    with Path(source).open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            return Unsafe("too_large", f"file of {size} bytes exceeds the ingest limit of {limit} bytes: {hint}")
+        data = f.read(size + 1)  # one byte more shows whether it grew
+        if len(data) > size:  # read on up to one byte past the limit
+            while len(data) <= limit and (more := f.read(min(_READ_STEP, limit + 1 - len(data)))):
+                data += more
+    if len(data) > limit:
+        return Unsafe("too_large", f"file grew past the ingest limit of {limit} bytes while it was read: {hint}")
+    return data
+
+
+def _deidentified(out: Outcome, ds, w: dict) -> Outcome:
+    problem = screen(ds) or _pixel_problem(ds, w["verify"])
+    if problem:
+        return quarantined(out, problem)
+    out.pixel_sha256 = hashlib.sha256(ds.PixelData).hexdigest()[:32]  # stored bytes: exact copies, same encoding
+    result = deidentify(ds, w["key"], w["options"])
+    out.accession = str(ds.get("AccessionNumber", "") or "")
+    out.modality = "".join(c for c in str(ds.get("Modality", "") or "OT") if c.isalnum())[:16] or "OT"
+    out.sop_uid, out.study_uid, out.series_uid, out.patient = result.sop_uid, result.study_uid, result.series_uid, result.pseudonym
+    out.identified_by_name = result.identified_by_name
+    out.encoded = encode(ds)
+    return out
+
+
+def quarantined(out: Outcome, problem: Unsafe) -> Outcome:
+    out.status, out.reason, out.detail = "quarantined", problem.reason, problem.detail
+    return out
+
+
+def _pixel_problem(ds, verify: bool) -> Unsafe | None:
+    """A truncated or broken file must not reach the pool. By default the check is structural (length of
+    native pixels, complete fragments ending in an end-of-image marker): the pool builder decodes every
+    file anyway. `verify` decodes here too, at the cost of a second decode."""
+    if "PixelData" not in ds:
+        name = getattr(ds.get("SOPClassUID", ""), "name", "")
+        if "Image" in name or "Rows" in ds:
+            return Unsafe("truncated", f"{name or 'image object'} without pixel data: the file ends early")
+        return Unsafe("no_pixel_data", f"{name or 'DICOM object'} without pixel data")
+    frames = _frame_count(ds)
+    if isinstance(frames, Unsafe):
+        return frames
+    try:
+        encapsulated = ds.file_meta.TransferSyntaxUID.is_encapsulated
+        if verify:
+            check_limits(ds, default_limits(), "ingest")  # what the header claims, before a decoder allocates it
+            pixel_array(ds, allow_excess_frames=False)  # decoding is the check, of the frames the header claims
+        elif encapsulated and (broken := _broken_frames(ds, frames)):
+            return broken
+        elif not encapsulated and len(ds.PixelData) < get_expected_length(ds, "bytes"):
+            return Unsafe("truncated", f"pixel data holds {len(ds.PixelData)} of {get_expected_length(ds, 'bytes')} bytes")
+        return _misplaced_table(ds, frames) if encapsulated else None
+    except ImageTooLargeError as err:
+        return Unsafe("too_large", str(err))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # decoder plugins raise ValueError/RuntimeError/...; Rust ones panic (BaseException)
+        reason = "truncated" if "less than expected" in str(err) or "truncat" in str(err).lower() else "undecodable_pixels"
+        return Unsafe(reason, f"{type(err).__name__}: {err}")
+
+
+def _frame_count(ds) -> int | Unsafe:
+    """Number of Frames as decoders and the pool builder take it; 0, a negative or a fraction is no count of frames (read
+    as 1, one decoder would decode a frame and another all the data holds)."""
+    try:
+        frames = number_of_frames(ds)
+    except (ValueError, TypeError) as err:
+        return Unsafe("unreadable", f"Number of Frames: {err}")
+    if frames < 1:
+        return Unsafe("unreadable", f"Number of Frames {frames} counts no frame")
+    return frames
+
+
+_END_OF_IMAGE = {"1.2.840.10008.1.2.4": b"\xff\xd9"}  # JPEG, JPEG-LS and JPEG 2000 codestreams all end in FFD9
+
+
+def _broken_frames(ds, claimed: int) -> Unsafe | None:
+    """Frames missing, counted as the pool builder's decoders count them (io.encapsulation), or a frame's last fragment
+    without its end-of-image marker: looked at where the frames lie, never copied."""
+    marker = next((m for prefix, m in _END_OF_IMAGE.items() if ds.file_meta.TransferSyntaxUID.startswith(prefix)), None)
+    data, found, unmarked = ds.PixelData, 0, False
+    for last_fragment in claimed_frames(ds, claimed):
+        found += 1
+        unmarked = unmarked or (marker is not None and not ends_with(data, last_fragment, marker))
+    if found < claimed:
+        return Unsafe("truncated", f"{found} of {claimed} compressed frames present")
+    if unmarked:
+        return Unsafe("truncated", "a compressed frame lacks its end-of-image marker")
+    return None
+
+
+def _misplaced_table(ds, claimed: int) -> Unsafe | None:
+    """A Basic Offset Table entry that is not where its frame starts: a frame read alone (as the node and scoring read
+    one) would be other bytes than the whole image's, and the pool builder refuses the file."""
+    misplaced = misplaced_basic_entry(ds, claimed)
+    if misplaced is None:
+        return None
+    return Unsafe("undecodable_pixels", f"the Basic Offset Table does not point at where frame {misplaced + 1} starts")

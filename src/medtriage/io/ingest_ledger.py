@@ -1,0 +1,257 @@
+"""Where each ingested file ends up, and the record of it: the pool (new files), the quarantine (originals, listed by
+reason), the site's index of every input ever seen (what makes a rerun incremental) and the per-run audit log. Runs in
+the main process, in input order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pydicom
+
+from medtriage import __version__
+from medtriage.io.deid import SEVERAL_ISSUERS_IDENTITY, DeidOptions, table_library_version
+from medtriage.io.ingest_file import Outcome, quarantined
+from medtriage.io.quarantine import Unsafe
+from medtriage.io.safe_output import copy_atomic, output_path, spreadsheet_row, write_atomic
+
+INDEX_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "logs", "quarantine.csv"
+LEDGER_DIR = ".ingest"  # hidden: the pool builder skips it
+INDEX_COLUMNS = [
+    "content_key",
+    "outcome",
+    "reason",
+    "sop_uid",
+    "study_uid",
+    "series_uid",
+    "patient",
+    "accession",
+    "pixel_sha256",
+    "path",
+    "flag",
+    "run",
+]
+QUARANTINE_COLUMNS = ["content_key", "reason", "detail", "source", "run"]
+
+
+@dataclass
+class IngestSummary:
+    site: str
+    run: str
+    counts_in: int = 0
+    hidden: int = 0  # files under a hidden name, left out: not inputs, so not in counts_in
+    pooled_new: int = 0
+    pooled_before: int = 0
+    quarantined: Counter = field(default_factory=Counter)  # reason -> count, this run and earlier
+    flags: Counter = field(default_factory=Counter)
+    identified_by_name: int = 0  # pooled this run by Patient's Name and birth date, for want of a Patient ID
+    labels: dict = field(default_factory=dict)
+    log_path: str = ""
+
+    @property
+    def pooled(self) -> int:
+        return self.pooled_new + self.pooled_before
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.quarantined.items())) or "none"
+        flags = "".join(f"; flagged {f} {n}" for f, n in sorted(self.flags.items()))
+        by_name = f"; {self.identified_by_name} identified by name, not Patient ID" if self.identified_by_name else ""
+        hidden = f"; left out {self.hidden} hidden file(s) (a name starting with '.')" if self.hidden else ""
+        return (
+            f"{self.site}: in {self.counts_in} = pooled {self.pooled} ({self.pooled_new} new) "
+            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}{by_name}{hidden}"
+        )
+
+
+def ledger_folder(pool: str | Path, site: str) -> Path:
+    """Where a site's ingest index and audit logs live inside the pool."""
+    return Path(pool) / LEDGER_DIR / site
+
+
+class Ledger:
+    """Decides where each outcome ends up (in input order, so duplicates resolve the same way every time)."""
+
+    def __init__(self, site: str, site_dir: Path, index_path: Path, quarantine: Path, run: str, index: dict, pixels: dict):
+        self.site, self.site_dir, self.quarantine, self.run = site, site_dir, quarantine, run
+        self.index, self.pixels = index, pixels  # content_key -> row; pixel hash -> "site/sop"
+        self.sops = {r["sop_uid"] for r in index.values() if r["outcome"] == "pooled"}
+        self.seen: set[str] = set()  # content keys of this run's inputs (already-ingested included)
+        self._index_file = _append_csv(index_path, INDEX_COLUMNS)
+        self._quarantine_file = None
+
+    def record(self, out: Outcome, summary: IngestSummary) -> None:
+        """Place one input and count it exactly once: pooled (new or before) or quarantined by reason."""
+        if out.status == "unread":  # no bytes read, so no key and no copy: listed, not indexed, so the next run looks again
+            self._list_quarantined(out)
+            summary.quarantined[out.reason] += 1
+            return
+        if out.content_key in self.seen:  # the same bytes twice in this run: the second copy adds nothing
+            quarantined(out, Unsafe("duplicate_file", "byte-identical to another input of this run"))
+            self._toquarantined(out, indexed=False)
+        elif out.status == "already" or out.content_key in self.index:
+            row = self.index[out.content_key]
+            if row["outcome"] == "pooled":
+                summary.pooled_before += 1
+            else:
+                summary.quarantined[row["reason"]] += 1
+        else:
+            if out.status == "pending" and out.sop_uid in self.sops:
+                quarantined(out, Unsafe("duplicate_sop_instance", "a different file with the same SOP Instance UID is pooled"))
+            if out.status == "quarantined":
+                self._toquarantined(out)
+            else:
+                self._to_pool(out)
+                summary.pooled_new += 1
+                summary.identified_by_name += out.identified_by_name
+        if out.status == "quarantined":
+            summary.quarantined[out.reason] += 1
+        self.seen.add(out.content_key)
+
+    def _to_pool(self, out: Outcome) -> None:
+        # The site export's own layout, new UIDs; a UID the profile keeps (DICOM root) is still header data.
+        target = output_path(self.site_dir, f"{out.modality}.{out.sop_uid}", ".dcm")
+        write_atomic(target, out.encoded)  # never a half-written file under its final name
+        relative = Path(target.name)
+        self.sops.add(out.sop_uid)
+        twin = self.pixels.get(out.pixel_sha256)
+        flag = f"identical_pixels:{twin}" if twin else ""
+        self.pixels.setdefault(out.pixel_sha256, f"{self.site}/{out.sop_uid}")
+        self._write_index(out, "pooled", path=relative.as_posix(), flag=flag)
+
+    def _toquarantined(self, out: Outcome, indexed: bool = True) -> None:
+        target = output_path(self.quarantine / out.reason, out.content_key, _kept_suffix(out.source))
+        copy_atomic(out.source, target)
+        self._list_quarantined(out)
+        if indexed:
+            self._write_index(out, "quarantined")
+
+    def _list_quarantined(self, out: Outcome) -> None:
+        if self._quarantine_file is None:
+            self._quarantine_file = _append_csv(self.quarantine / QUARANTINE_LIST, QUARANTINE_COLUMNS)
+        row = {"content_key": out.content_key, "reason": out.reason, "detail": out.detail, "source": out.source, "run": self.run}
+        self._quarantine_file[1].writerow(spreadsheet_row(row))  # read by people
+        self._quarantine_file[0].flush()  # before the index row that marks this input done
+
+    def _write_index(self, out: Outcome, outcome: str, path: str = "", flag: str = "") -> None:
+        row = {
+            "content_key": out.content_key,
+            "outcome": outcome,
+            "reason": out.reason,
+            "sop_uid": out.sop_uid,
+            "study_uid": out.study_uid,
+            "series_uid": out.series_uid,
+            "patient": out.patient,
+            "accession": out.accession,
+            "pixel_sha256": out.pixel_sha256,
+            "path": path,
+            "flag": flag,
+            "run": self.run,
+        }
+        self.index[out.content_key] = row
+        self._index_file[1].writerow(row)
+        self._index_file[0].flush()  # an interrupted run keeps what it recorded
+
+    def close(self) -> None:
+        for handle in (self._index_file, self._quarantine_file):
+            if handle:
+                handle[0].close()
+
+
+def _kept_suffix(source: str) -> str:
+    """The source's extension (so a quarantined .dcm stays one), when it is a plain one."""
+    suffix = Path(source).suffix[:8]
+    return suffix if re.fullmatch(r"\.[A-Za-z0-9_-]+", suffix) else ""
+
+
+def _append_csv(path: Path, columns: list[str]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drop_torn_line(path)
+    new = not path.exists() or path.stat().st_size == 0
+    handle = open(path, "a", newline="")
+    writer = csv.DictWriter(handle, fieldnames=columns)
+    if new:
+        writer.writeheader()
+    return handle, writer
+
+
+def drop_torn_line(path: Path) -> None:
+    """A run killed mid-write may leave a last line without its newline: cut it, so the next row starts clean
+    (that input is not marked done, so this run processes it again)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = f.seek(max(0, size - 65536))  # a row is far shorter than this
+        tail = f.read()
+        if not tail.endswith(b"\n"):
+            f.truncate(start + tail.rfind(b"\n") + 1)
+
+
+def read_index(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {row["content_key"]: row for row in csv.DictReader(f)}
+
+
+def pooled_pixels(pool: Path) -> dict[str, str]:
+    """Pixel hash -> 'site/sop' over every site already in the pool: spots the same image at two sites."""
+    found: dict[str, str] = {}
+    for index_path in sorted((pool / LEDGER_DIR).glob(f"*/{INDEX_FILE}")):
+        for row in read_index(index_path).values():
+            if row["outcome"] == "pooled" and row["pixel_sha256"]:
+                found.setdefault(row["pixel_sha256"], f"{index_path.parent.name}/{row['sop_uid']}")
+    return found
+
+
+def write_audit_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptions, workers: int, started: float) -> Path:
+    """The per-ingest audit log: counts, profile, versions and time. Names no patient, path or original UID."""
+    log = {
+        "site": summary.site,
+        "run": summary.run,
+        "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 3),
+        "workers": workers,
+        "software": {
+            "medtriage": __version__,
+            "pydicom": pydicom.__version__,
+            "table": table_library_version(),
+            "python": platform.python_version(),
+        },
+        "deidentification": options.describe(),
+        "counts": {
+            "in": summary.counts_in,
+            "hidden_left_out": summary.hidden,
+            "pooled": summary.pooled,
+            "pooled_new": summary.pooled_new,
+            "pooled_before": summary.pooled_before,
+            "quarantined": dict(summary.quarantined),
+            "quarantined_total": sum(summary.quarantined.values()),
+            "identified_by_name": summary.identified_by_name,
+        },
+        "flags": dict(summary.flags),
+        "labels": summary.labels,
+    }
+    return write_atomic(ledger_dir / LOG_DIR / f"{summary.run}.json", json.dumps(log, indent=2).encode())
+
+
+def logged_patient_identities(ledger_dir: str | Path) -> dict[str, Path]:
+    """How the site's ingests keyed patients, by their audit logs: each rule and the first log that names it. Logs
+    from before the rule was logged keyed on issuer and ID, as `--several-id-issuers` does."""
+    rules: dict[str, Path] = {}
+    for log_path in sorted((Path(ledger_dir) / LOG_DIR).glob("*.json")):
+        try:
+            used = json.loads(log_path.read_text())["deidentification"].get("patient_identity", SEVERAL_ISSUERS_IDENTITY)
+        except (OSError, ValueError, LookupError, TypeError, AttributeError):
+            continue  # not an audit log of this tool's: it says nothing of how the pool's patients were keyed
+        rules.setdefault(str(used), log_path)
+    return rules
