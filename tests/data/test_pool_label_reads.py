@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 from medtriage.data import pool as pool_module
-from medtriage.data.pool import read_labels
+from medtriage.data import pool_labels
+from medtriage.data.pool_labels import read_labels
 from medtriage.io import site_labels
 from tests.data.test_pool_build_follow_ups import build, one_site
 
@@ -21,14 +22,14 @@ def labels_file(tmp_path, text: str):
 
 def once_the_size_is_checked(monkeypatch, change) -> None:
     """`change()` runs where the size of labels.csv is checked, before its bytes are read."""
-    check, done = pool_module.labels_size_problem, []
+    check, done = pool_labels.labels_size_problem, []
 
     def changing_check(size):
         if not done:
             done.append(change())
         return check(size)
 
-    monkeypatch.setattr(pool_module, "labels_size_problem", changing_check)
+    monkeypatch.setattr(pool_labels, "labels_size_problem", changing_check)
     monkeypatch.setattr(site_labels, "MAX_LABELS_BYTES", SMALL_LIMIT)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medtriage.data.pool import read_labels
+from medtriage.data.pool_labels import read_labels
 from medtriage.errors import InputError
 from medtriage.io.site_labels import MAX_LABELS_BYTES, read_site_labels
 from tests.memory import outcome_and_peak_bytes

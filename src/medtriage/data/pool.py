@@ -18,13 +18,10 @@ pool folder take turns (`pool_lock`): one started while another runs waits for i
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import multiprocessing
 import os
-import stat
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -34,9 +31,10 @@ import pydicom
 from tqdm import tqdm
 
 from medtriage.data.manifest import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, Manifest, PoolWriter, load_manifest, pool_lock
+from medtriage.data.pool_labels import KEY_COLUMNS, LabelsFile, LabelTable, label_problem, parse_labels, read_labels_file, shown
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.data.splits import assign_splits
-from medtriage.errors import DataNotFoundError, DicomError, InputError, printable
+from medtriage.errors import DataNotFoundError, DicomError, InputError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.deid import patient_id_text
 from medtriage.io.dicom import read_dicom
@@ -44,18 +42,14 @@ from medtriage.io.header_warnings import say_header_warnings, saying_header_warn
 from medtriage.io.ingest_ledger import ledger_folder, logged_patient_identities
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
-from medtriage.io.site_labels import MAX_LABELS_BYTES, labels_size_problem
 
 DEFAULT_SITES = Path("data/pool/ingested")  # what ingest_sites.py writes: site exports pass de-identification first
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
 INPUTS_FILE = "inputs.json"
 POOL_FILES = (MANIFEST_FILE, LABELS_FILE)  # what a reused pool is read by; hashed at build time, checked on reuse
 POOL_FORMAT = 4  # bump when the way rows are built changes, to invalidate cached pools (4: a DICOM study splits whole)
-KEY_COLUMNS = {"sop_instance_uid": "sop_uid", "accession_number": "accession_number"}  # labels.csv -> header field
-FINDING_COLUMNS = ("finding", "label")
 IN_PROCESS_BELOW = 200  # files; starting worker processes costs more than it saves
 READS_OF_A_CHANGING_FILE = 3  # a file that changes each time it is decoded stops the build
-SHOWN_CHARS, HEADER_SHOWN_CHARS = 64, 240  # of a labels.csv cell, and its header, quoted in a reason: a cell can hold 128 KiB
 
 
 @dataclass
@@ -69,25 +63,6 @@ class Decoded:
     error: str | None = None
     state: tuple | None = None  # the file's identity, size and times as it was decoded; None: gone
     changed: bool = False  # its state after decoding differed from before: what was decoded is not known
-
-
-@dataclass
-class LabelsFile:
-    """A site's labels.csv, read once: the bytes the inputs hash records are the bytes parsed. `data` is None when
-    there is nothing to parse (then `problem` says why)."""
-
-    data: bytes | None = None
-    problem: str | None = None
-
-
-@dataclass
-class LabelTable:
-    """A site's labels.csv: identifier -> [(line number, finding)], or the problem that makes it unusable."""
-
-    site: str
-    key_column: str | None = None
-    entries: dict = field(default_factory=dict)
-    problem: str | None = None
 
 
 def build_sites_pool(
@@ -327,89 +302,6 @@ def _header_ids(path: Path) -> dict:
         return {}
 
 
-def read_labels(path: Path, site: str) -> LabelTable:
-    """Parse a hospital's labels.csv; header names are matched ignoring case, spaces and dashes."""
-    return parse_labels(read_labels_file(path), site)
-
-
-def read_labels_file(path: Path) -> LabelsFile:
-    """The bytes of a site's labels.csv, from one open file: its size is bounded on that file, before it is read and
-    again by what was read (a file replaced or grown after the check is not read past it). Parsed, a table takes
-    about ten times its file's size in memory."""
-    missing = LabelsFile(problem=f"site has no {SITE_LABELS_FILE} (expected {path})")
-    try:
-        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO of that name must not wait for a writer
-    except FileNotFoundError:
-        return missing
-    except OSError as err:
-        return LabelsFile(problem=f"{SITE_LABELS_FILE} cannot be opened ({err.strerror}; expected a readable file at {path})")
-    try:
-        status = os.fstat(handle)
-        if not stat.S_ISREG(status.st_mode):  # a folder or a device of that name
-            return missing
-        oversized = labels_size_problem(status.st_size)
-        if not oversized:
-            with os.fdopen(handle, "rb", closefd=False) as f:
-                data = f.read(MAX_LABELS_BYTES + 1)
-            oversized = labels_size_problem(len(data))
-    finally:
-        os.close(handle)
-    if oversized:
-        return LabelsFile(problem=f"{oversized} (keep only its identifier and finding columns)")
-    return LabelsFile(data)
-
-
-def parse_labels(labels: LabelsFile, site: str) -> LabelTable:
-    """The label table of a site's labels.csv as read (`read_labels_file`), or the problem that makes it unusable."""
-    table = LabelTable(site, problem=labels.problem)
-    if labels.data is None:
-        return table
-    # A spreadsheet's export that cannot be read: the site's files are rejected, the run goes on
-    try:
-        text = labels.data.decode("utf-8-sig")  # Excel's byte order mark goes
-    except UnicodeDecodeError as err:
-        table.problem = f"{SITE_LABELS_FILE} is not UTF-8 text (byte {err.start}: {err.reason}; save it again as 'CSV UTF-8')"
-        return table
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        _read_label_rows(reader, table)
-    except csv.Error as err:
-        table.key_column, table.entries = None, {}
-        table.problem = (
-            f"{SITE_LABELS_FILE} cannot be read as CSV (line {reader.line_num}: {printable(str(err))}; "
-            "export it again with only its identifier and finding columns)"
-        )
-    return table
-
-
-def _read_label_rows(reader, table: LabelTable) -> None:
-    header = [_column_name(h) for h in next(reader, [])]
-    key = next((c for c in KEY_COLUMNS if c in header), None)
-    finding = next((c for c in FINDING_COLUMNS if c in header), None)
-    if key is None or finding is None:
-        table.problem = (
-            f"{SITE_LABELS_FILE} lacks columns ({' or '.join(KEY_COLUMNS)}, and finding; found {_shown(str(header), HEADER_SHOWN_CHARS)})"
-        )
-        return
-    table.key_column = key
-    key_at, finding_at = header.index(key), header.index(finding)
-    ended = reader.line_num
-    for values in reader:
-        line, ended = ended + 1, reader.line_num  # where the row starts: a quoted cell may span several lines
-        if any(value.strip() for value in values):  # a row of blank cells is a blank line, as a spreadsheet writes it
-            padded = values + [""] * (len(header) - len(values))
-            table.entries.setdefault(padded[key_at].strip(), []).append((line, padded[finding_at].strip().lower()))
-
-
-def _shown(value: str, limit: int = SHOWN_CHARS) -> str:
-    """A labels.csv cell (or its header) as a reason quotes it: short, and on one line."""
-    return printable(value[:limit]) + ("..." if len(value) > limit else "")
-
-
-def _column_name(header: str) -> str:
-    return header.strip().lower().replace(" ", "_").replace("-", "_")
-
-
 def _write_pool(
     pool_dir: Path, decoded: list[Decoded], tables: dict[str, LabelTable], seed: int, val_fraction: float, test_fraction: float
 ) -> Manifest:
@@ -420,7 +312,7 @@ def _write_pool(
             table = tables[item.site]
             key = str(item.fields.get(KEY_COLUMNS.get(table.key_column, "")) or "").strip()
             used[item.site].add(key)
-            reason = item.error or _no_patient(item) or _duplicate(item, seen_sops) or _label_problem(table, key)
+            reason = item.error or _no_patient(item) or _duplicate(item, seen_sops) or label_problem(table, key)
             if reason:
                 writer.reject(item.site, item.path, reason)
             else:
@@ -450,24 +342,6 @@ def _duplicate(item: Decoded, seen_sops: dict[str, str]) -> str | None:
     return None
 
 
-def _label_problem(table: LabelTable, key: str) -> str | None:
-    if table.problem:
-        return table.problem
-    entries = table.entries.get(key) if key else None  # a blank identifier names no image: it must not match a blank cell
-    if not entries:
-        return f"no label row in {SITE_LABELS_FILE} ({table.key_column} {_shown(key) if key else 'missing in the header'})"
-    findings = {finding for _, finding in entries}
-    lines = ", ".join(str(line) for line, _ in entries)
-    if len(findings) > 1:
-        return f"conflicting findings in {SITE_LABELS_FILE} ({_shown(str(sorted(findings)))} on lines {lines})"
-    finding = findings.pop()
-    if not finding:
-        return f"empty finding in {SITE_LABELS_FILE} (line {lines})"
-    if finding not in PNEUMONIA_LABELS:
-        return f"unknown finding in {SITE_LABELS_FILE} ('{_shown(finding)}' on line {lines}; expected {' or '.join(PNEUMONIA_LABELS)})"
-    return None
-
-
 def _reject_orphan_rows(writer: PoolWriter, tables: dict[str, LabelTable], used: dict[str, set]) -> None:
     for site, table in tables.items():
         for key, entries in table.entries.items():
@@ -476,7 +350,7 @@ def _reject_orphan_rows(writer: PoolWriter, tables: dict[str, LabelTable], used:
                     writer.reject(
                         site,
                         f"{site}/{SITE_LABELS_FILE}:{line}",
-                        f"label row matches no image ({table.key_column} {_shown(key) or '(empty)'})",
+                        f"label row matches no image ({table.key_column} {shown(key) or '(empty)'})",
                     )
 
 
