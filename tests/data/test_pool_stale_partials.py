@@ -10,8 +10,9 @@ import textwrap
 
 import numpy as np
 
-from medtriage.data import manifest as manifest_module
-from medtriage.data.manifest import LOCK_FILE, PIXELS_FILE, PoolWriter, load_manifest, remove_stale_partials
+from medtriage.data import pool_folder
+from medtriage.data.manifest import PoolWriter, load_manifest
+from medtriage.data.pool_folder import LOCK_FILE, PIXELS_FILE, remove_stale_partials
 from medtriage.data.sources.medmnist import build_npz_pool
 from tests.data.test_npz_pool_source import LABELS, write_npz
 from tests.data.test_pool_writer import add, image
@@ -89,7 +90,7 @@ def test_leftover_temporary_files_of_the_pools_other_files_go_with_the_next_buil
 
 def test_a_writer_whose_new_file_is_removed_before_it_claims_it_takes_another(tmp_path, monkeypatch):
     """Between creating its file and locking it, a writer's file looks stale to another builder cleaning up."""
-    real_atomic_file, cleaned = manifest_module.AtomicFile, []
+    real_atomic_file, cleaned = pool_folder.AtomicFile, []
 
     class CleanedAtOnce(real_atomic_file):
         def __init__(self, path):
@@ -97,7 +98,7 @@ def test_a_writer_whose_new_file_is_removed_before_it_claims_it_takes_another(tm
             if not cleaned:
                 cleaned.append(remove_stale_partials(path.parent))
 
-    monkeypatch.setattr(manifest_module, "AtomicFile", CleanedAtOnce)
+    monkeypatch.setattr(pool_folder, "AtomicFile", CleanedAtOnce)
     writer = PoolWriter(tmp_path, ["normal", "pneumonia"])
     assert cleaned == [1]  # its first file went
     add(writer, 0.75)

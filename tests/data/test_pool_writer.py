@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from medtriage.data import manifest as manifest_module
-from medtriage.data.manifest import LOCK_FILE, MANIFEST_FILE, PIXELS_FILE, PoolWriter, load_manifest
+from medtriage.data.manifest import PoolWriter, load_manifest
+from medtriage.data.pool_folder import LOCK_FILE, MANIFEST_FILE, PIXELS_FILE
 from medtriage.errors import DataNotFoundError
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medtriage.data.manifest import PIXELS_FILE
+from medtriage.data.pool_folder import PIXELS_FILE
 from medtriage.data.splits import DICOM_UID, patient_identity
 from medtriage.errors import InputError, MedTriageError
 

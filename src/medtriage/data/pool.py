@@ -30,7 +30,8 @@ from pathlib import Path, PurePath
 import pydicom
 from tqdm import tqdm
 
-from medtriage.data.manifest import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, Manifest, PoolWriter, load_manifest, pool_lock
+from medtriage.data.manifest import Manifest, PoolWriter, load_manifest
+from medtriage.data.pool_folder import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, pool_lock
 from medtriage.data.pool_labels import KEY_COLUMNS, LabelsFile, LabelTable, label_problem, parse_labels, read_labels_file, shown
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.data.splits import assign_splits

@@ -25,7 +25,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medtriage.config.schema import SYNTHETIC_SITE_NAMES, SyntheticTilesConfig
-from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, load_manifest, pool_lock
+from medtriage.data.manifest import Manifest, PoolWriter, load_manifest
+from medtriage.data.pool_folder import MANIFEST_FILE, pool_lock
 from medtriage.data.splits import assign_splits
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.pathology import iter_tile_batches, prepare_slide

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medtriage.data.manifest import MANIFEST_FILE, Manifest, PoolWriter, pool_lock
+from medtriage.data.manifest import Manifest, PoolWriter
+from medtriage.data.pool_folder import MANIFEST_FILE, pool_lock
 from medtriage.errors import InputError
 from medtriage.format import sha256_file
 from medtriage.io.npz import NPZ_HINT, read_npz, require_pixels

@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from medtriage.config.schema import SyntheticTilesConfig
 from medtriage.data.folds import all_labelled, cross_validation_fold
 from medtriage.data.holdout import hold_out_site
-from medtriage.data.manifest import MANIFEST_FILE, Manifest, load_manifest, pool_lock
+from medtriage.data.manifest import Manifest, load_manifest
 from medtriage.data.pool import build_sites_pool
+from medtriage.data.pool_folder import MANIFEST_FILE, pool_lock
 from medtriage.data.simulate.tiles import ensure_synthetic_tile_pool
 from medtriage.data.sources.medmnist import build_npz_pool, npz_pool_is_current
 from medtriage.errors import ConfigError, DataNotFoundError
