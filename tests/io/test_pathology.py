@@ -466,6 +466,17 @@ def test_a_level_too_large_to_decode_whole_is_shrunk_block_by_block(tmp_path, mo
     assert blocked_peak < whole_peak - image.nbytes // 2  # the level was never held whole
 
 
+def test_a_level_shrunk_block_by_block_shows_how_far_it_is(tmp_path, monkeypatch, capsys):
+    """A level of billions of pixels takes minutes to shrink for the mask and the thumbnail."""
+    from medtriage.io import slide_reader
+
+    path, _ = _flat_slide(tmp_path / "flat.tif")
+    monkeypatch.setattr(slide_reader, "READ_BLOCK_BYTES", 3 * 300 * 300)
+    with open_slide(path) as flat:
+        flat.thumbnail(256)
+    assert "flat.tif: level 0 (2048 x 1536)" in capsys.readouterr().err
+
+
 def test_a_whole_level_image_beyond_the_limit_is_refused(tmp_path, monkeypatch):
     from medtriage.io import slide_reader
 

@@ -171,3 +171,36 @@ def test_a_jpeg_strip_declaring_more_pixels_than_its_strip_is_refused_before_it_
     assert isinstance(refused, InputError) and refused.where == str(path)
     assert "strip 0 declares 48000000 samples (height x width x components) in its JPEG header" in str(refused)
     assert peak < 16 << 20
+
+
+def with_subifds(tmp_path: Path, count: int) -> Path:
+    """A two-level OME-TIFF pyramid (its coarser level in a SubIFD) whose SubIFDs tag lists `count` SubIFDs, every
+    one the coarser level's: 4 bytes of the file each, one pyramid level each to tifffile."""
+    path = tmp_path / "subifds.ome.tif"
+    pixels = np.full((512, 512, 3), (180, 90, 160), np.uint8)
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(pixels, tile=(256, 256), photometric="rgb", subifds=1, **RESOLUTION)
+        tif.write(pixels[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1)
+    data = bytearray(path.read_bytes())
+    first = struct.unpack_from("<I", data, 4)[0]
+    entries = [first + 2 + 12 * i for i in range(struct.unpack_from("<H", data, first)[0])]
+    entry = next(e for e in entries if struct.unpack_from("<H", data, e)[0] == 330)  # SubIFDs
+    subifd = struct.unpack_from("<I", data, entry + 8)[0]
+    if count > 1:  # the list moves to the end of the file
+        struct.pack_into("<II", data, entry + 4, count, len(data))
+        data += struct.pack(f"<{count}I", *[subifd] * count)
+    path.write_bytes(data)
+    return path
+
+
+def test_a_file_listing_more_subifds_than_a_slide_holds_is_refused_before_tifffile_reads_them(tmp_path):
+    """tifffile reads every SubIFD listed as one more pyramid level: 20000 of them (80 kB) took 3 s to open, and
+    nothing bounded the count."""
+    err = open_within(with_subifds(tmp_path, MAX_TIFF_PAGES), 10)  # with the main image: one more than the limit
+    assert isinstance(err, InputError) and f"more than {MAX_TIFF_PAGES} images" in str(err)
+
+
+@pytest.mark.parametrize("count", [1, 5])
+def test_a_pyramid_in_subifds_within_the_limit_still_opens(tmp_path, count):
+    with open_slide(with_subifds(tmp_path, count)) as slide:
+        assert slide.level_count == 1 + count and slide.level_dimensions[1] == (256, 256)

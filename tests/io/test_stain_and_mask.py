@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from medtriage.data.simulate.tiles import SiteStain, draw_tile
 from medtriage.errors import InputError
-from medtriage.io.pathology import TissueMask, integral_dtype, open_slide, tile_grid, tissue_mask
+from medtriage.io.pathology import TissueMask, integral_dtype, open_slide, prepare_slide, tile_grid, tissue_mask
 from medtriage.io.slide_reader import MAX_WHOLE_IMAGE_BYTES
 from medtriage.io.stain import MIN_STAIN_ANGLE_DEGREES, fit_stains, stain_angle_degrees
 
@@ -108,3 +109,35 @@ def test_the_largest_mask_counts_fit_the_integral_dtype():
     dtype = integral_dtype(largest)
     assert dtype is np.int32 and -np.iinfo(dtype).max <= -largest and largest <= np.iinfo(dtype).max
     assert integral_dtype(np.iinfo(np.int32).max) is np.int32 and integral_dtype(2**31) is np.int64
+
+
+# --- tissue mask on black ------------------------------------------------------------------------
+
+
+def write_slide(path: Path, pixels: np.ndarray) -> Path:
+    tifffile.imwrite(
+        path, pixels, tile=(256, 256), photometric="rgb", compression="zlib", resolution=(2e4, 2e4), resolutionunit="CENTIMETER"
+    )
+    return path
+
+
+def dark_noise(shape: tuple[int, int]) -> np.ndarray:
+    """What a camera sees without light (a failed scan, a scanner's padding outside the scanned area): black with
+    sensor noise, whose few codes of difference between channels make a high saturation."""
+    return np.clip(np.random.default_rng(0).normal(6, 3, (*shape, 3)), 0, 255).astype(np.uint8)
+
+
+def test_a_black_slide_is_refused_as_black_not_scored_as_tissue(tmp_path):
+    path = write_slide(tmp_path / "black.tif", dark_noise((1024, 1024)))
+    with pytest.raises(InputError, match="no tissue found") as refused:
+        prepare_slide(path, tile_size=224, mpp=0.5)
+    assert "black" in str(refused.value) and "rescan" in refused.value.hint
+
+
+def test_black_beside_the_tissue_is_background(tmp_path):
+    with open_slide(CMU1) as real:
+        tissue = real.read_region(0, 1500, 0, (1024, 1024))
+    path = write_slide(tmp_path / "padded.tif", np.concatenate([tissue, dark_noise((1024, 1024))], axis=1))
+    with open_slide(path) as slide:
+        grid = tile_grid(slide, tile_size=224, mpp=0.5)
+    assert grid.tiles and all(tile.x < 1024 for tile in grid.tiles)  # none wholly in the black half

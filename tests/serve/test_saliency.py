@@ -103,6 +103,13 @@ def test_bad_input_is_a_typed_error():
         occlusion_saliency(predict, np.zeros((1, 4, 32), np.float32), 1, grid=7)
 
 
+def test_an_image_smaller_than_the_grid_is_refused_with_what_to_do():
+    predict = lambda b: np.zeros((len(b), 2), np.float32)  # noqa: E731
+    with pytest.raises(InputError, match="smaller than the 7x7 occlusion grid") as refused:
+        occlusion_saliency(predict, np.zeros((1, 4, 32), np.float32), 1, grid=7)
+    assert "score does not need" in refused.value.hint
+
+
 def test_overlay_png_is_the_image_with_a_warm_heat_map():
     grey = np.full((1, 60, 80), 0.5, np.float32)
     saliency = np.zeros((60, 80), np.float32)

@@ -184,3 +184,16 @@ def test_make_tiles_overview_is_written_whole_or_not_at_all(tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space"):
         save_overview(CMU1, out, 224, 0.5, None)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["overview.png"]
+
+
+def test_make_tiles_overview_shows_the_first_slide_in_the_pool(tmp_path, capsys):
+    """A first slide left out of the pool (it is in rejects.csv) must not fail a run that built the pool."""
+    from medtriage.cli.make_tiles import main
+
+    unreadable = tmp_path / "unreadable.svs"
+    unreadable.write_bytes(b"not a slide")
+    slide = Path(shutil.copy(CMU1, tmp_path / "0042.svs"))  # a name that reads as a number
+    overview = tmp_path / "overview.png"
+    code = main(["slides", str(tmp_path / "pool"), str(unreadable), str(slide), "--overview", str(overview)])
+    out = capsys.readouterr().out
+    assert code == 0 and overview.is_file() and f"overview {overview} of 0042.svs" in out

@@ -64,7 +64,9 @@ def _main(argv: list[str] | None) -> int:
         "--mpp", type=positive_float, default=None, help="scan µm/pixel of every slide given, overriding what a slide records"
     )
     slides.add_argument("--stain-normalize", action="store_true")
-    slides.add_argument("--overview", type=Path, help="save the first slide's thumbnail with tissue mask and tile grid here")
+    slides.add_argument(
+        "--overview", type=Path, help="save the thumbnail of the first slide in the pool with its tissue mask and tile grid here"
+    )
     figure = sub.add_parser("sites-figure", help="PNG of each synthetic site's tiles, raw and Macenko-normalised")
     figure.add_argument("out", type=Path)
     figure.add_argument("--tiles", type=positive_int, default=6, help="tiles shown per slide")
@@ -101,8 +103,10 @@ def _main(argv: list[str] | None) -> int:
                 where=args.pool_dir / REJECTS_FILE,
                 hint="read the reasons there, and give readable whole-slide images (.svs, .tif, ... or a DICOM slide folder)",
             )
-        if args.overview:
-            save_overview(args.slides[0], args.overview, args.tile_size, args.tile_mpp, args.mpp)
+        if args.overview:  # of the first slide in the pool: one left out (in the rejects) has no tiles to show
+            pooled = set(manifest.rows["patient_id"])  # a text column: each slide's file name, as given above
+            first = next(p for p in args.slides if p.stem in pooled)
+            save_overview(first, args.overview, args.tile_size, args.tile_mpp, args.mpp)
     print(manifest.summary())
     return 0
 
@@ -119,7 +123,7 @@ def save_overview(slide_path: Path, out: Path, tile_size: int, tile_mpp: float, 
     save_png(image, out)
     grid = prepared.grid
     print(
-        f"overview {out}: {len(grid.tiles)} tissue tiles of {grid.n_candidates} positions "
+        f"overview {out} of {slide_path.name}: {len(grid.tiles)} tissue tiles of {grid.n_candidates} positions "
         f"({tile_size} px at {tile_mpp} µm/px), mask threshold {prepared.mask.threshold:.3f}"
     )
 

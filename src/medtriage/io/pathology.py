@@ -26,6 +26,12 @@ from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, Stains, fit_st
 DEFAULT_TILE_MPP = 0.5  # 20x
 MASK_MPP = 8.0  # tissue mask resolution, µm/pixel
 MIN_SATURATION = 0.07  # Otsu floor: a blank slide has no threshold worth splitting on
+# Brightest channel (uint8) below which a mask pixel is black, not tissue: outside the scanned area, a scan without
+# light, ink. Stained tissue passes light (under 10% in every channel is an optical density above 1 in all three, darker
+# than dense nuclei averaged over a mask pixel); the sensor noise on black differs by a few codes between channels,
+# which reads as a high saturation.
+BLACK_BELOW = 25
+MOSTLY_BLACK = 0.5  # share of the slide's image that is black for a slide without tissue to be called black
 COARSER_TOLERANCE = 1.1  # read a slide up to 10% coarser than asked before refusing
 STAIN_FIT_TILES = 16  # tiles sampled across the slide to fit its stains
 READ_AHEAD_PER_WORKER = 2  # tile batches loaded ahead of the consumer, per worker thread
@@ -41,6 +47,7 @@ class TissueMask:
     mask: np.ndarray
     downsample: float
     threshold: float
+    black_fraction: float = 0.0  # share of the image thresholded that was black (never tissue)
 
     def fractions(self, xs: list[int], ys: list[int], size0: float) -> np.ndarray:
         """`[len(ys), len(xs)]` tissue fractions of the level-0 squares at every (x, y) pair, from one integral image."""
@@ -82,6 +89,11 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     high = np.maximum(np.maximum(red, green), blue).astype(np.float32)
     low = np.minimum(np.minimum(red, green), blue).astype(np.float32)
     return np.where(high > 0, (high - low) / np.maximum(high, 1), 0.0).astype(np.float32)
+
+
+def black(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of uint8 RGB `[h, w, 3]` with no channel reaching BLACK_BELOW."""
+    return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < BLACK_BELOW
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -126,15 +138,18 @@ def tissue_threshold(sat: np.ndarray, min_saturation: float = MIN_SATURATION) ->
 
 
 def tissue_mask(slide: Slide, mask_mpp: float = MASK_MPP, min_saturation: float = MIN_SATURATION) -> TissueMask:
-    """Tissue where the saturation at low resolution is above `tissue_threshold`."""
+    """Tissue where the saturation at low resolution is above `tissue_threshold`; black is never tissue."""
     image, image_mpp = low_resolution_image(slide, mask_mpp)
     scale = image_mpp / mask_mpp
     if scale < 1:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX)
-    sat = saturation(np.asarray(image))
+    rgb = np.asarray(image)
+    sat, dark = saturation(rgb), black(rgb)
+    sat[dark] = 0.0  # glass to the threshold: the noise on black is saturated
     threshold = tissue_threshold(sat, min_saturation)
     mask = Image.fromarray(((sat > threshold) * 255).astype(np.uint8)).filter(ImageFilter.MedianFilter(3))
-    return TissueMask(np.asarray(mask) > 0, downsample=slide.dimensions[0] / image.width, threshold=threshold)
+    downsample = slide.dimensions[0] / image.width
+    return TissueMask(np.asarray(mask) > 0, downsample=downsample, threshold=threshold, black_fraction=float(dark.mean()))
 
 
 # --- tile grid -------------------------------------------------------------------------------
@@ -270,18 +285,28 @@ def _prepare_open_slide(
     mask = tissue_mask(slide)
     grid = tile_grid(slide, tile_size, mpp, mask, min_tissue)
     if not grid.tiles:
-        raise InputError(
-            f"no tissue found: none of {grid.n_candidates} tile positions has {min_tissue:.0%} tissue "
-            f"(saturation threshold {mask.threshold:.3f})",
-            where=path,
-            hint="check that the slide is stained and in focus, or lower the minimum tissue fraction",
-        )
+        raise _no_tissue(mask, grid, min_tissue, path)
     prepared = PreparedSlide(slide, mask, grid)
     if stain_normalize:
         sample = grid.tiles[:: max(1, len(grid.tiles) // STAIN_FIT_TILES)][:STAIN_FIT_TILES]
         source = fit_stains([read_tile_rgb(slide.shared_reader, grid, t) for t in sample], where=str(path))
         prepared.normalizer = StainNormalizer(source, target_stains)
     return prepared
+
+
+def _no_tissue(mask: TissueMask, grid: TileGrid, min_tissue: float, path: str | Path) -> InputError:
+    what = f"no tissue found: none of {grid.n_candidates} tile positions has {min_tissue:.0%} tissue"
+    if mask.black_fraction >= MOSTLY_BLACK:
+        return InputError(
+            f"{what}; {mask.black_fraction:.0%} of the slide is black (no colour channel reaching {BLACK_BELOW} of 255)",
+            where=path,
+            hint="the scan saw no light, or the slide is not a brightfield (H&E, IHC) slide: rescan it",
+        )
+    return InputError(
+        f"{what} (saturation threshold {mask.threshold:.3f})",
+        where=path,
+        hint="check that the slide is stained and in focus, or lower the minimum tissue fraction",
+    )
 
 
 def iter_tile_batches(prepared: PreparedSlide, batch_size: int = 32, workers: int = 1) -> Iterator[tuple[list[Tile], np.ndarray]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from medtriage.errors import DataNotFoundError, InputError, MedTriageError
 from medtriage.io.clamped import ClampedReader, dicom_source
@@ -133,7 +134,8 @@ class _Levels:
         out = Image.new("RGB", size)
         sx, sy = size[0] / w, size[1] / h
         block = max(1, math.isqrt(READ_BLOCK_BYTES // 3))  # side of a square block, in pixels of the level
-        for y in range(0, h, block):
+        bands = range(0, h, block)  # a level of billions of pixels takes minutes: say how far it is
+        for y in tqdm(bands, desc=f"{self.path.name}: level {level} ({w} x {h})", unit="band", leave=False):
             for x in range(0, w, block):
                 bw, bh = min(block, w - x), min(block, h - y)
                 box = (round(x * sx), round(y * sy), round((x + bw) * sx), round((y + bh) * sy))
@@ -460,12 +462,14 @@ def _fast_path_ok(page) -> bool:
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 MAX_TAGS_PER_IFD = 4096  # more is a damaged entry count (tifffile stops its own walk there too)
+SUBIFDS_TAG = 330  # offsets of further images (OME-TIFF pyramid levels), each read by tifffile as one more image
 
 
 def _check_ifd_chain(path: Path) -> None:
     """Walk the chain of image directories (IFDs) before tifffile does: its walk notices a loop only among the first
     100 and then runs on without end, and its series detection takes time quadratic in the number of images.
-    A loop, or more than MAX_TIFF_PAGES images, is refused; a chain that breaks off is left to tifffile to report."""
+    A loop, or more than MAX_TIFF_PAGES images (those the IFDs list as SubIFDs included, which tifffile reads
+    whatever their number), is refused; a chain that breaks off is left to tifffile to report."""
     with open(path, "rb") as f:
         header = f.read(16)
         if header[:4] not in TIFF_MAGIC:
@@ -474,6 +478,7 @@ def _check_ifd_chain(path: Path) -> None:
         count_format, entry_size, offset_format = ("Q", 20, "Q") if big else ("H", 12, "I")
         offset = struct.unpack_from(order + offset_format, header, 8 if big else 4)[0] if len(header) == 16 else 0
         seen: set[int] = set()
+        subifds = 0
         while offset:
             if offset in seen:
                 raise InputError(
@@ -481,29 +486,34 @@ def _check_ifd_chain(path: Path) -> None:
                     where=path,
                     hint="copy the slide again from the scanner or archive",
                 )
-            if len(seen) == MAX_TIFF_PAGES:
+            seen.add(offset)
+            offset, listed = _read_ifd(f, offset, order, count_format, entry_size, offset_format)
+            subifds += listed
+            if len(seen) + subifds > MAX_TIFF_PAGES:
                 raise InputError(
-                    f"the TIFF holds more than {MAX_TIFF_PAGES} images (image directories); a slide holds its pyramid "
-                    "levels and a few associated images",
+                    f"the TIFF holds more than {MAX_TIFF_PAGES} images ({len(seen)} image directories listing "
+                    f"{subifds} SubIFDs so far); a slide holds its pyramid levels and a few associated images",
                     where=path,
                     hint="the file is damaged or is not one slide: copy it again, or export the slide again",
                 )
-            seen.add(offset)
-            offset = _next_ifd(f, offset, order, count_format, entry_size, offset_format)
 
 
-def _next_ifd(f, offset: int, order: str, count_format: str, entry_size: int, offset_format: str) -> int:
-    """Offset of the IFD after the one at `offset`; 0 where the chain ends or cannot be read on."""
+def _read_ifd(f, offset: int, order: str, count_format: str, entry_size: int, offset_format: str) -> tuple[int, int]:
+    """(offset of the IFD after the one at `offset`, 0 where the chain ends or cannot be read on; the number of
+    SubIFDs it lists)."""
     f.seek(offset)
     raw = f.read(struct.calcsize(count_format))
     if len(raw) < struct.calcsize(count_format):
-        return 0
+        return 0, 0
     tags = struct.unpack(order + count_format, raw)[0]
     if tags > MAX_TAGS_PER_IFD:
-        return 0
-    f.seek(offset + len(raw) + tags * entry_size)
-    raw = f.read(struct.calcsize(offset_format))
-    return struct.unpack(order + offset_format, raw)[0] if len(raw) == struct.calcsize(offset_format) else 0
+        return 0, 0
+    entries = f.read(tags * entry_size)
+    entry = struct.Struct(order + "HH" + offset_format)  # tag, type, count (the value or its offset follows)
+    listed = [entry.unpack_from(entries, at) for at in range(0, len(entries) - entry_size + 1, entry_size)]
+    subifds = sum(count for tag, _, count in listed if tag == SUBIFDS_TAG)
+    raw = f.read(struct.calcsize(offset_format)) if len(entries) == tags * entry_size else b""
+    return (struct.unpack(order + offset_format, raw)[0] if len(raw) == struct.calcsize(offset_format) else 0), subifds
 
 
 def _unreadable(path: Path, err: Exception) -> InputError:

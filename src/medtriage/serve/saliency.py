@@ -100,7 +100,10 @@ def occluded_copies(image: np.ndarray, grid: int) -> np.ndarray:
         raise InputError(f"occlusion grid must be at least 2 x 2, got {grid}", hint="use a grid of 5 to 8")
     height, width = image.shape[1:]
     if height < grid or width < grid:
-        raise InputError(f"image of {height}x{width} pixels is smaller than the {grid}x{grid} occlusion grid")
+        raise InputError(
+            f"image of {height}x{width} pixels is smaller than the {grid}x{grid} occlusion grid",
+            hint="no map of where the model looked can be drawn for an image this small; its score does not need one",
+        )
     rows, cols = np.linspace(0, height, grid + 1).round().astype(int), np.linspace(0, width, grid + 1).round().astype(int)
     fill = image.mean(axis=(1, 2), keepdims=True)
     copies = np.repeat(image[None], grid * grid, axis=0)
