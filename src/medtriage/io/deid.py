@@ -21,6 +21,7 @@ import hmac
 import importlib
 import io
 import os
+import re
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
@@ -63,8 +64,9 @@ _TABLE_CATEGORIES = {
     "X_Z_U_STAR_TAGS": "X/Z/U*",
 }
 # A compound action depends on the attribute's Type in the IOD, which a generic tool cannot know.
-# Take the end that is conformant for Type 2/3 and never keeps the value: Z where allowed, D where
-# X or D is asked (a dummy keeps Type 1 attributes valid), and U* = keep the references, remap UIDs.
+# Take the end that is conformant for every Type it covers and never keeps the value: D wherever D is
+# offered (a dummy keeps Type 1 attributes valid, such as Device Serial Number in Enhanced General
+# Equipment), else Z (Type 2), and U* = keep the references, remap UIDs.
 RESOLVED_ACTION = {
     "D": "D",
     "Z": "Z",
@@ -72,10 +74,10 @@ RESOLVED_ACTION = {
     "U": "U",
     "K": "K",
     "C": "D",
-    "Z/D": "Z",
+    "Z/D": "D",
     "X/Z": "Z",
     "X/D": "D",
-    "X/Z/D": "Z",
+    "X/Z/D": "D",
     "X/Z/U*": "U*",
 }
 
@@ -468,8 +470,10 @@ class _ProfileWalker:
             if elem.VR == "SQ":
                 for item in elem.value or []:
                     self.apply(item)
-            elif elem.VR == "UI":
+            elif elem.VR == "UI" or (action == "U" and _is_text(elem.value)):  # a listed UID, whatever VR it was given
                 elem.value = self.map_values(elem.value, self.remap_uid)
+            elif action == "U" and not elem.is_empty:
+                del ds[elem.tag]  # a listed UID as bytes or numbers: no UID to remap, and the original must not stay
 
     def dummy(self, elem):
         if elem.VR == "UI":
@@ -493,9 +497,16 @@ class _ProfileWalker:
         return _shifted(_parse_date(value), self.shift_days)
 
     def shift_datetime(self, value: str) -> str:
-        # partial datetimes (year or month only) cannot be shifted by days: empty them rather than keep them
+        # partial datetimes (year or month only) cannot be shifted by days: empty them rather than keep them.
+        # A UTC offset (&ZZXX) goes as Timezone Offset From UTC does (X): it says where the site is.
         shifted = _shifted(_parse_date(value[:8]), self.shift_days)
-        return shifted + value[8:] if shifted else ""
+        return shifted + re.split(r"[+-]", value[8:], maxsplit=1)[0] if shifted else ""
+
+
+def _is_text(value) -> bool:
+    """A string value, or several: what a UID written with a text VR other than UI reads as."""
+    values = value if isinstance(value, (list, MultiValue)) else [value]
+    return bool(values) and all(isinstance(v, str) for v in values)
 
 
 def _with_text(raw: RawDataElement, text: str, padding: str) -> RawDataElement:

@@ -14,6 +14,7 @@ Equipment attributes a PACS lists, and in the Contributing Equipment Sequence (P
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import logging
 from collections.abc import Iterable, Iterator
@@ -23,9 +24,12 @@ from typing import BinaryIO
 
 import highdicom as hd
 import pydicom
+from pydicom import config
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, TM, validate_value
 
 from medtriage import __version__
 from medtriage.errors import DicomError, ImageTooLargeError, MedTriageError
@@ -37,6 +41,9 @@ from medtriage.serve.predictor import Score
 log = logging.getLogger(__name__)
 MANUFACTURER = "MedTriage"
 LONG_STRING = 64  # the most characters of an LO value (PS3.5 6.2): Series Description, Manufacturer's Model Name
+SHORT_STRING = 16  # the most characters of an SH value: Code Value
+TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})  # encoded in the Specific Character Set
+UTF8 = "ISO_IR 192"
 SCHEME = "99MEDTRIAGE"  # local coding scheme ("99" prefix = private, PS3.16 8.2) for model-specific concepts
 PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
@@ -144,7 +151,35 @@ def build_study_sr(
             **equipment(identities[0]),
         )
     sr.CodingSchemeIdentificationSequence = [private_scheme()]
+    declare_character_set(sr)
     return sr
+
+
+def declare_character_set(dataset: pydicom.Dataset) -> None:
+    """Declare UTF-8 where the object's text does not fit the character set it copied from its source: the package's
+    name and labels are its own text, and a source in the default repertoire (ASCII) or in Latin-1 cannot hold
+    "modèle" or "πνευμονία" (written anyway, a reader shows other characters or question marks). Code extensions
+    (ISO 2022, several values) are left to pydicom, which switches between them."""
+    declared = dataset.get("SpecificCharacterSet")
+    if isinstance(declared, (list, pydicom.multival.MultiValue)) and len(declared) > 1:
+        return
+    codec = convert_encodings(declared)[0] if declared else "ascii"
+    for elem in dataset.iterall():
+        if elem.VR in TEXT_VRS and not all(_encodes(str(value), codec) for value in _values(elem.value)):
+            dataset.SpecificCharacterSet = UTF8
+            return
+
+
+def _values(value) -> list:
+    return list(value) if isinstance(value, (list, pydicom.multival.MultiValue)) else [] if value is None else [value]
+
+
+def _encodes(text: str, codec: str) -> bool:
+    try:
+        text.encode(codec)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 def private_scheme() -> pydicom.Dataset:
@@ -170,6 +205,21 @@ def _scoring_packages(scores: Iterable[Score]) -> list[dict]:
 def long_string(text: str) -> str:
     """`text` cut to what an LO attribute holds (a package name has no length limit)."""
     return text[:LONG_STRING]
+
+
+def code_value(text: str) -> str:
+    """`text` as a Code Value (SH, in ASCII as codes are): itself where it fits, else its start and a digest of the
+    whole, so that two long labels that begin alike stay two concepts (a label has no length limit or alphabet)."""
+    if len(text) <= SHORT_STRING and text.isascii():
+        return text
+    start = "".join(c for c in text if c.isascii() and c.isprintable() and c != "\\")[:7]
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{start}-{digest}" if start else digest
+
+
+def concept(text: str, meaning: str) -> hd.sr.CodedConcept:
+    """A concept of the private scheme named by `text` (a label, a priority), its meaning cut to an LO's length."""
+    return hd.sr.CodedConcept(code_value(text), SCHEME, long_string(meaning))
 
 
 def equipment(identity: dict) -> dict:
@@ -217,10 +267,15 @@ TYPE2_COPIED = (
     "ReferringPhysicianName",
 )
 
+# What a PACS or worklist files a report by, kept as the source has it even where its VR does not allow it (a Patient
+# ID of 70 characters): the PACS holds the source with that value, and emptied, the report would belong to no patient.
+FILED_BY = ("PatientID", "AccessionNumber")
+
 
 def _with_type2_attributes(source: pydicom.Dataset) -> pydicom.Dataset:
     """The source with every copied attribute the SR can carry: missing ones empty, and values the standard does not
-    allow (a sex of "X", a date written "1990-01-01") emptied too, so that one odd value costs that value, not the SR."""
+    allow (a sex of "X", a date written "1990-01-01", a Study ID of 20 characters) emptied too, so that one odd value
+    costs that value, not the SR; only what the report is filed by (FILED_BY) is kept whatever it holds."""
     unusable = [keyword for keyword in TYPE2_COPIED if keyword not in source or not _carried(keyword, source[keyword].value)]
     if not unusable:
         return source
@@ -233,16 +288,17 @@ def _with_type2_attributes(source: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _carried(keyword: str, value) -> bool:
-    """Whether an SR builder accepts this copied value (the checks highdicom makes on them)."""
+    """Whether an SR builder accepts this copied value (the checks highdicom makes on them), and a validator its VR."""
     if value is None or value == "":
         return True
     if keyword == "PatientSex":
         return value in PATIENT_SEX
     kind = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM}.get(keyword)
-    if kind is None:
-        return True
     try:
-        kind(value)
+        if kind is not None:
+            kind(value)
+        if keyword not in FILED_BY:  # lengths and characters of its VR: a strict PACS refuses the whole object
+            validate_value(dictionary_VR(keyword), str(value), config.RAISE)  # a PersonName is checked as its text
     except (TypeError, ValueError):
         return False
     return True
@@ -277,7 +333,7 @@ def _probability_concept(score: Score, package: ModelPackage) -> hd.sr.CodedConc
     label = score.positive_label or (package.positive_label if score.scoring_package() == package.identity() else "")
     if not label:
         return hd.sr.CodedConcept("p-unrecorded", SCHEME, "Calibrated probability of an unrecorded label")
-    return hd.sr.CodedConcept(f"p-{label}"[:16], SCHEME, f"Calibrated probability of {label}")
+    return concept(f"p-{label}", f"Calibrated probability of {label}")
 
 
 def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPackage) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -289,8 +345,8 @@ def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPack
         algorithm_id=algorithm,
     )
     evaluations = [
-        hd.sr.QualitativeEvaluation(FINDING, hd.sr.CodedConcept(score.finding[:16], SCHEME, score.finding)),
-        hd.sr.QualitativeEvaluation(PRIORITY, hd.sr.CodedConcept(score.priority.lower(), SCHEME, score.priority)),
+        hd.sr.QualitativeEvaluation(FINDING, concept(score.finding, score.finding)),
+        hd.sr.QualitativeEvaluation(PRIORITY, concept(score.priority.lower(), score.priority)),
     ]
     if score.decision:  # "below review threshold 0.785": why the priority is what it is
         code = DECISION_CODES.get(score.priority, "decision")

@@ -1,0 +1,83 @@
+"""De-identification edges on real files: compound actions of Table E.1-1 on attributes an IOD makes Type 1 (an
+enhanced MR's Device Serial Number), timezone offsets inside DateTime values when Timezone Offset From UTC is
+removed, and UIDs a writer encoded with another VR."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
+from pydicom.uid import ImplicitVRLittleEndian
+
+from medtriage.io.deid import DeidOptions, SiteKey, deidentify
+
+KEY = SiteKey(b"test-site-secret-0123456789abcdef")
+ERROR = re.compile(r"\bError\b")
+OFFSET = re.compile(r"[+-]\d{4}$")
+
+
+def _reread(ds: pydicom.Dataset, syntax=None) -> pydicom.Dataset:
+    """`ds` written and read back (optionally in another transfer syntax), so its elements start undecoded."""
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def _errors(dciodvfy: str, path: Path) -> set[str]:
+    done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    return {line.strip() for line in (done.stdout + done.stderr).splitlines() if ERROR.search(line)}
+
+
+@pytest.mark.parametrize("options", [DeidOptions(), DeidOptions(modified_dates=False)], ids=["modified_dates", "no_dates"])
+def test_an_enhanced_mr_keeps_its_type_1_equipment_attributes(need_tool, tmp_path, options):
+    """Device Serial Number is X/Z/D in Table E.1-1 and Type 1 in Enhanced General Equipment: emptied, the
+    de-identified enhanced MR is no longer a valid instance of its IOD."""
+    dciodvfy = need_tool("dciodvfy", "apt-get install dicom3tools")
+    source = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
+    source.PatientID, source.DeviceSerialNumber, source.StationName = "MRN-4711", "SN-99887766", "MRSTATION4"
+    source.save_as(tmp_path / "source.dcm", enforce_file_format=True)
+    ds = pydicom.dcmread(tmp_path / "source.dcm")
+    deidentify(ds, KEY, options)
+    assert ds.DeviceSerialNumber and ds.DeviceSerialNumber != "SN-99887766"
+    ds.save_as(tmp_path / "deid.dcm", enforce_file_format=True)
+    new = _errors(dciodvfy, tmp_path / "deid.dcm") - _errors(dciodvfy, tmp_path / "source.dcm")
+    assert not new, "\n".join(sorted(new))
+
+
+@pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+def test_datetime_values_lose_the_timezone_offset_the_profile_removes(syntax):
+    """Timezone Offset From UTC (0008,0201) is X: the same offset written into a DT value says as much."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.TimezoneOffsetFromUTC = "+0100"
+    ds.AcquisitionDateTime = "20230115120000.5+0100"
+    ds.InstructionPerformedDateTime = ["20230115083000-0500", "20230116"]
+    ds = _reread(ds, syntax)
+    result = deidentify(ds, KEY)
+    assert "TimezoneOffsetFromUTC" not in ds
+    values = [str(ds.AcquisitionDateTime), *map(str, ds.InstructionPerformedDateTime)]
+    assert not [v for v in values if OFFSET.search(v)], values
+    assert values[0][8:] == "120000.5" and values[1][8:] == "083000"  # whole-day shift: the local time stays
+    assert int(values[0][:4]) <= 2023 and result.date_shift_days >= 1
+
+
+def test_a_table_uid_written_with_another_vr_is_remapped_like_its_references():
+    """A writer that encoded Frame of Reference UID as LO (explicit VR) still wrote the original UID: the profile
+    replaces it, and it must map as the same UID does where it is encoded as UI."""
+    original = "1.2.826.0.1.3680043.8.498.4711"
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.add(DataElement(0x00200052, "LO", original))
+    ds.add(DataElement(0x30060024, "UI", original))  # Referenced Frame of Reference UID, encoded as it should be
+    ds = _reread(ds)
+    deidentify(ds, KEY)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert original.encode() not in buffer.getvalue()
+    assert str(ds.FrameOfReferenceUID) == str(ds.ReferencedFrameOfReferenceUID) == KEY.uid(original)
