@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from medtriage import __version__
-from medtriage.errors import ImageTooLargeError, MedTriageError
+from medtriage.errors import ConfigError, ImageTooLargeError, MedTriageError
 from medtriage.serve.admission import LARGE_REQUEST, Admission, release_memory
 from medtriage.serve.metrics import SOURCE_HEADER, ServiceMonitor, monitoring_router
 from medtriage.serve.predictor import Predictor, Rejection, Score
@@ -83,6 +83,8 @@ BODY_GRACE_S = 30.0
 BODY_MIN_RATE = 32 * 1024  # bytes per second: a 10 MB radiograph may take 5 minutes
 # Every file part past the request's first SPOOL_IN_MEMORY bytes is an open temporary file until the answer.
 MAX_FILES = 1000
+# Form fields other than files are kept in memory while the request waits for its slot, and the service reads none.
+FORM_FIELD_BYTES = 64 * 1024
 TOO_LARGE = ImageTooLargeError.__name__
 
 
@@ -107,7 +109,9 @@ def create_app(
     admission: Admission | None = None,
     state: str | None = None,
 ) -> FastAPI:
-    """The service. `admission` bounds concurrent work (default: one worker per core, 64 waiting)."""
+    """The service. `admission` bounds concurrent work (default: one worker per core, 64 waiting); `token`, when
+    given, is the bearer token every closed route requires."""
+    _check_token(token)
     app = FastAPI(
         title="MedTriage",
         version=__version__,
@@ -119,11 +123,22 @@ def create_app(
     # a DICOM node's state folder, or memory; rows from a source the monitor finds drifting are marked
     worklist = Worklist(predictor, capacity=worklist_size, store=state, drift=app.state.monitor.drift)
     _add_routes(app, predictor, max_bytes, max_files, worklist)
-    app.include_router(worklist_router(worklist))
+    app.include_router(worklist_router(worklist, app.state.admission))
     app.include_router(monitoring_router(app.state.monitor))
     app.add_middleware(Guard, token=token, max_bytes=max_bytes, admission=app.state.admission, monitor=app.state.monitor)
     app.openapi = _openapi_with_errors_and_auth(app, token is not None)
     return app
+
+
+def _check_token(token: str | None) -> None:
+    """An empty token would turn the check off, and one with white space around it could never match what a client
+    sends (the header's value is stripped)."""
+    if token is not None and (not token or token != token.strip()):
+        raise ConfigError(
+            "the bearer token is empty or begins or ends with white space",
+            where="token",
+            hint="use one long random line without spaces around it (and no token only where another layer guards the service)",
+        )
 
 
 def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool):
@@ -366,7 +381,7 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, max_files: i
                 raise RequestError(
                     status, outcome.reason, outcome.hint, file=name, type=outcome.error, code=outcome.code, field=outcome.field
                 )
-            report = await _in_slot(request, 0, _sr_bytes, upload, outcome, predictor)
+            report = await _in_slot(request, 0, _sr_bytes, upload, outcome, predictor, name)
         return Response(report, media_type="application/dicom")
 
 
@@ -389,13 +404,14 @@ async def _in_slot(request: Request, size: int, work, *args):
                 await run_in_threadpool(release_memory)
 
 
-def _sr_bytes(data: bytes, scores: list[Score], predictor: Predictor) -> bytes:
+def _sr_bytes(data: bytes, scores: list[Score], predictor: Predictor, name: str) -> bytes:
     from medtriage.serve.dicom_results import sr_bytes
 
     try:
         return sr_bytes(data, scores, predictor.package)
     except MedTriageError as err:
-        raise RequestError(422, f"scored, but no SR could be built: {err.reason}") from err
+        hint = err.hint or "POST the file to /v1/score for its score without an SR"
+        raise RequestError(422, f"scored, but no SR could be built: {err.reason}", hint, file=name, type=type(err).__name__) from err
 
 
 class Upload:
@@ -520,7 +536,18 @@ class _SpoolingParser(MultiPartParser):
 
     def __init__(self, request: Request, counter: _BodyCounter, opened: list, **limits):
         super().__init__(request.headers, request.stream(), **limits)
-        self.counter, self.opened = counter, opened
+        self.counter, self.opened, self.field_bytes = counter, opened, 0
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current_part.file is None:  # a field: Starlette bounds each one, not what they hold together
+            self.field_bytes += end - start
+            if self.field_bytes > FORM_FIELD_BYTES:
+                raise RequestError(
+                    413,
+                    f"the form's fields other than files exceed {FORM_FIELD_BYTES} bytes",
+                    "send each DICOM file as a 'files' part with a filename; the service reads no other fields",
+                )
+        super().on_part_data(data, start, end)
 
     def on_headers_finished(self) -> None:
         try:

@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException
 
 from medtriage.errors import MedTriageError
 from medtriage.io.dicom import DecodedImage, read_dicom
+from medtriage.serve.admission import Admission
 from medtriage.serve.drift import DriftMonitor, source_name
 from medtriage.serve.node.header import STUDY_TAGS, read_identity
 from medtriage.serve.node.store import ConflictingInstance, ConflictingPatient, NodeStore
@@ -83,7 +84,7 @@ class Worklist:
     def score_or_reject(self, data: bytes, name: str, source: str | None = None) -> list[Score] | Rejection:
         """Predictor.score_or_reject on one uploaded file from `source` (X-Source), recording what it scored (one decode)."""
         try:
-            image = read_dicom(data, name=name)
+            image = read_dicom(data, min_side=self.predictor.min_decoded_side, name=name)  # as Predictor.score_file
             scores = self.predictor.score_decoded(image, name)
         except MedTriageError as err:
             return Rejection.of(name, err)
@@ -238,6 +239,13 @@ class Worklist:
             "saliency": _kept_saliency(study, top) if top else None,
         }
 
+    def kept_overlay(self, entry_id: str) -> bytes | None:
+        """The study's overlay PNG if one is kept (nothing is drawn); 404 as `overlay` when the entry is not listed."""
+        study = self._study(entry_id)
+        top, _ = _top(study)
+        kept = self.store.overlay(top["sop_uid"]) if top is not None and _kept_saliency(study, top) else None
+        return kept[0] if kept else None
+
     def overlay(self, entry_id: str) -> bytes:
         """The study's overlay PNG, drawn on first request (occlusion through the served model) and kept."""
         study = self._study(entry_id)
@@ -356,8 +364,11 @@ def _inline_hashes(page: str, tag: str) -> str:
     return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'" for block in blocks)
 
 
-def worklist_router(worklist: Worklist) -> APIRouter:
+def worklist_router(worklist: Worklist, admission: Admission | None = None) -> APIRouter:
+    """The worklist's routes; a picture is drawn in one of `admission`'s working slots (the service's, which scoring
+    takes too), so that pictures asked for at once never run more models than the service runs at once."""
     router = APIRouter()
+    admission = admission or Admission()
     page = worklist_page()
     headers = page_headers(page)
 
@@ -393,7 +404,10 @@ def worklist_router(worklist: Worklist) -> APIRouter:
         },
     )
     async def row_overlay(entry_id: str) -> Response:
-        png = await run_in_threadpool(worklist.overlay, entry_id)
+        png = await run_in_threadpool(worklist.kept_overlay, entry_id)
+        if png is None:
+            async with admission.slot():  # an occlusion map runs the model dozens of times on a decoded image
+                png = await run_in_threadpool(worklist.overlay, entry_id)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})  # PHI
 
     return router
