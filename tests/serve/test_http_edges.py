@@ -20,9 +20,10 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medtriage.serve.admission import Admission
-from medtriage.serve.http import SPOOL_IN_MEMORY, create_app
+from medtriage.serve.http import create_app
 from medtriage.serve.node.store import NodeStore
 from medtriage.serve.node.worker import urgency
+from medtriage.serve.uploads import SPOOL_IN_MEMORY
 from tests.serve.node.peers import free_port
 
 TOKEN = "edge-token-93d1"
@@ -198,9 +199,9 @@ def _assert_dropped_and_place_freed(client, admission: Admission, data: bytes, a
 def test_an_upload_that_stops_sending_is_dropped_and_frees_its_place(predictor, monkeypatch):
     """A client that dies mid-body without closing its connection (no FIN) would wait for its body for good, holding
     a place in the admission queue; after BODY_IDLE_S without a byte it gets a 408 and its place is free again."""
-    from medtriage.serve import http
+    from medtriage.serve import uploads
 
-    monkeypatch.setattr(http, "BODY_IDLE_S", 1.0)
+    monkeypatch.setattr(uploads, "BODY_IDLE_S", 1.0)
     admission = Admission(workers=1, queue=0)
     with LiveServer(create_app(predictor, token=TOKEN, admission=admission)) as client:
         data = _ct()
@@ -216,10 +217,10 @@ def test_an_upload_that_stops_sending_is_dropped_and_frees_its_place(predictor, 
 def test_an_upload_that_trickles_is_dropped_and_frees_its_place(predictor, monkeypatch):
     """A client sending a few bytes every second never pauses long enough for the idle timeout, yet would hold its
     place for hours: after the grace period the body must average BODY_MIN_RATE."""
-    from medtriage.serve import http
+    from medtriage.serve import uploads
 
-    monkeypatch.setattr(http, "BODY_GRACE_S", 1.0)
-    monkeypatch.setattr(http, "BODY_MIN_RATE", 1000)
+    monkeypatch.setattr(uploads, "BODY_GRACE_S", 1.0)
+    monkeypatch.setattr(uploads, "BODY_MIN_RATE", 1000)
     admission = Admission(workers=1, queue=0)
     with LiveServer(create_app(predictor, token=TOKEN, admission=admission)) as client:
         data = _ct()

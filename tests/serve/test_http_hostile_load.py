@@ -17,9 +17,10 @@ from pydicom.uid import generate_uid
 from medtriage.errors import ConfigError
 from medtriage.serve import worklist as worklist_module
 from medtriage.serve.admission import Admission
-from medtriage.serve.http import FORM_FIELD_BYTES, create_app
+from medtriage.serve.http import create_app
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
+from medtriage.serve.uploads import FORM_FIELD_BYTES
 from tests.io.test_dicom import sample_file
 from tests.serve.test_http_edges import LiveServer
 

@@ -9,7 +9,8 @@ import tempfile
 
 import pytest
 
-from medtriage.serve.http import SPOOL_IN_MEMORY, create_app
+from medtriage.serve.http import create_app
+from medtriage.serve.uploads import SPOOL_IN_MEMORY
 from tests.serve.test_http_edges import LiveServer
 
 TOKEN = "limits-token-7f3a"
