@@ -19,9 +19,9 @@ from medtriage.data.manifest import PoolWriter
 from medtriage.data.pool import build_sites_pool, decode_file
 from medtriage.data.splits import assign_splits, patient_identity
 from medtriage.errors import InputError
-from medtriage.io.deid import SiteKey
 from medtriage.io.ingest import ingest_site
 from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
+from medtriage.io.site_key import SiteKey
 from tests.io.test_clamped import claiming_file
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")

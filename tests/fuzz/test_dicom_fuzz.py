@@ -24,10 +24,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
 from medtriage.errors import MedTriageError
-from medtriage.io.deid import DeidOptions, SiteKey
+from medtriage.io.deid import DeidOptions
 from medtriage.io.dicom import read_dicom
 from medtriage.io.ingest import ingest_site
 from medtriage.io.ingest_file import init_worker, process_file
+from medtriage.io.site_key import SiteKey
 from medtriage.serve.http import create_app
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection

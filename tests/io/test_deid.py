@@ -16,8 +16,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from medtriage.errors import ConfigError
-from medtriage.io.deid import DeidOptions, SiteKey, deidentify, load_site_key, patient_key, profile_table
+from medtriage.io.deid import DeidOptions, deidentify, patient_key, profile_table
 from medtriage.io.quarantine import screen
+from medtriage.io.site_key import SiteKey, load_site_key
 from tests.io.phi_site import build_phi_site, identifying_values, pixel_sha256
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")

@@ -14,8 +14,9 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from medtriage.cli import main as cli_main
 from medtriage.errors import ConfigError
-from medtriage.io.deid import SiteKey, deidentify
+from medtriage.io.deid import deidentify
 from medtriage.io.ingest import ingest_site, ingest_sites
+from medtriage.io.site_key import SiteKey
 from tests.io.phi_site import build_phi_site
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")

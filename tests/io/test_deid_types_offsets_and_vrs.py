@@ -15,7 +15,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
 from pydicom.uid import ImplicitVRLittleEndian
 
-from medtriage.io.deid import DeidOptions, SiteKey, deidentify
+from medtriage.io.deid import DeidOptions, deidentify
+from medtriage.io.site_key import SiteKey
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
 ERROR = re.compile(r"\bError\b")

@@ -19,9 +19,9 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from medtriage.errors import ImageTooLargeError, InputError
 from medtriage.io.decode_limits import DecodeLimits, default_limits, set_default_limits
-from medtriage.io.deid import SiteKey
 from medtriage.io.dicom import read_dicom
 from medtriage.io.ingest import ingest_site
+from medtriage.io.site_key import SiteKey
 from medtriage.io.slide_reader import open_slide
 
 SIDE = 8192  # 64 MiB of 8-bit pixels, deflated to ~64 KB

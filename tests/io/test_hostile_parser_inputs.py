@@ -16,9 +16,10 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 
 from medtriage.errors import DicomError
-from medtriage.io.deid import SiteKey, deidentify
+from medtriage.io.deid import deidentify
 from medtriage.io.dicom import read_dicom
 from medtriage.io.part10 import encode
+from medtriage.io.site_key import SiteKey
 from tests.io.test_dicom import sample_file
 
 HUGE = 40_000  # 40000 x 40000 samples: gigabytes, if a decoder were let loose on it

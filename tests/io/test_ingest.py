@@ -14,10 +14,10 @@ import pytest
 
 from medtriage.cli import main as cli_main
 from medtriage.errors import ConfigError, InputError
-from medtriage.io.deid import SiteKey
 from medtriage.io.ingest import ingest_site
 from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
 from medtriage.io.site_folder import SITE_LABELS_FILE
+from medtriage.io.site_key import SiteKey
 from tests.io.phi_site import build_phi_site, identifying_values, pixel_sha256
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")

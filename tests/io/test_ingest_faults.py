@@ -10,9 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from medtriage.io.deid import SiteKey
 from medtriage.io.ingest import ingest_site
 from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
+from medtriage.io.site_key import SiteKey
 from tests.io.phi_site import build_phi_site
 
 SECRET = b"test-site-secret-0123456789abcdef"
@@ -22,7 +22,7 @@ KILLED_INGEST = textwrap.dedent(f"""
     from pathlib import Path
     import medtriage.io.ingest as ingest
     import medtriage.io.ingest_ledger as ledger
-    from medtriage.io.deid import SiteKey
+    from medtriage.io.site_key import SiteKey
 
     real, writes = ledger.write_atomic, []
 

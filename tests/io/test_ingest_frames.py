@@ -14,9 +14,10 @@ from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 
 from medtriage.errors import DicomError
 from medtriage.io import ingest_file
-from medtriage.io.deid import DeidOptions, SiteKey
+from medtriage.io.deid import DeidOptions
 from medtriage.io.dicom import read_dicom
 from medtriage.io.ingest_file import init_worker, process_file
+from medtriage.io.site_key import SiteKey
 from tests.io.test_decode_limits import _with
 
 SAMPLES = ["emri_small_jpeg_2k_lossless.dcm", "emri_small_RLE.dcm"]

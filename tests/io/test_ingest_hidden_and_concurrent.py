@@ -17,10 +17,10 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medtriage.errors import MedTriageError
-from medtriage.io.deid import SiteKey
 from medtriage.io.ingest import ingest_site
 from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
 from medtriage.io.site_folder import read_site_folder
+from medtriage.io.site_key import SiteKey
 from tests.io.phi_site import build_phi_site
 
 SECRET = b"test-site-secret-0123456789abcdef"
@@ -32,7 +32,7 @@ PAUSED_INGEST = textwrap.dedent(f"""
     from pathlib import Path
     import medtriage.io.ingest as ingest
     import medtriage.io.ingest_ledger as ledger
-    from medtriage.io.deid import SiteKey
+    from medtriage.io.site_key import SiteKey
 
     real, paused = ledger.write_atomic, []
     src, pool, quarantine, ready, go = sys.argv[1:6]

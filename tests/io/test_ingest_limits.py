@@ -18,10 +18,11 @@ from medtriage.cli.ingest_sites import main as ingest_sites_main
 from medtriage.errors import ConfigError
 from medtriage.io import ingest_file
 from medtriage.io.decode_limits import DecodeLimits
-from medtriage.io.deid import DeidOptions, SiteKey, deidentify, patient_key
+from medtriage.io.deid import DeidOptions, deidentify, patient_key
 from medtriage.io.ingest import ingest_site
 from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
 from medtriage.io.quarantine import screen
+from medtriage.io.site_key import SiteKey
 
 KEY_TEXT = "test-site-secret-0123456789abcdef"
 KEY = SiteKey(KEY_TEXT.encode())

@@ -12,8 +12,9 @@ import pydicom.data
 import pytest
 from pydicom.data import get_testdata_file
 
-from medtriage.io.deid import SiteKey, deidentify
+from medtriage.io.deid import deidentify
 from medtriage.io.part10 import _encoded_as_read, encode
+from medtriage.io.site_key import SiteKey
 from tests.io.phi_site import build_phi_site
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")

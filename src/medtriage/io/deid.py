@@ -16,18 +16,13 @@ numpy/pydicom only: sites install the base package.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import importlib
 import io
-import os
 import re
-import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from functools import lru_cache
-from pathlib import Path
 
 from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
@@ -42,11 +37,10 @@ from pydicom.uid import UID
 
 from medtriage import __version__
 from medtriage.errors import ConfigError
+from medtriage.io.site_key import SiteKey
 
 TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
 TABLE_EDITION = "DICOM PS3.15 2026c Table E.1-1"
-SECRET_ENV = "MEDTRIAGE_SITE_SECRET"
-DICOM_UID_ROOT = "1.2.840.10008."  # registered DICOM UIDs (SOP classes, transfer syntaxes): not identifying
 IMPLEMENTATION_CLASS_UID = UID("2.25.181688840838635753810091347964069651856")  # medtriage's own
 IMPLEMENTATION_VERSION_NAME = f"MEDTRIAGE_{__version__.replace('.', '')}"[:16]
 EXPLICIT_LITTLE = (False, True)  # (implicit VR, little endian): how nearly every file is encoded
@@ -193,81 +187,6 @@ def table_library_version() -> str:
         return f"dicom-anonymizer {version('dicom-anonymizer')}"
     except PackageNotFoundError:
         return "dicom-anonymizer (version unknown)"
-
-
-# ---------------------------------------------------------------- keyed replacement values
-
-
-class SiteKey:
-    """Everything derived from the site secret. The secret itself never leaves this object."""
-
-    def __init__(self, secret: bytes, *, max_shift_days: int = 3650):
-        if len(secret) < 16:
-            raise ConfigError(
-                "site secret is too short (need at least 16 bytes)",
-                hint='make one with: (umask 077; python -c "import secrets; print(secrets.token_hex(32))" > site.key)',
-            )
-        if max_shift_days < 1:
-            raise ConfigError(f"max_shift_days must be >= 1, got {max_shift_days}")
-        self._secret = bytes(secret)
-        self.max_shift_days = max_shift_days
-
-    def _digest(self, purpose: str, value: str | bytes) -> bytes:
-        data = value.encode() if isinstance(value, str) else value
-        return hmac.new(self._secret, purpose.encode() + b"\0" + data, hashlib.sha256).digest()
-
-    def pseudonym(self, patient_key: str) -> str:
-        return "PT" + self._digest("patient", patient_key).hex()[:20].upper()
-
-    def date_shift_days(self, patient_key: str) -> int:
-        """Days to move this patient's dates back: 1..max_shift_days, the same on every run."""
-        return 1 + int.from_bytes(self._digest("date-shift", patient_key)[:8], "big") % self.max_shift_days
-
-    def uid(self, original: str) -> str:
-        """`2.25.<int>` for any UID outside the DICOM root; registered ones (SOP classes...) stay."""
-        original = original.strip("\0 ")
-        if not original or original.startswith(DICOM_UID_ROOT):
-            return original
-        return "2.25." + str(int.from_bytes(self._digest("uid", original)[:16], "big"))
-
-    def accession(self, original: str) -> str:
-        original = original.strip()
-        return "AC" + self._digest("accession", original).hex()[:14].upper() if original else ""
-
-    def content_key(self, data: bytes) -> str:
-        """Keyed hash of a source file: an index key that reveals nothing to whoever lacks the secret."""
-        return self._digest("content", data).hex()[:32]
-
-
-def load_site_key(secret_file: str | Path | None = None, *, max_shift_days: int = 3650) -> SiteKey:
-    """The site secret from a file (preferred) or the MEDTRIAGE_SITE_SECRET environment variable."""
-    hint = (
-        f'create one once and keep it at the site: (umask 077; python -c "import secrets; print(secrets.token_hex(32))" > site.key); '
-        f"then pass --secret-file site.key or set {SECRET_ENV}"
-    )
-    if secret_file is not None:
-        path = Path(secret_file)
-        if not path.is_file():
-            raise ConfigError("site secret file not found", where=path, hint=hint)
-        _check_private(path)
-        secret = path.read_bytes().strip()
-    elif os.environ.get(SECRET_ENV):
-        secret = os.environ[SECRET_ENV].strip().encode()
-    else:
-        raise ConfigError("no site secret given", hint=hint)
-    return SiteKey(secret, max_shift_days=max_shift_days)
-
-
-def _check_private(path: Path) -> None:
-    """The secret must be readable by its owner alone: with it, anyone can confirm which patient ID gave a pseudonym
-    (IDs are few enough to try them all) and undo the date shifts (ssh refuses a readable private key likewise)."""
-    mode = path.stat().st_mode
-    if os.name == "posix" and mode & 0o077:
-        raise ConfigError(
-            f"the site secret file can be read by other users (mode {stat.S_IMODE(mode):o})",
-            where=path,
-            hint=f"chmod 600 {path}",
-        )
 
 
 # ---------------------------------------------------------------- applying the profile

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from medtriage.arguments import positive_int, refuse_file_as_folder
 from medtriage.errors import ConfigError, DataNotFoundError, MedTriageError
-from medtriage.io.deid import DeidOptions, SiteKey, load_site_key
+from medtriage.io.deid import DeidOptions
 from medtriage.io.header_warnings import say_header_warnings, saying_header_warnings
 from medtriage.io.ingest_file import DEFAULT_MAX_FILE_BYTES, init_worker, process_file
 from medtriage.io.ingest_ledger import (
@@ -49,6 +49,7 @@ from medtriage.io.ingest_ledger import (
 )
 from medtriage.io.safe_output import remove_partials, write_new
 from medtriage.io.site_folder import SITE_LABELS_FILE, SiteFolder, read_site_folder
+from medtriage.io.site_key import SiteKey, load_site_key
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
 from medtriage.project import project_path
 

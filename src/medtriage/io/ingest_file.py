@@ -17,11 +17,12 @@ from pydicom.pixels.utils import get_expected_length
 from medtriage.errors import ImageTooLargeError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, number_of_frames
-from medtriage.io.deid import DeidOptions, SiteKey, deidentify
+from medtriage.io.deid import DeidOptions, deidentify
 from medtriage.io.encapsulation import claimed_frames, ends_with, misplaced_basic_entry
 from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
+from medtriage.io.site_key import SiteKey
 
 # Each input is read whole into a worker's memory, so its size is bounded before it is read. The bound is the decode
 # limit on an image's float32 pixels: stored samples are rarely wider than that, so the pool builder could not use a

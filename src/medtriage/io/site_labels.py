@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtriage.errors import ConfigError, InputError
-from medtriage.io.deid import SiteKey
 from medtriage.io.safe_output import write_csv_atomic
+from medtriage.io.site_key import SiteKey
 
 # A site's label table: about 1.5 million rows of UID, accession number and finding. Parsed, a table takes about ten
 # times its file's size in memory, so the file is refused by its size before it is read.
