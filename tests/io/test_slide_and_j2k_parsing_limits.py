@@ -14,7 +14,8 @@ import tifffile
 
 from medtriage.errors import InputError
 from medtriage.io.dicom import read_dicom
-from medtriage.io.slide_reader import MAX_TIFF_PAGES, open_slide
+from medtriage.io.slide_reader import open_slide
+from medtriage.io.tiff_structure import MAX_TIFF_PAGES
 from tests.io.test_fallback_decoder_scope import unsigned_10_bit_with_a_high_bit_set
 from tests.io.test_j2k_reduced import block_means
 from tests.io.test_unused_bits_after_pydicom import with_pixels
