@@ -17,19 +17,11 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from medtriage.io.deid import DeidOptions, deidentify
 from medtriage.io.site_key import SiteKey
+from tests.io.test_deid_edges import _reread
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
 ERROR = re.compile(r"\bError\b")
 OFFSET = re.compile(r"[+-]\d{4}$")
-
-
-def _reread(ds: pydicom.Dataset, syntax=None) -> pydicom.Dataset:
-    """`ds` written and read back (optionally in another transfer syntax), so its elements start undecoded."""
-    if syntax is not None:
-        ds.file_meta.TransferSyntaxUID = syntax
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
 
 
 def _errors(dciodvfy: str, path: Path) -> set[str]:

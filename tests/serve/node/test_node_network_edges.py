@@ -84,6 +84,32 @@ def test_a_stow_server_that_never_answers_costs_one_timeout_not_the_sender(deliv
     assert outcome[7] is not None and "Timeout" in outcome[7]
 
 
+def accept_all(server: socket.socket, connections: list) -> None:
+    """Take every connection to `server` and never answer, until it is closed."""
+    try:
+        while True:
+            connections.append(server.accept()[0])
+    except OSError:
+        pass
+
+
+def test_a_stow_server_that_never_answers_costs_one_timeout_per_batch_not_one_per_delivery(delivery):
+    """The rest of a batch is not tried once the server did not answer: each try would wait out its timeout, and
+    the sender, every other destination and a stop would wait for all of them."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    connections: list = []
+    threading.Thread(target=accept_all, args=(silent, connections), daemon=True).start()
+    batch = [Delivery(i, "1.2.3", "sr", "dicomweb", delivery.file, f"{SOP}.{i}", 0) for i in range(4)]
+    try:
+        outcome = DicomWebSender(f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web", timeout=0.5).send(batch)
+    finally:
+        silent.close()
+        for connection in connections:
+            connection.close()
+    assert len(connections) == 1
+    assert set(outcome) == {0, 1, 2, 3} and all(error and "Timeout" in error for error in outcome.values())
+
+
 def test_a_stow_server_that_is_down_fails_the_try_at_once(delivery):
     started = time.monotonic()
     outcome = DicomWebSender(f"http://127.0.0.1:{free_port()}/dicom-web").send([delivery])

@@ -86,3 +86,15 @@ def test_only_the_node_itself_clears_half_written_spool_files_and_half_received_
     assert all(leftover.exists() for leftover in leftovers)
     NodeStore(tmp_path / "state", recover=True).close()  # the node at start: a killed process left them
     assert not any(leftover.exists() for leftover in leftovers)
+
+
+def test_a_second_node_on_a_state_folder_in_use_is_refused_and_leaves_the_first_ones_files(tmp_path):
+    running = NodeStore(tmp_path / "state", recover=True)
+    arriving = tmp_path / "state" / "incoming" / "tmpk2j4.dcm"  # an instance the running node is receiving
+    arriving.write_bytes(b"half")
+    with pytest.raises(ConfigError, match="--state") as refused:
+        NodeStore(tmp_path / "state", recover=True)
+    assert refused.value.hint and arriving.exists()
+    NodeStore(tmp_path / "state").close()  # a reader (the worklist) still opens it
+    running.close()
+    NodeStore(tmp_path / "state", recover=True).close()  # the folder is free once its node stopped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import tempfile
@@ -11,6 +12,7 @@ import threading
 from urllib.parse import urlsplit
 
 from medtriage.arguments import positive_float, refuse_file_as_folder
+from medtriage.errors import printable
 from medtriage.io.header_warnings import say_header_warnings
 from medtriage.serve.batching import add_batching_options
 from medtriage.serve.cli import add_runtime_options, apply_decode_limits
@@ -24,6 +26,30 @@ Every received instance is written to --state before the sender is told it arriv
 resumes unfinished work, and an instance sent twice gives one result. The worklist page shows the
 same state: medtriage serve PACKAGE --state DIR.
 """
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_LINE_START = re.compile(r"^", re.MULTILINE)  # where to indent each line of a traceback
+
+
+class OneLinePerRecord(logging.Formatter):
+    """Each record's message on one line, its control characters shown as escapes, and the lines of a traceback
+    indented: messages quote values a peer sent (pynetdicom quotes a refused AE title as it came), and a line break in
+    one would start a line of the node's log that reads as a record of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 -- logging's name
+        return super().formatMessage(logging.makeLogRecord({**record.__dict__, "message": printable(record.message)}))
+
+    def format(self, record: logging.LogRecord) -> str:
+        head, newline, traceback = super().format(record).partition("\n")  # only a traceback, or a stack, follows
+        return head + newline + _LINE_START.sub("  ", traceback)
+
+
+def node_log_handler(stream) -> logging.Handler:
+    """The handler of the node's log: records on `stream`, one line each (OneLinePerRecord)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(OneLinePerRecord(LOG_FORMAT))
+    return handler
 
 
 def register(subparsers) -> None:
@@ -170,9 +196,8 @@ def run_listen(args: argparse.Namespace) -> int:
         max_instance_bytes=args.max_instance_bytes,
         min_free_bytes=args.min_free_bytes,
     )
-    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=log_format, stream=sys.stderr)
-    say_header_warnings(log_format)  # pydicom's, as the node's own lines, once per file and naming it
+    logging.basicConfig(level=logging.INFO, handlers=[node_log_handler(sys.stderr)])
+    say_header_warnings(LOG_FORMAT)  # pydicom's, as the node's own lines, once per file and naming it
     for chatty in ("pynetdicom", "highdicom"):  # one line per PDU / copied module otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     node = Node(config)

@@ -1,5 +1,9 @@
 """What the node reads from an instance's header before it answers: the identifying UIDs (checked, since
-they key the queue) and the worklist's study columns. Pixels are not touched here."""
+they key the queue) and the worklist's study columns. Pixels are not touched here, nor is any other element: the
+handler of each association reads this at once, and an instance may carry gigabytes before its Pixel Data (a
+private element, an overlay). Only the elements named are read (the others are skipped, not read), reading stops
+after the last of them, and what is read is bounded (HEADER_READ_BYTES): a sequence of undefined length must be
+parsed to be skipped, and one that holds more is refused before it is read into memory."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.filereader import read_partial
 from pydicom.uid import UID
 
 from medtriage.errors import DicomError
@@ -22,6 +27,44 @@ STUDY_TAGS = {
     "modality": "Modality",
 }
 MAX_UID = 64  # PS3.5 6.2: a UI value is at most 64 characters
+IDENTITY_TAGS = {
+    "SpecificCharacterSet": 0x00080005,  # how the study fields' text is encoded
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "StudyDate": 0x00080020,
+    "AccessionNumber": 0x00080050,
+    "Modality": 0x00080060,
+    "StudyDescription": 0x00081030,
+    "PatientID": 0x00100020,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+}
+LAST_IDENTITY_TAG = max(IDENTITY_TAGS.values())
+HEADER_READ_BYTES = 4 << 20  # what reading them may read: the elements before (0020,000E) of any real instance are far less
+
+
+class _ReadBudget:
+    """A file whose reads together may not pass `budget` bytes (seeks are free): DicomError before a read that would.
+    A read of the rest (pydicom's of a deflated data set, to inflate it) is left to dicom_source's bound on the
+    inflated size."""
+
+    def __init__(self, file, budget: int, where: str):
+        self._file, self._left, self._where = file, budget, where
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return self._file.read()
+        if n > self._left:
+            raise DicomError(
+                f"the data set header before its Series Instance UID holds over {HEADER_READ_BYTES} bytes to read",
+                where=self._where,
+                hint="the sending system must send the identifying elements (group 0008 to 0020) without bulk data among them",
+            )
+        self._left -= n
+        return self._file.read(n)
+
+    def __getattr__(self, name: str):  # seek, tell, name ... as the file has them
+        return getattr(self._file, name)
 
 
 @dataclass
@@ -39,7 +82,12 @@ def read_identity(data: bytes | Path, where: str = "<received>") -> Header:
     with reading(where):  # pydicom converts values lazily: its warnings come as they are read, after dcmread
         try:
             with dicom_source(data if isinstance(data, (bytes, bytearray)) else Path(data), where) as source:
-                ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
+                ds = read_partial(
+                    _ReadBudget(source, HEADER_READ_BYTES, where),
+                    stop_when=lambda tag, _vr, _length: tag > LAST_IDENTITY_TAG,
+                    force=True,
+                    specific_tags=list(IDENTITY_TAGS.values()),
+                )
             uids = {key: _uid(ds, key) for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")}
         except DicomError:
             raise

@@ -142,13 +142,18 @@ class DicomWebSender:
         self.client.set_http_retry_params(retry=False)
 
     def send(self, deliveries: list[Delivery]) -> dict[int, str | None]:
-        outcome = {}
+        """Each delivery in its own request: delivery id -> None (stored) or the error. Once the server could not be
+        reached or did not answer, the rest are not tried (each would wait out the timeout again, holding the sender,
+        every other destination and a stop): they fail with that error, and are retried with it."""
+        outcome: dict[int, str | None] = {}
         for delivery in deliveries:
             try:
                 failure = stow_failure(self.client.store_instances([pydicom.dcmread(delivery.file)]))
                 outcome[delivery.id] = None if failure is None else f"STOW-RS to {self.url}: {failure}"
             except Exception as err:  # noqa: BLE001 -- HTTP errors and refused connections alike: retried
                 outcome[delivery.id] = f"STOW-RS to {self.url}: {type(err).__name__}: {str(err)[:200]}"
+                if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+                    return {d.id: outcome.get(d.id, outcome[delivery.id]) for d in deliveries}
         return outcome
 
 

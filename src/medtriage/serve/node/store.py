@@ -12,6 +12,7 @@ studies     one row per Study Instance UID: receiving -> scored -> delivered, or
 deliveries  one row per result object and destination: pending -> delivered
 drifting_sources  the calling AE titles the node's drift monitor finds drifting now, for the worklist of
             `medtriage serve --state` (another process) to mark their rows
+node.lock   held by the one node that owns the folder, while it runs
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtriage.errors import InputError
+from medtriage.errors import ConfigError, InputError
 from medtriage.io.safe_output import PUBLIC_MODE, AtomicFile, inside, remove_partials, sync_folder
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one node per state folder is then the operator's to keep
+    fcntl = None
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -53,6 +59,7 @@ CREATE TABLE IF NOT EXISTS overlays (sop_uid TEXT PRIMARY KEY, png BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS drifting_sources (source TEXT PRIMARY KEY, since REAL NOT NULL);
 """
 DB_FILE, SPOOL_DIR, OUTBOX_DIR, INCOMING_DIR = "node.sqlite", "spool", "outbox", "incoming"
+LOCK_FILE = "node.lock"  # held by the node that owns the folder, for as long as it runs
 # Columns newer than the first state folders: added when a folder without them is opened (readers of the old
 # schema name their columns, so an older node on the same folder keeps working). instances.source: who sent the
 # instance as the drift monitor names it (an upload's X-Source); NULL for the node's, whose calling AE title says it.
@@ -98,6 +105,32 @@ class ConflictingPatient(InputError):
 
 def _is_full(err: sqlite3.OperationalError) -> bool:
     return getattr(err, "sqlite_errorcode", None) == SQLITE_FULL or "database or disk is full" in str(err)
+
+
+def _own(folder: Path) -> int | None:
+    """Lock `folder` for this process (released when it closes the descriptor returned, or exits, however); ConfigError
+    when another process holds it. A second node on one folder would delete the first one's instances as it receives
+    them (its start clears what a killed node left half-written), and both would score and report the same studies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return None
+    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(descriptor)
+        raise ConfigError(
+            f"the state folder {folder} is in use by another medtriage listen (process {holder})",
+            where="--state",
+            hint="stop that node first, or give this one a --state folder of its own",
+        ) from None
+    except BaseException:
+        os.close(descriptor)
+        raise
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the message above
+    return descriptor
 
 
 def digest_name(*parts: str, suffix: str = ".dcm") -> str:
@@ -152,7 +185,10 @@ class NodeStore:
         """`recover`: this process owns the folder (the node at start): delete half-written files a killed
         process left. Readers (the worklist of `medtriage serve`) leave them, a running node may be writing."""
         self.folder = Path(folder) if folder is not None else None
+        self._owned: int | None = None  # the lock file's descriptor, while this process owns the folder
         if self.folder is not None:
+            if recover:
+                self._owned = _own(self.folder)
             for sub in (SPOOL_DIR, OUTBOX_DIR, INCOMING_DIR):
                 (self.folder / sub).mkdir(parents=True, exist_ok=True)
                 if recover:
@@ -185,6 +221,9 @@ class NodeStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._owned is not None:
+                os.close(self._owned)  # the lock with it: another node may own the folder now
+                self._owned = None
 
     def _execute(self, sql: str, args: tuple | dict = ()) -> list[sqlite3.Row]:
         with self._lock:
