@@ -1,6 +1,7 @@
-"""The SR for sources and packages whose text outgrows DICOM's value limits, checked by dicom3tools' dciodvfy: a label
-longer than a Code Meaning (LO, 64 characters) or a Code Value (SH, 16), and a source header whose Patient ID,
-Accession Number, Study ID or referring physician's name is longer than its VR allows."""
+"""The SR and the heatmap for sources and packages whose text outgrows DICOM's value limits, checked by dicom3tools'
+dciodvfy: a label longer than a Code Meaning (LO, 64 characters) or a Code Value (SH, 16), a source header whose
+Patient ID, Accession Number, Study ID or referring physician's name is longer than its VR allows, and a package named
+in letters the source's character set lacks."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medtriage.serve.dicom_results import sr_bytes
+from medtriage.serve.dicom_results import encoded, sr_bytes
+from medtriage.serve.node.heatmap import secondary_capture
 from medtriage.serve.package import ModelPackage
+from medtriage.serve.predictor import Predictor
 
 ERROR = re.compile(r"\bError\b")
 LONG_LABELS = [
@@ -120,3 +123,22 @@ def test_text_the_source_character_set_cannot_hold_is_written_in_one_that_can(pr
     sr = pydicom.dcmread(io.BytesIO(data))
     assert sr.ManufacturerModelName == name and label in {m for meanings in _codes(sr).values() for m in meanings}
     assert sr.PatientName == source.PatientName
+
+
+def test_the_heatmap_leaves_out_what_its_vr_does_not_allow_and_declares_the_letters_of_its_package_name(predictor, dciodvfy, tmp_path):
+    """Before, the heatmap copied a Study ID of 20 characters as it was, and wrote the package's name in Latin-1
+    bytes without a character set: dciodvfy found both invalid, and a strict PACS refuses the whole image."""
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    source.StudyID = "A" * 20  # SH: 16
+    source.ReferringPhysicianName = "R" * 70 + "^JULIUS"  # PN: 64 per component group
+    del source.SpecificCharacterSet
+    path = tmp_path / "source.dcm"
+    source.save_as(path, enforce_file_format=True)
+    named = Predictor(ModelPackage(predictor.package.directory, {**predictor.package.meta, "name": "modèle-pneumonie"}), threads=1)
+    scores = named.score_or_reject(path, path.name)
+    data = encoded(secondary_capture(named, path, scores[0]), "the heatmap", path.name)
+    errors = _errors(dciodvfy, data, tmp_path)
+    assert not errors, "\n".join(errors)
+    heatmap = pydicom.dcmread(io.BytesIO(data))
+    assert (heatmap.StudyID, str(heatmap.ReferringPhysicianName), heatmap.SpecificCharacterSet) == ("", "", "ISO_IR 192")
+    assert "modèle-pneumonie" in heatmap.SeriesDescription and heatmap.StudyInstanceUID == source.StudyInstanceUID

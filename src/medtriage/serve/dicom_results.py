@@ -127,7 +127,7 @@ def build_study_sr(
     in one series, numbered in order; without it the report is a series of its own. `package` is the one loaded
     now; the scores name the package that made them and the label their probability is of."""
     hint = "the source's header is damaged, or lacks study/patient attributes an SR must copy"
-    sources = [(_with_type2_attributes(source), scores) for source, scores in sources]
+    sources = [(carried_header(source), scores) for source, scores in sources]
     # The report's equipment is the package of its first measurement; each measurement names its own, and every
     # package that scored one is contributing equipment (more than one only where a restart changed the package).
     identities = _scoring_packages(score for _, scores in sources for score in scores)
@@ -272,17 +272,18 @@ TYPE2_COPIED = (
 FILED_BY = ("PatientID", "AccessionNumber")
 
 
-def _with_type2_attributes(source: pydicom.Dataset) -> pydicom.Dataset:
-    """The source with every copied attribute the SR can carry: missing ones empty, and values the standard does not
-    allow (a sex of "X", a date written "1990-01-01", a Study ID of 20 characters) emptied too, so that one odd value
-    costs that value, not the SR; only what the report is filed by (FILED_BY) is kept whatever it holds."""
+def carried_header(source: pydicom.Dataset) -> pydicom.Dataset:
+    """The source with every copied attribute a result object (the SR, the heatmap) can carry: missing ones empty, and
+    values the standard does not allow (a sex of "X", a date written "1990-01-01", a Study ID of 20 characters) emptied
+    too, so that one odd value costs that value, not the object; only what a result is filed by (FILED_BY) is kept
+    whatever it holds."""
     unusable = [keyword for keyword in TYPE2_COPIED if keyword not in source or not _carried(keyword, source[keyword].value)]
     if not unusable:
         return source
     source = copy.deepcopy(source)  # a header (no pixels): the caller's dataset stays as it was
     for keyword in unusable:
         if keyword in source:
-            log.warning("SR leaves %s empty: %r is not a value the standard allows", keyword, str(source[keyword].value)[:64])
+            log.warning("a result object leaves %s empty: %r is not a value the standard allows", keyword, str(source[keyword].value)[:64])
         setattr(source, keyword, "")
     return source
 

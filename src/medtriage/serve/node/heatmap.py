@@ -22,6 +22,8 @@ from medtriage.errors import MedTriageError
 from medtriage.io.dicom import read_dicom
 from medtriage.serve.dicom_results import (
     built_from_header,
+    carried_header,
+    declare_character_set,
     equipment,
     long_string,
     read_header,
@@ -50,7 +52,7 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: 
     image = read_dicom(path, frame=None if score.frame is None else score.frame - 1)
     _, png = explain_frame(predictor, image.pixels[0])
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    source = read_header(path)
+    source = carried_header(read_header(path))  # values a strict PACS would refuse the image for are left out
     with built_from_header("the heatmap Secondary Capture", where=str(score.sop_uid)):
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -74,6 +76,7 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: 
             image.PixelAspectRatio = aspect
         describe_anatomy(image, source, score.frame)
         describe_derivation(image, source, score.frame, identity, predictor.package.positive_label)
+        declare_character_set(image)  # the package's name and labels are its own text, not the source's
     return image
 
 
