@@ -8,8 +8,8 @@ from tests.serve import test_worklist as base
 chest_files = base.chest_files  # the worklist tests' fixture
 
 
-def test_the_listed_top_instances_are_those_of_the_listed_rows(predictor, chest_files):
-    worklist = Worklist(predictor, capacity=2)
+def test_the_listed_top_instances_are_those_of_the_listed_rows(predictor, chest_files, tmp_path):
+    worklist = Worklist(predictor, capacity=2, store=tmp_path / "state")  # a state folder keeps the unlisted studies
     for path in chest_files["by_p"][:4]:
         assert isinstance(worklist.score_or_reject(path.read_bytes(), path.name), list)
     listed = {study["top_sop"] for study in worklist.store.shown_studies(2)}
@@ -29,3 +29,23 @@ def test_an_upload_keeps_the_display_copies_of_listed_studies_without_reading_th
 
 def _refused(limit):
     pytest.fail("an upload read every listed row to learn which pictures to keep")
+
+
+def test_a_worklist_in_memory_forgets_the_studies_it_no_longer_lists(predictor, chest_files, monkeypatch):
+    """Before, a service without --state kept every upload's rows and every picture it drew for as long as it ran.
+    What the list leaves out is forgotten (and counted as evicted); an URGENT study of the last day is kept, since
+    the list counts it as urgent and not listed."""
+    worklist = Worklist(predictor, capacity=1)
+    monkeypatch.setattr(worklist, "_close", lambda study_uid: _close_as_routine(worklist, study_uid))
+    uploads = chest_files["by_p"][:4]
+    for path in uploads:
+        assert isinstance(worklist.score_or_reject(path.read_bytes(), path.name), list)
+    held = worklist.store.counts()
+    assert sum(held["studies"].values()) == sum(held["instances"].values()) == 1
+    assert worklist.unlisted() == {"evicted": len(uploads) - 1, "urgent_not_listed": 0}
+
+
+def _close_as_routine(worklist: Worklist, study_uid: str) -> None:
+    """The worklist's own close, the study's priority then set to ROUTINE: the uploads' scores decide nothing here."""
+    Worklist._close(worklist, study_uid)
+    worklist.store._execute("UPDATE studies SET priority = 'ROUTINE' WHERE study_uid = ?", (study_uid,))

@@ -74,12 +74,14 @@ class Worklist:
         self.predictor, self.capacity, self.drift = predictor, max(1, int(capacity)), drift
         self.store = store if isinstance(store, NodeStore) else NodeStore(store)
         self._display: dict[str, np.ndarray] = {}  # SOP UID -> upload's display copy (no spool)
+        self._forgotten = 0  # studies an in-memory store dropped once the list left them out
         self._lock = threading.Lock()
 
     def unlisted(self) -> dict:
-        """How many studies the list leaves out (they stay in the store), and how many of those are URGENT."""
+        """How many studies the list leaves out (kept in a state folder, forgotten in memory), and how many of those
+        it keeps are URGENT."""
         evicted, urgent = self.store.unlisted(self.capacity)
-        return {"evicted": evicted, "urgent_not_listed": urgent}
+        return {"evicted": evicted + self._forgotten, "urgent_not_listed": urgent}
 
     def score_or_reject(self, data: bytes, name: str, source: str | None = None) -> list[Score] | Rejection:
         """Predictor.score_or_reject on one uploaded file from `source` (X-Source), recording what it scored (one decode)."""
@@ -125,6 +127,8 @@ class Worklist:
             if display is not None:
                 self._display[sop_uid] = display
             self._close(study_uid)
+            if self.store.folder is None:  # nothing else reads a memory store: what the list leaves out goes
+                self._forgotten += self.store.forget_unlisted(self.capacity)
             self._drop_unneeded_display_copies()
 
     def _close(self, study_uid: str) -> None:

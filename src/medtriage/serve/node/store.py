@@ -90,6 +90,11 @@ UNLISTED = SHOWN + (
     "SELECT (SELECT COUNT(*) FROM studies) - (SELECT COUNT(*) FROM shown) AS evicted, (SELECT COUNT(*) FROM studies "
     "WHERE priority = 'URGENT' AND last_received >= :since AND id NOT IN (SELECT id FROM shown)) AS urgent"
 )
+# What an in-memory store (a worklist without --state) forgets: the studies the list leaves out, but for the URGENT ones
+# of the last URGENT_KEPT_S, which the list counts as urgent and not listed.
+FORGOTTEN_STUDIES = SHOWN + (
+    "SELECT study_uid FROM studies WHERE id NOT IN (SELECT id FROM shown) AND NOT (priority = 'URGENT' AND last_received >= :since)"
+)
 SQLITE_FULL = 13  # the result code of a write to a full disk or past max_page_count (sqlite3.SQLITE_FULL from 3.11)
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
 MIN_FREE_BYTES = 1 << 30  # default --min-free-bytes: room kept for results, the database and logs
@@ -568,6 +573,19 @@ class NodeStore:
         `URGENT_KEPT_S`; one query."""
         row = self._execute(UNLISTED, self._shown_args(limit))[0]
         return row["evicted"], row["urgent"]
+
+    def forget_unlisted(self, limit: int) -> int:
+        """Delete the studies `shown_studies(limit)` leaves out (FORGOTTEN_STUDIES), with their instances, deliveries
+        and pictures; returns how many. For an in-memory store only, which nothing else reads: without it, a service
+        without --state would keep every upload's row and every picture it drew for as long as it runs."""
+        if self.folder is not None:
+            raise RuntimeError("a state folder's studies are the node's to keep; only an in-memory store forgets")
+        with self._immediate() as db:
+            gone = [(row["study_uid"],) for row in db.execute(FORGOTTEN_STUDIES, self._shown_args(limit)).fetchall()]
+            db.executemany("DELETE FROM overlays WHERE sop_uid IN (SELECT sop_uid FROM instances WHERE study_uid = ?)", gone)
+            for table in ("instances", "deliveries", "studies"):
+                db.executemany(f"DELETE FROM {table} WHERE study_uid = ?", gone)  # noqa: S608 -- our own table names
+        return len(gone)
 
     @staticmethod
     def _shown_args(limit: int) -> dict:
