@@ -86,7 +86,8 @@ class Node:
         self._metrics = None
 
     def start(self) -> None:
-        """Resume queued work, then accept associations."""
+        """Resume queued work, then accept associations. A start that fails (the port taken) stops what it started:
+        the node is stopped, its threads, metrics port and state folder released."""
         log.info("resuming: %s", self.store.counts())
         self._threads = [
             threading.Thread(target=part.run, args=(self._stop,), name=name, daemon=True)
@@ -94,6 +95,13 @@ class Node:
         ]
         for thread in self._threads:
             thread.start()
+        try:
+            self._listen()
+        except BaseException:
+            self.stop(drain_s=0)
+            raise
+
+    def _listen(self) -> None:
         if self.config.metrics_port is not None:
             self._metrics = start_metrics_server(self.monitor, self.config.metrics_host, self.config.metrics_port)
         config = self.config
