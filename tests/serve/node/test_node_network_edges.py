@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +18,7 @@ from medtriage.cli import main
 from medtriage.errors import ConfigError
 from medtriage.serve.node.scp import MAX_PDU_BYTES, OUT_OF_RESOURCES, SUCCESS, start_scp, tls_context
 from medtriage.serve.node.sender import DicomWebSender, Sender, backoff
-from medtriage.serve.node.store import MAX_INSTANCE_BYTES, Delivery, NodeStore
+from medtriage.serve.node.store import DB_FILE, MAX_INSTANCE_BYTES, Delivery, NodeStore
 from tests.serve.node.peers import NODE_AET, cr_study, free_port, send_files
 
 SOP = "1.2.826.0.1.3680043.8.498.1"
@@ -283,3 +284,23 @@ def test_a_sender_that_trickles_a_pdu_is_dropped_at_its_deadline_and_others_are_
     finally:
         server.shutdown()
         store.close()
+
+
+def test_an_instance_arriving_while_another_process_holds_the_database_is_answered_out_of_resources(tmp_path):
+    """Before, 0x0110 (processing failure), which modalities do not retry; out of resources (0xA700), the sender
+    keeps the instance and sends it again."""
+    (image,) = cr_study(tmp_path / "in", 1, seed=44)
+    store = NodeStore(tmp_path / "state")
+    store._db.execute("PRAGMA busy_timeout = 100")  # not the 30 s a node waits for its database
+    holder = sqlite3.connect(tmp_path / "state" / DB_FILE, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a writer of another process (a worklist, a backup tool)
+    port = free_port()
+    server = start_scp(store, NODE_AET, "127.0.0.1", port)
+    try:
+        assert send_files(port, [image]) == {image: OUT_OF_RESOURCES}
+        holder.execute("COMMIT")
+        assert send_files(port, [image]) == {image: SUCCESS}
+    finally:
+        server.shutdown()
+        store.close()
+        holder.close()

@@ -3,8 +3,8 @@
 A C-STORE is answered with success only after the instance is in the spool and its row committed
 (store.receive). A data set whose identifying UIDs cannot be read gets 0xC210 (cannot understand); one of another
 SOP class than its request 0xA900; a SOP Instance UID the store holds for another study 0x0111 (duplicate); a study
-the store holds for another Patient ID 0xC210 (never merged into that patient's result). A full disk or database, an
-instance over `--max-instance-bytes` (not written past the limit), or one that arrives when the store's disk has less
+the store holds for another Patient ID 0xC210 (never merged into that patient's result). A full disk or database, a
+database another process holds past the busy timeout, an instance over `--max-instance-bytes` (not written past the limit), or one that arrives when the store's disk has less
 than `--min-free-bytes` left, gets 0xA700 (out of resources): the sender keeps it and retries, where a disk filled to
 the last byte would fail the node's results, database and logs too. Pixels are decoded later by the worker: a file
 that then fails to decode becomes a recorded rejection, not a network error.

@@ -95,6 +95,7 @@ UNLISTED = SHOWN + (
 FORGOTTEN_STUDIES = SHOWN + (
     "SELECT study_uid FROM studies WHERE id NOT IN (SELECT id FROM shown) AND NOT (priority = 'URGENT' AND last_received >= :since)"
 )
+SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the database is held by another connection
 SQLITE_FULL = 13  # the result code of a write to a full disk or past max_page_count (sqlite3.SQLITE_FULL from 3.11)
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
 MIN_FREE_BYTES = 1 << 30  # default --min-free-bytes: room kept for results, the database and logs
@@ -110,6 +111,11 @@ class ConflictingPatient(InputError):
 
 def _is_full(err: sqlite3.OperationalError) -> bool:
     return getattr(err, "sqlite_errorcode", None) == SQLITE_FULL or "database or disk is full" in str(err)
+
+
+def _is_busy(err: sqlite3.OperationalError) -> bool:
+    """Another process held the database past the busy timeout (a worklist writing, a backup): for now, not for good."""
+    return getattr(err, "sqlite_errorcode", None) in SQLITE_BUSY or "database is locked" in str(err)
 
 
 def _own(folder: Path) -> int | None:
@@ -290,8 +296,8 @@ class NodeStore:
         (an upload's state, result and source). False when this SOP instance was already received (the copy on disk is
         kept, so a resend never produces a second result), by this call's time or by a concurrent one's.
         ConflictingInstance when the SOP Instance UID is held for another study, series or SOP class, ConflictingPatient
-        when the study is held for another patient; OSError when the disk or the database is full (nothing of the
-        instance is kept)."""
+        when the study is held for another patient; OSError when the disk or the database is full, or another process
+        holds the database past the busy timeout (nothing of the instance is kept)."""
         identity = (sop_uid, study_uid, series_uid, sop_class)
         if self.has_instance(sop_uid):  # a resend: nothing to write
             self._check_resend(*identity)
@@ -327,6 +333,8 @@ class NodeStore:
         except sqlite3.OperationalError as err:
             if _is_full(err):
                 raise OSError(errno.ENOSPC, f"the node's database {self.folder / DB_FILE} is full: {err}") from err
+            if _is_busy(err):  # answered as out of resources: the sender keeps the instance and sends it again
+                raise OSError(errno.EBUSY, f"the node's database {self.folder / DB_FILE} is held by another process: {err}") from err
             raise
         finally:
             if not kept:
