@@ -106,3 +106,25 @@ def test_an_unresolvable_destination_is_retried_with_backoff_and_does_not_hold_u
     assert study["state"] == "failed" and "pacs.invalid" in study["reason"] and "retrying" in study["reason"]
     assert store.due_deliveries() == []  # not tried again at the next poll
     store.close()
+
+
+def test_results_waiting_for_a_destination_no_longer_configured_are_named_at_start_and_in_the_study(tmp_path, caplog):
+    """Before, they were retried forever as "no destination X", with nothing at start to say why (the node's
+    --send-to had changed since the results were made)."""
+    store = NodeStore(tmp_path / "state")
+    (path,) = cr_study(tmp_path / "in", 1, seed=42)
+    store.receive(path.read_bytes(), "1.1", "5.5", "1.2", "1.2.840.10008.5.1.4.1.1.1", FIELDS)
+    store.set_scored("1.1", [{"priority": "routine", "probability": 0.1}])
+    sr = store.outbox_path("sr.dcm")
+    sr.write_bytes(path.read_bytes())
+    deliveries = [("sr", "OLDPACS@old.hospital:104", sr.name, "9.9")]
+    assert store.close_study("5.5", {"sop_uid": "1.1", "priority": "routine", "probability": 0.1}, None, "9.9", deliveries, time.time())
+    sender = Sender(store, {"PACS@pacs.hospital:104": Accepting()}, retry_max=60)
+    with caplog.at_level("WARNING", logger="medtriage.serve.node.sender"):
+        sender.say_unsent_elsewhere()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("1 result(s) wait for OLDPACS@old.hospital:104") and "start it with that destination" in warning
+    sender.send_due()
+    (study,) = store._execute("SELECT state, reason FROM studies")
+    assert study["state"] == "failed" and "not configured to send there" in study["reason"]
+    store.close()

@@ -89,6 +89,7 @@ class Node:
         """Resume queued work, then accept associations. A start that fails (the port taken) stops what it started:
         the node is stopped, its threads, metrics port and state folder released."""
         log.info("resuming: %s", self.store.counts())
+        self.sender.say_unsent_elsewhere()
         self._threads = [
             threading.Thread(target=part.run, args=(self._stop,), name=name, daemon=True)
             for name, part in (("medtriage-worker", self.worker), ("medtriage-sender", self.sender))

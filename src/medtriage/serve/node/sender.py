@@ -157,11 +157,24 @@ class DicomWebSender:
         return outcome
 
 
+_NOT_CONFIGURED = (
+    "this node is not configured to send there (its --send-to or --dicomweb changed since); start it with that "
+    "destination as well to deliver them"
+)
+
+
 class Sender:
     """Sends due deliveries, grouped by destination; failures are rescheduled with backoff."""
 
     def __init__(self, store: NodeStore, senders: dict, retry_max: float = 60.0, poll_seconds: float = 0.2):
         self.store, self.senders, self.retry_max, self.poll_seconds = store, senders, retry_max, poll_seconds
+
+    def say_unsent_elsewhere(self) -> None:
+        """Warn of results waiting for a destination this node no longer sends to (its --send-to or --dicomweb
+        changed since they were made): they stay pending, each study shown failed, until a node sends there again."""
+        for destination, count in sorted(self.store.pending_destinations().items()):
+            if destination not in self.senders:
+                log.warning("%d result(s) wait for %s: %s", count, destination, _NOT_CONFIGURED)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -179,7 +192,7 @@ class Sender:
             batch = [d for d in due if d.destination == destination]
             sender = self.senders.get(destination)
             try:
-                results = sender.send(batch) if sender else dict.fromkeys((d.id for d in batch), f"no destination {destination}")
+                results = sender.send(batch) if sender else dict.fromkeys((d.id for d in batch), _NOT_CONFIGURED)
             except Exception as err:  # noqa: BLE001 -- e.g. a host name that does not resolve: pynetdicom raises
                 # a failed try like any other (backoff, the study's reason), and the other destinations still go
                 error = f"cannot reach {destination} ({type(err).__name__}: {err}); check the host name and the network"

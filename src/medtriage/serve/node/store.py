@@ -515,6 +515,11 @@ class NodeStore:
 
     # --- delivering ------------------------------------------------------------------------------
 
+    def pending_destinations(self) -> dict[str, int]:
+        """Destination -> how many deliveries to it are still pending."""
+        rows = self._execute("SELECT destination, COUNT(*) AS n FROM deliveries WHERE state = 'pending' GROUP BY destination")
+        return {row["destination"]: row["n"] for row in rows}
+
     def due_deliveries(self, limit: int = 16) -> list[Delivery]:
         rows = self._execute(
             "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?", (time.time(), limit)
