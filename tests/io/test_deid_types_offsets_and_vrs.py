@@ -74,3 +74,20 @@ def test_a_table_uid_written_with_another_vr_is_remapped_like_its_references():
     ds.save_as(buffer, enforce_file_format=True)
     assert original.encode() not in buffer.getvalue()
     assert str(ds.FrameOfReferenceUID) == str(ds.ReferencedFrameOfReferenceUID) == KEY.uid(original)
+
+
+@pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+def test_without_modified_dates_the_dates_the_table_does_not_list_are_removed_too(syntax):
+    """Before, a date in an attribute Table E.1-1 does not list stayed as it was, in an object marked REMOVED
+    (Longitudinal Temporal Information Modified); with modified dates it is shifted like every other date."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.DateOfGainCalibration, ds.StudyUpdateDateTime = "20230115", "20230115120000"
+    for modified in (False, True):
+        out = _reread(ds.copy(), syntax)
+        deidentify(out, KEY, DeidOptions(modified_dates=modified))
+        kept = [str(out.DateOfGainCalibration or ""), str(out.StudyUpdateDateTime or "")]
+        if modified:
+            assert out.LongitudinalTemporalInformationModified == "MODIFIED" and "" not in kept
+            assert kept[0] < "20230115" and kept[1][8:] == "120000"  # shifted back, whole days
+        else:
+            assert out.LongitudinalTemporalInformationModified == "REMOVED" and kept == ["", ""]

@@ -372,6 +372,8 @@ class _ProfileWalker:
             return "U"  # UIDs the table does not list (e.g. inside references) are remapped too
         if vr == "PN":
             return "Z"  # a person's name the table does not list is still a name
+        if vr in ("DA", "DT"):
+            return "Z"  # dates not shifted are removed, listed or not: the object says its dates were (REMOVED)
         return "K"
 
     def perform(self, ds: Dataset, elem, action: str) -> None:
