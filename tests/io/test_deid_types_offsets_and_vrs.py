@@ -91,3 +91,19 @@ def test_without_modified_dates_the_dates_the_table_does_not_list_are_removed_to
             assert kept[0] < "20230115" and kept[1][8:] == "120000"  # shifted back, whole days
         else:
             assert out.LongitudinalTemporalInformationModified == "REMOVED" and kept == ["", ""]
+
+
+def test_an_animal_patient_keeps_its_owner_attributes_empty(need_tool, tmp_path):
+    """Responsible Person and Responsible Organization are X in Table E.1-1 but Type 2C for an animal patient: removed,
+    deid-data's cat came out an invalid instance of its IOD (dciodvfy: missing Type 2C attributes)."""
+    from deid_data import __file__ as deid_data_root
+
+    dciodvfy = need_tool("dciodvfy", "apt-get install dicom3tools")
+    source = Path(deid_data_root).parent / "data" / "animals" / "cat.dcm"
+    ds = pydicom.dcmread(source)
+    ds.ResponsiblePerson, ds.ResponsibleOrganization = "Smith^Jane", "Oak Street Veterinary Clinic"
+    deidentify(ds, KEY)
+    assert (ds.ResponsiblePerson, ds.ResponsibleOrganization) == ("", "")
+    ds.save_as(tmp_path / "deid.dcm", enforce_file_format=True)
+    new = _errors(dciodvfy, tmp_path / "deid.dcm") - _errors(dciodvfy, source)
+    assert not new, "\n".join(sorted(new))

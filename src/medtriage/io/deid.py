@@ -90,6 +90,7 @@ PATIENT_CHARACTERISTICS = (
 DEFAULT_CHARACTERISTICS = ("PatientSex", "PatientAge", "PatientSize", "PatientWeight")
 # Dates the Modified Dates option does not keep: the birth date would identify; age is retained instead.
 NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "PatientBirthTime", "PatientDeathDateInAlternativeCalendar"))
+ANIMAL_OWNER_ATTRIBUTES = ("ResponsiblePerson", "ResponsibleOrganization")  # Type 2C: required if the patient is an animal
 PSEUDONYM_TAGS = frozenset(tag_for_keyword(k) for k in ("PatientID", "PatientName"))
 # Z allows "a dummy value consistent with the VR": a keyed one keeps accession-keyed labels joinable.
 ACCESSION_TAG = tag_for_keyword("AccessionNumber")
@@ -275,6 +276,7 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
     by_name = not patient_id_text(ds.get("PatientID", ""))
     walker = _ProfileWalker(key, options, key.pseudonym(patient), key.date_shift_days(patient))
     walker.apply(ds, top_level=True)
+    _keep_animal_owner_attributes(ds)
     _mark_deidentified(ds, options)
     _rebuild_file_meta(ds)
     ds.preamble = b"\0" * 128  # a preamble may hold anything (dual-format TIFF headers, vendor text)
@@ -287,6 +289,15 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
         walker.actions,
         by_name,
     )
+
+
+def _keep_animal_owner_attributes(ds: Dataset) -> None:
+    """Responsible Person and Responsible Organization are X in the table, yet Type 2C (present, maybe empty) when the
+    patient is an animal (PS3.3 C.7.1.1): for an animal they stay, empty (Z), so that the object stays valid."""
+    if "PatientSpeciesDescription" in ds or "PatientSpeciesCodeSequence" in ds:
+        for keyword in ANIMAL_OWNER_ATTRIBUTES:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
 
 
 _DECISIONS: dict[DeidOptions, dict] = {}
