@@ -87,3 +87,24 @@ def test_an_ndpi_chunk_is_checked_against_the_frame_header_it_is_decoded_with(tm
     tif, page, chunk = ndpi_like(tmp_path, 4000, 4000)
     with tif, pytest.raises(ValueError, match="tile 0 declares 48000000 samples"):
         _check_chunk_header(page, chunk, 0)
+
+
+def with_offsets_listed(source: Path, path: Path, count: int) -> Path:
+    """`source` (classic little-endian TIFF) with its first image's TileOffsets and TileByteCounts listing `count` tiles."""
+    data = bytearray(source.read_bytes())
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (entries,) = struct.unpack_from("<H", data, ifd)
+    for at in range(ifd + 2, ifd + 2 + 12 * entries, 12):
+        if struct.unpack_from("<H", data, at)[0] in (324, 325):  # TileOffsets, TileByteCounts
+            struct.pack_into("<I", data, at + 4, count)
+    path.write_bytes(data)
+    return path
+
+
+def test_a_level_listing_fewer_tiles_than_its_size_needs_is_refused_at_open(tmp_path):
+    """Before, it opened, and a read of a missing tile failed as "cannot decode slide tile data ... (IndexError: tuple
+    index out of range)"."""
+    path = with_offsets_listed(jpeg_tiff(tmp_path, tile=(256, 256)), tmp_path / "short.tif", 2)
+    with pytest.raises(InputError, match="level 0 lists 2 of the 4 tiles its size needs") as refused:
+        open_slide(path)
+    assert refused.value.where == str(path) and refused.value.hint

@@ -251,6 +251,7 @@ class Slide(_Levels):
         pages = [(f"level {level}", self._levels[level].keyframe) for level in range(len(self._levels))]
         pages += [(f"image {index} of the file", page) for index, page in enumerate(self._slide.ts_tifffile.pages)]
         for what, page in pages:
+            _check_chunk_count(page, what, self.path)
             ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
             if ends and max(ends) > size:
                 raise InputError(
@@ -413,6 +414,19 @@ def _check_chunk_header(page, data: bytes, index: int) -> None:
         raise ValueError(
             f"{kind} {index} declares {declared} samples (height x width x components) in its {codec} header, more than the "
             f"{' x '.join(map(str, page.chunks))} of the TIFF's {kind}s; it was not decoded"
+        )
+
+
+def _check_chunk_count(page, what: str, path: Path) -> None:
+    """A page listing fewer tiles (or strips) than its size needs opens, and fails only where a read reaches the
+    missing ones, with an IndexError of tifffile's: refused at open, with the counts."""
+    listed, needed = len(page.dataoffsets), math.prod(page.chunked)
+    if listed < needed:
+        kind = "tile" if page.is_tiled else "strip"
+        raise InputError(
+            f"damaged slide: {what} lists {listed} of the {needed} {kind}s its size needs (TIFF {kind} offsets)",
+            where=path,
+            hint="copy the slide again from the scanner or archive, or export it again",
         )
 
 
