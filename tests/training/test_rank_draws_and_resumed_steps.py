@@ -17,7 +17,7 @@ from torch import nn
 
 from medtriage.config.schema import AugmentConfig, AugmentOn, DataConfig, Device, Precision, PreprocessSpec, TrainerConfig
 from medtriage.data.torch.datasets import CachedSplit
-from medtriage.model.checkpoint import LAST, read_checkpoint
+from medtriage.model.checkpoint import LAST, read_checkpoint, save_checkpoint
 from medtriage.model.networks import Preprocess, TriageNet
 from medtriage.training import tracking
 from medtriage.training.distributed import SINGLE_PROCESS, Ranks
@@ -39,11 +39,18 @@ def tiny_split(n: int, seed: int) -> CachedSplit:
     return CachedSplit(images, labels, np.array(["a"] * n), np.arange(n))
 
 
-def tiny_loop(ranks: Ranks = SINGLE_PROCESS, **trainer) -> TrainingLoop:
+def dropout_net() -> TriageNet:
+    """`tiny_net` with dropout: its masks come from torch's global generator."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Dropout(0.5), nn.Linear(2 * (SIZE - 2) ** 2, 2))
+    return TriageNet(Preprocess(PreprocessSpec(size=SIZE)), backbone)
+
+
+def tiny_loop(ranks: Ranks = SINGLE_PROCESS, net=tiny_net, **trainer) -> TrainingLoop:
     config = TrainerConfig(device=Device.cpu, precision=Precision.fp32, channels_last=False, seed=5, **trainer)
     data = DataConfig(source="npz", pool_dir="unused", batch_size=8, augment=AugmentConfig(prob=1.0))
     splits = {"train": tiny_split(32, 0), "val": tiny_split(12, 1)}
-    return TrainingLoop(config, data, tiny_net(), splits, torch.device("cpu"), ranks)
+    return TrainingLoop(config, data, net(), splits, torch.device("cpu"), ranks)
 
 
 @pytest.fixture
@@ -98,6 +105,21 @@ def test_dropout_masks_differ_between_ranks_from_one_model_init_and_after_a_resu
     after_first = dropout_mask()
     second.restore(checkpoint)
     assert not torch.equal(dropout_mask(), after_first)
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_rank_resumed_after_an_epoch_trains_the_next_one_as_the_uninterrupted_rank(tmp_path):
+    """Rank 1's dropout draws of epoch 2 depend on (seed, rank, epoch) alone, not on how its process got there."""
+    uninterrupted, state = tiny_loop(SECOND, net=dropout_net), TrainState()
+    uninterrupted.epoch(1, state)
+    state.epoch = 1
+    save_checkpoint(tmp_path / LAST, **uninterrupted.checkpoint(state, {}, "run"))
+    uninterrupted.epoch(2, state)
+
+    resumed = tiny_loop(SECOND, net=dropout_net)
+    resumed_state = resumed.restore(read_checkpoint(tmp_path / LAST))
+    resumed.epoch(2, resumed_state)
+    torch.testing.assert_close(resumed.model.module.state_dict(), uninterrupted.model.module.state_dict(), rtol=0, atol=0)
 
 
 def tracking_config():

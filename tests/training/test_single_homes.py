@@ -45,10 +45,11 @@ def test_a_port_out_of_range_gets_the_same_message_from_every_option():
 def _run(run_dir: Path, checkpoint: str, finished: bool) -> Path:
     """A run folder with `checkpoint` in it, marked finished the way the end of a run marks it."""
     from medtriage.training.report import METRICS_FILE
+    from medtriage.training.resume import RESUME_KEYS
 
     path = run_dir / checkpoint
     path.parent.mkdir(parents=True)
-    torch.save({"epoch": 1}, path)
+    torch.save({key: 0 for key in RESUME_KEYS} | {"epoch": 1}, path)
     if finished:
         (run_dir / METRICS_FILE).write_text("{}")
     return path

@@ -18,6 +18,7 @@ from medtriage.data.manifest import PoolWriter
 from medtriage.errors import ConfigError
 from medtriage.model.checkpoint import save_checkpoint
 from medtriage.training import job, tracking
+from medtriage.training.resume import RESUME_KEYS
 from medtriage.training.tracking import PARENT_RUN_ENV, MultirunParentRun
 
 
@@ -68,6 +69,11 @@ def test_a_patient_pseudonymised_as_na_in_two_splits_fails_the_audit(numeric_loo
     assert not result.ok and leaked and leaked[0].examples[0]["patient_id"] == "NA"
 
 
+def _resumable(path, **fields):
+    """A checkpoint holding every key a resume reads (`fields`, the others as placeholders)."""
+    return save_checkpoint(path, **({key: 0 for key in RESUME_KEYS} | fields))
+
+
 def _config(tmp_path, *extra):
     return compose_train_config(
         [
@@ -83,7 +89,7 @@ def _config(tmp_path, *extra):
 
 
 def test_resuming_with_other_data_is_refused_before_any_training(tmp_path, monkeypatch):
-    checkpoint = save_checkpoint(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path, "data.cv_fold=0")), mlflow_run_id="x")
+    checkpoint = _resumable(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path, "data.cv_fold=0")), mlflow_run_id="x")
 
     def reached_training(*args, **kwargs):
         raise AssertionError("the run went on to load data for a checkpoint trained on another fold")
@@ -95,7 +101,7 @@ def test_resuming_with_other_data_is_refused_before_any_training(tmp_path, monke
 
 
 def test_resuming_with_another_recipe_is_refused_before_any_training(tmp_path, monkeypatch):
-    checkpoint = save_checkpoint(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id="x")
+    checkpoint = _resumable(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id="x")
 
     def reached_training(*args, **kwargs):
         raise AssertionError("the run went on with another learning rate and schedule length than its checkpoint's")
@@ -109,11 +115,19 @@ def test_resuming_with_another_recipe_is_refused_before_any_training(tmp_path, m
     assert str(checkpoint) in str(refused.value)
 
 
+def test_resuming_with_another_model_names_the_settings_that_differ(tmp_path, monkeypatch):
+    checkpoint = _resumable(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id="x")
+    monkeypatch.setattr(job, "load_data", lambda *args: pytest.fail("the run went on with another network input size"))
+    with pytest.raises(ConfigError, match=r"model\.preprocess\.size: 28 in the checkpoint, 32 now\)") as refused:
+        job.run(_config(tmp_path, "model.preprocess.size=32", "trainer.resume=true", f"trainer.resume_from={checkpoint}"))
+    assert refused.value.where == str(checkpoint) and "trainer.resume" in refused.value.hint
+
+
 @pytest.mark.parametrize("runtime", ["data.num_workers=2", "trainer.eval_batch_size=64", "trainer.precision=fp32"])
 def test_resuming_with_the_same_recipe_on_other_runtime_settings_goes_on(tmp_path, monkeypatch, runtime):
     uri = os.environ["MLFLOW_TRACKING_URI"]  # the run the checkpoint names must be in the store: it is checked first
     run_id = MlflowClient(uri).create_run(tracking.experiment_id(uri, "edges")).info.run_id
-    checkpoint = save_checkpoint(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id=run_id)
+    checkpoint = _resumable(tmp_path / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id=run_id)
 
     class Reached(Exception):
         pass

@@ -140,7 +140,17 @@ def check_resume_config(saved: dict, config: dict, resume_path: Path) -> None:
     """A resumed run continues the checkpoint's model, on the checkpoint's data, with the checkpoint's recipe (the
     MLflow run it continues records them)."""
     if saved["model"] != config["model"]:
-        raise ConfigError("the model config differs from the checkpoint's", where=resume_path, hint="resume with the same model settings")
+        before, now = tracking.flatten(saved["model"], "model."), tracking.flatten(config["model"], "model.")
+        diff = "; ".join(
+            f"{key}: {before.get(key, '(absent)')} in the checkpoint, {now.get(key, '(absent)')} now"
+            for key in sorted(before.keys() | now.keys())
+            if before.get(key) != now.get(key)
+        )
+        raise ConfigError(
+            f"the model config differs from the checkpoint's ({diff})",
+            where=resume_path,
+            hint="resume with the checkpoint's model settings, or start a new run without trainer.resume",
+        )
     for section, reason in RESUME_REASONS.items():
         changed = {
             key: (saved[section][key], value)
@@ -154,6 +164,20 @@ def check_resume_config(saved: dict, config: dict, resume_path: Path) -> None:
                 where=resume_path,
                 hint=f"resume with the checkpoint's {section} settings, or start a new run without trainer.resume",
             )
+
+
+def check_resume_world_size(checkpoint: dict, ranks: Ranks, resume_path: Path) -> None:
+    """A resumed run trains with as many processes as the checkpoint's run: with another number, each epoch would shard
+    the images otherwise, the learning rate would scale to another global batch, and the restored schedule would end
+    before (one-cycle: fail at) or after the run's last step."""
+    saved = checkpoint.get("world_size")  # absent from checkpoints written before it was recorded
+    if saved is None or saved == ranks.world_size:
+        return
+    raise ConfigError(
+        f"the checkpoint was trained by {saved} process(es), this run has {ranks.world_size}",
+        where=resume_path,
+        hint=f"resume with {saved} process(es) in all (torchrun; none for 1), or start a new run without trainer.resume",
+    )
 
 
 def resized_splits(cfg: DictConfig, manifest, model) -> dict[str, CachedSplit]:
@@ -182,6 +206,7 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     resume_path, resumed = find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name) if resuming else (None, None)
     if resumed:
         check_resume_config(resumed["config"], config, resume_path)
+        check_resume_world_size(resumed, ranks, resume_path)
     if ranks.is_main:
         tracking.check_destination(cfg, resumed["mlflow_run_id"] if resumed else None)
     manifest, splits, audit = load_data(cfg, model, ranks)

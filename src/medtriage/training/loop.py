@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from medtriage.config.schema import DataConfig, TrainerConfig
 from medtriage.data.torch.datasets import CachedDataset, CachedSplit
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, MedTriageError
 from medtriage.evaluation.metrics import evaluate
 from medtriage.evaluation.predictions import Predictions
 from medtriage.io.safe_output import copy_atomic
@@ -40,6 +40,10 @@ from medtriage.training.throughput import EpochClock
 monai_data = optional_import("monai.data")
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(MedTriageError):
+    """The training loss stopped being a number: the weights are NaN or infinite, and every later step keeps them so."""
 
 
 @dataclass
@@ -177,6 +181,7 @@ class TrainingLoop:
     def epoch(self, epoch: int, state: TrainState) -> dict[str, float]:
         """Train once over the training split; returns loss, throughput and learning rate."""
         self.model.train()
+        self._own_global_stream(epoch)  # from (seed, rank, epoch) alone, as a resumed run seeds it
         if self.mixup:
             self.mixup.start_epoch(epoch)
         if self.device_augment:
@@ -204,6 +209,7 @@ class TrainingLoop:
         total_loss = float(total_loss)
         elapsed = time.perf_counter() - started
         total_loss, seen = distributed.sum_over_ranks([total_loss, seen], self.ranks)
+        check_finite_loss(total_loss, epoch, state)  # summed over ranks: every rank stops, none waits for the others
         distributed.sync_buffers(self.model, self.ranks)
         if self.ema:  # each rank's average took its own batches' statistics: evaluate rank 0's, which is checkpointed
             distributed.sync_buffers(self.ema.module, self.ranks)
@@ -268,6 +274,7 @@ class TrainingLoop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
+            "world_size": self.ranks.world_size,  # the shards, the global batch and the schedule's length depend on it
             "mlflow_run_id": run_id,
         }
 
@@ -293,6 +300,19 @@ class TrainingLoop:
             checkpoint["best_epoch"],
             checkpoint["epochs_since_best"],
         )
+
+
+def check_finite_loss(total_loss: float, epoch: int, state: TrainState) -> None:
+    """Stop before a diverged epoch is checkpointed (or, in a refit, exported): checked once per epoch, as reading the
+    loss every step would make each step wait for the device."""
+    if math.isfinite(total_loss):
+        return
+    raise TrainingDivergedError(
+        f"the training loss of epoch {epoch} is {total_loss}: the weights diverged",
+        where=f"epoch {epoch} (up to global step {state.global_step})",
+        hint="lower trainer.lr (or trainer.lr_scaling), raise trainer.warmup_epochs, or try trainer.precision=fp32; "
+        "the checkpoint of the last epoch before it is kept, but a resume repeats the same steps: start a new run",
+    )
 
 
 # --- epochs ------------------------------------------------------------------------------------
@@ -322,7 +342,7 @@ def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: d
     """Epochs until max_epochs or early stopping; True when stopped by trainer.stop_after_epochs. Without a validation
     split (a refit) no epoch is ever best: the run ends with its last weights."""
     trainer, done_here, validated = fit.trainer, 0, "val" in fit.splits
-    while state.epoch < trainer.max_epochs:
+    while state.epoch < trainer.max_epochs and not stopped_early(trainer, state):  # resumed after it stopped early
         epoch = state.epoch + 1
         metrics = fit.epoch(epoch, state)
         improved = validated and validate_epoch(fit, state, metrics, epoch)
@@ -339,9 +359,14 @@ def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: d
             )
             log.info("epoch %d: loss %.4f%s, %.0f img/s", epoch, metrics["train/loss"], validation, metrics["train/images_per_s"])
         done_here += 1
-        if trainer.early_stopping_patience and state.epochs_since_best >= trainer.early_stopping_patience:
+        if stopped_early(trainer, state):
             log.info("early stopping: no better validation AUC for %d epochs", state.epochs_since_best)
             break
         if trainer.stop_after_epochs and done_here >= trainer.stop_after_epochs and state.epoch < trainer.max_epochs:
             return True
     return False
+
+
+def stopped_early(trainer, state: TrainState) -> bool:
+    """No better validation AUC for trainer.early_stopping_patience epochs."""
+    return bool(trainer.early_stopping_patience) and state.epochs_since_best >= trainer.early_stopping_patience

@@ -12,7 +12,7 @@ from medtriage.evaluation.calibration import cross_fittable, cross_fitted_log_lo
 from medtriage.evaluation.metrics import evaluate, roc_points, site_values, softmax
 from medtriage.evaluation.plots import plot_roc, plot_site_auc
 from medtriage.io.safe_output import write_atomic
-from medtriage.model.checkpoint import final_checkpoint, read_checkpoint
+from medtriage.model.checkpoint import LAST, final_checkpoint, read_checkpoint
 from medtriage.training import distributed, tracking
 
 COLUMNS = ("auc", "acc", "sens", "spec", "n")
@@ -42,12 +42,14 @@ def log_final(
     """Test metrics, plots (titled `name`), when `log_checkpoint` the final checkpoint, and metrics.json into the
     active MLflow run. metrics.json marks the run finished, so it comes last: a run stopped before it is resumable."""
     folder = run_folder(ckpt_dir)
-    tracking.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")}, step=state.best_epoch)
+    final = final_checkpoint(ckpt_dir, weights)
+    final_epoch = state.epoch if final.name == LAST else state.best_epoch  # the epoch whose weights were tested
+    tracking.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")}, step=final_epoch)
     tracking.log_metrics({"best_epoch": state.best_epoch}, step=0)  # once, though a resumed run reaches here again
-    for path in _plots(predictions, metrics, folder / "plots", name):
+    for path in _plots(predictions, metrics, folder / "plots", name, final.stem):
         mlflow.log_artifact(str(path), "plots")
     if log_checkpoint:
-        mlflow.log_artifact(str(final_checkpoint(ckpt_dir, weights)), "checkpoints")
+        mlflow.log_artifact(str(final), "checkpoints")
     write_atomic(folder / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
     mlflow.log_artifact(str(folder / METRICS_FILE))
 
@@ -58,7 +60,7 @@ def run_folder(ckpt_dir: Path) -> Path:
     return ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
 
 
-def _plots(predictions, metrics: dict[str, float], folder: Path, name: str) -> list[Path]:
+def _plots(predictions, metrics: dict[str, float], folder: Path, name: str, checkpoint: str) -> list[Path]:
     curves = {}
     for split, p in predictions.items():
         points = roc_points(p.labels, softmax(p.logits))
@@ -66,7 +68,7 @@ def _plots(predictions, metrics: dict[str, float], folder: Path, name: str) -> l
             curves[split] = (*points, metrics[f"{split}/auc"])
     paths = []
     if curves:
-        paths.append(plot_roc(curves, folder / "roc.png", f"{name}: ROC (best checkpoint)"))
+        paths.append(plot_roc(curves, folder / "roc.png", f"{name}: ROC ({checkpoint} checkpoint)"))
     per_site = {split: site_values(metrics, split) for split in predictions}
     if any(per_site.values()):
         paths.append(plot_site_auc(per_site, folder / "site_auc.png", f"{name}: AUC per site"))

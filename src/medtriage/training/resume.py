@@ -77,6 +77,37 @@ def _catch_up_best(checkpoint: Path, contents: dict) -> None:
     copy_atomic(checkpoint, best)
 
 
+# What TrainingLoop.checkpoint writes and a resume reads (`train_model`, `ema_updates` and `world_size` are optional).
+RESUME_KEYS = (
+    "model",
+    "config",
+    "epoch",
+    "global_step",
+    "best_val_auc",
+    "best_epoch",
+    "epochs_since_best",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "mlflow_run_id",
+)
+
+
+def _training_checkpoint(path: Path) -> dict:
+    """The contents of `path`, refused unless it holds what training state a resume continues: a model's weights alone
+    (an exported or hand-saved file) have no optimiser, schedule or epoch to continue from."""
+    contents = read_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in contents] if isinstance(contents, dict) else list(RESUME_KEYS)
+    if missing:
+        raise ConfigError(
+            f"not a training checkpoint to resume: it lacks {', '.join(missing)}",
+            where=path,
+            hint="set trainer.resume_from to a run folder or the last.pt that scripts/train.py wrote, "
+            "or start a new run without trainer.resume",
+        )
+    return contents
+
+
 def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experiment: str) -> tuple[Path, dict]:
     """(path, contents) of the checkpoint to continue: trainer.resume_from, else the last.pt of this experiment's newest
     unfinished run (a finished run has nothing left to train: continuing it would re-open it, not the interrupted one).
@@ -93,7 +124,7 @@ def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experi
     for path in candidates:
         if path.is_file():
             _refuse_finished(path)
-            contents = read_checkpoint(path)
+            contents = _training_checkpoint(path)
             _catch_up_best(path, contents)
             return path, contents
     raise DataNotFoundError(
