@@ -116,8 +116,10 @@ def test_resuming_against_another_tracking_store_names_the_run_and_the_store(tmp
     assert interrupted.run_id in str(err.value) and str(other) in str(err.value) and err.value.where == "tracking.uri"
 
 
-def test_a_run_stopped_by_sigterm_ends_killed_not_running(tmp_path, npz_cache_dir, tracking_uri):
-    """A SLURM time limit or preemption, or a failed fold stopping the others, sends SIGTERM."""
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_run_stopped_by_a_signal_ends_killed_not_running(tmp_path, npz_cache_dir, tracking_uri, signum):
+    """A SLURM time limit or preemption, or a failed fold stopping the others, sends SIGTERM; a closed terminal or SSH
+    session sends SIGHUP (before, its default action left the run RUNNING)."""
     script = textwrap.dedent(
         f"""
         import os, signal
@@ -126,8 +128,8 @@ def test_a_run_stopped_by_sigterm_ends_killed_not_running(tmp_path, npz_cache_di
         from tests.training.conftest import tiny_recipe
 
         def terminated(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise AssertionError("SIGTERM did not stop the run")
+            os.kill(os.getpid(), signal.{signum})
+            raise AssertionError("{signum} did not stop the run")
 
         job.train_epochs = terminated
         runs = {str(tmp_path / "outputs")!r}

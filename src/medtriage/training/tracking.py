@@ -155,10 +155,14 @@ def _resumable(uri: str, run_id: str) -> str:
     return run_id
 
 
+TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))  # no SIGHUP on Windows
+
+
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a SLURM time limit or preemption, a stopped cross-validation fold) raised as KeyboardInterrupt in the
-    block, as Ctrl-C is: the run ends KILLED and resumable, where the default action would leave it RUNNING for good."""
+    """SIGTERM (a SLURM time limit or preemption, a stopped cross-validation fold) and SIGHUP (the terminal or SSH
+    session the run was started from went away) raised as KeyboardInterrupt in the block, as Ctrl-C is: the run ends
+    KILLED and resumable, where the default action would leave it RUNNING for good."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set signal handlers
         return
@@ -166,11 +170,12 @@ def terminate_as_interrupt() -> Iterator[None]:
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in TERMINATING}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_name(cfg: DictConfig) -> str:
