@@ -33,3 +33,16 @@ def test_a_checkpoint_without_the_runs_config_is_named(finished_run_with):
     with pytest.raises(PackageError, match="not a training checkpoint: it needs 'model' and 'config'") as refused:
         export_from_mlflow(run_id)
     assert refused.value.where.endswith("best.pt")
+
+
+def test_a_checkpoint_cut_short_says_what_to_do(tmp_path):
+    """Before, it named the file and torch's error, without a hint."""
+    from medtriage.model.checkpoint import read_checkpoint
+
+    whole = tmp_path / "whole.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "config": {}}, whole)
+    cut = tmp_path / "last.pt"
+    cut.write_bytes(whole.read_bytes()[:500])
+    with pytest.raises(PackageError, match="not a readable checkpoint") as refused:
+        read_checkpoint(cut)
+    assert refused.value.where == str(cut) and "copy it again" in refused.value.hint

@@ -47,7 +47,12 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise PackageError(f"not a readable checkpoint ({err.__class__.__name__}: {err})", where=path) from err
+        raise PackageError(
+            f"not a readable checkpoint ({err.__class__.__name__}: {err})",
+            where=path,
+            hint="a checkpoint cut short (a full disk, a copy interrupted) or not written by training: copy it again, "
+            "or use the run's other checkpoint (best.pt or last.pt)",
+        ) from err
 
 
 def model_from_config(config: dict) -> TriageNet:
@@ -65,7 +70,11 @@ def load_model(path: str | Path) -> tuple[TriageNet, dict]:
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise PackageError(f"not a training checkpoint: it needs 'model' and 'config', has {found}", where=path)
+        raise PackageError(
+            f"not a training checkpoint: it needs 'model' and 'config', has {found}",
+            where=path,
+            hint="give the best.pt or last.pt that scripts/train.py wrote",
+        )
     config = checkpoint["config"]
     if missing := missing_config_keys(config):
         raise PackageError(
