@@ -232,6 +232,8 @@ class Slide(_Levels):
         self._fd = os.open(self.path, os.O_RDONLY)
         self._fd_closer = weakref.finalize(self, os.close, self._fd)  # a slide dropped unclosed still gives it back
         self._check_not_truncated()
+        for level, pages in enumerate(self._levels):  # the other images (thumbnail, label) are optional, read guarded
+            _check_chunk_count(pages.keyframe, f"level {level}", self.path)
         self._check_chunk_sizes()
         self._fast_levels = [_fast_path_ok(level.keyframe) for level in self._levels]  # tifffile page flags are not cheap
 
@@ -251,7 +253,6 @@ class Slide(_Levels):
         pages = [(f"level {level}", self._levels[level].keyframe) for level in range(len(self._levels))]
         pages += [(f"image {index} of the file", page) for index, page in enumerate(self._slide.ts_tifffile.pages)]
         for what, page in pages:
-            _check_chunk_count(page, what, self.path)
             ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
             if ends and max(ends) > size:
                 raise InputError(
