@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import pathlib
 import re
 import shutil
 import subprocess
@@ -166,3 +167,76 @@ def test_an_npz_split_is_scored_whole_with_the_images_the_ood_score_would_withho
     flagged = [r["ood_score"] > threshold for r in results]
     assert code == 0 and len(results) == 524 and all(r["status"] == "scored" for r in results)
     assert [("unusual_input" in r["flags"]) for r in results] == flagged and any(flagged) and not all(flagged)
+
+
+def test_an_output_folder_that_cannot_be_made_stops_before_any_scoring(capsys, package_dir, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    code, out, err = score(capsys, package_dir, CT, "--sr", tmp_path / "a-file" / "sr")
+    assert code == 2 and out == ""
+    assert f"--sr {tmp_path / 'a-file' / 'sr'}: cannot create the output folder (Not a directory)" in err
+    assert "can be written" in err and "input(s)" not in err
+
+
+def test_an_sr_that_cannot_be_written_rejects_that_file_and_the_others_go_on(capsys, package_dir, tmp_path):
+    """A write that fails part-way through a run (here the SR's name is taken by a folder; a full disk alike) costs
+    that file's SR, named with the reason, not the whole run's results in a traceback."""
+    sr_dir = tmp_path / "sr"
+    assert score(capsys, package_dir, CT, "--sr", sr_dir)[0] == 0
+    (taken,) = sr_dir.glob("*.SR.dcm")
+    taken.unlink()
+    taken.mkdir()
+    code, out, err = score(capsys, package_dir, CT, MR, "--sr", sr_dir, "--json")
+    document = json.loads(out)
+    assert code == 1 and "Traceback" not in err
+    (rejected,) = document["rejected"]
+    assert rejected["file"] == str(CT) and rejected["error"] == "IsADirectoryError"
+    assert rejected["reason"] == f"scored, but no SR written: cannot write {taken} (Is a directory)"
+    assert "can be written" in rejected["hint"]
+    assert [r["file"] for r in document["results"]] == [str(MR)]
+    assert len([p for p in sr_dir.glob("*.SR.dcm") if p.is_file()]) == 1  # the MR's; the CT's name is the folder
+
+
+def test_results_that_cannot_be_written_to_stdout_are_an_error_not_a_traceback(package_dir):
+    """`medtriage score ... --json > out.json` on a full disk: the script reading out.json must not take exit status 1
+    (some files rejected) for a result; it gets 2 and the reason."""
+    import sys
+
+    if not pathlib.Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    command = [sys.executable, "-m", "medtriage.cli", "score", str(package_dir), CT, "--json"]
+    with open("/dev/full", "w") as full:
+        child = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert child.returncode == 2, child.stderr
+    assert "error: stdout: the results could not be written to standard output (No space left on device)" in child.stderr
+    assert "Traceback" not in child.stderr and "Exception ignored" not in child.stderr
+
+
+def test_a_heatmap_that_cannot_be_written_rejects_that_slide_and_the_others_go_on(capsys, package_copy, tmp_path):
+    from medtriage.io.safe_output import output_path
+    from tests.serve.test_slides import with_pathology_block
+    from tests.serve.test_slides_lab import TILE, generated_slide
+
+    package = with_pathology_block(package_copy, stain_normalization=None, tile_size=TILE)
+    first, second = (generated_slide(tmp_path / f"slide-{i}.tif") for i in (1, 2))
+    heatmaps = tmp_path / "heatmaps"
+    taken = output_path(heatmaps, first.stem, ".heatmap.png", source=str(first.resolve()))
+    taken.mkdir(parents=True)  # its name taken by a folder: the write fails as on a full disk
+    code, out, err = score(capsys, package, first, second, "--heatmaps", heatmaps, "--json")
+    document = json.loads(out)
+    assert code == 1 and "Traceback" not in err
+    (rejected,) = document["rejected"]
+    assert rejected["file"] == str(first) and rejected["reason"] == f"cannot write {taken} (Is a directory); the slide was not scored"
+    assert [r["file"] for r in document["results"]] == [str(second)]
+    assert pathlib.Path(document["results"][0]["heatmap"]).is_file()
+
+
+@pytest.mark.parametrize("extra", [[CT], ["--sr", "sr"], ["--overlays", "overlays"], ["--heatmaps", "heatmaps"], ["--mpp", "0.5"]])
+def test_npz_scoring_refuses_what_it_would_leave_out(capsys, package_dir, tmp_path, extra):
+    """`score pkg a.dcm --npz x.npz` scored the split alone and exited 0: the file was never scored, and no word said so."""
+    from tests.export.tiny_package import NPZ
+
+    extra = [extra[0], tmp_path / extra[1]] if extra[0] in ("--sr", "--overlays", "--heatmaps") else extra
+    code, out, err = score(capsys, package_dir, *extra, "--npz", NPZ)
+    assert code == 2 and out == ""
+    assert "error: --npz scores one npz split alone" in err and "would be left out" in err
+    assert not list(tmp_path.iterdir())

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,56 @@ def test_a_model_onnx_that_onnx_runtime_cannot_read_is_a_package_error_even_with
     with pytest.raises(PackageError, match="ONNX Runtime cannot load model.onnx") as err:
         Predictor(load_package(package_copy))
     assert err.value.where == str(onnx_path) and "re-export" in str(err.value)
+
+
+def edited(package_dir, change) -> dict:
+    """model.json of `package_dir` with `change(meta)` applied (the digest covers model.onnx only)."""
+    meta = json.loads((package_dir / "model.json").read_text())
+    change(meta)
+    (package_dir / "model.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_an_urgent_threshold_below_the_review_one_is_refused_at_load(package_copy):
+    """Served, p = 0.5 would be URGENT with the negative label as its finding (review 0.9, urgent 0.2)."""
+
+    def swap(meta):
+        meta["thresholds"]["review"]["threshold"], meta["thresholds"]["urgent"]["threshold"] = 0.9, 0.2
+
+    edited(package_copy, swap)
+    with pytest.raises(PackageError, match=r"thresholds\.urgent\.threshold 0\.2 is below thresholds\.review\.threshold 0\.9") as err:
+        load_package(package_copy)
+    assert err.value.where.endswith("model.json") and "re-export" in err.value.hint
+
+
+def test_a_drift_window_shorter_than_its_minimum_is_refused_at_load(safe_package_dir, tmp_path):
+    copy = Path(shutil.copytree(safe_package_dir, tmp_path / "safe"))
+    edited(copy, lambda meta: meta["drift"].update(window=50, min_images=100))
+    with pytest.raises(PackageError, match="drift.min_images 100 is more than drift.window 50: no source could ever raise"):
+        load_package(copy)
+
+
+def test_a_site_reference_that_is_not_histograms_is_refused_at_load(safe_package_dir, tmp_path):
+    copy = Path(shutil.copytree(safe_package_dir, tmp_path / "safe"))
+    edited(copy, lambda meta: meta["drift"]["reference"]["per_site"].update({"site-a": ["not", "histograms"]}))
+    with pytest.raises(PackageError, match=r"drift\.reference\.per_site\.site-a is a list"):
+        load_package(copy)
+
+
+@pytest.mark.parametrize("key, values", [("bits_stored", [16, 8]), ("pixel_spacing_mm", [0.4, 0.1])])
+def test_a_scope_range_listed_high_end_first_is_refused_at_load(package_copy, key, values):
+    """Served, every image would be refused as out of scope, each with a message naming a range that holds nothing."""
+    edited(package_copy, lambda meta: meta.update(scope={"modalities": ["CR", "DX"], key: values}))
+    with pytest.raises(PackageError, match=rf"scope\.{key} .* is no range"):
+        load_package(package_copy)
+
+
+def test_an_urgent_threshold_equal_to_the_review_one_loads(package_copy):
+    """Export clamps an urgent rule that falls below the review threshold to it: equal thresholds are valid."""
+
+    def clamp(meta):
+        meta["thresholds"]["urgent"]["threshold"] = meta["thresholds"]["review"]["threshold"]
+
+    meta = edited(package_copy, clamp)
+    package = load_package(package_copy)
+    assert package.urgent_threshold == package.review_threshold == pytest.approx(meta["thresholds"]["review"]["threshold"])

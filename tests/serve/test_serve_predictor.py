@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, PackageError
 from medtriage.io.dicom import read_dicom
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection, to_model_channels
@@ -162,3 +162,29 @@ def test_cuda_provider_is_used_and_agrees_with_cpu(package_dir):
     assert gpu.provider == "CUDAExecutionProvider"
     path = dicom_file("CT_small.dcm")
     assert gpu.score_file(path)[0].probability == pytest.approx(cpu.score_file(path)[0].probability, abs=1e-4)
+
+
+@pytest.mark.parametrize("size", [float("inf"), True, [32, float("inf")], "32", 0, None], ids=repr)
+def test_reduced_decoding_refuses_an_input_side_that_is_no_whole_number_of_pixels(package_copy, size):
+    """Infinity ended `score --reduced-j2k` in a traceback; `true` (read as 1 pixel) decoded radiographs to a few pixels."""
+    import json
+
+    meta = json.loads((package_copy / "model.json").read_text())
+    meta["preprocessing"]["resize"]["size"] = size
+    (package_copy / "model.json").write_text(json.dumps(meta))
+    package = load_package(package_copy)
+    with pytest.raises(PackageError, match=r"--reduced-j2k needs the model's input side.*resize\.size is") as err:
+        Predictor(package, threads=1, reduced_j2k=True)
+    assert err.value.where == str(package_copy / "model.json") and "without --reduced-j2k" in err.value.hint
+    assert Predictor(package, threads=1).min_decoded_side is None  # without the option the size is not used
+
+
+def test_reduced_decoding_takes_the_larger_side_of_a_listed_size(package_copy):
+    import json
+
+    from medtriage.serve.predictor import J2K_SIDE_MARGIN
+
+    meta = json.loads((package_copy / "model.json").read_text())
+    meta["preprocessing"]["resize"]["size"] = [32, 48]
+    (package_copy / "model.json").write_text(json.dumps(meta))
+    assert Predictor(load_package(package_copy), threads=1, reduced_j2k=True).min_decoded_side == J2K_SIDE_MARGIN * 48

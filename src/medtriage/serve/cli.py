@@ -169,6 +169,7 @@ def predictor_from_args(args: argparse.Namespace) -> Predictor:
 
 # --- score ---------------------------------------------------------------------------------------
 
+OUTPUT_FOLDERS = ("--sr", "--heatmaps", "--overlays")
 NOT_A_FILE = "not a file: a broken link, a pipe or a device (was the study copied whole?)"
 LINKED_FOLDER = "a linked folder is not followed (it may lead back up the tree): pass it by its own path"
 
@@ -235,11 +236,10 @@ def score_paths(
     from tqdm import tqdm
 
     from medtriage.io.pathology import is_slide_path
-    from medtriage.serve.slides import score_slide_file
 
     for path in tqdm(files, desc="scoring", unit="file", disable=not progress, file=sys.stderr):
         if is_slide_path(path):  # whole-slide images: tiles -> one slide score (no DICOM SR)
-            yield score_slide_file(predictor, path, slide_mpp, heatmap_dir)
+            yield _scored_slide(predictor, path, slide_mpp, heatmap_dir)
             continue
         outcome = predictor.score_or_reject(path, str(path))
         if isinstance(outcome, Rejection):
@@ -258,6 +258,16 @@ def score_paths(
         yield from outcome
 
 
+def _scored_slide(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap_dir: str | None) -> Score | Rejection:
+    """One slide's score, or its rejection; a file system failure (its heatmap on a full disk) rejects this slide alone."""
+    from medtriage.serve.slides import score_slide_file
+
+    try:
+        return score_slide_file(predictor, path, slide_mpp, heatmap_dir)
+    except OSError as err:
+        return Rejection(str(path), f"{_os_failure(err)}; the slide was not scored", type(err).__name__, hint=WRITE_HINT)
+
+
 def _write_sr(predictor: Predictor, path: Path, scores: list[Score], sr_dir: str) -> Rejection | None:
     from medtriage.serve.dicom_results import write_sr
 
@@ -271,26 +281,48 @@ def _write_overlay(predictor: Predictor, path: Path, scores: list[Score], overla
 
 
 def _written(what: str, path: Path, write) -> Rejection | None:
-    """Run one result writer; its typed failure turns the scored file into a rejection saying what is missing."""
+    """Run one result writer; its typed failure, or the file system's (a full disk), turns the scored file into a
+    rejection saying what is missing, and the other files go on."""
     from medtriage.errors import MedTriageError
 
     try:
         write()
     except MedTriageError as err:
         return Rejection(str(path), f"scored, but no {what} written: {err.reason}", type(err).__name__)
+    except OSError as err:
+        return Rejection(str(path), f"scored, but no {what} written: {_os_failure(err)}", type(err).__name__, hint=WRITE_HINT)
     return None
+
+
+WRITE_HINT = "check that the output folder can be written (free space, permissions, a file where a folder should be)"
+
+
+def _os_failure(err: OSError) -> str:
+    """What the file system refused, and where: 'cannot write /out/x.dcm (No space left on device)'."""
+    name = err.filename2 or err.filename  # os.replace's second name is the target, its first the temporary file
+    return f"cannot write{f' {name}' if name else ''} ({err.strerror or type(err).__name__})"
 
 
 def run_score(args: argparse.Namespace) -> int:
     if not args.paths and not args.npz:
         print("error: give DICOM files/folders to score, or --npz FILE", file=sys.stderr)
         return 2
-    for option in ("--sr", "--heatmaps", "--overlays"):
+    unused = _unused_with_npz(args)
+    if unused:
+        print(
+            f"error: --npz scores one npz split alone: {', '.join(unused)} would be left out without a word "
+            "(score the files in a command of their own)",
+            file=sys.stderr,
+        )
+        return 2
+    for option in OUTPUT_FOLDERS:
         refuse_file_as_folder(getattr(args, option[2:]), option)
     apply_decode_limits(args)
     predictor = predictor_from_args(args)
     if args.npz:
         return _score_npz(predictor, args)
+    for option in OUTPUT_FOLDERS:
+        _make_output_folder(getattr(args, option[2:]), option)
     files, missing, any_folder = collect_files(args.paths)
     outcomes = list(
         score_paths(
@@ -307,6 +339,29 @@ def run_score(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if rejected else 0
+
+
+def _unused_with_npz(args: argparse.Namespace) -> list[str]:
+    """What --npz would ignore: the files and folders given beside it, and the options for them (SRs, overlays, slides)."""
+    if not args.npz:
+        return []
+    given = [f"{len(args.paths)} file/folder path(s)"] if args.paths else []
+    return given + [option for option in (*OUTPUT_FOLDERS, "--mpp") if getattr(args, option[2:]) is not None]
+
+
+def _make_output_folder(folder: str | None, option: str) -> None:
+    """Create an output folder before any image is scored: one that cannot be made (a file above it, a read-only file
+    system) would otherwise fail every file, after all of them were decoded and scored."""
+    from medtriage.errors import ConfigError
+
+    if folder is None:
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the output folder ({err.strerror or type(err).__name__})", where=f"{option} {folder}", hint=WRITE_HINT
+        ) from None
 
 
 def _score_npz(predictor: Predictor, args: argparse.Namespace) -> int:
@@ -329,7 +384,8 @@ def _print_results(
 ) -> None:
     """The results on stdout as the table, --json (with the npz's reference labels, if any) or --csv. A reader that
     stops early (`| head`) ends the output quietly, not with a traceback; stdout then points at /dev/null so that the
-    flush at exit cannot fail again."""
+    flush at exit cannot fail again, and so does any other failure to write it (a full disk), which ends the command
+    with an error: the results a script reads from the redirected output are incomplete."""
     try:
         if args.json:
             document = result_document(predictor, scores, rejected)
@@ -340,9 +396,23 @@ def _print_results(
             print(format_table(predictor, scores, rejected))
         sys.stdout.flush()
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _discard_stdout()
+    except OSError as err:
+        from medtriage.errors import MedTriageError
+
+        _discard_stdout()
+        raise MedTriageError(
+            f"the results could not be written to standard output ({err.strerror or type(err).__name__}); what was written is incomplete",
+            where="stdout",
+            hint="free space where the output is redirected, or write it elsewhere, and score again",
+        ) from None
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null: what Python still holds for it is dropped instead of failing again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 # --- serve ---------------------------------------------------------------------------------------

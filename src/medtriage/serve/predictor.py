@@ -206,6 +206,22 @@ def _check_ood_output(package: ModelPackage, outputs: list[str]) -> None:
         )
 
 
+def reduced_decode_side(package: ModelPackage) -> int:
+    """The smallest side a reduced JPEG 2000 decode keeps: J2K_SIDE_MARGIN times the model's input side, model.json's
+    preprocessing.resize.size (a side, or a list of them). Anything but whole pixels is refused: infinity would end
+    the command in a traceback, and `true` (read as 1) would decode a radiograph down to a few pixels without a word."""
+    resize = package.meta.get("preprocessing", {}).get("resize")
+    size = resize.get("size") if isinstance(resize, dict) else None
+    sides = size if isinstance(size, list) else [size]
+    if sides and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in sides):
+        return J2K_SIDE_MARGIN * max(sides)
+    raise PackageError(
+        f"--reduced-j2k needs the model's input side, and model.json's preprocessing.resize.size is {size!r}",
+        where=package.directory / "model.json",
+        hint=f"score without --reduced-j2k, or {REEXPORT_HINT}",
+    )
+
+
 class Predictor:
     """A loaded package plus its ORT session; thread-safe (ORT sessions allow concurrent `run`)."""
 
@@ -230,9 +246,7 @@ class Predictor:
         _check_ood_output(package, outputs)
         self.output_names = outputs[:1] + ([package.ood_output] if package.ood_output else [])
         # Opt-in: JPEG 2000 files decoded only to the resolution the model needs (much faster; scores not bit-identical).
-        size = package.meta.get("preprocessing", {}).get("resize", {}).get("size") if reduced_j2k else None
-        size = max(size) if isinstance(size, (list, tuple)) and size else size
-        self.min_decoded_side = J2K_SIDE_MARGIN * int(size) if isinstance(size, (int, float)) and size > 0 else None
+        self.min_decoded_side = reduced_decode_side(package) if reduced_j2k else None
 
     @property
     def provider(self) -> str:
