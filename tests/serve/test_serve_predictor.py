@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
@@ -188,3 +190,25 @@ def test_reduced_decoding_takes_the_larger_side_of_a_listed_size(package_copy):
     meta["preprocessing"]["resize"]["size"] = [32, 48]
     (package_copy / "model.json").write_text(json.dumps(meta))
     assert Predictor(load_package(package_copy), threads=1, reduced_j2k=True).min_decoded_side == J2K_SIDE_MARGIN * 48
+
+
+@pytest.mark.parametrize("through", ["score", "upload to the worklist"])
+def test_an_unexpected_failure_logs_the_file_name_on_one_line(predictor, monkeypatch, caplog, through):
+    """An upload's file name is the client's text: before, a line break in it started a log line of its own (a
+    record that was never logged)."""
+    from medtriage.serve.worklist import Worklist
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(predictor, "score_decoded", failing)
+    name = "chest.dcm\n2026-12-04 12:00:00 INFO medtriage: all studies delivered"
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    with caplog.at_level("ERROR"):
+        if through == "score":
+            outcome = predictor.score_or_reject(data, name)
+        else:
+            outcome = Worklist(predictor).score_or_reject(data, name)
+    assert isinstance(outcome, Rejection) and "unforeseen" in outcome.reason
+    (record,) = [r for r in caplog.records if "unexpected failure" in r.getMessage()]
+    assert "\n" not in record.getMessage() and "chest.dcm" in record.getMessage()

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from medtriage.errors import ConfigError, InputError, MedTriageError, PackageError
+from medtriage.errors import ConfigError, InputError, MedTriageError, PackageError, printable
 from medtriage.io.dicom import DecodedImage, read_dicom
 from medtriage.serve.package import REEXPORT_HINT, ModelPackage, check_input_shape, scored_by
 from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unguarded
@@ -341,7 +341,7 @@ class Predictor:
         except MedTriageError as err:
             return Rejection.of(name, err)
         except Exception as err:  # a batch goes on: one odd file must not stop the others
-            log.exception("unexpected failure scoring %s", name)
+            log.exception("unexpected failure scoring %s", printable(name))  # an upload's name: one log line
             return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
 
     def score_from_outputs(

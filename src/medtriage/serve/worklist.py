@@ -40,7 +40,7 @@ from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from medtriage.errors import MedTriageError
+from medtriage.errors import MedTriageError, printable
 from medtriage.io.dicom import DecodedImage, read_dicom
 from medtriage.serve.admission import Admission
 from medtriage.serve.drift import DriftMonitor, source_name
@@ -91,7 +91,7 @@ class Worklist:
         except MedTriageError as err:
             return Rejection.of(name, err)
         except Exception as err:  # one odd file must not stop the others
-            log.exception("unexpected failure scoring %s", name)
+            log.exception("unexpected failure scoring %s", printable(name))  # an upload's name: one log line
             return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
         try:
             self.add(data, image, scores, name, source)
