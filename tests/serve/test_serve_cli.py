@@ -240,3 +240,18 @@ def test_npz_scoring_refuses_what_it_would_leave_out(capsys, package_dir, tmp_pa
     assert code == 2 and out == ""
     assert "error: --npz scores one npz split alone" in err and "would be left out" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_is_scored_without_its_hidden_folders_and_its_dicomdir(tmp_path):
+    """Before, only hidden files were skipped: a viewer's thumbnails in a hidden folder and a CD's DICOMDIR (its index
+    of the images, itself no image) were rejected, and every CD import ended as if files had failed."""
+    from medtriage.serve.cli import collect_files
+
+    study = tmp_path / "cd"
+    (study / "IMAGES").mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), study / "IMAGES" / "IM0001")
+    (study / ".thumbnails").mkdir()
+    (study / ".thumbnails" / "IM0001.jpg").write_bytes(b"\xff\xd8\xff\xe0 a thumbnail")
+    shutil.copy(get_testdata_file("DICOMDIR"), study / "DICOMDIR")
+    files, rejected, _ = collect_files([str(study)])
+    assert files == [study / "IMAGES" / "IM0001"] and rejected == []

@@ -170,6 +170,7 @@ def predictor_from_args(args: argparse.Namespace) -> Predictor:
 # --- score ---------------------------------------------------------------------------------------
 
 OUTPUT_FOLDERS = ("--sr", "--heatmaps", "--overlays")
+DICOMDIR = "DICOMDIR"  # a DICOM CD's or folder's index (PS3.10): it lists the images, it is none
 NOT_A_FILE = "not a file: a broken link, a pipe or a device (was the study copied whole?)"
 LINKED_FOLDER = "a linked folder is not followed (it may lead back up the tree): pass it by its own path"
 
@@ -196,10 +197,11 @@ def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
 
 
 def _folder_files(folder: Path) -> tuple[list[Path], list[Rejection]]:
-    """The files under `folder` (sorted, hidden ones skipped) and its entries that are neither a file nor a folder of
-    its own (a broken link, a pipe, a linked folder, which is not followed: it may lead back up the tree)."""
+    """The files under `folder` (sorted; hidden ones and those in hidden folders skipped, as a viewer's thumbnails, and
+    a CD's DICOMDIR, its index of the images) and its entries that are neither a file nor a folder of its own (a broken
+    link, a pipe, a linked folder, which is not followed: it may lead back up the tree)."""
     files, unscorable = [], []
-    for entry in sorted(p for p in folder.rglob("*") if not p.name.startswith(".")):
+    for entry in sorted(p for p in folder.rglob("*") if _listed(p.relative_to(folder))):
         if entry.is_file():
             files.append(entry)
         elif not entry.is_dir():
@@ -207,6 +209,10 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[Rejection]]:
         elif entry.is_symlink():
             unscorable.append(Rejection(str(entry), LINKED_FOLDER, "DataNotFoundError"))
     return files, unscorable
+
+
+def _listed(relative: Path) -> bool:
+    return not any(part.startswith(".") for part in relative.parts) and relative.name.upper() != DICOMDIR
 
 
 def _whole_slides_as_folders(files: list[Path]) -> list[Path]:
