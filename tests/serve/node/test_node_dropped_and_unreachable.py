@@ -85,15 +85,21 @@ class Accepting:
         return dict.fromkeys((d.id for d in deliveries), None)
 
 
-def test_an_unresolvable_destination_is_retried_with_backoff_and_does_not_hold_up_the_others(tmp_path):
+def _study_with_its_sr_due(tmp_path, *destinations: str) -> NodeStore:
+    """A state folder holding one scored study whose SR waits for each of `destinations`."""
     store = NodeStore(tmp_path / "state")
     (path,) = cr_study(tmp_path / "in", 1, seed=42)
     store.receive(path.read_bytes(), "1.1", "5.5", "1.2", "1.2.840.10008.5.1.4.1.1.1", FIELDS)
     store.set_scored("1.1", [{"priority": "routine", "probability": 0.1}])
     sr = store.outbox_path("sr.dcm")
     sr.write_bytes(path.read_bytes())
-    deliveries = [("sr", "PACS@pacs.invalid:104", sr.name, "9.9"), ("sr", "http://pacs/dicom-web", sr.name, "9.9")]
+    deliveries = [("sr", destination, sr.name, "9.9") for destination in destinations]
     assert store.close_study("5.5", {"sop_uid": "1.1", "priority": "routine", "probability": 0.1}, None, "9.9", deliveries, time.time())
+    return store
+
+
+def test_an_unresolvable_destination_is_retried_with_backoff_and_does_not_hold_up_the_others(tmp_path):
+    store = _study_with_its_sr_due(tmp_path, "PACS@pacs.invalid:104", "http://pacs/dicom-web")
     web = Accepting()
     sender = Sender(store, {"PACS@pacs.invalid:104": Unreachable(), "http://pacs/dicom-web": web}, retry_max=60)
     before = time.time()
@@ -111,14 +117,7 @@ def test_an_unresolvable_destination_is_retried_with_backoff_and_does_not_hold_u
 def test_results_waiting_for_a_destination_no_longer_configured_are_named_at_start_and_in_the_study(tmp_path, caplog):
     """Before, they were retried forever as "no destination X", with nothing at start to say why (the node's
     --send-to had changed since the results were made)."""
-    store = NodeStore(tmp_path / "state")
-    (path,) = cr_study(tmp_path / "in", 1, seed=42)
-    store.receive(path.read_bytes(), "1.1", "5.5", "1.2", "1.2.840.10008.5.1.4.1.1.1", FIELDS)
-    store.set_scored("1.1", [{"priority": "routine", "probability": 0.1}])
-    sr = store.outbox_path("sr.dcm")
-    sr.write_bytes(path.read_bytes())
-    deliveries = [("sr", "OLDPACS@old.hospital:104", sr.name, "9.9")]
-    assert store.close_study("5.5", {"sop_uid": "1.1", "priority": "routine", "probability": 0.1}, None, "9.9", deliveries, time.time())
+    store = _study_with_its_sr_due(tmp_path, "OLDPACS@old.hospital:104")
     sender = Sender(store, {"PACS@pacs.hospital:104": Accepting()}, retry_max=60)
     with caplog.at_level("WARNING", logger="medtriage.serve.node.sender"):
         sender.say_unsent_elsewhere()

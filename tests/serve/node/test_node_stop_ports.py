@@ -18,9 +18,8 @@ def _listen_on(port: int) -> None:
         probe.listen()
 
 
-def test_a_stopped_node_frees_its_dicom_and_metrics_ports(package_dir, tmp_path):
-    port, metrics_port = free_port(), free_port()
-    config = NodeConfig(
+def _config(package_dir, tmp_path, port: int, metrics_port: int) -> NodeConfig:
+    return NodeConfig(
         package=package_dir,
         state=tmp_path / "state",
         host="127.0.0.1",
@@ -29,6 +28,11 @@ def test_a_stopped_node_frees_its_dicom_and_metrics_ports(package_dir, tmp_path)
         metrics_host="127.0.0.1",
         metrics_port=metrics_port,
     )
+
+
+def test_a_stopped_node_frees_its_dicom_and_metrics_ports(package_dir, tmp_path):
+    port, metrics_port = free_port(), free_port()
+    config = _config(package_dir, tmp_path, port, metrics_port)
     node = Node(config)
     node.start()
     node.stop(drain_s=1)
@@ -40,15 +44,7 @@ def test_a_node_that_cannot_listen_stops_what_it_started(package_dir, tmp_path):
     """Before, the worker and sender threads ran on and the metrics port stayed taken when the DICOM port was: a
     node started again in the process (or its state folder) found them held."""
     port, metrics_port = free_port(), free_port()
-    config = NodeConfig(
-        package=package_dir,
-        state=tmp_path / "state",
-        host="127.0.0.1",
-        port=port,
-        send_to=Peer.parse("PACS@127.0.0.1:1"),
-        metrics_host="127.0.0.1",
-        metrics_port=metrics_port,
-    )
+    config = _config(package_dir, tmp_path, port, metrics_port)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
