@@ -40,6 +40,7 @@ from medtriage.export.run import (
     export_tracked,
     ood_data_of,
     positive_index,
+    spread,
 )
 from medtriage.export.safety import scope_from_rows
 from medtriage.model.averaging import EnsembleNet, averaged
@@ -303,7 +304,7 @@ def _export_out_of_fold(
             run.info.run_id,
             label_names=pooled.label_names,
             val=val,
-            parity_images=images[: export_cfg.parity_images],
+            parity_images=spread(images, export_cfg.parity_images),
             training_sites=labelled["site"].unique(),
             network=OmegaConf.to_container(config.model, resolve=True),
             provenance={"data_fingerprint": load_manifest(pooled.pool_dir).fingerprint},

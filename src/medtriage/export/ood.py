@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -198,9 +199,17 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
     served = net.eval()
     members = list(served.members) if isinstance(served, EnsembleNet) else [served]
     if data.per_member is not None and len(data.per_member) != len(members):
-        raise PackageError(f"OOD images given for {len(data.per_member)} members; the ensemble has {len(members)}")
+        raise PackageError(
+            f"OOD images given for {len(data.per_member)} members; the ensemble has {len(members)}",
+            where="OodData.per_member",
+            hint="give each member of the ensemble its own training and held-out images, in the members' order",
+        )
     if data.per_member is not None and sorted(k for fold in data.holders for k in fold) != list(range(len(members))):
-        raise PackageError(f"the folds' holders {data.holders} do not name each of the {len(members)} members once")
+        raise PackageError(
+            f"the folds' holders {data.holders} do not name each of the {len(members)} members once",
+            where="OodData.holders",
+            hint="list, per fold, the members that held it out (export_fold_ensemble builds them from the fold runs)",
+        )
     taps, scores, val_features = [], [], []
     for k, member in enumerate(members):
         own = data.member(k)
@@ -230,6 +239,7 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
         "false_alarm_rate": false_alarm_rate,
         "val_flagged": float(np.mean(val_scores > threshold)),
         "threshold_split": "val" if data.per_member is None else "out-of-fold",
+        "threshold_images": len(val_scores),
         "fit": {
             "split": "train",
             "images": len(data.train_images) if data.per_member is None else sum(len(own.train_images) for own in data.per_member),
@@ -237,8 +247,24 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
             "members": len(members),
         },
     }
+    note = _too_few_note(len(val_scores), false_alarm_rate)
+    if note:
+        block["note"] = note
+        log.warning("OOD score: %s", note)
     log.info("OOD score: threshold %.3f flags %.1f%% of validation", threshold, 100 * block["val_flagged"])
     return OodFit(model, val_scores, block)
+
+
+def _too_few_note(images: int, false_alarm_rate: float) -> str | None:
+    """Fewer images than 1 / rate have no quantile at that rate: the threshold falls between the highest scores."""
+    needed = math.ceil(1.0 / false_alarm_rate - 1e-9)
+    if images >= needed:
+        return None
+    return (
+        f"set on {images} validation images, fewer than the {needed} a false-alarm rate of {false_alarm_rate:g} needs: it "
+        f"lies between their highest scores, so it flags about 1 in {images}, not 1 in {needed}; export from a larger "
+        "validation split for the stated rate"
+    )
 
 
 def _members_text(count: int, per_member: bool) -> str:
@@ -277,12 +303,21 @@ def ood_parity(path, model: ScoredNet, images: Sequence[np.ndarray]) -> dict:
     1e-3 relative: the threshold was chosen on torch scores and must mean the same in serving."""
     from medtriage.export.onnx import INPUT_NAME, onnx_session
 
+    if len(images) == 0:
+        raise PackageError("no validation images for the OOD parity check", where=path, hint="the pool's val split is empty")
     session, worst = onnx_session(path), 0.0
-    for image in images:
+    for count, image in enumerate(images, start=1):
         batch = np.ascontiguousarray(np.asarray(image, dtype=np.float32)[None])
         with torch.no_grad():
             expected = model(torch.from_numpy(batch))[1].double().numpy()
         served = session.run([OOD_NAME], {INPUT_NAME: batch})[0].astype(np.float64)
+        if not (np.isfinite(served).all() and np.isfinite(expected).all()):  # NaN would pass max() and the tolerance
+            raise PackageError(
+                f"the model returns a NaN or infinite OOD score on validation image {count}: serving would never flag it",
+                where=path,
+                hint="the OOD fit degenerated (features that do not vary over validation images); export without an OOD "
+                "score (export.ood=false) or train again",
+            )
         worst = max(worst, float(np.max(np.abs(served - expected) / np.maximum(1.0, np.abs(expected)))))
     if worst > RELATIVE_TOLERANCE:
         raise PackageError(

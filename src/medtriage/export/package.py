@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -94,7 +95,26 @@ def completed_meta(onnx_path: Path, meta: dict, where: Path) -> dict:
     """`meta` with the graph's sha256 filled in, validated as model.json: what `write_package` writes."""
     meta = {**meta, "sha256": sha256_file(onnx_path)}
     validate_model_json(meta, where=where)
+    non_finite = list(_non_finite_paths(meta, "$"))
+    if non_finite:  # JSON has no NaN or Infinity: json.dumps would write them, and other readers refuse the file
+        raise PackageError(
+            f"model.json would hold NaN or infinite values at {', '.join(non_finite[:8])}",
+            where=where,
+            hint="a figure was computed on too few or degenerate images (or a diverged model): check the split it names",
+        )
     return meta
+
+
+def _non_finite_paths(value, path: str) -> Iterator[str]:
+    """The path of each float in `value` (nested dicts and lists) that is NaN or infinite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite_paths(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _non_finite_paths(item, f"{path}[{i}]")
 
 
 @contextmanager
@@ -356,11 +376,23 @@ def _refusal_lines(scope: dict | None, ood: dict | None) -> list[str]:
         lines.append(
             f"- An image unlike its training images: OOD score above {ood['threshold']:.3f}, which flags "
             f"{ood.get('val_flagged', ood['false_alarm_rate']):.1%} of the {ood.get('threshold_split', 'val')} images ({ood['method']})."
+            + (f" **The threshold was {ood['note']}.**" if ood.get("note") else "")
         )
     else:
         lines.append("- **No OOD score**: images unlike the training images are scored like any other.")
     lines.append("- `--allow-out-of-scope` scores refused images anyway and marks each result.")
     return lines
+
+
+def _temperature_applied(cal: dict) -> bool:
+    return cal.get("method") != "none"
+
+
+def _calibration_text(cal: dict) -> str:
+    """What the graph does to the network's probabilities: a fitted temperature, or nothing (the raw ones were kept)."""
+    if _temperature_applied(cal):
+        return f"calibrated with temperature {cal['temperature']:.3f} (held-out ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f})"
+    return f"not temperature-scaled: the network's own probabilities (held-out ECE {cal['ece_before']:.3f})"
 
 
 def _listed(value) -> str:
@@ -375,13 +407,14 @@ def model_card(meta: dict) -> str:
         f"# {meta['name']} v{meta['version']}",
         "",
         "## Intended use",
-        f"Decision support for {meta['task']} of {meta['modality']} images: it orders a worklist by the calibrated "
-        f"probability of **{meta['positive_label']}**. It is not a diagnosis; a radiologist reads every image.",
+        f"Decision support for {meta['task']} of {meta['modality']} images: it orders a worklist by the "
+        f"{'calibrated ' if _temperature_applied(cal) else ''}probability of **{meta['positive_label']}**. It is not a "
+        "diagnosis; a radiologist reads every image.",
         "",
         "## Input and output",
         f"Decoded pixels (medtriage.io, float32 in [0, 1], {meta['input']['channels']} channel(s), any size), resized inside "
         f"the graph to {_resize_text(pre['resize'])} and {_normalisation_text(pre['normalize'])}. Output: probabilities of {', '.join(meta['label_names'])}, "
-        f"calibrated with temperature {cal['temperature']:.3f} (held-out ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}).",
+        f"{_calibration_text(cal)}.",
         "",
         f"Temperature, operating points and the `val` metrics come from {held_out}.",
         "",

@@ -115,7 +115,7 @@ def export_model(
             "positive_label": label_names[positive],
             "modality": cfg.modality,
             "input": _input_spec(net),
-            "output": {"name": OUTPUT_NAME, "classes": len(label_names), "calibrated": cfg.calibrate},
+            "output": output_spec(label_names, calibration),
             "preprocessing": _preprocessing(net),
             "network": network or {},
             "calibration": calibration,
@@ -133,7 +133,7 @@ def export_model(
                 "max_abs_diff": diff,
                 "tolerance": cfg.parity_tolerance,
                 "images": count,
-                "split": "val",
+                "split": held_out_split,
                 "runtime": "onnxruntime CPU",
             },
             "onnx": {"file": ONNX_FILE, "opset": cfg.opset},
@@ -212,6 +212,20 @@ def positive_index(label_names: Sequence[str], positive_label: str | None) -> in
 def _metrics(split: Predictions, temperature: float, positive: int, threshold: float) -> dict:
     scores = probabilities(split.logits, temperature)[:, positive]
     return split_metrics(scores, np.asarray(split.labels) == positive, np.asarray(split.sites), threshold)
+
+
+def output_spec(label_names: Sequence[str], calibration: dict) -> dict:
+    """model.json's `output`: `calibrated` says whether the graph divides by a fitted temperature (export.calibrate
+    only allows it; choose_calibration may keep the raw probabilities)."""
+    return {"name": OUTPUT_NAME, "classes": len(label_names), "calibrated": calibration["method"] != "none"}
+
+
+def spread(items: Sequence, count: int) -> list:
+    """`count` of `items` evenly spaced from the first to the last (all of them when there are fewer): a split is
+    often ordered by site, so its first rows would check the graph on one site's image sizes and intensities only."""
+    if len(items) <= count:
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).astype(int)]
 
 
 def _input_spec(net) -> dict:
@@ -347,7 +361,7 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: E
         label_names=manifest.label_names,
         val=val,
         test=test,
-        parity_images=list(manifest.images(np.asarray(val.row_indices)[: export_cfg.parity_images])),
+        parity_images=list(manifest.images(np.asarray(spread(val.row_indices, export_cfg.parity_images)))),
         training_sites=manifest.split("train")["site"].unique(),
         network=_as_dict(config.get("model", {})),
         provenance={"data_fingerprint": manifest.fingerprint},

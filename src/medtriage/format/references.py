@@ -92,8 +92,13 @@ def drift_block(
         "threshold_rule": f"max(0.25, {FALSE_ALARM_QUANTILE:.0%} quantile over features of PSI between half of validation "
         f"and {min_images}-image windows from the other half); a site's: of PSI between resamples of its validation images "
         f"as large as its reference and {min_images}-image windows from them",
-        "reference": {"split": "val", "all": pooled, "per_site": per_site},
+        "reference": {"split": "val", "images": _image_counts(sites, per_site), "all": pooled, "per_site": per_site},
     }
+
+
+def _image_counts(sites: np.ndarray, per_site: dict) -> dict[str, int]:
+    """How many images the pooled reference and each site's own rest on (a site with too few has none of its own)."""
+    return {"all": int(len(sites)), **{site: int((sites == site).sum()) for site in per_site}}
 
 
 def _threshold(feature_values, min_images: int, bins: int, whole: bool = False) -> float:
