@@ -283,9 +283,44 @@ def consistency_errors(meta: dict) -> list[str]:
     if meta["output"]["classes"] != len(labels):
         errors.append(f"$.output.classes: {meta['output']['classes']} classes, but label_names has {len(labels)}")
     reference = (meta.get("drift") or {}).get("reference", {})
+    for site, histograms in reference.get("per_site", {}).items():
+        if not isinstance(histograms, dict):  # the schema leaves a site's entry free; the monitor would skip the site
+            errors.append(f"$.drift.reference.per_site.{site} is a {type(histograms).__name__}, not an object of histograms")
     for site, histograms in [("all", reference.get("all", {})), *reference.get("per_site", {}).items()]:
         for feature, histogram in histograms.items() if isinstance(histograms, dict) else ():
             errors += _histogram_errors(histogram, f"$.drift.reference.{site}.{feature}")
+    errors += _operating_point_errors(meta.get("thresholds"), "thresholds")
+    pathology = meta.get("pathology")
+    if isinstance(pathology, dict):
+        errors += _operating_point_errors(pathology.get("slide_thresholds"), "pathology.slide_thresholds")
+    return errors + _drift_window_errors(meta.get("drift")) + _scope_range_errors(meta.get("scope"))
+
+
+def _operating_point_errors(block, where: str) -> list[str]:
+    """An urgent threshold below the review one would mark URGENT an image whose finding is the negative label."""
+    if not isinstance(block, dict) or not isinstance(block.get("urgent"), dict) or not isinstance(block.get("review"), dict):
+        return []
+    review, urgent = block["review"].get("threshold"), block["urgent"].get("threshold")
+    if isinstance(review, (int, float)) and isinstance(urgent, (int, float)) and urgent < review:
+        return [f"$.{where}.urgent.threshold {urgent} is below {where}.review.threshold {review} (urgent must be at or above review)"]
+    return []
+
+
+def _drift_window_errors(drift) -> list[str]:
+    """A window shorter than min_images never holds enough images to alert: the drift watch would be off, unsaid."""
+    window, min_images = (drift.get("window"), drift.get("min_images")) if isinstance(drift, dict) else (None, None)
+    if isinstance(window, int) and isinstance(min_images, int) and min_images > window:
+        return [f"$.drift.min_images {min_images} is more than drift.window {window}: no source could ever raise a drift alert"]
+    return []
+
+
+def _scope_range_errors(scope) -> list[str]:
+    """A range listed high end first holds no value: every image would be refused as out of scope."""
+    errors = []
+    for key in ("bits_stored", "pixel_spacing_mm") if isinstance(scope, dict) else ():
+        low_high = scope.get(key)
+        if isinstance(low_high, list) and len(low_high) >= 2 and low_high[0] > low_high[1]:
+            errors.append(f"$.scope.{key} {low_high} is no range: its first value (the lowest allowed) is above its second")
     return errors
 
 

@@ -125,7 +125,6 @@ def load_package(directory: str | Path) -> ModelPackage:
     meta = _read_meta(directory / META_FILE)
     _check_schema_version(meta, directory / META_FILE)
     validate_model_json(meta, where=directory / META_FILE)
-    check_serving_values(meta, where=directory / META_FILE)
     onnx_path = directory / ONNX_FILE
     if not onnx_path.is_file():
         raise PackageError("model.onnx is missing", where=directory, hint=REEXPORT_HINT)
@@ -139,60 +138,6 @@ def load_package(directory: str | Path) -> ModelPackage:
         )
     check_input_shape(meta, graph_input_shape(onnx_path), where=directory)
     return ModelPackage(directory, meta)
-
-
-def check_serving_values(meta: dict, where: str | Path) -> None:
-    """Refuse values of a schema-valid model.json that serving could not use as meant: each passes its own bounds, but
-    together they would mislabel every result or switch a safeguard off without a word (export never writes them)."""
-    problems = _operating_point_problems(meta.get("thresholds"), "thresholds")
-    pathology = meta.get("pathology")
-    if isinstance(pathology, dict):
-        problems += _operating_point_problems(pathology.get("slide_thresholds"), "pathology.slide_thresholds")
-    problems += _drift_problems(meta.get("drift")) + _scope_problems(meta.get("scope"))
-    if problems:
-        raise PackageError(
-            "model.json cannot be served as it stands: " + "; ".join(problems),
-            where=where,
-            hint=f"model.json was changed after export; {REEXPORT_HINT}",
-        )
-
-
-def _operating_point_problems(block, where: str) -> list[str]:
-    """An urgent threshold below the review one would mark URGENT an image whose finding is the negative label."""
-    if not isinstance(block, dict) or not isinstance(block.get("urgent"), dict) or not isinstance(block.get("review"), dict):
-        return []
-    review, urgent = block["review"].get("threshold"), block["urgent"].get("threshold")
-    if isinstance(review, (int, float)) and isinstance(urgent, (int, float)) and urgent < review:
-        return [f"{where}.urgent.threshold {urgent} is below {where}.review.threshold {review} (urgent must be at or above review)"]
-    return []
-
-
-def _drift_problems(drift) -> list[str]:
-    """A window shorter than min_images never holds enough images to alert: the drift watch would be off, unsaid."""
-    if not isinstance(drift, dict):
-        return []
-    window, min_images = drift.get("window"), drift.get("min_images")
-    problems = []
-    if isinstance(window, int) and isinstance(min_images, int) and min_images > window:
-        problems.append(f"drift.min_images {min_images} is more than drift.window {window}: no source could ever raise a drift alert")
-    reference = drift.get("reference")
-    per_site = reference.get("per_site") if isinstance(reference, dict) else None
-    for site, histograms in per_site.items() if isinstance(per_site, dict) else ():
-        if not isinstance(histograms, dict):  # the schema leaves a site's entry free; the monitor would skip the site
-            problems.append(f"drift.reference.per_site.{site} is a {type(histograms).__name__}, not an object of histograms")
-    return problems
-
-
-def _scope_problems(scope) -> list[str]:
-    """A range listed high end first holds no value: every image would be refused as out of scope."""
-    if not isinstance(scope, dict):
-        return []
-    problems = []
-    for key in ("bits_stored", "pixel_spacing_mm"):
-        low_high = scope.get(key)
-        if isinstance(low_high, list) and len(low_high) >= 2 and low_high[0] > low_high[1]:
-            problems.append(f"scope.{key} {low_high} is no range: its first value (the lowest allowed) is above its second")
-    return problems
 
 
 def check_input_shape(meta: dict, shape: list | None, where: str | Path) -> None:
