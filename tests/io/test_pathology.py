@@ -199,10 +199,10 @@ def test_stain_fit_keeps_pale_eosin_pixels():
 
 def test_tissue_fractions_are_the_window_means(slide, mask):
     grid = tile_grid(slide, tile_size=112, mpp=0.5, mask=mask, min_tissue=0.0)
-    d = mask.downsample
+    d, dy = mask.downsample, mask.row_downsample
     for tile in grid.tiles[::7]:
-        r0, c0 = int(tile.y / d), int(tile.x / d)
-        r1 = max(int(np.ceil((tile.y + grid.size0) / d)), r0 + 1)
+        r0, c0 = int(tile.y / dy), int(tile.x / d)
+        r1 = max(int(np.ceil((tile.y + grid.size0) / dy)), r0 + 1)
         c1 = max(int(np.ceil((tile.x + grid.size0) / d)), c0 + 1)
         inside = min(1, (slide.dimensions[0] - tile.x) / grid.size0) * min(1, (slide.dimensions[1] - tile.y) / grid.size0)
         assert tile.tissue_fraction == round(float(mask.mask[r0:r1, c0:c1].mean()) * inside, 4)  # beyond the edge: background

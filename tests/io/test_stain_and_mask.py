@@ -63,12 +63,15 @@ def test_stain_fit_orients_an_eosin_without_red_towards_the_tissue():
 
 def window_means(mask: TissueMask, xs: list[int], ys: list[int], size0: float) -> np.ndarray:
     """The fractions the textbook way: the mean of each window of mask cells, cut out one by one."""
-    d, (h, w) = mask.downsample, mask.mask.shape
+    d, dy, (h, w) = mask.downsample, mask.row_downsample, mask.mask.shape
     out = np.zeros((len(ys), len(xs)))
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
-            r0, c0 = min(int(y / d), h), min(int(x / d), w)
-            r1, c1 = min(max(int(np.ceil((y + size0) / d)), int(y / d) + 1), h), min(max(int(np.ceil((x + size0) / d)), int(x / d) + 1), w)
+            r0, c0 = min(int(y / dy), h), min(int(x / d), w)
+            r1, c1 = (
+                min(max(int(np.ceil((y + size0) / dy)), int(y / dy) + 1), h),
+                min(max(int(np.ceil((x + size0) / d)), int(x / d) + 1), w),
+            )
             window = mask.mask[r0:r1, c0:c1]
             out[i, j] = window.mean() if window.size else 0.0
     return out
@@ -89,6 +92,15 @@ def test_fractions_match_the_window_means_on_generated_masks(shape):
     mask = TissueMask(np.random.default_rng(shape[0]).random(shape) > 0.4, downsample=4.0, threshold=0.1)
     xs, ys = list(range(0, 4 * shape[1] + 20, 13)), list(range(0, 4 * shape[0] + 20, 11))
     np.testing.assert_array_equal(mask.fractions(xs, ys, 30.0), window_means(mask, xs, ys, 30.0))
+
+
+def test_fractions_use_the_row_downsample_down_the_slide():
+    """A mask whose image is not the slide's aspect: its rows cover more level-0 pixels than its columns."""
+    mask = TissueMask(np.zeros((50, 100), bool), downsample=10.0, threshold=0.1, row_downsample=20.0)
+    mask.mask[25:] = True  # the bottom half of the slide (level-0 rows 500 to 1000) is tissue
+    fractions = mask.fractions([0, 500], [100, 600], 100.0)
+    np.testing.assert_array_equal(fractions, [[0.0, 0.0], [1.0, 1.0]])
+    np.testing.assert_array_equal(fractions, window_means(mask, [0, 500], [100, 600], 100.0))
 
 
 def test_integral_image_needs_no_temporaries_the_size_of_the_mask():

@@ -42,16 +42,23 @@ READ_AHEAD_PER_WORKER = 2  # tile batches loaded ahead of the consumer, per work
 
 @dataclass
 class TissueMask:
-    """Boolean tissue mask; one mask pixel covers `downsample` level-0 pixels on a side."""
+    """Boolean tissue mask; one mask pixel covers `downsample` level-0 pixels across and `row_downsample` down (the
+    image it thresholds, a scanner's thumbnail say, can be up to 1% off the slide's aspect; None: `downsample`)."""
 
     mask: np.ndarray
     downsample: float
     threshold: float
     black_fraction: float = 0.0  # share of the image thresholded that was black (never tissue)
+    row_downsample: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.row_downsample is None:
+            self.row_downsample = self.downsample
 
     def fractions(self, xs: list[int], ys: list[int], size0: float) -> np.ndarray:
         """`[len(ys), len(xs)]` tissue fractions of the level-0 squares at every (x, y) pair, from one integral image."""
-        rows, cols = self._cells(ys, size0, self.mask.shape[0]), self._cells(xs, size0, self.mask.shape[1])
+        rows = self._cells(ys, size0, self.row_downsample, self.mask.shape[0])
+        cols = self._cells(xs, size0, self.downsample, self.mask.shape[1])
         integral = self.integral_image()
         (r0, r1), (c0, c1) = rows[:, :, None], cols[:, None, :]
         area = (r1 - r0) * (c1 - c0)
@@ -69,9 +76,9 @@ class TissueMask:
             integral[row + 1] += integral[row]
         return integral
 
-    def _cells(self, starts: list[int], size0: float, limit: int) -> np.ndarray:
+    @staticmethod
+    def _cells(starts: list[int], size0: float, d: float, limit: int) -> np.ndarray:
         """`[2, n]` first and end mask cells covered by each level-0 span (at least one cell, clipped to the mask)."""
-        d = self.downsample
         first = [int(v / d) for v in starts]
         end = [max(int(np.ceil((v + size0) / d)), f + 1) for v, f in zip(starts, first)]
         return np.clip(np.array([first, end], np.int64), 0, limit)
@@ -148,8 +155,13 @@ def tissue_mask(slide: Slide, mask_mpp: float = MASK_MPP, min_saturation: float 
     sat[dark] = 0.0  # glass to the threshold: the noise on black is saturated
     threshold = tissue_threshold(sat, min_saturation)
     mask = Image.fromarray(((sat > threshold) * 255).astype(np.uint8)).filter(ImageFilter.MedianFilter(3))
-    downsample = slide.dimensions[0] / image.width
-    return TissueMask(np.asarray(mask) > 0, downsample=downsample, threshold=threshold, black_fraction=float(dark.mean()))
+    return TissueMask(
+        np.asarray(mask) > 0,
+        downsample=slide.dimensions[0] / image.width,
+        threshold=threshold,
+        black_fraction=float(dark.mean()),
+        row_downsample=slide.dimensions[1] / image.height,
+    )
 
 
 # --- tile grid -------------------------------------------------------------------------------
