@@ -13,7 +13,7 @@ from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as t
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medtriage.errors import ConfigError
 from medtriage.io.deid import DeidOptions, deidentify, patient_key, profile_table
@@ -207,6 +207,31 @@ def test_marks_method_and_options():
     assert not plain.get("StudyDate") and not plain.get("AcquisitionDate") and not plain.get("PatientSex")
     with pytest.raises(ConfigError, match="cannot retain"):
         DeidOptions(retain_characteristics=("PatientName",))
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_an_earlier_deidentification_is_added_to_not_replaced(transfer_syntax):
+    """PS3.15 E.1.1: an object de-identified twice says both; what the earlier sequence holds beyond CID 7050 codes is
+    untrusted text and goes."""
+    earlier = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    earlier.DeidentificationMethod = "Cleaned by Dr Jane Roe"
+    earlier.DeidentificationMethodCodeSequence = []
+    for value, scheme, meaning in [
+        ("113100", "DCM", "Basic Application Confidentiality Profile"),
+        ("113101", "DCM", "Cleaned by Dr Jane Roe"),
+        ("99RO", "LOCAL", "Jane Roe's method"),
+    ]:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+        earlier.DeidentificationMethodCodeSequence.append(item)
+    earlier.file_meta.TransferSyntaxUID = transfer_syntax
+    buffer = io.BytesIO()
+    earlier.save_as(buffer, enforce_file_format=True)
+    ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    deidentify(ds, KEY, DeidOptions(modified_dates=False, retain_characteristics=()))
+    codes = [(c.CodeValue, c.CodeMeaning) for c in ds.DeidentificationMethodCodeSequence]
+    assert codes == [("113100", "Basic Application Confidentiality Profile"), ("113101", "Clean Pixel Data Option")]
+    assert "Roe" not in str(ds.DeidentificationMethod)
 
 
 def test_pseudonyms_and_date_shift_are_keyed():

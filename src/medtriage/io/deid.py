@@ -121,6 +121,22 @@ NO_PATIENT_IDENTITY = "no Patient ID, and no Patient's Name or only a placeholde
 CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
 CODE_MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
 CODE_PATIENT_CHARACTERISTICS = ("113108", "Retain Patient Characteristics Option")
+# PS3.16 CID 7050 (De-identification Method): the codes an earlier de-identifier may have recorded, with their meanings
+METHOD_CODE_MEANINGS = {
+    "113100": "Basic Application Confidentiality Profile",
+    "113101": "Clean Pixel Data Option",
+    "113102": "Clean Recognizable Visual Features Option",
+    "113103": "Clean Graphics Option",
+    "113104": "Clean Structured Content Option",
+    "113105": "Clean Descriptors Option",
+    "113106": "Retain Longitudinal Temporal Information Full Dates Option",
+    "113107": "Retain Longitudinal Temporal Information Modified Dates Option",
+    "113108": "Retain Patient Characteristics Option",
+    "113109": "Retain Device Identity Option",
+    "113110": "Retain UIDs Option",
+    "113111": "Retain Safe Private Option",
+    "113112": "Retain Institution Identity Option",
+}
 
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY_BY_VR = {
@@ -465,14 +481,28 @@ def _parse_date(value: str) -> date | None:
 
 
 def _mark_deidentified(ds: Dataset, options: DeidOptions) -> None:
-    if ds.original_encoding == EXPLICIT_LITTLE:  # the usual case: add the marks as already-encoded elements
+    earlier = [code for code in _earlier_method_codes(ds) if code not in options.method_codes()]
+    if ds.original_encoding == EXPLICIT_LITTLE and not earlier:  # the usual case: the marks already encoded
         for tag, raw in _encoded_marks(options).items():
             ds[tag] = raw
     else:
-        _set_marks(ds, options)
+        _set_marks(ds, options, earlier)
 
 
-def _set_marks(ds: Dataset, options: DeidOptions) -> None:
+def _earlier_method_codes(ds: Dataset) -> list[tuple[str, str]]:
+    """The methods an earlier de-identification recorded: the sequence is added to, not replaced, so the object still
+    says everything done to it. Only CID 7050 codes stay (with their standard meanings); the rest of the sequence, and
+    the free-text De-identification Method, are untrusted text that may name someone."""
+    earlier = []
+    for item in ds.get("DeidentificationMethodCodeSequence") or []:
+        value, scheme = str(item.get("CodeValue", "")).strip(), str(item.get("CodingSchemeDesignator", "")).strip()
+        code = (value, METHOD_CODE_MEANINGS.get(value, ""))
+        if scheme == "DCM" and code[1] and code not in earlier:
+            earlier.append(code)
+    return earlier
+
+
+def _set_marks(ds: Dataset, options: DeidOptions, earlier: list[tuple[str, str]] = ()) -> None:
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = [
         "PS3.15 E Basic Profile",
@@ -481,7 +511,7 @@ def _set_marks(ds: Dataset, options: DeidOptions) -> None:
         f"medtriage {__version__}; {TABLE_EDITION}"[:64],
     ]
     items = []
-    for value, meaning in options.method_codes():
+    for value, meaning in [*options.method_codes(), *earlier]:
         item = Dataset()
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
         items.append(item)
