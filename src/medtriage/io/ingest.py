@@ -47,16 +47,11 @@ from medtriage.io.ingest_ledger import (
     read_index,
     write_audit_log,
 )
-from medtriage.io.safe_output import remove_partials, write_new
+from medtriage.io.safe_output import hold_exclusive, remove_partials, write_new
 from medtriage.io.site_folder import SITE_LABELS_FILE, SiteFolder, read_site_folder
 from medtriage.io.site_key import SiteKey, load_site_key
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
 from medtriage.project import project_path
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; one ingest of a site at a time
-    fcntl = None
 
 LOCK_FILE = "ingest.lock"
 
@@ -123,24 +118,20 @@ def _site_lock(ledger_dir: Path, site: str):
     """Held for a whole ingest of one site. A second ingest of the site at once would delete the first one's temporary
     files as a killed run's leftovers, and both would write the index: it is refused instead."""
     ledger_dir.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
+
+    def busy(holder: str) -> MedTriageError:
+        return MedTriageError(
+            f"another ingest of site {site!r} into this pool is running (process {holder})",
+            where=ledger_dir / LOCK_FILE,
+            hint="wait for it to finish, then run this ingest again: it adds only what the other did not",
+        )
+
+    descriptor = hold_exclusive(ledger_dir / LOCK_FILE, busy)
+    try:
         yield
-        return
-    with open(ledger_dir / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, a killed run's too
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            raise MedTriageError(
-                f"another ingest of site {site!r} into this pool is running (process {holder})",
-                where=ledger_dir / LOCK_FILE,
-                hint="wait for it to finish, then run this ingest again: it adds only what the other did not",
-            ) from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 def _check_patient_identity(ledger_dir: Path, options: DeidOptions, site: str) -> None:

@@ -26,6 +26,11 @@ from typing import BinaryIO
 
 from medtriage.errors import InputError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
+
 MAX_COMPONENT = 96  # characters of the readable part; the digest and suffix come on top
 DIGEST_CHARS = 10
 PARTIAL_SUFFIX = ".partial"  # temporary files are hidden (leading dot) and end in this
@@ -218,3 +223,24 @@ def _read_umask() -> int:
 
 _UMASK = _read_umask()
 PUBLIC_MODE = 0o666 & ~_UMASK  # what open() gives a new file
+
+
+def hold_exclusive(path: Path, busy: Callable[[str], Exception]) -> int | None:
+    """A descriptor of `path` (made if missing) holding flock's exclusive lock, this process's pid written in it for
+    the next one's refusal: `busy(holder pid)` is raised when another process holds it. The lock goes when the
+    descriptor is closed or the process ends, however it ends. None where there is no flock (Windows)."""
+    if fcntl is None:
+        return None
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(descriptor)
+        raise busy(holder) from None
+    except BaseException:
+        os.close(descriptor)
+        raise
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
