@@ -27,6 +27,7 @@ import pydicom
 from pydicom import config
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
+from pydicom.filereader import read_partial
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM, validate_value
@@ -35,6 +36,7 @@ from medtriage import __version__
 from medtriage.errors import DicomError, ImageTooLargeError, MedTriageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.safe_output import output_path, write_atomic
+from medtriage.serve.node.header import ReadBudget
 from medtriage.serve.package import ModelPackage, identity_label
 from medtriage.serve.predictor import Score
 
@@ -52,6 +54,10 @@ DECISION = hd.sr.CodedConcept("decision", SCHEME, "Triage decision against the o
 DECISION_CODES = {"URGENT": "above-urgent", "review": "above-review", "routine": "below-review"}
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER = 9901
+# What the header an SR references may hold before its pixels: the per-frame functional groups of a sparse-tiled
+# slide level of 100,000 tiles come to about 20 MiB; a header past this is read no further.
+SR_HEADER_READ_BYTES = 32 << 20
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data: where a header ends
 PATIENT_SEX = ("M", "F", "O")  # PS3.3 C.7.1.1: the enumerated values
 # Image storage SOP classes whose IOD has no Multi-frame module (PS3.3 Annex A): a reference to one of their
 # instances names no frame (Referenced Frame Number is Type 1C, for multi-frame images only: PS3.3 Table 10-3).
@@ -79,15 +85,39 @@ SINGLE_FRAME_CLASSES = frozenset(
 
 
 def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
-    """The source's header (no pixels), for the references the SR carries."""
-    where = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(getattr(source, "name", source))
+    """The source's header (no pixels), for the references the SR carries. The header is untrusted and may hold
+    anything before the pixels (a private element of gigabytes): one past SR_HEADER_READ_BYTES is refused before
+    more is read into memory."""
+    where = _named(source)
     try:
         with dicom_source(source, where) as fp:
-            return pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-    except ImageTooLargeError:
+            budget = ReadBudget(fp, SR_HEADER_READ_BYTES, lambda: _header_too_large(where))
+            header = read_partial(budget, stop_when=_at_pixels, force=True)
+        header.buffer = None  # the reader it came through, of no use now: copying the header (carried_header) would warn
+        return header
+    except (ImageTooLargeError, DicomError):
         raise
     except Exception as err:
         raise DicomError(f"cannot read the header to reference in the SR ({err})", where=where) from err
+
+
+def _header_too_large(where: str) -> DicomError:
+    return DicomError(
+        f"the header before the pixel data holds over {SR_HEADER_READ_BYTES} bytes to read, too many to reference in the SR",
+        where=where,
+        hint="the sending system must send the image without bulk data before its pixels, such as a large private element or overlay",
+    )
+
+
+def _named(source: str | Path | bytes | BinaryIO) -> str:
+    """A source as messages name it: its whole path (a Path's `name` is its last part only), a file's name, or <bytes>."""
+    if isinstance(source, (bytes, bytearray)):
+        return "<bytes>"
+    return str(source if isinstance(source, (str, Path)) else getattr(source, "name", source))
+
+
+def _at_pixels(tag, _vr, _length) -> bool:
+    return tag in PIXEL_TAGS
 
 
 @contextmanager

@@ -1,5 +1,5 @@
-"""The node's network edges: what a DICOMweb server answers, a destination that never answers or stays down for
-days, a sender that trickles, and `medtriage listen` options that cannot work."""
+"""The node's network edges: what a DICOMweb server answers, a PACS that answers a result is a duplicate, a destination
+that never answers or stays down for days, a sender that trickles, and `medtriage listen` options that cannot work."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from medtriage.cli import main
 from medtriage.errors import ConfigError
 from medtriage.serve.node.scp import MAX_PDU_BYTES, OUT_OF_RESOURCES, SUCCESS, start_scp, tls_context
-from medtriage.serve.node.sender import DicomWebSender, Sender, backoff
+from medtriage.serve.node.sender import DicomWebSender, DimseSender, Peer, Sender, backoff
 from medtriage.serve.node.store import DB_FILE, MAX_INSTANCE_BYTES, Delivery, NodeStore
 from tests.serve.node.peers import NODE_AET, cr_study, free_port, send_files
 
@@ -304,3 +306,48 @@ def test_an_instance_arriving_while_another_process_holds_the_database_is_answer
         server.shutdown()
         store.close()
         holder.close()
+
+
+def storage_scp(port: int, status: int):
+    """A pynetdicom Storage SCP on loopback that answers every C-STORE of a result with `status`."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+    ae = AE(ae_title="PACS")
+    for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: status)])
+
+
+@pytest.mark.parametrize(
+    ("status", "attempts", "delivered"),
+    [(0x0111, 0, True), (0x0111, 3, True), (0xA700, 3, False)],
+    ids=["duplicate at the first try", "duplicate at a resend", "out of resources"],
+)
+def test_a_pacs_answering_duplicate_already_holds_the_result_and_it_is_delivered(tmp_path, caplog, status, attempts, delivered):
+    """Before, 0x0111 was a failed try, retried for ever: the PACS had stored the result at a try whose success was
+    not recorded (a crash before the commit, at the first try or a later one), and refused each resend of it."""
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))  # a Comprehensive SR, as the node sends
+    store = NodeStore(tmp_path / "state")
+    store.record_instance("1.2.3.4", "1.2.3", "1.2.3.5", "1.2.840.10008.5.1.4.1.1.1", "x.dcm", {})
+    sr.save_as(store.outbox_path("sr.dcm"))
+    assert store.close_study(
+        "1.2.3", None, None, sr.SOPInstanceUID, [("sr", "PACS", "sr.dcm", sr.SOPInstanceUID)], time.time() + 1, "scored"
+    )
+    store._execute("UPDATE deliveries SET attempts = ?", (attempts,))
+    port = free_port()
+    server = storage_scp(port, status)
+    try:
+        with caplog.at_level("INFO", logger="medtriage.serve.node.sender"):
+            Sender(store, {"PACS": DimseSender(Peer("PACS", "127.0.0.1", port), NODE_AET)}, retry_max=60).send_due()
+        (row,) = store._execute("SELECT state, attempts, last_error FROM deliveries")
+        (study,) = store._execute("SELECT state FROM studies")
+    finally:
+        server.shutdown()
+        store.close()
+    if delivered:
+        assert (row["state"], row["attempts"], study["state"]) == ("delivered", attempts, "delivered")
+        (said,) = [r.getMessage() for r in caplog.records if "already holds" in r.getMessage()]
+        assert sr.SOPInstanceUID in said and "0x0111" in said and "PACS@127.0.0.1" in said
+    else:
+        assert (row["state"], row["attempts"], study["state"]) == ("pending", attempts + 1, "failed") and "0xA700" in row["last_error"]

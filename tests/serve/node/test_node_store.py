@@ -1,15 +1,17 @@
-"""The node's durable queue on its own (no network), and its torch-free import."""
+"""The node's durable queue on its own (no network), what its start clears, and its torch-free import."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import pydicom
 import pytest
 
 from medtriage.errors import ConfigError
 from medtriage.serve.node.sender import Peer, backoff
-from medtriage.serve.node.store import ConflictingPatient, NodeStore
+from medtriage.serve.node.store import OUTBOX_DIR, ConflictingPatient, NodeStore
+from medtriage.serve.node.worker import Worker
 from tests.serve.node.peers import cr_study
 
 FIELDS = {"patient_id": "P", "accession": "A", "study_date": "", "study_description": "", "modality": "CR"}
@@ -98,3 +100,54 @@ def test_a_second_node_on_a_state_folder_in_use_is_refused_and_leaves_the_first_
     NodeStore(tmp_path / "state").close()  # a reader (the worklist) still opens it
     running.close()
     NodeStore(tmp_path / "state", recover=True).close()  # the folder is free once its node stopped
+
+
+class Killed(BaseException):
+    """The node killed where it is (kill -9): nothing after this point runs."""
+
+
+def _closed(worker: Worker, store: NodeStore, path) -> str:
+    """Receive and score the one-instance study at `path`, and close it: its results in the outbox, its deliveries due."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    store.receive(path.read_bytes(), ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID, FIELDS)
+    time.sleep(0.01)
+    assert worker.score_queued()
+    worker.close_quiet_studies()
+    return ds.StudyInstanceUID
+
+
+def _recorded(store: NodeStore) -> set[str]:
+    return {row["file"] for row in store._execute("SELECT file FROM deliveries")}
+
+
+def test_results_a_killed_node_wrote_but_never_recorded_are_removed_when_the_node_starts_again(predictor, tmp_path, caplog, monkeypatch):
+    """Before, they stayed in the outbox for good: the study is closed again after the restart, with results of its own."""
+    delivered, pending, interrupted = (cr_study(tmp_path / "in", 1, seed=seed)[0] for seed in (11, 12, 13))
+    store = NodeStore(tmp_path / "state", recover=True)
+    worker = Worker(store, predictor, ["PACS@127.0.0.1:1"], study_timeout=0, heatmaps=True)
+    _closed(worker, store, delivered)
+    store.set_delivered(store.due_deliveries()[0].id)
+    _closed(worker, store, pending)
+
+    def killed(*args, **kwargs):  # between the results written and their deliveries' commit
+        raise Killed
+
+    monkeypatch.setattr(store, "close_study", killed)
+    with pytest.raises(Killed):
+        _closed(worker, store, interrupted)
+    store.close()
+    outbox = tmp_path / "state" / OUTBOX_DIR
+    kept = {path.name for path in outbox.iterdir()}
+    reader = NodeStore(tmp_path / "state")  # the worklist: a running node may be writing them
+    assert {path.name for path in outbox.iterdir()} == kept and len(kept - _recorded(reader)) == 2  # the SR and heatmap
+    reader.close()
+    with caplog.at_level("INFO", logger="medtriage.serve.node.store"):
+        store = NodeStore(tmp_path / "state", recover=True)
+    recorded = _recorded(store)
+    assert {path.name for path in outbox.iterdir()} == recorded and len(recorded) == 4  # delivered and pending results stay
+    (said,) = [r.getMessage() for r in caplog.records if "no delivery names" in r.getMessage()]
+    assert said.startswith("removed 2 result file(s)")
+    worker = Worker(store, predictor, ["PACS@127.0.0.1:1"], study_timeout=0, heatmaps=True)
+    assert worker.close_quiet_studies()  # the interrupted study is closed again, with results of its own
+    assert {path.name for path in outbox.iterdir()} == _recorded(store) and len(_recorded(store)) == 6
+    store.close()

@@ -1,6 +1,6 @@
 """Untrusted values a peer sends before its instance is accepted: an A-ASSOCIATE-RQ whose AE title carries a line
 break (quoted by pynetdicom in the node's log) and a data set whose elements before Pixel Data are large (read to
-answer the C-STORE, in every association at once)."""
+answer the C-STORE, in every association at once, and again as the header its study's SR references)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from medtriage.errors import DicomError
+from medtriage.serve.dicom_results import SR_HEADER_READ_BYTES, read_header
 from medtriage.serve.node.cli import node_log_handler
 from medtriage.serve.node.header import HEADER_READ_BYTES, read_identity
 from medtriage.serve.node.scp import start_scp
@@ -109,3 +110,15 @@ def test_the_identity_of_a_deflated_instance_is_read_whole_past_the_bound(tmp_pa
     ds.save_as(path)
     assert path.stat().st_size > HEADER_READ_BYTES
     assert read_identity(path) == expected
+
+
+def test_the_header_an_sr_references_is_read_within_the_bound_or_refused(tmp_path):
+    """Before, the whole header before the pixels was read into memory to build the study's SR, a private element of
+    BULK bytes with it."""
+    (path,) = cr_study(tmp_path, 1, seed=6)
+    assert read_header(path) == pydicom.dcmread(path, stop_before_pixels=True)  # within the bound: read whole, as before
+    with_bulk_before_pixels(path, nested=False)
+    refused, peak = outcome_and_peak_bytes(lambda: read_header(path))
+    assert isinstance(refused, DicomError) and refused.where == str(path) and refused.hint, refused
+    assert f"over {SR_HEADER_READ_BYTES} bytes" in refused.reason and "SR" in refused.reason
+    assert BULK > SR_HEADER_READ_BYTES and peak < SR_HEADER_READ_BYTES

@@ -8,6 +8,7 @@ parsed to be skipped, and one that holds more is refused before it is read into 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,28 +44,32 @@ LAST_IDENTITY_TAG = max(IDENTITY_TAGS.values())
 HEADER_READ_BYTES = 4 << 20  # what reading them may read: the elements before (0020,000E) of any real instance are far less
 
 
-class _ReadBudget:
-    """A file whose reads together may not pass `budget` bytes (seeks are free): DicomError before a read that would.
-    A read of the rest (pydicom's of a deflated data set, to inflate it) is left to dicom_source's bound on the
-    inflated size."""
+class ReadBudget:
+    """A file whose reads together may not pass `budget` bytes (seeks are free): `refused()` is raised before a read
+    that would. A read of the rest (pydicom's of a deflated data set, to inflate it) is left to dicom_source's bound on
+    the inflated size."""
 
-    def __init__(self, file, budget: int, where: str):
-        self._file, self._left, self._where = file, budget, where
+    def __init__(self, file, budget: int, refused: Callable[[], DicomError]):
+        self._file, self._left, self._refused = file, budget, refused
 
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
             return self._file.read()
         if n > self._left:
-            raise DicomError(
-                f"the data set header before its Series Instance UID holds over {HEADER_READ_BYTES} bytes to read",
-                where=self._where,
-                hint="the sending system must send the identifying elements (group 0008 to 0020) without bulk data among them",
-            )
+            raise self._refused()
         self._left -= n
         return self._file.read(n)
 
     def __getattr__(self, name: str):  # seek, tell, name ... as the file has them
         return getattr(self._file, name)
+
+
+def _identity_too_far(where: str) -> DicomError:
+    return DicomError(
+        f"the data set header before its Series Instance UID holds over {HEADER_READ_BYTES} bytes to read",
+        where=where,
+        hint="the sending system must send the identifying elements (group 0008 to 0020) without bulk data among them",
+    )
 
 
 @dataclass
@@ -83,7 +88,7 @@ def read_identity(data: bytes | Path, where: str = "<received>") -> Header:
         try:
             with dicom_source(data if isinstance(data, (bytes, bytearray)) else Path(data), where) as source:
                 ds = read_partial(
-                    _ReadBudget(source, HEADER_READ_BYTES, where),
+                    ReadBudget(source, HEADER_READ_BYTES, lambda: _identity_too_far(where)),
                     stop_when=lambda tag, _vr, _length: tag > LAST_IDENTITY_TAG,
                     force=True,
                     specific_tags=list(IDENTITY_TAGS.values()),

@@ -2,7 +2,8 @@
 
 A delivery that fails is retried with exponential backoff (1 s, 2 s, 4 s ... up to `retry_max`) and
 stays queued until it is delivered: nothing is dropped. A resend after a crash carries the same SOP
-Instance UID, so the PACS keeps one copy.
+Instance UID, so the PACS keeps one copy; a PACS that answers it 0x0111 (Duplicate SOP Instance) holds it
+already, and it is delivered.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from medtriage.serve.node.store import Delivery, NodeStore
 
 log = logging.getLogger(__name__)
 OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and the warnings that still mean "stored"
+DUPLICATE = 0x0111  # Duplicate SOP Instance: the PACS holds an instance with this SOP Instance UID already
 RESULT_CLASSES = [ComprehensiveSRStorage, SecondaryCaptureImageStorage]
 DICOMWEB = "dicomweb"
 
@@ -104,6 +106,19 @@ class DimseSender:
             return f"{type(err).__name__}: {err}"
         code = getattr(status, "Status", None)
         if code in OK_STATUSES:
+            return None
+        if code == DUPLICATE:
+            # The UID is ours, made once for this result, so the PACS holds this very object: a try whose success was
+            # not recorded (a lost response, a stop before the commit) stored it. A first try too: `attempts` counts
+            # failed tries only, so one the PACS stored before a crash left it at 0.
+            log.info(
+                "%s for study %s: %s already holds SOP instance %s (C-STORE status 0x0111, after %d failed tries): delivered",
+                delivery.kind,
+                delivery.study_uid,
+                self.peer,
+                delivery.sop_uid,
+                delivery.attempts,
+            )
             return None
         return "no response" if code is None else f"C-STORE status 0x{code:04X}"
 

@@ -12,6 +12,8 @@ studies     one row per Study Instance UID: receiving -> scored -> delivered, or
 deliveries  one row per result object and destination: pending -> delivered
 drifting_sources  the calling AE titles the node's drift monitor finds drifting now, for the worklist of
             `medtriage serve --state` (another process) to mark their rows
+outbox      the result files deliveries name, written before their rows are committed: a node at start deletes
+            those no row names (a node killed in between left them)
 node.lock   held by the one node that owns the folder, while it runs
 """
 
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -31,12 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtriage.errors import ConfigError, InputError
-from medtriage.io.safe_output import PUBLIC_MODE, AtomicFile, inside, remove_partials, sync_folder
+from medtriage.io.safe_output import PUBLIC_MODE, AtomicFile, hold_exclusive, inside, remove_partials, sync_folder
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; one node per state folder is then the operator's to keep
-    fcntl = None
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -55,6 +56,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     file TEXT NOT NULL, sop_uid TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER DEFAULT 0,
     next_attempt REAL DEFAULT 0, last_error TEXT, created REAL, delivered REAL);
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
+CREATE INDEX IF NOT EXISTS deliveries_file ON deliveries(file);
 CREATE TABLE IF NOT EXISTS overlays (sop_uid TEXT PRIMARY KEY, png BLOB NOT NULL, saliency TEXT);
 CREATE TABLE IF NOT EXISTS drifting_sources (source TEXT PRIMARY KEY, since REAL NOT NULL);
 """
@@ -99,6 +101,7 @@ SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the database is held by anot
 SQLITE_FULL = 13  # the result code of a write to a full disk or past max_page_count (sqlite3.SQLITE_FULL from 3.11)
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
 MIN_FREE_BYTES = 1 << 30  # default --min-free-bytes: room kept for results, the database and logs
+NAMES_PER_QUERY = 500  # outbox file names looked up in one query (SQLite takes 999 parameters, whatever its version)
 
 
 class ConflictingInstance(InputError):
@@ -123,30 +126,30 @@ def _own(folder: Path) -> int | None:
     when another process holds it. A second node on one folder would delete the first one's instances as it receives
     them (its start clears what a killed node left half-written), and both would score and report the same studies."""
     folder.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        return None
-    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(descriptor, 32).decode("ascii", "replace").strip() or "unknown"
-        os.close(descriptor)
-        raise ConfigError(
+
+    def busy(holder: str) -> ConfigError:
+        return ConfigError(
             f"the state folder {folder} is in use by another medtriage listen (process {holder})",
             where="--state",
             hint="stop that node first, or give this one a --state folder of its own",
-        ) from None
-    except BaseException:
-        os.close(descriptor)
-        raise
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the message above
-    return descriptor
+        )
+
+    return hold_exclusive(folder / LOCK_FILE, busy)
 
 
 def digest_name(*parts: str, suffix: str = ".dcm") -> str:
     """A file name from what identifies the content (e.g. a SOP UID): a digest, never the value itself."""
     return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:40] + suffix
+
+
+def _is_result_file(entry: os.DirEntry) -> bool:
+    """A result the worker wrote to the outbox (digest_name's .dcm), not an atomic writer's hidden temporary file."""
+    return entry.name.endswith(".dcm") and not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
+
+
+def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch
 
 
 @dataclass
@@ -218,6 +221,29 @@ class NodeStore:
         self._add_missing_columns()
         if recover:  # the node's drift windows start empty: no source drifts until it has seen enough again
             self._db.execute("DELETE FROM drifting_sources")
+            self._remove_unrecorded_results()
+
+    def _remove_unrecorded_results(self) -> None:
+        """Delete the outbox files no delivery names: the worker writes a study's results, then commits their deliveries'
+        rows, and a node killed in between left them, unsent for good (its study, still open, is closed again with
+        results of its own). Run by the node that owns the folder only, before its worker starts: a file a running
+        worker has not recorded yet is one it is still writing. Files of delivered results are named by their rows."""
+        outbox = self.folder / OUTBOX_DIR
+        with os.scandir(outbox) as entries:  # in batches: the outbox keeps every result delivered
+            names = (entry.name for entry in entries if _is_result_file(entry))
+            orphans = [name for batch in _batches(names, NAMES_PER_QUERY) for name in self._unrecorded(batch)]
+        for name in orphans:
+            (outbox / name).unlink(missing_ok=True)
+        if orphans:
+            log.info(
+                "removed %d result file(s) from %s that no delivery names: their study's close was never recorded", len(orphans), outbox
+            )
+
+    def _unrecorded(self, names: list[str]) -> list[str]:
+        """Those of `names` (outbox files) that no delivery row names."""
+        marks = ", ".join("?" * len(names))
+        recorded = {row["file"] for row in self._execute(f"SELECT file FROM deliveries WHERE file IN ({marks})", names)}
+        return [name for name in names if name not in recorded]
 
     def _add_missing_columns(self) -> None:
         for table, column, kind in ADDED_COLUMNS:
