@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import json
+import shutil
+from pathlib import Path
+
 import pydicom
 from pydicom.data import get_testdata_file
 
 from medtriage.cli import main
-from medtriage.serve.dicom_results import build_sr, read_header
+from medtriage.serve.dicom_results import TYPE2_COPIED, build_sr, encoded, read_header
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
 
@@ -49,10 +54,6 @@ def _items(ds: pydicom.Dataset):
 def test_an_sr_is_built_for_a_source_without_patient_or_study_identifiers(package_dir):
     """Minimal or de-identified sources often leave out the Type 2 patient and study attributes the SR copies; the SR
     carries them empty (as the standard has it) instead of failing the study, and the source's header is left as it was."""
-    import io
-
-    from medtriage.serve.dicom_results import TYPE2_COPIED, encoded
-
     predictor = Predictor(load_package(package_dir), threads=1)
     (score,) = predictor.score_file(FILES[0])
     header = read_header(FILES[0])
@@ -62,3 +63,18 @@ def test_an_sr_is_built_for_a_source_without_patient_or_study_identifiers(packag
     sr = pydicom.dcmread(io.BytesIO(encoded(build_sr(header, [score], predictor.package), "the SR", "test")))
     assert all(keyword in sr and not str(sr[keyword].value or "") for keyword in TYPE2_COPIED)
     assert sr.StudyInstanceUID == header.StudyInstanceUID and "PatientID" not in header
+
+
+def test_the_sr_calls_the_probability_calibrated_only_when_the_package_calibrates_it(package_dir, tmp_path):
+    """Before, every SR said "Calibrated probability", whatever the package's calibration.method."""
+    said = {}
+    for method in ("temperature", "none"):
+        copy = Path(shutil.copytree(package_dir, tmp_path / method))
+        meta = json.loads((copy / "model.json").read_text())
+        meta["calibration"]["method"], meta["output"]["calibrated"] = method, method != "none"
+        (copy / "model.json").write_text(json.dumps(meta))
+        predictor = Predictor(load_package(copy), threads=1)
+        (score,) = predictor.score_file(FILES[0])
+        sr = pydicom.dcmread(io.BytesIO(encoded(build_sr(read_header(FILES[0]), [score], predictor.package), "the SR", "test")))
+        said[method] = [item.ConceptNameCodeSequence[0].CodeMeaning for item in _items(sr) if item.get("ValueType") == "NUM"]
+    assert said == {"temperature": ["Calibrated probability of pneumonia"], "none": ["Probability of pneumonia"]}

@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -165,3 +166,22 @@ def test_http_refuses_with_the_field(scoped):
     rejected = response.json()["rejected"][0]
     assert (rejected["code"], rejected["field"]) == ("out_of_scope", "modality")
     assert "out of scope: modality" in rejected["reason"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")  # pydicom notes that 'cr' breaks the CS character rules
+def test_scope_values_match_whatever_their_case_and_padding(package_dir, tmp_path):
+    """Headers in the wild carry 'chest' or 'Chest', and a scope written from them may too: code strings are compared
+    without regard to case or the spaces DICOM pads them with, so a chest film is not refused for its spelling."""
+    film = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))  # a real chest CR, PA
+    film.Modality, film.BodyPartExamined, film.ViewPosition = "cr", "Chest ", "pa"
+    path = tmp_path / "film.dcm"
+    film.save_as(path)
+    spelled = {"modalities": [" Cr"], "photometric": ["Monochrome1"], "body_parts": ["chest"], "view_positions": ["Pa "]}
+    predictor = Predictor(load_package(with_meta(package_dir, tmp_path / "spelled", scope=spelled)), threads=1)
+    outcome = predictor.score_or_reject(path, path.name)
+    assert not isinstance(outcome, Rejection), outcome
+    assert first_failure(spelled, header_facts(read_dicom(path))) is None
+    film.BodyPartExamined = "skull"  # another body part is still refused, whatever its case
+    film.save_as(path)
+    refused = predictor.score_or_reject(path, path.name)
+    assert isinstance(refused, Rejection) and (refused.code, refused.field) == ("out_of_scope", "body_part")

@@ -13,6 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from medtriage.cli import main
+from medtriage.serve.package import load_package
 
 CT, MR, RTPLAN = (get_testdata_file(n) for n in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"))
 
@@ -151,7 +152,8 @@ def test_dcmtk_reads_the_sr(need_tool, capsys, package_dir, tmp_path):
     dump = subprocess.run(["dsrdump", "+Pu", str(sr_path)], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
     assert "Comprehensive SR Document" in dump.stdout
-    values = [float(v) for v in re.findall(r'"Calibrated probability of pneumonia"\)="([0-9.eE+-]+)"', dump.stdout)]
+    meaning = "Calibrated probability" if load_package(package_dir).calibrated else "Probability"
+    values = [float(v) for v in re.findall(rf'"{meaning} of pneumonia"\)="([0-9.eE+-]+)"', dump.stdout)]
     assert values == pytest.approx([r["probability"] for r in results], abs=1e-6) and len(values) == 10
     assert results[0]["sop_uid"] in dump.stdout  # the referenced source instance
     assert "Algorithm Name" in dump.stdout and "tiny-pneumonia" in dump.stdout

@@ -155,3 +155,46 @@ def test_an_urgent_study_stays_listed_when_newer_routine_studies_arrive(predicto
     monkeypatch.setattr(store, "URGENT_KEPT_S", -60)  # as if a day had passed
     body = client.get("/v1/worklist", headers=AUTH).json()
     assert [e["file"] for e in body["entries"]] == ["calm-again.dcm"] and body["evicted"] == 2
+
+
+def test_a_picture_looks_its_study_up_once_and_reads_its_file_once(predictor, chest_files, tmp_path, monkeypatch):
+    """Opening a picture not yet drawn looks its study up once (the lookup runs the list's query) and reads the spooled
+    file once; opening it again only looks the study up."""
+    from medtriage.serve import worklist as module
+
+    client = TestClient(create_app(predictor, token=TOKEN, state=str(tmp_path / "state")))
+    path = chest_files["by_p"][-1]
+    upload(client, path.name, path.read_bytes())
+    (entry,) = client.get("/v1/worklist", headers=AUTH).json()["entries"]
+    reads = {"study": 0, "file": 0}
+    study_by_id, read_dicom = NodeStore.study_by_id, module.read_dicom
+
+    def counted_study(self, *args, **kwargs):
+        reads["study"] += 1
+        return study_by_id(self, *args, **kwargs)
+
+    def counted_read(*args, **kwargs):
+        reads["file"] += 1
+        return read_dicom(*args, **kwargs)
+
+    monkeypatch.setattr(NodeStore, "study_by_id", counted_study)
+    monkeypatch.setattr(module, "read_dicom", counted_read)
+    drawn = client.get(entry["overlay"], headers=AUTH)
+    assert drawn.status_code == 200 and reads == {"study": 1, "file": 1}
+    kept = client.get(entry["overlay"], headers=AUTH)
+    assert kept.content == drawn.content and reads == {"study": 2, "file": 1}
+
+
+def test_a_picture_drawn_while_a_request_waited_for_its_slot_is_not_drawn_again(predictor, chest_files, monkeypatch):
+    from medtriage.serve import worklist as module
+
+    worklist = Worklist(predictor)
+    path = chest_files["by_p"][-1]
+    assert isinstance(worklist.score_or_reject(path.read_bytes(), path.name), list)
+    (entry,) = worklist.rows()
+    png, waiting = worklist.kept_overlay(entry["id"])  # the study as the waiting request looked it up
+    assert png is None
+    drawn = worklist.overlay(entry["id"])  # another request, answered first
+    draws, explain_frame = [], module.explain_frame
+    monkeypatch.setattr(module, "explain_frame", lambda *args: draws.append(args) or explain_frame(*args))
+    assert worklist.overlay(entry["id"], waiting) == drawn and draws == []

@@ -73,6 +73,32 @@ def test_a_kept_picture_that_names_no_package_is_not_trusted(package_dir, next_v
         restarted.overlay(row["id"])
 
 
+def with_calibration(package_dir: Path, target: Path, method: str) -> Path:
+    """A copy of the package whose model.json says its graph applies a fitted temperature, or not ("none")."""
+    copy = Path(shutil.copytree(package_dir, target))
+    meta = json.loads((copy / "model.json").read_text())
+    meta["calibration"]["method"], meta["output"]["calibrated"] = method, method != "none"
+    (copy / "model.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_a_score_is_called_calibrated_only_when_the_served_output_is(package_dir, next_version, tmp_path):
+    said = {}
+    for method in ("temperature", "none"):
+        worklist = Worklist(served(with_calibration(package_dir, tmp_path / method, method)))
+        assert isinstance(worklist.score_or_reject(CT.read_bytes(), CT.name), list)
+        (row,) = worklist.rows()
+        said[method] = worklist.detail(row["id"])["calibrated"]
+    assert said == {"temperature": True, "none": False}
+    # a row another package scored says what its score recorded; one stored before scores recorded it: not known
+    scored_before_restart(with_calibration(package_dir, tmp_path / "before", "none"), tmp_path / "state", draw=False)
+    restarted = Worklist(served(next_version), store=tmp_path / "state")
+    (row,) = restarted.rows()
+    assert restarted.detail(row["id"])["calibrated"] is False
+    restarted.store._execute("UPDATE instances SET result = json_remove(result, '$[0].calibrated')")
+    assert restarted.detail(row["id"])["calibrated"] is None
+
+
 # --- the page's behaviour in Chromium, against canned answers ------------------------------------
 
 ORIGIN = "http://worklist.test"
@@ -117,7 +143,8 @@ def entry(entry_id: str, priority: str | None = "routine", probability: float | 
 
 def detail(row: dict) -> dict:
     thresholds = {"review": 0.3, "urgent": 0.7}
-    return {**row, "probabilities": {"normal": 0.8, "pneumonia": 0.2}, "positive_label": "pneumonia", "thresholds": thresholds}
+    probabilities = {"normal": 0.8, "pneumonia": 0.2}
+    return {**row, "probabilities": probabilities, "positive_label": "pneumonia", "thresholds": thresholds, "calibrated": True}
 
 
 class CannedService:
@@ -259,3 +286,18 @@ def test_times_are_shown_in_the_readers_zone_with_its_offset(open_page):
     assert expected in page.eval_on_selector_all("#worklist tbody td", "cells => cells.map(c => c.textContent)")
     page.click("#worklist tbody tr[data-id='1']")
     page.wait_for_function(f"() => document.getElementById('detail-fields').textContent.includes({expected!r})")
+
+
+def test_the_probability_is_called_calibrated_only_when_it_is(open_page):
+    rows = [entry("1", "URGENT", 0.9), entry("2", "review", 0.4), entry("3", "review", 0.5, version=2)]
+    service = CannedService(rows)
+    for row, calibrated in zip(rows, (True, False, None)):
+        service.answers[f"/v1/worklist/{row['id']}"] = (200, {**detail(row), "calibrated": calibrated})
+    page = open_page(service)
+    said = {}
+    for row in rows:
+        page.click(f"#worklist tbody tr[data-id='{row['id']}']")
+        page.wait_for_function(f"() => document.getElementById('detail-title').textContent.includes('ACC{row['id']}')")
+        said[row["id"]] = page.evaluate("""() => [...document.querySelectorAll('#detail-fields dt')]
+            .find((dt) => dt.textContent === 'p(pneumonia)').nextElementSibling.textContent""")
+    assert said == {"1": "0.900 (calibrated)", "2": "0.400 (score, not calibrated)", "3": "0.500 (calibration of tiny v2 not known)"}

@@ -2,8 +2,8 @@
 
 One SR per source instance (or, for the DICOM node, one per study covering all its scored
 instances), in the source's study, referencing the source study, series and instance (and frame);
-each scored frame is one measurement group carrying the calibrated probability, the finding, the
-priority and the algorithm name/version (with the model's sha256).
+each scored frame is one measurement group carrying the probability (calibrated where the package applies a
+temperature), the finding, the priority and the algorithm name/version (with the model's sha256).
 
 A result names the package that scored it (name, version, sha256 of model.onnx), taken from its scores, not
 from the package loaded now: a node restarted with a new package still closes the studies scored before. The
@@ -37,7 +37,7 @@ from medtriage.errors import DicomError, ImageTooLargeError, MedTriageError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.serve.node.header import ReadBudget
-from medtriage.serve.package import ModelPackage, identity_label
+from medtriage.serve.package import ModelPackage, calibrated_result, identity_label
 from medtriage.serve.predictor import Score
 
 log = logging.getLogger(__name__)
@@ -362,9 +362,10 @@ def _probability_concept(score: Score, package: ModelPackage) -> hd.sr.CodedConc
     and the report says so rather than name a label of another model (its finding, priority and decision were made
     by the scoring package and still stand)."""
     label = score.positive_label or (package.positive_label if score.scoring_package() == package.identity() else "")
+    what = "Calibrated probability" if calibrated_result(vars(score), package) else "Probability"
     if not label:
-        return hd.sr.CodedConcept("p-unrecorded", SCHEME, "Calibrated probability of an unrecorded label")
-    return concept(f"p-{label}", f"Calibrated probability of {label}")
+        return hd.sr.CodedConcept("p-unrecorded", SCHEME, f"{what} of an unrecorded label")
+    return concept(f"p-{label}", f"{what} of {label}")
 
 
 def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPackage) -> hd.sr.MeasurementsAndQualitativeEvaluations:

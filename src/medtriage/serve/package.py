@@ -60,6 +60,14 @@ class ModelPackage:
         return served_threshold(urgent["threshold"]) if urgent else None
 
     @property
+    def calibrated(self) -> bool:
+        """Whether the probabilities served are calibrated: the graph divides by a fitted temperature only when
+        `calibration.method` is not "none" (the rule behind export's `output.calibrated` and the model card's wording).
+        A package exported before that rule could flag raw probabilities calibrated, so the method decides; a false
+        flag stands."""
+        return self.meta["calibration"]["method"] != "none" and self.meta["output"].get("calibrated", True) is not False
+
+    @property
     def scope(self) -> dict | None:
         """What the model may be shown (serve/scope.py); None in packages exported before scopes existed."""
         return self.meta.get("scope")
@@ -84,6 +92,14 @@ class ModelPackage:
 def scored_by(result: dict) -> dict:
     """The identity, in ModelPackage.identity()'s form, of the package that scored a result (Score.as_dict())."""
     return {"name": result["model"], "version": result["version"], "sha256": result["sha256"]}
+
+
+def calibrated_result(result: dict, package: ModelPackage) -> bool | None:
+    """Whether a result's probability (Score.as_dict()) is calibrated: as the result recorded it, else as `package`
+    says where it scored the result; None (not known) for a result of another package stored before scores said."""
+    if result.get("calibrated") is not None:
+        return result["calibrated"]
+    return package.calibrated if scored_by(result) == package.identity() else None
 
 
 def identity_label(identity: dict, sha_chars: int = 0) -> str:

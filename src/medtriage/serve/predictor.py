@@ -1,4 +1,5 @@
-"""Scores from a model package with ONNX Runtime: DICOM -> decoded pixels -> calibrated probability -> priority."""
+"""Scores from a model package with ONNX Runtime: DICOM -> decoded pixels -> probability (calibrated where the package
+applies a temperature) -> priority."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class Score:
     file: str
     frame: int | None
     finding: str
-    probability: float  # calibrated probability of `positive_label`
+    probability: float  # probability of `positive_label` (calibrated where the package applies a temperature)
     priority: str  # URGENT | review | routine
     probabilities: dict
     sop_uid: str
@@ -53,6 +54,7 @@ class Score:
     # The scoring package's positive label (its label names are the keys of `probabilities`), so that a result read
     # back after a restart with another package still says what `probability` is of; "" where it was not recorded.
     positive_label: str = ""
+    calibrated: bool | None = None  # whether the scoring package calibrates `probability`; None: not recorded
 
     def as_dict(self) -> dict:
         return {"status": "scored", **asdict(self)}
@@ -369,6 +371,7 @@ class Predictor:
             ood_score=ood,
             input_mean=input_mean,
             positive_label=package.positive_label,
+            calibrated=package.calibrated,
         )
 
     def finding(self, probs: np.ndarray) -> str:

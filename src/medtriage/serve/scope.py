@@ -3,7 +3,8 @@
 A chest X-ray model must not put a score on a CT slice just because the slice decodes. Export writes
 the scope from the training pool's headers; serving compares each decoded image's header facts
 with it and names the first field that does not fit. Facts an image does not record (no body part,
-no pixel spacing) are not held against it: many real modalities leave them empty.
+no pixel spacing) are not held against it: many real modalities leave them empty. Code strings (modality, body part...)
+match whatever their case and padding: the standard writes them upper case, but headers in the wild say 'chest'.
 """
 
 from __future__ import annotations
@@ -77,13 +78,13 @@ class ScopeFailure:
 def header_facts(image: DecodedImage) -> dict:
     """The facts of a decoded image that a scope speaks about."""
     return {
-        "modality": image.modality.strip().upper(),
+        "modality": code(image.modality),
         "sop_class": image.sop_class_uid.strip(),
-        "photometric": image.photometric.strip().upper(),
+        "photometric": code(image.photometric),
         "channels": int(image.pixels.shape[1]),
         "bits_stored": image.bits_stored or None,
-        "body_part": image.body_part or None,
-        "view_position": image.view_position or None,
+        "body_part": code(image.body_part) or None,
+        "view_position": code(image.view_position) or None,
         "rows": image.rows,
         "columns": image.columns,
         "aspect_ratio": round(max(image.rows, image.columns) / max(min(image.rows, image.columns), 1), 2),
@@ -114,7 +115,7 @@ def first_failure(scope: dict, facts: dict) -> ScopeFailure | None:
         allowed, value = scope.get(key), facts.get(fact)
         if allowed is None or value is None:
             continue
-        if kind == "one_of" and value not in allowed:
+        if kind == "one_of" and code(value) not in {code(v) for v in allowed}:
             return ScopeFailure(fact, value, list(allowed))
         if kind == "minimum" and value < allowed:
             return ScopeFailure(fact, value, {"min": allowed})
@@ -133,6 +134,12 @@ def with_structural_bounds(scope: dict) -> dict:
         "min_columns": max(scope.get("min_columns") or 0, MIN_SIDE),
         "max_aspect_ratio": MAX_ASPECT_RATIO,
     }
+
+
+def code(value):
+    """A code string as a scope compares it: DICOM pads CS values with spaces and spells them upper case, but headers
+    in the wild (and scopes written from them) carry 'chest' or 'Chest '. Numbers pass unchanged."""
+    return value.strip().upper() if isinstance(value, str) else value
 
 
 def _values(value) -> tuple:

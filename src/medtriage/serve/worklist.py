@@ -16,7 +16,7 @@ drew, and otherwise says why it has none rather than show where a different mode
 
 GET  /worklist                        the page (static HTML; its data calls carry the bearer token)
 GET  /v1/worklist                     rows: scored ones URGENT > review > routine, then probability; then the rest
-GET  /v1/worklist/{id}                one row with all class probabilities and the thresholds
+GET  /v1/worklist/{id}                one row with all class probabilities, the thresholds and whether p is calibrated
 GET  /v1/worklist/{id}/overlay.png    the image with where the model looked
 """
 
@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import re
+import sqlite3
 import threading
 import time
 import uuid
@@ -47,7 +48,7 @@ from medtriage.serve.drift import DriftMonitor, source_name
 from medtriage.serve.node.header import STUDY_TAGS, read_identity
 from medtriage.serve.node.store import ConflictingInstance, ConflictingPatient, NodeStore
 from medtriage.serve.node.worker import PRIORITY_RANK, urgency
-from medtriage.serve.package import picture_refused, scored_by
+from medtriage.serve.package import calibrated_result, picture_refused, scored_by
 from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
 from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame, shrink
 
@@ -236,6 +237,7 @@ class Worklist:
             "positive_label": package.positive_label,
             # the operating points that set the priority: those of the scoring package, not held when another is served
             "thresholds": {"review": package.review_threshold, "urgent": package.urgent_threshold} if served else None,
+            "calibrated": calibrated_result(top, package) if top else None,
             "series_uid": top and top["series_uid"],
             "sop_uid": top and top["sop_uid"],
             "decision": top and top.get("decision"),
@@ -243,16 +245,18 @@ class Worklist:
             "saliency": _kept_saliency(study, top) if top else None,
         }
 
-    def kept_overlay(self, entry_id: str) -> bytes | None:
-        """The study's overlay PNG if one is kept (nothing is drawn); 404 as `overlay` when the entry is not listed."""
+    def kept_overlay(self, entry_id: str) -> tuple[bytes | None, sqlite3.Row]:
+        """The study's overlay PNG if one is kept (nothing is drawn), and the study as looked up, for `overlay` to draw
+        from without running the list's query again; 404 as `overlay` when the entry is not listed."""
         study = self._study(entry_id)
         top, _ = _top(study)
         kept = self.store.overlay(top["sop_uid"]) if top is not None and _kept_saliency(study, top) else None
-        return kept[0] if kept else None
+        return (kept[0] if kept else None), study
 
-    def overlay(self, entry_id: str) -> bytes:
-        """The study's overlay PNG, drawn on first request (occlusion through the served model) and kept."""
-        study = self._study(entry_id)
+    def overlay(self, entry_id: str, study: sqlite3.Row | None = None) -> bytes:
+        """The study's overlay PNG, drawn on first request (occlusion through the served model) and kept. `study`: the
+        entry as `kept_overlay` looked it up, else it is looked up here."""
+        study = self._study(entry_id) if study is None else study
         top, _ = _top(study)
         if top is None:
             raise HTTPException(
@@ -262,9 +266,9 @@ class Worklist:
                     "hint": "only a scored study has a picture; its row's state and reason say why it has none",
                 },
             )
-        kept = self.store.overlay(top["sop_uid"]) if _kept_saliency(study, top) else None
+        kept = self._kept_picture(top)
         if kept:
-            return kept[0]
+            return kept
         missing = self._picture_missing(study, top)
         if missing:
             raise HTTPException(409, {"reason": missing, "hint": "open the study in the PACS viewer, or serve the package that scored it"})
@@ -280,6 +284,12 @@ class Worklist:
         with self._lock:
             self._display.pop(top["sop_uid"], None)  # the PNG is all the row needs from now on
         return png
+
+    def _kept_picture(self, top: dict) -> bytes | None:
+        """The top image's picture if the package that scored it drew it, looked up by its SOP UID rather than in the
+        study as read: a request answered while this one waited for its slot may have drawn it since."""
+        kept = self.store.overlay(top["sop_uid"])
+        return kept[0] if kept and kept[1].get("package") == scored_by(top) else None
 
     def _picture_missing(self, study, top: dict) -> str | None:
         """Why the row can have no picture: None when the served package scored it, or drew its kept picture."""
@@ -408,10 +418,10 @@ def worklist_router(worklist: Worklist, admission: Admission | None = None) -> A
         },
     )
     async def row_overlay(entry_id: str) -> Response:
-        png = await run_in_threadpool(worklist.kept_overlay, entry_id)
+        png, study = await run_in_threadpool(worklist.kept_overlay, entry_id)
         if png is None:
             async with admission.slot():  # an occlusion map runs the model dozens of times on a decoded image
-                png = await run_in_threadpool(worklist.overlay, entry_id)
+                png = await run_in_threadpool(worklist.overlay, entry_id, study)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})  # PHI
 
     return router
