@@ -130,8 +130,9 @@ def test_a_finished_run_without_a_checkpoint_says_so(store):
     from medtriage.export.from_mlflow import export_from_mlflow
 
     run_id = _run_in("FINISHED")
-    with pytest.raises(DataNotFoundError, match=f"MLflow run {run_id} has no checkpoint artifact"):
+    with pytest.raises(DataNotFoundError, match=f"MLflow run {run_id} has no checkpoint artifact") as refused:
         export_from_mlflow(run_id)
+    assert refused.value.where == mlflow.get_tracking_uri()  # the store it looked in
 
 
 def test_the_script_looks_in_the_store_training_writes_to_wherever_it_runs(empty_store, tmp_path, monkeypatch, capsys):

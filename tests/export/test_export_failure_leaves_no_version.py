@@ -56,7 +56,7 @@ def _run(client, artifact_location: Path) -> str:
     return client.create_run(client.create_experiment(artifact_location.name, artifact_location=str(artifact_location))).info.run_id
 
 
-def _export(net, models: Path, run_id: str) -> Path:
+def _export(net, models: Path, run_id: str, **settings) -> Path:
     from medtriage.config.schema import ExportConfig
     from medtriage.evaluation.predictions import Predictions
     from medtriage.export.run import export_tracked
@@ -65,7 +65,7 @@ def _export(net, models: Path, run_id: str) -> Path:
     labels = np.arange(20) % 2
     logits = np.stack([-labels, labels], axis=1) + rng.normal(size=(20, 2))  # informative: the temperature fit ends soon
     val = Predictions(logits.astype(np.float32), labels, np.array(["a"] * 20))
-    cfg = ExportConfig(models_dir=str(models), name=NAME, ood=False, parity_images=2, urgent_rule=None)
+    cfg = ExportConfig(models_dir=str(models), name=NAME, ood=False, parity_images=2, urgent_rule=None, **settings)
     images = [rng.random((1, 8, 8), dtype=np.float32) for _ in range(2)]
     return export_tracked(net, cfg, run_id, label_names=["a", "b"], val=val, parity_images=images)
 
@@ -106,6 +106,22 @@ def test_a_first_export_into_a_folder_that_cannot_be_logged_leaves_no_package(ti
     assert not models.exists() or _tree(models) == {}
     assert [int(v.version) for v in store.search_model_versions(f"name='{NAME}'")] == [1]
     assert f"{models / NAME} holds no package as before" in err.value.__notes__[0]
+
+
+def test_without_the_registry_the_number_of_a_failed_export_is_not_given_to_the_next(tiny_net, store, tmp_path):
+    """The failed export's log names v2, and its run may hold part of model_package/v2: the next export is v3."""
+    from medtriage.serve.package import load_package
+
+    models = tmp_path / "models"
+    with pytest.raises(OSError) as err:
+        _export(tiny_net, models, _unloggable_run(store, tmp_path), register_model=False)
+    assert "(model_package/v2)" in err.value.__notes__[0]
+    assert load_package(models / NAME).version == 1
+
+    run_id = _run(store, tmp_path / "run-artifacts")
+    _export(tiny_net, models, run_id, register_model=False)
+    assert load_package(models / NAME).version == 3
+    assert [artifact.path for artifact in store.list_artifacts(run_id, "model_package")] == ["model_package/v3"]
 
 
 def test_a_written_package_is_on_disk_before_the_export_answers(tiny_net, store, tmp_path, monkeypatch):

@@ -36,8 +36,8 @@ KILLED_EXPORT = textwrap.dedent("""
                 die()
         package.write_atomic = then_die
     elif where == "between_renames":
-        def half_swap(staging, package_dir):
-            package_dir.rename(package_dir.with_name("." + package_dir.name + ".retired-" + str(os.getpid())))
+        def half_swap(staging, package_dir, retired):
+            package_dir.rename(retired)
             die()
         package._swap_in = half_swap
     package.write_package(Path(target), Path(onnx), json.loads(Path(meta_file).read_text()))

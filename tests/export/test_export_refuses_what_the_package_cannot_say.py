@@ -1,6 +1,7 @@
 """An export refuses, by name and before writing anything, what the package could not state truthfully or would put
 somewhere else: a package name that is not one folder name, an opset the graph is not written in, labels that are not
-the graph's classes, a models folder that is a file, and re-export overrides that cannot be read."""
+the graph's classes, a graph that fixes an axis model.json calls dynamic, a models folder that is a file, and re-export
+overrides that cannot be read."""
 
 from __future__ import annotations
 
@@ -117,7 +118,13 @@ def test_an_exported_package_names_its_graphs_opset_channels_and_classes(tmp_pat
     assert len(reads) == 1
     graph = graph_signature(result.package_dir / "model.onnx")
     meta = result.meta
-    assert graph == {"opset": meta["onnx"]["opset"], "channels": meta["input"]["channels"], "classes": len(meta["label_names"])}
+    assert graph == {
+        "opset": meta["onnx"]["opset"],
+        "channels": meta["input"]["channels"],
+        "classes": len(meta["label_names"]),
+        "input": ["batch", meta["input"]["channels"], "height", "width"],  # the axes model.json calls dynamic are free
+        "output": ["batch", len(meta["label_names"])],
+    }
 
 
 @pytest.mark.parametrize("below", ["models", "models/deeper"])
@@ -167,3 +174,50 @@ def test_an_override_that_replaces_the_whole_export_group_is_a_config_error():
 
     with pytest.raises(ConfigError, match="group of settings"):
         export_net(None, {}, reexport_config("export=5"), run_id=None)
+
+
+def fixed_batch_export(model, path, opset: int = 18) -> dict:
+    """export_onnx's graph, but with only height and width left free: the batch axis stays the example's 2."""
+    from medtriage.export.onnx import graph_signature
+
+    size = model.net.preprocess.spec.size
+    example = torch.rand(2, model.net.preprocess.spec.in_channels, size + 7, size + 11)
+    dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["pixels"],
+            output_names=["probabilities"],
+            dynamic_shapes={"pixels": dims},
+        )
+    program.save(str(path))
+    return graph_signature(path)
+
+
+def test_a_graph_that_fixes_an_axis_model_json_declares_dynamic_is_refused(tmp_path):
+    from medtriage.export.onnx import CalibratedNet, check_dynamic_axes
+    from medtriage.export.run import _input_spec
+
+    net = small_net()
+    graph = fixed_batch_export(CalibratedNet(net), tmp_path / "model.onnx")
+    assert graph["input"][0] == 2 and graph["output"][0] == 2  # as written by the exporter, read as serving reads it
+    with pytest.raises(PackageError, match="declares the batch axis dynamic") as refused:
+        check_dynamic_axes(graph, _input_spec(net), where=tmp_path / "model.onnx")
+    assert "input batch 2" in str(refused.value) and "output batch 2" in str(refused.value)
+    assert refused.value.where == str(tmp_path / "model.onnx") and "export again" in refused.value.hint
+
+    check_dynamic_axes(graph, {**_input_spec(net), "batch": 2}, where=tmp_path / "model.onnx")  # declared fixed: agrees
+
+
+def test_an_export_whose_graph_fixes_the_batch_axis_is_refused_before_parity_runs_on_it(tmp_path, monkeypatch):
+    """Parity feeds one image at a time: on a batch fixed at 2, ONNX Runtime would fail there, saying only its own words."""
+    from medtriage.export import run
+
+    monkeypatch.setattr(run, "export_onnx", fixed_batch_export)
+    with pytest.raises(PackageError, match="graph fixes input batch 2") as refused:
+        export_small(small_net(), tmp_path)
+    assert refused.value.where == str(tmp_path / "models" / "small" / "model.onnx")
+    assert not (tmp_path / "models" / "small").exists()

@@ -1,4 +1,4 @@
-"""What a graph says of itself (opset, input channels, output classes) is read by the reader serving checks a package
+"""What a graph says of itself (opset, input channels, output classes, input and output shapes) is read by the reader serving checks a package
 with, as the onnx library writes it."""
 
 from __future__ import annotations
@@ -22,8 +22,24 @@ def identity_graph(path, channels, classes, opsets) -> None:
 @pytest.mark.parametrize(
     ("channels", "classes", "opsets", "expected"),
     [
-        (3, 5, [("com.microsoft", 1), ("", 19)], {"opset": 19, "channels": 3, "classes": 5}),
-        ("channels", "classes", [("ai.onnx", 18)], {"opset": 18, "channels": None, "classes": None}),
+        (
+            3,
+            5,
+            [("com.microsoft", 1), ("", 19)],
+            {"opset": 19, "channels": 3, "classes": 5, "input": ["batch", 3, "height", "width"], "output": ["batch", 5]},
+        ),
+        (
+            "channels",
+            "classes",
+            [("ai.onnx", 18)],
+            {
+                "opset": 18,
+                "channels": None,
+                "classes": None,
+                "input": ["batch", "channels", "height", "width"],
+                "output": ["batch", "classes"],
+            },
+        ),
     ],
 )
 def test_the_signature_is_what_the_onnx_library_reads(tmp_path, channels, classes, opsets, expected):

@@ -63,7 +63,41 @@ def test_an_export_killed_between_the_renames_does_not_restart_the_versions_at_1
     assert next_version(package_dir) == 5
     write_package(package_dir, onnx, {**meta, "version": 5})
     assert load_package(package_dir).version == 5
-    assert sorted(p.name for p in package_dir.parent.iterdir()) == ["tiny"]
+    assert sorted(p.name for p in package_dir.parent.iterdir()) == [".tiny.last-version", "tiny"]  # the kill's is gone
+
+
+def test_a_number_handed_to_a_failed_export_is_not_handed_out_again(tmp_path):
+    """Without the registry the models folder numbers the versions: an export that took v1 and then failed leaves no
+    package, but its number may already be in its log or its MLflow run, so the next export takes v2."""
+    from tests.export.test_export_refuses_what_the_package_cannot_say import export_small, small_net
+
+    with pytest.raises(PackageError, match="would not describe its graph"):  # refused after its version was numbered
+        export_small(small_net(classes=3), tmp_path, logits_width=2)
+    assert not (tmp_path / "models" / "small").exists()
+
+    assert export_small(small_net(), tmp_path).meta["version"] == 2
+    assert next_version(tmp_path / "models" / "small") == 3
+
+
+@pytest.mark.parametrize("record", [b"", b"three\n", b"0\n", b"\xff"])
+def test_a_record_of_the_numbers_handed_out_that_cannot_be_read_is_refused(tmp_path, record):
+    """Counting from the package alone could give a failed export's number again."""
+    package_dir = tmp_path / "models" / "tiny"
+    assert next_version(package_dir) == 1
+    (tmp_path / "models" / ".tiny.last-version").write_bytes(record)
+    with pytest.raises(PackageError, match="last version handed out") as err:
+        next_version(package_dir)
+    assert err.value.where == str(tmp_path / "models" / ".tiny.last-version")
+    assert "highest version" in err.value.hint
+
+
+def test_versions_count_on_from_the_package_when_it_is_ahead_of_the_numbers_handed_out(source, tmp_path):
+    """A package written with a registry's number (or copied in) counts, as before any number was handed out here."""
+    onnx, meta = source
+    package_dir = tmp_path / "models" / "tiny"
+    assert next_version(package_dir) == 1
+    write_package(package_dir, onnx, {**meta, "version": 7})
+    assert next_version(package_dir) == 8
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from medtriage.errors import ConfigError, PackageError
+from medtriage.format import INPUT_AXES
 from medtriage.format.onnx_header import graph_header
 from medtriage.model.networks import TriageNet
 
@@ -82,15 +83,38 @@ def export_onnx(model: CalibratedNet, path: str | Path, opset: int = 18) -> dict
 
 
 def graph_signature(path: str | Path) -> dict:
-    """What the graph at `path` says of itself: its ONNX opset, and the channels of its input and the width of its
-    first output (None where the graph leaves them free). Read as serving reads it when it loads the package, so what
-    the export checks is what serving will find."""
+    """What the graph at `path` says of itself: its ONNX opset, the channels of its input and the width of its first
+    output (None where the graph leaves them free), and the shapes of both (`input`, `output`: an int per fixed axis, a
+    name per free one; None where it declares none). Read as serving reads it when it loads the package, so what the
+    export checks is what serving will find."""
     header = graph_header(Path(path)) or {}
+    shapes = {"input": header.get("input"), "output": header.get("output")}
+    return {"opset": header.get("opset"), "channels": _fixed(shapes["input"], 1), "classes": _fixed(shapes["output"], 1), **shapes}
 
-    def fixed(shape: list | None, axis: int) -> int | None:
-        return shape[axis] if shape is not None and len(shape) > axis and isinstance(shape[axis], int) else None
 
-    return {"opset": header.get("opset"), "channels": fixed(header.get("input"), 1), "classes": fixed(header.get("output"), 1)}
+def _fixed(shape: list | None, axis: int) -> int | None:
+    """The size of `axis` where `shape` fixes it; None where it is free or undeclared."""
+    return shape[axis] if shape is not None and len(shape) > axis and isinstance(shape[axis], int) else None
+
+
+def check_dynamic_axes(graph: dict, declared: dict, where: str | Path) -> None:
+    """Each input axis that model.json's `input` (`declared`) calls dynamic is free in the graph (`graph`, its
+    graph_signature), and so is the output's batch axis where the input's is: serving refuses a graph that fixes one,
+    which would otherwise be found out only once the package is deployed."""
+    dynamic = [axis for axis in INPUT_AXES if declared.get(axis) == "dynamic"]
+    fixed = {f"input {axis}": _fixed(graph["input"], INPUT_AXES.index(axis)) for axis in dynamic}
+    if "batch" in dynamic:
+        fixed["output batch"] = _fixed(graph["output"], 0)
+    fixed = {where_fixed: size for where_fixed, size in fixed.items() if size is not None}
+    if fixed:
+        axes = list(dict.fromkeys(key.rsplit(" ", 1)[1] for key in fixed))
+        raise PackageError(
+            f"model.json declares the {' and '.join(axes)} {'axis' if len(axes) == 1 else 'axes'} dynamic, but the graph "
+            f"fixes {', '.join(f'{key} {size}' for key, size in fixed.items())}",
+            where=where,
+            hint="the network's forward pass treats that size as a constant (e.g. a reshape or view to a fixed shape): "
+            "make it follow the input's shape and export again",
+        )
 
 
 def check_graph_agrees(graph: dict, meta: dict, where: str | Path) -> None:
@@ -112,8 +136,10 @@ def onnx_session(path: str | Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def parity(path: str | Path, model: CalibratedNet, images: Iterable[np.ndarray]) -> tuple[float, int]:
-    """Max |p_onnx - p_torch| over `images` (each `[C, H, W]`, sizes may differ); returns (diff, count)."""
+def parity(path: str | Path, model: CalibratedNet, images: Iterable[np.ndarray], where: str | Path | None = None) -> tuple[float, int]:
+    """Max |p_onnx - p_torch| over `images` (each `[C, H, W]`, sizes may differ); returns (diff, count). Its refusals
+    name `where` (the graph's place in its package), else `path`."""
+    where = where or path
     session, model = onnx_session(path), model.eval().cpu()
     worst, count = 0.0, 0
     for image in images:
@@ -125,12 +151,16 @@ def parity(path: str | Path, model: CalibratedNet, images: Iterable[np.ndarray])
         if not (np.isfinite(served).all() and np.isfinite(expected).all()):  # NaN would pass max() and the tolerance
             raise PackageError(
                 f"the model returns NaN or infinite probabilities on validation image {count + 1}",
-                where=path,
+                where=where,
                 hint="the training diverged (look for a NaN loss in the run's metrics): train again, e.g. with a lower trainer.lr",
             )
         worst, count = max(worst, float(np.abs(served - expected).max())), count + 1
     if count == 0:
-        raise PackageError("no validation images for the parity check", hint="the pool's val split is empty")
+        raise PackageError(
+            "no validation images for the parity check: the graph cannot be compared with the PyTorch model",
+            where=where,
+            hint="give the export validation images (parity_images); from a pool, its val split is empty: rebuild the pool with one",
+        )
     return worst, count
 
 

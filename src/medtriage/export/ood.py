@@ -110,7 +110,9 @@ def split_head(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
     linears = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
         raise PackageError(
-            "the network has no final linear layer to take penultimate features from", hint="export without an OOD score (export.ood=false)"
+            f"the network ({type(net).__name__}) has no final linear layer to take penultimate features from",
+            where="export.ood",
+            hint="export without an OOD score (export.ood=false)",
         )
     features = copy.deepcopy(net)
     parent_name, _, attribute = linears[-1].rpartition(".")
@@ -293,7 +295,8 @@ def _check_split(net: nn.Module, taps: nn.Module, head: nn.Linear, images: Seque
             batch = torch.from_numpy(np.asarray(image, dtype=np.float32)[None])
             if not torch.allclose(net(batch), head(taps(batch)[-1]), atol=1e-4):
                 raise PackageError(
-                    "the network's last linear layer is not its output layer: no OOD score can be attached",
+                    f"the last linear layer of the network ({type(net).__name__}) is not its output layer: no OOD score can be attached",
+                    where="export.ood",
                     hint="export without an OOD score (export.ood=false)",
                 )
 

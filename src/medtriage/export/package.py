@@ -22,6 +22,10 @@ try:
 except ImportError:  # Windows: no advisory locks; one export of a name at a time
     fcntl = None
 
+# Retired folder -> a descriptor holding flock's lock on it, from write_package(keep_previous=True) until
+# settle_package: another export's cleanup leaves a locked one alone; the kernel drops the lock when its export dies.
+_claims: dict[str, int] = {}
+
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
     """AUC and sensitivity/specificity at `threshold` (None where a class is missing)."""
@@ -45,12 +49,22 @@ def split_metrics(scores: np.ndarray, labels: np.ndarray, sites: np.ndarray, thr
 
 
 def next_version(package_dir: Path) -> int:
-    """One more than the package already there (1 for a new name)."""
-    meta_path = package_dir / META_FILE
+    """One more than the package already there and than any number handed out before for its folder (1 for a new
+    name), recorded beside it as handed out: an export that takes a number and then fails may already have named it in
+    its log or its MLflow run, so no later export takes it again."""
+    package_dir = Path(package_dir)
     with _package_lock(package_dir):
         _restore_retired(package_dir)
+        version = max(_held_version(package_dir), _last_handed_out(package_dir)) + 1
+        write_atomic(_handed_out_name(package_dir), f"{version}\n".encode())
+    return version
+
+
+def _held_version(package_dir: Path) -> int:
+    """The version of the package in `package_dir` (0: none there)."""
+    meta_path = package_dir / META_FILE
     if not meta_path.is_file():
-        return 1
+        return 0
     try:
         version = json.loads(meta_path.read_text())["version"]
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -60,9 +74,36 @@ def next_version(package_dir: Path) -> int:
         raise PackageError(
             f"cannot read the version of the package already there ({type(err).__name__}: {err}), so the next one is unknown",
             where=meta_path,
-            hint="restore that package from MLflow or the model registry, or remove the folder to start again at version 1",
+            hint=f"restore that package from MLflow or the model registry, or remove the folder (and "
+            f"{_handed_out_name(package_dir).name} beside it) to start again at version 1",
         ) from err
-    return version + 1
+    return version
+
+
+def _handed_out_name(package_dir: Path) -> Path:
+    """Hidden beside the package (the loader and the bundle skip hidden names): the last number next_version gave."""
+    return package_dir.with_name(f".{package_dir.name}.last-version")
+
+
+def _last_handed_out(package_dir: Path) -> int:
+    """The last version next_version handed out for `package_dir` (0: none yet)."""
+    path = _handed_out_name(package_dir)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    try:
+        version = int(text)
+    except ValueError:
+        version = 0
+    if version < 1:  # counting from the package alone could give a failed export's number again
+        raise PackageError(
+            f"cannot read the last version handed out for this package: {text[:40]!r}",
+            where=path,
+            hint="write into it the highest version this package has had (see its MLflow runs), or remove it to count on "
+            "from the package in the folder",
+        )
+    return version
 
 
 def write_package(package_dir: Path, onnx_path: Path, meta: dict, keep_previous: bool = False) -> dict:
@@ -78,16 +119,18 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict, keep_previous:
         _remove_leftovers(package_dir)
         staging = package_dir.with_name(f".{package_dir.name}.staging-{os.getpid()}")
         staging.mkdir(parents=True)
+        retired = _retired_name(package_dir, meta["version"])
         try:
             copy_atomic(onnx_path, staging / ONNX_FILE)
             write_atomic(staging / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
             write_atomic(staging / CARD_FILE, model_card(meta).encode())
-            _swap_in(staging, package_dir)
+            _swap_in(staging, package_dir, retired)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            _release(retired)
             raise
         if not keep_previous:
-            shutil.rmtree(_retired_name(package_dir), ignore_errors=True)
+            _remove_retired(retired)
     return meta
 
 
@@ -200,7 +243,7 @@ def settle_package(package_dir: Path, meta: dict, keep: bool) -> None:
     package (not one a later export put there)."""
     package_dir = Path(package_dir)
     with _package_lock(package_dir):
-        previous = _retired_name(package_dir)
+        previous = _retired_name(package_dir, meta["version"])
         if not keep and _holds(package_dir, meta):
             undone = package_dir.with_name(f".{package_dir.name}.staging-undone-{os.getpid()}")  # a leftover if killed here
             package_dir.rename(undone)
@@ -208,7 +251,7 @@ def settle_package(package_dir: Path, meta: dict, keep: bool) -> None:
                 previous.rename(package_dir)
             sync_folder(package_dir.parent)
             shutil.rmtree(undone, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)
+        _remove_retired(previous)
 
 
 def _holds(package_dir: Path, meta: dict) -> bool:
@@ -219,17 +262,65 @@ def _holds(package_dir: Path, meta: dict) -> bool:
     return isinstance(held, dict) and all(held.get(key) == meta[key] for key in ("name", "version", "sha256"))
 
 
-def _retired_name(package_dir: Path) -> Path:
-    return package_dir.with_name(f".{package_dir.name}.retired-{os.getpid()}")
+def _retired_name(package_dir: Path, version: int) -> Path:
+    """Where the package that `version` replaces is kept aside: named by the version, so that settle_package finds it
+    and exports of one package at once never share it (while one holds its version in place, _check_replaceable
+    refuses another of that version)."""
+    return package_dir.with_name(f".{package_dir.name}.retired-by-v{version}")
 
 
-def _swap_in(staging: Path, package_dir: Path) -> None:
-    """The old package aside (its deletion is the caller's), the new one in: each step one rename, both flushed to
-    disk before anyone is told the package is there."""
+def _swap_in(staging: Path, package_dir: Path, retired: Path) -> None:
+    """The old package aside at `retired`, claimed (its deletion is the caller's), the new one in: each step one
+    rename, both flushed to disk before anyone is told the package is there."""
     if package_dir.exists():
-        package_dir.rename(_retired_name(package_dir))
+        package_dir.rename(retired)
+        _claim(retired)
     staging.rename(package_dir)
     sync_folder(package_dir.parent)
+
+
+def _claim(retired: Path) -> None:
+    """Hold flock's lock on `retired` until _release. Where folders cannot be locked (no fcntl, some network shares)
+    it is left unclaimed: another export's cleanup then takes it for a stopped export's."""
+    if fcntl is None:
+        return
+    handle = os.open(retired, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        return
+    _claims[str(retired)] = handle
+
+
+def _release(retired: Path) -> None:
+    handle = _claims.pop(str(retired), None)
+    if handle is not None:
+        os.close(handle)
+
+
+def _remove_retired(retired: Path) -> None:
+    shutil.rmtree(retired, ignore_errors=True)
+    _release(retired)
+
+
+def _claimed(folder: Path) -> bool:
+    """Whether a running export holds `folder`'s lock (tried on a descriptor of its own, so this process's claims count)."""
+    if fcntl is None:
+        return False
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # gone meanwhile
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks
+        return False
+    finally:
+        os.close(handle)  # releases the lock just taken
+    return False
 
 
 def _restore_retired(package_dir: Path) -> None:
@@ -241,10 +332,12 @@ def _restore_retired(package_dir: Path) -> None:
 
 
 def _remove_leftovers(package_dir: Path) -> None:
-    """Staging and retired folders of a killed export (hidden; the loader never sees them)."""
+    """Staging and retired folders of a killed export (hidden; the loader never sees them). A retired folder a running
+    export claims stays: that export puts it back if it fails."""
     for pattern in (f".{package_dir.name}.staging-*", f".{package_dir.name}.retired-*"):
         for leftover in package_dir.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if not _claimed(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fmt(value) -> str:

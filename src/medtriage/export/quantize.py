@@ -77,7 +77,11 @@ def calibration_images(
         )
     images, skipped = _dicom_images(source, channels, limit)
     if not images:
-        raise InputError(f"no DICOM file in the folder decoded ({skipped} skipped)", where=source)
+        raise InputError(
+            f"no DICOM file in the folder decoded ({skipped} skipped)",
+            where=source,
+            hint="pass a folder of validation DICOM files, or a MedMNIST-layout .npz (its --split is used)",
+        )
     return images, None, f"{len(images)} DICOM files from {source.name}/" + (f" ({skipped} skipped: not decodable)" if skipped else "")
 
 

@@ -61,7 +61,8 @@ class Registration:
             expected, self.version = self.version + 1, None
         raise PackageError(
             f"could not register a version of '{self.name}': other exports kept taking the next number",
-            hint="run the export again",
+            where=f"registered model '{self.name}' in {mlflow.get_tracking_uri()}",
+            hint="run the export again once the other exports of this model are done, or export with export.register_model=false",
         )
 
     def confirm(self) -> None:
@@ -120,6 +121,7 @@ def find_checkpoint(run_id: str, download_dir: Path) -> Path:
             return Path(client.download_artifacts(run_id, match[0], str(download_dir)))
     raise DataNotFoundError(
         f"MLflow run {run_id} has no checkpoint artifact ({' or '.join(CHECKPOINT_PREFERENCE)})",
+        where=mlflow.get_tracking_uri(),
         hint=f"log its checkpoint to the run: {log_checkpoint_command(run_id, '<path of best.pt>')}",
     )
 

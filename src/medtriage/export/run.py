@@ -33,6 +33,7 @@ from medtriage.export.onnx import (
     MIN_OPSET,
     OUTPUT_NAME,
     CalibratedNet,
+    check_dynamic_axes,
     check_graph_agrees,
     check_parity,
     export_onnx,
@@ -98,14 +99,15 @@ def export_model(
         for name, split in (("val", val), ("test", test))
         if split is not None
     }
-    package_dir = Path(cfg.models_dir) / cfg.name
+    package_dir, input_spec = Path(cfg.models_dir) / cfg.name, _input_spec(net)
     with tempfile.TemporaryDirectory() as tmp:
         ood = fit_ood(net, temperature, ood_data, cfg.ood_false_alarm_rate) if ood_data is not None and cfg.ood else None
         model = ood.model if ood else CalibratedNet(net, temperature)
         onnx_path = Path(tmp) / ONNX_FILE
         graph = export_onnx(model, onnx_path, cfg.opset)
-        diff, count = parity(onnx_path, model, parity_images[: cfg.parity_images])
-        check_parity(diff, cfg.parity_tolerance, onnx_path)
+        check_dynamic_axes(graph, input_spec, where=package_dir / ONNX_FILE)  # before parity feeds it one image at a time
+        diff, count = parity(onnx_path, model, parity_images[: cfg.parity_images], where=package_dir / ONNX_FILE)
+        check_parity(diff, cfg.parity_tolerance, package_dir / ONNX_FILE)
         meta = {
             "schema_version": SCHEMA_VERSION,
             "name": cfg.name,
@@ -114,7 +116,7 @@ def export_model(
             "label_names": list(label_names),
             "positive_label": label_names[positive],
             "modality": cfg.modality,
-            "input": _input_spec(net),
+            "input": input_spec,
             "output": output_spec(label_names, calibration),
             "preprocessing": _preprocessing(net),
             "network": network or {},
@@ -347,7 +349,12 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: E
         check_views_trained(export_cfg.tta, [train_config])
     pool_dir = config_value(config, "data.pool_dir") or config_value(_as_dict(train_config), "data.pool_dir")
     if not pool_dir:
-        raise ConfigError("the config names no data.pool_dir to take validation images from", where="data.pool_dir")
+        command = f"python scripts/export.py run_id={run_id} data.pool_dir=<folder>" if run_id else "data.pool_dir=<folder>"
+        raise ConfigError(
+            "the config names no data.pool_dir to take validation images from",
+            where="data.pool_dir",
+            hint=f"name the pool the model was trained on: {command}",
+        )
     manifest = load_manifest(pool_dir)
     check_trained_labels(manifest.label_names, train_config, manifest.pool_dir)
     positive_index(manifest.label_names, export_cfg.positive_label)  # before the splits are scored, not after

@@ -12,6 +12,7 @@ import re
 from medtriage.errors import PackageError
 
 SCHEMA_VERSION = 1
+INPUT_AXES = ("batch", "channels", "height", "width")  # model.json's `input` keys, in the graph's NCHW order
 
 _NUMBER = {"type": "number"}
 _PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}

@@ -10,11 +10,10 @@ import numpy as np
 
 import medtriage
 from medtriage.errors import PackageError
-from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, sha256_file, validate_model_json
+from medtriage.format import INPUT_AXES, META_FILE, ONNX_FILE, SCHEMA_VERSION, sha256_file, validate_model_json
 from medtriage.format.onnx_header import graph_header
 
 REEXPORT_HINT = "restore the package from the MLflow run or model registry, or re-export it: python scripts/export.py run_id=<run>"
-INPUT_AXES = ("batch", "channels", "height", "width")  # model.json's `input` keys, in the graph's NCHW order
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""Each refusal of the export names where the problem is (the run, package, file or setting) and what to do about it."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medtriage.config.schema import ExportConfig
+from medtriage.errors import ConfigError, PackageError
+from medtriage.evaluation.predictions import Predictions
+from tests.export.test_export_refuses_what_the_package_cannot_say import LABELS, small_net
+
+
+def test_an_export_with_no_parity_images_names_its_packages_graph(tmp_path):
+    from medtriage.export.run import export_model
+
+    rng = np.random.default_rng(0)
+    val = Predictions(rng.normal(size=(40, 2)).astype(np.float32), np.arange(40) % 2, np.full(40, "site-a"))
+    cfg = ExportConfig(models_dir=str(tmp_path / "models"), name="small", ood=False, log_to_mlflow=False, register_model=False)
+    with pytest.raises(PackageError, match="no validation images") as refused:
+        export_model(small_net(), cfg, label_names=LABELS, val=val, parity_images=[])
+    assert refused.value.where == str(tmp_path / "models" / "small" / "model.onnx")  # not the temporary graph's
+    assert "parity_images" in refused.value.hint and "val split" in refused.value.hint
+    assert not (tmp_path / "models" / "small").exists()
+
+
+def test_an_export_whose_config_names_no_pool_says_how_to_name_one():
+    from medtriage.export.run import export_net
+
+    with pytest.raises(ConfigError, match="no data.pool_dir") as refused:
+        export_net(small_net(), {}, {"export": {"name": "small"}}, "0123abcd")
+    assert refused.value.where == "data.pool_dir"
+    assert "data.pool_dir=" in refused.value.hint and "run_id=0123abcd" in refused.value.hint
+
+
+def test_a_registration_that_never_gets_its_number_names_the_registered_model(monkeypatch):
+    from medtriage.export import registry
+    from medtriage.export.registry import Registration
+
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("registry")).info.run_id
+    withdrawn = Registration(run_id, "chest")
+    withdrawn()
+    withdrawn.withdraw()  # the registry never hands out its number again: the next try gets another one
+    monkeypatch.setattr(registry, "REGISTER_ATTEMPTS", 1)
+    with pytest.raises(PackageError, match="could not register a version of 'chest'") as refused:
+        Registration(run_id, "chest")()
+    assert "chest" in refused.value.where and mlflow.get_tracking_uri() in refused.value.where
+    assert "run the export again" in refused.value.hint and "export.register_model=false" in refused.value.hint
+    assert client.search_model_versions("name='chest'") == []  # each number it took was given back
+
+
+def test_a_network_without_a_linear_layer_names_the_setting_that_asks_for_an_ood_score():
+    from medtriage.export.ood import split_head
+
+    with pytest.raises(PackageError, match=r"\(Sequential\) has no final linear layer") as refused:
+        split_head(nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    assert refused.value.where == "export.ood"
+    assert "export.ood=false" in refused.value.hint
+
+
+def test_a_network_whose_last_linear_layer_is_not_its_output_names_the_setting_that_asks_for_an_ood_score():
+    from medtriage.export.ood import PenultimateTap, _check_split, split_head
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 2), nn.Tanh()).eval()
+    features, head = split_head(net)
+    with pytest.raises(PackageError, match="not its output layer") as refused:
+        _check_split(net, PenultimateTap(features), head, [np.full((1, 8, 8), 0.5, np.float32)])
+    assert refused.value.where == "export.ood"
+    assert "export.ood=false" in refused.value.hint
+
+
+def test_a_calibration_folder_where_nothing_decodes_says_what_to_pass(tmp_path):
+    from medtriage.errors import InputError
+    from medtriage.export.quantize import calibration_images
+
+    (tmp_path / "notes.dcm").write_text("not a DICOM file\n")
+    with pytest.raises(InputError, match=r"no DICOM file in the folder decoded \(1 skipped\)") as refused:
+        calibration_images(tmp_path, channels=1)
+    assert refused.value.where == str(tmp_path)
+    assert "folder of validation DICOM files" in refused.value.hint and ".npz" in refused.value.hint
