@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from dataclasses import asdict
+
 import mlflow
 import numpy as np
 import pytest
@@ -9,8 +12,10 @@ import torch
 from torch import nn
 
 from medtriage.config.schema import ExportConfig
-from medtriage.errors import ConfigError, PackageError
+from medtriage.errors import ConfigError, InputError, PackageError
 from medtriage.evaluation.predictions import Predictions
+from medtriage.model.checkpoint import save_checkpoint
+from medtriage.model.networks import PreprocessSpec, build_triage_net
 from tests.export.test_export_refuses_what_the_package_cannot_say import LABELS, small_net
 
 
@@ -75,7 +80,6 @@ def test_a_network_whose_last_linear_layer_is_not_its_output_names_the_setting_t
 
 
 def test_a_calibration_folder_where_nothing_decodes_says_what_to_pass(tmp_path):
-    from medtriage.errors import InputError
     from medtriage.export.quantize import calibration_images
 
     (tmp_path / "notes.dcm").write_text("not a DICOM file\n")
@@ -83,3 +87,74 @@ def test_a_calibration_folder_where_nothing_decodes_says_what_to_pass(tmp_path):
         calibration_images(tmp_path, channels=1)
     assert refused.value.where == str(tmp_path)
     assert "folder of validation DICOM files" in refused.value.hint and ".npz" in refused.value.hint
+
+
+def _small_export(tmp_path, **given):
+    """export_model of small_net on 40 random validation scores, as `export_model(**given)` adds to it."""
+    from medtriage.export.run import export_model
+
+    rng = np.random.default_rng(0)
+    val = Predictions(rng.normal(size=(40, 2)).astype(np.float32), np.arange(40) % 2, np.full(40, "site-a"))
+    cfg = ExportConfig(models_dir=str(tmp_path / "models"), name="small", parity_images=1, log_to_mlflow=False, register_model=False)
+    parity_images = given.pop("parity_images", [rng.random((1, 16, 16), dtype=np.float32)])
+    return export_model(small_net(), cfg, label_names=LABELS, val=val, parity_images=parity_images, **given)
+
+
+def test_an_ood_score_that_is_not_finite_on_a_parity_image_names_its_packages_graph(tmp_path):
+    from medtriage.export.ood import OodData
+
+    rng = np.random.default_rng(1)
+    images = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(40)]
+    overflowing = np.full((1, 16, 16), 1e30, np.float32)  # its features' squared distance overflows float32
+    with pytest.raises(PackageError, match="NaN or infinite OOD score on validation image 1") as refused:
+        _small_export(tmp_path, parity_images=[overflowing], ood_data=OodData(images, np.arange(40) % 2, images))
+    assert refused.value.where == str(tmp_path / "models" / "small" / "model.onnx")  # not the temporary graph's
+    assert "export.ood=false" in refused.value.hint
+    assert not (tmp_path / "models" / "small").exists()
+
+
+def test_a_tile_pool_whose_slides_are_not_the_validation_tiles_names_the_field(tmp_path):
+    from medtriage.export.pathology import SlideLabels, TilePool
+
+    slides = SlideLabels(np.array(["s1", "s2"] * 15), np.array([0, 1] * 15), np.full(30, "site-a"))
+    pool = TilePool({"tile_size": 16, "tile_mpp": 1.0, "stain_normalization": None}, slides)
+    with pytest.raises(InputError, match="40 tile scores for 30 tiles") as refused:
+        _small_export(tmp_path, tile_pool=pool)
+    assert refused.value.where == "TilePool.val"
+    assert "each val tile scored" in refused.value.hint and "tile_pool_of" in refused.value.hint
+    assert not (tmp_path / "models" / "small").exists()
+
+
+def test_ensemble_runs_trained_on_other_pools_name_the_setting_that_differs(tmp_path):
+    from medtriage.export.ensemble import export_ensemble
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("ensemble")
+    spec = PreprocessSpec(size=28, in_channels=1)
+    weights = build_triage_net("resnet10", 2, spec).state_dict()
+    run_ids = []
+    for pool in ("pool-a", "pool-b"):
+        config = {"model": {"name": "resnet10", "stem_stride": 2, "preprocess": asdict(spec)}}
+        config["data"] = {"label_names": LABELS, "pool_dir": str(tmp_path / pool)}
+        (tmp_path / pool).mkdir()
+        checkpoint = save_checkpoint(tmp_path / pool / "best.pt", model=weights, config=config)
+        run_id = client.create_run(experiment_id).info.run_id
+        client.log_artifact(run_id, str(checkpoint), "checkpoints")
+        client.set_terminated(run_id, "FINISHED")
+        run_ids.append(run_id)
+    with pytest.raises(ConfigError, match="were trained on different data") as refused:
+        export_ensemble(run_ids, "chest-ensemble")
+    assert refused.value.where == "data.pool_dir"
+    assert "same pool" in refused.value.hint
+    assert not (tmp_path / "models").exists()
+
+
+def test_quantising_without_the_onnx_package_names_the_install_and_how_to_add_it(tmp_path, monkeypatch):
+    from medtriage.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", str(tmp_path), "--calibration", str(tmp_path / "val.npz")])
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as Python sees an install without the export extras
+    with pytest.raises(ConfigError, match="needs the onnx package") as refused:
+        args.func(args)
+    assert refused.value.where == sys.prefix
+    assert f"{sys.executable} -m pip install 'medtriage[train]'" in refused.value.hint

@@ -38,11 +38,13 @@ def _check_same_data(run_ids: Sequence[str], configs: list[dict]) -> None:
     pools = {c["data"]["pool_dir"] for c in configs}
     holdouts = {c["data"].get("holdout_site") for c in configs}
     labels = {tuple(c["data"]["label_names"]) for c in configs}  # the members' outputs are averaged class by class
-    if len(pools) != 1 or len(holdouts) != 1 or len(labels) != 1:
+    differing = [key for key, values in (("pool_dir", pools), ("holdout_site", holdouts), ("label_names", labels)) if len(values) > 1]
+    if differing:
         raise ConfigError(
             f"runs {list(run_ids)} were trained on different data ({sorted(pools)}, holdout {sorted(map(str, holdouts))}, "
             f"labels {sorted(map(list, labels))})",
-            hint="ensemble runs of the same pool",
+            where=", ".join(f"data.{key}" for key in differing),
+            hint="ensemble runs trained on the same pool, with the same holdout site and the same labels in the same order",
         )
 
 

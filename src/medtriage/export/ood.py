@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -301,13 +302,19 @@ def _check_split(net: nn.Module, taps: nn.Module, head: nn.Linear, images: Seque
                 )
 
 
-def ood_parity(path, model: ScoredNet, images: Sequence[np.ndarray]) -> dict:
+def ood_parity(path, model: ScoredNet, images: Sequence[np.ndarray], where: str | Path | None = None) -> dict:
     """Served (ONNX Runtime) against torch OOD scores on `images`; raises when they differ by more than
-    1e-3 relative: the threshold was chosen on torch scores and must mean the same in serving."""
+    1e-3 relative: the threshold was chosen on torch scores and must mean the same in serving. Its refusals name
+    `where` (the graph's place in its package), else `path`."""
     from medtriage.export.onnx import INPUT_NAME, onnx_session
 
+    where = where or path
     if len(images) == 0:
-        raise PackageError("no validation images for the OOD parity check", where=path, hint="the pool's val split is empty")
+        raise PackageError(
+            "no validation images for the OOD parity check",
+            where=where,
+            hint="give the export validation images (parity_images); from a pool, its val split is empty: rebuild the pool with one",
+        )
     session, worst = onnx_session(path), 0.0
     for count, image in enumerate(images, start=1):
         batch = np.ascontiguousarray(np.asarray(image, dtype=np.float32)[None])
@@ -317,7 +324,7 @@ def ood_parity(path, model: ScoredNet, images: Sequence[np.ndarray]) -> dict:
         if not (np.isfinite(served).all() and np.isfinite(expected).all()):  # NaN would pass max() and the tolerance
             raise PackageError(
                 f"the model returns a NaN or infinite OOD score on validation image {count}: serving would never flag it",
-                where=path,
+                where=where,
                 hint="the OOD fit degenerated (features that do not vary over validation images); export without an OOD "
                 "score (export.ood=false) or train again",
             )
@@ -325,7 +332,7 @@ def ood_parity(path, model: ScoredNet, images: Sequence[np.ndarray]) -> dict:
     if worst > RELATIVE_TOLERANCE:
         raise PackageError(
             f"ONNX and PyTorch OOD scores disagree: max relative difference {worst:.2e} > {RELATIVE_TOLERANCE:.0e}",
-            where=path,
+            where=where,
             hint="try another opset (export.opset), or export without an OOD score (export.ood=false)",
         )
     return {"max_rel_diff": worst, "tolerance": RELATIVE_TOLERANCE, "images": len(images), "runtime": "onnxruntime CPU"}

@@ -58,11 +58,17 @@ def tile_pool_of(manifest, val_rows: np.ndarray, test_rows: np.ndarray | None) -
     return TilePool(info, slides(val_rows), slides(test_rows) if test_rows is not None else None)
 
 
-def slide_scores(tile_scores: np.ndarray, slides: SlideLabels, aggregation: str, top_k: int):
-    """(score, label, site) per slide: tile scores aggregated as medtriage.serve.slides does at serving time."""
+def slide_scores(tile_scores: np.ndarray, slides: SlideLabels, aggregation: str, top_k: int, split: str = "val"):
+    """(score, label, site) per slide: tile scores aggregated as medtriage.serve.slides does at serving time.
+    `split`: the TilePool field `slides` is (`val`, `test`), which a refusal names."""
     ids = np.asarray(slides.slide_ids).astype(str)
     if len(ids) != len(tile_scores):
-        raise InputError(f"{len(tile_scores)} tile scores for {len(ids)} tiles with slide ids")
+        raise InputError(
+            f"{len(tile_scores)} tile scores for {len(ids)} tiles with slide ids",
+            where=f"TilePool.{split}",
+            hint=f"give the slide of each {split} tile scored, in the order of its scores (tile_pool_of builds them from the "
+            "pool's manifest rows)",
+        )
     names = sorted(set(ids))
     members = [np.flatnonzero(ids == name) for name in names]
     scores = np.array([aggregate(np.asarray(tile_scores)[m], aggregation, top_k) for m in members])
@@ -107,7 +113,7 @@ def pathology_block(
     review = thresholds["review"]["threshold"]
     metrics = {"val": split_metrics(scores, labels == positive, sites, review)}
     if test_scores is not None and pool.test is not None:
-        t_scores, t_labels, t_sites = slide_scores(test_scores, pool.test, cfg.slide_aggregation, cfg.slide_top_k)
+        t_scores, t_labels, t_sites = slide_scores(test_scores, pool.test, cfg.slide_aggregation, cfg.slide_top_k, "test")
         metrics["test"] = split_metrics(t_scores, t_labels == positive, t_sites, review)
     return {**block, "threshold_level": "slide", "slide_thresholds": thresholds, "slide_metrics": metrics}
 

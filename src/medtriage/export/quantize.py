@@ -384,7 +384,8 @@ def run_quantize(args) -> int:
     if importlib.util.find_spec("onnx") is None:
         raise ConfigError(
             "quantisation needs the onnx package, which the inference install leaves out",
-            hint="run it where models are exported: pip install 'medtriage[train]'",
+            where=sys.prefix,  # the Python environment that lacks it
+            hint=f"run it where models are exported, or add the export extras here: {sys.executable} -m pip install 'medtriage[train]'",
         )
     out = quantize_package(args.package, args.calibration, args.out, args.split, args.images, args.exclude, per_channel=not args.per_tensor)
     meta = json.loads((out / "model.json").read_text())

@@ -143,7 +143,10 @@ def export_model(
         if scope is not None:
             meta["scope"] = scope
         if ood is not None:
-            meta["ood"] = {**ood.block, "parity": ood_parity(onnx_path, ood.model, parity_images[: cfg.parity_images])}
+            meta["ood"] = {
+                **ood.block,
+                "parity": ood_parity(onnx_path, ood.model, parity_images[: cfg.parity_images], package_dir / ONNX_FILE),
+            }
         if ood_data is not None:
             meta["drift"] = drift_references(
                 ood_data.val_images,
