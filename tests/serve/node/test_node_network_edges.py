@@ -34,14 +34,14 @@ def stow_answer(failed: bool) -> dict:
     return {"00081199": {"vr": "SQ", "Value": [item]}}
 
 
-def stow_server(status: int, answer: dict) -> ThreadingHTTPServer:
-    body = json.dumps(answer).encode()
+def stow_server(status: int, answer: dict | bytes, media: str = "application/dicom+json") -> ThreadingHTTPServer:
+    body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             self.send_response(status)
-            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Type", media)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -351,3 +351,65 @@ def test_a_pacs_answering_duplicate_already_holds_the_result_and_it_is_delivered
         assert sr.SOPInstanceUID in said and "0x0111" in said and "PACS@127.0.0.1" in said
     else:
         assert (row["state"], row["attempts"], study["state"]) == ("pending", attempts + 1, "failed") and "0xA700" in row["last_error"]
+
+
+def duplicate_answer(sop_uid: str, reason: int = 0x0111) -> dict:
+    """A STOW-RS answer in DICOM JSON listing `sop_uid` in its Failed SOP Sequence with `reason`."""
+    item = {"00081155": {"vr": "UI", "Value": [sop_uid]}, "00081197": {"vr": "US", "Value": [reason]}}
+    return {"00081198": {"vr": "SQ", "Value": [item]}}
+
+
+def duplicate_answer_xml(sop_uid: str) -> bytes:
+    """The same answer in DICOM XML (PS3.19), as a server answering XML by default sends it."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">'
+        '<DicomAttribute tag="00081198" vr="SQ" keyword="FailedSOPSequence"><Item number="1">'
+        f'<DicomAttribute tag="00081155" vr="UI" keyword="ReferencedSOPInstanceUID"><Value number="1">{sop_uid}</Value></DicomAttribute>'
+        '<DicomAttribute tag="00081197" vr="US" keyword="FailureReason"><Value number="1">273</Value></DicomAttribute>'
+        "</Item></DicomAttribute></NativeDicomModel>"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "delivered"),
+    [
+        (202, "duplicate", True),
+        (409, "duplicate", True),
+        (409, "duplicate in XML", True),
+        (202, "another instance's duplicate", False),
+        (409, "out of resources", False),
+    ],
+)
+def test_a_stow_answer_refusing_our_result_as_a_duplicate_is_a_delivery(tmp_path, caplog, status, answer, delivered):
+    """Before, a Failed SOP Sequence item of 0x0111 for the SR (in a 202, or the 409 of a request that stored
+    nothing) was a failed try, retried for ever, as 0x0111 to a C-STORE was."""
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+    bodies = {
+        "duplicate": (duplicate_answer(sr.SOPInstanceUID), "application/dicom+json"),
+        "duplicate in XML": (duplicate_answer_xml(sr.SOPInstanceUID), "application/dicom+xml; charset=utf-8"),
+        "another instance's duplicate": (duplicate_answer(f"{sr.SOPInstanceUID}.9"), "application/dicom+json"),
+        "out of resources": (duplicate_answer(sr.SOPInstanceUID, 0xA700), "application/dicom+json"),
+    }
+    store = NodeStore(tmp_path / "state")
+    store.record_instance("1.2.3.4", "1.2.3", "1.2.3.5", "1.2.840.10008.5.1.4.1.1.1", "x.dcm", {})
+    sr.save_as(store.outbox_path("sr.dcm"))
+    assert store.close_study(
+        "1.2.3", None, None, sr.SOPInstanceUID, [("sr", "dicomweb", "sr.dcm", sr.SOPInstanceUID)], time.time() + 1, "scored"
+    )
+    server = stow_server(status, *bodies[answer])
+    url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+    try:
+        with caplog.at_level("INFO", logger="medtriage.serve.node.sender"):
+            Sender(store, {"dicomweb": DicomWebSender(url)}, retry_max=60).send_due()
+        (row,) = store._execute("SELECT state, attempts, last_error FROM deliveries")
+        (study,) = store._execute("SELECT state FROM studies")
+    finally:
+        server.shutdown()
+        store.close()
+    said = [r.getMessage() for r in caplog.records if "already holds" in r.getMessage()]
+    if delivered:
+        assert (row["state"], row["attempts"], study["state"]) == ("delivered", 0, "delivered")
+        assert len(said) == 1 and sr.SOPInstanceUID in said[0] and "0x0111" in said[0] and url in said[0]
+    else:
+        assert (row["state"], row["attempts"], study["state"]) == ("pending", 1, "failed") and not said
+        assert ("0x0111" if status == 202 else "409") in row["last_error"]

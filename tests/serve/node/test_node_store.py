@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 
 import pydicom
@@ -10,7 +11,7 @@ import pytest
 
 from medtriage.errors import ConfigError
 from medtriage.serve.node.sender import Peer, backoff
-from medtriage.serve.node.store import OUTBOX_DIR, ConflictingPatient, NodeStore
+from medtriage.serve.node.store import DB_FILE, OUTBOX_DIR, ConflictingPatient, NodeStore
 from medtriage.serve.node.worker import Worker
 from tests.serve.node.peers import cr_study
 
@@ -106,14 +107,26 @@ class Killed(BaseException):
     """The node killed where it is (kill -9): nothing after this point runs."""
 
 
-def _closed(worker: Worker, store: NodeStore, path) -> str:
-    """Receive and score the one-instance study at `path`, and close it: its results in the outbox, its deliveries due."""
+def _received(store: NodeStore, path) -> str:
+    """Receive the instance at `path` as the SCP does; its study's UID."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     store.receive(path.read_bytes(), ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID, FIELDS)
+    return ds.StudyInstanceUID
+
+
+def _scored(worker: Worker, store: NodeStore, path) -> str:
+    """Receive and score the instance at `path`, its study quiet since; its study's UID."""
+    study = _received(store, path)
     time.sleep(0.01)
     assert worker.score_queued()
+    return study
+
+
+def _closed(worker: Worker, store: NodeStore, path) -> str:
+    """Receive and score the one-instance study at `path`, and close it: its results in the outbox, its deliveries due."""
+    study = _scored(worker, store, path)
     worker.close_quiet_studies()
-    return ds.StudyInstanceUID
+    return study
 
 
 def _recorded(store: NodeStore) -> set[str]:
@@ -151,3 +164,51 @@ def test_results_a_killed_node_wrote_but_never_recorded_are_removed_when_the_nod
     assert worker.close_quiet_studies()  # the interrupted study is closed again, with results of its own
     assert {path.name for path in outbox.iterdir()} == _recorded(store) and len(_recorded(store)) == 6
     store.close()
+
+
+@pytest.mark.parametrize("failure", ["refused", "raises"])
+def test_results_of_a_close_that_did_not_commit_are_removed_at_once(predictor, tmp_path, monkeypatch, failure):
+    """Before, they stayed in the outbox until the node started again. A late instance reopens a reported study, and
+    its close is refused (another instance arrived meanwhile) or raises (the database held by another process): the
+    files it wrote go, those of the committed first report stay, and the close that commits writes its own."""
+    first, late, later = cr_study(tmp_path / "in", 3, seed=14)
+    store = NodeStore(tmp_path / "state", recover=True)
+    worker = Worker(store, predictor, ["PACS@127.0.0.1:1"], study_timeout=0, heatmaps=True)
+    outbox = tmp_path / "state" / OUTBOX_DIR
+    try:
+        _closed(worker, store, first)
+        reported = _recorded(store)
+        assert len(reported) == 2 and {path.name for path in outbox.iterdir()} == reported  # the SR and heatmap
+        _scored(worker, store, late)
+        if failure == "refused":
+            close = store.close_study
+
+            def arriving(*args, **kwargs):  # after the worker looked, before its commit
+                _received(store, later)
+                return close(*args, **kwargs)
+
+            monkeypatch.setattr(store, "close_study", arriving)
+            assert worker.close_quiet_studies()
+            monkeypatch.undo()
+        else:
+            _held_while_closing(worker, store)
+        assert _recorded(store) == reported and {path.name for path in outbox.iterdir()} == reported
+        time.sleep(0.01)
+        worker.score_queued()
+        assert worker.close_quiet_studies()  # the close that commits, with results of its own
+        assert len(_recorded(store)) == 4 and {path.name for path in outbox.iterdir()} == _recorded(store)
+    finally:
+        store.close()
+
+
+def _held_while_closing(worker: Worker, store: NodeStore) -> None:
+    """Close the quiet studies while another process holds the database: the close raises."""
+    holder = sqlite3.connect(store.folder / DB_FILE, isolation_level=None)
+    store._db.execute("PRAGMA busy_timeout = 100")  # not the 30 s a node waits for its database
+    holder.execute("BEGIN IMMEDIATE")  # a writer of another process (a worklist, a backup tool)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            worker.close_quiet_studies()
+    finally:
+        holder.execute("COMMIT")
+        holder.close()

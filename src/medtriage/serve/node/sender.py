@@ -74,6 +74,22 @@ def backoff(attempts: int, retry_max: float) -> float:
     return min(retry_max, 2.0 ** min(attempts, 30))
 
 
+def say_held(delivery: Delivery, destination: Peer | str, answer: str) -> None:
+    """Log a result `destination` answered is a duplicate of one it holds: delivered. The UID is ours, made once for
+    this result, so it holds this very object: a try whose success was not recorded (a lost response, a stop before
+    the commit) stored it. A first try too: `attempts` counts failed tries only, so one stored before a crash left it
+    at 0."""
+    log.info(
+        "%s for study %s: %s already holds SOP instance %s (%s, after %d failed tries): delivered",
+        delivery.kind,
+        delivery.study_uid,
+        destination,
+        delivery.sop_uid,
+        answer,
+        delivery.attempts,
+    )
+
+
 class DimseSender:
     def __init__(self, peer: Peer, calling_aet: str, timeout: float = 30):
         self.peer, self.calling_aet, self.timeout = peer, calling_aet, timeout
@@ -108,17 +124,7 @@ class DimseSender:
         if code in OK_STATUSES:
             return None
         if code == DUPLICATE:
-            # The UID is ours, made once for this result, so the PACS holds this very object: a try whose success was
-            # not recorded (a lost response, a stop before the commit) stored it. A first try too: `attempts` counts
-            # failed tries only, so one the PACS stored before a crash left it at 0.
-            log.info(
-                "%s for study %s: %s already holds SOP instance %s (C-STORE status 0x0111, after %d failed tries): delivered",
-                delivery.kind,
-                delivery.study_uid,
-                self.peer,
-                delivery.sop_uid,
-                delivery.attempts,
-            )
+            say_held(delivery, self.peer, "C-STORE status 0x0111")
             return None
         return "no response" if code is None else f"C-STORE status 0x{code:04X}"
 
@@ -136,14 +142,48 @@ class _TimedSession(requests.Session):
         return super().request(*args, **kwargs)
 
 
+def failure_reason(item: pydicom.Dataset) -> int | None:
+    """A Failed SOP Sequence item's FailureReason as a number: read from an XML answer, dicomweb_client keeps its text."""
+    try:
+        return int(item.get("FailureReason"))
+    except (TypeError, ValueError):
+        return None
+
+
 def stow_failure(answer: pydicom.Dataset) -> str | None:
     """The failure a STOW-RS answer lists, or None. PS3.18 10.5.3: a 202 (and some servers' 200) still carries a
     Failed SOP Sequence for the instances it did not store, which no HTTP error reports."""
     failed = answer.get("FailedSOPSequence") or []
     if not failed:
         return None
-    reason = failed[0].get("FailureReason")
+    reason = failure_reason(failed[0])
     return f"refused {failed[0].get('ReferencedSOPInstanceUID', '')}" + (f" with reason 0x{reason:04X}" if reason is not None else "")
+
+
+def refused_as_duplicate(answer: pydicom.Dataset, sop_uid: str) -> bool:
+    """Whether a STOW-RS answer refuses `sop_uid`, and nothing else, as a duplicate (FailureReason 0x0111)."""
+    failed = answer.get("FailedSOPSequence") or []
+    return bool(failed) and all(item.get("ReferencedSOPInstanceUID") == sop_uid and failure_reason(item) == DUPLICATE for item in failed)
+
+
+def conflict_answer(response: requests.Response | None) -> pydicom.Dataset | None:
+    """The body of a 409 answer to a STOW-RS (PS3.18 10.5.3: nothing was stored, its Failed SOP Sequence says why),
+    read as dicomweb_client reads a 2xx answer's; None for another status or a body that is neither DICOM JSON nor XML."""
+    if response is None or response.status_code != 409:
+        return None
+    media = response.headers.get("Content-Type", "").split(";")[0].strip()
+    try:
+        if media in ("application/dicom+json", "application/json"):
+            return pydicom.Dataset.from_json(response.json())
+        if media in ("application/dicom+xml", "application/xml"):
+            from xml.etree.ElementTree import fromstring
+
+            from dicomweb_client.web import _load_xml_dataset
+
+            return _load_xml_dataset(fromstring(response.content))
+    except Exception:  # noqa: BLE001 -- an unreadable body: the 409 stays the failed try it is
+        return None
+    return None
 
 
 class DicomWebSender:
@@ -163,13 +203,26 @@ class DicomWebSender:
         outcome: dict[int, str | None] = {}
         for delivery in deliveries:
             try:
-                failure = stow_failure(self.client.store_instances([pydicom.dcmread(delivery.file)]))
-                outcome[delivery.id] = None if failure is None else f"STOW-RS to {self.url}: {failure}"
+                outcome[delivery.id] = self._store(delivery)
             except Exception as err:  # noqa: BLE001 -- HTTP errors and refused connections alike: retried
                 outcome[delivery.id] = f"STOW-RS to {self.url}: {type(err).__name__}: {str(err)[:200]}"
                 if isinstance(err, (requests.ConnectionError, requests.Timeout)):
                     return {d.id: outcome.get(d.id, outcome[delivery.id]) for d in deliveries}
         return outcome
+
+    def _store(self, delivery: Delivery) -> str | None:
+        """One STOW-RS: None (stored, or held already) or the failure its answer lists; raises what the request did."""
+        try:
+            answer = self.client.store_instances([pydicom.dcmread(delivery.file)])
+        except requests.HTTPError as err:  # a 409 whose body refuses only our result as a duplicate: held already
+            answer = conflict_answer(err.response)
+            if answer is None or not refused_as_duplicate(answer, delivery.sop_uid):
+                raise
+        if refused_as_duplicate(answer, delivery.sop_uid):
+            say_held(delivery, self.url, "STOW-RS FailureReason 0x0111")
+            return None
+        failure = stow_failure(answer)
+        return None if failure is None else f"STOW-RS to {self.url}: {failure}"
 
 
 _NOT_CONFIGURED = (

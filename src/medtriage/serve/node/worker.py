@@ -138,8 +138,21 @@ class Worker:
             log.warning("study %s scored, but no SR could be built: %s", study_uid, reason)
             self.store.close_study(study_uid, top, f"scored, but no SR could be built: {reason}", None, [], seen, state="failed")
             return
-        if self.store.close_study(study_uid, top, note, sr_uid, deliveries, seen):
-            log.info("study %s: %s (p=%.3f) over %d instance(s)", study_uid, top["priority"], top["probability"], len(scored))
+        try:
+            closed = self.store.close_study(study_uid, top, note, sr_uid, deliveries, seen)
+        except Exception:
+            self._discard(deliveries)
+            raise
+        if not closed:  # an instance arrived meanwhile: the study's next close writes results of its own
+            self._discard(deliveries)
+            return
+        log.info("study %s: %s (p=%.3f) over %d instance(s)", study_uid, top["priority"], top["probability"], len(scored))
+
+    def _discard(self, deliveries: list[tuple[str, str, str, str]]) -> None:
+        """Remove the outbox files of a close that did not commit, which no delivery row names: each is named by the
+        digest of its study and a SOP Instance UID made for this close (generate_uid), never an earlier one's."""
+        for name in {name for _, _, name, _ in deliveries}:
+            self.store.outbox_path(name).unlink(missing_ok=True)
 
     def write_results(self, study_uid: str, scored: list, top: dict) -> tuple[list[tuple[str, str, str, str]], str]:
         """The SR (and heatmap) files in the outbox, and the delivery rows they need."""
