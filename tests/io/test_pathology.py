@@ -570,3 +570,38 @@ def test_every_reader_reads_the_slide_inside_its_edge_and_white_glass_beyond(dic
             assert region.shape == (200, 300, 3) and (region[100:] == 255).all() and (region[:, 150:] == 255).all()
             assert np.abs(region[:100, :150].astype(int) - fast[:100, :150]).mean() < 3  # DICOM: JPEG-encoded once more
             assert (region[:100, :150] < 250).any()  # the slide's own pixels, not a fill
+
+
+def _noise_pyramid(path: Path, strips: bool) -> list[np.ndarray]:
+    """A three-level pyramid (downsamples 1, 2 and 4) of noise, every level its own, so that a region read one level
+    pixel off matches nothing; the coarser levels in tiles (the fast path) or in strips (tiffslide's)."""
+    rng = np.random.default_rng(5)
+    levels = [rng.integers(0, 256, (768 // d, 1024 // d, 3), dtype=np.uint8) for d in (1, 2, 4)]
+    options = {"photometric": "rgb", "compression": "zlib"}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(levels[0], subifds=2, tile=(64, 64), resolution=(2e4, 2e4), resolutionunit="CENTIMETER", **options)
+        for level in levels[1:]:
+            tif.write(level, subfiletype=1, **({"rowsperstrip": 16} if strips else {"tile": (64, 64)}), **options)
+    return levels
+
+
+@pytest.mark.parametrize("strips", [False, True], ids=["tiled levels", "strip-stored levels"])
+@pytest.mark.parametrize(
+    "level, x0, y0, expected",
+    [
+        (2, 7, 13, (2, 3)),  # 1.75, 3.25: flooring would start a level pixel left
+        (1, 5, 7, (3, 4)),  # 2.5, 3.5: halves up, both (Python's round takes 2.5 down to 2, 3.5 up to 4)
+        (2, 1003, 13, (251, 3)),  # 250.75: 5 pixels of the slide, then white glass beyond its right edge
+    ],
+)
+def test_a_region_at_a_coarser_level_starts_at_the_level_pixel_nearest_its_position(tmp_path, strips, level, x0, y0, expected):
+    levels = _noise_pyramid(tmp_path / "pyramid.tif", strips)
+    with open_slide(tmp_path / "pyramid.tif") as pyramid:
+        assert pyramid.level_downsamples == [1.0, 2.0, 4.0] and pyramid._fast_levels[level] is not strips
+        whole = np.asarray(pyramid.level_image(level))
+        region = pyramid.read_region(x0, y0, level, (8, 8))
+    np.testing.assert_array_equal(whole, levels[level])
+    x, y = expected
+    inside = whole[y : y + 8, x : x + 8]
+    np.testing.assert_array_equal(region[:, : inside.shape[1]], inside)
+    assert (region[:, inside.shape[1] :] == 255).all()

@@ -13,6 +13,7 @@ Coordinates are level-0 pixels `(x, y)`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -78,6 +79,26 @@ def is_dicom_wsi_folder(folder: str | Path) -> bool:
     return next(dicom_wsi_files(folder), None) is not None
 
 
+def level_pixel(x0: int, downsample: float) -> int:
+    """The pixel of a level `downsample` times coarser starting nearest level-0 pixel `x0`, halves up: the one rule of
+    every reader. tiffslide's own floors, and Python's round() takes halves to even (3 and 5 would both start at 2)."""
+    return math.floor(x0 / downsample + 0.5)
+
+
+@functools.cache
+def _placed_tiffslide() -> type:
+    """tiffslide's TiffSlide placing level-0 positions on a level by `level_pixel`, through the hook it offers for
+    that: a level it reads (one the fast path does not) starts where the fast path and wsidicom would start."""
+    import tiffslide
+
+    class PlacedTiffSlide(tiffslide.TiffSlide):
+        def _read_region_loc_transform(self, location: tuple[int, int], level: int) -> tuple[int, int]:
+            ds = self.level_downsamples[level]
+            return level_pixel(location[0], ds), level_pixel(location[1], ds)
+
+    return PlacedTiffSlide
+
+
 class _Levels:
     """What every slide offers on top of its level sizes, `mpp` and `shared_reader`."""
 
@@ -94,9 +115,9 @@ class _Levels:
         return max(fine_enough, key=self.level_mpp) if fine_enough else 0
 
     def level_position(self, x0: int, y0: int, level: int) -> tuple[int, int]:
-        """Level-0 `(x0, y0)` in the pixel coordinates of `level`."""
+        """Level-0 `(x0, y0)` in the pixel coordinates of `level` (`level_pixel`)."""
         ds = self.level_downsamples[level]
-        return int(round(x0 / ds)), int(round(y0 / ds))
+        return level_pixel(x0, ds), level_pixel(y0, ds)
 
     def read_region(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         """uint8 RGB `[h, w, 3]` of `size=(w, h)` pixels at `level`, top-left at level-0 `(x0, y0)`."""
@@ -207,8 +228,6 @@ class Slide(_Levels):
     """An opened TIFF-based whole-slide image. `mpp` (µm/pixel at level 0) is always known once opened."""
 
     def __init__(self, path: str | Path, mpp: float | None = None):
-        import tiffslide
-
         self.path = Path(path)
         if not self.path.is_file():
             raise DataNotFoundError("slide file not found", where=self.path)
@@ -216,7 +235,7 @@ class Slide(_Levels):
         self._shared_reader: RegionReader | None = None
         check_ifd_chain(self.path)
         try:
-            self._slide = tiffslide.TiffSlide(self.path)
+            self._slide = _placed_tiffslide()(self.path)
         except Exception as err:  # tifffile raises many types for non-TIFF or damaged headers
             raise _unreadable(self.path, err) from err
         self._structure_or_close(lambda: self._read_structure(mpp), lambda err: _unreadable(self.path, err))

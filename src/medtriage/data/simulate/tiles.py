@@ -259,7 +259,9 @@ def add_slide_tiles(
         return 0
     slide_id = Path(path).stem
     added = 0
-    with prepared.slide:
+    # A tile bar under the slides' bar: one large slide is minutes of tiles.
+    bar = tqdm(total=len(prepared.grid.tiles), desc=Path(path).name, unit="tile", leave=False)
+    with prepared.slide, bar:
         for tiles, batch in iter_tile_batches(prepared):
             for tile, pixels in zip(tiles, batch):
                 writer.add(
@@ -281,6 +283,7 @@ def add_slide_tiles(
                     stain_normalized=int(stain_normalize),
                 )
                 added += 1
+                bar.update()
     return added
 
 
