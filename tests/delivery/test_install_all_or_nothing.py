@@ -1,13 +1,15 @@
 """install.sh puts a release into PREFIX all or nothing: models, units and config examples are staged beside their
 places and verified, then renamed into place next to the switch of PREFIX/venv; a failure on the way (a full disk, a
 copy that differs) leaves PREFIX as it was. The interpreter is a stand-in that makes a venv in milliseconds (the real
-venv and pip run in test_bundle_build_and_install.py); `cp`, `sed` and `mv` fail where a test says."""
+venv and pip run in test_bundle_build_and_install.py; the real one does install.sh's fsync); `cp`, `sed` and `mv` fail
+where a test says."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ case "$1 $2" in
         printf '#!/bin/sh\\necho medtriage {medtriage.__version__}\\n' > "$3/bin/medtriage" && chmod +x "$3/bin/medtriage" ;;
     "-m pip") ;;
     *version_info*) echo {default_python()} ;;
+    "-c "*os.fsync*) exec {sys.executable} "$@" ;;
     -c*) echo "model $3 verified and loaded by ONNX Runtime" ;;
 esac
 """
@@ -84,9 +87,10 @@ def _damaged_model_copy() -> tuple[str, str, str]:
         ("cp", "*config*", "exit 1", "could not copy"),
         ("sed", r"*\ systemd/*", "exit 1", "could not copy"),
         ("mv", "*/venv", "exit 1", "could not switch"),
+        ("mv", r"-T\ */config/.serve.env.example.new\ *", "exit 1", "could not switch"),
         (*_damaged_model_copy(), "does not match SHA256SUMS"),
     ],
-    ids=["config copy", "unit rewrite", "venv switch", "damaged model copy"],
+    ids=["config copy", "unit rewrite", "venv switch", "switch of a later item", "damaged model copy"],
 )
 def test_a_failure_before_the_switch_leaves_prefix_as_it_was(tmp_path, command, arguments, then, said):
     """The models were replaced before the units, the config and the switch: any of those failing left the new

@@ -1,17 +1,19 @@
-"""install.sh given what it cannot use: a PREFIX that is a file, inside the bundle, or that cannot be created, an
-interpreter that does not run or cannot make a venv, wheels pip cannot install, a second install.sh into the same
-PREFIX. Each stops with a message that says what and what to do, and leaves PREFIX as it was."""
+"""install.sh given what it cannot use: a PREFIX that is a file, inside the bundle, that cannot be created or that its
+user cannot read, an interpreter that does not run or cannot make a venv, wheels pip cannot install, a second
+install.sh into the same PREFIX. Each stops with a message that says what and what to do, and leaves PREFIX as it was."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.delivery.test_bundle_offline import small_bundle
+from tests.delivery.test_bundle_offline import NO_PYTHON, small_bundle
 from tests.delivery.test_install_all_or_nothing import FAKE_PYTHON, earlier_install, failing_command, fake_python, install, snapshot
 
 
@@ -43,6 +45,36 @@ def test_a_prefix_that_cannot_be_created_is_a_message(tmp_path):
     done = install(small_bundle(tmp_path), tmp_path / "opt", fake_python(tmp_path), failing)
     assert done.returncode != 0 and f"cannot create {tmp_path / 'opt'}/venvs" in done.stderr, done.stderr
     assert "Nothing was installed" in done.stderr
+
+
+@pytest.fixture
+def shared_folder():
+    """A folder every user can enter (pytest's tmp_path is root's alone), for a bundle another user runs."""
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_a_prefix_its_user_cannot_read_is_refused_with_a_message(shared_folder):
+    """The shell's "cannot open PREFIX: Permission denied" was all it said. Root reads any folder: as root the
+    install runs as nobody, into a folder of root's."""
+    prefix = shared_folder / "opt"
+    prefix.mkdir(mode=0o700)
+    command = [str(small_bundle(shared_folder) / "install.sh"), str(prefix)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("setpriv (util-linux) is needed to run install.sh as a user other than root")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    else:
+        prefix.chmod(0o000)
+    try:
+        done = subprocess.run(command, env={**os.environ, "PYTHON": NO_PYTHON}, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        prefix.chmod(0o700)
+    assert done.returncode != 0 and f"cannot read, write or enter PREFIX {prefix}" in done.stderr, done.stderr
+    assert "install.sh: error: user " in done.stderr and "Nothing was installed" in done.stderr
+    assert not list(prefix.iterdir())
 
 
 def test_a_prefix_inside_the_bundle_is_refused(tmp_path):

@@ -34,13 +34,18 @@ s#/\./#/#; t dot
 s#/\.$##; s#^$#/#; s#\(.\)/$#\1#')
 [ ! -e "$PREFIX" ] || [ -d "$PREFIX" ] ||
     fail "PREFIX $PREFIX is not a folder. Nothing was installed. Give the path of a folder, or of one to create."
+# Everything goes into PREFIX: a folder its user cannot read, write or enter would stop this run with the shell's words.
+[ ! -d "$PREFIX" ] || { [ -r "$PREFIX" ] && [ -w "$PREFIX" ] && [ -x "$PREFIX" ]; } ||
+    fail "user $(id -un 2>/dev/null || id -u) cannot read, write or enter PREFIX $PREFIX (see ls -ld $PREFIX, and" \
+        "whether it is mounted read-only). Nothing was installed. Run install.sh as a user who can (root for /opt), or" \
+        "give a PREFIX that user owns."
 # Every file in the bundle is checked against SHA256SUMS: what an install put there would stop every later run.
 case "$PREFIX/" in
     "$HERE"/*) fail "PREFIX $PREFIX is inside the bundle $HERE. Nothing was installed. Give one outside it, such as /opt/medtriage." ;;
 esac
 cd "$HERE"
 
-venv="" staging="" switched="" locked=""
+venv="" staging="" switched="" locked="" fresh=""
 
 # What this bundle puts into PREFIX: each model folder, unit and config example. Each is first copied beside its place
 # as a hidden .NAME.new and verified; only then, next to the switch of PREFIX/venv, is it renamed into place, the one it
@@ -119,6 +124,28 @@ settle() {  # after a switch that finished: what it replaced goes; a copy staged
 }
 drop_old() { item "$1" "$2" && rm -rf "$aside"; }
 
+# fsync of each file and folder find "$@" names (a link is kept by its folder's): plain sync cannot report a write that
+# failed (a failing disk, a full thin-provisioned one), `sync FILE...` can (GNU coreutils 8.24, BusyBox 1.30). An older
+# sync ignores its arguments, a path that cannot exist included, and Python's os.fsync does it there.
+fsync='import os, sys
+for path in sys.argv[1:]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        sys.exit("fsync %s: %s" % (path, err.strerror))'
+flush() {
+    if sync -- /dev/null/x 2>/dev/null; then  # an older sync: it passed a path that cannot exist
+        find "$@" \( -type f -o -type d \) -exec "$PYTHON" -c "$fsync" {} +
+    else
+        find "$@" \( -type f -o -type d \) -exec sync -- {} +
+    fi
+}
+flush_staged() { item "$1" "$2" && flush "$staged"; }
+
 # An install stopped where no trap runs (SIGKILL, a power loss) can leave copies staged (.NAME.new) and items renamed
 # aside (.NAME.old), a folder's name empty. PREFIX/.venv.new, made after the staging and renamed onto PREFIX/venv by
 # the last rename of the switch, tells how far it got: still there, the switch did not finish and everything it
@@ -195,6 +222,7 @@ have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') ||
 # the running release would be changed in place. PREFIX/venv, which the units run, is switched to it by one rename
 # only after everything below passed: a failed install leaves the running one as it was, and the previous release
 # stays beside it to switch back to.
+[ -d "$PREFIX" ] || fresh=$PREFIX/..  # this run makes PREFIX: its name is flushed with the folder that holds it
 mkdir -p "$PREFIX" && take_prefix && mkdir -p "$PREFIX/venvs" ||
     fail "cannot create $PREFIX/venvs (the reason is above). Nothing was installed. Check that $PREFIX, or the folder" \
         "it is to be made in, is writable (as root for /opt), and the free space (df), then run install.sh again."
@@ -242,7 +270,11 @@ mkdir -p "$PREFIX/models" "$PREFIX/systemd" "$PREFIX/config" ||
 staging=1
 each_target stage
 ln -sfn "$venv" "$PREFIX/.venv.new" || fail "cannot create $PREFIX/.venv.new (the reason is above). $UNCHANGED"
-sync  # the release and the copies on the disk, not only in its cache, before a switch a power loss could keep
+# The release and the copies on the disk, not only in its cache, before a switch a power loss could keep.
+flush "$venv" && each_target flush_staged &&
+    flush "$PREFIX" "$PREFIX/venvs" "$PREFIX/models" "$PREFIX/systemd" "$PREFIX/config" -prune ||
+    fail "could not flush the new release $venv and the copies staged in $PREFIX to the disk (the reason is above): the" \
+        "disk under $PREFIX may be failing or full. $UNCHANGED Check it (df $PREFIX; dmesg), then run install.sh again."
 
 # The switch, renames only; its last one, of .venv.new onto PREFIX/venv, is the point after which the new release runs.
 # A PREFIX/venv that is a folder (an install made before venvs/ existed) steps aside like a model folder.
@@ -250,8 +282,12 @@ each_target commit && commit . venv ||
     fail "could not switch $PREFIX to the new release (the reason is above). Nothing was switched: $PREFIX runs what it" \
         "ran before; each model, unit and config example renamed so far was put back. Run install.sh again."
 switched=1
-# From here on the new release runs: what fails is said as a warning, and the install still passes.
-sync  # the switch on the disk before it is reported
+# The switch on the disk before it is reported.
+flush ${fresh:+"$fresh"} "$PREFIX" "$PREFIX/models" "$PREFIX/systemd" "$PREFIX/config" -prune ||
+    fail "$PREFIX runs the new release, but its switch could not be flushed to the disk (the reason is above): the disk" \
+        "under $PREFIX may be failing, and a power loss could bring back the release it replaced. Check it (df $PREFIX;" \
+        "dmesg), then run install.sh again."
+# From here on what fails is said as a warning, and the install still passes.
 { each_target drop_old && drop_old . venv; } || echo "install.sh: warning: could not remove the replaced copies" \
     "(.*.old) in $PREFIX, $PREFIX/models, $PREFIX/systemd or $PREFIX/config (the reason is above); the install is" \
     "complete: remove them by hand" >&2
