@@ -158,3 +158,72 @@ def test_quantising_without_the_onnx_package_names_the_install_and_how_to_add_it
         args.func(args)
     assert refused.value.where == sys.prefix
     assert f"{sys.executable} -m pip install 'medtriage[train]'" in refused.value.hint
+
+
+def test_ood_validation_scores_that_are_not_finite_name_the_setting_that_asks_for_an_ood_score(tmp_path):
+    from medtriage.export.ood import OodData
+
+    rng = np.random.default_rng(1)
+    train = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(40)]
+    val = [*train[:10], np.full((1, 16, 16), 1e30, np.float32), *train[11:]]  # its features' squared distance overflows
+    with pytest.raises(InputError, match=r"OOD validation scores: \d+ value\(s\) not finite") as refused:
+        _small_export(tmp_path, ood_data=OodData(train, np.arange(40) % 2, val))
+    assert refused.value.where == "export.ood"
+    assert "validation images" in refused.value.hint and "export.ood=false" in refused.value.hint
+    assert not (tmp_path / "models" / "small").exists()
+
+
+def test_an_int8_ood_threshold_refit_on_scores_that_are_not_finite_names_the_calibration_images():
+    from medtriage.export.int8_refit import refit_on_int8
+
+    probabilities = np.full((4, 2), 0.5)
+    meta = {"ood": {"false_alarm_rate": 0.25, "threshold": 1.0, "threshold_split": "val"}, "thresholds": {}}
+    int8_scores = np.array([0.5, np.nan, 0.7, 0.9])
+    with pytest.raises(InputError, match=r"not finite \(first at index 1: nan\)") as refused:
+        refit_on_int8(meta, 1, (probabilities, np.ones(4)), (probabilities, int8_scores), None, "val")
+    assert refused.value.where == "--calibration"
+    assert "calibration images" in refused.value.hint and "--exclude" in refused.value.hint
+
+
+def test_validation_negatives_at_one_name_the_specificity_target_no_threshold_keeps(tmp_path):
+    from medtriage.export.run import export_model
+
+    logits = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+    logits[[0, 2, 4]] = [-50.0, 50.0]  # 3 of the 20 negatives score p = 1.0: specificity 0.95 needs a threshold above 1
+    val = Predictions(logits, np.arange(40) % 2, np.full(40, "site-a"))
+    cfg = ExportConfig(models_dir=str(tmp_path / "models"), name="small", calibrate=False, log_to_mlflow=False, register_model=False)
+    with pytest.raises(InputError, match=r"no threshold in \[0, 1\] keeps specificity >= 0.95") as refused:
+        export_model(small_net(), cfg, label_names=LABELS, val=val, parity_images=[np.zeros((1, 16, 16), np.float32)])
+    assert refused.value.where == "export.urgent_target"  # the urgent point's, not the review one's
+    assert "lower the specificity target" in refused.value.hint
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "top_k", "setting"),
+    [("max", 3, "export.slide_aggregation"), ("top_k", 0, "export.slide_top_k"), ("top_k", 2.5, "export.slide_top_k")],
+)
+def test_slide_scores_by_an_aggregation_serving_cannot_repeat_name_the_export_setting(aggregation, top_k, setting):
+    from medtriage.export.pathology import SlideLabels, slide_scores
+
+    slides = SlideLabels(np.array(["s1", "s1", "s2", "s2"]), np.array([0, 0, 1, 1]), np.full(4, "site-a"))
+    with pytest.raises(ConfigError) as refused:
+        slide_scores(np.array([0.1, 0.2, 0.8, 0.9]), slides, aggregation, top_k)
+    assert refused.value.where == setting
+    assert refused.value.hint
+
+
+def test_quantising_a_package_whose_model_json_cannot_be_written_names_the_int8_packages_model_json(tmp_path):
+    import json
+
+    from medtriage.export.quantize import quantize_package
+    from tests.export.tiny_package import NPZ
+
+    package_dir = _small_export(tmp_path).package_dir
+    meta = json.loads((package_dir / "model.json").read_text())
+    meta["network"]["note"] = float("nan")  # untyped by the schema, so the package loads; JSON has no NaN to write
+    (package_dir / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(PackageError, match=r"NaN or infinite values at \$\.network\.note") as refused:
+        quantize_package(package_dir, NPZ, tmp_path / "small-int8", limit=4)
+    assert refused.value.where == str(tmp_path / "small-int8" / "model.json")  # not the temporary folder's
+    assert refused.value.hint
+    assert not (tmp_path / "small-int8").exists()

@@ -14,6 +14,7 @@ from medtriage.errors import InputError
 THRESHOLD = 0.5
 PROBABILITY_SLACK = 1e-6  # float32 softmax outputs may overshoot 1 by a rounding step
 LABELS_HINT = "pass one class index (0 to the number of classes - 1) per scored image"
+NON_FINITE_HINT = "a diverged model or a broken input produced them; find and fix that before evaluating"
 
 
 class EvaluationInputError(InputError, ValueError):
@@ -21,14 +22,16 @@ class EvaluationInputError(InputError, ValueError):
     these functions expect."""
 
 
-def finite(values: np.ndarray, what: str) -> np.ndarray:
-    """`values` as float64, refused if any is NaN or infinite: no statistic over them would mean anything."""
+def finite(values: np.ndarray, what: str, where: str | None = None, hint: str = NON_FINITE_HINT) -> np.ndarray:
+    """`values` as float64, refused if any is NaN or infinite: no statistic over them would mean anything. `where`
+    and `hint` are the caller's: the setting, file or field the values are for, and what to do there."""
     values = np.asarray(values, dtype=np.float64)
     bad = np.argwhere(~np.isfinite(values))
     if len(bad):
         raise InputError(
             f"{what}: {len(bad)} value(s) not finite (first at index {', '.join(map(str, bad[0]))}: {values[tuple(bad[0])]})",
-            hint="a diverged model or a broken input produced them; find and fix that before evaluating",
+            where=where,
+            hint=hint,
         )
     return values
 

@@ -12,6 +12,12 @@ from medtriage.evaluation.metrics import EvaluationInputError, binary_labels, fi
 
 # Rules that turn validation scores into a threshold (see choose_threshold).
 THRESHOLD_RULES = ("sensitivity", "specificity", "youden")
+# The export settings a review or an urgent point is chosen by: (rule, target).
+REVIEW_SETTINGS = ("export.threshold_rule", "export.threshold_target")
+URGENT_SETTINGS = ("export.urgent_rule", "export.urgent_target")
+OOD_SCORES_HINT = (
+    "an image far outside the training images' range (its features overflow) or a diverged model scores so: find it among the images scored"
+)
 
 
 @dataclass(frozen=True)
@@ -26,13 +32,17 @@ class OperatingPoint:
         return asdict(self)
 
 
-def flagging_threshold(scores: np.ndarray, rate: float) -> float:
-    """The OOD threshold's rule: the score above which a share `rate` of in-distribution (validation) images lies."""
+def flagging_threshold(scores: np.ndarray, rate: float, where: str | None = None, hint: str = OOD_SCORES_HINT) -> float:
+    """The OOD threshold's rule: the score above which a share `rate` of in-distribution (validation) images lies.
+    Each refusal names `where`, the caller's setting or field the threshold is set for; `hint` says what to do about
+    scores that are not finite."""
     if not 0.0 <= rate <= 1.0:  # numpy would refuse it as a quantile, naming neither the rate nor its setting
-        raise InputError(f"OOD false-alarm rate {rate} is not a fraction in [0, 1]", hint="e.g. 0.01 flags 1% of validation images")
-    scores = finite(scores, "OOD validation scores")  # one NaN would make the threshold NaN: nothing ever flagged
+        raise InputError(
+            f"OOD false-alarm rate {rate} is not a fraction in [0, 1]", where=where, hint="e.g. 0.01 flags 1% of validation images"
+        )
+    scores = finite(scores, "OOD validation scores", where, hint)  # one NaN would make the threshold NaN: nothing ever flagged
     if scores.size == 0:
-        raise InputError("no validation scores to set the OOD threshold on", hint="score the validation images first")
+        raise InputError("no validation scores to set the OOD threshold on", where=where, hint="score the validation images first")
     return float(np.quantile(scores, 1.0 - rate))
 
 
@@ -42,9 +52,12 @@ def check_rule(rule: str, where: str = "export.threshold_rule") -> None:
         raise ConfigError(f"unknown threshold rule '{rule}'", where=where, hint=f"use one of {', '.join(THRESHOLD_RULES)}")
 
 
-def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str, target: float | None = None) -> OperatingPoint:
-    """Pick a threshold on `scores` (positive-class probability) against binary `labels` by `rule`."""
-    check_rule(rule)
+def choose_threshold(
+    scores: np.ndarray, labels: np.ndarray, rule: str, target: float | None = None, settings: tuple[str, str] = REVIEW_SETTINGS
+) -> OperatingPoint:
+    """Pick a threshold on `scores` (positive-class probability) against binary `labels` by `rule`. `settings`: the
+    (rule, target) settings that named them, which a refusal of either names."""
+    check_rule(rule, settings[0])
     scores = np.asarray(scores)
     if not np.issubdtype(scores.dtype, np.floating):  # integer scores: the float steps below need a float type
         scores = scores.astype(np.float64)
@@ -63,21 +76,24 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str, target: 
     top = scores.dtype.type(thresholds[1])  # step in the scores' own precision, so they compare below it
     thresholds[0] = np.nextafter(top, top.dtype.type(np.inf))
     first = 0 if rule == "specificity" else 1
-    index = first + _pick(rule, target, tpr[first:], 1.0 - fpr[first:])
+    index = first + _pick(rule, target, tpr[first:], 1.0 - fpr[first:], settings[1])
     if thresholds[index] > 1.0:
         raise InputError(
             f"no threshold in [0, 1] keeps specificity >= {target}: validation negatives score 1.0",
+            where=settings[1],
             hint="lower the specificity target, or calibrate so that scores do not saturate",
         )
     return OperatingPoint(rule, None if rule == "youden" else target, float(thresholds[index]), float(tpr[index]), float(1.0 - fpr[index]))
 
 
-def _pick(rule: str, target: float | None, sensitivity: np.ndarray, specificity: np.ndarray) -> int:
+def _pick(rule: str, target: float | None, sensitivity: np.ndarray, specificity: np.ndarray, setting: str) -> int:
     # Thresholds fall along the arrays: sensitivity rises, specificity falls.
     if rule == "youden":
         return int(np.argmax(sensitivity + specificity - 1.0))
     if target is None or not 0.0 < target <= 1.0:
-        raise ConfigError(f"rule '{rule}' needs a target in (0, 1], got {target}", where="export")
+        raise ConfigError(
+            f"rule '{rule}' needs a target in (0, 1], got {target}", where=setting, hint=f"the {rule} to keep, e.g. {setting}=0.95"
+        )
     if rule == "sensitivity":
         return int(np.flatnonzero(sensitivity >= target)[0])  # highest threshold that reaches it
     return int(np.flatnonzero(specificity >= target)[-1])  # lowest threshold that keeps it
@@ -107,6 +123,6 @@ def choose_priority_thresholds(
     urgent_target: float | None = None,
 ) -> dict:
     """The thresholds block for `scores` (tiles or slides alike): a review point and an optional urgent one."""
-    review = choose_threshold(scores, is_positive, review_rule, review_target)
-    urgent = choose_threshold(scores, is_positive, urgent_rule, urgent_target) if urgent_rule else None
+    review = choose_threshold(scores, is_positive, review_rule, review_target, REVIEW_SETTINGS)
+    urgent = choose_threshold(scores, is_positive, urgent_rule, urgent_target, URGENT_SETTINGS) if urgent_rule else None
     return priority_thresholds(review, urgent)

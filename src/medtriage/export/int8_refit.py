@@ -61,7 +61,13 @@ def _refit_ood(block: dict, scores: np.ndarray, where: dict) -> dict:
     """The export's rule (flagging_threshold): the validation quantile that flags `false_alarm_rate` of the images."""
     from medtriage.evaluation.operating_points import flagging_threshold
 
-    threshold = flagging_threshold(scores, block["false_alarm_rate"])
+    threshold = flagging_threshold(
+        scores,
+        block["false_alarm_rate"],
+        where="--calibration",
+        hint="the int8 graph scores a calibration image so: leave it out of the calibration images, or keep the OOD score's "
+        "nodes in float (--exclude)",
+    )
     fp32 = {"threshold": block["threshold"], "val_flagged_int8": float(np.mean(scores > block["threshold"]))}
     return {**block, "threshold": threshold, "val_flagged": float(np.mean(scores > threshold)), "refit": {**where, "fp32": fp32}}
 

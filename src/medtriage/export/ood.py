@@ -233,7 +233,13 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
             val_scores = np.concatenate(
                 [np.mean([scores[k](val_features[k]).double().numpy() for k in fold], axis=0) for fold in data.holders]
             )
-    threshold = flagging_threshold(val_scores, false_alarm_rate)
+    threshold = flagging_threshold(
+        val_scores,
+        false_alarm_rate,
+        where="export.ood",
+        hint="an image far outside the training images' range (its features overflow) or a diverged model scores so: find it "
+        "among the validation images, or export without the OOD score (export.ood=false)",
+    )
     block = {
         "output": OOD_NAME,
         "method": f"{METHOD} ({which}); the score is the largest distance over layers, each divided by its validation 99th "

@@ -71,7 +71,9 @@ def slide_scores(tile_scores: np.ndarray, slides: SlideLabels, aggregation: str,
         )
     names = sorted(set(ids))
     members = [np.flatnonzero(ids == name) for name in names]
-    scores = np.array([aggregate(np.asarray(tile_scores)[m], aggregation, top_k) for m in members])
+    scores = np.array(
+        [aggregate(np.asarray(tile_scores)[m], aggregation, top_k, ("export.slide_aggregation", "export.slide_top_k")) for m in members]
+    )
     labels = np.array([int(slides.slide_labels[m[0]]) for m in members])
     sites = np.array([str(slides.sites[m[0]]) for m in members])
     return scores, labels, sites

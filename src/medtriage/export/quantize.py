@@ -296,7 +296,7 @@ def quantize_package(
         quantized = Path(tmp) / ONNX_FILE
         done = quantize_onnx(package.onnx_path, quantized, images, fp32.input_name, exclude, per_channel)
         meta = {**package.meta, "name": f"{package.name}{INT8_SUFFIX}", "version": version, "precision": "int8"}
-        outputs32, outputs8, refit_labels = refit_outputs(calibration, package.channels, split, fp32, _unwritten(quantized, meta))
+        outputs32, outputs8, refit_labels = refit_outputs(calibration, package.channels, split, fp32, _unwritten(quantized, meta, out))
         meta = refit_on_int8(meta, fp32.positive, outputs32, outputs8, refit_labels, split)
         quantization = {
             "method": f"onnxruntime static quantisation, QDQ, {_granularity(per_channel)} int8 weights, uint8 activations (MinMax)",
@@ -315,7 +315,7 @@ def quantize_package(
             "quantized_nodes": len(done["quantized_nodes"]),
             "trimmed_convs": done["trimmed_convs"],
             "excluded_nodes": list(exclude),
-            "parity": parity_report(fp32, _unwritten(quantized, meta), images, labels),  # priorities meet the refitted values
+            "parity": parity_report(fp32, _unwritten(quantized, meta, out), images, labels),  # priorities meet the refitted values
             "note": "metrics and calibration were measured on the fp32 source model, parity says how far int8 moves them; "
             "what serving compares int8 outputs with (OOD threshold, drift references, operating points) says under "
             "`refit` whether it was refitted on the int8 graph",
@@ -333,14 +333,15 @@ def quantize_package(
     return out
 
 
-def _unwritten(onnx_path: Path, meta: dict):
+def _unwritten(onnx_path: Path, meta: dict, package_dir: Path):
     """A Predictor on the int8 graph where it lies, with `meta` as the package will hold it: the refits and the parity
-    need one before the package is written, and it is written once, with their results."""
+    need one before the package is written, and it is written once, with their results. A refusal of `meta` names
+    its place in the package to be written at `package_dir`, not the temporary folder the graph lies in."""
     from medtriage.export.package import completed_meta
     from medtriage.serve.package import ModelPackage
     from medtriage.serve.predictor import Predictor
 
-    return Predictor(ModelPackage(onnx_path.parent, completed_meta(onnx_path, meta, where=onnx_path.parent / META_FILE)))
+    return Predictor(ModelPackage(onnx_path.parent, completed_meta(onnx_path, meta, where=package_dir / META_FILE)))
 
 
 def _granularity(per_channel: bool) -> str:
