@@ -73,6 +73,7 @@ def fold_package(cross_validation, empty_mlflow_db):
 
 
 def test_fold_models_are_served_calibrated_on_images_each_scorer_held_out(cross_validation, fold_package):
+    from medtriage.data.manifest import load_manifest
     from medtriage.data.torch.datasets import cache_split
     from medtriage.evaluation.calibration import fit_temperature
     from medtriage.export.fold_ensemble import fold_members
@@ -100,7 +101,9 @@ def test_fold_models_are_served_calibrated_on_images_each_scorer_held_out(cross_
     assert "cross-validation on the out-of-fold scores" in meta["calibration"]["selection"]["rule"]
     expected = fit_temperature(oof.logits, oof.labels) if meta["calibration"]["method"] == "temperature" else 1.0
     assert meta["calibration"]["temperature"] == pytest.approx(expected, rel=1e-4)
-    assert meta["metrics"]["val"]["overall"]["n"] == len(oof.labels) and "test" not in meta["metrics"]  # test never scored
+    assert meta["metrics"]["val"]["overall"]["n"] == len(oof.labels)
+    pool = load_manifest(members.manifests[0].pool_dir)  # its test split: left out of every fold run, scored at export
+    assert meta["metrics"]["test"]["overall"]["n"] == len(pool.split("test")) > 0
     assert meta["preprocessing"]["test_time_augmentation"]["views"] == "shift"
     card = (folds.package_dir / "MODEL_CARD.md").read_text()
     assert "out-of-fold predictions" in card and "## Metrics: out-of-fold split" in card
@@ -287,7 +290,8 @@ def test_a_refit_learns_from_train_and_validation_and_is_served_calibrated_on_th
     assert "refit: exported without an OOD score" in capsys.readouterr().out  # its members held nothing out
     np.testing.assert_allclose(refit.out_of_fold.logits, folds.out_of_fold.logits, atol=1e-6)  # the same calibration data
     meta = load_package(refit.package_dir).meta
-    assert meta["calibration"]["split"] == "out-of-fold (refit)" and "test" not in meta["metrics"] and "ood" not in meta
+    assert meta["calibration"]["split"] == "out-of-fold (refit)" and "ood" not in meta
+    assert meta["metrics"]["test"]["overall"]["n"] == load_package(folds.package_dir).meta["metrics"]["test"]["overall"]["n"]
     assert meta["calibration"]["temperature"] == load_package(folds.package_dir).meta["calibration"]["temperature"]
     assert "refitted on all of those images" in (refit.package_dir / "MODEL_CARD.md").read_text()
     (served,) = refit.net.members  # the refit itself, not the fold models

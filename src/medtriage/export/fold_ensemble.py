@@ -11,7 +11,8 @@ the calibration is close, not exact; model.json says `calibration.split: out-of-
 means. Recipes may upsample the images to different sizes: the graph resizes once per size. Its OOD score is set the
 same way: each fold model fitted on its own training images, scaled on the images it held out, and the threshold set on
 the mean score of the members that held each image out. A refit's members held out nothing, so a refit package carries
-no OOD score.
+no OOD score. Test was left out of every fold run and every refit, so the package reports the served ensemble's own
+test metrics, as a single run's package does, at the thresholds set out-of-fold.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from medtriage.export.safety import scope_from_rows
 from medtriage.model.averaging import EnsembleNet, averaged
 from medtriage.model.checkpoint import final_checkpoint, load_model
 from medtriage.model.networks import TriageNet
-from medtriage.model.predict import predict_split
+from medtriage.model.predict import predict, predict_split
 
 FOLD_DIR = re.compile(r"fold(\d+)")
 HELD_OUT_SPLIT = "out-of-fold"
@@ -283,9 +284,10 @@ def _export_out_of_fold(
         per_fold = [ood_data_of(members.manifests[group[0]], part, export_cfg) for group, part in zip(groups, parts)]
         fold_of = {k: f for f, group in enumerate(groups) for k in group}
         ood_data = dataclasses.replace(ood_data, per_member=[per_fold[fold_of[k]] for k in range(len(nets))], holders=groups)
-    pooled = members.manifests[0]
+    pooled, pool = members.manifests[0], load_manifest(members.manifests[0].pool_dir)
     labelled = pooled.rows[pooled.rows["split"] != "test"]
     net = EnsembleNet(nets, tta).eval()
+    test = predict(net, pool, "test") if len(pool.split("test")) else None  # left out of every member's training
     with mlflow.start_run(experiment_id=_experiment_id(config.tracking.experiment_name), run_name=run_name) as run:
         mlflow.log_params(
             {
@@ -304,10 +306,11 @@ def _export_out_of_fold(
             run.info.run_id,
             label_names=pooled.label_names,
             val=val,
+            test=test,
             parity_images=spread(images, export_cfg.parity_images),
             training_sites=labelled["site"].unique(),
             network=OmegaConf.to_container(config.model, resolve=True),
-            provenance={"data_fingerprint": load_manifest(pooled.pool_dir).fingerprint},
+            provenance={"data_fingerprint": pool.fingerprint},
             ood_data=ood_data,
             scope=scope_from_rows(labelled, export_cfg.modality),
             held_out_split=split,
