@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -51,14 +52,20 @@ def _hidden(models) -> list[str]:
     return sorted(p.name for p in models.iterdir() if p.name.startswith("."))
 
 
+def _v2_over_v1_unsettled(source, tmp_path) -> tuple[Path, dict]:
+    """The package folder with v1 in place, then v2 written over it and not yet settled (v1 set aside)."""
+    onnx, meta = source
+    package_dir = tmp_path / "models" / "tiny"
+    write_package(package_dir, onnx, {**meta, "version": 1})
+    return package_dir, write_package(package_dir, onnx, {**meta, "version": 2}, keep_previous=True)
+
+
 @pytest.mark.parametrize("other_process", [True, False], ids=["other-process", "same-process"])
 def test_two_failed_exports_at_once_put_the_package_before_them_back(source, tmp_path, other_process):
     """v2 is written and waits for its MLflow upload; v3 is written over it and fails; then v2 fails. Had v3's cleanup
     deleted the v1 that v2 holds aside, no package would be left at all."""
     onnx, meta = source
-    package_dir = tmp_path / "models" / "tiny"
-    write_package(package_dir, onnx, {**meta, "version": 1})
-    first = write_package(package_dir, onnx, {**meta, "version": 2}, keep_previous=True)
+    package_dir, first = _v2_over_v1_unsettled(source, tmp_path)
 
     if other_process:
         _other_export(package_dir, onnx, {**meta, "version": 3}, tmp_path, "undo")
@@ -74,9 +81,7 @@ def test_two_failed_exports_at_once_put_the_package_before_them_back(source, tmp
 
 def test_an_export_keeps_what_a_running_export_set_aside_until_it_is_settled(source, tmp_path):
     onnx, meta = source
-    package_dir = tmp_path / "models" / "tiny"
-    write_package(package_dir, onnx, {**meta, "version": 1})
-    first = write_package(package_dir, onnx, {**meta, "version": 2}, keep_previous=True)
+    package_dir, first = _v2_over_v1_unsettled(source, tmp_path)
     (aside,) = _hidden(package_dir.parent)
 
     _other_export(package_dir, onnx, {**meta, "version": 3}, tmp_path, "keep")
