@@ -45,7 +45,7 @@ case "$PREFIX/" in
 esac
 cd "$HERE"
 
-venv="" staging="" switched="" locked="" fresh=""
+venv="" staging="" switched="" locked="" fresh="" made=""
 
 # What this bundle puts into PREFIX: each model folder, unit and config example. Each is first copied beside its place
 # as a hidden .NAME.new and verified; only then, next to the switch of PREFIX/venv, is it renamed into place, the one it
@@ -175,7 +175,6 @@ recover() {
 # with this shell (and whatever it started) however that ends.
 take_prefix() {
     [ -z "$locked" ] || return 0
-    locked=1
     if command -v flock >/dev/null 2>&1; then
         exec 9<"$PREFIX"
         flock -n 9 || fail "another install.sh is installing into $PREFIX (it holds the lock on that folder). Nothing" \
@@ -184,6 +183,7 @@ take_prefix() {
         echo "install.sh: warning: flock (util-linux) not found: nothing stops a second install.sh into $PREFIX" \
             "at the same time; run one at a time" >&2
     fi
+    locked=1
     recover || fail "could not put back what a stopped install left in $PREFIX (the reason is above). Nothing was" \
         "installed. Put it right by hand (the hidden .NAME.old are what it replaced), then run install.sh again."
 }
@@ -196,13 +196,37 @@ sha256sum --check --strict --quiet SHA256SUMS ||
 # Anything SHA256SUMS does not list is refused too, links included: pip would install an extra wheel (or one
 # a link points to) that it finds in wheels/, and models/, systemd/ and config/ are all copied into PREFIX.
 listed=$(mktemp) && present=$(mktemp)
-# On any failure or interruption before the switch PREFIX gets back what it held, and the release folder this run made
-# goes (a venv holds hundreds of MB); the one PREFIX/venv runs is never it until the switch.
+# mkdir -p of each argument, the folders it makes noted (the last made first) for unmake. PREFIX holds no space or
+# pattern character, so the list is split on spaces.
+make_folders() {
+    for target in "$@"; do
+        path=$target missing=""
+        while [ -n "$path" ] && ! exists "$path"; do
+            missing="$missing $path"
+            path=${path%/*}
+        done
+        made="$missing $made"
+        mkdir -p "$target" || return
+    done
+}
+# The folders this run made go once empty, PREFIX and those above it last: rmdir, never rm -rf, as something else may
+# have put a file in one meanwhile. PREFIX and its folders only under the lock: without it, another install that holds
+# it may have made PREFIX (both saw it missing) and not yet filled it.
+unmake() {
+    for folder in $made; do
+        case $folder/ in "$PREFIX"/*) [ -n "$locked" ] || continue ;; esac
+        rmdir "$folder" 2>/dev/null || :  # not empty: it stays
+    done
+}
+# On any failure or interruption before the switch PREFIX gets back what it held, the release folder this run made
+# goes (a venv holds hundreds of MB), then each folder it made that is empty; the one PREFIX/venv runs is never it
+# until the switch.
 undo() {
     [ -z "$venv" ] || [ ! "$PREFIX/venv" -ef "$venv" ] || return 0  # switched: a signal came right after the last rename
     [ -z "$staging" ] || each_target restore
     [ -z "$staging" ] || put_back . venv || :  # last: until it goes, .venv.new tells a next run to put back the rest
-    [ -z "$venv" ] || rm -rf "$venv"
+    [ -z "$venv" ] || rm -rf "$venv" || :
+    unmake
 }
 trap 'rm -f "$listed" "$present"; [ -n "$switched" ] || undo || :' EXIT
 trap 'exit 1' HUP INT TERM
@@ -223,7 +247,7 @@ have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') ||
 # only after everything below passed: a failed install leaves the running one as it was, and the previous release
 # stays beside it to switch back to.
 [ -d "$PREFIX" ] || fresh=$PREFIX/..  # this run makes PREFIX: its name is flushed with the folder that holds it
-mkdir -p "$PREFIX" && take_prefix && mkdir -p "$PREFIX/venvs" ||
+make_folders "$PREFIX" && take_prefix && make_folders "$PREFIX/venvs" ||
     fail "cannot create $PREFIX/venvs (the reason is above). Nothing was installed. Check that $PREFIX, or the folder" \
         "it is to be made in, is writable (as root for /opt), and the free space (df), then run install.sh again."
 live=$(readlink "$PREFIX/venv" 2>/dev/null || true)
@@ -265,7 +289,7 @@ version=$("$venv/bin/medtriage" --version) ||
 
 # Each model folder is replaced whole (no file of an earlier version of it stays), each unit and config example by
 # itself (other files in PREFIX/systemd and PREFIX/config stay).
-mkdir -p "$PREFIX/models" "$PREFIX/systemd" "$PREFIX/config" ||
+make_folders "$PREFIX/models" "$PREFIX/systemd" "$PREFIX/config" ||
     fail "cannot create the folders of $PREFIX (the reason is above). Nothing was switched: $PREFIX runs what it ran before."
 staging=1
 each_target stage
