@@ -160,17 +160,33 @@ def test_quantising_without_the_onnx_package_names_the_install_and_how_to_add_it
     assert f"{sys.executable} -m pip install 'medtriage[train]'" in refused.value.hint
 
 
-def test_ood_validation_scores_that_are_not_finite_name_the_setting_that_asks_for_an_ood_score(tmp_path):
+def test_an_ood_distance_that_is_not_finite_names_its_validation_image_and_the_setting_that_asks_for_an_ood_score(tmp_path):
     from medtriage.export.ood import OodData
 
     rng = np.random.default_rng(1)
     train = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(40)]
     val = [*train[:10], np.full((1, 16, 16), 1e30, np.float32), *train[11:]]  # its features' squared distance overflows
-    with pytest.raises(InputError, match=r"OOD validation scores: \d+ value\(s\) not finite") as refused:
+    with pytest.raises(InputError, match=r"validation image 10 \(counting from 0, in the order given\) has a NaN or infinite") as refused:
         _small_export(tmp_path, ood_data=OodData(train, np.arange(40) % 2, val))
+    assert "more after it" not in refused.value.reason  # the other images' distances are finite: only the quantile was not
     assert refused.value.where == "export.ood"
     assert "validation images" in refused.value.hint and "export.ood=false" in refused.value.hint
     assert not (tmp_path / "models" / "small").exists()
+
+
+def test_a_fold_members_ood_distance_that_is_not_finite_names_its_image_among_all_the_held_out_images():
+    from medtriage.export.ood import OodData, fit_ood
+    from medtriage.model.averaging import EnsembleNet
+
+    rng = np.random.default_rng(1)
+    images = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(40)]
+    held_out = [images[:20], [*images[20:23], np.full((1, 16, 16), 1e30, np.float32), *images[24:]]]
+    per_fold = [OodData(images[20:] if k == 0 else images[:20], np.arange(20) % 2, held_out[k]) for k in (0, 1)]
+    data = OodData([], np.zeros(0, dtype=int), [*held_out[0], *held_out[1]], per_member=per_fold, holders=[[0], [1]])
+    with pytest.raises(InputError, match=r"validation image 23 \(counting from 0") as refused:  # fold 1's image 3
+        fit_ood(EnsembleNet([small_net(), small_net()]), 1.0, data)
+    assert refused.value.where == "export.ood"
+    assert np.all(data.val_images[23] == 1e30)
 
 
 def test_an_int8_ood_threshold_refit_on_scores_that_are_not_finite_names_the_calibration_images():
@@ -227,3 +243,54 @@ def test_quantising_a_package_whose_model_json_cannot_be_written_names_the_int8_
     assert refused.value.where == str(tmp_path / "small-int8" / "model.json")  # not the temporary folder's
     assert refused.value.hint
     assert not (tmp_path / "small-int8").exists()
+
+
+def test_a_refit_that_held_out_another_site_than_its_folds_names_data_holdout_site(tmp_path):
+    from medtriage.export.fold_ensemble import _refit_model
+
+    spec = PreprocessSpec(size=28, in_channels=1)
+    model = {"name": "resnet10", "stem_stride": 2, "preprocess": asdict(spec)}
+    data = {"pool_dir": str(tmp_path / "pool"), "label_names": LABELS, "holdout_site": "north", "cv_folds": 2, "cv_fold": 0}
+    folds = {"model": model, "data": data, "trainer": {"seed": 0}}
+    weights = build_triage_net("resnet10", 2, spec).state_dict()
+    for site in ("north", "south"):  # the folds' own site, then another
+        refit = {**folds, "data": {**data, "holdout_site": site, "cv_folds": None, "cv_fold": None, "refit": True}}
+        save_checkpoint(tmp_path / site / "checkpoints" / "last.pt", model=weights, config=refit)
+    _refit_model(tmp_path / "north", folds)
+    with pytest.raises(ConfigError, match="its data.holdout_site differ") as refused:
+        _refit_model(tmp_path / "south", folds)
+    assert refused.value.where == str(tmp_path / "south")
+    assert "data.holdout_site" in refused.value.hint and "data.refit=true" in refused.value.hint
+
+
+def test_a_diverged_networks_nan_logits_name_its_checkpoint_and_say_to_train_again(tmp_path, two_site_pool):
+    from medtriage.export.run import export_run
+
+    spec = PreprocessSpec(size=28, in_channels=1)
+    config = {"model": {"name": "resnet10", "stem_stride": 2, "preprocess": asdict(spec)}}
+    config["data"] = {"label_names": ["normal", "pneumonia"], "pool_dir": str(two_site_pool.pool_dir)}
+    weights = build_triage_net("resnet10", 2, spec).state_dict()
+    weights["backbone.fc.bias"] = torch.full_like(weights["backbone.fc.bias"], float("nan"))  # as a diverged training leaves it
+    checkpoint = save_checkpoint(tmp_path / "best.pt", model=weights, config=config)
+    export = {"models_dir": str(tmp_path / "models"), "name": "x", "log_to_mlflow": False, "register_model": False}
+    with pytest.raises(InputError, match=r"the network's validation logits: \d+ value\(s\) not finite") as refused:
+        export_run(None, checkpoint, {**config, "export": export})
+    assert refused.value.where == str(checkpoint)
+    assert "training diverged" in refused.value.hint and "NaN loss" in refused.value.hint and "trainer.lr" in refused.value.hint
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        (np.full(100, np.nan), "drift.reference.all.input_mean"),
+        (np.r_[np.linspace(0, 1, 50), np.full(50, np.inf)], "drift.reference.per_site.b.input_mean"),  # site b's alone
+    ],
+)
+def test_a_drift_reference_of_no_finite_values_names_its_model_json_field(values, where):
+    from medtriage.format.references import drift_block
+
+    with pytest.raises(InputError, match="no finite values to build a reference distribution from") as refused:
+        drift_block({"input_mean": values}, np.repeat(["a", "b"], 50))
+    assert refused.value.where == where
+    assert "validation images" in refused.value.hint

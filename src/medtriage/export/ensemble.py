@@ -71,5 +71,5 @@ def export_ensemble(run_ids: Sequence[str], name: str, tta: str = "none", overri
             }
         )
         mlflow.set_tags({"ensemble": "true", "data_fingerprint": client.get_run(run_ids[0]).data.tags.get("data_fingerprint", "")})
-        package = export_net(net, configs[0], config, run.info.run_id)
+        package = export_net(net, configs[0], config, run.info.run_id, scored_by=f"MLflow runs {', '.join(run_ids)}")
     return package, run.info.run_id, net

@@ -204,7 +204,8 @@ def export_fold_ensemble(cv_dirs: Path | Sequence[Path], name: str, tta: str = "
     changes = parse_overrides([f"export.name={name}", *overrides])  # so is a mistyped override
     members = fold_members(cv_dirs)
     tags = {"cross_validation": "true"}
-    return _export_out_of_fold(members.nets, members, cv_dirs, tta, changes, HELD_OUT_SPLIT, f"{name}-folds", tags)
+    scored_by = " ".join(map(str, _as_list(cv_dirs)))
+    return _export_out_of_fold(members.nets, members, cv_dirs, tta, changes, HELD_OUT_SPLIT, f"{name}-folds", tags, scored_by)
 
 
 def export_refit(cv_dir: Path, refit_dirs: Sequence[Path], name: str, tta: str = "none", overrides: Sequence[str] = ()) -> FoldEnsemble:
@@ -218,11 +219,15 @@ def export_refit(cv_dir: Path, refit_dirs: Sequence[Path], name: str, tta: str =
     if not nets:
         raise ConfigError("no refit runs given", where="--refit", hint="pass the run folder of each `data.refit=true` training")
     tags = {"refit": "true", "refit_runs": ",".join(str(Path(d).resolve()) for d in refit_dirs)}
-    return _export_out_of_fold(nets, members, cv_dir, tta, changes, REFIT_SPLIT, f"{name}-refit", tags)
+    scored_by = " ".join(map(str, [cv_dir, *refit_dirs]))  # the folds score validation, the refits test
+    return _export_out_of_fold(nets, members, cv_dir, tta, changes, REFIT_SPLIT, f"{name}-refit", tags, scored_by)
 
 
 # What a refit may differ in from the folds' runs: run settings, not the recipe (trainer.seed: seeds are members).
 TRAINER_RUN_SETTINGS = {"seed", "num_threads", "device", "resume", "resume_from", "stop_after_epochs"}
+# What a refit must share with the folds' runs: their out-of-fold scores stand in for its own held-out scores only when
+# it trained the same network on the same images (data.holdout_site: which site's images are left out of them all).
+RECIPE = ("model", "data.pool_dir", "data.holdout_site", "data.label_names", "data.limit", "data.batch_size", "trainer", "data.augment")
 
 
 def _refit_model(run_dir: Path, fold_config: dict) -> TriageNet:
@@ -233,18 +238,15 @@ def _refit_model(run_dir: Path, fold_config: dict) -> TriageNet:
             "no refit checkpoint found", where=checkpoints / "last.pt", hint="pass the run folder of a finished `data.refit=true` training"
         )
     net, config = load_model(checkpoints / "last.pt")
-    differs = [
-        key
-        for key in ("model", "pool_dir", "label_names", "limit", "batch_size", "trainer", "augment")
-        if _recipe_part(config, key) != _recipe_part(fold_config, key)
-    ]
+    differs = [key for key in RECIPE if _recipe_part(config, key) != _recipe_part(fold_config, key)]
     if not config["data"].get("refit") or differs:
         raise ConfigError(
             f"{run_dir} is not a refit of the cross-validation's recipe ("
             + ("not trained with data.refit=true" if not config["data"].get("refit") else f"its {', '.join(differs)} differ")
-            + ")",
+            + "): it would be calibrated on the out-of-fold scores of another recipe or of other images",
             where=run_dir,
-            hint="train the folds' overrides with data.refit=true (the seed may differ), then export it with their folder",
+            hint="train the folds' overrides (the same data.holdout_site among them) with data.refit=true (the seed may "
+            "differ), then export it with their folder",
         )
     return net.eval()
 
@@ -254,7 +256,7 @@ def _recipe_part(config: dict, key: str):
         return config["model"]
     if key == "trainer":
         return {k: v for k, v in config["trainer"].items() if k not in TRAINER_RUN_SETTINGS}
-    return config["data"].get(key)
+    return config["data"].get(key.removeprefix("data."))
 
 
 def _export_out_of_fold(
@@ -266,8 +268,10 @@ def _export_out_of_fold(
     split: str,
     run_name: str,
     tags: dict,
+    scored_by: str | None = None,
 ) -> FoldEnsemble:
-    """Export `nets` as one package calibrated on the out-of-fold predictions of `members` (the cross-validation)."""
+    """Export `nets` as one package calibrated on the out-of-fold predictions of `members` (the cross-validation);
+    `scored_by` names the folders whose models scored them, for a refusal of their scores."""
     config = OmegaConf.merge(OmegaConf.create(members.configs[0]), changes)
     export_cfg = check_export_settings(config.export)  # before the fold models score every labelled image
     positive_index(members.manifests[0].label_names, export_cfg.positive_label)  # so is the positive label
@@ -314,5 +318,6 @@ def _export_out_of_fold(
             ood_data=ood_data,
             scope=scope_from_rows(labelled, export_cfg.modality),
             held_out_split=split,
+            scored_by=scored_by,
         )
     return FoldEnsemble(package, run.info.run_id, net, val)

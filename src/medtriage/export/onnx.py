@@ -26,6 +26,8 @@ INPUT_NAME, OUTPUT_NAME = "pixels", "probabilities"
 # The graph resizes with antialiasing, which ONNX's Resize has only from opset 18 on: the exporter writes 18 whatever
 # lower opset it is asked for. The highest is the newest this onnx knows (it cannot check a graph of a newer one).
 MIN_OPSET, MAX_OPSET = 18, onnx.defs.onnx_opset_version()
+# What NaN or infinite network outputs mean, and what to do about them.
+DIVERGED_HINT = "the training diverged (look for a NaN loss in the run's metrics): train again, e.g. with a lower trainer.lr"
 log = logging.getLogger(__name__)
 # The exporter's graph passes log every rewrite at INFO; a training run's log should show only ours.
 for _chatty in ("onnx_ir", "onnxscript"):
@@ -152,7 +154,7 @@ def parity(path: str | Path, model: CalibratedNet, images: Iterable[np.ndarray],
             raise PackageError(
                 f"the model returns NaN or infinite probabilities on validation image {count + 1}",
                 where=where,
-                hint="the training diverged (look for a NaN loss in the run's metrics): train again, e.g. with a lower trainer.lr",
+                hint=DIVERGED_HINT,
             )
         worst, count = max(worst, float(np.abs(served - expected).max())), count + 1
     if count == 0:

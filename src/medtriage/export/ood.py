@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medtriage.errors import PackageError
+from medtriage.errors import InputError, PackageError
 from medtriage.evaluation.operating_points import flagging_threshold
 from medtriage.model.averaging import EnsembleNet
 
@@ -219,8 +219,9 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
         member_taps, head, which = feature_taps(member)
         train = tapped_features(member_taps, own.train_images)
         val = tapped_features(member_taps, own.val_images)
+        first = _first_val_index(data, k)
         scores.append(
-            OodScore([_scaled_distance(train_k, own.train_labels, val_k, false_alarm_rate) for train_k, val_k in zip(train, val)])
+            OodScore([_scaled_distance(train_k, own.train_labels, val_k, false_alarm_rate, first) for train_k, val_k in zip(train, val)])
         )
         _check_split(member, member_taps, head, own.val_images[:4])
         taps.append(member_taps)
@@ -288,11 +289,38 @@ def _members_text(count: int, per_member: bool) -> str:
     )
 
 
-def _scaled_distance(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, false_alarm_rate: float) -> MahalanobisDistance:
+def _scaled_distance(
+    train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, false_alarm_rate: float, first: int = 0
+) -> MahalanobisDistance:
+    """The distance fitted on `train`, scaled by its quantile over `val` (the validation images from index `first` on)."""
     distance = fit_mahalanobis(train, train_labels)
     with torch.no_grad():
-        distance.scale.fill_(float(np.quantile(distance(torch.from_numpy(val).float()).numpy(), 1.0 - false_alarm_rate)))
+        val_distances = distance(torch.from_numpy(val).float()).numpy()
+        _check_val_distances(val_distances, first)
+        distance.scale.fill_(float(np.quantile(val_distances, 1.0 - false_alarm_rate)))
     return distance
+
+
+def _check_val_distances(distances: np.ndarray, first: int) -> None:
+    """One infinite distance makes the quantile infinite, and every score divided by it NaN: refused by its image."""
+    bad = np.flatnonzero(~np.isfinite(distances))
+    if len(bad):
+        more = f"; {len(bad) - 1} more after it" if len(bad) > 1 else ""
+        raise InputError(
+            f"validation image {first + bad[0]} (counting from 0, in the order given) has a NaN or infinite OOD distance "
+            f"({distances[bad[0]]}{more}): no OOD threshold can be set on it",
+            where="export.ood",
+            hint="an image far outside the training images' range (its features overflow) or a diverged model gives one: "
+            "find it among the validation images and fix or drop it, or export without the OOD score (export.ood=false)",
+        )
+
+
+def _first_val_index(data: OodData, k: int) -> int:
+    """Where member `k`'s held-out images begin in `data.val_images` (the folds' held-out sets, in fold order)."""
+    if data.per_member is None:
+        return 0
+    fold = next(f for f, holders in enumerate(data.holders) if k in holders)
+    return sum(len(data.member(holders[0]).val_images) for holders in data.holders[:fold])
 
 
 def _check_split(net: nn.Module, taps: nn.Module, head: nn.Linear, images: Sequence[np.ndarray]) -> None:

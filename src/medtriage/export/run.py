@@ -25,9 +25,11 @@ from medtriage.config.schema import ExportConfig, trained_with_flips, value_prob
 from medtriage.data.manifest import load_manifest
 from medtriage.errors import ConfigError
 from medtriage.evaluation.calibration import probabilities
+from medtriage.evaluation.metrics import finite
 from medtriage.evaluation.operating_points import check_rule
 from medtriage.evaluation.predictions import Predictions
 from medtriage.export.onnx import (
+    DIVERGED_HINT,
     INPUT_NAME,
     MAX_OPSET,
     MIN_OPSET,
@@ -78,16 +80,20 @@ def export_model(
     scope: dict | None = None,
     held_out_split: str = "val",
     keep_previous: bool = False,
+    scored_by: str | Path | None = None,
 ) -> ExportResult:
     """Calibrate on `val`, pick thresholds, export + parity-check ONNX, write `<models_dir>/<name>/`.
     A `tile_pool` (the model scores slide tiles) adds the `pathology` block with slide-level thresholds;
     `ood_data` (training and validation images, validation in `val`'s order) adds the in-graph OOD score
     and the drift references; `scope` is what the model may be shown (export/safety.py); `held_out_split` names what
     `val` is in model.json (`out-of-fold`: each image scored by a fold model that did not train on it); with
-    `keep_previous`, the package it replaces stays aside until package.settle_package keeps or undoes the export."""
+    `keep_previous`, the package it replaces stays aside until package.settle_package keeps or undoes the export;
+    `scored_by` (the checkpoint or runs whose scores `val` and `test` are) is what a refusal of those scores names, else
+    the MLflow run in `provenance`, else the package."""
     check_package_name(cfg.name)  # before any folder is made or looked into under it
     positive = positive_index(label_names, cfg.positive_label)
     _check_outputs_named(val.logits, label_names)
+    _check_scores_finite(val, test, scored_by or _run_named(provenance) or Path(cfg.models_dir) / cfg.name)
     val_labels = np.asarray(val.labels).astype(int)
     calibration = choose_calibration(val.logits, val_labels, cfg.ece_bins, allowed=cfg.calibrate, split=held_out_split)
     temperature = calibration["temperature"]
@@ -187,6 +193,18 @@ def _check_outputs_named(logits, label_names: Sequence[str]) -> None:
             where="data.pool_dir",
             hint="export with the pool the model was trained on (leave data.pool_dir as the run had it)",
         )
+
+
+def _check_scores_finite(val: Predictions, test: Predictions | None, where: str | Path) -> None:
+    """NaN or infinite logits come from a diverged training: refused here, naming it, rather than deep in calibration."""
+    for name, split in (("validation", val), ("test", test)):
+        if split is not None:
+            finite(split.logits, f"the network's {name} logits", where=str(where), hint=DIVERGED_HINT)
+
+
+def _run_named(provenance: dict | None) -> str | None:
+    run_id = (provenance or {}).get("mlflow_run_id")
+    return f"MLflow run {run_id}" if run_id else None
 
 
 def check_trained_labels(pool_labels: Sequence[str], train_config: dict, pool_dir) -> None:
@@ -341,11 +359,15 @@ def export_run(run_id: str | None, checkpoint: str | Path, cfg: Any, checked: Ex
     returns the package folder. With a run id, the package is logged to that run and registered. `checked` is
     `cfg.export` as check_export_settings returned it, when that already ran; without it, the settings are checked here."""
     net, train_config = load_model(Path(checkpoint))
-    return export_net(net, train_config, cfg, run_id, checked)
+    scored_by = f"{checkpoint} (MLflow run {run_id})" if run_id else str(checkpoint)
+    return export_net(net, train_config, cfg, run_id, checked, scored_by)
 
 
-def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: ExportConfig | None = None) -> Path:
-    """export_run for a network already built (a trained model, or an ensemble of several)."""
+def export_net(
+    net, train_config: dict, cfg: Any, run_id: str | None, checked: ExportConfig | None = None, scored_by: str | None = None
+) -> Path:
+    """export_run for a network already built (a trained model, or an ensemble of several); `scored_by`: what a
+    refusal of its scores names (export_model), when not the run `run_id`."""
     config = _as_dict(cfg)
     export_cfg = checked if checked is not None else check_export_settings(config.get("export", {}))
     if isinstance(net, TriageNet):  # an ensemble's members were checked where their configs were loaded
@@ -378,6 +400,7 @@ def export_net(net, train_config: dict, cfg: Any, run_id: str | None, checked: E
         tile_pool=tile_pool_of(manifest, val.row_indices, test.row_indices if test is not None else None),
         ood_data=ood_data_of(manifest, val, export_cfg),
         scope=scope_from_rows(manifest.split("train"), export_cfg.modality),
+        scored_by=scored_by,
     )
 
 
