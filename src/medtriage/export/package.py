@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from medtriage.errors import PackageError
-from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, validate_model_json
+from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, temperature_applied, validate_model_json
 from medtriage.io.safe_output import copy_atomic, sync_folder, write_atomic
 
 try:
@@ -477,13 +477,9 @@ def _refusal_lines(scope: dict | None, ood: dict | None) -> list[str]:
     return lines
 
 
-def _temperature_applied(cal: dict) -> bool:
-    return cal.get("method") != "none"
-
-
 def _calibration_text(cal: dict) -> str:
     """What the graph does to the network's probabilities: a fitted temperature, or nothing (the raw ones were kept)."""
-    if _temperature_applied(cal):
+    if temperature_applied(cal):
         return f"calibrated with temperature {cal['temperature']:.3f} (held-out ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f})"
     return f"not temperature-scaled: the network's own probabilities (held-out ECE {cal['ece_before']:.3f})"
 
@@ -501,7 +497,7 @@ def model_card(meta: dict) -> str:
         "",
         "## Intended use",
         f"Decision support for {meta['task']} of {meta['modality']} images: it orders a worklist by the "
-        f"{'calibrated ' if _temperature_applied(cal) else ''}probability of **{meta['positive_label']}**. It is not a "
+        f"{'calibrated ' if temperature_applied(cal) else ''}probability of **{meta['positive_label']}**. It is not a "
         "diagnosis; a radiologist reads every image.",
         "",
         "## Input and output",

@@ -46,7 +46,7 @@ from medtriage.export.package import next_version, settle_package, split_metrics
 from medtriage.export.pathology import TilePool, check_slide_settings, pathology_block, thresholds_by_export_rules, tile_pool_of
 from medtriage.export.registry import artifact_path, log_package, registrar, run_git_commit
 from medtriage.export.safety import calibration_on_test, choose_calibration, drift_references, scope_from_rows
-from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, schema_errors
+from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, schema_errors, temperature_applied
 from medtriage.format.schema import MODEL_SCHEMA
 from medtriage.model.averaging import EnsembleNet, averaged, check_tta
 from medtriage.model.checkpoint import config_value, load_model
@@ -240,7 +240,7 @@ def _metrics(split: Predictions, temperature: float, positive: int, threshold: f
 def output_spec(label_names: Sequence[str], calibration: dict) -> dict:
     """model.json's `output`: `calibrated` says whether the graph divides by a fitted temperature (export.calibrate
     only allows it; choose_calibration may keep the raw probabilities)."""
-    return {"name": OUTPUT_NAME, "classes": len(label_names), "calibrated": calibration["method"] != "none"}
+    return {"name": OUTPUT_NAME, "classes": len(label_names), "calibrated": temperature_applied(calibration)}
 
 
 def spread(items: Sequence, count: int) -> list:

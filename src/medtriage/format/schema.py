@@ -14,6 +14,12 @@ from medtriage.errors import PackageError
 SCHEMA_VERSION = 1
 INPUT_AXES = ("batch", "channels", "height", "width")  # model.json's `input` keys, in the graph's NCHW order
 
+
+def temperature_applied(calibration: dict) -> bool:
+    """Whether a package's graph divides by its fitted temperature: model.json's `calibration.method` is not "none"."""
+    return calibration.get("method") != "none"
+
+
 _NUMBER = {"type": "number"}
 _PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
 _OPERATING_POINT = {

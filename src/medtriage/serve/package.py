@@ -10,7 +10,7 @@ import numpy as np
 
 import medtriage
 from medtriage.errors import PackageError
-from medtriage.format import INPUT_AXES, META_FILE, ONNX_FILE, SCHEMA_VERSION, sha256_file, validate_model_json
+from medtriage.format import INPUT_AXES, META_FILE, ONNX_FILE, SCHEMA_VERSION, sha256_file, temperature_applied, validate_model_json
 from medtriage.format.onnx_header import graph_header
 
 REEXPORT_HINT = "restore the package from the MLflow run or model registry, or re-export it: python scripts/export.py run_id=<run>"
@@ -60,11 +60,10 @@ class ModelPackage:
 
     @property
     def calibrated(self) -> bool:
-        """Whether the probabilities served are calibrated: the graph divides by a fitted temperature only when
-        `calibration.method` is not "none" (the rule behind export's `output.calibrated` and the model card's wording).
-        A package exported before that rule could flag raw probabilities calibrated, so the method decides; a false
-        flag stands."""
-        return self.meta["calibration"]["method"] != "none" and self.meta["output"].get("calibrated", True) is not False
+        """Whether the probabilities served are calibrated (format.temperature_applied, the rule behind export's
+        `output.calibrated` and the model card's wording). A package exported before that rule could flag raw
+        probabilities calibrated, so the method decides; a false flag stands."""
+        return temperature_applied(self.meta["calibration"]) and self.meta["output"].get("calibrated", True) is not False
 
     @property
     def scope(self) -> dict | None:
