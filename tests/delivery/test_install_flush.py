@@ -47,3 +47,15 @@ def test_a_sync_that_ignores_its_arguments_leaves_the_fsync_to_python(tmp_path):
     paths = fsynced.read_text().splitlines()
     assert f"{prefix}/models/.model.new/model.json" in paths and f"{os.readlink(prefix / 'venv')}/bin/medtriage" in paths
     assert f"{prefix}/models" in paths
+
+
+def test_the_folders_an_install_made_are_flushed_in_the_folders_that_hold_them(tmp_path):
+    """`mkdir -p` made srv/ and srv/medtriage/ too: a power loss after the switch could lose their names, and the
+    release with them, had only the folder holding PREFIX been flushed."""
+    prefix = tmp_path / "srv" / "sites" / "medtriage"
+    synced = tmp_path / "synced"
+    logging_sync = failing_command(tmp_path / "bin", "sync", "--*", then=f'shift; printf "%s\\n" "$@" >> {synced}; exec "$REAL" -- "$@"')
+    done = install(small_bundle(tmp_path), prefix, fake_python(tmp_path), logging_sync)
+    assert done.returncode == 0, done.stderr
+    paths = {os.path.normpath(line) for line in synced.read_text().splitlines()}
+    assert {str(tmp_path), str(tmp_path / "srv"), str(tmp_path / "srv" / "sites"), str(prefix)} <= paths

@@ -45,7 +45,7 @@ case "$PREFIX/" in
 esac
 cd "$HERE"
 
-venv="" staging="" switched="" locked="" fresh="" made=""
+venv="" staging="" switched="" locked="" made=""
 
 # What this bundle puts into PREFIX: each model folder, unit and config example. Each is first copied beside its place
 # as a hidden .NAME.new and verified; only then, next to the switch of PREFIX/venv, is it renamed into place, the one it
@@ -209,6 +209,12 @@ make_folders() {
         mkdir -p "$target" || return
     done
 }
+# The folder holding each one this run made, above PREFIX (PREFIX's own are flushed by name).
+holders() {
+    for folder in $made; do
+        case $folder/ in "$PREFIX"/?*) ;; *) echo "${folder%/*}/" ;; esac
+    done
+}
 # The folders this run made go once empty, PREFIX and those above it last: rmdir, never rm -rf, as something else may
 # have put a file in one meanwhile. PREFIX and its folders only under the lock: without it, another install that holds
 # it may have made PREFIX (both saw it missing) and not yet filled it.
@@ -246,7 +252,6 @@ have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') ||
 # the running release would be changed in place. PREFIX/venv, which the units run, is switched to it by one rename
 # only after everything below passed: a failed install leaves the running one as it was, and the previous release
 # stays beside it to switch back to.
-[ -d "$PREFIX" ] || fresh=$PREFIX/..  # this run makes PREFIX: its name is flushed with the folder that holds it
 make_folders "$PREFIX" && take_prefix && make_folders "$PREFIX/venvs" ||
     fail "cannot create $PREFIX/venvs (the reason is above). Nothing was installed. Check that $PREFIX, or the folder" \
         "it is to be made in, is writable (as root for /opt), and the free space (df), then run install.sh again."
@@ -306,8 +311,8 @@ each_target commit && commit . venv ||
     fail "could not switch $PREFIX to the new release (the reason is above). Nothing was switched: $PREFIX runs what it" \
         "ran before; each model, unit and config example renamed so far was put back. Run install.sh again."
 switched=1
-# The switch on the disk before it is reported.
-flush ${fresh:+"$fresh"} "$PREFIX" "$PREFIX/models" "$PREFIX/systemd" "$PREFIX/config" -prune ||
+# The switch on the disk before it is reported, with the name of each folder this run made (in the folder holding it).
+flush $(holders) "$PREFIX" "$PREFIX/models" "$PREFIX/systemd" "$PREFIX/config" -prune ||
     fail "$PREFIX runs the new release, but its switch could not be flushed to the disk (the reason is above): the disk" \
         "under $PREFIX may be failing, and a power loss could bring back the release it replaced. Check it (df $PREFIX;" \
         "dmesg), then run install.sh again."
