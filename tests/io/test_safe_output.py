@@ -5,7 +5,7 @@ import os
 import pytest
 
 from medtriage.errors import InputError
-from medtriage.io.safe_output import AtomicFile, inside, output_path, remove_partials, safe_component, write_atomic, write_new
+from medtriage.io.safe_output import AtomicFile, inside, output_path, remove_partials, safe_component, try_lock, write_atomic, write_new
 
 
 @pytest.mark.parametrize(
@@ -101,3 +101,18 @@ def test_an_atomic_file_synced_early_is_not_synced_again_by_its_commit(tmp_path,
     target.sync_and_close()  # early, as the node's spool does outside its lock
     assert target.commit() == tmp_path / "out.bin" and (tmp_path / "out.bin").read_bytes() == b"data"
     assert len(synced_files) == 1
+
+
+def test_try_lock_tells_a_held_lock_from_a_free_one(tmp_path):
+    """flock's locks belong to open files: another descriptor of the same file is refused while one holds it."""
+    path = tmp_path / "lock"
+    path.touch()
+    first, second, third = (os.open(path, os.O_RDONLY) for _ in range(3))
+    try:
+        assert try_lock(first) is True and try_lock(second) is False and try_lock(second, shared=True) is False
+        os.close(first)
+        first = os.open(path, os.O_RDONLY)
+        assert try_lock(first, shared=True) is True and try_lock(second, shared=True) is True and try_lock(third) is False
+    finally:
+        for descriptor in (first, second, third):
+            os.close(descriptor)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from medtriage.errors import InputError
-from medtriage.io.safe_output import PARTIAL_SUFFIX, AtomicFile
+from medtriage.io.safe_output import PARTIAL_SUFFIX, AtomicFile, try_lock
 
 try:
     import fcntl
@@ -68,14 +68,13 @@ def _open_lock(pool_dir: Path) -> int | None:
 
 
 def _lock(handle: int, pool_dir: str | Path) -> bool:
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """Whether `handle` holds the pool's lock, waited for while another build holds it (False: a file system without
+    locks)."""
+    locked = try_lock(handle)
+    if locked is False:
         print(f"pool {pool_dir}: another build of it is under way; waiting for it to finish", flush=True)
         fcntl.flock(handle, fcntl.LOCK_EX)
-    except OSError:  # a file system without locks
-        return False
-    return True
+    return locked is not None
 
 
 def _holds_lock(pool_dir: Path) -> bool:
@@ -113,12 +112,13 @@ def _remove_unclaimed(path: Path) -> bool:
         status = os.fstat(handle)
         if not stat.S_ISREG(status.st_mode):  # a folder of that name (a staging folder) is no writer's file
             return False
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not try_lock(handle):  # claimed, or a file system without locks
+            return False
         if file_identity(os.stat(path, follow_symlinks=False)) != file_identity(status):  # renamed into place meanwhile
             return False
         path.unlink()
         return True
-    except OSError:  # claimed (BlockingIOError), gone meanwhile, or a file system without locks
+    except OSError:  # gone meanwhile
         return False
     finally:
         os.close(handle)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import fcntl
 import json
 import os
 import re
@@ -38,6 +37,7 @@ from medtriage.delivery.wheelhouse import (
 )
 from medtriage.errors import ConfigError, PackageError, printable
 from medtriage.format import sha256_file
+from medtriage.io.safe_output import try_lock
 
 CHECKSUMS, MANIFEST, SBOM = "SHA256SUMS", "bundle.json", "sbom.cdx.json"
 UNITS = ("medtriage-serve@.service", "medtriage-listen@.service")
@@ -158,19 +158,13 @@ def _lock(staging: Path, out: Path) -> int:
     """A descriptor of `staging` holding flock's lock on it (gone when it is closed). On a file system without such
     locks (some network shares) the folder counts as free."""
     fd = os.open(staging, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
-            return fd
+    if try_lock(fd) is False:
         os.close(fd)
-        if isinstance(err, BlockingIOError):
-            raise ConfigError(
-                f"another `medtriage bundle` is writing this bundle (in {staging})",
-                where=out,
-                hint="let it finish, or choose another --out",
-            ) from None
-        raise
+        raise ConfigError(
+            f"another `medtriage bundle` is writing this bundle (in {staging})",
+            where=out,
+            hint="let it finish, or choose another --out",
+        )
     return fd
 
 

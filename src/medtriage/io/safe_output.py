@@ -225,22 +225,38 @@ _UMASK = _read_umask()
 PUBLIC_MODE = 0o666 & ~_UMASK  # what open() gives a new file
 
 
+def try_lock(descriptor: int, shared: bool = False) -> bool | None:
+    """Whether `descriptor` now holds flock's lock (exclusive, or `shared`) without waiting: False when another
+    process holds one in its way, None where there are no such locks (no fcntl, some network shares)."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(descriptor, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
+        return None
+    return True
+
+
 def hold_exclusive(path: Path, busy: Callable[[str], Exception]) -> int | None:
     """A descriptor of `path` (made if missing) holding flock's exclusive lock, this process's pid written in it for
     the next one's refusal: `busy(holder pid)` is raised when another process holds it. The lock goes when the
-    descriptor is closed or the process ends, however it ends. None where there is no flock (Windows)."""
+    descriptor is closed or the process ends, however it ends. None where there are no such locks (Windows, some
+    network shares): the work goes on unlocked there, as every other lock of the project does."""
     if fcntl is None:
         return None
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(descriptor, 32).decode("ascii", "replace").strip() or "unknown"
-        os.close(descriptor)
-        raise busy(holder) from None
+        locked = try_lock(descriptor)
+        if locked is False:
+            raise busy(os.read(descriptor, 32).decode("ascii", "replace").strip() or "unknown")
     except BaseException:
         os.close(descriptor)
         raise
+    if locked is None:
+        os.close(descriptor)
+        return None
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
     return descriptor
