@@ -103,3 +103,38 @@ def test_what_an_export_that_stopped_before_settling_set_aside_is_removed_by_the
     write_package(package_dir, onnx, {**meta, "version": 3})
     assert load_package(package_dir).version == 3
     assert _hidden(package_dir.parent) == []
+
+
+@pytest.mark.parametrize("other_process", [True, False], ids=["other-process", "same-process"])
+def test_an_export_that_failed_under_a_later_one_is_not_put_back_by_its_undo(source, tmp_path, other_process):
+    """v2 is written, v3 over it; v2 fails first (v3 in place: nothing of the folder to undo), then v3 fails. v3's undo
+    put back v2, a version its export withdrew and no registry knows: v1 goes back instead."""
+    onnx, meta = source
+    package_dir, first = _v2_over_v1_unsettled(source, tmp_path)
+    second = write_package(package_dir, onnx, {**meta, "version": 3}, keep_previous=True)
+
+    if other_process:
+        (tmp_path / "first.json").write_text(json.dumps(first))
+        settling = "settle_package(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), keep=False)"
+        code = f"import json, sys\nfrom pathlib import Path\nfrom medtriage.export.package import settle_package\n{settling}"
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(package_dir), str(tmp_path / "first.json")], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+    else:
+        settle_package(package_dir, first, keep=False)
+    assert load_package(package_dir).version == 3
+    settle_package(package_dir, second, keep=False)
+
+    assert load_package(package_dir).version == 1
+    assert _hidden(package_dir.parent) == []
+
+
+def test_a_first_version_that_failed_under_a_later_one_leaves_no_package_when_that_one_fails_too(source, tmp_path):
+    onnx, meta = source
+    package_dir = tmp_path / "models" / "tiny"
+    first = write_package(package_dir, onnx, {**meta, "version": 1}, keep_previous=True)
+    second = write_package(package_dir, onnx, {**meta, "version": 2}, keep_previous=True)
+    settle_package(package_dir, first, keep=False)
+    settle_package(package_dir, second, keep=False)
+    assert not package_dir.exists() and _hidden(package_dir.parent) == []

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from medtriage.errors import PackageError
 from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, temperature_applied, validate_model_json
-from medtriage.io.safe_output import copy_atomic, sync_folder, write_atomic
+from medtriage.io.safe_output import copy_atomic, sync_folder, try_lock, write_atomic
 
 try:
     import fcntl
@@ -240,18 +240,41 @@ def settle_package(package_dir: Path, meta: dict, keep: bool) -> None:
     """After write_package(keep_previous=True): keep the new package (the previous one deleted), or undo it: the
     previous package back in its place, or no package where there was none, so an export that failed after writing
     leaves no version on disk that the registry does not know. The folder is undone only while it still holds this
-    package (not one a later export put there)."""
+    package; where a later export put its own there, this package, which that one set aside, is withdrawn there."""
     package_dir = Path(package_dir)
     with _package_lock(package_dir):
         previous = _retired_name(package_dir, meta["version"])
         if not keep and _holds(package_dir, meta):
             undone = package_dir.with_name(f".{package_dir.name}.staging-undone-{os.getpid()}")  # a leftover if killed here
             package_dir.rename(undone)
-            if previous.exists():
+            if (previous / META_FILE).is_file():
                 previous.rename(package_dir)
             sync_folder(package_dir.parent)
             shutil.rmtree(undone, ignore_errors=True)
+        elif not keep:
+            _withdraw_aside(package_dir, meta, previous)
         _remove_retired(previous)
+
+
+def _withdraw_aside(package_dir: Path, meta: dict, previous: Path) -> None:
+    """Where a later export set this failed package aside, to put back should it fail too, what this one replaced takes
+    its place there (nothing, where it replaced none). File by file: the later export's claim is on that folder."""
+    aside = next((p for p in package_dir.parent.glob(f".{package_dir.name}.retired-by-v*") if p != previous and _holds(p, meta)), None)
+    if aside is None:
+        return
+    withdrawn = package_dir.with_name(f".{package_dir.name}.staging-withdrawn-{os.getpid()}")  # a leftover if killed here
+    withdrawn.mkdir()
+    (aside / META_FILE).rename(withdrawn / META_FILE)  # first: without it the folder is no package to put back
+    for item in list(aside.iterdir()):
+        item.rename(withdrawn / item.name)
+    if (previous / META_FILE).is_file():
+        for item in sorted(previous.iterdir(), key=lambda p: p.name == META_FILE):  # model.json last, for the same reason
+            item.rename(aside / item.name)
+        sync_folder(aside)
+    else:
+        aside.rmdir()
+        sync_folder(package_dir.parent)
+    shutil.rmtree(withdrawn, ignore_errors=True)
 
 
 def _holds(package_dir: Path, meta: dict) -> bool:
@@ -282,15 +305,11 @@ def _swap_in(staging: Path, package_dir: Path, retired: Path) -> None:
 def _claim(retired: Path) -> None:
     """Hold flock's lock on `retired` until _release. Where folders cannot be locked (no fcntl, some network shares)
     it is left unclaimed: another export's cleanup then takes it for a stopped export's."""
-    if fcntl is None:
-        return
     handle = os.open(retired, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if try_lock(handle):
+        _claims[str(retired)] = handle
+    else:
         os.close(handle)
-        return
-    _claims[str(retired)] = handle
 
 
 def _release(retired: Path) -> None:
@@ -306,21 +325,14 @@ def _remove_retired(retired: Path) -> None:
 
 def _claimed(folder: Path) -> bool:
     """Whether a running export holds `folder`'s lock (tried on a descriptor of its own, so this process's claims count)."""
-    if fcntl is None:
-        return False
     try:
         handle = os.open(folder, os.O_RDONLY)
     except OSError:  # gone meanwhile
         return False
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # a file system without locks
-        return False
+        return try_lock(handle) is False
     finally:
         os.close(handle)  # releases the lock just taken
-    return False
 
 
 def _restore_retired(package_dir: Path) -> None:
