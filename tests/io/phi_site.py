@@ -178,6 +178,8 @@ _IDENTIFYING_KEYWORDS = {
 
 
 _UID = re.compile(r"\d+(\.\d+){3,}")
+# UIDs that name a kind of object (a vendor's private SOP class, a coding scheme), which de-identification keeps
+_KIND_UID = re.compile(r"SOPClass|TransferSyntax|^(CodingScheme|Context|MappingResource)UID$")
 
 
 def _values_in(ds: Dataset) -> set[str]:
@@ -191,7 +193,11 @@ def _values_in(ds: Dataset) -> set[str]:
             if elem.VR == "PN":
                 found.add(text)
                 found |= {part for part in text.split("^") if len(part) >= 6}
-            elif (elem.VR == "UI" or elem.tag.is_private and _UID.fullmatch(text)) and not text.startswith("1.2.840.10008."):
+            elif (
+                (elem.VR == "UI" or elem.tag.is_private and _UID.fullmatch(text))
+                and not text.startswith("1.2.840.10008.")
+                and not _KIND_UID.search(elem.keyword)
+            ):
                 found.add(text)  # original UIDs, also where a vendor copied them into private elements
             elif elem.keyword in _IDENTIFYING_KEYWORDS:
                 found.add(text)

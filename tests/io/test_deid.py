@@ -10,8 +10,9 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as table_e1
+from pydicom import config
 from pydicom.data import get_testdata_file
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -20,6 +21,7 @@ from medtriage.io.deid import DeidOptions, deidentify, patient_key, profile_tabl
 from medtriage.io.quarantine import screen
 from medtriage.io.site_key import SiteKey, load_site_key
 from tests.io.phi_site import build_phi_site, identifying_values, pixel_sha256
+from tests.io.test_deid_edges import _reread
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
 DEID_DATA = Path(__import__("deid_data").__file__).parent / "data"
@@ -187,6 +189,54 @@ def test_uids_map_consistently_and_references_resolve(phi_site):
         assert ds.ReferencedImageSequence[0].ReferencedSOPClassUID.startswith("1.2.840.10008.")
     assert datasets[0].StudyInstanceUID == datasets[4].StudyInstanceUID  # one study stays one study
     assert datasets[0].StudyInstanceUID != datasets[1].StudyInstanceUID
+
+
+GE_CLASS, GE_REFERENCED_CLASS = "1.2.840.113619.4.30", "1.2.840.113619.4.27"  # a vendor's private SOP classes
+
+
+@pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+def test_private_class_and_coding_scheme_uids_stay_while_instance_uids_are_remapped(syntax):
+    """A SOP Class UID names a kind of object, not a patient: remapped, a vendor's private class (outside the DICOM
+    root) was no longer recognised by any viewer. Coding scheme, context group and mapping resource UIDs name
+    registries. Instance UIDs, and the organisation that extended a context group, stay remapped."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = GE_CLASS
+    ds.RelatedGeneralSOPClassUID = ds.OriginalSpecializedSOPClassUID = GE_REFERENCED_CLASS
+    instance, creator = "1.2.826.0.1.3680043.8.498.4711", "1.2.826.0.1.3680043.8.498.99"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = GE_REFERENCED_CLASS, instance
+    ds.ReferencedSOPSequence = [reference]
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "T-D3000", "99GE", "Chest"
+    region.CodingSchemeUID, region.ContextUID, region.MappingResourceUID = "1.2.840.113619.6.1", "1.2.840.113619.6.2", "1.2.840.113619.6.3"
+    region.ContextGroupExtensionCreatorUID = creator
+    ds.AnatomicRegionSequence = [region]
+    ds.file_meta.PrivateInformationCreatorUID, ds.file_meta.PrivateInformation = "1.2.840.113619.6.9", b"GE"
+    ds = _reread(ds, syntax)
+    original = {k: str(ds[k].value) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")}
+    deidentify(ds, KEY)
+    ds = _reread(ds)
+    assert (ds.SOPClassUID, ds.file_meta.MediaStorageSOPClassUID) == (GE_CLASS, GE_CLASS)
+    assert ds.RelatedGeneralSOPClassUID == ds.OriginalSpecializedSOPClassUID == GE_REFERENCED_CLASS
+    assert ds.ReferencedSOPSequence[0].ReferencedSOPClassUID == GE_REFERENCED_CLASS
+    region = ds.AnatomicRegionSequence[0]
+    assert [region.CodingSchemeUID, region.ContextUID, region.MappingResourceUID] == [f"1.2.840.113619.6.{i}" for i in (1, 2, 3)]
+    assert ds.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == KEY.uid(instance)
+    assert region.ContextGroupExtensionCreatorUID == KEY.uid(creator)  # an organisation: U, as Table E.1-1 has its template twin
+    assert {k: str(ds[k].value) for k in original} == {k: KEY.uid(v) for k, v in original.items()}
+    assert "PrivateInformationCreatorUID" not in ds.file_meta and "PrivateInformation" not in ds.file_meta
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the point of the test
+@pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+def test_a_class_attribute_holding_text_not_a_uid_is_remapped_not_kept(syntax):
+    """Class UIDs stay as read only when they are UIDs: digits and dots leave no room for a name, any text may."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.add(DataElement(0x0008001A, "UI", "SMITH^JOHN 1961", validation_mode=config.IGNORE))  # Related General SOP Class
+    ds = _reread(ds, syntax)
+    deidentify(ds, KEY)
+    assert str(ds.RelatedGeneralSOPClassUID) == KEY.uid("SMITH^JOHN 1961")
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
 
 
 def test_marks_method_and_options():

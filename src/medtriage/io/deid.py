@@ -7,9 +7,10 @@ generated from the published standard, one module per edition; this module only 
 apply them. Identity is replaced with values keyed by a secret the site keeps (`SiteKey`):
 HMAC-SHA256 pseudonyms, a per-patient date shift and `2.25.<int>` UIDs, so the same patient,
 study or referenced instance maps to the same value on every run, and nothing can be reversed
-without the secret. All private elements are removed. Pixel data is never touched, which is why
-`medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or in
-free text to quarantine instead.
+without the secret. UIDs that name a kind of object, not an instance (SOP classes, a vendor's
+private ones included, transfer syntaxes, coding schemes), keep their value. All private elements
+are removed. Pixel data is never touched, which is why `medtriage.io.quarantine.screen` sends
+objects that may carry identity in their pixels or in free text to quarantine instead.
 
 numpy/pydicom only: sites install the base package.
 """
@@ -92,6 +93,41 @@ DEFAULT_CHARACTERISTICS = ("PatientSex", "PatientAge", "PatientSize", "PatientWe
 NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "PatientBirthTime", "PatientDeathDateInAlternativeCalendar"))
 ANIMAL_OWNER_ATTRIBUTES = ("ResponsiblePerson", "ResponsibleOrganization")  # Type 2C: required if the patient is an animal
 PSEUDONYM_TAGS = frozenset(tag_for_keyword(k) for k in ("PatientID", "PatientName"))
+# UIDs that name a kind of thing, not a patient, study or instance: SOP classes (a vendor's private ones too, which a
+# viewer must still recognise), transfer syntaxes, context groups, coding schemes and mapping resources. Table E.1-1
+# lists none of them. Extension creators name an organisation (the table remaps the template ones), implementations
+# and devices a site's software or machine: these are not kinds, and stay remapped.
+KIND_UID_TAGS = frozenset(
+    tag_for_keyword(k)
+    for k in (
+        "AffectedSOPClassUID",
+        "RequestedSOPClassUID",
+        "MediaStorageSOPClassUID",
+        "TransferSyntaxUID",
+        "RTVCommunicationSOPClassUID",
+        "ReferencedSOPClassUIDInFile",
+        "ReferencedTransferSyntaxUIDInFile",
+        "ReferencedRelatedGeneralSOPClassUIDInFile",
+        "SOPClassUID",
+        "RelatedGeneralSOPClassUID",
+        "OriginalSpecializedSOPClassUID",
+        "SOPClassesInStudy",
+        "CodingSchemeUID",
+        "ContextUID",
+        "MappingResourceUID",
+        "StoredInstanceTransferSyntaxUID",
+        "ReferencedSOPClassUID",
+        "SOPClassesSupported",
+        "AvailableTransferSyntaxUID",
+        "FlowTransferSyntaxUID",
+        "MACCalculationTransferSyntaxUID",
+        "EncryptedContentTransferSyntaxUID",
+        "PertinentSOPClassesInStudy",
+        "PertinentSOPClassesInSeries",
+    )
+)
+KEEP_KIND = "N"  # the walker's action for them: the value stays as read, wherever it occurs
+UID_TEXT = re.compile(r"[0-9.\\\0 ]*")  # UID syntax (PS3.5 9.1), several values and padding: no room for a name
 # Z allows "a dummy value consistent with the VR": a keyed one keeps accession-keyed labels joinable.
 ACCESSION_TAG = tag_for_keyword("AccessionNumber")
 # What systems write into Patient's Name when they know no name (compared upper-case, name components joined by
@@ -244,7 +280,7 @@ class DeidOptions:
             "options": [meaning for _, meaning in self.method_codes()[1:]],
             "retained_characteristics": list(self.retain_characteristics),
             "private_elements": "removed",
-            "uids": "2.25 + keyed hash",
+            "uids": "2.25 + keyed hash; class, transfer syntax and coding scheme UIDs kept",
             "patient_id": "keyed pseudonym",
             "patient_identity": SEVERAL_ISSUERS_IDENTITY if self.several_id_issuers else "Patient ID (issuer ignored)",
         }
@@ -335,9 +371,11 @@ class _ProfileWalker:
             elem = ds.get_item(tag)  # still undecoded bytes if nobody looked: keep it that way when kept
             vr = elem.VR if elem.VR not in (None, "UN") else None  # implicit VR files carry none
             action = decisions.get((int(tag), vr, top_level)) or self.action_for(int(tag), vr, top_level)
+            if action == KEEP_KIND and not _is_uid_text(elem):
+                action = "U"  # not a UID (text, or items): it may name anyone, and goes as unlisted UIDs do
             actions[action] += 1
-            if action == "K" and vr not in ("SQ", "UI", None):
-                continue  # the common case: kept as read
+            if (action == "K" and vr not in ("SQ", "UI", None)) or action == KEEP_KIND:
+                continue  # the common case: kept as read, raw bytes or decoded alike
             if action == "X":
                 del ds[tag]
             elif elem.is_raw and vr is not None and self.edits_raw(action, vr):
@@ -395,6 +433,8 @@ class _ProfileWalker:
         listed = self.table.action(tag)
         if listed is not None:
             return RESOLVED_ACTION[listed]
+        if vr == "UI" and tag in KIND_UID_TAGS:
+            return KEEP_KIND
         if vr == "UI":
             return "U"  # UIDs the table does not list (e.g. inside references) are remapped too
         if vr == "PN":
@@ -449,6 +489,15 @@ class _ProfileWalker:
         # A UTC offset (&ZZXX) goes as Timezone Offset From UTC does (X): it says where the site is.
         shifted = _shifted(_parse_date(value[:8]), self.shift_days)
         return shifted + re.split(r"[+-]", value[8:], maxsplit=1)[0] if shifted else ""
+
+
+def _is_uid_text(elem) -> bool:
+    """Whether the element, decoded or still bytes, holds nothing but UID syntax (so no items either)."""
+    value = elem.value
+    if isinstance(value, bytes):
+        return bool(UID_TEXT.fullmatch(value.decode("latin-1")))
+    values = value if isinstance(value, (list, MultiValue)) else [value]
+    return all(isinstance(v, str) and UID_TEXT.fullmatch(v) for v in values if v is not None)
 
 
 def _is_text(value) -> bool:

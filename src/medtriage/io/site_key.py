@@ -43,7 +43,8 @@ class SiteKey:
         return 1 + int.from_bytes(self._digest("date-shift", patient_key)[:8], "big") % self.max_shift_days
 
     def uid(self, original: str) -> str:
-        """`2.25.<int>` for any UID outside the DICOM root; registered ones (SOP classes...) stay."""
+        """`2.25.<int>` for any UID outside the DICOM root; registered ones (SOP classes...) stay. A private UID that
+        names a kind of object (a vendor's SOP class) is kept by its attribute: deid.KIND_UID_TAGS never come here."""
         original = original.strip("\0 ")
         if not original or original.startswith(DICOM_UID_ROOT):
             return original
