@@ -189,6 +189,51 @@ def test_a_fold_members_ood_distance_that_is_not_finite_names_its_image_among_al
     assert np.all(data.val_images[23] == 1e30)
 
 
+@pytest.mark.parametrize("scale", [1e30, 1e38])  # finite features whose squares overflow float32; infinite features
+def test_an_ood_training_image_whose_features_overflow_is_named_not_a_validation_image(tmp_path, scale):
+    from medtriage.export.ood import OodData
+
+    rng = np.random.default_rng(1)
+    images = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(40)]
+    train = [*images[:7], np.full((1, 16, 16), scale, np.float32), *images[8:30], np.full((1, 16, 16), scale, np.float32), *images[31:]]
+    with pytest.raises(InputError, match=r"training image 7 \(counting from 0, in the order given\) has OOD features") as refused:
+        _small_export(tmp_path, ood_data=OodData(train, np.arange(40) % 2, images))
+    assert "1 more after it" in refused.value.reason and "validation" not in refused.value.reason
+    assert refused.value.where == "export.ood"
+    assert "training images" in refused.value.hint and "export.ood=false" in refused.value.hint
+    assert not (tmp_path / "models" / "small").exists()
+
+
+def test_a_fold_members_ood_training_image_whose_features_overflow_names_the_member_and_its_image():
+    from medtriage.export.ood import OodData, fit_ood
+    from medtriage.model.averaging import EnsembleNet
+
+    rng = np.random.default_rng(1)
+    images = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(40)]
+    trained = [images[20:], [*images[:3], np.full((1, 16, 16), 1e30, np.float32), *images[4:20]]]
+    per_fold = [OodData(trained[k], np.arange(20) % 2, images[:20] if k == 0 else images[20:]) for k in (0, 1)]
+    data = OodData([], np.zeros(0, dtype=int), [*images[:20], *images[20:]], per_member=per_fold, holders=[[0], [1]])
+    with pytest.raises(InputError, match=r"fold member 1's training image 3 \(counting from 0") as refused:
+        fit_ood(EnsembleNet([small_net(), small_net()]), 1.0, data)
+    assert "more after it" not in refused.value.reason
+    assert refused.value.where == "export.ood"
+
+
+def test_an_ood_distance_that_is_not_finite_on_its_own_training_images_names_them_not_a_validation_image():
+    from medtriage.export.ood import OodData, fit_ood
+
+    net = small_net()
+    with torch.no_grad():  # features of about 1e-20: their covariance's inverse overflows float32
+        net.backbone[0].weight.mul_(1e-20)
+        net.backbone[0].bias.mul_(1e-20)
+    rng = np.random.default_rng(1)
+    images = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(40)]
+    with pytest.raises(InputError, match=r"training image 0 \(counting from 0, in the order given\) has a NaN or infinite") as refused:
+        fit_ood(net, 1.0, OodData(images, np.arange(40) % 2, images))
+    assert "39 more after it" in refused.value.reason and "validation" not in refused.value.reason
+    assert refused.value.where == "export.ood" and "export.ood=false" in refused.value.hint
+
+
 def test_an_int8_ood_threshold_refit_on_scores_that_are_not_finite_names_the_calibration_images():
     from medtriage.export.int8_refit import refit_on_int8
 

@@ -170,3 +170,30 @@ def test_quantising_again_into_the_same_folder_takes_the_next_version(fp32_dir, 
     first = load_package(out)
     again = load_package(quantize_package(fp32_dir, NPZ, out, limit=8, per_channel=False))
     assert again.name == first.name and again.version == first.version + 1 and again.sha256 != first.sha256
+
+
+def test_int8_scores_that_leave_no_operating_point_name_what_the_quantise_command_can_change(tmp_path):
+    """A network that scores every image positive at 1.0: the urgent point (specificity 0.95, set on the export's
+    validation scores) cannot be chosen again on its int8 scores of labelled calibration images, and the quantise
+    command cannot change the export setting that asked for it."""
+    import torch
+
+    from medtriage.cli import build_parser
+    from medtriage.errors import InputError
+    from tests.export.test_export_refuses_what_the_package_cannot_say import export_small, small_net
+
+    net = small_net()
+    with torch.no_grad():
+        net.backbone[-1].bias.copy_(torch.tensor([0.0, 1000.0]))
+    package_dir = export_small(net, tmp_path).package_dir
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "val.npz", val_images=rng.integers(0, 256, (20, 16, 16), dtype=np.uint8), val_labels=np.arange(20)[:, None] % 2)
+    args = build_parser().parse_args(
+        ["quantize", str(package_dir), "--calibration", str(tmp_path / "val.npz"), "--out", str(tmp_path / "int8")]
+    )
+    with pytest.raises(InputError, match=r"on the int8 graph: no threshold in \[0, 1\] keeps specificity >= 0.95") as refused:
+        args.func(args)
+    assert refused.value.where == "--calibration"
+    assert "--exclude" in refused.value.hint and "--calibration" in refused.value.hint
+    assert "export the fp32 package again with another export.urgent_target" in refused.value.hint
+    assert not (tmp_path / "int8").exists()

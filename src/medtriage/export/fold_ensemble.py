@@ -115,17 +115,30 @@ def _final_model(checkpoints: Path) -> tuple[TriageNet, dict]:
     return (net, config) if weights == "last" else load_model(final_checkpoint(checkpoints, weights))
 
 
+# data.<key> -> what runs differing in it did: what decides a fold run's held-out images (the pool, the site left out of
+# it, how many folds, the seed of the cut and any image limit)
+CUT = {
+    "pool_dir": "were cut from different pools",
+    "holdout_site": "held out different sites",
+    "cv_folds": "have different numbers of folds",
+    "cv_seed": "were cut with different seeds",
+    "limit": "limit their images differently",
+}
+# data.<key> of the pool builders (data.sources.registry): runs of one data.pool_dir that differ in one rebuilt it
+POOL_BUILD = ("source", "npz_path", "sites_dir", "pool_seed", "tiles")
+
+
 def _cut(config: dict) -> tuple:
-    """What decides a fold run's held-out images: the pool, how many folds, the seed of the cut and any image limit."""
-    data = config["data"]
-    return data["pool_dir"], data.get("cv_folds"), data.get("cv_seed"), data.get("limit")
+    """What decides a fold run's held-out images (CUT's settings, in its order)."""
+    return tuple(config["data"].get(key) for key in CUT)
 
 
 def _check_one_cross_validation(cv_dir: Path, configs: Sequence[dict]) -> None:
     """The folds must be the folds of one cut of one pool, each once: else their held-out images overlap or miss."""
     cuts = {_cut(c) for c in configs}
     folds = sorted(c["data"].get("cv_fold") for c in configs if c["data"].get("cv_fold") is not None)
-    (_, count, _, _), *others = sorted(cuts, key=str)
+    first, *others = sorted(cuts, key=str)
+    count = first[list(CUT).index("cv_folds")]
     if others or count is None or folds != list(range(count)):
         raise ConfigError(
             f"the fold models in {cv_dir} are not the {count or '?'} folds of one cross-validation "
@@ -137,13 +150,21 @@ def _check_one_cross_validation(cv_dir: Path, configs: Sequence[dict]) -> None:
 
 def _check_one_cut(cv_dirs: Sequence[Path], configs: Sequence[Sequence[dict]]) -> None:
     """Cross-validations served together must share their folds: each image then has the same holders in every one."""
-    cuts = {_cut(each[0]) for each in configs}
-    if len(cuts) > 1:
+    cuts = [_cut(each[0]) for each in configs]
+    differs = [(k, key) for k, key in enumerate(CUT) if len({cut[k] for cut in cuts}) > 1]
+    if differs:
         raise ConfigError(
-            f"the cross-validations are not cut alike ({sorted(map(str, cuts))}): their held-out images differ",
+            "the cross-validations are not cut alike: they "
+            + "; they ".join(f"{CUT[key]} ({_versus(cut[k] for cut in cuts)})" for k, key in differs)
+            + ", so their held-out images differ",
             where=" ".join(map(str, cv_dirs)),
-            hint="serve together only cross-validations of one pool with the same data.cv_folds, data.cv_seed and data.limit",
+            hint=f"serve together only cross-validations trained with the same {', '.join(f'data.{key}' for _, key in differs)}",
         )
+
+
+def _versus(values) -> str:
+    """Each distinct value once, in the order met: 'site-a vs site-b'."""
+    return " vs ".join(dict.fromkeys("none" if v is None else str(v) for v in values))
 
 
 def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.ndarray], list[Predictions]]:
@@ -183,10 +204,22 @@ def _check_held_out_alike(members: FoldMembers, holders: Sequence[int], fold: in
     rows = {tuple(_held_out_rows(members.configs[k], members.manifests[k])) for k in holders}
     if len(rows) > 1:
         raise ConfigError(
-            f"the cross-validations hold out different images in fold {fold} (a data.limit sampled with different seeds?)",
+            f"the cross-validations hold out different images in fold {fold} ({_why_held_out_differ(members, holders)})",
             where=members.manifests[holders[0]].pool_dir,
             hint="serve together only cross-validations whose folds hold out the same images",
         )
+
+
+def _why_held_out_differ(members: FoldMembers, holders: Sequence[int]) -> str:
+    """Cut alike (_check_one_cut), the holders differ in the seed that sampled their data.limit or in how their pool
+    was built."""
+    configs = [members.configs[k] for k in holders]
+    seeds = [c["trainer"]["seed"] for c in configs]
+    if configs[0]["data"].get("limit") is not None and len(set(seeds)) > 1:
+        return f"data.limit sampled with trainer.seed {_versus(seeds)}"
+    built = {key: [c["data"].get(key) for c in configs] for key in POOL_BUILD}
+    differ = [f"data.{key} {_versus(values)}" for key, values in built.items() if len(set(map(str, values))) > 1]
+    return f"their pool was built with {'; '.join(differ)}" if differ else "their pools differ"
 
 
 def _experiment_id(name: str) -> str:

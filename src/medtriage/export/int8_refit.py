@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medtriage.errors import MedTriageError
+
 Outputs = tuple[np.ndarray, np.ndarray | None]  # probabilities [N, K] and OOD scores [N] (None: no OOD output)
 GRAPH_OUTPUT_FEATURES = ("probability", "ood_score")  # drift features read from the graph; input_mean is the pixels'
 
@@ -106,8 +108,25 @@ def _refit_operating_points(block: dict, scores: np.ndarray, is_positive: np.nda
     from medtriage.evaluation.operating_points import choose_priority_thresholds
 
     review, urgent = block["review"], block.get("urgent")
-    refitted = choose_priority_thresholds(
-        scores, is_positive, review["rule"], review.get("target"), urgent and urgent["rule"], urgent and urgent.get("target")
-    )
+    try:
+        refitted = choose_priority_thresholds(
+            scores, is_positive, review["rule"], review.get("target"), urgent and urgent["rule"], urgent and urgent.get("target")
+        )
+    except MedTriageError as err:
+        raise _as_quantisation_refusal(err) from None
     fp32 = {k: block[k]["threshold"] for k in ("review", "urgent") if block.get(k)}
     return {**block, **refitted, "refit": {**where, "fp32": fp32}}
+
+
+def _as_quantisation_refusal(err: MedTriageError) -> MedTriageError:
+    """A rule's refusal names the export setting that chose it, which quantising cannot change: the same refusal,
+    naming what can (other calibration images, nodes kept float, or an fp32 package exported with another setting)."""
+    if not (err.where or "").startswith("export."):
+        return err
+    return type(err)(
+        f"refitting the operating points on the int8 graph: {err.reason}",
+        where="--calibration",
+        hint="the int8 graph scores the calibration images so: keep the nodes that move its scores in float (--exclude) or "
+        f"calibrate on other validation images (--calibration); or export the fp32 package again with another {err.where} "
+        "and quantise that",
+    )

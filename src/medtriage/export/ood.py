@@ -26,6 +26,7 @@ from medtriage.model.averaging import EnsembleNet
 
 OOD_NAME = "ood_score"
 FALSE_ALARM_RATE = 0.01
+F32_MAX = float(np.finfo(np.float32).max)
 RELATIVE_TOLERANCE = 1e-3  # share of validation images flagged: the threshold is their 99th percentile
 METHOD = "Mahalanobis distance to the nearest training class mean, shared Ledoit-Wolf covariance"
 log = logging.getLogger(__name__)
@@ -218,10 +219,15 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
         own = data.member(k)
         member_taps, head, which = feature_taps(member)
         train = tapped_features(member_taps, own.train_images)
+        whose = "" if data.per_member is None else f"fold member {k}'s "
+        for train_k in train:
+            _check_train_features(train_k, whose)
         val = tapped_features(member_taps, own.val_images)
         first = _first_val_index(data, k)
         scores.append(
-            OodScore([_scaled_distance(train_k, own.train_labels, val_k, false_alarm_rate, first) for train_k, val_k in zip(train, val)])
+            OodScore(
+                [_scaled_distance(train_k, own.train_labels, val_k, false_alarm_rate, first, whose) for train_k, val_k in zip(train, val)]
+            )
         )
         _check_split(member, member_taps, head, own.val_images[:4])
         taps.append(member_taps)
@@ -290,15 +296,43 @@ def _members_text(count: int, per_member: bool) -> str:
 
 
 def _scaled_distance(
-    train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, false_alarm_rate: float, first: int = 0
+    train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, false_alarm_rate: float, first: int = 0, whose: str = ""
 ) -> MahalanobisDistance:
-    """The distance fitted on `train`, scaled by its quantile over `val` (the validation images from index `first` on)."""
+    """The distance fitted on `train`, scaled by its quantile over `val` (the validation images from index `first` on);
+    `whose` names the member the training images are of, in a refusal."""
     distance = fit_mahalanobis(train, train_labels)
     with torch.no_grad():
+        train_distances = distance(torch.from_numpy(train).float()).numpy()
+        _refuse_training_images(~np.isfinite(train_distances), train_distances, ("a NaN or infinite OOD distance", "distance"), whose)
         val_distances = distance(torch.from_numpy(val).float()).numpy()
         _check_val_distances(val_distances, first)
         distance.scale.fill_(float(np.quantile(val_distances, 1.0 - false_alarm_rate)))
     return distance
+
+
+def _check_train_features(features: np.ndarray, whose: str) -> None:
+    """The served distance squares features in float32: a training image whose squared features float32 cannot hold
+    leaves it a covariance it cannot invert, and every validation image a NaN score (the first of them blamed)."""
+    squared = np.square(features).sum(axis=1)
+    _refuse_training_images(
+        ~(squared <= F32_MAX), squared, ("OOD features that are not finite or overflow float32 once squared", "squared norm"), whose
+    )
+
+
+def _refuse_training_images(bad: np.ndarray, values: np.ndarray, what: tuple[str, str], whose: str) -> None:
+    """Refuse the first training image flagged in `bad`, with its value and how many more there are; `what`: (what it
+    has, what `values` are)."""
+    (problem, measure), bad = what, np.flatnonzero(bad)
+    if len(bad):
+        more = f"; {len(bad) - 1} more after it" if len(bad) > 1 else ""
+        raise InputError(
+            f"{whose}training image {bad[0]} (counting from 0, in the order given) has {problem} ({measure} {values[bad[0]]:.3g}{more}): "
+            "no OOD distance can be fitted on it",
+            where="export.ood",
+            hint="an image far outside the other images' range (its features overflow) or a diverged model gives one: find "
+            "it among the training images the OOD score is fitted on and fix or drop it, or export without the OOD score "
+            "(export.ood=false)",
+        )
 
 
 def _check_val_distances(distances: np.ndarray, first: int) -> None:
