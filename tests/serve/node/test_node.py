@@ -80,6 +80,8 @@ def test_listen_help_explains_every_option(capsys):
         "--batch-wait-ms",
         "--reduced-j2k",
         "--max-instance-bytes",
+        "--max-associations",
+        "--associate-timeout",
         "AET@HOST:PORT",
     ):
         assert option in text

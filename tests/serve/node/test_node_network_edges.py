@@ -21,7 +21,7 @@ from medtriage.errors import ConfigError
 from medtriage.serve.node.scp import MAX_PDU_BYTES, OUT_OF_RESOURCES, SUCCESS, start_scp, tls_context
 from medtriage.serve.node.sender import DicomWebSender, DimseSender, Peer, Sender, backoff
 from medtriage.serve.node.store import DB_FILE, MAX_INSTANCE_BYTES, Delivery, NodeStore
-from tests.serve.node.peers import NODE_AET, cr_study, free_port, send_files
+from tests.serve.node.peers import NODE_AET, Listener, cr_study, echo, free_port, send_files, wait_for
 
 SOP = "1.2.826.0.1.3680043.8.498.1"
 
@@ -413,3 +413,119 @@ def test_a_stow_answer_refusing_our_result_as_a_duplicate_is_a_delivery(tmp_path
     else:
         assert (row["state"], row["attempts"], study["state"]) == ("pending", 1, "failed") and not said
         assert ("0x0111" if status == 202 else "409") in row["last_error"]
+
+
+def _closed_by_the_node(conn: socket.socket) -> bool:
+    """Whether the node has closed `conn`."""
+    conn.settimeout(0.1)
+    try:
+        while conn.recv(4096):
+            pass  # what the node sent before closing (an A-ABORT)
+    except TimeoutError:
+        return False
+    except OSError:
+        pass  # reset by the node
+    return True
+
+
+def _stored(port: int, paths: list[Path], client=None, pause_s: float = 0) -> dict[Path, int | None]:
+    """C-STORE `paths` on one association (over TLS with the `client` context), `pause_s` between them: each one's
+    status (None: no response came)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")  # CR in Explicit VR LE, as cr_study
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET, tls_args=(client, "localhost") if client else None)
+    statuses: dict[Path, int | None] = dict.fromkeys(paths)
+    if not assoc.is_established:
+        return statuses
+    try:
+        for k, path in enumerate(paths):
+            time.sleep(pause_s if k else 0)
+            statuses[path] = getattr(assoc.send_c_store(path), "Status", None)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses
+
+
+def _tls_pair(folder: Path, need_tool):
+    """The node's TLS context over a new self-signed certificate for localhost, and a client context trusting it."""
+    import ssl
+    import subprocess
+
+    openssl = need_tool("openssl", "apt-get install openssl")
+    cert, key = folder / "node.pem", folder / "node.key"
+    subject = ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]
+    made = subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject, "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr[-300:]
+    return tls_context(cert, key), ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_connections_that_send_no_whole_association_request_are_dropped_and_free_their_slots(tmp_path, need_tool, tls):
+    """Before, each held one of the node's association slots for 30 s (pynetdicom's ACSE timeout, the PDU read
+    deadline), and over TLS one silent connection stopped the node accepting any other: its handshake ran in the
+    accepting thread, without a timeout. A silent peer, one that sends part of an A-ASSOCIATE-RQ and one that sends a
+    byte of it fill every slot; the node drops them after `associate_within_s`, a sender then gets through, and an
+    association that pauses between its C-STOREs for longer than that bound is not dropped."""
+    context, client = _tls_pair(tmp_path, need_tool) if tls else (None, None)
+    paths = cr_study(tmp_path / "in", 3, seed=46)
+    store = NodeStore(tmp_path / "state")
+    port = free_port()
+    server = start_scp(store, NODE_AET, "127.0.0.1", port, ssl_context=context, max_associations=3, associate_within_s=1)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        if tls:  # the first stays silent before its handshake, the others after it
+            idle[1:] = [client.wrap_socket(conn, server_hostname="localhost") for conn in idle[1:]]
+        idle[1].sendall(bytes([0x01, 0]) + (1000).to_bytes(4, "big") + bytes(100))
+        idle[2].sendall(b"\x01")
+        wait_for(lambda: all(_closed_by_the_node(conn) for conn in idle), 30, "the node to drop the idle connections")
+        wait_for(lambda: _stored(port, paths[:1], client) == {paths[0]: SUCCESS}, 30, "a C-STORE to get through")
+        assert _stored(port, paths[1:], client, pause_s=2) == dict.fromkeys(paths[1:], SUCCESS)
+    finally:
+        for conn in idle:
+            conn.close()
+        server.shutdown()
+        store.close()
+
+
+def test_listen_serves_max_associations_at_once_and_closes_a_stalled_request_at_the_associate_timeout(package_dir, tmp_path):
+    """`medtriage listen --max-associations 1 --associate-timeout 1`: with one association open a second is refused,
+    and a connection that stops in its association request is closed, the log naming the option."""
+    from pynetdicom import AE
+
+    port = free_port()
+    options = ("--send-to", "PACS@127.0.0.1:1", "--max-associations", "1", "--associate-timeout", "1")
+    node = Listener(package_dir, tmp_path / "state", port, *options).start()
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+
+    def associated():  # once the start's C-ECHO has left its slot
+        assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+        return assoc if assoc.is_established else None
+
+    held = None
+    try:
+        held = wait_for(associated, 30, "an association")
+        time.sleep(1.5)  # past the associate timeout: an open association is not closed by it
+        assert held.is_established and not echo(port)  # its one slot is taken
+        held.release()
+        wait_for(lambda: echo(port), 30, "the node to serve another association")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as stalled:
+            stalled.sendall(b"\x01")  # the first byte of an A-ASSOCIATE-RQ
+            wait_for(lambda: _closed_by_the_node(stalled), 30, "the node to close the stalled connection")
+        said = "within 1 s of connecting (--associate-timeout)"
+        wait_for(lambda: said in node.log.read_text(), 30, "the log to say why the connection was closed")
+    finally:
+        if held is not None and held.is_established:
+            held.abort()
+        assert node.stop() == 0

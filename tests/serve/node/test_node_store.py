@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import time
+from io import BytesIO
 
 import pydicom
 import pytest
@@ -212,3 +214,48 @@ def _held_while_closing(worker: Worker, store: NodeStore) -> None:
     finally:
         holder.execute("COMMIT")
         holder.close()
+
+
+def _failing_heatmap(monkeypatch, failure: str) -> str:
+    """Make the heatmap's build raise an unexpected error, or the write of its file find the disk full: what the
+    study's reason then says."""
+    from medtriage.serve.node import heatmap, worker
+
+    if failure == "build":
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("no picture today")
+
+        monkeypatch.setattr(heatmap, "secondary_capture", broken)
+        return "RuntimeError: no picture today"
+    write_atomic = worker.write_atomic
+
+    def full_after_the_sr(path, data, *args, **kwargs):
+        if pydicom.dcmread(BytesIO(data), stop_before_pixels=True).Modality != "SR":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write_atomic(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "write_atomic", full_after_the_sr)
+    return "No space left on device"
+
+
+@pytest.mark.parametrize("failure", ["build", "write"])
+def test_files_of_a_close_whose_heatmap_fails_unexpectedly_are_removed_and_the_study_failed(
+    predictor, tmp_path, monkeypatch, caplog, failure
+):
+    """Before, the SR written ahead of the heatmap stayed in the outbox, named by no delivery, until the node started
+    again. The study fails as one whose SR cannot be built does, the error logged with its traceback."""
+    reason = _failing_heatmap(monkeypatch, failure)
+    (path,) = cr_study(tmp_path / "in", 1, seed=15)
+    store = NodeStore(tmp_path / "state", recover=True)
+    worker = Worker(store, predictor, ["PACS@127.0.0.1:1"], study_timeout=0, heatmaps=True)
+    try:
+        with caplog.at_level("WARNING", logger="medtriage.serve.node.worker"):
+            study = _closed(worker, store, path)
+        assert not list((tmp_path / "state" / OUTBOX_DIR).iterdir()) and not _recorded(store)
+        (row,) = store._execute("SELECT state, reason, sr_uid FROM studies WHERE study_uid = ?", (study,))
+    finally:
+        store.close()
+    assert (row["state"], row["sr_uid"]) == ("failed", None) and reason in row["reason"]
+    (said,) = [r for r in caplog.records if "no SR could be built" in r.getMessage()]
+    assert said.exc_info is not None and reason in said.getMessage()

@@ -11,12 +11,12 @@ import tempfile
 import threading
 from urllib.parse import urlsplit
 
-from medtriage.arguments import positive_float, refuse_file_as_folder
+from medtriage.arguments import positive_float, positive_int, refuse_file_as_folder
 from medtriage.errors import printable
 from medtriage.io.header_warnings import say_header_warnings
 from medtriage.serve.batching import add_batching_options
 from medtriage.serve.cli import add_runtime_options, apply_decode_limits
-from medtriage.serve.node.store import MAX_INSTANCE_BYTES, MIN_FREE_BYTES
+from medtriage.serve.node.store import ASSOCIATE_WITHIN_S, MAX_ASSOCIATIONS, MAX_INSTANCE_BYTES, MIN_FREE_BYTES
 
 LISTEN_HELP = """\
 Receive images from a PACS or modality (DICOM C-STORE), score each study with the model package and
@@ -123,6 +123,21 @@ def register(subparsers) -> None:
         help=f"refuse instances with status 0xA700 while the state folder's disk has less free (default: {MIN_FREE_BYTES}): "
         "senders retry later, and results, database and logs keep room",
     )
+    listen.add_argument(
+        "--max-associations",
+        type=positive_int,
+        default=MAX_ASSOCIATIONS,
+        metavar="N",
+        help=f"serve this many connections at once; one more is refused until one ends (default: {MAX_ASSOCIATIONS})",
+    )
+    listen.add_argument(
+        "--associate-timeout",
+        type=positive_float,
+        default=ASSOCIATE_WITHIN_S,
+        metavar="SECONDS",
+        help="close a connection that has not sent its whole association request (TLS handshake included) this long "
+        f"after connecting, freeing its place; an association once open is not affected (default: {ASSOCIATE_WITHIN_S:g})",
+    )
     add_runtime_options(listen, out_of_scope_help="(results are flagged); by default such images are 'not analysed' and get no SR")
     add_batching_options(listen, at_once="N queued instances are then decoded at once")
     listen.set_defaults(func=run_listen)
@@ -195,6 +210,8 @@ def run_listen(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         max_instance_bytes=args.max_instance_bytes,
         min_free_bytes=args.min_free_bytes,
+        max_associations=args.max_associations,
+        associate_timeout=args.associate_timeout,
     )
     logging.basicConfig(level=logging.INFO, handlers=[node_log_handler(sys.stderr)])
     say_header_warnings(LOG_FORMAT)  # pydicom's, as the node's own lines, once per file and naming it

@@ -12,7 +12,7 @@ from medtriage.serve.batching import enable_batching
 from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.node.scp import start_scp, tls_context
 from medtriage.serve.node.sender import DicomWebSender, DimseSender, Peer, Sender
-from medtriage.serve.node.store import MAX_INSTANCE_BYTES, MIN_FREE_BYTES, NodeStore
+from medtriage.serve.node.store import ASSOCIATE_WITHIN_S, MAX_ASSOCIATIONS, MAX_INSTANCE_BYTES, MIN_FREE_BYTES, NodeStore
 from medtriage.serve.node.worker import Worker
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
@@ -46,6 +46,8 @@ class NodeConfig:
     batch_wait_ms: float = 5.0
     max_instance_bytes: int = MAX_INSTANCE_BYTES  # a larger C-STORE is refused with 0xA700 (out of resources)
     min_free_bytes: int = MIN_FREE_BYTES  # so is one arriving when the state folder's disk has less free
+    max_associations: int = MAX_ASSOCIATIONS  # connections served at once; one more is refused
+    associate_timeout: float = ASSOCIATE_WITHIN_S  # a connection without its whole association request by then is closed
 
 
 class Node:
@@ -115,6 +117,8 @@ class Node:
             self.tls,
             config.max_instance_bytes,
             config.min_free_bytes,
+            config.max_associations,
+            config.associate_timeout,
         )
 
     def stop(self, drain_s: float = DRAIN_S) -> None:

@@ -18,6 +18,11 @@ pynetdicom still reads each PDU whole into memory before handling it, so the nod
 before reading its body: a peer cannot make the node hold more than one bounded PDU per association. Each PDU, and
 each DIMSE message, is read to a deadline (READ_GRACE_S plus its length at MIN_READ_BYTES_PER_S): a peer that trickles
 one is dropped.
+
+Each connection holds one of `--max-associations` slots from the moment it is accepted, so one that has not sent
+its whole A-ASSOCIATE-RQ (its TLS handshake included) within `--associate-timeout` is closed: a port scanner, a
+health check that only opens the port, or a peer that stalls cannot keep a modality out for longer than that. An
+association once established keeps the network timeout between its messages.
 """
 
 from __future__ import annotations
@@ -51,7 +56,15 @@ from pynetdicom.utils import make_target
 
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.serve.node.header import read_identity
-from medtriage.serve.node.store import MAX_INSTANCE_BYTES, MIN_FREE_BYTES, ConflictingInstance, ConflictingPatient, NodeStore
+from medtriage.serve.node.store import (
+    ASSOCIATE_WITHIN_S,
+    MAX_ASSOCIATIONS,
+    MAX_INSTANCE_BYTES,
+    MIN_FREE_BYTES,
+    ConflictingInstance,
+    ConflictingPatient,
+    NodeStore,
+)
 
 log = logging.getLogger(__name__)
 TRANSFER_SYNTAXES = [
@@ -125,6 +138,7 @@ class _BoundedPduSocket(AssociationSocket):
 
     max_instance_bytes = MAX_INSTANCE_BYTES
     grace_s, min_bytes_per_s = READ_GRACE_S, MIN_READ_BYTES_PER_S
+    associate_by, associate_within_s = float("inf"), ASSOCIATE_WITHIN_S  # set per connection by _BoundedPduHandler
     # The DIMSE message being received, when its first PDU came, and the bytes read since (the class is swapped in
     # after pynetdicom builds the socket, so these start here, not in __init__).
     _message, _message_since, _message_bytes = None, 0.0, 0
@@ -136,7 +150,12 @@ class _BoundedPduSocket(AssociationSocket):
         if message is not None:
             bound_message(message, self.max_instance_bytes)
         self._pace_message(message)
-        received = self._read_by(nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.min_bytes_per_s)
+        deadline = time.monotonic() + self.grace_s + nr_bytes / self.min_bytes_per_s
+        late = f"too slowly (under {self.min_bytes_per_s} bytes/s after {self.grace_s:g} s)"
+        if self.assoc.requestor.primitive is None and self.associate_by < deadline:  # no A-ASSOCIATE-RQ yet
+            deadline = self.associate_by
+            late = f"(and no whole association request) within {self.associate_within_s:g} s of connecting (--associate-timeout)"
+        received = self._read_by(nr_bytes, deadline, late)
         self._message_bytes += len(received)
         return received
 
@@ -153,18 +172,16 @@ class _BoundedPduSocket(AssociationSocket):
                 f"{self.min_bytes_per_s} bytes/s after {self.grace_s:g} s): connection dropped"
             )
 
-    def _read_by(self, nr_bytes: int, deadline: float) -> bytearray:
+    def _read_by(self, nr_bytes: int, deadline: float, late: str) -> bytearray:
         """pynetdicom's read loop (fewer bytes when the peer closes), each wait cut short at `deadline`, and at the
-        network timeout: an accepted socket has none of its own, and a peer silent mid-PDU would hold it for ever."""
+        network timeout: an accepted socket has none of its own, and a peer silent mid-PDU would hold it for ever.
+        `late` says how the peer missed the deadline."""
         timeout, previous, received = self.assoc.network_timeout, self.socket.gettimeout(), bytearray()
         try:
             while len(received) < nr_bytes:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TooSlow(
-                        f"the peer sent {len(received)} of {nr_bytes} bytes too slowly (under {self.min_bytes_per_s} bytes/s "
-                        f"after {self.grace_s:g} s): connection dropped"
-                    )
+                    raise TooSlow(f"the peer sent {len(received)} of {nr_bytes} bytes {late}: connection dropped")
                 self.socket.settimeout(left if timeout is None else min(left, timeout))
                 try:
                     chunk = self.socket.recv(min(4096, nr_bytes - len(received)))
@@ -181,13 +198,47 @@ class _BoundedPduSocket(AssociationSocket):
 
 
 class _BoundedPduHandler(RequestHandler):
+    """Runs in the connection's own thread: its TLS handshake, then its association, both to its deadline."""
+
+    def handle(self) -> None:
+        self.associate_by = time.monotonic() + self.server.associate_within_s
+        if isinstance(self.request, ssl.SSLSocket) and not self._handshake():
+            self.server.shutdown_request(self.request)
+            return
+        super().handle()
+
+    def _handshake(self) -> bool:
+        previous = self.request.gettimeout()
+        try:
+            self.request.settimeout(max(self.associate_by - time.monotonic(), 0.001))
+            self.request.do_handshake()  # bounded as a whole, not per read
+        except OSError as err:  # a timeout, a peer that is not speaking TLS
+            log.warning("no TLS handshake with %s:%s: %s; connection closed", *self.client_address[:2], err)
+            return False
+        self.request.settimeout(previous)
+        return True
+
     def _create_association(self):
         assoc = super()._create_association()
         # pynetdicom builds the socket inside _create_association; taking over its class adds the bound to recv
-        # without copying that setup (the subclass adds only the instance limit).
+        # without copying that setup (the subclass adds only the limits).
         assoc.dul.socket.__class__ = _BoundedPduSocket
         assoc.dul.socket.max_instance_bytes = self.server.max_instance_bytes
+        assoc.dul.socket.associate_by, assoc.dul.socket.associate_within_s = self.associate_by, self.server.associate_within_s
+        # A silent connection reads nothing for recv to bound: pynetdicom drops it when its ACSE timeout (the ARTIM
+        # timer, and its wait for the A-ASSOCIATE-RQ) runs out, here at the connection's deadline.
+        assoc.acse_timeout = max(self.associate_by - time.monotonic(), 0.001)
         return assoc
+
+
+class _AssociationServer(ThreadedAssociationServer):
+    def get_request(self):
+        """pynetdicom does the TLS handshake here, in the one thread that accepts connections, with no timeout: a peer
+        that connects and sends nothing would stop the node accepting any other. _BoundedPduHandler does it."""
+        conn, address = self.socket.accept()
+        if self.ssl_context:
+            conn = self.ssl_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, address
 
 
 def handle_store(event, store: NodeStore, max_bytes: int = MAX_INSTANCE_BYTES, min_free_bytes: int = MIN_FREE_BYTES) -> int:
@@ -276,7 +327,7 @@ def tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
     return context
 
 
-def build_ae(aet: str, allowed_callers: list[str] | None = None) -> AE:
+def build_ae(aet: str, allowed_callers: list[str] | None = None, max_associations: int = MAX_ASSOCIATIONS) -> AE:
     ae = AE(ae_title=aet)
     for sop_class in IMAGE_STORAGE:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -284,6 +335,7 @@ def build_ae(aet: str, allowed_callers: list[str] | None = None) -> AE:
     ae.require_calling_aet = list(allowed_callers or [])
     ae.maximum_pdu_size = MAX_PDU_BYTES  # what callers may send per PDU (enforced by _BoundedPduSocket)
     ae.network_timeout = ae.dimse_timeout = 60
+    ae.maximum_associations = max_associations
     return ae
 
 
@@ -296,10 +348,12 @@ def start_scp(
     ssl_context: ssl.SSLContext | None = None,
     max_instance_bytes: int = MAX_INSTANCE_BYTES,
     min_free_bytes: int = MIN_FREE_BYTES,
+    max_associations: int = MAX_ASSOCIATIONS,
+    associate_within_s: float = ASSOCIATE_WITHIN_S,
 ):
     """Start listening (in pynetdicom's threads); returns the server (call `.shutdown()` to stop)."""
     _config.STORE_RECV_CHUNKED_DATASET = True  # each arriving data set goes to a file (module docstring)
-    ae = build_ae(aet, allowed_callers)
+    ae = build_ae(aet, allowed_callers, max_associations)
     handlers = [
         (evt.EVT_C_STORE, handle_store, [store, max_instance_bytes, min_free_bytes]),
         (evt.EVT_CONN_CLOSE, discard_partial_instance),
@@ -310,7 +364,7 @@ def start_scp(
             (host, port),
             ssl_context=ssl_context,
             evt_handlers=handlers,
-            server_class=ThreadedAssociationServer,
+            server_class=_AssociationServer,
             request_handler=_BoundedPduHandler,
         )
     except OSError as err:  # the port taken, or an address this machine does not have
@@ -320,6 +374,7 @@ def start_scp(
             hint="choose a free --port, or stop the process that uses it; --host must be an address of this machine",
         ) from err
     server.max_instance_bytes = max_instance_bytes  # read by _BoundedPduHandler for each association
+    server.associate_within_s = associate_within_s
     threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True).start()
     ae._servers.append(server)
     return server

@@ -101,6 +101,8 @@ SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the database is held by anot
 SQLITE_FULL = 13  # the result code of a write to a full disk or past max_page_count (sqlite3.SQLITE_FULL from 3.11)
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
 MIN_FREE_BYTES = 1 << 30  # default --min-free-bytes: room kept for results, the database and logs
+MAX_ASSOCIATIONS = 10  # default --max-associations (pynetdicom's): connections served at once, one more is refused
+ASSOCIATE_WITHIN_S = 10.0  # default --associate-timeout: from a connection to its whole A-ASSOCIATE-RQ, TLS included
 NAMES_PER_QUERY = 500  # outbox file names looked up in one query (SQLite takes 999 parameters, whatever its version)
 
 

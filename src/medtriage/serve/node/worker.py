@@ -134,8 +134,10 @@ class Worker:
         try:
             deliveries, sr_uid = self.write_results(study_uid, scored, top)
         except Exception as err:  # noqa: BLE001 -- recorded on the study (not retried in a loop); a new instance retries
-            reason = err.reason if isinstance(err, MedTriageError) else f"{type(err).__name__}: {err}"
-            log.warning("study %s scored, but no SR could be built: %s", study_uid, reason)
+            expected = isinstance(err, MedTriageError)
+            reason = err.reason if expected else f"{type(err).__name__}: {err}"
+            level = logging.WARNING if expected else logging.ERROR  # anything else is a fault: its traceback says where
+            log.log(level, "study %s scored, but no SR could be built: %s", study_uid, reason, exc_info=not expected)
             self.store.close_study(study_uid, top, f"scored, but no SR could be built: {reason}", None, [], seen, state="failed")
             return
         try:
@@ -151,22 +153,28 @@ class Worker:
     def _discard(self, deliveries: list[tuple[str, str, str, str]]) -> None:
         """Remove the outbox files of a close that did not commit, which no delivery row names: each is named by the
         digest of its study and a SOP Instance UID made for this close (generate_uid), never an earlier one's."""
-        for name in {name for _, _, name, _ in deliveries}:
+        self._remove({name for _, _, name, _ in deliveries})
+
+    def _remove(self, names) -> None:
+        for name in names:
             self.store.outbox_path(name).unlink(missing_ok=True)
 
     def write_results(self, study_uid: str, scored: list, top: dict) -> tuple[list[tuple[str, str, str, str]], str]:
-        """The SR (and heatmap) files in the outbox, and the delivery rows they need."""
+        """The SR (and heatmap) files in the outbox, and the delivery rows they need. Every object is built before the
+        first file is written, and a write that fails removes those before it: a close that raises leaves no file,
+        which no delivery would name (as _discard)."""
         sources = [(read_header(self.store.spooled(row["spool"])), [as_score(s) for s in scores]) for row, scores in scored]
         sr_uid = generate_uid()
         revision = self.store.reports_sent(study_uid) + 1  # a late instance reopens the study: its next report
         with reading(f"the SR of study {study_uid}"):  # its sources' values are converted, and warned of, here
             sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid, revision=revision)
-        objects = [("sr", self._to_outbox(study_uid, sr_uid, encoded(sr, "the study's SR", study_uid)), sr_uid)]
+        built = [("sr", sr_uid, encoded(sr, "the study's SR", study_uid))]
         if self.heatmaps:
-            objects += self._heatmap(study_uid, scored, top, revision)
+            built += self._heatmap(study_uid, scored, top, revision)
+        objects = self._to_outbox(study_uid, built)
         return [(kind, destination, name, uid) for kind, name, uid in objects for destination in self.destinations], sr_uid
 
-    def _heatmap(self, study_uid: str, scored: list, top: dict, revision: int) -> list[tuple[str, str, str]]:
+    def _heatmap(self, study_uid: str, scored: list, top: dict, revision: int) -> list[tuple[str, str, bytes]]:
         from medtriage.serve.node.heatmap import secondary_capture
 
         row = next(row for row, scores in scored if row["sop_uid"] == top["sop_uid"])
@@ -176,9 +184,17 @@ class Worker:
         except MedTriageError as err:  # the SR still goes; the picture is an extra
             log.warning("no heatmap for study %s: %s", study_uid, err)
             return []
-        return [("heatmap", self._to_outbox(study_uid, image.SOPInstanceUID, data), image.SOPInstanceUID)]
+        return [("heatmap", image.SOPInstanceUID, data)]
 
-    def _to_outbox(self, study_uid: str, sop_uid: str, data: bytes) -> str:
-        path = self.store.outbox_path(digest_name(study_uid, sop_uid))
-        write_atomic(path, data)
-        return path.name
+    def _to_outbox(self, study_uid: str, built: list[tuple[str, str, bytes]]) -> list[tuple[str, str, str]]:
+        """Each (kind, SOP UID, data) in its outbox file, as (kind, file name, SOP UID); all of them or none."""
+        written: list[tuple[str, str, str]] = []
+        try:
+            for kind, sop_uid, data in built:
+                path = self.store.outbox_path(digest_name(study_uid, sop_uid))
+                write_atomic(path, data)
+                written.append((kind, path.name, sop_uid))
+        except BaseException:
+            self._remove(name for _, name, _ in written)
+            raise
+        return written
