@@ -13,7 +13,7 @@ import pytest
 
 from medtriage.errors import ConfigError
 from medtriage.serve.node.sender import Peer, backoff
-from medtriage.serve.node.store import DB_FILE, OUTBOX_DIR, ConflictingPatient, NodeStore
+from medtriage.serve.node.store import DB_FILE, OUTBOX_DIR, CommitUncertain, ConflictingPatient, NodeStore
 from medtriage.serve.node.worker import Worker
 from tests.serve.node.peers import cr_study
 
@@ -259,3 +259,43 @@ def test_files_of_a_close_whose_heatmap_fails_unexpectedly_are_removed_and_the_s
     assert (row["state"], row["sr_uid"]) == ("failed", None) and reason in row["reason"]
     (said,) = [r for r in caplog.records if "no SR could be built" in r.getMessage()]
     assert said.exc_info is not None and reason in said.getMessage()
+
+
+class _SyncFailsAtCommit:
+    """The node's connection, whose COMMIT writes its commit record and then reports the disk's refusal to sync it, as
+    SQLite does (SQLITE_IOERR_FSYNC): a crash now may keep the transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *args):
+        done = self._db.execute(sql, *args)
+        if sql == "COMMIT":
+            refused = sqlite3.OperationalError("disk I/O error")
+            refused.sqlite_errorcode = 1034  # SQLITE_IOERR_FSYNC
+            raise refused
+        return done
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+
+def test_results_of_a_close_whose_commit_may_have_landed_stay_until_the_next_start(predictor, tmp_path, monkeypatch):
+    """Before, they were removed at once, as a close refused before its commit: the database, which kept the commit,
+    then named files that were gone, and the study's report was never sent."""
+    (path,) = cr_study(tmp_path / "in", 1, seed=16)
+    store = NodeStore(tmp_path / "state", recover=True)
+    worker = Worker(store, predictor, ["PACS@127.0.0.1:1"], study_timeout=0, heatmaps=True)
+    outbox = tmp_path / "state" / OUTBOX_DIR
+    _scored(worker, store, path)
+    monkeypatch.setattr(store, "_db", _SyncFailsAtCommit(store._db))
+    with pytest.raises(CommitUncertain):
+        worker.close_quiet_studies()
+    monkeypatch.undo()
+    store.close()
+    store = NodeStore(tmp_path / "state", recover=True)  # the next start: here the commit landed, and its files stay
+    try:
+        recorded = _recorded(store)
+        assert len(recorded) == 2 and {p.name for p in outbox.iterdir()} == recorded  # the SR and heatmap, both sendable
+    finally:
+        store.close()

@@ -99,6 +99,7 @@ FORGOTTEN_STUDIES = SHOWN + (
 )
 SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the database is held by another connection
 SQLITE_FULL = 13  # the result code of a write to a full disk or past max_page_count (sqlite3.SQLITE_FULL from 3.11)
+SQLITE_IOERR = 10  # the primary result code of a failed read, write or sync (SQLITE_IOERR_FSYNC and its kin)
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
 MIN_FREE_BYTES = 1 << 30  # default --min-free-bytes: room kept for results, the database and logs
 MAX_ASSOCIATIONS = 10  # default --max-associations (pynetdicom's): connections served at once, one more is refused
@@ -114,8 +115,22 @@ class ConflictingPatient(InputError):
     """A received instance naming a study the store holds for another patient."""
 
 
+class CommitUncertain(Exception):
+    """A COMMIT that failed with an I/O error (a sync the disk refused): its commit record may be written already, so
+    the transaction may survive a crash. What it records must stay until the next start can tell."""
+
+
 def _is_full(err: sqlite3.OperationalError) -> bool:
     return getattr(err, "sqlite_errorcode", None) == SQLITE_FULL or "database or disk is full" in str(err)
+
+
+def _commit(db: sqlite3.Connection) -> None:
+    try:
+        db.execute("COMMIT")
+    except sqlite3.Error as err:
+        if (getattr(err, "sqlite_errorcode", 0) & 0xFF) == SQLITE_IOERR:
+            raise CommitUncertain(f"the database's commit failed with an I/O error ({err}): it may or may not hold it") from err
+        raise
 
 
 def _is_busy(err: sqlite3.OperationalError) -> bool:
@@ -275,7 +290,7 @@ class NodeStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-                self._db.execute("COMMIT")
+                _commit(self._db)
             except BaseException:
                 if self._db.in_transaction:  # SQLite ends some failed transactions itself (a full database)
                     self._db.execute("ROLLBACK")

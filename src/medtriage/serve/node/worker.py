@@ -20,7 +20,7 @@ from medtriage.io.safe_output import write_atomic
 from medtriage.serve.dicom_results import build_study_sr, encoded, read_header
 from medtriage.serve.drift import source_name
 from medtriage.serve.metrics import ServiceMonitor
-from medtriage.serve.node.store import NodeStore, digest_name
+from medtriage.serve.node.store import CommitUncertain, NodeStore, digest_name
 from medtriage.serve.predictor import Predictor, Rejection, Score
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,9 @@ class Worker:
             return
         try:
             closed = self.store.close_study(study_uid, top, note, sr_uid, deliveries, seen)
+        except CommitUncertain:
+            log.error("study %s: its close may or may not be recorded; its result files stay until the node's next start", study_uid)
+            raise  # the files stay: removed, a close that did commit would name files that are gone
         except Exception:
             self._discard(deliveries)
             raise
