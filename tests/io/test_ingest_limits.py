@@ -142,6 +142,30 @@ def test_ingest_counts_files_identified_by_name_and_quarantines_placeholders(tmp
     assert log["counts"]["identified_by_name"] == 2
 
 
+@pytest.mark.parametrize("placeholder", ["ANONYMOUS", " unknown ", "0000000", "0", "-", "N/A", "NONE"])
+def test_a_placeholder_patient_id_is_no_identity_so_the_name_identifies_the_patient(placeholder):
+    """Before, everyone with that ID was one patient: patients of a site exported as ANONYMOUS were one pseudonym, their
+    images kept in one split, and the per-patient figures counted one patient."""
+    jane, richard = _image(placeholder, "DOE^JANE", n=0), _image(placeholder, "ROE^RICHARD", n=1)
+    assert patient_key(jane) == "name|DOE^JANE|" != patient_key(richard)
+    assert deidentify(jane, KEY).pseudonym != deidentify(richard, KEY).pseudonym
+    nobody = _image(placeholder, "ANONYMOUS", n=2)
+    assert patient_key(nobody) is None and screen(nobody).reason == "no_patient_identity"
+
+
+def test_an_id_that_merely_holds_zeros_or_a_placeholder_word_is_a_patient_id():
+    for real in ("MRN-0001", "100", "ANON-17", "0.5a"):
+        assert patient_key(_image(real)) == f"|{real}"
+
+
+def test_ingest_identifies_the_patients_of_placeholder_ids_by_name_and_says_so(tmp_path):
+    images = [_image("ANONYMOUS", "DOE^JANE", n=0), _image("ANONYMOUS", "ROE^RICHARD", n=1), _image("ANONYMOUS", "^", n=2)]
+    _write(tmp_path / "site", images)
+    summary = ingest_site("a", tmp_path / "site", tmp_path / "pool", key=KEY, progress=False)
+    assert summary.pooled_new == 2 and dict(summary.quarantined) == {"no_patient_identity": 1}
+    assert summary.identified_by_name == 2
+
+
 # ---------------------------------------------------------------- issuer of patient id
 
 

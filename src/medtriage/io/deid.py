@@ -130,8 +130,8 @@ KEEP_KIND = "N"  # the walker's action for them: the value stays as read, wherev
 UID_TEXT = re.compile(r"[0-9.\\\0 ]*")  # UID syntax (PS3.5 9.1), several values and padding: no room for a name
 # Z allows "a dummy value consistent with the VR": a keyed one keeps accession-keyed labels joinable.
 ACCESSION_TAG = tag_for_keyword("AccessionNumber")
-# What systems write into Patient's Name when they know no name (compared upper-case, name components joined by
-# spaces). Without a Patient ID the name is the identity, and such a value would make one patient of everyone
+# What systems write into Patient's Name (or Patient ID) when they know no name (compared upper-case, name components
+# joined by spaces). Without a Patient ID the name is the identity, and such a value would make one patient of everyone
 # who has it, so it counts as no name at all; a name of only carets and spaces is empty the same way.
 PLACEHOLDER_NAMES = frozenset(
     {
@@ -151,7 +151,7 @@ PLACEHOLDER_NAMES = frozenset(
         "PATIENT",
     }
 )
-NO_PATIENT_IDENTITY = "no Patient ID, and no Patient's Name or only a placeholder one (such as ANONYMOUS)"
+NO_PATIENT_IDENTITY = "no Patient ID and no Patient's Name, or only placeholder ones (such as ANONYMOUS)"
 
 # CID 7050 De-identification Method codes.
 CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
@@ -303,6 +303,13 @@ def patient_id_text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
+def identifying_patient_id(ds: Dataset) -> str:
+    """The file's Patient ID as identity; empty where it has none, or only a placeholder (ANONYMOUS, UNKNOWN, 0000...):
+    as a placeholder name, such an ID would make one patient of everyone who has it, so the name identifies them."""
+    pid = patient_id_text(ds.get("PatientID", ""))
+    return "" if pid.upper() in PLACEHOLDER_NAMES or not pid.strip("0-*?.") else pid
+
+
 def is_placeholder_name(name: str) -> bool:
     """A Patient's Name that names nobody: empty, only carets and spaces, or one of PLACEHOLDER_NAMES."""
     words = " ".join(name.replace("^", " ").replace("=", " ").split()).upper()
@@ -310,9 +317,9 @@ def is_placeholder_name(name: str) -> bool:
 
 
 def patient_key(ds: Dataset, options: DeidOptions = DeidOptions()) -> str | None:
-    """What identifies the patient at the site; None when the file names nobody (no Patient ID, and no name or a
-    placeholder one). The issuer joins the key only for a site with several; '|<id>' is the key either way without one."""
-    pid = patient_id_text(ds.get("PatientID", ""))
+    """What identifies the patient at the site; None when the file names nobody (no Patient ID or a placeholder one,
+    and no name or a placeholder one). The issuer joins the key only for a site with several; '|<id>' is the key either way without one."""
+    pid = identifying_patient_id(ds)
     if pid:
         issuer = patient_id_text(ds.get("IssuerOfPatientID", "")) if options.several_id_issuers else ""
         return f"{issuer}|{pid}"
@@ -325,7 +332,7 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
     patient = patient_key(ds, options)
     if patient is None:
         raise ConfigError(f"{NO_PATIENT_IDENTITY}: the file cannot be linked to a patient pseudonym")
-    by_name = not patient_id_text(ds.get("PatientID", ""))
+    by_name = not identifying_patient_id(ds)
     walker = _ProfileWalker(key, options, key.pseudonym(patient), key.date_shift_days(patient))
     walker.apply(ds, top_level=True)
     _keep_animal_owner_attributes(ds)
