@@ -3,6 +3,7 @@ answer, shapes are never mixed, max_batch holds, and one bad input fails only it
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from pydicom.data import get_testdata_file
 
 from medtriage.serve.batching import (
     BatchingSession,
+    add_batching_options,
     concurrent_requests,
     enable_batching,
 )
@@ -120,6 +122,18 @@ def test_close_stops_the_worker(package_dir):
         BatchingSession(session.session, max_batch=0)
 
 
+@pytest.mark.parametrize("wait_ms", [1e13, float("inf"), float("nan")])
+def test_a_wait_no_thread_can_time_is_refused_before_any_call_is_queued(package_dir, wait_ms):
+    session = Predictor(load_package(package_dir), threads=1).session
+    # not a number, or longer than a thread can time: the worker's first timed wait would raise, and its call wait forever
+    with pytest.raises(ValueError, match="wait_ms"):
+        BatchingSession(session, max_batch=2, wait_ms=wait_ms).close()
+    parser = argparse.ArgumentParser()
+    add_batching_options(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batch-wait-ms", str(wait_ms)])
+
+
 def test_http_service_with_batching_answers_each_file(package_dir):
     from medtriage.serve.http import create_app
 
@@ -161,3 +175,16 @@ def test_the_batchers_counters_are_published_for_metrics(package_dir, images):
     text = generate_latest(registry).decode()
     assert f"medtriage_batch_calls_total {float(len(recording.sizes))}" in text
     assert "medtriage_batch_images_total 8.0" in text and len(recording.sizes) < 8
+
+
+def test_failed_inference_calls_are_published_for_metrics(package_dir, images):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    predictor, recording = batching_predictor(package_dir, max_batch=8, wait_ms=300)
+    registry = CollectorRegistry()
+    predictor.session.expose(registry)
+    concurrently(lambda x: _outcome(predictor.probabilities, x), images[:5] + [np.full_like(images[0], -1)])
+    samples = {s.name: s.value for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert samples.get("medtriage_batch_failed_calls_total", 0) >= 1  # the poisoned input's call, stacked or alone
+    assert samples["medtriage_batch_calls_total"] + samples["medtriage_batch_failed_calls_total"] == len(recording.sizes)

@@ -1,6 +1,7 @@
 """Drift watch edges: a multi-frame object counts as one input (it cannot raise an alert alone), a
-stream of one-off source names cannot push a drifting source, and its alert, out of the monitor,
-out-of-scope images scored anyway do not feed it, and a package without references shows no threshold."""
+stream of one-off source names cannot push a drifting source, and its alert, out of the monitor, nor a
+source still filling its window, out-of-scope images scored anyway do not feed it, and a package
+without references shows no threshold."""
 
 from __future__ import annotations
 
@@ -66,3 +67,19 @@ def test_a_package_without_drift_references_shows_no_psi_threshold(predictor, pa
     assert not plain.drift.enabled and b"medtriage_drift_psi_threshold" not in plain.exposition()
     threshold = predictor.package.meta["drift"]["psi_threshold"]
     assert ServiceMonitor(predictor.package).registry.get_sample_value("medtriage_drift_psi_threshold") == threshold
+
+
+def test_one_off_source_names_do_not_keep_a_new_source_from_filling_its_window(predictor, held_out):
+    monitor = ServiceMonitor(predictor.package)
+    one = outcome(predictor, decoded(held_out[0], 0), "img0")
+    inverted = [outcome(predictor, decoded(SHIFTS["inverted photometric"](p), i), f"inv{i}") for i, p in enumerate(held_out[:120])]
+    uploads = 0
+    for study in range(0, len(inverted), 4):  # a room sends studies of four images ...
+        for scores in inverted[study : study + 4]:
+            monitor.record(scores, "CR_ROOM_1", 0.01)
+        for _ in range(2 * MAX_SOURCES):  # ... and between two of them, a client that puts a request id in X-Source
+            monitor.record(one, f"upload-{uploads}", 0.01)
+            uploads += 1
+    state = next((s for s in monitor.drift.status()["sources"] if s["source"] == "CR_ROOM_1"), None)
+    assert state is not None and state["window"] == 120, f"one-off names pushed out a source of 120 images: {state}"
+    assert monitor.drift.drifting("CR_ROOM_1")

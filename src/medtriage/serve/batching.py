@@ -28,6 +28,7 @@ from medtriage.arguments import positive_int
 log = logging.getLogger(__name__)
 _STOP = object()
 DEFAULT_MAX_BATCH, DEFAULT_WAIT_MS = 1, 5.0
+MAX_WAIT_MS = threading.TIMEOUT_MAX * 1000  # a longer wait raises in the worker, and the call it holds waits forever
 
 
 @dataclass
@@ -43,10 +44,11 @@ class _Call:
 
 @dataclass
 class BatchStats:
-    """What the worker did, for logs and benchmarks: ORT calls made and images they carried."""
+    """What the worker did, for logs and benchmarks: ORT calls answered and images they carried, and calls that failed."""
 
     calls: int = 0
     images: int = 0
+    failed: int = 0  # a stacked one's calls are then run one by one: a graph that cannot stack pays twice, and shows here
 
     @property
     def mean_batch(self) -> float:
@@ -54,7 +56,8 @@ class BatchStats:
 
 
 class _StatsCollector:
-    """BatchStats as Prometheus counters: medtriage_batch_calls_total, medtriage_batch_images_total."""
+    """BatchStats as Prometheus counters: medtriage_batch_calls_total, medtriage_batch_images_total,
+    medtriage_batch_failed_calls_total."""
 
     def __init__(self, stats: BatchStats):
         self.stats = stats
@@ -66,14 +69,19 @@ class _StatsCollector:
         yield CounterMetricFamily(
             "medtriage_batch_images", "Images those calls carried (images / calls: mean batch)", value=self.stats.images
         )
+        yield CounterMetricFamily(
+            "medtriage_batch_failed_calls",
+            "ONNX Runtime calls of the batcher that failed (a stacked call's inputs are then run one by one)",
+            value=self.stats.failed,
+        )
 
 
 class BatchingSession:
     """An ORT session whose `run` stacks concurrent calls with one input into shared calls."""
 
     def __init__(self, session, max_batch: int = 16, wait_ms: float = 5.0):
-        if max_batch < 1 or wait_ms < 0:
-            raise ValueError(f"max_batch must be >= 1 and wait_ms >= 0 (got {max_batch}, {wait_ms})")
+        if max_batch < 1 or not 0 <= wait_ms <= MAX_WAIT_MS:
+            raise ValueError(f"max_batch must be >= 1 and wait_ms from 0 to {MAX_WAIT_MS:.0f} (got {max_batch}, {wait_ms})")
         self.session, self.max_batch, self.wait_s = session, int(max_batch), wait_ms / 1000.0
         self.input_name = session.get_inputs()[0].name
         self.stats = BatchStats()
@@ -160,7 +168,11 @@ class BatchingSession:
             call.future.set_result(answer)
 
     def _run(self, outputs, pixels: np.ndarray) -> list[np.ndarray]:
-        results = self.session.run(list(outputs) if outputs else None, {self.input_name: pixels})
+        try:
+            results = self.session.run(list(outputs) if outputs else None, {self.input_name: pixels})
+        except Exception:
+            self.stats.failed += 1
+            raise
         self.stats.calls += 1
         self.stats.images += len(pixels)
         return results
@@ -231,6 +243,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of milliseconds >= 0, got {text!r}")
+    if not 0 <= value <= MAX_WAIT_MS:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of milliseconds from 0 to {MAX_WAIT_MS:.0f} (the longest wait this platform can time), got {text!r}"
+        )
     return value

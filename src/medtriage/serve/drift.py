@@ -120,12 +120,15 @@ class DriftMonitor:
         return self._windows.setdefault(source, {})
 
     def _evictable(self) -> str:
-        """The least recently seen source whose window is too short to alert, else the least recently seen that
-        does not drift, else the least recently seen: a new name must not push out a source that drifts (and
-        with it, its alert) while another can go, even when every window is long enough to alert."""
-        short = (s for s in self._windows if self._state[s].window < self.min_images)
+        """Of the sources whose window is too short to alert, the one with the fewest inputs (the least recently seen
+        of those); else the least recently seen that does not drift, else the least recently seen. A new name must not
+        push out a source that drifts (and with it, its alert) while another can go, even when every window is long
+        enough to alert; nor one on its way to alerting, when one-off names (a request id in X-Source) come faster."""
+        short = [s for s in self._windows if self._state[s].window < self.min_images]
+        if short:  # min keeps the first of equals: the least recently seen
+            return min(short, key=lambda s: self._state[s].window)
         steady = (s for s in self._windows if not self._state[s].drifting(self.min_images))
-        return next(chain(short, steady, self._windows))
+        return next(chain(steady, self._windows))
 
     def status(self) -> dict:
         """What the worklist banner and /v1/drift show: every source, and which drift past the threshold."""
