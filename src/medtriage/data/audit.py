@@ -20,7 +20,7 @@ Checks, each a finding with a severity (`error` fails the audit, `warning` does 
                                 leave-one-site-out) nor for a pool of one split (a refit)
 
 A failed audit stops training (`require_clean`) unless `data.allow_audit_failure` overrides it, for known duplicate
-images; no override lets a patient in two splits through.
+images; no override lets a patient in two splits through, whether by its patient ID or by a DICOM study.
 
 Perceptual hash: 32x32 bilinear thumbnail -> 2D DCT -> the 12x12 lowest frequencies (DC dropped)
 thresholded at their median = 143 bits. Measured on the 4,999 distinct PneumoniaMNIST images: no two
@@ -44,9 +44,10 @@ HASH_SIDE, THUMBNAIL, MAX_DISTANCE = 12, 32, 12
 HASH_BITS = HASH_SIDE * HASH_SIDE - 1  # a perceptual hash's bits: its DC term is dropped
 NEGATIVE_LABEL = 0  # label index 0 is the normal/negative class; any other label counts as positive
 MAX_EXAMPLES = 20  # examples kept per finding, so a report stays readable
-# findings no override lets through: every split is cut by patient, so a patient in two splits is never a known,
-# accepted state of a pool, and every figure of a run on it would be measured on patients it trained on
-NOT_OVERRIDABLE = ("patient_in_two_splits",)
+# findings no override lets through: every split is cut by patient (a DICOM study being one patient), so a patient in
+# two splits is never a known, accepted state of a pool, and every figure of a run on it would be measured on patients
+# it trained on. A study at two sites reaches two splits when one of them is held out (`holdout.hold_out_site`)
+NOT_OVERRIDABLE = ("patient_in_two_splits", "study_in_two_splits")
 
 
 class LeakageError(MedTriageError):
@@ -112,7 +113,7 @@ def require_clean(manifest, *, override: bool = False, **kwargs) -> AuditResult:
             result.summary(),
             where=manifest.pool_dir,
             hint=f"no override (data.allow_audit_failure) lets {', '.join(binding)} through: rebuild the pool so that each "
-            "patient's images lie in one split",
+            "patient's images lie in one split (a study kept at two sites: keep one site's copy, or hold out a site that shares no study)",
         )
     if not result.ok and not override:
         raise LeakageError(
@@ -269,10 +270,11 @@ def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 1024) -> list
 
 
 def cached_images(manifest):
-    """Every row's pixels straight from the cache (one memmap, no per-row table lookups)."""
+    """Every row's pixels straight from the cache (one memmap, no per-row table lookups), from the pixel file the rows
+    were read with: a pool built again since holds other images at the same offsets, and is refused."""
     if not len(manifest.rows):
         return []  # an empty pixel cache cannot be mapped at all
-    cache = np.memmap(Path(manifest.pool_dir) / PIXELS_FILE, dtype=np.float32, mode="r")
+    cache = manifest.pixels()
     shapes = manifest.rows[["channels", "height", "width", "offset"]].astype(int).to_numpy()
     return [np.asarray(cache[o : o + c * h * w]).reshape(c, h, w) for c, h, w, o in shapes]
 

@@ -62,9 +62,9 @@ def _held_out(labels: np.ndarray, groups: np.ndarray, folds: int, fold: int, see
             where="data.cv_folds",
             hint=f"use at most {n_groups} folds, or a pool with more patients",
         )
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splitter = StratifiedGroupKFold(n_splits=folds)  # its own shuffle: see `_shuffled`
     try:
-        held = list(splitter.split(np.zeros(len(labels)), labels, groups))[fold][1]
+        held = list(splitter.split(np.zeros(len(labels)), labels, _shuffled(groups, seed)))[fold][1]
     except ValueError as err:  # every class smaller than the number of folds
         raise ConfigError(f"cannot stratify into {folds} folds: {err}", where="data.cv_folds", hint="use fewer folds") from err
     if not len(held):
@@ -75,6 +75,18 @@ def _held_out(labels: np.ndarray, groups: np.ndarray, folds: int, fold: int, see
         )
     _require_both_classes(labels, held, folds, fold)
     return held
+
+
+def _shuffled(groups: np.ndarray, seed: int) -> np.ndarray:
+    """The groups renumbered in a seeded random order, which an unshuffled `StratifiedGroupKFold` takes as the order to
+    place groups of equal class spread in. scikit-learn before 1.8 shuffled each group's class counts apart from the
+    group itself (scikit-learn#32478): folds of groups cut at random, not stratified, and not the cut a later version
+    makes of the same seed. This is that later shuffle (the same permutation), on every version."""
+    _, rank = np.unique(groups, return_inverse=True)
+    order = np.random.RandomState(seed).permutation(rank.max() + 1)  # a legacy generator: its stream never changes
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    return position[rank]
 
 
 def _require_both_classes(labels: np.ndarray, held: np.ndarray, folds: int, fold: int) -> None:

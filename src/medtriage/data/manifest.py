@@ -161,13 +161,18 @@ class Manifest:
         """Rows of one split (`train`, `val` or `test`)."""
         return self.rows[self.rows["split"] == name]
 
+    def pixels(self) -> np.ndarray:
+        """The whole pixel cache, flat float32 mapped into memory (nothing read yet): the file these rows were read
+        with, never a later build's (whose images at the same offsets are other images)."""
+        if self._pixels is None:
+            self._pixels = _map_pixels(self.pool_dir / PIXELS_FILE, self.pixel_identity)
+        return self._pixels
+
     def image(self, index: int) -> np.ndarray:
         """Decoded pixels of manifest row `index` as float32 `[C, H, W]`, read from the cache."""
         row = self.rows.iloc[index]
-        if self._pixels is None:
-            self._pixels = _map_pixels(self.pool_dir / PIXELS_FILE, self.pixel_identity)
         c, h, w, offset = (int(row[k]) for k in ("channels", "height", "width", "offset"))
-        return np.array(self._pixels[offset : offset + c * h * w]).reshape(c, h, w)
+        return np.array(self.pixels()[offset : offset + c * h * w]).reshape(c, h, w)
 
     def images(self, indices: Iterable[int]) -> Iterator[np.ndarray]:
         for i in indices:
