@@ -26,11 +26,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from medtriage import __version__
 from medtriage.errors import ConfigError, ImageTooLargeError, MedTriageError
 from medtriage.serve.admission import LARGE_REQUEST, Admission, release_memory
-from medtriage.serve.metrics import SOURCE_HEADER, ServiceMonitor, monitoring_router
+from medtriage.serve.metrics import SOURCE_HEADER, ServiceMonitor, monitoring_router, snake_case
+from medtriage.serve.node.store import NodeStore
 from medtriage.serve.predictor import Predictor, Rejection, Score
 from medtriage.serve.report import result_document
 from medtriage.serve.uploads import RequestError, Upload, read_upload, received_uploads, uploads_size
-from medtriage.serve.worklist import DEFAULT_CAPACITY, PAGE_PATH, Worklist, worklist_router
+from medtriage.serve.worklist import DEFAULT_CAPACITY, PAGE_PATH, Worklist, WorklistWriteError, worklist_router
 
 log = logging.getLogger(__name__)
 # Endpoints read the body themselves (size limit, raw or multipart); this documents it for /docs.
@@ -65,6 +66,7 @@ UPLOAD_ERRORS = {
     413: {"description": "the body, its number of files or an image is over the limits", **ERROR},
     415: {"description": "neither multipart/form-data nor application/dicom", **ERROR},
     422: {"description": "no file could be scored (each file's reason under 'rejected')", **ERROR},
+    500: {"description": "an error of the service itself, e.g. the worklist could not record a scored file", **ERROR},
     503: {"description": "busy (retry after the seconds in Retry-After), or the upload could not be stored", **ERROR},
 }
 # The worklist page is static HTML; the data it fetches carries the token like any other client.
@@ -85,10 +87,10 @@ def create_app(
     max_files: int = MAX_FILES,
     worklist_size: int = DEFAULT_CAPACITY,
     admission: Admission | None = None,
-    state: str | None = None,
+    state: str | NodeStore | None = None,
 ) -> FastAPI:
     """The service. `admission` bounds concurrent work (default: one worker per core, 64 waiting); `token`, when
-    given, is the bearer token every closed route requires."""
+    given, is the bearer token every closed route requires; `state`, the worklist's store (as Worklist takes it)."""
     _check_token(token)
     app = FastAPI(
         title="MedTriage",
@@ -163,11 +165,13 @@ def _is_heavy(method: str, path: str) -> bool:
 class Guard:
     """Plain ASGI middleware in front of every route: the bearer token, the declared body size, admission
     of heavy requests, and the headers of every answer (`_Answer`). It also answers a route's unexpected error
-    itself: Starlette's own 500 handler sits outside every middleware, so its answer would lack those headers."""
+    itself: Starlette's own 500 handler sits outside every middleware, so its answer would lack those headers; and it
+    counts it, so that the service's own failures show on /metrics."""
 
     def __init__(self, app, token: str | None, max_bytes: int, admission: Admission, monitor: ServiceMonitor):
         self.app, self.token, self.max_bytes, self.admission = app, token, max_bytes, admission
         self.refused = monitor.refused  # by reason: an overloaded or misconfigured client shows on /metrics
+        self.failed = monitor.failed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -178,6 +182,7 @@ class Guard:
         try:
             await self._guarded(scope, receive, send)
         except Exception as err:
+            self.failed.labels(reason=snake_case(type(err).__name__)).inc()
             if answer.started:  # too late for an error body: the server drops the connection
                 raise
             log.exception("unexpected error on %s", scope["path"])
@@ -284,7 +289,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def internal_error(err: Exception) -> JSONResponse:
-    """The answer to an error of the service itself: its type, never its message (it may name files or data)."""
+    """The answer to an error of the service itself: its type, never its message (it may name files or data), unless
+    it is one whose message is written for the client."""
+    if isinstance(err, WorklistWriteError):
+        return error_response(500, err.reason, err.hint, file=err.file, type=type(err).__name__)
     return error_response(
         500,
         f"internal error ({type(err).__name__}); the service keeps running",

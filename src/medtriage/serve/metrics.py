@@ -5,8 +5,10 @@
     monitor.exposition()                                          # the /metrics body
 
 Names (one `medtriage_` namespace): medtriage_scored_total, medtriage_rejected_total{reason},
+medtriage_refused_total{reason}, medtriage_failed_total{reason} (requests the service failed, answered 500),
 medtriage_scoring_seconds (histogram), medtriage_drift_psi{source,feature},
-medtriage_drift_alert{source} (1 while the source drifts past the package's threshold).
+medtriage_drift_threshold{source} (the PSI threshold the source is judged by: its training site's, else the pooled one),
+medtriage_drift_alert{source} (1 while the source drifts past that threshold).
 Each monitor has its own registry, so several services (or tests) in one process do not collide.
 """
 
@@ -38,9 +40,12 @@ _WORD_START = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 def rejection_reason(rejection: Rejection) -> str:
     """A low-cardinality label: the rejection's code, else its error type in snake case (dicom_error, os_error, ...)."""
-    if rejection.code:
-        return rejection.code
-    return _WORD_START.sub("_", rejection.error).lower() or "unknown"
+    return rejection.code or snake_case(rejection.error)
+
+
+def snake_case(type_name: str) -> str:
+    """An error type's name as a label value: OSError -> os_error, WorklistWriteError -> worklist_write_error."""
+    return _WORD_START.sub("_", type_name).lower() or "unknown"
 
 
 class ServiceMonitor:
@@ -53,18 +58,26 @@ class ServiceMonitor:
         self.scored = Counter("scored", "Images scored (one per frame)", **kw)
         self.rejected = Counter("rejected", "Inputs refused, by reason", ["reason"], **kw)
         self.refused = Counter("refused", "HTTP requests refused before any work (busy, too_large, unauthorised)", ["reason"], **kw)
+        self.failed = Counter(
+            "failed", "HTTP requests failed by an error of the service itself (500), by the error's type", ["reason"], **kw
+        )
         self.latency = Histogram("scoring_seconds", "Time to decode and score one input", buckets=LATENCY_BUCKETS, **kw)
         self.psi = Gauge(
             "drift_psi", "Population-stability index of a source's rolling window against the reference", ["source", "feature"], **kw
         )
-        self.alert = Gauge("drift_alert", "1 while the source drifts past the package's PSI threshold", ["source"], **kw)
+        self.alert = Gauge("drift_alert", "1 while the source drifts past its PSI threshold", ["source"], **kw)
+        # A source named after a training site is judged by that site's threshold: a rule comparing drift_psi with the
+        # one pooled drift_psi_threshold would judge it by the wrong one. Labelled as drift_alert, for `ignoring(feature)`.
+        self.threshold = Gauge(
+            "drift_threshold", "PSI above which the source drifts (its training site's threshold, else the pooled one)", ["source"], **kw
+        )
         # A short window's PSI is large by chance (a first image's is far past any threshold): an alert rule on the
         # PSI itself needs the window, and compares only from drift_min_images on, as drift_alert does.
         self.window = Gauge("drift_window", "Inputs in the source's rolling window", ["source"], **kw)
         if self.drift.enabled:  # without references nothing drifts: no threshold to show
             Gauge(
                 "drift_psi_threshold",
-                "PSI above which a source compared with the pooled reference drifts (a training site has its own: /v1/drift)",
+                "PSI above which a source compared with the pooled reference drifts (each source's own: drift_threshold)",
                 **kw,
             ).set(self.drift.threshold)
             Gauge("drift_min_images", "Inputs a window holds before its PSI can raise drift_alert", **kw).set(self.drift.min_images)
@@ -102,12 +115,14 @@ class ServiceMonitor:
             self.psi.labels(source=state.source, feature=feature).set(value)
         self._labelled.setdefault(state.source, set()).update(state.psi)
         self.alert.labels(source=state.source).set(float(state.drifting(self.drift.min_images)))
+        self.threshold.labels(source=state.source).set(state.threshold)
         self.window.labels(source=state.source).set(state.window)
         if len(self._labelled) > len(self.drift.sources()):  # the monitor let a source go: so do the series
             for gone in set(self._labelled) - self.drift.sources():
                 for feature in self._labelled.pop(gone):
                     self.psi.remove(gone, feature)
                 self.alert.remove(gone)
+                self.threshold.remove(gone)
                 self.window.remove(gone)
 
     def timed(self, score, data, name: str, source: str | None = None):

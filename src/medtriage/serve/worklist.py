@@ -27,6 +27,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -57,7 +58,28 @@ DEFAULT_CAPACITY = 256
 PAGE_PATH = "/worklist"
 UPLOAD_AET = "HTTP"  # the calling AE title recorded for uploads, to tell them from what the node received
 SHOWN_STATES = {"receiving": "received", "scored": "scored", "delivered": "delivered", "failed": "failed", "not_analysed": "not analysed"}
-__all__ = ["DEFAULT_CAPACITY", "PAGE_PATH", "PRIORITY_RANK", "Worklist", "worklist_router"]
+__all__ = ["DEFAULT_CAPACITY", "PAGE_PATH", "PRIORITY_RANK", "Worklist", "WorklistWriteError", "worklist_router"]
+
+
+class WorklistWriteError(MedTriageError):
+    """An upload scored, but the worklist's store could not record it (a full disk, a database that refuses writes). Its
+    reason and hint are meant for the client: they name no path of the service (the cause, in the log, does)."""
+
+    def __init__(self, name: str, cause: Exception):
+        self.file = name  # as sent; the message, which a traceback logs, shows it printable
+        super().__init__(
+            f"'{printable(name)}' was scored, but the worklist could not record it ({_failure(cause)}): "
+            "no score is returned without its row",
+            hint="retry later; if it persists, the service's operator should check the free space and write permission of "
+            "the worklist's state folder (--state), and the service's log",
+        )
+
+
+def _failure(err: Exception) -> str:
+    """What failed, in words without a path: an OSError's message names the database file, SQLite's code does not."""
+    if isinstance(err, OSError) and err.errno:
+        return f"{type(err).__name__}: {os.strerror(err.errno)}"
+    return getattr(err, "sqlite_errorname", None) or type(err).__name__
 
 
 class Worklist:
@@ -98,6 +120,8 @@ class Worklist:
             self.add(data, image, scores, name, source)
         except (ConflictingInstance, ConflictingPatient) as err:  # its UIDs name what the store holds for another
             return Rejection.of(name, err)
+        except Exception as err:  # the store's fault, not the file's: no score is answered that the list does not show
+            raise WorklistWriteError(name, err) from err
         return scores
 
     def add(self, data: bytes, image: DecodedImage, scores: list[Score], name: str, source: str | None = None) -> None:

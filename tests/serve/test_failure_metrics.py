@@ -1,0 +1,27 @@
+"""A request that fails for the service's own reasons (here the worklist's database refusing writes) is answered 500
+with what failed and what to do, naming no path of the service, and is counted on /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from medtriage.serve.http import create_app
+from medtriage.serve.node.store import NodeStore
+from tests.serve.test_http_edges import AUTH, CT, TOKEN, LiveServer
+
+
+def failed(text: str) -> dict[str, float]:
+    samples = (s for family in text_string_to_metric_families(text) for s in family.samples)
+    return {s.labels["reason"]: s.value for s in samples if s.name == "medtriage_failed_total"}
+
+
+def test_a_worklist_that_cannot_record_a_score_is_a_counted_500(predictor, tmp_path):
+    store = NodeStore(tmp_path / "state")
+    store._db.execute("PRAGMA query_only = ON")  # SQLite refuses every write, as with a read-only database file
+    with LiveServer(create_app(predictor, token=TOKEN, state=store)) as client:
+        answer = client.post("/v1/score", files=[("files", ("ct.dcm", open(CT, "rb").read()))], headers=AUTH)
+        metrics = client.get("/metrics", headers=AUTH).text
+    error = answer.json()["error"]
+    assert answer.status_code == 500 and error["file"] == "ct.dcm" and "worklist could not record" in error["reason"]
+    assert "state folder" in error["hint"] and str(tmp_path) not in answer.text
+    assert failed(metrics) == {"worklist_write_error": 1.0}
