@@ -72,9 +72,17 @@ def test_patient_splits_are_stratified_and_repeatable():
     patients = [(site, f"{site}-p{i}", i % 2) for site in ("a", "b") for i in range(20)]
     first, again = patient_splits(patients, seed=3), patient_splits(patients, seed=3)
     assert first == again and first != patient_splits(patients, seed=4)
-    labels = {p: label for _, p, label in patients}
+    labels = {(site, p): label for site, p, label in patients}
     for split in ("val", "test"):
         assert {labels[p] for p, s in first.items() if s == split} == {0, 1}
+
+
+def test_one_patient_id_at_two_sites_is_two_patients_each_with_its_split():
+    """Before, the second site's patient overwrote the first's split: held out, site b's p7 sent site a's p7 to test."""
+    patients = [(site, f"p{i}", i % 2) for site in ("a", "b") for i in range(20)]
+    splits = patient_splits(patients, seed=3, holdout_site="b")
+    assert len(splits) == 40 and {s for (site, _), s in splits.items() if site == "b"} == {"test"}
+    assert {s for (site, _), s in splits.items() if site == "a"} == {"train", "val"}
 
 
 def test_held_out_site_is_all_test_and_nowhere_else(tmp_path):

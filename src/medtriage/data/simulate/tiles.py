@@ -119,13 +119,14 @@ def jitter_stain(rng: np.random.Generator, stain: SiteStain, amount: float = 0.1
 # --- splits and pools ---------------------------------------------------------------------------
 
 
-def patient_splits(patients: list[tuple[str, str, int]], seed: int, holdout_site: str | None = None) -> dict[str, str]:
-    """(site, patient, slide label) -> split by the project's patient-level rules; a held-out site is all test."""
+def patient_splits(patients: list[tuple[str, str, int]], seed: int, holdout_site: str | None = None) -> dict[tuple[str, str], str]:
+    """(site, patient, slide label) -> split of each (site, patient) by the project's patient-level rules (a patient
+    ID names a patient within its site only); a held-out site is all test."""
     kept = [(site, patient, label) for site, patient, label in patients if site != holdout_site]
     test_fraction = 0.0 if holdout_site else TEST_FRACTION
     rows = [{"site": site, "patient_id": patient, "label": label} for site, patient, label in kept]
-    splits = dict(zip((p for _, p, _ in kept), assign_splits(rows, VAL_FRACTION, test_fraction, seed)))
-    splits.update({patient: "test" for site, patient, _ in patients if site == holdout_site})
+    splits = dict(zip(((site, p) for site, p, _ in kept), assign_splits(rows, VAL_FRACTION, test_fraction, seed)))
+    splits.update({(site, patient): "test" for site, patient, _ in patients if site == holdout_site})
     return splits
 
 
@@ -186,7 +187,7 @@ def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig
     with pool_lock(pool_dir):
         with _tile_pool_writer(Path(pool_dir)) as writer:
             for site, patient, slide_label in tqdm(slides, desc="synthetic slides", unit="slide"):
-                _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[patient])
+                _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[site, patient])
             manifest = writer.close()
         write_tile_info(
             Path(pool_dir),
