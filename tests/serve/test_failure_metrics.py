@@ -25,3 +25,18 @@ def test_a_worklist_that_cannot_record_a_score_is_a_counted_500(predictor, tmp_p
     assert answer.status_code == 500 and error["file"] == "ct.dcm" and "worklist could not record" in error["reason"]
     assert "state folder" in error["hint"] and str(tmp_path) not in answer.text
     assert failed(metrics) == {"worklist_write_error": 1.0}
+
+
+def test_a_file_the_scorer_fails_on_is_rejected_by_the_error_type_without_its_message(predictor, tmp_path, monkeypatch):
+    """Before, the rejection a client got carried the error's message, which may name the service's files."""
+    secret = str(tmp_path / "models" / "private" / "model.onnx")
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error", secret)
+
+    monkeypatch.setattr(predictor, "score_decoded", failing)
+    for state in (None, NodeStore(tmp_path / "state")):  # the worklist's path, and the plain one
+        with LiveServer(create_app(predictor, token=TOKEN, state=state)) as client:
+            answer = client.post("/v1/score", files=[("files", ("ct.dcm", open(CT, "rb").read()))], headers=AUTH)
+        (rejected,) = answer.json()["rejected"]
+        assert "internal error while scoring (OSError)" in rejected["reason"] and secret not in answer.text

@@ -224,6 +224,14 @@ def reduced_decode_side(package: ModelPackage) -> int:
     )
 
 
+def unexpected_failure(name: str, err: Exception) -> Rejection:
+    """A file that failed by an error of the scorer itself, not the file's: logged with its traceback, and refused by
+    the error's type only (its message may name the service's paths or data, and the rejection may go to a client)."""
+    log.exception("unexpected failure scoring %s", printable(name))  # an upload's name: one log line
+    kind = type(err).__name__
+    return Rejection(name, f"internal error while scoring ({kind}); the service's log has the details", kind)
+
+
 class Predictor:
     """A loaded package plus its ORT session; thread-safe (ORT sessions allow concurrent `run`)."""
 
@@ -343,8 +351,7 @@ class Predictor:
         except MedTriageError as err:
             return Rejection.of(name, err)
         except Exception as err:  # a batch goes on: one odd file must not stop the others
-            log.exception("unexpected failure scoring %s", printable(name))  # an upload's name: one log line
-            return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
+            return unexpected_failure(name, err)
 
     def score_from_outputs(
         self, probs: np.ndarray, name: str, frame: int | None, image: DecodedImage, flags: list[str], ood: float | None, input_mean: float

@@ -50,7 +50,7 @@ from medtriage.serve.node.header import STUDY_TAGS, read_identity
 from medtriage.serve.node.store import ConflictingInstance, ConflictingPatient, NodeStore
 from medtriage.serve.node.worker import PRIORITY_RANK, urgency
 from medtriage.serve.package import calibrated_result, picture_refused, scored_by
-from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels
+from medtriage.serve.predictor import Predictor, Rejection, Score, to_model_channels, unexpected_failure
 from medtriage.serve.saliency import DISPLAY_SIDE, explain_frame, shrink
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,7 @@ class Worklist:
         except MedTriageError as err:
             return Rejection.of(name, err)
         except Exception as err:  # one odd file must not stop the others
-            log.exception("unexpected failure scoring %s", printable(name))  # an upload's name: one log line
-            return Rejection(name, f"internal error while scoring ({type(err).__name__}: {err})", type(err).__name__)
+            return unexpected_failure(name, err)
         try:
             self.add(data, image, scores, name, source)
         except (ConflictingInstance, ConflictingPatient) as err:  # its UIDs name what the store holds for another
