@@ -229,7 +229,7 @@ def unexpected_failure(name: str, err: Exception) -> Rejection:
     the error's type only (its message may name the service's paths or data, and the rejection may go to a client)."""
     log.exception("unexpected failure scoring %s", printable(name))  # an upload's name: one log line
     kind = type(err).__name__
-    return Rejection(name, f"internal error while scoring ({kind}); the service's log has the details", kind)
+    return Rejection(name, f"internal error while scoring ({kind}); its details are in the log", kind)
 
 
 class Predictor:
