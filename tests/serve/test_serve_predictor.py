@@ -209,6 +209,7 @@ def test_an_unexpected_failure_logs_the_file_name_on_one_line(predictor, monkeyp
             outcome = predictor.score_or_reject(data, name)
         else:
             outcome = Worklist(predictor).score_or_reject(data, name)
-    assert isinstance(outcome, Rejection) and "unforeseen" in outcome.reason
+    assert isinstance(outcome, Rejection) and "(RuntimeError)" in outcome.reason and "unforeseen" not in outcome.reason
     (record,) = [r for r in caplog.records if "unexpected failure" in r.getMessage()]
     assert "\n" not in record.getMessage() and "chest.dcm" in record.getMessage()
+    assert str(record.exc_info[1]) == "unforeseen"  # the message is the log's, with its traceback
