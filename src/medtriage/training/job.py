@@ -9,7 +9,10 @@ MLflow run, from `last.pt`. Under torchrun every rank trains; rank 0 alone track
 from __future__ import annotations
 
 import logging
+import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from medtriage.data.sources.registry import load_pool
 from medtriage.data.torch.datasets import CachedSplit, cache_split
 from medtriage.data.torch.split_cache import persistent_split
 from medtriage.errors import ConfigError
+from medtriage.io.safe_output import hold_exclusive
 from medtriage.model.checkpoint import BEST, LAST, final_checkpoint, model_from_config
 from medtriage.training import distributed, tracking
 from medtriage.training.distributed import Ranks
@@ -33,6 +37,8 @@ from medtriage.training.report import final_metrics, log_final, print_summary
 from medtriage.training.resume import find_resume_checkpoint
 
 log = logging.getLogger(__name__)
+
+TRAINING_LOCK = "training.lock"  # in the checkpoint folder, held by the process training the run
 
 
 @dataclass
@@ -202,15 +208,54 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     check_refit(cfg)
     seed_everything(cfg.trainer, device)
     model = model_from_config(config)  # an unknown network fails here, before any data work
-    resuming = cfg.trainer.resume or cfg.trainer.resume_from  # naming the checkpoint is asking to resume it
-    resume_path, resumed = find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name) if resuming else (None, None)
-    if resumed:
-        check_resume_config(resumed["config"], config, resume_path)
-        check_resume_world_size(resumed, ranks, resume_path)
+    resume_path, resumed = resume_point(cfg, config, ranks)
     if ranks.is_main:
         tracking.check_destination(cfg, resumed["mlflow_run_id"] if resumed else None)
-    manifest, splits, audit = load_data(cfg, model, ranks)
     ckpt_dir = resume_path.parent if resume_path else distributed.broadcast(Path(cfg.paths.output_dir) / "checkpoints", ranks)
+    with claim_checkpoints(ckpt_dir, ranks):
+        return _train(cfg, config, ranks, device, model, ckpt_dir, resumed)
+
+
+def resume_point(cfg: DictConfig, config: dict, ranks: Ranks) -> tuple[Path | None, dict | None]:
+    """(path, contents) of the checkpoint this run continues, or (None, None) for a new run."""
+    if not (cfg.trainer.resume or cfg.trainer.resume_from):  # naming the checkpoint is asking to resume it
+        return None, None
+
+    def fits(checkpoint: dict, path: Path) -> None:
+        check_resume_config(checkpoint["config"], config, path)
+        check_resume_world_size(checkpoint, ranks, path)
+
+    return find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name, fits)
+
+
+@contextmanager
+def claim_checkpoints(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
+    """Rank 0 holds `ckpt_dir` for the run: runs started in the same second share Hydra's folder (a SLURM array, a
+    loop in a script), and a run resumed twice at once (a requeued job whose first copy still runs) would each write
+    the other's checkpoints over."""
+    if not ranks.is_main:
+        yield
+        return
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    def busy(holder: str) -> ConfigError:
+        return ConfigError(
+            f"process {holder} is training a run in this checkpoint folder now",
+            where=ckpt_dir,
+            hint="give each run a folder of its own (runs started in the same second share Hydra's: set hydra.run.dir, "
+            "e.g. with the SLURM array task id in it), or resume it once that process has ended",
+        )
+
+    lock = hold_exclusive(ckpt_dir / TRAINING_LOCK, busy)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, model, ckpt_dir: Path, resumed) -> RunResult:
+    manifest, splits, audit = load_data(cfg, model, ranks)
     fit = TrainingLoop(cfg.trainer, cfg.data, model, splits, device, ranks)
     state = fit.restore(resumed) if resumed else TrainState()
     if not ranks.is_main:
@@ -220,7 +265,7 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     run_id = tracking.start_run(cfg, resume_run_id=resumed["mlflow_run_id"] if resumed else None).info.run_id
     try:
         if resumed:
-            mlflow.set_tag("resumed_from_epoch", str(state.epoch))
+            tracking.log_resumed_config(resumed["config"], config, state.epoch)
         else:
             sizes = {f"n_{s}": len(splits[s]) for s in splits} | {"sites": ",".join(manifest.sites), "world_size": ranks.world_size}
             tracking.log_run_config(cfg, config, manifest.fingerprint, sizes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +109,14 @@ def _training_checkpoint(path: Path) -> dict:
     return contents
 
 
-def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experiment: str) -> tuple[Path, dict]:
+def find_resume_checkpoint(
+    resume_from: str | None, runs_dir: str | Path, experiment: str, fits: Callable[[dict, Path], None] | None = None
+) -> tuple[Path, dict]:
     """(path, contents) of the checkpoint to continue: trainer.resume_from, else the last.pt of this experiment's newest
-    unfinished run (a finished run has nothing left to train: continuing it would re-open it, not the interrupted one).
-    A best.pt that an interruption left behind its last.pt is brought up to date first."""
+    unfinished run that `fits` accepts (a finished run has nothing left to train: continuing it would re-open it, not
+    the interrupted one; an unfinished run of other settings, another seed of a SLURM array say, is another run's).
+    `fits(contents, path)` raises ConfigError for a checkpoint this run may not continue; when none fits, the newest
+    one's refusal is raised. A best.pt that an interruption left behind its last.pt is brought up to date first."""
     if resume_from:
         given = Path(resume_from)
         candidates = [given, given / "checkpoints" / LAST, given / LAST] if given.is_dir() else [given]
@@ -121,12 +126,22 @@ def find_resume_checkpoint(resume_from: str | None, runs_dir: str | Path, experi
         unfinished = [p for p in experiment_dir.glob(f"**/checkpoints/{LAST}") if not _finished(p)]
         candidates = sorted(unfinished, key=lambda p: p.stat().st_mtime, reverse=True)
         looked = f"{experiment_dir}/**/checkpoints/{LAST} of a run without {METRICS_FILE}"
-    for path in candidates:
-        if path.is_file():
-            _refuse_finished(path)
-            contents = _training_checkpoint(path)
-            _catch_up_best(path, contents)
-            return path, contents
+    refusals = []
+    for path in filter(Path.is_file, candidates):
+        _refuse_finished(path)
+        contents = _training_checkpoint(path)
+        try:
+            if fits:
+                fits(contents, path)
+        except ConfigError as refused:
+            if resume_from:
+                raise
+            refusals.append(refused)
+            continue
+        _catch_up_best(path, contents)
+        return path, contents
+    if refusals:
+        raise refusals[0]
     raise DataNotFoundError(
         "trainer.resume=true but no unfinished run has a checkpoint to resume",
         where=looked,

@@ -201,6 +201,29 @@ def log_run_config(cfg: DictConfig, plain: dict, fingerprint: str, data_summary:
     mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(plain)), "config/resolved.yaml")
 
 
+def log_resumed_config(saved: dict, plain: dict, epoch: int) -> None:
+    """What the process resuming the active run after `epoch` changed of the config the epochs before ran with (what a
+    resume may change, its own Hydra folder) and of the run's git commit. Params keep the first process's values (MLflow
+    refuses to change them): without this, epochs trained on another precision, device or code read as trained alike."""
+    before, now = flatten(saved), flatten(plain)
+    changed = [
+        f"{key}: {before.get(key, '(absent)')} -> {now.get(key, '(absent)')}"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key)
+    ]
+    first_commit = mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get("git_commit")
+    commit, dirty = git_commit(plain["paths"]["root"])
+    if first_commit and commit != first_commit:
+        changed.append(f"git_commit: {first_commit} -> {commit}{' (dirty)' if dirty else ''}")
+    mlflow.set_tags({"resumed_from_epoch": str(epoch), f"resumed_at_epoch_{epoch}": _tag_text("; ".join(changed) or "nothing changed")})
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(plain)), f"config/resumed_at_epoch_{epoch}.yaml")
+
+
+def _tag_text(text: str, limit: int = 5000) -> str:
+    """A tag value MLflow stores whatever its version (the whole list is in the YAML logged beside it)."""
+    return text if len(text) <= limit else text[: limit - 40] + " ... (cut; see the resumed config's YAML)"
+
+
 # Runs continued in this process: their steps may have been logged before the interruption.
 _resumed_runs: set[str] = set()
 
