@@ -274,11 +274,13 @@ def test_a_refit_learns_from_train_and_validation_and_is_served_calibrated_on_th
     from medtriage.export.fold_ensemble import export_refit
     from medtriage.model.checkpoint import load_model
     from medtriage.serve.package import load_package
+    from medtriage.training.job import TRAINING_LOCK
 
     result = refit_run(recipe, tmp_path / "refit")
     said = capsys.readouterr().out
     assert "refit on all" in said and "no validation split" in said and "--refit" in said  # how to serve it
-    assert result.package is None and sorted(p.name for p in (tmp_path / "refit" / "checkpoints").iterdir()) == ["last.pt"]
+    checkpoints = sorted(p.name for p in (tmp_path / "refit" / "checkpoints").iterdir())
+    assert result.package is None and checkpoints == ["last.pt", TRAINING_LOCK]  # no best.pt: nothing was validated
     run = mlflow.get_run(result.run_id)
     assert run.data.params["data.n_train"] == "48" and "data.n_val" not in run.data.params and "data.n_test" not in run.data.params
     assert not any(k.startswith(("val/", "test/", "best_val")) for k in run.data.metrics)
