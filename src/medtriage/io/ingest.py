@@ -20,7 +20,6 @@ Torch-free and pandas-free: a site installs only the base package.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections import Counter
@@ -47,7 +46,7 @@ from medtriage.io.ingest_ledger import (
     read_index,
     write_audit_log,
 )
-from medtriage.io.safe_output import hold_exclusive, remove_partials, write_new
+from medtriage.io.safe_output import held_exclusive, remove_partials, write_new
 from medtriage.io.site_folder import SITE_LABELS_FILE, SiteFolder, read_site_folder
 from medtriage.io.site_key import SiteKey, load_site_key
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
@@ -126,12 +125,8 @@ def _site_lock(ledger_dir: Path, site: str):
             hint="wait for it to finish, then run this ingest again: it adds only what the other did not",
         )
 
-    descriptor = hold_exclusive(ledger_dir / LOCK_FILE, busy)
-    try:
+    with held_exclusive(ledger_dir / LOCK_FILE, busy):
         yield
-    finally:
-        if descriptor is not None:
-            os.close(descriptor)
 
 
 def _check_patient_identity(ledger_dir: Path, options: DeidOptions, site: str) -> None:

@@ -20,7 +20,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -260,3 +261,14 @@ def hold_exclusive(path: Path, busy: Callable[[str], Exception]) -> int | None:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
     return descriptor
+
+
+@contextmanager
+def held_exclusive(path: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """`hold_exclusive` for the length of a `with` block: the lock goes when the block ends, however it ends."""
+    descriptor = hold_exclusive(path, busy)
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)

@@ -9,7 +9,6 @@ MLflow run, from `last.pt`. Under torchrun every rank trains; rank 0 alone track
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from medtriage.data.sources.registry import load_pool
 from medtriage.data.torch.datasets import CachedSplit, cache_split
 from medtriage.data.torch.split_cache import persistent_split
 from medtriage.errors import ConfigError
-from medtriage.io.safe_output import hold_exclusive
+from medtriage.io.safe_output import held_exclusive
 from medtriage.model.checkpoint import BEST, LAST, final_checkpoint, model_from_config
 from medtriage.training import distributed, tracking
 from medtriage.training.distributed import Ranks
@@ -246,12 +245,8 @@ def claim_checkpoints(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
             "e.g. with the SLURM array task id in it), or resume it once that process has ended",
         )
 
-    lock = hold_exclusive(ckpt_dir / TRAINING_LOCK, busy)
-    try:
+    with held_exclusive(ckpt_dir / TRAINING_LOCK, busy):
         yield
-    finally:
-        if lock is not None:
-            os.close(lock)
 
 
 def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, model, ckpt_dir: Path, resumed) -> RunResult:
