@@ -1,6 +1,7 @@
 """De-identification edges on real files: compound actions of Table E.1-1 on attributes an IOD makes Type 1 (an
 enhanced MR's Device Serial Number), timezone offsets inside DateTime values when Timezone Offset From UTC is
-removed, and UIDs a writer encoded with another VR."""
+removed, UIDs, names and dates a writer encoded with another VR, and the data set's own UIDs copied into attributes
+the table does not list."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
 from medtriage.io.deid import DeidOptions, deidentify
@@ -74,6 +76,60 @@ def test_a_table_uid_written_with_another_vr_is_remapped_like_its_references():
     ds.save_as(buffer, enforce_file_format=True)
     assert original.encode() not in buffer.getvalue()
     assert str(ds.FrameOfReferenceUID) == str(ds.ReferencedFrameOfReferenceUID) == KEY.uid(original)
+
+
+OWN_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+
+
+@pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+def test_the_data_sets_own_uids_in_attributes_the_table_does_not_list_map_as_the_uids_do(syntax):
+    """Before, a study, series or instance UID copied into an attribute Table E.1-1 does not list (text, bytes, UN,
+    nested, one of several values) stayed as it was: the original UID links the object back to the site's archive.
+    A VR too short for the new UID (SH: 16 characters) loses the element instead."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.FrameOfReferenceUID = ds.CodingSchemeVersion = "1.2.826.0.1.4711"  # short enough for SH
+    sop, study, series, frame = (str(ds[k].value) for k in OWN_UIDS)
+    ds.EventTimerNames = ["start", series]  # LO, several values
+    ds.add(DataElement(0x00181003, "UN", frame.encode() + b" "))  # Device ID (LO), written as UN
+    ds.add(DataElement(0x0008041B, "OB", sop.encode() + b"\0" * (len(sop) % 2)))  # Record Key
+    issuer = Dataset()
+    issuer.LocalNamespaceEntityID, issuer.UniversalEntityID = study, "hospital.example"
+    ds.IssuerOfAccessionNumberSequence = [issuer]
+    ds = _reread(ds, syntax)
+    deidentify(ds, KEY)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    leaked = [uid for uid in (sop, study, series, frame) if uid.encode() in buffer.getvalue()]
+    assert not leaked
+    ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert list(ds.EventTimerNames) == ["start", ds.SeriesInstanceUID] and ds.SeriesInstanceUID == KEY.uid(series)
+    assert ds.DeviceID == ds.FrameOfReferenceUID == KEY.uid(frame)
+    assert "CodingSchemeVersion" not in ds
+    assert ds.RecordKey.rstrip(b"\0").decode() == ds.SOPInstanceUID == KEY.uid(sop)
+    issuer = ds.IssuerOfAccessionNumberSequence[0]
+    assert (issuer.LocalNamespaceEntityID, issuer.UniversalEntityID) == (KEY.uid(study), "hospital.example")
+
+
+def test_an_unlisted_uid_name_or_date_written_with_another_vr_is_treated_as_its_attribute_is():
+    """Table E.1-1 does not list every UID, name and date attribute: those it does not list are remapped, emptied or
+    shifted by their VR. Before, the VR an explicit VR file gave them decided, so written as LO they stayed as read:
+    another instance's UID, an evaluator's name, a calibration date in an object marked MODIFIED (or as OB bytes)."""
+    source, name, day = "1.2.826.0.1.3680043.8.498.777", "DOE^JANE", "20230115"
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.add(DataElement(0x00081167, "LO", source))  # Multi-frame Source SOP Instance UID (UI)
+    ds.add(DataElement(0x00142006, "LO", name))  # Evaluator Name (PN)
+    ds.add(DataElement(0x00143076, "LO", day))  # Date of Gain Calibration (DA)
+    ds.add(DataElement(0x00141020, "OB", day.encode()))  # Expiry Date (DA)
+    ds = _reread(ds)
+    deidentify(ds, KEY)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert not [v for v in (source, name, day) if v.encode() in buffer.getvalue()]
+    ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert ds.MultiFrameSourceSOPInstanceUID == KEY.uid(source)
+    assert not ds.EvaluatorName
+    assert "19000101" < ds.DateOfGainCalibration < day
+    assert not ds.ExpiryDate  # as bytes: no date to shift
 
 
 @pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])

@@ -8,9 +8,11 @@ apply them. Identity is replaced with values keyed by a secret the site keeps (`
 HMAC-SHA256 pseudonyms, a per-patient date shift and `2.25.<int>` UIDs, so the same patient,
 study or referenced instance maps to the same value on every run, and nothing can be reversed
 without the secret. UIDs that name a kind of object, not an instance (SOP classes, a vendor's
-private ones included, transfer syntaxes, coding schemes), keep their value. All private elements
-are removed. Pixel data is never touched, which is why `medtriage.io.quarantine.screen` sends
-objects that may carry identity in their pixels or in free text to quarantine instead.
+private ones included, transfer syntaxes, coding schemes), keep their value. A value kept elsewhere
+that equals one of the remapped UIDs (copied into an attribute the table does not list, or written
+with another VR) is remapped as that UID is. All private elements are removed. Pixel data is never
+touched, which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in
+their pixels or in free text to quarantine instead.
 
 numpy/pydicom only: sites install the base package.
 """
@@ -128,6 +130,11 @@ KIND_UID_TAGS = frozenset(
 )
 KEEP_KIND = "N"  # the walker's action for them: the value stays as read, wherever it occurs
 UID_TEXT = re.compile(r"[0-9.\\\0 ]*")  # UID syntax (PS3.5 9.1), several values and padding: no room for a name
+# A remapped UID that other values are compared with: three components at least, so that no number is taken for one.
+OWN_UID = re.compile(r"[0-9]+(?:\.[0-9]+){2,}")
+# Where a value equal to such a UID can take its replacement (up to 64 characters); elsewhere the element goes.
+UID_HOLDING_VRS = frozenset({"LO", "LT", "ST", "UT", "UC", "UR", "OB", "UN"})
+BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})  # one value each: longer than 64 bytes, not a UID
 # Z allows "a dummy value consistent with the VR": a keyed one keeps accession-keyed labels joinable.
 ACCESSION_TAG = tag_for_keyword("AccessionNumber")
 # What systems write into Patient's Name (or Patient ID) when they know no name (compared upper-case, name components
@@ -335,6 +342,7 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
     by_name = not identifying_patient_id(ds)
     walker = _ProfileWalker(key, options, key.pseudonym(patient), key.date_shift_days(patient))
     walker.apply(ds, top_level=True)
+    walker.replace_own_uids()
     _keep_animal_owner_attributes(ds)
     _mark_deidentified(ds, options)
     _rebuild_file_meta(ds)
@@ -371,6 +379,8 @@ class _ProfileWalker:
         self.retained = frozenset(tag_for_keyword(k) for k in options.retain_characteristics)
         self.decisions = _DECISIONS.setdefault(options, {})  # depends on the options and the table only
         self.actions: Counter = Counter()
+        self.remapped: set[str] = set()  # original UIDs this data set's remapping replaced
+        self.kept: list[tuple[Dataset, int, str]] = []  # elements kept as read, with the action counted: any may hold one
 
     def apply(self, ds: Dataset, top_level: bool = False) -> None:
         decisions, actions = self.decisions, self.actions
@@ -382,6 +392,8 @@ class _ProfileWalker:
                 action = "U"  # not a UID (text, or items): it may name anyone, and goes as unlisted UIDs do
             actions[action] += 1
             if (action == "K" and vr not in ("SQ", "UI", None)) or action == KEEP_KIND:
+                if action == "K":
+                    self.kept.append((ds, tag, action))
                 continue  # the common case: kept as read, raw bytes or decoded alike
             if action == "X":
                 del ds[tag]
@@ -425,7 +437,9 @@ class _ProfileWalker:
     def _decide(self, tag: int, vr: str | None, top_level: bool) -> str:
         if (tag >> 16) & 1 or tag & 0xFFFF == 0 or not (dictionary_has_tag(tag) or self.table.action(tag)):
             return "X"  # private, group lengths (retired, would go stale) and unknown public elements
-        vr = vr or (dictionary_VR(tag) if dictionary_has_tag(tag) else "UN")
+        known = dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"
+        # The VR the attribute has and the one the file gave it (writers get it wrong): either says UID, name or date.
+        vrs = {vr or known, known}
         if tag in self.retained:
             return "K"
         if top_level and tag in PSEUDONYM_TAGS:
@@ -433,20 +447,18 @@ class _ProfileWalker:
         if top_level and tag == ACCESSION_TAG:
             return "A"
         if self.options.modified_dates and tag not in NEVER_SHIFTED:
-            if vr in ("DA", "DT"):
+            if vrs & {"DA", "DT"}:
                 return "S"
-            if vr == "TM":
+            if vrs == {"TM"}:
                 return "K"  # whole-day shifts keep times consistent with the shifted dates
         listed = self.table.action(tag)
         if listed is not None:
             return RESOLVED_ACTION[listed]
-        if vr == "UI" and tag in KIND_UID_TAGS:
-            return KEEP_KIND
-        if vr == "UI":
-            return "U"  # UIDs the table does not list (e.g. inside references) are remapped too
-        if vr == "PN":
+        if "UI" in vrs:  # UIDs the table does not list (e.g. inside references) are remapped too, kinds aside
+            return KEEP_KIND if tag in KIND_UID_TAGS else "U"
+        if "PN" in vrs:
             return "Z"  # a person's name the table does not list is still a name
-        if vr in ("DA", "DT"):
+        if vrs & {"DA", "DT"}:
             return "Z"  # dates not shifted are removed, listed or not: the object says its dates were (REMOVED)
         return "K"
 
@@ -459,6 +471,8 @@ class _ProfileWalker:
             elem.value = self.pseudonym
         elif action == "A":
             elem.value = self.key.accession(str(elem.value or ""))
+        elif action == "S" and not _is_text(elem.value):
+            elem.value = None  # a date as bytes (a writer's wrong VR): nothing to shift, and it must not stay
         elif action == "S":
             elem.value = self.map_values(elem.value, self.shift_date if elem.VR == "DA" else self.shift_datetime)
         elif action in ("U", "U*", "K"):
@@ -469,6 +483,8 @@ class _ProfileWalker:
                 elem.value = self.map_values(elem.value, self.remap_uid)
             elif action == "U" and not elem.is_empty:
                 del ds[elem.tag]  # a listed UID as bytes or numbers: no UID to remap, and the original must not stay
+            else:
+                self.kept.append((ds, elem.tag, action))
 
     def dummy(self, elem):
         if elem.VR == "UI":
@@ -486,7 +502,34 @@ class _ProfileWalker:
         return fn(str(value))
 
     def remap_uid(self, uid: str) -> str:
-        return self.key.uid(uid)
+        new, original = self.key.uid(uid), uid.strip("\0 ")
+        if new != original and OWN_UID.fullmatch(original):
+            self.remapped.add(original)
+        return new
+
+    def replace_own_uids(self) -> None:
+        """A kept value equal to a UID remapped elsewhere in the data set (an attribute the table does not list, or
+        written with another VR) would link the object back to the site's archive: it maps as that UID does, so that
+        references stay consistent, or its element goes where the VR cannot hold the new UID."""
+        for ds, tag, counted in self.kept if self.remapped else ():
+            elem = ds.get_item(tag)
+            values = _text_values(elem)
+            if self.remapped.isdisjoint(v.strip("\0 ") for v in values):
+                continue
+            self.actions[counted] -= 1
+            if elem.VR not in UID_HOLDING_VRS:
+                self.actions["X"] += 1
+                del ds[tag]
+                continue
+            self.actions["U"] += 1
+            new = [self.remap_uid(v) if v.strip("\0 ") in self.remapped else v for v in values]
+            padding = "\0" if elem.VR in BULK_VRS else " "
+            if elem.is_raw:
+                ds[tag] = _with_text(elem, "\\".join(new), padding)
+            elif isinstance(elem.value, bytes):
+                elem.value = _padded("\\".join(new), padding)
+            else:
+                elem.value = new if len(new) > 1 else new[0]
 
     def shift_date(self, value: str) -> str:
         return _shifted(_parse_date(value), self.shift_days)
@@ -507,6 +550,15 @@ def _is_uid_text(elem) -> bool:
     return all(isinstance(v, str) and UID_TEXT.fullmatch(v) for v in values if v is not None)
 
 
+def _text_values(elem) -> list[str]:
+    """The element's values as text, decoded or still bytes; none for numbers, names and bulk data."""
+    value = elem.value
+    if isinstance(value, bytes):
+        return [] if elem.VR in BULK_VRS and len(value) > 64 else value.decode("latin-1").split("\\")
+    values = list(value) if isinstance(value, (list, MultiValue)) else [value]
+    return values if all(isinstance(v, str) for v in values) else []
+
+
 def _is_text(value) -> bool:
     """A string value, or several: what a UID written with a text VR other than UI reads as."""
     values = value if isinstance(value, (list, MultiValue)) else [value]
@@ -514,8 +566,12 @@ def _is_text(value) -> bool:
 
 
 def _with_text(raw: RawDataElement, text: str, padding: str) -> RawDataElement:
-    data = (text + padding * (len(text) % 2)).encode(default_encoding)
+    data = _padded(text, padding)
     return raw._replace(value=data, length=len(data))
+
+
+def _padded(text: str, padding: str) -> bytes:
+    return (text + padding * (len(text) % 2)).encode(default_encoding)
 
 
 def _shifted(day: date | None, days: int) -> str:
