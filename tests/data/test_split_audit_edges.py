@@ -1,14 +1,16 @@
 """Edges of the splits, folds and leakage audit: one patient under two spellings of its padded ID, damaged pixels,
-pools too small for the folds asked for, and images handed to the hash as a stream."""
+pools too small for the folds asked for, test images also labelled, blank images, and images handed to the hash as a
+stream."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from medtriage.data.audit import LeakageError, audit_manifest, perceptual_hashes
+from medtriage.data.audit import LeakageError, audit_manifest, perceptual_hashes, require_clean
 from medtriage.data.folds import all_labelled, cross_validation_fold, inseparable_groups
 from medtriage.data.manifest import PoolWriter
 from medtriage.data.sources.medmnist import as_chw
@@ -133,6 +135,50 @@ def test_nan_pixels_are_refused_by_name_not_taken_for_duplicates(tmp_path):
         with pytest.raises(InputError, match="NaN or infinite") as err:
             check(pool)
         assert "u0" in str(err.value) and "2 image(s)" in str(err.value) and "build it again" in str(err.value)
+
+
+# ---------------------------------------------------------------- duplicate images of test, blank images
+
+
+def test_folds_and_a_refit_refuse_a_test_image_also_labelled_unless_duplicates_are_allowed(tmp_path, xrays, capsys):
+    """A cross-validation's audit never sees test: the folds themselves refuse a test image that is also labelled
+    (the official PneumoniaMNIST splits share such copies), with the override the audit of a plain run takes."""
+    images, labels = xrays
+    pool = _pool(tmp_path / "pool", [*_clean_rows(xrays), (images[2], int(labels[2]), "copy", "train")])  # row 2: test
+    with pytest.raises(LeakageError, match="allow_audit_failure=true"):
+        require_clean(pool)
+    for cut in (lambda **kw: cross_validation_fold(pool, 2, 0, **kw), lambda **kw: all_labelled(pool, **kw)):
+        with pytest.raises(LeakageError, match="data.allow_audit_failure=true") as err:
+            cut()
+        assert "1 pair(s) of identical or near-identical images in test and in train or validation, e.g. u2 and u12" in str(err.value)
+        assert "test" not in set(cut(allow_duplicates=True).rows["split"])
+        assert "let through by data.allow_audit_failure" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pooling", [{"cv_folds": 2, "cv_fold": 0, "cv_seed": 0, "refit": False}, {"cv_folds": None, "refit": True}])
+def test_a_runs_data_allow_audit_failure_lets_known_test_duplicates_into_its_folds(tmp_path, xrays, monkeypatch, pooling):
+    from medtriage.data.sources import registry
+
+    images, labels = xrays
+    pool = _pool(tmp_path / "pool", [*_clean_rows(xrays), (images[2], int(labels[2]), "copy", "train")])  # row 2: test
+    monkeypatch.setattr(registry, "build_pool", lambda data: pool)
+    with pytest.raises(LeakageError, match="data.allow_audit_failure=true"):
+        registry.load_pool(SimpleNamespace(holdout_site=None, allow_audit_failure=False, **pooling))
+    run = registry.load_pool(SimpleNamespace(holdout_site=None, allow_audit_failure=True, **pooling))
+    assert "test" not in set(run.rows["split"]) and len(run.rows) == (pool.rows["split"] != "test").sum()
+
+
+def test_blank_images_are_no_duplicates_of_one_another(tmp_path, xrays):
+    """Every constant image hashes alike, whatever its value: taken for duplicates, they would all form one group."""
+    blanks = [np.full((28, 28), value, np.uint8) for value in (0, 0, 1, 128, 255, 0)]
+    splits = ("train", "val", "train", "val", "train", "test")
+    pool = _pool(tmp_path / "pool", [*_clean_rows(xrays), *[(b, i % 2, f"b{i}", s) for i, (b, s) in enumerate(zip(blanks, splits))]])
+    groups = inseparable_groups(pool)
+    assert len(set(groups)) == len(pool.rows)
+    (finding,) = audit_manifest(pool).findings  # no duplicate finding; the blanks themselves are named
+    assert (finding.kind, finding.severity, finding.count) == ("constant_image", "warning", len(blanks))
+    assert [example["split"] for example in finding.examples] == list(splits)
+    assert "test" not in set(cross_validation_fold(pool, 2, 0).rows["split"])  # a blank test image is no one's copy
 
 
 # ---------------------------------------------------------------- pools too small for the folds

@@ -22,6 +22,9 @@ Checks, each a finding with a severity (`error` fails the audit, `warning` does 
 A failed audit stops training (`require_clean`) unless `data.allow_audit_failure` overrides it, for known duplicate
 images; no override lets a patient in two splits through, whether by its patient ID or by a DICOM study.
 
+A constant image (every pixel alike: a blank export) is no one's image: every one hashes alike, whatever its value,
+so it is paired with no other image, here and in the fold grouping (`duplicate_pairs`).
+
 Perceptual hash: 32x32 bilinear thumbnail -> 2D DCT -> the 12x12 lowest frequencies (DC dropped)
 thresholded at their median = 143 bits. Measured on the 4,999 distinct PneumoniaMNIST images: no two
 distinct images within 12 bits, while the same image resampled to 64-128 px with noise stays within
@@ -98,8 +101,9 @@ def audit_manifest(manifest, *, check_images: bool = True, max_distance: int = M
     result.findings += _sites_without_class(rows, positive=False)
     result.findings += _sites_in_one_split(rows)
     if check_images and len(rows):
-        hashes = manifest_hashes(manifest)
-        result.findings += _duplicates(rows, hashes, max_distance)
+        images = finite_images(manifest)
+        result.findings += _duplicates(rows, image_pairs(images, max_distance), max_distance)
+        result.findings += _constant_images(rows, images)
     return result
 
 
@@ -233,9 +237,37 @@ def _thumbnail(image) -> Image.Image:
     return Image.fromarray(gray, mode="F").resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR)
 
 
-def manifest_hashes(manifest) -> np.ndarray:
-    """`perceptual_hashes` of every row of `manifest`, refusing pixels that are not finite: NaN spreads through the
-    thumbnail and the DCT, so every damaged image hashes alike and would be reported (and grouped) as one duplicate."""
+def duplicate_pairs(manifest, max_distance: int = MAX_DISTANCE) -> list[tuple[int, int, int]]:
+    """`image_pairs` of the rows of `manifest` (row positions)."""
+    return image_pairs(finite_images(manifest), max_distance)
+
+
+def image_pairs(images: list[np.ndarray], max_distance: int = MAX_DISTANCE) -> list[tuple[int, int, int]]:
+    """`near_pairs` of `images`, constant images left out: one has no frequencies but rounding noise to hash, so all
+    of them match one another, and a blank image names no patient to keep together."""
+    varied = [i for i, image in enumerate(images) if not _constant(image)]
+    hashes = perceptual_hashes([images[i] for i in varied])
+    return [(varied[i], varied[j], distance) for i, j, distance in near_pairs(hashes, max_distance)]
+
+
+def _constant(image: np.ndarray) -> bool:
+    return not image.size or image.min() == image.max()
+
+
+def _constant_images(rows, images: list[np.ndarray]) -> list[Finding]:
+    """Images with every pixel alike: a blank or failed export, which teaches and tests nothing, and which the
+    duplicate checks pass over (`image_pairs`)."""
+    blank = [i for i, image in enumerate(images) if _constant(image)]
+    if not blank:
+        return []
+    examples = [{"row": i, "site": rows["site"].iat[i], "split": rows["split"].iat[i], "path": rows["path"].iat[i]} for i in blank]
+    message = f"{len(blank)} image(s) with every pixel alike (blank): check their source; the duplicate checks pass over them"
+    return [Finding("constant_image", "warning", len(blank), message, examples[:MAX_EXAMPLES])]
+
+
+def finite_images(manifest) -> list[np.ndarray]:
+    """`cached_images`, refusing pixels that are not finite: NaN spreads through the thumbnail and the DCT, so every
+    damaged image hashes alike and would be reported (and grouped) as one duplicate."""
     images = cached_images(manifest)
     damaged = [i for i, image in enumerate(images) if not np.isfinite(image).all()]
     if damaged:
@@ -246,7 +278,7 @@ def manifest_hashes(manifest) -> np.ndarray:
             where=Path(manifest.pool_dir) / PIXELS_FILE,
             hint=f"the pool is damaged or its source wrote unchecked pixels; delete {manifest.pool_dir} and build it again",
         )
-    return perceptual_hashes(images)
+    return images
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -279,12 +311,13 @@ def cached_images(manifest):
     return [np.asarray(cache[o : o + c * h * w]).reshape(c, h, w) for c, h, w, o in shapes]
 
 
-def _duplicates(rows, hashes: np.ndarray, max_distance: int) -> list[Finding]:
+def _duplicates(rows, pairs: list[tuple[int, int, int]], max_distance: int) -> list[Finding]:
+    """Findings of `duplicate_pairs`: `pairs` of row positions in `rows`."""
     fingerprint = rows["fingerprint"].astype(str).to_numpy()
     split, site = rows["split"].astype(str).to_numpy(), rows["site"].astype(str).to_numpy()
     patient = rows["patient_id"].astype(str).to_numpy()
     found: dict[str, list] = {"same_image_in_two_splits": [], "near_duplicate_in_two_splits": [], "same_image_at_two_sites": []}
-    for i, j, distance in near_pairs(hashes, max_distance):
+    for i, j, distance in pairs:
         if split[i] != split[j]:
             kind = "same_image_in_two_splits" if fingerprint[i] == fingerprint[j] else "near_duplicate_in_two_splits"
         elif site[i] != site[j]:

@@ -7,7 +7,10 @@ becomes the validation split of the run. Rows that must not be separated travel 
 the images of one patient (or one DICOM study), and images the leakage audit finds identical or near-identical
 (perceptual hash within `audit.MAX_DISTANCE` bits). The test rows are dropped from the manifest,
 so a cross-validation run cannot see, score or log test. Its audit then no longer sees test either, so a pool with
-a patient in test and in train or validation is refused here (as it is by the audit of a plain run).
+a patient in test and in train or validation is refused here (as it is by the audit of a plain run), and so is one with
+a test image identical or near-identical to a train or validation image, unless `allow_duplicates` (the run's
+`data.allow_audit_failure`) lets such known duplicates through, as it does for a plain run. A constant (blank) image
+joins no other (`audit.duplicate_pairs`).
 
 A refit (`all_labelled`) then trains the chosen recipe on every labelled image, with no validation split: what the
 folds held out of each model, and what a validation split holds out of a plain run (here a quarter of the scarce
@@ -22,13 +25,14 @@ import hashlib
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medtriage.data.audit import MAX_DISTANCE, NEGATIVE_LABEL, LeakageError, manifest_hashes, near_pairs, patient_keys, study_keys
+from medtriage.data.audit import MAX_DISTANCE, NEGATIVE_LABEL, LeakageError, duplicate_pairs, patient_keys, study_keys
 from medtriage.data.manifest import Manifest
 from medtriage.errors import ConfigError, DataNotFoundError
 
 
-def cross_validation_fold(manifest: Manifest, folds: int, fold: int, seed: int = 0) -> Manifest:
-    """A copy of `manifest`: fold `fold` of the pooled train+val rows is `val`, the other folds `train`, no test."""
+def cross_validation_fold(manifest: Manifest, folds: int, fold: int, seed: int = 0, *, allow_duplicates: bool = False) -> Manifest:
+    """A copy of `manifest`: fold `fold` of the pooled train+val rows is `val`, the other folds `train`, no test.
+    `allow_duplicates`: test images duplicated in train or validation are let through (`data.allow_audit_failure`)."""
     if folds < 2:
         raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}", where="data.cv_folds", hint="use 3 to 10 folds")
     if not 0 <= fold < folds:
@@ -36,15 +40,17 @@ def cross_validation_fold(manifest: Manifest, folds: int, fold: int, seed: int =
     if not 0 <= seed < 2**32:  # what the fold shuffle accepts; its own error names no setting
         raise ConfigError(f"cross-validation seed {seed} is out of range", where="data.cv_seed", hint="use a seed from 0 to 2**32 - 1")
     _require_test_patients_apart(manifest)
-    rows = manifest.rows[manifest.rows["split"] != "test"].copy()
+    pairs = duplicate_pairs(manifest)
+    _require_test_images_apart(manifest, pairs, allow_duplicates)
+    labelled = (manifest.rows["split"] != "test").to_numpy()
+    rows = manifest.rows[labelled].copy()
     if not len(rows):
         raise DataNotFoundError(
             "no train or validation images to cut into folds",
             where=manifest.pool_dir,
             hint="cross-validation needs a pool with labelled images",
         )
-    pooled = dataclasses.replace(manifest, rows=rows, _pixels=None)
-    held = _held_out(rows["label"].to_numpy(), inseparable_groups(pooled), folds, fold, seed)
+    held = _held_out(rows["label"].to_numpy(), _groups(rows, _among(pairs, labelled)), folds, fold, seed)
     split = np.full(len(rows), "train", dtype=object)
     split[held] = "val"
     rows["split"] = split
@@ -109,9 +115,11 @@ def _require_both_classes(labels: np.ndarray, held: np.ndarray, folds: int, fold
                 )
 
 
-def all_labelled(manifest: Manifest) -> Manifest:
-    """A copy of `manifest`: the train and validation rows pooled as `train`, no validation split, no test."""
+def all_labelled(manifest: Manifest, *, allow_duplicates: bool = False) -> Manifest:
+    """A copy of `manifest`: the train and validation rows pooled as `train`, no validation split, no test.
+    `allow_duplicates` as for `cross_validation_fold`."""
     _require_test_patients_apart(manifest)
+    _require_test_images_apart(manifest, duplicate_pairs(manifest), allow_duplicates)
     rows = manifest.rows[manifest.rows["split"] != "test"].copy()
     rows["split"] = "train"
     fingerprint = hashlib.sha256(f"{manifest.fingerprint}|refit".encode()).hexdigest()
@@ -137,10 +145,45 @@ def _require_test_patients_apart(manifest: Manifest) -> None:
             )
 
 
+def _require_test_images_apart(manifest: Manifest, pairs: list[tuple[int, int, int]], allow_duplicates: bool) -> None:
+    """As `_require_test_patients_apart`, for `pairs` of (near-)identical images (`audit.duplicate_pairs`): the audit
+    of a plain run refuses them unless overridden, and so does this."""
+    split = manifest.rows["split"].to_numpy()
+    across = [(i, j, d) for i, j, d in pairs if (split[i] == "test") != (split[j] == "test")]
+    if not across:
+        return
+    paths = manifest.rows["path"].astype(str).to_numpy()
+    i, j, distance = across[0]
+    said = (
+        f"{len(across)} pair(s) of identical or near-identical images in test and in train or validation, "
+        f"e.g. {paths[i]} and {paths[j]} (perceptual hash {distance} bit(s) apart)"
+    )
+    if allow_duplicates:
+        print(f"{said}: let through by data.allow_audit_failure")
+        return
+    raise LeakageError(
+        said,
+        where=manifest.pool_dir,
+        hint="rebuild the pool without them (`medtriage audit POOL` lists them), "
+        "or override explicitly (data.allow_audit_failure=true) and say why",
+    )
+
+
+def _among(pairs: list[tuple[int, int, int]], kept: np.ndarray) -> list[tuple[int, int, int]]:
+    """The `pairs` of row positions whose rows are both `kept`, as positions among the kept rows."""
+    position = np.cumsum(kept) - 1
+    return [(int(position[i]), int(position[j]), d) for i, j, d in pairs if kept[i] and kept[j]]
+
+
 def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> np.ndarray:
     """One group id per row: rows of one patient or one DICOM study, and (near-)duplicate images, share a group
     (union-find)."""
-    rows = manifest.rows.reset_index(drop=True)
+    return _groups(manifest.rows, duplicate_pairs(manifest, max_distance))
+
+
+def _groups(rows, pairs: list[tuple[int, int, int]]) -> np.ndarray:
+    """`inseparable_groups` of `rows`, given their `duplicate_pairs`."""
+    rows = rows.reset_index(drop=True)
     parent = np.arange(len(rows))
 
     def root(i: int) -> int:
@@ -157,6 +200,6 @@ def inseparable_groups(manifest: Manifest, max_distance: int = MAX_DISTANCE) -> 
         first_row: dict = {}
         for i, key in keys.items():
             join(i, first_row.setdefault(key, i))
-    for i, j, _ in near_pairs(manifest_hashes(manifest), max_distance):
+    for i, j, _ in pairs:
         join(i, j)
     return np.array([root(i) for i in range(len(rows))])

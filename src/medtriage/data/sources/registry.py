@@ -77,8 +77,9 @@ def load_pool(data) -> Manifest:
     if getattr(data, "holdout_site", None):
         pooled = bool(getattr(data, "cv_folds", None) or getattr(data, "refit", False))  # folds or a refit: no validation split kept
         manifest = hold_out_site(manifest, data.holdout_site, validated=not pooled)
+    known_duplicates = bool(getattr(data, "allow_audit_failure", False))  # test images also in train: as the audit's override
     if getattr(data, "cv_folds", None):
-        manifest = cross_validation_fold(manifest, data.cv_folds, data.cv_fold, data.cv_seed)
+        manifest = cross_validation_fold(manifest, data.cv_folds, data.cv_fold, data.cv_seed, allow_duplicates=known_duplicates)
     if getattr(data, "refit", False):
-        manifest = all_labelled(manifest)
+        manifest = all_labelled(manifest, allow_duplicates=known_duplicates)
     return manifest
