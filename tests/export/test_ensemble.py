@@ -97,3 +97,34 @@ def test_npz_scoring_rejects_a_bad_split_and_file(exported, tmp_path, capsys):
     result, _ = exported
     assert main(["score", str(result.package_dir), "--npz", str(tmp_path / "missing.npz")]) == 2
     assert "npz file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "where"), [("export.opset=40", "export.opset"), ("export.positive_label=pnuemonia", "export.positive_label")]
+)
+def test_an_ensemble_refused_its_export_settings_leaves_no_mlflow_run_of_its_own(tmp_path, override, where):
+    """Refused before the ensemble's own run is made: the tracking store keeps only the members' runs."""
+    from dataclasses import asdict
+
+    import mlflow
+
+    from medtriage.export.ensemble import export_ensemble
+    from medtriage.model.checkpoint import save_checkpoint
+
+    config = {
+        "model": {"name": "resnet10", "stem_stride": 2, "preprocess": asdict(PreprocessSpec(size=28))},
+        "data": {"pool_dir": str(tmp_path / "pool"), "label_names": ["normal", "pneumonia"]},
+        "export": {"models_dir": str(tmp_path / "models"), "name": "members"},
+    }
+    experiment_id = mlflow.create_experiment("members", artifact_location=str(tmp_path / "artifacts"))
+    run_ids = []
+    for seed in (0, 1):
+        checkpoint = save_checkpoint(tmp_path / f"member{seed}" / "best.pt", model=tiny_net(seed).state_dict(), config=config)
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            mlflow.log_artifact(str(checkpoint), "checkpoints")
+        run_ids.append(run.info.run_id)
+    with pytest.raises(ConfigError) as refused:
+        export_ensemble(run_ids, "ens", overrides=[override])
+    assert refused.value.where == where
+    assert sorted(r.info.run_id for r in mlflow.MlflowClient().search_runs([experiment_id])) == sorted(run_ids)
+    assert not (tmp_path / "models").exists()

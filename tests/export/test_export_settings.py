@@ -66,14 +66,12 @@ def test_the_fold_models_export_refuses_an_out_of_range_value_before_scoring_any
     assert "export.ece_bins=0" in refused.value.reason
 
 
-def test_the_fold_models_export_refuses_a_positive_label_no_fold_has_before_scoring_any_fold():
-    from types import SimpleNamespace
-
+def test_the_fold_models_export_refuses_a_positive_label_no_fold_has_before_loading_any_pool():
     from medtriage.export.fold_ensemble import HELD_OUT_SPLIT, FoldMembers, _export_out_of_fold
     from medtriage.export.from_mlflow import parse_overrides
 
-    pool = SimpleNamespace(label_names=["normal", "pneumonia"])  # what the check reads of a fold's pool
-    members = FoldMembers(nets=[], configs=[{"export": {"name": "folds"}}], manifests=[pool], folds=[])
+    config = {"export": {"name": "folds"}, "data": {"label_names": ["normal", "pneumonia"], "pool_dir": "/no/such/pool"}}
+    members = FoldMembers(nets=[], configs=[config], manifests=[], folds=[])  # as fold_runs returns them: no pool yet
     with pytest.raises(ConfigError, match="positive label 'pnuemonia'") as refused:
         _export_out_of_fold([], members, [], "none", parse_overrides(["export.positive_label=pnuemonia"]), HELD_OUT_SPLIT, "folds", {})
     assert refused.value.where == "export.positive_label"

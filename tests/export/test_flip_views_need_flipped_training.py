@@ -95,7 +95,7 @@ def _fold_members(tmp_path, unflipped: bool) -> fold_ensemble.FoldMembers:
 
 
 def test_fold_models_trained_without_flips_are_refused_flip_views_before_scoring(tmp_path, monkeypatch):
-    monkeypatch.setattr(fold_ensemble, "fold_members", lambda cv_dirs: _fold_members(tmp_path, unflipped=True))
+    monkeypatch.setattr(fold_ensemble, "fold_runs", lambda cv_dirs: _fold_members(tmp_path, unflipped=True))
     with pytest.raises(ConfigError) as err:
         fold_ensemble.export_fold_ensemble(tmp_path / "cv", "x", tta="flip")
     _refused(err)
@@ -103,7 +103,7 @@ def test_fold_models_trained_without_flips_are_refused_flip_views_before_scoring
 
 def test_a_refit_of_folds_trained_without_flips_is_refused_flip_views(tmp_path, monkeypatch):
     members = _fold_members(tmp_path, unflipped=True)
-    monkeypatch.setattr(fold_ensemble, "fold_members", lambda cv_dir: members)
+    monkeypatch.setattr(fold_ensemble, "fold_runs", lambda cv_dir: members)
     refit = copy.deepcopy(members.configs[0])
     refit["data"]["refit"] = True
     save_checkpoint(tmp_path / "refit" / "checkpoints" / "last.pt", model=_net().state_dict(), config=refit)

@@ -3,13 +3,16 @@ differ in (checked on the fold runs' configs and pools, as the fold runs record 
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from medtriage.data.manifest import Manifest
 from medtriage.errors import ConfigError
+from medtriage.model.networks import PreprocessSpec, build_triage_net
 
 
 def fold_config(fold: int, site: str | None = None, seed: int = 0, **data) -> dict:
@@ -62,3 +65,95 @@ def test_folds_whose_limits_were_sampled_with_different_seeds_name_the_seeds():
     assert _held_out_rows(configs[0], members.manifests[0]) != _held_out_rows(configs[1], members.manifests[1])
     with pytest.raises(ConfigError, match=r"data.limit sampled with trainer.seed 0 vs 3"):
         _check_held_out_alike(members, [0, 1], 0)
+
+
+LABELS = ["normal", "pneumonia"]
+
+
+def write_npz(path: Path, seed: int) -> Path:
+    """A MedMNIST-layout npz, twelve 28 px images per split; another seed, other pixels."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(12) % 2)[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def untrained_weights():
+    return build_triage_net("resnet10", len(LABELS), PreprocessSpec(size=28, in_channels=1)).state_dict()
+
+
+@pytest.fixture
+def shared_pool(tmp_path):
+    """A pool folder built from one npz, and another npz that the fold runs below name for it: loading their pool
+    would rebuild the folder from that one."""
+    from medtriage.data.sources.medmnist import build_npz_pool
+
+    build_npz_pool(write_npz(tmp_path / "a.npz", 0), tmp_path / "pool", LABELS)
+    return tmp_path / "pool", write_npz(tmp_path / "b.npz", 1)
+
+
+def save_run(run_dir: Path, weights: dict, pool: Path, npz: Path, fold: int | None, **data) -> Path:
+    """A training run's final checkpoint and config as training leaves them (fold `fold` of a 2-fold cut)."""
+    from medtriage.model.checkpoint import save_checkpoint
+
+    config = {
+        "model": {"name": "resnet10", "stem_stride": 2, "preprocess": asdict(PreprocessSpec(size=28, in_channels=1))},
+        "data": {
+            **{"source": "npz", "npz_path": str(npz), "pool_dir": str(pool), "label_names": LABELS, "holdout_site": None},
+            **{"cv_folds": 2, "cv_fold": fold, "cv_seed": 0, "limit": None, **data},
+        },
+        "trainer": {"seed": 0, "weights": "last"},
+        "export": {"name": "folds"},
+        "tracking": {"experiment_name": "folds"},
+    }
+    return save_checkpoint(run_dir / "checkpoints" / "last.pt", model=weights, config=config)
+
+
+def pool_files(pool: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(pool.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("folds", "refit", "more", "reason"),
+    [
+        ([{}], None, [], "not the 2 folds of one cross-validation"),  # fold 1 missing
+        ([{}, {"cv_seed": 7}], None, [], "not the 2 folds of one cross-validation"),  # fold 1 of another cut
+        ([{}, {}], None, ["export.positive_label=pnuemonia"], "positive label 'pnuemonia'"),
+        ([{}, {}], {"holdout_site": "north"}, [], "its data.holdout_site differ"),  # a refit that held out a site
+    ],
+)
+def test_a_refused_fold_export_leaves_the_shared_pool_as_it_was(shared_pool, untrained_weights, tmp_path, folds, refit, more, reason):
+    from medtriage.export.fold_ensemble import export_fold_ensemble, export_refit
+
+    pool, other_npz = shared_pool
+    for fold, data in enumerate(folds):
+        save_run(tmp_path / "cv" / f"fold{fold}", untrained_weights, pool, other_npz, fold, **data)
+    before, overrides = pool_files(pool), [f"export.models_dir={tmp_path / 'models'}", *more]
+    with pytest.raises(ConfigError, match=reason):
+        if refit is None:
+            export_fold_ensemble(tmp_path / "cv", "folds", overrides=overrides)
+        else:
+            save_run(tmp_path / "refit", untrained_weights, pool, other_npz, None, cv_folds=None, refit=True, **refit)
+            export_refit(tmp_path / "cv", [tmp_path / "refit"], "folds", overrides=overrides)
+    assert pool_files(pool) == before
+    assert not (tmp_path / "models").exists()
+
+
+def test_cross_validations_whose_pool_was_built_differently_are_refused_before_it_is_rebuilt(shared_pool, untrained_weights, tmp_path):
+    from medtriage.export.fold_ensemble import export_fold_ensemble
+
+    pool, other_npz = shared_pool
+    for cv, npz in (("cv-a", tmp_path / "a.npz"), ("cv-b", other_npz)):  # the first names the pool's own npz
+        for fold in range(2):
+            save_run(tmp_path / cv / f"fold{fold}", untrained_weights, pool, npz, fold)
+    before = pool_files(pool)
+    with pytest.raises(ConfigError, match=r"built their pool .* with different settings \(data.npz_path .*a.npz vs .*b.npz\)") as refused:
+        export_fold_ensemble([tmp_path / "cv-a", tmp_path / "cv-b"], "folds", overrides=[f"export.models_dir={tmp_path / 'models'}"])
+    assert refused.value.where == f"{tmp_path / 'cv-a'} {tmp_path / 'cv-b'}" and "data.npz_path" in refused.value.hint
+    assert "data.source" not in refused.value.hint  # both npz: only the setting that differs is named
+    assert pool_files(pool) == before
+    assert not (tmp_path / "models").exists()

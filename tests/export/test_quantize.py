@@ -97,6 +97,19 @@ def test_refuses_unknown_nodes_and_packages_already_int8(fp32_dir, int8_dir, tmp
         quantize_package(int8_dir, NPZ, tmp_path / "y", limit=8)
 
 
+def test_a_refused_quantisation_takes_no_version_number(fp32_dir, tmp_path):
+    """Inputs it cannot use are refused before a version is taken: the int8 package stays at its source's version."""
+    from medtriage.errors import InputError
+
+    out = tmp_path / "models" / "tiny-int8"
+    with pytest.raises(InputError, match="calibration images not found"):
+        quantize_package(fp32_dir, tmp_path / "no-such.npz", out, limit=8)
+    with pytest.raises(ConfigError, match="no node named"):
+        quantize_package(fp32_dir, NPZ, out, limit=8, exclude=["no-such-node"])
+    assert not (tmp_path / "models").exists()
+    assert load_package(quantize_package(fp32_dir, NPZ, out, limit=8)).version == load_package(fp32_dir).version
+
+
 def test_quantize_command_runs_without_torch(fp32_dir, tmp_path):
     code = (
         "import argparse, sys; from medtriage.export.quantize import register; parser = argparse.ArgumentParser(); "

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from medtriage.errors import ConfigError
 from medtriage.export.from_mlflow import parse_overrides
 from medtriage.export.registry import find_checkpoint
-from medtriage.export.run import check_package_name, check_views_trained, export_net
+from medtriage.export.run import check_export_settings, check_package_name, check_views_trained, export_net, positive_index
 from medtriage.model.averaging import EnsembleNet
 from medtriage.model.checkpoint import load_model
 from medtriage.model.networks import TriageNet
@@ -56,6 +56,8 @@ def export_ensemble(run_ids: Sequence[str], name: str, tta: str = "none", overri
         members, configs = load_members(run_ids, Path(tmp))
     check_views_trained(tta, configs)
     config = OmegaConf.merge(OmegaConf.create(configs[0]), changes)
+    export_cfg = check_export_settings(config.export)  # before the ensemble's MLflow run is made: a refusal leaves none
+    positive_index(configs[0]["data"]["label_names"], export_cfg.positive_label)  # the members' (_check_same_data)
     net = EnsembleNet(members, tta).eval()
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(run_ids[0]).info.experiment_id
@@ -71,5 +73,5 @@ def export_ensemble(run_ids: Sequence[str], name: str, tta: str = "none", overri
             }
         )
         mlflow.set_tags({"ensemble": "true", "data_fingerprint": client.get_run(run_ids[0]).data.tags.get("data_fingerprint", "")})
-        package = export_net(net, configs[0], config, run.info.run_id, scored_by=f"MLflow runs {', '.join(run_ids)}")
+        package = export_net(net, configs[0], config, run.info.run_id, export_cfg, scored_by=f"MLflow runs {', '.join(run_ids)}")
     return package, run.info.run_id, net

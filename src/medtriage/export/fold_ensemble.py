@@ -75,15 +75,28 @@ class FoldEnsemble:
 
 
 def fold_members(cv_dirs: Path | Sequence[Path]) -> FoldMembers:
-    """Each `fold<k>/` model (its final weights) of the cross-validation in each of `cv_dirs`, with its config and its
-    fold; several cross-validations must be of one cut (the same folds of the same pool)."""
+    """Each `fold<k>/` model (its final weights) of the cross-validation in each of `cv_dirs`, with its config, its
+    fold's pool and its fold; several cross-validations must be of one cut (the same folds of the same pool)."""
+    return with_pools(fold_runs(cv_dirs))
+
+
+def fold_runs(cv_dirs: Path | Sequence[Path]) -> FoldMembers:
+    """fold_members without their pools (`manifests` empty), checked from the fold runs' configs alone: loading a pool
+    may rebuild a folder other runs share, so an export that is refused must be refused before it (`with_pools`)."""
     cv_dirs = _as_list(cv_dirs)
     if len(set(d.resolve() for d in cv_dirs)) != len(cv_dirs):
         raise ConfigError("a cross-validation is given twice", where=" ".join(map(str, cv_dirs)), hint="give each folder once")
     each = [_one_cross_validation(d) for d in cv_dirs]
     if len(each) > 1:
         _check_one_cut(cv_dirs, [m.configs for m in each])
-    return FoldMembers(*([item for one in each for item in getattr(one, f.name)] for f in dataclasses.fields(FoldMembers)))
+    members = FoldMembers(*([item for one in each for item in getattr(one, f.name)] for f in dataclasses.fields(FoldMembers)))
+    _check_pool_built_alike(cv_dirs, members.configs)
+    return members
+
+
+def with_pools(members: FoldMembers) -> FoldMembers:
+    """`members` with each one's fold of its pool, the pool built when missing or built with other settings."""
+    return dataclasses.replace(members, manifests=[load_pool(OmegaConf.create(c["data"])) for c in members.configs])
 
 
 def _as_list(cv_dirs: Path | Sequence[Path]) -> list[Path]:
@@ -98,14 +111,13 @@ def _one_cross_validation(cv_dir: Path) -> FoldMembers:
             where=cv_dir,
             hint="pass the run folder of `scripts/cross_validate.py`, which holds fold0/, fold1/, ... (it prints it when done)",
         )
-    nets, configs, manifests = [], [], []
+    nets, configs = [], []
     for _, fold_dir in folds:
         net, config = _final_model(fold_dir / "checkpoints")
         nets.append(net.eval())
         configs.append(config)
-        manifests.append(load_pool(OmegaConf.create(config["data"])))
     _check_one_cross_validation(cv_dir, configs)
-    return FoldMembers(nets, configs, manifests, [c["data"]["cv_fold"] for c in configs])
+    return FoldMembers(nets, configs, [], [c["data"]["cv_fold"] for c in configs])
 
 
 def _final_model(checkpoints: Path) -> tuple[TriageNet, dict]:
@@ -124,8 +136,9 @@ CUT = {
     "cv_seed": "were cut with different seeds",
     "limit": "limit their images differently",
 }
-# data.<key> of the pool builders (data.sources.registry): runs of one data.pool_dir that differ in one rebuilt it
-POOL_BUILD = ("source", "npz_path", "sites_dir", "pool_seed", "tiles")
+# data.source -> the data.<key>s its builder (data.sources.registry) builds the pool from: runs of one data.pool_dir
+# that differ in one rebuilt it
+POOL_BUILD = {"npz": ("npz_path",), "sites": ("sites_dir", "pool_seed"), "tiles": ("tiles",)}
 
 
 def _cut(config: dict) -> tuple:
@@ -146,6 +159,31 @@ def _check_one_cross_validation(cv_dir: Path, configs: Sequence[dict]) -> None:
             where=cv_dir,
             hint="export the folder of one finished `scripts/cross_validate.py` run, with every fold trained",
         )
+
+
+def _pool_build(configs: Sequence[dict]) -> dict[str, list]:
+    """data.<key> -> each config's value, of the settings that decide how their pool is built (by their sources)."""
+    sources = [c["data"].get("source") for c in configs]
+    keys = dict.fromkeys(key for source in sources for key in POOL_BUILD.get(source, ()))
+    return {"source": sources, **{key: [c["data"].get(key) for c in configs] for key in keys}}
+
+
+def _check_pool_built_alike(cv_dirs: Sequence[Path], configs: Sequence[dict]) -> None:
+    """The members' pool is one folder (_check_one_cut): built with other settings for each, loading them in turn
+    would rebuild it for each, under other runs that share it, and their held-out images would differ anyway."""
+    differ = _build_differences(configs)
+    if differ:
+        raise ConfigError(
+            f"the fold runs built their pool {configs[0]['data'].get('pool_dir')} with different settings "
+            f"({'; '.join(f'data.{key} {_versus(values)}' for key, values in differ.items())})",
+            where=" ".join(map(str, cv_dirs)),
+            hint=f"serve together only fold runs trained on one build of the pool (the same {', '.join(f'data.{key}' for key in differ)})",
+        )
+
+
+def _build_differences(configs: Sequence[dict]) -> dict[str, list]:
+    """The pool build settings the configs differ in, with each config's value."""
+    return {key: values for key, values in _pool_build(configs).items() if len(set(map(str, values))) > 1}
 
 
 def _check_one_cut(cv_dirs: Sequence[Path], configs: Sequence[Sequence[dict]]) -> None:
@@ -217,8 +255,7 @@ def _why_held_out_differ(members: FoldMembers, holders: Sequence[int]) -> str:
     seeds = [c["trainer"]["seed"] for c in configs]
     if configs[0]["data"].get("limit") is not None and len(set(seeds)) > 1:
         return f"data.limit sampled with trainer.seed {_versus(seeds)}"
-    built = {key: [c["data"].get(key) for c in configs] for key in POOL_BUILD}
-    differ = [f"data.{key} {_versus(values)}" for key, values in built.items() if len(set(map(str, values))) > 1]
+    differ = [f"data.{key} {_versus(values)}" for key, values in _build_differences(configs).items()]
     return f"their pool was built with {'; '.join(differ)}" if differ else "their pools differ"
 
 
@@ -235,7 +272,7 @@ def export_fold_ensemble(cv_dirs: Path | Sequence[Path], name: str, tta: str = "
     in the current tracking store."""
     check_package_name(name)  # before the fold models are loaded
     changes = parse_overrides([f"export.name={name}", *overrides])  # so is a mistyped override
-    members = fold_members(cv_dirs)
+    members = fold_runs(cv_dirs)
     tags = {"cross_validation": "true"}
     scored_by = " ".join(map(str, _as_list(cv_dirs)))
     return _export_out_of_fold(members.nets, members, cv_dirs, tta, changes, HELD_OUT_SPLIT, f"{name}-folds", tags, scored_by)
@@ -247,10 +284,10 @@ def export_refit(cv_dir: Path, refit_dirs: Sequence[Path], name: str, tta: str =
     out-of-fold predictions, which stand in for the refit models' own held-out scores (they have none)."""
     check_package_name(name)  # before the fold models are loaded
     changes = parse_overrides([f"export.name={name}", *overrides])  # so is a mistyped override
-    members = fold_members(cv_dir)
-    nets = [_refit_model(Path(d), members.configs[0]) for d in refit_dirs]
-    if not nets:
+    if not refit_dirs:
         raise ConfigError("no refit runs given", where="--refit", hint="pass the run folder of each `data.refit=true` training")
+    members = fold_runs(cv_dir)
+    nets = [_refit_model(Path(d), members.configs[0]) for d in refit_dirs]
     tags = {"refit": "true", "refit_runs": ",".join(str(Path(d).resolve()) for d in refit_dirs)}
     scored_by = " ".join(map(str, [cv_dir, *refit_dirs]))  # the folds score validation, the refits test
     return _export_out_of_fold(nets, members, cv_dir, tta, changes, REFIT_SPLIT, f"{name}-refit", tags, scored_by)
@@ -303,12 +340,14 @@ def _export_out_of_fold(
     tags: dict,
     scored_by: str | None = None,
 ) -> FoldEnsemble:
-    """Export `nets` as one package calibrated on the out-of-fold predictions of `members` (the cross-validation);
-    `scored_by` names the folders whose models scored them, for a refusal of their scores."""
+    """Export `nets` as one package calibrated on the out-of-fold predictions of `members` (the cross-validation, as
+    fold_runs returns it: its pools are loaded here, once nothing is left to refuse in their configs); `scored_by`
+    names the folders whose models scored them, for a refusal of their scores."""
     config = OmegaConf.merge(OmegaConf.create(members.configs[0]), changes)
-    export_cfg = check_export_settings(config.export)  # before the fold models score every labelled image
-    positive_index(members.manifests[0].label_names, export_cfg.positive_label)  # so is the positive label
+    export_cfg = check_export_settings(config.export)  # before a pool is built or the fold models score any image
+    positive_index(members.configs[0]["data"]["label_names"], export_cfg.positive_label)  # a pool's are its config's (load_pool)
     check_views_trained(tta, members.configs)  # a refit's augmentation is its folds' (_refit_model)
+    members = with_pools(members)
     served_folds = split == HELD_OUT_SPLIT
     if export_cfg.ood and not served_folds:
         # Each fold model sets its OOD threshold on the images it held out; a refit's members held out none.

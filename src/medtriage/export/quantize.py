@@ -142,14 +142,7 @@ def quantize_onnx(
         quantize_static,
     )
 
-    nodes = {n.name: n.op_type for n in onnx.load(str(source), load_external_data=False).graph.node}
-    unknown = sorted(set(exclude) - set(nodes))
-    if unknown:
-        raise ConfigError(
-            f"no node named {', '.join(unknown)} in the graph",
-            where="--exclude",
-            hint=f"quantisable nodes: {', '.join(n for n, op in nodes.items() if op in QUANTIZED_OPS)}",
-        )
+    check_excluded(source, exclude)
 
     class Reader(CalibrationDataReader):
         def __init__(self):  # same-size images in batches: fewer calibration runs, same observed ranges
@@ -180,6 +173,20 @@ def quantize_onnx(
         n.name for n in graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and producers.get(n.input[1]) == "DequantizeLinear"
     )
     return {"quantized_nodes": weighted, "trimmed_convs": trimmed}
+
+
+def check_excluded(source: Path, exclude: Sequence[str]) -> None:
+    """Refuse names in `exclude` that are no node of the graph at `source`."""
+    import onnx
+
+    nodes = {n.name: n.op_type for n in onnx.load(str(source), load_external_data=False).graph.node}
+    unknown = sorted(set(exclude) - set(nodes))
+    if unknown:
+        raise ConfigError(
+            f"no node named {', '.join(unknown)} in the graph",
+            where="--exclude",
+            hint=f"quantisable nodes: {', '.join(n for n, op in nodes.items() if op in QUANTIZED_OPS)}",
+        )
 
 
 def prepare_graph(source: Path, target: Path) -> list[str]:
@@ -289,9 +296,12 @@ def quantize_package(
     out = Path(out) if out else package.directory.with_name(f"{package.directory.name}{INT8_SUFFIX}")
     if out.resolve() == package.directory.resolve():
         raise ConfigError("--out would overwrite the fp32 package", where=out, hint="choose another folder")
+    images, labels, described = calibration_images(calibration, package.channels, split, limit)
+    check_excluded(package.onnx_path, exclude)
+    # Only then a number is taken: one taken by a refused run is never given again, and the int8 package would no
+    # longer be at its source's version.
     version = max(package.version, next_version(out))
     fp32 = Predictor(package)
-    images, labels, described = calibration_images(calibration, package.channels, split, limit)
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / ONNX_FILE
         done = quantize_onnx(package.onnx_path, quantized, images, fp32.input_name, exclude, per_channel)
