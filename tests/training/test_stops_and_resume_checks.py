@@ -1,8 +1,10 @@
 """Where a run stops and what a resume accepts: a run resumed after it stopped early trains no more, a loss that is no
-longer a number stops the run before it is checkpointed, a resume needs a training checkpoint of as many processes, and
-the test metrics are filed at the epoch of the weights tested."""
+longer a number stops the run before it is checkpointed, a resume needs a training checkpoint of as many processes and
+reads the weights of that one alone, and the test metrics are filed at the epoch of the weights tested."""
 
 from __future__ import annotations
+
+import os
 
 import mlflow
 import pytest
@@ -15,7 +17,7 @@ from medtriage.training.distributed import Ranks
 from medtriage.training.job import check_resume_world_size
 from medtriage.training.loop import TrainingDivergedError, TrainState, train_epochs
 from medtriage.training.report import log_final
-from medtriage.training.resume import find_resume_checkpoint
+from medtriage.training.resume import RESUME_KEYS, find_resume_checkpoint
 from tests.training.test_rank_draws_and_resumed_steps import tiny_loop
 
 
@@ -61,3 +63,40 @@ def test_test_metrics_are_filed_at_the_epoch_whose_weights_were_tested(tmp_path,
         log_final({"test/auc": 0.75}, {}, TrainState(epoch=3, best_epoch=1), ckpt_dir, "steps", False, weights)
     history = MlflowClient().get_metric_history(run.info.run_id, "test/auc")
     assert [point.step for point in history] == [step]
+
+
+def _bytes_read() -> int:
+    """What this process has read from files so far (Linux); a memory map's pages are not counted until touched."""
+    with open("/proc/self/io") as io_counts:
+        return next(int(line.split()[1]) for line in io_counts if line.startswith("rchar:"))
+
+
+def _unfinished(run_dir, seed: int, nbytes: int):
+    """The last.pt of an interrupted run of `seed` holding `nbytes` of weights (its best epoch is in best.pt already)."""
+    fields = dict.fromkeys(RESUME_KEYS, 0) | {"config": {"trainer": {"seed": seed}}, "epoch": 2, "best_epoch": 1}
+    return save_checkpoint(run_dir / "checkpoints" / LAST, **fields | {"model": {"weight": torch.zeros(nbytes // 4)}})
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts the bytes read from /proc/self/io (Linux)")
+def test_automatic_resume_reads_the_weights_of_the_checkpoint_it_continues_alone(tmp_path):
+    size = 8 * 2**20
+    chosen = _unfinished(tmp_path / "exp" / "seed0", seed=0, nbytes=size)
+    for seed in (1, 2, 3):  # newer runs of other seeds, as a SLURM array's: looked at, refused
+        newer = chosen.stat().st_mtime + seed
+        os.utime(_unfinished(tmp_path / "exp" / f"seed{seed}", seed, nbytes=size), (newer, newer))
+
+    def fits(contents: dict, path) -> None:
+        if contents["config"]["trainer"]["seed"] != 0:
+            raise ConfigError("another seed", where=path)
+
+    before = _bytes_read()
+    path, contents = find_resume_checkpoint(None, tmp_path, "exp", fits)
+    assert path == chosen and contents["model"]["weight"].numel() == size // 4
+    assert _bytes_read() - before < 2 * size  # the refused runs' weights were never read
+
+
+def test_a_checkpoint_of_torchs_older_file_format_still_resumes(tmp_path):
+    path = tmp_path / "exp" / "run" / "checkpoints" / LAST
+    path.parent.mkdir(parents=True)
+    torch.save(dict.fromkeys(RESUME_KEYS, 0) | {"epoch": 2}, path, _use_new_zipfile_serialization=False)
+    assert find_resume_checkpoint(None, tmp_path, "exp")[1]["epoch"] == 2

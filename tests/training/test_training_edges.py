@@ -154,3 +154,16 @@ def test_a_failed_sweep_job_does_not_leave_the_parent_run_running(tmp_path, monk
     callback.on_job_end(config, job_return=JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("out of memory")))
     assert MlflowClient(uri).get_run(parent).info.status == "FAILED"
     assert PARENT_RUN_ENV not in os.environ  # a run started later in this process is no child of the failed sweep
+
+
+def test_resuming_a_last_pt_copied_out_of_a_finished_run_is_refused_and_the_run_stays_finished(tmp_path, monkeypatch):
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    run_id = client.create_run(tracking.experiment_id(uri, "edges")).info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    copied = _resumable(tmp_path / "elsewhere" / "last.pt", config=to_plain_dict(_config(tmp_path)), mlflow_run_id=run_id)
+    monkeypatch.setattr(job, "load_data", lambda *args: pytest.fail("the finished run was reopened to train more epochs"))
+    with pytest.raises(ConfigError, match=f"MLflow run {run_id} finished") as refused:
+        job.run(_config(tmp_path, "trainer.resume=true", f"trainer.resume_from={copied}"))
+    assert refused.value.where == str(copied) and "without trainer.resume" in refused.value.hint
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import pydicom
-from tqdm import tqdm
 
 from medtriage.data.manifest import Manifest, PoolWriter, load_manifest
 from medtriage.data.pool_folder import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, pool_lock
@@ -43,6 +42,7 @@ from medtriage.io.header_warnings import say_header_warnings, saying_header_warn
 from medtriage.io.ingest_ledger import ledger_folder, logged_patient_identities
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.site_folder import SITE_LABELS_FILE, read_site_folder
+from medtriage.progress import progress
 
 DEFAULT_SITES = Path("data/pool/ingested")  # what ingest_sites.py writes: site exports pass de-identification first
 DEFAULT_POOL = Path("data/pool/pneumonia_sites")
@@ -232,12 +232,12 @@ def _decode_all(sites_dir: Path, files: dict[str, list[Path]], workers: int | No
     started = time.perf_counter()
     bar = dict(total=len(jobs), desc="decoding site DICOM", unit="file", disable=not verbose)
     if workers == 1 or len(jobs) < IN_PROCESS_BELOW:
-        results = [decode_file(job) for job in tqdm(jobs, **bar)]
+        results = [decode_file(job) for job in progress(jobs, **bar)]
         workers = 1
     else:  # spawn: safe even when the caller already started threads (torch, MLflow)
         spawn, say_warnings = multiprocessing.get_context("spawn"), (saying_header_warnings(),)
         with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=say_warnings) as pool:
-            results = list(tqdm(pool.map(decode_file, jobs, chunksize=32), **bar))
+            results = list(progress(pool.map(decode_file, jobs, chunksize=32), **bar))
     seconds = time.perf_counter() - started
     _say(verbose, f"decoded {len(jobs)} files in {seconds:.1f} s ({len(jobs) / max(seconds, 1e-9):.0f} files/s, {workers} worker(s))")
     return results

@@ -7,6 +7,7 @@ scheduler, rng (torch / numpy / python states), mlflow_run_id.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -40,12 +41,15 @@ def final_checkpoint(ckpt_dir: str | Path, weights: str = "best") -> Path:
     return ckpt_dir / BEST
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, mapped: bool = False) -> dict:
+    """The checkpoint at `path`, on the CPU. `mapped`: its tensors are mapped from the file rather than read, so what
+    only looks at its settings and epoch costs no read of its weights (a file of torch's format before 1.6, which
+    cannot be mapped, is read whole)."""
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError("checkpoint not found", where=path, hint="train first: python scripts/train.py ...")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped and zipfile.is_zipfile(path))
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise PackageError(
             f"not a readable checkpoint ({err.__class__.__name__}: {err})",

@@ -1,9 +1,10 @@
 """One training job: config -> pooled data -> MONAI network -> epochs -> checkpoints -> MLflow run.
 
 `run(cfg)` trains and never exports (medtriage.workflows.train_and_export adds that). An epoch =
-train (tqdm bar with loss and images/s) -> validate (overall and per site) -> `last.pt`, and `best.pt` when validation AUC
-improves. A run interrupted after any epoch continues with `trainer.resume=true`, in the same
-MLflow run, from `last.pt`. Under torchrun every rank trains; rank 0 alone tracks and writes.
+train (progress with loss and images/s: a bar on a terminal, plain lines in a log file) -> validate (overall and per
+site) -> `last.pt`, and `best.pt` when validation AUC improves. A run interrupted after any epoch continues with
+`trainer.resume=true`, in the same MLflow run, from `last.pt`. Under torchrun every rank trains; rank 0 alone tracks
+and writes.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     model = model_from_config(config)  # an unknown network fails here, before any data work
     resume_path, resumed = resume_point(cfg, config, ranks)
     if ranks.is_main:
-        tracking.check_destination(cfg, resumed["mlflow_run_id"] if resumed else None)
+        tracking.check_destination(cfg, resumed["mlflow_run_id"] if resumed else None, resume_path)
     ckpt_dir = resume_path.parent if resume_path else distributed.broadcast(Path(cfg.paths.output_dir) / "checkpoints", ranks)
     with claim_checkpoints(ckpt_dir, ranks):
         return _train(cfg, config, ranks, device, model, ckpt_dir, resumed)

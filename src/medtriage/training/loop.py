@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DistributedSampler
-from tqdm.auto import tqdm
 
 from medtriage.config.schema import DataConfig, TrainerConfig
 from medtriage.data.torch.datasets import CachedDataset, CachedSplit
@@ -26,6 +25,7 @@ from medtriage.io.safe_output import copy_atomic
 from medtriage.model.checkpoint import BEST, LAST, save_checkpoint
 from medtriage.model.predict import predict_logits
 from medtriage.optional import optional_import
+from medtriage.progress import progress
 from medtriage.training import distributed, tracking
 from medtriage.training.augmentation import BatchAugment, loader_transforms
 from medtriage.training.batch_loader import CachedBatchLoader
@@ -187,13 +187,8 @@ class TrainingLoop:
         if self.device_augment:
             self.device_augment.reseed(epoch)
         total_loss, seen, started, clock = 0.0, 0, time.perf_counter(), EpochClock(self.device)
-        bar = tqdm(
-            self.loader(epoch),
-            total=self.steps_per_epoch,
-            desc=f"epoch {epoch}/{self.trainer.max_epochs}",
-            unit="batch",
-            disable=not self.ranks.is_main,
-        )
+        desc = f"epoch {epoch}/{self.trainer.max_epochs}"
+        bar = progress(self.loader(epoch), self.steps_per_epoch, desc, "batch", "batches", disable=not self.ranks.is_main)
         for step, (images, labels) in enumerate(bar):
             if step >= self.steps_per_epoch:
                 break

@@ -58,7 +58,8 @@ def _finished(checkpoint: Path) -> bool:
 
 
 def _refuse_finished(checkpoint: Path) -> None:
-    """A finished run has nothing left to train: continuing it would only reopen its MLflow run and log it again."""
+    """A finished run has nothing left to train: continuing it would only reopen its MLflow run and log it again. (A
+    last.pt copied out of its run folder is refused by its MLflow run's status, `tracking.check_destination`.)"""
     if _finished(checkpoint):
         raise ConfigError(
             "trainer.resume_from names a run that finished",
@@ -96,8 +97,9 @@ RESUME_KEYS = (
 
 def _training_checkpoint(path: Path) -> dict:
     """The contents of `path`, refused unless it holds what training state a resume continues: a model's weights alone
-    (an exported or hand-saved file) have no optimiser, schedule or epoch to continue from."""
-    contents = read_checkpoint(path)
+    (an exported or hand-saved file) have no optimiser, schedule or epoch to continue from. Its tensors are mapped, not
+    read: the checkpoints a resume looks at are read whole only once one is chosen."""
+    contents = read_checkpoint(path, mapped=True)
     missing = [key for key in RESUME_KEYS if key not in contents] if isinstance(contents, dict) else list(RESUME_KEYS)
     if missing:
         raise ConfigError(
@@ -139,7 +141,7 @@ def find_resume_checkpoint(
             refusals.append(refused)
             continue
         _catch_up_best(path, contents)
-        return path, contents
+        return path, read_checkpoint(path)  # read, not mapped: last.pt is replaced every epoch of the resumed run
     if refusals:
         raise refusals[0]
     raise DataNotFoundError(

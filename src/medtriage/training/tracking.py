@@ -108,12 +108,13 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: str(tree)}
 
 
-def check_destination(cfg: DictConfig, resume_run_id: str | None = None) -> None:
-    """Fail before any data work when the run could not be recorded: the experiment is deleted, or the resumed run is
-    not in the store (start_run would find either only after the pool is built and audited)."""
+def check_destination(cfg: DictConfig, resume_run_id: str | None = None, checkpoint: Path | None = None) -> None:
+    """Fail before any data work when the run could not be recorded: the experiment is deleted, or the resumed run (of
+    `checkpoint`) is not in the store or finished (start_run would find either only after the pool is built and
+    audited)."""
     uri = cfg.tracking.uri
     if resume_run_id:
-        _resumable(uri, resume_run_id)
+        _resumable(uri, resume_run_id, checkpoint)
     elif not os.environ.get(PARENT_RUN_ENV):
         mlflow.set_tracking_uri(uri)
         found = mlflow.get_experiment_by_name(cfg.tracking.experiment_name)  # not created yet: the run may still fail
@@ -137,20 +138,29 @@ def start_run(cfg: DictConfig, resume_run_id: str | None = None):
     return mlflow.start_run(experiment_id=exp_id, run_name=cfg.tracking.run_name or _run_name(cfg), tags=tags)
 
 
-def _resumable(uri: str, run_id: str) -> str:
-    """`run_id`, when the store at `uri` holds it undeleted: a resume against another store (MLFLOW_TRACKING_URI unset
-    in a new shell, a laptop's SQLite file instead of the server) fails here, saying which run and which store."""
+def _resumable(uri: str, run_id: str, checkpoint: Path | None = None) -> str:
+    """`run_id`, when the store at `uri` holds it undeleted and unfinished: a resume against another store
+    (MLFLOW_TRACKING_URI unset in a new shell, a laptop's SQLite file instead of the server) fails here, saying which
+    run and which store; so does a last.pt copied out of a finished run's folder (the folder's metrics.json, which
+    marks it finished, stayed behind), which would set the finished run RUNNING again and log more epochs into it."""
     try:
-        found = MlflowClient(uri).get_run(run_id).info.lifecycle_stage != "deleted"
+        info = MlflowClient(uri).get_run(run_id).info
     except MlflowException as error:
         if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
-        found = False
-    if not found:
+        info = None
+    if info is None or info.lifecycle_stage == "deleted":
         raise ConfigError(
             f"the checkpoint's MLflow run {run_id} is not in the tracking store {uri}",
             where="tracking.uri",
             hint="resume with the store the run started in (MLFLOW_TRACKING_URI), or start a new run without trainer.resume",
+        )
+    if info.status == "FINISHED":
+        raise ConfigError(
+            f"the checkpoint's MLflow run {run_id} finished: a finished run is never resumed",
+            where=checkpoint or "trainer.resume_from",
+            hint="resume an interrupted run's last.pt instead, or start a new run without trainer.resume and "
+            "trainer.resume_from (it starts from new weights)",
         )
     return run_id
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from medtriage.data.manifest import Manifest
 from medtriage.errors import ConfigError, DataNotFoundError
 from medtriage.optional import optional_import
+from medtriage.progress import progress
 
 T = optional_import("monai.transforms")
 pd = optional_import("pandas")
@@ -58,7 +58,7 @@ def cache_split(manifest: Manifest, split: str, preprocess, limit: int | None = 
     positions = np.flatnonzero(manifest.rows.index.isin(rows.index))
     channels = preprocess.spec.in_channels
     images = []
-    for i in tqdm(positions, desc=f"cache {split}", unit="img", leave=False, disable=len(positions) < 2000):
+    for i in progress(positions, len(positions), f"cache {split}", "image", disable=len(positions) < 2000, leave=False):
         pixels = torch.from_numpy(manifest.image(int(i)))
         if pixels.shape[0] != channels:
             raise ConfigError(
