@@ -99,16 +99,12 @@ def test_npz_scoring_rejects_a_bad_split_and_file(exported, tmp_path, capsys):
     assert "npz file not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("override", "where"), [("export.opset=40", "export.opset"), ("export.positive_label=pnuemonia", "export.positive_label")]
-)
-def test_an_ensemble_refused_its_export_settings_leaves_no_mlflow_run_of_its_own(tmp_path, override, where):
-    """Refused before the ensemble's own run is made: the tracking store keeps only the members' runs."""
+def _member_runs(tmp_path, seeds=(0, 1)) -> tuple[str, list[str]]:
+    """(experiment id, run ids) of real MLflow runs, each with a tiny net's best.pt as its checkpoint artifact."""
     from dataclasses import asdict
 
     import mlflow
 
-    from medtriage.export.ensemble import export_ensemble
     from medtriage.model.checkpoint import save_checkpoint
 
     config = {
@@ -118,13 +114,46 @@ def test_an_ensemble_refused_its_export_settings_leaves_no_mlflow_run_of_its_own
     }
     experiment_id = mlflow.create_experiment("members", artifact_location=str(tmp_path / "artifacts"))
     run_ids = []
-    for seed in (0, 1):
+    for seed in seeds:
         checkpoint = save_checkpoint(tmp_path / f"member{seed}" / "best.pt", model=tiny_net(seed).state_dict(), config=config)
         with mlflow.start_run(experiment_id=experiment_id) as run:
             mlflow.log_artifact(str(checkpoint), "checkpoints")
         run_ids.append(run.info.run_id)
+    return experiment_id, run_ids
+
+
+@pytest.mark.parametrize(
+    ("override", "where"), [("export.opset=40", "export.opset"), ("export.positive_label=pnuemonia", "export.positive_label")]
+)
+def test_an_ensemble_refused_its_export_settings_leaves_no_mlflow_run_of_its_own(tmp_path, override, where):
+    """Refused before the ensemble's own run is made: the tracking store keeps only the members' runs."""
+    import mlflow
+
+    from medtriage.export.ensemble import export_ensemble
+
+    experiment_id, run_ids = _member_runs(tmp_path)
     with pytest.raises(ConfigError) as refused:
         export_ensemble(run_ids, "ens", overrides=[override])
     assert refused.value.where == where
     assert sorted(r.info.run_id for r in mlflow.MlflowClient().search_runs([experiment_id])) == sorted(run_ids)
     assert not (tmp_path / "models").exists()
+
+
+def test_an_ensemble_checks_every_member_run_before_downloading_any(tmp_path):
+    import mlflow
+
+    from medtriage.errors import DataNotFoundError
+    from medtriage.export.ensemble import load_members
+
+    _, run_ids = _member_runs(tmp_path)
+    with mlflow.start_run(experiment_id=mlflow.get_run(run_ids[0]).info.experiment_id) as unfinished:
+        pass
+    mlflow.MlflowClient().set_terminated(unfinished.info.run_id, "KILLED")
+    for last, refusal, said in (
+        (unfinished.info.run_id, ConfigError, "KILLED, not FINISHED"),
+        ("0" * 32, DataNotFoundError, "not in this tracking store"),
+        (run_ids[0], ConfigError, "given more than once"),
+    ):
+        with pytest.raises(refusal, match=said):
+            load_members([*run_ids, last], tmp_path / "downloads")
+        assert not (tmp_path / "downloads").exists()  # no member's checkpoint was downloaded first

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from medtriage.errors import ConfigError
 from medtriage.export.from_mlflow import parse_overrides
-from medtriage.export.registry import find_checkpoint
+from medtriage.export.registry import check_finished_run, find_checkpoint
 from medtriage.export.run import check_export_settings, check_package_name, check_views_trained, export_net, positive_index
 from medtriage.model.averaging import EnsembleNet
 from medtriage.model.checkpoint import load_model
@@ -24,7 +24,17 @@ from medtriage.model.networks import TriageNet
 
 
 def load_members(run_ids: Sequence[str], download_dir: Path) -> tuple[list[TriageNet], list[dict]]:
-    """The best checkpoint of each run, rebuilt; with each run's resolved config."""
+    """The best checkpoint of each run, rebuilt; with each run's resolved config. Every run is checked before the
+    first checkpoint is downloaded: a mistyped or unfinished last id must not cost every download before it."""
+    repeated = sorted({run_id for run_id in run_ids if list(run_ids).count(run_id) > 1})
+    if repeated:
+        raise ConfigError(
+            f"run {', '.join(repeated)} is given more than once: it would weigh twice in the average",
+            where=", ".join(run_ids),
+            hint="give each member run once",
+        )
+    for run_id in run_ids:
+        check_finished_run(run_id)
     members, configs = [], []
     for i, run_id in enumerate(run_ids):
         net, config = load_model(find_checkpoint(run_id, download_dir / f"member_{i}"))
