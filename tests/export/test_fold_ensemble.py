@@ -67,6 +67,15 @@ def test_folds_whose_limits_were_sampled_with_different_seeds_name_the_seeds():
         _check_held_out_alike(members, [0, 1], 0)
 
 
+def test_every_fold_is_checked_before_the_first_is_scored():
+    from medtriage.export.fold_ensemble import FoldMembers, out_of_fold
+
+    configs = [fold_config(0), fold_config(1, limit=2), fold_config(0), fold_config(1, seed=3, limit=2)]
+    members = FoldMembers([None] * 4, configs, [pool([0, 1, 2, 3, 4, 5])] * 4, [0, 1, 0, 1])  # no net: none may score
+    with pytest.raises(ConfigError, match=r"different images in fold 1 \(data.limit sampled with trainer.seed 0 vs 3\)"):
+        out_of_fold(members, "none")
+
+
 LABELS = ["normal", "pneumonia"]
 
 

@@ -209,8 +209,9 @@ def out_of_fold(members: FoldMembers, tta: str) -> tuple[Predictions, list[np.nd
     """Every held-out image scored by the mean of the fold models that held it out (one per cross-validation), averaged
     over `tta` views; the images; and each fold's part, in fold order (the parts joined are the first)."""
     parts, images, seen = [], [], set()
-    for fold, holders in enumerate(members.holders()):
+    for fold, holders in enumerate(members.holders()):  # every fold, before any is scored
         _check_held_out_alike(members, holders, fold)
+    for holders in members.holders():
         config, manifest = members.configs[holders[0]], members.manifests[holders[0]]
         nets = [members.nets[k] for k in holders]
         scorer = averaged(nets[0], tta) if len(nets) == 1 else EnsembleNet(nets, tta)
