@@ -143,6 +143,27 @@ def test_a_run_stopped_by_a_signal_ends_killed_not_running(tmp_path, npz_cache_d
     assert "continue with trainer.resume=true" in done.stdout
 
 
+def test_a_second_signal_while_the_run_ends_killed_is_raised_once_the_status_is_written(tracking_uri, monkeypatch):
+    """A scheduler sends SIGTERM again (or a user presses Ctrl-C twice) while the first one's KILLED is being written."""
+    import signal
+
+    import mlflow
+
+    from medtriage.training import tracking
+
+    write_status = MlflowClient.set_terminated
+
+    def signalled_meanwhile(client, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write_status(client, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", signalled_meanwhile)
+    mlflow.start_run()
+    with tracking.terminate_as_interrupt(), pytest.raises(KeyboardInterrupt, match="while the run's status was written"):
+        tracking.end_run("KILLED")
+    assert _statuses(tracking_uri) == ["KILLED"]
+
+
 def test_an_interrupted_cross_validation_stops_the_folds_it_started(tmp_path, monkeypatch):
     from medtriage.workflows import cross_validation
 

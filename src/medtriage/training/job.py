@@ -273,19 +273,19 @@ def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, mo
         )
         interrupted = train_epochs(fit, state, ckpt_dir, config, run_id)
         if interrupted:
-            mlflow.end_run("KILLED")
+            tracking.end_run("KILLED")
             print(f"stopped after epoch {state.epoch}; continue with trainer.resume=true (checkpoint {ckpt_dir / LAST})")
             return RunResult(run_id, state.best_val_auc, ckpt_dir / BEST, ckpt_dir, interrupted=True)
         metrics, predictions = final_metrics(fit, state, ckpt_dir)
         log_final(metrics, predictions, state, ckpt_dir, cfg.name, cfg.tracking.log_checkpoint, cfg.trainer.weights)
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        tracking.end_run("KILLED")
         print(f"interrupted; continue with trainer.resume=true (checkpoints in {ckpt_dir})")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        tracking.end_run("FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    tracking.end_run("FINISHED")
     result = RunResult(run_id, state.best_val_auc, final_checkpoint(ckpt_dir, cfg.trainer.weights), ckpt_dir, metrics)
     print_summary(result, cfg.tracking.uri, manifest.sites)
     return result

@@ -188,6 +188,31 @@ def terminate_as_interrupt() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP held back for the block (a run's status being written: a second signal of a
+    scheduler, or a second Ctrl-C, would stop it halfway and leave the run RUNNING for good), then raised as
+    KeyboardInterrupt once the block is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum)) for signum in (signal.SIGINT, *TERMINATING)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if came:
+        raise KeyboardInterrupt(f"signal {came[0]}, while the run's status was written")
+
+
+def end_run(status: str) -> None:
+    """mlflow.end_run, whole whatever signal comes meanwhile (`signals_held`)."""
+    with signals_held():
+        mlflow.end_run(status)
+
+
 def _run_name(cfg: DictConfig) -> str:
     return f"{cfg.name}-{cfg.model.name}-{cfg.model.preprocess.size}px"
 

@@ -29,7 +29,7 @@ from medtriage.config import check_values, compose_train_config
 from medtriage.data.sources.registry import build_pool
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.training.report import METRICS_FILE
-from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id, terminate_as_interrupt
+from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id, signals_held, terminate_as_interrupt
 
 SCORES = ("calibrated_log_loss", "log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
 STOP_WAIT_S = 60  # for a stopped fold to end its MLflow run, before it is killed
@@ -152,12 +152,15 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
             client.log_metric(run_id, f"cv/mean_{score}", result.mean(score))
             client.log_metric(run_id, f"cv/sd_{score}", result.sd(score))
     except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
+        with signals_held():
+            client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        with signals_held():
+            client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    with signals_held():
+        client.set_terminated(run_id, "FINISHED")
     print(
         "cross-validation: "
         + ", ".join(f"{s} {result.mean(s):.4f} ± {result.sd(s):.4f}" for s in result.reported())
