@@ -10,7 +10,7 @@ from medtriage.errors import MedTriageError
 from medtriage.format.references import psi, reference_histogram
 from medtriage.io.dicom import DecodedImage
 from medtriage.io.npz import read_npz
-from medtriage.serve.drift import MAX_SOURCES, DriftMonitor, source_name
+from medtriage.serve.drift import MAX_COUNTED, MAX_SOURCES, DriftMonitor, source_name
 from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.predictor import Predictor, Rejection
 from tests.export.tiny_package import NPZ
@@ -114,6 +114,36 @@ def test_sources_are_bounded_and_printable():
     for i in range(MAX_SOURCES + 10):
         monitor.observe(f"src{i}", {"probability": 0.5})
     assert len(monitor.sources()) == MAX_SOURCES and "src0" not in monitor.sources()
+
+
+def _steady_monitor(min_images: int) -> DriftMonitor:
+    """A monitor whose sources never drift: a window long enough to alert does not keep its source from leaving."""
+    reference = {"all": {"probability": reference_histogram(np.linspace(0, 1, 100))}, "per_site": {}}
+    return DriftMonitor({"reference": reference, "min_images": min_images, "psi_threshold": 1e9})
+
+
+def test_a_source_whose_window_was_let_go_counts_on_where_it_left_off():
+    """Before, its count started over: a room that had sent five inputs showed one once its window was let go."""
+    monitor = _steady_monitor(min_images=2)
+    for _ in range(5):
+        monitor.observe("CR_ROOM_1", {"probability": 0.5})
+    for i in range(MAX_SOURCES):  # every window long enough to alert, none drifting: the least recently seen goes
+        for _ in range(2):
+            monitor.observe(f"src{i}", {"probability": 0.5})
+    assert "CR_ROOM_1" not in monitor.sources()
+    monitor.observe("CR_ROOM_1", {"probability": 0.5})
+    (state,) = (s for s in monitor.status()["sources"] if s["source"] == "CR_ROOM_1")
+    assert (state["images"], state["window"]) == (6, 1)  # every input so far; the window starts empty
+
+
+def test_counts_of_sources_gone_are_bounded_and_one_off_names_go_first():
+    monitor = _steady_monitor(min_images=1)
+    for _ in range(3):
+        monitor.observe("CR_ROOM_1", {"probability": 0.5})
+    for i in range(MAX_COUNTED + MAX_SOURCES):  # e.g. a client that puts a request id in X-Source
+        monitor.observe(f"upload-{i}", {"probability": 0.5})
+    assert "CR_ROOM_1" not in monitor.sources() and len(monitor._seen) == MAX_COUNTED
+    assert monitor.observe("CR_ROOM_1", {"probability": 0.5}).images == 4
 
 
 def test_a_package_without_references_monitors_nothing(predictor, held_out):

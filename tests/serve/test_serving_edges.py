@@ -1,14 +1,18 @@
 """Serving edges: clients that hang up while their images are scored or queued (a real loopback server and raw
-sockets), and operating-point thresholds met by float32 probabilities that round across them."""
+sockets), one app served on more than one event loop, and operating-point thresholds met by float32 probabilities
+that round across them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import httpx
 import numpy as np
 
 from medtriage.evaluation.operating_points import choose_priority_thresholds
@@ -93,6 +97,55 @@ def test_queued_work_of_clients_that_hung_up_is_dropped_not_scored(predictor, mo
         assert len(gate.started) == 1, f"{len(gate.started)} images scored for clients that had gone"
         after = [client.post("/v1/score", content=_ct(), headers=DICOM) for _ in range(2)]
     assert [a.status_code for a in after] == [200, 200] and admission.in_system == 0 and admission.refused == 0
+
+
+def _post_score(port: int) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{port}/v1/score", content=_ct(), headers=DICOM, timeout=30)
+
+
+def test_one_app_served_on_a_new_event_loop_still_queues_for_its_working_slot(predictor, monkeypatch):
+    """Before, the working slots were an asyncio.Semaphore bound to the first loop a request waited on: served again
+    (a restarted server, each test's own), a request that had to wait for a slot failed with a 500."""
+    gate = GatedScoring(predictor, monkeypatch)
+    admission = CountingAdmission(workers=1, queue=1)
+    app = create_app(predictor, token=TOKEN, admission=admission)
+    for server in range(2):  # each LiveServer runs its own event loop
+        gate.started.clear()
+        gate.release.clear()
+        admission.asked = 0
+        live = LiveServer(app)
+        with live, ThreadPoolExecutor(2) as pool:
+            first = pool.submit(_post_score, live.port)
+            assert _until(lambda: gate.started), "the first request was never scored"
+            second = pool.submit(_post_score, live.port)  # waits for the slot the first holds
+            assert _until(lambda: admission.asked == 2), "the second request never asked for a slot"
+            gate.release.set()
+            answers = [first.result(timeout=60), second.result(timeout=60)]
+        assert [a.status_code for a in answers] == [200, 200], (server, answers[1].text)
+    assert admission.in_system == 0 and admission.refused == 0
+
+
+def test_working_slots_bound_the_process_across_event_loops_running_at_once():
+    """Two loops (two servers of one app, each in its thread) share the app's slots: no more work at once than that."""
+    admission, lock = Admission(workers=1, queue=0), threading.Lock()
+    inside, most = [0], [0]
+
+    async def work():
+        async with admission.slot():
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            await asyncio.sleep(0.001)  # another task of this loop, or the other loop's thread, may try meanwhile
+            with lock:
+                inside[0] -= 1
+
+    async def many():
+        await asyncio.gather(*(work() for _ in range(50)))
+
+    with ThreadPoolExecutor(2) as pool:
+        for run in [pool.submit(asyncio.run, many()) for _ in range(2)]:
+            run.result(timeout=60)
+    assert most == [1] and inside == [0]
 
 
 def _served_with(package_dir, thresholds: dict) -> Predictor:

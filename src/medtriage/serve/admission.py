@@ -16,6 +16,8 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
+from collections import deque
 from contextlib import asynccontextmanager
 
 log = logging.getLogger(__name__)
@@ -37,28 +39,78 @@ class Admission:
         self.capacity = self.workers + max(0, queue)
         self.in_system = 0
         self.refused = 0
-        self._slots: asyncio.Semaphore | None = None  # made in the server's event loop
+        self._slots = Slots(self.workers)
+        self._lock = threading.Lock()  # the app may be served by more than one event loop, each in its thread
 
     def try_enter(self) -> bool:
-        if self.in_system >= self.capacity:
-            self.refused += 1
-            return False
-        self.in_system += 1
-        return True
+        with self._lock:
+            if self.in_system >= self.capacity:
+                self.refused += 1
+                return False
+            self.in_system += 1
+            return True
 
     def leave(self) -> None:
-        self.in_system -= 1
+        with self._lock:
+            self.in_system -= 1
 
     @asynccontextmanager
     async def slot(self):
         """One of the `workers` working slots, waited for in arrival order."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.workers)
-        async with self._slots:
+        await self._slots.acquire()
+        try:
             yield
+        finally:
+            self._slots.release()
 
     def retry_after(self) -> str:
         return str(RETRY_AFTER_S)
+
+
+class Slots:
+    """`count` slots handed out in arrival order to tasks of any event loop. An asyncio.Semaphore binds itself to the
+    first loop that waits on it, and the same app is served on a new loop after a server restart (or in each test)."""
+
+    def __init__(self, count: int):
+        self._free = count
+        self._waiting: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self._lock = threading.Lock()
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return
+            turn = loop.create_future()
+            self._waiting.append((loop, turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            with self._lock:
+                queued = (loop, turn) in self._waiting
+                if queued:
+                    self._waiting.remove((loop, turn))
+            if not queued and not turn.cancelled():  # the slot was handed to it already: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        with self._lock:
+            while self._waiting:
+                loop, turn = self._waiting.popleft()
+                try:  # the future is its loop's: only that loop may resolve it
+                    loop.call_soon_threadsafe(self._hand_over, turn)
+                    return
+                except RuntimeError:  # its loop is closed, and the waiter with it
+                    continue
+            self._free += 1
+
+    def _hand_over(self, turn: asyncio.Future) -> None:
+        if turn.cancelled():  # its task was cancelled meanwhile: the slot goes to the next in line
+            self.release()
+        else:
+            turn.set_result(None)
 
 
 def _libc():

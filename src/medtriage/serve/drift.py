@@ -8,6 +8,8 @@ population-stability index against the reference of the training site of that na
 pooled validation reference. A source drifts when, with at least `min_images` in its window,
 the PSI of any feature passes that reference's threshold (chosen at export for a stated
 false-alarm rate on unshifted windows; a site's reference, built on fewer images, has its own).
+A source's count of inputs is kept apart from its window: when a quiet source's window is let go
+for a new source, and the source comes back, its window starts empty but its count goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from medtriage.format.references import psi
 FEATURES = ("input_mean", "ood_score", "probability")
 DEFAULT_SOURCE = "default"
 MAX_SOURCES = 64  # a header is untrusted: a quiet source leaves when a new one would exceed this (_evictable)
+MAX_COUNTED = 64 * MAX_SOURCES  # names whose count outlives their window; past this, the one seen least is forgotten
 _SOURCE_CHARS = re.compile(r"[^A-Za-z0-9._ -]")
 
 
@@ -48,7 +51,7 @@ class SourceDrift:
     source: str
     reference: str  # the training site compared with, or "all"
     threshold: float  # that reference's PSI threshold
-    images: int = 0  # seen since the service started
+    images: int = 0  # seen since the service started, window let go or not (DriftMonitor._count)
     psi: dict = field(default_factory=dict)  # feature -> PSI over the current window
     window: int = 0  # images in the current window
 
@@ -84,6 +87,7 @@ class DriftMonitor:
         self.pooled, self.per_site = reference.get("all") or {}, reference.get("per_site") or {}
         self._windows: OrderedDict[str, dict[str, deque]] = OrderedDict()
         self._state: dict[str, SourceDrift] = {}
+        self._seen: OrderedDict[str, int] = OrderedDict()  # source -> inputs since the service started
         self._lock = threading.Lock()
 
     def observe(self, source: str | None, features: dict[str, float]) -> SourceDrift | None:
@@ -96,7 +100,7 @@ class DriftMonitor:
             windows = self._windows_of(source)
             threshold = self.site_thresholds.get(reference_name, self.threshold)
             state = self._state.setdefault(source, SourceDrift(source, reference_name, threshold))
-            state.images += 1
+            state.images = self._count(source)
             for feature, value in features.items():
                 if feature in reference:
                     windows.setdefault(feature, deque(maxlen=self.window)).append(value)
@@ -118,6 +122,16 @@ class DriftMonitor:
             del self._windows[gone]
             self._state.pop(gone, None)
         return self._windows.setdefault(source, {})
+
+    def _count(self, source: str) -> int:
+        """One more input of `source`: its count of every input so far, which outlives its window (a count that went
+        back to one when a window was let go would misstate what the source sent)."""
+        seen = self._seen.pop(source, 0) + 1
+        if len(self._seen) >= MAX_COUNTED:  # a header is untrusted: one-off names must not grow this for ever
+            # The name seen least (the least recently seen of equals), never one with a window: its count is shown.
+            del self._seen[min((s for s in self._seen if s not in self._windows), key=self._seen.get)]
+        self._seen[source] = seen
+        return seen
 
     def _evictable(self) -> str:
         """Of the sources whose window is too short to alert, the one with the fewest inputs (the least recently seen

@@ -26,7 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from medtriage import __version__
 from medtriage.errors import ConfigError, ImageTooLargeError, MedTriageError
 from medtriage.serve.admission import LARGE_REQUEST, Admission, release_memory
-from medtriage.serve.metrics import SOURCE_HEADER, ServiceMonitor, monitoring_router, snake_case
+from medtriage.serve.metrics import SOURCE_HEADER, ServiceMonitor, monitoring_router
 from medtriage.serve.node.store import NodeStore
 from medtriage.serve.predictor import Predictor, Rejection, Score
 from medtriage.serve.report import result_document
@@ -171,7 +171,7 @@ class Guard:
     def __init__(self, app, token: str | None, max_bytes: int, admission: Admission, monitor: ServiceMonitor):
         self.app, self.token, self.max_bytes, self.admission = app, token, max_bytes, admission
         self.refused = monitor.refused  # by reason: an overloaded or misconfigured client shows on /metrics
-        self.failed = monitor.failed
+        self.count_failure = monitor.count_failure
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -182,7 +182,7 @@ class Guard:
         try:
             await self._guarded(scope, receive, send)
         except Exception as err:
-            self.failed.labels(reason=snake_case(type(err).__name__)).inc()
+            self.count_failure(err)
             if answer.started:  # too late for an error body: the server drops the connection
                 raise
             log.exception("unexpected error on %s", scope["path"])

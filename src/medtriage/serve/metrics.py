@@ -5,7 +5,8 @@
     monitor.exposition()                                          # the /metrics body
 
 Names (one `medtriage_` namespace): medtriage_scored_total, medtriage_rejected_total{reason},
-medtriage_refused_total{reason}, medtriage_failed_total{reason} (requests the service failed, answered 500),
+medtriage_refused_total{reason}, medtriage_failed_total{reason} (work failed by an error of the service itself: an
+HTTP request answered 500, a step of the DICOM node's worker, each attempt),
 medtriage_scoring_seconds (histogram), medtriage_drift_psi{source,feature},
 medtriage_drift_threshold{source} (the PSI threshold the source is judged by: its training site's, else the pooled one),
 medtriage_drift_alert{source} (1 while the source drifts past that threshold).
@@ -59,7 +60,10 @@ class ServiceMonitor:
         self.rejected = Counter("rejected", "Inputs refused, by reason", ["reason"], **kw)
         self.refused = Counter("refused", "HTTP requests refused before any work (busy, too_large, unauthorised)", ["reason"], **kw)
         self.failed = Counter(
-            "failed", "HTTP requests failed by an error of the service itself (500), by the error's type", ["reason"], **kw
+            "failed",
+            "Work failed by an error of the service itself (HTTP 500, a DICOM node worker step), by the error's type",
+            ["reason"],
+            **kw,
         )
         self.latency = Histogram("scoring_seconds", "Time to decode and score one input", buckets=LATENCY_BUCKETS, **kw)
         self.psi = Gauge(
@@ -124,6 +128,10 @@ class ServiceMonitor:
                 self.alert.remove(gone)
                 self.threshold.remove(gone)
                 self.window.remove(gone)
+
+    def count_failure(self, err: BaseException) -> None:
+        """An error of the service itself, counted by its type only: its message may name files or data."""
+        self.failed.labels(reason=snake_case(type(err).__name__)).inc()
 
     def timed(self, score, data, name: str, source: str | None = None):
         """`score(data, name)` (a score_or_reject), timed and recorded; returns its outcome."""

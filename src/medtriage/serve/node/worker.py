@@ -68,8 +68,9 @@ class Worker:
             try:
                 busy = self.score_queued(stop)
                 busy = self.close_quiet_studies() or busy
-            except Exception:  # the node keeps running; the row stays queued and is tried again
+            except Exception as err:  # the node keeps running; the row stays queued and is tried again
                 log.exception("worker step failed")
+                self.monitor.count_failure(err)  # on /metrics, as an HTTP request's 500 is
                 busy = False
             if not busy:
                 stop.wait(self.poll_seconds)
@@ -138,6 +139,8 @@ class Worker:
             reason = err.reason if expected else f"{type(err).__name__}: {err}"
             level = logging.WARNING if expected else logging.ERROR  # anything else is a fault: its traceback says where
             log.log(level, "study %s scored, but no SR could be built: %s", study_uid, reason, exc_info=not expected)
+            if not expected:  # as /v1/sr's 500 for the same fault
+                self.monitor.count_failure(err)
             self.store.close_study(study_uid, top, f"scored, but no SR could be built: {reason}", None, [], seen, state="failed")
             return
         try:
