@@ -41,6 +41,17 @@ def test_settings_no_fold_can_finish_with_are_refused_before_any_work(tmp_path, 
     assert not MlflowClient(tracking_uri).search_experiments(filter_string="name != 'Default'")  # no trial run opened
 
 
+def test_a_cross_validation_into_a_folder_holding_an_earlier_ones_folds_is_refused_before_any_work(tmp_path, monkeypatch, tracking_uri):
+    from medtriage.model.checkpoint import LAST, save_checkpoint
+
+    _no_training(monkeypatch)
+    earlier = save_checkpoint(tmp_path / "cv" / "fold1" / "checkpoints" / LAST, model={}, mlflow_run_id="0123abcd")
+    with pytest.raises(ConfigError, match="earlier unfinished run \\(MLflow run 0123abcd\\)") as error:
+        cross_validation.cross_validate(RECIPE, tmp_path / "cv")
+    assert error.value.where == str(earlier.parent)
+    assert not MlflowClient(tracking_uri).search_experiments(filter_string="name != 'Default'")  # no trial run opened
+
+
 def test_a_three_class_cross_validation_reports_the_scores_its_folds_hold(tmp_path, monkeypatch, tracking_uri, capsys):
     """No Brier score exists for more than two classes: the trial is scored on the rest, not failed after its folds."""
     scores = {"val/calibrated_log_loss": 0.30, "val/log_loss": 0.40, "val/auc": 0.90, "val/acc": 0.80}

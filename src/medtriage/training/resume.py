@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtriage.errors import ConfigError, DataNotFoundError
+from medtriage.errors import ConfigError, DataNotFoundError, MedTriageError
 from medtriage.io.safe_output import copy_atomic
 from medtriage.model.checkpoint import BEST, LAST, read_checkpoint
 from medtriage.training.report import METRICS_FILE, run_folder
@@ -148,4 +148,27 @@ def find_resume_checkpoint(
         "trainer.resume=true but no unfinished run has a checkpoint to resume",
         where=looked,
         hint="start a new run without trainer.resume, or set trainer.resume_from=<run folder or last.pt>",
+    )
+
+
+def refuse_earlier_run(ckpt_dir: Path) -> None:
+    """A new run in a folder that holds an earlier run's checkpoints (a fixed paths.output_dir or hydra.run.dir) would
+    write over them, and the earlier run's metrics.json beside them would mark the new one finished: once interrupted,
+    it could not be resumed."""
+    earlier = ckpt_dir / LAST
+    if not earlier.is_file():
+        (run_folder(ckpt_dir) / METRICS_FILE).unlink(missing_ok=True)  # a run's without checkpoints: not this run's
+        return
+    try:
+        run_id = read_checkpoint(earlier, mapped=True).get("mlflow_run_id") or "unknown"
+    except MedTriageError:
+        run_id = "unknown (its checkpoint is unreadable)"
+    finished = (run_folder(ckpt_dir) / METRICS_FILE).is_file()
+    raise ConfigError(
+        f"the checkpoint folder holds the checkpoints of an earlier {'finished' if finished else 'unfinished'} run "
+        f"(MLflow run {run_id}): a new run would write over them",
+        where=ckpt_dir,
+        hint="give this run a folder of its own (paths.output_dir or hydra.run.dir)"
+        + ("" if finished else f", or continue that run with trainer.resume_from={earlier}")
+        + "; delete the folder only if its checkpoints are no longer wanted",
     )

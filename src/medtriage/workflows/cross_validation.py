@@ -29,6 +29,7 @@ from medtriage.config import check_values, compose_train_config
 from medtriage.data.sources.registry import build_pool
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.training.report import METRICS_FILE
+from medtriage.training.resume import refuse_earlier_run
 from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id, signals_held, terminate_as_interrupt
 
 SCORES = ("calibrated_log_loss", "log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
@@ -131,6 +132,8 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     check_fold_settings(cfg)
     overrides = [o for o in overrides if not o.lstrip("+~").startswith(OWN_KEYS)]  # what the fold runs share
     folds, jobs = cfg.cv.folds, cfg.cv.jobs
+    for fold in range(folds):  # here, not in each fold's log once the others train
+        refuse_earlier_run(fold_dir(Path(out_dir), fold) / "checkpoints")
     client = MlflowClient(cfg.tracking.uri)
     parent = os.environ.get(PARENT_RUN_ENV)
     trial = client.create_run(
@@ -211,9 +214,14 @@ def _stop(running: list[tuple[Fold, subprocess.Popen, float]]) -> None:
             process.kill()
 
 
+def fold_dir(out_dir: Path, fold: int) -> Path:
+    """The run folder of fold `fold` of the cross-validation in `out_dir`."""
+    return out_dir / f"fold{fold}"
+
+
 def _run_folds(overrides: list[str], folds: int, out_dir: Path, jobs: int, name: str, trial_run_id: str) -> list[Fold]:
     env = {**os.environ, PARENT_RUN_ENV: trial_run_id}
-    pending = [Fold(i, out_dir / f"fold{i}") for i in range(folds)]
+    pending = [Fold(i, fold_dir(out_dir, i)) for i in range(folds)]
     running: list[tuple[Fold, subprocess.Popen, float]] = []
     done: list[Fold] = []
     try:
