@@ -16,7 +16,7 @@ from sklearn.metrics import accuracy_score, log_loss, recall_score, roc_auc_scor
 from medtriage.evaluation.bootstrap import bootstrap_auc_ci
 from medtriage.evaluation.calibration import expected_calibration_error, probabilities
 from medtriage.evaluation.metrics import EvaluationInputError, class_labels, class_matrix, predicted_classes, require_images
-from medtriage.evaluation.operating_points import choose_threshold
+from medtriage.evaluation.operating_points import choose_threshold, flagged
 
 OPERATING_POINTS = {"sens95": ("sensitivity", 0.95), "youden": ("youden", None)}
 
@@ -49,7 +49,7 @@ def assess(val, test, temperature: float, positive: int | None = None, n_bins: i
     }
     for key, (rule, target) in OPERATING_POINTS.items():
         point = choose_threshold(val_scores, val_labels == positive, rule, target)
-        predicted = test_scores >= point.threshold
+        predicted = flagged(test_scores, point.threshold)
         result[f"{key}_threshold"] = point.threshold
         result[f"test_sens_{key}"] = float(recall_score(test_positive, predicted, pos_label=True, zero_division=0))
         result[f"test_spec_{key}"] = float(recall_score(test_positive, predicted, pos_label=False, zero_division=0))

@@ -58,10 +58,7 @@ def choose_threshold(
     """Pick a threshold on `scores` (positive-class probability) against binary `labels` by `rule`. `settings`: the
     (rule, target) settings that named them, which a refusal of either names."""
     check_rule(rule, settings[0])
-    scores = np.asarray(scores)
-    if not np.issubdtype(scores.dtype, np.floating):  # integer scores: the float steps below need a float type
-        scores = scores.astype(np.float64)
-    unit_interval(scores, "validation scores")  # a threshold on logits would not apply to the served probabilities
+    scores = unit_interval(scores, "validation scores")  # a threshold on logits would not apply to the served probabilities
     labels = binary_labels(labels, "validation labels")
     if scores.ndim != 1 or len(labels) != len(scores):  # scikit-learn would refuse them without saying which is which
         raise EvaluationInputError(
@@ -70,11 +67,14 @@ def choose_threshold(
         )
     if len(np.unique(labels)) < 2:
         raise InputError("validation split holds a single class; no threshold can be chosen", hint="check the split of the pool")
-    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    # Served probabilities and thresholds are float32 (serve.package.served_threshold): chosen among the scores as
+    # served, the threshold flags exactly the validation cases its sensitivity and specificity count, where float64
+    # scores that float32 cannot tell apart would fall on either side of it.
+    served = scores.astype(np.float32)
+    fpr, tpr, thresholds = roc_curve(labels, served, drop_intermediate=False)
     # sklearn's first point flags nothing (threshold inf). Only a specificity target may need it - when negatives hold
     # the top score - and then as the least threshold above every score, so that the target is kept, not missed.
-    top = scores.dtype.type(thresholds[1])  # step in the scores' own precision, so they compare below it
-    thresholds[0] = np.nextafter(top, top.dtype.type(np.inf))
+    thresholds[0] = np.nextafter(np.float32(thresholds[1]), np.float32(np.inf))  # a float32 step: served scores stay below
     first = 0 if rule == "specificity" else 1
     index = first + _pick(rule, target, tpr[first:], 1.0 - fpr[first:], settings[1])
     if thresholds[index] > 1.0:
@@ -83,7 +83,21 @@ def choose_threshold(
             where=settings[1],
             hint="lower the specificity target, or calibrate so that scores do not saturate",
         )
-    return OperatingPoint(rule, None if rule == "youden" else target, float(thresholds[index]), float(tpr[index]), float(1.0 - fpr[index]))
+    threshold = _least_served_as(scores, served, thresholds[index])
+    return OperatingPoint(rule, None if rule == "youden" else target, threshold, float(tpr[index]), float(1.0 - fpr[index]))
+
+
+def flagged(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Whether each probability is at or above `threshold` as served: both float32 (serve.package.served_threshold), so
+    that scores float32 cannot tell from the threshold are flagged, as serving flags them."""
+    return np.asarray(scores).astype(np.float32) >= np.float32(threshold)
+
+
+def _least_served_as(scores: np.ndarray, served: np.ndarray, threshold: float) -> float:
+    """The least validation score served as `threshold` (itself where none is: the step above every score), so that
+    float64 scores compared with it fall on the side their served float32 ones do, and it is served as `threshold`."""
+    tied = scores[served == threshold]
+    return float(tied.min()) if tied.size else float(threshold)
 
 
 def _pick(rule: str, target: float | None, sensitivity: np.ndarray, specificity: np.ndarray, setting: str) -> int:

@@ -1,7 +1,7 @@
 """JSON Schema of `model.json` and a small validator for the subset of JSON Schema it uses.
 
 The schema is plain JSON Schema (draft 2020-12 keywords: type, required, properties, items,
-enum, minimum, exclusiveMinimum, maximum, minItems, pattern, additionalProperties), so other tools can validate packages too.
+enum, minimum, exclusiveMinimum, maximum, minItems, maxItems, pattern, additionalProperties), so other tools can validate packages too.
 """
 
 from __future__ import annotations
@@ -47,6 +47,20 @@ _THRESHOLDS = {
         "urgent": {"type": ["object", "null"], **{k: v for k, v in _OPERATING_POINT.items() if k != "type"}},
     },
 }
+# io.stain.Stains: a haematoxylin and an eosin column of OD per RGB channel, and each stain's max concentration.
+_STAINS = {
+    "type": ["object", "null"],
+    "required": ["matrix", "max_concentrations"],
+    "properties": {
+        "matrix": {
+            "type": "array",
+            "items": {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2},
+            "minItems": 3,
+            "maxItems": 3,
+        },
+        "max_concentrations": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 2, "maxItems": 2},
+    },
+}
 # Optional: present when the model scores slide tiles (how to cut, stain and combine them; serve/slides.py).
 _PATHOLOGY = {
     "type": "object",
@@ -55,7 +69,7 @@ _PATHOLOGY = {
         "tile_size": {"type": "integer", "minimum": 1},
         "tile_mpp": {"type": "number", "exclusiveMinimum": 0},
         "stain_normalization": {"type": ["string", "null"], "enum": ["macenko", None]},
-        "target_stains": {"type": ["object", "null"], "required": ["matrix", "max_concentrations"]},
+        "target_stains": _STAINS,
         "min_tissue": _PROBABILITY,
         "aggregation": {"type": "string", "enum": ["mean", "top_k"]},
         "top_k": {"type": "integer", "minimum": 1},
@@ -262,6 +276,8 @@ def schema_errors(value, schema: dict = MODEL_SCHEMA, where: str = "$") -> list[
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             errors.append(f"{where}: needs at least {schema['minItems']} items")
+        if len(value) > schema.get("maxItems", len(value)):
+            errors.append(f"{where}: holds {len(value)} items, at most {schema['maxItems']} allowed")
         for i, item in enumerate(value):
             errors += schema_errors(item, schema.get("items", {}), f"{where}[{i}]")
     if isinstance(value, dict):
