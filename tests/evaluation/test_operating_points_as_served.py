@@ -54,3 +54,12 @@ def test_assessed_test_figures_at_an_operating_point_are_those_served():
         flagged = served >= np.float32(served_threshold(result[f"{key}_threshold"]))
         assert result[f"test_sens_{key}"] == flagged[10:].mean() == 1.0
         assert result[f"test_spec_{key}"] == (~flagged[:10]).mean()
+
+
+def test_a_packages_recorded_figures_count_what_serving_flags():
+    """export.package.split_metrics: the sensitivity model.json records is the one served at its threshold."""
+    from medtriage.export.package import binary_metrics
+
+    below_in_float64 = np.nextafter(0.5, 0.0)  # float32 cannot tell it from 0.5: served, it is flagged
+    figures = binary_metrics(np.array([below_in_float64, 0.9, 0.1]), np.array([1, 1, 0]), 0.5)
+    assert (figures["sensitivity"], figures["specificity"]) == (1.0, 1.0)

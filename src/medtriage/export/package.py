@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from medtriage.errors import PackageError
+from medtriage.evaluation.operating_points import flagged
 from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, temperature_applied, validate_model_json
 from medtriage.io.safe_output import copy_atomic, sync_folder, try_lock, write_atomic
 
@@ -28,9 +29,9 @@ _claims: dict[str, int] = {}
 
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
-    """AUC and sensitivity/specificity at `threshold` (None where a class is missing)."""
+    """AUC and sensitivity/specificity at `threshold`, compared as served (None where a class is missing)."""
     labels = np.asarray(labels).astype(int)
-    predicted = np.asarray(scores) >= threshold
+    predicted = flagged(scores, threshold)
     positives, negatives = labels == 1, labels == 0
     return {
         "n": int(len(labels)),
