@@ -261,3 +261,12 @@ def test_a_full_decode_refuses_an_image_claiming_more_than_the_decode_limits_bef
         tracemalloc.stop()
     assert dict(summary.quarantined) == {"too_large": 1} and summary.pooled == 0
     assert peak < 1e9
+
+
+def test_an_ingest_logged_to_a_file_shows_plain_progress_lines_without_redraws(tmp_path, capsys):
+    """A nightly ingest writes its progress to a log: plain lines, not a bar's carriage-return redraws."""
+    build_phi_site(tmp_path / "site")
+    ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=KEY, progress=True)
+    logged = capsys.readouterr().err  # stderr captured, as a log file holds it: not a terminal
+    assert "\r" not in logged
+    assert logged.splitlines()[-1].startswith("ingest site_a: 10/10 files (100%) in ")

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pydicom
+
 from medtriage.io.ingest import ingest_site
 from medtriage.io.ingest_ledger import INDEX_FILE, ledger_folder
 from medtriage.io.site_key import SiteKey
@@ -92,3 +94,34 @@ def test_a_row_torn_by_a_kill_is_dropped_and_its_input_processed_again(tmp_path)
     assert summary.pooled == 5 and index.read_text().endswith("\n")
     assert _tree(pool / "site_a") == _tree(tmp_path / "whole" / "site_a")
     assert _rows(index) == _rows(ledger_folder(tmp_path / "whole", "site_a") / INDEX_FILE)
+
+
+def test_a_source_changed_or_removed_after_it_was_read_is_listed_and_read_again_by_the_next_run(tmp_path, monkeypatch):
+    """An export still being written or cleaned up: the quarantine copy is never of other bytes than those judged (and
+    named by their key), a vanished source does not stop the run, and neither is indexed, so the next run reads it."""
+    import medtriage.io.ingest as ingest
+
+    build_phi_site(tmp_path / "site")
+    more, key, judged = tmp_path / "site" / "zz_more", SiteKey(SECRET), ingest.process_file
+
+    def exported_meanwhile(source: str):
+        out = judged(source)
+        if Path(source).name == "truncated.dcm":
+            Path(source).unlink()
+        elif Path(source).name == "burned.dcm":  # reviewed and written again, without burned-in text
+            ds = pydicom.dcmread(source)
+            ds.BurnedInAnnotation = "NO"
+            ds.save_as(source, enforce_file_format=True)
+        return out
+
+    monkeypatch.setattr(ingest, "process_file", exported_meanwhile)
+    first = ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=key, quarantine=tmp_path / "q", progress=False)
+    assert first.quarantined["changed_while_read"] == 2 and first.counts_in == first.pooled + sum(first.quarantined.values())
+    assert not (tmp_path / "q" / "truncated").exists() and not (tmp_path / "q" / "burned_in_annotation").exists()
+    with open(tmp_path / "q" / "quarantine.csv", newline="") as f:
+        listed = {Path(row["source"]).name: row for row in csv.DictReader(f)}
+    assert "ingest again" in listed["truncated.dcm"]["detail"] and listed["burned.dcm"]["reason"] == "changed_while_read"
+
+    monkeypatch.undo()
+    again = ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=key, quarantine=tmp_path / "q", progress=False)
+    assert again.pooled_new == 1 and (more / "burned.dcm").exists() and "changed_while_read" not in again.quarantined

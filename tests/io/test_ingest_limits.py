@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,6 +48,11 @@ def _write(folder: Path, images: list) -> None:
         ds.save_as(folder / f"IM{n:04d}.dcm", enforce_file_format=True)
 
 
+def _status(st_size: int) -> SimpleNamespace:
+    """A regular file's status as os.fstat gives it, with the size that is asked for."""
+    return SimpleNamespace(st_size=st_size, st_mode=stat.S_IFREG, st_dev=0, st_ino=0, st_mtime_ns=0, st_ctime_ns=0)
+
+
 def _sparse(path: Path, size: int) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)
@@ -86,7 +92,7 @@ def test_the_default_limit_refuses_a_multi_gigabyte_file_from_its_size_alone(tmp
 
 def test_a_file_growing_past_the_limit_after_its_size_was_read_is_refused(tmp_path, monkeypatch):
     big = _sparse(tmp_path / "grown.dcm", 3 << 20)
-    monkeypatch.setattr(ingest_file.os, "fstat", lambda fd: SimpleNamespace(st_size=100))  # its size before it grew
+    monkeypatch.setattr(ingest_file.os, "fstat", lambda fd: _status(st_size=100))  # its size before it grew
     ingest_file.init_worker(KEY, DeidOptions(), frozenset(), False, 1 << 20)
     out = ingest_file.process_file(str(big))
     assert (out.status, out.reason) == ("unread", "too_large") and str(1 << 20) in out.detail

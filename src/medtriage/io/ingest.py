@@ -10,8 +10,8 @@ builder reads it like any site folder:
 - `<pool>/.ingest/<site>/logs/<run>.json`  one audit log per ingest: counts, profile, versions, time; no PHI
 - `<pool>/.ingest/<site>/ingest.lock`      held for the whole ingest: a second ingest of the site is refused
 Site side (never pooled), `<quarantine>/`: originals by reason plus `quarantine.csv` with source paths (a file
-that cannot be read at all is listed there as `cannot_read`, and one over the size limit as `too_large`, without a
-copy, and both are looked at again by the next run).
+that cannot be read at all is listed there as `cannot_read`, one over the size limit as `too_large`, and one changed or
+removed after it was read as `changed_while_read`, without a copy, and all are looked at again by the next run).
 
 Every input file ends in exactly one place: counts in = pooled + quarantined (per reason). Files under a hidden name
 (a dot first) at any depth of the site folder are not inputs (`medtriage.io.site_folder`).
@@ -27,8 +27,6 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-
-from tqdm import tqdm
 
 from medtriage.arguments import positive_int, refuse_file_as_folder
 from medtriage.errors import ConfigError, DataNotFoundError, MedTriageError
@@ -50,6 +48,7 @@ from medtriage.io.safe_output import held_exclusive, remove_partials, write_new
 from medtriage.io.site_folder import SITE_LABELS_FILE, SiteFolder, read_site_folder
 from medtriage.io.site_key import SiteKey, load_site_key
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
+from medtriage.progress import progress as with_progress
 from medtriage.project import project_path
 
 LOCK_FILE = "ingest.lock"
@@ -88,6 +87,7 @@ def ingest_site(
         refuse_file_as_folder(folder, what)  # here, before the site lock: not with a traceback halfway through a run
     labels = read_site_labels(src / SITE_LABELS_FILE)  # a labels file that cannot be used stops the run before it starts
     contents = read_site_folder(src)
+    _refuse_linked_outputs(contents.inputs, pool, quarantine)
     if refuse_empty:
         _refuse_empty_site_folder(src, contents)
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -156,14 +156,30 @@ def _check_folders(src: Path, pool: Path, quarantine: Path) -> None:
         raise ConfigError("the quarantine must not be inside the site folder (a rerun would ingest it)", where=quarantine)
 
 
+def _refuse_linked_outputs(inputs: list[Path], pool: Path, quarantine: Path) -> None:
+    """A link in the site folder may lead into the pool or the quarantine: what it reaches would be ingested again,
+    pooled images under second pseudonyms and quarantined originals as duplicates."""
+    for path in inputs:
+        real = path.resolve()
+        for what, folder in (("pool", pool), ("quarantine", quarantine)):
+            if real.is_relative_to(folder):
+                raise ConfigError(
+                    f"an entry of the site folder leads into the {what} ({real})",
+                    where=path,
+                    hint=f"remove the link from the site folder, or point it at the site's own files, not the {what}",
+                )
+
+
 def _map(sources: list[str], workers: int, progress: bool, site: str, init_args: tuple):
-    bar = dict(total=len(sources), desc=f"ingest {site}", unit="file", disable=not progress)
+    def shown(outcomes):  # a bar on a terminal; plain lines in the log of a scheduled ingest
+        return with_progress(outcomes, len(sources), f"ingest {site}", "file", disable=not progress)
+
     if workers <= 1:
         init_worker(*init_args)
-        yield from tqdm(map(process_file, sources), **bar)
+        yield from shown(map(process_file, sources))
         return
     with ProcessPoolExecutor(max_workers=workers, initializer=init_worker, initargs=init_args) as pool:
-        yield from tqdm(pool.map(process_file, sources, chunksize=4), **bar)
+        yield from shown(pool.map(process_file, sources, chunksize=4))
 
 
 # ---------------------------------------------------------------- several sites at once

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -48,6 +50,7 @@ class Outcome:
     pixel_sha256: str = ""
     modality: str = ""
     identified_by_name: bool = False
+    stamp: tuple = ()  # the source's state when read (`file_stamp`): its quarantine copy must be of these bytes
     encoded: bytes = b""  # the de-identified file; the main process decides where it goes
 
 
@@ -75,12 +78,13 @@ def process_file(source: str) -> Outcome:
 
 def _process_file(source: str, w: dict) -> Outcome:
     try:
-        data = _read_bounded(source, w["max_file_bytes"])
+        read = _read_bounded(source, w["max_file_bytes"])
     except OSError as err:  # permissions, a file removed since the listing: this file only, never the run
         return Outcome(source, status="unread", reason="cannot_read", detail=f"{type(err).__name__}: {err.strerror or err}")
-    if isinstance(data, Unsafe):
-        return Outcome(source, status="unread", reason=data.reason, detail=data.detail)
-    out = Outcome(source, content_key=w["key"].content_key(data))
+    if isinstance(read, Unsafe):
+        return Outcome(source, status="unread", reason=read.reason, detail=read.detail)
+    data, stamp = read
+    out = Outcome(source, content_key=w["key"].content_key(data), stamp=stamp)
     if out.content_key in w["known"]:
         out.status = "already"
         return out
@@ -99,22 +103,47 @@ def _process_file(source: str, w: dict) -> Outcome:
         return quarantined(out, Unsafe("unreadable", f"{type(err).__name__}: {err}"))
 
 
-def _read_bounded(source: str, limit: int) -> bytes | Unsafe:
-    """The file's bytes, or why it is too large to read: its size is checked first, and the read stops past the
-    limit, so a file that grows after the check still costs at most the limit. (A read allocates what it asks for:
-    it asks for the size found, and for the growth in steps.)"""
+def _read_bounded(source: str, limit: int) -> tuple[bytes, tuple] | Unsafe:
+    """The file's bytes and its stamp once read, or why it is too large to read: its size is checked first, and the
+    read stops past the limit, so a file that grows after the check still costs at most the limit. (A read allocates
+    what it asks for: it asks for the size found, and for the growth in steps.)"""
     hint = "raise --max-file-bytes if it is genuine"
-    with Path(source).open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    f, status = open_file(source)
+    if f is None:
+        return Unsafe("cannot_read", _not_a_file(status.st_mode))
+    with f:
+        size = status.st_size
         if size > limit:
             return Unsafe("too_large", f"file of {size} bytes exceeds the ingest limit of {limit} bytes: {hint}")
         data = f.read(size + 1)  # one byte more shows whether it grew
         if len(data) > size:  # read on up to one byte past the limit
             while len(data) <= limit and (more := f.read(min(_READ_STEP, limit + 1 - len(data)))):
                 data += more
+        stamp = file_stamp(os.fstat(f.fileno()))
     if len(data) > limit:
         return Unsafe("too_large", f"file grew past the ingest limit of {limit} bytes while it was read: {hint}")
-    return data
+    return data, stamp
+
+
+def open_file(source: str) -> tuple[BinaryIO | None, os.stat_result]:
+    """`source` open for reading, and its status; None for what is no regular file, as opening a pipe would wait for a
+    writer that may never come."""
+    status = os.stat(source)
+    if not stat.S_ISREG(status.st_mode):
+        return None, status
+    f = Path(source).open("rb")
+    return f, os.fstat(f.fileno())
+
+
+def file_stamp(status: os.stat_result) -> tuple:
+    """What tells a file's state from a later one without reading it again: which file it is, its size, when changed."""
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+
+def _not_a_file(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder ingest could not list: give the user running ingest permission to read it, then ingest again"
+    return "not a regular file (a pipe, socket or device): copy the file itself into the site folder, then ingest again"
 
 
 def _deidentified(out: Outcome, ds, w: dict) -> Outcome:

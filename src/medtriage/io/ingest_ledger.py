@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,9 +21,9 @@ import pydicom
 
 from medtriage import __version__
 from medtriage.io.deid import SEVERAL_ISSUERS_IDENTITY, DeidOptions, table_library_version
-from medtriage.io.ingest_file import Outcome, quarantined
+from medtriage.io.ingest_file import Outcome, file_stamp, open_file, quarantined
 from medtriage.io.quarantine import Unsafe
-from medtriage.io.safe_output import copy_atomic, output_path, spreadsheet_row, write_atomic
+from medtriage.io.safe_output import output_path, spreadsheet_row, write_atomic
 
 INDEX_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "logs", "quarantine.csv"
 LEDGER_DIR = ".ingest"  # hidden: the pool builder skips it
@@ -129,9 +130,11 @@ class Ledger:
 
     def _toquarantined(self, out: Outcome, indexed: bool = True) -> None:
         target = output_path(self.quarantine / out.reason, out.content_key, _kept_suffix(out.source))
-        copy_atomic(out.source, target)
+        gone = _copy_as_read(out, target)
+        if gone:  # listed, not indexed: the next run reads it again
+            out.reason, out.detail = "changed_while_read", gone
         self._list_quarantined(out)
-        if indexed:
+        if indexed and not gone:
             self._write_index(out, "quarantined")
 
     def _list_quarantined(self, out: Outcome) -> None:
@@ -164,6 +167,26 @@ class Ledger:
         for handle in (self._index_file, self._quarantine_file):
             if handle:
                 handle[0].close()
+
+
+def _copy_as_read(out: Outcome, target: Path) -> str | None:
+    """Copy the source to `target` as the worker read it; else copy nothing and say why. A file changed or removed
+    since (an export still being written or cleaned up) no longer holds the bytes judged and named by their key."""
+    why = "since it was read: wait for the export to finish, then ingest again (it looks at this file again)"
+    try:
+        original, status = open_file(out.source)
+    except OSError as err:
+        return f"the file went ({type(err).__name__}: {err.strerror or err}) {why}"
+    changed = f"the file changed {why}"
+    if original is None:  # no longer a regular file
+        return changed
+    with original:
+        if file_stamp(status) == out.stamp:
+            write_atomic(target, lambda copy: shutil.copyfileobj(original, copy))
+            if file_stamp(os.fstat(original.fileno())) == out.stamp:
+                return None
+            target.unlink()
+    return changed
 
 
 def _kept_suffix(source: str) -> str:
