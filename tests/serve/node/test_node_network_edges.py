@@ -1,5 +1,6 @@
-"""The node's network edges: what a DICOMweb server answers, a PACS that answers a result is a duplicate, a destination
-that never answers or stays down for days, a sender that trickles, and `medtriage listen` options that cannot work."""
+"""The node's network edges: what a DICOMweb server answers, a PACS that answers a result is a duplicate, with a
+warning or a failure, or takes no association, a destination that never answers or stays down for days, a store that
+cannot record a try, a sender that trickles, and `medtriage listen` options that cannot work."""
 
 from __future__ import annotations
 
@@ -351,6 +352,144 @@ def test_a_pacs_answering_duplicate_already_holds_the_result_and_it_is_delivered
         assert sr.SOPInstanceUID in said and "0x0111" in said and "PACS@127.0.0.1" in said
     else:
         assert (row["state"], row["attempts"], study["state"]) == ("pending", attempts + 1, "failed") and "0xA700" in row["last_error"]
+
+
+def queued_sr(store: NodeStore) -> pydicom.Dataset:
+    """A Comprehensive SR, as the node sends, queued in `store` for the destination "PACS"."""
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+    store.record_instance("1.2.3.4", "1.2.3", "1.2.3.5", "1.2.840.10008.5.1.4.1.1.1", "x.dcm", {})
+    sr.save_as(store.outbox_path("sr.dcm"))
+    assert store.close_study(
+        "1.2.3", None, None, sr.SOPInstanceUID, [("sr", "PACS", "sr.dcm", sr.SOPInstanceUID)], time.time() + 1, "scored"
+    )
+    return sr
+
+
+class Steps(threading.Event):
+    """A stop event for Sender.run that stops it at its `steps`-th wait, and keeps how long each wait was to be."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps, self.waits = steps, []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        if len(self.waits) >= self.steps:
+            self.set()
+        return self.is_set()
+
+
+def test_a_sender_that_cannot_record_an_outcome_backs_off_instead_of_resending_at_every_poll(tmp_path, caplog):
+    """Before, a step that raised (the store's database locked, full or read-only once the PACS had stored the result)
+    was tried again at the next poll, 0.2 s later: the results sent again five times a second, a traceback each."""
+    store = NodeStore(tmp_path / "state")
+    queued_sr(store)
+    store._db.execute("PRAGMA busy_timeout = 100")  # not the 30 s a node waits for its database
+    holder = sqlite3.connect(tmp_path / "state" / DB_FILE, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a writer of another process: the store cannot record the delivery
+    port = free_port()
+    server = storage_scp(port, 0x0000)
+    sender = Sender(store, {"PACS": DimseSender(Peer("PACS", "127.0.0.1", port), NODE_AET)}, retry_max=60)
+    try:
+        with caplog.at_level("ERROR", logger="medtriage.serve.node.sender"):
+            sender.run(locked := Steps(3))
+        holder.execute("COMMIT")
+        sender.run(Steps(1))
+        (row,) = store._execute("SELECT state FROM deliveries")
+    finally:
+        server.shutdown()
+        store.close()
+        holder.close()
+    assert locked.waits == [1, 2, 4] and row["state"] == "delivered"
+    said = caplog.records[0].getMessage()
+    assert "database is locked" in said and str(tmp_path / "state") in said
+
+
+@pytest.mark.parametrize(
+    ("pacs", "said"),
+    [
+        ("checks the called AE title", ["Called AE title not recognised", "'OTHER' in --send-to"]),
+        ("knows other callers only", ["Calling AE title not recognised", f"{NODE_AET!r} (--aet)"]),
+        ("stores CT only", ["none of the result classes", "enable their storage"]),
+        ("is not listening", ["no association", "runs and listens"]),
+    ],
+)
+def test_a_destination_that_takes_no_association_is_a_failed_try_that_says_why_and_what_to_change(tmp_path, pacs, said):
+    """Before, each was recorded as "no association with ...": a PACS that rejects the node's AE title looked like one
+    that is down, and neither said what to change."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ComprehensiveSRStorage, CTImageStorage
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage if pacs == "stores CT only" else ComprehensiveSRStorage)
+    ae.require_called_aet = True
+    ae.require_calling_aet = ["ORTHANC"] if pacs == "knows other callers only" else []
+    port = free_port()
+    server = None if pacs == "is not listening" else ae.start_server(("127.0.0.1", port), block=False)
+    store = NodeStore(tmp_path / "state")
+    queued_sr(store)
+    called = "OTHER" if pacs == "checks the called AE title" else "PACS"
+    try:
+        Sender(store, {"PACS": DimseSender(Peer(called, "127.0.0.1", port), NODE_AET, timeout=5)}, retry_max=60).send_due()
+        (row,) = store._execute("SELECT state, last_error FROM deliveries")
+    finally:
+        if server is not None:
+            server.shutdown()
+        store.close()
+    assert row["state"] == "pending" and f"{called}@127.0.0.1:{port}" in row["last_error"]
+    assert all(part in row["last_error"] for part in said), row["last_error"]
+
+
+def c_store_status(code: int, comment: str = "") -> pydicom.Dataset:
+    """A C-STORE response's status, with an Error Comment (0000,0902) when `comment` is given."""
+    status = pydicom.Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment
+    return status
+
+
+@pytest.mark.parametrize(
+    ("code", "comment", "delivered"),
+    [
+        (0xB000, "", True),
+        (0xB00A, "Patient name coerced", True),
+        (0x0001, "", True),
+        (0x0107, "", True),
+        (0x0116, "Value out of range", True),
+        (0xA700, "Instance already exists", False),
+        (0xA900, "", False),
+        (0xC000, "Duplicate SOP instance", False),
+        (0x0122, "", False),
+        (0xD123, "", False),
+    ],
+    ids=lambda value: f"0x{value:04X}" if isinstance(value, int) and not isinstance(value, bool) else None,
+)
+def test_a_c_store_status_is_read_by_its_class_and_a_refusal_is_recorded_with_its_comment(tmp_path, caplog, code, comment, delivered):
+    """Before, only 0x0000, 0xB000, 0xB006 and 0xB007 were deliveries: a PACS's other warnings (0001, 0107, 0116, Bxxx,
+    each meaning stored, PS3.7 C) made a stored result a failed try, sent again every minute for ever; and a refusal
+    was recorded without the Error Comment saying why. A failure stays a failure whatever its comment says."""
+    store = NodeStore(tmp_path / "state")
+    sr = queued_sr(store)
+    port = free_port()
+    server = storage_scp(port, c_store_status(code, comment))
+    try:
+        with caplog.at_level("INFO", logger="medtriage.serve.node.sender"):
+            Sender(store, {"PACS": DimseSender(Peer("PACS", "127.0.0.1", port), NODE_AET)}, retry_max=60).send_due()
+        (row,) = store._execute("SELECT state, attempts, last_error FROM deliveries")
+        (study,) = store._execute("SELECT state, reason FROM studies")
+    finally:
+        server.shutdown()
+        store.close()
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"0x{code:04X}" in said and comment in said
+    if delivered:
+        assert (row["state"], row["attempts"], study["state"]) == ("delivered", 0, "delivered")
+        assert "with a warning" in said
+    else:
+        assert (row["state"], row["attempts"], study["state"]) == ("pending", 1, "failed")
+        for recorded in (row["last_error"], study["reason"]):
+            assert f"0x{code:04X}" in recorded and comment in recorded and "PACS@127.0.0.1" in recorded and sr.SOPInstanceUID in recorded
 
 
 def duplicate_answer(sop_uid: str, reason: int = 0x0111) -> dict:

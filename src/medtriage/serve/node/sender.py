@@ -3,7 +3,10 @@
 A delivery that fails is retried with exponential backoff (1 s, 2 s, 4 s ... up to `retry_max`) and
 stays queued until it is delivered: nothing is dropped. A resend after a crash carries the same SOP
 Instance UID, so the PACS keeps one copy; a PACS that answers it 0x0111 (Duplicate SOP Instance) holds it
-already, and it is delivered.
+already, and it is delivered. A C-STORE status is read by its class (PS3.7 C): success and every warning
+(0001, 0107, 0116, Bxxx: stored, perhaps altered) are deliveries; a failure (Axxx, Cxxx, 01xx, 02xx) or an
+unknown code is a failed try, recorded with the PACS's Error Comment. A vendor's failure whose comment says
+"duplicate" stays a failure: free text is no status, and would count a refused result as delivered.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import requests
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, printable
 from medtriage.serve.node.store import Delivery, NodeStore
 
 log = logging.getLogger(__name__)
-OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and the warnings that still mean "stored"
 DUPLICATE = 0x0111  # Duplicate SOP Instance: the PACS holds an instance with this SOP Instance UID already
+STORED = {STATUS_SUCCESS, STATUS_WARNING}  # PS3.4 B.2.3: a warning's instance is stored (its elements may be coerced)
+COMMENT_CHARS = 64  # an Error Comment is LO (64 characters): a longer one from a peer is cut
 RESULT_CLASSES = [ComprehensiveSRStorage, SecondaryCaptureImageStorage]
 DICOMWEB = "dicomweb"
 
@@ -90,6 +95,28 @@ def say_held(delivery: Delivery, destination: Peer | str, answer: str) -> None:
     )
 
 
+def c_store_answer(status: pydicom.Dataset) -> str:
+    """A C-STORE response as logs and a study's reason quote it: its status, what PS3.4 Annex B calls that, and the
+    PACS's Error Comment (0000,0902), which often names the vendor's own reason."""
+    code = status.Status
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", ""))[1]
+    comment = printable(str(status.get("ErrorComment") or "").strip())[:COMMENT_CHARS]
+    return f"C-STORE status 0x{code:04X}" + (f" ({meaning})" if meaning else "") + (f", comment {comment!r}" if comment else "")
+
+
+def say_warned(delivery: Delivery, destination: Peer, answer: str) -> None:
+    """Log a result `destination` stored with a warning: delivered, though it may hold it altered (elements coerced or
+    discarded), which its log details."""
+    log.warning(
+        "%s for study %s: %s stored SOP instance %s with a warning (%s): delivered; its log says what it changed",
+        delivery.kind,
+        delivery.study_uid,
+        destination,
+        delivery.sop_uid,
+        answer,
+    )
+
+
 class DimseSender:
     def __init__(self, peer: Peer, calling_aet: str, timeout: float = 30):
         self.peer, self.calling_aet, self.timeout = peer, calling_aet, timeout
@@ -103,7 +130,7 @@ class DimseSender:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout
         assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.aet)
         if not assoc.is_established:
-            return dict.fromkeys((d.id for d in deliveries), f"no association with {self.peer}")
+            return dict.fromkeys((d.id for d in deliveries), self._not_associated(assoc))
         outcome = {}
         try:
             for delivery in deliveries:
@@ -115,18 +142,40 @@ class DimseSender:
                 assoc.release()
         return {d.id: outcome.get(d.id, "association lost") for d in deliveries}
 
+    def _not_associated(self, assoc) -> str:
+        """Why `assoc` was not established, and what to change: most often a setting on one side or the other."""
+        answer = assoc.acceptor.primitive  # the PACS's A-ASSOCIATE answer, None when none came
+        if assoc.is_rejected and answer is not None:
+            hint = {
+                "Called AE title not recognised": f"check the AE title {self.peer.aet!r} in --send-to against the PACS's own",
+                "Calling AE title not recognised": f"declare this node's AE title {self.calling_aet!r} (--aet) among the PACS's modalities",
+            }.get(answer.reason_str, "the PACS's log says why")
+            return f"{self.peer} rejected the association ({answer.result_str}: {answer.reason_str}); {hint}"
+        if answer is not None and not assoc.accepted_contexts:
+            return (
+                f"{self.peer} accepts none of the result classes (Comprehensive SR, Secondary Capture) in explicit or "
+                "implicit VR little endian; enable their storage on the PACS"
+            )
+        return f"no association with {self.peer} (refused, closed or not answered within {self.timeout:g} s); check that the PACS runs and listens there"
+
     def _store(self, assoc, delivery: Delivery) -> str | None:
         try:
             status = assoc.send_c_store(pydicom.dcmread(delivery.file))
         except Exception as err:  # noqa: BLE001 -- a refused context, a dropped connection: retried
             return f"{type(err).__name__}: {err}"
         code = getattr(status, "Status", None)
-        if code in OK_STATUSES:
-            return None
+        if not isinstance(code, int):
+            return f"no response from {self.peer}"
+        answer = c_store_answer(status)
         if code == DUPLICATE:
-            say_held(delivery, self.peer, "C-STORE status 0x0111")
+            say_held(delivery, self.peer, answer)
             return None
-        return "no response" if code is None else f"C-STORE status 0x{code:04X}"
+        category = code_to_category(code)
+        if category == STATUS_WARNING:
+            say_warned(delivery, self.peer, answer)
+        if category in STORED:
+            return None
+        return f"{self.peer} answered {answer}; its log says why it did not store SOP instance {delivery.sop_uid}"
 
 
 class _TimedSession(requests.Session):
@@ -245,12 +294,23 @@ class Sender:
                 log.warning("%d result(s) wait for %s: %s", count, destination, _NOT_CONFIGURED)
 
     def run(self, stop: threading.Event) -> None:
+        failed_steps = 0  # in a row: the store cannot record outcomes (a full disk, a read-only or locked database)
         while not stop.is_set():
             try:
-                sent = self.send_due()
-            except Exception:
-                log.exception("sender step failed")
-                sent = False
+                sent, failed_steps = self.send_due(), 0
+            except Exception as err:  # noqa: BLE001 -- logged, and the step tried again
+                # with backoff, not at the next poll: each step sends its due results again, their outcome unrecorded
+                wait = backoff(failed_steps, self.retry_max)
+                failed_steps += 1
+                log.exception(
+                    "delivering results failed (%s: %s); trying again in %.0f s: check the disk and database of the state folder %s",
+                    type(err).__name__,
+                    err,
+                    wait,
+                    self.store.folder,
+                )
+                stop.wait(wait)
+                continue
             if not sent:
                 stop.wait(self.poll_seconds)
 
