@@ -29,7 +29,7 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_partial
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 from pydicom.valuerep import DA, TM, validate_value
 
 from medtriage import __version__
@@ -46,6 +46,10 @@ LONG_STRING = 64  # the most characters of an LO value (PS3.5 6.2): Series Descr
 SHORT_STRING = 16  # the most characters of an SH value: Code Value
 TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})  # encoded in the Specific Character Set
 UTF8 = "ISO_IR 192"
+CHARACTER_SETS = frozenset(term.value for term in hd.enum.SpecificCharacterSetValues)  # the terms the builders accept
+# Terms with code extensions (PS3.3 C.12.1.1.2) the builders accept in a Specific Character Set of several values.
+SINGLE_BYTE_EXTENSIONS = frozenset(f"ISO 2022 IR {number}" for number in (6, 100, 101, 109, 110, 126, 127, 138, 144, 148, 13, 166))
+MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159"})
 SCHEME = "99MEDTRIAGE"  # local coding scheme ("99" prefix = private, PS3.16 8.2) for model-specific concepts
 PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
@@ -168,7 +172,7 @@ def build_study_sr(
             procedure_reported=PROCEDURE,
             imaging_measurements=groups,
         )
-        sr = hd.sr.ComprehensiveSR(
+        sr = _ComprehensiveSR(
             evidence=[source for source, _ in sources],
             content=report,
             series_instance_uid=revision_series_uid(sources[0][0], identities[0], "reports") if revision else generate_uid(),
@@ -183,6 +187,21 @@ def build_study_sr(
     sr.CodingSchemeIdentificationSequence = [private_scheme()]
     declare_character_set(sr)
     return sr
+
+
+class _ComprehensiveSR(hd.sr.ComprehensiveSR):
+    """highdicom picks the patient and study attributes to copy by the IOD of the first source's SOP class, and fails
+    with a KeyError on a class its edition of the standard does not list: a retired one (the ultrasound of 1993), a
+    vendor's private one, or one newer than the installed highdicom. Those modules are alike in every image IOD, so
+    such a source's are copied as a Secondary Capture's would be; the evidence still names the source's own class."""
+
+    def copy_patient_and_study_information(self, dataset: pydicom.Dataset) -> None:
+        try:
+            super().copy_patient_and_study_information(dataset)
+        except KeyError:  # raised before any attribute is copied
+            stand_in = copy.deepcopy(dataset)  # a header (no pixels); a shallow copy would share its elements
+            stand_in.SOPClassUID = SecondaryCaptureImageStorage
+            super().copy_patient_and_study_information(stand_in)
 
 
 def declare_character_set(dataset: pydicom.Dataset) -> None:
@@ -308,14 +327,43 @@ def carried_header(source: pydicom.Dataset) -> pydicom.Dataset:
     too, so that one odd value costs that value, not the object; only what a result is filed by (FILED_BY) is kept
     whatever it holds."""
     unusable = [keyword for keyword in TYPE2_COPIED if keyword not in source or not _carried(keyword, source[keyword].value)]
-    if not unusable:
+    character_set = _carried_character_set(source)
+    if not unusable and character_set is None:
         return source
     source = copy.deepcopy(source)  # a header (no pixels): the caller's dataset stays as it was
     for keyword in unusable:
         if keyword in source:
             log.warning("a result object leaves %s empty: %r is not a value the standard allows", keyword, str(source[keyword].value)[:64])
         setattr(source, keyword, "")
+    if character_set == [UTF8]:
+        declared = str(source.SpecificCharacterSet)[:64]
+        log.warning(
+            "a result object declares %s: the source's Specific Character Set %r is not a value the standard allows", UTF8, declared
+        )
+        source.decode()  # the text as pydicom read it (a misspelt term as the one it stands for), before the declaration changes
+    if character_set is not None:
+        source.SpecificCharacterSet = character_set if len(character_set) > 1 else character_set[0]
     return source
+
+
+def _carried_character_set(source: pydicom.Dataset) -> list[str] | None:
+    """The Specific Character Set a result object declares for the source's text, None where it is the source's own.
+    The builders copy the source's and refuse what PS3.3 C.12.1.1.2 does not allow, though pydicom reads it: a misspelt
+    term ("ISO_IR100", "ISO-8859-1"), one unknown, or "ISO_IR 6"; such text is written in UTF-8. The standard's own
+    "\\ISO 2022 IR 87", an empty first value, is the "ISO 2022 IR 6" it stands for."""
+    declared = [str(term) for term in _values(source.get("SpecificCharacterSet"))]
+    terms = ["ISO 2022 IR 6" if i == 0 and not term and len(declared) > 1 else term for i, term in enumerate(declared)]
+    if not terms or _declarable(terms):
+        return None if terms == declared else terms
+    return [UTF8]
+
+
+def _declarable(terms: list[str]) -> bool:
+    """Whether a builder accepts `terms`: one term without code extensions, or several with them, the first single-byte."""
+    extensions = SINGLE_BYTE_EXTENSIONS | MULTI_BYTE_EXTENSIONS
+    if len(terms) > 1:
+        return terms[0] in SINGLE_BYTE_EXTENSIONS and all(term in extensions for term in terms[1:])
+    return terms[0] in CHARACTER_SETS and terms[0] not in extensions
 
 
 def _carried(keyword: str, value) -> bool:
