@@ -50,3 +50,11 @@ def test_a_loop_run_to_its_end_says_so_without_being_closed():
     file = io.StringIO()
     assert list(progress(range(5), 5, "decoding site DICOM", "file", file=file)) == list(range(5))
     assert file.getvalue() == "decoding site DICOM: 5/5 files (100%) in 00:00\n"
+
+
+def test_a_bar_counted_by_hand_says_where_it_is_at_its_end():
+    file = io.StringIO()
+    with progress(None, 3, "writing site DICOM", "file", file=file) as bar:
+        for _ in range(3):
+            bar.update()
+    assert file.getvalue() == "writing site DICOM: 3/3 files (100%) in 00:00\n"

@@ -17,7 +17,7 @@ LINE_EVERY_S = 60.0  # without a terminal: at most one line a minute while a loo
 
 
 def progress(
-    iterable: Iterable,
+    iterable: Iterable | None,
     total: int,
     desc: str,
     unit: str = "batch",
@@ -26,7 +26,7 @@ def progress(
     file: TextIO | None = None,
     leave: bool = True,
 ):
-    """`iterable` with progress on `file` (stderr by default): a tqdm bar on a terminal or in a notebook (whose stderr
+    """`iterable` (None: counted by hand with `update`) with progress on `file` (stderr by default): a tqdm bar on a terminal or in a notebook (whose stderr
     is no terminal, but draws tqdm.auto's widget), else `ProgressLines` counting `units` (`unit` + "s" by default). `leave`:
     the bar stays once done (a line log keeps its lines)."""
     file = sys.stderr if file is None else file
@@ -49,26 +49,36 @@ class ProgressLines:
 
     def __init__(
         self,
-        iterable: Iterable,
+        iterable: Iterable | None,
         total: int,
         desc: str,
         file: TextIO,
         units: str = "batches",
-        every_s: float = LINE_EVERY_S,
+        every_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.iterable, self.total, self.desc, self.file, self.units = iterable, total, desc, file, units
-        self.every_s, self.clock = every_s, clock
+        self.every_s, self.clock = LINE_EVERY_S if every_s is None else every_s, clock
         self.n, self.postfix, self.closed = 0, {}, False
         self.started = self.last_line = clock()
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:
             yield item
-            self.n += 1
-            if (now := self.clock()) - self.last_line >= self.every_s:
-                self._line(now)
+            self.update()
         self.close()  # run to its end (as a tqdm bar closes itself)
+
+    def update(self, n: int = 1) -> None:
+        """`n` more done (a bar counted by hand, made without an iterable, as tqdm's `update`)."""
+        self.n += n
+        if (now := self.clock()) - self.last_line >= self.every_s:
+            self._line(now)
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def set_postfix(self, **values) -> None:
         self.postfix = values

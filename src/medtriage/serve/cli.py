@@ -239,11 +239,10 @@ def score_paths(
     heatmap_dir: str | None = None,
     overlay_dir: str | None = None,
 ) -> Iterator[Score | Rejection]:
-    from tqdm import tqdm
-
     from medtriage.io.pathology import is_slide_path
+    from medtriage.progress import progress as shown
 
-    for path in tqdm(files, desc="scoring", unit="file", disable=not progress, file=sys.stderr):
+    for path in shown(files, len(files), "scoring", "file", disable=not progress):
         if is_slide_path(path):  # whole-slide images: tiles -> one slide score (no DICOM SR)
             yield _scored_slide(predictor, path, slide_mpp, heatmap_dir)
             continue

@@ -109,12 +109,12 @@ def score_npz(predictor: Predictor, npz_path: str | Path, split: str) -> tuple[l
 
 
 def _scores(predictor: Predictor, images: np.ndarray, names: list[str], where: str) -> Iterator[Score]:
-    from tqdm import tqdm
-
+    from medtriage.progress import progress
     from medtriage.serve.predictor import to_model_channels
 
     step = _batch_size(images, predictor.package.channels)
-    for start in tqdm(range(0, len(names), step), desc="scoring npz", unit="batch", disable=len(names) <= step):
+    starts = range(0, len(names), step)
+    for start in progress(starts, len(starts), "scoring npz", "batch", "batches", disable=len(names) <= step):
         batch = to_model_channels(_unit_pixels(images[start : start + step]), predictor.package.channels)
         probs, ood = _outputs(predictor, batch, f"{where}[{start}:{start + len(batch)}]")
         require_finite_outputs(probs, ood, names[start : start + step], hint=NOT_FINITE_HINT)

@@ -26,12 +26,12 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
-from tqdm import tqdm
 
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.errors import InputError
 from medtriage.io.npz import read_npz
 from medtriage.io.safe_output import write_atomic
+from medtriage.progress import progress
 
 DEFAULT_NPZ = Path("data/samples/pneumoniamnist_28.npz")
 DEFAULT_OUT = Path("data/sites")
@@ -210,7 +210,7 @@ def make_sites(
     order = np.random.default_rng(seed).permutation(len(images))[:limit]
     out_dir = Path(out_dir)
     results = []
-    with tqdm(total=len(order), desc="writing site DICOM", unit="file") as bar:
+    with progress(None, len(order), "writing site DICOM", "file") as bar:
         for site_index, (site, chunk) in enumerate(zip(sites, _shares(order, sites))):
             writer = _SiteWriter(site, out_dir / site.name, seed, site_index)
             results.append(writer.write(images[chunk], labels[chunk], bar))
@@ -264,7 +264,7 @@ class _SiteWriter:
     def uid(self, *parts) -> UID:
         return generate_uid(entropy_srcs=[str(self.seed), self.site.name, *map(str, parts)])
 
-    def write(self, images: np.ndarray, labels: np.ndarray, bar: tqdm) -> SiteResult:
+    def write(self, images: np.ndarray, labels: np.ndarray, bar) -> SiteResult:
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from medtriage.config.schema import SYNTHETIC_SITE_NAMES, SyntheticTilesConfig
 from medtriage.data.manifest import Manifest, PoolWriter, load_manifest
@@ -32,6 +31,7 @@ from medtriage.errors import ConfigError, InputError
 from medtriage.io.pathology import iter_tile_batches, prepare_slide
 from medtriage.io.safe_output import write_atomic
 from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, fit_stains
+from medtriage.progress import progress
 
 TILE_LABELS = ["normal", "tumour"]
 SYNTHETIC_TILE_MPP = 1.0  # nuclei radii below are in pixels at this resolution
@@ -186,7 +186,7 @@ def build_synthetic_tile_pool(pool_dir: str | Path, config: SyntheticTilesConfig
     splits = patient_splits(slides, config.seed, config.holdout_site)
     with pool_lock(pool_dir):
         with _tile_pool_writer(Path(pool_dir)) as writer:
-            for site, patient, slide_label in tqdm(slides, desc="synthetic slides", unit="slide"):
+            for site, patient, slide_label in progress(slides, len(slides), "synthetic slides", "slide"):
                 _add_synthetic_slide(writer, rng, config, site, patient, slide_label, splits[site, patient])
             manifest = writer.close()
         write_tile_info(
@@ -261,7 +261,7 @@ def add_slide_tiles(
     slide_id = Path(path).stem
     added = 0
     # A tile bar under the slides' bar: one large slide is minutes of tiles.
-    bar = tqdm(total=len(prepared.grid.tiles), desc=Path(path).name, unit="tile", leave=False)
+    bar = progress(None, len(prepared.grid.tiles), Path(path).name, "tile", leave=False)
     with prepared.slide, bar:
         for tiles, batch in iter_tile_batches(prepared):
             for tile, pixels in zip(tiles, batch):
@@ -295,7 +295,7 @@ def build_slide_pool(
     _check_distinct_slide_ids([entry["path"] for entry in slides])
     with pool_lock(pool_dir):
         with _tile_pool_writer(Path(pool_dir)) as writer:
-            for entry in tqdm(slides, desc="slides", unit="slide"):
+            for entry in progress(slides, len(slides), "slides", "slide"):
                 add_slide_tiles(
                     writer,
                     entry["path"],
