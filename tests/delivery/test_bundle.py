@@ -86,9 +86,10 @@ def test_bundle_installs_offline_and_scores_a_dicom_file(bundle, tmp_path):
 
 
 def sbom_components(sbom: dict) -> dict[str, dict]:
-    """Normalised name -> component, the root component (MedTriage itself) included."""
+    """Normalised name -> component of a wheel, the root component (MedTriage itself) included."""
     root = [sbom["metadata"]["component"]] if "component" in sbom.get("metadata", {}) else []
-    return {c["name"].lower().replace("_", "-"): c for c in root + sbom["components"]}
+    wheels = [c for c in sbom["components"] if c["type"] != "machine-learning-model"]
+    return {c["name"].lower().replace("_", "-"): c for c in root + wheels}
 
 
 def assert_valid_cyclonedx(text: str) -> None:
@@ -106,8 +107,12 @@ def test_sums_and_sbom_cover_every_file_and_wheel(bundle):
     files = {p.relative_to(bundle.directory).as_posix() for p in bundle.directory.rglob("*") if p.is_file()} - {CHECKSUMS}
     assert set(listed) == files
     assert all(sha256_file(bundle.directory / name) == digest for name, digest in listed.items())
-    components = sbom_components(json.loads((bundle.directory / SBOM).read_text()))
+    sbom = json.loads((bundle.directory / SBOM).read_text())
+    components = sbom_components(sbom)
     assert len(components) == len(bundle.wheels)
+    (model,) = [c for c in sbom["components"] if c["type"] == "machine-learning-model"]
+    files = {c["name"]: c["hashes"][0]["content"] for c in model["components"]}
+    assert files == {name: digest for name, digest in listed.items() if name.startswith("models/")}
     for wheel in bundle.wheels:
         (digest,) = components[wheel.name.split("-")[0].lower().replace("_", "-")]["hashes"]
         assert digest == {"alg": "SHA-256", "content": sha256_file(wheel)}, wheel.name

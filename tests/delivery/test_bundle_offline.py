@@ -216,7 +216,7 @@ def test_a_package_changed_while_the_bundle_is_built_is_not_shipped(tmp_path, mo
 
     real_copytree = bundle_module.shutil.copytree
     monkeypatch.setattr(bundle_module, "download_dependencies", download)
-    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject: [])
+    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject, models: [])
     monkeypatch.setattr(bundle_module.shutil, "copytree", copytree)
     with pytest.raises(PackageError, match="changed while the bundle was built"):
         build_bundle([source], tmp_path / "out", wheel=wheel)
@@ -228,7 +228,7 @@ def test_each_step_of_the_build_says_what_it_does(tmp_path, monkeypatch, capsys)
     source = fake_package(tmp_path / "models" / "pneumonia", b"model")
     monkeypatch.setattr(bundle_module, "build_medtriage_wheel", lambda wheels_dir: wheels_dir / "medtriage.whl")
     monkeypatch.setattr(bundle_module, "download_dependencies", lambda own, wheels_dir, python, platform: [])
-    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject: [])
+    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject, models: [])
     build_bundle([source], tmp_path / "out")
     steps = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bundle: ")]
     assert steps == [
@@ -334,10 +334,29 @@ def test_a_disk_error_while_building_is_a_message_and_leaves_no_partial_bundle(t
     source = fake_package(tmp_path / "models" / "pneumonia", b"model")
     monkeypatch.setattr(bundle_module, "build_medtriage_wheel", lambda wheels_dir: wheels_dir / "medtriage.whl")
     monkeypatch.setattr(bundle_module, "download_dependencies", lambda own, wheels_dir, python, platform: [])
-    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject: [])
+    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject, models: [])
     out = tmp_path / "usb" / "bundle"
     said, hint = fail(monkeypatch, out)
     assert main(["bundle", str(source), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"error: {out}: {said}" in err and hint in err and "build" in err, err
     assert list((tmp_path / "usb").iterdir()) == []  # neither the bundle nor its hidden partial folder
+
+
+def test_the_sbom_lists_each_model_package_with_every_file_it_installs(tmp_path, monkeypatch):
+    """The SBOM named the wheels only: the models install.sh puts into PREFIX/models were in no component."""
+    from tests.delivery.test_bundle import _wheel
+
+    accept_fake_packages(monkeypatch)
+    source = fake_package(tmp_path / "models" / "pneumonia", b"model")
+    (source / "calibration").mkdir()
+    (source / "calibration" / "curve.json").write_text("[]")
+    wheel = _wheel(tmp_path, "medtriage", medtriage.__version__, [])
+    monkeypatch.setattr(bundle_module, "download_dependencies", lambda own, wheels_dir, python, platform: [own])
+    out = build_bundle([source], tmp_path / "out", wheel=wheel).directory
+    sums = dict(reversed(line.split("  ", 1)) for line in (out / "SHA256SUMS").read_text().splitlines())
+    (model,) = [c for c in json.loads((out / "sbom.cdx.json").read_text())["components"] if c["type"] == "machine-learning-model"]
+    assert (model["name"], model["version"]) == ("pneumonia", "1")
+    files = {c["name"]: c["hashes"] for c in model["components"]}
+    assert files == {name: [{"alg": "SHA-256", "content": digest}] for name, digest in sums.items() if name.startswith("models/")}
+    assert set(files) == {"models/pneumonia/model.onnx", "models/pneumonia/model.json", "models/pneumonia/calibration/curve.json"}

@@ -59,3 +59,20 @@ def test_the_folders_an_install_made_are_flushed_in_the_folders_that_hold_them(t
     assert done.returncode == 0, done.stderr
     paths = {os.path.normpath(line) for line in synced.read_text().splitlines()}
     assert {str(tmp_path), str(tmp_path / "srv"), str(tmp_path / "srv" / "sites"), str(prefix)} <= paths
+
+
+@pytest.mark.parametrize("linked", ["", "models"], ids=["prefix", "models folder"])
+def test_a_prefix_or_folder_of_it_that_is_a_link_to_another_disk_is_flushed(tmp_path, linked):
+    """find skipped a named path that is a link: the renames of the switch in it never reached the disk."""
+    prefix = tmp_path / "opt" / "medtriage"
+    prefix.parent.mkdir()
+    link = prefix / linked if linked else prefix
+    if linked:
+        prefix.mkdir()
+    (tmp_path / "data").mkdir()
+    link.symlink_to(tmp_path / "data")
+    synced = tmp_path / "synced"
+    logging_sync = failing_command(tmp_path / "bin", "sync", "--*", then=f'shift; printf "%s\\n" "$@" >> {synced}; exec "$REAL" -- "$@"')
+    done = install(small_bundle(tmp_path), prefix, fake_python(tmp_path), logging_sync)
+    assert done.returncode == 0, done.stderr
+    assert synced.read_text().splitlines().count(str(link)) == 2  # the staged copies, then the switch

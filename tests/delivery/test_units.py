@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.delivery.units import installed_units, verify
+from medtriage.delivery.bundle import write_templates
+from tests.delivery.units import environment_file, exec_start, installed_units, verify
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +39,18 @@ def test_verify_reports_a_broken_unit(analyze, tmp_path, change, reported):
     serve.write_text(text.replace(change[0], change[1]))
     problems = verify(analyze, [serve, listen])
     assert problems and any(reported in line and serve.name.split("@")[0] in line for line in problems), problems
+
+
+def test_the_serve_example_as_shipped_does_not_open_the_service_to_the_network_with_a_known_token(tmp_path, monkeypatch, capsys):
+    """It held a placeholder token, the same in every bundle: a service moved to a network address before the token was
+    set answered anyone who sent it."""
+    from medtriage.cli import main
+
+    write_templates(tmp_path, {})
+    environment = {**environment_file(tmp_path / "config" / "serve.env.example"), "MEDTRIAGE_HOST": "0.0.0.0"}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)  # systemd passes the file's variables to the process too
+    argv = exec_start(tmp_path / "systemd" / "medtriage-serve@.service", environment, "pneumonia")
+    assert argv[:2] == ["/opt/medtriage/venv/bin/medtriage", "serve"]
+    assert main(argv[1:]) == 2
+    assert "refusing to serve on 0.0.0.0 without a token" in capsys.readouterr().err

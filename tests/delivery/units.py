@@ -34,3 +34,23 @@ def installed_units(tmp_path: Path) -> list[Path]:
         units.append(prefix / "systemd" / name)
         units[-1].write_text(text.replace(DEFAULT_PREFIX, str(prefix)))  # install.sh: sed s#/opt/medtriage#$PREFIX#g
     return units
+
+
+def environment_file(path: Path) -> dict[str, str]:
+    """The variables of a systemd EnvironmentFile of plain KEY=VALUE lines (as the bundle's examples write them)."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def exec_start(unit: Path, environment: dict[str, str], instance: str) -> list[str]:
+    """The unit's ExecStart as systemd runs it: "${NAME}" one argument, "$NAME" split on white space (none if empty)."""
+    (line,) = [line for line in unit.read_text().splitlines() if line.startswith("ExecStart=")]
+    argv = []
+    for word in line.removeprefix("ExecStart=").replace("%i", instance).split():
+        if word.startswith("${"):
+            argv.append(environment[word[2:-1]])
+        elif word.startswith("$"):
+            argv += environment[word[1:]].split()
+        else:
+            argv.append(word)
+    return argv

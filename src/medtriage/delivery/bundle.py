@@ -183,7 +183,8 @@ def _fill(staging: Path, models: dict[str, Path], python: str, platform: str, wh
     models = {name: _verified_copy(staging / "models" / name, source) for name, source in models.items()}
     root = source_root()
     _step("writing the SBOM (cyclonedx-py) and SHA256SUMS")
-    unlicensed = write_sbom(wheels, staging / SBOM, root / "pyproject.toml" if root else None)
+    identities = {copy: _identity(copy) for copy in models.values()}
+    unlicensed = write_sbom(wheels, staging / SBOM, root / "pyproject.toml" if root else None, identities)
     write_templates(staging, template_values(python, platform, wheels, list(models), unlicensed))
     (staging / MANIFEST).write_text(json.dumps(_manifest(python, platform, wheels, models, unlicensed), indent=2) + "\n")
     write_checksums(staging)
@@ -386,6 +387,12 @@ def write_templates(folder: Path, values: dict[str, str]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     (folder / "install.sh").chmod(0o755)
+
+
+def _identity(package: Path) -> dict:
+    from medtriage.serve.package import load_package
+
+    return load_package(package).identity()
 
 
 def _manifest(python: str, platform: str, wheels: list[Path], models: dict[str, Path], unlicensed: list[str]) -> dict:

@@ -8,6 +8,9 @@ installed or imported, and wheels for another Python version are read the same w
 License-Expression, an SPDX `License` value and the `License ::` classifiers into licences; a `License`
 value that names a licence without being an SPDX id ("3-Clause BSD License") it drops, so that one is kept
 here as a named licence. A wheel that declares nothing keeps no licence: none is invented.
+
+Each model package the bundle ships, installed beside the wheels, is a component too (a machine-learning model with
+its name and version), holding each of its files with its sha256.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ _NOT_A_LICENCE = {"", "unknown", "none", "n/a"}
 _GENERATOR_HINT = "install the generator: pip install cyclonedx-bom (part of medtriage[dev])"
 
 
-def write_sbom(wheels: list[Path], out_file: Path, pyproject: Path | None) -> list[str]:
-    """Write the SBOM of `wheels` to `out_file` (`pyproject`: the root component, when building from a
-    checkout); it is checked against the CycloneDX schema first. Returns the names of the wheels whose
-    metadata declares no licence."""
+def write_sbom(wheels: list[Path], out_file: Path, pyproject: Path | None, models: dict[Path, dict] | None = None) -> list[str]:
+    """Write the SBOM of `wheels` and `models` (each model package folder, inside the bundle, with its identity:
+    name, version) to `out_file` (`pyproject`: the root component, when building from a checkout); it is checked
+    against the CycloneDX schema first. Returns the names of the wheels whose metadata declares no licence."""
     document = _generate(wheels, pyproject)
     by_key = {_key(*wheel_name_version(w)): w for w in wheels}  # by version too: a wheelhouse may hold two of one name
     root = document.get("metadata", {}).get("component")
@@ -51,10 +54,28 @@ def write_sbom(wheels: list[Path], out_file: Path, pyproject: Path | None) -> li
             unlicensed.append(wheel_name_version(wheel)[0])
     if set(by_key) - listed:
         raise BuildError(f"the SBOM generator missed {', '.join(' '.join(k) for k in sorted(set(by_key) - listed))}", where=out_file)
+    document.setdefault("components", []).extend(_model_component(folder, identity) for folder, identity in (models or {}).items())
     text = json.dumps(document, indent=2) + "\n"
     validate(text)
     out_file.write_text(text)
     return sorted(unlicensed)
+
+
+def _model_component(folder: Path, identity: dict) -> dict:
+    """A model package as the bundle holds it: its files named from the bundle's root (models/<folder>/...)."""
+    where = f"models/{folder.name}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {
+        "type": "machine-learning-model",
+        "bom-ref": f"model:{where}",
+        "name": identity["name"],
+        "version": str(identity["version"]),
+        "components": [_file_component(f"{where}/{p.relative_to(folder).as_posix()}", p) for p in files],
+    }
+
+
+def _file_component(name: str, path: Path) -> dict:
+    return {"type": "file", "bom-ref": f"file:{name}", "name": name, "hashes": [{"alg": "SHA-256", "content": sha256_file(path)}]}
 
 
 def _key(name: str, version: str) -> tuple[str, str]:

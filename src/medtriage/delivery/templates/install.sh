@@ -126,7 +126,8 @@ drop_old() { item "$1" "$2" && rm -rf "$aside"; }
 
 # fsync of each file and folder find "$@" names (a link is kept by its folder's): plain sync cannot report a write that
 # failed (a failing disk, a full thin-provisioned one), `sync FILE...` can (GNU coreutils 8.24, BusyBox 1.30). An older
-# sync ignores its arguments, a path that cannot exist included, and Python's os.fsync does it there.
+# sync ignores its arguments, a path that cannot exist included, and Python's os.fsync does it there. A path named is
+# followed where it is a link (-H): PREFIX, or one of its folders, may be a link to another disk's folder.
 fsync='import os, sys
 for path in sys.argv[1:]:
     try:
@@ -139,9 +140,9 @@ for path in sys.argv[1:]:
         sys.exit("fsync %s: %s" % (path, err.strerror))'
 flush() {
     if sync -- /dev/null/x 2>/dev/null; then  # an older sync: it passed a path that cannot exist
-        find "$@" \( -type f -o -type d \) -exec "$PYTHON" -c "$fsync" {} +
+        find -H "$@" \( -type f -o -type d \) -exec "$PYTHON" -c "$fsync" {} +
     else
-        find "$@" \( -type f -o -type d \) -exec sync -- {} +
+        find -H "$@" \( -type f -o -type d \) -exec sync -- {} +
     fi
 }
 flush_staged() { item "$1" "$2" && flush "$staged"; }
