@@ -67,3 +67,26 @@ def test_build_pool_reads_by_default_what_ingest_writes_not_the_raw_site_exports
     add_sites_arguments(ingest)
     sites, into = pool.parse_args([]).sites, ingest.parse_args([]).into
     assert str(sites) == str(into) != str(ingest.parse_args([]).sites)  # de-identified before pooling
+
+
+@pytest.mark.parametrize(
+    ("module", "work", "overrides", "fragments"),
+    [
+        # the search of the docs, given to the command that returns validation AUC: it would look for the worst model
+        ("medtriage.cli.train", "train_and_export", ["hparams_search=pneumoniamnist_optuna"], ["minimize", "cross_validate.py"]),
+        ("medtriage.cli.cross_validate", "cross_validate", ["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize"], ["maximize"]),
+    ],
+)
+def test_a_sweeper_set_to_optimise_the_commands_value_the_wrong_way_is_refused_before_any_work(
+    module, work, overrides, fragments, tmp_path, monkeypatch, capsys
+):
+    import importlib
+
+    from tests.cli.test_cli_bad_inputs import run_hydra_main
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(importlib.import_module(module), work, no_work)
+    code = run_hydra_main(module, ["experiment=pneumoniamnist", *overrides], tmp_path, monkeypatch)
+    check_clean_failure(code, capsys, "hydra.sweeper.direction", *fragments)

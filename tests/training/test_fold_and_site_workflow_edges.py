@@ -87,8 +87,55 @@ def test_a_held_out_site_without_a_test_auc_is_named_not_dropped(tracking_uri, c
         client.log_param(child, "data.holdout_site", site)
         if auc is not None:
             client.log_metric(child, "test/auc", auc)
+        client.set_terminated(child, "FINISHED")
 
     assert log_worst_site(client, parent) == {"site_a": 0.91, "site_b": 0.84}
     tags = client.get_run(parent).data.tags
     assert tags["loso.worst_site"] == "site_b" and tags["loso.sites_without_test_auc"] == "site_c"
     assert "no test AUC for held-out site(s) site_c" in capsys.readouterr().out
+
+
+def test_a_held_out_site_named_with_characters_mlflow_keys_refuse_is_reported_and_the_sweep_run_finished(tracking_uri, monkeypatch):
+    """A site folder may be named "St Mary's (north)": its test AUC lands on the parent under a key MLflow takes, and
+    the sweep's parent run ends FINISHED, not RUNNING for good."""
+    from omegaconf import OmegaConf
+
+    from medtriage.training.tracking import PARENT_RUN_ENV
+    from medtriage.workflows.leave_one_site_out import LeaveOneSiteOutParentRun
+
+    client = MlflowClient(tracking_uri)
+    experiment = experiment_id(tracking_uri, "loso")
+    parent = client.create_run(experiment).info.run_id
+    for site, auc in [("St Mary's (north)", 0.81), ("riverside", 0.9)]:
+        child = client.create_run(experiment, tags={PARENT_TAG: parent}).info.run_id
+        client.log_param(child, "data.holdout_site", site)
+        client.log_metric(child, "test/auc", auc)
+        client.set_terminated(child, "FINISHED")
+    monkeypatch.setenv(PARENT_RUN_ENV, parent)
+
+    LeaveOneSiteOutParentRun().on_multirun_end(OmegaConf.create({"tracking": {"uri": tracking_uri}}))
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["loso/St Mary_s _north_/test_auc"] == pytest.approx(0.81)
+    assert run.data.metrics["loso/worst_site_test_auc"] == pytest.approx(0.81)
+    assert run.data.tags["loso.worst_site"] == "St Mary's (north)"
+
+
+def test_a_held_out_site_whose_run_was_stopped_early_is_named_as_such_not_as_a_site_of_one_class(tracking_uri, capsys):
+    """`-m experiment=loso_pneumonia_sites trainer.stop_after_epochs=1`: each child ends KILLED without a test AUC."""
+    client = MlflowClient(tracking_uri)
+    experiment = experiment_id(tracking_uri, "loso")
+    parent = client.create_run(experiment).info.run_id
+    for site, status in [("site_a", "FINISHED"), ("site_b", "KILLED")]:
+        child = client.create_run(experiment, tags={PARENT_TAG: parent}).info.run_id
+        client.log_param(child, "data.holdout_site", site)
+        client.log_metric(child, "val/auc", 0.9)
+        if status == "FINISHED":
+            client.log_metric(child, "test/auc", 0.88)
+        client.set_terminated(child, status)
+
+    assert log_worst_site(client, parent) == {"site_a": 0.88}
+    tags = client.get_run(parent).data.tags
+    assert tags["loso.unfinished_sites"] == "site_b" and "loso.sites_without_test_auc" not in tags
+    out = capsys.readouterr().out
+    assert "holding out site_b (KILLED) did not finish" in out and "all of one class" not in out

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from medtriage.cli import exit_with_message
-from medtriage.cli.train import check_data_paths
+from medtriage.cli.train import check_data_paths, check_sweep_direction
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import MedTriageError
 from medtriage.io.header_warnings import say_header_warnings
@@ -26,6 +26,7 @@ CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
 def main(cfg: TrainConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)  # this job's, the sweeper's choices included
     try:
+        check_sweep_direction("the mean held-out log-loss after temperature", "minimize")
         say_header_warnings()  # pydicom's, once per file and naming it, while the pool is built
         check_data_paths(cfg)
         return cross_validate(overrides, Path(cfg.paths.output_dir), cfg).score

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import ListConfig
 
 from medtriage.arguments import refuse_file_as_folder
 from medtriage.cli import exit_with_message
@@ -24,11 +26,28 @@ DATA_PATH_EXAMPLES = {
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: TrainConfig) -> float:
     try:
+        check_sweep_direction("the best validation AUC", "maximize")
         say_header_warnings()  # pydicom's, once per file and naming it, while the pool is built
         check_data_paths(cfg)
         return train_and_export(cfg).best_val_auc  # lets Hydra sweepers optimise it
     except MedTriageError as err:
         exit_with_message(err)
+
+
+def check_sweep_direction(returned: str, better: str) -> None:
+    """Refuse a sweeper set to optimise what the command returns the wrong way (`hparams_search=pneumoniamnist_optuna`
+    minimises, for scripts/cross_validate.py's log-loss): under scripts/train.py it would search for the worst model."""
+    direction = HydraConfig.get().sweeper.get("direction")  # None: the basic sweeper optimises nothing
+    directions = list(direction) if isinstance(direction, ListConfig) else [] if direction is None else [direction]
+    names = [getattr(d, "name", str(d)).lower() for d in directions]  # an enum in Optuna's defaults, text in a file
+    if any(name != better for name in names):
+        other = "scripts/cross_validate.py" if better == "maximize" else "scripts/train.py"
+        raise ConfigError(
+            f"the sweeper would {', '.join(names)} what this command returns, {returned} "
+            f"({'higher' if better == 'maximize' else 'lower'} is better): the search would head for the worst config",
+            where="hydra.sweeper.direction",
+            hint=f"run this search with {other}, or set hydra.sweeper.direction={better}",
+        )
 
 
 def check_data_paths(cfg: TrainConfig) -> None:

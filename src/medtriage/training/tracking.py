@@ -266,7 +266,7 @@ _resumed_runs: set[str] = set()
 def log_metrics(metrics: dict[str, float], step: int) -> None:
     """`metrics` at `step` in the active run, unless a resumed run logged that step already."""
     # MLflow metric keys allow letters, digits, "_-./ " only; site names are kept to those.
-    safe = {_safe_key(k): float(v) for k, v in metrics.items()}
+    safe = {safe_key(k): float(v) for k, v in metrics.items()}
     if safe and not _logged_before(safe, step):
         mlflow.log_metrics(safe, step=step)
 
@@ -283,7 +283,8 @@ def _logged_before(metrics: dict[str, float], step: int) -> bool:
     return any(point.step == step for point in history)
 
 
-def _safe_key(key: str) -> str:
+def safe_key(key: str) -> str:
+    """`key` in the characters MLflow allows in a metric's name (a site's name may hold others)."""
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
