@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from medtriage.config import compose_train_config, to_plain_dict
 from medtriage.data.audit import audit_manifest
@@ -154,6 +154,46 @@ def test_a_failed_sweep_job_does_not_leave_the_parent_run_running(tmp_path, monk
     callback.on_job_end(config, job_return=JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("out of memory")))
     assert MlflowClient(uri).get_run(parent).info.status == "FAILED"
     assert PARENT_RUN_ENV not in os.environ  # a run started later in this process is no child of the failed sweep
+
+
+def _sweep(tmp_path, monkeypatch) -> tuple[MultirunParentRun, DictConfig, str]:
+    """A multirun's callback, started: (it, a job's config, the parent run's id)."""
+    uri = f"sqlite:///{tmp_path / 'sweep.db'}"
+    config = OmegaConf.create(
+        {"name": "sweep", "tracking": {"uri": uri, "experiment_name": "edges"}, "hydra": {"overrides": {"task": ["model=a,b"]}}}
+    )
+    monkeypatch.setenv(PARENT_RUN_ENV, "unset at the end")  # restored to what it was before the test, whatever happens
+    monkeypatch.delenv(PARENT_RUN_ENV)
+    monkeypatch.setattr("atexit.register", lambda *args: None)  # the pytest process's exit is no sweep's
+    callback = MultirunParentRun()
+    callback.on_multirun_start(config)
+    return callback, config, os.environ[PARENT_RUN_ENV]
+
+
+def _job(config: DictConfig, num: int) -> DictConfig:
+    return OmegaConf.merge(config, {"hydra": {"job": {"num": num}}})
+
+
+def test_the_jobs_after_a_failed_one_stay_children_of_the_failed_sweep(tmp_path, monkeypatch):
+    """Hydra's basic launcher runs every job of its batch before the sweeper raises the failed one's error."""
+    callback, config, parent = _sweep(tmp_path, monkeypatch)
+    client = MlflowClient(config.tracking.uri)
+    for num, status in ((0, JobStatus.FAILED), (1, JobStatus.COMPLETED)):
+        callback.on_job_start(_job(config, num))
+        assert os.environ.get(PARENT_RUN_ENV) == parent  # the job's run is filed as the sweep's child
+        callback.on_job_end(_job(config, num), job_return=JobReturn(status=status, _return_value=None))
+    run = client.get_run(parent)
+    assert (run.info.status, run.data.tags["sweep.failed_jobs"]) == ("FAILED", "0")
+    assert PARENT_RUN_ENV not in os.environ  # nor is a run started later in this process
+
+
+def test_an_interrupted_sweep_is_closed_killed_at_exit(tmp_path, monkeypatch):
+    """Ctrl-C in a job skips Hydra's end callbacks: without this the parent would stay RUNNING."""
+    callback, config, parent = _sweep(tmp_path, monkeypatch)
+    callback.on_job_start(_job(config, 0))
+    callback._close_interrupted()  # what atexit runs
+    assert MlflowClient(config.tracking.uri).get_run(parent).info.status == "KILLED"
+    assert PARENT_RUN_ENV not in os.environ
 
 
 def test_resuming_a_last_pt_copied_out_of_a_finished_run_is_refused_and_the_run_stays_finished(tmp_path, monkeypatch):

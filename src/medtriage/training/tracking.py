@@ -6,6 +6,7 @@ commit and the data fingerprint (tags and params), so the run alone says how to 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -297,17 +298,40 @@ class MultirunParentRun(Callback):
         run = client.create_run(experiment_id(uri, name), run_name=f"{config.name}-sweep", tags={"sweep": "true"})
         client.log_param(run.info.run_id, "sweep.overrides", " ".join(config.hydra.overrides.task) or "-")
         os.environ[PARENT_RUN_ENV] = self._parent = run.info.run_id
+        self._uri, self._failed = uri, []
+        # Ctrl-C in a job skips Hydra's end callbacks (it catches Exception only): the parent is closed at exit
+        atexit.register(self._close_interrupted)
         print(f"MLflow parent run {run.info.run_id} (children: one per job); open with `{ui_command(uri)}`")
 
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        # Hydra's sweeper re-raises a failed job's error after this call, so on_multirun_end never runs: close the
-        # parent this multirun opened here, or it stays RUNNING for good; and forget it, or runs started later in this
-        # process would be filed as its children.
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         parent = getattr(self, "_parent", None)
-        if parent is not None and job_return.status == JobStatus.FAILED:
-            MlflowClient(config.tracking.uri).set_terminated(parent, "FAILED")
-            if os.environ.get(PARENT_RUN_ENV) == parent:
-                del os.environ[PARENT_RUN_ENV]
+        if parent is not None:  # forgotten after a failed job (on_job_end): the jobs after it are the sweep's still
+            os.environ[PARENT_RUN_ENV] = parent
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        # Hydra's launcher runs the batch's other jobs, then its sweeper re-raises a failed job's error, so
+        # on_multirun_end never comes: the parent is closed here, naming the failed jobs; and forgotten after each job
+        # from then on, or runs started later in this process would be filed as its children.
+        parent = getattr(self, "_parent", None)
+        if parent is None:
+            return
+        if job_return.status == JobStatus.FAILED:
+            self._failed.append(str(OmegaConf.select(config, "hydra.job.num", default="?")))
+            client = MlflowClient(config.tracking.uri)
+            client.set_tag(parent, "sweep.failed_jobs", ",".join(self._failed))
+            client.set_terminated(parent, "FAILED")
+        if self._failed and os.environ.get(PARENT_RUN_ENV) == parent:
+            del os.environ[PARENT_RUN_ENV]
+
+    def _close_interrupted(self) -> None:
+        """At exit: a parent neither ended nor failed was interrupted (Ctrl-C, SIGTERM in a job): KILLED, as its job."""
+        if self._failed or os.environ.get(PARENT_RUN_ENV) != self._parent:
+            return
+        del os.environ[PARENT_RUN_ENV]
+        try:
+            MlflowClient(self._uri).set_terminated(self._parent, "KILLED")
+        except Exception:  # noqa: BLE001 -- at exit, the store may be gone (a temporary one): nothing left to close
+            log.warning("could not close the sweep's MLflow run %s: it may show RUNNING", self._parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = os.environ.pop(PARENT_RUN_ENV, None)
