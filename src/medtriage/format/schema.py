@@ -375,6 +375,25 @@ def _is_type(value, name: str) -> bool:
     return isinstance(value, _TYPES[name])
 
 
+def integers_as_int(value, schema: dict = MODEL_SCHEMA):
+    """A copy of `value` with each whole-number float where `schema` wants an integer (48.0) made an int (48).
+
+    JSON Schema counts 48.0 an integer, so other tools write and accept it, and packages holding one have always
+    loaded; Python given 48.0 where it counts or sizes (range, numpy shapes, PIL) fails far from model.json. The walk
+    follows the schema only, never deeper than it."""
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types or []
+    if isinstance(value, float) and "integer" in types and "number" not in types and _is_type(value, "integer"):
+        return int(value)
+    if isinstance(value, list) and schema.get("items"):
+        return [integers_as_int(item, schema["items"]) for item in value]
+    if isinstance(value, dict) and (schema.get("properties") or isinstance(schema.get("additionalProperties"), dict)):
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        extra = extra if isinstance(extra, dict) else {}
+        return {key: integers_as_int(item, properties.get(key, extra)) for key, item in value.items()}
+    return value
+
+
 def validate_model_json(meta: dict, where: str = "model.json") -> None:
     """Raise PackageError listing every schema violation of a package's metadata."""
     errors = schema_errors(meta) or consistency_errors(meta)

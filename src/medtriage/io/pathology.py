@@ -253,11 +253,12 @@ def grid_overview(slide: Slide, grid: TileGrid, mask: TissueMask, max_side: int 
     tint = Image.new("RGB", thumb.size, (0, 200, 0))
     mask_img = Image.fromarray((mask.mask * 70).astype(np.uint8)).resize(thumb.size, Image.Resampling.NEAREST)
     overview = Image.composite(tint, thumb, mask_img)
-    scale = thumb.width / slide.dimensions[0]
+    # each axis its own scale: each side of the thumbnail is rounded on its own (serve.slides.render_heatmap)
+    sx, sy = thumb.width / slide.dimensions[0], thumb.height / slide.dimensions[1]
     draw = ImageDraw.Draw(overview)
     for tile in grid.tiles:
-        x, y, s = tile.x * scale, tile.y * scale, grid.size0 * scale
-        draw.rectangle([x, y, x + s, y + s], outline=(0, 0, 0), width=2)
+        x, y = tile.x * sx, tile.y * sy
+        draw.rectangle([x, y, x + grid.size0 * sx, y + grid.size0 * sy], outline=(0, 0, 0), width=2)
     return overview
 
 

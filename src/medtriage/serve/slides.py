@@ -196,12 +196,14 @@ def render_heatmap(
     """Probabilities of `tiles` (default: all the grid's) as coloured squares over the slide thumbnail; the rest is left clear."""
     slide, grid = prepared.slide, prepared.grid
     thumb = Image.fromarray(slide.thumbnail(max_side)).convert("RGB")
-    scale = thumb.width / slide.dimensions[0]
+    # Each axis its own scale: each side of the thumbnail is rounded on its own, and on a long narrow slide the short
+    # side's rounding, carried along the long side, would shift the squares by many pixels.
+    sx, sy = thumb.width / slide.dimensions[0], thumb.height / slide.dimensions[1]
     colour = np.zeros((thumb.height, thumb.width, 3), np.uint8)
     alpha = np.zeros((thumb.height, thumb.width), np.uint8)
     for tile, p in zip(grid.tiles if tiles is None else tiles, probabilities):
-        x0, y0 = int(tile.x * scale), int(tile.y * scale)
-        x1, y1 = int((tile.x + grid.size0) * scale), int((tile.y + grid.size0) * scale)
+        x0, y0 = int(tile.x * sx), int(tile.y * sy)
+        x1, y1 = int((tile.x + grid.size0) * sx), int((tile.y + grid.size0) * sy)
         colour[y0:y1, x0:x1] = _colormap(np.float32(p))
         alpha[y0:y1, x0:x1] = int(255 * opacity)
     return Image.composite(Image.fromarray(colour), thumb, Image.fromarray(alpha))
