@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 
 from medtriage.arguments import positive_int, refuse_file_as_folder
@@ -52,6 +54,7 @@ from medtriage.progress import progress as with_progress
 from medtriage.project import project_path
 
 LOCK_FILE = "ingest.lock"
+IN_FLIGHT_PER_WORKER = 2  # files handed to the workers at a time, per worker: enough to keep each busy
 
 
 # ---------------------------------------------------------------- the site run (main process)
@@ -179,7 +182,19 @@ def _map(sources: list[str], workers: int, progress: bool, site: str, init_args:
         yield from shown(map(process_file, sources))
         return
     with ProcessPoolExecutor(max_workers=workers, initializer=init_worker, initargs=init_args) as pool:
-        yield from shown(pool.map(process_file, sources, chunksize=4))
+        yield from shown(_in_order(pool, sources, IN_FLIGHT_PER_WORKER * workers))
+
+
+def _in_order(pool: ProcessPoolExecutor, sources: Iterable[str], window: int) -> Iterator:
+    """Outcomes in input order (the ledger resolves duplicates by it), with at most `window` files handed out at a
+    time: each outcome carries a file's bytes, and `Executor.map` would take every input at once, so the outcomes
+    after one slow file would pile up in memory while it waits."""
+    sources = iter(sources)
+    pending = deque(pool.submit(process_file, source) for source in islice(sources, window))
+    while pending:
+        yield pending.popleft().result()
+        for source in islice(sources, 1):  # the next input, if any is left
+            pending.append(pool.submit(process_file, source))
 
 
 # ---------------------------------------------------------------- several sites at once
