@@ -9,11 +9,28 @@ import tracemalloc
 import pytest
 
 from medtriage.errors import PackageError
-from medtriage.serve.package import MAX_META_BYTES, load_package
+from medtriage.format import MAX_META_BYTES
+from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
 from medtriage.serve.slides import SlideScore, score_slide_file
 from tests.serve.test_serve_package import edited
 from tests.serve.test_slides import CMU1, with_pathology_block
+
+
+def test_an_export_into_a_folder_holding_an_oversized_model_json_reads_none_of_it(tmp_path):
+    """The export's own looks at what a package folder holds (which version, whether it is its own) are bounded too."""
+    from medtriage.export.package import _holds
+    from medtriage.export.run import _held
+
+    with open(tmp_path / "model.json", "wb") as file:
+        file.truncate(MAX_META_BYTES + 1)
+    tracemalloc.start()
+    try:
+        said, held = _held(tmp_path), _holds(tmp_path, {"name": "x", "version": 1, "sha256": "0"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (said, held) == (f"{tmp_path} holds no package", False) and peak < MAX_META_BYTES // 16
 
 
 def test_a_model_json_larger_than_any_package_metadata_is_refused_unread(tmp_path):

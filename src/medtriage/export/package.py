@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from medtriage.errors import PackageError
 from medtriage.evaluation.operating_points import flagged
-from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, sha256_file, temperature_applied, validate_model_json
+from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, meta_bytes, sha256_file, temperature_applied, validate_model_json
 from medtriage.io.safe_output import copy_atomic, sync_folder, try_lock, write_atomic
 
 try:
@@ -280,8 +280,8 @@ def _withdraw_aside(package_dir: Path, meta: dict, previous: Path) -> None:
 
 def _holds(package_dir: Path, meta: dict) -> bool:
     try:
-        held = json.loads((package_dir / META_FILE).read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        held = json.loads(meta_bytes(package_dir / META_FILE, "").decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, PackageError):  # no package's model.json
         return False
     return isinstance(held, dict) and all(held.get(key) == meta[key] for key in ("name", "version", "sha256"))
 

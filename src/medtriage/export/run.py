@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 import medtriage
 from medtriage.config.schema import ExportConfig, trained_with_flips, value_problems
 from medtriage.data.manifest import load_manifest
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, PackageError
 from medtriage.evaluation.calibration import probabilities
 from medtriage.evaluation.metrics import finite
 from medtriage.evaluation.operating_points import check_rule
@@ -46,7 +46,7 @@ from medtriage.export.package import next_version, settle_package, split_metrics
 from medtriage.export.pathology import TilePool, check_slide_settings, pathology_block, thresholds_by_export_rules, tile_pool_of
 from medtriage.export.registry import artifact_path, log_package, registrar, run_git_commit
 from medtriage.export.safety import calibration_on_test, choose_calibration, drift_references, scope_from_rows
-from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, schema_errors, temperature_applied
+from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, meta_bytes, schema_errors, temperature_applied
 from medtriage.format.schema import MODEL_SCHEMA
 from medtriage.model.averaging import EnsembleNet, averaged, check_tta
 from medtriage.model.checkpoint import config_value, load_model
@@ -434,8 +434,8 @@ def export_tracked(net, export_cfg: ExportConfig, run_id: str | None, **inputs) 
 def _held(package_dir: Path) -> str:
     """What the package folder holds, for a message: its version, or no package."""
     try:
-        return f"{package_dir} holds v{json.loads((package_dir / META_FILE).read_text())['version']}"
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{package_dir} holds v{json.loads(meta_bytes(package_dir / META_FILE, ''))['version']}"
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, PackageError):
         return f"{package_dir} holds no package"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,13 +10,19 @@ import numpy as np
 
 import medtriage
 from medtriage.errors import PackageError
-from medtriage.format import INPUT_AXES, META_FILE, ONNX_FILE, SCHEMA_VERSION, sha256_file, temperature_applied, validate_model_json
+from medtriage.format import (
+    INPUT_AXES,
+    META_FILE,
+    ONNX_FILE,
+    SCHEMA_VERSION,
+    meta_bytes,
+    sha256_file,
+    temperature_applied,
+    validate_model_json,
+)
 from medtriage.format.onnx_header import graph_header
 from medtriage.format.schema import integers_as_int
 
-# An exported model.json takes kilobytes (its largest part, drift references, a few per training site); this bound
-# leaves room for thousands of sites and still keeps a wrong file from being read into memory whole.
-MAX_META_BYTES = 16 * 1024 * 1024
 REEXPORT_HINT = "restore the package from the MLflow run or model registry, or re-export it: python scripts/export.py run_id=<run>"
 
 
@@ -206,26 +211,9 @@ def _read_meta(path: Path) -> dict:
     if not path.is_file():
         raise PackageError("model.json is missing", where=path.parent, hint=REEXPORT_HINT)
     try:
-        meta = json.loads(_meta_bytes(path).decode("utf-8"))
+        meta = json.loads(meta_bytes(path, f"copy the package folder again from where it came from; {REEXPORT_HINT}").decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nesting deeper than the parser goes
         raise PackageError(f"model.json is not valid JSON ({err})", where=path, hint=REEXPORT_HINT) from err
     if not isinstance(meta, dict):
         raise PackageError("model.json must hold a JSON object", where=path, hint=REEXPORT_HINT)
     return meta
-
-
-def _meta_bytes(path: Path) -> bytes:
-    """model.json's bytes, read only when they fit MAX_META_BYTES: a folder copied from a share or a stick may hold
-    any file under that name, and it would be read whole into memory."""
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        data = b"" if size > MAX_META_BYTES else file.read(MAX_META_BYTES + 1)  # +1: one grown since fstat shows it
-    size = max(size, len(data))
-    if size > MAX_META_BYTES:
-        raise PackageError(
-            f"model.json is {size} bytes, more than the {MAX_META_BYTES} a package's metadata may take (an exported one "
-            "takes kilobytes): it is not this package's model.json; refusing to read it",
-            where=path,
-            hint=f"copy the package folder again from where it came from; {REEXPORT_HINT}",
-        )
-    return data
