@@ -5,8 +5,9 @@
 result as `<pool_dir>/resized/<key>.npy`, where the key hashes everything the result depends on
 (manifest fingerprint, the split's rows after limit and holdout, preprocessing size and channels), and loads
 it back on the next call. A changed pool or a different input size gets a new key; old files
-can be deleted at any time. Files are written under a temporary name and renamed, so a crashed
-or concurrent writer never leaves a half-written cache that looks valid.
+can be deleted at any time. Files are written under a temporary name, flushed to disk and renamed, so a crashed
+or concurrent writer (or a power loss) never leaves a half-written cache that looks valid; a file that is not
+exactly what its key promises (float32, this split's image count, channels and size) is resized again.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 
 from medtriage.data.manifest import Manifest
 from medtriage.data.torch.datasets import CachedSplit, cache_split, limit_rows
+from medtriage.io.safe_output import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def persistent_split(manifest: Manifest, split: str, preprocess, limit: int | No
     """`cache_split`'s result, from disk when an earlier call stored it (identical values: float32)."""
     path = cache_path(manifest, split, preprocess, limit, seed)
     if path.is_file():
-        cached = _load(manifest, split_positions(manifest, split, limit, seed), path)
+        cached = _load(manifest, split_positions(manifest, split, limit, seed), path, preprocess.spec)
         if cached is not None:
             return cached
     built = cache_split(manifest, split, preprocess, limit, seed)
@@ -64,13 +65,13 @@ def persistent_split(manifest: Manifest, split: str, preprocess, limit: int | No
     return built
 
 
-def _load(manifest: Manifest, positions: np.ndarray, path: Path) -> CachedSplit | None:
-    """The stored split, or None when the file is unreadable or holds another number of images (rebuild it)."""
+def _load(manifest: Manifest, positions: np.ndarray, path: Path, spec) -> CachedSplit | None:
+    """The stored split, or None when the file is unreadable or holds other than float32 `[N, C, S, S]` (rebuild it)."""
     try:
         images = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # EOFError: an empty file
         return None
-    if images.ndim != 4 or images.shape[0] != len(positions):
+    if images.dtype != np.float32 or images.shape != (len(positions), spec.in_channels, spec.size, spec.size):
         return None
     return CachedSplit(
         images=torch.from_numpy(np.array(images)),  # one sequential read into memory
@@ -81,13 +82,8 @@ def _load(manifest: Manifest, positions: np.ndarray, path: Path) -> CachedSplit 
 
 
 def _store(images: np.ndarray, path: Path) -> None:
-    """Atomic write: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    """Atomic and durable write (`write_atomic`): renamed into place only once its bytes are on disk."""
     try:
-        with open(partial, "wb") as f:
-            np.save(f, images)
-        os.replace(partial, path)
+        write_atomic(path, lambda file: np.save(file, images))
     except OSError as err:  # a read-only pool still trains; it just resizes again next time
-        partial.unlink(missing_ok=True)
         log.warning("could not store the resized split at %s (%s): the next run resizes again", path, err)
