@@ -75,6 +75,29 @@ def test_unknown_model_name_lists_known_ones_before_any_data_work(tmp_path):
     assert err.value.where == "model.name" and all(name in str(err.value) for name in BACKBONES)
 
 
+@pytest.mark.parametrize("network", ["densenet121", "efficientnet-b0"])
+def test_a_stem_stride_a_network_does_not_take_is_refused_not_recorded_as_trained(network):
+    from medtriage.config import check_values
+    from medtriage.config.schema import FIXED_STEM_NETWORKS, FIXED_STEM_STRIDE
+
+    with pytest.raises(ConfigError, match=f"model.stem_stride=1 with model.name={network}"):
+        check_values(compose(f"model.name={network}", "model.stem_stride=1"))
+    check_values(compose(f"model.name={network}", f"model.stem_stride={FIXED_STEM_STRIDE}"))
+    check_values(compose("model.name=resnet18", "model.stem_stride=1"))  # a ResNet's stem takes it
+    assert set(FIXED_STEM_NETWORKS) <= set(BACKBONES)
+
+
+def test_the_networks_said_to_keep_their_stem_stride_are_built_alike_whatever_it_is():
+    from medtriage.config.schema import FIXED_STEM_NETWORKS
+    from medtriage.model.networks import build_backbone
+
+    def shapes(network: str, stride: int) -> list:
+        return [tuple(p.shape) for p in build_backbone(network, 1, 2, stride).parameters()]
+
+    assert all(shapes(network, 1) == shapes(network, 2) for network in FIXED_STEM_NETWORKS)
+    assert shapes("resnet18", 1) != shapes("resnet18", 2)  # a stem that takes it is built otherwise
+
+
 def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
     import medtriage.training
 

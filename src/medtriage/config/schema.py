@@ -157,10 +157,14 @@ class PreprocessSpec:
             )
 
 
+# Networks whose stem keeps its own stride (medtriage.model.networks builds them without model.stem_stride)
+FIXED_STEM_NETWORKS, FIXED_STEM_STRIDE = ("densenet121", "efficientnet-b0"), 2
+
+
 @dataclass
 class ModelConfig:
     name: str = "resnet18"  # a key of medtriage.model.networks.BACKBONES
-    stem_stride: int = 2
+    stem_stride: int = FIXED_STEM_STRIDE
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
 
 
@@ -373,6 +377,11 @@ def _combination_problems(cfg) -> dict[str, str]:
         found["data.site_stratified"] = (
             "data.site_stratified=true with trainer.imbalance=sampler (site-stratified batches and class-balanced "
             "sampling exclude each other: use trainer.imbalance=weighted_loss)"
+        )
+    if cfg.model.name in FIXED_STEM_NETWORKS and cfg.model.stem_stride != FIXED_STEM_STRIDE:  # recorded, never used
+        found["model.stem_stride"] = (
+            f"model.stem_stride={cfg.model.stem_stride} with model.name={cfg.model.name} (its stem's stride is its own, "
+            f"{FIXED_STEM_STRIDE}: a ResNet's stem takes model.stem_stride)"
         )
     augment, channels = cfg.data.augment, cfg.model.preprocess.in_channels
     if augment.enabled and augment.hflip and cfg.trainer.augment_on == AugmentOn.cpu:  # the CPU transforms have no flip
