@@ -46,7 +46,7 @@ def test_a_cross_validation_into_a_folder_holding_an_earlier_ones_folds_is_refus
 
     _no_training(monkeypatch)
     earlier = save_checkpoint(tmp_path / "cv" / "fold1" / "checkpoints" / LAST, model={}, mlflow_run_id="0123abcd")
-    with pytest.raises(ConfigError, match="earlier unfinished run \\(MLflow run 0123abcd\\)") as error:
+    with pytest.raises(ConfigError, match="earlier run that did not finish \\(MLflow run 0123abcd\\)") as error:
         cross_validation.cross_validate(RECIPE, tmp_path / "cv")
     assert error.value.where == str(earlier.parent)
     assert not MlflowClient(tracking_uri).search_experiments(filter_string="name != 'Default'")  # no trial run opened

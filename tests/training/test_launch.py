@@ -53,20 +53,31 @@ def test_a_value_no_run_can_use_fails_before_any_data_work_naming_the_key(tmp_pa
     assert err.value.where == "config" and key in str(err.value)
 
 
-@pytest.mark.parametrize("finished", [True, False])
-def test_a_new_run_in_a_folder_holding_an_earlier_runs_checkpoints_is_refused_before_any_data_work(tmp_path, npz_cache_dir, finished):
-    """A fixed paths.output_dir used again: the new run would write over the earlier one's checkpoints, and the
-    earlier one's metrics.json would mark the new one finished, so that once interrupted it could not be resumed."""
+def test_a_new_run_in_a_folder_holding_an_unfinished_runs_checkpoints_is_refused_before_any_data_work(tmp_path, npz_cache_dir):
+    """A fixed paths.output_dir used again while the run there can still be continued: it would be written over."""
     from medtriage.model.checkpoint import LAST, read_checkpoint, save_checkpoint
 
     cfg = _tiny(tmp_path, npz_cache_dir, "fixed", MISSING_NPZ)
     earlier = save_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / LAST, model={}, mlflow_run_id="0123abcd")
-    if finished:
-        (Path(cfg.paths.output_dir) / "metrics.json").write_text("{}")
-    with pytest.raises(ConfigError, match="an earlier (un)?finished run \\(MLflow run 0123abcd\\)") as err:
+    with pytest.raises(ConfigError, match="an earlier run that did not finish \\(MLflow run 0123abcd\\)") as err:
         training.run(cfg)
-    assert err.value.where == str(earlier.parent) and ("trainer.resume_from" in err.value.hint) != finished
+    assert err.value.where == str(earlier.parent) and f"trainer.resume_from={earlier}" in err.value.hint
     assert read_checkpoint(earlier)["mlflow_run_id"] == "0123abcd"
+
+
+def test_a_new_run_in_a_finished_runs_folder_replaces_its_checkpoints_and_metrics(tmp_path, npz_cache_dir):
+    """Left there, the earlier run's metrics.json would mark the new run finished: once interrupted, a resume would
+    refuse it."""
+    from medtriage.errors import DataNotFoundError
+    from medtriage.model.checkpoint import BEST, LAST, save_checkpoint
+
+    cfg = _tiny(tmp_path, npz_cache_dir, "fixed", MISSING_NPZ)
+    folder = Path(cfg.paths.output_dir)
+    earlier = [save_checkpoint(folder / "checkpoints" / name, model={}, mlflow_run_id="0123abcd") for name in (LAST, BEST)]
+    (folder / "metrics.json").write_text("{}")
+    with pytest.raises(DataNotFoundError):  # reached the (missing) data: past the folder's check
+        training.run(cfg)
+    assert not any(path.exists() for path in [*earlier, folder / "metrics.json"])
 
 
 def test_a_new_run_removes_a_metrics_file_its_folder_holds_without_checkpoints(tmp_path, npz_cache_dir):

@@ -34,7 +34,7 @@ from medtriage.training import distributed, tracking
 from medtriage.training.distributed import Ranks
 from medtriage.training.loop import TrainingLoop, TrainState, train_epochs
 from medtriage.training.report import final_metrics, log_final, print_summary
-from medtriage.training.resume import find_resume_checkpoint, refuse_earlier_run
+from medtriage.training.resume import clear_earlier_run, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     ckpt_dir = resume_path.parent if resume_path else distributed.broadcast(Path(cfg.paths.output_dir) / "checkpoints", ranks)
     with claim_checkpoints(ckpt_dir, ranks):
         if ranks.is_main and not resumed:
-            refuse_earlier_run(ckpt_dir)
+            clear_earlier_run(ckpt_dir)
         return _train(cfg, config, ranks, device, model, ckpt_dir, resumed)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,8 @@ from medtriage.errors import ConfigError, DataNotFoundError, MedTriageError
 from medtriage.io.safe_output import copy_atomic
 from medtriage.model.checkpoint import BEST, LAST, read_checkpoint
 from medtriage.training.report import METRICS_FILE, run_folder
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -151,24 +154,26 @@ def find_resume_checkpoint(
     )
 
 
-def refuse_earlier_run(ckpt_dir: Path) -> None:
-    """A new run in a folder that holds an earlier run's checkpoints (a fixed paths.output_dir or hydra.run.dir) would
-    write over them, and the earlier run's metrics.json beside them would mark the new one finished: once interrupted,
-    it could not be resumed."""
-    earlier = ckpt_dir / LAST
-    if not earlier.is_file():
-        (run_folder(ckpt_dir) / METRICS_FILE).unlink(missing_ok=True)  # a run's without checkpoints: not this run's
-        return
-    try:
-        run_id = read_checkpoint(earlier, mapped=True).get("mlflow_run_id") or "unknown"
-    except MedTriageError:
-        run_id = "unknown (its checkpoint is unreadable)"
-    finished = (run_folder(ckpt_dir) / METRICS_FILE).is_file()
-    raise ConfigError(
-        f"the checkpoint folder holds the checkpoints of an earlier {'finished' if finished else 'unfinished'} run "
-        f"(MLflow run {run_id}): a new run would write over them",
-        where=ckpt_dir,
-        hint="give this run a folder of its own (paths.output_dir or hydra.run.dir)"
-        + ("" if finished else f", or continue that run with trainer.resume_from={earlier}")
-        + "; delete the folder only if its checkpoints are no longer wanted",
-    )
+def clear_earlier_run(ckpt_dir: Path) -> None:
+    """Make `ckpt_dir` a new run's (a fixed paths.output_dir or hydra.run.dir used again). An earlier run's checkpoints
+    that it may still continue are refused: the new run would write over them. A finished run's go, with its
+    metrics.json (checkpoints first, so that a kill between leaves no checkpoint marked finished): overwritten anyway,
+    and the metrics.json left beside the new run's would mark it finished, so that once interrupted it could not be
+    resumed."""
+    earlier, metrics = ckpt_dir / LAST, run_folder(ckpt_dir) / METRICS_FILE
+    if earlier.is_file():
+        try:
+            run_id = read_checkpoint(earlier, mapped=True).get("mlflow_run_id") or "unknown"
+        except MedTriageError:
+            run_id = "unknown (its checkpoint is unreadable)"
+        if not metrics.is_file():
+            raise ConfigError(
+                f"the checkpoint folder holds the checkpoints of an earlier run that did not finish (MLflow run {run_id}): "
+                "a new run would write over them",
+                where=ckpt_dir,
+                hint=f"continue that run with trainer.resume_from={earlier}, or give this run a folder of its own "
+                "(paths.output_dir or hydra.run.dir); delete the folder only if its checkpoints are no longer wanted",
+            )
+        log.warning("%s held the checkpoints of the finished run %s: this run replaces them", ckpt_dir, run_id)
+    for stale in (earlier, ckpt_dir / BEST, metrics):
+        stale.unlink(missing_ok=True)

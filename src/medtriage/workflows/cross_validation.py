@@ -29,7 +29,7 @@ from medtriage.config import check_values, compose_train_config
 from medtriage.data.sources.registry import build_pool
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.training.report import METRICS_FILE
-from medtriage.training.resume import refuse_earlier_run
+from medtriage.training.resume import clear_earlier_run
 from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id, signals_held, terminate_as_interrupt
 
 SCORES = ("calibrated_log_loss", "log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
@@ -133,7 +133,7 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     overrides = [o for o in overrides if not o.lstrip("+~").startswith(OWN_KEYS)]  # what the fold runs share
     folds, jobs = cfg.cv.folds, cfg.cv.jobs
     for fold in range(folds):  # here, not in each fold's log once the others train
-        refuse_earlier_run(fold_dir(Path(out_dir), fold) / "checkpoints")
+        clear_earlier_run(fold_dir(Path(out_dir), fold) / "checkpoints")
     client = MlflowClient(cfg.tracking.uri)
     parent = os.environ.get(PARENT_RUN_ENV)
     trial = client.create_run(
