@@ -234,6 +234,20 @@ def test_an_ood_distance_that_is_not_finite_on_its_own_training_images_names_the
     assert refused.value.where == "export.ood" and "export.ood=false" in refused.value.hint
 
 
+@pytest.mark.parametrize("copies", [1, 3])  # one image per class; the same image, so the features never vary
+def test_ood_training_features_that_do_not_vary_are_named_not_the_validation_images(copies):
+    from medtriage.export.ood import OodData, fit_ood
+
+    rng = np.random.default_rng(1)
+    val = [rng.random((1, 16, 16), dtype=np.float32) for _ in range(20)]
+    train = [val[0]] * (2 * copies) if copies > 1 else val[:2]
+    with pytest.raises(InputError, match=r"OOD distances are 0 .* do not vary within their classes") as refused:
+        fit_ood(small_net(), 1.0, OodData(train, np.arange(2 * copies) % 2, val))
+    assert f"class 0: {copies}, class 1: {copies}" in refused.value.reason and "validation image " not in refused.value.reason
+    assert refused.value.where == "export.ood"
+    assert "2 or more of each class" in refused.value.hint and "export.ood=false" in refused.value.hint
+
+
 def test_an_int8_ood_threshold_refit_on_scores_that_are_not_finite_names_the_calibration_images():
     from medtriage.export.int8_refit import refit_on_int8
 

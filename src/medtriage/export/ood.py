@@ -307,7 +307,28 @@ def _scaled_distance(
         val_distances = distance(torch.from_numpy(val).float()).numpy()
         _check_val_distances(val_distances, first)
         distance.scale.fill_(float(np.quantile(val_distances, 1.0 - false_alarm_rate)))
+    _check_scale(distance, train_labels, whose)
     return distance
+
+
+def _check_scale(distance: MahalanobisDistance, train_labels: np.ndarray, whose: str) -> None:
+    """A zero quantile divides every score by zero, NaN for every validation image; its cause is the training features
+    (one image per class, or a layer constant over the images), which leave a zero covariance and so zero distances."""
+    if float(distance.scale) > 0:
+        return
+    classes, counts = np.unique(np.asarray(train_labels).astype(int), return_counts=True)
+    per_class = ", ".join(f"class {c}: {n}" for c, n in zip(classes.tolist(), counts.tolist(), strict=True))
+    cause = (
+        f"the training features ({len(train_labels)} images; {per_class}) do not vary within their classes (a zero covariance)"
+        if not torch.any(distance.precision)
+        else "the validation images' features lie at the training class means"
+    )
+    raise InputError(
+        f"{whose}OOD distances are 0 at the validation quantile, so every OOD score would be 0/0: {cause}",
+        where="export.ood",
+        hint="fit on more training images, 2 or more of each class (export.ood_fit_images, or a larger training split), "
+        "or export without the OOD score (export.ood=false)",
+    )
 
 
 def _check_train_features(features: np.ndarray, whose: str) -> None:
