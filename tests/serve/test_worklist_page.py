@@ -148,10 +148,11 @@ def detail(row: dict) -> dict:
 
 
 class CannedService:
-    """Answers the page's requests from `answers` (path -> (status, JSON or bytes)); paths in `hold` wait in `held`."""
+    """Answers the page's requests from `answers` (path -> (status, JSON or bytes)); paths in `hold` wait in `held`;
+    with `down`, every request but the page's is refused as by a host that no longer listens."""
 
     def __init__(self, rows: list[dict], **listing):
-        self.answers, self.hold, self.held = {}, set(), {}
+        self.answers, self.hold, self.held, self.down = {}, set(), {}, False
         self.list(rows, **listing)
 
     def list(self, rows: list[dict], evicted: int = 0) -> None:
@@ -165,6 +166,8 @@ class CannedService:
         path = route.request.url.removeprefix(ORIGIN)
         if path == "/worklist":
             route.fulfill(status=200, body=PAGE, content_type="text/html", headers=page_headers(PAGE))
+        elif self.down:
+            route.abort("connectionrefused")
         elif path in self.hold:
             self.held[path] = route
         else:
@@ -278,6 +281,37 @@ def test_a_late_answer_for_a_row_left_never_shows_under_the_row_chosen(open_page
         service.fulfill(service.held["/v1/worklist/1"], "/v1/worklist/1")
     page.evaluate("() => new Promise((done) => setTimeout(done, 50))")  # the late answer's handlers run
     assert "ACC2" in page.text_content("#detail-title") and "P2" in detail_text(page)
+
+
+def test_a_study_chosen_never_shows_the_details_of_the_one_open_before(open_page):
+    service = CannedService([entry("1", "URGENT", 0.9), entry("2", "review", 0.4)])
+    page = open_page(service)
+    page.click("#worklist tbody tr[data-id='1']")
+    page.wait_for_function("() => document.getElementById('detail-title').textContent.includes('ACC1')")
+    service.hold.add("/v1/worklist/2")
+    page.click("#worklist tbody tr[data-id='2']")  # while its details are on their way, study 1's are not shown
+    assert page.is_hidden("#detail")
+    service.held["/v1/worklist/2"].fulfill(status=503, body=json.dumps({"error": {"reason": "the service is busy"}}))
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('busy')")
+    assert page.is_hidden("#detail") and "ACC2" in page.text_content("#status")
+    service.hold.clear()
+    page.evaluate("loadWorklist()")  # the next list tries again
+    page.wait_for_function("() => document.getElementById('detail-title').textContent.includes('ACC2')")
+    assert page.text_content("#status") == ""
+
+
+def test_an_unreachable_service_or_a_refused_token_says_what_to_do(open_page):
+    service = CannedService([entry("1")])
+    page = open_page(service)
+    service.down = True
+    page.evaluate("loadWorklist()")
+    status = page.text_content("#status")
+    assert "could not be reached" in status and ORIGIN in status and "may be out of date" in page.text_content("#updated")
+    service.down = False
+    service.answers["/v1/worklist"] = (401, {"error": {"reason": "missing or wrong bearer token"}})
+    page.fill("#token", "expired")
+    page.click("#save-token")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('refused the access token')")
 
 
 def test_times_are_shown_in_the_readers_zone_with_its_offset(open_page):
