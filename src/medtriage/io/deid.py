@@ -36,10 +36,10 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medtriage import __version__
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, InputError
 from medtriage.io.site_key import SiteKey
 
 TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
@@ -47,6 +47,18 @@ TABLE_EDITION = "DICOM PS3.15 2026c Table E.1-1"
 IMPLEMENTATION_CLASS_UID = UID("2.25.181688840838635753810091347964069651856")  # medtriage's own
 IMPLEMENTATION_VERSION_NAME = f"MEDTRIAGE_{__version__.replace('.', '')}"[:16]
 EXPLICIT_LITTLE = (False, True)  # (implicit VR, little endian): how nearly every file is encoded
+# The transfer syntax of each encoding pydicom can read a data set in (implicit VR big endian is none).
+SYNTAX_OF_ENCODING = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
+REEXPORT = "re-export it from the modality/PACS"
+NO_SOP_CLASS = f"no SOP Class UID (0008,0016): not a DICOM object ingest can pool; {REEXPORT}"
+NO_SOP_INSTANCE = f"no SOP Instance UID (0008,0018): not a DICOM object ingest can pool; {REEXPORT}"
+NO_TRANSFER_SYNTAX = (
+    "no Transfer Syntax UID (0002,0010) in the file meta, and compressed pixel data that does not say its codec; " + REEXPORT
+)
 
 # dicom-anonymizer's category name -> Table E.1-1 action code.
 _TABLE_CATEGORIES = {
@@ -335,10 +347,13 @@ def patient_key(ds: Dataset, options: DeidOptions = DeidOptions()) -> str | None
 
 
 def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) -> DeidResult:
-    """De-identify `ds` in place (file meta included). Raises ConfigError if the patient is unnamed."""
+    """De-identify `ds` in place (file meta included). Raises ConfigError if the patient is unnamed, InputError if
+    `ds` lacks what its file meta is made of (`not_deidentifiable`)."""
     patient = patient_key(ds, options)
     if patient is None:
         raise ConfigError(f"{NO_PATIENT_IDENTITY}: the file cannot be linked to a patient pseudonym")
+    if problem := not_deidentifiable(ds):
+        raise InputError(problem)
     by_name = not identifying_patient_id(ds)
     walker = _ProfileWalker(key, options, key.pseudonym(patient), key.date_shift_days(patient))
     walker.apply(ds, top_level=True)
@@ -356,6 +371,26 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
         walker.actions,
         by_name,
     )
+
+
+def not_deidentifiable(ds: Dataset) -> str | None:
+    """Why no de-identified file can be written of `ds` (no class or instance UID, no known transfer syntax), or None."""
+    if not ds.get("SOPClassUID"):
+        return NO_SOP_CLASS
+    if not ds.get("SOPInstanceUID"):
+        return NO_SOP_INSTANCE
+    return None if transfer_syntax(ds) else NO_TRANSFER_SYNTAX
+
+
+def transfer_syntax(ds: Dataset) -> UID | None:
+    """The file meta's Transfer Syntax UID; without one, the syntax of the encoding pydicom guessed and read the data
+    set in, unless the pixel data is compressed (the encoding does not say the codec). None where neither tells."""
+    syntax = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
+    if syntax:
+        return syntax
+    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+        return None
+    return SYNTAX_OF_ENCODING.get(ds.original_encoding)
 
 
 def _keep_animal_owner_attributes(ds: Dataset) -> None:
@@ -646,12 +681,11 @@ def _encoded_marks(options: DeidOptions) -> dict[int, RawDataElement]:
 
 def _rebuild_file_meta(ds: Dataset) -> None:
     """Fresh file meta: the old one can name the sending station and carry private information."""
-    old = getattr(ds, "file_meta", None) or FileMetaDataset()
     meta = FileMetaDataset()
     for tag, vr, value in (
         (0x00020002, "UI", ds.SOPClassUID),
         (0x00020003, "UI", ds.SOPInstanceUID),
-        (0x00020010, "UI", old.TransferSyntaxUID),
+        (0x00020010, "UI", transfer_syntax(ds)),
         (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
         (0x00020013, "SH", IMPLEMENTATION_VERSION_NAME),
     ):

@@ -19,7 +19,7 @@ from pydicom.pixels.utils import get_expected_length
 from medtriage.errors import ImageTooLargeError
 from medtriage.io.clamped import dicom_source
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, number_of_frames
-from medtriage.io.deid import DeidOptions, deidentify
+from medtriage.io.deid import DeidOptions, deidentify, not_deidentifiable, transfer_syntax
 from medtriage.io.encapsulation import claimed_frames, ends_with, misplaced_basic_entry
 from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
 from medtriage.io.part10 import encode
@@ -147,7 +147,7 @@ def _not_a_file(mode: int) -> str:
 
 
 def _deidentified(out: Outcome, ds, w: dict) -> Outcome:
-    problem = screen(ds) or _pixel_problem(ds, w["verify"])
+    problem = _unwritable(ds) or screen(ds) or _pixel_problem(ds, w["verify"])
     if problem:
         return quarantined(out, problem)
     out.pixel_sha256 = hashlib.sha256(ds.PixelData).hexdigest()[:32]  # stored bytes: exact copies, same encoding
@@ -163,6 +163,16 @@ def _deidentified(out: Outcome, ds, w: dict) -> Outcome:
 def quarantined(out: Outcome, problem: Unsafe) -> Outcome:
     out.status, out.reason, out.detail = "quarantined", problem.reason, problem.detail
     return out
+
+
+def _unwritable(ds) -> Unsafe | None:
+    """What de-identification cannot write a file of. A file meta without a transfer syntax gets the one the data set
+    was read in, which the pixel checks and the de-identified file's meta take."""
+    problem = not_deidentifiable(ds)
+    if problem:
+        return Unsafe("unreadable", problem)
+    ds.file_meta.TransferSyntaxUID = transfer_syntax(ds)
+    return None
 
 
 def _pixel_problem(ds, verify: bool) -> Unsafe | None:
