@@ -293,7 +293,7 @@ def _written(what: str, path: Path, write) -> Rejection | None:
     try:
         write()
     except MedTriageError as err:
-        return Rejection(str(path), f"scored, but no {what} written: {err.reason}", type(err).__name__)
+        return Rejection(str(path), f"scored, but no {what} written: {err.reason}", type(err).__name__, hint=err.hint)
     except OSError as err:
         return Rejection(str(path), f"scored, but no {what} written: {_os_failure(err)}", type(err).__name__, hint=WRITE_HINT)
     return None

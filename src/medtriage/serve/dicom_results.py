@@ -29,6 +29,7 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_partial
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 from pydicom.valuerep import DA, TM, validate_value
 
@@ -62,6 +63,8 @@ SR_SERIES_NUMBER = 9901
 # slide level of 100,000 tiles come to about 20 MiB; a header past this is read no further.
 SR_HEADER_READ_BYTES = 32 << 20
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data: where a header ends
+# What an SR references each source by: the evidence's study, series and instance, and each measurement's image.
+REFERENCED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 PATIENT_SEX = ("M", "F", "O")  # PS3.3 C.7.1.1: the enumerated values
 # Image storage SOP classes whose IOD has no Multi-frame module (PS3.3 Annex A): a reference to one of their
 # instances names no frame (Referenced Frame Number is Type 1C, for multi-frame images only: PS3.3 Table 10-3).
@@ -166,6 +169,8 @@ def build_study_sr(
     # package that scored one is contributing equipment (more than one only where a restart changed the package).
     identities = _scoring_packages(score for _, scores in sources for score in scores)
     with built_from_header("an SR referencing this file", where=str(sources[0][1][0].file), hint=hint):
+        for source, scores in sources:
+            _require_references(source, str(scores[0].file))
         groups = [_measurement_group(source, score, package) for source, scores in sources for score in scores]
         report = hd.sr.MeasurementReport(
             observation_context=_observation_context(identities[0]),
@@ -187,6 +192,20 @@ def build_study_sr(
     sr.CodingSchemeIdentificationSequence = [private_scheme()]
     declare_character_set(sr)
     return sr
+
+
+def _require_references(source: pydicom.Dataset, where: str) -> None:
+    """Refuse a source without the UIDs an SR references it by (Type 1 in every image, yet removed or emptied by some
+    de-identifiers and converters): missing, the builders fail on the first they meet, naming no tag; empty, they
+    write an SR that references nothing."""
+    missing = [f"{keyword} {Tag(keyword)}" for keyword in REFERENCED_UIDS if not str(source.get(keyword) or "").strip()]
+    if missing:
+        raise DicomError(
+            f"the image has no value for {', '.join(missing)}, which an SR must reference it by",
+            where=where,
+            hint="export the image again with its study, series, SOP class and SOP instance UIDs in its header; "
+            "its score needs none of them and is given without an SR",
+        )
 
 
 class _ComprehensiveSR(hd.sr.ComprehensiveSR):
