@@ -170,23 +170,29 @@ TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if h
 
 
 @contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
+def _handling(signums: tuple[int, ...], handler) -> Iterator[None]:
+    """`handler` for `signums` in the block, the previous handlers back after it. Only the main thread may set signal
+    handlers: elsewhere the block runs with the process's own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
+def terminate_as_interrupt():
     """SIGTERM (a SLURM time limit or preemption, a stopped cross-validation fold) and SIGHUP (the terminal or SSH
     session the run was started from went away) raised as KeyboardInterrupt in the block, as Ctrl-C is: the run ends
     KILLED and resumable, where the default action would leave it RUNNING for good."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set signal handlers
-        return
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in TERMINATING}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return _handling(TERMINATING, interrupt)
 
 
 @contextmanager
@@ -194,16 +200,9 @@ def signals_held() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP held back for the block (a run's status being written: a second signal of a
     scheduler, or a second Ctrl-C, would stop it halfway and leave the run RUNNING for good), then raised as
     KeyboardInterrupt once the block is done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     came: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum)) for signum in (signal.SIGINT, *TERMINATING)}
-    try:
+    with _handling((signal.SIGINT, *TERMINATING), lambda signum, frame: came.append(signum)):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if came:
         raise KeyboardInterrupt(f"signal {came[0]}, while the run's status was written")
 
