@@ -19,6 +19,7 @@ from medtriage.serve.predictor import Predictor
 
 log = logging.getLogger(__name__)
 DRAIN_S = 20.0  # on stop, how long associations in progress may go on (systemd's default stop timeout is 90 s)
+STOP_JOIN_S = 30.0  # then how long the worker and the sender each get to finish the step in hand
 
 
 @dataclass
@@ -130,7 +131,13 @@ class Node:
             self._metrics.server_close()  # the port is free for a node started again in this process
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=STOP_JOIN_S)
+            if thread.is_alive():  # a destination or a scoring slower than the wait: StoreClosed ends it
+                log.warning(
+                    "stopping: %s still busy after %.0f s; what it does now is not recorded, and is done again at the next start",
+                    thread.name,
+                    STOP_JOIN_S,
+                )
         self.worker.close()
         if self.batcher is not None:
             self.batcher.close()

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageSt
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from medtriage.errors import ConfigError, printable
-from medtriage.serve.node.store import Delivery, NodeStore
+from medtriage.serve.node.store import Delivery, NodeStore, StoreClosed
 
 log = logging.getLogger(__name__)
 DUPLICATE = 0x0111  # Duplicate SOP Instance: the PACS holds an instance with this SOP Instance UID already
@@ -298,6 +298,9 @@ class Sender:
         while not stop.is_set():
             try:
                 sent, failed_steps = self.send_due(), 0
+            except StoreClosed as err:  # a stop that outwaited a slow destination: its answer is not recorded
+                log.warning("%s; the results being sent stay pending and are sent again at the next start", err)
+                return
             except Exception as err:  # noqa: BLE001 -- logged, and the step tried again
                 # with backoff, not at the next poll: each step sends its due results again, their outcome unrecorded
                 wait = backoff(failed_steps, self.retry_max)

@@ -115,6 +115,11 @@ class ConflictingPatient(InputError):
     """A received instance naming a study the store holds for another patient."""
 
 
+class StoreClosed(Exception):
+    """The store was closed (its node stopping) under a thread still at work: what that thread was about to record
+    is not recorded, and is done again at the next start (a study scored again, a result sent again)."""
+
+
 class CommitUncertain(Exception):
     """A COMMIT that failed with an I/O error (a sync the disk refused): its commit record may be written already, so
     the transaction may survive a crash. What it records must stay until the next start can tell."""
@@ -231,6 +236,7 @@ class NodeStore:
         self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self._closed = False
         if self.folder is not None:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
@@ -274,6 +280,7 @@ class NodeStore:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
             if self._owned is not None:
                 os.close(self._owned)  # the lock with it: another node may own the folder now
@@ -281,12 +288,18 @@ class NodeStore:
 
     def _execute(self, sql: str, args: tuple | dict = ()) -> list[sqlite3.Row]:
         with self._lock:
+            self._require_open()
             return self._db.execute(sql, args).fetchall()
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"the state folder {self.folder} was closed: the node is stopping")
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, under the store's lock: committed when the block ends, rolled back when it raises."""
         with self._lock:
+            self._require_open()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db

@@ -20,7 +20,7 @@ from medtriage.io.safe_output import write_atomic
 from medtriage.serve.dicom_results import build_study_sr, encoded, read_header
 from medtriage.serve.drift import source_name
 from medtriage.serve.metrics import ServiceMonitor
-from medtriage.serve.node.store import CommitUncertain, NodeStore, digest_name
+from medtriage.serve.node.store import CommitUncertain, NodeStore, StoreClosed, digest_name
 from medtriage.serve.predictor import Predictor, Rejection, Score
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class Worker:
             try:
                 busy = self.score_queued(stop)
                 busy = self.close_quiet_studies() or busy
+            except StoreClosed as err:  # a stop that outwaited a long scoring: nothing half-recorded
+                log.warning("%s; the instances being scored stay queued and are scored at the next start", err)
+                return
             except Exception as err:  # the node keeps running; the row stays queued and is tried again
                 log.exception("worker step failed")
                 self.monitor.count_failure(err)  # on /metrics, as an HTTP request's 500 is
@@ -134,6 +137,8 @@ class Worker:
         note = f"not analysed: {rejection_summary(reasons)}" if reasons else None
         try:
             deliveries, sr_uid = self.write_results(study_uid, scored, top)
+        except StoreClosed:  # the node stopping, not a fault of this study's SR
+            raise
         except Exception as err:  # noqa: BLE001 -- recorded on the study (not retried in a loop); a new instance retries
             expected = isinstance(err, MedTriageError)
             reason = err.reason if expected else f"{type(err).__name__}: {err}"
