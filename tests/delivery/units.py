@@ -42,6 +42,11 @@ def environment_file(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
+def settings(unit: Path, key: str) -> list[str]:
+    """The values of every `key=` line of a unit file, in order."""
+    return [line.split("=", 1)[1] for line in unit.read_text().splitlines() if line.startswith(f"{key}=")]
+
+
 def exec_start(unit: Path, environment: dict[str, str], instance: str) -> list[str]:
     """The unit's ExecStart as systemd runs it: "${NAME}" one argument, "$NAME" split on white space (none if empty)."""
     (line,) = [line for line in unit.read_text().splitlines() if line.startswith("ExecStart=")]

@@ -325,9 +325,29 @@ if command -v systemd-analyze >/dev/null 2>&1; then  # this machine's systemd ju
     systemd-analyze verify --man=no "$PREFIX"/systemd/*.service ||
         echo "install.sh: warning: systemd-analyze verify found the problems above in $PREFIX/systemd" >&2
 fi
-for old in "$PREFIX"/venvs/*; do  # keep this release and the one it replaces (-ef: however an earlier install spelt it)
-    [ "$old" -ef "$venv" ] || [ "$old" -ef "$live" ] || rm -rf "$old" || echo "install.sh: warning: could not remove" \
-        "$old, an older release (the reason is above); the install is complete: remove it by hand" >&2
+# The processes that run release $1: those that mapped a program or library from it, as /proc/PID/maps names it (the
+# real path, whatever link PREFIX was reached through); "PID (name) " each. Only root sees every process's maps.
+users_of() {
+    real=$(cd -P -- "$1" 2>/dev/null && pwd -P) || return 0
+    find /proc -mindepth 2 -maxdepth 2 -path '/proc/[0-9]*/maps' -exec grep -l -F -e "$real/" {} + 2>/dev/null |
+        while IFS=/ read -r _ _ pid _; do
+            printf '%s (%s) ' "$pid" "$(cat "/proc/$pid/comm" 2>/dev/null)"
+        done
+}
+# Keep this release, the one it replaces (-ef: however an earlier install spelt it), and any other a process still runs:
+# a service not restarted across two installs runs from the release before the previous one, and would fail at its
+# next import or worker start if that went.
+for old in "$PREFIX"/venvs/*; do
+    { [ "$old" -ef "$venv" ] || [ "$old" -ef "$live" ]; } && continue
+    users=$(users_of "$old")
+    if [ -n "$users" ]; then
+        echo "install.sh: warning: $old, an older release, stays: process(es) ${users}still run from it (systemctl" \
+            "status PID names the service). Restart them to run $PREFIX/venv; a later install.sh removes it once none" \
+            "does" >&2
+        continue
+    fi
+    rm -rf "$old" || echo "install.sh: warning: could not remove $old, an older release (the reason is above); the" \
+        "install is complete: remove it by hand" >&2
 done
 [ -z "$live" ] || [ ! -e "$live" ] || echo "the previous release stays in $live; to go back to it:" \
     "ln -sfn $live $PREFIX/.venv.back && mv -T $PREFIX/.venv.back $PREFIX/venv"
