@@ -9,6 +9,7 @@ import io
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 
 from medtriage.serve.dicom_results import encoded, sr_bytes
@@ -46,6 +47,21 @@ def test_heatmap_of_a_source_without_orientation_claims_none(predictor):
     # US1_UNCR: Patient Orientation present but empty, no Image Orientation (Patient)
     heatmap = _heatmap(predictor, Path(get_testdata_file("US1_UNCR.dcm")))
     assert "PatientOrientation" in heatmap and not heatmap.PatientOrientation  # Type 2: present, empty
+
+
+@pytest.mark.parametrize("cosines", [b"1\\\\0\\0\\1\\0", b"a\\b\\c\\d\\e\\f"], ids=["an empty value", "letters"])
+def test_heatmap_of_a_source_with_a_damaged_orientation_claims_none(predictor, tmp_path, cosines):
+    """The image scores, and so gets its picture: a damaged Image Orientation (Patient) refused the whole heatmap with
+    a ValueError's text, where a missing one leaves Patient Orientation empty (Type 2: unknown)."""
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    head = b"\x20\x00\x37\x00DS"  # (0020,0037), explicit VR little endian, as CT_small is written
+    start = data.index(head) + len(head)
+    length = int.from_bytes(data[start : start + 2], "little")
+    value = cosines + b" " * (len(cosines) % 2)
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(data[:start] + len(value).to_bytes(2, "little") + value + data[start + 2 + length :])
+    heatmap = _heatmap(predictor, damaged)
+    assert "PatientOrientation" in heatmap and not heatmap.PatientOrientation
 
 
 def _dataset(**attributes) -> pydicom.Dataset:

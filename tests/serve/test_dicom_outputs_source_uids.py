@@ -4,6 +4,8 @@ by /v1/sr alike."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import pydicom
@@ -44,12 +46,14 @@ def test_score_sr_names_the_missing_uid_and_writes_no_sr(capsys, package_dir, tm
     path = _without(tmp_path, keyword, emptied)
     code = main(["score", str(package_dir), str(path), "--sr", str(tmp_path / "sr"), "--json"])
     out = capsys.readouterr()
-    (rejected,) = json.loads(out.out)["rejected"]
-    assert code == 1 and "Traceback" not in out.err
-    assert (rejected["file"], rejected["error"]) == (str(path), "DicomError")
-    assert f"{keyword} {tag}" in rejected["reason"] and "AttributeError" not in rejected["reason"]
-    assert rejected["reason"].startswith("scored, but no SR written: ")
-    assert "export the image again" in rejected["hint"]  # what to do, as the error says it
+    document = json.loads(out.out)
+    (unwritten,) = document["not_written"]
+    assert code == 1 and "Traceback" not in out.err and document["rejected"] == []
+    assert [r["file"] for r in document["results"]] == [str(path)]  # scored: the SR needs the UID, the score does not
+    assert (unwritten["file"], unwritten["output"], unwritten["error"]) == (str(path), "SR", "DicomError")
+    assert f"{keyword} {tag}" in unwritten["reason"] and "AttributeError" not in unwritten["reason"]
+    assert unwritten["reason"].startswith("no SR written: ")
+    assert "export the image again" in unwritten["hint"]  # what to do, as the error says it
     assert not list((tmp_path / "sr").glob("*.SR.dcm"))
 
 
@@ -71,3 +75,36 @@ def test_v1_sr_names_every_missing_uid_the_file_and_what_to_do(predictor, tmp_pa
     assert "AttributeError" not in error["reason"] and "study/patient" not in error["hint"]
     assert "export the image again" in error["hint"] and "given without an SR" in error["hint"]
     assert scored.status_code == 200 and scored.json()["results"][0]["probability"] >= 0
+
+
+def test_score_sr_keeps_the_score_of_a_file_whose_sr_is_refused_in_every_form(capsys, package_dir, tmp_path):
+    """The file scored, so its score is listed as scored in the table, --json and --csv alike; the SR that could not
+    be built is named apart (which file, why, what to do), and the exit status says not all that was asked was done.
+    It was listed among the rejected files without its score, its reason saying it had been scored."""
+    ct = get_testdata_file("CT_small.dcm")
+    path = _without(tmp_path, "StudyInstanceUID")
+    command = ["score", str(package_dir), str(path), ct, "--sr", str(tmp_path / "sr")]
+
+    code = main([*command, "--json"])
+    out = capsys.readouterr()
+    document = json.loads(out.out)
+    assert code == 1 and document["rejected"] == [] and "Traceback" not in out.err
+    assert [(r["file"], r["status"]) for r in document["results"]] == [(str(path), "scored"), (ct, "scored")]
+    (unwritten,) = document["not_written"]
+    assert (unwritten["file"], unwritten["output"], unwritten["error"]) == (str(path), "SR", "DicomError")
+    assert unwritten["reason"].startswith("no SR written: ") and "StudyInstanceUID (0020,000D)" in unwritten["reason"]
+    assert "export the image again" in unwritten["hint"]
+    assert "2 file(s) scored (2 image(s)), 0 rejected, 1 SR(s) not written" in out.err
+    assert len(list((tmp_path / "sr").glob("*.SR.dcm"))) == 1  # the CT's
+
+    assert main(command) == 1
+    table, _, section = capsys.readouterr().out.partition("\n\n")
+    assert "REJECTED" not in table and table.splitlines()[1].startswith(f"{path.name}  ")
+    assert str(document["results"][0]["probability"])[:3] in table.splitlines()[1]
+    heading, line = section.splitlines()
+    assert heading.startswith("not written") and line.startswith(f"{path.name}: {unwritten['reason']} ({unwritten['hint']})")
+
+    assert main([*command, "--csv"]) == 1
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(row["status"], row["file"]) for row in rows] == [("scored", str(path)), ("scored", ct), ("not_written", str(path))]
+    assert (rows[2]["reason"], rows[2]["hint"]) == (unwritten["reason"], unwritten["hint"])

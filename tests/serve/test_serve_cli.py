@@ -179,9 +179,9 @@ def test_an_output_folder_that_cannot_be_made_stops_before_any_scoring(capsys, p
     assert "can be written" in err and "input(s)" not in err
 
 
-def test_an_sr_that_cannot_be_written_rejects_that_file_and_the_others_go_on(capsys, package_dir, tmp_path):
+def test_an_sr_that_cannot_be_written_is_named_and_the_others_go_on(capsys, package_dir, tmp_path):
     """A write that fails part-way through a run (here the SR's name is taken by a folder; a full disk alike) costs
-    that file's SR, named with the reason, not the whole run's results in a traceback."""
+    that file's SR, named with the reason, not its score nor the whole run's results in a traceback."""
     sr_dir = tmp_path / "sr"
     assert score(capsys, package_dir, CT, "--sr", sr_dir)[0] == 0
     (taken,) = sr_dir.glob("*.SR.dcm")
@@ -189,12 +189,12 @@ def test_an_sr_that_cannot_be_written_rejects_that_file_and_the_others_go_on(cap
     taken.mkdir()
     code, out, err = score(capsys, package_dir, CT, MR, "--sr", sr_dir, "--json")
     document = json.loads(out)
-    assert code == 1 and "Traceback" not in err
-    (rejected,) = document["rejected"]
-    assert rejected["file"] == str(CT) and rejected["error"] == "IsADirectoryError"
-    assert rejected["reason"] == f"scored, but no SR written: cannot write {taken} (Is a directory)"
-    assert "can be written" in rejected["hint"]
-    assert [r["file"] for r in document["results"]] == [str(MR)]
+    assert code == 1 and "Traceback" not in err and document["rejected"] == []
+    (unwritten,) = document["not_written"]
+    assert (unwritten["file"], unwritten["output"], unwritten["error"]) == (str(CT), "SR", "IsADirectoryError")
+    assert unwritten["reason"] == f"no SR written: cannot write {taken} (Is a directory)"
+    assert "can be written" in unwritten["hint"]
+    assert [r["file"] for r in document["results"]] == [str(CT), str(MR)]
     assert len([p for p in sr_dir.glob("*.SR.dcm") if p.is_file()]) == 1  # the MR's; the CT's name is the folder
 
 
@@ -257,3 +257,19 @@ def test_a_folder_is_scored_without_its_hidden_folders_and_its_dicomdir(tmp_path
     shutil.copy(get_testdata_file("DICOMDIR"), study / "DICOMDIR")
     files, rejected, _ = collect_files([str(study)])
     assert files == [study / "IMAGES" / "IM0001"] and rejected == []
+
+
+def test_an_overlay_that_cannot_be_written_keeps_the_score_and_the_sr(capsys, package_dir, tmp_path):
+    """Only the overlay is missing, and said to be: the file was listed as rejected, without its score, and the
+    overlay's failure went unsaid where its SR had failed first."""
+    from medtriage.io.safe_output import output_path
+
+    taken = output_path(tmp_path / "ov", pydicom.dcmread(CT).SOPInstanceUID, ".overlay.png", source=pathlib.Path(CT).resolve())
+    taken.mkdir(parents=True)  # its name taken by a folder: the write fails as on a full disk
+    code, out, err = score(capsys, package_dir, CT, "--sr", tmp_path / "sr", "--overlays", tmp_path / "ov", "--json")
+    document = json.loads(out)
+    (unwritten,) = document["not_written"]
+    assert code == 1 and document["rejected"] == [] and [r["file"] for r in document["results"]] == [str(CT)]
+    assert (unwritten["output"], unwritten["reason"]) == ("overlay", f"no overlay written: cannot write {taken} (Is a directory)")
+    assert len(list((tmp_path / "sr").glob("*.SR.dcm"))) == 1
+    assert "0 rejected, 1 overlay(s) not written" in err

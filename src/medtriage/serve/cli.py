@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medtriage.arguments import non_negative_int, positive_float, positive_int, refuse_file_as_folder, whole_number
 from medtriage.errors import printable
 from medtriage.io.decode_limits import DecodeLimits, set_default_limits
 from medtriage.io.header_warnings import say_header_warnings
+from medtriage.io.safe_output import spreadsheet_row
 from medtriage.serve.admission import DEFAULT_QUEUE
 from medtriage.serve.batching import add_batching_options, concurrent_requests, enable_batching
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection, Score
-from medtriage.serve.report import format_table, result_document, write_csv
+from medtriage.serve.report import CSV_COLUMNS, format_table, result_document, write_csv
 
 TOKEN_ENV = "MEDTRIAGE_TOKEN"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -175,6 +179,21 @@ NOT_A_FILE = "not a file: a broken link, a pipe or a device (was the study copie
 LINKED_FOLDER = "a linked folder is not followed (it may lead back up the tree): pass it by its own path"
 
 
+@dataclass
+class Unwritten:
+    """A result of a scored file (its SR, its overlay) that could not be written: the file's scores stand, and this
+    is listed apart from them, saying what is missing, why and what to do."""
+
+    file: str
+    output: str  # "SR" or "overlay"
+    reason: str
+    error: str  # the error type, e.g. DicomError
+    hint: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"status": "not_written", **asdict(self)}
+
+
 def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
     """Files to score (folders expanded recursively, sorted), missing paths, empty folders and what a folder holds that
     is no file (a broken link, a pipe) or a linked folder as rejections: a mistyped path or a half-copied study must not
@@ -238,7 +257,8 @@ def score_paths(
     slide_mpp: float | None = None,
     heatmap_dir: str | None = None,
     overlay_dir: str | None = None,
-) -> Iterator[Score | Rejection]:
+) -> Iterator[Score | Rejection | Unwritten]:
+    """Each file's scores or rejection, then what of its results asked for could not be written (its scores stand)."""
     from medtriage.io.pathology import is_slide_path
     from medtriage.progress import progress as shown
 
@@ -250,17 +270,11 @@ def score_paths(
         if isinstance(outcome, Rejection):
             yield outcome
             continue
-        if sr_dir:
-            rejection = _write_sr(predictor, path, outcome, sr_dir)
-            if rejection:
-                yield rejection
-                continue
-        if overlay_dir:
-            rejection = _write_overlay(predictor, path, outcome, overlay_dir)
-            if rejection:
-                yield rejection
-                continue
         yield from outcome
+        if sr_dir:
+            yield from _write_sr(predictor, path, outcome, sr_dir)
+        if overlay_dir:
+            yield from _write_overlay(predictor, path, outcome, overlay_dir)
 
 
 def _scored_slide(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap_dir: str | None) -> Score | Rejection:
@@ -273,30 +287,30 @@ def _scored_slide(predictor: Predictor, path: Path, slide_mpp: float | None, hea
         return Rejection(str(path), f"{_os_failure(err)}; the slide was not scored", type(err).__name__, hint=WRITE_HINT)
 
 
-def _write_sr(predictor: Predictor, path: Path, scores: list[Score], sr_dir: str) -> Rejection | None:
+def _write_sr(predictor: Predictor, path: Path, scores: list[Score], sr_dir: str) -> list[Unwritten]:
     from medtriage.serve.dicom_results import write_sr
 
     return _written("SR", path, lambda: write_sr(path, scores, predictor.package, sr_dir))
 
 
-def _write_overlay(predictor: Predictor, path: Path, scores: list[Score], overlay_dir: str) -> Rejection | None:
+def _write_overlay(predictor: Predictor, path: Path, scores: list[Score], overlay_dir: str) -> list[Unwritten]:
     from medtriage.serve.saliency import write_overlay
 
     return _written("overlay", path, lambda: write_overlay(predictor, path, scores, overlay_dir))
 
 
-def _written(what: str, path: Path, write) -> Rejection | None:
-    """Run one result writer; its typed failure, or the file system's (a full disk), turns the scored file into a
-    rejection saying what is missing, and the other files go on."""
+def _written(what: str, path: Path, write) -> list[Unwritten]:
+    """Run one result writer; its typed failure, or the file system's (a full disk), is listed as what is missing, and
+    the other files go on."""
     from medtriage.errors import MedTriageError
 
     try:
         write()
     except MedTriageError as err:
-        return Rejection(str(path), f"scored, but no {what} written: {err.reason}", type(err).__name__, hint=err.hint)
+        return [Unwritten(str(path), what, f"no {what} written: {err.reason}", type(err).__name__, err.hint)]
     except OSError as err:
-        return Rejection(str(path), f"scored, but no {what} written: {_os_failure(err)}", type(err).__name__, hint=WRITE_HINT)
-    return None
+        return [Unwritten(str(path), what, f"no {what} written: {_os_failure(err)}", type(err).__name__, WRITE_HINT)]
+    return []
 
 
 WRITE_HINT = "check that the output folder can be written (free space, permissions, a file where a folder should be)"
@@ -336,14 +350,20 @@ def run_score(args: argparse.Namespace) -> int:
     )
     scores = [o for o in outcomes if isinstance(o, Score)]
     rejected = missing + [o for o in outcomes if isinstance(o, Rejection)]
-    _print_results(args, predictor, scores, rejected)
+    unwritten = [o for o in outcomes if isinstance(o, Unwritten)]
+    _print_results(args, predictor, scores, rejected, unwritten=unwritten)
     print(
         f"{len(files) + len(missing)} input(s): "
-        f"{len({s.file for s in scores})} file(s) scored ({len(scores)} image(s)), {len(rejected)} rejected; "
-        f"provider {predictor.provider}",
+        f"{len({s.file for s in scores})} file(s) scored ({len(scores)} image(s)), {len(rejected)} rejected"
+        f"{_unwritten_counts(unwritten)}; provider {predictor.provider}",
         file=sys.stderr,
     )
-    return 1 if rejected else 0
+    return 1 if rejected or unwritten else 0
+
+
+def _unwritten_counts(unwritten: list[Unwritten]) -> str:
+    """', 1 SR(s) not written, 2 overlay(s) not written', or nothing where every result asked for was written."""
+    return "".join(f", {n} {output}(s) not written" for output, n in Counter(u.output for u in unwritten).items())
 
 
 def _unused_with_npz(args: argparse.Namespace) -> list[str]:
@@ -385,20 +405,28 @@ def _score_npz(predictor: Predictor, args: argparse.Namespace) -> int:
 
 
 def _print_results(
-    args: argparse.Namespace, predictor: Predictor, scores: list[Score], rejected: list[Rejection], labels: dict | None = None
+    args: argparse.Namespace,
+    predictor: Predictor,
+    scores: list[Score],
+    rejected: list[Rejection],
+    labels: dict | None = None,
+    unwritten: Sequence[Unwritten] = (),
 ) -> None:
-    """The results on stdout as the table, --json (with the npz's reference labels, if any) or --csv. A reader that
-    stops early (`| head`) ends the output quietly, not with a traceback; stdout then points at /dev/null so that the
-    flush at exit cannot fail again, and so does any other failure to write it (a full disk), which ends the command
-    with an error: the results a script reads from the redirected output are incomplete."""
+    """The results on stdout as the table, --json (with the npz's reference labels, if any) or --csv, each listing
+    apart the results of scored files that could not be written (`unwritten`). A reader that stops early (`| head`)
+    ends the output quietly, not with a traceback; stdout then points at /dev/null so that the flush at exit cannot
+    fail again, and so does any other failure to write it (a full disk), which ends the command with an error: the
+    results a script reads from the redirected output are incomplete."""
     try:
         if args.json:
-            document = result_document(predictor, scores, rejected)
+            document = {**result_document(predictor, scores, rejected), "not_written": [u.as_dict() for u in unwritten]}
             print(json.dumps(document if labels is None else {**document, "labels": labels}, indent=2))
         elif args.csv:
             write_csv(sys.stdout, predictor, scores, rejected)
+            rows = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            rows.writerows(spreadsheet_row({**u.as_dict(), "provider": predictor.provider}) for u in unwritten)
         else:
-            print(format_table(predictor, scores, rejected))
+            print(format_table(predictor, scores, rejected) + _unwritten_section(unwritten))
         sys.stdout.flush()
     except BrokenPipeError:
         _discard_stdout()
@@ -411,6 +439,15 @@ def _print_results(
             where="stdout",
             hint="free space where the output is redirected, or write it elsewhere, and score again",
         ) from None
+
+
+def _unwritten_section(unwritten: Sequence[Unwritten]) -> str:
+    """The table's closing lines for results that could not be written: each file, what is missing and why, and what
+    to do; nothing where every result was written."""
+    if not unwritten:
+        return ""
+    lines = [f"{Path(u.file).name}: {u.reason}" + (f" ({u.hint})" if u.hint else "") for u in unwritten]
+    return "\n\nnot written (the scores above stand):\n" + "\n".join(printable(line) for line in lines)
 
 
 def _discard_stdout() -> None:

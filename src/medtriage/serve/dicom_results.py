@@ -65,6 +65,11 @@ SR_HEADER_READ_BYTES = 32 << 20
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data: where a header ends
 # What an SR references each source by: the evidence's study, series and instance, and each measurement's image.
 REFERENCED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+# What to do about an SR the builders refused: the UIDs are there (checked first), so a value of the header is damaged.
+SR_HINT = (
+    "export the image again from the system that made it: an SR needs a readable header holding the image's Study, "
+    "Series and SOP Instance UIDs and SOP Class UID; its score needs none of them and is given without an SR"
+)
 PATIENT_SEX = ("M", "F", "O")  # PS3.3 C.7.1.1: the enumerated values
 # Image storage SOP classes whose IOD has no Multi-frame module (PS3.3 Annex A): a reference to one of their
 # instances names no frame (Referenced Frame Number is Type 1C, for multi-frame images only: PS3.3 Table 10-3).
@@ -163,12 +168,11 @@ def build_study_sr(
     `revision` (1, 2, ...: the study's reports so far, plus one) puts every report this model makes on the study
     in one series, numbered in order; without it the report is a series of its own. `package` is the one loaded
     now; the scores name the package that made them and the label their probability is of."""
-    hint = "the source's header is damaged, or lacks study/patient attributes an SR must copy"
-    sources = [(carried_header(source), scores) for source, scores in sources]
     # The report's equipment is the package of its first measurement; each measurement names its own, and every
     # package that scored one is contributing equipment (more than one only where a restart changed the package).
     identities = _scoring_packages(score for _, scores in sources for score in scores)
-    with built_from_header("an SR referencing this file", where=str(sources[0][1][0].file), hint=hint):
+    with built_from_header("an SR referencing this file", where=str(sources[0][1][0].file), hint=SR_HINT):
+        sources = [(carried_header(source), scores) for source, scores in sources]
         for source, scores in sources:
             _require_references(source, str(scores[0].file))
         groups = [_measurement_group(source, score, package) for source, scores in sources for score in scores]
@@ -198,7 +202,7 @@ def _require_references(source: pydicom.Dataset, where: str) -> None:
     """Refuse a source without the UIDs an SR references it by (Type 1 in every image, yet removed or emptied by some
     de-identifiers and converters): missing, the builders fail on the first they meet, naming no tag; empty, they
     write an SR that references nothing."""
-    missing = [f"{keyword} {Tag(keyword)}" for keyword in REFERENCED_UIDS if not str(source.get(keyword) or "").strip()]
+    missing = missing_uids(source, REFERENCED_UIDS)
     if missing:
         raise DicomError(
             f"the image has no value for {', '.join(missing)}, which an SR must reference it by",
@@ -206,6 +210,11 @@ def _require_references(source: pydicom.Dataset, where: str) -> None:
             hint="export the image again with its study, series, SOP class and SOP instance UIDs in its header; "
             "its score needs none of them and is given without an SR",
         )
+
+
+def missing_uids(source: pydicom.Dataset, keywords: Iterable[str]) -> list[str]:
+    """Those of `keywords` the source holds no value for, each as "keyword (gggg,eeee)"."""
+    return [f"{keyword} {Tag(keyword)}" for keyword in keywords if not str(source.get(keyword) or "").strip()]
 
 
 class _ComprehensiveSR(hd.sr.ComprehensiveSR):
@@ -345,14 +354,16 @@ def carried_header(source: pydicom.Dataset) -> pydicom.Dataset:
     values the standard does not allow (a sex of "X", a date written "1990-01-01", a Study ID of 20 characters) emptied
     too, so that one odd value costs that value, not the object; only what a result is filed by (FILED_BY) is kept
     whatever it holds."""
-    unusable = [keyword for keyword in TYPE2_COPIED if keyword not in source or not _carried(keyword, source[keyword].value)]
+    reasons = {keyword: _carried_value(source, keyword) for keyword in TYPE2_COPIED}
+    unusable = {keyword: reason for keyword, reason in reasons.items() if reason is not None}
     character_set = _carried_character_set(source)
     if not unusable and character_set is None:
         return source
     source = copy.deepcopy(source)  # a header (no pixels): the caller's dataset stays as it was
-    for keyword in unusable:
-        if keyword in source:
-            log.warning("a result object leaves %s empty: %r is not a value the standard allows", keyword, str(source[keyword].value)[:64])
+    for keyword, reason in unusable.items():
+        if reason:
+            log.warning("a result object leaves %s empty: %s", keyword, reason)
+        source.pop(keyword, None)  # pydicom reads an element before setting it: an unreadable one is replaced whole
         setattr(source, keyword, "")
     if character_set == [UTF8]:
         declared = str(source.SpecificCharacterSet)[:64]
@@ -363,6 +374,18 @@ def carried_header(source: pydicom.Dataset) -> pydicom.Dataset:
     if character_set is not None:
         source.SpecificCharacterSet = character_set if len(character_set) > 1 else character_set[0]
     return source
+
+
+def _carried_value(source: pydicom.Dataset, keyword: str) -> str | None:
+    """None where the source's `keyword` can be carried as it is; else why not ("" where it is missing). A damaged
+    header can hold a value pydicom cannot even read (an unknown VR): it costs that value, as a disallowed one does."""
+    if keyword not in source:
+        return ""
+    try:
+        value = source[keyword].value
+    except Exception as err:  # noqa: BLE001 -- pydicom converts lazily, and a damaged value raises any type
+        return f"its value cannot be read ({type(err).__name__}: {err})"
+    return None if _carried(keyword, value) else f"{str(value)[:64]!r} is not a value the standard allows"
 
 
 def _carried_character_set(source: pydicom.Dataset) -> list[str] | None:

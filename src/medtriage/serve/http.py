@@ -391,12 +391,12 @@ async def _in_slot(request: Request, size: int, work, *args):
 
 
 def _sr_bytes(data: bytes, scores: list[Score], predictor: Predictor, name: str) -> bytes:
-    from medtriage.serve.dicom_results import sr_bytes
+    from medtriage.serve.dicom_results import SR_HINT, sr_bytes
 
     try:
         return sr_bytes(data, scores, predictor.package)
     except MedTriageError as err:
-        hint = err.hint or "POST the file to /v1/score for its score without an SR"
+        hint = f"{err.hint or SR_HINT}; POST the file to /v1/score for its score"
         raise RequestError(422, f"scored, but no SR could be built: {err.reason}", hint, file=name, type=type(err).__name__) from err
 
 

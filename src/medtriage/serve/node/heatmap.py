@@ -18,7 +18,7 @@ import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from medtriage.errors import MedTriageError
+from medtriage.errors import DicomError, MedTriageError
 from medtriage.io.dicom import read_dicom
 from medtriage.serve.dicom_results import (
     built_from_header,
@@ -26,6 +26,7 @@ from medtriage.serve.dicom_results import (
     declare_character_set,
     equipment,
     long_string,
+    missing_uids,
     read_header,
     referenced_frames,
     revision_series_uid,
@@ -49,11 +50,14 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: 
     """The overlay of `score`'s frame of the instance at `path`, referencing that instance's study. `revision` as for
     the study's SR (dicom_results.build_study_sr): the heatmaps of one study share a series, numbered in order."""
     identity = _drawn_by_scoring_package(predictor, score)
+    where = score.sop_uid or score.file  # a source may lack its SOP Instance UID
+    with built_from_header("the heatmap Secondary Capture", where=where):
+        source = carried_header(read_header(path))  # values a strict PACS would refuse the image for are left out
+    _require_study(source, where)
     image = read_dicom(path, frame=None if score.frame is None else score.frame - 1)
     _, png = explain_frame(predictor, image.pixels[0])
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    source = carried_header(read_header(path))  # values a strict PACS would refuse the image for are left out
-    with built_from_header("the heatmap Secondary Capture", where=str(score.sop_uid)):
+    with built_from_header("the heatmap Secondary Capture", where=where):
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
             pixel_array=rgb,
@@ -78,6 +82,19 @@ def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: 
         describe_derivation(image, source, score.frame, identity, predictor.package.positive_label)
         declare_character_set(image)  # the package's name and labels are its own text, not the source's
     return image
+
+
+def _require_study(source: pydicom.Dataset, where: str) -> None:
+    """Refuse a source without a Study Instance UID, the study the heatmap is filed in: missing, the builders fail with
+    an AttributeError's text; empty, they make a picture in no study. The source's other UIDs are only referenced
+    where present (Source Image Sequence), and its series and frame of reference are not the heatmap's."""
+    missing = missing_uids(source, ("StudyInstanceUID",))
+    if missing:
+        raise DicomError(
+            f"the image has no value for {missing[0]}, the study its heatmap would be filed in",
+            where=where,
+            hint="export the image again with its Study Instance UID in its header; its score needs none and stands without the heatmap",
+        )
 
 
 def _drawn_by_scoring_package(predictor: Predictor, score: Score) -> dict:
@@ -184,13 +201,16 @@ def patient_orientation(source: pydicom.Dataset, frame: int | None) -> list[str]
 
 
 def _image_orientation(source: pydicom.Dataset, frame: int | None) -> list[float] | None:
-    """Image Orientation (Patient) of a classic image, or of the frame in an enhanced multi-frame object."""
-    if "ImageOrientationPatient" in source:
-        return [float(value) for value in source.ImageOrientationPatient]
-    for group in _frame_groups(source, frame):
-        if group.get("PlaneOrientationSequence"):
-            return [float(value) for value in group.PlaneOrientationSequence[0].ImageOrientationPatient]
-    return None
+    """Image Orientation (Patient) of a classic image, or of the frame in an enhanced multi-frame object; None where
+    it is missing or holds other than finite numbers (an empty value, a letter): a damaged value of the scored image
+    costs the picture its orientation labels, not the picture."""
+    planes = [group.PlaneOrientationSequence[0] for group in _frame_groups(source, frame) if group.get("PlaneOrientationSequence")]
+    holder = source if "ImageOrientationPatient" in source else planes[0] if planes else pydicom.Dataset()
+    try:
+        cosines = [float(value) for value in holder.get("ImageOrientationPatient") or []]
+    except Exception:  # noqa: BLE001 -- pydicom converts lazily, and a damaged value raises any type
+        return None
+    return cosines if cosines and all(math.isfinite(value) for value in cosines) else None
 
 
 def _frame_groups(source: pydicom.Dataset, frame: int | None) -> list[pydicom.Dataset]:
