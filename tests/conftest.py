@@ -163,6 +163,24 @@ def need_tool():
 
 
 @pytest.fixture(scope="session")
+def self_signed_tls(tmp_path_factory, need_tool) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and its key (PEM files), made by openssl once per run."""
+    openssl = need_tool("openssl", "apt-get install openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "localhost.pem", folder / "localhost.key"
+    subject = ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]
+    made = subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject, "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr[-300:]
+    return cert, key
+
+
+@pytest.fixture(scope="session")
 def dicom_wsi(tmp_path_factory) -> Path:
     """The sample SVS converted to a DICOM whole-slide image (VL Whole Slide Microscopy): a folder of its files."""
     pytest.importorskip("wsidicom", reason="pip install 'medtriage[wsi]'")

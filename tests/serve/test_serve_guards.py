@@ -3,6 +3,8 @@ decode limits as 413, no caching of anything, and `serve` refusing to open PHI t
 
 from __future__ import annotations
 
+import subprocess
+
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
@@ -97,12 +99,11 @@ def test_a_network_host_without_a_token_is_refused(package_dir, uvicorn_calls, c
     assert main(["serve", str(package_dir), "--host", "127.0.0.1"]) == 0  # loopback needs no token
 
 
-def test_token_file_tls_and_the_token_on_the_command_line(package_dir, uvicorn_calls, tmp_path, capsys):
+def test_token_file_tls_and_the_token_on_the_command_line(package_dir, uvicorn_calls, tmp_path, capsys, self_signed_tls):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.write_text("x"), key.write_text("y")
+    cert, key = self_signed_tls
     assert (
         main(
             [
@@ -152,3 +153,24 @@ def test_a_token_with_non_ascii_characters_matches_as_its_utf8_bytes(predictor):
     assert client.get("/v1/model", headers={"Authorization": sent}).status_code == 200
     wrong = b"Bearer " + token.replace("é", "e").encode()
     assert client.get("/v1/model", headers={"Authorization": wrong}).status_code == 401
+
+
+@pytest.mark.parametrize("damaged", ["cert", "key", "other key"])
+def test_a_tls_pair_that_does_not_load_is_a_configuration_error_before_the_server_starts(
+    package_dir, uvicorn_calls, tmp_path, capsys, self_signed_tls, damaged
+):
+    """Before, only the files' existence was checked: uvicorn then failed at start with a traceback and exit 1, which a
+    unit restarts every 5 s (a credential systemd filled with a note because the file was missing, a key of another
+    certificate)."""
+    cert, key = self_signed_tls
+    if damaged == "other key":
+        other = tmp_path / "other.key"
+        subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], capture_output=True, check=True, timeout=60)
+        key = other
+    else:
+        placeholder = tmp_path / f"tls.{damaged}"
+        placeholder.write_text("none: /etc/medtriage/serve-model.crt was missing when the unit started")
+        cert, key = (placeholder, key) if damaged == "cert" else (cert, placeholder)
+    assert main(["serve", str(package_dir), "--tls-cert", str(cert), "--tls-key", str(key)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the TLS certificate" in err and str(cert) in err and not uvicorn_calls

@@ -550,6 +550,7 @@ def _serving_token(args: argparse.Namespace) -> str | None:
 
 def _tls_files(args: argparse.Namespace) -> dict:
     from medtriage.errors import ConfigError
+    from medtriage.serve.tls import tls_context
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together", where="--tls-cert" if args.tls_cert else "--tls-key")
@@ -564,4 +565,5 @@ def _tls_files(args: argparse.Namespace) -> dict:
     for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if not Path(path).is_file():
             raise ConfigError("file not found", where=f"{option} {path}")
+    tls_context(args.tls_cert, args.tls_key)  # here, not in the server's start: a pair that does not load is exit 2
     return {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}

@@ -228,35 +228,11 @@ def test_stow_rs_into_orthanc_dicomweb_with_a_heatmap(package_dir, orthanc, pred
         assert node.stop() == 0
 
 
-def test_tls_and_allowed_callers(package_dir, orthanc, tmp_path):
+def test_tls_and_allowed_callers(package_dir, orthanc, tmp_path, self_signed_tls):
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
-    made = subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"openssl could not make a test certificate: {made.stderr[-300:]}")
+    cert, key = self_signed_tls
     port = free_port()
     node = Listener(
         package_dir,

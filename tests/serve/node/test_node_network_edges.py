@@ -19,9 +19,10 @@ from pydicom.data import get_testdata_file
 
 from medtriage.cli import main
 from medtriage.errors import ConfigError
-from medtriage.serve.node.scp import MAX_PDU_BYTES, OUT_OF_RESOURCES, SUCCESS, start_scp, tls_context
+from medtriage.serve.node.scp import MAX_PDU_BYTES, OUT_OF_RESOURCES, SUCCESS, start_scp
 from medtriage.serve.node.sender import DicomWebSender, DimseSender, Peer, Sender, backoff
 from medtriage.serve.node.store import DB_FILE, MAX_INSTANCE_BYTES, Delivery, NodeStore
+from medtriage.serve.tls import tls_context
 from tests.serve.node.peers import NODE_AET, Listener, cr_study, echo, free_port, send_files, wait_for
 
 SOP = "1.2.826.0.1.3680043.8.498.1"
@@ -589,33 +590,21 @@ def _stored(port: int, paths: list[Path], client=None, pause_s: float = 0) -> di
     return statuses
 
 
-def _tls_pair(folder: Path, need_tool):
-    """The node's TLS context over a new self-signed certificate for localhost, and a client context trusting it."""
+def _tls_pair(cert: Path, key: Path):
+    """The node's TLS context over a self-signed certificate for localhost, and a client context trusting it."""
     import ssl
-    import subprocess
 
-    openssl = need_tool("openssl", "apt-get install openssl")
-    cert, key = folder / "node.pem", folder / "node.key"
-    subject = ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]
-    made = subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject, "-keyout", str(key), "-out", str(cert)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr[-300:]
     return tls_context(cert, key), ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
-def test_connections_that_send_no_whole_association_request_are_dropped_and_free_their_slots(tmp_path, need_tool, tls):
+def test_connections_that_send_no_whole_association_request_are_dropped_and_free_their_slots(tmp_path, self_signed_tls, tls):
     """Before, each held one of the node's association slots for 30 s (pynetdicom's ACSE timeout, the PDU read
     deadline), and over TLS one silent connection stopped the node accepting any other: its handshake ran in the
     accepting thread, without a timeout. A silent peer, one that sends part of an A-ASSOCIATE-RQ and one that sends a
     byte of it fill every slot; the node drops them after `associate_within_s`, a sender then gets through, and an
     association that pauses between its C-STOREs for longer than that bound is not dropped."""
-    context, client = _tls_pair(tmp_path, need_tool) if tls else (None, None)
+    context, client = _tls_pair(*self_signed_tls) if tls else (None, None)
     paths = cr_study(tmp_path / "in", 3, seed=46)
     store = NodeStore(tmp_path / "state")
     port = free_port()

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from medtriage.serve.batching import enable_batching
 from medtriage.serve.metrics import ServiceMonitor
-from medtriage.serve.node.scp import start_scp, tls_context
+from medtriage.serve.node.scp import start_scp
 from medtriage.serve.node.sender import DicomWebSender, DimseSender, Peer, Sender
 from medtriage.serve.node.store import ASSOCIATE_WITHIN_S, MAX_ASSOCIATIONS, MAX_INSTANCE_BYTES, MIN_FREE_BYTES, NodeStore
 from medtriage.serve.node.worker import Worker
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor
+from medtriage.serve.tls import tls_context
 
 log = logging.getLogger(__name__)
 DRAIN_S = 20.0  # on stop, how long associations in progress may go on (systemd's default stop timeout is 90 s)

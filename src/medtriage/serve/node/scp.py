@@ -312,21 +312,6 @@ def discard_partial_instance(event) -> None:
         log.warning("cannot remove a half-received instance %s: %s; delete it by hand, or restart the node", partial.name, err)
 
 
-def tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
-    """Server-side TLS (TLS 1.2 or newer) with the node's certificate and key."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(str(cert), str(key))
-    except (OSError, ssl.SSLError) as err:  # a missing file, or a key that is not the certificate's
-        raise ConfigError(
-            f"cannot load the TLS certificate {cert} with its key {key}: {err}",
-            where="--tls-cert/--tls-key",
-            hint="give PEM files, the key matching the certificate",
-        ) from err
-    return context
-
-
 def build_ae(aet: str, allowed_callers: list[str] | None = None, max_associations: int = MAX_ASSOCIATIONS) -> AE:
     ae = AE(ae_title=aet)
     for sop_class in IMAGE_STORAGE:
