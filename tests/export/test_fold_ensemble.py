@@ -47,14 +47,25 @@ def pool(val_rows: list[int]) -> Manifest:
     return Manifest(Path("/pools/a"), rows, pd.DataFrame(), ["normal", "pneumonia"], "fingerprint")
 
 
-def test_folds_cut_alike_from_pools_built_differently_name_the_pool_setting_not_a_limit():
+def test_folds_cut_alike_from_pools_that_differ_say_so_without_blaming_a_seed_no_limit_sampled_with():
+    """Pools built with different settings are refused before any is loaded (`_check_pool_built_alike`): what is left
+    to differ is the pools given, not the trainer.seed that samples only a data.limit."""
     from medtriage.export.fold_ensemble import FoldMembers, _check_held_out_alike
 
-    configs = [fold_config(0, pool_seed=0, source="sites"), fold_config(0, seed=3, pool_seed=1, source="sites")]
+    configs = [fold_config(0), fold_config(0, seed=3)]
     members = FoldMembers([None, None], configs, [pool([0, 1, 2]), pool([3, 4, 5])], [0, 0])
-    with pytest.raises(ConfigError, match=r"different images in fold 0 \(their pool was built with data.pool_seed 0 vs 1\)") as refused:
+    with pytest.raises(ConfigError, match=r"different images in fold 0 \(their pools differ\)") as refused:
         _check_held_out_alike(members, [0, 1], 0)
-    assert "limit" not in refused.value.reason
+    assert "limit" not in refused.value.reason and "seed" not in refused.value.reason
+
+
+def test_folds_of_pools_built_with_another_pool_seed_are_refused_naming_it():
+    from medtriage.export.fold_ensemble import _check_pool_built_alike
+
+    configs = [fold_config(0, pool_seed=0, source="sites"), fold_config(0, seed=3, pool_seed=1, source="sites")]
+    with pytest.raises(ConfigError, match=r"with different settings \(data.pool_seed 0 vs 1\)") as refused:
+        _check_pool_built_alike([Path("cv-a"), Path("cv-b")], configs)
+    assert "data.pool_seed" in refused.value.hint and "data.sites_dir" not in refused.value.hint
 
 
 def test_folds_whose_limits_were_sampled_with_different_seeds_name_the_seeds():

@@ -101,3 +101,24 @@ def test_a_deleted_experiment_fails_the_run_before_any_data_work(tmp_path, npz_c
     monkeypatch.setattr(job, "load_data", no_data_work)
     with pytest.raises(ConfigError, match="is deleted"):
         training.run(_tiny(tmp_path, npz_cache_dir, "a", f"tracking.experiment_name={name}"))
+
+
+def test_a_run_interrupted_while_uploading_its_metrics_resumes_and_finishes(tmp_path, npz_cache_dir, tracking_uri, monkeypatch):
+    """metrics.json in the run folder marks the run finished: written before its upload, a run stopped meanwhile would
+    stay KILLED in MLflow for good, its folder refused by every resume."""
+    log_artifact = MlflowClient.log_artifact
+
+    def ctrl_c_on_metrics(client, run_id, local_path, artifact_path=None):
+        if Path(local_path).name == METRICS_FILE:
+            raise KeyboardInterrupt  # Ctrl-C while the run's last record uploads to the tracking server
+        return log_artifact(client, run_id, local_path, artifact_path)
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", ctrl_c_on_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        training.run(_tiny(tmp_path, npz_cache_dir, "a", "trainer.max_epochs=1"))
+    monkeypatch.setattr(MlflowClient, "log_artifact", log_artifact)
+    resumed = training.run(_tiny(tmp_path, npz_cache_dir, "b", "trainer.max_epochs=1", "trainer.resume=true"))
+    client = MlflowClient(tracking_uri)
+    assert resumed.finished and client.get_run(resumed.run_id).info.status == "FINISHED"
+    assert METRICS_FILE in [a.path for a in client.list_artifacts(resumed.run_id)]
+    assert (resumed.output_dir.parent / METRICS_FILE).is_file()

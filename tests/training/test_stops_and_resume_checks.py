@@ -1,6 +1,7 @@
 """Where a run stops and what a resume accepts: a run resumed after it stopped early trains no more, a loss that is no
-longer a number stops the run before it is checkpointed, a resume needs a training checkpoint of as many processes and
-reads the weights of that one alone, and the test metrics are filed at the epoch of the weights tested."""
+longer a number stops the run before it is checkpointed, a resume needs a training checkpoint of as many processes, not
+one behind its run's last.pt, and reads the weights of that one alone, and the test metrics are filed at the epoch of
+the weights tested."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from medtriage.errors import ConfigError
-from medtriage.model.checkpoint import BEST, LAST, save_checkpoint
+from medtriage.model.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
 from medtriage.training.distributed import Ranks
 from medtriage.training.job import check_resume_world_size
 from medtriage.training.loop import TrainingDivergedError, TrainState, train_epochs
@@ -90,7 +91,8 @@ def test_automatic_resume_reads_the_weights_of_the_checkpoint_it_continues_alone
             raise ConfigError("another seed", where=path)
 
     before = _bytes_read()
-    path, contents = find_resume_checkpoint(None, tmp_path, "exp", fits)
+    path, _ = find_resume_checkpoint(None, tmp_path, "exp", fits)
+    contents = read_checkpoint(path)  # as `job.resume_point` reads the one it continues
     assert path == chosen and contents["model"]["weight"].numel() == size // 4
     assert _bytes_read() - before < 2 * size  # the refused runs' weights were never read
 
@@ -100,3 +102,18 @@ def test_a_checkpoint_of_torchs_older_file_format_still_resumes(tmp_path):
     path.parent.mkdir(parents=True)
     torch.save(dict.fromkeys(RESUME_KEYS, 0) | {"epoch": 2}, path, _use_new_zipfile_serialization=False)
     assert find_resume_checkpoint(None, tmp_path, "exp")[1]["epoch"] == 2
+
+
+def test_resuming_from_a_checkpoint_behind_its_runs_last_pt_is_refused_naming_both_epochs(tmp_path):
+    """best.pt holds an earlier epoch's training state: continued, it would train again epochs whose metrics the MLflow
+    run holds already (and keeps, as it keeps an epoch logged before an interruption)."""
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    fields = dict.fromkeys(RESUME_KEYS, 0)
+    last = save_checkpoint(ckpt_dir / LAST, **fields | {"epoch": 3, "best_epoch": 2})
+    best = save_checkpoint(ckpt_dir / BEST, **fields | {"epoch": 2, "best_epoch": 2})
+    with pytest.raises(ConfigError, match="epoch 2, and the last.pt beside it epoch 3") as refused:
+        find_resume_checkpoint(str(best), tmp_path, "exp")
+    assert refused.value.where == str(best) and str(last) in refused.value.hint
+    assert find_resume_checkpoint(str(last), tmp_path, "exp")[0] == last
+    save_checkpoint(ckpt_dir / BEST, **fields | {"epoch": 3, "best_epoch": 3})  # the best epoch is the last one
+    assert find_resume_checkpoint(str(best), tmp_path, "exp")[0] == best

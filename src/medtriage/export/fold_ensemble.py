@@ -250,14 +250,12 @@ def _check_held_out_alike(members: FoldMembers, holders: Sequence[int], fold: in
 
 
 def _why_held_out_differ(members: FoldMembers, holders: Sequence[int]) -> str:
-    """Cut alike (_check_one_cut), the holders differ in the seed that sampled their data.limit or in how their pool
-    was built."""
-    configs = [members.configs[k] for k in holders]
-    seeds = [c["trainer"]["seed"] for c in configs]
-    if configs[0]["data"].get("limit") is not None and len(set(seeds)) > 1:
+    """Cut alike (_check_one_cut) from a pool built alike (_check_pool_built_alike), the holders differ in the seed
+    that sampled their data.limit, or else in the pools they were given."""
+    seeds = [members.configs[k]["trainer"]["seed"] for k in holders]
+    if members.configs[holders[0]]["data"].get("limit") is not None and len(set(seeds)) > 1:
         return f"data.limit sampled with trainer.seed {_versus(seeds)}"
-    differ = [f"data.{key} {_versus(values)}" for key, values in _build_differences(configs).items()]
-    return f"their pool was built with {'; '.join(differ)}" if differ else "their pools differ"
+    return "their pools differ"
 
 
 def _experiment_id(name: str) -> str:

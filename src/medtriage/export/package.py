@@ -280,7 +280,7 @@ def _withdraw_aside(package_dir: Path, meta: dict, previous: Path) -> None:
 
 def _holds(package_dir: Path, meta: dict) -> bool:
     try:
-        held = json.loads(meta_bytes(package_dir / META_FILE, "").decode("utf-8"))
+        held = json.loads(meta_bytes(package_dir / META_FILE).decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError, PackageError):  # no package's model.json
         return False
     return isinstance(held, dict) and all(held.get(key) == meta[key] for key in ("name", "version", "sha256"))

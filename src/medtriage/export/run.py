@@ -434,7 +434,7 @@ def export_tracked(net, export_cfg: ExportConfig, run_id: str | None, **inputs) 
 def _held(package_dir: Path) -> str:
     """What the package folder holds, for a message: its version, or no package."""
     try:
-        return f"{package_dir} holds v{json.loads(meta_bytes(package_dir / META_FILE, ''))['version']}"
+        return f"{package_dir} holds v{json.loads(meta_bytes(package_dir / META_FILE))['version']}"
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, PackageError):
         return f"{package_dir} holds no package"
 

@@ -22,7 +22,7 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def meta_bytes(path: Path, hint: str) -> bytes:
+def meta_bytes(path: Path, hint: str = "copy the package folder again from where it came from, or export it again") -> bytes:
     """model.json's bytes, read only when they fit MAX_META_BYTES: a folder copied from a share or a stick may hold
     any file under that name, and it would be read whole into memory. `hint`: what to do about one that does not."""
     with open(path, "rb") as file:

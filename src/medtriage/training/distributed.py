@@ -10,13 +10,19 @@ every helper here is a no-op, so one engine serves both cases.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from medtriage.errors import MedTriageError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,30 @@ def broadcast(value, ranks: Ranks):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception
+
+
+def from_main(decide: Callable[[], T], ranks: Ranks) -> T:
+    """`decide()` run on rank 0 alone (what only it may ask: MLflow), its value on every rank. When it raises, every
+    rank raises (a MedTriageError as it is, another named in a RuntimeError), where the others would wait for a value
+    that never comes."""
+    if not ranks.enabled:
+        return decide()
+    if not ranks.is_main:
+        decided = broadcast(None, ranks)
+        if isinstance(decided, _Failed):
+            raise decided.error
+        return decided
+    try:
+        value = decide()
+    except Exception as error:
+        broadcast(_Failed(error if isinstance(error, MedTriageError) else RuntimeError(f"rank 0 failed: {error!r}")), ranks)
+        raise
+    return broadcast(value, ranks)
 
 
 def shard(n: int, ranks: Ranks) -> np.ndarray:

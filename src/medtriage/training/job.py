@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -29,7 +30,7 @@ from medtriage.data.torch.datasets import CachedSplit, cache_split
 from medtriage.data.torch.split_cache import persistent_split
 from medtriage.errors import ConfigError
 from medtriage.io.safe_output import held_exclusive
-from medtriage.model.checkpoint import BEST, LAST, final_checkpoint, model_from_config
+from medtriage.model.checkpoint import BEST, LAST, final_checkpoint, model_from_config, read_checkpoint
 from medtriage.training import distributed, tracking
 from medtriage.training.distributed import Ranks
 from medtriage.training.loop import TrainingLoop, TrainState, train_epochs
@@ -209,8 +210,6 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     seed_everything(cfg.trainer, device)
     model = model_from_config(config)  # an unknown network fails here, before any data work
     resume_path, resumed = resume_point(cfg, config, ranks)
-    if ranks.is_main:
-        tracking.check_destination(cfg, resumed["mlflow_run_id"] if resumed else None, resume_path)
     ckpt_dir = resume_path.parent if resume_path else distributed.broadcast(Path(cfg.paths.output_dir) / "checkpoints", ranks)
     with claim_checkpoints(ckpt_dir, ranks):
         if ranks.is_main and not resumed:
@@ -219,15 +218,26 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
 
 
 def resume_point(cfg: DictConfig, config: dict, ranks: Ranks) -> tuple[Path | None, dict | None]:
-    """(path, contents) of the checkpoint this run continues, or (None, None) for a new run."""
-    if not (cfg.trainer.resume or cfg.trainer.resume_from):  # naming the checkpoint is asking to resume it
-        return None, None
+    """(path, contents) of the checkpoint this run continues, or (None, None) for a new run, once the run is known to
+    be recordable (`tracking.check_destination`). Rank 0 alone chooses, as only it asks MLflow (which runs finished);
+    the other ranks read the checkpoint it chose, or fail with its refusal."""
+    path = distributed.from_main(lambda: _checked_resume_path(cfg, config, ranks), ranks)
+    return path, (read_checkpoint(path) if path else None)  # read whole: last.pt is replaced every epoch from now on
 
-    def fits(checkpoint: dict, path: Path) -> None:
-        check_resume_config(checkpoint["config"], config, path)
-        check_resume_world_size(checkpoint, ranks, path)
 
-    return find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name, fits)
+def _checked_resume_path(cfg: DictConfig, config: dict, ranks: Ranks) -> Path | None:
+    """Rank 0's part of `resume_point`: the checkpoint to continue (None: a new run), the run checked recordable."""
+    path, mapped = None, None
+    if cfg.trainer.resume or cfg.trainer.resume_from:  # naming the checkpoint is asking to resume it
+
+        def fits(checkpoint: dict, path: Path) -> None:
+            check_resume_config(checkpoint["config"], config, path)
+            check_resume_world_size(checkpoint, ranks, path)
+
+        finished = partial(tracking.finished, cfg.tracking.uri)
+        path, mapped = find_resume_checkpoint(cfg.trainer.resume_from, cfg.paths.runs_dir, cfg.name, fits, finished)
+    tracking.check_destination(cfg, mapped["mlflow_run_id"] if mapped else None, path)
+    return path
 
 
 @contextmanager

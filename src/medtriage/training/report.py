@@ -40,7 +40,8 @@ def log_final(
     metrics: dict[str, float], predictions: dict, state, ckpt_dir: Path, name: str, log_checkpoint: bool, weights: str = "best"
 ) -> None:
     """Test metrics, plots (titled `name`), when `log_checkpoint` the final checkpoint, and metrics.json into the
-    active MLflow run. metrics.json marks the run finished, so it comes last: a run stopped before it is resumable."""
+    active MLflow run. metrics.json in the run folder marks the run finished, so it comes last, after its upload: a run
+    stopped before it (Ctrl-C, a tracking server gone) is resumable."""
     folder = run_folder(ckpt_dir)
     final = final_checkpoint(ckpt_dir, weights)
     final_epoch = state.epoch if final.name == LAST else state.best_epoch  # the epoch whose weights were tested
@@ -50,8 +51,9 @@ def log_final(
         mlflow.log_artifact(str(path), "plots")
     if log_checkpoint:
         mlflow.log_artifact(str(final), "checkpoints")
-    write_atomic(folder / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
-    mlflow.log_artifact(str(folder / METRICS_FILE))
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    mlflow.log_text(text, METRICS_FILE)
+    write_atomic(folder / METRICS_FILE, text.encode())
 
 
 def run_folder(ckpt_dir: Path) -> Path:

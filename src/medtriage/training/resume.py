@@ -62,12 +62,33 @@ def _finished(checkpoint: Path) -> bool:
 
 def _refuse_finished(checkpoint: Path) -> None:
     """A finished run has nothing left to train: continuing it would only reopen its MLflow run and log it again. (A
-    last.pt copied out of its run folder is refused by its MLflow run's status, `tracking.check_destination`.)"""
+    last.pt copied out of its run folder is told by its MLflow run's status: `_passed_over` by automatic resume, refused
+    when named by `tracking.check_destination`.)"""
     if _finished(checkpoint):
         raise ConfigError(
             "trainer.resume_from names a run that finished",
             where=checkpoint,
             hint="resume an interrupted run instead, or start a new run without trainer.resume",
+        )
+
+
+def _refuse_behind_last(checkpoint: Path, contents: dict) -> None:
+    """A checkpoint of an earlier epoch than the last.pt beside it (best.pt) would rewind its run: the epochs after it
+    trained again, their metrics dropped, as its MLflow run holds those steps already (`tracking.log_metrics`). An
+    unreadable last.pt tells nothing: that checkpoint may be all that is left."""
+    last = checkpoint.with_name(LAST)
+    if checkpoint.name == LAST or not last.is_file():
+        return
+    try:
+        latest = read_checkpoint(last, mapped=True).get("epoch")
+    except MedTriageError:
+        return
+    if isinstance(latest, int) and latest > contents["epoch"]:
+        raise ConfigError(
+            f"the checkpoint holds epoch {contents['epoch']}, and the last.pt beside it epoch {latest}: continuing it "
+            "would train those epochs again, in an MLflow run that keeps the metrics they were first logged with",
+            where=checkpoint,
+            hint=f"continue the run with trainer.resume_from={last}, or start a new run without trainer.resume",
         )
 
 
@@ -114,27 +135,53 @@ def _training_checkpoint(path: Path) -> dict:
     return contents
 
 
-def find_resume_checkpoint(
-    resume_from: str | None, runs_dir: str | Path, experiment: str, fits: Callable[[dict, Path], None] | None = None
-) -> tuple[Path, dict]:
-    """(path, contents) of the checkpoint to continue: trainer.resume_from, else the last.pt of this experiment's newest
-    unfinished run that `fits` accepts (a finished run has nothing left to train: continuing it would re-open it, not
-    the interrupted one; an unfinished run of other settings, another seed of a SLURM array say, is another run's).
-    `fits(contents, path)` raises ConfigError for a checkpoint this run may not continue; when none fits, the newest
-    one's refusal is raised. A best.pt that an interruption left behind its last.pt is brought up to date first."""
+def _candidates(resume_from: str | None, runs_dir: str | Path, experiment: str) -> tuple[list[Path], str]:
+    """The checkpoints a resume looks at, in the order it tries them, and where it looked (for a message)."""
     if resume_from:
         given = Path(resume_from)
-        candidates = [given, given / "checkpoints" / LAST, given / LAST] if given.is_dir() else [given]
-        looked = str(given)
-    else:
-        experiment_dir = Path(runs_dir) / experiment
-        unfinished = [p for p in experiment_dir.glob(f"**/checkpoints/{LAST}") if not _finished(p)]
-        candidates = sorted(unfinished, key=lambda p: p.stat().st_mtime, reverse=True)
-        looked = f"{experiment_dir}/**/checkpoints/{LAST} of a run without {METRICS_FILE}"
-    refusals = []
+        return ([given, given / "checkpoints" / LAST, given / LAST] if given.is_dir() else [given]), str(given)
+    experiment_dir = Path(runs_dir) / experiment
+    unfinished = [p for p in experiment_dir.glob(f"**/checkpoints/{LAST}") if not _finished(p)]
+    looked = f"{experiment_dir}/**/checkpoints/{LAST} of a run without {METRICS_FILE}"
+    return sorted(unfinished, key=lambda p: p.stat().st_mtime, reverse=True), looked
+
+
+def _passed_over(path: Path, contents: dict, run_finished: Callable[[str], bool] | None) -> str | None:
+    """Why automatic resume passes `path` over, or None: its MLflow run finished (a last.pt copied out of the run's
+    folder, whose metrics.json stayed behind), and resuming it would reopen that run."""
+    run_id = contents["mlflow_run_id"]
+    if run_finished is None or not run_finished(run_id):
+        return None
+    why = f"{path}, whose MLflow run {run_id} finished"
+    log.warning("trainer.resume passes over %s: a finished run is never resumed", why)
+    return why
+
+
+def find_resume_checkpoint(
+    resume_from: str | None,
+    runs_dir: str | Path,
+    experiment: str,
+    fits: Callable[[dict, Path], None] | None = None,
+    run_finished: Callable[[str], bool] | None = None,
+) -> tuple[Path, dict]:
+    """(path, mapped contents) of the checkpoint to continue: trainer.resume_from, else the last.pt of this
+    experiment's newest unfinished run that `fits` accepts (a finished run has nothing left to train: continuing it
+    would re-open it, not the interrupted one; an unfinished run of other settings, another seed of a SLURM array say,
+    is another run's). `run_finished(mlflow_run_id)` tells a last.pt of a finished run from its MLflow run: passed over
+    with a warning (trainer.resume_from naming one is refused by `tracking.check_destination`). `fits(contents, path)`
+    raises ConfigError for a checkpoint this run may not continue; when none fits, the newest one's refusal is raised.
+    A best.pt that an interruption left behind its last.pt is brought up to date first. The contents are mapped: read
+    the chosen checkpoint whole to continue it (last.pt is replaced every epoch of the resumed run)."""
+    candidates, looked = _candidates(resume_from, runs_dir, experiment)
+    refusals, passed_over = [], []
     for path in filter(Path.is_file, candidates):
         _refuse_finished(path)
         contents = _training_checkpoint(path)
+        _refuse_behind_last(path, contents)
+        why = None if resume_from else _passed_over(path, contents, run_finished)
+        if why:
+            passed_over.append(why)
+            continue
         try:
             if fits:
                 fits(contents, path)
@@ -144,11 +191,12 @@ def find_resume_checkpoint(
             refusals.append(refused)
             continue
         _catch_up_best(path, contents)
-        return path, read_checkpoint(path)  # read, not mapped: last.pt is replaced every epoch of the resumed run
+        return path, contents
     if refusals:
         raise refusals[0]
     raise DataNotFoundError(
-        "trainer.resume=true but no unfinished run has a checkpoint to resume",
+        "trainer.resume=true but no unfinished run has a checkpoint to resume"
+        + (f"; passed over {'; '.join(passed_over)}: a finished run is never resumed" if passed_over else ""),
         where=looked,
         hint="start a new run without trainer.resume, or set trainer.resume_from=<run folder or last.pt>",
     )

@@ -144,13 +144,8 @@ def _resumable(uri: str, run_id: str, checkpoint: Path | None = None) -> str:
     (MLFLOW_TRACKING_URI unset in a new shell, a laptop's SQLite file instead of the server) fails here, saying which
     run and which store; so does a last.pt copied out of a finished run's folder (the folder's metrics.json, which
     marks it finished, stayed behind), which would set the finished run RUNNING again and log more epochs into it."""
-    try:
-        info = MlflowClient(uri).get_run(run_id).info
-    except MlflowException as error:
-        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            raise
-        info = None
-    if info is None or info.lifecycle_stage == "deleted":
+    info = _run_info(uri, run_id)
+    if info is None:
         raise ConfigError(
             f"the checkpoint's MLflow run {run_id} is not in the tracking store {uri}",
             where="tracking.uri",
@@ -164,6 +159,23 @@ def _resumable(uri: str, run_id: str, checkpoint: Path | None = None) -> str:
             "trainer.resume_from (it starts from new weights)",
         )
     return run_id
+
+
+def _run_info(uri: str, run_id: str):
+    """The info of `run_id` in the store at `uri`, or None when the store does not hold it or holds it deleted."""
+    try:
+        info = MlflowClient(uri).get_run(run_id).info
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        return None
+    return None if info.lifecycle_stage == "deleted" else info
+
+
+def finished(uri: str, run_id: str | None) -> bool:
+    """Whether the store at `uri` holds `run_id` finished (one it does not hold is `_resumable`'s to refuse)."""
+    info = _run_info(uri, run_id) if run_id else None
+    return info is not None and info.status == "FINISHED"
 
 
 TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))  # no SIGHUP on Windows
