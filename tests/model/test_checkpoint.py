@@ -51,3 +51,19 @@ def test_final_checkpoint_is_last_when_asked_else_best(tmp_path):
     save_checkpoint(tmp_path / "best.pt", epoch=1)
     assert final_checkpoint(tmp_path, "best").name == "best.pt"
     assert final_checkpoint(tmp_path, "last").name == "last.pt"
+
+
+def test_a_resume_on_fewer_gpus_than_the_run_saved_restores_the_generators_it_has(monkeypatch):
+    """Before, every saved CUDA state was set, and a checkpoint of an 8-GPU node resumed on a 1-GPU workstation failed
+    with an IndexError (torch sets state i on device i). CPU-only here: torch.cuda's device count is the machine's."""
+    import torch
+
+    from medtriage.training.resume import restore_rng_state, rng_state
+
+    state = {**rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8) + k for k in range(8)]}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    restore_rng_state(state)
+    assert len(restored) == 1 and int(restored[0][0]) == 0
