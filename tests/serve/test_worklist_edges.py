@@ -17,6 +17,7 @@ from medtriage.serve.node.store import NodeStore
 from medtriage.serve.node.worker import Worker
 from medtriage.serve.worklist import Worklist
 from tests.serve import test_worklist as base
+from tests.serve.test_http_edges import LiveServer
 from tests.serve.test_worklist import AUTH, TOKEN
 
 chest_files, live_server = base.chest_files, base.live_server  # the worklist tests' fixtures
@@ -130,6 +131,24 @@ def test_the_page_runs_under_its_policy_and_shows_header_values_as_text(live_ser
     assert HOSTILE["StudyDescription"][:100] in page.text_content("#detail-fields")
     assert page.evaluate("() => window.pwned") is None and page.evaluate("() => window.violations") == []
     assert page.eval_on_selector_all("#detail-fields b, #worklist img", "nodes => nodes.length") == 0
+
+
+@pytest.mark.parametrize("token", ["clé-secret-1234", "clé-ŝecret-1234"])
+def test_the_page_sends_a_token_beyond_ascii_as_the_service_compares_it(predictor, chromium, token):
+    """The service compares a token as its UTF-8 bytes. The page sent 'é' as one Latin-1 byte (refused as a wrong
+    token), and fetch refuses a header with 'ŝ' in it, which the page reported as a service that could not be reached."""
+    with LiveServer(create_app(predictor, token=token)) as client:
+        page = chromium.new_page()
+        page.set_default_timeout(10_000)
+        page.goto(f"{client.base_url}/worklist")
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('needs an access token')")
+        page.fill("#token", token)
+        page.click("#save-token")
+        page.wait_for_function(
+            "() => document.getElementById('updated').textContent !== '' || document.getElementById('status').textContent !== ''"
+        )
+        assert page.text_content("#status") == "" and page.text_content("#updated").startswith("List as of")
+        page.close()
 
 
 def test_an_urgent_study_stays_listed_when_newer_routine_studies_arrive(predictor, chest_files, monkeypatch):

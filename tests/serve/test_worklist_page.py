@@ -335,3 +335,33 @@ def test_the_probability_is_called_calibrated_only_when_it_is(open_page):
         said[row["id"]] = page.evaluate("""() => [...document.querySelectorAll('#detail-fields dt')]
             .find((dt) => dt.textContent === 'p(pneumonia)').nextElementSibling.textContent""")
     assert said == {"1": "0.900 (calibrated)", "2": "0.400 (score, not calibrated)", "3": "0.500 (calibration of tiny v2 not known)"}
+
+
+READS_LEFT_TO_RIGHT = """(text) => {  // whether `text`, where the page shows it, runs left to right on the screen
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const at = node.data.indexOf(text);
+    if (at < 0) continue;
+    const left = (i) => { const r = document.createRange(); r.setStart(node, i); r.setEnd(node, i + 1); return r.getBoundingClientRect().left; };
+    return left(at) < left(at + text.length - 1);
+  }
+  return null;
+}"""
+
+
+def test_a_name_with_direction_marks_does_not_turn_the_words_after_it_around(open_page):
+    """A file name or accession carrying a right-to-left override (U+202E) reversed everything after it on its line:
+    the reason a file was refused, or what to do when a study's details could not be fetched, read back to front."""
+    service = CannedService([entry("1", "URGENT", 0.9, accession="\u202eACC1")])
+    refusal = "not a DICOM file (no preamble)"
+    rejected = [{"file": "\u202eevil.dcm", "reason": refusal, "error": "DicomError"}]
+    service.answers["/v1/score"] = (422, {"error": {"reason": "no file could be scored"}, "results": [], "rejected": rejected})
+    service.answers["/v1/worklist/1"] = (503, {"error": {"reason": "the service is busy", "hint": "retry in a minute"}})
+    page = open_page(service)
+    page.set_input_files("#files", {"name": "evil.dcm", "mimeType": "application/dicom", "buffer": b"DICM"})
+    page.click("#upload")
+    page.wait_for_function("() => document.getElementById('rejected').textContent.includes('no preamble')")
+    assert page.evaluate(READS_LEFT_TO_RIGHT, refusal) is True
+    page.click("#worklist tbody tr[data-id='1']")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('busy')")
+    assert page.evaluate(READS_LEFT_TO_RIGHT, "retry in a minute") is True

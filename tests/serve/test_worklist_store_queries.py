@@ -49,3 +49,26 @@ def _close_as_routine(worklist: Worklist, study_uid: str) -> None:
     """The worklist's own close, the study's priority then set to ROUTINE: the uploads' scores decide nothing here."""
     Worklist._close(worklist, study_uid)
     worklist.store._execute("UPDATE studies SET priority = 'ROUTINE' WHERE study_uid = ?", (study_uid,))
+
+
+def test_a_picture_finished_after_its_study_was_forgotten_is_not_kept(predictor, chest_files, monkeypatch):
+    """Drawing a picture takes a while, and an upload meanwhile can make a memory store forget the study. Saved after
+    that, the picture belonged to no row and nothing ever deleted it: memory that grew with every such overlap."""
+    from medtriage.serve import worklist as module
+
+    worklist = Worklist(predictor, capacity=1)
+    first, second = chest_files["by_p"][:2]  # the least suspicious: an URGENT study would be kept, not forgotten
+    assert predictor.priority(chest_files["p"][first]) != "URGENT"
+    assert isinstance(worklist.score_or_reject(first.read_bytes(), first.name), list)
+    (row,) = worklist.rows()
+    explain_frame = module.explain_frame
+
+    def drawn_while_another_study_arrives(*args):
+        drawn = explain_frame(*args)
+        assert isinstance(worklist.score_or_reject(second.read_bytes(), second.name), list)
+        return drawn
+
+    monkeypatch.setattr(module, "explain_frame", drawn_while_another_study_arrives)
+    assert worklist.overlay(row["id"]).startswith(b"\x89PNG")  # the reader who asked still gets it
+    assert worklist.unlisted()["evicted"] == 1
+    assert worklist.store._execute("SELECT sop_uid FROM overlays WHERE sop_uid NOT IN (SELECT sop_uid FROM instances)") == []

@@ -303,8 +303,9 @@ class Worklist:
             hint = err.hint or "the score stands; open the study in the PACS viewer"
             raise HTTPException(422, {"reason": f"no picture could be drawn: {err.reason}", "hint": hint}) from err
         drawing = {**result.describe(), "ms": round(1000 * (time.perf_counter() - started), 1), "package": scored_by(top)}
-        self.store.save_overlay(top["sop_uid"], png, drawing)
-        with self._lock:
+        with self._lock:  # uploads forget studies under this lock: one forgotten while drawing keeps no orphan picture
+            if self.store.has_instance(top["sop_uid"]):
+                self.store.save_overlay(top["sop_uid"], png, drawing)
             self._display.pop(top["sop_uid"], None)  # the PNG is all the row needs from now on
         return png
 
