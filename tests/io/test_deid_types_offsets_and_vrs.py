@@ -1,12 +1,13 @@
 """De-identification edges on real files: compound actions of Table E.1-1 on attributes an IOD makes Type 1 (an
 enhanced MR's Device Serial Number), timezone offsets inside DateTime values when Timezone Offset From UTC is
-removed, UIDs, names and dates a writer encoded with another VR, and the data set's own UIDs copied into attributes
-the table does not list."""
+removed, UIDs, names and dates a writer encoded with another VR, the data set's own UIDs copied into attributes
+the table does not list, into class attributes or into text, and a command set stored with the object."""
 
 from __future__ import annotations
 
 import io
 import re
+import struct
 import subprocess
 from pathlib import Path
 
@@ -108,6 +109,94 @@ def test_the_data_sets_own_uids_in_attributes_the_table_does_not_list_map_as_the
     assert ds.RecordKey.rstrip(b"\0").decode() == ds.SOPInstanceUID == KEY.uid(sop)
     issuer = ds.IssuerOfAccessionNumberSequence[0]
     assert (issuer.LocalNamespaceEntityID, issuer.UniversalEntityID) == (KEY.uid(study), "hospital.example")
+
+
+def _saved(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+def test_the_data_sets_own_uids_inside_kept_text_map_as_the_uids_do(syntax):
+    """Before, only a kept value equal to one of the data set's own UIDs was remapped: the same UID inside a comment,
+    a note or a WADO-RS address stayed, and linked the object back to the site's archive. A UID counts as a whole
+    token (a longer UID it begins is another UID); a value the new UID would make longer than its VR allows goes."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.FrameOfReferenceUID = "1.2.826.0.1.4711"  # shorter than its replacement
+    sop, study, series, frame = (str(ds[k].value) for k in OWN_UIDS)
+    ds.ContentDescription = f"see study {study}"  # LO
+    ds.CalibrationNotes = f"moved from {series}.\r\nsee {sop}, not {sop}.9 or 9.{sop}"  # LT
+    ds.RetrieveURL = f"https://pacs.example/wado/studies/{study}/series/{series}"  # UR
+    ds.EventTimerNames = ["start", "t" * (63 - len(frame)) + " " + frame]  # LO: 64 characters, 64+ once replaced
+    ds.TransformDescription = "x" * (1023 - len(frame)) + " " + frame  # ST: 1024 characters, 1024+ once replaced
+    ds = _reread(ds, syntax)
+    deidentify(ds, KEY)
+    data = _saved(ds)
+    assert not [uid for uid in (study, series, frame) if uid.encode() in data]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    new_sop, new_study, new_series = (KEY.uid(uid) for uid in (sop, study, series))
+    assert ds.ContentDescription == f"see study {new_study}"
+    assert ds.CalibrationNotes == f"moved from {new_series}.\r\nsee {new_sop}, not {sop}.9 or 9.{sop}"
+    assert ds.RetrieveURL == f"https://pacs.example/wado/studies/{new_study}/series/{new_series}"
+    assert "EventTimerNames" not in ds and "TransformDescription" not in ds
+
+
+@pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+def test_the_data_sets_own_instance_uid_in_a_class_attribute_maps_as_the_uid_does(syntax):
+    """Class UIDs stay as read, so an instance UID a writer put into a class attribute (class and instance swapped in
+    a reference) stayed too, and linked the object to the site's archive. Registered classes still stay."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+    swapped, registered = Dataset(), Dataset()
+    swapped.ReferencedSOPClassUID, swapped.ReferencedSOPInstanceUID = sop, ds.SOPClassUID
+    registered.ReferencedSOPClassUID, registered.ReferencedSOPInstanceUID = ds.SOPClassUID, sop
+    ds.ReferencedSOPSequence = [swapped, registered]
+    ds.SOPClassesInStudy = [ds.SOPClassUID, study]
+    ds = _reread(ds, syntax)
+    deidentify(ds, KEY)
+    data = _saved(ds)
+    assert sop.encode() not in data and study.encode() not in data
+    ds = pydicom.dcmread(io.BytesIO(data))
+    swapped, registered = ds.ReferencedSOPSequence
+    assert (swapped.ReferencedSOPClassUID, swapped.ReferencedSOPInstanceUID) == (ds.SOPInstanceUID, ds.SOPClassUID)
+    assert (registered.ReferencedSOPClassUID, registered.ReferencedSOPInstanceUID) == (ds.SOPClassUID, ds.SOPInstanceUID)
+    assert list(ds.SOPClassesInStudy) == ["1.2.840.10008.5.1.4.1.1.2", KEY.uid(study)] and ds.SOPInstanceUID == KEY.uid(sop)
+
+
+def test_the_data_sets_own_uids_in_text_written_as_bulk_data_map_as_the_uids_do():
+    """Bulk data (OB, OW, UN) longer than 64 bytes was never read as text. A text attribute a writer encoded as OB
+    still holds text: the study UID in its notes stayed, while pixel data stays unread."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    study, pixels = str(ds.StudyInstanceUID), ds.PixelData
+    notes = f"calibrated for study {study} after the tube change on the first of the month"
+    ds.add(DataElement(0x00143099, "OB", notes.encode()))  # Calibration Notes (LT)
+    ds = _reread(ds)
+    deidentify(ds, KEY)
+    data = _saved(ds)
+    assert study.encode() not in data
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.CalibrationNotes.rstrip(b"\0").decode() == notes.replace(study, KEY.uid(study))
+    assert ds.PixelData == pixels
+
+
+def test_a_command_set_stored_with_the_object_is_removed():
+    """Some systems store the command set (group 0000) of the message an object came in: pydicom reads it with the data
+    set, yet no file may hold one, so the de-identified object could not be written, and its Move Originator names a
+    station of the site."""
+    buffer = io.BytesIO()
+    pydicom.dcmread(get_testdata_file("CT_small.dcm")).save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    start = 144 + struct.unpack("<L", data[140:144])[0]  # after the file meta and its group length
+    command = b"".join(  # implicit VR little endian, as a command set is always encoded
+        struct.pack("<HHL", 0, element, len(value)) + value
+        for element, value in ((0x0100, struct.pack("<H", 1)), (0x0110, struct.pack("<H", 7)), (0x1030, b"RADIOLOGY_WS3 "))
+    )
+    ds = pydicom.dcmread(io.BytesIO(data[:start] + command + data[start:]))
+    assert ds.MoveOriginatorApplicationEntityTitle == "RADIOLOGY_WS3"
+    deidentify(ds, KEY)
+    assert not [tag for tag in ds.keys() if tag >> 16 == 0]
+    assert b"RADIOLOGY_WS3" not in _saved(ds)
 
 
 def test_an_unlisted_uid_name_or_date_written_with_another_vr_is_treated_as_its_attribute_is():

@@ -8,11 +8,12 @@ apply them. Identity is replaced with values keyed by a secret the site keeps (`
 HMAC-SHA256 pseudonyms, a per-patient date shift and `2.25.<int>` UIDs, so the same patient,
 study or referenced instance maps to the same value on every run, and nothing can be reversed
 without the secret. UIDs that name a kind of object, not an instance (SOP classes, a vendor's
-private ones included, transfer syntaxes, coding schemes), keep their value. A value kept elsewhere
-that equals one of the remapped UIDs (copied into an attribute the table does not list, or written
-with another VR) is remapped as that UID is. All private elements are removed. Pixel data is never
-touched, which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in
-their pixels or in free text to quarantine instead.
+private ones included, transfer syntaxes, coding schemes), keep their value. One of the remapped
+UIDs found in a value kept elsewhere (copied into an attribute the table does not list or into a
+class attribute, written with another VR, or quoted in free text or an address) is remapped as that
+UID is, or its element goes where the new UID would not fit. All private elements are removed. Pixel
+data is never touched, which is why `medtriage.io.quarantine.screen` sends objects that may carry
+identity in their pixels or in free text to quarantine instead.
 
 numpy/pydicom only: sites install the base package.
 """
@@ -114,8 +115,6 @@ PSEUDONYM_TAGS = frozenset(tag_for_keyword(k) for k in ("PatientID", "PatientNam
 KIND_UID_TAGS = frozenset(
     tag_for_keyword(k)
     for k in (
-        "AffectedSOPClassUID",
-        "RequestedSOPClassUID",
         "MediaStorageSOPClassUID",
         "TransferSyntaxUID",
         "RTVCommunicationSOPClassUID",
@@ -140,13 +139,20 @@ KIND_UID_TAGS = frozenset(
         "PertinentSOPClassesInSeries",
     )
 )
-KEEP_KIND = "N"  # the walker's action for them: the value stays as read, wherever it occurs
+KEEP_KIND = "N"  # the walker's action for them: the value stays as read, wherever it occurs, unless it is one of the
+# data set's own instance UIDs (a writer that swapped class and instance in a reference): that one maps as it does
 UID_TEXT = re.compile(r"[0-9.\\\0 ]*")  # UID syntax (PS3.5 9.1), several values and padding: no room for a name
 # A remapped UID that other values are compared with: three components at least, so that no number is taken for one.
 OWN_UID = re.compile(r"[0-9]+(?:\.[0-9]+){2,}")
-# Where a value equal to such a UID can take its replacement (up to 64 characters); elsewhere the element goes.
-UID_HOLDING_VRS = frozenset({"LO", "LT", "ST", "UT", "UC", "UR", "OB", "UN"})
-BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})  # one value each: longer than 64 bytes, not a UID
+# How text can quote one: a longest run of digits and dots, so that a UID is never found inside a longer one, yet the
+# full stop after it that ends a sentence is not taken for part of it.
+UID_TOKEN = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+# Where such a UID can take its replacement, with the most characters a value may then have (PS3.5 6.2; LO and UI
+# per value, the others have one): the element goes where the VR is not listed or its value would grow past that.
+UID_HOLDING_VRS = {"LO": 64, "UI": 64, "LT": 10240, "ST": 1024, "UT": None, "UC": None, "UR": None, "OB": None, "UN": None}
+# One value each: longer than 64 bytes, not text, unless the attribute is text a writer encoded as bulk data.
+BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
 # Z allows "a dummy value consistent with the VR": a keyed one keeps accession-keyed labels joinable.
 ACCESSION_TAG = tag_for_keyword("AccessionNumber")
 # What systems write into Patient's Name (or Patient ID) when they know no name (compared upper-case, name components
@@ -427,8 +433,7 @@ class _ProfileWalker:
                 action = "U"  # not a UID (text, or items): it may name anyone, and goes as unlisted UIDs do
             actions[action] += 1
             if (action == "K" and vr not in ("SQ", "UI", None)) or action == KEEP_KIND:
-                if action == "K":
-                    self.kept.append((ds, tag, action))
+                self.kept.append((ds, tag, action))  # a class attribute too: a writer may have put an instance UID there
                 continue  # the common case: kept as read, raw bytes or decoded alike
             if action == "X":
                 del ds[tag]
@@ -472,6 +477,8 @@ class _ProfileWalker:
     def _decide(self, tag: int, vr: str | None, top_level: bool) -> str:
         if (tag >> 16) & 1 or tag & 0xFFFF == 0 or not (dictionary_has_tag(tag) or self.table.action(tag)):
             return "X"  # private, group lengths (retired, would go stale) and unknown public elements
+        if tag >> 16 == 0:
+            return "X"  # a command set stored with the object: part of a message, never of a file (PS3.5 7.1)
         known = dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"
         # The VR the attribute has and the one the file gave it (writers get it wrong): either says UID, name or date.
         vrs = {vr or known, known}
@@ -543,28 +550,34 @@ class _ProfileWalker:
         return new
 
     def replace_own_uids(self) -> None:
-        """A kept value equal to a UID remapped elsewhere in the data set (an attribute the table does not list, or
-        written with another VR) would link the object back to the site's archive: it maps as that UID does, so that
-        references stay consistent, or its element goes where the VR cannot hold the new UID."""
+        """A kept value holding a UID remapped elsewhere in the data set (an attribute the table does not list, written
+        with another VR, or quoted in a comment or an address) would link the object back to the site's archive: the
+        UID maps as it does there, so that references stay consistent, or the element goes where the VR cannot hold
+        the new UID. Registered UIDs (DICOM root) are never remapped, so class attributes keep them."""
         for ds, tag, counted in self.kept if self.remapped else ():
             elem = ds.get_item(tag)
-            values = _text_values(elem)
-            if self.remapped.isdisjoint(v.strip("\0 ") for v in values):
+            values = [v.rstrip("\0 ") for v in _text_values(elem)]
+            new = [UID_TOKEN.sub(self.remap_own_uid, v) for v in values]
+            if new == values:
                 continue
             self.actions[counted] -= 1
-            if elem.VR not in UID_HOLDING_VRS:
+            if elem.VR is None:  # kept undecoded from an implicit VR file: the attribute's VR says what it may hold
+                elem = ds[tag]
+            if not _fits(elem.VR, new):
                 self.actions["X"] += 1
                 del ds[tag]
                 continue
             self.actions["U"] += 1
-            new = [self.remap_uid(v) if v.strip("\0 ") in self.remapped else v for v in values]
-            padding = "\0" if elem.VR in BULK_VRS else " "
+            padding = "\0" if elem.VR in BULK_VRS or elem.VR == "UI" else " "
             if elem.is_raw:
                 ds[tag] = _with_text(elem, "\\".join(new), padding)
             elif isinstance(elem.value, bytes):
                 elem.value = _padded("\\".join(new), padding)
             else:
                 elem.value = new if len(new) > 1 else new[0]
+
+    def remap_own_uid(self, found: re.Match) -> str:
+        return self.remap_uid(found[0]) if found[0] in self.remapped else found[0]
 
     def shift_date(self, value: str) -> str:
         return _shifted(_parse_date(value), self.shift_days)
@@ -585,13 +598,26 @@ def _is_uid_text(elem) -> bool:
     return all(isinstance(v, str) and UID_TEXT.fullmatch(v) for v in values if v is not None)
 
 
+def _fits(vr: str, values: list[str]) -> bool:
+    """Whether `values` are a valid value of `vr`, one that can hold a UID, by length."""
+    if vr not in UID_HOLDING_VRS:
+        return False
+    limit = UID_HOLDING_VRS[vr]
+    return limit is None or all(len(v) <= limit for v in (values if vr in ("LO", "UI") else ["\\".join(values)]))
+
+
 def _text_values(elem) -> list[str]:
     """The element's values as text, decoded or still bytes; none for numbers, names and bulk data."""
     value = elem.value
     if isinstance(value, bytes):
-        return [] if elem.VR in BULK_VRS and len(value) > 64 else value.decode("latin-1").split("\\")
+        bulk = elem.VR in BULK_VRS and len(value) > 64 and _attribute_vr(elem.tag) not in TEXT_VRS
+        return [] if bulk else value.decode("latin-1").split("\\")
     values = list(value) if isinstance(value, (list, MultiValue)) else [value]
     return values if all(isinstance(v, str) for v in values) else []
+
+
+def _attribute_vr(tag: int) -> str:
+    return dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"
 
 
 def _is_text(value) -> bool:

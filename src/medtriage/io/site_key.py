@@ -44,7 +44,8 @@ class SiteKey:
 
     def uid(self, original: str) -> str:
         """`2.25.<int>` for any UID outside the DICOM root; registered ones (SOP classes...) stay. A private UID that
-        names a kind of object (a vendor's SOP class) is kept by its attribute: deid.KIND_UID_TAGS never come here."""
+        names a kind of object (a vendor's SOP class) is kept by its attribute: deid.KIND_UID_TAGS come here only
+        where they hold one of the data set's own instance UIDs."""
         original = original.strip("\0 ")
         if not original or original.startswith(DICOM_UID_ROOT):
             return original
