@@ -198,9 +198,10 @@ async def _multipart_files(request: Request, max_bytes: int, max_files: int, ope
     except (RequestError, ClientDisconnect, OSError):  # OSError: the spool's disk, not the body
         raise
     except Exception as err:  # python-multipart raises several kinds on malformed input
+        cause = f"; {err.__cause__}" if err.__cause__ else ""  # Starlette's "Invalid multipart data" hides which limit
         raise RequestError(
             400,
-            f"malformed multipart body ({type(err).__name__}: {err})",
+            f"malformed multipart body ({type(err).__name__}: {err}{cause})",
             "send multipart/form-data with its boundary and one 'files' part per file, or one file as application/dicom",
         ) from err
     files = []
