@@ -16,9 +16,10 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from medtriage.errors import InputError
-from medtriage.io.deid import NO_SOP_CLASS, NO_TRANSFER_SYNTAX, DeidOptions, deidentify
+from medtriage.io.deid import NO_SOP_CLASS, NO_SOP_INSTANCE, NO_TRANSFER_SYNTAX, DeidOptions, deidentify, not_deidentifiable
 from medtriage.io.ingest_file import init_worker, process_file
 from medtriage.io.part10 import encode
+from medtriage.io.quarantine import Unsafe, screen
 from medtriage.io.site_key import SiteKey
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
@@ -104,3 +105,15 @@ def test_ingest_quarantines_an_image_without_sop_class_uid_saying_what_is_missin
     ds.save_as(buffer)
     outcome = _ingested(tmp_path, buffer.getvalue())
     assert (outcome.status, outcome.reason, outcome.detail) == ("quarantined", "unreadable", NO_SOP_CLASS)
+
+
+@pytest.mark.parametrize("uid", [None, ""])
+def test_the_screen_words_a_missing_sop_instance_uid_as_de_identification_does(uid):
+    """Before, the screen said a bare "no SOP Instance UID" (and let an empty one through): no tag, nothing to do."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    if uid is None:
+        del ds.SOPInstanceUID
+    else:
+        ds.SOPInstanceUID = uid
+    assert not_deidentifiable(ds) == NO_SOP_INSTANCE
+    assert screen(ds) == Unsafe("unreadable", NO_SOP_INSTANCE)

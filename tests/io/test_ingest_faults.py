@@ -125,3 +125,23 @@ def test_a_source_changed_or_removed_after_it_was_read_is_listed_and_read_again_
     monkeypatch.undo()
     again = ingest_site("site_a", tmp_path / "site", tmp_path / "pool", key=key, quarantine=tmp_path / "q", progress=False)
     assert again.pooled_new == 1 and (more / "burned.dcm").exists() and "changed_while_read" not in again.quarantined
+
+
+def test_a_kill_between_listing_a_quarantined_file_and_indexing_it_does_not_list_it_twice(tmp_path):
+    """The quarantine row is written before the index row that marks its input done: a kill between the two leaves the
+    input to be read again, and the rerun finds it listed already."""
+    build_phi_site(tmp_path / "site")
+    key = SiteKey(SECRET)
+    ingest_site("site_a", tmp_path / "site", tmp_path / "whole", key=key, quarantine=tmp_path / "q-whole", progress=False)
+    pool = tmp_path / "pool"
+    ingest_site("site_a", tmp_path / "site", pool, key=key, quarantine=tmp_path / "q", progress=False)
+    index = ledger_folder(pool, "site_a") / INDEX_FILE
+    lines = index.read_text().splitlines(keepends=True)
+    at = max(i for i, line in enumerate(lines) if ",quarantined," in line)  # the kill came before this row
+    index.write_text("".join(lines[:at] + lines[at + 1 :]))
+    summary = ingest_site("site_a", tmp_path / "site", pool, key=key, quarantine=tmp_path / "q", progress=False)
+    assert summary.counts_in == summary.pooled + sum(summary.quarantined.values()) and summary.pooled_new == 0
+    assert _rows(tmp_path / "q" / "quarantine.csv") == _rows(tmp_path / "q-whole" / "quarantine.csv")
+    assert _rows(index) == _rows(ledger_folder(tmp_path / "whole", "site_a") / INDEX_FILE)
+    quarantined, whole = _tree(tmp_path / "q"), _tree(tmp_path / "q-whole")
+    assert quarantined.pop("quarantine.csv") and whole.pop("quarantine.csv") and quarantined == whole

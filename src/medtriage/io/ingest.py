@@ -14,27 +14,35 @@ that cannot be read at all is listed there as `cannot_read`, one over the size l
 removed after it was read as `changed_while_read`, without a copy, and all are looked at again by the next run).
 
 Every input file ends in exactly one place: counts in = pooled + quarantined (per reason). Files under a hidden name
-(a dot first) at any depth of the site folder are not inputs (`medtriage.io.site_folder`).
+(a dot first) at any depth of the site folder are not inputs (`medtriage.io.site_folder`). A run stopped by Ctrl-C,
+SIGTERM or SIGHUP finishes and records the files in progress, begins no other and ends (exit status 128 + the signal's
+number) before the pool's labels and the audit log are written: the next run takes up the rest, and writes them.
 Torch-free and pandas-free: a site installs only the base package.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import secrets
+import signal
+import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import islice
+from itertools import islice, takewhile
 from pathlib import Path
 
 from medtriage.arguments import positive_int, refuse_file_as_folder
 from medtriage.errors import ConfigError, DataNotFoundError, MedTriageError
 from medtriage.io.deid import DeidOptions
 from medtriage.io.header_warnings import say_header_warnings, saying_header_warnings
-from medtriage.io.ingest_file import DEFAULT_MAX_FILE_BYTES, init_worker, process_file
+from medtriage.io.ingest_file import DEFAULT_MAX_FILE_BYTES, NOT_STARTED, init_pool_worker, init_worker, process_file
 from medtriage.io.ingest_ledger import (
     INDEX_FILE,
     IngestSummary,
@@ -55,6 +63,7 @@ from medtriage.project import project_path
 
 LOCK_FILE = "ingest.lock"
 IN_FLIGHT_PER_WORKER = 2  # files handed to the workers at a time, per worker: enough to keep each busy
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 # ---------------------------------------------------------------- the site run (main process)
@@ -104,15 +113,74 @@ def ingest_site(
         site_dir.mkdir(parents=True, exist_ok=True)
         remove_partials(site_dir)  # temporary files of a killed run; their inputs are not in the index, so they run again
         ledger = Ledger(site, site_dir, ledger_dir / INDEX_FILE, quarantine, run, index, pooled_pixels(pool))
-        init_args = (key, options, frozenset(index), verify_pixels, max_file_bytes, saying_header_warnings())
-        for out in _map(sources, workers, progress, site, init_args):
-            ledger.record(out, summary)
-        ledger.close()
+        with closing(ledger), _stop_requests(site) as stop:
+            init_args = (key, options, frozenset(index), verify_pixels, max_file_bytes, saying_header_warnings())
+            with closing(_map(sources, workers, progress, site, init_args, stop.flag)) as outcomes:
+                for done, out in enumerate(outcomes, 1):
+                    ledger.record(out, summary)
+                    stop.done = done
+        if stop.signum is not None:
+            raise IngestStopped(site, stop.signum, stop.done, len(sources))
         rows = ledger.index.values()
         summary.flags = Counter(r["flag"].split(":")[0] for r in rows if r["flag"] and r["content_key"] in ledger.seen)
         summary.labels = write_pool_labels(labels, site_dir / SITE_LABELS_FILE, [r for r in rows if r["outcome"] == "pooled"], key)
         summary.log_path = str(write_audit_log(ledger_dir, summary, options, workers, started))
     return summary
+
+
+class IngestStopped(KeyboardInterrupt):
+    """A run stopped by a signal once the files in progress were recorded: a rerun takes up the rest."""
+
+    def __init__(self, site: str, signum: int, done: int, total: int):
+        self.signum = signum
+        super().__init__(
+            f"ingest of site {site!r} stopped by {signal.Signals(signum).name} after {done} of {total} files: run the "
+            "same ingest again to take up the rest (what this run recorded is not ingested again)"
+        )
+
+
+@dataclass
+class _Stop:
+    """A stop asked of the run: `flag` is shared with the workers (`ingest_file.process_file`)."""
+
+    flag: object = field(default_factory=lambda: multiprocessing.RawValue("b", 0))
+    signum: int | None = None
+    done: int = 0  # the files recorded so far
+
+
+@contextmanager
+def _stop_requests(site: str) -> Iterator[_Stop]:
+    """Ctrl-C, SIGTERM and SIGHUP stop the run in the block: no file is begun after, those in progress are finished and
+    recorded, and the next run takes up the rest. A second signal stops it at once (KeyboardInterrupt). A signal the
+    process ignores (nohup, a background job) stays ignored. Only the main thread may set signal handlers: elsewhere
+    the block runs with the process's own."""
+    stop = _Stop()
+
+    def request(signum, frame):
+        if stop.signum is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        stop.signum, stop.flag.value = signum, 1
+        _say(f"stopping the ingest of site {site!r}: files in progress are finished, no other is begun (a second signal stops at once)")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    heeded = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, request) for signum in heeded}
+    try:
+        yield stop
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
+def _say(line: str) -> None:
+    """`line` on stderr from a signal handler: written straight to the descriptor, as the handler may have come in the
+    middle of a write to sys.stderr (a progress line)."""
+    try:
+        os.write(sys.stderr.fileno(), f"{line}\n".encode())
+    except (OSError, ValueError):  # no terminal left (a hang-up), or no stderr descriptor
+        pass
 
 
 @contextmanager
@@ -173,27 +241,36 @@ def _refuse_linked_outputs(inputs: list[Path], pool: Path, quarantine: Path) -> 
                 )
 
 
-def _map(sources: list[str], workers: int, progress: bool, site: str, init_args: tuple):
-    def shown(outcomes):  # a bar on a terminal; plain lines in the log of a scheduled ingest
-        return with_progress(outcomes, len(sources), f"ingest {site}", "file", disable=not progress)
+def _map(sources: list[str], workers: int, progress: bool, site: str, init_args: tuple, stop=None):
+    """Outcomes in input order, up to the first file `stop` (`init_worker`'s) came before: the files after it are left
+    to the next run, even one done meanwhile, so that the ledger sees every input before them and none after."""
 
+    def shown(outcomes):  # a bar on a terminal; plain lines in the log of a scheduled ingest
+        started = takewhile(lambda out: out.status != NOT_STARTED, outcomes)
+        return with_progress(started, len(sources), f"ingest {site}", "file", disable=not progress)
+
+    stop = multiprocessing.RawValue("b", 0) if stop is None else stop
     if workers <= 1:
-        init_worker(*init_args)
+        init_worker(*init_args, stop)
         yield from shown(map(process_file, sources))
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=init_worker, initargs=init_args) as pool:
-        yield from shown(_in_order(pool, sources, IN_FLIGHT_PER_WORKER * workers))
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=init_pool_worker, initargs=(*init_args, stop))
+    try:
+        yield from shown(_in_order(pool, sources, IN_FLIGHT_PER_WORKER * workers, stop))
+    finally:
+        stop.value = 1  # the run is over (done, stopped or failed): a worker begins none of the files still handed out
+        pool.shutdown(cancel_futures=True)
 
 
-def _in_order(pool: ProcessPoolExecutor, sources: Iterable[str], window: int) -> Iterator:
+def _in_order(pool: ProcessPoolExecutor, sources: Iterable[str], window: int, stop) -> Iterator:
     """Outcomes in input order (the ledger resolves duplicates by it), with at most `window` files handed out at a
     time: each outcome carries a file's bytes, and `Executor.map` would take every input at once, so the outcomes
-    after one slow file would pile up in memory while it waits."""
+    after one slow file would pile up in memory while it waits. None is handed out once `stop` is set."""
     sources = iter(sources)
     pending = deque(pool.submit(process_file, source) for source in islice(sources, window))
     while pending:
         yield pending.popleft().result()
-        for source in islice(sources, 1):  # the next input, if any is left
+        for source in islice(sources, 0 if stop.value else 1):  # the next input, if any is left
             pending.append(pool.submit(process_file, source))
 
 
@@ -248,15 +325,18 @@ def _add_max_file_bytes(parser) -> None:
 
 def run_sites(args) -> int:
     say_header_warnings()  # pydicom's, once per file and naming it
-    summaries = ingest_sites(
-        args.sites,
-        args.into,
-        keys_dir=args.keys,
-        create_keys=args.create_keys,
-        workers=args.workers,
-        verify_pixels=args.verify_pixels,
-        max_file_bytes=args.max_file_bytes,
-    )
+    try:
+        summaries = ingest_sites(
+            args.sites,
+            args.into,
+            keys_dir=args.keys,
+            create_keys=args.create_keys,
+            workers=args.workers,
+            verify_pixels=args.verify_pixels,
+            max_file_bytes=args.max_file_bytes,
+        )
+    except IngestStopped as stopped:
+        return _stopped(stopped)
     for summary in summaries:
         print(summary.line())
     print(f"pool: {Path(args.into).resolve()}; next: python scripts/build_pool.py --sites {args.into}")
@@ -319,19 +399,28 @@ def _run_ingest(args) -> int:
         retain_characteristics=tuple(k for k in args.retain.split(",") if k),
         several_id_issuers=args.several_id_issuers,
     )
-    summary = ingest_site(
-        args.site,
-        args.src,
-        pool,
-        key=load_site_key(args.secret_file),
-        options=options,
-        quarantine=args.quarantine,
-        workers=args.workers,
-        progress=True,
-        verify_pixels=args.verify_pixels,
-        max_file_bytes=args.max_file_bytes,
-        refuse_empty=True,
-    )
+    try:
+        summary = ingest_site(
+            args.site,
+            args.src,
+            pool,
+            key=load_site_key(args.secret_file),
+            options=options,
+            quarantine=args.quarantine,
+            workers=args.workers,
+            progress=True,
+            verify_pixels=args.verify_pixels,
+            max_file_bytes=args.max_file_bytes,
+            refuse_empty=True,
+        )
+    except IngestStopped as stopped:
+        return _stopped(stopped)
     print(summary.line())
     print(f"audit log: {summary.log_path}")
     return 0
+
+
+def _stopped(stopped: IngestStopped) -> int:
+    """A command's end after a stop: what was done and what to do, and the exit status of a process the signal ended."""
+    print(stopped, file=sys.stderr)
+    return 128 + stopped.signum

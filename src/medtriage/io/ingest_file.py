@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from medtriage.io.site_key import SiteKey
 # larger file anyway.
 DEFAULT_MAX_FILE_BYTES = DecodeLimits().max_decoded_bytes
 _READ_STEP = 16 << 20  # how much more a file that grew since its size was read is read at a time
+NOT_STARTED = "not_started"  # an outcome's status: a stop of the run came before the file was begun
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Outcome:
 
     source: str
     content_key: str = ""
-    status: str = "pending"  # pending | quarantined | already | unread
+    status: str = "pending"  # pending | quarantined | already | unread | not_started
     reason: str = ""
     detail: str = ""
     sop_uid: str = ""
@@ -64,14 +66,31 @@ def init_worker(
     verify: bool,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     say_warnings: bool = False,
+    stop=None,
 ) -> None:
-    _WORKER.update(key=key, options=options, known=known, verify=verify, max_file_bytes=max_file_bytes)
+    """`stop`: a flag shared with the main process (`multiprocessing.RawValue`), set once the run stops; a file not
+    begun by then is left for the next run."""
+    _WORKER.update(key=key, options=options, known=known, verify=verify, max_file_bytes=max_file_bytes, stop=stop)
     if say_warnings and not saying_header_warnings():  # a worker started afresh (spawn), not forked from the command
         say_header_warnings()
 
 
+def init_pool_worker(*args) -> None:
+    """`init_worker` in a worker process. Ctrl-C and a hang-up reach every process of the terminal's group: the main
+    process alone decides what stops, and a worker finishes the file in hand. SIGTERM keeps its default, so that a
+    worker outliving its main process (killed) can still be ended."""
+    for signum in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by a fork
+    init_worker(*args)
+
+
 def process_file(source: str) -> Outcome:
     """Read, screen, check and de-identify one file; the main process decides where the result goes."""
+    stop = _WORKER.get("stop")
+    if stop is not None and stop.value:
+        return Outcome(source, status=NOT_STARTED)
     with reading(source):  # pydicom's warnings name the file, those met after the read (de-identifying) included
         return _process_file(source, _WORKER)
 

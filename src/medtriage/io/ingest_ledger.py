@@ -88,6 +88,7 @@ class Ledger:
         self.seen: set[str] = set()  # content keys of this run's inputs (already-ingested included)
         self._index_file = _append_csv(index_path, INDEX_COLUMNS)
         self._quarantine_file = None
+        self._listed: set[tuple[str, str, str]] = set()  # the quarantine list's rows, as `_listing` keys them
 
     def record(self, out: Outcome, summary: IngestSummary) -> None:
         """Place one input and count it exactly once: pooled (new or before) or quarantined by reason."""
@@ -133,15 +134,22 @@ class Ledger:
         gone = _copy_as_read(out, target)
         if gone:  # listed, not indexed: the next run reads it again
             out.reason, out.detail = "changed_while_read", gone
-        self._list_quarantined(out)
-        if indexed and not gone:
+        done = indexed and not gone
+        self._list_quarantined(out, once=done)
+        if done:
             self._write_index(out, "quarantined")
 
-    def _list_quarantined(self, out: Outcome) -> None:
+    def _list_quarantined(self, out: Outcome, once: bool = False) -> None:
+        """`once`: for an input the index is about to mark done. A run killed before that index row was written listed
+        it already, and its input is read again: the row it left stands, as what the index row now completes."""
         if self._quarantine_file is None:
             self._quarantine_file = _append_csv(self.quarantine / QUARANTINE_LIST, QUARANTINE_COLUMNS)
+            self._listed = _listed(self.quarantine / QUARANTINE_LIST)
         row = {"content_key": out.content_key, "reason": out.reason, "detail": out.detail, "source": out.source, "run": self.run}
-        self._quarantine_file[1].writerow(spreadsheet_row(row))  # read by people
+        row = spreadsheet_row(row)  # read by people
+        if once and _listing(row) in self._listed:
+            return
+        self._quarantine_file[1].writerow(row)
         self._quarantine_file[0].flush()  # before the index row that marks this input done
 
     def _write_index(self, out: Outcome, outcome: str, path: str = "", flag: str = "") -> None:
@@ -187,6 +195,16 @@ def _copy_as_read(out: Outcome, target: Path) -> str | None:
                 return None
             target.unlink()
     return changed
+
+
+def _listed(path: Path) -> set[tuple[str, str, str]]:
+    with open(path, newline="") as f:
+        return {_listing(row) for row in csv.DictReader(f)}
+
+
+def _listing(row: dict) -> tuple[str, str, str]:
+    """What makes two quarantine rows one listing: the same bytes (content key), from the same source, for one reason."""
+    return row.get("content_key"), row.get("reason"), row.get("source")
 
 
 def _kept_suffix(source: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from medtriage.io.deid import NO_PATIENT_IDENTITY, patient_key
+from medtriage.io.deid import NO_PATIENT_IDENTITY, NO_SOP_INSTANCE, patient_key
 
 # Objects whose identity lives in free text or documents the header profile does not reach.
 UNSAFE_SOP_CLASSES = {
@@ -56,8 +56,8 @@ def screen(ds: Dataset) -> Unsafe | None:
             f"{ds.get('Modality', '?')} / {sop_class} often has text in its pixels "
             "and BurnedInAnnotation is not NO: review it and set NO, or mask the pixels first",
         )
-    if "SOPInstanceUID" not in ds:
-        return Unsafe("unreadable", "no SOP Instance UID")
+    if not ds.get("SOPInstanceUID"):  # missing or empty, as de-identification finds it (`deid.not_deidentifiable`)
+        return Unsafe("unreadable", NO_SOP_INSTANCE)
     if patient_key(ds) is None:
         return Unsafe("no_patient_identity", f"{NO_PATIENT_IDENTITY}: patient-level splits would be impossible")
     return None
