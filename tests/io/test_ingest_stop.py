@@ -1,6 +1,6 @@
-"""An ingest stopped by a signal (Ctrl-C to the terminal's process group, SIGTERM to the command): the files the workers
-have in hand are finished and recorded, none of the others handed out is begun, and the next run takes up the rest,
-ending with the pool and lists of an uninterrupted run."""
+"""An ingest stopped by a signal (Ctrl-C to the terminal's process group, SIGTERM to the command or to its whole group, as
+systemd sends it): the files the workers have in hand are finished and recorded, none of the others handed out is begun,
+and the next run takes up the rest, ending with the pool and lists of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from medtriage.io.site_key import SiteKey
 from tests.io.phi_site import build_phi_site
 from tests.io.test_ingest_faults import SECRET, _rows, _tree
 
-# The `medtriage ingest` command, each file's processing logged as it begins and held until the test says go.
+# The `medtriage ingest` command, each file's processing logged as it begins (and the process it begins in) and held
+# until the test says go.
 GATED_INGEST = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     import medtriage.io.ingest_file as ingest_file
     from medtriage.cli import main
@@ -34,6 +35,8 @@ GATED_INGEST = textwrap.dedent("""
     def gated(source, w):
         with open(begun, "a") as log:
             log.write(source + "\\n")
+        with open(begun.with_suffix(".pids"), "a") as log:
+            log.write(f"{os.getpid()}\\n")
         while not go.exists():
             time.sleep(0.01)
         return real(source, w)
@@ -54,24 +57,39 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def _gated_ingest(tmp_path: Path, workers: int) -> list[str]:
+    """The gated command ingesting `tmp_path/site` (built) into `tmp_path/pool` with `workers` worker processes."""
+    site, key_file = tmp_path / "site", tmp_path / "site.key"
+    build_phi_site(site)
+    key_file.write_text(SECRET.decode() + "\n")
+    key_file.chmod(0o600)
+    command = [sys.executable, "-c", GATED_INGEST, str(tmp_path / "begun"), str(tmp_path / "go"), "ingest", str(site)]
+    command += ["--site", "site_a", "--into", str(tmp_path / "pool"), "--quarantine", str(tmp_path / "q")]
+    return command + ["--secret-file", str(key_file), "--workers", str(workers)]
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie its new parent has not reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 @pytest.mark.parametrize(
     "signum, to_group, workers",
-    [(signal.SIGINT, True, 2), (signal.SIGTERM, False, 2), (signal.SIGINT, True, 1)],
-    ids=["ctrl-c", "sigterm", "ctrl-c-one-process"],
+    [(signal.SIGINT, True, 2), (signal.SIGTERM, False, 2), (signal.SIGTERM, True, 2), (signal.SIGINT, True, 1)],
+    ids=["ctrl-c", "sigterm", "sigterm-to-group", "ctrl-c-one-process"],
 )
 def test_a_stopped_ingest_finishes_the_files_in_hand_begins_no_other_and_the_next_run_takes_up_the_rest(
     tmp_path, signum, to_group, workers
 ):
-    site, pool, quarantine, key_file = tmp_path / "site", tmp_path / "pool", tmp_path / "q", tmp_path / "site.key"
-    build_phi_site(site)
-    key_file.write_text(SECRET.decode() + "\n")
-    key_file.chmod(0o600)
-    key = SiteKey(SECRET)
+    site, pool, quarantine, key = tmp_path / "site", tmp_path / "pool", tmp_path / "q", SiteKey(SECRET)
+    command = _gated_ingest(tmp_path, workers)
     ingest_site("site_a", site, tmp_path / "whole", key=key, quarantine=tmp_path / "q-whole", progress=False)
     inputs = [str(p) for p in read_site_folder(site).inputs]
     begun, go, stderr = tmp_path / "begun", tmp_path / "go", tmp_path / "stderr"
-    command = [sys.executable, "-c", GATED_INGEST, str(begun), str(go), "ingest", str(site), "--site", "site_a"]
-    command += ["--into", str(pool), "--quarantine", str(quarantine), "--secret-file", str(key_file), "--workers", str(workers)]
     with open(stderr, "w") as err:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
@@ -102,6 +120,27 @@ def test_a_stopped_ingest_finishes_the_files_in_hand_begins_no_other_and_the_nex
     assert _tree(pool / "site_a") == _tree(tmp_path / "whole" / "site_a")
     assert _rows(index) == _rows(ledger_folder(tmp_path / "whole", "site_a") / INDEX_FILE)
     assert _rows(quarantine / "quarantine.csv") == _rows(tmp_path / "q-whole" / "quarantine.csv")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="tells an ended process by /proc")
+def test_a_worker_whose_command_was_killed_is_still_ended_by_sigterm(tmp_path):
+    """A worker waits for work forever once its command is gone: a SIGTERM (to the group, as systemd sends it) ends it,
+    though the workers of a running command finish the file in hand."""
+    begun, go = tmp_path / "begun", tmp_path / "go"
+    child = subprocess.Popen(_gated_ingest(tmp_path, 2), stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: len(_lines(begun.with_suffix(".pids"))) == 2 or child.poll() is not None, "both workers busy")
+        assert child.poll() is None
+        workers = [int(pid) for pid in _lines(begun.with_suffix(".pids"))]
+        child.kill()
+        child.wait()
+        os.killpg(child.pid, signal.SIGTERM)
+        _wait_for(lambda: all(_ended(pid) for pid in workers), "the orphaned workers' end")
+    finally:
+        go.touch()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
 
 
 @pytest.mark.parametrize("ignored", [False, True], ids=["heeded", "ignored"])

@@ -76,14 +76,27 @@ def init_worker(
 
 
 def init_pool_worker(*args) -> None:
-    """`init_worker` in a worker process. Ctrl-C and a hang-up reach every process of the terminal's group: the main
-    process alone decides what stops, and a worker finishes the file in hand. SIGTERM keeps its default, so that a
-    worker outliving its main process (killed) can still be ended."""
+    """`init_worker` in a worker process. Ctrl-C and a hang-up reach every process of the terminal's group, and SIGTERM
+    does when sent to the group (systemd's default): the main process alone decides what stops, and a worker finishes
+    the file in hand. A worker outliving its main process (killed) is still ended by SIGTERM, as the pool's workers
+    wait for work forever once their main process is gone."""
     for signum in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
         if signum is not None:
             signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by a fork
+    signal.signal(signal.SIGTERM, _ended_if_orphaned(os.getppid()))  # not the main process's handler, inherited by a fork
     init_worker(*args)
+
+
+def _ended_if_orphaned(parent: int):
+    """A SIGTERM handler for a worker started by `parent`: ignored while `parent` lives, the default once it is gone (the
+    worker's parent is then another process)."""
+
+    def handler(signum, frame):
+        if os.getppid() != parent:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    return handler
 
 
 def process_file(source: str) -> Outcome:
