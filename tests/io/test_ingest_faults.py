@@ -78,13 +78,19 @@ def test_killed_ingest_leaves_no_partial_file_and_a_rerun_completes_the_same_poo
     assert _rows(tmp_path / "q" / "quarantine.csv") == _rows(tmp_path / "q-whole" / "quarantine.csv")
 
 
-def test_a_row_torn_by_a_kill_is_dropped_and_its_input_processed_again(tmp_path):
+def _ingested_alike(tmp_path) -> tuple[SiteKey, Path, Path]:
+    """One site ingested into `whole` (what an uninterrupted run leaves) and into `pool` (which a test then damages as
+    a kill would): the key, `pool` and its index."""
     build_phi_site(tmp_path / "site")
     key = SiteKey(SECRET)
     ingest_site("site_a", tmp_path / "site", tmp_path / "whole", key=key, quarantine=tmp_path / "q-whole", progress=False)
     pool = tmp_path / "pool"
     ingest_site("site_a", tmp_path / "site", pool, key=key, quarantine=tmp_path / "q", progress=False)
-    index = ledger_folder(pool, "site_a") / INDEX_FILE
+    return key, pool, ledger_folder(pool, "site_a") / INDEX_FILE
+
+
+def test_a_row_torn_by_a_kill_is_dropped_and_its_input_processed_again(tmp_path):
+    key, pool, index = _ingested_alike(tmp_path)
     lines = index.read_text().splitlines(keepends=True)
     at = max(i for i, line in enumerate(lines) if ",pooled," in line)  # the kill came while writing this row
     pooled_name = lines[at].split(",")[9]
@@ -130,12 +136,7 @@ def test_a_source_changed_or_removed_after_it_was_read_is_listed_and_read_again_
 def test_a_kill_between_listing_a_quarantined_file_and_indexing_it_does_not_list_it_twice(tmp_path):
     """The quarantine row is written before the index row that marks its input done: a kill between the two leaves the
     input to be read again, and the rerun finds it listed already."""
-    build_phi_site(tmp_path / "site")
-    key = SiteKey(SECRET)
-    ingest_site("site_a", tmp_path / "site", tmp_path / "whole", key=key, quarantine=tmp_path / "q-whole", progress=False)
-    pool = tmp_path / "pool"
-    ingest_site("site_a", tmp_path / "site", pool, key=key, quarantine=tmp_path / "q", progress=False)
-    index = ledger_folder(pool, "site_a") / INDEX_FILE
+    key, pool, index = _ingested_alike(tmp_path)
     lines = index.read_text().splitlines(keepends=True)
     at = max(i for i, line in enumerate(lines) if ",quarantined," in line)  # the kill came before this row
     index.write_text("".join(lines[:at] + lines[at + 1 :]))
