@@ -13,7 +13,7 @@ import pytest
 
 from medtriage.errors import ConfigError
 from medtriage.serve.node.sender import Peer, backoff
-from medtriage.serve.node.store import DB_FILE, OUTBOX_DIR, CommitUncertain, ConflictingPatient, NodeStore
+from medtriage.serve.node.store import DB_FILE, OUTBOX_DIR, SPOOL_DIR, CommitUncertain, ConflictingPatient, NodeStore, digest_name
 from medtriage.serve.node.worker import Worker
 from tests.serve.node.peers import cr_study
 
@@ -297,5 +297,80 @@ def test_results_of_a_close_whose_commit_may_have_landed_stay_until_the_next_sta
     try:
         recorded = _recorded(store)
         assert len(recorded) == 2 and {p.name for p in outbox.iterdir()} == recorded  # the SR and heatmap, both sendable
+    finally:
+        store.close()
+
+
+def test_an_instance_whose_commit_may_have_landed_keeps_its_spool_file_and_a_resend_is_taken(tmp_path, monkeypatch):
+    """Before, its spool file was removed as one refused before its commit: the database, which kept the commit, named
+    a file that was gone, and the sender's resend was answered success for an instance the node no longer had."""
+    (path,) = cr_study(tmp_path / "in", 1, seed=17)
+    store = NodeStore(tmp_path / "state", recover=True)
+    try:
+        monkeypatch.setattr(store, "_db", _SyncFailsAtCommit(store._db))
+        with pytest.raises(OSError, match="may or may not hold") as refused:  # answered 0xA700: the sender resends
+            _received(store, path)
+        assert refused.value.errno == errno.EIO
+        monkeypatch.undo()
+        _received(store, path)  # the resend: already held, answered success
+        (queued,) = store.unscored()
+        assert queued.spool.read_bytes() == path.read_bytes()
+    finally:
+        store.close()
+
+
+def test_an_instance_file_a_killed_node_put_in_the_spool_but_never_recorded_is_removed_when_it_starts_again(tmp_path, caplog):
+    """Before, it stayed in the spool for good (up to an instance's size per kill): its sender got no success, and one
+    that never sends it again leaves it named by no row. Recorded instances stay."""
+    kept, interrupted = cr_study(tmp_path / "in", 2, seed=18)
+    spool = tmp_path / "state" / SPOOL_DIR
+    store = NodeStore(tmp_path / "state", recover=True)
+    _received(store, kept)
+    store.close()
+    orphan = spool / digest_name(pydicom.dcmread(interrupted, stop_before_pixels=True).SOPInstanceUID)
+    orphan.write_bytes(interrupted.read_bytes())  # renamed into place; the node killed before its row's commit
+    NodeStore(tmp_path / "state").close()  # a reader (the worklist) leaves it: a running node may be recording it
+    assert orphan.exists()
+    with caplog.at_level("INFO", logger="medtriage.serve.node.store"):
+        store = NodeStore(tmp_path / "state", recover=True)
+    try:
+        (queued,) = store.unscored()
+        assert [path.name for path in spool.iterdir()] == [queued.spool.name] and queued.spool.read_bytes() == kept.read_bytes()
+    finally:
+        store.close()
+    assert any(r.getMessage().startswith("removed 1 instance file(s)") for r in caplog.records)
+
+
+class _DiskRefusesWrites:
+    """The node's connection once the state folder's disk is remounted read-only: each write is refused, as SQLite
+    refuses it (SQLITE_READONLY_DBMOVED and its kin, or SQLITE_IOERR_WRITE)."""
+
+    def __init__(self, db: sqlite3.Connection, code: int) -> None:
+        self._db, self._code = db, code
+
+    def execute(self, sql: str, *args):
+        if sql.startswith("INSERT"):
+            refused = sqlite3.OperationalError("attempt to write a readonly database")
+            refused.sqlite_errorcode = self._code
+            raise refused
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+
+@pytest.mark.parametrize("code", [1032, 778])  # SQLITE_READONLY_DBMOVED, SQLITE_IOERR_WRITE
+def test_an_instance_arriving_while_the_database_cannot_be_written_is_refused_for_now_and_leaves_no_file(tmp_path, monkeypatch, code):
+    """Before, the error went up unchanged and the instance was answered 0x0110 (processing failure), which a sender
+    may take as final; as a full database, it is now an OSError, answered 0xA700 (out of resources): sent again."""
+    (path,) = cr_study(tmp_path / "in", 1, seed=19)
+    store = NodeStore(tmp_path / "state", recover=True)
+    try:
+        monkeypatch.setattr(store, "_db", _DiskRefusesWrites(store._db, code))
+        with pytest.raises(OSError, match="cannot be written") as refused:
+            _received(store, path)
+        assert refused.value.errno == errno.EIO and refused.value.strerror.endswith("check the state folder's disk")
+        monkeypatch.undo()
+        assert not store.unscored() and not list((tmp_path / "state" / SPOOL_DIR).iterdir())
     finally:
         store.close()

@@ -99,6 +99,7 @@ FORGOTTEN_STUDIES = SHOWN + (
 )
 SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the database is held by another connection
 SQLITE_FULL = 13  # the result code of a write to a full disk or past max_page_count (sqlite3.SQLITE_FULL from 3.11)
+SQLITE_READONLY = 8  # the primary result code of a write to a database that cannot be written (SQLITE_READONLY_*)
 SQLITE_IOERR = 10  # the primary result code of a failed read, write or sync (SQLITE_IOERR_FSYNC and its kin)
 MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest instances sent in practice (whole-slide levels)
 MIN_FREE_BYTES = 1 << 30  # default --min-free-bytes: room kept for results, the database and logs
@@ -138,6 +139,12 @@ def _commit(db: sqlite3.Connection) -> None:
         raise
 
 
+def _is_refused_write(err: sqlite3.OperationalError) -> bool:
+    """The disk refused a write (SQLITE_IOERR and its kin) or the database became read-only (SQLITE_READONLY): the
+    state folder's disk, for now (a disk remounted read-only after errors), not the instance."""
+    return (getattr(err, "sqlite_errorcode", 0) & 0xFF) in (SQLITE_READONLY, SQLITE_IOERR)
+
+
 def _is_busy(err: sqlite3.OperationalError) -> bool:
     """Another process held the database past the busy timeout (a worklist writing, a backup): for now, not for good."""
     return getattr(err, "sqlite_errorcode", None) in SQLITE_BUSY or "database is locked" in str(err)
@@ -165,7 +172,8 @@ def digest_name(*parts: str, suffix: str = ".dcm") -> str:
 
 
 def _is_result_file(entry: os.DirEntry) -> bool:
-    """A result the worker wrote to the outbox (digest_name's .dcm), not an atomic writer's hidden temporary file."""
+    """A file the store named (digest_name's .dcm: a result in the outbox, an instance in the spool), not an atomic
+    writer's hidden temporary file."""
     return entry.name.endswith(".dcm") and not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
 
 
@@ -245,6 +253,7 @@ class NodeStore:
         if recover:  # the node's drift windows start empty: no source drifts until it has seen enough again
             self._db.execute("DELETE FROM drifting_sources")
             self._remove_unrecorded_results()
+            self._remove_unrecorded_instances()
 
     def _remove_unrecorded_results(self) -> None:
         """Delete the outbox files no delivery names: the worker writes a study's results, then commits their deliveries'
@@ -262,10 +271,25 @@ class NodeStore:
                 "removed %d result file(s) from %s that no delivery names: their study's close was never recorded", len(orphans), outbox
             )
 
-    def _unrecorded(self, names: list[str]) -> list[str]:
-        """Those of `names` (outbox files) that no delivery row names."""
+    def _remove_unrecorded_instances(self) -> None:
+        """Delete the spool files no instance row names: a file is renamed into the spool within the transaction that
+        records its row, and a node killed in between, or whose commit failed without saying whether it landed, left
+        it, for good when its sender never sends it again (it got no success). Scanned holding the database's write
+        lock: another process (the worklist recording an upload) is then never between its rename and its commit."""
+        spool = self.folder / SPOOL_DIR
+        with self._immediate(), os.scandir(spool) as entries:  # in batches: the spool keeps every instance received
+            names = (entry.name for entry in entries if _is_result_file(entry))
+            orphans = [name for batch in _batches(names, NAMES_PER_QUERY) for name in self._unrecorded(batch, "instances", "spool")]
+            for name in orphans:
+                (spool / name).unlink(missing_ok=True)
+        if orphans:
+            log.info("removed %d instance file(s) from %s that no instance names: their receipt was never recorded", len(orphans), spool)
+
+    def _unrecorded(self, names: list[str], table: str = "deliveries", column: str = "file") -> list[str]:
+        """Those of `names` (outbox files, or spool files) that no row of `table` names in `column`."""
         marks = ", ".join("?" * len(names))
-        recorded = {row["file"] for row in self._execute(f"SELECT file FROM deliveries WHERE file IN ({marks})", names)}
+        query = f"SELECT {column} AS name FROM {table} WHERE {column} IN ({marks})"  # noqa: S608 -- our own names
+        recorded = {row["name"] for row in self._execute(query, names)}
         return [name for name in names if name not in recorded]
 
     def _add_missing_columns(self) -> None:
@@ -352,8 +376,9 @@ class NodeStore:
         (an upload's state, result and source). False when this SOP instance was already received (the copy on disk is
         kept, so a resend never produces a second result), by this call's time or by a concurrent one's.
         ConflictingInstance when the SOP Instance UID is held for another study, series or SOP class, ConflictingPatient
-        when the study is held for another patient; OSError when the disk or the database is full, or another process
-        holds the database past the busy timeout (nothing of the instance is kept)."""
+        when the study is held for another patient; OSError when the disk or the database is full, the database cannot be
+        written (a disk remounted read-only), or another process holds it past the busy timeout (nothing of the instance
+        is kept), or its commit failed without saying whether it landed (its spool file kept until the next start)."""
         identity = (sop_uid, study_uid, series_uid, sop_class)
         if self.has_instance(sop_uid):  # a resend: nothing to write
             self._check_resend(*identity)
@@ -382,15 +407,27 @@ class NodeStore:
             with self._lock:  # the spool file is this call's from its rename until a failed commit removes it
                 try:
                     kept = self.record_instance(*identity, spool.name, fields, keep=keep, **recorded)
-                except BaseException:
-                    if renamed:  # unrecorded, it would hold disk for good; its sender gets no success
+                except BaseException as err:
+                    # unrecorded, it would hold disk for good; its sender gets no success. A commit that may have landed
+                    # keeps it: its row may name it, and a resend is then answered success (the next start tells)
+                    if renamed and not isinstance(err, CommitUncertain):
                         spool.unlink(missing_ok=True)
                     raise
+        except CommitUncertain as err:  # answered as out of resources: the sender sends it again
+            raise OSError(
+                errno.EIO,
+                f"the node's database {self.folder / DB_FILE} may or may not hold instance {identity[0]} ({err}); its file "
+                f"{spool} is kept until the node starts again; check the state folder's disk",
+            ) from err
         except sqlite3.OperationalError as err:
             if _is_full(err):
                 raise OSError(errno.ENOSPC, f"the node's database {self.folder / DB_FILE} is full: {err}") from err
             if _is_busy(err):  # answered as out of resources: the sender keeps the instance and sends it again
                 raise OSError(errno.EBUSY, f"the node's database {self.folder / DB_FILE} is held by another process: {err}") from err
+            if _is_refused_write(err):  # the state folder's disk remounted read-only, or failing: the sender sends it again
+                raise OSError(
+                    errno.EIO, f"the node's database {self.folder / DB_FILE} cannot be written ({err}); check the state folder's disk"
+                ) from err
             raise
         finally:
             if not kept:
