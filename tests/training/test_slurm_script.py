@@ -1,0 +1,125 @@
+"""scripts/slurm/train.sbatch as SLURM runs it: fake `srun` and `scontrol` on PATH record what the script asks of the
+cluster; the run folder each job trains into, and what a requeued job continues, are read from srun's arguments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "slurm" / "train.sbatch"
+PINNED = "hydra.run.dir=${paths.runs_dir}/${name}/slurm-"
+
+FAKE_SRUN = '#!/bin/bash\nprintf "%s\\0" "$@" > "$FAKE_SRUN_ARGS"\n'
+FAKE_SCONTROL = """#!/bin/bash
+printf "%s\\0" "$@" > "$FAKE_SCONTROL_ARGS"
+printf "node-a\\nnode-b\\n"
+seq -f "node-%g" "${FAKE_MORE_NODES:-0}"
+"""
+
+
+def _submit_dir(tmp_path: Path) -> Path:
+    """A checkout as sbatch sees it: configs/ (the project root is found by it) and a venv to activate. The space in
+    its name checks that paths reach Hydra intact."""
+    submit = tmp_path / "submit dir"
+    (submit / ".venv" / "bin").mkdir(parents=True)
+    (submit / ".venv" / "bin" / "activate").write_text("")
+    (submit / "configs").symlink_to(ROOT / "configs")
+    return submit
+
+
+def _sbatch(tmp_path: Path, *args: str, restarts: int = 0, array_task: int | None = None, more_nodes: int = 0) -> tuple[list[str], str]:
+    """(overrides srun passed on to scripts/train.py, the script's stderr) of one start of the job."""
+    fakes = tmp_path / "fakes"
+    fakes.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fakes / name).write_text(text)
+        (fakes / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "MEDTRIAGE_ROOT"}
+    env.update(
+        PATH=f"{fakes}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        FAKE_SRUN_ARGS=str(tmp_path / "srun.args"),
+        FAKE_SCONTROL_ARGS=str(tmp_path / "scontrol.args"),
+        SLURM_SUBMIT_DIR=str(tmp_path / "submit dir"),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_GPUS_ON_NODE="4",
+        SLURM_CPUS_PER_TASK="32",
+        SLURM_RESTART_COUNT=str(restarts),
+        FAKE_MORE_NODES=str(more_nodes),
+    )
+    if array_task is not None:
+        env.update(SLURM_ARRAY_JOB_ID="4000", SLURM_ARRAY_TASK_ID=str(array_task))
+    done = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    srun = (tmp_path / "srun.args").read_text().split("\0")[:-1]
+    assert (tmp_path / "scontrol.args").read_text().split("\0")[:-1] == ["show", "hostnames", "node-[a-b]"]
+    assert srun[:2] == ["--kill-on-bad-exit=1", "torchrun"] and "--rdzv_endpoint=node-a:29500" in srun
+    return srun[srun.index("scripts/train.py") + 1 :], done.stderr
+
+
+def _value(overrides: list[str], key: str) -> str:
+    """The value Hydra reads from the one override of `key`."""
+    (value,) = [OverridesParser.create().parse_override(o).value() for o in overrides if o.startswith(f"{key}=")]
+    return value
+
+
+def test_a_first_start_trains_into_a_folder_named_by_its_job(tmp_path):
+    _submit_dir(tmp_path)
+    overrides, _ = _sbatch(tmp_path)
+    assert overrides == ["trainer=gpu", "experiment=pneumonia_sites", PINNED + "4242"]
+    overrides, _ = _sbatch(tmp_path, "experiment=pneumoniamnist", array_task=7)  # an array task: its own folder
+    assert overrides == ["trainer=gpu", "experiment=pneumoniamnist", PINNED + "4000_7"]
+
+
+def test_a_job_on_many_nodes_finds_its_head_node(tmp_path):
+    """More host names than a pipe holds: `scontrol ... | head -n 1` under pipefail failed the job (SIGPIPE)."""
+    _submit_dir(tmp_path)
+    overrides, _ = _sbatch(tmp_path, more_nodes=200_000)
+    assert overrides[0] == "trainer=gpu"
+
+
+def test_a_job_requeued_before_its_first_checkpoint_starts_afresh(tmp_path):
+    """trainer.resume=true would fail there (no unfinished run has a checkpoint), or continue another job's run."""
+    submit = _submit_dir(tmp_path)
+    other = submit / "outputs" / "pneumonia_sites" / "slurm-4000_2" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "last.pt").write_bytes(b"")  # another array task's: not this one's to continue
+    overrides, stderr = _sbatch(tmp_path, restarts=1, array_task=3)
+    assert overrides == ["trainer=gpu", "experiment=pneumonia_sites", PINNED + "4000_3"]
+    folder = submit / "outputs" / "pneumonia_sites" / "slurm-4000_3"
+    assert f"no checkpoint in {folder}/checkpoints" in stderr and "starts afresh" in stderr
+
+
+def test_a_requeued_job_continues_its_own_run_from_its_last_checkpoint(tmp_path):
+    submit = _submit_dir(tmp_path)
+    folder = submit / "outputs" / "pneumonia_sites" / "slurm-4000_3"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.pt").write_bytes(b"")
+    overrides, _ = _sbatch(tmp_path, restarts=2, array_task=3)
+    assert overrides[:3] == ["trainer=gpu", "experiment=pneumonia_sites", PINNED + "4000_3"]
+    assert _value(overrides, "trainer.resume_from") == str(folder) and len(overrides) == 4
+
+
+def test_a_given_run_folder_is_kept_and_continued(tmp_path):
+    submit = _submit_dir(tmp_path)
+    overrides, _ = _sbatch(tmp_path, "experiment=pneumoniamnist", "hydra.run.dir=runs/mine")
+    assert overrides == ["trainer=gpu", "experiment=pneumoniamnist", "hydra.run.dir=runs/mine"]
+    (submit / "runs" / "mine" / "checkpoints").mkdir(parents=True)
+    (submit / "runs" / "mine" / "checkpoints" / "last.pt").write_bytes(b"")
+    overrides, _ = _sbatch(tmp_path, "experiment=pneumoniamnist", "hydra.run.dir=runs/mine", restarts=1)
+    assert overrides[:3] == ["trainer=gpu", "experiment=pneumoniamnist", "hydra.run.dir=runs/mine"]
+    assert _value(overrides, "trainer.resume_from") == str(submit / "runs" / "mine") and len(overrides) == 4
+
+
+def test_a_requeued_job_that_names_the_run_to_resume_continues_that_run(tmp_path):
+    _submit_dir(tmp_path)
+    asked = ["experiment=pneumoniamnist", "trainer.resume_from=outputs/pneumoniamnist/slurm-1234"]
+    overrides, stderr = _sbatch(tmp_path, *asked, restarts=1)
+    assert overrides == ["trainer=gpu", *asked, PINNED + "4242"]
+    assert "continuing the run its trainer.resume/trainer.resume_from override names" in stderr
