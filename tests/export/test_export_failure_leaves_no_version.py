@@ -115,13 +115,13 @@ def test_without_the_registry_the_number_of_a_failed_export_is_not_given_to_the_
     models = tmp_path / "models"
     with pytest.raises(OSError) as err:
         _export(tiny_net, models, _unloggable_run(store, tmp_path), register_model=False)
-    assert "(model_package/v2)" in err.value.__notes__[0]
+    assert f"(model_package/{NAME}/v2)" in err.value.__notes__[0]
     assert load_package(models / NAME).version == 1
 
     run_id = _run(store, tmp_path / "run-artifacts")
     _export(tiny_net, models, run_id, register_model=False)
     assert load_package(models / NAME).version == 3
-    assert [artifact.path for artifact in store.list_artifacts(run_id, "model_package")] == ["model_package/v3"]
+    assert [artifact.path for artifact in store.list_artifacts(run_id, f"model_package/{NAME}")] == [f"model_package/{NAME}/v3"]
 
 
 def test_a_written_package_is_on_disk_before_the_export_answers(tiny_net, store, tmp_path, monkeypatch):
@@ -166,3 +166,19 @@ def test_a_version_is_tagged_logged_only_once_its_package_is_at_its_source(tiny_
     assert seen_while_logging == ["writing"]  # registered before its package was logged, and said so
     states = {int(v.version): v.tags.get(PACKAGE_STATE_TAG) for v in store.search_model_versions(f"name='{NAME}'")}
     assert states == {1: "logged", 2: "logged"}
+
+
+def test_a_version_that_cannot_be_withdrawn_is_named_with_the_exports_own_error(tiny_net, store, tmp_path, monkeypatch):
+    """Before, the withdrawal's error (the registry out of reach) was raised in place of the export's, and the version
+    left tagged writing was not named."""
+    import mlflow
+
+    def unreachable(self, name, version):
+        raise ConnectionError("the model registry cannot be reached")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "delete_model_version", unreachable)
+    with pytest.raises(OSError) as err:
+        _export(tiny_net, tmp_path / "models", _unloggable_run(store, tmp_path))
+    (note,) = err.value.__notes__
+    assert "version 2 of 'triage-x' stays registered, tagged medtriage.package_state=writing" in note
+    assert "ConnectionError: the model registry cannot be reached" in note and "delete that version" in note

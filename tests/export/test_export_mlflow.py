@@ -46,14 +46,14 @@ def test_export_from_mlflow_logs_registers_and_versions_the_package(trained_run,
     assert meta["training_sites"] == ["medmnist"] and set(meta["metrics"]) == {"val", "test"}
     assert meta["metrics"]["test"]["overall"]["n"] == len(pool.split("test"))
 
-    client = mlflow.MlflowClient()
-    logged = {a.path for a in client.list_artifacts(run_id, artifact_path(1))}
-    assert logged == {f"{artifact_path(1)}/{f}" for f in ("model.onnx", "model.json", "MODEL_CARD.md")}
-    logged_meta = json.loads(open(client.download_artifacts(run_id, f"{artifact_path(1)}/model.json", str(tmp_path))).read())
+    client, folder = mlflow.MlflowClient(), artifact_path(1, "pneumonia-test")
+    logged = {a.path for a in client.list_artifacts(run_id, folder)}
+    assert logged == {f"{folder}/{f}" for f in ("model.onnx", "model.json", "MODEL_CARD.md")}
+    logged_meta = json.loads(open(client.download_artifacts(run_id, f"{folder}/model.json", str(tmp_path))).read())
     assert logged_meta["sha256"] == meta["sha256"]
     (version,) = client.search_model_versions("name='pneumonia-test'")
     assert int(version.version) == meta["version"] == 1 and version.run_id == run_id
-    assert version.source.endswith(artifact_path(1))
+    assert version.source.endswith(folder)
     assert client.get_run(run_id).data.metrics["export_parity_max_abs_diff"] <= 1e-4
     # The next export of the same name becomes version 2.
     assert registrar(run_id, ExportConfig(name="pneumonia-test"))() == 2

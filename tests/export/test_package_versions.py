@@ -39,7 +39,7 @@ def test_a_version_withdrawn_by_a_failed_export_does_not_block_the_next_export()
     version = Registration(run_id, "chest")()
     assert version > 1
     (registered,) = client.search_model_versions("name='chest'")
-    assert int(registered.version) == version and registered.source.endswith(artifact_path(version))
+    assert int(registered.version) == version and registered.source.endswith(artifact_path(version, "chest"))
 
 
 def test_a_package_is_never_replaced_by_the_same_or_an_earlier_version(source, tmp_path):
@@ -174,3 +174,23 @@ def test_a_model_json_nested_too_deep_to_parse_is_a_package_error(package_copy):
     with pytest.raises(PackageError, match="not valid JSON") as err:
         load_package(package_copy)
     assert err.value.hint and "re-export" in err.value.hint
+
+
+def test_two_models_exported_from_one_run_keep_apart_in_its_artifacts(exported, tmp_path):
+    """One run exported under two names (e.g. with and without test-time views) gives each a version 1: were both
+    logged to the same folder of the run, the second would overwrite the first's files under the first's registered
+    version, which would then serve the other model's graph."""
+    from medtriage.export.registry import log_package
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("two-names", artifact_location=str(tmp_path / "artifacts"))).info
+    result = exported[0]
+    first = Registration(run.run_id, result.meta["name"])
+    assert first() == Registration(run.run_id, "other-model")() == result.meta["version"] == 1
+    log_package(run.run_id, result)
+
+    (mine,) = client.search_model_versions(f"name='{result.meta['name']}'")
+    (other,) = client.search_model_versions("name='other-model'")
+    assert mine.source != other.source
+    logged = {a.path for a in client.list_artifacts(run.run_id, mine.source.removeprefix(f"{run.artifact_uri}/"))}
+    assert {path.rsplit("/", 1)[-1] for path in logged} == {"model.onnx", "model.json", "MODEL_CARD.md"}

@@ -132,3 +132,18 @@ def test_a_small_site_reference_has_its_own_threshold_and_keeps_the_false_alarm_
         monitor.observe("small", {"input_mean": float(value)})
     (state,) = monitor.status()["sources"]
     assert (state["reference"], state["threshold"]) == ("small", thresholds["small"])
+
+
+@pytest.mark.parametrize("missing", ["train", "val"])
+def test_an_ood_fit_without_training_or_validation_images_says_which(missing):
+    """A pool with an empty split gives the OOD fit no images: refused naming them, not an IndexError in the taps."""
+    from medtriage.errors import InputError
+    from medtriage.export.ood import OodData, fit_ood
+    from medtriage.model.networks import PreprocessSpec, build_triage_net
+
+    net = build_triage_net("resnet10", 2, PreprocessSpec(size=32)).eval()
+    images = [np.random.default_rng(i).random((1, 32, 32), dtype=np.float32) for i in range(4)]
+    train, labels, val = ([], np.array([], dtype=int), images) if missing == "train" else (images, np.array([0, 1, 0, 1]), [])
+    with pytest.raises(InputError, match=f"0 {'training' if missing == 'train' else 'validation'} images") as err:
+        fit_ood(net, 1.0, OodData(train, labels, val))
+    assert err.value.where == "export.ood" and "export.ood=false" in err.value.hint

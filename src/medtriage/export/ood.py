@@ -217,9 +217,10 @@ def fit_ood(net: nn.Module, temperature: float, data: OodData, false_alarm_rate:
     taps, scores, val_features = [], [], []
     for k, member in enumerate(members):
         own = data.member(k)
+        whose = "" if data.per_member is None else f"fold member {k}'s "
+        _check_images(own, whose)
         member_taps, head, which = feature_taps(member)
         train = tapped_features(member_taps, own.train_images)
-        whose = "" if data.per_member is None else f"fold member {k}'s "
         for train_k in train:
             _check_train_features(train_k, whose)
         val = tapped_features(member_taps, own.val_images)
@@ -329,6 +330,23 @@ def _check_scale(distance: MahalanobisDistance, train_labels: np.ndarray, whose:
         hint="fit on more training images, 2 or more of each class (export.ood_fit_images, or a larger training split), "
         "or export without the OOD score (export.ood=false)",
     )
+
+
+def _check_images(data: OodData, whose: str) -> None:
+    """The fit needs training images, one label each, and the threshold validation images: refused here, by what is
+    missing, rather than as an index error deep in the feature extraction."""
+    counts = {
+        "training images": len(data.train_images),
+        "training labels": len(data.train_labels),
+        "validation images": len(data.val_images),
+    }
+    if min(counts.values()) == 0 or counts["training images"] != counts["training labels"]:
+        raise InputError(
+            f"{whose}OOD images cannot be fitted on: " + ", ".join(f"{n} {what}" for what, n in counts.items()),
+            where="export.ood",
+            hint="export from a pool whose train and val splits hold images (export.ood_fit_images of at least 1), one label "
+            "per training image, or export without the OOD score (export.ood=false)",
+        )
 
 
 def _check_train_features(features: np.ndarray, whose: str) -> None:

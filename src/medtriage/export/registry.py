@@ -50,7 +50,7 @@ class Registration:
         expected = max((int(v.version) for v in client.search_model_versions(f"name='{self.name}'")), default=0) + 1
         artifact_uri = client.get_run(self.run_id).info.artifact_uri
         for _ in range(REGISTER_ATTEMPTS):
-            source = f"{artifact_uri}/{artifact_path(expected)}"
+            source = f"{artifact_uri}/{artifact_path(expected, self.name)}"
             tags = {PACKAGE_STATE_TAG: PACKAGE_WRITING}
             self.version = int(client.create_model_version(self.name, source=source, run_id=self.run_id, tags=tags).version)
             if self.version == expected:
@@ -83,16 +83,17 @@ def registrar(run_id: str | None, cfg: ExportConfig) -> Registration | None:
     return Registration(run_id, cfg.name)
 
 
-def artifact_path(version: int) -> str:
-    """Each version keeps its own folder among the run's artifacts, so a re-export never overwrites one."""
-    return f"{ARTIFACT_DIR}/v{version}"
+def artifact_path(version: int, name: str) -> str:
+    """Each version of each model keeps its own folder among the run's artifacts, so a re-export never overwrites one:
+    a run exported under two names gives each its own version 1."""
+    return f"{ARTIFACT_DIR}/{name}/v{version}"
 
 
 def log_package(run_id: str, result) -> None:
     """Log the package (an ExportResult) to its run, versioned, with the export's figures as metrics."""
     client = mlflow.MlflowClient()
     meta = result.meta
-    client.log_artifacts(run_id, str(result.package_dir), artifact_path=artifact_path(meta["version"]))
+    client.log_artifacts(run_id, str(result.package_dir), artifact_path=artifact_path(meta["version"], meta["name"]))
     for key, value in (
         ("export_ece_before", meta["calibration"]["ece_before"]),
         ("export_ece_after", meta["calibration"]["ece_after"]),

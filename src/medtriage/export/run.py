@@ -44,7 +44,15 @@ from medtriage.export.onnx import (
 from medtriage.export.ood import OodData, fit_ood, ood_parity
 from medtriage.export.package import next_version, settle_package, split_metrics, write_package
 from medtriage.export.pathology import TilePool, check_slide_settings, pathology_block, thresholds_by_export_rules, tile_pool_of
-from medtriage.export.registry import artifact_path, log_package, registrar, run_git_commit
+from medtriage.export.registry import (
+    PACKAGE_STATE_TAG,
+    PACKAGE_WRITING,
+    Registration,
+    artifact_path,
+    log_package,
+    registrar,
+    run_git_commit,
+)
 from medtriage.export.safety import calibration_on_test, choose_calibration, drift_references, scope_from_rows
 from medtriage.format import META_FILE, ONNX_FILE, SCHEMA_VERSION, meta_bytes, schema_errors, temperature_applied
 from medtriage.format.schema import MODEL_SCHEMA
@@ -414,21 +422,35 @@ def export_tracked(net, export_cfg: ExportConfig, run_id: str | None, **inputs) 
     try:
         result = export_model(net, export_cfg, assign_version=registration, keep_previous=True, **inputs)
         if run_id and export_cfg.log_to_mlflow:
-            step = f"logging the package to MLflow run {run_id} ({artifact_path(result.meta['version'])})"
+            step = f"logging the package to MLflow run {run_id} ({artifact_path(result.meta['version'], result.meta['name'])})"
             log_package(run_id, result)
             if registration is not None:
                 registration.confirm()
     except BaseException as err:
         if result is not None:
             settle_package(result.package_dir, result.meta, keep=False)
-        if registration is not None:
-            registration.withdraw()
-        err.add_note(f"{step} failed: no version of '{export_cfg.name}' was registered, {_held(package_dir)} as before")
+        registered = _withdrawn(registration, export_cfg.name)
+        err.add_note(f"{step} failed: {registered}, {_held(package_dir)} as before")
         raise
     settle_package(result.package_dir, result.meta, keep=True)
     if not (run_id and export_cfg.log_to_mlflow):
         print(f"model package {result.meta['name']} v{result.meta['version']} -> {result.package_dir}")
     return result.package_dir
+
+
+def _withdrawn(registration: Registration | None, name: str) -> str:
+    """Withdraw the failed export's registered version; what the registry holds now, for the export's error. A withdrawal
+    that fails too (the registry out of reach) is said there, not raised in place of the export's own error."""
+    version = registration.version if registration is not None else None
+    try:
+        if registration is not None:
+            registration.withdraw()
+    except Exception as failure:  # noqa: BLE001 -- the export's error is the one to raise; this one is told with it
+        return (
+            f"version {version} of '{name}' stays registered, tagged {PACKAGE_STATE_TAG}={PACKAGE_WRITING}, as it could not be "
+            f"withdrawn ({type(failure).__name__}: {failure}): delete that version in the model registry"
+        )
+    return f"no version of '{name}' was registered"
 
 
 def _held(package_dir: Path) -> str:
