@@ -25,10 +25,13 @@ from tests.io.test_ingest_faults import SECRET, _rows, _tree
 # The `medtriage ingest` command, each file's processing logged as it begins (and the process it begins in) and held
 # until the test says go.
 GATED_INGEST = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
     import medtriage.io.ingest_file as ingest_file
     from medtriage.cli import main
+
+    # Ctrl-C heeded, as by a command started from a terminal: the tests may run in the background, which ignores it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     begun, go, real = Path(sys.argv[1]), Path(sys.argv[2]), ingest_file._process_file
 
