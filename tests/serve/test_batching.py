@@ -188,3 +188,21 @@ def test_failed_inference_calls_are_published_for_metrics(package_dir, images):
     samples = {s.name: s.value for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
     assert samples.get("medtriage_batch_failed_calls_total", 0) >= 1  # the poisoned input's call, stacked or alone
     assert samples["medtriage_batch_calls_total"] + samples["medtriage_batch_failed_calls_total"] == len(recording.sizes)
+
+
+def test_an_idle_batcher_holds_no_request_pixels(package_dir, images):
+    """Before, the worker kept its last window's calls while it waited for the next one: after a burst of full-size
+    images, a quiet service held a whole batch of them (and malloc_trim after the request could free none)."""
+    import time
+    import weakref
+
+    predictor, _ = batching_predictor(package_dir, max_batch=4, wait_ms=0)
+    pixels = [x.copy() for x in images[:4]]
+    kept = [weakref.ref(x) for x in pixels]
+    concurrently(predictor.probabilities, pixels)
+    del pixels
+    deadline = time.monotonic() + 10  # the worker drops them as it goes back to wait, just after the answers
+    while any(ref() is not None for ref in kept) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(ref() is None for ref in kept)
+    predictor.session.close()

@@ -40,3 +40,24 @@ def test_a_file_the_scorer_fails_on_is_rejected_by_the_error_type_without_its_me
             answer = client.post("/v1/score", files=[("files", ("ct.dcm", open(CT, "rb").read()))], headers=AUTH)
         (rejected,) = answer.json()["rejected"]
         assert "internal error while scoring (OSError)" in rejected["reason"] and secret not in answer.text
+
+
+def test_a_request_the_scorer_failed_on_is_a_counted_500_not_the_files_fault(predictor, monkeypatch):
+    """Before, it was a 422, which tells a sender the file is bad and not to send it again, and only
+    medtriage_rejected_total counted it: a scorer failing on every file raised no failure on /metrics."""
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(predictor, "score_decoded", failing)
+    with LiveServer(create_app(predictor, token=TOKEN)) as client:
+        ct = open(CT, "rb").read()
+        score = client.post("/v1/score", files=[("files", ("ct.dcm", ct))], headers=AUTH)
+        sr = client.post("/v1/sr", files=[("files", ("ct.dcm", ct))], headers=AUTH)
+        metrics = client.get("/metrics", headers=AUTH).text
+    assert (score.status_code, sr.status_code) == (500, 500), (score.text, sr.text)
+    for answer in (score, sr):
+        error = answer.json()["error"]
+        assert "internal error while scoring (OSError)" in error["reason"] and "retry" in error["hint"]
+    assert score.json()["rejected"][0]["file"] == "ct.dcm" and sr.json()["error"]["file"] == "ct.dcm"
+    assert failed(metrics) == {"os_error": 2.0}

@@ -130,11 +130,17 @@ class BatchingSession:
             first = carry if carry is not None else self._queue.get()
             if first is _STOP:
                 return
-            window, carry = self._collect(first)
-            for calls in _groups(window):
-                self._execute(calls)
+            carry = self._answer_window(first)
+            del first  # while idle the worker holds no request's pixels (full-size images, up to max_batch of them)
             if carry is _STOP:
                 return
+
+    def _answer_window(self, first: _Call) -> object | None:
+        """Answer `first` and the calls that join its window; returns the call carried into the next window."""
+        window, carry = self._collect(first)
+        for calls in _groups(window):
+            self._execute(calls)
+        return carry
 
     def _collect(self, first: _Call) -> tuple[list[_Call], object | None]:
         """`first` plus the calls that arrive within the wait, up to max_batch images; the call that would

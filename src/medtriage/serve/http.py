@@ -74,6 +74,7 @@ OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redir
 # Every file part past the request's first SPOOL_IN_MEMORY bytes is an open temporary file until the answer.
 MAX_FILES = 1000
 TOO_LARGE = ImageTooLargeError.__name__
+RETRY_HINT = "retry; if it happens again, the service's log holds the details"
 
 
 def error_response(status: int, reason: str, hint: str | None = None, **extra) -> JSONResponse:
@@ -293,11 +294,7 @@ def internal_error(err: Exception) -> JSONResponse:
     it is one whose message is written for the client."""
     if isinstance(err, WorklistWriteError):
         return error_response(500, err.reason, err.hint, file=err.file, type=type(err).__name__)
-    return error_response(
-        500,
-        f"internal error ({type(err).__name__}); the service keeps running",
-        "retry; if it happens again, the service's log holds the details",
-    )
+    return error_response(500, f"internal error ({type(err).__name__}); the service keeps running", RETRY_HINT)
 
 
 def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, max_files: int, worklist: Worklist) -> None:
@@ -334,7 +331,12 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, max_files: i
         rejected = body["rejected"]
         if scores:
             return JSONResponse(body)
-        # A request whose every file is unusable is itself bad input; too large to decode is 413.
+        # A request whose every file is unusable is itself bad input; too large to decode is 413. One the scorer itself
+        # failed on is the service's error (500): a sender must not drop the file as bad, and may retry it.
+        failures = [o for o in outcomes if isinstance(o, Rejection) and o.internal]
+        if failures:
+            error = {"reason": f"no file could be scored: {failures[0].reason}", "hint": f"{RETRY_HINT}; see 'rejected' for each file"}
+            return JSONResponse({"error": error, **body}, status_code=500)
         status = 413 if all(r["error"] == TOO_LARGE for r in rejected) else 422
         error = {"reason": f"no file could be scored: {rejected[0]['reason']}", "hint": "see 'rejected' for each file"}
         return JSONResponse({"error": error, **body}, status_code=status)
@@ -363,10 +365,9 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, max_files: i
                 request.headers.get(SOURCE_HEADER),
             )
             if isinstance(outcome, Rejection):
-                status = 413 if outcome.error == TOO_LARGE else 422
-                raise RequestError(
-                    status, outcome.reason, outcome.hint, file=name, type=outcome.error, code=outcome.code, field=outcome.field
-                )
+                status = 500 if outcome.internal else 413 if outcome.error == TOO_LARGE else 422
+                hint = RETRY_HINT if outcome.internal else outcome.hint
+                raise RequestError(status, outcome.reason, hint, file=name, type=outcome.error, code=outcome.code, field=outcome.field)
             report = await _in_slot(request, 0, _sr_bytes, upload, outcome, predictor, name)
         return Response(report, media_type="application/dicom")
 

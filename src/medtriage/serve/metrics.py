@@ -6,7 +6,7 @@
 
 Names (one `medtriage_` namespace): medtriage_scored_total, medtriage_rejected_total{reason},
 medtriage_refused_total{reason}, medtriage_failed_total{reason} (work failed by an error of the service itself: an
-HTTP request answered 500, a step of the DICOM node's worker, each attempt),
+HTTP request answered 500, a file the scorer itself failed on, a step of the DICOM node's worker, each attempt),
 medtriage_scoring_seconds (histogram), medtriage_drift_psi{source,feature},
 medtriage_drift_threshold{source} (the PSI threshold the source is judged by: its training site's, else the pooled one),
 medtriage_drift_alert{source} (1 while the source drifts past that threshold).
@@ -95,6 +95,8 @@ class ServiceMonitor:
         source = source_name(source)
         if isinstance(outcome, Rejection):
             self.rejected.labels(reason=rejection_reason(outcome)).inc()
+            if outcome.internal:  # the service failed, not the file: counted as failure too, for failure alerts
+                self.failed.labels(reason=snake_case(outcome.error)).inc()
             self._observe(outcome.withheld or [], source)  # an unusual image is part of what a source sends
             return
         self.scored.inc(len(outcome))

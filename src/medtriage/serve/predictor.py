@@ -73,6 +73,7 @@ class Rejection:
     field: str | None = None  # the scope field that failed
     withheld: list | None = None  # scores computed but not given (unusual input): for the drift monitor only
     hint: str | None = None  # what to do about it, where the error says
+    internal: bool = False  # the scorer's own error, not the file's (unexpected_failure): a retry may succeed
 
     @classmethod
     def of(cls, name: str, err: Exception) -> Rejection:
@@ -229,7 +230,7 @@ def unexpected_failure(name: str, err: Exception) -> Rejection:
     the error's type only (its message may name the service's paths or data, and the rejection may go to a client)."""
     log.exception("unexpected failure scoring %s", printable(name))  # an upload's name: one log line
     kind = type(err).__name__
-    return Rejection(name, f"internal error while scoring ({kind}); its details are in the log", kind)
+    return Rejection(name, f"internal error while scoring ({kind}); its details are in the log", kind, internal=True)
 
 
 class Predictor:
