@@ -316,8 +316,9 @@ class Predictor:
                 f"ONNX Runtime could not score this image's {list(pixels.shape)} float32 pixels "
                 f"(model.json declares {self.package.channels} channel(s); {type(err).__name__}: {' '.join(str(err).split())})",
                 where=name,
-                hint=f"check that {self.package.onnx_path} takes what model.json's 'input' states (re-export the package if "
-                "not), or run with --provider cpu if the accelerator failed",
+                # the package by name, not by its path on this machine: the hint may go to an HTTP client
+                hint=f"check that the graph of {self.package.describe()} takes what its model.json's 'input' states "
+                "(re-export the package if not), or run with --provider cpu if the accelerator failed",
             ) from err
 
     def _scope_flags(self, image: DecodedImage, name: str) -> list[str]:
