@@ -174,3 +174,11 @@ def test_a_tls_pair_that_does_not_load_is_a_configuration_error_before_the_serve
     assert main(["serve", str(package_dir), "--tls-cert", str(cert), "--tls-key", str(key)]) == 2
     err = capsys.readouterr().err
     assert "cannot load the TLS certificate" in err and str(cert) in err and not uvicorn_calls
+
+
+def test_the_batching_worker_ends_with_the_server(package_dir, uvicorn_calls):
+    """Before, it was left running once the server returned (it died with the process, whatever it held)."""
+    import threading
+
+    assert main(["serve", str(package_dir), "--max-batch", "4"]) == 0 and uvicorn_calls
+    assert not [thread for thread in threading.enumerate() if thread.name == "medtriage-batching" and thread.is_alive()]

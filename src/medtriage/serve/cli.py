@@ -498,7 +498,11 @@ def run_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     http = connection_protocol(args.header_timeout, args.max_connections)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http, **tls)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http, **tls)
+    finally:  # the server has answered its last request: the batching worker ends after the calls it holds
+        if batcher is not None:
+            batcher.close()
     return 0
 
 
