@@ -254,7 +254,7 @@ def _map(sources: list[str], workers: int, progress: bool, site: str, init_args:
         init_worker(*init_args, stop)
         yield from shown(map(process_file, sources))
         return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=init_pool_worker, initargs=(*init_args, stop))
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=init_pool_worker, initargs=(os.getpid(), *init_args, stop))
     try:
         yield from shown(_in_order(pool, sources, IN_FLIGHT_PER_WORKER * workers, stop))
     finally:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import signal
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +33,7 @@ from medtriage.io.site_key import SiteKey
 # larger file anyway.
 DEFAULT_MAX_FILE_BYTES = DecodeLimits().max_decoded_bytes
 _READ_STEP = 16 << 20  # how much more a file that grew since its size was read is read at a time
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent ends
 NOT_STARTED = "not_started"  # an outcome's status: a stop of the run came before the file was begun
 
 
@@ -75,15 +77,18 @@ def init_worker(
         say_header_warnings()
 
 
-def init_pool_worker(*args) -> None:
-    """`init_worker` in a worker process. Ctrl-C and a hang-up reach every process of the terminal's group, and SIGTERM
-    does when sent to the group (systemd's default): the main process alone decides what stops, and a worker finishes
-    the file in hand. A worker outliving its main process (killed) is still ended by SIGTERM, as the pool's workers
-    wait for work forever once their main process is gone."""
+def init_pool_worker(parent: int, *args) -> None:
+    """`init_worker` in a worker process of the command `parent`. Ctrl-C and a hang-up reach every process of the
+    terminal's group, and SIGTERM does when sent to the group (systemd's default): the main process alone decides what
+    stops, and a worker finishes the file in hand. A worker outliving its main process (killed) ends: the pool's
+    workers would otherwise wait for work forever once it is gone."""
     for signum in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
         if signum is not None:
             signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _ended_if_orphaned(os.getppid()))  # not the main process's handler, inherited by a fork
+    signal.signal(signal.SIGTERM, _ended_if_orphaned(parent))  # not the main process's handler, inherited by a fork
+    _terminated_with_parent()
+    if os.getppid() != parent:  # gone before the line above could ask to be told
+        os.kill(os.getpid(), signal.SIGTERM)
     init_worker(*args)
 
 
@@ -97,6 +102,19 @@ def _ended_if_orphaned(parent: int):
             os.kill(os.getpid(), signum)
 
     return handler
+
+
+def _terminated_with_parent() -> None:
+    """On Linux, ask for SIGTERM when the parent process ends (prctl PR_SET_PDEATHSIG), which `_ended_if_orphaned`
+    turns into this worker's end. Elsewhere a SIGTERM to the orphaned workers still ends them."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # no prctl in this C library: as elsewhere
+        pass
 
 
 def process_file(source: str) -> Outcome:
