@@ -479,7 +479,7 @@ class _ProfileWalker:
             return "X"  # private, group lengths (retired, would go stale) and unknown public elements
         if tag >> 16 == 0:
             return "X"  # a command set stored with the object: part of a message, never of a file (PS3.5 7.1)
-        known = dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"
+        known = _attribute_vr(tag)
         # The VR the attribute has and the one the file gave it (writers get it wrong): either says UID, name or date.
         vrs = {vr or known, known}
         if tag in self.retained:

@@ -261,9 +261,7 @@ class NodeStore:
         results of its own). Run by the node that owns the folder only, before its worker starts: a file a running
         worker has not recorded yet is one it is still writing. Files of delivered results are named by their rows."""
         outbox = self.folder / OUTBOX_DIR
-        with os.scandir(outbox) as entries:  # in batches: the outbox keeps every result delivered
-            names = (entry.name for entry in entries if _is_result_file(entry))
-            orphans = [name for batch in _batches(names, NAMES_PER_QUERY) for name in self._unrecorded(batch)]
+        orphans = self._unnamed_files(outbox, "deliveries", "file")
         for name in orphans:
             (outbox / name).unlink(missing_ok=True)
         if orphans:
@@ -277,15 +275,21 @@ class NodeStore:
         it, for good when its sender never sends it again (it got no success). Scanned holding the database's write
         lock: another process (the worklist recording an upload) is then never between its rename and its commit."""
         spool = self.folder / SPOOL_DIR
-        with self._immediate(), os.scandir(spool) as entries:  # in batches: the spool keeps every instance received
-            names = (entry.name for entry in entries if _is_result_file(entry))
-            orphans = [name for batch in _batches(names, NAMES_PER_QUERY) for name in self._unrecorded(batch, "instances", "spool")]
+        with self._immediate():
+            orphans = self._unnamed_files(spool, "instances", "spool")
             for name in orphans:
                 (spool / name).unlink(missing_ok=True)
         if orphans:
             log.info("removed %d instance file(s) from %s that no instance names: their receipt was never recorded", len(orphans), spool)
 
-    def _unrecorded(self, names: list[str], table: str = "deliveries", column: str = "file") -> list[str]:
+    def _unnamed_files(self, folder: Path, table: str, column: str) -> list[str]:
+        """The store's files in `folder` that no row of `table` names in `column`, looked up in batches: the folder keeps
+        every file recorded (each result delivered, each instance received)."""
+        with os.scandir(folder) as entries:
+            names = (entry.name for entry in entries if _is_result_file(entry))
+            return [name for batch in _batches(names, NAMES_PER_QUERY) for name in self._unrecorded(batch, table, column)]
+
+    def _unrecorded(self, names: list[str], table: str, column: str) -> list[str]:
         """Those of `names` (outbox files, or spool files) that no row of `table` names in `column`."""
         marks = ", ".join("?" * len(names))
         query = f"SELECT {column} AS name FROM {table} WHERE {column} IN ({marks})"  # noqa: S608 -- our own names
