@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from medtriage import training
 from medtriage.config import compose_train_config
 from medtriage.errors import ConfigError
+from medtriage.signals import terminate_as_interrupt
 from tests.training.conftest import ROOT, tiny_recipe
 
 MISSING_NPZ = "data.npz_path=/nonexistent/pneumoniamnist.npz"  # reaching the data would fail with DataNotFoundError
@@ -199,7 +200,7 @@ def test_a_second_signal_while_the_run_ends_killed_is_raised_once_the_status_is_
 
     monkeypatch.setattr(MlflowClient, "set_terminated", signalled_meanwhile)
     mlflow.start_run()
-    with tracking.terminate_as_interrupt(), pytest.raises(KeyboardInterrupt, match="while the run's status was written"):
+    with terminate_as_interrupt(), pytest.raises(KeyboardInterrupt, match="while the run's status was written"):
         tracking.end_run("KILLED")
     assert _statuses(tracking_uri) == ["KILLED"]
 

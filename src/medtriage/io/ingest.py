@@ -27,7 +27,6 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -60,10 +59,10 @@ from medtriage.io.site_key import SiteKey, load_site_key
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
 from medtriage.progress import progress as with_progress
 from medtriage.project import project_path
+from medtriage.signals import STOPPING, handling
 
 LOCK_FILE = "ingest.lock"
 IN_FLIGHT_PER_WORKER = 2  # files handed to the workers at a time, per worker: enough to keep each busy
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 # ---------------------------------------------------------------- the site run (main process)
@@ -162,16 +161,8 @@ def _stop_requests(site: str) -> Iterator[_Stop]:
         stop.signum, stop.flag.value = signum, 1
         _say(f"stopping the ingest of site {site!r}: files in progress are finished, no other is begun (a second signal stops at once)")
 
-    if threading.current_thread() is not threading.main_thread():
+    with handling(STOPPING, request, keep_ignored=True):
         yield stop
-        return
-    heeded = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
-    previous = {signum: signal.signal(signum, request) for signum in heeded}
-    try:
-        yield stop
-    finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
 
 
 def _say(line: str) -> None:

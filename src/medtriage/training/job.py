@@ -31,6 +31,7 @@ from medtriage.data.torch.split_cache import persistent_split
 from medtriage.errors import ConfigError
 from medtriage.io.safe_output import held_exclusive
 from medtriage.model.checkpoint import BEST, LAST, final_checkpoint, model_from_config, read_checkpoint
+from medtriage.signals import terminate_as_interrupt
 from medtriage.training import distributed, tracking
 from medtriage.training.distributed import Ranks
 from medtriage.training.loop import TrainingLoop, TrainState, train_epochs
@@ -198,7 +199,7 @@ def run(cfg: DictConfig) -> RunResult:
     config = to_plain_dict(cfg)
     ranks, device_choice = distributed.setup(cfg.trainer.device.value)
     try:
-        with tracking.terminate_as_interrupt():
+        with terminate_as_interrupt():
             return _run(cfg, config, ranks, pick_device(device_choice))
     finally:
         distributed.teardown(ranks)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medtriage.errors import ConfigError
 from medtriage.project import git_commit
+from medtriage.signals import signals_held
 
 try:
     import fcntl
@@ -176,47 +175,6 @@ def finished(uri: str, run_id: str | None) -> bool:
     """Whether the store at `uri` holds `run_id` finished (one it does not hold is `_resumable`'s to refuse)."""
     info = _run_info(uri, run_id) if run_id else None
     return info is not None and info.status == "FINISHED"
-
-
-TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))  # no SIGHUP on Windows
-
-
-@contextmanager
-def _handling(signums: tuple[int, ...], handler) -> Iterator[None]:
-    """`handler` for `signums` in the block, the previous handlers back after it. Only the main thread may set signal
-    handlers: elsewhere the block runs with the process's own."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, handler) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
-
-
-def terminate_as_interrupt():
-    """SIGTERM (a SLURM time limit or preemption, a stopped cross-validation fold) and SIGHUP (the terminal or SSH
-    session the run was started from went away) raised as KeyboardInterrupt in the block, as Ctrl-C is: the run ends
-    KILLED and resumable, where the default action would leave it RUNNING for good."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    return _handling(TERMINATING, interrupt)
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Ctrl-C, SIGTERM and SIGHUP held back for the block (a run's status being written: a second signal of a
-    scheduler, or a second Ctrl-C, would stop it halfway and leave the run RUNNING for good), then raised as
-    KeyboardInterrupt once the block is done."""
-    came: list[int] = []
-    with _handling((signal.SIGINT, *TERMINATING), lambda signum, frame: came.append(signum)):
-        yield
-    if came:
-        raise KeyboardInterrupt(f"signal {came[0]}, while the run's status was written")
 
 
 def end_run(status: str) -> None:

@@ -28,9 +28,10 @@ from omegaconf import DictConfig
 from medtriage.config import check_values, compose_train_config
 from medtriage.data.sources.registry import build_pool
 from medtriage.errors import ConfigError, MedTriageError
+from medtriage.signals import signals_held, terminate_as_interrupt
 from medtriage.training.report import METRICS_FILE
 from medtriage.training.resume import clear_earlier_run
-from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id, signals_held, terminate_as_interrupt
+from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id
 
 SCORES = ("calibrated_log_loss", "log_loss", "brier", "auc", "acc")  # read from each fold's `val/<score>`; the first one selects
 STOP_WAIT_S = 60  # for a stopped fold to end its MLflow run, before it is killed
@@ -206,7 +207,7 @@ def _finished(running: list[tuple[Fold, subprocess.Popen, float]], folds: int) -
 
 def _stop(running: list[tuple[Fold, subprocess.Popen, float]]) -> None:
     for _, process, _ in running:
-        process.terminate()  # each ends its MLflow run KILLED (training.tracking.terminate_as_interrupt)
+        process.terminate()  # each ends its MLflow run KILLED (medtriage.signals.terminate_as_interrupt)
     for _, process, _ in running:
         try:
             process.wait(timeout=STOP_WAIT_S)
