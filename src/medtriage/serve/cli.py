@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medtriage.arguments import non_negative_int, positive_float, positive_int, refuse_file_as_folder, whole_number
 from medtriage.errors import printable
 from medtriage.io.decode_limits import DecodeLimits, set_default_limits
 from medtriage.io.header_warnings import say_header_warnings
-from medtriage.io.safe_output import spreadsheet_row
 from medtriage.serve.admission import DEFAULT_QUEUE
 from medtriage.serve.batching import add_batching_options, concurrent_requests, enable_batching
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection, Score
-from medtriage.serve.report import CSV_COLUMNS, format_table, result_document, write_csv
+from medtriage.serve.report import Unwritten, format_table, result_document, write_csv
 
 TOKEN_ENV = "MEDTRIAGE_TOKEN"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -177,21 +174,6 @@ OUTPUT_FOLDERS = ("--sr", "--heatmaps", "--overlays")
 DICOMDIR = "DICOMDIR"  # a DICOM CD's or folder's index (PS3.10): it lists the images, it is none
 NOT_A_FILE = "not a file: a broken link, a pipe or a device (was the study copied whole?)"
 LINKED_FOLDER = "a linked folder is not followed (it may lead back up the tree): pass it by its own path"
-
-
-@dataclass
-class Unwritten:
-    """A result of a scored file (its SR, its overlay) that could not be written: the file's scores stand, and this
-    is listed apart from them, saying what is missing, why and what to do."""
-
-    file: str
-    output: str  # "SR" or "overlay"
-    reason: str
-    error: str  # the error type, e.g. DicomError
-    hint: str | None = None
-
-    def as_dict(self) -> dict:
-        return {"status": "not_written", **asdict(self)}
 
 
 def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
@@ -422,9 +404,7 @@ def _print_results(
             document = {**result_document(predictor, scores, rejected), "not_written": [u.as_dict() for u in unwritten]}
             print(json.dumps(document if labels is None else {**document, "labels": labels}, indent=2))
         elif args.csv:
-            write_csv(sys.stdout, predictor, scores, rejected)
-            rows = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            rows.writerows(spreadsheet_row({**u.as_dict(), "provider": predictor.provider}) for u in unwritten)
+            write_csv(sys.stdout, predictor, scores, rejected, unwritten)
         else:
             print(format_table(predictor, scores, rejected) + _unwritten_section(unwritten))
         sys.stdout.flush()

@@ -4,6 +4,8 @@ the radiologist's table."""
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medtriage.errors import printable
@@ -34,6 +36,21 @@ CSV_COLUMNS = [
 ]
 
 
+@dataclass
+class Unwritten:
+    """A result of a scored file (its SR, its overlay) that could not be written: the file's scores stand, and this
+    is listed apart from them, saying what is missing, why and what to do."""
+
+    file: str
+    output: str  # "SR" or "overlay"
+    reason: str
+    error: str  # the error type, e.g. DicomError
+    hint: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"status": "not_written", **asdict(self)}
+
+
 def result_document(predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> dict:
     """The JSON form of a scoring job (CLI --json and the HTTP response)."""
     return {
@@ -43,12 +60,13 @@ def result_document(predictor: Predictor, scores: list[Score], rejected: list[Re
     }
 
 
-def write_csv(stream, predictor: Predictor, scores: list[Score], rejected: list[Rejection]) -> None:
-    """One row per scored image, then one per rejection. `flags` (out_of_scope:<field>, unusual_input) is joined by
-    '; ': a score scored despite its scope or content must not read as a routine one in the spreadsheet."""
+def write_csv(stream, predictor: Predictor, scores: list[Score], rejected: list[Rejection], unwritten: Sequence[Unwritten] = ()) -> None:
+    """One row per scored image, then one per rejection, then one per result not written. `flags` (out_of_scope:<field>,
+    unusual_input) is joined by '; ': a score scored despite its scope or content must not read as a routine one in the
+    spreadsheet."""
     writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    for row in [s.as_dict() for s in scores] + [r.as_dict() for r in rejected]:
+    for row in [s.as_dict() for s in scores] + [r.as_dict() for r in rejected] + [u.as_dict() for u in unwritten]:
         writer.writerow(spreadsheet_row({**row, "flags": "; ".join(row.get("flags") or []), "provider": predictor.provider}))
 
 
