@@ -1,7 +1,7 @@
 """Content of the DICOM objects the system writes, as a PACS reads them: the heatmap Secondary Capture's
 patient orientation against its source (axial, lateral, unknown), and the SR's device observer identity,
 fresh UIDs across two reports of the same study, and a report for a source whose header holds values the
-standard does not allow."""
+standard does not allow, or whose file is gone since it was scored."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medtriage.serve.dicom_results import encoded, sr_bytes
+from medtriage.errors import DicomError
+from medtriage.serve.dicom_results import encoded, sr_bytes, write_sr
 from medtriage.serve.node.heatmap import patient_orientation, secondary_capture
 
 DEVICE_OBSERVER_UID = "121012"
@@ -105,3 +106,14 @@ def test_a_header_value_the_standard_does_not_allow_costs_that_value_not_the_rep
     sr = pydicom.dcmread(io.BytesIO(sr_bytes(path.read_bytes(), scores, predictor.package)))
     assert (sr.PatientSex, sr.PatientBirthDate, sr.StudyDate, sr.StudyTime) == ("", "", "", "")
     assert (sr.PatientID, sr.PatientName, sr.StudyInstanceUID) == (source.PatientID, source.PatientName, source.StudyInstanceUID)
+
+
+def test_an_sr_of_a_file_gone_since_it_was_scored_says_so_and_what_to_do(predictor, tmp_path):
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    scores = predictor.score_or_reject(path, path.name)
+    path.unlink()  # moved away while the rest of the folder was scored
+    with pytest.raises(DicomError) as raised:
+        write_sr(path, scores, predictor.package, str(tmp_path / "sr"))
+    assert "cannot read the file again" in raised.value.reason and "No such file" in raised.value.reason
+    assert raised.value.where == str(path) and "leave the file in place" in raised.value.hint

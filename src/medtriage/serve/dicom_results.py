@@ -109,8 +109,14 @@ def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
         return header
     except (ImageTooLargeError, DicomError):
         raise
+    except OSError as err:  # the file moved, removed or made unreadable after it was scored
+        raise DicomError(
+            f"cannot read the file again for the header the SR references ({err.strerror or type(err).__name__})",
+            where=where,
+            hint="leave the file in place and readable until its results are written, then score it again",
+        ) from err
     except Exception as err:
-        raise DicomError(f"cannot read the header to reference in the SR ({err})", where=where) from err
+        raise DicomError(f"cannot read the header to reference in the SR ({err})", where=where, hint=SR_HINT) from err
 
 
 def _header_too_large(where: str) -> DicomError:
