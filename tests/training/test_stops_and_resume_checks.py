@@ -117,3 +117,18 @@ def test_resuming_from_a_checkpoint_behind_its_runs_last_pt_is_refused_naming_bo
     assert find_resume_checkpoint(str(last), tmp_path, "exp")[0] == last
     save_checkpoint(ckpt_dir / BEST, **fields | {"epoch": 3, "best_epoch": 3})  # the best epoch is the last one
     assert find_resume_checkpoint(str(best), tmp_path, "exp")[0] == best
+
+
+def test_automatic_resume_of_a_run_whose_last_pt_is_damaged_says_what_may_continue_it(tmp_path):
+    older = _unfinished(tmp_path / "exp" / "older", seed=0, nbytes=64)
+    run_dir = tmp_path / "exp" / "newest"
+    last = _unfinished(run_dir, seed=0, nbytes=64)
+    os.utime(older, (last.stat().st_mtime - 60,) * 2)
+    save_checkpoint(run_dir / "checkpoints" / BEST, **dict.fromkeys(RESUME_KEYS, 0) | {"epoch": 1, "best_epoch": 1})
+    last.write_bytes(last.read_bytes()[:100])  # cut short by a failing disk
+    with pytest.raises(ConfigError, match="the last.pt of an unfinished run cannot be resumed") as refused:
+        find_resume_checkpoint(None, tmp_path, "exp")
+    assert refused.value.where == str(last)
+    assert f"trainer.resume_from={run_dir / 'checkpoints' / BEST}" in refused.value.hint
+    assert f"move this run's folder out of {tmp_path / 'exp'}" in refused.value.hint
+    assert find_resume_checkpoint(str(run_dir / "checkpoints" / BEST), tmp_path, "exp")[1]["epoch"] == 1

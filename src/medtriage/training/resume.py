@@ -135,6 +135,22 @@ def _training_checkpoint(path: Path) -> dict:
     return contents
 
 
+def _found_checkpoint(path: Path, experiment_dir: Path) -> dict:
+    """`_training_checkpoint` of a last.pt that automatic resume found. A damaged one stops the resume (continuing an
+    other run instead would pass for continuing this one), saying what may still continue it."""
+    try:
+        return _training_checkpoint(path)
+    except MedTriageError as err:
+        best = path.with_name(BEST)
+        from_best = f"continue the run from its best.pt with trainer.resume_from={best}; " if best.is_file() else ""
+        raise ConfigError(
+            f"the last.pt of an unfinished run cannot be resumed: {err.reason}",
+            where=path,
+            hint=f"{from_best}to resume another run instead, move this run's folder out of {experiment_dir}; "
+            "or start a new run without trainer.resume",
+        ) from err
+
+
 def _candidates(resume_from: str | None, runs_dir: str | Path, experiment: str) -> tuple[list[Path], str]:
     """The checkpoints a resume looks at, in the order it tries them, and where it looked (for a message)."""
     if resume_from:
@@ -176,7 +192,7 @@ def find_resume_checkpoint(
     refusals, passed_over = [], []
     for path in filter(Path.is_file, candidates):
         _refuse_finished(path)
-        contents = _training_checkpoint(path)
+        contents = _training_checkpoint(path) if resume_from else _found_checkpoint(path, Path(runs_dir) / experiment)
         _refuse_behind_last(path, contents)
         why = None if resume_from else _passed_over(path, contents, run_finished)
         if why:
