@@ -10,6 +10,8 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from medtriage.model.checkpoint import LAST, save_checkpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "slurm" / "train.sbatch"
 PINNED = "hydra.run.dir=${paths.runs_dir}/${name}/slurm-"
@@ -32,8 +34,17 @@ def _submit_dir(tmp_path: Path) -> Path:
     return submit
 
 
-def _sbatch(tmp_path: Path, *args: str, restarts: int = 0, array_task: int | None = None, more_nodes: int = 0) -> tuple[list[str], str]:
+def _sbatch(tmp_path: Path, *args: str, **start) -> tuple[list[str], str]:
     """(overrides srun passed on to scripts/train.py, the script's stderr) of one start of the job."""
+    srun, stderr = _start(tmp_path, *args, **start)
+    assert srun[:2] == ["--kill-on-bad-exit=1", "torchrun"] and "--rdzv_endpoint=node-a:29500" in srun
+    return srun[srun.index("scripts/train.py") + 1 :], stderr
+
+
+def _start(
+    tmp_path: Path, *args: str, restarts: int = 0, array_task: int | None = None, more_nodes: int = 0
+) -> tuple[list[str] | None, str]:
+    """(the arguments of the job's srun, None when it ran none; the script's stderr) of one start of the job."""
     fakes = tmp_path / "fakes"
     fakes.mkdir(exist_ok=True)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -57,10 +68,9 @@ def _sbatch(tmp_path: Path, *args: str, restarts: int = 0, array_task: int | Non
         env.update(SLURM_ARRAY_JOB_ID="4000", SLURM_ARRAY_TASK_ID=str(array_task))
     done = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    srun = (tmp_path / "srun.args").read_text().split("\0")[:-1]
     assert (tmp_path / "scontrol.args").read_text().split("\0")[:-1] == ["show", "hostnames", "node-[a-b]"]
-    assert srun[:2] == ["--kill-on-bad-exit=1", "torchrun"] and "--rdzv_endpoint=node-a:29500" in srun
-    return srun[srun.index("scripts/train.py") + 1 :], done.stderr
+    srun = tmp_path / "srun.args"
+    return (srun.read_text().split("\0")[:-1] if srun.exists() else None), done.stderr
 
 
 def _value(overrides: list[str], key: str) -> str:
@@ -123,3 +133,25 @@ def test_a_requeued_job_that_names_the_run_to_resume_continues_that_run(tmp_path
     overrides, stderr = _sbatch(tmp_path, *asked, restarts=1)
     assert overrides == ["trainer=gpu", *asked, PINNED + "4242"]
     assert "continuing the run its trainer.resume/trainer.resume_from override names" in stderr
+
+
+def _finished_run(folder: Path, run_id: str) -> None:
+    """A run folder as training leaves it once finished: checkpoints, then metrics.json."""
+    save_checkpoint(folder / "checkpoints" / LAST, mlflow_run_id=run_id, epoch=3)
+    (folder / "metrics.json").write_text('{"test/auc": 0.9}')
+
+
+def test_a_job_requeued_while_it_exported_exports_its_finished_run_again(tmp_path):
+    """trainer.resume_from=<a finished run> is refused: the requeued job failed, and the model was never exported."""
+    submit = _submit_dir(tmp_path)
+    _finished_run(submit / "outputs" / "pneumonia_sites" / "slurm-4000_3", run_id="5e1f")
+    srun, stderr = _start(tmp_path, restarts=1, array_task=3)
+    assert srun == ["--nodes=1", "--ntasks=1", "python", "scripts/export.py", "run_id=5e1f"]
+    assert "finished training; exporting MLflow run 5e1f again" in stderr
+
+
+def test_a_requeued_job_whose_finished_run_exports_nothing_ends_with_nothing_to_do(tmp_path):
+    submit = _submit_dir(tmp_path)
+    _finished_run(submit / "outputs" / "pneumonia_sites" / "slurm-4242", run_id="5e1f")
+    srun, stderr = _start(tmp_path, "experiment=pneumonia_sites", "export.enabled=false", restarts=1)
+    assert srun is None and "its config exports nothing: done" in stderr
