@@ -37,12 +37,13 @@ def _submit_dir(tmp_path: Path) -> Path:
 def _sbatch(tmp_path: Path, *args: str, **start) -> tuple[list[str], str]:
     """(overrides srun passed on to scripts/train.py, the script's stderr) of one start of the job."""
     srun, stderr = _start(tmp_path, *args, **start)
+    assert (tmp_path / "scontrol.args").read_text().split("\0")[:-1] == ["show", "hostnames", "node-[a-b]"]
     assert srun[:2] == ["--kill-on-bad-exit=1", "torchrun"] and "--rdzv_endpoint=node-a:29500" in srun
     return srun[srun.index("scripts/train.py") + 1 :], stderr
 
 
 def _start(
-    tmp_path: Path, *args: str, restarts: int = 0, array_task: int | None = None, more_nodes: int = 0
+    tmp_path: Path, *args: str, restarts: int = 0, array_task: int | None = None, more_nodes: int = 0, exits: int = 0
 ) -> tuple[list[str] | None, str]:
     """(the arguments of the job's srun, None when it ran none; the script's stderr) of one start of the job."""
     fakes = tmp_path / "fakes"
@@ -67,8 +68,7 @@ def _start(
     if array_task is not None:
         env.update(SLURM_ARRAY_JOB_ID="4000", SLURM_ARRAY_TASK_ID=str(array_task))
     done = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "scontrol.args").read_text().split("\0")[:-1] == ["show", "hostnames", "node-[a-b]"]
+    assert done.returncode == exits, done.stderr
     srun = tmp_path / "srun.args"
     return (srun.read_text().split("\0")[:-1] if srun.exists() else None), done.stderr
 
@@ -155,3 +155,10 @@ def test_a_requeued_job_whose_finished_run_exports_nothing_ends_with_nothing_to_
     _finished_run(submit / "outputs" / "pneumonia_sites" / "slurm-4242", run_id="5e1f")
     srun, stderr = _start(tmp_path, "experiment=pneumonia_sites", "export.enabled=false", restarts=1)
     assert srun is None and "its config exports nothing: done" in stderr
+
+
+def test_a_run_folder_named_by_the_time_is_refused_before_anything_starts(tmp_path):
+    """Each torchrun process, on each node, and each requeue resolves ${now:...} to its own second: its own folder."""
+    _submit_dir(tmp_path)
+    srun, stderr = _start(tmp_path, "hydra.run.dir=runs/${now:%Y-%m-%d_%H-%M-%S}", exits=2)
+    assert srun is None and "name it without ${now:...}" in stderr
