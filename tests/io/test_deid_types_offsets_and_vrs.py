@@ -1,7 +1,8 @@
 """De-identification edges on real files: compound actions of Table E.1-1 on attributes an IOD makes Type 1 (an
 enhanced MR's Device Serial Number), timezone offsets inside DateTime values when Timezone Offset From UTC is
 removed, UIDs, names and dates a writer encoded with another VR, the data set's own UIDs copied into attributes
-the table does not list, into class attributes or into text, and a command set stored with the object."""
+the table does not list, into class attributes or into text (one only the file meta held too), and a command set
+stored with the object."""
 
 from __future__ import annotations
 
@@ -252,3 +253,16 @@ def test_an_animal_patient_keeps_its_owner_attributes_empty(need_tool, tmp_path)
     ds.save_as(tmp_path / "deid.dcm", enforce_file_format=True)
     new = _errors(dciodvfy, tmp_path / "deid.dcm") - _errors(dciodvfy, source)
     assert not new, "\n".join(sorted(new))
+
+
+def test_an_instance_uid_only_the_file_meta_held_is_not_kept_in_text():
+    """A file whose SOP Instance UID was changed without its file meta: the old UID, quoted in a kept comment, stayed
+    (the file meta is rebuilt, so it was never among the data set's own UIDs)."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    stored_as = "1.2.826.0.1.3680043.2.1125.7.4711"
+    ds.file_meta.MediaStorageSOPInstanceUID = stored_as
+    ds.ContentDescription = f"copy of {stored_as}"
+    deidentify(ds, KEY)
+    data = _saved(ds)
+    assert stored_as.encode() not in data
+    assert pydicom.dcmread(io.BytesIO(data)).ContentDescription == f"copy of {KEY.uid(stored_as)}"

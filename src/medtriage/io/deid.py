@@ -362,6 +362,8 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
         raise InputError(problem)
     by_name = not identifying_patient_id(ds)
     walker = _ProfileWalker(key, options, key.pseudonym(patient), key.date_shift_days(patient))
+    stored_as = (getattr(ds, "file_meta", None) or Dataset()).get("MediaStorageSOPInstanceUID", "")
+    walker.remap_uid(str(stored_as))  # an own UID, though only the file meta held it: kept text may quote it
     walker.apply(ds, top_level=True)
     walker.replace_own_uids()
     _keep_animal_owner_attributes(ds)
