@@ -197,3 +197,10 @@ def test_picking_files_from_a_pool_not_built_from_sites_says_so(tmp_path):
     (pool_dir / INPUTS_FILE).unlink()
     with pytest.raises(DataNotFoundError, match="built from site folders"):
         split_files(pool_dir, "train")
+
+
+def test_a_pool_reused_from_moved_site_folders_picks_files_where_they_now_lie(tmp_path):
+    sites_pool(tmp_path)
+    (tmp_path / "sites").rename(tmp_path / "moved")  # names, sizes and times kept: the pool is reused
+    build_sites_pool(tmp_path / "moved", tmp_path / "pool", val_fraction=0.0, test_fraction=0.0, workers=1, verbose=False)
+    assert split_files(tmp_path / "pool", "train") == [tmp_path / "moved" / "a" / "1.dcm"]

@@ -86,6 +86,7 @@ def build_sites_pool(
     with pool_lock(pool_dir):  # a build started meanwhile waits here, then finds this one's pool cached
         if _cached(pool_dir, inputs_hash, verbose):
             manifest = load_manifest(pool_dir)
+            _record_sites_dir(pool_dir, sites_dir)
             _say(verbose, f"reusing pool built from the same inputs\n{manifest.summary()}{_empty_sites(sites_dir, files)}")
             return manifest
         (pool_dir / INPUTS_FILE).unlink(missing_ok=True)  # a half-written pool must never look cached
@@ -213,6 +214,14 @@ def _cached(pool_dir: Path, inputs_hash: str, verbose: bool) -> bool:
     changed = [name for name, digest in _pool_hashes(pool_dir).items() if pool_hashes.get(name) != digest]
     _say(bool(verbose and changed), f"{', '.join(changed)} differs from what the build wrote; building the pool again")
     return not changed
+
+
+def _record_sites_dir(pool_dir: Path, sites_dir: Path) -> None:
+    """Reused from the same files in another place (site folders moved or copied): source files are picked where they
+    now lie (`split_files`), not where the pool was first built from."""
+    record = json.loads((pool_dir / INPUTS_FILE).read_text())
+    if record.get("sites_dir") != str(sites_dir):
+        write_atomic(pool_dir / INPUTS_FILE, json.dumps({**record, "sites_dir": str(sites_dir)}, indent=1).encode())
 
 
 def _pool_hashes(pool_dir: Path) -> dict[str, str | None]:
