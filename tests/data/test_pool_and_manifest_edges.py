@@ -1,5 +1,6 @@
-"""Edges of the pool: blank identifiers and unreadable labels.csv files at the sites, and a damaged or hand-edited pool
-folder read back (refused with the row at fault, never trusted as a path or as training data)."""
+"""Edges of the pool: blank identifiers (an accession number, a SOP Instance UID) and unreadable labels.csv files at
+the sites, a reused pool's moved site folders, and a damaged or hand-edited pool folder read back (refused with the row
+at fault, never trusted as a path or as training data)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -204,3 +206,18 @@ def test_a_pool_reused_from_moved_site_folders_picks_files_where_they_now_lie(tm
     (tmp_path / "sites").rename(tmp_path / "moved")  # names, sizes and times kept: the pool is reused
     build_sites_pool(tmp_path / "moved", tmp_path / "pool", val_fraction=0.0, test_fraction=0.0, workers=1, verbose=False)
     assert split_files(tmp_path / "pool", "train") == [tmp_path / "moved" / "a" / "1.dcm"]
+
+
+def test_images_without_a_sop_instance_uid_are_rejected_as_such_not_as_each_others_duplicates(tmp_path):
+    sites = tmp_path / "sites"
+    for n in (1, 2):
+        write_dicom(sites / "a" / f"{n}.dcm", f"p{n}", f"A{n}")
+        ds = pydicom.dcmread(sites / "a" / f"{n}.dcm")
+        del ds.SOPInstanceUID
+        ds.save_as(sites / "a" / f"{n}.dcm")
+    (sites / "a" / "labels.csv").write_text("accession_number,finding\nA1,normal\nA2,pneumonia\n")
+    with pytest.raises(DataNotFoundError):  # nothing left to pool
+        build_sites_pool(sites, tmp_path / "pool", workers=1, verbose=False)
+    rejects = list(csv.DictReader((tmp_path / "pool" / "rejects.csv").open()))
+    assert [r["path"] for r in rejects] == ["a/1.dcm", "a/2.dcm"]
+    assert all(r["reason"].startswith("no SOP Instance UID (0008,0018) in the header") for r in rejects)

@@ -345,7 +345,10 @@ def _no_patient(item: Decoded) -> str | None:
 
 
 def _duplicate(item: Decoded, seen_sops: dict[str, str]) -> str | None:
-    sop = item.fields["sop_uid"]
+    """Images are told apart by their SOP Instance UID: one without it would be every other one's duplicate."""
+    sop = item.fields["sop_uid"].strip()
+    if not sop:
+        return "no SOP Instance UID (0008,0018) in the header (the pool tells images apart by it; export the image again)"
     if sop in seen_sops:
         return f"duplicate SOP Instance UID (same image as {seen_sops[sop]})"
     seen_sops[sop] = item.path
