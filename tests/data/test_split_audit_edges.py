@@ -184,13 +184,15 @@ def test_blank_images_are_no_duplicates_of_one_another(tmp_path, xrays):
 # ---------------------------------------------------------------- pools too small for the folds
 
 
-def test_cross_validation_of_a_pool_without_labelled_images_says_so(tmp_path, xrays):
+def test_cross_validation_or_a_refit_of_a_pool_without_labelled_images_says_so(tmp_path, xrays):
     images, labels = xrays
     only_test = _pool(tmp_path / "only_test", [(images[0], int(labels[0]), "p0", "test")])
     with pytest.raises(DataNotFoundError, match="no train or validation images"):
         cross_validation_fold(only_test, 3, 0)
     with pytest.raises(DataNotFoundError, match="no train or validation images"):
         cross_validation_fold(_pool(tmp_path / "empty", []), 3, 0)
+    with pytest.raises(DataNotFoundError, match="no train or validation images to refit on"):
+        all_labelled(only_test)  # before, a refit "on all 0 labelled images"
 
 
 def test_more_folds_than_patients_is_a_config_error_naming_the_limit(tmp_path, xrays):

@@ -121,6 +121,10 @@ def all_labelled(manifest: Manifest, *, allow_duplicates: bool = False) -> Manif
     _require_test_patients_apart(manifest)
     _require_test_images_apart(manifest, duplicate_pairs(manifest), allow_duplicates)
     rows = manifest.rows[manifest.rows["split"] != "test"].copy()
+    if not len(rows):
+        raise DataNotFoundError(
+            "no train or validation images to refit on", where=manifest.pool_dir, hint="a refit needs a pool with labelled images"
+        )
     rows["split"] = "train"
     fingerprint = hashlib.sha256(f"{manifest.fingerprint}|refit".encode()).hexdigest()
     print(f"refit on all {len(rows)} labelled images (train + validation pooled): no validation split; test left out")
