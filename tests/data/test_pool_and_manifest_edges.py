@@ -155,6 +155,14 @@ def test_a_pool_csv_that_cannot_be_parsed_is_refused_as_damaged_naming_it(tmp_pa
     assert err.value.where == str(tmp_path / file) and "build it again" in err.value.hint
 
 
+def test_a_rejects_table_without_its_columns_is_refused_as_damaged_naming_them(tmp_path):
+    tiny_pool(tmp_path)
+    (tmp_path / "rejects.csv").write_text("site,path,why\na,a/1.dcm,unreadable\n")  # a column renamed by hand
+    with pytest.raises(InputError, match=r"lacks its column\(s\) \['reason'\]") as err:
+        load_manifest(tmp_path).summary()
+    assert err.value.where == str(tmp_path / "rejects.csv") and "build it again" in err.value.hint
+
+
 def test_a_cut_short_pixel_cache_or_missing_label_names_are_refused(tmp_path):
     tiny_pool(tmp_path)
     with open(tmp_path / PIXELS_FILE, "r+b") as f:

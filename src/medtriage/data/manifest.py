@@ -232,11 +232,7 @@ def _read_pool(pool_dir: Path, pixel_identity: tuple | None) -> Manifest:
         keep_default_na=False,
         na_values={c: [""] for c in header if c not in TEXT_COLUMNS},  # other columns: empty = missing, as before
     )
-    rejects = (
-        _read_csv(pool_dir / REJECTS_FILE, pool_dir / REJECTS_FILE, dtype=str, keep_default_na=False)
-        if (pool_dir / REJECTS_FILE).exists()
-        else pd.DataFrame(columns=REJECT_COLUMNS)
-    )
+    rejects = _read_rejects(pool_dir / REJECTS_FILE)
     label_names = _read_label_names(pool_dir)
     _check_rows(rows, label_names, pool_dir, stored=pixel_identity[2] // 4 if pixel_identity else 0)
     fingerprint = hashlib.sha256(text).hexdigest()
@@ -283,6 +279,15 @@ def _read_csv(path: Path, source, **options):
         return pd.read_csv(source, **options)
     except ValueError as err:  # pandas' EmptyDataError and ParserError, and UnicodeDecodeError, are ValueErrors
         raise _damaged(f"not a readable CSV file ({printable(str(err))})", path) from err
+
+
+def _read_rejects(path: Path):
+    if not path.exists():
+        return pd.DataFrame(columns=REJECT_COLUMNS)
+    rejects = _read_csv(path, path, dtype=str, keep_default_na=False)
+    if missing := [c for c in REJECT_COLUMNS if c not in rejects.columns]:
+        raise _damaged(f"the rejects table lacks its column(s) {missing}", path)
+    return rejects
 
 
 def _read_label_names(pool_dir: Path) -> list[str]:
