@@ -1,10 +1,11 @@
-"""Where a run stops and what a resume accepts: a run resumed after it stopped early trains no more, a loss that is no
-longer a number stops the run before it is checkpointed, a resume needs a training checkpoint of as many processes, not
-one behind its run's last.pt, and reads the weights of that one alone, and the test metrics are filed at the epoch of
-the weights tested."""
+"""Where a run stops and what a resume accepts: a run resumed after it stopped early trains no more, a loss or weights
+that are no longer numbers stop the run before it is checkpointed, a resume needs a training checkpoint of as many
+processes, not one behind its run's last.pt, and reads the weights of that one alone, the test metrics are filed at the
+epoch of the weights tested, and the summary names what chose the best epoch (none in a refit)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import mlflow
@@ -15,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from medtriage.errors import ConfigError
 from medtriage.model.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
 from medtriage.training.distributed import Ranks
-from medtriage.training.job import check_resume_world_size
+from medtriage.training.job import RunResult, check_resume_world_size
 from medtriage.training.loop import TrainingDivergedError, TrainState, train_epochs
-from medtriage.training.report import log_final
+from medtriage.training.report import log_final, print_summary
 from medtriage.training.resume import RESUME_KEYS, find_resume_checkpoint
 from tests.training.test_rank_draws_and_resumed_steps import tiny_loop
 
@@ -36,6 +37,16 @@ def test_a_loss_that_is_no_longer_a_number_stops_the_run_before_its_checkpoint(t
         train_epochs(fit, TrainState(), tmp_path, {}, None)
     assert "epoch 1" in stopped.value.where and "trainer.lr" in stopped.value.hint
     assert not (tmp_path / LAST).exists()  # the diverged weights are not what a resume or an export would continue
+
+
+def test_weights_that_diverge_on_the_epochs_last_step_stop_a_refit_before_its_checkpoint(tmp_path):
+    fit = tiny_loop(max_epochs=1, limit_train_batches=1)  # one step: its loss is of the weights before the step
+    del fit.splits["val"]  # a refit: no validation would meet the weights first
+    next(fit.model.parameters()).register_hook(lambda grad: grad * math.inf)  # a gradient that overflows
+    with pytest.raises(TrainingDivergedError, match="weights") as stopped:
+        train_epochs(fit, TrainState(), tmp_path, {}, None)
+    assert "epoch 1" in stopped.value.where and "trainer.lr" in stopped.value.hint
+    assert not (tmp_path / LAST).exists()
 
 
 def test_resuming_from_weights_alone_is_refused_with_what_they_lack(tmp_path):
@@ -132,3 +143,19 @@ def test_automatic_resume_of_a_run_whose_last_pt_is_damaged_says_what_may_contin
     assert f"trainer.resume_from={run_dir / 'checkpoints' / BEST}" in refused.value.hint
     assert f"move this run's folder out of {tmp_path / 'exp'}" in refused.value.hint
     assert find_resume_checkpoint(str(run_dir / "checkpoints" / BEST), tmp_path, "exp")[1]["epoch"] == 1
+
+
+def test_a_run_selected_by_accuracy_says_so_rather_than_calling_it_auc(tmp_path, capsys):
+    # a validation split of one class: AUC undefined, the best epoch chosen by accuracy
+    metrics = {"val/acc": 0.75, "val/n": 4.0, "best_val_auc": 0.75, "best_epoch": 1.0}
+    print_summary(RunResult("run", 0.75, tmp_path / BEST, tmp_path, metrics), "sqlite:///mlflow.db", [])
+    printed = capsys.readouterr().out
+    assert "best val accuracy 0.7500" in printed and "AUC" not in printed
+
+
+def test_a_refit_files_no_best_epoch_as_it_chose_none(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    save_checkpoint(ckpt_dir / LAST, epoch=2)
+    with mlflow.start_run() as run:
+        log_final({}, {}, TrainState(epoch=2), ckpt_dir, "refit", False, "last")  # no validation split: no metrics
+    assert "best_epoch" not in MlflowClient().get_run(run.info.run_id).data.metrics

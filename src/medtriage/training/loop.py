@@ -33,6 +33,7 @@ from medtriage.training.distributed import SINGLE_PROCESS, Ranks
 from medtriage.training.ema import WeightEMA
 from medtriage.training.losses import Mixup, make_criterion, mixed_loss, no_mix
 from medtriage.training.optimiser import build_optimizer, build_scheduler, scaled_lr, training_autocast, training_forward
+from medtriage.training.report import selection_name
 from medtriage.training.resume import restore_rng_state, rng_state
 from medtriage.training.samplers import SiteStratifiedSampler
 from medtriage.training.throughput import EpochClock
@@ -208,6 +209,7 @@ class TrainingLoop:
         distributed.sync_buffers(self.model, self.ranks)
         if self.ema:  # each rank's average took its own batches' statistics: evaluate rank 0's, which is checkpointed
             distributed.sync_buffers(self.ema.module, self.ranks)
+        check_finite_weights(distributed.unwrap(self.model), epoch, state)  # alike on every rank, buffers synced
         return {
             **clock.summary(),
             "train/loss": total_loss / max(seen, 1),
@@ -302,8 +304,21 @@ def check_finite_loss(total_loss: float, epoch: int, state: TrainState) -> None:
     loss every step would make each step wait for the device."""
     if math.isfinite(total_loss):
         return
-    raise TrainingDivergedError(
-        f"the training loss of epoch {epoch} is {total_loss}: the weights diverged",
+    raise _diverged(f"the training loss of epoch {epoch} is {total_loss}: the weights diverged", epoch, state)
+
+
+def check_finite_weights(model: torch.nn.Module, epoch: int, state: TrainState) -> None:
+    """Each step's loss is of the weights before it: a step that overflowed late in the epoch leaves weights that are
+    not numbers behind a finite loss, which a refit (no validation to meet them) would checkpoint and export."""
+    finite = [value.isfinite().all() for value in model.state_dict().values() if value.is_floating_point()]
+    if bool(torch.stack(finite).all()):  # one wait for the device per epoch
+        return
+    raise _diverged(f"the weights after epoch {epoch} are not all finite: its last steps diverged", epoch, state)
+
+
+def _diverged(what: str, epoch: int, state: TrainState) -> TrainingDivergedError:
+    return TrainingDivergedError(
+        what,
         where=f"epoch {epoch} (up to global step {state.global_step})",
         hint="lower trainer.lr (or trainer.lr_scaling), raise trainer.warmup_epochs, or try trainer.precision=fp32; "
         "the checkpoint of the last epoch before it is kept, but a resume repeats the same steps: start a new run",
@@ -348,14 +363,14 @@ def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: d
             if improved:
                 copy_atomic(ckpt_dir / LAST, ckpt_dir / BEST)  # a crash mid-copy never leaves a truncated best.pt
             validation = (
-                f", val AUC {metrics.get('val/auc', float('nan')):.4f} (best {state.best_val_auc:.4f} @ {state.best_epoch})"
+                f", {selection_name(metrics)} {metrics.get('val/auc', metrics.get('val/acc', float('nan'))):.4f} (best {state.best_val_auc:.4f} @ {state.best_epoch})"
                 if validated
                 else ""
             )
             log.info("epoch %d: loss %.4f%s, %.0f img/s", epoch, metrics["train/loss"], validation, metrics["train/images_per_s"])
         done_here += 1
         if stopped_early(trainer, state):
-            log.info("early stopping: no better validation AUC for %d epochs", state.epochs_since_best)
+            log.info("early stopping: no better %s for %d epochs", selection_name(metrics), state.epochs_since_best)
             break
         if trainer.stop_after_epochs and done_here >= trainer.stop_after_epochs and state.epoch < trainer.max_epochs:
             return True

@@ -36,6 +36,11 @@ def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
     return metrics, predictions
 
 
+def selection_name(metrics: dict[str, float]) -> str:
+    """What the best epoch was chosen by, as told to people: validation accuracy where AUC is undefined (one class)."""
+    return "val AUC" if "val/auc" in metrics else "val accuracy"
+
+
 def log_final(
     metrics: dict[str, float], predictions: dict, state, ckpt_dir: Path, name: str, log_checkpoint: bool, weights: str = "best"
 ) -> None:
@@ -46,7 +51,8 @@ def log_final(
     final = final_checkpoint(ckpt_dir, weights)
     final_epoch = state.epoch if final.name == LAST else state.best_epoch  # the epoch whose weights were tested
     tracking.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")}, step=final_epoch)
-    tracking.log_metrics({"best_epoch": state.best_epoch}, step=0)  # once, though a resumed run reaches here again
+    if "best_epoch" in metrics:  # not in a refit, which chose no epoch
+        tracking.log_metrics({"best_epoch": state.best_epoch}, step=0)  # once, though a resumed run reaches here again
     for path in _plots(predictions, metrics, folder / "plots", name, final.stem):
         mlflow.log_artifact(str(path), "plots")
     if log_checkpoint:
@@ -100,7 +106,8 @@ def print_summary(result, uri: str, sites: list[str]) -> None:
     if "\n" in table:  # a refit has no split to score
         print(table)
     if "best_epoch" in result.metrics:
-        print(f"best epoch {int(result.metrics['best_epoch'])}, best val AUC {result.best_val_auc:.4f}; checkpoint {result.checkpoint}")
+        score = selection_name(result.metrics)  # accuracy where the validation split holds one class
+        print(f"best epoch {int(result.metrics['best_epoch'])}, best {score} {result.best_val_auc:.4f}; checkpoint {result.checkpoint}")
     else:
         print(f"no validation split; final checkpoint {result.checkpoint}")
     if result.package:
