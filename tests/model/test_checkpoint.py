@@ -67,3 +67,12 @@ def test_a_resume_on_fewer_gpus_than_the_run_saved_restores_the_generators_it_ha
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
     restore_rng_state(state)
     assert len(restored) == 1 and int(restored[0][0]) == 0
+
+
+def test_no_images_give_logits_of_no_rows_that_join_a_gather(config):
+    """A rank whose shard of a small split is empty: its part must concatenate with the others' `[N, K]`."""
+    model = model_from_config(config).eval()
+    images = torch.rand(3, 1, 28, 28)
+    empty = predict_logits(model, images[3:])
+    assert empty.shape == (0, 2) and empty.dtype == np.float32
+    assert np.concatenate([predict_logits(model, images), empty]).shape == (3, 2)

@@ -19,9 +19,14 @@ def predict_logits(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> np.ndarray:
-    """Logits `[N, K]` (float32) of `images` `[N, C, H, W]`, in batches; the model is left in eval mode."""
+    """Logits `[N, K]` (float32) of `images` `[N, C, H, W]`, in batches; the model is left in eval mode. No images give
+    `[0, K]` (a rank's shard of a split smaller than the world), so that the ranks' parts concatenate: K is read from
+    one blank image, as models refuse an empty batch."""
     model.eval()
     device = torch.device(device)
+    if not len(images):
+        blank = predict_logits(model, images.new_zeros(1, *images.shape[1:]), 1, device, autocast_dtype, channels_last)
+        return blank[:0]
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device, non_blocking=True)
