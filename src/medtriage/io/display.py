@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from medtriage.errors import DicomError
+from medtriage.io.decode_limits import number_of_frames
 from medtriage.io.native_pixels import StoredValues, affine_to_unit
 
 
@@ -28,7 +29,7 @@ def to_display(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Display pixels `[F, C, H, W]`, and the mean of each frame where it came on the way (the affine grayscale
     mapping, in one blocked pass), else None. `frame` is the one frame `stored` holds, if it holds only one."""
-    views = _frame_views(ds, frame)
+    views = _frame_views(ds, frame, where)
     if views is not None:
         return _frame_by_frame(stored, views, where)
     stored = _only_stored_bits(stored, ds)
@@ -167,13 +168,31 @@ def _header_number(ds: pydicom.Dataset, keyword: str, name: str, default: float)
 
 
 def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
-    """VOI LUT Sequence: look up the (integer) modality values, scale by the LUT's bit depth."""
+    """VOI LUT Sequence: look up the (integer) modality values, scale by the LUT's bit depth. Not by pydicom's
+    apply_voi: it computes the indices in the type of the entries, so a table of 8-bit entries longer than 256 (an
+    8-bit output for 12-bit values, PS3.3 C.11.2.1.1) wraps every index past 255."""
     try:
-        out = apply_voi(np.rint(values).astype(np.int32), ds)
+        table, first, bits = _voi_table(ds)
     except Exception as err:
         raise DicomError(f"invalid VOI LUT Sequence: {err}", where=where, hint="fix or remove the VOI LUT in the source system") from err
-    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-    return out.astype(np.float32) * np.float32(1.0 / (2.0**bits - 1))
+    index = np.clip(np.rint(values) - first, 0, len(table) - 1).astype(np.intp)  # outside the table: its end entries
+    return table[index] * np.float32(1.0 / (2.0**bits - 1))
+
+
+def _voi_table(ds: pydicom.Dataset) -> tuple[np.ndarray, int, int]:
+    """The first VOI LUT's entries as float32, the first value it maps and its bits per entry."""
+    item = ds.VOILUTSequence[0]
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 2**16
+    if not (bits == 8 or 10 <= bits <= 16):  # PS3.3 C.11.2.1.1
+        raise ValueError(f"{bits} bits per LUT entry (LUT Descriptor); 8 or 10 to 16 are allowed")
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words in the data set's byte order
+        data = np.frombuffer(data, ">u2" if ds.original_encoding[1] is False else "<u2")
+    table = np.asarray(data, dtype=np.float32).ravel()
+    if len(table) < entries:
+        raise ValueError(f"LUT Data holds {len(table)} entries, the LUT Descriptor claims {entries}")
+    return table[:entries], first, bits
 
 
 def _window_values(ds: pydicom.Dataset) -> tuple[float, float, str] | None:
@@ -236,7 +255,7 @@ def _attribute(ds: pydicom.Dataset, keyword: str):
     return None
 
 
-def _frame_views(ds: pydicom.Dataset, frame: int | None) -> list[pydicom.Dataset] | None:
+def _frame_views(ds: pydicom.Dataset, frame: int | None, where: str) -> list[pydicom.Dataset] | None:
     """When an enhanced multi-frame image's rescale or window differ between frames: for each decoded frame, a
     dataset of the top-level attributes (no pixels, no functional groups) with that frame's values written at the top
     level; else None."""
@@ -246,6 +265,13 @@ def _frame_views(ds: pydicom.Dataset, frame: int | None) -> list[pydicom.Dataset
     values = [_frame_values(ds, item) for item in per_frame]
     if all(v == values[0] for v in values):
         return None
+    if len(per_frame) != number_of_frames(ds):  # frames without an item would be dropped, or mapped by a guess
+        raise DicomError(
+            f"the Per-frame Functional Groups Sequence has {len(per_frame)} items for {number_of_frames(ds)} frames,"
+            " and its rescale or window values differ between frames",
+            where=where,
+            hint="the enhanced multi-frame header is damaged; export the image again from the source system",
+        )
     kept = [ds[tag] for tag in ds.keys() if pydicom.datadict.keyword_for_tag(tag) not in _NOT_IN_FRAME_VIEWS]
     views = []
     for chosen in values if frame is None else [values[frame]]:
