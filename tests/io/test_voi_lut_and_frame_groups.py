@@ -1,4 +1,5 @@
-"""A VOI LUT of 8-bit entries longer than 256, and per-frame functional groups fewer than the frames."""
+"""A VOI LUT of 8-bit entries longer than 256, per-frame functional groups fewer than the frames, and a big-endian
+palette."""
 
 from __future__ import annotations
 
@@ -51,3 +52,12 @@ def test_fewer_per_frame_groups_than_frames_with_differing_values_is_refused():
     for frame in (None, 5):
         with pytest.raises(DicomError, match="Per-frame Functional Groups Sequence has 2 items for 10 frames"):
             read_dicom(buffer.getvalue(), frame=frame)
+
+
+@pytest.mark.parametrize("name", ["OBXXXX1A", "OBXXXX1A_2frame"])
+def test_a_big_endian_palette_colour_image_shows_as_its_little_endian_twin(name):
+    """16-bit palette entries were read in the machine's byte order: the big-endian copy came out near black."""
+    little = read_dicom(get_testdata_file(f"{name}.dcm")).pixels
+    big = read_dicom(get_testdata_file(name.replace("OBXXXX1A", "OBXXXX1A_expb") + ".dcm")).pixels
+    assert little.max() > 0.9
+    np.testing.assert_array_equal(big, little)

@@ -108,10 +108,29 @@ def _colour_to_unit(rgb: np.ndarray, bits: int) -> np.ndarray:
 
 def _palette_to_rgb(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
     try:
-        rgb = apply_color_lut(stored, ds)
+        rgb = apply_color_lut(stored, _palette_in_native_order(ds))
     except Exception as err:
         raise DicomError(f"cannot apply the palette colour lookup table: {err}", where=where) from err
     return _colour_to_unit(rgb, 8 * rgb.dtype.itemsize)
+
+
+PALETTE_DESCRIPTORS = tuple(f"{colour}PaletteColorLookupTableDescriptor" for colour in ("Red", "Green", "Blue"))
+PALETTE_DATA = tuple(f"{colour}PaletteColorLookupTableData" for colour in ("Red", "Green", "Blue", "Alpha"))
+
+
+def _palette_in_native_order(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """pydicom reads 16-bit palette entries (not segmented) in this machine's byte order, whatever the data set's: a
+    big-endian file's palette came out near black. Such a palette is handed over in native order, on a copy."""
+    if ds.original_encoding[1] is not False or PALETTE_DATA[0] not in ds:
+        return ds
+    entries = int(ds[PALETTE_DESCRIPTORS[0]].value[0]) or 2**16
+    palette = pydicom.Dataset()
+    for keyword in ("PixelPresentation", *PALETTE_DESCRIPTORS, *PALETTE_DATA):  # what apply_color_lut reads
+        if keyword in ds:
+            value = ds[keyword].value
+            wide = isinstance(value, bytes) and keyword in PALETTE_DATA and len(value) == 2 * entries
+            setattr(palette, keyword, np.frombuffer(value, ">u2").astype("=u2").tobytes() if wide else value)
+    return palette
 
 
 def _grayscale_to_unit(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
