@@ -49,12 +49,24 @@ def _frame_dataset(ds: Dataset, index: int) -> Dataset:
     return view
 
 
+def _palette_little_endian(ds: Dataset) -> Dataset:
+    """apply_color_lut reads 16-bit palette data as little-endian whatever the file's byte order: a big-endian file's
+    is swapped first (as its little-endian twin holds it)."""
+    if ds.original_encoding[1] is not False:
+        return ds
+    for colour in ("Red", "Green", "Blue"):
+        data = ds.get(f"{colour}PaletteColorLookupTableData")
+        if data is not None and len(data) == 2 * (ds[f"{colour}PaletteColorLookupTableDescriptor"].value[0] or 2**16):
+            setattr(ds, f"{colour}PaletteColorLookupTableData", np.frombuffer(data, ">u2").astype("<u2").tobytes())
+    return ds
+
+
 def reference(ds: Dataset) -> np.ndarray:
     """`[F, C, H, W]` float64 display pixels from pydicom's functions alone."""
     arr = ds.pixel_array
     photometric = str(ds.PhotometricInterpretation).upper()
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)
+        rgb = apply_color_lut(arr, _palette_little_endian(ds))
         rgb = rgb.reshape(-1, *rgb.shape[-3:])
         return rgb.transpose(0, 3, 1, 2) / np.float32(2.0 ** (8 * rgb.dtype.itemsize) - 1)
     if int(ds.get("SamplesPerPixel") or 1) == 3:
