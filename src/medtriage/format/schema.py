@@ -1,7 +1,7 @@
 """JSON Schema of `model.json` and a small validator for the subset of JSON Schema it uses.
 
 The schema is plain JSON Schema (draft 2020-12 keywords: type, required, properties, items,
-enum, minimum, exclusiveMinimum, maximum, minItems, maxItems, pattern, additionalProperties), so other tools can validate packages too.
+enum, minimum, exclusiveMinimum, maximum, minItems, maxItems, minLength, pattern, additionalProperties), so other tools can validate packages too.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ _OOD = {
     "type": "object",
     "required": ["output", "method", "threshold", "false_alarm_rate"],
     "properties": {
-        "output": {"type": "string"},
+        "output": {"type": "string", "minLength": 1},  # blank, serving would skip the check without a word
         "method": {"type": "string"},
         "threshold": _NUMBER,
         "false_alarm_rate": _PROBABILITY,
@@ -271,6 +271,8 @@ def schema_errors(value, schema: dict = MODEL_SCHEMA, where: str = "$") -> list[
             errors.append(f"{where}: {value} <= exclusive minimum {schema['exclusiveMinimum']}")
         if "maximum" in schema and value > schema["maximum"]:
             errors.append(f"{where}: {value} > maximum {schema['maximum']}")
+    if isinstance(value, str) and len(value) < schema.get("minLength", 0):
+        errors.append(f"{where}: {value!r} is shorter than {schema['minLength']} character(s)")
     if isinstance(value, str) and "pattern" in schema and not re.search(_ecma(schema["pattern"]), value):
         errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
     if isinstance(value, list):
@@ -312,7 +314,7 @@ def consistency_errors(meta: dict) -> list[str]:
     for site, histograms in [("all", reference.get("all", {})), *reference.get("per_site", {}).items()]:
         for feature, histogram in histograms.items() if isinstance(histograms, dict) else ():
             errors += _histogram_errors(histogram, f"$.drift.reference.{site}.{feature}")
-    errors += _operating_point_errors(meta.get("thresholds"), "thresholds")
+    errors += _operating_point_errors(meta.get("thresholds"), "thresholds") + _ood_output_errors(meta)
     pathology = meta.get("pathology")
     if isinstance(pathology, dict):
         errors += _operating_point_errors(pathology.get("slide_thresholds"), "pathology.slide_thresholds")
@@ -326,6 +328,14 @@ def _operating_point_errors(block, where: str) -> list[str]:
     review, urgent = block["review"].get("threshold"), block["urgent"].get("threshold")
     if isinstance(review, (int, float)) and isinstance(urgent, (int, float)) and urgent < review:
         return [f"$.{where}.urgent.threshold {urgent} is below {where}.review.threshold {review} (urgent must be at or above review)"]
+    return []
+
+
+def _ood_output_errors(meta: dict) -> list[str]:
+    """The OOD score read from the probabilities' own output would be a row of class probabilities per image."""
+    output = (meta.get("ood") or {}).get("output")
+    if output is not None and output == meta["output"]["name"]:
+        return [f"$.ood.output {output!r} is output.name too: the OOD score needs an output of its own"]
     return []
 
 

@@ -23,6 +23,8 @@ from medtriage.format import (
 from medtriage.format.onnx_header import graph_header
 from medtriage.format.schema import integers_as_int
 
+# model.json's `input.dtype` as ONNX Runtime names the element type of a graph input
+ORT_TYPES = {"float32": "tensor(float)"}
 REEXPORT_HINT = "restore the package from the MLflow run or model registry, or re-export it: python scripts/export.py run_id=<run>"
 
 
@@ -54,6 +56,11 @@ class ModelPackage:
     @property
     def positive_label(self) -> str:
         return self.meta["positive_label"]
+
+    @property
+    def output_name(self) -> str:
+        """The graph output that holds the probabilities (model.json's `output.name`)."""
+        return self.meta["output"]["name"]
 
     @property
     def channels(self) -> int:
@@ -184,6 +191,42 @@ def check_input_shape(meta: dict, shape: list | None, where: str | Path) -> None
                 where=where,
                 hint=f"the package's files do not belong together; {REEXPORT_HINT}",
             )
+
+
+def check_input_type(meta: dict, element_type: str, where: str | Path) -> None:
+    """Refuse a graph whose input (`element_type` as ONNX Runtime names it, e.g. 'tensor(float)') is not model.json's
+    `input.dtype`: pixels are fed as model.json says, so every image would fail."""
+    declared = meta["input"]["dtype"]
+    if ORT_TYPES.get(declared) != element_type:
+        raise PackageError(
+            f"model.onnx takes {element_type} pixels, model.json declares {declared}: every image would fail",
+            where=where,
+            hint=f"the package's files do not belong together; {REEXPORT_HINT}",
+        )
+
+
+def check_output(meta: dict, outputs: dict[str, list | None], where: str | Path) -> None:
+    """Refuse a graph (`outputs`: each output's name and shape, as ONNX Runtime reports them) without the output
+    model.json names, or whose class axis, where fixed, is not model.json's `output.classes`: another output would be
+    served as probabilities, or every image would fail."""
+    name, classes = meta["output"]["name"], meta["output"]["classes"]
+    if name not in outputs:
+        raise PackageError(
+            f"model.json names the output '{name}', which model.onnx does not have ({', '.join(outputs)})",
+            where=where,
+            hint=f"the package's files do not belong together; {REEXPORT_HINT}",
+        )
+    shape = outputs[name]
+    if not shape:  # None or [], as ONNX Runtime reports an output of undeclared shape: checked image by image
+        return
+    fixed = shape[-1] if len(shape) == 2 and isinstance(shape[-1], int) else None
+    if len(shape) != 2 or fixed not in (None, classes):
+        got = f"{fixed} per image" if fixed is not None else f"a {len(shape)}-dimensional '{name}' (batch, classes expected)"
+        raise PackageError(
+            f"model.json declares {classes} classes, model.onnx returns {got}: every image would fail",
+            where=where,
+            hint=f"the package's files do not belong together; {REEXPORT_HINT}",
+        )
 
 
 def graph_input_shape(onnx_path: Path) -> list[int | str] | None:

@@ -15,7 +15,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from medtriage.errors import ConfigError, InputError, MedTriageError, PackageError, printable
 from medtriage.io.dicom import DecodedImage, read_dicom
-from medtriage.serve.package import REEXPORT_HINT, ModelPackage, check_input_shape, scored_by
+from medtriage.serve.package import REEXPORT_HINT, ModelPackage, check_input_shape, check_input_type, check_output, scored_by
 from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unguarded
 
 log = logging.getLogger(__name__)
@@ -253,9 +253,12 @@ class Predictor:
         warn_if_unguarded(package.meta, package.describe(with_sha=False))
         # load_package checked the file; this is the input as ONNX Runtime will feed it, for packages built in memory
         check_input_shape(package.meta, self.session.get_inputs()[0].shape, where=package.directory)
-        outputs = [o.name for o in self.session.get_outputs()]
-        _check_ood_output(package, outputs)
-        self.output_names = outputs[:1] + ([package.ood_output] if package.ood_output else [])
+        check_input_type(package.meta, self.session.get_inputs()[0].type, where=package.directory)
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        check_output(package.meta, outputs, where=package.directory)
+        _check_ood_output(package, list(outputs))
+        # by name: a graph may list another output (raw scores) first
+        self.output_names = [package.output_name] + ([package.ood_output] if package.ood_output else [])
         # Opt-in: JPEG 2000 files decoded only to the resolution the model needs (much faster; scores not bit-identical).
         self.min_decoded_side = reduced_decode_side(package) if reduced_j2k else None
 
