@@ -4,11 +4,13 @@ codestream whose bits above Bits Stored differ across the image."""
 
 from __future__ import annotations
 
+import shutil
 import struct
 import threading
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import tifffile
 
@@ -172,6 +174,46 @@ def test_a_jpeg_strip_declaring_more_pixels_than_its_strip_is_refused_before_it_
     assert isinstance(refused, InputError) and refused.where == str(path)
     assert "strip 0 declares 48000000 samples (height x width x components) in its JPEG header" in str(refused)
     assert peak < 16 << 20
+
+
+def test_a_dicom_whole_slide_frame_declaring_more_pixels_than_its_tile_is_refused_before_it_is_decoded(dicom_wsi, tmp_path):
+    """wsidicom decodes a frame at the size its JPEG header declares: before, the 48 MB were decoded (Pillow's memory,
+    unseen by tracemalloc) and the read returned the corner of that image as if it were the tile."""
+    folder = Path(shutil.copytree(dicom_wsi, tmp_path / "slide"))
+    finest = max(folder.iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(finest.read_bytes())
+    first_frame = data.index(b"\xff\xd8\xff", data.rindex(b"\xe0\x7f\x10\x00"))  # after the Pixel Data tag
+    struct.pack_into(">HH", data, data.index(b"\xff\xc0", first_frame) + 5, 4000, 4000)
+    finest.write_bytes(data)
+    header = pydicom.dcmread(finest, stop_before_pixels=True)
+    tile_width, tile_height = header.Columns, header.Rows
+    with open_slide(folder) as slide:
+        assert (slide.read_region(tile_width, 0, 0, (64, 64)) < 250).any()  # the other tiles read
+        with pytest.raises(InputError) as refused:
+            slide.read_region(0, 0, 0, (64, 64))
+    assert refused.value.where == str(folder) and refused.value.hint
+    assert (
+        f"tile (0, 0) declares 48000000 samples (height x width x components) in its header, more than the {tile_height} x "
+        f"{tile_width} x 3 of the slide's tiles; it was not decoded" in str(refused.value)
+    )
+
+
+def test_a_dicom_whole_slide_image_whose_frames_claim_hundreds_of_megabytes_is_refused_at_open(dicom_wsi, tmp_path):
+    """One frame of 7 kB whose Rows, Columns and JPEG header agree on 12000 x 12000 pixels: before, it opened and each
+    read of it decoded 432 MB (a TIFF slide's tiles of that size are refused at open)."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    folder = Path(shutil.copytree(dicom_wsi, tmp_path / "slide"))
+    finest = max(folder.iterdir(), key=lambda p: p.stat().st_size)
+    dataset = pydicom.dcmread(finest)
+    frame = bytearray(next(generate_frames(dataset.PixelData, number_of_frames=dataset.NumberOfFrames)))
+    struct.pack_into(">HH", frame, frame.index(b"\xff\xc0") + 5, 12000, 12000)
+    dataset.PixelData, dataset.NumberOfFrames, dataset.Rows, dataset.Columns = encapsulate([bytes(frame)]), 1, 12000, 12000
+    dataset.save_as(finest)
+    with pytest.raises(InputError) as refused:
+        open_slide(folder)
+    assert refused.value.where == str(folder) and "tiles of at most a few thousand pixels" in refused.value.hint
+    assert "level 0 is stored in tiles (frames) of 12000 x 12000 x 3 samples (432000000 bytes each when decoded)" in str(refused.value)
 
 
 def with_subifds(tmp_path: Path, count: int) -> Path:

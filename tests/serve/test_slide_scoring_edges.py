@@ -20,7 +20,7 @@ from medtriage.io import pathology
 from medtriage.io.pathology import iter_tile_batches, prepare_slide
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection, to_model_channels
-from medtriage.serve.slides import SlideScore, aggregate, score_slide_file
+from medtriage.serve.slides import SlideScore, SlideSettings, aggregate, score_slide, score_slide_file
 from tests.serve.test_slides import CMU1, with_pathology_block
 
 BLOCK = {"stain_normalization": None, "tile_size": 112, "tile_mpp": 0.5, "top_k": 3}
@@ -92,6 +92,20 @@ def test_threads_read_a_few_batches_ahead_not_the_whole_slide(monkeypatch):
         assert len(first) == 4 and len(reads) <= 4 * (1 + 2 * pathology.READ_AHEAD_PER_WORKER)
         assert sum(len(tiles) for tiles, _ in batches) + 4 == len(prepared.grid.tiles)
         batches.close()
+
+
+def test_a_model_failing_mid_slide_stops_the_reader_threads_before_the_slide_is_closed():
+    """Before, the reader threads outlived the failure for as long as its traceback did (a caller reporting the error
+    holds it), reading ahead from a slide whose file was closed under them."""
+    before = set(threading.enumerate())
+
+    def failing(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("the model failed")
+
+    with pytest.raises(RuntimeError, match="the model failed") as failure:
+        score_slide(CMU1, failing, SlideSettings(tile_size=112, stain_normalization=None), batch_size=4, workers=3)
+    readers = [t.name for t in threading.enumerate() if t not in before and t.name.startswith("ThreadPoolExecutor")]
+    assert failure.tb is not None and readers == []
 
 
 # --- a slide refused after it was opened ---------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 from tqdm.auto import tqdm
 
 from medtriage.errors import DataNotFoundError, InputError, MedTriageError
@@ -49,6 +50,10 @@ BRIGHTFIELD_HINT = (
 TIFF_COLOUR_PHOTOMETRICS = (2, 6)  # RGB, YCbCr: what a brightfield scanner writes (CMYK or a palette would read as RGB)
 DICOM_COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 CHUNK_HEADER_READERS = {7: jpeg_samples, 33003: j2k_samples, 33005: j2k_samples, 34712: j2k_samples}  # by TIFF Compression
+FRAME_HEADER_READERS = {  # by DICOM Transfer Syntax UID
+    **dict.fromkeys([*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes], jpeg_samples),
+    **dict.fromkeys(JPEG2000TransferSyntaxes, j2k_samples),
+}
 OME_UNITS_IN_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}  # OME-XML PhysicalSizeXUnit values
 
 
@@ -566,6 +571,9 @@ class DicomSlide(_Levels):
         self.level_dimensions = [(int(level.size.width), int(level.size.height)) for level in levels]
         self.dimensions = self.level_dimensions[0]
         self.level_downsamples = [self.dimensions[0] / w for w, _ in self.level_dimensions]
+        self._tile_sizes = [(int(level.tile_size.width), int(level.tile_size.height)) for level in levels]
+        self._check_tile_sizes()
+        self._frame_headers = [FRAME_HEADER_READERS.get(str(level.default_instance.image_data.transfer_syntax)) for level in levels]
         spacing = levels[0].mpp  # µm/pixel, absent when the files carry no Pixel Spacing
         if mpp is not None:
             self.mpp = _checked_mpp(mpp, self.path)
@@ -574,6 +582,18 @@ class DicomSlide(_Levels):
         else:
             raise InputError("no resolution metadata (µm/pixel) in the slide", where=self.path, hint=MPP_HINT)
         self.shared_reader = _DicomRegionReader(self)
+
+    def _check_tile_sizes(self) -> None:
+        """A frame is decoded whole at the size Rows and Columns give (its header may claim no more): a few kilobytes can
+        claim gigabytes. Refused before anything is decoded, with the limit of a TIFF slide's tiles."""
+        for level, (width, height) in enumerate(self._tile_sizes):
+            if width * height * 3 > MAX_CHUNK_BYTES:
+                raise InputError(
+                    f"level {level} is stored in tiles (frames) of {height} x {width} x 3 samples ({width * height * 3} bytes "
+                    f"each when decoded), over the limit of {MAX_CHUNK_BYTES} bytes",
+                    where=self.path,
+                    hint="export the slide again as a DICOM whole-slide image with tiles of at most a few thousand pixels",
+                )
 
     def reader(self) -> _DicomRegionReader:
         return _DicomRegionReader(self)
@@ -593,6 +613,7 @@ class DicomSlide(_Levels):
 class _DicomRegionReader:
     def __init__(self, slide: DicomSlide):
         self.slide = slide
+        self._checked_frames: set[tuple[int, int, int]] = set()  # (level, tile column, tile row) whose header fits
 
     def read(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         return white_beyond_edge(self.slide, self._read_inside, x0, y0, level, size)
@@ -600,10 +621,39 @@ class _DicomRegionReader:
     def _read_inside(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         x, y = self.slide.level_position(x0, y0, level)  # wsidicom takes the level's own pixel coordinates
         try:
+            self._check_frames_under(level, x, y, size)
             region = self.slide._wsi.read_region((x, y), self.slide._pyramid_levels[level], tuple(int(v) for v in size))
             return np.asarray(region.convert("RGB"), dtype=np.uint8)
         except Exception as err:  # wsidicom, pydicom and the codecs raise many types for damaged frames
             raise _damaged_tiles(self.slide.path, err, level, x0, y0, size) from err
+
+    def _check_frames_under(self, level: int, x: int, y: int, size: tuple[int, int]) -> None:
+        """wsidicom decodes each frame a region crosses at the size its JPEG or JPEG 2000 header declares, allocated
+        first and cropped to the tile after: check those headers first, each frame once per reader."""
+        read_header = self.slide._frame_headers[level]
+        if read_header is None:
+            return  # a frame without a codestream header decodes to the size the tags give
+        (tw, th), (width, height) = self.slide._tile_sizes[level], self.slide.level_dimensions[level]
+        for row in range(max(y, 0) // th, (min(y + size[1], height) - 1) // th + 1):
+            for col in range(max(x, 0) // tw, (min(x + size[0], width) - 1) // tw + 1):
+                if (level, col, row) not in self._checked_frames:
+                    pyramid_level = self.slide._pyramid_levels[level]
+                    data = self.slide._wsi.read_encoded_tile(pyramid_level, (col, row), crop_to_image_boundary=False)
+                    _check_frame_header(read_header, data, (col, row), (tw, th))
+                    self._checked_frames.add((level, col, row))
+
+
+def _check_frame_header(read_header, data: bytes, tile: tuple[int, int], tile_size: tuple[int, int]) -> None:
+    """The DICOM counterpart of `_check_chunk_header`: a frame may declare no more samples than an RGB tile holds."""
+    try:
+        declared = read_header(data)
+    except ValueError as err:
+        raise ValueError(f"the frame of tile {tile} {err}; it was not decoded") from None
+    if declared > tile_size[0] * tile_size[1] * 3:
+        raise ValueError(
+            f"the frame of tile {tile} declares {declared} samples (height x width x components) in its header, more than "
+            f"the {tile_size[1]} x {tile_size[0]} x 3 of the slide's tiles; it was not decoded"
+        )
 
 
 def white_beyond_edge(slide, read_inside, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:

@@ -19,6 +19,7 @@ the thresholds meet as float32 values, as an image's probability and its thresho
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,14 +87,15 @@ class SlideResult:
 def tile_outputs(prepared: PreparedSlide, predict: Predict, batch_size: int = 32, workers: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
     """Class probabilities per tile `[N, K]` and, when `predict` gives them, OOD scores `[N]`, in grid order."""
     probs, ood = [], []
-    batches = iter_tile_batches(prepared, batch_size=batch_size, workers=workers)
     total = -(-len(prepared.grid.tiles) // batch_size)
-    for _, batch in tqdm(batches, total=total, desc=prepared.slide.path.name, unit="batch", leave=False):
-        out = predict(batch)
-        p, o = out if isinstance(out, tuple) else (out, None)
-        probs.append(np.asarray(p, dtype=np.float64).reshape(len(batch), -1))
-        if o is not None:
-            ood.append(np.asarray(o, dtype=np.float64).reshape(len(batch)))
+    # Closed on the way out, a failure included: its reader threads stop before the slide's file is closed under them.
+    with closing(iter_tile_batches(prepared, batch_size=batch_size, workers=workers)) as batches:
+        for _, batch in tqdm(batches, total=total, desc=prepared.slide.path.name, unit="batch", leave=False):
+            out = predict(batch)
+            p, o = out if isinstance(out, tuple) else (out, None)
+            probs.append(np.asarray(p, dtype=np.float64).reshape(len(batch), -1))
+            if o is not None:
+                ood.append(np.asarray(o, dtype=np.float64).reshape(len(batch)))
     return np.concatenate(probs), np.concatenate(ood) if ood else None
 
 
