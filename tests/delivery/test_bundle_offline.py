@@ -70,6 +70,18 @@ def test_install_sh_refuses_anything_sha256sums_does_not_list(tmp_path, relative
     assert "Nothing was installed" in done.stderr and not (tmp_path / "opt").exists()
 
 
+def test_install_sh_refuses_a_listed_file_that_is_a_link(tmp_path):
+    """sha256sum follows a link, so one to an identical file passed, and cp installed the link itself: the model in
+    PREFIX led to a file outside it (on the drive the bundle came on), which could change or go."""
+    folder = small_bundle(tmp_path)
+    listed, outside = folder / "models" / "model" / "model.json", tmp_path / "model.json"
+    listed.rename(outside)
+    listed.symlink_to(outside)
+    done = install(folder, tmp_path / "opt", cwd=tmp_path)
+    assert done.returncode != 0 and "links in the bundle: models/model/model.json." in done.stderr, done.stderr
+    assert "Nothing was installed" in done.stderr and "cp -rL" in done.stderr and not (tmp_path / "opt").exists()
+
+
 @pytest.mark.parametrize("prefix", ["srv/medtriage", "/srv/med triage", "/srv/a#b"], ids=["relative", "space", "sed separator"])
 def test_install_sh_refuses_a_prefix_the_units_cannot_carry(tmp_path, prefix):
     folder = small_bundle(tmp_path)
@@ -360,3 +372,27 @@ def test_the_sbom_lists_each_model_package_with_every_file_it_installs(tmp_path,
     files = {c["name"]: c["hashes"] for c in model["components"]}
     assert files == {name: [{"alg": "SHA-256", "content": digest}] for name, digest in sums.items() if name.startswith("models/")}
     assert set(files) == {"models/pneumonia/model.onnx", "models/pneumonia/model.json", "models/pneumonia/calibration/curve.json"}
+
+
+def test_the_copy_of_a_read_only_package_is_a_folder_its_owner_can_remove(tmp_path, monkeypatch):
+    """copytree gave the copies the package's read-only folder modes: a build that failed after the copy could not
+    remove its partial folder, and every later build into that --out was refused ("File exists"); nor could the owner
+    of a finished bundle remove it."""
+    from tests.delivery.test_bundle import _wheel
+
+    accept_fake_packages(monkeypatch)
+    source = fake_package(tmp_path / "models" / "pneumonia", b"model")
+    (source / "calibration").mkdir()
+    (source / "calibration" / "curve.json").write_text("[]")
+    for folder in (source / "calibration", source):
+        folder.chmod(0o555)
+    wheel = _wheel(tmp_path, "medtriage", medtriage.__version__, [])
+    monkeypatch.setattr(bundle_module, "download_dependencies", lambda own, wheels_dir, python, platform: [own])
+    monkeypatch.setattr(bundle_module, "write_sbom", lambda wheels, out, pyproject, models: [])
+    try:
+        out = build_bundle([source], tmp_path / "out", wheel=wheel).directory
+    finally:
+        for folder in (source, source / "calibration"):
+            folder.chmod(0o755)
+    copies = [out / "models" / "pneumonia", out / "models" / "pneumonia" / "calibration"]
+    assert [oct(folder.stat().st_mode & 0o777) for folder in copies] == ["0o755", "0o755"]

@@ -114,3 +114,24 @@ def test_an_install_leaves_no_staged_copies_and_replaces_each_part_whole(tmp_pat
     assert "ExecStart=" in after["systemd/medtriage-serve@.service"] and str(prefix) in after["systemd/medtriage-serve@.service"]
     assert after["config/serve.env.example"].startswith("# /etc/medtriage/serve-") and after["config/site.env"] == "kept"
     assert Path(os.readlink(prefix / "venv")).name.startswith(medtriage.__version__)
+
+
+def test_an_install_under_a_strict_umask_is_readable_by_the_services_user(tmp_path):
+    """Under a root umask of 077 (hardened machines) PREFIX, the venv and the models were root-only, and a model file
+    the bundle holds as 0600 (exported under such a umask) stayed so whatever the umask: the units, which run as their
+    own user, could not start."""
+    bundle = small_bundle(tmp_path)
+    (bundle / "models" / "model" / "model.json").chmod(0o600)
+    prefix = tmp_path / "opt"
+    env = {**os.environ, "PYTHON": str(fake_python(tmp_path))}
+    command = ["sh", "-c", 'umask 077 && exec "$0" "$@"', str(bundle / "install.sh"), str(prefix)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert [p.relative_to(tmp_path).as_posix() for p in [prefix, *prefix.rglob("*")] if not _open_to_all(p)] == []
+    assert (prefix / "venv" / "bin" / "medtriage").stat().st_mode & 0o005 == 0o005
+
+
+def _open_to_all(path: Path) -> bool:
+    """Whether any user may read a file, or list and enter a folder (a link: what it leads to is checked by itself)."""
+    wanted = 0o005 if path.is_dir() else 0o004
+    return path.is_symlink() or path.stat().st_mode & wanted == wanted

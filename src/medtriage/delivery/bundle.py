@@ -63,16 +63,7 @@ def build_bundle(
     """Write the bundle of `packages` for CPython `python` (default: this one) on `platform` into `out`.
     `wheel`: a built medtriage wheel to ship instead of building one from the source checkout."""
     out, python = Path(out).resolve(), python or default_python()  # resolved: `--out .` has no name to build beside
-    if out.exists() and not out.is_dir():
-        raise ConfigError("the output path is a file, not a folder", where=out, hint="choose a new --out folder")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError("the output folder exists and is not empty", where=out, hint="choose a new --out folder or remove it")
-    if os.path.ismount(out):  # the bundle is built beside it and renamed into place: a mount point cannot be replaced
-        raise ConfigError(
-            "the output folder is a mount point (a USB drive or network share, for example)",
-            where=out,
-            hint=f"name a new folder on it, e.g. --out {out / 'medtriage-bundle'}",
-        )
+    _check_out(out)
     check_target(python, platform)  # before the wheel is built and anything downloaded
     staging, lock = _new_staging(out)
     try:
@@ -92,6 +83,28 @@ def build_bundle(
         os.close(lock)
     unsynced = _sync_name(out, staging)  # the bundle is whole under its name from here on: no error can undo that
     return Bundle(out, [out / "wheels" / w.name for w in wheels], list(models), [unsynced] if unsynced else [])
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an `out` the bundle cannot be built as: a file, a folder that holds something, a mount point, or one
+    below a folder this user may not enter (pathlib raises the error of looking, not a message)."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError("the output path is a file, not a folder", where=out, hint="choose a new --out folder")
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError("the output folder exists and is not empty", where=out, hint="choose a new --out folder or remove it")
+    except OSError as err:
+        raise ConfigError(
+            f"cannot look into the output folder or a folder above it: {err.strerror}",
+            where=out,
+            hint="choose an --out inside a folder you may enter and write to",
+        ) from err
+    if os.path.ismount(out):  # the bundle is built beside it and renamed into place: a mount point cannot be replaced
+        raise ConfigError(
+            "the output folder is a mount point (a USB drive or network share, for example)",
+            where=out,
+            hint=f"name a new folder on it, e.g. --out {out / 'medtriage-bundle'}",
+        )
 
 
 def _sync_name(out: Path, staging: Path) -> str | None:
@@ -179,6 +192,7 @@ def _fill(staging: Path, models: dict[str, Path], python: str, platform: str, wh
             shutil.copytree(source, staging / "models" / name, ignore=shutil.ignore_patterns(".*"), copy_function=_copy_file)
         except _CopyFailed as failed:
             raise failed.__cause__ from None
+        _owner_writable(staging / "models" / name)
     # The copies are what ships: verified again, as the sources may have changed during the download.
     models = {name: _verified_copy(staging / "models" / name, source) for name, source in models.items()}
     root = source_root()
@@ -194,6 +208,15 @@ def _fill(staging: Path, models: dict[str, Path], python: str, platform: str, wh
 class _CopyFailed(Exception):
     """A file copytree could not copy, out of it at once: copytree would note the OSError and copy on (onto a full
     disk), then raise a shutil.Error whose text has lost the error's number."""
+
+
+def _owner_writable(folder: Path) -> None:
+    """copytree gives each folder the mode of its source: the copy of a read-only package (a frozen release, a disc)
+    would be a folder its owner cannot empty, neither the partial folder of a failed build, which then refused every
+    later build into the same --out, nor the finished bundle."""
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_dir():
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
 
 def _copy_file(source: str, target: str) -> None:

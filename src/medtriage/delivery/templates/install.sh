@@ -5,6 +5,9 @@
 #   ./install.sh [PREFIX]        default PREFIX: /opt/medtriage (absolute; letters, digits, / . _ - only)
 #   PYTHON=/usr/bin/python@PYTHON@ ./install.sh     to choose the interpreter (it must be Python @PYTHON@)
 set -eu
+# What this installs is run and read by the services' own user: a root umask of 027 or 077 (hardened machines) would
+# make the venv and the models root-only, and every unit fail to start.
+umask 022
 
 HERE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 PREFIX=${1:-/opt/medtriage}
@@ -70,12 +73,14 @@ UNCHANGED="Nothing was switched: $PREFIX runs what it ran before, and what this 
 stage() {
     item "$1" "$2"
     rm -rf "$staged" || fail "cannot remove $staged (the reason is above). $UNCHANGED Remove it, then run install.sh again."
+    # Readable by all (chmod): the bundle's files keep the modes they had where it was built, 0600 under a umask of 077.
     case $1 in
         models) cp -R "models/$2" "$staged" ;;
         systemd) sed "s#/opt/medtriage#$PREFIX#g" "systemd/$2" > "$staged" ;;
         *) cp "$1/$2" "$staged" ;;
-    esac || fail "could not copy $HERE/$1/$2 to $staged (the reason is above). $UNCHANGED Check the free space" \
-        "(df $PREFIX) and that $PREFIX is writable, then run install.sh again."
+    esac && chmod -R a+rX "$staged" ||
+        fail "could not copy $HERE/$1/$2 to $staged (the reason is above). $UNCHANGED Check the free space" \
+            "(df $PREFIX) and that $PREFIX is writable, then run install.sh again."
     # The copy as it landed on the disk: a full or failing disk can leave a short file without an error. A model's
     # lines of SHA256SUMS are checked inside its copy.
     case $1 in
@@ -241,6 +246,11 @@ sed 's/^[0-9a-f]*  //' SHA256SUMS | LC_ALL=C sort > "$listed"
 find . ! -type d ! -path ./SHA256SUMS | sed 's#^\./##' | LC_ALL=C sort > "$present"
 unlisted=$(LC_ALL=C comm -13 "$listed" "$present")
 [ -z "$unlisted" ] || fail "files not listed in SHA256SUMS: $unlisted. Nothing was installed. Remove them or copy the bundle again."
+# A listed file that is a link passes sha256sum, which follows it, but cp would install the link: a model that leads out
+# of PREFIX to a file that may change or go (the drive the bundle came on). The build writes no link.
+links=$(find . -type l | sed 's#^\./##')
+[ -z "$links" ] || fail "links in the bundle: $links. A bundle as built holds none. Nothing was installed. Copy the bundle" \
+    "again from its source, or with cp -rL (which copies the files they lead to), then run install.sh again."
 
 command -v "$PYTHON" >/dev/null 2>&1 || fail "$PYTHON not found; install Python @PYTHON@ or set PYTHON=/path/to/python@PYTHON@"
 have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') ||
