@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import sys
@@ -75,7 +76,7 @@ def build_bundle(
             out.rmdir()  # empty, checked above
         staging.rename(out)
     except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed build (no network, pip error, a full disk) leaves no half bundle
+        _remove_partial(staging)  # a failed build (no network, pip error, a full disk) leaves no half bundle
         if isinstance(err, OSError):
             raise _disk_error(err, staging, out) from err
         raise
@@ -156,7 +157,8 @@ def _new_staging(out: Path) -> tuple[Path, int]:
     try:
         if staging.is_dir():
             os.close(_lock(staging, out))  # free: left by a stopped build
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_partial(staging)
+        _refuse_a_partial_left_behind(staging, out)
         staging.mkdir(parents=True)
         return staging, _lock(staging, out)
     except OSError as err:
@@ -165,6 +167,40 @@ def _new_staging(out: Path) -> tuple[Path, int]:
             where=out,
             hint="choose an --out inside a folder you can write to",
         ) from err
+
+
+def _remove_partial(staging: Path) -> None:
+    """Remove the hidden folder of a failed or stopped build, as far as this user can. A copy of a read-only package
+    holds folders copytree made read-only (mode 0555) before the copy failed, whose files no user but root may
+    remove: each folder is made writable by its owner first."""
+    if not staging.is_dir() or staging.is_symlink():
+        return  # nothing, or not a folder a build made: _refuse_a_partial_left_behind names it
+    _open_to_owner(staging)
+    for folder, subfolders, _ in os.walk(staging):  # top-down: each subfolder is opened before the walk lists it
+        for name in subfolders:
+            _open_to_owner(Path(folder, name))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _open_to_owner(folder: Path) -> None:
+    """Let the owner list, enter and empty `folder`; a link is left alone (chmod would change what it leads to)."""
+    try:
+        if not folder.is_symlink():
+            folder.chmod(stat.S_IMODE(folder.stat().st_mode) | stat.S_IRWXU)
+    except OSError:
+        pass  # another user's folder: the removal leaves it, and the next build names it
+
+
+def _refuse_a_partial_left_behind(staging: Path, out: Path) -> None:
+    """A staging path that could not be removed would fail the mkdir with a bare "File exists"."""
+    if staging.exists() or staging.is_symlink():
+        quoted = shlex.quote(str(staging))
+        raise ConfigError(
+            f"{staging}, where the bundle is built before it takes its name, is left from an earlier build (or was put "
+            "there by something else) and cannot be removed",
+            where=out,
+            hint=f"remove it (chmod -R u+w {quoted} && rm -rf {quoted}, as its owner or root), then build the bundle again",
+        )
 
 
 def _lock(staging: Path, out: Path) -> int:

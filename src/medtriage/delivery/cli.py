@@ -13,7 +13,7 @@ def register(subparsers) -> None:
         "bundle",
         help="write an offline install bundle: wheels, model packages, installer, systemd units, SBOM",
         description="Write a folder that installs MedTriage and the given model packages on a machine without "
-        "internet: copy it over and run its install.sh (it checks SHA256SUMS first).",
+        "internet: copy it over and run `sh install.sh` in it (it checks SHA256SUMS first).",
     )
     bundle.add_argument("packages", nargs="+", metavar="PACKAGE", help="model package folders to ship, e.g. models/pneumonia-r18")
     bundle.add_argument("--out", required=True, metavar="DIR", help="the bundle folder to create (must not exist or be empty)")
@@ -42,7 +42,7 @@ def run_bundle(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(
         f"bundle written to {result.directory}: {len(result.wheels)} wheels for CPython {args.python} on {args.platform}, "
-        f"models {', '.join(result.models)}; copy the folder and run its install.sh (see README.md)",
+        f"models {', '.join(result.models)}; copy the folder and run `sh install.sh` in it (see README.md)",
         file=sys.stderr,
     )
     return 0

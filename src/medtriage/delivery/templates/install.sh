@@ -2,8 +2,11 @@
 # Installs MedTriage @VERSION@ from this folder without a network: every file is checked against
 # SHA256SUMS first, then pip installs from wheels/ only (--no-index).
 #
-#   ./install.sh [PREFIX]        default PREFIX: /opt/medtriage (absolute; letters, digits, / . _ - only)
-#   PYTHON=/usr/bin/python@PYTHON@ ./install.sh     to choose the interpreter (it must be Python @PYTHON@)
+#   sh install.sh [PREFIX]       default PREFIX: /opt/medtriage (absolute; letters, digits, / . _ - only)
+#   PYTHON=/usr/bin/python@PYTHON@ sh install.sh    to choose the interpreter (it must be Python @PYTHON@)
+#
+# Run through sh, not as ./install.sh: a USB drive or /tmp is often mounted noexec, where no file on it may be
+# executed. POSIX sh only (dash runs it): no bash is needed.
 set -eu
 # What this installs is run and read by the services' own user: a root umask of 027 or 077 (hardened machines) would
 # make the venv and the models root-only, and every unit fail to start.
@@ -14,7 +17,7 @@ PREFIX=${1:-/opt/medtriage}
 PYTHON=${PYTHON:-python@PYTHON@}
 
 fail() { echo "install.sh: error: $*" >&2; exit 1; }
-[ $# -le 1 ] || fail "install.sh takes one argument, PREFIX, and was given $#. Nothing was installed. Run ./install.sh [PREFIX]."
+[ $# -le 1 ] || fail "install.sh takes one argument, PREFIX, and was given $#. Nothing was installed. Run sh install.sh [PREFIX]."
 
 # The units get PREFIX in their ExecStart (through sed): systemd wants an absolute path without spaces or
 # specifiers, and a relative one would be taken from the bundle folder, not from where this was started.
@@ -267,8 +270,14 @@ make_folders "$PREFIX" && take_prefix && make_folders "$PREFIX/venvs" ||
     fail "cannot create $PREFIX/venvs (the reason is above). Nothing was installed. Check that $PREFIX, or the folder" \
         "it is to be made in, is writable (as root for /opt), and the free space (df), then run install.sh again."
 live=$(readlink "$PREFIX/venv" 2>/dev/null || true)
-new="$PREFIX/venvs/@VERSION@-py@PYTHON@-$(date -u +%Y%m%dT%H%M%SZ)"
-[ ! -e "$new" ] || fail "$new exists: another install started this second. Nothing was installed. Run install.sh again."
+# Named by the second it is made in. An install run again within that second (from a script), or on a machine whose
+# clock was set back, finds the name taken by a release made before, and takes the next free one: an install that
+# holds the lock has no other running beside it.
+stamp=$(date -u +%Y%m%dT%H%M%SZ) n=1
+new="$PREFIX/venvs/@VERSION@-py@PYTHON@-$stamp"
+while exists "$new"; do
+    n=$((n + 1)) && new="$PREFIX/venvs/@VERSION@-py@PYTHON@-$stamp-$n"
+done
 mkdir "$new" || fail "cannot create $new (the reason is above). Nothing was installed. Check the free space (df $PREFIX)."
 venv=$new
 echo "installing into $venv"
