@@ -1,5 +1,7 @@
 """Display pixels checked against an independent reference: pydicom's own decoding and its modality LUT, VOI LUT
-and windowing functions, MONOCHROME1 inverted, scaled to [0, 1] as io.display documents it."""
+and windowing functions, MONOCHROME1 or Presentation LUT Shape INVERSE inverted (once where both: PS3.3 C.8.11.3 pairs
+INVERSE with MONOCHROME1), scaled to [0, 1] as io.display documents it (a LUT by the bits its entries use where its
+LUT Descriptor states 16 for 8- or 12-bit entries, PS3.3 C.11.1.1)."""
 
 from __future__ import annotations
 
@@ -61,6 +63,18 @@ def _palette_little_endian(ds: Dataset) -> Dataset:
     return ds
 
 
+def _lut_scale_bits(item: Dataset, big_endian: bool) -> int:
+    """The bits a LUT's output is scaled by: the descriptor's, or 8 or 12 where it states more and no entry needs more."""
+    stated = int(item.LUTDescriptor[2])
+    data = item.LUTData
+    entries = np.frombuffer(data, ">u2" if big_endian else "<u2") if isinstance(data, bytes) else np.atleast_1d(np.asarray(data))
+    needed = int(entries.max()).bit_length()
+    for depth in (8, 12):
+        if needed <= depth < stated:
+            return depth
+    return stated
+
+
 def reference(ds: Dataset) -> np.ndarray:
     """`[F, C, H, W]` float64 display pixels from pydicom's functions alone."""
     arr = ds.pixel_array
@@ -71,7 +85,7 @@ def reference(ds: Dataset) -> np.ndarray:
         return rgb.transpose(0, 3, 1, 2) / np.float32(2.0 ** (8 * rgb.dtype.itemsize) - 1)
     if int(ds.get("SamplesPerPixel") or 1) == 3:
         return arr.reshape(-1, *arr.shape[-3:]).transpose(0, 3, 1, 2) / np.float32(2.0 ** int(ds.BitsStored) - 1)
-    frames = []
+    frames, big_endian = [], ds.original_encoding[1] is False
     for index, stored in enumerate(arr.reshape(-1, *arr.shape[-2:])):
         view = _frame_dataset(ds, index)
         if stored.dtype.kind == "f":  # Float Pixel Data without a window: each frame by its own range
@@ -80,20 +94,21 @@ def reference(ds: Dataset) -> np.ndarray:
         else:
             values = apply_modality_lut(stored, view).astype(np.float64)
             if view.get("ModalityLUTSequence"):
-                y_min, y_max = 0.0, 2.0 ** int(view.ModalityLUTSequence[0].LUTDescriptor[2]) - 1
+                y_min, y_max = 0.0, 2.0 ** _lut_scale_bits(view.ModalityLUTSequence[0], big_endian) - 1
             else:
                 bits, signed = int(view.BitsStored), int(view.PixelRepresentation) == 1
                 y_min, y_max = (-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
                 slope, intercept = float(view.get("RescaleSlope", 1)), float(view.get("RescaleIntercept", 0))
                 y_min, y_max = y_min * slope + intercept, y_max * slope + intercept
             if view.get("VOILUTSequence"):
-                out = apply_voi_lut(values, view, prefer_lut=True) / (2.0 ** int(view.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+                out = apply_voi_lut(values, view, prefer_lut=True) / (2.0 ** _lut_scale_bits(view.VOILUTSequence[0], big_endian) - 1)
             elif "WindowCenter" in view and "WindowWidth" in view:
                 out = (apply_windowing(values, view) - y_min) / (y_max - y_min)  # pydicom windows into [y_min, y_max]
             else:
                 low, high = sorted((y_min, y_max))
                 out = np.clip((values - low) / (high - low), 0.0, 1.0)
-        frames.append(1.0 - out if photometric == "MONOCHROME1" else out)
+        inverse = str(view.get("PresentationLUTShape") or "").strip().upper() == "INVERSE"
+        frames.append(1.0 - out if photometric == "MONOCHROME1" or inverse else out)
     return np.stack(frames)[:, None]
 
 
@@ -260,3 +275,34 @@ def test_a_window_width_that_is_not_positive_is_no_window(function, width):
         plain.pop(keyword, None)
     odd = _load("CT_small.dcm", WindowCenter=40, WindowWidth=width, VOILUTFunction=function)
     np.testing.assert_array_equal(read_dicom(_bytes(odd)).pixels, read_dicom(_bytes(plain)).pixels)  # not inverted
+
+
+def _lut(bits: int, entries: list[int], **attributes) -> Sequence:
+    item = Dataset()
+    item.add_new(0x00283002, "US", [len(entries), 0, bits])  # LUT Descriptor: entries, first value mapped, bits
+    item.add_new(0x00283006, "US", entries)  # LUT Data
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return Sequence([item])
+
+
+@pytest.mark.filterwarnings("ignore:Applying a VOI LUT on a float input array")  # the reference's modality values
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_bigendian.dcm"])
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"VOILUTSequence": _lut(16, list(range(4096)))},  # 12-bit entries stated as 16 bits (PS3.3 C.11.1.1)
+        {"VOILUTSequence": _lut(16, [v // 16 for v in range(4096)])},  # 8-bit entries stated as 16 bits
+        {"ModalityLUTSequence": _lut(16, list(range(4096)), ModalityLUTType="US")},
+        {"PresentationLUTShape": "INVERSE"},  # PS3.3 C.11.6.1
+        {"PresentationLUTShape": "INVERSE", "PhotometricInterpretation": "MONOCHROME1"},  # one inversion: PS3.3 C.8.11.3
+        {"PresentationLUTShape": "INVERSE", "VOILUTSequence": _lut(12, list(range(4096)))},
+    ],
+    ids=["voi-16-for-12", "voi-16-for-8", "modality-16-for-12", "inverse", "inverse-monochrome1", "inverse-voi-lut"],
+)
+def test_overstated_lut_depths_and_presentation_shape_match_the_reference(name, attributes):
+    ds = _load(name, **attributes)
+    if "ModalityLUTSequence" in attributes:
+        for keyword in ("WindowCenter", "WindowWidth"):  # shown by the Modality LUT's own range
+            ds.pop(keyword, None)
+    _assert_matches(ds)

@@ -432,6 +432,39 @@ def test_a_folder_without_a_whole_slide_image_is_a_clear_error(tmp_path):
         open_slide(tmp_path)
 
 
+@pytest.mark.parametrize("kept", [("LABEL",), ("LABEL", "OVERVIEW", "THUMBNAIL")])
+def test_a_dicom_whole_slide_series_without_pyramid_levels_names_what_it_holds_instead(dicom_wsi, tmp_path, kept):
+    """Before, wsidicom's "Level files not found in provided files" came through as an unreadable series."""
+    import pydicom
+
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    for path in dicom_wsi.iterdir():
+        if pydicom.dcmread(path, stop_before_pixels=True).ImageType[2] in kept:
+            shutil.copy(path, folder)
+    with pytest.raises(InputError, match="has no pyramid levels: no VOLUME image among its") as caught:
+        open_slide(folder)
+    assert all(f"1 {flavour}" in str(caught.value) for flavour in kept)
+    assert str(folder) in str(caught.value) and "copy the slide's VOLUME image files" in str(caught.value)
+
+
+def test_a_dicom_whole_slide_image_closes_its_files_even_when_wsidicom_fails_to_close(dicom_wsi):
+    slide = open_slide(dicom_wsi)
+    files = list(slide._files)
+    wsidicom_close = slide._wsi.close
+
+    def failing_close() -> None:
+        wsidicom_close()
+        raise OSError("disk went away")
+
+    slide._wsi.close = failing_close
+    with pytest.raises(Exception) as caught:
+        slide.close()
+    assert files and all(file.closed for file in files)  # before, wsidicom's error skipped closing them
+    assert isinstance(caught.value, InputError) and isinstance(caught.value.__cause__, OSError)
+    assert "closing the DICOM whole-slide image failed (OSError: disk went away); its files were closed" in str(caught.value)
+
+
 def _flat_slide(path: Path) -> tuple[Path, np.ndarray]:
     """A single-level slide (no pyramid, no scanner thumbnail): gradients and one block of tissue colour."""
     y, x = np.mgrid[0:1536, 0:2048]

@@ -2,7 +2,9 @@
 
 Order of operations follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> modality LUT
 (rescale slope/intercept or a Modality LUT Sequence) -> VOI (VOI LUT Sequence, else window
-center/width) -> [0, 1]; MONOCHROME1 is then inverted so that bright means dense everywhere.
+center/width) -> [0, 1] -> inverted where the Presentation LUT Shape is INVERSE or the image is MONOCHROME1 (one
+inversion, not two, where both: see `_inverted`), so that bright means dense everywhere.
+A lookup table scales by the bits its entries use where its LUT Descriptor overstates them (see `_lut_bits`).
 Without any VOI the values are scaled by the range the stored bits can hold (through the modality
 LUT), never by the image's own min/max: the same scanner setting always gives the same intensities.
 Float Pixel Data holds real-world values with no stored range: a window applies as above; without one, each frame
@@ -67,7 +69,7 @@ def _stored_bits(ds: pydicom.Dataset, known: int) -> int:
 
 def _display_affine(ds: pydicom.Dataset, allocated: int) -> tuple[float, float] | None:
     """(scale, offset) such that display = clip(stored * scale + offset, 0, 1) gives what _general_to_display does for a
-    grayscale image (rescale, then a LINEAR / LINEAR_EXACT window or the stored range, MONOCHROME1 inverted);
+    grayscale image (rescale, then a LINEAR / LINEAR_EXACT window or the stored range, inverted as `_inverted` says);
     None where the mapping is not affine (lookup tables, SIGMOID, a window one value wide)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
@@ -83,7 +85,7 @@ def _display_affine(ds: pydicom.Dataset, allocated: int) -> tuple[float, float] 
             return None
         span, start = (width, center) if function == "LINEAR_EXACT" else (width - 1, center - 0.5)
         scale, offset = slope / span, (intercept - start) / span + 0.5
-    return (-scale, 1.0 - offset) if photometric == "MONOCHROME1" else (scale, offset)
+    return (-scale, 1.0 - offset) if _inverted(ds) else (scale, offset)
 
 
 def _general_to_display(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
@@ -93,9 +95,20 @@ def _general_to_display(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> 
     if stored.ndim == 4:
         return _colour_to_unit(stored, int(ds.get("BitsStored") or 8 * stored.dtype.itemsize))
     pixels = _grayscale_to_unit(stored, ds, where)
-    if photometric == "MONOCHROME1":
+    if _inverted(ds):
         np.subtract(1.0, pixels, out=pixels)
     return pixels[:, None]
+
+
+def _inverted(ds: pydicom.Dataset) -> bool:
+    """Whether the grayscale output is inverted after VOI: Presentation LUT Shape INVERSE (PS3.3 C.11.6.1: output =
+    max - input), or MONOCHROME1 (its minimum shows white, PS3.3 C.7.6.3.1.2). Where both are given they are the same
+    inversion, not two: the DX Image Module (PS3.3 C.8.11.3) requires INVERSE with MONOCHROME1 and IDENTITY with
+    MONOCHROME2, the shape stating the inversion the Photometric Interpretation implies. An IDENTITY shape on
+    MONOCHROME1 (not valid there) leaves it inverted, as MONOCHROME1 alone is."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    shape = str(ds.get("PresentationLUTShape") or "").strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
 def _colour_to_unit(rgb: np.ndarray, bits: int) -> np.ndarray:
@@ -156,7 +169,8 @@ def _grayscale_to_unit(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> n
 def _modality(stored: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float]]:
     """Modality LUT output as float32 (a fresh array, safe to modify) and the range it can span."""
     if ds.get("ModalityLUTSequence"):
-        bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        table, _, stated = _lut_table(ds.ModalityLUTSequence[0], ds)
+        bits = _lut_bits(stated, table)
         return apply_modality_lut(stored, ds).astype(np.float32), (0.0, 2.0**bits - 1)
     slope, intercept, value_range = _rescale(ds, stored.dtype.itemsize * 8)
     values = stored.astype(np.float32)
@@ -199,12 +213,32 @@ def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
 
 
 def _voi_table(ds: pydicom.Dataset) -> tuple[np.ndarray, int, int]:
-    """The first VOI LUT's entries as float32, the first value it maps and its bits per entry."""
-    item = ds.VOILUTSequence[0]
-    entries, first, bits = (int(v) for v in item.LUTDescriptor)
-    entries = entries or 2**16
+    """The first VOI LUT's entries as float32, the first value it maps and the bits its entries are scaled by."""
+    table, first, bits = _lut_table(ds.VOILUTSequence[0], ds)
     if not (bits == 8 or 10 <= bits <= 16):  # PS3.3 C.11.2.1.1
         raise ValueError(f"{bits} bits per LUT entry (LUT Descriptor); 8 or 10 to 16 are allowed")
+    return table, first, _lut_bits(bits, table)
+
+
+LUT_DEPTHS_USED = (8, 12)  # the entry depths writers use when they state 16 (or another depth above these)
+
+
+def _lut_bits(stated: int, table: np.ndarray) -> int:
+    """The bits a LUT's entries are scaled by: the LUT Descriptor's, unless it states more than 8 or 12 and every
+    entry fits in 8 or 12 bits (then the narrower). Some writers state 16 bits for 8- or 12-bit entries (PS3.3
+    C.11.1.1 notes 8-bit entries written in 16-bit words); scaled by 2^16 - 1, such a LUT's image shows near black.
+    pydicom's apply_voi_lut and apply_modality_lut return the raw entries and leave the scaling to the caller (its
+    apply_color_lut takes the entries' width from the data, not the descriptor); DCMTK, where told not to trust the
+    descriptor, scales by the bits the largest entry needs (DiLookupTable::checkBits). Only the usual depths are
+    taken, so a LUT that leaves just its top bit or two unused keeps the depth it states."""
+    largest = int(table.max()) if len(table) else 0
+    return next((depth for depth in LUT_DEPTHS_USED if depth < stated and largest < 2**depth), stated)
+
+
+def _lut_table(item: pydicom.Dataset, ds: pydicom.Dataset) -> tuple[np.ndarray, int, int]:
+    """A Modality or VOI LUT item's entries as float32, the first value it maps and its stated bits per entry."""
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 2**16
     data = item.LUTData
     if isinstance(data, bytes):  # OW: 16-bit words in the data set's byte order
         data = np.frombuffer(data, ">u2" if ds.original_encoding[1] is False else "<u2")

@@ -26,7 +26,7 @@ from PIL import Image
 from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 from tqdm.auto import tqdm
 
-from medtriage.errors import DataNotFoundError, InputError, MedTriageError
+from medtriage.errors import DataNotFoundError, InputError, MedTriageError, printable
 from medtriage.io.clamped import ClampedReader, dicom_source
 from medtriage.io.decode_limits import j2k_samples, jpeg_samples
 from medtriage.io.tiff_structure import TIFF_MAGIC, check_ifd_chain
@@ -181,7 +181,10 @@ class _Levels:
         try:
             read_structure()
         except Exception as err:
-            self.close()
+            try:
+                self.close()
+            except Exception as close_err:  # the structure's error is the one to act on; the close's rides along
+                err.add_note(f"closing the slide afterwards also failed: {close_err}")
             if isinstance(err, MedTriageError):
                 raise
             raise unreadable(err) from err
@@ -555,8 +558,24 @@ class DicomSlide(_Levels):
             levels = list(self._wsi.levels)
         except Exception as err:  # wsidicom raises many types for incomplete or damaged series
             self._close_files()
-            raise self._unreadable_series(err) from err
+            raise (self._missing_levels(files) or self._unreadable_series(err)) from err
         self._structure_or_close(lambda: self._read_structure(levels, mpp), self._unreadable_series)
+
+    def _missing_levels(self, files: list[Path]) -> InputError | None:
+        """The error for a series without VOLUME images (the pyramid levels: PS3.3 C.8.12.4.1.1, Image Type value 3),
+        e.g. a folder holding only a slide's label or overview: what it holds instead, and which series. None where a
+        VOLUME image is there, or a header that cannot be read might be one (the series failed for another reason)."""
+        flavours, series = _image_flavours(files)
+        if "VOLUME" in flavours or "UNREADABLE" in flavours:
+            return None
+        held = ", ".join(f"{count} {flavour}" for flavour, count in sorted(flavours.items()))
+        return InputError(
+            f"the DICOM whole-slide image series {', '.join(sorted(series)) or '(no Series Instance UID)'} has no pyramid "
+            f"levels: no VOLUME image among its {len(files)} file{'s' if len(files) != 1 else ''} (it holds {held})",
+            where=self.path,
+            hint="copy the slide's VOLUME image files (its scanned levels) into the folder, or export the whole slide "
+            "again from the scanner or archive",
+        )
 
     def _unreadable_series(self, err: Exception) -> InputError:
         return InputError(
@@ -602,12 +621,43 @@ class DicomSlide(_Levels):
         return None  # the pyramid's coarsest level serves instead
 
     def close(self) -> None:
-        self._wsi.close()
-        self._close_files()
+        """Close wsidicom's series, then the files under it, whatever the first does: a failing close must not leave
+        the file handles open (a server opening slides for days would run out of them)."""
+        try:
+            self._wsi.close()
+        except Exception as err:
+            raise InputError(
+                f"closing the DICOM whole-slide image failed ({type(err).__name__}: {err}); its files were closed",
+                where=self.path,
+                hint="nothing to do for this slide; report it if it recurs",
+            ) from err
+        finally:
+            self._close_files()
 
     def _close_files(self) -> None:
         for file in self._files:
             file.close()
+
+
+def _image_flavours(files: list[Path]) -> tuple[dict[str, int], set[str]]:
+    """How many of `files` hold each image flavour (Image Type value 3: VOLUME, LABEL, OVERVIEW, THUMBNAIL), and
+    the Series Instance UIDs they name. Headers that cannot be read count as UNREADABLE."""
+    import pydicom
+
+    flavours: dict[str, int] = {}
+    series: set[str] = set()
+    for path in files:
+        try:
+            with dicom_source(path, str(path)) as source:
+                header = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["ImageType", "SeriesInstanceUID"])
+            image_type = list(header.get("ImageType") or [])
+            flavour = printable(str(image_type[2]).upper()) if len(image_type) > 2 else "UNTYPED"
+            if header.get("SeriesInstanceUID"):
+                series.add(printable(str(header.SeriesInstanceUID)))
+        except Exception:  # a damaged header: counted, not fatal to the message
+            flavour = "UNREADABLE"
+        flavours[flavour] = flavours.get(flavour, 0) + 1
+    return flavours, series
 
 
 class _DicomRegionReader:
