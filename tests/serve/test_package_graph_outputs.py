@@ -1,6 +1,7 @@
 """The graph's outputs and input type must be what model.json says: the probabilities served are the output model.json
 names (not whichever the graph lists first), and a graph whose class count or input type disagrees with model.json is
-refused before any image, not image by image."""
+refused when the package loads (so that inspect, verify, bundling and the service's listing refuse it too), not image
+by image."""
 
 import json
 import shutil
@@ -14,7 +15,7 @@ from pydicom.data import get_testdata_file
 
 from medtriage.errors import PackageError
 from medtriage.format import sha256_file
-from medtriage.serve.package import load_package
+from medtriage.serve.package import ModelPackage, load_package
 from medtriage.serve.predictor import Predictor
 
 GRAYSCALE_MR = get_testdata_file("MR_small.dcm")
@@ -57,30 +58,68 @@ def test_the_probabilities_served_are_the_output_model_json_names(package_dir, t
     assert score.probability == pytest.approx(reference.probability) and score.priority == reference.priority
 
 
-def test_a_graph_without_the_output_model_json_names_is_refused_before_any_image(package_copy):
-    meta = json.loads((package_copy / "model.json").read_text())
+def with_meta(package: Path, change) -> Path:
+    """`package` with `change(meta)` applied to its model.json (the digest covers model.onnx only)."""
+    meta = json.loads((package / "model.json").read_text())
+    change(meta)
+    (package / "model.json").write_text(json.dumps(meta))
+    return package
+
+
+def renamed_output(meta) -> None:
     meta["output"]["name"] = "probs"
-    (package_copy / "model.json").write_text(json.dumps(meta))
+
+
+def three_classes(meta) -> None:
+    meta["label_names"].append("effusion")
+    meta["output"]["classes"] = 3
+
+
+def test_a_graph_without_the_output_model_json_names_is_refused_at_load(package_copy):
     with pytest.raises(PackageError, match="model.json names the output 'probs', which model.onnx does not have") as err:
-        Predictor(load_package(package_copy), threads=1)
+        load_package(with_meta(package_copy, renamed_output))
     assert "probabilities" in err.value.reason and "re-export" in err.value.hint
 
 
-def test_a_graph_of_other_classes_than_model_json_declares_is_refused_before_any_image(package_copy):
-    meta = json.loads((package_copy / "model.json").read_text())
-    meta["label_names"].append("effusion")
-    meta["output"]["classes"] = 3
-    (package_copy / "model.json").write_text(json.dumps(meta))
+def test_a_graph_of_other_classes_than_model_json_declares_is_refused_at_load(package_copy):
     with pytest.raises(PackageError, match="model.json declares 3 classes, model.onnx returns 2") as err:
-        Predictor(load_package(package_copy), threads=1)
+        load_package(with_meta(package_copy, three_classes))
     assert err.value.where == str(package_copy) and "re-export" in err.value.hint
 
 
-def test_a_graph_that_takes_other_than_float32_pixels_is_refused_before_any_image(package_dir, tmp_path):
+def test_a_graph_that_takes_other_than_float32_pixels_is_refused_at_load(package_dir, tmp_path):
     half = with_graph(package_dir, tmp_path / "half", half_precision_input)
     with pytest.raises(PackageError, match=r"model.onnx takes tensor\(float16\) pixels, model.json declares float32") as err:
-        Predictor(load_package(half), threads=1)
+        load_package(half)
     assert err.value.where == str(half) and "re-export" in err.value.hint
+
+
+def test_a_graph_without_the_ood_output_model_json_declares_is_refused_at_load(safe_package_dir, tmp_path):
+    """Served, the unusual-input check would be off without a word."""
+    copy = with_meta(Path(shutil.copytree(safe_package_dir, tmp_path / "safe")), lambda meta: meta["ood"].update(output="distance"))
+    with pytest.raises(PackageError, match="model.json declares the OOD output 'distance', which model.onnx does not have") as err:
+        load_package(copy)
+    assert err.value.where == str(copy) and "re-export" in err.value.hint
+
+
+@pytest.mark.parametrize("change, expected", [(renamed_output, "names the output 'probs'"), (three_classes, "declares 3 classes")])
+def test_a_predictor_over_a_package_built_in_memory_checks_the_outputs_too(package_dir, change, expected):
+    """Export builds packages in memory (int8 parity) that no load_package has checked."""
+    meta = json.loads((package_dir / "model.json").read_text())
+    change(meta)
+    with pytest.raises(PackageError, match=expected):
+        Predictor(ModelPackage(package_dir, meta), threads=1)
+
+
+def test_loading_a_package_reads_the_graph_without_onnx_runtime(package_dir, monkeypatch):
+    """The load checks read what model.onnx declares from its header: the graph is built once, when a predictor starts."""
+    import onnxruntime
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("load_package built an ONNX Runtime session")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    assert load_package(package_dir).output_name == "probabilities"
 
 
 def test_a_batch_of_one_and_of_several_are_scored_alike(predictor):

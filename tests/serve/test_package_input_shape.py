@@ -1,5 +1,5 @@
-"""model.json's `input` and the graph's input must agree: a package whose graph takes other channels (or a fixed size
-where model.json declares any) is refused when it loads, not image by image; a graph that leaves its channels free and
+"""model.json's `input` and the graph's input must agree: a package whose graph has no input of model.json's name, or
+takes other channels (or a fixed size where model.json declares any), is refused when it loads, not image by image; a graph that leaves its channels free and
 refuses them when run gives a package error naming what it was fed, not an internal error."""
 
 import json
@@ -14,7 +14,7 @@ from medtriage.cli import main
 from medtriage.errors import PackageError
 from medtriage.format import sha256_file
 from medtriage.format.onnx_header import graph_header
-from medtriage.serve.package import ModelPackage, graph_input_shape, load_package
+from medtriage.serve.package import ModelPackage, load_package
 from medtriage.serve.predictor import Predictor, Rejection
 
 GRAYSCALE_MR = get_testdata_file("MR_small.dcm")
@@ -47,8 +47,8 @@ def with_input_dims(package_dir: Path, target: Path, dims: dict) -> Path:
 
 
 def test_the_graph_input_shape_is_read_as_onnx_runtime_reports_it(package_dir, predictor):
-    assert graph_input_shape(package_dir / "model.onnx") == predictor.session.get_inputs()[0].shape == ["batch", 1, "height", "width"]
-    assert graph_input_shape(package_dir / "model.json") is None  # no ONNX model: left to ONNX Runtime to refuse
+    shape = graph_header(package_dir / "model.onnx")["inputs"]["pixels"]["shape"]
+    assert shape == predictor.session.get_inputs()[0].shape == ["batch", 1, "height", "width"]
 
 
 def test_model_json_channels_other_than_the_graph_takes_are_refused_at_load(package_copy):
@@ -78,6 +78,22 @@ def test_a_predictor_over_a_package_built_in_memory_checks_the_graph_too(package
         Predictor(ModelPackage(package_dir, meta), threads=1)
 
 
+def test_a_graph_without_the_input_model_json_names_is_refused_at_load(package_copy):
+    """Pixels are fed by model.json's `input.name`: a graph that takes them under another name would fail every image."""
+    with pytest.raises(
+        PackageError, match=r"model.json names the input 'image', which model.onnx does not take \(its inputs: 'pixels'\)"
+    ) as err:
+        load_package(with_meta(package_copy, name="image"))
+    assert err.value.where == str(package_copy) and "re-export" in err.value.hint
+
+
+def test_a_predictor_over_a_package_built_in_memory_checks_the_input_name_too(package_dir):
+    meta = json.loads((package_dir / "model.json").read_text())
+    meta["input"]["name"] = "image"
+    with pytest.raises(PackageError, match="model.json names the input 'image'"):
+        Predictor(ModelPackage(package_dir, meta), threads=1)
+
+
 def test_a_graph_that_refuses_channels_it_leaves_free_rejects_the_image_as_a_package_error(package_dir, tmp_path):
     free = with_meta(with_input_dims(package_dir, tmp_path / "free", {1: "channels"}), channels=3)
     outcome = Predictor(load_package(free), threads=1).score_or_reject(GRAYSCALE_MR, "mr.dcm")
@@ -87,13 +103,16 @@ def test_a_graph_that_refuses_channels_it_leaves_free_rejects_the_image_as_a_pac
     assert load_package(free).describe() in outcome.hint and str(tmp_path) not in outcome.hint  # it may go to a client
 
 
-def test_the_graph_header_reads_opset_input_and_output_as_onnx_runtime_and_onnx_do(package_dir, predictor):
-    """One reader of what a graph says of itself serves both the load check here and the export's model.json check."""
+def test_the_graph_header_reads_opset_inputs_and_outputs_as_onnx_runtime_and_onnx_do(package_dir, predictor):
+    """One reader of what a graph says of itself serves both the load checks here and the export's model.json check."""
     header = graph_header(package_dir / "model.onnx")
     default = next(entry.version for entry in onnx.load(package_dir / "model.onnx").opset_import if entry.domain in ("", "ai.onnx"))
+    session = predictor.session
     assert header == {
         "opset": default,
-        "input": predictor.session.get_inputs()[0].shape,
-        "output": predictor.session.get_outputs()[0].shape,
+        "input": session.get_inputs()[0].shape,
+        "output": session.get_outputs()[0].shape,
+        "inputs": {i.name: {"shape": i.shape, "type": i.type} for i in session.get_inputs()},
+        "outputs": {o.name: o.shape for o in session.get_outputs()},
     }
     assert graph_header(package_dir / "model.json") is None

@@ -118,3 +118,32 @@ def test_an_urgent_threshold_equal_to_the_review_one_loads(package_copy):
     meta = edited(package_copy, clamp)
     package = load_package(package_copy)
     assert package.urgent_threshold == package.review_threshold == pytest.approx(meta["thresholds"]["review"]["threshold"])
+
+
+def test_a_calibrated_flag_written_as_text_is_refused_at_load(package_copy):
+    """Read as a truth value, "false" would label raw probabilities calibrated in every result, SR and worklist row."""
+    edited(package_copy, lambda meta: meta["output"].update(calibrated="false"))
+    with pytest.raises(PackageError, match=r"\$\.output\.calibrated: expected boolean, got str") as err:
+        load_package(package_copy)
+    assert err.value.where.endswith("model.json") and "re-export" in err.value.hint
+
+
+QUANTIZATION = {
+    "method": "onnxruntime static quantisation",
+    "source": {"name": "tiny-pneumonia", "version": 1, "sha256": "0" * 64},
+    "calibration": "val split, 8 images",
+    "parity": {"images": 8, "max_abs_diff": 0.01, "priority_changes": 0},
+}
+
+
+def test_an_int8_package_without_its_quantization_block_is_refused_at_load(package_copy):
+    """Its fp32 source and its parity with it are what let a reader trust int8 scores; without them it is unaccounted for."""
+    edited(package_copy, lambda meta: meta.update(precision="int8"))
+    with pytest.raises(PackageError, match="model.json says precision 'int8' but has no 'quantization' block") as err:
+        load_package(package_copy)
+    assert err.value.where.endswith("model.json") and "medtriage quantize" in err.value.hint
+
+
+def test_an_int8_package_with_its_quantization_block_loads(package_copy):
+    edited(package_copy, lambda meta: meta.update(precision="int8", quantization=QUANTIZATION))
+    assert load_package(package_copy).meta["quantization"]["source"]["name"] == "tiny-pneumonia"

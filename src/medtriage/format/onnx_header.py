@@ -8,19 +8,38 @@ from pathlib import Path
 
 # ONNX protobuf field numbers (onnx.proto) on the way to the graph's opset and input and output shapes: ModelProto.graph
 # and .opset_import, OperatorSetIdProto.domain and .version, GraphProto.initializer, .input and .output,
-# TensorProto.name, ValueInfoProto.name and .type, TypeProto.tensor_type, its .shape, the shape's .dim, and a
-# dimension's dim_value and dim_param.
+# TensorProto.name, ValueInfoProto.name and .type, TypeProto.tensor_type, its .elem_type and .shape, the shape's .dim,
+# and a dimension's dim_value and dim_param.
 _GRAPH, _OPSET_IMPORT, _OPSET_DOMAIN, _OPSET_VERSION = 7, 8, 1, 2
 _INITIALIZER, _INPUT, _OUTPUT, _TENSOR_NAME, _VALUE_NAME, _VALUE_TYPE = 5, 11, 12, 8, 1, 2
-_TENSOR_TYPE, _SHAPE, _DIM, _DIM_VALUE, _DIM_PARAM = 1, 2, 1, 1, 2
+_TENSOR_TYPE, _ELEM_TYPE, _SHAPE, _DIM, _DIM_VALUE, _DIM_PARAM = 1, 1, 2, 1, 1, 2
+# TensorProto.DataType's numbers, named as ONNX Runtime names an input's type (NodeArg.type), so that what the header
+# says and what a session says are checked alike
+ORT_ELEMENT_TYPES = {
+    1: "tensor(float)",
+    2: "tensor(uint8)",
+    3: "tensor(int8)",
+    4: "tensor(uint16)",
+    5: "tensor(int16)",
+    6: "tensor(int32)",
+    7: "tensor(int64)",
+    8: "tensor(string)",
+    9: "tensor(bool)",
+    10: "tensor(float16)",
+    11: "tensor(double)",
+    12: "tensor(uint32)",
+    13: "tensor(uint64)",
+    16: "tensor(bfloat16)",
+}
 
 
 def graph_header(onnx_path: Path) -> dict | None:
     """What model.onnx says of itself: `opset` (its default domain's), the shape of the `input` ONNX Runtime feeds (its
     first graph input that is no initializer) and of its first `output`, each an int per fixed dimension and a name ('' if
-    none) per free one, None where it declares none. None where the file reads as no ONNX model. The onnx library is
-    training-side, so the few protobuf fields on the way are read here, through a memory map: the weights are stepped
-    over, never read."""
+    none) per free one, None where it declares none; and, as an ONNX Runtime session lists them, every input it feeds
+    (`inputs`: name -> its `shape` and element `type`, e.g. 'tensor(float)', None where undeclared) and every output
+    (`outputs`: name -> shape). None where the file reads as no ONNX model. The onnx library is training-side, so the
+    few protobuf fields on the way are read here, through a memory map: the weights are stepped over, never read."""
     try:
         with open(onnx_path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _header(data)
@@ -46,6 +65,8 @@ def _header(data) -> dict | None:
         "opset": _default_opset(data, model),
         "input": _shape(data, fed[0]) if fed else None,
         "output": _shape(data, outputs[0]) if outputs else None,
+        "inputs": {_text(data, span, _VALUE_NAME): {"shape": _shape(data, span), "type": _element_type(data, span)} for span in fed},
+        "outputs": {_text(data, span, _VALUE_NAME): _shape(data, span) for span in outputs},
     }
 
 
@@ -60,13 +81,29 @@ def _default_opset(data, model: tuple[int, int]) -> int | None:
 
 
 def _shape(data, value_info: tuple[int, int]) -> list[int | str] | None:
+    tensor = _tensor_type(data, value_info)
+    shapes = _messages(data, tensor, _SHAPE) if tensor else []
+    return [_dimension(data, dim) for dim in _messages(data, shapes[-1], _DIM)] if shapes else None
+
+
+def _element_type(data, value_info: tuple[int, int]) -> str | None:
+    """The element type of a tensor input, as ONNX Runtime names it; None where the graph declares none."""
+    tensor = _tensor_type(data, value_info)
+    types = [value for number, wire, value in _fields(data, *tensor) if number == _ELEM_TYPE and wire == 0] if tensor else []
+    if not types or not types[-1]:  # 0: UNDEFINED
+        return None
+    return ORT_ELEMENT_TYPES.get(types[-1], f"tensor(type {types[-1]})")
+
+
+def _tensor_type(data, value_info: tuple[int, int]) -> tuple[int, int] | None:
+    """The span of a ValueInfoProto's TypeProto.tensor_type; None where it has none (a sequence or map)."""
     span = value_info
-    for number in (_VALUE_TYPE, _TENSOR_TYPE, _SHAPE):
+    for number in (_VALUE_TYPE, _TENSOR_TYPE):
         found = _messages(data, span, number)
         if not found:
             return None
         span = found[-1]
-    return [_dimension(data, dim) for dim in _messages(data, span, _DIM)]
+    return span
 
 
 def _dimension(data, span: tuple[int, int]) -> int | str:

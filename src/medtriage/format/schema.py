@@ -83,6 +83,7 @@ _PATHOLOGY = {
 # (serve/scope.py), its in-graph out-of-distribution score, and the reference distributions
 # the drift monitor compares live inputs with (serve/drift.py).
 _NAMES = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+_RATIO = {"type": "number", "minimum": 1}
 _SCOPE = {
     "type": "object",
     "required": ["modalities"],  # a pool without DICOM headers declares its modality alone (export/safety.py)
@@ -91,12 +92,16 @@ _SCOPE = {
         "sop_classes": _NAMES,
         "photometric": _NAMES,
         "channels": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
-        "body_parts": {"type": ["array", "null"], "items": {"type": "string"}},
-        "view_positions": {"type": ["array", "null"], "items": {"type": "string"}},
-        "bits_stored": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2},
+        # null: not checked; an empty list would refuse every image that records one, with nothing to say why
+        "body_parts": {"type": ["array", "null"], "items": {"type": "string"}, "minItems": 1},
+        "view_positions": {"type": ["array", "null"], "items": {"type": "string"}, "minItems": 1},
+        # [low, high]: a third value would be ignored without a word
+        "bits_stored": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2},
         "min_rows": {"type": "integer", "minimum": 1},
         "min_columns": {"type": "integer", "minimum": 1},
-        "pixel_spacing_mm": {"type": ["array", "null"], "items": {"type": "number", "minimum": 0}, "minItems": 2},
+        "pixel_spacing_mm": {"type": ["array", "null"], "items": {"type": "number", "minimum": 0}, "minItems": 2, "maxItems": 2},
+        # not written by export: a site may narrow the structural bound (serve/scope.py MAX_ASPECT_RATIO) by hand
+        "max_aspect_ratio": _RATIO,
     },
 }
 _OOD = {
@@ -195,7 +200,12 @@ MODEL_SCHEMA: dict = {
         "output": {
             "type": "object",
             "required": ["name", "classes"],
-            "properties": {"name": {"type": "string"}, "classes": {"type": "integer", "minimum": 2}},
+            "properties": {
+                "name": {"type": "string"},
+                "classes": {"type": "integer", "minimum": 2},
+                # absent in packages exported before it; a boolean where present ("false" would read as true)
+                "calibrated": {"type": "boolean"},
+            },
         },
         "preprocessing": {"type": "object", "required": ["decode", "resize", "normalize"]},
         "network": {"type": "object"},
@@ -402,6 +412,19 @@ def integers_as_int(value, schema: dict = MODEL_SCHEMA):
         extra = extra if isinstance(extra, dict) else {}
         return {key: integers_as_int(item, properties.get(key, extra)) for key, item in value.items()}
     return value
+
+
+def check_precision(meta: dict, where: str = "model.json") -> None:
+    """An int8 package names its fp32 source and its parity with it (`quantization`): without them nothing says what its
+    scores were checked against. Apart from validate_model_json because quantisation validates the int8 model.json it
+    builds before the parity that completes the block has been measured; a package on disk is complete."""
+    if meta.get("precision") == "int8" and "quantization" not in meta:
+        raise PackageError(
+            "model.json says precision 'int8' but has no 'quantization' block (its fp32 source, calibration images and "
+            "parity with the source): nothing says what its scores were checked against",
+            where=where,
+            hint="quantise the fp32 source package again: medtriage quantize <fp32 package> --calibration <validation images>",
+        )
 
 
 def validate_model_json(meta: dict, where: str = "model.json") -> None:

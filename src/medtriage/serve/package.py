@@ -21,7 +21,7 @@ from medtriage.format import (
     validate_model_json,
 )
 from medtriage.format.onnx_header import graph_header
-from medtriage.format.schema import integers_as_int
+from medtriage.format.schema import check_precision, integers_as_int
 
 # model.json's `input.dtype` as ONNX Runtime names the element type of a graph input
 ORT_TYPES = {"float32": "tensor(float)"}
@@ -56,6 +56,11 @@ class ModelPackage:
     @property
     def positive_label(self) -> str:
         return self.meta["positive_label"]
+
+    @property
+    def input_name(self) -> str:
+        """The graph input that takes the pixels (model.json's `input.name`)."""
+        return self.meta["input"]["name"]
 
     @property
     def output_name(self) -> str:
@@ -156,6 +161,7 @@ def load_package(directory: str | Path) -> ModelPackage:
     meta = integers_as_int(_read_meta(directory / META_FILE))  # a tile_size of 48.0 would fail deep in slide scoring
     _check_schema_version(meta, directory / META_FILE)
     validate_model_json(meta, where=directory / META_FILE)
+    check_precision(meta, where=directory / META_FILE)
     onnx_path = directory / ONNX_FILE
     if not onnx_path.is_file():
         raise PackageError("model.onnx is missing", where=directory, hint=REEXPORT_HINT)
@@ -167,11 +173,38 @@ def load_package(directory: str | Path) -> ModelPackage:
             where=onnx_path,
             hint=REEXPORT_HINT,
         )
-    check_input_shape(meta, graph_input_shape(onnx_path), where=directory)
+    # From the graph's header, not an ONNX Runtime session: tools that only load a package (inspect, verify, bundling,
+    # the service's listing) refuse what a predictor would, and the graph is built once, when a predictor starts.
+    header = graph_header(onnx_path)
+    if header is not None:  # no ONNX model: ONNX Runtime says why when a predictor starts
+        check_graph(meta, header, where=directory)
     return ModelPackage(directory, meta)
 
 
-def check_input_shape(meta: dict, shape: list | None, where: str | Path) -> None:
+def check_graph(meta: dict, graph: dict, where: str | Path) -> None:
+    """Refuse a graph that does not take or return what model.json says. `graph`: its `inputs` (name -> `shape` and
+    element `type`) and `outputs` (name -> shape), as graph_header reads them from model.onnx or as an ONNX Runtime
+    session lists them."""
+    _check_input_name(meta, list(graph["inputs"]), where)
+    fed = graph["inputs"][meta["input"]["name"]]
+    _check_input_shape(meta, fed["shape"], where)
+    _check_input_type(meta, fed["type"], where)
+    _check_output(meta, graph["outputs"], where)
+    _check_ood_output(meta, list(graph["outputs"]), where)
+
+
+def _check_input_name(meta: dict, inputs: list[str], where: str | Path) -> None:
+    """Pixels are fed by model.json's `input.name`: a graph without that input would fail every image."""
+    name = meta["input"]["name"]
+    if name not in inputs:
+        raise PackageError(
+            f"model.json names the input '{name}', which model.onnx does not take (its inputs: {', '.join(map(repr, inputs))})",
+            where=where,
+            hint=f"the package's files do not belong together; {REEXPORT_HINT}",
+        )
+
+
+def _check_input_shape(meta: dict, shape: list | None, where: str | Path) -> None:
     """Refuse a graph whose input (`shape`: an int per fixed dimension, anything else for a free one; None when
     unknown) disagrees with model.json's `input`: pixels are prepared by model.json, so every image would fail."""
     declared = meta.get("input")
@@ -193,11 +226,11 @@ def check_input_shape(meta: dict, shape: list | None, where: str | Path) -> None
             )
 
 
-def check_input_type(meta: dict, element_type: str, where: str | Path) -> None:
-    """Refuse a graph whose input (`element_type` as ONNX Runtime names it, e.g. 'tensor(float)') is not model.json's
-    `input.dtype`: pixels are fed as model.json says, so every image would fail."""
+def _check_input_type(meta: dict, element_type: str | None, where: str | Path) -> None:
+    """Refuse a graph whose input (`element_type` as ONNX Runtime names it, e.g. 'tensor(float)'; None when unknown) is
+    not model.json's `input.dtype`: pixels are fed as model.json says, so every image would fail."""
     declared = meta["input"]["dtype"]
-    if ORT_TYPES.get(declared) != element_type:
+    if element_type is not None and ORT_TYPES.get(declared) != element_type:
         raise PackageError(
             f"model.onnx takes {element_type} pixels, model.json declares {declared}: every image would fail",
             where=where,
@@ -205,7 +238,7 @@ def check_input_type(meta: dict, element_type: str, where: str | Path) -> None:
         )
 
 
-def check_output(meta: dict, outputs: dict[str, list | None], where: str | Path) -> None:
+def _check_output(meta: dict, outputs: dict[str, list | None], where: str | Path) -> None:
     """Refuse a graph (`outputs`: each output's name and shape, as ONNX Runtime reports them) without the output
     model.json names, or whose class axis, where fixed, is not model.json's `output.classes`: another output would be
     served as probabilities, or every image would fail."""
@@ -229,11 +262,16 @@ def check_output(meta: dict, outputs: dict[str, list | None], where: str | Path)
         )
 
 
-def graph_input_shape(onnx_path: Path) -> list[int | str] | None:
-    """The shape model.onnx declares for the input ONNX Runtime feeds (graph_header's `input`); None where the file
-    reads as no ONNX model or declares no shape."""
-    header = graph_header(onnx_path)
-    return header["input"] if header else None
+def _check_ood_output(meta: dict, outputs: list[str], where: str | Path) -> None:
+    """The OOD output model.json declares must be in the graph: without it every unusual image would be scored,
+    with no word that the check is off."""
+    declared = (meta.get("ood") or {}).get("output")
+    if declared and declared not in outputs:
+        raise PackageError(
+            f"model.json declares the OOD output '{declared}', which model.onnx does not have ({', '.join(outputs)})",
+            where=where,
+            hint=REEXPORT_HINT,
+        )
 
 
 def _check_schema_version(meta: dict, where: Path) -> None:

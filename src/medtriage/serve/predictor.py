@@ -15,7 +15,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from medtriage.errors import ConfigError, InputError, MedTriageError, PackageError, printable
 from medtriage.io.dicom import DecodedImage, read_dicom
-from medtriage.serve.package import REEXPORT_HINT, ModelPackage, check_input_shape, check_input_type, check_output, scored_by
+from medtriage.serve.package import REEXPORT_HINT, ModelPackage, check_graph, scored_by
 from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unguarded
 
 log = logging.getLogger(__name__)
@@ -198,15 +198,12 @@ def require_finite_outputs(
     raise PackageError(f"the model returned a NaN or infinite {what} for this image; it was not scored", where=names[first], hint=hint)
 
 
-def _check_ood_output(package: ModelPackage, outputs: list[str]) -> None:
-    """The OOD output model.json declares must be in the graph: without it every unusual image would be scored,
-    with no word that the check is off."""
-    if package.ood_output and package.ood_output not in outputs:
-        raise PackageError(
-            f"model.json declares the OOD output '{package.ood_output}', which model.onnx does not have ({', '.join(outputs)})",
-            where=package.directory,
-            hint=REEXPORT_HINT,
-        )
+def session_graph(session: ort.InferenceSession) -> dict:
+    """A session's inputs and outputs in graph_header's form (check_graph's `graph`)."""
+    return {
+        "inputs": {fed.name: {"shape": fed.shape, "type": fed.type} for fed in session.get_inputs()},
+        "outputs": {output.name: output.shape for output in session.get_outputs()},
+    }
 
 
 def reduced_decode_side(package: ModelPackage) -> int:
@@ -246,17 +243,14 @@ class Predictor:
     ):
         self.package = package
         self.session = create_session(package, provider, threads)
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_name = package.input_name
         self.positive = package.label_names.index(package.positive_label)
         # Out-of-scope and unusual inputs are refused unless this is set; then they are scored and flagged.
         self.allow_out_of_scope = allow_out_of_scope
         warn_if_unguarded(package.meta, package.describe(with_sha=False))
-        # load_package checked the file; this is the input as ONNX Runtime will feed it, for packages built in memory
-        check_input_shape(package.meta, self.session.get_inputs()[0].shape, where=package.directory)
-        check_input_type(package.meta, self.session.get_inputs()[0].type, where=package.directory)
-        outputs = {o.name: o.shape for o in self.session.get_outputs()}
-        check_output(package.meta, outputs, where=package.directory)
-        _check_ood_output(package, list(outputs))
+        # load_package checked model.onnx's header; this is the graph as ONNX Runtime runs it, for packages built in
+        # memory (export's int8 parity) that no load_package checked. The same checks, on the session already built.
+        check_graph(package.meta, session_graph(self.session), where=package.directory)
         # by name: a graph may list another output (raw scores) first
         self.output_names = [package.output_name] + ([package.ood_output] if package.ood_output else [])
         # Opt-in: JPEG 2000 files decoded only to the resolution the model needs (much faster; scores not bit-identical).

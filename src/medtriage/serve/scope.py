@@ -127,12 +127,13 @@ def first_failure(scope: dict, facts: dict) -> ScopeFailure | None:
 
 
 def with_structural_bounds(scope: dict) -> dict:
-    """`scope` with the size and shape bounds every image must meet; a scope's own larger minimum still holds."""
+    """`scope` with the size and shape bounds every image must meet; a scope's own stricter bound still holds
+    (a larger minimum side, a smaller maximum aspect ratio)."""
     return {
         **scope,
         "min_rows": max(scope.get("min_rows") or 0, MIN_SIDE),
         "min_columns": max(scope.get("min_columns") or 0, MIN_SIDE),
-        "max_aspect_ratio": MAX_ASPECT_RATIO,
+        "max_aspect_ratio": min(scope.get("max_aspect_ratio") or MAX_ASPECT_RATIO, MAX_ASPECT_RATIO),
     }
 
 
