@@ -225,3 +225,32 @@ def test_an_interrupted_cross_validation_stops_the_folds_it_started(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         cross_validation._run_folds([], 3, tmp_path, 2, "cv", "run")
     assert len(started) == 2 and all(process.poll() is not None for process in started)
+
+
+REFIT = ["data.refit=true", "trainer.weights=last", "trainer.early_stopping_patience=null"]
+
+
+def test_a_refit_that_a_sweeper_would_optimise_is_refused_before_any_training(tmp_path, monkeypatch, capsys):
+    """A refit has no validation split: every Optuna trial would be scored -inf, and the search would pick at random."""
+    from tests.cli.test_cli_bad_inputs import run_hydra_main
+
+    def no_training(cfg):
+        raise AssertionError("the refit trained")
+
+    monkeypatch.setattr(training, "run", no_training)
+    sweep = ["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize"]
+    code = run_hydra_main("medtriage.cli.train", ["experiment=pneumoniamnist", *REFIT, *sweep], tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "data.refit" in err and "no validation split" in err and "scripts/cross_validate.py" in err
+
+
+def test_a_refit_outside_an_optimising_sweep_still_trains(tmp_path, npz_cache_dir, monkeypatch):
+    """Several refits under the basic sweeper (`-m trainer.seed=0,1,2`), or one alone: nothing scores them."""
+    from medtriage.training.job import RunResult
+    from medtriage.workflows.train_and_export import train_and_export
+
+    trained = []
+    monkeypatch.setattr(training, "run", lambda cfg: trained.append(cfg) or RunResult("", float("-inf"), tmp_path, tmp_path))
+    train_and_export(_tiny(tmp_path, npz_cache_dir, "a", *REFIT))
+    assert len(trained) == 1

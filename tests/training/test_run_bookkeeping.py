@@ -122,3 +122,42 @@ def test_a_run_interrupted_while_uploading_its_metrics_resumes_and_finishes(tmp_
     assert resumed.finished and client.get_run(resumed.run_id).info.status == "FINISHED"
     assert METRICS_FILE in [a.path for a in client.list_artifacts(resumed.run_id)]
     assert (resumed.output_dir.parent / METRICS_FILE).is_file()
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [(), ("data.refit=true", "trainer.weights=last", "trainer.early_stopping_patience=null")],
+    ids=["validated", "refit"],
+)
+def test_an_interrupted_runs_checkpoint_is_the_last_pt_its_resume_continues(tmp_path, npz_cache_dir, recipe):
+    """best.pt holds the best epoch so far (none at all in a refit), not where the run stopped: nothing of an
+    interrupted run is final, and `interrupted` says so."""
+    from medtriage.model.checkpoint import LAST, read_checkpoint
+
+    interrupted = training.run(_tiny(tmp_path, npz_cache_dir, "a", *recipe, "trainer.stop_after_epochs=1"))
+    assert interrupted.interrupted and not interrupted.finished
+    assert interrupted.checkpoint == interrupted.output_dir / LAST
+    assert read_checkpoint(interrupted.checkpoint)["epoch"] == 1
+
+
+def test_a_run_resumed_without_its_best_weights_says_which_weights_it_ends_with(tmp_path, npz_cache_dir, capsys, caplog):
+    """A last.pt resumed away from its best.pt (copied alone, or best.pt deleted): the best epoch's weights are gone,
+    so the run ends with its last epoch's, and its summary and metrics.json name that epoch beside the best one."""
+    import json
+
+    from medtriage.model.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
+
+    recipe = ("trainer.max_epochs=3", "trainer.early_stopping_patience=null")
+    interrupted = training.run(_tiny(tmp_path, npz_cache_dir, "a", *recipe, "trainer.stop_after_epochs=2"))
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    state = read_checkpoint(interrupted.output_dir / LAST)  # epoch 2; its best epoch made the earlier one, unbeaten
+    save_checkpoint(copied / LAST, **state | {"best_epoch": 1, "best_val_auc": 1.0, "epochs_since_best": 1})
+    capsys.readouterr()
+    resumed = training.run(_tiny(tmp_path, npz_cache_dir, "b", *recipe, f"trainer.resume_from={copied / LAST}"))
+    assert resumed.checkpoint == copied / LAST and not (copied / BEST).exists()
+    assert read_checkpoint(resumed.checkpoint)["epoch"] == 3
+    assert resumed.metrics["best_epoch"] == 1 and resumed.metrics["final_epoch"] == 3
+    assert json.loads((copied / METRICS_FILE).read_text())["final_epoch"] == 3
+    assert "holds the weights of epoch 3" in capsys.readouterr().out
+    assert "the weights of best epoch 1 were not kept" in caplog.text

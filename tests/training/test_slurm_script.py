@@ -3,13 +3,17 @@ cluster; the run folder each job trains into, and what a requeued job continues,
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from medtriage.config import compose_train_config
+from medtriage.export.registry import PACKAGE_LOGGED, PACKAGE_STATE_TAG, PACKAGE_WRITING, artifact_path
 from medtriage.model.checkpoint import LAST, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,6 +159,56 @@ def test_a_requeued_job_whose_finished_run_exports_nothing_ends_with_nothing_to_
     _finished_run(submit / "outputs" / "pneumonia_sites" / "slurm-4242", run_id="5e1f")
     srun, stderr = _start(tmp_path, "experiment=pneumonia_sites", "export.enabled=false", restarts=1)
     assert srun is None and "its config exports nothing: done" in stderr
+
+
+PACKAGE = compose_train_config(["experiment=pneumonia_sites", "paths.output_dir=."]).export.name
+
+
+def _exported_run(folder: Path, state: str = PACKAGE_LOGGED) -> str:
+    """A finished run in `folder` whose export logged v1 of its package to its MLflow run and registered it (`state`:
+    the version's tag, `writing` until the package is logged); its MLflow run id."""
+    client = mlflow.MlflowClient()
+    run_id = client.create_run("0").info.run_id
+    client.set_tag(run_id, "medtriage.package", f"{PACKAGE} v1 sha256 0123abcd")
+    client.create_registered_model(PACKAGE)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path(1, PACKAGE)}"
+    client.create_model_version(PACKAGE, source=source, run_id=run_id, tags={PACKAGE_STATE_TAG: state})
+    _finished_run(folder, run_id)
+    return run_id
+
+
+def test_a_job_requeued_once_its_export_completed_does_nothing(tmp_path):
+    """Exporting again would register and serve a second version of the same model (SLURM requeues a job whose node
+    failed after it had finished, or `scontrol requeue` of a finished job)."""
+    submit = _submit_dir(tmp_path)
+    run_id = _exported_run(submit / "outputs" / "pneumonia_sites" / "slurm-4000_3")
+    srun, stderr = _start(tmp_path, restarts=1, array_task=3)
+    assert srun is None
+    assert f"MLflow run {run_id} was exported already ({PACKAGE} v1" in stderr and "nothing to do" in stderr
+
+
+def test_a_job_requeued_before_its_export_registered_its_package_exports_again(tmp_path):
+    """A version tagged `writing` has no package behind it: the export was stopped before it completed."""
+    submit = _submit_dir(tmp_path)
+    run_id = _exported_run(submit / "outputs" / "pneumonia_sites" / "slurm-4000_3", state=PACKAGE_WRITING)
+    srun, stderr = _start(tmp_path, restarts=1, array_task=3)
+    assert srun == ["--nodes=1", "--ntasks=1", "python", "scripts/export.py", f"run_id={run_id}"]
+    assert f"exporting MLflow run {run_id} again" in stderr
+
+
+def test_a_job_requeued_once_its_unlogged_export_completed_does_nothing(tmp_path):
+    """export.log_to_mlflow=false: the package on disk, naming the run, is the export's only record."""
+    submit = _submit_dir(tmp_path)
+    _finished_run(submit / "outputs" / "pneumonia_sites" / "slurm-4000_3", run_id="5e1f")
+    unlogged = ("experiment=pneumonia_sites", "export.log_to_mlflow=false")
+    srun, _ = _start(tmp_path, *unlogged, restarts=1, array_task=3)  # no package yet: the export was stopped
+    assert srun == ["--nodes=1", "--ntasks=1", "python", "scripts/export.py", "run_id=5e1f"]
+    (tmp_path / "srun.args").unlink()
+    package = submit / "models" / PACKAGE
+    package.mkdir(parents=True)
+    (package / "model.json").write_text(json.dumps({"name": PACKAGE, "version": 2, "provenance": {"mlflow_run_id": "5e1f"}}))
+    srun, stderr = _start(tmp_path, *unlogged, restarts=1, array_task=3)
+    assert srun is None and f"MLflow run 5e1f was exported already ({PACKAGE} v2" in stderr
 
 
 def test_a_run_folder_named_by_the_time_is_refused_before_anything_starts(tmp_path):

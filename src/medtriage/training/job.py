@@ -30,7 +30,7 @@ from medtriage.data.torch.datasets import CachedSplit, cache_split
 from medtriage.data.torch.split_cache import persistent_split
 from medtriage.errors import ConfigError
 from medtriage.io.safe_output import held_exclusive
-from medtriage.model.checkpoint import BEST, LAST, final_checkpoint, model_from_config, read_checkpoint
+from medtriage.model.checkpoint import LAST, final_checkpoint, model_from_config, read_checkpoint
 from medtriage.signals import terminate_as_interrupt
 from medtriage.training import distributed, tracking
 from medtriage.training.distributed import Ranks
@@ -47,10 +47,10 @@ TRAINING_LOCK = "training.lock"  # in the checkpoint folder, held by the process
 class RunResult:
     run_id: str
     best_val_auc: float
-    checkpoint: Path  # the final checkpoint: best.pt, or last.pt with trainer.weights=last
+    checkpoint: Path  # the final checkpoint (best.pt, or last.pt with trainer.weights=last); interrupted: last.pt
     output_dir: Path  # folder of the run's checkpoints
     metrics: dict[str, float] = field(default_factory=dict)  # final val/test metrics, overall and per site
-    interrupted: bool = False  # stopped early by trainer.stop_after_epochs; resumable
+    interrupted: bool = False  # stopped by trainer.stop_after_epochs: `checkpoint` is what a resume continues, not final
     package: Path | None = None  # exported model package, when a workflow exported it
 
     @property
@@ -263,6 +263,12 @@ def claim_checkpoints(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
         yield
 
 
+def run_checkpoint(ckpt_dir: Path, weights, interrupted: bool) -> Path:
+    """The checkpoint a run's result names: an interrupted run's last.pt, which holds where it stopped and is what a
+    resume continues (its best.pt is only the best epoch so far, and a refit has none); a finished run's final one."""
+    return ckpt_dir / LAST if interrupted else final_checkpoint(ckpt_dir, weights)
+
+
 def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, model, ckpt_dir: Path, resumed) -> RunResult:
     manifest, splits, audit = load_data(cfg, model, ranks)
     fit = TrainingLoop(cfg.trainer, cfg.data, model, splits, device, ranks)
@@ -270,7 +276,7 @@ def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, mo
     if not ranks.is_main:
         interrupted = train_epochs(fit, state, ckpt_dir, config, None)
         metrics = {} if interrupted else final_metrics(fit, state, ckpt_dir)[0]
-        return RunResult("", state.best_val_auc, final_checkpoint(ckpt_dir, cfg.trainer.weights), ckpt_dir, metrics, interrupted)
+        return RunResult("", state.best_val_auc, run_checkpoint(ckpt_dir, cfg.trainer.weights, interrupted), ckpt_dir, metrics, interrupted)
     run_id = tracking.start_run(cfg, resume_run_id=resumed["mlflow_run_id"] if resumed else None).info.run_id
     try:
         if resumed:
@@ -288,7 +294,7 @@ def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, mo
         if interrupted:
             tracking.end_run("KILLED")
             print(f"stopped after epoch {state.epoch}; continue with trainer.resume=true (checkpoint {ckpt_dir / LAST})")
-            return RunResult(run_id, state.best_val_auc, ckpt_dir / BEST, ckpt_dir, interrupted=True)
+            return RunResult(run_id, state.best_val_auc, run_checkpoint(ckpt_dir, cfg.trainer.weights, True), ckpt_dir, interrupted=True)
         metrics, predictions = final_metrics(fit, state, ckpt_dir)
         log_final(metrics, predictions, state, ckpt_dir, cfg.name, cfg.tracking.log_checkpoint, cfg.trainer.weights)
     except KeyboardInterrupt:
@@ -299,6 +305,6 @@ def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, mo
         tracking.end_run("FAILED")
         raise
     tracking.end_run("FINISHED")
-    result = RunResult(run_id, state.best_val_auc, final_checkpoint(ckpt_dir, cfg.trainer.weights), ckpt_dir, metrics)
+    result = RunResult(run_id, state.best_val_auc, run_checkpoint(ckpt_dir, cfg.trainer.weights, False), ckpt_dir, metrics)
     print_summary(result, cfg.tracking.uri, manifest.sites)
     return result

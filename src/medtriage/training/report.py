@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -12,21 +13,28 @@ from medtriage.evaluation.calibration import cross_fittable, cross_fitted_log_lo
 from medtriage.evaluation.metrics import evaluate, roc_points, site_values, softmax
 from medtriage.evaluation.plots import plot_roc, plot_site_auc
 from medtriage.io.safe_output import write_atomic
-from medtriage.model.checkpoint import LAST, final_checkpoint, read_checkpoint
+from medtriage.model.checkpoint import BEST, LAST, final_checkpoint, read_checkpoint
 from medtriage.training import distributed, tracking
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("auc", "acc", "sens", "spec", "n")
 METRICS_FILE = "metrics.json"  # in the run folder, next to checkpoints/; written only when the run ends
 
 
 def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
-    """The final checkpoint's val/test metrics (overall and per site) and predictions, on every rank."""
+    """The final checkpoint's val/test metrics (overall and per site) and predictions, on every rank, with the epoch
+    whose weights they are of (`final_epoch`)."""
     distributed.barrier(fit.ranks)  # checkpoints are written by rank 0
     final = final_checkpoint(ckpt_dir, fit.trainer.weights)
-    fit.eval_model.load_state_dict(read_checkpoint(final)["model"])  # the EMA weights when EMA is on
+    checkpoint = read_checkpoint(final)
+    fit.eval_model.load_state_dict(checkpoint["model"])  # the EMA weights when EMA is on
     predictions = {split: fit.predict(split) for split in ("val", "test") if split in fit.splits}  # no test in a CV fold
     validated = "val" in fit.splits  # not in a refit: no epoch was chosen
     metrics: dict[str, float] = {"best_val_auc": state.best_val_auc, "best_epoch": float(state.best_epoch)} if validated else {}
+    metrics["final_epoch"] = float(checkpoint.get("epoch", state.epoch if final.name == LAST else state.best_epoch))
+    if validated and fit.ranks.is_main:
+        _warn_best_weights_lost(fit.trainer.weights, final, state.best_epoch, int(metrics["final_epoch"]))
     for split, p in predictions.items():
         metrics.update(evaluate(p.logits, p.labels, p.sites, split))
     if "val" in predictions and cross_fittable(predictions["val"].labels):
@@ -34,6 +42,18 @@ def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
         # the cross-validation's selection score. Never on test: test fits nothing.
         metrics["val/calibrated_log_loss"] = cross_fitted_log_loss(predictions["val"].logits, predictions["val"].labels)
     return metrics, predictions
+
+
+def _warn_best_weights_lost(weights, final: Path, best_epoch: int, final_epoch: int) -> None:
+    """trainer.weights=best, but best.pt is not there to end with (a last.pt resumed without the best.pt beside it):
+    the run ends with last.pt, and its best epoch, still reported, is not the epoch of the weights it keeps."""
+    if getattr(weights, "value", weights) == "last" or final.name != LAST or best_epoch in (0, final_epoch):
+        return
+    log.warning(
+        f"the weights of best epoch {best_epoch} were not kept: no {BEST} in {final.parent} (a run resumed from a {LAST} "
+        f"without the {BEST} beside it); the run ends with {final}, the weights of epoch {final_epoch}, and its "
+        "validation and test metrics are theirs"
+    )
 
 
 def selection_name(metrics: dict[str, float]) -> str:
@@ -101,13 +121,21 @@ def _cell(column: str, value: float | None) -> str:
     return f"{int(value):>8d}" if column == "n" else f"{value:>8.3f}"
 
 
+def _held_epoch(metrics: dict[str, float]) -> str:
+    """What the summary adds where the final checkpoint is not of the best epoch (trainer.weights=last, or best.pt
+    lost): the epoch whose weights it holds."""
+    held = metrics.get("final_epoch")
+    return "" if held is None or int(held) == int(metrics["best_epoch"]) else f", which holds the weights of epoch {int(held)}"
+
+
 def print_summary(result, uri: str, sites: list[str]) -> None:
     table = summary_table(result.metrics, sites)
     if "\n" in table:  # a refit has no split to score
         print(table)
     if "best_epoch" in result.metrics:
         score = selection_name(result.metrics)  # accuracy where the validation split holds one class
-        print(f"best epoch {int(result.metrics['best_epoch'])}, best {score} {result.best_val_auc:.4f}; checkpoint {result.checkpoint}")
+        best = f"best epoch {int(result.metrics['best_epoch'])}, best {score} {result.best_val_auc:.4f}"
+        print(f"{best}; checkpoint {result.checkpoint}{_held_epoch(result.metrics)}")
     else:
         print(f"no validation split; final checkpoint {result.checkpoint}")
     if result.package:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from medtriage import training
-from medtriage.errors import MedTriageError
+from medtriage.errors import ConfigError, MedTriageError
 from medtriage.export.registry import log_checkpoint_command
 from medtriage.export.run import check_export_settings, export_run
 from medtriage.training.job import RunResult
@@ -16,6 +17,7 @@ from medtriage.training.report import run_folder
 
 def train_and_export(cfg: DictConfig) -> RunResult:
     """Train as `cfg` says; when `export.enabled` and the run finished, export it and log the package to the run."""
+    check_refit_unscored(cfg)
     checked = None
     if cfg.export.enabled and not cfg.data.get("refit"):
         checked = check_export_settings(cfg.export)  # now, not after the training it would waste
@@ -30,6 +32,22 @@ def train_and_export(cfg: DictConfig) -> RunResult:
         result.package = _export_trained(result, cfg, checked)
         print(f"model package: {result.package}")
     return result
+
+
+def check_refit_unscored(cfg: DictConfig) -> None:
+    """Refuse a refit (`data.refit`) that a sweeper would optimise (hydra.sweeper.direction set, as Optuna's is): it has
+    no validation split, so what scripts/train.py returns it, the best validation AUC, is -inf for every trial and the
+    search would pick among them at random. A refit under the basic sweeper (`-m trainer.seed=0,1,2`) is scored by
+    nothing and trains."""
+    if not cfg.data.get("refit") or not HydraConfig.initialized() or HydraConfig.get().sweeper.get("direction") is None:
+        return
+    raise ConfigError(
+        "a refit has no validation split to score, so a sweeper would optimise -inf: every trial alike",
+        where="data.refit",
+        hint="search the recipe with python scripts/cross_validate.py -m hparams_search=<search> (it scores each trial "
+        "on held-out folds), then refit the chosen config without the sweeper: python scripts/train.py data.refit=true "
+        "[-m trainer.seed=0,1,2 for several refits]",
+    )
 
 
 def _export_trained(result: RunResult, cfg: DictConfig, checked) -> Path:
