@@ -58,3 +58,16 @@ def test_a_bar_counted_by_hand_says_where_it_is_at_its_end():
         for _ in range(3):
             bar.update()
     assert file.getvalue() == "writing site DICOM: 3/3 files (100%) in 00:00\n"
+
+
+class GoneReader(io.StringIO):
+    """A log whose reader went away (`2>&1 | head -1`): every write fails."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_log_whose_reader_left_does_not_stop_the_loop():
+    ticks = itertools.count(step=100.0)  # a line due at every step
+    done = list(ProgressLines(range(5), 5, "epoch 1/1", GoneReader(), every_s=60.0, clock=lambda: next(ticks)))
+    assert done == list(range(5))  # before: BrokenPipeError at the first line, the epoch ended halfway

@@ -11,26 +11,28 @@ from medtriage.errors import ConfigError
 
 
 def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
+    return _whole(text, 1, None, "a whole number of at least 1")
 
 
 def non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
-    return int(text)
+    return _whole(text, 0, None, "a whole number of at least 0")
 
 
 def whole_number(low: int, high: int) -> Callable[[str], int]:
     """The argument type of a whole number from `low` to `high`."""
+    return lambda text: _whole(text, low, high, f"a whole number from {low} to {high}")
 
-    def parse(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
-        return int(text)
 
-    return parse
+def _whole(text: str, low: int, high: int | None, expected: str) -> int:
+    """Digits only: no sign, no spaces, no "1e3". `str.isdigit` alone also takes superscripts ("²"), which `int`
+    refuses, and argparse would then answer with its own message naming no range."""
+    try:
+        value = int(text) if text.isdigit() else None
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -53,6 +55,14 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def path(text: str) -> Path:
+    """A file or folder argument: an empty one ("" from an unset shell variable, `--pool "$POOL"`) would mean the
+    folder the command runs in, and a pool or site folders would be written there."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one (it would mean the current folder)")
+    return Path(text)
 
 
 def refuse_file_as_folder(path: str | Path | None, option: str) -> None:

@@ -45,7 +45,8 @@ def _is_terminal(file: TextIO) -> bool:
 
 class ProgressLines:
     """What a tqdm bar shows (steps done, share, time, `set_postfix` values), as a plain line once `every_s` seconds
-    have passed since the last one, and once more on `close`."""
+    have passed since the last one, and once more on `close`. A log that can no longer be written (its reader gone,
+    `2>&1 | head`; its disk full) gets no more lines: the loop it reports on goes on."""
 
     def __init__(
         self,
@@ -93,4 +94,9 @@ class ProgressLines:
         share = f" ({100 * self.n // self.total}%)" if self.total else ""
         parts = [f"{self.n}/{self.total} {self.units}{share} in {std.tqdm.format_interval(now - self.started)}"]
         parts += [f"{key} {value}" for key, value in self.postfix.items()]
-        print(f"{self.desc}: {', '.join(parts)}", file=self.file, flush=True)
+        if self.file is None:
+            return
+        try:
+            print(f"{self.desc}: {', '.join(parts)}", file=self.file, flush=True)
+        except (OSError, ValueError):  # ValueError: a closed file
+            self.file = None

@@ -26,17 +26,25 @@ BAD = [
     ["serve", "PKG", "--queue", "-2"],
     ["quantize", "PKG", "--calibration", "x.npz", "--images", "0"],
     ["ingest", "SRC", "--site", "a", "--into", "POOL", "--workers", "0"],
+    # an empty path (an unset shell variable) would mean the current folder: before, the pool was written here
+    ["build-pool", "--sites", "SITES", "--pool", ""],
+    ["build-pool", "--sites", ""],
+    ["make-sites", "--limit", "1", "--out", " "],
+    ["audit", "POOL", "--json", ""],
 ]
 
 BAD_TILES = [
     ["synthetic", "POOL", "--tile-size", "0"],
     ["synthetic", "POOL", "--tile-size", "-5"],
+    ["synthetic", "POOL", "--tile-size", "100000"],  # before: a traceback, after asking for 149 GiB for one tile
+    ["slides", "POOL", "a.svs", "--tile-size", "4097"],
     ["synthetic", "POOL", "--tiles-per-slide", "0"],
     ["synthetic", "POOL", "--patients-per-site", "-1"],
     ["slides", "POOL", "a.svs", "--tile-mpp", "0"],
     ["slides", "POOL", "a.svs", "--split", "bogus"],
     ["slides", "POOL", "a.svs", "--label", "7"],
     ["sites-figure", "OUT.png", "--tiles", "0"],
+    ["slides", "POOL", "a.svs", "--overview", ""],
 ]
 
 
@@ -55,6 +63,18 @@ def test_the_medtriage_command_refuses_values_out_of_range(argv, tmp_path, monke
     assert f"argument {argv[-2]}" in err and "expected" in err
 
 
+@pytest.mark.parametrize("argv", [["audit", ""], ["make-sites", "--limit", "1", "--npz", ""]], ids=" ".join)
+def test_an_empty_input_path_is_refused_by_name(argv, tmp_path, monkeypatch, capsys):
+    err = _refused(main, argv, tmp_path, monkeypatch, capsys)
+    assert "expected a path, got an empty one" in err
+
+
+@pytest.mark.parametrize("argv", [["synthetic", ""], ["slides", "", "a.svs"], ["sites-figure", ""]], ids=" ".join)
+def test_make_tiles_refuses_an_empty_path(argv, tmp_path, monkeypatch, capsys):
+    err = _refused(make_tiles_main, argv, tmp_path, monkeypatch, capsys)
+    assert "expected a path, got an empty one" in err
+
+
 @pytest.mark.parametrize("argv", BAD_TILES, ids=" ".join)
 def test_make_tiles_refuses_values_out_of_range(argv, tmp_path, monkeypatch, capsys):
     err = _refused(make_tiles_main, argv, tmp_path, monkeypatch, capsys)
@@ -66,3 +86,20 @@ def test_a_fraction_takes_zero_up_to_one(text, expected):
     from medtriage.arguments import fraction
 
     assert fraction(text) == expected
+
+
+@pytest.mark.parametrize("text", ["²", "5²", "1e3", "+3", " 3", "", "0x10"])
+@pytest.mark.parametrize("name", ["positive_int", "non_negative_int", "a range"])
+def test_a_whole_number_that_is_not_plain_digits_is_refused_with_what_was_expected(name, text):
+    import argparse
+
+    from medtriage import arguments
+
+    parse = arguments.whole_number(0, 143) if name == "a range" else getattr(arguments, name)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number"):
+        parse(text)  # before, "²" raised ValueError: argparse said "invalid positive_int value", no range
+
+
+def test_the_command_line_says_what_it_expected_of_a_superscript(tmp_path, monkeypatch, capsys):
+    err = _refused(main, ["make-sites", "--limit", "²"], tmp_path, monkeypatch, capsys)
+    assert "expected a whole number of at least 1" in err

@@ -275,3 +275,17 @@ def test_a_pool_path_that_is_a_file_says_so(module, sites, tmp_path, monkeypatch
     overrides = ["experiment=pneumonia_sites", f"data.sites_dir={sites}", f"data.pool_dir={pool_file}"]
     code = run_hydra_main(module, overrides, tmp_path, monkeypatch)
     check_clean_failure(code, capsys, "data.pool_dir", str(pool_file))
+
+
+def test_audit_json_that_cannot_be_written_says_so_after_the_audit(two_site_pool, a_file, capsys):
+    report = a_file / "audit.json"  # under a file: its folder can never be made
+    code = main(["audit", str(two_site_pool.pool_dir), "--no-images", "--json", str(report)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.startswith("error: ") and "Traceback" not in captured.err  # before: FileExistsError
+    assert all(fragment in captured.err for fragment in ("--json", str(report), "cannot be written")), captured.err
+    assert "leakage audit" in captured.out  # the audit's verdict is shown all the same
+
+
+def test_make_tiles_figure_that_cannot_be_written_says_so(make_tiles_main, a_file, capsys):
+    out = a_file / "sites.png"
+    check_clean_failure(make_tiles_main(["sites-figure", str(out), "--tiles", "1"]), capsys, str(out), "cannot be written")

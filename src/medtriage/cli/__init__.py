@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 from medtriage import __version__
-from medtriage.errors import MedTriageError, printable
+from medtriage.errors import ConfigError, MedTriageError, printable
 
 # Modules that define `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
@@ -52,12 +55,82 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_errors(func: Callable[..., int | None], *args) -> int:
-    """Run one command: a MedTriageError ends it with its message on stderr and exit status 2, not a traceback."""
+    """Run one command: a MedTriageError ends it with its message on stderr and exit status 2, not a traceback; Ctrl-C
+    ends it with a line saying so and the status of a process SIGINT ended (130).
+
+    A reader of its output that stops early (`| head -1`) does not stop the command: what it writes after its output
+    (an audit's --json, a figure) is still written, and it ends with its own status."""
+    with readers_may_leave():
+        try:
+            return int(func(*args) or 0)
+        except MedTriageError as err:
+            print(f"error: {printable(str(err))}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)  # the user's choice, not an error
+            return 128 + signal.SIGINT
+
+
+INTERRUPTED = "stopped (Ctrl-C or a signal); a file or folder it was still writing may be incomplete: run the command again"
+
+
+def write_output(path: str | os.PathLike, data: bytes | Callable, what: str) -> None:
+    """`write_atomic` of a file the command line named (`what`: its option, or what the file is): one that cannot be
+    written (a folder that is not there to be made, or not writable) ends the command with one line saying so."""
+    from medtriage.io.safe_output import write_atomic
+
     try:
-        return int(func(*args) or 0)
-    except MedTriageError as err:
-        print(f"error: {printable(str(err))}", file=sys.stderr)
-        return 2
+        write_atomic(path, data)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(
+            f"cannot be written ({reason})", where=f"{what} {path}", hint="give a file in a folder you can write to"
+        ) from None
+
+
+@contextmanager
+def readers_may_leave() -> Iterator[None]:
+    """stdout and stderr, for the block, as `ReaderMayLeave` streams."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ReaderMayLeave(sys.stdout), ReaderMayLeave(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+class ReaderMayLeave:
+    """A standard stream whose reader may go away (a pipe into `head`, a closed log viewer): from then on what is
+    written to it goes to /dev/null, where a BrokenPipeError would end the command halfway with a traceback. The
+    stream itself is pointed there too, so that Python's flush at exit cannot fail again."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._point_at_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._point_at_devnull()
+
+    def _point_at_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        except (OSError, ValueError):  # a stream with no file behind it (a test's capture): its writes stay dropped
+            pass
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)  # isatty, fileno, encoding, buffer...
 
 
 def exit_with_message(err: MedTriageError) -> NoReturn:

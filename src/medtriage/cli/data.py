@@ -7,15 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from medtriage.arguments import fraction, non_negative_int, positive_int, refuse_file_as_folder, refuse_folder_as_file, whole_number
-from medtriage.cli import report_errors
+from medtriage.arguments import fraction, non_negative_int, path, positive_int, refuse_file_as_folder, refuse_folder_as_file, whole_number
+from medtriage.cli import report_errors, write_output
 from medtriage.data.audit import HASH_BITS, MAX_DISTANCE, audit_manifest
 from medtriage.data.manifest import load_manifest
 from medtriage.data.pool import DEFAULT_POOL, DEFAULT_SITES, build_sites_pool, split_files
 from medtriage.data.simulate.sites import DEFAULT_NPZ, DEFAULT_OUT, make_sites, summary_table
 from medtriage.data.splits import check_fractions
 from medtriage.io.header_warnings import say_header_warnings
-from medtriage.io.safe_output import write_atomic
 from medtriage.project import project_path
 
 
@@ -34,10 +33,10 @@ def register(subparsers) -> None:
 
 
 def add_make_sites_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--npz", type=Path, default=project_path(DEFAULT_NPZ), help="MedMNIST-layout npz (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=project_path(DEFAULT_OUT), help="folder for the site folders (default: %(default)s)")
+    parser.add_argument("--npz", type=path, default=project_path(DEFAULT_NPZ), help="MedMNIST-layout npz (default: %(default)s)")
+    parser.add_argument("--out", type=path, default=project_path(DEFAULT_OUT), help="folder for the site folders (default: %(default)s)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="same seed, same bytes (default: %(default)s)")
-    parser.add_argument("--limit", type=positive_int, default=None, help="write only this many images (for quick tries)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="write only this many images, for quick tries (default: all)")
 
 
 def run_make_sites(args: argparse.Namespace) -> int:
@@ -51,11 +50,11 @@ def run_make_sites(args: argparse.Namespace) -> int:
 def add_build_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sites",
-        type=Path,
+        type=path,
         default=project_path(DEFAULT_SITES),
         help="de-identified site folders, as scripts/ingest_sites.py writes them (default: %(default)s)",
     )
-    parser.add_argument("--pool", type=Path, default=project_path(DEFAULT_POOL), help="pool folder to write (default: %(default)s)")
+    parser.add_argument("--pool", type=path, default=project_path(DEFAULT_POOL), help="pool folder to write (default: %(default)s)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="split seed (default: %(default)s)")
     parser.add_argument("--val-fraction", type=fraction, default=0.15, help="patients in validation (default: %(default)s)")
     parser.add_argument("--test-fraction", type=fraction, default=0.2, help="patients in test (default: %(default)s)")
@@ -73,13 +72,14 @@ def run_build_pool(args: argparse.Namespace) -> int:
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pool", metavar="POOL", help="pool folder with manifest.csv (from the pool builder)")
-    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    parser.add_argument("pool", metavar="POOL", type=path, help="pool folder with manifest.csv (from the pool builder)")
+    parser.add_argument("--json", metavar="FILE", type=path, help="also write the result as JSON to this file (default: none)")
     parser.add_argument(
         "--max-distance",
         type=whole_number(0, HASH_BITS),
         default=MAX_DISTANCE,
-        help=f"perceptual-hash bits for near duplicates (0 to {HASH_BITS})",
+        help=f"images whose perceptual hashes differ in at most this many bits (0 to {HASH_BITS}) count as near duplicates "
+        "(default: %(default)s)",
     )
     parser.add_argument("--no-images", action="store_true", help="skip the pixel checks (table checks only)")
 
@@ -89,7 +89,7 @@ def run_audit(args: argparse.Namespace) -> int:
     result = audit_manifest(load_manifest(args.pool), check_images=not args.no_images, max_distance=args.max_distance)
     print(result.summary())
     if args.json:
-        write_atomic(args.json, json.dumps(result.to_dict(), indent=2, default=str).encode())
+        write_output(args.json, json.dumps(result.to_dict(), indent=2, default=str).encode(), "--json")
     return 0 if result.ok else 1
 
 
@@ -107,14 +107,18 @@ def build_pool_main(argv: list[str] | None = None) -> int:
     return report_errors(run_build_pool, parser.parse_args(argv))
 
 
+def pick_files_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=pick_files_main.__doc__)
+    parser.add_argument("pool", type=path, help="pool folder built by scripts/build_pool.py or by training")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to pick from (default: %(default)s)")
+    parser.add_argument("--per-label", type=positive_int, default=1, help="files of each label at each site (default: %(default)s)")
+    return parser
+
+
 def pick_files_main(argv: list[str] | None = None) -> int:
     """Print a few source DICOM paths of one split, each label at each site, e.g. to score held-out test files:
     `medtriage score models/pneumonia-sites-r18 $(medtriage-pick-files data/pool/pneumonia_sites)`."""
-    parser = argparse.ArgumentParser(description=pick_files_main.__doc__)
-    parser.add_argument("pool", help="pool folder built by scripts/build_pool.py or by training")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--per-label", type=positive_int, default=1, help="files of each label at each site (default: %(default)s)")
-    args = parser.parse_args(argv)
+    args = pick_files_parser().parse_args(argv)
     return report_errors(lambda: print("\n".join(str(path) for path in split_files(args.pool, args.split, args.per_label))))
 
 

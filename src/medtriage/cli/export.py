@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from medtriage.arguments import path
 from medtriage.errors import ConfigError, MedTriageError, printable
 from medtriage.model.averaging import TTA
 
@@ -62,7 +62,7 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="package and registered-model name")
     parser.add_argument(
         "--cross-validation",
-        type=Path,
+        type=path,
         nargs="+",
         metavar="DIR",
         help="the folder of a cross-validation (its fold<k>/ runs): serve its fold models, calibrated on their out-of-fold "
@@ -70,7 +70,7 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--refit",
-        type=Path,
+        type=path,
         nargs="+",
         metavar="RUN_DIR",
         help="with --cross-validation: serve these data.refit=true runs of its recipe instead of its fold models",

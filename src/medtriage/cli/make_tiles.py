@@ -20,8 +20,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medtriage.arguments import non_negative_int, positive_float, positive_int, refuse_file_as_folder, refuse_folder_as_file
-from medtriage.cli import report_errors
+from medtriage.arguments import (
+    non_negative_int,
+    path,
+    positive_float,
+    positive_int,
+    refuse_file_as_folder,
+    refuse_folder_as_file,
+    whole_number,
+)
+from medtriage.cli import report_errors, write_output
 from medtriage.data.manifest import REJECTS_FILE
 from medtriage.data.simulate.tiles import (
     SYNTHETIC_SITES,
@@ -33,45 +41,64 @@ from medtriage.data.simulate.tiles import (
 )
 from medtriage.errors import DataNotFoundError
 from medtriage.io.pathology import grid_overview, prepare_slide
-from medtriage.io.safe_output import write_atomic
 from medtriage.io.stain import StainNormalizer, fit_stains
+
+MAX_TILE_SIZE = 4096  # pixels a side: a larger tile is a typo, and one tile of it would take gigabytes
+tile_side = whole_number(1, MAX_TILE_SIZE)
 
 
 def main(argv: list[str] | None = None) -> int:
     return report_errors(_main, argv)
 
 
-def _main(argv: list[str] | None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
     synthetic = sub.add_parser("synthetic", help="SYNTHETIC H&E-like tiles from several stain 'sites'")
-    synthetic.add_argument("pool_dir", type=Path)
-    synthetic.add_argument("--patients-per-site", type=positive_int, default=24)
-    synthetic.add_argument("--tiles-per-slide", type=positive_int, default=12)
-    synthetic.add_argument("--tile-size", type=positive_int, default=64)
-    synthetic.add_argument("--stain-normalize", action="store_true")
-    synthetic.add_argument("--holdout-site", default=None)
-    synthetic.add_argument("--seed", type=non_negative_int, default=0)
+    synthetic.add_argument("pool_dir", type=path, help="pool folder to write (created if missing)")
+    synthetic.add_argument("--patients-per-site", type=positive_int, default=24, help="one slide each (default: %(default)s)")
+    synthetic.add_argument("--tiles-per-slide", type=positive_int, default=12, help="tiles drawn from each slide (default: %(default)s)")
+    synthetic.add_argument(
+        "--tile-size", type=tile_side, default=64, help=f"tile side in pixels, up to {MAX_TILE_SIZE} (default: %(default)s)"
+    )
+    synthetic.add_argument("--stain-normalize", action="store_true", help="Macenko-normalise every tile (default: raw stains)")
+    synthetic.add_argument(
+        "--holdout-site",
+        default=None,
+        choices=list(SYNTHETIC_SITES),
+        help="put all of this site's patients in test, none in train or val (default: none held out)",
+    )
+    synthetic.add_argument("--seed", type=non_negative_int, default=0, help="same seed, same tiles (default: %(default)s)")
     slides = sub.add_parser("slides", help="tissue tiles of real slides (one patient per slide)")
-    slides.add_argument("pool_dir", type=Path)
-    slides.add_argument("slides", nargs="+", type=Path)
-    slides.add_argument("--label", type=int, choices=[0, 1], default=0, help="label of every slide given (0 = normal, 1 = tumour)")
-    slides.add_argument("--site", default="slides")
-    slides.add_argument("--split", default="test", choices=["train", "val", "test"])
-    slides.add_argument("--tile-size", type=positive_int, default=224)
-    slides.add_argument("--tile-mpp", type=positive_float, default=0.5)
+    slides.add_argument("pool_dir", type=path, help="pool folder to write (created if missing)")
+    slides.add_argument("slides", nargs="+", type=path, help="whole-slide images (.svs, .tif, ... or a DICOM slide folder)")
+    slides.add_argument(
+        "--label", type=int, choices=[0, 1], default=0, help="label of every slide given, 0 = normal, 1 = tumour (default: %(default)s)"
+    )
+    slides.add_argument("--site", default="slides", help="site name of every slide given (default: %(default)s)")
+    slides.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="split of every slide given (default: %(default)s)"
+    )
+    slides.add_argument(
+        "--tile-size", type=tile_side, default=224, help=f"tile side in pixels, up to {MAX_TILE_SIZE} (default: %(default)s)"
+    )
+    slides.add_argument("--tile-mpp", type=positive_float, default=0.5, help="tile resolution in µm/pixel (default: %(default)s)")
     slides.add_argument(
         "--mpp", type=positive_float, default=None, help="scan µm/pixel of every slide given, overriding what a slide records"
     )
-    slides.add_argument("--stain-normalize", action="store_true")
+    slides.add_argument("--stain-normalize", action="store_true", help="Macenko-normalise every tile (default: raw stains)")
     slides.add_argument(
-        "--overview", type=Path, help="save the thumbnail of the first slide in the pool with its tissue mask and tile grid here"
+        "--overview", type=path, help="save the thumbnail of the first slide in the pool with its tissue mask and tile grid here"
     )
     figure = sub.add_parser("sites-figure", help="PNG of each synthetic site's tiles, raw and Macenko-normalised")
-    figure.add_argument("out", type=Path)
-    figure.add_argument("--tiles", type=positive_int, default=6, help="tiles shown per slide")
-    figure.add_argument("--seed", type=non_negative_int, default=0)
-    args = parser.parse_args(argv)
+    figure.add_argument("out", type=path, help="PNG file to write")
+    figure.add_argument("--tiles", type=positive_int, default=6, help="tiles shown per slide (default: %(default)s)")
+    figure.add_argument("--seed", type=non_negative_int, default=0, help="same seed, same figure (default: %(default)s)")
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     for name, option in (("out", "OUT"), ("overview", "--overview")):
         refuse_folder_as_file(getattr(args, name, None), option, "tiles.png")
     if args.kind != "sites-figure":
@@ -113,7 +140,7 @@ def _main(argv: list[str] | None) -> int:
 
 def save_png(image: Image.Image, out: Path) -> None:
     """A palette PNG (keeps it small), written whole or not at all."""
-    write_atomic(out, lambda f: image.quantize(256, method=Image.Quantize.MEDIANCUT).save(f, format="PNG", optimize=True))
+    write_output(out, lambda f: image.quantize(256, method=Image.Quantize.MEDIANCUT).save(f, format="PNG", optimize=True), "PNG")
 
 
 def save_overview(slide_path: Path, out: Path, tile_size: int, tile_mpp: float, slide_mpp: float | None) -> None:
