@@ -55,6 +55,40 @@ def test_the_same_models_next_version_and_an_empty_folder_are_written(source, tm
     assert load_package(tmp_path / "empty").name == meta["name"]
 
 
+def other_input_name(meta: dict) -> None:
+    meta["input"] = {**meta["input"], "name": "image"}
+
+
+def other_output_name(meta: dict) -> None:
+    meta["output"] = {**meta["output"], "name": "probs"}
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [(other_input_name, "names the input 'image', which model.onnx does not take"), (other_output_name, "names the output 'probs'")],
+)
+def test_a_package_that_would_not_load_is_never_written(source, tmp_path, change, expected):
+    """model.json and the graph it ships with disagreeing is an export error, not a package every server refuses later;
+    the package already there stays."""
+    onnx, meta = source
+    write_package(tmp_path / "tiny", onnx, {**meta, "version": 1})
+    wrong = json.loads(json.dumps({**meta, "version": 2}))
+    change(wrong)
+    with pytest.raises(PackageError, match=expected) as err:
+        write_package(tmp_path / "tiny", onnx, wrong)
+    assert "would not load" in err.value.reason and err.value.where == str(tmp_path / "tiny") and "export" in err.value.hint
+    assert load_package(tmp_path / "tiny").version == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no staging folder left behind
+
+
+def test_an_int8_package_without_its_quantization_block_is_never_written(source, tmp_path):
+    """load_package refuses it (nothing says what its scores were checked against): refused at export instead."""
+    onnx, meta = source
+    with pytest.raises(PackageError, match="would not load: model.json says precision 'int8' but has no 'quantization' block"):
+        write_package(tmp_path / "tiny", onnx, {**meta, "precision": "int8"})
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "{not json", json.dumps({"version": "four"}), json.dumps({"name": "x"})])
 def test_a_package_whose_version_cannot_be_read_does_not_restart_at_1(tmp_path, content):
     """Restarting at 1 would give a second, different 'name v1'; say what is wrong instead."""

@@ -50,6 +50,17 @@ def half_precision_input(model) -> None:
     graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
 
 
+def scaled_pixels(model, default: float | None = None) -> None:
+    """The pixels multiplied inside the graph by a second input, 'scale' (with `default` as its initializer, if any)."""
+    graph = model.graph
+    for node in graph.node:
+        node.input[:] = ["scaled" if name == "pixels" else name for name in node.input]
+    graph.node.insert(0, helper.make_node("Mul", ["pixels", "scale"], ["scaled"]))
+    graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
+    if default is not None:
+        graph.initializer.append(helper.make_tensor("scale", TensorProto.FLOAT, [], [default]))
+
+
 def test_the_probabilities_served_are_the_output_model_json_names(package_dir, tmp_path):
     """Served by position, the scaled scores would be read as probabilities: every image URGENT, without a word."""
     package = load_package(with_graph(package_dir, tmp_path / "two", scaled_output_first))
@@ -142,3 +153,26 @@ def test_an_ood_output_that_cannot_be_the_ood_score_is_refused_at_load(safe_pack
     with pytest.raises(PackageError, match=expected) as err:
         load_package(copy)
     assert err.value.where.endswith("model.json") and "re-export" in err.value.hint
+
+
+def test_a_graph_that_needs_an_input_model_json_does_not_name_is_refused_at_load(package_dir, tmp_path):
+    """Only model.json's `input.name` is fed: a graph that needs another input would fail every image."""
+    two = with_graph(package_dir, tmp_path / "two", scaled_pixels)
+    with pytest.raises(PackageError, match="model.onnx also needs the input 'scale', which model.json does not name") as err:
+        load_package(two)
+    assert err.value.where == str(two) and "re-export" in err.value.hint
+
+
+def test_a_predictor_refuses_a_graph_that_needs_another_input_too(package_dir, tmp_path):
+    """A package built in memory (int8 parity) is checked on its session's inputs."""
+    two = with_graph(package_dir, tmp_path / "two", scaled_pixels)
+    with pytest.raises(PackageError, match="also needs the input 'scale'"):
+        Predictor(ModelPackage(two, json.loads((two / "model.json").read_text())), threads=1)
+
+
+def test_a_further_input_with_a_default_is_not_needed_and_loads(package_dir, tmp_path):
+    """An input backed by an initializer has a value when none is fed: the graph is served as it is."""
+    defaulted = with_graph(package_dir, tmp_path / "defaulted", lambda model: scaled_pixels(model, default=1.0))
+    reference = Predictor(load_package(package_dir), threads=1).score_file(GRAYSCALE_MR)[0]
+    score = Predictor(load_package(defaulted), threads=1).score_file(GRAYSCALE_MR)[0]
+    assert score.probability == pytest.approx(reference.probability)

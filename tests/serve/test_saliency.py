@@ -1,6 +1,8 @@
 """Occlusion saliency through a real ONNX Runtime session: it finds the one region a model looks at."""
 
 import io
+import tracemalloc
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -11,8 +13,16 @@ from pydicom.data import get_testdata_file
 from medtriage.errors import InputError
 from medtriage.io.dicom import read_dicom
 from medtriage.serve.package import load_package
-from medtriage.serve.predictor import Predictor
-from medtriage.serve.saliency import explain_frame, model_input_size, occluded_copies, occlusion_saliency, overlay_png
+from medtriage.serve.predictor import FRAME_BATCH, Predictor
+from medtriage.serve.saliency import (
+    DEFAULT_GRID,
+    explain_frame,
+    model_input_size,
+    occluded_copies,
+    occlusion_saliency,
+    overlay_png,
+    resize_chw,
+)
 
 SIZE = 64
 
@@ -85,14 +95,77 @@ def test_a_model_that_ignores_the_image_gives_an_empty_map():
     assert result.max_drop == 0 and not result.map.any()
 
 
-def test_occlusions_cover_the_image_once_and_go_through_in_one_batch():
+def test_occlusions_cover_the_image_once_and_go_through_in_runs_no_larger_than_scoring_ones():
     image = np.random.default_rng(1).random((3, 50, 71), np.float32)
     copies = occluded_copies(image, grid=7)
     changed = (copies != image[None]).any(axis=1)  # [49, H, W]: where each copy differs
     assert copies.shape == (49, 3, 50, 71) and (changed.sum(axis=0) <= 1).all()
     calls = []
     occlusion_saliency(lambda b: calls.append(len(b)) or np.full((len(b), 2), 0.5, np.float32), image, 1, grid=7)
-    assert calls == [50]  # the unoccluded image and 49 occlusions
+    assert sum(calls) == 50 and max(calls) == FRAME_BATCH  # the unoccluded image and 49 occlusions, in runs of 16
+
+
+def test_the_map_from_runs_of_scoring_size_is_the_map_from_one_run_of_every_copy(tmp_path):
+    rows, cols = REGIONS["lower-left"]
+    session = patch_probe(rows, cols, tmp_path / "probe.onnx")
+    image = scene(rows, cols, seed=5)
+    received = []
+
+    def predict(batch):
+        received.append(batch.copy())
+        return session.run(None, {"pixels": batch})[0]
+
+    chunked = occlusion_saliency(predict, image, positive=1, grid=8)
+    every_copy = np.concatenate([image[None], occluded_copies(image, grid=8)])
+    np.testing.assert_array_equal(np.concatenate(received), every_copy)  # the same images, in the same order
+    at_once = iter(session.run(None, {"pixels": every_copy})[0])  # one run of all 65, handed out as asked
+    unchunked = occlusion_saliency(lambda batch: np.stack([next(at_once) for _ in batch]), image, positive=1, grid=8)
+    np.testing.assert_array_equal(chunked.map, unchunked.map)
+    assert (chunked.baseline, chunked.max_drop) == (unchunked.baseline, unchunked.max_drop)
+
+
+def test_occluded_copies_are_built_one_run_at_a_time():
+    """A model with a large input: all 50 copies of a 3 x 256 x 256 image are 39 MB; one run of 16 is 13 MB."""
+    image = np.random.default_rng(2).random((3, 256, 256), np.float32)
+    tracemalloc.start()
+    try:
+        occlusion_saliency(lambda b: np.full((len(b), 2), 0.5, np.float32), image, 1, grid=7)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (FRAME_BATCH + 4) * image.nbytes
+
+
+def test_the_session_never_runs_more_images_than_scoring_does(package_dir):
+    predictor = Predictor(load_package(package_dir), threads=1)
+    session, runs = predictor.session, []
+
+    class Recorder:  # the session as Predictor calls it, counting the images of each run
+        def run(self, outputs, feeds):
+            runs.append(len(next(iter(feeds.values()))))
+            return session.run(outputs, feeds)
+
+    predictor.session = Recorder()
+    explain_frame(predictor, read_dicom(get_testdata_file("CT_small.dcm")).pixels[0])
+    assert sum(runs) == 1 + DEFAULT_GRID**2 and max(runs) <= FRAME_BATCH
+
+
+def test_resize_holds_one_colour_plane_at_a_time(monkeypatch):
+    """A PIL copy of every plane of a large colour frame at once would add a frame's worth of memory per call."""
+    made, most_alive = [], []
+    fromarray = Image.fromarray
+
+    def counting(*args, **kwargs):
+        most_alive.append(sum(ref() is not None for ref in made))
+        plane = fromarray(*args, **kwargs)
+        made.append(weakref.ref(plane))
+        return plane
+
+    monkeypatch.setattr(Image, "fromarray", counting)
+    image = np.random.default_rng(3).random((3, 40, 60), np.float32)
+    resized = resize_chw(image, (20, 30))
+    assert resized.shape == (3, 20, 30) and resized.dtype == np.float32
+    assert len(made) == 3 and max(most_alive) == 0  # each plane's copy gone before the next is made
 
 
 def test_bad_input_is_a_typed_error():

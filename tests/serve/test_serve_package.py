@@ -147,3 +147,14 @@ def test_an_int8_package_without_its_quantization_block_is_refused_at_load(packa
 def test_an_int8_package_with_its_quantization_block_loads(package_copy):
     edited(package_copy, lambda meta: meta.update(precision="int8", quantization=QUANTIZATION))
     assert load_package(package_copy).meta["quantization"]["source"]["name"] == "tiny-pneumonia"
+
+
+@pytest.mark.parametrize("precision", [{"precision": "fp32"}, {}])
+def test_a_quantization_block_on_an_fp32_package_is_refused_at_load(package_copy, precision):
+    """Only quantisation writes the block, always with precision int8: an fp32 package holding one would be taken for a
+    quantised model's source, its model card would speak of a source graph it does not have, and quantize would make an
+    int8 package of it."""
+    edited(package_copy, lambda meta: meta.update(quantization=QUANTIZATION, **precision))
+    with pytest.raises(PackageError, match="model.json has a 'quantization' block but says precision 'fp32'") as err:
+        load_package(package_copy)
+    assert err.value.where.endswith("model.json") and "int8" in err.value.hint

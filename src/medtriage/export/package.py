@@ -16,7 +16,10 @@ from sklearn.metrics import roc_auc_score
 from medtriage.errors import PackageError
 from medtriage.evaluation.operating_points import flagged
 from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, meta_bytes, sha256_file, temperature_applied, validate_model_json
+from medtriage.format.onnx_header import graph_header
+from medtriage.format.schema import check_precision
 from medtriage.io.safe_output import copy_atomic, sync_folder, try_lock, write_atomic
+from medtriage.serve.package import check_graph
 
 try:
     import fcntl
@@ -123,6 +126,7 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict, keep_previous:
         retired = _retired_name(package_dir, meta["version"])
         try:
             copy_atomic(onnx_path, staging / ONNX_FILE)
+            _check_loadable(meta, staging / ONNX_FILE, package_dir)
             write_atomic(staging / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
             write_atomic(staging / CARD_FILE, model_card(meta).encode())
             _swap_in(staging, package_dir, retired)
@@ -133,6 +137,23 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict, keep_previous:
         if not keep_previous:
             _remove_retired(retired)
     return meta
+
+
+def _check_loadable(meta: dict, onnx_path: Path, package_dir: Path) -> None:
+    """Refuse, before the package takes its name, what load_package would refuse in model.json against the graph at
+    `onnx_path` (the copy being written) and in its precision: the same checks, so no server refuses it later."""
+    header = graph_header(onnx_path)
+    try:
+        check_precision(meta, where=package_dir / META_FILE)
+        if header is not None:  # no ONNX model: load_package leaves it to ONNX Runtime too
+            check_graph(meta, header, where=package_dir)
+    except PackageError as err:
+        raise PackageError(
+            f"the package would not load: {err.reason}",
+            where=err.where,
+            hint="model.json and the graph exported with it disagree; nothing was written: fix the export's network "
+            "or settings and export again",
+        ) from err
 
 
 def completed_meta(onnx_path: Path, meta: dict, where: Path) -> dict:

@@ -416,8 +416,20 @@ def integers_as_int(value, schema: dict = MODEL_SCHEMA):
 
 def check_precision(meta: dict, where: str = "model.json") -> None:
     """An int8 package names its fp32 source and its parity with it (`quantization`): without them nothing says what its
-    scores were checked against. Apart from validate_model_json because quantisation validates the int8 model.json it
-    builds before the parity that completes the block has been measured; a package on disk is complete."""
+    scores were checked against. Only quantisation writes that block, always with precision int8: an fp32 package
+    holding one would be served and quantised again as the source it says it was made from. Apart from
+    validate_model_json because quantisation validates the int8 model.json it builds before the parity that completes
+    the block has been measured; a package on disk is complete."""
+    precision = meta.get("precision", "fp32")  # absent: fp32 (the schema)
+    if precision != "int8" and "quantization" in meta:
+        raise PackageError(
+            f"model.json has a 'quantization' block but says precision '{precision}'"
+            f"{'' if 'precision' in meta else ' (by leaving it out)'}: the block describes an int8 graph made from an fp32 "
+            "source, so model.json contradicts itself about which graph this is",
+            where=where,
+            hint="restore the package as written: an int8 package from medtriage quantize (precision 'int8'), or its fp32 "
+            "source package, which has no such block",
+        )
     if meta.get("precision") == "int8" and "quantization" not in meta:
         raise PackageError(
             "model.json says precision 'int8' but has no 'quantization' block (its fp32 source, calibration images and "

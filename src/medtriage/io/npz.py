@@ -45,6 +45,10 @@ def array_shape(npz_path: str | Path, key: str) -> tuple[int, ...]:
 
 @contextmanager
 def _archive(npz_path: Path) -> Iterator[zipfile.ZipFile]:
+    if npz_path.is_dir():  # "not found" would send the user looking for a missing file
+        inside = sorted(npz_path.glob("*.npz"))[:1]
+        hint = f"give the .npz file itself, e.g. {inside[0]}" if inside else NPZ_HINT
+        raise InputError("this is a folder, not an npz file", where=npz_path, hint=hint)
     if not npz_path.is_file():
         raise DataNotFoundError("npz file not found", where=npz_path, hint=NPZ_HINT)
     try:

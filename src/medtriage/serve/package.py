@@ -186,6 +186,7 @@ def check_graph(meta: dict, graph: dict, where: str | Path) -> None:
     element `type`) and `outputs` (name -> shape), as graph_header reads them from model.onnx or as an ONNX Runtime
     session lists them."""
     _check_input_name(meta, list(graph["inputs"]), where)
+    _check_no_other_input(meta, list(graph["inputs"]), where)
     fed = graph["inputs"][meta["input"]["name"]]
     _check_input_shape(meta, fed["shape"], where)
     _check_input_type(meta, fed["type"], where)
@@ -201,6 +202,20 @@ def _check_input_name(meta: dict, inputs: list[str], where: str | Path) -> None:
             f"model.json names the input '{name}', which model.onnx does not take (its inputs: {', '.join(map(repr, inputs))})",
             where=where,
             hint=f"the package's files do not belong together; {REEXPORT_HINT}",
+        )
+
+
+def _check_no_other_input(meta: dict, inputs: list[str], where: str | Path) -> None:
+    """Only model.json's `input.name` is fed: a graph that needs another input would fail every image. `inputs` are
+    those it needs (an input backed by an initializer has that as its default and is listed by neither graph_header
+    nor an ONNX Runtime session)."""
+    others = [name for name in inputs if name != meta["input"]["name"]]
+    if others:
+        raise PackageError(
+            f"model.onnx also needs the input{'s' if len(others) > 1 else ''} {', '.join(map(repr, others))}, which "
+            f"model.json does not name (only '{meta['input']['name']}' is fed, with the pixels): every image would fail",
+            where=where,
+            hint=f"a graph takes the pixels as its one input (any other needs a default, an initializer of its name); {REEXPORT_HINT}",
         )
 
 

@@ -1,11 +1,13 @@
 """Where the model looked: occlusion sensitivity through the served ONNX session, and a PNG overlay.
 
 numpy + PIL + the served predictor (no torch). A grey patch (the image mean) is slid over a grid;
-all occluded copies go through the model as one batch, and a cell's value is how much hiding it
-lowers the probability of the positive label. Cells whose occlusion raises the probability (or lowers
-its log-odds by less than MIN_LOGIT_DROP) count as zero: the map shows evidence *for* the finding. A 7 x 7
-grid costs one batch of 49 occlusions plus the unoccluded image. The image is first resized to the
-model's input size (the graph does that anyway), so the cost does not grow with the image.
+the occluded copies go through the model in runs of at most FRAME_BATCH images, as scoring's do, and a
+cell's value is how much hiding it lowers the probability of the positive label. Cells whose occlusion
+raises the probability (or lowers its log-odds by less than MIN_LOGIT_DROP) count as zero: the map shows
+evidence *for* the finding. A 7 x 7 grid costs 49 occlusions plus the unoccluded image, in 4 runs. The
+image is first resized to the model's input size (the graph does that anyway), so the cost does not grow
+with the image; each run's copies are built only when it runs, so a model with a large input (1024 px,
+3 channels: 12 MB a copy) holds one run of them, not 50, however many requests draw maps at once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -22,13 +23,10 @@ from PIL import Image
 from medtriage.errors import InputError, PackageError
 from medtriage.io.dicom import read_dicom
 from medtriage.io.safe_output import output_path, write_atomic
-
-if TYPE_CHECKING:
-    from medtriage.serve.predictor import Predictor, Score
+from medtriage.serve.predictor import FRAME_BATCH, Predictor, Score, to_model_channels
 
 Predict = Callable[[np.ndarray], np.ndarray]  # float32 [B, C, H, W] -> probabilities [B, classes]
 DEFAULT_GRID = 7
-DEFAULT_BATCH = 64
 DISPLAY_SIDE = 512  # longest side of an overlay picture: the 7 x 7 map needs no more; the PACS has the full image
 # A cell whose occlusion lowers the log-odds of the finding by less than this is rounding or no evidence: normalised to
 # the map's peak it would paint a flat image in full heat. Log-odds, not probability: for a confident finding
@@ -62,22 +60,22 @@ def occlusion_saliency(
     positive: int,
     grid: int = DEFAULT_GRID,
     work_size: int | None = None,
-    batch: int = DEFAULT_BATCH,
+    batch: int = FRAME_BATCH,
     out_size: tuple[int, int] | None = None,
 ) -> Saliency:
     """Occlusion map of one image `[C, H, W]` (float32 in [0, 1]) for class `positive`, at the image's size
     (or `out_size` = (H, W): a copy of the image at another scale, e.g. the one it is shown at).
 
     `work_size` resizes the image to work_size x work_size first (the model's own input size is
-    a good choice: the graph resizes to it anyway, and the occluded batch stays small).
+    a good choice: the graph resizes to it anyway, and the occluded copies stay small). `batch` images go
+    through `predict` per run.
     Raises PackageError where the model returns a NaN or infinite probability for any copy: a map with holes
     where it did would look like a map of evidence.
     """
     image = _check_image(image)
     height, width = out_size or image.shape[1:]
     work = resize_chw(image, (work_size, work_size)) if work_size else image
-    occluded = occluded_copies(work, grid)
-    probabilities = _predict_batched(predict, np.concatenate([work[None], occluded]), batch)
+    probabilities = _predict_occluded(predict, work, grid, batch)
     _require_finite(probabilities)
     probabilities = probabilities[:, positive]
     drops = np.clip(probabilities[0] - probabilities[1:], 0, None).reshape(grid, grid)
@@ -96,6 +94,11 @@ def _logit(p) -> np.ndarray:
 
 def occluded_copies(image: np.ndarray, grid: int) -> np.ndarray:
     """`grid * grid` copies of `[C, H, W]`, copy k with cell (k // grid, k % grid) set to the image mean."""
+    return _occlude(image, _occlusion_cells(image, grid), _fill(image))
+
+
+def _occlusion_cells(image: np.ndarray, grid: int) -> list[tuple[slice, slice]]:
+    """The (rows, columns) of each cell of a `grid` x `grid` grid over `[C, H, W]`, row by row."""
     if grid < 2:
         raise InputError(f"occlusion grid must be at least 2 x 2, got {grid}", hint="use a grid of 5 to 8")
     height, width = image.shape[1:]
@@ -105,17 +108,29 @@ def occluded_copies(image: np.ndarray, grid: int) -> np.ndarray:
             hint="no map of where the model looked can be drawn for an image this small; its score does not need one",
         )
     rows, cols = np.linspace(0, height, grid + 1).round().astype(int), np.linspace(0, width, grid + 1).round().astype(int)
-    fill = image.mean(axis=(1, 2), keepdims=True)
-    copies = np.repeat(image[None], grid * grid, axis=0)
-    for k in range(grid * grid):
-        r, c = divmod(k, grid)
-        copies[k, :, rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = fill
+    return [(slice(rows[r], rows[r + 1]), slice(cols[c], cols[c + 1])) for r in range(grid) for c in range(grid)]
+
+
+def _fill(image: np.ndarray) -> np.ndarray:
+    """The grey an occluded cell is painted: the image mean, per channel."""
+    return image.mean(axis=(1, 2), keepdims=True)
+
+
+def _occlude(image: np.ndarray, cells: list[tuple[slice, slice] | None], fill: np.ndarray) -> np.ndarray:
+    """One copy of `[C, H, W]` per cell, that cell set to `fill` (None: the image as it is)."""
+    copies = np.repeat(image[None], len(cells), axis=0)
+    for copy, cell in zip(copies, cells):
+        if cell is not None:
+            copy[:, cell[0], cell[1]] = fill
     return copies
 
 
-def _predict_batched(predict: Predict, images: np.ndarray, batch: int) -> np.ndarray:
-    images = np.ascontiguousarray(images, dtype=np.float32)
-    return np.concatenate([np.asarray(predict(images[i : i + batch])) for i in range(0, len(images), batch)])
+def _predict_occluded(predict: Predict, image: np.ndarray, grid: int, batch: int) -> np.ndarray:
+    """Probabilities of the image (row 0) and of its occluded copies (rows 1...), `batch` images per run, each run
+    built only when it runs: all the copies at once would hold grid * grid images of the model's input size."""
+    cells, fill = [None, *_occlusion_cells(image, grid)], _fill(image)
+    # each run's copies are a temporary, freed when `predict` returns: one run is held, never two
+    return np.concatenate([np.asarray(predict(_occlude(image, cells[i : i + batch], fill))) for i in range(0, len(cells), batch)])
 
 
 def _require_finite(probabilities: np.ndarray) -> None:
@@ -137,10 +152,17 @@ def _check_image(image: np.ndarray) -> np.ndarray:
 
 
 def resize_chw(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """`[C, H, W]` float32 resized to `size` = (H, W), antialiased (PIL's bilinear filter widens when shrinking)."""
+    """`[C, H, W]` float32 resized to `size` = (H, W), antialiased (PIL's bilinear filter widens when shrinking).
+    One plane at a time: PIL copies each plane it is given, and all of a large colour frame's at once add a frame."""
     height, width = size
-    planes = [Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)) for plane in image]
-    return np.stack([np.asarray(plane.resize((width, height), Image.BILINEAR)) for plane in planes]).astype(np.float32)
+    resized = np.empty((len(image), height, width), np.float32)
+    for channel, plane in enumerate(image):
+        resized[channel] = _resize_plane(plane, width, height)  # this plane's PIL copies are gone before the next's
+    return resized
+
+
+def _resize_plane(plane: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)).resize((width, height), Image.BILINEAR))
 
 
 def upsample(cells: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -214,8 +236,6 @@ def explain_frame(predictor: Predictor, frame: np.ndarray, max_side: int = DISPL
     """Occlusion map and overlay PNG of one decoded frame `[C, H, W]`, through the predictor's session. The model
     is shown the frame resized straight to its input size, as its graph does when scoring (not the display copy:
     with an input side over `max_side`, that would explain a blurred image the model never scored)."""
-    from medtriage.serve.predictor import to_model_channels
-
     frame, channels, size = np.asarray(frame, np.float32), predictor.package.channels, model_input_size(predictor.package.meta)
     pixels = to_model_channels(shrink(frame, max_side)[None], channels)[0]
     # resized before the channel conversion, which then runs on a model-sized copy, never on a huge frame

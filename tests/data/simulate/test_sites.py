@@ -15,6 +15,7 @@ from PIL import Image
 from medtriage.cli import main as cli_main
 from medtriage.data.simulate.sites import SITES, make_sites
 from medtriage.data.sources.medmnist import read_npz
+from medtriage.errors import InputError
 from medtriage.io.dicom import read_dicom
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -150,3 +151,19 @@ def test_command_line(tmp_path, capsys):
     assert cli_main(["make-sites", "--npz", str(NPZ), "--out", str(tmp_path), "--limit", "6", "--seed", "1"]) == 0
     assert "st_marys" in capsys.readouterr().out
     assert len(list(tmp_path.glob("*/labels.csv"))) == 3
+
+
+def test_a_folder_given_for_the_npz_is_named_a_folder_not_a_missing_file(tmp_path, capsys):
+    out = tmp_path / "sites"
+    assert cli_main(["make-sites", "--npz", str(tmp_path), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path}: this is a folder, not an npz file" in error and "not found" not in error
+    assert "e.g. data/samples/pneumoniamnist_28.npz" in error
+    assert not out.exists()  # refused before anything is written
+
+
+def test_a_folder_holding_an_npz_is_refused_with_that_file_as_the_example(tmp_path):
+    (tmp_path / "pneumoniamnist_64.npz").write_bytes(NPZ.read_bytes())
+    with pytest.raises(InputError, match="this is a folder, not an npz file") as refused:
+        make_sites(tmp_path, tmp_path / "sites", limit=3)
+    assert refused.value.hint == f"give the .npz file itself, e.g. {tmp_path / 'pneumoniamnist_64.npz'}"
