@@ -65,6 +65,13 @@ def path(text: str) -> Path:
     return Path(text)
 
 
+def path_as_typed(text: str) -> str:
+    """`path`'s refusal of an empty path, keeping the text as typed: a results table names each input as given
+    (`Path` would turn "./scans/" into "scans"), and TLS and token files go on as the strings their readers take."""
+    path(text)
+    return text
+
+
 def refuse_file_as_folder(path: str | Path | None, option: str) -> None:
     """An output folder option naming an existing file fails before any work, not after it with a traceback."""
     if path is not None and Path(path).exists() and not Path(path).is_dir():

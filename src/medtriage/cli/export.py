@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from medtriage.arguments import path
-from medtriage.errors import ConfigError, MedTriageError, printable
+from medtriage.cli import report_errors
+from medtriage.errors import ConfigError
 from medtriage.model.averaging import TTA
 
 # MLflow and the exporters are imported once the arguments are found sound: a mistyped command answers at once.
@@ -28,15 +29,15 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run_id, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        from medtriage.export.from_mlflow import export_from_mlflow
+    return report_errors(_export_run, sys.argv[1:] if argv is None else argv)
 
-        _use_project_store()
-        export_from_mlflow(run_id, overrides)
-    except MedTriageError as err:
-        print(f"error: {printable(str(err))}", file=sys.stderr)
-        return 2
+
+def _export_run(argv: list[str]) -> int:
+    run_id, overrides = parse_args(argv)
+    from medtriage.export.from_mlflow import export_from_mlflow
+
+    _use_project_store()
+    export_from_mlflow(run_id, overrides)
     return 0
 
 
@@ -57,6 +58,21 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     images (`data.refit=true`), calibrated on the same out-of-fold scores.
 
     No test-time views by default; "flip" is for tissue, not chest X-rays (the heart is on one side)."""
+    parser = ensemble_parser()
+    args = parser.parse_args(argv)
+    run_ids = [i for i in args.items if "=" not in i]
+    overrides = [i for i in args.items if "=" in i]
+    if args.refit and not args.cross_validation:
+        parser.error("--refit needs --cross-validation DIR: the refit is calibrated on that cross-validation's out-of-fold scores")
+    if bool(run_ids) == bool(args.cross_validation):
+        parser.error("give either MLflow run ids or --cross-validation DIR (one of them, not both)")
+    if args.refit and len(args.cross_validation) > 1:
+        parser.error("--refit is calibrated on the out-of-fold scores of its own recipe: give one --cross-validation DIR")
+    return report_errors(_export_ensemble, args, run_ids, overrides)
+
+
+def ensemble_parser() -> argparse.ArgumentParser:
+    """The command line of `ensemble_main` (its checks of one option against another follow the parse)."""
     parser = argparse.ArgumentParser(description="Package several trained models as one ONNX graph (mean of member probabilities).")
     parser.add_argument("items", nargs="*", help="MLflow run ids (none with --cross-validation), then optional export.key=value overrides")
     parser.add_argument("--name", required=True, help="package and registered-model name")
@@ -80,18 +96,10 @@ def ensemble_main(argv: list[str] | None = None) -> int:
         choices=TTA,
         default="none",
         help="also average over views: one-pixel shifts (shift), also small turns and zooms (affine), or also the "
-        "left-right mirror (flip: only for models trained with data.augment.hflip=true; not for chest X-rays)",
+        "left-right mirror (flip: only for models trained with data.augment.hflip=true; not for chest X-rays); "
+        "default: %(default)s",
     )
-    args = parser.parse_args(argv)
-    run_ids = [i for i in args.items if "=" not in i]
-    overrides = [i for i in args.items if "=" in i]
-    if args.refit and not args.cross_validation:
-        parser.error("--refit needs --cross-validation DIR: the refit is calibrated on that cross-validation's out-of-fold scores")
-    if bool(run_ids) == bool(args.cross_validation):
-        parser.error("give either MLflow run ids or --cross-validation DIR (one of them, not both)")
-    if args.refit and len(args.cross_validation) > 1:
-        parser.error("--refit is calibrated on the out-of-fold scores of its own recipe: give one --cross-validation DIR")
-    return _export_ensemble(args, run_ids, overrides)
+    return parser
 
 
 def _export_ensemble(args: argparse.Namespace, run_ids: list[str], overrides: list[str]) -> int:
@@ -99,18 +107,14 @@ def _export_ensemble(args: argparse.Namespace, run_ids: list[str], overrides: li
     from medtriage.export.fold_ensemble import export_fold_ensemble, export_refit
 
     _use_project_store()
-    try:
-        if args.refit:
-            refit = export_refit(args.cross_validation[0], args.refit, args.name, tta=args.tta, overrides=overrides)
-            package, run_id = refit.package_dir, refit.run_id
-        elif args.cross_validation:
-            folds = export_fold_ensemble(args.cross_validation, args.name, tta=args.tta, overrides=overrides)
-            package, run_id = folds.package_dir, folds.run_id
-        else:
-            package, run_id, _ = export_ensemble(run_ids, args.name, tta=args.tta, overrides=overrides)
-    except MedTriageError as err:
-        print(f"error: {printable(str(err))}", file=sys.stderr)
-        return 2
+    if args.refit:
+        refit = export_refit(args.cross_validation[0], args.refit, args.name, tta=args.tta, overrides=overrides)
+        package, run_id = refit.package_dir, refit.run_id
+    elif args.cross_validation:
+        folds = export_fold_ensemble(args.cross_validation, args.name, tta=args.tta, overrides=overrides)
+        package, run_id = folds.package_dir, folds.run_id
+    else:
+        package, run_id, _ = export_ensemble(run_ids, args.name, tta=args.tta, overrides=overrides)
     print(f"ensemble package {package} (MLflow run {run_id})")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medtriage.arguments import path
 from medtriage.delivery.wheelhouse import DEFAULT_PLATFORM, PYTHONS, default_python
 
 
@@ -15,8 +16,10 @@ def register(subparsers) -> None:
         description="Write a folder that installs MedTriage and the given model packages on a machine without "
         "internet: copy it over and run `sh install.sh` in it (it checks SHA256SUMS first).",
     )
-    bundle.add_argument("packages", nargs="+", metavar="PACKAGE", help="model package folders to ship, e.g. models/pneumonia-r18")
-    bundle.add_argument("--out", required=True, metavar="DIR", help="the bundle folder to create (must not exist or be empty)")
+    bundle.add_argument(
+        "packages", nargs="+", metavar="PACKAGE", type=path, help="model package folders to ship, e.g. models/pneumonia-r18"
+    )
+    bundle.add_argument("--out", required=True, metavar="DIR", type=path, help="the bundle folder to create (must not exist or be empty)")
     bundle.add_argument(
         "--python",
         choices=PYTHONS,
@@ -29,7 +32,11 @@ def register(subparsers) -> None:
         help="manylinux tag of the target machine; older manylinux wheels are accepted too (default: %(default)s)",
     )
     bundle.add_argument(
-        "--wheel", metavar="FILE", default=None, help="a built medtriage wheel to ship (default: build it from this source checkout)"
+        "--wheel",
+        metavar="FILE",
+        type=path,
+        default=None,
+        help="a built medtriage wheel to ship (default: build it from this source checkout)",
     )
     bundle.set_defaults(func=run_bundle)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtriage.arguments import path as path_argument  # `path` names a file in this module's loops
 from medtriage.arguments import positive_int, refuse_file_as_folder
 from medtriage.errors import ConfigError, InputError, MedTriageError
 from medtriage.export.int8_refit import Outputs, refit_on_int8
@@ -365,11 +366,12 @@ def register(subparsers) -> None:
         description="Quantise a package's network to int8 (QDQ), calibrated on validation images, and write it as "
         "model NAME-int8 (at the source's version, never reusing one in --out) with a parity report against the fp32 package.",
     )
-    quantize.add_argument("package", help="the fp32 model package folder")
+    quantize.add_argument("package", type=path_argument, help="the fp32 model package folder")
     quantize.add_argument(
         "--calibration",
         required=True,
         metavar="PATH",
+        type=path_argument,
         help="validation images: a MedMNIST-layout .npz (see --split) or a folder of DICOM files",
     )
     quantize.add_argument("--split", default="val", choices=["train", "val", "test"], help="the npz split to calibrate on (default: val)")
@@ -379,11 +381,13 @@ def register(subparsers) -> None:
         default=DEFAULT_IMAGES,
         help="images the activation ranges are observed on (default: %(default)s); the thresholds are refitted on the whole split or folder",
     )
-    quantize.add_argument("--exclude", nargs="*", default=[], metavar="NODE", help="graph nodes to keep in float")
+    quantize.add_argument("--exclude", nargs="*", default=[], metavar="NODE", help="graph nodes to keep in float (default: none)")
     quantize.add_argument(
         "--per-tensor", action="store_true", help="one scale per weight tensor instead of one per output channel (the default)"
     )
-    quantize.add_argument("--out", default=None, metavar="DIR", help="where to write the int8 package (default: PACKAGE-int8)")
+    quantize.add_argument(
+        "--out", type=path_argument, default=None, metavar="DIR", help="where to write the int8 package (default: PACKAGE-int8)"
+    )
     quantize.set_defaults(func=run_quantize)
 
 

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from itertools import islice, takewhile
 from pathlib import Path
 
+from medtriage.arguments import path as path_argument  # `path` names a file in this module's loops
 from medtriage.arguments import positive_int, refuse_file_as_folder
 from medtriage.errors import ConfigError, DataNotFoundError, MedTriageError
 from medtriage.io.deid import DeidOptions
@@ -292,9 +293,11 @@ def ingest_sites(
 
 
 def add_sites_arguments(parser) -> None:
-    parser.add_argument("--sites", default=project_path("data/sites"), help="folder of site folders (default: %(default)s)")
-    parser.add_argument("--into", default=project_path("data/pool/ingested"), help="pool folder (default: %(default)s)")
-    parser.add_argument("--keys", help="folder of <site>.key secrets (default: SITES/.keys)")
+    parser.add_argument(
+        "--sites", type=path_argument, default=project_path("data/sites"), help="folder of site folders (default: %(default)s)"
+    )
+    parser.add_argument("--into", type=path_argument, default=project_path("data/pool/ingested"), help="pool folder (default: %(default)s)")
+    parser.add_argument("--keys", type=path_argument, help="folder of <site>.key secrets (default: SITES/.keys)")
     parser.add_argument("--create-keys", action="store_true", help="create missing keys (simulated sites only)")
     parser.add_argument("--workers", type=positive_int, default=1, help="worker processes per site (default 1)")
     parser.add_argument(
@@ -355,16 +358,20 @@ def register(subparsers) -> None:
         description="De-identify (PS3.15 Annex E basic profile + modified dates + patient "
         "characteristics) every file under SRC into POOL/SITE; unsafe files go to quarantine.",
     )
-    p.add_argument("src", metavar="SRC", help="the site's DICOM export folder (labels.csv at its top, optional)")
+    p.add_argument("src", metavar="SRC", type=path_argument, help="the site's DICOM export folder (labels.csv at its top, optional)")
     p.add_argument("--site", required=True, help="site name, e.g. site_a")
-    p.add_argument("--into", required=True, metavar="POOL", help="pool folder (what leaves the site)")
-    p.add_argument("--secret-file", help="the site's secret key file (else $MEDTRIAGE_SITE_SECRET); keep it outside the pool and SRC")
-    p.add_argument("--quarantine", help="where originals that cannot be pooled go (default: POOL-quarantine/SITE)")
+    p.add_argument("--into", required=True, metavar="POOL", type=path_argument, help="pool folder (what leaves the site)")
+    p.add_argument(
+        "--secret-file",
+        type=path_argument,
+        help="the site's secret key file (else $MEDTRIAGE_SITE_SECRET); keep it outside the pool and SRC",
+    )
+    p.add_argument("--quarantine", type=path_argument, help="where originals that cannot be pooled go (default: POOL-quarantine/SITE)")
     p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument(
         "--retain",
         default=",".join(DeidOptions().retain_characteristics),
-        help="patient characteristics to retain, comma-separated ('' for none)",
+        help="patient characteristics to retain, comma-separated ('' for none; default: %(default)s)",
     )
     p.add_argument("--no-modified-dates", action="store_true", help="remove dates instead of shifting them per patient")
     p.add_argument("--verify-pixels", action="store_true", help="decode every image here (default: structural check)")

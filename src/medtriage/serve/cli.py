@@ -10,7 +10,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from medtriage.arguments import non_negative_int, positive_float, positive_int, refuse_file_as_folder, whole_number
+from medtriage.arguments import non_negative_int, path_as_typed, positive_float, positive_int, refuse_file_as_folder, whole_number
+from medtriage.arguments import path as path_argument  # `path` names a file in this module's loops
 from medtriage.errors import printable
 from medtriage.io.decode_limits import DecodeLimits, set_default_limits
 from medtriage.io.header_warnings import say_header_warnings
@@ -30,32 +31,40 @@ MAX_THREADS = 1024  # ONNX Runtime takes minutes to start tens of thousands of t
 
 def register(subparsers) -> None:
     score = subparsers.add_parser("score", help="score DICOM files or folders with a model package")
-    score.add_argument("package", help="model package folder, e.g. models/pneumonia-r18")
-    score.add_argument("paths", nargs="*", help="DICOM files or folders (searched recursively)")
-    score.add_argument("--npz", metavar="FILE", help="score a split of a MedMNIST-layout npz instead (reference labels in --json)")
+    score.add_argument("package", type=path_argument, help="model package folder, e.g. models/pneumonia-r18")
+    score.add_argument("paths", nargs="*", type=path_as_typed, help="DICOM files or folders (searched recursively)")
+    score.add_argument(
+        "--npz", metavar="FILE", type=path_argument, help="score a split of a MedMNIST-layout npz instead (reference labels in --json)"
+    )
     score.add_argument("--split", default="test", choices=["train", "val", "test"], help="the npz split to score (default: test)")
     output = score.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     output.add_argument("--csv", action="store_true", help="print CSV instead of a table")
-    score.add_argument("--sr", metavar="OUTDIR", help="also write one DICOM Structured Report per scored file here")
+    score.add_argument("--sr", metavar="OUTDIR", type=path_argument, help="also write one DICOM Structured Report per scored file here")
     score.add_argument(
         "--mpp",
         type=positive_float,
         default=None,
         help="scan resolution (µm/pixel) of every slide given, overriding what a slide records (for slides that record none, or a wrong one)",
     )
-    score.add_argument("--heatmaps", metavar="OUTDIR", help="write a tile-probability heatmap PNG per slide here")
-    score.add_argument("--overlays", metavar="OUTDIR", help="write a PNG per scored DICOM file here: the image with where the model looked")
+    score.add_argument("--heatmaps", metavar="OUTDIR", type=path_argument, help="write a tile-probability heatmap PNG per slide here")
+    score.add_argument(
+        "--overlays",
+        metavar="OUTDIR",
+        type=path_argument,
+        help="write a PNG per scored DICOM file here: the image with where the model looked",
+    )
     add_runtime_options(score)
     score.set_defaults(func=run_score)
 
     serve = subparsers.add_parser("serve", help="serve a model package over HTTP (FastAPI + uvicorn)")
-    serve.add_argument("package", help="model package folder")
+    serve.add_argument("package", type=path_argument, help="model package folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     serve.add_argument("--port", type=whole_number(1, 65535), default=8000, help="HTTP port (default: %(default)s)")
     serve.add_argument(
         "--token-file",
         metavar="FILE",
+        type=path_as_typed,
         help=f"require 'Authorization: Bearer <token>' with the token "
         f"in FILE (or in ${TOKEN_ENV}); required for a --host other than loopback",
     )
@@ -65,8 +74,8 @@ def register(subparsers) -> None:
         action="store_true",
         help="allow a non-loopback --host without a token (anyone on the network sees the worklist)",
     )
-    serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain) file")
-    serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    serve.add_argument("--tls-cert", metavar="PEM", type=path_as_typed, help="serve HTTPS with this certificate (chain) file")
+    serve.add_argument("--tls-key", metavar="PEM", type=path_as_typed, help="the private key of --tls-cert")
     serve.add_argument(
         "--max-concurrent",
         type=positive_int,
@@ -119,6 +128,7 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--state",
         metavar="DIR",
+        type=path_argument,
         default=None,
         help="keep the worklist in this folder (survives restarts); a DICOM node's --state shows its studies",
     )
@@ -129,7 +139,9 @@ def register(subparsers) -> None:
 
 def add_runtime_options(parser: argparse.ArgumentParser, out_of_scope_help: str = "(results are flagged)") -> None:
     """Options every scoring door shares (score, serve, listen): ONNX Runtime, decode limits, scope."""
-    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (no silent fallback)")
+    parser.add_argument(
+        "--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider, no silent fallback (default: %(default)s)"
+    )
     parser.add_argument(
         "--threads",
         type=whole_number(1, MAX_THREADS),

@@ -11,7 +11,7 @@ import tempfile
 import threading
 from urllib.parse import urlsplit
 
-from medtriage.arguments import positive_float, positive_int, refuse_file_as_folder
+from medtriage.arguments import path, path_as_typed, positive_float, positive_int, refuse_file_as_folder
 from medtriage.errors import printable
 from medtriage.io.header_warnings import say_header_warnings
 from medtriage.serve.batching import add_batching_options
@@ -59,7 +59,7 @@ def register(subparsers) -> None:
         description=LISTEN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    listen.add_argument("package", help="model package folder, e.g. models/pneumonia-r18")
+    listen.add_argument("package", type=path, help="model package folder, e.g. models/pneumonia-r18")
     listen.add_argument("--aet", default="MEDTRIAGE", help="this node's AE title (default: MEDTRIAGE)")
     listen.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     listen.add_argument("--port", type=int, default=11112, help="DICOM port to listen on (default: 11112)")
@@ -70,13 +70,19 @@ def register(subparsers) -> None:
         help="also (or instead) store results by STOW-RS at this DICOMweb root, e.g. http://pacs:8042/dicom-web",
     )
     listen.add_argument(
-        "--state", required=True, metavar="DIR", help="folder for the received instances, the queue (SQLite) and the results waiting to go"
+        "--state",
+        required=True,
+        metavar="DIR",
+        type=path,
+        help="folder for the received instances, the queue (SQLite) and the results waiting to go",
     )
     listen.add_argument(
         "--allow-aet", nargs="+", metavar="AET", default=None, help="accept associations only from these calling AE titles (default: any)"
     )
-    listen.add_argument("--tls-cert", metavar="PEM", help="serve DICOM over TLS with this certificate (needs --tls-key)")
-    listen.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    listen.add_argument(
+        "--tls-cert", metavar="PEM", type=path_as_typed, help="serve DICOM over TLS with this certificate (needs --tls-key)"
+    )
+    listen.add_argument("--tls-key", metavar="PEM", type=path_as_typed, help="the private key of --tls-cert")
     listen.add_argument(
         "--study-timeout",
         type=positive_float,
