@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from medtriage.errors import InputError
+from medtriage.errors import ConfigError, InputError
 from medtriage.io import pathology
 from medtriage.io.pathology import iter_tile_batches, prepare_slide
 from medtriage.serve.package import load_package
@@ -195,7 +195,7 @@ def test_make_tiles_overview_is_written_whole_or_not_at_all(tmp_path, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setitem(Image.SAVE, "PNG", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ConfigError, match="cannot be written \\(No space left on device\\)"):
         save_overview(CMU1, out, 224, 0.5, None)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["overview.png"]
 
