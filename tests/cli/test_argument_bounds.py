@@ -48,7 +48,8 @@ BAD_TILES = [
 ]
 
 
-def _refused(run, argv, tmp_path, monkeypatch, capsys) -> str:
+def refused_command_line(run, argv, tmp_path, monkeypatch, capsys) -> str:
+    """What `run(argv)` printed on refusing its command line (exit 2), having written nothing in the current folder."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
@@ -59,25 +60,25 @@ def _refused(run, argv, tmp_path, monkeypatch, capsys) -> str:
 
 @pytest.mark.parametrize("argv", BAD, ids=" ".join)
 def test_the_medtriage_command_refuses_values_out_of_range(argv, tmp_path, monkeypatch, capsys):
-    err = _refused(main, argv, tmp_path, monkeypatch, capsys)
+    err = refused_command_line(main, argv, tmp_path, monkeypatch, capsys)
     assert f"argument {argv[-2]}" in err and "expected" in err
 
 
 @pytest.mark.parametrize("argv", [["audit", ""], ["make-sites", "--limit", "1", "--npz", ""]], ids=" ".join)
 def test_an_empty_input_path_is_refused_by_name(argv, tmp_path, monkeypatch, capsys):
-    err = _refused(main, argv, tmp_path, monkeypatch, capsys)
+    err = refused_command_line(main, argv, tmp_path, monkeypatch, capsys)
     assert "expected a path, got an empty one" in err
 
 
 @pytest.mark.parametrize("argv", [["synthetic", ""], ["slides", "", "a.svs"], ["sites-figure", ""]], ids=" ".join)
 def test_make_tiles_refuses_an_empty_path(argv, tmp_path, monkeypatch, capsys):
-    err = _refused(make_tiles_main, argv, tmp_path, monkeypatch, capsys)
+    err = refused_command_line(make_tiles_main, argv, tmp_path, monkeypatch, capsys)
     assert "expected a path, got an empty one" in err
 
 
 @pytest.mark.parametrize("argv", BAD_TILES, ids=" ".join)
 def test_make_tiles_refuses_values_out_of_range(argv, tmp_path, monkeypatch, capsys):
-    err = _refused(make_tiles_main, argv, tmp_path, monkeypatch, capsys)
+    err = refused_command_line(make_tiles_main, argv, tmp_path, monkeypatch, capsys)
     assert f"argument {argv[-2]}" in err
 
 
@@ -101,5 +102,5 @@ def test_a_whole_number_that_is_not_plain_digits_is_refused_with_what_was_expect
 
 
 def test_the_command_line_says_what_it_expected_of_a_superscript(tmp_path, monkeypatch, capsys):
-    err = _refused(main, ["make-sites", "--limit", "²"], tmp_path, monkeypatch, capsys)
+    err = refused_command_line(main, ["make-sites", "--limit", "²"], tmp_path, monkeypatch, capsys)
     assert "expected a whole number of at least 1" in err

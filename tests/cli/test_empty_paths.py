@@ -15,6 +15,7 @@ import pytest
 from medtriage.cli import main
 from medtriage.cli.ingest_sites import main as ingest_sites_main
 from medtriage.data.simulate.sites import make_sites
+from tests.cli.test_argument_bounds import refused_command_line
 
 NPZ = Path(__file__).resolve().parents[2] / "data" / "samples" / "pneumoniamnist_28.npz"
 INGEST = ["ingest", "SRC", "--site", "a", "--into", "POOL"]
@@ -52,24 +53,15 @@ EMPTY = [
 EMPTY_INGEST_SITES = [(["--sites", ""], "--sites"), (["--into", ""], "--into"), (["--keys", ""], "--keys")]
 
 
-def _refused(run, argv, tmp_path, monkeypatch, capsys) -> str:
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        run(argv)
-    assert exit_info.value.code == 2
-    assert list(tmp_path.iterdir()) == [], "nothing may be written for a refused command line"
-    return capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv,argument", EMPTY, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_every_medtriage_command_refuses_an_empty_path(argv, argument, tmp_path, monkeypatch, capsys):
-    err = _refused(main, argv, tmp_path, monkeypatch, capsys)
+    err = refused_command_line(main, argv, tmp_path, monkeypatch, capsys)
     assert f"argument {argument}: expected a path, got an empty one (it would mean the current folder)" in err
 
 
 @pytest.mark.parametrize("argv,argument", EMPTY_INGEST_SITES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_ingest_sites_refuses_an_empty_path(argv, argument, tmp_path, monkeypatch, capsys):
-    err = _refused(ingest_sites_main, argv, tmp_path, monkeypatch, capsys)
+    err = refused_command_line(ingest_sites_main, argv, tmp_path, monkeypatch, capsys)
     assert f"argument {argument}: expected a path, got an empty one" in err
 
 
