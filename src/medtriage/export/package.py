@@ -16,10 +16,10 @@ from sklearn.metrics import roc_auc_score
 from medtriage.errors import PackageError
 from medtriage.evaluation.operating_points import flagged
 from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, meta_bytes, sha256_file, temperature_applied, validate_model_json
+from medtriage.format.graph import check_graph
 from medtriage.format.onnx_header import graph_header
 from medtriage.format.schema import check_precision
 from medtriage.io.safe_output import copy_atomic, sync_folder, try_lock, write_atomic
-from medtriage.serve.package import check_graph
 
 try:
     import fcntl

@@ -14,8 +14,9 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from medtriage.errors import ConfigError, InputError, MedTriageError, PackageError, printable
+from medtriage.format.graph import REEXPORT_HINT, check_graph
 from medtriage.io.dicom import DecodedImage, read_dicom
-from medtriage.serve.package import REEXPORT_HINT, ModelPackage, check_graph, scored_by
+from medtriage.serve.package import ModelPackage, scored_by
 from medtriage.serve.scope import OUT_OF_SCOPE, UNUSUAL_INPUT, OutOfScopeError, UnusualInputError, check_scope, warn_if_unguarded
 
 log = logging.getLogger(__name__)
