@@ -16,8 +16,7 @@ from sklearn.metrics import roc_auc_score
 from medtriage.errors import PackageError
 from medtriage.evaluation.operating_points import flagged
 from medtriage.format import CARD_FILE, META_FILE, ONNX_FILE, meta_bytes, sha256_file, temperature_applied, validate_model_json
-from medtriage.format.graph import check_graph
-from medtriage.format.onnx_header import graph_header
+from medtriage.format.graph import check_graph_file
 from medtriage.format.schema import check_precision
 from medtriage.io.safe_output import copy_atomic, sync_folder, try_lock, write_atomic
 
@@ -142,11 +141,9 @@ def write_package(package_dir: Path, onnx_path: Path, meta: dict, keep_previous:
 def _check_loadable(meta: dict, onnx_path: Path, package_dir: Path) -> None:
     """Refuse, before the package takes its name, what load_package would refuse in model.json against the graph at
     `onnx_path` (the copy being written) and in its precision: the same checks, so no server refuses it later."""
-    header = graph_header(onnx_path)
     try:
         check_precision(meta, where=package_dir / META_FILE)
-        if header is not None:  # no ONNX model: load_package leaves it to ONNX Runtime too
-            check_graph(meta, header, where=package_dir)
+        check_graph_file(meta, onnx_path, where=package_dir)
     except PackageError as err:
         raise PackageError(
             f"the package would not load: {err.reason}",

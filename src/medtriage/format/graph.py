@@ -7,11 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from medtriage.errors import PackageError
+from medtriage.format.onnx_header import graph_header
 from medtriage.format.schema import INPUT_AXES
 
 # model.json's `input.dtype` as ONNX Runtime names the element type of a graph input
 ORT_TYPES = {"float32": "tensor(float)"}
 REEXPORT_HINT = "restore the package from the MLflow run or model registry, or re-export it: python scripts/export.py run_id=<run>"
+
+
+def check_graph_file(meta: dict, onnx_path: Path, where: str | Path) -> None:
+    """check_graph on what model.onnx's header says of its inputs and outputs, without building a session. A file that
+    reads as no ONNX model is passed over: ONNX Runtime says why when a predictor starts."""
+    header = graph_header(onnx_path)
+    if header is not None:
+        check_graph(meta, header, where)
 
 
 def check_graph(meta: dict, graph: dict, where: str | Path) -> None:

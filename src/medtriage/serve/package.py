@@ -19,8 +19,7 @@ from medtriage.format import (
     temperature_applied,
     validate_model_json,
 )
-from medtriage.format.graph import REEXPORT_HINT, check_graph
-from medtriage.format.onnx_header import graph_header
+from medtriage.format.graph import REEXPORT_HINT, check_graph_file
 from medtriage.format.schema import check_precision, integers_as_int
 
 
@@ -171,9 +170,7 @@ def load_package(directory: str | Path) -> ModelPackage:
         )
     # From the graph's header, not an ONNX Runtime session: tools that only load a package (inspect, verify, bundling,
     # the service's listing) refuse what a predictor would, and the graph is built once, when a predictor starts.
-    header = graph_header(onnx_path)
-    if header is not None:  # no ONNX model: ONNX Runtime says why when a predictor starts
-        check_graph(meta, header, where=directory)
+    check_graph_file(meta, onnx_path, where=directory)
     return ModelPackage(directory, meta)
 
 
