@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from medtriage.cli import build_parser
-from medtriage.io.ingest import add_sites_arguments
+from medtriage.cli.ingest_sites import build_parser as ingest_sites_parser
 
 
 def _project_with_subfolder(tmp_path: Path, monkeypatch) -> Path:
@@ -30,7 +29,5 @@ def test_make_sites_and_build_pool_default_to_the_project_data_folder(tmp_path, 
 
 def test_ingest_sites_defaults_to_the_project_data_folder(tmp_path, monkeypatch):
     root = _project_with_subfolder(tmp_path, monkeypatch)
-    parser = argparse.ArgumentParser()
-    add_sites_arguments(parser)
-    args = parser.parse_args([])
+    args = ingest_sites_parser().parse_args([])
     assert (Path(args.sites), Path(args.into)) == (root / "data/sites", root / "data/pool/ingested")

@@ -5,21 +5,11 @@ Before, `medtriage ingest --help` did not say which patient characteristics --re
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from tests.cli.test_help_lines import help_problems, subparsers_of
 
 COMMANDS = ["ingest", "score", "serve", "listen", "bundle", "quantize"]
-
-
-def ingest_sites_parser() -> argparse.ArgumentParser:
-    from medtriage.io.ingest import add_sites_arguments
-
-    parser = argparse.ArgumentParser()
-    add_sites_arguments(parser)
-    return parser
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -30,7 +20,9 @@ def test_every_option_of_the_command_names_its_default(command):
 
 
 def test_every_option_of_ingest_sites_names_its_default():
-    assert help_problems(ingest_sites_parser()) == []
+    from medtriage.cli.ingest_sites import build_parser
+
+    assert help_problems(build_parser()) == []
 
 
 def test_the_retain_help_lists_what_is_kept():

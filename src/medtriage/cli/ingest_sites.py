@@ -11,9 +11,13 @@ from medtriage.io.ingest import add_sites_arguments, run_sites
 
 
 def main(argv: list[str] | None = None) -> int:
+    return report_errors(run_sites, build_parser().parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     add_sites_arguments(parser)
-    return report_errors(run_sites, parser.parse_args(argv))
+    return parser
 
 
 if __name__ == "__main__":
