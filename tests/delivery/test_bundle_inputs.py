@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from medtriage.delivery import bundle as bundle_module
 from medtriage.delivery.bundle import build_bundle
 from medtriage.errors import ConfigError, PackageError
+from tests.delivery.file_modes import WITHOUT_MODE_OVERRIDES
 from tests.export.tiny_package import shared_tiny_package, write_unreadable_graph
 
 
@@ -148,24 +148,19 @@ def test_an_output_folder_inside_a_package_it_ships_is_refused(tmp_path_factory,
 
 def test_an_output_folder_below_one_this_user_cannot_enter_is_a_message_not_a_traceback(tmp_path):
     """Looking whether --out existed raised PermissionError out of the command. Root enters any folder: as root the
-    command runs as nobody, in a folder every user may enter."""
-    shared = Path(tempfile.mkdtemp())
-    shared.chmod(0o755)
-    (shared / "closed").mkdir(mode=0o700)
-    out = shared / "closed" / "bundle"
+    command runs without the capabilities that let it (tests/delivery/file_modes.py)."""
+    (tmp_path / "closed").mkdir(mode=0o000)
+    out = tmp_path / "closed" / "bundle"
     code = "import sys; from medtriage.cli import main; sys.exit(main(sys.argv[1:]))"
     command = [sys.executable, "-c", code, "bundle", str(tmp_path / "pkg"), "--out", str(out)]
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
-            pytest.skip("setpriv (util-linux) is needed to run the command as a user other than root")
-        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-    else:
-        (shared / "closed").chmod(0o000)
+            pytest.skip("setpriv (util-linux) is needed to run the command bound by file modes")
+        command = [*WITHOUT_MODE_OVERRIDES, *command]
     try:
-        done = subprocess.run(command, cwd=shared, capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     finally:
-        (shared / "closed").chmod(0o700)
-        shutil.rmtree(shared)
+        (tmp_path / "closed").chmod(0o700)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"error: {out}: cannot look into the output folder or a folder above it: Permission denied" in done.stderr
     assert "(choose an --out inside a folder you may enter and write to)" in done.stderr

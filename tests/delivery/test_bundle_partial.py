@@ -1,6 +1,7 @@
 """The hidden folder a bundle is built in (`.OUT.partial`) never outlives the build, read-only package or not: a copy
 that fails midway is removed whole, and one a stopped build left is removed by the next build, or named with what to
-do. Root may remove a read-only folder's files, so as root each build here runs in a child process as `nobody`."""
+do. Root may remove a read-only folder's files, so as root each build here runs in a child process without the
+capabilities that let it (tests/delivery/file_modes.py)."""
 
 from __future__ import annotations
 
@@ -18,18 +19,15 @@ import pytest
 import medtriage
 from medtriage.delivery import bundle as bundle_module
 from medtriage.delivery.bundle import build_bundle
+from tests.delivery.file_modes import drop_mode_overrides
 from tests.delivery.test_bundle_offline import accept_fake_packages, fake_package
 
-NOBODY = 65534
 CHMOD = os.chmod  # the clean-up's, whatever a test put in its place
 
 
 @pytest.fixture
 def work() -> Path:
-    """A folder the unprivileged user owns: pytest's own are under /tmp/pytest-of-root, which only root may enter."""
     folder = Path(tempfile.mkdtemp())
-    if os.geteuid() == 0:
-        os.chown(folder, NOBODY, NOBODY)
     yield folder
     for path in [folder, *folder.rglob("*")]:  # what a failing build left read-only
         if path.is_dir() and not path.is_symlink():
@@ -38,8 +36,8 @@ def work() -> Path:
 
 
 def without_root(action: Callable[[], object]) -> str:
-    """Run `action` as a user file modes bind (in a forked child as `nobody` under root: it keeps the test's
-    monkeypatches); its outcome: "ok", or the type and text of what it raised."""
+    """Run `action` bound by file modes (under root, in a forked child without the capabilities that pass over them:
+    it keeps the test's monkeypatches); its outcome: "ok", or the type and text of what it raised."""
     if os.geteuid() != 0:
         return _outcome(action)
     read, write = os.pipe()
@@ -47,9 +45,7 @@ def without_root(action: Callable[[], object]) -> str:
     if child == 0:  # pragma: no cover - the child's lines run in another process
         os.close(read)
         try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
+            drop_mode_overrides()
             said = _outcome(action)
         except BaseException:
             said = traceback.format_exc()
@@ -82,12 +78,6 @@ def read_only_package(folder: Path) -> Path:
     return package
 
 
-def owned_by_nobody(folder: Path) -> None:
-    if os.geteuid() == 0:
-        for path in [folder, *folder.rglob("*")]:
-            os.chown(path, NOBODY, NOBODY)
-
-
 @pytest.fixture
 def quick_downloads(monkeypatch, work):
     """build_bundle of fake packages with its own wheel given, no download and no SBOM."""
@@ -103,7 +93,6 @@ def test_a_copy_of_a_read_only_package_that_fails_midway_leaves_no_partial_folde
     """copytree had made each subfolder it finished read-only (the package's mode) before the disk filled: removing
     the partial folder failed silently, and `.out.partial` stayed, holding the copied files."""
     package = read_only_package(work / "packages" / "pneumonia")
-    owned_by_nobody(work)
     copied, copy2 = [], shutil.copy2
 
     def full_at_the_last_file(source, target, **kwargs):  # whichever comes last, a finished subfolder is before it
@@ -128,7 +117,6 @@ def stale_partial(work: Path) -> Path:
     (staging / "models" / "pneumonia" / "calibration").mkdir(parents=True)
     (staging / "models" / "pneumonia" / "calibration" / "calibration.json").write_text("[]")
     (staging / "models" / "pneumonia" / "calibration").chmod(0o555)
-    owned_by_nobody(work)
     return staging
 
 
