@@ -276,7 +276,7 @@ def _preprocessing(net) -> dict:
     spec = net.preprocess.spec
     averaging = {"test_time_augmentation": net.describe()} if isinstance(net, EnsembleNet) else {}
     return {
-        "decode": "medtriage.io.dicom.read_dicom: modality LUT, VOI LUT/window, MONOCHROME1 or Presentation LUT Shape INVERSE inverted, scaled to [0, 1] (outside the graph)",
+        "decode": "medtriage.io.dicom.read_dicom: modality LUT, VOI LUT/window, Presentation LUT (its table, else MONOCHROME1 or shape INVERSE inverted), scaled to [0, 1] (outside the graph)",
         "channels": "RGB converted to luminance (ITU-R BT.601) when the model takes 1 channel (outside the graph)",
         "resize": {"size": spec.size, **_member_sizes(net), "mode": "bilinear", "antialias": True, "in_graph": True},
         "normalize": (

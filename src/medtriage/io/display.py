@@ -2,8 +2,10 @@
 
 Order of operations follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> modality LUT
 (rescale slope/intercept or a Modality LUT Sequence) -> VOI (VOI LUT Sequence, else window
-center/width) -> [0, 1] -> inverted where the Presentation LUT Shape is INVERSE or the image is MONOCHROME1 (one
-inversion, not two, where both: see `_inverted`), so that bright means dense everywhere.
+center/width) -> [0, 1] -> Presentation LUT: a Presentation LUT Sequence's table (which wins over a Presentation LUT
+Shape, and whose P-Values are never inverted again for MONOCHROME1: see `_presentation_lut`), else inverted where the
+Presentation LUT Shape is INVERSE or the image is MONOCHROME1 (one inversion, not two, where both: see `_inverted`), so
+that bright means dense everywhere.
 A lookup table scales by the bits its entries use where its LUT Descriptor overstates them (see `_lut_bits`).
 Without any VOI the values are scaled by the range the stored bits can hold (through the modality
 LUT), never by the image's own min/max: the same scanner setting always gives the same intensities.
@@ -74,6 +76,8 @@ def _display_affine(ds: pydicom.Dataset, allocated: int) -> tuple[float, float] 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
         return None
+    if _has_presentation_lut(ds):  # a lookup table too, applied (or refused) by _general_to_display
+        return None
     slope, intercept, (low, high) = _rescale(ds, allocated)
     window = _window_values(ds)
     if window is None:
@@ -95,7 +99,11 @@ def _general_to_display(stored: np.ndarray, ds: pydicom.Dataset, where: str) -> 
     if stored.ndim == 4:
         return _colour_to_unit(stored, int(ds.get("BitsStored") or 8 * stored.dtype.itemsize))
     pixels = _grayscale_to_unit(stored, ds, where)
-    if _inverted(ds):
+    if _has_presentation_lut(ds):
+        # Its entries are P-Values (PS3.3 C.11.6.1.1), the lowest shown black whatever the Photometric Interpretation
+        # (PS3.4 N.2.1.4 note 1; DCMTK's DiMonoImage likewise): MONOCHROME1 is not inverted again.
+        pixels = _presentation_lut(pixels, ds, where)
+    elif _inverted(ds):
         np.subtract(1.0, pixels, out=pixels)
     return pixels[:, None]
 
@@ -105,10 +113,46 @@ def _inverted(ds: pydicom.Dataset) -> bool:
     max - input), or MONOCHROME1 (its minimum shows white, PS3.3 C.7.6.3.1.2). Where both are given they are the same
     inversion, not two: the DX Image Module (PS3.3 C.8.11.3) requires INVERSE with MONOCHROME1 and IDENTITY with
     MONOCHROME2, the shape stating the inversion the Photometric Interpretation implies. An IDENTITY shape on
-    MONOCHROME1 (not valid there) leaves it inverted, as MONOCHROME1 alone is."""
+    MONOCHROME1 (not valid there) leaves it inverted, as MONOCHROME1 alone is. Not asked where a Presentation LUT
+    Sequence gives the P-Values (see `_presentation_lut`)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     shape = str(ds.get("PresentationLUTShape") or "").strip().upper()
     return photometric == "MONOCHROME1" or shape == "INVERSE"
+
+
+def _has_presentation_lut(ds: pydicom.Dataset) -> bool:
+    """Whether the image carries a Presentation LUT Sequence, even an empty one (which `_presentation_lut` refuses)."""
+    return "PresentationLUTSequence" in ds
+
+
+def _presentation_lut(pixels: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
+    """VOI output in [0, 1] through the Presentation LUT Sequence's table, to P-Values scaled by the bits its entries
+    use. PS3.3 C.11.6.1 scales the VOI output range linearly onto the table's input range: 0 takes the first entry, 1
+    the last (the first value mapped, fixed at 0 by C.11.6.1.1, does not move them). The table wins over a
+    Presentation LUT Shape sent with it (C.11.6 makes them alternatives; a writer sending both has often added the
+    shape an image module requires), as in pydicom's apply_presentation_lut. That helper is not used: it scales by
+    the image's own min/max and reads OW entries in this machine's byte order."""
+    try:
+        table, bits = _presentation_table(ds)
+    except Exception as err:
+        raise DicomError(
+            f"invalid Presentation LUT Sequence: {err}",
+            where=where,
+            hint="fix or remove the Presentation LUT in the source system (a Presentation LUT Shape may replace it)",
+        ) from err
+    np.clip(pixels, 0.0, 1.0, out=pixels)  # a VOI LUT whose entries exceed its stated bits gives more than 1
+    pixels *= np.float32(len(table) - 1)
+    index = np.rint(pixels, out=pixels).astype(np.uint16)  # at most 2^16 entries
+    return table[index] * np.float32(1.0 / (2.0**bits - 1))
+
+
+def _presentation_table(ds: pydicom.Dataset) -> tuple[np.ndarray, int]:
+    """The Presentation LUT's entries as float32 and the bits they are scaled by."""
+    items = ds.PresentationLUTSequence
+    if len(items) != 1:  # PS3.3 C.11.6: exactly one item
+        raise ValueError(f"{len(items)} items, exactly one is allowed")
+    table, _, bits = _display_table(items[0], ds)
+    return table, bits
 
 
 def _colour_to_unit(rgb: np.ndarray, bits: int) -> np.ndarray:
@@ -214,8 +258,15 @@ def _voi_lut(values: np.ndarray, ds: pydicom.Dataset, where: str) -> np.ndarray:
 
 def _voi_table(ds: pydicom.Dataset) -> tuple[np.ndarray, int, int]:
     """The first VOI LUT's entries as float32, the first value it maps and the bits its entries are scaled by."""
-    table, first, bits = _lut_table(ds.VOILUTSequence[0], ds)
-    if not (bits == 8 or 10 <= bits <= 16):  # PS3.3 C.11.2.1.1
+    return _display_table(ds.VOILUTSequence[0], ds)
+
+
+def _display_table(item: pydicom.Dataset, ds: pydicom.Dataset) -> tuple[np.ndarray, int, int]:
+    """A VOI or Presentation LUT item's entries as float32, the first value it maps and the bits its entries are
+    scaled by. PS3.3 C.11.2.1.1 allows 8 or 10 to 16 bits per entry for a VOI LUT; C.11.6.1.1 10 to 16 for a
+    Presentation LUT, whose 8 is taken too (scaled as stated, it cannot mislead)."""
+    table, first, bits = _lut_table(item, ds)
+    if not (bits == 8 or 10 <= bits <= 16):
         raise ValueError(f"{bits} bits per LUT entry (LUT Descriptor); 8 or 10 to 16 are allowed")
     return table, first, _lut_bits(bits, table)
 
