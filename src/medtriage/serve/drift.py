@@ -4,7 +4,7 @@ A source is whoever sends images (the calling AE title of the DICOM node, the `X
 over HTTP). For each source the monitor keeps the last `window` values of every feature the
 package has references for (mean decoded intensity, OOD score, predicted probability), one value
 per input (a multi-frame object's frames averaged, so that one object cannot fill a window), and their
-population-stability index against the reference of the training site of that name, else the
+population-stability index against the reference of the training site of that name (read as a source name), else the
 pooled validation reference. A source drifts when, with at least `min_images` in its window,
 the PSI of any feature passes that reference's threshold (chosen at export for a stated
 false-alarm rate on unshifted windows; a site's reference, built on fewer images, has its own).
@@ -46,6 +46,19 @@ def input_features(scores) -> dict[str, float]:
     return {feature: sum(v) / len(v) for feature, v in values.items()}
 
 
+def _site_references(per_site: dict, thresholds: dict, pooled_threshold: float) -> dict[str, tuple[str, dict, float]]:
+    """source name -> (training site, its references, its threshold). Keyed by source_name of the site, as sources
+    arrive: a site folder named with an apostrophe or an accent would otherwise never meet its own reference. Of sites
+    that come to one name, the one named so exactly wins; else none does (either could be the sender). A package
+    exported before sites had thresholds of their own judges a site by the pooled one's."""
+    named: dict[str, list] = {}
+    for site, histograms in per_site.items():
+        entry = (str(site), histograms, float(thresholds.get(str(site), pooled_threshold)))
+        named.setdefault(source_name(str(site)), []).append(entry)
+    exact = {name: entry for name, entries in named.items() for entry in entries if entry[0] == name}
+    return {**{name: entries[0] for name, entries in named.items() if len(entries) == 1}, **exact}
+
+
 @dataclass
 class SourceDrift:
     source: str
@@ -81,10 +94,9 @@ class DriftMonitor:
         self.window = int(drift_meta.get("window", 200))
         self.min_images = int(drift_meta.get("min_images", 100))
         self.threshold = float(drift_meta.get("psi_threshold", 0.25))
-        # Packages exported before sites had thresholds of their own compare every source with the pooled one's.
-        self.site_thresholds = {str(site): float(t) for site, t in (drift_meta.get("site_psi_thresholds") or {}).items()}
         reference = drift_meta.get("reference") or {}
-        self.pooled, self.per_site = reference.get("all") or {}, reference.get("per_site") or {}
+        self.pooled = reference.get("all") or {}
+        self.sites = _site_references(reference.get("per_site") or {}, drift_meta.get("site_psi_thresholds") or {}, self.threshold)
         self._windows: OrderedDict[str, dict[str, deque]] = OrderedDict()
         self._state: dict[str, SourceDrift] = {}
         self._seen: OrderedDict[str, int] = OrderedDict()  # source -> inputs since the service started
@@ -95,10 +107,9 @@ class DriftMonitor:
         if not self.enabled:
             return None
         source = source_name(source)
-        reference, reference_name = self._reference(source)
+        reference_name, reference, threshold = self.sites.get(source, ("all", self.pooled, self.threshold))
         with self._lock:
             windows = self._windows_of(source)
-            threshold = self.site_thresholds.get(reference_name, self.threshold)
             state = self._state.setdefault(source, SourceDrift(source, reference_name, threshold))
             state.images = self._count(source)
             for feature, value in features.items():
@@ -107,11 +118,6 @@ class DriftMonitor:
             state.window = max((len(w) for w in windows.values()), default=0)
             state.psi = {f: psi(reference[f], list(w)) for f, w in windows.items()}
             return state
-
-    def _reference(self, source: str) -> tuple[dict, str]:
-        if source in self.per_site:
-            return self.per_site[source], source
-        return self.pooled, "all"
 
     def _windows_of(self, source: str) -> dict[str, deque]:
         if source in self._windows:
