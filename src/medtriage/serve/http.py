@@ -147,6 +147,8 @@ def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool):
                         response.update(ERROR)
                 if "{" in path:
                     responses.setdefault("404", {"description": "no such entry", **ERROR})
+                if path not in OPEN_PATHS:
+                    responses.setdefault("403", {"description": "a request made by another site's page (Sec-Fetch-Site)", **ERROR})
                 if bearer and path not in OPEN_PATHS:
                     operation["security"] = [{"bearer": []}]
                     responses.setdefault("401", {"description": "missing or wrong bearer token", **ERROR})
@@ -155,7 +157,11 @@ def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool):
     return openapi
 
 
-REFUSAL_REASONS = {401: "unauthorised", 413: "too_large", 503: "busy"}  # medtriage_refused_total{reason}
+REFUSAL_REASONS = {401: "unauthorised", 403: "cross_site", 413: "too_large", 503: "busy"}  # medtriage_refused_total{reason}
+# What a browser says (Sec-Fetch-Site) of a request another site's page made. Without a token (loopback), such a page
+# could otherwise post forged studies into the worklist, or flood an in-memory one until it forgets real studies; its
+# own page's requests are `same-origin`, and no route allows another origin's script (no CORS).
+OTHER_SITES = {"cross-site", "same-site"}
 
 
 def _is_heavy(method: str, path: str) -> bool:
@@ -164,8 +170,8 @@ def _is_heavy(method: str, path: str) -> bool:
 
 
 class Guard:
-    """Plain ASGI middleware in front of every route: the bearer token, the declared body size, admission
-    of heavy requests, and the headers of every answer (`_Answer`). It also answers a route's unexpected error
+    """Plain ASGI middleware in front of every route: the bearer token, requests of other sites' pages, the declared
+    body size, admission of heavy requests, and the headers of every answer (`_Answer`). It also answers a route's unexpected error
     itself: Starlette's own 500 handler sits outside every middleware, so its answer would lack those headers; and it
     counts it, so that the service's own failures show on /metrics."""
 
@@ -212,11 +218,19 @@ class Guard:
 
     def _refusal(self, scope) -> JSONResponse | None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.token and scope["path"] not in OPEN_PATHS and not _authorised(headers, self.token):
+        open_route = _is_open(scope["path"])
+        if self.token and not open_route and not _authorised(headers, self.token):
             return JSONResponse(
                 {"error": {"reason": "missing or wrong bearer token", "hint": "send 'Authorization: Bearer <token>'"}},
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not open_route and headers.get("sec-fetch-site") in OTHER_SITES:
+            return error_response(
+                403,
+                "a request made by another site's page",
+                "open the worklist page of this service (/worklist) and work from there; scripts and other clients send no "
+                "Sec-Fetch-Site header",
             )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
@@ -253,6 +267,12 @@ def _no_body(send):
         await send(message)
 
     return send_headers_only
+
+
+def _is_open(path: str) -> bool:
+    """An open route, or one with slashes after it: the router redirects `/worklist/` to the page, which a browser
+    without the token must reach (a 401 there reads as a broken page). No closed route ends in `/`."""
+    return path in OPEN_PATHS or path.rstrip("/") in OPEN_PATHS
 
 
 def _authorised(headers: dict, token: str) -> bool:
@@ -407,6 +427,10 @@ _REQUEST_TIMEOUT = b'{"error":{"reason":"the request head did not arrive in time
 _TOO_MANY_CONNECTIONS = (
     b'{"error":{"reason":"the service holds as many connections as it takes","hint":"retry in a moment, or reuse a connection"}}'
 )
+_MALFORMED = (
+    b'{"error":{"reason":"malformed HTTP/1.1 request: its request line, a header or its chunked body breaks the protocol",'
+    b'"hint":"fix the client, or the proxy in front of the service, that sent it"}}'
+)
 
 
 class _HeaderDeadline(H11Protocol):
@@ -458,6 +482,21 @@ class _HeaderDeadline(H11Protocol):
             self._answer_and_close(b"408 Request Timeout", _REQUEST_TIMEOUT)
         else:
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse, as the service's other refusals are: a JSON body that says
+        what to do, with ANSWER_HEADERS. Once an answer has begun or ended (a refused upload whose client sends on), h11
+        takes no other: uvicorn's own would raise there and log a traceback; the connection just ends."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.close()
+            return
+        length = (b"content-length", b"%d" % len(_MALFORMED))
+        head = h11.Response(
+            status_code=400, headers=[(b"content-type", b"application/json"), (b"connection", b"close"), *ANSWER_HEADERS, length]
+        )
+        answer = [self.conn.send(event) for event in (head, h11.Data(data=_MALFORMED), h11.EndOfMessage())]
+        self.transport.write(b"".join(answer))
+        self.transport.close()
 
     def _answer_and_close(self, status: bytes, body: bytes, extra_headers: bytes = b"") -> None:
         """A refusal written straight to the socket (no request cycle runs), and the connection closed."""
