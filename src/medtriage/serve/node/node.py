@@ -20,7 +20,8 @@ from medtriage.serve.tls import tls_context
 
 log = logging.getLogger(__name__)
 DRAIN_S = 20.0  # on stop, how long associations in progress may go on (systemd's default stop timeout is 90 s)
-STOP_JOIN_S = 30.0  # then how long the worker and the sender each get to finish the step in hand
+ABORT_JOIN_S = 5.0  # then how long the aborted associations get to end
+STOP_JOIN_S = 30.0  # then how long the worker and the sender together get to finish the steps in hand
 
 
 @dataclass
@@ -131,8 +132,9 @@ class Node:
             self._metrics.shutdown()
             self._metrics.server_close()  # the port is free for a node started again in this process
         self._stop.set()
+        deadline = time.monotonic() + STOP_JOIN_S  # one wait for both: each its own would add up past systemd's stop timeout
         for thread in self._threads:
-            thread.join(timeout=STOP_JOIN_S)
+            thread.join(timeout=max(deadline - time.monotonic(), 0))
             if thread.is_alive():  # a destination or a scoring slower than the wait: StoreClosed ends it
                 log.warning(
                     "stopping: %s still busy after %.0f s; what it does now is not recorded, and is done again at the next start",
@@ -154,8 +156,9 @@ def drain(server, seconds: float) -> None:
     for association in server.active_associations:
         log.warning("stopping: association with %s aborted after %.0f s", association.requestor.ae_title, seconds)
         association.abort()
+    joined_by = time.monotonic() + ABORT_JOIN_S  # one wait for all: each its own would add up with their number
     for association in server.active_associations:
-        association.join(timeout=5)  # before the store closes under it
+        association.join(timeout=max(joined_by - time.monotonic(), 0))  # before the store closes under it
 
 
 def start_metrics_server(monitor: ServiceMonitor, host: str, port: int):

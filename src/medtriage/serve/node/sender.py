@@ -25,7 +25,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageSt
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from medtriage.errors import ConfigError, printable
-from medtriage.serve.node.store import Delivery, NodeStore, StoreClosed
+from medtriage.serve.node.store import Delivery, NodeStore, StoreClosed, backoff
 
 log = logging.getLogger(__name__)
 DUPLICATE = 0x0111  # Duplicate SOP Instance: the PACS holds an instance with this SOP Instance UID already
@@ -71,12 +71,6 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.aet}@{self.host}:{self.port}"
-
-
-def backoff(attempts: int, retry_max: float) -> float:
-    """Seconds before the next try after `attempts` failures: 1, 2, 4 ... capped at `retry_max`."""
-    # 2.0**1024 overflows: a destination down for a weekend must not turn the backoff into an error (and a hot loop)
-    return min(retry_max, 2.0 ** min(attempts, 30))
 
 
 def say_held(delivery: Delivery, destination: Peer | str, answer: str) -> None:
@@ -318,6 +312,9 @@ class Sender:
                 stop.wait(self.poll_seconds)
 
     def send_due(self) -> bool:
+        rescheduled = self.store.reschedule_past(self.retry_max)
+        if rescheduled:
+            log.warning("the clock was set back: %d result(s) due later than --retry-max from now are tried now", rescheduled)
         due = self.store.due_deliveries()
         for destination in {d.destination for d in due}:
             batch = [d for d in due if d.destination == destination]

@@ -105,6 +105,12 @@ MAX_INSTANCE_BYTES = 4 << 30  # default --max-instance-bytes: above the largest 
 MIN_FREE_BYTES = 1 << 30  # default --min-free-bytes: room kept for results, the database and logs
 MAX_ASSOCIATIONS = 10  # default --max-associations (pynetdicom's): connections served at once, one more is refused
 ASSOCIATE_WITHIN_S = 10.0  # default --associate-timeout: from a connection to its whole A-ASSOCIATE-RQ, TLS included
+# An open study last received later than this past now was received before the clock was set back: an instance
+# recorded by another thread or process as the worker reads the time is a moment ahead at most.
+CLOCK_SLACK_S = 1.0
+# How the reason of a study whose results the disk refused begins (a full disk, an outbox that cannot be written):
+# such a study is closed again, by the running worker after a wait and by a node starting on the folder.
+UNWRITTEN = "scored, but its results could not be written"
 NAMES_PER_QUERY = 500  # outbox file names looked up in one query (SQLite takes 999 parameters, whatever its version)
 
 
@@ -124,6 +130,12 @@ class StoreClosed(Exception):
 class CommitUncertain(Exception):
     """A COMMIT that failed with an I/O error (a sync the disk refused): its commit record may be written already, so
     the transaction may survive a crash. What it records must stay until the next start can tell."""
+
+
+def backoff(attempts: int, retry_max: float) -> float:
+    """Seconds before the next try after `attempts` failures: 1, 2, 4 ... capped at `retry_max`."""
+    # 2.0**1024 overflows: a destination down for a weekend must not turn the backoff into an error (and a hot loop)
+    return min(retry_max, 2.0 ** min(attempts, 30))
 
 
 def _is_full(err: sqlite3.OperationalError) -> bool:
@@ -254,6 +266,7 @@ class NodeStore:
             self._db.execute("DELETE FROM drifting_sources")
             self._remove_unrecorded_results()
             self._remove_unrecorded_instances()
+            self.reopen_unwritten()
 
     def _remove_unrecorded_results(self) -> None:
         """Delete the outbox files no delivery names: the worker writes a study's results, then commits their deliveries'
@@ -547,6 +560,26 @@ class NodeStore:
     def set_rejected(self, sop_uid: str, reason: str) -> None:
         self._execute("UPDATE instances SET state = 'rejected', reason = ? WHERE sop_uid = ?", (reason, sop_uid))
 
+    def restamp_future_arrivals(self) -> int:
+        """Date the open studies last received after now (the wall clock was set back since: an NTP step, a restored
+        virtual machine) as received now; returns how many. Left so, a study would wait for the clock to catch up
+        before it is quiet, an hour for a clock set back an hour; restamped, it waits `--study-timeout` from now."""
+        now = time.time()
+        ahead = "FROM studies WHERE state = 'receiving' AND last_received > ?"
+        if not self._execute(f"SELECT 1 {ahead} LIMIT 1", (now + CLOCK_SLACK_S,)):  # noqa: S608 -- our own text
+            return 0  # the common case reads only: no write lock taken at each poll
+        sql = f"UPDATE studies SET last_received = ? WHERE study_uid IN (SELECT study_uid {ahead})"  # noqa: S608
+        return self._update(sql, (now, now + CLOCK_SLACK_S))
+
+    def reopen_unwritten(self, study_uid: str | None = None) -> int:
+        """Open again the study (or, without one, every study) that failed because the disk refused its results
+        (its reason begins with UNWRITTEN): it is closed again once quiet. Returns how many."""
+        sql = "UPDATE studies SET state = 'receiving' WHERE state = 'failed' AND sr_uid IS NULL AND substr(reason, 1, ?) = ?"
+        args: tuple = (len(UNWRITTEN), UNWRITTEN)
+        if study_uid is not None:
+            sql, args = sql + " AND study_uid = ?", (*args, study_uid)
+        return self._update(sql, args)
+
     def quiet_studies(self, quiet_seconds: float) -> list[str]:
         """Studies still receiving, silent for `quiet_seconds`, with every instance scored or rejected."""
         rows = self._execute(
@@ -577,16 +610,26 @@ class NodeStore:
         deliveries: list[tuple[str, str, str, str]],
         seen: float,
         state: str | None = None,
+        instances: int | None = None,
     ) -> bool:
         """The study's result and its deliveries (kind, destination, outbox file, SOP UID) in one transaction.
-        Refused (False) when an instance arrived after `seen`: the study is then closed again later."""
+        Refused (False) when an instance arrived after `seen`, or, given `instances` (how many the result covers),
+        when the study holds another number of instances or one not scored yet: an instance whose arrival time was
+        taken before `seen` but committed after the caller read the study would otherwise be in no result. The study
+        is then closed again later."""
         now = time.time()
         state = state or ("not_analysed" if top is None else "scored")
         values = (top or {}).get
+        covers_all = (
+            ""
+            if instances is None
+            else " AND (SELECT COUNT(*) FROM instances i WHERE i.study_uid = studies.study_uid) = ? "
+            "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = studies.study_uid AND i.state = 'received')"
+        )
         with self._immediate() as db:
             closed = db.execute(
                 "UPDATE studies SET state = ?, updated = ?, top_sop = ?, priority = ?, probability = ?, finding = ?, "
-                "reason = ?, sr_uid = ? WHERE study_uid = ? AND state = 'receiving' AND last_received <= ?",
+                "reason = ?, sr_uid = ? WHERE study_uid = ? AND state = 'receiving' AND last_received <= ?" + covers_all,
                 (
                     state,
                     now,
@@ -598,6 +641,7 @@ class NodeStore:
                     sr_uid,
                     study_uid,
                     seen,
+                    *(() if instances is None else (instances,)),
                 ),
             ).rowcount
             for delivery in deliveries if closed else []:
@@ -625,6 +669,21 @@ class NodeStore:
             Delivery(r["id"], r["study_uid"], r["kind"], r["destination"], self.outbox_path(r["file"]), r["sop_uid"], r["attempts"])
             for r in rows
         ]
+
+    def reschedule_past(self, longest_wait: float) -> int:
+        """Make due now the pending deliveries due later than `longest_wait` from now, which no backoff schedules: the
+        wall clock was set back since their try; returns how many. Left so, a result would wait for the clock to
+        catch up, an hour for a clock set back an hour."""
+        now = time.time()
+        late = "FROM deliveries WHERE state = 'pending' AND next_attempt > ?"
+        if not self._execute(f"SELECT 1 {late} LIMIT 1", (now + longest_wait,)):  # noqa: S608 -- our own text
+            return 0
+        sql = f"UPDATE deliveries SET next_attempt = ? WHERE id IN (SELECT id {late})"  # noqa: S608
+        return self._update(sql, (now, now + longest_wait))
+
+    def _update(self, sql: str, args: tuple) -> int:
+        with self._immediate() as db:
+            return db.execute(sql, args).rowcount
 
     def next_due(self) -> float | None:
         rows = self._execute("SELECT MIN(next_attempt) AS t FROM deliveries WHERE state = 'pending'")

@@ -20,11 +20,12 @@ from medtriage.io.safe_output import write_atomic
 from medtriage.serve.dicom_results import build_study_sr, encoded, read_header
 from medtriage.serve.drift import source_name
 from medtriage.serve.metrics import ServiceMonitor
-from medtriage.serve.node.store import CommitUncertain, NodeStore, StoreClosed, digest_name
+from medtriage.serve.node.store import UNWRITTEN, CommitUncertain, NodeStore, StoreClosed, backoff, digest_name
 from medtriage.serve.predictor import Predictor, Rejection, Score
 
 log = logging.getLogger(__name__)
 PRIORITY_RANK = {"URGENT": 0, "review": 1, "routine": 2}
+STEP_RETRY_MAX_S = 30.0  # the longest wait before a failed step (scoring, closing studies) is tried again
 
 
 def urgency(score: dict) -> tuple:
@@ -34,6 +35,14 @@ def urgency(score: dict) -> tuple:
 
 def as_score(record: dict) -> Score:
     return Score(**{key: value for key, value in record.items() if key != "status"})
+
+
+def names_patient(header) -> bool:
+    """Whether a header names its patient (a Patient ID): a blank one is unknown, and a study takes the first one named."""
+    try:
+        return bool(str(header.get("PatientID") or "").strip())
+    except Exception:  # noqa: BLE001 -- pydicom converts lazily: an unreadable value names no one
+        return False
 
 
 def rejection_summary(reasons: list[str]) -> str:
@@ -62,19 +71,27 @@ class Worker:
         self.at_once = at_once
         self._pool = ThreadPoolExecutor(at_once, thread_name_prefix="medtriage-scoring") if at_once > 1 else None
         self._shared_drift: dict[str, bool] = {}  # source -> drifting, as last written to the store
+        # study -> (its closes in a row whose results the disk refused, when to close it again: time.monotonic)
+        self._unwritten: dict[str, tuple[int, float]] = {}
 
     def run(self, stop: threading.Event) -> None:
+        failed_steps = 0  # in a row: e.g. the state folder's disk full, its database read-only or held elsewhere
         while not stop.is_set():
             try:
                 busy = self.score_queued(stop)
                 busy = self.close_quiet_studies() or busy
+                failed_steps = 0
             except StoreClosed as err:  # a stop that outwaited a long scoring: nothing half-recorded
                 log.warning("%s; the instances being scored stay queued and are scored at the next start", err)
                 return
             except Exception as err:  # the node keeps running; the row stays queued and is tried again
-                log.exception("worker step failed")
+                # with backoff, as the sender's steps: at each poll, a full disk would fill the log with tracebacks
+                wait = backoff(failed_steps, STEP_RETRY_MAX_S)
+                failed_steps += 1
+                log.exception("worker step failed; trying again in %.0f s", wait)
                 self.monitor.count_failure(err)  # on /metrics, as an HTTP request's 500 is
-                busy = False
+                stop.wait(wait)
+                continue
             if not busy:
                 stop.wait(self.poll_seconds)
 
@@ -120,18 +137,34 @@ class Worker:
             self._pool.shutdown(wait=True)
 
     def close_quiet_studies(self) -> bool:
+        self._reopen_unwritten()
+        restamped = self.store.restamp_future_arrivals()
+        if restamped:
+            log.warning("the clock was set back: %d open study(ies) last received later than now count as received now", restamped)
         studies = self.store.quiet_studies(self.study_timeout)
         for study_uid in studies:
             self.close_study(study_uid)
         return bool(studies)
 
+    def _reopen_unwritten(self) -> None:
+        """Open again the studies whose results the disk refused, once their wait is over: closed again if quiet."""
+        now = time.monotonic()
+        for study_uid, (_, due) in list(self._unwritten.items()):
+            if due <= now and not self.store.reopen_unwritten(study_uid):
+                del self._unwritten[study_uid]  # no longer failed so (a new instance reopened it): closed as any
+
     def close_study(self, study_uid: str) -> None:
+        refused, _ = self._unwritten.pop(study_uid, (0, 0.0))
         seen = time.time()
         rows = self.store.study_instances(study_uid)
+        if any(row["state"] == "received" for row in rows):  # arrived since the study was found quiet: not scored yet
+            return
         scored = [(row, json.loads(row["result"])) for row in rows if row["state"] == "scored"]
         reasons = [row["reason"] for row in rows if row["state"] == "rejected"]
+        covers = {"instances": len(rows)}  # the close is refused if the study holds others by its commit
         if not scored:
-            self.store.close_study(study_uid, None, rejection_summary(reasons) or "no instance could be scored", None, [], seen)
+            reason = rejection_summary(reasons) or "no instance could be scored"
+            self.store.close_study(study_uid, None, reason, None, [], seen, **covers)
             return
         top = min((score for _, scores in scored for score in scores), key=urgency)
         note = f"not analysed: {rejection_summary(reasons)}" if reasons else None
@@ -139,17 +172,20 @@ class Worker:
             deliveries, sr_uid = self.write_results(study_uid, scored, top)
         except StoreClosed:  # the node stopping, not a fault of this study's SR
             raise
-        except Exception as err:  # noqa: BLE001 -- recorded on the study (not retried in a loop); a new instance retries
+        except Exception as err:  # noqa: BLE001 -- recorded on the study; a new instance retries (a refused write: backoff)
             expected = isinstance(err, MedTriageError)
             reason = err.reason if expected else f"{type(err).__name__}: {err}"
+            # the disk refused the files (full, say): tried again with backoff, not failed for good as a damaged header
+            retry = self._retry_unwritten(study_uid, refused) if isinstance(err, OSError) else ""
             level = logging.WARNING if expected else logging.ERROR  # anything else is a fault: its traceback says where
-            log.log(level, "study %s scored, but no SR could be built: %s", study_uid, reason, exc_info=not expected)
+            log.log(level, "study %s scored, but no SR could be built: %s%s", study_uid, reason, retry, exc_info=not expected)
             if not expected:  # as /v1/sr's 500 for the same fault
                 self.monitor.count_failure(err)
-            self.store.close_study(study_uid, top, f"scored, but no SR could be built: {reason}", None, [], seen, state="failed")
+            said = f"{UNWRITTEN}: {reason}{retry}" if retry else f"scored, but no SR could be built: {reason}"
+            self.store.close_study(study_uid, top, said, None, [], seen, state="failed", **covers)
             return
         try:
-            closed = self.store.close_study(study_uid, top, note, sr_uid, deliveries, seen)
+            closed = self.store.close_study(study_uid, top, note, sr_uid, deliveries, seen, **covers)
         except CommitUncertain:
             log.error("study %s: its close may or may not be recorded; its result files stay until the node's next start", study_uid)
             raise  # the files stay: removed, a close that did commit would name files that are gone
@@ -160,6 +196,13 @@ class Worker:
             self._discard(deliveries)
             return
         log.info("study %s: %s (p=%.3f) over %d instance(s)", study_uid, top["priority"], top["probability"], len(scored))
+
+    def _retry_unwritten(self, study_uid: str, refused: int) -> str:
+        """Schedule the study's next close after the disk refused its results `refused` + 1 times in a row; what the
+        study's reason adds."""
+        wait = backoff(refused, STEP_RETRY_MAX_S)
+        self._unwritten[study_uid] = (refused + 1, time.monotonic() + wait)
+        return f"; trying again in {wait:.0f} s"
 
     def _discard(self, deliveries: list[tuple[str, str, str, str]]) -> None:
         """Remove the outbox files of a close that did not commit, which no delivery row names: each is named by the
@@ -175,6 +218,8 @@ class Worker:
         first file is written, and a write that fails removes those before it: a close that raises leaves no file,
         which no delivery would name (as _discard)."""
         sources = [(read_header(self.store.spooled(row["spool"])), [as_score(s) for s in scores]) for row, scores in scored]
+        # The SR copies its patient from its first source: one naming the patient the study is held for, if any is
+        sources.sort(key=lambda source: not names_patient(source[0]))
         sr_uid = generate_uid()
         revision = self.store.reports_sent(study_uid) + 1  # a late instance reopens the study: its next report
         with reading(f"the SR of study {study_uid}"):  # its sources' values are converted, and warned of, here
