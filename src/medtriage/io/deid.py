@@ -11,9 +11,11 @@ without the secret. UIDs that name a kind of object, not an instance (SOP classe
 private ones included, transfer syntaxes, coding schemes), keep their value. One of the remapped
 UIDs found in a value kept elsewhere (copied into an attribute the table does not list or into a
 class attribute, written with another VR, or quoted in free text or an address) is remapped as that
-UID is, or its element goes where the new UID would not fit. All private elements are removed. Pixel
-data is never touched, which is why `medtriage.io.quarantine.screen` sends objects that may carry
-identity in their pixels or in free text to quarantine instead.
+UID is, or its element goes where the new UID would not fit. All private elements are removed, and so
+are a few identifying attributes the table does not list (`BEYOND_TABLE`) and any sequence a writer
+encoded with another VR (its items, read as bytes, could not be cleaned). Pixel data is never touched,
+which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or
+in free text to quarantine instead, and ingest an overlay drawn in the pixels' unused bits.
 
 numpy/pydicom only: sites install the base package.
 """
@@ -105,7 +107,23 @@ PATIENT_CHARACTERISTICS = (
 )
 DEFAULT_CHARACTERISTICS = ("PatientSex", "PatientAge", "PatientSize", "PatientWeight")
 # Dates the Modified Dates option does not keep: the birth date would identify; age is retained instead.
-NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "PatientBirthTime", "PatientDeathDateInAlternativeCalendar"))
+NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "PatientBirthTime"))
+# Identifying attributes Table E.1-1 does not list, which PS3.15 E.1.1 leaves to the de-identifier: a birth or death
+# date in another calendar is the date itself (LO, so no date rule sees it), a breed registration number names one
+# animal as a Patient ID does, the scheduled step's comments are free text on the patient (the table removes those of
+# the requested and performed steps), and an earlier de-identifier's encrypted original attributes give the identity
+# back to whoever holds its key.
+BEYOND_TABLE = {
+    tag_for_keyword(keyword): action
+    for keyword, action in (
+        ("PatientBirthDateInAlternativeCalendar", "X"),
+        ("PatientDeathDateInAlternativeCalendar", "X"),
+        ("PatientAlternativeCalendar", "X"),  # Type 1C: present only with one of the two dates
+        ("BreedRegistrationSequence", "Z"),  # Type 2C for an animal: stays, empty
+        ("CommentsOnTheScheduledProcedureStep", "X"),
+        ("EncryptedAttributesSequence", "X"),
+    )
+}
 ANIMAL_OWNER_ATTRIBUTES = ("ResponsiblePerson", "ResponsibleOrganization")  # Type 2C: required if the patient is an animal
 PSEUDONYM_TAGS = frozenset(tag_for_keyword(k) for k in ("PatientID", "PatientName"))
 # UIDs that name a kind of thing, not a patient, study or instance: SOP classes (a vendor's private ones too, which a
@@ -482,6 +500,10 @@ class _ProfileWalker:
         if tag >> 16 == 0:
             return "X"  # a command set stored with the object: part of a message, never of a file (PS3.5 7.1)
         known = _attribute_vr(tag)
+        if known == "SQ" and vr not in (None, "SQ"):
+            return "X"  # items written as bytes or text are no data sets to walk: nothing inside them would be cleaned
+        if tag in BEYOND_TABLE:
+            return BEYOND_TABLE[tag]
         # The VR the attribute has and the one the file gave it (writers get it wrong): either says UID, name or date.
         vrs = {vr or known, known}
         if tag in self.retained:

@@ -35,6 +35,7 @@ DEFAULT_MAX_FILE_BYTES = DecodeLimits().max_decoded_bytes
 _READ_STEP = 16 << 20  # how much more a file that grew since its size was read is read at a time
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent ends
 NOT_STARTED = "not_started"  # an outcome's status: a stop of the run came before the file was begun
+OVERLAY_GROUPS = range(0x6000, 0x6020, 2)  # the 16 overlay planes (PS3.3 C.9.2)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _not_a_file(mode: int) -> str:
 
 
 def _deidentified(out: Outcome, ds, w: dict) -> Outcome:
-    problem = _unwritable(ds) or screen(ds) or _pixel_problem(ds, w["verify"])
+    problem = _unwritable(ds) or screen(ds) or _overlay_in_pixels(ds) or _pixel_problem(ds, w["verify"])
     if problem:
         return quarantined(out, problem)
     out.pixel_sha256 = hashlib.sha256(ds.PixelData).hexdigest()[:32]  # stored bytes: exact copies, same encoding
@@ -222,6 +223,21 @@ def _unwritable(ds) -> Unsafe | None:
     if problem:
         return Unsafe("unreadable", problem)
     ds.file_meta.TransferSyntaxUID = transfer_syntax(ds)
+    return None
+
+
+def _overlay_in_pixels(ds) -> Unsafe | None:
+    """An overlay plane without Overlay Data (60xx,3000) is drawn in the unused high bits of the pixel data (retired,
+    still met in old archives). De-identification removes the overlay's attributes but never touches pixels, so the
+    drawing, which may spell a name, would reach the pool unannounced."""
+    for group in OVERLAY_GROUPS:
+        described = any((group << 16 | element) in ds for element in (0x0100, 0x0102))  # Bits Allocated, Bit Position
+        if described and (group << 16 | 0x3000) not in ds:
+            return Unsafe(
+                "overlay_in_pixel_data",
+                f"overlay {group:04X} is drawn in the pixel data's unused bits, which de-identification cannot clear; "
+                "re-export the image without its overlay, or with the overlay in Overlay Data",
+            )
     return None
 
 

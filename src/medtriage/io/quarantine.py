@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from medtriage.io.deid import NO_PATIENT_IDENTITY, NO_SOP_INSTANCE, patient_key
 
@@ -40,17 +41,25 @@ class Unsafe:
     detail: str
 
 
+def _burned_in_values(ds: Dataset) -> set[str]:
+    """BurnedInAnnotation's values, upper case. It holds one, but a writer may give several (YES\\NO): any YES is
+    taken at its word, and only NO alone clears an image prone to burned-in text."""
+    value = ds.get("BurnedInAnnotation", "") or ""
+    values = value if isinstance(value, MultiValue) else [value]
+    return {str(v).strip().upper() for v in values if str(v).strip()}
+
+
 def screen(ds: Dataset) -> Unsafe | None:
     """None when the profile can make `ds` safe; otherwise the quarantine reason."""
     sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
     for prefix, what in UNSAFE_SOP_CLASSES.items():
         if sop_class.startswith(prefix):
             return Unsafe("unsafe_sop_class", f"{what} ({sop_class}): header de-identification cannot reach its content")
-    burned_in = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
-    if burned_in == "YES":
+    burned_in = _burned_in_values(ds)
+    if "YES" in burned_in:
         return Unsafe("burned_in_annotation", "BurnedInAnnotation is YES: identifying text in the pixels")
     prone = sop_class.startswith(BURN_IN_PRONE_SOP_CLASSES) or str(ds.get("Modality", "")).upper() in BURN_IN_PRONE_MODALITIES
-    if prone and burned_in != "NO":
+    if prone and burned_in != {"NO"}:
         return Unsafe(
             "burned_in_annotation_unknown",
             f"{ds.get('Modality', '?')} / {sop_class} often has text in its pixels "
