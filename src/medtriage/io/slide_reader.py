@@ -42,6 +42,9 @@ MAX_SHRUNK_LEVEL_PIXELS = 1 << 32
 PYRAMID_HINT = "convert it to a pyramidal TIFF, e.g. `vips tiffsave SLIDE OUT.tif --tile --pyramid --compression jpeg`"
 MAX_CHUNK_BYTES = 256 << 20  # decoded bytes of one tile or strip: a decoder allocates what the tags claim, whatever the data
 TILE_CACHE_BYTES = 128 << 20  # decoded tiles one reader keeps: 680 of 256 pixels (a row across a large slide), fewer larger ones
+# What one cached tile costs beyond its pixels (its array, key and entry): a file of 1 x 1 pixel tiles would otherwise
+# fill the budget with 44 million entries, 500 bytes each.
+CACHE_ENTRY_BYTES = 512
 MIN_MPP = 0.05  # µm/pixel: a quarter of what light microscopes resolve; anything finer is a damaged tag
 BRIGHTFIELD_HINT = (
     "the pathology models read 8-bit RGB brightfield slides (H&E, IHC): export the slide as 8-bit RGB "
@@ -243,17 +246,21 @@ class Slide(_Levels):
         self._shared_reader: RegionReader | None = None
         check_ifd_chain(self.path)
         try:
-            self._slide = _placed_tiffslide()(self.path)
+            # Without _multifile, tifffile opens the files an OME-TIFF's XML names (`../`, absolute paths) and reads
+            # their pages as this slide's: a header value must never become a path.
+            self._slide = _placed_tiffslide()(self.path, tifffile_options={"_multifile": False})
         except Exception as err:  # tifffile raises many types for non-TIFF or damaged headers
             raise _unreadable(self.path, err) from err
         self._structure_or_close(lambda: self._read_structure(mpp), lambda err: _unreadable(self.path, err))
 
     def _read_structure(self, mpp: float | None) -> None:
         series = self._slide.ts_tifffile.series[self._slide.properties["tiffslide.series-index"]]
-        _check_brightfield(_tiff_pixels(series), self.path)
+        for level, pages in enumerate(series.levels):  # every level: a coarse one is what the tiles may be read from
+            _check_brightfield(_tiff_pixels(pages), self.path, level)
         self._levels = series.levels
         self.dimensions = tuple(int(v) for v in self._slide.dimensions)
         self.level_dimensions = [tuple(int(v) for v in d) for d in self._slide.level_dimensions]
+        _check_level_shapes(self.level_dimensions, [_tile_size(level.keyframe) for level in self._levels], self.path)
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         self.mpp = self._resolve_mpp(mpp)
         self._fd = os.open(self.path, os.O_RDONLY)
@@ -418,9 +425,9 @@ class RegionReader:
             segment = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)[0]
             tile = np.ascontiguousarray(segment.reshape(page.tilelength, page.tilewidth, -1)[..., :3])
         self._cache[key] = tile
-        self._cache_bytes += tile.nbytes
+        self._cache_bytes += tile.nbytes + CACHE_ENTRY_BYTES
         while self._cache_bytes > TILE_CACHE_BYTES and len(self._cache) > 1:
-            self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
+            self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes + CACHE_ENTRY_BYTES
         return tile
 
 
@@ -490,9 +497,35 @@ def _dicom_pixels(dataset) -> str | None:
     return f"{bits}-bit pixels, {samples} sample(s) each, {photometric}"
 
 
-def _check_brightfield(problem: str | None, path: Path) -> None:
+def _check_brightfield(problem: str | None, path: Path, level: int = 0) -> None:
     if problem is not None:
-        raise InputError(f"not an 8-bit RGB brightfield slide: level 0 holds {problem}", where=path, hint=BRIGHTFIELD_HINT)
+        raise InputError(f"not an 8-bit RGB brightfield slide: level {level} holds {problem}", where=path, hint=BRIGHTFIELD_HINT)
+
+
+def _tile_size(page) -> tuple[int, int]:
+    """(width, height) of a TIFF page's tiles; (0, 0) for strips."""
+    return (page.tilewidth, page.tilelength) if page.is_tiled else (0, 0)
+
+
+def _check_level_shapes(dimensions: list[tuple[int, int]], tile_sizes: list[tuple[int, int]], path: Path) -> None:
+    """Every level is level 0 shrunk by one factor across and down: tiles are placed on a level by that factor, so a
+    level of another shape would be read elsewhere than the tissue mask and the grid say, without an error. Each side
+    may be off by its rounding and by padding up to a whole tile (Philips pads every level so)."""
+    w0, h0 = dimensions[0]
+    for level, ((w, h), (tw, th)) in enumerate(zip(dimensions, tile_sizes)):
+        width_says, height_says = _factors(w0, w, tw + 2), _factors(h0, h, th + 2)
+        if max(width_says[0], height_says[0]) > min(width_says[1], height_says[1]):
+            raise InputError(
+                f"damaged slide: level {level} ({w} x {h} pixels) is not level 0 ({w0} x {h0}) shrunk alike across "
+                f"and down: level 0 is {w0 / max(w, 1):.3g} times as wide and {h0 / max(h, 1):.3g} times as high",
+                where=path,
+                hint="copy the slide again from the scanner or archive, or export it again",
+            )
+
+
+def _factors(side0: int, side: int, slack: int) -> tuple[float, float]:
+    """The shrink factors a level side of `side` pixels (give or take `slack`) allows for a level-0 side of `side0`."""
+    return side0 / (side + slack), (side0 / (side - slack) if side > slack else math.inf)
 
 
 def _fast_path_ok(page) -> bool:
@@ -585,12 +618,14 @@ class DicomSlide(_Levels):
         )
 
     def _read_structure(self, levels: list, mpp: float | None) -> None:
-        _check_brightfield(_dicom_pixels(levels[0].datasets[0]), self.path)
+        for number, level in enumerate(levels):
+            _check_brightfield(_dicom_pixels(level.datasets[0]), self.path, number)
         self._pyramid_levels = [level.level for level in levels]  # wsidicom's level numbers (log2 of the scale)
         self.level_dimensions = [(int(level.size.width), int(level.size.height)) for level in levels]
         self.dimensions = self.level_dimensions[0]
-        self.level_downsamples = [self.dimensions[0] / w for w, _ in self.level_dimensions]
         self._tile_sizes = [(int(level.tile_size.width), int(level.tile_size.height)) for level in levels]
+        _check_level_shapes(self.level_dimensions, self._tile_sizes, self.path)
+        self.level_downsamples = [self.dimensions[0] / w for w, _ in self.level_dimensions]
         self._check_tile_sizes()
         self._frame_headers = [FRAME_HEADER_READERS.get(str(level.default_instance.image_data.transfer_syntax)) for level in levels]
         spacing = levels[0].mpp  # µm/pixel, absent when the files carry no Pixel Spacing
