@@ -39,9 +39,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_component(value: object, fallback: str = "unnamed") -> str:
-    """`value` as one file-name component: letters, digits, '.', '_' and '-' only, no leading dot
-    (so never '.', '..' or hidden), at most MAX_COMPONENT characters; `fallback` when nothing is left."""
-    text = _UNSAFE.sub("_", str(value or "")).lstrip("._")[:MAX_COMPONENT].rstrip("._")
+    """`value` as one file-name component: letters, digits, '.', '_' and '-' only, no leading dot (so never '.', '..'
+    or hidden) nor dash (a shell's `*` would hand it to a command as an option), at most MAX_COMPONENT characters;
+    `fallback` when nothing is left."""
+    text = _UNSAFE.sub("_", str(value or "")).lstrip("._-")[:MAX_COMPONENT].rstrip("._")
     return text or fallback
 
 

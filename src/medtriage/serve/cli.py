@@ -19,7 +19,7 @@ from medtriage.serve.admission import DEFAULT_QUEUE
 from medtriage.serve.batching import add_batching_options, concurrent_requests, enable_batching
 from medtriage.serve.package import load_package
 from medtriage.serve.predictor import Predictor, Rejection, Score
-from medtriage.serve.report import Unwritten, format_table, result_document, write_csv
+from medtriage.serve.report import Unwritten, file_labels, format_table, result_document, write_csv
 
 TOKEN_ENV = "MEDTRIAGE_TOKEN"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -206,7 +206,22 @@ def collect_files(paths: list[str]) -> tuple[list[Path], list[Rejection], bool]:
             files.append(path)
         else:
             missing.append(Rejection(raw, "no such file or folder", "FileNotFoundError"))
-    return _whole_slides_as_folders(files), missing, any_folder
+    return _each_once(_whole_slides_as_folders(files)), missing, any_folder
+
+
+def _each_once(files: list[Path]) -> list[Path]:
+    """Each file once, under the name it was first given: a file named twice (a folder and a file in it, a link to it)
+    would be scored, counted and given an SR twice."""
+    seen, kept = set(), []
+    for path in files:
+        try:
+            key = path.resolve()
+        except (OSError, RuntimeError):  # a link loop: no file, rejected when scored
+            key = path
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    return kept
 
 
 def _folder_files(folder: Path) -> tuple[list[Path], list[Rejection]]:
@@ -369,18 +384,29 @@ def _unused_with_npz(args: argparse.Namespace) -> list[str]:
 
 
 def _make_output_folder(folder: str | None, option: str) -> None:
-    """Create an output folder before any image is scored: one that cannot be made (a file above it, a read-only file
-    system) would otherwise fail every file, after all of them were decoded and scored."""
-    from medtriage.errors import ConfigError
+    """Create an output folder, and a file in it, before any image is scored: a folder that cannot be made (a file
+    above it, a read-only file system) or that is there but cannot be written in would otherwise fail every file, after
+    all of them were decoded and scored."""
+    from medtriage.io.safe_output import AtomicFile
 
     if folder is None:
         return
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(
-            f"cannot create the output folder ({err.strerror or type(err).__name__})", where=f"{option} {folder}", hint=WRITE_HINT
-        ) from None
+        raise _unusable_folder("create", err, folder, option) from None
+    try:
+        AtomicFile(Path(folder) / "probe").discard()  # what every writer does first: a temporary file in the folder
+    except OSError as err:
+        raise _unusable_folder("write in", err, folder, option) from None
+
+
+def _unusable_folder(what: str, err: OSError, folder: str, option: str) -> Exception:
+    from medtriage.errors import ConfigError
+
+    return ConfigError(
+        f"cannot {what} the output folder ({err.strerror or type(err).__name__})", where=f"{option} {folder}", hint=WRITE_HINT
+    )
 
 
 def _score_npz(predictor: Predictor, args: argparse.Namespace) -> int:
@@ -418,7 +444,8 @@ def _print_results(
         elif args.csv:
             write_csv(sys.stdout, predictor, scores, rejected, unwritten)
         else:
-            print(format_table(predictor, scores, rejected) + _unwritten_section(unwritten))
+            labels = file_labels([r.file for r in [*scores, *rejected]])
+            print(format_table(predictor, scores, rejected) + _unwritten_section(unwritten, labels))
         sys.stdout.flush()
     except BrokenPipeError:
         _discard_stdout()
@@ -433,12 +460,12 @@ def _print_results(
         ) from None
 
 
-def _unwritten_section(unwritten: Sequence[Unwritten]) -> str:
-    """The table's closing lines for results that could not be written: each file, what is missing and why, and what
-    to do; nothing where every result was written."""
+def _unwritten_section(unwritten: Sequence[Unwritten], labels: dict[str, str]) -> str:
+    """The table's closing lines for results that could not be written: each file (named as the table names it), what
+    is missing and why, and what to do; nothing where every result was written."""
     if not unwritten:
         return ""
-    lines = [f"{Path(u.file).name}: {u.reason}" + (f" ({u.hint})" if u.hint else "") for u in unwritten]
+    lines = [f"{labels.get(u.file, u.file)}: {u.reason}" + (f" ({u.hint})" if u.hint else "") for u in unwritten]
     return "\n\nnot written (the scores above stand):\n" + "\n".join(printable(line) for line in lines)
 
 
@@ -480,6 +507,7 @@ def run_serve(args: argparse.Namespace) -> int:
         admission=admission,
         worklist_size=DEFAULT_CAPACITY if args.worklist_size is None else args.worklist_size,
         state=args.state,
+        loopback_hosts_only=loopback_hosts_only(args.host, token),
     )
     if batcher is not None:
         batcher.expose(app.state.monitor.registry)  # medtriage_batch_* on /metrics
@@ -514,6 +542,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to any interface
+
+
+def loopback_hosts_only(host: str, token: str | None) -> bool:
+    """Whether the service must answer only requests whose Host names this machine. Without a token, listening on
+    loopback is its only guard, and a web page whose domain is re-pointed at 127.0.0.1 (DNS rebinding) passes that; a
+    token guards the data itself, and a network address needs one (or --insecure-no-auth: another layer guards it)."""
+    return token is None and is_loopback(host)
 
 
 def _serving_token(args: argparse.Namespace) -> str | None:

@@ -3,7 +3,8 @@
 One SR per source instance (or, for the DICOM node, one per study covering all its scored
 instances), in the source's study, referencing the source study, series and instance (and frame);
 each scored frame is one measurement group carrying the probability (calibrated where the package applies a
-temperature), the finding, the priority and the algorithm name/version (with the model's sha256).
+temperature), the finding, the priority, each failed safety check it was scored despite (--allow-out-of-scope) and
+the algorithm name/version (with the model's sha256).
 
 A result names the package that scored it (name, version, sha256 of model.onnx), taken from its scores, not
 from the package loaded now: a node restarted with a new package still closes the studies scored before. The
@@ -17,6 +18,7 @@ import copy
 import hashlib
 import io
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +44,8 @@ from medtriage.serve.package import ModelPackage, calibrated_result, identity_la
 from medtriage.serve.predictor import Score
 
 log = logging.getLogger(__name__)
+# highdicom's warning on each one-part Patient's Name a result object copies (a pseudonym, "ANONYMOUS"): it quotes the name.
+PERSON_NAME_WARNING = r"(?s)The string .* is unlikely to represent the intended person name"
 MANUFACTURER = "MedTriage"
 LONG_STRING = 64  # the most characters of an LO value (PS3.5 6.2): Series Description, Manufacturer's Model Name
 SHORT_STRING = 16  # the most characters of an SH value: Code Value
@@ -57,6 +61,9 @@ FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
 PRIORITY = hd.sr.CodedConcept("priority", SCHEME, "Triage priority")
 DECISION = hd.sr.CodedConcept("decision", SCHEME, "Triage decision against the operating points")
 DECISION_CODES = {"URGENT": "above-urgent", "review": "above-review", "routine": "below-review"}
+# A score made although a safety check failed (--allow-out-of-scope): each of its flags, said beside its priority.
+CAVEAT = hd.sr.CodedConcept("caveat", SCHEME, "Scored despite a failed safety check")
+CAVEATS = {"out_of_scope": "Outside the model's scope", "unusual_input": "Unlike the model's training images"}
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER = 9901
 # What the header an SR references may hold before its pixels: the per-frame functional groups of a sparse-tiled
@@ -360,6 +367,7 @@ def carried_header(source: pydicom.Dataset) -> pydicom.Dataset:
     values the standard does not allow (a sex of "X", a date written "1990-01-01", a Study ID of 20 characters) emptied
     too, so that one odd value costs that value, not the object; only what a result is filed by (FILED_BY) is kept
     whatever it holds."""
+    _quiet_person_name_warnings()
     reasons = {keyword: _carried_value(source, keyword) for keyword in TYPE2_COPIED}
     unusable = {keyword: reason for keyword, reason in reasons.items() if reason is not None}
     character_set = _carried_character_set(source)
@@ -380,6 +388,14 @@ def carried_header(source: pydicom.Dataset) -> pydicom.Dataset:
     if character_set is not None:
         source.SpecificCharacterSet = character_set if len(character_set) > 1 else character_set[0]
     return source
+
+
+def _quiet_person_name_warnings() -> None:
+    """Silence highdicom's warning on a one-part Patient's Name: the name is the source's, carried as it is, and quoted
+    on stderr or in a service's journal it is patient data, once per file. Installed at each use, not at import: a
+    caller's `warnings.catch_warnings` block that the import ran in drops its filters when it ends."""
+    if not any(f[0] == "ignore" and getattr(f[1], "pattern", None) == PERSON_NAME_WARNING for f in warnings.filters):
+        warnings.filterwarnings("ignore", PERSON_NAME_WARNING, UserWarning, "highdicom")
 
 
 def _carried_value(source: pydicom.Dataset, keyword: str) -> str | None:
@@ -479,6 +495,7 @@ def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPack
     if score.decision:  # "below review threshold 0.785": why the priority is what it is
         code = DECISION_CODES.get(score.priority, "decision")
         evaluations.append(hd.sr.QualitativeEvaluation(DECISION, hd.sr.CodedConcept(code, SCHEME, score.decision[:64])))
+    evaluations += [hd.sr.QualitativeEvaluation(CAVEAT, _caveat(flag)) for flag in score.flags or []]
     frames = referenced_frames(source, score.frame)
     image = hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID, referenced_frame_numbers=frames)
     frame_text = f" frame {score.frame}" if score.frame is not None else ""
@@ -489,6 +506,14 @@ def _measurement_group(source: pydicom.Dataset, score: Score, package: ModelPack
         qualitative_evaluations=evaluations,
         source_images=[image],
     )
+
+
+def _caveat(flag: str) -> hd.sr.CodedConcept:
+    """A score's flag ("out_of_scope:modality", "unusual_input") as the SR's reader sees it: without it, a score made
+    on an image outside the model's scope reads in the PACS as a routine one."""
+    kind, _, field = str(flag).partition(":")
+    meaning = CAVEATS.get(kind, str(flag))
+    return concept(str(flag), f"{meaning} ({field})" if field else meaning)
 
 
 def referenced_frames(source: pydicom.Dataset, frame: int | None) -> list[int] | None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import ipaddress
 import logging
+import re
 
 import h11
 from fastapi import FastAPI, Request
@@ -89,9 +91,13 @@ def create_app(
     worklist_size: int = DEFAULT_CAPACITY,
     admission: Admission | None = None,
     state: str | NodeStore | None = None,
+    loopback_hosts_only: bool = False,
 ) -> FastAPI:
     """The service. `admission` bounds concurrent work (default: one worker per core, 64 waiting); `token`, when
-    given, is the bearer token every closed route requires; `state`, the worklist's store (as Worklist takes it)."""
+    given, is the bearer token every closed route requires; `state`, the worklist's store (as Worklist takes it);
+    `loopback_hosts_only`, answer only requests whose Host names this machine (`is_loopback_host`): a service on
+    loopback without a token would otherwise serve any web page whose domain is re-pointed at 127.0.0.1 (DNS
+    rebinding), since the browser then takes that page for the service's own."""
     _check_token(token)
     app = FastAPI(
         title="MedTriage",
@@ -106,8 +112,15 @@ def create_app(
     _add_routes(app, predictor, max_bytes, max_files, worklist)
     app.include_router(worklist_router(worklist, app.state.admission))
     app.include_router(monitoring_router(app.state.monitor))
-    app.add_middleware(Guard, token=token, max_bytes=max_bytes, admission=app.state.admission, monitor=app.state.monitor)
-    app.openapi = _openapi_with_errors_and_auth(app, token is not None)
+    app.add_middleware(
+        Guard,
+        token=token,
+        max_bytes=max_bytes,
+        admission=app.state.admission,
+        monitor=app.state.monitor,
+        loopback_hosts_only=loopback_hosts_only,
+    )
+    app.openapi = _openapi_with_errors_and_auth(app, token is not None, loopback_hosts_only)
     return app
 
 
@@ -122,9 +135,10 @@ def _check_token(token: str | None) -> None:
         )
 
 
-def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool):
+def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool, loopback_hosts_only: bool = False):
     """FastAPI's schema, plus what the routes' own code decides: the JSON error body (also in place of FastAPI's
-    validation error, which the service never sends) and, with a token, the bearer scheme on every closed route."""
+    validation error, which the service never sends), with a token, the bearer scheme on every closed route, and
+    with `loopback_hosts_only`, the 421 of every route."""
     generate = app.openapi
 
     def openapi() -> dict:
@@ -149,6 +163,8 @@ def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool):
                     responses.setdefault("404", {"description": "no such entry", **ERROR})
                 if path not in OPEN_PATHS:
                     responses.setdefault("403", {"description": "a request made by another site's page (Sec-Fetch-Site)", **ERROR})
+                if loopback_hosts_only:
+                    responses.setdefault("421", {"description": "a Host header that names no loopback address (DNS rebinding)", **ERROR})
                 if bearer and path not in OPEN_PATHS:
                     operation["security"] = [{"bearer": []}]
                     responses.setdefault("401", {"description": "missing or wrong bearer token", **ERROR})
@@ -157,11 +173,29 @@ def _openapi_with_errors_and_auth(app: FastAPI, bearer: bool):
     return openapi
 
 
-REFUSAL_REASONS = {401: "unauthorised", 403: "cross_site", 413: "too_large", 503: "busy"}  # medtriage_refused_total{reason}
+# medtriage_refused_total{reason}, by status
+REFUSAL_REASONS = {401: "unauthorised", 403: "cross_site", 413: "too_large", 421: "wrong_host", 503: "busy"}
 # What a browser says (Sec-Fetch-Site) of a request another site's page made. Without a token (loopback), such a page
 # could otherwise post forged studies into the worklist, or flood an in-memory one until it forgets real studies; its
 # own page's requests are `same-origin`, and no route allows another origin's script (no CORS).
 OTHER_SITES = {"cross-site", "same-site"}
+# A Host header's name and optional port; an IPv6 address comes in brackets.
+HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[^:\[\]]+))(?::[0-9]*)?")
+
+
+def is_loopback_host(value: str) -> bool:
+    """Whether a Host header names this machine: `localhost`, an address of 127.0.0.0/8 or `[::1]`, with or without a
+    port, in any case. A name an attacker controls may resolve to 127.0.0.1 too, but its page is then no page of ours."""
+    match = HOST_HEADER.fullmatch(value.strip().lower())
+    if match is None:
+        return False
+    if match["name"] == "localhost":
+        return True
+    try:
+        address = ipaddress.IPv6Address(match["ipv6"]) if match["ipv6"] else ipaddress.IPv4Address(match["name"])
+    except ValueError:
+        return False  # a host name other than localhost, or no address at all
+    return address.is_loopback
 
 
 def _is_heavy(method: str, path: str) -> bool:
@@ -175,8 +209,11 @@ class Guard:
     itself: Starlette's own 500 handler sits outside every middleware, so its answer would lack those headers; and it
     counts it, so that the service's own failures show on /metrics."""
 
-    def __init__(self, app, token: str | None, max_bytes: int, admission: Admission, monitor: ServiceMonitor):
+    def __init__(
+        self, app, token: str | None, max_bytes: int, admission: Admission, monitor: ServiceMonitor, loopback_hosts_only: bool = False
+    ):
         self.app, self.token, self.max_bytes, self.admission = app, token, max_bytes, admission
+        self.loopback_hosts_only = loopback_hosts_only
         self.refused = monitor.refused  # by reason: an overloaded or misconfigured client shows on /metrics
         self.count_failure = monitor.count_failure
 
@@ -218,6 +255,9 @@ class Guard:
 
     def _refusal(self, scope) -> JSONResponse | None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        # Every route, open ones included: a browser always sends Host, so one without it (HTTP/1.0) is no web page.
+        if self.loopback_hosts_only and not is_loopback_host(headers.get("host", "localhost")):
+            return _misdirected(scope, headers["host"])
         open_route = _is_open(scope["path"])
         if self.token and not open_route and not _authorised(headers, self.token):
             return JSONResponse(
@@ -238,6 +278,19 @@ class Guard:
                 413, f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}", "send fewer or smaller files per request"
             )
         return None
+
+
+def _misdirected(scope, host: str) -> JSONResponse:
+    """The refusal of a request addressed to another host name, with the address the page opens at."""
+    address, port = scope.get("server") or ("127.0.0.1", None)
+    own = (f"[{address}]" if ":" in address else address) + (f":{port}" if port else "")
+    return error_response(
+        421,
+        f"the request is addressed to {host[:100]!r}, not to this machine: the service answers only requests for "
+        "localhost or a loopback address",
+        f"open {scope['scheme']}://{own}/worklist on this machine; to serve other machines, run medtriage serve --host "
+        "ADDRESS --token-file FILE; a proxy on this machine must send Host: localhost",
+    )
 
 
 # On every answer: scores, rows and pictures are PHI, so nothing is cached; error bodies echo file names and

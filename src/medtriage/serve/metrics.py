@@ -58,7 +58,9 @@ class ServiceMonitor:
         kw = {"namespace": NAMESPACE, "registry": self.registry}
         self.scored = Counter("scored", "Images scored (one per frame)", **kw)
         self.rejected = Counter("rejected", "Inputs refused, by reason", ["reason"], **kw)
-        self.refused = Counter("refused", "HTTP requests refused before any work (busy, too_large, unauthorised)", ["reason"], **kw)
+        self.refused = Counter(
+            "refused", "HTTP requests refused before any work (busy, too_large, unauthorised, cross_site, wrong_host)", ["reason"], **kw
+        )
         self.failed = Counter(
             "failed",
             "Work failed by an error of the service itself (HTTP 500, a DICOM node worker step), by the error's type",

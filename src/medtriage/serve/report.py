@@ -4,6 +4,7 @@ the radiologist's table."""
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,12 +75,13 @@ def format_table(predictor: Predictor, scores: list[Score], rejected: list[Rejec
     """The radiologist's view: file, finding, p(positive), priority, the decision against the operating points, and the
     model that scored it (for a file not scored: why not, and what to do)."""
     package = predictor.package
+    labels = file_labels([r.file for r in [*scores, *rejected]])
     header = ["file", "finding", f"p({package.positive_label})", "priority", "decision", "model / why not scored"]
     rows = [
-        [_file_label(s), s.finding, f"{s.probability:.2f}", s.priority, _decision(s), package.describe(with_sha=i == 0)]
+        [_frame_label(s, labels[s.file]), s.finding, f"{s.probability:.2f}", s.priority, _decision(s), package.describe(with_sha=i == 0)]
         for i, s in enumerate(scores)
     ]
-    rows += [[Path(r.file).name, "—", "—", "REJECTED", "—", f"{r.reason} ({r.hint})" if r.hint else r.reason] for r in rejected]
+    rows += [[labels[r.file], "—", "—", "REJECTED", "—", f"{r.reason} ({r.hint})" if r.hint else r.reason] for r in rejected]
     # the header too: the positive label comes from model.json, which the package's digest does not cover
     header, *rows = [[printable(str(cell)) for cell in row] for row in [header, *rows]]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
@@ -92,6 +94,12 @@ def _decision(score: Score) -> str:
     return score.decision + (f" [{', '.join(flags)}]" if flags else "") if score.decision else "—"
 
 
-def _file_label(score: Score) -> str:
-    name = Path(score.file).name
-    return f"{name} [frame {score.frame}]" if score.frame is not None else name
+def file_labels(files: Sequence[str]) -> dict[str, str]:
+    """How the table names each file: by its name, or by its path where another file has that name (every series of a
+    CD holds an IM000001), so that each row names one file."""
+    names = Counter(Path(file).name for file in set(files))
+    return {file: Path(file).name if names[Path(file).name] == 1 else file for file in files}
+
+
+def _frame_label(score: Score, label: str) -> str:
+    return f"{label} [frame {score.frame}]" if score.frame is not None else label
