@@ -521,14 +521,15 @@ def test_a_whole_level_image_beyond_the_limit_is_refused(tmp_path, monkeypatch):
             flat.level_image(0)  # 2048 x 1536 RGB at full size
 
 
-def _repeated_tile_slide(path: Path, side: int = 1 << 17, tile: int = 4096) -> Path:
+def _repeated_tile_slide(path: Path, side: int = 1 << 17, tile: int = 4096, pixels: bytes | None = None) -> Path:
     """A classic TIFF claiming a `side` square level (0.5 µm/pixel, no pyramid) whose every tile offset points at
-    one deflated blank tile: a file of kilobytes that would take minutes of decoding to read whole."""
+    one deflated tile (`pixels`, blank by default): a file of kilobytes that would take minutes of decoding to read
+    whole."""
     import struct
     import zlib
 
     count = (side // tile) ** 2
-    data = zlib.compress(bytes(tile * tile * 3), 9)
+    data = zlib.compress(bytes(tile * tile * 3) if pixels is None else pixels, 9)
     entries = 14
     extra = 8 + 2 + entries * 12 + 4  # where the out-of-entry values start
     bits, xres, yres = extra, extra + 6, extra + 14

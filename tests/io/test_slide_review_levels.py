@@ -4,11 +4,9 @@ against level 0, the files an OME-TIFF's XML names, and what a reader's cache of
 from __future__ import annotations
 
 import shutil
-import struct
 import subprocess
 import sys
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import tifffile
 from medtriage.errors import InputError
 from medtriage.io import slide_reader
 from medtriage.io.slide_reader import open_slide
+from tests.io.test_pathology import _repeated_tile_slide
 
 PURPLE = (180, 90, 160)
 
@@ -103,23 +102,7 @@ def test_an_ome_tiff_naming_another_file_is_read_from_its_own_file_only(tmp_path
 
 def _tiny_tile_slide(path: Path, side: int) -> Path:
     """A classic TIFF of `side` x `side` pixels stored in 1 x 1 pixel tiles, all pointing at one deflated pixel."""
-    data = zlib.compress(bytes(PURPLE))
-    count = side * side
-    entries = 14
-    extra = 8 + 2 + entries * 12 + 4
-    bits, xres, yres = extra, extra + 6, extra + 14
-    offsets, counts, payload = extra + 22, extra + 22 + 4 * count, extra + 22 + 8 * count
-    tags = [
-        (256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, bits), (259, 3, 1, 8), (262, 3, 1, 2), (277, 3, 1, 3),
-        (282, 5, 1, xres), (283, 5, 1, yres), (284, 3, 1, 1), (296, 3, 1, 3), (322, 4, 1, 1), (323, 4, 1, 1),
-        (324, 4, count, offsets), (325, 4, count, counts),
-    ]  # fmt: skip
-    ifd = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", entries)
-    ifd += b"".join(struct.pack("<HHII", *tag) for tag in tags) + struct.pack("<I", 0)
-    values = struct.pack("<3H", 8, 8, 8) + struct.pack("<4I", 20000, 1, 20000, 1)
-    tables = struct.pack(f"<{count}I", *[payload] * count) + struct.pack(f"<{count}I", *[len(data)] * count)
-    path.write_bytes(ifd + values + tables + data)
-    return path
+    return _repeated_tile_slide(path, side, tile=1, pixels=bytes(PURPLE))
 
 
 def test_a_cache_of_tiny_tiles_stays_within_its_budget_in_memory(tmp_path, monkeypatch):
