@@ -206,3 +206,7 @@ def _values_in(ds: Dataset) -> set[str]:
 
 def pixel_sha256(ds: Dataset) -> str:
     return hashlib.sha256(ds.PixelData).hexdigest()
+
+
+def decoded_pixels_sha256(ds: Dataset) -> str:
+    return hashlib.sha256(ds.pixel_array.tobytes()).hexdigest()

@@ -13,9 +13,11 @@ UIDs found in a value kept elsewhere (copied into an attribute the table does no
 class attribute, written with another VR, or quoted in free text or an address) is remapped as that
 UID is, or its element goes where the new UID would not fit. All private elements are removed, and so
 are a few identifying attributes the table does not list (`BEYOND_TABLE`) and any sequence a writer
-encoded with another VR (its items, read as bytes, could not be cleaned). Pixel data is never touched,
+encoded with another VR (its items, read as bytes, could not be cleaned). Pixel values are never touched,
 which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or
-in free text to quarantine instead, and ingest an overlay drawn in the pixels' unused bits.
+in free text to quarantine instead, and ingest an overlay drawn in the pixels' unused bits. What a compressed frame
+holds beside its pixels (JPEG comment and application segments, JPEG 2000 comments, JP2 metadata boxes) is removed
+(`medtriage.io.stream_metadata`), the coded image data kept byte for byte.
 
 numpy/pydicom only: sites install the base package.
 """
@@ -43,7 +45,9 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from medtriage import __version__
 from medtriage.errors import ConfigError, InputError
+from medtriage.io.encapsulation import MalformedItems
 from medtriage.io.site_key import SiteKey
+from medtriage.io.stream_metadata import DamagedFrame, FramesUnknown, Stripped, stripped_pixel_data
 
 TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
 TABLE_EDITION = "DICOM PS3.15 2026c Table E.1-1"
@@ -338,6 +342,7 @@ class DeidResult:
     series_uid: str
     actions: Counter = field(default_factory=Counter)
     identified_by_name: bool = False  # no Patient ID: the patient is known by name and birth date only
+    stream_metadata: Counter = field(default_factory=Counter)  # removed from compressed frames, by kind (COM, APP1...)
 
 
 def patient_id_text(value) -> str:
@@ -372,18 +377,21 @@ def patient_key(ds: Dataset, options: DeidOptions = DeidOptions()) -> str | None
 
 def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) -> DeidResult:
     """De-identify `ds` in place (file meta included). Raises ConfigError if the patient is unnamed, InputError if
-    `ds` lacks what its file meta is made of (`not_deidentifiable`)."""
+    `ds` lacks what its file meta is made of (`not_deidentifiable`) or a compressed frame cannot be walked to the
+    metadata it may carry (`stream_metadata.DamagedFrame`)."""
     patient = patient_key(ds, options)
     if patient is None:
         raise ConfigError(f"{NO_PATIENT_IDENTITY}: the file cannot be linked to a patient pseudonym")
     if problem := not_deidentifiable(ds):
         raise InputError(problem)
+    stripped = _without_stream_metadata(ds)  # before anything changes: a damaged frame leaves `ds` as it was
     by_name = not identifying_patient_id(ds)
     walker = _ProfileWalker(key, options, key.pseudonym(patient), key.date_shift_days(patient))
     stored_as = (getattr(ds, "file_meta", None) or Dataset()).get("MediaStorageSOPInstanceUID", "")
     walker.remap_uid(str(stored_as))  # an own UID, though only the file meta held it: kept text may quote it
     walker.apply(ds, top_level=True)
     walker.replace_own_uids()
+    _set_pixel_data(ds, stripped)
     _keep_animal_owner_attributes(ds)
     _mark_deidentified(ds, options)
     _rebuild_file_meta(ds)
@@ -396,6 +404,7 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
         str(ds.get("SeriesInstanceUID", "")),
         walker.actions,
         by_name,
+        stripped.removed if stripped else Counter(),
     )
 
 
@@ -406,6 +415,27 @@ def not_deidentifiable(ds: Dataset) -> str | None:
     if not ds.get("SOPInstanceUID"):
         return NO_SOP_INSTANCE
     return None if transfer_syntax(ds) else NO_TRANSFER_SYNTAX
+
+
+def _without_stream_metadata(ds: Dataset) -> Stripped | None:
+    """The pixel data without the metadata its compressed frames carry; None where they carry none."""
+    try:
+        return stripped_pixel_data(ds, transfer_syntax(ds))
+    except (DamagedFrame, MalformedItems, FramesUnknown) as err:
+        raise InputError(f"compressed pixel data that cannot be de-identified: {err}") from None
+
+
+def _set_pixel_data(ds: Dataset, stripped: Stripped | None) -> None:
+    if stripped is None:
+        return
+    ds.PixelData = stripped.pixel_data
+    ds["PixelData"].is_undefined_length = True  # encapsulated
+    if stripped.extended is not None:
+        ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = stripped.extended
+    else:  # a table the decoders ignore (its halves differ in size) would now point at other bytes
+        for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+            if keyword in ds:
+                delattr(ds, keyword)
 
 
 def transfer_syntax(ds: Dataset) -> UID | None:

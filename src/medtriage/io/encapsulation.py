@@ -137,6 +137,16 @@ def ends_with(data: bytes, span: Span, marker: bytes) -> bool:
     return False
 
 
+def _item_header(length: int) -> bytes:
+    return struct.pack("<HHL", _ITEM >> 16, _ITEM & 0xFFFF, length)
+
+
+def _item_end(data: bytes, value: Span) -> int:
+    """Where the item whose value starts at `value.start` ends, as its header says (within the data)."""
+    (length,) = struct.unpack_from("<L", data, value.start - 4)
+    return min(value.start + length, len(data))
+
+
 def _basic_offsets(data: bytes) -> tuple[int, Callable[[int], int], int]:
     """The Basic Offset Table's entry count, a reader of its entries (read when asked for: a table may hold millions)
     and where the item after it starts."""
@@ -206,13 +216,69 @@ def _by_fragments(data: bytes, first: int, claimed: int) -> Iterator[Frame]:
     if len(some) <= claimed:
         yield from (Frame(fragment, fragment) for fragment in some)
         return
-    found, begins, last = 0, None, None
+    yield from itertools.islice(_at_end_markers(data, first), claimed)
+
+
+def _at_end_markers(data: bytes, first: int) -> Iterator[Frame]:
+    """A frame ends at each fragment with an end-of-image marker near its end; fragments after the last make one."""
+    begins, last = None, None
     for fragment in _fragments(data, first):
         begins, last = begins or fragment, fragment
         if _EOI in data[max(fragment.start, fragment.stop - _EOI_WINDOW) : fragment.stop]:
             yield Frame(begins, fragment)
-            found, begins = found + 1, None
-            if found == claimed:
-                return
+            begins = None
     if begins is not None:
         yield Frame(begins, last)
+
+
+def every_frame(ds: pydicom.Dataset, claimed: int) -> list[Frame]:
+    """Every frame `ds`'s encapsulated pixel data holds, each of its fragments in one: the `claimed` frames as
+    `located_frames` finds them and, where no offset table bounds them, the fragments after those split as decoders
+    split frames past Number of Frames. An Extended Offset Table must give each frame one whole fragment (PS3.5 A.4),
+    else the items could not be rebuilt around changed frames. Raises MalformedItems."""
+    data, extended = ds.PixelData, extended_offsets(ds)
+    count, _, first = _basic_offsets(data)
+    if extended is not None:
+        frames = list(frames_in(data, len(extended[0]) // 8, extended))
+        _one_fragment_each(data, first, frames)
+        return frames
+    if count:
+        return list(frames_in(data, count))
+    if claimed > 1 and any(True for _ in itertools.islice(_fragments(data, first), claimed, None)):
+        return list(_at_end_markers(data, first))  # more fragments than frames: frames end at end-of-image markers
+    return list(frames_in(data, claimed))
+
+
+def _one_fragment_each(data: bytes, first: int, frames: list[Frame]) -> None:
+    fragments = list(_fragments(data, first))
+    whole = len(fragments) == len(frames) and all(
+        frame.first.start == fragment.start and frame.first.stop <= fragment.stop for frame, fragment in zip(frames, fragments)
+    )
+    if not whole:
+        raise MalformedItems("the Extended Offset Table does not give each frame one whole fragment, in item order")
+
+
+def reencapsulated(
+    data: bytes, frames: list[Frame], replaced: dict[int, bytes], extended: bool
+) -> tuple[bytes, tuple[bytes, bytes] | None]:
+    """The pixel data `data` (its frames `frames`, from `every_frame`) with frame i as one fragment holding
+    `replaced[i]`, padded to an even length; the other frames' items are copied as they are. The Basic Offset Table,
+    where it has entries, and the Extended Offset Table, where `extended`, are rebuilt to point at each frame's first
+    item (the latter returned with its lengths)."""
+    count, _, _ = _basic_offsets(data)
+    items, offsets, lengths, position = [], [], [], 0
+    for index, frame in enumerate(frames):
+        if index in replaced:
+            value = replaced[index] + b"\0" * (len(replaced[index]) % 2)
+            item, length = _item_header(len(value)) + value, len(value)
+        else:  # whole items: an Extended Offset Table's length may leave out the padding
+            item, length = data[frame.first.start - 8 : _item_end(data, frame.last)], frame.first.stop - frame.first.start
+        items.append(item)
+        offsets.append(position)
+        lengths.append(length)
+        position += len(item)
+    table = struct.pack(f"<{len(offsets)}L", *offsets) if count else b""
+    pixel_data = b"".join([_item_header(len(table)), table, *items])
+    if not extended:
+        return pixel_data, None
+    return pixel_data, (struct.pack(f"<{len(offsets)}Q", *offsets), struct.pack(f"<{len(lengths)}Q", *lengths))

@@ -1,8 +1,9 @@
 """What the de-identification profile cannot make safe, so it goes to quarantine instead of the pool.
 
-The profile cleans headers; it never touches pixels or reads free-text content. So objects whose
-identity may live there (structured reports, documents, images with burned-in text) are screened
-out first, each with a fixed machine-readable reason. numpy/pydicom only.
+The profile cleans headers and the metadata segments of compressed frames; it never touches pixels or reads
+free-text content. So objects whose identity may live there (structured reports, documents, images with burned-in
+text) are screened out first, each with a fixed machine-readable reason, and so are compressed frames whose segments
+cannot be walked to find that metadata. numpy/pydicom only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from medtriage.io.deid import NO_PATIENT_IDENTITY, NO_SOP_INSTANCE, patient_key
+from medtriage.io.deid import NO_PATIENT_IDENTITY, NO_SOP_INSTANCE, REEXPORT, patient_key, transfer_syntax
+from medtriage.io.stream_metadata import damaged_frame
 
 # Objects whose identity lives in free text or documents the header profile does not reach.
 UNSAFE_SOP_CLASSES = {
@@ -69,4 +71,9 @@ def screen(ds: Dataset) -> Unsafe | None:
         return Unsafe("unreadable", NO_SOP_INSTANCE)
     if patient_key(ds) is None:
         return Unsafe("no_patient_identity", f"{NO_PATIENT_IDENTITY}: patient-level splits would be impossible")
+    if damaged := damaged_frame(ds, transfer_syntax(ds)):
+        return Unsafe(
+            "damaged_compressed_frame",
+            f"{damaged}: the comments and application data it may carry cannot be found to remove; {REEXPORT}",
+        )
     return None

@@ -1,0 +1,349 @@
+"""Metadata inside compressed frames, removed without touching the coded image.
+
+A modality or a converter can write text into the codestream beside the image: comment (COM) and application (APPn:
+EXIF, XMP, ICC, Photoshop) marker segments in JPEG (ITU-T T.81) and JPEG-LS (T.87) frames, comment segments in the
+main and tile-part headers of a JPEG 2000 codestream, and XML, UUID and other boxes in a JP2 file around one. Any of them
+can hold a patient's name, a date or a device serial, which header de-identification never sees.
+
+A frame is walked by the lengths its segments declare, each checked against the frame's end. What decoding needs stays:
+every JPEG table, frame and scan header, the JFIF and Adobe segments (they say how colour is converted), CharLS's colour
+transform, and every JPEG 2000 marker but COM. Entropy-coded data is copied as it is, so decoding gives the same pixels.
+A frame that cannot be walked (no start marker, a length past its end) raises `DamagedFrame`: where its metadata lies
+is then unknown, and nothing is guessed. A frame cut short inside its coded data is left to the pixel checks, which
+report it as truncated. numpy/pydicom only.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import pydicom
+
+from medtriage.io.decode_limits import number_of_frames
+from medtriage.io.encapsulation import Frame, MalformedItems, every_frame, extended_offsets, frame_bytes, reencapsulated
+
+JPEG_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (*range(50, 67), 70))  # the retired processes too
+JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+J2K_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203))  # HTJ2K too
+STREAM_SYNTAXES = JPEG_SYNTAXES | JPEG_LS_SYNTAXES | J2K_SYNTAXES
+
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart markers: no length follows
+# Application segments a decoder reads: JFIF and Adobe say whether the samples are YCbCr; CharLS reads its colour
+# transform (JPEG-LS only) from APP8. Every other APPn, and every COM, is metadata.
+_DECODING_APPS = {0xE0: b"JFIF\0", 0xEE: b"Adobe"}
+_DECODING_APPS_LS = {**_DECODING_APPS, 0xE8: b"mrfx"}
+# Entropy-coded data runs to the next marker: 0xFF then a code that is not stuffing (0x00 in JPEG, any byte below 0x80
+# in JPEG-LS), not a restart marker (those lie inside it) and not a fill byte.
+_NEXT_MARKER = re.compile(rb"\xff+[\x01-\xcf\xd8-\xfe]")
+_NEXT_MARKER_LS = re.compile(rb"\xff+[\x80-\xcf\xd8-\xfe]")
+_PADDING = b"\0\xff"  # what may follow the end marker: even-length padding (0x00, some writers 0xFF)
+
+_SOT, _SOD, _EOC, _J2K_COM, _TLM = 0x90, 0x93, 0xD9, 0x64, 0x55
+_JP2_SIGNATURE = b"\0\0\0\x0cjP  \r\n\x87\n"
+# The boxes a JP2 reader needs: signature, file type, reader requirements, header (size, colour, palette), codestream.
+_JP2_KEPT = frozenset({b"jP  ", b"ftyp", b"rreq", b"jp2h", b"jp2c"})
+
+
+class DamagedFrame(ValueError):
+    """A frame whose segments cannot be walked to find its metadata (the message says where and why)."""
+
+
+class FramesUnknown(ValueError):
+    """A Number of Frames that cannot say how fragments group into frames."""
+
+
+class _Edit(NamedTuple):
+    start: int
+    stop: int
+    replacement: bytes = b""
+
+
+@dataclass
+class _Walk:
+    """What one frame's walk found: the edits that clean it and what they remove."""
+
+    edits: list[_Edit] = field(default_factory=list)
+    removed: Counter = field(default_factory=Counter)
+
+    def remove(self, start: int, stop: int, kind: str) -> None:
+        self.edits.append(_Edit(start, stop))
+        self.removed[kind] += 1
+
+    def removed_bytes(self, since: int) -> int:
+        return sum(e.stop - e.start - len(e.replacement) for e in self.edits[since:])
+
+
+@dataclass(frozen=True)
+class Stripped:
+    """A data set's pixel data with its frames' metadata removed, the Extended Offset Table to go with it (None where
+    the decoders use none), and what was removed, by kind (COM, APP1, JP2 xml...)."""
+
+    pixel_data: bytes
+    extended: tuple[bytes, bytes] | None
+    removed: Counter
+
+
+def stripped_pixel_data(ds: pydicom.Dataset, syntax: str) -> Stripped | None:
+    """`ds`'s encapsulated pixel data without the metadata in its frames; None where there is none to remove (or no
+    codestream syntax). Every frame the items hold is cleaned, those past Number of Frames too; frames without
+    metadata keep their items byte for byte. Raises DamagedFrame, MalformedItems or FramesUnknown."""
+    found = _cleaned_frames(ds, syntax)
+    if found is None or not found[1]:
+        return None
+    frames, cleaned, removed = found
+    extended = extended_offsets(ds) is not None
+    pixel_data, table = reencapsulated(ds.PixelData, frames, cleaned, extended)
+    return Stripped(pixel_data, table, removed)
+
+
+def damaged_frame(ds: pydicom.Dataset, syntax: str) -> str | None:
+    """Why a frame of `ds` cannot be walked to its metadata; None where every frame can. Items that cannot be walked and
+    an unusable Number of Frames give None too: the pixel checks refuse those, under their own reasons."""
+    try:
+        _cleaned_frames(ds, syntax)
+    except DamagedFrame as err:
+        return str(err)
+    except (MalformedItems, FramesUnknown):
+        pass
+    return None
+
+
+def _cleaned_frames(ds: pydicom.Dataset, syntax: str) -> tuple[list[Frame], dict[int, bytes], Counter] | None:
+    if syntax not in STREAM_SYNTAXES or "PixelData" not in ds:
+        return None
+    data, frames = ds.PixelData, every_frame(ds, _claimed(ds))
+    cleaned, removed = {}, Counter()
+    for index, frame in enumerate(frames):
+        codestream = bytes(frame_bytes(data, frame))
+        if not codestream:
+            continue  # a frame without fragments: nothing in it, and the pixel checks report it missing
+        try:
+            walk = _walk(codestream, syntax)
+        except DamagedFrame as err:
+            raise DamagedFrame(f"frame {index + 1}: {err}") from None
+        if walk.edits:
+            cleaned[index] = _applied(codestream, walk.edits)
+            removed += walk.removed
+    return frames, cleaned, removed
+
+
+def _claimed(ds: pydicom.Dataset) -> int:
+    try:
+        count = number_of_frames(ds)
+    except (ValueError, TypeError) as err:
+        raise FramesUnknown(f"Number of Frames: {err}") from None
+    if count < 1:
+        raise FramesUnknown(f"Number of Frames {count} counts no frame")
+    return count
+
+
+def _walk(codestream: bytes, syntax: str) -> _Walk:
+    if syntax in J2K_SYNTAXES:
+        return _jp2(codestream) if codestream.startswith(_JP2_SIGNATURE) else _j2k(codestream)
+    return _jpeg(codestream, syntax in JPEG_LS_SYNTAXES)
+
+
+def _applied(data: bytes, edits: list[_Edit]) -> bytes:
+    parts, position = [], 0
+    for edit in sorted(edits):
+        parts += [data[position : edit.start], edit.replacement]
+        position = edit.stop
+    return b"".join([*parts, data[position:]])
+
+
+def _segment_end(data: bytes, at: int, limit: int, within: str = "the frame") -> int:
+    """Where the marker segment at `at` (marker, 2-byte length counting itself, parameters) ends; checked."""
+    if at + 4 > limit:
+        raise DamagedFrame(f"ends inside the length of the marker segment at byte {at}")
+    (length,) = struct.unpack_from(">H", data, at + 2)
+    marker = data[at] << 8 | data[at + 1]
+    if length < 2:
+        raise DamagedFrame(f"marker segment {marker:04X} at byte {at} declares {length} bytes, less than its length field")
+    if at + 2 + length > limit:
+        raise DamagedFrame(f"marker segment {marker:04X} at byte {at} declares {length} bytes, past the end of {within} ({limit} bytes)")
+    return at + 2 + length
+
+
+def _padding_only(data: bytes, position: int, after: str) -> None:
+    """After the end, only padding: anything else would reach the pool unread."""
+    if data[position:].translate(None, _PADDING):
+        raise DamagedFrame(f"holds {len(data) - position} bytes after {after} (byte {position}), not padding")
+
+
+# ---------------------------------------------------------------- JPEG and JPEG-LS
+
+
+def _jpeg(data: bytes, ls: bool) -> _Walk:
+    if not data.startswith(b"\xff\xd8"):
+        raise DamagedFrame("does not start with a start-of-image marker (FFD8)")
+    walk, position = _Walk(), 2
+    while position < len(data):
+        start = position
+        if data[position] != 0xFF:
+            raise DamagedFrame(f"has no marker at byte {position}, where the segment before it ends")
+        while position + 1 < len(data) and data[position + 1] == 0xFF:
+            position += 1  # fill bytes before a marker
+        if position + 1 >= len(data):
+            break
+        code, position = data[position + 1], position + 2
+        if code == 0xD9:
+            _padding_only(data, position, "its end-of-image marker")
+            break
+        if code == 0xD8:
+            raise DamagedFrame(f"has a second start-of-image marker at byte {position - 2}")
+        if code in _JPEG_STANDALONE:
+            continue
+        stop = _segment_end(data, position - 2, len(data))
+        if _is_metadata(code, data[position + 2 : stop], ls):
+            walk.remove(start, stop, "COM" if code == 0xFE else f"APP{code - 0xE0}")
+        position = stop if code != 0xDA else _after_scan(data, stop, ls)
+    return walk
+
+
+def _is_metadata(code: int, parameters: bytes, ls: bool) -> bool:
+    if code == 0xFE:
+        return True
+    kept = (_DECODING_APPS_LS if ls else _DECODING_APPS).get(code)
+    return 0xE0 <= code <= 0xEF and not (kept and parameters.startswith(kept))
+
+
+def _after_scan(data: bytes, position: int, ls: bool) -> int:
+    """Where the marker after a scan's entropy-coded data starts; the frame's end where it is cut short inside it."""
+    found = (_NEXT_MARKER_LS if ls else _NEXT_MARKER).search(data, position)
+    return found.start() if found else len(data)
+
+
+# ---------------------------------------------------------------- JPEG 2000
+
+
+def _j2k(data: bytes) -> _Walk:
+    if not data.startswith(b"\xff\x4f"):
+        raise DamagedFrame("does not start with a start-of-codestream marker (FF4F) or a JP2 signature")
+    walk, tlm = _Walk(), []
+    position, index = _j2k_header(data, 2, len(data), walk, (_SOT, _EOC), tlm), 0
+    while data.startswith(b"\xff\x90", position):
+        position = _tile_part(data, position, index, walk, tlm)
+        if position >= len(data):
+            return walk  # the last tile-part runs to the end, or is cut short: nothing after it to walk
+        index += 1
+    if not data.startswith(b"\xff\xd9", position):
+        raise DamagedFrame(f"tile-part {index} ends at byte {position}, where neither a tile-part nor the end marker starts")
+    _padding_only(data, position + 2, "its end-of-codestream marker")
+    return walk
+
+
+def _j2k_header(data: bytes, position: int, limit: int, walk: _Walk, ends: tuple[int, ...], tlm: list) -> int:
+    """Walks a main or tile-part header's marker segments up to one of the markers `ends`, returning its position;
+    comments go, TLM segments (tile-part lengths) are noted for the tile-parts whose headers lose a comment."""
+    within = "the frame" if limit == len(data) else "its tile-part"
+    while True:
+        if position + 2 > limit:
+            raise DamagedFrame(f"ends inside a codestream header at byte {position}")
+        if data[position] != 0xFF:
+            raise DamagedFrame(f"has no marker at byte {position}, where the segment before it ends")
+        code = data[position + 1]
+        if code in ends:
+            return position
+        if 0x30 <= code <= 0x3F:  # reserved markers without parameters
+            position += 2
+            continue
+        stop = _segment_end(data, position, limit, within)
+        if code == _J2K_COM:
+            walk.remove(position, stop, "COM")
+        elif code == _TLM:
+            tlm.append((position, stop))
+        position = stop
+
+
+def _tile_part(data: bytes, sot: int, index: int, walk: _Walk, tlm: list) -> int:
+    """Walks the tile-part at `sot`, returning where the next one starts; a tile-part header that loses a comment
+    gets its length (Psot), and the TLM entry for it, made shorter by as much."""
+    header = _segment_end(data, sot, len(data))
+    if header - sot != 12:
+        raise DamagedFrame(f"has a tile-part header segment (SOT) of {header - sot - 2} bytes at byte {sot}, not 10")
+    (psot,) = struct.unpack_from(">L", data, sot + 6)
+    if psot and psot < 14:
+        raise DamagedFrame(f"tile-part {index} at byte {sot} declares {psot} bytes, fewer than its own header")
+    end = sot + psot if psot else len(data)  # 0: the last tile-part, running to the end marker
+    before = len(walk.edits)
+    _j2k_header(data, header, min(end, len(data)), walk, (_SOD,), tlm)
+    shorter = walk.removed_bytes(before)
+    if shorter and psot:
+        walk.edits.append(_Edit(sot + 6, sot + 10, struct.pack(">L", psot - shorter)))
+        _shorten_tlm_entry(data, tlm, index, shorter, walk)
+    return end
+
+
+def _shorten_tlm_entry(data: bytes, tlm: list, index: int, shorter: int, walk: _Walk) -> None:
+    in_order = sorted(tlm, key=lambda segment: data[segment[0] + 4 : segment[0] + 5])  # by Ztlm, the segment's index
+    entries = [entry for segment in in_order for entry in _tlm_entries(data, *segment)]
+    if index < len(entries):  # a TLM listing fewer tile-parts says nothing of this one
+        at, size = entries[index]
+        length = int.from_bytes(data[at : at + size], "big") - shorter
+        if length < 0:
+            raise DamagedFrame(f"its TLM segment gives tile-part {index} a length shorter than its header")
+        walk.edits.append(_Edit(at, at + size, length.to_bytes(size, "big")))
+
+
+def _tlm_entries(data: bytes, start: int, stop: int) -> list[tuple[int, int]]:
+    """(position, size) of each tile-part length a TLM segment lists (Stlm gives the sizes of index and length)."""
+    if stop - start < 6:
+        raise DamagedFrame(f"has a TLM segment at byte {start} too short to say its entries' sizes")
+    index_size, length_size = (data[start + 5] >> 4) & 3, 4 if data[start + 5] & 0x40 else 2
+    width = index_size + length_size
+    if index_size == 3 or (stop - start - 6) % width:
+        raise DamagedFrame(f"has a TLM segment at byte {start} whose entries do not fill it")
+    return [(at + index_size, length_size) for at in range(start + 6, stop, width)]
+
+
+def _jp2(data: bytes) -> _Walk:
+    """A JP2 file: boxes a reader needs stay, the codestream is cleaned, the other boxes go."""
+    walk, position = _Walk(), 0
+    while position < len(data):
+        if len(data) - position < 8:  # no room for a box: the fragment's padding
+            _padding_only(data, position, "its last JP2 box")
+            break
+        header, stop = _box(data, position)
+        kind = data[position + 4 : position + 8]
+        if kind == b"jp2c":
+            _codestream_box(data, position, header, stop, walk)
+        elif kind not in _JP2_KEPT:
+            walk.remove(position, stop, f"JP2 {kind.decode('latin-1').strip()}")
+        position = stop
+    return walk
+
+
+def _box(data: bytes, at: int) -> tuple[int, int]:
+    """(header size, end) of the box at `at`: a 32-bit length, 1 for a 64-bit one after the type, 0 to the end."""
+    if at + 8 > len(data):
+        raise DamagedFrame(f"ends inside the header of the JP2 box at byte {at}")
+    (length,) = struct.unpack_from(">L", data, at)
+    header = 8
+    if length == 1:
+        if at + 16 > len(data):
+            raise DamagedFrame(f"ends inside the header of the JP2 box at byte {at}")
+        (length,), header = struct.unpack_from(">Q", data, at + 8), 16
+    stop = at + length if length else len(data)
+    if stop < at + header or stop > len(data):
+        raise DamagedFrame(f"JP2 box at byte {at} declares {length} bytes, past the end of the frame ({len(data)} bytes)")
+    return header, stop
+
+
+def _codestream_box(data: bytes, at: int, header: int, stop: int, walk: _Walk) -> None:
+    inner = _j2k(data[at + header : stop])
+    if not inner.edits:
+        return
+    codestream = _applied(data[at + header : stop], inner.edits)
+    (length,) = struct.unpack_from(">L", data, at)
+    if length == 0:  # to the end of the file: no length to change
+        box = data[at : at + header] + codestream
+    elif header == 8:
+        box = struct.pack(">L", 8 + len(codestream)) + b"jp2c" + codestream
+    else:
+        box = struct.pack(">L", 1) + b"jp2c" + struct.pack(">Q", 16 + len(codestream)) + codestream
+    walk.edits.append(_Edit(at, stop, box))
+    walk.removed += inner.removed

@@ -1,0 +1,344 @@
+"""Metadata inside compressed frames, removed by de-identification: JPEG and JPEG-LS comment (COM) and application
+(APPn) segments, JPEG 2000 comments in the main and tile-part headers, and the metadata boxes of a JP2 file. On
+pydicom's real compressed test files with a name planted in a frame: the name is nowhere in the written file, the
+pixels decode the same (pydicom's decoders, and dcmtk's where it has one), the offset tables still locate every frame,
+and a frame whose segments cannot be walked is quarantined with what is wrong, never pooled."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import subprocess
+import warnings
+from collections import Counter
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_fragments, generate_frames, get_frame
+
+from medtriage.errors import InputError
+from medtriage.io.deid import DeidOptions, deidentify
+from medtriage.io.ingest_file import init_worker, process_file
+from medtriage.io.part10 import encode
+from medtriage.io.quarantine import screen
+from medtriage.io.site_key import SiteKey
+
+KEY = SiteKey(b"test-site-secret-0123456789abcdef")
+NAME = b"QUIMBY^ESTELLE^PLANTED"  # in no pydicom test file
+SOI, SOC = b"\xff\xd8", b"\xff\x4f"
+DCMTK_DECOMPRESS = {  # dcmtk's decoders; it has none for JPEG 2000
+    **dict.fromkeys(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.70"), "dcmdjpeg"),
+    **dict.fromkeys(("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"), "dcmdjpls"),
+}
+needs_dcmtk = pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmtk is not installed")
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return struct.pack(">HH", marker, len(payload) + 2) + payload
+
+
+def _com(text: bytes = NAME) -> bytes:
+    return _segment(0xFFFE, text)
+
+
+def _after_soi(frame: bytes, *segments: bytes) -> bytes:
+    return frame[:2] + b"".join(segments) + frame[2:]
+
+
+def _after_first_segment(frame: bytes, *segments: bytes) -> bytes:
+    end = 4 + struct.unpack_from(">H", frame, 4)[0]
+    return frame[:end] + b"".join(segments) + frame[end:]
+
+
+def _after_siz(codestream: bytes, *segments: bytes) -> bytes:
+    """JPEG 2000: SIZ must follow SOC at once, so main header segments go after it."""
+    return _after_first_segment(codestream, *segments)
+
+
+def _j2k_comment(text: bytes = NAME) -> bytes:
+    return _segment(0xFF64, b"\x00\x01" + text)  # Rcom 1: Latin text
+
+
+def _frames(ds: pydicom.Dataset) -> list[bytes]:
+    count = int(ds.get("NumberOfFrames") or 1)
+    tables = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths) if "ExtendedOffsetTable" in ds else None
+    return list(generate_frames(ds.PixelData, number_of_frames=count, extended_offsets=tables))
+
+
+def _planted(name: str, plant, frame: int = 0, extended: bool = False) -> bytes:
+    """pydicom's test file `name` with frame `frame` replaced by `plant(frame)`, every frame behind a Basic Offset
+    Table (or an Extended Offset Table), and what ingest needs to pool it: a Patient ID and no burned-in text."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    frames = _frames(ds)
+    frames[frame] = plant(frames[frame])
+    if extended:
+        ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(frames)
+    else:
+        ds.PixelData = encapsulate(frames, has_bot=True)
+    ds.PatientID, ds.BurnedInAnnotation = "patient-1", "NO"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _read(data: bytes) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def _deidentified(data: bytes):
+    """(the de-identified file as ingest writes it, the de-identification result)."""
+    ds = _read(data)
+    result = deidentify(ds, KEY)
+    return encode(ds), result
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's notes on the test files' own quirks
+        return _read(data).pixel_array
+
+
+def _offset_table_locates_every_frame(data: bytes) -> None:
+    """Each entry of the Basic Offset Table (or Extended Offset Table) is where an item holding its frame starts, one
+    entry per frame, every fragment of even length; and pydicom reads each frame alone from its entry as it reads it in
+    item order."""
+    ds = _read(data)
+    pixel_data, count = ds.PixelData, int(ds.get("NumberOfFrames") or 1)
+    table_length = struct.unpack_from("<L", pixel_data, 4)[0]
+    first = 8 + table_length
+    if "ExtendedOffsetTable" in ds:
+        assert table_length == 0
+        offsets = struct.unpack(f"<{count}Q", ds.ExtendedOffsetTable)
+        lengths = struct.unpack(f"<{count}Q", ds.ExtendedOffsetTableLengths)
+    else:
+        assert table_length == 4 * count
+        offsets, lengths = struct.unpack_from(f"<{count}L", pixel_data, 8), None
+    in_order = _frames(ds)
+    for index, offset in enumerate(offsets):
+        tag, length = struct.unpack_from("<LL", pixel_data, first + offset)
+        assert tag == 0xE000FFFE, f"entry {index} points at no item"
+        assert pixel_data[first + offset + 8 :].startswith((SOI, SOC, b"\0\0\0\x0cjP  "))
+        assert lengths is None or lengths[index] == length
+        tables = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths) if lengths else None
+        alone = get_frame(pixel_data, index, number_of_frames=count, extended_offsets=tables)
+        assert alone == in_order[index]
+    assert all(len(fragment) % 2 == 0 for fragment in generate_fragments(pixel_data[first:]))
+
+
+def _dcmtk_reads(tmp_path, data: bytes) -> np.ndarray | None:
+    """dcmdump reads the file without an error; where dcmtk decodes the syntax, the pixels it decompresses them to."""
+    path = tmp_path / "deidentified.dcm"
+    path.write_bytes(data)
+    dump = subprocess.run(["dcmdump", str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0 and "E: " not in dump.stdout + dump.stderr, dump.stderr
+    tool = DCMTK_DECOMPRESS.get(str(_read(data).file_meta.TransferSyntaxUID))
+    if tool is None:
+        return None
+    native = tmp_path / "native.dcm"
+    done = subprocess.run([tool, str(path), str(native)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return pydicom.dcmread(native).pixel_array
+
+
+PLANTED_COMMENT = [  # (file, frame the comment goes into, where a codestream takes it)
+    ("SC_rgb_jpeg_dcmtk.dcm", 0, _after_soi),  # baseline, JFIF
+    ("JPGExtended.dcm", 0, _after_soi),  # extended (12 bit)
+    ("JPEG-LL.dcm", 0, _after_soi),  # lossless, first-order prediction
+    ("examples_ybr_color.dcm", 6, _after_soi),  # 30 baseline frames
+    ("MR_small_jpeg_ls_lossless.dcm", 0, _after_soi),
+    ("JPEGLSNearLossless_16.dcm", 0, _after_soi),
+    ("emri_small_jpeg_ls_lossless.dcm", 3, _after_soi),  # 10 frames
+    ("MR_small_jp2klossless.dcm", 0, _after_siz),
+    ("JPEG2000.dcm", 0, _after_siz),
+    ("emri_small_jpeg_2k_lossless.dcm", 3, _after_siz),  # 10 frames
+]
+
+
+@needs_dcmtk
+@pytest.mark.parametrize(("name", "frame", "where"), PLANTED_COMMENT, ids=[c[0] for c in PLANTED_COMMENT])
+def test_a_comment_planted_in_a_frame_is_removed_and_the_pixels_decode_the_same(tmp_path, name, frame, where):
+    """Before, pixel data was never touched: the comment reached the pool with the name in it."""
+    comment = _j2k_comment() if where is _after_siz else _com()
+    planted = _planted(name, lambda f: where(f, comment), frame)
+    written, result = _deidentified(planted)
+    assert NAME not in written
+    assert result.stream_metadata["COM"] >= 1
+    assert np.array_equal(_pixels(written), _pixels(planted))
+    _offset_table_locates_every_frame(written)
+    before, after = _frames(_read(planted)), _frames(_read(written))
+    untouched = [i for i, f in enumerate(before) if i != frame and not _holds_comment(f)]
+    assert [after[i] for i in untouched] == [before[i] for i in untouched]  # not rewritten: byte for byte as read
+    decoded = _dcmtk_reads(tmp_path, written)
+    if decoded is not None:
+        assert np.array_equal(decoded, _dcmtk_reads(tmp_path, planted))
+
+
+def _holds_comment(frame: bytes) -> bool:
+    """A JPEG 2000 encoder's own comment (OpenJPEG, Kakadu) in the main header: such frames are rewritten too."""
+    return frame.startswith(SOC) and b"\xff\x64" in frame[: frame.find(b"\xff\x90")]
+
+
+def test_application_segments_are_removed_but_jfif_and_adobe_stay():
+    """EXIF (APP1), ICC (APP2) and Photoshop (APP13) segments can name the patient; JFIF (APP0) and Adobe (APP14) say
+    how a decoder converts colour, and stay."""
+    exif, icc, photoshop = (
+        _segment(0xFFE1, b"Exif\0\0" + NAME),
+        _segment(0xFFE2, b"ICC_PROFILE\0" + NAME),
+        _segment(0xFFED, b"Photoshop 3.0\0" + NAME),
+    )
+    for name, kept in (("SC_rgb_jpeg_dcmtk.dcm", b"JFIF\0"), ("SC_rgb_jpeg_app14_dcmd.dcm", b"Adobe")):
+        planted = _planted(name, lambda f: _after_first_segment(f, _com(), exif, icc, photoshop))
+        written, result = _deidentified(planted)
+        assert NAME not in written and b"Exif" not in written and b"Photoshop" not in written
+        assert kept in _frames(_read(written))[0][:40]
+        assert result.stream_metadata == Counter({"COM": 1, "APP1": 1, "APP2": 1, "APP13": 1})
+        assert np.array_equal(_pixels(written), _pixels(planted))
+
+
+# Files as modalities and converters wrote them, with the metadata they left: a lossless JPEG's LJIF header and comment,
+# JPEG-LS with a SPIFF header, encoders' names in JPEG 2000 comments, a JP2 file's UUID boxes; and files without any.
+AS_WRITTEN = {
+    "JPGLosslessP14SV1_1s_1f_8b.dcm": {"APP0": 1, "COM": 1},
+    "SC_rgb_jls_lossy_line.dcm": {"APP8": 2},
+    "J2K_pixelrep_mismatch.dcm": {"COM": 1},
+    "693_J2KR.dcm": {"COM": 1},
+    "GDCMJ2K_TextGBR.dcm": {"JP2 uuid": 4},
+    "JPGExtended.dcm": {},
+    "emri_small_jpeg_ls_lossless.dcm": {},
+    "SC_rgb_jpeg_app14_dcmd.dcm": {},
+}
+
+
+@pytest.mark.parametrize(("name", "removed"), AS_WRITTEN.items(), ids=list(AS_WRITTEN))
+def test_metadata_the_writers_left_is_removed_and_frames_without_any_stay_as_read(name, removed):
+    original = get_testdata_file(name)
+    ds = pydicom.dcmread(original)
+    ds.PatientID = "patient-1"
+    pixel_data = ds.PixelData
+    result = deidentify(ds, KEY)
+    assert result.stream_metadata == Counter(removed)
+    assert (ds.PixelData is pixel_data) == (not removed)  # nothing to remove: not even re-encapsulated
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.array_equal(ds.pixel_array, pydicom.dcmread(original).pixel_array)
+
+
+def _first_tile_part(codestream: bytes) -> int:
+    position = 2
+    while codestream[position : position + 2] != b"\xff\x90":
+        position += 2 + struct.unpack_from(">H", codestream, position + 2)[0]
+    return position
+
+
+def _tile_part_comment_and_length_table(codestream: bytes) -> bytes:
+    """A comment in the tile-part header (its Psot grown to match) and a TLM segment giving that tile-part's length."""
+    sot = _first_tile_part(codestream)
+    psot = struct.unpack_from(">L", codestream, sot + 6)[0]
+    assert psot and sot + psot + 2 == len(codestream.rstrip(b"\0")), "one tile-part, then EOC"
+    comment = _j2k_comment()
+    grown = struct.pack(">L", psot + len(comment))
+    tile_part = codestream[sot : sot + 6] + grown + codestream[sot + 10 : sot + 12] + comment + codestream[sot + 12 :]
+    tlm = _segment(0xFF55, b"\x00\x40" + grown)  # Ztlm 0; Stlm: no tile index, 32-bit lengths
+    return _after_siz(codestream[:sot], tlm) + tile_part
+
+
+def test_a_comment_in_a_tile_part_header_is_removed_and_the_tile_part_lengths_follow():
+    planted = _planted("MR_small_jp2klossless.dcm", _tile_part_comment_and_length_table)
+    written, _ = _deidentified(planted)
+    assert NAME not in written
+    codestream = _frames(_read(written))[0]
+    sot = _first_tile_part(codestream)
+    psot = struct.unpack_from(">L", codestream, sot + 6)[0]
+    assert codestream[sot + psot : sot + psot + 2] == b"\xff\xd9"  # the tile-part ends where its length says
+    tlm = codestream.index(b"\xff\x55")
+    assert struct.unpack_from(">L", codestream, tlm + 6)[0] == psot
+    assert np.array_equal(_pixels(written), _pixels(planted))
+
+
+def test_a_jp2_files_metadata_boxes_are_removed_and_its_codestream_cleaned():
+    """GDCM wrote JP2 files (a codestream inside boxes) into JPEG 2000 pixel data: an XML box names the patient."""
+    xml = b"<patient>" + NAME + b"</patient>"
+
+    def plant(jp2: bytes) -> bytes:
+        at = jp2.index(b"uuid") - 4
+        box = struct.pack(">L", 8 + len(xml)) + b"xml " + xml
+        codestream = jp2.index(b"jp2c") + 4
+        with_comment = _after_siz(jp2[codestream:], _j2k_comment())
+        grown = struct.pack(">L", 8 + len(with_comment))
+        return jp2[:at] + box + jp2[at : codestream - 8] + grown + b"jp2c" + with_comment
+
+    planted = _planted("GDCMJ2K_TextGBR.dcm", plant)
+    written, result = _deidentified(planted)
+    assert NAME not in written and b"uuid" not in written
+    assert result.stream_metadata == Counter({"JP2 xml": 1, "JP2 uuid": 4, "COM": 1})
+    assert np.array_equal(_pixels(written), _pixels(planted))
+    _offset_table_locates_every_frame(written)
+
+
+@needs_dcmtk
+def test_an_extended_offset_table_is_rebuilt(tmp_path):
+    planted = _planted("emri_small_jpeg_2k_lossless.dcm", lambda f: _after_siz(f, _j2k_comment()), 2, extended=True)
+    written, _ = _deidentified(planted)
+    assert NAME not in written
+    _offset_table_locates_every_frame(written)
+    assert np.array_equal(_pixels(written), _pixels(planted))
+    _dcmtk_reads(tmp_path, written)
+
+
+@pytest.fixture
+def ingest_one(tmp_path):
+    init_worker(KEY, DeidOptions(), frozenset(), False)
+
+    def ingest(data: bytes):
+        path = tmp_path / "image.dcm"
+        path.write_bytes(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return process_file(str(path))
+
+    return ingest
+
+
+def test_ingest_pools_the_file_without_the_planted_comment(ingest_one):
+    outcome = ingest_one(_planted("examples_ybr_color.dcm", lambda f: _after_soi(f, _com()), 6))
+    assert outcome.status == "pending", outcome
+    assert NAME not in outcome.encoded
+
+
+def _past_the_end(frame: bytes) -> bytes:
+    return _after_soi(frame, struct.pack(">HH", 0xFFFE, 0x7FFF) + NAME)
+
+
+def _j2k_past_the_end(codestream: bytes) -> bytes:
+    return _after_siz(codestream, struct.pack(">HHH", 0xFF64, 0x7FFF, 1) + NAME)
+
+
+def _j2k_tile_part_past_its_end(codestream: bytes) -> bytes:
+    sot = _first_tile_part(codestream)
+    return codestream[: sot + 12] + struct.pack(">HH", 0xFF64, 0x7FFF) + NAME + codestream[sot + 12 :]
+
+
+DAMAGED = [  # (file, frame, damage, what the reason says)
+    ("SC_rgb_jpeg_dcmtk.dcm", 0, _past_the_end, "segment FFFE at byte 2 declares 32767 bytes"),
+    ("emri_small_jpeg_ls_lossless.dcm", 4, _past_the_end, "frame 5: marker segment FFFE"),
+    ("MR_small_jp2klossless.dcm", 0, _j2k_past_the_end, "segment FF64 at byte"),
+    ("MR_small_jp2klossless.dcm", 0, _j2k_tile_part_past_its_end, "segment FF64 at byte"),
+    ("SC_rgb_jpeg_dcmtk.dcm", 0, lambda f: NAME + f, "does not start with a start-of-image marker (FFD8)"),
+    ("emri_small_jpeg_2k_lossless.dcm", 1, lambda f: NAME + f, "frame 2: does not start with"),
+]
+
+
+@pytest.mark.parametrize(("name", "frame", "damage", "said"), DAMAGED, ids=[f"{d[0]}-{i}" for i, d in enumerate(DAMAGED)])
+def test_a_frame_whose_segments_cannot_be_walked_is_quarantined_with_what_is_wrong(ingest_one, name, frame, damage, said):
+    """A length past the frame's end, or no start marker: where the metadata is cannot be known, so nothing is guessed.
+    Before, the file was pooled with the name inside the frame."""
+    damaged = _planted(name, damage, frame)
+    outcome = ingest_one(damaged)
+    assert (outcome.status, outcome.reason) == ("quarantined", "damaged_compressed_frame"), outcome
+    assert said in outcome.detail and not outcome.encoded
+    assert screen(_read(damaged)).reason == "damaged_compressed_frame"
+    with pytest.raises(InputError, match="cannot be de-identified"):
+        deidentify(_read(damaged), KEY)
