@@ -7,6 +7,7 @@ opinion); io.display maps stored values to display values, following the DICOM g
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import re
 import warnings
@@ -42,6 +43,12 @@ _IMAGECODECS_DECODERS = {  # transfer syntax UID -> imagecodecs function, when p
     "1.2.840.10008.1.2.4.90": "jpeg2k_decode",
     "1.2.840.10008.1.2.4.91": "jpeg2k_decode",
 }
+VIDEO_SYNTAXES = frozenset(
+    {*pydicom.uid.MPEGTransferSyntaxes, "1.2.840.10008.1.2.7.1", "1.2.840.10008.1.2.7.2", "1.2.840.10008.1.2.7.3"}  # + SMPTE ST 2110
+)
+# JPIP Referenced (Deflate), and their HTJ2K forms: the file holds a link to a JPIP server, not the pixels
+JPIP_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.204", "1.2.840.10008.1.2.4.205"})
+CONVERT = "or convert the file to an uncompressed one, e.g. with GDCM (gdcmconv --raw IN OUT) or, for JPEG, dcmtk (dcmdjpeg IN OUT)"
 
 
 @dataclass
@@ -251,8 +258,55 @@ def _decode_stored(ds: pydicom.Dataset, where: str, frame: int | None) -> np.nda
     except BaseException as err:  # ValueError/RuntimeError/...; a Rust decoder's panic is a BaseException
         arr = _second_opinion(ds, where, frame)
         if arr is None:
-            raise DicomError(_decode_failure(err, ds), where=where, hint=_decode_hint(err)) from err
+            raise _undecodable(err, ds, where) from err
     return _frames_as_header_says(arr, ds, where)
+
+
+def _undecodable(err: BaseException, ds: pydicom.Dataset, where: str) -> DicomError:
+    """Why the pixels could not be decoded: a transfer syntax this installation has no decoder for is said as such
+    (sending the file again changes nothing), apart from pixel data a decoder read and found wrong."""
+    syntax = _transfer_syntax(ds)
+    uid = None if syntax is None else pydicom.uid.UID(str(syntax))
+    missing = None if uid is None else _missing_decoders(uid)
+    if missing is None:
+        return DicomError(_decode_failure(err, ds), where=where, hint=_decode_hint(err))
+    return DicomError(
+        f"transfer syntax {uid} ({_syntax_name(uid)}) is not supported by this installation",
+        where=where,
+        hint=_unsupported_hint(uid, missing),
+    )
+
+
+def _missing_decoders(uid: pydicom.uid.UID) -> list[str] | None:
+    """What pydicom says its uninstalled plugins for `uid` need ([] where it has none for it at all); None where a
+    decoder is installed (pydicom's, or imagecodecs' second opinion), so that a failure is the pixel data's."""
+    from pydicom.pixels import get_decoder
+
+    if uid in _IMAGECODECS_DECODERS and importlib.util.find_spec("imagecodecs") is not None:
+        return None
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return []
+    return None if decoder.is_available else decoder.missing_dependencies
+
+
+def _syntax_name(uid: pydicom.uid.UID) -> str:
+    if uid.name != str(uid):
+        return uid.name
+    return "a private transfer syntax" if uid.is_private else f"a transfer syntax unknown to pydicom {pydicom.__version__}"
+
+
+def _unsupported_hint(uid: pydicom.uid.UID, missing: list[str]) -> str:
+    if missing:
+        return f"install one of its decoders ({'; '.join(missing)}), {CONVERT}"
+    if uid in VIDEO_SYNTAXES:
+        return "this is a video encoding: export the images as still frames (uncompressed, JPEG or JPEG 2000) from the source system"
+    if uid in JPIP_SYNTAXES:
+        return "the file holds a link to a JPIP server, not the pixels: have the source system send the pixel data itself"
+    if uid.is_private:
+        return "only the system that wrote it can decode it: have it send a standard transfer syntax (e.g. Explicit VR Little Endian)"
+    return f"have the source system send another transfer syntax (uncompressed, JPEG or JPEG 2000), {CONVERT}"
 
 
 def _second_opinion(ds: pydicom.Dataset, where: str, frame: int | None) -> np.ndarray | None:
@@ -341,7 +395,7 @@ def _stored_bits_only(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return StoredValues(as_stored, bits if 0 < bits <= width else width).corrected()
 
 
-def _decode_failure(err: Exception, ds: pydicom.Dataset) -> str:
+def _decode_failure(err: BaseException, ds: pydicom.Dataset) -> str:
     short = _SHORT_PIXELS.search(str(err))
     if short:
         got, expected = (int(v) for v in short.groups())
@@ -351,9 +405,9 @@ def _decode_failure(err: Exception, ds: pydicom.Dataset) -> str:
     return f"cannot decode pixel data ({getattr(syntax, 'name', syntax) or 'unknown transfer syntax'}): {detail}"
 
 
-def _decode_hint(err: Exception) -> str:
+def _decode_hint(err: BaseException) -> str:
     text = str(err).lower()
-    if "missing dependencies" in text:
+    if "missing dependencies" in text:  # imagecodecs has a decoder for the syntax too, and it failed
         return "install the decoders: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
     if "missing required element" in text:
         return "the image pixel module is incomplete; fix the export in the source system"

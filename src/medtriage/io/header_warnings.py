@@ -6,6 +6,10 @@ reads one file several times (its identity on arrival, its pixels to score it, i
 each read would say it again. `reading(where)` marks the file a thread is reading (every reader of untrusted DICOM
 enters it, through `io.clamped.dicom_source` and `io.dicom.read_dicom`), and `say_header_warnings` prints pydicom's
 records with that name in front, each (file, message) once, and silences pydicom's copies as Python warnings.
+
+pydicom also logs each decoding plugin that fails on a frame, with its traceback, before it tries the next one (and
+io.dicom tries imagecodecs after them all). Those records are not said: where a later decoder reads the frame nothing
+went wrong, and where none does, the file's DicomError names every plugin's reason.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tqdm import tqdm
 from medtriage.errors import printable
 
 PYDICOM = "pydicom"
+PLUGIN_ATTEMPTS = "pydicom.pixels."  # the loggers of pydicom's decoder and encoder runners, which log each failed plugin
 _current = threading.local()
 
 
@@ -65,6 +70,8 @@ class HeaderWarnings(logging.StreamHandler):
         pass
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith(PLUGIN_ATTEMPTS):
+            return False  # one plugin of several failed: the decode's outcome says whether that mattered
         said = (file_being_read(), record.getMessage())  # records are handled on the thread that logs them
         now = time.monotonic()
         with self._lock:
@@ -82,7 +89,9 @@ class HeaderWarnings(logging.StreamHandler):
     def format(self, record: logging.LogRecord) -> str:
         where, message = file_being_read(), record.getMessage()
         named = printable(message if where is None else f"{where}: {message}")
-        return super().format(logging.makeLogRecord({**record.__dict__, "msg": named, "args": None}))
+        # the message alone, on one line: a traceback of pydicom's insides tells the user nothing they can act on
+        alone = {**record.__dict__, "msg": named, "args": None, "exc_info": None, "exc_text": None, "stack_info": None}
+        return super().format(logging.makeLogRecord(alone))
 
 
 def saying_header_warnings() -> bool:

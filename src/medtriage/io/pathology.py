@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from medtriage.errors import ConfigError, InputError
-from medtriage.io.slide_reader import SLIDE_SUFFIXES, RegionReader, Slide, is_slide_path, open_slide  # noqa: F401 (re-exported)
+from medtriage.io.slide_reader import MAX_MPP, MIN_MPP, SLIDE_SUFFIXES, RegionReader, Slide, is_slide_path, open_slide  # noqa: F401 (re-exported)
 from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, Stains, fit_stains
 
 DEFAULT_TILE_MPP = 0.5  # 20x
@@ -196,11 +196,14 @@ def tile_grid(
 ) -> TileGrid:
     """Non-overlapping grid of physical tiles covering the whole slide; positions with less tissue than `min_tissue`
     are skipped (the part of an edge tile beyond the slide counts as background)."""
-    if not (tile_size >= 1 and math.isfinite(mpp) and mpp > 0):
-        raise ConfigError(f"tiles of {tile_size} pixels at {mpp} µm/pixel", hint="tile size and µm/pixel must be positive")
+    if not (tile_size >= 1 and math.isfinite(mpp) and MIN_MPP <= mpp <= MAX_MPP):
+        raise ConfigError(
+            f"tiles of {tile_size} pixels at {mpp:.4g} µm/pixel",
+            hint=f"the tile size must be positive and µm/pixel from {MIN_MPP:g} to {MAX_MPP:g}: check the package's pathology block",
+        )
     if slide.mpp > mpp * COARSER_TOLERANCE:
         raise InputError(
-            f"slide scanned at {slide.mpp:.3f} µm/pixel is coarser than the {mpp:.3f} µm/pixel the tiles need",
+            f"slide scanned at {slide.mpp:.4g} µm/pixel is coarser than the {mpp:.4g} µm/pixel the tiles need",
             where=slide.path,
             hint="use a model trained at a coarser resolution, or rescan at higher magnification",
         )

@@ -46,6 +46,7 @@ TILE_CACHE_BYTES = 128 << 20  # decoded tiles one reader keeps: 680 of 256 pixel
 # fill the budget with 44 million entries, 500 bytes each.
 CACHE_ENTRY_BYTES = 512
 MIN_MPP = 0.05  # µm/pixel: a quarter of what light microscopes resolve; anything finer is a damaged tag
+MAX_MPP = 1000.0  # µm/pixel: a millimetre a pixel, coarser than a photograph of the whole glass slide; a damaged tag
 BRIGHTFIELD_HINT = (
     "the pathology models read 8-bit RGB brightfield slides (H&E, IHC): export the slide as 8-bit RGB "
     "(SVS, a tiled pyramidal TIFF or a DICOM whole-slide image)"
@@ -204,11 +205,12 @@ def _checked_mpp(override: float | None, path: Path) -> float | None:
 
 
 def _plausible_mpp(mpp: float, path: Path, source: str) -> float:
-    """A damaged or hostile tag must not size the tile grid: at 0.001 µm/pixel one tile spans the whole slide."""
-    if not (math.isfinite(mpp) and mpp >= MIN_MPP):
+    """A damaged or hostile tag must not size the tile grid: at 0.001 µm/pixel one tile spans the whole slide, and at
+    1e308 its size in pixels overflows."""
+    if not (math.isfinite(mpp) and MIN_MPP <= mpp <= MAX_MPP):
         raise InputError(
-            f"implausible scan resolution from {source}: {mpp:g} µm/pixel (light microscopes resolve no finer than "
-            f"about 0.2 µm; the limit is {MIN_MPP:g})",
+            f"implausible scan resolution from {source}: {mpp:.4g} µm/pixel (light microscopes resolve no finer than "
+            f"about 0.2 µm; the limits are {MIN_MPP:g} to {MAX_MPP:g})",
             where=path,
             hint=MPP_HINT,
         )

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medtriage.arguments import non_negative_int, path_as_typed, positive_float, positive_int, refuse_file_as_folder, whole_number
@@ -40,7 +40,13 @@ def register(subparsers) -> None:
     output = score.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     output.add_argument("--csv", action="store_true", help="print CSV instead of a table")
-    score.add_argument("--sr", metavar="OUTDIR", type=path_argument, help="also write one DICOM Structured Report per scored file here")
+    score.add_argument(
+        "--sr",
+        metavar="OUTDIR",
+        type=path_argument,
+        help="also write one DICOM Structured Report per scored DICOM file here "
+        "(no SR for whole-slide images: their results are in the table, --json or --csv alone)",
+    )
     score.add_argument(
         "--mpp",
         type=positive_float,
@@ -258,32 +264,41 @@ def _whole_slides_as_folders(files: list[Path]) -> list[Path]:
     return kept
 
 
-def score_paths(
-    predictor: Predictor,
-    files: list[Path],
-    progress: bool,
-    sr_dir: str | None,
-    slide_mpp: float | None = None,
-    heatmap_dir: str | None = None,
-    overlay_dir: str | None = None,
-) -> Iterator[Score | Rejection | Unwritten]:
-    """Each file's scores or rejection, then what of its results asked for could not be written (its scores stand)."""
-    from medtriage.io.pathology import is_slide_path
+def score_files(
+    predictor: Predictor, files: list[Path], args: argparse.Namespace, progress: bool
+) -> tuple[list[list[Score | Rejection | Unwritten]], bool]:
+    """Each file's outcomes (its scores or rejection, then what of its results asked for could not be written: its
+    scores stand) until the last file or a stop (Ctrl-C; SIGTERM and SIGHUP, from a scheduler or a closed terminal,
+    alike), and whether the run was stopped: hours of scoring are not lost to one keystroke."""
     from medtriage.progress import progress as shown
+    from medtriage.signals import terminate_as_interrupt
 
-    for path in shown(files, len(files), "scoring", "file", disable=not progress):
-        if is_slide_path(path):  # whole-slide images: tiles -> one slide score (no DICOM SR)
-            yield _scored_slide(predictor, path, slide_mpp, heatmap_dir)
-            continue
-        outcome = predictor.score_or_reject(path, str(path))
-        if isinstance(outcome, Rejection):
-            yield outcome
-            continue
-        yield from outcome
-        if sr_dir:
-            yield from _write_sr(predictor, path, outcome, sr_dir)
-        if overlay_dir:
-            yield from _write_overlay(predictor, path, outcome, overlay_dir)
+    done: list[list[Score | Rejection | Unwritten]] = []
+    try:
+        with terminate_as_interrupt(), shown(files, len(files), "scoring", "file", disable=not progress) as bar:
+            for path in bar:
+                _score_into(done, predictor, path, args)
+    except KeyboardInterrupt:
+        return done, True
+    return done, False
+
+
+def _score_into(done: list, predictor: Predictor, path: Path, args: argparse.Namespace) -> None:
+    """One file's outcomes, appended to `done` as one list once all of it is done."""
+    from medtriage.io.pathology import is_slide_path
+    from medtriage.signals import signals_held
+
+    if is_slide_path(path):  # whole-slide images: tiles -> one slide score (no DICOM SR)
+        done.append([_scored_slide(predictor, path, args.mpp, args.heatmaps)])
+        return
+    outcome = predictor.score_or_reject(path, str(path))
+    if isinstance(outcome, Rejection):
+        done.append([outcome])
+        return
+    with signals_held():  # a stop waits until its results are written and counted: an SR on disk is a row reported
+        sr = _write_sr(predictor, path, outcome, args.sr) if args.sr else []
+        overlay = _write_overlay(predictor, path, outcome, args.overlays) if args.overlays else []
+        done.append([*outcome, *sr, *overlay])
 
 
 def _scored_slide(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap_dir: str | None) -> Score | Rejection:
@@ -352,22 +367,61 @@ def run_score(args: argparse.Namespace) -> int:
     for option in OUTPUT_FOLDERS:
         _make_output_folder(getattr(args, option[2:]), option)
     files, missing, any_folder = collect_files(args.paths)
-    outcomes = list(
-        score_paths(
-            predictor, files, progress=any_folder, sr_dir=args.sr, slide_mpp=args.mpp, heatmap_dir=args.heatmaps, overlay_dir=args.overlays
-        )
-    )
-    scores = [o for o in outcomes if isinstance(o, Score)]
+    if args.sr:
+        _say_no_sr_for_slides(files)
+    done, stopped = score_files(predictor, files, args, progress=any_folder)
+    outcomes = [outcome for file_outcomes in done for outcome in file_outcomes]
+    scores, unwritten = [o for o in outcomes if isinstance(o, Score)], [o for o in outcomes if isinstance(o, Unwritten)]
     rejected = missing + [o for o in outcomes if isinstance(o, Rejection)]
-    unwritten = [o for o in outcomes if isinstance(o, Unwritten)]
+    if stopped:
+        inputs = len(done) + len(missing)  # those the run got to
+        return _report_stopped(lambda: _report(args, predictor, scores, rejected, unwritten, inputs), len(done), len(files))
+    _report(args, predictor, scores, rejected, unwritten, len(files) + len(missing))
+    return 1 if rejected or unwritten else 0
+
+
+def _say_no_sr_for_slides(files: list[Path]) -> None:
+    """--sr writes SRs for DICOM images alone; that a slide's result gets none is said before scoring, not left to be
+    found missing."""
+    from medtriage.io.pathology import is_slide_path
+
+    slides = sum(1 for path in files if is_slide_path(path))
+    if slides:
+        print(
+            f"note: no DICOM SR is written for whole-slide images ({slides} given): their results are in the output alone; "
+            "--sr writes one for each DICOM image scored",
+            file=sys.stderr,
+        )
+
+
+def _report(
+    args: argparse.Namespace, predictor: Predictor, scores: list[Score], rejected: list[Rejection], unwritten: list[Unwritten], inputs: int
+) -> None:
+    """The results on stdout, and a line counting them on stderr."""
     _print_results(args, predictor, scores, rejected, unwritten=unwritten)
     print(
-        f"{len(files) + len(missing)} input(s): "
+        f"{inputs} input(s): "
         f"{len({s.file for s in scores})} file(s) scored ({len(scores)} image(s)), {len(rejected)} rejected"
         f"{_unwritten_counts(unwritten)}; provider {predictor.provider}",
         file=sys.stderr,
     )
-    return 1 if rejected or unwritten else 0
+
+
+def _report_stopped(report: Callable[[], None], scored: int, total: int) -> int:
+    """`report` of the files done before a stop, as a whole run's, then a line saying which part they are; exit status
+    130, a process SIGINT ended. A second Ctrl-C waits until they are written: the first one asked for them."""
+    import signal
+
+    from medtriage.signals import signals_held
+
+    with signals_held():
+        report()
+        print(
+            f"interrupted after {scored} of {total} file(s): the results above are those of the first {scored}; "
+            f"score the other {total - scored} again",
+            file=sys.stderr,
+        )
+    return 128 + signal.SIGINT
 
 
 def _unwritten_counts(unwritten: list[Unwritten]) -> str:
