@@ -10,10 +10,14 @@ the PSI of any feature passes that reference's threshold (chosen at export for a
 false-alarm rate on unshifted windows; a site's reference, built on fewer images, has its own).
 A source's count of inputs is kept apart from its window: when a quiet source's window is let go
 for a new source, and the source comes back, its window starts empty but its count goes on.
+An input a source sent before (a sender's retry, or the same file's SR asked for after its score) is counted once:
+the door names each input by a key (over HTTP its SOP Instance UID, else the sha256 of its bytes), and the monitor
+remembers the last `remembered` (source, key) pairs it counted; one it no longer remembers counts again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from collections import OrderedDict, deque
@@ -26,6 +30,8 @@ FEATURES = ("input_mean", "ood_score", "probability")
 DEFAULT_SOURCE = "default"
 MAX_SOURCES = 64  # a header is untrusted: a quiet source leaves when a new one would exceed this (_evictable)
 MAX_COUNTED = 64 * MAX_SOURCES  # names whose count outlives their window; past this, the one seen least is forgotten
+# (source, input) pairs kept to tell a resend (about 150 bytes each): a retry comes within minutes, not 16384 images later
+REMEMBERED = 16384
 _SOURCE_CHARS = re.compile(r"[^A-Za-z0-9._ -]")
 
 
@@ -88,7 +94,7 @@ class SourceDrift:
 class DriftMonitor:
     """Rolling windows and PSI per source; thread-safe. A package without references monitors nothing."""
 
-    def __init__(self, drift_meta: dict | None):
+    def __init__(self, drift_meta: dict | None, remembered: int = REMEMBERED):
         drift_meta = drift_meta or {}
         self.enabled = bool(drift_meta.get("reference"))
         self.window = int(drift_meta.get("window", 200))
@@ -100,15 +106,20 @@ class DriftMonitor:
         self._windows: OrderedDict[str, dict[str, deque]] = OrderedDict()
         self._state: dict[str, SourceDrift] = {}
         self._seen: OrderedDict[str, int] = OrderedDict()  # source -> inputs since the service started
+        self._counted: OrderedDict[bytes, None] = OrderedDict()  # digests of (source, key), least recently seen first
+        self.remembered = max(1, int(remembered))
         self._lock = threading.Lock()
 
-    def observe(self, source: str | None, features: dict[str, float]) -> SourceDrift | None:
-        """Add one scored image of `source`; returns that source's drift state (None when not monitoring)."""
+    def observe(self, source: str | None, features: dict[str, float], key: str | None = None) -> SourceDrift | None:
+        """Add one scored image of `source`, named by `key` (None: an input that always counts); returns that source's
+        drift state, or None when not monitoring or when `source` sent this input before (nothing changes)."""
         if not self.enabled:
             return None
         source = source_name(source)
         reference_name, reference, threshold = self.sites.get(source, ("all", self.pooled, self.threshold))
         with self._lock:
+            if key is not None and self._resent(source, key):
+                return None
             windows = self._windows_of(source)
             state = self._state.setdefault(source, SourceDrift(source, reference_name, threshold))
             state.images = self._count(source)
@@ -118,6 +129,17 @@ class DriftMonitor:
             state.window = max((len(w) for w in windows.values()), default=0)
             state.psi = {f: psi(reference[f], list(w)) for f, w in windows.items()}
             return state
+
+    def _resent(self, source: str, key: str) -> bool:
+        """Whether `source` sent the input `key` among the last inputs remembered; remembers it either way. Kept as a
+        digest: a key is the sender's text (a UID) of any length, and the memory must stay bounded."""
+        digest = hashlib.sha256(f"{source}\0{key}".encode(errors="surrogatepass")).digest()[:16]
+        seen = digest in self._counted
+        self._counted[digest] = None
+        self._counted.move_to_end(digest)  # a sender that keeps retrying keeps its input remembered
+        if len(self._counted) > self.remembered:
+            self._counted.popitem(last=False)
+        return seen
 
     def _windows_of(self, source: str) -> dict[str, deque]:
         if source in self._windows:

@@ -3,8 +3,8 @@
 POST /v1/score   multipart form with one or more `files` (or a raw application/dicom body) -> JSON
 POST /v1/sr      one DICOM file -> its DICOM Structured Report (application/dicom)
 GET  /health     the process is up;  GET /ready  the model is loaded (provider in use)
-GET  /v1/model   the package's model.json;  /docs  OpenAPI
-GET  /worklist   the radiologist's worklist page (files scored by /v1/score; see worklist.py)
+GET  /v1/model   the package's model.json;  /docs and /redoc  the API described (their scripts served here: no CDN)
+GET  /worklist   the radiologist's worklist page (files scored by /v1/score; see worklist.py); GET / leads there
 GET  /metrics    Prometheus metrics;  GET /v1/drift  input drift per source (`X-Source` header; see metrics.py)
 """
 
@@ -16,11 +16,14 @@ import hmac
 import ipaddress
 import logging
 import re
+from pathlib import Path
 
+import fastapi_offline
 import h11
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -33,7 +36,7 @@ from medtriage.serve.node.store import NodeStore
 from medtriage.serve.predictor import Predictor, Rejection, Score
 from medtriage.serve.report import result_document
 from medtriage.serve.uploads import RequestError, Upload, read_upload, received_uploads, uploads_size
-from medtriage.serve.worklist import DEFAULT_CAPACITY, PAGE_PATH, Worklist, WorklistWriteError, worklist_router
+from medtriage.serve.worklist import DEFAULT_CAPACITY, PAGE_PATH, Worklist, WorklistWriteError, inline_hashes, worklist_router
 
 log = logging.getLogger(__name__)
 # Endpoints read the body themselves (size limit, raw or multipart); this documents it for /docs.
@@ -71,8 +74,17 @@ UPLOAD_ERRORS = {
     500: {"description": "an error of the service itself, e.g. the worklist could not record a scored file", **ERROR},
     503: {"description": "busy (retry after the seconds in Retry-After), or the upload could not be stored", **ERROR},
 }
-# The worklist page is static HTML; the data it fetches carries the token like any other client.
-OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", PAGE_PATH}
+# The API description pages' script, style sheet and icon, served from the installed fastapi-offline package: hospital
+# networks are often offline, where a page whose script comes from a CDN stays blank.
+DOCS_ASSETS = "/docs/assets"
+DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "redoc.standalone.js": "text/javascript",
+    "favicon.png": "image/png",
+}
+# The worklist page is static HTML; the data it fetches carries the token like any other client. `/` only leads there.
+OPEN_PATHS = {"/", "/health", "/ready", "/docs", "/openapi.json", "/redoc", PAGE_PATH, *(f"{DOCS_ASSETS}/{name}" for name in DOCS_FILES)}
 # Every file part past the request's first SPOOL_IN_MEMORY bytes is an open temporary file until the answer.
 MAX_FILES = 1000
 TOO_LARGE = ImageTooLargeError.__name__
@@ -103,6 +115,8 @@ def create_app(
         title="MedTriage",
         version=__version__,
         description=f"Triage scores from {predictor.package.describe()}: decision support, not diagnosis.",
+        docs_url=None,  # FastAPI's own pages load their scripts from a CDN: _add_docs serves them here
+        redoc_url=None,
     )
     app.state.admission = admission or Admission()
     _add_error_handlers(app)
@@ -110,6 +124,7 @@ def create_app(
     # a DICOM node's state folder, or memory; rows from a source the monitor finds drifting are marked
     worklist = Worklist(predictor, capacity=worklist_size, store=state, drift=app.state.monitor.drift)
     _add_routes(app, predictor, max_bytes, max_files, worklist)
+    _add_docs(app)
     app.include_router(worklist_router(worklist, app.state.admission))
     app.include_router(monitoring_router(app.state.monitor))
     app.add_middleware(
@@ -370,8 +385,77 @@ def internal_error(err: Exception) -> JSONResponse:
     return error_response(500, f"internal error ({type(err).__name__}); the service keeps running", RETRY_HINT)
 
 
+def _add_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc, whose script, style sheet and icon the service serves itself (DOCS_FILES)."""
+    folder = Path(fastapi_offline.__file__).parent / "static"
+    swagger, redoc = _docs_pages(app.title, app.openapi_url)
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_page() -> HTMLResponse:
+        return HTMLResponse(swagger, headers=docs_headers(swagger))
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc_page() -> HTMLResponse:
+        return HTMLResponse(redoc, headers=docs_headers(redoc, REDOC_DRAWS))
+
+    @app.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> FileResponse:
+        if name not in DOCS_FILES:
+            raise StarletteHTTPException(404)  # answered as any unknown route
+        return FileResponse(folder / name, media_type=DOCS_FILES[name])
+
+
+def _docs_pages(title: str, openapi_url: str) -> tuple[str, str]:
+    """The HTML of Swagger UI's page and ReDoc's, loading DOCS_FILES from the service. The API has no OAuth2 flow, so
+    Swagger UI gets no oauth2-redirect page; nor a validator badge, which would ask a web service about the schema."""
+    assets = {name: f"{DOCS_ASSETS}/{name}" for name in DOCS_FILES}
+    swagger = get_swagger_ui_html(
+        openapi_url=openapi_url,
+        title=f"{title} - Swagger UI",
+        swagger_js_url=assets["swagger-ui-bundle.js"],
+        swagger_css_url=assets["swagger-ui.css"],
+        swagger_favicon_url=assets["favicon.png"],
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+    redoc = get_redoc_html(
+        openapi_url=openapi_url,
+        title=f"{title} - ReDoc",
+        redoc_js_url=assets["redoc.standalone.js"],
+        redoc_favicon_url=assets["favicon.png"],
+        with_google_fonts=False,
+    )
+    return swagger.body.decode(), redoc.body.decode()
+
+
+# ReDoc writes its styles into the page as it draws it, and searches in a worker its script makes: without either it
+# draws nothing, or no search. Swagger UI needs neither.
+REDOC_DRAWS = {"style-src": "'self' 'unsafe-inline'", "worker-src": "blob:"}
+
+
+def docs_headers(page: str, draws: dict | None = None) -> dict:
+    """The API description pages run only the service's own scripts and their inline start-up script, fetch only from
+    the service (the schema, and a route tried out), and may not be framed; `draws`, sources a page needs beyond."""
+    sources = {
+        "default-src": "'none'",
+        "script-src": f"'self' {inline_hashes(page, 'script')}".strip(),
+        "style-src": "'self'",
+        "img-src": "'self' data:",
+        "connect-src": "'self'",
+        "base-uri": "'none'",
+        "form-action": "'none'",
+        "frame-ancestors": "'none'",
+        **(draws or {}),
+    }
+    policy = "; ".join(f"{directive} {value}" for directive, value in sources.items())
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+
+
 def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, max_files: int, worklist: Worklist) -> None:
     package = predictor.package
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse(PAGE_PATH, status_code=307)  # the page someone typing the service's address wants
 
     @app.get("/health")
     def health() -> dict:

@@ -2,6 +2,7 @@
 
     monitor = ServiceMonitor(predictor.package)
     monitor.record(outcome, source="CR_ROOM_2", seconds=0.04)   # outcome: list[Score] | Rejection
+    monitor.timed(score, data, name, source)                      # score(data, name), timed, recorded; a resend drifts once
     monitor.exposition()                                          # the /metrics body
 
 Names (one `medtriage_` namespace): medtriage_scored_total, medtriage_rejected_total{reason},
@@ -15,6 +16,7 @@ Each monitor has its own registry, so several services (or tests) in one process
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -90,8 +92,10 @@ class ServiceMonitor:
         self._labelled: dict[str, set] = {}  # source -> features with a psi series, to drop them with the source
         self._lock = threading.Lock()
 
-    def record(self, outcome, source: str | None = None, seconds: float | None = None) -> None:
-        """One input's outcome (list of Scores, or a Rejection) from `source`, and how long it took."""
+    def record(self, outcome, source: str | None = None, seconds: float | None = None, key: str | None = None) -> None:
+        """One input's outcome (list of Scores, or a Rejection) from `source`, and how long it took. `key` names the
+        input for the drift monitor, which counts an input a source sent before only once (None: always counted).
+        Scored and rejected counts are of the work done, so a resend counts there again."""
         if seconds is not None:
             self.latency.observe(seconds)
         source = source_name(source)
@@ -99,18 +103,18 @@ class ServiceMonitor:
             self.rejected.labels(reason=rejection_reason(outcome)).inc()
             if outcome.internal:  # the service failed, not the file: counted as failure too, for failure alerts
                 self.failed.labels(reason=snake_case(outcome.error)).inc()
-            self._observe(outcome.withheld or [], source)  # an unusual image is part of what a source sends
+            self._observe(outcome.withheld or [], source, key)  # an unusual image is part of what a source sends
             return
         self.scored.inc(len(outcome))
-        self._observe(outcome, source)
+        self._observe(outcome, source, key)
 
-    def _observe(self, scores, source: str) -> None:
+    def _observe(self, scores, source: str, key: str | None = None) -> None:
         # Out-of-scope images (scored only under --allow-out-of-scope) are not what the references describe: left
         # out, so that the flag does not change whether a source drifts. Unusual in-scope images do count.
         scores = [score for score in scores if not any(flag.startswith(OUT_OF_SCOPE) for flag in score.flags)]
         if not scores:  # refused before inference, or out of scope: nothing to compare
             return
-        state = self.drift.observe(source, input_features(scores))
+        state = self.drift.observe(source, input_features(scores), key)
         if state is not None:
             self._publish(state)
 
@@ -137,15 +141,26 @@ class ServiceMonitor:
         """An error of the service itself, counted by its type only: its message may name files or data."""
         self.failed.labels(reason=snake_case(type(err).__name__)).inc()
 
-    def timed(self, score, data, name: str, source: str | None = None):
+    def timed(self, score, data: bytes, name: str, source: str | None = None):
         """`score(data, name)` (a score_or_reject), timed and recorded; returns its outcome."""
         started = time.perf_counter()
         outcome = score(data, name)
-        self.record(outcome, source, time.perf_counter() - started)
+        self.record(outcome, source, time.perf_counter() - started, input_key(outcome, data))
         return outcome
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def input_key(outcome, data: bytes) -> str | None:
+    """What names an input for the drift monitor: its SOP Instance UID, by which the worklist too knows a resend (a
+    retry may come re-encoded, or with other private elements), else the sha256 of its bytes; None when it has no
+    scores for the monitor, so that a refused file is not hashed for nothing."""
+    scores = (outcome.withheld or []) if isinstance(outcome, Rejection) else outcome
+    if not scores:
+        return None
+    uid = next((score.sop_uid for score in scores if score.sop_uid), "")
+    return f"sop:{uid}" if uid else f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 def monitoring_router(monitor: ServiceMonitor) -> APIRouter:

@@ -58,7 +58,7 @@ DEFAULT_CAPACITY = 256
 PAGE_PATH = "/worklist"
 UPLOAD_AET = "HTTP"  # the calling AE title recorded for uploads, to tell them from what the node received
 SHOWN_STATES = {"receiving": "received", "scored": "scored", "delivered": "delivered", "failed": "failed", "not_analysed": "not analysed"}
-__all__ = ["DEFAULT_CAPACITY", "PAGE_PATH", "PRIORITY_RANK", "Worklist", "WorklistWriteError", "worklist_router"]
+__all__ = ["DEFAULT_CAPACITY", "PAGE_PATH", "PRIORITY_RANK", "Worklist", "WorklistWriteError", "inline_hashes", "worklist_router"]
 
 
 class WorklistWriteError(MedTriageError):
@@ -384,7 +384,7 @@ def page_headers(page: str) -> dict:
     """The page is open without the token and shows PHI: it runs only its own inline script and style, talks only
     to this service, and may not be framed by another site."""
     policy = (
-        f"default-src 'none'; script-src {_inline_hashes(page, 'script')}; style-src {_inline_hashes(page, 'style')}; "
+        f"default-src 'none'; script-src {inline_hashes(page, 'script')}; style-src {inline_hashes(page, 'style')}; "
         "connect-src 'self'; img-src blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
     return {
@@ -396,7 +396,7 @@ def page_headers(page: str) -> dict:
     }
 
 
-def _inline_hashes(page: str, tag: str) -> str:
+def inline_hashes(page: str, tag: str) -> str:
     """CSP sources for the page's inline <script> or <style> blocks: the sha256 of each one's text."""
     blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
     return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'" for block in blocks)
