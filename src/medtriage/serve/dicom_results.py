@@ -390,6 +390,37 @@ def carried_header(source: pydicom.Dataset) -> pydicom.Dataset:
     return source
 
 
+# The patient a result object names: a heatmap's builder copies these from its own image (the SR, from its first source).
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+
+
+def names_patient(header: pydicom.Dataset) -> bool:
+    """Whether a header names its patient (a Patient ID): a blank one is unknown."""
+    try:
+        return bool(str(header.get("PatientID") or "").strip())
+    except Exception:  # noqa: BLE001 -- pydicom converts lazily: an unreadable value names no one
+        return False
+
+
+def patient_source(headers: list[pydicom.Dataset]) -> pydicom.Dataset:
+    """The header of a study's images that its result objects (the SR, the heatmap) copy their patient from: the first
+    that names a Patient ID, as the node holds the study for the first one named, else the first. One choice for all,
+    so that a PACS files a study's results under one patient, and not under none where an image left it blank."""
+    return next((header for header in headers if names_patient(header)), headers[0])
+
+
+def naming_patient(source: pydicom.Dataset, patient: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of `source` naming the patient `patient` names (both carried headers of one study): a result drawn from
+    one image names the patient its study's other results name. Values are copied as text, encoded in the result's
+    own character set (declare_character_set)."""
+    named = copy.deepcopy(source)  # a header (no pixels): the caller's dataset stays as it was
+    for keyword in PATIENT_KEYWORDS:
+        value = patient.get(keyword, "")  # one it lacks is blank: never the other image's patient's
+        named.pop(keyword, None)
+        setattr(named, keyword, str(value) if value else "")
+    return named
+
+
 def _quiet_person_name_warnings() -> None:
     """Silence highdicom's warning on a one-part Patient's Name: the name is the source's, carried as it is, and quoted
     on stderr or in a service's journal it is patient data, once per file. Installed at each use, not at import: a

@@ -10,18 +10,13 @@ import pydicom
 
 from medtriage.serve.node.sender import Sender
 from medtriage.serve.node.store import NodeStore
-from medtriage.serve.node.worker import Worker
 from tests.serve.node.peers import cr_study, referenced_sops
 
-FIELDS = {"patient_id": "P", "accession": "A", "study_date": "", "study_description": "", "modality": "CR"}
-DESTINATION = "PACS@127.0.0.1:1"
 HOUR = 3600.0
 
 
-def _receive(store: NodeStore, path) -> str:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    store.receive(path.read_bytes(), ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID, FIELDS)
-    return ds.SOPInstanceUID
+def _study_uid(path) -> str:
+    return pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
 
 
 def _reported(store: NodeStore, study_uid: str) -> list[list[str]]:
@@ -34,89 +29,81 @@ def _state(store: NodeStore, study_uid: str) -> str:
     return store._execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,))[0]["state"]
 
 
-def test_an_instance_arriving_after_its_study_was_found_quiet_is_in_its_report(predictor, tmp_path, monkeypatch):
+def test_an_instance_arriving_after_its_study_was_found_quiet_is_in_its_report(
+    node_store, node_worker, receive_file, tmp_path, monkeypatch
+):
     """Before, the worker closed the study without it (it was not scored yet) and never again: the instance, scored
     later, was in no SR, and an URGENT image among late ones went unreported."""
     first, late = cr_study(tmp_path / "in", 2, seed=31)
-    study_uid = pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID
-    store = NodeStore(tmp_path / "state", recover=True)
-    worker = Worker(store, predictor, [DESTINATION], study_timeout=0)
-    try:
-        sops = [_receive(store, first)]
-        time.sleep(0.01)
-        assert worker.score_queued()
-        quiet = store.quiet_studies
+    study_uid = _study_uid(first)
+    sops = [receive_file(first)]
+    time.sleep(0.01)
+    assert node_worker.score_queued()
+    quiet = node_store.quiet_studies
 
-        def arriving(seconds):  # the study found quiet, then its next instance comes before the worker closes it
-            found = quiet(seconds)
-            sops.append(_receive(store, late))
-            return found
+    def arriving(seconds):  # the study found quiet, then its next instance comes before the worker closes it
+        found = quiet(seconds)
+        sops.append(receive_file(late))
+        return found
 
-        monkeypatch.setattr(store, "quiet_studies", arriving)
-        worker.close_quiet_studies()
-        monkeypatch.undo()
-        assert _state(store, study_uid) == "receiving" and _reported(store, study_uid) == []
-        time.sleep(0.01)
-        assert worker.score_queued()
-        time.sleep(0.01)
-        assert worker.close_quiet_studies()
-        assert _state(store, study_uid) == "scored"
-        assert _reported(store, study_uid) == [sorted(sops)]
-    finally:
-        store.close()
+    monkeypatch.setattr(node_store, "quiet_studies", arriving)
+    node_worker.close_quiet_studies()
+    monkeypatch.undo()
+    assert _state(node_store, study_uid) == "receiving" and _reported(node_store, study_uid) == []
+    time.sleep(0.01)
+    assert node_worker.score_queued()
+    time.sleep(0.01)
+    assert node_worker.close_quiet_studies()
+    assert _state(node_store, study_uid) == "scored"
+    assert _reported(node_store, study_uid) == [sorted(sops)]
 
 
-def test_an_instance_committed_after_the_worker_read_its_study_makes_the_close_refused(predictor, tmp_path, monkeypatch):
+def test_an_instance_committed_after_the_worker_read_its_study_makes_the_close_refused(
+    node_store, node_worker, receive_file, tmp_path, monkeypatch
+):
     """Another process (the worklist recording an upload) takes an instance's arrival time before the worker's look
     and commits it after the worker read the study. Before, the close went through without that instance."""
     first, late = cr_study(tmp_path / "in", 2, seed=32)
-    study_uid = pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID
-    store = NodeStore(tmp_path / "state", recover=True)
-    worker = Worker(store, predictor, [DESTINATION], study_timeout=0)
-    try:
-        sops = [_receive(store, first)]
-        time.sleep(0.01)
-        assert worker.score_queued()
-        time.sleep(0.01)
-        read = store.study_instances
+    study_uid = _study_uid(first)
+    sops = [receive_file(first)]
+    time.sleep(0.01)
+    assert node_worker.score_queued()
+    time.sleep(0.01)
+    read = node_store.study_instances
 
-        def arriving_unseen(uid):
-            rows = read(uid)
-            sops.append(_receive(store, late))  # its arrival as it was when the worker looked
-            store._execute("UPDATE studies SET last_received = last_received - 0.005 WHERE study_uid = ?", (uid,))
-            return rows
+    def arriving_unseen(uid):
+        rows = read(uid)
+        sops.append(receive_file(late))  # its arrival as it was when the worker looked
+        node_store._execute("UPDATE studies SET last_received = last_received - 0.005 WHERE study_uid = ?", (uid,))
+        return rows
 
-        monkeypatch.setattr(store, "study_instances", arriving_unseen)
-        worker.close_quiet_studies()
-        monkeypatch.undo()
-        assert _state(store, study_uid) == "receiving" and _reported(store, study_uid) == []
-        assert worker.score_queued()
-        time.sleep(0.01)
-        assert worker.close_quiet_studies()
-        assert _reported(store, study_uid) == [sorted(sops)]
-    finally:
-        store.close()
+    monkeypatch.setattr(node_store, "study_instances", arriving_unseen)
+    node_worker.close_quiet_studies()
+    monkeypatch.undo()
+    assert _state(node_store, study_uid) == "receiving" and _reported(node_store, study_uid) == []
+    assert node_worker.score_queued()
+    time.sleep(0.01)
+    assert node_worker.close_quiet_studies()
+    assert _reported(node_store, study_uid) == [sorted(sops)]
 
 
-def test_a_study_received_before_the_clock_was_set_back_is_closed_after_its_timeout(predictor, tmp_path, caplog):
+def test_a_study_received_before_the_clock_was_set_back_is_closed_after_its_timeout(
+    node_store, node_worker, receive_file, tmp_path, caplog
+):
     """Before, it stayed open (no SR) until the clock caught up with its last arrival: an hour for an hour's step."""
     (path,) = cr_study(tmp_path / "in", 1, seed=33)
-    study_uid = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
-    store = NodeStore(tmp_path / "state", recover=True)
-    worker = Worker(store, predictor, [DESTINATION], study_timeout=0.05)
-    try:
-        sop = _receive(store, path)
-        assert worker.score_queued()
-        # received at what the clock said then: an hour later than it says now
-        store._execute("UPDATE studies SET last_received = last_received + ?", (HOUR,))
-        with caplog.at_level("WARNING", logger="medtriage.serve.node.worker"):
-            assert not worker.close_quiet_studies()  # quiet from now on, not yet for the timeout
-        assert any("clock was set back" in record.getMessage() for record in caplog.records)
-        time.sleep(0.1)
-        assert worker.close_quiet_studies()
-        assert _state(store, study_uid) == "scored" and _reported(store, study_uid) == [[sop]]
-    finally:
-        store.close()
+    study_uid = _study_uid(path)
+    node_worker.study_timeout = 0.05  # a timeout to wait out once the clock is back
+    sop = receive_file(path)
+    assert node_worker.score_queued()
+    # received at what the clock said then: an hour later than it says now
+    node_store._execute("UPDATE studies SET last_received = last_received + ?", (HOUR,))
+    with caplog.at_level("WARNING", logger="medtriage.serve.node.worker"):
+        assert not node_worker.close_quiet_studies()  # quiet from now on, not yet for the timeout
+    assert any("clock was set back" in record.getMessage() for record in caplog.records)
+    time.sleep(0.1)
+    assert node_worker.close_quiet_studies()
+    assert _state(node_store, study_uid) == "scored" and _reported(node_store, study_uid) == [[sop]]
 
 
 class _Recording:
@@ -130,25 +117,23 @@ class _Recording:
         return {d.id: None for d in deliveries}
 
 
-def test_a_result_whose_retry_was_set_before_the_clock_went_back_is_tried_within_the_retry_limit(predictor, tmp_path):
+def test_a_result_whose_retry_was_set_before_the_clock_went_back_is_tried_within_the_retry_limit(
+    node_store, node_worker, receive_file, tmp_path
+):
     """Before, a result that failed once waited for the clock to catch up: an hour more for an hour's step."""
     (path,) = cr_study(tmp_path / "in", 1, seed=34)
-    store = NodeStore(tmp_path / "state", recover=True)
-    worker = Worker(store, predictor, [DESTINATION], study_timeout=0)
     destination = _Recording()
-    sender = Sender(store, {DESTINATION: destination}, retry_max=60)
-    try:
-        _receive(store, path)
-        assert worker.score_queued()
-        time.sleep(0.01)
-        assert worker.close_quiet_studies()
-        (delivery,) = store.due_deliveries()
-        store.set_attempt_failed(delivery, "PACS down", time.time() + 30)  # an ordinary backoff stays as it is
-        assert not sender.send_due() and destination.sent == []
-        # it failed, its retry due in 30 s by the clock of then: the clock now says an hour earlier
-        store.set_attempt_failed(delivery, "PACS down", time.time() + HOUR + 30)
-        assert store.due_deliveries() == []
-        assert sender.send_due() and destination.sent == [delivery.id]
-        assert store.counts()["studies"] == {"delivered": 1}
-    finally:
-        store.close()
+    (pacs,) = node_worker.destinations
+    sender = Sender(node_store, {pacs: destination}, retry_max=60)
+    receive_file(path)
+    assert node_worker.score_queued()
+    time.sleep(0.01)
+    assert node_worker.close_quiet_studies()
+    (delivery,) = node_store.due_deliveries()
+    node_store.set_attempt_failed(delivery, "PACS down", time.time() + 30)  # an ordinary backoff stays as it is
+    assert not sender.send_due() and destination.sent == []
+    # it failed, its retry due in 30 s by the clock of then: the clock now says an hour earlier
+    node_store.set_attempt_failed(delivery, "PACS down", time.time() + HOUR + 30)
+    assert node_store.due_deliveries() == []
+    assert sender.send_due() and destination.sent == [delivery.id]
+    assert node_store.counts()["studies"] == {"delivered": 1}

@@ -27,6 +27,7 @@ from medtriage.serve.dicom_results import (
     equipment,
     long_string,
     missing_uids,
+    naming_patient,
     read_header,
     referenced_frames,
     revision_series_uid,
@@ -46,13 +47,19 @@ CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")  # a CS value: copied only when va
 ASPECT_DENOMINATOR = 1000  # pixel shapes closer than 1 in 1000 to square are square (spacings differing by rounding)
 
 
-def secondary_capture(predictor: Predictor, path: Path, score: Score, revision: int | None = None) -> hd.sc.SCImage:
+def secondary_capture(
+    predictor: Predictor, path: Path, score: Score, revision: int | None = None, patient: pydicom.Dataset | None = None
+) -> hd.sc.SCImage:
     """The overlay of `score`'s frame of the instance at `path`, referencing that instance's study. `revision` as for
-    the study's SR (dicom_results.build_study_sr): the heatmaps of one study share a series, numbered in order."""
+    the study's SR (dicom_results.build_study_sr): the heatmaps of one study share a series, numbered in order.
+    `patient`: the header of the study's image its SR names the patient from (dicom_results.patient_source), where
+    the picture is to name that patient, not its own image's (which may leave it blank)."""
     identity = _drawn_by_scoring_package(predictor, score)
     where = score.sop_uid or score.file  # a source may lack its SOP Instance UID
     with built_from_header("the heatmap Secondary Capture", where=where):
         source = carried_header(read_header(path))  # values a strict PACS would refuse the image for are left out
+        if patient is not None:
+            source = naming_patient(source, carried_header(patient))
     _require_study(source, where)
     image = read_dicom(path, frame=None if score.frame is None else score.frame - 1)
     _, png = explain_frame(predictor, image.pixels[0])

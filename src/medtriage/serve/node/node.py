@@ -132,19 +132,26 @@ class Node:
             self._metrics.shutdown()
             self._metrics.server_close()  # the port is free for a node started again in this process
         self._stop.set()
-        deadline = time.monotonic() + STOP_JOIN_S  # one wait for both: each its own would add up past systemd's stop timeout
+        ended = self._join_parts()
+        if self.batcher is not None and ended:  # a part still in an inference call would hold the batcher's own wait
+            self.batcher.close()
+        self.store.close()
+
+    def _join_parts(self) -> bool:
+        """Wait for the worker, the sender and the scorings side by side (--max-batch): STOP_JOIN_S for all of them,
+        as each its own would add up past systemd's stop timeout. Whether all ended: what one still does then is not
+        recorded (StoreClosed ends it), and is done again at the next start."""
+        deadline = time.monotonic() + STOP_JOIN_S
         for thread in self._threads:
             thread.join(timeout=max(deadline - time.monotonic(), 0))
-            if thread.is_alive():  # a destination or a scoring slower than the wait: StoreClosed ends it
+            if thread.is_alive():  # a destination or a scoring slower than the wait
                 log.warning(
                     "stopping: %s still busy after %.0f s; what it does now is not recorded, and is done again at the next start",
                     thread.name,
                     STOP_JOIN_S,
                 )
-        self.worker.close()
-        if self.batcher is not None:
-            self.batcher.close()
-        self.store.close()
+        scored = self.worker.close(timeout=max(deadline - time.monotonic(), 0))
+        return scored and not any(thread.is_alive() for thread in self._threads)
 
 
 def drain(server, seconds: float) -> None:

@@ -9,16 +9,17 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 
+from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from medtriage.errors import MedTriageError
 from medtriage.io.header_warnings import reading
 from medtriage.io.safe_output import write_atomic
-from medtriage.serve.dicom_results import build_study_sr, encoded, read_header
-from medtriage.serve.drift import source_name
+from medtriage.serve.dicom_results import build_study_sr, encoded, patient_source, read_header
+from medtriage.serve.drift import MAX_SOURCES, source_name
 from medtriage.serve.metrics import ServiceMonitor
 from medtriage.serve.node.store import UNWRITTEN, CommitUncertain, NodeStore, StoreClosed, backoff, digest_name
 from medtriage.serve.predictor import Predictor, Rejection, Score
@@ -35,14 +36,6 @@ def urgency(score: dict) -> tuple:
 
 def as_score(record: dict) -> Score:
     return Score(**{key: value for key, value in record.items() if key != "status"})
-
-
-def names_patient(header) -> bool:
-    """Whether a header names its patient (a Patient ID): a blank one is unknown, and a study takes the first one named."""
-    try:
-        return bool(str(header.get("PatientID") or "").strip())
-    except Exception:  # noqa: BLE001 -- pydicom converts lazily: an unreadable value names no one
-        return False
 
 
 def rejection_summary(reasons: list[str]) -> str:
@@ -69,8 +62,10 @@ class Worker:
         # With batching on, `at_once` queued instances are decoded side by side, so that their inference
         # calls reach the predictor's BatchingSession together and can share one ORT call.
         self.at_once = at_once
-        self._pool = ThreadPoolExecutor(at_once, thread_name_prefix="medtriage-scoring") if at_once > 1 else None
-        self._shared_drift: dict[str, bool] = {}  # source -> drifting, as last written to the store
+        self._scoring: list[threading.Thread] = []  # the threads scoring side by side now
+        # source -> drifting, as last written to the store; the MAX_SOURCES seen last, as the monitor's windows: a
+        # calling AE title is the caller's to choose, and one forgotten is written again when next seen
+        self._shared_drift: OrderedDict[str, bool] = OrderedDict()
         # study -> (its closes in a row whose results the disk refused, when to close it again: time.monotonic)
         self._unwritten: dict[str, tuple[int, float]] = {}
 
@@ -101,10 +96,35 @@ class Worker:
             if stop is not None and stop.is_set():
                 break
             group = queued[start : start + self.at_once]
-            outcomes = self._pool.map(self._score, group) if self._pool and len(group) > 1 else map(self._score, group)
+            outcomes = self._side_by_side(group) if len(group) > 1 else map(self._score, group)
             for instance, outcome in zip(group, outcomes):
                 self._record(instance, outcome)
         return bool(queued)
+
+    def _side_by_side(self, group: list) -> Iterator[tuple[list[Score] | Rejection, float]]:
+        """Each instance's outcome, scored each in a thread of its own; a scoring that raised raises here, once the
+        outcomes before it are taken. The threads are daemons, as the worker is: a stop waits for them no longer than
+        for the worker (Node.stop), and one still scoring then does not hold the process's exit."""
+        outcomes: list = [None] * len(group)
+
+        def score(index: int, instance) -> None:
+            try:
+                outcomes[index] = self._score(instance)
+            except Exception as err:  # noqa: BLE001 -- raised in the worker's thread, which handles a failed step
+                outcomes[index] = err
+
+        self._scoring = [
+            threading.Thread(target=score, args=(index, instance), name=f"medtriage-scoring-{index}", daemon=True)
+            for index, instance in enumerate(group)
+        ]
+        for thread in self._scoring:
+            thread.start()
+        for thread in self._scoring:
+            thread.join()
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+            yield outcome
 
     def _score(self, instance) -> tuple[list[Score] | Rejection, float]:
         started = time.perf_counter()
@@ -130,11 +150,17 @@ class Worker:
         drifting = self.monitor.drift.drifting(source)
         if self._shared_drift.get(source) != drifting:
             self.store.mark_drifting(source, drifting)
-            self._shared_drift[source] = drifting
+        self._shared_drift[source] = drifting
+        self._shared_drift.move_to_end(source)
+        if len(self._shared_drift) > MAX_SOURCES:
+            self._shared_drift.popitem(last=False)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+    def close(self, timeout: float | None = None) -> bool:
+        """Wait for the scorings in progress, `timeout` seconds at most (None: until they end); whether they ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._scoring:
+            thread.join(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+        return not any(thread.is_alive() for thread in self._scoring)
 
     def close_quiet_studies(self) -> bool:
         self._reopen_unwritten()
@@ -218,24 +244,24 @@ class Worker:
         first file is written, and a write that fails removes those before it: a close that raises leaves no file,
         which no delivery would name (as _discard)."""
         sources = [(read_header(self.store.spooled(row["spool"])), [as_score(s) for s in scores]) for row, scores in scored]
-        # The SR copies its patient from its first source: one naming the patient the study is held for, if any is
-        sources.sort(key=lambda source: not names_patient(source[0]))
+        patient = patient_source([header for header, _ in sources])
+        sources.sort(key=lambda source: source[0] is not patient)  # the SR copies its patient from its first source
         sr_uid = generate_uid()
         revision = self.store.reports_sent(study_uid) + 1  # a late instance reopens the study: its next report
         with reading(f"the SR of study {study_uid}"):  # its sources' values are converted, and warned of, here
             sr = build_study_sr(sources, self.predictor.package, sop_instance_uid=sr_uid, revision=revision)
         built = [("sr", sr_uid, encoded(sr, "the study's SR", study_uid))]
         if self.heatmaps:
-            built += self._heatmap(study_uid, scored, top, revision)
+            built += self._heatmap(study_uid, scored, top, revision, patient)
         objects = self._to_outbox(study_uid, built)
         return [(kind, destination, name, uid) for kind, name, uid in objects for destination in self.destinations], sr_uid
 
-    def _heatmap(self, study_uid: str, scored: list, top: dict, revision: int) -> list[tuple[str, str, bytes]]:
+    def _heatmap(self, study_uid: str, scored: list, top: dict, revision: int, patient: Dataset) -> list[tuple[str, str, bytes]]:
         from medtriage.serve.node.heatmap import secondary_capture
 
         row = next(row for row, scores in scored if row["sop_uid"] == top["sop_uid"])
         try:
-            image = secondary_capture(self.predictor, self.store.spooled(row["spool"]), as_score(top), revision)
+            image = secondary_capture(self.predictor, self.store.spooled(row["spool"]), as_score(top), revision, patient)
             data = encoded(image, "the heatmap Secondary Capture", top["sop_uid"])
         except MedTriageError as err:  # the SR still goes; the picture is an extra
             log.warning("no heatmap for study %s: %s", study_uid, err)
