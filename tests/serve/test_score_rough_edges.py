@@ -165,7 +165,8 @@ def test_ctrl_c_prints_the_rows_scored_so_far_and_ends_130(package_dir, tmp_path
         shutil.copyfile(CT, study / f"ct{i:03}.dcm")
     sr = tmp_path / "sr"
     command = [str(MEDTRIAGE), "score", str(package_dir), str(study), "--csv", "--sr", str(sr), "--allow-out-of-scope", "--threads", "1"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+    # A shell's background jobs start with SIGINT ignored, and a child keeps that: Ctrl-C reaches a terminal's job.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_at_a_terminal) as run:
         _wait_for_a_file_in(sr, run)
         run.send_signal(signal.SIGINT)
         out, err = run.communicate(timeout=60)
@@ -175,6 +176,10 @@ def test_ctrl_c_prints_the_rows_scored_so_far_and_ends_130(package_dir, tmp_path
     assert [Path(row["file"]).name for row in rows] == [f"ct{i:03}.dcm" for i in range(len(rows))]  # in order, none lost
     assert f"interrupted after {len(rows)} of {files} file(s)" in err
     assert "Traceback" not in err
+
+
+def _ctrl_c_as_at_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_a_file_in(folder: Path, run: subprocess.Popen) -> None:
