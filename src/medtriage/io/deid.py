@@ -11,13 +11,19 @@ without the secret. UIDs that name a kind of object, not an instance (SOP classe
 private ones included, transfer syntaxes, coding schemes), keep their value. One of the remapped
 UIDs found in a value kept elsewhere (copied into an attribute the table does not list or into a
 class attribute, written with another VR, or quoted in free text or an address) is remapped as that
-UID is, or its element goes where the new UID would not fit. All private elements are removed, and so
-are a few identifying attributes the table does not list (`BEYOND_TABLE`) and any sequence a writer
-encoded with another VR (its items, read as bytes, could not be cleaned). Pixel values are never touched,
-which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or
-in free text to quarantine instead, and ingest an overlay drawn in the pixels' unused bits. What a compressed frame
-holds beside its pixels (JPEG comment and application segments, JPEG 2000 comments, JP2 metadata boxes) is removed
-(`medtriage.io.stream_metadata`), the coded image data kept byte for byte.
+UID is, or its element goes where the new UID would not fit. So is any other UID that kept text or
+an address quotes (another file's study or object in a retrieve URL), with the same key: it becomes
+what that file's own UID becomes, and references hold across the pool. A token counts as one when
+it has UID syntax (PS3.5 9.1, at most 64 characters) under root 0, 1 or 2, three components and 16
+characters at least (no version such as 3.14.2, no IPv4 address), and is not under a root where UIDs
+name kinds: the DICOM standard's 1.2.840.10008 and HL7's code systems 2.16.840.1.113883.6. A vendor's
+class quoted in text is remapped too (text does not say what a UID names); its class attribute keeps
+it. All private elements are removed, and so are a few identifying attributes the table does not list
+(`BEYOND_TABLE`) and any sequence a writer encoded with another VR (its items, read as bytes, could not be
+cleaned). Pixel values are never touched, which is why `medtriage.io.quarantine.screen` sends objects that may
+carry identity in their pixels or in free text to quarantine instead, and ingest an overlay drawn in the pixels'
+unused bits. What a compressed frame holds beside its pixels (JPEG comment and application segments, JPEG 2000
+comments, JP2 metadata boxes) is removed (`medtriage.io.stream_metadata`), the coded image data kept byte for byte.
 
 numpy/pydicom only: sites install the base package.
 """
@@ -46,7 +52,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from medtriage import __version__
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.encapsulation import MalformedItems
-from medtriage.io.site_key import SiteKey
+from medtriage.io.site_key import DICOM_UID_ROOT, SiteKey
 from medtriage.io.stream_metadata import DamagedFrame, FramesUnknown, Stripped, stripped_pixel_data
 
 TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
@@ -169,6 +175,14 @@ OWN_UID = re.compile(r"[0-9]+(?:\.[0-9]+){2,}")
 # How text can quote one: a longest run of digits and dots, so that a UID is never found inside a longer one, yet the
 # full stop after it that ends a sentence is not taken for part of it.
 UID_TOKEN = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+# Such a token taken for an instance UID of another data set (a reference in a comment or an address): UID syntax (PS3.5
+# 9.1: no component with a leading zero but "0" itself, 64 characters at most) under one of the three roots every OID has,
+# three components at least, and 16 characters at least, as an organisation's root and the instance's own components
+# are: a version ("3.14.2") or a dotted IPv4 address (15 at most) is shorter.
+QUOTED_UID = re.compile(r"(?=[0-9.]{16,64}\Z)[0-2](?:\.(?:0|[1-9][0-9]*)){2,}")
+# Where a quoted UID names a kind of thing, never an instance: the DICOM standard's own (classes, transfer syntaxes,
+# coding schemes...) and HL7's external code systems (SNOMED CT, LOINC, UCUM...).
+KIND_ROOTS = (DICOM_UID_ROOT, "2.16.840.1.113883.6.")
 # Where such a UID can take its replacement, with the most characters a value may then have (PS3.5 6.2; LO and UI
 # per value, the others have one): the element goes where the VR is not listed or its value would grow past that.
 UID_HOLDING_VRS = {"LO": 64, "UI": 64, "LT": 10240, "ST": 1024, "UT": None, "UC": None, "UR": None, "OB": None, "UN": None}
@@ -327,7 +341,7 @@ class DeidOptions:
             "options": [meaning for _, meaning in self.method_codes()[1:]],
             "retained_characteristics": list(self.retain_characteristics),
             "private_elements": "removed",
-            "uids": "2.25 + keyed hash; class, transfer syntax and coding scheme UIDs kept",
+            "uids": "2.25 + keyed hash, those quoted in kept text too; class, transfer syntax and coding scheme UIDs kept",
             "patient_id": "keyed pseudonym",
             "patient_identity": SEVERAL_ISSUERS_IDENTITY if self.several_id_issuers else "Patient ID (issuer ignored)",
         }
@@ -390,7 +404,7 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
     stored_as = (getattr(ds, "file_meta", None) or Dataset()).get("MediaStorageSOPInstanceUID", "")
     walker.remap_uid(str(stored_as))  # an own UID, though only the file meta held it: kept text may quote it
     walker.apply(ds, top_level=True)
-    walker.replace_own_uids()
+    walker.replace_quoted_uids()
     _set_pixel_data(ds, stripped)
     _keep_animal_owner_attributes(ds)
     _mark_deidentified(ds, options)
@@ -603,15 +617,17 @@ class _ProfileWalker:
             self.remapped.add(original)
         return new
 
-    def replace_own_uids(self) -> None:
+    def replace_quoted_uids(self) -> None:
         """A kept value holding a UID remapped elsewhere in the data set (an attribute the table does not list, written
-        with another VR, or quoted in a comment or an address) would link the object back to the site's archive: the
-        UID maps as it does there, so that references stay consistent, or the element goes where the VR cannot hold
-        the new UID. Registered UIDs (DICOM root) are never remapped, so class attributes keep them."""
-        for ds, tag, counted in self.kept if self.remapped else ():
+        with another VR, or quoted in a comment or an address), or in text another instance's UID (`_names_an_instance`),
+        would link the object back to the site's archive: the UID maps as it does there, with the same key, so that
+        references stay consistent, or the element goes where the VR cannot hold the new UID. A class attribute keeps
+        a UID not its data set's own: it names a kind, a vendor's private class too."""
+        for ds, tag, counted in self.kept:
             elem = ds.get_item(tag)
             values = [v.rstrip("\0 ") for v in _text_values(elem)]
-            new = [UID_TOKEN.sub(self.remap_own_uid, v) for v in values]
+            remap = self.remap_own_uid if counted == KEEP_KIND else self.remap_quoted_uid
+            new = [UID_TOKEN.sub(remap, v) for v in values]
             if new == values:
                 continue
             self.actions[counted] -= 1
@@ -633,6 +649,11 @@ class _ProfileWalker:
     def remap_own_uid(self, found: re.Match) -> str:
         return self.remap_uid(found[0]) if found[0] in self.remapped else found[0]
 
+    def remap_quoted_uid(self, found: re.Match) -> str:
+        # not `remap_uid`: another instance's UID must not join the data set's own, which class attributes lose too
+        token = found[0]
+        return self.key.uid(token) if token in self.remapped or _names_an_instance(token) else token
+
     def shift_date(self, value: str) -> str:
         return _shifted(_parse_date(value), self.shift_days)
 
@@ -641,6 +662,11 @@ class _ProfileWalker:
         # A UTC offset (&ZZXX) goes as Timezone Offset From UTC does (X): it says where the site is.
         shifted = _shifted(_parse_date(value[:8]), self.shift_days)
         return shifted + re.split(r"[+-]", value[8:], maxsplit=1)[0] if shifted else ""
+
+
+def _names_an_instance(token: str) -> bool:
+    """Whether a token of kept text is taken for an instance UID: `QUOTED_UID`, under none of the `KIND_ROOTS`."""
+    return bool(QUOTED_UID.fullmatch(token)) and not token.startswith(KIND_ROOTS)
 
 
 def _is_uid_text(elem) -> bool:

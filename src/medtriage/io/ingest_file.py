@@ -9,7 +9,8 @@ import os
 import signal
 import stat
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -55,6 +56,7 @@ class Outcome:
     pixel_sha256: str = ""
     modality: str = ""
     identified_by_name: bool = False
+    stream_metadata: Counter = field(default_factory=Counter)  # segments de-identification removed from its frames
     stamp: tuple = ()  # the source's state when read (`file_stamp`): its quarantine copy must be of these bytes
     encoded: bytes = b""  # the de-identified file; the main process decides where it goes
 
@@ -206,7 +208,7 @@ def _deidentified(out: Outcome, ds, w: dict) -> Outcome:
     out.accession = str(ds.get("AccessionNumber", "") or "")
     out.modality = "".join(c for c in str(ds.get("Modality", "") or "OT") if c.isalnum())[:16] or "OT"
     out.sop_uid, out.study_uid, out.series_uid, out.patient = result.sop_uid, result.study_uid, result.series_uid, result.pseudonym
-    out.identified_by_name = result.identified_by_name
+    out.identified_by_name, out.stream_metadata = result.identified_by_name, result.stream_metadata
     out.encoded = encode(ds)
     return out
 

@@ -55,6 +55,10 @@ class IngestSummary:
     quarantined: Counter = field(default_factory=Counter)  # reason -> count, this run and earlier
     flags: Counter = field(default_factory=Counter)
     identified_by_name: int = 0  # pooled this run by Patient's Name and birth date, for want of a Patient ID
+    # What de-identification removed from the compressed frames of the files pooled this run, by kind (COM, APP1...),
+    # and from how many files: text a site's encoders write beside the pixels, which no header attribute shows.
+    stream_metadata_removed: Counter = field(default_factory=Counter)
+    stream_metadata_files: int = 0
     labels: dict = field(default_factory=dict)
     log_path: str = ""
 
@@ -62,14 +66,23 @@ class IngestSummary:
     def pooled(self) -> int:
         return self.pooled_new + self.pooled_before
 
+    def add_pooled(self, out: Outcome) -> None:
+        """Count a file pooled by this run."""
+        self.pooled_new += 1
+        self.identified_by_name += out.identified_by_name
+        self.stream_metadata_removed.update(out.stream_metadata)
+        self.stream_metadata_files += bool(out.stream_metadata)
+
     def line(self) -> str:
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.quarantined.items())) or "none"
         flags = "".join(f"; flagged {f} {n}" for f, n in sorted(self.flags.items()))
         by_name = f"; {self.identified_by_name} identified by name, not Patient ID" if self.identified_by_name else ""
         hidden = f"; left out {self.hidden} hidden file(s) (a name starting with '.')" if self.hidden else ""
+        files = self.stream_metadata_files
+        metadata = f"; metadata removed from {files} compressed file(s)" if files else ""
         return (
             f"{self.site}: in {self.counts_in} = pooled {self.pooled} ({self.pooled_new} new) "
-            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}{by_name}{hidden}"
+            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}{by_name}{hidden}{metadata}"
         )
 
 
@@ -112,8 +125,7 @@ class Ledger:
                 self._toquarantined(out)
             else:
                 self._to_pool(out)
-                summary.pooled_new += 1
-                summary.identified_by_name += out.identified_by_name
+                summary.add_pooled(out)
         if out.status == "quarantined":
             summary.quarantined[out.reason] += 1
         self.seen.add(out.content_key)
@@ -278,6 +290,8 @@ def write_audit_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptio
             "quarantined": dict(summary.quarantined),
             "quarantined_total": sum(summary.quarantined.values()),
             "identified_by_name": summary.identified_by_name,
+            "stream_metadata_removed": dict(sorted(summary.stream_metadata_removed.items())),
+            "stream_metadata_files": summary.stream_metadata_files,
         },
         "flags": dict(summary.flags),
         "labels": summary.labels,
