@@ -28,6 +28,7 @@ from medtriage.arguments import positive_int
 log = logging.getLogger(__name__)
 _STOP = object()
 DEFAULT_MAX_BATCH, DEFAULT_WAIT_MS = 1, 5.0
+CLOSE_WAIT_S = 10.0  # how long close() waits by default for the calls in hand
 MAX_WAIT_MS = threading.TIMEOUT_MAX * 1000  # a longer wait raises in the worker, and the call it holds waits forever
 
 
@@ -116,13 +117,19 @@ class BatchingSession:
         """Publish the batcher's counters in a Prometheus `registry` (the serving process's /metrics)."""
         registry.register(_StatsCollector(self.stats))
 
-    def close(self) -> None:
-        """Stop the worker after the calls already queued; later calls go straight to the wrapped session."""
+    def close(self, timeout: float = CLOSE_WAIT_S) -> bool:
+        """Stop the worker after the calls already queued; later calls go straight to the wrapped session. Waits up
+        to `timeout` seconds for those calls: an idle worker ends at once, one in an inference call ends with it (the
+        call cannot be interrupted). Whether the worker ended; if not, it ends on its own (a daemon thread)."""
         with self._closing:
             if not self._closed:
                 self._closed = True
                 self._queue.put(_STOP)
-        self._worker.join(timeout=10)
+        self._worker.join(timeout=max(0.0, timeout))
+        if self._worker.is_alive():
+            log.warning("the batcher still runs an inference call after %.1f s; it is not waited for", timeout)
+            return False
+        return True
 
     def _loop(self) -> None:
         carry: _Call | None = None

@@ -80,6 +80,14 @@ def register(subparsers) -> None:
         action="store_true",
         help="allow a non-loopback --host without a token (anyone on the network sees the worklist)",
     )
+    serve.add_argument(
+        "--root-path",
+        metavar="PREFIX",
+        type=root_path,
+        default="",
+        help="the path prefix a reverse proxy publishes the service under and strips before passing requests on, "
+        "e.g. /medtriage for https://gateway/medtriage/ (default: none)",
+    )
     serve.add_argument("--tls-cert", metavar="PEM", type=path_as_typed, help="serve HTTPS with this certificate (chain) file")
     serve.add_argument("--tls-key", metavar="PEM", type=path_as_typed, help="the private key of --tls-cert")
     serve.add_argument(
@@ -532,6 +540,20 @@ def _discard_stdout() -> None:
 
 # --- serve ---------------------------------------------------------------------------------------
 
+# How long the batcher is waited for once uvicorn has stopped. By then every request has been answered, and the batcher
+# is idle and ends at once, unless a second Ctrl-C made uvicorn stop waiting: a call still running then is one no
+# request waits for, and the command was asked to end now.
+STOP_BATCHER_S = 1.0
+
+
+def root_path(text: str) -> str:
+    """--root-path as uvicorn takes it: `/` and a path, no `/` at the end (`/` alone is none). uvicorn puts it in front
+    of each request's raw path, so it must be plain ASCII: no spaces, and no `?`, `#` or `%` escapes."""
+    prefix = text.rstrip("/")
+    if prefix and (prefix[0] != "/" or not (prefix.isascii() and prefix.isprintable()) or set(prefix) & set(" ?#%")):
+        raise argparse.ArgumentTypeError(f"expected a path such as /medtriage (ASCII, without spaces, ?, # or %), got {text!r}")
+    return prefix
+
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -566,17 +588,18 @@ def run_serve(args: argparse.Namespace) -> int:
     if batcher is not None:
         batcher.expose(app.state.monitor.registry)  # medtriage_batch_* on /metrics
     scheme = "https" if tls else "http"
+    published = f", published by a proxy under {args.root_path}/" if args.root_path else ""
     print(
-        f"serving {predictor.package.describe()} on {scheme}://{args.host}:{args.port} (provider {predictor.provider}, "
+        f"serving {predictor.package.describe()} on {scheme}://{args.host}:{args.port}{published} (provider {predictor.provider}, "
         f"{'token required' if token else 'no token'}, {admission.workers} at once + {args.queue} waiting; docs at /docs)",
         file=sys.stderr,
     )
     http = connection_protocol(args.header_timeout, args.max_connections)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http, **tls)
-    finally:  # the server has answered its last request: the batching worker ends after the calls it holds
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http, root_path=args.root_path, **tls)
+    finally:  # the server has answered its last request: the batching worker ends after the calls it holds, if any
         if batcher is not None:
-            batcher.close()
+            batcher.close(timeout=STOP_BATCHER_S)
     return 0
 
 

@@ -6,6 +6,9 @@ GET  /health     the process is up;  GET /ready  the model is loaded (provider i
 GET  /v1/model   the package's model.json;  /docs and /redoc  the API described (their scripts served here: no CDN)
 GET  /worklist   the radiologist's worklist page (files scored by /v1/score; see worklist.py); GET / leads there
 GET  /metrics    Prometheus metrics;  GET /v1/drift  input drift per source (`X-Source` header; see metrics.py)
+
+Published by a reverse proxy under a path prefix (`serve --root-path`), the pages name what they load relative to
+themselves, and redirects carry the root path.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import hmac
 import ipaddress
 import logging
 import re
+from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import fastapi_offline
 import h11
@@ -75,16 +80,20 @@ UPLOAD_ERRORS = {
     503: {"description": "busy (retry after the seconds in Retry-After), or the upload could not be stored", **ERROR},
 }
 # The API description pages' script, style sheet and icon, served from the installed fastapi-offline package: hospital
-# networks are often offline, where a page whose script comes from a CDN stays blank.
+# networks are often offline, where a page whose script comes from a CDN stays blank. The pages name them with that
+# package's version, so that a browser may keep them (DOCS_ASSET_CACHE) and still loads new ones after an upgrade.
 DOCS_ASSETS = "/docs/assets"
+DOCS_VERSION = metadata.version("fastapi-offline")
+DOCS_ASSET_CACHE = b"public, max-age=31536000, immutable"
 DOCS_FILES = {
     "swagger-ui-bundle.js": "text/javascript",
     "swagger-ui.css": "text/css",
     "redoc.standalone.js": "text/javascript",
     "favicon.png": "image/png",
 }
+DOCS_ASSET_PATHS = {f"{DOCS_ASSETS}/{name}" for name in DOCS_FILES}
 # The worklist page is static HTML; the data it fetches carries the token like any other client. `/` only leads there.
-OPEN_PATHS = {"/", "/health", "/ready", "/docs", "/openapi.json", "/redoc", PAGE_PATH, *(f"{DOCS_ASSETS}/{name}" for name in DOCS_FILES)}
+OPEN_PATHS = {"/", "/health", "/ready", "/docs", "/openapi.json", "/redoc", PAGE_PATH, *DOCS_ASSET_PATHS}
 # Every file part past the request's first SPOOL_IN_MEMORY bytes is an open temporary file until the answer.
 MAX_FILES = 1000
 TOO_LARGE = ImageTooLargeError.__name__
@@ -235,7 +244,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        send = answer = _Answer(send)
+        send = answer = _Answer(send, cacheable=route_path(scope) in DOCS_ASSET_PATHS)
         if scope["method"] == "HEAD":  # RFC 9110: a HEAD is answered as its GET would be, without the body
             scope, send = {**scope, "method": "GET"}, _no_body(answer)
         try:
@@ -244,7 +253,7 @@ class Guard:
             self.count_failure(err)
             if answer.started:  # too late for an error body: the server drops the connection
                 raise
-            log.exception("unexpected error on %s", scope["path"])
+            log.exception("unexpected error on %s", route_path(scope))
             await internal_error(err)(scope, receive, send)
 
     async def _guarded(self, scope, receive, send):
@@ -252,7 +261,7 @@ class Guard:
         if refusal is not None:
             self.refused.labels(reason=REFUSAL_REASONS[refusal.status_code]).inc()
             return await refusal(scope, receive, send)
-        if not _is_heavy(scope["method"], scope["path"]):
+        if not _is_heavy(scope["method"], route_path(scope)):
             return await self.app(scope, receive, send)
         if not self.admission.try_enter():
             busy = error_response(
@@ -273,7 +282,7 @@ class Guard:
         # Every route, open ones included: a browser always sends Host, so one without it (HTTP/1.0) is no web page.
         if self.loopback_hosts_only and not is_loopback_host(headers.get("host", "localhost")):
             return _misdirected(scope, headers["host"])
-        open_route = _is_open(scope["path"])
+        open_route = _is_open(route_path(scope))
         if self.token and not open_route and not _authorised(headers, self.token):
             return JSONResponse(
                 {"error": {"reason": "missing or wrong bearer token", "hint": "send 'Authorization: Bearer <token>'"}},
@@ -308,24 +317,48 @@ def _misdirected(scope, host: str) -> JSONResponse:
     )
 
 
-# On every answer: scores, rows and pictures are PHI, so nothing is cached; error bodies echo file names and
-# paths as JSON text, which a browser must not sniff into HTML.
+# On every answer: scores, rows and pictures are PHI, so nothing is cached (but the docs' own scripts, DOCS_ASSET_CACHE);
+# error bodies echo file names and paths as JSON text, which a browser must not sniff into HTML.
 ANSWER_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+ASSET_HEADERS = [(b"cache-control", DOCS_ASSET_CACHE), (b"x-content-type-options", b"nosniff")]
+
+
+def route_path(scope) -> str:
+    """The request's path as the routes know it: with `serve --root-path`, uvicorn puts that prefix in front of the
+    path (as ASGI asks), and the router takes it off again."""
+    path, prefix = scope["path"], scope.get("root_path", "")
+    return path[len(prefix) :] if prefix and path.startswith(prefix + "/") else path
 
 
 class _Answer:
-    """The response channel, adding ANSWER_HEADERS; `started` says whether an answer has begun."""
+    """The response channel, adding ANSWER_HEADERS; `started` says whether an answer has begun. `cacheable`: the
+    request of a docs asset, whose file (200, or a 304 that renews a browser's copy) may be kept."""
 
-    def __init__(self, send):
-        self.send, self.started = send, False
+    def __init__(self, send, cacheable: bool = False):
+        self.send, self.started, self.cacheable = send, False, cacheable
 
     async def __call__(self, message):
         if message["type"] == "http.response.start":
             self.started = True
-            names = {name for name, _ in ANSWER_HEADERS}
-            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
-            message = {**message, "headers": [*headers, *ANSWER_HEADERS]}
+            message = {**message, "headers": self._headers(message)}
         await self.send(message)
+
+    def _headers(self, start: dict) -> list:
+        names = {name for name, _ in ANSWER_HEADERS}
+        headers = [(k, _own_location(v) if k.lower() == b"location" else v) for k, v in start.get("headers", []) if k.lower() not in names]
+        cached = self.cacheable and start["status"] in (200, 304)
+        return [*headers, *(ASSET_HEADERS if cached else ANSWER_HEADERS)]
+
+
+def _own_location(value: bytes) -> bytes:
+    """A redirect as the path alone. The router's redirect of a path with a `/` after it names the scheme and Host it
+    was asked with: behind a proxy, those of the hop from the proxy, where the browser cannot go. The path (with the
+    root path in front) leads the browser to the same place on the address it uses; the service sends no one elsewhere."""
+    url = urlsplit(value.decode("latin-1"))
+    if not url.netloc:
+        return value
+    path = "/" + url.path.lstrip("/")  # never `//host`: a browser reads that as another site
+    return (path + (f"?{url.query}" if url.query else "")).encode("latin-1")
 
 
 def _no_body(send):
@@ -388,7 +421,7 @@ def internal_error(err: Exception) -> JSONResponse:
 def _add_docs(app: FastAPI) -> None:
     """/docs (Swagger UI) and /redoc, whose script, style sheet and icon the service serves itself (DOCS_FILES)."""
     folder = Path(fastapi_offline.__file__).parent / "static"
-    swagger, redoc = _docs_pages(app.title, app.openapi_url)
+    swagger, redoc = _docs_pages(app.title, app.openapi_url.lstrip("/"))
 
     @app.get("/docs", include_in_schema=False)
     def swagger_page() -> HTMLResponse:
@@ -406,9 +439,11 @@ def _add_docs(app: FastAPI) -> None:
 
 
 def _docs_pages(title: str, openapi_url: str) -> tuple[str, str]:
-    """The HTML of Swagger UI's page and ReDoc's, loading DOCS_FILES from the service. The API has no OAuth2 flow, so
-    Swagger UI gets no oauth2-redirect page; nor a validator badge, which would ask a web service about the schema."""
-    assets = {name: f"{DOCS_ASSETS}/{name}" for name in DOCS_FILES}
+    """The HTML of Swagger UI's page and ReDoc's, loading DOCS_FILES from the service. Their URLs are relative to the
+    pages (both at the service's root), so that they work under the path prefix of a proxy that publishes the
+    service there. The API has no OAuth2 flow, so Swagger UI gets no oauth2-redirect page; nor a validator badge,
+    which would ask a web service about the schema."""
+    assets = {name: f"{DOCS_ASSETS.lstrip('/')}/{name}?v={DOCS_VERSION}" for name in DOCS_FILES}
     swagger = get_swagger_ui_html(
         openapi_url=openapi_url,
         title=f"{title} - Swagger UI",
@@ -454,8 +489,9 @@ def _add_routes(app: FastAPI, predictor: Predictor, max_bytes: int, max_files: i
     package = predictor.package
 
     @app.get("/", include_in_schema=False)
-    def home() -> RedirectResponse:
-        return RedirectResponse(PAGE_PATH, status_code=307)  # the page someone typing the service's address wants
+    def home(request: Request) -> RedirectResponse:
+        # the page someone typing the service's address wants, under the prefix a proxy may publish the service at
+        return RedirectResponse(request.scope.get("root_path", "").rstrip("/") + PAGE_PATH, status_code=307)
 
     @app.get("/health")
     def health() -> dict:
