@@ -20,11 +20,13 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_fragments, generate_frames, get_frame
 
 from medtriage.errors import InputError
+from medtriage.io import stream_metadata
 from medtriage.io.deid import DeidOptions, deidentify
 from medtriage.io.ingest_file import init_worker, process_file
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import screen
 from medtriage.io.site_key import SiteKey
+from medtriage.io.stream_metadata import stripped_pixel_data
 
 KEY = SiteKey(b"test-site-secret-0123456789abcdef")
 NAME = b"QUIMBY^ESTELLE^PLANTED"  # in no pydicom test file
@@ -34,6 +36,8 @@ DCMTK_DECOMPRESS = {  # dcmtk's decoders; it has none for JPEG 2000
     **dict.fromkeys(("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"), "dcmdjpls"),
 }
 needs_dcmtk = pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmtk is not installed")
+
+_TLM_ENTRIES = stream_metadata._tlm_entries  # the real one, which a test counts the calls of
 
 
 def _segment(marker: int, payload: bytes) -> bytes:
@@ -342,3 +346,83 @@ def test_a_frame_whose_segments_cannot_be_walked_is_quarantined_with_what_is_wro
     assert screen(_read(damaged)).reason == "damaged_compressed_frame"
     with pytest.raises(InputError, match="cannot be de-identified"):
         deidentify(_read(damaged), KEY)
+
+
+def test_a_frame_without_fragments_stays_without_them_when_another_frame_is_cleaned():
+    """A Basic Offset Table whose first two entries are equal gives frame 1 no fragments. Before, re-encapsulating
+    copied for it the bytes from the table's end to as far as its last entry said: the other frames again, the comment
+    among them, uncleaned."""
+    ds = pydicom.dcmread(get_testdata_file("examples_ybr_color.dcm"))
+    frames = _frames(ds)
+    frames[3] = _after_soi(frames[3], _com())
+    pixel_data = encapsulate(frames, has_bot=True)
+    offsets = struct.unpack_from(f"<{len(frames)}L", pixel_data, 8)
+    table = struct.pack(f"<{len(frames) + 1}L", 0, *offsets)
+    ds.PixelData = struct.pack("<HHL", 0xFFFE, 0xE000, len(table)) + table + pixel_data[8 + 4 * len(frames) :]
+    ds.NumberOfFrames, ds.PatientID = len(frames) + 1, "patient-1"
+    deidentify(ds, KEY)
+    assert NAME not in ds.PixelData
+    assert len(ds.PixelData) == len(pixel_data) + 4 - len(_com())
+    cleaned = list(generate_frames(ds.PixelData, number_of_frames=len(frames) + 1))
+    assert cleaned[0] == b"" and cleaned[1:4] == frames[:3] and cleaned[5:] == frames[4:]
+
+
+def test_bytes_past_an_extended_offset_table_length_are_quarantined():
+    """An Extended Offset Table's length may end a frame before its item does. Before, what lay between was never
+    walked, and a frame without metadata kept its item whole: a comment hidden there reached the pool."""
+    ds = pydicom.dcmread(get_testdata_file("examples_ybr_color.dcm"))
+    frames = _frames(ds)
+    hidden = _com() + b"\0" * (len(_com()) % 2)
+    pixel_data, table, lengths = encapsulate_extended(frames)
+    first = struct.unpack_from("<L", pixel_data, 12)[0]
+    grown = struct.pack("<HHL", 0xFFFE, 0xE000, first + len(hidden)) + pixel_data[16 : 16 + first] + hidden
+    offsets = struct.unpack(f"<{len(frames)}Q", table)
+    ds.PixelData = pixel_data[:8] + grown + pixel_data[16 + first :]
+    ds.ExtendedOffsetTable = struct.pack(f"<{len(frames)}Q", 0, *(o + len(hidden) for o in offsets[1:]))
+    ds.ExtendedOffsetTableLengths, ds.PatientID, ds.BurnedInAnnotation = lengths, "patient-1", "NO"
+    assert "past the length its offset table gives it" in screen(ds).detail
+    with pytest.raises(InputError, match="cannot be de-identified"):
+        deidentify(ds, KEY)
+
+
+def test_a_jfif_thumbnail_and_bytes_after_a_kept_segment_are_removed():
+    """JFIF and Adobe segments stay for the colour they describe, but their length may run past those fields: a
+    thumbnail, or whatever a writer appends. Before, the name there reached the pool."""
+    thumbnail = b"\x02\x01" + NAME[:6]  # 2 x 1 RGB pixels
+    planted = _planted(
+        "SC_rgb_jpeg_dcmtk.dcm",
+        lambda f: f[:2] + _segment(0xFFE0, f[6:18] + thumbnail + NAME) + f[4 + struct.unpack_from(">H", f, 4)[0] :],
+    )
+    written, result = _deidentified(planted)
+    assert NAME[:6] not in written
+    assert result.stream_metadata == Counter({"APP0 excess": 1})
+    assert _frames(_read(written))[0].startswith(SOI + _segment(0xFFE0, b"JFIF\0\x01\x01\x00\x00\x01\x00\x01\x00\x00"))
+    assert np.array_equal(_pixels(written), _pixels(planted))
+
+
+def _tile_parts_with_comments(count: int) -> bytes:
+    """A codestream of `count` tile-parts, each with a comment, and TLM segments listing their lengths (not decodable:
+    what the walk reads is its markers)."""
+    siz = _segment(0xFF51, bytes(38))
+    comment = _segment(0xFF64, b"\0\1\x55\x55")
+    tile_part = struct.pack(">HHHLBB", 0xFF90, 10, 0, 12 + len(comment) + 2, 0, 1) + comment + b"\xff\x93"
+    per_segment = (0xFFFF - 4) // 4
+    tlms = [
+        _segment(0xFF55, bytes([z, 0x40]) + struct.pack(">L", len(tile_part)) * min(per_segment, count - z * per_segment))
+        for z in range(-(-count // per_segment))
+    ]
+    return SOC + siz + b"".join(tlms) + tile_part * count + b"\xff\xd9"
+
+
+def test_thousands_of_tile_parts_losing_a_comment_list_the_tlm_entries_once(monkeypatch):
+    """Before, each tile-part that lost a comment listed every TLM entry again: quadratic in the tile-parts."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
+    ds.PixelData = encapsulate([_tile_parts_with_comments(20_000)], has_bot=True)
+    listed = []
+    monkeypatch.setattr(stream_metadata, "_tlm_entries", lambda *a: listed.append(a) or _TLM_ENTRIES(*a))
+    stripped = stripped_pixel_data(ds, "1.2.840.10008.1.2.4.90")
+    # each TLM segment (20,000 entries fill two) listed once for all the tile-parts, not once per tile-part
+    assert len(listed) == len({start for _, start, _ in listed}) == 2
+    assert stripped.removed == Counter({"COM": 20_000})
+    codestream = next(generate_frames(stripped.pixel_data, number_of_frames=1))
+    assert codestream.count(struct.pack(">L", 14)) >= 2 * 20_000  # each Psot and its TLM entry, 8 bytes shorter

@@ -141,7 +141,7 @@ def _item_header(length: int) -> bytes:
     return struct.pack("<HHL", _ITEM >> 16, _ITEM & 0xFFFF, length)
 
 
-def _item_end(data: bytes, value: Span) -> int:
+def item_end(data: bytes, value: Span) -> int:
     """Where the item whose value starts at `value.start` ends, as its header says (within the data)."""
     (length,) = struct.unpack_from("<L", data, value.start - 4)
     return min(value.start + length, len(data))
@@ -262,17 +262,20 @@ def reencapsulated(
     data: bytes, frames: list[Frame], replaced: dict[int, bytes], extended: bool
 ) -> tuple[bytes, tuple[bytes, bytes] | None]:
     """The pixel data `data` (its frames `frames`, from `every_frame`) with frame i as one fragment holding
-    `replaced[i]`, padded to an even length; the other frames' items are copied as they are. The Basic Offset Table,
-    where it has entries, and the Extended Offset Table, where `extended`, are rebuilt to point at each frame's first
-    item (the latter returned with its lengths)."""
-    count, _, _ = _basic_offsets(data)
+    `replaced[i]`, padded to an even length; the other frames' items are copied as they are, and a frame without
+    fragments stays without them (its entry the next frame's). The Basic Offset Table, where it has entries, and the
+    Extended Offset Table, where `extended`, are rebuilt to point at each frame's first item (the latter returned with
+    its lengths)."""
+    count, _, first = _basic_offsets(data)
     items, offsets, lengths, position = [], [], [], 0
     for index, frame in enumerate(frames):
-        if index in replaced:
+        if index in replaced:  # the padded length, as pydicom's encapsulate_extended gives it
             value = replaced[index] + b"\0" * (len(replaced[index]) % 2)
             item, length = _item_header(len(value)) + value, len(value)
+        elif frame.first.start == first:  # a frame without fragments: its span stands in, it has no item to copy
+            item, length = b"", 0
         else:  # whole items: an Extended Offset Table's length may leave out the padding
-            item, length = data[frame.first.start - 8 : _item_end(data, frame.last)], frame.first.stop - frame.first.start
+            item, length = data[frame.first.start - 8 : item_end(data, frame.last)], frame.first.stop - frame.first.start
         items.append(item)
         offsets.append(position)
         lengths.append(length)

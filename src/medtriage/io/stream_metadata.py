@@ -24,7 +24,15 @@ from typing import NamedTuple
 import pydicom
 
 from medtriage.io.decode_limits import number_of_frames
-from medtriage.io.encapsulation import Frame, MalformedItems, every_frame, extended_offsets, frame_bytes, reencapsulated
+from medtriage.io.encapsulation import (
+    Frame,
+    MalformedItems,
+    every_frame,
+    extended_offsets,
+    frame_bytes,
+    item_end,
+    reencapsulated,
+)
 
 JPEG_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (*range(50, 67), 70))  # the retired processes too
 JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
@@ -36,6 +44,10 @@ _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart 
 # transform (JPEG-LS only) from APP8. Every other APPn, and every COM, is metadata.
 _DECODING_APPS = {0xE0: b"JFIF\0", 0xEE: b"Adobe"}
 _DECODING_APPS_LS = {**_DECODING_APPS, 0xE8: b"mrfx"}
+# Their parameters' sizes: a longer segment carries more (a JFIF thumbnail, or bytes any writer may append), which no
+# decoder reads and which can be anything, so only this much of it stays. A JFIF thumbnail's size is zeroed with it.
+_DECODING_APP_SIZES = {b"JFIF\0": 14, b"Adobe": 12, b"mrfx": 5}
+_NO_THUMBNAIL = b"\0\0"
 # Entropy-coded data runs to the next marker: 0xFF then a code that is not stuffing (0x00 in JPEG, any byte below 0x80
 # in JPEG-LS), not a restart marker (those lie inside it) and not a fill byte.
 _NEXT_MARKER = re.compile(rb"\xff+[\x01-\xcf\xd8-\xfe]")
@@ -122,6 +134,7 @@ def _cleaned_frames(ds: pydicom.Dataset, syntax: str) -> tuple[list[Frame], dict
         if not codestream:
             continue  # a frame without fragments: nothing in it, and the pixel checks report it missing
         try:
+            _item_tail(data, frame)
             walk = _walk(codestream, syntax)
         except DamagedFrame as err:
             raise DamagedFrame(f"frame {index + 1}: {err}") from None
@@ -129,6 +142,14 @@ def _cleaned_frames(ds: pydicom.Dataset, syntax: str) -> tuple[list[Frame], dict
             cleaned[index] = _applied(codestream, walk.edits)
             removed += walk.removed
     return frames, cleaned, removed
+
+
+def _item_tail(data: bytes, frame: Frame) -> None:
+    """An Extended Offset Table's length may end a frame before its item does: what lies between is read by no decoder
+    that goes by the table, and walked by nothing, so it may only be padding."""
+    tail = data[frame.last.stop : item_end(data, frame.last)]
+    if tail.translate(None, _PADDING):
+        raise DamagedFrame(f"its item holds {len(tail)} bytes past the length its offset table gives it, not padding")
 
 
 def _claimed(ds: pydicom.Dataset) -> int:
@@ -200,6 +221,8 @@ def _jpeg(data: bytes, ls: bool) -> _Walk:
         stop = _segment_end(data, position - 2, len(data))
         if _is_metadata(code, data[position + 2 : stop], ls):
             walk.remove(start, stop, "COM" if code == 0xFE else f"APP{code - 0xE0}")
+        elif 0xE0 <= code <= 0xEF:
+            _trim_kept(data, position - 2, stop, walk)
         position = stop if code != 0xDA else _after_scan(data, stop, ls)
     return walk
 
@@ -209,6 +232,17 @@ def _is_metadata(code: int, parameters: bytes, ls: bool) -> bool:
         return True
     kept = (_DECODING_APPS_LS if ls else _DECODING_APPS).get(code)
     return 0xE0 <= code <= 0xEF and not (kept and parameters.startswith(kept))
+
+
+def _trim_kept(data: bytes, at: int, stop: int, walk: _Walk) -> None:
+    """A kept application segment cut to the parameters a decoder reads."""
+    parameters = data[at + 4 : stop]
+    name, size = next((name, size) for name, size in _DECODING_APP_SIZES.items() if parameters.startswith(name))
+    if len(parameters) <= size:
+        return
+    kept = parameters[:12] + _NO_THUMBNAIL if name == b"JFIF\0" else parameters[:size]
+    walk.edits.append(_Edit(at, stop, data[at : at + 2] + struct.pack(">H", 2 + size) + kept))
+    walk.removed[f"APP{data[at + 1] - 0xE0} excess"] += 1
 
 
 def _after_scan(data: bytes, position: int, ls: bool) -> int:
@@ -223,8 +257,9 @@ def _after_scan(data: bytes, position: int, ls: bool) -> int:
 def _j2k(data: bytes) -> _Walk:
     if not data.startswith(b"\xff\x4f"):
         raise DamagedFrame("does not start with a start-of-codestream marker (FF4F) or a JP2 signature")
-    walk, tlm = _Walk(), []
-    position, index = _j2k_header(data, 2, len(data), walk, (_SOT, _EOC), tlm), 0
+    walk, segments = _Walk(), []
+    position, index = _j2k_header(data, 2, len(data), walk, (_SOT, _EOC), segments), 0
+    tlm = _TileLengths(data, segments)
     while data.startswith(b"\xff\x90", position):
         position = _tile_part(data, position, index, walk, tlm)
         if position >= len(data):
@@ -236,9 +271,11 @@ def _j2k(data: bytes) -> _Walk:
     return walk
 
 
-def _j2k_header(data: bytes, position: int, limit: int, walk: _Walk, ends: tuple[int, ...], tlm: list) -> int:
+def _j2k_header(data: bytes, position: int, limit: int, walk: _Walk, ends: tuple[int, ...], tlm: list | None) -> int:
     """Walks a main or tile-part header's marker segments up to one of the markers `ends`, returning its position;
-    comments go, TLM segments (tile-part lengths) are noted for the tile-parts whose headers lose a comment."""
+    comments go, the main header's TLM segments (tile-part lengths, `tlm`) are noted for the tile-parts whose headers
+    lose a comment. A TLM segment belongs to the main header alone (T.800 A.7.1): one in a tile-part header is no
+    table of the codestream's, and `tlm` is None there."""
     within = "the frame" if limit == len(data) else "its tile-part"
     while True:
         if position + 2 > limit:
@@ -254,12 +291,12 @@ def _j2k_header(data: bytes, position: int, limit: int, walk: _Walk, ends: tuple
         stop = _segment_end(data, position, limit, within)
         if code == _J2K_COM:
             walk.remove(position, stop, "COM")
-        elif code == _TLM:
+        elif code == _TLM and tlm is not None:
             tlm.append((position, stop))
         position = stop
 
 
-def _tile_part(data: bytes, sot: int, index: int, walk: _Walk, tlm: list) -> int:
+def _tile_part(data: bytes, sot: int, index: int, walk: _Walk, tlm: _TileLengths) -> int:
     """Walks the tile-part at `sot`, returning where the next one starts; a tile-part header that loses a comment
     gets its length (Psot), and the TLM entry for it, made shorter by as much."""
     header = _segment_end(data, sot, len(data))
@@ -270,20 +307,30 @@ def _tile_part(data: bytes, sot: int, index: int, walk: _Walk, tlm: list) -> int
         raise DamagedFrame(f"tile-part {index} at byte {sot} declares {psot} bytes, fewer than its own header")
     end = sot + psot if psot else len(data)  # 0: the last tile-part, running to the end marker
     before = len(walk.edits)
-    _j2k_header(data, header, min(end, len(data)), walk, (_SOD,), tlm)
+    _j2k_header(data, header, min(end, len(data)), walk, (_SOD,), None)
     shorter = walk.removed_bytes(before)
-    if shorter and psot:
-        walk.edits.append(_Edit(sot + 6, sot + 10, struct.pack(">L", psot - shorter)))
-        _shorten_tlm_entry(data, tlm, index, shorter, walk)
+    if shorter:  # Psot 0 stays 0 (it has no length to change), but a TLM entry still gives this tile-part's length
+        if psot:
+            walk.edits.append(_Edit(sot + 6, sot + 10, struct.pack(">L", psot - shorter)))
+        tlm.shorten(index, shorter, walk)
     return end
 
 
-def _shorten_tlm_entry(data: bytes, tlm: list, index: int, shorter: int, walk: _Walk) -> None:
-    in_order = sorted(tlm, key=lambda segment: data[segment[0] + 4 : segment[0] + 5])  # by Ztlm, the segment's index
-    entries = [entry for segment in in_order for entry in _tlm_entries(data, *segment)]
-    if index < len(entries):  # a TLM listing fewer tile-parts says nothing of this one
-        at, size = entries[index]
-        length = int.from_bytes(data[at : at + size], "big") - shorter
+class _TileLengths:
+    """The main header's TLM segments, their entries listed once, when a tile-part first needs its own: a codestream may
+    hold thousands of tile-parts, each losing a comment."""
+
+    def __init__(self, data: bytes, segments: list[tuple[int, int]]) -> None:
+        self.data, self.segments, self.entries = data, segments, None
+
+    def shorten(self, index: int, shorter: int, walk: _Walk) -> None:
+        if self.entries is None:
+            in_order = sorted(self.segments, key=lambda segment: self.data[segment[0] + 4 : segment[0] + 5])  # by Ztlm
+            self.entries = [entry for segment in in_order for entry in _tlm_entries(self.data, *segment)]
+        if index >= len(self.entries):  # a TLM listing fewer tile-parts says nothing of this one
+            return
+        at, size = self.entries[index]
+        length = int.from_bytes(self.data[at : at + size], "big") - shorter
         if length < 0:
             raise DamagedFrame(f"its TLM segment gives tile-part {index} a length shorter than its header")
         walk.edits.append(_Edit(at, at + size, length.to_bytes(size, "big")))
