@@ -426,3 +426,103 @@ def test_thousands_of_tile_parts_losing_a_comment_list_the_tlm_entries_once(monk
     assert stripped.removed == Counter({"COM": 20_000})
     codestream = next(generate_frames(stripped.pixel_data, number_of_frames=1))
     assert codestream.count(struct.pack(">L", 14)) >= 2 * 20_000  # each Psot and its TLM entry, 8 bytes shorter
+
+
+def _box(kind: bytes, content: bytes, extended: bool = False) -> bytes:
+    if extended:  # length 1, then a 64-bit length after the type
+        return struct.pack(">L", 1) + kind + struct.pack(">Q", 16 + len(content)) + content
+    return struct.pack(">L", 8 + len(content)) + kind + content
+
+
+def _boxes(data: bytes, start: int, stop: int) -> list[tuple[bytes, bytes]]:
+    """(type, whole box) of each box from `start` to `stop`, read by their 32-bit or 64-bit lengths."""
+    found = []
+    while start < stop:
+        length, kind = struct.unpack_from(">L4s", data, start)
+        length = struct.unpack_from(">Q", data, start + 8)[0] if length == 1 else length
+        found.append((kind, data[start : start + length]))
+        start += length
+    return found
+
+
+def _jp2_header(jp2: bytes) -> tuple[int, int, int]:
+    """(start, header size, end) of the JP2 Header box of a JP2 file."""
+    at = jp2.index(b"jp2h") - 4
+    length = struct.unpack_from(">L", jp2, at)[0]
+    header = 16 if length == 1 else 8
+    return at, header, at + (struct.unpack_from(">Q", jp2, at + 8)[0] if length == 1 else length)
+
+
+def _in_jp2_header(*children: bytes, extended: bool = False, after: int = 1):
+    """A plant putting `children` in the JP2 Header box after its first `after` children (its length grown to match,
+    in the 64-bit form where `extended`), and GDCM's top-level UUID boxes removed."""
+
+    def plant(jp2: bytes) -> bytes:
+        at, header, stop = _jp2_header(jp2)
+        kept = [box for _, box in _boxes(jp2, at + header, stop)]
+        jp2h = _box(b"jp2h", b"".join(kept[:after] + list(children) + kept[after:]), extended)
+        rest = b"".join(box for kind, box in _boxes(jp2, stop, jp2.index(b"jp2c") - 4) if kind != b"uuid")
+        return jp2[:at] + jp2h + rest + jp2[jp2.index(b"jp2c") - 4 :]
+
+    return plant
+
+
+HIDDEN_IN_JP2_HEADER = (_box(b"uuid", bytes(16) + NAME), _box(b"xml ", b"<patient>" + NAME + b"</patient>"))
+
+
+@pytest.mark.parametrize("extended", [False, True], ids=["32-bit", "64-bit"])
+def test_metadata_boxes_inside_the_jp2_header_are_removed_and_its_length_follows(extended):
+    """The JP2 Header box was kept whole: a UUID or XML box nested in it, beside the image header and colour boxes,
+    reached the pool with the patient's name."""
+    planted = _planted("GDCMJ2K_TextGBR.dcm", _in_jp2_header(*HIDDEN_IN_JP2_HEADER, extended=extended))
+    original = _frames(_read(_planted("GDCMJ2K_TextGBR.dcm", _in_jp2_header(extended=extended))))[0]
+    written, result = _deidentified(planted)
+    assert NAME not in written
+    assert result.stream_metadata == Counter({"JP2 uuid": 1, "JP2 xml": 1})
+    jp2 = _frames(_read(written))[0]
+    assert jp2.rstrip(b"\0") == original.rstrip(b"\0")  # every other box as it was, but for the items' padding
+    at, header, stop = _jp2_header(jp2)
+    assert header == (16 if extended else 8)
+    assert [kind for kind, _ in _boxes(jp2, at + header, stop)] == [b"ihdr", b"colr", b"res "]
+    assert jp2[stop + 4 : stop + 8] == b"jp2c"  # the next box starts where the header's length says it ends
+    assert np.array_equal(_pixels(written), _pixels(planted))
+    _offset_table_locates_every_frame(written)
+
+
+def test_every_standard_child_of_the_jp2_header_stays_and_only_the_others_go():
+    """The header's optional boxes (bit depths, palette, component mapping, channel definitions, a second colour
+    specification, resolution with its capture and display boxes) stay byte for byte around a removed UUID box."""
+    resolution = _box(b"res ", _box(b"resc", bytes(10)) + _box(b"resd", bytes(10)))
+    standard = [_box(b"bpcc", b"\x07\x07\x07"), _box(b"colr", b"\x01\x00\x00\x00\x00\x00\x10"), resolution]
+    standard += [_box(b"pclr", b"\x00\x01\x01\x07\x00"), _box(b"cmap", bytes(4)), _box(b"cdef", bytes(2))]
+    gdcm = _frames(pydicom.dcmread(get_testdata_file("GDCMJ2K_TextGBR.dcm")))[0]
+    jp2 = _in_jp2_header(standard[0], HIDDEN_IN_JP2_HEADER[0], *standard[1:])(gdcm)
+    walk = stream_metadata._jp2(jp2)
+    assert walk.removed == Counter({"JP2 uuid": 1})
+    assert stream_metadata._applied(jp2, walk.edits) == _in_jp2_header(*standard)(gdcm)
+
+
+@pytest.mark.parametrize(
+    "past",
+    [struct.pack(">L", 0x7FFF) + b"uuid" + NAME, struct.pack(">L", 1) + b"uuid" + struct.pack(">Q", 0x7FFF) + NAME],
+    ids=["32-bit", "64-bit"],
+)
+def test_a_child_running_past_the_end_of_the_jp2_header_is_quarantined(ingest_one, past):
+    """A child box (32-bit or 64-bit length) longer than the header holding it: where the header's metadata ends cannot
+    be known. Before, the header was kept whole and the file pooled, the name inside it."""
+    damaged = _planted("GDCMJ2K_TextGBR.dcm", _in_jp2_header(past))
+    assert screen(_read(damaged)).reason == "damaged_compressed_frame"
+    outcome = ingest_one(damaged)
+    assert (outcome.status, outcome.reason) == ("quarantined", "damaged_compressed_frame"), outcome
+    assert "past the end of the JP2 Header box" in outcome.detail and not outcome.encoded
+
+
+def test_a_jp2_header_with_only_standard_children_is_left_as_it_is():
+    """Nothing to remove: no edit, so the frame's item stays byte for byte."""
+    jp2 = _frames(pydicom.dcmread(get_testdata_file("GDCMJ2K_TextGBR.dcm")))[0]
+    only_standard = _in_jp2_header(_box(b"res ", _box(b"resd", bytes(10))), extended=True)(jp2)
+    assert stream_metadata._jp2(only_standard).edits == []
+    ds = _read(_planted("GDCMJ2K_TextGBR.dcm", _in_jp2_header()))
+    pixel_data = ds.PixelData
+    deidentify(ds, KEY)
+    assert ds.PixelData is pixel_data

@@ -2,8 +2,9 @@
 
 A modality or a converter can write text into the codestream beside the image: comment (COM) and application (APPn:
 EXIF, XMP, ICC, Photoshop) marker segments in JPEG (ITU-T T.81) and JPEG-LS (T.87) frames, comment segments in the
-main and tile-part headers of a JPEG 2000 codestream, and XML, UUID and other boxes in a JP2 file around one. Any of them
-can hold a patient's name, a date or a device serial, which header de-identification never sees.
+main and tile-part headers of a JPEG 2000 codestream, and XML, UUID and other boxes in a JP2 file around one, in its
+header box too. Any of them can hold a patient's name, a date or a device serial, which header de-identification
+never sees.
 
 A frame is walked by the lengths its segments declare, each checked against the frame's end. What decoding needs stays:
 every JPEG table, frame and scan header, the JFIF and Adobe segments (they say how colour is converted), CharLS's colour
@@ -58,6 +59,9 @@ _SOT, _SOD, _EOC, _J2K_COM, _TLM = 0x90, 0x93, 0xD9, 0x64, 0x55
 _JP2_SIGNATURE = b"\0\0\0\x0cjP  \r\n\x87\n"
 # The boxes a JP2 reader needs: signature, file type, reader requirements, header (size, colour, palette), codestream.
 _JP2_KEPT = frozenset({b"jP  ", b"ftyp", b"rreq", b"jp2h", b"jp2c"})
+# What the JP2 Header box may hold (T.800 I.5.3): image header, bit depths, colour, palette, component mapping, channel
+# definitions, resolution (a superbox of capture and display resolution: numbers only, so kept whole).
+_JP2_HEADER_KEPT = frozenset({b"ihdr", b"bpcc", b"colr", b"pclr", b"cmap", b"cdef", b"res "})
 
 
 class DamagedFrame(ValueError):
@@ -358,26 +362,46 @@ def _jp2(data: bytes) -> _Walk:
         kind = data[position + 4 : position + 8]
         if kind == b"jp2c":
             _codestream_box(data, position, header, stop, walk)
+        elif kind == b"jp2h":
+            _header_box(data, position, header, stop, walk)
         elif kind not in _JP2_KEPT:
             walk.remove(position, stop, f"JP2 {kind.decode('latin-1').strip()}")
         position = stop
     return walk
 
 
-def _box(data: bytes, at: int) -> tuple[int, int]:
-    """(header size, end) of the box at `at`: a 32-bit length, 1 for a 64-bit one after the type, 0 to the end."""
-    if at + 8 > len(data):
+def _box(data: bytes, at: int, limit: int | None = None, within: str = "the frame") -> tuple[int, int]:
+    """(header size, end) of the box at `at`, which must end by `limit` (the end of the frame, or of the superbox
+    holding it): a 32-bit length, 1 for a 64-bit one after the type, 0 to that end."""
+    limit = len(data) if limit is None else limit
+    if at + 8 > limit:
         raise DamagedFrame(f"ends inside the header of the JP2 box at byte {at}")
     (length,) = struct.unpack_from(">L", data, at)
     header = 8
     if length == 1:
-        if at + 16 > len(data):
+        if at + 16 > limit:
             raise DamagedFrame(f"ends inside the header of the JP2 box at byte {at}")
         (length,), header = struct.unpack_from(">Q", data, at + 8), 16
-    stop = at + length if length else len(data)
-    if stop < at + header or stop > len(data):
-        raise DamagedFrame(f"JP2 box at byte {at} declares {length} bytes, past the end of the frame ({len(data)} bytes)")
+    stop = at + length if length else limit
+    if stop < at + header or stop > limit:
+        raise DamagedFrame(f"JP2 box at byte {at} declares {length} bytes, past the end of {within} (byte {limit})")
     return header, stop
+
+
+def _header_box(data: bytes, at: int, header: int, stop: int, walk: _Walk) -> None:
+    """The JP2 Header is a superbox: a writer can nest a UUID or XML box in it beside the image header and colour."""
+    kept, removed, position = [], Counter(), at + header
+    while position < stop:
+        _, end = _box(data, position, stop, "the JP2 Header box")
+        kind = data[position + 4 : position + 8]
+        if kind in _JP2_HEADER_KEPT:
+            kept.append(data[position:end])
+        else:
+            removed[f"JP2 {kind.decode('latin-1').strip()}"] += 1
+        position = end
+    if removed:  # nothing removed: no edit, so the frame stays byte for byte
+        walk.edits.append(_Edit(at, stop, _rebuilt(data, at, header, b"".join(kept))))
+        walk.removed += removed
 
 
 def _codestream_box(data: bytes, at: int, header: int, stop: int, walk: _Walk) -> None:
@@ -385,12 +409,15 @@ def _codestream_box(data: bytes, at: int, header: int, stop: int, walk: _Walk) -
     if not inner.edits:
         return
     codestream = _applied(data[at + header : stop], inner.edits)
-    (length,) = struct.unpack_from(">L", data, at)
-    if length == 0:  # to the end of the file: no length to change
-        box = data[at : at + header] + codestream
-    elif header == 8:
-        box = struct.pack(">L", 8 + len(codestream)) + b"jp2c" + codestream
-    else:
-        box = struct.pack(">L", 1) + b"jp2c" + struct.pack(">Q", 16 + len(codestream)) + codestream
-    walk.edits.append(_Edit(at, stop, box))
+    walk.edits.append(_Edit(at, stop, _rebuilt(data, at, header, codestream)))
     walk.removed += inner.removed
+
+
+def _rebuilt(data: bytes, at: int, header: int, content: bytes) -> bytes:
+    """The box at `at` holding `content` instead, its length in the form it had."""
+    (length,), kind = struct.unpack_from(">L", data, at), data[at + 4 : at + 8]
+    if length == 0:  # to the end of the file: no length to change
+        return data[at : at + header] + content
+    if header == 8:
+        return struct.pack(">L", 8 + len(content)) + kind + content
+    return struct.pack(">L", 1) + kind + struct.pack(">Q", 16 + len(content)) + content
