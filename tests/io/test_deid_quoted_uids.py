@@ -16,6 +16,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from medtriage.io.deid import deidentify
 from medtriage.io.part10 import encode
 from medtriage.io.site_key import SiteKey
+from tests.io.test_deid_edges import _reread
 
 KEY = SiteKey(b"quoted-uids-secret-0123456789abcdef")
 SYNTAX = "1.2.840.10008.1.2.4.50"  # names an encoding, not an instance
@@ -58,15 +59,6 @@ def _kept_value(ds: Dataset, where) -> str:
     if where is _url_in_a_reference:
         return ds.ReferencedSeriesSequence[0].RetrieveURL
     return ds.RetrieveURL if where is _top_level_url else ds.DetectorDescription
-
-
-def _reread(ds: Dataset, syntax) -> Dataset:
-    """Written and read back, as ingest reads a file: its elements start undecoded."""
-    if syntax is not None:
-        ds.file_meta.TransferSyntaxUID = syntax
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
 
 
 @pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
