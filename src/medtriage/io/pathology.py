@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from medtriage.errors import ConfigError, InputError
-from medtriage.io.slide_reader import MAX_MPP, MIN_MPP, SLIDE_SUFFIXES, RegionReader, Slide, is_slide_path, open_slide  # noqa: F401 (re-exported)
+from medtriage.io.slide_reader import MAX_MPP, MIN_MPP, SLIDE_SUFFIXES, RegionReader, Slide, is_slide_path, open_slide, within_mpp_limits  # noqa: F401 (re-exported)
 from medtriage.io.stain import REFERENCE_STAINS, StainNormalizer, Stains, fit_stains
 
 DEFAULT_TILE_MPP = 0.5  # 20x
@@ -196,7 +196,7 @@ def tile_grid(
 ) -> TileGrid:
     """Non-overlapping grid of physical tiles covering the whole slide; positions with less tissue than `min_tissue`
     are skipped (the part of an edge tile beyond the slide counts as background)."""
-    if not (tile_size >= 1 and math.isfinite(mpp) and MIN_MPP <= mpp <= MAX_MPP):
+    if not (tile_size >= 1 and within_mpp_limits(mpp)):
         raise ConfigError(
             f"tiles of {tile_size} pixels at {mpp:.4g} µm/pixel",
             hint=f"the tile size must be positive and µm/pixel from {MIN_MPP:g} to {MAX_MPP:g}: check the package's pathology block",

@@ -204,10 +204,15 @@ def _checked_mpp(override: float | None, path: Path) -> float | None:
     return None if override is None else _plausible_mpp(float(override), path, "the override")
 
 
+def within_mpp_limits(mpp: float) -> bool:
+    """Whether a resolution lies from MIN_MPP to MAX_MPP µm/pixel (NaN does not)."""
+    return MIN_MPP <= mpp <= MAX_MPP
+
+
 def _plausible_mpp(mpp: float, path: Path, source: str) -> float:
     """A damaged or hostile tag must not size the tile grid: at 0.001 µm/pixel one tile spans the whole slide, and at
     1e308 its size in pixels overflows."""
-    if not (math.isfinite(mpp) and MIN_MPP <= mpp <= MAX_MPP):
+    if not within_mpp_limits(mpp):
         raise InputError(
             f"implausible scan resolution from {source}: {mpp:.4g} µm/pixel (light microscopes resolve no finer than "
             f"about 0.2 µm; the limits are {MIN_MPP:g} to {MAX_MPP:g})",
