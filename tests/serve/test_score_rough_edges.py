@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -176,6 +177,28 @@ def test_ctrl_c_prints_the_rows_scored_so_far_and_ends_130(package_dir, tmp_path
     assert [Path(row["file"]).name for row in rows] == [f"ct{i:03}.dcm" for i in range(len(rows))]  # in order, none lost
     assert f"interrupted after {len(rows)} of {files} file(s)" in err
     assert "Traceback" not in err
+
+
+def test_a_stop_just_after_a_slide_heatmap_is_written_still_reports_its_row(slide_package, tmp_path, monkeypatch, capsys):
+    """Before, the heatmap was written inside the slide's scoring: a stop coming then left a heatmap on disk that no
+    row of the output named. It is written with the row now, as an SR is, and the stop waits for both."""
+    import medtriage.serve.slides as slides
+
+    write = slides.write_atomic
+
+    def written_then_stopped(*args, **kwargs):
+        write(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop, as the file lands
+
+    monkeypatch.setattr(slides, "write_atomic", written_then_stopped)
+    heatmaps, second = tmp_path / "heatmaps", tmp_path / "second.svs"
+    shutil.copyfile(CMU1, second)  # another file: a link to the same one is scored once
+    code = main(["score", str(slide_package), str(CMU1), str(second), "--heatmaps", str(heatmaps), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 130, err
+    (row,) = json.loads(out)["results"]
+    assert [str(p) for p in heatmaps.iterdir()] == [row["heatmap"]]
+    assert "interrupted after 1 of 2 file(s)" in err
 
 
 def _ctrl_c_as_at_a_terminal() -> None:

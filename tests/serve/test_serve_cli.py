@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -213,7 +214,9 @@ def test_results_that_cannot_be_written_to_stdout_are_an_error_not_a_traceback(p
     assert "Traceback" not in child.stderr and "Exception ignored" not in child.stderr
 
 
-def test_a_heatmap_that_cannot_be_written_rejects_that_slide_and_the_others_go_on(capsys, package_copy, tmp_path):
+def test_a_heatmap_that_cannot_be_written_is_named_and_the_others_go_on(capsys, package_copy, tmp_path):
+    """As for an SR: the slide's score stands and the heatmap missing is named with its reason (it rejected the slide:
+    minutes of scoring lost to a full disk)."""
     from medtriage.io.safe_output import output_path
     from tests.serve.test_slides import with_pathology_block
     from tests.serve.test_slides_lab import TILE, generated_slide
@@ -225,11 +228,38 @@ def test_a_heatmap_that_cannot_be_written_rejects_that_slide_and_the_others_go_o
     taken.mkdir(parents=True)  # its name taken by a folder: the write fails as on a full disk
     code, out, err = score(capsys, package, first, second, "--heatmaps", heatmaps, "--json")
     document = json.loads(out)
+    assert code == 1 and "Traceback" not in err and document["rejected"] == []
+    (unwritten,) = document["not_written"]
+    assert (unwritten["file"], unwritten["output"], unwritten["error"]) == (str(first), "heatmap", "IsADirectoryError")
+    assert unwritten["reason"] == f"no heatmap written: cannot write {taken} (Is a directory)"
+    assert [r["file"] for r in document["results"]] == [str(first), str(second)]
+    assert document["results"][0]["heatmap"] is None
+    assert pathlib.Path(document["results"][1]["heatmap"]).is_file()
+
+
+def test_a_slide_whose_file_fails_to_read_is_rejected_and_the_others_go_on(capsys, package_copy, tmp_path, monkeypatch):
+    import errno
+
+    import medtriage.serve.slides as slides
+    from tests.serve.test_slides import with_pathology_block
+    from tests.serve.test_slides_lab import TILE, generated_slide
+
+    package = with_pathology_block(package_copy, stain_normalization=None, tile_size=TILE)
+    first, second = (generated_slide(tmp_path / f"slide-{i}.tif") for i in (1, 2))
+    prepare = slides.prepare_slide
+
+    def share_gone_for_the_first(path, *args, **kwargs):
+        if pathlib.Path(path) == first:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return prepare(path, *args, **kwargs)
+
+    monkeypatch.setattr(slides, "prepare_slide", share_gone_for_the_first)
+    code, out, err = score(capsys, package, first, second, "--json")
+    document = json.loads(out)
     assert code == 1 and "Traceback" not in err
     (rejected,) = document["rejected"]
-    assert rejected["file"] == str(first) and rejected["reason"] == f"cannot write {taken} (Is a directory); the slide was not scored"
+    assert rejected["reason"] == f"cannot read {first} (Input/output error); the slide was not scored"
     assert [r["file"] for r in document["results"]] == [str(second)]
-    assert pathlib.Path(document["results"][0]["heatmap"]).is_file()
 
 
 @pytest.mark.parametrize("extra", [[CT], ["--sr", "sr"], ["--overlays", "overlays"], ["--heatmaps", "heatmaps"], ["--mpp", "0.5"]])

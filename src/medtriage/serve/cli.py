@@ -297,7 +297,10 @@ def _score_into(done: list, predictor: Predictor, path: Path, args: argparse.Nam
     from medtriage.signals import signals_held
 
     if is_slide_path(path):  # whole-slide images: tiles -> one slide score (no DICOM SR)
-        done.append([_scored_slide(predictor, path, args.mpp, args.heatmaps)])
+        scored, picture = _scored_slide(predictor, path, args.mpp, heatmap=bool(args.heatmaps))
+        with signals_held():  # as for an SR: a heatmap on disk is a row reported
+            heatmap = _write_heatmap(scored, picture, path, args.heatmaps) if picture is not None else []
+            done.append([scored, *heatmap])
         return
     outcome = predictor.score_or_reject(path, str(path))
     if isinstance(outcome, Rejection):
@@ -309,14 +312,22 @@ def _score_into(done: list, predictor: Predictor, path: Path, args: argparse.Nam
         done.append([*outcome, *sr, *overlay])
 
 
-def _scored_slide(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap_dir: str | None) -> Score | Rejection:
-    """One slide's score, or its rejection; a file system failure (its heatmap on a full disk) rejects this slide alone."""
-    from medtriage.serve.slides import score_slide_file
+def _scored_slide(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap: bool) -> tuple[Score | Rejection, object]:
+    """One slide's score, or its rejection, and its heatmap drawn when asked for (written by `_write_heatmap`); a file
+    system failure while reading it (a share gone) rejects this slide alone."""
+    from medtriage.serve.slides import slide_score_and_heatmap
 
     try:
-        return score_slide_file(predictor, path, slide_mpp, heatmap_dir)
+        return slide_score_and_heatmap(predictor, path, slide_mpp, heatmap)
     except OSError as err:
-        return Rejection(str(path), f"{_os_failure(err)}; the slide was not scored", type(err).__name__, hint=WRITE_HINT)
+        reason = f"cannot read {err.filename or path} ({err.strerror or type(err).__name__}); the slide was not scored"
+        return Rejection(str(path), reason, type(err).__name__, hint="check that the slide's files can be read"), None
+
+
+def _write_heatmap(scored: Score, picture, path: Path, heatmap_dir: str) -> list[Unwritten]:
+    from medtriage.serve.slides import save_heatmap
+
+    return _written("heatmap", path, lambda: save_heatmap(scored, picture, heatmap_dir, path))
 
 
 def _write_sr(predictor: Predictor, path: Path, scores: list[Score], sr_dir: str) -> list[Unwritten]:

@@ -79,9 +79,10 @@ class SlideResult:
     class_means: list[float] = field(default_factory=list)  # mean tile probability per class
     n_unusual: int = 0  # tissue tiles above the OOD threshold, left out of the score
     flags: list[str] = field(default_factory=list)  # "unusual_input": withheld but scored on request
+    picture: Image.Image | None = field(default=None, repr=False, compare=False)  # the heatmap, when drawn
 
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if k != "picture"}
 
 
 def tile_outputs(prepared: PreparedSlide, predict: Predict, batch_size: int = 32, workers: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
@@ -132,6 +133,7 @@ def score_slide(
     positive_index: int = 1,
     slide_mpp: float | None = None,
     heatmap_path: str | Path | None = None,
+    heatmap: bool = False,
     batch_size: int = 32,
     workers: int = 1,
     n_top: int = 5,
@@ -139,7 +141,8 @@ def score_slide(
     allow_unusual: bool = False,
 ) -> SlideResult:
     """Score one slide. Bad slides raise InputError (not a slide, truncated, no tissue, no µm/pixel); a slide whose
-    median tile OOD score is above `ood_threshold` raises UnusualInputError unless `allow_unusual`."""
+    median tile OOD score is above `ood_threshold` raises UnusualInputError unless `allow_unusual`. With `heatmap` its
+    heatmap is drawn (`picture`), with `heatmap_path` also written there."""
     prepared = prepare_slide(
         path,
         settings.tile_size,
@@ -176,11 +179,16 @@ def score_slide(
             n_unusual=len(grid.tiles) - len(tiles),
             flags=flags,
         )
-        if heatmap_path is not None:
-            image = render_heatmap(prepared, probs, tiles)
-            write_atomic(heatmap_path, lambda f: image.save(f, format="PNG"))
-            result.heatmap = str(heatmap_path)
+        if heatmap or heatmap_path is not None:
+            result.picture = render_heatmap(prepared, probs, tiles)  # drawn while the slide is open
+    if heatmap_path is not None:
+        write_heatmap(result.picture, heatmap_path)
+        result.heatmap = str(heatmap_path)
     return result
+
+
+def write_heatmap(picture: Image.Image, path: str | Path) -> None:
+    write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
 def _colormap(values: np.ndarray) -> np.ndarray:
@@ -261,13 +269,33 @@ def score_slide_file(
     predictor: Predictor, path: str | Path, slide_mpp: float | None = None, heatmap_dir: str | Path | None = None
 ) -> SlideScore | Rejection:
     """Score one slide with a package; bad input becomes a Rejection with its reason (a batch goes on)."""
+    scored, picture = slide_score_and_heatmap(predictor, path, slide_mpp, heatmap=heatmap_dir is not None)
+    if picture is not None:
+        save_heatmap(scored, picture, heatmap_dir, path)
+    return scored
+
+
+def slide_score_and_heatmap(
+    predictor: Predictor, path: str | Path, slide_mpp: float | None = None, heatmap: bool = False
+) -> tuple[SlideScore | Rejection, Image.Image | None]:
+    """A slide's score (or its Rejection) and, with `heatmap`, its heatmap drawn but not yet written: a caller that
+    must write it and report the row as one step (a stop between the two would leave a file no row names) does so."""
     try:
-        return _score_slide_file(predictor, Path(path), slide_mpp, heatmap_dir)
+        result = _score_slide(predictor, Path(path), slide_mpp, heatmap)
     except MedTriageError as err:
-        return Rejection.of(str(path), err)
+        return Rejection.of(str(path), err), None
+    return _slide_score(predictor.package, result, predictor.positive), result.picture
 
 
-def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap_dir: str | Path | None) -> SlideScore:
+def save_heatmap(scored: SlideScore, picture: Image.Image, heatmap_dir: str | Path, path: str | Path) -> None:
+    """Write a slide's heatmap into `heatmap_dir` and name it in its score. Named like the SR and overlay writers:
+    sanitised, with a digest of the source path so two slides never collide."""
+    target = output_path(heatmap_dir, Path(path).stem, ".heatmap.png", source=str(Path(path).resolve()))
+    write_heatmap(picture, target)
+    scored.heatmap = str(target)
+
+
+def _score_slide(predictor: Predictor, path: Path, slide_mpp: float | None, heatmap: bool) -> SlideResult:
     package = predictor.package
     if "pathology" not in package.meta:
         raise PackageError(
@@ -275,31 +303,32 @@ def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None,
             where=package.directory,
             hint="score slides with a pathology model package",
         )
-    # Named like the SR and overlay writers: sanitised, with a digest of the source path so two slides never collide.
-    heatmap = output_path(heatmap_dir, path.stem, ".heatmap.png", source=str(path.resolve())) if heatmap_dir else None
 
     def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return predictor.outputs(to_model_channels(batch, package.channels, str(path)))
 
-    result = score_slide(
+    return score_slide(
         path,
         predict,
         SlideSettings.from_meta(package.meta["pathology"]),
         positive_index=predictor.positive,
         slide_mpp=slide_mpp,
-        heatmap_path=heatmap,
+        heatmap=heatmap,
         ood_threshold=package.ood_threshold,
         allow_unusual=predictor.allow_out_of_scope,
     )
+
+
+def _slide_score(package, result: SlideResult, positive: int) -> SlideScore:
     probs = np.array(result.class_means)  # other classes: mean over tiles; binary: the complement
-    probs[predictor.positive] = result.score
+    probs[positive] = result.score
     if len(probs) == 2:
-        probs[1 - predictor.positive] = 1.0 - result.score
+        probs[1 - positive] = 1.0 - result.score
     points = SlideOperatingPoints.of(package)
     return SlideScore(
         file=result.path,
         frame=None,
-        finding=points.finding(probs, predictor.positive, package.label_names),
+        finding=points.finding(probs, positive, package.label_names),
         probability=result.score,
         priority=points.priority(result.score),
         probabilities={k: float(v) for k, v in zip(package.label_names, probs)},
@@ -320,6 +349,5 @@ def _score_slide_file(predictor: Predictor, path: Path, slide_mpp: float | None,
         tile_mpp=result.tile_mpp,
         slide_mpp=result.slide_mpp,
         top_tiles=result.top_tiles,
-        heatmap=result.heatmap,
         threshold_level=points.level,
     )
