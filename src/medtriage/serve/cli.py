@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +29,9 @@ DEFAULT_MAX_FILES = 1000
 DEFAULT_HEADER_TIMEOUT_S = 20.0  # seconds a client has to send a request's whole head (line and headers)
 DEFAULT_MAX_CONNECTIONS = 512  # each holds a file descriptor; Linux's usual soft limit is 1024
 MAX_THREADS = 1024  # ONNX Runtime takes minutes to start tens of thousands of threads, and more than the cores only slow it
+# Below the 90 s after which systemd (DefaultTimeoutStopSec; the unit sets no TimeoutStopSec) SIGKILLs the service: the
+# stop then ends with a line saying which requests were cut off, not silently.
+DEFAULT_STOP_TIMEOUT_S = 30.0
 
 
 def register(subparsers) -> None:
@@ -145,6 +150,14 @@ def register(subparsers) -> None:
         type=path_argument,
         default=None,
         help="keep the worklist in this folder (survives restarts); a DICOM node's --state shows its studies",
+    )
+    serve.add_argument(
+        "--stop-timeout",
+        type=positive_float,
+        default=DEFAULT_STOP_TIMEOUT_S,
+        metavar="SECONDS",
+        help="on a stop (SIGTERM, Ctrl-C), how long requests in progress get to be answered; those still running then are "
+        "cut off, and the command ends with status 1 if an inference call never returned (default: %(default)s)",
     )
     add_runtime_options(serve)
     add_batching_options(serve)
@@ -552,9 +565,13 @@ def _discard_stdout() -> None:
 # --- serve ---------------------------------------------------------------------------------------
 
 # How long the batcher is waited for once uvicorn has stopped. By then every request has been answered, and the batcher
-# is idle and ends at once, unless a second Ctrl-C made uvicorn stop waiting: a call still running then is one no
-# request waits for, and the command was asked to end now.
+# is idle and ends at once, unless --stop-timeout passed or a second Ctrl-C made uvicorn stop waiting: a call still
+# running then is one no request waits for, and the command was asked to end now.
 STOP_BATCHER_S = 1.0
+# Then how long the threads that ran requests' work get to end: idle ones end at once, one in a call that never returns
+# would hold the process for good (the interpreter waits for such threads at exit).
+STOP_THREADS_S = 1.0
+EXIT_CUT_OFF = 1  # the stop cut off requests whose inference call never returned
 
 
 def root_path(text: str) -> str:
@@ -567,8 +584,6 @@ def root_path(text: str) -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from medtriage.errors import ConfigError
     from medtriage.serve.admission import Admission, tune_allocator
     from medtriage.serve.http import connection_protocol, create_app
@@ -605,13 +620,68 @@ def run_serve(args: argparse.Namespace) -> int:
         f"{'token required' if token else 'no token'}, {admission.workers} at once + {args.queue} waiting; docs at /docs)",
         file=sys.stderr,
     )
-    http = connection_protocol(args.header_timeout, args.max_connections)
+    _serve_until_stopped(app, args, connection_protocol(args.header_timeout, args.max_connections), tls, batcher)
+    return 0
+
+
+def _serve_until_stopped(app, args: argparse.Namespace, http, tls: dict, batcher) -> None:
+    """uvicorn until a stop (SIGTERM, Ctrl-C), which answers the requests in progress for --stop-timeout seconds at
+    most; then the batcher is closed, and the process ends at once if an inference call never returned."""
+    import signal
+
+    import uvicorn
+
+    from medtriage.signals import handling
+
+    serving_since = set(threading.enumerate())
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http, root_path=args.root_path, **tls)
-    finally:  # the server has answered its last request: the batching worker ends after the calls it holds, if any
+        with handling((signal.SIGTERM,), _stop_as_ctrl_c):
+            uvicorn.run(
+                app,
+                host=args.host,
+                port=args.port,
+                log_level="info",
+                http=http,
+                root_path=args.root_path,
+                timeout_graceful_shutdown=args.stop_timeout,
+                **tls,
+            )
+    finally:  # the server has stopped: the batching worker ends after the calls it holds, if any
         if batcher is not None:
             batcher.close(timeout=STOP_BATCHER_S)
-    return 0
+    _exit_if_calls_left(serving_since, args.stop_timeout)
+
+
+def _stop_as_ctrl_c(signum, frame):
+    """uvicorn raises the signal that stopped it again once it has shut down. SIGTERM's default action would end the
+    process there, before `_exit_if_calls_left`; raised as Ctrl-C, uvicorn.run returns as it does after Ctrl-C."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _exit_if_calls_left(serving_since: set[threading.Thread], stop_timeout: float) -> None:
+    """End the process now if threads that serving started still run (an inference call that never returned): the
+    interpreter would wait for them at exit, and the stop would hang until systemd's SIGKILL. Nothing is left half
+    written: the worklist's store commits each write whole (SQLite, synchronous) and writes its files atomically."""
+    left = _threads_left(serving_since, STOP_THREADS_S)
+    if not left:
+        return
+    print(
+        f"error: the service stopped with {len(left)} inference call(s) still running (--stop-timeout {stop_timeout:g} s): "
+        "their requests were cut off; exiting without waiting for them",
+        file=sys.stderr,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_CUT_OFF)
+
+
+def _threads_left(serving_since: set[threading.Thread], timeout: float) -> list[threading.Thread]:
+    """Threads started since `serving_since` that the interpreter would wait for at exit and that run on after `timeout`."""
+    deadline = time.monotonic() + timeout
+    started = [t for t in threading.enumerate() if t not in serving_since and not t.daemon]
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in started if t.is_alive()]
 
 
 def apply_decode_limits(args: argparse.Namespace) -> None:
