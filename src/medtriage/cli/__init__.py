@@ -144,3 +144,11 @@ def exit_with_message(err: MedTriageError) -> NoReturn:
         raise err
     print(f"error: {printable(str(err))}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+def exit_interrupted() -> NoReturn:
+    """In a Hydra entry point: end on Ctrl-C (or SIGTERM/SIGHUP, raised as it in a run: medtriage.signals) as
+    `report_errors` does, with one line and status 130, not Hydra's traceback. The run has said already whether and how
+    a resume continues it."""
+    print("stopped (Ctrl-C or a signal)", file=sys.stderr)
+    raise SystemExit(128 + signal.SIGINT) from None

@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from medtriage.cli import exit_with_message
+from medtriage.cli import exit_interrupted, exit_with_message
 from medtriage.cli.train import check_data_paths, check_sweep_direction
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import MedTriageError
@@ -32,6 +32,8 @@ def main(cfg: TrainConfig) -> float:
         return cross_validate(overrides, Path(cfg.paths.output_dir), cfg).score
     except MedTriageError as err:
         exit_with_message(err)
+    except KeyboardInterrupt:
+        exit_interrupted()
 
 
 if __name__ == "__main__":

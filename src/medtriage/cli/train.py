@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import ListConfig
 
 from medtriage.arguments import refuse_file_as_folder
-from medtriage.cli import exit_with_message
+from medtriage.cli import exit_interrupted, exit_with_message
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.io.header_warnings import say_header_warnings
@@ -32,6 +32,8 @@ def main(cfg: TrainConfig) -> float:
         return train_and_export(cfg).best_val_auc  # lets Hydra sweepers optimise it
     except MedTriageError as err:
         exit_with_message(err)
+    except KeyboardInterrupt:
+        exit_interrupted()
 
 
 def check_sweep_direction(returned: str, better: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from medtriage.config import check_values, to_plain_dict
@@ -29,7 +30,7 @@ from medtriage.data.sources.registry import load_pool
 from medtriage.data.torch.datasets import CachedSplit, cache_split
 from medtriage.data.torch.split_cache import persistent_split
 from medtriage.errors import ConfigError
-from medtriage.io.safe_output import held_exclusive
+from medtriage.io.safe_output import held_exclusive, remove_partials
 from medtriage.model.checkpoint import LAST, final_checkpoint, model_from_config, read_checkpoint
 from medtriage.signals import terminate_as_interrupt
 from medtriage.training import distributed, tracking
@@ -201,6 +202,8 @@ def run(cfg: DictConfig) -> RunResult:
     try:
         with terminate_as_interrupt():
             return _run(cfg, config, ranks, pick_device(device_choice))
+    except MlflowException as err:  # rank 0 alone talks to the store
+        raise tracking.unrecorded(err, cfg.tracking.uri) from err
     finally:
         distributed.teardown(ranks)
 
@@ -260,6 +263,7 @@ def claim_checkpoints(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
         )
 
     with held_exclusive(ckpt_dir / TRAINING_LOCK, busy):
+        remove_partials(ckpt_dir)  # a checkpoint write killed outright (SIGKILL, the OOM killer) left its temporary file
         yield
 
 
@@ -267,6 +271,14 @@ def run_checkpoint(ckpt_dir: Path, weights, interrupted: bool) -> Path:
     """The checkpoint a run's result names: an interrupted run's last.pt, which holds where it stopped and is what a
     resume continues (its best.pt is only the best epoch so far, and a refit has none); a finished run's final one."""
     return ckpt_dir / LAST if interrupted else final_checkpoint(ckpt_dir, weights)
+
+
+def interrupted_advice(ckpt_dir: Path) -> str:
+    """What to do after an interruption. Without a last.pt there is nothing to continue, and trainer.resume=true would
+    continue the newest other unfinished run of the experiment instead."""
+    if (ckpt_dir / LAST).is_file():
+        return f"interrupted; continue with trainer.resume=true (checkpoints in {ckpt_dir})"
+    return "interrupted before its first epoch was checkpointed: nothing to resume, start it again (without trainer.resume)"
 
 
 def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, model, ckpt_dir: Path, resumed) -> RunResult:
@@ -298,11 +310,11 @@ def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, mo
         metrics, predictions = final_metrics(fit, state, ckpt_dir)
         log_final(metrics, predictions, state, ckpt_dir, cfg.name, cfg.tracking.log_checkpoint, cfg.trainer.weights)
     except KeyboardInterrupt:
-        tracking.end_run("KILLED")
-        print(f"interrupted; continue with trainer.resume=true (checkpoints in {ckpt_dir})")
+        tracking.end_stopped_run("KILLED")
+        print(interrupted_advice(ckpt_dir))
         raise
     except BaseException:
-        tracking.end_run("FAILED")
+        tracking.end_stopped_run("FAILED")
         raise
     tracking.end_run("FINISHED")
     result = RunResult(run_id, state.best_val_auc, run_checkpoint(ckpt_dir, cfg.trainer.weights, False), ckpt_dir, metrics)

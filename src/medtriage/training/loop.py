@@ -47,6 +47,10 @@ class TrainingDivergedError(MedTriageError):
     """The training loss stopped being a number: the weights are NaN or infinite, and every later step keeps them so."""
 
 
+class CheckpointWriteError(MedTriageError):
+    """A checkpoint could not be written (a full disk, a folder made read-only): the one before it is kept whole."""
+
+
 @dataclass
 class TrainState:
     epoch: int = 0  # epochs completed
@@ -359,9 +363,7 @@ def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: d
         state.epoch = epoch
         if fit.ranks.is_main:
             tracking.log_metrics(metrics, step=epoch)
-            save_checkpoint(ckpt_dir / LAST, **fit.checkpoint(state, config, run_id))
-            if improved:
-                copy_atomic(ckpt_dir / LAST, ckpt_dir / BEST)  # a crash mid-copy never leaves a truncated best.pt
+            save_epoch(ckpt_dir, fit.checkpoint(state, config, run_id), improved)
             validation = (
                 f", {selection_name(metrics)} {metrics.get('val/auc', metrics.get('val/acc', float('nan'))):.4f} (best {state.best_val_auc:.4f} @ {state.best_epoch})"
                 if validated
@@ -375,6 +377,33 @@ def train_epochs(fit: TrainingLoop, state: TrainState, ckpt_dir: Path, config: d
         if trainer.stop_after_epochs and done_here >= trainer.stop_after_epochs and state.epoch < trainer.max_epochs:
             return True
     return False
+
+
+def save_epoch(ckpt_dir: Path, checkpoint: dict, improved: bool) -> None:
+    """last.pt of the epoch, copied to best.pt when it `improved`. Both are written atomically: a write that fails (a
+    full disk) leaves the files as they were, and is said in one line, with what a resume continues."""
+    path = ckpt_dir / LAST
+    try:
+        save_checkpoint(path, **checkpoint)
+        path = ckpt_dir / BEST
+        if improved:
+            copy_atomic(ckpt_dir / LAST, path)  # a crash mid-copy never leaves a truncated best.pt
+    except OSError as err:
+        raise _unwritten(path, checkpoint["epoch"], err) from err
+
+
+def _unwritten(path: Path, epoch: int, err: OSError) -> CheckpointWriteError:
+    kept = path.with_name(LAST)
+    resume = (
+        f"{kept} is whole: continue the run with trainer.resume=true"
+        if kept.is_file()
+        else "no epoch was checkpointed before: start the run again"
+    )
+    return CheckpointWriteError(
+        f"the checkpoint of epoch {epoch} could not be written ({err.strerror or err})",
+        where=path,
+        hint=f"free space in the folder or make it writable; {resume}",
+    )
 
 
 def stopped_early(trainer, state: TrainState) -> bool:

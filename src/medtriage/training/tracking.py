@@ -23,7 +23,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from medtriage.errors import ConfigError
+from medtriage.errors import ConfigError, MedTriageError
 from medtriage.project import git_commit
 from medtriage.signals import signals_held
 
@@ -181,6 +181,39 @@ def end_run(status: str) -> None:
     """mlflow.end_run, whole whatever signal comes meanwhile (`signals_held`)."""
     with signals_held():
         mlflow.end_run(status)
+
+
+def end_stopped_run(status: str) -> None:
+    """`end_run` of a run that failed or was interrupted. A store that cannot take the status (locked, full, down: often
+    what stopped the run) gets a warning: its error must not replace the one, or the Ctrl-C, that stopped the run."""
+    active = mlflow.active_run()
+    try:
+        end_run(status)
+    except Exception as err:  # noqa: BLE001 -- any store's failure; a Ctrl-C meanwhile still goes on
+        run_id = active.info.run_id if active else "?"
+        log.warning(
+            "could not mark MLflow run %s %s (%s): it may read RUNNING; trainer.resume=true continues it", run_id, status, _first_line(err)
+        )
+
+
+class TrackingError(MedTriageError):
+    """The MLflow store could not record the run: locked by another process, full, unwritable, or a server down."""
+
+
+def unrecorded(err: MlflowException, uri: str) -> TrackingError:
+    """`err` of the store at `uri` as one line: MLflow's own message carries the SQL statement and a traceback."""
+    return TrackingError(
+        f"the MLflow store {uri} could not record the run ({_first_line(err)})",
+        where="tracking.uri",
+        hint="the checkpoints written so far are kept: once the store answers again (another process holding its SQLite "
+        "file locked, a full disk, a tracking server down), continue the run with trainer.resume=true, "
+        "or start it again if it stopped before its first epoch ended",
+    )
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _run_name(cfg: DictConfig) -> str:
