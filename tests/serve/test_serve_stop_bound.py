@@ -88,6 +88,7 @@ def test_a_stop_with_an_inference_call_that_never_returns_ends_with_one_line_and
     assert process.returncode == 1, output
     (line,) = [line for line in output.splitlines() if "still running" in line]
     assert line.startswith("error: ") and "1 inference call(s) still running" in line and "cut off" in line, output
+    assert "Traceback" not in output and "a request in progress was cut off by the stop" in output, output
 
 
 def test_a_stop_with_nothing_running_ends_with_status_0(package_dir):

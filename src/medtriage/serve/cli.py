@@ -631,8 +631,10 @@ def _serve_until_stopped(app, args: argparse.Namespace, http, tls: dict, batcher
 
     import uvicorn
 
+    from medtriage.serve.http import quiet_cut_off_requests
     from medtriage.signals import handling
 
+    quiet_cut_off_requests()
     serving_since = set(threading.enumerate())
     try:
         with handling((signal.SIGTERM,), _stop_as_ctrl_c):
