@@ -59,6 +59,18 @@ def expected_order(entries: list[dict]) -> list[str]:
     return [e["id"] for e in sorted(entries, key=lambda e: (PRIORITY_RANK[e["priority"]], -e["probability"]))]
 
 
+def test_studies_without_a_score_come_before_the_routine_ones_not_after():
+    """Before, received and not-analysed studies came last, under every study the model called routine: read last,
+    where without the model they would have been read in turn."""
+    from medtriage.serve.worklist import _sort_key
+
+    def study(entry_id: int, priority: str | None, probability: float | None = None) -> dict:
+        return {"id": str(entry_id), "priority": priority, "probability": probability}
+
+    entries = [study(1, "routine", 0.1), study(2, None), study(3, "review", 0.6), study(4, "URGENT", 0.9), study(5, None)]
+    assert [e["id"] for e in sorted(entries, key=_sort_key)] == ["4", "3", "5", "2", "1"]
+
+
 def test_scored_files_are_listed_most_urgent_first_with_study_fields(predictor, chest_files):
     client = app_client(predictor)
     picked = chest_files["by_p"][::3]

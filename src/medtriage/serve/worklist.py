@@ -363,10 +363,16 @@ def _sender(study) -> str | None:
     return None if study["calling_aet"] in (None, UPLOAD_AET) else source_name(study["calling_aet"])
 
 
+# A study without a score (received, not analysed) is read as it would be without the model: before the studies the
+# model calls routine, not after them; a place at the bottom is the dangerous case (docs/safety.md).
+UNSCORED_RANK = PRIORITY_RANK["routine"] - 0.5
+
+
 def _sort_key(entry: dict) -> tuple:
-    """Scored studies by urgency, then the rest (received, not analysed), newest first."""
+    """URGENT, then review studies, then those without a score (newest first), then routine ones; scored studies
+    by probability within their priority."""
     if entry["priority"] is None:
-        return len(PRIORITY_RANK) + 1, 0.0, -int(entry["id"])
+        return UNSCORED_RANK, 0.0, -int(entry["id"])
     return PRIORITY_RANK.get(entry["priority"], len(PRIORITY_RANK)), -entry["probability"], -int(entry["id"])
 
 
