@@ -36,8 +36,8 @@ from medtriage.signals import terminate_as_interrupt
 from medtriage.training import distributed, tracking
 from medtriage.training.distributed import Ranks
 from medtriage.training.loop import TrainingLoop, TrainState, train_epochs
-from medtriage.training.report import final_metrics, log_final, print_summary
-from medtriage.training.resume import clear_earlier_run, find_resume_checkpoint
+from medtriage.training.report import METRICS_FILE, final_metrics, log_final, print_summary, run_folder
+from medtriage.training.resume import catch_up_best, clear_earlier_run, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,9 @@ def _run(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device) -> R
     resume_path, resumed = resume_point(cfg, config, ranks)
     ckpt_dir = resume_path.parent if resume_path else distributed.broadcast(Path(cfg.paths.output_dir) / "checkpoints", ranks)
     with claim_checkpoints(ckpt_dir, ranks):
-        if ranks.is_main and not resumed:
+        if ranks.is_main and resumed:
+            catch_up_best(resume_path, resumed)  # in the held folder: another resume of the run is refused by now
+        elif ranks.is_main:
             clear_earlier_run(ckpt_dir)
         return _train(cfg, config, ranks, device, model, ckpt_dir, resumed)
 
@@ -281,6 +283,13 @@ def interrupted_advice(ckpt_dir: Path) -> str:
     return "interrupted before its first epoch was checkpointed: nothing to resume, start it again (without trainer.resume)"
 
 
+def _export_next(cfg: DictConfig, run_id: str) -> str:
+    """What scripts/train.py does after a finished run that it cannot do once the run's end failed: its export."""
+    if not cfg.get("export", {}).get("enabled") or cfg.data.get("refit"):
+        return ""
+    return f"; then make its model package: python scripts/export.py run_id={run_id}"
+
+
 def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, model, ckpt_dir: Path, resumed) -> RunResult:
     manifest, splits, audit = load_data(cfg, model, ranks)
     fit = TrainingLoop(cfg.trainer, cfg.data, model, splits, device, ranks)
@@ -316,7 +325,7 @@ def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, mo
     except BaseException:
         tracking.end_stopped_run("FAILED")
         raise
-    tracking.end_run("FINISHED")
+    tracking.end_finished_run(cfg.tracking.uri, run_folder(ckpt_dir) / METRICS_FILE, _export_next(cfg, run_id))
     result = RunResult(run_id, state.best_val_auc, run_checkpoint(ckpt_dir, cfg.trainer.weights, False), ckpt_dir, metrics)
     print_summary(result, cfg.tracking.uri, manifest.sites)
     return result

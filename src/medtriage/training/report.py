@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 
+from medtriage.errors import MedTriageError
 from medtriage.evaluation.calibration import cross_fittable, cross_fitted_log_loss
 from medtriage.evaluation.metrics import evaluate, roc_points, site_values, softmax
 from medtriage.evaluation.plots import plot_roc, plot_site_auc
@@ -20,6 +23,12 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("auc", "acc", "sens", "spec", "n")
 METRICS_FILE = "metrics.json"  # in the run folder, next to checkpoints/; written only when the run ends
+UPLOADED = "logged to the MLflow run's artifacts"  # what `_writing` says of an upload that failed
+
+
+class FinalOutputError(MedTriageError):
+    """An output of the run's final step (a plot, metrics.json, their copy into the MLflow run) could not be written:
+    a full disk, a folder made read-only. Every epoch is checkpointed by then."""
 
 
 def final_metrics(fit, state, ckpt_dir: Path) -> tuple[dict[str, float], dict]:
@@ -66,20 +75,41 @@ def log_final(
 ) -> None:
     """Test metrics, plots (titled `name`), when `log_checkpoint` the final checkpoint, and metrics.json into the
     active MLflow run. metrics.json in the run folder marks the run finished, so it comes last, after its upload: a run
-    stopped before it (Ctrl-C, a tracking server gone) is resumable."""
+    stopped before it (Ctrl-C, a tracking server gone, a full disk: `FinalOutputError`) is resumable."""
     folder = run_folder(ckpt_dir)
     final = final_checkpoint(ckpt_dir, weights)
     final_epoch = state.epoch if final.name == LAST else state.best_epoch  # the epoch whose weights were tested
     tracking.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")}, step=final_epoch)
     if "best_epoch" in metrics:  # not in a refit, which chose no epoch
         tracking.log_metrics({"best_epoch": state.best_epoch}, step=0)  # once, though a resumed run reaches here again
-    for path in _plots(predictions, metrics, folder / "plots", name, final.stem):
-        mlflow.log_artifact(str(path), "plots")
+    for path in _plots(predictions, metrics, folder / "plots", name, final.stem, ckpt_dir):
+        with _writing(path, ckpt_dir, UPLOADED):
+            mlflow.log_artifact(str(path), "plots")
     if log_checkpoint:
-        mlflow.log_artifact(str(final), "checkpoints")
+        with _writing(final, ckpt_dir, UPLOADED):
+            mlflow.log_artifact(str(final), "checkpoints")
     text = json.dumps(metrics, indent=2, sort_keys=True)
-    mlflow.log_text(text, METRICS_FILE)
-    write_atomic(folder / METRICS_FILE, text.encode())
+    with _writing(folder / METRICS_FILE, ckpt_dir, UPLOADED):
+        mlflow.log_text(text, METRICS_FILE)
+    with _writing(folder / METRICS_FILE, ckpt_dir):
+        write_atomic(folder / METRICS_FILE, text.encode())
+
+
+@contextmanager
+def _writing(path: Path, ckpt_dir: Path, done: str = "written") -> Iterator[None]:
+    """An OSError of the block (a full disk: mostly without a file name) as one message naming `path`. No metrics.json
+    is written yet, so the run stays resumable, and its resume finds every epoch done: it trains none again."""
+    try:
+        yield
+    except OSError as err:
+        elsewhere = f": {err.filename}" if err.filename and Path(err.filename) != path else ""  # in the artifact store
+        raise FinalOutputError(
+            f"the run's final step stopped: this output could not be {done} ({err.strerror or err}{elsewhere})",
+            where=path,
+            hint=f"free space or make the folder writable; every epoch's checkpoint is kept in {ckpt_dir}: "
+            "continue the run with trainer.resume=true, which trains no epoch again and repeats only the final step "
+            "(evaluation, plots, metrics.json)",
+        ) from err
 
 
 def run_folder(ckpt_dir: Path) -> Path:
@@ -88,7 +118,7 @@ def run_folder(ckpt_dir: Path) -> Path:
     return ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
 
 
-def _plots(predictions, metrics: dict[str, float], folder: Path, name: str, checkpoint: str) -> list[Path]:
+def _plots(predictions, metrics: dict[str, float], folder: Path, name: str, checkpoint: str, ckpt_dir: Path) -> list[Path]:
     curves = {}
     for split, p in predictions.items():
         points = roc_points(p.labels, softmax(p.logits))
@@ -96,10 +126,12 @@ def _plots(predictions, metrics: dict[str, float], folder: Path, name: str, chec
             curves[split] = (*points, metrics[f"{split}/auc"])
     paths = []
     if curves:
-        paths.append(plot_roc(curves, folder / "roc.png", f"{name}: ROC ({checkpoint} checkpoint)"))
+        with _writing(folder / "roc.png", ckpt_dir):
+            paths.append(plot_roc(curves, folder / "roc.png", f"{name}: ROC ({checkpoint} checkpoint)"))
     per_site = {split: site_values(metrics, split) for split in predictions}
     if any(per_site.values()):
-        paths.append(plot_site_auc(per_site, folder / "site_auc.png", f"{name}: AUC per site"))
+        with _writing(folder / "site_auc.png", ckpt_dir):
+            paths.append(plot_site_auc(per_site, folder / "site_auc.png", f"{name}: AUC per site"))
     return paths
 
 

@@ -92,9 +92,11 @@ def _refuse_behind_last(checkpoint: Path, contents: dict) -> None:
         )
 
 
-def _catch_up_best(checkpoint: Path, contents: dict) -> None:
+def catch_up_best(checkpoint: Path, contents: dict) -> None:
     """best.pt is copied from last.pt after an epoch that improved: a run stopped between the two holds its best epoch
-    in last.pt alone, and would end with an older best.pt. Copied here, unless best.pt was written after last.pt."""
+    in last.pt alone, and would end with an older best.pt. Copied here, unless best.pt was written after last.pt. Only
+    while the run folder is held (`job.claim_checkpoints`): its holder clears the folder's temporary files, and would
+    delete a copy in progress of a second resume of the run started meanwhile."""
     if not contents.get("epoch") or contents.get("best_epoch") != contents["epoch"]:
         return
     best = checkpoint.with_name(BEST)
@@ -186,8 +188,8 @@ def find_resume_checkpoint(
     is another run's). `run_finished(mlflow_run_id)` tells a last.pt of a finished run from its MLflow run: passed over
     with a warning (trainer.resume_from naming one is refused by `tracking.check_destination`). `fits(contents, path)`
     raises ConfigError for a checkpoint this run may not continue; when none fits, the newest one's refusal is raised.
-    A best.pt that an interruption left behind its last.pt is brought up to date first. The contents are mapped: read
-    the chosen checkpoint whole to continue it (last.pt is replaced every epoch of the resumed run)."""
+    The contents are mapped: read the chosen checkpoint whole to continue it (last.pt is replaced every epoch of the
+    resumed run), and bring its best.pt up to date (`catch_up_best`) once its folder is held."""
     candidates, looked = _candidates(resume_from, runs_dir, experiment)
     refusals, passed_over = [], []
     for path in filter(Path.is_file, candidates):
@@ -206,7 +208,6 @@ def find_resume_checkpoint(
                 raise
             refusals.append(refused)
             continue
-        _catch_up_best(path, contents)
         return path, contents
     if refusals:
         raise refusals[0]

@@ -211,6 +211,28 @@ def unrecorded(err: MlflowException, uri: str) -> TrackingError:
     )
 
 
+def end_finished_run(uri: str, marker: Path, then: str = "") -> None:
+    """`end_run("FINISHED")` once `marker` (metrics.json) is written. The run is finished on disk then and every resume
+    passes its folder over, so a store that cannot take the status is told with the command that records it, not a
+    resume (and `then`: what the run's command would have done next)."""
+    run_id = mlflow.active_run().info.run_id
+    try:
+        end_run("FINISHED")
+    except MlflowException as err:
+        raise TrackingError(
+            f"the MLflow store {uri} could not mark the finished run {run_id} FINISHED ({_first_line(err)})",
+            where="tracking.uri",
+            hint=f"the run is complete: its checkpoints and {marker} are written and its MLflow run holds its metrics; "
+            "only its status is wrong (RUNNING), and a resume never continues a finished run. Once the store answers, "
+            f"mark it: {mark_finished_command(uri, run_id)}{then}",
+        ) from err
+
+
+def mark_finished_command(uri: str, run_id: str) -> str:
+    """The command that records `run_id` FINISHED in the store at `uri`, as `end_run` would have."""
+    return f"python -c \"import mlflow; mlflow.MlflowClient({uri!r}).set_terminated({run_id!r}, 'FINISHED')\""
+
+
 def _first_line(err: Exception) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
