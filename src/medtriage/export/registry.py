@@ -129,7 +129,9 @@ def find_checkpoint(run_id: str, download_dir: Path) -> Path:
 
 NOT_FOUND = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}  # unknown, or not an id
 UNFINISHED_HINTS = {
-    "RUNNING": "wait until its training ends (one whose process died stays RUNNING: resume it with trainer.resume=true)",
+    "RUNNING": "wait until its training ends (one whose process died stays RUNNING: resume it with trainer.resume=true; "
+    "one whose run folder holds metrics.json finished, and only its status was not recorded: mark it FINISHED as the "
+    "training's error said)",
     "SCHEDULED": "wait until its training ends",
     "KILLED": "it was stopped: resume it with python scripts/train.py <its overrides> trainer.resume=true, then export",
     "FAILED": "its training failed: see the run's log, resume it with trainer.resume=true or train again",
