@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,42 +54,57 @@ FIRST_TESTED = ("balanced-longer", "bf16-50-epochs")  # what the rule chose then
 
 
 def main(argv: list[str] | None = None) -> int:
-    import mlflow
-
-    from medtriage.config import compose_train_config
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 images per split, one epoch of each fold")
     parser.add_argument("--doc", type=Path, default=None)
     args = parser.parse_args(argv)
-    out_dir = stage_dir(args.quick)
-    settings = ["trainer.num_threads=1", f"cv.folds={args.folds}", f"cv.jobs={args.folds}"]
-    trials, predictions = {}, {}
-    for label, overrides in RECIPES.items():
-        recipe = [*BASE, *overrides, *(QUICK if args.quick else [])]  # a smoke run stays one epoch whatever the recipe
-        cfg = compose_train_config([*recipe, *settings, "paths.output_dir=."])
-        key = recipe_key(cfg)
-        trials[label] = cross_validated([*recipe, *settings], cfg, key, out_dir, args.folds, need_kept=False)
-        cv_dir = out_dir / trials[label]["cv_dir"]
-        path = stage_file(out_dir, "out-of-fold", [key, f"folds={args.folds}", cfg.export.tta])
-        predictions[label] = cached(path, lambda cv_dir=cv_dir, tta=cfg.export.tta: out_of_fold_probabilities(cv_dir, tta))
-        print(f"{label}: fold log-loss after temperature {np.mean(fold_losses(predictions, [label])):.4f}", flush=True)
+    trials, predictions, cfg = recipes_on_folds(RECIPES, args.folds, args.quick)
     steps = greedy(predictions)
     chosen = [step["added"] for step in steps if step["standing"] in ("start", "better")]
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    result = None
-    if len(chosen) > 1:  # the default recipe alone is the fold ensemble of `benchmarks.accuracy_folds`
-        name = f"{PACKAGE}-quick" if args.quick else PACKAGE
-        cv_dirs = [out_dir / trials[label]["cv_dir"] for label in chosen]
-        path = stage_file(out_dir, "recipes-package", [*(trials[label]["cv_dir"] for label in chosen), cfg.export.tta])
-        result = cached(path, lambda: scored_package(cv_dirs, name, cfg.export.tta, cfg.export.models_dir))
-        unusual = stage_file(out_dir, "unusual", [result["run_id"], "test"])  # measured after the package's test figures
-        result["test_unusual"] = cached(unusual, lambda: unusual_on_test(Path(result["package"])))
+    result = tested_ensemble(chosen, trials, PACKAGE, cfg, args.quick)
     doc = args.doc or ROOT / ("outputs/benchmark_accuracy_recipe_ensemble_quick.md" if args.quick else "docs/benchmarks.md")
     write_section(section(predictions, trials, steps, chosen, result, cfg.export.tta, args, command_line()), doc)
     print(f"written to {doc}")
     return 0
+
+
+def recipes_on_folds(recipes: dict[str, list[str]], folds: int, quick: bool) -> tuple[dict, dict, Any]:
+    """Each recipe's cross-validation on the same folds (kept from an earlier run, else run now) and its out-of-fold
+    probabilities with the served views: (trials, predictions, the composed config of the last recipe)."""
+    from medtriage.config import compose_train_config
+
+    out_dir = stage_dir(quick)
+    settings = ["trainer.num_threads=1", f"cv.folds={folds}", f"cv.jobs={folds}"]
+    trials, predictions = {}, {}
+    for label, overrides in recipes.items():
+        recipe = [*BASE, *overrides, *(QUICK if quick else [])]  # a smoke run stays one epoch whatever the recipe
+        cfg = compose_train_config([*recipe, *settings, "paths.output_dir=."])
+        key = recipe_key(cfg)
+        trials[label] = cross_validated([*recipe, *settings], cfg, key, out_dir, folds, need_kept=False)
+        cv_dir = out_dir / trials[label]["cv_dir"]
+        path = stage_file(out_dir, "out-of-fold", [key, f"folds={folds}", cfg.export.tta])
+        predictions[label] = cached(path, lambda cv_dir=cv_dir, tta=cfg.export.tta: out_of_fold_probabilities(cv_dir, tta))
+        print(f"{label}: fold log-loss after temperature {np.mean(fold_losses(predictions, [label])):.4f}", flush=True)
+    return trials, predictions, cfg
+
+
+def tested_ensemble(chosen: list[str], trials: dict, package: str, cfg, quick: bool) -> dict | None:
+    """The chosen recipes' fold models exported as one package and its test split scored once (kept, so a rerun scores
+    nothing again); None when the default recipe alone was chosen (its fold ensemble is `benchmarks.accuracy_folds`)."""
+    import mlflow
+
+    if len(chosen) < 2:
+        return None
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    out_dir = stage_dir(quick)
+    name = f"{package}-quick" if quick else package
+    cv_dirs = [out_dir / trials[label]["cv_dir"] for label in chosen]
+    path = stage_file(out_dir, "recipes-package", [*(trials[label]["cv_dir"] for label in chosen), cfg.export.tta])
+    result = cached(path, lambda: scored_package(cv_dirs, name, cfg.export.tta, cfg.export.models_dir))
+    unusual = stage_file(out_dir, "unusual", [result["run_id"], "test"])  # measured after the package's test figures
+    result["test_unusual"] = cached(unusual, lambda: unusual_on_test(Path(result["package"])))
+    return result
 
 
 def out_of_fold_probabilities(cv_dir: Path, tta: str) -> dict:
@@ -164,18 +180,6 @@ def scored_package(cv_dirs: list[Path], name: str, tta: str, models_dir: str) ->
 def section(
     predictions: dict, trials: dict, steps: list[dict], chosen: list[str], result: dict | None, tta: str, args, command: str
 ) -> str:
-    alone = [
-        f"| {label} | `{' '.join(RECIPES[label]) or '(as the experiment)'}` | {mean_sd_text(fold_losses(predictions, [label]))} "
-        f"| {mean_sd_text(fold_aucs(predictions, [label]))} | `{trials[label]['run_id'][:8]}` |"
-        for label in predictions
-    ]
-    ensemble, rounds = [], []
-    for step in steps:
-        members = " + ".join([*ensemble, step["added"]])
-        kept = step["standing"] in ("start", "better")
-        judged = gain_text(step["gain"]) + ("" if kept else " (not added)")
-        rounds.append(f"| {members} | {mean_sd_text(step['losses'])} | {judged} | {mean_sd_text(step['aucs'])} |")
-        ensemble += [step["added"]] if kept else []
     lines = [
         SECTION,
         "",
@@ -193,15 +197,11 @@ def section(
         "",
         "Each recipe alone (mean ± sd over folds):",
         "",
-        "| recipe | overrides | fold log-loss after temperature | fold AUC | MLflow trial run |",
-        "|---|---|---|---|---|",
-        *alone,
+        *recipe_table(predictions, trials, RECIPES),
         "",
         "Selection:",
         "",
-        "| ensemble | fold log-loss after temperature | gain ± SE over the step before (better: added) | fold AUC |",
-        "|---|---|---|---|",
-        *rounds,
+        *selection_table(steps),
         "",
         f"Chosen: **{' + '.join(chosen)}**.",
         "",
@@ -212,6 +212,34 @@ def section(
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def recipe_table(predictions: dict, trials: dict, recipes: dict[str, list[str]]) -> list[str]:
+    return [
+        "| recipe | overrides | fold log-loss after temperature | fold AUC | MLflow trial run |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {label} | `{' '.join(recipes[label]) or '(as the experiment)'}` | {mean_sd_text(fold_losses(predictions, [label]))} "
+            f"| {mean_sd_text(fold_aucs(predictions, [label]))} | `{trials[label]['run_id'][:8]}` |"
+            for label in predictions
+        ),
+    ]
+
+
+def selection_table(steps: list[dict]) -> list[str]:
+    """`greedy`'s steps: each ensemble tried, its fold loss and whether its last member was kept."""
+    ensemble, rounds = [], []
+    for step in steps:
+        members = " + ".join([*ensemble, step["added"]])
+        kept = step["standing"] in ("start", "better")
+        judged = gain_text(step["gain"]) + ("" if kept else " (not added)")
+        rounds.append(f"| {members} | {mean_sd_text(step['losses'])} | {judged} | {mean_sd_text(step['aucs'])} |")
+        ensemble += [step["added"]] if kept else []
+    return [
+        "| ensemble | fold log-loss after temperature | gain ± SE over the step before (better: added) | fold AUC |",
+        "|---|---|---|---|",
+        *rounds,
+    ]
 
 
 def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
