@@ -14,22 +14,11 @@ recipe's cross-validation is shared with them), so a rerun rewrites the section 
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
-from benchmarks.accuracy_folds import TEST_SCORING, test_table
-from benchmarks.accuracy_recipe_ensemble import (
-    fold_losses,
-    greedy,
-    recipe_table,
-    recipes_on_folds,
-    selection_table,
-    tested_ensemble,
-    unusual_lines,
-)
+from benchmarks.accuracy_recipe_ensemble import fold_losses, package_lines, recipe_table, run, selection_table
 from benchmarks.accuracy_selection import BASE, INCUMBENT, gain_text
-from benchmarks.common import ROOT, command_line, header, machine, verdict, write_section
+from benchmarks.common import header, machine, verdict
 
 SECTION = "## Accuracy: other networks"
 PACKAGE = "pneumoniamnist-sota-networks"
@@ -47,19 +36,7 @@ SEEN_BEFORE = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 64 images per split, one epoch of each fold")
-    parser.add_argument("--doc", type=Path, default=None)
-    args = parser.parse_args(argv)
-    trials, predictions, cfg = recipes_on_folds(RECIPES, args.folds, args.quick)
-    steps = greedy(predictions)
-    chosen = [step["added"] for step in steps if step["standing"] in ("start", "better")]
-    result = tested_ensemble(chosen, trials, PACKAGE, cfg, args.quick)
-    doc = args.doc or ROOT / ("outputs/benchmark_accuracy_networks_quick.md" if args.quick else "docs/benchmarks.md")
-    write_section(section(predictions, trials, steps, chosen, result, cfg.export.tta, args, command_line()), doc)
-    print(f"written to {doc}")
-    return 0
+    return run(argv, __doc__, RECIPES, PACKAGE, section)
 
 
 def section(
@@ -101,19 +78,7 @@ def with_wall(table: list[str], trials: dict, labels: list[str]) -> list[str]:
 
 
 def tested_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
-    return [
-        f"- package: `python scripts/export_ensemble.py --name {PACKAGE} --cross-validation <each chosen network's folder> "
-        f"--tta {tta}` (v{r['version']}, export {r['export_s'] / 60:.1f} min): one ONNX graph averaging all the members over "
-        f"the views; temperature ({r['temperature']:.3f}) and thresholds fitted on the {r['out_of_fold_images']} out-of-fold "
-        f"scores ({r['out_of_fold_normal']} normal), each image scored by the mean of the {len(chosen)} fold models that held "
-        "it out",
-        *unusual_lines(r),
-        TEST_SCORING,
-        f"- what was seen before: {SEEN_BEFORE}; no network of RECIPES had been, and the rule above was fixed before this "
-        "package was scored",
-        "",
-        *test_table(f"{' + '.join(chosen)}: ensemble of their {r['members']} fold models", r),
-    ]
+    return package_lines(PACKAGE, r, chosen, tta, f"{SEEN_BEFORE}; no network of RECIPES had been")
 
 
 def untested_lines(predictions: dict, steps: list[dict]) -> list[str]:

@@ -21,6 +21,7 @@ section without scoring test again.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +55,25 @@ FIRST_TESTED = ("balanced-longer", "bf16-50-epochs")  # what the rule chose then
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run(argv, __doc__, RECIPES, PACKAGE, section)
+
+
+def run(argv: list[str] | None, description: str, recipes: dict[str, list[str]], package: str, write: Callable) -> int:
+    """A benchmark of `recipes` on the same folds: their cross-validations, the greedy choice, the chosen package scored
+    on test once (when more than the default recipe is chosen), and its section, `write(predictions, trials, steps,
+    chosen, result, tta, args, command)`, into docs/benchmarks.md (a smoke run's into outputs/)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 images per split, one epoch of each fold")
     parser.add_argument("--doc", type=Path, default=None)
     args = parser.parse_args(argv)
-    trials, predictions, cfg = recipes_on_folds(RECIPES, args.folds, args.quick)
+    trials, predictions, cfg = recipes_on_folds(recipes, args.folds, args.quick)
     steps = greedy(predictions)
     chosen = [step["added"] for step in steps if step["standing"] in ("start", "better")]
-    result = tested_ensemble(chosen, trials, PACKAGE, cfg, args.quick)
-    doc = args.doc or ROOT / ("outputs/benchmark_accuracy_recipe_ensemble_quick.md" if args.quick else "docs/benchmarks.md")
-    write_section(section(predictions, trials, steps, chosen, result, cfg.export.tta, args, command_line()), doc)
+    result = tested_ensemble(chosen, trials, package, cfg, args.quick)
+    benchmark = write.__module__.rsplit(".", 1)[-1]  # a smoke run writes outputs/benchmark_<its module>_quick.md
+    doc = args.doc or ROOT / (f"outputs/benchmark_{benchmark}_quick.md" if args.quick else "docs/benchmarks.md")
+    write_section(write(predictions, trials, steps, chosen, result, cfg.export.tta, args, command_line()), doc)
     print(f"written to {doc}")
     return 0
 
@@ -243,21 +252,29 @@ def selection_table(steps: list[dict]) -> list[str]:
 
 
 def test_lines(r: dict, chosen: list[str], tta: str) -> list[str]:
+    seen = (
+        "the default recipe's seed packages, its fold ensemble and its refit had been scored on test "
+        "(`## Accuracy: selection`, `## Accuracy: fold ensemble`, `## Accuracy: refit`)"
+        + (f", and so had {' + '.join(FIRST_TESTED)} (history above)" if tuple(chosen) != FIRST_TESTED else "")
+        + "; no other recipe of RECIPES had been"
+    )
+    return [*package_lines(PACKAGE, r, chosen, tta, seen), *second_look_lines(chosen)]
+
+
+def package_lines(package: str, r: dict, chosen: list[str], tta: str, seen: str) -> list[str]:
+    """The chosen fold models' package (`tested_ensemble`'s result), how test was scored, what had been `seen` on test
+    before, and its test table with the verdicts."""
     return [
-        f"- package: `python scripts/export_ensemble.py --name {PACKAGE} --cross-validation <each chosen recipe's folder> "
+        f"- package: `python scripts/export_ensemble.py --name {package} --cross-validation <each chosen recipe's folder> "
         f"--tta {tta}` (v{r['version']}, export {r['export_s'] / 60:.1f} min): one ONNX graph averaging all the members over "
         f"the views; temperature ({r['temperature']:.3f}) and thresholds fitted on the {r['out_of_fold_images']} out-of-fold "
         f"scores ({r['out_of_fold_normal']} normal), each image scored by the mean of the {len(chosen)} fold models that held "
         "it out: their scores stand in for the whole ensemble's",
         *unusual_lines(r),
         TEST_SCORING,
-        "- what was seen before: the default recipe's seed packages, its fold ensemble and its refit had been scored on test "
-        "(`## Accuracy: selection`, `## Accuracy: fold ensemble`, `## Accuracy: refit`)"
-        + (f", and so had {' + '.join(FIRST_TESTED)} (history above)" if tuple(chosen) != FIRST_TESTED else "")
-        + "; no other recipe of RECIPES had been, and the rule above was fixed before this package was scored",
+        f"- what was seen before: {seen}, and the rule above was fixed before this package was scored",
         "",
         *test_table(f"{' + '.join(chosen)}: ensemble of their {r['members']} fold models", r),
-        *second_look_lines(chosen),
     ]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import accuracy_networks as bench
+from benchmarks.accuracy_recipe_ensemble import greedy
 from benchmarks.accuracy_selection import INCUMBENT
 from tests.benchmarks.test_accuracy_recipe_ensemble import FOLDS, PER_FOLD, held_out, result
 from tests.benchmarks.test_docs_figures import check_section, written_sections
@@ -19,7 +20,7 @@ def truth() -> np.ndarray:
 
 
 def section(predictions: dict, r: dict | None) -> str:
-    steps = bench.greedy(predictions)
+    steps = greedy(predictions)
     chosen = [s["added"] for s in steps if s["standing"] in ("start", "better")]
     trials = {label: {"run_id": f"{k}" * 32, "fold_wall_s": [600.0, 660.0, 720.0]} for k, label in enumerate(predictions)}
     return bench.section(
