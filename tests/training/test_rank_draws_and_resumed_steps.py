@@ -21,7 +21,7 @@ from medtriage.model.checkpoint import LAST, read_checkpoint, save_checkpoint
 from medtriage.model.networks import Preprocess, TriageNet
 from medtriage.training import tracking
 from medtriage.training.distributed import SINGLE_PROCESS, Ranks
-from medtriage.training.loop import TrainingLoop, TrainState, train_epochs
+from medtriage.training.loop import CheckpointWriteError, TrainingLoop, TrainState, train_epochs
 
 SIZE = 8
 FIRST, SECOND = Ranks(0, 2, 0), Ranks(1, 2, 1)
@@ -142,7 +142,7 @@ def test_an_epoch_logged_before_its_checkpoint_failed_is_not_logged_again_on_res
     checkpoint = read_checkpoint(ckpt_dir / LAST)
     (ckpt_dir / LAST).unlink()
     (ckpt_dir / LAST / "blocked").mkdir(parents=True)  # the next checkpoint cannot be written
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteError):
         train_epochs(fit, state, ckpt_dir, {}, run_id)  # epoch 2 logged, its checkpoint lost
     mlflow.end_run("FAILED")
     shutil.rmtree(ckpt_dir / LAST)

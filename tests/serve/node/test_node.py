@@ -298,9 +298,10 @@ def test_the_worklist_page_shows_the_nodes_study_states(listener, package_dir, c
         page = chromium.new_page(viewport={"width": 1400, "height": 720})
         page.goto(f"http://127.0.0.1:{port}/worklist")
         page.wait_for_function("() => document.querySelectorAll('#worklist tbody tr').length > 1")
-        states = page.eval_on_selector_all("#worklist tbody tr", "rows => rows.map(r => r.dataset.state)")
-        assert {"delivered", "not analysed"} <= set(states)
-        assert states.index("not analysed") > max(i for i, s in enumerate(states) if s == "delivered")  # scored first
+        rows = page.eval_on_selector_all("#worklist tbody tr", "rows => rows.map(r => [r.dataset.state, r.dataset.priority])")
+        assert {"delivered", "not analysed"} <= {state for state, _ in rows}
+        ranks = [{"URGENT": 0, "review": 1, "": 2, "routine": 3}[priority] for _, priority in rows]
+        assert ranks == sorted(ranks)  # a study without a score before the routine ones, after the urgent and review
         page.click("#worklist tbody tr[data-state='not analysed']")
         page.wait_for_function("() => document.getElementById('detail-fields').textContent.includes('Reason')")
         assert "instance(s)" in page.text_content("#detail-fields")  # the rejection reasons
