@@ -141,3 +141,16 @@ def test_every_priority_badge_is_legible(open_page):
     page = open_page(CannedService(rows))
     ratios = {row["id"]: page.evaluate(CONTRAST, f"#worklist tbody tr[data-id='{row['id']}'] .badge") for row in rows}
     assert all(ratio >= 4.5 for ratio in ratios.values()), json.dumps(ratios)
+
+
+def test_a_tab_brought_back_into_view_refreshes_its_list_at_once(open_page):
+    """A hidden tab is not refreshed; brought back, it showed the list of when it was hidden until the next 30-second
+    tick."""
+    service = CannedService([entry("1", "routine", 0.1)])
+    page = open_page(service)
+    service.list([entry("2", "URGENT", 0.97), entry("1", "routine", 0.1)])  # arrived while the tab was hidden
+    page.evaluate("""() => {
+      Object.defineProperty(document, 'hidden', { value: false, configurable: true });
+      document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    page.wait_for_function("() => document.querySelector('#worklist tbody tr[data-id=\"2\"]')", timeout=10_000)
