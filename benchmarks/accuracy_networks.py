@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.accuracy_recipe_ensemble import fold_losses, package_lines, recipe_table, run, selection_table
+from benchmarks.accuracy_recipe_ensemble import fold_losses, package_lines, recipe_table, run, selection_lines
 from benchmarks.accuracy_selection import BASE, INCUMBENT, gain_text
 from benchmarks.common import header, machine, verdict
 
@@ -60,11 +60,7 @@ def section(
         "",
         *with_wall(recipe_table(predictions, trials, RECIPES), trials, list(predictions)),
         "",
-        "Selection:",
-        "",
-        *selection_table(steps),
-        "",
-        f"Chosen: **{' + '.join(chosen)}**.",
+        *selection_lines(steps, chosen),
         "",
         *(tested_lines(result, chosen, tta) if result else untested_lines(predictions, steps)),
     ]

@@ -208,11 +208,7 @@ def section(
         "",
         *recipe_table(predictions, trials, RECIPES),
         "",
-        "Selection:",
-        "",
-        *selection_table(steps),
-        "",
-        f"Chosen: **{' + '.join(chosen)}**.",
+        *selection_lines(steps, chosen),
         "",
         *(
             test_lines(result, chosen, tta)
@@ -233,6 +229,11 @@ def recipe_table(predictions: dict, trials: dict, recipes: dict[str, list[str]])
             for label in predictions
         ),
     ]
+
+
+def selection_lines(steps: list[dict], chosen: list[str]) -> list[str]:
+    """`greedy`'s steps as a table, then what they chose."""
+    return ["Selection:", "", *selection_table(steps), "", f"Chosen: **{' + '.join(chosen)}**."]
 
 
 def selection_table(steps: list[dict]) -> list[str]:
