@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,12 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from tests.ports import free_port
+
 TOKEN = "test-token-7f3a"
 MAX_BYTES = 2_000_000
 CT, MR, RTPLAN = (get_testdata_file(n) for n in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"))
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
