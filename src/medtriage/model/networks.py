@@ -90,9 +90,22 @@ def _densenet121(in_channels: int, num_classes: int, stem_stride: int) -> nn.Mod
     return nets.DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
 
 
+# MONAI's EfficientNet keeps TensorFlow's batch-norm momentum (0.01), tuned for ImageNet runs of 100k+ steps: a run of a
+# few hundred steps leaves the running statistics near their initial values, and the evaluated (and exported) network
+# scores at chance while training goes well. PyTorch's default (0.1), as the other networks use.
+EFFICIENTNET_NORM = ("batch", {"eps": 1e-3, "momentum": 0.1})
+
+
 def _efficientnet_b0(in_channels: int, num_classes: int, stem_stride: int) -> nn.Module:
     # pretrained=False: weights cannot be downloaded on hospital or CI machines.
-    return nets.EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=in_channels, num_classes=num_classes)
+    return nets.EfficientNetBN(
+        "efficientnet-b0",
+        pretrained=False,
+        spatial_dims=2,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        norm=EFFICIENTNET_NORM,
+    )
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
