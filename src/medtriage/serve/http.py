@@ -77,7 +77,10 @@ UPLOAD_ERRORS = {
     415: {"description": "neither multipart/form-data nor application/dicom", **ERROR},
     422: {"description": "no file could be scored (each file's reason under 'rejected')", **ERROR},
     500: {"description": "an error of the service itself, e.g. the worklist could not record a scored file", **ERROR},
-    503: {"description": "busy (retry after the seconds in Retry-After), or the upload could not be stored", **ERROR},
+    503: {
+        "description": "busy or stopping (retry after the seconds in Retry-After), or the upload could not be stored",
+        **ERROR,
+    },
 }
 # The API description pages' script, style sheet and icon, served from the installed fastapi-offline package: hospital
 # networks are often offline, where a page whose script comes from a CDN stays blank. The pages name them with that
@@ -98,6 +101,7 @@ OPEN_PATHS = {"/", "/health", "/ready", "/docs", "/openapi.json", "/redoc", PAGE
 MAX_FILES = 1000
 TOO_LARGE = ImageTooLargeError.__name__
 RETRY_HINT = "retry; if it happens again, the service's log holds the details"
+STOPPING_RETRY_AFTER = "10"  # seconds: a restarted service loads its model before it listens again
 
 
 def error_response(status: int, reason: str, hint: str | None = None, **extra) -> JSONResponse:
@@ -249,6 +253,12 @@ class Guard:
             scope, send = {**scope, "method": "GET"}, _no_body(answer)
         try:
             await self._guarded(scope, receive, send)
+        except asyncio.CancelledError:
+            # A stop cut the request off (--stop-timeout): a client still waiting learns to send it again, not uvicorn's
+            # plain 500 (one that hung up is sent nothing). Raised on, so the stop goes on and logs it (CutOffRequests).
+            if not answer.started:
+                await stopping_response()(scope, receive, send)
+            raise
         except Exception as err:
             self.count_failure(err)
             if answer.started:  # too late for an error body: the server drops the connection
@@ -408,6 +418,18 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, err: Exception):  # the routes' errors are answered by Guard; this is its own
         log.exception("unexpected error on %s", request.url.path)
         return internal_error(err)
+
+
+def stopping_response() -> JSONResponse:
+    """The answer to a request a stop cut off: the service is going away, so Retry-After leaves it time to come back."""
+    response = error_response(
+        503,
+        "the service is stopping: the request was cut off before it was answered, and no results were sent",
+        "send it again once the service is back (after the seconds in Retry-After), or to another instance",
+    )
+    response.headers["Retry-After"] = STOPPING_RETRY_AFTER
+    response.headers["Connection"] = "close"  # the server closes it: a client must not send its next request there
+    return response
 
 
 def internal_error(err: Exception) -> JSONResponse:
