@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))  # no SIGHUP on Windows
 STOPPING = (signal.SIGINT, *TERMINATING)
+INTERRUPTED_STATUS = 128 + signal.SIGINT  # what a shell reports for a process Ctrl-C ended (130), however it ended
 
 
 @contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import NoReturn
 
 from medtriage import __version__
 from medtriage.errors import ConfigError, MedTriageError, printable
+from medtriage.signals import INTERRUPTED_STATUS
 
 # Modules that define `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
@@ -68,7 +68,7 @@ def report_errors(func: Callable[..., int | None], *args) -> int:
             return 2
         except KeyboardInterrupt:
             print(INTERRUPTED, file=sys.stderr)  # the user's choice, not an error
-            return 128 + signal.SIGINT
+            return INTERRUPTED_STATUS
 
 
 INTERRUPTED = "stopped (Ctrl-C or a signal); a file or folder it was still writing may be incomplete: run the command again"
@@ -151,4 +151,4 @@ def exit_interrupted() -> NoReturn:
     `report_errors` does, with one line and status 130, not Hydra's traceback. The run has said already whether and how
     a resume continues it."""
     print("stopped (Ctrl-C or a signal)", file=sys.stderr)
-    raise SystemExit(128 + signal.SIGINT) from None
+    raise SystemExit(INTERRUPTED_STATUS) from None

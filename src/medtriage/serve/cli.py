@@ -442,9 +442,7 @@ def _report(
 def _report_stopped(report: Callable[[], None], scored: int, total: int) -> int:
     """`report` of the files done before a stop, as a whole run's, then a line saying which part they are; exit status
     130, a process SIGINT ended. A second Ctrl-C waits until they are written: the first one asked for them."""
-    import signal
-
-    from medtriage.signals import signals_held
+    from medtriage.signals import INTERRUPTED_STATUS, signals_held
 
     with signals_held():
         report()
@@ -453,7 +451,7 @@ def _report_stopped(report: Callable[[], None], scored: int, total: int) -> int:
             f"score the other {total - scored} again",
             file=sys.stderr,
         )
-    return 128 + signal.SIGINT
+    return INTERRUPTED_STATUS
 
 
 def _unwritten_counts(unwritten: list[Unwritten]) -> str:
