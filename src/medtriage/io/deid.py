@@ -53,7 +53,7 @@ from medtriage import __version__
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.encapsulation import MalformedItems
 from medtriage.io.site_key import DICOM_UID_ROOT, SiteKey
-from medtriage.io.stream_metadata import DamagedFrame, FramesUnknown, Stripped, stripped_pixel_data
+from medtriage.io.stream_metadata import DamagedFrame, FramesUnknown, Stripped, stripped_pixel_data, unwalked_stream
 
 TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
 TABLE_EDITION = "DICOM PS3.15 2026c Table E.1-1"
@@ -391,12 +391,13 @@ def patient_key(ds: Dataset, options: DeidOptions = DeidOptions()) -> str | None
 
 def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) -> DeidResult:
     """De-identify `ds` in place (file meta included). Raises ConfigError if the patient is unnamed, InputError if
-    `ds` lacks what its file meta is made of (`not_deidentifiable`) or a compressed frame cannot be walked to the
-    metadata it may carry (`stream_metadata.DamagedFrame`)."""
+    `ds` lacks what its file meta is made of (`not_deidentifiable`), its pixel data is in a syntax whose stream is not
+    walked (`stream_metadata.unwalked_stream`), or a compressed frame cannot be walked to the metadata it may carry
+    (`stream_metadata.DamagedFrame`)."""
     patient = patient_key(ds, options)
     if patient is None:
         raise ConfigError(f"{NO_PATIENT_IDENTITY}: the file cannot be linked to a patient pseudonym")
-    if problem := not_deidentifiable(ds):
+    if problem := not_deidentifiable(ds) or unwalked_stream(ds, transfer_syntax(ds)):  # screened at ingest; any caller
         raise InputError(problem)
     stripped = _without_stream_metadata(ds)  # before anything changes: a damaged frame leaves `ds` as it was
     by_name = not identifying_patient_id(ds)

@@ -28,6 +28,7 @@ from medtriage.io.header_warnings import reading, say_header_warnings, saying_he
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
 from medtriage.io.site_key import SiteKey
+from medtriage.io.stream_metadata import STREAM_SYNTAXES
 
 # Each input is read whole into a worker's memory, so its size is bounded before it is read. The bound is the decode
 # limit on an image's float32 pixels: stored samples are rarely wider than that, so the pool builder could not use a
@@ -286,13 +287,13 @@ def _frame_count(ds) -> int | Unsafe:
     return frames
 
 
-_END_OF_IMAGE = {"1.2.840.10008.1.2.4": b"\xff\xd9"}  # JPEG, JPEG-LS and JPEG 2000 codestreams all end in FFD9
+_END_OF_IMAGE = b"\xff\xd9"  # JPEG, JPEG-LS and JPEG 2000 codestreams all end in FFD9; video and JPEG XL do not
 
 
 def _broken_frames(ds, claimed: int) -> Unsafe | None:
     """Frames missing, counted as the pool builder's decoders count them (io.encapsulation), or a frame's last fragment
     without its end-of-image marker: looked at where the frames lie, never copied."""
-    marker = next((m for prefix, m in _END_OF_IMAGE.items() if ds.file_meta.TransferSyntaxUID.startswith(prefix)), None)
+    marker = _END_OF_IMAGE if ds.file_meta.TransferSyntaxUID in STREAM_SYNTAXES else None
     data, found, unmarked = ds.PixelData, 0, False
     for last_fragment in claimed_frames(ds, claimed):
         found += 1

@@ -3,7 +3,8 @@
 The profile cleans headers and the metadata segments of compressed frames; it never touches pixels or reads
 free-text content. So objects whose identity may live there (structured reports, documents, images with burned-in
 text) are screened out first, each with a fixed machine-readable reason, and so are compressed frames whose segments
-cannot be walked to find that metadata. numpy/pydicom only.
+cannot be walked to find that metadata, and streams of a syntax that is not walked at all (video, JPEG XL).
+numpy/pydicom only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from medtriage.io.deid import NO_PATIENT_IDENTITY, NO_SOP_INSTANCE, REEXPORT, patient_key, transfer_syntax
-from medtriage.io.stream_metadata import damaged_frame
+from medtriage.io.stream_metadata import damaged_frame, unwalked_stream
 
 # Objects whose identity lives in free text or documents the header profile does not reach.
 UNSAFE_SOP_CLASSES = {
@@ -71,6 +72,8 @@ def screen(ds: Dataset) -> Unsafe | None:
         return Unsafe("unreadable", NO_SOP_INSTANCE)
     if patient_key(ds) is None:
         return Unsafe("no_patient_identity", f"{NO_PATIENT_IDENTITY}: patient-level splits would be impossible")
+    if unwalked := unwalked_stream(ds, transfer_syntax(ds)):  # before the pixel checks, which would say truncated
+        return Unsafe("unwalked_compression", unwalked)
     if damaged := damaged_frame(ds, transfer_syntax(ds)):
         return Unsafe(
             "damaged_compressed_frame",

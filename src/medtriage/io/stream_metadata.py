@@ -11,7 +11,8 @@ every JPEG table, frame and scan header, the JFIF and Adobe segments (they say h
 transform, and every JPEG 2000 marker but COM. Entropy-coded data is copied as it is, so decoding gives the same pixels.
 A frame that cannot be walked (no start marker, a length past its end) raises `DamagedFrame`: where its metadata lies
 is then unknown, and nothing is guessed. A frame cut short inside its coded data is left to the pixel checks, which
-report it as truncated. numpy/pydicom only.
+report it as truncated. Frames in any other encapsulated syntax (video, JPEG XL, private ones) are not walked:
+`unwalked_stream` says why such a file cannot be cleaned. numpy/pydicom only.
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ JPEG_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (*range(50, 67), 7
 JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
 J2K_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203))  # HTJ2K too
 STREAM_SYNTAXES = JPEG_SYNTAXES | JPEG_LS_SYNTAXES | J2K_SYNTAXES
+# Encapsulated, yet samples only: RLE segments (PS3.5 G) and Encapsulated Uncompressed (A.4.11) have no marker, box or
+# message that could carry text, so there is nothing to walk.
+SAMPLES_ONLY_SYNTAXES = frozenset({"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.98"})
+_NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})
+# Where the streams a site may send carry text beside their pictures: (syntaxes and their fragmentable forms, codec,
+# what holds the text). JPEG XL's syntaxes are newer than some pydicom releases, which then know no name for them.
+_UNWALKED_TEXT = (
+    (("1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101"), "MPEG-2 video", "its user data"),
+    (tuple(f"1.2.840.10008.1.2.4.{n}" for n in range(102, 107)), "H.264 video", "its SEI messages"),
+    (("1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108"), "HEVC video", "its SEI messages"),
+    (("1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.111", "1.2.840.10008.1.2.4.112"), "JPEG XL", "its Exif, XMP and other boxes"),
+)
+_CONVERT = (
+    "convert it to an uncompressed, JPEG or JPEG 2000 transfer syntax before ingest (e.g. gdcmconv --raw IN OUT, where "
+    "GDCM decodes it), or have the source system send it so (video as still frames)"
+)
 
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart markers: no length follows
 # Application segments a decoder reads: JFIF and Adobe say whether the samples are YCbCr; CharLS reads its colour
@@ -126,6 +143,27 @@ def damaged_frame(ds: pydicom.Dataset, syntax: str) -> str | None:
     except (MalformedItems, FramesUnknown):
         pass
     return None
+
+
+def unwalked_stream(ds: pydicom.Dataset, syntax: str | None) -> str | None:
+    """Why `ds`'s pixel data cannot be cleaned: encapsulated in a syntax whose stream is not walked (video, JPEG XL,
+    JPIP, a private one...), so text in it cannot be found; None where it is walked, samples only, native, or absent.
+    An unknown syntax counts as encapsulated where its Pixel Data is (undefined length); otherwise the pixel checks
+    judge it."""
+    if "PixelData" not in ds or not syntax or syntax in STREAM_SYNTAXES | SAMPLES_ONLY_SYNTAXES | _NATIVE_SYNTAXES:
+        return None
+    uid = pydicom.uid.UID(str(syntax))
+    known = uid.is_transfer_syntax and not uid.is_private
+    if not (known and uid.is_encapsulated) and not ds["PixelData"].is_undefined_length:
+        return None
+    codec, carrier = next(
+        ((codec, carrier) for family, codec, carrier in _UNWALKED_TEXT if any(uid == f or uid.startswith(f + ".") for f in family)),
+        (uid.name if known else "a private transfer syntax" if uid.is_private else "an unknown transfer syntax", "its stream"),
+    )
+    return (
+        f"pixel data in {codec} ({uid}): {carrier} can hold text such as a patient's name, and de-identification does "
+        f"not walk this stream to remove it; {_CONVERT}"
+    )
 
 
 def _cleaned_frames(ds: pydicom.Dataset, syntax: str) -> tuple[list[Frame], dict[int, bytes], Counter] | None:
