@@ -94,9 +94,9 @@ def test_the_data_sets_own_uids_in_attributes_the_table_does_not_list_map_as_the
     ds.EventTimerNames = ["start", series]  # LO, several values
     ds.add(DataElement(0x00181003, "UN", frame.encode() + b" "))  # Device ID (LO), written as UN
     ds.add(DataElement(0x0008041B, "OB", sop.encode() + b"\0" * (len(sop) % 2)))  # Record Key
-    issuer = Dataset()
-    issuer.LocalNamespaceEntityID, issuer.UniversalEntityID = study, "hospital.example"
-    ds.IssuerOfAccessionNumberSequence = [issuer]
+    derivation = Dataset()
+    derivation.CodeValue, derivation.CodeMeaning = "113076", study  # a nested attribute the table does not list
+    ds.DerivationCodeSequence = [derivation]
     ds = _reread(ds, syntax)
     deidentify(ds, KEY)
     buffer = io.BytesIO()
@@ -108,8 +108,8 @@ def test_the_data_sets_own_uids_in_attributes_the_table_does_not_list_map_as_the
     assert ds.DeviceID == ds.FrameOfReferenceUID == KEY.uid(frame)
     assert "CodingSchemeVersion" not in ds
     assert ds.RecordKey.rstrip(b"\0").decode() == ds.SOPInstanceUID == KEY.uid(sop)
-    issuer = ds.IssuerOfAccessionNumberSequence[0]
-    assert (issuer.LocalNamespaceEntityID, issuer.UniversalEntityID) == (KEY.uid(study), "hospital.example")
+    derivation = ds.DerivationCodeSequence[0]
+    assert (derivation.CodeValue, derivation.CodeMeaning) == ("113076", KEY.uid(study))
 
 
 def _saved(ds: Dataset) -> bytes:

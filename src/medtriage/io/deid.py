@@ -19,9 +19,9 @@ characters at least (no version such as 3.14.2, no IPv4 address), and is not und
 name kinds: the DICOM standard's 1.2.840.10008 and HL7's code systems 2.16.840.1.113883.6. A vendor's
 class quoted in text is remapped too (text does not say what a UID names); its class attribute keeps
 it. All private elements are removed, and so are a few identifying attributes the table does not list
-(`BEYOND_TABLE`) and any sequence a writer encoded with another VR (its items, read as bytes, could not be
-cleaned). Pixel values are never touched, which is why `medtriage.io.quarantine.screen` sends objects that may
-carry identity in their pixels or in free text to quarantine instead, and ingest an overlay drawn in the pixels'
+(`BEYOND_TABLE`), any sequence a writer encoded with another VR (its items, read as bytes, could not be
+cleaned), an image inside an item, and native pixel data's bytes past its frames. Pixel values are never
+touched, which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or in free text to quarantine instead, and ingest an overlay drawn in the pixels'
 unused bits. What a compressed frame holds beside its pixels (JPEG comment and application segments, JPEG 2000
 comments, JP2 metadata boxes) is removed (`medtriage.io.stream_metadata`), the coded image data kept byte for byte.
 
@@ -46,6 +46,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
+from pydicom.pixels.utils import get_expected_length
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -122,7 +123,10 @@ NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "Pati
 # date in another calendar is the date itself (LO, so no date rule sees it), a breed registration number names one
 # animal as a Patient ID does, the scheduled step's comments are free text on the patient (the table removes those of
 # the requested and performed steps), and an earlier de-identifier's encrypted original attributes give the identity
-# back to whoever holds its key.
+# back to whoever holds its key. The sequences saying who issued a Patient ID, an accession number or an order name the
+# site's systems and addresses (the table removes Issuer of Patient ID and the order numbers), a site's own coding scheme names the site as
+# its responsible organisation, and a content item's Text Value is free text wherever the item lies (a protocol
+# context's too, which no listed sequence holds).
 BEYOND_TABLE = {
     tag_for_keyword(keyword): action
     for keyword, action in (
@@ -132,8 +136,17 @@ BEYOND_TABLE = {
         ("BreedRegistrationSequence", "Z"),  # Type 2C for an animal: stays, empty
         ("CommentsOnTheScheduledProcedureStep", "X"),
         ("EncryptedAttributesSequence", "X"),
+        ("IssuerOfPatientIDQualifiersSequence", "X"),
+        ("IssuerOfAccessionNumberSequence", "X"),
+        ("OrderPlacerIdentifierSequence", "X"),
+        ("OrderFillerIdentifierSequence", "X"),
+        ("CodingSchemeIdentificationSequence", "X"),  # Type 3: codes keep their designators
+        ("TextValue", "D"),  # Type 1C in a TEXT item: a dummy keeps it valid, as Unformatted Text Value's D does
     )
 }
+# An image inside an item: the table removes the Icon Image Sequence, the one place the standard puts one; elsewhere its
+# pixels would be pooled unscreened (Burned In Annotation speaks for the object's own pixels only).
+NESTED_PIXEL_TAGS = frozenset(tag_for_keyword(k) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 ANIMAL_OWNER_ATTRIBUTES = ("ResponsiblePerson", "ResponsibleOrganization")  # Type 2C: required if the patient is an animal
 PSEUDONYM_TAGS = frozenset(tag_for_keyword(k) for k in ("PatientID", "PatientName"))
 # UIDs that name a kind of thing, not a patient, study or instance: SOP classes (a vendor's private ones too, which a
@@ -407,6 +420,7 @@ def deidentify(ds: Dataset, key: SiteKey, options: DeidOptions = DeidOptions()) 
     walker.apply(ds, top_level=True)
     walker.replace_quoted_uids()
     _set_pixel_data(ds, stripped)
+    _without_bytes_past_the_frames(ds)
     _keep_animal_owner_attributes(ds)
     _mark_deidentified(ds, options)
     _rebuild_file_meta(ds)
@@ -451,6 +465,23 @@ def _set_pixel_data(ds: Dataset, stripped: Stripped | None) -> None:
         for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
             if keyword in ds:
                 delattr(ds, keyword)
+
+
+def _without_bytes_past_the_frames(ds: Dataset) -> None:
+    """Native Pixel Data holds the frames its header describes, padded to even length: no decoder reads the bytes past
+    them, which may hold anything, so they go (a pad byte becomes a null). The pixels stay byte for byte."""
+    if "PixelData" not in ds or ds["PixelData"].is_undefined_length:
+        return  # none, or encapsulated: its frames are walked (`stream_metadata`)
+    sizes = [ds.get(k) for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")] + [ds.get("NumberOfFrames") or 1]
+    if not all(isinstance(v, int) and v > 0 for v in sizes) or (sizes[3] % 8 and sizes[3] != 1):
+        return  # a length its header does not give (ingest quarantines those), or packed samples pydicom does not count
+    try:
+        needed = get_expected_length(ds, "bytes")
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return
+    data = ds.PixelData
+    if len(data) > needed + needed % 2:
+        ds.PixelData = data[:needed] + b"\0" * (needed % 2)
 
 
 def transfer_syntax(ds: Dataset) -> UID | None:
@@ -544,6 +575,8 @@ class _ProfileWalker:
             return "X"  # private, group lengths (retired, would go stale) and unknown public elements
         if tag >> 16 == 0:
             return "X"  # a command set stored with the object: part of a message, never of a file (PS3.5 7.1)
+        if not top_level and tag in NESTED_PIXEL_TAGS:
+            return "X"
         known = _attribute_vr(tag)
         if known == "SQ" and vr not in (None, "SQ"):
             return "X"  # items written as bytes or text are no data sets to walk: nothing inside them would be cleaned
