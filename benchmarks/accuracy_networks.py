@@ -27,6 +27,8 @@ RECIPES = {  # label -> overrides of the experiment config; the first is the def
     # Dense connectivity (each layer sees every earlier layer's features), the CheXNet network: another family than the
     # residual networks. 10 epochs: on a CPU its epoch costs about two of ResNet-18's.
     "densenet121-10-epochs": ["model=densenet121", "trainer.max_epochs=10"],
+    # Depthwise-separable inverted residuals with squeeze-excitation (the EfficientNet family), at the recipe's 30 epochs.
+    "efficientnet-b0": ["model=efficientnet-b0"],
 }
 # Packages scored on test before this benchmark's first choice was, in the sections that say so.
 SEEN_BEFORE = (
