@@ -222,32 +222,109 @@ _DECLARED_SAMPLES = {
 }
 
 
-def check_inflated_size(fp: BinaryIO, limits: DecodeLimits, where: str) -> None:
+INFLATE_STEP = 1 << 20  # the most inflated bytes held at a time while a deflated data set is counted or read
+
+
+def check_inflated_size(fp: BinaryIO, limits: DecodeLimits, where: str, *, allowed: int | None = None, hint: str | None = None) -> None:
     """A Deflated Explicit VR Little Endian file is inflated whole by pydicom before any element is read, and deflate
     expands up to ~1000-fold: a 1 MB file can become 1 GB. Inflate it here in bounded chunks, counting only, and refuse
-    a data set larger than `limits` allow for its pixels (plus `HEADER_BYTES`). Leaves `fp` where it was; files of
-    other transfer syntaxes, or unreadable ones, are left to pydicom."""
+    a data set larger than `allowed` (default: what `limits` allow for its pixels, plus `HEADER_BYTES`) with
+    ImageTooLargeError, `hint` saying which option raises it. Leaves `fp` where it was; files of other transfer
+    syntaxes, or unreadable ones, are left to pydicom."""
+    allowed = limits.max_decoded_bytes + HEADER_BYTES if allowed is None else allowed
+    hint = hint or "raise the decode limits (medtriage serve --max-decoded-bytes) if it is genuine"
     start = fp.tell()
     try:
-        pydicom.filereader.read_preamble(fp, True)
-        meta = pydicom.filereader._read_file_meta_info(fp)
-        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        if not _at_deflated_data_set(fp):
             return
-        allowed, total, inflater = limits.max_decoded_bytes + HEADER_BYTES, 0, zlib.decompressobj(-zlib.MAX_WBITS)
-        while not inflater.eof:
-            chunk = inflater.unconsumed_tail or fp.read(1 << 16)
-            if not chunk:
-                break
-            total += len(inflater.decompress(chunk, 1 << 20))  # at most 1 MiB of output at a time
+        total = 0
+        for chunk in _inflated_chunks(fp, allowed + 1):
+            total += len(chunk)
             if total > allowed:
-                raise ImageTooLargeError(
-                    f"the deflated data set inflates to more than {allowed} bytes",
-                    where=where,
-                    hint="raise the decode limits (medtriage serve --max-decoded-bytes) if it is genuine",
-                )
+                raise ImageTooLargeError(f"the deflated data set inflates to more than {allowed} bytes", where=where, hint=hint)
     except ImageTooLargeError:
         raise
     except Exception:  # a damaged header or stream: pydicom reports it with its own reason
         return
     finally:
         fp.seek(start)
+
+
+def inflating_reader(fp: BinaryIO) -> InflatingReader | None:
+    """The data set of a deflated Part 10 file in `fp`, as a file that inflates it as it is read (`fp` moves on as it
+    does); None, `fp` left where it was, for a file of another transfer syntax or an unreadable file meta."""
+    start = fp.tell()
+    if _at_deflated_data_set(fp):
+        return InflatingReader(fp)
+    fp.seek(start)
+    return None
+
+
+class InflatingReader:
+    """A deflated data set as a forward-reading file: read(n) inflates n bytes more, a seek ahead inflates and drops
+    what it passes, a seek back reaches only the last KEEP bytes. It holds no more than what one read asks for, KEEP
+    and one INFLATE_STEP, however far the data set reaches: pydicom inflates one whole before reading an element."""
+
+    KEEP = 64 << 10  # pydicom steps back a few bytes at a time (an element's header, a delimiter search)
+
+    def __init__(self, fp: BinaryIO):
+        self._fp, self._inflater = fp, zlib.decompressobj(-zlib.MAX_WBITS)
+        self._window, self._end, self._position = bytearray(), 0, 0  # the last bytes inflated, ending at _end
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence not in (0, 1):
+            raise OSError("a deflated data set cannot be read from its end before it is inflated")
+        target = offset + (self._position if whence == 1 else 0)
+        if target < self._end - len(self._window):
+            raise OSError(f"cannot step back to byte {target} of a deflated data set, once inflated past it")
+        self._position = target
+        return target
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:  # the rest would be inflated whole
+            raise OSError("a deflated data set is read by sizes, never whole")
+        self._inflate_to(self._position + n)
+        first = self._position - (self._end - len(self._window))
+        data = bytes(self._window[first : first + n])
+        self._position += len(data)
+        return data
+
+    def _inflate_to(self, end: int) -> None:
+        while self._end < end and not self._inflater.eof:
+            data = self._inflater.unconsumed_tail or self._fp.read(1 << 16)
+            if not data:
+                return
+            chunk = self._inflater.decompress(data, min(max(end - self._end, self.KEEP), INFLATE_STEP))  # what is asked
+            self._window += chunk
+            self._end += len(chunk)
+            start = self._end - len(self._window)
+            drop = max(min(self._position, self._end) - self.KEEP - start, 0)  # passed by, beyond a step back
+            del self._window[:drop]
+
+
+def _at_deflated_data_set(fp: BinaryIO) -> bool:
+    """Whether `fp` holds a Part 10 file whose data set is deflated, read as pydicom reads it; `fp` is then at the data
+    set. False for an unreadable file meta (pydicom reports it)."""
+    try:
+        pydicom.filereader.read_preamble(fp, True)
+        meta = pydicom.filereader._read_file_meta_info(fp)
+    except Exception:
+        return False
+    return meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+
+
+def _inflated_chunks(fp: BinaryIO, size: int) -> Iterator[bytes]:
+    """The deflated data set `fp` is at (`_at_deflated_data_set`) inflated, up to `size` bytes, at most INFLATE_STEP at
+    a time (a chunk inflates only as far as asked: what the stream would expand to is never allocated whole).
+    zlib.error for a damaged stream."""
+    inflater, left = zlib.decompressobj(-zlib.MAX_WBITS), size
+    while left > 0 and not inflater.eof:
+        data = inflater.unconsumed_tail or fp.read(1 << 16)
+        if not data:
+            return
+        chunk = inflater.decompress(data, min(INFLATE_STEP, left))
+        left -= len(chunk)
+        yield chunk

@@ -5,6 +5,7 @@ and de-identify it. Where the result goes is the ledger's decision (`medtriage.i
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
 import stat
@@ -21,7 +22,7 @@ from pydicom.pixels.utils import get_expected_length
 
 from medtriage.errors import ImageTooLargeError
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, number_of_frames
+from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, check_inflated_size, check_limits, default_limits, number_of_frames
 from medtriage.io.deid import DeidOptions, deidentify, not_deidentifiable, transfer_syntax
 from medtriage.io.encapsulation import claimed_frames, ends_with, misplaced_basic_entry
 from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
@@ -143,8 +144,7 @@ def _process_file(source: str, w: dict) -> Outcome:
         out.status = "already"
         return out
     try:
-        with dicom_source(data, source) as buffer:
-            ds = pydicom.dcmread(buffer)
+        ds = _read_dataset(data, source, w["max_file_bytes"])
     except ImageTooLargeError as err:
         return quarantined(out, Unsafe("too_large", str(err)))
     except InvalidDicomError:
@@ -155,6 +155,20 @@ def _process_file(source: str, w: dict) -> Outcome:
         return _deidentified(out, ds, w)
     except Exception as err:  # values pydicom parses lazily can still be malformed: this file only, never the run
         return quarantined(out, Unsafe("unreadable", f"{type(err).__name__}: {err}"))
+
+
+def _read_dataset(data: bytes, source: str, limit: int) -> pydicom.Dataset:
+    """The file's data set. A deflated one is held inflated, so the size limit bounds it inflated too (a 1 MB file can
+    inflate to 1 GB), as do the decode limits (its image could not be decoded from the pool): refused with
+    ImageTooLargeError before pydicom inflates it."""
+    decodable = default_limits().max_decoded_bytes + HEADER_BYTES
+    if limit <= decodable:
+        hint = "the ingest limit (--max-file-bytes) applies to the data set once inflated: raise it if the file is genuine"
+    else:
+        hint = "more than any image the pool builder decodes (within its decode limits) holds; check the file at the source"
+    check_inflated_size(io.BytesIO(data), default_limits(), source, allowed=min(limit, decodable), hint=hint)
+    with dicom_source(data, source) as buffer:
+        return pydicom.dcmread(buffer)
 
 
 def _read_bounded(source: str, limit: int) -> tuple[bytes, tuple] | Unsafe:

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.filereader import read_partial
+from pydicom.filereader import read_dataset, read_partial
 from pydicom.uid import UID
 
 from medtriage.errors import DicomError
 from medtriage.io.clamped import dicom_source
+from medtriage.io.decode_limits import inflating_reader
 from medtriage.io.header_warnings import reading
 
 STUDY_TAGS = {
@@ -46,8 +47,8 @@ HEADER_READ_BYTES = 4 << 20  # what reading them may read: the elements before (
 
 class ReadBudget:
     """A file whose reads together may not pass `budget` bytes (seeks are free): `refused()` is raised before a read
-    that would. A read of the rest (pydicom's of a deflated data set, to inflate it) is left to dicom_source's bound on
-    the inflated size."""
+    that would. A deflated data set is read as it inflates (io.decode_limits.InflatingReader): a skip inflates what
+    it passes, without keeping it."""
 
     def __init__(self, file, budget: int, refused: Callable[[], DicomError]):
         self._file, self._left, self._refused = file, budget, refused
@@ -87,18 +88,27 @@ def read_identity(data: bytes | Path, where: str = "<received>") -> Header:
     with reading(where):  # pydicom converts values lazily: its warnings come as they are read, after dcmread
         try:
             with dicom_source(data if isinstance(data, (bytes, bytearray)) else Path(data), where) as source:
-                ds = read_partial(
-                    ReadBudget(source, HEADER_READ_BYTES, lambda: _identity_too_far(where)),
-                    stop_when=lambda tag, _vr, _length: tag > LAST_IDENTITY_TAG,
-                    force=True,
-                    specific_tags=list(IDENTITY_TAGS.values()),
-                )
+                ds = _read_header(source, where)
             uids = {key: _uid(ds, key) for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")}
         except DicomError:
             raise
         except Exception as err:  # a truncated or garbled header raises many kinds
             raise DicomError(f"cannot read the data set header ({type(err).__name__}: {err})", where=where) from err
         return Header(uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPClassUID"], study_fields(ds))
+
+
+def _read_header(source, where: str) -> pydicom.Dataset:
+    """The identity elements, read within HEADER_READ_BYTES. A deflated data set is read as it inflates, where pydicom
+    would inflate all of it (up to the decode limits: a GB per association) to read them."""
+    deflated = inflating_reader(source)
+    budget = ReadBudget(source if deflated is None else deflated, HEADER_READ_BYTES, lambda: _identity_too_far(where))
+
+    def past_identity(tag, _vr, _length) -> bool:
+        return tag > LAST_IDENTITY_TAG
+
+    if deflated is None:
+        return read_partial(budget, stop_when=past_identity, force=True, specific_tags=list(IDENTITY_TAGS.values()))
+    return read_dataset(budget, False, True, stop_when=past_identity, specific_tags=list(IDENTITY_TAGS.values()))
 
 
 def _uid(ds: pydicom.Dataset, keyword: str) -> str:
