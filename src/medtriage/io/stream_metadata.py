@@ -41,7 +41,8 @@ JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"
 J2K_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203))  # HTJ2K too
 STREAM_SYNTAXES = JPEG_SYNTAXES | JPEG_LS_SYNTAXES | J2K_SYNTAXES
 # Encapsulated, yet samples only: RLE segments (PS3.5 G) and Encapsulated Uncompressed (A.4.11) have no marker, box or
-# message that could carry text, so there is nothing to walk.
+# message meant to carry text, so there is nothing to walk (bytes a hostile writer hides in an RLE header's unused
+# offsets or past a segment are not looked for).
 SAMPLES_ONLY_SYNTAXES = frozenset({"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.98"})
 _NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})
 # Where the streams a site may send carry text beside their pictures: (syntaxes and their fragmentable forms, codec,
