@@ -41,9 +41,11 @@ JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"
 J2K_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203))  # HTJ2K too
 STREAM_SYNTAXES = JPEG_SYNTAXES | JPEG_LS_SYNTAXES | J2K_SYNTAXES
 # Encapsulated, yet samples only: RLE segments (PS3.5 G) and Encapsulated Uncompressed (A.4.11) have no marker, box or
-# message meant to carry text, so there is nothing to walk (bytes a hostile writer hides in an RLE header's unused
-# offsets or past a segment are not looked for).
-SAMPLES_ONLY_SYNTAXES = frozenset({"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.98"})
+# message meant to carry text, so there is nothing to walk. An RLE frame can still hide bytes no decoder reads (in its
+# header's unused offsets, before its first segment, past a segment's samples): `damaged_frame` looks for those.
+RLE_SYNTAX = "1.2.840.10008.1.2.5"
+SAMPLES_ONLY_SYNTAXES = frozenset({RLE_SYNTAX, "1.2.840.10008.1.2.1.98"})
+_RLE_HEADER = 64  # the number of segments and 15 offsets, each a 32-bit little-endian integer (PS3.5 G.5)
 _NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})
 # Where the streams a site may send carry text beside their pictures: (syntaxes and their fragmentable forms, codec,
 # what holds the text). JPEG XL's syntaxes are newer than some pydicom releases, which then know no name for them.
@@ -135,10 +137,14 @@ def stripped_pixel_data(ds: pydicom.Dataset, syntax: str) -> Stripped | None:
 
 
 def damaged_frame(ds: pydicom.Dataset, syntax: str) -> str | None:
-    """Why a frame of `ds` cannot be walked to its metadata; None where every frame can. Items that cannot be walked and
-    an unusable Number of Frames give None too: the pixel checks refuse those, under their own reasons."""
+    """Why a frame of `ds` cannot be walked to its metadata, or (RLE) holds bytes no decoder reads; None where every
+    frame can and none does. Items that cannot be walked and an unusable Number of Frames give None too: the pixel
+    checks refuse those, under their own reasons."""
     try:
-        _cleaned_frames(ds, syntax)
+        if syntax == RLE_SYNTAX:
+            _rle_frames(ds)
+        else:
+            _cleaned_frames(ds, syntax)
     except DamagedFrame as err:
         return str(err)
     except (MalformedItems, FramesUnknown):
@@ -165,6 +171,55 @@ def unwalked_stream(ds: pydicom.Dataset, syntax: str | None) -> str | None:
         f"pixel data in {codec} ({uid}): {carrier} can hold text such as a patient's name, and de-identification does "
         f"not walk this stream to remove it; {_CONVERT}"
     )
+
+
+def _rle_frames(ds: pydicom.Dataset) -> None:
+    """Raises DamagedFrame for an RLE frame holding bytes that no decoder reads, where text would pass unseen. A frame
+    a decoder would refuse (a bad header, a segment shorter than its samples) is left to the pixel checks."""
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    if "PixelData" not in ds or not all(isinstance(n, int) and n > 0 for n in (rows, columns)):
+        return
+    data = ds.PixelData
+    for index, frame in enumerate(every_frame(ds, _claimed(ds))):
+        try:
+            _item_tail(data, frame)
+            _rle_unread_bytes(bytes(frame_bytes(data, frame)), rows * columns)
+        except DamagedFrame as err:
+            raise DamagedFrame(f"frame {index + 1}: {err}") from None
+
+
+def _rle_unread_bytes(frame: bytes, samples: int) -> None:
+    """An RLE frame whose segments each decode to `samples` bytes, with nothing unread around them but one pad byte per
+    segment (each is padded to even length)."""
+    if len(frame) < _RLE_HEADER:
+        return
+    count, *offsets = struct.unpack_from("<16L", frame)
+    if not 1 <= count <= 15:
+        return
+    if any(offsets[count:]):
+        raise DamagedFrame("its RLE header gives offsets to segments it does not have (PS3.5 G.5: they are zero)")
+    if offsets[0] > _RLE_HEADER:
+        raise DamagedFrame(f"{offsets[0] - _RLE_HEADER} bytes lie between its RLE header and its first segment")
+    for segment, (start, end) in enumerate(zip(offsets[:count], [*offsets[1:count], len(frame)]), 1):
+        used = _packbits_end(frame, start, end, samples) if _RLE_HEADER <= start <= end else None
+        if used is not None and end - used > 1:
+            raise DamagedFrame(f"RLE segment {segment} holds {end - used} bytes past its {samples} samples")
+
+
+def _packbits_end(frame: bytes, start: int, end: int, samples: int) -> int | None:
+    """Where the PackBits run that starts at `start` has given `samples` bytes; None where it ends first."""
+    position, produced = start, 0
+    while produced < samples:
+        if position >= end:
+            return None
+        header = frame[position]
+        if header < 128:  # a literal run of header + 1 bytes
+            produced, position = produced + header + 1, position + header + 2
+        elif header > 128:  # one byte repeated 257 - header times
+            produced, position = produced + 257 - header, position + 2
+        else:  # 128: no operation
+            position += 1
+    return position if position <= end else None
 
 
 def _cleaned_frames(ds: pydicom.Dataset, syntax: str) -> tuple[list[Frame], dict[int, bytes], Counter] | None:
