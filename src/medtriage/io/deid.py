@@ -21,9 +21,10 @@ class quoted in text is remapped too (text does not say what a UID names); its c
 it. All private elements are removed, and so are a few identifying attributes the table does not list
 (`BEYOND_TABLE`), any sequence a writer encoded with another VR (its items, read as bytes, could not be
 cleaned), an image inside an item, and native pixel data's bytes past its frames. Pixel values are never
-touched, which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or in free text to quarantine instead, and ingest an overlay drawn in the pixels'
-unused bits. What a compressed frame holds beside its pixels (JPEG comment and application segments, JPEG 2000
-comments, JP2 metadata boxes) is removed (`medtriage.io.stream_metadata`), the coded image data kept byte for byte.
+touched, which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or
+in free text to quarantine instead, and ingest an overlay drawn in the pixels' unused bits. What a compressed
+frame holds beside its pixels (JPEG comment and application segments, JPEG 2000 comments, JP2 metadata boxes) is
+removed (`medtriage.io.stream_metadata`), the coded image data kept byte for byte.
 
 numpy/pydicom only: sites install the base package.
 """
@@ -124,9 +125,9 @@ NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "Pati
 # animal as a Patient ID does, the scheduled step's comments are free text on the patient (the table removes those of
 # the requested and performed steps), and an earlier de-identifier's encrypted original attributes give the identity
 # back to whoever holds its key. The sequences saying who issued a Patient ID, an accession number or an order name the
-# site's systems and addresses (the table removes Issuer of Patient ID and the order numbers), a site's own coding scheme names the site as
-# its responsible organisation, and a content item's Text Value is free text wherever the item lies (a protocol
-# context's too, which no listed sequence holds).
+# site's systems and addresses (the table removes Issuer of Patient ID and the order numbers), a site's own coding
+# scheme names the site as its responsible organisation, and a content item's Text Value is free text wherever the item
+# lies (a protocol context's too, which no listed sequence holds).
 BEYOND_TABLE = {
     tag_for_keyword(keyword): action
     for keyword, action in (
