@@ -53,13 +53,19 @@ def _size(file: BinaryIO) -> int:
 
 @contextmanager
 def dicom_source(
-    source: str | Path | bytes | bytearray | memoryview | BinaryIO, where: str, limits: DecodeLimits | None = None
+    source: str | Path | bytes | bytearray | memoryview | BinaryIO,
+    where: str,
+    limits: DecodeLimits | None = None,
+    *,
+    inflated_allowed: int | None = None,
+    inflated_hint: str | None = None,
 ) -> Iterator[BinaryIO]:
     """`source` as a file for pydicom.dcmread whose reads are bounded by its real size (bytes as a buffer, a path
     opened here and closed on leaving, a file object clamped and left open for its owner), after refusing a deflated
-    data set that would inflate past `limits` (the service's defaults when None) with ImageTooLargeError."""
+    data set that would inflate past `limits` (the service's defaults when None), or past `inflated_allowed` bytes
+    where a caller bounds it itself, with ImageTooLargeError (`inflated_hint` saying how to raise that bound)."""
     with reading(where), _bounded(source) as fp:
-        check_inflated_size(fp, limits or default_limits(), where)
+        check_inflated_size(fp, limits or default_limits(), where, allowed=inflated_allowed, hint=inflated_hint)
         yield fp
 
 

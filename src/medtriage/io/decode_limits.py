@@ -237,8 +237,8 @@ def check_inflated_size(fp: BinaryIO, limits: DecodeLimits, where: str, *, allow
     try:
         if not _at_deflated_data_set(fp):
             return
-        total = 0
-        for chunk in _inflated_chunks(fp, allowed + 1):
+        data_set, total = InflatingReader(fp), 0
+        while chunk := data_set.read(INFLATE_STEP):
             total += len(chunk)
             if total > allowed:
                 raise ImageTooLargeError(f"the deflated data set inflates to more than {allowed} bytes", where=where, hint=hint)
@@ -314,17 +314,3 @@ def _at_deflated_data_set(fp: BinaryIO) -> bool:
     except Exception:
         return False
     return meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
-
-
-def _inflated_chunks(fp: BinaryIO, size: int) -> Iterator[bytes]:
-    """The deflated data set `fp` is at (`_at_deflated_data_set`) inflated, up to `size` bytes, at most INFLATE_STEP at
-    a time (a chunk inflates only as far as asked: what the stream would expand to is never allocated whole).
-    zlib.error for a damaged stream."""
-    inflater, left = zlib.decompressobj(-zlib.MAX_WBITS), size
-    while left > 0 and not inflater.eof:
-        data = inflater.unconsumed_tail or fp.read(1 << 16)
-        if not data:
-            return
-        chunk = inflater.decompress(data, min(INFLATE_STEP, left))
-        left -= len(chunk)
-        yield chunk

@@ -5,7 +5,6 @@ and de-identify it. Where the result goes is the ledger's decision (`medtriage.i
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import signal
 import stat
@@ -22,7 +21,7 @@ from pydicom.pixels.utils import get_expected_length
 
 from medtriage.errors import ImageTooLargeError
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, check_inflated_size, check_limits, default_limits, number_of_frames
+from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, check_limits, default_limits, number_of_frames
 from medtriage.io.deid import DeidOptions, deidentify, not_deidentifiable, transfer_syntax
 from medtriage.io.encapsulation import claimed_frames, ends_with, misplaced_basic_entry
 from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
@@ -166,8 +165,7 @@ def _read_dataset(data: bytes, source: str, limit: int) -> pydicom.Dataset:
         hint = "the ingest limit (--max-file-bytes) applies to the data set once inflated: raise it if the file is genuine"
     else:
         hint = "more than any image the pool builder decodes (within its decode limits) holds; check the file at the source"
-    check_inflated_size(io.BytesIO(data), default_limits(), source, allowed=min(limit, decodable), hint=hint)
-    with dicom_source(data, source) as buffer:
+    with dicom_source(data, source, inflated_allowed=min(limit, decodable), inflated_hint=hint) as buffer:
         return pydicom.dcmread(buffer)
 
 
