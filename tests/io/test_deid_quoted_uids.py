@@ -1,7 +1,8 @@
-"""Kept text and addresses quoting another instance's UIDs (a WADO URL naming a study and an object of another file of
-the site): the quoted UIDs map as that instance's own UIDs do with the same key, so that the reference still resolves
-inside the pool and no longer leads back to the site's archive. UIDs of the DICOM standard, a vendor's class in a class
-attribute, version strings and addresses stay as they were."""
+"""Kept text quoting another instance's UIDs (a WADO URL copied into a description, naming a study and an object of
+another file of the site): the quoted UIDs map as that instance's own UIDs do with the same key, so that the reference
+still resolves inside the pool and no longer leads back to the site's archive. UIDs of the DICOM standard, a vendor's
+class in a class attribute, version strings and addresses stay as they were. (Address attributes themselves, VR UR, are
+removed: `test_deid_addresses.py`.)"""
 
 from __future__ import annotations
 
@@ -41,13 +42,13 @@ def _note(study: str, sop: str, vendor_class: str) -> str:
     return f"prior in study {study}.\r\nCompare {sop} (class {vendor_class}, sent as {SYNTAX}, code {SNOMED}); {NOT_UIDS}."
 
 
-def _top_level_url(ds: Dataset, value: str) -> None:
-    ds.RetrieveURL = value  # UR, kept by the profile
+def _top_level_text(ds: Dataset, value: str) -> None:
+    ds.ImageFilterDescription = value  # UT, kept by the profile
 
 
-def _url_in_a_reference(ds: Dataset, value: str) -> None:
+def _text_in_a_reference(ds: Dataset, value: str) -> None:
     item = Dataset()
-    item.SeriesInstanceUID, item.RetrieveURL = ds.SeriesInstanceUID, value
+    item.SeriesInstanceUID, item.ImageFilterDescription = ds.SeriesInstanceUID, value
     ds.ReferencedSeriesSequence = [item]  # kept, its items walked
 
 
@@ -56,16 +57,16 @@ def _free_text(ds: Dataset, value: str) -> None:
 
 
 def _kept_value(ds: Dataset, where) -> str:
-    if where is _url_in_a_reference:
-        return ds.ReferencedSeriesSequence[0].RetrieveURL
-    return ds.RetrieveURL if where is _top_level_url else ds.DetectorDescription
+    if where is _text_in_a_reference:
+        return ds.ReferencedSeriesSequence[0].ImageFilterDescription
+    return ds.ImageFilterDescription if where is _top_level_text else ds.DetectorDescription
 
 
 @pytest.mark.parametrize("syntax", [None, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
 @pytest.mark.parametrize(
     ("where", "text"),
-    [(_top_level_url, _wado), (_url_in_a_reference, _wado), (_free_text, _note)],
-    ids=["retrieve_url", "retrieve_url_in_reference", "detector_description"],
+    [(_top_level_text, _wado), (_text_in_a_reference, _wado), (_free_text, _note)],
+    ids=["url_in_text", "url_in_text_in_reference", "detector_description"],
 )
 def test_another_instances_uids_quoted_in_kept_text_map_as_that_instance_maps_them(where, text, syntax):
     """Before, only the data set's own UIDs were remapped in kept text: the study and object UIDs of another file of

@@ -128,7 +128,7 @@ def test_the_data_sets_own_uids_inside_kept_text_map_as_the_uids_do(syntax):
     sop, study, series, frame = (str(ds[k].value) for k in OWN_UIDS)
     ds.ContentDescription = f"see study {study}"  # LO
     ds.CalibrationNotes = f"moved from {series}.\r\nsee {sop}, not {sop}.9 or 9.{sop}"  # LT
-    ds.RetrieveURL = f"https://pacs.example/wado/studies/{study}/series/{series}"  # UR
+    ds.ImageFilterDescription = f"https://pacs.example/wado/studies/{study}/series/{series}"  # UT: a copied address
     ds.EventTimerNames = ["start", "t" * (63 - len(frame)) + " " + frame]  # LO: 64 characters, 64+ once replaced
     ds.TransformDescription = "x" * (1023 - len(frame)) + " " + frame  # ST: 1024 characters, 1024+ once replaced
     ds = _reread(ds, syntax)
@@ -140,7 +140,7 @@ def test_the_data_sets_own_uids_inside_kept_text_map_as_the_uids_do(syntax):
     assert ds.ContentDescription == f"see study {new_study}"
     # {sop}.9 is a UID of its own (another instance's, quoted), remapped whole; 9.{sop} is none (no root 9)
     assert ds.CalibrationNotes == f"moved from {new_series}.\r\nsee {new_sop}, not {KEY.uid(sop + '.9')} or 9.{sop}"
-    assert ds.RetrieveURL == f"https://pacs.example/wado/studies/{new_study}/series/{new_series}"
+    assert ds.ImageFilterDescription == f"https://pacs.example/wado/studies/{new_study}/series/{new_series}"
     assert "EventTimerNames" not in ds and "TransformDescription" not in ds
 
 

@@ -10,17 +10,19 @@ study or referenced instance maps to the same value on every run, and nothing ca
 without the secret. UIDs that name a kind of object, not an instance (SOP classes, a vendor's
 private ones included, transfer syntaxes, coding schemes), keep their value. One of the remapped
 UIDs found in a value kept elsewhere (copied into an attribute the table does not list or into a
-class attribute, written with another VR, or quoted in free text or an address) is remapped as that
-UID is, or its element goes where the new UID would not fit. So is any other UID that kept text or
-an address quotes (another file's study or object in a retrieve URL), with the same key: it becomes
-what that file's own UID becomes, and references hold across the pool. A token counts as one when
-it has UID syntax (PS3.5 9.1, at most 64 characters) under root 0, 1 or 2, three components and 16
-characters at least (no version such as 3.14.2, no IPv4 address), and is not under a root where UIDs
-name kinds: the DICOM standard's 1.2.840.10008 and HL7's code systems 2.16.840.1.113883.6. A vendor's
-class quoted in text is remapped too (text does not say what a UID names); its class attribute keeps
-it. All private elements are removed, and so are a few identifying attributes the table does not list
-(`BEYOND_TABLE`), any sequence a writer encoded with another VR (its items, read as bytes, could not be
-cleaned), an image inside an item, and native pixel data's bytes past its frames. Pixel values are never
+class attribute, written with another VR, or quoted in free text) is remapped as that UID is, or its
+element goes where the new UID would not fit. So is any other UID that kept text quotes (another
+file's study or object in a WADO URL copied into a note), with the same key: it becomes what that
+file's own UID becomes, and references hold across the pool. A token counts as one when it has UID
+syntax (PS3.5 9.1, at most 64 characters) under root 0, 1 or 2, three components and 16 characters at
+least (no version such as 3.14.2, no IPv4 address), and names no kind: neither a UID the DICOM
+standard registers nor one under HL7's code systems 2.16.840.1.113883.6 (anyone can append to the
+DICOM root 1.2.840.10008, so the root alone says nothing). A vendor's class quoted in text is remapped
+too (text does not say what a UID names); its class attribute keeps it. All private elements are
+removed, and so are a few identifying attributes the table does not list (`BEYOND_TABLE`), addresses
+(VR UR: a Retrieve URL names the site's server, and the pool has none), any sequence a writer encoded
+with another VR (its items, read as bytes, could not be cleaned), an image inside an item, and native
+pixel data's bytes past its frames. Pixel values are never
 touched, which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or
 in free text to quarantine instead, and ingest an overlay drawn in the pixels' unused bits. What a compressed
 frame holds beside its pixels (JPEG comment and application segments, JPEG 2000 comments, JP2 metadata boxes) is
@@ -54,7 +56,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from medtriage import __version__
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.encapsulation import MalformedItems
-from medtriage.io.site_key import DICOM_UID_ROOT, SiteKey
+from medtriage.io.site_key import SiteKey, is_registered_uid
 from medtriage.io.stream_metadata import DamagedFrame, FramesUnknown, Stripped, stripped_pixel_data, unwalked_stream
 
 TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
@@ -145,6 +147,12 @@ BEYOND_TABLE = {
         ("TextValue", "D"),  # Type 1C in a TEXT item: a dummy keeps it valid, as Unformatted Text Value's D does
     )
 }
+# Addresses (VR UR: Retrieve URL and URI, Storage URL, Pixel Data Provider URL, file, folder and contact URIs, presentation
+# addresses...) name the site's servers, and a query may carry a Patient ID, while the pool reaches none of them: any
+# the table does not list goes, by the VR of the attribute or of the file (a future attribute too; private and unknown
+# ones go as all such elements do). A URN Code Value goes with them: a code given as a URL may name the site's server
+# as a site's own coding scheme does. Where the table lists one (Selector UR Value: D), its action stays.
+ADDRESS_VR = "UR"
 # An image inside an item: the table removes the Icon Image Sequence, the one place the standard puts one; elsewhere its
 # pixels would be pooled unscreened (Burned In Annotation speaks for the object's own pixels only).
 NESTED_PIXEL_TAGS = frozenset(tag_for_keyword(k) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
@@ -189,14 +197,14 @@ OWN_UID = re.compile(r"[0-9]+(?:\.[0-9]+){2,}")
 # How text can quote one: a longest run of digits and dots, so that a UID is never found inside a longer one, yet the
 # full stop after it that ends a sentence is not taken for part of it.
 UID_TOKEN = re.compile(r"[0-9]+(?:\.[0-9]+)*")
-# Such a token taken for an instance UID of another data set (a reference in a comment or an address): UID syntax (PS3.5
+# Such a token taken for an instance UID of another data set (a reference in a comment): UID syntax (PS3.5
 # 9.1: no component with a leading zero but "0" itself, 64 characters at most) under one of the three roots every OID has,
 # three components at least, and 16 characters at least, as an organisation's root and the instance's own components
 # are: a version ("3.14.2") or a dotted IPv4 address (15 at most) is shorter.
 QUOTED_UID = re.compile(r"(?=[0-9.]{16,64}\Z)[0-2](?:\.(?:0|[1-9][0-9]*)){2,}")
-# Where a quoted UID names a kind of thing, never an instance: the DICOM standard's own (classes, transfer syntaxes,
-# coding schemes...) and HL7's external code systems (SNOMED CT, LOINC, UCUM...).
-KIND_ROOTS = (DICOM_UID_ROOT, "2.16.840.1.113883.6.")
+# Where a quoted UID names a kind of thing, never an instance, beside the UIDs the DICOM standard registers (classes,
+# transfer syntaxes, coding schemes...: `is_registered_uid`): HL7's external code systems (SNOMED CT, LOINC, UCUM...).
+KIND_ROOTS = ("2.16.840.1.113883.6.",)
 # Where such a UID can take its replacement, with the most characters a value may then have (PS3.5 6.2; LO and UI
 # per value, the others have one): the element goes where the VR is not listed or its value would grow past that.
 UID_HOLDING_VRS = {"LO": 64, "UI": 64, "LT": 10240, "ST": 1024, "UT": None, "UC": None, "UR": None, "OB": None, "UN": None}
@@ -355,6 +363,7 @@ class DeidOptions:
             "options": [meaning for _, meaning in self.method_codes()[1:]],
             "retained_characteristics": list(self.retain_characteristics),
             "private_elements": "removed",
+            "addresses": "removed (VR UR)",
             "uids": "2.25 + keyed hash, those quoted in kept text too; class, transfer syntax and coding scheme UIDs kept",
             "patient_id": "keyed pseudonym",
             "patient_identity": SEVERAL_ISSUERS_IDENTITY if self.several_id_issuers else "Patient ID (issuer ignored)",
@@ -605,6 +614,8 @@ class _ProfileWalker:
             return "Z"  # a person's name the table does not list is still a name
         if vrs & {"DA", "DT"}:
             return "Z"  # dates not shifted are removed, listed or not: the object says its dates were (REMOVED)
+        if ADDRESS_VR in vrs:
+            return "X"  # an address the table does not list: it leads back to the site
         return "K"
 
     def perform(self, ds: Dataset, elem, action: str) -> None:
@@ -700,8 +711,9 @@ class _ProfileWalker:
 
 
 def _names_an_instance(token: str) -> bool:
-    """Whether a token of kept text is taken for an instance UID: `QUOTED_UID`, under none of the `KIND_ROOTS`."""
-    return bool(QUOTED_UID.fullmatch(token)) and not token.startswith(KIND_ROOTS)
+    """Whether a token of kept text is taken for an instance UID: `QUOTED_UID`, under none of the `KIND_ROOTS` and not
+    registered (a site's UID under the DICOM root is an instance's like any other, as `SiteKey.uid` maps it)."""
+    return bool(QUOTED_UID.fullmatch(token)) and not token.startswith(KIND_ROOTS) and not is_registered_uid(token)
 
 
 def _is_uid_text(elem) -> bool:

@@ -11,10 +11,19 @@ import os
 import stat
 from pathlib import Path
 
+from pydicom._uid_dict import UID_dictionary  # PS3.6 Annex A as pydicom knows it; pydicom names it nowhere public
+
 from medtriage.errors import ConfigError
 
 SECRET_ENV = "MEDTRIAGE_SITE_SECRET"
-DICOM_UID_ROOT = "1.2.840.10008."  # registered DICOM UIDs (SOP classes, transfer syntaxes): not identifying
+DICOM_UID_ROOT = "1.2.840.10008."  # the standard's own root: its registered UIDs name kinds, yet anyone can append to it
+
+
+def is_registered_uid(value: str) -> bool:
+    """Whether `value` is a UID the DICOM standard registers (SOP classes, transfer syntaxes, coding schemes, well-known
+    instances and frames of reference): not identifying. Starting with DICOM_UID_ROOT is not enough, as anybody can
+    write a site's UIDs, or a name, after it; every entry of the dictionary is of valid UID syntax (PS3.5 9.1)."""
+    return value.startswith(DICOM_UID_ROOT) and value in UID_dictionary
 
 
 class SiteKey:
@@ -43,11 +52,13 @@ class SiteKey:
         return 1 + int.from_bytes(self._digest("date-shift", patient_key)[:8], "big") % self.max_shift_days
 
     def uid(self, original: str) -> str:
-        """`2.25.<int>` for any UID outside the DICOM root; registered ones (SOP classes...) stay. A private UID that
+        """`2.25.<int>` for any value but a registered UID (SOP classes...), which stays: one under the DICOM root
+        that the standard does not register becomes one as any other does. A UID pydicom does not know yet (a class
+        newer than its dictionary) is remapped too, which loses its meaning, never an identity. A private UID that
         names a kind of object (a vendor's SOP class) is kept by its attribute: deid.KIND_UID_TAGS come here only
-        where they hold one of the data set's own instance UIDs."""
+        where they hold one of the data set's own instance UIDs, or a value that is no UID."""
         original = original.strip("\0 ")
-        if not original or original.startswith(DICOM_UID_ROOT):
+        if not original or is_registered_uid(original):
             return original
         return "2.25." + str(int.from_bytes(self._digest("uid", original)[:16], "big"))
 
