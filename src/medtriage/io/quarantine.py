@@ -77,6 +77,6 @@ def screen(ds: Dataset) -> Unsafe | None:
     if damaged := damaged_frame(ds, transfer_syntax(ds)):
         return Unsafe(
             "damaged_compressed_frame",
-            f"{damaged}: the comments and application data it may carry cannot be found to remove; {REEXPORT}",
+            f"{damaged}: what it may hold beside its pixels cannot be told apart to remove; {REEXPORT}",
         )
     return None

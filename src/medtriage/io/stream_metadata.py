@@ -2,13 +2,15 @@
 
 A modality or a converter can write text into the codestream beside the image: comment (COM) and application (APPn:
 EXIF, XMP, ICC, Photoshop) marker segments in JPEG (ITU-T T.81) and JPEG-LS (T.87) frames, comment segments in the
-main and tile-part headers of a JPEG 2000 codestream, and XML, UUID and other boxes in a JP2 file around one, in its
-header box too. Any of them can hold a patient's name, a date or a device serial, which header de-identification
-never sees.
+main and tile-part headers of a JPEG 2000 codestream, and XML, UUID, reader requirements and other boxes in a JP2 file
+around one, in its header box too, and an ICC profile in its colour box. Any of them can hold a patient's name, a date
+or a device serial, which header de-identification never sees.
 
 A frame is walked by the lengths its segments declare, each checked against the frame's end. What decoding needs stays:
 every JPEG table, frame and scan header, the JFIF and Adobe segments (they say how colour is converted), CharLS's colour
-transform, and every JPEG 2000 marker but COM. Entropy-coded data is copied as it is, so decoding gives the same pixels.
+transform, every JPEG 2000 marker but COM, and a JP2 file's signature, file type, header and codestream boxes, each cut
+to the fields a reader reads (a colour box to an enumerated colour space). Entropy-coded data is copied as it is, so
+decoding gives the same pixels.
 A frame that cannot be walked (no start marker, a length past its end) raises `DamagedFrame`: where its metadata lies
 is then unknown, and nothing is guessed. A frame cut short inside its coded data is left to the pixel checks, which
 report it as truncated. Frames in any other encapsulated syntax (video, JPEG XL, private ones) are not walked:
@@ -32,6 +34,7 @@ from medtriage.io.encapsulation import (
     every_frame,
     extended_offsets,
     frame_bytes,
+    frame_length,
     item_end,
     reencapsulated,
 )
@@ -41,10 +44,12 @@ JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"
 J2K_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203))  # HTJ2K too
 STREAM_SYNTAXES = JPEG_SYNTAXES | JPEG_LS_SYNTAXES | J2K_SYNTAXES
 # Encapsulated, yet samples only: RLE segments (PS3.5 G) and Encapsulated Uncompressed (A.4.11) have no marker, box or
-# message meant to carry text, so there is nothing to walk. An RLE frame can still hide bytes no decoder reads (in its
-# header's unused offsets, before its first segment, past a segment's samples): `damaged_frame` looks for those.
+# message meant to carry text, so there is nothing to walk. A frame can still hide bytes no decoder reads (an RLE
+# frame in its header's unused offsets, before its first segment, past a segment's samples; an uncompressed one past
+# its samples): `damaged_frame` looks for those.
 RLE_SYNTAX = "1.2.840.10008.1.2.5"
-SAMPLES_ONLY_SYNTAXES = frozenset({RLE_SYNTAX, "1.2.840.10008.1.2.1.98"})
+ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
+SAMPLES_ONLY_SYNTAXES = frozenset({RLE_SYNTAX, ENCAPSULATED_UNCOMPRESSED})
 _RLE_HEADER = 64  # the number of segments and 15 offsets, each a 32-bit little-endian integer (PS3.5 G.5)
 _NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})
 # Where the streams a site may send carry text beside their pictures: (syntaxes and their fragmentable forms, codec,
@@ -77,11 +82,17 @@ _PADDING = b"\0\xff"  # what may follow the end marker: even-length padding (0x0
 
 _SOT, _SOD, _EOC, _J2K_COM, _TLM = 0x90, 0x93, 0xD9, 0x64, 0x55
 _JP2_SIGNATURE = b"\0\0\0\x0cjP  \r\n\x87\n"
-# The boxes a JP2 reader needs: signature, file type, reader requirements, header (size, colour, palette), codestream.
-_JP2_KEPT = frozenset({b"jP  ", b"ftyp", b"rreq", b"jp2h", b"jp2c"})
-# What the JP2 Header box may hold (T.800 I.5.3): image header, bit depths, colour, palette, component mapping, channel
-# definitions, resolution (a superbox of capture and display resolution: numbers only, so kept whole).
+# The boxes a JP2 reader needs: signature (the first box only), file type (`_file_type`), header (size, colour,
+# palette) and codestream. Reader Requirements (JPX, T.801 I.7.2) goes: JP2 readers (OpenJPEG, which pydicom's plugin,
+# imagecodecs and GDCM use) never read it, and its masks and vendor UUIDs are bytes no check can tell from text.
+_JP2_KEPT = frozenset({b"ftyp", b"jp2h", b"jp2c"})
+# What the JP2 Header box may hold (T.800 I.5.3): image header, bit depths, colour (`_colour`), palette, component
+# mapping, channel definitions, resolution (a superbox of capture and display resolution: numbers only, kept whole).
 _JP2_HEADER_KEPT = frozenset({b"ihdr", b"bpcc", b"colr", b"pclr", b"cmap", b"cdef", b"res "})
+# The JPEG 2000 family's brands (JP2, JPX and its baseline, JPM, Motion JPEG 2000, HTJ2K's JPH and JHC): a File Type
+# box's other codes name nothing a reader looks for, and four bytes each can spell a name.
+_JP2_BRANDS = frozenset({b"jp2 ", b"jpx ", b"jpxb", b"jpm ", b"mjp2", b"mj2s", b"jph ", b"jhc "})
+_ENUMERATED, _SRGB, _GREYSCALE = 1, 16, 17  # colour specification method and colour spaces (T.800 I.5.3.3)
 
 
 class DamagedFrame(ValueError):
@@ -137,12 +148,14 @@ def stripped_pixel_data(ds: pydicom.Dataset, syntax: str) -> Stripped | None:
 
 
 def damaged_frame(ds: pydicom.Dataset, syntax: str) -> str | None:
-    """Why a frame of `ds` cannot be walked to its metadata, or (RLE) holds bytes no decoder reads; None where every
-    frame can and none does. Items that cannot be walked and an unusable Number of Frames give None too: the pixel
-    checks refuse those, under their own reasons."""
+    """Why a frame of `ds` cannot be walked to its metadata, or (RLE, Encapsulated Uncompressed) holds bytes no decoder
+    reads; None where every frame can and none does. Items that cannot be walked and an unusable Number of Frames give
+    None too: the pixel checks refuse those, under their own reasons."""
     try:
         if syntax == RLE_SYNTAX:
             _rle_frames(ds)
+        elif syntax == ENCAPSULATED_UNCOMPRESSED:
+            _uncompressed_frames(ds)
         else:
             _cleaned_frames(ds, syntax)
     except DamagedFrame as err:
@@ -220,6 +233,44 @@ def _packbits_end(frame: bytes, start: int, end: int, samples: int) -> int | Non
         else:  # 128: no operation
             position += 1
     return position if position <= end else None
+
+
+def _uncompressed_frames(ds: pydicom.Dataset) -> None:
+    """Raises DamagedFrame for an Encapsulated Uncompressed frame (PS3.5 A.4.11: a fragment holding one frame's native
+    samples, padded to even length) of any other length. A decoder reads the samples and no further, so bytes past
+    them would pass unseen; a frame too short for its samples is refused by every decoder, yet its bytes would still be
+    pooled. A frame past Number of Frames is held to the same size."""
+    if "PixelData" not in ds:
+        return
+    size, data = _native_frame_size(ds), ds.PixelData
+    for index, frame in enumerate(every_frame(ds, _claimed(ds))):
+        try:
+            _item_tail(data, frame)
+            _samples_only(frame_length(data, frame), size)
+        except DamagedFrame as err:
+            raise DamagedFrame(f"frame {index + 1}: {err}") from None
+
+
+def _native_frame_size(ds: pydicom.Dataset) -> int:
+    """Bytes of one frame's samples as the native encoding lays them out: 1-bit samples packed, the frame ending on
+    a byte (each frame has a fragment of its own); YBR_FULL_422 two samples a pixel (PS3.3 C.7.6.3.1.2)."""
+    names = {"Rows": "Rows", "Columns": "Columns", "SamplesPerPixel": "Samples per Pixel", "BitsAllocated": "Bits Allocated"}
+    values = {keyword: ds.get(keyword) for keyword in names}
+    unusable = [names[keyword] for keyword, value in values.items() if not (isinstance(value, int) and value > 0)]
+    if unusable:  # no size to tell samples from what follows them
+        raise DamagedFrame(f"its frames' size cannot be known: {', '.join(unusable)} missing or not a positive number")
+    samples = values["SamplesPerPixel"]
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" and samples == 3:
+        samples = 2
+    return -(-values["Rows"] * values["Columns"] * samples * values["BitsAllocated"] // 8)
+
+
+def _samples_only(length: int, size: int) -> None:
+    """A frame of `size` bytes of samples, and a pad byte where that is odd."""
+    if length < size:
+        raise DamagedFrame(f"holds {length} bytes, fewer than the {size} bytes of its samples")
+    if length > size + size % 2:
+        raise DamagedFrame(f"holds {length - size} bytes past the {size} bytes of its samples, which no decoder reads")
 
 
 def _cleaned_frames(ds: pydicom.Dataset, syntax: str) -> tuple[list[Frame], dict[int, bytes], Counter] | None:
@@ -446,7 +497,7 @@ def _tlm_entries(data: bytes, start: int, stop: int) -> list[tuple[int, int]]:
 
 
 def _jp2(data: bytes) -> _Walk:
-    """A JP2 file: boxes a reader needs stay, the codestream is cleaned, the other boxes go."""
+    """A JP2 file: boxes a reader needs stay, cut to their fields, the codestream is cleaned, the other boxes go."""
     walk, position = _Walk(), 0
     while position < len(data):
         if len(data) - position < 8:  # no room for a box: the fragment's padding
@@ -458,7 +509,9 @@ def _jp2(data: bytes) -> _Walk:
             _codestream_box(data, position, header, stop, walk)
         elif kind == b"jp2h":
             _header_box(data, position, header, stop, walk)
-        elif kind not in _JP2_KEPT:
+        elif kind == b"ftyp":
+            _file_type(data, position, header, stop, walk)
+        elif kind not in _JP2_KEPT and position:  # the signature, 12 bytes (`_walk`), is the first box
             walk.remove(position, stop, f"JP2 {kind.decode('latin-1').strip()}")
         position = stop
     return walk
@@ -482,20 +535,124 @@ def _box(data: bytes, at: int, limit: int | None = None, within: str = "the fram
     return header, stop
 
 
-def _header_box(data: bytes, at: int, header: int, stop: int, walk: _Walk) -> None:
-    """The JP2 Header is a superbox: a writer can nest a UUID or XML box in it beside the image header and colour."""
-    kept, removed, position = [], Counter(), at + header
+def _file_type(data: bytes, at: int, header: int, stop: int, walk: _Walk) -> None:
+    """The File Type box as a reader reads it (T.800 I.5.2): a brand, a minor version, compatibility codes. Only the
+    family's brands stay (an unknown brand becomes JP2's), each code once, and the version is 0, the only one they
+    define: otherwise the box could be padded with codes spelling anything."""
+    content = data[at + header : stop]
+    if len(content) < 8:
+        raise DamagedFrame(f"has a JP2 File Type box at byte {at} of {len(content)} bytes, too short for its brand and version")
+    brand = content[:4] if content[:4] in _JP2_BRANDS else b"jp2 "
+    listed = (content[offset : offset + 4] for offset in range(8, len(content) - 3, 4))
+    codes = b"".join(dict.fromkeys(code for code in listed if code in _JP2_BRANDS))
+    rebuilt = struct.pack(">L4s4sL", 16 + len(codes), b"ftyp", brand, 0) + codes
+    if rebuilt != data[at:stop]:
+        walk.edits.append(_Edit(at, stop, rebuilt))
+        walk.removed["JP2 ftyp excess"] += 1
+
+
+class _Child(NamedTuple):
+    """A box inside a superbox: its type, where it starts, where its content starts, where it ends."""
+
+    kind: bytes
+    start: int
+    content: int
+    end: int
+
+
+def _children(data: bytes, position: int, stop: int, within: str) -> list[_Child]:
+    children = []
     while position < stop:
-        _, end = _box(data, position, stop, "the JP2 Header box")
-        kind = data[position + 4 : position + 8]
-        if kind in _JP2_HEADER_KEPT:
-            kept.append(data[position:end])
-        else:
-            removed[f"JP2 {kind.decode('latin-1').strip()}"] += 1
+        header, end = _box(data, position, stop, within)
+        children.append(_Child(data[position + 4 : position + 8], position, position + header, end))
         position = end
+    return children
+
+
+def _header_box(data: bytes, at: int, header: int, stop: int, walk: _Walk) -> None:
+    """The JP2 Header is a superbox: a writer can nest a UUID or XML box in it beside the image header and colour, and
+    run a child on past the fields a reader reads (`_header_child`)."""
+    children = _children(data, at + header, stop, "the JP2 Header box")
+    components, columns = _field(data, children, b"ihdr", 8, 2, 3), _field(data, children, b"pclr", 2, 1, 0)
+    kept, removed = [], Counter()
+    for child in children:
+        box, change = _header_child(data, child, components, columns)
+        kept.append(box)
+        removed.update([change] if change else [])
     if removed:  # nothing removed: no edit, so the frame stays byte for byte
         walk.edits.append(_Edit(at, stop, _rebuilt(data, at, header, b"".join(kept))))
         walk.removed += removed
+
+
+def _field(data: bytes, children: list[_Child], kind: bytes, offset: int, size: int, default: int) -> int:
+    """A number in the first child of type `kind`: the image header's components (NC), a palette's columns (NPC)."""
+    child = next((child for child in children if child.kind == kind), None)
+    if child is None or child.end - child.content < offset + size:
+        return default
+    return int.from_bytes(data[child.content + offset : child.content + offset + size], "big")
+
+
+def _header_child(data: bytes, child: _Child, components: int, columns: int) -> tuple[bytes, str | None]:
+    """A JP2 Header child as it stays (b"": it goes), and what it lost (None: nothing). A reader reads each standard
+    child's fields and no further (T.800 I.5.3): what follows them can hold anything, so it goes too."""
+    name = f"JP2 {child.kind.decode('latin-1').strip()}"
+    content, whole = data[child.content : child.end], data[child.start : child.end]
+    if child.kind not in _JP2_HEADER_KEPT:
+        return b"", name
+    if child.kind == b"colr":
+        return _colour(content, columns or components) or (whole, None)
+    if child.kind == b"res ":
+        return _resolution(data, child)
+    size = _fields_size(child.kind, content, components, columns)
+    return (whole, None) if len(content) <= size else (_box_of(child.kind, content[:size]), f"{name} excess")
+
+
+def _fields_size(kind: bytes, content: bytes, components: int, columns: int) -> int:
+    """How many bytes of a JP2 Header child's content a reader reads (T.800 I.5.3): the image header's 14; a bit depth
+    a component (bpcc); a palette's entry count, column count, depths and entries (pclr); 4 bytes a channel, at most
+    each palette column and each other component (cmap); a count and 6 bytes a channel (cdef). A child too short for
+    them is left to the decoders, which refuse it."""
+    if kind == b"ihdr":
+        return 14
+    if kind == b"bpcc":
+        return components
+    if kind == b"pclr":
+        own = content[2] if len(content) > 2 else 0
+        return 3 + own + int.from_bytes(content[:2], "big") * sum((depth & 0x7F) // 8 + 1 for depth in content[3 : 3 + own])
+    if kind == b"cmap":
+        return 4 * min(len(content) // 4, columns + max(components - 1, 0))
+    return 2 + 6 * int.from_bytes(content[:2], "big")  # cdef
+
+
+def _resolution(data: bytes, child: _Child) -> tuple[bytes, str | None]:
+    """The Resolution superbox holds capture and display resolution, 10 bytes of numbers each (T.800 I.5.3.7); any
+    other child, and bytes past those 10, go."""
+    inner = _children(data, child.content, child.end, "the Resolution box")
+    exact = all(box.kind in (b"resc", b"resd") and box.end - box.content == 10 for box in inner)
+    if exact:
+        return data[child.start : child.end], None
+    kept = [_box_of(box.kind, data[box.content : box.content + 10]) for box in inner if box.kind in (b"resc", b"resd")]
+    return _box_of(b"res ", b"".join(kept)), "JP2 res excess"
+
+
+def _colour(content: bytes, channels: int) -> tuple[bytes, str] | None:
+    """A colour box as one with an enumerated colour space (T.800 I.5.3.3: method, precedence, approximation, then the
+    4-byte space), and what it lost; None where it is one already. Bytes after the space go (a CIELab's optional
+    parameters among them: their defaults stand in). An ICC profile (method 2, or JPX's 3) is replaced by greyscale or
+    sRGB, by the channels the image decodes to: its description, copyright, device and private tags are free text, and
+    no decoder the pool uses applies it (OpenJPEG hands it on; DICOM's colour is the data set's Photometric
+    Interpretation and ICC Profile), so the samples decode the same. Any other method (JPX's vendor and parameterised
+    ones) likewise."""
+    method = content[0] if content else 0
+    if method == _ENUMERATED and len(content) >= 7:
+        return None if len(content) == 7 else (_box_of(b"colr", content[:7]), "JP2 colr excess")
+    space = _GREYSCALE if channels < 3 else _SRGB
+    replaced = _box_of(b"colr", struct.pack(">BBBL", _ENUMERATED, 0, 0, space))
+    return replaced, "JP2 colr ICC" if method in (2, 3) else f"JP2 colr method {method}"
+
+
+def _box_of(kind: bytes, content: bytes) -> bytes:
+    return struct.pack(">L", 8 + len(content)) + kind + content
 
 
 def _codestream_box(data: bytes, at: int, header: int, stop: int, walk: _Walk) -> None:
