@@ -4,20 +4,25 @@ pydicom reads an element of length L with `file.read(L)`, and CPython's buffered
 bytes before they read: a 40 KB file whose Pixel Data claims 4 GB makes a 4 GB allocation, for every file and request
 that says so. A byte buffer (BytesIO) returns only what it holds. `ClampedReader` gives a file the same behaviour: a
 read asks for no more than what is left in it. A deflated data set is inflated by pydicom whole, before any element
-is read, whatever `stop_before_pixels` says: `dicom_source` counts its inflated size first. It is what every reader of
-untrusted DICOM hands pydicom.
+is read, whatever `stop_before_pixels` says, and held twice (inflated, and as its elements): `dicom_source` counts its
+inflated size first, and `read_part10` reads it as it inflates instead. `dicom_source` (or `bounded_source`, for
+`read_part10` alone) is what every reader of untrusted DICOM hands pydicom.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from medtriage.io.decode_limits import DecodeLimits, check_inflated_size, default_limits
+from pydicom.dataset import FileDataset
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_partial, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from medtriage.io.decode_limits import DecodeLimits, InflatingReader, check_inflated_size, default_limits, inflated_limit
 from medtriage.io.header_warnings import reading
 
 
@@ -64,9 +69,50 @@ def dicom_source(
     opened here and closed on leaving, a file object clamped and left open for its owner), after refusing a deflated
     data set that would inflate past `limits` (the service's defaults when None), or past `inflated_allowed` bytes
     where a caller bounds it itself, with ImageTooLargeError (`inflated_hint` saying how to raise that bound)."""
-    with reading(where), _bounded(source) as fp:
+    with bounded_source(source, where) as fp:
         check_inflated_size(fp, limits or default_limits(), where, allowed=inflated_allowed, hint=inflated_hint)
         yield fp
+
+
+@contextmanager
+def bounded_source(source: str | Path | bytes | bytearray | memoryview | BinaryIO, where: str) -> Iterator[BinaryIO]:
+    """`source` as `dicom_source` gives it, a deflated data set not counted: for `read_part10`, which bounds one as it
+    reads it (inflated once, not twice)."""
+    with reading(where), _bounded(source) as fp:
+        yield fp
+
+
+def read_part10(
+    fp: BinaryIO,
+    where: str,
+    limits: DecodeLimits | None = None,
+    *,
+    stop_when: Callable | None = None,
+    force: bool = False,
+    data_set: Callable[[BinaryIO], BinaryIO] | None = None,
+) -> FileDataset:
+    """pydicom's read_partial(fp, stop_when, force=force), the data set read through `data_set(file)` where given (a
+    read budget), except that a deflated data set is read as it inflates: pydicom inflates it whole into one buffer,
+    which the data set read from it then holds again (a deflated file costs twice its inflated size). One inflating
+    past what `limits` allow (the service's defaults when None) is refused with ImageTooLargeError. The file meta is
+    the file's own: the data set keeps its Deflated transfer syntax."""
+    wrap = data_set or (lambda file: file)
+    start = fp.tell()
+    preamble = read_preamble(fp, force)
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        fp.seek(start)
+        return read_partial(wrap(fp), stop_when, force=force)
+    inflating = InflatingReader(fp, inflated_limit(limits or default_limits()), where)
+    try:
+        dataset = read_dataset(wrap(inflating), False, True, stop_when=stop_when)
+    except Exception:
+        if inflating.refused:  # raised inside pydicom, which may have wrapped it
+            raise inflating.refused from None
+        raise
+    read = FileDataset(fp, dataset, preamble, meta, False, True)
+    read.set_original_encoding(False, True, dataset._character_set)
+    return read
 
 
 @contextmanager

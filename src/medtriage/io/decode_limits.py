@@ -7,6 +7,7 @@ header segments of each frame, before a decoder runs.
 
 from __future__ import annotations
 
+import io
 import itertools
 import re
 import struct
@@ -222,26 +223,26 @@ _DECLARED_SAMPLES = {
 }
 
 
-INFLATE_STEP = 1 << 20  # the most inflated bytes held at a time while a deflated data set is counted or read
+INFLATE_STEP = 1 << 20  # the most inflated bytes held at a time, beyond what a read returns, while a data set inflates
+INFLATED_HINT = "raise the decode limits (medtriage serve --max-decoded-bytes) if it is genuine"
+
+
+def inflated_limit(limits: DecodeLimits) -> int:
+    """What a deflated data set may inflate to under `limits`: the pixels they allow, plus `HEADER_BYTES`."""
+    return limits.max_decoded_bytes + HEADER_BYTES
 
 
 def check_inflated_size(fp: BinaryIO, limits: DecodeLimits, where: str, *, allowed: int | None = None, hint: str | None = None) -> None:
     """A Deflated Explicit VR Little Endian file is inflated whole by pydicom before any element is read, and deflate
     expands up to ~1000-fold: a 1 MB file can become 1 GB. Inflate it here in bounded chunks, counting only, and refuse
-    a data set larger than `allowed` (default: what `limits` allow for its pixels, plus `HEADER_BYTES`) with
-    ImageTooLargeError, `hint` saying which option raises it. Leaves `fp` where it was; files of other transfer
-    syntaxes, or unreadable ones, are left to pydicom."""
-    allowed = limits.max_decoded_bytes + HEADER_BYTES if allowed is None else allowed
-    hint = hint or "raise the decode limits (medtriage serve --max-decoded-bytes) if it is genuine"
+    a data set larger than `allowed` (default: `inflated_limit(limits)`) with ImageTooLargeError, `hint` saying which
+    option raises it. Leaves `fp` where it was; files of other transfer syntaxes, or unreadable ones, are left to
+    pydicom."""
     start = fp.tell()
     try:
-        if not _at_deflated_data_set(fp):
-            return
-        data_set, total = InflatingReader(fp), 0
-        while chunk := data_set.read(INFLATE_STEP):
-            total += len(chunk)
-            if total > allowed:
-                raise ImageTooLargeError(f"the deflated data set inflates to more than {allowed} bytes", where=where, hint=hint)
+        data_set = inflating_reader(fp, inflated_limit(limits) if allowed is None else allowed, where, hint)
+        while data_set is not None and data_set.read(INFLATE_STEP):
+            pass
     except ImageTooLargeError:
         raise
     except Exception:  # a damaged header or stream: pydicom reports it with its own reason
@@ -250,26 +251,31 @@ def check_inflated_size(fp: BinaryIO, limits: DecodeLimits, where: str, *, allow
         fp.seek(start)
 
 
-def inflating_reader(fp: BinaryIO) -> InflatingReader | None:
+def inflating_reader(fp: BinaryIO, allowed: int | None = None, where: str = "", hint: str | None = None) -> InflatingReader | None:
     """The data set of a deflated Part 10 file in `fp`, as a file that inflates it as it is read (`fp` moves on as it
-    does); None, `fp` left where it was, for a file of another transfer syntax or an unreadable file meta."""
+    does), refusing to inflate more than `allowed` bytes; None, `fp` left where it was, for a file of another transfer
+    syntax or an unreadable file meta."""
     start = fp.tell()
     if _at_deflated_data_set(fp):
-        return InflatingReader(fp)
+        return InflatingReader(fp, allowed, where, hint)
     fp.seek(start)
     return None
 
 
 class InflatingReader:
     """A deflated data set as a forward-reading file: read(n) inflates n bytes more, a seek ahead inflates and drops
-    what it passes, a seek back reaches only the last KEEP bytes. It holds no more than what one read asks for, KEEP
-    and one INFLATE_STEP, however far the data set reaches: pydicom inflates one whole before reading an element."""
+    what it passes, a seek back reaches only the last KEEP bytes. It holds what one read returns (inflated straight into
+    it: a large element is not held twice), KEEP and a few INFLATE_STEPs on the way, however far the data set reaches:
+    pydicom inflates one whole before reading an element. Past `allowed` inflated bytes (where given) a read raises
+    ImageTooLargeError, kept in `refused` for the caller: pydicom turns some errors of a read into an OSError."""
 
     KEEP = 64 << 10  # pydicom steps back a few bytes at a time (an element's header, a delimiter search)
 
-    def __init__(self, fp: BinaryIO):
+    def __init__(self, fp: BinaryIO, allowed: int | None = None, where: str = "", hint: str | None = None):
         self._fp, self._inflater = fp, zlib.decompressobj(-zlib.MAX_WBITS)
         self._window, self._end, self._position = bytearray(), 0, 0  # the last bytes inflated, ending at _end
+        self._allowed, self._where, self._hint = allowed, where, hint or INFLATED_HINT
+        self.refused: ImageTooLargeError | None = None
 
     def tell(self) -> int:
         return self._position
@@ -286,23 +292,34 @@ class InflatingReader:
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:  # the rest would be inflated whole
             raise OSError("a deflated data set is read by sizes, never whole")
-        self._inflate_to(self._position + n)
-        first = self._position - (self._end - len(self._window))
-        data = bytes(self._window[first : first + n])
-        self._position += len(data)
-        return data
+        while self._end < self._position and self._inflate(self._position - self._end):  # a seek ahead: passed over
+            pass
+        out = io.BytesIO()
+        with memoryview(self._window) as held:  # inflated already: read ahead, or stepped back over
+            first = self._position - (self._end - len(held))
+            self._position += out.write(held[first : first + n])
+        while out.tell() < n and (chunk := self._inflate(n - out.tell())):
+            self._position += out.write(memoryview(chunk)[: n - out.tell()])  # the rest stays in the window
+        return out.getvalue()  # the buffer it was written to, not a copy
 
-    def _inflate_to(self, end: int) -> None:
-        while self._end < end and not self._inflater.eof:
+    def _inflate(self, wanted: int) -> bytes:
+        """The next inflated bytes, at least KEEP where `wanted` is less (read ahead), at most INFLATE_STEP; b"" at the
+        end of the data set. They join the window, which first drops what lies more than KEEP before the position."""
+        chunk = b""
+        while not chunk and not self._inflater.eof:
             data = self._inflater.unconsumed_tail or self._fp.read(1 << 16)
             if not data:
-                return
-            chunk = self._inflater.decompress(data, min(max(end - self._end, self.KEEP), INFLATE_STEP))  # what is asked
-            self._window += chunk
-            self._end += len(chunk)
-            start = self._end - len(self._window)
-            drop = max(min(self._position, self._end) - self.KEEP - start, 0)  # passed by, beyond a step back
-            del self._window[:drop]
+                break
+            chunk = self._inflater.decompress(data, min(max(wanted, self.KEEP), INFLATE_STEP))
+        if self._allowed is not None and self._end + len(chunk) > self._allowed:
+            self.refused = ImageTooLargeError(
+                f"the deflated data set inflates to more than {self._allowed} bytes", where=self._where, hint=self._hint
+            )
+            raise self.refused
+        del self._window[: max(self._position - self.KEEP - (self._end - len(self._window)), 0)]  # before it grows
+        self._window += chunk
+        self._end += len(chunk)
+        return chunk
 
 
 def _at_deflated_data_set(fp: BinaryIO) -> bool:

@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import DecodeRunner
 
 from medtriage.errors import DicomError, NotAnImageError
-from medtriage.io.clamped import dicom_source
+from medtriage.io.clamped import bounded_source, read_part10
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, number_of_frames
 from medtriage.io.display import to_display
 from medtriage.io.encapsulation import MalformedItems, claimed_frames, frame_bytes, located_frames, misplaced_basic_entry
@@ -103,7 +103,7 @@ def _read_dicom(source, where: str, frame: int | None, limits: DecodeLimits, min
         _require_pixels(ds, where)
         check_limits(ds, limits, where, frame)
         _require_claimed_frames(ds, where)
-        stored = native_stored(ds, _transfer_syntax(ds), frame) or _reduced(ds, where, frame, min_side) or _decode_stored(ds, where, frame)
+        stored = native_stored(ds, _pixel_syntax(ds), frame) or _reduced(ds, where, frame, min_side) or _decode_stored(ds, where, frame)
     except DicomError:
         raise
     except Exception as err:  # header values pydicom cannot convert (a bad UID, VR or number), met lazily
@@ -137,11 +137,12 @@ def _read_dataset(source, where: str, limits: DecodeLimits) -> pydicom.Dataset:
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise DicomError("file not found", where=where, hint="check the path")
     try:
-        with dicom_source(source, where, limits) as fp:  # reads bounded by the file's size, not by the lengths it claims
+        # reads bounded by the file's size, not by the lengths it claims; a deflated data set by `limits` as it inflates
+        with bounded_source(source, where) as fp:
             try:
-                return _with_transfer_syntax(pydicom.dcmread(fp))
+                return _with_transfer_syntax(read_part10(fp, where, limits))
             except InvalidDicomError:
-                return _read_raw_dataset(fp, where)
+                return _read_raw_dataset(fp, where, limits)
     except DicomError:
         raise
     except Exception as err:  # pydicom raises many kinds on damaged headers
@@ -152,15 +153,17 @@ def _read_dataset(source, where: str, limits: DecodeLimits) -> pydicom.Dataset:
         ) from err
 
 
-def _read_raw_dataset(fp: BinaryIO, where: str) -> pydicom.Dataset:
+def _read_raw_dataset(fp: BinaryIO, where: str, limits: DecodeLimits) -> pydicom.Dataset:
     """Files written without the 128-byte preamble and 'DICM' prefix (older modalities do this)."""
     try:
         fp.seek(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(fp, force=True)
+            ds = read_part10(fp, where, limits, force=True)
             if any(k in ds for k in _IDENTIFYING_KEYWORDS):
                 return _with_transfer_syntax(ds)
+    except DicomError:  # a file meta without its prefix, of a deflated data set that inflates past the limits
+        raise
     except Exception:
         pass  # reported below: a forced read of a non-DICOM file fails in arbitrary ways
     raise DicomError(
@@ -416,6 +419,13 @@ def _decode_hint(err: BaseException) -> str:
 
 def _transfer_syntax(ds: pydicom.Dataset):
     return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
+def _pixel_syntax(ds: pydicom.Dataset):
+    """The transfer syntax the pixel data is encoded in as read: inflated, a deflated data set's is Explicit VR Little
+    Endian's, read in place (pydicom's decoder would copy the pixels first)."""
+    syntax = _transfer_syntax(ds)
+    return pydicom.uid.ExplicitVRLittleEndian if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian else syntax
 
 
 def _decoded(ds: pydicom.Dataset, pixels: np.ndarray, frame_means: np.ndarray | None = None, resolution_level: int = 0) -> DecodedImage:

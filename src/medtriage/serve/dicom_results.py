@@ -29,7 +29,6 @@ import pydicom
 from pydicom import config
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
-from pydicom.filereader import read_partial
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
@@ -37,7 +36,7 @@ from pydicom.valuerep import DA, TM, validate_value
 
 from medtriage import __version__
 from medtriage.errors import DicomError, ImageTooLargeError, MedTriageError
-from medtriage.io.clamped import dicom_source
+from medtriage.io.clamped import dicom_source, read_part10
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.serve.node.header import ReadBudget
 from medtriage.serve.package import ModelPackage, calibrated_result, identity_label
@@ -109,9 +108,9 @@ def read_header(source: str | Path | bytes | BinaryIO) -> pydicom.Dataset:
     more is read into memory."""
     where = _named(source)
     try:
-        with dicom_source(source, where) as fp:
-            budget = ReadBudget(fp, SR_HEADER_READ_BYTES, lambda: _header_too_large(where))
-            header = read_partial(budget, stop_when=_at_pixels, force=True)
+        with dicom_source(source, where) as fp:  # a deflated data set is still refused past the decode limits
+            budget = lambda data_set: ReadBudget(data_set, SR_HEADER_READ_BYTES, lambda: _header_too_large(where))  # noqa: E731
+            header = read_part10(fp, where, stop_when=_at_pixels, force=True, data_set=budget)  # inflates the header only
         header.buffer = None  # the reader it came through, of no use now: copying the header (carried_header) would warn
         return header
     except (ImageTooLargeError, DicomError):
