@@ -20,7 +20,8 @@ standard registers nor one under HL7's code systems 2.16.840.1.113883.6 (anyone 
 DICOM root 1.2.840.10008, so the root alone says nothing). A vendor's class quoted in text is remapped
 too (text does not say what a UID names); its class attribute keeps it. All private elements are
 removed, and so are a few identifying attributes the table does not list (`BEYOND_TABLE`), addresses
-(VR UR: a Retrieve URL names the site's server, and the pool has none), any sequence a writer encoded
+(VR UR: a Retrieve URL names the site's server, and the pool has none), an ICC profile's text, device names and
+dates (`medtriage.io.icc_profile` rebuilds it from its colour transform), any sequence a writer encoded
 with another VR (its items, read as bytes, could not be cleaned), an image inside an item, and native
 pixel data's bytes past its frames. Pixel values are never
 touched, which is why `medtriage.io.quarantine.screen` sends objects that may carry identity in their pixels or
@@ -56,6 +57,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from medtriage import __version__
 from medtriage.errors import ConfigError, InputError
 from medtriage.io.encapsulation import MalformedItems
+from medtriage.io.icc_profile import cleaned_profile
 from medtriage.io.site_key import SiteKey, is_registered_uid
 from medtriage.io.stream_metadata import DamagedFrame, FramesUnknown, Stripped, stripped_pixel_data, unwalked_stream
 
@@ -127,9 +129,16 @@ NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "Pati
 # animal as a Patient ID does, the scheduled step's comments are free text on the patient (the table removes those of
 # the requested and performed steps), and an earlier de-identifier's encrypted original attributes give the identity
 # back to whoever holds its key. The sequences saying who issued a Patient ID, an accession number or an order name the
-# site's systems and addresses (the table removes Issuer of Patient ID and the order numbers), a site's own coding
+# site's systems and addresses (the table removes Issuer of Patient ID and the order numbers), and so does the HL7v2
+# Hierarchic Designator they hold (the site's namespace, the DNS name, URI or OID of its server), wherever a writer put
+# it: every sequence the standard puts it in goes (these, and the issuers of an admission, a service episode, a container
+# and a specimen, which the table removes or empties), so a kept one lies in an item the standard does not put it in (a
+# Referenced Request or Specimen Description item, an Assigning Facility Sequence outside its issuer). A site's own coding
 # scheme names the site as its responsible organisation, and a content item's Text Value is free text wherever the item
-# lies (a protocol context's too, which no listed sequence holds).
+# lies (a protocol context's too, which no listed sequence holds). An ICC profile carries text too (its description,
+# copyright, device descriptions, private tags, the header's device, creator and date): it is cleaned (C, as Table E.1-1
+# names the action), rebuilt from its colour transform alone (`medtriage.io.icc_profile`), wherever it lies (the Optical
+# Path Sequence of a whole-slide image holds one per optical path).
 BEYOND_TABLE = {
     tag_for_keyword(keyword): action
     for keyword, action in (
@@ -143,8 +152,12 @@ BEYOND_TABLE = {
         ("IssuerOfAccessionNumberSequence", "X"),
         ("OrderPlacerIdentifierSequence", "X"),
         ("OrderFillerIdentifierSequence", "X"),
+        ("LocalNamespaceEntityID", "X"),  # the HL7v2 Hierarchic Designator, Type 1C inside the sequences above
+        ("UniversalEntityID", "X"),
+        ("UniversalEntityIDType", "X"),  # says what kind the removed Universal Entity ID was (DNS, URI, ISO...)
         ("CodingSchemeIdentificationSequence", "X"),  # Type 3: codes keep their designators
         ("TextValue", "D"),  # Type 1C in a TEXT item: a dummy keeps it valid, as Unformatted Text Value's D does
+        ("ICCProfile", "C"),  # Type 1C for colour in an optical path, 1 in the ICC Profile Module: see clean_icc_profile
     )
 }
 # Addresses (VR UR: Retrieve URL and URI, Storage URL, Pixel Data Provider URL, file, folder and contact URIs, presentation
@@ -364,6 +377,7 @@ class DeidOptions:
             "retained_characteristics": list(self.retain_characteristics),
             "private_elements": "removed",
             "addresses": "removed (VR UR)",
+            "icc_profiles": "rebuilt from their colour transform (no text, device, date or unread bytes); removed where unreadable",
             "uids": "2.25 + keyed hash, those quoted in kept text too; class, transfer syntax and coding scheme UIDs kept",
             "patient_id": "keyed pseudonym",
             "patient_identity": SEVERAL_ISSUERS_IDENTITY if self.several_id_issuers else "Patient ID (issuer ignored)",
@@ -631,6 +645,8 @@ class _ProfileWalker:
             elem.value = None  # a date as bytes (a writer's wrong VR): nothing to shift, and it must not stay
         elif action == "S":
             elem.value = self.map_values(elem.value, self.shift_date if elem.VR == "DA" else self.shift_datetime)
+        elif action == "C":
+            self.clean_icc_profile(ds, elem)
         elif action in ("U", "U*", "K"):
             if elem.VR == "SQ":
                 for item in elem.value or []:
@@ -641,6 +657,27 @@ class _ProfileWalker:
                 del ds[elem.tag]  # a listed UID as bytes or numbers: no UID to remap, and the original must not stay
             else:
                 self.kept.append((ds, elem.tag, action))
+
+    def clean_icc_profile(self, ds: Dataset, elem) -> None:
+        """ICC Profile rebuilt from its colour transform alone (`medtriage.io.icc_profile`), or removed where that cannot
+        be done: a profile that cannot be read within its bounds (most such a colour manager cannot read either), one of
+        another version (iccMAX) or of no image's colour (device link, abstract, named colours), one with no transform
+        left, or a value that is not bytes (a writer's text VR). Removing it is acceptable: the pool is for training, on
+        stored pixel values that stay byte for byte, and the profile only tells a colour-managed viewer how to show them.
+        DICOM does not say that colour pixel data without a profile is sRGB (Color Space (0028,2002) only names the space
+        a present profile describes): its colour is then uncharacterised, and viewers show the values as they are, which
+        on an sRGB display amounts to sRGB. The object loses conformance where the profile is required (Type 1 in the ICC
+        Profile Module, 1C for colour in the Optical Path Sequence), never an identity. An empty value stays empty."""
+        value = elem.value
+        if value is None or value == b"":
+            return
+        cleaned = cleaned_profile(value) if isinstance(value, bytes) else None
+        if cleaned is None:
+            self.actions["C"] -= 1
+            self.actions["X"] += 1
+            del ds[elem.tag]
+        else:
+            ds[elem.tag] = DataElement(elem.tag, "OB", cleaned)
 
     def dummy(self, elem):
         if elem.VR == "UI":
