@@ -141,9 +141,11 @@ def test_a_basic_table_not_pointing_at_its_frames_is_quarantined_as_the_pool_bui
 
 
 @pytest.mark.parametrize("name", SAMPLES)
-def test_verify_pixels_decodes_only_the_frames_the_header_claims(tmp_path, name, monkeypatch):
+def test_verify_pixels_decodes_no_frame_of_a_file_holding_frames_past_the_count(tmp_path, name, monkeypatch):
     """The decode limits are checked against Number of Frames (3 here, of 10 held); before, the verifying decode went on
-    to every frame the data holds, past what was checked."""
+    to every frame the data holds, past what was checked. Frames past the count are now quarantined before any decode
+    (tests/io/test_frames_past_count.py: no viewer shows them); read_dicom's own decode of the claimed frames alone is
+    tests/io/test_dicom_frame_location.py's."""
     decoded = []
     real = ingest_file.pixel_array
     monkeypatch.setattr(ingest_file, "pixel_array", lambda *a, **kw: decoded.append(real(*a, **kw).shape) or decoded[-1])
@@ -153,5 +155,6 @@ def test_verify_pixels_decodes_only_the_frames_the_header_claims(tmp_path, name,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's note on the frames past the count
         outcome = process_file(str(path))
-    assert outcome.status == "pending", outcome
-    assert decoded == [(3, 64, 64)]
+    assert (outcome.status, outcome.reason) == ("quarantined", "damaged_compressed_frame"), outcome
+    assert "frame 4 of the 10 frames" in outcome.detail and "Number of Frames (3)" in outcome.detail
+    assert decoded == []

@@ -239,10 +239,14 @@ def _at_end_markers(data: bytes, first: int) -> Iterator[Frame]:
         yield Frame(begins, last)
 
 
-def every_frame(ds: pydicom.Dataset, claimed: int) -> list[Frame]:
+def every_frame(ds: pydicom.Dataset, claimed: int, fragment_a_frame: bool = False) -> list[Frame]:
     """Every frame `ds`'s encapsulated pixel data holds, each of its fragments in one: the `claimed` frames as
     `located_frames` finds them and, where no offset table bounds them, the fragments after those split as decoders
-    split frames past Number of Frames. An Extended Offset Table must give each frame one whole fragment (PS3.5 A.4),
+    split frames past Number of Frames; so more frames than `claimed` are frames past Number of Frames, which no
+    decoder reads. `fragment_a_frame`: the syntax puts each frame in one fragment of its own (RLE, Encapsulated
+    Uncompressed: PS3.5 A.4.2, A.4.11), so without a table each fragment past the `claimed` is a frame (it has no
+    end-of-image marker to be split at). One frame claimed, decoders join every fragment into it, and so does this:
+    what lies past its end is then the frame's own checks' to find. An Extended Offset Table must give each frame one whole fragment (PS3.5 A.4),
     else the items could not be rebuilt around changed frames. Raises MalformedItems."""
     data, extended = ds.PixelData, extended_offsets(ds)
     count, _, first = _basic_offsets(data)
@@ -253,6 +257,8 @@ def every_frame(ds: pydicom.Dataset, claimed: int) -> list[Frame]:
     if count:
         return list(frames_in(data, count))
     if claimed > 1 and any(True for _ in itertools.islice(_fragments(data, first), claimed, None)):
+        if fragment_a_frame:
+            return [Frame(fragment, fragment) for fragment in _fragments(data, first)]
         return list(_at_end_markers(data, first))  # more fragments than frames: frames end at end-of-image markers
     return list(frames_in(data, claimed))
 

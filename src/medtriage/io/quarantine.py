@@ -3,7 +3,8 @@
 The profile cleans headers and the metadata segments of compressed frames; it never touches pixels or reads
 free-text content. So objects whose identity may live there (structured reports, documents, images with burned-in
 text) are screened out first, each with a fixed machine-readable reason, and so are compressed frames whose segments
-cannot be walked to find that metadata, and streams of a syntax that is not walked at all (video, JPEG XL).
+cannot be walked to find that metadata, frames past Number of Frames (pictures no viewer shows), and streams of a
+syntax that is not walked at all (video, JPEG XL).
 numpy/pydicom only.
 """
 
@@ -15,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from medtriage.io.deid import NO_PATIENT_IDENTITY, NO_SOP_INSTANCE, REEXPORT, patient_key, transfer_syntax
-from medtriage.io.stream_metadata import damaged_frame, unwalked_stream
+from medtriage.io.stream_metadata import damaged_frame, frames_past_count, unwalked_stream
 
 # Objects whose identity lives in free text or documents the header profile does not reach.
 UNSAFE_SOP_CLASSES = {
@@ -74,6 +75,8 @@ def screen(ds: Dataset) -> Unsafe | None:
         return Unsafe("no_patient_identity", f"{NO_PATIENT_IDENTITY}: patient-level splits would be impossible")
     if unwalked := unwalked_stream(ds, transfer_syntax(ds)):  # before the pixel checks, which would say truncated
         return Unsafe("unwalked_compression", unwalked)
+    if past := frames_past_count(ds, transfer_syntax(ds)):  # a whole frame, not bytes beside a frame's pixels
+        return Unsafe("damaged_compressed_frame", f"{past}; {REEXPORT}")
     if damaged := damaged_frame(ds, transfer_syntax(ds)):
         return Unsafe(
             "damaged_compressed_frame",

@@ -51,6 +51,7 @@ RLE_SYNTAX = "1.2.840.10008.1.2.5"
 ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
 SAMPLES_ONLY_SYNTAXES = frozenset({RLE_SYNTAX, ENCAPSULATED_UNCOMPRESSED})
 _RLE_HEADER = 64  # the number of segments and 15 offsets, each a 32-bit little-endian integer (PS3.5 G.5)
+_SIZE_NAMES = {"Rows": "Rows", "Columns": "Columns", "SamplesPerPixel": "Samples per Pixel", "BitsAllocated": "Bits Allocated"}
 _NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})
 # Where the streams a site may send carry text beside their pictures: (syntaxes and their fragmentable forms, codec,
 # what holds the text). JPEG XL's syntaxes are newer than some pydicom releases, which then know no name for them.
@@ -93,6 +94,7 @@ _JP2_HEADER_KEPT = frozenset({b"ihdr", b"bpcc", b"colr", b"pclr", b"cmap", b"cde
 # box's other codes name nothing a reader looks for, and four bytes each can spell a name.
 _JP2_BRANDS = frozenset({b"jp2 ", b"jpx ", b"jpxb", b"jpm ", b"mjp2", b"mj2s", b"jph ", b"jhc "})
 _ENUMERATED, _SRGB, _GREYSCALE = 1, 16, 17  # colour specification method and colour spaces (T.800 I.5.3.3)
+_IMAGE_STARTS = (b"\xff\xd8", b"\xff\x4f\xff\x51", _JP2_SIGNATURE)  # JPEG and JPEG-LS, a J2K codestream, a JP2 file
 
 
 class DamagedFrame(ValueError):
@@ -136,8 +138,8 @@ class Stripped:
 
 def stripped_pixel_data(ds: pydicom.Dataset, syntax: str) -> Stripped | None:
     """`ds`'s encapsulated pixel data without the metadata in its frames; None where there is none to remove (or no
-    codestream syntax). Every frame the items hold is cleaned, those past Number of Frames too; frames without
-    metadata keep their items byte for byte. Raises DamagedFrame, MalformedItems or FramesUnknown."""
+    codestream syntax). Frames without metadata keep their items byte for byte. Raises DamagedFrame (a frame past
+    Number of Frames among them: `frames_past_count`), MalformedItems or FramesUnknown."""
     found = _cleaned_frames(ds, syntax)
     if found is None or not found[1]:
         return None
@@ -148,9 +150,10 @@ def stripped_pixel_data(ds: pydicom.Dataset, syntax: str) -> Stripped | None:
 
 
 def damaged_frame(ds: pydicom.Dataset, syntax: str) -> str | None:
-    """Why a frame of `ds` cannot be walked to its metadata, or (RLE, Encapsulated Uncompressed) holds bytes no decoder
-    reads; None where every frame can and none does. Items that cannot be walked and an unusable Number of Frames give
-    None too: the pixel checks refuse those, under their own reasons."""
+    """Why a frame of `ds` cannot be walked to its metadata, lies past Number of Frames (`frames_past_count`), or (RLE,
+    Encapsulated Uncompressed) holds bytes no decoder reads or has no known size; None where every frame can and none
+    does. Items that cannot be walked and an unusable Number of Frames give None too: the pixel checks refuse those,
+    under their own reasons."""
     try:
         if syntax == RLE_SYNTAX:
             _rle_frames(ds)
@@ -163,6 +166,35 @@ def damaged_frame(ds: pydicom.Dataset, syntax: str) -> str | None:
     except (MalformedItems, FramesUnknown):
         pass
     return None
+
+
+def frames_past_count(ds: pydicom.Dataset, syntax: str) -> str | None:
+    """Why `ds`'s encapsulated pixel data (a walked or samples-only syntax) holds a frame past Number of Frames, or None
+    where it holds no more (or where frames cannot be told apart: the pixel checks refuse those items)."""
+    if syntax not in STREAM_SYNTAXES | SAMPLES_ONLY_SYNTAXES or "PixelData" not in ds:
+        return None
+    try:
+        _counted_frames(ds, syntax)
+    except DamagedFrame as err:
+        return str(err)
+    except (MalformedItems, FramesUnknown):
+        pass
+    return None
+
+
+def _counted_frames(ds: pydicom.Dataset, syntax: str) -> list[Frame]:
+    """Every frame the items hold (`every_frame`); raises DamagedFrame where there are more than Number of Frames.
+    Viewers and the training loader read that many frames and no more: a frame past them is a whole picture (a face,
+    a scanned form with a name) that nobody sees, and removing it would change the pixel data unasked."""
+    claimed = _claimed(ds)
+    frames = every_frame(ds, claimed, fragment_a_frame=syntax in SAMPLES_ONLY_SYNTAXES)
+    if len(frames) > claimed:
+        raise DamagedFrame(
+            f"frame {claimed + 1} of the {len(frames)} frames its pixel data holds lies past Number of Frames "
+            f"({claimed}): no viewer or loader shows it, so what it shows (a face, a scanned form with a name) would "
+            "reach the pool unseen"
+        )
+    return frames
 
 
 def unwalked_stream(ds: pydicom.Dataset, syntax: str | None) -> str | None:
@@ -187,13 +219,14 @@ def unwalked_stream(ds: pydicom.Dataset, syntax: str | None) -> str | None:
 
 
 def _rle_frames(ds: pydicom.Dataset) -> None:
-    """Raises DamagedFrame for an RLE frame holding bytes that no decoder reads, where text would pass unseen. A frame
-    a decoder would refuse (a bad header, a segment shorter than its samples) is left to the pixel checks."""
-    rows, columns = ds.get("Rows"), ds.get("Columns")
-    if "PixelData" not in ds or not all(isinstance(n, int) and n > 0 for n in (rows, columns)):
+    """Raises DamagedFrame for an RLE frame holding bytes that no decoder reads, where text would pass unseen, and for
+    frames whose size (Rows, Columns) is unknown, as `_uncompressed_frames` does. A frame a decoder would refuse (a bad
+    header, a segment shorter than its samples) is left to the pixel checks."""
+    if "PixelData" not in ds:
         return
+    rows, columns = _sizes(ds, "Rows", "Columns")  # a segment's samples: without them, unread bytes cannot be told
     data = ds.PixelData
-    for index, frame in enumerate(every_frame(ds, _claimed(ds))):
+    for index, frame in enumerate(_counted_frames(ds, RLE_SYNTAX)):
         try:
             _item_tail(data, frame)
             _rle_unread_bytes(bytes(frame_bytes(data, frame)), rows * columns)
@@ -239,11 +272,11 @@ def _uncompressed_frames(ds: pydicom.Dataset) -> None:
     """Raises DamagedFrame for an Encapsulated Uncompressed frame (PS3.5 A.4.11: a fragment holding one frame's native
     samples, padded to even length) of any other length. A decoder reads the samples and no further, so bytes past
     them would pass unseen; a frame too short for its samples is refused by every decoder, yet its bytes would still be
-    pooled. A frame past Number of Frames is held to the same size."""
+    pooled."""
     if "PixelData" not in ds:
         return
     size, data = _native_frame_size(ds), ds.PixelData
-    for index, frame in enumerate(every_frame(ds, _claimed(ds))):
+    for index, frame in enumerate(_counted_frames(ds, ENCAPSULATED_UNCOMPRESSED)):
         try:
             _item_tail(data, frame)
             _samples_only(frame_length(data, frame), size)
@@ -254,15 +287,20 @@ def _uncompressed_frames(ds: pydicom.Dataset) -> None:
 def _native_frame_size(ds: pydicom.Dataset) -> int:
     """Bytes of one frame's samples as the native encoding lays them out: 1-bit samples packed, the frame ending on
     a byte (each frame has a fragment of its own); YBR_FULL_422 two samples a pixel (PS3.3 C.7.6.3.1.2)."""
-    names = {"Rows": "Rows", "Columns": "Columns", "SamplesPerPixel": "Samples per Pixel", "BitsAllocated": "Bits Allocated"}
-    values = {keyword: ds.get(keyword) for keyword in names}
-    unusable = [names[keyword] for keyword, value in values.items() if not (isinstance(value, int) and value > 0)]
-    if unusable:  # no size to tell samples from what follows them
-        raise DamagedFrame(f"its frames' size cannot be known: {', '.join(unusable)} missing or not a positive number")
-    samples = values["SamplesPerPixel"]
+    rows, columns, samples, bits = _sizes(ds, "Rows", "Columns", "SamplesPerPixel", "BitsAllocated")
     if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" and samples == 3:
         samples = 2
-    return -(-values["Rows"] * values["Columns"] * samples * values["BitsAllocated"] // 8)
+    return -(-rows * columns * samples * bits // 8)
+
+
+def _sizes(ds: pydicom.Dataset, *keywords: str) -> list[int]:
+    """The header's numbers a frame's size is made of; raises DamagedFrame where one is missing or not a positive
+    number: without the size, a frame's samples cannot be told from bytes after them that no decoder reads."""
+    values = [ds.get(keyword) for keyword in keywords]
+    unusable = [_SIZE_NAMES[k] for k, value in zip(keywords, values) if not (isinstance(value, int) and value > 0)]
+    if unusable:
+        raise DamagedFrame(f"its frames' size cannot be known: {', '.join(unusable)} missing or not a positive number")
+    return values
 
 
 def _samples_only(length: int, size: int) -> None:
@@ -276,7 +314,7 @@ def _samples_only(length: int, size: int) -> None:
 def _cleaned_frames(ds: pydicom.Dataset, syntax: str) -> tuple[list[Frame], dict[int, bytes], Counter] | None:
     if syntax not in STREAM_SYNTAXES or "PixelData" not in ds:
         return None
-    data, frames = ds.PixelData, every_frame(ds, _claimed(ds))
+    data, frames = ds.PixelData, _counted_frames(ds, syntax)
     cleaned, removed = {}, Counter()
     for index, frame in enumerate(frames):
         codestream = bytes(frame_bytes(data, frame))
@@ -339,9 +377,12 @@ def _segment_end(data: bytes, at: int, limit: int, within: str = "the frame") ->
 
 
 def _padding_only(data: bytes, position: int, after: str) -> None:
-    """After the end, only padding: anything else would reach the pool unread."""
+    """After the end, only padding: anything else would reach the pool unread (another frame's image among it, where
+    the fragments of a frame past Number of Frames are joined to the last one's)."""
     if data[position:].translate(None, _PADDING):
-        raise DamagedFrame(f"holds {len(data) - position} bytes after {after} (byte {position}), not padding")
+        image = data[position:].lstrip(b"\0").startswith(_IMAGE_STARTS)
+        shown = " (another image starts there, which no decoder shows)" if image else ""
+        raise DamagedFrame(f"holds {len(data) - position} bytes after {after} (byte {position}), not padding{shown}")
 
 
 # ---------------------------------------------------------------- JPEG and JPEG-LS
@@ -498,14 +539,16 @@ def _tlm_entries(data: bytes, start: int, stop: int) -> list[tuple[int, int]]:
 
 def _jp2(data: bytes) -> _Walk:
     """A JP2 file: boxes a reader needs stay, cut to their fields, the codestream is cleaned, the other boxes go."""
-    walk, position = _Walk(), 0
+    walk, position, codestream = _Walk(), 0, None
     while position < len(data):
         if len(data) - position < 8:  # no room for a box: the fragment's padding
             _padding_only(data, position, "its last JP2 box")
             break
         header, stop = _box(data, position)
         kind = data[position + 4 : position + 8]
+        _nothing_kept_after(codestream, kind, position)
         if kind == b"jp2c":
+            codestream = position
             _codestream_box(data, position, header, stop, walk)
         elif kind == b"jp2h":
             _header_box(data, position, header, stop, walk)
@@ -515,6 +558,15 @@ def _jp2(data: bytes) -> _Walk:
             walk.remove(position, stop, f"JP2 {kind.decode('latin-1').strip()}")
         position = stop
     return walk
+
+
+def _nothing_kept_after(codestream: int | None, kind: bytes, at: int) -> None:
+    """Readers decode the first codestream box and read no box after it (the header belongs before it): a box that
+    stays, there, would take another image (a second JP2 file's boxes, in a frame past Number of Frames joined to the
+    last one) to the pool that no reader shows. Any other box there goes anyway."""
+    if codestream is not None and kind in _JP2_KEPT:
+        name = kind.decode("latin-1").strip()
+        raise DamagedFrame(f"holds a JP2 {name} box at byte {at}, after its codestream box (byte {codestream}), which no reader reads")
 
 
 def _box(data: bytes, at: int, limit: int | None = None, within: str = "the frame") -> tuple[int, int]:
