@@ -11,6 +11,8 @@ from PIL import Image
 
 from medtriage.errors import InputError
 from medtriage.io.pathology import iter_tile_batches, prepare_slide
+from medtriage.serve.package import load_package
+from medtriage.serve.predictor import decision_at
 from medtriage.serve.slides import SlideSettings, aggregate, score_slide
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,6 +159,9 @@ def test_cli_scores_slides_and_rejects_bad_ones(package_copy, tmp_path, capsys):
     assert scored["modality"] == "SM" and scored["n_tiles"] > 10 and len(scored["top_tiles"]) == 5
     assert 0.0 <= scored["probability"] <= 1.0 and scored["priority"] in {"URGENT", "review", "routine"}
     assert scored["threshold_level"] == "tile"  # a block without slide thresholds falls back to the tile ones
+    # its decision states the priority against those thresholds, as an image's does (it was left empty)
+    served = load_package(package)
+    assert scored["decision"] == decision_at(scored["probability"], served.review_threshold, served.urgent_threshold) != ""
     assert sum(scored["probabilities"].values()) == pytest.approx(1.0)
     assert Path(scored["heatmap"]).is_file() and Path(scored["heatmap"]).parent == heatmaps
     reasons = {Path(r["file"]).name: r["reason"] for r in document["rejected"]}

@@ -268,7 +268,7 @@ def _model_folders(packages: list[str | Path]) -> dict[str, Path]:
     from medtriage.serve.package import load_package
 
     if not packages:
-        raise ConfigError("no model package given", hint="name one or more package folders, e.g. models/pneumonia-r18")
+        raise ConfigError("no model package given", hint="name one or more package folders, e.g. models/pneumonia-sites-r18")
     folders: dict[str, Path] = {}
     for raw in packages:
         package = load_package(raw)

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
         "internet: copy it over and run `sh install.sh` in it (it checks SHA256SUMS first).",
     )
     bundle.add_argument(
-        "packages", nargs="+", metavar="PACKAGE", type=path, help="model package folders to ship, e.g. models/pneumonia-r18"
+        "packages", nargs="+", metavar="PACKAGE", type=path, help="model package folders to ship, e.g. models/pneumonia-sites-r18"
     )
     bundle.add_argument("--out", required=True, metavar="DIR", type=path, help="the bundle folder to create (must not exist or be empty)")
     bundle.add_argument(

@@ -36,7 +36,7 @@ DEFAULT_STOP_TIMEOUT_S = 30.0
 
 def register(subparsers) -> None:
     score = subparsers.add_parser("score", help="score DICOM files or folders with a model package")
-    score.add_argument("package", type=path_argument, help="model package folder, e.g. models/pneumonia-r18")
+    score.add_argument("package", type=path_argument, help="model package folder, e.g. models/pneumonia-sites-r18")
     score.add_argument("paths", nargs="*", type=path_as_typed, help="DICOM files or folders (searched recursively)")
     score.add_argument(
         "--npz", metavar="FILE", type=path_argument, help="score a split of a MedMNIST-layout npz instead (reference labels in --json)"

@@ -151,7 +151,7 @@ def load_package(directory: str | Path) -> ModelPackage:
         raise PackageError(
             "model package folder not found",
             where=directory,
-            hint="pass the folder that holds model.onnx and model.json, e.g. models/pneumonia-r18",
+            hint="pass the folder that holds model.onnx and model.json, e.g. models/pneumonia-sites-r18",
         )
     meta = integers_as_int(_read_meta(directory / META_FILE))  # a tile_size of 48.0 would fail deep in slide scoring
     _check_schema_version(meta, directory / META_FILE)

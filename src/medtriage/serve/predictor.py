@@ -382,23 +382,33 @@ class Predictor:
         )
 
     def finding(self, probs: np.ndarray) -> str:
-        """The positive label at or above the review threshold, else the likeliest other label."""
-        if probs[self.positive] >= self.package.review_threshold:
-            return self.package.positive_label
-        others = [i for i in range(len(probs)) if i != self.positive]
-        return self.package.label_names[max(others, key=lambda i: probs[i])]
+        return finding_at(probs, self.positive, self.package.label_names, self.package.review_threshold)
 
     def decision(self, p: float) -> str:
-        """Why the priority is what it is, in the operating points' terms: 'below review threshold 0.785'."""
-        review, urgent = self.package.review_threshold, self.package.urgent_threshold
-        if urgent is not None and p >= urgent:
-            return f"at or above urgent threshold {urgent:.3f}"
-        if p >= review:
-            return f"at or above review threshold {review:.3f}"
-        return f"below review threshold {review:.3f}"
+        return decision_at(p, self.package.review_threshold, self.package.urgent_threshold)
 
     def priority(self, p: float) -> str:
-        urgent = self.package.urgent_threshold
-        if urgent is not None and p >= urgent:
-            return "URGENT"
-        return "review" if p >= self.package.review_threshold else "routine"
+        return priority_at(p, self.package.review_threshold, self.package.urgent_threshold)
+
+
+def finding_at(probs: np.ndarray, positive: int, label_names: list[str], review: float) -> str:
+    """The positive label at or above the review threshold, else the likeliest other label."""
+    if probs[positive] >= review:
+        return label_names[positive]
+    return label_names[max((i for i in range(len(probs)) if i != positive), key=lambda i: probs[i])]
+
+
+def priority_at(p: float, review: float, urgent: float | None) -> str:
+    """URGENT, review or routine: where `p` stands against the operating points."""
+    if urgent is not None and p >= urgent:
+        return "URGENT"
+    return "review" if p >= review else "routine"
+
+
+def decision_at(p: float, review: float, urgent: float | None) -> str:
+    """Why the priority is what it is, in the operating points' terms: 'below review threshold 0.785'."""
+    if urgent is not None and p >= urgent:
+        return f"at or above urgent threshold {urgent:.3f}"
+    if p >= review:
+        return f"at or above review threshold {review:.3f}"
+    return f"below review threshold {review:.3f}"

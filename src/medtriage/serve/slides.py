@@ -33,7 +33,16 @@ from medtriage.io.pathology import DEFAULT_TILE_MPP, PreparedSlide, iter_tile_ba
 from medtriage.io.safe_output import output_path, write_atomic
 from medtriage.io.stain import REFERENCE_STAINS, Stains
 from medtriage.serve.package import served_threshold
-from medtriage.serve.predictor import Predictor, Rejection, Score, require_finite_outputs, to_model_channels
+from medtriage.serve.predictor import (
+    Predictor,
+    Rejection,
+    Score,
+    decision_at,
+    finding_at,
+    priority_at,
+    require_finite_outputs,
+    to_model_channels,
+)
 from medtriage.serve.scope import UNUSUAL_INPUT, UnusualInputError
 
 # Tile batch -> probabilities [B, K], or (probabilities, OOD scores [B] or None) from a graph with an OOD output.
@@ -254,15 +263,13 @@ class SlideOperatingPoints:
         return cls(package.review_threshold, package.urgent_threshold, "tile")
 
     def priority(self, p: float) -> str:
-        if self.urgent is not None and p >= self.urgent:
-            return "URGENT"
-        return "review" if p >= self.review else "routine"
+        return priority_at(p, self.review, self.urgent)
+
+    def decision(self, p: float) -> str:
+        return decision_at(p, self.review, self.urgent)
 
     def finding(self, probs: np.ndarray, positive: int, label_names: list[str]) -> str:
-        """The positive label at or above the review threshold, else the likeliest other label."""
-        if probs[positive] >= self.review:
-            return label_names[positive]
-        return label_names[max((i for i in range(len(probs)) if i != positive), key=lambda i: probs[i])]
+        return finding_at(probs, positive, label_names, self.review)
 
 
 def score_slide_file(
@@ -331,6 +338,7 @@ def _slide_score(package, result: SlideResult, positive: int) -> SlideScore:
         finding=points.finding(probs, positive, package.label_names),
         probability=result.score,
         priority=points.priority(result.score),
+        decision=points.decision(result.score),
         probabilities={k: float(v) for k, v in zip(package.label_names, probs)},
         sop_uid="",
         study_uid="",

@@ -59,7 +59,7 @@ def register(subparsers) -> None:
         description=LISTEN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    listen.add_argument("package", type=path, help="model package folder, e.g. models/pneumonia-r18")
+    listen.add_argument("package", type=path, help="model package folder, e.g. models/pneumonia-sites-r18")
     listen.add_argument("--aet", default="MEDTRIAGE", help="this node's AE title (default: MEDTRIAGE)")
     listen.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     listen.add_argument("--port", type=int, default=11112, help="DICOM port to listen on (default: 11112)")

@@ -15,6 +15,8 @@ import logging
 import re
 import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pydicom
@@ -221,7 +223,8 @@ def conflict_answer(response: requests.Response | None) -> pydicom.Dataset | Non
         if media in ("application/dicom+xml", "application/xml"):
             from xml.etree.ElementTree import fromstring
 
-            from dicomweb_client.web import _load_xml_dataset
+            with _pydicom_deprecations_quiet():
+                from dicomweb_client.web import _load_xml_dataset
 
             return _load_xml_dataset(fromstring(response.content))
     except Exception:  # noqa: BLE001 -- an unreadable body: the 409 stays the failed try it is
@@ -229,9 +232,26 @@ def conflict_answer(response: requests.Response | None) -> pydicom.Dataset | Non
     return None
 
 
+@contextmanager
+def _pydicom_deprecations_quiet():
+    """dicomweb_client imports names pydicom 3 deprecates: pydicom would log a warning at every start of the node, in
+    the hospital's journal, about code that is not the node's own."""
+    quiet = logging.Filter()
+    quiet.filter = lambda record: "is deprecated" not in record.getMessage()  # type: ignore[method-assign]
+    logger = logging.getLogger("pydicom")
+    logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class DicomWebSender:
     def __init__(self, url: str, timeout: float = 60):
-        from dicomweb_client.api import DICOMwebClient
+        with _pydicom_deprecations_quiet():
+            from dicomweb_client.api import DICOMwebClient
 
         self.url = url
         self.client = DICOMwebClient(url=url, session=_TimedSession(timeout))
