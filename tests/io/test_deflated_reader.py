@@ -9,6 +9,7 @@ import random
 import sys
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -18,7 +19,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
-from medtriage.errors import ImageTooLargeError
+from medtriage.errors import DicomError, ImageTooLargeError
 from medtriage.io.clamped import bounded_source, read_part10
 from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, InflatingReader
 from medtriage.io.dicom import read_dicom
@@ -169,13 +170,21 @@ def test_a_deflated_file_without_its_preamble_is_still_refused_past_the_limits()
         read_dicom(data, limits=DecodeLimits(max_decoded_bytes=MiB))
 
 
-def test_a_deflated_file_holding_a_file_meta_alone_reads_as_an_empty_data_set():
+def test_a_deflated_file_holding_a_file_meta_alone_is_cut_short():
+    """No deflate stream after the file meta, not even an empty one's end: refused, as pydicom's whole inflate did."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3"
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     out = io.BytesIO()
     out.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(out, meta, enforce_standard=True)
-    with bounded_source(out.getvalue(), "empty.dcm") as fp:  # a file meta and nothing after it
-        read = read_part10(fp, "empty.dcm")
-    assert len(read) == 0 and read.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    with bounded_source(out.getvalue(), "empty.dcm") as fp, pytest.raises(DicomError, match="cut short"):
+        read_part10(fp, "empty.dcm")
+
+
+def test_a_deflated_data_set_cut_short_is_refused_wherever_it_stops():
+    """Read as it inflates, a stream that stopped early ended the data set where it stopped, and read as whole."""
+    whole = Path(get_testdata_file("image_dfl.dcm")).read_bytes()
+    for cut in (9, 100, len(whole) // 3):  # its deflate stream is followed by 8 bytes: 9 cuts the stream's last byte
+        with bounded_source(whole[:-cut], "cut.dcm") as fp, pytest.raises(DicomError, match="cut short"):
+            read_part10(fp, "cut.dcm")

@@ -27,15 +27,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
-import pydicom
-
 from medtriage.data.manifest import Manifest, PoolWriter, load_manifest
 from medtriage.data.pool_folder import LABELS_FILE, MANIFEST_FILE, REJECTS_FILE, pool_lock
 from medtriage.data.pool_labels import KEY_COLUMNS, LabelsFile, LabelTable, label_problem, parse_labels, read_labels_file, shown
 from medtriage.data.sources.medmnist import PNEUMONIA_LABELS
 from medtriage.data.splits import assign_splits
 from medtriage.errors import DataNotFoundError, DicomError, InputError
-from medtriage.io.clamped import dicom_source
+from medtriage.io.clamped import bounded_source, read_part10
 from medtriage.io.deid import patient_id_text
 from medtriage.io.dicom import read_dicom
 from medtriage.io.header_warnings import say_header_warnings, saying_header_warnings
@@ -51,6 +49,7 @@ POOL_FILES = (MANIFEST_FILE, LABELS_FILE)  # what a reused pool is read by; hash
 POOL_FORMAT = 4  # bump when the way rows are built changes, to invalidate cached pools (4: a DICOM study splits whole)
 IN_PROCESS_BELOW = 200  # files; starting worker processes costs more than it saves
 READS_OF_A_CHANGING_FILE = 3  # a file that changes each time it is decoded stops the build
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data: where a header ends
 
 
 @dataclass
@@ -303,13 +302,19 @@ def acquisition_facts(image) -> dict:
 
 def _header_ids(path: Path) -> dict:
     """Identifiers of a file whose pixels failed, so its label row is not reported a second time. Read through
-    `dicom_source`: a failed file is the likeliest to claim value lengths it does not hold."""
+    `bounded_source`: a failed file is the likeliest to claim value lengths it does not hold. A deflated data set is
+    inflated only as far as its pixel data (where pydicom inflates it whole), within the decode limits."""
     try:
-        with dicom_source(path, str(path)) as source:  # values are read inside: pydicom's warnings of them name the file
-            ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
+        with bounded_source(path, str(path)) as source:  # values are read inside: pydicom's warnings of them name the file
+            ds = read_part10(source, str(path), stop_when=_at_pixels, force=True)
             return {"sop_uid": str(ds.get("SOPInstanceUID", "")), "accession_number": str(ds.get("AccessionNumber", ""))}
     except Exception:
         return {}
+
+
+def _at_pixels(tag, _vr, _length) -> bool:
+    """pydicom's stop_before_pixels (its filereader's `_at_pixel_data`): the data set is read up to its pixel data."""
+    return tag in PIXEL_TAGS
 
 
 def _write_pool(

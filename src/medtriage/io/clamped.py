@@ -90,12 +90,15 @@ def read_part10(
     stop_when: Callable | None = None,
     force: bool = False,
     data_set: Callable[[BinaryIO], BinaryIO] | None = None,
+    inflated_allowed: int | None = None,
+    inflated_hint: str | None = None,
 ) -> FileDataset:
     """pydicom's read_partial(fp, stop_when, force=force), the data set read through `data_set(file)` where given (a
     read budget), except that a deflated data set is read as it inflates: pydicom inflates it whole into one buffer,
     which the data set read from it then holds again (a deflated file costs twice its inflated size). One inflating
-    past what `limits` allow (the service's defaults when None) is refused with ImageTooLargeError. The file meta is
-    the file's own: the data set keeps its Deflated transfer syntax."""
+    past what `limits` allow (the service's defaults when None), or past `inflated_allowed` bytes where a caller bounds
+    it itself, is refused with ImageTooLargeError (`inflated_hint` saying how to raise that bound), and one cut short
+    with DicomError. The file meta is the file's own: the data set keeps its Deflated transfer syntax."""
     wrap = data_set or (lambda file: file)
     start = fp.tell()
     preamble = read_preamble(fp, force)
@@ -103,7 +106,8 @@ def read_part10(
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         fp.seek(start)
         return read_partial(wrap(fp), stop_when, force=force)
-    inflating = InflatingReader(fp, inflated_limit(limits or default_limits()), where)
+    allowed = inflated_limit(limits or default_limits()) if inflated_allowed is None else inflated_allowed
+    inflating = InflatingReader(fp, allowed, where, inflated_hint)
     try:
         dataset = read_dataset(wrap(inflating), False, True, stop_when=stop_when)
     except Exception:

@@ -267,7 +267,8 @@ class InflatingReader:
     what it passes, a seek back reaches only the last KEEP bytes. It holds what one read returns (inflated straight into
     it: a large element is not held twice), KEEP and a few INFLATE_STEPs on the way, however far the data set reaches:
     pydicom inflates one whole before reading an element. Past `allowed` inflated bytes (where given) a read raises
-    ImageTooLargeError, kept in `refused` for the caller: pydicom turns some errors of a read into an OSError."""
+    ImageTooLargeError, and a file ending before its deflate stream does DicomError, each kept in `refused` for the
+    caller: pydicom turns some errors of a read into an OSError, and takes an EOFError for the data set's end."""
 
     KEEP = 64 << 10  # pydicom steps back a few bytes at a time (an element's header, a delimiter search)
 
@@ -275,7 +276,7 @@ class InflatingReader:
         self._fp, self._inflater = fp, zlib.decompressobj(-zlib.MAX_WBITS)
         self._window, self._end, self._position = bytearray(), 0, 0  # the last bytes inflated, ending at _end
         self._allowed, self._where, self._hint = allowed, where, hint or INFLATED_HINT
-        self.refused: ImageTooLargeError | None = None
+        self.refused: DicomError | None = None  # ImageTooLargeError, or the stream cut short
 
     def tell(self) -> int:
         return self._position
@@ -308,8 +309,13 @@ class InflatingReader:
         chunk = b""
         while not chunk and not self._inflater.eof:
             data = self._inflater.unconsumed_tail or self._fp.read(1 << 16)
-            if not data:
-                break
+            if not data:  # the file ends inside the deflate stream: what came out is not the whole data set
+                self.refused = DicomError(
+                    "the deflated data set is cut short: the file ends before its deflate stream does",
+                    where=self._where,
+                    hint="the file is incomplete: send or copy it again from its source",
+                )
+                raise self.refused
             chunk = self._inflater.decompress(data, min(max(wanted, self.KEEP), INFLATE_STEP))
         if self._allowed is not None and self._end + len(chunk) > self._allowed:
             self.refused = ImageTooLargeError(

@@ -20,8 +20,8 @@ from pydicom.pixels import pixel_array
 from pydicom.pixels.utils import get_expected_length
 
 from medtriage.errors import ImageTooLargeError
-from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, check_limits, default_limits, number_of_frames
+from medtriage.io.clamped import bounded_source, read_part10
+from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, inflated_limit, number_of_frames
 from medtriage.io.deid import DeidOptions, deidentify, not_deidentifiable, transfer_syntax
 from medtriage.io.encapsulation import claimed_frames, ends_with, misplaced_basic_entry
 from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
@@ -157,16 +157,17 @@ def _process_file(source: str, w: dict) -> Outcome:
 
 
 def _read_dataset(data: bytes, source: str, limit: int) -> pydicom.Dataset:
-    """The file's data set. A deflated one is held inflated, so the size limit bounds it inflated too (a 1 MB file can
+    """The file's data set. A deflated one is read as it inflates (pydicom would inflate it whole, then copy its
+    elements out: twice its size) and is held inflated, so the size limit bounds it inflated too (a 1 MB file can
     inflate to 1 GB), as do the decode limits (its image could not be decoded from the pool): refused with
-    ImageTooLargeError before pydicom inflates it."""
-    decodable = default_limits().max_decoded_bytes + HEADER_BYTES
+    ImageTooLargeError as it inflates past them."""
+    decodable = inflated_limit(default_limits())
     if limit <= decodable:
         hint = "the ingest limit (--max-file-bytes) applies to the data set once inflated: raise it if the file is genuine"
     else:
         hint = "more than any image the pool builder decodes (within its decode limits) holds; check the file at the source"
-    with dicom_source(data, source, inflated_allowed=min(limit, decodable), inflated_hint=hint) as buffer:
-        return pydicom.dcmread(buffer)
+    with bounded_source(data, source) as buffer:
+        return read_part10(buffer, source, inflated_allowed=min(limit, decodable), inflated_hint=hint)
 
 
 def _read_bounded(source: str, limit: int) -> tuple[bytes, tuple] | Unsafe:
