@@ -92,7 +92,7 @@ def test_the_data_sets_own_uids_in_attributes_the_table_does_not_list_map_as_the
     ds.FrameOfReferenceUID = ds.CodingSchemeVersion = "1.2.826.0.1.4711"  # short enough for SH
     sop, study, series, frame = (str(ds[k].value) for k in OWN_UIDS)
     ds.EventTimerNames = ["start", series]  # LO, several values
-    ds.add(DataElement(0x00181003, "UN", frame.encode() + b" "))  # Device ID (LO), written as UN
+    ds.add(DataElement(0x00181040, "UN", frame.encode() + b" "))  # Contrast/Bolus Route (LO), written as UN
     ds.add(DataElement(0x0008041B, "OB", sop.encode() + b"\0" * (len(sop) % 2)))  # Record Key
     derivation = Dataset()
     derivation.CodeValue, derivation.CodeMeaning = "113076", study  # a nested attribute the table does not list
@@ -105,7 +105,7 @@ def test_the_data_sets_own_uids_in_attributes_the_table_does_not_list_map_as_the
     assert not leaked
     ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
     assert list(ds.EventTimerNames) == ["start", ds.SeriesInstanceUID] and ds.SeriesInstanceUID == KEY.uid(series)
-    assert ds.DeviceID == ds.FrameOfReferenceUID == KEY.uid(frame)
+    assert ds.ContrastBolusRoute == ds.FrameOfReferenceUID == KEY.uid(frame)
     assert "CodingSchemeVersion" not in ds
     assert ds.RecordKey.rstrip(b"\0").decode() == ds.SOPInstanceUID == KEY.uid(sop)
     derivation = ds.DerivationCodeSequence[0]

@@ -138,7 +138,13 @@ NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "Pati
 # lies (a protocol context's too, which no listed sequence holds). An ICC profile carries text too (its description,
 # copyright, device descriptions, private tags, the header's device, creator and date): it is cleaned (C, as Table E.1-1
 # names the action), rebuilt from its colour transform alone (`medtriage.io.icc_profile`), wherever it lies (the Optical
-# Path Sequence of a whole-slide image holds one per optical path).
+# Path Sequence of a whole-slide image holds one per optical path). The issuer macro's Assigning Facility, Jurisdiction and
+# Agency or Department go wherever they lie, as its Hierarchic Designator does, and so do the coded forms of what the
+# table removes as text (a requesting service, a performing person), the site's HL7 documents (an HL7 Instance
+# Identifier is `<the site's OID>^<document ID>`: remapped as a UID is, which keeps it valid and references consistent),
+# and the site's staff, systems and devices where the table does not list them: the Retain Device Identity Option does
+# not apply (`DeidOptions`), so a respiratory signal's device and an RT image's machine go as Gantry ID and Treatment
+# Machine Name do (manufacturers and models stay: they name a vendor, not the site, and the table keeps them).
 BEYOND_TABLE = {
     tag_for_keyword(keyword): action
     for keyword, action in (
@@ -158,6 +164,26 @@ BEYOND_TABLE = {
         ("CodingSchemeIdentificationSequence", "X"),  # Type 3: codes keep their designators
         ("TextValue", "D"),  # Type 1C in a TEXT item: a dummy keeps it valid, as Unformatted Text Value's D does
         ("ICCProfile", "C"),  # Type 1C for colour in an optical path, 1 in the ICC Profile Module: see clean_icc_profile
+        ("HL7InstanceIdentifier", "U"),  # Type 1 in an HL7 Structured Document Reference item: a UID alone is a valid one
+        ("AssigningFacilitySequence", "X"),  # Type 3 in the issuer's qualifiers: the site's facility, by its designator
+        ("AssigningJurisdictionCodeSequence", "X"),  # Type 3 there: the state or country the site lies in
+        ("AssigningAgencyOrDepartmentCodeSequence", "X"),  # Type 3 there: codes of the site's agency or department
+        ("RequestingServiceCodeSequence", "X"),  # Type 3: the requesting department as codes; Requesting Service is X
+        ("HumanPerformerCodeSequence", "X"),  # codes naming a person; the Human Performers sequences holding it are X
+        ("CodingSchemeResponsibleOrganization", "X"),  # an organisation and its contact details; its sequence goes
+        ("TimeSource", "X"),  # Type 3: the ID of the site's equipment or system giving the time
+        ("NTPSourceAddress", "X"),  # Type 3: the IP address or host name of the site's time server
+        ("DeviceID", "X"),  # Type 3 in the Device Sequence: the site's own identifier of a device (Retain Device Identity: no)
+        ("RespiratorySignalSourceID", "D"),  # the ID of the device giving the respiratory signal: a dummy, as Detector ID's
+        ("RadiationMachineName", "Z"),  # Type 2 in the RT Image Module: the site's machine, as Treatment Machine Name (X/Z)
+        ("StorageMediaFileSetID", "X"),  # Type 3: the site's name for its media; the table remaps the File-set UID
+        ("AuthorizationEquipmentCertificationNumber", "X"),  # Type 3: the site's system that authorised the instance
+        ("SOPAuthorizationComment", "X"),  # Type 3: free text by whoever authorised it; the table removes its date
+        ("ContactDisplayName", "X"),  # Type 3: the person or organisation named beside a Contact URI (an address, gone)
+        ("UniformResourceLocatorTrial", "X"),  # retired: an address written as ST, as addresses of VR UR go
+        ("DocumentingOrganizationIdentifierCodeSequenceTrial", "X"),  # retired: an organisation, as Verifying Organization
+        ("DocumentAuthorIdentifierCodeSequenceTrial", "X"),  # retired: a person, as the Author Observer Sequence (X)
+        ("DocumentingObserverIdentifierCodeSequenceTrial", "X"),  # retired: a person, as Verifying Observer Identification
     )
 }
 # Addresses (VR UR: Retrieve URL and URI, Storage URL, Pixel Data Provider URL, file, folder and contact URIs, presentation
@@ -599,6 +625,8 @@ class _ProfileWalker:
             return "X"  # private, group lengths (retired, would go stale) and unknown public elements
         if tag >> 16 == 0:
             return "X"  # a command set stored with the object: part of a message, never of a file (PS3.5 7.1)
+        if tag >> 16 == 2:
+            return "X"  # the file meta group in the data set or an item (PS3.10 7.1): AE titles of the site's systems
         if not top_level and tag in NESTED_PIXEL_TAGS:
             return "X"
         known = _attribute_vr(tag)
