@@ -16,3 +16,11 @@ def outcome_and_peak_bytes(action) -> tuple[object, int]:
         return outcome, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def peak_bytes(action) -> int:
+    """The most memory `action` held; what it raises is raised."""
+    outcome, peak = outcome_and_peak_bytes(action)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return peak

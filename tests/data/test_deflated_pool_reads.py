@@ -5,7 +5,6 @@ as it inflates, up to its pixel data only (pydicom inflated the whole data set t
 from __future__ import annotations
 
 import io
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from medtriage.data.pool import _header_ids, build_sites_pool
 from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, default_limits, set_default_limits
 from tests.io.test_deflate_bombs import deflate_bomb
 from tests.io.test_deflated_ingest_reads import deflated_image
+from tests.memory import peak_bytes
 
 MiB = 1 << 20
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -100,19 +100,10 @@ def test_a_deflated_file_whose_header_inflates_past_the_limits_is_not_identified
     assert _header_ids(path) == {}
 
 
-def _peak(action) -> int:
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_the_header_of_a_failed_deflated_file_is_inflated_up_to_its_pixels_only(tmp_path):
     """Within the decode limits (the default ones), pydicom inflated its 128 MiB of pixels to read the header before."""
     path = tmp_path / "image.dcm"
     path.write_bytes(deflated_image(8192, 8192))
     found = []
-    assert _peak(lambda: found.append(_header_ids(path))) < 4 * MiB
+    assert peak_bytes(lambda: found.append(_header_ids(path))) < 4 * MiB
     assert found == [{"sop_uid": "1.2.826.0.1.3680043.8.498.1", "accession_number": "A1"}]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import struct
-import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from medtriage.io.ingest import ingest_site
 from medtriage.io.ingest_file import init_worker, process_file
 from medtriage.io.site_key import SiteKey
 from tests.io.test_deflate_bombs import deflate_bomb
+from tests.memory import peak_bytes
 
 KEY = SiteKey(b"deflated-ingest-key-0123456789ab")
 MiB = 1 << 20
@@ -122,15 +122,6 @@ def deflated_image(rows: int, columns: int, accession: str = "A1") -> bytes:
     return out.getvalue() + body
 
 
-def _peak(action) -> int:
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_deflated_file_is_held_once_as_it_is_read():
     """pydicom inflated the data set whole, then copied each element out of it: 128 MiB of pixels cost over 256 MiB."""
     data = deflated_image(8192, 8192)
@@ -141,7 +132,7 @@ def test_a_deflated_file_is_held_once_as_it_is_read():
         ds = ingest_file._read_dataset(data, "big.dcm", 1 << 30)
         assert len(ds.PixelData) == pixels and ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
 
-    assert _peak(read) < pixels + 24 * MiB
+    assert peak_bytes(read) < pixels + 24 * MiB
 
 
 def _refusal_before(data: bytes, source: str, allowed: int, hint: str) -> str:
@@ -196,7 +187,7 @@ def _peak_and(action, bound: int):
     """`action()`, checking that it held no more than `bound` bytes at a time: the bound a data set may inflate to,
     and a few MiB of inflating, never the whole data set."""
     result = []
-    peak = _peak(lambda: result.append(action()))
+    peak = peak_bytes(lambda: result.append(action()))
     assert peak < bound + 8 * MiB, f"peaked at {peak >> 20} MiB"
     return result[0]
 

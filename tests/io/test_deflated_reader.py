@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import random
 import sys
-import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from medtriage.errors import DicomError, ImageTooLargeError
 from medtriage.io.clamped import bounded_source, read_part10
 from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, InflatingReader
 from medtriage.io.dicom import read_dicom
+from tests.memory import peak_bytes
 
 MiB = 1 << 20
 
@@ -30,15 +30,6 @@ MiB = 1 << 20
 def _deflated(data: bytes) -> bytes:
     deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
     return deflate.compress(data) + deflate.flush()
-
-
-def _peak(action) -> int:
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def test_an_inflating_reader_reads_what_the_data_set_holds_whatever_the_steps():
@@ -78,13 +69,13 @@ def test_a_large_read_is_held_once():
     it is inflated into what the read returns, beside a few steps of inflating."""
     size = 64 * MiB
     reader = InflatingReader(io.BytesIO(_deflated(bytes(size))))
-    assert _peak(lambda: reader.read(size)) < size + 8 * MiB
+    assert peak_bytes(lambda: reader.read(size)) < size + 8 * MiB
 
 
 def test_an_inflating_reader_refuses_what_inflates_past_its_bound():
     allowed = 3 * MiB + 1
     reader = InflatingReader(io.BytesIO(_deflated(bytes(8 * MiB))), allowed, "bomb.dcm")
-    peak = _peak(lambda: pytest.raises(ImageTooLargeError, reader.read, 8 * MiB))
+    peak = peak_bytes(lambda: pytest.raises(ImageTooLargeError, reader.read, 8 * MiB))
     assert reader.refused is not None and f"inflates to more than {allowed} bytes" in str(reader.refused)
     assert "bomb.dcm" in str(reader.refused) and "--max-decoded-bytes" in str(reader.refused)
     assert peak < allowed + 8 * MiB

@@ -90,13 +90,7 @@ def _file(family: str, layout: str, hidden: bool) -> bytes:
     ds.PixelData, extended = LAYOUTS[layout][0](frames)
     if extended:
         ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = extended
-    if syntax:
-        ds["PixelData"].VR, ds.file_meta.TransferSyntaxUID = "OB", syntax
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.PatientID, ds.BurnedInAnnotation = "patient-1", "NO"
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True, implicit_vr=False, little_endian=True)
-    return buffer.getvalue()
+    return _ready_to_pool(ds, syntax)
 
 
 def _read(data: bytes) -> pydicom.Dataset:
@@ -197,13 +191,7 @@ def _one_frame_and_a_hidden_one(family: str) -> bytes:
     ds = pydicom.dcmread(get_testdata_file(name))
     frame = (_native_frames(ds) if syntax == UNCOMPRESSED else _frames(ds))[0]
     ds.PixelData = encapsulate([first(frame) if first else frame, picture(ds, frame)], has_bot=False)
-    if syntax:
-        ds["PixelData"].VR, ds.file_meta.TransferSyntaxUID = "OB", syntax
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.PatientID, ds.BurnedInAnnotation = "patient-1", "NO"
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True, implicit_vr=False, little_endian=True)
-    return buffer.getvalue()
+    return _ready_to_pool(ds, syntax)
 
 
 @pytest.mark.parametrize("family", SINGLE)
@@ -253,3 +241,15 @@ def test_de_identification_refuses_a_frame_past_the_count_too(family):
     with pytest.raises(InputError, match=f"cannot be de-identified: frame {int(ds.NumberOfFrames) + 1} of the"):
         deidentify(ds, KEY)
     assert ds.PixelData == before
+
+
+def _ready_to_pool(ds: pydicom.Dataset, syntax: str | None) -> bytes:
+    """`ds` written in `syntax` (encapsulated pixel data as OB) with its own SOP Instance UID, a Patient ID and no
+    burned-in text: what screening asks of a file before it looks at its frames."""
+    if syntax:
+        ds["PixelData"].VR, ds.file_meta.TransferSyntaxUID = "OB", syntax
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID, ds.BurnedInAnnotation = "patient-1", "NO"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return buffer.getvalue()
