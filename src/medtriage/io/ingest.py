@@ -15,8 +15,9 @@ removed after it was read as `changed_while_read`, without a copy, and all are l
 
 Every input file ends in exactly one place: counts in = pooled + quarantined (per reason). Files under a hidden name
 (a dot first) at any depth of the site folder are not inputs (`medtriage.io.site_folder`). A run stopped by Ctrl-C,
-SIGTERM or SIGHUP finishes and records the files in progress, begins no other and ends (exit status 128 + the signal's
-number) before the pool's labels and the audit log are written: the next run takes up the rest, and writes them.
+SIGTERM or SIGHUP finishes and records the files in progress (committing the index's last batch, `Ledger.commit`),
+begins no other and ends (exit status 128 + the signal's number) before the pool's labels and the audit log are written:
+the next run takes up the rest, and writes them.
 Torch-free and pandas-free: a site installs only the base package.
 """
 
@@ -119,6 +120,7 @@ def ingest_site(
                 for done, out in enumerate(outcomes, 1):
                     ledger.record(out, summary)
                     stop.done = done
+            ledger.commit()  # the last batch, while a stop is still heard as one (close commits it after an error)
         if stop.signum is not None:
             raise IngestStopped(site, stop.signum, stop.done, len(sources))
         rows = ledger.index.values()

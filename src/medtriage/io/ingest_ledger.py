@@ -1,6 +1,13 @@
 """Where each ingested file ends up, and the record of it: the pool (new files), the quarantine (originals, listed by
 reason), the site's index of every input ever seen (what makes a rerun incremental) and the per-run audit log. Runs in
 the main process, in input order.
+
+The index is written in batches (group commit): each pooled file is written whole, its bytes on disk before its
+rename, and once per batch (`BATCH_FILES` inputs, or `BATCH_SECONDS`, or the run's end or stop) the folders holding
+the batch's renames and the quarantine list are synced, and only then are the batch's index rows appended and the index
+synced. So a row of the index names only a file that is on disk; a crash before a batch's commit leaves its files in
+place without index rows, and as their inputs are not marked done, the next run processes them again and writes the
+same files over them (names and bytes follow from the input and the site key).
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ from pathlib import Path
 import pydicom
 
 from medtriage import __version__
+from medtriage.io import safe_output
 from medtriage.io.deid import SEVERAL_ISSUERS_IDENTITY, DeidOptions, table_library_version
 from medtriage.io.ingest_file import Outcome, file_stamp, open_file, quarantined
 from medtriage.io.quarantine import Unsafe
-from medtriage.io.safe_output import output_path, spreadsheet_row, write_atomic
+from medtriage.io.safe_output import output_path, spreadsheet_row, sync_folder, write_atomic_unsynced_folder
 
 INDEX_FILE, LOG_DIR, QUARANTINE_LIST = "index.csv", "logs", "quarantine.csv"
 LEDGER_DIR = ".ingest"  # hidden: the pool builder skips it
@@ -42,6 +50,8 @@ INDEX_COLUMNS = [
     "run",
 ]
 QUARANTINE_COLUMNS = ["content_key", "reason", "detail", "source", "run"]
+BATCH_FILES = 64  # index rows a batch holds before its commit (one folder sync and one index sync for all)
+BATCH_SECONDS = 2.0  # or once its first row is this old: a slow ingest's index still moves on
 
 
 @dataclass
@@ -91,8 +101,15 @@ def ledger_folder(pool: str | Path, site: str) -> Path:
     return Path(pool) / LEDGER_DIR / site
 
 
+def write_atomic(path: Path, data: bytes) -> Path:
+    """A pooled file at `path`, whole or not at all, its bytes on disk before its name appears; its folder is synced by
+    the batch's commit (`Ledger.commit`), before an index row names it."""
+    return write_atomic_unsynced_folder(path, data)
+
+
 class Ledger:
-    """Decides where each outcome ends up (in input order, so duplicates resolve the same way every time)."""
+    """Decides where each outcome ends up (in input order, so duplicates resolve the same way every time), and records
+    it in batches (`commit`). `close` commits what is left."""
 
     def __init__(self, site: str, site_dir: Path, index_path: Path, quarantine: Path, run: str, index: dict, pixels: dict):
         self.site, self.site_dir, self.quarantine, self.run = site, site_dir, quarantine, run
@@ -102,6 +119,34 @@ class Ledger:
         self._index_file = _append_csv(index_path, INDEX_COLUMNS)
         self._quarantine_file = None
         self._listed: set[tuple[str, str, str]] = set()  # the quarantine list's rows, as `_listing` keys them
+        self._rows: list[dict] = []  # the batch's index rows, in input order, not yet written
+        self._since = 0.0  # when the batch's first row came
+        # Folders whose entries the batch changed. The first commit also syncs where this run may have made a folder or
+        # the index: the site's pool folder and the index, each a new entry in the folder above it.
+        self._folders: set[Path] = {site_dir.parent, index_path.parent, index_path.parent.parent}
+        self._listed_unsynced = False  # quarantine rows written since the last commit
+
+    def commit(self) -> None:
+        """Make the batch durable, in this order: each pooled file is on disk already (synced before its rename); the
+        folders holding its renames, and the quarantine list, are synced; then its index rows are appended and the index
+        synced. A crash anywhere before the rows are on disk leaves their inputs to the next run."""
+        for folder in sorted(self._folders):
+            sync_folder(folder)
+        self._folders.clear()
+        if self._listed_unsynced:  # a quarantined input's row is on disk before the index row that marks it done
+            self._quarantine_file[0].flush()
+            os.fsync(self._quarantine_file[0].fileno())
+            self._listed_unsynced = False
+        if self._rows:
+            handle, writer = self._index_file
+            writer.writerows(self._rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+            self._rows.clear()
+
+    def _commit_if_due(self) -> None:
+        if len(self._rows) >= BATCH_FILES or (self._rows and time.monotonic() - self._since >= BATCH_SECONDS):
+            self.commit()
 
     def record(self, out: Outcome, summary: IngestSummary) -> None:
         """Place one input and count it exactly once: pooled (new or before) or quarantined by reason."""
@@ -129,11 +174,13 @@ class Ledger:
         if out.status == "quarantined":
             summary.quarantined[out.reason] += 1
         self.seen.add(out.content_key)
+        self._commit_if_due()
 
     def _to_pool(self, out: Outcome) -> None:
         # The site export's own layout, new UIDs; a UID the profile keeps (DICOM root) is still header data.
         target = output_path(self.site_dir, f"{out.modality}.{out.sop_uid}", ".dcm")
         write_atomic(target, out.encoded)  # never a half-written file under its final name
+        self._folders.add(target.parent)  # the rename is on disk once the batch commits, before the index names it
         relative = Path(target.name)
         self.sops.add(out.sop_uid)
         twin = self.pixels.get(out.pixel_sha256)
@@ -156,6 +203,7 @@ class Ledger:
         it already, and its input is read again: the row it left stands, as what the index row now completes."""
         if self._quarantine_file is None:
             self._quarantine_file = _append_csv(self.quarantine / QUARANTINE_LIST, QUARANTINE_COLUMNS)
+            self._folders.add(self.quarantine)  # the list may be new
             self._listed = _listed(self.quarantine / QUARANTINE_LIST)
         row = {"content_key": out.content_key, "reason": out.reason, "detail": out.detail, "source": out.source, "run": self.run}
         row = spreadsheet_row(row)  # read by people
@@ -163,6 +211,7 @@ class Ledger:
             return
         self._quarantine_file[1].writerow(row)
         self._quarantine_file[0].flush()  # before the index row that marks this input done
+        self._listed_unsynced = True  # and on disk before it: the batch's commit syncs it first
 
     def _write_index(self, out: Outcome, outcome: str, path: str = "", flag: str = "") -> None:
         row = {
@@ -179,14 +228,20 @@ class Ledger:
             "flag": flag,
             "run": self.run,
         }
-        self.index[out.content_key] = row
-        self._index_file[1].writerow(row)
-        self._index_file[0].flush()  # an interrupted run keeps what it recorded
+        self.index[out.content_key] = row  # this run's decisions see it at once; the index file at the commit
+        if not self._rows:
+            self._since = time.monotonic()
+        self._rows.append(row)
 
     def close(self) -> None:
-        for handle in (self._index_file, self._quarantine_file):
-            if handle:
-                handle[0].close()
+        """Commit what is left (a run's end, a stop, or an error: every row in the batch names a file written whole),
+        then close the lists."""
+        try:
+            self.commit()
+        finally:
+            for handle in (self._index_file, self._quarantine_file):
+                if handle:
+                    handle[0].close()
 
 
 def _copy_as_read(out: Outcome, target: Path) -> str | None:
@@ -202,7 +257,7 @@ def _copy_as_read(out: Outcome, target: Path) -> str | None:
         return changed
     with original:
         if file_stamp(status) == out.stamp:
-            write_atomic(target, lambda copy: shutil.copyfileobj(original, copy))
+            safe_output.write_atomic(target, lambda copy: shutil.copyfileobj(original, copy))
             if file_stamp(os.fstat(original.fileno())) == out.stamp:
                 return None
             target.unlink()
@@ -296,7 +351,7 @@ def write_audit_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptio
         "flags": dict(summary.flags),
         "labels": summary.labels,
     }
-    return write_atomic(ledger_dir / LOG_DIR / f"{summary.run}.json", json.dumps(log, indent=2).encode())
+    return safe_output.write_atomic(ledger_dir / LOG_DIR / f"{summary.run}.json", json.dumps(log, indent=2).encode())
 
 
 def logged_patient_identities(ledger_dir: str | Path) -> dict[str, Path]:

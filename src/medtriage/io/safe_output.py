@@ -134,6 +134,23 @@ def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object], p
     return target.commit(private)
 
 
+def write_atomic_unsynced_folder(path: str | Path, data: bytes) -> Path:
+    """`write_atomic` less its folder sync, for a writer that commits many files at once (group commit): `path` holds
+    all of `data`, its bytes on disk before its name appears, or what it held before, never part; the rename itself
+    is on disk only once the caller has synced the folder (`sync_folder`), which it must do before anything names
+    the file as written."""
+    target = AtomicFile(path)
+    try:
+        target.file.write(data)
+        target.sync_and_close()
+        os.chmod(target.temporary, PUBLIC_MODE)  # mkstemp makes 0600; give it what open() would
+        os.replace(target.temporary, target.path)
+    except BaseException:
+        target.discard()
+        raise
+    return target.path
+
+
 def copy_atomic(source: str | Path, path: str | Path) -> Path:
     """The file `source` copied to `path` all or nothing, in chunks (never whole in memory)."""
     with open(source, "rb") as original:
