@@ -27,6 +27,7 @@ def _no_training(monkeypatch, folds=None):
         return folds
 
     monkeypatch.setattr(cross_validation, "build_pool", lambda data: None)
+    monkeypatch.setattr(cross_validation, "check_folds_cut", lambda manifest, cfg: None)  # no pool to cut
     monkeypatch.setattr(cross_validation, "_run_folds", run_folds)
 
 

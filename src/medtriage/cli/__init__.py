@@ -8,12 +8,13 @@ Torch-free: a hospital install (no extras) must be able to run every inference s
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from medtriage import __version__
 from medtriage.errors import ConfigError, MedTriageError, printable
@@ -152,3 +153,107 @@ def exit_interrupted() -> NoReturn:
     a resume continues it."""
     print("stopped (Ctrl-C or a signal)", file=sys.stderr)
     raise SystemExit(INTERRUPTED_STATUS) from None
+
+
+HYDRA_RAISES_ENV = "MEDTRIAGE_HYDRA_RAISES"  # set with HYDRA_FULL_ERROR by `hydra_command`, not by the user
+
+
+def hydra_command(app: Callable[[], Any]) -> Callable[[], Any]:
+    """A @hydra.main entry point whose failures outside its job end as the other commands' do: one line, status 2.
+
+    Hydra reports them itself, with status 1: a misspelt key, group option or value type over several lines (for a
+    misspelt key, advising the `+key=value` that adds a setting nothing reads), a run folder that cannot be made as a
+    traceback, and so is a MedTriageError of a multirun job, which the sweeper raises again. For these Hydra is made to
+    raise (HYDRA_FULL_ERROR), and they are answered here; an exception of the job itself (a bug) keeps its traceback.
+    HYDRA_FULL_ERROR=1 set by the user keeps Hydra's own report."""
+    task = app.__wrapped__  # the job's function: an error raised through it is the job's (hydra.main wraps it)
+
+    @functools.wraps(app)
+    def command() -> Any:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(HYDRA_RAISES_ENV) != "1":
+            return app()
+        saved = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", HYDRA_RAISES_ENV)}
+        os.environ.update({"HYDRA_FULL_ERROR": "1", HYDRA_RAISES_ENV: "1"})  # the folds of a cross-validation too
+        try:
+            return app()
+        except Exception as err:
+            found = hydra_failure(err, task)
+            if found is None:
+                raise
+            print(f"error: {printable(str(found))}", file=sys.stderr)
+            raise SystemExit(2) from None
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    return command
+
+
+def hydra_failure(err: Exception, task: Callable) -> MedTriageError | None:
+    """`err` as a one-line MedTriageError when Hydra, not the job `task`, failed: it could not compose the config or
+    make the run's folder. None for an exception the job raised (other than a MedTriageError), or our own code did."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, MedTriageError):
+        return err
+    codes = _codes(err)
+    if task.__code__ in codes:
+        return None  # the job's own exception (a bug): its traceback says where
+    if isinstance(err, HydraException | OmegaConfBaseException):
+        return _composition_error(err)
+    if isinstance(err, OSError) and not any(_ours(code) for code in codes):  # Hydra makes the run's folder
+        return ConfigError(
+            f"cannot make or write the run's folder ({err.strerror or type(err).__name__})",
+            where=err.filename,
+            hint="set paths.runs_dir (or hydra.run.dir, hydra.sweep.dir with -m) to a folder you can write to",
+        )
+    return None
+
+
+def _codes(err: BaseException) -> list:
+    """The code of each frame `err` was raised through."""
+    codes, frame = [], err.__traceback__
+    while frame is not None:
+        codes.append(frame.tb_frame.f_code)
+        frame = frame.tb_next
+    return codes
+
+
+def _ours(code) -> bool:
+    """Whether `code` is MedTriage's (a multirun callback's, say), other than `hydra_command`'s, which catches."""
+    return code.co_filename.startswith(os.path.dirname(os.path.dirname(__file__))) and code.co_filename != __file__
+
+
+def _composition_error(err: Exception) -> ConfigError:
+    """A config Hydra could not compose, as one line naming the override and what it may be instead."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    first = str(cause).splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
+        group, option = err.missing_cfg_file.rsplit("/", 1)
+        options = f": {', '.join(err.options)}" if err.options else ""
+        return ConfigError(f"no {group} option {option!r}", where=f"{group}={option}", hint=f"choose one of configs/{group}/{options}")
+    if isinstance(err, OverrideParseException):
+        return ConfigError(
+            f"cannot read the override: {first}",
+            where=err.override,
+            hint="write it as key=value, quoting a value with spaces, commas or brackets",
+        )
+    key = getattr(cause, "full_key", None) or None
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError):
+        return ConfigError(
+            f"no such setting ({first})",
+            where=key,
+            hint="check its spelling against the fields of src/medtriage/config/schema.py; a + prefix would add a key that nothing reads",
+        )
+    if isinstance(cause, OmegaConfBaseException) and key:
+        return ConfigError(first, where=key, hint="give a value of the setting's type")
+    return ConfigError(
+        "; ".join(line.strip() for line in str(err).splitlines() if line.strip()), hint="fix the override on the command line"
+    )

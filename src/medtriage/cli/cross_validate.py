@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from medtriage.cli import exit_interrupted, exit_with_message
+from medtriage.cli import exit_interrupted, exit_with_message, hydra_command
 from medtriage.cli.train import check_data_paths, check_sweep_direction
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import MedTriageError
@@ -23,7 +23,7 @@ CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-def main(cfg: TrainConfig) -> float:
+def job(cfg: TrainConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)  # this job's, the sweeper's choices included
     try:
         check_sweep_direction("the mean held-out log-loss after temperature", "minimize")
@@ -34,6 +34,9 @@ def main(cfg: TrainConfig) -> float:
         exit_with_message(err)
     except KeyboardInterrupt:
         exit_interrupted()
+
+
+main = hydra_command(job)  # Hydra's own failures (a misspelt key or option, an unwritable run folder) in one line too
 
 
 if __name__ == "__main__":

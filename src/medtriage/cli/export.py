@@ -6,9 +6,11 @@ The package lands in `<export.models_dir>/<export.name>/`, is logged to the run 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
-from medtriage.arguments import path
+from medtriage.arguments import path_as_typed
 from medtriage.cli import report_errors
 from medtriage.errors import ConfigError
 from medtriage.model.averaging import TTA
@@ -37,7 +39,7 @@ def _export_run(argv: list[str]) -> int:
     from medtriage.export.from_mlflow import export_from_mlflow
 
     _use_project_store()
-    export_from_mlflow(run_id, overrides)
+    export_from_mlflow(run_id, _use_named_store(overrides))
     return 0
 
 
@@ -51,6 +53,20 @@ def _use_project_store() -> None:
     mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)
 
 
+STORE_OVERRIDE = "tracking.uri="
+
+
+def _use_named_store(overrides: list[str]) -> list[str]:
+    """After `_use_project_store`: a `tracking.uri=...` override names the store, as it did for the training (merged
+    into the run's config, it would be read by nothing, and the run looked for in another store). The other overrides."""
+    stores = [o.removeprefix(STORE_OVERRIDE) for o in overrides if o.startswith(STORE_OVERRIDE)]
+    if stores:
+        import mlflow
+
+        mlflow.set_tracking_uri(stores[-1])
+    return [o for o in overrides if not o.startswith(STORE_OVERRIDE)]
+
+
 def ensemble_main(argv: list[str] | None = None) -> int:
     """`python scripts/export_ensemble.py --name NAME RUN_ID RUN_ID ... [--tta shift|affine|flip] [export.key=value ...]`, or
     `--cross-validation DIR [DIR ...]` for the fold models of one `scripts/cross_validate.py` run, or of several cut
@@ -62,6 +78,10 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_ids = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
+    for option in ("cross_validation", "refit"):  # `--cross-validation DIR export.key=value` takes the override as a DIR
+        given = getattr(args, option) or []
+        overrides += [item for item in given if _is_override(item)]
+        setattr(args, option, [Path(item) for item in given if not _is_override(item)] or None)
     if args.refit and not args.cross_validation:
         parser.error("--refit needs --cross-validation DIR: the refit is calibrated on that cross-validation's out-of-fold scores")
     if bool(run_ids) == bool(args.cross_validation):
@@ -71,6 +91,13 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     return report_errors(_export_ensemble, args, run_ids, overrides)
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=.*")  # export.name=x; a sweep's job folder (0_cv.folds=3) starts with its number
+
+
+def _is_override(item: str) -> bool:
+    return bool(OVERRIDE.fullmatch(item)) and not Path(item).exists()
+
+
 def ensemble_parser() -> argparse.ArgumentParser:
     """The command line of `ensemble_main` (its checks of one option against another follow the parse)."""
     parser = argparse.ArgumentParser(description="Package several trained models as one ONNX graph (mean of member probabilities).")
@@ -78,7 +105,7 @@ def ensemble_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="package and registered-model name")
     parser.add_argument(
         "--cross-validation",
-        type=path,
+        type=path_as_typed,  # as typed: an override taken in with the folders is given back whole (Path drops a //)
         nargs="+",
         metavar="DIR",
         help="the folder of a cross-validation (its fold<k>/ runs): serve its fold models, calibrated on their out-of-fold "
@@ -86,7 +113,7 @@ def ensemble_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--refit",
-        type=path,
+        type=path_as_typed,
         nargs="+",
         metavar="RUN_DIR",
         help="with --cross-validation: serve these data.refit=true runs of its recipe instead of its fold models",
@@ -104,9 +131,11 @@ def ensemble_parser() -> argparse.ArgumentParser:
 
 def _export_ensemble(args: argparse.Namespace, run_ids: list[str], overrides: list[str]) -> int:
     from medtriage.export.ensemble import export_ensemble
-    from medtriage.export.fold_ensemble import export_fold_ensemble, export_refit
+    from medtriage.export.fold_ensemble import check_finished_runs, export_fold_ensemble, export_refit
 
     _use_project_store()
+    overrides = _use_named_store(overrides)
+    check_finished_runs(args.cross_validation or [], args.refit or [])
     if args.refit:
         refit = export_refit(args.cross_validation[0], args.refit, args.name, tta=args.tta, overrides=overrides)
         package, run_id = refit.package_dir, refit.run_id

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import ListConfig
 
 from medtriage.arguments import refuse_file_as_folder
-from medtriage.cli import exit_interrupted, exit_with_message
+from medtriage.cli import exit_interrupted, exit_with_message, hydra_command
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.io.header_warnings import say_header_warnings
@@ -24,7 +24,7 @@ DATA_PATH_EXAMPLES = {
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-def main(cfg: TrainConfig) -> float:
+def job(cfg: TrainConfig) -> float:
     try:
         check_sweep_direction("the best validation AUC", "maximize")
         say_header_warnings()  # pydicom's, once per file and naming it, while the pool is built
@@ -34,6 +34,9 @@ def main(cfg: TrainConfig) -> float:
         exit_with_message(err)
     except KeyboardInterrupt:
         exit_interrupted()
+
+
+main = hydra_command(job)  # Hydra's own failures (a misspelt key or option, an unwritable run folder) in one line too
 
 
 def check_sweep_direction(returned: str, better: str) -> None:

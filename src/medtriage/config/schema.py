@@ -335,10 +335,10 @@ VALUE_RANGES = {
 
 
 def check_values(cfg) -> None:
-    """Fail before any data work on every value out of its range or not finite, on label names that are not two or
-    more distinct classes or a positive label none of them, on a fold beyond data.cv_folds, and on stain jitter of
-    grey-level images (which fails inside the loader's workers otherwise)."""
-    wrong = value_problems(cfg)
+    """Fail before any data work on every key no field of the schema has, every value out of its range or not finite,
+    on label names that are not two or more distinct classes or a positive label none of them, on a fold beyond
+    data.cv_folds, and on stain jitter of grey-level images (which fails inside the loader's workers otherwise)."""
+    wrong = _unknown_keys(cfg) | value_problems(cfg)
     wrong |= {key: text for key, text in (_label_problems(cfg) | _combination_problems(cfg)).items() if key not in wrong}
     if wrong:
         raise ConfigError(
@@ -346,6 +346,22 @@ def check_values(cfg) -> None:
             where="config",
             hint="change them on the command line or in the experiment file",
         )
+
+
+def _unknown_keys(cfg) -> dict[str, str]:
+    """Every key of `cfg` that no field of TrainConfig has. Hydra's `+key=value` adds one past the schema (its own
+    message for a misspelt key suggests it): `+trainer.lr_warmup=2` would train, the setting meant read by nothing."""
+    found = {}
+
+    def visit(node: dict, fields: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if key not in fields:
+                found[prefix + key] = f"{prefix}{key} (no such setting in medtriage/config/schema.py)"
+            elif isinstance(value, dict) and isinstance(fields[key], dict):
+                visit(value, fields[key], f"{prefix}{key}.")
+
+    visit(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(OmegaConf.structured(TrainConfig)), "")
+    return found
 
 
 def value_problems(cfg, group: str = "") -> dict[str, str]:

@@ -45,14 +45,21 @@ def load_members(run_ids: Sequence[str], download_dir: Path) -> tuple[list[Triag
 
 
 def _check_same_data(run_ids: Sequence[str], configs: list[dict]) -> None:
-    pools = {c["data"]["pool_dir"] for c in configs}
-    holdouts = {c["data"].get("holdout_site") for c in configs}
-    labels = {tuple(c["data"]["label_names"]) for c in configs}  # the members' outputs are averaged class by class
-    differing = [key for key, values in (("pool_dir", pools), ("holdout_site", holdouts), ("label_names", labels)) if len(values) > 1]
+    """Refuse members trained on different data, naming each run's value of what differs (a sorted set of the values
+    would not say which run holds which)."""
+    values = {  # the members' outputs are averaged class by class: the labels, in order, too
+        "pool_dir": [c["data"]["pool_dir"] for c in configs],
+        "holdout_site": [c["data"].get("holdout_site") for c in configs],
+        "label_names": [list(c["data"]["label_names"]) for c in configs],
+    }
+    differing = {key: found for key, found in values.items() if any(value != found[0] for value in found)}
     if differing:
+        each = "; ".join(
+            f"{key} " + ", ".join(f"{value} in run {run_id}" for run_id, value in zip(run_ids, found, strict=True))
+            for key, found in differing.items()
+        )
         raise ConfigError(
-            f"runs {list(run_ids)} were trained on different data ({sorted(pools)}, holdout {sorted(map(str, holdouts))}, "
-            f"labels {sorted(map(list, labels))})",
+            f"the runs were trained on different data ({each})",
             where=", ".join(f"data.{key}" for key in differing),
             hint="ensemble runs trained on the same pool, with the same holdout site and the same labels in the same order",
         )

@@ -50,6 +50,7 @@ from medtriage.model.networks import TriageNet
 from medtriage.model.predict import predict, predict_split
 
 FOLD_DIR = re.compile(r"fold(\d+)")
+RUN_FINISHED = "metrics.json"  # training.report.METRICS_FILE: what a run folder holds once its training ended
 HELD_OUT_SPLIT = "out-of-fold"
 REFIT_SPLIT = "out-of-fold (refit)"  # the same scores; the served models are not the ones that produced them
 
@@ -118,6 +119,23 @@ def _one_cross_validation(cv_dir: Path) -> FoldMembers:
         configs.append(config)
     _check_one_cross_validation(cv_dir, configs)
     return FoldMembers(nets, configs, [], [c["data"]["cv_fold"] for c in configs])
+
+
+def check_finished_runs(cv_dirs: Sequence[Path], refit_dirs: Sequence[Path] = ()) -> None:
+    """Refuse a fold or refit run that did not finish (no metrics.json, which a training writes as it ends): its
+    checkpoints hold a model trained part of the way (for a fold, not the one its held-out scores were taken with),
+    which the package would serve as if it were the run's. scripts/export_ensemble.py checks this first."""
+    folds = [p for cv_dir in cv_dirs for p in sorted(Path(cv_dir).glob("fold*")) if FOLD_DIR.fullmatch(p.name)]
+    for run_dir, what, hint in [
+        *((p, "fold run", "run the cross-validation again; the fold's train.log says why it stopped") for p in folds),
+        *(
+            (Path(p), "refit run", "resume it with its overrides plus trainer.resume_from=<its folder>, or train it again")
+            for p in refit_dirs
+        ),
+    ]:
+        if not (run_dir / RUN_FINISHED).is_file():
+            reason = f"no {RUN_FINISHED} in this {what}'s folder: its training failed or was stopped, or it is no run folder"
+            raise DataNotFoundError(reason, where=run_dir, hint=hint)
 
 
 def _final_model(checkpoints: Path) -> tuple[TriageNet, dict]:

@@ -106,9 +106,10 @@ def log_package(run_id: str, result) -> None:
     print(f"model package {meta['name']} v{meta['version']} -> {result.package_dir} (logged to MLflow run {run_id})")
 
 
-def log_checkpoint_command(run_id: str, checkpoint: str | Path) -> str:
-    """The call that adds a checkpoint kept out of its run (tracking.log_checkpoint=false) where find_checkpoint looks."""
-    return f"mlflow.MlflowClient().log_artifact('{run_id}', '{checkpoint}', 'checkpoints')"
+def log_checkpoint_command(run_id: str, checkpoint: str | Path, uri: str) -> str:
+    """The call that adds a checkpoint kept out of its run (tracking.log_checkpoint=false) where find_checkpoint looks,
+    in the store `uri` of the run (a client without one would look in MLflow's default, not where the run is)."""
+    return f"mlflow.MlflowClient('{uri}').log_artifact('{run_id}', '{checkpoint}', 'checkpoints')"
 
 
 def find_checkpoint(run_id: str, download_dir: Path) -> Path:
@@ -123,8 +124,17 @@ def find_checkpoint(run_id: str, download_dir: Path) -> Path:
     raise DataNotFoundError(
         f"MLflow run {run_id} has no checkpoint artifact ({' or '.join(CHECKPOINT_PREFERENCE)})",
         where=mlflow.get_tracking_uri(),
-        hint=f"log its checkpoint to the run: {log_checkpoint_command(run_id, '<path of best.pt>')}",
+        hint=f"log its checkpoint to the run: {log_checkpoint_command(run_id, _local_checkpoint(client, run_id), mlflow.get_tracking_uri())}",
     )
+
+
+def _local_checkpoint(client, run_id: str) -> str:
+    """Where the run's training wrote the checkpoint it ends with (its params say: paths.output_dir and
+    trainer.weights), when that file is still there; else a placeholder for it."""
+    params = client.get_run(run_id).data.params
+    name = "last.pt" if params.get("trainer.weights") == "last" else "best.pt"
+    local = Path(params.get("paths.output_dir", "")) / "checkpoints" / name
+    return str(local) if params.get("paths.output_dir") and local.is_file() else f"<path of its {name}>"
 
 
 NOT_FOUND = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}  # unknown, or not an id
@@ -152,7 +162,7 @@ def check_finished_run(run_id: str) -> None:
         raise DataNotFoundError(
             f"MLflow run {run_id} is not in this tracking store",
             where=uri,
-            hint="check the run id (mlflow ui), or set MLFLOW_TRACKING_URI to the store the run was trained in",
+            hint="check the run id (mlflow ui), or name the store the run was trained in: tracking.uri=<uri> or MLFLOW_TRACKING_URI",
         )
     status = run.info.status
     if status != "FINISHED":

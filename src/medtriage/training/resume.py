@@ -211,11 +211,31 @@ def find_resume_checkpoint(
         return path, contents
     if refusals:
         raise refusals[0]
+    if resume_from:
+        raise _nothing_named(Path(resume_from))
     raise DataNotFoundError(
         "trainer.resume=true but no unfinished run has a checkpoint to resume"
         + (f"; passed over {'; '.join(passed_over)}: a finished run is never resumed" if passed_over else ""),
         where=looked,
         hint="start a new run without trainer.resume, or set trainer.resume_from=<run folder or last.pt>",
+    )
+
+
+def _nothing_named(given: Path) -> DataNotFoundError:
+    """trainer.resume_from naming no checkpoint: a path that is not there (mistyped), or a folder without last.pt. Said
+    as such: "no unfinished run", automatic resume's answer, would send the user looking for the wrong thing."""
+    if not given.exists():
+        return DataNotFoundError(
+            "trainer.resume_from names no file or folder",
+            where=given,
+            hint=f"give a run folder (<paths.runs_dir>/<name>/<date>_<time>) or its checkpoints/{LAST}; "
+            "trainer.resume=true alone continues the newest unfinished run of the experiment",
+        )
+    return DataNotFoundError(
+        f"trainer.resume_from names a folder without checkpoints/{LAST}: not a run folder, or a run stopped before "
+        "its first epoch was checkpointed (nothing to resume)",
+        where=given,
+        hint="give a run folder that holds it, or start the run again without trainer.resume_from",
     )
 
 

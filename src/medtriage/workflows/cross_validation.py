@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from medtriage.config import check_values, compose_train_config
+from medtriage.data.folds import cross_validation_fold
+from medtriage.data.holdout import hold_out_site
+from medtriage.data.manifest import Manifest
 from medtriage.data.sources.registry import build_pool
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.signals import signals_held, terminate_as_interrupt
@@ -148,7 +152,8 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     print(f"cross-validation of `{' '.join(overrides)}` on {folds} folds; MLflow run {run_id}", flush=True)
     try:
         with terminate_as_interrupt():
-            build_pool(cfg.data)  # here, once: folds starting side by side would wait for one another to build it
+            manifest = build_pool(cfg.data)  # here, once: folds starting side by side would wait for one another to build it
+            check_folds_cut(manifest, cfg)
             result = CrossValidation(list(overrides), _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id), run_id)
         for score in result.reported():
             for fold, value in zip(result.folds, result.values(score), strict=True):
@@ -176,6 +181,18 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     return result
 
 
+def check_folds_cut(manifest: Manifest, cfg: DictConfig) -> None:
+    """Cut every fold, as its run will, before any trains: a fold that cannot be cut (more folds than a class has
+    patients, a test image duplicated in a fold) would otherwise fail only once the folds before it have trained."""
+    data = cfg.data
+    if data.holdout_site:
+        manifest = hold_out_site(manifest, data.holdout_site, validated=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # scikit-learn's on a small class: each fold's log keeps it
+        for fold in range(cfg.cv.folds):
+            cross_validation_fold(manifest, cfg.cv.folds, fold, data.cv_seed, allow_duplicates=data.allow_audit_failure)
+
+
 def _finished(running: list[tuple[Fold, subprocess.Popen, float]], folds: int) -> list[Fold]:
     """The folds whose process ended (taken out of `running`), with their metrics; a failed one raises."""
     finished = []
@@ -185,7 +202,7 @@ def _finished(running: list[tuple[Fold, subprocess.Popen, float]], folds: int) -
         fold.wall_s = time.perf_counter() - started
         if process.returncode != 0:
             raise FoldFailedError(
-                f"fold {fold.fold} failed (exit {process.returncode})",
+                f"fold {fold.fold} failed (exit {process.returncode}){_error_line(fold.output_dir / 'train.log')}",
                 where=str(fold.output_dir / "train.log"),
                 hint="read the fold's log; the other folds were stopped",
             )
@@ -203,6 +220,16 @@ def _finished(running: list[tuple[Fold, subprocess.Popen, float]], folds: int) -
             flush=True,
         )
     return finished
+
+
+def _error_line(log: Path) -> str:
+    """`: <message>` of the last `error:` line of a fold's log (a fold run ends so on a MedTriageError), else nothing:
+    the reason belongs in the cross-validation's own message, not only in one of its folds' logs."""
+    try:
+        errors = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+    except OSError:
+        return ""
+    return f": {errors[-1].removeprefix('error: ')}" if errors else ""
 
 
 def _stop(running: list[tuple[Fold, subprocess.Popen, float]]) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import mlflow
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -11,6 +13,7 @@ from medtriage import training
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.export.registry import log_checkpoint_command
 from medtriage.export.run import check_export_settings, export_run
+from medtriage.signals import terminate_as_interrupt
 from medtriage.training.job import RunResult
 from medtriage.training.report import run_folder
 
@@ -51,10 +54,14 @@ def check_refit_unscored(cfg: DictConfig) -> None:
 
 
 def _export_trained(result: RunResult, cfg: DictConfig, checked) -> Path:
-    """export_run for the run just trained; a failed export says that the training is kept and how to export it alone
-    (the error alone would read as if the hours of training were lost)."""
+    """export_run for the run just trained; a failed or stopped export says that the training is kept and how to export
+    it alone (the error alone would read as if the hours of training were lost, and a resume finds nothing to resume)."""
     try:
-        return export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg, checked=checked)
+        with terminate_as_interrupt():  # SIGTERM and SIGHUP as Ctrl-C: the export withdraws what it registered
+            return export_run(run_id=result.run_id, checkpoint=result.checkpoint, cfg=cfg, checked=checked)
+    except KeyboardInterrupt:
+        print(f"the export after training was stopped: {_retry(result, cfg, 'export it on its own')}", file=sys.stderr, flush=True)
+        raise
     except MedTriageError as err:
         hint = f"{err.hint}; " if err.hint else ""
         raise type(err)(f"the export after training failed: {err.reason}", where=err.where, hint=hint + _retry(result, cfg)) from err
@@ -63,13 +70,13 @@ def _export_trained(result: RunResult, cfg: DictConfig, checked) -> Path:
         raise
 
 
-def _retry(result: RunResult, cfg: DictConfig) -> str:
+def _retry(result: RunResult, cfg: DictConfig, then: str = "fix the cause, then export it again on its own") -> str:
     """What is kept of a run whose export failed, and the command that exports it again without training."""
     command = f"python scripts/export.py run_id={result.run_id} [export.key=value ...]"
     kept = f"the training itself finished and is kept: MLflow run {result.run_id}, checkpoint {result.checkpoint}"
     if not cfg.get("tracking", {}).get("log_checkpoint", True):  # scripts/export.py fetches the checkpoint from the run
         command = (
-            f"{log_checkpoint_command(result.run_id, result.checkpoint)} "
+            f"{log_checkpoint_command(result.run_id, result.checkpoint, mlflow.get_tracking_uri())} "
             f"(tracking.log_checkpoint=false kept it out of the run), then {command}"
         )
-    return f"{kept}; fix the cause, then export it again on its own: {command}"
+    return f"{kept}; {then}: {command}"
