@@ -27,7 +27,7 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import ImplicitVRLittleEndian
 
 from medtriage.io.deid import deidentify
-from medtriage.io.icc_profile import COPYRIGHT, DESCRIPTION, cleaned_profile
+from medtriage.io.icc_profile import COPYRIGHT, CREATED, DESCRIPTION, cleaned_profile
 from medtriage.io.site_key import SiteKey
 from tests.io.test_deid_edges import _reread
 
@@ -274,14 +274,16 @@ def _assert_clean(cleaned: bytes, original: bytes) -> None:
     assert len(cleaned) % 4 == 0 and struct.unpack_from(">I", cleaned)[0] == len(cleaned)
     header = cleaned[:128]
     assert header[8:10] == original[8:10] and header[12:24] == original[12:24] and header[36:40] == b"acsp"
-    for start, end in ((4, 8), (10, 12), (24, 36), (40, 44), (48, 64), (80, 128)):
-        assert header[start:end] == bytes(end - start), (start, end)  # CMM, date, platform, device, creator, ID, reserved
+    for start, end in ((4, 8), (10, 12), (40, 44), (48, 64), (80, 128)):
+        assert header[start:end] == bytes(end - start), (start, end)  # CMM, platform, device, creator, ID, reserved
+    assert header[24:36] == CREATED  # one date for every profile: readers refuse a zero month or day
     assert struct.unpack_from(">I", header, 44)[0] & ~0x3 == 0 and struct.unpack_from(">I", header, 64)[0] <= 3
     assert header[68:80] == D50
     kept = _tags(cleaned)
     assert set(kept) == {b"desc", b"cprt"} | {s for s in _tags(original) if s in COLOUR_TAGS}
     loaded = ImageCms.ImageCmsProfile(io.BytesIO(cleaned)).profile
     assert loaded.profile_description == DESCRIPTION and loaded.copyright == COPYRIGHT
+    assert loaded.creation_date.year == 2000  # littlecms reads the date (it raised on the zero one)
     assert _converted(cleaned) == _converted(original)
     assert cleaned_profile(cleaned) == cleaned  # nothing left to clean
 

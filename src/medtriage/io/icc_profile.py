@@ -19,9 +19,9 @@ its type declares (reserved fields zeroed, bytes past its data and between its p
 Everything else goes, the float transforms (`D2Bx`, `B2Dx`, type `mpet`) too: a reader then uses the `A2Bx` / `B2Ax` or
 matrix/TRC transform the profile has beside them. The description and copyright become fixed text (`textDescriptionType`
 and `textType` in a version 2 profile, `multiLocalizedUnicodeType` in version 4), and the header keeps the version,
-class, colour spaces, flags 0-1 and the rendering intent: the date and time, preferred CMM, platform, device
-manufacturer, model and attributes, creator, profile ID and reserved bytes are zero, the PCS illuminant is D50 (the only
-value ICC.1 allows). The size and the tag table are written anew, tags shared in the original (one curve for three
+class, colour spaces, flags 0-1 and the rendering intent; the creation date becomes one fixed date (`CREATED`); the
+preferred CMM, platform, device manufacturer, model and attributes, creator, profile ID and reserved bytes are zero;
+the PCS illuminant is D50 (the only value ICC.1 allows). The size and the tag table are written anew, tags shared in the original (one curve for three
 channels) shared again.
 
 The values themselves are kept as they are: a curve or a lookup table is numbers a writer could choose to spell
@@ -40,6 +40,7 @@ import struct
 
 DESCRIPTION = "de-identified"  # the profile description (`desc`) a cleaned profile has
 COPYRIGHT = "de-identified"  # and its copyright (`cprt`)
+CREATED = struct.pack(">6H", 2000, 1, 1, 0, 0, 0)  # the creation date and time every cleaned profile has
 
 _HEADER_SIZE = 128
 _TABLE_START = _HEADER_SIZE + 4  # the tag count, then 12 bytes a tag: signature, offset, size
@@ -135,6 +136,7 @@ def _assembled(profile: bytes, tags: dict[bytes, bytes]) -> bytes:
     header = bytearray(_HEADER_SIZE)
     header[8:10] = profile[8:10]  # major version; minor and bug fix version (10-11 are reserved)
     header[12:24] = profile[12:24]  # class, colour space, PCS
+    header[24:36] = CREATED  # a valid dateTimeNumber (a zero month or day is none, and readers refuse it), the same for all
     header[36:40] = b"acsp"
     flags = _u32(profile, 44) & _KNOWN_FLAGS
     struct.pack_into(">I", header, 44, flags if flags & 1 else 0)  # bit 1 says something of an embedded profile only
