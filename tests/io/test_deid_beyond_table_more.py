@@ -147,6 +147,7 @@ KEPT_BEFORE = [
     ("TimeSource", lambda: "STELSEW-NTP1", "X"),
     ("NTPSourceAddress", lambda: f"ntp.{HOST}", "X"),
     ("DeviceID", lambda: "STELSEW-PUMP-4711", "X"),
+    ("AcquisitionProtocolName", lambda: f"{SITE} chest protocol of {PERSON}", "D"),
     ("RespiratorySignalSourceID", lambda: "STELSEW-BELT07", "D"),
     ("RadiationMachineName", lambda: "STELSEW-LINAC2", "Z"),
     ("StorageMediaFileSetID", lambda: "STELSEW-ARCH23", "X"),

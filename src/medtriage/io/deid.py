@@ -174,6 +174,7 @@ BEYOND_TABLE = {
         ("TimeSource", "X"),  # Type 3: the ID of the site's equipment or system giving the time
         ("NTPSourceAddress", "X"),  # Type 3: the IP address or host name of the site's time server
         ("DeviceID", "X"),  # Type 3 in the Device Sequence: the site's own identifier of a device (Retain Device Identity: no)
+        ("AcquisitionProtocolName", "D"),  # free text, as Protocol Name (X/D) and Acquisition Protocol Description (X)
         ("RespiratorySignalSourceID", "D"),  # the ID of the device giving the respiratory signal: a dummy, as Detector ID's
         ("RadiationMachineName", "Z"),  # Type 2 in the RT Image Module: the site's machine, as Treatment Machine Name (X/Z)
         ("StorageMediaFileSetID", "X"),  # Type 3: the site's name for its media; the table remaps the File-set UID
