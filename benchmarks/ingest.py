@@ -41,6 +41,7 @@ from benchmarks.common import (
 from medtriage.data.simulate.sites import make_sites
 from medtriage.io.ingest import ingest_sites
 from medtriage.io.ingest_ledger import BATCH_FILES
+from medtriage.io.safe_output import sync_folder
 
 SECTION = "## Ingest"
 TARGET = 0.80  # ingest on one core, as a share of bare pydicom doing the same decoding (or none) and durable writes
@@ -91,7 +92,7 @@ def bare_pydicom_durable(files: list[Path], sites: Path, outs: Path, decode: boo
 
     def sync_all(folders: set[Path]) -> None:
         for folder in folders:
-            fsync_folder(folder)
+            sync_folder(folder)
         folders.clear()
 
     return run
@@ -99,7 +100,7 @@ def bare_pydicom_durable(files: list[Path], sites: Path, outs: Path, decode: boo
 
 def durable_write(target: Path, data: bytes | pydicom.Dataset) -> None:
     """`data` at `target` all or nothing, its bytes on disk before its name: a temporary file in the same folder,
-    written, fsynced, renamed into place. The rename is on disk once the folder is fsynced (`fsync_folder`)."""
+    written, fsynced, renamed into place. The rename is on disk once the folder is fsynced (`sync_folder`, as ingest's)."""
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     with os.fdopen(handle, "wb") as f:
         if isinstance(data, bytes):
@@ -109,14 +110,6 @@ def durable_write(target: Path, data: bytes | pydicom.Dataset) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, target)
-
-
-def fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def ingest(sites: Path, pools: Path, workers: int, verify: bool = False):

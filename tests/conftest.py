@@ -238,3 +238,15 @@ def no_header_warnings_said():
     logger.handlers = [h for h in handlers if not isinstance(h, HeaderWarnings)]
     yield
     logger.handlers, logger.propagate = handlers, propagate
+
+
+@pytest.fixture
+def small_decode_limits():
+    """The service's decode limits at 1 MiB of pixels while a test runs; yields what a deflated data set may then
+    inflate to (17 MiB: the pixels and HEADER_BYTES)."""
+    from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, default_limits, set_default_limits
+
+    previous = default_limits()
+    set_default_limits(DecodeLimits(max_decoded_bytes=1 << 20))
+    yield (1 << 20) + HEADER_BYTES
+    set_default_limits(previous)

@@ -8,28 +8,13 @@ read by nothing) or a traceback, with status 1; a multirun job's own error ended
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
-from contextlib import contextmanager
 
 import pytest
 
+from tests.cli.test_cli_bad_inputs import root_logging_kept
+
 pytest.importorskip("torch")
-
-
-@contextmanager
-def root_logging_kept():
-    """Hydra's main sets the root logger's handlers up for its job: they go when it returns."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        root.setLevel(level)
 
 
 def run_command(module: str, argv: list[str], monkeypatch, tmp_path) -> int:

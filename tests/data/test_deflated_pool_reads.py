@@ -8,12 +8,10 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
 from medtriage.data.pool import _header_ids, build_sites_pool
-from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, default_limits, set_default_limits
 from tests.io.test_deflate_bombs import deflate_bomb
 from tests.io.test_deflated_ingest_reads import deflated_image
 from tests.memory import peak_bytes
@@ -62,14 +60,6 @@ def test_a_deflated_image_is_pooled_as_the_same_image_uncompressed(tmp_path):
     assert list(deflated.rows["label"]) == [0, 1]
     np.testing.assert_array_equal(deflated.pixels(), plain.pixels())
     assert deflated.pixels().std() > 0
-
-
-@pytest.fixture
-def small_decode_limits():
-    previous = default_limits()
-    set_default_limits(DecodeLimits(max_decoded_bytes=MiB))  # a data set may inflate to 17 MiB
-    yield MiB + HEADER_BYTES
-    set_default_limits(previous)
 
 
 def _reasons(manifest) -> dict[str, str]:

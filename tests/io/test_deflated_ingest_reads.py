@@ -19,7 +19,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from medtriage.errors import ImageTooLargeError
 from medtriage.io import ingest_file
 from medtriage.io.clamped import dicom_source
-from medtriage.io.decode_limits import HEADER_BYTES, DecodeLimits, default_limits, set_default_limits
 from medtriage.io.deid import DeidOptions
 from medtriage.io.ingest import ingest_site
 from medtriage.io.ingest_file import init_worker, process_file
@@ -140,14 +139,6 @@ def _refusal_before(data: bytes, source: str, allowed: int, hint: str) -> str:
     with pytest.raises(ImageTooLargeError) as refused, dicom_source(data, source, inflated_allowed=allowed, inflated_hint=hint):
         pass
     return str(refused.value)
-
-
-@pytest.fixture
-def small_decode_limits():
-    previous = default_limits()
-    set_default_limits(DecodeLimits(max_decoded_bytes=MiB))  # a data set may inflate to 17 MiB
-    yield MiB + HEADER_BYTES
-    set_default_limits(previous)
 
 
 @pytest.mark.parametrize("undefined_length", [False, True], ids=["bulk", "bulk_to_a_delimiter"])
