@@ -1,11 +1,22 @@
 """Output names from header values stay inside the output folder; atomic writes leave no half file."""
 
+import errno
 import os
 
 import pytest
 
 from medtriage.errors import InputError
-from medtriage.io.safe_output import AtomicFile, inside, output_path, remove_partials, safe_component, try_lock, write_atomic, write_new
+from medtriage.io.safe_output import (
+    AtomicFile,
+    inside,
+    output_path,
+    remove_partials,
+    safe_component,
+    sync_folder,
+    try_lock,
+    write_atomic,
+    write_new,
+)
 
 
 @pytest.mark.parametrize(
@@ -116,3 +127,28 @@ def test_try_lock_tells_a_held_lock_from_a_free_one(tmp_path):
     finally:
         for descriptor in (first, second, third):
             os.close(descriptor)
+
+
+def _failing_folder_sync(monkeypatch, code: int) -> None:
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_disk_error_storing_a_written_name_is_an_error_not_a_success(tmp_path, monkeypatch):
+    """The folder's fsync error was swallowed, so a write whose name a power cut could lose was answered as written."""
+    _failing_folder_sync(monkeypatch, errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_atomic(tmp_path / "out.bin", b"data")
+    with pytest.raises(OSError, match="Input/output error"):
+        sync_folder(tmp_path)
+
+
+def test_a_filesystem_that_cannot_sync_folders_is_passed_over(tmp_path, monkeypatch):
+    _failing_folder_sync(monkeypatch, errno.EINVAL)
+    assert write_atomic(tmp_path / "out.bin", b"data").read_bytes() == b"data"

@@ -38,7 +38,7 @@ from medtriage.delivery.wheelhouse import (
 )
 from medtriage.errors import ConfigError, PackageError, printable
 from medtriage.format import sha256_file
-from medtriage.io.safe_output import try_lock
+from medtriage.io.safe_output import sync_folder, try_lock
 
 CHECKSUMS, MANIFEST, SBOM = "SHA256SUMS", "bundle.json", "sbom.cdx.json"
 UNITS = ("medtriage-serve@.service", "medtriage-listen@.service")
@@ -490,11 +490,3 @@ def _sync_tree(folder: Path) -> None:
         elif path.is_dir():
             sync_folder(path)
     sync_folder(folder)
-
-
-def sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,6 +14,7 @@ numpy-free and torch-free: used by io, serve and the DICOM node alike.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
@@ -220,16 +221,22 @@ def remove_partials(folder: str | Path) -> int:
     return removed
 
 
-def sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
+# A filesystem that cannot sync a folder at all says so with these; it keeps renames in order without being asked.
+_FOLDER_SYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def sync_folder(folder: str | Path) -> None:
+    """Put the renames in `folder` on disk (POSIX). Raises OSError when the disk reports a failure (EIO, ENOSPC): the
+    names may be lost at a power cut, so no caller may answer success. Skipped where folders cannot be opened (Windows)
+    or synced (`_FOLDER_SYNC_UNSUPPORTED`)."""
+    if os.name == "nt":
         return
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as err:
+        if err.errno not in _FOLDER_SYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
