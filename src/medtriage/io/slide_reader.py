@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+from pydicom.dataset import FileDataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 from tqdm.auto import tqdm
 
 from medtriage.errors import DataNotFoundError, InputError, MedTriageError, printable
-from medtriage.io.clamped import ClampedReader, dicom_source
+from medtriage.io.clamped import ClampedReader, bounded_source, read_part10
 from medtriage.io.decode_limits import j2k_samples, jpeg_samples
 from medtriage.io.tiff_structure import TIFF_MAGIC, check_ifd_chain
 
@@ -69,19 +70,40 @@ def is_slide_path(path: str | Path) -> bool:
 
 def is_dicom_wsi_file(path: str | Path) -> bool:
     """True for a DICOM file of a whole-slide image (one level or one associated image of the series)."""
-    import pydicom
+    return _wsi_header(Path(path)) is not None
 
+
+def _wsi_header(path: Path) -> FileDataset | None:
+    """The header of a whole-slide image file (its SOP Class UID and file meta); None for any other file."""
     try:  # pydicom converts values lazily: a damaged SOP Class UID raises on `get`
-        with dicom_source(Path(path), str(path)) as source:
-            header = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-        return str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS
+        header = _header(path, ["SOPClassUID"])
+        return header if str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS else None
     except Exception:  # not DICOM, or unreadable: not a whole-slide image either
-        return False
+        return None
+
+
+def _header(path: Path, tags: list[str]) -> FileDataset:
+    """`tags` of a DICOM file's header, as pydicom.dcmread(stop_before_pixels=True, specific_tags=tags) reads them,
+    except that a deflated data set is inflated no further than they reach, within the decode limits (pydicom inflates
+    one whole first: a file of kilobytes can inflate to gigabytes)."""
+    with bounded_source(path, str(path)) as source:
+        return read_part10(source, str(path), stop_before_pixels=True, specific_tags=tags)
+
+
+def _deflated(header: FileDataset) -> bool:
+    return header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
 
 
 def dicom_wsi_files(folder: str | Path) -> Iterator[Path]:
     """The whole-slide image files directly in `folder`, sorted (hidden files skipped)."""
-    return (p for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith(".") and is_dicom_wsi_file(p))
+    return (path for path, _ in _wsi_headers(folder))
+
+
+def _wsi_headers(folder: str | Path) -> Iterator[tuple[Path, FileDataset]]:
+    """`dicom_wsi_files`, each with its header (`_wsi_header`)."""
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and not path.name.startswith(".") and (header := _wsi_header(path)) is not None:
+            yield path, header
 
 
 def is_dicom_wsi_folder(folder: str | Path) -> bool:
@@ -582,17 +604,19 @@ class DicomSlide(_Levels):
             raise InputError(
                 "reading DICOM whole-slide images needs wsidicom", where=self.path, hint="pip install 'medtriage[wsi]'"
             ) from err
-        files = list(dicom_wsi_files(self.path))
+        headers = list(_wsi_headers(self.path))
+        files = [path for path, _ in headers]
         if not files:
             raise InputError(
                 "no DICOM whole-slide image files in the folder",
                 where=self.path,
                 hint="pass the folder holding the VL Whole Slide Microscopy Image files of one slide",
             )
-        # Streams whose reads are bounded by each file's size: wsidicom reads a frame by the length its item claims.
+        # Streams whose reads are bounded by each file's size: wsidicom reads a frame by the length its item claims. It
+        # reads no deflated data set, but inflates one whole (pixels too) before leaving it out: left out here instead.
         self._files: list = []
         try:
-            for path in files:
+            for path in (path for path, header in headers if not _deflated(header)):
                 self._files.append(open(path, "rb"))  # closed by close(), or below when the series is unreadable
             self._wsi = WsiDicom.open_streams([ClampedReader.over(file) for file in self._files])
             levels = list(self._wsi.levels)
@@ -684,14 +708,11 @@ class DicomSlide(_Levels):
 def _image_flavours(files: list[Path]) -> tuple[dict[str, int], set[str]]:
     """How many of `files` hold each image flavour (Image Type value 3: VOLUME, LABEL, OVERVIEW, THUMBNAIL), and
     the Series Instance UIDs they name. Headers that cannot be read count as UNREADABLE."""
-    import pydicom
-
     flavours: dict[str, int] = {}
     series: set[str] = set()
     for path in files:
         try:
-            with dicom_source(path, str(path)) as source:
-                header = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["ImageType", "SeriesInstanceUID"])
+            header = _header(path, ["ImageType", "SeriesInstanceUID"])
             image_type = list(header.get("ImageType") or [])
             flavour = printable(str(image_type[2]).upper()) if len(image_type) > 2 else "UNTYPED"
             if header.get("SeriesInstanceUID"):
