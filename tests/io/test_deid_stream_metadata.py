@@ -453,13 +453,14 @@ def _jp2_header(jp2: bytes) -> tuple[int, int, int]:
     return at, header, at + (struct.unpack_from(">Q", jp2, at + 8)[0] if length == 1 else length)
 
 
-def _in_jp2_header(*children: bytes, extended: bool = False, after: int = 1):
+def _in_jp2_header(*children: bytes, extended: bool = False, after: int = 1, without: tuple[bytes, ...] = ()):
     """A plant putting `children` in the JP2 Header box after its first `after` children (its length grown to match,
-    in the 64-bit form where `extended`), and GDCM's top-level UUID boxes removed."""
+    in the 64-bit form where `extended`), its children of the types `without` and GDCM's top-level UUID boxes
+    removed."""
 
     def plant(jp2: bytes) -> bytes:
         at, header, stop = _jp2_header(jp2)
-        kept = [box for _, box in _boxes(jp2, at + header, stop)]
+        kept = [box for kind, box in _boxes(jp2, at + header, stop) if kind not in without]
         jp2h = _box(b"jp2h", b"".join(kept[:after] + list(children) + kept[after:]), extended)
         rest = b"".join(box for kind, box in _boxes(jp2, stop, jp2.index(b"jp2c") - 4) if kind != b"uuid")
         return jp2[:at] + jp2h + rest + jp2[jp2.index(b"jp2c") - 4 :]
@@ -473,6 +474,7 @@ def _reader_needs(jp2: bytes) -> bytes:
     return stream_metadata._applied(jp2, stream_metadata._jp2(jp2).edits)
 
 
+RESOLUTION = struct.pack(">4H2b", 72, 254, 72, 254, 2, 2)  # 72 dpi, as grid points a metre (T.800 I.5.3.7.1)
 HIDDEN_IN_JP2_HEADER = (_box(b"uuid", bytes(16) + NAME), _box(b"xml ", b"<patient>" + NAME + b"</patient>"))
 
 
@@ -496,16 +498,17 @@ def test_metadata_boxes_inside_the_jp2_header_are_removed_and_its_length_follows
 
 
 def test_every_standard_child_of_the_jp2_header_stays_and_only_the_others_go():
-    """The header's optional boxes (bit depths, palette, component mapping, channel definitions, a second colour
-    specification, resolution with its capture and display boxes) stay byte for byte around a removed UUID box."""
-    resolution = _box(b"res ", _box(b"resc", bytes(10)) + _box(b"resd", bytes(10)))
+    """The header's optional boxes (bit depths, channel definitions, a second colour specification, resolution with
+    its capture and display boxes) stay byte for byte around a removed UUID box. A palette and its component mapping
+    are refused (tests/io/test_jp2_header_bounds.py)."""
+    resolution = _box(b"res ", _box(b"resc", RESOLUTION) + _box(b"resd", RESOLUTION))
     standard = [_box(b"bpcc", b"\x07\x07\x07"), _box(b"colr", b"\x01\x00\x00\x00\x00\x00\x10"), resolution]
-    standard += [_box(b"pclr", b"\x00\x01\x01\x07\x00"), _box(b"cmap", bytes(4)), _box(b"cdef", bytes(2))]
+    standard += [_box(b"cdef", b"\x00\x03" + b"".join(struct.pack(">HHH", channel, 0, channel + 1) for channel in range(3)))]
     gdcm = _reader_needs(_frames(pydicom.dcmread(get_testdata_file("GDCMJ2K_TextGBR.dcm")))[0])
-    jp2 = _in_jp2_header(standard[0], HIDDEN_IN_JP2_HEADER[0], *standard[1:])(gdcm)
+    jp2 = _in_jp2_header(standard[0], HIDDEN_IN_JP2_HEADER[0], *standard[1:], without=(b"res ",))(gdcm)  # one allowed
     walk = stream_metadata._jp2(jp2)
     assert walk.removed == Counter({"JP2 uuid": 1})
-    assert stream_metadata._applied(jp2, walk.edits) == _in_jp2_header(*standard)(gdcm)
+    assert stream_metadata._applied(jp2, walk.edits) == _in_jp2_header(*standard, without=(b"res ",))(gdcm)
 
 
 @pytest.mark.parametrize(
@@ -526,7 +529,7 @@ def test_a_child_running_past_the_end_of_the_jp2_header_is_quarantined(ingest_on
 def test_a_jp2_header_with_only_standard_children_is_left_as_it_is():
     """Nothing to remove: no edit, so the frame's item stays byte for byte."""
     jp2 = _reader_needs(_frames(pydicom.dcmread(get_testdata_file("GDCMJ2K_TextGBR.dcm")))[0])
-    only_standard = _in_jp2_header(_box(b"res ", _box(b"resd", bytes(10))), extended=True)(jp2)
+    only_standard = _in_jp2_header(_box(b"res ", _box(b"resd", RESOLUTION)), extended=True, without=(b"res ",))(jp2)
     assert stream_metadata._jp2(only_standard).edits == []
     ds = _read(_planted("GDCMJ2K_TextGBR.dcm", lambda frame: _in_jp2_header()(_reader_needs(frame))))
     pixel_data = ds.PixelData

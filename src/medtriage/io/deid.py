@@ -140,8 +140,10 @@ NEVER_SHIFTED = frozenset(tag_for_keyword(k) for k in ("PatientBirthDate", "Pati
 # names the action), rebuilt from its colour transform alone (`medtriage.io.icc_profile`), wherever it lies (the Optical
 # Path Sequence of a whole-slide image holds one per optical path). The issuer macro's Assigning Facility, Jurisdiction and
 # Agency or Department go wherever they lie, as its Hierarchic Designator does, and so do the coded forms of what the
-# table removes as text (a requesting service, a performing person), the site's HL7 documents (an HL7 Instance
-# Identifier is `<the site's OID>^<document ID>`: remapped as a UID is, which keeps it valid and references consistent),
+# table removes as text (a requesting service, a performing person), the department or service responsible (the
+# Responsible Group Code Sequence: its meanings are free text, its scheme may be the site's own), the user a hanging
+# protocol is for and who made it, the site's HL7 documents (an HL7 Instance Identifier is `<the site's OID>^<document
+# ID>`: remapped as a UID is, which keeps it valid and references consistent),
 # and the site's staff, systems and devices where the table does not list them: the Retain Device Identity Option does
 # not apply (`DeidOptions`), so a respiratory signal's device and an RT image's machine go as Gantry ID and Treatment
 # Machine Name do (manufacturers and models stay: they name a vendor, not the site, and the table keeps them).
@@ -169,6 +171,7 @@ BEYOND_TABLE = {
         ("AssigningJurisdictionCodeSequence", "X"),  # Type 3 there: the state or country the site lies in
         ("AssigningAgencyOrDepartmentCodeSequence", "X"),  # Type 3 there: codes of the site's agency or department
         ("RequestingServiceCodeSequence", "X"),  # Type 3: the requesting department as codes; Requesting Service is X
+        ("ResponsibleGroupCodeSequence", "X"),  # the department or service responsible, as codes: as Requesting Service's
         ("HumanPerformerCodeSequence", "X"),  # codes naming a person; the Human Performers sequences holding it are X
         ("CodingSchemeResponsibleOrganization", "X"),  # an organisation and its contact details; its sequence goes
         ("TimeSource", "X"),  # Type 3: the ID of the site's equipment or system giving the time
@@ -185,6 +188,9 @@ BEYOND_TABLE = {
         ("DocumentingOrganizationIdentifierCodeSequenceTrial", "X"),  # retired: an organisation, as Verifying Organization
         ("DocumentAuthorIdentifierCodeSequenceTrial", "X"),  # retired: a person, as the Author Observer Sequence (X)
         ("DocumentingObserverIdentifierCodeSequenceTrial", "X"),  # retired: a person, as Verifying Observer Identification
+        ("HangingProtocolUserIdentificationCodeSequence", "Z"),  # Type 2: the user (a person) it is for, as codes
+        ("HangingProtocolCreator", "D"),  # Type 1: the person or group who made it, as Operators' Name (X/Z/D)
+        ("HangingProtocolUserGroupName", "X"),  # Type 3: the site's group of users it is for
     )
 }
 # Addresses (VR UR: Retrieve URL and URI, Storage URL, Pixel Data Provider URL, file, folder and contact URIs, presentation

@@ -9,7 +9,9 @@ or a device serial, which header de-identification never sees.
 A frame is walked by the lengths its segments declare, each checked against the frame's end. What decoding needs stays:
 every JPEG table, frame and scan header, the JFIF and Adobe segments (they say how colour is converted), CharLS's colour
 transform, every JPEG 2000 marker but COM, and a JP2 file's signature, file type, header and codestream boxes, each cut
-to the fields a reader reads (a colour box to an enumerated colour space). Entropy-coded data is copied as it is, so
+to the fields a reader reads (a colour box to an enumerated colour space). Each value the header's boxes keep is checked
+against its bounds (T.800 Annex I) and the codestream's SIZ segment: where a decoder reads one wrong, or the header holds
+a palette, the frame is refused as damaged; a resolution out of bounds goes. Entropy-coded data is copied as it is, so
 decoding gives the same pixels.
 A frame that cannot be walked (no start marker, a length past its end) raises `DamagedFrame`: where its metadata lies
 is then unknown, and nothing is guessed. A frame cut short inside its coded data is left to the pixel checks, which
@@ -83,13 +85,27 @@ _PADDING = b"\0\xff"  # what may follow the end marker: even-length padding (0x0
 
 _SOT, _SOD, _EOC, _J2K_COM, _TLM = 0x90, 0x93, 0xD9, 0x64, 0x55
 _JP2_SIGNATURE = b"\0\0\0\x0cjP  \r\n\x87\n"
-# The boxes a JP2 reader needs: signature (the first box only), file type (`_file_type`), header (size, colour,
-# palette) and codestream. Reader Requirements (JPX, T.801 I.7.2) goes: JP2 readers (OpenJPEG, which pydicom's plugin,
+# The boxes a JP2 reader needs: signature (the first box only), file type (`_file_type`), header (size, depths, colour)
+# and codestream. Reader Requirements (JPX, T.801 I.7.2) goes: JP2 readers (OpenJPEG, which pydicom's plugin,
 # imagecodecs and GDCM use) never read it, and its masks and vendor UUIDs are bytes no check can tell from text.
 _JP2_KEPT = frozenset({b"ftyp", b"jp2h", b"jp2c"})
-# What the JP2 Header box may hold (T.800 I.5.3): image header, bit depths, colour (`_colour`), palette, component
-# mapping, channel definitions, resolution (a superbox of capture and display resolution: numbers only, kept whole).
-_JP2_HEADER_KEPT = frozenset({b"ihdr", b"bpcc", b"colr", b"pclr", b"cmap", b"cdef", b"res "})
+# What the JP2 Header box may hold (T.800 I.5.3) and keeps: image header, bit depths, colour (`_colour`), channel
+# definitions, resolution (a superbox of capture and display resolution, `_resolution`). Each value a decoder reads is
+# checked against its bounds (Annex I) and the codestream (`_image`, `_matches_codestream`). A palette and its component
+# mapping (pclr, cmap) are refused: they make a decoder's output more samples than the codestream has.
+_JP2_HEADER_KEPT = frozenset({b"ihdr", b"bpcc", b"colr", b"cdef", b"res "})
+_JP2_PALETTE = frozenset({b"pclr", b"cmap"})
+_JP2_HEADER_ONCE = (b"ihdr", b"bpcc", b"cdef")  # one each at most (colour may repeat; a second resolution box goes)
+_MAX_COMPONENTS = 16384  # NC (T.800 I.5.3.1)
+_MAX_DEPTH = 37  # a bit depth's low 7 bits: the depth less one, 1 to 38 bits; the high bit says signed (I.5.3.1)
+_VARYING_DEPTHS = 255  # BPC where the components' depths differ: a Bits Per Component box gives them
+_COMPRESSION_J2K = 7  # C: the only compression type JP2 defines
+_CHANNEL_TYPES = frozenset({0, 1, 2, 0xFFFF})  # colour, opacity, premultiplied opacity, unspecified (I.5.3.6)
+_WHOLE_IMAGE, _UNASSOCIATED = 0, 0xFFFF  # a channel's association besides colour 1 to N
+# Enumerated colour spaces JP2 (16 sRGB, 17 greyscale, 18 sYCC) and JPX (T.801 M.11.7.2) define, and the most
+# approximate a JPX colour may say it is (APPROX 0 to 4): another value is no colour space any reader knows.
+_ENUMERATED_SPACES = frozenset({0, 1, 3, 4, 9, *range(11, 25)})
+_MAX_APPROXIMATION = 4
 # The JPEG 2000 family's brands (JP2, JPX and its baseline, JPM, Motion JPEG 2000, HTJ2K's JPH and JHC): a File Type
 # box's other codes name nothing a reader looks for, and four bytes each can spell a name.
 _JP2_BRANDS = frozenset({b"jp2 ", b"jpx ", b"jpxb", b"jpm ", b"mjp2", b"mj2s", b"jph ", b"jhc "})
@@ -538,8 +554,9 @@ def _tlm_entries(data: bytes, start: int, stop: int) -> list[tuple[int, int]]:
 
 
 def _jp2(data: bytes) -> _Walk:
-    """A JP2 file: boxes a reader needs stay, cut to their fields, the codestream is cleaned, the other boxes go."""
-    walk, position, codestream = _Walk(), 0, None
+    """A JP2 file: boxes a reader needs stay, cut to their fields, the codestream is cleaned, the other boxes go. The
+    header must come before the codestream (T.800 I.4) and describe it (`_matches_codestream`)."""
+    walk, position, codestream, image = _Walk(), 0, None, None
     while position < len(data):
         if len(data) - position < 8:  # no room for a box: the fragment's padding
             _padding_only(data, position, "its last JP2 box")
@@ -548,10 +565,15 @@ def _jp2(data: bytes) -> _Walk:
         kind = data[position + 4 : position + 8]
         _nothing_kept_after(codestream, kind, position)
         if kind == b"jp2c":
+            if image is None:
+                raise DamagedFrame(f"has a JP2 codestream box at byte {position} without a JP2 Header box before it")
+            _matches_codestream(image, data[position + header : stop], position)
             codestream = position
             _codestream_box(data, position, header, stop, walk)
         elif kind == b"jp2h":
-            _header_box(data, position, header, stop, walk)
+            if image is not None:
+                raise DamagedFrame(f"has a second JP2 Header box at byte {position}: readers would differ on which they read")
+            image = _header_box(data, position, header, stop, walk)
         elif kind == b"ftyp":
             _file_type(data, position, header, stop, walk)
         elif kind not in _JP2_KEPT and position:  # the signature, 12 bytes (`_walk`), is the first box
@@ -621,70 +643,207 @@ def _children(data: bytes, position: int, stop: int, within: str) -> list[_Child
     return children
 
 
-def _header_box(data: bytes, at: int, header: int, stop: int, walk: _Walk) -> None:
+def _header_box(data: bytes, at: int, header: int, stop: int, walk: _Walk) -> _Image:
     """The JP2 Header is a superbox: a writer can nest a UUID or XML box in it beside the image header and colour, and
-    run a child on past the fields a reader reads (`_header_child`)."""
+    run a child on past the fields a reader reads (`_header_child`). What it says of the image is checked first
+    (`_image`): where that is out of bounds, nothing is kept."""
     children = _children(data, at + header, stop, "the JP2 Header box")
-    components, columns = _field(data, children, b"ihdr", 8, 2, 3), _field(data, children, b"pclr", 2, 1, 0)
-    kept, removed = [], Counter()
+    image = _image(data, at, children)
+    kept, removed, resolution = [], Counter(), False
     for child in children:
-        box, change = _header_child(data, child, components, columns)
+        if child.kind == b"res " and resolution:  # a second one: T.800 allows one, readers would differ on which
+            box, changes = b"", ["JP2 res inconsistent"]
+        else:
+            box, changes = _header_child(data, child, image)
+        resolution |= child.kind == b"res "
         kept.append(box)
-        removed.update([change] if change else [])
+        removed.update(changes)
     if removed:  # nothing removed: no edit, so the frame stays byte for byte
         walk.edits.append(_Edit(at, stop, _rebuilt(data, at, header, b"".join(kept))))
         walk.removed += removed
+    return image
 
 
-def _field(data: bytes, children: list[_Child], kind: bytes, offset: int, size: int, default: int) -> int:
-    """A number in the first child of type `kind`: the image header's components (NC), a palette's columns (NPC)."""
-    child = next((child for child in children if child.kind == kind), None)
-    if child is None or child.end - child.content < offset + size:
-        return default
-    return int.from_bytes(data[child.content + offset : child.content + offset + size], "big")
+class _Image(NamedTuple):
+    """What a JP2 Header says of its codestream: the image's size, and each component's bit depth as SIZ encodes it
+    (the depth less one, 0x80 where signed); BPC as the image header gives it."""
+
+    height: int
+    width: int
+    depths: tuple[int, ...]
+    bpc: int
 
 
-def _header_child(data: bytes, child: _Child, components: int, columns: int) -> tuple[bytes, str | None]:
-    """A JP2 Header child as it stays (b"": it goes), and what it lost (None: nothing). A reader reads each standard
-    child's fields and no further (T.800 I.5.3): what follows them can hold anything, so it goes too."""
+def _image(data: bytes, at: int, children: list[_Child]) -> _Image:
+    """What the JP2 Header box at `at` says of the image, every value a decoder reads checked against its bounds (T.800
+    I.5.3): raises DamagedFrame where one lies outside them, where a box it needs is missing or there twice, or where
+    it holds a palette. Decoders would read such a header each their own way (OpenJPEG through imagecodecs refuses a
+    channel definition naming a channel the image lacks, pydicom's OpenJPEG plugin decodes it), and the file cannot be
+    made right without changing what the pixels decode to. Every size is checked against the box's bytes before
+    anything is read by it."""
+    for child in children:
+        if child.kind in _JP2_PALETTE:
+            raise DamagedFrame(
+                f"has a palette (a JP2 {child.kind.decode('latin-1')} box at byte {child.start}): decoders expand each "
+                "sample through it into several, more samples than its codestream has, and pydicom's OpenJPEG plugin "
+                "writes them past the buffer it sized by the codestream; DICOM gives a palette in the data set (PALETTE "
+                "COLOR), never in the frame"
+            )
+    counted = Counter(child.kind for child in children)
+    for kind in _JP2_HEADER_ONCE:
+        if counted[kind] > 1:
+            name = kind.decode("latin-1")
+            raise DamagedFrame(f"has {counted[kind]} JP2 {name} boxes in its JP2 Header box at byte {at}, where T.800 allows one")
+    if not children or children[0].kind != b"ihdr":
+        raise DamagedFrame(f"has a JP2 Header box at byte {at} whose first box is not an image header (T.800 I.5.3.1)")
+    ihdr = children[0]
+    if ihdr.end - ihdr.content < 14:
+        raise DamagedFrame(f"has a JP2 image header at byte {ihdr.start} of {ihdr.end - ihdr.content} bytes, not its 14")
+    height, width, components, bpc, compression, unknown, ipr = struct.unpack_from(">LLHBBBB", data, ihdr.content)
+    for field_name, value, bounds, within in (
+        ("height", height, "1 to 4294967295", height >= 1),
+        ("width", width, "1 to 4294967295", width >= 1),
+        ("components (NC)", components, f"1 to {_MAX_COMPONENTS}", 1 <= components <= _MAX_COMPONENTS),
+        ("bit depth (BPC)", bpc, "1 to 38 bits, or 255", bpc == _VARYING_DEPTHS or bpc & 0x7F <= _MAX_DEPTH),
+        ("compression type (C)", compression, "7", compression == _COMPRESSION_J2K),
+        ("UnkC", unknown, "0 or 1", unknown <= 1),
+        ("IPR", ipr, "0 or 1", ipr <= 1),
+    ):
+        if not within:
+            raise DamagedFrame(f"has a JP2 image header at byte {ihdr.start} whose {field_name} is {value}, not {bounds} (T.800 I.5.3.1)")
+    depths = (bpc,) * components if bpc != _VARYING_DEPTHS else _component_depths(data, children, components)
+    channels = next((child for child in children if child.kind == b"cdef"), None)
+    if channels is not None:
+        _channel_definitions(data, channels, components)
+    return _Image(height, width, depths, bpc)
+
+
+def _component_depths(data: bytes, children: list[_Child], components: int) -> tuple[int, ...]:
+    """Each component's bit depth from the Bits Per Component box, which an image header of BPC 255 needs (T.800
+    I.5.3.2)."""
+    box = next((child for child in children if child.kind == b"bpcc"), None)
+    if box is None:
+        raise DamagedFrame("has a JP2 image header saying its components' bit depths differ (BPC 255), and no Bits Per Component box")
+    if box.end - box.content < components:
+        raise DamagedFrame(
+            f"has a JP2 bpcc box at byte {box.start} giving {box.end - box.content} bit depths for its {components} components"
+        )
+    depths = tuple(data[box.content : box.content + components])
+    wrong = next((depth for depth in depths if depth & 0x7F > _MAX_DEPTH), None)
+    if wrong is not None:
+        raise DamagedFrame(f"has a JP2 bpcc box at byte {box.start} giving a bit depth {wrong}, not 1 to 38 bits (T.800 I.5.3.2)")
+    return depths
+
+
+def _channel_definitions(data: bytes, box: _Child, components: int) -> None:
+    """A Channel Definition box (T.800 I.5.3.6) defining each of the image's channels once (without a palette, one per
+    component), with a type and an association in their bounds."""
+    content, at = data[box.content : box.end], box.start
+    count = int.from_bytes(content[:2], "big") if len(content) >= 2 else 0
+    if not count:
+        raise DamagedFrame(f"has a JP2 cdef box at byte {at} that declares no channel")
+    if 2 + 6 * count > len(content):
+        raise DamagedFrame(
+            f"has a JP2 cdef box at byte {at} that declares {count} channel definitions, with room for {(len(content) - 2) // 6}"
+        )
+    seen = set()
+    for channel, kind, association in struct.iter_unpack(">HHH", content[2 : 2 + 6 * count]):
+        if channel >= components:
+            raise DamagedFrame(f"has a JP2 cdef box at byte {at} that defines channel {channel} of an image of {components} channels")
+        if channel in seen:
+            raise DamagedFrame(f"has a JP2 cdef box at byte {at} that defines channel {channel} twice")
+        if kind not in _CHANNEL_TYPES:
+            raise DamagedFrame(f"has a JP2 cdef box at byte {at} giving channel {channel} type {kind}, not 0, 1, 2 or 65535")
+        if association not in (_WHOLE_IMAGE, _UNASSOCIATED) and association > components:
+            raise DamagedFrame(
+                f"has a JP2 cdef box at byte {at} associating channel {channel} with colour {association}, of {components} at most"
+            )
+        seen.add(channel)
+    if len(seen) < components:
+        raise DamagedFrame(f"has a JP2 cdef box at byte {at} that defines {len(seen)} of its {components} channels (T.800 I.5.3.6: each)")
+
+
+def _matches_codestream(image: _Image, codestream: bytes, at: int) -> None:
+    """Readers size the image, and read its components' depths, by the JP2 image header or by the codestream's SIZ
+    segment: where the two disagree, each shows another image. A codestream without a whole SIZ segment right after
+    its start marker is left to the decoders, which refuse it."""
+    siz = _siz(codestream)
+    if siz is None:
+        return
+    height, width, depths = siz
+    said = f"its JP2 image header and its codestream box's SIZ segment (byte {at}) disagree on"
+    if (image.height, image.width) != (height, width):
+        raise DamagedFrame(f"{said} the image's size: height {image.height} and width {image.width}, or {height} and {width}")
+    if len(image.depths) != len(depths):
+        raise DamagedFrame(f"{said} its components: {len(image.depths)} components, or {len(depths)}")
+    for index, (given, coded) in enumerate(zip(image.depths, depths)):
+        if given != coded:
+            raise DamagedFrame(f"{said} component {index + 1} as {_depth(given)}, or {_depth(coded)}")
+
+
+def _depth(depth: int) -> str:
+    return f"{(depth & 0x7F) + 1}-bit{' signed' if depth & 0x80 else ''}"
+
+
+def _siz(codestream: bytes) -> tuple[int, int, tuple[int, ...]] | None:
+    """(height, width, each component's depth) from the SIZ segment that follows the start of a codestream (T.800
+    A.5.1: Lsiz, Rsiz, the reference grid and its offsets, tiles, Csiz, then Ssiz, XRsiz and YRsiz a component); None
+    where there is none whole."""
+    if not codestream.startswith(b"\xff\x4f\xff\x51") or len(codestream) < 42:
+        return None
+    (length,), (count,) = struct.unpack_from(">H", codestream, 4), struct.unpack_from(">H", codestream, 40)
+    if length != 38 + 3 * count or len(codestream) < 4 + length:
+        return None
+    xsiz, ysiz, xoffset, yoffset = struct.unpack_from(">4L", codestream, 8)
+    return ysiz - yoffset, xsiz - xoffset, tuple(codestream[42 : 42 + 3 * count : 3])
+
+
+def _header_child(data: bytes, child: _Child, image: _Image) -> tuple[bytes, list[str]]:
+    """A JP2 Header child as it stays (b"": it goes), and what it lost. A reader reads each standard child's fields
+    and no further (T.800 I.5.3): what follows them can hold anything, so it goes too. The image header's IPR becomes
+    0: the Intellectual Property box it announces is removed. A Bits Per Component box the image header does not use
+    (it gives one depth for all) goes where it disagrees with that depth."""
     name = f"JP2 {child.kind.decode('latin-1').strip()}"
     content, whole = data[child.content : child.end], data[child.start : child.end]
     if child.kind not in _JP2_HEADER_KEPT:
-        return b"", name
+        return b"", [name]
     if child.kind == b"colr":
-        return _colour(content, columns or components) or (whole, None)
+        replaced = _colour(content, len(image.depths))
+        return (whole, []) if replaced is None else (replaced[0], [replaced[1]])
     if child.kind == b"res ":
         return _resolution(data, child)
-    size = _fields_size(child.kind, content, components, columns)
-    return (whole, None) if len(content) <= size else (_box_of(child.kind, content[:size]), f"{name} excess")
+    components = len(image.depths)
+    if child.kind == b"bpcc" and image.bpc != _VARYING_DEPTHS and content[:components] != bytes([image.bpc]) * components:
+        return b"", [f"{name} inconsistent"]
+    size = 2 + 6 * int.from_bytes(content[:2], "big") if child.kind == b"cdef" else components if child.kind == b"bpcc" else 14
+    changes = [f"{name} excess"] if len(content) > size else []
+    if child.kind == b"ihdr" and content[13]:
+        content, changes = content[:13] + b"\0", [*changes, f"{name} IPR"]
+    return (whole, []) if not changes else (_box_of(child.kind, content[:size]), changes)
 
 
-def _fields_size(kind: bytes, content: bytes, components: int, columns: int) -> int:
-    """How many bytes of a JP2 Header child's content a reader reads (T.800 I.5.3): the image header's 14; a bit depth
-    a component (bpcc); a palette's entry count, column count, depths and entries (pclr); 4 bytes a channel, at most
-    each palette column and each other component (cmap); a count and 6 bytes a channel (cdef). A child too short for
-    them is left to the decoders, which refuse it."""
-    if kind == b"ihdr":
-        return 14
-    if kind == b"bpcc":
-        return components
-    if kind == b"pclr":
-        own = content[2] if len(content) > 2 else 0
-        return 3 + own + int.from_bytes(content[:2], "big") * sum((depth & 0x7F) // 8 + 1 for depth in content[3 : 3 + own])
-    if kind == b"cmap":
-        return 4 * min(len(content) // 4, columns + max(components - 1, 0))
-    return 2 + 6 * int.from_bytes(content[:2], "big")  # cdef
-
-
-def _resolution(data: bytes, child: _Child) -> tuple[bytes, str | None]:
-    """The Resolution superbox holds capture and display resolution, 10 bytes of numbers each (T.800 I.5.3.7); any
-    other child, and bytes past those 10, go."""
+def _resolution(data: bytes, child: _Child) -> tuple[bytes, list[str]]:
+    """The Resolution superbox holds a capture and a display resolution, one of each at most, 10 bytes of numbers each
+    (T.800 I.5.3.7: vertical and horizontal numerators and denominators, each 1 to 65535, and exponents): any other
+    child, and bytes past those 10, go; so does a resolution out of those bounds (a zero denominator would have a
+    reader divide by zero), shorter than its fields, or a second one; and the box, where none is left. No decoder reads
+    it for the samples."""
     inner = _children(data, child.content, child.end, "the Resolution box")
-    exact = all(box.kind in (b"resc", b"resd") and box.end - box.content == 10 for box in inner)
-    if exact:
-        return data[child.start : child.end], None
-    kept = [_box_of(box.kind, data[box.content : box.content + 10]) for box in inner if box.kind in (b"resc", b"resd")]
-    return _box_of(b"res ", b"".join(kept)), "JP2 res excess"
+    kept, changes = {}, []
+    for box in inner:
+        fields = data[box.content : box.content + 10]
+        if box.kind not in (b"resc", b"resd"):
+            changes.append("JP2 res excess")
+        elif box.kind in kept or len(fields) < 10 or 0 in struct.unpack_from(">4H", fields):
+            changes.append("JP2 res inconsistent")
+        else:
+            kept[box.kind] = _box_of(box.kind, fields)
+            changes += ["JP2 res excess"] if box.end - box.content > 10 else []
+    if not kept:
+        return b"", ["JP2 res inconsistent"]
+    if not changes:
+        return data[child.start : child.end], []
+    return _box_of(b"res ", b"".join(kept.values())), list(dict.fromkeys(changes))
 
 
 def _colour(content: bytes, channels: int) -> tuple[bytes, str] | None:
@@ -694,12 +853,17 @@ def _colour(content: bytes, channels: int) -> tuple[bytes, str] | None:
     sRGB, by the channels the image decodes to: its description, copyright, device and private tags are free text, and
     no decoder the pool uses applies it (OpenJPEG hands it on; DICOM's colour is the data set's Photometric
     Interpretation and ICC Profile), so the samples decode the same. Any other method (JPX's vendor and parameterised
-    ones) likewise."""
+    ones) likewise, and an enumerated space JP2 and JPX do not define or an approximation past JPX's 4: four bytes of
+    a space no reader knows can spell anything."""
     method = content[0] if content else 0
     if method == _ENUMERATED and len(content) >= 7:
-        return None if len(content) == 7 else (_box_of(b"colr", content[:7]), "JP2 colr excess")
+        known = struct.unpack_from(">L", content, 3)[0] in _ENUMERATED_SPACES and content[2] <= _MAX_APPROXIMATION
+        if known:
+            return None if len(content) == 7 else (_box_of(b"colr", content[:7]), "JP2 colr excess")
     space = _GREYSCALE if channels < 3 else _SRGB
     replaced = _box_of(b"colr", struct.pack(">BBBL", _ENUMERATED, 0, 0, space))
+    if method == _ENUMERATED and len(content) >= 7:
+        return replaced, "JP2 colr inconsistent"
     return replaced, "JP2 colr ICC" if method in (2, 3) else f"JP2 colr method {method}"
 
 
