@@ -40,7 +40,7 @@ KILLED_IN_A_BATCH = textwrap.dedent(f"""
 
     src, pool, quarantine, at, after = sys.argv[1:6]
     ledger.BATCH_FILES = {BATCH}
-    real_write, real_sync, pooled = ledger.write_atomic, ledger.sync_folder, []
+    real_write, real_sync, pooled = ledger.write_pooled, ledger.sync_folder, []
 
     def write(path, data):
         pooled.append(real_write(path, data))
@@ -53,7 +53,7 @@ KILLED_IN_A_BATCH = textwrap.dedent(f"""
         if at == "synced" and Path(folder) == Path(pool) / "site_a" and len(pooled) >= int(after):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    ledger.write_atomic, ledger.sync_folder = write, sync
+    ledger.write_pooled, ledger.sync_folder = write, sync
     ingest.ingest_site("site_a", src, pool, key=SiteKey({SECRET!r}), quarantine=quarantine, progress=False)
 """)
 
@@ -129,7 +129,7 @@ def test_an_index_row_is_written_only_once_its_file_and_folder_and_quarantine_li
     pool, quarantine = tmp_path / "pool", tmp_path / "q"
     site_dir, index, listing = pool / "site_a", ledger_folder(pool, "site_a") / INDEX_FILE, quarantine / "quarantine.csv"
     written, durable, listed, index_syncs, folder_syncs = set(), set(), set(), [], []
-    real_write, real_sync = ledger.write_atomic, ledger.sync_folder
+    real_write, real_sync = ledger.write_pooled, ledger.sync_folder
 
     def write(path, data):
         written.add(real_write(path, data))
@@ -151,7 +151,7 @@ def test_an_index_row_is_written_only_once_its_file_and_folder_and_quarantine_li
             assert {r["content_key"] for r in rows if r["outcome"] == "quarantined"} <= listed
 
     monkeypatch.setattr(ledger, "BATCH_FILES", BATCH)
-    monkeypatch.setattr(ledger, "write_atomic", write)
+    monkeypatch.setattr(ledger, "write_pooled", write)
     monkeypatch.setattr(ledger, "sync_folder", sync)
     monkeypatch.setattr(ledger, "os", _FsyncLog(synced))
     summary = ingest_site("site_a", tmp_path / "site", pool, key=KEY, quarantine=quarantine, progress=False)
@@ -168,7 +168,7 @@ def test_a_write_failing_mid_batch_commits_the_rows_before_it_and_none_for_it(tm
     is committed on the way out, each of its rows naming a file written whole) and nothing for the third, and the next
     run completes the site."""
     _whole(tmp_path)
-    pool, quarantine, real_write, pooled = tmp_path / "pool", tmp_path / "q", ledger.write_atomic, []
+    pool, quarantine, real_write, pooled = tmp_path / "pool", tmp_path / "q", ledger.write_pooled, []
 
     def full_disk(path, data):
         if len(pooled) == 2:
@@ -176,7 +176,7 @@ def test_a_write_failing_mid_batch_commits_the_rows_before_it_and_none_for_it(tm
         pooled.append(real_write(path, data))
         return pooled[-1]
 
-    monkeypatch.setattr(ledger, "write_atomic", full_disk)
+    monkeypatch.setattr(ledger, "write_pooled", full_disk)
     with pytest.raises(OSError, match="No space left"):
         ingest_site("site_a", tmp_path / "site", pool, key=KEY, quarantine=quarantine, progress=False)
     assert {row["path"] for row in _index_rows(pool)} == {p.name for p in pooled}

@@ -26,7 +26,7 @@ KILLED_INGEST = textwrap.dedent(f"""
     import medtriage.io.ingest_ledger as ledger
     from medtriage.io.site_key import SiteKey
 
-    real, writes = ledger.write_atomic, []
+    real, writes = ledger.write_pooled, []
 
     def dying_write(path, data):
         if Path(path).suffix == ".dcm" and len(writes) == 2:
@@ -36,7 +36,7 @@ KILLED_INGEST = textwrap.dedent(f"""
         writes.append(path)
         return real(path, data)
 
-    ledger.write_atomic = dying_write
+    ledger.write_pooled = dying_write
     src, pool, quarantine = sys.argv[1:4]
     ingest.ingest_site("site_a", src, pool, key=SiteKey({SECRET!r}), quarantine=quarantine, progress=False)
 """)

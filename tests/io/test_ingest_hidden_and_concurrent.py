@@ -26,7 +26,7 @@ from tests.io.phi_site import build_phi_site
 SECRET = b"test-site-secret-0123456789abcdef"
 KEY = SiteKey(SECRET)
 # Runs ingest in a child that, on its first pooled file, leaves its temporary file in place, says so, and waits to be
-# let go before it renames that file into place (as write_atomic does).
+# let go before it renames that file into place (as write_pooled does).
 PAUSED_INGEST = textwrap.dedent(f"""
     import os, sys, time
     from pathlib import Path
@@ -34,7 +34,7 @@ PAUSED_INGEST = textwrap.dedent(f"""
     import medtriage.io.ingest_ledger as ledger
     from medtriage.io.site_key import SiteKey
 
-    real, paused = ledger.write_atomic, []
+    real, paused = ledger.write_pooled, []
     src, pool, quarantine, ready, go = sys.argv[1:6]
 
     def paused_write(path, data):
@@ -51,7 +51,7 @@ PAUSED_INGEST = textwrap.dedent(f"""
         os.replace(partial, path)
         return path
 
-    ledger.write_atomic = paused_write
+    ledger.write_pooled = paused_write
     summary = ingest.ingest_site("site_a", src, pool, key=SiteKey({SECRET!r}), quarantine=quarantine, progress=False)
     print(summary.line())
 """)

@@ -7,7 +7,8 @@ end-of-image marker. One rule serves both, so that a file ingest pools is a file
 frame N is the same frame whichever decodes it. Item headers are read in place: a frame is known by the positions of
 its first and last fragments, its bytes are joined only for a frame a decoder asks for (`frame_bytes`), an offset
 table's entries are read as they are needed (a hostile table may hold millions), and a walk stops once the frames asked
-for are found.
+for are found. Within `frames_split_once`, the items of a pixel data value are split into frames once, and every look at
+its frames takes them from that split (ingest looks at a file's frames several times: `frames_split_once`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import itertools
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import NamedTuple, TypeVar
 
 import pydicom
 
@@ -24,6 +27,9 @@ _ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
 _EOI = b"\xff\xd9"  # pydicom ends a frame at a fragment with this in its last _EOI_WINDOW bytes
 _EOI_WINDOW = 10
 _TAIL_STEP = 4096  # trailing padding is read back this many bytes at a time
+# The splits of a `frames_split_once` block: id of the pixel data -> (the pixel data, what was found of it by key)
+_SHARED: ContextVar[dict[int, tuple[bytes, dict]] | None] = ContextVar("medtriage_frames_split_once", default=None)
+T = TypeVar("T")
 
 
 class Span(NamedTuple):
@@ -95,11 +101,12 @@ def frames_in(data: bytes, claimed: int, extended: tuple[bytes, bytes] | None = 
         return
     basic_count, basic_entry, first = _basic_offsets(data)
     if extended is not None:
-        yield from itertools.islice(_by_extended_table(data, first, *extended), claimed)
-    elif basic_count:
-        yield from _by_basic_table(data, first, basic_count, basic_entry, claimed)
+        yield from itertools.islice(_split(data, ("extended", *extended), lambda: _by_extended_table(data, first, *extended)), claimed)
+    elif basic_count:  # the first frames of all the table's: the same frames, found by the same walk as far as they go
+        every = _split(data, ("basic",), lambda: _by_basic_table(data, first, basic_count, basic_entry, basic_count))
+        yield from itertools.islice(every, claimed)
     else:
-        yield from _by_fragments(data, first, claimed)
+        yield from _split(data, ("fragments", claimed), lambda: _by_fragments(data, first, claimed))
 
 
 def frame_bytes(data: bytes, frame: Frame) -> bytes | bytearray:
@@ -224,7 +231,7 @@ def _by_fragments(data: bytes, first: int, claimed: int) -> Iterator[Frame]:
     if len(some) <= claimed:
         yield from (Frame(fragment, fragment) for fragment in some)
         return
-    yield from itertools.islice(_at_end_markers(data, first), claimed)
+    yield from itertools.islice(_split(data, ("end markers",), lambda: _at_end_markers(data, first)), claimed)
 
 
 def _at_end_markers(data: bytes, first: int) -> Iterator[Frame]:
@@ -252,15 +259,20 @@ def every_frame(ds: pydicom.Dataset, claimed: int, fragment_a_frame: bool = Fals
     count, _, first = _basic_offsets(data)
     if extended is not None:
         frames = list(frames_in(data, len(extended[0]) // 8, extended))
-        _one_fragment_each(data, first, frames)
+        shared(data, ("one fragment each", *extended), lambda: _one_fragment_each(data, first, frames))
         return frames
     if count:
         return list(frames_in(data, count))
-    if claimed > 1 and any(True for _ in itertools.islice(_fragments(data, first), claimed, None)):
+    if claimed > 1 and shared(data, ("more fragments than", claimed), lambda: _more_fragments(data, first, claimed)):
         if fragment_a_frame:
-            return [Frame(fragment, fragment) for fragment in _fragments(data, first)]
-        return list(_at_end_markers(data, first))  # more fragments than frames: frames end at end-of-image markers
+            return list(_split(data, ("each fragment",), lambda: (Frame(fragment, fragment) for fragment in _fragments(data, first))))
+        return list(_split(data, ("end markers",), lambda: _at_end_markers(data, first)))  # frames end at end-of-image markers
     return list(frames_in(data, claimed))
+
+
+def _more_fragments(data: bytes, first: int, count: int) -> bool:
+    """Whether the items from `first` on hold more than `count` fragments (read up to one more)."""
+    return any(True for _ in itertools.islice(_fragments(data, first), count, None))
 
 
 def _one_fragment_each(data: bytes, first: int, frames: list[Frame]) -> None:
@@ -299,3 +311,93 @@ def reencapsulated(
     if not extended:
         return pixel_data, None
     return pixel_data, (struct.pack(f"<{len(offsets)}Q", *offsets), struct.pack(f"<{len(lengths)}Q", *lengths))
+
+
+# ---------------------------------------------------------------- one split for every look (`frames_split_once`)
+
+
+@contextmanager
+def frames_split_once() -> Iterator[None]:
+    """Within the block, the items of a pixel data value are split into frames once, and every look at its frames
+    (`every_frame`, `claimed_frames`, `located_frames`, `misplaced_basic_entry`, `frames_in`) takes them from that
+    split. Ingest looks at a compressed file's frames several times (frames past Number of Frames, frames that cannot
+    be walked, frames missing, then the cleaning of stream metadata), and each look would split the items again. A
+    split is found lazily and replayed as found, what it raised included: each look gets the frames, and the error at
+    the place, that a split of its own would give, and takes the split no further than its own would go. Only `bytes`
+    is shared (a value that cannot change), by identity, and only until the block ends, which lets go of it."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def shared(data: bytes, key: tuple, compute: Callable[[], T]) -> T:
+    """`compute()`, found once for `data` and `key` within a `frames_split_once` block and given again after (what it
+    raised is raised again); outside one, or for a value that may change (not `bytes`), found each time. `key` names
+    what `compute` finds of `data` and everything else it depends on (a frame count, an offset table)."""
+    found = _found(data, key)
+    if found is None:
+        return compute()
+    if key not in found:
+        try:
+            found[key] = (compute(), None)
+        except Exception as err:  # raised again to each later look, as a look of its own would raise it
+            found[key] = (None, err)
+    value, raised = found[key]
+    if raised is not None:
+        raise raised
+    return value
+
+
+def _split(data: bytes, key: tuple, items: Callable[[], Iterator[T]]) -> Iterator[T]:
+    """`items()`, shared within a `frames_split_once` block as `shared` shares a value, but taken up lazily: a look
+    walks the split only as far as it asks, and one after it goes on from there."""
+    found = _found(data, key)
+    if found is None:
+        return items()
+    replay = found.get(key)
+    if replay is None:
+        replay = found[key] = _Replay(items())
+    return iter(replay)
+
+
+def _found(data: bytes, key: tuple) -> dict | None:
+    """What the block found of `data`; None outside a block, and for a value or key that may change (an offset table
+    held in a bytearray)."""
+    splits = _SHARED.get()
+    if splits is None or type(data) is not bytes or not all(isinstance(part, (str, int, bytes)) or part is None for part in key):
+        return None
+    held = splits.get(id(data))
+    if held is None or held[0] is not data:  # held: its id is no other value's while the block lasts
+        held = splits[id(data)] = (data, {})
+    return held[1]
+
+
+class _Replay(Iterable[T]):
+    """The items of an iterator kept as they are first asked for, and handed again to each later reader, up to its end
+    or to what it raised, raised again there (an interrupt too: the iterator it came through is over)."""
+
+    def __init__(self, items: Iterator[T]) -> None:
+        self._items: Iterator[T] | None = items
+        self._kept: list[T] = []
+        self._raised: BaseException | None = None
+
+    def __iter__(self) -> Iterator[T]:
+        index = 0
+        while True:
+            if index < len(self._kept):
+                yield self._kept[index]
+                index += 1
+            elif self._raised is not None:
+                raise self._raised
+            elif self._items is None:
+                return
+            else:
+                try:
+                    self._kept.append(next(self._items))
+                except StopIteration:
+                    self._items = None
+                except BaseException as err:  # the iterator is over: each later reader meets this where it came
+                    self._items, self._raised = None, err
+                    raise

@@ -9,6 +9,8 @@ builder reads it like any site folder:
                                          bytes: what makes re-ingest idempotent and incremental
 - `<pool>/.ingest/<site>/logs/<run>.json`  one audit log per ingest: counts, profile, versions, time; no PHI
 - `<pool>/.ingest/<site>/ingest.lock`      held for the whole ingest: a second ingest of the site is refused
+A pooled file no index row names (a run killed before recording it, its input gone from the site folder since) is moved
+to the quarantine as `unindexed_pool_file` by the next run that ends (`Ledger.set_aside_unindexed`).
 Site side (never pooled), `<quarantine>/`: originals by reason plus `quarantine.csv` with source paths (a file
 that cannot be read at all is listed there as `cannot_read`, one over the size limit as `too_large`, and one changed or
 removed after it was read as `changed_while_read`, without a copy, and all are looked at again by the next run).
@@ -55,7 +57,7 @@ from medtriage.io.ingest_ledger import (
     read_index,
     write_audit_log,
 )
-from medtriage.io.safe_output import held_exclusive, remove_partials, write_new
+from medtriage.io.safe_output import hold_exclusive, remove_partials, write_new
 from medtriage.io.site_folder import SITE_LABELS_FILE, SiteFolder, read_site_folder
 from medtriage.io.site_key import SiteKey, load_site_key
 from medtriage.io.site_labels import read_site_labels, write_pool_labels
@@ -105,7 +107,7 @@ def ingest_site(
         _refuse_empty_site_folder(src, contents)
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     started = time.time()
-    with _site_lock(ledger_dir, site):
+    with _site_lock(ledger_dir, site) as locked:
         _check_patient_identity(ledger_dir, options, site)
         drop_torn_line(ledger_dir / INDEX_FILE)  # before reading: a torn row must not mark its input done
         index = read_index(ledger_dir / INDEX_FILE)
@@ -121,6 +123,8 @@ def ingest_site(
                     ledger.record(out, summary)
                     stop.done = done
             ledger.commit()  # the last batch, while a stop is still heard as one (close commits it after an error)
+            if stop.signum is None and locked:  # every input recorded, and no other run's batch in progress
+                summary.unindexed_set_aside = ledger.set_aside_unindexed(key.content_key)
         if stop.signum is not None:
             raise IngestStopped(site, stop.signum, stop.done, len(sources))
         rows = ledger.index.values()
@@ -178,9 +182,10 @@ def _say(line: str) -> None:
 
 
 @contextmanager
-def _site_lock(ledger_dir: Path, site: str):
+def _site_lock(ledger_dir: Path, site: str) -> Iterator[bool]:
     """Held for a whole ingest of one site. A second ingest of the site at once would delete the first one's temporary
-    files as a killed run's leftovers, and both would write the index: it is refused instead."""
+    files as a killed run's leftovers, and both would write the index: it is refused instead. Gives whether the lock
+    is held: not where the file system has no locks (`hold_exclusive`), where the run goes on unlocked."""
     ledger_dir.mkdir(parents=True, exist_ok=True)
 
     def busy(holder: str) -> MedTriageError:
@@ -190,8 +195,12 @@ def _site_lock(ledger_dir: Path, site: str):
             hint="wait for it to finish, then run this ingest again: it adds only what the other did not",
         )
 
-    with held_exclusive(ledger_dir / LOCK_FILE, busy):
-        yield
+    descriptor = hold_exclusive(ledger_dir / LOCK_FILE, busy)
+    try:
+        yield descriptor is not None
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 def _check_patient_identity(ledger_dir: Path, options: DeidOptions, site: str) -> None:

@@ -23,7 +23,7 @@ from medtriage.errors import ImageTooLargeError
 from medtriage.io.clamped import bounded_source, read_part10
 from medtriage.io.decode_limits import DecodeLimits, check_limits, default_limits, inflated_limit, number_of_frames
 from medtriage.io.deid import DeidOptions, deidentify, not_deidentifiable, transfer_syntax
-from medtriage.io.encapsulation import claimed_frames, ends_with, misplaced_basic_entry
+from medtriage.io.encapsulation import claimed_frames, ends_with, frames_split_once, misplaced_basic_entry
 from medtriage.io.header_warnings import reading, say_header_warnings, saying_header_warnings
 from medtriage.io.part10 import encode
 from medtriage.io.quarantine import Unsafe, screen
@@ -214,11 +214,14 @@ def _not_a_file(mode: int) -> str:
 
 
 def _deidentified(out: Outcome, ds, w: dict) -> Outcome:
-    problem = _unwritable(ds) or screen(ds) or _overlay_in_pixels(ds) or _pixel_problem(ds, w["verify"])
-    if problem:
-        return quarantined(out, problem)
-    out.pixel_sha256 = hashlib.sha256(ds.PixelData).hexdigest()[:32]  # stored bytes: exact copies, same encoding
-    result = deidentify(ds, w["key"], w["options"])
+    # The screen (frames past Number of Frames, frames that cannot be walked), the pixel checks (frames missing) and
+    # the cleaning of the frames' stream metadata look at one split of the frames; it goes once they are cleaned.
+    with frames_split_once():
+        problem = _unwritable(ds) or screen(ds) or _overlay_in_pixels(ds) or _pixel_problem(ds, w["verify"])
+        if problem:
+            return quarantined(out, problem)
+        out.pixel_sha256 = hashlib.sha256(ds.PixelData).hexdigest()[:32]  # stored bytes: exact copies, same encoding
+        result = deidentify(ds, w["key"], w["options"])
     out.accession = str(ds.get("AccessionNumber", "") or "")
     out.modality = "".join(c for c in str(ds.get("Modality", "") or "OT") if c.isalnum())[:16] or "OT"
     out.sop_uid, out.study_uid, out.series_uid, out.patient = result.sop_uid, result.study_uid, result.series_uid, result.pseudonym

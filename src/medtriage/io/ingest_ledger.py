@@ -7,7 +7,9 @@ rename, and once per batch (`BATCH_FILES` inputs, or `BATCH_SECONDS`, or the run
 the batch's renames and the quarantine list are synced, and only then are the batch's index rows appended and the index
 synced. So a row of the index names only a file that is on disk; a crash before a batch's commit leaves its files in
 place without index rows, and as their inputs are not marked done, the next run processes them again and writes the
-same files over them (names and bytes follow from the input and the site key).
+same files over them (names and bytes follow from the input and the site key). Where such an input has left the site
+folder before the next run, no run makes its file again: a run that ends sets aside each pooled file no index row names
+(`Ledger.set_aside_unindexed`), as pool readers read the folder, not the index.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,6 +53,7 @@ INDEX_COLUMNS = [
     "run",
 ]
 QUARANTINE_COLUMNS = ["content_key", "reason", "detail", "source", "run"]
+UNINDEXED = "unindexed_pool_file"  # the quarantine's reason for a pooled file no index row names (no input: not counted)
 BATCH_FILES = 64  # index rows a batch holds before its commit (one folder sync and one index sync for all)
 BATCH_SECONDS = 2.0  # or once its first row is this old: a slow ingest's index still moves on
 
@@ -69,6 +73,7 @@ class IngestSummary:
     # and from how many files: text a site's encoders write beside the pixels, which no header attribute shows.
     stream_metadata_removed: Counter = field(default_factory=Counter)
     stream_metadata_files: int = 0
+    unindexed_set_aside: int = 0  # pooled files no index row names, moved to the quarantine (`Ledger.set_aside_unindexed`)
     labels: dict = field(default_factory=dict)
     log_path: str = ""
 
@@ -90,9 +95,11 @@ class IngestSummary:
         hidden = f"; left out {self.hidden} hidden file(s) (a name starting with '.')" if self.hidden else ""
         files = self.stream_metadata_files
         metadata = f"; metadata removed from {files} compressed file(s)" if files else ""
+        unindexed = self.unindexed_set_aside
+        set_aside = f"; set aside {unindexed} pooled file(s) no index row named (quarantine: {UNINDEXED})" if unindexed else ""
         return (
             f"{self.site}: in {self.counts_in} = pooled {self.pooled} ({self.pooled_new} new) "
-            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}{by_name}{hidden}{metadata}"
+            f"+ quarantined {sum(self.quarantined.values())} ({reasons}){flags}{by_name}{hidden}{metadata}{set_aside}"
         )
 
 
@@ -101,7 +108,7 @@ def ledger_folder(pool: str | Path, site: str) -> Path:
     return Path(pool) / LEDGER_DIR / site
 
 
-def write_atomic(path: Path, data: bytes) -> Path:
+def write_pooled(path: Path, data: bytes) -> Path:
     """A pooled file at `path`, whole or not at all, its bytes on disk before its name appears; its folder is synced by
     the batch's commit (`Ledger.commit`), before an index row names it."""
     return write_atomic_unsynced_folder(path, data)
@@ -176,10 +183,40 @@ class Ledger:
         self.seen.add(out.content_key)
         self._commit_if_due()
 
+    def set_aside_unindexed(self, content_key: Callable[[bytes], str]) -> int:
+        """Move each pooled file that no index row names into the quarantine (`UNINDEXED`, named by `content_key` of its
+        bytes), listed there, and return how many. For a run that has recorded all its inputs, the site lock held (no
+        other run's batch is in progress): only a run killed after a file's rename, before its batch's commit, leaves
+        such a file, and its input has left the site folder since, or this run would have made the file again and named
+        it. Pool readers read the folder, not the index, and would take it up with no record of its ingest. It is kept
+        (the quarantine may lie on another file system: copied, the copy and its listing on disk) and only then removed
+        from the pool; a run killed in between leaves it to the next, which lists it once."""
+        named = {row["path"] for row in self.index.values() if row["outcome"] == "pooled"}
+        unindexed = [
+            path
+            for path in sorted(self.site_dir.glob("*.dcm"))
+            if path.name not in named and not path.name.startswith(".") and path.is_file() and not path.is_symlink()
+        ]
+        detail = (
+            "no index row names this pooled file: an ingest was killed after writing it, before recording it, and the "
+            "input it came from has left the site folder since; set aside so that no pool reader takes it up"
+        )
+        for path in unindexed:
+            data = path.read_bytes()
+            out = Outcome(str(path), content_key=content_key(data), status="quarantined", reason=UNINDEXED, detail=detail)
+            safe_output.write_atomic(output_path(self.quarantine / UNINDEXED, out.content_key, ".dcm"), data)
+            self._list_quarantined(out, once=True)
+        if unindexed:
+            self.commit()  # the listing on disk (each copy is, with its folder) before the pool loses the files
+            for path in unindexed:
+                path.unlink(missing_ok=True)
+            sync_folder(self.site_dir)
+        return len(unindexed)
+
     def _to_pool(self, out: Outcome) -> None:
         # The site export's own layout, new UIDs; a UID the profile keeps (DICOM root) is still header data.
         target = output_path(self.site_dir, f"{out.modality}.{out.sop_uid}", ".dcm")
-        write_atomic(target, out.encoded)  # never a half-written file under its final name
+        write_pooled(target, out.encoded)  # never a half-written file under its final name
         self._folders.add(target.parent)  # the rename is on disk once the batch commits, before the index names it
         relative = Path(target.name)
         self.sops.add(out.sop_uid)
@@ -347,6 +384,7 @@ def write_audit_log(ledger_dir: Path, summary: IngestSummary, options: DeidOptio
             "identified_by_name": summary.identified_by_name,
             "stream_metadata_removed": dict(sorted(summary.stream_metadata_removed.items())),
             "stream_metadata_files": summary.stream_metadata_files,
+            "unindexed_pool_files_set_aside": summary.unindexed_set_aside,
         },
         "flags": dict(summary.flags),
         "labels": summary.labels,

@@ -39,6 +39,7 @@ from medtriage.io.encapsulation import (
     frame_length,
     item_end,
     reencapsulated,
+    shared,
 )
 
 JPEG_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (*range(50, 67), 70))  # the retired processes too
@@ -160,6 +161,7 @@ def stripped_pixel_data(ds: pydicom.Dataset, syntax: str) -> Stripped | None:
     if found is None or not found[1]:
         return None
     frames, cleaned, removed = found
+    removed = Counter(removed)  # its own: the walk's may be shared (`_cleaned_frames`)
     extended = extended_offsets(ds) is not None
     pixel_data, table = reencapsulated(ds.PixelData, frames, cleaned, extended)
     return Stripped(pixel_data, table, removed)
@@ -328,8 +330,16 @@ def _samples_only(length: int, size: int) -> None:
 
 
 def _cleaned_frames(ds: pydicom.Dataset, syntax: str) -> tuple[list[Frame], dict[int, bytes], Counter] | None:
+    """Each frame's codestream walked: the frames, the cleaned ones by index, what was removed. Ingest asks twice (is a
+    frame damaged, then the cleaning): within `frames_split_once` the walk is done once (`shared`), keyed by all it
+    reads of `ds` besides the pixel data."""
     if syntax not in STREAM_SYNTAXES or "PixelData" not in ds:
         return None
+    key = ("cleaned", syntax, _claimed(ds), *(extended_offsets(ds) or ()))
+    return shared(ds.PixelData, key, lambda: _walked_frames(ds, syntax))
+
+
+def _walked_frames(ds: pydicom.Dataset, syntax: str) -> tuple[list[Frame], dict[int, bytes], Counter]:
     data, frames = ds.PixelData, _counted_frames(ds, syntax)
     cleaned, removed = {}, Counter()
     for index, frame in enumerate(frames):
