@@ -13,10 +13,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from medtriage.cli import exit_interrupted, exit_with_message, hydra_command
-from medtriage.cli.train import check_data_paths, check_sweep_direction
+from medtriage.cli.train import check_data_paths, check_sweep_direction, own_run_folder
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import MedTriageError
 from medtriage.io.header_warnings import say_header_warnings
+from medtriage.training.refused_runs import removed_when_refused
 from medtriage.workflows.cross_validation import cross_validate
 
 CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
@@ -26,10 +27,11 @@ CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
 def job(cfg: TrainConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)  # this job's, the sweeper's choices included
     try:
-        check_sweep_direction("the mean held-out log-loss after temperature", "minimize")
-        say_header_warnings()  # pydicom's, once per file and naming it, while the pool is built
-        check_data_paths(cfg)
-        return cross_validate(overrides, Path(cfg.paths.output_dir), cfg).score
+        with removed_when_refused(own_run_folder()):  # refused before any fold started: its folder holds no fold<k>/
+            check_sweep_direction("the mean held-out log-loss after temperature", "minimize")
+            say_header_warnings()  # pydicom's, once per file and naming it, while the pool is built
+            check_data_paths(cfg)
+            return cross_validate(overrides, Path(cfg.paths.output_dir), cfg).score
     except MedTriageError as err:
         exit_with_message(err)
     except KeyboardInterrupt:

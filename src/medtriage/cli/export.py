@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export_run(argv: list[str]) -> int:
     run_id, overrides = parse_args(argv)
-    from medtriage.export.from_mlflow import export_from_mlflow
+    from medtriage.export.from_mlflow import RUN_EXPORT_KEYS, export_from_mlflow, reexport_changes
 
+    reexport_changes(overrides, (*RUN_EXPORT_KEYS, STORE_KEY))  # before the project's config is composed
     _use_project_store()
     export_from_mlflow(run_id, _use_named_store(overrides))
     return 0
@@ -53,7 +54,8 @@ def _use_project_store() -> None:
     mlflow.set_tracking_uri(compose_train_config(["experiment=pneumoniamnist"]).tracking.uri)
 
 
-STORE_OVERRIDE = "tracking.uri="
+STORE_KEY = "tracking.uri"
+STORE_OVERRIDE = f"{STORE_KEY}="
 
 
 def _use_named_store(overrides: list[str]) -> list[str]:
@@ -133,6 +135,7 @@ def _export_ensemble(args: argparse.Namespace, run_ids: list[str], overrides: li
     from medtriage.export.ensemble import export_ensemble
     from medtriage.export.fold_ensemble import check_finished_runs, export_fold_ensemble, export_refit
 
+    check_ensemble_overrides(overrides, args)
     _use_project_store()
     overrides = _use_named_store(overrides)
     check_finished_runs(args.cross_validation or [], args.refit or [])
@@ -146,6 +149,21 @@ def _export_ensemble(args: argparse.Namespace, run_ids: list[str], overrides: li
         package, run_id, _ = export_ensemble(run_ids, args.name, tta=args.tta, overrides=overrides)
     print(f"ensemble package {package} (MLflow run {run_id})")
     return 0
+
+
+# What an ensemble reads of its overrides besides tracking.uri: an ensemble of runs is scored on its pool (export_net);
+# fold models on their own folds' pools, in a run filed under tracking.experiment_name (export.fold_ensemble).
+RUNS_ENSEMBLE_KEYS = ("export.*", "data.pool_dir", STORE_KEY)
+FOLDS_ENSEMBLE_KEYS = ("export.*", "tracking.experiment_name", STORE_KEY)
+
+
+def check_ensemble_overrides(overrides: list[str], args: argparse.Namespace) -> None:
+    """Refuse, by name, an override the ensemble would not read (the members' model and training are their own), and
+    export.name or export.tta other than --name and --tta, which are what the ensemble is made with."""
+    from medtriage.export.from_mlflow import reexport_changes
+
+    options = {"export.name": ("--name", args.name), "export.tta": ("--tta", args.tta)}
+    reexport_changes(overrides, FOLDS_ENSEMBLE_KEYS if args.cross_validation else RUNS_ENSEMBLE_KEYS, options)
 
 
 if __name__ == "__main__":

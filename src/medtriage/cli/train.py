@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import ListConfig
 
 from medtriage.arguments import refuse_file_as_folder
@@ -13,6 +15,7 @@ from medtriage.cli import exit_interrupted, exit_with_message, hydra_command
 from medtriage.config import CONFIG_DIR_NAME, TrainConfig, find_project_root
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.io.header_warnings import say_header_warnings
+from medtriage.training.refused_runs import removed_when_refused
 from medtriage.workflows.train_and_export import train_and_export
 
 CONFIG_DIR = str(Path(find_project_root()) / CONFIG_DIR_NAME)
@@ -26,10 +29,11 @@ DATA_PATH_EXAMPLES = {
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def job(cfg: TrainConfig) -> float:
     try:
-        check_sweep_direction("the best validation AUC", "maximize")
-        say_header_warnings()  # pydicom's, once per file and naming it, while the pool is built
-        check_data_paths(cfg)
-        return train_and_export(cfg).best_val_auc  # lets Hydra sweepers optimise it
+        with removed_when_refused(own_run_folder()):  # a refusal before training leaves no folder behind
+            check_sweep_direction("the best validation AUC", "maximize")
+            say_header_warnings()  # pydicom's, once per file and naming it, while the pool is built
+            check_data_paths(cfg)
+            return train_and_export(cfg).best_val_auc  # lets Hydra sweepers optimise it
     except MedTriageError as err:
         exit_with_message(err)
     except KeyboardInterrupt:
@@ -37,6 +41,19 @@ def job(cfg: TrainConfig) -> float:
 
 
 main = hydra_command(job)  # Hydra's own failures (a misspelt key or option, an unwritable run folder) in one line too
+
+
+def own_run_folder() -> Path | None:
+    """The folder Hydra made for this single run, which a refusal before training may remove (training.refused_runs);
+    None when it is not this process's to remove: a folder the command line named (hydra.run.dir: a cross-validation's
+    fold, whose log the cross-validation reads, or a SLURM job's), a multirun's job folder, beside the sweep's other
+    jobs, or the folder of torchrun's other ranks, which rank 0 shares."""
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.RUN or os.environ.get("RANK", "0") != "0":
+        return None
+    if any(override.lstrip("+~").startswith("hydra.run.dir=") for override in hydra.overrides.hydra):
+        return None
+    return Path(hydra.runtime.output_dir)
 
 
 def check_sweep_direction(returned: str, better: str) -> None:

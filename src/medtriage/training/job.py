@@ -36,6 +36,7 @@ from medtriage.signals import terminate_as_interrupt
 from medtriage.training import distributed, tracking
 from medtriage.training.distributed import Ranks
 from medtriage.training.loop import TrainingLoop, TrainState, train_epochs
+from medtriage.training.refused_runs import training_started
 from medtriage.training.report import METRICS_FILE, final_metrics, log_final, print_summary, run_folder
 from medtriage.training.resume import catch_up_best, clear_earlier_run, find_resume_checkpoint
 
@@ -294,6 +295,7 @@ def _train(cfg: DictConfig, config: dict, ranks: Ranks, device: torch.device, mo
     manifest, splits, audit = load_data(cfg, model, ranks)
     fit = TrainingLoop(cfg.trainer, cfg.data, model, splits, device, ranks)
     state = fit.restore(resumed) if resumed else TrainState()
+    training_started()  # from here the run's folder is kept, however the run ends (it is tracked, or trains)
     if not ranks.is_main:
         interrupted = train_epochs(fit, state, ckpt_dir, config, None)
         metrics = {} if interrupted else final_metrics(fit, state, ckpt_dir)[0]

@@ -317,6 +317,8 @@ class MultirunParentRun(Callback):
     """Hydra callback: a multirun opens one parent MLflow run; each job's run becomes its child."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not sweep_folder_writable(config):
+            return  # no parent for a sweep that cannot start: Hydra's sweeper fails next, one line (cli.hydra_command)
         uri, name = config.tracking.uri, config.tracking.experiment_name
         client = MlflowClient(uri)
         run = client.create_run(experiment_id(uri, name), run_name=f"{config.name}-sweep", tags={"sweep": "true"})
@@ -368,3 +370,18 @@ class MultirunParentRun(Callback):
             client.log_metric(parent, "best_val_auc", max(best))
         client.log_metric(parent, "jobs", len(children))
         client.set_terminated(parent, "FINISHED")
+
+
+def sweep_folder_writable(config: DictConfig) -> bool:
+    """Whether the sweep's folder (hydra.sweep.dir) is made, or there, and writable. Checked before the parent run is
+    opened: Hydra makes the folder only after `on_multirun_start`, and a parent opened for a sweep whose folder cannot
+    be made (the runs folder a file, or not writable) would stay RUNNING, then KILLED, with no job and no folder. A
+    callback's exception is only a warning to Hydra: the sweeper's own attempt is what ends the command."""
+    folder = OmegaConf.select(config, "hydra.sweep.dir", default=None)
+    if folder is None:  # a config composed without Hydra's node: nothing to check
+        return True
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
