@@ -44,8 +44,10 @@ def _zeros_block(size: int) -> bytes:
     return deflate.compress(bytes(size)) + deflate.flush(zlib.Z_FULL_FLUSH)
 
 
-def slide_file(path: Path, bulk: int, *, where: str = "pixels", deflated: bool = True, undefined_length: bool = False) -> Path:
-    """A LABEL image of a whole-slide series whose data set holds `bulk` zero bytes: as its RGB pixel data (`where`
+def slide_file(
+    path: Path, bulk: int, *, where: str = "pixels", deflated: bool = True, undefined_length: bool = False, flavour: str = "LABEL"
+) -> Path:
+    """A LABEL (`flavour`) image of a whole-slide series whose data set holds `bulk` zero bytes: as its RGB pixel data (`where`
     "pixels"), or as a private OB element after the tags the slide reader wants ("after", group 0x0029) or among them
     ("among", group 0x0009, before the Series Instance UID). Deflated, it is built from one deflate block of zeros
     repeated (never held inflated here); uncompressed, its zeros are a hole in the file."""
@@ -54,7 +56,7 @@ def slide_file(path: Path, bulk: int, *, where: str = "pixels", deflated: bool =
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = WSI_SOP_CLASS, meta.MediaStorageSOPInstanceUID
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", flavour, "NONE"]
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.826.0.1.3680043.8.498.76", SERIES, "SM"
     side = 1 if where != "pixels" else int((bulk // 3) ** 0.5)
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
@@ -198,3 +200,14 @@ def test_a_header_read_holds_what_pydicom_reads_of_it(dicom_wsi, tmp_path):
             read = _header(deflated, tags)
             assert read == pydicom.dcmread(plain, stop_before_pixels=True, specific_tags=tags), (where, tags)
             assert read.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+
+
+def test_a_slide_unreadable_without_its_deflated_files_names_them(tmp_path):
+    """Its deflated files were left out unsaid, and the slide was refused as an unreadable series of wsidicom's."""
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    slide_file(folder / "level0.dcm", 3 * 64 * 64, flavour="VOLUME")
+    with pytest.raises(InputError) as raised:
+        open_slide(folder)
+    message = str(raised.value)
+    assert "1 file(s) in Deflated Explicit VR Little Endian (level0.dcm)" in message and "dcmconv +te" in message, message

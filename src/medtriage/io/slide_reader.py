@@ -615,14 +615,15 @@ class DicomSlide(_Levels):
         # Streams whose reads are bounded by each file's size: wsidicom reads a frame by the length its item claims. It
         # reads no deflated data set, but inflates one whole (pixels too) before leaving it out: left out here instead.
         self._files: list = []
+        deflated = [path for path, header in headers if _deflated(header)]
         try:
-            for path in (path for path, header in headers if not _deflated(header)):
+            for path in (path for path in files if path not in deflated):
                 self._files.append(open(path, "rb"))  # closed by close(), or below when the series is unreadable
             self._wsi = WsiDicom.open_streams([ClampedReader.over(file) for file in self._files])
             levels = list(self._wsi.levels)
         except Exception as err:  # wsidicom raises many types for incomplete or damaged series
             self._close_files()
-            raise (self._missing_levels(files) or self._unreadable_series(err)) from err
+            raise (self._missing_levels(files) or self._deflated_left_out(deflated) or self._unreadable_series(err)) from err
         self._structure_or_close(lambda: self._read_structure(levels, mpp), self._unreadable_series)
 
     def _missing_levels(self, files: list[Path]) -> InputError | None:
@@ -639,6 +640,18 @@ class DicomSlide(_Levels):
             where=self.path,
             hint="copy the slide's VOLUME image files (its scanned levels) into the folder, or export the whole slide "
             "again from the scanner or archive",
+        )
+
+    def _deflated_left_out(self, deflated: list[Path]) -> InputError | None:
+        """The error for a series that cannot be read once its deflated files are left out (None: none was)."""
+        if not deflated:
+            return None
+        names = ", ".join(printable(path.name) for path in deflated[:3]) + (", ..." if len(deflated) > 3 else "")
+        return InputError(
+            f"the slide cannot be read without its {len(deflated)} file(s) in Deflated Explicit VR Little Endian ({names}), "
+            "a transfer syntax the whole-slide reader does not read",
+            where=self.path,
+            hint="export the slide again uncompressed or in a JPEG / JPEG 2000 syntax, or convert those files (dcmconv +te IN OUT)",
         )
 
     def _unreadable_series(self, err: Exception) -> InputError:
