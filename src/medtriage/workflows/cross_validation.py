@@ -27,12 +27,14 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from medtriage.config import check_values, compose_train_config
+from medtriage.data.audit import require_clean
 from medtriage.data.folds import cross_validation_fold
 from medtriage.data.holdout import hold_out_site
 from medtriage.data.manifest import Manifest
 from medtriage.data.sources.registry import build_pool
 from medtriage.errors import ConfigError, MedTriageError
 from medtriage.signals import signals_held, terminate_as_interrupt
+from medtriage.training.refused_runs import training_started
 from medtriage.training.report import METRICS_FILE
 from medtriage.training.resume import clear_earlier_run
 from medtriage.training.tracking import PARENT_RUN_ENV, PARENT_TAG, experiment_id
@@ -139,6 +141,9 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
     folds, jobs = cfg.cv.folds, cfg.cv.jobs
     for fold in range(folds):  # here, not in each fold's log once the others train
         clear_earlier_run(fold_dir(Path(out_dir), fold) / "checkpoints")
+    with terminate_as_interrupt():  # all that can refuse the folds, before the MLflow run: a refusal leaves none
+        manifest = build_pool(cfg.data)  # here, once: folds starting side by side would wait for one another to build it
+        check_folds_cut(manifest, cfg)
     client = MlflowClient(cfg.tracking.uri)
     parent = os.environ.get(PARENT_RUN_ENV)
     trial = client.create_run(
@@ -146,14 +151,13 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
         run_name=f"{cfg.name}-cv{folds}",
         tags={"cross_validation": "true", **({PARENT_TAG: parent} if parent else {})},
     )
+    training_started()  # the MLflow run names the run folder (its fold<k>/ children): it is kept, however the run ends
     run_id = trial.info.run_id
     client.log_param(run_id, "cv.overrides", " ".join(overrides) or "-")
     client.log_param(run_id, "cv.folds", folds)
     print(f"cross-validation of `{' '.join(overrides)}` on {folds} folds; MLflow run {run_id}", flush=True)
     try:
         with terminate_as_interrupt():
-            manifest = build_pool(cfg.data)  # here, once: folds starting side by side would wait for one another to build it
-            check_folds_cut(manifest, cfg)
             result = CrossValidation(list(overrides), _run_folds(overrides, folds, Path(out_dir), jobs, cfg.name, run_id), run_id)
         for score in result.reported():
             for fold, value in zip(result.folds, result.values(score), strict=True):
@@ -182,15 +186,19 @@ def cross_validate(overrides: Sequence[str], out_dir: Path, cfg: DictConfig | No
 
 
 def check_folds_cut(manifest: Manifest, cfg: DictConfig) -> None:
-    """Cut every fold, as its run will, before any trains: a fold that cannot be cut (more folds than a class has
-    patients, a test image duplicated in a fold) would otherwise fail only once the folds before it have trained."""
+    """Cut and audit every fold, as its run will, before any trains: a fold that cannot be cut (more folds than a class
+    has patients, a test image duplicated in a fold) or fails its leakage audit (a site without positive images in
+    it) would otherwise fail only once the folds before it have trained. The audit reads the table alone: the cut has
+    read every image already (refusing pixels that are not finite), and keeps duplicates in one fold, so the fold's
+    image checks find no duplicate across its train and validation images."""
     data = cfg.data
     if data.holdout_site:
         manifest = hold_out_site(manifest, data.holdout_site, validated=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # scikit-learn's on a small class: each fold's log keeps it
         for fold in range(cfg.cv.folds):
-            cross_validation_fold(manifest, cfg.cv.folds, fold, data.cv_seed, allow_duplicates=data.allow_audit_failure)
+            cut = cross_validation_fold(manifest, cfg.cv.folds, fold, data.cv_seed, allow_duplicates=data.allow_audit_failure)
+            require_clean(cut, override=data.allow_audit_failure, check_images=False)
 
 
 def _finished(running: list[tuple[Fold, subprocess.Popen, float]], folds: int) -> list[Fold]:
