@@ -129,7 +129,7 @@ def test_an_interrupted_cross_validation_ends_its_run_killed(tmp_path, npz_cache
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cross_validation, "build_pool", ctrl_c)
+    monkeypatch.setattr(cross_validation, "_run_folds", ctrl_c)  # once its MLflow run is made (a refusal before makes none)
     with pytest.raises(KeyboardInterrupt):
         cross_validation.cross_validate(tiny_recipe(tmp_path / "outputs", npz_cache_dir), tmp_path / "cv")
     assert _statuses(tracking_uri) == ["KILLED"]
